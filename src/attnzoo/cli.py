@@ -1,0 +1,279 @@
+"""The ``attnzoo`` command: run, eval, weights, models, tasks, demo.
+
+Errors that attnzoo raises on purpose print as one line and exit non-zero; ``--debug``
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import click
+import typer
+
+from attnzoo import __version__
+from attnzoo.errors import AttnzooError
+
+app = typer.Typer(
+    name="attnzoo",
+    help="attnzoo: attention-based vision and multimodal models behind one API.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+weights_app = typer.Typer(help="Official checkpoints: list, download, verify, convert.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model name (default: the task's default model).")]
+WeightsOpt = Annotated[
+    Optional[str],
+    typer.Option("--weights", "-w", help="Checkpoint: a path, URL, hf-hub:org/repo/file, registered name, or 'none' for random weights. Default: the model's pretrained weights."),
+]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available).")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="float32, float16 or bfloat16.")]
+
+
+def _echo(message: str, *, err: bool = False) -> None:
+    typer.echo(message, err=err)
+
+
+def _version(value: bool) -> None:
+    if value:
+        _echo(f"attnzoo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    """attnzoo: attention-based vision and multimodal models behind one API."""
+
+
+def _expand_inputs(inputs: list[str]) -> list[str]:
+    """Folders stand for the images inside them."""
+    from attnzoo.datasets.image_folder import list_images
+
+    expanded: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        expanded.extend(str(p) for p in list_images(path)) if path.is_dir() else expanded.append(item)
+    return expanded
+
+
+@app.command()
+def run(
+    task: Annotated[str, typer.Argument(help="Task name, e.g. image-classification.")],
+    inputs: Annotated[list[str], typer.Argument(help="Input files (folders are expanded to their images).")],
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for results.json and pictures.")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Classes to report per image.")] = 5,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 8,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Run a task's pipeline on input files and print (and optionally save) the results."""
+    from attnzoo._io import atomic_write, write_json
+    from attnzoo.datasets.images import load_image
+    from attnzoo.errors import InvalidInputError
+    from attnzoo.pipelines import get_task, pipeline
+
+    spec = get_task(task)
+    if spec.name != "image-classification":
+        raise InvalidInputError(f"'attnzoo run' does not support {spec.name} yet")
+    files = _expand_inputs(inputs)
+    if not files:
+        raise InvalidInputError("no input files given (folders held no images)")
+    pipe = pipeline(spec.name, model=model, weights=weights, device=device, dtype=dtype, batch_size=batch_size)
+    results, failed = {}, []
+    for i, result in pipe.iterate(files, top_k=top_k, on_error="raise" if len(files) == 1 else "skip"):
+        if isinstance(result, Exception):
+            failed.append(files[i])
+            _echo(f"skipped: {result}", err=True)
+            continue
+        results[files[i]] = result
+        best = ", ".join(f"{p.label} ({p.score:.1%})" for p in result[:3])
+        _echo(f"{files[i]}: {best}")
+    if out is not None and results:
+        from attnzoo.viz import plot_classification
+
+        write_json(out / "results.json", {f: [p.to_dict() for p in r] for f, r in results.items()})
+        for file, result in results.items():
+            with atomic_write(out / f"{Path(file).stem}.png", "wb") as fh:
+                plot_classification(load_image(file), result, title=str(model or spec.default_model)).save(fh, format="PNG")
+        _echo(f"wrote {len(results) + 1} files to {out}")
+    if failed:
+        raise InvalidInputError(f"{len(failed)} of {len(files)} inputs could not be read")
+
+
+@app.command("eval")
+def eval_(
+    task: Annotated[str, typer.Argument(help="Task name, e.g. image-classification.")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Dataset root folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for metrics.json, report.md, predictions.")],
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    split: Annotated[str, typer.Option("--split", help="Split folder under --data (used when present).")] = "val",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 32,
+    num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="DataLoader workers (default: CPU count, at most 8).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate only the first N samples.")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard an earlier run in --out instead of resuming it.")] = False,
+) -> None:
+    """Evaluate a model on a dataset; resumes an interrupted run in the same --out."""
+    from attnzoo.evaluation import evaluate, get_evaluator
+    from attnzoo.pipelines import get_task, pipeline
+
+    spec = get_task(task)
+    model_name = model or spec.default_model
+    evaluator_cls = get_evaluator(spec.name)
+    pipe = pipeline(spec.name, model=model_name, weights=weights, device=device, dtype=dtype)
+    evaluator = evaluator_cls(data, split, limit=limit, num_classes=getattr(pipe.model, "num_classes", None))
+    workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
+    settings = {
+        "model": model_name,
+        "weights": weights or "pretrained",
+        "data": str(Path(data).resolve()),
+        "split": split,
+        "limit": limit,
+        "dtype": dtype,
+    }
+    metrics = evaluate(pipe, evaluator, out, settings=settings, batch_size=batch_size, num_workers=workers)
+    shown = {k: metrics[k] for k in ("top1", "top5", "n", "skipped") if k in metrics}
+    _echo(" ".join(f"{k}={v}" for k, v in shown.items()))
+    _echo(f"wrote {Path(out) / 'metrics.json'} and {Path(out) / 'report.md'}")
+
+
+@app.command()
+def models(pattern: Annotated[Optional[str], typer.Argument(help="Shell-style filter, e.g. 'biformer*'.")] = None,
+           pretrained: Annotated[bool, typer.Option("--pretrained", help="List name.tag entries with weights.")] = False) -> None:
+    """List model names that create_model and --model accept."""
+    from attnzoo.factory import list_models
+
+    for name in list_models(pattern, pretrained=pretrained):
+        _echo(name)
+
+
+@app.command()
+def tasks() -> None:
+    """List the tasks pipeline() and the CLI accept."""
+    from attnzoo.pipelines import SUPPORTED_TASKS
+
+    for spec in SUPPORTED_TASKS.values():
+        aliases = f" (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""
+        _echo(f"{spec.name}: {spec.description} [default model: {spec.default_model}]{aliases}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("attnzoo-demo"),
+    device: DeviceOpt = None,
+) -> None:
+    """Run every pipeline on bundled sample photographs; write results and pictures to --out."""
+    from attnzoo.demo import run_demo
+
+    run_demo(out, device=device, log=_echo)
+
+
+@weights_app.command("list")
+def weights_list(pattern: Annotated[Optional[str], typer.Argument(help="Shell-style filter.")] = None) -> None:
+    """List registered official checkpoints."""
+    from attnzoo.factory import _load_families
+    from attnzoo.weights import list_checkpoints
+
+    _load_families()
+    entries = list_checkpoints(pattern)
+    if not entries:
+        _echo("no official checkpoints registered yet" + (f" matching {pattern!r}" if pattern else ""))
+        _echo("(timm's own pretrained weights load with --model NAME; see 'attnzoo models --pretrained')")
+    for e in entries:
+        _echo(f"{e.name}\t{e.source}\tsha256={e.sha256 or 'unknown'}")
+
+
+@weights_app.command("download")
+def weights_download(name: Annotated[str, typer.Argument(help="Registered checkpoint name, URL or hf-hub:org/repo/file.")]) -> None:
+    """Download (or find in the cache) a checkpoint, verify it, and print its path."""
+    from attnzoo.factory import _load_families
+    from attnzoo.weights import resolve_checkpoint
+
+    _load_families()
+    _echo(str(resolve_checkpoint(name)))
+
+
+@weights_app.command("verify")
+def weights_verify(
+    name: Annotated[str, typer.Argument(help="Registered checkpoint name or local file.")],
+    sha256: Annotated[Optional[str], typer.Option("--sha256", help="Expected sha256 (default: the registered one).")] = None,
+) -> None:
+    """Check a checkpoint file against its sha256."""
+    from attnzoo.errors import WeightsError
+    from attnzoo.factory import _load_families
+    from attnzoo.weights import get_checkpoint, is_checkpoint, resolve_checkpoint, sha256_file, verify_file
+
+    _load_families()
+    expected = sha256 or (get_checkpoint(name).sha256 if is_checkpoint(name) else None)
+    path = resolve_checkpoint(name)
+    if expected is None:
+        raise WeightsError(f"no sha256 known for {name}; pass --sha256 (the file's is {sha256_file(path)})")
+    verify_file(path, expected)
+    _echo(f"OK {path} sha256={expected.lower()}")
+
+
+@weights_app.command("convert")
+def weights_convert(
+    src: Annotated[str, typer.Argument(help="Official checkpoint: path, URL or registered name.")],
+    dst: Annotated[Path, typer.Argument(help="Output .safetensors file.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model the checkpoint belongs to.")],
+) -> None:
+    """Convert an official checkpoint into attnzoo's safetensors layout (checked against the model)."""
+    from attnzoo.factory import create_model
+    from attnzoo.weights import convert_checkpoint, get_checkpoint, is_checkpoint
+
+    net = create_model(model, weights="none")
+    converter = get_checkpoint(src).resolve_converter() if is_checkpoint(src) else None
+    if converter is None:
+        from attnzoo.factory import _module_filter_fn
+
+        converter = _module_filter_fn(net)
+    path = convert_checkpoint(src, dst, net, converter=converter, metadata={"model": model})
+    _echo(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        result = app(args=args, prog_name="attnzoo", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        _echo("aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except AttnzooError as exc:
+        if debug:
+            raise
+        _echo(f"error: {exc}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        _echo("interrupted", err=True)
+        return 130
+    except Exception as exc:  # a bug: say so in one line, keep the traceback for --debug
+        if debug:
+            raise
+        _echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback, and please report it)", err=True)
+        return 3
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Generic ImageFolder (``root/<class>/<image>``), classes in sorted order as torchvision does."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from attnzoo.datasets.images import IMAGE_EXTENSIONS
+from attnzoo.errors import DatasetFormatError
+
+
+@dataclass
+class ClassificationSamples:
+    """Image paths with integer targets and the class names the targets index."""
+
+    samples: list[tuple[Path, int]]
+    classes: list[str]
+    layout: str
+    root: Path
+    class_ids: list[str] = field(default_factory=list)  # e.g. WordNet ids, parallel to ``classes``
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Path, int]:
+        return self.samples[i]
+
+    @property
+    def paths(self) -> list[Path]:
+        return [p for p, _ in self.samples]
+
+    @property
+    def targets(self) -> list[int]:
+        return [t for _, t in self.samples]
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively, following links), in a stable order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(Path(f)))
+    return found
+
+
+def check_root(root: str | os.PathLike) -> Path:
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DatasetFormatError(f"dataset folder {root} does not exist")
+    if not root.is_dir():
+        raise DatasetFormatError(f"dataset path {root} is not a folder")
+    return root
+
+
+def read_image_folder(root: str | os.PathLike) -> ClassificationSamples:
+    """``root/<class_name>/**/<image>``; the class index is the position in sorted class names."""
+    root = check_root(root)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DatasetFormatError(f"{root} has no class subfolders; expected {root}/<class_name>/<image files>")
+    samples = [(path, target) for target, name in enumerate(classes) for path in list_images(root / name)]
+    if not samples:
+        raise DatasetFormatError(f"{root} has class folders ({', '.join(classes[:5])}, ...) but no image files in them")
+    return ClassificationSamples(samples, classes, "image-folder", root, class_ids=list(classes))

@@ -1,0 +1,125 @@
+"""``attnzoo demo``: every registered pipeline on sample photographs that scikit-image ships.
+
+Uses pretrained weights when they can be had (cache or network) and random weights
+otherwise, and says which in its output and in each result file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from attnzoo._io import atomic_write, write_json
+from attnzoo.errors import WeightsError
+
+#: Photographs scikit-image ships in its wheel, by the names of their loaders in ``skimage.data``.
+SAMPLE_IMAGES = {
+    "chelsea": "chelsea",
+    "coffee": "coffee",
+    "astronaut": "astronaut",
+    "rocket": "rocket",
+    "motorcycle_left": "stereo_motorcycle",  # returns (left, right, disparity)
+}
+
+
+@dataclass
+class DemoResult:
+    task: str
+    model: str
+    pretrained: bool
+    files: list[Path] = field(default_factory=list)
+    note: str = ""
+
+
+def sample_images(names: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Real photographs bundled with scikit-image (no download), as RGB PIL images."""
+    from PIL import Image
+    from skimage import data
+
+    images = {}
+    for name in names or tuple(SAMPLE_IMAGES):
+        array = getattr(data, SAMPLE_IMAGES[name])()
+        images[name] = Image.fromarray(array[0] if isinstance(array, tuple) else array).convert("RGB")
+    return images
+
+
+@contextlib.contextmanager
+def _offline_unless(reachable: bool) -> Iterator[None]:
+    """Without a network, look in the caches only, instead of waiting through download retries."""
+    saved = os.environ.get("ATTNZOO_OFFLINE")
+    if not reachable:
+        os.environ["ATTNZOO_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("ATTNZOO_OFFLINE", None)
+        else:
+            os.environ["ATTNZOO_OFFLINE"] = saved
+
+
+def _build(task: str, model: str | None, log: Callable[[str], None], **kwargs: Any) -> tuple[Any, bool, str]:
+    """The task's pipeline with pretrained weights if they can be had, else with random ones."""
+    from attnzoo.pipelines import get_task, pipeline
+    from attnzoo.weights import hub
+
+    model = model or get_task(task).default_model
+    reachable = hub.hub_reachable()
+    try:
+        with _offline_unless(reachable):
+            return pipeline(task, model=model, **kwargs), True, model
+    except WeightsError as err:
+        reason = err if reachable or hub.is_offline() else "no network to the Hugging Face Hub and not in its cache"
+        log(f"[{task}] pretrained weights for {model} unavailable ({reason})")
+        log(f"[{task}] using RANDOM weights instead: the predictions below are meaningless")
+        return pipeline(task, model=model, weights="none", **kwargs), False, model
+
+
+def demo_image_classification(out: Path, model: str | None, log: Callable[[str], None], device: Any = None) -> DemoResult:
+    from attnzoo.viz import plot_classification
+
+    pipe, pretrained, name = _build("image-classification", model, log, device=device)
+    images = sample_images()
+    predictions = pipe(list(images.values()), top_k=5)
+    result = DemoResult("image-classification", name, pretrained)
+    summary = {}
+    weights_note = "pretrained" if pretrained else "random weights"
+    for (image_name, image), preds in zip(images.items(), predictions):
+        picture = plot_classification(image, preds, title=f"{name} ({weights_note})")
+        path = out / f"{image_name}.png"
+        with atomic_write(path, "wb") as fh:
+            picture.save(fh, format="PNG")
+        result.files.append(path)
+        summary[image_name] = [p.to_dict() for p in preds]
+        log(f"[image-classification] {image_name}: {preds[0].label} ({preds[0].score:.1%})")
+    write_json(out / "results.json", {"model": name, "pretrained": pretrained, "predictions": summary})
+    result.files.append(out / "results.json")
+    return result
+
+
+DEMOS: dict[str, Callable[..., DemoResult]] = {"image-classification": demo_image_classification}
+
+
+def run_demo(out_dir: str | Path = "attnzoo-demo", *, device: Any = None, log: Callable[[str], None] = print) -> list[DemoResult]:
+    """Run the demo of every registered task that has one; results land in ``out_dir/<task>/``."""
+    from attnzoo.pipelines import list_tasks
+
+    out = Path(out_dir)
+    results = []
+    for task in list_tasks():
+        demo = DEMOS.get(task)
+        if demo is None:
+            log(f"[{task}] no demo yet")
+            continue
+        results.append(demo(out / task, None, log, device=device))
+    index = [{"task": r.task, "model": r.model, "pretrained": r.pretrained, "files": [str(f) for f in r.files]} for r in results]
+    write_json(out / "index.json", index)
+    log(f"wrote {sum(len(r.files) for r in results)} files to {out}/ (see {out / 'index.json'})")
+    return results
+
+
+__all__ = ["DEMOS", "DemoResult", "run_demo", "sample_images"]

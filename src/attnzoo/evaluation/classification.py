@@ -1,0 +1,39 @@
+"""Image classification evaluation: ImageNet (both layouts) or any ImageFolder, top-1/top-5."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from attnzoo.datasets.imagenet import read_classification_folder
+from attnzoo.errors import DatasetFormatError
+from attnzoo.evaluation.runner import EvalSample
+from attnzoo.metrics.classification import topk_accuracy_from_ranked
+
+
+class ClassificationEvaluator:
+    task = "image-classification"
+
+    def __init__(self, data: str | os.PathLike, split: str = "val", *, limit: int | None = None, num_classes: int | None = None):
+        self.dataset = read_classification_folder(data, split)
+        if num_classes is not None and self.dataset.layout == "image-folder" and len(self.dataset.classes) > num_classes:
+            raise DatasetFormatError(
+                f"{self.dataset.root} has {len(self.dataset.classes)} classes but the model predicts {num_classes}; "
+                "evaluate a model trained on these classes (class index = position in sorted folder names)"
+            )
+        self.limit = limit
+
+    def samples(self) -> list[EvalSample]:
+        root = self.dataset.root
+        items = [EvalSample(str(path.relative_to(root)), path, target) for path, target in self.dataset.samples]
+        return items[: self.limit] if self.limit else items
+
+    def record(self, sample: EvalSample, result: list[Any]) -> dict[str, Any]:
+        return {"target": sample.target, "pred": [p.index for p in result], "scores": [round(p.score, 6) for p in result]}
+
+    def metrics(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        acc = topk_accuracy_from_ranked([r["pred"] for r in records], [r["target"] for r in records], ks=(1, 5))
+        return {"top1": round(acc[1], 4), "top5": round(acc[5], 4), "layout": self.dataset.layout}
+
+    def report(self, metrics: dict[str, Any]) -> str:
+        return "| metric | value |\n|---|---|\n" + f"| top-1 (%) | {metrics['top1']:.2f} |\n| top-5 (%) | {metrics['top5']:.2f} |\n"

@@ -1,0 +1,152 @@
+"""Run a pipeline over a dataset split, score it, and write a resumable report.
+
+``out/`` receives ``run.json`` (the settings), ``predictions.jsonl`` (one line per sample,
+appended and flushed batch by batch: the resume state), ``skipped.jsonl`` (inputs that
+could not be read, with the reason), and at the end ``metrics.json`` and ``report.md``.
+Running again with the same settings continues where an interrupted run stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from attnzoo._io import write_json, write_text
+from attnzoo.errors import InvalidInputError
+
+
+@dataclass
+class EvalSample:
+    id: str
+    input: Any
+    target: Any
+
+
+class TaskEvaluator(Protocol):
+    """What a task contributes to the runner: its samples, its per-sample record, its metrics."""
+
+    task: str
+
+    def samples(self) -> Sequence[EvalSample]: ...
+
+    def record(self, sample: EvalSample, result: Any) -> dict[str, Any]: ...
+
+    def metrics(self, records: list[dict[str, Any]]) -> dict[str, Any]: ...
+
+    def report(self, metrics: dict[str, Any]) -> str: ...
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSONL file; a torn last line (a killed run) is cut off the file."""
+    if not path.exists():
+        return []
+    records, good_bytes = [], 0
+    with open(path, "rb") as fh:
+        for line in fh:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+            if not line.endswith(b"\n"):
+                records.pop()
+                break
+            good_bytes += len(line)
+    if good_bytes != path.stat().st_size:
+        with open(path, "r+b") as fh:
+            fh.truncate(good_bytes)
+    return records
+
+
+def evaluate(
+    pipe: Any,
+    evaluator: TaskEvaluator,
+    out_dir: str | os.PathLike,
+    *,
+    settings: dict[str, Any],
+    batch_size: int = 32,
+    num_workers: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate and return the metrics dict that is also written to ``out_dir/metrics.json``."""
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    predictions_path, skipped_path, run_path = out / "predictions.jsonl", out / "skipped.jsonl", out / "run.json"
+    settings = {"task": evaluator.task, **settings}
+    if overwrite:
+        for path in (predictions_path, skipped_path, out / "metrics.json", out / "report.md"):
+            path.unlink(missing_ok=True)
+    elif run_path.exists():
+        previous = json.loads(run_path.read_text())
+        if previous != settings:
+            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+            raise InvalidInputError(
+                f"{out} holds a run with other settings ({', '.join(changed)}); pass --overwrite or choose another --out"
+            )
+    write_json(run_path, settings)
+
+    samples = evaluator.samples()
+    records = _read_jsonl(predictions_path)
+    skipped = _read_jsonl(skipped_path)
+    done = {r["id"] for r in records} | {s["id"] for s in skipped}
+    todo = [s for s in samples if s.id not in done]
+
+    started = time.perf_counter()
+    with open(predictions_path, "a") as pred_fh, open(skipped_path, "a") as skip_fh, tqdm(
+        total=len(samples), initial=len(samples) - len(todo), desc=f"eval {evaluator.task}", unit="img", disable=not progress
+    ) as bar:
+        batch_lines: list[str] = []
+        results = pipe.iterate([s.input for s in todo], batch_size=batch_size, num_workers=num_workers, on_error="skip")
+        for count, (i, result) in enumerate(results, start=1):
+            sample = todo[i]
+            if isinstance(result, Exception):
+                entry = {"id": sample.id, "input": str(sample.input), "reason": str(result)}
+                skipped.append(entry)
+                skip_fh.write(json.dumps(entry) + "\n")
+                skip_fh.flush()
+            else:
+                record = {"id": sample.id, **evaluator.record(sample, result)}
+                records.append(record)
+                batch_lines.append(json.dumps(record) + "\n")
+            if len(batch_lines) >= batch_size or count == len(todo):
+                pred_fh.writelines(batch_lines)
+                pred_fh.flush()
+                batch_lines.clear()
+            bar.update(1)
+        pred_fh.writelines(batch_lines)
+    elapsed = time.perf_counter() - started
+
+    if not records:
+        raise InvalidInputError(f"no sample could be evaluated ({len(skipped)} skipped); see {skipped_path}")
+    metrics = {
+        **evaluator.metrics(records),
+        "n": len(records),
+        "skipped": len(skipped),
+        "skipped_inputs": [s["input"] for s in skipped],
+        "seconds_this_run": round(elapsed, 3),
+        **{k: v for k, v in settings.items() if k not in ("task",)},
+        "task": evaluator.task,
+    }
+    write_json(out / "metrics.json", metrics)
+    write_text(out / "report.md", _report(evaluator, metrics, skipped))
+    return metrics
+
+
+def _report(evaluator: TaskEvaluator, metrics: dict[str, Any], skipped: Iterable[dict[str, Any]]) -> str:
+    lines = [f"# Evaluation: {evaluator.task}", ""]
+    lines += [f"- **{k}**: {metrics[k]}" for k in ("model", "weights", "data", "split") if k in metrics]
+    lines += ["", evaluator.report(metrics).rstrip(), ""]
+    lines += [f"Evaluated **{metrics['n']}** samples; skipped **{metrics['skipped']}**.", ""]
+    skipped = list(skipped)
+    if skipped:
+        lines += ["## Skipped inputs", "", "| input | reason |", "|---|---|"]
+        lines += [f"| `{s['input']}` | {s['reason'].replace('|', '/')} |" for s in skipped]
+        lines.append("")
+    return "\n".join(lines)

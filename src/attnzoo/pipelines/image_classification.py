@@ -1,0 +1,113 @@
+"""``pipeline("image-classification")``: any timm classifier, preprocessed as its checkpoint expects."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from attnzoo.datasets.images import load_image
+from attnzoo.errors import InvalidInputError
+from attnzoo.pipelines.base import Pipeline
+
+
+@dataclass(frozen=True)
+class ClassPrediction:
+    """One of the top-k classes for an image. Also readable as a dict: ``p["label"]``."""
+
+    label: str
+    score: float
+    index: int
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def keys(self) -> tuple[str, ...]:
+        return ("label", "score", "index")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ImagePreprocessor:
+    """Decode + the model's eval transform; small and picklable, so DataLoader workers get no model."""
+
+    def __init__(self, transform: Any, *, colour_order: str = "RGB", max_pixels: int | None = None):
+        self.transform, self.colour_order, self.max_pixels = transform, colour_order, max_pixels
+
+    def __call__(self, image: Any) -> dict[str, torch.Tensor]:
+        pixels = self.transform(load_image(image, max_pixels=self.max_pixels))
+        if self.colour_order == "BGR":
+            pixels = pixels.flip(0)
+        return {"pixel_values": pixels}
+
+
+def imagenet_labels(model: torch.nn.Module) -> list[str] | None:
+    """Human-readable ImageNet class names when the model's head is an ImageNet head."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    subset = infer_imagenet_subset(model)
+    if subset is None:
+        return None
+    info = ImageNetInfo(subset)
+    return [info.index_to_description(i) for i in range(info.num_classes())]
+
+
+def model_labels(model: torch.nn.Module) -> list[str]:
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+    if names and len(names) == num_classes:
+        return list(names)
+    names = imagenet_labels(model)
+    if names and len(names) == num_classes:
+        return names
+    return [f"LABEL_{i}" for i in range(num_classes)]
+
+
+class ImageClassificationPipeline(Pipeline):
+    """Top-k classes for images given as paths, PIL images, numpy arrays or tensors.
+
+    >>> classify = attnzoo.pipeline("image-classification", model="resnet50")  # doctest: +SKIP
+    >>> classify("cat.jpg", top_k=3)  # doctest: +SKIP
+    [ClassPrediction(label='tabby, tabby cat', score=0.61, index=281), ...]
+    """
+
+    task = "image-classification"
+    default_model = "resnet50.a1_in1k"
+
+    def __init__(self, model: torch.nn.Module, *, labels: list[str] | None = None, max_pixels: int | None = None, **kwargs: Any):
+        from timm.data import create_transform, resolve_data_config
+
+        super().__init__(model, **kwargs)
+        self.data_config = resolve_data_config(model=self.model)
+        self.transform = create_transform(**self.data_config, is_training=False)
+        self.colour_order = (getattr(self.model, "pretrained_cfg", None) or {}).get("colour_order", "RGB")
+        self.max_pixels = max_pixels
+        self.labels = list(labels) if labels is not None else model_labels(self.model)
+        num_classes = int(getattr(self.model, "num_classes", len(self.labels)) or len(self.labels))
+        if len(self.labels) != num_classes:
+            raise InvalidInputError(f"labels has {len(self.labels)} names but the model predicts {num_classes} classes")
+
+    def _sanitize_parameters(self, top_k: int | None = None, **kwargs: Any) -> tuple[dict, dict, dict]:
+        super()._sanitize_parameters(**kwargs)
+        post = {}
+        if top_k is not None:
+            if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+                raise InvalidInputError(f"top_k must be a positive integer, got {top_k!r}")
+            post["top_k"] = top_k
+        return {}, {}, post
+
+    def preprocessor(self) -> ImagePreprocessor:
+        return ImagePreprocessor(self.transform, colour_order=self.colour_order, max_pixels=self.max_pixels)
+
+    def preprocess(self, image: Any) -> dict[str, torch.Tensor]:
+        return self.preprocessor()(image)
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"logits": self.model(batch["pixel_values"])}
+
+    def postprocess(self, outputs: dict[str, torch.Tensor], top_k: int = 5) -> list[ClassPrediction]:
+        probs = outputs["logits"].float().softmax(-1)
+        scores, indices = probs.topk(min(top_k, probs.numel()))
+        return [ClassPrediction(self.labels[i], float(s), int(i)) for s, i in zip(scores.tolist(), indices.tolist())]

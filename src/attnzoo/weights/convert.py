@@ -1,0 +1,48 @@
+"""Turn an official checkpoint into our safetensors layout, verified against the model."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from attnzoo._io import atomic_write
+from attnzoo.weights.loading import load_weights
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+def save_state_dict(state_dict: dict[str, "torch.Tensor"], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write a state dict as safetensors, atomically (shared or strided tensors are copied)."""
+    from safetensors.torch import save
+
+    seen: set[int] = set()
+    tensors = {}
+    for key, tensor in state_dict.items():
+        tensor = tensor.detach().cpu()
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen or not tensor.is_contiguous():
+            tensor = tensor.contiguous().clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        tensors[key] = tensor
+    payload = save(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()})
+    path = Path(path)
+    with atomic_write(path, "wb") as fh:
+        fh.write(payload)
+    return path
+
+
+def convert_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    model: "torch.nn.Module",
+    *,
+    converter: Callable[..., dict] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Load ``src`` (official layout) into ``model`` strictly, then save the model's state dict to ``dst``."""
+    load_weights(model, src, converter=converter, strict=True)
+    meta = {"format": "pt", "converted_from": Path(os.fspath(src)).name, **(metadata or {})}
+    return save_state_dict(model.state_dict(), dst, meta)

@@ -1,0 +1,124 @@
+"""Checkpoint entries: where an official checkpoint lives, how to trust it, how to convert it.
+
+Model files register their entries at import time (``register_checkpoint``); the registry
+itself imports nothing heavy so the CLI can list it cheaply.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from attnzoo.errors import UnknownNameError
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How the official evaluation prepares an image for this checkpoint."""
+
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    crop_pct: float = 0.875
+    crop_mode: str = "center"
+    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN
+    std: tuple[float, ...] = IMAGENET_DEFAULT_STD
+    interpolation: str = "bicubic"
+    colour_order: Literal["RGB", "BGR"] = "RGB"
+
+    def to_timm(self) -> dict[str, Any]:
+        """The keys timm's ``resolve_data_config``/``create_transform`` understand."""
+        cfg = asdict(self)
+        cfg.pop("colour_order")
+        return cfg
+
+
+@dataclass(frozen=True)
+class CheckpointEntry:
+    """One released checkpoint. ``name`` is ``<model>.<tag>``, as in timm."""
+
+    name: str
+    model: str
+    url: str | None = None
+    hf_hub_id: str | None = None
+    hf_filename: str | None = None
+    sha256: str | None = None
+    file_format: Literal["safetensors", "pytorch"] = "pytorch"
+    converter: str | Callable[..., dict] | None = None
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    filename: str | None = None
+    default: bool = False
+    license: str | None = None
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        if not (self.url or self.hf_hub_id):
+            raise ValueError(f"checkpoint {self.name!r} needs a url or an hf_hub_id")
+        if self.hf_hub_id and not self.hf_filename:
+            raise ValueError(f"checkpoint {self.name!r}: hf_hub_id needs hf_filename")
+
+    @property
+    def cache_filename(self) -> str:
+        if self.filename:
+            return self.filename
+        if self.hf_filename:
+            return self.hf_filename.rsplit("/", 1)[-1]
+        return self.url.rsplit("/", 1)[-1].split("?", 1)[0]  # type: ignore[union-attr]
+
+    @property
+    def source(self) -> str:
+        return f"hf-hub:{self.hf_hub_id}/{self.hf_filename}" if self.hf_hub_id else str(self.url)
+
+    def resolve_converter(self) -> Callable[..., dict] | None:
+        """Converters may be given as ``"module:function"`` so registering stays import-free."""
+        if self.converter is None or callable(self.converter):
+            return self.converter
+        module, _, attr = self.converter.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+_CHECKPOINTS: dict[str, CheckpointEntry] = {}
+
+
+def register_checkpoint(entry: CheckpointEntry, *, overwrite: bool = False) -> CheckpointEntry:
+    if entry.name in _CHECKPOINTS and not overwrite and _CHECKPOINTS[entry.name] != entry:
+        raise ValueError(f"checkpoint {entry.name!r} is already registered with other settings")
+    _CHECKPOINTS[entry.name] = entry
+    return entry
+
+
+def unregister_checkpoint(name: str) -> None:
+    _CHECKPOINTS.pop(name, None)
+
+
+def get_checkpoint(name: str) -> CheckpointEntry:
+    try:
+        return _CHECKPOINTS[name]
+    except KeyError:
+        raise UnknownNameError("checkpoint", name, _CHECKPOINTS) from None
+
+
+def is_checkpoint(name: str) -> bool:
+    return name in _CHECKPOINTS
+
+
+def default_checkpoint(model: str) -> CheckpointEntry | None:
+    """The entry ``pretrained=True`` loads for ``model`` (exact ``model.tag`` names win)."""
+    if model in _CHECKPOINTS:
+        return _CHECKPOINTS[model]
+    candidates = [e for e in _CHECKPOINTS.values() if e.model == model]
+    for entry in candidates:
+        if entry.default:
+            return entry
+    return candidates[0] if candidates else None
+
+
+def list_checkpoints(pattern: str | None = None) -> list[CheckpointEntry]:
+    entries = sorted(_CHECKPOINTS.values(), key=lambda e: e.name)
+    if pattern:
+        entries = [e for e in entries if fnmatch.fnmatch(e.name, pattern)]
+    return entries
