@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import click
 import typer
 
 from attnzoo import __version__
@@ -246,18 +245,33 @@ def weights_convert(
     _echo(f"wrote {path}")
 
 
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(Exit, Abort, ClickException) from typer and click: newer typer versions vendor click."""
+    exits, aborts, errors = [typer.Exit], [typer.Abort], []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            module = __import__(name, fromlist=["ClickException"])
+        except ImportError:
+            continue
+        errors.append(module.ClickException)
+        exits.extend(getattr(module, "Exit", ()) and [module.Exit])
+        aborts.extend(getattr(module, "Abort", ()) and [module.Abort])
+    return tuple(exits), tuple(aborts), tuple(errors)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    exit_types, abort_types, click_errors = _click_exception_types()
     try:
         result = app(args=args, prog_name="attnzoo", standalone_mode=False)
         return result if isinstance(result, int) else 0
-    except click.exceptions.Exit as exc:
+    except exit_types as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except abort_types:
         _echo("aborted", err=True)
         return 130
-    except click.ClickException as exc:
+    except click_errors as exc:
         exc.show()
         return exc.exit_code
     except AttnzooError as exc:

@@ -1,0 +1,144 @@
+import json
+
+import pytest
+from safetensors.torch import save_file
+
+import attnzoo
+from attnzoo.cli import main
+from attnzoo.datasets.imagenet import imagenet_synsets
+from attnzoo.errors import InvalidInputError
+from attnzoo.evaluation import evaluate, get_evaluator
+
+WNIDS = imagenet_synsets()[0]
+
+
+@pytest.fixture(scope="module")
+def imagenet_tree(tmp_path_factory, photo):
+    """A tiny ImageNet synset-folder tree where the expected accuracy is known in advance.
+
+    A fixed-weight model's own predictions decide the folders: even images are filed under
+    their top-1 class (hits), odd images under a class outside their top-5 (misses).
+    """
+    root = tmp_path_factory.mktemp("imagenet")
+    model = attnzoo.create_model("test_resnet")
+    save_file(model.state_dict(), root / "weights.safetensors")
+    pipe = attnzoo.pipeline("image-classification", model=model, device="cpu")
+    staging = root / "staging"
+    staging.mkdir()
+    expected = []
+    for i in range(8):
+        im = photo.rotate(25 * i).resize((72 + 8 * i, 64))
+        im.save(staging / f"{i}.png")
+        ranked = [p.index for p in pipe(staging / f"{i}.png", top_k=5)]
+        target = ranked[0] if i % 2 == 0 else next(c for c in range(1000) if c not in ranked)
+        folder = root / "val" / WNIDS[target]
+        folder.mkdir(parents=True, exist_ok=True)
+        (staging / f"{i}.png").rename(folder / f"img{i}.png")
+        expected.append((target, ranked))
+    (root / "val" / WNIDS[0]).mkdir(exist_ok=True)
+    (root / "val" / WNIDS[0] / "unreadable.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return root, expected
+
+
+def test_cli_eval_writes_correct_metrics(imagenet_tree, tmp_path, capsys):
+    root, expected = imagenet_tree
+    code = main(["eval", "image-classification", "--model", "test_resnet", "--weights", str(root / "weights.safetensors"),
+                 "--data", str(root), "--out", str(tmp_path / "out"), "--batch-size", "3", "--num-workers", "0"])
+    assert code == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["n"] == 8 and metrics["skipped"] == 1
+    assert metrics["top1"] == pytest.approx(100 * 4 / 8)
+    assert metrics["top5"] == pytest.approx(100 * sum(t in r for t, r in expected) / 8)
+    assert metrics["skipped_inputs"][0].endswith("unreadable.png")
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "50.00" in report and "unreadable.png" in report
+    preds = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 8 and all(len(p["pred"]) == 5 for p in preds)
+    assert "top1=50.0" in capsys.readouterr().out
+
+
+def test_issue_command_resnet18_random_weights(imagenet_tree, tmp_path):
+    root, _ = imagenet_tree
+    out = tmp_path / "out"
+    assert main(["eval", "image-classification", "--model", "resnet18", "--weights", "none", "--data", str(root),
+                 "--out", str(out), "--limit", "5"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert metrics["n"] + metrics["skipped"] == 5 and metrics["n"] == len(preds)
+    assert metrics["top1"] == pytest.approx(100 * sum(p["pred"][0] == p["target"] for p in preds) / len(preds))
+    assert metrics["top5"] == pytest.approx(100 * sum(p["target"] in p["pred"] for p in preds) / len(preds))
+
+
+class Interrupting:
+    """Wraps a pipeline and dies (like Ctrl-C) after ``n`` results."""
+
+    def __init__(self, pipe, n):
+        self.pipe, self.n = pipe, n
+
+    def iterate(self, *args, **kwargs):
+        for count, item in enumerate(self.pipe.iterate(*args, **kwargs)):
+            if count == self.n:
+                raise KeyboardInterrupt
+            yield item
+
+
+def test_resume_after_interruption(imagenet_tree, tmp_path):
+    root, _ = imagenet_tree
+    pipe = attnzoo.pipeline("image-classification", model="test_resnet", weights=root / "weights.safetensors", device="cpu")
+    evaluator_cls = get_evaluator("image-classification")
+    settings = {"model": "test_resnet", "data": str(root)}
+    full = evaluate(pipe, evaluator_cls(root), tmp_path / "full", settings=settings, batch_size=2, progress=False)
+
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(Interrupting(pipe, 5), evaluator_cls(root), out, settings=settings, batch_size=2, progress=False)
+    assert not (out / "metrics.json").exists()
+    done = (out / "predictions.jsonl").read_text().splitlines()
+    skipped_before = (out / "skipped.jsonl").read_text().splitlines()
+    assert 0 < len(done) < 8
+    with open(out / "predictions.jsonl", "a") as fh:
+        fh.write('{"id": "torn by a ki')  # a line cut by SIGKILL
+    seen = []
+
+    class Recording:
+        def iterate(self, inputs, **kwargs):
+            seen.extend(inputs)
+            return pipe.iterate(inputs, **kwargs)
+
+    resumed = evaluate(Recording(), evaluator_cls(root), out, settings=settings, batch_size=2, progress=False)
+    assert len(seen) == 9 - len(done) - len(skipped_before)  # only what the first run had not finished
+    ids = [json.loads(line)["id"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 8
+    for key in ("top1", "top5", "n", "skipped"):
+        assert resumed[key] == full[key]
+
+
+def test_other_settings_in_same_out_dir_is_an_error(imagenet_tree, tmp_path):
+    root, _ = imagenet_tree
+    pipe = attnzoo.pipeline("image-classification", model="test_resnet", weights=root / "weights.safetensors", device="cpu")
+    ev = get_evaluator("classification")(root, limit=2)
+    evaluate(pipe, ev, tmp_path, settings={"model": "a"}, progress=False)
+    with pytest.raises(InvalidInputError, match="model"):
+        evaluate(pipe, ev, tmp_path, settings={"model": "b"}, progress=False)
+    again = evaluate(pipe, ev, tmp_path, settings={"model": "b"}, overwrite=True, progress=False)
+    assert again["n"] == 2
+
+
+def test_all_inputs_unreadable(tmp_path):
+    folder = tmp_path / "val" / WNIDS[3]
+    folder.mkdir(parents=True)
+    (folder / "x.jpg").write_bytes(b"nope")
+    pipe = attnzoo.pipeline("image-classification", model="test_resnet", weights="none", device="cpu")
+    with pytest.raises(InvalidInputError, match="no sample"):
+        evaluate(pipe, get_evaluator("image-classification")(tmp_path), tmp_path / "o", settings={}, progress=False)
+
+
+def test_generic_folder_with_more_classes_than_the_model(tmp_path, photo):
+    for cls in "abcd":
+        (tmp_path / cls).mkdir()
+        photo.save(tmp_path / cls / "1.png")
+    from attnzoo.errors import DatasetFormatError
+
+    with pytest.raises(DatasetFormatError, match="4 classes but the model predicts 3"):
+        get_evaluator("image-classification")(tmp_path, num_classes=3)
+    assert len(get_evaluator("image-classification")(tmp_path, num_classes=4).samples()) == 4

@@ -1,0 +1,128 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import attnzoo
+from attnzoo.errors import InvalidInputError, UnknownNameError
+from attnzoo.pipelines import get_task, list_tasks, register_pipeline
+from attnzoo.pipelines.image_classification import ClassPrediction, ImageClassificationPipeline
+
+
+@pytest.fixture(scope="module")
+def classify(tiny_model):
+    return attnzoo.pipeline("image-classification", model=tiny_model, device="cpu")
+
+
+def manual_scores(model, image):
+    """The same prediction written out by hand with timm's own transform."""
+    from timm.data import create_transform, resolve_data_config
+
+    transform = create_transform(**resolve_data_config(model=model), is_training=False)
+    with torch.no_grad():
+        return model(transform(image.convert("RGB"))[None]).softmax(-1)[0]
+
+
+def test_result_matches_hand_written_inference(classify, tiny_model, photo):
+    result = classify(photo, top_k=3)
+    probs = manual_scores(tiny_model, photo)
+    top = probs.topk(3)
+    assert [p.index for p in result] == top.indices.tolist()
+    assert np.allclose([p.score for p in result], top.values.numpy(), atol=1e-6)
+    from timm.data import ImageNetInfo
+
+    assert result[0].label == ImageNetInfo().index_to_description(result[0].index)
+    assert result[0]["label"] == result[0].label and set(result[0].to_dict()) == {"label", "score", "index"}
+
+
+def test_every_input_kind_gives_the_same_answer(classify, photo, tmp_path):
+    photo.save(tmp_path / "p.png")
+    arr = np.array(photo)
+    sources = [tmp_path / "p.png", str(tmp_path / "p.png"), photo, arr, torch.from_numpy(arr).permute(2, 0, 1)]
+    results = [classify(s) for s in sources]
+    assert all(same(r, results[0]) for r in results)
+
+
+def same(a, b):
+    """Same ranking and scores up to float reassociation across batch sizes."""
+    return [p.index for p in a] == [p.index for p in b] and np.allclose([p.score for p in a], [p.score for p in b], atol=1e-6)
+
+
+def test_batching_equals_one_by_one(classify, photo):
+    images = [photo, photo.rotate(90, expand=True), photo.convert("L"), photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT), photo.crop((0, 0, 40, 40))]
+    singles = [classify(im) for im in images]
+    for batch_size in (1, 2, 5):
+        batched = classify(images, batch_size=batch_size)
+        assert all(same(a, b) for a, b in zip(batched, singles))
+
+
+def test_workers_and_generators_keep_order(classify, photo):
+    images = [photo.rotate(a) for a in (0, 30, 60, 90)]
+    plain = classify(images, batch_size=2)
+    assert all(same(a, b) for a, b in zip(classify(iter(images), batch_size=3), plain, strict=True))
+    assert [r for _, r in classify.iterate(images, batch_size=2, num_workers=2)] == plain
+
+
+def test_four_d_array_is_a_batch(classify, photo):
+    arr = np.stack([np.array(photo)] * 2)
+    out = classify(arr)
+    assert len(out) == 2 and out[0] == out[1] and same(out[0], classify(photo))
+
+
+def test_top_k_and_labels(tiny_model, photo):
+    model = attnzoo.create_model("test_resnet", num_classes=3)
+    pipe = ImageClassificationPipeline(model, labels=["cat", "dog", "bird"], device="cpu", top_k=10)
+    out = pipe(photo)
+    assert len(out) == 3 and {p.label for p in out} == {"cat", "dog", "bird"}
+    assert abs(sum(p.score for p in out) - 1) < 1e-5
+    assert [p.label for p in ImageClassificationPipeline(model, device="cpu")(photo)][0].startswith("LABEL_")
+    with pytest.raises(InvalidInputError, match="labels has 2"):
+        ImageClassificationPipeline(model, labels=["a", "b"], device="cpu")
+    with pytest.raises(InvalidInputError, match="top_k"):
+        pipe(photo, top_k=0)
+    with pytest.raises(InvalidInputError, match="unexpected arguments"):
+        pipe(photo, topk=3)
+
+
+def test_dtype_and_device(tiny_model, photo):
+    pipe = attnzoo.pipeline("image-classification", model=tiny_model, device="cpu", dtype="float64")
+    assert next(pipe.model.parameters()).dtype == torch.float64
+    ref = attnzoo.pipeline("image-classification", model=attnzoo.create_model("test_resnet"), device="cpu")
+    assert pipe(photo)[0].index == manual_scores(pipe.model.float(), photo).argmax().item()
+    with pytest.raises(InvalidInputError, match="dtype"):
+        attnzoo.pipeline("image-classification", model=tiny_model, device="cpu", dtype="float13")
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidInputError, match="CUDA"):
+            attnzoo.pipeline("image-classification", model=tiny_model, device="cuda")
+    assert ref.device.type == "cpu"
+
+
+def test_model_by_name_with_random_weights(photo):
+    pipe = attnzoo.pipeline("classification", model="test_resnet", weights="none", device="cpu")
+    assert isinstance(pipe, ImageClassificationPipeline) and len(pipe(photo)) == 5
+
+
+def test_bad_inputs_raise_naming_the_input(classify, photo, tmp_path):
+    (tmp_path / "bad.jpg").write_bytes(b"garbage")
+    with pytest.raises(InvalidInputError, match="bad.jpg"):
+        classify(tmp_path / "bad.jpg")
+    with pytest.raises(InvalidInputError, match="bad.jpg"):
+        classify([photo, tmp_path / "bad.jpg"])
+    results = list(classify.iterate([photo, tmp_path / "bad.jpg", photo], on_error="skip"))
+    assert [i for i, _ in results] == [0, 1, 2]
+    assert isinstance(results[1][1], InvalidInputError) and same(results[0][1], results[2][1])
+
+
+def test_task_registry():
+    assert "image-classification" in list_tasks()
+    assert get_task("classification").name == "image-classification"
+    with pytest.raises(UnknownNameError, match="image-classification"):
+        attnzoo.pipeline("image-clasification")
+    spec = register_pipeline("unit-test-task", ImageClassificationPipeline, default_model="test_resnet")
+    try:
+        assert attnzoo.pipeline("unit-test-task", weights="none", device="cpu").task == "image-classification"
+        assert spec.load() is ImageClassificationPipeline
+    finally:
+        from attnzoo.pipelines import SUPPORTED_TASKS
+
+        SUPPORTED_TASKS.pop("unit-test-task")
