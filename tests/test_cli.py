@@ -3,7 +3,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -124,7 +123,6 @@ def test_demo_writes_pictures_and_says_random(tmp_path, capsys):
     assert results["pretrained"] is False and len(results["predictions"]["chelsea"]) == 5
 
 
-@pytest.mark.slow
 def test_console_script_installed():
     proc = subprocess.run(["attnzoo", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and attnzoo.__version__ in proc.stdout

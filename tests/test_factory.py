@@ -32,7 +32,7 @@ def test_weights_from_local_file(tmp_path):
     torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, tmp_path / "w.pth")
     for file in ("w.safetensors", "w.pth"):
         model = attnzoo.create_model("test_resnet", weights=tmp_path / file)
-        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), src.state_dict().values()))
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), src.state_dict().values(), strict=True))
 
 
 def test_weights_that_do_not_fit_raise(tmp_path):
@@ -64,7 +64,7 @@ def test_registered_checkpoint_sets_preprocessing(tmp_path):
         model = attnzoo.create_model("test_resnet.unit", pretrained=True)
         assert model.pretrained_cfg["input_size"] == (3, 72, 72)
         assert model.pretrained_cfg["colour_order"] == "BGR"
-        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), src.state_dict().values()))
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), src.state_dict().values(), strict=True))
     finally:
         unregister_checkpoint("test_resnet.unit")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -132,9 +132,10 @@ def eval_(
 
     spec = get_task(task)
     model_name = model or spec.default_model
-    evaluator_cls = get_evaluator(spec.name)
+    evaluator = get_evaluator(spec.name)(data, split, limit=limit)  # a bad dataset fails before the model loads
     pipe = pipeline(spec.name, model=model_name, weights=weights, device=device, dtype=dtype)
-    evaluator = evaluator_cls(data, split, limit=limit, num_classes=getattr(pipe.model, "num_classes", None))
+    if getattr(pipe.model, "num_classes", None):
+        evaluator.check_num_classes(pipe.model.num_classes)
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
     settings = {
         "model": model_name,

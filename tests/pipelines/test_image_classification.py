@@ -6,7 +6,7 @@ from PIL import Image
 import attnzoo
 from attnzoo.errors import InvalidInputError, UnknownNameError
 from attnzoo.pipelines import get_task, list_tasks, register_pipeline
-from attnzoo.pipelines.image_classification import ClassPrediction, ImageClassificationPipeline
+from attnzoo.pipelines.image_classification import ImageClassificationPipeline
 
 
 @pytest.fixture(scope="module")

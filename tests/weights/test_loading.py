@@ -96,7 +96,7 @@ def test_load_weights_exact_and_mismatch_messages(tmp_path):
     src, dst = small_net(), torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
     torch.save({"model": src.state_dict()}, tmp_path / "ck.pth")
     load_weights(dst, tmp_path / "ck.pth")
-    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values(), strict=True))
     bigger = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
     with pytest.raises(WeightsError, match=r"shape mismatch.*0\.weight \(3, 4\) vs \(5, 4\)"):
         load_weights(bigger, tmp_path / "ck.pth")

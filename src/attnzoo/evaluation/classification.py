@@ -16,12 +16,18 @@ class ClassificationEvaluator:
 
     def __init__(self, data: str | os.PathLike, split: str = "val", *, limit: int | None = None, num_classes: int | None = None):
         self.dataset = read_classification_folder(data, split)
-        if num_classes is not None and self.dataset.layout == "image-folder" and len(self.dataset.classes) > num_classes:
+        self.limit = limit
+        if num_classes is not None:
+            self.check_num_classes(num_classes)
+
+    def check_num_classes(self, num_classes: int) -> None:
+        """Targets must be indices the model can predict."""
+        needed = len(self.dataset.classes)
+        if needed > num_classes:
             raise DatasetFormatError(
-                f"{self.dataset.root} has {len(self.dataset.classes)} classes but the model predicts {num_classes}; "
+                f"{self.dataset.root} has {needed} classes but the model predicts {num_classes}; "
                 "evaluate a model trained on these classes (class index = position in sorted folder names)"
             )
-        self.limit = limit
 
     def samples(self) -> list[EvalSample]:
         root = self.dataset.root

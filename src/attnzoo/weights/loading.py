@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
@@ -42,7 +43,9 @@ def resolve_checkpoint(spec: str | os.PathLike, *, progress: bool = True) -> Pat
         return path
     if re.match(r"^(https?|file)://", text):
         name = text.rsplit("/", 1)[-1].split("?", 1)[0] or "checkpoint"
-        return hub.download_url(text, hub.checkpoints_dir() / name, progress=progress)
+        # one folder per URL: two releases that share a file name must not share a cache entry
+        folder = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return hub.download_url(text, hub.checkpoints_dir() / "url" / folder / name, progress=progress)
     if text.startswith("hf-hub:"):
         repo_file = text.removeprefix("hf-hub:")
         parts = repo_file.split("/")
