@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 import attnzoo
@@ -20,6 +21,7 @@ def imagenet_tree(tmp_path_factory, photo):
     their top-1 class (hits), odd images under a class outside their top-5 (misses).
     """
     root = tmp_path_factory.mktemp("imagenet")
+    torch.manual_seed(0)
     model = attnzoo.create_model("test_resnet")
     save_file(model.state_dict(), root / "weights.safetensors")
     pipe = attnzoo.pipeline("image-classification", model=model, device="cpu")
@@ -121,7 +123,8 @@ def test_other_settings_in_same_out_dir_is_an_error(imagenet_tree, tmp_path):
     with pytest.raises(InvalidInputError, match="model"):
         evaluate(pipe, ev, tmp_path, settings={"model": "b"}, progress=False)
     again = evaluate(pipe, ev, tmp_path, settings={"model": "b"}, overwrite=True, progress=False)
-    assert again["n"] == 2
+    assert again["n"] + again["skipped"] == 2
+    assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == again["n"]  # not appended to the old run
 
 
 def test_all_inputs_unreadable(tmp_path):
