@@ -1,0 +1,25 @@
+"""Attention ops shared by every model: a plain-PyTorch reference, a FlexAttention path and
+fused Triton kernels (forward and backward) behind one dispatcher.
+
+>>> with attnzoo.kernels.use_backend("reference"):  # or ATTNZOO_ATTN_BACKEND=reference
+...     out = attnzoo.kernels.grouped_attention(q, k, v, groups, route=route)  # doctest: +SKIP
+
+Importing this package never touches a GPU driver; Triton kernels load on first use.
+"""
+
+from attnzoo.kernels.dispatch import BACKEND_NAMES, available_backends, forced_backend, use_backend
+from attnzoo.kernels.grouped_attention import grouped_attention
+from attnzoo.kernels.grouping import dilated_groups, inverse_routing, region_means, region_routing, window_groups
+
+__all__ = [
+    "BACKEND_NAMES",
+    "available_backends",
+    "dilated_groups",
+    "forced_backend",
+    "grouped_attention",
+    "inverse_routing",
+    "region_means",
+    "region_routing",
+    "use_backend",
+    "window_groups",
+]

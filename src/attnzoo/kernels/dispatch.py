@@ -1,0 +1,122 @@
+"""Backend registry and dispatch: the best backend whose constraint checks pass, with logged reasons.
+
+Each op registers its backends in preference order (fastest first). A backend is a function
+plus checks; a check returns ``None`` when the call is fine or a short reason when it is not.
+``use_backend(name)`` (a context manager) or ``ATTNZOO_ATTN_BACKEND`` forces one backend: a
+forced backend that cannot run raises :class:`BackendUnavailableError` instead of falling back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from attnzoo.errors import BackendUnavailableError, InvalidInputError
+
+BACKEND_NAMES = ("triton", "flex", "reference")
+logger = logging.getLogger("attnzoo.kernels")
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("attnzoo_attn_backend", default=None)
+
+Check = Callable[..., "str | None"]
+
+
+@dataclass
+class _Backend:
+    name: str
+    fn: Callable[..., Any]
+    checks: list[Check] = field(default_factory=list)
+
+    def why_not(self, *args: Any, **kwargs: Any) -> str | None:
+        for check in self.checks:
+            reason = check(*args, **kwargs)
+            if reason:
+                return reason
+        return None
+
+
+_REGISTRY: dict[str, list[_Backend]] = {}
+
+
+def register_backend(op: str, name: str, fn: Callable[..., Any], checks: list[Check] | None = None) -> None:
+    """Add ``name`` to ``op``'s backends; registration order is preference order."""
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend name must be one of {BACKEND_NAMES}")
+    backends = _REGISTRY.setdefault(op, [])
+    backends[:] = [b for b in backends if b.name != name] + [_Backend(name, fn, list(checks or []))]
+    backends.sort(key=lambda b: BACKEND_NAMES.index(b.name))
+
+
+def _check_name(name: str) -> str:
+    name = name.strip().lower()
+    if name not in BACKEND_NAMES:
+        raise InvalidInputError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force one backend for every kernel op called inside the block."""
+    token = _forced.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def forced_backend() -> str | None:
+    name = _forced.get()
+    if name is None and os.environ.get("ATTNZOO_ATTN_BACKEND"):
+        name = _check_name(os.environ["ATTNZOO_ATTN_BACKEND"])
+    return name
+
+
+def available_backends(op: str, *args: Any, **kwargs: Any) -> dict[str, str | None]:
+    """For each backend of ``op``: ``None`` if it can run these arguments, else why not."""
+    return {b.name: b.why_not(*args, **kwargs) for b in _REGISTRY[op]}
+
+
+def dispatch(op: str, *args: Any, **kwargs: Any) -> Any:
+    backends = _REGISTRY[op]
+    forced = forced_backend()
+    if forced is not None:
+        backend = next((b for b in backends if b.name == forced), None)
+        if backend is None:
+            raise BackendUnavailableError(f"{op} has no {forced!r} backend (it has: {', '.join(b.name for b in backends)})")
+        reason = backend.why_not(*args, **kwargs)
+        if reason:
+            raise BackendUnavailableError(f"{op}: the forced {forced!r} backend cannot run this call: {reason}")
+        return backend.fn(*args, **kwargs)
+    for backend in backends:
+        reason = backend.why_not(*args, **kwargs)
+        if reason is None:
+            return backend.fn(*args, **kwargs)
+        logger.debug("%s: skipping %s backend: %s", op, backend.name, reason)
+    raise BackendUnavailableError(f"{op}: no backend can run this call")  # pragma: no cover - reference always can
+
+
+# -- common checks -------------------------------------------------------------------------
+
+def triton_importable() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    return None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def on_gpu_or_interpreter(tensor: Any) -> str | None:
+    """Triton runs on CUDA tensors; on CPU only under TRITON_INTERPRET=1 and only when forced."""
+    if tensor.is_cuda:
+        return None
+    if interpreting() and forced_backend() == "triton":
+        return None
+    return "inputs are not on a CUDA device (CPU runs Triton only under TRITON_INTERPRET=1 when forced)"

@@ -1,0 +1,65 @@
+"""FlexAttention backends: the routing table becomes a BlockMask over group-major token order.
+
+Always built with a ``mask_mod`` (eager flex without one silently computes dense attention).
+Compiled on CUDA; eager on the CPU, where flex materialises the scores (fine for tests and
+small inputs, and it still supports backward there).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+from attnzoo.kernels.reference import expand_route
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(q: torch.Tensor, *args, **kwargs):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.is_cuda:
+        return _compiled_flex()(q, *args, **kwargs)
+    with warnings.catch_warnings():  # eager flex warns that it is unfused: on the CPU that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        return flex_attention(q, *args, **kwargs)
+
+
+def grouped_attention(q, k, v, q_groups, kv_groups, route, scale: float) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, N, H, D = q.shape
+    G, Tq = q_groups.shape
+    Gk, Tk = kv_groups.shape
+    r = expand_route(route, B, H, G, q.device).long()
+    heads_r = r.shape[1] if r.stride(1) != 0 else 1
+    r = r[:, :heads_r]
+    allowed = torch.zeros(B, heads_r, G, Gk, dtype=torch.bool, device=q.device)
+    allowed.scatter_(-1, r, True)
+    key_ok = (kv_groups >= 0).flatten()
+    qi, ki = q_groups.clamp(min=0).long().flatten(), kv_groups.clamp(min=0).long().flatten()
+    Qg = q[:, qi].transpose(1, 2)  # [B, H, G*Tq, D]
+    Kg = k[:, ki].transpose(1, 2)
+    Vg = v[:, ki].transpose(1, 2)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        hr = h if heads_r > 1 else 0
+        return allowed[b, hr, q_idx // Tq, kv_idx // Tk] & key_ok[kv_idx]
+
+    kv_indices = torch.sort(torch.where(allowed, torch.arange(Gk, device=q.device), Gk), dim=-1).values.clamp(max=Gk - 1)
+    mask = BlockMask.from_kv_blocks(
+        allowed.sum(-1).to(torch.int32), kv_indices.to(torch.int32), BLOCK_SIZE=(Tq, Tk), mask_mod=mask_mod,
+        seq_lengths=(G * Tq, Gk * Tk),
+    )
+    out_g = _flex(Qg, Kg, Vg, block_mask=mask, scale=scale).transpose(1, 2)  # [B, G*Tq, H, D]
+    q_ok = (q_groups >= 0).flatten()
+    out = q.new_zeros(B, N, H, D)
+    out[:, qi[q_ok]] = out_g[:, q_ok]
+    return out

@@ -1,0 +1,123 @@
+"""The grouped-attention op: validation, backends, dispatch."""
+
+from __future__ import annotations
+
+import torch
+
+from attnzoo.errors import InvalidInputError
+from attnzoo.kernels import dispatch, reference
+
+OP = "grouped_attention"
+MAX_TRITON_HEAD_DIM = 256
+
+
+def grouped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_groups: torch.Tensor,
+    kv_groups: torch.Tensor | None = None,
+    route: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention inside token groups, where a query group's keys come from its routed key groups.
+
+    Args:
+        q: ``[B, N, H, D]``; k, v: ``[B, Nk, H, D]``. Any strides (e.g. views of a fused qkv
+            projection); the kernels read tokens in place.
+        q_groups: int ``[G, Tq]`` token indices (``-1`` = padding slot). Each token belongs to
+            at most one group; tokens in no group get a zero output.
+        kv_groups: int ``[Gk, Tk]``; defaults to ``q_groups`` (self-attention, same grouping).
+        route: int ``[B, G, topk]`` (shared by all heads, as BiFormer) or ``[B, H, G, topk]``:
+            the key groups each query group attends to. ``None``: group ``g`` sees key group ``g``.
+        scale: softmax scale; default ``D ** -0.5`` (BiFormer's official models use ``C ** -0.5``).
+
+    Returns ``[B, N, H, D]`` (contiguous).
+    """
+    kv_groups = q_groups if kv_groups is None else kv_groups
+    _validate(q, k, v, q_groups, kv_groups, route)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    return dispatch.dispatch(OP, q, k, v, q_groups, kv_groups, route, scale)
+
+
+def _validate(q, k, v, q_groups, kv_groups, route) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise InvalidInputError(f"grouped_attention: {name} must be a [B, N, H, D] tensor, got {_shape(t)}")
+        if not t.is_floating_point():
+            raise InvalidInputError(f"grouped_attention: {name} must be floating point, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise InvalidInputError(f"grouped_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if not (q.device == k.device == v.device):
+        raise InvalidInputError("grouped_attention: q, k, v are on different devices")
+    B, N, H, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (H, D):
+        raise InvalidInputError(f"grouped_attention: k and v must be [B, Nk, H, D] = [{B}, Nk, {H}, {D}], got {tuple(k.shape)} and {tuple(v.shape)}")
+    for name, table, n in (("q_groups", q_groups, N), ("kv_groups", kv_groups, k.shape[1])):
+        if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.is_floating_point() or table.dtype == torch.bool:
+            raise InvalidInputError(f"grouped_attention: {name} must be an integer [G, T] table, got {_shape(table)}")
+        if table.device != q.device:
+            raise InvalidInputError(f"grouped_attention: {name} is on {table.device}, q on {q.device}")
+        if table.numel() and (int(table.min()) < -1 or int(table.max()) >= n):
+            raise InvalidInputError(f"grouped_attention: {name} holds indices outside [-1, {n})")
+    G, Gk = q_groups.shape[0], kv_groups.shape[0]
+    valid = q_groups[q_groups >= 0]
+    if valid.numel() != torch.unique(valid).numel():
+        raise InvalidInputError("grouped_attention: a token appears in more than one query group slot")
+    if route is None:
+        if G != Gk:
+            raise InvalidInputError(f"grouped_attention: without a route, q and kv need the same number of groups ({G} vs {Gk})")
+        return
+    if not isinstance(route, torch.Tensor) or route.dim() not in (3, 4) or route.is_floating_point() or route.dtype == torch.bool:
+        raise InvalidInputError(f"grouped_attention: route must be an integer [B, G, topk] or [B, H, G, topk] tensor, got {_shape(route)}")
+    expected = (B, G) if route.dim() == 3 else (B, H, G)
+    if tuple(route.shape[:-1]) != expected or route.shape[-1] < 1:
+        raise InvalidInputError(f"grouped_attention: route shape {tuple(route.shape)} does not match [{', '.join(map(str, expected))}, topk]")
+    if route.device != q.device:
+        raise InvalidInputError(f"grouped_attention: route is on {route.device}, q on {q.device}")
+    if int(route.min()) < 0 or int(route.max()) >= Gk:
+        raise InvalidInputError(f"grouped_attention: route holds key-group indices outside [0, {Gk})")
+
+
+def _shape(t) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+# -- backends ------------------------------------------------------------------------------
+
+def _triton(q, k, v, q_groups, kv_groups, route, scale):
+    from attnzoo.kernels import ops
+
+    return ops.grouped_attention(q, k, v, q_groups.to(torch.int32), kv_groups.to(torch.int32),
+                                 None if route is None else route.to(torch.int32), scale)
+
+
+def _flex(q, k, v, q_groups, kv_groups, route, scale):
+    from attnzoo.kernels import flex
+
+    return flex.grouped_attention(q, k, v, q_groups, kv_groups, route, scale)
+
+
+def _check_triton(q, k, v, *_):
+    return (
+        dispatch.triton_importable()
+        or dispatch.on_gpu_or_interpreter(q)
+        or (f"head dim {q.shape[-1]} > {MAX_TRITON_HEAD_DIM}" if q.shape[-1] > MAX_TRITON_HEAD_DIM else None)
+    )
+
+
+def _check_flex(q, k, v, *_):
+    if not hasattr(torch.nn.attention, "flex_attention"):
+        return "this torch has no FlexAttention"
+    if not q.is_cuda:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return "FlexAttention has no backward on the CPU"
+        if dispatch.forced_backend() != "flex":
+            return "eager FlexAttention on the CPU materialises dense scores (used only when forced)"
+    return None
+
+
+dispatch.register_backend(OP, "triton", _triton, [_check_triton])
+dispatch.register_backend(OP, "flex", _flex, [_check_flex])
+dispatch.register_backend(OP, "reference", reference.grouped_attention)

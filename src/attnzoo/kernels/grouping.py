@@ -1,0 +1,82 @@
+"""Token groupings as index tables, and BiFormer's region routing.
+
+A grouping is an int32 table ``[G, T]`` of token indices into the flattened token axis
+(row-major over the feature map); ``-1`` marks a padding slot, which attention masks. The
+kernels read tokens through these tables, so no grouping ever costs a permuted copy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from attnzoo.errors import InvalidInputError
+
+
+def window_groups(height: int, width: int, window: int | tuple[int, int], *, device: torch.device | str | None = None) -> torch.Tensor:
+    """Non-overlapping windows in row-major window order, tokens row-major inside a window.
+
+    Sizes that are not multiples of the window give partial windows whose missing slots
+    are ``-1`` (masked). For BiFormer's and L²ViT's *unmasked* zero padding, pad the map
+    with zeros first, as the official code does, and build the groups on the padded map.
+    """
+    wh, ww = (window, window) if isinstance(window, int) else window
+    if min(height, width, wh, ww) < 1:
+        raise InvalidInputError(f"window_groups needs positive sizes, got map {height}x{width}, window {wh}x{ww}")
+    ny, nx = math.ceil(height / wh), math.ceil(width / ww)
+    ry, rx, i, j = torch.meshgrid(torch.arange(ny), torch.arange(nx), torch.arange(wh), torch.arange(ww), indexing="ij")
+    y, x = ry * wh + i, rx * ww + j
+    table = torch.where((y < height) & (x < width), y * width + x, torch.full_like(y, -1))
+    return table.reshape(ny * nx, wh * ww).to(device=device, dtype=torch.int32)
+
+
+def dilated_groups(height: int, width: int, groups: int | tuple[int, int], *, device: torch.device | str | None = None) -> torch.Tensor:
+    """Strided groups: group ``(gy, gx)`` holds tokens ``(i*Gy + gy, j*Gx + gx)`` (long-range grouping)."""
+    gy_n, gx_n = (groups, groups) if isinstance(groups, int) else groups
+    if height % gy_n or width % gx_n:
+        raise InvalidInputError(f"a {height}x{width} map does not split into {gy_n}x{gx_n} dilated groups")
+    gy, gx, i, j = torch.meshgrid(torch.arange(gy_n), torch.arange(gx_n), torch.arange(height // gy_n), torch.arange(width // gx_n), indexing="ij")
+    table = (i * gy_n + gy) * width + (j * gx_n + gx)
+    return table.reshape(gy_n * gx_n, -1).to(device=device, dtype=torch.int32)
+
+
+def region_routing(q: torch.Tensor, k: torch.Tensor, groups: torch.Tensor, topk: int, scale: float) -> torch.Tensor:
+    """BiFormer's routing: the ``topk`` key regions per query region, shared by all heads.
+
+    ``q``, ``k``: ``[B, N, C]`` (all heads together, as the official code averages the full
+    channel width). Region means are taken over each group's valid tokens and detached: no
+    gradient reaches the router. Returns int32 ``[B, G, topk]`` in descending logit order.
+    """
+    if q.dim() != 3 or k.shape != q.shape:
+        raise InvalidInputError(f"region_routing expects q and k of the same shape [B, N, C], got {tuple(q.shape)} and {tuple(k.shape)}")
+    num_groups = groups.shape[0]
+    if not 1 <= topk <= num_groups:
+        raise InvalidInputError(f"topk must be in [1, {num_groups}] for {num_groups} regions, got {topk}")
+    with torch.no_grad():
+        q_r, k_r = region_means(q, groups), region_means(k, groups)
+        logits = (q_r * scale) @ k_r.transpose(-1, -2)
+        return torch.topk(logits, k=topk, dim=-1).indices.to(torch.int32)
+
+
+def region_means(x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` ``[B, N, C]`` over each group's valid tokens: ``[B, G, C]``."""
+    valid = (groups >= 0).to(x.dtype)
+    gathered = x[:, groups.clamp(min=0).long()]  # [B, G, T, C]
+    return (gathered * valid[None, :, :, None]).sum(2) / valid.sum(1).clamp(min=1)[None, :, None]
+
+
+def inverse_routing(route: torch.Tensor, num_kv_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR of ``route`` ``[B, R, G, topk]``: for key group ``j``, the query groups that route to it.
+
+    Returns ``ptr`` ``[B, R, Gk + 1]`` and ``idx`` ``[B, R, G * topk]`` (int32); query groups
+    of key group ``j`` are ``idx[b, r, ptr[b, r, j]:ptr[b, r, j + 1]]``, in ascending order.
+    Built with a stable sort, so the backward pass that uses it is deterministic.
+    """
+    B, R, G, topk = route.shape
+    flat = route.reshape(B, R, G * topk).long()
+    order = torch.sort(flat, dim=-1, stable=True).indices
+    idx = (order // topk).to(torch.int32)
+    counts = torch.zeros(B, R, num_kv_groups + 1, dtype=torch.long, device=route.device)
+    counts.scatter_add_(-1, flat + 1, torch.ones_like(flat))
+    return counts.cumsum(-1).to(torch.int32), idx

@@ -1,0 +1,62 @@
+"""Triton kernels as ``torch.library`` custom ops, with fake (meta) and autograd registrations,
+so they are opaque to ``torch.compile`` and pass ``torch.library.opcheck``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@torch.library.custom_op("attnzoo::grouped_attention_fwd", mutates_args=())
+def grouped_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, q_groups: Tensor, kv_groups: Tensor, route: Optional[Tensor], scale: float
+) -> tuple[Tensor, Tensor]:
+    from attnzoo.kernels.triton.grouped import grouped_attention_fwd as kernel
+
+    return kernel(q, k, v, q_groups, kv_groups, route, scale)
+
+
+@grouped_attention_fwd.register_fake
+def _(q, k, v, q_groups, kv_groups, route, scale):
+    B, N, H, _ = q.shape
+    stat = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, N), dtype=stat)
+
+
+@torch.library.custom_op("attnzoo::grouped_attention_bwd", mutates_args=())
+def grouped_attention_bwd(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    q_groups: Tensor, kv_groups: Tensor, route: Optional[Tensor], scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from attnzoo.kernels.triton.grouped import grouped_attention_bwd as kernel
+
+    return kernel(do, q, k, v, out, lse, q_groups, kv_groups, route, scale)
+
+
+@grouped_attention_bwd.register_fake
+def _(do, q, k, v, out, lse, q_groups, kv_groups, route, scale):
+    c = torch.contiguous_format
+    return torch.empty_like(q, memory_format=c), torch.empty_like(k, memory_format=c), torch.empty_like(v, memory_format=c)
+
+
+def _grouped_setup(ctx, inputs, output):
+    q, k, v, q_groups, kv_groups, route, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, q_groups, kv_groups, route)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _grouped_backward(ctx, d_out, d_lse):
+    q, k, v, out, lse, q_groups, kv_groups, route = ctx.saved_tensors
+    dq, dk, dv = grouped_attention_bwd(d_out, q, k, v, out, lse, q_groups, kv_groups, route, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+torch.library.register_autograd("attnzoo::grouped_attention_fwd", _grouped_backward, setup_context=_grouped_setup)
+
+
+def grouped_attention(q, k, v, q_groups, kv_groups, route, scale: float) -> Tensor:
+    return grouped_attention_fwd(q, k, v, q_groups, kv_groups, route, scale)[0]

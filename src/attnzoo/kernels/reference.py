@@ -1,0 +1,95 @@
+"""Plain-PyTorch definitions of every op: the semantics, the CPU path and the test oracle."""
+
+from __future__ import annotations
+
+import torch
+
+
+def expand_route(route: torch.Tensor | None, batch: int, heads: int, num_groups: int, device: torch.device) -> torch.Tensor:
+    """``[B, H, G, topk]`` routing; ``None`` means each query group sees its own key group."""
+    if route is None:
+        return torch.arange(num_groups, device=device, dtype=torch.int32).view(1, 1, num_groups, 1).expand(batch, heads, num_groups, 1)
+    if route.dim() == 3:
+        return route[:, None].expand(batch, heads, *route.shape[1:])
+    return route
+
+
+def grouped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_groups: torch.Tensor,
+    kv_groups: torch.Tensor,
+    route: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Gather-based grouped attention, like the official BiFormer code (materialises routed K/V).
+
+    ``q`` ``[B, N, H, D]``, ``k``/``v`` ``[B, Nk, H, D]``; ``q_groups`` ``[G, Tq]`` and
+    ``kv_groups`` ``[Gk, Tk]`` index tokens (``-1`` = padding, masked); ``route``
+    ``[B, G, topk]`` (shared over heads) or ``[B, H, G, topk]`` picks key groups per query
+    group. Queries in a group attend to all valid tokens of its routed key groups.
+    """
+    B, N, H, D = q.shape
+    G, Tq = q_groups.shape
+    route = expand_route(route, B, H, G, q.device).long()
+    qi, ki = q_groups.clamp(min=0).long(), kv_groups.clamp(min=0).long()
+    Q = q[:, qi].permute(0, 3, 1, 2, 4)  # [B, H, G, Tq, D]
+    K = k[:, ki].permute(0, 3, 1, 2, 4)  # [B, H, Gk, Tk, D]
+    V = v[:, ki].permute(0, 3, 1, 2, 4)
+    b = torch.arange(B, device=q.device).view(B, 1, 1, 1)
+    h = torch.arange(H, device=q.device).view(1, H, 1, 1)
+    Kr = K[b, h, route].flatten(3, 4)  # [B, H, G, topk*Tk, D]
+    Vr = V[b, h, route].flatten(3, 4)
+    key_ok = (kv_groups >= 0)[route].flatten(3, 4)  # [B, H, G, topk*Tk]
+    scores = (Q @ Kr.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~key_ok[:, :, :, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no valid key outputs 0
+    out_groups = (probs @ Vr).permute(0, 2, 3, 1, 4)  # [B, G, Tq, H, D]
+    q_ok = q_groups >= 0
+    out = q.new_zeros(B, N, H, D)
+    out[:, q_groups[q_ok].long()] = out_groups[:, q_ok]
+    return out
+
+
+def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, scale: float) -> torch.Tensor:
+    """Each query row attends only to its own key set ``index`` ``[B, H, N, topk]`` (``-1`` = none).
+
+    ``q`` ``[B, H, N, D]``, ``k``/``v`` ``[B, H, Nk, D]``. Rows with no valid key output 0, as
+    Sparsifiner's ``masked_fill(-inf) -> softmax -> nan_to_num`` does.
+    """
+    valid = index >= 0
+    idx = index.clamp(min=0).long()
+    B, H, N, topk = idx.shape
+    flat = idx.reshape(B, H, N * topk, 1)
+    Kr = torch.gather(k, 2, flat.expand(-1, -1, -1, k.shape[-1])).view(B, H, N, topk, -1)
+    Vr = torch.gather(v, 2, flat.expand(-1, -1, -1, v.shape[-1])).view(B, H, N, topk, -1)
+    scores = (q.unsqueeze(-2) * Kr).sum(-1) * scale
+    probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
+    return (probs.unsqueeze(-1) * Vr).sum(-2)
+
+
+def linear_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor | float, denom_min: float
+) -> torch.Tensor:
+    """L²ViT's enhanced linear attention: ``relu(q) (relu(k)^T v) tau / max(relu(q) . sum relu(k), c)``.
+
+    ``q``/``k``/``v`` ``[B, H, N, D]``; ``temperature`` per head (``[H]``) or a scalar.
+    """
+    fq, fk = torch.relu(q), torch.relu(k)
+    tau = torch.as_tensor(temperature, dtype=q.dtype, device=q.device).reshape(-1, 1, 1)
+    state = fk.transpose(-1, -2) @ v  # [B, H, D, D]
+    denom = (fq @ fk.sum(-2, keepdim=True).transpose(-1, -2)).clamp(min=denom_min)  # [B, H, N, 1]
+    return (fq @ (state * tau)) / denom
+
+
+def inline_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """InLine attention (identity feature map, mean-key correction), in its linear form.
+
+    ``w_ij = (s/n) q_i.k_j - (s/n) q_i.kbar + 1/n``, so ``o_i = q_i (K^T V) s/n + (1 - s q_i.kbar) vbar``.
+    """
+    n = k.shape[-2]
+    state = k.transpose(-1, -2) @ v * (scale / n)  # [B, H, D, D]
+    k_mean = k.mean(-2, keepdim=True)  # [B, H, 1, D]
+    v_mean = v.mean(-2, keepdim=True)
+    return q @ state + (1 - scale * (q * k_mean).sum(-1, keepdim=True)) * v_mean
