@@ -108,7 +108,9 @@ def _check_triton(q, k, v, *_):
 
 
 def _check_flex(q, k, v, *_):
-    if not hasattr(torch.nn.attention, "flex_attention"):
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
         return "this torch has no FlexAttention"
     if not q.is_cuda:
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):

@@ -1,0 +1,212 @@
+"""grouped_attention: every backend equals the reference, forward and backward."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+import attnzoo.kernels as K
+from attnzoo.errors import BackendUnavailableError, InvalidInputError
+from attnzoo.kernels import reference as R
+
+interpret = pytest.mark.interpret
+
+
+def make_case(B=2, Hm=8, Wm=8, H=2, D=16, window=4, topk=2, per_head=False, dtype=torch.float32, seed=0, grouping="window"):
+    g = torch.Generator().manual_seed(seed)
+    groups = K.window_groups(Hm, Wm, window) if grouping == "window" else K.dilated_groups(Hm, Wm, window)
+    G = groups.shape[0]
+    q, k, v = (torch.randn(B, Hm * Wm, H, D, generator=g).to(dtype) for _ in range(3))
+    route = None
+    if topk is not None:
+        shape = (B, H, G) if per_head else (B, G)
+        route = torch.stack([torch.randperm(G, generator=g)[:topk] for _ in range(int(torch.tensor(shape).prod()))]).view(*shape, topk).int()
+    return q, k, v, groups, route
+
+
+CASES = {
+    "bra_shared_route": dict(),
+    "topk_1": dict(topk=1),
+    "topk_all": dict(topk=4),
+    "per_head_route": dict(per_head=True, H=3),
+    "window_identity_batch1": dict(B=1, topk=None),
+    "odd_map_padded_windows_d24": dict(Hm=5, Wm=7, window=3, D=24, topk=3, H=3),
+    "big_groups_multi_tile": dict(B=1, Hm=10, Wm=10, window=10, topk=None, H=1, D=16),
+    "dilated_groups": dict(grouping="dilated", window=2, topk=None),
+}
+
+
+def reference_grads(q, k, v, groups, route, scale, d_out):
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out = R.grouped_attention(*leaves, groups, groups, route, scale)
+    return out, torch.autograd.grad(out, leaves, d_out.double())
+
+
+@interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_matches_reference(case, dtype):
+    q, k, v, groups, route = make_case(dtype=dtype, **CASES[case])
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with K.use_backend("triton"):
+        out = K.grouped_attention(*leaves, groups, route=route, scale=0.3)
+    d_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, d_out)
+    ref, ref_grads = reference_grads(q, k, v, groups, route, 0.3, d_out)
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-3, rtol=3e-3)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got.double(), want, **tol)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_flex_forward_matches_reference(case):
+    q, k, v, groups, route = make_case(**CASES[case])
+    with K.use_backend("flex"):
+        out = K.grouped_attention(q, k, v, groups, route=route, scale=0.3)
+    torch.testing.assert_close(out, R.grouped_attention(q, k, v, groups, groups, route, 0.3), atol=2e-5, rtol=1e-4)
+
+
+@interpret
+def test_triton_gradcheck_fp64():
+    q, k, v, groups, route = make_case(B=1, Hm=4, Wm=6, window=(2, 3), H=1, topk=2, dtype=torch.float64)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    with K.use_backend("triton"):
+        assert torch.autograd.gradcheck(lambda a, b, c: K.grouped_attention(a, b, c, groups, route=route), leaves, fast_mode=True)
+
+
+@interpret
+def test_triton_backward_is_deterministic():
+    q, k, v, groups, route = make_case(topk=3)
+    runs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        with K.use_backend("triton"):
+            out = K.grouped_attention(*leaves, groups, route=route)
+        runs.append(torch.autograd.grad(out.square().sum(), leaves))
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+@interpret
+def test_triton_reads_non_contiguous_views_in_place():
+    """q, k, v as strided views of one fused qkv projection, as the models produce them."""
+    B, N, H, D = 2, 64, 2, 16
+    qkv = torch.randn(B, N, 3, H, D)
+    q, k, v = qkv.unbind(2)
+    assert not q.is_contiguous()
+    groups = K.window_groups(8, 8, 4)
+    route = make_case()[4]
+    with K.use_backend("triton"):
+        out = K.grouped_attention(q, k, v, groups, route=route)
+    torch.testing.assert_close(out, R.grouped_attention(q, k, v, groups, groups, route, D**-0.5), atol=2e-5, rtol=1e-4)
+
+
+@interpret
+def test_query_group_with_no_valid_key_outputs_zero():
+    q, k, v, _, _ = make_case(B=1, Hm=4, Wm=4, topk=None)
+    q_groups = torch.arange(16, dtype=torch.int32).view(2, 8)
+    kv_groups = torch.tensor([[0, 1, 2, 3], [-1, -1, -1, -1]], dtype=torch.int32)
+    route = torch.tensor([[[0], [1]]], dtype=torch.int32)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    for backend in ("triton", "reference"):
+        with K.use_backend(backend):
+            out = K.grouped_attention(*leaves, q_groups, kv_groups, route)
+        assert torch.isfinite(out).all() and (out[:, 8:] == 0).all()
+        grads = torch.autograd.grad(out.sum(), leaves)
+        assert all(torch.isfinite(g).all() for g in grads) and (grads[0][:, 8:] == 0).all()
+
+
+@interpret
+def test_custom_op_passes_opcheck():
+    from attnzoo.kernels import ops
+
+    q, k, v, groups, route = make_case(B=1, Hm=4, Wm=4, window=2, topk=2)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), groups, groups, route, 0.25)
+    with K.use_backend("triton"):
+        torch.library.opcheck(ops.grouped_attention_fwd, args)
+
+
+def test_cpu_default_is_reference_and_skips_are_logged(caplog):
+    q, k, v, groups, route = make_case()
+    reasons = K.available_backends("grouped_attention", q, k, v, groups, groups, route, 1.0)
+    assert reasons["reference"] is None and reasons["triton"] and reasons["flex"]
+    with caplog.at_level(logging.DEBUG, logger="attnzoo.kernels"):
+        K.grouped_attention(q, k, v, groups, route=route)
+    assert "skipping triton backend" in caplog.text
+
+
+def test_env_var_forces_backend(monkeypatch):
+    q, k, v, groups, route = make_case()
+    monkeypatch.setenv("ATTNZOO_ATTN_BACKEND", "flex")
+    assert K.forced_backend() == "flex"
+    q.requires_grad_()
+    with pytest.raises(BackendUnavailableError, match="no backward on the CPU"):
+        K.grouped_attention(q, k, v, groups, route=route)
+    monkeypatch.setenv("ATTNZOO_ATTN_BACKEND", "fastest")
+    with pytest.raises(InvalidInputError, match="unknown attention backend"):
+        K.grouped_attention(q, k, v, groups, route=route)
+    with pytest.raises(InvalidInputError):
+        with K.use_backend("cuda"):
+            pass
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda a: {**a, "q": a["q"][0]}, "must be a \\[B, N, H, D\\]"),
+    (lambda a: {**a, "k": a["k"].half()}, "dtypes differ"),
+    (lambda a: {**a, "v": a["v"][:, :, :1]}, "k and v must be"),
+    (lambda a: {**a, "q": a["q"].long()}, "floating point"),
+    (lambda a: {**a, "route": a["route"] + 10}, "outside"),
+    (lambda a: {**a, "route": a["route"][:, :2]}, "does not match"),
+    (lambda a: {**a, "route": a["route"].float()}, "integer"),
+    (lambda a: {**a, "q_groups": a["q_groups"].clone().index_fill_(1, torch.tensor([1]), 0)}, "more than one"),
+    (lambda a: {**a, "q_groups": a["q_groups"] + 100}, "outside"),
+    (lambda a: {**a, "route": None, "kv_groups": a["q_groups"][:2]}, "same number of groups"),
+])
+def test_bad_input_is_a_typed_error(mutate, match):
+    q, k, v, groups, route = make_case()
+    args = mutate(dict(q=q, k=k, v=v, q_groups=groups, kv_groups=None, route=route))
+    with pytest.raises(InvalidInputError, match=match):
+        K.grouped_attention(args["q"], args["k"], args["v"], args["q_groups"], args["kv_groups"], args["route"])
+
+
+def test_group_tables():
+    assert K.window_groups(2, 4, 2).tolist() == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    assert K.window_groups(1, 3, 2).tolist() == [[0, 1, -1, -1], [2, -1, -1, -1]]
+    assert K.dilated_groups(2, 4, (1, 2)).tolist() == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    with pytest.raises(InvalidInputError):
+        K.dilated_groups(3, 4, 2)
+    route = torch.tensor([[[[1, 0], [1, 2], [0, 1]]]])
+    ptr, idx = K.inverse_routing(route, 3)
+    assert ptr.tolist() == [[[0, 2, 5, 6]]] and idx.tolist() == [[[0, 2, 0, 1, 2, 1]]]
+
+
+@pytest.mark.parity
+def test_biformer_bra_op_parity(reference_dir):
+    """The official BRA module, recomposed from the kernel ops: same routing, same output."""
+    from safetensors.torch import load_file
+
+    folder = reference_dir / "biformer_bra_op"
+    if not folder.is_dir():
+        pytest.skip("biformer_bra_op fixture absent")
+    cfg = json.loads((folder / "config.json").read_text())
+    kw = cfg["constructor_kwargs"]
+    sd, inputs, expected = (load_file(folder / f"{n}.safetensors") for n in ("state_dict", "inputs", "outputs"))
+    x = inputs["x"]
+    B, Hm, Wm, C = x.shape
+    qk, heads, n_win, topk = kw["qk_dim"], kw["num_heads"], kw["n_win"], kw["topk"]
+    scale = kw["qk_scale"] or qk**-0.5
+    qkv = torch.nn.functional.linear(x, sd["qkv.qkv.weight"], sd["qkv.qkv.bias"]).reshape(B, Hm * Wm, -1)
+    q, k, v = qkv.split([qk, qk, C], dim=-1)
+    groups = K.window_groups(Hm, Wm, (Hm // n_win, Wm // n_win))
+    route = K.region_routing(q, k, groups, topk, scale)
+    assert torch.equal(route.long(), expected["r_idx"])
+    split = lambda t: t.reshape(B, Hm * Wm, heads, -1)  # noqa: E731
+    tol = cfg["suggested_tolerance"]
+    for backend in ("reference", "flex", "triton"):
+        with K.use_backend(backend), torch.no_grad():
+            attn = K.grouped_attention(split(q), split(k), split(v), groups, route=route, scale=scale).reshape(B, Hm, Wm, C)
+        lepe = torch.nn.functional.conv2d(v.reshape(B, Hm, Wm, C).permute(0, 3, 1, 2), sd["lepe.weight"], sd["lepe.bias"],
+                                          padding=kw["side_dwconv"] // 2, groups=C).permute(0, 2, 3, 1)
+        y = torch.nn.functional.linear(attn + lepe, sd["wo.weight"], sd["wo.bias"])
+        torch.testing.assert_close(y, expected["y"], atol=tol["atol"], rtol=tol["rtol"])
