@@ -9,6 +9,7 @@ Importing this package never touches a GPU driver; Triton kernels load on first 
 
 from attnzoo.kernels.dispatch import BACKEND_NAMES, available_backends, forced_backend, use_backend
 from attnzoo.kernels.grouped_attention import grouped_attention
+from attnzoo.kernels.topk_attention import mask_to_index, topk_attention
 from attnzoo.kernels.grouping import dilated_groups, inverse_routing, region_means, region_routing, window_groups
 
 __all__ = [
@@ -18,8 +19,10 @@ __all__ = [
     "forced_backend",
     "grouped_attention",
     "inverse_routing",
+    "mask_to_index",
     "region_means",
     "region_routing",
+    "topk_attention",
     "use_backend",
     "window_groups",
 ]

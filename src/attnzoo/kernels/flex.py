@@ -63,3 +63,20 @@ def grouped_attention(q, k, v, q_groups, kv_groups, route, scale: float) -> torc
     out = q.new_zeros(B, N, H, D)
     out[:, qi[q_ok]] = out_g[:, q_ok]
     return out
+
+
+def topk_attention(q, k, v, index, scale: float) -> torch.Tensor:
+    """Per-row key sets as a dense boolean table read by the mask_mod."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, H, N, _ = q.shape
+    Nk = k.shape[2]
+    allowed = torch.zeros(B, H, N, Nk + 1, dtype=torch.bool, device=q.device)
+    allowed.scatter_(-1, torch.where(index >= 0, index, Nk).long(), True)
+    allowed = allowed[..., :Nk]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return allowed[b, h, q_idx, kv_idx]
+
+    mask = create_block_mask(mask_mod, B, H, N, Nk, device=q.device)
+    return _flex(q, k, v, block_mask=mask, scale=scale)

@@ -60,3 +60,53 @@ torch.library.register_autograd("attnzoo::grouped_attention_fwd", _grouped_backw
 
 def grouped_attention(q, k, v, q_groups, kv_groups, route, scale: float) -> Tensor:
     return grouped_attention_fwd(q, k, v, q_groups, kv_groups, route, scale)[0]
+
+
+@torch.library.custom_op("attnzoo::topk_attention_fwd", mutates_args=())
+def topk_attention_fwd(q: Tensor, k: Tensor, v: Tensor, index: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    from attnzoo.kernels.triton.topk import topk_attention_fwd as kernel
+
+    return kernel(q, k, v, index, scale)
+
+
+@topk_attention_fwd.register_fake
+def _(q, k, v, index, scale):
+    B, H, N, _ = q.shape
+    stat = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, N), dtype=stat)
+
+
+@torch.library.custom_op("attnzoo::topk_attention_bwd", mutates_args=())
+def topk_attention_bwd(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, index: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    from attnzoo.kernels.triton.topk import topk_attention_bwd as kernel
+
+    return kernel(do, q, k, v, out, lse, index, scale)
+
+
+@topk_attention_bwd.register_fake
+def _(do, q, k, v, out, lse, index, scale):
+    c = torch.contiguous_format
+    return torch.empty_like(q, memory_format=c), torch.empty_like(k, memory_format=c), torch.empty_like(v, memory_format=c)
+
+
+def _topk_setup(ctx, inputs, output):
+    q, k, v, index, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, index)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _topk_backward(ctx, d_out, d_lse):
+    q, k, v, out, lse, index = ctx.saved_tensors
+    dq, dk, dv = topk_attention_bwd(d_out, q, k, v, out, lse, index, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+torch.library.register_autograd("attnzoo::topk_attention_fwd", _topk_backward, setup_context=_topk_setup)
+
+
+def topk_attention(q, k, v, index, scale: float) -> Tensor:
+    return topk_attention_fwd(q, k, v, index, scale)[0]
