@@ -9,6 +9,7 @@ Importing this package never touches a GPU driver; Triton kernels load on first 
 
 from attnzoo.kernels.dispatch import BACKEND_NAMES, available_backends, forced_backend, use_backend
 from attnzoo.kernels.grouped_attention import grouped_attention
+from attnzoo.kernels.linear_attention import inline_attention, linear_attention
 from attnzoo.kernels.topk_attention import mask_to_index, topk_attention
 from attnzoo.kernels.grouping import dilated_groups, inverse_routing, region_means, region_routing, window_groups
 
@@ -18,7 +19,9 @@ __all__ = [
     "dilated_groups",
     "forced_backend",
     "grouped_attention",
+    "inline_attention",
     "inverse_routing",
+    "linear_attention",
     "mask_to_index",
     "region_means",
     "region_routing",

@@ -110,3 +110,64 @@ torch.library.register_autograd("attnzoo::topk_attention_fwd", _topk_backward, s
 
 def topk_attention(q, k, v, index, scale: float) -> Tensor:
     return topk_attention_fwd(q, k, v, index, scale)[0]
+
+
+@torch.library.custom_op("attnzoo::linear_attention_fwd", mutates_args=())
+def linear_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, tau: Tensor, mode: int, c: float, denom_min: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from attnzoo.kernels.triton.linear import linear_attention_fwd as kernel
+
+    return kernel(q, k, v, tau, mode, c, denom_min)
+
+
+@linear_attention_fwd.register_fake
+def _(q, k, v, tau, mode, c, denom_min):
+    import triton
+
+    B, H, _, D = q.shape
+    block_d = max(16, triton.next_power_of_2(D))
+    stat = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        q.new_empty((B * H, block_d, block_d), dtype=stat),
+        q.new_empty((B * H, block_d), dtype=stat),
+        q.new_empty((B * H, block_d), dtype=stat),
+    )
+
+
+@torch.library.custom_op("attnzoo::linear_attention_bwd", mutates_args=())
+def linear_attention_bwd(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, tau: Tensor, S: Tensor, Z: Tensor, VS: Tensor, mode: int, c: float, denom_min: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from attnzoo.kernels.triton.linear import linear_attention_bwd as kernel
+
+    return kernel(do, q, k, v, tau, S, Z, VS, mode, c, denom_min)
+
+
+@linear_attention_bwd.register_fake
+def _(do, q, k, v, tau, S, Z, VS, mode, c, denom_min):
+    fmt = torch.contiguous_format
+    return (torch.empty_like(q, memory_format=fmt), torch.empty_like(k, memory_format=fmt),
+            torch.empty_like(v, memory_format=fmt), torch.empty_like(tau))
+
+
+def _linear_setup(ctx, inputs, output):
+    q, k, v, tau, mode, c, denom_min = inputs
+    _, S, Z, VS = output
+    ctx.save_for_backward(q, k, v, tau, S, Z, VS)
+    ctx.args = (mode, c, denom_min)
+    ctx.mark_non_differentiable(S, Z, VS)
+
+
+def _linear_backward(ctx, d_out, *_):
+    q, k, v, tau, S, Z, VS = ctx.saved_tensors
+    dq, dk, dv, dtau = linear_attention_bwd(d_out, q, k, v, tau, S, Z, VS, *ctx.args)
+    return dq, dk, dv, dtau, None, None, None
+
+
+torch.library.register_autograd("attnzoo::linear_attention_fwd", _linear_backward, setup_context=_linear_setup)
+
+
+def linear_attention(q, k, v, tau, mode: int, c: float, denom_min: float) -> Tensor:
+    return linear_attention_fwd(q, k, v, tau, mode, c, denom_min)[0]

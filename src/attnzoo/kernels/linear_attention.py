@@ -1,0 +1,87 @@
+"""Linear attention ops: L²ViT's enhanced linear attention and InLine attention."""
+
+from __future__ import annotations
+
+import torch
+
+from attnzoo.errors import InvalidInputError
+from attnzoo.kernels import dispatch, reference
+from attnzoo.kernels.grouped_attention import _shape
+
+MAX_TRITON_HEAD_DIM = 128
+L2VIT_OP, INLINE_OP = "linear_attention", "inline_attention"
+
+
+def linear_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, temperature: torch.Tensor | float, denom_min: float = 100.0
+) -> torch.Tensor:
+    """L²ViT's global attention over all ``N`` tokens, non-causal, linear in ``N``.
+
+    ``out = relu(q) (relu(k)^T v) tau_h / max(relu(q) . sum_j relu(k_j), denom_min)``.
+    q, k, v: ``[B, H, N, D]``; ``temperature``: per head (any shape with ``H`` elements, e.g.
+    L²ViT's ``(H, 1, 1)`` parameter) or a scalar. ``denom_min`` is L²ViT's clamp (100).
+    """
+    _validate("linear_attention", q, k, v)
+    H = q.shape[1]
+    tau = torch.as_tensor(temperature, dtype=q.dtype, device=q.device)
+    if tau.numel() not in (1, H):
+        raise InvalidInputError(f"linear_attention: temperature must have 1 or {H} elements, got shape {tuple(tau.shape)}")
+    tau = tau.reshape(-1).expand(H)
+    return dispatch.dispatch(L2VIT_OP, q, k, v, tau, float(denom_min))
+
+
+def inline_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+    """InLine attention (identity kernel with the mean-key correction), linear in ``N``.
+
+    Equivalent to attention weights ``(s/n) q_i . k_j - (s/n) q_i . kbar + 1/n`` (rows sum to
+    one, entries may be negative). q, k, v: ``[B, H, N, D]``; ``scale`` default ``D ** -0.5``.
+    """
+    _validate("inline_attention", q, k, v)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    return dispatch.dispatch(INLINE_OP, q, k, v, scale)
+
+
+def _validate(name: str, q, k, v) -> None:
+    for label, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise InvalidInputError(f"{name}: {label} must be a [B, H, N, D] tensor, got {_shape(t)}")
+        if not t.is_floating_point():
+            raise InvalidInputError(f"{name}: {label} must be floating point, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise InvalidInputError(f"{name}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if not (q.device == k.device == v.device):
+        raise InvalidInputError(f"{name}: q, k, v are on different devices")
+    if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise InvalidInputError(f"{name}: k and v must be [B, H, Nk, D] matching q {tuple(q.shape)}, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[2] == 0:
+        raise InvalidInputError(f"{name}: no keys (Nk = 0)")
+
+
+def _check_triton(q, k, *_):
+    return (
+        ("the Triton kernels need as many queries as keys" if q.shape[2] != k.shape[2] else None)
+        or dispatch.triton_importable()
+        or dispatch.on_gpu_or_interpreter(q)
+        or (f"head dim {q.shape[-1]} > {MAX_TRITON_HEAD_DIM}" if q.shape[-1] > MAX_TRITON_HEAD_DIM else None)
+    )
+
+
+def _l2vit_triton(q, k, v, tau, denom_min):
+    from attnzoo.kernels import ops
+    from attnzoo.kernels.triton.linear import L2VIT
+
+    return ops.linear_attention(q, k, v, tau.contiguous(), L2VIT, 0.0, denom_min)
+
+
+def _inline_triton(q, k, v, scale):
+    from attnzoo.kernels import ops
+    from attnzoo.kernels.triton.linear import INLINE
+
+    tau = torch.ones(q.shape[1], dtype=q.dtype, device=q.device)
+    return ops.linear_attention(q, k, v, tau, INLINE, scale / k.shape[2], 0.0)
+
+
+dispatch.register_backend(L2VIT_OP, "triton", _l2vit_triton, [_check_triton])
+dispatch.register_backend(L2VIT_OP, "reference", reference.linear_attention)
+dispatch.register_backend(INLINE_OP, "triton", _inline_triton, [_check_triton])
+dispatch.register_backend(INLINE_OP, "reference", reference.inline_attention)
