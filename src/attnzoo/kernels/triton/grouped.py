@@ -3,7 +3,8 @@
 
 Token addresses come from the group tables and the routing index, so routed K/V are read
 where the projection wrote them and never gathered into copies. Forward: online softmax
-in fp32 (exp2, scale folded with log2 e), storing the log-sum-exp. Backward: a dQ kernel
+in fp32 (exp2, scale folded with log2 e), storing the log-sum-exp. fp32 inputs multiply in
+IEEE fp32 (not TF32), so results match the reference to rounding; fp16/bf16 use tensor cores. Backward: a dQ kernel
 that repeats the forward loop, and a dK/dV kernel that owns a key tile and visits the query
 groups routed to it through an inverse routing index (CSR): deterministic, no atomics.
 """
@@ -58,14 +59,14 @@ def _grouped_fwd_kernel(
         if UPCAST:
             kt = kt.to(tl.float32)
             vv = vv.to(tl.float32)
-        s = tl.dot(q, kt) * qk_scale
+        s = tl.dot(q, kt, input_precision="ieee") * qk_scale
         s = tl.where(k_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision="ieee")
         m_i = m_new
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -114,11 +115,11 @@ def _grouped_bwd_dq_kernel(
         if UPCAST:
             kt = kt.to(tl.float32)
             vt = vt.to(tl.float32)
-        s = tl.dot(q, kt) * qk_scale
+        s = tl.dot(q, kt, input_precision="ieee") * qk_scale
         p = tl.where(k_ok[None, :] & q_ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, vt)
+        dp = tl.dot(do, vt, input_precision="ieee")
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision="ieee")
     dq = dq * scale
     tl.store(DQ + b * s_qb + q_tok[:, None] * s_qn + h * s_qh + dcol[None, :], dq.to(DQ.dtype.element_ty), mask=qd_mask)
 
@@ -166,12 +167,12 @@ def _grouped_bwd_dkdv_kernel(
                 do = do.to(tl.float32)
             lse = tl.load(LSE + b * s_lb + h * s_lh + q_tok, mask=q_ok, other=float("inf"))
             delta = tl.load(DELTA + b * s_lb + h * s_lh + q_tok, mask=q_ok, other=0.0)
-            st = tl.dot(k, qt) * qk_scale  # [BLOCK_N, BLOCK_M]
+            st = tl.dot(k, qt, input_precision="ieee") * qk_scale  # [BLOCK_N, BLOCK_M]
             pt = tl.where(k_ok[:, None] & q_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
-            dv += tl.dot(pt.to(do.dtype), do)
-            dpt = tl.dot(v, tl.trans(do))
+            dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee")
+            dpt = tl.dot(v, tl.trans(do), input_precision="ieee")
             dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt))
+            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision="ieee")
     dk = dk * scale
     tl.store(DK + b * s_kb + k_tok[:, None] * s_kn + h * s_kh + dcol[None, :], dk.to(DK.dtype.element_ty), mask=kd_mask)
     tl.store(DV + b * s_vb + k_tok[:, None] * s_vn + h * s_vh + dcol[None, :], dv.to(DV.dtype.element_ty), mask=kd_mask)

@@ -42,7 +42,7 @@ def _state_kernel(
         v = tl.load(V + b * s_vb + h * s_vh + rows[:, None] * s_vn + dcol[None, :], mask=m, other=0.0).to(ACC)
         if MODE == 0:
             k = tl.maximum(k, 0.0)
-        state += tl.dot(tl.trans(k), v)
+        state += tl.dot(tl.trans(k), v, input_precision="ieee")
         z += tl.sum(k, 0)
         vs += tl.sum(v, 0)
     base = split * n_bh + bh
@@ -70,10 +70,10 @@ def _apply_kernel(
         a = tl.maximum(q, 0.0)
         tau = tl.load(TAU + h).to(ACC)
         den = tl.maximum(tl.sum(a * z[None, :], 1), denom_min)
-        out = tl.dot(a, state) * tau / den[:, None]
+        out = tl.dot(a, state, input_precision="ieee") * tau / den[:, None]
     else:
         vbar = tl.load(VS + bh * BLOCK_D + dcol) / N
-        out = tl.dot(q, state) * c + (1.0 - c * tl.sum(q * z[None, :], 1))[:, None] * vbar[None, :]
+        out = tl.dot(q, state, input_precision="ieee") * c + (1.0 - c * tl.sum(q * z[None, :], 1))[:, None] * vbar[None, :]
     tl.store(O + b * s_ob + h * s_oh + rows[:, None] * s_on + dcol[None, :], out.to(O.dtype.element_ty), mask=m)
 
 
@@ -112,18 +112,18 @@ def _bwd_query_kernel(
             a = tl.maximum(q, 0.0)
             raw = tl.sum(a * z[None, :], 1)
             den = tl.maximum(raw, denom_min)
-            num = tl.dot(a, state) * tau
+            num = tl.dot(a, state, input_precision="ieee") * tau
             d_num = do / den[:, None]
             d_den = tl.where((raw >= denom_min) & r_ok, -tl.sum(do * num, 1) / (den * den), 0.0)
-            d_a = tl.dot(d_num, tl.trans(state)) * tau + d_den[:, None] * z[None, :]
+            d_a = tl.dot(d_num, tl.trans(state), input_precision="ieee") * tau + d_den[:, None] * z[None, :]
             dq = tl.where(q > 0, d_a, 0.0)
-            d_state += tl.dot(tl.trans(a), d_num) * tau
+            d_state += tl.dot(tl.trans(a), d_num, input_precision="ieee") * tau
             d_z += tl.sum(d_den[:, None] * a, 0)
-            d_tau += tl.sum(d_num * tl.dot(a, state), 0)
+            d_tau += tl.sum(d_num * tl.dot(a, state, input_precision="ieee"), 0)
         else:
             w = tl.sum(do * vbar[None, :], 1)
-            dq = (tl.dot(do, tl.trans(state)) - w[:, None] * z[None, :]) * c
-            d_state += tl.dot(tl.trans(q), do) * c
+            dq = (tl.dot(do, tl.trans(state), input_precision="ieee") - w[:, None] * z[None, :]) * c
+            d_state += tl.dot(tl.trans(q), do, input_precision="ieee") * c
             d_z += -c * tl.sum(w[:, None] * q, 0)
             d_x += tl.sum(tl.where(r_ok[:, None], (1.0 - c * tl.sum(q * z[None, :], 1))[:, None] * do, 0.0), 0)
         tl.store(DQ + offs, dq.to(DQ.dtype.element_ty), mask=m)
@@ -152,12 +152,12 @@ def _bwd_key_kernel(
     v = tl.load(V + v_offs, mask=m, other=0.0).to(ACC)
     d_state = tl.load(DS + bh * BLOCK_D * BLOCK_D + dcol[:, None] * BLOCK_D + dcol[None, :])
     d_z = tl.load(DZ + bh * BLOCK_D + dcol)
-    dk = tl.dot(v, tl.trans(d_state)) + d_z[None, :]
+    dk = tl.dot(v, tl.trans(d_state), input_precision="ieee") + d_z[None, :]
     if MODE == 0:
         dk = tl.where(k > 0, dk, 0.0)
-        dv = tl.dot(tl.maximum(k, 0.0), d_state)
+        dv = tl.dot(tl.maximum(k, 0.0), d_state, input_precision="ieee")
     else:
-        dv = tl.dot(k, d_state) + (tl.load(DX + bh * BLOCK_D + dcol) / N)[None, :]
+        dv = tl.dot(k, d_state, input_precision="ieee") + (tl.load(DX + bh * BLOCK_D + dcol) / N)[None, :]
     tl.store(DK + k_offs, dk.to(DK.dtype.element_ty), mask=m)
     tl.store(DV + v_offs, dv.to(DV.dtype.element_ty), mask=m)
 

@@ -97,9 +97,10 @@ def _topk_bwd_kernel(
 
 
 def _tiles(topk: int, d: int) -> tuple[int, int, int]:
+    """Gathered K/V blocks are BLOCK_M x BLOCK_K x BLOCK_D: keep them near 4k elements (registers)."""
     block_d = max(16, triton.next_power_of_2(d))
-    block_k = min(32, max(16, triton.next_power_of_2(topk)))
-    block_m = 16
+    block_k = 16
+    block_m = max(1, min(16, 4096 // (block_k * block_d)))
     return block_m, block_k, block_d
 
 
