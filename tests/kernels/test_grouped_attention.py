@@ -176,6 +176,9 @@ def test_group_tables():
     assert K.dilated_groups(2, 4, (1, 2)).tolist() == [[0, 2, 4, 6], [1, 3, 5, 7]]
     with pytest.raises(InvalidInputError):
         K.dilated_groups(3, 4, 2)
+    lrgt = K.across_views(K.dilated_groups(14, 14, 7), views=3, tokens_per_view=196)
+    assert lrgt.shape == (49, 12) and lrgt[0, :6].tolist() == [0, 196, 392, 7, 203, 399]  # (0,0), then (0,7), each from 3 views
+    assert sorted(lrgt.flatten().tolist()) == list(range(3 * 196))
     route = torch.tensor([[[[1, 0], [1, 2], [0, 1]]]])
     ptr, idx = K.inverse_routing(route, 3)
     assert ptr.tolist() == [[[0, 2, 5, 6]]] and idx.tolist() == [[[0, 2, 0, 1, 2, 1]]]

@@ -11,10 +11,11 @@ from attnzoo.kernels.dispatch import BACKEND_NAMES, available_backends, forced_b
 from attnzoo.kernels.grouped_attention import grouped_attention
 from attnzoo.kernels.linear_attention import inline_attention, linear_attention
 from attnzoo.kernels.topk_attention import mask_to_index, topk_attention
-from attnzoo.kernels.grouping import dilated_groups, inverse_routing, region_means, region_routing, window_groups
+from attnzoo.kernels.grouping import across_views, dilated_groups, inverse_routing, region_means, region_routing, window_groups
 
 __all__ = [
     "BACKEND_NAMES",
+    "across_views",
     "available_backends",
     "dilated_groups",
     "forced_backend",

@@ -41,6 +41,17 @@ def dilated_groups(height: int, width: int, groups: int | tuple[int, int], *, de
     return table.reshape(gy_n * gx_n, -1).to(device=device, dtype=torch.int32)
 
 
+def across_views(table: torch.Tensor, views: int, tokens_per_view: int) -> torch.Tensor:
+    """Extend a per-view grouping to ``views`` stacked views (LRGT's long-range grouping).
+
+    Group ``g`` then holds its tokens from every view, ordered (token, view): view ``v``'s copy
+    of token ``t`` is ``v * tokens_per_view + t``. Tokens are numbered view-major.
+    """
+    offsets = torch.arange(views, device=table.device, dtype=table.dtype) * tokens_per_view
+    expanded = table[:, :, None] + offsets  # [G, T, V]
+    return torch.where(table[:, :, None] >= 0, expanded, -1).flatten(1).to(torch.int32)
+
+
 def region_routing(q: torch.Tensor, k: torch.Tensor, groups: torch.Tensor, topk: int, scale: float) -> torch.Tensor:
     """BiFormer's routing: the ``topk`` key regions per query region, shared by all heads.
 
