@@ -180,6 +180,9 @@ def main() -> None:
         variants = [("official masked dense", lambda: sparsifiner_masked_dense(q, k, v, index, 0.125))]
         for backend in backends:
             variants.append((backend, lambda b=backend: _forced(b, lambda: K.topk_attention(q, k, v, index, scale=0.125))))
+        mask = torch.zeros(*q.shape[:3], 197, dtype=torch.bool, device=device).scatter_(-1, index.long(), True)
+        for backend in backends:
+            variants.append((f"{backend} (bitmask)", lambda b=backend: _forced(b, lambda: K.masked_attention(q, k, v, mask, scale=0.125))))
         variants.append(("dense SDPA", lambda: sdpa_dense(q, k, v)))
         run_case("Sparsifiner DeiT-S top-50", variants, device, args.backward, [q, k, v], repeats, 4 * q.numel() * elem, rows)
         # LRGT: ViT-B/16 tokens of V views, 49 long-range groups of 4V tokens, 12 heads, head dim 64

@@ -18,11 +18,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from attnzoo.kernels.triton import grouped, linear, topk
+from attnzoo.kernels.triton import grouped, linear, masked, topk
 
 FLOAT_ARGS = {"qk_scale", "scale", "c", "denom_min"}
 STAT_PTRS = {"LSE", "DELTA", "S", "Z", "VS", "DS", "DZ", "DX", "DTAU"}
-INDEX_PTRS = {"QG", "KG", "R", "IDX", "PTR"}
+INDEX_PTRS = {"QG", "KG", "R", "IDX", "PTR", "M"}
 DATA_PTRS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "TAU"}
 
 KERNELS = {
@@ -31,6 +31,9 @@ KERNELS = {
     "grouped_bwd_dkdv": (grouped._grouped_bwd_dkdv_kernel, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=64)),
     "topk_fwd": (topk._topk_fwd_kernel, dict(zip(("BLOCK_M", "BLOCK_K", "BLOCK_D"), topk._tiles(50, 64), strict=True))),
     "topk_bwd": (topk._topk_bwd_kernel, dict(zip(("BLOCK_M", "BLOCK_K", "BLOCK_D"), topk._tiles(50, 64), strict=True))),
+    "masked_fwd": (masked._masked_fwd_kernel, "masked"),
+    "masked_bwd_dq": (masked._masked_bwd_dq_kernel, "masked"),
+    "masked_bwd_dkdv": (masked._masked_bwd_dkdv_kernel, "masked"),
     "linear_state": (linear._state_kernel, dict(MODE=0, BLOCK_N=64, BLOCK_D=32)),
     "linear_apply": (linear._apply_kernel, dict(MODE=1, BLOCK_M=64, BLOCK_D=32)),
     "linear_bwd_query": (linear._bwd_query_kernel, dict(MODE=0, BLOCK_M=64, BLOCK_D=32)),
@@ -45,6 +48,8 @@ def as_jit(kernel):
 
 def compile_kernel(name, dtype, arch):
     kernel, blocks = KERNELS[name]
+    if blocks == "masked":  # the tiles the launcher picks for head dim 64 in this dtype
+        blocks = dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_D"), masked._tiles(64, 2 if dtype == "fp16" else 4), strict=True))
     fn = as_jit(kernel)
     constexprs = {**blocks, "ACC": tl.float32}
     if "UPCAST" in fn.arg_names:

@@ -168,3 +168,58 @@ def test_bad_input_is_a_typed_error(call, match):
     q, k, v = qkv()
     with pytest.raises(InvalidInputError, match=match):
         call(q, k, v, rows_index(2, 2, 20, 20, 4, holes=False))
+
+
+MASK_CASES = {"vit_like_n70_nk90": dict(N=70, Nk=90, D=16, density=0.2), "batch1_d24_dense": dict(B=1, N=33, Nk=33, D=24, density=0.9),
+              "sparse_tiles_skipped": dict(N=80, Nk=130, D=16, density=0.05)}
+
+
+def make_mask(B, N, Nk, density, seed=0):
+    mask = torch.rand(B, 2, N, Nk, generator=torch.Generator().manual_seed(seed)) < density
+    mask[0, 0, 5] = False  # a row with no key
+    mask[-1, 1, :, Nk // 2:] = False  # whole tiles with no key
+    return mask
+
+
+@interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", list(MASK_CASES))
+def test_masked_triton_matches_reference(case, dtype):
+    cfg = dict(B=2) | MASK_CASES[case]
+    q, k, v = qkv(B=cfg["B"], N=cfg["N"], Nk=cfg["Nk"], D=cfg["D"], dtype=dtype)
+    mask = make_mask(cfg["B"], cfg["N"], cfg["Nk"], cfg["density"])
+    check_backend("triton", lambda a, b, c: K.masked_attention(a, b, c, mask, scale=0.3), (q, k, v), dtype)
+    check_backend("triton", lambda a, b, c: K.masked_attention(a, b, c, K.pack_mask(mask), scale=0.3), (q, k, v), dtype)
+
+
+def test_masked_flex_and_packing():
+    q, k, v = qkv(N=40, Nk=45)
+    mask = make_mask(2, 40, 45, 0.3)
+    packed = K.pack_mask(mask)
+    assert packed.shape == (2, 2, 40, 2) and packed.dtype == torch.int32
+    assert torch.equal(K.unpack_mask(packed, 45), mask)
+    ref = R.masked_attention(q, k, v, mask, 0.2)
+    with K.use_backend("flex"):
+        torch.testing.assert_close(K.masked_attention(q, k, v, packed, scale=0.2), ref, atol=2e-5, rtol=1e-4)
+    index = K.mask_to_index(mask)
+    torch.testing.assert_close(K.topk_attention(q, k, v, index, scale=0.2), ref, atol=1e-6, rtol=1e-5)
+
+
+@interpret
+def test_masked_gradcheck_fp64():
+    q, k, v = qkv(B=1, H=2, N=9, Nk=11, dtype=torch.float64)
+    mask = make_mask(1, 9, 11, 0.5)
+    with K.use_backend("triton"):
+        assert torch.autograd.gradcheck(lambda a, b, c: K.masked_attention(a, b, c, mask), [t.requires_grad_() for t in (q, k, v)], fast_mode=True)
+        torch.library.opcheck(__import__("attnzoo.kernels.ops", fromlist=["ops"]).masked_attention_fwd, (q, k, v, K.pack_mask(mask), 0.25))
+
+
+@pytest.mark.parametrize("mask, match", [
+    (torch.ones(2, 2, 20, 19, dtype=torch.bool), "mask must be"),
+    (torch.ones(2, 2, 20, 2, dtype=torch.int32), "packed mask"),
+    (torch.ones(2, 2, 20, 20), "bool, or int32"),
+])
+def test_masked_bad_masks(mask, match):
+    q, k, v = qkv()
+    with pytest.raises(InvalidInputError, match=match):
+        K.masked_attention(q, k, v, mask)

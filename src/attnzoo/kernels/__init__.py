@@ -10,7 +10,7 @@ Importing this package never touches a GPU driver; Triton kernels load on first 
 from attnzoo.kernels.dispatch import BACKEND_NAMES, available_backends, forced_backend, use_backend
 from attnzoo.kernels.grouped_attention import grouped_attention
 from attnzoo.kernels.linear_attention import inline_attention, linear_attention
-from attnzoo.kernels.topk_attention import mask_to_index, topk_attention
+from attnzoo.kernels.topk_attention import mask_to_index, masked_attention, pack_mask, topk_attention, unpack_mask
 from attnzoo.kernels.grouping import across_views, dilated_groups, inverse_routing, region_means, region_routing, window_groups
 
 __all__ = [
@@ -24,9 +24,12 @@ __all__ = [
     "inverse_routing",
     "linear_attention",
     "mask_to_index",
+    "masked_attention",
+    "pack_mask",
     "region_means",
     "region_routing",
     "topk_attention",
+    "unpack_mask",
     "use_backend",
     "window_groups",
 ]

@@ -80,3 +80,15 @@ def topk_attention(q, k, v, index, scale: float) -> torch.Tensor:
 
     mask = create_block_mask(mask_mod, B, H, N, Nk, device=q.device)
     return _flex(q, k, v, block_mask=mask, scale=scale)
+
+
+def masked_attention(q, k, v, mask, scale: float) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, H, N, _ = q.shape
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return mask[b, h, q_idx, kv_idx]
+
+    block_mask = create_block_mask(mask_mod, B, H, N, k.shape[2], device=q.device)
+    return _flex(q, k, v, block_mask=block_mask, scale=scale)

@@ -171,3 +171,45 @@ torch.library.register_autograd("attnzoo::linear_attention_fwd", _linear_backwar
 
 def linear_attention(q, k, v, tau, mode: int, c: float, denom_min: float) -> Tensor:
     return linear_attention_fwd(q, k, v, tau, mode, c, denom_min)[0]
+
+
+@torch.library.custom_op("attnzoo::masked_attention_fwd", mutates_args=())
+def masked_attention_fwd(q: Tensor, k: Tensor, v: Tensor, bits: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    from attnzoo.kernels.triton.masked import masked_attention_fwd as kernel
+
+    return kernel(q, k, v, bits, scale)
+
+
+@masked_attention_fwd.register_fake
+def _(q, k, v, bits, scale):
+    B, H, N, _ = q.shape
+    stat = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, N), dtype=stat)
+
+
+@torch.library.custom_op("attnzoo::masked_attention_bwd", mutates_args=())
+def masked_attention_bwd(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, bits: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    from attnzoo.kernels.triton.masked import masked_attention_bwd as kernel
+
+    return kernel(do, q, k, v, out, lse, bits, scale)
+
+
+@masked_attention_bwd.register_fake
+def _(do, q, k, v, out, lse, bits, scale):
+    c = torch.contiguous_format
+    return torch.empty_like(q, memory_format=c), torch.empty_like(k, memory_format=c), torch.empty_like(v, memory_format=c)
+
+
+def _masked_backward(ctx, d_out, d_lse):
+    q, k, v, out, lse, bits = ctx.saved_tensors
+    dq, dk, dv = masked_attention_bwd(d_out, q, k, v, out, lse, bits, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+torch.library.register_autograd("attnzoo::masked_attention_fwd", _masked_backward, setup_context=_topk_setup)
+
+
+def masked_attention(q, k, v, bits, scale: float) -> Tensor:
+    return masked_attention_fwd(q, k, v, bits, scale)[0]

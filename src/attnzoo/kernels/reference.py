@@ -69,6 +69,13 @@ def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: tor
     return (probs.unsqueeze(-1) * Vr).sum(-2)
 
 
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Sparsifiner's sparse attention as its official code computes it: dense logits,
+    ``masked_fill(-inf)`` where ``mask`` ``[B, H, N, Nk]`` is False, softmax, ``nan_to_num``."""
+    logits = (q @ k.transpose(-1, -2)) * scale
+    return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0) @ v
+
+
 def linear_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor | float, denom_min: float
 ) -> torch.Tensor:

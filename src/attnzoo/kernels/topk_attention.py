@@ -1,4 +1,9 @@
-"""The per-row sparse attention op (Sparsifiner's learned top-k): validation, backends, dispatch."""
+"""Per-row sparse attention (Sparsifiner's learned connectivity), two ways to give the key sets:
+
+- ``topk_attention(q, k, v, index)``: per-row index lists; a gather kernel, for large N and small k;
+- ``masked_attention(q, k, v, mask)``: a boolean (or packed bit) mask; a dense-tile kernel that
+  skips empty tiles, for ViT sizes (N about 200).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from attnzoo.kernels import dispatch, reference
 from attnzoo.kernels.grouped_attention import MAX_TRITON_HEAD_DIM, _check_flex, _shape
 
 OP = "topk_attention"
+MASKED_OP = "masked_attention"
 
 
 def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
@@ -81,3 +87,65 @@ def _check_triton(q, *_):
 dispatch.register_backend(OP, "triton", _triton, [_check_triton])
 dispatch.register_backend(OP, "flex", _flex, [_check_flex])
 dispatch.register_backend(OP, "reference", reference.topk_attention)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+    """Attention where query row ``i`` sees the keys ``j`` with ``mask[..., i, j]`` set.
+
+    ``mask`` is a bool ``[B, H, N, Nk]`` tensor, or the same packed 32 keys per int32 word
+    (``pack_mask``): ``[B, H, N, ceil(Nk / 32)]``. Rows with no key output zeros.
+    """
+    _validate(q, k, v, torch.zeros(*q.shape[:3], 1, dtype=torch.int32, device=q.device))
+    Nk = k.shape[2]
+    expected = (*q.shape[:3], Nk)
+    if not isinstance(mask, torch.Tensor) or mask.device != q.device:
+        raise InvalidInputError(f"masked_attention: mask must be a tensor on {q.device}, got {_shape(mask)}")
+    if mask.dtype == torch.bool:
+        if tuple(mask.shape) != expected:
+            raise InvalidInputError(f"masked_attention: mask must be [{', '.join(map(str, expected))}], got {tuple(mask.shape)}")
+        bits = None
+    elif mask.dtype == torch.int32:
+        words = (*expected[:3], (Nk + 31) // 32)
+        if tuple(mask.shape) != words:
+            raise InvalidInputError(f"masked_attention: a packed mask must be int32 [{', '.join(map(str, words))}], got {tuple(mask.shape)}")
+        bits, mask = mask, unpack_mask(mask, Nk)
+    else:
+        raise InvalidInputError(f"masked_attention: mask must be bool, or int32 packed bits, got {mask.dtype}")
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    return dispatch.dispatch(MASKED_OP, q, k, v, mask, bits, scale)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bool ``[..., Nk]`` -> int32 ``[..., ceil(Nk / 32)]``; key ``j`` is bit ``j % 32`` of word ``j // 32``."""
+    Nk = mask.shape[-1]
+    words = (Nk + 31) // 32
+    padded = torch.nn.functional.pad(mask.to(torch.int64), (0, words * 32 - Nk)).view(*mask.shape[:-1], words, 32)
+    value = (padded << torch.arange(32, device=mask.device)).sum(-1)
+    return torch.where(value >= 2**31, value - 2**32, value).to(torch.int32)
+
+
+def unpack_mask(bits: torch.Tensor, num_keys: int) -> torch.Tensor:
+    shifts = torch.arange(32, device=bits.device, dtype=torch.int32)
+    flat = ((bits[..., None] >> shifts) & 1).bool().flatten(-2)
+    return flat[..., :num_keys]
+
+
+def _masked_triton(q, k, v, mask, bits, scale):
+    from attnzoo.kernels import ops
+
+    return ops.masked_attention(q, k, v, pack_mask(mask) if bits is None else bits, scale)
+
+
+def _masked_flex(q, k, v, mask, bits, scale):
+    from attnzoo.kernels import flex
+
+    return flex.masked_attention(q, k, v, mask, scale)
+
+
+def _masked_reference(q, k, v, mask, bits, scale):
+    return reference.masked_attention(q, k, v, mask, scale)
+
+
+dispatch.register_backend(MASKED_OP, "triton", _masked_triton, [_check_triton])
+dispatch.register_backend(MASKED_OP, "flex", _masked_flex, [_check_flex])
+dispatch.register_backend(MASKED_OP, "reference", _masked_reference)
