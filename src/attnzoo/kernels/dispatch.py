@@ -120,3 +120,12 @@ def on_gpu_or_interpreter(tensor: Any) -> str | None:
     if interpreting() and forced_backend() == "triton":
         return None
     return "inputs are not on a CUDA device (CPU runs Triton only under TRITON_INTERPRET=1 when forced)"
+
+
+def triton_can_run(q: Any, max_head_dim: int) -> str | None:
+    """The checks every Triton backend shares: importable, a device it runs on, a head dim it takes."""
+    return (
+        triton_importable()
+        or on_gpu_or_interpreter(q)
+        or (f"head dim {q.shape[-1]} > {max_head_dim}" if q.shape[-1] > max_head_dim else None)
+    )

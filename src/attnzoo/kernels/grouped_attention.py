@@ -6,6 +6,7 @@ import torch
 
 from attnzoo.errors import InvalidInputError
 from attnzoo.kernels import dispatch, reference
+from attnzoo.kernels._checks import check_index_tensor, check_qkv, describe
 
 OP = "grouped_attention"
 MAX_TRITON_HEAD_DIM = 256
@@ -42,23 +43,14 @@ def grouped_attention(
 
 
 def _validate(q, k, v, q_groups, kv_groups, route) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise InvalidInputError(f"grouped_attention: {name} must be a [B, N, H, D] tensor, got {_shape(t)}")
-        if not t.is_floating_point():
-            raise InvalidInputError(f"grouped_attention: {name} must be floating point, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise InvalidInputError(f"grouped_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
-    if not (q.device == k.device == v.device):
-        raise InvalidInputError("grouped_attention: q, k, v are on different devices")
+    check_qkv(OP, q, k, v, "[B, N, H, D]")
     B, N, H, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (H, D):
         raise InvalidInputError(f"grouped_attention: k and v must be [B, Nk, H, D] = [{B}, Nk, {H}, {D}], got {tuple(k.shape)} and {tuple(v.shape)}")
     for name, table, n in (("q_groups", q_groups, N), ("kv_groups", kv_groups, k.shape[1])):
-        if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.is_floating_point() or table.dtype == torch.bool:
-            raise InvalidInputError(f"grouped_attention: {name} must be an integer [G, T] table, got {_shape(table)}")
-        if table.device != q.device:
-            raise InvalidInputError(f"grouped_attention: {name} is on {table.device}, q on {q.device}")
+        check_index_tensor(OP, name, table, q.device)
+        if table.dim() != 2:
+            raise InvalidInputError(f"grouped_attention: {name} must be an integer [G, T] table, got {describe(table)}")
         if table.numel() and (int(table.min()) < -1 or int(table.max()) >= n):
             raise InvalidInputError(f"grouped_attention: {name} holds indices outside [-1, {n})")
     G, Gk = q_groups.shape[0], kv_groups.shape[0]
@@ -69,19 +61,14 @@ def _validate(q, k, v, q_groups, kv_groups, route) -> None:
         if G != Gk:
             raise InvalidInputError(f"grouped_attention: without a route, q and kv need the same number of groups ({G} vs {Gk})")
         return
-    if not isinstance(route, torch.Tensor) or route.dim() not in (3, 4) or route.is_floating_point() or route.dtype == torch.bool:
-        raise InvalidInputError(f"grouped_attention: route must be an integer [B, G, topk] or [B, H, G, topk] tensor, got {_shape(route)}")
+    check_index_tensor(OP, "route", route, q.device)
+    if route.dim() not in (3, 4):
+        raise InvalidInputError(f"grouped_attention: route must be an integer [B, G, topk] or [B, H, G, topk] tensor, got {describe(route)}")
     expected = (B, G) if route.dim() == 3 else (B, H, G)
     if tuple(route.shape[:-1]) != expected or route.shape[-1] < 1:
         raise InvalidInputError(f"grouped_attention: route shape {tuple(route.shape)} does not match [{', '.join(map(str, expected))}, topk]")
-    if route.device != q.device:
-        raise InvalidInputError(f"grouped_attention: route is on {route.device}, q on {q.device}")
     if int(route.min()) < 0 or int(route.max()) >= Gk:
         raise InvalidInputError(f"grouped_attention: route holds key-group indices outside [0, {Gk})")
-
-
-def _shape(t) -> str:
-    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 # -- backends ------------------------------------------------------------------------------
@@ -99,15 +86,11 @@ def _flex(q, k, v, q_groups, kv_groups, route, scale):
     return flex.grouped_attention(q, k, v, q_groups, kv_groups, route, scale)
 
 
-def _check_triton(q, k, v, *_):
-    return (
-        dispatch.triton_importable()
-        or dispatch.on_gpu_or_interpreter(q)
-        or (f"head dim {q.shape[-1]} > {MAX_TRITON_HEAD_DIM}" if q.shape[-1] > MAX_TRITON_HEAD_DIM else None)
-    )
+def check_triton(q, *_):
+    return dispatch.triton_can_run(q, MAX_TRITON_HEAD_DIM)
 
 
-def _check_flex(q, k, v, *_):
+def check_flex(q, k, v, *_):
     try:
         import torch.nn.attention.flex_attention  # noqa: F401
     except ImportError:
@@ -120,6 +103,6 @@ def _check_flex(q, k, v, *_):
     return None
 
 
-dispatch.register_backend(OP, "triton", _triton, [_check_triton])
-dispatch.register_backend(OP, "flex", _flex, [_check_flex])
+dispatch.register_backend(OP, "triton", _triton, [check_triton])
+dispatch.register_backend(OP, "flex", _flex, [check_flex])
 dispatch.register_backend(OP, "reference", reference.grouped_attention)

@@ -6,7 +6,7 @@ import torch
 
 from attnzoo.errors import InvalidInputError
 from attnzoo.kernels import dispatch, reference
-from attnzoo.kernels.grouped_attention import _shape
+from attnzoo.kernels._checks import check_qkv
 
 MAX_TRITON_HEAD_DIM = 128
 L2VIT_OP, INLINE_OP = "linear_attention", "inline_attention"
@@ -42,15 +42,7 @@ def inline_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
 
 
 def _validate(name: str, q, k, v) -> None:
-    for label, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise InvalidInputError(f"{name}: {label} must be a [B, H, N, D] tensor, got {_shape(t)}")
-        if not t.is_floating_point():
-            raise InvalidInputError(f"{name}: {label} must be floating point, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise InvalidInputError(f"{name}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
-    if not (q.device == k.device == v.device):
-        raise InvalidInputError(f"{name}: q, k, v are on different devices")
+    check_qkv(name, q, k, v, "[B, H, N, D]")
     if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
         raise InvalidInputError(f"{name}: k and v must be [B, H, Nk, D] matching q {tuple(q.shape)}, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[2] == 0:
@@ -58,12 +50,9 @@ def _validate(name: str, q, k, v) -> None:
 
 
 def _check_triton(q, k, *_):
-    return (
-        ("the Triton kernels need as many queries as keys" if q.shape[2] != k.shape[2] else None)
-        or dispatch.triton_importable()
-        or dispatch.on_gpu_or_interpreter(q)
-        or (f"head dim {q.shape[-1]} > {MAX_TRITON_HEAD_DIM}" if q.shape[-1] > MAX_TRITON_HEAD_DIM else None)
-    )
+    if q.shape[2] != k.shape[2]:
+        return "the Triton kernels need as many queries as keys"
+    return dispatch.triton_can_run(q, MAX_TRITON_HEAD_DIM)
 
 
 def _l2vit_triton(q, k, v, tau, denom_min):

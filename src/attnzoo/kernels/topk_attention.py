@@ -11,7 +11,8 @@ import torch
 
 from attnzoo.errors import InvalidInputError
 from attnzoo.kernels import dispatch, reference
-from attnzoo.kernels.grouped_attention import MAX_TRITON_HEAD_DIM, _check_flex, _shape
+from attnzoo.kernels._checks import check_index_tensor, check_qkv, describe
+from attnzoo.kernels.grouped_attention import check_flex, check_triton
 
 OP = "topk_attention"
 MASKED_OP = "masked_attention"
@@ -40,21 +41,17 @@ def mask_to_index(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, order, -1).to(torch.int32)
 
 
-def _validate(q, k, v, index) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise InvalidInputError(f"topk_attention: {name} must be a [B, H, N, D] tensor, got {_shape(t)}")
-        if not t.is_floating_point():
-            raise InvalidInputError(f"topk_attention: {name} must be floating point, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise InvalidInputError(f"topk_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
-    if not (q.device == k.device == v.device == getattr(index, "device", q.device)):
-        raise InvalidInputError("topk_attention: q, k, v and index are on different devices")
+def _validate_qkv(op: str, q, k, v) -> None:
+    check_qkv(op, q, k, v, "[B, H, N, D]")
     B, H, N, D = q.shape
     if k.shape != v.shape or k.shape[:2] != (B, H) or k.shape[3] != D:
-        raise InvalidInputError(f"topk_attention: k and v must be [{B}, {H}, Nk, {D}], got {tuple(k.shape)} and {tuple(v.shape)}")
-    if not isinstance(index, torch.Tensor) or index.is_floating_point() or index.dtype == torch.bool:
-        raise InvalidInputError(f"topk_attention: index must be an integer tensor, got {_shape(index)}")
+        raise InvalidInputError(f"{op}: k and v must be [{B}, {H}, Nk, {D}], got {tuple(k.shape)} and {tuple(v.shape)}")
+
+
+def _validate(q, k, v, index) -> None:
+    _validate_qkv(OP, q, k, v)
+    B, H, N, D = q.shape
+    check_index_tensor(OP, "index", index, q.device)
     if index.dim() != 4 or tuple(index.shape[:3]) != (B, H, N) or index.shape[3] < 1:
         raise InvalidInputError(f"topk_attention: index must be [{B}, {H}, {N}, topk], got {tuple(index.shape)}")
     if int(index.min()) < -1 or int(index.max()) >= k.shape[2]:
@@ -76,16 +73,8 @@ def _flex(q, k, v, index, scale):
     return flex.topk_attention(q, k, v, index, scale)
 
 
-def _check_triton(q, *_):
-    return (
-        dispatch.triton_importable()
-        or dispatch.on_gpu_or_interpreter(q)
-        or (f"head dim {q.shape[-1]} > {MAX_TRITON_HEAD_DIM}" if q.shape[-1] > MAX_TRITON_HEAD_DIM else None)
-    )
-
-
-dispatch.register_backend(OP, "triton", _triton, [_check_triton])
-dispatch.register_backend(OP, "flex", _flex, [_check_flex])
+dispatch.register_backend(OP, "triton", _triton, [check_triton])
+dispatch.register_backend(OP, "flex", _flex, [check_flex])
 dispatch.register_backend(OP, "reference", reference.topk_attention)
 
 
@@ -95,11 +84,11 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     ``mask`` is a bool ``[B, H, N, Nk]`` tensor, or the same packed 32 keys per int32 word
     (``pack_mask``): ``[B, H, N, ceil(Nk / 32)]``. Rows with no key output zeros.
     """
-    _validate(q, k, v, torch.zeros(*q.shape[:3], 1, dtype=torch.int32, device=q.device))
+    _validate_qkv(MASKED_OP, q, k, v)
     Nk = k.shape[2]
     expected = (*q.shape[:3], Nk)
     if not isinstance(mask, torch.Tensor) or mask.device != q.device:
-        raise InvalidInputError(f"masked_attention: mask must be a tensor on {q.device}, got {_shape(mask)}")
+        raise InvalidInputError(f"masked_attention: mask must be a tensor on {q.device}, got {describe(mask)}")
     if mask.dtype == torch.bool:
         if tuple(mask.shape) != expected:
             raise InvalidInputError(f"masked_attention: mask must be [{', '.join(map(str, expected))}], got {tuple(mask.shape)}")
@@ -146,6 +135,6 @@ def _masked_reference(q, k, v, mask, bits, scale):
     return reference.masked_attention(q, k, v, mask, scale)
 
 
-dispatch.register_backend(MASKED_OP, "triton", _masked_triton, [_check_triton])
-dispatch.register_backend(MASKED_OP, "flex", _masked_flex, [_check_flex])
+dispatch.register_backend(MASKED_OP, "triton", _masked_triton, [check_triton])
+dispatch.register_backend(MASKED_OP, "flex", _masked_flex, [check_flex])
 dispatch.register_backend(MASKED_OP, "reference", _masked_reference)

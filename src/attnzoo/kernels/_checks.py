@@ -1,0 +1,31 @@
+"""Input checks shared by the ops: typed errors before anything is launched."""
+
+from __future__ import annotations
+
+import torch
+
+from attnzoo.errors import InvalidInputError
+
+
+def describe(t: object) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def check_qkv(op: str, q: object, k: object, v: object, layout: str) -> None:
+    """q, k, v are 4-D floating tensors of one dtype on one device (``layout`` names the dims)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise InvalidInputError(f"{op}: {name} must be a {layout} tensor, got {describe(t)}")
+        if not t.is_floating_point():
+            raise InvalidInputError(f"{op}: {name} must be floating point, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):  # type: ignore[union-attr]
+        raise InvalidInputError(f"{op}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")  # type: ignore[union-attr]
+    if not (q.device == k.device == v.device):  # type: ignore[union-attr]
+        raise InvalidInputError(f"{op}: q, k, v are on different devices")
+
+
+def check_index_tensor(op: str, name: str, t: object, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.dtype == torch.bool:
+        raise InvalidInputError(f"{op}: {name} must be an integer tensor, got {describe(t)}")
+    if t.device != device:
+        raise InvalidInputError(f"{op}: {name} is on {t.device}, q on {device}")
