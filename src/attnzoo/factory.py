@@ -103,6 +103,8 @@ def create_model(
         entry = registry.get_checkpoint(os.fspath(weights))
 
     if is_own:
+        if weights is None and pretrained:
+            raise WeightsError(f"no pretrained checkpoint is registered for {name}; pass weights=PATH or pretrained=False")
         model = _OWN_MODELS[base](**kwargs)
     elif weights is None and pretrained:
         model = _timm_pretrained(name, **kwargs)
