@@ -120,7 +120,7 @@ def main() -> None:
     device = args.device
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     batch = args.batch or (2 if args.quick else (128 if device == "cuda" else 8))
-    repeats = args.repeats or (3 if args.quick else 10)
+    repeats = args.repeats or (15 if args.quick else 10)
     backends = ["reference", "flex", "triton"] if device == "cuda" else ["reference"]
     torch.manual_seed(0)
     print(f"device={torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} torch={torch.__version__} "

@@ -213,3 +213,25 @@ def test_biformer_bra_op_parity(reference_dir):
                                           padding=kw["side_dwconv"] // 2, groups=C).permute(0, 2, 3, 1)
         y = torch.nn.functional.linear(attn + lepe, sd["wo.weight"], sd["wo.bias"])
         torch.testing.assert_close(y, expected["y"], atol=tol["atol"], rtol=tol["rtol"])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_dense_formulation_equals_gather_oracle(case):
+    """The reference backend's dense-under-a-mask path is the same op as the gather oracle."""
+    q, k, v, groups, route = make_case(**CASES[case])
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    dense = R.grouped_attention_dense(*leaves, groups, groups, route, 0.3)
+    ref, ref_grads = reference_grads(q, k, v, groups, route, 0.3, torch.ones_like(dense))
+    torch.testing.assert_close(dense.double(), ref, atol=2e-5, rtol=1e-4)
+    for got, want in zip(torch.autograd.grad(dense.sum(), leaves), ref_grads, strict=True):
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
+
+
+def test_dense_formulation_with_empty_rows():
+    q, k, v, _, _ = make_case(B=1, Hm=4, Wm=4, topk=None)
+    q_groups = torch.arange(16, dtype=torch.int32).view(2, 8)
+    kv_groups = torch.tensor([[0, 1, 2, 3], [-1, -1, -1, -1]], dtype=torch.int32)
+    route = torch.tensor([[[0], [1]]], dtype=torch.int32)
+    dense = R.grouped_attention_dense(q, k, v, q_groups, kv_groups, route, 0.5)
+    torch.testing.assert_close(dense, R.grouped_attention(q, k, v, q_groups, kv_groups, route, 0.5))
+    assert (dense[:, 8:] == 0).all()

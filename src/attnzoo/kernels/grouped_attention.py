@@ -10,6 +10,8 @@ from attnzoo.kernels._checks import check_index_tensor, check_qkv, describe
 
 OP = "grouped_attention"
 MAX_TRITON_HEAD_DIM = 256
+DENSE_MIN_DENSITY = 0.25  # share of all keys each query sees, above which dense masked SDPA wins
+DENSE_MAX_SCORES = 1 << 21  # N * Nk above which the token mask itself gets too large
 
 
 def grouped_attention(
@@ -105,4 +107,14 @@ def check_flex(q, k, v, *_):
 
 dispatch.register_backend(OP, "triton", _triton, [check_triton])
 dispatch.register_backend(OP, "flex", _flex, [check_flex])
-dispatch.register_backend(OP, "reference", reference.grouped_attention)
+def _reference(q, k, v, q_groups, kv_groups, route, scale):
+    """Plain torch, in whichever exact formulation is cheaper: dense under a token mask when the
+    routed keys are a large share of few tokens, else gathering the routed groups."""
+    topk = 1 if route is None else route.shape[-1]
+    density = topk * kv_groups.shape[1] / max(k.shape[1], 1)
+    if density >= DENSE_MIN_DENSITY and q.shape[1] * k.shape[1] <= DENSE_MAX_SCORES:
+        return reference.grouped_attention_dense(q, k, v, q_groups, kv_groups, route, scale)
+    return reference.grouped_attention(q, k, v, q_groups, kv_groups, route, scale)
+
+
+dispatch.register_backend(OP, "reference", _reference)

@@ -34,22 +34,61 @@ def grouped_attention(
     G, Tq = q_groups.shape
     route = expand_route(route, B, H, G, q.device).long()
     qi, ki = q_groups.clamp(min=0).long(), kv_groups.clamp(min=0).long()
-    Q = q[:, qi].permute(0, 3, 1, 2, 4)  # [B, H, G, Tq, D]
+    Q = (q * scale)[:, qi].permute(0, 3, 1, 2, 4)  # [B, H, G, Tq, D], scaled first as the official code does
     K = k[:, ki].permute(0, 3, 1, 2, 4)  # [B, H, Gk, Tk, D]
     V = v[:, ki].permute(0, 3, 1, 2, 4)
     b = torch.arange(B, device=q.device).view(B, 1, 1, 1)
     h = torch.arange(H, device=q.device).view(1, H, 1, 1)
     Kr = K[b, h, route].flatten(3, 4)  # [B, H, G, topk*Tk, D]
     Vr = V[b, h, route].flatten(3, 4)
-    key_ok = (kv_groups >= 0)[route].flatten(3, 4)  # [B, H, G, topk*Tk]
-    scores = (Q @ Kr.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~key_ok[:, :, :, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no valid key outputs 0
+    scores = Q @ Kr.transpose(-1, -2)
+    if bool((kv_groups < 0).any()):  # padding slots: mask them; a query may then have no key at all
+        key_ok = (kv_groups >= 0)[route].flatten(3, 4)  # [B, H, G, topk*Tk]
+        scores = scores.masked_fill(~key_ok[:, :, :, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no valid key outputs 0
+    else:
+        probs = torch.softmax(scores, dim=-1)
     out_groups = (probs @ Vr).permute(0, 2, 3, 1, 4)  # [B, G, Tq, H, D]
     q_ok = q_groups >= 0
     out = q.new_zeros(B, N, H, D)
     out[:, q_groups[q_ok].long()] = out_groups[:, q_ok]
     return out
+
+
+def grouped_attention_dense(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_groups: torch.Tensor,
+    kv_groups: torch.Tensor,
+    route: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """The same op as dense attention under a token-level mask (fused SDPA on the CPU).
+
+    Exact, and much faster than gathering when the routed keys are a large share of all keys
+    and the token count is small (BiFormer's third stage: 16 of 49 regions at N = 196).
+    """
+    B, N, H, D = q.shape
+    G, Tq = q_groups.shape
+    Gk, Tk = kv_groups.shape
+    Nk = k.shape[1]
+    route = expand_route(route, B, H, G, q.device).long()
+    heads_r = 1 if route.stride(1) == 0 else H
+    allowed = torch.zeros(B, heads_r, G + 1, Gk + 1, dtype=torch.bool, device=q.device)
+    allowed[:, :, :G].scatter_(-1, route[:, :heads_r], True)
+    group_of_q = torch.full((N,), G, dtype=torch.long, device=q.device)
+    group_of_q[q_groups[q_groups >= 0].long()] = torch.arange(G, device=q.device).view(G, 1).expand(G, Tq)[q_groups >= 0]
+    group_of_k = torch.full((Nk,), Gk, dtype=torch.long, device=q.device)
+    group_of_k[kv_groups[kv_groups >= 0].long()] = torch.arange(Gk, device=q.device).view(Gk, 1).expand(Gk, Tk)[kv_groups >= 0]
+    mask = allowed.index_select(2, group_of_q).index_select(3, group_of_k)  # [B, Hr, N, Nk]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
+    ).transpose(1, 2)
+    if bool((kv_groups < 0).any()) or int((q_groups >= 0).sum()) != N:  # some rows may have no key: output 0
+        has_key = mask.any(-1).transpose(1, 2)[..., None]  # [B, N, Hr, 1]
+        out = torch.where(has_key, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out.contiguous()
 
 
 def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, scale: float) -> torch.Tensor:
