@@ -105,8 +105,6 @@ def check_flex(q, k, v, *_):
     return None
 
 
-dispatch.register_backend(OP, "triton", _triton, [check_triton])
-dispatch.register_backend(OP, "flex", _flex, [check_flex])
 def _reference(q, k, v, q_groups, kv_groups, route, scale):
     """Plain torch, in whichever exact formulation is cheaper: dense under a token mask when the
     routed keys are a large share of few tokens, else gathering the routed groups."""
@@ -117,4 +115,6 @@ def _reference(q, k, v, q_groups, kv_groups, route, scale):
     return reference.grouped_attention(q, k, v, q_groups, kv_groups, route, scale)
 
 
+dispatch.register_backend(OP, "triton", _triton, [check_triton])
+dispatch.register_backend(OP, "flex", _flex, [check_flex])
 dispatch.register_backend(OP, "reference", _reference)
