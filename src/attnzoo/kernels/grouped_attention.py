@@ -106,11 +106,12 @@ def check_flex(q, k, v, *_):
 
 
 def _reference(q, k, v, q_groups, kv_groups, route, scale):
-    """Plain torch, in whichever exact formulation is cheaper: dense under a token mask when the
-    routed keys are a large share of few tokens, else gathering the routed groups."""
+    """Plain torch, in whichever exact formulation is cheaper: on the CPU, dense fused SDPA under a
+    token mask when the routed keys are a large share of few tokens (the CPU SDPA kernel returns 0
+    for fully masked rows; GPU SDPA backends may not), else gathering the routed groups."""
     topk = 1 if route is None else route.shape[-1]
     density = topk * kv_groups.shape[1] / max(k.shape[1], 1)
-    if density >= DENSE_MIN_DENSITY and q.shape[1] * k.shape[1] <= DENSE_MAX_SCORES:
+    if not q.is_cuda and density >= DENSE_MIN_DENSITY and q.shape[1] * k.shape[1] <= DENSE_MAX_SCORES:
         return reference.grouped_attention_dense(q, k, v, q_groups, kv_groups, route, scale)
     return reference.grouped_attention(q, k, v, q_groups, kv_groups, route, scale)
 
