@@ -235,3 +235,15 @@ def test_dense_formulation_with_empty_rows():
     dense = R.grouped_attention_dense(q, k, v, q_groups, kv_groups, route, 0.5)
     torch.testing.assert_close(dense, R.grouped_attention(q, k, v, q_groups, kv_groups, route, 0.5))
     assert (dense[:, 8:] == 0).all()
+
+
+def test_reference_backend_picks_the_cheaper_exact_formulation(monkeypatch):
+    calls = []
+    for name in ("grouped_attention", "grouped_attention_dense"):
+        original = getattr(R, name)
+        monkeypatch.setattr(R, name, lambda *a, _o=original, _n=name: calls.append(_n) or _o(*a))
+    q, k, v, groups, route = make_case(Hm=8, Wm=8, window=2, topk=8)  # 16 regions of 4 tokens, 8 routed: BiFormer stage 3
+    K.grouped_attention(q, k, v, groups, route=route)
+    q, k, v, groups, _ = make_case(topk=None)  # plain windows
+    K.grouped_attention(q, k, v, groups)
+    assert calls == ["grouped_attention_dense", "grouped_attention"]

@@ -12,6 +12,7 @@ OP = "grouped_attention"
 MAX_TRITON_HEAD_DIM = 256
 DENSE_MIN_DENSITY = 0.25  # share of all keys each query sees, above which dense masked SDPA wins
 DENSE_MAX_SCORES = 1 << 21  # N * Nk above which the token mask itself gets too large
+DENSE_MIN_TOPK = 4  # with few routed groups (windows: 1) gathering is cheaper than 4x the dense work
 
 
 def grouped_attention(
@@ -111,7 +112,8 @@ def _reference(q, k, v, q_groups, kv_groups, route, scale):
     for fully masked rows; GPU SDPA backends may not), else gathering the routed groups."""
     topk = 1 if route is None else route.shape[-1]
     density = topk * kv_groups.shape[1] / max(k.shape[1], 1)
-    if not q.is_cuda and density >= DENSE_MIN_DENSITY and q.shape[1] * k.shape[1] <= DENSE_MAX_SCORES:
+    many_small_groups = topk >= DENSE_MIN_TOPK  # gathering many routed groups is what costs on the CPU
+    if not q.is_cuda and many_small_groups and density >= DENSE_MIN_DENSITY and q.shape[1] * k.shape[1] <= DENSE_MAX_SCORES:
         return reference.grouped_attention_dense(q, k, v, q_groups, kv_groups, route, scale)
     return reference.grouped_attention(q, k, v, q_groups, kv_groups, route, scale)
 
