@@ -1,1 +1,3 @@
 """Vision models. Importing this package registers every model family with timm (and ours)."""
+
+from attnzoo.vision import biformer  # noqa: F401  (registers biformer_* with timm)
