@@ -19,6 +19,13 @@ def test_import_is_lazy():
     assert out == "[]"
 
 
+@pytest.mark.parametrize("order", ["import attnzoo, timm", "import timm, attnzoo"])
+def test_timm_knows_our_models_after_import_attnzoo(order):
+    code = f"{order}; print(timm.list_models('biformer_tiny'), timm.create_model('biformer_tiny', num_classes=3).num_classes)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "['biformer_tiny'] 3"
+
+
 def test_public_api_resolves():
     assert callable(attnzoo.create_model) and callable(attnzoo.list_models) and callable(attnzoo.pipeline)
     assert attnzoo.errors is errors
