@@ -1,3 +1,4 @@
 """Vision models. Importing this package registers every model family with timm (and ours)."""
 
 from attnzoo.vision import biformer  # noqa: F401  (registers biformer_* with timm)
+from attnzoo.vision import l2vit  # noqa: F401  (registers l2vit_* with timm)
