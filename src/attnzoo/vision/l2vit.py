@@ -219,6 +219,7 @@ class L2ViT(nn.Module):
         self.norm = nn.LayerNorm(dims[-1])
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
         self.apply(self._init_weights)
         if isinstance(self.head, nn.Linear):
             self.head.weight.data.mul_(head_init_scale)
@@ -251,7 +252,7 @@ class L2ViT(nn.Module):
         for i, (down, blocks) in enumerate(zip(self.downsample_layers, self.stages, strict=True)):
             x, size = down(x) if i == 0 else down(x, size)
             for block in blocks:
-                if getattr(self, "grad_checkpointing", False) and self.training:
+                if self.grad_checkpointing and self.training:
                     x = torch.utils.checkpoint.checkpoint(block, x, size, use_reentrant=False)
                 else:
                     x = block(x, size)
