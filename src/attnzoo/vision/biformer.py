@@ -22,6 +22,7 @@ from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from attnzoo.vision._common import ClassifierMixin, check_official_kwargs
 from attnzoo.vision.layers import AttentionLePE, BiLevelRoutingAttention
 from attnzoo.weights import CheckpointEntry, PreprocessConfig, register_checkpoint
 
@@ -52,7 +53,7 @@ class BiFormerBlock(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
-class BiFormer(nn.Module):
+class BiFormer(ClassifierMixin, nn.Module):
     """Keyword names mirror the official constructor, so official configs map one to one."""
 
     def __init__(
@@ -75,7 +76,7 @@ class BiFormer(nn.Module):
         **unsupported: Any,
     ):
         super().__init__()
-        _check_supported(unsupported)
+        check_official_kwargs("BiFormer", unsupported, _OFFICIAL_DEFAULTS)
         self.num_classes, self.global_pool = num_classes, global_pool
         self.num_features = self.head_hidden_size = embed_dim[-1]
         self.downsample_layers = nn.ModuleList([nn.Sequential(
@@ -112,20 +113,6 @@ class BiFormer(nn.Module):
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
@@ -166,18 +153,6 @@ _OFFICIAL_DEFAULTS = {
     "mlp_dwconv": False, "representation_size": None, "use_checkpoint_stages": [], "kv_downsample_ratios": None,
     "kv_downsample_kernels": None, "pe_stages": [0], "attn_drop": 0.0,
 }
-
-
-def _check_supported(kwargs: dict[str, Any]) -> None:
-    """Official keywords are accepted when they hold the value every released model uses."""
-    from attnzoo.errors import InvalidInputError
-
-    for key, value in kwargs.items():
-        if key not in _OFFICIAL_DEFAULTS:
-            raise TypeError(f"BiFormer got an unexpected keyword argument {key!r}")
-        expected = _OFFICIAL_DEFAULTS[key]
-        if value != expected and not (isinstance(expected, list) and list(value or []) == expected):
-            raise InvalidInputError(f"BiFormer: {key}={value!r} is not supported (released models use {expected!r})")
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

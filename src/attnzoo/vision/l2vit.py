@@ -22,8 +22,8 @@ from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from attnzoo.errors import InvalidInputError
 from attnzoo.kernels import grouped_attention, linear_attention, window_groups
+from attnzoo.vision._common import ClassifierMixin, check_official_kwargs
 from attnzoo.weights import CheckpointEntry, PreprocessConfig, register_checkpoint
 
 __all__ = ["L2ViT"]
@@ -178,7 +178,7 @@ class PatchMerging(nn.Module):
         return x.flatten(2).transpose(1, 2), (x.shape[2], x.shape[3])
 
 
-class L2ViT(nn.Module):
+class L2ViT(ClassifierMixin, nn.Module):
     """Keyword names mirror the official constructor (``depths``, ``dims``, ``num_heads`` ...)."""
 
     def __init__(
@@ -198,7 +198,7 @@ class L2ViT(nn.Module):
         **unsupported: Any,
     ):
         super().__init__()
-        _check_supported(unsupported)
+        check_official_kwargs("L2ViT", unsupported, _OFFICIAL_DEFAULTS)
         ratios = list(mlp_ratio) if isinstance(mlp_ratio, Sequence) else [mlp_ratio] * 4
         self.num_classes, self.global_pool = num_classes, global_pool
         self.num_features = self.head_hidden_size = dims[-1]
@@ -231,20 +231,6 @@ class L2ViT(nn.Module):
             nn.init.trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _stages(self, x: torch.Tensor):
         """Yield (tokens [B, N, C], (H, W)) after each stage."""
@@ -291,15 +277,6 @@ _OFFICIAL_DEFAULTS = {
     "stem_overlapped": False, "overlapped": False, "ffn_conv": False, "rffn_conv": False, "token_mixer": "csmix",
     "channel_mixer": "mlp", "block_type": "mix_local_enhanced_vit", "norm": {"type": "LN"}, "last_proj": False,
 }
-
-
-def _check_supported(kwargs: dict[str, Any]) -> None:
-    """Official keywords are accepted when they hold the value the released models use."""
-    for key, value in kwargs.items():
-        if key not in _OFFICIAL_DEFAULTS:
-            raise TypeError(f"L2ViT got an unexpected keyword argument {key!r}")
-        if value != _OFFICIAL_DEFAULTS[key]:
-            raise InvalidInputError(f"L2ViT: {key}={value!r} is not supported (released models use {_OFFICIAL_DEFAULTS[key]!r})")
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

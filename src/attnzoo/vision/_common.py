@@ -1,0 +1,44 @@
+"""What every attnzoo classifier shares: timm's classifier API and the official-keyword check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from attnzoo.errors import InvalidInputError
+
+
+class ClassifierMixin:
+    """timm's uniform head API over ``self.head``, ``self.num_features`` and ``self.global_pool``."""
+
+    head: nn.Module
+    num_features: int
+    num_classes: int
+    global_pool: str
+    grad_checkpointing: bool
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
+def check_official_kwargs(family: str, kwargs: dict[str, Any], released: dict[str, Any]) -> None:
+    """Official constructor keywords are accepted when they hold the value every released model uses."""
+    for key, value in kwargs.items():
+        if key not in released:
+            raise TypeError(f"{family} got an unexpected keyword argument {key!r}")
+        expected = released[key]
+        if value != expected and not (isinstance(expected, list) and list(value or []) == expected):
+            raise InvalidInputError(f"{family}: {key}={value!r} is not supported (released models use {expected!r})")
