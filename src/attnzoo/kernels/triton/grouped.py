@@ -23,6 +23,25 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _softmax_step(m_i, l_i, s):
+    """One online-softmax step over a block of log2-scaled scores ``s`` (rows may be all -inf)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    return m_new, l_i * alpha + tl.sum(p, 1), p, alpha
+
+
+@triton.jit
+def _softmax_finish(acc, m_i, l_i):
+    """Normalised output and log2-sum-exp; rows that saw no key give 0 and -inf."""
+    has_keys = l_i > 0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    return out, lse
+
+
+@triton.jit
 def _grouped_fwd_kernel(
     Q, K, V, O, LSE, QG, KG, R,
     s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_ob, s_on, s_oh,
@@ -61,16 +80,9 @@ def _grouped_fwd_kernel(
             vv = vv.to(tl.float32)
         s = tl.dot(q, kt, input_precision="ieee") * qk_scale
         s = tl.where(k_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i, l_i, p, alpha = _softmax_step(m_i, l_i, s)
         acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision="ieee")
-        m_i = m_new
-    has_keys = l_i > 0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    out, lse = _softmax_finish(acc, m_i, l_i)
     tl.store(O + b * s_ob + q_tok[:, None] * s_on + h * s_oh + dcol[None, :], out.to(O.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
     tl.store(LSE + b * s_lb + h * s_lh + q_tok, lse, mask=q_ok)
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnzoo.kernels.triton.grouped import LOG2E, _acc, _stat_dtype, _upcast
+from attnzoo.kernels.triton.grouped import LOG2E, _acc, _softmax_finish, _softmax_step, _stat_dtype, _upcast
 
 
 @triton.jit
@@ -43,16 +43,9 @@ def _topk_fwd_kernel(
         vv = tl.load(V + b * s_vb + h * s_vh + idx[:, :, None] * s_vn + dcol[None, None, :], mask=m3, other=0.0).to(ACC)
         s = tl.sum(q[:, None, :] * kt, 2) * qk_scale
         s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i, l_i, p, alpha = _softmax_step(m_i, l_i, s)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vv, 1)
-        m_i = m_new
-    has_keys = l_i > 0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    out, lse = _softmax_finish(acc, m_i, l_i)
     tl.store(O + b * s_ob + h * s_oh + rows[:, None] * s_on + dcol[None, :], out.to(O.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
     tl.store(LSE + b * s_lb + h * s_lh + rows, lse, mask=r_ok)
 
