@@ -9,6 +9,18 @@ import torch
 from torch import Tensor
 
 
+def _stat_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _fake_out_and_lse(q: Tensor, lse_shape: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(lse_shape, dtype=_stat_dtype(q))
+
+
+def _fake_grads(*inputs: Tensor) -> tuple[Tensor, ...]:
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in inputs)
+
+
 @torch.library.custom_op("attnzoo::grouped_attention_fwd", mutates_args=())
 def grouped_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, q_groups: Tensor, kv_groups: Tensor, route: Optional[Tensor], scale: float
@@ -21,8 +33,7 @@ def grouped_attention_fwd(
 @grouped_attention_fwd.register_fake
 def _(q, k, v, q_groups, kv_groups, route, scale):
     B, N, H, _ = q.shape
-    stat = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, N), dtype=stat)
+    return _fake_out_and_lse(q, (B, H, N))
 
 
 @torch.library.custom_op("attnzoo::grouped_attention_bwd", mutates_args=())
@@ -37,8 +48,7 @@ def grouped_attention_bwd(
 
 @grouped_attention_bwd.register_fake
 def _(do, q, k, v, out, lse, q_groups, kv_groups, route, scale):
-    c = torch.contiguous_format
-    return torch.empty_like(q, memory_format=c), torch.empty_like(k, memory_format=c), torch.empty_like(v, memory_format=c)
+    return _fake_grads(q, k, v)
 
 
 def _grouped_setup(ctx, inputs, output):
@@ -71,9 +81,7 @@ def topk_attention_fwd(q: Tensor, k: Tensor, v: Tensor, index: Tensor, scale: fl
 
 @topk_attention_fwd.register_fake
 def _(q, k, v, index, scale):
-    B, H, N, _ = q.shape
-    stat = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, N), dtype=stat)
+    return _fake_out_and_lse(q, tuple(q.shape[:3]))
 
 
 @torch.library.custom_op("attnzoo::topk_attention_bwd", mutates_args=())
@@ -87,8 +95,7 @@ def topk_attention_bwd(
 
 @topk_attention_bwd.register_fake
 def _(do, q, k, v, out, lse, index, scale):
-    c = torch.contiguous_format
-    return torch.empty_like(q, memory_format=c), torch.empty_like(k, memory_format=c), torch.empty_like(v, memory_format=c)
+    return _fake_grads(q, k, v)
 
 
 def _topk_setup(ctx, inputs, output):
@@ -127,7 +134,7 @@ def _(q, k, v, tau, mode, c, denom_min):
 
     B, H, _, D = q.shape
     block_d = max(16, triton.next_power_of_2(D))
-    stat = torch.float64 if q.dtype == torch.float64 else torch.float32
+    stat = _stat_dtype(q)
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
         q.new_empty((B * H, block_d, block_d), dtype=stat),
@@ -147,9 +154,7 @@ def linear_attention_bwd(
 
 @linear_attention_bwd.register_fake
 def _(do, q, k, v, tau, S, Z, VS, mode, c, denom_min):
-    fmt = torch.contiguous_format
-    return (torch.empty_like(q, memory_format=fmt), torch.empty_like(k, memory_format=fmt),
-            torch.empty_like(v, memory_format=fmt), torch.empty_like(tau))
+    return (*_fake_grads(q, k, v), torch.empty_like(tau))
 
 
 def _linear_setup(ctx, inputs, output):
@@ -182,9 +187,7 @@ def masked_attention_fwd(q: Tensor, k: Tensor, v: Tensor, bits: Tensor, scale: f
 
 @masked_attention_fwd.register_fake
 def _(q, k, v, bits, scale):
-    B, H, N, _ = q.shape
-    stat = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, N), dtype=stat)
+    return _fake_out_and_lse(q, tuple(q.shape[:3]))
 
 
 @torch.library.custom_op("attnzoo::masked_attention_bwd", mutates_args=())
@@ -198,8 +201,7 @@ def masked_attention_bwd(
 
 @masked_attention_bwd.register_fake
 def _(do, q, k, v, out, lse, bits, scale):
-    c = torch.contiguous_format
-    return torch.empty_like(q, memory_format=c), torch.empty_like(k, memory_format=c), torch.empty_like(v, memory_format=c)
+    return _fake_grads(q, k, v)
 
 
 def _masked_backward(ctx, d_out, d_lse):
