@@ -275,8 +275,10 @@ class Sparsifiner(VisionTransformer):
             )
             for m in (block.attn.qkv, block.attn.proj, block.attn.mask_predictor.proj_c_q, block.attn.mask_predictor.proj_c_k):
                 trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias) if m.bias is not None else None
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         self.img_size = self.patch_embed.img_size
+        self.set_phase("sparse")  # the predictors get no gradient through the top-k: freeze them (DDP needs it)
 
     # -- phases of the official two-phase recipe ------------------------------------------------
     def set_phase(self, phase: str) -> None:
