@@ -239,11 +239,24 @@ def test_dense_formulation_with_empty_rows():
 
 def test_reference_backend_picks_the_cheaper_exact_formulation(monkeypatch):
     calls = []
-    for name in ("grouped_attention", "grouped_attention_dense"):
+    for name in ("grouped_attention", "grouped_attention_dense", "grouped_attention_partition"):
         original = getattr(R, name)
         monkeypatch.setattr(R, name, lambda *a, _o=original, _n=name: calls.append(_n) or _o(*a))
     q, k, v, groups, route = make_case(Hm=8, Wm=8, window=2, topk=8)  # 16 regions of 4 tokens, 8 routed: BiFormer stage 3
     K.grouped_attention(q, k, v, groups, route=route)
-    q, k, v, groups, _ = make_case(topk=None)  # plain windows
+    q, k, v, groups, _ = make_case(topk=None)  # plain windows: a partition of the tokens
     K.grouped_attention(q, k, v, groups)
-    assert calls == ["grouped_attention_dense", "grouped_attention"]
+    q, k, v, groups, route = make_case(**CASES["odd_map_padded_windows_d24"])  # padded windows
+    K.grouped_attention(q, k, v, groups, route=route)
+    assert calls == ["grouped_attention_dense", "grouped_attention_partition", "grouped_attention"]
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_partition_formulation_equals_the_gather_oracle(per_head):
+    q, k, v, groups, route = make_case(H=3, per_head=per_head, dtype=torch.float64)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    expected = R.grouped_attention(q, k, v, groups, groups, route, 0.3)
+    ours = R.grouped_attention_partition(q, k, v, groups, groups, route, 0.3)
+    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(torch.autograd.grad(ours.sum(), (q, k, v)), torch.autograd.grad(expected.sum(), (q, k, v)))

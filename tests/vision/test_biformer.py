@@ -1,17 +1,23 @@
-"""BiFormer: official-checkpoint parity (fixture from the official code), timm integration, API."""
+"""BiFormer: official-checkpoint parity (fixture from the official code), timm integration, API.
+
+BiFormer-STL / STL-nchw have no output fixture: their key layouts are checked against the
+official ones, the two layouts against each other on divisible sizes, and the refactored
+(nchw) BRA on non-divisible sizes against a plain-torch transcription of the official math.
+"""
 
 import json
 
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import attnzoo
 import attnzoo.kernels as K
 from attnzoo.errors import InvalidInputError
 from attnzoo.vision import biformer as B
-from attnzoo.vision.layers import routing_attention
+from attnzoo.vision.layers import NCHWAttentionLePE, NCHWBiLevelRoutingAttention, routing_attention
 
 
 def load_fixture(reference_dir, name="biformer"):
@@ -44,16 +50,20 @@ def test_official_parity(reference_dir, backend, monkeypatch):
 
 
 @pytest.mark.parity
-def test_full_size_key_layouts(reference_dir):
-    """Our full-size models have exactly the official key names and shapes."""
-    folder = reference_dir / "biformer"
-    for variant in ("tiny", "small", "base"):
-        keys = json.loads((folder / f"keys_biformer_{variant}.json").read_text())
-        keys = keys.get("keys", keys)
-        model = timm.create_model(f"biformer_{variant}")
-        ours = {k: list(v.shape) for k, v in model.state_dict().items()}
-        official = {k: list(v["shape"]) for k, v in keys.items() if isinstance(v, dict) and "shape" in v}
-        assert ours == official, variant
+@pytest.mark.parametrize("variant", ["tiny", "small", "base", "stl", "stl_nchw"])
+def test_full_size_key_layouts(reference_dir, variant):
+    """Our full-size models have exactly the official key names and shapes, and parameter counts."""
+    path = reference_dir / "biformer" / f"keys_biformer_{variant}.json"
+    if not path.is_file():
+        pytest.skip(f"{path.name} absent")
+    layout = json.loads(path.read_text())
+    keys = layout.get("keys", layout)
+    model = timm.create_model(f"biformer_{variant}")
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    official = {k: list(v["shape"]) for k, v in keys.items() if isinstance(v, dict) and "shape" in v}
+    assert ours == official
+    if "total_params" in layout:
+        assert sum(p.numel() for p in model.parameters()) == layout["total_params"]
 
 
 def test_timm_registration_and_local_official_checkpoint(tmp_path):
@@ -87,3 +97,187 @@ def test_forward_backward_and_api():
     with pytest.raises(InvalidInputError, match="not supported"):
         B.BiFormer(auto_pad=True)
 
+
+
+# -- BiFormer-STL and STL-nchw ----------------------------------------------------------------
+
+STL_SMALL = dict(depth=[1, 1, 1, 1], embed_dim=[16, 32, 64, 128], head_dim=16)  # heads 1, 2, 4, 8
+
+
+def legacy_to_nchw(state):
+    """A biformer_stl state dict as biformer_stl_nchw weights: rename BRA projections, linear -> 1x1 conv."""
+    out = {}
+    for k, v in state.items():
+        k = k.replace(".attn.qkv.qkv.", ".attn.qkv_linear.").replace(".attn.wo.", ".attn.output_linear.")
+        out[k] = v[..., None, None] if k.startswith("stages.") and k.endswith("weight") and v.dim() == 2 else v
+    return out
+
+
+def randomise(model):
+    """Non-trivial weights and BN statistics (eval mode uses the running stats)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.is_floating_point():
+                scale_like = "running_var" in name or ("norm" in name and name.endswith("weight"))
+                t.copy_(torch.rand_like(t) + 0.5 if scale_like else torch.randn_like(t) * 0.2)
+    return model.eval()
+
+
+def test_stl_layouts_agree_on_divisible_sizes():
+    """Legacy and nchw BRA are the same math when the maps divide into regions (official author, issue #19)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 112, 112)  # stage maps 28, 14, 7, 3
+    # every stage routed (stage 4: one region, i.e. global attention through BRA): the whole model agrees
+    kw = dict(STL_SMALL, n_wins=(7, 7, 7, 1), topks=(1, 4, 16, 1), num_classes=5)
+    legacy = randomise(timm.create_model("biformer_stl", **kw))
+    nchw = timm.create_model("biformer_stl_nchw", **kw).eval()
+    nchw.load_state_dict(legacy_to_nchw(legacy.state_dict()), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(nchw(x), legacy(x), atol=2e-5, rtol=1e-4)
+    # as released, stage 4 differs: LePE on the input (legacy AttentionLePE) vs on v (nchwAttentionLePE)
+    legacy = randomise(timm.create_model("biformer_stl", **STL_SMALL))
+    nchw = timm.create_model("biformer_stl_nchw", **STL_SMALL).eval()
+    nchw.load_state_dict(legacy_to_nchw(legacy.state_dict()), strict=True)
+    with torch.no_grad():
+        ours, theirs = nchw.forward_intermediates(x, intermediates_only=True), legacy.forward_intermediates(x, intermediates_only=True)
+    for a, b in zip(ours[:3], theirs[:3], strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(ours[3], theirs[3], atol=1e-3)
+
+
+def official_nchw_bra(m, x):
+    """Plain-torch transcription of the official nchwBRA + regional_routing_attention_torch (gather-based).
+
+    Region size (H // n_win, W // n_win); region descriptors by avg_pool2d(ceil_mode=True,
+    count_include_pad=False); unscaled routing; q, k, v zero-padded after the projection with
+    the padded keys left unmasked; output cropped; LePE on v; 1x1 output conv.
+    """
+    N, C, H, W = x.shape
+    nh, hd = m.num_heads, C // m.num_heads
+    rh, rw = H // m.n_win, W // m.n_win
+    q, k, v = F.conv2d(x, m.qkv_linear.weight, m.qkv_linear.bias).chunk(3, dim=1)
+    q_r = F.avg_pool2d(q.detach(), (rh, rw), ceil_mode=True, count_include_pad=False)
+    k_r = F.avg_pool2d(k.detach(), (rh, rw), ceil_mode=True, count_include_pad=False)
+    gh, gw = q_r.shape[-2:]
+    G, T = gh * gw, rh * rw
+    idx = torch.topk(q_r.flatten(2).transpose(1, 2) @ k_r.flatten(2), k=m.topk, dim=-1).indices  # [N, G, topk]
+
+    def regions(t):  # zero-pad to whole regions, then [N, nh, G, T, hd]
+        t = F.pad(t, (0, gw * rw - W, 0, gh * rh - H)).reshape(N, nh, hd, gh, rh, gw, rw)
+        return t.permute(0, 1, 3, 5, 4, 6, 2).reshape(N, nh, G, T, hd)
+
+    qs, ks, vs = regions(q), regions(k), regions(v)
+    index = idx[:, None, :, :, None, None].expand(N, nh, G, m.topk, T, hd)
+    kg = torch.gather(ks[:, :, None].expand(N, nh, G, G, T, hd), 3, index).flatten(3, 4)
+    vg = torch.gather(vs[:, :, None].expand(N, nh, G, G, T, hd), 3, index).flatten(3, 4)
+    out = torch.softmax((qs * m.scale) @ kg.transpose(-1, -2), dim=-1) @ vg
+    out = out.reshape(N, nh, gh, gw, rh, rw, hd).permute(0, 1, 6, 2, 4, 3, 5).reshape(N, C, gh * rh, gw * rw)[:, :, :H, :W]
+    return F.conv2d(out + m.lepe(v), m.output_linear.weight, m.output_linear.bias)
+
+
+def check_nchw_bra(H, W, n_win, topk, dim=16, heads=2, batch=2):
+    torch.manual_seed(0)
+    m = NCHWBiLevelRoutingAttention(dim, num_heads=heads, n_win=n_win, topk=topk, side_dwconv=5)
+    x = torch.randn(batch, dim, H, W, requires_grad=True)
+    y = m(x)
+    d_y = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *m.parameters()], d_y)
+    y_ref = official_nchw_bra(m, x)
+    ref_grads = torch.autograd.grad(y_ref, [x, *m.parameters()], d_y)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("H, W, n_win, topk", [
+    (11, 9, 3, 3),  # 3x3 regions, 4x3 of them (more than n_win), partial ones zero-padded; gathering path
+    (11, 9, 3, 5),  # the same, on the dense masked-SDPA path of the reference backend
+    (20, 23, 7, 16),  # a released stage config (n_win 7, topk 16) on a non-divisible map
+])
+def test_nchw_bra_pads_as_the_official_code(H, W, n_win, topk):
+    check_nchw_bra(H, W, n_win, topk)
+
+
+@pytest.mark.interpret
+def test_nchw_bra_triton_backend():
+    with K.use_backend("triton"):
+        check_nchw_bra(7, 8, 3, 2, dim=8, batch=1)
+
+
+def test_nchw_attention_lepe_matches_official_math():
+    """Stage 4 of biformer_stl_nchw: 8 heads, head_dim ** -0.5, bias-free qkv, LePE on v (not on x)."""
+    torch.manual_seed(0)
+    m = NCHWAttentionLePE(32)
+    x = torch.randn(2, 32, 5, 6)
+    B, C, H, W = x.shape
+    q, k, v = F.conv2d(x, m.qkv.weight).chunk(3, dim=1)
+    heads = lambda t: t.reshape(B, 8, C // 8, H * W).transpose(-1, -2)  # noqa: E731
+    attn = torch.softmax(heads(q) @ heads(k).transpose(-1, -2) * (C // 8) ** -0.5, dim=-1)
+    out = (attn @ heads(v)).transpose(-1, -2).reshape(B, C, H, W) + m.lepe(v)
+    torch.testing.assert_close(m(x), F.conv2d(out, m.proj.weight, m.proj.bias), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["biformer_stl", "biformer_stl_nchw"])
+def test_stl_local_official_checkpoint_and_api(tmp_path, name):
+    torch.manual_seed(0)
+    src = timm.create_model(name, **STL_SMALL)  # 1000 classes, as released
+    path = tmp_path / f"{name}_in1k.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in src.state_dict().items()}, "epoch": 300}, path)  # the official wrapper
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **STL_SMALL)
+    ours = attnzoo.create_model(name, weights=path, **STL_SMALL)
+    for m in (model, ours):
+        assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), src.state_dict().values(), strict=True))
+    cfg = model.pretrained_cfg
+    assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["crop_pct"] == 0.875 and cfg["interpolation"] == "bicubic"
+    assert cfg["first_conv"] == "downsample_layers.0.0" and cfg["url"].endswith("/root/content")
+    assert f"{name}.official_in1k" in [e.name for e in attnzoo.weights.list_checkpoints("biformer_stl*")]
+
+    x = torch.randn(2, 3, 112, 112)
+    model.train()
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    model.eval()
+    feats = model.forward_features(x)
+    assert feats.shape == (2, 128, 3, 3) and model.forward_head(feats, pre_logits=True).shape == (2, 128)
+    final, stages = model.forward_intermediates(x)
+    torch.testing.assert_close(final, feats)
+    assert [tuple(s.shape[1:]) for s in stages] == [(16, 28, 28), (32, 14, 14), (64, 7, 7), (128, 3, 3)]
+    model.reset_classifier(7)
+    assert model(x).shape == (2, 7)
+    features = timm.create_model(name, features_only=True, out_indices=(1, 3), **STL_SMALL)
+    assert features.feature_info.channels() == [32, 128] and features.feature_info.reduction() == [8, 32]
+    assert [tuple(o.shape) for o in features(x)] == [(2, 32, 14, 14), (2, 128, 3, 3)]
+
+    other = "biformer_stl_nchw" if name == "biformer_stl" else "biformer_stl"
+    with pytest.raises(InvalidInputError, match=f"{name} checkpoint"):
+        timm.create_model(other, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **STL_SMALL)
+
+
+def test_stl_input_sizes_and_grad_checkpointing():
+    torch.manual_seed(0)
+    legacy = timm.create_model("biformer_stl", num_classes=3, **STL_SMALL).eval()
+    nchw = timm.create_model("biformer_stl_nchw", num_classes=3, **STL_SMALL).eval()
+    with torch.no_grad():
+        assert legacy(torch.randn(1, 3, 112, 224)).shape == (1, 3)  # stage maps 28/14/7 split into 7x7 regions
+        with pytest.raises(InvalidInputError, match="multiples of 112"):
+            legacy(torch.randn(1, 3, 256, 256))
+        with pytest.raises(InvalidInputError, match="multiples of 112"):
+            legacy.forward_intermediates(torch.randn(1, 3, 224, 240))
+        assert nchw(torch.randn(1, 3, 250, 230)).shape == (1, 3)  # padded, as the official code
+        with pytest.raises(InvalidInputError, match="at least 112"):
+            nchw(torch.randn(1, 3, 100, 224))
+    with pytest.raises(InvalidInputError, match="not supported"):
+        B.BiFormerSTL(qk_scale=0.5)
+    with pytest.raises(InvalidInputError, match="topk"):
+        B.BiFormerSTL(layout="nchw", topks=(1, 4, 16, -2))
+
+    nchw.train()
+    x = torch.randn(2, 3, 120, 130)
+    grads = []
+    for enable in (False, True):
+        nchw.zero_grad()
+        nchw.set_grad_checkpointing(enable)
+        nchw(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in nchw.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(*grads, strict=True))

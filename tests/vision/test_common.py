@@ -8,6 +8,7 @@ import attnzoo  # noqa: F401  (registers the families with timm)
 
 SMALL = {
     "biformer_tiny": dict(depth=[1, 1, 1, 1], embed_dim=[16, 32, 64, 128], head_dim=16, qk_dims=[16, 32, 64, 128]),
+    "biformer_stl_nchw": dict(depth=[1, 1, 1, 1], embed_dim=[16, 32, 64, 128], head_dim=16),
     "l2vit_tiny": dict(depths=[2, 2, 2, 2], dims=[16, 32, 48, 64], num_heads=[1, 2, 3, 4]),
     "sparsifiner_deit_small": dict(embed_dim=32, depth=2, num_heads=2),
     "inline_swin_tiny": dict(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], attn_type="IIMS1", drop_path_rate=0.0),

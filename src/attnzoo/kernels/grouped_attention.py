@@ -106,15 +106,25 @@ def check_flex(q, k, v, *_):
     return None
 
 
+def _partitions(groups: torch.Tensor, num_tokens: int) -> bool:
+    """Every token in exactly one group, no padding."""
+    if groups.numel() != num_tokens or bool((groups < 0).any()):
+        return False
+    return bool((torch.bincount(groups.reshape(-1).long(), minlength=num_tokens) == 1).all())
+
+
 def _reference(q, k, v, q_groups, kv_groups, route, scale):
     """Plain torch, in whichever exact formulation is cheaper: on the CPU, dense fused SDPA under a
     token mask when the routed keys are a large share of few tokens (the CPU SDPA kernel returns 0
-    for fully masked rows; GPU SDPA backends may not), else gathering the routed groups."""
+    for fully masked rows; GPU SDPA backends may not), else gathering the routed groups (with flat
+    index_selects when the query groups partition the tokens and nothing is padded)."""
     topk = 1 if route is None else route.shape[-1]
     density = topk * kv_groups.shape[1] / max(k.shape[1], 1)
     many_small_groups = topk >= DENSE_MIN_TOPK  # gathering many routed groups is what costs on the CPU
     if not q.is_cuda and many_small_groups and density >= DENSE_MIN_DENSITY and q.shape[1] * k.shape[1] <= DENSE_MAX_SCORES:
         return reference.grouped_attention_dense(q, k, v, q_groups, kv_groups, route, scale)
+    if _partitions(q_groups, q.shape[1]) and not bool((kv_groups < 0).any()):
+        return reference.grouped_attention_partition(q, k, v, q_groups, kv_groups, route, scale)
     return reference.grouped_attention(q, k, v, q_groups, kv_groups, route, scale)
 
 

@@ -55,6 +55,40 @@ def grouped_attention(
     return out
 
 
+def grouped_attention_partition(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_groups: torch.Tensor,
+    kv_groups: torch.Tensor,
+    route: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """The gather formulation for tables without padding whose query groups partition the
+    tokens (BiFormer at sizes its regions divide), with the routed groups fetched by one flat
+    ``index_select`` (shared by the heads when the route is) and a permutation back to token
+    order instead of a scatter. On the CPU, for small groups, plain matmuls beat fused SDPA."""
+    B, N, H, D = q.shape
+    G, Tq = q_groups.shape
+    Gk, Tk = kv_groups.shape
+    qi = q_groups.reshape(-1).long()
+    Q = (q * scale)[:, qi].view(B, G, Tq, H, D).permute(0, 3, 1, 2, 4)  # [B, H, G, Tq, D], scaled first as the official code
+    route = expand_route(route, B, H, G, q.device).long()
+    topk = route.shape[-1]
+    if route.stride(1) == 0:  # shared by the heads: fetch whole [Tk, H, D] groups once
+        flat = (route[:, 0] + torch.arange(B, device=q.device).view(B, 1, 1) * Gk).reshape(-1)
+        Kr, Vr = (t[:, kv_groups.long()].view(B * Gk, Tk, H, D).index_select(0, flat).view(B, G, topk * Tk, H, D).permute(0, 3, 1, 2, 4)
+                  for t in (k, v))  # [B, H, G, topk*Tk, D]
+    else:
+        flat = (route + torch.arange(B * H, device=q.device).view(B, H, 1, 1) * Gk).reshape(-1)
+        Kr, Vr = (t[:, kv_groups.long()].permute(0, 3, 1, 2, 4).reshape(B * H * Gk, Tk, D).index_select(0, flat).view(B, H, G, topk * Tk, D)
+                  for t in (k, v))
+    out = torch.softmax(Q @ Kr.transpose(-1, -2), dim=-1) @ Vr  # [B, H, G, Tq, D]
+    inverse = torch.empty_like(qi)
+    inverse[qi] = torch.arange(N, device=q.device)
+    return out.permute(0, 2, 3, 1, 4).reshape(B, N, H, D).index_select(1, inverse)
+
+
 def grouped_attention_dense(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -1,32 +1,42 @@
 """BiFormer: Vision Transformer with Bi-Level Routing Attention.
 
 Zhu, Wang, Ke, Zhang, Lau. CVPR 2023. https://arxiv.org/abs/2303.08810
-Official code: https://github.com/rayleizhu/BiFormer (models/biformer.py, ops/bra_legacy.py).
+Official code: https://github.com/rayleizhu/BiFormer (models/biformer.py, models/biformer_stl.py,
+models/biformer_stl_nchw.py, ops/bra_legacy.py, ops/bra_nchw.py).
 
 Four stages on NCHW maps; each block: depthwise-conv position embedding, then (NHWC)
 pre-norm attention and MLP. Stages 1-3 use bi-level routing attention (top-k 1/4/16 regions
 of a 7x7 grid, so every query sees 64 keys at 224 px); stage 4 uses global attention with
 LePE. BatchNorm before global pooling. Parameter names follow the official checkpoints.
 
-Implemented here: biformer_tiny, biformer_small, biformer_base (the released classifiers
-using the legacy BRA). Not yet: biformer_stl and biformer_stl_nchw.
+Implemented here: biformer_tiny, biformer_small, biformer_base (:class:`BiFormer`, the released
+classifiers using the legacy BRA) and the two "Swin-Tiny-Layout" ablation models (:class:`BiFormerSTL`):
+biformer_stl (legacy BRA, NHWC blocks) and biformer_stl_nchw (the refactored NCHW BRA, 1x1
+convolutions, which zero-pads maps that do not divide into regions).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from timm.layers import DropPath
+from timm.layers import DropPath, LayerNorm2d, get_norm_layer
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from attnzoo.errors import InvalidInputError
 from attnzoo.vision._common import ClassifierMixin, check_official_kwargs
-from attnzoo.vision.layers import AttentionLePE, BiLevelRoutingAttention
+from attnzoo.vision.layers import (
+    AttentionLePE,
+    BiLevelRoutingAttention,
+    NCHWAttentionLePE,
+    NCHWBiLevelRoutingAttention,
+)
 from attnzoo.weights import CheckpointEntry, PreprocessConfig, register_checkpoint
 
-__all__ = ["BiFormer"]
+__all__ = ["BiFormer", "BiFormerSTL"]
 
 
 class BiFormerBlock(nn.Module):
@@ -53,7 +63,64 @@ class BiFormerBlock(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
-class BiFormer(ClassifierMixin, nn.Module):
+class _BiFormerBase(ClassifierMixin, nn.Module):
+    """What both layouts share: ``downsample_layers[i]`` then ``stages[i]`` on NCHW maps, a 2-D
+    ``norm`` before pooling, a linear ``head``; timm's feature and classifier API."""
+
+    downsample_layers: nn.ModuleList
+    stages: nn.ModuleList
+    norm: nn.Module
+    head_drop: nn.Module
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """Raise a clear error for input sizes the model cannot take (the attention layers check too)."""
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """Stage outputs (NCHW) at ``indices`` (last n if an int), timm's contract."""
+        self._check_input(x)
+        take = list(range(4)) if indices is None else ([i % 4 for i in range(4 - indices, 4)] if isinstance(indices, int) else [i % 4 for i in indices])
+        intermediates = []
+        for i in range(4):
+            x = self.stages[i](self.downsample_layers[i](x))
+            if i in take:
+                intermediates.append(self.norm(x) if norm and i == 3 else x)
+            if stop_early and i >= max(take):
+                break
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        for downsample, stage in zip(self.downsample_layers, self.stages, strict=True):
+            x = downsample(x)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
+            else:
+                x = stage(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean((2, 3)) if self.global_pool == "avg" else x.flatten(2).amax(-1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class BiFormer(_BiFormerBase):
     """Keyword names mirror the official constructor, so official configs map one to one."""
 
     def __init__(
@@ -104,47 +171,160 @@ class BiFormer(ClassifierMixin, nn.Module):
         self.grad_checkpointing = False
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
-        """Stage outputs (NCHW) at ``indices`` (last n if an int), timm's contract."""
-        take = list(range(4)) if indices is None else ([i % 4 for i in range(4 - indices, 4)] if isinstance(indices, int) else [i % 4 for i in indices])
-        intermediates = []
-        for i in range(4):
-            x = self.stages[i](self.downsample_layers[i](x))
-            if i in take:
-                intermediates.append(self.norm(x) if norm and i == 3 else x)
-            if stop_early and i >= max(take):
-                break
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
+class BiFormerSTLBlock(nn.Module):
+    """BiFormer-STL block (official ``models/biformer_stl.py``), NHWC: pre-norm attention and MLP,
+    no position-embedding conv, no layer scale; MLP keys ``mlp.0``/``mlp.2``."""
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        for downsample, stage in zip(self.downsample_layers, self.stages, strict=True):
-            x = downsample(x)
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
-            else:
-                x = stage(x)
-        return self.norm(x)
+    def __init__(self, dim: int, *, num_heads: int, n_win: int, topk: int, mlp_ratio: float, side_dwconv: int, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        if topk > 0:
+            self.attn: nn.Module = BiLevelRoutingAttention(dim, num_heads=num_heads, n_win=n_win, qk_dim=dim, topk=topk, side_dwconv=side_dwconv)
+        elif topk == -2:  # the released stage 4: global attention, LePE on the input
+            self.attn = AttentionLePE(dim, side_dwconv=side_dwconv)
+        elif topk == -1:  # the official plain ``Attention`` (same keys ``qkv``/``proj``, no LePE)
+            self.attn = AttentionLePE(dim, side_dwconv=0)
+        else:
+            raise InvalidInputError(f"biformer_stl: topk={topk} is not supported (use > 0 for BRA, -2 for attention with LePE, -1 without)")
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        hidden = int(mlp_ratio * dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean((2, 3)) if self.global_pool == "avg" else x.flatten(2).amax(-1)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # NHWC in and out
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class NCHWBiFormerSTLBlock(nn.Module):
+    """BiFormer-STL-nchw block (official ``models/biformer_stl_nchw.py``), NCHW: ``LayerNorm2d``
+    (eps 1e-6), the refactored BRA or global attention with LePE on v, and a 1x1-conv MLP."""
+
+    def __init__(self, dim: int, *, num_heads: int, n_win: int, topk: int, mlp_ratio: float, side_dwconv: int, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = LayerNorm2d(dim)
+        if topk > 0:
+            self.attn: nn.Module = NCHWBiLevelRoutingAttention(dim, num_heads=num_heads, n_win=n_win, topk=topk, side_dwconv=side_dwconv)
+        elif topk == -1:  # the released stage 4; the official block does not pass side_dwconv here (kernel 5)
+            self.attn = NCHWAttentionLePE(dim)
+        else:
+            raise InvalidInputError(f"biformer_stl_nchw: topk={topk} is not supported (use > 0 for BRA, -1 for attention with LePE)")
+        self.norm2 = LayerNorm2d(dim)
+        hidden = int(mlp_ratio * dim)
+        self.mlp = nn.Sequential(nn.Conv2d(dim, hidden, 1), nn.GELU(), nn.Conv2d(hidden, dim, 1))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # NCHW in and out
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class BiFormerSTLStage(nn.Module):
+    """``stages.{i}.blocks.{j}``; NCHW in and out (the legacy blocks run on an NHWC view)."""
+
+    def __init__(self, blocks: Sequence[nn.Module], channels_last: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.channels_last = channels_last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        if self.channels_last:
+            x = x.permute(0, 2, 3, 1)
+        for block in self.blocks:
+            x = block(x)
+        return x.permute(0, 3, 1, 2) if self.channels_last else x
+
+
+class BiFormerSTL(_BiFormerBase):
+    """BiFormer in the Swin-T layout (the paper's ablation model), both official implementations.
+
+    ``layout="legacy"`` is ``models/biformer_stl.py`` (``BiFormerSTL``: legacy BRA, keys
+    ``attn.qkv.qkv``/``attn.wo``; every BRA stage map must divide into ``n_wins[i]`` regions).
+    ``layout="nchw"`` is ``models/biformer_stl_nchw.py`` (``nchwBiFormerSTL``: refactored BRA,
+    keys ``attn.qkv_linear``/``attn.output_linear``, zero-pads other sizes as the official code).
+
+    Patchify stem (Conv 4x4 s4 -> norm), patch merging (norm -> Conv 2x2 s2), blocks of
+    pre-norm attention and MLP, ``norm`` before pooling, linear head. ``norm_layer`` (the stem,
+    merging and final norms; a class or a timm name) defaults to ``BatchNorm2d``, as both
+    released models; the official class default is ``LayerNorm2d``. ``topks`` defaults to the
+    released ``(1, 4, 16, -2)`` (legacy) or ``(1, 4, 16, -1)`` (nchw): the last stage is global
+    attention with LePE, on the input in the legacy model and on v in the nchw model, so the two
+    released models differ there even on divisible sizes. The other keywords mirror the official
+    constructor; ``drop_rate`` (unused officially) is dropout before the head.
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        depth: Sequence[int] = (2, 2, 6, 2),
+        embed_dim: Sequence[int] = (96, 192, 384, 768),
+        head_dim: int = 32,
+        drop_path_rate: float = 0.0,
+        drop_rate: float = 0.0,
+        mlp_ratios: Sequence[float] = (4, 4, 4, 4),
+        norm_layer: type[nn.Module] | str = nn.BatchNorm2d,
+        pre_head_norm_layer: type[nn.Module] | str | None = None,
+        n_wins: int | Sequence[int] = (7, 7, 7, 7),
+        topks: Sequence[int] | None = None,
+        side_dwconv: int = 5,
+        layout: str = "legacy",
+        global_pool: str = "avg",
+        **unsupported: Any,
+    ):
+        super().__init__()
+        check_official_kwargs("BiFormerSTL", unsupported, _STL_OFFICIAL_DEFAULTS)
+        if layout not in ("legacy", "nchw"):
+            raise InvalidInputError(f"BiFormerSTL: layout must be 'legacy' or 'nchw', got {layout!r}")
+        self.layout = layout
+        self.n_wins = [n_wins] * 4 if isinstance(n_wins, int) else list(n_wins)
+        self.topks = list(topks if topks is not None else ((1, 4, 16, -2) if layout == "legacy" else (1, 4, 16, -1)))
+        norm_layer = get_norm_layer(norm_layer) if isinstance(norm_layer, str) else norm_layer
+        pre_head_norm = get_norm_layer(pre_head_norm_layer) if isinstance(pre_head_norm_layer, str) else (pre_head_norm_layer or norm_layer)
+        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_features = self.head_hidden_size = embed_dim[-1]
+        self.downsample_layers = nn.ModuleList([nn.Sequential(nn.Conv2d(in_chans, embed_dim[0], 4, stride=4), norm_layer(embed_dim[0]))])
+        for i in range(3):
+            self.downsample_layers.append(nn.Sequential(norm_layer(embed_dim[i]), nn.Conv2d(embed_dim[i], embed_dim[i + 1], 2, stride=2)))
+        block_cls = BiFormerSTLBlock if layout == "legacy" else NCHWBiFormerSTLBlock
+        rates = torch.linspace(0, drop_path_rate, sum(depth)).tolist()
+        self.stages = nn.ModuleList()
+        self.feature_info = []
+        cursor = 0
+        for i in range(4):
+            self.stages.append(BiFormerSTLStage([
+                block_cls(embed_dim[i], num_heads=embed_dim[i] // head_dim, n_win=self.n_wins[i], topk=self.topks[i],
+                          mlp_ratio=mlp_ratios[i], side_dwconv=side_dwconv, drop_path=rates[cursor + j])
+                for j in range(depth[i])
+            ], channels_last=layout == "legacy"))
+            cursor += depth[i]
+            self.feature_info.append(dict(num_chs=embed_dim[i], reduction=4 * 2**i, module=f"stages.{i}"))
+        self.norm = pre_head_norm(embed_dim[-1])
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
+        self.apply(self._init_weights)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        H, W = x.shape[-2:]
+        routed = [i for i in range(4) if self.topks[i] > 0]
+        sizes = [(H >> (i + 2), W >> (i + 2)) for i in range(4)]  # the stem and merging convs floor
+        name = "biformer_stl" if self.layout == "legacy" else "biformer_stl_nchw"
+        if self.layout == "nchw" or not routed:  # the nchw BRA pads any map with at least n_win tokens per side
+            least = max([32] + [self.n_wins[i] << (i + 2) for i in routed])
+            if min(H, W) < least:
+                raise InvalidInputError(f"{name} takes inputs of at least {least}x{least} px (a routed stage map "
+                                        f"needs at least n_win tokens per side), got {H}x{W}")
+            return
+        if min(sizes[3]) >= 1 and all(s % self.n_wins[i] == 0 and s >= self.n_wins[i] for i in routed for s in sizes[i]):
+            return
+        period = math.lcm(*[self.n_wins[i] << (i + 2) for i in routed])
+        raise InvalidInputError(
+            f"{name} (legacy BRA, no padding) needs every routed stage map (H/4, H/8, H/16) to split evenly into "
+            f"n_win x n_win regions: input sizes that are multiples of {period} px (e.g. {2 * period} or {4 * period}); "
+            f"got {H}x{W}. biformer_stl_nchw zero-pads instead and takes other sizes."
+        )
 
 
 _OFFICIAL_DEFAULTS = {
@@ -154,17 +334,46 @@ _OFFICIAL_DEFAULTS = {
     "kv_downsample_kernels": None, "pe_stages": [0], "attn_drop": 0.0,
 }
 
+_STL_OFFICIAL_DEFAULTS = {"qk_scale": None, "use_checkpoint_stages": []}  # the official STL classes ignore qk_scale
+
+
+def _layout_of(keys: Any) -> str | None:
+    """Which official model a set of state-dict keys comes from (for a clear mismatch error)."""
+    keys = list(keys)
+    if any(".attn.qkv_linear." in k for k in keys):
+        return "biformer_stl_nchw"
+    if any(k.startswith("stages.") and ".blocks." in k for k in keys):
+        return "biformer_stl"
+    if any(k.startswith("stages.") for k in keys):
+        return "biformer_tiny/small/base"
+    return None
+
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Official BiFormer checkpoints (``checkpoint['model']``, optional ``module.``) already use our names."""
+    """Official BiFormer checkpoints (``checkpoint['model']``, optional ``module.``) already use our names.
+
+    The five released checkpoints come in three key layouts (BiFormer-T/S/B, STL, STL-nchw); a
+    checkpoint of another layout than ``model`` raises an error naming the model it belongs to.
+    """
     if "model" in state_dict and isinstance(state_dict["model"], dict):
         state_dict = state_dict["model"]
-    return {k.removeprefix("module."): v for k, v in state_dict.items()}
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    found, expected = _layout_of(state_dict), _layout_of(model.state_dict())
+    if found and expected and found != expected:
+        raise InvalidInputError(f"this is a {found} checkpoint, but the model is a {expected} model: create {found.split('/')[0]} instead")
+    return state_dict
 
 
 def _create_biformer(variant: str, pretrained: bool = False, **kwargs: Any) -> BiFormer:
     return build_model_with_cfg(
         BiFormer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"), **kwargs,
+    )
+
+
+def _create_biformer_stl(variant: str, pretrained: bool = False, **kwargs: Any) -> BiFormerSTL:
+    return build_model_with_cfg(
+        BiFormerSTL, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"), **kwargs,
     )
 
@@ -183,10 +392,13 @@ default_cfgs = generate_default_cfgs({
     "biformer_tiny.official_in1k": _cfg(_ONEDRIVE.format("HEOoGkgwgQzEDlM")),
     "biformer_small.official_in1k": _cfg(_ONEDRIVE.format("HDyM-x9KWRBZ832")),
     "biformer_base.official_in1k": _cfg(_ONEDRIVE.format("HI_XPhoadjaNxtO")),
+    "biformer_stl.official_in1k": _cfg(_ONEDRIVE.format("Sf-m7ujkvx9lIQ1")),
+    "biformer_stl_nchw.official_in1k": _cfg(_ONEDRIVE.format("WYrKbWbMgqd2Ai0")),
 })
 
 
-for _variant, _key in (("tiny", "HEOoGkgwgQzEDlM"), ("small", "HDyM-x9KWRBZ832"), ("base", "HI_XPhoadjaNxtO")):
+for _variant, _key in (("tiny", "HEOoGkgwgQzEDlM"), ("small", "HDyM-x9KWRBZ832"), ("base", "HI_XPhoadjaNxtO"),
+                       ("stl", "Sf-m7ujkvx9lIQ1"), ("stl_nchw", "WYrKbWbMgqd2Ai0")):
     register_checkpoint(CheckpointEntry(
         name=f"biformer_{_variant}.official_in1k", model=f"biformer_{_variant}", url=_ONEDRIVE.format(_key),
         filename=f"biformer_{_variant}_in1k.pth", converter="attnzoo.vision.biformer:checkpoint_filter_fn", default=True,
@@ -216,3 +428,19 @@ def biformer_base(pretrained: bool = False, **kwargs: Any) -> BiFormer:
     return _create_biformer("biformer_base", pretrained, **dict(args, **kwargs))
 
 
+
+
+@register_model
+def biformer_stl(pretrained: bool = False, **kwargs: Any) -> BiFormerSTL:
+    """BiFormer-STL (Swin-T layout, legacy BRA), 28.4M params, 82.7% IN-1k top-1 (official README)."""
+    args = dict(depth=[2, 2, 6, 2], embed_dim=[96, 192, 384, 768], mlp_ratios=[4, 4, 4, 4], head_dim=32, norm_layer=nn.BatchNorm2d,
+                n_wins=(7, 7, 7, 7), topks=(1, 4, 16, -2), side_dwconv=5, layout="legacy")
+    return _create_biformer_stl("biformer_stl", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def biformer_stl_nchw(pretrained: bool = False, **kwargs: Any) -> BiFormerSTL:
+    """BiFormer-STL with the refactored NCHW BRA (pads any size), 28.4M params, 82.7% IN-1k top-1 (official README)."""
+    args = dict(depth=[2, 2, 6, 2], embed_dim=[96, 192, 384, 768], mlp_ratios=[4, 4, 4, 4], head_dim=32, norm_layer=nn.BatchNorm2d,
+                n_wins=(7, 7, 7, 7), topks=(1, 4, 16, -1), side_dwconv=5, layout="nchw")
+    return _create_biformer_stl("biformer_stl_nchw", pretrained, **dict(args, **kwargs))

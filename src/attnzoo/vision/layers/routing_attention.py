@@ -1,7 +1,14 @@
 """BiFormer's attention blocks: bi-level routing attention (BRA) and global attention with LePE.
 
-Both take NHWC maps and keep the official parameter names (``qkv.qkv``, ``wo``, ``lepe``;
-``qkv``, ``proj``, ``lepe``) so official checkpoints load without renaming.
+Two families, as in the official code, each keeping the official parameter names so official
+checkpoints load without renaming:
+
+- the legacy ones (``ops/bra_legacy.py``, ``models/_common.py``) take NHWC maps:
+  ``BiLevelRoutingAttention`` (``qkv.qkv``, ``wo``, ``lepe``) and ``AttentionLePE``
+  (``qkv``, ``proj``, ``lepe``);
+- the refactored ones (``ops/bra_nchw.py``, ``nchwAttentionLePE``) take NCHW maps and hold
+  1x1 convolutions: ``NCHWBiLevelRoutingAttention`` (``qkv_linear``, ``output_linear``,
+  ``lepe``) and ``NCHWAttentionLePE`` (``qkv``, ``proj``, ``lepe``).
 """
 
 from __future__ import annotations
@@ -94,3 +101,96 @@ class AttentionLePE(nn.Module):
         if self.lepe is not None:
             out = out + self.lepe(x.permute(0, 3, 1, 2)).flatten(2).transpose(1, 2)
         return self.proj(out).reshape(B, H, W, C)
+
+
+class NCHWBiLevelRoutingAttention(nn.Module):
+    """The refactored BRA of BiFormer-STL-nchw (official ``nchwBRA``): NCHW in and out.
+
+    Same math as :class:`BiLevelRoutingAttention` on maps that divide into ``n_win`` x ``n_win``
+    regions (the 1x1 convolutions are the same linear maps; routing is unscaled, which picks the
+    same regions). Other sizes are handled as the official code does, which differs from the
+    legacy zero padding:
+
+    - the region size is ``(H // n_win, W // n_win)``, so there are ``ceil(H / rh) x
+      ceil(W / rw)`` regions (possibly more than ``n_win`` per side), the last ones partial;
+    - region descriptors average only the valid tokens of a partial region (``avg_pool2d`` with
+      ``ceil_mode=True, count_include_pad=False``);
+    - keys and values are zero-padded *after* the projection to whole regions and the padded
+      slots are **not masked**: each one adds a logit of 0 (with a zero value) to the softmax of
+      every query that routes to its region. Padded queries are dropped.
+
+    The map must be at least ``n_win`` tokens per side (the region size is then at least 1).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, n_win: int = 7, qk_scale: float | None = None, topk: int = 4, side_dwconv: int = 3):
+        super().__init__()
+        if dim % num_heads:
+            raise InvalidInputError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        if topk < 1:
+            raise InvalidInputError(f"NCHWBiLevelRoutingAttention needs topk >= 1, got {topk}")
+        self.dim, self.num_heads, self.n_win, self.topk = dim, num_heads, n_win, topk
+        self.scale = qk_scale or dim**-0.5  # the full width, as the official code (and the legacy models)
+        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim) if side_dwconv > 0 else None
+        self.qkv_linear = nn.Conv2d(dim, 3 * dim, kernel_size=1)
+        self.output_linear = nn.Conv2d(dim, dim, kernel_size=1)
+        self._groups: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def groups(self, height: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query groups on the map (partial regions hold ``-1`` slots) and key/value groups on the
+        zero-padded map (every slot a token), both in the same row-major region order."""
+        key = (height, width, device)
+        if key not in self._groups:
+            region = (height // self.n_win, width // self.n_win)
+            padded = (-(-height // region[0]) * region[0], -(-width // region[1]) * region[1])
+            self._groups[key] = (window_groups(height, width, region, device=device), window_groups(*padded, region, device=device))
+        return self._groups[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        if H < self.n_win or W < self.n_win:
+            raise InvalidInputError(
+                f"NCHWBiLevelRoutingAttention: a {H}x{W} map is smaller than {self.n_win} regions per side "
+                f"(the region size H // n_win, W // n_win must be at least 1)"
+            )
+        q_groups, kv_groups = self.groups(H, W, x.device)
+        # the 1x1 conv as a linear map on NHWC tokens, so the kernels read token-major q, k, v
+        qkv = F.linear(x.permute(0, 2, 3, 1), self.qkv_linear.weight.flatten(1), self.qkv_linear.bias)  # [B, H, W, 3C]
+        q, k, v = qkv.chunk(3, dim=-1)
+        route = region_routing(q.reshape(B, H * W, C), k.reshape(B, H * W, C), q_groups, self.topk, 1.0)  # unscaled, as official
+        region = (H // self.n_win, W // self.n_win)
+        pad_b, pad_r = -H % region[0], -W % region[1]
+        kp, vp = (F.pad(t, (0, 0, 0, pad_r, 0, pad_b)) if pad_b or pad_r else t for t in (k, v))  # zeros, unmasked
+        q, kp, vp = (t.reshape(B, -1, self.num_heads, C // self.num_heads) for t in (q, kp, vp))  # heads: views, no copy
+        out = grouped_attention(q, kp, vp, q_groups, kv_groups, route=route, scale=self.scale).reshape(B, H, W, C)
+        if self.lepe is not None:
+            out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        out = F.linear(out, self.output_linear.weight.flatten(1), self.output_linear.bias)
+        return out.permute(0, 3, 1, 2)
+
+
+class NCHWAttentionLePE(nn.Module):
+    """BiFormer-STL-nchw's last stage (official ``nchwAttentionLePE``): global attention, NCHW.
+
+    Like :class:`AttentionLePE` (``num_heads=8``, bias-free ``qkv``, ``head_dim ** -0.5``), but
+    with 1x1 convolutions and, unlike it, LePE applied to **v** rather than to the input.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: float | None = None, side_dwconv: int = 5):
+        super().__init__()
+        if dim % num_heads:
+            raise InvalidInputError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.qkv = nn.Conv2d(dim, dim * 3, kernel_size=1, bias=qkv_bias)
+        self.proj = nn.Conv2d(dim, dim, kernel_size=1)
+        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim) if side_dwconv > 0 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        qkv = F.linear(x.permute(0, 2, 3, 1).reshape(B, H * W, C), self.qkv.weight.flatten(1), self.qkv.bias)
+        q, k, v = qkv.reshape(B, H * W, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale).transpose(1, 2).reshape(B, H, W, C)
+        if self.lepe is not None:
+            out = out + self.lepe(v.transpose(2, 3).reshape(B, C, H, W)).permute(0, 2, 3, 1)
+        out = F.linear(out, self.proj.weight.flatten(1), self.proj.bias)
+        return out.permute(0, 3, 1, 2)
