@@ -29,7 +29,7 @@ def load_fixture(reference_dir, name="biformer"):
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("backend", ["reference", pytest.param("flex", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("flex", marks=pytest.mark.slow), pytest.param("triton", marks=pytest.mark.slow)])
 def test_official_parity(reference_dir, backend, monkeypatch):
     cfg, state, inputs, expected = load_fixture(reference_dir)
     model = B.BiFormer(**cfg["constructor_kwargs"]).eval()

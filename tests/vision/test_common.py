@@ -1,10 +1,14 @@
 """What every attnzoo classifier shares: timm's classifier API, gradient checkpointing."""
 
+import json
+
 import pytest
 import timm
 import torch
 
-import attnzoo  # noqa: F401  (registers the families with timm)
+import attnzoo  # registers the families with timm
+from attnzoo.cli import main
+from attnzoo.datasets.imagenet import imagenet_synsets
 
 SMALL = {
     "biformer_tiny": dict(depth=[1, 1, 1, 1], embed_dim=[16, 32, 64, 128], head_dim=16, qk_dims=[16, 32, 64, 128]),
@@ -41,3 +45,24 @@ def test_classifier_api(name):
     assert model(x).shape == (1, 5)
     with pytest.raises(TypeError, match="unexpected keyword"):
         timm.create_model(name, no_such_option=1)
+
+
+@pytest.mark.parametrize("name", ["biformer_tiny", "l2vit_tiny", "sparsifiner_deit_small", "inline_deit_tiny"])
+def test_cli_run_and_eval_with_an_official_checkpoint_file(name, tmp_path, photo, capsys):
+    """`attnzoo run` / `attnzoo eval` with a full-size model and a local file in the official layout."""
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    checkpoint = tmp_path / "official.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 299}, checkpoint)
+    photo.save(tmp_path / "cat.png")
+    expected = attnzoo.pipeline("image-classification", model=model)(tmp_path / "cat.png", top_k=1)[0].index
+    assert main(["run", "image-classification", str(tmp_path / "cat.png"), "--model", name, "--weights", str(checkpoint),
+                 "--out", str(tmp_path / "run"), "--top-k", "1"]) == 0
+    (result,) = json.loads((tmp_path / "run" / "results.json").read_text()).values()
+    assert result[0]["index"] == expected
+    val = tmp_path / "imagenet" / "val" / imagenet_synsets()[0][expected]
+    val.mkdir(parents=True)
+    photo.save(val / "cat.png")
+    assert main(["eval", "image-classification", "--model", name, "--weights", str(checkpoint), "--data", str(tmp_path / "imagenet"),
+                 "--out", str(tmp_path / "eval"), "--num-workers", "0"]) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["top1"] == 100.0

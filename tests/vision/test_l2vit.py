@@ -14,7 +14,8 @@ from attnzoo.vision import l2vit as L
 
 
 @pytest.mark.parity
-def test_official_parity_including_padded_windows(reference_dir):
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.slow)])
+def test_official_parity_including_padded_windows(reference_dir, backend):
     folder = reference_dir / "l2vit"
     if not folder.is_dir():
         pytest.skip("l2vit fixture absent")
@@ -23,7 +24,7 @@ def test_official_parity_including_padded_windows(reference_dir):
     model = L.L2ViT(**cfg["constructor_kwargs"]).eval()
     model.load_state_dict(L.checkpoint_filter_fn({"model": state, "model_ema": {}}, model), strict=True)
     tol = cfg["suggested_tolerance"]
-    with torch.no_grad(), K.use_backend("reference"):
+    with torch.no_grad(), K.use_backend(backend):
         stages = model.forward_intermediates(inputs["x"], intermediates_only=True, output_fmt="NLC")
         logits, logits_256 = model(inputs["x"]), model(inputs["x_256"])  # 256 px: stage sides 64/32/16/8 pad to 7s
     torch.testing.assert_close(logits, expected["y"], atol=tol["atol"], rtol=tol["rtol"])
