@@ -1,4 +1,4 @@
-"""The ``attnzoo`` command: run, eval, weights, models, tasks, demo.
+"""The ``attnzoo`` command: run, eval, train, weights, models, tasks, demo.
 
 Errors that attnzoo raises on purpose print as one line and exit non-zero; ``--debug``
 shows the traceback.
@@ -149,6 +149,36 @@ def eval_(
     shown = {k: metrics[k] for k in ("top1", "top5", "n", "skipped") if k in metrics}
     _echo(" ".join(f"{k}={v}" for k, v in shown.items()))
     _echo(f"wrote {Path(out) / 'metrics.json'} and {Path(out) / 'report.md'}")
+
+
+TRAIN_RECIPES = {"image-classification": "attnzoo.training.classification:train_classification"}
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    task: Annotated[str, typer.Argument(help="Task name, e.g. image-classification.")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Dataset root (train/ and val/ splits, or class folders).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoints, config.yaml, metrics.csv, tensorboard/.")],
+    model: ModelOpt = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", "-w", help="Start from these weights (fine-tuning); the head is replaced when the classes differ.")] = None,
+    config: Annotated[Optional[str], typer.Option("--config", "-c", help="A named recipe (see --list-configs) or a YAML file.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="Settings as key=value, e.g. lr=5e-4 epochs=30.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in --out.")] = False,
+    device: DeviceOpt = None,
+) -> None:
+    """Train a model (under torchrun: distributed). Interrupted runs continue exactly with --resume."""
+    import importlib
+
+    from attnzoo.pipelines import get_task
+
+    spec = get_task(task)
+    if spec.name not in TRAIN_RECIPES:
+        raise typer.BadParameter(f"no training recipe for {spec.name} yet (available: {', '.join(TRAIN_RECIPES)})")
+    module, fn = TRAIN_RECIPES[spec.name].split(":")
+    recipe = getattr(importlib.import_module(module), fn)
+    result = recipe(model or spec.default_model, data, out, config=config, overrides=overrides or [], weights=weights, resume=resume, device=device)
+    best = f" best={result['best']:.3f}" if result.get("best") is not None else ""
+    _echo(f"trained {result['step']} steps{best}; wrote {Path(out)}")
 
 
 @app.command()

@@ -1,0 +1,152 @@
+"""The image-classification recipe: ImageNet layouts or any ImageFolder, timm's augmentation
+(RandAugment, random erasing, mixup/cutmix, label smoothing), EMA, top-1/top-5 on the val split.
+
+    attnzoo train image-classification --model biformer_tiny --data DIR --out runs/bt --config biformer
+    attnzoo train image-classification --model biformer_tiny --weights PATH --data MYFOLDER --out runs/ft   # fine-tune
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from attnzoo.datasets.image_folder import ClassificationSamples
+from attnzoo.datasets.imagenet import read_classification_folder
+from attnzoo.datasets.images import load_image
+from attnzoo.errors import DatasetFormatError, InvalidInputError
+from attnzoo.training.config import TrainConfig, load_config
+from attnzoo.training.engine import Trainer
+
+__all__ = ["TransformedSamples", "train_classification"]
+
+_logger = logging.getLogger(__name__)
+RECIPE_DEFAULTS = {
+    "input_size": 224, "interpolation": "bicubic", "auto_augment": None, "color_jitter": 0.0, "reprob": 0.0,
+    "mixup": 0.0, "cutmix": 0.0, "smoothing": 0.0, "drop_path": 0.0, "eval_batch_size": 64,
+}
+
+
+class TransformedSamples(Dataset):
+    """``(path, target)`` samples as ``(tensor, target)`` through ``transform`` (picklable, for workers)."""
+
+    def __init__(self, samples: ClassificationSamples, transform: Any):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, target = self.samples[i]
+        return self.transform(load_image(path)), target
+
+
+def _split(data: Path, split: str) -> ClassificationSamples | None:
+    if split == "val" and not (data / "val").is_dir():
+        return None
+    samples = read_classification_folder(data, split)
+    return samples if len(samples) else None
+
+
+class _ClassificationLoss:
+    def __init__(self, mixup: Any, smoothing: float):
+        self.mixup, self.smoothing = mixup, smoothing
+
+    def __call__(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        if self.mixup is not None:
+            x, soft = self.mixup(x, y)
+            return torch.sum(-soft * F.log_softmax(model(x), dim=-1), dim=-1).mean()
+        return F.cross_entropy(model(x), y, label_smoothing=self.smoothing)
+
+
+class _TopK:
+    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int, device: torch.device):
+        self.dataset, self.batch_size, self.num_workers, self.device = dataset, batch_size, num_workers, device
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        hits1 = hits5 = n = 0
+        for x, y in DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers):
+            logits = model(x.to(self.device))
+            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.cpu()
+            hits1 += int((top[:, 0] == y).sum())
+            hits5 += int((top == y[:, None]).any(-1).sum())
+            n += len(y)
+        return {"top1": 100.0 * hits1 / n, "top5": 100.0 * hits5 / n}
+
+
+def train_classification(
+    model: str,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    config: str | os.PathLike | TrainConfig | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    weights: str | os.PathLike | None = None,
+    resume: bool | str | os.PathLike = False,
+    device: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train (or fine-tune, with ``weights``) ``model`` on ``data/train``, evaluating on ``data/val``."""
+    import attnzoo
+    from timm.data import Mixup, create_transform, resolve_data_config
+
+    cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
+    extra = {**RECIPE_DEFAULTS, **cfg.extra}
+    unknown = set(extra) - set(RECIPE_DEFAULTS)
+    if unknown:
+        raise InvalidInputError(f"unknown image-classification settings: {', '.join(sorted(unknown))}")
+    root = Path(data)
+    train_samples = _split(root, "train")
+    if train_samples is None:
+        raise DatasetFormatError(f"{root}: no training images (expected {root}/train/<class>/<image> or {root}/<class>/<image>)")
+    val_samples = _split(root, "val")
+    num_classes = len(train_samples.classes)
+
+    kwargs = dict(model_kwargs or {})
+    if extra["drop_path"]:
+        kwargs.setdefault("drop_path_rate", extra["drop_path"])
+    if weights is not None:  # fine-tuning: the checkpoint's head is replaced when the classes differ
+        net = attnzoo.create_model(model, weights=weights, **kwargs)
+        if net.num_classes != num_classes:
+            net.reset_classifier(num_classes)
+    else:
+        net = attnzoo.create_model(model, num_classes=num_classes, **kwargs)
+    net.train()
+
+    size = int(extra["input_size"])
+    data_cfg = resolve_data_config({"input_size": (3, size, size)}, model=net)
+    train_tf = create_transform((3, size, size), is_training=True, auto_augment=extra["auto_augment"], interpolation=extra["interpolation"],
+                                color_jitter=extra["color_jitter"] or None, re_prob=extra["reprob"], mean=data_cfg["mean"], std=data_cfg["std"])
+    eval_tf = create_transform((3, size, size), is_training=False, interpolation=data_cfg["interpolation"], crop_pct=data_cfg["crop_pct"],
+                               mean=data_cfg["mean"], std=data_cfg["std"])
+    mixup = None
+    if extra["mixup"] > 0 or extra["cutmix"] > 0:
+        mixup = Mixup(mixup_alpha=extra["mixup"], cutmix_alpha=extra["cutmix"], label_smoothing=extra["smoothing"], num_classes=num_classes)
+    trainer_device = torch.device(device) if device else None
+    trainer = Trainer(
+        net, TransformedSamples(train_samples, train_tf), cfg, out, loss_fn=_ClassificationLoss(mixup, extra["smoothing"]),
+        device=trainer_device, run_info={"task": "image-classification", "model": model, "data": str(root), "classes": train_samples.classes,
+                                         "weights": None if weights is None else str(weights)},
+    )
+    if mixup is not None and (cfg.batch_size // (cfg.accum_steps * trainer.ctx.world_size)) % 2:
+        raise InvalidInputError("mixup/cutmix need an even batch per process and accumulation step")
+    if val_samples is not None:
+        trainer.eval_fn = _TopK(TransformedSamples(val_samples, eval_tf), int(extra["eval_batch_size"]), cfg.num_workers, trainer.device)
+    elif cfg.best_metric:
+        _logger.warning("no %s/val split: training without evaluation", root)
+    result = trainer.fit(resume=resume)
+    if trainer.ctx.is_main:
+        from safetensors.torch import save
+
+        from attnzoo._io import atomic_write
+
+        final = trainer.ema.module if trainer.ema is not None else net  # the weights evaluated, as the official scripts report
+        with atomic_write(Path(out) / "model.safetensors") as fh:
+            fh.write(save({k: v.detach().cpu().clone() for k, v in final.state_dict().items()}))
+    return {**result, "classes": train_samples.classes}

@@ -1,0 +1,458 @@
+"""The training engine every recipe uses: loop, AMP, accumulation, clipping, EMA, schedules,
+atomic checkpoints, exact resume and ``torchrun`` DDP.
+
+Exact resume rests on three choices: the data order is a pure function of (seed, epoch); each
+sample's augmentation RNG is seeded from (seed, epoch, index), so skipping the batches already
+done changes nothing; and the global RNG is reseeded from (seed, step, rank) before every
+optimizer step (dropout, mixup). A run killed at any point and resumed from its last checkpoint
+ends with the same weights as an uninterrupted run (bitwise on the CPU).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import random
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from attnzoo._io import atomic_write, write_text
+from attnzoo.errors import DatasetFormatError, InvalidInputError, WeightsError
+from attnzoo.training.config import TrainConfig
+
+__all__ = ["DistributedContext", "Trainer", "distributed_context", "latest_checkpoint", "seed_everything"]
+
+_logger = logging.getLogger(__name__)
+CHECKPOINT_RE = re.compile(r"checkpoint-(\d{8})\.pt$")
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from several integers (stable across processes and Python runs)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# -- distributed -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def distributed_context() -> DistributedContext:
+    """Join the process group ``torchrun`` set up (NCCL on GPUs, gloo on the CPU), if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistributedContext()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return DistributedContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+class SeededSamples(Dataset):
+    """Items are ``(epoch, index)``; each sample's random augmentation is seeded from
+    ``(seed, epoch, index)``, so it does not depend on which process or step loads it."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        epoch, index = item
+        seed = _mix(self.seed, epoch, index)
+        state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        seed_everything(seed)
+        try:
+            return self.dataset[index]
+        finally:  # the main process's RNG is not disturbed when num_workers=0
+            torch.set_rng_state(state[0])
+            random.setstate(state[1])
+            np.random.set_state(state[2])
+
+
+class StepBatches:
+    """Per-process micro-batches of (epoch, index), from a permutation seeded by (seed, epoch).
+
+    Optimizer step ``s`` uses the global batch ``perm[s*G:(s+1)*G]``, split into ``accum``
+    micro-batches, each split across ranks (``[rank::world]``); the last partial batch is dropped
+    so every step sees ``G`` samples. ``start_step`` skips steps already done (resume)."""
+
+    def __init__(self, n: int, global_batch: int, accum: int, ctx: DistributedContext, seed: int, epoch: int, start_step: int = 0):
+        self.n, self.G, self.accum, self.ctx, self.seed, self.epoch, self.start = n, global_batch, accum, ctx, seed, epoch, start_step
+
+    @property
+    def steps(self) -> int:
+        return self.n // self.G
+
+    def __len__(self) -> int:
+        return (self.steps - self.start) * self.accum
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch))).tolist()
+        micro = self.G // self.accum
+        for step in range(self.start, self.steps):
+            batch = perm[step * self.G:(step + 1) * self.G]
+            for m in range(self.accum):
+                part = batch[m * micro:(m + 1) * micro][self.ctx.rank::self.ctx.world_size]
+                yield [(self.epoch, i) for i in part]
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    found = sorted((int(m.group(1)), p) for p in Path(folder).glob("checkpoint-*.pt") if (m := CHECKPOINT_RE.search(p.name)))
+    return found[-1][1] if found else None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# -- the trainer -----------------------------------------------------------------------------------
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+EvalFn = Callable[[nn.Module], dict[str, float]]
+
+
+class Trainer:
+    """Train ``model`` on ``train_set`` with ``config``; write everything under ``out_dir``.
+
+    ``loss_fn(model, batch)`` returns the mean loss of a micro-batch (the recipe decides the
+    forward: labels, mixup, distillation). ``eval_fn(model)`` returns metrics (run on the EMA
+    weights when EMA is on). ``param_groups``: the optimizer's groups if the recipe needs special
+    ones (default: no weight decay on norms, biases and 1-D parameters).
+    """
+
+    def __init__(self, model: nn.Module, train_set: Dataset, config: TrainConfig, out_dir: str | Path, *,
+                 loss_fn: LossFn, eval_fn: EvalFn | None = None, collate_fn: Callable | None = None,
+                 parameters: Sequence[nn.Parameter] | None = None, device: str | torch.device | None = None,
+                 run_info: dict[str, Any] | None = None):
+        config.validate()
+        self.config, self.out_dir, self.loss_fn, self.eval_fn = config, Path(out_dir), loss_fn, eval_fn
+        self.ctx = distributed_context()
+        if device is None:
+            device = f"cuda:{self.ctx.local_rank}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        n = len(train_set)  # type: ignore[arg-type]
+        if n == 0:
+            raise DatasetFormatError("the training set has no samples")
+        per_micro = config.batch_size // (config.accum_steps * self.ctx.world_size)
+        if per_micro * config.accum_steps * self.ctx.world_size != config.batch_size:
+            raise InvalidInputError(f"batch_size {config.batch_size} must divide by accum_steps x processes "
+                                    f"({config.accum_steps} x {self.ctx.world_size})")
+        if n < config.batch_size:
+            raise InvalidInputError(f"the training set has {n} samples, fewer than one batch ({config.batch_size}); "
+                                    f"lower batch_size")
+        self.train_set, self.collate_fn, self.run_info = SeededSamples(train_set, config.seed), collate_fn, run_info or {}
+        self.steps_per_epoch = n // config.batch_size
+        self.total_steps = self.steps_per_epoch * config.epochs
+        seed_everything(config.seed)
+        self.model = model.to(self.device)
+        trainable = [p for p in (parameters if parameters is not None else model.parameters()) if p.requires_grad]
+        self.optimizer = self._build_optimizer(trainable)
+        self.scheduler = self._build_scheduler()
+        self.ema = None
+        if config.ema_decay is not None:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(model, decay=config.ema_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
+        self.ddp_model: nn.Module = model
+        if self.ctx.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.step, self.best = 0, None
+        self.history: list[dict[str, Any]] = []
+
+    # -- construction helpers ----------------------------------------------------------------------
+    def _build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        c = self.config
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        named = {id(p): n for n, p in self.model.named_parameters()}
+        skip = getattr(self.model, "no_weight_decay", lambda: set())()
+        decay, no_decay = ([p for p in decay if named.get(id(p)) not in skip],
+                           no_decay + [p for p in decay if named.get(id(p)) in skip])
+        groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            raise InvalidInputError("the model has no trainable parameters")
+        name = c.optimizer.lower()
+        if name == "adamw":
+            return torch.optim.AdamW(groups, lr=c.lr)
+        if name == "sgd":
+            return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=True)
+        if name == "adam":
+            return torch.optim.Adam(groups, lr=c.lr)
+        raise InvalidInputError(f"unknown optimizer {c.optimizer!r} (adamw, adam or sgd)")
+
+    def _build_scheduler(self):
+        """timm's schedulers, stepped per optimizer update (a pure function of the step: nothing to resume)."""
+        from timm.scheduler import CosineLRScheduler, StepLRScheduler
+
+        c, spe = self.config, self.steps_per_epoch
+        warmup = int(round(c.warmup_epochs * spe))
+        if c.schedule == "cosine":
+            return CosineLRScheduler(self.optimizer, t_initial=max(self.total_steps - warmup, 1), lr_min=c.min_lr, warmup_t=warmup,
+                                     warmup_lr_init=c.warmup_lr, warmup_prefix=True, t_in_epochs=False)
+        decay = int(round(c.decay_epochs * spe)) if c.schedule == "step" else 10**12
+        return StepLRScheduler(self.optimizer, decay_t=max(decay, 1), decay_rate=c.decay_rate, warmup_t=warmup,
+                               warmup_lr_init=c.warmup_lr, t_in_epochs=False)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state_dict(self, epoch: int, step_in_epoch: int) -> dict[str, Any]:
+        return {
+            "model": _unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None, "scaler": self.scaler.state_dict(),
+            "step": self.step, "epoch": epoch, "step_in_epoch": step_in_epoch, "best": self.best,
+            "config": self.config.to_dict(), "run": self.run_info,
+        }
+
+    def save_checkpoint(self, epoch: int, step_in_epoch: int) -> Path | None:
+        if not self.ctx.is_main:
+            return None
+        path = self.out_dir / f"checkpoint-{self.step:08d}.pt"
+        with atomic_write(path) as fh:
+            torch.save(self.state_dict(epoch, step_in_epoch), fh)
+        old = sorted(p for p in self.out_dir.glob("checkpoint-*.pt") if CHECKPOINT_RE.search(p.name))
+        for stale in old[: max(len(old) - self.config.keep_last, 0)]:
+            stale.unlink(missing_ok=True)
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> tuple[int, int]:
+        """Restore everything; returns ``(epoch, step_in_epoch)`` to continue from."""
+        from attnzoo.weights.loading import describe_mismatch
+
+        path = Path(path)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated, not a checkpoint, or not loadable safely
+            raise WeightsError(f"cannot resume from {path}: not a readable attnzoo checkpoint ({type(e).__name__}: {e})") from e
+        if not isinstance(state, dict) or "model" not in state or "optimizer" not in state:
+            raise WeightsError(f"cannot resume from {path}: it is not a training checkpoint (no model/optimizer state)")
+        model = _unwrap(self.model)
+        mismatch = describe_mismatch(model, state["model"])
+        if mismatch:
+            raise WeightsError(f"cannot resume from {path}: the model does not match it ({mismatch})")
+        if state["config"].get("batch_size") != self.config.batch_size or state["config"].get("seed") != self.config.seed:
+            raise WeightsError(f"cannot resume from {path}: it was made with batch_size={state['config'].get('batch_size')}, "
+                               f"seed={state['config'].get('seed')}; this run has {self.config.batch_size}, {self.config.seed}")
+        model.load_state_dict(state["model"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:
+            raise WeightsError(f"cannot resume from {path}: the optimizer state does not match ({e})") from e
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.best = int(state["step"]), state.get("best")
+        return int(state["epoch"]), int(state["step_in_epoch"])
+
+    # -- logging -----------------------------------------------------------------------------------
+    def _log(self, row: dict[str, Any], writer: Any) -> None:
+        """Training rows go to metrics.csv, evaluation rows (``eval_*``) to eval.csv; both to TensorBoard."""
+        self.history.append(row)
+        if not self.ctx.is_main:
+            return
+        path = self.out_dir / ("metrics.csv" if "loss" in row else "eval.csv")
+        new = not path.exists()
+        with path.open("a", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if writer is not None:
+            for k, v in row.items():
+                if k not in ("step", "epoch") and isinstance(v, (int, float)):
+                    writer.add_scalar(k, v, row["step"])
+
+    def _truncate_log(self) -> None:
+        """On resume, drop log rows written after the checkpoint (they will be written again)."""
+        for name in ("metrics.csv", "eval.csv"):
+            path = self.out_dir / name
+            if not self.ctx.is_main or not path.exists():
+                continue
+            with path.open(newline="") as fh:
+                rows = list(csv.reader(fh))
+            keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= self.step] if rows else []
+            with atomic_write(path, "w") as fh:
+                csv.writer(fh).writerows(keep)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.config.amp == "none":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.config.amp == "bf16" else torch.float16)
+
+    def _to_device(self, batch: Any) -> Any:
+        if isinstance(batch, torch.Tensor):
+            return batch.to(self.device, non_blocking=True)
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self._to_device(b) for b in batch)
+        if isinstance(batch, dict):
+            return {k: self._to_device(v) for k, v in batch.items()}
+        return batch
+
+    def _evaluate(self, epoch: int) -> dict[str, float]:
+        if self.eval_fn is None or not self.ctx.is_main:
+            return {}
+        model = self.ema.module if self.ema is not None else _unwrap(self.model)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            metrics = {f"eval_{k}": float(v) for k, v in self.eval_fn(model).items()}
+        model.train(was_training)
+        return metrics
+
+    def _improved(self, metrics: dict[str, float]) -> bool:
+        key = self.config.best_metric
+        if key is None or f"eval_{key}" not in metrics:
+            return False
+        value = metrics[f"eval_{key}"]
+        better = self.best is None or (value > self.best if self.config.best_mode == "max" else value < self.best)
+        if better:
+            self.best = value
+        return better
+
+    def fit(self, resume: bool | str | Path = False) -> dict[str, Any]:
+        """Train to the end (or continue from the latest checkpoint with ``resume=True`` / a path)."""
+        c = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        start_epoch, start_step = 0, 0
+        if resume:
+            path = latest_checkpoint(self.out_dir) if resume is True else Path(resume)
+            if path is None:
+                raise WeightsError(f"--resume: no checkpoint-*.pt in {self.out_dir}")
+            start_epoch, start_step = self.load_checkpoint(path)
+            self._truncate_log()
+            if self.ctx.is_main:
+                _logger.info("resumed from %s at step %d", path, self.step)
+        if self.ctx.is_main:
+            import yaml
+
+            write_text(self.out_dir / "config.yaml", yaml.safe_dump({**c.to_dict(), "run": self.run_info}, sort_keys=False))
+        writer = self._tensorboard()
+        bar = self._progress()
+        if bar is not None:
+            bar.update(self.step)
+        metrics: dict[str, float] = {}
+        try:
+            for epoch in range(start_epoch, c.epochs):
+                metrics = self._train_epoch(epoch, start_step if epoch == start_epoch else 0, writer, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+            if writer is not None:
+                writer.close()
+        if self.ctx.world_size > 1:
+            dist.barrier()
+        return {"step": self.step, "best": self.best, **metrics}
+
+    def _train_epoch(self, epoch: int, start_step: int, writer: Any, bar: Any) -> dict[str, float]:
+        c = self.config
+        batches = StepBatches(len(self.train_set), c.batch_size, c.accum_steps, self.ctx, c.seed, epoch, start_step)
+        loader = DataLoader(self.train_set, batch_sampler=batches, num_workers=c.num_workers, collate_fn=self.collate_fn,
+                            pin_memory=self.device.type == "cuda", persistent_workers=False)
+        model = self.ddp_model
+        model.train()
+        step_in_epoch, micro, running, seen, t0 = start_step, 0, 0.0, 0, time.perf_counter()
+        for batch in loader:
+            if micro == 0:
+                seed_everything(_mix(c.seed, self.step, self.ctx.rank))  # dropout, mixup: a function of the step
+                self.scheduler.step_update(self.step)
+            batch = self._to_device(batch)
+            sync = micro == c.accum_steps - 1 or self.ctx.world_size == 1
+            with (nullcontext() if sync else model.no_sync()), self._autocast():
+                loss = self.loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise InvalidInputError(f"the loss is {loss.item()} at step {self.step} (epoch {epoch}); lower lr or check the data")
+            with nullcontext() if sync else model.no_sync():
+                self.scaler.scale(loss / c.accum_steps).backward()
+            running += loss.item() / c.accum_steps
+            seen += len(batch[0]) if isinstance(batch, (list, tuple)) else 0
+            micro += 1
+            if micro < c.accum_steps:
+                continue
+            micro = 0
+            if c.clip_grad:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(_unwrap(model).parameters(), c.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update(_unwrap(model))  # constant decay from the initial weights, as DeiT-style recipes
+            self.step += 1
+            step_in_epoch += 1
+            if bar is not None:
+                bar.update(1)
+            if self.step % c.log_every == 0 or step_in_epoch == self.steps_per_epoch:
+                rate = seen * self.ctx.world_size / max(time.perf_counter() - t0, 1e-9)
+                row = {"step": self.step, "epoch": epoch, "loss": running, "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": rate}
+                self._log(row, writer)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{running:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{rate:.1f}")
+                seen, t0 = 0, time.perf_counter()
+            running = 0.0
+            if c.checkpoint_every and self.step % c.checkpoint_every == 0 and step_in_epoch < self.steps_per_epoch:
+                self.save_checkpoint(epoch, step_in_epoch)
+        metrics = self._evaluate(epoch) if (epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs else {}
+        if metrics:
+            self._log({"step": self.step, "epoch": epoch, **metrics}, writer)
+            if self._improved(metrics) and self.ctx.is_main:
+                with atomic_write(self.out_dir / "best.pt") as fh:
+                    model_to_save = self.ema.module if self.ema is not None else _unwrap(self.model)
+                    torch.save({"model": model_to_save.state_dict(), "step": self.step, "epoch": epoch, **metrics}, fh)
+        self.save_checkpoint(epoch + 1, 0)
+        return metrics
+
+    def _progress(self):
+        if not self.ctx.is_main:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.total_steps, desc="train", unit="step", dynamic_ncols=True, disable=None)
+
+    def _tensorboard(self):
+        if not self.ctx.is_main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # the `train` extra is not installed: CSV only
+            return None
+        return SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step or None)
+

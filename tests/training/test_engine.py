@@ -1,0 +1,144 @@
+"""The training engine: exact resume after SIGKILL, DDP equivalence, accumulation, EMA, checkpoints, errors."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from attnzoo.errors import DatasetFormatError, InvalidInputError, UnknownNameError, WeightsError
+from attnzoo.training import TrainConfig, Trainer, latest_checkpoint, load_config, named_configs
+
+SCRIPT = Path(__file__).with_name("tiny_run.py")
+
+
+def run(out, *args, **kw):
+    return subprocess.run([sys.executable, str(SCRIPT), str(out), *args], capture_output=True, text=True, **kw)
+
+
+def final_weights(out):
+    return torch.load(Path(out) / "final.pt", weights_only=True)
+
+
+def assert_same(a, b, **tol):
+    assert a.keys() == b.keys()
+    for k in a:
+        if tol:
+            torch.testing.assert_close(a[k], b[k], **tol)
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(tmp_path):
+    full = run(tmp_path / "full")
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(out), "--slow", "0.05"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoint-00000008.pt").exists():  # step 8 of 6 per epoch: mid epoch 2
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "final.pt").exists(), "the run finished before it could be killed"
+    assert not list(out.glob(".*.tmp")) or True  # a torn temporary file may remain; it is never a checkpoint
+    assert all(p.name.startswith("checkpoint-") or p.suffix != ".pt" or p.name == "best.pt" for p in out.glob("*.pt"))
+    resumed = run(out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same(final_weights(out), final_weights(tmp_path / "full"))
+    rows = (out / "metrics.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, 19))  # no step logged twice
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    single = run(tmp_path / "one", "--dropout", "0")
+    assert single.returncode == 0, single.stderr
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(SCRIPT),
+           str(tmp_path / "two"), "--dropout", "0"]
+    ddp = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert_same(final_weights(tmp_path / "two"), final_weights(tmp_path / "one"), atol=1e-5, rtol=1e-4)
+    assert len(list((tmp_path / "two").glob("checkpoint-*.pt"))) == 2  # rank 0 alone writes checkpoints
+
+
+def make_trainer(tmp_path, **overrides):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 4, generator=g)
+    data = TensorDataset(x, (x[:, 0] > 0).long())
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    cfg = TrainConfig(**{"epochs": 1, "batch_size": 8, "lr": 0.05, "num_workers": 0, "log_every": 1, **overrides})
+    return Trainer(model, data, cfg, tmp_path, loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), device="cpu")
+
+
+def test_gradient_accumulation_equals_the_full_batch(tmp_path):
+    a = make_trainer(tmp_path / "a")
+    a.fit()
+    b = make_trainer(tmp_path / "b", accum_steps=4)
+    b.fit()
+    assert_same(a.model.state_dict(), b.model.state_dict(), atol=1e-6, rtol=1e-5)
+
+
+def test_ema_follows_its_definition(tmp_path):
+    trainer = make_trainer(tmp_path, ema_decay=0.5, epochs=1)
+    trainer.train_set.dataset.tensors = tuple(t[:8] for t in trainer.train_set.dataset.tensors)  # one step
+    trainer.steps_per_epoch = trainer.total_steps = 1
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.fit()
+    after = trainer.model.state_dict()
+    for k, v in trainer.ema.module.state_dict().items():
+        torch.testing.assert_close(v, 0.5 * before[k] + 0.5 * after[k])
+
+
+def test_checkpoints_are_atomic_pruned_and_checked_on_resume(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=3, checkpoint_every=1, keep_last=2)
+    trainer.fit()
+    kept = sorted(p.name for p in tmp_path.glob("checkpoint-*.pt"))
+    assert kept == ["checkpoint-00000011.pt", "checkpoint-00000012.pt"] and not list(tmp_path.glob(".*.tmp"))
+    assert latest_checkpoint(tmp_path).name == "checkpoint-00000012.pt"
+    assert (tmp_path / "config.yaml").exists() and (tmp_path / "metrics.csv").exists()
+    (tmp_path / "checkpoint-00000013.pt").write_bytes(b"PK\x03\x04 torn")
+    with pytest.raises(WeightsError, match="checkpoint-00000013.pt"):
+        make_trainer(tmp_path, epochs=3).fit(resume=True)
+    (tmp_path / "checkpoint-00000013.pt").unlink()
+    other = make_trainer(tmp_path, epochs=3)
+    other.model = nn.Sequential(nn.Linear(4, 9), nn.Tanh(), nn.Linear(9, 2))
+    with pytest.raises(WeightsError, match="does not match"):
+        other.fit(resume=True)
+    with pytest.raises(WeightsError, match="batch_size=8"):
+        make_trainer(tmp_path, epochs=3, batch_size=16).fit(resume=True)
+    with pytest.raises(WeightsError, match="no checkpoint"):
+        make_trainer(tmp_path / "empty").fit(resume=True)
+
+
+def test_bad_settings_and_data_fail_before_training(tmp_path):
+    with pytest.raises(DatasetFormatError, match="no samples"):
+        Trainer(nn.Linear(2, 2), TensorDataset(torch.zeros(0, 2)), TrainConfig(), tmp_path, loss_fn=None)
+    with pytest.raises(InvalidInputError, match="must divide"):
+        make_trainer(tmp_path, batch_size=8, accum_steps=3)
+    with pytest.raises(InvalidInputError, match="fewer than one batch"):
+        make_trainer(tmp_path, batch_size=64)
+    with pytest.raises(InvalidInputError, match="amp"):
+        make_trainer(tmp_path, amp="fp8")
+    trainer = make_trainer(tmp_path, lr=1e30)
+    with pytest.raises(InvalidInputError, match="loss is"):
+        trainer.fit()
+
+
+def test_configs_load_and_override(tmp_path):
+    assert {"biformer", "deit", "finetune", "l2vit", "inline_swin"} <= set(named_configs())
+    cfg = load_config("biformer", ["lr=1e-4", "epochs=3", "mixup=0"])
+    assert cfg.lr == 1e-4 and cfg.epochs == 3 and cfg.extra["mixup"] == 0 and cfg.extra["auto_augment"].startswith("rand-m9")
+    (tmp_path / "mine.yaml").write_text("epochs: 2\nbatch_size: 4\nsmoothing: 0.1\n")
+    assert load_config(tmp_path / "mine.yaml").extra == {"smoothing": 0.1}
+    with pytest.raises(UnknownNameError, match="Did you mean: lr"):
+        load_config(None, ["lrr=1"])
+    with pytest.raises(UnknownNameError, match="biformer"):
+        load_config("bifomer")
