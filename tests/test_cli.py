@@ -14,7 +14,7 @@ from attnzoo.weights import CheckpointEntry, register_checkpoint, unregister_che
 def test_help_documents_every_command(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("run", "eval", "weights", "demo", "models", "tasks"):
+    for command in ("run", "eval", "train", "weights", "demo", "models", "tasks"):
         assert command in out
     assert main(["weights", "--help"]) == 0
     out = capsys.readouterr().out

@@ -20,7 +20,7 @@ from attnzoo.datasets.image_folder import ClassificationSamples
 from attnzoo.datasets.imagenet import read_classification_folder
 from attnzoo.datasets.images import load_image
 from attnzoo.errors import DatasetFormatError, InvalidInputError
-from attnzoo.training.config import TrainConfig, load_config
+from attnzoo.training.config import TrainConfig, apply_overrides, load_config
 from attnzoo.training.engine import Trainer
 
 __all__ = ["TransformedSamples", "train_classification"]
@@ -96,8 +96,10 @@ def train_classification(
     import attnzoo
     from timm.data import Mixup, create_transform, resolve_data_config
 
-    cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
-    extra = {**RECIPE_DEFAULTS, **cfg.extra}
+    cfg = config if isinstance(config, TrainConfig) else load_config(config)
+    cfg.extra = {**RECIPE_DEFAULTS, **cfg.extra}
+    apply_overrides(cfg, overrides or [])
+    extra = cfg.extra
     unknown = set(extra) - set(RECIPE_DEFAULTS)
     if unknown:
         raise InvalidInputError(f"unknown image-classification settings: {', '.join(sorted(unknown))}")

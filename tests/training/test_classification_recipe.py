@@ -1,0 +1,82 @@
+"""The image-classification recipe: a tiny BiFormer learns coloured shapes on the CPU; CLI; fine-tuning."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import attnzoo
+from attnzoo.cli import main
+from attnzoo.errors import DatasetFormatError, InvalidInputError
+from attnzoo.training.classification import train_classification
+
+TINY_BIFORMER = dict(depth=[1, 1, 1, 1], embed_dim=[16, 32, 64, 128], head_dim=16, qk_dims=[16, 32, 64, 128])
+COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (230, 210, 30)]
+
+
+def shapes_dataset(root, per_class_train=12, per_class_val=6, seed=0):
+    """4 classes = 4 colours; random shape kind, size and position, noisy grey background."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class_train), ("val", per_class_val)):
+        for c, colour in enumerate(COLOURS):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                bg = rng.integers(90, 160, size=(64, 64, 3), dtype=np.uint8)
+                im = Image.fromarray(bg)
+                d = ImageDraw.Draw(im)
+                r = int(rng.integers(10, 22))
+                x, y = (int(v) for v in rng.integers(r, 64 - r, size=2))
+                box = [x - r, y - r, x + r, y + r]
+                (d.ellipse if rng.random() < 0.5 else d.rectangle)(box, fill=colour)
+                im.save(folder / f"{i}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_tiny_biformer_learns_coloured_shapes(tmp_path):
+    data = shapes_dataset(tmp_path / "shapes")
+    overrides = dict(epochs=6, batch_size=8, lr=2e-3, warmup_epochs=1, num_workers=0, log_every=2, best_metric="top1",
+                     auto_augment=None, mixup=0.0, cutmix=0.0, reprob=0.0, smoothing=0.0, drop_path=0.0, eval_batch_size=24)
+    result = train_classification("biformer_tiny", data, tmp_path / "run", config="finetune", overrides=overrides,
+                                  model_kwargs=TINY_BIFORMER, device="cpu")
+    assert result["best"] >= 60.0  # chance is 25% on the 24 held-out images
+    assert result["classes"] == ["class0", "class1", "class2", "class3"]
+    model = attnzoo.create_model("biformer_tiny", weights=tmp_path / "run" / "model.safetensors", num_classes=4, **TINY_BIFORMER)
+    assert model.num_classes == 4
+    assert (tmp_path / "run" / "eval.csv").read_text().count("\n") == 7  # header + one row per epoch
+
+
+def test_fine_tuning_from_an_official_checkpoint_file_replaces_the_head(tmp_path):
+    data = shapes_dataset(tmp_path / "shapes", per_class_train=2, per_class_val=1)
+    torch.manual_seed(0)
+    src = attnzoo.create_model("biformer_tiny", **TINY_BIFORMER)  # 1000 classes, as released
+    torch.save({"model": src.state_dict()}, tmp_path / "official.pth")
+    result = train_classification("biformer_tiny", data, tmp_path / "run", config="finetune", weights=tmp_path / "official.pth",
+                                  overrides=["epochs=1", "batch_size=8", "num_workers=0", "auto_augment=null"],
+                                  model_kwargs=TINY_BIFORMER, device="cpu")
+    assert result["step"] == 1
+    state = torch.load(tmp_path / "run" / "checkpoint-00000001.pt", weights_only=True)
+    assert state["model"]["head.weight"].shape == (4, 128)  # the head was replaced for the 4 classes
+    assert not torch.equal(state["model"]["stages.0.0.attn.wo.weight"], src.state_dict()["stages.0.0.attn.wo.weight"])
+    assert state["run"]["weights"].endswith("official.pth")
+
+
+def test_cli_train_command_and_errors(tmp_path, capsys):
+    data = shapes_dataset(tmp_path / "shapes", per_class_train=2, per_class_val=1)
+    code = main(["train", "image-classification", "--model", "resnet18", "--data", str(data), "--out", str(tmp_path / "run"),
+                 "--config", "finetune", "epochs=1", "batch_size=8", "num_workers=0", "auto_augment=null", "input_size=64", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    assert "trained 1 steps" in capsys.readouterr().out
+    assert json.loads(json.dumps(__import__("yaml").safe_load((tmp_path / "run" / "config.yaml").read_text())))["run"]["model"] == "resnet18"
+    assert main(["train", "image-classification", "--model", "resnet18", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "image-classification", "--model", "resnet18", "--data", str(data), "--out", str(tmp_path / "o"), "lrr=1"]) == 1
+    assert "Did you mean" in capsys.readouterr().err
+    (tmp_path / "empty" / "train" / "a").mkdir(parents=True)
+    with pytest.raises(DatasetFormatError):
+        train_classification("resnet18", tmp_path / "empty", tmp_path / "o2", overrides=["epochs=1"])
+    with pytest.raises(InvalidInputError, match="unknown image-classification settings"):
+        train_classification("resnet18", data, tmp_path / "o3", overrides={"extra.colour": 1})
