@@ -146,6 +146,8 @@ def eval_(
         "dtype": dtype,
     }
     metrics = evaluate(pipe, evaluator, out, settings=settings, batch_size=batch_size, num_workers=workers)
+    if not metrics:  # a torchrun process other than the first: process 0 reports
+        return
     shown = {k: metrics[k] for k in ("top1", "top5", "n", "skipped") if k in metrics}
     _echo(" ".join(f"{k}={v}" for k, v in shown.items()))
     _echo(f"wrote {Path(out) / 'metrics.json'} and {Path(out) / 'report.md'}")

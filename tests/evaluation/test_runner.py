@@ -145,3 +145,26 @@ def test_generic_folder_with_more_classes_than_the_model(tmp_path, photo):
     with pytest.raises(DatasetFormatError, match="4 classes but the model predicts 3"):
         get_evaluator("image-classification")(tmp_path, num_classes=3)
     assert len(get_evaluator("image-classification")(tmp_path, num_classes=4).samples()) == 4
+
+
+@pytest.mark.slow
+def test_eval_under_torchrun_shards_and_gathers(imagenet_tree, tmp_path):
+    """Two processes (gloo) each take every other image; process 0 merges: same metrics and predictions as one process."""
+    import os
+    import subprocess
+    import sys
+
+    root, _ = imagenet_tree
+    args = ["eval", "image-classification", "--model", "test_resnet", "--weights", str(root / "weights.safetensors"), "--data", str(root),
+            "--batch-size", "3", "--num-workers", "0"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523", "-m", "attnzoo.cli",
+           *args, "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    for key in ("top1", "top5", "n", "skipped", "skipped_inputs"):
+        assert one[key] == two[key], key
+    lines = lambda d, f: (tmp_path / d / f).read_text().splitlines()  # noqa: E731
+    assert sorted(lines("two", "predictions.jsonl")) == sorted(lines("one", "predictions.jsonl"))
+    assert not list((tmp_path / "two").glob("*.rank*.jsonl")) and proc.stdout.count("top1=") == 1

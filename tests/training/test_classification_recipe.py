@@ -80,3 +80,39 @@ def test_cli_train_command_and_errors(tmp_path, capsys):
         train_classification("resnet18", tmp_path / "empty", tmp_path / "o2", overrides=["epochs=1"])
     with pytest.raises(InvalidInputError, match="unknown image-classification settings"):
         train_classification("resnet18", data, tmp_path / "o3", overrides={"extra.colour": 1})
+
+
+def test_sparsifiner_two_phase_recipe(tmp_path):
+    """Phase 1 trains only the predictors (dense backbone), phase 2 only the backbone, against a dense teacher."""
+    from safetensors.torch import load_file
+
+    import timm
+
+    tiny = dict(embed_dim=32, depth=2, num_heads=2)
+    data = shapes_dataset(tmp_path / "shapes", per_class_train=2, per_class_val=1)
+    torch.manual_seed(0)
+    deit = timm.create_model("deit_small_patch16_224", num_classes=4, **tiny)
+    torch.save({"model": deit.state_dict()}, tmp_path / "deit.pth")  # the official DeiT release layout
+    common = ["epochs=1", "batch_size=8", "num_workers=0", "auto_augment=null", "reprob=0", "color_jitter=0", "warmup_epochs=0", "lr=1e-2"]
+    torch.manual_seed(0)  # the predictors' initial values, rebuilt by S_init
+    train_classification("sparsifiner_deit_small", data, tmp_path / "recon", config="sparsifiner_recon", weights=tmp_path / "deit.pth",
+                         overrides=common, model_kwargs=tiny, device="cpu")
+    recon = load_file(tmp_path / "recon" / "model.safetensors")
+    dense = deit.state_dict()
+    assert all(torch.equal(recon[k], v) for k, v in dense.items())  # the backbone did not move
+    assert not torch.equal(recon["blocks.0.attn.mask_predictor.proj_n"], S_init(tiny)["blocks.0.attn.mask_predictor.proj_n"])
+    train_classification("sparsifiner_deit_small", data, tmp_path / "distill", config="sparsifiner_distill",
+                         weights=tmp_path / "recon" / "model.safetensors", model_kwargs=tiny, device="cpu",
+                         overrides=[*common, "mixup=0", "cutmix=0", "ema_decay=null", f"teacher_weights={tmp_path / 'deit.pth'}"])
+    distilled = load_file(tmp_path / "distill" / "model.safetensors")
+    assert all(torch.equal(distilled[k], v) for k, v in recon.items() if "mask_predictor" in k)  # predictors frozen
+    assert not torch.equal(distilled["blocks.0.attn.qkv.weight"], recon["blocks.0.attn.qkv.weight"])
+    with pytest.raises(InvalidInputError, match="teacher_weights"):
+        train_classification("sparsifiner_deit_small", data, tmp_path / "x", config="sparsifiner_distill", model_kwargs=tiny,
+                             overrides=[*common, "mixup=0", "cutmix=0"], weights=tmp_path / "recon" / "model.safetensors")
+
+
+def S_init(tiny):
+    """The predictors a fresh model starts with (the recon run builds its model the same way, seed 0)."""
+    torch.manual_seed(0)
+    return attnzoo.create_model("sparsifiner_deit_small", num_classes=4, **tiny).state_dict()

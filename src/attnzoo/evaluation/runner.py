@@ -4,6 +4,9 @@
 appended and flushed batch by batch: the resume state), ``skipped.jsonl`` (inputs that
 could not be read, with the reason), and at the end ``metrics.json`` and ``report.md``.
 Running again with the same settings continues where an interrupted run stopped.
+
+Under ``torchrun`` each process takes every N-th sample and appends to its own
+``predictions.rank<r>.jsonl``; process 0 then merges them, scores and writes the report.
 """
 
 from __future__ import annotations
@@ -41,8 +44,8 @@ class TaskEvaluator(Protocol):
     def report(self, metrics: dict[str, Any]) -> str: ...
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSONL file; a torn last line (a killed run) is cut off the file."""
+def _read_jsonl(path: Path, truncate: bool = True) -> list[dict[str, Any]]:
+    """Records of a JSONL file; a torn last line (a killed run) is cut off the file (if ours to cut)."""
     if not path.exists():
         return []
     records, good_bytes = [], 0
@@ -56,7 +59,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
                 records.pop()
                 break
             good_bytes += len(line)
-    if good_bytes != path.stat().st_size:
+    if truncate and good_bytes != path.stat().st_size:
         with open(path, "r+b") as fh:
             fh.truncate(good_bytes)
     return records
@@ -73,31 +76,41 @@ def evaluate(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate and return the metrics dict that is also written to ``out_dir/metrics.json``."""
+    """Evaluate and return the metrics dict that is also written to ``out_dir/metrics.json``
+    (under ``torchrun``: on process 0; the others return an empty dict)."""
     from tqdm.auto import tqdm
 
+    from attnzoo._distributed import distributed_context
+
+    ctx = distributed_context()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    predictions_path, skipped_path, run_path = out / "predictions.jsonl", out / "skipped.jsonl", out / "run.json"
+    suffix = f".rank{ctx.rank}" if ctx.world_size > 1 else ""
+    predictions_path, skipped_path, run_path = out / f"predictions{suffix}.jsonl", out / f"skipped{suffix}.jsonl", out / "run.json"
     settings = {"task": evaluator.task, **settings}
-    if overwrite:
-        for path in (predictions_path, skipped_path, out / "metrics.json", out / "report.md"):
+    if overwrite and ctx.is_main:
+        for path in (*out.glob("predictions*.jsonl"), *out.glob("skipped*.jsonl"), out / "metrics.json", out / "report.md"):
             path.unlink(missing_ok=True)
-    elif run_path.exists():
+    elif not overwrite and run_path.exists():
         previous = json.loads(run_path.read_text())
         if previous != settings:
             changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
             raise InvalidInputError(
                 f"{out} holds a run with other settings ({', '.join(changed)}); pass --overwrite or choose another --out"
             )
-    write_json(run_path, settings)
+    ctx.barrier()  # nobody writes before everyone has read the settings and the earlier predictions
+    if ctx.is_main:
+        write_json(run_path, settings)
 
     samples = evaluator.samples()
     records = _read_jsonl(predictions_path)
     skipped = _read_jsonl(skipped_path)
     done = {r["id"] for r in records} | {s["id"] for s in skipped}
-    todo = [s for s in samples if s.id not in done]
-
+    for path in (*out.glob("predictions*.jsonl"), *out.glob("skipped*.jsonl")):  # other processes' (and earlier runs') shards
+        if path not in (predictions_path, skipped_path):
+            done |= {r["id"] for r in _read_jsonl(path, truncate=False)}
+    todo = [s for s in samples[ctx.rank::ctx.world_size] if s.id not in done]
+    ctx.barrier()
     started = time.perf_counter()
     with open(predictions_path, "a") as pred_fh, open(skipped_path, "a") as skip_fh, tqdm(
         total=len(samples), initial=len(samples) - len(todo), desc=f"eval {evaluator.task}", unit="img", disable=not progress
@@ -122,6 +135,11 @@ def evaluate(
             bar.update(1)
         pred_fh.writelines(batch_lines)
     elapsed = time.perf_counter() - started
+    ctx.barrier()
+    if not ctx.is_main:
+        return {}
+    if ctx.world_size > 1 or any(out.glob("predictions.rank*.jsonl")):
+        records, skipped = _merge_shards(out, samples)
 
     if not records:
         raise InvalidInputError(f"no sample could be evaluated ({len(skipped)} skipped); see {skipped_path}")
@@ -137,6 +155,23 @@ def evaluate(
     write_json(out / "metrics.json", metrics)
     write_text(out / "report.md", _report(evaluator, metrics, skipped))
     return metrics
+
+
+def _merge_shards(out: Path, samples: Sequence[EvalSample]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """All processes' records, in dataset order, rewritten into predictions.jsonl / skipped.jsonl."""
+    order = {s.id: i for i, s in enumerate(samples)}
+    merged = []
+    for kind in ("predictions", "skipped"):
+        rows = {}
+        for path in sorted(out.glob(f"{kind}*.jsonl")):
+            for row in _read_jsonl(path):
+                rows.setdefault(row["id"], row)
+        rows_sorted = sorted(rows.values(), key=lambda r: order.get(r["id"], len(order)))
+        write_text(out / f"{kind}.jsonl", "".join(json.dumps(r) + "\n" for r in rows_sorted))
+        for path in out.glob(f"{kind}.rank*.jsonl"):
+            path.unlink()
+        merged.append(rows_sorted)
+    return merged[0], merged[1]
 
 
 def _report(evaluator: TaskEvaluator, metrics: dict[str, Any], skipped: Iterable[dict[str, Any]]) -> str:

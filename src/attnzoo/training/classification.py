@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from attnzoo.datasets.image_folder import ClassificationSamples
 from attnzoo.datasets.imagenet import read_classification_folder
 from attnzoo.datasets.images import load_image
-from attnzoo.errors import DatasetFormatError, InvalidInputError
+from attnzoo.errors import DatasetFormatError, InvalidInputError, WeightsError
 from attnzoo.training.config import TrainConfig, apply_overrides, load_config
 from attnzoo.training.engine import Trainer
 
@@ -29,6 +29,9 @@ _logger = logging.getLogger(__name__)
 RECIPE_DEFAULTS = {
     "input_size": 224, "interpolation": "bicubic", "auto_augment": None, "color_jitter": 0.0, "reprob": 0.0,
     "mixup": 0.0, "cutmix": 0.0, "smoothing": 0.0, "drop_path": 0.0, "eval_batch_size": 64,
+    # Sparsifiner's two phases (official default config): "reconstruction", then "distill" from a dense teacher
+    "sparsifiner_phase": None, "attn_recon_weight": 0.01, "teacher": None, "teacher_weights": None,
+    "cls_weight": 1.0, "cls_distill_weight": 0.5, "token_distill_weight": 0.5,
 }
 
 
@@ -65,6 +68,46 @@ class _ClassificationLoss:
         return F.cross_entropy(model(x), y, label_smoothing=self.smoothing)
 
 
+class _SparsifinerReconstructionLoss:
+    """Phase 1: the connectivity predictors regress each layer's dense attention rows (cls row
+    dropped) with a sum-reduced MSE, averaged over layers, times 0.01 (the official loss). The
+    backbone runs dense and frozen, so its own attention is the dense teacher's."""
+
+    def __init__(self, weight: float):
+        self.weight = weight
+
+    def __call__(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        out = model(batch[0], dense_attn=True)
+        layers = [F.mse_loss(a, d[..., 1:, :].detach(), reduction="sum") for a, d in zip(out.approx_attn, out.dense_attn, strict=True)]
+        return self.weight * torch.stack(layers).mean()
+
+
+class _SparsifinerDistillLoss:
+    """Phase 2: CE (soft targets under mixup) + KL(student || dense teacher) on logits
+    (batchmean, log-space target) + MSE between the final patch tokens, as the official ``NewLoss``."""
+
+    def __init__(self, teacher: torch.nn.Module, mixup: Any, smoothing: float, weights: tuple[float, float, float]):
+        self.teacher, self.mixup, self.smoothing, self.weights = teacher.eval(), mixup, smoothing, weights
+
+    def __call__(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        if self.mixup is not None:
+            x, y = self.mixup(x, y)
+        out = model(x, detailed=True)
+        with torch.no_grad():
+            self.teacher.to(x.device)
+            tokens_t = self.teacher.forward_features(x)
+            logits_t = self.teacher.forward_head(tokens_t)
+        if y.dim() == 2:
+            cls = torch.sum(-y * F.log_softmax(out.logits, dim=-1), dim=-1).mean()
+        else:
+            cls = F.cross_entropy(out.logits, y, label_smoothing=self.smoothing)
+        kl = F.kl_div(F.log_softmax(out.logits, dim=-1), F.log_softmax(logits_t, dim=-1), reduction="batchmean", log_target=True)
+        tokens = F.mse_loss(out.features.flatten(0, 1), tokens_t[:, 1:].flatten(0, 1))
+        w_cls, w_kl, w_tok = self.weights
+        return w_cls * cls + w_kl * kl + w_tok * tokens
+
+
 class _TopK:
     def __init__(self, dataset: Dataset, batch_size: int, num_workers: int, device: torch.device):
         self.dataset, self.batch_size, self.num_workers, self.device = dataset, batch_size, num_workers, device
@@ -78,6 +121,31 @@ class _TopK:
             hits5 += int((top == y[:, None]).any(-1).sum())
             n += len(y)
         return {"top1": 100.0 * hits1 / n, "top5": 100.0 * hits5 / n}
+
+
+def _teacher(student: torch.nn.Module, extra: dict[str, Any], num_classes: int, kwargs: dict[str, Any]) -> torch.nn.Module:
+    """The dense DeiT teacher: timm's ViT with the student's backbone dimensions, from ``teacher_weights``."""
+    import attnzoo
+    from timm.models.vision_transformer import VisionTransformer
+
+    if extra["teacher_weights"] is None:
+        raise InvalidInputError("sparsifiner_phase=distill needs teacher_weights=PATH (the dense DeiT checkpoint the student started from)")
+    block = student.blocks[0]
+    teacher = VisionTransformer(img_size=student.img_size, patch_size=student.patch_embed.patch_size, embed_dim=student.embed_dim,
+                                depth=len(student.blocks), num_heads=block.attn.num_heads, mlp_ratio=block.mlp.fc1.out_features / student.embed_dim,
+                                num_classes=student.num_classes)
+    attnzoo.weights.load_weights(teacher, extra["teacher_weights"], converter=_dense_filter)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _dense_filter(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A DeiT checkpoint as released, or a Sparsifiner's backbone (predictors dropped)."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    state = state.get("model", state)
+    return checkpoint_filter_fn({k.removeprefix("module."): v for k, v in state.items() if ".mask_predictor." not in k}, model)
 
 
 def train_classification(
@@ -113,9 +181,13 @@ def train_classification(
     kwargs = dict(model_kwargs or {})
     if extra["drop_path"]:
         kwargs.setdefault("drop_path_rate", extra["drop_path"])
-    if weights is not None:  # fine-tuning: the checkpoint's head is replaced when the classes differ
-        net = attnzoo.create_model(model, weights=weights, **kwargs)
-        if net.num_classes != num_classes:
+    if weights is not None:  # fine-tuning: a checkpoint with other classes (e.g. ImageNet's 1000) gets a new head
+        try:
+            net = attnzoo.create_model(model, weights=weights, num_classes=num_classes, **kwargs)
+        except WeightsError:
+            net = attnzoo.create_model(model, weights=weights, **kwargs)
+            if net.num_classes == num_classes:
+                raise
             net.reset_classifier(num_classes)
     else:
         net = attnzoo.create_model(model, num_classes=num_classes, **kwargs)
@@ -130,9 +202,23 @@ def train_classification(
     mixup = None
     if extra["mixup"] > 0 or extra["cutmix"] > 0:
         mixup = Mixup(mixup_alpha=extra["mixup"], cutmix_alpha=extra["cutmix"], label_smoothing=extra["smoothing"], num_classes=num_classes)
+    loss_fn: Any = _ClassificationLoss(mixup, extra["smoothing"])
+    phase = extra["sparsifiner_phase"]
+    if phase is not None:
+        if not hasattr(net, "set_phase"):
+            raise InvalidInputError(f"sparsifiner_phase={phase!r} needs a Sparsifiner model, not {model}")
+        if phase == "reconstruction":
+            net.set_phase("reconstruction")
+            loss_fn = _SparsifinerReconstructionLoss(extra["attn_recon_weight"])
+        elif phase == "distill":
+            net.set_phase("sparse")
+            loss_fn = _SparsifinerDistillLoss(_teacher(net, extra, num_classes, kwargs), mixup, extra["smoothing"],
+                                              (extra["cls_weight"], extra["cls_distill_weight"], extra["token_distill_weight"]))
+        else:
+            raise InvalidInputError(f"sparsifiner_phase must be 'reconstruction' or 'distill', got {phase!r}")
     trainer_device = torch.device(device) if device else None
     trainer = Trainer(
-        net, TransformedSamples(train_samples, train_tf), cfg, out, loss_fn=_ClassificationLoss(mixup, extra["smoothing"]),
+        net, TransformedSamples(train_samples, train_tf), cfg, out, loss_fn=loss_fn,
         device=trainer_device, run_info={"task": "image-classification", "model": model, "data": str(root), "classes": train_samples.classes,
                                          "weights": None if weights is None else str(weights)},
     )

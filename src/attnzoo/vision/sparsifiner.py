@@ -332,6 +332,13 @@ class Sparsifiner(VisionTransformer):
         out.logits = self.forward_head(x)
         return out
 
+    def forward(self, x: torch.Tensor, detailed: bool = False, dense_attn: bool = False) -> torch.Tensor | SparsifinerOutput:
+        """Logits; with ``detailed=True`` the :class:`SparsifinerOutput` (through ``forward``, so
+        DistributedDataParallel sees the call when training with the rich outputs)."""
+        if detailed or dense_attn:
+            return self.forward_detailed(x, dense_attn=dense_attn)
+        return self.forward_head(self.forward_features(x))
+
     @torch.no_grad()
     def sparsity_report(self, x: torch.Tensor) -> SparsityReport:
         """Attention sparsity and MHSA multiply-adds actually used for each image in ``x``."""
