@@ -142,3 +142,38 @@ def test_configs_load_and_override(tmp_path):
         load_config(None, ["lrr=1"])
     with pytest.raises(UnknownNameError, match="biformer"):
         load_config("bifomer")
+
+
+def test_step_batches_split_every_global_batch_across_ranks_and_repeat_images():
+    from attnzoo._distributed import DistributedContext
+    from attnzoo.training.engine import StepBatches
+
+    one = list(StepBatches(20, 8, 2, DistributedContext(), seed=3, epoch=1))
+    ranks = [list(StepBatches(20, 8, 2, DistributedContext(r, 2), seed=3, epoch=1)) for r in range(2)]
+    assert len(one) == 4 and all(len(b) == 4 for b in one) and all(len(b) == 2 for r in ranks for b in r)
+    for m in range(4):  # the same micro-batch, split between the two processes
+        assert sorted(ranks[0][m] + ranks[1][m]) == sorted(one[m])
+    assert list(StepBatches(20, 8, 2, DistributedContext(), seed=3, epoch=1, start_step=1)) == one[2:]  # resume skips done steps
+    rep = [item for b in StepBatches(20, 4, 1, DistributedContext(), seed=0, epoch=0, repeats=3) for item in b]
+    assert len(rep) == 20 and {c for _, _, c in rep} == {0, 1, 2}
+    assert [i for _, i, _ in rep[:3]] == [rep[0][1]] * 3  # an image's copies are consecutive: different processes get them
+
+
+def test_repeated_copies_are_augmented_differently(tmp_path):
+    from attnzoo.training.engine import SeededSamples
+
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.rand(1).item()
+
+    samples = SeededSamples(Noisy(), seed=0)
+    assert samples[(0, 1, 0)] == samples[(0, 1, 0)] != samples[(0, 1, 1)] != samples[(1, 1, 0)]
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_runs(tmp_path, amp):
+    trainer = make_trainer(tmp_path, amp=amp, repeated_aug=2)
+    assert trainer.fit()["step"] == 4

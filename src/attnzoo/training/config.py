@@ -42,11 +42,12 @@ class TrainConfig:
     eval_every: int = 1  # epochs
     log_every: int = 10  # optimizer steps
     num_workers: int = 2
+    repeated_aug: int = 1  # DeiT's repeated augmentation: each image r times per epoch (differently augmented)
     extra: dict[str, Any] = field(default_factory=dict)  # recipe settings
 
     def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.accum_steps < 1:
-            raise InvalidInputError("epochs, batch_size and accum_steps must be at least 1")
+        if self.epochs < 1 or self.batch_size < 1 or self.accum_steps < 1 or self.repeated_aug < 1:
+            raise InvalidInputError("epochs, batch_size, accum_steps and repeated_aug must be at least 1")
         if self.schedule not in ("cosine", "step", "constant"):
             raise InvalidInputError(f"schedule must be cosine, step or constant, got {self.schedule!r}")
         if self.amp not in ("none", "bf16", "fp16"):

@@ -56,8 +56,8 @@ def seed_everything(seed: int) -> None:
 # -- data ----------------------------------------------------------------------------------------
 
 class SeededSamples(Dataset):
-    """Items are ``(epoch, index)``; each sample's random augmentation is seeded from
-    ``(seed, epoch, index)``, so it does not depend on which process or step loads it."""
+    """Items are ``(epoch, index, copy)``; each sample's random augmentation is seeded from them,
+    so it does not depend on which process or step loads it."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed
@@ -65,11 +65,10 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, item: tuple[int, int]) -> Any:
-        epoch, index = item
-        seed = _mix(self.seed, epoch, index)
+    def __getitem__(self, item: tuple[int, int, int]) -> Any:
+        epoch, index, copy = item
         state = torch.get_rng_state(), random.getstate(), np.random.get_state()
-        seed_everything(seed)
+        seed_everything(_mix(self.seed, epoch, index, copy))
         try:
             return self.dataset[index]
         finally:  # the main process's RNG is not disturbed when num_workers=0
@@ -79,14 +78,18 @@ class SeededSamples(Dataset):
 
 
 class StepBatches:
-    """Per-process micro-batches of (epoch, index), from a permutation seeded by (seed, epoch).
+    """Per-process micro-batches of (epoch, index, copy), from a permutation seeded by (seed, epoch).
 
-    Optimizer step ``s`` uses the global batch ``perm[s*G:(s+1)*G]``, split into ``accum``
+    Optimizer step ``s`` uses the global batch ``order[s*G:(s+1)*G]``, split into ``accum``
     micro-batches, each split across ranks (``[rank::world]``); the last partial batch is dropped
-    so every step sees ``G`` samples. ``start_step`` skips steps already done (resume)."""
+    so every step sees ``G`` samples. With ``repeats`` r > 1 (DeiT's repeated augmentation) the
+    order lists each image r times in a row, so its copies land on different processes, and is cut
+    to the dataset length. ``start_step`` skips steps already done (resume)."""
 
-    def __init__(self, n: int, global_batch: int, accum: int, ctx: DistributedContext, seed: int, epoch: int, start_step: int = 0):
+    def __init__(self, n: int, global_batch: int, accum: int, ctx: DistributedContext, seed: int, epoch: int, start_step: int = 0,
+                 repeats: int = 1):
         self.n, self.G, self.accum, self.ctx, self.seed, self.epoch, self.start = n, global_batch, accum, ctx, seed, epoch, start_step
+        self.repeats = repeats
 
     @property
     def steps(self) -> int:
@@ -95,14 +98,15 @@ class StepBatches:
     def __len__(self) -> int:
         return (self.steps - self.start) * self.accum
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch))).tolist()
+        order = [(i, c) for i in perm for c in range(self.repeats)][: self.n]
         micro = self.G // self.accum
         for step in range(self.start, self.steps):
-            batch = perm[step * self.G:(step + 1) * self.G]
+            batch = order[step * self.G:(step + 1) * self.G]
             for m in range(self.accum):
                 part = batch[m * micro:(m + 1) * micro][self.ctx.rank::self.ctx.world_size]
-                yield [(self.epoch, i) for i in part]
+                yield [(self.epoch, i, c) for i, c in part]
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
@@ -358,7 +362,7 @@ class Trainer:
 
     def _train_epoch(self, epoch: int, start_step: int, writer: Any, bar: Any) -> dict[str, float]:
         c = self.config
-        batches = StepBatches(len(self.train_set), c.batch_size, c.accum_steps, self.ctx, c.seed, epoch, start_step)
+        batches = StepBatches(len(self.train_set), c.batch_size, c.accum_steps, self.ctx, c.seed, epoch, start_step, c.repeated_aug)
         loader = DataLoader(self.train_set, batch_sampler=batches, num_workers=c.num_workers, collate_fn=self.collate_fn,
                             pin_memory=self.device.type == "cuda", persistent_workers=False)
         model = self.ddp_model
