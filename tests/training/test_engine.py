@@ -177,3 +177,15 @@ def test_repeated_copies_are_augmented_differently(tmp_path):
 def test_mixed_precision_runs(tmp_path, amp):
     trainer = make_trainer(tmp_path, amp=amp, repeated_aug=2)
     assert trainer.fit()["step"] == 4
+
+
+def test_schedule_warms_up_decays_and_cools_down(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=10, lr=0.1, min_lr=0.001, warmup_epochs=2, warmup_lr=0.0, cooldown_epochs=2)
+    lrs = []
+    for step in range(trainer.total_steps):
+        trainer.scheduler.step_update(step)
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+    spe = trainer.steps_per_epoch
+    assert lrs[0] == 0.0 and lrs[2 * spe] == pytest.approx(0.1)  # linear warm-up to the peak
+    assert all(a >= b for a, b in zip(lrs[2 * spe:], lrs[2 * spe + 1:]))  # then non-increasing
+    assert lrs[-2 * spe:] == [pytest.approx(0.001)] * (2 * spe)  # cool-down at min_lr

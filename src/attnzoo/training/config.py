@@ -26,6 +26,7 @@ class TrainConfig:
     min_lr: float = 1e-5
     warmup_epochs: float = 0.0
     warmup_lr: float = 1e-6
+    cooldown_epochs: float = 0.0  # the last epochs run at min_lr (timm/DeiT: epochs = schedule + cooldown)
     schedule: str = "cosine"  # cosine | step | constant
     decay_epochs: float = 30.0  # step schedule
     decay_rate: float = 0.1

@@ -203,9 +203,9 @@ class Trainer:
         from timm.scheduler import CosineLRScheduler, StepLRScheduler
 
         c, spe = self.config, self.steps_per_epoch
-        warmup = int(round(c.warmup_epochs * spe))
-        if c.schedule == "cosine":
-            return CosineLRScheduler(self.optimizer, t_initial=max(self.total_steps - warmup, 1), lr_min=c.min_lr, warmup_t=warmup,
+        warmup, cooldown = int(round(c.warmup_epochs * spe)), int(round(c.cooldown_epochs * spe))
+        if c.schedule == "cosine":  # past t_initial (the cool-down) timm holds lr_min
+            return CosineLRScheduler(self.optimizer, t_initial=max(self.total_steps - warmup - cooldown, 1), lr_min=c.min_lr, warmup_t=warmup,
                                      warmup_lr_init=c.warmup_lr, warmup_prefix=True, t_in_epochs=False)
         decay = int(round(c.decay_epochs * spe)) if c.schedule == "step" else 10**12
         return StepLRScheduler(self.optimizer, decay_t=max(decay, 1), decay_rate=c.decay_rate, warmup_t=warmup,
