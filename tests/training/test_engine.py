@@ -189,3 +189,44 @@ def test_schedule_warms_up_decays_and_cools_down(tmp_path):
     assert lrs[0] == 0.0 and lrs[2 * spe] == pytest.approx(0.1)  # linear warm-up to the peak
     assert all(a >= b for a, b in zip(lrs[2 * spe:], lrs[2 * spe + 1:]))  # then non-increasing
     assert lrs[-2 * spe:] == [pytest.approx(0.001)] * (2 * spe)  # cool-down at min_lr
+
+
+def test_no_weight_decay_on_norms_biases_and_tokens(tmp_path):
+    trainer = make_trainer(tmp_path, weight_decay=0.1)
+    decay, no_decay = trainer.optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    from attnzoo.vision.sparsifiner import Sparsifiner
+
+    vit = Sparsifiner(embed_dim=32, depth=1, num_heads=2, num_classes=2)  # timm's no_weight_decay(): pos_embed, cls_token
+    t = Trainer(vit, TensorDataset(torch.zeros(8, 3, 224, 224), torch.zeros(8).long()), TrainConfig(batch_size=8, num_workers=0),
+                tmp_path / "vit", loss_fn=None, device="cpu")
+    no_decay_ids = {id(p) for p in t.optimizer.param_groups[1]["params"]}
+    assert id(vit.pos_embed) in no_decay_ids and id(vit.cls_token) in no_decay_ids and id(vit.blocks[0].norm1.weight) in no_decay_ids
+
+
+def test_step_schedule_and_clipping(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=4, lr=0.1, schedule="step", decay_epochs=2, decay_rate=0.5, clip_grad=1e-3)
+    lrs = []
+    for step in range(trainer.total_steps):
+        trainer.scheduler.step_update(step)
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+    spe = trainer.steps_per_epoch
+    assert lrs[: 2 * spe] == [pytest.approx(0.1)] * (2 * spe) and lrs[2 * spe:] == [pytest.approx(0.05)] * (2 * spe)
+    sgd = make_trainer(tmp_path / "sgd", optimizer="sgd", momentum=0.0, lr=1.0, clip_grad=1e-3, epochs=1, weight_decay=0.0)
+    sgd.train_set.dataset.tensors = tuple(t[:8] for t in sgd.train_set.dataset.tensors)
+    sgd.steps_per_epoch = sgd.total_steps = 1
+    before = torch.cat([p.detach().flatten().clone() for p in sgd.model.parameters()])
+    sgd.fit()
+    after = torch.cat([p.detach().flatten() for p in sgd.model.parameters()])
+    assert (after - before).norm() <= 1e-3 * 1.0001  # one SGD step of lr 1 moves by the clipped gradient norm
+
+
+def test_best_checkpoint_and_logs(tmp_path):
+    proc = run(tmp_path / "run", "--epochs", "2")
+    assert proc.returncode == 0, proc.stderr
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    evals = (tmp_path / "run" / "eval.csv").read_text().splitlines()
+    assert evals[0] == "step,epoch,eval_acc" and len(evals) == 3
+    assert best["eval_acc"] == max(float(r.split(",")[2]) for r in evals[1:])
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))

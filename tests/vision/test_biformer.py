@@ -257,7 +257,7 @@ def test_stl_local_official_checkpoint_and_api(tmp_path, name):
         timm.create_model(other, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **STL_SMALL)
 
 
-def test_stl_input_sizes_and_grad_checkpointing():
+def test_stl_input_sizes():
     torch.manual_seed(0)
     legacy = timm.create_model("biformer_stl", num_classes=3, **STL_SMALL).eval()
     nchw = timm.create_model("biformer_stl_nchw", num_classes=3, **STL_SMALL).eval()
@@ -275,12 +275,4 @@ def test_stl_input_sizes_and_grad_checkpointing():
     with pytest.raises(InvalidInputError, match="topk"):
         B.BiFormerSTL(layout="nchw", topks=(1, 4, 16, -2))
 
-    nchw.train()
-    x = torch.randn(2, 3, 120, 130)
-    grads = []
-    for enable in (False, True):
-        nchw.zero_grad()
-        nchw.set_grad_checkpointing(enable)
-        nchw(x).square().sum().backward()
-        grads.append([p.grad.clone() for p in nchw.parameters()])
-    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(*grads, strict=True))
+

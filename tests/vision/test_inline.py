@@ -185,20 +185,6 @@ def test_residual_conv_skips_cls_and_uses_all_token_mean():
     torch.testing.assert_close(base, attn.proj(core))
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
-    for name, small in (("inline_swin_tiny", SWIN_SMALL), ("inline_deit_tiny", DEIT_SMALL)):
-        torch.manual_seed(0)
-        model = timm.create_model(name, num_classes=3, **small)
-        x = torch.randn(2, 3, 224, 224)
-        grads = []
-        for enable in (False, True):
-            model.zero_grad()
-            model.set_grad_checkpointing(enable)
-            model(x).square().sum().backward()
-            grads.append([p.grad.clone() for p in model.parameters()])
-        assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(*grads, strict=True)), name
-
-
 def test_sizes_the_architecture_cannot_take():
     with pytest.raises(InvalidInputError, match=r"56x56 windows do not tile it.*224, 448"):
         timm.create_model("inline_swin_tiny", img_size=256, **SWIN_SMALL)

@@ -17,7 +17,6 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +192,7 @@ class Trainer:
         if name == "adamw":
             return torch.optim.AdamW(groups, lr=c.lr)
         if name == "sgd":
-            return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=True)
+            return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.momentum > 0)
         if name == "adam":
             return torch.optim.Adam(groups, lr=c.lr)
         raise InvalidInputError(f"unknown optimizer {c.optimizer!r} (adamw, adam or sgd)")

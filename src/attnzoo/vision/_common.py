@@ -34,6 +34,18 @@ class ClassifierMixin:
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
+def init_vit_weights(m: nn.Module) -> None:
+    """The ViT/DeiT initialisation the official codes share: truncated normal (std 0.02) linear
+    weights, zero biases, unit LayerNorms."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 def check_official_kwargs(family: str, kwargs: dict[str, Any], released: dict[str, Any]) -> None:
     """Official constructor keywords are accepted when they hold the value every released model uses."""
     for key, value in kwargs.items():

@@ -27,7 +27,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from attnzoo.errors import InvalidInputError
-from attnzoo.vision._common import ClassifierMixin, check_official_kwargs
+from attnzoo.vision._common import ClassifierMixin, check_official_kwargs, init_vit_weights
 from attnzoo.vision.layers import (
     AttentionLePE,
     BiLevelRoutingAttention,
@@ -74,16 +74,6 @@ class _BiFormerBase(ClassifierMixin, nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> None:
         """Raise a clear error for input sizes the model cannot take (the attention layers check too)."""
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
@@ -169,7 +159,7 @@ class BiFormer(_BiFormerBase):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.grad_checkpointing = False
-        self.apply(self._init_weights)
+        self.apply(init_vit_weights)
 
 
 class BiFormerSTLBlock(nn.Module):
@@ -304,7 +294,7 @@ class BiFormerSTL(_BiFormerBase):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.grad_checkpointing = False
-        self.apply(self._init_weights)
+        self.apply(init_vit_weights)
 
     def _check_input(self, x: torch.Tensor) -> None:
         H, W = x.shape[-2:]

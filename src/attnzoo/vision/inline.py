@@ -48,7 +48,7 @@ from torch import nn
 
 from attnzoo.errors import InvalidInputError
 from attnzoo.kernels import inline_attention
-from attnzoo.vision._common import ClassifierMixin, check_official_kwargs
+from attnzoo.vision._common import ClassifierMixin, check_official_kwargs, init_vit_weights
 from attnzoo.weights import CheckpointEntry, PreprocessConfig, register_checkpoint
 
 __all__ = ["InLineAttention", "InLineDeiT", "InLineSwin", "checkpoint_filter_fn"]
@@ -359,18 +359,8 @@ class InLineSwin(ClassifierMixin, nn.Module):
             self.feature_info.append({"num_chs": dim, "reduction": patch_size * 2**i, "module": f"layers.{i}"})
         self.norm = norm_layer(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
+        self.apply(init_vit_weights)
         self.set_grad_checkpointing(use_checkpoint)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
     @staticmethod
     def _working_sizes(patch_size: int, depths: Sequence[int], window_size: int, stage_types: list[str], limit: int = 1024) -> str:
@@ -511,17 +501,7 @@ class InLineDeiT(ClassifierMixin, nn.Module):
         self.grad_checkpointing = False
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(init_vit_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -32,7 +32,7 @@ from torch import nn
 
 from attnzoo.errors import InvalidInputError
 from attnzoo.kernels import masked_attention
-from attnzoo.vision._common import check_official_kwargs
+from attnzoo.vision._common import check_official_kwargs, init_vit_weights
 from attnzoo.weights import CheckpointEntry, PreprocessConfig, register_checkpoint
 
 __all__ = ["ConnectivityPredictor", "LayerSparsity", "Sparsifiner", "SparsifinerAttention", "SparsifinerOutput", "SparsityReport"]
@@ -273,10 +273,7 @@ class Sparsifiner(VisionTransformer):
                 reduce_n_factor=reduce_n_factor, reduce_c_factor=reduce_c_factor, share_inout_proj=share_inout_proj,
                 basis_threshold=basis_threshold, coef_topk=coef_topk,
             )
-            for m in (block.attn.qkv, block.attn.proj, block.attn.mask_predictor.proj_c_q, block.attn.mask_predictor.proj_c_k):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+            block.attn.apply(init_vit_weights)
         self.img_size = self.patch_embed.img_size
         self.set_phase("sparse")  # the predictors get no gradient through the top-k: freeze them (DDP needs it)
 
