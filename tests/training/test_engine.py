@@ -213,6 +213,10 @@ def test_step_schedule_and_clipping(tmp_path):
         lrs.append(trainer.optimizer.param_groups[0]["lr"])
     spe = trainer.steps_per_epoch
     assert lrs[: 2 * spe] == [pytest.approx(0.1)] * (2 * spe) and lrs[2 * spe:] == [pytest.approx(0.05)] * (2 * spe)
+    multi = make_trainer(tmp_path / "m", epochs=4, lr=0.1, schedule="multistep", decay_milestones=[1, 3], decay_rate=0.1)
+    for step, lr in ((0, 0.1), (spe, 0.01), (3 * spe - 1, 0.01), (3 * spe, 0.001)):
+        multi.scheduler.step_update(step)
+        assert multi.optimizer.param_groups[0]["lr"] == pytest.approx(lr)
     sgd = make_trainer(tmp_path / "sgd", optimizer="sgd", momentum=0.0, lr=1.0, clip_grad=1e-3, epochs=1, weight_decay=0.0)
     sgd.train_set.dataset.tensors = tuple(t[:8] for t in sgd.train_set.dataset.tensors)
     sgd.steps_per_epoch = sgd.total_steps = 1

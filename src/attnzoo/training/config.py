@@ -27,8 +27,9 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     warmup_lr: float = 1e-6
     cooldown_epochs: float = 0.0  # the last epochs run at min_lr (timm/DeiT: epochs = schedule + cooldown)
-    schedule: str = "cosine"  # cosine | step | constant
-    decay_epochs: float = 30.0  # step schedule
+    schedule: str = "cosine"  # cosine | step | multistep | constant
+    decay_epochs: float = 30.0  # step schedule: every this many epochs
+    decay_milestones: list[float] = field(default_factory=list)  # multistep schedule: at these epochs
     decay_rate: float = 0.1
     weight_decay: float = 0.05  # never applied to norms, biases and tokens
     momentum: float = 0.9
@@ -49,8 +50,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.accum_steps < 1 or self.repeated_aug < 1:
             raise InvalidInputError("epochs, batch_size, accum_steps and repeated_aug must be at least 1")
-        if self.schedule not in ("cosine", "step", "constant"):
-            raise InvalidInputError(f"schedule must be cosine, step or constant, got {self.schedule!r}")
+        if self.schedule not in ("cosine", "step", "multistep", "constant"):
+            raise InvalidInputError(f"schedule must be cosine, step, multistep or constant, got {self.schedule!r}")
         if self.amp not in ("none", "bf16", "fp16"):
             raise InvalidInputError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
         if self.best_mode not in ("max", "min"):

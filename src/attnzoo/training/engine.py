@@ -199,13 +199,17 @@ class Trainer:
 
     def _build_scheduler(self):
         """timm's schedulers, stepped per optimizer update (a pure function of the step: nothing to resume)."""
-        from timm.scheduler import CosineLRScheduler, StepLRScheduler
+        from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, StepLRScheduler
 
         c, spe = self.config, self.steps_per_epoch
         warmup, cooldown = int(round(c.warmup_epochs * spe)), int(round(c.cooldown_epochs * spe))
         if c.schedule == "cosine":  # past t_initial (the cool-down) timm holds lr_min
             return CosineLRScheduler(self.optimizer, t_initial=max(self.total_steps - warmup - cooldown, 1), lr_min=c.min_lr, warmup_t=warmup,
                                      warmup_lr_init=c.warmup_lr, warmup_prefix=True, t_in_epochs=False)
+        if c.schedule == "multistep":
+            # timm applies milestone m at step m - 1; torch's MultiStepLR (the official recipes) at m: shift by one
+            return MultiStepLRScheduler(self.optimizer, decay_t=[int(round(m * spe)) + 1 for m in c.decay_milestones], decay_rate=c.decay_rate,
+                                        warmup_t=warmup, warmup_lr_init=c.warmup_lr, t_in_epochs=False)
         decay = int(round(c.decay_epochs * spe)) if c.schedule == "step" else 10**12
         return StepLRScheduler(self.optimizer, decay_t=max(decay, 1), decay_rate=c.decay_rate, warmup_t=warmup,
                                warmup_lr_init=c.warmup_lr, t_in_epochs=False)
