@@ -44,8 +44,8 @@ def _no_pil_bomb_check():
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def open_image_file(path: str | os.PathLike, *, max_pixels: int | None = None) -> Image.Image:
-    """Open and fully decode an image file as RGB within the pixel budget."""
+def open_image_file(path: str | os.PathLike, *, max_pixels: int | None = None, keep_alpha: bool = False) -> Image.Image:
+    """Open and fully decode an image file as RGB (RGBA with ``keep_alpha`` when it has transparency) within the pixel budget."""
     name = os.fspath(path)
     limit = max_pixels or MAX_PIXELS
     try:
@@ -74,10 +74,11 @@ def open_image_file(path: str | os.PathLike, *, max_pixels: int | None = None) -
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise InvalidInputError(f"{name}: truncated or corrupt image ({err})") from None
     image = ImageOps.exif_transpose(image)
-    return to_rgb(image, name=name)
+    return to_rgb(image, name=name, keep_alpha=keep_alpha)
 
 
-def to_rgb(image: Image.Image, *, name: str = "<image>") -> Image.Image:
+def to_rgb(image: Image.Image, *, name: str = "<image>", keep_alpha: bool = False) -> Image.Image:
+    """RGB; transparent images are composited on white, or kept as RGBA with ``keep_alpha``."""
     mode = image.mode
     if mode == "RGB":
         return image
@@ -89,6 +90,8 @@ def to_rgb(image: Image.Image, *, name: str = "<image>") -> Image.Image:
         return _float_to_rgb(np.asarray(image, dtype=np.float32), name)
     if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
+        if keep_alpha:
+            return rgba
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     try:
@@ -106,7 +109,7 @@ def _float_to_rgb(data: np.ndarray, name: str) -> Image.Image:
     return array_to_image((np.clip(data, 0, 1) * 255.0 + 0.5).astype(np.uint8), name=name)
 
 
-def array_to_image(array: np.ndarray, *, name: str = "<array>", channels_first: bool = False) -> Image.Image:
+def array_to_image(array: np.ndarray, *, name: str = "<array>", channels_first: bool = False, keep_alpha: bool = False) -> Image.Image:
     """HxW, HxWxC (or CxHxW with ``channels_first``) arrays of uint8/uint16/bool/float in [0, 1]."""
     if array.ndim == 3 and channels_first:
         array = np.moveaxis(array, 0, -1)
@@ -125,23 +128,24 @@ def array_to_image(array: np.ndarray, *, name: str = "<array>", channels_first: 
         return _float_to_rgb(array.astype(np.float32), name)
     elif array.dtype != np.uint8:
         raise InvalidInputError(f"{name}: unsupported dtype {array.dtype}; use uint8, uint16, bool or float in [0, 1]")
-    return to_rgb(Image.fromarray(np.ascontiguousarray(array)), name=name)
+    return to_rgb(Image.fromarray(np.ascontiguousarray(array)), name=name, keep_alpha=keep_alpha)
 
 
-def load_image(source: Any, *, max_pixels: int | None = None) -> Image.Image:
-    """An RGB image from a path, PIL image, numpy array (HxWxC) or tensor (CxHxW)."""
+def load_image(source: Any, *, max_pixels: int | None = None, keep_alpha: bool = False) -> Image.Image:
+    """An RGB image from a path, PIL image, numpy array (HxWxC) or tensor (CxHxW); with
+    ``keep_alpha`` an image with transparency comes back as RGBA (e.g. ShapeNet renderings)."""
     if isinstance(source, (str, Path, os.PathLike)):
-        return open_image_file(source, max_pixels=max_pixels)
+        return open_image_file(source, max_pixels=max_pixels, keep_alpha=keep_alpha)
     if isinstance(source, Image.Image):
-        return to_rgb(ImageOps.exif_transpose(source), name=describe(source))
+        return to_rgb(ImageOps.exif_transpose(source), name=describe(source), keep_alpha=keep_alpha)
     if isinstance(source, np.ndarray):
-        return array_to_image(source, name=describe(source))
+        return array_to_image(source, name=describe(source), keep_alpha=keep_alpha)
     try:
         import torch
     except ImportError:  # pragma: no cover
         torch = None
     if torch is not None and isinstance(source, torch.Tensor):
-        return array_to_image(source.detach().cpu().numpy(), name=describe(source), channels_first=True)
+        return array_to_image(source.detach().cpu().numpy(), name=describe(source), channels_first=True, keep_alpha=keep_alpha)
     raise InvalidInputError(
         f"cannot read an image from {type(source).__name__}; pass a file path, PIL image, numpy array or tensor"
     )
