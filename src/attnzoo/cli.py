@@ -118,39 +118,68 @@ def eval_(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for metrics.json, report.md, predictions.")],
     model: ModelOpt = None,
     weights: WeightsOpt = None,
-    split: Annotated[str, typer.Option("--split", help="Split folder under --data (used when present).")] = "val",
+    split: Annotated[Optional[str], typer.Option("--split", help="Split (default: val for classification, test for 3D reconstruction).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 32,
     num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="DataLoader workers (default: CPU count, at most 8).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate only the first N samples.")] = None,
+    views: Annotated[Optional[str], typer.Option("--views", help="3D reconstruction: view counts to sweep, e.g. 1,2,3,4,5,8,12,16,20 (default 3).")] = None,
+    fscore: Annotated[bool, typer.Option("--fscore", help="3D reconstruction: also F-score@1% (slower).")] = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard an earlier run in --out instead of resuming it.")] = False,
 ) -> None:
     """Evaluate a model on a dataset; resumes an interrupted run in the same --out."""
+    from attnzoo._io import write_json, write_text
     from attnzoo.evaluation import evaluate, get_evaluator
     from attnzoo.pipelines import get_task, pipeline
 
     spec = get_task(task)
     model_name = model or spec.default_model
-    evaluator = get_evaluator(spec.name)(data, split, limit=limit)  # a bad dataset fails before the model loads
+    is_3d = spec.name == "multiview-3d-reconstruction"
+    if (views is not None or fscore) and not is_3d:
+        raise typer.BadParameter("--views and --fscore are options of multiview-3d-reconstruction")
+    counts = _view_counts(views) if is_3d else [None]
+    split = split or ("test" if is_3d else "val")
+    evaluator_cls = get_evaluator(spec.name)
+
+    def make_evaluator(n: int | None):
+        return evaluator_cls(data, split, limit=limit) if n is None else evaluator_cls(data, split, limit=limit, n_views=n, with_fscore=fscore)
+
+    evaluators = {n: make_evaluator(n) for n in counts}  # a bad dataset fails before the model loads
     pipe = pipeline(spec.name, model=model_name, weights=weights, device=device, dtype=dtype)
-    if getattr(pipe.model, "num_classes", None):
-        evaluator.check_num_classes(pipe.model.num_classes)
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
-    settings = {
-        "model": model_name,
-        "weights": weights or "pretrained",
-        "data": str(Path(data).resolve()),
-        "split": split,
-        "limit": limit,
-        "dtype": dtype,
-    }
-    metrics = evaluate(pipe, evaluator, out, settings=settings, batch_size=batch_size, num_workers=workers)
-    if not metrics:  # a torchrun process other than the first: process 0 reports
-        return
-    shown = {k: metrics[k] for k in ("top1", "top5", "n", "skipped") if k in metrics}
-    _echo(" ".join(f"{k}={v}" for k, v in shown.items()))
-    _echo(f"wrote {Path(out) / 'metrics.json'} and {Path(out) / 'report.md'}")
+    results = {}
+    for n, evaluator in evaluators.items():
+        if getattr(pipe.model, "num_classes", None) and hasattr(evaluator, "check_num_classes"):
+            evaluator.check_num_classes(pipe.model.num_classes)
+        settings = {"model": model_name, "weights": weights or "pretrained", "data": str(Path(data).resolve()), "split": split,
+                    "limit": limit, "dtype": dtype, **({"views": n, "fscore": fscore} if n is not None else {})}
+        run_out = Path(out) if len(counts) == 1 else Path(out) / f"views-{n}"
+        metrics = evaluate(pipe, evaluator, run_out, settings=settings, batch_size=batch_size, num_workers=workers)
+        if not metrics:  # a torchrun process other than the first: process 0 reports
+            continue
+        results[n] = metrics
+        shown = {k: metrics[k] for k in ("top1", "top5", "iou", "fscore", "n", "skipped") if k in metrics}
+        _echo((f"views={n} " if n is not None else "") + " ".join(f"{k}={v}" for k, v in shown.items()))
+        _echo(f"wrote {run_out / 'metrics.json'} and {run_out / 'report.md'}")
+    if len(results) > 1:
+        from attnzoo.evaluation.reconstruction import sweep_report
+
+        write_json(Path(out) / "sweep.json", {str(n): m for n, m in results.items()})
+        write_text(Path(out) / "report.md", sweep_report(results))
+        _echo(f"wrote {Path(out) / 'report.md'} (the view sweep)")
+
+
+def _view_counts(text: str | None) -> list[int]:
+    if text is None:
+        return [3]
+    try:
+        counts = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--views takes comma-separated view counts, e.g. 1,2,3; got {text!r}") from None
+    if not counts or any(not 1 <= n <= 24 for n in counts):
+        raise typer.BadParameter(f"--views: each count must be 1..24 (ShapeNet has 24 renderings), got {text!r}")
+    return sorted(set(counts))
 
 
 TRAIN_RECIPES = {"image-classification": "attnzoo.training.classification:train_classification"}

@@ -2,7 +2,10 @@
 
 from attnzoo.evaluation.runner import EvalSample, TaskEvaluator, evaluate
 
-EVALUATORS = {"image-classification": "attnzoo.evaluation.classification:ClassificationEvaluator"}
+EVALUATORS = {
+    "image-classification": "attnzoo.evaluation.classification:ClassificationEvaluator",
+    "multiview-3d-reconstruction": "attnzoo.evaluation.reconstruction:MultiViewReconstructionEvaluator",
+}
 
 
 def get_evaluator(task: str):

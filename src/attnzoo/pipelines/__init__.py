@@ -72,6 +72,14 @@ register_pipeline(
     description="top-k ImageNet (or your own) classes for images, with any timm or attnzoo classifier",
 )
 
+register_pipeline(
+    "multiview-3d-reconstruction",
+    "attnzoo.pipelines.multiview_reconstruction:MultiViewReconstructionPipeline",
+    default_model="lrgt",
+    aliases=("3d-reconstruction", "multiview-reconstruction"),
+    description="a 32^3 occupancy grid (mesh, .obj/.ply/.binvox) from any number of images of one object, with LRGT",
+)
+
 
 @overload
 def pipeline(

@@ -4,3 +4,4 @@ from attnzoo.vision import biformer  # noqa: F401  (registers biformer_* with ti
 from attnzoo.vision import l2vit  # noqa: F401  (registers l2vit_* with timm)
 from attnzoo.vision import sparsifiner  # noqa: F401  (registers sparsifiner_* with timm)
 from attnzoo.vision import inline  # noqa: F401  (registers inline_swin_* and inline_deit_* with timm)
+from attnzoo.vision import lrgt  # noqa: F401  (registers lrgt with attnzoo.create_model and its checkpoint entry)

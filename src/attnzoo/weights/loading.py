@@ -63,6 +63,12 @@ def fetch_checkpoint(entry: registry.CheckpointEntry, *, progress: bool = True) 
     """Download (or find in the cache) the file of a registered checkpoint, verified."""
     if entry.hf_hub_id:
         return hub.hf_download(entry.hf_hub_id, entry.hf_filename or "", sha256=entry.sha256)
+    cached = hub.checkpoints_dir() / entry.cache_filename
+    if entry.manual_download:
+        if cached.is_file():
+            return cached
+        raise WeightsError(f"{entry.name} cannot be downloaded automatically ({entry.notes or 'the host needs a browser'}): "
+                           f"download {entry.url} by hand and pass weights=PATH, or put the file at {cached}")
     return hub.download_url(entry.url or "", hub.checkpoints_dir() / entry.cache_filename, sha256=entry.sha256, progress=progress)
 
 

@@ -54,6 +54,7 @@ class CheckpointEntry:
     default: bool = False
     license: str | None = None
     notes: str = ""
+    manual_download: bool = False  # the host needs a browser (e.g. Baidu Pan): fetch it by hand, pass weights=PATH
 
     def __post_init__(self) -> None:
         if not (self.url or self.hf_hub_id):
