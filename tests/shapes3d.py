@@ -28,12 +28,12 @@ def primitive(kind: str, size: int = 32) -> np.ndarray:
 
 def renderings(grid: np.ndarray, n: int = 24, size: int = 137) -> list[Image.Image]:
     """RGBA views (transparent background, as ShapeNetRendering) from n azimuths (quarter turns)."""
-    views = []
-    for i in range(n):
-        rgb = np.asarray(render_voxels(np.rot90(grid, k=i % 4, axes=(0, 2)), size=size), dtype=np.uint8)
+    turns = []
+    for k in range(min(n, 4)):
+        rgb = np.asarray(render_voxels(np.rot90(grid, k=k, axes=(0, 2)), size=size), dtype=np.uint8)
         alpha = np.where((rgb == 255).all(-1), 0, 255).astype(np.uint8)
-        views.append(Image.fromarray(np.dstack([rgb, alpha]), "RGBA"))
-    return views
+        turns.append(Image.fromarray(np.dstack([rgb, alpha]), "RGBA"))
+    return [turns[i % 4].copy() for i in range(n)]
 
 
 def write_shapenet(root, kinds=("box", "ball", "column", "table"), per_kind=(2, 1, 1), n_views=24):

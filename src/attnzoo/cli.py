@@ -182,7 +182,10 @@ def _view_counts(text: str | None) -> list[int]:
     return sorted(set(counts))
 
 
-TRAIN_RECIPES = {"image-classification": "attnzoo.training.classification:train_classification"}
+TRAIN_RECIPES = {
+    "image-classification": "attnzoo.training.classification:train_classification",
+    "multiview-3d-reconstruction": "attnzoo.training.reconstruction:train_reconstruction",
+}
 
 
 @app.command(context_settings={"allow_extra_args": False})

@@ -31,7 +31,8 @@ class TrainConfig:
     decay_epochs: float = 30.0  # step schedule: every this many epochs
     decay_milestones: list[float] = field(default_factory=list)  # multistep schedule: at these epochs
     decay_rate: float = 0.1
-    weight_decay: float = 0.05  # never applied to norms, biases and tokens
+    weight_decay: float = 0.05
+    decay_norms_and_biases: bool = False  # by default no weight decay on norms, biases and tokens
     momentum: float = 0.9
     clip_grad: float | None = None
     amp: str = "none"  # none | bf16 | fp16 (fp16 uses a GradScaler)

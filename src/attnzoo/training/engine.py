@@ -178,8 +178,8 @@ class Trainer:
     # -- construction helpers ----------------------------------------------------------------------
     def _build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         c = self.config
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
+        decay = [p for p in params if p.ndim > 1 or c.decay_norms_and_biases]
+        no_decay = [p for p in params if p.ndim <= 1 and not c.decay_norms_and_biases]
         named = {id(p): n for n, p in self.model.named_parameters()}
         skip = getattr(self.model, "no_weight_decay", lambda: set())()
         decay, no_decay = ([p for p in decay if named.get(id(p)) not in skip],
@@ -365,6 +365,8 @@ class Trainer:
 
     def _train_epoch(self, epoch: int, start_step: int, writer: Any, bar: Any) -> dict[str, float]:
         c = self.config
+        if hasattr(self.train_set.dataset, "set_epoch"):  # e.g. new random views each epoch
+            self.train_set.dataset.set_epoch(epoch)
         batches = StepBatches(len(self.train_set), c.batch_size, c.accum_steps, self.ctx, c.seed, epoch, start_step, c.repeated_aug)
         loader = DataLoader(self.train_set, batch_sampler=batches, num_workers=c.num_workers, collate_fn=self.collate_fn,
                             pin_memory=self.device.type == "cuda", persistent_workers=False)
