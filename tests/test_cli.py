@@ -121,6 +121,9 @@ def test_demo_writes_pictures_and_says_random(tmp_path, capsys):
     assert {"chelsea.png", "coffee.png", "astronaut.png", "rocket.png", "motorcycle_left.png", "results.json"} <= files
     results = json.loads((tmp_path / "demo" / "image-classification" / "results.json").read_text())
     assert results["pretrained"] is False and len(results["predictions"]["chelsea"]) == 5
+    assert index[1]["task"] == "multiview-3d-reconstruction" and index[1]["pretrained"] is False  # LRGT's weights need a manual download
+    files = {p.name for p in (tmp_path / "demo" / "multiview-3d-reconstruction").iterdir()}
+    assert {"table.png", "table.obj", "table.binvox", "results.json"} <= files
 
 
 def test_console_script_installed():
