@@ -20,7 +20,7 @@ from attnzoo.datasets.image_folder import ClassificationSamples
 from attnzoo.datasets.imagenet import read_classification_folder
 from attnzoo.datasets.images import load_image
 from attnzoo.errors import DatasetFormatError, InvalidInputError, WeightsError
-from attnzoo.training.config import TrainConfig, apply_overrides, load_config
+from attnzoo.training.config import TrainConfig, recipe_config
 from attnzoo.training.engine import Trainer
 
 __all__ = ["TransformedSamples", "train_classification"]
@@ -164,13 +164,8 @@ def train_classification(
     import attnzoo
     from timm.data import Mixup, create_transform, resolve_data_config
 
-    cfg = config if isinstance(config, TrainConfig) else load_config(config)
-    cfg.extra = {**RECIPE_DEFAULTS, **cfg.extra}
-    apply_overrides(cfg, overrides or [])
+    cfg = recipe_config(config, overrides, RECIPE_DEFAULTS, "image-classification")
     extra = cfg.extra
-    unknown = set(extra) - set(RECIPE_DEFAULTS)
-    if unknown:
-        raise InvalidInputError(f"unknown image-classification settings: {', '.join(sorted(unknown))}")
     root = Path(data)
     train_samples = _split(root, "train")
     if train_samples is None:
@@ -229,12 +224,5 @@ def train_classification(
     elif cfg.best_metric:
         _logger.warning("no %s/val split: training without evaluation", root)
     result = trainer.fit(resume=resume)
-    if trainer.ctx.is_main:
-        from safetensors.torch import save
-
-        from attnzoo._io import atomic_write
-
-        final = trainer.ema.module if trainer.ema is not None else net  # the weights evaluated, as the official scripts report
-        with atomic_write(Path(out) / "model.safetensors") as fh:
-            fh.write(save({k: v.detach().cpu().clone() for k, v in final.state_dict().items()}))
+    trainer.save_weights()
     return {**result, "classes": train_samples.classes}

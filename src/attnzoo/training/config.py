@@ -129,3 +129,16 @@ def load_config(source: str | Path | None = None, overrides: list[str] | dict[st
     extra.update({k: data.pop(k) for k in list(data) if k not in names})  # recipe keys may sit at the top level
     config = TrainConfig(**data, extra=extra)
     return apply_overrides(config, overrides or [])
+
+
+def recipe_config(config: str | Path | TrainConfig | None, overrides: list[str] | dict[str, Any] | None, defaults: dict[str, Any],
+                  task: str) -> TrainConfig:
+    """A recipe's settings: its defaults under the named/YAML config, then the overrides; keys the
+    recipe does not know are errors."""
+    cfg = config if isinstance(config, TrainConfig) else load_config(config)
+    cfg.extra = {**defaults, **cfg.extra}
+    apply_overrides(cfg, overrides or [])
+    unknown = set(cfg.extra) - set(defaults)
+    if unknown:
+        raise InvalidInputError(f"unknown {task} settings: {', '.join(sorted(unknown))}")
+    return cfg

@@ -423,6 +423,18 @@ class Trainer:
         self.save_checkpoint(epoch + 1, 0)
         return metrics
 
+    def save_weights(self, model: nn.Module | None = None, name: str = "model.safetensors") -> Path | None:
+        """The final weights (the EMA's when EMA is on: the weights the recipes evaluate) as safetensors, on process 0."""
+        if not self.ctx.is_main:
+            return None
+        from safetensors.torch import save
+
+        model = model or (self.ema.module if self.ema is not None else _unwrap(self.model))
+        path = self.out_dir / name
+        with atomic_write(path) as fh:
+            fh.write(save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}))
+        return path
+
     def _progress(self):
         if not self.ctx.is_main:
             return None

@@ -14,8 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnzoo.errors import InvalidInputError
-from attnzoo.training.config import TrainConfig, apply_overrides, load_config
+from attnzoo.training.config import TrainConfig, recipe_config
 from attnzoo.training.engine import Trainer
 
 __all__ = ["dice_loss", "train_reconstruction"]
@@ -89,13 +88,8 @@ def train_reconstruction(
     from attnzoo.datasets.shapenet import ShapeNetDataset
     from attnzoo.evaluation.reconstruction import find_split_file
 
-    cfg = config if isinstance(config, TrainConfig) else load_config(config or "lrgt")
-    cfg.extra = {**RECIPE_DEFAULTS, **cfg.extra}
-    apply_overrides(cfg, overrides or [])
+    cfg = recipe_config(config or "lrgt", overrides, RECIPE_DEFAULTS, "multiview-3d-reconstruction")
     extra = cfg.extra
-    unknown = set(extra) - set(RECIPE_DEFAULTS)
-    if unknown:
-        raise InvalidInputError(f"unknown multiview-3d-reconstruction settings: {', '.join(sorted(unknown))}")
     root = Path(data)
     split_file = find_split_file(root)
     train = ShapeNetDataset(root / "ShapeNetRendering", root / "ShapeNetVox32", split_file, split="train", n_views=int(extra["n_views"]),
@@ -119,11 +113,5 @@ def train_reconstruction(
         if not isinstance(err, DatasetFormatError):
             raise
     result = trainer.fit(resume=resume)
-    if trainer.ctx.is_main:
-        from safetensors.torch import save
-
-        from attnzoo._io import atomic_write
-
-        with atomic_write(Path(out) / "model.safetensors") as fh:
-            fh.write(save({k: v.detach().cpu().clone() for k, v in net.state_dict().items()}))
+    trainer.save_weights()
     return result
