@@ -185,6 +185,7 @@ def _view_counts(text: str | None) -> list[int]:
 TRAIN_RECIPES = {
     "image-classification": "attnzoo.training.classification:train_classification",
     "multiview-3d-reconstruction": "attnzoo.training.reconstruction:train_reconstruction",
+    "wsi-classification": "attnzoo.training.wsi:train_wsi_classification",
 }
 
 

@@ -1,0 +1,597 @@
+"""Pre-extracted patch features of whole-slide images, in the published layouts, as uniform bags.
+
+Layouts read (each into a lazy mapping slide_id -> :class:`FeatureBag`):
+
+* **ACMIL** (``read_acmil_h5``): one HDF5 per dataset and encoder
+  (``patch_feats_pretrain_<pretrain>.h5``) with one group per slide id holding ``feat`` (float16
+  [N, D]) and ``coords`` ([N, 2], level-0 top-left), and ``attrs['label']`` (for BRACS the raw
+  7-class label: map it with :func:`read_bracs_csv`).
+* **CLAM** (``read_clam_features``): ``h5_files/<slide>.h5`` with ``features`` [N, D] and ``coords``
+  [N, 2], and/or ``pt_files/<slide>.pt`` holding the [N, D] tensor (loaded weights-only).
+* **TRIDENT** (``read_trident_features``): ``<job>/<mag>x_<size>px_<overlap>px_overlap/features_<encoder>/<slide>.h5``
+  with ``features`` and ``coords``.
+* attnzoo's own :func:`attnzoo.datasets.wsi.extract_features` files (same datasets as CLAM's h5).
+
+:func:`read_feature_bags` recognises all of them. Bags are read from disk when accessed (nothing
+is held in memory unless you call :meth:`FeatureBags.preload`); every bag is checked on reading:
+an empty bag, NaN/inf features or mismatched coords raise :class:`~attnzoo.errors.DatasetFormatError`
+naming the file and the slide.
+
+Split files: Camelyon16's ``splits/camelyon/split_{seed}.json`` (``train_names``/``val_names``/
+``test_names``) and ``dataset_csv/camelyon16.csv`` (``case_id,slide_id,label``); BRACS's
+``dataset_csv/bracs.csv`` (``,case_id,slide_id,split_info,full_path,label``) with ACMIL's 7 -> 3
+and 7 -> 2 class mappings.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from attnzoo.errors import DatasetFormatError, InvalidInputError
+
+__all__ = [
+    "BRACS_CLASS_NAMES",
+    "BRACS_LABEL_MAPS",
+    "BRACS_SUBTYPES",
+    "CAMELYON16_CLASS_NAMES",
+    "FeatureBag",
+    "FeatureBags",
+    "SlideSplit",
+    "read_acmil_h5",
+    "read_bracs_csv",
+    "read_camelyon16_labels",
+    "read_camelyon16_split",
+    "read_clam_features",
+    "read_feature_bags",
+    "read_trident_features",
+]
+
+#: BRACS's 7 lesion subtypes, in the order of the raw labels 0..6 of ``bracs.csv``.
+BRACS_SUBTYPES = ("N", "PB", "UDH", "FEA", "ADH", "DCIS", "IC")
+#: ACMIL's raw-label mappings (``split_dataset_bracs``): 3 classes = benign / atypical / malignant groups.
+BRACS_LABEL_MAPS: dict[int, dict[int, int]] = {
+    7: {k: k for k in range(7)},
+    3: {0: 0, 1: 0, 2: 0, 3: 1, 4: 1, 5: 2, 6: 2},
+    2: {0: 0, 1: 0, 2: 0, 3: 1, 4: 1, 5: 1, 6: 1},
+}
+BRACS_CLASS_NAMES: dict[int, tuple[str, ...]] = {
+    7: BRACS_SUBTYPES,
+    3: ("benign (N, PB, UDH)", "atypical (FEA, ADH)", "malignant (DCIS, IC)"),
+    2: ("benign (N, PB, UDH)", "atypical or malignant (FEA, ADH, DCIS, IC)"),
+}
+CAMELYON16_CLASS_NAMES = ("normal", "tumor")
+_CAMELYON_LABEL_WORDS = {"normal": 0, "normal_tissue": 0, "negative": 0, "tumor": 1, "tumour": 1, "tumor_tissue": 1,
+                         "positive": 1}
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def _h5py() -> Any:
+    try:
+        import h5py
+    except ImportError as err:
+        raise ImportError(f'h5py is needed to read HDF5 feature files; install it with: pip install "attnzoo[wsi]" ({err})') from err
+    return h5py
+
+
+# ------------------------------------------------------------------------------------------- bags
+
+
+@dataclass
+class FeatureBag:
+    """One slide's bag: ``features`` float32 [N, D], ``coords`` int64 [N, 2] (level-0 x, y of each
+    patch's top-left corner) or None, and its integer ``label`` or None."""
+
+    slide_id: str
+    features: torch.Tensor
+    coords: torch.Tensor | None = None
+    label: int | None = None
+    source: Path | None = field(default=None, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+
+def _make_bag(slide_id: str, features: Any, coords: Any, label: Any, where: str, source: Path) -> FeatureBag:
+    """Validate raw arrays into a :class:`FeatureBag` (float32 features, int64 coords)."""
+    feats = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
+    if feats.ndim == 3 and feats.shape[0] == 1:
+        feats = feats[0]
+    if feats.ndim != 2:
+        raise DatasetFormatError(f"{where}: features must be a 2-D [N, D] array, got shape {feats.shape}")
+    if not (np.issubdtype(feats.dtype, np.floating) or np.issubdtype(feats.dtype, np.integer)):
+        raise DatasetFormatError(f"{where}: features have dtype {feats.dtype}, expected floating point")
+    if feats.shape[0] == 0:
+        raise DatasetFormatError(f"{where}: empty bag (0 patches); re-extract this slide or leave it out of the split")
+    if feats.shape[1] == 0:
+        raise DatasetFormatError(f"{where}: features have 0 dimensions (shape {feats.shape})")
+    feats = feats.astype(np.float32, copy=False)
+    bad = ~np.isfinite(feats)
+    if bad.any():
+        rows = int(bad.any(axis=1).sum())
+        raise DatasetFormatError(f"{where}: features hold NaN or infinite values in {rows} of {len(feats)} patches")
+    coord_tensor = None
+    if coords is not None:
+        xy = coords.detach().cpu().numpy() if isinstance(coords, torch.Tensor) else np.asarray(coords)
+        if xy.ndim != 2 or xy.shape[1] < 2 or xy.shape[0] != feats.shape[0]:
+            raise DatasetFormatError(f"{where}: coords have shape {xy.shape}, expected [{feats.shape[0]}, 2] to match the features")
+        if not np.isfinite(xy.astype(np.float64)).all():
+            raise DatasetFormatError(f"{where}: coords hold NaN or infinite values")
+        coord_tensor = torch.from_numpy(np.round(xy[:, :2]).astype(np.int64))
+    if label is not None:
+        try:
+            value = np.asarray(label).reshape(-1)
+            if value.size != 1 or float(value[0]) != int(value[0]):
+                raise ValueError
+            label = int(value[0])
+        except (TypeError, ValueError):
+            raise DatasetFormatError(f"{where}: label {label!r} is not an integer") from None
+    return FeatureBag(slide_id=slide_id, features=torch.from_numpy(np.ascontiguousarray(feats)), coords=coord_tensor,
+                      label=label, source=source)
+
+
+def _h5_error(path: Path, err: Exception) -> DatasetFormatError:
+    return DatasetFormatError(f"{path}: not a readable HDF5 file (corrupt, truncated or another format): {err}")
+
+
+def _load_acmil_group(path: Path, group: str) -> tuple[Any, Any, Any]:
+    h5py = _h5py()
+    where = f"{path} [{group}]"
+    try:
+        with h5py.File(path, "r") as f:
+            if group not in f or not isinstance(f[group], h5py.Group):
+                raise DatasetFormatError(f"{where}: no such slide group")
+            g = f[group]
+            if "feat" not in g:
+                raise DatasetFormatError(f"{where}: the group has no 'feat' dataset (has: {sorted(g.keys())})")
+            feats = g["feat"][()]
+            coords = g["coords"][()] if "coords" in g else None
+            label = g.attrs.get("label")
+    except OSError as err:
+        raise _h5_error(path, err) from None
+    return feats, coords, label
+
+
+def _load_h5_bag(path: Path, slide_id: str) -> tuple[Any, Any, Any]:
+    h5py = _h5py()
+    try:
+        with h5py.File(path, "r") as f:
+            if "features" not in f:
+                raise DatasetFormatError(f"{path}: has no 'features' dataset (has: {sorted(f.keys())})")
+            feats = f["features"][()]
+            coords = f["coords"][()] if "coords" in f else None
+            label = f.attrs.get("label")
+    except OSError as err:
+        raise _h5_error(path, err) from None
+    return feats, coords, label
+
+
+def _load_pt_bag(path: Path, slide_id: str) -> tuple[Any, Any, Any]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DatasetFormatError(f"{path}: the .pt file needs code execution to load ({first}); attnzoo loads feature "
+                                 "files weights-only. Re-save the features as a plain tensor.") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise DatasetFormatError(f"{path}: not a readable PyTorch file: {err}") from None
+    coords = label = None
+    if isinstance(obj, Mapping):
+        key = next((k for k in ("features", "feats", "feat") if k in obj), None)
+        if key is None:
+            raise DatasetFormatError(f"{path}: holds a dict without 'features'/'feats' (keys: {sorted(map(str, obj))[:10]})")
+        coords, label = obj.get("coords"), obj.get("label")
+        obj = obj[key]
+    if not isinstance(obj, torch.Tensor):
+        raise DatasetFormatError(f"{path}: holds a {type(obj).__name__}, expected an [N, D] tensor of features")
+    return obj, coords, label
+
+
+@dataclass(frozen=True)
+class _Entry:
+    loader: Callable[[Path, str], tuple[Any, Any, Any]]
+    path: Path
+    key: str  # group name (ACMIL) or slide id
+    coords_from: Path | None = None  # a CLAM .pt without coords: take them from the h5 of the same slide
+
+
+class FeatureBags(Mapping[str, FeatureBag]):
+    """A read-only mapping slide_id -> :class:`FeatureBag`, read lazily from disk.
+
+    ``labels`` (slide_id -> int) override labels stored in the files. ``layout`` names the layout
+    found (``acmil``, ``clam``, ``trident``, ``attnzoo``, ``h5_dir``, ``pt_dir``); ``source`` the file or
+    folder. Picklable, so a torch Dataset over it works with DataLoader workers.
+    """
+
+    def __init__(self, entries: Mapping[str, _Entry], *, layout: str, source: Path,
+                 labels: Mapping[str, int] | None = None, cache: Mapping[str, FeatureBag] | None = None):
+        self._entries = dict(entries)
+        self.layout = layout
+        self.source = Path(source)
+        self.labels = {str(k): int(v) for k, v in (labels or {}).items()}
+        self._cache = dict(cache or {})
+
+    def __getitem__(self, slide_id: str) -> FeatureBag:
+        if slide_id in self._cache:
+            return self._cache[slide_id]
+        entry = self._entries.get(slide_id)
+        if entry is None:
+            raise KeyError(slide_id)
+        feats, coords, label = entry.loader(entry.path, entry.key)
+        where = f"{entry.path} [{entry.key}]" if entry.loader is _load_acmil_group else os.fspath(entry.path)
+        if coords is None and entry.coords_from is not None:
+            _, coords, _ = _load_h5_bag(entry.coords_from, slide_id)
+        bag = _make_bag(slide_id, feats, coords, self.labels.get(slide_id, label), where, entry.path)
+        return bag
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"FeatureBags(layout={self.layout!r}, source={os.fspath(self.source)!r}, slides={len(self)})"
+
+    def path_of(self, slide_id: str) -> Path:
+        """The file a slide's bag is read from."""
+        return self._entries[slide_id].path
+
+    def _derive(self, entries: Mapping[str, _Entry], labels: Mapping[str, int]) -> FeatureBags:
+        cache = {k: v for k, v in self._cache.items() if k in entries}
+        if labels != self.labels:
+            cache = {k: FeatureBag(v.slide_id, v.features, v.coords, labels.get(k, v.label), v.source) for k, v in cache.items()}
+        return FeatureBags(entries, layout=self.layout, source=self.source, labels=labels, cache=cache)
+
+    def with_labels(self, labels: Mapping[str, int]) -> FeatureBags:
+        """The same bags with ``labels`` overriding the stored ones (e.g. BRACS's 3-class labels)."""
+        merged = {**self.labels, **{str(k): int(v) for k, v in labels.items()}}
+        return self._derive(self._entries, merged)
+
+    def subset(self, slide_ids: Iterable[str], *, strict: bool = True, what: str = "requested slides") -> FeatureBags:
+        """The bags of ``slide_ids`` (in that order). Ids without features raise a
+        :class:`~attnzoo.errors.DatasetFormatError` listing them, or with ``strict=False`` are left
+        out with a warning."""
+        ids = [str(s) for s in slide_ids]
+        missing = [s for s in ids if s not in self._entries]
+        if missing:
+            message = (f"{self.source}: {len(missing)} of the {len(ids)} {what} have no features here: "
+                       f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+            if strict:
+                raise DatasetFormatError(message)
+            warnings.warn(message + " (left out)", stacklevel=2)
+        return self._derive({s: self._entries[s] for s in ids if s in self._entries}, self.labels)
+
+    def split(self, split: SlideSplit, *, strict: bool = True) -> dict[str, FeatureBags]:
+        """``{"train": ..., "val": ..., "test": ...}`` bags of a split, labelled with the split's labels."""
+        bags = self.with_labels(split.labels) if split.labels else self
+        source = f" of {split.source}" if split.source else ""
+        return {name: bags.subset(split[name], strict=strict, what=f"{name} slides{source}") for name in SPLIT_NAMES}
+
+    def preload(self) -> FeatureBags:
+        """All bags read (and checked) now and kept in memory, as ACMIL's loader does."""
+        return FeatureBags(self._entries, layout=self.layout, source=self.source, labels=self.labels,
+                           cache={k: self[k] for k in self._entries})
+
+
+# ---------------------------------------------------------------------------------------- readers
+
+
+def _check_exists(path: Path, kind: str) -> None:
+    if not path.exists():
+        raise DatasetFormatError(f"{path}: no such {kind}")
+
+
+def read_acmil_h5(path: str | os.PathLike, labels: Mapping[str, int] | None = None) -> FeatureBags:
+    """ACMIL's single feature file: one group per slide with ``feat``, ``coords`` and ``attrs['label']``."""
+    h5py = _h5py()
+    path = Path(path)
+    _check_exists(path, "ACMIL feature file")
+    try:
+        with h5py.File(path, "r") as f:
+            groups = [k for k in f if isinstance(f[k], h5py.Group)]
+            if not groups:
+                raise DatasetFormatError(f"{path}: no slide groups; an ACMIL feature file holds one group per slide id "
+                                         f"with 'feat' and 'coords' (top-level keys: {sorted(f.keys())[:10]})")
+            no_feat = [k for k in groups if "feat" not in f[k]]
+            if no_feat:
+                raise DatasetFormatError(f"{path}: slide groups without a 'feat' dataset: {', '.join(no_feat[:10])}")
+    except OSError as err:
+        raise _h5_error(path, err) from None
+    entries = {g: _Entry(_load_acmil_group, path, g) for g in groups}
+    return FeatureBags(entries, layout="acmil", source=path, labels=labels)
+
+
+def _h5_entries(folder: Path) -> dict[str, _Entry]:
+    return {p.stem: _Entry(_load_h5_bag, p, p.stem) for p in sorted(folder.glob("*.h5")) if p.is_file()}
+
+
+def read_clam_features(root: str | os.PathLike, labels: Mapping[str, int] | None = None) -> FeatureBags:
+    """CLAM's ``h5_files/*.h5`` (features + coords) and/or ``pt_files/*.pt`` (features only).
+
+    ``root`` is the folder holding ``h5_files``/``pt_files``, or one of those folders itself. A slide
+    present in both is read from its h5 (which has coords); one only in ``pt_files`` has no coords.
+    """
+    root = Path(root)
+    _check_exists(root, "CLAM feature folder")
+    h5_dir, pt_dir = root / "h5_files", root / "pt_files"
+    if not h5_dir.is_dir() and not pt_dir.is_dir():
+        if any(root.glob("*.h5")):
+            h5_dir = root
+        elif any(root.glob("*.pt")):
+            pt_dir = root
+    entries: dict[str, _Entry] = {}
+    if pt_dir.is_dir():
+        h5_names = {p.stem: p for p in h5_dir.glob("*.h5")} if h5_dir.is_dir() else {}
+        for p in sorted(pt_dir.glob("*.pt")):
+            entries[p.stem] = _Entry(_load_pt_bag, p, p.stem, coords_from=h5_names.get(p.stem))
+    if h5_dir.is_dir():
+        entries.update(_h5_entries(h5_dir))
+    if not entries:
+        raise DatasetFormatError(f"{root}: no CLAM features: expected h5_files/<slide>.h5 and/or pt_files/<slide>.pt")
+    return FeatureBags(dict(sorted(entries.items())), layout="clam", source=root, labels=labels)
+
+
+def _trident_dirs(root: Path) -> list[Path]:
+    if root.name.startswith("features_") and root.is_dir():
+        return [root]
+    found = [p for p in root.glob("features_*") if p.is_dir()]
+    found += [p for p in root.glob("*/features_*") if p.is_dir()]
+    return sorted(found)
+
+
+def read_trident_features(root: str | os.PathLike, encoder: str | None = None,
+                          labels: Mapping[str, int] | None = None) -> FeatureBags:
+    """TRIDENT's ``features_<encoder>/<slide>.h5``; ``root`` is the job folder, its
+    ``<mag>x_<size>px_<overlap>px_overlap`` folder, or a ``features_<encoder>`` folder itself.
+    ``encoder`` picks one when several were extracted."""
+    root = Path(root)
+    _check_exists(root, "TRIDENT feature folder")
+    dirs = _trident_dirs(root)
+    if encoder is not None:
+        dirs = [d for d in dirs if d.name == f"features_{encoder}"]
+    if not dirs:
+        available = sorted({d.name.removeprefix("features_") for d in _trident_dirs(root)})
+        wanted = f"features_{encoder}" if encoder else "features_<encoder>"
+        raise DatasetFormatError(f"{root}: no TRIDENT {wanted}/ folder found"
+                                 + (f" (encoders here: {', '.join(available)})" if available else ""))
+    if len(dirs) > 1:
+        listing = ", ".join(os.fspath(d.relative_to(root)) for d in dirs)
+        hint = "pass encoder=" if encoder is None else "point root at one magnification folder"
+        raise DatasetFormatError(f"{root}: several TRIDENT feature folders ({listing}); {hint}")
+    entries = _h5_entries(dirs[0])
+    if not entries:
+        raise DatasetFormatError(f"{dirs[0]}: no <slide>.h5 feature files")
+    return FeatureBags(entries, layout="trident", source=dirs[0], labels=labels)
+
+
+def _h5_kind(path: Path) -> str:
+    """'bag' (a per-slide file with ``features``), 'acmil' (slide groups with ``feat``) or 'unknown'."""
+    h5py = _h5py()
+    try:
+        with h5py.File(path, "r") as f:
+            if isinstance(f.get("features"), h5py.Dataset):
+                return "bag"
+            groups = [k for k in f if isinstance(f[k], h5py.Group)]
+            if groups and all("feat" in f[k] for k in groups[:5]):
+                return "acmil"
+            return "unknown:" + ", ".join(sorted(f.keys())[:10])
+    except OSError as err:
+        raise _h5_error(path, err) from None
+
+
+def _single_file(path: Path, loader: Callable[[Path, str], tuple[Any, Any, Any]], layout: str,
+                 labels: Mapping[str, int] | None) -> FeatureBags:
+    sid = path.stem
+    if loader is _load_h5_bag:
+        h5py = _h5py()
+        try:
+            with h5py.File(path, "r") as f:
+                stored = f.attrs.get("slide_id")
+                sid = stored.decode() if isinstance(stored, bytes) else str(stored) if stored is not None else sid
+                layout = "attnzoo" if f.attrs.get("format") else layout
+        except OSError as err:
+            raise _h5_error(path, err) from None
+    return FeatureBags({sid: _Entry(loader, path, sid)}, layout=layout, source=path, labels=labels)
+
+
+def read_feature_bags(path_or_root: str | os.PathLike, *, encoder: str | None = None,
+                      labels: Mapping[str, int] | None = None) -> FeatureBags:
+    """Feature bags in any layout this module reads, recognised from what is on disk.
+
+    A file: ACMIL's multi-slide HDF5, a single per-slide HDF5 (attnzoo/CLAM/TRIDENT) or a CLAM
+    ``.pt``. A folder: CLAM's (``h5_files``/``pt_files``), TRIDENT's (``features_<encoder>``, pick
+    one with ``encoder``), a folder of per-slide ``.h5`` (e.g. :func:`~attnzoo.datasets.wsi.extract_slides`
+    output) or ``.pt`` files, or a folder holding exactly one ACMIL file. Anything else raises
+    :class:`~attnzoo.errors.DatasetFormatError`.
+    """
+    path = Path(path_or_root)
+    _check_exists(path, "feature file or folder")
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in (".h5", ".hdf5", ".h5py"):
+            kind = _h5_kind(path)
+            if kind == "acmil":
+                return read_acmil_h5(path, labels)
+            if kind == "bag":
+                return _single_file(path, _load_h5_bag, "h5", labels)
+            raise DatasetFormatError(f"{path}: unknown HDF5 feature layout (top-level keys: {kind.split(':', 1)[1] or 'none'}); "
+                                     "expected 'features' + 'coords' (CLAM/TRIDENT/attnzoo) or slide groups with 'feat' (ACMIL)")
+        if suffix in (".pt", ".pth"):
+            return _single_file(path, _load_pt_bag, "pt", labels)
+        raise DatasetFormatError(f"{path}: unknown feature file type {suffix!r}; expected .h5 or .pt")
+    if (path / "h5_files").is_dir() or (path / "pt_files").is_dir():
+        return read_clam_features(path, labels)
+    if _trident_dirs(path):
+        return read_trident_features(path, encoder, labels)
+    h5_files = sorted(p for p in path.glob("*.h5") if p.is_file())
+    if h5_files:
+        kinds = {p: _h5_kind(p) for p in h5_files[:3]}
+        if all(k == "bag" for k in kinds.values()):
+            layout = "attnzoo" if _single_file(h5_files[0], _load_h5_bag, "h5", None).layout == "attnzoo" else "h5_dir"
+            entries = {}
+            for p in h5_files:
+                entries[p.stem] = _Entry(_load_h5_bag, p, p.stem)
+            return FeatureBags(entries, layout=layout, source=path, labels=labels)
+        acmil = [p for p, k in kinds.items() if k == "acmil"]
+        if len(h5_files) == 1 and acmil:
+            return read_acmil_h5(acmil[0], labels)
+        if acmil:
+            raise DatasetFormatError(f"{path}: several ACMIL feature files ({', '.join(p.name for p in h5_files)}); pass one of them")
+    pt_files = sorted(path.glob("*.pt"))
+    if pt_files:
+        return read_clam_features(path, labels)
+    raise DatasetFormatError(
+        f"{path}: unknown feature layout; expected an ACMIL .h5 (one group per slide), a CLAM folder (h5_files/, "
+        "pt_files/), a TRIDENT folder (features_<encoder>/) or a folder of per-slide .h5/.pt files")
+
+
+# ----------------------------------------------------------------------------------------- splits
+
+
+@dataclass
+class SlideSplit:
+    """Slide ids per split, and labels (slide_id -> int) when the split file carries them."""
+
+    train: list[str]
+    val: list[str]
+    test: list[str]
+    labels: dict[str, int] = field(default_factory=dict)
+    source: Path | None = field(default=None, compare=False)
+
+    def __getitem__(self, name: str) -> list[str]:
+        if name not in SPLIT_NAMES:
+            raise InvalidInputError(f"unknown split {name!r}; expected one of {', '.join(SPLIT_NAMES)}")
+        return getattr(self, name)
+
+    @property
+    def all(self) -> list[str]:
+        return self.train + self.val + self.test
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+    _check_exists(path, "CSV file")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DatasetFormatError(f"{path}: not a readable CSV file: {err}") from None
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DatasetFormatError(f"{path}: missing column(s) {', '.join(missing)} (header: {','.join(header)})")
+    if not rows:
+        raise DatasetFormatError(f"{path}: no rows")
+    return rows
+
+
+def _int_label(text: str, where: str) -> int:
+    try:
+        value = float(text)
+        if value != int(value):
+            raise ValueError
+        return int(value)
+    except ValueError:
+        raise DatasetFormatError(f"{where}: label {text!r} is not an integer") from None
+
+
+def read_camelyon16_labels(csv_path: str | os.PathLike) -> dict[str, int]:
+    """``dataset_csv/camelyon16.csv`` (``case_id,slide_id,label``) -> slide_id -> 0 (normal) / 1 (tumour).
+
+    Labels may also be words (``normal``/``tumor``, CLAM's ``normal_tissue``/``tumor_tissue``).
+    """
+    path = Path(csv_path)
+    labels: dict[str, int] = {}
+    for i, row in enumerate(_read_csv(path, ("slide_id", "label")), start=2):
+        where = f"{path} line {i}"
+        text = row["label"].lower()
+        label = _CAMELYON_LABEL_WORDS[text] if text in _CAMELYON_LABEL_WORDS else _int_label(row["label"], where)
+        if label not in (0, 1):
+            raise DatasetFormatError(f"{where}: Camelyon16 label must be 0 (normal) or 1 (tumor), got {row['label']!r}")
+        slide = row["slide_id"]
+        if not slide:
+            raise DatasetFormatError(f"{where}: empty slide_id")
+        if slide in labels and labels[slide] != label:
+            raise DatasetFormatError(f"{where}: slide {slide} listed twice with different labels")
+        labels[slide] = label
+    return labels
+
+
+def read_camelyon16_split(split_json: str | os.PathLike, labels_csv: str | os.PathLike | None = None) -> SlideSplit:
+    """ACMIL's ``splits/camelyon/split_{seed}.json`` (``train_names``/``val_names``/``test_names``).
+
+    With ``labels_csv`` (``dataset_csv/camelyon16.csv``) the split carries every slide's label; a
+    split slide the CSV lacks raises :class:`~attnzoo.errors.DatasetFormatError`.
+    """
+    path = Path(split_json)
+    _check_exists(path, "split file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DatasetFormatError(f"{path}: not a readable JSON split file: {err}") from None
+    if not isinstance(data, dict):
+        raise DatasetFormatError(f"{path}: expected a JSON object with train_names, val_names and test_names")
+    names: dict[str, list[str]] = {}
+    for split in SPLIT_NAMES:
+        key = f"{split}_names"
+        value = data.get(key)
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise DatasetFormatError(f"{path}: '{key}' must be a list of slide ids (keys present: {sorted(data)})")
+        names[split] = list(value)
+    seen: dict[str, str] = {}
+    for split, ids in names.items():
+        for sid in ids:
+            if sid in seen:
+                raise DatasetFormatError(f"{path}: slide {sid} is in both {seen[sid]} and {split}")
+            seen[sid] = split
+    labels: dict[str, int] = {}
+    if labels_csv is not None:
+        all_labels = read_camelyon16_labels(labels_csv)
+        missing = [s for s in seen if s not in all_labels]
+        if missing:
+            raise DatasetFormatError(f"{labels_csv}: no label for {len(missing)} slide(s) of {path.name}: {', '.join(missing[:10])}")
+        labels = {s: all_labels[s] for s in seen}
+    return SlideSplit(names["train"], names["val"], names["test"], labels, path)
+
+
+def read_bracs_csv(csv_path: str | os.PathLike, n_classes: int = 3) -> SlideSplit:
+    """ACMIL's ``dataset_csv/bracs.csv`` (``,case_id,slide_id,split_info,full_path,label``): the
+    official train/val/test split and labels mapped to ``n_classes`` (7 subtypes; 3 = benign
+    {N, PB, UDH} / atypical {FEA, ADH} / malignant {DCIS, IC}, ACMIL's default; 2 = benign / rest)."""
+    if n_classes not in BRACS_LABEL_MAPS:
+        raise InvalidInputError(f"n_classes must be one of {sorted(BRACS_LABEL_MAPS)} for BRACS, got {n_classes!r}")
+    mapping = BRACS_LABEL_MAPS[n_classes]
+    path = Path(csv_path)
+    names: dict[str, list[str]] = {s: [] for s in SPLIT_NAMES}
+    labels: dict[str, int] = {}
+    for i, row in enumerate(_read_csv(path, ("slide_id", "split_info", "label")), start=2):
+        where = f"{path} line {i}"
+        slide, split = row["slide_id"], row["split_info"].lower()
+        if not slide:
+            raise DatasetFormatError(f"{where}: empty slide_id")
+        if split not in names:
+            raise DatasetFormatError(f"{where}: split_info {row['split_info']!r} is not train, val or test")
+        raw = _int_label(row["label"], where)
+        if raw not in mapping:
+            raise DatasetFormatError(f"{where}: BRACS label must be 0..6 ({', '.join(BRACS_SUBTYPES)}), got {raw}")
+        if slide in labels:
+            raise DatasetFormatError(f"{where}: slide {slide} is listed twice")
+        names[split].append(slide)
+        labels[slide] = mapping[raw]
+    return SlideSplit(names["train"], names["val"], names["test"], labels, path)
+

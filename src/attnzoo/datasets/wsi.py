@@ -1,0 +1,1115 @@
+"""Whole-slide images: open a slide, find its tissue, tile it at a magnification, embed the tiles.
+
+The path from a slide file to a bag of patch features, in four steps that can also be used alone::
+
+    slide = open_slide("tumor_001.tif")                # OpenSlide (svs/tif/ndpi/mrxs/...) or a plain image
+    mask = segment_tissue(slide)                       # CLAM's saturation threshold at a ~64x downsample
+    grid = patch_grid(slide, mask, magnification=20)   # level-0 top-left coords + what to read where
+    extract_features("tumor_001.tif", "resnet18", "feats/tumor_001.h5")   # all of the above, then the encoder
+
+Resolution is always asked for as a magnification (``magnification=20``) or in micrometres per
+pixel (``mpp=0.5``), never as a pyramid level: the level and the region size to read are derived
+from the slide's metadata (``openslide.objective-power``, ``openslide.mpp-x`` or the TIFF resolution
+tags), read from the finest level that is at least as fine as the target, and resized. When the
+metadata is missing, pass ``base_magnification=`` / ``base_mpp=``. A base magnification derived from
+mpp alone is snapped to the nearest standard objective (0.243 µm/px -> 40x), as scanners label them.
+
+ACMIL's Step1/Step2 (from CLAM): 512 px at level 0 of a 40x slide (= 256 px at 20x), resized to
+224 and ImageNet-normalised. That is ``magnification=20, patch_size=256, input_size=224`` here; the
+default ``patch_size=224`` reads exactly 224 px at 20x instead.
+
+:func:`extract_features` writes one HDF5 file per slide, with ``features`` [N, D] and ``coords``
+[N, 2] (level-0 x, y of each patch's top-left corner; CLAM's and TRIDENT's layout, so their tools
+read it too) and the patching parameters as attributes. It is atomic (nothing appears at the
+final path until the file is complete) and resumable: finished batches are kept as shards in
+``<out>.partial/`` and a rerun after an interruption continues where it stopped.
+
+Needs the ``wsi`` extra (``pip install "attnzoo[wsi]"``: openslide-python, openslide-bin, tifffile,
+h5py). Plain images (PNG/JPEG, or TIFFs OpenSlide cannot open) are read into memory as a single level
+without OpenSlide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from attnzoo._io import atomic_write
+from attnzoo.errors import DatasetFormatError, InvalidInputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "WSI_EXTRA_HINT",
+    "PatchDataset",
+    "PatchGrid",
+    "PatchTransform",
+    "Slide",
+    "TissueMask",
+    "create_patch_encoder",
+    "extract_features",
+    "extract_slides",
+    "magnification_from_mpp",
+    "open_slide",
+    "patch_grid",
+    "segment_tissue",
+    "slide_id",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WSI_EXTRA_HINT = 'pip install "attnzoo[wsi]"'
+#: Largest image (pixels) the in-memory reader decodes; bigger slides need OpenSlide (a pyramidal file).
+FALLBACK_MAX_PIXELS = int(os.environ.get("ATTNZOO_MAX_SLIDE_PIXELS", str(1 << 28)))
+#: Standard objectives and the usual µm/px they scan at; a slide's mpp snaps to the nearest (in log scale).
+_OBJECTIVES = ((80.0, 0.125), (60.0, 1 / 6), (40.0, 0.25), (20.0, 0.5), (10.0, 1.0), (5.0, 2.0), (2.5, 4.0))
+_INHERITED_HANDLES: list[Any] = []  # OpenSlide handles a forked child got from its parent (kept, never closed)
+_LEVEL_TOLERANCE = 1.01  # a level whose downsample exceeds the target by <1% still counts as fine enough
+_UPSAMPLE_TOLERANCE = 0.95  # targets up to 5% finer than the scan are read at level 0 and resized up
+FEATURES_FORMAT = "attnzoo.wsi_features/1"
+
+
+def _require(module: str) -> Any:
+    """Import an optional dependency of the ``wsi`` extra, or say how to install it."""
+    try:
+        return importlib.import_module(module)
+    except (ImportError, OSError) as err:  # openslide raises OSError when its C library is missing
+        raise ImportError(f"{module} is needed to read whole-slide images ({err}); install it with: {WSI_EXTRA_HINT}") from err
+
+
+def _positive(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"{name} must be a positive number, got {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise InvalidInputError(f"{name} must be a positive number, got {value!r}")
+    return number
+
+
+def magnification_from_mpp(mpp: float | None) -> float | None:
+    """The standard objective (80/60/40/20/10/5/2.5x) a scan at ``mpp`` µm/px corresponds to, or None."""
+    if mpp is None or not math.isfinite(mpp) or mpp <= 0:
+        return None
+    mag, ref = min(_OBJECTIVES, key=lambda o: abs(math.log(mpp / o[1])))
+    return mag if abs(math.log(mpp / ref)) < math.log(2) / 2 + 1e-9 else None
+
+
+# --------------------------------------------------------------------------------------------- slides
+
+
+class Slide:
+    """A whole-slide image behind OpenSlide, or a plain image held in memory as a single level.
+
+    Use :func:`open_slide`. Coordinates are OpenSlide's: ``read_region`` takes the level-0 (x, y) of
+    the region's top-left corner and a (width, height) at ``level``. ``mpp`` / ``objective_power``
+    given here override the file's metadata. A slide may be pickled (to DataLoader workers): the
+    copy reopens the file, and a forked process reopens its own OpenSlide handle on first use.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, mpp: float | None = None, objective_power: float | None = None):
+        self.path = Path(path)
+        self._mpp_override = _positive(mpp, "mpp")
+        self._power_override = _positive(objective_power, "objective_power")
+        self._osr: Any = None
+        self._image: np.ndarray | None = None
+        self._pid = os.getpid()
+        self._open()
+
+    # ------------------------------------------------------------------ opening
+    def _open(self) -> None:
+        name = os.fspath(self.path)
+        if not self.path.exists():
+            raise DatasetFormatError(f"{name}: no such slide file")
+        if self.path.is_dir():
+            raise DatasetFormatError(f"{name}: is a directory, not a slide file")
+        openslide = None
+        try:
+            openslide = _require("openslide")
+        except ImportError:
+            if self.path.suffix.lower() in (".svs", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide", ".dcm"):
+                raise
+        self.properties: dict[str, str] = {}
+        fmt = None
+        if openslide is not None:
+            try:
+                fmt = openslide.OpenSlide.detect_format(name)
+            except (OSError, openslide.OpenSlideError):
+                fmt = None
+        if fmt is not None:
+            try:
+                self._osr = openslide.OpenSlide(name)
+            except (OSError, openslide.OpenSlideError) as err:
+                raise DatasetFormatError(f"{name}: OpenSlide detected {fmt} but cannot open it (corrupt or truncated?): {err}") from None
+            self.backend = "openslide"
+            self.vendor = fmt
+            self.properties = dict(self._osr.properties)
+            self.level_dimensions = tuple(tuple(int(v) for v in d) for d in self._osr.level_dimensions)
+            self.level_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
+            self._background = _parse_colour(self.properties.get("openslide.background-color"))
+            file_mpp, file_power = _openslide_resolution(self.properties)
+        else:
+            self._image, file_mpp = _read_plain_image(self.path)
+            self.backend = "image"
+            self.vendor = None
+            height, width = self._image.shape[:2]
+            self.level_dimensions = ((width, height),)
+            self.level_downsamples = (1.0,)
+            self._background = (255, 255, 255)
+            file_power = None
+        self._pid = os.getpid()
+        self.mpp = self._mpp_override or file_mpp
+        self.objective_power = self._power_override or file_power
+
+    def _handle(self) -> Any:
+        if self.backend == "openslide" and (self._osr is None or self._pid != os.getpid()):
+            openslide = _require("openslide")  # forked or unpickled: never share a handle across processes
+            if self._osr is not None:
+                _INHERITED_HANDLES.append(self._osr)  # the parent's handle: never closed from a child
+            try:
+                self._osr = openslide.OpenSlide(os.fspath(self.path))
+            except (OSError, openslide.OpenSlideError) as err:
+                raise DatasetFormatError(f"{self.path}: OpenSlide cannot reopen the slide: {err}") from None
+            self._pid = os.getpid()
+        return self._osr
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "mpp": self._mpp_override, "objective_power": self._power_override}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], mpp=state["mpp"], objective_power=state["objective_power"])  # type: ignore[misc]
+
+    def close(self) -> None:
+        """Release the file handle (and decoded pixels); the slide reopens itself if used again."""
+        if self._osr is not None and self._pid == os.getpid():
+            self._osr.close()
+        self._osr = None
+        self._image = None
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mpp = f"{self.mpp:.4g}" if self.mpp else None
+        return (f"Slide({os.fspath(self.path)!r}, backend={self.backend!r}, dimensions={self.dimensions}, "
+                f"levels={self.level_count}, mpp={mpp}, objective_power={self.objective_power})")
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def name(self) -> str:
+        """The slide id: the file name without its extension (``.ome.tif`` counts as one)."""
+        return slide_id(self.path)
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    def get_best_level_for_downsample(self, downsample: float) -> int:
+        """The coarsest level whose downsample does not exceed ``downsample`` (level 0 if none)."""
+        best = 0
+        for level, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * _LEVEL_TOLERANCE and ds >= self.level_downsamples[best]:
+                best = level
+        return best
+
+    def _check_level(self, level: int) -> int:
+        if not isinstance(level, (int, np.integer)) or not 0 <= int(level) < self.level_count:
+            raise InvalidInputError(f"{self.path}: level {level!r} does not exist (the slide has levels 0..{self.level_count - 1})")
+        return int(level)
+
+    # ------------------------------------------------------------------ pixels
+    def read_region(self, location: Sequence[int], level: int, size: Sequence[int]) -> Image.Image:
+        """RGB pixels of ``size`` (w, h) at ``level``, top-left at level-0 ``location`` (x, y).
+
+        Outside the slide (and in transparent areas) the slide's background colour (white unless
+        OpenSlide reports one) shows.
+        """
+        level = self._check_level(level)
+        x, y = (round(float(v)) for v in location)
+        w, h = (int(v) for v in size)
+        if w <= 0 or h <= 0:
+            raise InvalidInputError(f"{self.path}: region size must be positive, got {tuple(size)}")
+        if self.backend == "openslide":
+            openslide = _require("openslide")
+            try:
+                rgba = self._handle().read_region((x, y), level, (w, h))
+            except (OSError, openslide.OpenSlideError) as err:
+                raise DatasetFormatError(f"{self.path}: cannot read the region at {(x, y)} level {level} size {(w, h)} "
+                                         f"(corrupt or truncated slide?): {err}") from None
+            return _composite(rgba, self._background)
+        image = self._array()
+        out = np.empty((h, w, 3), np.uint8)
+        out[...] = self._background
+        height, width = image.shape[:2]
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
+        if x1 > x0 and y1 > y0:
+            out[y0 - y:y1 - y, x0 - x:x1 - x] = image[y0:y1, x0:x1]
+        return Image.fromarray(out)
+
+    def _array(self) -> np.ndarray:
+        if self._image is None:
+            self._image, _ = _read_plain_image(self.path)
+        return self._image
+
+    def thumbnail(self, max_size: int | Sequence[int] = 1024) -> Image.Image:
+        """The whole slide as RGB, aspect ratio kept, fitting in ``max_size`` (an int or (w, h))."""
+        box = (int(max_size), int(max_size)) if isinstance(max_size, (int, np.integer)) else tuple(int(v) for v in max_size)
+        if len(box) != 2 or min(box) <= 0:
+            raise InvalidInputError(f"max_size must be a positive int or (width, height), got {max_size!r}")
+        width, height = self.dimensions
+        scale = min(box[0] / width, box[1] / height)
+        target = (max(1, round(width * scale)), max(1, round(height * scale)))
+        level = self.get_best_level_for_downsample(max(1.0, 1.0 / scale))
+        image = self.read_region((0, 0), level, self.level_dimensions[level])
+        if image.size == target:
+            return image
+        return image.resize(target, Image.Resampling.LANCZOS if image.size[0] > target[0] else Image.Resampling.BICUBIC)
+
+
+def slide_id(path: str | os.PathLike) -> str:
+    """The id of a slide file: its name without the extension (``.ome.tif``/``.ome.tiff`` count as one)."""
+    name = Path(path).name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def open_slide(path: str | os.PathLike, *, mpp: float | None = None, objective_power: float | None = None) -> Slide:
+    """Open a slide (anything OpenSlide reads, else a plain image/TIFF as one level); ``mpp`` and
+    ``objective_power`` override missing or wrong metadata. Unreadable files raise
+    :class:`~attnzoo.errors.DatasetFormatError` naming the file."""
+    return Slide(path, mpp=mpp, objective_power=objective_power)
+
+
+def _composite(rgba: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    if rgba.mode != "RGBA":
+        return rgba.convert("RGB")
+    alpha = rgba.getchannel("A")
+    if alpha.getextrema() == (255, 255):
+        return rgba.convert("RGB")
+    out = Image.new("RGB", rgba.size, background)
+    out.paste(rgba.convert("RGB"), mask=alpha)
+    return out
+
+
+def _parse_colour(text: str | None) -> tuple[int, int, int]:
+    if text and len(text) == 6:
+        with contextlib.suppress(ValueError):
+            return (int(text[0:2], 16), int(text[2:4], 16), int(text[4:6], 16))
+    return (255, 255, 255)
+
+
+def _float_or_none(text: Any) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def _mpp_from_resolution(resolution: float | None, unit: str | None) -> float | None:
+    """µm/px from a TIFF X resolution (pixels per unit); None for no unit or a screen-DPI default."""
+    if resolution is None or unit is None:
+        return None
+    unit = unit.lower()
+    if unit in ("centimeter", "3"):
+        mpp = 1e4 / resolution
+    elif unit in ("inch", "2"):
+        mpp = 25400.0 / resolution
+    else:
+        return None
+    return mpp if mpp < 20.0 else None  # 72/96/300 dpi defaults are not a scan resolution
+
+
+def _openslide_resolution(props: Mapping[str, str]) -> tuple[float | None, float | None]:
+    mpp_x, mpp_y = _float_or_none(props.get("openslide.mpp-x")), _float_or_none(props.get("openslide.mpp-y"))
+    mpp = (mpp_x + mpp_y) / 2 if mpp_x and mpp_y else mpp_x or mpp_y
+    if mpp is None:
+        mpp = _mpp_from_resolution(_float_or_none(props.get("tiff.XResolution")), props.get("tiff.ResolutionUnit"))
+    power = _float_or_none(props.get("openslide.objective-power"))
+    return mpp, power
+
+
+def _read_plain_image(path: Path) -> tuple[np.ndarray, float | None]:
+    """A plain image (or a TIFF OpenSlide refused) fully decoded to HxWx3 uint8, and its mpp if tagged."""
+    from attnzoo.datasets.images import _no_pil_bomb_check, array_to_image, to_rgb
+
+    name = os.fspath(path)
+    mpp = None
+    errors: list[str] = []
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    is_tiff = head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+    if is_tiff:
+        try:
+            tifffile = _require("tifffile")
+            with tifffile.TiffFile(name) as tif:
+                page = tif.pages[0]
+                width, height = int(page.imagewidth), int(page.imagelength)
+                _check_fallback_size(name, width, height)
+                tags = page.tags
+                if "XResolution" in tags and "ResolutionUnit" in tags:
+                    num, den = tags["XResolution"].value
+                    unit = tags["ResolutionUnit"].value
+                    unit_name = {2: "inch", 3: "centimeter"}.get(int(unit))
+                    mpp = _mpp_from_resolution(num / den if den else None, unit_name)
+                array = page.asarray()
+            if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
+                array = np.moveaxis(array, 0, -1)
+            return np.asarray(array_to_image(np.ascontiguousarray(array), name=name)), mpp
+        except DatasetFormatError:
+            raise
+        except Exception as err:  # noqa: BLE001  (tifffile missing, or any of the errors it raises on damaged files: try PIL)
+            errors.append(f"tifffile: {err}")
+    try:
+        with _no_pil_bomb_check():
+            image = Image.open(path)
+            _check_fallback_size(name, *image.size)
+            image.load()
+        return np.asarray(to_rgb(image, name=name)), mpp
+    except DatasetFormatError:
+        raise
+    except UnidentifiedImageError:
+        errors.append("not a format OpenSlide or PIL can read")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, InvalidInputError) as err:
+        errors.append(f"PIL: {err}")
+    raise DatasetFormatError(f"{name}: cannot read this slide ({'; '.join(errors)}); supported: what OpenSlide opens "
+                             "(svs, tif, ndpi, mrxs, scn, bif, vms, dicom) or a plain PNG/JPEG/TIFF image")
+
+
+def _check_fallback_size(name: str, width: int, height: int) -> None:
+    if width * height > FALLBACK_MAX_PIXELS:
+        raise DatasetFormatError(
+            f"{name}: {width}x{height} image is too large to hold in memory and OpenSlide cannot open it; "
+            "convert it to a pyramidal tiled TIFF (e.g. vips tiffsave --tile --pyramid) or raise ATTNZOO_MAX_SLIDE_PIXELS"
+        )
+
+
+# --------------------------------------------------------------------------------------- tissue
+
+
+@dataclass(frozen=True)
+class TissueMask:
+    """A boolean tissue mask of a slide at low resolution.
+
+    ``downsample`` is (x, y) level-0 pixels per mask pixel; ``level`` the slide level it was computed
+    at (None when it came from a resized thumbnail).
+    """
+
+    mask: np.ndarray
+    downsample: tuple[float, float]
+    level: int | None = None
+    params: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.mask.shape  # type: ignore[return-value]
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of the slide covered by tissue."""
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+    def any(self) -> bool:
+        return bool(self.mask.any())
+
+    def coverage(self, coords: np.ndarray, size_level0: float) -> np.ndarray:
+        """For each level-0 top-left (x, y) in ``coords``, the fraction of the ``size_level0`` square
+        covered by tissue (exact area weighting of the mask pixels; outside the mask counts as none)."""
+        coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+        h, w = self.mask.shape
+        if len(coords) == 0 or h == 0 or w == 0:
+            return np.zeros(len(coords))
+        table = np.zeros((h + 1, w + 1), np.float64)
+        table[1:, 1:] = self.mask.astype(np.float64).cumsum(0).cumsum(1)
+
+        def integral(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+            # the integral of a piecewise-constant image is bilinear inside each pixel: interpolate the table
+            x, y = np.clip(x, 0, w), np.clip(y, 0, h)
+            i, j = np.minimum(np.floor(x).astype(np.int64), w - 1), np.minimum(np.floor(y).astype(np.int64), h - 1)
+            u, v = x - i, y - j
+            return (table[j, i] * (1 - u) * (1 - v) + table[j, i + 1] * u * (1 - v)
+                    + table[j + 1, i] * (1 - u) * v + table[j + 1, i + 1] * u * v)
+
+        dsx, dsy = self.downsample
+        x0, y0 = coords[:, 0] / dsx, coords[:, 1] / dsy
+        x1, y1 = (coords[:, 0] + size_level0) / dsx, (coords[:, 1] + size_level0) / dsy
+        inside = integral(x1, y1) - integral(x0, y1) - integral(x1, y0) + integral(x0, y0)
+        return np.clip(inside / ((x1 - x0) * (y1 - y0)), 0.0, 1.0)
+
+
+def _saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation in 0..255, as OpenCV computes it for uint8 images."""
+    top = rgb.max(axis=2).astype(np.float32)
+    spread = top - rgb.min(axis=2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sat = np.where(top > 0, spread * 255.0 / top, 0.0)
+    return np.clip(np.round(sat), 0, 255).astype(np.uint8)
+
+
+def segment_tissue(
+    slide: Slide | str | os.PathLike,
+    level: int | None = None,
+    *,
+    seg_downsample: float = 64.0,
+    sthresh: int = 8,
+    mthresh: int = 7,
+    close: int = 4,
+    use_otsu: bool = False,
+    a_t: float = 100.0,
+    a_h: float = 16.0,
+    max_n_holes: int = 8,
+    ref_patch_size: int = 512,
+) -> TissueMask:
+    """Tissue mask of a slide, CLAM's ``segmentTissue`` recipe (ACMIL Step1 defaults).
+
+    The image at ``level`` (default: the level nearest a ``seg_downsample`` of 64, or a thumbnail
+    at that scale when the slide has no such level) goes to HSV; its saturation is median-blurred
+    (``mthresh`` px), thresholded at ``sthresh`` (or Otsu's threshold, never below ``sthresh``, with
+    ``use_otsu``) and closed with a ``close`` x ``close`` square. Tissue regions smaller than ``a_t``
+    reference patches (``ref_patch_size`` squared, at level 0) are dropped; inside each region the
+    ``max_n_holes`` largest holes bigger than ``a_h`` reference patches stay background, smaller
+    holes count as tissue. A slide without tissue gives an empty mask (check ``mask.any()``).
+    """
+    from scipy import ndimage
+
+    if not isinstance(slide, Slide):
+        slide = open_slide(slide)
+    if mthresh < 1 or mthresh % 2 == 0:
+        raise InvalidInputError(f"mthresh (median filter size) must be a positive odd integer, got {mthresh}")
+    if level is None:
+        level = slide.get_best_level_for_downsample(seg_downsample)
+        if slide.level_downsamples[level] * 4 < seg_downsample and max(slide.dimensions) / seg_downsample >= 1:
+            level = None  # no level near the wanted scale: use a resized thumbnail instead of the full level
+    if level is None:
+        width, height = slide.dimensions
+        image = slide.thumbnail((max(1, round(width / seg_downsample)), max(1, round(height / seg_downsample))))
+    else:
+        level = slide._check_level(level)
+        image = slide.read_region((0, 0), level, slide.level_dimensions[level])
+    rgb = np.asarray(image)
+    h, w = rgb.shape[:2]
+    width, height = slide.dimensions
+    downsample = (width / w, height / h)
+
+    sat = ndimage.median_filter(_saturation(rgb), size=mthresh, mode="nearest") if mthresh > 1 else _saturation(rgb)
+    threshold = float(sthresh)
+    if use_otsu and sat.min() != sat.max():
+        from skimage.filters import threshold_otsu
+
+        threshold = max(threshold, float(threshold_otsu(sat)))
+    binary = sat > threshold
+    if close > 0:
+        padded = np.pad(binary, close)
+        binary = ndimage.binary_closing(padded, structure=np.ones((close, close), bool))[close:-close, close:-close]
+
+    ref_area = ref_patch_size**2 / (downsample[0] * downsample[1])  # a reference patch, in mask pixels
+    labels, count = ndimage.label(binary, structure=np.ones((3, 3), bool))
+    areas = np.bincount(labels.ravel(), minlength=count + 1)
+    keep = areas > a_t * ref_area
+    keep[0] = False
+    tissue = keep[labels]
+
+    filled = ndimage.binary_fill_holes(tissue)
+    holes = filled & ~tissue
+    mask = filled.copy()
+    if holes.any():
+        hole_labels, n_holes = ndimage.label(holes)
+        hole_areas = np.bincount(hole_labels.ravel(), minlength=n_holes + 1)
+        parents, _ = ndimage.label(filled, structure=np.ones((3, 3), bool))
+        # the tissue region each hole lies in: any pixel of the hole will do (they share one parent)
+        first_pixel = ndimage.minimum_position(hole_labels, hole_labels, index=np.arange(1, n_holes + 1))
+        by_parent: dict[int, list[int]] = {}
+        for hole, pos in enumerate(first_pixel, start=1):
+            by_parent.setdefault(int(parents[pos]), []).append(hole)
+        excluded = np.zeros(n_holes + 1, bool)
+        for members in by_parent.values():
+            members.sort(key=lambda k: -hole_areas[k])
+            for hole in members[:max_n_holes]:
+                excluded[hole] = hole_areas[hole] > a_h * ref_area
+        mask &= ~excluded[hole_labels]
+    params = {"seg_downsample": seg_downsample, "sthresh": sthresh, "mthresh": mthresh, "close": close, "use_otsu": use_otsu,
+              "a_t": a_t, "a_h": a_h, "max_n_holes": max_n_holes, "ref_patch_size": ref_patch_size, "threshold": threshold}
+    return TissueMask(mask=mask, downsample=downsample, level=level, params=params)
+
+
+# ---------------------------------------------------------------------------------------- tiling
+
+
+@dataclass
+class PatchGrid:
+    """Where to read each patch and how: ``read_region(coords[i], level, (read_size, read_size))``
+    then resize to ``patch_size`` (px at the target resolution)."""
+
+    coords: np.ndarray  # int64 [N, 2], level-0 (x, y) of each patch's top-left corner
+    level: int
+    read_size: int
+    patch_size: int
+    stride: int
+    size_level0: int
+    stride_level0: int
+    downsample: float  # level-0 px per target px
+    magnification: float | None
+    mpp: float | None
+    base_magnification: float | None
+    base_mpp: float | None
+    tissue: np.ndarray | None = None  # float [N]: tissue fraction of each patch (None without a mask)
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def attrs(self) -> dict[str, Any]:
+        """The grid's parameters, JSON/HDF5-attribute friendly (None values left out)."""
+        out = {
+            "patch_size": self.patch_size, "stride": self.stride, "patch_level": self.level, "read_size": self.read_size,
+            "patch_size_level0": self.size_level0, "stride_level0": self.stride_level0, "downsample": self.downsample,
+            "magnification": self.magnification, "mpp": self.mpp, "base_magnification": self.base_magnification,
+            "base_mpp": self.base_mpp,
+        }
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def _resolve_resolution(
+    slide: Slide, magnification: float | None, mpp: float | None, base_magnification: float | None, base_mpp: float | None
+) -> tuple[float, float | None, float | None, float | None, float | None]:
+    """(downsample from level 0, target magnification, target mpp, base magnification, base mpp)."""
+    magnification, mpp = _positive(magnification, "magnification"), _positive(mpp, "mpp")
+    if (magnification is None) == (mpp is None):
+        raise InvalidInputError("give exactly one of magnification= (e.g. 20) or mpp= (µm per pixel, e.g. 0.5); "
+                                "levels are chosen from the slide's metadata")
+    base_mpp = _positive(base_mpp, "base_mpp") or slide.mpp
+    base_mag = _positive(base_magnification, "base_magnification") or slide.objective_power or magnification_from_mpp(base_mpp)
+    if magnification is not None:
+        if base_mag is None:
+            raise InvalidInputError(
+                f"{slide.path}: the scan magnification is unknown (no objective power or µm/px in the file's metadata); "
+                "pass base_magnification= (e.g. 40) or base_mpp= (e.g. 0.25), or ask for mpp= instead")
+        downsample = base_mag / magnification
+        target_mpp = base_mpp * downsample if base_mpp else None
+        what = f"{magnification:g}x from a {base_mag:g}x scan"
+    else:
+        if base_mpp is None:
+            raise InvalidInputError(
+                f"{slide.path}: the slide's µm/px is unknown (no openslide.mpp-x or TIFF resolution in its metadata); "
+                "pass base_mpp= (e.g. 0.25), or ask for magnification= with base_magnification=")
+        downsample = mpp / base_mpp
+        magnification = base_mag / downsample if base_mag else None
+        target_mpp = mpp
+        what = f"{mpp:g} µm/px from a {base_mpp:g} µm/px scan"
+    if downsample < _UPSAMPLE_TOLERANCE:
+        raise InvalidInputError(f"{slide.path}: cannot give {what}: patches would be upsampled {1 / downsample:.2f}x; "
+                                "ask for a lower magnification (or a larger mpp)")
+    return downsample, magnification, target_mpp, base_mag, base_mpp
+
+
+def patch_grid(
+    slide: Slide | str | os.PathLike,
+    mask: TissueMask | None = None,
+    *,
+    magnification: float | None = None,
+    mpp: float | None = None,
+    patch_size: int = 224,
+    stride: int | None = None,
+    min_tissue: float = 0.5,
+    base_magnification: float | None = None,
+    base_mpp: float | None = None,
+    pad: bool = True,
+) -> PatchGrid:
+    """A regular grid of square patches over the slide, kept where tissue covers ``min_tissue`` of the patch.
+
+    ``patch_size`` and ``stride`` (default: ``patch_size``, no overlap) are pixels at the target
+    resolution: ``magnification`` (relative to the scan's objective) or ``mpp`` (µm/px). The grid
+    starts at (0, 0); with ``pad`` (CLAM's default) patches may run past the right/bottom edge and are
+    filled with background. Without ``mask`` every grid position is kept; ``min_tissue=0`` keeps every
+    patch that touches tissue. Coordinates are row-major (sorted by y, then x).
+    """
+    if not isinstance(slide, Slide):
+        slide = open_slide(slide)
+    if int(patch_size) != patch_size or patch_size < 1:
+        raise InvalidInputError(f"patch_size must be a positive integer, got {patch_size!r}")
+    stride = patch_size if stride is None else stride
+    if int(stride) != stride or stride < 1:
+        raise InvalidInputError(f"stride must be a positive integer, got {stride!r}")
+    if not 0.0 <= float(min_tissue) <= 1.0:
+        raise InvalidInputError(f"min_tissue must lie in [0, 1], got {min_tissue!r}")
+    patch_size, stride = int(patch_size), int(stride)
+    downsample, target_mag, target_mpp, base_mag, base_mpp = _resolve_resolution(
+        slide, magnification, mpp, base_magnification, base_mpp)
+
+    level = slide.get_best_level_for_downsample(downsample)
+    level_ds = slide.level_downsamples[level]
+    read_size = max(1, round(patch_size * downsample / level_ds))
+    size0 = max(1, round(patch_size * downsample))
+    step0 = max(1, round(stride * downsample))
+
+    width, height = slide.dimensions
+    if pad:
+        xs, ys = np.arange(0, width, step0), np.arange(0, height, step0)
+    else:
+        xs, ys = np.arange(0, width - size0 + 1, step0), np.arange(0, height - size0 + 1, step0)
+    grid_y, grid_x = np.meshgrid(ys, xs, indexing="ij")
+    coords = np.stack([grid_x.ravel(), grid_y.ravel()], axis=1).astype(np.int64)
+    tissue = None
+    if mask is not None:
+        mh, mw = mask.shape
+        if abs(mw * mask.downsample[0] - width) > 2 * mask.downsample[0] or abs(mh * mask.downsample[1] - height) > 2 * mask.downsample[1]:
+            raise InvalidInputError(f"{slide.path}: the tissue mask ({mw}x{mh} at downsample {mask.downsample}) "
+                                    f"does not cover this {width}x{height} slide; was it made from another slide?")
+        tissue = mask.coverage(coords, size0)
+        keep = (tissue >= min_tissue) & (tissue > 0)
+        coords, tissue = coords[keep], tissue[keep]
+    return PatchGrid(coords=coords, level=level, read_size=read_size, patch_size=patch_size, stride=stride,
+                     size_level0=size0, stride_level0=step0, downsample=float(downsample), magnification=target_mag,
+                     mpp=target_mpp, base_magnification=base_mag, base_mpp=base_mpp, tissue=tissue)
+
+
+# ------------------------------------------------------------------------------ patches -> tensors
+
+
+class PatchTransform:
+    """PIL RGB patch -> float tensor [3, H, W], scaled to [0, 1] and normalised (ImageNet by default)."""
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        import torch
+
+        array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+        array = (array - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+    def __repr__(self) -> str:
+        return f"PatchTransform(mean={self.mean}, std={self.std})"
+
+
+class PatchDataset:
+    """A map-style dataset of a slide's patches: item ``i`` is ``(transform(patch), i)``.
+
+    Each patch is read at ``grid.level`` (``grid.read_size`` px), resized to ``input_size`` (default:
+    ``grid.patch_size``) with bicubic interpolation, as CLAM/ACMIL do, then transformed. Safe in
+    DataLoader workers: each process opens its own slide handle.
+    """
+
+    def __init__(self, slide: Slide | str | os.PathLike, grid: PatchGrid, *, input_size: int | None = None,
+                 transform: Callable[[Image.Image], Any] | None = None, coords: np.ndarray | None = None):
+        self.slide = slide if isinstance(slide, Slide) else open_slide(slide)
+        self.coords = np.asarray(grid.coords if coords is None else coords, dtype=np.int64).reshape(-1, 2)
+        self.level, self.read_size = grid.level, grid.read_size
+        self.input_size = int(input_size or grid.patch_size)
+        self.transform = transform if transform is not None else PatchTransform()
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def read(self, index: int) -> Image.Image:
+        x, y = self.coords[index]
+        image = self.slide.read_region((int(x), int(y)), self.level, (self.read_size, self.read_size))
+        if image.size != (self.input_size, self.input_size):
+            image = image.resize((self.input_size, self.input_size), Image.Resampling.BICUBIC)
+        return image
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        return self.transform(self.read(index)), index
+
+
+# -------------------------------------------------------------------------------------- encoders
+
+#: Encoder names with a fixed recipe: (timm architecture, official weights used by default, output dim).
+_NAMED_ENCODERS = {
+    "resnet18": ("resnet18", "resnet18.tv_in1k", 512),  # ACMIL "natural_supervised": torchvision ImageNet ResNet18
+    "resnet50_trunc": ("resnet50", "resnet50.tv_in1k", 1024),  # CLAM: torchvision ResNet50 up to layer3 + avg pool
+}
+
+
+def create_patch_encoder(name: str, weights: str | os.PathLike | Mapping[str, Any] | None = None) -> torch.nn.Module:
+    """A patch encoder returning [B, D] features, in eval mode.
+
+    ``"resnet18"``: ImageNet ResNet18 without its fc (512-d; ACMIL's natural_supervised features).
+    ``"resnet50_trunc"``: ResNet50 cut after layer3, global average pool (1024-d; CLAM's features).
+    Any other name: ``attnzoo.create_model(name, num_classes=0)`` (e.g. ``vit_small_patch16_224``
+    with the Lunit DINO checkpoint as ``weights=PATH`` gives ACMIL's medical_ssl 384-d features).
+    ``weights``: None = the official ImageNet weights (torchvision's for the two ResNets, downloaded
+    once), ``"none"`` = random initialisation, or a local path / URL / registered checkpoint / state dict.
+    """
+    from attnzoo.errors import WeightsError
+    from attnzoo.factory import create_model
+
+    random_init = isinstance(weights, str) and weights.strip().lower() == "none"
+    arch, default_tag, _ = _NAMED_ENCODERS.get(name, (name, None, None))
+
+    def build(**kwargs: Any) -> torch.nn.Module:
+        if random_init:
+            return create_model(arch, weights="none", **kwargs)
+        if weights is None:
+            return create_model(default_tag or arch, pretrained=True, **kwargs)
+        return create_model(arch, weights=weights, **kwargs)
+
+    if name == "resnet50_trunc":
+        try:
+            model = build()
+        except WeightsError as err:  # maybe a checkpoint of the truncated network itself (no layer4/fc)
+            if weights is None or random_init:
+                raise
+            model = _truncate_resnet50(create_model(arch, weights="none"))
+            try:
+                from attnzoo.weights.loading import load_weights
+
+                load_weights(model, weights)
+            except WeightsError:
+                raise err from None
+            return model.eval()
+        return _truncate_resnet50(model).eval()
+    try:
+        return build(num_classes=0)
+    except WeightsError as err:  # a classification checkpoint: drop its head and load the rest
+        if weights is None or random_init:
+            raise
+        try:
+            return create_model(arch, weights=_without_classifier(arch, weights), num_classes=0)
+        except WeightsError:
+            raise err from None
+
+
+def _without_classifier(arch: str, weights: Any) -> dict[str, Any]:
+    """The state dict of ``weights`` minus the keys of ``arch``'s classifier (timm's ``pretrained_cfg['classifier']``)."""
+    from attnzoo.factory import create_model
+    from attnzoo.weights.loading import (
+        load_checkpoint_file,
+        resolve_checkpoint,
+        unwrap_state_dict,
+    )
+
+    state = unwrap_state_dict(weights if isinstance(weights, Mapping) else load_checkpoint_file(resolve_checkpoint(weights)))
+    headless = create_model(arch, weights="none", num_classes=0)
+    heads = (headless.pretrained_cfg or {}).get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    own = headless.state_dict()
+    return {k: v for k, v in state.items() if k in own or not any(k == h or k.startswith(h + ".") for h in heads)}
+
+
+def _truncate_resnet50(model: torch.nn.Module) -> torch.nn.Module:
+    import torch
+
+    model.layer4 = torch.nn.Identity()
+    model.num_features = 1024
+    model.reset_classifier(0, "avg")
+    return model
+
+
+def _weights_digest(model: torch.nn.Module) -> str:
+    """A short hash of the encoder's parameters and buffers: a resumed run must use the same weights."""
+    import torch
+
+    digest = hashlib.blake2b(digest_size=12)
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{key}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _resolve_encoder(encoder: Any, weights: Any) -> tuple[torch.nn.Module, str]:
+    import torch
+
+    if isinstance(encoder, torch.nn.Module):
+        if weights is not None:
+            raise InvalidInputError("weights= applies to an encoder given by name; load the module's weights yourself")
+        cfg = getattr(encoder, "pretrained_cfg", None)
+        return encoder, (cfg.get("architecture") if isinstance(cfg, Mapping) else None) or type(encoder).__name__
+    if isinstance(encoder, str):
+        return create_patch_encoder(encoder, weights), encoder
+    raise InvalidInputError(f"encoder must be a model name or a torch.nn.Module, got {type(encoder).__name__}")
+
+
+# ------------------------------------------------------------------------------ feature extraction
+
+
+class _Shards:
+    """Finished batches of one extraction, kept in ``<out>.partial/`` until the final file is written."""
+
+    def __init__(self, out_path: Path, fingerprint: dict[str, Any], coords: np.ndarray):
+        self.dir = out_path.with_name(out_path.name + ".partial")
+        self.n = len(coords)
+        meta = self.dir / "meta.json"
+        if self.dir.is_dir():
+            try:
+                same = json.loads(meta.read_text()).get("fingerprint") == fingerprint
+                same = same and np.array_equal(np.load(self.dir / "coords.npy"), coords)
+            except (OSError, ValueError):
+                same = False
+            if not same:
+                warnings.warn(f"{self.dir}: left by an extraction with other settings (or damaged); starting over",
+                              stacklevel=3)
+                shutil.rmtree(self.dir)
+        if not self.dir.is_dir():
+            tmp = Path(tempfile.mkdtemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".partial.tmp"))
+            np.save(tmp / "coords.npy", coords)
+            (tmp / "meta.json").write_text(json.dumps({"fingerprint": fingerprint, "n": self.n}, indent=1))
+            os.replace(tmp, self.dir)
+        self.shards = self._scan()
+        self._dim = int(np.load(self.shards[0][2], mmap_mode="r").shape[1]) if self.shards else None
+
+    def _scan(self) -> list[tuple[int, int, Path]]:
+        """The contiguous run of shards from row 0 (anything after a gap is dropped)."""
+        found = {}
+        for path in self.dir.glob("rows_*.npy"):
+            with contextlib.suppress(ValueError):
+                start, end = (int(v) for v in path.stem.split("_")[1:3])
+                found[start] = (start, end, path)
+        run, row = [], 0
+        while row in found and found[row][1] > row:
+            run.append(found[row])
+            row = found[row][1]
+        return run
+
+    @property
+    def done(self) -> int:
+        return self.shards[-1][1] if self.shards else 0
+
+    @property
+    def dim(self) -> int | None:
+        return self._dim
+
+    def add(self, start: int, features: np.ndarray) -> None:
+        end = start + len(features)
+        path = self.dir / f"rows_{start:010d}_{end:010d}.npy"
+        with atomic_write(path, "wb") as fh:
+            np.save(fh, features)
+        self.shards.append((start, end, path))
+        self._dim = self._dim or int(features.shape[1])
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _existing_matches(out_path: Path, fingerprint: dict[str, Any]) -> bool:
+    h5py = _require("h5py")
+    try:
+        with h5py.File(out_path, "r") as f:
+            stored = f.attrs.get("fingerprint")
+        return stored is not None and json.loads(stored) == fingerprint
+    except (OSError, ValueError):
+        return False
+
+
+def extract_features(
+    slide_path: str | os.PathLike,
+    encoder: str | torch.nn.Module,
+    out_path: str | os.PathLike,
+    *,
+    magnification: float | None = 20,
+    mpp: float | None = None,
+    patch_size: int = 224,
+    stride: int | None = None,
+    input_size: int | None = None,
+    min_tissue: float = 0.5,
+    base_magnification: float | None = None,
+    base_mpp: float | None = None,
+    weights: str | os.PathLike | Mapping[str, Any] | None = None,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    transform: Callable[[Image.Image], Any] | None = None,
+    device: str | torch.device | None = None,
+    dtype: str = "float32",
+    amp: bool = False,
+    segment_kwargs: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    _encoder_name: str | None = None,
+) -> Path:
+    """Embed every tissue patch of a slide and write ``features``/``coords`` to the HDF5 file ``out_path``.
+
+    Tissue comes from :func:`segment_tissue` (``segment_kwargs`` passed on), patches from
+    :func:`patch_grid` at ``magnification`` (or ``mpp``, which then takes precedence) and are resized to
+    ``input_size`` (default ``patch_size``) before ``transform`` (default: ImageNet normalisation, as
+    ACMIL's Step2). ``encoder`` is a name (see :func:`create_patch_encoder`, which ``weights`` goes to)
+    or a module mapping [B, 3, H, W] to [B, D]. ``num_workers`` DataLoader processes read and tile
+    patches while the encoder runs under ``torch.inference_mode`` (with ``amp``, under autocast: float16
+    on CUDA, bfloat16 on CPU; off by default, as the official extractions ran in float32); features
+    are stored as ``dtype`` (float32 or float16).
+
+    The file appears at ``out_path`` only when complete. Finished batches live in
+    ``<out_path>.partial/`` and an interrupted call, rerun with the same arguments, computes only the
+    rest. If ``out_path`` already holds the result of the same settings it is returned as is; a file
+    made with other settings raises unless ``overwrite``. Returns ``out_path``.
+    """
+    import torch
+
+    _require("h5py")
+    out_path = Path(out_path)
+    if dtype not in ("float32", "float16"):
+        raise InvalidInputError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+    if int(batch_size) < 1 or int(num_workers) < 0:
+        raise InvalidInputError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
+    if mpp is not None:
+        magnification = None
+    slide = open_slide(slide_path, mpp=base_mpp, objective_power=base_magnification)
+    mask = segment_tissue(slide, **dict(segment_kwargs or {}))
+    if not mask.any():
+        raise InvalidInputError(
+            f"{slide.path}: no tissue found (saturation threshold {mask.params['threshold']:g} at downsample "
+            f"{mask.downsample[0]:.3g}, regions must exceed a_t={mask.params['a_t']:g} reference patches); "
+            "if the slide has tissue, lower sthresh or a_t through segment_kwargs=")
+    grid = patch_grid(slide, mask, magnification=magnification, mpp=mpp, patch_size=patch_size, stride=stride,
+                      min_tissue=min_tissue)
+    if len(grid) == 0:
+        raise InvalidInputError(f"{slide.path}: tissue covers {mask.fraction:.2%} of the slide but no patch has "
+                                f"min_tissue={min_tissue:g} of its area in tissue; lower min_tissue or patch_size")
+    input_size = int(input_size or patch_size)
+    transform = transform if transform is not None else PatchTransform()
+    model, encoder_name = _resolve_encoder(encoder, weights)
+    encoder_name = _encoder_name or encoder_name
+    fingerprint = {
+        "slide": slide.name, "slide_bytes": slide.path.stat().st_size,
+        "dimensions": list(slide.dimensions), "grid": grid.attrs(), "n": len(grid), "input_size": input_size,
+        "transform": repr(transform), "encoder": encoder_name, "weights": _weights_digest(model), "dtype": dtype,
+        "amp": bool(amp),
+    }
+    if out_path.exists() and not overwrite:
+        if _existing_matches(out_path, fingerprint):
+            shutil.rmtree(out_path.with_name(out_path.name + ".partial"), ignore_errors=True)  # a crash after the rename
+            return out_path
+        raise InvalidInputError(f"{out_path} already exists and was made with other settings (or by another tool); "
+                                "pass overwrite=True to replace it")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    shards = _Shards(out_path, fingerprint, grid.coords)
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(dev).eval()
+    try:
+        _run_encoder(model, encoder_name, slide, grid, shards, input_size, transform, dev, dtype,
+                     int(batch_size), int(num_workers), progress, bool(amp))
+        _write_features_h5(out_path, shards, grid, slide, fingerprint, encoder_name, input_size, dtype, mask)
+    finally:
+        slide.close()
+    shards.remove()
+    return out_path
+
+
+def _run_encoder(model: torch.nn.Module, encoder_name: str, slide: Slide, grid: PatchGrid, shards: _Shards,
+                 input_size: int, transform: Callable[[Image.Image], Any], dev: torch.device, dtype: str,
+                 batch_size: int, num_workers: int, progress: bool, amp: bool) -> None:
+    """Embed the patches after the finished shards, batch by batch, each batch saved as a shard."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    start = shards.done
+    if start < len(grid):
+        dataset = PatchDataset(slide, grid, input_size=input_size, transform=transform, coords=grid.coords[start:])
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            pin_memory=dev.type == "cuda", prefetch_factor=4 if num_workers else None)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(grid), initial=start, desc=slide.name, unit="patch", dynamic_ncols=True,
+                   disable=not progress)
+        row = start
+        try:
+            autocast = torch.autocast(dev.type, dtype=torch.float16 if dev.type == "cuda" else torch.bfloat16, enabled=amp)
+            with torch.inference_mode(), autocast:
+                for images, _ in loader:
+                    out = model(images.to(dev, non_blocking=True))
+                    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != images.shape[0]:
+                        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                        raise InvalidInputError(f"encoder {encoder_name} must map [B, 3, H, W] to [B, D] features, got {got}")
+                    feats = out.float().cpu().numpy()
+                    if shards.dim is not None and feats.shape[1] != shards.dim:
+                        raise InvalidInputError(f"encoder {encoder_name} gave {feats.shape[1]}-d features after {shards.dim}-d ones")
+                    shards.add(row, feats.astype(dtype))
+                    row += len(feats)
+                    bar.update(len(feats))
+        finally:
+            bar.close()
+
+
+def _write_features_h5(out_path: Path, shards: _Shards, grid: PatchGrid, slide: Slide, fingerprint: dict[str, Any],
+                       encoder_name: str, input_size: int, dtype: str, mask: TissueMask) -> None:
+    """Stream the shards into one HDF5 file beside ``out_path`` and rename it into place."""
+    h5py = _require("h5py")
+    from attnzoo import __version__
+
+    if shards.done != len(grid):
+        raise RuntimeError(f"{shards.dir}: holds {shards.done} of {len(grid)} rows")  # pragma: no cover
+    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            features = f.create_dataset("features", shape=(len(grid), shards.dim), dtype=dtype)
+            for start, end, path in shards.shards:
+                features[start:end] = np.load(path)
+            coords = f.create_dataset("coords", data=grid.coords.astype(np.int64))
+            # CLAM's convention: coords carry the size read at patch_level
+            coords.attrs["patch_size"] = grid.read_size
+            coords.attrs["patch_level"] = grid.level
+            attrs = {
+                "format": FEATURES_FORMAT, "attnzoo_version": __version__, "slide_id": slide.name,
+                "slide_path": os.fspath(slide.path), "slide_dimensions": list(slide.dimensions), "encoder": encoder_name,
+                "input_size": input_size, "level": grid.level, "tissue_fraction": mask.fraction,
+                "fingerprint": json.dumps(fingerprint, sort_keys=True),
+                **grid.attrs(),
+            }
+            for key, value in attrs.items():
+                f.attrs[key] = value
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out_path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def extract_slides(
+    slide_paths: Iterable[str | os.PathLike],
+    encoder: str | torch.nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    weights: str | os.PathLike | Mapping[str, Any] | None = None,
+    skip_errors: bool = False,
+    **kwargs: Any,
+) -> dict[str, Path]:
+    """:func:`extract_features` for many slides into ``out_dir/<slide_id>.h5``, building the encoder once.
+
+    Finished slides are skipped and interrupted ones resumed, so rerunning the same call after a
+    crash continues the job. With ``skip_errors`` an unreadable slide or one without tissue is
+    reported with a warning and left out instead of stopping the run. Returns slide id -> file.
+    """
+    model, name = _resolve_encoder(encoder, weights)
+    out_dir = Path(out_dir)
+    done: dict[str, Path] = {}
+    for slide_path in slide_paths:
+        sid = slide_id(slide_path)
+        try:
+            done[sid] = extract_features(slide_path, model, out_dir / f"{sid}.h5", _encoder_name=name, **kwargs)
+        except (DatasetFormatError, InvalidInputError) as err:
+            if not skip_errors:
+                raise
+            warnings.warn(f"skipped {slide_path}: {err}", stacklevel=2)
+    return done

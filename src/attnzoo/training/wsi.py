@@ -1,0 +1,169 @@
+"""The whole-slide classification recipe (ACMIL / ABMIL on pre-extracted patch features), as the
+official ``Step3_WSI_classification_ACMIL.py``: one bag per step, the ACMIL loss (branch CE + slide
+CE + branch diversity), model selection by validation micro-F1 + AUC, test metrics at that epoch,
+several seeds reported as mean ± sd.
+
+    attnzoo train wsi-classification --model acmil_ga --data feats.h5 --out runs/acmil --config acmil \\
+        split=splits/camelyon/split_4.json labels=dataset_csv/camelyon16.csv
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from attnzoo._io import write_json
+from attnzoo.errors import DatasetFormatError, InvalidInputError
+from attnzoo.training.config import TrainConfig, recipe_config
+from attnzoo.training.engine import Trainer
+
+__all__ = ["train_wsi_classification"]
+
+RECIPE_DEFAULTS = {"split": None, "labels": None, "dataset": "camelyon16", "n_classes": None, "seeds": None, "val_fraction": 0.1}
+
+
+class _Bags(Dataset):
+    def __init__(self, bags: Any, ids: list[str]):
+        self.bags, self.ids = bags, ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        bag = self.bags[self.ids[i]]
+        if bag.label is None:
+            raise DatasetFormatError(f"slide {bag.slide_id} has no label (pass labels=CSV)")
+        return bag.features, torch.tensor(bag.label)
+
+
+def _one(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return items[0]
+
+
+def _loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    from attnzoo.vision.acmil import acmil_loss
+
+    features, label = batch
+    return acmil_loss(model(features), label.view(1)).total
+
+
+def evaluate_bags(model: torch.nn.Module, bags: Any, ids: list[str], device: torch.device) -> dict[str, float]:
+    """The official metrics of a set of slides: accuracy (%), macro AUC, micro and macro F1, and the
+    selection score (micro-F1 + AUC)."""
+    from attnzoo.metrics.mil import mil_metrics
+
+    probs, labels = [], []
+    for slide in ids:
+        bag = bags[slide]
+        probs.append(torch.softmax(model(bag.features.to(device)).slide_logits.float(), -1).cpu()[0])
+        labels.append(bag.label)
+    metrics = mil_metrics(torch.stack(probs).numpy(), np.array(labels))
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _split(bags: Any, extra: dict[str, Any], seed: int) -> dict[str, list[str]]:
+    """The official split file, else ACMIL's rule for other seeds: names with 'test' are the test
+    set, the rest split 90/10 at random."""
+    from attnzoo.datasets.mil_features import read_bracs_csv, read_camelyon16_split
+
+    if extra["split"]:
+        path = Path(extra["split"])
+        split = read_bracs_csv(path, int(extra["n_classes"] or 3)) if path.suffix == ".csv" else read_camelyon16_split(path, extra["labels"])
+        return {name: [s for s in split[name] if s in bags] for name in ("train", "val", "test")}
+    ids = sorted(bags)
+    test = [s for s in ids if "test" in s]
+    rest = [s for s in ids if "test" not in s]
+    random.Random(seed).shuffle(rest)
+    n_val = max(1, int(round(len(rest) * float(extra["val_fraction"]))))
+    return {"train": rest[n_val:], "val": rest[:n_val], "test": test}
+
+
+def _labels(extra: dict[str, Any]) -> dict[str, int] | None:
+    from attnzoo.datasets.mil_features import read_bracs_csv, read_camelyon16_labels
+
+    if not extra["labels"]:
+        if extra["split"] and str(extra["split"]).endswith(".csv"):
+            return read_bracs_csv(extra["split"], int(extra["n_classes"] or 3)).labels
+        return None
+    return read_camelyon16_labels(extra["labels"])
+
+
+def train_wsi_classification(
+    model: str,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    config: str | os.PathLike | TrainConfig | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    weights: str | os.PathLike | None = None,
+    resume: bool | str | os.PathLike = False,
+    device: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train on feature bags (any layout :func:`attnzoo.datasets.mil_features.read_feature_bags`
+    reads); with ``seeds`` one run per seed under ``out/seed-<s>`` and ``summary.json`` (mean ± sd)."""
+    import attnzoo
+    from attnzoo.datasets.mil_features import read_feature_bags
+
+    base = recipe_config(config or "acmil", overrides, RECIPE_DEFAULTS, "wsi-classification")
+    bags = read_feature_bags(data, labels=_labels(base.extra))
+    seeds = base.extra["seeds"] or [base.seed]
+    runs = {}
+    for seed in seeds:
+        cfg = TrainConfig(**{**base.to_dict(), "seed": int(seed), "extra": dict(base.extra)})
+        split = _split(bags, cfg.extra, int(seed))
+        if not split["train"]:
+            raise DatasetFormatError(f"{data}: no training slides in the split")
+        labels = sorted({bags[s].label for s in split["train"]})
+        n_classes = int(cfg.extra["n_classes"] or (max(labels) + 1))
+        dim = bags[split["train"][0]].dim
+        torch.manual_seed(int(seed))
+        kwargs = {"in_dim": dim, "n_classes": n_classes, **(model_kwargs or {})}
+        net = attnzoo.create_model(model, weights=weights, **kwargs) if weights else attnzoo.create_model(model, **kwargs)
+        run_out = Path(out) / f"seed-{seed}" if len(seeds) > 1 else Path(out)
+        trainer = Trainer(net.train(), _Bags(bags, split["train"]), cfg, run_out, loss_fn=_loss, collate_fn=_one,
+                          device=torch.device(device) if device else None,
+                          run_info={"task": "wsi-classification", "model": model, "data": str(data), "split": split})
+        if split["val"]:
+            trainer.eval_fn = _Validation(bags, split["val"], trainer.device)
+        result = trainer.fit(resume=resume)
+        best = run_out / "best.pt"
+        if best.exists():  # the official protocol: test metrics of the epoch with the best validation score
+            net.load_state_dict(torch.load(best, weights_only=True)["model"])
+        net.eval()
+        with torch.no_grad():
+            test = evaluate_bags(net, bags, split["test"], trainer.device) if split["test"] else {}
+        trainer.save_weights(net)
+        if trainer.ctx.is_main:
+            write_json(run_out / "test_metrics.json", test)
+        runs[int(seed)] = {"best_val": result.get("best"), "test": test}
+    summary = {"seeds": runs, "mean": {}, "sd": {}}
+    keys = sorted({k for r in runs.values() for k in r["test"]})
+    for k in keys:
+        values = [r["test"][k] for r in runs.values() if k in r["test"] and not math.isnan(r["test"][k])]
+        if values:
+            summary["mean"][k] = float(np.mean(values))
+            summary["sd"][k] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    write_json(Path(out) / "summary.json", summary)
+    return {"step": sum(1 for _ in runs), "best": None, **summary}
+
+
+class _Validation:
+    def __init__(self, bags: Any, ids: list[str], device: torch.device):
+        self.bags, self.ids, self.device = bags, ids, device
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        metrics = evaluate_bags(model, self.bags, self.ids, self.device)
+        return {**metrics, "selection": _selection(metrics)}
+
+
+def _selection(metrics: dict[str, float]) -> float:
+    auc = metrics.get("auc", float("nan"))
+    return metrics["f1_micro"] + (0.0 if math.isnan(auc) else auc)
