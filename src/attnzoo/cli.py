@@ -118,7 +118,7 @@ def eval_(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for metrics.json, report.md, predictions.")],
     model: ModelOpt = None,
     weights: WeightsOpt = None,
-    split: Annotated[Optional[str], typer.Option("--split", help="Split (default: val for classification, test for 3D reconstruction).")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="Split (default: val for image classification, test for 3D reconstruction and slides).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 32,
     num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="DataLoader workers (default: CPU count, at most 8).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate only the first N samples.")] = None,
@@ -139,7 +139,7 @@ def eval_(
     if (views is not None or fscore) and not is_3d:
         raise typer.BadParameter("--views and --fscore are options of multiview-3d-reconstruction")
     counts = _view_counts(views) if is_3d else [None]
-    split = split or ("test" if is_3d else "val")
+    split = split or {"multiview-3d-reconstruction": "test", "wsi-classification": "test"}.get(spec.name, "val")
     evaluator_cls = get_evaluator(spec.name)
 
     def make_evaluator(n: int | None):

@@ -41,3 +41,14 @@ def test_training_beats_chance_and_reports_seeds(tmp_path, model):
     for seed in (1, 2):
         test = json.loads((tmp_path / "run" / f"seed-{seed}" / "test_metrics.json").read_text())
         assert test == result["seeds"][seed]["test"] and (tmp_path / "run" / f"seed-{seed}" / "model.safetensors").exists()
+
+
+def test_cli_train_command(tmp_path, capsys):
+    from attnzoo.cli import main
+
+    data = write_acmil_h5(tmp_path / "feats.h5", n_slides=12)
+    code = main(["train", "wsi-classification", "--model", "abmil", "--data", str(data), "--out", str(tmp_path / "run"),
+                 "epochs=1", "seeds=[3]", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert list(summary["seeds"]) == ["3"] and "auc" in summary["mean"]

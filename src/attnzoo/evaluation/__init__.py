@@ -5,6 +5,7 @@ from attnzoo.evaluation.runner import EvalSample, TaskEvaluator, evaluate
 EVALUATORS = {
     "image-classification": "attnzoo.evaluation.classification:ClassificationEvaluator",
     "multiview-3d-reconstruction": "attnzoo.evaluation.reconstruction:MultiViewReconstructionEvaluator",
+    "wsi-classification": "attnzoo.evaluation.wsi:WSIClassificationEvaluator",
 }
 
 

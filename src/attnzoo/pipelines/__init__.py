@@ -80,6 +80,14 @@ register_pipeline(
     description="a 32^3 occupancy grid (mesh, .obj/.ply/.binvox) from any number of images of one object, with LRGT",
 )
 
+register_pipeline(
+    "wsi-classification",
+    "attnzoo.pipelines.wsi_classification:WSIClassificationPipeline",
+    default_model="acmil_ga",
+    aliases=("slide-classification", "mil"),
+    description="class probabilities, per-patch attention and a heatmap for a whole-slide image or its patch features (ACMIL, ABMIL)",
+)
+
 
 @overload
 def pipeline(

@@ -1,0 +1,181 @@
+"""``pipeline("wsi-classification")``: a whole-slide image (or its patch features) in, class
+probabilities, the attention on every patch and a heatmap over the slide out.
+
+>>> wsi = attnzoo.pipeline("wsi-classification", model="acmil_ga", weights="acmil_camelyon16.safetensors")  # doctest: +SKIP
+>>> result = wsi("tumor_001.tif")         # tiles at 20x, ResNet18 features, ACMIL   # doctest: +SKIP
+>>> result.heatmap().save("tumor_001.png")                                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from attnzoo.errors import InvalidInputError
+from attnzoo.pipelines.base import Pipeline
+
+__all__ = ["SlidePrediction", "WSIClassificationPipeline"]
+
+FEATURE_SUFFIXES = (".h5", ".hdf5", ".pt", ".pth")
+
+
+@dataclass
+class SlidePrediction:
+    """One slide: class probabilities, the attention on each patch (mean over branches of the
+    softmax, summing to 1) and where the patches are."""
+
+    probabilities: np.ndarray  # [C]
+    attention: np.ndarray  # [N]
+    coords: np.ndarray | None = None  # [N, 2] level-0 top-left
+    patch_size_level0: int | None = None
+    slide_path: str | None = None
+    labels: list[str] | None = field(default=None, repr=False)
+
+    @property
+    def index(self) -> int:
+        return int(self.probabilities.argmax())
+
+    @property
+    def label(self) -> str:
+        return self.labels[self.index] if self.labels and self.index < len(self.labels) else str(self.index)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "index": self.index, "probabilities": [round(float(p), 6) for p in self.probabilities],
+                "slide": self.slide_path, "patches": int(len(self.attention))}
+
+    def heatmap(self, size: int = 1024, slide: Any = None) -> Image.Image:
+        """The attention over the slide thumbnail (over a blank canvas when the slide is not at hand)."""
+        from attnzoo.viz.wsi import plot_attention_heatmap
+
+        if self.coords is None:
+            raise InvalidInputError("these features carry no patch coordinates: no heatmap can be drawn")
+        source = slide if slide is not None else self.slide_path
+        thumbnail, dims = None, None
+        if source is not None and not str(source).lower().endswith(FEATURE_SUFFIXES):
+            from attnzoo.datasets.wsi import open_slide
+
+            with open_slide(source) if isinstance(source, (str, os.PathLike)) else _nullcontext(source) as s:
+                thumbnail, dims = s.thumbnail((size, size)), s.dimensions
+        return plot_attention_heatmap(self.attention, self.coords, self.patch_size_level0 or 1, thumbnail=thumbnail,
+                                      dimensions=dims, size=size, title=f"{self.label} ({self.probabilities.max():.1%})")
+
+
+class _nullcontext:
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __enter__(self) -> Any:
+        return self.value
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class WSIClassificationPipeline(Pipeline):
+    """Inputs: a slide file (tiled at ``magnification``, features by ``encoder``), a feature file
+    (ACMIL/CLAM/TRIDENT/attnzoo ``.h5`` or ``.pt``), a :class:`~attnzoo.datasets.mil_features.FeatureBag`,
+    or a ``[N, D]`` tensor. The MIL model sees one bag at a time. ``segment_kwargs`` go to the tissue
+    segmentation (CLAM's parameters; small images need a lower ``a_t``)."""
+
+    task = "wsi-classification"
+    default_model = "acmil_ga"
+
+    def __init__(self, model: torch.nn.Module, *, encoder: str | torch.nn.Module = "resnet18", encoder_weights: str | None = None,
+                 magnification: float = 20, patch_size: int = 256, input_size: int = 224, feature_dir: str | os.PathLike | None = None,
+                 labels: list[str] | None = None, segment_kwargs: dict[str, Any] | None = None, **kwargs: Any):
+        super().__init__(model, **kwargs)
+        self.encoder, self.encoder_weights = encoder, encoder_weights
+        self.magnification, self.patch_size, self.input_size = magnification, patch_size, input_size
+        self.feature_dir = Path(feature_dir) if feature_dir else Path(tempfile.mkdtemp(prefix="attnzoo-wsi-"))
+        self.labels, self.segment_kwargs = labels, segment_kwargs
+
+    def _sanitize_parameters(self, **kwargs: Any) -> tuple[dict, dict, dict]:
+        if kwargs:
+            raise InvalidInputError(f"{type(self).__name__} got unexpected arguments: {sorted(kwargs)}")
+        return {}, {}, {}
+
+    def __call__(self, inputs: Any, **kwargs: Any) -> Any:
+        single = not isinstance(inputs, (list, tuple))
+        results = [r for _, r in self.iterate([inputs] if single else list(inputs), **kwargs)]
+        return results[0] if single else results
+
+    def preprocess(self, source: Any) -> dict[str, Any]:
+        from attnzoo.datasets.mil_features import FeatureBag, read_feature_bags
+
+        path = feature_file = None
+        if isinstance(source, torch.Tensor):
+            bag = FeatureBag("<tensor>", source.float())
+        elif isinstance(source, FeatureBag):
+            bag = source
+        elif isinstance(source, (str, os.PathLike)):
+            path = Path(source)
+            if not path.exists():
+                raise InvalidInputError(f"{path}: no such file")
+            feature_file = path if path.suffix.lower() in FEATURE_SUFFIXES else self._extract(path)
+            bags = read_feature_bags(feature_file)
+            if len(bags) != 1:
+                raise InvalidInputError(f"{path} holds {len(bags)} slides; pass one slide's features (or a FeatureBag)")
+            bag = next(iter(bags.values()))
+        else:
+            raise InvalidInputError(f"cannot classify a {type(source).__name__}: pass a slide path, a feature file, a FeatureBag or a tensor")
+        if bag.features.ndim != 2 or len(bag.features) == 0:
+            raise InvalidInputError(f"{bag.slide_id}: an empty bag (no patches) cannot be classified")
+        slide = self._slide_of(feature_file) if path is not None and path == feature_file else path
+        return {"features": bag.features, "coords": bag.coords, "slide": str(slide) if slide else None,
+                "patch0": self._patch_size_level0(feature_file)}
+
+    def _extract(self, slide: Path) -> Path:
+        from attnzoo.datasets.wsi import extract_features
+
+        out = self.feature_dir / f"{slide.stem}.h5"
+        return extract_features(slide, self.encoder, out, magnification=self.magnification, patch_size=self.patch_size,
+                                input_size=self.input_size, weights=self.encoder_weights, device=self.device, progress=False,
+                                segment_kwargs=self.segment_kwargs)
+
+    @staticmethod
+    def _slide_of(feature_file: Path) -> Path | None:
+        """The slide our own feature files were extracted from, when it is still there (for the heatmap)."""
+        if feature_file.suffix.lower() not in (".h5", ".hdf5"):
+            return None
+        import h5py
+
+        with h5py.File(feature_file, "r") as f:
+            slide = f.attrs.get("slide_path")
+        return Path(slide) if slide and Path(slide).exists() else None
+
+    def _patch_size_level0(self, path: Path | None) -> int | None:
+        if path is None or path.suffix.lower() not in (".h5", ".hdf5"):
+            return None
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            value = f.attrs.get("patch_size_level0")
+        return None if value is None else int(value)
+
+    @staticmethod
+    def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return {k: [s[k] for s in samples] for k in samples[0]}
+
+    def forward(self, batch: dict[str, Any], **params: Any) -> dict[str, Any]:
+        outputs: dict[str, Any] = {"probabilities": [], "attention": []}
+        with torch.inference_mode():
+            for features in batch["features"]:
+                check = getattr(self.model, "check_input", None)
+                if check is not None:
+                    check(features)
+                out = self.model(features.to(self.device, self.dtype or torch.float32))
+                outputs["probabilities"].append(torch.softmax(out.slide_logits.float(), -1)[0].cpu())
+                outputs["attention"].append(out.instance_attention().float().cpu())
+        return {**outputs, "coords": batch["coords"], "slide": batch["slide"], "patch0": batch["patch0"]}
+
+    def postprocess(self, outputs: dict[str, Any]) -> SlidePrediction:
+        coords = outputs["coords"]
+        return SlidePrediction(outputs["probabilities"].numpy(), outputs["attention"].numpy().reshape(-1),
+                               None if coords is None else np.asarray(coords), outputs["patch0"], outputs["slide"], self.labels)
