@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 import attnzoo
-from attnzoo.vision import lrgt as L
 
 sys.path.insert(0, str(Path(__file__).parent))
 from classification_models import patched  # noqa: E402

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from attnzoo._io import write_json
-from attnzoo.errors import DatasetFormatError, InvalidInputError
+from attnzoo.errors import DatasetFormatError
 from attnzoo.training.config import TrainConfig, recipe_config
 from attnzoo.training.engine import Trainer
 
