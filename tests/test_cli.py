@@ -124,6 +124,9 @@ def test_demo_writes_pictures_and_says_random(tmp_path, capsys):
     assert index[1]["task"] == "multiview-3d-reconstruction" and index[1]["pretrained"] is False  # LRGT's weights need a manual download
     files = {p.name for p in (tmp_path / "demo" / "multiview-3d-reconstruction").iterdir()}
     assert {"table.png", "table.obj", "table.binvox", "results.json"} <= files
+    assert index[2]["task"] == "wsi-classification" and index[2]["pretrained"] is False  # no ACMIL weights were released
+    files = {p.name for p in (tmp_path / "demo" / "wsi-classification").iterdir()}
+    assert {"synthetic_slide.tif", "heatmap.png", "results.json"} <= files
 
 
 def test_console_script_installed():
