@@ -34,6 +34,15 @@ class ClassifierMixin:
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
+def as_generator(generator: torch.Generator | int | None) -> torch.Generator | None:
+    """A ``torch.Generator`` from a generator, an int seed or None (the global RNG), for models with sampling steps."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, bool) or not isinstance(generator, int):
+        raise InvalidInputError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
+    return torch.Generator().manual_seed(generator)
+
+
 def init_vit_weights(m: nn.Module) -> None:
     """The ViT/DeiT initialisation the official codes share: truncated normal (std 0.02) linear
     weights, zero biases, unit LayerNorms."""

@@ -50,6 +50,7 @@ from torch import nn
 
 from attnzoo.errors import InvalidInputError, WeightsError
 from attnzoo.factory import register_model
+from attnzoo.vision._common import as_generator
 
 __all__ = [
     "PRETRAIN_DIMS",
@@ -166,14 +167,6 @@ def acmil_loss(output: ACMILOutput | tuple, label: int | torch.Tensor) -> ACMILL
     return ACMILLoss(div + sub + slide, sub, slide, div)
 
 
-def _as_generator(generator: torch.Generator | int | None) -> torch.Generator | None:
-    if generator is None or isinstance(generator, torch.Generator):
-        return generator
-    if isinstance(generator, bool) or not isinstance(generator, int):
-        raise InvalidInputError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
-    return torch.Generator().manual_seed(generator)
-
-
 def stkim_mask(logits: torch.Tensor, n_masked_patch: int, mask_drop: float,
                generator: torch.Generator | int | None = None) -> torch.Tensor:
     """Stochastic top-K instance masking of ``logits [R, N]`` (one row per branch or head).
@@ -187,7 +180,7 @@ def stkim_mask(logits: torch.Tensor, n_masked_patch: int, mask_drop: float,
     if k <= 0:
         return logits
     _, top = torch.topk(logits, k, dim=-1)
-    gen = _as_generator(generator)
+    gen = as_generator(generator)
     if gen is None:
         noise = torch.rand(rows, k, device=logits.device)
     else:
@@ -411,7 +404,7 @@ class ACMILMultiHead(_ACMILBase):
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | int | None = None) -> ACMILOutput:
         feats = self.dimreduction(self.check_input(x))  # [1, N, D_inner]
-        gen = _as_generator(generator)
+        gen = as_generator(generator)
         subs, logits = [], []
         for i in range(self.n_token):
             feat_i, logits_i = self.sub_attention[i](self.q[:, i].unsqueeze(0), feats, gen)

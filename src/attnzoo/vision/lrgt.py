@@ -47,7 +47,7 @@ from torch import nn
 from attnzoo.errors import InvalidInputError, WeightsError
 from attnzoo.factory import register_model
 from attnzoo.kernels import across_views, dilated_groups, grouped_attention
-from attnzoo.vision._common import init_vit_weights
+from attnzoo.vision._common import as_generator, init_vit_weights
 from attnzoo.weights import CheckpointEntry, PreprocessConfig, register_checkpoint
 
 __all__ = [
@@ -68,14 +68,6 @@ OFFICIAL_CHECKPOINT_URL = "https://pan.baidu.com/s/16po1e4pxfQnd-_ppGH81Mg?pwd=y
 VOXEL_SIZE = 32
 _QUERY_SIDE = 4  # the decoder starts from 4^3 = 64 learned queries
 _STATE_DICTS = ("encoder_state_dict", "merger_state_dict", "decoder_state_dict")
-
-
-def _as_generator(generator: torch.Generator | int | None) -> torch.Generator | None:
-    if generator is None or isinstance(generator, torch.Generator):
-        return generator
-    if isinstance(generator, bool) or not isinstance(generator, int):
-        raise InvalidInputError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
-    return torch.Generator().manual_seed(generator)
 
 
 # -- shared attention ----------------------------------------------------------------------
@@ -343,7 +335,7 @@ class LRGTMerger(nn.Module):
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 4 or tokens.shape[-1] != self.dim or 0 in tokens.shape:
             got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise InvalidInputError(f"the LRGT merger expects tokens [B, V, P, {self.dim}], got {got}")
-        gen = _as_generator(generator)
+        gen = as_generator(generator)
         x = tokens.flatten(1, 2)
         clusters = []
         for blk in self.blocks:
@@ -541,7 +533,7 @@ class LRGT(nn.Module):
     def _generator(self, generator: torch.Generator | int | None) -> torch.Generator | None:
         if generator is None and self.noise_seed is not None:
             return torch.Generator().manual_seed(self.noise_seed)
-        return _as_generator(generator)
+        return as_generator(generator)
 
     def encode(self, views: torch.Tensor) -> torch.Tensor:
         """``[B, V, 3, 224, 224]`` -> ``[B, V, 196, D]``."""
