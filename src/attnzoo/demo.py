@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attnzoo._io import atomic_write, write_json
+from attnzoo._io import atomic_path, atomic_write, write_json
 from attnzoo.errors import WeightsError
 
 #: Photographs scikit-image ships in its wheel, by the names of their loaders in ``skimage.data``.
@@ -148,15 +148,12 @@ def synthetic_slide(path: Path, size: int = 3072) -> Path:
         inside = (x - cx * size) ** 2 + (y - cy * size) ** 2 < (r * size) ** 2
         image[inside] = np.clip(np.array(colour) + rng.normal(0, 12, (int(inside.sum()), 3)), 0, 255).astype(np.uint8)
     description = f"Aperio Image Library v12.0.0\r\n{size}x{size} [0,0 {size}x{size}] (256x256) RAW|MPP = 0.25|AppMag = 40"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial.tif")  # tifffile needs a named file; renamed into place when complete
-    with tifffile.TiffWriter(partial) as tw:
+    with atomic_path(path) as partial, tifffile.TiffWriter(partial) as tw:  # tifffile needs a named file
         tw.write(image, tile=(256, 256), compression="zlib", photometric="rgb", description=description,
                  resolution=(4e4, 4e4), resolutionunit="CENTIMETER", metadata=None)
         for ds in (4, 16):
             tw.write(np.ascontiguousarray(image[::ds, ::ds]), tile=(256, 256), compression="zlib", photometric="rgb",
                      subfiletype=1, metadata=None)
-    os.replace(partial, path)
     return path
 
 

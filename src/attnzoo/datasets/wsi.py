@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from attnzoo._io import atomic_write
+from attnzoo._io import atomic_path, atomic_write
 from attnzoo.errors import DatasetFormatError, InvalidInputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -1057,9 +1057,7 @@ def _write_features_h5(out_path: Path, shards: _Shards, grid: PatchGrid, slide: 
 
     if shards.done != len(grid):
         raise RuntimeError(f"{shards.dir}: holds {shards.done} of {len(grid)} rows")  # pragma: no cover
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(out_path) as tmp:
         with h5py.File(tmp, "w") as f:
             features = f.create_dataset("features", shape=(len(grid), shards.dim), dtype=dtype)
             for start, end, path in shards.shards:
@@ -1077,13 +1075,6 @@ def _write_features_h5(out_path: Path, shards: _Shards, grid: PatchGrid, slide: 
             }
             for key, value in attrs.items():
                 f.attrs[key] = value
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def extract_slides(
