@@ -127,9 +127,9 @@ class WSIClassificationPipeline(Pipeline):
             raise InvalidInputError(f"cannot classify a {type(source).__name__}: pass a slide path, a feature file, a FeatureBag or a tensor")
         if bag.features.ndim != 2 or len(bag.features) == 0:
             raise InvalidInputError(f"{bag.slide_id}: an empty bag (no patches) cannot be classified")
-        slide = self._slide_of(feature_file) if path is not None and path == feature_file else path
-        return {"features": bag.features, "coords": bag.coords, "slide": str(slide) if slide else None,
-                "patch0": self._patch_size_level0(feature_file)}
+        source_slide, patch0 = self._feature_file_info(feature_file)
+        slide = source_slide if path is not None and path == feature_file else path
+        return {"features": bag.features, "coords": bag.coords, "slide": str(slide) if slide else None, "patch0": patch0}
 
     def _extract(self, slide: Path) -> Path:
         from attnzoo.datasets.wsi import extract_features
@@ -140,24 +140,16 @@ class WSIClassificationPipeline(Pipeline):
                                 segment_kwargs=self.segment_kwargs)
 
     @staticmethod
-    def _slide_of(feature_file: Path) -> Path | None:
-        """The slide our own feature files were extracted from, when it is still there (for the heatmap)."""
-        if feature_file.suffix.lower() not in (".h5", ".hdf5"):
-            return None
-        import h5py
-
-        with h5py.File(feature_file, "r") as f:
-            slide = f.attrs.get("slide_path")
-        return Path(slide) if slide and Path(slide).exists() else None
-
-    def _patch_size_level0(self, path: Path | None) -> int | None:
+    def _feature_file_info(path: Path | None) -> tuple[Path | None, int | None]:
+        """From our own HDF5 feature files: the slide they came from (if still there, for the heatmap)
+        and the patch side at level 0; ``(None, None)`` for other files."""
         if path is None or path.suffix.lower() not in (".h5", ".hdf5"):
-            return None
+            return None, None
         import h5py
 
         with h5py.File(path, "r") as f:
-            value = f.attrs.get("patch_size_level0")
-        return None if value is None else int(value)
+            slide, patch0 = f.attrs.get("slide_path"), f.attrs.get("patch_size_level0")
+        return (Path(slide) if slide and Path(slide).exists() else None), (None if patch0 is None else int(patch0))
 
     @staticmethod
     def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

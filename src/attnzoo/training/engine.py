@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import random
 import re
 import time
@@ -381,11 +382,12 @@ class Trainer:
             sync = micro == c.accum_steps - 1 or self.ctx.world_size == 1
             with (nullcontext() if sync else model.no_sync()), self._autocast():
                 loss = self.loss_fn(model, batch)
-            if not torch.isfinite(loss):
-                raise InvalidInputError(f"the loss is {loss.item()} at step {self.step} (epoch {epoch}); lower lr or check the data")
+            value = loss.item()  # one device sync per micro-step, for the check and the log
+            if not math.isfinite(value):
+                raise InvalidInputError(f"the loss is {value} at step {self.step} (epoch {epoch}); lower lr or check the data")
             with nullcontext() if sync else model.no_sync():
                 self.scaler.scale(loss / c.accum_steps).backward()
-            running += loss.item() / c.accum_steps
+            running += value / c.accum_steps
             seen += len(batch[0]) if isinstance(batch, (list, tuple)) else 0
             micro += 1
             if micro < c.accum_steps:
