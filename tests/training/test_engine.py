@@ -234,3 +234,18 @@ def test_best_checkpoint_and_logs(tmp_path):
     assert evals[0] == "step,epoch,eval_acc" and len(evals) == 3
     assert best["eval_acc"] == max(float(r.split(",")[2]) for r in evals[1:])
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_early_stopping_after_patience_evaluations_without_a_better_metric(tmp_path):
+    scores = iter([0.5, 0.7, 0.6, 0.7, 0.65, 0.9, 0.95])  # best at the 2nd evaluation, then 3 without a new best
+    trainer = make_trainer(tmp_path, epochs=7, best_metric="score", early_stop_patience=3)
+    trainer.eval_fn = lambda model: {"score": next(scores)}
+    result = trainer.fit()
+    assert result["stopped_early"] and result["best"] == 0.7
+    assert result["step"] == 5 * trainer.steps_per_epoch  # epochs 1-5 ran; 6 and 7 did not
+    # The counter travels with the checkpoint: resuming the stopped run stops again at once.
+    again = make_trainer(tmp_path, epochs=7, best_metric="score", early_stop_patience=3)
+    again.eval_fn = lambda model: {"score": 1.0}
+    assert again.fit(resume=True)["step"] == result["step"]
+    with pytest.raises(InvalidInputError, match="best_metric"):
+        TrainConfig(early_stop_patience=2).validate()

@@ -42,6 +42,7 @@ class TrainConfig:
     keep_last: int = 3
     best_metric: str | None = None
     best_mode: str = "max"
+    early_stop_patience: int = 0  # stop after this many evaluations without a new best ``best_metric`` (0: never)
     eval_every: int = 1  # epochs
     log_every: int = 10  # optimizer steps
     num_workers: int = 2
@@ -57,6 +58,8 @@ class TrainConfig:
             raise InvalidInputError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
         if self.best_mode not in ("max", "min"):
             raise InvalidInputError(f"best_mode must be max or min, got {self.best_mode!r}")
+        if self.early_stop_patience < 0 or (self.early_stop_patience and self.best_metric is None):
+            raise InvalidInputError("early_stop_patience needs best_metric (the metric it watches) and must be >= 0")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise InvalidInputError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
 

@@ -174,6 +174,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.step, self.best = 0, None
+        self.evals_since_best = 0  # for early stopping
         self.history: list[dict[str, Any]] = []
 
     # -- construction helpers ----------------------------------------------------------------------
@@ -221,7 +222,7 @@ class Trainer:
             "model": _unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None, "scaler": self.scaler.state_dict(),
             "step": self.step, "epoch": epoch, "step_in_epoch": step_in_epoch, "best": self.best,
-            "config": self.config.to_dict(), "run": self.run_info,
+            "evals_since_best": self.evals_since_best, "config": self.config.to_dict(), "run": self.run_info,
         }
 
     def save_checkpoint(self, epoch: int, step_in_epoch: int) -> Path | None:
@@ -262,6 +263,7 @@ class Trainer:
             self.ema.module.load_state_dict(state["ema"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.best = int(state["step"]), state.get("best")
+        self.evals_since_best = int(state.get("evals_since_best", 0))
         return int(state["epoch"]), int(state["step_in_epoch"])
 
     # -- logging -----------------------------------------------------------------------------------
@@ -354,6 +356,10 @@ class Trainer:
         metrics: dict[str, float] = {}
         try:
             for epoch in range(start_epoch, c.epochs):
+                if self._should_stop():
+                    if self.ctx.is_main:
+                        _logger.info("early stop: %d evaluations without a better %s", self.evals_since_best, c.best_metric)
+                    break
                 metrics = self._train_epoch(epoch, start_step if epoch == start_epoch else 0, writer, bar)
         finally:
             if bar is not None:
@@ -362,7 +368,17 @@ class Trainer:
                 writer.close()
         if self.ctx.world_size > 1:
             dist.barrier()
-        return {"step": self.step, "best": self.best, **metrics}
+        return {"step": self.step, "best": self.best, "stopped_early": self._should_stop(), **metrics}
+
+    def _should_stop(self) -> bool:
+        """Early stopping, decided on process 0 (the only one that evaluates) and shared with the others."""
+        patience = self.config.early_stop_patience
+        stop = bool(patience) and self.evals_since_best >= patience
+        if patience and self.ctx.world_size > 1:
+            flag = torch.tensor([float(stop)], device=self.device if self.device.type == "cuda" else "cpu")
+            dist.broadcast(flag, 0)
+            stop = bool(flag.item())
+        return stop
 
     def _train_epoch(self, epoch: int, start_step: int, writer: Any, bar: Any) -> dict[str, float]:
         c = self.config
@@ -418,7 +434,9 @@ class Trainer:
         metrics = self._evaluate(epoch) if (epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs else {}
         if metrics:
             self._log({"step": self.step, "epoch": epoch, **metrics}, writer)
-            if self._improved(metrics) and self.ctx.is_main:
+            improved = self._improved(metrics)
+            self.evals_since_best = 0 if improved else self.evals_since_best + 1
+            if improved and self.ctx.is_main:
                 with atomic_write(self.out_dir / "best.pt") as fh:
                     model_to_save = self.ema.module if self.ema is not None else _unwrap(self.model)
                     torch.save({"model": model_to_save.state_dict(), "step": self.step, "epoch": epoch, **metrics}, fh)
