@@ -1,0 +1,60 @@
+"""Record types shared by the scanpath datasets (CapMIT1003, MIT1003, the Amazon/STI and OAT
+shelf visual-search sets), the scanpath metrics' callers and the scanpath evaluation.
+
+Conventions, the same in every reader:
+
+* coordinates are ``(x, y)`` in the pixels of the original stimulus image (x to the right,
+  y down, origin at the top-left pixel's corner as the published files give them);
+* times and durations are in seconds;
+* object indices are 0-based, in the display's reading order (the published OAT files are
+  1-based: readers convert);
+* one record per (stimulus, observer): nothing is shared between observers' records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class ScanpathRecord:
+    """One observer's fixations (or clicks) on one stimulus."""
+
+    stimulus: str
+    """Stimulus id: the image file name as the dataset names it (e.g. ``"i05june05_static_street_boston_p1010764.jpeg"``)."""
+    image_path: Path
+    subject: str
+    xy: np.ndarray
+    """``[T, 2]`` float64, (x, y) in original image pixels, in viewing order."""
+    times: np.ndarray | None = None
+    """``[T]`` onset of each fixation (click), seconds from stimulus onset; ``None`` when unknown."""
+    durations: np.ndarray | None = None
+    """``[T]`` seconds; ``None`` when the data has none (clicks, STI search fixations)."""
+    caption: str | None = None
+    """The observer's caption (CapMIT1003), else ``None``."""
+    image_size: tuple[int, int] | None = None
+    """``(width, height)`` of the stimulus, when the dataset states it (else read the image)."""
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.xy.shape[0])
+
+
+@dataclass
+class SearchTrial(ScanpathRecord):
+    """One observer searching one display of objects on a grid for a target (visual search)."""
+
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    """``[N, 4]`` float64 ``(x0, y0, x1, y1)`` object boxes in image pixels, in reading order."""
+    grid: tuple[int, int] = (0, 0)
+    """``(rows, cols)`` of the shelf layout; object ``i`` sits at ``(i // cols, i % cols)``."""
+    target: int = -1
+    """0-based index of the target object among ``boxes``."""
+    objects: np.ndarray = field(default_factory=lambda: np.zeros((0,), dtype=np.int64))
+    """``[T]`` int64, the 0-based object each fixation falls on (the published mapping)."""
+    target_image_path: Path | None = None
+    layout: str = ""
+    """Layout id: the same id means the same display (split by it to avoid leakage)."""
