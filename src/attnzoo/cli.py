@@ -124,6 +124,9 @@ def eval_(
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate only the first N samples.")] = None,
     views: Annotated[Optional[str], typer.Option("--views", help="3D reconstruction: view counts to sweep, e.g. 1,2,3,4,5,8,12,16,20 (default 3).")] = None,
     fscore: Annotated[bool, typer.Option("--fscore", help="3D reconstruction: also F-score@1% (slower).")] = False,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="Scanpaths: capmit1003, mit1003, amazon, yogurt or wine (default: detected from --data).")] = None,
+    captions: Annotated[Optional[str], typer.Option("--captions", help="Scanpaths on capmit1003: own, misleading, other-subject, comma-separated (default own,misleading).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Scanpaths: seed of NevaClip's restarts, misleading captions and OAT's split.")] = 0,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard an earlier run in --out instead of resuming it.")] = False,
@@ -138,28 +141,38 @@ def eval_(
     is_3d = spec.name == "multiview-3d-reconstruction"
     if (views is not None or fscore) and not is_3d:
         raise typer.BadParameter("--views and --fscore are options of multiview-3d-reconstruction")
+    is_scanpath = spec.name == "scanpath"
+    if (dataset is not None or captions is not None) and not is_scanpath:
+        raise typer.BadParameter("--dataset and --captions are options of scanpath")
+    extra: dict = {}
+    pipe_kwargs: dict = {}
+    if is_scanpath:
+        kind = "nevaclip" if str(model_name).lower().startswith("neva") else "oat"
+        extra = {"dataset": dataset, "captions": captions, "seed": seed, "model_kind": kind}
+        pipe_kwargs = {"seed": seed} if kind == "nevaclip" else {}
     counts = _view_counts(views) if is_3d else [None]
-    split = split or {"multiview-3d-reconstruction": "test", "wsi-classification": "test"}.get(spec.name, "val")
+    split = split or {"multiview-3d-reconstruction": "test", "wsi-classification": "test", "scanpath": "test"}.get(spec.name, "val")
     evaluator_cls = get_evaluator(spec.name)
 
     def make_evaluator(n: int | None):
-        return evaluator_cls(data, split, limit=limit) if n is None else evaluator_cls(data, split, limit=limit, n_views=n, with_fscore=fscore)
+        return evaluator_cls(data, split, limit=limit, **extra) if n is None else evaluator_cls(data, split, limit=limit, n_views=n, with_fscore=fscore)
 
     evaluators = {n: make_evaluator(n) for n in counts}  # a bad dataset fails before the model loads
-    pipe = pipeline(spec.name, model=model_name, weights=weights, device=device, dtype=dtype)
+    pipe = pipeline(spec.name, model=model_name, weights=weights, device=device, dtype=dtype, **pipe_kwargs)
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
     results = {}
     for n, evaluator in evaluators.items():
         if getattr(pipe.model, "num_classes", None) and hasattr(evaluator, "check_num_classes"):
             evaluator.check_num_classes(pipe.model.num_classes)
         settings = {"model": model_name, "weights": weights or "pretrained", "data": str(Path(data).resolve()), "split": split,
-                    "limit": limit, "dtype": dtype, **({"views": n, "fscore": fscore} if n is not None else {})}
+                    "limit": limit, "dtype": dtype, **({"views": n, "fscore": fscore} if n is not None else {}),
+                    **({k: v for k, v in extra.items() if k != "model_kind"} if is_scanpath else {})}
         run_out = Path(out) if len(counts) == 1 else Path(out) / f"views-{n}"
         metrics = evaluate(pipe, evaluator, run_out, settings=settings, batch_size=batch_size, num_workers=workers)
         if not metrics:  # a torchrun process other than the first: process 0 reports
             continue
         results[n] = metrics
-        shown = {k: metrics[k] for k in ("top1", "top5", "iou", "fscore", "n", "skipped") if k in metrics}
+        shown = {k: metrics[k] for k in ("top1", "top5", "iou", "fscore", "spp", "ss", "delta", "n", "skipped") if k in metrics}
         _echo((f"views={n} " if n is not None else "") + " ".join(f"{k}={v}" for k, v in shown.items()))
         _echo(f"wrote {run_out / 'metrics.json'} and {run_out / 'report.md'}")
     if len(results) > 1:
@@ -186,7 +199,10 @@ TRAIN_RECIPES = {
     "image-classification": "attnzoo.training.classification:train_classification",
     "multiview-3d-reconstruction": "attnzoo.training.reconstruction:train_reconstruction",
     "wsi-classification": "attnzoo.training.wsi:train_wsi_classification",
+    "scanpath": "attnzoo.training.scanpath:train_scanpath",
 }
+#: The model a task trains by default when it differs from its pipeline's (NevaClip has nothing to train).
+TRAIN_DEFAULT_MODELS = {"scanpath": "oat_amazon"}
 
 
 @app.command(context_settings={"allow_extra_args": False})
@@ -211,7 +227,7 @@ def train(
         raise typer.BadParameter(f"no training recipe for {spec.name} yet (available: {', '.join(TRAIN_RECIPES)})")
     module, fn = TRAIN_RECIPES[spec.name].split(":")
     recipe = getattr(importlib.import_module(module), fn)
-    result = recipe(model or spec.default_model, data, out, config=config, overrides=overrides or [], weights=weights, resume=resume, device=device)
+    result = recipe(model or TRAIN_DEFAULT_MODELS.get(spec.name, spec.default_model), data, out, config=config, overrides=overrides or [], weights=weights, resume=resume, device=device)
     best = f" best={result['best']:.3f}" if result.get("best") is not None else ""
     _echo(f"trained {result['step']} steps{best}; wrote {Path(out)}")
 

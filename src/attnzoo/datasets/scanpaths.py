@@ -13,10 +13,13 @@ Conventions, the same in every reader:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from attnzoo.errors import DatasetFormatError
 
 
 @dataclass
@@ -58,3 +61,22 @@ class SearchTrial(ScanpathRecord):
     target_image_path: Path | None = None
     layout: str = ""
     """Layout id: the same id means the same display (split by it to avoid leakage)."""
+
+
+def detect_scanpath_dataset(root: str | os.PathLike) -> str:
+    """The dataset a folder holds, from the files the public releases ship."""
+    root = Path(root)
+    if (root / "capmit1003.db").is_file() or root.suffix == ".db":
+        return "capmit1003"
+    for name in ("Amazon.json", "amazon_data.json", "AmazonCovers/Amazon.json", "amazon_data/amazon_data.json"):
+        if (root / name).is_file():
+            return "amazon"
+    for stem, task in (("time_Q3_mousedel_new", "yogurt"), ("time_Q1_mousedel_new", "wine")):
+        if any((d / f"{stem}{ext}").is_file() for d in (root, root / "gaze") for ext in (".xlsx", ".csv")):
+            return task
+    if (root / "DATA").is_dir() or list(root.glob("**/fixations.hdf5")):
+        return "mit1003"
+    raise DatasetFormatError(
+        f"{root}: cannot tell which scanpath dataset this is (looked for capmit1003.db, Amazon.json / amazon_data.json, "
+        "OAT's time_Q3/Q1_mousedel_new.xlsx, MIT1003's DATA/ or a pysaliency cache); pass --dataset"
+    )

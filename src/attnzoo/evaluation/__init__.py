@@ -6,6 +6,7 @@ EVALUATORS = {
     "image-classification": "attnzoo.evaluation.classification:ClassificationEvaluator",
     "multiview-3d-reconstruction": "attnzoo.evaluation.reconstruction:MultiViewReconstructionEvaluator",
     "wsi-classification": "attnzoo.evaluation.wsi:WSIClassificationEvaluator",
+    "scanpath": "attnzoo.evaluation.scanpath:ScanpathEvaluator",
 }
 
 

@@ -26,6 +26,9 @@ class TaskSpec:
     default_model: str | None = None
     aliases: tuple[str, ...] = ()
     description: str = ""
+    model_builder: Any = None
+    """``"module:function"`` building the model from a name when the task's models are not all
+    :func:`attnzoo.create_model` names; called as ``f(name, weights=, pretrained=, **model_kwargs)``."""
     _cls: Any = field(default=None, repr=False)
 
     def load(self) -> type["Pipeline"]:
@@ -43,10 +46,11 @@ TASK_ALIASES: dict[str, str] = {}
 
 
 def register_pipeline(
-    task: str, impl: Any, *, default_model: str | None = None, aliases: tuple[str, ...] = (), description: str = ""
+    task: str, impl: Any, *, default_model: str | None = None, aliases: tuple[str, ...] = (), description: str = "",
+    model_builder: Any = None,
 ) -> TaskSpec:
     """Add a task (third parties may too); ``impl`` is a Pipeline subclass or ``"module:Class"``."""
-    spec = TaskSpec(task, impl, default_model, tuple(aliases), description)
+    spec = TaskSpec(task, impl, default_model, tuple(aliases), description, model_builder)
     SUPPORTED_TASKS[task] = spec
     for alias in aliases:
         TASK_ALIASES[alias] = task
@@ -78,6 +82,15 @@ register_pipeline(
     default_model="lrgt",
     aliases=("3d-reconstruction", "multiview-reconstruction"),
     description="a 32^3 occupancy grid (mesh, .obj/.ply/.binvox) from any number of images of one object, with LRGT",
+)
+
+register_pipeline(
+    "scanpath",
+    "attnzoo.pipelines.scanpath:ScanpathPipeline",
+    default_model="nevaclip",
+    aliases=("scanpath-prediction", "gaze"),
+    description="fixations (x, y) where people will look: NevaClip (zero-shot, an image + a caption) or OAT (visual search on a shelf)",
+    model_builder="attnzoo.pipelines.scanpath:build_scanpath_model",
 )
 
 register_pipeline(
@@ -120,7 +133,11 @@ def pipeline(
     cls = spec.load()
     if model is None:
         model = spec.default_model
-    if isinstance(model, str):
+    if isinstance(model, str) and spec.model_builder is not None:
+        module, _, attr = spec.model_builder.partition(":")
+        builder = getattr(importlib.import_module(module), attr)
+        model = builder(model, weights=weights, pretrained=pretrained, **dict(model_kwargs or {}))
+    elif isinstance(model, str):
         model = create_model(model, pretrained=weights is None if pretrained is None else pretrained, weights=weights, **dict(model_kwargs or {}))
     elif weights is not None:
         from attnzoo.weights import load_weights

@@ -6,3 +6,4 @@ from attnzoo.vision import sparsifiner  # noqa: F401  (registers sparsifiner_* w
 from attnzoo.vision import inline  # noqa: F401  (registers inline_swin_* and inline_deit_* with timm)
 from attnzoo.vision import lrgt  # noqa: F401  (registers lrgt with attnzoo.create_model and its checkpoint entry)
 from attnzoo.vision import acmil  # noqa: F401  (registers acmil_ga, acmil_mha, abmil with attnzoo.create_model)
+from attnzoo.vision import oat  # noqa: F401  (registers oat_amazon, oat_yogurt, oat_wine with attnzoo.create_model)

@@ -1,0 +1,295 @@
+"""Scanpath evaluation: the NevaClip paper's metrics on CapMIT1003 / MIT1003 and OAT's on the
+Amazon / yogurt / wine search sets, each with the human inter-subject agreement as reference row.
+
+NevaClip (``--model nevaclip``):
+
+* **capmit1003** (``--data`` holds ``capmit1003.db`` and MIT1003's ``ALLSTIMULI/``): one scanpath
+  per caption, scored against the click path of the person who wrote it. By default every caption
+  is run twice: with its own caption, and with a *misleading* one (a caption of another image,
+  seeded), the paper's control. ``--captions own`` runs the first only.
+* **mit1003** (free viewing, raw release or pysaliency cache): one scanpath per image, scored
+  against every observer. Free viewing has no caption: the image's first CapMIT1003 caption is
+  used when ``capmit1003.db`` lies in ``--data`` (or its parent), else the neutral prompt
+  :data:`NEUTRAL_CAPTION`.
+
+Metrics per sample, averaged: **SPP**, the string-based time-delay embedding similarity
+(scanpath plausibility; FixaTons' settings, mean over observers: see
+:func:`attnzoo.metrics.scanpath.scanpath_plausibility`), ScanMatch, MultiMatch (mean of vector,
+direction, length, position) and the string edit distance on the 4x4 grid. The human row scores
+each observer's scanpath against the other observers of the same image in the same way.
+
+OAT (``--model oat_amazon`` etc., ``--data`` an Amazon / yogurt / wine folder): the trials of the
+official split (``--split test``; the permutation seeded with 0 or read from
+``splitlist_all_amazon.txt`` beside the data) or ``--split test-by-layout`` (the leakage-free split
+by layout); greedy decoding. Sequence score (NW), edit distance, MultiMatch on grid-cell centres,
+the five behavioural statistics and Δ (of their test-set means, as OAT computes it).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from attnzoo.datasets.scanpaths import detect_scanpath_dataset
+from attnzoo.errors import DatasetFormatError, InvalidInputError
+from attnzoo.evaluation.runner import EvalSample
+
+__all__ = ["NEUTRAL_CAPTION", "ScanpathEvaluator"]
+
+NEUTRAL_CAPTION = "a photo"
+NEVACLIP_DATASETS = ("capmit1003", "mit1003")
+SEARCH_DATASETS = ("amazon", "yogurt", "wine")
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def free_viewing_scores(model_xy: np.ndarray, humans: list[np.ndarray], size: tuple[int, int]) -> dict[str, float]:
+    """The NevaClip-style scores of one scanpath against some observers' (mean over observers)."""
+    from attnzoo.metrics.scanpath import edit_distance, multimatch, scanmatch, scanpath_plausibility, scanpath_to_string
+
+    humans = [h for h in humans if len(h)]
+    if not humans or not len(model_xy):
+        return {"spp": float("nan"), "scanmatch": float("nan"), "multimatch": float("nan"), "edit_distance": float("nan")}
+    string = scanpath_to_string(model_xy, size)
+    return {
+        "spp": scanpath_plausibility(model_xy, humans, size),
+        "scanmatch": _mean([scanmatch(model_xy, h, size) for h in humans]),
+        "multimatch": _mean([multimatch(model_xy, h, size)["mean_without_duration"] for h in humans]),
+        "edit_distance": _mean([float(edit_distance(string, scanpath_to_string(h, size))) for h in humans]),
+    }
+
+
+class ScanpathEvaluator:
+    task = "scanpath"
+
+    def __init__(self, data: str | os.PathLike, split: str = "test", *, limit: int | None = None, dataset: str | None = None,
+                 captions: str | None = None, seed: int = 0, model_kind: str = "nevaclip"):
+        root = Path(data)
+        if not root.exists():
+            raise DatasetFormatError(f"dataset folder {root} does not exist")
+        self.root, self.dataset, self.seed, self.limit = root, dataset or detect_scanpath_dataset(root), seed, limit
+        if self.dataset not in NEVACLIP_DATASETS + SEARCH_DATASETS:
+            raise InvalidInputError(f"--dataset must be one of {NEVACLIP_DATASETS + SEARCH_DATASETS}, got {self.dataset!r}")
+        self.is_search = self.dataset in SEARCH_DATASETS
+        if model_kind == "oat" and not self.is_search:
+            raise InvalidInputError(f"OAT predicts visual search on shelves (amazon, yogurt, wine), not {self.dataset}")
+        if model_kind == "nevaclip" and self.is_search:
+            raise InvalidInputError(f"NevaClip is evaluated on capmit1003 / mit1003; {self.dataset} is OAT's (use --model oat_{self.dataset})")
+        if self.is_search:
+            self._load_search(split)
+        else:
+            self._load_free_viewing(split, captions)
+
+    # -- data ------------------------------------------------------------------------------
+    def _load_free_viewing(self, split: str, captions: str | None) -> None:
+        if split not in ("test", "all"):
+            raise InvalidInputError(f"NevaClip has no training: --split is 'test' or 'all' (the whole dataset), got {split!r}")
+        if self.dataset == "capmit1003":
+            from attnzoo.datasets.capmit1003 import CapMIT1003
+
+            self.records = CapMIT1003(self.root)
+            self.conditions = [c.strip() for c in (captions or "own,misleading").split(",") if c.strip()]
+            bad = sorted(set(self.conditions) - {"own", "misleading", "other-subject"})
+            if bad or not self.conditions:
+                raise InvalidInputError(f"--captions takes own, misleading, other-subject (comma-separated), got {captions!r}")
+            self.caption_sets = {"own": [r.caption for r in self.records]}
+            if "misleading" in self.conditions:
+                self.caption_sets["misleading"] = self.records.misleading_captions(self.seed)
+            if "other-subject" in self.conditions:
+                self.caption_sets["other-subject"] = self.records.other_subject_captions(self.seed)
+        else:
+            from attnzoo.datasets.mit1003 import MIT1003
+
+            if captions not in (None, "own"):
+                raise InvalidInputError("MIT1003 is free viewing: --captions applies to capmit1003 only")
+            self.records = MIT1003(self.root)
+            self._groups = self.records.by_stimulus()
+            self.conditions = ["own"]
+            self.stimulus_captions = self._mit1003_captions()
+
+    def _mit1003_captions(self) -> dict[str, str]:
+        for folder in (self.root, self.root.parent):
+            if (folder / "capmit1003.db").is_file():
+                from attnzoo.datasets.capmit1003 import CapMIT1003
+
+                try:
+                    caps = CapMIT1003(folder, stimuli_dir=self.records[0].image_path.parent, skip_missing=True)
+                except (DatasetFormatError, IndexError):
+                    break
+                out: dict[str, str] = {}
+                for record in sorted(caps, key=lambda r: str(r.meta.get("obs_uid", ""))):
+                    out.setdefault(record.stimulus, record.caption)
+                return out
+        return {}
+
+    def _load_search(self, split: str) -> None:
+        from attnzoo.datasets.visual_search import AmazonCovers, OATShelf, leakage_free_split, official_split
+
+        trials = AmazonCovers(self.root) if self.dataset == "amazon" else OATShelf(self.root, task=self.dataset)
+        self.all_trials = list(trials)
+        name, _, scheme = split.partition("-by-")
+        if name not in ("train", "val", "test", "all"):
+            raise InvalidInputError(f"--split is train, val, test or all (optionally -by-layout / -by-target), got {split!r}")
+        if name == "all":
+            self.trials = self.all_trials
+        elif scheme:
+            self.trials = leakage_free_split(self.all_trials, by=scheme, seed=self.seed)[name]
+        else:
+            permutation = next((p for p in (self.root / "splitlist_all_amazon.txt", self.root.parent / "splitlist_all_amazon.txt")
+                                if p.is_file() and self.dataset == "amazon"), None)
+            self.trials = official_split(self.all_trials, permutation if permutation else self.seed)[name]
+
+    # -- the runner's protocol ------------------------------------------------------------------
+    def samples(self) -> list[EvalSample]:
+        out = []
+        if self.is_search:
+            for i, t in enumerate(self.trials):
+                out.append(EvalSample(f"{t.stimulus}|{t.subject}|{t.target}", {"image": t.image_path, "boxes": t.boxes, "target": t.target}, i))
+        elif self.dataset == "capmit1003":
+            for condition in self.conditions:
+                for i, r in enumerate(self.records):
+                    key = r.meta.get("obs_uid", f"{r.stimulus}|{r.subject}|{i}")
+                    out.append(EvalSample(f"{condition}|{key}", {"image": r.image_path, "caption": self.caption_sets[condition][i]},
+                                          (condition, i)))
+        else:
+            for stimulus, records in self._groups.items():
+                caption = self.stimulus_captions.get(stimulus, NEUTRAL_CAPTION)
+                out.append(EvalSample(stimulus, {"image": records[0].image_path, "caption": caption}, ("own", stimulus)))
+        return out[: self.limit] if self.limit else out
+
+    def record(self, sample: EvalSample, result: Any) -> dict[str, Any]:
+        if self.is_search:
+            trial = self.trials[sample.target]
+            return {"objects": np.asarray(result.objects).tolist(), "found_target": bool(result.found_target),
+                    **self._search_scores(np.asarray(result.objects), trial)}
+        condition, key = sample.target
+        humans = [self.records[key]] if self.dataset == "capmit1003" else self._groups[key]
+        size = tuple(result.image_size)
+        scores = free_viewing_scores(result.xy, [h.xy for h in humans], size)
+        return {"condition": condition, "caption": sample.input["caption"], "xy": np.round(result.xy, 2).tolist(), **scores}
+
+    def _search_scores(self, objects: np.ndarray, trial: Any) -> dict[str, Any]:
+        from attnzoo.metrics.scanpath import edit_distance, search_statistics, sequence_score
+
+        human = trial.objects
+        scores: dict[str, Any] = {"ss": sequence_score(objects, human) if len(objects) else 0.0,
+                                  "edit_distance": float(edit_distance(objects.tolist(), human.tolist())),
+                                  "multimatch": self._object_multimatch(objects, trial)}
+        scores["stats"] = search_statistics(objects, trial.target) if len(objects) else None
+        return scores
+
+    def _object_multimatch(self, objects: np.ndarray, trial: Any) -> float:
+        """OAT's MM: predicted objects as grid-cell centres against the observer's raw fixations,
+        both padded to 3 fixations (``calculate_mm.py``), unit durations, on the screen size."""
+        from attnzoo.metrics.scanpath import OAT_LAYOUTS, multimatch, objects_to_points, pad_scanpath
+
+        layout = OAT_LAYOUTS[self.dataset]
+        screen = layout["screen_size"] or trial.image_size
+        if not len(objects) or not len(trial.xy):
+            return float("nan")
+        points = objects_to_points(objects, trial.grid, layout["cell_size"], layout["offset"])
+        return multimatch(pad_scanpath(trial.xy), pad_scanpath(points), screen)["mean_without_duration"]
+
+    # -- aggregation -----------------------------------------------------------------------------
+    def metrics(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """Rows of means; a metric no sample could give (e.g. MultiMatch needs 3 fixations) is ``None``."""
+        out = self._search_metrics(records) if self.is_search else self._free_viewing_metrics(records)
+        return _nan_to_none(out)
+
+    def _free_viewing_metrics(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        keys = ("spp", "scanmatch", "multimatch", "edit_distance")
+        out: dict[str, Any] = {"dataset": self.dataset, "rows": {}}
+        for condition in self.conditions:
+            rows = [r for r in records if r["condition"] == condition]
+            if rows:
+                out["rows"][f"model ({condition} caption)" if self.dataset == "capmit1003" else "model"] = {
+                    k: round(_mean([r[k] for r in rows]), 4) for k in keys} | {"n": len(rows)}
+        out["rows"]["humans (inter-subject)"] = self._human_agreement(keys)
+        first = next(iter(out["rows"].values()))
+        out.update({k: first[k] for k in keys})
+        return out
+
+    def _human_agreement(self, keys: tuple[str, ...]) -> dict[str, Any]:
+        """Each observer against the other observers of the same image (the stimuli evaluated)."""
+        groups = self.records.by_stimulus()
+        evaluated = {s.input["image"] for s in self.samples()}
+        per_stimulus = []
+        for records in groups.values():
+            if len(records) < 2 or records[0].image_path not in evaluated:
+                continue
+            size = records[0].image_size or _image_size(records[0].image_path)
+            scores = [free_viewing_scores(r.xy, [o.xy for o in records if o is not r], size) for r in records]
+            per_stimulus.append({k: _mean([s[k] for s in scores]) for k in keys})
+        if not per_stimulus:
+            return {k: float("nan") for k in keys} | {"n": 0}
+        return {k: round(_mean([s[k] for s in per_stimulus]), 4) for k in keys} | {"n": len(per_stimulus)}
+
+    def _search_metrics(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        from attnzoo.metrics.scanpath import SEARCH_STATISTICS, average_search_statistics, behavioural_delta, search_statistics
+
+        index = {s.id: s.target for s in self.samples()}
+        trials = [self.trials[index[r["id"]]] for r in records]
+        human_stats = average_search_statistics(search_statistics(t.objects, t.target) for t in trials)
+        model_stats = average_search_statistics(r["stats"] for r in records if r["stats"] is not None)
+        model_row = {"ss": _mean([r["ss"] for r in records]), "edit_distance": _mean([r["edit_distance"] for r in records]),
+                     "multimatch": _mean([r["multimatch"] for r in records]), "delta": behavioural_delta(model_stats, human_stats),
+                     **model_stats, "n": len(records)}
+        human_row = {**self._search_agreement(trials), "delta": 0.0, **human_stats, "n": len(trials)}
+        rows = {"model": {k: round(v, 4) if isinstance(v, float) else v for k, v in model_row.items()},
+                "humans (inter-subject)": {k: round(v, 4) if isinstance(v, float) else v for k, v in human_row.items()}}
+        return {"dataset": self.dataset, "rows": rows, **{k: rows["model"][k] for k in ("ss", "edit_distance", "multimatch", "delta")},
+                "statistics": list(SEARCH_STATISTICS)}
+
+    def _search_agreement(self, trials: list[Any]) -> dict[str, float]:
+        """Each observer's object sequence against the other observers of the same display and target."""
+        groups: dict[tuple, list[Any]] = {}
+        for t in self.all_trials:
+            groups.setdefault((t.layout, t.target), []).append(t)
+        ss, ed, mm = [], [], []
+        for t in trials:
+            others = [o for o in groups[(t.layout, t.target)] if o is not t]
+            for o in others:
+                s = self._search_scores(o.objects, t)
+                ss.append(s["ss"])
+                ed.append(s["edit_distance"])
+                mm.append(s["multimatch"])
+        return {"ss": _mean(ss), "edit_distance": _mean(ed), "multimatch": _mean(mm)}
+
+    def report(self, metrics: dict[str, Any]) -> str:
+        if self.is_search:
+            cols = [("SS", "ss"), ("ED", "edit_distance"), ("MM", "multimatch"), ("Δ", "delta"), ("correct target", "correct_target"),
+                    ("length", "length"), ("search", "search_ratio"), ("refixation", "refixation_ratio"), ("revisit", "revisit_ratio")]
+            note = ("SS: Needleman-Wunsch on objects / max length (OAT); ED: edit distance on objects; MM: MultiMatch (mean of vector, "
+                    "direction, length, position) of grid-cell centres vs raw fixations; Δ of the test-set means of the five statistics.")
+        else:
+            cols = [("SPP (SBTDE)", "spp"), ("ScanMatch", "scanmatch"), ("MultiMatch", "multimatch"), ("edit distance", "edit_distance")]
+            note = ("SPP: string-based time-delay embedding similarity (4x4 grid, k=3, mean over observers); "
+                    "humans: each observer against the others on the same image.")
+        head = "| | " + " | ".join(c for c, _ in cols) + " | n |\n|---|" + "---|" * (len(cols) + 1) + "\n"
+        body = "".join(f"| {name} | " + " | ".join(_fmt(row.get(k)) for _, k in cols) + f" | {row.get('n', '')} |\n"
+                       for name, row in metrics["rows"].items())
+        return f"Dataset: **{metrics['dataset']}**\n\n{head}{body}\n{note}\n"
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _fmt(value: Any) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size

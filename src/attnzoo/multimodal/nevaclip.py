@@ -1,0 +1,559 @@
+"""NevaClip: zero-shot human scanpath prediction with a frozen CLIP and a foveation model.
+
+Zanca, Zugarini, Dietz, Altstidl, Turban Ndjeuha, Schwinn, Eskofier. "Contrastive Language-Image
+Pretrained Models are Zero-Shot Human Scanpath Predictors". https://arxiv.org/abs/2305.12380
+Official code: https://github.com/dario-zanca/NevaClip (``NeVA.py::NeVAWrapper``, ``utils.py``,
+``main.py``), built on NeVA (Schwinn et al., https://github.com/SchwinnL/NeVA).
+
+There is nothing to train. For each of ``fixations`` steps a fixation ``p = (row, col)`` in
+``[-1, 1]^2`` of the model's input crop is searched by sign-gradient descent so that the CLIP
+embedding of the *foveated* image matches a target (a caption's text embedding):
+
+* blur: ``G * x - x`` with a 41x41 Gaussian (sigma 10; the outer product of the 1-D kernel, as
+  the official code builds it) applied per channel with reflection padding on the *normalised*
+  image (:func:`gaussian_blur_difference`);
+* foveation mask ``g = exp(-((u - p0)^2 + (v - p1)^2) / sigma_f)`` over ``linspace(-1, 1, S)``
+  'ij' grids, sigma_f = 0.2 divides the squared distance directly (:func:`foveation_mask`);
+* the model sees ``x + blur * clip(1 - (M + g), 0, 1)`` (:func:`foveate`) where the memory ``M``
+  becomes ``M * forgetting + g(best p)`` after each fixation (:func:`update_memory`);
+* loss ``1 - cos(visual(foveated), target)``; 20 iterations of ``p <- p - lr * sign(dL/dp)``
+  from ``(0, 0)``; a sample whose loss did not improve on its best restarts uniformly in
+  ``[-1, 1]^2`` (or is jittered by ``U(-lr/2, lr/2)`` without restarts). Official quirk kept: the
+  stored "best" position is the one *after* the sign step, not the one that produced the loss.
+* an optional second target is blended in as ``l * target + (1 - l) * second`` with
+  ``l = (step / fixations)^2`` (the official ``output2``).
+
+Batching: every sample's search is independent, so many images (and captions) run as one tensor
+program. Restarts draw random numbers. The official code draws them from the global RNG for the
+masked subset of non-improving samples, which couples the samples of a batch; ``rng="official"``
+reproduces that, while ``rng="per_sample"`` (default) gives each sample its own generator so a
+sample's scanpath does not depend on what it was batched with.
+
+Coordinates: positions are (row, col) in the input crop, ``p0 = -1`` the top row and ``p1 = -1``
+the left column (:func:`fixations_to_pixels` maps them to (x, y) pixels of the original image).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnzoo.errors import InvalidInputError, UnknownNameError, WeightsError
+
+__all__ = [
+    "OPENAI_DATASET_MEAN",
+    "OPENAI_DATASET_STD",
+    "NevaClip",
+    "NevaClipResult",
+    "fixations_to_pixels",
+    "foveate",
+    "foveation_mask",
+    "gaussian_blur_difference",
+    "gaussian_window",
+    "preprocess_images",
+    "update_memory",
+]
+
+OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
+
+RNG_MODES = ("per_sample", "official")
+
+
+# -- foveation -----------------------------------------------------------------------------
+
+def gaussian_window(size: int = 41, sigma: float = 10.0) -> torch.Tensor:
+    """The ``[size, size]`` float32 Gaussian the official code builds: a normalised 1-D kernel
+    (values from Python floats, normalised in float32) times its transpose."""
+    if size < 1 or size % 2 == 0:
+        raise InvalidInputError(f"blur filter size must be a positive odd number, got {size}")
+    if not sigma > 0:
+        raise InvalidInputError(f"blur sigma must be positive, got {sigma}")
+    gauss = torch.tensor([math.exp(-((i - size // 2) ** 2) / float(2 * sigma**2)) for i in range(size)], dtype=torch.float32)
+    gauss = gauss / gauss.sum()
+    return gauss[:, None] * gauss[None, :]
+
+
+def gaussian_blur_difference(x: torch.Tensor, size: int = 41, sigma: float = 10.0) -> torch.Tensor:
+    """``G * x - x`` per channel with reflection padding: what foveation adds where it blurs."""
+    if x.ndim != 4:
+        raise InvalidInputError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
+    pad = size // 2
+    if pad >= min(x.shape[-2:]):
+        raise InvalidInputError(f"blur filter size {size} needs images larger than {pad} pixels, got {tuple(x.shape[-2:])}")
+    channels = x.shape[1]
+    window = gaussian_window(size, sigma).to(device=x.device, dtype=x.dtype)
+    window = window.expand(channels, 1, size, size).contiguous()
+    blurred = F.conv2d(F.pad(x, (pad, pad, pad, pad), mode="reflect"), window, groups=channels)
+    return blurred - x
+
+
+def foveation_mask(pos: torch.Tensor, size: int = 224, sigma: float = 0.2, amplitude: float = 1.0) -> torch.Tensor:
+    """``[B, 1, size, size]`` Gaussian blob at ``pos`` ([B, 2] or [B, 2, 1, 1], (row, col) in [-1, 1]).
+
+    The squared distance is divided by ``sigma`` itself (not ``2 sigma^2``), as in the official code.
+    """
+    if pos.ndim == 2:
+        pos = pos[:, :, None, None]
+    if pos.ndim != 4 or pos.shape[1:] != (2, 1, 1):
+        raise InvalidInputError(f"expected positions [B, 2] or [B, 2, 1, 1], got shape {tuple(pos.shape)}")
+    batch = pos.shape[0]
+    line = torch.linspace(-1, 1, size, device=pos.device, dtype=pos.dtype)
+    rows, cols = torch.meshgrid(line, line, indexing="ij")
+    rows = rows.expand(batch, size, size) - pos[:, 0]
+    cols = cols.expand(batch, size, size) - pos[:, 1]
+    distance = rows**2 + cols**2
+    return (amplitude * torch.exp(-distance / sigma)).view(batch, 1, size, size)
+
+
+def foveate(x: torch.Tensor, blur: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The image the model sees: sharp where memory + current fixation cover it, blurred elsewhere."""
+    return x + blur * torch.clip(1 - (memory + mask), 0, 1)
+
+
+def update_memory(memory: torch.Tensor, mask: torch.Tensor, forgetting: float) -> torch.Tensor:
+    """``M * forgetting + g``: with forgetting 0 (NevaClip) only the last fixation stays sharp."""
+    return (memory * forgetting + mask).detach()
+
+
+# -- preprocessing and coordinates ---------------------------------------------------------
+
+def _resize_geometry(width: int, height: int, input_size: int) -> tuple[int, int, int, int]:
+    """(resized width, resized height, crop left, crop top) of torchvision Resize(short side) +
+    CenterCrop, the open_clip eval transform: the long side is truncated, the offsets rounded half-even."""
+    if width <= height:
+        new_w, new_h = input_size, int(input_size * height / width)
+    else:
+        new_w, new_h = int(input_size * width / height), input_size
+    return new_w, new_h, round((new_w - input_size) / 2.0), round((new_h - input_size) / 2.0)
+
+
+def fixations_to_pixels(pos: torch.Tensor | np.ndarray, image_size: tuple[int, int], input_size: int = 224) -> np.ndarray:
+    """``[T, 2]`` (x, y) in original-image pixels from (row, col) positions in [-1, 1] of the crop.
+
+    ``image_size`` is ``(width, height)`` (PIL order). Crop index ``(p + 1) / 2 * (S - 1)`` (the
+    linspace grid), plus the centre-crop offset, is scaled by the actual resize factor of each
+    axis with pixel centres aligned as PIL resamples them; the result uses the convention of
+    :class:`attnzoo.datasets.scanpaths.ScanpathRecord` (origin at the top-left pixel's corner, so
+    pixel ``i`` spans ``[i, i + 1)``). This differs from ``index / (S / min(W, H))`` by under one
+    original pixel.
+    """
+    array = pos.detach().cpu().double().numpy() if isinstance(pos, torch.Tensor) else np.asarray(pos, dtype=np.float64)
+    array = array.reshape(array.shape[0], -1) if array.ndim == 4 else array
+    if array.ndim != 2 or array.shape[1] != 2:
+        raise InvalidInputError(f"expected fixations [T, 2] as (row, col), got shape {array.shape}")
+    width, height = (int(v) for v in image_size)
+    if width < 1 or height < 1:
+        raise InvalidInputError(f"image_size must be (width, height) > 0, got {image_size}")
+    new_w, new_h, left, top = _resize_geometry(width, height, input_size)
+    row = (array[:, 0] + 1) / 2 * (input_size - 1)
+    col = (array[:, 1] + 1) / 2 * (input_size - 1)
+    x = (col + left + 0.5) * (width / new_w)
+    y = (row + top + 0.5) * (height / new_h)
+    return np.stack([x, y], axis=1)
+
+
+def preprocess_images(
+    images: Sequence[Any],
+    input_size: int = 224,
+    mean: Sequence[float] = OPENAI_DATASET_MEAN,
+    std: Sequence[float] = OPENAI_DATASET_STD,
+    interpolation: str = "bicubic",
+    resize_mode: str = "shortest",
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """open_clip's eval transform on decoded RGB images: ``([B, 3, S, S], [(width, height), ...])``.
+
+    Any path / PIL / numpy / tensor image :func:`attnzoo.datasets.load_image` reads is accepted.
+    """
+    from open_clip.transform import image_transform
+
+    from attnzoo.datasets.images import load_image
+
+    transform = image_transform(
+        input_size, is_train=False, mean=tuple(mean), std=tuple(std), interpolation=interpolation, resize_mode=resize_mode
+    )
+    tensors, sizes = [], []
+    for source in images:
+        picture = load_image(source)
+        sizes.append(picture.size)
+        tensors.append(transform(picture))
+    if not tensors:
+        raise InvalidInputError("no images given")
+    return torch.stack(tensors), sizes
+
+
+# -- the search ----------------------------------------------------------------------------
+
+@dataclass
+class NevaClipResult:
+    """Scanpaths of a batch. Tensors are on the CPU."""
+
+    positions: torch.Tensor
+    """``[B, T, 2]`` best fixation per step, (row, col) in the input crop, [-1, 1] (restarts and
+    sign steps can leave it by up to ``lr``)."""
+    losses: torch.Tensor
+    """``[B, T]`` best loss (1 - cosine) of each fixation."""
+    xy: list[np.ndarray] | None = None
+    """Per image ``[T, 2]`` (x, y) in original-image pixels; ``None`` for pre-processed tensor input."""
+    loss_trace: torch.Tensor | None = None
+    """``[T, iterations, B]`` loss at every inner iteration (``return_traces=True``)."""
+    pos_trace: torch.Tensor | None = None
+    """``[T, iterations, B, 2]`` position fed to the model at every inner iteration."""
+
+
+class _RestartDraws:
+    """Uniform [0, 1) draws for the samples that did not improve, as ``[n, 2, 1, 1]``."""
+
+    def __init__(self, mode: str, seed: int | Sequence[int] | None, batch: int, device: torch.device, dtype: torch.dtype):
+        if mode not in RNG_MODES:
+            raise InvalidInputError(f"rng must be one of {RNG_MODES}, got {mode!r}")
+        self.mode, self.device, self.dtype = mode, device, dtype
+        if mode == "official":
+            if seed is not None and not _is_int(seed):
+                raise InvalidInputError("rng='official' draws from one stream: seed must be an int (or None for torch's global RNG)")
+            self.generator = None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
+            return
+        if seed is None:
+            seeds = [int(s) for s in torch.randint(0, 2**62, (batch,))]
+        elif _is_int(seed):
+            seeds = [int(seed)] * batch
+        else:
+            seeds = list(seed)
+            if len(seeds) != batch or not all(_is_int(s) for s in seeds):
+                raise InvalidInputError(f"seed must be an int or a list of {batch} ints (one per sample), got {seed!r}")
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, not_improved: torch.Tensor) -> torch.Tensor:
+        if self.mode == "official":
+            count = int(not_improved.sum())
+            return torch.rand((count, 2, 1, 1), generator=self.generator, device=self.device, dtype=self.dtype)
+        indices = not_improved.nonzero().flatten().tolist()
+        draws = [torch.rand((1, 2, 1, 1), generator=self.generators[i], dtype=self.dtype) for i in indices]
+        return torch.cat(draws).to(self.device)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+class NevaClip:
+    """NevaClip scanpath predictor around a frozen open_clip model.
+
+    Either name an open_clip model (``model_name``, ``pretrained``; the paper's ``"RN50"`` /
+    ``"openai"`` by default, loaded on first use through ``open_clip.create_model_and_transforms``),
+    or pass ``model`` (an open_clip ``CLIP``: its ``visual`` tower and ``encode_text``) or just a
+    ``visual`` tower (targets must then be embeddings, unless ``text_encoder`` and ``tokenizer``
+    are given too). The passed model is put in eval mode with ``requires_grad_(False)``: only the
+    fixation positions need gradients, and it saves the weight-gradient half of every backward pass.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "RN50",
+        pretrained: str | None = "openai",
+        *,
+        model: nn.Module | None = None,
+        visual: nn.Module | None = None,
+        text_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        tokenizer: Callable[..., torch.Tensor] | None = None,
+        preprocess_cfg: dict[str, Any] | None = None,
+        foveation_sigma: float = 0.2,
+        blur_filter_size: int = 41,
+        blur_sigma: float = 10.0,
+        amplitude: float = 1.0,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        cache_dir: str | None = None,
+        channels_last: bool = False,
+    ):
+        self.model_name, self.pretrained, self.cache_dir = model_name, pretrained, cache_dir
+        self.foveation_sigma, self.blur_filter_size, self.blur_sigma, self.amplitude = (
+            foveation_sigma, blur_filter_size, blur_sigma, amplitude,
+        )
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype or torch.float32
+        self.channels_last = channels_last
+        self._preprocess_cfg = preprocess_cfg
+        self._tokenizer = tokenizer
+        self._text_encoder = text_encoder
+        self._visual: nn.Module | None = None
+        if model is not None:
+            if not hasattr(model, "visual"):
+                raise InvalidInputError("model must be an open_clip CLIP-like module with a .visual tower; pass visual= for a bare tower")
+            self._text_encoder = text_encoder or getattr(model, "encode_text", None)
+            self._setup(model)
+        elif visual is not None:
+            self._setup(visual)
+
+    # -- model ---------------------------------------------------------------------------
+
+    def _setup(self, model: nn.Module) -> None:
+        model.eval().requires_grad_(False)
+        model.to(device=self.device, dtype=self.dtype)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self._visual = getattr(model, "visual", model)
+
+    def _load(self) -> None:
+        import open_clip
+
+        if not (self.model_name.startswith(("hf-hub:", "local-dir:")) or self.model_name in open_clip.list_models()):
+            raise UnknownNameError("open_clip model", self.model_name, open_clip.list_models())
+        try:
+            model, _, _ = open_clip.create_model_and_transforms(self.model_name, pretrained=self.pretrained, cache_dir=self.cache_dir)
+        except Exception as err:  # noqa: BLE001  open_clip raises RuntimeError / OSError / HF errors for missing weights
+            raise WeightsError(
+                f"could not load open_clip {self.model_name!r} with pretrained={self.pretrained!r} ({err}); "
+                "check the tag (open_clip.list_pretrained()), the network, or pass a local checkpoint path as pretrained="
+            ) from None
+        self._text_encoder = self._text_encoder or model.encode_text
+        self._setup(model)
+
+    @property
+    def visual(self) -> nn.Module:
+        """The frozen vision tower (loads the named model on first access)."""
+        if self._visual is None:
+            self._load()
+        assert self._visual is not None
+        return self._visual
+
+    @property
+    def input_size(self) -> int:
+        size = getattr(self.visual, "image_size", None) or (self._preprocess_cfg or {}).get("size", 224)
+        if isinstance(size, (tuple, list)):
+            if len(set(size)) != 1:
+                raise InvalidInputError(f"NevaClip foveates a square input; the tower expects {tuple(size)}")
+            size = size[0]
+        return int(size)
+
+    @property
+    def embed_dim(self) -> int | None:
+        dim = getattr(self.visual, "output_dim", None)
+        return int(dim) if isinstance(dim, int) else None
+
+    @property
+    def preprocess_cfg(self) -> dict[str, Any]:
+        """open_clip's eval preprocessing of this model (OpenAI's bicubic / centre crop / mean-std by default)."""
+        cfg = {"size": self.input_size, "mean": OPENAI_DATASET_MEAN, "std": OPENAI_DATASET_STD, "interpolation": "bicubic", "resize_mode": "shortest"}
+        cfg.update(getattr(self.visual, "preprocess_cfg", None) or {})
+        cfg.update(self._preprocess_cfg or {})
+        return cfg
+
+    @property
+    def tokenizer(self) -> Callable[..., torch.Tensor]:
+        if self._tokenizer is None:
+            import open_clip
+
+            self._tokenizer = open_clip.get_tokenizer(self.model_name)
+        return self._tokenizer
+
+    # -- inputs --------------------------------------------------------------------------
+
+    def preprocess(self, images: Any) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Decoded, resized, centre-cropped, normalised images and their original (width, height)."""
+        cfg = self.preprocess_cfg
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        return preprocess_images(items, self.input_size, cfg["mean"], cfg["std"], cfg["interpolation"], cfg["resize_mode"])
+
+    def tokenize(self, captions: Sequence[str], *, truncate: bool = False) -> torch.Tensor:
+        """Token ids; refuses empty captions and (unless ``truncate``) captions the tokenizer would cut."""
+        tokenizer = self.tokenizer
+        context = int(getattr(tokenizer, "context_length", None) or 77)
+        for index, caption in enumerate(captions):
+            if not isinstance(caption, str):
+                raise InvalidInputError(f"caption {index} must be a string, got {type(caption).__name__}")
+            if not caption.strip():
+                raise InvalidInputError(f"caption {index} is empty; give a non-empty caption or an embedding tensor as target")
+            if not truncate:
+                length = self._token_count(caption)
+                if length > context:
+                    raise InvalidInputError(
+                        f"caption {index} is {length} tokens long (with start/end tokens) but the text encoder's context "
+                        f"is {context}; shorten it or pass truncate=True to cut it as open_clip would"
+                    )
+        return tokenizer(list(captions))
+
+    def _token_count(self, caption: str) -> int:
+        tokenizer = self.tokenizer
+        if hasattr(tokenizer, "encode") and hasattr(tokenizer, "sot_token_id") and getattr(tokenizer, "reduction_fn", None) is None:
+            return len(tokenizer.encode(caption)) + 2
+        tokens = tokenizer([caption], context_length=4096)
+        pad_id = getattr(getattr(tokenizer, "tokenizer", None), "pad_token_id", None) or 0
+        return int((tokens != pad_id).sum())
+
+    @torch.no_grad()
+    def encode_captions(self, captions: Sequence[str], *, truncate: bool = False) -> torch.Tensor:
+        """``[N, D]`` un-normalised text embeddings, as the official ``main.py`` uses them."""
+        if self._visual is None:
+            self._load()  # the named model brings its text tower
+        if self._text_encoder is None:
+            raise InvalidInputError("this NevaClip has no text encoder: pass model= (a CLIP) or text_encoder= and tokenizer=, or give embeddings")
+        tokens = self.tokenize(captions, truncate=truncate).to(self.device)
+        return self._text_encoder(tokens).float()
+
+    def _targets(self, targets: Any, truncate: bool, name: str) -> torch.Tensor:
+        if isinstance(targets, str):
+            targets = [targets]
+        if isinstance(targets, torch.Tensor) or (isinstance(targets, (list, tuple)) and targets and isinstance(targets[0], torch.Tensor)):
+            embedding = torch.stack(list(targets)) if isinstance(targets, (list, tuple)) else targets
+            embedding = embedding[None] if embedding.ndim == 1 else embedding
+            if embedding.ndim != 2 or embedding.shape[0] == 0:
+                raise InvalidInputError(f"{name} embedding must be [D] or [N, D], got shape {tuple(embedding.shape)}")
+            if not embedding.is_floating_point():
+                raise InvalidInputError(f"{name} embedding must be floating point, got {embedding.dtype}")
+        elif isinstance(targets, (list, tuple)) and targets:
+            embedding = self.encode_captions(targets, truncate=truncate)
+        else:
+            raise InvalidInputError(f"{name} must be a caption, a list of captions or an embedding tensor, got {type(targets).__name__}")
+        dim = self.embed_dim
+        if dim is not None and embedding.shape[1] != dim:
+            raise InvalidInputError(f"{name} embedding has dimension {embedding.shape[1]} but the vision tower outputs {dim}")
+        return embedding.to(self.device, torch.float64 if self.dtype == torch.float64 else torch.float32)
+
+    def _images(self, images: Any) -> tuple[torch.Tensor, list[tuple[int, int]] | None]:
+        size = self.input_size
+        if isinstance(images, torch.Tensor) and images.is_floating_point():
+            if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (size, size):
+                raise InvalidInputError(
+                    f"a tensor input must be a pre-processed batch [B, 3, {size}, {size}], got shape {tuple(images.shape)}; "
+                    "pass raw pictures (paths, PIL images, arrays) in a list to have them pre-processed"
+                )
+            return images, None
+        if isinstance(images, np.ndarray) and images.ndim not in (2, 3):
+            raise InvalidInputError(f"a numpy image must be HxW or HxWxC, got shape {images.shape}; pass a batch as a list")
+        return self.preprocess(images)
+
+    # -- the search ----------------------------------------------------------------------
+
+    def predict(
+        self,
+        images: Any,
+        targets: Any,
+        *,
+        second_target: Any = None,
+        fixations: int = 10,
+        iterations: int = 20,
+        lr: float = 0.1,
+        random_restarts: bool = True,
+        forgetting: float = 0.0,
+        seed: int | Sequence[int] | None = 0,
+        rng: str = "per_sample",
+        truncate: bool = False,
+        return_traces: bool = False,
+        autocast: bool = True,
+    ) -> NevaClipResult:
+        """Scanpaths for a batch of images and targets (one each, or one broadcast to all).
+
+        ``images``: a pre-processed ``[B, 3, S, S]`` float tensor, or pictures (a path, PIL image,
+        array, or a list of them). ``targets`` / ``second_target``: a caption, a list of captions,
+        or embeddings ``[D]`` / ``[N, D]``. ``rng="per_sample"``: sample ``i`` restarts from its
+        own CPU generator seeded with ``seed`` (or ``seed[i]``), so its scanpath is the same in any
+        batch, and a batch of one draws what the official code draws after
+        ``torch.manual_seed(seed)``; ``rng="official"``: one stream for the batch, drawn as the
+        official code does (``seed=None``: torch's global RNG). ``autocast`` (fp16) applies on
+        CUDA only, as the official ``torch.cuda.amp.autocast()``.
+        """
+        if fixations < 1 or iterations < 1:
+            raise InvalidInputError(f"fixations and iterations must be >= 1, got {fixations} and {iterations}")
+        if not lr > 0:
+            raise InvalidInputError(f"lr must be positive, got {lr}")
+        x, sizes = self._images(images)
+        target = self._targets(targets, truncate, "targets")
+        second = None if second_target is None else self._targets(second_target, truncate, "second_target")
+        batch = max(x.shape[0], target.shape[0], 1 if second is None else second.shape[0])
+        for name, count in (("images", x.shape[0]), ("targets", target.shape[0]), ("second_target", 0 if second is None else second.shape[0])):
+            if count not in (0, 1, batch):
+                raise InvalidInputError(f"got {count} {name} for a batch of {batch}: give one, or one per sample")
+        x = x.to(self.device, torch.float64 if self.dtype == torch.float64 else torch.float32).expand(batch, -1, -1, -1).contiguous()
+        target = target.expand(batch, -1).contiguous()
+        second = None if second is None else second.expand(batch, -1).contiguous()
+        if sizes is not None and len(sizes) == 1:
+            sizes = sizes * batch
+        draws = _RestartDraws(rng, seed, batch, self.device, x.dtype)
+        result = self._search(x, target, second, fixations, iterations, lr, random_restarts, forgetting, draws, return_traces, autocast)
+        if sizes is not None:
+            result.xy = [fixations_to_pixels(result.positions[i], sizes[i], self.input_size) for i in range(batch)]
+        return result
+
+    __call__ = predict
+
+    def _search(
+        self,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        second: torch.Tensor | None,
+        fixations: int,
+        iterations: int,
+        lr: float,
+        random_restarts: bool,
+        forgetting: float,
+        draws: _RestartDraws,
+        traces: bool,
+        autocast: bool,
+    ) -> NevaClipResult:
+        visual, size, batch = self.visual, self.input_size, x.shape[0]
+        use_amp = autocast and x.device.type == "cuda"
+        amp = torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
+        positions, losses, loss_trace, pos_trace = [], [], [], []
+        with amp, torch.enable_grad():
+            with torch.no_grad():
+                blur = gaussian_blur_difference(x, self.blur_filter_size, self.blur_sigma)
+            memory = torch.zeros((batch, 1, size, size), device=x.device, dtype=x.dtype)
+            for step in range(fixations):
+                if second is not None:
+                    weight = (step / fixations) ** 2
+                    goal = weight * target + (1 - weight) * second
+                else:
+                    goal = target
+                pos = torch.zeros((batch, 2, 1, 1), device=x.device, dtype=x.dtype, requires_grad=True)
+                best_pos = torch.zeros((batch, 2, 1, 1), device=x.device, dtype=x.dtype)
+                best_loss = torch.full((batch,), float("inf"), device=x.device, dtype=x.dtype)
+                for _ in range(iterations):
+                    if traces:
+                        pos_trace.append(pos.detach().reshape(batch, 2).clone())
+                    mask = foveation_mask(pos, size, self.foveation_sigma, self.amplitude)
+                    image = foveate(x, blur, memory, mask)
+                    if image.dtype != self.dtype and not use_amp:
+                        image = image.to(self.dtype)
+                    if self.channels_last:
+                        image = image.contiguous(memory_format=torch.channels_last)
+                    output = visual(image)
+                    if isinstance(output, (tuple, list)):
+                        output = output[0]
+                    if output.shape[-1] != goal.shape[-1]:
+                        raise InvalidInputError(f"target embedding has dimension {goal.shape[-1]} but the vision tower outputs {output.shape[-1]}")
+                    loss = 1 - F.cosine_similarity(output.to(goal.dtype) if not use_amp else output, goal, 1)
+                    # sum, not the official mean: same signs, and a sample's gradient does not depend on the batch size
+                    (grad,) = torch.autograd.grad(loss.sum(), pos)
+                    with torch.no_grad():
+                        loss = loss.detach().to(best_loss.dtype)
+                        if traces:
+                            loss_trace.append(loss.clone())
+                        pos -= torch.sign(grad) * lr
+                        improved = loss < best_loss
+                        best_loss = torch.where(improved, loss, best_loss)
+                        best_pos = torch.where(improved[:, None, None, None], pos, best_pos)
+                        stuck = ~improved
+                        if bool(stuck.any()):
+                            fresh = draws(stuck)
+                            if random_restarts:
+                                pos[stuck] = fresh * 2 - 1
+                            else:
+                                pos[stuck] = pos[stuck] + (fresh * lr - lr / 2)
+                with torch.no_grad():
+                    memory = update_memory(memory, foveation_mask(best_pos, size, self.foveation_sigma, self.amplitude), forgetting)
+                positions.append(best_pos.detach().reshape(batch, 2))
+                losses.append(best_loss)
+        result = NevaClipResult(positions=torch.stack(positions, 1).cpu(), losses=torch.stack(losses, 1).cpu())
+        if traces:
+            result.loss_trace = torch.stack(loss_trace).reshape(fixations, iterations, batch).cpu()
+            result.pos_trace = torch.stack(pos_trace).reshape(fixations, iterations, batch, 2).cpu()
+        return result

@@ -1,0 +1,292 @@
+"""``pipeline("scanpath")``: where people will look, as an ordered list of fixations.
+
+Two kinds of model:
+
+* **NevaClip** (default, zero-shot): an image and what the viewer is after (a caption, or any
+  CLIP text/image embedding) in, fixations in the image's pixels out.
+
+  >>> scanpaths = attnzoo.pipeline("scanpath")                    # OpenAI CLIP RN50, the paper's settings  # doctest: +SKIP
+  >>> sp = scanpaths("street.jpg", caption="a man crossing the street")                                   # doctest: +SKIP
+  >>> sp.xy, sp.plot().save("street-scanpath.png")                                                         # doctest: +SKIP
+
+* **OAT** (visual search): a shelf display, its object boxes and the target object in, the
+  sequence of objects looked at out, ending on the target when the search succeeds.
+
+  >>> search = attnzoo.pipeline("scanpath", model="oat_amazon", weights="runs/oat/model.safetensors")      # doctest: +SKIP
+  >>> sp = search("shelf.jpg", boxes=boxes, target=17)                                                     # doctest: +SKIP
+
+Batches run as one tensor program; with NevaClip each image's scanpath is the one it gets alone
+(every image's restarts come from its own generator seeded with ``seed``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from attnzoo.errors import InvalidInputError
+from attnzoo.pipelines.base import Pipeline, _positive_int, resolve_device, resolve_dtype
+
+__all__ = ["Scanpath", "ScanpathPipeline", "build_scanpath_model"]
+
+
+@dataclass
+class Scanpath:
+    """One predicted scanpath: fixations ``xy`` ``[T, 2]`` as (x, y) pixels of the original image,
+    in viewing order (the first row is the first fixation)."""
+
+    xy: np.ndarray
+    image_size: tuple[int, int]
+    """``(width, height)`` of the image the fixations refer to."""
+    durations: np.ndarray | None = None
+    """Seconds per fixation, when the model predicts them (NevaClip and OAT do not)."""
+    caption: str | None = None
+    objects: np.ndarray | None = None
+    """Visual search: the 0-based index (into the boxes given) of the object of each fixation."""
+    target: int | None = None
+    boxes: np.ndarray | None = field(default=None, repr=False)
+    found_target: bool | None = None
+    """Visual search: the search ended by pointing at the target (else it ran to ``max_len``)."""
+    relative: np.ndarray | None = field(default=None, repr=False)
+    """NevaClip: (row, col) in [-1, 1] of the model's input crop, as the official code returns them."""
+    losses: np.ndarray | None = field(default=None, repr=False)
+    """NevaClip: ``1 - cos`` between the foveated image and the target at each fixation."""
+    image: Any = field(default=None, repr=False)
+    """The input image (path or PIL image) for :meth:`plot`."""
+
+    def __len__(self) -> int:
+        return int(self.xy.shape[0])
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"xy": np.round(self.xy, 2).tolist(), "image_size": list(self.image_size)}
+        if self.caption is not None:
+            out["caption"] = self.caption
+        if self.objects is not None:
+            out.update(objects=self.objects.tolist(), target=self.target, found_target=self.found_target)
+        if self.durations is not None:
+            out["durations"] = self.durations.tolist()
+        return out
+
+    def plot(self, image: Any = None, *, others: list[Any] | None = None, labels: list[str] | None = None, **kwargs: Any) -> Image.Image:
+        """Numbered fixations over the image; ``others`` (e.g. the observers' scanpaths, ``[T, 2]``
+        arrays or records with ``.xy``) are drawn in other colours."""
+        from attnzoo.datasets.images import load_image
+        from attnzoo.viz.scanpath import plot_scanpaths
+
+        source = image if image is not None else self.image
+        picture = load_image(source) if source is not None else Image.new("RGB", tuple(self.image_size), (235, 235, 235))
+        paths = [self.xy] + [getattr(o, "xy", o) for o in (others or [])]
+        names = labels or (["model"] + [f"observer {i + 1}" for i in range(len(others))] if others else None)
+        title = kwargs.pop("title", None) or (f"\u201c{self.caption}\u201d" if self.caption else None)
+        return plot_scanpaths(picture, paths, labels=names, durations=[self.durations] + [None] * len(others or []), boxes=self.boxes,
+                              target=self.target, title=title, **kwargs)
+
+
+def build_scanpath_model(name: str, *, weights: Any = None, pretrained: bool | None = None, **kwargs: Any) -> Any:
+    """``"nevaclip"`` (open_clip ``model_name=``/``pretrained=`` in ``kwargs``; the paper's RN50 /
+    openai by default) or an OAT model name (``"oat"`` is ``"oat_amazon"``)."""
+    if name.lower() in ("nevaclip", "neva-clip", "neva_clip"):
+        from attnzoo.multimodal.nevaclip import NevaClip
+
+        if weights is not None:
+            kwargs.setdefault("pretrained", os.fspath(weights) if isinstance(weights, os.PathLike) else weights)
+        elif pretrained is False:
+            kwargs.setdefault("pretrained", None)
+        return NevaClip(**kwargs)
+    from attnzoo.factory import create_model
+
+    name = {"oat": "oat_amazon"}.get(name.lower(), name)
+    return create_model(name, pretrained=weights is None if pretrained is None else pretrained, weights=weights, **kwargs)
+
+
+def _is_nevaclip(model: Any) -> bool:
+    from attnzoo.multimodal.nevaclip import NevaClip
+
+    return isinstance(model, NevaClip)
+
+
+class ScanpathPipeline(Pipeline):
+    """NevaClip: ``p(image, caption=...)`` (or ``target=`` an embedding), a list of images with one
+    caption each (or one for all). OAT: ``p(image, boxes=..., target=...)``, a list of dicts with
+    those keys, or :class:`~attnzoo.datasets.scanpaths.SearchTrial` records.
+
+    NevaClip settings (``fixations``, ``iterations``, ``lr``, ``forgetting``, ``random_restarts``,
+    ``seed``) default to the paper's; OAT's ``strategy`` is ``"greedy"`` (the official ``test_max``)
+    or ``"sample"`` (``num_samples`` scanpaths per display, as ``test_expect``).
+    """
+
+    task = "scanpath"
+    default_model = "nevaclip"
+
+    def __init__(self, model: Any, *, device: str | int | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                 batch_size: int = 8, num_workers: int = 0, **kwargs: Any):
+        if _is_nevaclip(model) or not isinstance(model, torch.nn.Module):
+            if not _is_nevaclip(model):
+                raise InvalidInputError(f"the scanpath pipeline takes a NevaClip or an OAT model, got {type(model).__name__}")
+            self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
+            model.device = self.device
+            if self.dtype is not None:
+                model.dtype = self.dtype
+            if model._visual is not None:
+                model._setup(model._visual)
+            self.model, self.kind = model, "nevaclip"
+            self.batch_size, self.num_workers = _positive_int("batch_size", batch_size), num_workers
+            self._defaults = self._sanitize_parameters(**kwargs)
+        else:
+            self.kind = "oat"
+            super().__init__(model, device=device, dtype=dtype, batch_size=batch_size, num_workers=num_workers, **kwargs)
+
+    # -- parameters ------------------------------------------------------------------------
+    _NEVA_KEYS = ("fixations", "iterations", "lr", "random_restarts", "forgetting", "seed", "truncate")
+    _OAT_KEYS = ("strategy", "num_samples", "max_len", "seed")
+
+    def _sanitize_parameters(self, **kwargs: Any) -> tuple[dict, dict, dict]:
+        allowed = self._NEVA_KEYS if self.kind == "nevaclip" else self._OAT_KEYS
+        unknown = sorted(set(kwargs) - set(allowed))
+        if unknown:
+            raise InvalidInputError(f"{self.kind} scanpaths take {', '.join(allowed)}; got unexpected {unknown}")
+        return {}, dict(kwargs), ({"strategy": kwargs["strategy"]} if "strategy" in kwargs else {})
+
+    # -- inputs ----------------------------------------------------------------------------
+    def __call__(self, inputs: Any, caption: Any = None, *, target: Any = None, boxes: Any = None, **kwargs: Any) -> Any:
+        single = not isinstance(inputs, (list, tuple)) or (isinstance(inputs, np.ndarray) and inputs.ndim < 4)
+        items = [inputs] if single else list(inputs)
+        if self.kind == "nevaclip":
+            items = self._neva_items(items, caption, target)
+        else:
+            if caption is not None:
+                raise InvalidInputError("OAT searches for a target object: pass boxes= and target=, not caption=")
+            items = self._oat_items(items, boxes, target, single)
+        results = [r for _, r in self.iterate(items, **kwargs)]
+        return results[0] if single else results
+
+    @staticmethod
+    def _broadcast(value: Any, n: int, name: str) -> list[Any]:
+        if isinstance(value, (list, tuple)):
+            if len(value) != n:
+                raise InvalidInputError(f"got {len(value)} {name}s for {n} images: give one, or one per image")
+            return list(value)
+        if isinstance(value, torch.Tensor) and value.ndim == 2:
+            if value.shape[0] != n:
+                raise InvalidInputError(f"got {value.shape[0]} {name} embeddings for {n} images")
+            return list(value)
+        return [value] * n
+
+    def _neva_items(self, items: list[Any], caption: Any, target: Any) -> list[dict[str, Any]]:
+        if caption is not None and target is not None:
+            raise InvalidInputError("give caption= or target= (an embedding), not both")
+        captions, targets = self._broadcast(caption, len(items), "caption"), self._broadcast(target, len(items), "target")
+        out = []
+        for item, c, t in zip(items, captions, targets):
+            if isinstance(item, dict):
+                item = dict(item)
+            else:
+                item = {"image": getattr(item, "image_path", item), "caption": c if c is not None else getattr(item, "caption", None), "target": t}
+            if item.get("caption") is None and item.get("target") is None:
+                raise InvalidInputError("NevaClip needs what the viewer looks for: caption='...' or target=<embedding>")
+            out.append(item)
+        return out
+
+    def _oat_items(self, items: list[Any], boxes: Any, target: Any, single: bool) -> list[dict[str, Any]]:
+        out = []
+        for item in items:
+            if isinstance(item, dict):
+                out.append(dict(item))
+            elif hasattr(item, "boxes") and hasattr(item, "target"):  # a SearchTrial
+                out.append({"image": item.image_path, "boxes": item.boxes, "target": item.target})
+            else:
+                if boxes is None or target is None:
+                    raise InvalidInputError("OAT needs the display's object boxes= ([N, 4] x0, y0, x1, y1) and the target= object index")
+                out.append({"image": item, "boxes": boxes, "target": target})
+        return out
+
+    # -- stages ----------------------------------------------------------------------------
+    def preprocess(self, item: dict[str, Any], **params: Any) -> dict[str, Any]:
+        if self.kind == "nevaclip":
+            x, sizes = self.model.preprocess([item["image"]])
+            return {"x": x[0], "size": sizes[0], "caption": item.get("caption"), "target": item.get("target"), "image": item["image"]}
+        return self._oat_preprocess(item)
+
+    def _oat_preprocess(self, item: dict[str, Any]) -> dict[str, Any]:
+        """Crops of the display's objects in OAT's reading order (rows by y snapped to 10 px, then x);
+        the caller's box order is kept for the answer."""
+        from attnzoo.datasets.images import load_image
+        from attnzoo.vision.oat import crop_objects
+
+        picture = load_image(item["image"])
+        boxes = np.asarray(item["boxes"], dtype=np.float64)
+        n = self.model.num_objects
+        if boxes.ndim != 2 or boxes.shape != (n, 4) or not np.isfinite(boxes).all():
+            raise InvalidInputError(f"{type(self.model).__name__} sees a {self.model.grid[0]}x{self.model.grid[1]} shelf: boxes must be "
+                                    f"[{n}, 4] (x0, y0, x1, y1), got shape {boxes.shape}")
+        w, h = picture.size
+        outside = np.flatnonzero((boxes[:, 0] < 0) | (boxes[:, 1] < 0) | (boxes[:, 2] > w) | (boxes[:, 3] > h)
+                                 | (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))
+        if len(outside):
+            raise InvalidInputError(f"box {int(outside[0])} {boxes[outside[0]].tolist()} is empty or outside the {w}x{h} image")
+        target = item["target"]
+        if isinstance(target, bool) or not isinstance(target, (int, np.integer)) or not 0 <= int(target) < n:
+            raise InvalidInputError(f"target must be the index of one of the {n} boxes (0-based), got {target!r}")
+        keys = [((y0 // 10) * 10, x0) for x0, y0, _, _ in boxes.tolist()]
+        order = np.array(sorted(range(n), key=lambda i: keys[i]))  # model index -> caller's index
+        crops = crop_objects(np.asarray(picture), boxes[order], colour_order="rgb", grid=self.model.grid)
+        return {"crops": crops, "target": int(np.flatnonzero(order == int(target))[0]), "order": order, "boxes": boxes,
+                "size": picture.size, "image": item["image"]}
+
+    @staticmethod
+    def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return {k: [s[k] for s in samples] for k in samples[0]}
+
+    def preprocessor(self, **params: Any):
+        return self.preprocess
+
+    def forward(self, batch: dict[str, Any], **params: Any) -> dict[str, Any]:
+        if self.kind == "nevaclip":
+            return self._neva_forward(batch, **params)
+        return self._oat_forward(batch, **params)
+
+    def _oat_forward(self, batch: dict[str, Any], *, strategy: str = "greedy", num_samples: int | None = None,
+                     max_len: int | None = None, seed: int | None = 0) -> dict[str, Any]:
+        from attnzoo.vision.oat import generate
+
+        max_len = max_len or getattr(self.model, "max_len", None) or self.model.num_objects
+        with torch.inference_mode():
+            decoded = generate(self.model, [c.to(self.device) for c in batch["crops"]], batch["target"], max_len, strategy=strategy,
+                               num_samples=num_samples if strategy == "sample" else None, generator=seed if strategy == "sample" else None)
+        return {**batch, "decoded": decoded}
+
+    def _neva_forward(self, batch: dict[str, Any], *, truncate: bool = False, **params: Any) -> dict[str, Any]:
+        neva = self.model
+        targets = []
+        captions = [c for c in batch["caption"] if c is not None]
+        encoded = iter(neva.encode_captions(captions, truncate=truncate)) if captions else iter(())
+        for caption, target in zip(batch["caption"], batch["target"]):
+            targets.append(next(encoded) if caption is not None else torch.as_tensor(target).float().reshape(-1).to(neva.device))
+        dims = {t.shape[-1] for t in targets}
+        if len(dims) != 1:
+            raise InvalidInputError(f"target embeddings of different sizes in one batch: {sorted(dims)}")
+        result = neva.predict(torch.stack(batch["x"]), torch.stack(targets), **params)
+        return {"positions": result.positions, "losses": result.losses, "size": batch["size"], "caption": batch["caption"],
+                "image": batch["image"]}
+
+    def postprocess(self, outputs: dict[str, Any], **params: Any) -> Scanpath:
+        if self.kind == "nevaclip":
+            from attnzoo.multimodal.nevaclip import fixations_to_pixels
+
+            positions = outputs["positions"]
+            xy = fixations_to_pixels(positions, outputs["size"], self.model.input_size)
+            return Scanpath(xy, tuple(outputs["size"]), caption=outputs["caption"], relative=positions.numpy(),
+                            losses=outputs["losses"].numpy(), image=outputs["image"])
+        order, boxes = outputs["order"], outputs["boxes"]
+        centres = np.column_stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2])
+        paths = []
+        for trial in outputs["decoded"]:
+            objects = order[np.asarray(trial.objects, dtype=np.int64)] if trial.objects else np.zeros(0, np.int64)
+            paths.append(Scanpath(centres[objects].reshape(-1, 2), tuple(outputs["size"]), objects=objects, target=int(order[outputs["target"]]),
+                                  boxes=boxes, found_target=bool(trial.terminated), image=outputs["image"]))
+        return paths[0] if len(paths) == 1 and params.get("strategy", "greedy") == "greedy" else paths

@@ -1,0 +1,162 @@
+"""The visual-search scanpath recipe: OAT trained on the Amazon book covers (or OAT's yogurt / wine
+shelves) as the official ``src/run.py``: teacher-forced cross-entropy over object pointers, Adam
+1e-4, batch 20, clipping 1.0, early stopping on the validation Δ of greedy scanpaths, then the
+test metrics of the best epoch.
+
+    attnzoo train scanpath --model oat_amazon --data STI-Dataset/AmazonCovers --out runs/oat --config oat
+    attnzoo train scanpath --model oat_amazon --data ... --out ... split=layout     # leakage-free split
+
+``split``: ``official`` (OAT's random 80/10/10 split by scanpath, the permutation seeded with
+``split_seed`` or read from ``splitlist_all_amazon.txt`` beside the data; layouts and targets then
+leak between splits, as in the paper), or ``layout`` / ``target`` / ``layout_target`` (no display,
+target or pair in two splits).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from attnzoo._io import write_json
+from attnzoo.errors import DatasetFormatError, InvalidInputError
+from attnzoo.training.config import TrainConfig, recipe_config
+from attnzoo.training.engine import Trainer
+
+__all__ = ["evaluate_search", "load_search_trials", "train_scanpath"]
+
+RECIPE_DEFAULTS = {"dataset": None, "split": "official", "split_seed": 0, "max_len": None, "drop_outliers": True}
+
+
+def load_search_trials(data: str | os.PathLike, dataset: str | None = None, drop_outliers: bool = True) -> tuple[str, list[Any]]:
+    """``(dataset name, trials)`` of an Amazon / yogurt / wine folder."""
+    from attnzoo.datasets.scanpaths import detect_scanpath_dataset
+    from attnzoo.datasets.visual_search import AmazonCovers, OATShelf
+
+    name = dataset or detect_scanpath_dataset(data)
+    if name == "amazon":
+        return name, list(AmazonCovers(data, drop_outliers=drop_outliers, require_images=True))
+    if name in ("yogurt", "wine"):
+        return name, list(OATShelf(data, task=name))
+    raise DatasetFormatError(f"{data}: OAT trains on visual-search data (amazon, yogurt, wine), found {name}")
+
+
+def split_trials(trials: list[Any], data: str | os.PathLike, split: str, seed: int) -> dict[str, list[Any]]:
+    from attnzoo.datasets.visual_search import leakage_free_split, official_split
+
+    if split == "official":
+        root = Path(data)
+        permutation = next((p for p in (root / "splitlist_all_amazon.txt", root.parent / "splitlist_all_amazon.txt") if p.is_file()), None)
+        return official_split(trials, permutation if permutation else seed)
+    if split in ("layout", "target", "layout_target"):
+        return leakage_free_split(trials, by=split, seed=seed)
+    raise InvalidInputError(f"split must be official, layout, target or layout_target, got {split!r}")
+
+
+class SearchSamples(Dataset):
+    """OAT samples (object crops, target, object sequence); crops made once per display image."""
+
+    def __init__(self, trials: list[Any]):
+        from attnzoo.vision.oat import OATSample, crop_objects
+
+        self.trials = trials
+        crops: dict[tuple, torch.Tensor] = {}
+        self.samples = []
+        for t in trials:
+            key = (str(t.image_path), np.asarray(t.boxes).tobytes())
+            if key not in crops:
+                from attnzoo.datasets.images import load_image
+
+                crops[key] = crop_objects(np.asarray(load_image(t.image_path)), t.boxes, colour_order="rgb", grid=t.grid)
+            self.samples.append(OATSample(crops[key], int(t.target), [int(o) for o in t.objects]))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.samples[i]
+
+
+def evaluate_search(model: torch.nn.Module, samples: SearchSamples, max_len: int, batch: int = 32) -> dict[str, float]:
+    """Greedy scanpaths of every trial: mean sequence score, edit distance, the five behavioural
+    statistics and Δ against the observers' (of the set's means, as OAT)."""
+    from attnzoo.metrics.scanpath import average_search_statistics, behavioural_delta, edit_distance, search_statistics, sequence_score
+    from attnzoo.vision.oat import generate
+
+    predictions: list[list[int]] = []
+    for start in range(0, len(samples), batch):
+        chunk = samples.samples[start:start + batch]
+        decoded = generate(model, [s.crops for s in chunk], [s.target for s in chunk], max_len)
+        predictions += [d[0].objects for d in decoded]
+    human = average_search_statistics(search_statistics(s.sequence, s.target) for s in samples.samples)
+    scored = [(p, s) for p, s in zip(predictions, samples.samples) if p]
+    model_stats = average_search_statistics(search_statistics(p, s.target) for p, s in scored) if scored else None
+    return {
+        "ss": float(np.mean([sequence_score(p, s.sequence) if p else 0.0 for p, s in zip(predictions, samples.samples)])),
+        "edit_distance": float(np.mean([edit_distance(p, s.sequence) for p, s in zip(predictions, samples.samples)])),
+        "delta": behavioural_delta(model_stats, human) if model_stats else float("inf"),
+        **({f"model_{k}": v for k, v in model_stats.items()} if model_stats else {}),
+    }
+
+
+def train_scanpath(
+    model: str,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    config: str | os.PathLike | TrainConfig | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    weights: str | os.PathLike | None = None,
+    resume: bool | str | os.PathLike = False,
+    device: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train an OAT model; writes checkpoints, ``best.pt``, ``model.safetensors`` (the best epoch's
+    weights) and ``test_metrics.json`` under ``out``."""
+    import attnzoo
+
+    if str(model).lower().startswith("neva"):
+        raise InvalidInputError("NevaClip is zero-shot (a frozen CLIP): there is nothing to train; evaluate it with 'attnzoo eval scanpath'")
+    model = {"oat": "oat_amazon"}.get(model, model)
+    cfg = recipe_config(config or "oat", overrides, RECIPE_DEFAULTS, "scanpath")
+    name, trials = load_search_trials(data, cfg.extra["dataset"], bool(cfg.extra["drop_outliers"]))
+    split = split_trials(trials, data, str(cfg.extra["split"]), int(cfg.extra["split_seed"]))
+    if not split["train"]:
+        raise DatasetFormatError(f"{data}: no training scanpaths in the split")
+    max_len = int(cfg.extra["max_len"] or max(len(t.objects) for t in split["train"]))  # the official: the longest training sequence
+    net = attnzoo.create_model(model, weights=weights, **(model_kwargs or {})) if weights else attnzoo.create_model(model, **(model_kwargs or {}))
+    grid = tuple(split["train"][0].grid)
+    if tuple(net.grid) != grid:
+        raise InvalidInputError(f"{model} is built for a {net.grid} grid but the {name} displays are {grid}: use oat_{name}")
+    train_set, val_set = SearchSamples(split["train"]), SearchSamples(split["val"]) if split["val"] else None
+
+    def collate(samples: list[Any]) -> Any:
+        from attnzoo.vision.oat import collate_oat
+
+        return collate_oat(samples, grid)
+
+    def loss(m: torch.nn.Module, batch: Any) -> torch.Tensor:
+        from attnzoo.vision.oat import teacher_forced_loss
+
+        return teacher_forced_loss(m, batch)
+
+    trainer = Trainer(net.train(), train_set, cfg, out, loss_fn=loss, collate_fn=collate, device=torch.device(device) if device else None,
+                      run_info={"task": "scanpath", "model": model, "data": str(data), "dataset": name, "max_len": max_len,
+                                "split_sizes": {k: len(v) for k, v in split.items()}})
+    if val_set is not None:
+        trainer.eval_fn = lambda m: evaluate_search(m, val_set, max_len)
+    result = trainer.fit(resume=resume)
+    best = Path(out) / "best.pt"
+    if best.exists():  # the official protocol: test the epoch with the best validation delta
+        net.load_state_dict(torch.load(best, weights_only=True)["model"])
+    net.eval()
+    with torch.no_grad():
+        test = evaluate_search(net, SearchSamples(split["test"]), max_len) if split["test"] else {}
+    trainer.save_weights(net)
+    if trainer.ctx.is_main:
+        write_json(Path(out) / "test_metrics.json", {"max_len": max_len, **test})
+    return {**result, "test": test, "max_len": max_len}

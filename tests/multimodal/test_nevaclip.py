@@ -1,0 +1,453 @@
+"""NevaClip: official parity (fixture from NeVA.py::NeVAWrapper on a tiny open_clip RN tower),
+the foveation formulas against independent numpy/scipy computations, pixel mapping, open_clip
+preprocessing, batched == one-at-a-time scanpaths, RNG modes, caption targets and bad input."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+from torch import nn
+
+from attnzoo.errors import InvalidInputError, UnknownNameError
+from attnzoo.multimodal import nevaclip as N
+
+# -- helpers -------------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The non-parity tests are tiny: one thread is as fast and does not stall when cores are shared."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture
+def two_threads(one_thread):
+    """The fixture was made with 2 threads; a different count can change the last bits."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
+def load_fixture(reference_dir):
+    folder = reference_dir / "nevaclip"
+    if not folder.is_dir():
+        pytest.skip("nevaclip fixture absent")
+    cfg = json.loads((folder / "config.json").read_text())
+    return cfg, {n: load_file(folder / f"{n}.safetensors") for n in ("state_dict", "inputs", "outputs")}
+
+
+def fixture_tower(cfg, state_dict):
+    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+    oc = cfg["constructor_kwargs"]["downstream_model"]["open_clip_model_cfg"]
+    tower = _build_vision_tower(oc["embed_dim"], CLIPVisionCfg(**oc["vision_cfg"]))
+    tower.load_state_dict(state_dict)
+    return tower.eval()
+
+
+def fixture_neva(cfg):
+    """Our NevaClip with the fixture's (official main.py) hyper-parameters."""
+    kw = cfg["constructor_kwargs"]["NeVAWrapper"]
+    return {"foveation_sigma": kw["foveation_sigma"], "blur_filter_size": kw["blur_filter_size"], "blur_sigma": kw["blur_sigma"],
+                "amplitude": kw["foveation_aggregation"]}
+
+
+def tolerance(cfg):
+    return {"atol": cfg["suggested_tolerance"]["atol"], "rtol": cfg["suggested_tolerance"]["rtol"]}
+
+
+def sensitive_tower(image_size=64, seed=0, embed_dim=32):
+    """A tiny open_clip ModifiedResNet whose output depends on the image (He-init convs, BN stats
+    calibrated), so the search's decisions are not decided by rounding noise."""
+    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+    torch.manual_seed(seed)
+    tower = _build_vision_tower(embed_dim, CLIPVisionCfg(image_size=image_size, layers=[1, 1, 1, 1], width=8))
+    make_sensitive_(tower, seed, image_size)
+    return tower
+
+
+def make_sensitive_(tower, seed, image_size):
+    gen = torch.Generator().manual_seed(seed + 100)
+    for module in tower.modules():
+        if isinstance(module, nn.Conv2d):
+            module.weight.data = torch.randn(module.weight.shape, generator=gen) * math.sqrt(2.0 / module.weight[0].numel())
+        elif isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None
+    tower.train()
+    with torch.no_grad():
+        for _ in range(2):
+            tower(F.avg_pool2d(torch.randn(8, 3, image_size, image_size, generator=gen), 5, 1, 2))
+    tower.eval()
+
+
+def smooth_images(n, size=64, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return F.avg_pool2d(torch.randn(n, 3, size, size, generator=gen), 7, 1, 3) * 3
+
+
+@pytest.fixture(scope="module")
+def tower():
+    return sensitive_tower()
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    """A tiny open_clip CLIP (RN visual + 1-layer text transformer, the real BPE vocabulary)."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(
+        embed_dim=32,
+        vision_cfg=CLIPVisionCfg(image_size=64, layers=[1, 1, 1, 1], width=8),
+        text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
+    )
+    make_sensitive_(model.visual, 0, 64)
+    return model.eval()
+
+
+# -- parity with the official code ---------------------------------------------------------
+
+@pytest.mark.parity
+def test_blur_and_foveation_parity(reference_dir, two_threads):
+    cfg, f = load_fixture(reference_dir)
+    kw = cfg["constructor_kwargs"]["NeVAWrapper"]
+    x, out = f["inputs"]["x"], f["outputs"]
+    torch.testing.assert_close(N.gaussian_blur_difference(x, kw["blur_filter_size"], kw["blur_sigma"]), out["blur"], **tolerance(cfg))
+    mask = N.foveation_mask(f["inputs"]["probe_pos"], kw["image_size"], kw["foveation_sigma"], kw["foveation_aggregation"])
+    torch.testing.assert_close(mask, out["foveation_probe"], **tolerance(cfg))
+
+
+@pytest.mark.parity
+def test_forward_loss_and_gradient_parity(reference_dir, two_threads):
+    cfg, f = load_fixture(reference_dir)
+    kw = cfg["constructor_kwargs"]["NeVAWrapper"]
+    tower = fixture_tower(cfg, f["state_dict"])
+    x, text, out = f["inputs"]["x"], f["inputs"]["text_embedding"], f["outputs"]
+    size, tol = kw["image_size"], tolerance(cfg)
+    blur = N.gaussian_blur_difference(x, kw["blur_filter_size"], kw["blur_sigma"])
+    memory = torch.zeros(x.shape[0], 1, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(tower(x), out["visual_out_clean"], **tol)
+        probe = N.foveation_mask(f["inputs"]["probe_pos"], size, kw["foveation_sigma"])
+        torch.testing.assert_close(tower(N.foveate(x, blur, memory, probe)), out["visual_out_probe"], **tol)
+    pos = torch.zeros(x.shape[0], 2, 1, 1, requires_grad=True)
+    y = tower(N.foveate(x, blur, memory, N.foveation_mask(pos, size, kw["foveation_sigma"])))
+    loss = 1 - F.cosine_similarity(y, text, 1)  # utils.cosine_sim
+    (grad,) = torch.autograd.grad(loss.mean(), pos)
+    torch.testing.assert_close(y, out["visual_out_p0"], **tol)
+    torch.testing.assert_close(loss, out["loss_p0"], **tol)
+    torch.testing.assert_close(grad, out["grad_p0"], **tol)
+
+
+def _check_scanpath(cfg, f, mode, fixations):
+    """Official mode, torch.manual_seed(3)-equivalent draws; the first ``fixations`` steps of the
+    official 10-step run are exactly what a ``fixations``-step run computes."""
+    run = cfg["constructor_kwargs"]["run_optimization"]
+    model = N.NevaClip(visual=fixture_tower(cfg, f["state_dict"]), **fixture_neva(cfg))
+    result = model.predict(
+        f["inputs"]["x"], f["inputs"]["text_embedding"], fixations=fixations, iterations=run["opt_iterations"],
+        lr=run["learning_rate"], random_restarts=mode == "scanpath", seed=3, rng="official", return_traces=True,
+    )
+    out = f["outputs"]
+    exact = {"atol": 1e-6, "rtol": 0.0}  # suggested_tolerance["scanpath"]: exact up to float rounding
+    torch.testing.assert_close(result.pos_trace, out[f"{mode}.pos_trace"][:fixations], **exact)
+    torch.testing.assert_close(result.loss_trace, out[f"{mode}.loss_trace"][:fixations], **tolerance(cfg))
+    torch.testing.assert_close(result.positions, out[mode][:, :fixations], **exact)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("mode", ["scanpath", "scanpath_norestart"])
+def test_scanpath_prefix_parity(reference_dir, two_threads, mode):
+    cfg, f = load_fixture(reference_dir)
+    _check_scanpath(cfg, f, mode, fixations=1)
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+def test_full_scanpath_parity(reference_dir, two_threads):
+    cfg, f = load_fixture(reference_dir)
+    for mode in ("scanpath", "scanpath_norestart"):
+        _check_scanpath(cfg, f, mode, fixations=cfg["constructor_kwargs"]["run_optimization"]["scanpath_length"])
+
+
+@pytest.mark.parity
+def test_preprocessing_parity(reference_dir):
+    cfg, f = load_fixture(reference_dir)
+    inputs = f["inputs"]
+    images = [inputs[f"image_uint8.{i}"].numpy() for i in range(inputs["x"].shape[0])]
+    x, sizes = N.preprocess_images(images, cfg["constructor_kwargs"]["NeVAWrapper"]["image_size"])
+    torch.testing.assert_close(x, inputs["x"], **tolerance(cfg))
+    assert sizes == [(im.shape[1], im.shape[0]) for im in images]
+
+
+# -- foveation formulas --------------------------------------------------------------------
+
+def test_gaussian_window_is_the_normalised_outer_product():
+    size, sigma = 9, 2.5
+    taps = np.exp(-((np.arange(size) - 4) ** 2) / (2 * sigma**2))
+    taps /= taps.sum()
+    np.testing.assert_allclose(N.gaussian_window(size, sigma).numpy(), np.outer(taps, taps), rtol=1e-6, atol=1e-8)
+    with pytest.raises(InvalidInputError, match="odd"):
+        N.gaussian_window(4, 1.0)
+
+
+def test_blur_difference_matches_scipy_mirror_filter():
+    from scipy import ndimage
+
+    x = torch.randn(2, 3, 30, 26, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    window = N.gaussian_window(9, 3.0).double().numpy()
+    expected = np.stack([[ndimage.correlate(c, window, mode="mirror") for c in im] for im in x.numpy()]) - x.numpy()
+    np.testing.assert_allclose(N.gaussian_blur_difference(x, 9, 3.0).numpy(), expected, atol=1e-6)
+    # a constant image has nothing to blur
+    assert N.gaussian_blur_difference(torch.full((1, 3, 50, 50), 0.7), 41, 10.0).abs().max() < 1e-5
+    with pytest.raises(InvalidInputError):
+        N.gaussian_blur_difference(torch.zeros(3, 50, 50))
+
+
+def test_foveation_mask_formula_and_orientation():
+    size, sigma = 11, 0.2
+    pos = torch.tensor([[-1.0, 1.0], [0.3, -0.5]])
+    grid = np.linspace(-1, 1, size)
+    rows, cols = np.meshgrid(grid, grid, indexing="ij")
+    expected = np.stack([np.exp(-((rows - p0) ** 2 + (cols - p1) ** 2) / sigma) for p0, p1 in pos.numpy()])[:, None]
+    mask = N.foveation_mask(pos, size, sigma)
+    assert mask.shape == (2, 1, size, size)
+    np.testing.assert_allclose(mask.numpy(), expected, rtol=1e-5, atol=1e-7)
+    assert mask[0, 0].argmax() == size - 1  # p0 = -1: top row; p1 = 1: right column
+    torch.testing.assert_close(N.foveation_mask(pos[:, :, None, None], size, sigma, 0.5), 0.5 * mask)
+
+
+def test_foveate_and_memory_update():
+    x, blur = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8)
+    zero, one = torch.zeros(1, 1, 8, 8), torch.ones(1, 1, 8, 8)
+    torch.testing.assert_close(N.foveate(x, blur, zero, zero), x + blur)  # nothing fixated: fully blurred
+    torch.testing.assert_close(N.foveate(x, blur, zero, one), x)  # fixated everywhere: sharp
+    torch.testing.assert_close(N.foveate(x, blur, one, one), x)  # 1 - 2 is clipped to 0, not negative
+    half = torch.full((1, 1, 8, 8), 0.25)
+    torch.testing.assert_close(N.foveate(x, blur, half, half), x + 0.5 * blur)
+    torch.testing.assert_close(N.update_memory(half, one, 0.0), one)
+    torch.testing.assert_close(N.update_memory(half, one, 0.7), 0.175 + one)
+
+
+# -- coordinates and preprocessing ---------------------------------------------------------
+
+def test_fixations_to_pixels_by_hand():
+    corners = torch.tensor([[-1.0, -1.0], [1.0, 1.0], [0.0, 0.0]])
+    # 448x448 -> 224x224 (scale 2, no crop): crop pixel 0 is original pixels [0, 2), centre 1.0
+    np.testing.assert_allclose(N.fixations_to_pixels(corners, (448, 448)), [[1.0, 1.0], [447.0, 447.0], [224.0, 224.0]])
+    # 320x256 -> 280x224 (long side truncated), crop left = round(56 / 2) = 28: the centre maps to the centre
+    xy = N.fixations_to_pixels(corners, (320, 256))
+    np.testing.assert_allclose(xy[2], [160.0, 128.0])
+    np.testing.assert_allclose(xy[0], [(28 + 0.5) * 320 / 280, 0.5 * 256 / 224])
+    # portrait 203x301: resized to 224x332 (int(224 * 301 / 203) = 332), top = round(108 / 2) = 54
+    np.testing.assert_allclose(N.fixations_to_pixels(corners[:1], (203, 301)), [[0.5 * 203 / 224, 54.5 * 301 / 332]])
+    with pytest.raises(InvalidInputError):
+        N.fixations_to_pixels(torch.zeros(3, 3), (10, 10))
+
+
+@pytest.mark.parametrize("width, height, dot", [(500, 333, (351, 95)), (333, 500, (40, 300)), (1024, 768, (700, 100))])
+def test_fixations_to_pixels_finds_a_marker_through_the_real_transform(width, height, dot):
+    """A bright square centred on a known point; its centroid in the preprocessed crop, mapped
+    back, lands on that point (a mapping without pixel-centre alignment is off by up to 1.2 px here)."""
+    picture = np.zeros((height, width, 3), np.uint8)
+    picture[dot[1] - 3 : dot[1] + 4, dot[0] - 3 : dot[0] + 4] = 255  # pixels dot-3..dot+3: centre dot + 0.5
+    x, sizes = N.preprocess_images([picture])
+    weight = x[0].sum(0) - x[0].sum(0).min()
+    weight = torch.where(weight > 0.1 * weight.max(), weight, 0).double()
+    index = torch.arange(224, dtype=torch.float64)
+    row = (weight.sum(1) * index).sum() / weight.sum()
+    col = (weight.sum(0) * index).sum() / weight.sum()
+    rel = torch.stack([row / 223 * 2 - 1, col / 223 * 2 - 1])[None]
+    np.testing.assert_allclose(N.fixations_to_pixels(rel, sizes[0])[0], np.array(dot) + 0.5, atol=0.1)
+
+
+def test_preprocess_matches_open_clip_for_any_mode_and_size(tmp_path):
+    from open_clip.transform import image_transform
+
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (203, 301, 3), dtype=np.uint8))
+    grey = rgb.convert("L")
+    grey.save(tmp_path / "g.png")
+    x, sizes = N.preprocess_images([rgb, tmp_path / "g.png", np.asarray(rgb).astype(np.uint16) * 257])
+    reference = image_transform(224, is_train=False, mean=N.OPENAI_DATASET_MEAN, std=N.OPENAI_DATASET_STD)
+    torch.testing.assert_close(x[0], reference(rgb))
+    torch.testing.assert_close(x[1], reference(grey.convert("RGB")))
+    torch.testing.assert_close(x[2], x[0])  # 16-bit scaled to the same 8-bit picture
+    assert sizes == [(301, 203)] * 3
+
+
+# -- the search ----------------------------------------------------------------------------
+
+def _stuck_counts(result):
+    """Per sample, how many iterations did not improve on the best loss (each one draws)."""
+    trace = result.loss_trace  # [T, I, B]
+    best = torch.cummin(trace, dim=1).values
+    return ((trace[:, 1:] >= best[:, :-1]).sum((0, 1))).tolist()
+
+
+@pytest.mark.parametrize("restarts", [True, False])
+def test_batched_per_sample_equals_one_at_a_time(tower, restarts):
+    model = N.NevaClip(visual=tower)
+    x, target = smooth_images(3), torch.randn(3, 32, generator=torch.Generator().manual_seed(5))
+    seeds = [7, 8, 9]
+    kw = {"fixations": 3, "iterations": 6, "random_restarts": restarts, "return_traces": True}
+    batched = model.predict(x, target, seed=seeds, **kw)
+    assert all(n > 0 for n in _stuck_counts(batched))  # every sample drew restarts
+    for i in range(3):
+        alone = model.predict(x[i : i + 1], target[i], seed=seeds[i], **kw)
+        assert torch.equal(batched.positions[i], alone.positions[0])
+        assert torch.equal(batched.pos_trace[:, :, i], alone.pos_trace[:, :, 0])
+
+
+def test_per_sample_batch_of_one_is_the_official_draw(tower):
+    model = N.NevaClip(visual=tower)
+    x, target = smooth_images(1), torch.randn(1, 32, generator=torch.Generator().manual_seed(5))
+    kw = {"fixations": 2, "iterations": 6, "return_traces": True}
+    per_sample = model.predict(x, target, seed=4, rng="per_sample", **kw)
+    official = model.predict(x, target, seed=4, rng="official", **kw)
+    torch.manual_seed(4)  # the official protocol: global RNG seeded right before the run
+    global_rng = model.predict(x, target, seed=None, rng="official", **kw)
+    assert _stuck_counts(per_sample)[0] > 0
+    assert torch.equal(per_sample.pos_trace, official.pos_trace) and torch.equal(official.pos_trace, global_rng.pos_trace)
+    assert torch.equal(per_sample.positions, official.positions)
+
+
+def test_best_position_is_the_one_after_the_sign_step_and_restarts_stay_in_range(tower):
+    model = N.NevaClip(visual=tower)
+    x, target = smooth_images(2), torch.randn(2, 32, generator=torch.Generator().manual_seed(5))
+    iterations, lr = 6, 0.1
+    result = model.predict(x, target, fixations=3, iterations=iterations, lr=lr, return_traces=True)
+    # iteration 0 always improves on +inf, so iteration 1 is fed (0, 0) - lr * sign(grad)
+    assert torch.allclose(result.pos_trace[:, 1].abs(), torch.full_like(result.pos_trace[:, 1], lr))
+    torch.testing.assert_close(result.losses, result.loss_trace.min(1).values.T)
+    checked = 0
+    for t in range(3):
+        for b in range(2):
+            k = int(result.loss_trace[t, :, b].argmin())  # first minimum: the last strict improvement
+            if k + 1 < iterations:  # the official quirk: "best" is where that iteration's sign step went
+                assert torch.equal(result.positions[b, t], result.pos_trace[t, k + 1, b])
+                assert not torch.equal(result.positions[b, t], result.pos_trace[t, k, b])
+                checked += 1
+    assert checked > 0
+    assert (result.positions.abs() <= 1 + lr + 1e-6).all()
+
+
+def test_second_target_is_blended_in_with_the_official_weight(tower):
+    model = N.NevaClip(visual=tower)
+    gen = torch.Generator().manual_seed(3)
+    x, first, second = smooth_images(1), torch.randn(1, 32, generator=gen), torch.randn(1, 32, generator=gen)
+    blended = model.predict(x, first, second_target=second, fixations=2, iterations=3, return_traces=True)
+    only_second = model.predict(x, second, fixations=1, iterations=3)
+    assert torch.equal(blended.positions[:, 0], only_second.positions[:, 0])  # step 0: weight 0 on the target
+    # step 1 starts at (0, 0) with memory = the first fixation; its loss uses 0.25 * first + 0.75 * second
+    blur = N.gaussian_blur_difference(x)
+    memory = N.foveation_mask(blended.positions[:, 0], 64)
+    with torch.no_grad():
+        out = tower(N.foveate(x, blur, memory, N.foveation_mask(torch.zeros(1, 2), 64)))
+    expected = 1 - F.cosine_similarity(out, 0.25 * first + 0.75 * second, 1)
+    torch.testing.assert_close(blended.loss_trace[1, 0], expected)
+
+
+def test_parameters_stay_frozen_and_untouched(tower):
+    model = N.NevaClip(visual=tower)
+    before = {k: v.clone() for k, v in tower.state_dict().items()}
+    model.predict(smooth_images(1), torch.randn(32), fixations=1, iterations=2)
+    assert not any(p.requires_grad for p in tower.parameters()) and all(p.grad is None for p in tower.parameters())
+    assert all(torch.equal(before[k], v) for k, v in tower.state_dict().items())
+
+
+def test_float64_and_vit_towers():
+    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+    torch.manual_seed(0)
+    vit = _build_vision_tower(16, CLIPVisionCfg(image_size=64, patch_size=16, width=32, layers=1, head_width=16))
+    model = N.NevaClip(visual=vit, dtype=torch.float64)
+    result = model.predict(smooth_images(2).double(), torch.randn(2, 16, dtype=torch.float64), fixations=2, iterations=3)
+    assert result.positions.shape == (2, 2, 2) and result.positions.dtype == torch.float64
+    assert torch.isfinite(result.losses).all()
+
+
+# -- captions and pictures -----------------------------------------------------------------
+
+def test_caption_targets_equal_their_open_clip_embeddings(tiny_clip):
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer("RN50")
+    model = N.NevaClip(model=tiny_clip, tokenizer=tokenizer)
+    captions = ["a cat sitting on a sofa", "two people walking on a beach"]
+    with torch.no_grad():
+        embedding = tiny_clip.encode_text(tokenizer(captions))  # un-normalised, as main.py
+    x = smooth_images(1)
+    kw = {"fixations": 2, "iterations": 3}
+    from_text = model.predict(x, captions, **kw)  # one image, two captions
+    from_embedding = model.predict(x.expand(2, -1, -1, -1), embedding, **kw)
+    assert from_text.positions.shape == (2, 2, 2)
+    assert torch.equal(from_text.positions, from_embedding.positions)
+    single = model.predict(x, captions[1], **kw)
+    assert torch.equal(single.positions[0], from_text.positions[1])
+
+
+def test_pictures_in_pixels_out(tiny_clip, photo, tmp_path):
+    photo.save(tmp_path / "p.png")
+    model = N.NevaClip(model=tiny_clip)
+    result = model.predict([tmp_path / "p.png", np.asarray(photo)], torch.randn(32), fixations=3, iterations=2)
+    assert len(result.xy) == 2 and result.xy[0].shape == (3, 2)
+    for i in range(2):
+        np.testing.assert_allclose(result.xy[i], N.fixations_to_pixels(result.positions[i], photo.size, 64))
+    assert torch.equal(result.positions[0], result.positions[1])  # same picture, same target seed, same search
+
+
+def test_bad_input_is_refused_with_a_clear_message(tiny_clip, tower):
+    import open_clip
+
+    model = N.NevaClip(model=tiny_clip, tokenizer=open_clip.get_tokenizer("RN50"))
+    x = smooth_images(1)
+    long_caption = " ".join(["word"] * 100)
+    with pytest.raises(InvalidInputError, match=r"102 tokens long.*context is 77.*truncate=True"):
+        model.predict(x, long_caption, fixations=1, iterations=1)
+    assert model.predict(x, long_caption, truncate=True, fixations=1, iterations=1).positions.shape == (1, 1, 2)
+    with pytest.raises(InvalidInputError, match="empty"):
+        model.predict(x, "   ", fixations=1, iterations=1)
+    with pytest.raises(InvalidInputError, match="dimension 10 but the vision tower outputs 32"):
+        model.predict(x, torch.randn(10), fixations=1, iterations=1)
+    with pytest.raises(InvalidInputError, match="pre-processed batch"):
+        model.predict(x[0], torch.randn(32), fixations=1, iterations=1)
+    with pytest.raises(InvalidInputError, match=r"\[B, 3, 64, 64\]"):
+        model.predict(torch.zeros(1, 3, 32, 32), torch.randn(32), fixations=1, iterations=1)
+    with pytest.raises(InvalidInputError, match="HxW"):
+        model.predict(np.zeros((2, 8, 8, 3), np.uint8), torch.randn(32), fixations=1, iterations=1)
+    with pytest.raises(InvalidInputError, match="2 targets for a batch of 3"):
+        model.predict(smooth_images(3), torch.randn(2, 32), fixations=1, iterations=1)
+    with pytest.raises(InvalidInputError, match="rng must be"):
+        model.predict(x, torch.randn(32), rng="global")
+    with pytest.raises(InvalidInputError, match="list of 1 ints"):
+        model.predict(x, torch.randn(32), seed=[1, 2])
+    with pytest.raises(InvalidInputError, match="no text encoder"):
+        N.NevaClip(visual=tower).predict(x, "a caption")
+
+
+def test_named_model_loads_lazily_and_unknown_names_fail_fast():
+    model = N.NevaClip()  # the paper's RN50 / openai: nothing is built or downloaded yet
+    assert model._visual is None and (model.model_name, model.pretrained) == ("RN50", "openai")
+    with pytest.raises(UnknownNameError, match="RN5O"):
+        _ = N.NevaClip("RN5O").visual
+
+
+def test_package_import_is_cheap():
+    code = ("import sys, attnzoo; had = 'open_clip' in sys.modules; import attnzoo.multimodal as m; "
+            "assert had or 'open_clip' not in sys.modules; print(m.NevaClip.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "NevaClip", out.stderr

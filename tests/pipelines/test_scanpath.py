@@ -1,0 +1,283 @@
+"""pipeline("scanpath") with NevaClip (a tiny open_clip CLIP built here: no download) and the
+scanpath evaluation on tiny CapMIT1003 / MIT1003 copies written by tests/scanpath_helpers.py."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import attnzoo
+from attnzoo.errors import InvalidInputError
+from tests.scanpath_helpers import write_capmit1003, write_mit1003_pysaliency
+
+open_clip = pytest.importorskip("open_clip")
+
+
+def tiny_clip(seed: int = 0):
+    """A real open_clip CLIP (ModifiedResNet vision tower, transformer text tower, OpenAI's BPE
+    tokenizer that ships with open_clip), small enough for the CPU, made input-sensitive like the
+    parity fixture (He-initialised convolutions)."""
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(embed_dim=64, vision_cfg={"image_size": 224, "layers": [1, 1, 1, 1], "width": 8},
+                           text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1})
+    for m in model.visual.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def neva():
+    from attnzoo.multimodal.nevaclip import NevaClip
+
+    return NevaClip(model=tiny_clip(), tokenizer=open_clip.get_tokenizer("RN50"))
+
+
+def picture(seed: int, size=(96, 64)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[: size[1], : size[0]]
+    base = np.stack([np.sin(x / (5 + seed)) * 120 + 128, np.cos(y / 7) * 100 + 128, (x + y) % 255], -1)
+    return Image.fromarray(np.clip(base + rng.normal(0, 10, base.shape), 0, 255).astype(np.uint8))
+
+
+FAST = {"fixations": 4, "iterations": 3}
+
+
+def test_one_image_and_a_caption_give_fixations_inside_the_image(neva):
+    pipe = attnzoo.pipeline("scanpath", model=neva, **FAST)
+    sp = pipe(picture(0), caption="a colourful pattern")
+    assert sp.xy.shape == (4, 2) and sp.image_size == (96, 64)
+    assert (sp.xy >= 0).all() and (sp.xy[:, 0] <= 96).all() and (sp.xy[:, 1] <= 64).all()
+    assert sp.caption == "a colourful pattern" and sp.relative.shape == (4, 2) and sp.losses.shape == (4,)
+    # the pixels are the model's (row, col) crop positions mapped back (the short side fills the 224 crop)
+    from attnzoo.multimodal.nevaclip import fixations_to_pixels
+
+    np.testing.assert_allclose(sp.xy, fixations_to_pixels(sp.relative, (96, 64), 224))
+    d = sp.to_dict()
+    assert d["caption"] == "a colourful pattern" and len(d["xy"]) == 4
+
+
+def test_a_batch_gives_what_each_image_gets_alone(neva):
+    pipe = attnzoo.pipeline("scanpath", model=neva, batch_size=3, **FAST)
+    images = [picture(i, size=(96 + 16 * i, 64)) for i in range(3)]
+    captions = ["a pattern", "stripes of colour", "a picture of waves"]
+    together = pipe(images, caption=captions)
+    alone = [pipe(im, caption=c) for im, c in zip(images, captions)]
+    for a, b in zip(together, alone):
+        np.testing.assert_array_equal(a.relative, b.relative)  # same decisions, bit for bit
+        np.testing.assert_allclose(a.xy, b.xy)
+    # one caption for all images, and embeddings instead of captions
+    shared = pipe(images[:2], caption="a pattern")
+    np.testing.assert_array_equal(shared[0].relative, together[0].relative)
+    embedding = neva.encode_captions(["a pattern"])[0]
+    by_embedding = pipe(images[0], target=embedding)
+    np.testing.assert_array_equal(by_embedding.relative, together[0].relative)
+
+
+def test_seed_changes_restarts_and_is_reproducible(neva):
+    pipe = attnzoo.pipeline("scanpath", model=neva, **FAST)
+    a, b = pipe(picture(1), caption="waves", seed=1), pipe(picture(1), caption="waves", seed=1)
+    np.testing.assert_array_equal(a.relative, b.relative)
+
+
+def test_plot_draws_the_fixations_over_the_image(neva):
+    pipe = attnzoo.pipeline("scanpath", model=neva, **FAST)
+    sp = pipe(picture(2), caption="a pattern")
+    plain = sp.plot(title="x")
+    human = np.array([[10.0, 10.0], [80.0, 50.0], [40.0, 30.0]])
+    both = sp.plot(others=[human])
+    assert plain.width == 96 and both.height > 64  # the legend/title band sits above the image
+    # the fixation marks change the picture where the first fixation is
+    x, y = (sp.xy[0] + 0.5).astype(int)
+    base = np.asarray(picture(2).convert("RGB"), dtype=float)
+    drawn = np.asarray(plain, dtype=float)[-64:]
+    assert np.abs(drawn[y, x] - base[y, x]).sum() > 30
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({}, "caption"),
+    ({"caption": "   "}, "empty"),
+    ({"caption": "word " * 100}, "tokens long"),
+    ({"target": torch.randn(12)}, "dimension"),
+    ({"caption": "a", "target": torch.randn(64)}, "not both"),
+    ({"caption": "a", "colour": 3}, "unexpected"),
+])
+def test_bad_input_gives_clear_errors(neva, kwargs, match):
+    pipe = attnzoo.pipeline("scanpath", model=neva, **FAST)
+    with pytest.raises(InvalidInputError, match=match):
+        pipe(picture(0), **kwargs)
+
+
+def test_images_of_any_mode_and_size(neva, tmp_path):
+    pipe = attnzoo.pipeline("scanpath", model=neva, fixations=1, iterations=1)
+    grey = picture(3).convert("L")
+    rgba = picture(3).convert("RGBA")
+    path = tmp_path / "tall.png"
+    picture(4, size=(20, 300)).save(path)
+    for image, size in ((grey, (96, 64)), (rgba, (96, 64)), (path, (20, 300)), (np.asarray(picture(5)), (96, 64))):
+        sp = pipe(image, caption="a thing")
+        assert sp.image_size == size and (sp.xy[:, 0] <= size[0]).all() and (sp.xy[:, 1] <= size[1]).all()
+    with pytest.raises(InvalidInputError):
+        pipe(tmp_path / "missing.png", caption="a thing")
+
+
+def test_pipeline_factory_names_and_task_listing(monkeypatch, neva):
+    import attnzoo.pipelines.scanpath as mod
+    from attnzoo.pipelines import get_task, list_tasks
+
+    assert "scanpath" in list_tasks() and get_task("gaze").name == "scanpath" and get_task("scanpath").default_model == "nevaclip"
+
+    seen = {}
+
+    def fake_build(name, **kwargs):
+        seen["name"], seen["kwargs"] = name, kwargs
+        return neva
+
+    monkeypatch.setattr(mod, "build_scanpath_model", fake_build)
+    pipe = attnzoo.pipeline("gaze", model_kwargs={"model_name": "ViT-B-32"}, weights="laion2b_s34b_b79k")
+    assert seen["name"] == "nevaclip" and seen["kwargs"]["model_name"] == "ViT-B-32" and pipe.kind == "nevaclip"
+    assert seen["kwargs"]["weights"] == "laion2b_s34b_b79k"
+    with pytest.raises(InvalidInputError, match="NevaClip or an OAT"):
+        attnzoo.pipeline("scanpath", model=object())
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+def test_capmit1003_evaluation_with_the_misleading_caption_control_and_resume(neva, tmp_path):
+    from attnzoo.evaluation import evaluate
+    from attnzoo.evaluation.scanpath import ScanpathEvaluator, free_viewing_scores
+
+    data = write_capmit1003(tmp_path / "capmit")
+    pipe = attnzoo.pipeline("scanpath", model=neva, batch_size=4, **FAST)
+    evaluator = ScanpathEvaluator(data["db"].parent)
+    assert evaluator.dataset == "capmit1003" and evaluator.conditions == ["own", "misleading"]
+    samples = evaluator.samples()
+    assert len(samples) == 2 * len(data["captions"])
+    metrics = evaluate(pipe, evaluator, tmp_path / "out", settings={"model": "tiny"}, batch_size=4, progress=False)
+    rows = metrics["rows"]
+    assert set(rows) == {"model (own caption)", "model (misleading caption)", "humans (inter-subject)"}
+    preds = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    # each record's scores are the metric functions applied to the saved scanpath and the caption's own clicks
+    first = next(p for p in preds if p["id"] == "own|obs1")
+    human = np.array([[10, 12], [20, 22], [5, 6]], dtype=float)  # obs1's clicks by click_id
+    expected = free_viewing_scores(np.array(first["xy"]), [human], (40, 30))
+    assert first["caption"] == "a street with cars"
+    assert first["spp"] == pytest.approx(expected["spp"], abs=1e-3)
+    misleading = next(p for p in preds if p["id"] == "misleading|obs1")
+    assert misleading["caption"] in ("a red door", "a building")  # a caption of the other image
+    own = [p["spp"] for p in preds if p["id"].startswith("own|") and p["spp"] == p["spp"]]
+    assert rows["model (own caption)"]["spp"] == pytest.approx(np.mean(own), abs=1e-4)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "humans (inter-subject)" in report and "SPP" in report
+    again = evaluate(pipe, ScanpathEvaluator(data["db"].parent), tmp_path / "out", settings={"model": "tiny"}, progress=False)
+    assert again["rows"] == rows  # resumed: nothing recomputed, same numbers
+
+
+def test_mit1003_evaluation_scores_every_observer(neva, tmp_path):
+    from attnzoo.evaluation import evaluate
+    from attnzoo.evaluation.scanpath import NEUTRAL_CAPTION, ScanpathEvaluator
+
+    images = {"a.jpeg": (60, 40), "b.jpeg": (40, 60)}
+    paths = [{"n": n, "subject": k, "xs": [5.0 + k, 30.0, 20.0 - k, 10.0], "ys": [5.0, 20.0 + k, 30.0, 12.0],
+              "ts": [0.1, 0.3, 0.6, 0.9], "durations": [0.2] * 4} for n in range(2) for k in range(3)]
+    write_mit1003_pysaliency(tmp_path / "mit", images, paths)
+    evaluator = ScanpathEvaluator(tmp_path / "mit")
+    assert evaluator.dataset == "mit1003"
+    samples = evaluator.samples()
+    assert len(samples) == 2 and all(s.input["caption"] == NEUTRAL_CAPTION for s in samples)
+    pipe = attnzoo.pipeline("scanpath", model=neva, **FAST)
+    metrics = evaluate(pipe, evaluator, tmp_path / "out", settings={}, progress=False)
+    assert metrics["rows"]["humans (inter-subject)"]["n"] == 2
+    assert 0 <= metrics["rows"]["model"]["spp"] <= 1 and 0 <= metrics["rows"]["humans (inter-subject)"]["spp"] <= 1
+
+
+def test_evaluation_refuses_mismatched_models_and_options(tmp_path):
+    from attnzoo.evaluation.scanpath import ScanpathEvaluator
+    from attnzoo.errors import DatasetFormatError
+
+    data = write_capmit1003(tmp_path / "capmit")
+    with pytest.raises(InvalidInputError, match="OAT"):
+        ScanpathEvaluator(data["db"].parent, model_kind="oat")
+    with pytest.raises(InvalidInputError, match="captions"):
+        ScanpathEvaluator(data["db"].parent, captions="own,made-up")
+    with pytest.raises(InvalidInputError, match="no training"):
+        ScanpathEvaluator(data["db"].parent, split="train")
+    with pytest.raises(DatasetFormatError, match="which scanpath dataset"):
+        ScanpathEvaluator(tmp_path)
+
+
+# -- OAT (visual search) ----------------------------------------------------------------------------
+def tiny_oat():
+    from attnzoo.vision.oat import OAT
+
+    return OAT(grid=(2, 3), num_encoder_layers=1, num_decoder_layers=1, emb_size=64, nhead=2, dim_feedforward=32, CA_d_k=16,
+               pe_table="amazon", seed=0).eval()
+
+
+def shelf(tmp_path, seed=0):
+    """A 2x3 shelf of coloured packages on grey, and the packages' boxes in reading order."""
+    rng = np.random.default_rng(seed)
+    image = np.full((120, 150, 3), 128, np.uint8)
+    boxes = []
+    for r in range(2):
+        for c in range(3):
+            x0, y0 = 10 + 45 * c, 8 + 56 * r
+            image[y0:y0 + 48, x0:x0 + 38] = rng.integers(0, 255, 3)
+            boxes.append((x0, y0, x0 + 38, y0 + 48))
+    path = tmp_path / f"shelf{seed}.png"
+    Image.fromarray(image).save(path)
+    return path, np.array(boxes, dtype=float)
+
+
+def test_oat_search_points_at_objects_and_keeps_the_callers_box_order(tmp_path):
+    from attnzoo.vision.oat import crop_objects, generate
+
+    model = tiny_oat()
+    pipe = attnzoo.pipeline("scanpath", model=model, max_len=5)
+    path, boxes = shelf(tmp_path)
+    sp = pipe(path, boxes=boxes, target=4)
+    expected = generate(model, crop_objects(np.asarray(Image.open(path).convert("RGB")), boxes, colour_order="rgb"), 4, 5)[0][0]
+    np.testing.assert_array_equal(sp.objects, expected.objects)
+    assert sp.found_target == expected.terminated and sp.target == 4
+    np.testing.assert_allclose(sp.xy, (boxes[sp.objects, :2] + boxes[sp.objects, 2:]) / 2)  # fixations at the box centres
+    # the same shelf with the boxes listed in another order: the same search, reported in that order
+    perm = np.array([5, 3, 0, 4, 1, 2])
+    shuffled = pipe(path, boxes=boxes[perm], target=int(np.flatnonzero(perm == 4)[0]))
+    np.testing.assert_array_equal(perm[shuffled.objects], sp.objects)
+    assert sp.plot().size[0] == 150
+
+
+def test_oat_batches_sampling_and_search_trials(tmp_path):
+    from attnzoo.datasets.scanpaths import SearchTrial
+
+    model = tiny_oat()
+    pipe = attnzoo.pipeline("scanpath", model=model, max_len=4, batch_size=2)
+    (p0, b0), (p1, b1) = shelf(tmp_path, 0), shelf(tmp_path, 1)
+    batch = pipe([{"image": p0, "boxes": b0, "target": 1}, {"image": p1, "boxes": b1, "target": 2}])
+    alone = [pipe(p0, boxes=b0, target=1), pipe(p1, boxes=b1, target=2)]
+    for a, b in zip(batch, alone):
+        np.testing.assert_array_equal(a.objects, b.objects)
+    trial = SearchTrial("s", p1, "u", np.zeros((0, 2)), boxes=b1, grid=(2, 3), target=2)
+    np.testing.assert_array_equal(pipe([trial])[0].objects, alone[1].objects)
+    samples = pipe(p0, boxes=b0, target=1, strategy="sample", num_samples=3, seed=7)
+    again = pipe(p0, boxes=b0, target=1, strategy="sample", num_samples=3, seed=7)
+    assert len(samples) == 3 and [s.objects.tolist() for s in samples] == [s.objects.tolist() for s in again]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"boxes": np.zeros((5, 4)), "target": 0}, r"\[6, 4\]"),
+    ({"target": 9}, "target"),
+    ({"target": 1, "caption": "x"}, "caption"),
+    ({"target": 1, "boxes": "huge"}, "outside"),
+])
+def test_oat_bad_input(tmp_path, kwargs, match):
+    pipe = attnzoo.pipeline("scanpath", model=tiny_oat(), max_len=3)
+    path, boxes = shelf(tmp_path)
+    if isinstance(kwargs.get("boxes"), str):
+        kwargs["boxes"] = boxes + np.array([0, 0, 500, 0])
+    kwargs.setdefault("boxes", boxes)
+    with pytest.raises(InvalidInputError, match=match):
+        pipe(path, **kwargs)

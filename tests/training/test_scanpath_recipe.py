@@ -1,0 +1,92 @@
+"""The OAT recipe on a tiny Amazon (STI layout) set, then its weights through pipeline("scanpath")
+and the scanpath evaluation."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+import attnzoo
+from attnzoo.errors import InvalidInputError
+from tests.scanpath_helpers import AMAZON_SIZE, write_amazon
+
+SMALL = {"emb_size": 64, "nhead": 2, "num_encoder_layers": 1, "num_decoder_layers": 1, "dim_feedforward": 64, "CA_d_k": 16}
+
+
+def amazon_set(root, collages=4, subjects=5, seed=0):
+    """Collages whose observers look at 1-3 covers and end on the target (cell centres of the 10 px grid)."""
+    rng = np.random.default_rng(seed)
+    w, h = AMAZON_SIZE
+    entries = {}
+    for k in range(1, collages + 1):
+        target = int(rng.integers(84))
+        r, c = divmod(target, 14)
+        fixations = {}
+        for s in range(1, subjects + 1):
+            others = rng.integers(84, size=int(rng.integers(1, 4)))
+            path = [(int(o % 14) * 10 + 5, int(o // 14) * 10 + 5) for o in others] + [(c * 10 + 5, r * 10 + 5)]
+            fixations[str(s)] = [list(p) for p in path]
+        entries[f"{k}.jpg"] = {"fixations": fixations, "ground_truth": [{"xmin": c * 10, "xmax": c * 10 + 10, "ymin": r * 10, "ymax": r * 10 + 10}],
+                               "size": {"height": h, "width": w}, "target": f"target_{k % 5}.jpg"}
+    return write_amazon(root, entries=entries)["folder"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from attnzoo.training.scanpath import train_scanpath
+
+    root = tmp_path_factory.mktemp("oat")
+    data = amazon_set(root / "data")
+    result = train_scanpath("oat_amazon", data, root / "run", overrides={"epochs": 3, "batch_size": 4, "lr": 1e-3, "log_every": 1},
+                            device="cpu", model_kwargs=SMALL)
+    return data, root / "run", result
+
+
+def test_training_lowers_the_loss_and_keeps_the_best_epoch_by_delta(trained):
+    data, run, result = trained
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    losses = [float(r["loss"]) for r in rows]
+    assert losses[-1] < losses[0]
+    evals = list(csv.DictReader((run / "eval.csv").open()))
+    assert evals and "eval_delta" in evals[0]
+    import torch
+
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert best["eval_delta"] == min(float(r["eval_delta"]) for r in evals)  # Δ: lower is better
+    test = json.loads((run / "test_metrics.json").read_text())
+    assert {"ss", "edit_distance", "delta", "max_len"} <= set(test)
+    # the official max_len: the longest training sequence (at most 3 covers + the target here)
+    assert 2 <= test["max_len"] <= 4 and result["max_len"] == test["max_len"]
+    assert (run / "model.safetensors").is_file() and "stopped_early" in result
+    config = (run / "config.yaml").read_text()
+    assert "early_stop_patience: 30" in config and "optimizer: adam" in config and "best_mode: min" in config
+
+
+def test_trained_weights_run_in_the_pipeline_and_the_evaluation(trained, tmp_path):
+    from attnzoo.datasets.visual_search import AmazonCovers, official_split
+    from attnzoo.evaluation import evaluate
+    from attnzoo.evaluation.scanpath import ScanpathEvaluator
+    from attnzoo.metrics.scanpath import average_search_statistics, search_statistics
+
+    data, run, _ = trained
+    pipe = attnzoo.pipeline("scanpath", model="oat_amazon", weights=run / "model.safetensors", model_kwargs=SMALL, max_len=4)
+    trial = AmazonCovers(data)[0]
+    sp = pipe(trial)
+    assert 1 <= len(sp) <= 4 and ((sp.objects >= 0) & (sp.objects < 84)).all()
+    evaluator = ScanpathEvaluator(data, "all", model_kind="oat")
+    metrics = evaluate(pipe, evaluator, tmp_path / "eval", settings={}, progress=False)
+    human = metrics["rows"]["humans (inter-subject)"]
+    expected = average_search_statistics(search_statistics(t.objects, t.target) for t in AmazonCovers(data))
+    assert human["length"] == pytest.approx(expected["length"], abs=1e-4) and human["correct_target"] == 1.0
+    assert metrics["rows"]["model"]["n"] == len(AmazonCovers(data))
+    assert "Δ" in (tmp_path / "eval" / "report.md").read_text()
+    test_ids = {(t.stimulus, t.subject) for t in official_split(list(AmazonCovers(data)), 0)["test"]}
+    assert len(ScanpathEvaluator(data, "test", model_kind="oat").samples()) == len(test_ids)
+
+
+def test_nevaclip_has_nothing_to_train(tmp_path):
+    from attnzoo.training.scanpath import train_scanpath
+
+    with pytest.raises(InvalidInputError, match="nothing to train"):
+        train_scanpath("nevaclip", tmp_path, tmp_path / "run")
