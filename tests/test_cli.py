@@ -124,7 +124,12 @@ def test_demo_writes_pictures_and_says_random(tmp_path, capsys):
     assert index[1]["task"] == "multiview-3d-reconstruction" and index[1]["pretrained"] is False  # LRGT's weights need a manual download
     files = {p.name for p in (tmp_path / "demo" / "multiview-3d-reconstruction").iterdir()}
     assert {"table.png", "table.obj", "table.binvox", "results.json"} <= files
-    assert index[2]["task"] == "wsi-classification" and index[2]["pretrained"] is False  # no ACMIL weights were released
+    assert index[2]["task"] == "scanpath" and index[2]["pretrained"] is False  # no network for CLIP RN50 here
+    files = {p.name for p in (tmp_path / "demo" / "scanpath").iterdir()}
+    assert {"astronaut_scanpath.png", "coffee_scanpath.png", "shelf_search.png", "results.json"} <= files
+    scanpaths = json.loads((tmp_path / "demo" / "scanpath" / "results.json").read_text())["scanpaths"]
+    assert len(scanpaths["astronaut"]["xy"]) == 4 and scanpaths["shelf"]["target"] == 13
+    assert index[3]["task"] == "wsi-classification" and index[3]["pretrained"] is False  # no ACMIL weights were released
     files = {p.name for p in (tmp_path / "demo" / "wsi-classification").iterdir()}
     assert {"synthetic_slide.tif", "heatmap.png", "results.json"} <= files
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -73,6 +73,7 @@ def run(
     weights: WeightsOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for results.json and pictures.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Classes to report per image.")] = 5,
+    caption: Annotated[Optional[str], typer.Option("--caption", help="Scanpaths (NevaClip): what the viewer looks for, e.g. 'a man crossing the street'.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 8,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -84,11 +85,16 @@ def run(
     from attnzoo.pipelines import get_task, pipeline
 
     spec = get_task(task)
-    if spec.name != "image-classification":
-        raise InvalidInputError(f"'attnzoo run' does not support {spec.name} yet")
+    if spec.name not in ("image-classification", "scanpath"):
+        raise InvalidInputError(f"'attnzoo run' does not support {spec.name} yet (use its Python pipeline or 'attnzoo eval')")
     files = _expand_inputs(inputs)
     if not files:
         raise InvalidInputError("no input files given (folders held no images)")
+    if spec.name == "scanpath":
+        _run_scanpath(files, model, weights, out, caption, batch_size, device, dtype)
+        return
+    if caption is not None:
+        raise InvalidInputError("--caption is an option of the scanpath task")
     pipe = pipeline(spec.name, model=model, weights=weights, device=device, dtype=dtype, batch_size=batch_size)
     results, failed = {}, []
     for i, result in pipe.iterate(files, top_k=top_k, on_error="raise" if len(files) == 1 else "skip"):
@@ -106,6 +112,37 @@ def run(
         for file, result in results.items():
             with atomic_write(out / f"{Path(file).stem}.png", "wb") as fh:
                 plot_classification(load_image(file), result, title=str(model or spec.default_model)).save(fh, format="PNG")
+        _echo(f"wrote {len(results) + 1} files to {out}")
+    if failed:
+        raise InvalidInputError(f"{len(failed)} of {len(files)} inputs could not be read")
+
+
+def _run_scanpath(files: list[str], model: str | None, weights: str | None, out: Path | None, caption: str | None,
+                  batch_size: int, device: Any, dtype: Any) -> None:
+    """NevaClip scanpaths for image files: fixations printed, ``results.json`` and pictures in --out."""
+    from attnzoo._io import atomic_write, write_json
+    from attnzoo.errors import InvalidInputError
+    from attnzoo.pipelines import pipeline
+
+    if model is not None and not model.lower().startswith("neva"):
+        raise InvalidInputError("'attnzoo run scanpath' runs NevaClip (image + caption); OAT needs object boxes and a target: "
+                                "use pipeline('scanpath', model=...) from Python")
+    if not caption:
+        raise InvalidInputError("NevaClip needs to know what the viewer looks for: pass --caption 'a man crossing the street'")
+    pipe = pipeline("scanpath", model=model, weights=weights, device=device, dtype=dtype, batch_size=batch_size)
+    results, failed = {}, []
+    for i, result in pipe.iterate([{"image": f, "caption": caption} for f in files], on_error="raise" if len(files) == 1 else "skip"):
+        if isinstance(result, Exception):
+            failed.append(files[i])
+            _echo(f"skipped: {result}", err=True)
+            continue
+        results[files[i]] = result
+        _echo(f"{files[i]}: " + " ".join(f"({x:.0f},{y:.0f})" for x, y in result.xy))
+    if out is not None and results:
+        write_json(out / "results.json", {f: r.to_dict() for f, r in results.items()})
+        for file, result in results.items():
+            with atomic_write(out / f"{Path(file).stem}_scanpath.png", "wb") as fh:
+                result.plot(file).save(fh, format="PNG")
         _echo(f"wrote {len(results) + 1} files to {out}")
     if failed:
         raise InvalidInputError(f"{len(failed)} of {len(files)} inputs could not be read")
@@ -166,7 +203,7 @@ def eval_(
             evaluator.check_num_classes(pipe.model.num_classes)
         settings = {"model": model_name, "weights": weights or "pretrained", "data": str(Path(data).resolve()), "split": split,
                     "limit": limit, "dtype": dtype, **({"views": n, "fscore": fscore} if n is not None else {}),
-                    **({k: v for k, v in extra.items() if k != "model_kind"} if is_scanpath else {})}
+                    **({k: v for k, v in extra.items() if k != "model_kind" and v is not None} if is_scanpath else {})}
         run_out = Path(out) if len(counts) == 1 else Path(out) / f"views-{n}"
         metrics = evaluate(pipe, evaluator, run_out, settings=settings, batch_size=batch_size, num_workers=workers)
         if not metrics:  # a torchrun process other than the first: process 0 reports

@@ -176,7 +176,67 @@ def demo_wsi_classification(out: Path, model: str | None, log: Callable[[str], N
     return DemoResult("wsi-classification", name, pretrained, [slide, out / "heatmap.png", out / "results.json"])
 
 
+def synthetic_shelf(rows: int = 3, cols: int = 9, cell: tuple[int, int] = (60, 90), seed: int = 0) -> tuple[Any, Any]:
+    """A shelf of coloured packages (one per grid cell, reading order) and their boxes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = cell
+    image = np.full((rows * h + 20, cols * w + 20, 3), 235, np.uint8)
+    boxes = []
+    for r in range(rows):
+        for c in range(cols):
+            x0, y0 = 10 + c * w + 6, 10 + r * h + 6
+            image[y0:y0 + h - 12, x0:x0 + w - 12] = rng.integers(30, 225, 3)
+            image[y0 + (h - 12) // 3:y0 + (h - 12) // 3 + 8, x0 + 4:x0 + w - 16] = 255  # a label stripe
+            boxes.append((x0, y0, x0 + w - 12, y0 + h - 12))
+    return Image.fromarray(image), np.array(boxes, dtype=float)
+
+
+def demo_scanpath(out: Path, model: str | None, log: Callable[[str], None], device: Any = None) -> DemoResult:
+    """NevaClip on two photographs with captions (the paper's settings when CLIP RN50 can be loaded,
+    a short search otherwise), and OAT searching a synthetic shelf (random weights: none were released)."""
+    import attnzoo
+
+    images = sample_images(("astronaut", "coffee"))
+    captions = {"astronaut": "an astronaut in a white suit holding a helmet", "coffee": "a cup of coffee on a saucer"}
+    try:
+        pipe, pretrained, name = _build("scanpath", model, log, device=device, batch_size=2)
+    except ImportError as err:
+        log(f"[scanpath] open_clip is not installed ({err}); pip install 'attnzoo[multimodal]'")
+        return DemoResult("scanpath", "nevaclip", False, note="open_clip missing")
+    settings: dict[str, Any] = {}
+    if not pretrained:  # a random RN50 gives meaningless (but runnable) scanpaths: keep the search short
+        settings = {"fixations": 4, "iterations": 3}
+        log("[scanpath] NevaClip with the random CLIP runs a short search (4 fixations x 3 iterations)")
+    weights_note = "pretrained CLIP RN50" if pretrained else "random CLIP"
+    result = DemoResult("scanpath", name, pretrained)
+    summary: dict[str, Any] = {}
+    paths = pipe(list(images.values()), caption=[captions[k] for k in images], **settings)
+    for (image_name, image), sp in zip(images.items(), paths):
+        path = out / f"{image_name}_scanpath.png"
+        with atomic_write(path, "wb") as fh:
+            sp.plot(image, title=f"NevaClip ({weights_note}): \u201c{sp.caption}\u201d").save(fh, format="PNG")
+        result.files.append(path)
+        summary[image_name] = sp.to_dict()
+        log(f"[scanpath] {image_name}: {len(sp)} fixations, first at ({sp.xy[0, 0]:.0f}, {sp.xy[0, 1]:.0f})")
+
+    shelf, boxes = synthetic_shelf()
+    oat = attnzoo.pipeline("scanpath", model="oat_yogurt", weights="none", device=device, max_len=12)
+    search = oat(shelf, boxes=boxes, target=13)
+    with atomic_write(out / "shelf_search.png", "wb") as fh:
+        search.plot(shelf, title="OAT (random weights: no weights were released), target in green").save(fh, format="PNG")
+    result.files.append(out / "shelf_search.png")
+    summary["shelf"] = search.to_dict()
+    log(f"[scanpath] shelf: OAT (random weights) looked at {search.objects.tolist()}, found the target: {search.found_target}")
+    write_json(out / "results.json", {"model": name, "pretrained": pretrained, "scanpaths": summary})
+    result.files.append(out / "results.json")
+    return result
+
+
 DEMOS: dict[str, Callable[..., DemoResult]] = {
+    "scanpath": demo_scanpath,
     "wsi-classification": demo_wsi_classification,
     "image-classification": demo_image_classification,
     "multiview-3d-reconstruction": demo_multiview_reconstruction,

@@ -281,3 +281,36 @@ def test_oat_bad_input(tmp_path, kwargs, match):
     kwargs.setdefault("boxes", boxes)
     with pytest.raises(InvalidInputError, match=match):
         pipe(path, **kwargs)
+
+
+def test_cli_eval_scanpath_on_capmit1003(neva, tmp_path, monkeypatch):
+    import attnzoo.pipelines.scanpath as mod
+    from attnzoo.cli import main
+
+    monkeypatch.setattr(mod, "build_scanpath_model", lambda name, **kw: neva)
+    data = write_capmit1003(tmp_path / "capmit")
+    out = tmp_path / "eval"
+    code = main(["eval", "scanpath", "--data", str(data["db"].parent), "--out", str(out), "--captions", "own", "--num-workers", "0"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["rows"]) == {"model (own caption)", "humans (inter-subject)"} and metrics["n"] == 4
+    assert metrics["captions"] == "own" and metrics["dataset"] == "capmit1003"
+    assert main(["eval", "image-classification", "--data", str(tmp_path), "--out", str(out), "--captions", "own"]) != 0
+
+
+def test_cli_run_scanpath_writes_fixations_and_pictures(neva, tmp_path, monkeypatch, capsys):
+    import attnzoo.pipelines.scanpath as mod
+    from attnzoo.cli import main
+
+    monkeypatch.setattr(mod, "build_scanpath_model", lambda name, **kw: neva)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        picture(i).save(images / f"p{i}.png")
+    out = tmp_path / "out"
+    assert main(["run", "scanpath", str(images), "--caption", "a pattern", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert len(results) == 2 and all(len(r["xy"]) == 10 and r["caption"] == "a pattern" for r in results.values())
+    assert (out / "p0_scanpath.png").is_file() and "(" in capsys.readouterr().out
+    assert main(["run", "scanpath", str(images)]) == 1  # no caption: a one-line error
+    assert "--caption" in capsys.readouterr().err

@@ -240,6 +240,25 @@ class _RestartDraws:
         return torch.cat(draws).to(self.device)
 
 
+@contextlib.contextmanager
+def _hub_offline_if_asked():
+    """In attnzoo's offline mode, open_clip's Hugging Face downloads look in the cache only
+    (instead of retrying a network that is not there)."""
+    from attnzoo.weights.hub import is_offline
+
+    if not is_offline():
+        yield
+        return
+    import huggingface_hub.constants as hf_constants
+
+    saved = hf_constants.HF_HUB_OFFLINE
+    hf_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hf_constants.HF_HUB_OFFLINE = saved
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
@@ -308,7 +327,8 @@ class NevaClip:
         if not (self.model_name.startswith(("hf-hub:", "local-dir:")) or self.model_name in open_clip.list_models()):
             raise UnknownNameError("open_clip model", self.model_name, open_clip.list_models())
         try:
-            model, _, _ = open_clip.create_model_and_transforms(self.model_name, pretrained=self.pretrained, cache_dir=self.cache_dir)
+            with _hub_offline_if_asked():
+                model, _, _ = open_clip.create_model_and_transforms(self.model_name, pretrained=self.pretrained, cache_dir=self.cache_dir)
         except Exception as err:  # noqa: BLE001  open_clip raises RuntimeError / OSError / HF errors for missing weights
             raise WeightsError(
                 f"could not load open_clip {self.model_name!r} with pretrained={self.pretrained!r} ({err}); "

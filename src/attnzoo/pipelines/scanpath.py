@@ -93,7 +93,9 @@ def build_scanpath_model(name: str, *, weights: Any = None, pretrained: bool | N
     if name.lower() in ("nevaclip", "neva-clip", "neva_clip"):
         from attnzoo.multimodal.nevaclip import NevaClip
 
-        if weights is not None:
+        if isinstance(weights, str) and weights.strip().lower() == "none":
+            kwargs.setdefault("pretrained", None)  # random weights, as everywhere else in attnzoo
+        elif weights is not None:
             kwargs.setdefault("pretrained", os.fspath(weights) if isinstance(weights, os.PathLike) else weights)
         elif pretrained is False:
             kwargs.setdefault("pretrained", None)
@@ -129,6 +131,7 @@ class ScanpathPipeline(Pipeline):
             if not _is_nevaclip(model):
                 raise InvalidInputError(f"the scanpath pipeline takes a NevaClip or an OAT model, got {type(model).__name__}")
             self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
+            model.visual  # load a named CLIP now: a missing download fails here, not at the first image  # noqa: B018
             model.device = self.device
             if self.dtype is not None:
                 model.dtype = self.dtype
