@@ -195,6 +195,8 @@ def eval_(
         return evaluator_cls(data, split, limit=limit, **extra) if n is None else evaluator_cls(data, split, limit=limit, n_views=n, with_fscore=fscore)
 
     evaluators = {n: make_evaluator(n) for n in counts}  # a bad dataset fails before the model loads
+    if is_scanpath and str(model_name).lower() == "oat":  # the OAT variant of the shelf layout found in --data
+        model_name = f"oat_{evaluators[None].dataset}"
     pipe = pipeline(spec.name, model=model_name, weights=weights, device=device, dtype=dtype, **pipe_kwargs)
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
     results = {}
@@ -239,7 +241,7 @@ TRAIN_RECIPES = {
     "scanpath": "attnzoo.training.scanpath:train_scanpath",
 }
 #: The model a task trains by default when it differs from its pipeline's (NevaClip has nothing to train).
-TRAIN_DEFAULT_MODELS = {"scanpath": "oat_amazon"}
+TRAIN_DEFAULT_MODELS = {"scanpath": "oat"}  # oat_<dataset>, for the shelf layout found in --data
 
 
 @app.command(context_settings={"allow_extra_args": False})

@@ -314,3 +314,30 @@ def test_cli_run_scanpath_writes_fixations_and_pictures(neva, tmp_path, monkeypa
     assert (out / "p0_scanpath.png").is_file() and "(" in capsys.readouterr().out
     assert main(["run", "scanpath", str(images)]) == 1  # no caption: a one-line error
     assert "--caption" in capsys.readouterr().err
+
+
+def test_dtype_and_device_move_the_whole_clip(tmp_path):
+    from attnzoo.multimodal.nevaclip import NevaClip
+
+    neva64 = NevaClip(model=tiny_clip(1), tokenizer=open_clip.get_tokenizer("RN50"))
+    pipe = attnzoo.pipeline("scanpath", model=neva64, dtype="float64", fixations=1, iterations=1)
+    clip = neva64._module
+    assert {p.dtype for p in clip.parameters()} == {torch.float64}  # the text tower too, not only the visual one
+    assert pipe(picture(0), caption="a pattern").xy.shape == (1, 2)
+
+
+def test_evaluation_skips_unusable_captions_and_limits_each_condition(neva, tmp_path):
+    from attnzoo.evaluation import evaluate
+    from attnzoo.evaluation.scanpath import ScanpathEvaluator
+    from tests.scanpath_helpers import CAPMIT_CAPTIONS
+
+    captions = [list(c) for c in CAPMIT_CAPTIONS]
+    captions[1][3] = "word " * 90  # longer than CLIP's 77-token context
+    data = write_capmit1003(tmp_path / "capmit", captions=[tuple(c) for c in captions])
+    evaluator = ScanpathEvaluator(data["db"].parent, captions="own,misleading,other-subject", limit=2)
+    samples = evaluator.samples()
+    assert [s.id.split("|")[0] for s in samples].count("own") == 2 and [s.id.split("|")[0] for s in samples].count("misleading") == 2
+    pipe = attnzoo.pipeline("scanpath", model=neva, **FAST)
+    metrics = evaluate(pipe, evaluator, tmp_path / "out", settings={}, progress=False)
+    assert metrics["skipped"] >= 1 and any("tokens long" in line for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines())
+    assert "model (misleading caption)" in metrics["rows"]

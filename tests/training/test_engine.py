@@ -249,3 +249,12 @@ def test_early_stopping_after_patience_evaluations_without_a_better_metric(tmp_p
     assert again.fit(resume=True)["step"] == result["step"]
     with pytest.raises(InvalidInputError, match="best_metric"):
         TrainConfig(early_stop_patience=2).validate()
+
+
+def test_a_non_finite_first_evaluation_does_not_block_later_bests(tmp_path):
+    scores = iter([float("inf"), 0.9, 0.5, 0.7])  # min mode: inf first (e.g. a delta over a zero human statistic)
+    trainer = make_trainer(tmp_path, epochs=4, best_metric="delta", best_mode="min", early_stop_patience=2)
+    trainer.eval_fn = lambda model: {"delta": next(scores)}
+    result = trainer.fit()
+    assert result["best"] == 0.5 and not result["stopped_early"]
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["eval_delta"] == 0.5

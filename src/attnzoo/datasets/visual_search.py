@@ -58,6 +58,8 @@ __all__ = [
     "drop_length_outliers",
     "grid_boxes",
     "leakage_free_split",
+    "load_search_trials",
+    "split_search_trials",
     "map_fixations_to_objects",
     "official_split",
     "read_amazon_json",
@@ -719,3 +721,28 @@ def leakage_free_split(
         name: [t for k in part for t in groups[k]]
         for name, part in zip(("train", "val", "test"), parts)
     }
+
+
+def load_search_trials(root: str | Path, dataset: str, drop_outliers: bool = True) -> list[SearchTrial]:
+    """The trials of an ``amazon`` / ``yogurt`` / ``wine`` folder (images required for Amazon)."""
+    if dataset == "amazon":
+        return list(AmazonCovers(root, drop_outliers=drop_outliers, require_images=True))
+    if dataset in SHELF_LAYOUTS:
+        return list(OATShelf(root, task=dataset))
+    raise DatasetFormatError(f"{root}: not a visual-search dataset (amazon, yogurt, wine): {dataset}")
+
+
+def split_search_trials(trials: Sequence[SearchTrial], root: str | Path, dataset: str, scheme: str = "official",
+                        seed: int = 0) -> dict[str, list[SearchTrial]]:
+    """The split training and evaluation share: ``official`` (OAT's; for Amazon the published
+    ``splitlist_all_amazon.txt`` in ``root`` or its parent when there, else a permutation seeded with
+    ``seed``) or leakage-free by ``layout`` / ``target`` / ``layout_target``."""
+    if scheme == "official":
+        root = Path(root)
+        candidates = (root / "splitlist_all_amazon.txt", root.parent / "splitlist_all_amazon.txt")
+        permutation = next((p for p in candidates if p.is_file()), None) if dataset == "amazon" else None
+        return official_split(trials, permutation if permutation else seed)
+    if scheme in ("layout", "target", "layout_target"):
+        return leakage_free_split(trials, by=scheme, seed=seed)
+    raise InvalidInputError(f"split must be official, layout, target or layout_target, got {scheme!r}")
+

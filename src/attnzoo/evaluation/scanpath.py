@@ -9,7 +9,8 @@ NevaClip (``--model nevaclip``):
   seeded), the paper's control. ``--captions own`` runs the first only.
 * **mit1003** (free viewing, raw release or pysaliency cache): one scanpath per image, scored
   against every observer. Free viewing has no caption: the image's first CapMIT1003 caption is
-  used when ``capmit1003.db`` lies in ``--data`` (or its parent), else the neutral prompt
+  used when ``capmit1003.db`` lies in ``--data`` (then pass ``--dataset mit1003``: a folder with the
+  database is taken for CapMIT1003 otherwise) or in its parent, else the neutral prompt
   :data:`NEUTRAL_CAPTION`.
 
 Metrics per sample, averaged: **SPP**, the string-based time-delay embedding similarity
@@ -130,39 +131,39 @@ class ScanpathEvaluator:
         return {}
 
     def _load_search(self, split: str) -> None:
-        from attnzoo.datasets.visual_search import AmazonCovers, OATShelf, leakage_free_split, official_split
+        from attnzoo.datasets.visual_search import load_search_trials, split_search_trials
 
-        trials = AmazonCovers(self.root) if self.dataset == "amazon" else OATShelf(self.root, task=self.dataset)
-        self.all_trials = list(trials)
+        self.all_trials = load_search_trials(self.root, self.dataset)
         name, _, scheme = split.partition("-by-")
         if name not in ("train", "val", "test", "all"):
             raise InvalidInputError(f"--split is train, val, test or all (optionally -by-layout / -by-target), got {split!r}")
         if name == "all":
             self.trials = self.all_trials
-        elif scheme:
-            self.trials = leakage_free_split(self.all_trials, by=scheme, seed=self.seed)[name]
         else:
-            permutation = next((p for p in (self.root / "splitlist_all_amazon.txt", self.root.parent / "splitlist_all_amazon.txt")
-                                if p.is_file() and self.dataset == "amazon"), None)
-            self.trials = official_split(self.all_trials, permutation if permutation else self.seed)[name]
+            self.trials = split_search_trials(self.all_trials, self.root, self.dataset, scheme or "official", self.seed)[name]
 
     # -- the runner's protocol ------------------------------------------------------------------
     def samples(self) -> list[EvalSample]:
+        """``--limit N`` takes the first N trials / images / captions (each caption in every condition)."""
+        limit = self.limit or None
         out = []
         if self.is_search:
-            for i, t in enumerate(self.trials):
-                out.append(EvalSample(f"{t.stimulus}|{t.subject}|{t.target}", {"image": t.image_path, "boxes": t.boxes, "target": t.target}, i))
+            for i, t in enumerate(self.trials[:limit]):
+                key = t.meta.get("scanpath_id") or f"{t.stimulus}|{t.subject}|{t.target}|{i}"
+                out.append(EvalSample(str(key), {"image": t.image_path, "boxes": t.boxes, "target": t.target}, i))
         elif self.dataset == "capmit1003":
             for condition in self.conditions:
-                for i, r in enumerate(self.records):
+                for i, r in enumerate(self.records[:limit]):
+                    caption = self.caption_sets[condition][i]
+                    if caption is None:  # "other-subject": nobody else described this image
+                        continue
                     key = r.meta.get("obs_uid", f"{r.stimulus}|{r.subject}|{i}")
-                    out.append(EvalSample(f"{condition}|{key}", {"image": r.image_path, "caption": self.caption_sets[condition][i]},
-                                          (condition, i)))
+                    out.append(EvalSample(f"{condition}|{key}", {"image": r.image_path, "caption": caption}, (condition, i)))
         else:
-            for stimulus, records in self._groups.items():
+            for stimulus, records in list(self._groups.items())[:limit]:
                 caption = self.stimulus_captions.get(stimulus, NEUTRAL_CAPTION)
                 out.append(EvalSample(stimulus, {"image": records[0].image_path, "caption": caption}, ("own", stimulus)))
-        return out[: self.limit] if self.limit else out
+        return out
 
     def record(self, sample: EvalSample, result: Any) -> dict[str, Any]:
         if self.is_search:
@@ -279,9 +280,15 @@ class ScanpathEvaluator:
 
 
 def _nan_to_none(value: Any) -> Any:
+    """JSON has no NaN or infinity: NaN (no sample gave the metric) becomes None, an infinite Δ
+    (the model shows a behaviour the observers never do) the string "inf"."""
     if isinstance(value, dict):
         return {k: _nan_to_none(v) for k, v in value.items()}
-    return None if isinstance(value, float) and math.isnan(value) else value
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
 
 
 def _fmt(value: Any) -> str:

@@ -304,6 +304,7 @@ class NevaClip:
         self._tokenizer = tokenizer
         self._text_encoder = text_encoder
         self._visual: nn.Module | None = None
+        self._module: nn.Module | None = None  # the whole CLIP (or the bare tower): what .to() moves
         if model is not None:
             if not hasattr(model, "visual"):
                 raise InvalidInputError("model must be an open_clip CLIP-like module with a .visual tower; pass visual= for a bare tower")
@@ -319,7 +320,18 @@ class NevaClip:
         model.to(device=self.device, dtype=self.dtype)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
+        self._module = model
         self._visual = getattr(model, "visual", model)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> NevaClip:
+        """Move the whole CLIP (vision and text towers) and use ``device``/``dtype`` for the search."""
+        if device is not None:
+            self.device = torch.device(device)
+        if dtype is not None:
+            self.dtype = dtype
+        if self._module is not None:
+            self._setup(self._module)
+        return self
 
     def _load(self) -> None:
         import open_clip

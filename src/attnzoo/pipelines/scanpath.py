@@ -21,8 +21,10 @@ Batches run as one tensor program; with NevaClip each image's scanpath is the on
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +32,7 @@ import torch
 from PIL import Image
 
 from attnzoo.errors import InvalidInputError
-from attnzoo.pipelines.base import Pipeline, _positive_int, resolve_device, resolve_dtype
+from attnzoo.pipelines.base import Pipeline, _positive_int, is_single_input, resolve_device, resolve_dtype
 
 __all__ = ["Scanpath", "ScanpathPipeline", "build_scanpath_model"]
 
@@ -103,7 +105,13 @@ def build_scanpath_model(name: str, *, weights: Any = None, pretrained: bool | N
     from attnzoo.factory import create_model
 
     name = {"oat": "oat_amazon"}.get(name.lower(), name)
-    return create_model(name, pretrained=weights is None if pretrained is None else pretrained, weights=weights, **kwargs)
+    model = create_model(name, pretrained=weights is None if pretrained is None else pretrained, weights=weights, **kwargs)
+    if isinstance(weights, (str, os.PathLike)) and (Path(weights).parent / "decoding.json").is_file():
+        import json
+
+        # a training run's weights: decode up to its max_len (the longest training scanpath), as its own test did
+        model.max_len = int(json.loads((Path(weights).parent / "decoding.json").read_text())["max_len"])
+    return model
 
 
 def _is_nevaclip(model: Any) -> bool:
@@ -132,11 +140,7 @@ class ScanpathPipeline(Pipeline):
                 raise InvalidInputError(f"the scanpath pipeline takes a NevaClip or an OAT model, got {type(model).__name__}")
             self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
             model.visual  # load a named CLIP now: a missing download fails here, not at the first image  # noqa: B018
-            model.device = self.device
-            if self.dtype is not None:
-                model.dtype = self.dtype
-            if model._visual is not None:
-                model._setup(model._visual)
+            model.to(self.device, self.dtype)
             self.model, self.kind = model, "nevaclip"
             self.batch_size, self.num_workers = _positive_int("batch_size", batch_size), num_workers
             self._defaults = self._sanitize_parameters(**kwargs)
@@ -153,11 +157,12 @@ class ScanpathPipeline(Pipeline):
         unknown = sorted(set(kwargs) - set(allowed))
         if unknown:
             raise InvalidInputError(f"{self.kind} scanpaths take {', '.join(allowed)}; got unexpected {unknown}")
-        return {}, dict(kwargs), ({"strategy": kwargs["strategy"]} if "strategy" in kwargs else {})
+        pre = {"truncate": kwargs["truncate"]} if "truncate" in kwargs else {}
+        return pre, dict(kwargs), ({"strategy": kwargs["strategy"]} if "strategy" in kwargs else {})
 
     # -- inputs ----------------------------------------------------------------------------
     def __call__(self, inputs: Any, caption: Any = None, *, target: Any = None, boxes: Any = None, **kwargs: Any) -> Any:
-        single = not isinstance(inputs, (list, tuple)) or (isinstance(inputs, np.ndarray) and inputs.ndim < 4)
+        single = is_single_input(inputs) or (self.kind == "oat" and hasattr(inputs, "boxes"))
         items = [inputs] if single else list(inputs)
         if self.kind == "nevaclip":
             items = self._neva_items(items, caption, target)
@@ -209,8 +214,13 @@ class ScanpathPipeline(Pipeline):
         return out
 
     # -- stages ----------------------------------------------------------------------------
-    def preprocess(self, item: dict[str, Any], **params: Any) -> dict[str, Any]:
+    def preprocess(self, item: dict[str, Any], *, truncate: bool = False) -> dict[str, Any]:
         if self.kind == "nevaclip":
+            caption, target = item.get("caption"), item.get("target")
+            if caption is None and target is None:
+                raise InvalidInputError("NevaClip needs what the viewer looks for: caption='...' or target=<embedding>")
+            if caption is not None:
+                self.model.tokenize([caption], truncate=truncate)  # empty or too long: this input's error, before any work
             x, sizes = self.model.preprocess([item["image"]])
             return {"x": x[0], "size": sizes[0], "caption": item.get("caption"), "target": item.get("target"), "image": item["image"]}
         return self._oat_preprocess(item)
@@ -246,7 +256,7 @@ class ScanpathPipeline(Pipeline):
         return {k: [s[k] for s in samples] for k in samples[0]}
 
     def preprocessor(self, **params: Any):
-        return self.preprocess
+        return functools.partial(self.preprocess, **params)
 
     def forward(self, batch: dict[str, Any], **params: Any) -> dict[str, Any]:
         if self.kind == "nevaclip":

@@ -327,7 +327,10 @@ class Trainer:
         if key is None or f"eval_{key}" not in metrics:
             return False
         value = metrics[f"eval_{key}"]
-        better = self.best is None or (value > self.best if self.config.best_mode == "max" else value < self.best)
+        if not math.isfinite(value):  # NaN or an infinite loss-like metric is never a new best
+            return False
+        best_is_finite = self.best is not None and math.isfinite(self.best)
+        better = not best_is_finite or (value > self.best if self.config.best_mode == "max" else value < self.best)
         if better:
             self.best = value
         return better

@@ -27,34 +27,9 @@ from attnzoo.errors import DatasetFormatError, InvalidInputError
 from attnzoo.training.config import TrainConfig, recipe_config
 from attnzoo.training.engine import Trainer
 
-__all__ = ["evaluate_search", "load_search_trials", "train_scanpath"]
+__all__ = ["evaluate_search", "train_scanpath"]
 
 RECIPE_DEFAULTS = {"dataset": None, "split": "official", "split_seed": 0, "max_len": None, "drop_outliers": True}
-
-
-def load_search_trials(data: str | os.PathLike, dataset: str | None = None, drop_outliers: bool = True) -> tuple[str, list[Any]]:
-    """``(dataset name, trials)`` of an Amazon / yogurt / wine folder."""
-    from attnzoo.datasets.scanpaths import detect_scanpath_dataset
-    from attnzoo.datasets.visual_search import AmazonCovers, OATShelf
-
-    name = dataset or detect_scanpath_dataset(data)
-    if name == "amazon":
-        return name, list(AmazonCovers(data, drop_outliers=drop_outliers, require_images=True))
-    if name in ("yogurt", "wine"):
-        return name, list(OATShelf(data, task=name))
-    raise DatasetFormatError(f"{data}: OAT trains on visual-search data (amazon, yogurt, wine), found {name}")
-
-
-def split_trials(trials: list[Any], data: str | os.PathLike, split: str, seed: int) -> dict[str, list[Any]]:
-    from attnzoo.datasets.visual_search import leakage_free_split, official_split
-
-    if split == "official":
-        root = Path(data)
-        permutation = next((p for p in (root / "splitlist_all_amazon.txt", root.parent / "splitlist_all_amazon.txt") if p.is_file()), None)
-        return official_split(trials, permutation if permutation else seed)
-    if split in ("layout", "target", "layout_target"):
-        return leakage_free_split(trials, by=split, seed=seed)
-    raise InvalidInputError(f"split must be official, layout, target or layout_target, got {split!r}")
 
 
 class SearchSamples(Dataset):
@@ -121,10 +96,16 @@ def train_scanpath(
 
     if str(model).lower().startswith("neva"):
         raise InvalidInputError("NevaClip is zero-shot (a frozen CLIP): there is nothing to train; evaluate it with 'attnzoo eval scanpath'")
-    model = {"oat": "oat_amazon"}.get(model, model)
+    from attnzoo.datasets.scanpaths import detect_scanpath_dataset
+    from attnzoo.datasets.visual_search import load_search_trials, split_search_trials
+
     cfg = recipe_config(config or "oat", overrides, RECIPE_DEFAULTS, "scanpath")
-    name, trials = load_search_trials(data, cfg.extra["dataset"], bool(cfg.extra["drop_outliers"]))
-    split = split_trials(trials, data, str(cfg.extra["split"]), int(cfg.extra["split_seed"]))
+    name = cfg.extra["dataset"] or detect_scanpath_dataset(data)
+    if name not in ("amazon", "yogurt", "wine"):
+        raise DatasetFormatError(f"{data}: OAT trains on visual-search data (amazon, yogurt, wine), found {name}")
+    model = f"oat_{name}" if str(model).lower() == "oat" else model  # the variant of this shelf layout
+    trials = load_search_trials(data, name, bool(cfg.extra["drop_outliers"]))
+    split = split_search_trials(trials, data, name, str(cfg.extra["split"]), int(cfg.extra["split_seed"]))
     if not split["train"]:
         raise DatasetFormatError(f"{data}: no training scanpaths in the split")
     max_len = int(cfg.extra["max_len"] or max(len(t.objects) for t in split["train"]))  # the official: the longest training sequence
@@ -151,7 +132,7 @@ def train_scanpath(
         trainer.eval_fn = lambda m: evaluate_search(m, val_set, max_len)
     result = trainer.fit(resume=resume)
     best = Path(out) / "best.pt"
-    if best.exists():  # the official protocol: test the epoch with the best validation delta
+    if val_set is not None and best.exists():  # the official protocol: test the epoch with the best validation delta
         net.load_state_dict(torch.load(best, weights_only=True)["model"])
     net.eval()
     with torch.no_grad():
@@ -159,4 +140,5 @@ def train_scanpath(
     trainer.save_weights(net)
     if trainer.ctx.is_main:
         write_json(Path(out) / "test_metrics.json", {"max_len": max_len, **test})
+        write_json(Path(out) / "decoding.json", {"max_len": max_len})  # read by pipeline("scanpath") beside the weights
     return {**result, "test": test, "max_len": max_len}
