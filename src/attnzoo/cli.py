@@ -164,6 +164,7 @@ def eval_(
     dataset: Annotated[Optional[str], typer.Option("--dataset", help="Scanpaths: capmit1003, mit1003, amazon, yogurt or wine (default: detected from --data).")] = None,
     captions: Annotated[Optional[str], typer.Option("--captions", help="Scanpaths on capmit1003: own, misleading, other-subject, comma-separated (default own,misleading).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Scanpaths: seed of NevaClip's restarts, misleading captions and OAT's split.")] = 0,
+    samples: Annotated[Optional[int], typer.Option("--samples", help="Scanpaths (OAT): sampled scanpaths per trial (the paper's 'multi' rows use 100) instead of greedy decoding.")] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard an earlier run in --out instead of resuming it.")] = False,
@@ -179,14 +180,14 @@ def eval_(
     if (views is not None or fscore) and not is_3d:
         raise typer.BadParameter("--views and --fscore are options of multiview-3d-reconstruction")
     is_scanpath = spec.name == "scanpath"
-    if (dataset is not None or captions is not None) and not is_scanpath:
-        raise typer.BadParameter("--dataset and --captions are options of scanpath")
+    if (dataset is not None or captions is not None or samples is not None) and not is_scanpath:
+        raise typer.BadParameter("--dataset, --captions and --samples are options of scanpath")
     extra: dict = {}
     pipe_kwargs: dict = {}
     if is_scanpath:
         kind = "nevaclip" if str(model_name).lower().startswith("neva") else "oat"
-        extra = {"dataset": dataset, "captions": captions, "seed": seed, "model_kind": kind}
-        pipe_kwargs = {"seed": seed} if kind == "nevaclip" else {}
+        extra = {"dataset": dataset, "captions": captions, "seed": seed, "model_kind": kind, "samples_per_trial": samples}
+        pipe_kwargs = {"seed": seed} if kind == "nevaclip" else {"strategy": "sample", "num_samples": samples, "seed": seed} if samples else {}
     counts = _view_counts(views) if is_3d else [None]
     split = split or {"multiview-3d-reconstruction": "test", "wsi-classification": "test", "scanpath": "test"}.get(spec.name, "val")
     evaluator_cls = get_evaluator(spec.name)

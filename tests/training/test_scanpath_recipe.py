@@ -78,10 +78,25 @@ def test_trained_weights_run_in_the_pipeline_and_the_evaluation(trained, tmp_pat
     assert 1 <= len(sp) <= 5 and ((sp.objects >= 0) & (sp.objects < 84)).all()
     evaluator = ScanpathEvaluator(data, "all", model_kind="oat")
     metrics = evaluate(pipe, evaluator, tmp_path / "eval", settings={}, progress=False)
+    assert set(metrics["rows"]) == {"model (greedy)", "humans (inter-subject)"}
     human = metrics["rows"]["humans (inter-subject)"]
     expected = average_search_statistics(search_statistics(t.objects, t.target) for t in AmazonCovers(data))
     assert human["length"] == pytest.approx(expected["length"], abs=1e-4) and human["correct_target"] == 1.0
-    assert metrics["rows"]["model"]["n"] == len(AmazonCovers(data))
+    assert metrics["rows"]["model (greedy)"]["n"] == len(AmazonCovers(data))
+    # sampled decoding (OAT's "multi" rows): statistics averaged over each trial's samples first
+    sampled_pipe = attnzoo.pipeline("scanpath", model="oat", weights=run / "model.safetensors", model_kwargs=SMALL,
+                                    strategy="sample", num_samples=3, seed=0)
+    sampled = evaluate(sampled_pipe, ScanpathEvaluator(data, "all", model_kind="oat", samples_per_trial=3), tmp_path / "eval-multi",
+                       settings={}, progress=False)
+    row = sampled["rows"]["model (3 samples per trial)"]
+    preds = [json.loads(line) for line in (tmp_path / "eval-multi" / "predictions.jsonl").read_text().splitlines()]
+    assert all(len(p["samples"]) == 3 for p in preds)
+    from attnzoo.metrics.scanpath import search_statistics_over_samples
+
+    trials = AmazonCovers(data)
+    per_trial = [search_statistics_over_samples([s for s in p["samples"] if s], t.target) for p, t in zip(preds, trials)]
+    assert row["length"] == pytest.approx(np.mean([s["length"] for s in per_trial]), abs=1e-4)
+    assert row["nss"] is None or np.isfinite(row["nss"])
     assert "Δ" in (tmp_path / "eval" / "report.md").read_text()
     test_ids = {(t.stimulus, t.subject) for t in official_split(list(AmazonCovers(data)), 0)["test"]}
     assert len(ScanpathEvaluator(data, "test", model_kind="oat").samples()) == len(test_ids)

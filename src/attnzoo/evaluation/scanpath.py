@@ -71,7 +71,7 @@ class ScanpathEvaluator:
     task = "scanpath"
 
     def __init__(self, data: str | os.PathLike, split: str = "test", *, limit: int | None = None, dataset: str | None = None,
-                 captions: str | None = None, seed: int = 0, model_kind: str = "nevaclip"):
+                 captions: str | None = None, seed: int = 0, model_kind: str = "nevaclip", samples_per_trial: int | None = None):
         root = Path(data)
         if not root.exists():
             raise DatasetFormatError(f"dataset folder {root} does not exist")
@@ -79,6 +79,9 @@ class ScanpathEvaluator:
         if self.dataset not in NEVACLIP_DATASETS + SEARCH_DATASETS:
             raise InvalidInputError(f"--dataset must be one of {NEVACLIP_DATASETS + SEARCH_DATASETS}, got {self.dataset!r}")
         self.is_search = self.dataset in SEARCH_DATASETS
+        self.samples_per_trial = samples_per_trial
+        if samples_per_trial is not None and (not self.is_search or samples_per_trial < 1):
+            raise InvalidInputError("--samples (sampled scanpaths per trial, >= 1) applies to OAT on amazon, yogurt or wine")
         if model_kind == "oat" and not self.is_search:
             raise InvalidInputError(f"OAT predicts visual search on shelves (amazon, yogurt, wine), not {self.dataset}")
         if model_kind == "nevaclip" and self.is_search:
@@ -168,8 +171,10 @@ class ScanpathEvaluator:
     def record(self, sample: EvalSample, result: Any) -> dict[str, Any]:
         if self.is_search:
             trial = self.trials[sample.target]
+            if isinstance(result, list):  # sampled decoding: OAT's "multi" rows average over the samples of a trial
+                return self._sampled_scores([np.asarray(r.objects) for r in result], trial)
             return {"objects": np.asarray(result.objects).tolist(), "found_target": bool(result.found_target),
-                    **self._search_scores(np.asarray(result.objects), trial)}
+                    **self._search_scores(np.asarray(result.objects), trial), "nss": self._object_nss([np.asarray(result.objects)], trial)}
         condition, key = sample.target
         humans = [self.records[key]] if self.dataset == "capmit1003" else self._groups[key]
         size = tuple(result.image_size)
@@ -185,6 +190,28 @@ class ScanpathEvaluator:
                                   "multimatch": self._object_multimatch(objects, trial)}
         scores["stats"] = search_statistics(objects, trial.target) if len(objects) else None
         return scores
+
+    def _sampled_scores(self, samples: list[np.ndarray], trial: Any) -> dict[str, Any]:
+        """Each score averaged over the trial's sampled scanpaths; the statistics too (OAT's "multi")."""
+        from attnzoo.metrics.scanpath import average_search_statistics
+
+        per = [self._search_scores(objects, trial) for objects in samples]
+        stats = [p["stats"] for p in per if p["stats"] is not None]
+        return {"samples": [o.tolist() for o in samples], "ss": _mean([p["ss"] for p in per]),
+                "edit_distance": _mean([p["edit_distance"] for p in per]), "multimatch": _mean([p["multimatch"] for p in per]),
+                "stats": average_search_statistics(stats) if stats else None, "nss": self._object_nss(samples, trial)}
+
+    def _object_nss(self, samples: list[np.ndarray], trial: Any) -> float:
+        """OAT's NSS: every predicted object (all samples pooled) as its grid-cell centre in a binary
+        map, z-scored, read at the observer's fixations (``calculate_mm.py``)."""
+        from attnzoo.metrics.scanpath import OAT_LAYOUTS, fixation_nss, objects_to_points
+
+        layout = OAT_LAYOUTS[self.dataset]
+        objects = np.concatenate([s for s in samples if len(s)]) if any(len(s) for s in samples) else np.zeros(0, np.int64)
+        if not len(objects) or not len(trial.xy):
+            return float("nan")
+        points = objects_to_points(objects, trial.grid, layout["cell_size"], layout["offset"])
+        return fixation_nss(points, trial.xy, layout["screen_size"] or trial.image_size)
 
     def _object_multimatch(self, objects: np.ndarray, trial: Any) -> float:
         """OAT's MM: predicted objects as grid-cell centres against the observer's raw fixations,
@@ -240,20 +267,25 @@ class ScanpathEvaluator:
         human_stats = average_search_statistics(search_statistics(t.objects, t.target) for t in trials)
         model_stats = average_search_statistics(r["stats"] for r in records if r["stats"] is not None)
         model_row = {"ss": _mean([r["ss"] for r in records]), "edit_distance": _mean([r["edit_distance"] for r in records]),
-                     "multimatch": _mean([r["multimatch"] for r in records]), "delta": behavioural_delta(model_stats, human_stats),
-                     **model_stats, "n": len(records)}
+                     "multimatch": _mean([r["multimatch"] for r in records]), "nss": _mean([r.get("nss", float("nan")) for r in records]),
+                     "delta": behavioural_delta(model_stats, human_stats), **model_stats, "n": len(records)}
         human_row = {**self._search_agreement(trials), "delta": 0.0, **human_stats, "n": len(trials)}
-        rows = {"model": {k: round(v, 4) if isinstance(v, float) else v for k, v in model_row.items()},
+        name = f"model ({self.samples_per_trial} samples per trial)" if self.samples_per_trial else "model (greedy)"
+        rows = {name: {k: round(v, 4) if isinstance(v, float) else v for k, v in model_row.items()},
                 "humans (inter-subject)": {k: round(v, 4) if isinstance(v, float) else v for k, v in human_row.items()}}
-        return {"dataset": self.dataset, "rows": rows, **{k: rows["model"][k] for k in ("ss", "edit_distance", "multimatch", "delta")},
+        return {"dataset": self.dataset, "rows": rows, **{k: rows[name][k] for k in ("ss", "edit_distance", "multimatch", "nss", "delta")},
                 "statistics": list(SEARCH_STATISTICS)}
 
     def _search_agreement(self, trials: list[Any]) -> dict[str, float]:
-        """Each observer's object sequence against the other observers of the same display and target."""
+        """Each observer's object sequence against the other observers of the same display and target
+        (and the others' raw fixations pooled for NSS)."""
+        from attnzoo.metrics.scanpath import OAT_LAYOUTS, fixation_nss
+
         groups: dict[tuple, list[Any]] = {}
         for t in self.all_trials:
             groups.setdefault((t.layout, t.target), []).append(t)
-        ss, ed, mm = [], [], []
+        ss, ed, mm, nss = [], [], [], []
+        screen = OAT_LAYOUTS[self.dataset]["screen_size"]
         for t in trials:
             others = [o for o in groups[(t.layout, t.target)] if o is not t]
             for o in others:
@@ -261,14 +293,19 @@ class ScanpathEvaluator:
                 ss.append(s["ss"])
                 ed.append(s["edit_distance"])
                 mm.append(s["multimatch"])
-        return {"ss": _mean(ss), "edit_distance": _mean(ed), "multimatch": _mean(mm)}
+            pooled = [o.xy for o in others if len(o.xy)]
+            if pooled and len(t.xy):
+                nss.append(fixation_nss(np.concatenate(pooled), t.xy, screen or t.image_size))
+        return {"ss": _mean(ss), "edit_distance": _mean(ed), "multimatch": _mean(mm), "nss": _mean(nss)}
 
     def report(self, metrics: dict[str, Any]) -> str:
         if self.is_search:
-            cols = [("SS", "ss"), ("ED", "edit_distance"), ("MM", "multimatch"), ("Δ", "delta"), ("correct target", "correct_target"),
+            cols = [("SS", "ss"), ("ED", "edit_distance"), ("MM", "multimatch"), ("NSS", "nss"), ("Δ", "delta"), ("correct target", "correct_target"),
                     ("length", "length"), ("search", "search_ratio"), ("refixation", "refixation_ratio"), ("revisit", "revisit_ratio")]
             note = ("SS: Needleman-Wunsch on objects / max length (OAT); ED: edit distance on objects; MM: MultiMatch (mean of vector, "
-                    "direction, length, position) of grid-cell centres vs raw fixations; Δ of the test-set means of the five statistics.")
+                    "direction, length, position) of grid-cell centres vs raw fixations; NSS of the predicted cells at the observer's "
+                    "fixations; Δ of the test-set means of the five statistics (sampled: each trial's statistics first averaged over "
+                    "its samples, OAT's \"multi\").")
         else:
             cols = [("SPP (SBTDE)", "spp"), ("ScanMatch", "scanmatch"), ("MultiMatch", "multimatch"), ("edit distance", "edit_distance")]
             note = ("SPP: string-based time-delay embedding similarity (4x4 grid, k=3, mean over observers); "
