@@ -153,3 +153,13 @@ def test_parse_timestamp_units():
     assert parse_timestamp("1651572900250") == pytest.approx(1_651_572_900.25)
     with pytest.raises(InvalidInputError):
         parse_timestamp("yesterday")
+
+
+def test_scanpath_readers_are_exported_lazily():
+    import attnzoo.datasets as datasets
+    from attnzoo.datasets.capmit1003 import CapMIT1003
+    from attnzoo.datasets.visual_search import AmazonCovers
+
+    assert datasets.CapMIT1003 is CapMIT1003 and datasets.AmazonCovers is AmazonCovers
+    with pytest.raises(AttributeError):
+        datasets.NotADataset  # noqa: B018
