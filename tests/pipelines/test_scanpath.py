@@ -172,6 +172,14 @@ def test_capmit1003_evaluation_with_the_misleading_caption_control_and_resume(ne
     assert rows["model (own caption)"]["spp"] == pytest.approx(np.mean(own), abs=1e-4)
     report = (tmp_path / "out" / "report.md").read_text()
     assert "humans (inter-subject)" in report and "SPP" in report
+    # the human row: each caption's clicks against the other observers of its image, averaged over captions
+    from attnzoo.datasets.capmit1003 import CapMIT1003
+
+    caps = CapMIT1003(data["db"].parent)
+    sizes = {name: size for name, size in data["images"].values()}
+    human = [free_viewing_scores(r.xy, [o.xy for o in caps if o.stimulus == r.stimulus and o is not r], sizes[r.stimulus]) for r in caps]
+    assert rows["humans (inter-subject)"]["n"] == 4
+    assert rows["humans (inter-subject)"]["scanmatch"] == pytest.approx(np.nanmean([h["scanmatch"] for h in human]), abs=1e-4)
     again = evaluate(pipe, ScanpathEvaluator(data["db"].parent), tmp_path / "out", settings={"model": "tiny"}, progress=False)
     assert again["rows"] == rows  # resumed: nothing recomputed, same numbers
 

@@ -17,7 +17,8 @@ Metrics per sample, averaged: **SPP**, the string-based time-delay embedding sim
 (scanpath plausibility; FixaTons' settings, mean over observers: see
 :func:`attnzoo.metrics.scanpath.scanpath_plausibility`), ScanMatch, MultiMatch (mean of vector,
 direction, length, position) and the string edit distance on the 4x4 grid. The human row scores
-each observer's scanpath against the other observers of the same image in the same way.
+each observer's scanpath against the other observers of the same image in the same way (computed
+with each sample, so it resumes and shards with the run).
 
 OAT (``--model oat_amazon`` etc., ``--data`` an Amazon / yogurt / wine folder): the trials of the
 official split (``--split test``; the permutation seeded with 0 or read from
@@ -99,6 +100,7 @@ class ScanpathEvaluator:
             from attnzoo.datasets.capmit1003 import CapMIT1003
 
             self.records = CapMIT1003(self.root)
+            self._groups = self.records.by_stimulus()
             self.conditions = [c.strip() for c in (captions or "own,misleading").split(",") if c.strip()]
             bad = sorted(set(self.conditions) - {"own", "misleading", "other-subject"})
             if bad or not self.conditions:
@@ -179,7 +181,8 @@ class ScanpathEvaluator:
         humans = [self.records[key]] if self.dataset == "capmit1003" else self._groups[key]
         size = tuple(result.image_size)
         scores = free_viewing_scores(result.xy, [h.xy for h in humans], size)
-        return {"condition": condition, "caption": sample.input["caption"], "xy": np.round(result.xy, 2).tolist(), **scores}
+        return {"condition": condition, "caption": sample.input["caption"], "xy": np.round(result.xy, 2).tolist(), **scores,
+                "human": self._human_scores(condition, key, size)}
 
     def _search_scores(self, objects: np.ndarray, trial: Any) -> dict[str, Any]:
         from attnzoo.metrics.scanpath import edit_distance, search_statistics, sequence_score
@@ -239,25 +242,28 @@ class ScanpathEvaluator:
             if rows:
                 out["rows"][f"model ({condition} caption)" if self.dataset == "capmit1003" else "model"] = {
                     k: round(_mean([r[k] for r in rows]), 4) for k in keys} | {"n": len(rows)}
-        out["rows"]["humans (inter-subject)"] = self._human_agreement(keys)
+        humans = [r["human"] for r in records if r.get("human")]
+        out["rows"]["humans (inter-subject)"] = {k: round(_mean([h[k] for h in humans]), 4) for k in keys} | {"n": len(humans)}
         first = next(iter(out["rows"].values()))
         out.update({k: first[k] for k in keys})
         return out
 
-    def _human_agreement(self, keys: tuple[str, ...]) -> dict[str, Any]:
-        """Each observer against the other observers of the same image (the stimuli evaluated)."""
-        groups = self.records.by_stimulus()
-        evaluated = {s.input["image"] for s in self.samples()}
-        per_stimulus = []
-        for records in groups.values():
-            if len(records) < 2 or records[0].image_path not in evaluated:
-                continue
-            size = records[0].image_size or _image_size(records[0].image_path)
-            scores = [free_viewing_scores(r.xy, [o.xy for o in records if o is not r], size) for r in records]
-            per_stimulus.append({k: _mean([s[k] for s in scores]) for k in keys})
-        if not per_stimulus:
-            return {k: float("nan") for k in keys} | {"n": 0}
-        return {k: round(_mean([s[k] for s in per_stimulus]), 4) for k in keys} | {"n": len(per_stimulus)}
+    def _human_scores(self, condition: str, key: Any, size: tuple[int, int]) -> dict[str, float] | None:
+        """The observers' agreement belonging to this sample, computed with it (so it is saved, resumed
+        and sharded like the model's scores): CapMIT1003, once per caption (own condition), that
+        observer's clicks against the other observers of the image; MIT1003, per image, each observer
+        against the others, averaged. ``None`` when nobody else saw the image."""
+        if condition != self.conditions[0]:
+            return None
+        if self.dataset == "capmit1003":
+            record = self.records[key]
+            others = [o.xy for o in self._groups[record.stimulus] if o is not record]
+            return free_viewing_scores(record.xy, others, size) if others else None
+        group = self._groups[key]
+        if len(group) < 2:
+            return None
+        scores = [free_viewing_scores(r.xy, [o.xy for o in group if o is not r], size) for r in group]
+        return {k: _mean([sc[k] for sc in scores]) for k in scores[0]}
 
     def _search_metrics(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         from attnzoo.metrics.scanpath import SEARCH_STATISTICS, average_search_statistics, behavioural_delta, search_statistics
@@ -330,10 +336,3 @@ def _nan_to_none(value: Any) -> Any:
 
 def _fmt(value: Any) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.size
