@@ -66,6 +66,8 @@ class SearchTrial(ScanpathRecord):
 def detect_scanpath_dataset(root: str | os.PathLike) -> str:
     """The dataset a folder holds, from the files the public releases ship."""
     root = Path(root)
+    if not root.exists():
+        raise DatasetFormatError(f"dataset folder {root} does not exist")
     if (root / "capmit1003.db").is_file() or root.suffix == ".db":
         return "capmit1003"
     for name in ("Amazon.json", "amazon_data.json", "AmazonCovers/Amazon.json", "amazon_data/amazon_data.json"):
