@@ -26,8 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attnzoo.datasets.mit1003 import ScanpathCollection
-from attnzoo.datasets.scanpaths import ScanpathRecord
+from attnzoo.datasets.scanpaths import ScanpathCollection, ScanpathRecord
 from attnzoo.errors import DatasetFormatError, InvalidInputError
 
 __all__ = ["CAPMIT1003_SCHEMA", "CapMIT1003", "parse_timestamp"]

@@ -34,13 +34,12 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from attnzoo.datasets.scanpaths import ScanpathRecord
+from attnzoo.datasets.scanpaths import ScanpathCollection, ScanpathRecord
 from attnzoo.errors import DatasetFormatError, InvalidInputError
 
 __all__ = [
@@ -74,67 +73,6 @@ MIT1003_SUBJECTS = (
     "zb",
 )
 """The 15 ``DATA/`` folders, in the sorted order pysaliency numbers them (0..14)."""
-
-
-class ScanpathCollection(Sequence):
-    """A list of scanpath records with the lookups every scanpath reader shares."""
-
-    def __init__(self, records: Iterable[ScanpathRecord]):
-        self._records = list(records)
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return self._subset(self._records[index])
-        return self._records[index]
-
-    def __iter__(self) -> Iterator[ScanpathRecord]:
-        return iter(self._records)
-
-    def _subset(self, records: list[ScanpathRecord]) -> ScanpathCollection:
-        new = object.__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        new._records = list(records)
-        return new
-
-    def stimuli(self) -> list[str]:
-        """Unique stimulus ids, in first-seen order."""
-        return list(dict.fromkeys(r.stimulus for r in self._records))
-
-    def subjects(self) -> list[str]:
-        return list(dict.fromkeys(r.subject for r in self._records))
-
-    def by_stimulus(self) -> dict[str, list[ScanpathRecord]]:
-        groups: dict[str, list[ScanpathRecord]] = {}
-        for record in self._records:
-            groups.setdefault(record.stimulus, []).append(record)
-        return groups
-
-    def filter(
-        self,
-        stimuli: Iterable[str] | None = None,
-        subjects: Iterable[str] | None = None,
-    ) -> ScanpathCollection:
-        """Records whose stimulus (and subject) is in the given sets; unknown names are an error,
-        since a typo would otherwise silently give an empty evaluation."""
-        records = self._records
-        for name, wanted, known in (
-            ("stimuli", stimuli, self.stimuli()),
-            ("subjects", subjects, self.subjects()),
-        ):
-            if wanted is None:
-                continue
-            wanted = {wanted} if isinstance(wanted, str) else set(wanted)
-            unknown = sorted(wanted - set(known))
-            if unknown:
-                raise InvalidInputError(
-                    f"unknown {name} {unknown[:5]} (this dataset has {len(known)} {name}, e.g. {known[:3]})"
-                )
-            attr = "stimulus" if name == "stimuli" else "subject"
-            records = [r for r in records if getattr(r, attr) in wanted]
-        return self._subset(records)
 
 
 def natural_sort_key(name: str) -> list:

@@ -45,8 +45,7 @@ from xml.etree import ElementTree
 
 import numpy as np
 
-from attnzoo.datasets.mit1003 import ScanpathCollection
-from attnzoo.datasets.scanpaths import SearchTrial
+from attnzoo.datasets.scanpaths import ScanpathCollection, SearchTrial
 from attnzoo.errors import DatasetFormatError, InvalidInputError
 
 __all__ = [
