@@ -64,6 +64,7 @@ __all__ = [
     "read_amazon_json",
     "read_xlsx",
     "shelf_boxes",
+    "reading_order",
     "sort_boxes_reading_order",
     "target_from_ground_truth",
 ]
@@ -79,12 +80,18 @@ SHELF_LAYOUTS = {
 
 
 # ---- boxes -------------------------------------------------------------------------------------
-def sort_boxes_reading_order(boxes: np.ndarray, y_threshold: int = 10) -> np.ndarray:
-    """OAT's order: rows by ``y0`` snapped down to a multiple of ``y_threshold``, then by ``x0``."""
+def reading_order(boxes: np.ndarray, y_threshold: int = 10) -> np.ndarray:
+    """Indices putting boxes in OAT's order: rows by ``y0`` snapped down to a multiple of
+    ``y_threshold``, then by ``x0`` (stable for ties)."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     keys = [((y0 // y_threshold) * y_threshold, x0) for x0, y0, _, _ in boxes.tolist()]
-    order = sorted(range(len(boxes)), key=lambda i: keys[i])
-    return boxes[order]
+    return np.array(sorted(range(len(boxes)), key=lambda i: keys[i]), dtype=np.int64)
+
+
+def sort_boxes_reading_order(boxes: np.ndarray, y_threshold: int = 10) -> np.ndarray:
+    """The boxes in OAT's order (:func:`reading_order`)."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return boxes[reading_order(boxes, y_threshold)]
 
 
 def _grey_like_opencv(image: np.ndarray) -> np.ndarray:

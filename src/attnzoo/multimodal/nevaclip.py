@@ -333,6 +333,10 @@ class NevaClip:
             self._setup(self._module)
         return self
 
+    def eval(self) -> NevaClip:
+        """The CLIP is always frozen in eval mode; here for the ``model.to(...).eval()`` every pipeline does."""
+        return self
+
     def _load(self) -> None:
         import open_clip
 

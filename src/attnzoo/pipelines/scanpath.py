@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from attnzoo.errors import InvalidInputError
-from attnzoo.pipelines.base import Pipeline, _positive_int, is_single_input, resolve_device, resolve_dtype
+from attnzoo.pipelines.base import Pipeline, is_single_input
 
 __all__ = ["Scanpath", "ScanpathPipeline", "build_scanpath_model"]
 
@@ -135,18 +135,12 @@ class ScanpathPipeline(Pipeline):
 
     def __init__(self, model: Any, *, device: str | int | torch.device | None = None, dtype: str | torch.dtype | None = None,
                  batch_size: int = 8, num_workers: int = 0, **kwargs: Any):
-        if _is_nevaclip(model) or not isinstance(model, torch.nn.Module):
-            if not _is_nevaclip(model):
-                raise InvalidInputError(f"the scanpath pipeline takes a NevaClip or an OAT model, got {type(model).__name__}")
-            self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
+        if not (_is_nevaclip(model) or isinstance(model, torch.nn.Module)):
+            raise InvalidInputError(f"the scanpath pipeline takes a NevaClip or an OAT model, got {type(model).__name__}")
+        self.kind = "nevaclip" if _is_nevaclip(model) else "oat"
+        if self.kind == "nevaclip":
             model.visual  # load a named CLIP now: a missing download fails here, not at the first image  # noqa: B018
-            model.to(self.device, self.dtype)
-            self.model, self.kind = model, "nevaclip"
-            self.batch_size, self.num_workers = _positive_int("batch_size", batch_size), num_workers
-            self._defaults = self._sanitize_parameters(**kwargs)
-        else:
-            self.kind = "oat"
-            super().__init__(model, device=device, dtype=dtype, batch_size=batch_size, num_workers=num_workers, **kwargs)
+        super().__init__(model, device=device, dtype=dtype, batch_size=batch_size, num_workers=num_workers, **kwargs)
 
     # -- parameters ------------------------------------------------------------------------
     _NEVA_KEYS = ("fixations", "iterations", "lr", "random_restarts", "forgetting", "seed", "truncate")
@@ -169,7 +163,7 @@ class ScanpathPipeline(Pipeline):
         else:
             if caption is not None:
                 raise InvalidInputError("OAT searches for a target object: pass boxes= and target=, not caption=")
-            items = self._oat_items(items, boxes, target, single)
+            items = self._oat_items(items, boxes, target)
         results = [r for _, r in self.iterate(items, **kwargs)]
         return results[0] if single else results
 
@@ -200,7 +194,7 @@ class ScanpathPipeline(Pipeline):
             out.append(item)
         return out
 
-    def _oat_items(self, items: list[Any], boxes: Any, target: Any, single: bool) -> list[dict[str, Any]]:
+    def _oat_items(self, items: list[Any], boxes: Any, target: Any) -> list[dict[str, Any]]:
         out = []
         for item in items:
             if isinstance(item, dict):
@@ -229,6 +223,7 @@ class ScanpathPipeline(Pipeline):
         """Crops of the display's objects in OAT's reading order (rows by y snapped to 10 px, then x);
         the caller's box order is kept for the answer."""
         from attnzoo.datasets.images import load_image
+        from attnzoo.datasets.visual_search import reading_order
         from attnzoo.vision.oat import crop_objects
 
         picture = load_image(item["image"])
@@ -245,8 +240,7 @@ class ScanpathPipeline(Pipeline):
         target = item["target"]
         if isinstance(target, bool) or not isinstance(target, (int, np.integer)) or not 0 <= int(target) < n:
             raise InvalidInputError(f"target must be the index of one of the {n} boxes (0-based), got {target!r}")
-        keys = [((y0 // 10) * 10, x0) for x0, y0, _, _ in boxes.tolist()]
-        order = np.array(sorted(range(n), key=lambda i: keys[i]))  # model index -> caller's index
+        order = reading_order(boxes)  # model index -> caller's index
         crops = crop_objects(np.asarray(picture), boxes[order], colour_order="rgb", grid=self.model.grid)
         return {"crops": crops, "target": int(np.flatnonzero(order == int(target))[0]), "order": order, "boxes": boxes,
                 "size": picture.size, "image": item["image"]}
