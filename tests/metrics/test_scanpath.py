@@ -399,3 +399,14 @@ def test_nss_on_a_saliency_map_against_scipy_zscore():
         nss(np.ones(5), [[1, 1]])
     with pytest.raises(InvalidInputError, match="needs at least 1"):
         nss(smap, np.zeros((0, 2)))
+
+
+def test_object_scanpath_scores_per_trial():
+    from attnzoo.metrics.scanpath import object_scanpath_scores
+
+    # pred 3 5 5 9 vs human 3 9: NW aligns 3 and 9 (score 2) / max length 4; edit distance: delete 5, 5 = 2
+    scores = object_scanpath_scores([3, 5, 5, 9], [3, 9], target=9)
+    assert scores["ss"] == 0.5 and scores["edit_distance"] == 2.0
+    assert scores["stats"] == {"correct_target": 1.0, "length": 4.0, "search_ratio": 0.75, "refixation_ratio": 0.25, "revisit_ratio": 0.0}
+    empty = object_scanpath_scores([], [3, 9], target=9)
+    assert empty == {"ss": 0.0, "edit_distance": 2.0, "stats": None}

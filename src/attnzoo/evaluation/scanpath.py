@@ -185,14 +185,9 @@ class ScanpathEvaluator:
                 "human": self._human_scores(condition, key, size)}
 
     def _search_scores(self, objects: np.ndarray, trial: Any) -> dict[str, Any]:
-        from attnzoo.metrics.scanpath import edit_distance, search_statistics, sequence_score
+        from attnzoo.metrics.scanpath import object_scanpath_scores
 
-        human = trial.objects
-        scores: dict[str, Any] = {"ss": sequence_score(objects, human) if len(objects) else 0.0,
-                                  "edit_distance": float(edit_distance(objects.tolist(), human.tolist())),
-                                  "multimatch": self._object_multimatch(objects, trial)}
-        scores["stats"] = search_statistics(objects, trial.target) if len(objects) else None
-        return scores
+        return {**object_scanpath_scores(objects, trial.objects, trial.target), "multimatch": self._object_multimatch(objects, trial)}
 
     def _sampled_scores(self, samples: list[np.ndarray], trial: Any) -> dict[str, Any]:
         """Each score averaged over the trial's sampled scanpaths; the statistics too (OAT's "multi")."""

@@ -40,6 +40,7 @@ __all__ = [
     "multimatch",
     "needleman_wunsch_score",
     "nss",
+    "object_scanpath_scores",
     "objects_to_points",
     "pad_scanpath",
     "sbtde_distance",
@@ -676,6 +677,15 @@ def search_statistics(objects: Any, target: int) -> dict[str, float]:
         seen.add(obj)
     return {"correct_target": float(int(seq[-1]) == int(target)), "length": float(n), "search_ratio": search / n,
             "refixation_ratio": refix / n, "revisit_ratio": revisit / n}
+
+
+def object_scanpath_scores(pred: Any, human: Any, target: int) -> dict[str, Any]:
+    """OAT's per-trial scores of a predicted object scanpath against an observer's: ``ss``
+    (:func:`sequence_score`, 0 for an empty prediction), ``edit_distance`` and ``stats``
+    (:func:`search_statistics`, ``None`` for an empty prediction: it has no last fixation)."""
+    p, h = _objects(pred, "pred", allow_empty=True), _objects(human, "human", allow_empty=True)
+    return {"ss": sequence_score(p, h) if len(p) else 0.0, "edit_distance": float(edit_distance(p.tolist(), h.tolist())),
+            "stats": search_statistics(p, target) if len(p) else None}
 
 
 def average_search_statistics(stats: Iterable[Mapping[str, float]]) -> dict[str, float]:

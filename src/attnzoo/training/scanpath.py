@@ -59,7 +59,7 @@ class SearchSamples(Dataset):
 def evaluate_search(model: torch.nn.Module, samples: SearchSamples, max_len: int, batch: int = 32) -> dict[str, float]:
     """Greedy scanpaths of every trial: mean sequence score, edit distance, the five behavioural
     statistics and Δ against the observers' (of the set's means, as OAT)."""
-    from attnzoo.metrics.scanpath import average_search_statistics, behavioural_delta, edit_distance, search_statistics, sequence_score
+    from attnzoo.metrics.scanpath import average_search_statistics, behavioural_delta, object_scanpath_scores, search_statistics
     from attnzoo.vision.oat import generate
 
     predictions: list[list[int]] = []
@@ -67,12 +67,13 @@ def evaluate_search(model: torch.nn.Module, samples: SearchSamples, max_len: int
         chunk = samples.samples[start:start + batch]
         decoded = generate(model, [s.crops for s in chunk], [s.target for s in chunk], max_len)
         predictions += [d[0].objects for d in decoded]
+    scores = [object_scanpath_scores(p, s.sequence, s.target) for p, s in zip(predictions, samples.samples)]
     human = average_search_statistics(search_statistics(s.sequence, s.target) for s in samples.samples)
-    scored = [(p, s) for p, s in zip(predictions, samples.samples) if p]
-    model_stats = average_search_statistics(search_statistics(p, s.target) for p, s in scored) if scored else None
+    stats = [sc["stats"] for sc in scores if sc["stats"] is not None]
+    model_stats = average_search_statistics(stats) if stats else None
     return {
-        "ss": float(np.mean([sequence_score(p, s.sequence) if p else 0.0 for p, s in zip(predictions, samples.samples)])),
-        "edit_distance": float(np.mean([edit_distance(p, s.sequence) for p, s in zip(predictions, samples.samples)])),
+        "ss": float(np.mean([sc["ss"] for sc in scores])),
+        "edit_distance": float(np.mean([sc["edit_distance"] for sc in scores])),
         "delta": behavioural_delta(model_stats, human) if model_stats else float("inf"),
         **({f"model_{k}": v for k, v in model_stats.items()} if model_stats else {}),
     }
