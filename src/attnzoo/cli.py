@@ -79,8 +79,6 @@ def run(
     dtype: DtypeOpt = None,
 ) -> None:
     """Run a task's pipeline on input files and print (and optionally save) the results."""
-    from attnzoo._io import atomic_write, write_json
-    from attnzoo.datasets.images import load_image
     from attnzoo.errors import InvalidInputError
     from attnzoo.pipelines import get_task, pipeline
 
@@ -91,58 +89,48 @@ def run(
     if not files:
         raise InvalidInputError("no input files given (folders held no images)")
     if spec.name == "scanpath":
-        _run_scanpath(files, model, weights, out, caption, batch_size, device, dtype)
+        if model is not None and not model.lower().startswith("neva"):
+            raise InvalidInputError("'attnzoo run scanpath' runs NevaClip (image + caption); OAT needs object boxes and a target: "
+                                    "use pipeline('scanpath', model=...) from Python")
+        if not caption:
+            raise InvalidInputError("NevaClip needs to know what the viewer looks for: pass --caption 'a man crossing the street'")
+        pipe = pipeline("scanpath", model=model, weights=weights, device=device, dtype=dtype, batch_size=batch_size)
+        _run_files(pipe, files, [{"image": f, "caption": caption} for f in files], out,
+                   summary=lambda r: " ".join(f"({x:.0f},{y:.0f})" for x, y in r.xy), to_json=lambda r: r.to_dict(),
+                   picture=lambda file, r: r.plot(file), suffix="_scanpath")
         return
     if caption is not None:
         raise InvalidInputError("--caption is an option of the scanpath task")
+    from attnzoo.datasets.images import load_image
+    from attnzoo.viz import plot_classification
+
     pipe = pipeline(spec.name, model=model, weights=weights, device=device, dtype=dtype, batch_size=batch_size)
-    results, failed = {}, []
-    for i, result in pipe.iterate(files, top_k=top_k, on_error="raise" if len(files) == 1 else "skip"):
-        if isinstance(result, Exception):
-            failed.append(files[i])
-            _echo(f"skipped: {result}", err=True)
-            continue
-        results[files[i]] = result
-        best = ", ".join(f"{p.label} ({p.score:.1%})" for p in result[:3])
-        _echo(f"{files[i]}: {best}")
-    if out is not None and results:
-        from attnzoo.viz import plot_classification
-
-        write_json(out / "results.json", {f: [p.to_dict() for p in r] for f, r in results.items()})
-        for file, result in results.items():
-            with atomic_write(out / f"{Path(file).stem}.png", "wb") as fh:
-                plot_classification(load_image(file), result, title=str(model or spec.default_model)).save(fh, format="PNG")
-        _echo(f"wrote {len(results) + 1} files to {out}")
-    if failed:
-        raise InvalidInputError(f"{len(failed)} of {len(files)} inputs could not be read")
+    title = str(model or spec.default_model)
+    _run_files(pipe, files, files, out, summary=lambda r: ", ".join(f"{p.label} ({p.score:.1%})" for p in r[:3]),
+               to_json=lambda r: [p.to_dict() for p in r], picture=lambda file, r: plot_classification(load_image(file), r, title=title),
+               top_k=top_k)
 
 
-def _run_scanpath(files: list[str], model: str | None, weights: str | None, out: Path | None, caption: str | None,
-                  batch_size: int, device: Any, dtype: Any) -> None:
-    """NevaClip scanpaths for image files: fixations printed, ``results.json`` and pictures in --out."""
+def _run_files(pipe: Any, files: list[str], items: list[Any], out: Path | None, *, summary: Any, to_json: Any, picture: Any,
+               suffix: str = "", **kwargs: Any) -> None:
+    """``attnzoo run``'s loop for any task: a line per file, unreadable files skipped (unless there
+    is only one), then ``results.json`` and a picture per file in ``out``."""
     from attnzoo._io import atomic_write, write_json
     from attnzoo.errors import InvalidInputError
-    from attnzoo.pipelines import pipeline
 
-    if model is not None and not model.lower().startswith("neva"):
-        raise InvalidInputError("'attnzoo run scanpath' runs NevaClip (image + caption); OAT needs object boxes and a target: "
-                                "use pipeline('scanpath', model=...) from Python")
-    if not caption:
-        raise InvalidInputError("NevaClip needs to know what the viewer looks for: pass --caption 'a man crossing the street'")
-    pipe = pipeline("scanpath", model=model, weights=weights, device=device, dtype=dtype, batch_size=batch_size)
     results, failed = {}, []
-    for i, result in pipe.iterate([{"image": f, "caption": caption} for f in files], on_error="raise" if len(files) == 1 else "skip"):
+    for i, result in pipe.iterate(items, on_error="raise" if len(files) == 1 else "skip", **kwargs):
         if isinstance(result, Exception):
             failed.append(files[i])
             _echo(f"skipped: {result}", err=True)
             continue
         results[files[i]] = result
-        _echo(f"{files[i]}: " + " ".join(f"({x:.0f},{y:.0f})" for x, y in result.xy))
+        _echo(f"{files[i]}: {summary(result)}")
     if out is not None and results:
-        write_json(out / "results.json", {f: r.to_dict() for f, r in results.items()})
+        write_json(out / "results.json", {f: to_json(r) for f, r in results.items()})
         for file, result in results.items():
-            with atomic_write(out / f"{Path(file).stem}_scanpath.png", "wb") as fh:
-                result.plot(file).save(fh, format="PNG")
+            with atomic_write(out / f"{Path(file).stem}{suffix}.png", "wb") as fh:
+                picture(file, result).save(fh, format="PNG")
         _echo(f"wrote {len(results) + 1} files to {out}")
     if failed:
         raise InvalidInputError(f"{len(failed)} of {len(files)} inputs could not be read")
