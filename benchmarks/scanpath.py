@@ -14,6 +14,12 @@ Timed, in alternating rounds, on the same machine:
 - ``batched+channels_last`` (``--channels-last``): the same with NHWC convolutions; its scanpaths
   are compared too (a different conv algorithm may round differently).
 
+Then a roofline check of what batching can gain at all on this machine: the FLOPs of one search
+iteration (tower forward + gradient to the input, counted by ``torch.utils.flop_counter``), the
+throughput one image at a time reaches with them, and this machine's sustained float32 matmul
+throughput with the same threads (the best of a few large square products). Batching only helps
+where one image leaves the machine idle, so peak / one-at-a-time throughput bounds the ratio.
+
     python benchmarks/scanpath.py --quick           # 2 fixations x 3 iterations
     python benchmarks/scanpath.py                   # the paper's 10 x 20 (long on a CPU)
     python benchmarks/scanpath.py --threads 1 --channels-last
@@ -64,6 +70,31 @@ def sample_images(count: int) -> list:
         except Exception:  # noqa: BLE001  a sample that needs pooch/network: fall back to a bundled one
             pictures.append(data.astronaut())
     return pictures
+
+
+def iteration_flops(visual: nn.Module, x: torch.Tensor) -> float:
+    """FLOPs of one search iteration for one image: the tower's forward and the gradient to its input."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    image = x[:1].clone().requires_grad_(True)
+    with FlopCounterMode(display=False) as counter:
+        output = visual(image)
+        (output[0] if isinstance(output, (tuple, list)) else output).square().sum().backward()
+    return float(counter.get_total_flops())
+
+
+def matmul_peak(seconds: float = 1.0) -> float:
+    """Sustained float32 matmul FLOP/s with the current threads (best of a few large square products)."""
+    best = 0.0
+    for n in (1024, 2048, 3072):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3:
+            torch.mm(a, b)
+            count += 1
+        best = max(best, count * 2 * n**3 / (time.perf_counter() - start))
+    return best
 
 
 def main() -> None:
@@ -126,6 +157,14 @@ def main() -> None:
             print(f"ratio {name} / one-at-a-time: {statistics.median(values) / base:.2f}x")
     if "official-style" in rates:
         print(f"ratio batched / official-style: {statistics.median(rates['batched']) / statistics.median(rates['official-style']):.2f}x")
+    flops = iteration_flops(visual, x) * args.fixations * args.iterations  # per scanpath
+    peak = matmul_peak()
+    achieved = {name: statistics.median(values) * flops for name, values in rates.items()}
+    print(f"roofline: {flops / 1e9:.1f} GFLOP per scanpath (tower forward + input gradient); this machine's float32 "
+          f"matmul peak {peak / 1e9:.1f} GFLOP/s")
+    for name, value in achieved.items():
+        print(f"{name:>24}: {value / 1e9:6.1f} GFLOP/s in the tower = {value / peak:.0%} of the matmul peak")
+    print(f"so batching can gain at most about {peak / achieved['one-at-a-time']:.2f}x over one-at-a-time on this machine")
     if not torch.equal(outputs["batched"], reference):
         raise SystemExit("batched scanpaths differ from one-at-a-time")
 

@@ -207,6 +207,33 @@ def test_grid_at_an_mpp_reads_a_coarser_level(slides):
     assert (grid.level, grid.read_size) == (0, 300)
 
 
+def test_read_level_auto_uses_a_2x_level_and_base_reads_level_0(tmp_path):
+    """A Camelyon16-like pyramid (levels at 2x steps): 20x of a 40x scan is level 1 under "auto",
+    level 0 resized under "base" (CLAM's and ACMIL's reading)."""
+    image = slide_image()
+    path = write_slide(tmp_path / "camelyon_like.tif", image, downsamples=(2, 4))
+    slide = open_slide(path)
+    mask = segment_tissue(slide, **SEG)
+    auto = patch_grid(slide, mask, magnification=20, patch_size=112)
+    base = patch_grid(slide, mask, magnification=20, patch_size=112, read_level="base")
+    assert (auto.level, auto.read_size) == (1, 112) and (base.level, base.read_size) == (0, 224)
+    assert np.array_equal(auto.coords, base.coords) and auto.attrs()["patch_level"] == 1
+    x, y = (int(v) for v in auto.coords[0])
+    level1 = image[::2, ::2]  # write_slide's level 1 is every other pixel of level 0
+    got = np.asarray(PatchDataset(slide, auto).read(0))
+    assert np.array_equal(got, level1[y // 2:y // 2 + 112, x // 2:x // 2 + 112])
+    want = Image.fromarray(image[y:y + 224, x:x + 224]).resize((112, 112), Image.Resampling.BICUBIC)
+    assert np.array_equal(np.asarray(PatchDataset(slide, base).read(0)), np.asarray(want))
+    out = extract_features(path, TinyEncoder(), tmp_path / "base.h5", patch_size=112, read_level="base", num_workers=0,
+                           progress=False, segment_kwargs=SEG)
+    with h5py.File(out, "r") as f:
+        assert f["coords"].attrs["patch_level"] == 0 and f["coords"].attrs["patch_size"] == 224
+    with pytest.raises(InvalidInputError, match="other settings"):  # the same file, asked for at another level
+        extract_features(path, TinyEncoder(), out, patch_size=112, num_workers=0, progress=False, segment_kwargs=SEG)
+    with pytest.raises(InvalidInputError, match="read_level"):
+        patch_grid(slide, magnification=20, read_level=1)
+
+
 def test_grid_refuses_bad_requests(slides):
     slide = open_slide(slides["aperio"])
     with pytest.raises(InvalidInputError, match="upsampled"):

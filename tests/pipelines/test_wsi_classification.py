@@ -22,11 +22,15 @@ def wsi(tmp_path_factory):
 
 
 def test_slide_to_prediction_and_heatmap(wsi, tmp_path):
-    slide = write_slide(tmp_path / "slide.tif")
+    slide = write_slide(tmp_path / "slide.tif", downsamples=(2, 4))  # a 2x level, as Camelyon16's TIFFs have
     result = wsi(slide)
     assert result.probabilities.shape == (2,) and abs(result.probabilities.sum() - 1) < 1e-5
     assert result.label in ("normal", "tumour") and len(result.attention) == len(result.coords) > 0
     assert abs(result.attention.sum() - 1) < 1e-4  # a distribution over the patches
+    import h5py
+
+    with h5py.File(wsi.feature_dir / "slide.h5", "r") as f:  # ACMIL's reading: level 0 of the 40x slide, not level 1
+        assert f["coords"].attrs["patch_level"] == 0 and f["coords"].attrs["patch_size"] == 224
     again = wsi(wsi.feature_dir / "slide.h5")  # the extracted features, read back: the same prediction
     np.testing.assert_allclose(again.probabilities, result.probabilities, atol=1e-6)
     picture = result.heatmap(size=256)

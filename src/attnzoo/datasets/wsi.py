@@ -15,8 +15,10 @@ metadata is missing, pass ``base_magnification=`` / ``base_mpp=``. A base magnif
 mpp alone is snapped to the nearest standard objective (0.243 µm/px -> 40x), as scanners label them.
 
 ACMIL's Step1/Step2 (from CLAM): 512 px at level 0 of a 40x slide (= 256 px at 20x), resized to
-224 and ImageNet-normalised. That is ``magnification=20, patch_size=256, input_size=224`` here; the
-default ``patch_size=224`` reads exactly 224 px at 20x instead.
+224 and ImageNet-normalised. That is ``magnification=20, patch_size=256, input_size=224,
+read_level="base"`` here (without ``read_level="base"``, a slide with a 2x level such as Camelyon16's
+is read from that level instead: faster, other pixels); the default ``patch_size=224`` reads exactly
+224 px at 20x.
 
 :func:`extract_features` writes one HDF5 file per slide, with ``features`` [N, D] and ``coords``
 [N, 2] (level-0 x, y of each patch's top-left corner; CLAM's and TRIDENT's layout, so their tools
@@ -641,6 +643,7 @@ def patch_grid(
     base_magnification: float | None = None,
     base_mpp: float | None = None,
     pad: bool = True,
+    read_level: str = "auto",
 ) -> PatchGrid:
     """A regular grid of square patches over the slide, kept where tissue covers ``min_tissue`` of the patch.
 
@@ -649,6 +652,11 @@ def patch_grid(
     starts at (0, 0); with ``pad`` (CLAM's default) patches may run past the right/bottom edge and are
     filled with background. Without ``mask`` every grid position is kept; ``min_tissue=0`` keeps every
     patch that touches tissue. Coordinates are row-major (sorted by y, then x).
+
+    ``read_level``: ``"auto"`` reads from the coarsest pyramid level still at least as fine as the
+    target (on a Camelyon16 TIFF, 20x comes from level 1: a quarter of the pixels, no resize);
+    ``"base"`` always reads level 0 and resizes, as CLAM's and ACMIL's feature extraction do (the
+    scanner's own downsampled levels hold other pixels, so use it to reproduce their features).
     """
     if not isinstance(slide, Slide):
         slide = open_slide(slide)
@@ -659,11 +667,13 @@ def patch_grid(
         raise InvalidInputError(f"stride must be a positive integer, got {stride!r}")
     if not 0.0 <= float(min_tissue) <= 1.0:
         raise InvalidInputError(f"min_tissue must lie in [0, 1], got {min_tissue!r}")
+    if read_level not in ("auto", "base"):
+        raise InvalidInputError(f"read_level must be 'auto' (the coarsest level fine enough) or 'base' (level 0), got {read_level!r}")
     patch_size, stride = int(patch_size), int(stride)
     downsample, target_mag, target_mpp, base_mag, base_mpp = _resolve_resolution(
         slide, magnification, mpp, base_magnification, base_mpp)
 
-    level = slide.get_best_level_for_downsample(downsample)
+    level = slide.get_best_level_for_downsample(downsample) if read_level == "auto" else 0
     level_ds = slide.level_downsamples[level]
     read_size = max(1, round(patch_size * downsample / level_ds))
     size0 = max(1, round(patch_size * downsample))
@@ -931,6 +941,7 @@ def extract_features(
     stride: int | None = None,
     input_size: int | None = None,
     min_tissue: float = 0.5,
+    read_level: str = "auto",
     base_magnification: float | None = None,
     base_mpp: float | None = None,
     weights: str | os.PathLike | Mapping[str, Any] | None = None,
@@ -948,8 +959,8 @@ def extract_features(
     """Embed every tissue patch of a slide and write ``features``/``coords`` to the HDF5 file ``out_path``.
 
     Tissue comes from :func:`segment_tissue` (``segment_kwargs`` passed on), patches from
-    :func:`patch_grid` at ``magnification`` (or ``mpp``, which then takes precedence) and are resized to
-    ``input_size`` (default ``patch_size``) before ``transform`` (default: ImageNet normalisation, as
+    :func:`patch_grid` at ``magnification`` (or ``mpp``, which then takes precedence; ``read_level``
+    chooses the pyramid level read, see there) and are resized to ``input_size`` (default ``patch_size``) before ``transform`` (default: ImageNet normalisation, as
     ACMIL's Step2). ``encoder`` is a name (see :func:`create_patch_encoder`, which ``weights`` goes to)
     or a module mapping [B, 3, H, W] to [B, D]. ``num_workers`` DataLoader processes read and tile
     patches while the encoder runs under ``torch.inference_mode`` (with ``amp``, under autocast: float16
@@ -979,7 +990,7 @@ def extract_features(
             f"{mask.downsample[0]:.3g}, regions must exceed a_t={mask.params['a_t']:g} reference patches); "
             "if the slide has tissue, lower sthresh or a_t through segment_kwargs=")
     grid = patch_grid(slide, mask, magnification=magnification, mpp=mpp, patch_size=patch_size, stride=stride,
-                      min_tissue=min_tissue)
+                      min_tissue=min_tissue, read_level=read_level)
     if len(grid) == 0:
         raise InvalidInputError(f"{slide.path}: tissue covers {mask.fraction:.2%} of the slide but no patch has "
                                 f"min_tissue={min_tissue:g} of its area in tissue; lower min_tissue or patch_size")

@@ -82,19 +82,22 @@ class WSIClassificationPipeline(Pipeline):
     """Inputs: a slide file (tiled at ``magnification``, features by ``encoder``), a feature file
     (ACMIL/CLAM/TRIDENT/attnzoo ``.h5`` or ``.pt``), a :class:`~attnzoo.datasets.mil_features.FeatureBag`,
     or a ``[N, D]`` tensor. The MIL model sees one bag at a time. ``segment_kwargs`` go to the tissue
-    segmentation (CLAM's parameters; small images need a lower ``a_t``)."""
+    segmentation (CLAM's parameters; small images need a lower ``a_t``). Slides are tiled as ACMIL's
+    Step1/Step2: 256 px at 20x read from level 0 (``read_level="base"``), resized to 224;
+    ``read_level="auto"`` reads a coarser pyramid level when one is fine enough (faster, other pixels)."""
 
     task = "wsi-classification"
     default_model = "acmil_ga"
 
     def __init__(self, model: torch.nn.Module, *, encoder: str | torch.nn.Module = "resnet18", encoder_weights: str | None = None,
                  magnification: float = 20, patch_size: int = 256, input_size: int = 224, feature_dir: str | os.PathLike | None = None,
-                 labels: list[str] | None = None, segment_kwargs: dict[str, Any] | None = None, **kwargs: Any):
+                 labels: list[str] | None = None, segment_kwargs: dict[str, Any] | None = None, read_level: str = "base",
+                 **kwargs: Any):
         super().__init__(model, **kwargs)
         self.encoder, self.encoder_weights = encoder, encoder_weights
         self.magnification, self.patch_size, self.input_size = magnification, patch_size, input_size
         self.feature_dir = Path(feature_dir) if feature_dir else Path(tempfile.mkdtemp(prefix="attnzoo-wsi-"))
-        self.labels, self.segment_kwargs = labels, segment_kwargs
+        self.labels, self.segment_kwargs, self.read_level = labels, segment_kwargs, read_level
 
     def _sanitize_parameters(self, **kwargs: Any) -> tuple[dict, dict, dict]:
         if kwargs:
@@ -136,7 +139,7 @@ class WSIClassificationPipeline(Pipeline):
 
         out = self.feature_dir / f"{slide.stem}.h5"
         return extract_features(slide, self.encoder, out, magnification=self.magnification, patch_size=self.patch_size,
-                                input_size=self.input_size, weights=self.encoder_weights, device=self.device, progress=False,
+                                input_size=self.input_size, read_level=self.read_level, weights=self.encoder_weights, device=self.device, progress=False,
                                 segment_kwargs=self.segment_kwargs)
 
     @staticmethod
