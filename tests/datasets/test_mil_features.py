@@ -272,3 +272,16 @@ def test_feature_bags_in_a_dataloader(tmp_path):
     loader = torch.utils.data.DataLoader(Bags(bags), batch_size=None, num_workers=1)
     assert [int(x.shape[0]) for x, _ in loader] == [SLIDES[s][0] for s in bags]
     assert isinstance(bags, FeatureBags)
+
+
+def test_read_slide_labels(tmp_path):
+    from attnzoo.datasets.mil_features import read_slide_labels
+
+    path = tmp_path / "labels.csv"
+    path.write_text("case_id,slide_id,label\nc1,a,2\nc2,b,tumor\nc3,c,0\nc3,c,0\n")
+    assert read_slide_labels(path) == {"a": 2, "b": 1, "c": 0}
+    with pytest.raises(DatasetFormatError, match="line 2: label must be 0 \\(normal\\) or 1"):
+        read_slide_labels(path, n_classes=2)
+    path.write_text("slide_id,label\na,1\na,0\n")
+    with pytest.raises(DatasetFormatError, match="line 3: slide a listed twice"):
+        read_slide_labels(path)

@@ -341,6 +341,63 @@ def test_extract_slides_skips_failures_and_reuses_results(slides, tmp_path):
     assert list(bags) == ["aperio_slide"] and bags.layout == "attnzoo"
     with pytest.raises(InvalidInputError, match="no tissue"):
         extract_slides(paths, TinyEncoder(), tmp_path, patch_size=112, num_workers=0, segment_kwargs=SEG, progress=False)
+    again = TinyEncoder()
+    extract_slides(paths[:1], again, tmp_path, patch_size=112, num_workers=0, segment_kwargs=SEG, progress=False)
+    assert again.calls == 0  # the finished slide is reused, not recomputed
+
+
+def _function_transform():
+    """A new function object each call (another memory address, as in another process), same code."""
+    normalise = PatchTransform()
+
+    def transform(image):
+        return normalise(image)
+
+    return transform
+
+
+def test_a_function_transform_still_resumes_and_reuses(slides, tmp_path):
+    out = tmp_path / "f.h5"
+    with pytest.raises(KeyboardInterrupt):
+        run(slides["aperio"], out, TinyEncoder(fail_after=1), transform=_function_transform())
+    resumed = TinyEncoder()
+    run(slides["aperio"], out, resumed, transform=_function_transform())
+    total = len(read_feature_bags(out)["aperio_slide"].features)
+    assert 0 < resumed.rows < total  # the finished batch was kept, not started over
+    reused = TinyEncoder()
+    run(slides["aperio"], out, reused, transform=_function_transform())
+    assert reused.calls == 0
+
+
+class _Exploding(TinyEncoder):
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out + self.value if self.calls > 1 else out
+
+
+def test_non_finite_features_never_reach_the_file(slides, tmp_path):
+    out = tmp_path / "nan.h5"
+    with pytest.raises(InvalidInputError, match="non-finite features"):
+        run(slides["aperio"], out, _Exploding(float("nan")))
+    assert not out.exists()
+    with pytest.raises(InvalidInputError, match="float16's range"):
+        run(slides["aperio"], tmp_path / "big.h5", _Exploding(1e6), dtype="float16")
+
+
+def test_a_large_tiff_without_openslide_says_so(tmp_path, monkeypatch):
+    import importlib.util
+
+    path = write_slide(tmp_path / "camelyon.tif", aperio=False)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openslide" else real(name, *a))
+    monkeypatch.setattr(wsi, "FALLBACK_MAX_PIXELS", 1000)
+    monkeypatch.setattr(wsi, "_require", lambda module: (_ for _ in ()).throw(ImportError(module)))
+    with pytest.raises(DatasetFormatError, match=r"not installed: pip install"):
+        open_slide(path)
 
 
 def test_patch_dataset_resizes_and_normalises(slides):

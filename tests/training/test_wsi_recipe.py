@@ -52,3 +52,46 @@ def test_cli_train_command(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert list(summary["seeds"]) == ["3"] and "auc" in summary["mean"]
+
+
+def _write_split(path, train, val, test):
+    path.write_text(json.dumps({"train_names": train, "val_names": val, "test_names": test}))
+    return path
+
+
+def test_split_files_per_seed_missing_slides_and_labels(tmp_path):
+    data = write_acmil_h5(tmp_path / "feats.h5", n_slides=12)
+    names = [f"slide_{i:03d}" for i in range(9)]
+    tests = [f"test_{i:03d}" for i in range(9, 12)]
+    _write_split(tmp_path / "split_1.json", names[:7], names[7:], tests)
+    _write_split(tmp_path / "split_2.json", names[2:], names[:2], tests)
+    overrides = {"epochs": 1, "seeds": [1, 2], "log_every": 1000, "split": str(tmp_path / "split_{seed}.json")}
+    train_wsi_classification("abmil", data, tmp_path / "run", overrides=overrides, device="cpu", model_kwargs={"inner_dim": 8})
+    for seed, val in ((1, names[7:]), (2, names[:2])):  # each seed trained on its own split file, as ACMIL's script
+        config = (tmp_path / "run" / f"seed-{seed}" / "config.yaml").read_text()
+        assert all(name in config.split("val:")[1].split("test:")[0] for name in val)
+
+    with pytest.warns(UserWarning, match="one split file"):  # one file for several seeds: allowed, with a warning
+        train_wsi_classification("abmil", data, tmp_path / "fixed", overrides={**overrides, "split": str(tmp_path / "split_1.json")},
+                                 device="cpu", model_kwargs={"inner_dim": 8})
+
+    _write_split(tmp_path / "gaps.json", names[:7] + ["slide_999"], names[7:], tests + ["test_999"])
+    gaps = {"epochs": 1, "seeds": [1], "log_every": 1000, "split": str(tmp_path / "gaps.json")}
+    from attnzoo.errors import DatasetFormatError
+
+    with pytest.raises(DatasetFormatError, match="slide_999"):  # never a silently smaller test set
+        train_wsi_classification("abmil", data, tmp_path / "gaps", overrides=gaps, device="cpu", model_kwargs={"inner_dim": 8})
+    with pytest.warns(UserWarning, match="test_999"):
+        result = train_wsi_classification("abmil", data, tmp_path / "gaps", overrides={**gaps, "allow_missing": True},
+                                          device="cpu", model_kwargs={"inner_dim": 8})
+    assert result["seeds"]
+
+
+def test_unlabelled_bags_are_a_clear_error(tmp_path):
+    from attnzoo.errors import DatasetFormatError
+
+    data = write_acmil_h5(tmp_path / "feats.h5", n_slides=8)
+    with h5py.File(data, "a") as f:
+        del f["slide_001"].attrs["label"]
+    with pytest.raises(DatasetFormatError, match="slide_001.*labels=CSV"):
+        train_wsi_classification("abmil", data, tmp_path / "run", overrides={"epochs": 1, "seeds": [1]}, device="cpu", model_kwargs={"inner_dim": 8})

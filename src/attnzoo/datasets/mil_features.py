@@ -54,6 +54,7 @@ __all__ = [
     "read_camelyon16_split",
     "read_clam_features",
     "read_feature_bags",
+    "read_slide_labels",
     "read_trident_features",
 ]
 
@@ -510,10 +511,12 @@ def _int_label(text: str, where: str) -> int:
         raise DatasetFormatError(f"{where}: label {text!r} is not an integer") from None
 
 
-def read_camelyon16_labels(csv_path: str | os.PathLike) -> dict[str, int]:
-    """``dataset_csv/camelyon16.csv`` (``case_id,slide_id,label``) -> slide_id -> 0 (normal) / 1 (tumour).
+def read_slide_labels(csv_path: str | os.PathLike, n_classes: int | None = None) -> dict[str, int]:
+    """A ``slide_id,label`` CSV (other columns ignored) -> slide_id -> integer label.
 
-    Labels may also be words (``normal``/``tumor``, CLAM's ``normal_tissue``/``tumor_tissue``).
+    Labels are integers (in ``0..n_classes-1`` when given), or Camelyon16's words (``normal``/``tumor``,
+    CLAM's ``normal_tissue``/``tumor_tissue``) for 0/1. A slide listed twice with different labels is
+    an error.
     """
     path = Path(csv_path)
     labels: dict[str, int] = {}
@@ -521,8 +524,9 @@ def read_camelyon16_labels(csv_path: str | os.PathLike) -> dict[str, int]:
         where = f"{path} line {i}"
         text = row["label"].lower()
         label = _CAMELYON_LABEL_WORDS[text] if text in _CAMELYON_LABEL_WORDS else _int_label(row["label"], where)
-        if label not in (0, 1):
-            raise DatasetFormatError(f"{where}: Camelyon16 label must be 0 (normal) or 1 (tumor), got {row['label']!r}")
+        if label < 0 or (n_classes is not None and label >= n_classes):
+            allowed = "0 (normal) or 1 (tumor)" if n_classes == 2 else f"in 0..{n_classes - 1}" if n_classes else ">= 0"
+            raise DatasetFormatError(f"{where}: label must be {allowed}, got {row['label']!r}")
         slide = row["slide_id"]
         if not slide:
             raise DatasetFormatError(f"{where}: empty slide_id")
@@ -530,6 +534,14 @@ def read_camelyon16_labels(csv_path: str | os.PathLike) -> dict[str, int]:
             raise DatasetFormatError(f"{where}: slide {slide} listed twice with different labels")
         labels[slide] = label
     return labels
+
+
+def read_camelyon16_labels(csv_path: str | os.PathLike) -> dict[str, int]:
+    """``dataset_csv/camelyon16.csv`` (``case_id,slide_id,label``) -> slide_id -> 0 (normal) / 1 (tumour).
+
+    Labels may also be words (``normal``/``tumor``, CLAM's ``normal_tissue``/``tumor_tissue``).
+    """
+    return read_slide_labels(csv_path, n_classes=2)
 
 
 def read_camelyon16_split(split_json: str | os.PathLike, labels_csv: str | os.PathLike | None = None) -> SlideSplit:

@@ -36,9 +36,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -408,6 +410,10 @@ def _read_plain_image(path: Path) -> tuple[np.ndarray, float | None]:
 
 def _check_fallback_size(name: str, width: int, height: int) -> None:
     if width * height > FALLBACK_MAX_PIXELS:
+        if importlib.util.find_spec("openslide") is None:
+            raise DatasetFormatError(
+                f"{name}: {width}x{height} image is too large to hold in memory, and OpenSlide, which reads "
+                f"pyramidal slides piece by piece, is not installed: {WSI_EXTRA_HINT}")
         raise DatasetFormatError(
             f"{name}: {width}x{height} image is too large to hold in memory and OpenSlide cannot open it; "
             "convert it to a pyramidal tiled TIFF (e.g. vips tiffsave --tile --pyramid) or raise ATTNZOO_MAX_SLIDE_PIXELS"
@@ -1001,7 +1007,7 @@ def extract_features(
     fingerprint = {
         "slide": slide.name, "slide_bytes": slide.path.stat().st_size,
         "dimensions": list(slide.dimensions), "grid": grid.attrs(), "n": len(grid), "input_size": input_size,
-        "transform": repr(transform), "encoder": encoder_name, "weights": _weights_digest(model), "dtype": dtype,
+        "transform": _transform_id(transform), "encoder": encoder_name, "weights": _weights_digest(model), "dtype": dtype,
         "amp": bool(amp),
     }
     if out_path.exists() and not overwrite:
@@ -1023,6 +1029,12 @@ def extract_features(
         slide.close()
     shards.remove()
     return out_path
+
+
+def _transform_id(transform: Callable[[Image.Image], Any]) -> str:
+    """What identifies a transform across processes: its repr without memory addresses (a function's
+    repr holds one, which would make every rerun look like other settings and defeat resuming)."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform))
 
 
 def _run_encoder(model: torch.nn.Module, encoder_name: str, slide: Slide, grid: PatchGrid, shards: _Shards,
@@ -1053,7 +1065,16 @@ def _run_encoder(model: torch.nn.Module, encoder_name: str, slide: Slide, grid: 
                     feats = out.float().cpu().numpy()
                     if shards.dim is not None and feats.shape[1] != shards.dim:
                         raise InvalidInputError(f"encoder {encoder_name} gave {feats.shape[1]}-d features after {shards.dim}-d ones")
-                    shards.add(row, feats.astype(dtype))
+                    with np.errstate(over="ignore"):  # float16 overflow is reported below
+                        stored = feats.astype(dtype)
+                    bad = ~np.isfinite(stored).all(axis=1)
+                    if bad.any():  # kept batches stay resumable; nothing non-finite reaches the file
+                        x, y = grid.coords[row + int(np.argmax(bad))]
+                        cause = (" (beyond float16's range: use dtype='float32')" if np.isfinite(feats).all() else
+                                 " (try amp=False)" if amp else "")
+                        raise InvalidInputError(f"encoder {encoder_name} gave non-finite features for {int(bad.sum())} patch(es) "
+                                                f"of {slide.name}, the first at level-0 ({x}, {y}){cause}")
+                    shards.add(row, stored)
                     row += len(feats)
                     bar.update(len(feats))
         finally:

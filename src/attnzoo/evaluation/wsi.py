@@ -3,13 +3,14 @@ macro F1 (the official ACMIL code's "F1" is micro-F1, which equals accuracy; bot
 
 ``--data`` is any feature layout :func:`attnzoo.datasets.mil_features.read_feature_bags` reads,
 with labels inside (ACMIL's HDF5) or in ``labels.csv`` (``slide_id,label``) beside it.
-``--split test`` takes the slides whose name contains ``test`` (Camelyon16's naming) when there
-are any; ``--split all`` takes every labelled slide.
+``--split test`` takes the slides whose name contains ``test`` (Camelyon16's naming; with other
+names it is an error rather than a silent evaluation on every slide); ``--split all`` takes every
+slide; ``--split FILE`` the test set of an official split file (ACMIL's ``split_{seed}.json`` or
+BRACS's ``bracs.csv``, whose labels it also uses).
 """
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 from typing import Any
@@ -24,22 +25,26 @@ class WSIClassificationEvaluator:
     task = "wsi-classification"
 
     def __init__(self, data: str | os.PathLike, split: str = "test", *, limit: int | None = None):
-        from attnzoo.datasets.mil_features import read_feature_bags
+        from attnzoo.datasets.mil_features import read_bracs_csv, read_camelyon16_split, read_feature_bags, read_slide_labels
 
         root = Path(data)
         if not root.exists():
             raise DatasetFormatError(f"dataset folder {root} does not exist")
         labels_csv = (root if root.is_dir() else root.parent) / "labels.csv"
-        labels = None
-        if labels_csv.is_file():
-            with labels_csv.open(newline="") as fh:
-                labels = {row["slide_id"]: int(row["label"]) for row in csv.DictReader(fh)}
-        self.bags = read_feature_bags(root, labels=labels)
+        self.bags = read_feature_bags(root, labels=read_slide_labels(labels_csv) if labels_csv.is_file() else None)
         ids = sorted(self.bags)
-        if split == "test" and any("test" in s for s in ids):
+        if split.endswith((".json", ".csv")):
+            path = Path(split)
+            official = read_bracs_csv(path) if path.suffix == ".csv" else read_camelyon16_split(path)
+            self.bags = self.bags.split(official)["test"]
+            ids = list(self.bags)
+        elif split == "test":
             ids = [s for s in ids if "test" in s]
-        elif split not in ("test", "all"):
-            raise DatasetFormatError(f"--split for wsi-classification is 'test' or 'all', got {split!r}")
+            if not ids:
+                raise DatasetFormatError(f"{root}: no slide id contains 'test' (Camelyon16's naming of its test set); "
+                                         "pass the official split file (--split split_4.json / bracs.csv) or --split all")
+        elif split != "all":
+            raise DatasetFormatError(f"--split for wsi-classification is 'test', 'all' or a split file (.json/.csv), got {split!r}")
         self.ids = ids[:limit] if limit else ids
 
     def samples(self) -> list[EvalSample]:

@@ -8,6 +8,7 @@ probabilities, the attention on every patch and a heatmap over the slide out.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -114,7 +115,7 @@ class WSIClassificationPipeline(Pipeline):
 
         path = feature_file = None
         if isinstance(source, torch.Tensor):
-            bag = FeatureBag("<tensor>", source.float())
+            bag = FeatureBag("<tensor>", (source[0] if source.ndim == 3 and len(source) == 1 else source).float())
         elif isinstance(source, FeatureBag):
             bag = source
         elif isinstance(source, (str, os.PathLike)):
@@ -128,16 +129,23 @@ class WSIClassificationPipeline(Pipeline):
             bag = next(iter(bags.values()))
         else:
             raise InvalidInputError(f"cannot classify a {type(source).__name__}: pass a slide path, a feature file, a FeatureBag or a tensor")
-        if bag.features.ndim != 2 or len(bag.features) == 0:
+        if bag.features.ndim != 2:
+            raise InvalidInputError(f"{bag.slide_id}: a bag is [N, D] patch features (or [1, N, D]), got {tuple(bag.features.shape)}")
+        if len(bag.features) == 0:
             raise InvalidInputError(f"{bag.slide_id}: an empty bag (no patches) cannot be classified")
         source_slide, patch0 = self._feature_file_info(feature_file)
         slide = source_slide if path is not None and path == feature_file else path
         return {"features": bag.features, "coords": bag.coords, "slide": str(slide) if slide else None, "patch0": patch0}
 
     def _extract(self, slide: Path) -> Path:
-        from attnzoo.datasets.wsi import extract_features
+        from attnzoo.datasets.wsi import _weights_digest, extract_features
 
-        out = self.feature_dir / f"{slide.stem}.h5"
+        # one file per slide *and* settings: another slide of the same name, or the same slide tiled
+        # otherwise, must not meet "already exists" (nor reuse the wrong features)
+        settings = [os.fspath(slide.resolve()), self.encoder if isinstance(self.encoder, str) else _weights_digest(self.encoder),
+                    self.encoder_weights, self.magnification, self.patch_size, self.input_size, self.read_level,
+                    sorted((self.segment_kwargs or {}).items())]
+        out = self.feature_dir / f"{slide.stem}-{hashlib.sha1(repr(settings).encode()).hexdigest()[:10]}.h5"
         return extract_features(slide, self.encoder, out, magnification=self.magnification, patch_size=self.patch_size,
                                 input_size=self.input_size, read_level=self.read_level, weights=self.encoder_weights, device=self.device, progress=False,
                                 segment_kwargs=self.segment_kwargs)
@@ -152,6 +160,13 @@ class WSIClassificationPipeline(Pipeline):
 
         with h5py.File(path, "r") as f:
             slide, patch0 = f.attrs.get("slide_path"), f.attrs.get("patch_size_level0")
+            if patch0 is None and "coords" in f:  # CLAM/TRIDENT: the size read at patch_level, else the grid step
+                attrs, coords = f["coords"].attrs, np.asarray(f["coords"][()])
+                if int(attrs.get("patch_level", -1)) == 0 and attrs.get("patch_size") is not None:
+                    patch0 = attrs["patch_size"]
+                elif coords.ndim == 2 and len(coords) > 1:
+                    steps = np.diff(np.unique(coords[:, 0]))
+                    patch0 = int(steps.min()) if len(steps) else None
         return (Path(slide) if slide and Path(slide).exists() else None), (None if patch0 is None else int(patch0))
 
     @staticmethod

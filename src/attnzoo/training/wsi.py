@@ -4,7 +4,12 @@ CE + branch diversity), model selection by validation micro-F1 + AUC, test metri
 several seeds reported as mean ± sd.
 
     attnzoo train wsi-classification --model acmil_ga --data feats.h5 --out runs/acmil --config acmil \\
-        split=splits/camelyon/split_4.json labels=dataset_csv/camelyon16.csv
+        'split=splits/camelyon/split_{seed}.json' labels=dataset_csv/camelyon16.csv
+
+As the official script, each seed reads its own split file (``{seed}`` in ``split``); one fixed file
+for several seeds is allowed, with a warning (the spread then covers initialisation only). Slides a
+split names but the features lack are an error listing them (``allow_missing=true`` leaves them out
+with a warning).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +32,8 @@ from attnzoo.training.engine import Trainer
 
 __all__ = ["train_wsi_classification"]
 
-RECIPE_DEFAULTS = {"split": None, "labels": None, "dataset": "camelyon16", "n_classes": None, "seeds": None, "val_fraction": 0.1}
+RECIPE_DEFAULTS = {"split": None, "labels": None, "dataset": "camelyon16", "n_classes": None, "seeds": None, "val_fraction": 0.1,
+                   "allow_missing": False}
 
 
 class _Bags(Dataset):
@@ -68,15 +75,20 @@ def evaluate_bags(model: torch.nn.Module, bags: Any, ids: list[str], device: tor
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def _split_path(extra: dict[str, Any], seed: int) -> Path:
+    return Path(str(extra["split"]).replace("{seed}", str(seed)))
+
+
 def _split(bags: Any, extra: dict[str, Any], seed: int) -> dict[str, list[str]]:
-    """The official split file, else ACMIL's rule for other seeds: names with 'test' are the test
-    set, the rest split 90/10 at random."""
+    """The official split file (``{seed}`` in its name: this seed's), else ACMIL's rule for other
+    seeds: names with 'test' are the test set, the rest split 90/10 at random."""
     from attnzoo.datasets.mil_features import read_bracs_csv, read_camelyon16_split
 
     if extra["split"]:
-        path = Path(extra["split"])
+        path = _split_path(extra, seed)
         split = read_bracs_csv(path, int(extra["n_classes"] or 3)) if path.suffix == ".csv" else read_camelyon16_split(path, extra["labels"])
-        return {name: [s for s in split[name] if s in bags] for name in ("train", "val", "test")}
+        parts = bags.split(split, strict=not extra["allow_missing"])
+        return {name: list(parts[name]) for name in ("train", "val", "test")}
     ids = sorted(bags)
     test = [s for s in ids if "test" in s]
     rest = [s for s in ids if "test" not in s]
@@ -85,14 +97,14 @@ def _split(bags: Any, extra: dict[str, Any], seed: int) -> dict[str, list[str]]:
     return {"train": rest[n_val:], "val": rest[:n_val], "test": test}
 
 
-def _labels(extra: dict[str, Any]) -> dict[str, int] | None:
-    from attnzoo.datasets.mil_features import read_bracs_csv, read_camelyon16_labels
+def _labels(extra: dict[str, Any], seed: int) -> dict[str, int] | None:
+    from attnzoo.datasets.mil_features import read_bracs_csv, read_slide_labels
 
     if not extra["labels"]:
         if extra["split"] and str(extra["split"]).endswith(".csv"):
-            return read_bracs_csv(extra["split"], int(extra["n_classes"] or 3)).labels
+            return read_bracs_csv(_split_path(extra, seed), int(extra["n_classes"] or 3)).labels
         return None
-    return read_camelyon16_labels(extra["labels"])
+    return read_slide_labels(extra["labels"])
 
 
 def train_wsi_classification(
@@ -113,14 +125,21 @@ def train_wsi_classification(
     from attnzoo.datasets.mil_features import read_feature_bags
 
     base = recipe_config(config or "acmil", overrides, RECIPE_DEFAULTS, "wsi-classification")
-    bags = read_feature_bags(data, labels=_labels(base.extra))
     seeds = base.extra["seeds"] or [base.seed]
+    bags = read_feature_bags(data, labels=_labels(base.extra, int(seeds[0])))
+    if base.extra["split"] and len(seeds) > 1 and "{seed}" not in str(base.extra["split"]):
+        warnings.warn(f"all {len(seeds)} seeds use the one split file {base.extra['split']}, so their spread covers the "
+                      "initialisation only; ACMIL's protocol gives each seed its own (split=.../split_{seed}.json)", stacklevel=2)
     runs = {}
     for seed in seeds:
         cfg = TrainConfig(**{**base.to_dict(), "seed": int(seed), "extra": dict(base.extra)})
         split = _split(bags, cfg.extra, int(seed))
         if not split["train"]:
             raise DatasetFormatError(f"{data}: no training slides in the split")
+        unlabelled = [s for part in split.values() for s in part if bags[s].label is None]
+        if unlabelled:
+            raise DatasetFormatError(f"{data}: {len(unlabelled)} slide(s) have no label, e.g. {', '.join(unlabelled[:5])}: "
+                                     "pass labels=CSV (slide_id,label), or a split file that carries them")
         labels = sorted({bags[s].label for s in split["train"]})
         n_classes = int(cfg.extra["n_classes"] or (max(labels) + 1))
         dim = bags[split["train"][0]].dim
@@ -135,7 +154,7 @@ def train_wsi_classification(
             trainer.eval_fn = _Validation(bags, split["val"], trainer.device)
         result = trainer.fit(resume=resume)
         best = run_out / "best.pt"
-        if best.exists():  # the official protocol: test metrics of the epoch with the best validation score
+        if split["val"] and best.exists():  # the official protocol: test metrics of the epoch with the best validation score
             net.load_state_dict(torch.load(best, weights_only=True)["model"])
         net.eval()
         with torch.no_grad():
