@@ -342,6 +342,8 @@ def write_xlsx(path: Path, header: list[str], rows: list[list]) -> Path:
 
     def cell(r: int, c: int, v) -> str:
         ref = f"{col(c)}{r}"
+        if v is None:  # a blank cell: Excel writes nothing for it
+            return ""
         if isinstance(v, str):
             if v not in strings:
                 strings.append(v)

@@ -151,7 +151,7 @@ def eval_(
     fscore: Annotated[bool, typer.Option("--fscore", help="3D reconstruction: also F-score@1% (slower).")] = False,
     dataset: Annotated[Optional[str], typer.Option("--dataset", help="Scanpaths: capmit1003, mit1003, amazon, yogurt or wine (default: detected from --data).")] = None,
     captions: Annotated[Optional[str], typer.Option("--captions", help="Scanpaths on capmit1003: own, misleading, other-subject, comma-separated (default own,misleading).")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Scanpaths: seed of NevaClip's restarts, misleading captions and OAT's split.")] = 0,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Scanpaths: seed of NevaClip's restarts, misleading captions and OAT's split (default 0; for an OAT training run's weights, its split seed).")] = None,
     samples: Annotated[Optional[int], typer.Option("--samples", help="Scanpaths (OAT): sampled scanpaths per trial (the paper's 'multi' rows use 100) instead of greedy decoding.")] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -174,7 +174,9 @@ def eval_(
     pipe_kwargs: dict = {}
     if is_scanpath:
         kind = "nevaclip" if str(model_name).lower().startswith("neva") else "oat"
-        extra = {"dataset": dataset, "captions": captions, "seed": seed, "model_kind": kind, "samples_per_trial": samples}
+        split, seed, drop_outliers = _scanpath_split(kind, weights, split, seed)
+        extra = {"dataset": dataset, "captions": captions, "seed": seed, "model_kind": kind, "samples_per_trial": samples,
+                 "drop_outliers": drop_outliers}
         pipe_kwargs = {"seed": seed} if kind == "nevaclip" else {"strategy": "sample", "num_samples": samples, "seed": seed} if samples else {}
     counts = _view_counts(views) if is_3d else [None]
     split = split or {"multiview-3d-reconstruction": "test", "wsi-classification": "test", "scanpath": "test"}.get(spec.name, "val")
@@ -196,7 +198,7 @@ def eval_(
                     "limit": limit, "dtype": dtype, **({"views": n, "fscore": fscore} if n is not None else {}),
                     **({k: v for k, v in extra.items() if k != "model_kind" and v is not None} if is_scanpath else {})}
         run_out = Path(out) if len(counts) == 1 else Path(out) / f"views-{n}"
-        metrics = evaluate(pipe, evaluator, run_out, settings=settings, batch_size=batch_size, num_workers=workers)
+        metrics = evaluate(pipe, evaluator, run_out, settings=settings, batch_size=batch_size, num_workers=workers, overwrite=overwrite)
         if not metrics:  # a torchrun process other than the first: process 0 reports
             continue
         results[n] = metrics
@@ -209,6 +211,22 @@ def eval_(
         write_json(Path(out) / "sweep.json", {str(n): m for n, m in results.items()})
         write_text(Path(out) / "report.md", sweep_report(results))
         _echo(f"wrote {Path(out) / 'report.md'} (the view sweep)")
+
+
+def _scanpath_split(kind: str, weights: Any, split: str | None, seed: int | None) -> tuple[str | None, int, bool]:
+    """(split, seed, drop_outliers) of a scanpath evaluation: an OAT training run's own split unless
+    asked otherwise, with a warning when the asked one differs (its test set may hold training scanpaths)."""
+    from attnzoo.evaluation.scanpath import training_split
+
+    run = training_split(weights) if kind == "oat" else None
+    if run is None:
+        return split, 0 if seed is None else seed, True
+    own = "test" if run["split"] == "official" else f"test-by-{run['split']}"
+    chosen_split, chosen_seed = split or own, run["split_seed"] if seed is None else seed
+    if chosen_split.partition("-by-")[2] != own.partition("-by-")[2] or chosen_seed != run["split_seed"]:
+        _echo(f"warning: these weights were trained on the {run['split']} split with seed {run['split_seed']}; evaluating on "
+              f"{chosen_split!r} with seed {chosen_seed}: its scanpaths may have been in the training set", err=True)
+    return chosen_split, chosen_seed, bool(run.get("drop_outliers", True))
 
 
 def _view_counts(text: str | None) -> list[int]:

@@ -298,6 +298,10 @@ def test_oat_wine_shelf_and_errors(tmp_path):
     write_xlsx(tmp_path / "bad.xlsx", ["ID", "Sub_ID", "Question"], [[1, 2, "Q1_1"]])
     with pytest.raises(DatasetFormatError, match=r"bad\.xlsx.*Choice"):
         OATShelf(tmp_path, "wine", data_file=tmp_path / "bad.xlsx")
+    header = ["ID", "Sub_ID", "Index", "Target", "Question", "T_Package", "Choice", "X", "Y"]
+    write_xlsx(tmp_path / "blank.xlsx", header, [[7, 1, 1, "T1_1", "Q1_3", 2, 4, 10.0, 20.0], [7, 1, 2, "T1_1", "Q1_3", 2, None, 30.0, 40.0]])
+    with pytest.raises(DatasetFormatError, match=r"blank\.xlsx: scanpath ID 7 has a row with an empty 'Choice' cell"):
+        OATShelf(tmp_path, "wine", data_file=tmp_path / "blank.xlsx")
 
 
 def test_read_xlsx_types(tmp_path):
@@ -381,3 +385,17 @@ def test_leakage_free_split(by):
         leakage_free_split(trials, by="colour")
     with pytest.raises(InvalidInputError):
         leakage_free_split(trials, fractions=(0.5, 0.5, 0.5))
+
+
+def test_amazon_records_follow_the_json_order(tmp_path):
+    """OAT's pickle follows the JSON's key order (STI's file lists "1.jpg", "10.jpg", "100.jpg", ...),
+    and its permutation file indexes that pickle: no re-sorting by collage number."""
+    entry = {
+        "fixations": {"2": [[5, 5], [25, 14]], "1": [[40, 20]]},
+        "ground_truth": [{"xmin": 21, "xmax": 29, "ymin": 12, "ymax": 19}],
+        "size": {"height": AMAZON_SIZE[1], "width": AMAZON_SIZE[0]},
+        "target": "target_2.jpg",
+    }
+    write_amazon(tmp_path, layout="sti", entries={name: entry for name in ("1.jpg", "10.jpg", "2.jpg")})
+    trials = AmazonCovers(tmp_path, drop_outliers=False)
+    assert [(t.stimulus, t.subject) for t in trials] == [(n, s) for n in ("1.jpg", "10.jpg", "2.jpg") for s in ("2", "1")]

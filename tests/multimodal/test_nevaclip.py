@@ -256,22 +256,34 @@ def test_fixations_to_pixels_by_hand():
     np.testing.assert_allclose(N.fixations_to_pixels(corners[:1], (203, 301)), [[0.5 * 203 / 224, 54.5 * 301 / 332]])
     with pytest.raises(InvalidInputError):
         N.fixations_to_pixels(torch.zeros(3, 3), (10, 10))
+    with pytest.raises(InvalidInputError, match="resize_mode"):
+        N.fixations_to_pixels(corners, (10, 10), resize_mode="crop")
+    # longest: 400x200 -> 224x112 padded by 56 rows above; the top-left corner of the square is padding
+    np.testing.assert_allclose(N.fixations_to_pixels(corners[:1], (400, 200), resize_mode="longest"), [[0.5 * 400 / 224, 0.0]])
 
 
+@pytest.mark.parametrize("mode", ["shortest", "squash", "longest"])
 @pytest.mark.parametrize("width, height, dot", [(500, 333, (351, 95)), (333, 500, (40, 300)), (1024, 768, (700, 100))])
-def test_fixations_to_pixels_finds_a_marker_through_the_real_transform(width, height, dot):
-    """A bright square centred on a known point; its centroid in the preprocessed crop, mapped
-    back, lands on that point (a mapping without pixel-centre alignment is off by up to 1.2 px here)."""
-    picture = np.zeros((height, width, 3), np.uint8)
-    picture[dot[1] - 3 : dot[1] + 4, dot[0] - 3 : dot[0] + 4] = 255  # pixels dot-3..dot+3: centre dot + 0.5
-    x, sizes = N.preprocess_images([picture])
-    weight = x[0].sum(0) - x[0].sum(0).min()
-    weight = torch.where(weight > 0.1 * weight.max(), weight, 0).double()
-    index = torch.arange(224, dtype=torch.float64)
-    row = (weight.sum(1) * index).sum() / weight.sum()
-    col = (weight.sum(0) * index).sum() / weight.sum()
+def test_fixations_to_pixels_finds_a_marker_through_the_real_transform(width, height, dot, mode):
+    """A Gaussian spot centred on a known point; its centroid in the preprocessed image, mapped
+    back, lands on that point (a mapping without pixel-centre alignment is off by up to 1.2 px here),
+    for each of open_clip's resize modes (SigLIP models squash, some pad)."""
+    new_w, new_h, _, _ = N._resize_geometry(width, height, 224, mode)
+    scale = max(width / new_w, height / new_h)  # original pixels per model pixel
+    sigma = 2.0 * scale  # two model pixels wide whatever the resize, so the centroid stays precise
+    yy, xx = np.mgrid[0:height, 0:width] + 0.5  # pixel centres
+    spot = np.exp(-((xx - dot[0] - 0.5) ** 2 + (yy - dot[1] - 0.5) ** 2) / (2 * sigma**2))
+    picture = np.repeat(np.round(spot * 255).astype(np.uint8)[..., None], 3, axis=2)
+    x, sizes = N.preprocess_images([picture], resize_mode=mode)
+    grey = x[0].sum(0).double()
+    weight = grey - grey[grey.argmin() // 224, :].median()  # black background (also the padding) -> 0
+    peak_r, peak_c = divmod(int(weight.argmax()), 224)
+    win = slice(max(peak_r - 8, 0), peak_r + 9), slice(max(peak_c - 8, 0), peak_c + 9)
+    w = weight[win].clamp(min=0)
+    rows, cols = torch.meshgrid(torch.arange(224, dtype=torch.float64)[win[0]], torch.arange(224, dtype=torch.float64)[win[1]], indexing="ij")
+    row, col = (w * rows).sum() / w.sum(), (w * cols).sum() / w.sum()
     rel = torch.stack([row / 223 * 2 - 1, col / 223 * 2 - 1])[None]
-    np.testing.assert_allclose(N.fixations_to_pixels(rel, sizes[0])[0], np.array(dot) + 0.5, atol=0.1)
+    np.testing.assert_allclose(N.fixations_to_pixels(rel, sizes[0], resize_mode=mode)[0], np.array(dot) + 0.5, atol=0.1)
 
 
 def test_preprocess_matches_open_clip_for_any_mode_and_size(tmp_path):

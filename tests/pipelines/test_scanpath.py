@@ -258,6 +258,23 @@ def test_oat_search_points_at_objects_and_keeps_the_callers_box_order(tmp_path):
     assert sp.plot().size[0] == 150
 
 
+def test_shelf_variants_see_their_official_crops(tmp_path):
+    from attnzoo.vision.oat import display_crops, generate
+
+    model = attnzoo.create_model("oat_wine", num_encoder_layers=1, num_decoder_layers=1, emb_size=64, nhead=2,
+                                 dim_feedforward=32, CA_d_k=16).eval()
+    rng = np.random.default_rng(0)
+    image = np.full((200, 11 * 20, 3), 128, np.uint8)
+    boxes = np.array([[c * 20, 10 + r * 90, c * 20 + 18, 10 + r * 90 + 85] for r in range(2) for c in range(11)], float)
+    for x0, y0, x1, y1 in boxes.astype(int):
+        image[y0:y1, x0:x1] = rng.integers(0, 255, 3)
+        image[y0 + 5:y0 + 9, x0 + 2:x1 - 2] = rng.integers(0, 255, 3)  # a label: no flat crop
+    Image.fromarray(image).save(tmp_path / "wine.png")
+    sp = attnzoo.pipeline("scanpath", model=model, max_len=4)(tmp_path / "wine.png", boxes=boxes, target=5)
+    expected = generate(model, display_crops(image, boxes, "rgb_minmax"), 5, 4)[0][0]
+    np.testing.assert_array_equal(sp.objects, expected.objects)
+
+
 def test_oat_batches_sampling_and_search_trials(tmp_path):
     from attnzoo.datasets.scanpaths import SearchTrial
 
@@ -273,6 +290,10 @@ def test_oat_batches_sampling_and_search_trials(tmp_path):
     samples = pipe(p0, boxes=b0, target=1, strategy="sample", num_samples=3, seed=7)
     again = pipe(p0, boxes=b0, target=1, strategy="sample", num_samples=3, seed=7)
     assert len(samples) == 3 and [s.objects.tolist() for s in samples] == [s.objects.tolist() for s in again]
+    # a display's samples do not depend on its batch or its place in it (nor on --batch-size)
+    together = pipe([{"image": p1, "boxes": b1, "target": 2}, {"image": p0, "boxes": b0, "target": 1}],
+                    strategy="sample", num_samples=3, seed=7)
+    assert [s.objects.tolist() for s in together[1]] == [s.objects.tolist() for s in samples]
 
 
 @pytest.mark.parametrize("kwargs, match", [

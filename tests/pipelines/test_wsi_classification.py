@@ -110,6 +110,12 @@ def test_eval_command_on_feature_bags(wsi, tmp_path, capsys, monkeypatch):
     expected = mil_metrics(probs, np.array([bags[s].label for s in test]))
     assert metrics["n"] == len(test) and metrics["auc"] == pytest.approx(expected["auc"], abs=1e-4)
     assert metrics["f1_micro"] == pytest.approx(expected["f1_micro"], abs=1e-4) and "F1 micro" in (out / "report.md").read_text()
+    args = ["eval", "wsi-classification", "--model", "acmil_test", "--weights", "none", "--data", str(data), "--out", str(out),
+            "--num-workers", "0", "--limit", "2"]
+    assert main(args) != 0  # other settings in the same --out: refused, never mixed with the earlier run
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0, capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["n"] == 2
 
 
 def test_evaluator_splits_and_labels_csv(tmp_path):

@@ -107,3 +107,20 @@ def test_nevaclip_has_nothing_to_train(tmp_path):
 
     with pytest.raises(InvalidInputError, match="nothing to train"):
         train_scanpath("nevaclip", tmp_path, tmp_path / "run")
+
+
+def test_evaluation_defaults_to_the_runs_own_split(trained, tmp_path, capsys):
+    from attnzoo.cli import _scanpath_split
+
+    data, run, _ = trained
+    info = json.loads((run / "decoding.json").read_text())
+    assert info == {"max_len": 5, "dataset": "amazon", "split": "official", "split_seed": 0, "drop_outliers": True}
+    weights = run / "model.safetensors"
+    assert _scanpath_split("oat", weights, None, None) == ("test", 0, True) and capsys.readouterr().err == ""
+    (tmp_path / "decoding.json").write_text(json.dumps({**info, "split": "layout", "split_seed": 3, "drop_outliers": False}))
+    other = tmp_path / "model.safetensors"
+    assert _scanpath_split("oat", other, None, None) == ("test-by-layout", 3, False) and capsys.readouterr().err == ""
+    assert _scanpath_split("oat", other, "test", None) == ("test", 3, False)  # asked for another split: done, with a warning
+    assert "trained on the layout split" in capsys.readouterr().err
+    assert _scanpath_split("oat", other, None, 4)[1] == 4 and "seed 3" in capsys.readouterr().err
+    assert _scanpath_split("nevaclip", None, None, None) == (None, 0, True)

@@ -258,6 +258,31 @@ def test_crop_objects_matches_cv2():
     np.testing.assert_allclose(got_f.numpy(), expected_f, atol=1e-2)
 
 
+def test_display_crops_per_variant():
+    """Amazon: BGR 0-255 (img_feature_amazon.py); the shelves: RGB, each crop min-max scaled to
+    [0, 1] (img_feature.py's cv2.normalize NORM_MINMAX); a flat crop becomes zeros, as in cv2."""
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(20, 220, (160, 200, 3), dtype=np.uint8)
+    rgb[:50, :60] = 77  # a flat package
+    boxes = np.array([[0, 0, 60, 50], [60, 0, 200, 160], [10, 60, 120, 150]], dtype=float)
+    assert np.array_equal(O.display_crops(rgb, boxes).numpy(), O.crop_objects(rgb[:, :, ::-1], boxes).numpy())  # BGR
+    shelf = O.display_crops(rgb, boxes, "rgb_minmax")
+    plain = O.crop_objects(rgb[:, :, ::-1], boxes, colour_order="rgb").numpy().astype(np.float64)  # RGB, uint8 resized
+    assert shelf.dtype == torch.float32 and not shelf[0].any()
+    for i in (1, 2):
+        expected = (plain[i] - plain[i].min()) / (plain[i].max() - plain[i].min())
+        np.testing.assert_allclose(shelf[i].numpy(), expected, rtol=0, atol=6e-8)  # one float32 ulp near 1
+        assert shelf[i].min() == 0 and shelf[i].max() == 1
+    assert O.default_cfgs["oat_yogurt"]["crop_style"] == O.default_cfgs["oat_wine"]["crop_style"] == "rgb_minmax"
+    assert O.default_cfgs["oat_amazon"]["crop_style"] == "bgr"
+    with pytest.raises(InvalidInputError, match="crop_style"):
+        O.display_crops(rgb, boxes, "rgb")
+    cv2 = pytest.importorskip("cv2")
+    expected = np.stack([cv2.normalize(cv2.resize(np.ascontiguousarray(rgb[y0:y1, x0:x1]), (93, 150)), None, 0, 1, cv2.NORM_MINMAX,
+                                       dtype=cv2.CV_32F) for x0, y0, x1, y1 in boxes.astype(int)])
+    np.testing.assert_allclose(shelf.numpy(), expected, rtol=0, atol=6e-8)  # cv2's SIMD rounding: within one ulp
+
+
 def test_crop_objects_by_hand():
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (400, 300, 3), dtype=np.uint8)

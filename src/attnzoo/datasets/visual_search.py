@@ -308,7 +308,9 @@ class AmazonCovers(ScanpathCollection):
     when a ``binarymask/`` folder exists (every mask must then be present and hold 84 objects),
     else the 6 x 14 grid; ``"mask"`` requires masks, ``"grid"`` never reads them. ``meta`` of each trial
     holds ``target_name``, ``tgt_id`` (the 8th character of ``target``, as OAT), ``pair``,
-    ``ground_truth``, ``boxes_from`` and ``task="amazon"``. Records are sorted by collage number.
+    ``ground_truth``, ``boxes_from`` and ``task="amazon"``. Records follow the JSON file's order (collages
+as listed, subjects as listed), as OAT's preprocessing loops over it, so an index in its
+``splitlist_all_amazon.txt`` names the same record here.
     """
 
     def __init__(
@@ -335,7 +337,7 @@ class AmazonCovers(ScanpathCollection):
             raise DatasetFormatError(
                 f"missing {self.mask_dir} (OAT's binarymask/14x6-<image> files); use boxes='grid' for the approximate grid"
             )
-        names = sorted(data, key=_natural)
+        names = list(data)  # the file's order, which OAT's pickle (and so its permutation file) follows
         if use_masks:
             missing = [
                 str(self.mask_dir / f"14x6-{n}")
@@ -585,6 +587,10 @@ class OATShelf(ScanpathCollection):
                     [(float(r["X"]), float(r["Y"])) for r in scan], dtype=np.float64
                 ).reshape(-1, 2)
                 target = int(float(first["T_Package"])) - 1
+            except KeyError as err:  # a blank cell: the row has no such key
+                raise DatasetFormatError(
+                    f"{self.data_file}: scanpath ID {scan_id} has a row with an empty {err.args[0]!r} cell"
+                ) from None
             except (TypeError, ValueError) as err:
                 raise DatasetFormatError(
                     f"{self.data_file}: malformed row in scanpath ID {scan_id} ({err})"

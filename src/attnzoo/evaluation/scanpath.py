@@ -72,11 +72,13 @@ class ScanpathEvaluator:
     task = "scanpath"
 
     def __init__(self, data: str | os.PathLike, split: str = "test", *, limit: int | None = None, dataset: str | None = None,
-                 captions: str | None = None, seed: int = 0, model_kind: str = "nevaclip", samples_per_trial: int | None = None):
+                 captions: str | None = None, seed: int = 0, model_kind: str = "nevaclip", samples_per_trial: int | None = None,
+                 drop_outliers: bool = True):
         root = Path(data)
         if not root.exists():
             raise DatasetFormatError(f"dataset folder {root} does not exist")
         self.root, self.dataset, self.seed, self.limit = root, dataset or detect_scanpath_dataset(root), seed, limit
+        self.drop_outliers = drop_outliers
         if self.dataset not in NEVACLIP_DATASETS + SEARCH_DATASETS:
             raise InvalidInputError(f"--dataset must be one of {NEVACLIP_DATASETS + SEARCH_DATASETS}, got {self.dataset!r}")
         self.is_search = self.dataset in SEARCH_DATASETS
@@ -138,7 +140,7 @@ class ScanpathEvaluator:
     def _load_search(self, split: str) -> None:
         from attnzoo.datasets.visual_search import load_search_trials, split_search_trials
 
-        self.all_trials = load_search_trials(self.root, self.dataset)
+        self.all_trials = load_search_trials(self.root, self.dataset, self.drop_outliers)
         name, _, scheme = split.partition("-by-")
         if name not in ("train", "val", "test", "all"):
             raise InvalidInputError(f"--split is train, val, test or all (optionally -by-layout / -by-target), got {split!r}")
@@ -331,3 +333,17 @@ def _nan_to_none(value: Any) -> Any:
 
 def _fmt(value: Any) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def training_split(weights: str | os.PathLike | None) -> dict[str, Any] | None:
+    """The split an ``attnzoo train scanpath`` run trained on (``decoding.json`` beside its weights:
+    scheme, seed, outlier filter), so its evaluation tests on that split's test set; None otherwise."""
+    if not isinstance(weights, (str, os.PathLike)):
+        return None
+    path = Path(weights).parent / "decoding.json"
+    if not path.is_file():
+        return None
+    import json
+
+    info = json.loads(path.read_text())
+    return info if "split" in info else None

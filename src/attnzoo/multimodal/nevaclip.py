@@ -126,9 +126,24 @@ def update_memory(memory: torch.Tensor, mask: torch.Tensor, forgetting: float) -
 
 # -- preprocessing and coordinates ---------------------------------------------------------
 
-def _resize_geometry(width: int, height: int, input_size: int) -> tuple[int, int, int, int]:
-    """(resized width, resized height, crop left, crop top) of torchvision Resize(short side) +
-    CenterCrop, the open_clip eval transform: the long side is truncated, the offsets rounded half-even."""
+RESIZE_MODES = ("shortest", "squash", "longest")
+
+
+def _resize_geometry(width: int, height: int, input_size: int, resize_mode: str = "shortest") -> tuple[int, int, int, int]:
+    """(resized width, resized height, crop left, crop top) of open_clip's eval transform.
+
+    ``shortest``: torchvision Resize(short side) + CenterCrop, the long side truncated, offsets rounded
+    half-even; ``squash``: Resize to the square; ``longest``: the long side to the square, then
+    centre-padded (negative offsets: the padding's width on the left / top).
+    """
+    if resize_mode == "squash":
+        return input_size, input_size, 0, 0
+    if resize_mode == "longest":
+        ratio = max(height / input_size, width / input_size)
+        new_w, new_h = round(width / ratio), round(height / ratio)
+        return new_w, new_h, -((input_size - new_w) // 2), -((input_size - new_h) // 2)
+    if resize_mode != "shortest":
+        raise InvalidInputError(f"resize_mode must be one of {RESIZE_MODES} (open_clip's), got {resize_mode!r}")
     if width <= height:
         new_w, new_h = input_size, int(input_size * height / width)
     else:
@@ -136,15 +151,19 @@ def _resize_geometry(width: int, height: int, input_size: int) -> tuple[int, int
     return new_w, new_h, round((new_w - input_size) / 2.0), round((new_h - input_size) / 2.0)
 
 
-def fixations_to_pixels(pos: torch.Tensor | np.ndarray, image_size: tuple[int, int], input_size: int = 224) -> np.ndarray:
+def fixations_to_pixels(
+    pos: torch.Tensor | np.ndarray, image_size: tuple[int, int], input_size: int = 224, resize_mode: str = "shortest"
+) -> np.ndarray:
     """``[T, 2]`` (x, y) in original-image pixels from (row, col) positions in [-1, 1] of the crop.
 
-    ``image_size`` is ``(width, height)`` (PIL order). Crop index ``(p + 1) / 2 * (S - 1)`` (the
-    linspace grid), plus the centre-crop offset, is scaled by the actual resize factor of each
-    axis with pixel centres aligned as PIL resamples them; the result uses the convention of
-    :class:`attnzoo.datasets.scanpaths.ScanpathRecord` (origin at the top-left pixel's corner, so
-    pixel ``i`` spans ``[i, i + 1)``). This differs from ``index / (S / min(W, H))`` by under one
-    original pixel.
+    ``image_size`` is ``(width, height)`` (PIL order); ``resize_mode`` the model's open_clip
+    preprocessing (``preprocess_cfg["resize_mode"]``: ``shortest`` crops, ``squash`` stretches,
+    ``longest`` pads; a fixation on the padding is clipped to the image's edge). Crop index
+    ``(p + 1) / 2 * (S - 1)`` (the linspace grid), plus the crop offset, is scaled by the actual
+    resize factor of each axis with pixel centres aligned as PIL resamples them; the result uses the
+    convention of :class:`attnzoo.datasets.scanpaths.ScanpathRecord` (origin at the top-left pixel's
+    corner, so pixel ``i`` spans ``[i, i + 1)``). This differs from ``index / (S / min(W, H))`` by
+    under one original pixel.
     """
     array = pos.detach().cpu().double().numpy() if isinstance(pos, torch.Tensor) else np.asarray(pos, dtype=np.float64)
     array = array.reshape(array.shape[0], -1) if array.ndim == 4 else array
@@ -153,11 +172,11 @@ def fixations_to_pixels(pos: torch.Tensor | np.ndarray, image_size: tuple[int, i
     width, height = (int(v) for v in image_size)
     if width < 1 or height < 1:
         raise InvalidInputError(f"image_size must be (width, height) > 0, got {image_size}")
-    new_w, new_h, left, top = _resize_geometry(width, height, input_size)
+    new_w, new_h, left, top = _resize_geometry(width, height, input_size, resize_mode)
     row = (array[:, 0] + 1) / 2 * (input_size - 1)
     col = (array[:, 1] + 1) / 2 * (input_size - 1)
-    x = (col + left + 0.5) * (width / new_w)
-    y = (row + top + 0.5) * (height / new_h)
+    x = np.clip((col + left + 0.5) * (width / new_w), 0, width)
+    y = np.clip((row + top + 0.5) * (height / new_h), 0, height)
     return np.stack([x, y], axis=1)
 
 
@@ -516,7 +535,8 @@ class NevaClip:
         draws = _RestartDraws(rng, seed, batch, self.device, x.dtype)
         result = self._search(x, target, second, fixations, iterations, lr, random_restarts, forgetting, draws, return_traces, autocast)
         if sizes is not None:
-            result.xy = [fixations_to_pixels(result.positions[i], sizes[i], self.input_size) for i in range(batch)]
+            mode = self.preprocess_cfg["resize_mode"]
+            result.xy = [fixations_to_pixels(result.positions[i], sizes[i], self.input_size, mode) for i in range(batch)]
         return result
 
     __call__ = predict

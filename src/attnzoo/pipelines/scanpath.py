@@ -224,7 +224,7 @@ class ScanpathPipeline(Pipeline):
         the caller's box order is kept for the answer."""
         from attnzoo.datasets.images import load_image
         from attnzoo.datasets.visual_search import reading_order
-        from attnzoo.vision.oat import crop_objects
+        from attnzoo.vision.oat import display_crops
 
         picture = load_image(item["image"])
         boxes = np.asarray(item["boxes"], dtype=np.float64)
@@ -241,7 +241,8 @@ class ScanpathPipeline(Pipeline):
         if isinstance(target, bool) or not isinstance(target, (int, np.integer)) or not 0 <= int(target) < n:
             raise InvalidInputError(f"target must be the index of one of the {n} boxes (0-based), got {target!r}")
         order = reading_order(boxes)  # model index -> caller's index
-        crops = crop_objects(np.asarray(picture), boxes[order], colour_order="rgb", grid=self.model.grid)
+        style = getattr(self.model, "pretrained_cfg", {}).get("crop_style", "bgr")  # as the variant was trained
+        crops = display_crops(np.asarray(picture), boxes[order], style, grid=self.model.grid)
         return {"crops": crops, "target": int(np.flatnonzero(order == int(target))[0]), "order": order, "boxes": boxes,
                 "size": picture.size, "image": item["image"]}
 
@@ -259,12 +260,18 @@ class ScanpathPipeline(Pipeline):
 
     def _oat_forward(self, batch: dict[str, Any], *, strategy: str = "greedy", num_samples: int | None = None,
                      max_len: int | None = None, seed: int | None = 0) -> dict[str, Any]:
-        from attnzoo.vision.oat import generate
+        from attnzoo.vision.oat import _trial_seeds, generate
 
         max_len = max_len or getattr(self.model, "max_len", None) or self.model.num_objects
+        seeds = None
+        if strategy == "sample" and seed is not None:
+            # every display draws from the same trial seeds: its samples do not depend on which batch,
+            # or which place in it, the display lands in (as NevaClip's per-image generators)
+            per_display = 100 if num_samples is None else num_samples
+            seeds = _trial_seeds(torch.Generator().manual_seed(int(seed)), per_display) * len(batch["crops"])
         with torch.inference_mode():
             decoded = generate(self.model, [c.to(self.device) for c in batch["crops"]], batch["target"], max_len, strategy=strategy,
-                               num_samples=num_samples if strategy == "sample" else None, generator=seed if strategy == "sample" else None)
+                               num_samples=num_samples if strategy == "sample" else None, seeds=seeds)
         return {**batch, "decoded": decoded}
 
     def _neva_forward(self, batch: dict[str, Any], *, truncate: bool = False, **params: Any) -> dict[str, Any]:
@@ -286,7 +293,7 @@ class ScanpathPipeline(Pipeline):
             from attnzoo.multimodal.nevaclip import fixations_to_pixels
 
             positions = outputs["positions"]
-            xy = fixations_to_pixels(positions, outputs["size"], self.model.input_size)
+            xy = fixations_to_pixels(positions, outputs["size"], self.model.input_size, self.model.preprocess_cfg["resize_mode"])
             return Scanpath(xy, tuple(outputs["size"]), caption=outputs["caption"], relative=positions.numpy(),
                             losses=outputs["losses"].numpy(), image=outputs["image"])
         order, boxes = outputs["order"], outputs["boxes"]

@@ -35,8 +35,8 @@ RECIPE_DEFAULTS = {"dataset": None, "split": "official", "split_seed": 0, "max_l
 class SearchSamples(Dataset):
     """OAT samples (object crops, target, object sequence); crops made once per display image."""
 
-    def __init__(self, trials: list[Any]):
-        from attnzoo.vision.oat import OATSample, crop_objects
+    def __init__(self, trials: list[Any], crop_style: str = "bgr"):
+        from attnzoo.vision.oat import OATSample, display_crops
 
         self.trials = trials
         crops: dict[tuple, torch.Tensor] = {}
@@ -46,7 +46,7 @@ class SearchSamples(Dataset):
             if key not in crops:
                 from attnzoo.datasets.images import load_image
 
-                crops[key] = crop_objects(np.asarray(load_image(t.image_path)), t.boxes, colour_order="rgb", grid=t.grid)
+                crops[key] = display_crops(np.asarray(load_image(t.image_path)), t.boxes, crop_style, grid=t.grid)
             self.samples.append(OATSample(crops[key], int(t.target), [int(o) for o in t.objects]))
 
     def __len__(self) -> int:
@@ -114,7 +114,8 @@ def train_scanpath(
     grid = tuple(split["train"][0].grid)
     if tuple(net.grid) != grid:
         raise InvalidInputError(f"{model} is built for a {net.grid} grid but the {name} displays are {grid}: use oat_{name}")
-    train_set, val_set = SearchSamples(split["train"]), SearchSamples(split["val"]) if split["val"] else None
+    style = getattr(net, "pretrained_cfg", {}).get("crop_style", "bgr")  # Amazon's BGR 0-255, the shelves' RGB min-max
+    train_set, val_set = SearchSamples(split["train"], style), SearchSamples(split["val"], style) if split["val"] else None
 
     def collate(samples: list[Any]) -> Any:
         from attnzoo.vision.oat import collate_oat
@@ -137,9 +138,12 @@ def train_scanpath(
         net.load_state_dict(torch.load(best, weights_only=True)["model"])
     net.eval()
     with torch.no_grad():
-        test = evaluate_search(net, SearchSamples(split["test"]), max_len) if split["test"] else {}
+        test = evaluate_search(net, SearchSamples(split["test"], style), max_len) if split["test"] else {}
     trainer.save_weights(net)
     if trainer.ctx.is_main:
         write_json(Path(out) / "test_metrics.json", {"max_len": max_len, **test})
-        write_json(Path(out) / "decoding.json", {"max_len": max_len})  # read by pipeline("scanpath") beside the weights
+        # read beside the weights: pipeline("scanpath") decodes up to max_len, `attnzoo eval` tests on this run's split
+        write_json(Path(out) / "decoding.json", {"max_len": max_len, "dataset": name, "split": str(cfg.extra["split"]),
+                                                 "split_seed": int(cfg.extra["split_seed"]),
+                                                 "drop_outliers": bool(cfg.extra["drop_outliers"])})
     return {**result, "test": test, "max_len": max_len}

@@ -81,6 +81,7 @@ __all__ = [
     "collate_oat",
     "crop_objects",
     "default_cfgs",
+    "display_crops",
     "generate",
     "greedy_eval",
     "load_position_table",
@@ -911,18 +912,41 @@ def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: nn.Module) -> dic
     return tensors
 
 
-def _cfg(grid: tuple[int, int], table: str, **kwargs: Any) -> dict[str, Any]:
+def _cfg(grid: tuple[int, int], table: str, crop_style: str = "bgr", **kwargs: Any) -> dict[str, Any]:
+    shelf = crop_style == "rgb_minmax"
     return {"grid": grid, "num_objects": grid[0] * grid[1], "pe_table": table, "input_size": (3, *CROP_SIZE),
-            "colour_order": "BGR", "pixel_range": (0, 255), "interpolation": "bilinear (cv2 INTER_LINEAR)",
-            "weights": None, "license": "no licence in the official repository", **kwargs}
+            "crop_style": crop_style, "colour_order": "RGB" if shelf else "BGR", "pixel_range": (0, 1) if shelf else (0, 255),
+            "interpolation": "bilinear (cv2 INTER_LINEAR)", "weights": None, "license": "no licence in the official repository",
+            **kwargs}
 
 
-# No pretrained weights exist for any variant (the authors released none).
+# No pretrained weights exist for any variant (the authors released none). The crops differ by
+# dataset as in the official preprocessing: img_feature_amazon.py keeps cv2's BGR 0-255, while
+# img_feature.py (the shelves) converts to RGB and min-max scales each crop to [0, 1].
 default_cfgs: dict[str, dict[str, Any]] = {
     "oat_amazon": _cfg((6, 14), "amazon", dataset="Amazon book covers (STI-Dataset)"),
-    "oat_yogurt": _cfg((3, 9), "yogurt", dataset="OAT shelf data, yogurt (Q3)"),
-    "oat_wine": _cfg((2, 11), "wine", dataset="OAT shelf data, wine (Q1)"),
+    "oat_yogurt": _cfg((3, 9), "yogurt", "rgb_minmax", dataset="OAT shelf data, yogurt (Q3)"),
+    "oat_wine": _cfg((2, 11), "wine", "rgb_minmax", dataset="OAT shelf data, wine (Q1)"),
 }
+
+CROP_STYLES = ("bgr", "rgb_minmax")
+
+
+def display_crops(image: Any, boxes: Any, crop_style: str = "bgr", grid: Sequence[int] | None = None) -> torch.Tensor:
+    """The object crops of an RGB display as an OAT variant was trained on them (its
+    ``pretrained_cfg["crop_style"]``): ``"bgr"`` (Amazon) uint8 BGR 0-255; ``"rgb_minmax"`` (the
+    yogurt and wine shelves) float32 RGB, each crop scaled to [0, 1] by its own minimum and maximum
+    over all channels, as ``cv2.normalize(crop, None, 0, 1, NORM_MINMAX, CV_32F)`` (a flat crop: zeros).
+    """
+    if crop_style == "bgr":
+        return crop_objects(image, boxes, colour_order="rgb", grid=grid)
+    if crop_style != "rgb_minmax":
+        raise InvalidInputError(f"crop_style must be one of {CROP_STYLES}, got {crop_style!r}")
+    crops = crop_objects(image, boxes, colour_order="bgr", grid=grid).numpy().astype(np.float64)  # "bgr": kept as given, RGB
+    low = crops.min(axis=(1, 2, 3), keepdims=True)
+    span = crops.max(axis=(1, 2, 3), keepdims=True) - low
+    scale = np.where(span > np.finfo(np.float64).eps, 1.0 / np.where(span > 0, span, 1.0), 0.0)
+    return torch.from_numpy((crops * scale - low * scale).astype(np.float32))
 
 
 def _create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> OAT:
