@@ -57,6 +57,10 @@ def test_run_prints_and_saves(tmp_path, photo, capsys):
     results = json.loads((out / "results.json").read_text())
     assert len(results) == 2 and all(len(v) == 3 for v in results.values())
     assert (out / "cat.png").exists() and (out / "a.png").exists()
+    (tmp_path / "imgs" / "b").mkdir()
+    photo.save(tmp_path / "imgs" / "b" / "a.jpg")  # the same stem in another folder: its own picture
+    main(["run", "image-classification", str(tmp_path / "imgs"), "--model", "test_resnet", "--weights", "none", "--out", str(out)])
+    assert (out / "a.png").exists() and (out / "a-2.png").exists()
 
 
 def test_run_bad_file_is_an_error(tmp_path, capsys):
@@ -137,3 +141,18 @@ def test_demo_writes_pictures_and_says_random(tmp_path, capsys):
 def test_console_script_installed():
     proc = subprocess.run(["attnzoo", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and attnzoo.__version__ in proc.stdout
+
+
+def test_eval_settings_name_local_weights_by_content_stamp(tmp_path):
+    import os
+
+    from attnzoo.cli import _weights_identity
+
+    weights = tmp_path / "best.safetensors"
+    weights.write_bytes(b"x" * 10)
+    first = _weights_identity(str(weights))
+    assert str(weights.resolve()) in first and _weights_identity(str(weights)) == first
+    weights.write_bytes(b"y" * 12)  # retrained into the same path: a resumed eval must not reuse the old predictions
+    os.utime(weights, ns=(1, 1))
+    assert _weights_identity(str(weights)) != first
+    assert _weights_identity(None) == "pretrained" and _weights_identity("resnet18.a1_in1k") == "resnet18.a1_in1k"

@@ -25,3 +25,20 @@ def test_failure_keeps_the_old_file_and_leaves_nothing(tmp_path):
         fh.write(b"half")
         raise RuntimeError("killed mid-write")
     assert (tmp_path / "a.bin").read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    from attnzoo._io import write_json
+
+    umask = os.umask(0o022)
+    try:
+        write_json(tmp_path / "new.json", {"a": 1})  # mkstemp's 0600 would hide results from the group
+        assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o644
+        (tmp_path / "old.json").write_text("{}")
+        os.chmod(tmp_path / "old.json", 0o640)
+        write_json(tmp_path / "old.json", {"b": 2})  # replacing keeps the file's own mode
+        assert (tmp_path / "old.json").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(umask)

@@ -128,8 +128,14 @@ def _run_files(pipe: Any, files: list[str], items: list[Any], out: Path | None, 
         _echo(f"{files[i]}: {summary(result)}")
     if out is not None and results:
         write_json(out / "results.json", {f: to_json(r) for f, r in results.items()})
+        taken: set[str] = set()
         for file, result in results.items():
-            with atomic_write(out / f"{Path(file).stem}{suffix}.png", "wb") as fh:
+            name, n = f"{Path(file).stem}{suffix}", 1
+            while name in taken:  # a/001.jpg and b/001.jpg, or cat.jpg and cat.png: one picture each
+                n += 1
+                name = f"{Path(file).stem}{suffix}-{n}"
+            taken.add(name)
+            with atomic_write(out / f"{name}.png", "wb") as fh:
                 picture(file, result).save(fh, format="PNG")
         _echo(f"wrote {len(results) + 1} files to {out}")
     if failed:
@@ -194,7 +200,7 @@ def eval_(
     for n, evaluator in evaluators.items():
         if getattr(pipe.model, "num_classes", None) and hasattr(evaluator, "check_num_classes"):
             evaluator.check_num_classes(pipe.model.num_classes)
-        settings = {"model": model_name, "weights": weights or "pretrained", "data": str(Path(data).resolve()), "split": split,
+        settings = {"model": model_name, "weights": _weights_identity(weights), "data": str(Path(data).resolve()), "split": split,
                     "limit": limit, "dtype": dtype, **({"views": n, "fscore": fscore} if n is not None else {}),
                     **({k: v for k, v in extra.items() if k != "model_kind" and v is not None} if is_scanpath else {})}
         run_out = Path(out) if len(counts) == 1 else Path(out) / f"views-{n}"
@@ -211,6 +217,18 @@ def eval_(
         write_json(Path(out) / "sweep.json", {str(n): m for n, m in results.items()})
         write_text(Path(out) / "report.md", sweep_report(results))
         _echo(f"wrote {Path(out) / 'report.md'} (the view sweep)")
+
+
+def _weights_identity(weights: str | None) -> str:
+    """What names the weights in a run's settings: a local file by its absolute path, size and
+    modification time, so a resumed evaluation never reuses predictions of weights since retrained."""
+    if not weights:
+        return "pretrained"
+    path = Path(weights)
+    if path.is_file():
+        stat = path.stat()
+        return f"{path.resolve()} ({stat.st_size} bytes, modified {stat.st_mtime_ns})"
+    return str(weights)
 
 
 def _scanpath_split(kind: str, weights: Any, split: str | None, seed: int | None) -> tuple[str | None, int, bool]:

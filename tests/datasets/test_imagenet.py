@@ -122,3 +122,14 @@ def test_missing_and_empty_roots(tmp_path):
     (tmp_path / "a").mkdir()
     with pytest.raises(DatasetFormatError, match="no image files"):
         read_image_folder(tmp_path)
+
+
+def test_a_missing_split_is_not_read_as_classes(tmp_path):
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / cls / "1.png")
+    with pytest.raises(DatasetFormatError, match="no val/ split folder.*test/, train/"):
+        read_classification_folder(tmp_path, "val")  # not two classes named 'test' and 'train'
+    assert read_classification_folder(tmp_path, "test").classes == ["cat", "dog"]
+    assert read_classification_folder(tmp_path / "train", "val").classes == ["cat", "dog"]  # a folder of classes

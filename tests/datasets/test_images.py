@@ -123,3 +123,9 @@ def test_oversized_jpeg_decodes_at_reduced_scale(photo, tmp_path, monkeypatch):
 def test_bad_arrays_and_objects(bad):
     with pytest.raises(InvalidInputError):
         load_image(bad)
+
+
+def test_half_precision_tensors_load():
+    x = torch.rand(3, 8, 8)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert np.array_equal(np.asarray(load_image(x.to(dtype))), np.asarray(load_image(x.to(dtype).float())))

@@ -142,8 +142,15 @@ def test_generic_folder_with_more_classes_than_the_model(tmp_path, photo):
         photo.save(tmp_path / cls / "1.png")
     from attnzoo.errors import DatasetFormatError
 
-    with pytest.raises(DatasetFormatError, match="4 classes but the model predicts 3"):
+    with pytest.raises(DatasetFormatError, match="4 classes .* but the model predicts 3"):
         get_evaluator("image-classification")(tmp_path, num_classes=3)
+    with pytest.raises(DatasetFormatError, match="4 classes .* but the model predicts 1000"):  # meaningless, not silent
+        get_evaluator("image-classification")(tmp_path, num_classes=1000)
+    from attnzoo.errors import InvalidInputError
+
+    for bad in (0, -1):
+        with pytest.raises(InvalidInputError, match="--limit"):
+            get_evaluator("image-classification")(tmp_path, num_classes=4, limit=bad)
     assert len(get_evaluator("image-classification")(tmp_path, num_classes=4).samples()) == 4
 
 

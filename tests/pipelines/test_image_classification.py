@@ -126,3 +126,15 @@ def test_task_registry():
         from attnzoo.pipelines import SUPPORTED_TASKS
 
         SUPPORTED_TASKS.pop("unit-test-task")
+
+
+def test_bare_cuda_means_this_processes_gpu_under_torchrun(monkeypatch):
+    from attnzoo.pipelines.base import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device(None) == torch.device("cuda:1") == resolve_device("cuda")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")  # an explicit index is kept
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert resolve_device(None) == torch.device("cuda")

@@ -150,3 +150,11 @@ def test_entry_needs_a_source():
     entry = CheckpointEntry(name="a.b", model="a", converter="attnzoo.weights.loading:unwrap_state_dict", url="https://x/y/w.pth?dl=1")
     assert entry.cache_filename == "w.pth"
     assert entry.resolve_converter() is unwrap_state_dict
+
+
+def test_a_downloaded_web_page_is_named_as_such(tmp_path):
+    from attnzoo.weights.loading import load_checkpoint_file
+
+    (tmp_path / "model.pth").write_bytes(b"\n<!DOCTYPE html><html><body>Sign in to OneDrive</body></html>")
+    with pytest.raises(WeightsError, match="web page.*delete the file"):
+        load_checkpoint_file(tmp_path / "model.pth")

@@ -40,10 +40,26 @@ def imagenet_synsets() -> tuple[tuple[str, ...], tuple[str, ...]]:
     return wnids, tuple(info.index_to_description(i) for i in range(info.num_classes()))
 
 
+_SPLIT_NAMES = ("train", "val", "validation", "test")
+
+
+def split_folder(root: Path, split: str) -> Path:
+    """``root/split`` when it exists, else ``root`` itself (a folder of classes) -- unless ``root``
+    holds other splits: then the asked one is missing, and reading ``train/``/``test/`` as two
+    classes would give a silently wrong accuracy."""
+    if (root / split).is_dir():
+        return root / split
+    others = sorted(name for name in _SPLIT_NAMES if (root / name).is_dir())
+    if others:
+        raise DatasetFormatError(f"{root} has no {split}/ split folder (it has {', '.join(o + '/' for o in others)}); "
+                                 f"pass --split {others[0]}, or point --data at the folder of classes")
+    return root
+
+
 def read_imagenet(root: str | os.PathLike, split: str = "val", *, labels: str | os.PathLike | None = None) -> ClassificationSamples:
     """Read ImageNet-1k ``split`` under ``root``, detecting the layout."""
     root = check_root(root)
-    folder = root / split if (root / split).is_dir() else root
+    folder = split_folder(root, split)
     if _synset_dirs(folder):
         return _read_synset_folders(folder)
     if any(_VAL_FILE.match(p.name) for p in folder.iterdir()):
@@ -176,7 +192,7 @@ def _parse_meta_mat(data: bytes, path: Path) -> dict[int, str]:
 def read_classification_folder(root: str | os.PathLike, split: str = "val", *, labels: str | os.PathLike | None = None) -> ClassificationSamples:
     """ImageNet when the folder has an ImageNet layout, else a generic ImageFolder."""
     root = check_root(root)
+    folder = split_folder(root, split)
     if looks_like_imagenet(root, split):
         return read_imagenet(root, split, labels=labels)
-    folder = root / split if (root / split).is_dir() else root
     return read_image_folder(folder)

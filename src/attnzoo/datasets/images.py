@@ -145,7 +145,10 @@ def load_image(source: Any, *, max_pixels: int | None = None, keep_alpha: bool =
     except ImportError:  # pragma: no cover
         torch = None
     if torch is not None and isinstance(source, torch.Tensor):
-        return array_to_image(source.detach().cpu().numpy(), name=describe(source), channels_first=True, keep_alpha=keep_alpha)
+        tensor = source.detach().cpu()
+        if tensor.is_floating_point() and tensor.dtype not in (torch.float32, torch.float64):
+            tensor = tensor.float()  # bfloat16 has no numpy dtype; float16 is widened alike
+        return array_to_image(tensor.numpy(), name=describe(source), channels_first=True, keep_alpha=keep_alpha)
     raise InvalidInputError(
         f"cannot read an image from {type(source).__name__}; pass a file path, PIL image, numpy array or tensor"
     )

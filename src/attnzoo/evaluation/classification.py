@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from attnzoo.datasets.imagenet import read_classification_folder
-from attnzoo.errors import DatasetFormatError
+from attnzoo.errors import DatasetFormatError, InvalidInputError
 from attnzoo.evaluation.runner import EvalSample
 from attnzoo.metrics.classification import topk_accuracy_from_ranked
 
@@ -15,18 +15,23 @@ class ClassificationEvaluator:
     task = "image-classification"
 
     def __init__(self, data: str | os.PathLike, split: str = "val", *, limit: int | None = None, num_classes: int | None = None):
+        if limit is not None and (isinstance(limit, bool) or int(limit) < 1):
+            raise InvalidInputError(f"--limit must be a positive number of samples, got {limit!r}")
         self.dataset = read_classification_folder(data, split)
         self.limit = limit
         if num_classes is not None:
             self.check_num_classes(num_classes)
 
     def check_num_classes(self, num_classes: int) -> None:
-        """Targets must be indices the model can predict."""
+        """The model's classes must be the dataset's: a 21k model scored on ImageNet-1k indices, or a
+        1000-class model on two folders, would report a meaningless accuracy."""
         needed = len(self.dataset.classes)
-        if needed > num_classes:
+        if needed != num_classes:
+            what = ("ImageNet-1k's 1000 classes" if self.dataset.layout.startswith("imagenet") else
+                    f"{needed} classes (class index = position in sorted folder names)")
             raise DatasetFormatError(
-                f"{self.dataset.root} has {needed} classes but the model predicts {num_classes}; "
-                "evaluate a model trained on these classes (class index = position in sorted folder names)"
+                f"{self.dataset.root} has {what} but the model predicts {num_classes}; "
+                "evaluate a model trained on exactly these classes"
             )
 
     def samples(self) -> list[EvalSample]:

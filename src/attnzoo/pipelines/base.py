@@ -28,10 +28,18 @@ _DTYPES = {
 }
 
 
+def _this_process_cuda() -> torch.device:
+    """``cuda``, or under a multi-process ``torchrun`` this process's own GPU (``cuda:LOCAL_RANK``):
+    a bare ``cuda`` means whichever device is current, which changes once the process group is set up."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("LOCAL_RANK", "").isdigit():
+        return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+    return torch.device("cuda")
+
+
 def resolve_device(device: str | int | torch.device | None) -> torch.device:
     """``None`` picks CUDA when present; ints mean CUDA ordinals, as in transformers."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return _this_process_cuda() if torch.cuda.is_available() else torch.device("cpu")
     if isinstance(device, int):
         device = "cpu" if device < 0 else f"cuda:{device}"
     try:
@@ -40,7 +48,7 @@ def resolve_device(device: str | int | torch.device | None) -> torch.device:
         raise InvalidInputError(f"device={device!r} is not a device torch knows ({err})") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError(f"device={device!r} asked for CUDA, but no CUDA device is available here")
-    return resolved
+    return _this_process_cuda() if resolved.type == "cuda" and resolved.index is None else resolved
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

@@ -95,6 +95,11 @@ def load_checkpoint_file(path: str | os.PathLike, *, map_location: str = "cpu") 
             return load_file(str(path), device=map_location)
         except (SafetensorError, OSError, ValueError) as err:
             raise WeightsError(f"{path} is not a readable safetensors file: {err}") from None
+    with open(path, "rb") as fh:
+        head = fh.read(512).lstrip()
+    if head[:1] == b"<" or head[:15].lower().startswith(b"<!doctype"):  # a download that returned a web page
+        raise WeightsError(f"{path} is a web page (HTML), not a checkpoint: the download link returned a page (a login, "
+                           "quota or error page?); delete the file and download it again, or fetch it by hand")
     try:
         with torch.serialization.safe_globals(_harmless_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
