@@ -11,13 +11,20 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)  # the only portable way to read it; done once, at import, before any threads
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
 def _mode_for(path: Path) -> int:
-    """The replaced file's permissions, else the default for new files under the current umask."""
+    """The replaced file's permissions, else the default for new files under the process's umask."""
     with contextlib.suppress(FileNotFoundError):
         return path.stat().st_mode & 0o7777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    return 0o666 & ~_UMASK
 
 
 @contextlib.contextmanager
