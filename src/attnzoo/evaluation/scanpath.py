@@ -336,14 +336,9 @@ def _fmt(value: Any) -> str:
 
 
 def training_split(weights: str | os.PathLike | None) -> dict[str, Any] | None:
-    """The split an ``attnzoo train scanpath`` run trained on (``decoding.json`` beside its weights:
-    scheme, seed, outlier filter), so its evaluation tests on that split's test set; None otherwise."""
-    if not isinstance(weights, (str, os.PathLike)):
-        return None
-    path = Path(weights).parent / "decoding.json"
-    if not path.is_file():
-        return None
-    import json
+    """The split an ``attnzoo train scanpath`` run trained on (scheme, seed, outlier filter, from
+    beside its weights), so its evaluation tests on that split's test set; None otherwise."""
+    from attnzoo.pipelines.scanpath import run_decoding
 
-    info = json.loads(path.read_text())
-    return info if "split" in info else None
+    info = run_decoding(weights)
+    return info if info is not None and "split" in info else None

@@ -106,12 +106,23 @@ def build_scanpath_model(name: str, *, weights: Any = None, pretrained: bool | N
 
     name = {"oat": "oat_amazon"}.get(name.lower(), name)
     model = create_model(name, pretrained=weights is None if pretrained is None else pretrained, weights=weights, **kwargs)
-    if isinstance(weights, (str, os.PathLike)) and (Path(weights).parent / "decoding.json").is_file():
-        import json
-
-        # a training run's weights: decode up to its max_len (the longest training scanpath), as its own test did
-        model.max_len = int(json.loads((Path(weights).parent / "decoding.json").read_text())["max_len"])
+    run = run_decoding(weights)
+    if run is not None:  # a training run's weights: decode up to its max_len (the longest training scanpath), as its own test did
+        model.max_len = int(run["max_len"])
     return model
+
+
+def run_decoding(weights: Any) -> dict[str, Any] | None:
+    """What an ``attnzoo train scanpath`` run wrote beside its weights (``decoding.json``: ``max_len``,
+    and its split's scheme, seed and outlier filter), or None for other weights."""
+    if not isinstance(weights, (str, os.PathLike)):
+        return None
+    path = Path(weights).parent / "decoding.json"
+    if not path.is_file():
+        return None
+    import json
+
+    return json.loads(path.read_text())
 
 
 def _is_nevaclip(model: Any) -> bool:
