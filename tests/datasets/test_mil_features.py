@@ -91,6 +91,10 @@ def test_bracs_through_acmil_labels(tmp_path):
     assert [list(parts[s]) for s in ("train", "val", "test")] == [["BRACS_1"], ["BRACS_2"], ["BRACS_3"]]
     assert (parts["train"]["BRACS_1"].label, parts["val"]["BRACS_2"].label, parts["test"]["BRACS_3"].label) == (2, 1, 0)
     assert read_feature_bags(path)["BRACS_1"].label == 6
+    from attnzoo.datasets.mil_features import read_split_file
+
+    by_kind = read_split_file(csv)  # dispatched on the file's kind: the same split and labels
+    assert (by_kind.train, by_kind.val, by_kind.test, by_kind.labels) == (["BRACS_1"], ["BRACS_2"], ["BRACS_3"], {"BRACS_1": 2, "BRACS_2": 1, "BRACS_3": 0})
 
 
 # ---------------------------------------------------------------------------------------- CLAM + TRIDENT

@@ -55,6 +55,7 @@ __all__ = [
     "read_clam_features",
     "read_feature_bags",
     "read_slide_labels",
+    "read_split_file",
     "read_trident_features",
 ]
 
@@ -607,3 +608,9 @@ def read_bracs_csv(csv_path: str | os.PathLike, n_classes: int = 3) -> SlideSpli
         labels[slide] = mapping[raw]
     return SlideSplit(names["train"], names["val"], names["test"], labels, path)
 
+
+def read_split_file(path: str | os.PathLike, *, n_classes: int = 3, labels_csv: str | os.PathLike | None = None) -> SlideSplit:
+    """An official split file by its kind: BRACS's ``bracs.csv`` (labels mapped to ``n_classes``) or
+    ACMIL's Camelyon16 ``split_{seed}.json`` (labelled from ``labels_csv`` when given)."""
+    path = Path(path)
+    return read_bracs_csv(path, n_classes) if path.suffix == ".csv" else read_camelyon16_split(path, labels_csv)

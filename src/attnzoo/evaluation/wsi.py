@@ -25,7 +25,7 @@ class WSIClassificationEvaluator:
     task = "wsi-classification"
 
     def __init__(self, data: str | os.PathLike, split: str = "test", *, limit: int | None = None):
-        from attnzoo.datasets.mil_features import read_bracs_csv, read_camelyon16_split, read_feature_bags, read_slide_labels
+        from attnzoo.datasets.mil_features import read_feature_bags, read_slide_labels, read_split_file
 
         root = Path(data)
         if not root.exists():
@@ -34,9 +34,7 @@ class WSIClassificationEvaluator:
         self.bags = read_feature_bags(root, labels=read_slide_labels(labels_csv) if labels_csv.is_file() else None)
         ids = sorted(self.bags)
         if split.endswith((".json", ".csv")):
-            path = Path(split)
-            official = read_bracs_csv(path) if path.suffix == ".csv" else read_camelyon16_split(path)
-            self.bags = self.bags.split(official)["test"]
+            self.bags = self.bags.split(read_split_file(split))["test"]
             ids = list(self.bags)
         elif split == "test":
             ids = [s for s in ids if "test" in s]

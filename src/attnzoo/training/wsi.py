@@ -82,11 +82,10 @@ def _split_path(extra: dict[str, Any], seed: int) -> Path:
 def _split(bags: Any, extra: dict[str, Any], seed: int) -> dict[str, list[str]]:
     """The official split file (``{seed}`` in its name: this seed's), else ACMIL's rule for other
     seeds: names with 'test' are the test set, the rest split 90/10 at random."""
-    from attnzoo.datasets.mil_features import read_bracs_csv, read_camelyon16_split
+    from attnzoo.datasets.mil_features import read_split_file
 
     if extra["split"]:
-        path = _split_path(extra, seed)
-        split = read_bracs_csv(path, int(extra["n_classes"] or 3)) if path.suffix == ".csv" else read_camelyon16_split(path, extra["labels"])
+        split = read_split_file(_split_path(extra, seed), n_classes=int(extra["n_classes"] or 3), labels_csv=extra["labels"])
         parts = bags.split(split, strict=not extra["allow_missing"])
         return {name: list(parts[name]) for name in ("train", "val", "test")}
     ids = sorted(bags)
