@@ -135,11 +135,12 @@ def train_wsi_classification(
         split = _split(bags, cfg.extra, int(seed))
         if not split["train"]:
             raise DatasetFormatError(f"{data}: no training slides in the split")
-        unlabelled = [s for part in split.values() for s in part if bags[s].label is None]
+        label_of = {s: bags[s].label for part in split.values() for s in part}  # reads each bag once
+        unlabelled = [s for s, label in label_of.items() if label is None]
         if unlabelled:
             raise DatasetFormatError(f"{data}: {len(unlabelled)} slide(s) have no label, e.g. {', '.join(unlabelled[:5])}: "
                                      "pass labels=CSV (slide_id,label), or a split file that carries them")
-        labels = sorted({bags[s].label for s in split["train"]})
+        labels = sorted({label_of[s] for s in split["train"]})
         n_classes = int(cfg.extra["n_classes"] or (max(labels) + 1))
         dim = bags[split["train"][0]].dim
         torch.manual_seed(int(seed))
