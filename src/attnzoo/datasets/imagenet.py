@@ -70,11 +70,7 @@ def read_imagenet(root: str | os.PathLike, split: str = "val", *, labels: str | 
     )
 
 
-def looks_like_imagenet(root: str | os.PathLike, split: str = "val") -> bool:
-    root = Path(root)
-    folder = root / split if (root / split).is_dir() else root
-    if not folder.is_dir():
-        return False
+def _is_imagenet_folder(folder: Path) -> bool:
     return bool(_synset_dirs(folder)) or any(_VAL_FILE.match(p.name) for p in folder.iterdir())
 
 
@@ -193,6 +189,6 @@ def read_classification_folder(root: str | os.PathLike, split: str = "val", *, l
     """ImageNet when the folder has an ImageNet layout, else a generic ImageFolder."""
     root = check_root(root)
     folder = split_folder(root, split)
-    if looks_like_imagenet(root, split):
+    if _is_imagenet_folder(folder):
         return read_imagenet(root, split, labels=labels)
     return read_image_folder(folder)
