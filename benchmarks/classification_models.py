@@ -70,8 +70,8 @@ def _inline_official(q, k, v, *, scale):
 
 # model -> (module holding the op, op name, official-style replacement)
 OFFICIAL = {
-    "biformer_tiny": ("attnzoo.vision.layers.routing_attention", "grouped_attention", _bra_official),
-    "l2vit_tiny": ("attnzoo.vision.l2vit", "linear_attention", _l2vit_official),
+    "biformer_tiny": ("attnzoo.vision.biformer", "grouped_attention", _bra_official),
+    "l2vit_tiny": ("attnzoo.vision.l2vit", "l2vit_linear_attention", _l2vit_official),
     "sparsifiner_deit_small": ("attnzoo.vision.sparsifiner", "masked_attention", _masked_official),
     "inline_swin_tiny": ("attnzoo.vision.inline", "inline_attention", _inline_official),
     "inline_deit_tiny": ("attnzoo.vision.inline", "inline_attention", _inline_official),
@@ -89,8 +89,13 @@ def _once(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> tupl
     return time.perf_counter() - start, y
 
 
-def timed_pair(model: torch.nn.Module, x: torch.Tensor, official: contextlib.AbstractContextManager, repeats: int,
-               device: torch.device) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+def timed_pair(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    official: contextlib.AbstractContextManager,
+    repeats: int,
+    device: torch.device,
+) -> tuple[float, float, torch.Tensor, torch.Tensor]:
     """Median times of the model as shipped and under ``official``, run alternately (so load drifts hit both)."""
     ours, base = [], []
     with torch.inference_mode():
@@ -121,7 +126,9 @@ def main() -> None:
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
-    print(f"device={device} dtype={args.dtype} batch={args.batch} threads={torch.get_num_threads()} repeats={args.repeats}")
+    print(
+        f"device={device} dtype={args.dtype} batch={args.batch} threads={torch.get_num_threads()} repeats={args.repeats}"
+    )
     print(f"{'model':<32} {'ms/batch':>9} {'img/s':>8} {'official ms':>12} {'speedup':>8} {'max |diff|':>10}")
     results = {}
     for name in args.models.split(","):
@@ -135,7 +142,9 @@ def main() -> None:
         ours, base, y, y_ref = timed_pair(model, x, patched(module, op, official), args.repeats, device)
         diff = (y.float() - y_ref.float()).abs().max().item()
         results[name] = base / ours
-        print(f"{name:<32} {ours * 1e3:>9.1f} {args.batch / ours:>8.1f} {base * 1e3:>12.1f} {base / ours:>7.2f}x {diff:>10.2e}")
+        print(
+            f"{name:<32} {ours * 1e3:>9.1f} {args.batch / ours:>8.1f} {base * 1e3:>12.1f} {base / ours:>7.2f}x {diff:>10.2e}"
+        )
     if not args.no_baselines:
         for name in BASELINES:
             model = timm.create_model(name).eval().to(device, dtype)

@@ -66,7 +66,9 @@ def ours(pipe, evaluator, out: Path, batch_size: int, workers: int) -> float:
     from attnzoo.evaluation import evaluate
 
     start = time.perf_counter()
-    metrics = evaluate(pipe, evaluator, out, settings={}, batch_size=batch_size, num_workers=workers, overwrite=True, progress=False)
+    metrics = evaluate(
+        pipe, evaluator, out, settings={}, batch_size=batch_size, num_workers=workers, overwrite=True, progress=False
+    )
     assert metrics["n"] == len(evaluator.samples())
     return metrics["n"] / (time.perf_counter() - start)
 
@@ -82,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import attnzoo
-    from attnzoo.evaluation import get_evaluator
+    from attnzoo.tasks import get_evaluator
 
     torch.manual_seed(0)
     pipe = attnzoo.pipeline("image-classification", model=args.model, weights="none", device=args.device)
@@ -94,14 +96,22 @@ def main() -> None:
         samples = evaluator.dataset.samples
         # warm-up both paths (first-touch allocations, worker start-up code paths, file cache)
         baseline(model, samples[: args.batch_size * 2], pipe.transform, args.batch_size, args.workers)
-        ours(pipe, get_evaluator("image-classification")(root, limit=args.batch_size * 2), root / "warm", args.batch_size, args.workers)
+        ours(
+            pipe,
+            get_evaluator("image-classification")(root, limit=args.batch_size * 2),
+            root / "warm",
+            args.batch_size,
+            args.workers,
+        )
         base_runs, our_runs = [], []
         for _ in range(args.repeats):  # interleaved so drift affects both equally
             base_runs.append(baseline(model, samples, pipe.transform, args.batch_size, args.workers))
             our_runs.append(ours(pipe, evaluator, root / "out", args.batch_size, args.workers))
     b, o = statistics.median(base_runs), statistics.median(our_runs)
-    print(f"model={args.model} images={args.images} batch={args.batch_size} workers={args.workers} device={args.device} "
-          f"torch={torch.__version__} threads={torch.get_num_threads()}")
+    print(
+        f"model={args.model} images={args.images} batch={args.batch_size} workers={args.workers} device={args.device} "
+        f"torch={torch.__version__} threads={torch.get_num_threads()}"
+    )
     print(f"baseline DataLoader loop: {b:8.1f} img/s  (runs: {', '.join(f'{x:.1f}' for x in base_runs)})")
     print(f"attnzoo evaluate():       {o:8.1f} img/s  (runs: {', '.join(f'{x:.1f}' for x in our_runs)})")
     print(f"ratio ours/baseline: {o / b:.3f}x  (goal >= 0.95x)")

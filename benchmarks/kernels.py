@@ -2,8 +2,12 @@
 torch implementation (gather for BRA, masked dense softmax for Sparsifiner, explicit matmuls
 for linear attention) and dense SDPA, all measured in the same run.
 
-Prints per case the median time, the ratio to the official-style baseline, peak memory and,
-on a GPU, effective GB/s (compulsory traffic: read q, k, v, write o) and % of HBM bandwidth.
+The variants of a case run interleaved, one call each per round (the first variant of a round
+rotates), so that the load of a shared machine hits baseline and candidates alike; each ratio
+is taken within a round and reported as the median over the rounds with its interquartile
+range and min-max. Prints per case the median time, that ratio to the official-style baseline,
+peak memory and, on a GPU, effective GB/s (compulsory traffic: read q, k, v, write o) and % of
+HBM bandwidth.
 
     python benchmarks/kernels.py --quick          # CPU subset, under a minute
     python benchmarks/kernels.py --device cuda --dtype bfloat16 --backward --batch 128
@@ -16,6 +20,8 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +32,7 @@ HBM_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0}
 
 
 # -- the official-style baselines ------------------------------------------------------------
+
 
 def bra_gather_official(q, k, v, groups, route, scale):
     """BiFormer's legacy BRA: region-major permute, expand + gather of the routed K/V, dense softmax."""
@@ -60,28 +67,68 @@ def sdpa_dense(q, k, v):
 
 # -- timing ---------------------------------------------------------------------------------
 
-def measure(fn: Callable[[], torch.Tensor], device: str, backward: bool, inputs: list[torch.Tensor], repeats: int) -> tuple[float, float]:
-    """Median milliseconds and peak extra memory (MiB, GPU only) of ``fn`` (+ backward)."""
-    def step():
+
+def _step(fn: Callable[[], torch.Tensor], backward: bool, inputs: list[torch.Tensor]) -> Callable[[], None]:
+    def step() -> None:
         out = fn()
         if backward:
             out.float().square().mean().backward()
             for t in inputs:
                 t.grad = None
-    step()  # warm-up: compilation, caches
-    times = []
+
+    return step
+
+
+def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else float("nan")
-    return statistics.median(times), peak
+
+
+def measure_interleaved(
+    variants: list[tuple[str, Callable[[], torch.Tensor]]],
+    device: str,
+    backward: bool,
+    inputs: list[torch.Tensor],
+    repeats: int,
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Milliseconds per round of every variant that runs (+ backward), and its peak extra memory
+    (MiB, GPU only). A variant that fails its warm-up says why and is left out."""
+    steps = []
+    for name, fn in variants:
+        step = _step(fn, backward, inputs)
+        try:
+            step()  # warm-up: compilation, caches
+        except Exception as err:  # a backend that cannot run this case says why and is skipped
+            print(f"    {name:<22} skipped: {type(err).__name__}: {str(err).splitlines()[0][:80]}")
+            continue
+        steps.append((name, step))
+    peaks = {}
+    if device == "cuda":
+        for name, step in steps:
+            _sync(device)
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            _sync(device)
+            peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    times: dict[str, list[float]] = {name: [] for name, _ in steps}
+    for round_ in range(repeats):
+        first = round_ % max(len(steps), 1)
+        for name, step in steps[first:] + steps[:first]:
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times, peaks
+
+
+def spread(values: list[float]) -> str:
+    """Median, interquartile range and min-max of ratios, as one printable string."""
+    if len(values) < 2:
+        return f"x{values[0]:6.2f}" if values else "n/a"
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return f"x{statistics.median(values):6.2f} (IQR {q1:.2f}-{q3:.2f}, min-max {min(values):.2f}-{max(values):.2f})"
 
 
 def gpu_bandwidth() -> float | None:
@@ -92,20 +139,22 @@ def gpu_bandwidth() -> float | None:
 
 
 def run_case(title, variants, device, backward, inputs, repeats, traffic_bytes, rows):
-    baseline_ms = None
-    for name, fn in variants:
-        try:
-            ms, peak = measure(fn, device, backward, inputs, repeats)
-        except Exception as err:  # a backend that cannot run this case says why and is skipped
-            print(f"  {title:<34} {name:<22} skipped: {type(err).__name__}: {str(err).splitlines()[0][:80]}")
-            continue
-        baseline_ms = baseline_ms or ms
+    """``variants[0]`` is the baseline; each other variant's ratio is baseline / variant time per round."""
+    print(f"  {title}")
+    times, peaks = measure_interleaved(variants, device, backward, inputs, repeats)
+    baseline = variants[0][0]
+    if baseline not in times:
+        return
+    hbm = gpu_bandwidth()
+    for name, ms_list in times.items():
+        ratios = [b / t for b, t in zip(times[baseline], ms_list, strict=True)]
+        ms = statistics.median(ms_list)
         gbps = traffic_bytes / (ms * 1e-3) / 1e9
-        hbm = gpu_bandwidth()
         extra = f" {gbps:7.1f} GB/s {100 * gbps / (hbm * 1e3):5.1f}% HBM" if device == "cuda" and hbm else ""
-        mem = f" peak {peak:8.1f} MiB" if device == "cuda" else ""
-        print(f"  {title:<34} {name:<22} {ms:9.3f} ms  x{baseline_ms / ms:6.2f} vs baseline{mem}{extra}")
-        rows.append((title, name, ms, baseline_ms / ms))
+        mem = f" peak {peaks[name]:8.1f} MiB" if device == "cuda" else ""
+        versus = "(baseline)" if name == baseline else f"{spread(ratios)} vs baseline"
+        print(f"    {name:<22} {ms:9.3f} ms  {versus}{mem}{extra}")
+        rows.append((title, name, ms_list, ratios))
 
 
 def main() -> None:
@@ -115,23 +164,30 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (GPU default), float16")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--backward", action="store_true")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None, help="rounds of interleaved calls (default 15)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's); 1 steadies a shared machine"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     batch = args.batch or (2 if args.quick else (128 if device == "cuda" else 8))
-    repeats = args.repeats or (15 if args.quick else 10)
-    backends = ["reference", "flex", "triton"] if device == "cuda" else ["reference"]
+    repeats = args.repeats or 15
+    backends = ["torch", "flex", "triton"] if device == "cuda" else ["torch"]
     torch.manual_seed(0)
-    print(f"device={torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} torch={torch.__version__} "
-          f"dtype={dtype} batch={batch} backward={args.backward} threads={torch.get_num_threads()}")
+    print(
+        f"device={torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} torch={torch.__version__} "
+        f"dtype={dtype} batch={batch} backward={args.backward} threads={torch.get_num_threads()}"
+    )
     try:
         import triton
 
         print(f"triton={triton.__version__}")
     except ImportError:
         pass
-    rows: list = []
+    rows: list[tuple[str, str, list[float], list[float]]] = []
     elem = torch.finfo(dtype).bits // 8
 
     def tensors(*shape_list):
@@ -146,14 +202,25 @@ def main() -> None:
             N = side * side
             q, k, v = tensors(*[(batch, N, heads, C // heads)] * 3)
             groups = K.window_groups(side, side, side // 7, device=device)
-            route = K.region_routing(q.detach().reshape(batch, N, C), k.detach().reshape(batch, N, C), groups, topk, C**-0.5)
-            variants = [("official gather", lambda: bra_gather_official(q, k, v, groups, route, C**-0.5))]
-            for backend in backends:
-                variants.append((backend, lambda b=backend: _forced(b, lambda: K.grouped_attention(q, k, v, groups, route=route, scale=C**-0.5))))
+            route = K.region_routing(
+                q.detach().reshape(batch, N, C), k.detach().reshape(batch, N, C), groups, topk, C**-0.5
+            )
+            variants = [
+                ("official gather", partial(bra_gather_official, q, k, v, groups, route, C**-0.5)),
+                *backend_variants(backends, K.grouped_attention, q, k, v, groups, route=route, scale=C**-0.5),
+            ]
             if not args.quick:
-                qd, kd, vd = (t.transpose(1, 2) for t in (q, k, v))
-                variants.append(("dense SDPA (all keys)", lambda: sdpa_dense(qd, kd, vd)))
-            run_case(f"BRA biformer_tiny {px}px stage{stage + 1}", variants, device, args.backward, [q, k, v], repeats, 4 * q.numel() * elem, rows)
+                variants.append(("dense SDPA (all keys)", partial(sdpa_dense, *(t.transpose(1, 2) for t in (q, k, v)))))
+            run_case(
+                f"BRA biformer_tiny {px}px stage{stage + 1}",
+                variants,
+                device,
+                args.backward,
+                [q, k, v],
+                repeats,
+                4 * q.numel() * elem,
+                rows,
+            )
 
     if not args.quick:
         # L2ViT-T linear global attention: stages at 224 px, heads 3/6/12/24, head dim 32
@@ -161,45 +228,87 @@ def main() -> None:
             N = (56 // 2**stage) ** 2
             q, k, v = tensors(*[(batch, heads, N, 32)] * 3)
             tau = torch.full((heads,), 32**-0.5, device=device, dtype=dtype)
-            variants = [("official matmuls", lambda: l2vit_official(q, k, v, tau.view(-1, 1, 1), 100.0))]
-            for backend in (b for b in backends if b != "flex"):
-                variants.append((backend, lambda b=backend: _forced(b, lambda: K.linear_attention(q, k, v, temperature=tau, denom_min=100.0))))
-            run_case(f"L2ViT-T linear stage{stage + 1}", variants, device, args.backward, [q, k, v], repeats, 4 * q.numel() * elem, rows)
+            variants = [
+                ("official matmuls", partial(l2vit_official, q, k, v, tau.view(-1, 1, 1), 100.0)),
+                *backend_variants(
+                    [b for b in backends if b != "flex"],
+                    K.l2vit_linear_attention,
+                    q,
+                    k,
+                    v,
+                    temperature=tau,
+                    denom_min=100.0,
+                ),
+            ]
+            run_case(
+                f"L2ViT-T linear stage{stage + 1}",
+                variants,
+                device,
+                args.backward,
+                [q, k, v],
+                repeats,
+                4 * q.numel() * elem,
+                rows,
+            )
         # L2ViT-T local window attention 7x7 (identity routing)
         for stage, heads in enumerate((3, 6, 12)):
             side = 56 // 2**stage
             q, k, v = tensors(*[(batch, side * side, heads, 32)] * 3)
             groups = K.window_groups(side, side, 7, device=device)
-            variants = [("official gather", lambda: bra_gather_official(q, k, v, groups, torch.arange(groups.shape[0], device=device).view(1, -1, 1).expand(batch, -1, 1), 32**-0.5))]
-            for backend in backends:
-                variants.append((backend, lambda b=backend: _forced(b, lambda: K.grouped_attention(q, k, v, groups))))
-            run_case(f"L2ViT-T window stage{stage + 1}", variants, device, args.backward, [q, k, v], repeats, 4 * q.numel() * elem, rows)
+            identity = torch.arange(groups.shape[0], device=device).view(1, -1, 1).expand(batch, -1, 1)
+            variants = [
+                ("official gather", partial(bra_gather_official, q, k, v, groups, identity, 32**-0.5)),
+                *backend_variants(backends, K.grouped_attention, q, k, v, groups),
+            ]
+            run_case(
+                f"L2ViT-T window stage{stage + 1}",
+                variants,
+                device,
+                args.backward,
+                [q, k, v],
+                repeats,
+                4 * q.numel() * elem,
+                rows,
+            )
         # Sparsifiner DeiT-S: N=197, 6 heads, head dim 64, 50 keys per row
         q, k, v = tensors(*[(batch, 6, 197, 64)] * 3)
         index = torch.rand(batch, 6, 197, 197, device=device).topk(50, dim=-1).indices.int()
-        variants = [("official masked dense", lambda: sparsifiner_masked_dense(q, k, v, index, 0.125))]
-        for backend in backends:
-            variants.append((backend, lambda b=backend: _forced(b, lambda: K.topk_attention(q, k, v, index, scale=0.125))))
         mask = torch.zeros(*q.shape[:3], 197, dtype=torch.bool, device=device).scatter_(-1, index.long(), True)
-        for backend in backends:
-            variants.append((f"{backend} (bitmask)", lambda b=backend: _forced(b, lambda: K.masked_attention(q, k, v, mask, scale=0.125))))
-        variants.append(("dense SDPA", lambda: sdpa_dense(q, k, v)))
-        run_case("Sparsifiner DeiT-S top-50", variants, device, args.backward, [q, k, v], repeats, 4 * q.numel() * elem, rows)
+        variants = [
+            ("official masked dense", partial(sparsifiner_masked_dense, q, k, v, index, 0.125)),
+            *backend_variants(backends, K.masked_attention, q, k, v, mask, scale=0.125),
+            ("dense SDPA", partial(sdpa_dense, q, k, v)),
+        ]
+        run_case(
+            "Sparsifiner DeiT-S top-50", variants, device, args.backward, [q, k, v], repeats, 4 * q.numel() * elem, rows
+        )
         # LRGT: ViT-B/16 tokens of V views, 49 long-range groups of 4V tokens, 12 heads, head dim 64
         for views in (3, 8, 20):
             q, k, v = tensors(*[(max(1, batch // 16), views * 196, 12, 64)] * 3)
             groups = K.across_views(K.dilated_groups(14, 14, 7, device=device), views, 196)
-            variants = [("official gather", lambda: bra_gather_official(q, k, v, groups, torch.arange(49, device=device).view(1, -1, 1).expand(q.shape[0], -1, 1), 0.125))]
-            for backend in backends:
-                variants.append((backend, lambda b=backend: _forced(b, lambda: K.grouped_attention(q, k, v, groups, scale=0.125))))
-            run_case(f"LRGT {views} views", variants, device, args.backward, [q, k, v], repeats, 4 * q.numel() * elem, rows)
+            identity = torch.arange(49, device=device).view(1, -1, 1).expand(q.shape[0], -1, 1)
+            variants = [
+                ("official gather", partial(bra_gather_official, q, k, v, groups, identity, 0.125)),
+                *backend_variants(backends, K.grouped_attention, q, k, v, groups, scale=0.125),
+            ]
+            run_case(
+                f"LRGT {views} views", variants, device, args.backward, [q, k, v], repeats, 4 * q.numel() * elem, rows
+            )
 
-    bra = [r for r in rows if r[0].startswith("BRA") and r[1] != "official gather" and not r[1].startswith("dense")]
-    best = {}
-    for title, _, _, ratio in bra:
-        best[title] = max(best.get(title, 0.0), ratio)
-    speedup = math.exp(statistics.mean(math.log(x) for x in best.values())) if best else float("nan")
-    print(f"BRA speedup vs gather reference: {speedup:.2f}x")
+    # per round: the best backend of each BRA stage, geometric mean over the stages
+    best: dict[str, list[float]] = {}
+    for title, name, _, ratios in rows:
+        if title.startswith("BRA") and name != "official gather" and not name.startswith("dense"):
+            best[title] = [max(pair) for pair in zip(best[title], ratios, strict=True)] if title in best else ratios
+    per_round = [math.exp(statistics.mean(math.log(x) for x in stages)) for stages in zip(*best.values(), strict=True)]
+    print(f"BRA speedup vs official gather (geometric mean over the stages, per round): {spread(per_round)}")
+
+
+def backend_variants(
+    backends: list[str], op: Callable[..., torch.Tensor], *args: Any, **kwargs: Any
+) -> list[tuple[str, Callable[[], torch.Tensor]]]:
+    """One variant per backend: ``op(*args, **kwargs)`` forced onto it."""
+    return [(backend, partial(_forced, backend, partial(op, *args, **kwargs))) for backend in backends]
 
 
 def _forced(backend: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -56,7 +56,9 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
     encoder = attnzoo.create_model("lrgt").encoder.eval().to(device, dtype)
-    print(f"device={device} dtype={args.dtype} batch={args.batch} threads={torch.get_num_threads()} repeats={args.repeats}")
+    print(
+        f"device={device} dtype={args.dtype} batch={args.batch} threads={torch.get_num_threads()} repeats={args.repeats}"
+    )
     print(f"{'views':>5} {'ours ms':>9} {'official ms':>12} {'speedup':>8} {'max |diff|':>10}")
     for views in (int(v) for v in args.views.split(",")):
         x = torch.randn(args.batch, views, 3, 224, 224, device=device, dtype=dtype)
@@ -70,7 +72,9 @@ def main() -> None:
                 with patched("attnzoo.vision.lrgt", "grouped_attention", official_lga):
                     base.append(once(encoder, x, device))
         o, b = statistics.median(ours), statistics.median(base)
-        print(f"{views:>5} {o * 1e3:>9.1f} {b * 1e3:>12.1f} {b / o:>7.2f}x {(y.float() - y_ref.float()).abs().max().item():>10.2e}")
+        print(
+            f"{views:>5} {o * 1e3:>9.1f} {b * 1e3:>12.1f} {b / o:>7.2f}x {(y.float() - y_ref.float()).abs().max().item():>10.2e}"
+        )
 
 
 if __name__ == "__main__":

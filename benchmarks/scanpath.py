@@ -46,7 +46,9 @@ def sensitive_rn50(images: torch.Tensor, seed: int = 0) -> nn.Module:
     gen = torch.Generator().manual_seed(seed + 11)
     for module in visual.modules():
         if isinstance(module, nn.Conv2d):
-            module.weight.data = torch.randn(module.weight.shape, generator=gen) * math.sqrt(2.0 / module.weight[0].numel())
+            module.weight.data = torch.randn(module.weight.shape, generator=gen) * math.sqrt(
+                2.0 / module.weight[0].numel()
+            )
         elif isinstance(module, nn.BatchNorm2d):
             module.reset_running_stats()
             module.momentum = None
@@ -61,7 +63,16 @@ def sensitive_rn50(images: torch.Tensor, seed: int = 0) -> nn.Module:
 def sample_images(count: int) -> list:
     from skimage import data
 
-    names = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "motorcycle_left", "retina"]
+    names = [
+        "astronaut",
+        "chelsea",
+        "coffee",
+        "rocket",
+        "hubble_deep_field",
+        "immunohistochemistry",
+        "motorcycle_left",
+        "retina",
+    ]
     pictures = []
     for i in range(count):
         loader = getattr(data, names[i % len(names)], data.astronaut)
@@ -122,7 +133,9 @@ def main() -> None:
     frozen = NevaClip(visual=visual)
 
     def one_at_a_time(model: NevaClip) -> torch.Tensor:
-        return torch.cat([model.predict(x[i : i + 1], targets[i], seed=seeds[i], **kw).positions for i in range(args.images)])
+        return torch.cat(
+            [model.predict(x[i : i + 1], targets[i], seed=seeds[i], **kw).positions for i in range(args.images)]
+        )
 
     def official_style() -> torch.Tensor:
         visual.requires_grad_(True)
@@ -131,14 +144,19 @@ def main() -> None:
         finally:
             visual.requires_grad_(False)
 
-    runs = {"one-at-a-time": lambda: one_at_a_time(frozen), "batched": lambda: frozen.predict(x, targets, seed=seeds, **kw).positions}
+    runs = {
+        "one-at-a-time": lambda: one_at_a_time(frozen),
+        "batched": lambda: frozen.predict(x, targets, seed=seeds, **kw).positions,
+    }
     if not args.skip_official_style:
         runs = {"official-style": official_style, **runs}
     if args.channels_last:
         nhwc = NevaClip(visual=copy.deepcopy(visual), channels_last=True)
         runs["batched+channels_last"] = lambda: nhwc.predict(x, targets, seed=seeds, **kw).positions
-    print(f"NevaClip RN50 (random, input-sensitive), {args.images} images, {args.fixations} fixations x {args.iterations} "
-          f"iterations, CPU threads {torch.get_num_threads()}, torch {torch.__version__}")
+    print(
+        f"NevaClip RN50 (random, input-sensitive), {args.images} images, {args.fixations} fixations x {args.iterations} "
+        f"iterations, CPU threads {torch.get_num_threads()}, torch {torch.__version__}"
+    )
     frozen.predict(x[:1], targets[0], fixations=1, iterations=1)  # warm-up (oneDNN primitives)
     rates: dict[str, list[float]] = {name: [] for name in runs}
     outputs: dict[str, torch.Tensor] = {}
@@ -150,21 +168,29 @@ def main() -> None:
     reference = outputs["one-at-a-time"]
     for name, values in rates.items():
         same = torch.equal(outputs[name], reference)
-        print(f"{name:>24}: {statistics.median(values):8.4f} scanpaths/s   scanpaths identical to one-at-a-time: {same}")
+        print(
+            f"{name:>24}: {statistics.median(values):8.4f} scanpaths/s   scanpaths identical to one-at-a-time: {same}"
+        )
     base = statistics.median(rates["one-at-a-time"])
     for name, values in rates.items():
         if name != "one-at-a-time":
             print(f"ratio {name} / one-at-a-time: {statistics.median(values) / base:.2f}x")
     if "official-style" in rates:
-        print(f"ratio batched / official-style: {statistics.median(rates['batched']) / statistics.median(rates['official-style']):.2f}x")
+        print(
+            f"ratio batched / official-style: {statistics.median(rates['batched']) / statistics.median(rates['official-style']):.2f}x"
+        )
     flops = iteration_flops(visual, x) * args.fixations * args.iterations  # per scanpath
     peak = matmul_peak()
     achieved = {name: statistics.median(values) * flops for name, values in rates.items()}
-    print(f"roofline: {flops / 1e9:.1f} GFLOP per scanpath (tower forward + input gradient); this machine's float32 "
-          f"matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(
+        f"roofline: {flops / 1e9:.1f} GFLOP per scanpath (tower forward + input gradient); this machine's float32 "
+        f"matmul peak {peak / 1e9:.1f} GFLOP/s"
+    )
     for name, value in achieved.items():
         print(f"{name:>24}: {value / 1e9:6.1f} GFLOP/s in the tower = {value / peak:.0%} of the matmul peak")
-    print(f"so batching can gain at most about {peak / achieved['one-at-a-time']:.2f}x over one-at-a-time on this machine")
+    print(
+        f"so batching can gain at most about {peak / achieved['one-at-a-time']:.2f}x over one-at-a-time on this machine"
+    )
     if not torch.equal(outputs["batched"], reference):
         raise SystemExit("batched scanpaths differ from one-at-a-time")
 

@@ -19,7 +19,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import attnzoo
 from attnzoo.training import TrainConfig, Trainer
 
-REDUCED = {"biformer_tiny": dict(depth=[1, 1, 2, 1], embed_dim=[32, 64, 128, 256], head_dim=16, qk_dims=[32, 64, 128, 256])}
+REDUCED = {
+    "biformer_tiny": dict(depth=[1, 1, 2, 1], embed_dim=[32, 64, 128, 256], head_dim=16, qk_dims=[32, 64, 128, 256])
+}
 
 
 def make(args):
@@ -50,9 +52,13 @@ def plain_loop(args) -> float:
 
 def engine(args) -> float:
     model, data = make(args)
-    cfg = TrainConfig(epochs=1, batch_size=args.batch, lr=1e-4, weight_decay=0.05, num_workers=0, log_every=10**9, schedule="constant")
+    cfg = TrainConfig(
+        epochs=1, batch_size=args.batch, lr=1e-4, weight_decay=0.05, num_workers=0, log_every=10**9, schedule="constant"
+    )
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(model, data, cfg, out, loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), device=args.device)
+        trainer = Trainer(
+            model, data, cfg, out, loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), device=args.device
+        )
         start = time.perf_counter()
         trainer.fit()
         elapsed = time.perf_counter() - start

@@ -64,7 +64,9 @@ def reference_dir():
     """Parity fixtures made with the official code: $ATTNZOO_REFERENCE_DIR or ../shared/reference."""
     from pathlib import Path
 
-    root = Path(os.environ.get("ATTNZOO_REFERENCE_DIR") or Path(__file__).resolve().parents[1].parent / "shared" / "reference")
+    root = Path(
+        os.environ.get("ATTNZOO_REFERENCE_DIR") or Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+    )
     if not root.is_dir():
         pytest.skip(f"parity fixtures not found at {root} (set ATTNZOO_REFERENCE_DIR)")
     return root

@@ -20,13 +20,15 @@ def write_png(path: Path, array: np.ndarray) -> Path:
     colour_type = {1: 0, 3: 2, 4: 6}[channels]
     raw = array.astype(">u2" if bits == 16 else "u1").tobytes()
     row = width * channels * bits // 8
-    body = b"".join(b"\x00" + raw[i * row:(i + 1) * row] for i in range(height))
+    body = b"".join(b"\x00" + raw[i * row : (i + 1) * row] for i in range(height))
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, bits, colour_type, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(body)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(body)) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -36,8 +38,15 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
     crc = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr) & 0xFFFFFFFF)
     idat = zlib.compress(b"\x00" * 64)
     path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + crc
-        + struct.pack(">I", len(idat)) + b"IDAT" + idat + struct.pack(">I", zlib.crc32(b"IDAT" + idat) & 0xFFFFFFFF)
+        b"\x89PNG\r\n\x1a\n"
+        + struct.pack(">I", 13)
+        + b"IHDR"
+        + ihdr
+        + crc
+        + struct.pack(">I", len(idat))
+        + b"IDAT"
+        + idat
+        + struct.pack(">I", zlib.crc32(b"IDAT" + idat) & 0xFFFFFFFF)
     )
     return path
 
@@ -90,3 +99,15 @@ def http_server(files: dict[str, bytes], cut_after: dict[str, int] | None = None
     finally:
         server.shutdown()
         server.server_close()
+
+
+def register_test_model(monkeypatch, name: str, builder, like: str) -> None:
+    """Register ``builder`` under ``name`` for one test, as a model of the same family and tasks as ``like``."""
+    import attnzoo.registry
+    from attnzoo.factory import load_families
+
+    load_families()
+    entry = attnzoo.registry.get_model_entry(like)
+    monkeypatch.setitem(
+        attnzoo.registry._MODELS, name, attnzoo.registry.ModelEntry(name, builder, entry.family, entry.tasks)
+    )

@@ -14,9 +14,7 @@ import numpy as np
 from PIL import Image
 
 
-def write_image(
-    path: Path, size: tuple[int, int], seed: int = 0, fmt: str | None = None
-) -> Path:
+def write_image(path: Path, size: tuple[int, int], seed: int = 0, fmt: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     w, h = size
     pixels = np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
@@ -100,22 +98,14 @@ def write_capmit1003(
     rows = {
         "captions": [(o, u, stamp(s, 0), c, i) for o, u, s, c, i, _ in captions],
         "images": [(uid, name) for uid, (name, _) in images.items()],
-        "clicks": [
-            (cid, o, x, y, stamp(s, dt))
-            for o, _, s, _, _, clicks in captions
-            for cid, x, y, dt in clicks
-        ],
+        "clicks": [(cid, o, x, y, stamp(s, dt)) for o, _, s, _, _, clicks in captions for cid, x, y, dt in clicks],
     }
     cnx = sqlite3.connect(db)
     for table, cols in schema.items():
         if table in drop:
             continue
-        kept = [
-            (i, c, t) for i, (c, t) in enumerate(cols) if f"{table}.{c}" not in drop
-        ]
-        cnx.execute(
-            f"CREATE TABLE {table} ({', '.join(f'{c} {t}' for _, c, t in kept)})"
-        )
+        kept = [(i, c, t) for i, (c, t) in enumerate(cols) if f"{table}.{c}" not in drop]
+        cnx.execute(f"CREATE TABLE {table} ({', '.join(f'{c} {t}' for _, c, t in kept)})")
         cnx.executemany(
             f"INSERT INTO {table} VALUES ({', '.join('?' * len(kept))})",
             [tuple(r[i] for i, _, _ in kept) for r in rows[table]],
@@ -129,9 +119,7 @@ def write_capmit1003(
 
 
 # ---- MIT1003 -----------------------------------------------------------------------------------
-def step_trace(
-    n: int, jumps: dict[int, tuple[float, float]], start: tuple[float, float]
-) -> np.ndarray:
+def step_trace(n: int, jumps: dict[int, tuple[float, float]], start: tuple[float, float]) -> np.ndarray:
     """A 240 Hz gaze trace at ``start`` that jumps to new positions: ``jumps[k]`` holds from 0-based sample k on."""
     trace = np.tile(np.asarray(start, dtype=np.float64), (n, 1))
     for k in sorted(jumps):
@@ -185,9 +173,7 @@ def write_mit1003_pysaliency(
             data=np.array([f"stimuli/{n}".encode() for n in names]),
             dtype=h5py.special_dtype(vlen=str),
         )
-        shapes = f.create_dataset(
-            "shapes", (len(names),), dtype=h5py.special_dtype(vlen=np.dtype("int64"))
-        )
+        shapes = f.create_dataset("shapes", (len(names),), dtype=h5py.special_dtype(vlen=np.dtype("int64")))
         for i, n in enumerate(names):
             w, h = images[n]
             shapes[i] = np.array([h, w, 3])
@@ -223,9 +209,7 @@ def write_mit1003_pysaliency(
             fa.create_dataset("durations", data=padded("durations"))
             fa.create_dataset("ts", data=padded("ts"))
             fa.attrs["__attributes__"] = np.bytes_(json.dumps(["durations", "ts"]))
-            g.attrs["attribute_mapping"] = np.bytes_(
-                json.dumps({"durations": "duration", "ts": "t"})
-            )
+            g.attrs["attribute_mapping"] = np.bytes_(json.dumps({"durations": "duration", "ts": "t"}))
         else:
             f.attrs["type"] = np.bytes_("FixationTrains")
             f.attrs["version"] = np.bytes_("1.3")
@@ -239,9 +223,7 @@ def write_mit1003_pysaliency(
             ):
                 f.create_dataset(key, data=data)
             f.attrs["__attributes__"] = np.bytes_(json.dumps([]))
-            f.attrs["scanpath_attribute_mapping"] = np.bytes_(
-                json.dumps({"durations": "duration"})
-            )
+            f.attrs["scanpath_attribute_mapping"] = np.bytes_(json.dumps({"durations": "duration"}))
             sa = f.create_group("scanpath_attributes")
             sa.attrs["__attributes__"] = np.bytes_(json.dumps([]))
             sfa = f.create_group("scanpath_fixation_attributes")
@@ -257,9 +239,7 @@ AMAZON_SIZE = (
 )  # width, height of the tiny collages: 14 x 6 covers of 10 x 10 px cells
 
 
-def amazon_cover_boxes(
-    width: int = 140, height: int = 60
-) -> list[tuple[int, int, int, int]]:
+def amazon_cover_boxes(width: int = 140, height: int = 60) -> list[tuple[int, int, int, int]]:
     """Drawn covers: 8 x 7 px inside each 10 x 10 cell, with a row-dependent jitter of y (< 10 px snap)."""
     boxes = []
     for r in range(6):
@@ -308,9 +288,7 @@ def write_amazon(
                 "target": "target_0.jpg",
             },
         }
-    (folder / ("Amazon.json" if layout == "sti" else "amazon_data.json")).write_text(
-        json.dumps(entries)
-    )
+    (folder / ("Amazon.json" if layout == "sti" else "amazon_data.json")).write_text(json.dumps(entries))
     for seed, name in enumerate(entries):
         write_image(folder / "images" / name, (w, h), seed, fmt="JPEG")
     boxes = amazon_cover_boxes(w, h)
@@ -318,9 +296,7 @@ def write_amazon(
         for name in entries:
             path = folder / "binarymask" / f"14x6-{name}"
             path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(draw_mask((w, h), boxes)).convert("RGB").save(
-                path, format="PNG"
-            )  # lossless
+            Image.fromarray(draw_mask((w, h), boxes)).convert("RGB").save(path, format="PNG")  # lossless
     if layout == "oat":
         for name in {e["target"] for e in entries.values()}:
             write_image(folder / "target" / name, (8, 7), 9, fmt="JPEG")
@@ -351,9 +327,7 @@ def write_xlsx(path: Path, header: list[str], rows: list[list]) -> Path:
         return f'<c r="{ref}"><v>{v}</v></c>'
 
     body = "".join(
-        f'<row r="{r + 1}">'
-        + "".join(cell(r + 1, c, v) for c, v in enumerate(row))
-        + "</row>"
+        f'<row r="{r + 1}">' + "".join(cell(r + 1, c, v) for c, v in enumerate(row)) + "</row>"
         for r, row in enumerate([header, *rows])
     )
     ns = 'xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main"'
@@ -398,11 +372,7 @@ def write_oat_shelf(
     fmt: str = "xlsx",
 ) -> dict:
     """OAT's gaze file (one row per fixation) + img/Question/<Q>.png + img/Target/<T>.png."""
-    prefix, stem = (
-        ("Q3", "time_Q3_mousedel_new")
-        if task == "yogurt"
-        else ("Q1", "time_Q1_mousedel_new")
-    )
+    prefix, stem = ("Q3", "time_Q3_mousedel_new") if task == "yogurt" else ("Q1", "time_Q1_mousedel_new")
     if scanpaths is None:
         scanpaths = [
             {
@@ -458,7 +428,5 @@ def write_oat_shelf(
             seed,
             fmt="PNG",
         )
-        write_image(
-            root / "img" / "Target" / f"{s['Target']}.png", (10, 20), seed, fmt="PNG"
-        )
+        write_image(root / "img" / "Target" / f"{s['Target']}.png", (10, 20), seed, fmt="PNG")
     return {"path": path, "scanpaths": scanpaths}

@@ -24,8 +24,21 @@ def test_help_documents_every_command(capsys):
 
 
 def test_errors_are_one_line_without_traceback(tmp_path):
-    cmd = [sys.executable, "-m", "attnzoo.cli", "eval", "image-classification", "--model", "test_resnet",
-           "--weights", "none", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "attnzoo.cli",
+        "eval",
+        "image-classification",
+        "--model",
+        "test_resnet",
+        "--weights",
+        "none",
+        "--data",
+        str(tmp_path / "missing"),
+        "--out",
+        str(tmp_path / "o"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"error: dataset folder {tmp_path / 'missing'} does not exist"]
@@ -50,8 +63,25 @@ def test_run_prints_and_saves(tmp_path, photo, capsys):
     (tmp_path / "imgs").mkdir()
     photo.save(tmp_path / "imgs" / "a.jpg")
     out = tmp_path / "out"
-    assert main(["run", "image-classification", str(tmp_path / "cat.png"), str(tmp_path / "imgs"), "--model", "test_resnet",
-                 "--weights", "none", "--out", str(out), "--top-k", "3"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "image-classification",
+                str(tmp_path / "cat.png"),
+                str(tmp_path / "imgs"),
+                "--model",
+                "test_resnet",
+                "--weights",
+                "none",
+                "--out",
+                str(out),
+                "--top-k",
+                "3",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "cat.png:" in printed and "a.jpg:" in printed
     results = json.loads((out / "results.json").read_text())
@@ -59,13 +89,28 @@ def test_run_prints_and_saves(tmp_path, photo, capsys):
     assert (out / "cat.png").exists() and (out / "a.png").exists()
     (tmp_path / "imgs" / "b").mkdir()
     photo.save(tmp_path / "imgs" / "b" / "a.jpg")  # the same stem in another folder: its own picture
-    main(["run", "image-classification", str(tmp_path / "imgs"), "--model", "test_resnet", "--weights", "none", "--out", str(out)])
+    main(
+        [
+            "run",
+            "image-classification",
+            str(tmp_path / "imgs"),
+            "--model",
+            "test_resnet",
+            "--weights",
+            "none",
+            "--out",
+            str(out),
+        ]
+    )
     assert (out / "a.png").exists() and (out / "a-2.png").exists()
 
 
 def test_run_bad_file_is_an_error(tmp_path, capsys):
     (tmp_path / "bad.jpg").write_bytes(b"nope")
-    assert main(["run", "image-classification", str(tmp_path / "bad.jpg"), "--model", "test_resnet", "--weights", "none"]) == 1
+    assert (
+        main(["run", "image-classification", str(tmp_path / "bad.jpg"), "--model", "test_resnet", "--weights", "none"])
+        == 1
+    )
     assert "bad.jpg" in capsys.readouterr().err
 
 
@@ -75,7 +120,9 @@ def test_weights_commands(tmp_path, capsys):
     official = {f"module.{k}": v for k, v in model.state_dict().items()}
     torch.save({"model": official, "epoch": 3}, tmp_path / "official.pth")
     digest = hashlib.sha256((tmp_path / "official.pth").read_bytes()).hexdigest()
-    entry = CheckpointEntry(name="test_resnet.cli_unit", model="test_resnet", url=(tmp_path / "official.pth").as_uri(), sha256=digest)
+    entry = CheckpointEntry(
+        name="test_resnet.cli_unit", model="test_resnet", url=(tmp_path / "official.pth").as_uri(), sha256=digest
+    )
     register_checkpoint(entry)
     try:
         assert main(["weights", "list", "test_resnet.*"]) == 0
@@ -87,7 +134,19 @@ def test_weights_commands(tmp_path, capsys):
         assert "OK" in capsys.readouterr().out
         assert main(["weights", "verify", str(tmp_path / "official.pth"), "--sha256", "0" * 64]) == 1
         assert "sha256" in capsys.readouterr().err
-        assert main(["weights", "convert", "test_resnet.cli_unit", str(tmp_path / "ours.safetensors"), "--model", "test_resnet"]) == 0
+        assert (
+            main(
+                [
+                    "weights",
+                    "convert",
+                    "test_resnet.cli_unit",
+                    str(tmp_path / "ours.safetensors"),
+                    "--model",
+                    "test_resnet",
+                ]
+            )
+            == 0
+        )
         converted = load_file(tmp_path / "ours.safetensors")
         assert all(torch.equal(converted[k], v) for k, v in model.state_dict().items())
     finally:
@@ -100,10 +159,34 @@ def test_convert_refuses_unsafe_pickle_and_mismatch(tmp_path, capsys):
             return (print, ("x",))
 
     torch.save({"model": {}, "x": Evil()}, tmp_path / "evil.pth")
-    assert main(["weights", "convert", str(tmp_path / "evil.pth"), str(tmp_path / "o.safetensors"), "--model", "test_resnet"]) == 1
+    assert (
+        main(
+            [
+                "weights",
+                "convert",
+                str(tmp_path / "evil.pth"),
+                str(tmp_path / "o.safetensors"),
+                "--model",
+                "test_resnet",
+            ]
+        )
+        == 1
+    )
     assert "code execution" in capsys.readouterr().err
     save_file({"w": torch.zeros(1)}, tmp_path / "other.safetensors")
-    assert main(["weights", "convert", str(tmp_path / "other.safetensors"), str(tmp_path / "o.safetensors"), "--model", "test_resnet"]) == 1
+    assert (
+        main(
+            [
+                "weights",
+                "convert",
+                str(tmp_path / "other.safetensors"),
+                str(tmp_path / "o.safetensors"),
+                "--model",
+                "test_resnet",
+            ]
+        )
+        == 1
+    )
     assert "does not fit" in capsys.readouterr().err
     assert not (tmp_path / "o.safetensors").exists()
 
@@ -125,7 +208,9 @@ def test_demo_writes_pictures_and_says_random(tmp_path, capsys):
     assert {"chelsea.png", "coffee.png", "astronaut.png", "rocket.png", "motorcycle_left.png", "results.json"} <= files
     results = json.loads((tmp_path / "demo" / "image-classification" / "results.json").read_text())
     assert results["pretrained"] is False and len(results["predictions"]["chelsea"]) == 5
-    assert index[1]["task"] == "multiview-3d-reconstruction" and index[1]["pretrained"] is False  # LRGT's weights need a manual download
+    assert (
+        index[1]["task"] == "multiview-3d-reconstruction" and index[1]["pretrained"] is False
+    )  # LRGT's weights need a manual download
     files = {p.name for p in (tmp_path / "demo" / "multiview-3d-reconstruction").iterdir()}
     assert {"table.png", "table.obj", "table.binvox", "results.json"} <= files
     assert index[2]["task"] == "scanpath" and index[2]["pretrained"] is False  # no network for CLIP RN50 here
@@ -133,7 +218,9 @@ def test_demo_writes_pictures_and_says_random(tmp_path, capsys):
     assert {"astronaut_scanpath.png", "coffee_scanpath.png", "shelf_search.png", "results.json"} <= files
     scanpaths = json.loads((tmp_path / "demo" / "scanpath" / "results.json").read_text())["scanpaths"]
     assert len(scanpaths["astronaut"]["xy"]) == 4 and scanpaths["shelf"]["target"] == 13
-    assert index[3]["task"] == "wsi-classification" and index[3]["pretrained"] is False  # no ACMIL weights were released
+    assert (
+        index[3]["task"] == "wsi-classification" and index[3]["pretrained"] is False
+    )  # no ACMIL weights were released
     files = {p.name for p in (tmp_path / "demo" / "wsi-classification").iterdir()}
     assert {"synthetic_slide.tif", "heatmap.png", "results.json"} <= files
 
@@ -146,7 +233,7 @@ def test_console_script_installed():
 def test_eval_settings_name_local_weights_by_content_stamp(tmp_path):
     import os
 
-    from attnzoo.cli import _weights_identity
+    from attnzoo.evaluation import weights_identity as _weights_identity
 
     weights = tmp_path / "best.safetensors"
     weights.write_bytes(b"x" * 10)

@@ -4,7 +4,7 @@ from safetensors.torch import save_file
 
 import attnzoo
 from attnzoo.errors import OfflineError, UnknownNameError, WeightsError
-from attnzoo.factory import register_model
+from attnzoo.registry import register_model
 from attnzoo.weights import CheckpointEntry, PreprocessConfig, register_checkpoint, unregister_checkpoint
 
 
@@ -32,7 +32,9 @@ def test_weights_from_local_file(tmp_path):
     torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, tmp_path / "w.pth")
     for file in ("w.safetensors", "w.pth"):
         model = attnzoo.create_model("test_resnet", weights=tmp_path / file)
-        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), src.state_dict().values(), strict=True))
+        assert all(
+            torch.equal(a, b) for a, b in zip(model.state_dict().values(), src.state_dict().values(), strict=True)
+        )
 
 
 def test_weights_that_do_not_fit_raise(tmp_path):
@@ -56,7 +58,9 @@ def test_registered_checkpoint_sets_preprocessing(tmp_path):
     src = attnzoo.create_model("test_resnet")
     save_file(src.state_dict(), tmp_path / "w.safetensors")
     entry = CheckpointEntry(
-        name="test_resnet.unit", model="test_resnet", url=(tmp_path / "w.safetensors").as_uri(),
+        name="test_resnet.unit",
+        model="test_resnet",
+        url=(tmp_path / "w.safetensors").as_uri(),
         preprocess=PreprocessConfig(input_size=(3, 72, 72), crop_pct=1.0, interpolation="bilinear", colour_order="BGR"),
     )
     register_checkpoint(entry)
@@ -64,7 +68,9 @@ def test_registered_checkpoint_sets_preprocessing(tmp_path):
         model = attnzoo.create_model("test_resnet.unit", pretrained=True)
         assert model.pretrained_cfg["input_size"] == (3, 72, 72)
         assert model.pretrained_cfg["colour_order"] == "BGR"
-        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), src.state_dict().values(), strict=True))
+        assert all(
+            torch.equal(a, b) for a, b in zip(model.state_dict().values(), src.state_dict().values(), strict=True)
+        )
     finally:
         unregister_checkpoint("test_resnet.unit")
 

@@ -30,9 +30,8 @@ def test_failure_keeps_the_old_file_and_leaves_nothing(tmp_path):
 def test_written_files_get_the_usual_permissions(tmp_path):
     import os
 
-    from attnzoo._io import write_json
-
     from attnzoo import _io
+    from attnzoo._io import write_json
 
     umask = os.umask(0o022)
     try:

@@ -15,12 +15,12 @@ __all__ = ["__version__", "create_model", "list_models", "pipeline", "errors"]
 _LAZY = {
     "create_model": ("attnzoo.factory", "create_model"),
     "list_models": ("attnzoo.factory", "list_models"),
-    "pipeline": ("attnzoo.pipelines", "pipeline"),
+    "pipeline": ("attnzoo.tasks", "pipeline"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from attnzoo.factory import create_model, list_models
-    from attnzoo.pipelines import pipeline
+    from attnzoo.tasks import pipeline
 
 
 def __getattr__(name: str) -> Any:

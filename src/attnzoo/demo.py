@@ -64,7 +64,7 @@ def _offline_unless(reachable: bool) -> Iterator[None]:
 
 def _build(task: str, model: str | None, log: Callable[[str], None], **kwargs: Any) -> tuple[Any, bool, str]:
     """The task's pipeline with pretrained weights if they can be had, else with random ones."""
-    from attnzoo.pipelines import get_task, pipeline
+    from attnzoo.tasks import get_task, pipeline
     from attnzoo.weights import hub
 
     model = model or get_task(task).default_model
@@ -79,7 +79,9 @@ def _build(task: str, model: str | None, log: Callable[[str], None], **kwargs: A
         return pipeline(task, model=model, weights="none", **kwargs), False, model
 
 
-def demo_image_classification(out: Path, model: str | None, log: Callable[[str], None], device: Any = None) -> DemoResult:
+def demo_image_classification(
+    out: Path, model: str | None, log: Callable[[str], None], device: Any = None
+) -> DemoResult:
     from attnzoo.viz import plot_classification
 
     pipe, pretrained, name = _build("image-classification", model, log, device=device)
@@ -110,7 +112,8 @@ def synthetic_views(n: int = 3, size: int = 137) -> list[Any]:
 
     x, y, z = np.mgrid[:32, :32, :32]
     table = ((abs(x - 16) < 12) & (abs(z - 16) < 9) & (abs(y - 22) < 2)) | (
-        (abs(abs(x - 16) - 9) < 2) & (abs(abs(z - 16) - 6) < 2) & (y < 21) & (y > 4))
+        (abs(abs(x - 16) - 9) < 2) & (abs(abs(z - 16) - 6) < 2) & (y < 21) & (y > 4)
+    )
     views = []
     for k in range(n):
         rgb = np.asarray(render_voxels(np.rot90(table, k=k % 4, axes=(0, 2)), size=size))
@@ -119,7 +122,9 @@ def synthetic_views(n: int = 3, size: int = 137) -> list[Any]:
     return views
 
 
-def demo_multiview_reconstruction(out: Path, model: str | None, log: Callable[[str], None], device: Any = None) -> DemoResult:
+def demo_multiview_reconstruction(
+    out: Path, model: str | None, log: Callable[[str], None], device: Any = None
+) -> DemoResult:
     pipe, pretrained, name = _build("multiview-3d-reconstruction", model, log, device=device)
     views = synthetic_views(3)
     shape = pipe(views)
@@ -129,10 +134,19 @@ def demo_multiview_reconstruction(out: Path, model: str | None, log: Callable[[s
     with atomic_write(out / "table.png", "wb") as fh:
         picture.save(fh, format="PNG")
     result.files += [out / "table.png", shape.save(out / "table.obj"), shape.save(out / "table.binvox")]
-    write_json(out / "results.json", {"model": name, "pretrained": pretrained, "occupied_voxels": int(shape.voxels.sum()),
-                                      "threshold": shape.threshold})
+    write_json(
+        out / "results.json",
+        {
+            "model": name,
+            "pretrained": pretrained,
+            "occupied_voxels": int(shape.voxels.sum()),
+            "threshold": shape.threshold,
+        },
+    )
     result.files.append(out / "results.json")
-    log(f"[multiview-3d-reconstruction] 3 synthetic views -> {int(shape.voxels.sum())} occupied voxels ({weights_note})")
+    log(
+        f"[multiview-3d-reconstruction] 3 synthetic views -> {int(shape.voxels.sum())} occupied voxels ({weights_note})"
+    )
     return result
 
 
@@ -144,16 +158,36 @@ def synthetic_slide(path: Path, size: int = 3072) -> Path:
     rng = np.random.default_rng(0)
     image = np.full((size, size, 3), 255, np.uint8)
     y, x = np.mgrid[:size, :size]
-    for cx, cy, r, colour in ((0.3, 0.35, 0.18, (205, 120, 175)), (0.68, 0.62, 0.2, (150, 85, 165)), (0.35, 0.75, 0.1, (190, 110, 170))):
+    for cx, cy, r, colour in (
+        (0.3, 0.35, 0.18, (205, 120, 175)),
+        (0.68, 0.62, 0.2, (150, 85, 165)),
+        (0.35, 0.75, 0.1, (190, 110, 170)),
+    ):
         inside = (x - cx * size) ** 2 + (y - cy * size) ** 2 < (r * size) ** 2
         image[inside] = np.clip(np.array(colour) + rng.normal(0, 12, (int(inside.sum()), 3)), 0, 255).astype(np.uint8)
-    description = f"Aperio Image Library v12.0.0\r\n{size}x{size} [0,0 {size}x{size}] (256x256) RAW|MPP = 0.25|AppMag = 40"
+    description = (
+        f"Aperio Image Library v12.0.0\r\n{size}x{size} [0,0 {size}x{size}] (256x256) RAW|MPP = 0.25|AppMag = 40"
+    )
     with atomic_path(path) as partial, tifffile.TiffWriter(partial) as tw:  # tifffile needs a named file
-        tw.write(image, tile=(256, 256), compression="zlib", photometric="rgb", description=description,
-                 resolution=(4e4, 4e4), resolutionunit="CENTIMETER", metadata=None)
+        tw.write(
+            image,
+            tile=(256, 256),
+            compression="zlib",
+            photometric="rgb",
+            description=description,
+            resolution=(4e4, 4e4),
+            resolutionunit="CENTIMETER",
+            metadata=None,
+        )
         for ds in (4, 16):
-            tw.write(np.ascontiguousarray(image[::ds, ::ds]), tile=(256, 256), compression="zlib", photometric="rgb",
-                     subfiletype=1, metadata=None)
+            tw.write(
+                np.ascontiguousarray(image[::ds, ::ds]),
+                tile=(256, 256),
+                compression="zlib",
+                photometric="rgb",
+                subfiletype=1,
+                metadata=None,
+            )
     return path
 
 
@@ -162,17 +196,29 @@ def demo_wsi_classification(out: Path, model: str | None, log: Callable[[str], N
 
     encoder_weights = None if hub.hub_reachable() else "none"
     if encoder_weights == "none":
-        log("[wsi-classification] ResNet18 ImageNet weights unavailable offline: the patch encoder uses RANDOM weights too")
-    pipe, pretrained, name = _build("wsi-classification", model, log, device=device, encoder_weights=encoder_weights,
-                                    feature_dir=out / "features", labels=["normal", "tumour"], segment_kwargs={"a_t": 1})
+        log(
+            "[wsi-classification] ResNet18 ImageNet weights unavailable offline: the patch encoder uses RANDOM weights too"
+        )
+    pipe, pretrained, name = _build(
+        "wsi-classification",
+        model,
+        log,
+        device=device,
+        encoder_weights=encoder_weights,
+        feature_dir=out / "features",
+        labels=["normal", "tumour"],
+        segment_kwargs={"a_t": 1},
+    )
     slide = synthetic_slide(out / "synthetic_slide.tif")
     result = pipe(slide)
     weights_note = "pretrained" if pretrained else "random weights"
     with atomic_write(out / "heatmap.png", "wb") as fh:
         result.heatmap(size=768).save(fh, format="PNG")
     write_json(out / "results.json", {"model": name, "pretrained": pretrained, **result.to_dict()})
-    log(f"[wsi-classification] synthetic slide: {result.label} ({result.probabilities.max():.1%}, {weights_note}), "
-        f"{len(result.attention)} patches")
+    log(
+        f"[wsi-classification] synthetic slide: {result.label} ({result.probabilities.max():.1%}, {weights_note}), "
+        f"{len(result.attention)} patches"
+    )
     return DemoResult("wsi-classification", name, pretrained, [slide, out / "heatmap.png", out / "results.json"])
 
 
@@ -188,8 +234,8 @@ def synthetic_shelf(rows: int = 3, cols: int = 9, cell: tuple[int, int] = (60, 9
     for r in range(rows):
         for c in range(cols):
             x0, y0 = 10 + c * w + 6, 10 + r * h + 6
-            image[y0:y0 + h - 12, x0:x0 + w - 12] = rng.integers(30, 225, 3)
-            image[y0 + (h - 12) // 3:y0 + (h - 12) // 3 + 8, x0 + 4:x0 + w - 16] = 255  # a label stripe
+            image[y0 : y0 + h - 12, x0 : x0 + w - 12] = rng.integers(30, 225, 3)
+            image[y0 + (h - 12) // 3 : y0 + (h - 12) // 3 + 8, x0 + 4 : x0 + w - 16] = 255  # a label stripe
             boxes.append((x0, y0, x0 + w - 12, y0 + h - 12))
     return Image.fromarray(image), np.array(boxes, dtype=float)
 
@@ -226,10 +272,14 @@ def demo_scanpath(out: Path, model: str | None, log: Callable[[str], None], devi
     oat = attnzoo.pipeline("scanpath", model="oat_yogurt", weights="none", device=device, max_len=12)
     search = oat(shelf, boxes=boxes, target=13)
     with atomic_write(out / "shelf_search.png", "wb") as fh:
-        search.plot(shelf, title="OAT (random weights: no weights were released), target in green").save(fh, format="PNG")
+        search.plot(shelf, title="OAT (random weights: no weights were released), target in green").save(
+            fh, format="PNG"
+        )
     result.files.append(out / "shelf_search.png")
     summary["shelf"] = search.to_dict()
-    log(f"[scanpath] shelf: OAT (random weights) looked at {search.objects.tolist()}, found the target: {search.found_target}")
+    log(
+        f"[scanpath] shelf: OAT (random weights) looked at {search.objects.tolist()}, found the target: {search.found_target}"
+    )
     write_json(out / "results.json", {"model": name, "pretrained": pretrained, "scanpaths": summary})
     result.files.append(out / "results.json")
     return result
@@ -243,9 +293,11 @@ DEMOS: dict[str, Callable[..., DemoResult]] = {
 }
 
 
-def run_demo(out_dir: str | Path = "attnzoo-demo", *, device: Any = None, log: Callable[[str], None] = print) -> list[DemoResult]:
+def run_demo(
+    out_dir: str | Path = "attnzoo-demo", *, device: Any = None, log: Callable[[str], None] = print
+) -> list[DemoResult]:
     """Run the demo of every registered task that has one; results land in ``out_dir/<task>/``."""
-    from attnzoo.pipelines import list_tasks
+    from attnzoo.tasks import list_tasks
 
     out = Path(out_dir)
     results = []
@@ -255,7 +307,10 @@ def run_demo(out_dir: str | Path = "attnzoo-demo", *, device: Any = None, log: C
             log(f"[{task}] no demo yet")
             continue
         results.append(demo(out / task, None, log, device=device))
-    index = [{"task": r.task, "model": r.model, "pretrained": r.pretrained, "files": [str(f) for f in r.files]} for r in results]
+    index = [
+        {"task": r.task, "model": r.model, "pretrained": r.pretrained, "files": [str(f) for f in r.files]}
+        for r in results
+    ]
     write_json(out / "index.json", index)
     log(f"wrote {sum(len(r.files) for r in results)} files to {out}/ (see {out / 'index.json'})")
     return results

@@ -19,6 +19,11 @@ class InvalidInputError(AttnzooError, ValueError):
     """An input (image, tensor, argument) cannot be used as given."""
 
 
+class InvalidOptionError(InvalidInputError):
+    """A setting (keyword argument or command-line option) has a value that cannot be used; the CLI
+    exits with 2, as for any usage error."""
+
+
 class DatasetFormatError(AttnzooError, ValueError):
     """A dataset on disk does not have the published layout (missing or malformed file)."""
 
@@ -55,6 +60,7 @@ class UnknownNameError(AttnzooError, LookupError):
 __all__ = [
     "AttnzooError",
     "InvalidInputError",
+    "InvalidOptionError",
     "DatasetFormatError",
     "WeightsError",
     "ChecksumError",

@@ -2,7 +2,7 @@
 
 Classification backbones register with timm (so ``timm.create_model`` works after
 ``import attnzoo``); models that are not timm-shaped (3D reconstruction, scanpath, MIL)
-register here with :func:`register_model`.
+register in the leaf module :mod:`attnzoo.registry`.
 """
 
 from __future__ import annotations
@@ -11,32 +11,22 @@ import fnmatch
 import importlib
 import os
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from attnzoo.errors import OfflineError, UnknownNameError, WeightsError
+from attnzoo.registry import get_model_entry, registered_models
 from attnzoo.weights import hub, registry
 from attnzoo.weights.loading import load_weights
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-_F = TypeVar("_F", bound=Callable[..., Any])
-_OWN_MODELS: dict[str, Callable[..., Any]] = {}
-_FAMILY_PACKAGES = ("attnzoo.vision",)
+_FAMILY_PACKAGES = ("attnzoo.vision", "attnzoo.multimodal.nevaclip")
 _families_loaded = False
 
 
-def register_model(fn: _F | None = None, *, name: str | None = None) -> Any:
-    """Register a builder of a non-timm model under ``name`` (default: the function's name)."""
-
-    def wrap(f: _F) -> _F:
-        _OWN_MODELS[name or f.__name__] = f
-        return f
-
-    return wrap(fn) if fn is not None else wrap
-
-
-def _load_families() -> None:
+def load_families() -> None:
+    """Import every model family once, so that timm's registry, ours and the checkpoints are filled."""
     global _families_loaded
     if not _families_loaded:
         for package in _FAMILY_PACKAGES:
@@ -52,11 +42,11 @@ def list_models(pattern: str | None = None, *, pretrained: bool = False) -> list
     """
     import timm
 
-    _load_families()
+    load_families()
     names = set(timm.list_models(pattern or "", pretrained=pretrained))
-    own = set(_OWN_MODELS)
+    own = set(registered_models())
     if pretrained:
-        own = {e.name for e in registry.list_checkpoints() if e.model in _OWN_MODELS}
+        own = {e.name for e in registry.list_checkpoints() if get_model_entry(e.model) is not None}
         names |= {e.name for e in registry.list_checkpoints()}
     names |= {n for n in own if not pattern or fnmatch.fnmatch(n, pattern)}
     return sorted(n for n in names if not pattern or fnmatch.fnmatch(n, pattern))
@@ -72,10 +62,10 @@ def create_model(
     pretrained: bool = False,
     weights: str | os.PathLike | Mapping[str, Any] | None = None,
     *,
-    device: "str | torch.device | None" = None,
-    dtype: "torch.dtype | None" = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
     **kwargs: Any,
-) -> "torch.nn.Module":
+) -> torch.nn.Module:
     """Build ``name``; load its default official weights (``pretrained=True``) or ``weights``.
 
     ``weights`` is a local path, a URL, ``hf-hub:org/repo/file``, a registered checkpoint
@@ -84,10 +74,10 @@ def create_model(
     """
     import timm
 
-    _load_families()
+    load_families()
     base, tag = _split_name(name)
-    is_own = base in _OWN_MODELS
-    if not is_own and not timm.is_model(base):
+    own_entry = get_model_entry(base)
+    if own_entry is None and not timm.is_model(base):
         raise UnknownNameError("model", name, list_models())
     if isinstance(weights, str) and weights.strip().lower() == "none":
         weights, pretrained = None, False
@@ -102,26 +92,47 @@ def create_model(
     elif isinstance(weights, (str, os.PathLike)) and registry.is_checkpoint(os.fspath(weights)):
         entry = registry.get_checkpoint(os.fspath(weights))
 
-    if is_own:
+    if own_entry is not None and own_entry.own_weights:
+        model = own_entry.fn(pretrained=pretrained, weights=weights, **kwargs)
+        return _placed(model, device, dtype)
+    if own_entry is not None:
         if weights is None and pretrained:
-            raise WeightsError(f"no pretrained checkpoint is registered for {name}; pass weights=PATH or pretrained=False")
-        model = _OWN_MODELS[base](**kwargs)
+            raise WeightsError(
+                f"no pretrained checkpoint is registered for {name}; pass weights=PATH or pretrained=False"
+            )
+        model = own_entry.fn(**kwargs)
     elif weights is None and pretrained:
         model = _timm_pretrained(name, **kwargs)
     else:
         model = timm.create_model(base if entry is not None else name, pretrained=False, **kwargs)
 
     if weights is not None:
-        converter = entry.resolve_converter() if entry is not None else _module_filter_fn(model)
+        converter = entry.resolve_converter() if entry is not None else module_filter_fn(model)
         load_weights(model, weights, converter=converter)
         if entry is not None:
             _apply_preprocess(model, entry)
+    return _placed(model, device, dtype)
+
+
+def _placed(model: Any, device: Any, dtype: Any) -> Any:
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
     return model.eval()
 
 
-def _module_filter_fn(model: Any) -> Callable[..., dict] | None:
+def attnzoo_models() -> dict[str, tuple[str, ...]]:
+    """attnzoo's own models (ours and the classifiers we register with timm) and the tasks each serves."""
+    import timm.models
+
+    load_families()
+    models = {n: get_model_entry(n).tasks for n in registered_models()}  # type: ignore[union-attr]
+    for n in timm.list_models():
+        if timm.models.model_entrypoint(n).__module__.startswith("attnzoo."):
+            models[n] = ("image-classification",)
+    return dict(sorted(models.items()))
+
+
+def module_filter_fn(model: Any) -> Callable[..., dict] | None:
     """timm's convention: a model file's ``checkpoint_filter_fn`` maps released layouts onto it."""
     module = importlib.import_module(type(model).__module__)
     fn = getattr(module, "checkpoint_filter_fn", None)
@@ -136,7 +147,7 @@ def _apply_preprocess(model: Any, entry: registry.CheckpointEntry) -> None:
     model.pretrained_cfg = cfg
 
 
-def _timm_pretrained(name: str, **kwargs: Any) -> "torch.nn.Module":
+def _timm_pretrained(name: str, **kwargs: Any) -> torch.nn.Module:
     """timm's own pretrained weights, found in the HF cache first so offline use is instant."""
     import timm
     from timm.models import resolve_pretrained_cfg
@@ -159,7 +170,9 @@ def _timm_pretrained(name: str, **kwargs: Any) -> "torch.nn.Module":
                 f"https://huggingface.co/{cfg.hf_hub_id} and pass weights=PATH"
             )
     elif hub.is_offline():
-        raise OfflineError(f"offline mode and {name}'s weights ({cfg.url}) are not cached: download them and pass weights=PATH")
+        raise OfflineError(
+            f"offline mode and {name}'s weights ({cfg.url}) are not cached: download them and pass weights=PATH"
+        )
     try:
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay or None, **kwargs)
     except (OSError, RuntimeError, ValueError) as err:

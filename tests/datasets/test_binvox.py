@@ -63,7 +63,7 @@ def test_dims_are_the_file_order_for_non_cubic_grids(tmp_path):
 
 def test_long_runs_split_at_255():
     data = encode_binvox(np.ones((20, 20, 20), dtype=bool))
-    payload = data[data.index(b"data\n") + 5:]
+    payload = data[data.index(b"data\n") + 5 :]
     assert payload == bytes([1, 255] * 31 + [1, 8000 - 31 * 255])
 
 

@@ -21,20 +21,13 @@ def test_records_match_the_database(tmp_path, time_format):
     for record, (obs, usr, _, caption, img_uid, clicks) in zip(ds, written["captions"]):
         assert isinstance(record, ScanpathRecord)
         name = CAPMIT_IMAGES[img_uid][0]
-        assert (
-            record.stimulus == name
-            and record.image_path == tmp_path / "ALLSTIMULI" / name
-        )
+        assert record.stimulus == name and record.image_path == tmp_path / "ALLSTIMULI" / name
         assert record.subject == usr and record.caption == caption
         assert record.meta["obs_uid"] == obs and record.meta["img_uid"] == img_uid
         ordered = sorted(clicks)  # by click_id, whatever the insertion order
         assert record.xy.shape == (len(clicks), 2) and record.xy.dtype == np.float64
-        np.testing.assert_array_equal(
-            record.xy, np.array([[x, y] for _, x, y, _ in ordered]).reshape(-1, 2)
-        )
-        np.testing.assert_allclose(
-            record.times, np.array([dt for *_, dt in ordered], dtype=float), atol=1e-3
-        )
+        np.testing.assert_array_equal(record.xy, np.array([[x, y] for _, x, y, _ in ordered]).reshape(-1, 2))
+        np.testing.assert_allclose(record.times, np.array([dt for *_, dt in ordered], dtype=float), atol=1e-3)
         assert record.durations is None
 
 
@@ -133,9 +126,7 @@ def test_missing_or_corrupt_db(tmp_path):
 def test_caption_with_unknown_image_is_an_error(tmp_path):
     write_capmit1003(tmp_path)
     cnx = sqlite3.connect(tmp_path / "capmit1003.db")
-    cnx.execute(
-        "INSERT INTO captions VALUES ('obs9', 'u9', '2022-05-04 09:30:00', 'x', 'img_zzz')"
-    )
+    cnx.execute("INSERT INTO captions VALUES ('obs9', 'u9', '2022-05-04 09:30:00', 'x', 'img_zzz')")
     cnx.commit()
     cnx.close()
     with pytest.raises(DatasetFormatError, match="obs9"):
@@ -147,9 +138,7 @@ def test_parse_timestamp_units():
     assert parse_timestamp("1970-01-01 00:00:10.5") == pytest.approx(10.5)
     assert parse_timestamp("1970-01-01T00:01:00Z") == pytest.approx(60.0)
     assert parse_timestamp(1_651_572_900) == pytest.approx(1_651_572_900.0)  # seconds
-    assert parse_timestamp(1_651_572_900_250) == pytest.approx(
-        1_651_572_900.25
-    )  # milliseconds
+    assert parse_timestamp(1_651_572_900_250) == pytest.approx(1_651_572_900.25)  # milliseconds
     assert parse_timestamp("1651572900250") == pytest.approx(1_651_572_900.25)
     with pytest.raises(InvalidInputError):
         parse_timestamp("yesterday")

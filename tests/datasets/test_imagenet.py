@@ -26,7 +26,10 @@ def devkit_meta(seed=0):
     random.Random(seed).shuffle(ids)
     rows = [(i, w, f"words {w}", "gloss", 0, 0, 1300) for i, w in zip(ids, WNIDS)]
     rows += [(1001, "n00001740", "entity", "gloss", 3, 18, 0), (1002, "n00002137", "abstraction", "gloss", 2, 17, 0)]
-    dtype = [(n, "O") for n in ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "wordnet_height", "num_train_images")]
+    dtype = [
+        (n, "O")
+        for n in ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "wordnet_height", "num_train_images")
+    ]
     table = np.array(rows, dtype=dtype)
     buf = io.BytesIO()
     savemat(buf, {"synsets": table})
@@ -90,7 +93,9 @@ def test_flat_val_without_labels_says_what_to_place(tmp_path):
 
 def test_solution_missing_an_image(tmp_path):
     flat_val(tmp_path / "val", 2)
-    (tmp_path / "LOC_val_solution.csv").write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n01440764 1 2 3 4\n")
+    (tmp_path / "LOC_val_solution.csv").write_text(
+        "ImageId,PredictionString\nILSVRC2012_val_00000001,n01440764 1 2 3 4\n"
+    )
     with pytest.raises(DatasetFormatError, match="ILSVRC2012_val_00000002"):
         read_imagenet(tmp_path / "val")
 

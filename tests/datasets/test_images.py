@@ -16,8 +16,15 @@ def test_inputs_of_every_kind_agree(photo, tmp_path):
     photo.save(tmp_path / "p.png")
     ref = np.asarray(photo)
     arr = np.array(photo)
-    for source in (tmp_path / "p.png", str(tmp_path / "p.png"), photo, arr, torch.from_numpy(arr).permute(2, 0, 1),
-                   torch.from_numpy(arr).permute(2, 0, 1).float() / 255, arr.astype(np.float64) / 255):
+    for source in (
+        tmp_path / "p.png",
+        str(tmp_path / "p.png"),
+        photo,
+        arr,
+        torch.from_numpy(arr).permute(2, 0, 1),
+        torch.from_numpy(arr).permute(2, 0, 1).float() / 255,
+        arr.astype(np.float64) / 255,
+    ):
         assert np.array_equal(np.asarray(load_image(source)), ref), type(source)
 
 
@@ -43,7 +50,7 @@ def test_rgba_is_composited_on_white(tmp_path):
 
 
 def test_16_bit_png_is_scaled_not_clipped(tmp_path):
-    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    ramp = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000
     out = np.asarray(load_image(write_png(tmp_path / "g16.png", ramp)))[..., 0].astype(int)
     assert np.abs(out - np.round(ramp / 65535 * 255)).max() <= 1
     assert out.max() < 255  # a clip to 8 bits would saturate most of the ramp
@@ -67,10 +74,13 @@ def test_one_pixel_image(tmp_path):
     assert np.asarray(load_image(tmp_path / "one.png")).tolist() == [[[10, 20, 30]]]
 
 
-@pytest.mark.parametrize("content, match", [
-    (b"", "not an image"),
-    (b"definitely not an image", "not an image"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"", "not an image"),
+        (b"definitely not an image", "not an image"),
+    ],
+)
 def test_unreadable_files_name_the_input(tmp_path, content, match):
     path = tmp_path / "x.jpg"
     path.write_bytes(content)
@@ -110,16 +120,19 @@ def test_oversized_jpeg_decodes_at_reduced_scale(photo, tmp_path, monkeypatch):
     assert abs(out.width / out.height - 4 / 3) < 0.05
 
 
-@pytest.mark.parametrize("bad", [
-    np.zeros((2, 3, 5), np.uint8),
-    np.zeros((0, 3, 3), np.uint8),
-    np.full((3, 3), 2.0),
-    np.full((3, 3), np.nan),
-    np.zeros((3, 3), np.int64),
-    torch.zeros(5, 3, 3),
-    "not-a-file.png",
-    12,
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros((2, 3, 5), np.uint8),
+        np.zeros((0, 3, 3), np.uint8),
+        np.full((3, 3), 2.0),
+        np.full((3, 3), np.nan),
+        np.zeros((3, 3), np.int64),
+        torch.zeros(5, 3, 3),
+        "not-a-file.png",
+        12,
+    ],
+)
 def test_bad_arrays_and_objects(bad):
     with pytest.raises(InvalidInputError):
         load_image(bad)

@@ -4,11 +4,10 @@ each tested on tiny files written here in the exact on-disk format."""
 import json
 import pickle
 
+import h5py
 import numpy as np
 import pytest
 import torch
-
-h5py = pytest.importorskip("h5py")
 
 from attnzoo.datasets.mil_features import (
     BRACS_LABEL_MAPS,
@@ -67,8 +66,16 @@ def test_acmil_h5(tmp_path):
     bags = read_acmil_h5(path)
     assert bags.layout == "acmil" and sorted(bags) == sorted(SLIDES) and len(bags) == 3
     bag = bags["tumor_001"]
-    assert isinstance(bag, FeatureBag) and bag.slide_id == "tumor_001" and bag.label == 1 and len(bag) == 7 and bag.dim == 16
-    assert bag.features.dtype == torch.float32 and torch.equal(bag.features, torch.from_numpy(data["tumor_001"].astype(np.float32)))
+    assert (
+        isinstance(bag, FeatureBag)
+        and bag.slide_id == "tumor_001"
+        and bag.label == 1
+        and len(bag) == 7
+        and bag.dim == 16
+    )
+    assert bag.features.dtype == torch.float32 and torch.equal(
+        bag.features, torch.from_numpy(data["tumor_001"].astype(np.float32))
+    )
     assert bag.coords.dtype == torch.int64 and torch.equal(bag.coords, torch.from_numpy(coords(7)))
     assert read_acmil_h5(path, labels={"tumor_001": 0})["tumor_001"].label == 0
     auto = read_feature_bags(path)
@@ -83,10 +90,12 @@ def test_bracs_through_acmil_labels(tmp_path):
     path = tmp_path / "bracs.h5"
     write_acmil(path, {"BRACS_1": (2, 6), "BRACS_2": (2, 3), "BRACS_3": (2, 1)})
     csv = tmp_path / "bracs.csv"
-    csv.write_text(",case_id,slide_id,split_info,full_path,label\n"
-                   "0,patient_0,BRACS_1,train,/x/BRACS_1.svs,6\n"
-                   "1,patient_1,BRACS_2,val,/x/BRACS_2.svs,3\n"
-                   "2,patient_2,BRACS_3,test,/x/BRACS_3.svs,1\n")
+    csv.write_text(
+        ",case_id,slide_id,split_info,full_path,label\n"
+        "0,patient_0,BRACS_1,train,/x/BRACS_1.svs,6\n"
+        "1,patient_1,BRACS_2,val,/x/BRACS_2.svs,3\n"
+        "2,patient_2,BRACS_3,test,/x/BRACS_3.svs,1\n"
+    )
     parts = read_feature_bags(path).split(read_bracs_csv(csv, n_classes=3))
     assert [list(parts[s]) for s in ("train", "val", "test")] == [["BRACS_1"], ["BRACS_2"], ["BRACS_3"]]
     assert (parts["train"]["BRACS_1"].label, parts["val"]["BRACS_2"].label, parts["test"]["BRACS_3"].label) == (2, 1, 0)
@@ -94,7 +103,12 @@ def test_bracs_through_acmil_labels(tmp_path):
     from attnzoo.datasets.mil_features import read_split_file
 
     by_kind = read_split_file(csv)  # dispatched on the file's kind: the same split and labels
-    assert (by_kind.train, by_kind.val, by_kind.test, by_kind.labels) == (["BRACS_1"], ["BRACS_2"], ["BRACS_3"], {"BRACS_1": 2, "BRACS_2": 1, "BRACS_3": 0})
+    assert (by_kind.train, by_kind.val, by_kind.test, by_kind.labels) == (
+        ["BRACS_1"],
+        ["BRACS_2"],
+        ["BRACS_3"],
+        {"BRACS_1": 2, "BRACS_2": 1, "BRACS_3": 0},
+    )
 
 
 # ---------------------------------------------------------------------------------------- CLAM + TRIDENT
@@ -132,7 +146,9 @@ def test_trident_layout(tmp_path):
     job = tmp_path / "job" / "20x_256px_0px_overlap"
     for encoder in ("uni_v1", "conch_v15"):
         (job / f"features_{encoder}").mkdir(parents=True)
-        write_bag_h5(job / f"features_{encoder}" / "TCGA-1.h5", feats(3, 1024 if encoder == "uni_v1" else 768), coords(3))
+        write_bag_h5(
+            job / f"features_{encoder}" / "TCGA-1.h5", feats(3, 1024 if encoder == "uni_v1" else 768), coords(3)
+        )
     with pytest.raises(DatasetFormatError, match="encoder="):
         read_trident_features(tmp_path / "job")
     bags = read_trident_features(tmp_path / "job", encoder="uni_v1")
@@ -187,10 +203,14 @@ def test_unknown_layouts(tmp_path):
 
 def test_camelyon16_split_and_labels(tmp_path):
     split = tmp_path / "split_4.json"
-    split.write_text(json.dumps({"train_names": ["normal_001", "tumor_001"], "val_names": [], "test_names": ["test_001"]}))
+    split.write_text(
+        json.dumps({"train_names": ["normal_001", "tumor_001"], "val_names": [], "test_names": ["test_001"]})
+    )
     csv = tmp_path / "camelyon16.csv"
-    csv.write_text("case_id,slide_id,label\npatient_0,normal_001,0\npatient_1,tumor_001,1\npatient_2,test_001,1\n"
-                   "patient_3,normal_086,0\n")
+    csv.write_text(
+        "case_id,slide_id,label\npatient_0,normal_001,0\npatient_1,tumor_001,1\npatient_2,test_001,1\n"
+        "patient_3,normal_086,0\n"
+    )
     assert read_camelyon16_labels(csv) == {"normal_001": 0, "tumor_001": 1, "test_001": 1, "normal_086": 0}
     s = read_camelyon16_split(split, csv)
     assert (s.train, s.val, s.test) == (["normal_001", "tumor_001"], [], ["test_001"]) and s["test"] == ["test_001"]
@@ -243,7 +263,11 @@ def test_bracs_csv_mappings(tmp_path):
     csv.write_text("\n".join(rows) + "\n")
     three = read_bracs_csv(csv)
     assert [three.labels[f"BRACS_{r}"] for r in range(7)] == [0, 0, 0, 1, 1, 2, 2]
-    assert three.train == ["BRACS_0", "BRACS_3", "BRACS_6"] and three.val == ["BRACS_1", "BRACS_4"] and three.test == ["BRACS_2", "BRACS_5"]
+    assert (
+        three.train == ["BRACS_0", "BRACS_3", "BRACS_6"]
+        and three.val == ["BRACS_1", "BRACS_4"]
+        and three.test == ["BRACS_2", "BRACS_5"]
+    )
     assert [read_bracs_csv(csv, n_classes=2).labels[f"BRACS_{r}"] for r in range(7)] == [0, 0, 0, 1, 1, 1, 1]
     assert [read_bracs_csv(csv, n_classes=7).labels[f"BRACS_{r}"] for r in range(7)] == list(range(7))
     assert BRACS_LABEL_MAPS[3] == {0: 0, 1: 0, 2: 0, 3: 1, 4: 1, 5: 2, 6: 2}

@@ -34,9 +34,7 @@ def test_single_step_gives_two_fixations():
     fix = check_fixations(step_trace(n, {k: (400, 250)}, (100, 200)))
     np.testing.assert_array_equal(fix["start"], [1, k + 5])
     np.testing.assert_array_equal(fix["end"], [k - 5, n])
-    np.testing.assert_allclose(
-        fix["duration"], [1000 * (k - 5) / 240, 1000 * (n - k - 4) / 240]
-    )
+    np.testing.assert_allclose(fix["duration"], [1000 * (k - 5) / 240, 1000 * (n - k - 4) / 240])
     np.testing.assert_array_equal(fix["medianXY"], [[100, 200], [400, 250]])
 
 
@@ -56,9 +54,7 @@ def test_two_steps_and_the_50ms_merge_rule():
 
 def test_short_final_fixation_is_absorbed_and_flat_trace_is_one_fixation():
     k = 80
-    fix = check_fixations(
-        step_trace(k + 14, {k: (400, 250)}, (100, 200))
-    )  # 10 samples after the saccade end <= 12
+    fix = check_fixations(step_trace(k + 14, {k: (400, 250)}, (100, 200)))  # 10 samples after the saccade end <= 12
     np.testing.assert_array_equal(fix["start"], [1])
     np.testing.assert_array_equal(fix["end"], [k - 5])
     flat = np.full((50, 2), 3.0)
@@ -87,9 +83,7 @@ def test_medians_ignore_nan_and_jitter():
     trace[30, :] = np.nan  # a blink sample
     fix = check_fixations(trace)
     np.testing.assert_array_equal(fix["start"], [1, 85])
-    expected_x = np.median(
-        np.r_[np.full(65 - 1, 100.0), [101, 99, 102, 98, 100, 103, 97, 100, 101, 99]]
-    )
+    expected_x = np.median(np.r_[np.full(65 - 1, 100.0), [101, 99, 102, 98, 100, 103, 97, 100, 101, 99]])
     assert fix["medianXY"][0, 0] == expected_x and fix["medianXY"][0, 1] == 200
 
 
@@ -99,9 +93,7 @@ def test_check_fixations_rejects_bad_shapes():
 
 
 def test_pysaliency_filtering_and_initial_fixation():
-    trace = step_trace(
-        200, {80: (300, 60), 150: (-20, 70)}, (100, 50)
-    )  # last fixation off the image
+    trace = step_trace(200, {80: (300, 60), 150: (-20, 70)}, (100, 50))  # last fixation off the image
     xy, t, d = fixations_from_gaze(trace, 400, 300)
     np.testing.assert_array_equal(xy, [[300, 60]])
     np.testing.assert_allclose(t, [85 / 240])
@@ -116,9 +108,7 @@ def test_pysaliency_filtering_and_initial_fixation():
     xy, _, _ = fixations_from_gaze(trace, 400, 300, initial_fixation=True)
     np.testing.assert_array_equal(xy, [[300, 60], [200, 100]])
     # the borders are invalid: 0 < x < width
-    xy, _, _ = fixations_from_gaze(
-        step_trace(200, {80: (400, 60)}, (100, 50)), 400, 300, initial_fixation=True
-    )
+    xy, _, _ = fixations_from_gaze(step_trace(200, {80: (400, 60)}, (100, 50)), 400, 300, initial_fixation=True)
     np.testing.assert_array_equal(xy, [[100, 50]])
 
 
@@ -152,9 +142,7 @@ ORDER = [
 
 
 def check_records(ds, root_images=None):
-    assert [
-        (r.stimulus, r.subject) for r in ds
-    ] == ORDER  # natural order of images, sorted subjects
+    assert [(r.stimulus, r.subject) for r in ds] == ORDER  # natural order of images, sorted subjects
     for r in ds:
         xy, starts, durs = EXPECTED[(r.stimulus, r.subject)]
         np.testing.assert_array_equal(r.xy, np.asarray(xy, dtype=float).reshape(-1, 2))
@@ -226,20 +214,13 @@ def pysaliency_scanpaths():
 
 @pytest.mark.parametrize("kind", ["ScanpathFixations", "FixationTrains"])
 def test_pysaliency_cache(tmp_path, kind):
-    write_mit1003_pysaliency(
-        tmp_path / "MIT1003", IMAGES, pysaliency_scanpaths(), kind=kind
-    )
-    (tmp_path / "DATA" / "CNG").mkdir(
-        parents=True
-    )  # subject names come from DATA/ when it is there
+    write_mit1003_pysaliency(tmp_path / "MIT1003", IMAGES, pysaliency_scanpaths(), kind=kind)
+    (tmp_path / "DATA" / "CNG").mkdir(parents=True)  # subject names come from DATA/ when it is there
     (tmp_path / "DATA" / "ajs").mkdir()
     ds = MIT1003(tmp_path)
     assert ds.source == "pysaliency"
     check_records(ds)
-    assert (
-        ds[0].image_path == tmp_path / "MIT1003" / "stimuli" / "i9.jpeg"
-        and ds[0].image_path.is_file()
-    )
+    assert ds[0].image_path == tmp_path / "MIT1003" / "stimuli" / "i9.jpeg" and ds[0].image_path.is_file()
 
 
 def test_pysaliency_subject_indices_map_to_mit1003_initials(tmp_path):
@@ -255,9 +236,7 @@ def test_pysaliency_subject_indices_map_to_mit1003_initials(tmp_path):
     ]
     write_mit1003_pysaliency(tmp_path, {"i1.jpeg": (10, 10)}, scan)
     ds = MIT1003(tmp_path, source="pysaliency")
-    assert ds[0].subject == MIT1003_SUBJECTS[14] == "zb" and sorted(
-        MIT1003_SUBJECTS
-    ) == list(MIT1003_SUBJECTS)
+    assert ds[0].subject == MIT1003_SUBJECTS[14] == "zb" and sorted(MIT1003_SUBJECTS) == list(MIT1003_SUBJECTS)
 
 
 def test_pysaliency_wrong_type_is_an_error(tmp_path):
@@ -286,6 +265,9 @@ def test_pysaliency_wrong_type_is_an_error(tmp_path):
 
 
 def test_natural_sort_key():
-    assert sorted(
-        ["i10.jpeg", "i9.jpeg", "i100.jpeg", "a.jpeg"], key=natural_sort_key
-    ) == ["a.jpeg", "i9.jpeg", "i10.jpeg", "i100.jpeg"]
+    assert sorted(["i10.jpeg", "i9.jpeg", "i100.jpeg", "a.jpeg"], key=natural_sort_key) == [
+        "a.jpeg",
+        "i9.jpeg",
+        "i10.jpeg",
+        "i100.jpeg",
+    ]

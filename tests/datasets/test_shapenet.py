@@ -44,13 +44,17 @@ def shapenet(tmp_path):
                 pixels[..., 0], pixels[..., 1], pixels[2:4, 1:3, 3] = view, model_number(model_id), 255
                 Image.fromarray(pixels, "RGBA").save(folder / f"{view:02d}.png")
             (folder / "renderings.txt").write_text("".join(f"{v:02d}.png\n" for v in range(N_RENDERINGS)))
-            (folder / "rendering_metadata.txt").write_text("".join(f"{15 * v} 25 0 0.8 25\n" for v in range(N_RENDERINGS)))
+            (folder / "rendering_metadata.txt").write_text(
+                "".join(f"{15 * v} 25 0 0.8 25\n" for v in range(N_RENDERINGS))
+            )
             if model_id not in NO_VOXELS:
                 (voxels / tid / model_id).mkdir(parents=True)
                 n = model_number(model_id)
                 (voxels / tid / model_id / "model.binvox").write_bytes(binvox_bytes(n, 2 * n + 1, 31 - n))
-    entries = [{"taxonomy_id": tid, "taxonomy_name": NAMES[tid], "baseline": {"1-view": 0.5, "5-view": 0.56}, **MODELS[tid]}
-               for tid in MODELS]
+    entries = [
+        {"taxonomy_id": tid, "taxonomy_name": NAMES[tid], "baseline": {"1-view": 0.5, "5-view": 0.56}, **MODELS[tid]}
+        for tid in MODELS
+    ]
     split_file = tmp_path / "ShapeNet.json"
     split_file.write_text(json.dumps(entries, indent="\t"))
     return renderings, voxels, split_file
@@ -74,9 +78,17 @@ def test_read_split_file(shapenet):
         ("{not json", "not valid JSON"),
         ('{"taxonomy_id": "1"}', "JSON list"),
         ('[{"taxonomy_id": "1", "taxonomy_name": "x", "train": [], "val": []}]', "lacks test"),
-        ('[{"taxonomy_id": "1", "taxonomy_name": "x", "train": [1], "val": [], "test": []}]', "list of model id strings"),
-        (('[{"taxonomy_id": "1", "taxonomy_name": "x", "train": [], "val": [], "test": []},'
-          ' {"taxonomy_id": "1", "taxonomy_name": "y", "train": [], "val": [], "test": []}]'), "appears twice"),
+        (
+            '[{"taxonomy_id": "1", "taxonomy_name": "x", "train": [1], "val": [], "test": []}]',
+            "list of model id strings",
+        ),
+        (
+            (
+                '[{"taxonomy_id": "1", "taxonomy_name": "x", "train": [], "val": [], "test": []},'
+                ' {"taxonomy_id": "1", "taxonomy_name": "y", "train": [], "val": [], "test": []}]'
+            ),
+            "appears twice",
+        ),
     ],
 )
 def test_bad_split_files(tmp_path, content, message):

@@ -49,27 +49,16 @@ def test_oat_layout_with_masks(tmp_path):
     written = write_amazon(tmp_path, layout="oat")
     ds = AmazonCovers(tmp_path)
     assert ds.boxes_from == "mask" and len(ds) == 5 and ds.n_before_filter == 5
-    expected_boxes = np.array(
-        sorted(amazon_cover_boxes(), key=lambda b: (b[1] // 10 * 10, b[0])), dtype=float
-    )
+    expected_boxes = np.array(sorted(amazon_cover_boxes(), key=lambda b: (b[1] // 10 * 10, b[0])), dtype=float)
     for t in ds:
         assert isinstance(t, SearchTrial)
         entry = written["entries"][t.stimulus]
-        np.testing.assert_array_equal(
-            t.xy, np.asarray(entry["fixations"][t.subject], dtype=float)
-        )
+        np.testing.assert_array_equal(t.xy, np.asarray(entry["fixations"][t.subject], dtype=float))
         np.testing.assert_array_equal(t.objects, MASK_OBJECTS[(t.stimulus, t.subject)])
         assert t.target == MASK_TARGETS[t.stimulus]
         np.testing.assert_array_equal(t.boxes, expected_boxes)
-        assert (
-            t.grid == (6, 14)
-            and t.layout == t.stimulus.split(".")[0]
-            and t.image_size == AMAZON_SIZE
-        )
-        assert (
-            t.meta["target_name"] == entry["target"]
-            and t.meta["tgt_id"] == entry["target"][7]
-        )
+        assert t.grid == (6, 14) and t.layout == t.stimulus.split(".")[0] and t.image_size == AMAZON_SIZE
+        assert t.meta["target_name"] == entry["target"] and t.meta["tgt_id"] == entry["target"][7]
         assert t.meta["pair"] == f"{t.layout}_{entry['target'][7]}"
         assert t.target_image_path == written["folder"] / "target" / entry["target"]
         assert t.times is None and t.durations is None
@@ -84,12 +73,8 @@ def test_sti_layout_uses_the_grid(tmp_path):
     assert ds.boxes_from == "grid"
     first = ds[0]
     np.testing.assert_array_equal(first.boxes[:2], [[0, 0, 10, 10], [10, 0, 20, 10]])
-    np.testing.assert_array_equal(
-        first.objects, [0, 16, 82]
-    )  # (5,5), (25,14), (129,55) on 10 px cells
-    np.testing.assert_array_equal(
-        ds[1].objects, [17]
-    )  # (40, 20) lies on the edges of 17, 18, 31, 32: the first wins
+    np.testing.assert_array_equal(first.objects, [0, 16, 82])  # (5,5), (25,14), (129,55) on 10 px cells
+    np.testing.assert_array_equal(ds[1].objects, [17])  # (40, 20) lies on the edges of 17, 18, 31, 32: the first wins
     assert first.target == 16
     with pytest.raises(DatasetFormatError, match="binarymask"):
         AmazonCovers(tmp_path, boxes="mask")
@@ -97,9 +82,7 @@ def test_sti_layout_uses_the_grid(tmp_path):
 
 def test_length_outliers_use_mean_and_population_std(tmp_path):
     fix = {str(i): [[5, 5], [6, 6]] for i in range(1, 13)}
-    fix["13"] = [
-        [5, 5]
-    ] * 30  # mean 54/13 = 4.15, std 7.46: 30 > 4.15 + 3 * 7.46 = 26.5
+    fix["13"] = [[5, 5]] * 30  # mean 54/13 = 4.15, std 7.46: 30 > 4.15 + 3 * 7.46 = 26.5
     entries = {
         "1.jpg": {
             "fixations": fix,
@@ -109,20 +92,15 @@ def test_length_outliers_use_mean_and_population_std(tmp_path):
         }
     }
     write_amazon(tmp_path, layout="sti", entries=entries)
-    assert sorted(t.subject for t in AmazonCovers(tmp_path)) == sorted(
-        str(i) for i in range(1, 13)
-    )
+    assert sorted(t.subject for t in AmazonCovers(tmp_path)) == sorted(str(i) for i in range(1, 13))
     assert len(AmazonCovers(tmp_path, drop_outliers=False)) == 13
 
 
 def test_drop_length_outliers_bounds_are_inclusive():
     trials = [
-        SearchTrial(stimulus="s", image_path=None, subject=str(i), xy=np.zeros((n, 2)))
-        for i, n in enumerate([1, 3])
+        SearchTrial(stimulus="s", image_path=None, subject=str(i), xy=np.zeros((n, 2))) for i, n in enumerate([1, 3])
     ]
-    assert (
-        len(drop_length_outliers(trials, k=1.0)) == 2
-    )  # mean 2, std 1: both exactly on the bounds
+    assert len(drop_length_outliers(trials, k=1.0)) == 2  # mean 2, std 1: both exactly on the bounds
     assert drop_length_outliers([]) == []
 
 
@@ -185,22 +163,14 @@ def test_boxes_from_mask_equal_hand_boxes_and_opencv_contours():
     mask = draw_mask((60, 50), shapes)
     mask[31:40, 31:44] = 0  # a ring: its hole ...
     mask[34:36, 36:38] = 255  # ... holds a blob, which RETR_EXTERNAL ignores
-    mask[9, 12] = (
-        255  # touches the first box only by a corner: 8-connected, so part of it
-    )
+    mask[9, 12] = 255  # touches the first box only by a corner: 8-connected, so part of it
     mask[40:44, 2:6] = 255
     expected = [[2, 2, 13, 10], [20, 3, 27, 10], [30, 30, 45, 41], [2, 40, 6, 44]]
     np.testing.assert_array_equal(boxes_from_mask(mask), expected)
     cv2 = pytest.importorskip("cv2")
-    contours, _ = cv2.findContours(
-        (mask > 127).astype(np.uint8) * 255, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
-    )
-    rects = [
-        (x, y, x + w, y + h) for x, y, w, h in (cv2.boundingRect(c) for c in contours)
-    ]
-    np.testing.assert_array_equal(
-        boxes_from_mask(mask), sort_boxes_reading_order(np.array(rects))
-    )
+    contours, _ = cv2.findContours((mask > 127).astype(np.uint8) * 255, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    rects = [(x, y, x + w, y + h) for x, y, w, h in (cv2.boundingRect(c) for c in contours)]
+    np.testing.assert_array_equal(boxes_from_mask(mask), sort_boxes_reading_order(np.array(rects)))
 
 
 def test_colour_masks_use_opencv_grey_weights():
@@ -224,19 +194,9 @@ def test_reading_order_snaps_y_to_tens():
 def test_mapping_and_target_rules():
     boxes = np.array([[0, 0, 10, 10], [10, 0, 20, 10], [0, 10, 10, 20]], dtype=float)
     # (10, 5) is on the shared edge: first containing box; (25, 5) nearest centre (15, 5); (-1, 16) -> (5, 15)
-    np.testing.assert_array_equal(
-        map_fixations_to_objects([[10, 5], [25, 5], [-1, 16]], boxes), [0, 1, 2]
-    )
-    assert (
-        target_from_ground_truth({"xmin": 11, "xmax": 19, "ymin": 1, "ymax": 9}, boxes)
-        == 1
-    )
-    assert (
-        target_from_ground_truth(
-            {"xmin": 50, "xmax": 60, "ymin": 50, "ymax": 60}, boxes
-        )
-        == -1
-    )
+    np.testing.assert_array_equal(map_fixations_to_objects([[10, 5], [25, 5], [-1, 16]], boxes), [0, 1, 2])
+    assert target_from_ground_truth({"xmin": 11, "xmax": 19, "ymin": 1, "ymax": 9}, boxes) == 1
+    assert target_from_ground_truth({"xmin": 50, "xmax": 60, "ymin": 50, "ymax": 60}, boxes) == -1
     np.testing.assert_array_equal(
         grid_boxes((30, 20), rows=2, cols=3),
         [
@@ -258,39 +218,25 @@ def test_oat_yogurt_shelf(tmp_path, fmt):
     ds = OATShelf(tmp_path, "yogurt")
     assert len(ds) == 2
     for t, s in zip(ds, written["scanpaths"]):
-        assert (
-            t.stimulus == f"{s['Question']}.png"
-            and t.layout == s["Question"]
-            and t.subject == str(s["Sub_ID"])
-        )
+        assert t.stimulus == f"{s['Question']}.png" and t.layout == s["Question"] and t.subject == str(s["Sub_ID"])
         np.testing.assert_array_equal(t.objects, np.array(s["Choice"]) - 1)
         np.testing.assert_array_equal(t.xy, np.stack([s["X"], s["Y"]], axis=1))
-        assert (
-            t.target == s["T_Package"] - 1
-            and t.grid == (3, 9)
-            and t.image_size == (1680, 1050)
-        )
+        assert t.target == s["T_Package"] - 1 and t.grid == (3, 9) and t.image_size == (1680, 1050)
         assert (
             t.meta["task"] == "Q3"
             and t.meta["target_name"] == s["Target"]
             and t.meta["pair"] == s["Target"] + s["Question"]
         )
-        assert (
-            t.image_path.is_file() and t.target_image_path.name == f"{s['Target']}.png"
-        )
+        assert t.image_path.is_file() and t.target_image_path.name == f"{s['Target']}.png"
     # cells of 186 x 305 px under a 1050 - 3 * 305 = 135 px header
-    np.testing.assert_array_equal(
-        ds[0].boxes[[0, 10]], [[0, 135, 186, 440], [186, 440, 372, 745]]
-    )
+    np.testing.assert_array_equal(ds[0].boxes[[0, 10]], [[0, 135, 186, 440], [186, 440, 372, 745]])
 
 
 def test_oat_wine_shelf_and_errors(tmp_path):
     write_oat_shelf(tmp_path, "wine")
     ds = OATShelf(tmp_path, "wine")
     assert ds[0].grid == (2, 11) and len(ds[0].boxes) == 22
-    np.testing.assert_array_equal(
-        shelf_boxes("wine")[12], [152, 601, 304, 1050]
-    )  # header 1050 - 2 * 449 = 152
+    np.testing.assert_array_equal(shelf_boxes("wine")[12], [152, 601, 304, 1050])  # header 1050 - 2 * 449 = 152
     with pytest.raises(DatasetFormatError, match="time_Q3_mousedel_new"):
         OATShelf(tmp_path, "yogurt")
     with pytest.raises(InvalidInputError):
@@ -299,7 +245,11 @@ def test_oat_wine_shelf_and_errors(tmp_path):
     with pytest.raises(DatasetFormatError, match=r"bad\.xlsx.*Choice"):
         OATShelf(tmp_path, "wine", data_file=tmp_path / "bad.xlsx")
     header = ["ID", "Sub_ID", "Index", "Target", "Question", "T_Package", "Choice", "X", "Y"]
-    write_xlsx(tmp_path / "blank.xlsx", header, [[7, 1, 1, "T1_1", "Q1_3", 2, 4, 10.0, 20.0], [7, 1, 2, "T1_1", "Q1_3", 2, None, 30.0, 40.0]])
+    write_xlsx(
+        tmp_path / "blank.xlsx",
+        header,
+        [[7, 1, 1, "T1_1", "Q1_3", 2, 4, 10.0, 20.0], [7, 1, 2, "T1_1", "Q1_3", 2, None, 30.0, 40.0]],
+    )
     with pytest.raises(DatasetFormatError, match=r"blank\.xlsx: scanpath ID 7 has a row with an empty 'Choice' cell"):
         OATShelf(tmp_path, "wine", data_file=tmp_path / "blank.xlsx")
 
@@ -338,9 +288,7 @@ def test_official_split_from_permutation_file_and_seed(tmp_path):
     assert split["train"] == [trials[i] for i in perm[:8]]
     assert split["val"] == [trials[perm[8]]] and split["test"] == [trials[perm[9]]]
     a, b = official_split(trials, 7), official_split(trials, 7)
-    assert all(a[k] == b[k] for k in a) and [
-        len(a[k]) for k in ("train", "val", "test")
-    ] == [8, 1, 1]
+    assert all(a[k] == b[k] for k in a) and [len(a[k]) for k in ("train", "val", "test")] == [8, 1, 1]
     assert sorted(id(t) for k in a for t in a[k]) == sorted(id(t) for t in trials)
     (tmp_path / "bad.txt").write_text("0\n1\n1")
     with pytest.raises(DatasetFormatError, match="bad.txt"):
@@ -348,9 +296,7 @@ def test_official_split_from_permutation_file_and_seed(tmp_path):
 
 
 def test_official_split_is_per_task():
-    trials = make_trials(10, 2, task="Q3") + make_trials(
-        5, 2, task="Q1"
-    )  # 20 + 10 scanpaths
+    trials = make_trials(10, 2, task="Q3") + make_trials(5, 2, task="Q1")  # 20 + 10 scanpaths
     split = official_split(trials, 0)
     assert [len(split[k]) for k in ("train", "val", "test")] == [16 + 8, 2 + 1, 2 + 1]
     assert sum(t.meta["task"] == "Q1" for t in split["test"]) == 1
@@ -366,14 +312,8 @@ def test_leakage_free_split(by):
         "layout_target": lambda t: (t.layout, t.meta["target_name"]),
     }[by]
     keys = {k: {key(t) for t in v} for k, v in split.items()}
-    assert (
-        not (keys["train"] & keys["val"])
-        and not (keys["train"] & keys["test"])
-        and not (keys["val"] & keys["test"])
-    )
-    assert all(split[k] for k in split) and sum(len(v) for v in split.values()) == len(
-        trials
-    )
+    assert not (keys["train"] & keys["val"]) and not (keys["train"] & keys["test"]) and not (keys["val"] & keys["test"])
+    assert all(split[k] for k in split) and sum(len(v) for v in split.values()) == len(trials)
     assert split == leakage_free_split(trials, by=by, fractions=(0.6, 0.2, 0.2), seed=1)
     if by == "layout":
         assert [len(split[k]) for k in ("train", "val", "test")] == [
@@ -398,4 +338,6 @@ def test_amazon_records_follow_the_json_order(tmp_path):
     }
     write_amazon(tmp_path, layout="sti", entries={name: entry for name in ("1.jpg", "10.jpg", "2.jpg")})
     trials = AmazonCovers(tmp_path, drop_outliers=False)
-    assert [(t.stimulus, t.subject) for t in trials] == [(n, s) for n in ("1.jpg", "10.jpg", "2.jpg") for s in ("2", "1")]
+    assert [(t.stimulus, t.subject) for t in trials] == [
+        (n, s) for n in ("1.jpg", "10.jpg", "2.jpg") for s in ("2", "1")
+    ]

@@ -8,7 +8,8 @@ import attnzoo
 from attnzoo.cli import main
 from attnzoo.datasets.imagenet import imagenet_synsets
 from attnzoo.errors import InvalidInputError
-from attnzoo.evaluation import evaluate, get_evaluator
+from attnzoo.evaluation import evaluate
+from attnzoo.tasks import get_evaluator
 
 WNIDS = imagenet_synsets()[0]
 
@@ -44,8 +45,24 @@ def imagenet_tree(tmp_path_factory, photo):
 
 def test_cli_eval_writes_correct_metrics(imagenet_tree, tmp_path, capsys):
     root, expected = imagenet_tree
-    code = main(["eval", "image-classification", "--model", "test_resnet", "--weights", str(root / "weights.safetensors"),
-                 "--data", str(root), "--out", str(tmp_path / "out"), "--batch-size", "3", "--num-workers", "0"])
+    code = main(
+        [
+            "eval",
+            "image-classification",
+            "--model",
+            "test_resnet",
+            "--weights",
+            str(root / "weights.safetensors"),
+            "--data",
+            str(root),
+            "--out",
+            str(tmp_path / "out"),
+            "--batch-size",
+            "3",
+            "--num-workers",
+            "0",
+        ]
+    )
     assert code == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["n"] == 8 and metrics["skipped"] == 1
@@ -62,8 +79,25 @@ def test_cli_eval_writes_correct_metrics(imagenet_tree, tmp_path, capsys):
 def test_issue_command_resnet18_random_weights(imagenet_tree, tmp_path):
     root, _ = imagenet_tree
     out = tmp_path / "out"
-    assert main(["eval", "image-classification", "--model", "resnet18", "--weights", "none", "--data", str(root),
-                 "--out", str(out), "--limit", "5"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "image-classification",
+                "--model",
+                "resnet18",
+                "--weights",
+                "none",
+                "--data",
+                str(root),
+                "--out",
+                str(out),
+                "--limit",
+                "5",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert metrics["n"] + metrics["skipped"] == 5 and metrics["n"] == len(preds)
@@ -86,7 +120,9 @@ class Interrupting:
 
 def test_resume_after_interruption(imagenet_tree, tmp_path):
     root, _ = imagenet_tree
-    pipe = attnzoo.pipeline("image-classification", model="test_resnet", weights=root / "weights.safetensors", device="cpu")
+    pipe = attnzoo.pipeline(
+        "image-classification", model="test_resnet", weights=root / "weights.safetensors", device="cpu"
+    )
     evaluator_cls = get_evaluator("image-classification")
     settings = {"model": "test_resnet", "data": str(root)}
     full = evaluate(pipe, evaluator_cls(root), tmp_path / "full", settings=settings, batch_size=2, progress=False)
@@ -117,7 +153,9 @@ def test_resume_after_interruption(imagenet_tree, tmp_path):
 
 def test_other_settings_in_same_out_dir_is_an_error(imagenet_tree, tmp_path):
     root, _ = imagenet_tree
-    pipe = attnzoo.pipeline("image-classification", model="test_resnet", weights=root / "weights.safetensors", device="cpu")
+    pipe = attnzoo.pipeline(
+        "image-classification", model="test_resnet", weights=root / "weights.safetensors", device="cpu"
+    )
     ev = get_evaluator("classification")(root, limit=2)
     evaluate(pipe, ev, tmp_path, settings={"model": "a"}, progress=False)
     with pytest.raises(InvalidInputError, match="model"):
@@ -162,11 +200,35 @@ def test_eval_under_torchrun_shards_and_gathers(imagenet_tree, tmp_path):
     import sys
 
     root, _ = imagenet_tree
-    args = ["eval", "image-classification", "--model", "test_resnet", "--weights", str(root / "weights.safetensors"), "--data", str(root),
-            "--batch-size", "3", "--num-workers", "0"]
+    args = [
+        "eval",
+        "image-classification",
+        "--model",
+        "test_resnet",
+        "--weights",
+        str(root / "weights.safetensors"),
+        "--data",
+        str(root),
+        "--batch-size",
+        "3",
+        "--num-workers",
+        "0",
+    ]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523", "-m", "attnzoo.cli",
-           *args, "--out", str(tmp_path / "two")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29523",
+        "-m",
+        "attnzoo.cli",
+        *args,
+        "--out",
+        str(tmp_path / "two"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))

@@ -18,7 +18,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from attnzoo.kernels.triton import grouped, linear, masked, topk
+from attnzoo.kernels.triton import grouped, linear, masked
 
 FLOAT_ARGS = {"qk_scale", "scale", "c", "denom_min"}
 STAT_PTRS = {"LSE", "DELTA", "S", "Z", "VS", "DS", "DZ", "DX", "DTAU"}
@@ -29,8 +29,6 @@ KERNELS = {
     "grouped_fwd": (grouped._grouped_fwd_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32)),
     "grouped_bwd_dq": (grouped._grouped_bwd_dq_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32)),
     "grouped_bwd_dkdv": (grouped._grouped_bwd_dkdv_kernel, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=64)),
-    "topk_fwd": (topk._topk_fwd_kernel, dict(zip(("BLOCK_M", "BLOCK_K", "BLOCK_D"), topk._tiles(50, 64), strict=True))),
-    "topk_bwd": (topk._topk_bwd_kernel, dict(zip(("BLOCK_M", "BLOCK_K", "BLOCK_D"), topk._tiles(50, 64), strict=True))),
     "masked_fwd": (masked._masked_fwd_kernel, "masked"),
     "masked_bwd_dq": (masked._masked_bwd_dq_kernel, "masked"),
     "masked_bwd_dkdv": (masked._masked_bwd_dkdv_kernel, "masked"),
@@ -49,11 +47,11 @@ def as_jit(kernel):
 def compile_kernel(name, dtype, arch):
     kernel, blocks = KERNELS[name]
     if blocks == "masked":  # the tiles the launcher picks for head dim 64 in this dtype
-        blocks = dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_D"), masked._tiles(64, 2 if dtype == "fp16" else 4), strict=True))
+        blocks = dict(
+            zip(("BLOCK_M", "BLOCK_N", "BLOCK_D"), masked._tiles(64, 2 if dtype == "fp16" else 4), strict=True)
+        )
     fn = as_jit(kernel)
     constexprs = {**blocks, "ACC": tl.float32}
-    if "UPCAST" in fn.arg_names:
-        constexprs["UPCAST"] = False
     signature = {}
     for arg in fn.arg_names:
         if arg in constexprs:
@@ -62,7 +60,7 @@ def compile_kernel(name, dtype, arch):
             signature[arg] = "fp32"
         elif arg in INDEX_PTRS:
             signature[arg] = "*i32"
-        elif arg in STAT_PTRS or (arg in {"DK", "DV"} and name.startswith("topk")):
+        elif arg in STAT_PTRS:
             signature[arg] = "*fp32"
         elif arg in DATA_PTRS:
             signature[arg] = f"*{dtype}"

@@ -1,26 +1,30 @@
-"""On a CUDA device: the Triton backends in bf16 and fp16 against the fp64 reference, and
+"""On a CUDA device: the Triton backends in bf16 and fp16 against the fp64 oracle, and
 deterministic backward where the kernels promise it. Skipped without CUDA (the `gpu` marker)."""
 
 import pytest
 import torch
 
 import attnzoo.kernels as K
+from attnzoo.kernels import oracle as O
 
 pytestmark = pytest.mark.gpu
 TOL = {torch.bfloat16: dict(atol=2e-2, rtol=2e-2), torch.float16: dict(atol=4e-3, rtol=4e-3)}
 
 
-def run(backend, fn, inputs):
+def run(fn, inputs, backend=None):
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    with K.use_backend(backend):
+    if backend is None:
         out = fn(*leaves)
+    else:
+        with K.use_backend(backend):
+            out = fn(*leaves)
     grads = torch.autograd.grad(out.float().square().sum(), leaves)
     return out, grads
 
 
-def compare(fn, inputs, dtype):
-    out, grads = run("triton", fn, [t.to(dtype) for t in inputs])
-    ref, ref_grads = run("reference", fn, [t.double() for t in inputs])
+def compare(fn, oracle, inputs, dtype):
+    out, grads = run(fn, [t.to(dtype) for t in inputs], "triton")
+    ref, ref_grads = run(oracle, [t.double() for t in inputs])
     torch.testing.assert_close(out.double(), ref, **TOL[dtype])
     for got, want in zip(grads, ref_grads, strict=True):
         scale = want.abs().max().clamp(min=1)
@@ -35,14 +39,33 @@ def test_all_ops_on_gpu(dtype):
     q, k, v = (torch.randn(B, side * side, H, D, device=dev) for _ in range(3))
     groups = K.window_groups(side, side, 4, device=dev)
     route = K.region_routing(q.reshape(B, -1, H * D), k.reshape(B, -1, H * D), groups, 4, (H * D) ** -0.5)
-    compare(lambda a, b, c: K.grouped_attention(a, b, c, groups, route=route), (q, k, v), dtype)
+    scale = D**-0.5
+    compare(
+        lambda a, b, c: K.grouped_attention(a, b, c, groups, route=route),
+        lambda a, b, c: O.grouped_attention(a, b, c, groups, groups, route, scale),
+        (q, k, v),
+        dtype,
+    )
     qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-    index = torch.rand(B, H, side * side, side * side, device=dev).topk(16, dim=-1).indices.int()
-    compare(lambda a, b, c: K.topk_attention(a, b, c, index), (qh, kh, vh), dtype)
     mask = torch.rand(B, H, 197, 197, device=dev) < 0.25
-    compare(lambda a, b, c: K.masked_attention(a, b, c, mask), (qh[:, :, :197], kh[:, :, :197], vh[:, :, :197]), dtype)
-    compare(lambda a, b, c: K.linear_attention(a, b, c, temperature=0.2, denom_min=100.0), (qh, kh, vh), dtype)
-    compare(lambda a, b, c: K.inline_attention(a, b, c), (qh, kh, vh), dtype)
+    compare(
+        lambda a, b, c: K.masked_attention(a, b, c, mask),
+        lambda a, b, c: O.masked_attention(a, b, c, mask, scale),
+        (qh[:, :, :197], kh[:, :, :197], vh[:, :, :197]),
+        dtype,
+    )
+    compare(
+        lambda a, b, c: K.l2vit_linear_attention(a, b, c, temperature=0.2, denom_min=100.0),
+        lambda a, b, c: O.l2vit_linear_attention(a, b, c, 0.2, 100.0),
+        (qh, kh, vh),
+        dtype,
+    )
+    compare(
+        lambda a, b, c: K.inline_attention(a, b, c),
+        lambda a, b, c: O.inline_attention(a, b, c, scale),
+        (qh, kh, vh),
+        dtype,
+    )
 
 
 def test_grouped_backward_is_bitwise_deterministic_on_gpu():
@@ -50,5 +73,7 @@ def test_grouped_backward_is_bitwise_deterministic_on_gpu():
     q, k, v = (torch.randn(2, 784, 4, 32, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     groups = K.window_groups(28, 28, 4, device="cuda")
     route = K.region_routing(q.reshape(2, 784, -1), k.reshape(2, 784, -1), groups, 4, 128**-0.5)
-    runs = [run("triton", lambda a, b, c: K.grouped_attention(a, b, c, groups, route=route), (q, k, v))[1] for _ in range(2)]
+    runs = [
+        run(lambda a, b, c: K.grouped_attention(a, b, c, groups, route=route), (q, k, v), "triton")[1] for _ in range(2)
+    ]
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))

@@ -1,4 +1,4 @@
-"""grouped_attention: every backend equals the reference, forward and backward."""
+"""grouped_attention: every backend equals the oracle, forward and backward."""
 
 import json
 import logging
@@ -8,12 +8,16 @@ import torch
 
 import attnzoo.kernels as K
 from attnzoo.errors import BackendUnavailableError, InvalidInputError
-from attnzoo.kernels import reference as R
+from attnzoo.kernels import oracle as O
+from attnzoo.kernels import torch_impl as T
+from tests.kernels.oracle_check import FP32_TOL, assert_matches_oracle
 
 interpret = pytest.mark.interpret
 
 
-def make_case(B=2, Hm=8, Wm=8, H=2, D=16, window=4, topk=2, per_head=False, dtype=torch.float32, seed=0, grouping="window"):
+def make_case(
+    B=2, Hm=8, Wm=8, H=2, D=16, window=4, topk=2, per_head=False, dtype=torch.float32, seed=0, grouping="window"
+):
     g = torch.Generator().manual_seed(seed)
     groups = K.window_groups(Hm, Wm, window) if grouping == "window" else K.dilated_groups(Hm, Wm, window)
     G = groups.shape[0]
@@ -21,7 +25,11 @@ def make_case(B=2, Hm=8, Wm=8, H=2, D=16, window=4, topk=2, per_head=False, dtyp
     route = None
     if topk is not None:
         shape = (B, H, G) if per_head else (B, G)
-        route = torch.stack([torch.randperm(G, generator=g)[:topk] for _ in range(int(torch.tensor(shape).prod()))]).view(*shape, topk).int()
+        route = (
+            torch.stack([torch.randperm(G, generator=g)[:topk] for _ in range(int(torch.tensor(shape).prod()))])
+            .view(*shape, topk)
+            .int()
+        )
     return q, k, v, groups, route
 
 
@@ -37,35 +45,42 @@ CASES = {
 }
 
 
-def reference_grads(q, k, v, groups, route, scale, d_out):
+def oracle_grads(q, k, v, groups, route, scale, d_out):
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    out = R.grouped_attention(*leaves, groups, groups, route, scale)
+    out = O.grouped_attention(*leaves, groups, groups, route, scale)
     return out, torch.autograd.grad(out, leaves, d_out.double())
+
+
+def check_backend(backend, case, dtype):
+    q, k, v, groups, route = make_case(dtype=dtype, **CASES[case])
+    tol = FP32_TOL if dtype == torch.float32 else dict(atol=3e-3, rtol=3e-3)
+    assert_matches_oracle(
+        backend,
+        lambda a, b, c: K.grouped_attention(a, b, c, groups, route=route, scale=0.3),
+        lambda a, b, c: O.grouped_attention(a, b, c, groups, groups, route, 0.3),
+        (q, k, v),
+        tol,
+    )
 
 
 @interpret
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", list(CASES))
-def test_triton_matches_reference(case, dtype):
-    q, k, v, groups, route = make_case(dtype=dtype, **CASES[case])
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    with K.use_backend("triton"):
-        out = K.grouped_attention(*leaves, groups, route=route, scale=0.3)
-    d_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, leaves, d_out)
-    ref, ref_grads = reference_grads(q, k, v, groups, route, 0.3, d_out)
-    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-3, rtol=3e-3)
-    torch.testing.assert_close(out.double(), ref, **tol)
-    for got, want in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(got.double(), want, **tol)
+def test_triton_matches_oracle(case, dtype):
+    check_backend("triton", case, dtype)
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_flex_forward_matches_reference(case):
+def test_torch_backend_matches_oracle(case):
+    check_backend("torch", case, torch.float32)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_flex_forward_matches_oracle(case):
     q, k, v, groups, route = make_case(**CASES[case])
     with K.use_backend("flex"):
         out = K.grouped_attention(q, k, v, groups, route=route, scale=0.3)
-    torch.testing.assert_close(out, R.grouped_attention(q, k, v, groups, groups, route, 0.3), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out, O.grouped_attention(q, k, v, groups, groups, route, 0.3), **FP32_TOL)
 
 
 @interpret
@@ -73,7 +88,9 @@ def test_triton_gradcheck_fp64():
     q, k, v, groups, route = make_case(B=1, Hm=4, Wm=6, window=(2, 3), H=1, topk=2, dtype=torch.float64)
     leaves = [t.requires_grad_() for t in (q, k, v)]
     with K.use_backend("triton"):
-        assert torch.autograd.gradcheck(lambda a, b, c: K.grouped_attention(a, b, c, groups, route=route), leaves, fast_mode=True)
+        assert torch.autograd.gradcheck(
+            lambda a, b, c: K.grouped_attention(a, b, c, groups, route=route), leaves, fast_mode=True
+        )
 
 
 @interpret
@@ -99,7 +116,7 @@ def test_triton_reads_non_contiguous_views_in_place():
     route = make_case()[4]
     with K.use_backend("triton"):
         out = K.grouped_attention(q, k, v, groups, route=route)
-    torch.testing.assert_close(out, R.grouped_attention(q, k, v, groups, groups, route, D**-0.5), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out, O.grouped_attention(q, k, v, groups, groups, route, D**-0.5), **FP32_TOL)
 
 
 @interpret
@@ -109,7 +126,7 @@ def test_query_group_with_no_valid_key_outputs_zero():
     kv_groups = torch.tensor([[0, 1, 2, 3], [-1, -1, -1, -1]], dtype=torch.int32)
     route = torch.tensor([[[0], [1]]], dtype=torch.int32)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    for backend in ("triton", "reference"):
+    for backend in ("triton", "torch"):
         with K.use_backend(backend):
             out = K.grouped_attention(*leaves, q_groups, kv_groups, route)
         assert torch.isfinite(out).all() and (out[:, 8:] == 0).all()
@@ -127,10 +144,10 @@ def test_custom_op_passes_opcheck():
         torch.library.opcheck(ops.grouped_attention_fwd, args)
 
 
-def test_cpu_default_is_reference_and_skips_are_logged(caplog):
+def test_cpu_default_is_torch_and_skips_are_logged(caplog):
     q, k, v, groups, route = make_case()
     reasons = K.available_backends("grouped_attention", q, k, v, groups, groups, route, 1.0)
-    assert reasons["reference"] is None and reasons["triton"] and reasons["flex"]
+    assert reasons["torch"] is None and reasons["triton"] and reasons["flex"]
     with caplog.at_level(logging.DEBUG, logger="attnzoo.kernels"):
         K.grouped_attention(q, k, v, groups, route=route)
     assert "skipping triton backend" in caplog.text
@@ -143,26 +160,31 @@ def test_env_var_forces_backend(monkeypatch):
     q.requires_grad_()
     with pytest.raises(BackendUnavailableError, match="no backward on the CPU"):
         K.grouped_attention(q, k, v, groups, route=route)
+    monkeypatch.setenv("ATTNZOO_ATTN_BACKEND", "torch")
+    assert K.forced_backend() == "torch"
     monkeypatch.setenv("ATTNZOO_ATTN_BACKEND", "fastest")
     with pytest.raises(InvalidInputError, match="unknown attention backend"):
         K.grouped_attention(q, k, v, groups, route=route)
-    with pytest.raises(InvalidInputError):
-        with K.use_backend("cuda"):
+    with pytest.raises(InvalidInputError, match="choose one of triton, flex, torch"):
+        with K.use_backend("reference"):  # the test oracle is not a backend
             pass
 
 
-@pytest.mark.parametrize("mutate, match", [
-    (lambda a: {**a, "q": a["q"][0]}, "must be a \\[B, N, H, D\\]"),
-    (lambda a: {**a, "k": a["k"].half()}, "dtypes differ"),
-    (lambda a: {**a, "v": a["v"][:, :, :1]}, "k and v must be"),
-    (lambda a: {**a, "q": a["q"].long()}, "floating point"),
-    (lambda a: {**a, "route": a["route"] + 10}, "outside"),
-    (lambda a: {**a, "route": a["route"][:, :2]}, "does not match"),
-    (lambda a: {**a, "route": a["route"].float()}, "integer"),
-    (lambda a: {**a, "q_groups": a["q_groups"].clone().index_fill_(1, torch.tensor([1]), 0)}, "more than one"),
-    (lambda a: {**a, "q_groups": a["q_groups"] + 100}, "outside"),
-    (lambda a: {**a, "route": None, "kv_groups": a["q_groups"][:2]}, "same number of groups"),
-])
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda a: {**a, "q": a["q"][0]}, "must be a \\[B, N, H, D\\]"),
+        (lambda a: {**a, "k": a["k"].half()}, "dtypes differ"),
+        (lambda a: {**a, "v": a["v"][:, :, :1]}, "k and v must be"),
+        (lambda a: {**a, "q": a["q"].long()}, "floating point"),
+        (lambda a: {**a, "route": a["route"] + 10}, "outside"),
+        (lambda a: {**a, "route": a["route"][:, :2]}, "does not match"),
+        (lambda a: {**a, "route": a["route"].float()}, "integer"),
+        (lambda a: {**a, "q_groups": a["q_groups"].clone().index_fill_(1, torch.tensor([1]), 0)}, "more than one"),
+        (lambda a: {**a, "q_groups": a["q_groups"] + 100}, "outside"),
+        (lambda a: {**a, "route": None, "kv_groups": a["q_groups"][:2]}, "same number of groups"),
+    ],
+)
 def test_bad_input_is_a_typed_error(mutate, match):
     q, k, v, groups, route = make_case()
     args = mutate(dict(q=q, k=k, v=v, q_groups=groups, kv_groups=None, route=route))
@@ -177,7 +199,14 @@ def test_group_tables():
     with pytest.raises(InvalidInputError):
         K.dilated_groups(3, 4, 2)
     lrgt = K.across_views(K.dilated_groups(14, 14, 7), views=3, tokens_per_view=196)
-    assert lrgt.shape == (49, 12) and lrgt[0, :6].tolist() == [0, 196, 392, 7, 203, 399]  # (0,0), then (0,7), each from 3 views
+    assert lrgt.shape == (49, 12) and lrgt[0, :6].tolist() == [
+        0,
+        196,
+        392,
+        7,
+        203,
+        399,
+    ]  # (0,0), then (0,7), each from 3 views
     assert sorted(lrgt.flatten().tolist()) == list(range(3 * 196))
     route = torch.tensor([[[[1, 0], [1, 2], [0, 1]]]])
     ptr, idx = K.inverse_routing(route, 3)
@@ -206,25 +235,32 @@ def test_biformer_bra_op_parity(reference_dir):
     assert torch.equal(route.long(), expected["r_idx"])
     split = lambda t: t.reshape(B, Hm * Wm, heads, -1)  # noqa: E731
     tol = cfg["suggested_tolerance"]
-    for backend in ("reference", "flex", "triton"):
+    for backend in ("torch", "flex", "triton"):
         with K.use_backend(backend), torch.no_grad():
-            attn = K.grouped_attention(split(q), split(k), split(v), groups, route=route, scale=scale).reshape(B, Hm, Wm, C)
-        lepe = torch.nn.functional.conv2d(v.reshape(B, Hm, Wm, C).permute(0, 3, 1, 2), sd["lepe.weight"], sd["lepe.bias"],
-                                          padding=kw["side_dwconv"] // 2, groups=C).permute(0, 2, 3, 1)
+            attn = K.grouped_attention(split(q), split(k), split(v), groups, route=route, scale=scale).reshape(
+                B, Hm, Wm, C
+            )
+        lepe = torch.nn.functional.conv2d(
+            v.reshape(B, Hm, Wm, C).permute(0, 3, 1, 2),
+            sd["lepe.weight"],
+            sd["lepe.bias"],
+            padding=kw["side_dwconv"] // 2,
+            groups=C,
+        ).permute(0, 2, 3, 1)
         y = torch.nn.functional.linear(attn + lepe, sd["wo.weight"], sd["wo.bias"])
         torch.testing.assert_close(y, expected["y"], atol=tol["atol"], rtol=tol["rtol"])
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_dense_formulation_equals_gather_oracle(case):
-    """The reference backend's dense-under-a-mask path is the same op as the gather oracle."""
+def test_dense_formulation_equals_the_oracle(case):
+    """The torch backend's dense-under-a-mask formulation is the same op as the oracle."""
     q, k, v, groups, route = make_case(**CASES[case])
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    dense = R.grouped_attention_dense(*leaves, groups, groups, route, 0.3)
-    ref, ref_grads = reference_grads(q, k, v, groups, route, 0.3, torch.ones_like(dense))
-    torch.testing.assert_close(dense.double(), ref, atol=2e-5, rtol=1e-4)
+    dense = T.grouped_attention_dense(*leaves, groups, groups, route, 0.3)
+    ref, ref_grads = oracle_grads(q, k, v, groups, route, 0.3, torch.ones_like(dense))
+    torch.testing.assert_close(dense.double(), ref, **FP32_TOL)
     for got, want in zip(torch.autograd.grad(dense.sum(), leaves), ref_grads, strict=True):
-        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(got.double(), want, **FP32_TOL)
 
 
 def test_dense_formulation_with_empty_rows():
@@ -232,31 +268,35 @@ def test_dense_formulation_with_empty_rows():
     q_groups = torch.arange(16, dtype=torch.int32).view(2, 8)
     kv_groups = torch.tensor([[0, 1, 2, 3], [-1, -1, -1, -1]], dtype=torch.int32)
     route = torch.tensor([[[0], [1]]], dtype=torch.int32)
-    dense = R.grouped_attention_dense(q, k, v, q_groups, kv_groups, route, 0.5)
-    torch.testing.assert_close(dense, R.grouped_attention(q, k, v, q_groups, kv_groups, route, 0.5))
+    dense = T.grouped_attention_dense(q, k, v, q_groups, kv_groups, route, 0.5)
+    torch.testing.assert_close(dense, O.grouped_attention(q, k, v, q_groups, kv_groups, route, 0.5))
     assert (dense[:, 8:] == 0).all()
 
 
-def test_reference_backend_picks_the_cheaper_exact_formulation(monkeypatch):
+def test_torch_backend_picks_the_cheaper_exact_formulation(monkeypatch):
     calls = []
-    for name in ("grouped_attention", "grouped_attention_dense", "grouped_attention_partition"):
-        original = getattr(R, name)
-        monkeypatch.setattr(R, name, lambda *a, _o=original, _n=name: calls.append(_n) or _o(*a))
-    q, k, v, groups, route = make_case(Hm=8, Wm=8, window=2, topk=8)  # 16 regions of 4 tokens, 8 routed: BiFormer stage 3
+    for name in ("grouped_attention_gather", "grouped_attention_dense", "grouped_attention_partition"):
+        original = getattr(T, name)
+        monkeypatch.setattr(T, name, lambda *a, _o=original, _n=name: calls.append(_n) or _o(*a))
+    q, k, v, groups, route = make_case(
+        Hm=8, Wm=8, window=2, topk=8
+    )  # 16 regions of 4 tokens, 8 routed: BiFormer stage 3
     K.grouped_attention(q, k, v, groups, route=route)
     q, k, v, groups, _ = make_case(topk=None)  # plain windows: a partition of the tokens
     K.grouped_attention(q, k, v, groups)
     q, k, v, groups, route = make_case(**CASES["odd_map_padded_windows_d24"])  # padded windows
     K.grouped_attention(q, k, v, groups, route=route)
-    assert calls == ["grouped_attention_dense", "grouped_attention_partition", "grouped_attention"]
+    assert calls == ["grouped_attention_dense", "grouped_attention_partition", "grouped_attention_gather"]
 
 
 @pytest.mark.parametrize("per_head", [False, True])
-def test_partition_formulation_equals_the_gather_oracle(per_head):
+def test_partition_formulation_equals_the_oracle(per_head):
     q, k, v, groups, route = make_case(H=3, per_head=per_head, dtype=torch.float64)
     for t in (q, k, v):
         t.requires_grad_(True)
-    expected = R.grouped_attention(q, k, v, groups, groups, route, 0.3)
-    ours = R.grouped_attention_partition(q, k, v, groups, groups, route, 0.3)
+    expected = O.grouped_attention(q, k, v, groups, groups, route, 0.3)
+    ours = T.grouped_attention_partition(q, k, v, groups, groups, route, 0.3)
     torch.testing.assert_close(ours, expected)
-    torch.testing.assert_close(torch.autograd.grad(ours.sum(), (q, k, v)), torch.autograd.grad(expected.sum(), (q, k, v)))
+    torch.testing.assert_close(
+        torch.autograd.grad(ours.sum(), (q, k, v)), torch.autograd.grad(expected.sum(), (q, k, v))
+    )

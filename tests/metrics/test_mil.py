@@ -71,8 +71,14 @@ def test_macro_f1_skips_classes_absent_from_labels_and_predictions():
 
 def test_class_without_positives_counts_zero_like_torchmetrics():
     """torchmetrics' multiclass_auroc docstring example: macro 0.5333, per class [1, 1, 1/3, 1/3, 0]."""
-    probs = np.array([[0.75, 0.05, 0.05, 0.05, 0.05], [0.05, 0.75, 0.05, 0.05, 0.05],
-                      [0.05, 0.05, 0.75, 0.05, 0.05], [0.05, 0.05, 0.05, 0.75, 0.05]])
+    probs = np.array(
+        [
+            [0.75, 0.05, 0.05, 0.05, 0.05],
+            [0.05, 0.75, 0.05, 0.05, 0.05],
+            [0.05, 0.05, 0.75, 0.05, 0.05],
+            [0.05, 0.05, 0.05, 0.75, 0.05],
+        ]
+    )
     labels = np.array([0, 1, 3, 2])
     with pytest.warns(UserWarning, match=r"class\(es\) \[4\]"):
         got = mil_metrics(probs, labels)

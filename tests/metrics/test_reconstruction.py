@@ -18,7 +18,7 @@ from attnzoo.metrics.reconstruction import (
 
 def box(shape=(32, 32, 32), lo=(0, 0, 0), hi=(4, 4, 4), value=1.0):
     grid = np.zeros(shape, dtype=np.float32)
-    grid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = value
+    grid[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = value
     return grid
 
 
@@ -67,9 +67,15 @@ def test_iou_edge_cases():
 
 def test_summary_weights_classes_by_samples_and_takes_the_max_threshold():
     ious = [[0.5, 0.6, 0.7], [0.7, 0.8, 0.5], [0.2, 0.9, 0.3]]
-    summary = summarize_iou(ious, ["02691156", "02691156", "03001627"], taxonomy_names={"02691156": "aeroplane", "03001627": "chair"})
+    summary = summarize_iou(
+        ious, ["02691156", "02691156", "03001627"], taxonomy_names={"02691156": "aeroplane", "03001627": "chair"}
+    )
     plane, chair = summary["per_class"]["02691156"], summary["per_class"]["03001627"]
-    assert plane["taxonomy_name"] == "aeroplane" and plane["n_samples"] == 2 and plane["iou"] == pytest.approx([0.6, 0.7, 0.6])
+    assert (
+        plane["taxonomy_name"] == "aeroplane"
+        and plane["n_samples"] == 2
+        and plane["iou"] == pytest.approx([0.6, 0.7, 0.6])
+    )
     assert chair["n_samples"] == 1 and chair["iou"] == pytest.approx([0.2, 0.9, 0.3])
     # sample-weighted: (2 * plane + 1 * chair) / 3, not the mean of the two classes
     assert summary["overall"] == pytest.approx([1.4 / 3, 2.3 / 3, 1.5 / 3])
@@ -155,7 +161,14 @@ def test_mesh_matches_pymcubes_when_installed():
     ref_vertices, ref_faces = mcubes.marching_cubes(padded, 0)
     vertices, faces = voxels_to_mesh(grid, 0.0)
     assert mesh_area(vertices * 13, faces) == pytest.approx(mesh_area(ref_vertices, ref_faces))
-    used = np.unique(ref_faces[np.linalg.norm(np.cross(*(ref_vertices[ref_faces[:, k]] - ref_vertices[ref_faces[:, 0]] for k in (1, 2))), axis=1) > 0])
+    used = np.unique(
+        ref_faces[
+            np.linalg.norm(
+                np.cross(*(ref_vertices[ref_faces[:, k]] - ref_vertices[ref_faces[:, 0]] for k in (1, 2))), axis=1
+            )
+            > 0
+        ]
+    )
     assert {tuple(v) for v in np.round(vertices * 13, 6)} == {tuple(v) for v in np.round(ref_vertices[used], 6)}
 
 

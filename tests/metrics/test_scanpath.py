@@ -53,12 +53,15 @@ def test_edit_distance_matches_nltk_on_random_strings(transpositions):
     for _ in range(400):
         a = "".join(rng.choice("abcd") for _ in range(rng.randint(0, 8)))
         b = "".join(rng.choice("abcd") for _ in range(rng.randint(0, 8)))
-        assert edit_distance(a, b, transpositions=transpositions) == nltk_edit_distance(a, b, transpositions=transpositions)
+        assert edit_distance(a, b, transpositions=transpositions) == nltk_edit_distance(
+            a, b, transpositions=transpositions
+        )
     for _ in range(50):
         a = [rng.randint(0, 5) for _ in range(rng.randint(0, 10))]
         b = [rng.randint(0, 5) for _ in range(rng.randint(0, 10))]
-        assert edit_distance(a, b, transpositions=transpositions, substitution_cost=2) == \
-            nltk_edit_distance(a, b, substitution_cost=2, transpositions=transpositions)
+        assert edit_distance(a, b, transpositions=transpositions, substitution_cost=2) == nltk_edit_distance(
+            a, b, substitution_cost=2, transpositions=transpositions
+        )
 
 
 def test_edit_distance_hand_cases():
@@ -144,9 +147,11 @@ def test_sbtde_matches_window_loop_with_nltk():
         human, model = rng.uniform(0, 640, (9, 2)) * [1, 0.75], rng.uniform(0, 640, (7, 2)) * [1, 0.75]
         hs, ms = scanpath_to_string(human, size), scanpath_to_string(model, size)
         for k in (1, 3):
-            hw = [hs[i:i + k] for i in range(len(hs) - k + 1)]
-            nearest = [min(nltk_edit_distance(ms[i:i + k], w, transpositions=True) for w in hw) / k
-                       for i in range(len(ms) - k + 1)]
+            hw = [hs[i : i + k] for i in range(len(hs) - k + 1)]
+            nearest = [
+                min(nltk_edit_distance(ms[i : i + k], w, transpositions=True) for w in hw) / k
+                for i in range(len(ms) - k + 1)
+            ]
             assert sbtde_distance(human, model, size, k=k) == pytest.approx(np.mean(nearest))
             assert sbtde_distance(human, model, size, k=k, reduce="hausdorff") == pytest.approx(max(nearest))
 
@@ -240,7 +245,11 @@ def _ours(a, b, screen, **kw):
 def test_multimatch_agrees_with_multimatch_gaze(grouping):
     rng = np.random.default_rng(5 + grouping)
     kw_pkg = {"grouping": True, "TDir": 45.0, "TDur": 0.3, "TAmp": 300.0} if grouping else {}
-    kw_ours = {"grouping": True, "direction_threshold": 45.0, "duration_threshold": 0.3, "amplitude_threshold": 300.0} if grouping else {}
+    kw_ours = (
+        {"grouping": True, "direction_threshold": 45.0, "duration_threshold": 0.3, "amplitude_threshold": 300.0}
+        if grouping
+        else {}
+    )
     compared = 0
     for _ in range(14):
         la, lb = rng.integers(3, 16, 2)
@@ -260,7 +269,9 @@ def test_multimatch_simplification_changes_the_result():
     a = np.column_stack([rng.uniform(0, 800, 12), rng.uniform(0, 600, 12), rng.uniform(0.05, 0.5, 12)])
     b = np.column_stack([rng.uniform(0, 800, 12), rng.uniform(0, 600, 12), rng.uniform(0.05, 0.5, 12)])
     plain = _ours(a, b, (800, 600))
-    grouped = _ours(a, b, (800, 600), grouping=True, direction_threshold=90.0, duration_threshold=1.0, amplitude_threshold=800.0)
+    grouped = _ours(
+        a, b, (800, 600), grouping=True, direction_threshold=90.0, duration_threshold=1.0, amplitude_threshold=800.0
+    )
     assert not np.allclose(plain, grouped)
     # thresholds without grouping=True do nothing, as in the package
     np.testing.assert_array_equal(_ours(a, b, (800, 600), direction_threshold=90.0, duration_threshold=1.0), plain)
@@ -270,15 +281,22 @@ def test_multimatch_on_oat_grid_points_agrees_despite_ties():
     layout = OAT_LAYOUTS["amazon"]
     rng = np.random.default_rng(2)
     for _ in range(6):
-        a = pad_scanpath(objects_to_points(rng.integers(0, 84, rng.integers(1, 12)), layout["grid"], layout["cell_size"]))
-        b = pad_scanpath(objects_to_points(rng.integers(0, 84, rng.integers(1, 12)), layout["grid"], layout["cell_size"]))
-        np.testing.assert_allclose(_ours(a, b, (2560, 1600)), _package_multimatch(a, b, (2560, 1600)), rtol=0, atol=1e-12)
+        a = pad_scanpath(
+            objects_to_points(rng.integers(0, 84, rng.integers(1, 12)), layout["grid"], layout["cell_size"])
+        )
+        b = pad_scanpath(
+            objects_to_points(rng.integers(0, 84, rng.integers(1, 12)), layout["grid"], layout["cell_size"])
+        )
+        np.testing.assert_allclose(
+            _ours(a, b, (2560, 1600)), _package_multimatch(a, b, (2560, 1600)), rtol=0, atol=1e-12
+        )
 
 
 def test_multimatch_short_paths_and_identity():
     three = np.array([[10.0, 10.0], [200.0, 50.0], [90.0, 300.0]])
-    np.testing.assert_allclose(_ours(three, three[::-1], (400, 400)), _package_multimatch(three, three[::-1], (400, 400)),
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        _ours(three, three[::-1], (400, 400)), _package_multimatch(three, three[::-1], (400, 400)), atol=1e-12
+    )
     same = multimatch(three, three, (400, 400))
     assert all(same[k] == pytest.approx(1.0) for k in MM_KEYS) and same["mean_without_duration"] == pytest.approx(1.0)
     for n in (1, 2):
@@ -333,8 +351,9 @@ def test_sequence_score_is_oat_ss():
 def test_search_statistics_hand_case():
     stats = search_statistics([5, 5, 3, 5, 7, 7, 7], target=7)
     # runs 5x2, 3, 5, 7x3: refixations 1 + 2, new objects 5, 3, 7, revisit of 5
-    assert stats == pytest.approx({"correct_target": 1.0, "length": 7.0, "search_ratio": 3 / 7,
-                                   "refixation_ratio": 3 / 7, "revisit_ratio": 1 / 7})
+    assert stats == pytest.approx(
+        {"correct_target": 1.0, "length": 7.0, "search_ratio": 3 / 7, "refixation_ratio": 3 / 7, "revisit_ratio": 1 / 7}
+    )
     assert stats["search_ratio"] + stats["refixation_ratio"] + stats["revisit_ratio"] == pytest.approx(1.0)
     assert search_statistics([1, 2], target=7)["correct_target"] == 0.0
     assert tuple(stats) == SEARCH_STATISTICS
@@ -347,9 +366,22 @@ def test_search_statistics_hand_case():
 def test_statistics_over_samples_and_delta():
     samples = [[1, 2], [2, 2, 2]]
     got = search_statistics_over_samples(samples, target=2)
-    assert got == pytest.approx({"correct_target": 1.0, "length": 2.5, "search_ratio": (1 + 1 / 3) / 2,
-                                 "refixation_ratio": (0 + 2 / 3) / 2, "revisit_ratio": 0.0})
-    human = {"correct_target": 0.5, "length": 10.0, "search_ratio": 0.5, "refixation_ratio": 0.25, "revisit_ratio": 0.25}
+    assert got == pytest.approx(
+        {
+            "correct_target": 1.0,
+            "length": 2.5,
+            "search_ratio": (1 + 1 / 3) / 2,
+            "refixation_ratio": (0 + 2 / 3) / 2,
+            "revisit_ratio": 0.0,
+        }
+    )
+    human = {
+        "correct_target": 0.5,
+        "length": 10.0,
+        "search_ratio": 0.5,
+        "refixation_ratio": 0.25,
+        "revisit_ratio": 0.25,
+    }
     model = {"correct_target": 1.0, "length": 5.0, "search_ratio": 0.5, "refixation_ratio": 0.5, "revisit_ratio": 0.0}
     assert behavioural_delta(model, human) == pytest.approx((1.0 + 0.5 + 0.0 + 1.0 + 1.0) / 5)
     assert behavioural_delta(human, human) == 0.0
@@ -365,12 +397,17 @@ def test_statistics_over_samples_and_delta():
 
 def test_objects_to_points_uses_cell_centres():
     amazon, wine, yogurt = OAT_LAYOUTS["amazon"], OAT_LAYOUTS["wine"], OAT_LAYOUTS["yogurt"]
-    np.testing.assert_allclose(objects_to_points([0, 15], amazon["grid"], amazon["cell_size"], amazon["offset"]),
-                               [[91.5, 133.5], [183 + 91.5, 267 + 133.5]])
-    np.testing.assert_allclose(objects_to_points([12], wine["grid"], wine["cell_size"], wine["offset"]),
-                               [[152 + 76, 152 + 449 + 224.5]])
-    np.testing.assert_allclose(objects_to_points([26], yogurt["grid"], yogurt["cell_size"], yogurt["offset"]),
-                               [[8 * 186 + 93, 135 + 2 * 305 + 152.5]])
+    np.testing.assert_allclose(
+        objects_to_points([0, 15], amazon["grid"], amazon["cell_size"], amazon["offset"]),
+        [[91.5, 133.5], [183 + 91.5, 267 + 133.5]],
+    )
+    np.testing.assert_allclose(
+        objects_to_points([12], wine["grid"], wine["cell_size"], wine["offset"]), [[152 + 76, 152 + 449 + 224.5]]
+    )
+    np.testing.assert_allclose(
+        objects_to_points([26], yogurt["grid"], yogurt["cell_size"], yogurt["offset"]),
+        [[8 * 186 + 93, 135 + 2 * 305 + 152.5]],
+    )
     assert objects_to_points([], (2, 3), (10, 10)).shape == (0, 2)
     with pytest.raises(InvalidInputError, match="EOS"):
         objects_to_points([84], amazon["grid"], amazon["cell_size"])
@@ -384,7 +421,9 @@ def test_fixation_nss_binary_map_hand_case():
     assert fixation_nss([[0.5, 0.5]], [[0, 0]], size) == pytest.approx((1 - mean) / std)
     assert fixation_nss([[1.5, 0.5]], [[0, 0]], size) == pytest.approx((0 - mean) / std)
     # predictions past the border are clamped to the last pixel; a repeated GT pixel counts once
-    assert fixation_nss([[10, 10]], [[3, 2], [3, 2], [0, 0]], size) == pytest.approx(((1 - mean) / std + (0 - mean) / std) / 2)
+    assert fixation_nss([[10, 10]], [[3, 2], [3, 2], [0, 0]], size) == pytest.approx(
+        ((1 - mean) / std + (0 - mean) / std) / 2
+    )
 
 
 def test_nss_on_a_saliency_map_against_scipy_zscore():
@@ -407,6 +446,12 @@ def test_object_scanpath_scores_per_trial():
     # pred 3 5 5 9 vs human 3 9: NW aligns 3 and 9 (score 2) / max length 4; edit distance: delete 5, 5 = 2
     scores = object_scanpath_scores([3, 5, 5, 9], [3, 9], target=9)
     assert scores["ss"] == 0.5 and scores["edit_distance"] == 2.0
-    assert scores["stats"] == {"correct_target": 1.0, "length": 4.0, "search_ratio": 0.75, "refixation_ratio": 0.25, "revisit_ratio": 0.0}
+    assert scores["stats"] == {
+        "correct_target": 1.0,
+        "length": 4.0,
+        "search_ratio": 0.75,
+        "refixation_ratio": 0.25,
+        "revisit_ratio": 0.0,
+    }
     empty = object_scanpath_scores([], [3, 9], target=9)
     assert empty == {"ss": 0.0, "edit_distance": 2.0, "stats": None}

@@ -20,6 +20,7 @@ from attnzoo.multimodal import nevaclip as N
 
 # -- helpers -------------------------------------------------------------------------------
 
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """The non-parity tests are tiny: one thread is as fast and does not stall when cores are shared."""
@@ -58,8 +59,12 @@ def fixture_tower(cfg, state_dict):
 def fixture_neva(cfg):
     """Our NevaClip with the fixture's (official main.py) hyper-parameters."""
     kw = cfg["constructor_kwargs"]["NeVAWrapper"]
-    return {"foveation_sigma": kw["foveation_sigma"], "blur_filter_size": kw["blur_filter_size"], "blur_sigma": kw["blur_sigma"],
-                "amplitude": kw["foveation_aggregation"]}
+    return {
+        "foveation_sigma": kw["foveation_sigma"],
+        "blur_filter_size": kw["blur_filter_size"],
+        "blur_sigma": kw["blur_sigma"],
+        "amplitude": kw["foveation_aggregation"],
+    }
 
 
 def tolerance(cfg):
@@ -81,7 +86,9 @@ def make_sensitive_(tower, seed, image_size):
     gen = torch.Generator().manual_seed(seed + 100)
     for module in tower.modules():
         if isinstance(module, nn.Conv2d):
-            module.weight.data = torch.randn(module.weight.shape, generator=gen) * math.sqrt(2.0 / module.weight[0].numel())
+            module.weight.data = torch.randn(module.weight.shape, generator=gen) * math.sqrt(
+                2.0 / module.weight[0].numel()
+            )
         elif isinstance(module, nn.BatchNorm2d):
             module.reset_running_stats()
             module.momentum = None
@@ -120,13 +127,18 @@ def tiny_clip():
 
 # -- parity with the official code ---------------------------------------------------------
 
+
 @pytest.mark.parity
 def test_blur_and_foveation_parity(reference_dir, two_threads):
     cfg, f = load_fixture(reference_dir)
     kw = cfg["constructor_kwargs"]["NeVAWrapper"]
     x, out = f["inputs"]["x"], f["outputs"]
-    torch.testing.assert_close(N.gaussian_blur_difference(x, kw["blur_filter_size"], kw["blur_sigma"]), out["blur"], **tolerance(cfg))
-    mask = N.foveation_mask(f["inputs"]["probe_pos"], kw["image_size"], kw["foveation_sigma"], kw["foveation_aggregation"])
+    torch.testing.assert_close(
+        N.gaussian_blur_difference(x, kw["blur_filter_size"], kw["blur_sigma"]), out["blur"], **tolerance(cfg)
+    )
+    mask = N.foveation_mask(
+        f["inputs"]["probe_pos"], kw["image_size"], kw["foveation_sigma"], kw["foveation_aggregation"]
+    )
     torch.testing.assert_close(mask, out["foveation_probe"], **tolerance(cfg))
 
 
@@ -158,8 +170,15 @@ def _check_scanpath(cfg, f, mode, fixations):
     run = cfg["constructor_kwargs"]["run_optimization"]
     model = N.NevaClip(visual=fixture_tower(cfg, f["state_dict"]), **fixture_neva(cfg))
     result = model.predict(
-        f["inputs"]["x"], f["inputs"]["text_embedding"], fixations=fixations, iterations=run["opt_iterations"],
-        lr=run["learning_rate"], random_restarts=mode == "scanpath", seed=3, rng="official", return_traces=True,
+        f["inputs"]["x"],
+        f["inputs"]["text_embedding"],
+        fixations=fixations,
+        iterations=run["opt_iterations"],
+        lr=run["learning_rate"],
+        random_restarts=mode == "scanpath",
+        seed=3,
+        rng="official",
+        return_traces=True,
     )
     out = f["outputs"]
     exact = {"atol": 1e-6, "rtol": 0.0}  # suggested_tolerance["scanpath"]: exact up to float rounding
@@ -194,6 +213,7 @@ def test_preprocessing_parity(reference_dir):
 
 
 # -- foveation formulas --------------------------------------------------------------------
+
 
 def test_gaussian_window_is_the_normalised_outer_product():
     size, sigma = 9, 2.5
@@ -244,6 +264,7 @@ def test_foveate_and_memory_update():
 
 # -- coordinates and preprocessing ---------------------------------------------------------
 
+
 def test_fixations_to_pixels_by_hand():
     corners = torch.tensor([[-1.0, -1.0], [1.0, 1.0], [0.0, 0.0]])
     # 448x448 -> 224x224 (scale 2, no crop): crop pixel 0 is original pixels [0, 2), centre 1.0
@@ -259,7 +280,9 @@ def test_fixations_to_pixels_by_hand():
     with pytest.raises(InvalidInputError, match="resize_mode"):
         N.fixations_to_pixels(corners, (10, 10), resize_mode="crop")
     # longest: 400x200 -> 224x112 padded by 56 rows above; the top-left corner of the square is padding
-    np.testing.assert_allclose(N.fixations_to_pixels(corners[:1], (400, 200), resize_mode="longest"), [[0.5 * 400 / 224, 0.0]])
+    np.testing.assert_allclose(
+        N.fixations_to_pixels(corners[:1], (400, 200), resize_mode="longest"), [[0.5 * 400 / 224, 0.0]]
+    )
 
 
 @pytest.mark.parametrize("mode", ["shortest", "squash", "longest"])
@@ -280,7 +303,9 @@ def test_fixations_to_pixels_finds_a_marker_through_the_real_transform(width, he
     peak_r, peak_c = divmod(int(weight.argmax()), 224)
     win = slice(max(peak_r - 8, 0), peak_r + 9), slice(max(peak_c - 8, 0), peak_c + 9)
     w = weight[win].clamp(min=0)
-    rows, cols = torch.meshgrid(torch.arange(224, dtype=torch.float64)[win[0]], torch.arange(224, dtype=torch.float64)[win[1]], indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(224, dtype=torch.float64)[win[0]], torch.arange(224, dtype=torch.float64)[win[1]], indexing="ij"
+    )
     row, col = (w * rows).sum() / w.sum(), (w * cols).sum() / w.sum()
     rel = torch.stack([row / 223 * 2 - 1, col / 223 * 2 - 1])[None]
     np.testing.assert_allclose(N.fixations_to_pixels(rel, sizes[0], resize_mode=mode)[0], np.array(dot) + 0.5, atol=0.1)
@@ -302,6 +327,7 @@ def test_preprocess_matches_open_clip_for_any_mode_and_size(tmp_path):
 
 
 # -- the search ----------------------------------------------------------------------------
+
 
 def _stuck_counts(result):
     """Per sample, how many iterations did not improve on the best loss (each one draws)."""
@@ -333,7 +359,9 @@ def test_per_sample_batch_of_one_is_the_official_draw(tower):
     torch.manual_seed(4)  # the official protocol: global RNG seeded right before the run
     global_rng = model.predict(x, target, seed=None, rng="official", **kw)
     assert _stuck_counts(per_sample)[0] > 0
-    assert torch.equal(per_sample.pos_trace, official.pos_trace) and torch.equal(official.pos_trace, global_rng.pos_trace)
+    assert torch.equal(per_sample.pos_trace, official.pos_trace) and torch.equal(
+        official.pos_trace, global_rng.pos_trace
+    )
     assert torch.equal(per_sample.positions, official.positions)
 
 
@@ -387,12 +415,15 @@ def test_float64_and_vit_towers():
     torch.manual_seed(0)
     vit = _build_vision_tower(16, CLIPVisionCfg(image_size=64, patch_size=16, width=32, layers=1, head_width=16))
     model = N.NevaClip(visual=vit, dtype=torch.float64)
-    result = model.predict(smooth_images(2).double(), torch.randn(2, 16, dtype=torch.float64), fixations=2, iterations=3)
+    result = model.predict(
+        smooth_images(2).double(), torch.randn(2, 16, dtype=torch.float64), fixations=2, iterations=3
+    )
     assert result.positions.shape == (2, 2, 2) and result.positions.dtype == torch.float64
     assert torch.isfinite(result.losses).all()
 
 
 # -- captions and pictures -----------------------------------------------------------------
+
 
 def test_caption_targets_equal_their_open_clip_embeddings(tiny_clip):
     import open_clip
@@ -459,7 +490,9 @@ def test_named_model_loads_lazily_and_unknown_names_fail_fast():
 
 
 def test_package_import_is_cheap():
-    code = ("import sys, attnzoo; had = 'open_clip' in sys.modules; import attnzoo.multimodal as m; "
-            "assert had or 'open_clip' not in sys.modules; print(m.NevaClip.__name__)")
+    code = (
+        "import sys, attnzoo; had = 'open_clip' in sys.modules; import attnzoo.multimodal as m; "
+        "assert had or 'open_clip' not in sys.modules; print(m.NevaClip.__name__)"
+    )
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "NevaClip", out.stderr

@@ -5,8 +5,8 @@ from PIL import Image
 
 import attnzoo
 from attnzoo.errors import InvalidInputError, UnknownNameError
-from attnzoo.pipelines import get_task, list_tasks, register_pipeline
 from attnzoo.pipelines.image_classification import ImageClassificationPipeline
+from attnzoo.tasks import TaskSpec, get_task, list_tasks, register_task, unregister_task
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +45,19 @@ def test_every_input_kind_gives_the_same_answer(classify, photo, tmp_path):
 
 def same(a, b):
     """Same ranking and scores up to float reassociation across batch sizes."""
-    return [p.index for p in a] == [p.index for p in b] and np.allclose([p.score for p in a], [p.score for p in b], atol=1e-6)
+    return [p.index for p in a] == [p.index for p in b] and np.allclose(
+        [p.score for p in a], [p.score for p in b], atol=1e-6
+    )
 
 
 def test_batching_equals_one_by_one(classify, photo):
-    images = [photo, photo.rotate(90, expand=True), photo.convert("L"), photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT), photo.crop((0, 0, 40, 40))]
+    images = [
+        photo,
+        photo.rotate(90, expand=True),
+        photo.convert("L"),
+        photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+        photo.crop((0, 0, 40, 40)),
+    ]
     singles = [classify(im) for im in images]
     for batch_size in (1, 2, 5):
         batched = classify(images, batch_size=batch_size)
@@ -118,14 +126,18 @@ def test_task_registry():
     assert get_task("classification").name == "image-classification"
     with pytest.raises(UnknownNameError, match="image-classification"):
         attnzoo.pipeline("image-clasification")
-    spec = register_pipeline("unit-test-task", ImageClassificationPipeline, default_model="test_resnet")
+    spec = register_task(
+        TaskSpec("unit-test-task", "a test", pipelines=(ImageClassificationPipeline,), default_model="test_resnet")
+    )
     try:
         assert attnzoo.pipeline("unit-test-task", weights="none", device="cpu").task == "image-classification"
-        assert spec.load() is ImageClassificationPipeline
+        assert spec.pipeline_classes() == [ImageClassificationPipeline]
+        with pytest.raises(ValueError, match="already registered"):
+            register_task(TaskSpec("unit-test-task", "again", pipelines=(ImageClassificationPipeline,)))
     finally:
-        from attnzoo.pipelines import SUPPORTED_TASKS
-
-        SUPPORTED_TASKS.pop("unit-test-task")
+        unregister_task("unit-test-task")
+    with pytest.raises(UnknownNameError):
+        get_task("unit-test-task")
 
 
 def test_bare_cuda_means_this_processes_gpu_under_torchrun(monkeypatch):

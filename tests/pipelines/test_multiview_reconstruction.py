@@ -1,21 +1,34 @@
-"""pipeline("multiview-3d-reconstruction"): views in, occupancy out; exports; the ShapeNet evaluation and view sweep."""
+"""pipeline("multiview-3d-reconstruction"): the official preprocessing; views in, occupancy out; exports; the ShapeNet
+evaluation and view sweep."""
 
 import json
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import attnzoo
 from attnzoo.cli import main
 from attnzoo.datasets.binvox import read_binvox
 from attnzoo.errors import InvalidInputError
 from attnzoo.metrics.reconstruction import voxel_iou
+from attnzoo.pipelines.multiview_reconstruction import preprocess_views
+from attnzoo.registry import ModelEntry
 from attnzoo.vision import lrgt as L
 from tests.shapes3d import primitive, renderings, write_shapenet
 
-TINY = dict(embed_dim=64, depth=2, num_heads=2, lga_layers=(1,), merger_tokens=(49, 49), merger_heads=2,
-            decoder_heads=2, decoder_depth=4, decoder_channels=(8, 2, 1))
+TINY = dict(
+    embed_dim=64,
+    depth=2,
+    num_heads=2,
+    lga_layers=(1,),
+    merger_tokens=(49, 49),
+    merger_heads=2,
+    decoder_heads=2,
+    decoder_depth=4,
+    decoder_channels=(8, 2, 1),
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +41,7 @@ def recon():
 def test_one_object_and_a_batch(recon):
     views = renderings(primitive("table"), n=3)
     shape = recon(views)
-    expected = recon.model(L.preprocess_views(views)[None])[0]  # the official preprocessing, then the model
+    expected = recon.model(preprocess_views(views)[None])[0]  # the official preprocessing, then the model
     assert shape.probabilities.shape == (32, 32, 32)
     np.testing.assert_allclose(shape.probabilities, expected.detach().numpy(), atol=1e-6)
     assert np.array_equal(shape.voxels, shape.probabilities >= 0.3)
@@ -43,10 +56,12 @@ def test_exports_and_picture(recon, tmp_path):
     shape.probabilities = primitive("ball").astype(np.float32) * 0.9  # a known grid, to check the files
     assert np.array_equal(read_binvox(shape.save(tmp_path / "ball.binvox")).voxels, shape.voxels)
     vertices, faces = shape.to_mesh()
-    obj = (tmp_path / "ball.obj")
+    obj = tmp_path / "ball.obj"
     shape.save(obj)
     lines = obj.read_text().splitlines()
-    assert sum(line.startswith("v ") for line in lines) == len(vertices) and sum(line.startswith("f ") for line in lines) == len(faces)
+    assert sum(line.startswith("v ") for line in lines) == len(vertices) and sum(
+        line.startswith("f ") for line in lines
+    ) == len(faces)
     ply = shape.save(tmp_path / "ball.ply").read_text()
     assert f"element vertex {len(vertices)}" in ply and f"element face {len(faces)}" in ply
     assert np.array_equal(np.load(shape.save(tmp_path / "ball.npy")), shape.probabilities)
@@ -72,16 +87,47 @@ def test_bad_input(recon, tmp_path):
 
 def test_shapenet_evaluation_and_view_sweep(recon, tmp_path, capsys, monkeypatch):
     root = write_shapenet(tmp_path / "shapenet", kinds=("box", "table"), per_kind=(0, 0, 2), n_views=3)
-    monkeypatch.setitem(attnzoo.factory._OWN_MODELS, "lrgt_tiny_test", lambda **kw: recon.model)
+    monkeypatch.setitem(
+        attnzoo.registry._MODELS,
+        "lrgt_tiny_test",
+        ModelEntry("lrgt_tiny_test", lambda **kw: recon.model, "lrgt", ("multiview-3d-reconstruction",)),
+    )
     out = tmp_path / "eval"
-    code = main(["eval", "multiview-3d-reconstruction", "--model", "lrgt_tiny_test", "--weights", "none", "--data", str(root),
-                 "--views", "1,3", "--out", str(out), "--num-workers", "0", "--batch-size", "2", "--fscore"])
+    code = main(
+        [
+            "eval",
+            "multiview-3d-reconstruction",
+            "--model",
+            "lrgt_tiny_test",
+            "--weights",
+            "none",
+            "--data",
+            str(root),
+            "--views",
+            "1,3",
+            "--out",
+            str(out),
+            "--num-workers",
+            "0",
+            "--batch-size",
+            "2",
+            "--fscore",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     for n in (1, 3):
         metrics = json.loads((out / f"views-{n}" / "metrics.json").read_text())
         ious = []
-        for kind, tid in (("box", "01000000"), ("table", "02000000")):  # independently: the pipeline, then IoU by its definition
-            pred = recon([str(root / "ShapeNetRendering" / tid / f"{kind}_test_0" / "rendering" / f"{v:02d}.png") for v in range(n)])
+        for kind, tid in (
+            ("box", "01000000"),
+            ("table", "02000000"),
+        ):  # independently: the pipeline, then IoU by its definition
+            pred = recon(
+                [
+                    str(root / "ShapeNetRendering" / tid / f"{kind}_test_0" / "rendering" / f"{v:02d}.png")
+                    for v in range(n)
+                ]
+            )
             ious += [voxel_iou(pred.probabilities, primitive(kind))] * 2
         overall = np.mean(ious, axis=0)
         assert metrics["n"] == 4 and metrics["n_views"] == n
@@ -91,3 +137,130 @@ def test_shapenet_evaluation_and_view_sweep(recon, tmp_path, capsys, monkeypatch
     assert "| views | 1 | 3 |" in report and "F-score" in report
     assert main(["eval", "multiview-3d-reconstruction", "--data", str(root), "--out", str(out), "--views", "0,3"]) == 2
     assert main(["eval", "image-classification", "--data", str(root), "--out", str(out), "--views", "3"]) == 2
+
+
+# -- preprocessing -------------------------------------------------------------------------
+
+
+def rendering(seed=0, size=(137, 137)):
+    """A ShapeNet-like RGBA rendering: an opaque object, a soft edge, transparent background."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    img = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+    yy, xx = np.mgrid[:h, :w]
+    r = np.hypot(yy - h / 2, xx - w / 2)
+    img[..., 3] = np.where(r < min(h, w) * 0.3, 255, np.where(r < min(h, w) * 0.35, 128, 0))
+    return img
+
+
+def np_bilinear(img, out):
+    """Half-pixel-centre bilinear resampling with edge clamping (cv2.INTER_LINEAR), in float64."""
+
+    def axis(n_in):
+        s = np.clip((np.arange(out) + 0.5) * n_in / out - 0.5, 0, None)
+        i0 = np.minimum(np.floor(s).astype(int), n_in - 1)
+        return i0, np.minimum(i0 + 1, n_in - 1), s - i0
+
+    y0, y1, fy = axis(img.shape[0])
+    x0, x1, fx = axis(img.shape[1])
+    rows = lambda ys: img[ys][:, x0] * (1 - fx)[None, :, None] + img[ys][:, x1] * fx[None, :, None]
+    return rows(y0) * (1 - fy)[:, None, None] + rows(y1) * fy[:, None, None]
+
+
+def np_preprocess(rgba, order="bgr", background=(240, 240, 240), crop=None):
+    """Independent reference: crop, resize (alpha too), background where alpha == 0, order, [-1, 1]."""
+    img = rgba.astype(np.float64) / 255
+    h, w = img.shape[:2]
+    c = crop or round(min(h, w) * 128 / 137)
+    top, left = (h - c) // 2, (w - c) // 2
+    img = np_bilinear(img[top : top + c, left : left + c], 224)
+    colour = img[..., :3]
+    if img.shape[2] == 4 and background is not None:
+        colour = np.where(img[..., 3:] == 0, np.array(background, dtype=np.float64) / 255, colour)
+    if order == "bgr":
+        colour = colour[..., ::-1]
+    return torch.from_numpy(np.ascontiguousarray(colour.transpose(2, 0, 1)) * 2 - 1).float()
+
+
+def test_preprocess_matches_an_independent_computation(tmp_path):
+    views = [rendering(i) for i in range(3)]
+    x = preprocess_views(views)
+    assert x.shape == (3, 3, 224, 224) and x.dtype == torch.float32
+    for i, v in enumerate(views):
+        torch.testing.assert_close(x[i], np_preprocess(v), atol=1e-6, rtol=0)
+    # the centre crop is 128 of 137 (offset 4), alpha 0 -> 240, soft alpha keeps its colour
+    bg = np.float32(240 / 255) * 2 - 1
+    assert torch.all(x[0, :, 0, 0] == bg) and torch.all(x[0, :, 112, 112] != bg)
+    # RGB order is the BGR output flipped; PIL images and paths give the same tensor
+    torch.testing.assert_close(preprocess_views(views, colour_order="RGB"), x.flip(1), atol=0, rtol=0)
+    Image.fromarray(views[1]).save(tmp_path / "01.png")
+    assert torch.equal(preprocess_views([Image.fromarray(views[0]), tmp_path / "01.png", views[2]]), x)
+    assert torch.equal(preprocess_views(np.stack(views)), x)
+    # another background (given as r, g, b), or none
+    other = preprocess_views(views[:1], background=(10, 20, 30))
+    torch.testing.assert_close(other[0], np_preprocess(views[0], background=(10, 20, 30)), atol=1e-6, rtol=0)
+    assert other[0, 0, 0, 0].item() == pytest.approx(30 / 255 * 2 - 1, abs=1e-6)  # BGR: blue first
+    torch.testing.assert_close(
+        preprocess_views(views[:1], background=None)[0], np_preprocess(views[0], background=None), atol=1e-6, rtol=0
+    )
+
+
+def test_preprocess_other_sizes_and_modes():
+    big = rendering(3, size=(300, 274))  # H 300, W 274: crop 256 px (128/137 of 274), centred
+    torch.testing.assert_close(preprocess_views([big])[0], np_preprocess(big, crop=256), atol=1e-6, rtol=0)
+    rgb = rendering(4)[..., :3]  # no alpha: no compositing
+    torch.testing.assert_close(preprocess_views([rgb])[0], np_preprocess(rgb), atol=1e-6, rtol=0)
+    grey = rendering(5)[..., 0]
+    x = preprocess_views([Image.fromarray(grey)])
+    assert torch.equal(x[0, 0], x[0, 1]) and torch.equal(x[0, 1], x[0, 2])
+    torch.testing.assert_close(x[0], np_preprocess(np.repeat(grey[..., None], 3, axis=2)), atol=1e-6, rtol=0)
+    floats = rendering(6).astype(np.float32) / 255
+    torch.testing.assert_close(preprocess_views([floats]), preprocess_views([rendering(6)]), atol=0, rtol=0)
+    exact = rendering(7, size=(224, 224))  # crop 210 of 224 then back up to 224
+    torch.testing.assert_close(preprocess_views([exact])[0], np_preprocess(exact), atol=1e-6, rtol=0)
+    la = rendering(8)[..., [0, 3]]  # grey + alpha: composited like RGBA
+    as_rgba = np.concatenate([np.repeat(la[..., :1], 3, axis=2), la[..., 1:]], axis=2)
+    assert torch.equal(preprocess_views([Image.fromarray(la)]), preprocess_views([as_rgba]))
+    assert torch.equal(
+        preprocess_views([rendering(9).astype(np.uint16) * 257]), preprocess_views([rendering(9)])
+    )  # 16 bit
+
+
+def test_preprocess_reproduces_the_official_cv2_loader(tmp_path):
+    """utils/data_transforms.py of the official repo: cv2 BGRA / 255, CenterCrop(224, 128), RandomBackground(240), x*2-1."""
+    cv2 = pytest.importorskip("cv2")
+    paths = []
+    for i in range(2):
+        Image.fromarray(rendering(10 + i)).save(tmp_path / f"{i:02d}.png")
+        paths.append(tmp_path / f"{i:02d}.png")
+    expected = []
+    for p in paths:
+        img = cv2.imread(str(p), cv2.IMREAD_UNCHANGED).astype(np.float32) / 255.0  # BGRA
+        img = cv2.resize(img[4:132, 4:132], (224, 224)).astype(np.float64)
+        alpha = (img[:, :, 3:] == 0).astype(np.float32)
+        img = alpha * (np.array([[[240, 240, 240]]]) / 255.0) + (1 - alpha) * img[:, :, :3]
+        expected.append(torch.from_numpy(img.transpose(2, 0, 1)).float() * 2 - 1)
+    ours = preprocess_views(paths)
+    torch.testing.assert_close(ours, torch.stack(expected), atol=1e-6, rtol=0)
+
+
+def test_preprocess_bad_inputs():
+    view = rendering(0)
+    cases = [
+        ([], "at least one view"),
+        ([view, rendering(1, size=(140, 137))], "same size"),
+        ([np.zeros((137, 137, 5), np.uint8)], "channels"),
+        ([view.astype(np.float32)], r"\[0, 1\]"),  # floats must be in [0, 1]
+        ([np.zeros((137, 137, 3), np.int32)], "pixel type"),
+        ([object()], "view 0"),
+    ]
+    for images, match in cases:
+        with pytest.raises(InvalidInputError, match=match):
+            preprocess_views(images)
+    with pytest.raises(InvalidInputError, match="colour_order"):
+        preprocess_views([view], colour_order="hsv")
+    for background in (256, (1, 2), "white", (1.5, 2, 3), True):
+        with pytest.raises(InvalidInputError, match="background"):
+            preprocess_views([view], background=background)
+    with pytest.raises(InvalidInputError, match="cannot read"):
+        preprocess_views(["/nonexistent/00.png"])

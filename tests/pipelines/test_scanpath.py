@@ -22,8 +22,11 @@ def tiny_clip(seed: int = 0):
     tokenizer that ships with open_clip), small enough for the CPU, made input-sensitive like the
     parity fixture (He-initialised convolutions)."""
     torch.manual_seed(seed)
-    model = open_clip.CLIP(embed_dim=64, vision_cfg={"image_size": 224, "layers": [1, 1, 1, 1], "width": 8},
-                           text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1})
+    model = open_clip.CLIP(
+        embed_dim=64,
+        vision_cfg={"image_size": 224, "layers": [1, 1, 1, 1], "width": 8},
+        text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    )
     for m in model.visual.modules():
         if isinstance(m, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(m.weight)
@@ -98,14 +101,17 @@ def test_plot_draws_the_fixations_over_the_image(neva):
     assert np.abs(drawn[y, x] - base[y, x]).sum() > 30
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({}, "caption"),
-    ({"caption": "   "}, "empty"),
-    ({"caption": "word " * 100}, "tokens long"),
-    ({"target": torch.randn(12)}, "dimension"),
-    ({"caption": "a", "target": torch.randn(64)}, "not both"),
-    ({"caption": "a", "colour": 3}, "unexpected"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({}, "caption"),
+        ({"caption": "   "}, "empty"),
+        ({"caption": "word " * 100}, "tokens long"),
+        ({"target": torch.randn(12)}, "dimension"),
+        ({"caption": "a", "target": torch.randn(64)}, "not both"),
+        ({"caption": "a", "colour": 3}, "unexpected"),
+    ],
+)
 def test_bad_input_gives_clear_errors(neva, kwargs, match):
     pipe = attnzoo.pipeline("scanpath", model=neva, **FAST)
     with pytest.raises(InvalidInputError, match=match):
@@ -125,24 +131,52 @@ def test_images_of_any_mode_and_size(neva, tmp_path):
         pipe(tmp_path / "missing.png", caption="a thing")
 
 
-def test_pipeline_factory_names_and_task_listing(monkeypatch, neva):
-    import attnzoo.pipelines.scanpath as mod
-    from attnzoo.pipelines import get_task, list_tasks
+def use_nevaclip(monkeypatch, builder):
+    """``nevaclip`` builds ``builder(**kwargs)`` for one test (the registered builder would load a real CLIP)."""
+    import attnzoo.registry
+    from attnzoo.factory import load_families
 
-    assert "scanpath" in list_tasks() and get_task("gaze").name == "scanpath" and get_task("scanpath").default_model == "nevaclip"
+    load_families()
+    entry = attnzoo.registry.get_model_entry("nevaclip")
+    monkeypatch.setitem(
+        attnzoo.registry._MODELS,
+        "nevaclip",
+        attnzoo.registry.ModelEntry("nevaclip", builder, entry.family, entry.tasks, entry.own_weights),
+    )
+
+
+def test_pipeline_factory_names_and_task_listing(monkeypatch, neva):
+    from attnzoo.pipelines.scanpath import NevaClipScanpathPipeline
+    from attnzoo.tasks import get_task, list_tasks
+
+    assert (
+        "scanpath" in list_tasks()
+        and get_task("gaze").name == "scanpath"
+        and get_task("scanpath").default_model == "nevaclip"
+    )
 
     seen = {}
 
-    def fake_build(name, **kwargs):
-        seen["name"], seen["kwargs"] = name, kwargs
+    def fake_build(**kwargs):
+        seen["kwargs"] = kwargs
         return neva
 
-    monkeypatch.setattr(mod, "build_scanpath_model", fake_build)
+    use_nevaclip(monkeypatch, fake_build)
     pipe = attnzoo.pipeline("gaze", model_kwargs={"model_name": "ViT-B-32"}, weights="laion2b_s34b_b79k")
-    assert seen["name"] == "nevaclip" and seen["kwargs"]["model_name"] == "ViT-B-32" and pipe.kind == "nevaclip"
+    assert seen["kwargs"]["model_name"] == "ViT-B-32" and isinstance(pipe, NevaClipScanpathPipeline)
     assert seen["kwargs"]["weights"] == "laion2b_s34b_b79k"
-    with pytest.raises(InvalidInputError, match="NevaClip or an OAT"):
+    with pytest.raises(InvalidInputError, match="no pipeline for a object"):
         attnzoo.pipeline("scanpath", model=object())
+
+
+def test_the_registered_nevaclip_builder_maps_weights_to_open_clip_tags():
+    from attnzoo.multimodal.nevaclip import nevaclip
+
+    assert nevaclip(weights="laion2b_s34b_b79k").pretrained == "laion2b_s34b_b79k"
+    assert nevaclip().pretrained == "openai" and nevaclip(pretrained=False).pretrained is None
+    assert attnzoo.create_model("nevaclip", weights="none").pretrained is None
+    with pytest.raises(InvalidInputError, match="as weights="):
+        nevaclip(pretrained="laion2b_s34b_b79k")
 
 
 # -- evaluation ------------------------------------------------------------------------------------
@@ -177,10 +211,17 @@ def test_capmit1003_evaluation_with_the_misleading_caption_control_and_resume(ne
 
     caps = CapMIT1003(data["db"].parent)
     sizes = {name: size for name, size in data["images"].values()}
-    human = [free_viewing_scores(r.xy, [o.xy for o in caps if o.stimulus == r.stimulus and o is not r], sizes[r.stimulus]) for r in caps]
+    human = [
+        free_viewing_scores(r.xy, [o.xy for o in caps if o.stimulus == r.stimulus and o is not r], sizes[r.stimulus])
+        for r in caps
+    ]
     assert rows["humans (inter-subject)"]["n"] == 4
-    assert rows["humans (inter-subject)"]["scanmatch"] == pytest.approx(np.nanmean([h["scanmatch"] for h in human]), abs=1e-4)
-    again = evaluate(pipe, ScanpathEvaluator(data["db"].parent), tmp_path / "out", settings={"model": "tiny"}, progress=False)
+    assert rows["humans (inter-subject)"]["scanmatch"] == pytest.approx(
+        np.nanmean([h["scanmatch"] for h in human]), abs=1e-4
+    )
+    again = evaluate(
+        pipe, ScanpathEvaluator(data["db"].parent), tmp_path / "out", settings={"model": "tiny"}, progress=False
+    )
     assert again["rows"] == rows  # resumed: nothing recomputed, same numbers
 
 
@@ -189,8 +230,18 @@ def test_mit1003_evaluation_scores_every_observer(neva, tmp_path):
     from attnzoo.evaluation.scanpath import NEUTRAL_CAPTION, ScanpathEvaluator
 
     images = {"a.jpeg": (60, 40), "b.jpeg": (40, 60)}
-    paths = [{"n": n, "subject": k, "xs": [5.0 + k, 30.0, 20.0 - k, 10.0], "ys": [5.0, 20.0 + k, 30.0, 12.0],
-              "ts": [0.1, 0.3, 0.6, 0.9], "durations": [0.2] * 4} for n in range(2) for k in range(3)]
+    paths = [
+        {
+            "n": n,
+            "subject": k,
+            "xs": [5.0 + k, 30.0, 20.0 - k, 10.0],
+            "ys": [5.0, 20.0 + k, 30.0, 12.0],
+            "ts": [0.1, 0.3, 0.6, 0.9],
+            "durations": [0.2] * 4,
+        }
+        for n in range(2)
+        for k in range(3)
+    ]
     write_mit1003_pysaliency(tmp_path / "mit", images, paths)
     evaluator = ScanpathEvaluator(tmp_path / "mit")
     assert evaluator.dataset == "mit1003"
@@ -203,8 +254,8 @@ def test_mit1003_evaluation_scores_every_observer(neva, tmp_path):
 
 
 def test_evaluation_refuses_mismatched_models_and_options(tmp_path):
-    from attnzoo.evaluation.scanpath import ScanpathEvaluator
     from attnzoo.errors import DatasetFormatError
+    from attnzoo.evaluation.scanpath import ScanpathEvaluator
 
     data = write_capmit1003(tmp_path / "capmit")
     with pytest.raises(InvalidInputError, match="OAT"):
@@ -221,8 +272,17 @@ def test_evaluation_refuses_mismatched_models_and_options(tmp_path):
 def tiny_oat():
     from attnzoo.vision.oat import OAT
 
-    return OAT(grid=(2, 3), num_encoder_layers=1, num_decoder_layers=1, emb_size=64, nhead=2, dim_feedforward=32, CA_d_k=16,
-               pe_table="amazon", seed=0).eval()
+    return OAT(
+        grid=(2, 3),
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        emb_size=64,
+        nhead=2,
+        dim_feedforward=32,
+        CA_d_k=16,
+        pe_table="amazon",
+        seed=0,
+    ).eval()
 
 
 def shelf(tmp_path, seed=0):
@@ -233,7 +293,7 @@ def shelf(tmp_path, seed=0):
     for r in range(2):
         for c in range(3):
             x0, y0 = 10 + 45 * c, 8 + 56 * r
-            image[y0:y0 + 48, x0:x0 + 38] = rng.integers(0, 255, 3)
+            image[y0 : y0 + 48, x0 : x0 + 38] = rng.integers(0, 255, 3)
             boxes.append((x0, y0, x0 + 38, y0 + 48))
     path = tmp_path / f"shelf{seed}.png"
     Image.fromarray(image).save(path)
@@ -241,16 +301,21 @@ def shelf(tmp_path, seed=0):
 
 
 def test_oat_search_points_at_objects_and_keeps_the_callers_box_order(tmp_path):
-    from attnzoo.vision.oat import crop_objects, generate
+    from attnzoo.vision.oat_decoding import generate
+    from attnzoo.vision.oat_inputs import crop_objects
 
     model = tiny_oat()
     pipe = attnzoo.pipeline("scanpath", model=model, max_len=5)
     path, boxes = shelf(tmp_path)
     sp = pipe(path, boxes=boxes, target=4)
-    expected = generate(model, crop_objects(np.asarray(Image.open(path).convert("RGB")), boxes, colour_order="rgb"), 4, 5)[0][0]
+    expected = generate(
+        model, crop_objects(np.asarray(Image.open(path).convert("RGB")), boxes, colour_order="rgb"), 4, 5
+    )[0][0]
     np.testing.assert_array_equal(sp.objects, expected.objects)
     assert sp.found_target == expected.terminated and sp.target == 4
-    np.testing.assert_allclose(sp.xy, (boxes[sp.objects, :2] + boxes[sp.objects, 2:]) / 2)  # fixations at the box centres
+    np.testing.assert_allclose(
+        sp.xy, (boxes[sp.objects, :2] + boxes[sp.objects, 2:]) / 2
+    )  # fixations at the box centres
     # the same shelf with the boxes listed in another order: the same search, reported in that order
     perm = np.array([5, 3, 0, 4, 1, 2])
     shuffled = pipe(path, boxes=boxes[perm], target=int(np.flatnonzero(perm == 4)[0]))
@@ -259,16 +324,18 @@ def test_oat_search_points_at_objects_and_keeps_the_callers_box_order(tmp_path):
 
 
 def test_shelf_variants_see_their_official_crops(tmp_path):
-    from attnzoo.vision.oat import display_crops, generate
+    from attnzoo.vision.oat_decoding import generate
+    from attnzoo.vision.oat_inputs import display_crops
 
-    model = attnzoo.create_model("oat_wine", num_encoder_layers=1, num_decoder_layers=1, emb_size=64, nhead=2,
-                                 dim_feedforward=32, CA_d_k=16).eval()
+    model = attnzoo.create_model(
+        "oat_wine", num_encoder_layers=1, num_decoder_layers=1, emb_size=64, nhead=2, dim_feedforward=32, CA_d_k=16
+    ).eval()
     rng = np.random.default_rng(0)
     image = np.full((200, 11 * 20, 3), 128, np.uint8)
     boxes = np.array([[c * 20, 10 + r * 90, c * 20 + 18, 10 + r * 90 + 85] for r in range(2) for c in range(11)], float)
     for x0, y0, x1, y1 in boxes.astype(int):
         image[y0:y1, x0:x1] = rng.integers(0, 255, 3)
-        image[y0 + 5:y0 + 9, x0 + 2:x1 - 2] = rng.integers(0, 255, 3)  # a label: no flat crop
+        image[y0 + 5 : y0 + 9, x0 + 2 : x1 - 2] = rng.integers(0, 255, 3)  # a label: no flat crop
     Image.fromarray(image).save(tmp_path / "wine.png")
     sp = attnzoo.pipeline("scanpath", model=model, max_len=4)(tmp_path / "wine.png", boxes=boxes, target=5)
     expected = generate(model, display_crops(image, boxes, "rgb_minmax"), 5, 4)[0][0]
@@ -291,17 +358,24 @@ def test_oat_batches_sampling_and_search_trials(tmp_path):
     again = pipe(p0, boxes=b0, target=1, strategy="sample", num_samples=3, seed=7)
     assert len(samples) == 3 and [s.objects.tolist() for s in samples] == [s.objects.tolist() for s in again]
     # a display's samples do not depend on its batch or its place in it (nor on --batch-size)
-    together = pipe([{"image": p1, "boxes": b1, "target": 2}, {"image": p0, "boxes": b0, "target": 1}],
-                    strategy="sample", num_samples=3, seed=7)
+    together = pipe(
+        [{"image": p1, "boxes": b1, "target": 2}, {"image": p0, "boxes": b0, "target": 1}],
+        strategy="sample",
+        num_samples=3,
+        seed=7,
+    )
     assert [s.objects.tolist() for s in together[1]] == [s.objects.tolist() for s in samples]
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"boxes": np.zeros((5, 4)), "target": 0}, r"\[6, 4\]"),
-    ({"target": 9}, "target"),
-    ({"target": 1, "caption": "x"}, "caption"),
-    ({"target": 1, "boxes": "huge"}, "outside"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"boxes": np.zeros((5, 4)), "target": 0}, r"\[6, 4\]"),
+        ({"target": 9}, "target"),
+        ({"target": 1, "caption": "x"}, "caption"),
+        ({"target": 1, "boxes": "huge"}, "outside"),
+    ],
+)
 def test_oat_bad_input(tmp_path, kwargs, match):
     pipe = attnzoo.pipeline("scanpath", model=tiny_oat(), max_len=3)
     path, boxes = shelf(tmp_path)
@@ -313,13 +387,25 @@ def test_oat_bad_input(tmp_path, kwargs, match):
 
 
 def test_cli_eval_scanpath_on_capmit1003(neva, tmp_path, monkeypatch):
-    import attnzoo.pipelines.scanpath as mod
     from attnzoo.cli import main
 
-    monkeypatch.setattr(mod, "build_scanpath_model", lambda name, **kw: neva)
+    use_nevaclip(monkeypatch, lambda **kw: neva)
     data = write_capmit1003(tmp_path / "capmit")
     out = tmp_path / "eval"
-    code = main(["eval", "scanpath", "--data", str(data["db"].parent), "--out", str(out), "--captions", "own", "--num-workers", "0"])
+    code = main(
+        [
+            "eval",
+            "scanpath",
+            "--data",
+            str(data["db"].parent),
+            "--out",
+            str(out),
+            "--captions",
+            "own",
+            "--num-workers",
+            "0",
+        ]
+    )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["rows"]) == {"model (own caption)", "humans (inter-subject)"} and metrics["n"] == 4
@@ -328,10 +414,9 @@ def test_cli_eval_scanpath_on_capmit1003(neva, tmp_path, monkeypatch):
 
 
 def test_cli_run_scanpath_writes_fixations_and_pictures(neva, tmp_path, monkeypatch, capsys):
-    import attnzoo.pipelines.scanpath as mod
     from attnzoo.cli import main
 
-    monkeypatch.setattr(mod, "build_scanpath_model", lambda name, **kw: neva)
+    use_nevaclip(monkeypatch, lambda **kw: neva)
     images = tmp_path / "images"
     images.mkdir()
     for i in range(2):
@@ -340,7 +425,7 @@ def test_cli_run_scanpath_writes_fixations_and_pictures(neva, tmp_path, monkeypa
     assert main(["run", "scanpath", str(images), "--caption", "a pattern", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert len(results) == 2 and all(len(r["xy"]) == 10 and r["caption"] == "a pattern" for r in results.values())
-    assert (out / "p0_scanpath.png").is_file() and "(" in capsys.readouterr().out
+    assert (out / "p0.png").is_file() and "(" in capsys.readouterr().out
     assert main(["run", "scanpath", str(images)]) == 1  # no caption: a one-line error
     assert "--caption" in capsys.readouterr().err
 
@@ -365,8 +450,12 @@ def test_evaluation_skips_unusable_captions_and_limits_each_condition(neva, tmp_
     data = write_capmit1003(tmp_path / "capmit", captions=[tuple(c) for c in captions])
     evaluator = ScanpathEvaluator(data["db"].parent, captions="own,misleading,other-subject", limit=2)
     samples = evaluator.samples()
-    assert [s.id.split("|")[0] for s in samples].count("own") == 2 and [s.id.split("|")[0] for s in samples].count("misleading") == 2
+    assert [s.id.split("|")[0] for s in samples].count("own") == 2 and [s.id.split("|")[0] for s in samples].count(
+        "misleading"
+    ) == 2
     pipe = attnzoo.pipeline("scanpath", model=neva, **FAST)
     metrics = evaluate(pipe, evaluator, tmp_path / "out", settings={}, progress=False)
-    assert metrics["skipped"] >= 1 and any("tokens long" in line for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines())
+    assert metrics["skipped"] >= 1 and any(
+        "tokens long" in line for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()
+    )
     assert "model (misleading caption)" in metrics["rows"]

@@ -7,6 +7,7 @@ import torch
 import attnzoo
 from attnzoo.datasets.mil_features import FeatureBag
 from attnzoo.errors import InvalidInputError
+from tests.helpers import register_test_model
 from tests.wsi_helpers import slide_image, write_slide
 
 pytest.importorskip("openslide")
@@ -16,9 +17,19 @@ pytest.importorskip("openslide")
 def wsi(tmp_path_factory):
     torch.manual_seed(0)
     model = attnzoo.create_model("acmil_ga", in_dim=512, inner_dim=32)
-    return attnzoo.pipeline("wsi-classification", model=model, device="cpu", encoder="resnet18", encoder_weights="none",
-                            magnification=20, patch_size=112, input_size=64, feature_dir=tmp_path_factory.mktemp("feats"),
-                            labels=["normal", "tumour"], segment_kwargs={"a_t": 1})
+    return attnzoo.pipeline(
+        "wsi-classification",
+        model=model,
+        device="cpu",
+        encoder="resnet18",
+        encoder_weights="none",
+        magnification=20,
+        patch_size=112,
+        input_size=64,
+        feature_dir=tmp_path_factory.mktemp("feats"),
+        labels=["normal", "tumour"],
+        segment_kwargs={"a_t": 1},
+    )
 
 
 def test_slide_to_prediction_and_heatmap(wsi, tmp_path):
@@ -51,9 +62,19 @@ def test_slides_of_the_same_name_and_other_settings_get_their_own_features(wsi, 
     a = wsi(write_slide(tmp_path / "a" / "slide.tif", image_a))
     b = wsi(write_slide(tmp_path / "b" / "slide.tif", image_b))  # same file name, other slide: no "already exists"
     assert not np.array_equal(a.coords, b.coords)
-    other = attnzoo.pipeline("wsi-classification", model=wsi.model, device="cpu", encoder="resnet18", encoder_weights="none",
-                             magnification=20, patch_size=112, input_size=64, feature_dir=wsi.feature_dir,
-                             segment_kwargs={"a_t": 1}, read_level="auto")
+    other = attnzoo.pipeline(
+        "wsi-classification",
+        model=wsi.model,
+        device="cpu",
+        encoder="resnet18",
+        encoder_weights="none",
+        magnification=20,
+        patch_size=112,
+        input_size=64,
+        feature_dir=wsi.feature_dir,
+        segment_kwargs={"a_t": 1},
+        read_level="auto",
+    )
     again = other(tmp_path / "a" / "slide.tif")  # the same slide, read another way, into the same folder
     np.testing.assert_array_equal(again.coords, a.coords)
     assert len(list(wsi.feature_dir.glob("slide-*.h5"))) >= 3
@@ -63,7 +84,10 @@ def test_heatmap_of_clam_features_uses_their_patch_size(wsi, tmp_path):
     import h5py
 
     coords = np.array([[x, y] for y in range(0, 2048, 512) for x in range(0, 2048, 512)], np.int64)
-    for name, level, expected in (("level0.h5", 0, 512), ("level1.h5", 1, 512)):  # level 1: 256 px read there = 512 at level 0
+    for name, level, expected in (
+        ("level0.h5", 0, 512),
+        ("level1.h5", 1, 512),
+    ):  # level 1: 256 px read there = 512 at level 0
         with h5py.File(tmp_path / name, "w") as f:
             f["features"] = np.random.default_rng(0).normal(size=(len(coords), 512)).astype(np.float32)
             f["coords"] = coords
@@ -96,10 +120,27 @@ def test_eval_command_on_feature_bags(wsi, tmp_path, capsys, monkeypatch):
     from tests.training.test_wsi_recipe import write_acmil_h5
 
     data = write_acmil_h5(tmp_path / "feats.h5", n_slides=16, dim=512)
-    monkeypatch.setitem(attnzoo.factory._OWN_MODELS, "acmil_test", lambda **kw: wsi.model)
+    register_test_model(monkeypatch, "acmil_test", lambda **kw: wsi.model, like="acmil_ga")
     out = tmp_path / "eval"
-    assert main(["eval", "wsi-classification", "--model", "acmil_test", "--weights", "none", "--data", str(data), "--out", str(out),
-                 "--num-workers", "0"]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                "eval",
+                "wsi-classification",
+                "--model",
+                "acmil_test",
+                "--weights",
+                "none",
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     from attnzoo.datasets.mil_features import read_acmil_h5
 
@@ -109,9 +150,26 @@ def test_eval_command_on_feature_bags(wsi, tmp_path, capsys, monkeypatch):
         probs = np.stack([torch.softmax(wsi.model(bags[s].features).slide_logits, -1)[0].numpy() for s in test])
     expected = mil_metrics(probs, np.array([bags[s].label for s in test]))
     assert metrics["n"] == len(test) and metrics["auc"] == pytest.approx(expected["auc"], abs=1e-4)
-    assert metrics["f1_micro"] == pytest.approx(expected["f1_micro"], abs=1e-4) and "F1 micro" in (out / "report.md").read_text()
-    args = ["eval", "wsi-classification", "--model", "acmil_test", "--weights", "none", "--data", str(data), "--out", str(out),
-            "--num-workers", "0", "--limit", "2"]
+    assert (
+        metrics["f1_micro"] == pytest.approx(expected["f1_micro"], abs=1e-4)
+        and "F1 micro" in (out / "report.md").read_text()
+    )
+    args = [
+        "eval",
+        "wsi-classification",
+        "--model",
+        "acmil_test",
+        "--weights",
+        "none",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--num-workers",
+        "0",
+        "--limit",
+        "2",
+    ]
     assert main(args) != 0  # other settings in the same --out: refused, never mixed with the earlier run
     assert "--overwrite" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0, capsys.readouterr().err
@@ -133,8 +191,12 @@ def test_evaluator_splits_and_labels_csv(tmp_path):
         with h5py.File(folder / f"{name}.h5", "w") as f:
             f["features"] = np.zeros((3, 8), np.float32)
             f["coords"] = np.zeros((3, 2), np.int64)
-    (folder / "labels.csv").write_text("slide_id,label\n" + "".join(f"{n},{'tumor' if i % 2 else 'normal'}\n" for i, n in enumerate(names)))
-    with pytest.raises(DatasetFormatError, match="no slide id contains 'test'"):  # not a silent evaluation on every slide
+    (folder / "labels.csv").write_text(
+        "slide_id,label\n" + "".join(f"{n},{'tumor' if i % 2 else 'normal'}\n" for i, n in enumerate(names))
+    )
+    with pytest.raises(
+        DatasetFormatError, match="no slide id contains 'test'"
+    ):  # not a silent evaluation on every slide
         WSIClassificationEvaluator(folder, "test")
     assert WSIClassificationEvaluator(folder, "all").ids == names
     split = tmp_path / "split_1.json"

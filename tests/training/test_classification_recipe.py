@@ -38,13 +38,36 @@ def shapes_dataset(root, per_class_train=12, per_class_val=6, seed=0):
 @pytest.mark.slow
 def test_tiny_biformer_learns_coloured_shapes(tmp_path):
     data = shapes_dataset(tmp_path / "shapes")
-    overrides = dict(epochs=6, batch_size=8, lr=2e-3, warmup_epochs=1, num_workers=0, log_every=2, best_metric="top1",
-                     auto_augment=None, mixup=0.0, cutmix=0.0, reprob=0.0, smoothing=0.0, drop_path=0.0, eval_batch_size=24)
-    result = train_classification("biformer_tiny", data, tmp_path / "run", config="finetune", overrides=overrides,
-                                  model_kwargs=TINY_BIFORMER, device="cpu")
+    overrides = dict(
+        epochs=6,
+        batch_size=8,
+        lr=2e-3,
+        warmup_epochs=1,
+        num_workers=0,
+        log_every=2,
+        best_metric="top1",
+        auto_augment=None,
+        mixup=0.0,
+        cutmix=0.0,
+        reprob=0.0,
+        smoothing=0.0,
+        drop_path=0.0,
+        eval_batch_size=24,
+    )
+    result = train_classification(
+        "biformer_tiny",
+        data,
+        tmp_path / "run",
+        config="finetune",
+        overrides=overrides,
+        model_kwargs=TINY_BIFORMER,
+        device="cpu",
+    )
     assert result["best"] >= 60.0  # chance is 25% on the 24 held-out images
     assert result["classes"] == ["class0", "class1", "class2", "class3"]
-    model = attnzoo.create_model("biformer_tiny", weights=tmp_path / "run" / "model.safetensors", num_classes=4, **TINY_BIFORMER)
+    model = attnzoo.create_model(
+        "biformer_tiny", weights=tmp_path / "run" / "model.safetensors", num_classes=4, **TINY_BIFORMER
+    )
     assert model.num_classes == 4
     assert (tmp_path / "run" / "eval.csv").read_text().count("\n") == 7  # header + one row per epoch
 
@@ -54,9 +77,16 @@ def test_fine_tuning_from_an_official_checkpoint_file_replaces_the_head(tmp_path
     torch.manual_seed(0)
     src = attnzoo.create_model("biformer_tiny", **TINY_BIFORMER)  # 1000 classes, as released
     torch.save({"model": src.state_dict()}, tmp_path / "official.pth")
-    result = train_classification("biformer_tiny", data, tmp_path / "run", config="finetune", weights=tmp_path / "official.pth",
-                                  overrides=["epochs=1", "batch_size=8", "num_workers=0", "auto_augment=null"],
-                                  model_kwargs=TINY_BIFORMER, device="cpu")
+    result = train_classification(
+        "biformer_tiny",
+        data,
+        tmp_path / "run",
+        config="finetune",
+        weights=tmp_path / "official.pth",
+        overrides=["epochs=1", "batch_size=8", "num_workers=0", "auto_augment=null"],
+        model_kwargs=TINY_BIFORMER,
+        device="cpu",
+    )
     assert result["step"] == 1
     state = torch.load(tmp_path / "run" / "checkpoint-00000001.pt", weights_only=True)
     assert state["model"]["head.weight"].shape == (4, 128)  # the head was replaced for the 4 classes
@@ -66,14 +96,67 @@ def test_fine_tuning_from_an_official_checkpoint_file_replaces_the_head(tmp_path
 
 def test_cli_train_command_and_errors(tmp_path, capsys):
     data = shapes_dataset(tmp_path / "shapes", per_class_train=2, per_class_val=1)
-    code = main(["train", "image-classification", "--model", "resnet18", "--data", str(data), "--out", str(tmp_path / "run"),
-                 "--config", "finetune", "epochs=1", "batch_size=8", "num_workers=0", "auto_augment=null", "input_size=64", "--device", "cpu"])
+    code = main(
+        [
+            "train",
+            "image-classification",
+            "--model",
+            "resnet18",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "run"),
+            "--config",
+            "finetune",
+            "epochs=1",
+            "batch_size=8",
+            "num_workers=0",
+            "auto_augment=null",
+            "input_size=64",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert "trained 1 steps" in capsys.readouterr().out
-    assert json.loads(json.dumps(__import__("yaml").safe_load((tmp_path / "run" / "config.yaml").read_text())))["run"]["model"] == "resnet18"
-    assert main(["train", "image-classification", "--model", "resnet18", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 1
+    assert (
+        json.loads(json.dumps(__import__("yaml").safe_load((tmp_path / "run" / "config.yaml").read_text())))["run"][
+            "model"
+        ]
+        == "resnet18"
+    )
+    assert (
+        main(
+            [
+                "train",
+                "image-classification",
+                "--model",
+                "resnet18",
+                "--data",
+                str(tmp_path / "nothing"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 1
+    )
     assert "does not exist" in capsys.readouterr().err
-    assert main(["train", "image-classification", "--model", "resnet18", "--data", str(data), "--out", str(tmp_path / "o"), "lrr=1"]) == 1
+    assert (
+        main(
+            [
+                "train",
+                "image-classification",
+                "--model",
+                "resnet18",
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "o"),
+                "lrr=1",
+            ]
+        )
+        == 1
+    )
     assert "Did you mean" in capsys.readouterr().err
     (tmp_path / "empty" / "train" / "a").mkdir(parents=True)
     with pytest.raises(DatasetFormatError):
@@ -84,32 +167,64 @@ def test_cli_train_command_and_errors(tmp_path, capsys):
 
 def test_sparsifiner_two_phase_recipe(tmp_path):
     """Phase 1 trains only the predictors (dense backbone), phase 2 only the backbone, against a dense teacher."""
-    from safetensors.torch import load_file
-
     import timm
+    from safetensors.torch import load_file
 
     tiny = dict(embed_dim=32, depth=2, num_heads=2)
     data = shapes_dataset(tmp_path / "shapes", per_class_train=2, per_class_val=1)
     torch.manual_seed(0)
     deit = timm.create_model("deit_small_patch16_224", num_classes=4, **tiny)
     torch.save({"model": deit.state_dict()}, tmp_path / "deit.pth")  # the official DeiT release layout
-    common = ["epochs=1", "batch_size=8", "num_workers=0", "auto_augment=null", "reprob=0", "color_jitter=0", "warmup_epochs=0", "lr=1e-2"]
+    common = [
+        "epochs=1",
+        "batch_size=8",
+        "num_workers=0",
+        "auto_augment=null",
+        "reprob=0",
+        "color_jitter=0",
+        "warmup_epochs=0",
+        "lr=1e-2",
+    ]
     torch.manual_seed(0)  # the predictors' initial values, rebuilt by S_init
-    train_classification("sparsifiner_deit_small", data, tmp_path / "recon", config="sparsifiner_recon", weights=tmp_path / "deit.pth",
-                         overrides=common, model_kwargs=tiny, device="cpu")
+    train_classification(
+        "sparsifiner_deit_small",
+        data,
+        tmp_path / "recon",
+        config="sparsifiner_recon",
+        weights=tmp_path / "deit.pth",
+        overrides=common,
+        model_kwargs=tiny,
+        device="cpu",
+    )
     recon = load_file(tmp_path / "recon" / "model.safetensors")
     dense = deit.state_dict()
     assert all(torch.equal(recon[k], v) for k, v in dense.items())  # the backbone did not move
-    assert not torch.equal(recon["blocks.0.attn.mask_predictor.proj_n"], S_init(tiny)["blocks.0.attn.mask_predictor.proj_n"])
-    train_classification("sparsifiner_deit_small", data, tmp_path / "distill", config="sparsifiner_distill",
-                         weights=tmp_path / "recon" / "model.safetensors", model_kwargs=tiny, device="cpu",
-                         overrides=[*common, "mixup=0", "cutmix=0", "ema_decay=null", f"teacher_weights={tmp_path / 'deit.pth'}"])
+    assert not torch.equal(
+        recon["blocks.0.attn.mask_predictor.proj_n"], S_init(tiny)["blocks.0.attn.mask_predictor.proj_n"]
+    )
+    train_classification(
+        "sparsifiner_deit_small",
+        data,
+        tmp_path / "distill",
+        config="sparsifiner_distill",
+        weights=tmp_path / "recon" / "model.safetensors",
+        model_kwargs=tiny,
+        device="cpu",
+        overrides=[*common, "mixup=0", "cutmix=0", "ema_decay=null", f"teacher_weights={tmp_path / 'deit.pth'}"],
+    )
     distilled = load_file(tmp_path / "distill" / "model.safetensors")
     assert all(torch.equal(distilled[k], v) for k, v in recon.items() if "mask_predictor" in k)  # predictors frozen
     assert not torch.equal(distilled["blocks.0.attn.qkv.weight"], recon["blocks.0.attn.qkv.weight"])
     with pytest.raises(InvalidInputError, match="teacher_weights"):
-        train_classification("sparsifiner_deit_small", data, tmp_path / "x", config="sparsifiner_distill", model_kwargs=tiny,
-                             overrides=[*common, "mixup=0", "cutmix=0"], weights=tmp_path / "recon" / "model.safetensors")
+        train_classification(
+            "sparsifiner_deit_small",
+            data,
+            tmp_path / "x",
+            config="sparsifiner_distill",
+            model_kwargs=tiny,
+            overrides=[*common, "mixup=0", "cutmix=0"],
+            weights=tmp_path / "recon" / "model.safetensors",
+        )
 
 
 def S_init(tiny):

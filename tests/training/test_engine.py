@@ -40,9 +40,13 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(tmp_path):
     full = run(tmp_path / "full")
     assert full.returncode == 0, full.stderr
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(out), "--slow", "0.05"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(out), "--slow", "0.05"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
-    while time.time() < deadline and not (out / "checkpoint-00000008.pt").exists():  # step 8 of 6 per epoch: mid epoch 2
+    while (
+        time.time() < deadline and not (out / "checkpoint-00000008.pt").exists()
+    ):  # step 8 of 6 per epoch: mid epoch 2
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -60,8 +64,19 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(tmp_path):
 def test_ddp_two_processes_equal_one_process(tmp_path):
     single = run(tmp_path / "one", "--dropout", "0")
     assert single.returncode == 0, single.stderr
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(SCRIPT),
-           str(tmp_path / "two"), "--dropout", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        str(SCRIPT),
+        str(tmp_path / "two"),
+        "--dropout",
+        "0",
+    ]
     ddp = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert_same(final_weights(tmp_path / "two"), final_weights(tmp_path / "one"), atol=1e-5, rtol=1e-4)
@@ -75,7 +90,9 @@ def make_trainer(tmp_path, **overrides):
     data = TensorDataset(x, (x[:, 0] > 0).long())
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
     cfg = TrainConfig(**{"epochs": 1, "batch_size": 8, "lr": 0.05, "num_workers": 0, "log_every": 1, **overrides})
-    return Trainer(model, data, cfg, tmp_path, loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), device="cpu")
+    return Trainer(
+        model, data, cfg, tmp_path, loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), device="cpu"
+    )
 
 
 def test_gradient_accumulation_equals_the_full_batch(tmp_path):
@@ -135,7 +152,12 @@ def test_bad_settings_and_data_fail_before_training(tmp_path):
 def test_configs_load_and_override(tmp_path):
     assert {"biformer", "deit", "finetune", "l2vit", "inline_swin"} <= set(named_configs())
     cfg = load_config("biformer", ["lr=1e-4", "epochs=3", "mixup=0"])
-    assert cfg.lr == 1e-4 and cfg.epochs == 3 and cfg.extra["mixup"] == 0 and cfg.extra["auto_augment"].startswith("rand-m9")
+    assert (
+        cfg.lr == 1e-4
+        and cfg.epochs == 3
+        and cfg.extra["mixup"] == 0
+        and cfg.extra["auto_augment"].startswith("rand-m9")
+    )
     (tmp_path / "mine.yaml").write_text("epochs: 2\nbatch_size: 4\nsmoothing: 0.1\n")
     assert load_config(tmp_path / "mine.yaml").extra == {"smoothing": 0.1}
     with pytest.raises(UnknownNameError, match="Did you mean: lr"):
@@ -153,10 +175,14 @@ def test_step_batches_split_every_global_batch_across_ranks_and_repeat_images():
     assert len(one) == 4 and all(len(b) == 4 for b in one) and all(len(b) == 2 for r in ranks for b in r)
     for m in range(4):  # the same micro-batch, split between the two processes
         assert sorted(ranks[0][m] + ranks[1][m]) == sorted(one[m])
-    assert list(StepBatches(20, 8, 2, DistributedContext(), seed=3, epoch=1, start_step=1)) == one[2:]  # resume skips done steps
+    assert (
+        list(StepBatches(20, 8, 2, DistributedContext(), seed=3, epoch=1, start_step=1)) == one[2:]
+    )  # resume skips done steps
     rep = [item for b in StepBatches(20, 4, 1, DistributedContext(), seed=0, epoch=0, repeats=3) for item in b]
     assert len(rep) == 20 and {c for _, _, c in rep} == {0, 1, 2}
-    assert [i for _, i, _ in rep[:3]] == [rep[0][1]] * 3  # an image's copies are consecutive: different processes get them
+    assert [i for _, i, _ in rep[:3]] == [
+        rep[0][1]
+    ] * 3  # an image's copies are consecutive: different processes get them
 
 
 def test_repeated_copies_are_augmented_differently(tmp_path):
@@ -187,8 +213,8 @@ def test_schedule_warms_up_decays_and_cools_down(tmp_path):
         lrs.append(trainer.optimizer.param_groups[0]["lr"])
     spe = trainer.steps_per_epoch
     assert lrs[0] == 0.0 and lrs[2 * spe] == pytest.approx(0.1)  # linear warm-up to the peak
-    assert all(a >= b for a, b in zip(lrs[2 * spe:], lrs[2 * spe + 1:]))  # then non-increasing
-    assert lrs[-2 * spe:] == [pytest.approx(0.001)] * (2 * spe)  # cool-down at min_lr
+    assert all(a >= b for a, b in zip(lrs[2 * spe :], lrs[2 * spe + 1 :]))  # then non-increasing
+    assert lrs[-2 * spe :] == [pytest.approx(0.001)] * (2 * spe)  # cool-down at min_lr
 
 
 def test_no_weight_decay_on_norms_biases_and_tokens(tmp_path):
@@ -198,11 +224,23 @@ def test_no_weight_decay_on_norms_biases_and_tokens(tmp_path):
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
     from attnzoo.vision.sparsifiner import Sparsifiner
 
-    vit = Sparsifiner(embed_dim=32, depth=1, num_heads=2, num_classes=2)  # timm's no_weight_decay(): pos_embed, cls_token
-    t = Trainer(vit, TensorDataset(torch.zeros(8, 3, 224, 224), torch.zeros(8).long()), TrainConfig(batch_size=8, num_workers=0),
-                tmp_path / "vit", loss_fn=None, device="cpu")
+    vit = Sparsifiner(
+        embed_dim=32, depth=1, num_heads=2, num_classes=2
+    )  # timm's no_weight_decay(): pos_embed, cls_token
+    t = Trainer(
+        vit,
+        TensorDataset(torch.zeros(8, 3, 224, 224), torch.zeros(8).long()),
+        TrainConfig(batch_size=8, num_workers=0),
+        tmp_path / "vit",
+        loss_fn=None,
+        device="cpu",
+    )
     no_decay_ids = {id(p) for p in t.optimizer.param_groups[1]["params"]}
-    assert id(vit.pos_embed) in no_decay_ids and id(vit.cls_token) in no_decay_ids and id(vit.blocks[0].norm1.weight) in no_decay_ids
+    assert (
+        id(vit.pos_embed) in no_decay_ids
+        and id(vit.cls_token) in no_decay_ids
+        and id(vit.blocks[0].norm1.weight) in no_decay_ids
+    )
 
 
 def test_step_schedule_and_clipping(tmp_path):
@@ -212,12 +250,16 @@ def test_step_schedule_and_clipping(tmp_path):
         trainer.scheduler.step_update(step)
         lrs.append(trainer.optimizer.param_groups[0]["lr"])
     spe = trainer.steps_per_epoch
-    assert lrs[: 2 * spe] == [pytest.approx(0.1)] * (2 * spe) and lrs[2 * spe:] == [pytest.approx(0.05)] * (2 * spe)
-    multi = make_trainer(tmp_path / "m", epochs=4, lr=0.1, schedule="multistep", decay_milestones=[1, 3], decay_rate=0.1)
+    assert lrs[: 2 * spe] == [pytest.approx(0.1)] * (2 * spe) and lrs[2 * spe :] == [pytest.approx(0.05)] * (2 * spe)
+    multi = make_trainer(
+        tmp_path / "m", epochs=4, lr=0.1, schedule="multistep", decay_milestones=[1, 3], decay_rate=0.1
+    )
     for step, lr in ((0, 0.1), (spe, 0.01), (3 * spe - 1, 0.01), (3 * spe, 0.001)):
         multi.scheduler.step_update(step)
         assert multi.optimizer.param_groups[0]["lr"] == pytest.approx(lr)
-    sgd = make_trainer(tmp_path / "sgd", optimizer="sgd", momentum=0.0, lr=1.0, clip_grad=1e-3, epochs=1, weight_decay=0.0)
+    sgd = make_trainer(
+        tmp_path / "sgd", optimizer="sgd", momentum=0.0, lr=1.0, clip_grad=1e-3, epochs=1, weight_decay=0.0
+    )
     sgd.train_set.dataset.tensors = tuple(t[:8] for t in sgd.train_set.dataset.tensors)
     sgd.steps_per_epoch = sgd.total_steps = 1
     before = torch.cat([p.detach().flatten().clone() for p in sgd.model.parameters()])

@@ -1,4 +1,5 @@
-"""The multi-view 3D reconstruction recipe: a reduced LRGT learns primitive shapes on the CPU."""
+"""The multi-view 3D reconstruction recipe: the DeiT initialisation; a reduced LRGT learns primitive
+shapes on the CPU."""
 
 import json
 
@@ -7,21 +8,66 @@ import pytest
 import torch
 
 from attnzoo.cli import main
-from attnzoo.errors import InvalidInputError
+from attnzoo.errors import InvalidInputError, WeightsError
 from attnzoo.metrics.reconstruction import summarize_iou, voxel_iou
-from attnzoo.training.reconstruction import dice_loss, train_reconstruction
+from attnzoo.registry import ModelEntry
+from attnzoo.training.reconstruction import dice_loss, load_deit_init, train_reconstruction
+from attnzoo.vision.lrgt import LRGT, LRGTEncoder
 from tests.shapes3d import primitive, write_shapenet
 
-TINY = dict(embed_dim=64, depth=2, num_heads=2, lga_layers=(1,), merger_tokens=(49, 49), merger_heads=2,
-            decoder_heads=2, decoder_depth=4, decoder_channels=(8, 2, 1))
+TINY = dict(
+    embed_dim=64,
+    depth=2,
+    num_heads=2,
+    lga_layers=(1,),
+    merger_tokens=(49, 49),
+    merger_heads=2,
+    decoder_heads=2,
+    decoder_depth=4,
+    decoder_channels=(8, 2, 1),
+)
 KINDS = ("ball", "table")
 
 
 def test_dice_loss_is_the_official_formula():
     p, g = torch.rand(3, 4, 4, 4), (torch.rand(3, 4, 4, 4) > 0.5).float()
-    expected = torch.stack([1 - ((a * b).sum() + 1) / ((a**2 + b**2).sum() + 1) for a, b in zip(p, g, strict=True)]).mean()
+    expected = torch.stack(
+        [1 - ((a * b).sum() + 1) / ((a**2 + b**2).sum() + 1) for a, b in zip(p, g, strict=True)]
+    ).mean()
     torch.testing.assert_close(dice_loss(p, g), expected)
     assert dice_loss(g, g) < dice_loss(p, g)
+
+
+def test_deit_init_splits_qkv(tmp_path):
+    import timm
+
+    deit = timm.create_model("deit_base_distilled_patch16_224", pretrained=False, embed_dim=64, depth=2, num_heads=2)
+    sd = {k: torch.randn_like(v) for k, v in deit.state_dict().items()}
+    assert "blocks.0.attn.qkv.weight" in sd and "head_dist.weight" in sd and sd["pos_embed"].shape == (1, 198, 64)
+    model = LRGT(**TINY)
+    ifs_before = model.encoder.encoder.blocks[1].attn.IFS.weight.clone()
+    report = load_deit_init(model, {"model": sd})  # the released file's layout
+    vit = model.encoder.encoder
+    for i in range(2):
+        qkv_w, qkv_b = sd[f"blocks.{i}.attn.qkv.weight"], sd[f"blocks.{i}.attn.qkv.bias"]
+        attn = vit.blocks[i].attn
+        for j, proj in enumerate((attn.to_q, attn.to_k, attn.to_v)):
+            assert torch.equal(proj.weight, qkv_w[64 * j : 64 * (j + 1)]) and torch.equal(
+                proj.bias, qkv_b[64 * j : 64 * (j + 1)]
+            )
+        assert torch.equal(vit.blocks[i].mlp.fc2.weight, sd[f"blocks.{i}.mlp.fc2.weight"])
+    for name in ("pos_embed", "cls_token", "dist_token", "norm.weight", "patch_embed.proj.weight"):
+        assert torch.equal(vit.state_dict()[name], sd[name]), name
+    assert torch.equal(vit.blocks[1].attn.IFS.weight, ifs_before)  # DeiT has no IFS: kept
+    assert {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias"} <= set(report["ignored"])
+    assert "blocks.0.attn.IFS.weight" in report["kept"] and "blocks.0.attn.to_q.weight" in report["loaded"]
+    path = tmp_path / "deit_base_distilled_patch16_224-df68dfff.pth"
+    torch.save({"model": sd}, path)
+    again = LRGT(**TINY)
+    load_deit_init(again.encoder, path)  # a file; the encoder alone
+    assert torch.equal(again.encoder.encoder.blocks[1].attn.to_v.weight, vit.blocks[1].attn.to_v.weight)
+    with pytest.raises(WeightsError, match="does not fit"):
+        load_deit_init(LRGTEncoder(embed_dim=32, depth=2, num_heads=2, lga_layers=(1,)), sd)  # another width
 
 
 @pytest.mark.slow
@@ -29,7 +75,9 @@ def test_reduced_lrgt_beats_the_mean_occupancy(tmp_path):
     root = write_shapenet(tmp_path / "shapenet", kinds=KINDS, per_kind=(4, 1, 1))
     # the official init makes the decoder start almost independent of the views (its linears are N(0, 0.01)):
     # it takes a few dozen steps before the views matter
-    overrides = dict(epochs=20, batch_size=4, lr=3e-3, num_workers=0, deit_weights=None, decay_milestones=[20], log_every=5)
+    overrides = dict(
+        epochs=20, batch_size=4, lr=3e-3, num_workers=0, deit_weights=None, decay_milestones=[20], log_every=5
+    )
     torch.manual_seed(0)
     result = train_reconstruction("lrgt", root, tmp_path / "run", overrides=overrides, model_kwargs=TINY, device="cpu")
     grids = np.stack([primitive(k) for k in KINDS]).astype(np.float32)
@@ -41,13 +89,35 @@ def test_reduced_lrgt_beats_the_mean_occupancy(tmp_path):
 
 def test_cli_train_and_bad_settings(tmp_path, capsys, monkeypatch):
     import attnzoo
-    from attnzoo.vision.lrgt import LRGT
 
     root = write_shapenet(tmp_path / "shapenet", kinds=("box", "ball"), per_kind=(2, 0, 0))
-    monkeypatch.setitem(attnzoo.factory._OWN_MODELS, "lrgt_tiny_test", lambda **kw: LRGT(**TINY, **kw))
-    code = main(["train", "multiview-3d-reconstruction", "--model", "lrgt_tiny_test", "--data", str(root), "--out", str(tmp_path / "run"),
-                 "epochs=1", "batch_size=2", "num_workers=0", "deit_weights=null", "--device", "cpu"])
+    monkeypatch.setitem(
+        attnzoo.registry._MODELS,
+        "lrgt_tiny_test",
+        ModelEntry("lrgt_tiny_test", lambda **kw: LRGT(**TINY, **kw), "lrgt", ("multiview-3d-reconstruction",)),
+    )
+    code = main(
+        [
+            "train",
+            "multiview-3d-reconstruction",
+            "--model",
+            "lrgt_tiny_test",
+            "--data",
+            str(root),
+            "--out",
+            str(tmp_path / "run"),
+            "epochs=1",
+            "batch_size=2",
+            "num_workers=0",
+            "deit_weights=null",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
-    assert json.loads(json.dumps(__import__("yaml").safe_load((tmp_path / "run" / "config.yaml").read_text())))["schedule"] == "multistep"
+    assert (
+        json.loads(json.dumps(__import__("yaml").safe_load((tmp_path / "run" / "config.yaml").read_text())))["schedule"]
+        == "multistep"
+    )
     with pytest.raises(InvalidInputError, match="unknown multiview-3d-reconstruction settings"):
         train_reconstruction("lrgt_tiny_test", root, tmp_path / "o", overrides={"extra.colour": 1})

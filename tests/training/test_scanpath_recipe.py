@@ -11,7 +11,14 @@ import attnzoo
 from attnzoo.errors import InvalidInputError
 from tests.scanpath_helpers import AMAZON_SIZE, write_amazon
 
-SMALL = {"emb_size": 64, "nhead": 2, "num_encoder_layers": 1, "num_decoder_layers": 1, "dim_feedforward": 64, "CA_d_k": 16}
+SMALL = {
+    "emb_size": 64,
+    "nhead": 2,
+    "num_encoder_layers": 1,
+    "num_decoder_layers": 1,
+    "dim_feedforward": 64,
+    "CA_d_k": 16,
+}
 
 
 def amazon_set(root, collages=4, subjects=5, seed=0):
@@ -28,8 +35,12 @@ def amazon_set(root, collages=4, subjects=5, seed=0):
             others = [a, a, b, a] if s % 2 else [a, b, b, a]  # a refixation and a revisit: every statistic > 0
             path = [(int(o % 14) * 10 + 5, int(o // 14) * 10 + 5) for o in others] + [(c * 10 + 5, r * 10 + 5)]
             fixations[str(s)] = [list(p) for p in path]
-        entries[f"{k}.jpg"] = {"fixations": fixations, "ground_truth": [{"xmin": c * 10, "xmax": c * 10 + 10, "ymin": r * 10, "ymax": r * 10 + 10}],
-                               "size": {"height": h, "width": w}, "target": f"target_{k % 5}.jpg"}
+        entries[f"{k}.jpg"] = {
+            "fixations": fixations,
+            "ground_truth": [{"xmin": c * 10, "xmax": c * 10 + 10, "ymin": r * 10, "ymax": r * 10 + 10}],
+            "size": {"height": h, "width": w},
+            "target": f"target_{k % 5}.jpg",
+        }
     return write_amazon(root, entries=entries)["folder"]
 
 
@@ -39,8 +50,14 @@ def trained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("oat")
     data = amazon_set(root / "data")
-    result = train_scanpath("oat_amazon", data, root / "run", overrides={"epochs": 4, "batch_size": 4, "lr": 2e-3, "log_every": 1},
-                            device="cpu", model_kwargs=SMALL)
+    result = train_scanpath(
+        "oat_amazon",
+        data,
+        root / "run",
+        overrides={"epochs": 4, "batch_size": 4, "lr": 2e-3, "log_every": 1},
+        device="cpu",
+        model_kwargs=SMALL,
+    )
     return data, root / "run", result
 
 
@@ -73,7 +90,9 @@ def test_trained_weights_run_in_the_pipeline_and_the_evaluation(trained, tmp_pat
     data, run, _ = trained
     pipe = attnzoo.pipeline("scanpath", model="oat", weights=run / "model.safetensors", model_kwargs=SMALL)
     trial = AmazonCovers(data)[0]
-    assert pipe.model.max_len == json.loads((run / "test_metrics.json").read_text())["max_len"]  # decoding.json beside the weights
+    assert (
+        pipe.model.max_len == json.loads((run / "test_metrics.json").read_text())["max_len"]
+    )  # decoding.json beside the weights
     sp = pipe(trial)
     assert 1 <= len(sp) <= 5 and ((sp.objects >= 0) & (sp.objects < 84)).all()
     evaluator = ScanpathEvaluator(data, "all", model_kind="oat")
@@ -84,22 +103,55 @@ def test_trained_weights_run_in_the_pipeline_and_the_evaluation(trained, tmp_pat
     assert human["length"] == pytest.approx(expected["length"], abs=1e-4) and human["correct_target"] == 1.0
     assert metrics["rows"]["model (greedy)"]["n"] == len(AmazonCovers(data))
     # sampled decoding (OAT's "multi" rows): statistics averaged over each trial's samples first
-    sampled_pipe = attnzoo.pipeline("scanpath", model="oat", weights=run / "model.safetensors", model_kwargs=SMALL,
-                                    strategy="sample", num_samples=3, seed=0)
-    sampled = evaluate(sampled_pipe, ScanpathEvaluator(data, "all", model_kind="oat", samples_per_trial=3), tmp_path / "eval-multi",
-                       settings={}, progress=False)
+    sampled_pipe = attnzoo.pipeline(
+        "scanpath",
+        model="oat",
+        weights=run / "model.safetensors",
+        model_kwargs=SMALL,
+        strategy="sample",
+        num_samples=3,
+        seed=0,
+    )
+    sampled = evaluate(
+        sampled_pipe,
+        ScanpathEvaluator(data, "all", model_kind="oat", samples_per_trial=3),
+        tmp_path / "eval-multi",
+        settings={},
+        progress=False,
+    )
     row = sampled["rows"]["model (3 samples per trial)"]
     preds = [json.loads(line) for line in (tmp_path / "eval-multi" / "predictions.jsonl").read_text().splitlines()]
     assert all(len(p["samples"]) == 3 for p in preds)
     from attnzoo.metrics.scanpath import search_statistics_over_samples
 
     trials = AmazonCovers(data)
-    per_trial = [search_statistics_over_samples([s for s in p["samples"] if s], t.target) for p, t in zip(preds, trials)]
+    per_trial = [
+        search_statistics_over_samples([s for s in p["samples"] if s], t.target) for p, t in zip(preds, trials)
+    ]
     assert row["length"] == pytest.approx(np.mean([s["length"] for s in per_trial]), abs=1e-4)
     assert row["nss"] is None or np.isfinite(row["nss"])
     assert "Δ" in (tmp_path / "eval" / "report.md").read_text()
     test_ids = {(t.stimulus, t.subject) for t in official_split(list(AmazonCovers(data)), 0)["test"]}
     assert len(ScanpathEvaluator(data, "test", model_kind="oat").samples()) == len(test_ids)
+
+
+def test_oat_loss_ignores_pad():
+    import torch
+    import torch.nn.functional as F
+
+    from attnzoo.training.scanpath import oat_loss
+
+    logits = torch.randn(3, 2, 8, generator=torch.Generator().manual_seed(0))
+    tgt_pos = torch.tensor([[8, 8], [1, 2], [6, 6], [7, 3]])  # the PAD (7) at step 3 of sample 0 does not count
+    terms = [
+        -F.log_softmax(logits[t, b], dim=0)[tgt_pos[t + 1, b]]
+        for t in range(3)
+        for b in range(2)
+        if tgt_pos[t + 1, b] != 7
+    ]
+    torch.testing.assert_close(oat_loss(logits, tgt_pos, pad_idx=7), torch.stack(terms).mean())
+    with pytest.raises(InvalidInputError):
+        oat_loss(logits, tgt_pos[:3], pad_idx=7)
 
 
 def test_nevaclip_has_nothing_to_train(tmp_path):
@@ -110,17 +162,28 @@ def test_nevaclip_has_nothing_to_train(tmp_path):
 
 
 def test_evaluation_defaults_to_the_runs_own_split(trained, tmp_path, capsys):
-    from attnzoo.cli import _scanpath_split
+    import sys
+
+    from attnzoo.evaluation.scanpath import evaluation_split
+
+    def _scanpath_split(family, weights, split, seed):
+        return evaluation_split(family, weights, split, "test", seed, lambda m: print(m, file=sys.stderr))
 
     data, run, _ = trained
     info = json.loads((run / "decoding.json").read_text())
     assert info == {"max_len": 5, "dataset": "amazon", "split": "official", "split_seed": 0, "drop_outliers": True}
     weights = run / "model.safetensors"
     assert _scanpath_split("oat", weights, None, None) == ("test", 0, True) and capsys.readouterr().err == ""
-    (tmp_path / "decoding.json").write_text(json.dumps({**info, "split": "layout", "split_seed": 3, "drop_outliers": False}))
+    (tmp_path / "decoding.json").write_text(
+        json.dumps({**info, "split": "layout", "split_seed": 3, "drop_outliers": False})
+    )
     other = tmp_path / "model.safetensors"
     assert _scanpath_split("oat", other, None, None) == ("test-by-layout", 3, False) and capsys.readouterr().err == ""
-    assert _scanpath_split("oat", other, "test", None) == ("test", 3, False)  # asked for another split: done, with a warning
+    assert _scanpath_split("oat", other, "test", None) == (
+        "test",
+        3,
+        False,
+    )  # asked for another split: done, with a warning
     assert "trained on the layout split" in capsys.readouterr().err
     assert _scanpath_split("oat", other, None, 4)[1] == 4 and "seed 3" in capsys.readouterr().err
-    assert _scanpath_split("nevaclip", None, None, None) == (None, 0, True)
+    assert _scanpath_split("nevaclip", None, None, None) == ("test", 0, True)

@@ -33,22 +33,44 @@ def write_acmil_h5(path, n_slides=48, n_instances=40, dim=16, seed=0):
 def test_training_beats_chance_and_reports_seeds(tmp_path, model):
     data = write_acmil_h5(tmp_path / "patch_feats_pretrain_synthetic.h5")
     overrides = {"epochs": 6, "lr": 2e-3, "seeds": [1, 2], "log_every": 1000, "val_fraction": 0.2}
-    result = train_wsi_classification(model, data, tmp_path / "run", overrides=overrides, device="cpu",
-                                       model_kwargs={"inner_dim": 32} if model == "abmil" else {"inner_dim": 32, "n_masked_patch": 2})
+    result = train_wsi_classification(
+        model,
+        data,
+        tmp_path / "run",
+        overrides=overrides,
+        device="cpu",
+        model_kwargs={"inner_dim": 32} if model == "abmil" else {"inner_dim": 32, "n_masked_patch": 2},
+    )
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert set(summary["seeds"]) == {"1", "2"} and summary["mean"]["auc"] >= 0.85, summary["mean"]  # chance: 0.5
     assert {"accuracy", "auc", "f1_micro", "f1_macro"} <= set(summary["sd"])
     for seed in (1, 2):
         test = json.loads((tmp_path / "run" / f"seed-{seed}" / "test_metrics.json").read_text())
-        assert test == result["seeds"][seed]["test"] and (tmp_path / "run" / f"seed-{seed}" / "model.safetensors").exists()
+        assert (
+            test == result["seeds"][seed]["test"] and (tmp_path / "run" / f"seed-{seed}" / "model.safetensors").exists()
+        )
 
 
 def test_cli_train_command(tmp_path, capsys):
     from attnzoo.cli import main
 
     data = write_acmil_h5(tmp_path / "feats.h5", n_slides=12)
-    code = main(["train", "wsi-classification", "--model", "abmil", "--data", str(data), "--out", str(tmp_path / "run"),
-                 "epochs=1", "seeds=[3]", "--device", "cpu"])
+    code = main(
+        [
+            "train",
+            "wsi-classification",
+            "--model",
+            "abmil",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "run"),
+            "epochs=1",
+            "seeds=[3]",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert list(summary["seeds"]) == ["3"] and "auc" in summary["mean"]
@@ -66,24 +88,40 @@ def test_split_files_per_seed_missing_slides_and_labels(tmp_path):
     _write_split(tmp_path / "split_1.json", names[:7], names[7:], tests)
     _write_split(tmp_path / "split_2.json", names[2:], names[:2], tests)
     overrides = {"epochs": 1, "seeds": [1, 2], "log_every": 1000, "split": str(tmp_path / "split_{seed}.json")}
-    train_wsi_classification("abmil", data, tmp_path / "run", overrides=overrides, device="cpu", model_kwargs={"inner_dim": 8})
+    train_wsi_classification(
+        "abmil", data, tmp_path / "run", overrides=overrides, device="cpu", model_kwargs={"inner_dim": 8}
+    )
     for seed, val in ((1, names[7:]), (2, names[:2])):  # each seed trained on its own split file, as ACMIL's script
         config = (tmp_path / "run" / f"seed-{seed}" / "config.yaml").read_text()
         assert all(name in config.split("val:")[1].split("test:")[0] for name in val)
 
     with pytest.warns(UserWarning, match="one split file"):  # one file for several seeds: allowed, with a warning
-        train_wsi_classification("abmil", data, tmp_path / "fixed", overrides={**overrides, "split": str(tmp_path / "split_1.json")},
-                                 device="cpu", model_kwargs={"inner_dim": 8})
+        train_wsi_classification(
+            "abmil",
+            data,
+            tmp_path / "fixed",
+            overrides={**overrides, "split": str(tmp_path / "split_1.json")},
+            device="cpu",
+            model_kwargs={"inner_dim": 8},
+        )
 
     _write_split(tmp_path / "gaps.json", names[:7] + ["slide_999"], names[7:], tests + ["test_999"])
     gaps = {"epochs": 1, "seeds": [1], "log_every": 1000, "split": str(tmp_path / "gaps.json")}
     from attnzoo.errors import DatasetFormatError
 
     with pytest.raises(DatasetFormatError, match="slide_999"):  # never a silently smaller test set
-        train_wsi_classification("abmil", data, tmp_path / "gaps", overrides=gaps, device="cpu", model_kwargs={"inner_dim": 8})
+        train_wsi_classification(
+            "abmil", data, tmp_path / "gaps", overrides=gaps, device="cpu", model_kwargs={"inner_dim": 8}
+        )
     with pytest.warns(UserWarning, match="test_999"):
-        result = train_wsi_classification("abmil", data, tmp_path / "gaps", overrides={**gaps, "allow_missing": True},
-                                          device="cpu", model_kwargs={"inner_dim": 8})
+        result = train_wsi_classification(
+            "abmil",
+            data,
+            tmp_path / "gaps",
+            overrides={**gaps, "allow_missing": True},
+            device="cpu",
+            model_kwargs={"inner_dim": 8},
+        )
     assert result["seeds"]
 
 
@@ -94,4 +132,11 @@ def test_unlabelled_bags_are_a_clear_error(tmp_path):
     with h5py.File(data, "a") as f:
         del f["slide_001"].attrs["label"]
     with pytest.raises(DatasetFormatError, match="slide_001.*labels=CSV"):
-        train_wsi_classification("abmil", data, tmp_path / "run", overrides={"epochs": 1, "seeds": [1]}, device="cpu", model_kwargs={"inner_dim": 8})
+        train_wsi_classification(
+            "abmil",
+            data,
+            tmp_path / "run",
+            overrides={"epochs": 1, "seeds": [1]},
+            device="cpu",
+            model_kwargs={"inner_dim": 8},
+        )

@@ -1,6 +1,6 @@
 """A tiny training run for the engine tests, run as a subprocess (also under torchrun).
 
-    python tiny_run.py OUT [--resume] [--slow SECONDS] [--dropout P] [--accum N] [--ema D]
+python tiny_run.py OUT [--resume] [--slow SECONDS] [--dropout P] [--accum N] [--ema D]
 """
 
 import argparse
@@ -41,8 +41,20 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cfg = TrainConfig(epochs=a.epochs, batch_size=8, accum_steps=a.accum, lr=1e-2, warmup_epochs=1, clip_grad=1.0, ema_decay=a.ema,
-                      checkpoint_every=2, keep_last=2, num_workers=0, log_every=1, best_metric="acc")
+    cfg = TrainConfig(
+        epochs=a.epochs,
+        batch_size=8,
+        accum_steps=a.accum,
+        lr=1e-2,
+        warmup_epochs=1,
+        clip_grad=1.0,
+        ema_decay=a.ema,
+        checkpoint_every=2,
+        keep_last=2,
+        num_workers=0,
+        log_every=1,
+        best_metric="acc",
+    )
     data = dataset()
 
     def loss_fn(model, batch):

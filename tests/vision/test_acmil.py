@@ -29,6 +29,7 @@ class Struct:
 
 # -- fixtures ------------------------------------------------------------------------------
 
+
 def load_fixture(reference_dir, name):
     folder = reference_dir / name
     if not folder.is_dir():
@@ -57,6 +58,7 @@ def n_params(model):
 
 
 # -- parity --------------------------------------------------------------------------------
+
 
 @pytest.mark.parity
 @pytest.mark.parametrize("name", sorted(FIXTURES))
@@ -132,9 +134,18 @@ def test_full_size_key_layouts(reference_dir, name):
         dims = re.search(r"D_feat=(\d+), D_inner=(\d+), n_class=(\d+), n_token=(\d+)", manifest["official_builder"])
         extra = re.search(r"n_masked_patch=(\d+), mask_drop=([\d.]+)", manifest["official_builder"])
         in_dim, inner_dim, n_class, n_token = map(int, dims.groups())
-        model = FIXTURES[name](in_dim=in_dim, inner_dim=inner_dim, n_classes=n_class, n_token=n_token,
-                               n_masked_patch=int(extra.group(1)), mask_drop=float(extra.group(2)))
-        layout = {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in model.state_dict().items()}
+        model = FIXTURES[name](
+            in_dim=in_dim,
+            inner_dim=inner_dim,
+            n_classes=n_class,
+            n_token=n_token,
+            n_masked_patch=int(extra.group(1)),
+            mask_drop=float(extra.group(2)),
+        )
+        layout = {
+            k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+            for k, v in model.state_dict().items()
+        }
         assert list(layout) == list(manifest["keys"]), path.name  # same keys, same (official) order
         assert layout == manifest["keys"], path.name
         assert len(layout) == manifest["num_keys"]
@@ -143,14 +154,18 @@ def test_full_size_key_layouts(reference_dir, name):
 
 # -- sizes (research notes d1) -------------------------------------------------------------
 
-@pytest.mark.parametrize("builder, pretrain, n_classes, expected", [
-    ("acmil_ga", "medical_ssl", 2, 84_369),
-    ("acmil_ga", "natural_supervised", 2, 200_593),
-    ("acmil_mha", "medical_ssl", 2, 416_140),
-    ("acmil_mha", "natural_supervised", 2, 1_585_932),
-    ("acmil_ga", "UNI", 3, 665_495),
-    ("acmil_mha", "UNI", 3, 6_320_658),  # the notes' "6.32M"
-])
+
+@pytest.mark.parametrize(
+    "builder, pretrain, n_classes, expected",
+    [
+        ("acmil_ga", "medical_ssl", 2, 84_369),
+        ("acmil_ga", "natural_supervised", 2, 200_593),
+        ("acmil_mha", "medical_ssl", 2, 416_140),
+        ("acmil_mha", "natural_supervised", 2, 1_585_932),
+        ("acmil_ga", "UNI", 3, 665_495),
+        ("acmil_mha", "UNI", 3, 6_320_658),  # the notes' "6.32M"
+    ],
+)
 def test_parameter_counts(builder, pretrain, n_classes, expected):
     model = getattr(A, builder)(pretrain=pretrain, n_classes=n_classes)
     assert n_params(model) == expected
@@ -161,17 +176,32 @@ def test_factory_defaults_and_names():
     assert {"acmil_ga", "acmil_mha", "abmil"} <= set(names)
     ga = attnzoo.create_model("acmil_ga")
     assert isinstance(ga, A.ACMILGatedAttention) and not ga.training
-    assert (ga.in_dim, ga.inner_dim, ga.n_classes, ga.n_token, ga.n_masked_patch, ga.mask_drop) == (512, 256, 2, 5, 10, 0.6)
+    assert (ga.in_dim, ga.inner_dim, ga.n_classes, ga.n_token, ga.n_masked_patch, ga.mask_drop) == (
+        512,
+        256,
+        2,
+        5,
+        10,
+        0.6,
+    )
     assert n_params(ga) == 200_593
     mha = attnzoo.create_model("acmil_mha", n_classes=3)
     assert isinstance(mha, A.ACMILMultiHead) and mha.n_classes == 3 and mha.num_heads == 8
     ab = attnzoo.create_model("abmil", pretrain="medical_ssl")
     assert (ab.in_dim, ab.inner_dim, ab.n_token, ab.n_masked_patch, ab.mask_drop) == (384, 128, 1, 0, 0.0)
-    assert set(ab.state_dict()) == {"dimreduction.fc1.weight", "attention.attention_V.0.weight", "attention.attention_V.0.bias",
-                                    "attention.attention_U.0.weight", "attention.attention_U.0.bias",
-                                    "attention.attention_weights.weight", "attention.attention_weights.bias",
-                                    "classifier.0.fc.weight", "classifier.0.fc.bias",
-                                    "Slide_classifier.fc.weight", "Slide_classifier.fc.bias"}
+    assert set(ab.state_dict()) == {
+        "dimreduction.fc1.weight",
+        "attention.attention_V.0.weight",
+        "attention.attention_V.0.bias",
+        "attention.attention_U.0.weight",
+        "attention.attention_U.0.bias",
+        "attention.attention_weights.weight",
+        "attention.attention_weights.bias",
+        "classifier.0.fc.weight",
+        "classifier.0.fc.bias",
+        "Slide_classifier.fc.weight",
+        "Slide_classifier.fc.bias",
+    }
     with pytest.raises(InvalidInputError, match="n_token"):
         A.abmil(n_token=3)
     with pytest.raises(InvalidInputError, match="unknown pretrain"):
@@ -185,6 +215,7 @@ def test_factory_defaults_and_names():
 
 
 # -- STKIM ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("n", [40, 7])
 @pytest.mark.parametrize("cls", [A.ACMILGatedAttention, A.ACMILMultiHead])
@@ -222,7 +253,7 @@ def test_stkim_mask_function_and_edge_cases():
     assert ((out == -1e9) <= (logits >= 2)).all()  # within each row's top-4 (values 2..5 and 8..11)
     assert torch.equal(A.stkim_mask(logits, 0, 0.6), logits)
     assert torch.equal(A.stkim_mask(logits, 3, 0.0, generator=0), logits)
-    assert ((A.stkim_mask(logits, 100, 1.0, generator=0) == -1e9).all())
+    assert (A.stkim_mask(logits, 100, 1.0, generator=0) == -1e9).all()
     half = A.stkim_mask(logits.half(), 4, 0.5, generator=0)
     assert ((half == torch.finfo(torch.half).min).sum(-1) == 2).all()
 
@@ -239,6 +270,7 @@ def test_abmil_has_no_masking():
 
 
 # -- formulas ------------------------------------------------------------------------------
+
 
 def test_abmil_equals_gated_attention_mil_formula():
     torch.manual_seed(0)
@@ -298,7 +330,11 @@ def test_loss_parts_forward_backward(cls):
     loss.total.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing
-    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.startswith(("dimreduction", "Slide_classifier")))
+    assert all(
+        p.grad.abs().sum() > 0
+        for n, p in model.named_parameters()
+        if n.startswith(("dimreduction", "Slide_classifier"))
+    )
     with pytest.raises(InvalidInputError, match="outside"):
         model.loss(out, 3)
     with pytest.raises(InvalidInputError, match="one integer"):
@@ -336,6 +372,7 @@ def test_instance_attention_for_heatmaps(cls):
 
 # -- inputs --------------------------------------------------------------------------------
 
+
 def test_bad_inputs():
     model = A.ACMILGatedAttention(in_dim=32, inner_dim=16).eval()
     with pytest.raises(InvalidInputError, match="empty bag"):
@@ -363,12 +400,20 @@ def test_bad_inputs():
 
 # -- checkpoints ---------------------------------------------------------------------------
 
+
 def test_official_checkpoint_needs_resaving_then_loads(tmp_path):
     torch.manual_seed(0)
     trained = A.acmil_ga(in_dim=32, inner_dim=16).eval()
     official = tmp_path / "checkpoint-best.pth"
-    torch.save({"model": {f"module.{k}": v for k, v in trained.state_dict().items()}, "optimizer": {"state": {}, "param_groups": []},
-                "epoch": 7, "config": Struct(D_feat=32, D_inner=16, n_class=2)}, official)
+    torch.save(
+        {
+            "model": {f"module.{k}": v for k, v in trained.state_dict().items()},
+            "optimizer": {"state": {}, "param_groups": []},
+            "epoch": 7,
+            "config": Struct(D_feat=32, D_inner=16, n_class=2),
+        },
+        official,
+    )
     with pytest.raises(WeightsError, match="refuses"):
         load_checkpoint_file(official)
     resaved = tmp_path / "acmil_state.pth"  # what the user does once, in the official environment
@@ -388,7 +433,9 @@ def test_official_abmil_class_layout_maps_onto_one_branch():
     torch.manual_seed(0)
     model = A.abmil(in_dim=32, inner_dim=16).eval()
     reference = A.abmil(in_dim=32, inner_dim=16).eval()
-    official = {k: v for k, v in reference.state_dict().items() if not k.startswith(("classifier.", "Slide_classifier."))}
+    official = {
+        k: v for k, v in reference.state_dict().items() if not k.startswith(("classifier.", "Slide_classifier."))
+    }
     official["classifier.fc.weight"] = reference.Slide_classifier.fc.weight.detach().clone()
     official["classifier.fc.bias"] = reference.Slide_classifier.fc.bias.detach().clone()
     attnzoo.weights.load_weights(model, {"model": official}, converter=A.checkpoint_filter_fn)

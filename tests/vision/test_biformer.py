@@ -17,7 +17,7 @@ import attnzoo
 import attnzoo.kernels as K
 from attnzoo.errors import InvalidInputError
 from attnzoo.vision import biformer as B
-from attnzoo.vision.layers import NCHWAttentionLePE, NCHWBiLevelRoutingAttention, routing_attention
+from attnzoo.vision.biformer import NCHWAttentionLePE, NCHWBiLevelRoutingAttention
 
 
 def load_fixture(reference_dir, name="biformer"):
@@ -29,14 +29,19 @@ def load_fixture(reference_dir, name="biformer"):
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("backend", ["reference", pytest.param("flex", marks=pytest.mark.slow), pytest.param("triton", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "backend",
+    ["torch", pytest.param("flex", marks=pytest.mark.slow), pytest.param("triton", marks=pytest.mark.slow)],
+)
 def test_official_parity(reference_dir, backend, monkeypatch):
     cfg, state, inputs, expected = load_fixture(reference_dir)
     model = B.BiFormer(**cfg["constructor_kwargs"]).eval()
-    model.load_state_dict(B.checkpoint_filter_fn({"model": {f"module.{k}": v for k, v in state.items()}}, model), strict=True)
+    model.load_state_dict(
+        B.checkpoint_filter_fn({"model": {f"module.{k}": v for k, v in state.items()}}, model), strict=True
+    )
     routes = []
-    real = routing_attention.region_routing
-    monkeypatch.setattr(routing_attention, "region_routing", lambda *a: routes.append(real(*a)) or routes[-1])
+    real = B.region_routing
+    monkeypatch.setattr(B, "region_routing", lambda *a: routes.append(real(*a)) or routes[-1])
     tol = cfg["suggested_tolerance"]
     x = inputs["x"][:1] if backend == "triton" else inputs["x"]  # the interpreter is slow: the first image only
     with torch.no_grad(), K.use_backend(backend):
@@ -71,10 +76,17 @@ def test_full_size_key_layouts(reference_dir, variant):
 
 def test_timm_registration_and_local_official_checkpoint(tmp_path):
     torch.manual_seed(0)
-    small = dict(depth=[1, 1, 1, 1], embed_dim=[16, 32, 64, 128], head_dim=16, qk_dims=[16, 32, 64, 128])  # 1000 classes, as released
+    small = dict(
+        depth=[1, 1, 1, 1], embed_dim=[16, 32, 64, 128], head_dim=16, qk_dims=[16, 32, 64, 128]
+    )  # 1000 classes, as released
     src = timm.create_model("biformer_tiny", **small)
     torch.save({"model": src.state_dict(), "epoch": 300}, tmp_path / "biformer_tiny_in1k.pth")  # the official wrapper
-    model = timm.create_model("biformer_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "biformer_tiny_in1k.pth")), **small)
+    model = timm.create_model(
+        "biformer_tiny",
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(tmp_path / "biformer_tiny_in1k.pth")),
+        **small,
+    )
     ours = attnzoo.create_model("biformer_tiny", weights=tmp_path / "biformer_tiny_in1k.pth", **small)
     for m in (model, ours):
         assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), src.state_dict().values(), strict=True))
@@ -99,7 +111,6 @@ def test_forward_backward_and_api():
         model(torch.randn(1, 3, 256, 256))
     with pytest.raises(InvalidInputError, match="not supported"):
         B.BiFormer(auto_pad=True)
-
 
 
 # -- BiFormer-STL and STL-nchw ----------------------------------------------------------------
@@ -143,7 +154,10 @@ def test_stl_layouts_agree_on_divisible_sizes():
     nchw = timm.create_model("biformer_stl_nchw", **STL_SMALL).eval()
     nchw.load_state_dict(legacy_to_nchw(legacy.state_dict()), strict=True)
     with torch.no_grad():
-        ours, theirs = nchw.forward_intermediates(x, intermediates_only=True), legacy.forward_intermediates(x, intermediates_only=True)
+        ours, theirs = (
+            nchw.forward_intermediates(x, intermediates_only=True),
+            legacy.forward_intermediates(x, intermediates_only=True),
+        )
     for a, b in zip(ours[:3], theirs[:3], strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
     assert not torch.allclose(ours[3], theirs[3], atol=1e-3)
@@ -175,7 +189,11 @@ def official_nchw_bra(m, x):
     kg = torch.gather(ks[:, :, None].expand(N, nh, G, G, T, hd), 3, index).flatten(3, 4)
     vg = torch.gather(vs[:, :, None].expand(N, nh, G, G, T, hd), 3, index).flatten(3, 4)
     out = torch.softmax((qs * m.scale) @ kg.transpose(-1, -2), dim=-1) @ vg
-    out = out.reshape(N, nh, gh, gw, rh, rw, hd).permute(0, 1, 6, 2, 4, 3, 5).reshape(N, C, gh * rh, gw * rw)[:, :, :H, :W]
+    out = (
+        out.reshape(N, nh, gh, gw, rh, rw, hd)
+        .permute(0, 1, 6, 2, 4, 3, 5)
+        .reshape(N, C, gh * rh, gw * rw)[:, :, :H, :W]
+    )
     return F.conv2d(out + m.lepe(v), m.output_linear.weight, m.output_linear.bias)
 
 
@@ -193,11 +211,14 @@ def check_nchw_bra(H, W, n_win, topk, dim=16, heads=2, batch=2):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("H, W, n_win, topk", [
-    (11, 9, 3, 3),  # 3x3 regions, 4x3 of them (more than n_win), partial ones zero-padded; gathering path
-    (11, 9, 3, 5),  # the same, on the dense masked-SDPA path of the reference backend
-    (20, 23, 7, 16),  # a released stage config (n_win 7, topk 16) on a non-divisible map
-])
+@pytest.mark.parametrize(
+    "H, W, n_win, topk",
+    [
+        (11, 9, 3, 3),  # 3x3 regions, 4x3 of them (more than n_win), partial ones zero-padded; gathering path
+        (11, 9, 3, 5),  # the same, on the dense masked-SDPA path of the torch backend
+        (20, 23, 7, 16),  # a released stage config (n_win 7, topk 16) on a non-divisible map
+    ],
+)
 def test_nchw_bra_pads_as_the_official_code(H, W, n_win, topk):
     check_nchw_bra(H, W, n_win, topk)
 
@@ -226,7 +247,9 @@ def test_stl_local_official_checkpoint_and_api(tmp_path, name):
     torch.manual_seed(0)
     src = timm.create_model(name, **STL_SMALL)  # 1000 classes, as released
     path = tmp_path / f"{name}_in1k.pth"
-    torch.save({"model": {f"module.{k}": v for k, v in src.state_dict().items()}, "epoch": 300}, path)  # the official wrapper
+    torch.save(
+        {"model": {f"module.{k}": v for k, v in src.state_dict().items()}, "epoch": 300}, path
+    )  # the official wrapper
     model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **STL_SMALL)
     ours = attnzoo.create_model(name, weights=path, **STL_SMALL)
     for m in (model, ours):
@@ -274,5 +297,3 @@ def test_stl_input_sizes():
         B.BiFormerSTL(qk_scale=0.5)
     with pytest.raises(InvalidInputError, match="topk"):
         B.BiFormerSTL(layout="nchw", topks=(1, 4, 16, -2))
-
-

@@ -15,7 +15,9 @@ SMALL = {
     "biformer_stl_nchw": dict(depth=[1, 1, 1, 1], embed_dim=[16, 32, 64, 128], head_dim=16),
     "l2vit_tiny": dict(depths=[2, 2, 2, 2], dims=[16, 32, 48, 64], num_heads=[1, 2, 3, 4]),
     "sparsifiner_deit_small": dict(embed_dim=32, depth=2, num_heads=2),
-    "inline_swin_tiny": dict(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], attn_type="IIMS1", drop_path_rate=0.0),
+    "inline_swin_tiny": dict(
+        embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], attn_type="IIMS1", drop_path_rate=0.0
+    ),
     "inline_deit_tiny": dict(embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.0),
 }
 
@@ -56,13 +58,46 @@ def test_cli_run_and_eval_with_an_official_checkpoint_file(name, tmp_path, photo
     torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 299}, checkpoint)
     photo.save(tmp_path / "cat.png")
     expected = attnzoo.pipeline("image-classification", model=model)(tmp_path / "cat.png", top_k=1)[0].index
-    assert main(["run", "image-classification", str(tmp_path / "cat.png"), "--model", name, "--weights", str(checkpoint),
-                 "--out", str(tmp_path / "run"), "--top-k", "1"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "image-classification",
+                str(tmp_path / "cat.png"),
+                "--model",
+                name,
+                "--weights",
+                str(checkpoint),
+                "--out",
+                str(tmp_path / "run"),
+                "--top-k",
+                "1",
+            ]
+        )
+        == 0
+    )
     (result,) = json.loads((tmp_path / "run" / "results.json").read_text()).values()
     assert result[0]["index"] == expected
     val = tmp_path / "imagenet" / "val" / imagenet_synsets()[0][expected]
     val.mkdir(parents=True)
     photo.save(val / "cat.png")
-    assert main(["eval", "image-classification", "--model", name, "--weights", str(checkpoint), "--data", str(tmp_path / "imagenet"),
-                 "--out", str(tmp_path / "eval"), "--num-workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "image-classification",
+                "--model",
+                name,
+                "--weights",
+                str(checkpoint),
+                "--data",
+                str(tmp_path / "imagenet"),
+                "--out",
+                str(tmp_path / "eval"),
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["top1"] == 100.0

@@ -14,7 +14,13 @@ import attnzoo.kernels as K
 from attnzoo.errors import InvalidInputError
 from attnzoo.vision import inline as I
 
-SWIN_SMALL = {"embed_dim": 16, "depths": [1, 1, 2, 1], "num_heads": [1, 2, 2, 4], "attn_type": "IIMS1", "drop_path_rate": 0.0}
+SWIN_SMALL = {
+    "embed_dim": 16,
+    "depths": [1, 1, 2, 1],
+    "num_heads": [1, 2, 2, 4],
+    "attn_type": "IIMS1",
+    "drop_path_rate": 0.0,
+}
 DEIT_SMALL = {"embed_dim": 32, "depth": 2, "num_heads": 2, "drop_path_rate": 0.0}
 
 
@@ -56,11 +62,13 @@ def test_official_parity(reference_dir, name):
     cfg, state, inputs, expected = load_fixture(reference_dir, name)
     model = build_from_fixture(cfg, state)
     tol = cfg["suggested_tolerance"]
-    with torch.no_grad(), K.use_backend("reference"):
+    with torch.no_grad(), K.use_backend("torch"):
         got = run_fixture(model, inputs["x"])
     assert set(got) == set(expected)  # logits and every intermediate the fixture names
     for key, want in expected.items():
-        torch.testing.assert_close(got[key], want, atol=tol["atol"], rtol=tol["rtol"], msg=lambda m, key=key: f"{name}/{key}: {m}")
+        torch.testing.assert_close(
+            got[key], want, atol=tol["atol"], rtol=tol["rtol"], msg=lambda m, key=key: f"{name}/{key}: {m}"
+        )
 
 
 @pytest.mark.parity
@@ -93,7 +101,9 @@ def test_full_size_key_layouts(reference_dir, variant):
     official = json.loads(path.read_text())
     with torch.device("meta"):  # shapes only: fast even for InLine-Swin-B
         model = timm.create_model(f"inline_{variant}")
-    ours = {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in model.state_dict().items()}
+    ours = {
+        k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in model.state_dict().items()
+    }
     assert ours == official["keys"]
     assert sum(p.numel() for p in model.parameters()) == official["total_params"]
 
@@ -111,12 +121,17 @@ def test_variant_configs():
         assert cfg["input_size"] == (3, size, size) and cfg["crop_pct"] == 0.875 and cfg["interpolation"] == "bicubic"
         assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["url"].startswith("https://cloud.tsinghua.edu.cn/f/")
     names = {e.name: e for e in attnzoo.weights.list_checkpoints("inline*")}
-    assert set(names) == {f"inline_{v}.official_in1k" for v in ("swin_tiny", "swin_small", "swin_base", "deit_tiny", "deit_small", "deit_base")}
+    assert set(names) == {
+        f"inline_{v}.official_in1k"
+        for v in ("swin_tiny", "swin_small", "swin_base", "deit_tiny", "deit_small", "deit_base")
+    }
     assert names["inline_swin_tiny.official_in1k"].cache_filename == "inline_swin_tiny_in1k.pth"
     assert names["inline_deit_base.official_in1k"].preprocess.input_size == (3, 448, 448)
 
 
-@pytest.mark.parametrize(("name", "small", "size"), [("inline_swin_tiny", SWIN_SMALL, 224), ("inline_deit_small", DEIT_SMALL, 288)])
+@pytest.mark.parametrize(
+    ("name", "small", "size"), [("inline_swin_tiny", SWIN_SMALL, 224), ("inline_deit_small", DEIT_SMALL, 288)]
+)
 def test_timm_registration_and_local_official_checkpoint(tmp_path, name, small, size):
     torch.manual_seed(0)
     src = timm.create_model(name, **small)  # 1000 classes, as released
@@ -157,14 +172,18 @@ def test_deit_forward_backward_features_and_api():
     model(x).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
     model.eval()
-    assert model.forward_features(x).shape == (2, 197, 32) and model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, 32)
+    assert model.forward_features(x).shape == (2, 197, 32) and model.forward_head(
+        model.forward_features(x), pre_logits=True
+    ).shape == (2, 32)
     maps = model.forward_intermediates(x, indices=1, intermediates_only=True)
     assert len(maps) == 1 and maps[0].shape == (2, 32, 14, 14)
     model.reset_classifier(5, global_pool="avg")
     assert model(x).shape == (2, 5)
     features = timm.create_model("inline_deit_tiny", features_only=True, **DEIT_SMALL)
     assert len(features.feature_info) == 2 and [tuple(o.shape[1:]) for o in features(x)] == [(32, 14, 14)] * 2
-    wide = timm.create_model("inline_deit_tiny", img_size=(224, 160), **DEIT_SMALL)  # non-square grid: 14x10 residual conv
+    wide = timm.create_model(
+        "inline_deit_tiny", img_size=(224, 160), **DEIT_SMALL
+    )  # non-square grid: 14x10 residual conv
     assert wide(torch.randn(1, 3, 224, 160)).shape == (1, 1000)
     with pytest.raises(InvalidInputError, match="not supported"):
         I.InLineDeiT(distilled=True)
@@ -175,7 +194,7 @@ def test_residual_conv_skips_cls_and_uses_all_token_mean():
     torch.manual_seed(0)
     attn = I.InLineAttention(8, 2).eval()
     x = torch.randn(1, 1 + 9, 8)
-    with torch.no_grad(), K.use_backend("reference"):
+    with torch.no_grad(), K.use_backend("torch"):
         base = attn(x, (3, 3))
         _, _, v = attn.qkv(x).chunk(3, dim=-1)
         kernel = attn.residual(x.mean(1).unsqueeze(-1)).reshape(8, 1, 3, 3)
@@ -204,11 +223,15 @@ def test_checkpoint_filter_resizes_and_regenerates_geometry():
     deit_288 = timm.create_model("inline_deit_small", **DEIT_SMALL)
     deit_224 = timm.create_model("inline_deit_small", img_size=224, **DEIT_SMALL)
     state = I.checkpoint_filter_fn({"model": deit_288.state_dict()}, deit_224)
-    assert state["pos_embed"].shape == (1, 197, 32) and torch.equal(state["pos_embed"][:, 0], deit_288.pos_embed[:, 0].detach())
+    assert state["pos_embed"].shape == (1, 197, 32) and torch.equal(
+        state["pos_embed"][:, 0], deit_288.pos_embed[:, 0].detach()
+    )
     deit_224.load_state_dict(state, strict=True)
     swin_224 = timm.create_model("inline_swin_tiny", **SWIN_SMALL)
     swin_448 = timm.create_model("inline_swin_tiny", img_size=448, **SWIN_SMALL)
-    official = {k: v for k, v in swin_224.state_dict().items() if not k.endswith("relative_position_index")}  # as if non-persistent
+    official = {
+        k: v for k, v in swin_224.state_dict().items() if not k.endswith("relative_position_index")
+    }  # as if non-persistent
     state = I.checkpoint_filter_fn(official, swin_448)
     assert state["layers.2.blocks.1.attn_mask"].shape == (16, 49, 49)  # 28x28 map: 16 shifted windows, not 224 px's 4
     swin_448.load_state_dict(state, strict=True)

@@ -14,7 +14,7 @@ from attnzoo.vision import l2vit as L
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
 def test_official_parity_including_padded_windows(reference_dir, backend):
     folder = reference_dir / "l2vit"
     if not folder.is_dir():
@@ -52,10 +52,20 @@ def test_forward_backward_features_and_checkpoint(tmp_path):
     assert all(p.grad is not None for p in model.parameters())
     outs = timm.create_model("l2vit_tiny", features_only=True, **small)(x)
     assert [tuple(o.shape[1:]) for o in outs] == [(16, 24, 24), (32, 12, 12), (48, 6, 6), (64, 3, 3)]
-    torch.save({"model": model.state_dict(), "model_ema": model.state_dict(), "epoch": 299}, tmp_path / "L2ViT-Tiny-checkpoint-best-ema.pth")
-    loaded = attnzoo.create_model("l2vit_tiny", weights=tmp_path / "L2ViT-Tiny-checkpoint-best-ema.pth", num_classes=4, **small)
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True))
-    assert loaded.pretrained_cfg["interpolation"] == "bicubic" and loaded.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)
+    torch.save(
+        {"model": model.state_dict(), "model_ema": model.state_dict(), "epoch": 299},
+        tmp_path / "L2ViT-Tiny-checkpoint-best-ema.pth",
+    )
+    loaded = attnzoo.create_model(
+        "l2vit_tiny", weights=tmp_path / "L2ViT-Tiny-checkpoint-best-ema.pth", num_classes=4, **small
+    )
+    assert all(
+        torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True)
+    )
+    assert loaded.pretrained_cfg["interpolation"] == "bicubic" and loaded.pretrained_cfg["mean"] == (
+        0.485,
+        0.456,
+        0.406,
+    )
     with pytest.raises(InvalidInputError, match="not supported"):
         L.L2ViT(last_proj=True)
-

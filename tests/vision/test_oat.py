@@ -1,5 +1,5 @@
 """OAT: official parity (collator, teacher-forced logits and loss, greedy decode), the official
-initialisation, the full-size key layout, position tables, cv2-style crops, collation, losses,
+initialisation, the full-size key layout, position tables, cv2-style crops, collation,
 decoding rules (termination, step-1 rule, PAD, max_len, sampling, batching), factory, checkpoints
 and input errors."""
 
@@ -15,12 +15,22 @@ from safetensors.torch import load_file
 import attnzoo
 from attnzoo.datasets.scanpaths import SearchTrial
 from attnzoo.errors import InvalidInputError, WeightsError
+from attnzoo.training.scanpath import teacher_forced_loss
 from attnzoo.vision import oat as O
+from attnzoo.vision.oat_decoding import OATScanpath, generate, greedy_eval, trial_seeds
+from attnzoo.vision.oat_inputs import CROP_SIZE, OATSample, collate_oat, crop_objects, display_crops
 
 GRID = (2, 3)  # N = 6: EOS 6, PAD 7, BOS 8
 N = 6
-TINY = {"emb_size": 32, "nhead": 2, "dim_feedforward": 32, "num_encoder_layers": 1, "num_decoder_layers": 1, "CA_d_k": 32,
-        "dropout": 0.1}
+TINY = {
+    "emb_size": 32,
+    "nhead": 2,
+    "dim_feedforward": 32,
+    "num_encoder_layers": 1,
+    "num_decoder_layers": 1,
+    "CA_d_k": 32,
+    "dropout": 0.1,
+}
 
 
 def tiny_model(seed=0, **kw):
@@ -28,10 +38,11 @@ def tiny_model(seed=0, **kw):
 
 
 def crops_for(seed, n=N):
-    return torch.randint(0, 256, (n, *O.CROP_SIZE, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, 256, (n, *CROP_SIZE, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
 # -- fixture -------------------------------------------------------------------------------
+
 
 def load_fixture(reference_dir):
     folder = reference_dir / "oat"
@@ -48,15 +59,22 @@ def fixture_grid(cfg):
 
 
 def fixture_model(cfg, files):
-    return O.OAT.from_official_config(cfg["constructor_kwargs"], fixture_grid(cfg), pe_table=files["inputs"]["pe_table"],
-                                      seed=cfg["seed"])
+    return O.OAT.from_official_config(
+        cfg["constructor_kwargs"], fixture_grid(cfg), pe_table=files["inputs"]["pe_table"], seed=cfg["seed"]
+    )
 
 
 def fixture_samples(cfg, inputs):
     """The raw.* items (official pickle layout, 1-based ids) as our 0-based samples."""
     count = len([k for k in inputs if k.startswith("raw.crops.")])
-    return [O.OATSample(inputs[f"raw.crops.{b}"], int(inputs[f"raw.package_target.{b}"][0]) - 1,
-                        (inputs[f"raw.package_seq.{b}"] - 1).tolist()) for b in range(count)]
+    return [
+        OATSample(
+            inputs[f"raw.crops.{b}"],
+            int(inputs[f"raw.package_target.{b}"][0]) - 1,
+            (inputs[f"raw.package_seq.{b}"] - 1).tolist(),
+        )
+        for b in range(count)
+    ]
 
 
 def tolerance(cfg):
@@ -65,19 +83,28 @@ def tolerance(cfg):
 
 # -- parity --------------------------------------------------------------------------------
 
+
 @pytest.mark.parity
 def test_collate_matches_official_collator(reference_dir):
     cfg, f = load_fixture(reference_dir)
     inp = f["inputs"]
     ic = cfg["index_conventions"]
-    batch = O.collate_oat(fixture_samples(cfg, inp), fixture_grid(cfg))
+    batch = collate_oat(fixture_samples(cfg, inp), fixture_grid(cfg))
     assert batch.pad_idx == ic["PAD"]
     assert torch.equal(batch.src_pos, inp["src_pos"])
     assert torch.equal(batch.tgt_pos, inp["tgt_pos"])
     assert batch.src_img.dtype == torch.float32
     assert torch.equal(batch.src_img, inp["src_img_u8"].float())
     assert torch.equal(batch.tgt_img, inp["tgt_img_u8"].float())
-    for name in ("src", "trg", "src_mask", "tgt_mask", "src_padding_mask", "tgt_padding_mask", "memory_key_padding_mask"):
+    for name in (
+        "src",
+        "trg",
+        "src_mask",
+        "tgt_mask",
+        "src_padding_mask",
+        "tgt_padding_mask",
+        "memory_key_padding_mask",
+    ):
         expected = inp[f"fw.{name}"]
         got = getattr(batch, name)
         assert got.dtype == expected.dtype, name
@@ -93,11 +120,20 @@ def test_teacher_forced_parity(reference_dir):
     assert sum(p.numel() for p in model.parameters()) == cfg["num_params"]
     fw = {k.removeprefix("fw."): v for k, v in inp.items() if k.startswith("fw.")}
     with torch.no_grad():
-        y = model(fw["src"], fw["trg"], inp["src_img_u8"].float(), inp["tgt_img_u8"][:, :-1].float(), fw["src_mask"],
-                  fw["tgt_mask"], fw["src_padding_mask"], fw["tgt_padding_mask"], fw["memory_key_padding_mask"])
-        batch = O.collate_oat(fixture_samples(cfg, inp), fixture_grid(cfg))
+        y = model(
+            fw["src"],
+            fw["trg"],
+            inp["src_img_u8"].float(),
+            inp["tgt_img_u8"][:, :-1].float(),
+            fw["src_mask"],
+            fw["tgt_mask"],
+            fw["src_padding_mask"],
+            fw["tgt_padding_mask"],
+            fw["memory_key_padding_mask"],
+        )
+        batch = collate_oat(fixture_samples(cfg, inp), fixture_grid(cfg))
         y_batch = model.forward_batch(batch)
-        loss = O.teacher_forced_loss(model, batch)
+        loss = teacher_forced_loss(model, batch)
     assert list(y.shape) == cfg["outputs_meta"]["y"]["shape"]
     torch.testing.assert_close(y, ref["y"], **tolerance(cfg))
     torch.testing.assert_close(y_batch, ref["y"], **tolerance(cfg))
@@ -113,12 +149,12 @@ def test_greedy_decode_parity(reference_dir):
     max_len = cfg["index_conventions"]["max_len (greedy decode)"]
     samples = fixture_samples(cfg, f["inputs"])
     for b, sample in enumerate(samples):
-        result = O.greedy_eval(model, sample, max_len)
+        result = greedy_eval(model, sample, max_len)
         assert torch.equal(result.gaze, ref[f"greedy_gaze.{b}"])  # exact, as the fixture asks
         torch.testing.assert_close(result.loss, ref[f"greedy_loss.{b}"], **tolerance(cfg))
         torch.testing.assert_close(result.step_losses, ref[f"greedy_step_losses.{b}"], **tolerance(cfg))
     # our generate(): all displays in one batch, the same scanpaths
-    paths = O.generate(model, [s.crops for s in samples], [s.target for s in samples], max_len)
+    paths = generate(model, [s.crops for s in samples], [s.target for s in samples], max_len)
     for b, (path,) in enumerate(paths):
         assert path.objects == ref[f"greedy_gaze.{b}"].tolist()
         assert path.terminated == (len(path.objects) < max_len)
@@ -157,8 +193,10 @@ def test_full_size_key_manifest(reference_dir, amazon_model):
         pytest.skip("key manifest absent")
     manifest = json.loads(path.read_text())
     prefix = "model." if all(k.startswith("model.") for k in manifest["keys"]) else ""
-    ours = {prefix + k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
-            for k, v in amazon_model.state_dict().items()}
+    ours = {
+        prefix + k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+        for k, v in amazon_model.state_dict().items()
+    }
     assert ours == manifest["keys"]
     assert sum(p.numel() for p in amazon_model.parameters()) == manifest["total_params"]
 
@@ -172,6 +210,7 @@ def test_full_size_counts(amazon_model):
 
 
 # -- position tables -----------------------------------------------------------------------
+
 
 def gaussian_target(n, sigma):
     return np.array([[math.exp(-((i - j) ** 2) / (2 * sigma**2)) for j in range(n)] for i in range(n)])
@@ -241,18 +280,28 @@ def test_position_embedding_concatenates_row_col_flag():
 
 # -- crops -----------------------------------------------------------------------------------
 
+
 def test_crop_objects_matches_cv2():
     cv2 = pytest.importorskip("cv2")
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (420, 380, 3), dtype=np.uint8)
-    boxes = np.array([[0, 0, 93, 150], [10, 20, 196, 320], [5, 5, 50, 60], [100, 100, 379, 419], [3, 3, 100, 300],
-                      [7, 1, 190, 268], [30, 40, 31, 41]])
-    got = O.crop_objects(image, boxes)
+    boxes = np.array(
+        [
+            [0, 0, 93, 150],
+            [10, 20, 196, 320],
+            [5, 5, 50, 60],
+            [100, 100, 379, 419],
+            [3, 3, 100, 300],
+            [7, 1, 190, 268],
+            [30, 40, 31, 41],
+        ]
+    )
+    got = crop_objects(image, boxes)
     expected = np.stack([cv2.resize(image[y0:y1, x0:x1], (93, 150)) for x0, y0, x1, y1 in boxes])
     assert got.dtype == torch.uint8 and got.shape == (7, 150, 93, 3)
     assert np.array_equal(got.numpy(), expected)
     image_f = image.astype(np.float32)
-    got_f = O.crop_objects(image_f, boxes)
+    got_f = crop_objects(image_f, boxes)
     expected_f = np.stack([cv2.resize(image_f[y0:y1, x0:x1], (93, 150)) for x0, y0, x1, y1 in boxes])
     assert got_f.dtype == torch.float32
     np.testing.assert_allclose(got_f.numpy(), expected_f, atol=1e-2)
@@ -265,9 +314,9 @@ def test_display_crops_per_variant():
     rgb = rng.integers(20, 220, (160, 200, 3), dtype=np.uint8)
     rgb[:50, :60] = 77  # a flat package
     boxes = np.array([[0, 0, 60, 50], [60, 0, 200, 160], [10, 60, 120, 150]], dtype=float)
-    assert np.array_equal(O.display_crops(rgb, boxes).numpy(), O.crop_objects(rgb[:, :, ::-1], boxes).numpy())  # BGR
-    shelf = O.display_crops(rgb, boxes, "rgb_minmax")
-    plain = O.crop_objects(rgb[:, :, ::-1], boxes, colour_order="rgb").numpy().astype(np.float64)  # RGB, uint8 resized
+    assert np.array_equal(display_crops(rgb, boxes).numpy(), crop_objects(rgb[:, :, ::-1], boxes).numpy())  # BGR
+    shelf = display_crops(rgb, boxes, "rgb_minmax")
+    plain = crop_objects(rgb[:, :, ::-1], boxes, colour_order="rgb").numpy().astype(np.float64)  # RGB, uint8 resized
     assert shelf.dtype == torch.float32 and not shelf[0].any()
     for i in (1, 2):
         expected = (plain[i] - plain[i].min()) / (plain[i].max() - plain[i].min())
@@ -276,61 +325,81 @@ def test_display_crops_per_variant():
     assert O.default_cfgs["oat_yogurt"]["crop_style"] == O.default_cfgs["oat_wine"]["crop_style"] == "rgb_minmax"
     assert O.default_cfgs["oat_amazon"]["crop_style"] == "bgr"
     with pytest.raises(InvalidInputError, match="crop_style"):
-        O.display_crops(rgb, boxes, "rgb")
+        display_crops(rgb, boxes, "rgb")
     cv2 = pytest.importorskip("cv2")
-    expected = np.stack([cv2.normalize(cv2.resize(np.ascontiguousarray(rgb[y0:y1, x0:x1]), (93, 150)), None, 0, 1, cv2.NORM_MINMAX,
-                                       dtype=cv2.CV_32F) for x0, y0, x1, y1 in boxes.astype(int)])
+    expected = np.stack(
+        [
+            cv2.normalize(
+                cv2.resize(np.ascontiguousarray(rgb[y0:y1, x0:x1]), (93, 150)),
+                None,
+                0,
+                1,
+                cv2.NORM_MINMAX,
+                dtype=cv2.CV_32F,
+            )
+            for x0, y0, x1, y1 in boxes.astype(int)
+        ]
+    )
     np.testing.assert_allclose(shelf.numpy(), expected, rtol=0, atol=6e-8)  # cv2's SIMD rounding: within one ulp
 
 
 def test_crop_objects_by_hand():
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (400, 300, 3), dtype=np.uint8)
-    same = O.crop_objects(image, [[10, 20, 103, 170]])
+    same = crop_objects(image, [[10, 20, 103, 170]])
     assert np.array_equal(same[0].numpy(), image[20:170, 10:103])  # already 150 x 93: unchanged
     # an exact 2x downscale averages 2x2 blocks, rounding half up
-    half = O.crop_objects(image, [[0, 0, 186, 300]])[0].numpy().astype(np.int64)
+    half = crop_objects(image, [[0, 0, 186, 300]])[0].numpy().astype(np.int64)
     block = image[:300, :186].astype(np.int64).reshape(150, 2, 93, 2, 3).sum(axis=(1, 3))
     assert np.array_equal(half, (block + 2) // 4)
     # RGB input is flipped to BGR
-    rgb = O.crop_objects(image[:, :, ::-1], [[10, 20, 103, 170]], colour_order="rgb")
+    rgb = crop_objects(image[:, :, ::-1], [[10, 20, 103, 170]], colour_order="rgb")
     assert torch.equal(rgb, same)
     # a constant image stays constant at any scale
-    flat = O.crop_objects(np.full((50, 40, 3), 77, np.uint8), [[1, 2, 39, 49]])
+    flat = crop_objects(np.full((50, 40, 3), 77, np.uint8), [[1, 2, 39, 49]])
     assert bool((flat == 77).all())
 
 
 def test_crop_objects_errors():
     image = np.zeros((100, 80, 3), np.uint8)
     with pytest.raises(InvalidInputError, match="outside"):
-        O.crop_objects(image, [[0, 0, 81, 50]])
+        crop_objects(image, [[0, 0, 81, 50]])
     with pytest.raises(InvalidInputError, match="empty"):
-        O.crop_objects(image, [[10, 10, 10, 50]])
+        crop_objects(image, [[10, 10, 10, 50]])
     with pytest.raises(InvalidInputError, match=r"\[N, 4\]"):
-        O.crop_objects(image, [[0, 0, 10]])
+        crop_objects(image, [[0, 0, 10]])
     with pytest.raises(InvalidInputError, match=r"\[H, W, 3\]"):
-        O.crop_objects(np.zeros((100, 80)), [[0, 0, 10, 10]])
+        crop_objects(np.zeros((100, 80)), [[0, 0, 10, 10]])
     with pytest.raises(InvalidInputError, match="grid has 6"):
-        O.crop_objects(image, [[0, 0, 10, 10]] * 5, grid=(2, 3))
+        crop_objects(image, [[0, 0, 10, 10]] * 5, grid=(2, 3))
 
 
 def test_sample_from_search_trial():
     rng = np.random.default_rng(2)
     rgb = rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)
     boxes = np.array([[c * 60, r * 150, c * 60 + 60, r * 150 + 150] for r in range(2) for c in range(3)], float)
-    trial = SearchTrial(stimulus="s.jpg", image_path=None, subject="1", xy=np.zeros((3, 2)), boxes=boxes, grid=(2, 3),
-                        target=4, objects=np.array([0, 2, 4]))
-    sample = O.OATSample.from_search_trial(trial, image=rgb)
+    trial = SearchTrial(
+        stimulus="s.jpg",
+        image_path=None,
+        subject="1",
+        xy=np.zeros((3, 2)),
+        boxes=boxes,
+        grid=(2, 3),
+        target=4,
+        objects=np.array([0, 2, 4]),
+    )
+    sample = OATSample.from_search_trial(trial, image=rgb)
     assert sample.target == 4 and sample.sequence == [0, 2, 4]
-    assert torch.equal(sample.crops, O.crop_objects(rgb[:, :, ::-1], boxes))
+    assert torch.equal(sample.crops, crop_objects(rgb[:, :, ::-1], boxes))
 
 
 # -- collation and losses -------------------------------------------------------------------
 
+
 def test_collate_by_hand():
     crops = [crops_for(0), crops_for(1)]
-    samples = [O.OATSample(crops[0], 4, [1, 4]), (crops[1], 2, [5, 2, 2, 2])]
-    batch = O.collate_oat(samples, GRID)
+    samples = [OATSample(crops[0], 4, [1, 4]), (crops[1], 2, [5, 2, 2, 2])]
+    batch = collate_oat(samples, GRID)
     eos, pad, bos = 6, 7, 8
     assert batch.src_pos.T.tolist() == [[0, 1, 2, 3, 4, 5, 4], [0, 1, 2, 3, 4, 5, 2]]
     assert batch.tgt_pos.T.tolist() == [[bos, 1, 4, eos, pad, pad], [bos, 5, 2, 2, 2, eos]]
@@ -350,22 +419,12 @@ def test_collate_by_hand():
     assert torch.equal(batch.tgt_out, batch.tgt_pos[1:])
 
 
-def test_oat_loss_ignores_pad():
-    logits = torch.randn(3, 2, 8, generator=torch.Generator().manual_seed(0))
-    tgt_pos = torch.tensor([[8, 8], [1, 2], [6, 6], [7, 3]])  # the PAD (7) at step 3 of sample 0 does not count
-    terms = [-F.log_softmax(logits[t, b], dim=0)[tgt_pos[t + 1, b]] for t in range(3) for b in range(2)
-             if tgt_pos[t + 1, b] != 7]
-    torch.testing.assert_close(O.oat_loss(logits, tgt_pos, pad_idx=7), torch.stack(terms).mean())
-    with pytest.raises(InvalidInputError):
-        O.oat_loss(logits, tgt_pos[:3], pad_idx=7)
-
-
 def test_forward_backward_tiny():
     model = tiny_model().train()
-    batch = O.collate_oat([(crops_for(0), 4, [1, 4]), (crops_for(1), 0, [5, 0])], GRID)
+    batch = collate_oat([(crops_for(0), 4, [1, 4]), (crops_for(1), 0, [5, 0])], GRID)
     logits = model.forward_batch(batch)
     assert logits.shape == (3, 2, N + 2)
-    loss = O.teacher_forced_loss(model, batch)
+    loss = teacher_forced_loss(model, batch)
     assert torch.isfinite(loss)
     loss.backward()
     unused = ("generator.", "LinearEmbedding.")
@@ -378,6 +437,7 @@ def test_forward_backward_tiny():
 
 
 # -- decoding --------------------------------------------------------------------------------
+
 
 def script_pointer(model, steps):
     """Make the pointer head return ``steps[t]`` (a dict slot -> logit, others -10) at decoding step t+1."""
@@ -395,28 +455,28 @@ def script_pointer(model, steps):
 
 def test_generate_terminates_when_pointing_at_the_target():
     model = script_pointer(tiny_model(), [{3: 5.0}, {5: 5.0}, {4: 5.0}, {N: 5.0}, {1: 5.0}])
-    (path,), = O.generate(model, crops_for(0), 4, max_len=10)
-    assert path == O.OATScanpath([3, 5, 4], True)  # the target object, then EOS (not returned)
+    ((path,),) = generate(model, crops_for(0), 4, max_len=10)
+    assert path == OATScanpath([3, 5, 4], True)  # the target object, then EOS (not returned)
 
 
 def test_first_step_cannot_end_and_pad_is_never_chosen():
     # step 1: EOS and PAD score highest but only objects are allowed; later: PAD highest, EOS next
     model = script_pointer(tiny_model(), [{N: 9.0, N + 1: 9.5, 2: 1.0}, {N + 1: 9.0, N: 3.0, 0: 1.0}])
-    (path,), = O.generate(model, crops_for(0), 1, max_len=10)
-    assert path == O.OATScanpath([2], True)
+    ((path,),) = generate(model, crops_for(0), 1, max_len=10)
+    assert path == OATScanpath([2], True)
 
 
 def test_max_len_cutoff():
     model = script_pointer(tiny_model(), [{0: 1.0}, {1: 1.0}, {2: 1.0}])
-    (path,), = O.generate(model, crops_for(0), 3, max_len=5)
-    assert path == O.OATScanpath([0, 1, 2, 2, 2], False)
+    ((path,),) = generate(model, crops_for(0), 3, max_len=5)
+    assert path == OATScanpath([0, 1, 2, 2, 2], False)
 
 
 def test_greedy_eval_scores_as_the_official_test_max():
     # predicted: 2, then EOS; the ground truth [1, 3] has 3 scored steps, so decoding goes on after the EOS
     steps = [{2: 2.0, 1: 1.0, N: 4.0}, {N: 3.0, 3: 1.0}, {0: 1.0, N: 0.5}, {5: 1.0}]
     model = script_pointer(tiny_model(), steps)
-    result = O.greedy_eval(model, (crops_for(0), 3, [1, 3]), max_len=6)
+    result = greedy_eval(model, (crops_for(0), 3, [1, 3]), max_len=6)
     assert result.gaze.tolist() == [2]
 
     def logits(step, allowed):
@@ -425,18 +485,23 @@ def test_greedy_eval_scores_as_the_official_test_max():
             v[slot] = value
         return v[:allowed]
 
-    expected = torch.stack([-F.log_softmax(logits(1, N), 0)[1], -F.log_softmax(logits(2, N + 1), 0)[3],
-                            -F.log_softmax(logits(3, N + 1), 0)[N]])
+    expected = torch.stack(
+        [
+            -F.log_softmax(logits(1, N), 0)[1],
+            -F.log_softmax(logits(2, N + 1), 0)[3],
+            -F.log_softmax(logits(3, N + 1), 0)[N],
+        ]
+    )
     torch.testing.assert_close(result.step_losses, expected)
     torch.testing.assert_close(result.loss, expected.sum() / 3)
-    short = O.greedy_eval(model, (crops_for(0), 3, [1, 3]), max_len=2)
+    short = greedy_eval(model, (crops_for(0), 3, [1, 3]), max_len=2)
     assert short.step_losses[2] == -1 and short.gaze.tolist() == [2]
 
 
 def test_sampling_follows_the_softmax_of_the_allowed_slots():
     step1 = {0: 0.0, 1: 1.0, 2: 2.0, N: 50.0, N + 1: 50.0}  # EOS/PAD must get no mass at step 1
     model = script_pointer(tiny_model(), [step1])
-    paths = O.generate(model, crops_for(0), 5, max_len=1, strategy="sample", num_samples=3000, generator=0)[0]
+    paths = generate(model, crops_for(0), 5, max_len=1, strategy="sample", num_samples=3000, generator=0)[0]
     counts = np.bincount([p.objects[0] for p in paths], minlength=N)
     expected = torch.softmax(torch.tensor([0.0, 1.0, 2.0, -10, -10, -10]), 0).numpy() * 3000
     assert counts.sum() == 3000
@@ -447,18 +512,19 @@ def test_sampling_is_reproducible_and_per_trial():
     model = tiny_model(seed=1)
     crops = [crops_for(0), crops_for(1)]
     kwargs = {"max_len": 6, "strategy": "sample", "num_samples": 4}
-    a = O.generate(model, crops, [4, 2], generator=123, **kwargs)
-    b = O.generate(model, crops, [4, 2], generator=torch.Generator().manual_seed(123), **kwargs)
+    a = generate(model, crops, [4, 2], generator=123, **kwargs)
+    b = generate(model, crops, [4, 2], generator=torch.Generator().manual_seed(123), **kwargs)
     assert a == b
-    c = O.generate(model, crops, [4, 2], generator=124, **kwargs)
+    c = generate(model, crops, [4, 2], generator=124, **kwargs)
     assert a != c
     assert len({tuple(p.objects) for trials in a for p in trials}) > 1  # not a degenerate model
     # each trial alone, from its own seed, decodes the same scanpath
-    seeds = O._trial_seeds(torch.Generator().manual_seed(123), 8)
-    assert O.generate(model, crops, [4, 2], seeds=seeds, **kwargs) == a
+    seeds = trial_seeds(torch.Generator().manual_seed(123), 8)
+    assert generate(model, crops, [4, 2], seeds=seeds, **kwargs) == a
     for d, k in ((0, 0), (0, 3), (1, 2)):
-        (alone,), = O.generate(model, crops[d], [4, 2][d], max_len=6, strategy="sample", num_samples=1,
-                               seeds=[seeds[d * 4 + k]])
+        ((alone,),) = generate(
+            model, crops[d], [4, 2][d], max_len=6, strategy="sample", num_samples=1, seeds=[seeds[d * 4 + k]]
+        )
         assert alone == a[d][k]
 
 
@@ -466,13 +532,13 @@ def test_batched_greedy_equals_one_by_one():
     model = tiny_model(seed=2)
     crops = torch.stack([crops_for(s) for s in range(2)])
     targets = [4, 0]
-    batched = O.generate(model, crops, targets, max_len=7)
+    batched = generate(model, crops, targets, max_len=7)
     assert len(batched) == 2 and all(len(trials) == 1 for trials in batched)
     for d in range(2):
-        assert O.generate(model, crops[d], targets[d], max_len=7) == [batched[d]]
+        assert generate(model, crops[d], targets[d], max_len=7) == [batched[d]]
     # the same decode as greedy_eval, which follows the official loop step by step
     for d in range(2):
-        official = O.greedy_eval(model, (crops[d], targets[d], [1]), max_len=7).gaze.tolist()
+        official = greedy_eval(model, (crops[d], targets[d], [1]), max_len=7).gaze.tolist()
         assert batched[d][0].objects == official
 
 
@@ -480,54 +546,63 @@ def test_generate_bad_input():
     model = tiny_model()
     crops = crops_for(0)
     with pytest.raises(InvalidInputError, match="grid has 6"):
-        O.generate(model, crops[:5], 1, max_len=3)
+        generate(model, crops[:5], 1, max_len=3)
     with pytest.raises(InvalidInputError, match="outside"):
-        O.generate(model, crops, 6, max_len=3)
+        generate(model, crops, 6, max_len=3)
     with pytest.raises(InvalidInputError, match="outside"):
-        O.generate(model, crops, -1, max_len=3)
+        generate(model, crops, -1, max_len=3)
     with pytest.raises(InvalidInputError, match="150, 93, 3"):
-        O.generate(model, torch.zeros(6, 100, 93, 3), 1, max_len=3)
+        generate(model, torch.zeros(6, 100, 93, 3), 1, max_len=3)
     with pytest.raises(InvalidInputError, match="max_len"):
-        O.generate(model, crops, 1, max_len=0)
+        generate(model, crops, 1, max_len=0)
     with pytest.raises(InvalidInputError, match="strategy"):
-        O.generate(model, crops, 1, max_len=3, strategy="beam")
+        generate(model, crops, 1, max_len=3, strategy="beam")
     with pytest.raises(InvalidInputError, match="deterministic"):
-        O.generate(model, crops, 1, max_len=3, num_samples=5)
+        generate(model, crops, 1, max_len=3, num_samples=5)
     with pytest.raises(InvalidInputError, match="grid"):
-        O.generate(model, crops, 1, max_len=3, grid=(3, 2))
+        generate(model, crops, 1, max_len=3, grid=(3, 2))
     with pytest.raises(InvalidInputError, match="one int per trial"):
-        O.generate(model, crops, 1, max_len=3, strategy="sample", num_samples=2, seeds=[1])
+        generate(model, crops, 1, max_len=3, strategy="sample", num_samples=2, seeds=[1])
     with pytest.raises(InvalidInputError, match="targets"):
-        O.generate(model, [crops, crops], [1], max_len=3)
+        generate(model, [crops, crops], [1], max_len=3)
     with pytest.raises(InvalidInputError, match="integer"):
-        O.generate(model, crops, 1.5, max_len=3)
+        generate(model, crops, 1.5, max_len=3)
 
 
 def test_collate_bad_input():
     with pytest.raises(InvalidInputError, match="grid has 6"):
-        O.collate_oat([(crops_for(0, n=5), 1, [1])], GRID)
+        collate_oat([(crops_for(0, n=5), 1, [1])], GRID)
     with pytest.raises(InvalidInputError, match="target 6 is outside"):
-        O.collate_oat([(crops_for(0), 6, [1])], GRID)
+        collate_oat([(crops_for(0), 6, [1])], GRID)
     with pytest.raises(InvalidInputError, match="fixation 1 7 is outside"):
-        O.collate_oat([(crops_for(0), 1, [1, 7])], GRID)
+        collate_oat([(crops_for(0), 1, [1, 7])], GRID)
     with pytest.raises(InvalidInputError, match="non-empty"):
-        O.collate_oat([(crops_for(0), 1, [])], GRID)
+        collate_oat([(crops_for(0), 1, [])], GRID)
     with pytest.raises(InvalidInputError, match="150, 93, 3"):
-        O.collate_oat([(torch.zeros(6, 150, 93), 1, [1])], GRID)
+        collate_oat([(torch.zeros(6, 150, 93), 1, [1])], GRID)
     with pytest.raises(InvalidInputError, match="non-empty list"):
-        O.collate_oat([], GRID)
+        collate_oat([], GRID)
     with pytest.raises(InvalidInputError, match="grid"):
-        O.collate_oat([(crops_for(0), 1, [1])], (2, 0))
+        collate_oat([(crops_for(0), 1, [1])], (2, 0))
 
 
 # -- construction, factory and weights -------------------------------------------------------
+
 
 def test_constructor_checks():
     with pytest.raises(InvalidInputError, match="even"):
         O.OAT(grid=GRID, pe_table="wine", **{**TINY, "emb_size": 33})
     with pytest.raises(InvalidInputError, match="exceeds"):
         O.OAT(grid=GRID, pe_table="wine", **{**TINY, "emb_size": 520})
-    official = {"functionChoice": "learned", "CAVersion": 3, "spp": 0, "alpha": 0.9, "changeX": "None", "PE_path": "wine", **TINY}
+    official = {
+        "functionChoice": "learned",
+        "CAVersion": 3,
+        "spp": 0,
+        "alpha": 0.9,
+        "changeX": "None",
+        "PE_path": "wine",
+        **TINY,
+    }
     assert O.OAT.from_official_config(official, GRID).grid == GRID
     for key, bad in (("functionChoice", "original"), ("CAVersion", 0), ("spp", 2)):
         with pytest.raises(InvalidInputError, match=key):

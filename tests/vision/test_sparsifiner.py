@@ -25,16 +25,20 @@ def load_fixture(reference_dir, name="sparsifiner"):
 
 
 def build_from_fixture(cfg, state):
-    kwargs = {k: v for k, v in cfg["constructor_kwargs"].items() if k != "norm_layer"}  # documented as "None (-> LN 1e-6)"
+    kwargs = {
+        k: v for k, v in cfg["constructor_kwargs"].items() if k != "norm_layer"
+    }  # documented as "None (-> LN 1e-6)"
     spar = cfg["cfg_object"]["SPAR"]
     kwargs.update(basis_threshold=spar["BASIS_THRESHOLD"], coef_topk=spar["BASIS_COEF"]["TOPK"])
     model = S.Sparsifiner(**kwargs).eval()
-    model.load_state_dict(S.checkpoint_filter_fn({"model": {f"module.{k}": v for k, v in state.items()}}, model), strict=True)
+    model.load_state_dict(
+        S.checkpoint_filter_fn({"model": {f"module.{k}": v for k, v in state.items()}}, model), strict=True
+    )
     return model
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("backend", ["reference", "flex", pytest.param("triton", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backend", ["torch", "flex", pytest.param("triton", marks=pytest.mark.slow)])
 def test_official_parity(reference_dir, backend):
     cfg, state, inputs, expected = load_fixture(reference_dir)
     model = build_from_fixture(cfg, state)
@@ -50,8 +54,14 @@ def test_official_parity(reference_dir, backend):
     torch.testing.assert_close(logits, expected["y"], **tol)
     torch.testing.assert_close(out.features, expected["features"], **tol)
     for i in range(len(model.blocks)):
-        assert torch.equal(out.attn_mask[i], expected[f"attn_mask.{i}"]), f"layer {i}: key sets differ"  # discrete: exact
-        for name, ours in (("approx_attn", out.approx_attn), ("basis_coef", out.basis_coef), ("block_in", out.block_inputs)):
+        assert torch.equal(out.attn_mask[i], expected[f"attn_mask.{i}"]), (
+            f"layer {i}: key sets differ"
+        )  # discrete: exact
+        for name, ours in (
+            ("approx_attn", out.approx_attn),
+            ("basis_coef", out.basis_coef),
+            ("block_in", out.block_inputs),
+        ):
             torch.testing.assert_close(ours[i], expected[f"{name}.{i}"], **tol)
     for name in ("basis_sparsity", "basis_coef_sparsity", "attn_mask_sparsity") if backend != "triton" else ():
         assert getattr(report, name) == pytest.approx(expected[name].item(), abs=1e-6), name
@@ -69,7 +79,9 @@ def test_full_size_key_layout(reference_dir):
 def test_predictor_matches_its_definition():
     """The connectivity from the notes' formula, written independently (dense top-k over a masked score)."""
     torch.manual_seed(0)
-    p = S.ConnectivityPredictor(dim=64, num_heads=2, num_tokens=50, keep_rate=0.3, reduce_n_factor=5, basis_threshold=0.01, coef_topk=3)
+    p = S.ConnectivityPredictor(
+        dim=64, num_heads=2, num_tokens=50, keep_rate=0.3, reduce_n_factor=5, basis_threshold=0.01, coef_topk=3
+    )
     with torch.no_grad():
         p.proj_n.mul_(20)
     q, k = torch.randn(2, 2, 50, 32, dtype=torch.float64), torch.randn(2, 2, 50, 32, dtype=torch.float64)
@@ -94,8 +106,9 @@ def test_dense_deit_weights_load_into_the_backbone(tmp_path, caplog):
     torch.manual_seed(0)
     deit = timm.create_model("deit_small_patch16_224", **TINY).eval()
     torch.save({"model": deit.state_dict(), "epoch": 299}, tmp_path / "deit.pth")  # the official DeiT release wrapper
-    model = timm.create_model("sparsifiner_deit_small", pretrained=True, **TINY,
-                              pretrained_cfg_overlay=dict(file=str(tmp_path / "deit.pth"))).eval()
+    model = timm.create_model(
+        "sparsifiner_deit_small", pretrained=True, **TINY, pretrained_cfg_overlay=dict(file=str(tmp_path / "deit.pth"))
+    ).eval()
     assert "untrained" in caplog.text
     for name, value in deit.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name

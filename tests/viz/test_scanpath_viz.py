@@ -35,8 +35,13 @@ def test_several_scanpaths_get_a_legend_and_their_own_colours():
 
 def test_large_images_are_scaled_with_their_fixations_and_boxes_outline_the_target():
     big = grey(1600, 800)
-    out = viz.plot_scanpaths(big, [np.array([[800.0, 400.0]])], boxes=np.array([[0, 0, 400, 400], [400, 0, 800, 400]]), target=1,
-                             max_side=800)
+    out = viz.plot_scanpaths(
+        big,
+        [np.array([[800.0, 400.0]])],
+        boxes=np.array([[0, 0, 400, 400], [400, 0, 800, 400]]),
+        target=1,
+        max_side=800,
+    )
     assert out.size == (800, 400)
     arr = np.asarray(out).astype(int)
     assert arr[100, 201][1] > arr[100, 201][0] + 40  # the target's box edge is green at half scale (x = 400 / 2)

@@ -75,12 +75,15 @@ def test_corrupt_files_are_weights_errors(tmp_path):
         load_checkpoint_file(tmp_path / "missing.pth")
 
 
-@pytest.mark.parametrize("wrap", [
-    lambda sd: sd,
-    lambda sd: {"model": sd},
-    lambda sd: {"state_dict": sd, "optimizer": {"lr": 1}},
-    lambda sd: {"model": {f"module.{k}": v for k, v in sd.items()}},
-])
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: sd,
+        lambda sd: {"model": sd},
+        lambda sd: {"state_dict": sd, "optimizer": {"lr": 1}},
+        lambda sd: {"model": {f"module.{k}": v for k, v in sd.items()}},
+    ],
+)
 def test_unwrap_state_dict_layouts(wrap):
     sd = small_net().state_dict()
     out = unwrap_state_dict(wrap(sd))
@@ -116,11 +119,17 @@ def test_registry_resolve_download_convert(tmp_path):
         return {k.removeprefix("backbone."): v for k, v in sd.items()}
 
     with http_server({"/official.pth": payload}) as (base, _):
-        entry = register_checkpoint(CheckpointEntry(
-            name="tinynet.test_in1k", model="tinynet", url=f"{base}/official.pth",
-            sha256=hashlib.sha256(payload).hexdigest(), converter=convert, default=True,
-            preprocess=PreprocessConfig(input_size=(3, 32, 32)),
-        ))
+        entry = register_checkpoint(
+            CheckpointEntry(
+                name="tinynet.test_in1k",
+                model="tinynet",
+                url=f"{base}/official.pth",
+                sha256=hashlib.sha256(payload).hexdigest(),
+                converter=convert,
+                default=True,
+                preprocess=PreprocessConfig(input_size=(3, 32, 32)),
+            )
+        )
         try:
             assert get_checkpoint("tinynet.test_in1k") is entry
             assert default_checkpoint("tinynet") is entry
@@ -147,7 +156,9 @@ def test_resolve_rejects_missing_paths_and_unknown_names(tmp_path):
 def test_entry_needs_a_source():
     with pytest.raises(ValueError):
         CheckpointEntry(name="a.b", model="a")
-    entry = CheckpointEntry(name="a.b", model="a", converter="attnzoo.weights.loading:unwrap_state_dict", url="https://x/y/w.pth?dl=1")
+    entry = CheckpointEntry(
+        name="a.b", model="a", converter="attnzoo.weights.loading:unwrap_state_dict", url="https://x/y/w.pth?dl=1"
+    )
     assert entry.cache_filename == "w.pth"
     assert entry.resolve_converter() is unwrap_state_dict
 

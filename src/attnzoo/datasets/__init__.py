@@ -23,5 +23,15 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'attnzoo.datasets' has no attribute {name!r}")
 
 
-__all__ = ["AmazonCovers", "Binvox", "CapMIT1003", "MIT1003", "OATShelf", "ScanpathRecord", "SearchTrial", "load_image", "read_binvox",
-           "write_binvox"]
+__all__ = [
+    "AmazonCovers",
+    "Binvox",
+    "CapMIT1003",
+    "MIT1003",
+    "OATShelf",
+    "ScanpathRecord",
+    "SearchTrial",
+    "load_image",
+    "read_binvox",
+    "write_binvox",
+]

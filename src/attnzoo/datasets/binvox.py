@@ -76,14 +76,18 @@ def parse_binvox(data: bytes, fix_coords: bool = True, *, name: str = "<binvox>"
     payload = np.frombuffer(data, dtype=np.uint8, offset=offset)
     expected = dims[0] * dims[1] * dims[2]
     if payload.size % 2:
-        raise DatasetFormatError(f"{name}: truncated binvox data: {payload.size} bytes after the header, an odd number "
-                                 "(the data must be (value, count) byte pairs)")
+        raise DatasetFormatError(
+            f"{name}: truncated binvox data: {payload.size} bytes after the header, an odd number "
+            "(the data must be (value, count) byte pairs)"
+        )
     values, counts = payload[0::2], payload[1::2]
     total = int(counts.sum(dtype=np.int64))
     if total != expected:
         what = "truncated binvox data" if total < expected else "binvox data is too long"
-        raise DatasetFormatError(f"{name}: {what}: the run-length data covers {total} voxels but dim "
-                                 f"{dims[0]} {dims[1]} {dims[2]} needs {expected}")
+        raise DatasetFormatError(
+            f"{name}: {what}: the run-length data covers {total} voxels but dim "
+            f"{dims[0]} {dims[1]} {dims[2]} needs {expected}"
+        )
     if values.size and values.max() > 1:
         bad = int(values[values > 1][0])
         raise DatasetFormatError(f"{name}: invalid binvox run value {bad} (values must be 0 or 1)")
@@ -105,7 +109,9 @@ def _parse_header(data: bytes, name: str) -> tuple[tuple[int, int, int], tuple[f
     for number in range(_MAX_HEADER_LINES):
         end = data.find(b"\n", offset, offset + _MAX_HEADER_BYTES)
         if end < 0:
-            raise DatasetFormatError(f"{name}: truncated binvox header (line {number + 1} has no end; expected a 'data' line)")
+            raise DatasetFormatError(
+                f"{name}: truncated binvox header (line {number + 1} has no end; expected a 'data' line)"
+            )
         try:
             tokens = data[offset:end].decode("ascii").split()
         except UnicodeDecodeError:
@@ -130,7 +136,9 @@ def _parse_header(data: bytes, name: str) -> tuple[tuple[int, int, int], tuple[f
             except ValueError:
                 values = ()
             if len(values) != 3 or min(values) < 1:
-                raise DatasetFormatError(f"{name}: bad binvox 'dim' line {' '.join(tokens)!r} (expected three positive integers)")
+                raise DatasetFormatError(
+                    f"{name}: bad binvox 'dim' line {' '.join(tokens)!r} (expected three positive integers)"
+                )
             if math.prod(values) > _MAX_VOXELS:
                 raise DatasetFormatError(f"{name}: binvox dim {' '.join(args)} is too large")
             dims = values  # type: ignore[assignment]
@@ -149,7 +157,9 @@ def _floats(args: list[str], n: int, tokens: list[str], name: str) -> list[float
     except ValueError:
         values = []
     if len(values) != n or not all(math.isfinite(v) for v in values):
-        raise DatasetFormatError(f"{name}: bad binvox {tokens[0]!r} line {' '.join(tokens)!r} (expected {n} finite number{'s' if n > 1 else ''})")
+        raise DatasetFormatError(
+            f"{name}: bad binvox {tokens[0]!r} line {' '.join(tokens)!r} (expected {n} finite number{'s' if n > 1 else ''})"
+        )
     return values
 
 
@@ -174,7 +184,9 @@ def encode_binvox(voxels, translate=(0.0, 0.0, 0.0), scale: float = 1.0, fix_coo
     return header + _run_length_encode(flat)
 
 
-def write_binvox(path: str | os.PathLike, voxels, translate=(0.0, 0.0, 0.0), scale: float = 1.0, fix_coords: bool = True) -> Path:
+def write_binvox(
+    path: str | os.PathLike, voxels, translate=(0.0, 0.0, 0.0), scale: float = 1.0, fix_coords: bool = True
+) -> Path:
     """Write ``voxels`` (a 3-D bool/0-1 array, numpy or torch) as a binvox file, atomically.
 
     With ``fix_coords=True`` the array is taken as ``[x, y, z]`` (what :func:`read_binvox`
@@ -198,7 +210,9 @@ def _as_binary_grid(voxels) -> np.ndarray:
     if grid.dtype == np.bool_:
         return grid
     if not (np.issubdtype(grid.dtype, np.number)) or not np.isin(grid, (0, 1)).all():
-        raise InvalidInputError("voxels must be boolean or hold only 0 and 1; threshold probabilities first (e.g. p >= 0.3)")
+        raise InvalidInputError(
+            "voxels must be boolean or hold only 0 and 1; threshold probabilities first (e.g. p >= 0.3)"
+        )
     return grid.astype(bool)
 
 

@@ -47,9 +47,7 @@ def parse_timestamp(value) -> float | None:
     if isinstance(value, bytes):
         value = value.decode("utf8")
     if isinstance(value, (int, float)):
-        return (
-            float(value) / 1000.0 if abs(value) > _EPOCH_MS_THRESHOLD else float(value)
-        )
+        return float(value) / 1000.0 if abs(value) > _EPOCH_MS_THRESHOLD else float(value)
     text = str(value).strip()
     try:
         number = float(text)
@@ -63,9 +61,7 @@ def parse_timestamp(value) -> float | None:
         raise InvalidInputError(
             f"unreadable timestamp {value!r} (expected ISO-8601 text or epoch seconds/ms)"
         ) from None
-    if (
-        stamp.tzinfo is None
-    ):  # naive stamps are compared with each other only: any fixed zone works
+    if stamp.tzinfo is None:  # naive stamps are compared with each other only: any fixed zone works
         stamp = stamp.replace(tzinfo=timezone.utc)
     return stamp.timestamp()
 
@@ -87,22 +83,16 @@ class CapMIT1003(ScanpathCollection):
         skip_missing: bool = False,
     ):
         root = Path(root)
-        self.db_path = (
-            root if root.is_file() or root.suffix == ".db" else root / "capmit1003.db"
-        )
+        self.db_path = root if root.is_file() or root.suffix == ".db" else root / "capmit1003.db"
         if not self.db_path.is_file():
-            raise DatasetFormatError(
-                f"missing {self.db_path} (CapMIT1003's SQLite file from the NevaClip repository)"
-            )
+            raise DatasetFormatError(f"missing {self.db_path} (CapMIT1003's SQLite file from the NevaClip repository)")
         base = self.db_path.parent
         if stimuli_dir is None:
             candidates = [base / "ALLSTIMULI", base / "mit1003" / "ALLSTIMULI"]
             stimuli_dir = next((c for c in candidates if c.is_dir()), candidates[0])
         self.stimuli_dir = Path(stimuli_dir)
         if not self.stimuli_dir.is_dir():
-            raise DatasetFormatError(
-                f"missing {self.stimuli_dir} (MIT1003's ALLSTIMULI folder; pass stimuli_dir=)"
-            )
+            raise DatasetFormatError(f"missing {self.stimuli_dir} (MIT1003's ALLSTIMULI folder; pass stimuli_dir=)")
         self.skipped: list[str] = []
         super().__init__(self._read(skip_missing))
 
@@ -110,9 +100,7 @@ class CapMIT1003(ScanpathCollection):
         try:
             cnx = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True)
         except sqlite3.Error as err:
-            raise DatasetFormatError(
-                f"{self.db_path}: cannot open as SQLite ({err})"
-            ) from None
+            raise DatasetFormatError(f"{self.db_path}: cannot open as SQLite ({err})") from None
         try:
             self._check_schema(cnx)
             captions = cnx.execute(
@@ -120,14 +108,10 @@ class CapMIT1003(ScanpathCollection):
                 "FROM captions c LEFT JOIN images i USING(img_uid)"
             ).fetchall()
             clicks: dict[str, list[tuple]] = {}
-            for obs, x, y, t in cnx.execute(
-                "SELECT obs_uid, x, y, click_time FROM clicks ORDER BY obs_uid, click_id"
-            ):
+            for obs, x, y, t in cnx.execute("SELECT obs_uid, x, y, click_time FROM clicks ORDER BY obs_uid, click_id"):
                 clicks.setdefault(str(obs), []).append((x, y, t))
         except sqlite3.DatabaseError as err:
-            raise DatasetFormatError(
-                f"{self.db_path}: not a readable SQLite database ({err})"
-            ) from None
+            raise DatasetFormatError(f"{self.db_path}: not a readable SQLite database ({err})") from None
         finally:
             cnx.close()
 
@@ -136,9 +120,7 @@ class CapMIT1003(ScanpathCollection):
             raise DatasetFormatError(
                 f"{self.db_path}: {len(no_image)} caption(s) whose img_uid is not in table images, e.g. obs_uid {no_image[:3]}"
             )
-        missing = sorted(
-            {row[5] for row in captions if not (self.stimuli_dir / row[5]).is_file()}
-        )
+        missing = sorted({row[5] for row in captions if not (self.stimuli_dir / row[5]).is_file()})
         if missing and not skip_missing:
             raise DatasetFormatError(
                 f"{len(missing)} stimulus file(s) missing from {self.stimuli_dir}: {', '.join(missing[:10])}"
@@ -153,9 +135,7 @@ class CapMIT1003(ScanpathCollection):
                 continue
             path_clicks = clicks.get(obs, [])
             try:
-                xy = np.asarray(
-                    [(float(x), float(y)) for x, y, _ in path_clicks], dtype=np.float64
-                ).reshape(-1, 2)
+                xy = np.asarray([(float(x), float(y)) for x, y, _ in path_clicks], dtype=np.float64).reshape(-1, 2)
                 start_s = parse_timestamp(start)
                 stamps = [parse_timestamp(t) for _, _, t in path_clicks]
             except (TypeError, ValueError) as err:
@@ -184,12 +164,7 @@ class CapMIT1003(ScanpathCollection):
         return records
 
     def _check_schema(self, cnx: sqlite3.Connection) -> None:
-        tables = {
-            row[0]
-            for row in cnx.execute(
-                "SELECT name FROM sqlite_master WHERE type IN ('table', 'view')"
-            )
-        }
+        tables = {row[0] for row in cnx.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
         for table, columns in CAPMIT1003_SCHEMA.items():
             if table not in tables:
                 raise DatasetFormatError(
@@ -207,9 +182,7 @@ class CapMIT1003(ScanpathCollection):
         """For each record, the caption of a record on a *different* image (uniformly, seeded)."""
         stimuli = np.array([r.stimulus for r in self])
         if len(set(stimuli.tolist())) < 2:
-            raise InvalidInputError(
-                "misleading captions need captions of at least two different images"
-            )
+            raise InvalidInputError("misleading captions need captions of at least two different images")
         rng = np.random.default_rng(seed)
         out = []
         for record in self:
@@ -225,12 +198,8 @@ class CapMIT1003(ScanpathCollection):
             groups.setdefault(record.stimulus, []).append(i)
         out: list[str | None] = []
         for record in self:
-            others = [
-                i for i in groups[record.stimulus] if self[i].subject != record.subject
-            ]
-            out.append(
-                self[others[int(rng.integers(len(others)))]].caption if others else None
-            )
+            others = [i for i in groups[record.stimulus] if self[i].subject != record.subject]
+            out.append(self[others[int(rng.integers(len(others)))]].caption if others else None)
         return out
 
     def __repr__(self) -> str:

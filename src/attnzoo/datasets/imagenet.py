@@ -19,7 +19,13 @@ import tarfile
 from functools import lru_cache
 from pathlib import Path
 
-from attnzoo.datasets.image_folder import ClassificationSamples, check_root, is_image_file, list_images, read_image_folder
+from attnzoo.datasets.image_folder import (
+    ClassificationSamples,
+    check_root,
+    is_image_file,
+    list_images,
+    read_image_folder,
+)
 from attnzoo.errors import DatasetFormatError
 
 _SYNSET = re.compile(r"^n\d{8}$")
@@ -51,12 +57,16 @@ def split_folder(root: Path, split: str) -> Path:
         return root / split
     others = sorted(name for name in _SPLIT_NAMES if (root / name).is_dir())
     if others:
-        raise DatasetFormatError(f"{root} has no {split}/ split folder (it has {', '.join(o + '/' for o in others)}); "
-                                 f"pass --split {others[0]}, or point --data at the folder of classes")
+        raise DatasetFormatError(
+            f"{root} has no {split}/ split folder (it has {', '.join(o + '/' for o in others)}); "
+            f"pass --split {others[0]}, or point --data at the folder of classes"
+        )
     return root
 
 
-def read_imagenet(root: str | os.PathLike, split: str = "val", *, labels: str | os.PathLike | None = None) -> ClassificationSamples:
+def read_imagenet(
+    root: str | os.PathLike, split: str = "val", *, labels: str | os.PathLike | None = None
+) -> ClassificationSamples:
     """Read ImageNet-1k ``split`` under ``root``, detecting the layout."""
     root = check_root(root)
     folder = split_folder(root, split)
@@ -84,7 +94,9 @@ def _read_synset_folders(folder: Path) -> ClassificationSamples:
     index = {w: i for i, w in enumerate(wnids)}
     unknown = sorted(set(_synset_dirs(folder)) - set(index))
     if unknown:
-        raise DatasetFormatError(f"{folder}: {len(unknown)} folders are not ImageNet-1k synsets: {', '.join(unknown[:5])}")
+        raise DatasetFormatError(
+            f"{folder}: {len(unknown)} folders are not ImageNet-1k synsets: {', '.join(unknown[:5])}"
+        )
     generic = read_image_folder(folder)
     samples = [(path, index[generic.classes[target]]) for path, target in generic.samples]
     return ClassificationSamples(samples, list(names), "imagenet-synset-folders", folder, class_ids=list(wnids))
@@ -131,7 +143,9 @@ def _read_solution_csv(path: Path) -> dict:
         with open(path, newline="") as fh:
             reader = csv.DictReader(fh)
             if not reader.fieldnames or {"ImageId", "PredictionString"} - set(reader.fieldnames):
-                raise DatasetFormatError(f"{path}: expected the columns ImageId,PredictionString, found {reader.fieldnames}")
+                raise DatasetFormatError(
+                    f"{path}: expected the columns ImageId,PredictionString, found {reader.fieldnames}"
+                )
             for row in reader:
                 tokens = (row["PredictionString"] or "").split()
                 if not tokens:
@@ -163,7 +177,9 @@ def _read_devkit(path: Path) -> dict:
         try:
             truth[number] = id_to_wnid[int(line)]
         except (ValueError, KeyError):
-            raise DatasetFormatError(f"{path}: line {number} of the ground truth ({line!r}) is not a known ILSVRC2012_ID") from None
+            raise DatasetFormatError(
+                f"{path}: line {number} of the ground truth ({line!r}) is not a known ILSVRC2012_ID"
+            ) from None
     return truth
 
 
@@ -185,7 +201,9 @@ def _parse_meta_mat(data: bytes, path: Path) -> dict[int, str]:
     return {int(i): str(w) for i, w, c in zip(ids, wnids, children) if int(c) == 0}
 
 
-def read_classification_folder(root: str | os.PathLike, split: str = "val", *, labels: str | os.PathLike | None = None) -> ClassificationSamples:
+def read_classification_folder(
+    root: str | os.PathLike, split: str = "val", *, labels: str | os.PathLike | None = None
+) -> ClassificationSamples:
     """ImageNet when the folder has an ImageNet layout, else a generic ImageFolder."""
     root = check_root(root)
     folder = split_folder(root, split)

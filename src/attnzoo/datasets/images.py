@@ -34,7 +34,7 @@ def describe(source: Any) -> str:
 
 
 @contextlib.contextmanager
-def _no_pil_bomb_check():
+def without_pil_bomb_check():
     """We apply our own pixel limit after reading the header, so PIL must not refuse first."""
     saved = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None
@@ -49,7 +49,7 @@ def open_image_file(path: str | os.PathLike, *, max_pixels: int | None = None, k
     name = os.fspath(path)
     limit = max_pixels or MAX_PIXELS
     try:
-        with _no_pil_bomb_check():
+        with without_pil_bomb_check():
             image = Image.open(path)
             width, height = image.size
             if width * height > limit:
@@ -109,13 +109,17 @@ def _float_to_rgb(data: np.ndarray, name: str) -> Image.Image:
     return array_to_image((np.clip(data, 0, 1) * 255.0 + 0.5).astype(np.uint8), name=name)
 
 
-def array_to_image(array: np.ndarray, *, name: str = "<array>", channels_first: bool = False, keep_alpha: bool = False) -> Image.Image:
+def array_to_image(
+    array: np.ndarray, *, name: str = "<array>", channels_first: bool = False, keep_alpha: bool = False
+) -> Image.Image:
     """HxW, HxWxC (or CxHxW with ``channels_first``) arrays of uint8/uint16/bool/float in [0, 1]."""
     if array.ndim == 3 and channels_first:
         array = np.moveaxis(array, 0, -1)
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
         layout = "CxHxW" if channels_first else "HxWxC"
-        raise InvalidInputError(f"{name}: expected an HxW or {layout} image with 1, 3 or 4 channels, got shape {array.shape}")
+        raise InvalidInputError(
+            f"{name}: expected an HxW or {layout} image with 1, 3 or 4 channels, got shape {array.shape}"
+        )
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise InvalidInputError(f"{name}: empty image of shape {array.shape}")
     if array.ndim == 3 and array.shape[-1] == 1:

@@ -10,7 +10,7 @@ Layouts read (each into a lazy mapping slide_id -> :class:`FeatureBag`):
   [N, 2], and/or ``pt_files/<slide>.pt`` holding the [N, D] tensor (loaded weights-only).
 * **TRIDENT** (``read_trident_features``): ``<job>/<mag>x_<size>px_<overlap>px_overlap/features_<encoder>/<slide>.h5``
   with ``features`` and ``coords``.
-* attnzoo's own :func:`attnzoo.datasets.wsi.extract_features` files (same datasets as CLAM's h5).
+* attnzoo's own :func:`attnzoo.pipelines.wsi_features.extract_features` files (same datasets as CLAM's h5).
 
 :func:`read_feature_bags` recognises all of them. Bags are read from disk when accessed (nothing
 is held in memory unless you call :meth:`FeatureBags.preload`); every bag is checked on reading:
@@ -73,8 +73,15 @@ BRACS_CLASS_NAMES: dict[int, tuple[str, ...]] = {
     2: ("benign (N, PB, UDH)", "atypical or malignant (FEA, ADH, DCIS, IC)"),
 }
 CAMELYON16_CLASS_NAMES = ("normal", "tumor")
-_CAMELYON_LABEL_WORDS = {"normal": 0, "normal_tissue": 0, "negative": 0, "tumor": 1, "tumour": 1, "tumor_tissue": 1,
-                         "positive": 1}
+_CAMELYON_LABEL_WORDS = {
+    "normal": 0,
+    "normal_tissue": 0,
+    "negative": 0,
+    "tumor": 1,
+    "tumour": 1,
+    "tumor_tissue": 1,
+    "positive": 1,
+}
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -82,7 +89,9 @@ def _h5py() -> Any:
     try:
         import h5py
     except ImportError as err:
-        raise ImportError(f'h5py is needed to read HDF5 feature files; install it with: pip install "attnzoo[wsi]" ({err})') from err
+        raise ImportError(
+            f'h5py is needed to read HDF5 feature files; install it with: pip install "attnzoo[wsi]" ({err})'
+        ) from err
     return h5py
 
 
@@ -130,7 +139,9 @@ def _make_bag(slide_id: str, features: Any, coords: Any, label: Any, where: str,
     if coords is not None:
         xy = coords.detach().cpu().numpy() if isinstance(coords, torch.Tensor) else np.asarray(coords)
         if xy.ndim != 2 or xy.shape[1] < 2 or xy.shape[0] != feats.shape[0]:
-            raise DatasetFormatError(f"{where}: coords have shape {xy.shape}, expected [{feats.shape[0]}, 2] to match the features")
+            raise DatasetFormatError(
+                f"{where}: coords have shape {xy.shape}, expected [{feats.shape[0]}, 2] to match the features"
+            )
         if not np.isfinite(xy.astype(np.float64)).all():
             raise DatasetFormatError(f"{where}: coords hold NaN or infinite values")
         coord_tensor = torch.from_numpy(np.round(xy[:, :2]).astype(np.int64))
@@ -142,8 +153,13 @@ def _make_bag(slide_id: str, features: Any, coords: Any, label: Any, where: str,
             label = int(value[0])
         except (TypeError, ValueError):
             raise DatasetFormatError(f"{where}: label {label!r} is not an integer") from None
-    return FeatureBag(slide_id=slide_id, features=torch.from_numpy(np.ascontiguousarray(feats)), coords=coord_tensor,
-                      label=label, source=source)
+    return FeatureBag(
+        slide_id=slide_id,
+        features=torch.from_numpy(np.ascontiguousarray(feats)),
+        coords=coord_tensor,
+        label=label,
+        source=source,
+    )
 
 
 def _h5_error(path: Path, err: Exception) -> DatasetFormatError:
@@ -187,15 +203,19 @@ def _load_pt_bag(path: Path, slide_id: str) -> tuple[Any, Any, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DatasetFormatError(f"{path}: the .pt file needs code execution to load ({first}); attnzoo loads feature "
-                                 "files weights-only. Re-save the features as a plain tensor.") from None
+        raise DatasetFormatError(
+            f"{path}: the .pt file needs code execution to load ({first}); attnzoo loads feature "
+            "files weights-only. Re-save the features as a plain tensor."
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise DatasetFormatError(f"{path}: not a readable PyTorch file: {err}") from None
     coords = label = None
     if isinstance(obj, Mapping):
         key = next((k for k in ("features", "feats", "feat") if k in obj), None)
         if key is None:
-            raise DatasetFormatError(f"{path}: holds a dict without 'features'/'feats' (keys: {sorted(map(str, obj))[:10]})")
+            raise DatasetFormatError(
+                f"{path}: holds a dict without 'features'/'feats' (keys: {sorted(map(str, obj))[:10]})"
+            )
         coords, label = obj.get("coords"), obj.get("label")
         obj = obj[key]
     if not isinstance(obj, torch.Tensor):
@@ -219,8 +239,15 @@ class FeatureBags(Mapping[str, FeatureBag]):
     folder. Picklable, so a torch Dataset over it works with DataLoader workers.
     """
 
-    def __init__(self, entries: Mapping[str, _Entry], *, layout: str, source: Path,
-                 labels: Mapping[str, int] | None = None, cache: Mapping[str, FeatureBag] | None = None):
+    def __init__(
+        self,
+        entries: Mapping[str, _Entry],
+        *,
+        layout: str,
+        source: Path,
+        labels: Mapping[str, int] | None = None,
+        cache: Mapping[str, FeatureBag] | None = None,
+    ):
         self._entries = dict(entries)
         self.layout = layout
         self.source = Path(source)
@@ -256,7 +283,10 @@ class FeatureBags(Mapping[str, FeatureBag]):
     def _derive(self, entries: Mapping[str, _Entry], labels: Mapping[str, int]) -> FeatureBags:
         cache = {k: v for k, v in self._cache.items() if k in entries}
         if labels != self.labels:
-            cache = {k: FeatureBag(v.slide_id, v.features, v.coords, labels.get(k, v.label), v.source) for k, v in cache.items()}
+            cache = {
+                k: FeatureBag(v.slide_id, v.features, v.coords, labels.get(k, v.label), v.source)
+                for k, v in cache.items()
+            }
         return FeatureBags(entries, layout=self.layout, source=self.source, labels=labels, cache=cache)
 
     def with_labels(self, labels: Mapping[str, int]) -> FeatureBags:
@@ -271,8 +301,10 @@ class FeatureBags(Mapping[str, FeatureBag]):
         ids = [str(s) for s in slide_ids]
         missing = [s for s in ids if s not in self._entries]
         if missing:
-            message = (f"{self.source}: {len(missing)} of the {len(ids)} {what} have no features here: "
-                       f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+            message = (
+                f"{self.source}: {len(missing)} of the {len(ids)} {what} have no features here: "
+                f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}"
+            )
             if strict:
                 raise DatasetFormatError(message)
             warnings.warn(message + " (left out)", stacklevel=2)
@@ -286,8 +318,13 @@ class FeatureBags(Mapping[str, FeatureBag]):
 
     def preload(self) -> FeatureBags:
         """All bags read (and checked) now and kept in memory, as ACMIL's loader does."""
-        return FeatureBags(self._entries, layout=self.layout, source=self.source, labels=self.labels,
-                           cache={k: self[k] for k in self._entries})
+        return FeatureBags(
+            self._entries,
+            layout=self.layout,
+            source=self.source,
+            labels=self.labels,
+            cache={k: self[k] for k in self._entries},
+        )
 
 
 # ---------------------------------------------------------------------------------------- readers
@@ -307,8 +344,10 @@ def read_acmil_h5(path: str | os.PathLike, labels: Mapping[str, int] | None = No
         with h5py.File(path, "r") as f:
             groups = [k for k in f if isinstance(f[k], h5py.Group)]
             if not groups:
-                raise DatasetFormatError(f"{path}: no slide groups; an ACMIL feature file holds one group per slide id "
-                                         f"with 'feat' and 'coords' (top-level keys: {sorted(f.keys())[:10]})")
+                raise DatasetFormatError(
+                    f"{path}: no slide groups; an ACMIL feature file holds one group per slide id "
+                    f"with 'feat' and 'coords' (top-level keys: {sorted(f.keys())[:10]})"
+                )
             no_feat = [k for k in groups if "feat" not in f[k]]
             if no_feat:
                 raise DatasetFormatError(f"{path}: slide groups without a 'feat' dataset: {', '.join(no_feat[:10])}")
@@ -356,8 +395,9 @@ def _trident_dirs(root: Path) -> list[Path]:
     return sorted(found)
 
 
-def read_trident_features(root: str | os.PathLike, encoder: str | None = None,
-                          labels: Mapping[str, int] | None = None) -> FeatureBags:
+def read_trident_features(
+    root: str | os.PathLike, encoder: str | None = None, labels: Mapping[str, int] | None = None
+) -> FeatureBags:
     """TRIDENT's ``features_<encoder>/<slide>.h5``; ``root`` is the job folder, its
     ``<mag>x_<size>px_<overlap>px_overlap`` folder, or a ``features_<encoder>`` folder itself.
     ``encoder`` picks one when several were extracted."""
@@ -369,8 +409,10 @@ def read_trident_features(root: str | os.PathLike, encoder: str | None = None,
     if not dirs:
         available = sorted({d.name.removeprefix("features_") for d in _trident_dirs(root)})
         wanted = f"features_{encoder}" if encoder else "features_<encoder>"
-        raise DatasetFormatError(f"{root}: no TRIDENT {wanted}/ folder found"
-                                 + (f" (encoders here: {', '.join(available)})" if available else ""))
+        raise DatasetFormatError(
+            f"{root}: no TRIDENT {wanted}/ folder found"
+            + (f" (encoders here: {', '.join(available)})" if available else "")
+        )
     if len(dirs) > 1:
         listing = ", ".join(os.fspath(d.relative_to(root)) for d in dirs)
         hint = "pass encoder=" if encoder is None else "point root at one magnification folder"
@@ -396,8 +438,9 @@ def _h5_kind(path: Path) -> str:
         raise _h5_error(path, err) from None
 
 
-def _single_file(path: Path, loader: Callable[[Path, str], tuple[Any, Any, Any]], layout: str,
-                 labels: Mapping[str, int] | None) -> FeatureBags:
+def _single_file(
+    path: Path, loader: Callable[[Path, str], tuple[Any, Any, Any]], layout: str, labels: Mapping[str, int] | None
+) -> FeatureBags:
     sid = path.stem
     if loader is _load_h5_bag:
         h5py = _h5py()
@@ -411,13 +454,14 @@ def _single_file(path: Path, loader: Callable[[Path, str], tuple[Any, Any, Any]]
     return FeatureBags({sid: _Entry(loader, path, sid)}, layout=layout, source=path, labels=labels)
 
 
-def read_feature_bags(path_or_root: str | os.PathLike, *, encoder: str | None = None,
-                      labels: Mapping[str, int] | None = None) -> FeatureBags:
+def read_feature_bags(
+    path_or_root: str | os.PathLike, *, encoder: str | None = None, labels: Mapping[str, int] | None = None
+) -> FeatureBags:
     """Feature bags in any layout this module reads, recognised from what is on disk.
 
     A file: ACMIL's multi-slide HDF5, a single per-slide HDF5 (attnzoo/CLAM/TRIDENT) or a CLAM
     ``.pt``. A folder: CLAM's (``h5_files``/``pt_files``), TRIDENT's (``features_<encoder>``, pick
-    one with ``encoder``), a folder of per-slide ``.h5`` (e.g. :func:`~attnzoo.datasets.wsi.extract_slides`
+    one with ``encoder``), a folder of per-slide ``.h5`` (e.g. :func:`~attnzoo.pipelines.wsi_features.extract_slides`
     output) or ``.pt`` files, or a folder holding exactly one ACMIL file. Anything else raises
     :class:`~attnzoo.errors.DatasetFormatError`.
     """
@@ -431,8 +475,10 @@ def read_feature_bags(path_or_root: str | os.PathLike, *, encoder: str | None = 
                 return read_acmil_h5(path, labels)
             if kind == "bag":
                 return _single_file(path, _load_h5_bag, "h5", labels)
-            raise DatasetFormatError(f"{path}: unknown HDF5 feature layout (top-level keys: {kind.split(':', 1)[1] or 'none'}); "
-                                     "expected 'features' + 'coords' (CLAM/TRIDENT/attnzoo) or slide groups with 'feat' (ACMIL)")
+            raise DatasetFormatError(
+                f"{path}: unknown HDF5 feature layout (top-level keys: {kind.split(':', 1)[1] or 'none'}); "
+                "expected 'features' + 'coords' (CLAM/TRIDENT/attnzoo) or slide groups with 'feat' (ACMIL)"
+            )
         if suffix in (".pt", ".pth"):
             return _single_file(path, _load_pt_bag, "pt", labels)
         raise DatasetFormatError(f"{path}: unknown feature file type {suffix!r}; expected .h5 or .pt")
@@ -453,13 +499,16 @@ def read_feature_bags(path_or_root: str | os.PathLike, *, encoder: str | None = 
         if len(h5_files) == 1 and acmil:
             return read_acmil_h5(acmil[0], labels)
         if acmil:
-            raise DatasetFormatError(f"{path}: several ACMIL feature files ({', '.join(p.name for p in h5_files)}); pass one of them")
+            raise DatasetFormatError(
+                f"{path}: several ACMIL feature files ({', '.join(p.name for p in h5_files)}); pass one of them"
+            )
     pt_files = sorted(path.glob("*.pt"))
     if pt_files:
         return read_clam_features(path, labels)
     raise DatasetFormatError(
         f"{path}: unknown feature layout; expected an ACMIL .h5 (one group per slide), a CLAM folder (h5_files/, "
-        "pt_files/), a TRIDENT folder (features_<encoder>/) or a folder of per-slide .h5/.pt files")
+        "pt_files/), a TRIDENT folder (features_<encoder>/) or a folder of per-slide .h5/.pt files"
+    )
 
 
 # ----------------------------------------------------------------------------------------- splits
@@ -577,7 +626,9 @@ def read_camelyon16_split(split_json: str | os.PathLike, labels_csv: str | os.Pa
         all_labels = read_camelyon16_labels(labels_csv)
         missing = [s for s in seen if s not in all_labels]
         if missing:
-            raise DatasetFormatError(f"{labels_csv}: no label for {len(missing)} slide(s) of {path.name}: {', '.join(missing[:10])}")
+            raise DatasetFormatError(
+                f"{labels_csv}: no label for {len(missing)} slide(s) of {path.name}: {', '.join(missing[:10])}"
+            )
         labels = {s: all_labels[s] for s in seen}
     return SlideSplit(names["train"], names["val"], names["test"], labels, path)
 
@@ -609,7 +660,9 @@ def read_bracs_csv(csv_path: str | os.PathLike, n_classes: int = 3) -> SlideSpli
     return SlideSplit(names["train"], names["val"], names["test"], labels, path)
 
 
-def read_split_file(path: str | os.PathLike, *, n_classes: int = 3, labels_csv: str | os.PathLike | None = None) -> SlideSplit:
+def read_split_file(
+    path: str | os.PathLike, *, n_classes: int = 3, labels_csv: str | os.PathLike | None = None
+) -> SlideSplit:
     """An official split file by its kind: BRACS's ``bracs.csv`` (labels mapped to ``n_classes``) or
     ACMIL's Camelyon16 ``split_{seed}.json`` (labelled from ``labels_csv`` when given)."""
     path = Path(path)

@@ -91,14 +91,10 @@ def matlab_variable_name(stem: str) -> str:
 
 _DEG_PER_SEC = 6
 _PX_PER_DEG = 34
-_ACCEL_CRIT = (
-    _PX_PER_DEG * _DEG_PER_SEC
-)  # 204 px/s change between two overlapping windows
+_ACCEL_CRIT = _PX_PER_DEG * _DEG_PER_SEC  # 204 px/s change between two overlapping windows
 _WIN = 4
 _STEP = 1
-_FIX_DUR_CUT_PTS = round(
-    50 * SAMPLING_RATE / 1000
-)  # 12 samples: shortest fixation kept between saccades
+_FIX_DUR_CUT_PTS = round(50 * SAMPLING_RATE / 1000)  # 12 samples: shortest fixation kept between saccades
 
 
 def _accel(data: np.ndarray) -> np.ndarray:
@@ -196,16 +192,12 @@ def check_fixations(eye_data: np.ndarray) -> dict[str, np.ndarray]:
     """
     data = np.asarray(eye_data, dtype=np.float64)
     if data.ndim != 2 or data.shape[1] < 2 or data.shape[0] < 1:
-        raise InvalidInputError(
-            f"eye data must be [N, 2] gaze samples, got shape {data.shape}"
-        )
+        raise InvalidInputError(f"eye data must be [N, 2] gaze samples, got shape {data.shape}")
     data = data[:, :2]
     N = data.shape[0]
 
     def no_saccade() -> dict[str, np.ndarray]:
-        with (
-            warnings.catch_warnings()
-        ):  # an all-NaN trace gives NaN, as nanmedian in MATLAB
+        with warnings.catch_warnings():  # an all-NaN trace gives NaN, as nanmedian in MATLAB
             warnings.simplefilter("ignore", RuntimeWarning)
             med = np.nanmedian(data, axis=0)
         return {
@@ -257,9 +249,7 @@ def check_fixations(eye_data: np.ndarray) -> dict[str, np.ndarray]:
         g2, g3 = each2[good], each3[good]
         decel = np.stack([marked[g2, 0], np.asarray(ends)], axis=1)
         if len(good) > 1:
-            too_short = np.flatnonzero(
-                marked[g3[1:], 0] - decel[:-1, 1] <= _FIX_DUR_CUT_PTS
-            )  # 0-based = MATLAB-1
+            too_short = np.flatnonzero(marked[g3[1:], 0] - decel[:-1, 1] <= _FIX_DUR_CUT_PTS)  # 0-based = MATLAB-1
             keep_start = np.setdiff1d(np.arange(len(good)), too_short + 1)
             keep_end = np.setdiff1d(np.arange(len(good)), too_short)
             start_sac = marked[g3[keep_start], 0]
@@ -288,9 +278,7 @@ def check_fixations(eye_data: np.ndarray) -> dict[str, np.ndarray]:
     if len(fix_samples) == 0 or len(each2) == 0 or len(each3) == 0:
         raise _fail("no fixation sample or no saccade end left")
     if len(each3) == 1:
-        fix_start = (
-            [fix_samples[0], *(each2 + 1)] if each2[-1] != N else [fix_samples[0]]
-        )
+        fix_start = [fix_samples[0], *(each2 + 1)] if each2[-1] != N else [fix_samples[0]]
     else:
         fix_start = [fix_samples[0], *(each2[:-1] + 1)]
         if each2[-1] != N:
@@ -356,20 +344,14 @@ def _load_mat_eye_data(path: Path, stem: str) -> np.ndarray:
     try:
         mat = loadmat(path, simplify_cells=True)
     except NotImplementedError as err:  # v7.3 files are HDF5
-        raise DatasetFormatError(
-            f"{path}: MATLAB v7.3 file; the MIT1003 release uses v5 .mat files ({err})"
-        ) from None
+        raise DatasetFormatError(f"{path}: MATLAB v7.3 file; the MIT1003 release uses v5 .mat files ({err})") from None
     except (MatReadError, OSError, ValueError, TypeError) as err:
-        raise DatasetFormatError(
-            f"{path}: not a readable .mat file ({type(err).__name__}: {err})"
-        ) from None
+        raise DatasetFormatError(f"{path}: not a readable .mat file ({type(err).__name__}: {err})") from None
     name = matlab_variable_name(stem)
     variables = [k for k in mat if not k.startswith("__")]
     if name in mat:
         struct = mat[name]
-    elif (
-        len(variables) == 1
-    ):  # a stem that is no valid MATLAB identifier was saved under another name
+    elif len(variables) == 1:  # a stem that is no valid MATLAB identifier was saved under another name
         struct = mat[variables[0]]
     else:
         raise DatasetFormatError(
@@ -377,20 +359,14 @@ def _load_mat_eye_data(path: Path, stem: str) -> np.ndarray:
         )
     try:
         data = struct["DATA"]
-        first = (
-            data[0]
-            if isinstance(data, (list, np.ndarray)) and not isinstance(data, dict)
-            else data
-        )
+        first = data[0] if isinstance(data, (list, np.ndarray)) and not isinstance(data, dict) else data
         eye = np.asarray(first["eyeData"], dtype=np.float64)
     except (KeyError, IndexError, TypeError, ValueError) as err:
         raise DatasetFormatError(
             f"{path}: variable {name!r} has no DATA(1).eyeData ({type(err).__name__}: {err})"
         ) from None
     if eye.ndim != 2 or eye.shape[1] < 2:
-        raise DatasetFormatError(
-            f"{path}: DATA(1).eyeData must be [N, 2] gaze samples, got shape {eye.shape}"
-        )
+        raise DatasetFormatError(f"{path}: DATA(1).eyeData must be [N, 2] gaze samples, got shape {eye.shape}")
     return eye
 
 
@@ -404,15 +380,11 @@ class MIT1003(ScanpathCollection):
     record has, ``None`` when a bare cache does not tell).
     """
 
-    def __init__(
-        self, root: str | Path, source: str = "auto", initial_fixation: bool = False
-    ):
+    def __init__(self, root: str | Path, source: str = "auto", initial_fixation: bool = False):
         self.root = Path(root)
         self.initial_fixation = initial_fixation
         if source not in ("auto", "raw", "pysaliency"):
-            raise InvalidInputError(
-                f"source must be 'auto', 'raw' or 'pysaliency', got {source!r}"
-            )
+            raise InvalidInputError(f"source must be 'auto', 'raw' or 'pysaliency', got {source!r}")
         if not self.root.is_dir():
             raise DatasetFormatError(f"MIT1003 root {self.root} is not a directory")
         cache = self._find_cache()
@@ -455,15 +427,11 @@ class MIT1003(ScanpathCollection):
         candidates: list[tuple[Path, bool | None]] = [(self.root, None)]
         candidates += [(self.root / name, name != "MIT1003") for name in preferred]
         for folder, initial in candidates:
-            if (folder / "stimuli.hdf5").is_file() and (
-                folder / "fixations.hdf5"
-            ).is_file():
+            if (folder / "stimuli.hdf5").is_file() and (folder / "fixations.hdf5").is_file():
                 return folder, initial
         return None
 
-    def _read_pysaliency(
-        self, folder: Path, initial: bool | None
-    ) -> list[ScanpathRecord]:
+    def _read_pysaliency(self, folder: Path, initial: bool | None) -> list[ScanpathRecord]:
         import h5py
 
         stim_path, fix_path = folder / "stimuli.hdf5", folder / "fixations.hdf5"
@@ -508,32 +476,17 @@ class MIT1003(ScanpathCollection):
                         lengths = f["train_lengths"][...].astype(np.int64)
                     else:  # < v1.3: length = up to the trailing NaN padding
                         lengths = np.array(
-                            [
-                                int(np.flatnonzero(~np.isnan(r))[-1]) + 1
-                                if np.any(~np.isnan(r))
-                                else 0
-                                for r in xs
-                            ]
+                            [int(np.flatnonzero(~np.isnan(r))[-1]) + 1 if np.any(~np.isnan(r)) else 0 for r in xs]
                         )
                     sfa = f.get("scanpath_fixation_attributes")
-                    durs = (
-                        sfa["durations"][...]
-                        if sfa is not None and "durations" in sfa
-                        else None
-                    )
+                    durs = sfa["durations"][...] if sfa is not None and "durations" in sfa else None
                 else:
                     raise DatasetFormatError(
                         f"{fix_path}: expected pysaliency ScanpathFixations or FixationTrains (attrs type), got type={kind!r}"
                     )
         except (OSError, KeyError) as err:
-            bad = (
-                fix_path
-                if "fixations" in str(err) or fix_path.name in str(err)
-                else f"{stim_path} / {fix_path}"
-            )
-            raise DatasetFormatError(
-                f"{bad}: not a pysaliency MIT1003 cache ({type(err).__name__}: {err})"
-            ) from None
+            bad = fix_path if "fixations" in str(err) or fix_path.name in str(err) else f"{stim_path} / {fix_path}"
+            raise DatasetFormatError(f"{bad}: not a pysaliency MIT1003 cache ({type(err).__name__}: {err})") from None
 
         names_sorted = self._subject_names(subjects)
         records = []
@@ -567,9 +520,7 @@ class MIT1003(ScanpathCollection):
         ids = np.asarray(subjects).astype(np.int64)
         data = self.root / "DATA"
         if data.is_dir():
-            names = sorted(
-                p.name for p in data.iterdir() if p.is_dir() and not p.suffix
-            )
+            names = sorted(p.name for p in data.iterdir() if p.is_dir() and not p.suffix)
             if len(names) > ids.max(initial=-1):
                 return names
         if ids.max(initial=-1) < len(MIT1003_SUBJECTS):
@@ -583,20 +534,14 @@ class MIT1003(ScanpathCollection):
         stim_dir, data_dir = self.root / "ALLSTIMULI", self.root / "DATA"
         for folder in (stim_dir, data_dir):
             if not folder.is_dir():
-                raise DatasetFormatError(
-                    f"missing {folder} (the raw MIT1003 release has ALLSTIMULI/ and DATA/)"
-                )
+                raise DatasetFormatError(f"missing {folder} (the raw MIT1003 release has ALLSTIMULI/ and DATA/)")
         images = sorted((p.name for p in stim_dir.glob("*.jpeg")), key=natural_sort_key)
-        subjects = sorted(
-            p.name for p in data_dir.iterdir() if p.is_dir() and not p.suffix
-        )
+        subjects = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and not p.suffix)
         if not images:
             raise DatasetFormatError(f"{stim_dir}: no *.jpeg stimuli")
         if not subjects:
             raise DatasetFormatError(f"{data_dir}: no subject folders")
-        missing = [
-            data_dir / s / (Path(img).stem + ".mat") for img in images for s in subjects
-        ]
+        missing = [data_dir / s / (Path(img).stem + ".mat") for img in images for s in subjects]
         missing = [p for p in missing if not p.is_file()]
         if missing:
             shown = ", ".join(str(p) for p in missing[:5])
@@ -609,16 +554,12 @@ class MIT1003(ScanpathCollection):
                 with Image.open(stim_dir / img) as im:
                     width, height = im.size
             except (OSError, ValueError) as err:
-                raise DatasetFormatError(
-                    f"{stim_dir / img}: unreadable image ({err})"
-                ) from None
+                raise DatasetFormatError(f"{stim_dir / img}: unreadable image ({err})") from None
             stem = Path(img).stem
             for subj in subjects:
                 path = data_dir / subj / f"{stem}.mat"
                 eye = _load_mat_eye_data(path, stem)
-                xy, times, durs = fixations_from_gaze(
-                    eye, width, height, self.initial_fixation
-                )
+                xy, times, durs = fixations_from_gaze(eye, width, height, self.initial_fixation)
                 records.append(
                     ScanpathRecord(
                         stimulus=img,

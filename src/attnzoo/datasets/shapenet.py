@@ -45,6 +45,7 @@ __all__ = [
     "ShapeNetDataset",
     "read_shapenet_split",
     "read_rendering",
+    "find_split_file",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -94,7 +95,9 @@ def read_shapenet_split(split_file: str | os.PathLike) -> list[ShapeNetTaxonomy]
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise DatasetFormatError(f"{path}: no such split file (the official one is datasets/ShapeNet.json in the LRGT/Pix2Vox repositories)") from None
+        raise DatasetFormatError(
+            f"{path}: no such split file (the official one is datasets/ShapeNet.json in the LRGT/Pix2Vox repositories)"
+        ) from None
     except (OSError, UnicodeDecodeError) as err:
         raise DatasetFormatError(f"{path}: cannot read the split file ({err})") from None
     try:
@@ -102,13 +105,17 @@ def read_shapenet_split(split_file: str | os.PathLike) -> list[ShapeNetTaxonomy]
     except json.JSONDecodeError as err:
         raise DatasetFormatError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
     if not isinstance(entries, list) or not entries:
-        raise DatasetFormatError(f"{path}: expected a non-empty JSON list of taxonomy entries, found {type(entries).__name__}")
+        raise DatasetFormatError(
+            f"{path}: expected a non-empty JSON list of taxonomy entries, found {type(entries).__name__}"
+        )
     taxonomies: list[ShapeNetTaxonomy] = []
     seen: set[str] = set()
     for number, entry in enumerate(entries):
         where = f"{path}: entry {number}"
         if not isinstance(entry, dict):
-            raise DatasetFormatError(f"{where} is a {type(entry).__name__}, expected an object with taxonomy_id, taxonomy_name, train, val, test")
+            raise DatasetFormatError(
+                f"{where} is a {type(entry).__name__}, expected an object with taxonomy_id, taxonomy_name, train, val, test"
+            )
         missing = [k for k in ("taxonomy_id", "taxonomy_name", *SPLITS) if k not in entry]
         if missing:
             raise DatasetFormatError(f"{where} lacks {', '.join(missing)}")
@@ -125,8 +132,20 @@ def read_shapenet_split(split_file: str | os.PathLike) -> list[ShapeNetTaxonomy]
                 raise DatasetFormatError(f"{where} ({tid}): {split!r} must be a list of model id strings")
             lists[split] = list(models)
         baseline = entry.get("baseline", {})
-        taxonomies.append(ShapeNetTaxonomy(tid, name, baseline=dict(baseline) if isinstance(baseline, dict) else {}, **lists))
+        taxonomies.append(
+            ShapeNetTaxonomy(tid, name, baseline=dict(baseline) if isinstance(baseline, dict) else {}, **lists)
+        )
     return taxonomies
+
+
+def find_split_file(root: Path) -> Path:
+    """The split file of a ShapeNet folder: ShapeNet.json, or datasets/ShapeNet.json as in the official repositories."""
+    for candidate in (root / "ShapeNet.json", root / "datasets" / "ShapeNet.json"):
+        if candidate.is_file():
+            return candidate
+    raise DatasetFormatError(
+        f"{root}: no ShapeNet.json split file (expected {root}/ShapeNet.json or {root}/datasets/ShapeNet.json)"
+    )
 
 
 def read_rendering(path: str | os.PathLike) -> np.ndarray:
@@ -140,14 +159,18 @@ def read_rendering(path: str | os.PathLike) -> np.ndarray:
         with Image.open(path) as image:
             width, height = image.size
             if width * height > MAX_PIXELS:
-                raise DatasetFormatError(f"{name}: {width}x{height} rendering exceeds the {MAX_PIXELS:,}-pixel decode limit")
+                raise DatasetFormatError(
+                    f"{name}: {width}x{height} rendering exceeds the {MAX_PIXELS:,}-pixel decode limit"
+                )
             image.load()
             rgba = image if image.mode == "RGBA" else image.convert("RGBA")
             return np.array(rgba, dtype=np.uint8)
     except DatasetFormatError:
         raise
     except FileNotFoundError:
-        raise DatasetFormatError(f"{name}: missing rendering (every model needs rendering/00.png ... {N_RENDERINGS - 1:02d}.png)") from None
+        raise DatasetFormatError(
+            f"{name}: missing rendering (every model needs rendering/00.png ... {N_RENDERINGS - 1:02d}.png)"
+        ) from None
     except IsADirectoryError:
         raise DatasetFormatError(f"{name}: is a directory, not a rendering") from None
     except UnidentifiedImageError:
@@ -193,7 +216,9 @@ class ShapeNetDataset(torch.utils.data.Dataset):
         if view_selection is None:
             view_selection = "random" if split == "train" else "first"
         if view_selection not in VIEW_SELECTIONS:
-            raise InvalidInputError(f"view_selection must be one of {', '.join(VIEW_SELECTIONS)}, got {view_selection!r}")
+            raise InvalidInputError(
+                f"view_selection must be one of {', '.join(VIEW_SELECTIONS)}, got {view_selection!r}"
+            )
         self.view_selection = view_selection
         self.n_views = _check_n_views(n_views)
         self.transform = transform
@@ -271,13 +296,17 @@ class ShapeNetDataset(torch.utils.data.Dataset):
         return index % n
 
     def __repr__(self) -> str:
-        return (f"ShapeNetDataset(split={self.split!r}, models={len(self.samples)}, missing={len(self.missing)}, "
-                f"classes={len(self.taxonomies)}, n_views={self.n_views}, view_selection={self.view_selection!r})")
+        return (
+            f"ShapeNetDataset(split={self.split!r}, models={len(self.samples)}, missing={len(self.missing)}, "
+            f"classes={len(self.taxonomies)}, n_views={self.n_views}, view_selection={self.view_selection!r})"
+        )
 
 
 def _check_n_views(n_views: int) -> int:
     if isinstance(n_views, bool) or not isinstance(n_views, (int, np.integer)) or not 1 <= n_views <= N_RENDERINGS:
-        raise InvalidInputError(f"n_views must be an integer from 1 to {N_RENDERINGS} (ShapeNet has {N_RENDERINGS} renderings per model), got {n_views!r}")
+        raise InvalidInputError(
+            f"n_views must be an integer from 1 to {N_RENDERINGS} (ShapeNet has {N_RENDERINGS} renderings per model), got {n_views!r}"
+        )
     return int(n_views)
 
 

@@ -100,14 +100,10 @@ def _grey_like_opencv(image: np.ndarray) -> np.ndarray:
     if image.ndim == 2:
         return image
     rgb = image[..., :3].astype(np.int64)
-    return (
-        (rgb[..., 0] * 4899 + rgb[..., 1] * 9617 + rgb[..., 2] * 1868 + (1 << 13)) >> 14
-    ).astype(np.uint8)
+    return ((rgb[..., 0] * 4899 + rgb[..., 1] * 9617 + rgb[..., 2] * 1868 + (1 << 13)) >> 14).astype(np.uint8)
 
 
-def boxes_from_mask(
-    mask: np.ndarray, expected: int | None = None, source: str = "mask"
-) -> np.ndarray:
+def boxes_from_mask(mask: np.ndarray, expected: int | None = None, source: str = "mask") -> np.ndarray:
     """Object boxes ``[N, 4]`` ``(x0, y0, x1, y1)`` (``x1``/``y1`` exclusive, as ``x + w``) of a mask, in reading order.
 
     Same boxes as OAT's ``cv.boundingRect`` of ``cv.findContours(RETR_EXTERNAL)``: foreground = grey
@@ -119,36 +115,24 @@ def boxes_from_mask(
     mask = np.asarray(mask)
     if mask.ndim == 3:
         if mask.dtype != np.uint8:
-            raise InvalidInputError(
-                f"{source}: colour masks must be uint8, got {mask.dtype}"
-            )
+            raise InvalidInputError(f"{source}: colour masks must be uint8, got {mask.dtype}")
         mask = _grey_like_opencv(mask)
     if mask.ndim != 2:
-        raise InvalidInputError(
-            f"{source}: mask must be [H, W] or [H, W, 3], got shape {mask.shape}"
-        )
+        raise InvalidInputError(f"{source}: mask must be [H, W] or [H, W, 3], got shape {mask.shape}")
     fg = mask > 127 if mask.dtype != bool else mask
     filled = ndimage.binary_fill_holes(fg)
     labels, _ = ndimage.label(filled, structure=np.ones((3, 3), dtype=bool))
     slices = ndimage.find_objects(labels)
     boxes = np.array(
-        [
-            [s[1].start, s[0].start, s[1].stop, s[0].stop]
-            for s in slices
-            if s is not None
-        ],
+        [[s[1].start, s[0].start, s[1].stop, s[0].stop] for s in slices if s is not None],
         dtype=np.float64,
     ).reshape(-1, 4)
     if expected is not None and len(boxes) != expected:
-        raise DatasetFormatError(
-            f"{source}: found {len(boxes)} objects in the binary mask, expected {expected}"
-        )
+        raise DatasetFormatError(f"{source}: found {len(boxes)} objects in the binary mask, expected {expected}")
     return sort_boxes_reading_order(boxes)
 
 
-def grid_boxes(
-    size: tuple[int, int], rows: int = 6, cols: int = 14, top: float = 0.0
-) -> np.ndarray:
+def grid_boxes(size: tuple[int, int], rows: int = 6, cols: int = 14, top: float = 0.0) -> np.ndarray:
     """Equal cells over ``size = (width, height)`` below a header of ``top`` px, in reading order.
 
     For the Amazon collages this approximates the mask boxes (no gaps between covers).
@@ -160,11 +144,7 @@ def grid_boxes(
         )
     cw, ch = width / cols, (height - top) / rows
     return np.array(
-        [
-            [c * cw, top + r * ch, (c + 1) * cw, top + (r + 1) * ch]
-            for r in range(rows)
-            for c in range(cols)
-        ],
+        [[c * cw, top + r * ch, (c + 1) * cw, top + (r + 1) * ch] for r in range(rows) for c in range(cols)],
         dtype=np.float64,
     )
 
@@ -172,17 +152,11 @@ def grid_boxes(
 def shelf_boxes(task: str) -> np.ndarray:
     """The cells OAT's ``img_feature.py`` crops for a shelf task, bottom-aligned on the screen."""
     if task not in SHELF_LAYOUTS:
-        raise InvalidInputError(
-            f"unknown shelf task {task!r}; known: {sorted(SHELF_LAYOUTS)}"
-        )
+        raise InvalidInputError(f"unknown shelf task {task!r}; known: {sorted(SHELF_LAYOUTS)}")
     _, rows, cols, cw, ch, (_, screen_h), _ = SHELF_LAYOUTS[task]
     top = screen_h - ch * rows
     return np.array(
-        [
-            [c * cw, top + r * ch, (c + 1) * cw, top + (r + 1) * ch]
-            for r in range(rows)
-            for c in range(cols)
-        ],
+        [[c * cw, top + r * ch, (c + 1) * cw, top + (r + 1) * ch] for r in range(rows) for c in range(cols)],
         dtype=np.float64,
     )
 
@@ -194,28 +168,17 @@ def map_fixations_to_objects(xy: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     if len(boxes) == 0:
         raise InvalidInputError("no boxes to map fixations to")
     x, y = xy[:, :1], xy[:, 1:]
-    inside = (
-        (boxes[:, 0] <= x)
-        & (x <= boxes[:, 2])
-        & (boxes[:, 1] <= y)
-        & (y <= boxes[:, 3])
-    )
+    inside = (boxes[:, 0] <= x) & (x <= boxes[:, 2]) & (boxes[:, 1] <= y) & (y <= boxes[:, 3])
     cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
     dist = ((x - cx) ** 2 + (y - cy) ** 2) ** 0.5
-    return np.where(
-        inside.any(axis=1), inside.argmax(axis=1), dist.argmin(axis=1)
-    ).astype(np.int64)
+    return np.where(inside.any(axis=1), inside.argmax(axis=1), dist.argmin(axis=1)).astype(np.int64)
 
 
 def target_from_ground_truth(ground_truth: dict, boxes: np.ndarray) -> int:
     """0-based box with the best IoU against the annotated target box (-1 if none overlaps), as OAT."""
-    gx0, gx1, gy0, gy1 = (
-        float(ground_truth[k]) for k in ("xmin", "xmax", "ymin", "ymax")
-    )
+    gx0, gx1, gy0, gy1 = (float(ground_truth[k]) for k in ("xmin", "xmax", "ymin", "ymax"))
     best, best_index = 0.0, -1
-    for index, (x0, y0, x1, y1) in enumerate(
-        np.asarray(boxes, dtype=np.float64).tolist()
-    ):
+    for index, (x0, y0, x1, y1) in enumerate(np.asarray(boxes, dtype=np.float64).tolist()):
         left, top, right, bottom = (
             max(gx0, x0),
             max(gy0, y0),
@@ -232,9 +195,7 @@ def target_from_ground_truth(ground_truth: dict, boxes: np.ndarray) -> int:
     return best_index
 
 
-def drop_length_outliers(
-    trials: Sequence[SearchTrial], k: float = 3.0
-) -> list[SearchTrial]:
+def drop_length_outliers(trials: Sequence[SearchTrial], k: float = 3.0) -> list[SearchTrial]:
     """Keep scanpaths with ``mean - k std <= length <= mean + k std`` over the given population (std ddof=0)."""
     lengths = np.array([len(t) for t in trials], dtype=np.float64)
     if len(lengths) == 0:
@@ -248,46 +209,32 @@ def read_amazon_json(path: str | Path) -> dict:
     """Load and validate ``Amazon.json`` / ``amazon_data.json``; errors name the file and the image."""
     path = Path(path)
     if not path.is_file():
-        raise DatasetFormatError(
-            f"missing {path} (the Amazon book-cover annotations of STI-Dataset / OAT)"
-        )
+        raise DatasetFormatError(f"missing {path} (the Amazon book-cover annotations of STI-Dataset / OAT)")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DatasetFormatError(f"{path}: malformed JSON ({err})") from None
     if not isinstance(data, dict) or not data:
-        raise DatasetFormatError(
-            f"{path}: expected an object mapping image names to annotations"
-        )
+        raise DatasetFormatError(f"{path}: expected an object mapping image names to annotations")
     for name, entry in data.items():
         where = f"{path}: image {name!r}"
         if not isinstance(entry, dict):
             raise DatasetFormatError(f"{where}: annotation must be an object")
-        lacking = [
-            k for k in ("fixations", "ground_truth", "size", "target") if k not in entry
-        ]
+        lacking = [k for k in ("fixations", "ground_truth", "size", "target") if k not in entry]
         if lacking:
             raise DatasetFormatError(f"{where}: missing key(s) {lacking}")
         fix = entry["fixations"]
         if not isinstance(fix, dict) or not all(
-            isinstance(p, list) and all(isinstance(q, list) and len(q) == 2 for q in p)
-            for p in fix.values()
+            isinstance(p, list) and all(isinstance(q, list) and len(q) == 2 for q in p) for p in fix.values()
         ):
-            raise DatasetFormatError(
-                f"{where}: 'fixations' must map subject ids to lists of [x, y]"
-            )
+            raise DatasetFormatError(f"{where}: 'fixations' must map subject ids to lists of [x, y]")
         gt = entry["ground_truth"]
         if (
             not isinstance(gt, list)
             or not gt
-            or not all(
-                isinstance(g, dict) and {"xmin", "xmax", "ymin", "ymax"} <= set(g)
-                for g in gt
-            )
+            or not all(isinstance(g, dict) and {"xmin", "xmax", "ymin", "ymax"} <= set(g) for g in gt)
         ):
-            raise DatasetFormatError(
-                f"{where}: 'ground_truth' must be a non-empty list of {{xmin, xmax, ymin, ymax}}"
-            )
+            raise DatasetFormatError(f"{where}: 'ground_truth' must be a non-empty list of {{xmin, xmax, ymin, ymax}}")
         size = entry["size"]
         if not isinstance(size, dict) or not {"width", "height"} <= set(size):
             raise DatasetFormatError(f"{where}: 'size' must be {{height, width}}")
@@ -303,14 +250,14 @@ def _natural(name: str) -> list:
 class AmazonCovers(ScanpathCollection):
     """Amazon book-cover search trials (:class:`SearchTrial`), one per (collage, subject).
 
-    ``root`` is the folder holding ``Amazon.json`` or ``amazon_data.json`` (or one above it:
-    ``AmazonCovers/`` and ``amazon_data/`` are looked into). ``boxes="auto"`` uses the binary masks
-    when a ``binarymask/`` folder exists (every mask must then be present and hold 84 objects),
-    else the 6 x 14 grid; ``"mask"`` requires masks, ``"grid"`` never reads them. ``meta`` of each trial
-    holds ``target_name``, ``tgt_id`` (the 8th character of ``target``, as OAT), ``pair``,
-    ``ground_truth``, ``boxes_from`` and ``task="amazon"``. Records follow the JSON file's order (collages
-as listed, subjects as listed), as OAT's preprocessing loops over it, so an index in its
-``splitlist_all_amazon.txt`` names the same record here.
+        ``root`` is the folder holding ``Amazon.json`` or ``amazon_data.json`` (or one above it:
+        ``AmazonCovers/`` and ``amazon_data/`` are looked into). ``boxes="auto"`` uses the binary masks
+        when a ``binarymask/`` folder exists (every mask must then be present and hold 84 objects),
+        else the 6 x 14 grid; ``"mask"`` requires masks, ``"grid"`` never reads them. ``meta`` of each trial
+        holds ``target_name``, ``tgt_id`` (the 8th character of ``target``, as OAT), ``pair``,
+        ``ground_truth``, ``boxes_from`` and ``task="amazon"``. Records follow the JSON file's order (collages
+    as listed, subjects as listed), as OAT's preprocessing loops over it, so an index in its
+    ``splitlist_all_amazon.txt`` names the same record here.
     """
 
     def __init__(
@@ -321,9 +268,7 @@ as listed, subjects as listed), as OAT's preprocessing loops over it, so an inde
         require_images: bool = False,
     ):
         if boxes not in ("auto", "mask", "grid"):
-            raise InvalidInputError(
-                f"boxes must be 'auto', 'mask' or 'grid', got {boxes!r}"
-            )
+            raise InvalidInputError(f"boxes must be 'auto', 'mask' or 'grid', got {boxes!r}")
         self.root = Path(root)
         json_path = self._find_json()
         self.json_path = json_path
@@ -339,25 +284,13 @@ as listed, subjects as listed), as OAT's preprocessing loops over it, so an inde
             )
         names = list(data)  # the file's order, which OAT's pickle (and so its permutation file) follows
         if use_masks:
-            missing = [
-                str(self.mask_dir / f"14x6-{n}")
-                for n in names
-                if not (self.mask_dir / f"14x6-{n}").is_file()
-            ]
+            missing = [str(self.mask_dir / f"14x6-{n}") for n in names if not (self.mask_dir / f"14x6-{n}").is_file()]
             if missing:
-                raise DatasetFormatError(
-                    f"{len(missing)} binary mask(s) missing, e.g. {', '.join(missing[:5])}"
-                )
+                raise DatasetFormatError(f"{len(missing)} binary mask(s) missing, e.g. {', '.join(missing[:5])}")
         if require_images:
-            missing = [
-                str(self.images_dir / n)
-                for n in names
-                if not (self.images_dir / n).is_file()
-            ]
+            missing = [str(self.images_dir / n) for n in names if not (self.images_dir / n).is_file()]
             if missing:
-                raise DatasetFormatError(
-                    f"{len(missing)} collage image(s) missing, e.g. {', '.join(missing[:5])}"
-                )
+                raise DatasetFormatError(f"{len(missing)} collage image(s) missing, e.g. {', '.join(missing[:5])}")
         self.boxes_from = "mask" if use_masks else "grid"
         trials: list[SearchTrial] = []
         for name in names:
@@ -430,14 +363,10 @@ as listed, subjects as listed), as OAT's preprocessing loops over it, so an inde
 
         try:
             with Image.open(path) as im:
-                mask = np.asarray(
-                    im.convert("RGB") if im.mode not in ("L", "1") else im.convert("L")
-                )
+                mask = np.asarray(im.convert("RGB") if im.mode not in ("L", "1") else im.convert("L"))
         except (OSError, ValueError) as err:
             raise DatasetFormatError(f"{path}: unreadable mask image ({err})") from None
-        return boxes_from_mask(
-            mask, expected=AMAZON_GRID[0] * AMAZON_GRID[1], source=str(path)
-        )
+        return boxes_from_mask(mask, expected=AMAZON_GRID[0] * AMAZON_GRID[1], source=str(path))
 
 
 # ---- OAT shelves ----------------------------------------------------------------------------------
@@ -473,9 +402,7 @@ def read_xlsx(path: str | Path) -> list[dict[str, object]]:
                 raise DatasetFormatError(f"{path}: no worksheet in the workbook")
             sheet = ElementTree.fromstring(z.read(sheets[0]))
     except (zipfile.BadZipFile, KeyError, ElementTree.ParseError) as err:
-        raise DatasetFormatError(
-            f"{path}: not a readable .xlsx workbook ({err})"
-        ) from None
+        raise DatasetFormatError(f"{path}: not a readable .xlsx workbook ({err})") from None
     table: list[dict[int, object]] = []
     for row in sheet.iter(f"{{{_XLSX_NS['m']}}}row"):
         cells: dict[int, object] = {}
@@ -483,9 +410,7 @@ def read_xlsx(path: str | Path) -> list[dict[str, object]]:
             col = _column_index(c.get("r")) if c.get("r") else pos
             kind, v = c.get("t", "n"), c.find("m:v", _XLSX_NS)
             if kind == "inlineStr":
-                value: object = "".join(
-                    t.text or "" for t in c.iter(f"{{{_XLSX_NS['m']}}}t")
-                )
+                value: object = "".join(t.text or "" for t in c.iter(f"{{{_XLSX_NS['m']}}}t"))
             elif v is None or v.text is None:
                 continue
             elif kind == "s":
@@ -502,11 +427,7 @@ def read_xlsx(path: str | Path) -> list[dict[str, object]]:
     if not table:
         return []
     header = {col: str(name) for col, name in table[0].items()}
-    return [
-        {header[c]: v for c, v in row.items() if c in header}
-        for row in table[1:]
-        if row
-    ]
+    return [{header[c]: v for c, v in row.items() if c in header} for row in table[1:] if row]
 
 
 def _read_rows(path: Path) -> list[dict[str, object]]:
@@ -536,17 +457,11 @@ class OATShelf(ScanpathCollection):
         data_file: str | Path | None = None,
     ):
         if task not in SHELF_LAYOUTS:
-            raise InvalidInputError(
-                f"unknown shelf task {task!r}; known: {sorted(SHELF_LAYOUTS)}"
-            )
+            raise InvalidInputError(f"unknown shelf task {task!r}; known: {sorted(SHELF_LAYOUTS)}")
         self.root, self.task = Path(root), task
         prefix, rows, cols, _, _, screen, stem = SHELF_LAYOUTS[task]
         if data_file is None:
-            candidates = [
-                d / f"{stem}{ext}"
-                for d in (self.root, self.root / "gaze")
-                for ext in (".xlsx", ".csv")
-            ]
+            candidates = [d / f"{stem}{ext}" for d in (self.root, self.root / "gaze") for ext in (".xlsx", ".csv")]
             data_file = next((c for c in candidates if c.is_file()), None)
             if data_file is None:
                 raise DatasetFormatError(
@@ -560,9 +475,7 @@ class OATShelf(ScanpathCollection):
             raise DatasetFormatError(f"{self.data_file}: no data rows")
         lacking = [c for c in self.COLUMNS if c not in table[0]]
         if lacking:
-            raise DatasetFormatError(
-                f"{self.data_file}: missing column(s) {lacking} (has {sorted(table[0])})"
-            )
+            raise DatasetFormatError(f"{self.data_file}: missing column(s) {lacking} (has {sorted(table[0])})")
         groups: dict[str, list[dict]] = {}
         for row in table:
             groups.setdefault(str(row["ID"]), []).append(row)
@@ -579,36 +492,19 @@ class OATShelf(ScanpathCollection):
             if not question.startswith(prefix):
                 continue  # another task's rows in a combined file
             try:
-                objects = (
-                    np.array([int(float(r["Choice"])) for r in scan], dtype=np.int64)
-                    - 1
-                )
-                xy = np.array(
-                    [(float(r["X"]), float(r["Y"])) for r in scan], dtype=np.float64
-                ).reshape(-1, 2)
+                objects = np.array([int(float(r["Choice"])) for r in scan], dtype=np.int64) - 1
+                xy = np.array([(float(r["X"]), float(r["Y"])) for r in scan], dtype=np.float64).reshape(-1, 2)
                 target = int(float(first["T_Package"])) - 1
             except KeyError as err:  # a blank cell: the row has no such key
                 raise DatasetFormatError(
                     f"{self.data_file}: scanpath ID {scan_id} has a row with an empty {err.args[0]!r} cell"
                 ) from None
             except (TypeError, ValueError) as err:
-                raise DatasetFormatError(
-                    f"{self.data_file}: malformed row in scanpath ID {scan_id} ({err})"
-                ) from None
-            if (
-                objects.min(initial=0) < 0
-                or objects.max(initial=0) >= n_objects
-                or not 0 <= target < n_objects
-            ):
-                raise DatasetFormatError(
-                    f"{self.data_file}: scanpath ID {scan_id} has objects outside 1..{n_objects}"
-                )
+                raise DatasetFormatError(f"{self.data_file}: malformed row in scanpath ID {scan_id} ({err})") from None
+            if objects.min(initial=0) < 0 or objects.max(initial=0) >= n_objects or not 0 <= target < n_objects:
+                raise DatasetFormatError(f"{self.data_file}: scanpath ID {scan_id} has objects outside 1..{n_objects}")
             target_name = str(first["Target"])
-            target_path = (
-                next((p for p in target_dir.glob(f"{target_name}.*")), None)
-                if target_dir.is_dir()
-                else None
-            )
+            target_path = next((p for p in target_dir.glob(f"{target_name}.*")), None) if target_dir.is_dir() else None
             trials.append(
                 SearchTrial(
                     stimulus=f"{question}.png",
@@ -632,17 +528,13 @@ class OATShelf(ScanpathCollection):
                 )
             )
         if not trials:
-            raise DatasetFormatError(
-                f"{self.data_file}: no scanpath of task {task} ({prefix}_*)"
-            )
+            raise DatasetFormatError(f"{self.data_file}: no scanpath of task {task} ({prefix}_*)")
         super().__init__(trials)
 
 
 # ---- splits -------------------------------------------------------------------------------------
 def _permutation(n: int, seed_or_file: int | str | Path) -> list[int]:
-    if isinstance(seed_or_file, (int, np.integer)) and not isinstance(
-        seed_or_file, bool
-    ):
+    if isinstance(seed_or_file, (int, np.integer)) and not isinstance(seed_or_file, bool):
         order = list(range(n))
         random.Random(int(seed_or_file)).shuffle(order)
         return order
@@ -654,9 +546,7 @@ def _permutation(n: int, seed_or_file: int | str | Path) -> list[int]:
     try:
         order = [int(line) for line in path.read_text().split()]
     except ValueError as err:
-        raise DatasetFormatError(
-            f"{path}: expected one integer per line ({err})"
-        ) from None
+        raise DatasetFormatError(f"{path}: expected one integer per line ({err})") from None
     if sorted(order) != list(range(n)):
         raise DatasetFormatError(
             f"{path}: not a permutation of 0..{n - 1} ({len(order)} entries) for these {n} scanpaths"
@@ -705,21 +595,15 @@ def leakage_free_split(
     its fraction of the scanpaths; every split gets at least one group.
     """
     if by not in ("layout", "target", "layout_target"):
-        raise InvalidInputError(
-            f"by must be 'layout', 'target' or 'layout_target', got {by!r}"
-        )
+        raise InvalidInputError(f"by must be 'layout', 'target' or 'layout_target', got {by!r}")
     fractions = tuple(float(f) for f in fractions)
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
-        raise InvalidInputError(
-            f"fractions must be three non-negative numbers summing to 1, got {fractions}"
-        )
+        raise InvalidInputError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
     groups: dict[object, list[SearchTrial]] = {}
     for trial in trials:
         groups.setdefault(_group_key(trial, by), []).append(trial)
     if len(groups) < 3:
-        raise InvalidInputError(
-            f"only {len(groups)} distinct {by} group(s): cannot make three disjoint splits"
-        )
+        raise InvalidInputError(f"only {len(groups)} distinct {by} group(s): cannot make three disjoint splits")
     keys = sorted(groups, key=str)
     random.Random(seed).shuffle(keys)
     sizes = np.cumsum([len(groups[k]) for k in keys])
@@ -729,10 +613,7 @@ def leakage_free_split(
     cut2 = int(np.searchsorted(sizes, (fractions[0] + fractions[1]) * total - 1e-9)) + 1
     cut2 = min(max(cut2, cut1 + 1), len(keys) - 1)
     parts = (keys[:cut1], keys[cut1:cut2], keys[cut2:])
-    return {
-        name: [t for k in part for t in groups[k]]
-        for name, part in zip(("train", "val", "test"), parts)
-    }
+    return {name: [t for k in part for t in groups[k]] for name, part in zip(("train", "val", "test"), parts)}
 
 
 def load_search_trials(root: str | Path, dataset: str, drop_outliers: bool = True) -> list[SearchTrial]:
@@ -744,8 +625,9 @@ def load_search_trials(root: str | Path, dataset: str, drop_outliers: bool = Tru
     raise DatasetFormatError(f"{root}: not a visual-search dataset (amazon, yogurt, wine): {dataset}")
 
 
-def split_search_trials(trials: Sequence[SearchTrial], root: str | Path, dataset: str, scheme: str = "official",
-                        seed: int = 0) -> dict[str, list[SearchTrial]]:
+def split_search_trials(
+    trials: Sequence[SearchTrial], root: str | Path, dataset: str, scheme: str = "official", seed: int = 0
+) -> dict[str, list[SearchTrial]]:
     """The split training and evaluation share: ``official`` (OAT's; for Amazon the published
     ``splitlist_all_amazon.txt`` in ``root`` or its parent when there, else a permutation seeded with
     ``seed``) or leakage-free by ``layout`` / ``target`` / ``layout_target``."""
@@ -757,4 +639,3 @@ def split_search_trials(trials: Sequence[SearchTrial], root: str | Path, dataset
     if scheme in ("layout", "target", "layout_target"):
         return leakage_free_split(trials, by=scheme, seed=seed)
     raise InvalidInputError(f"split must be official, layout, target or layout_target, got {scheme!r}")
-

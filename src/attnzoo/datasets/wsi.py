@@ -1,11 +1,14 @@
-"""Whole-slide images: open a slide, find its tissue, tile it at a magnification, embed the tiles.
+"""Whole-slide images: open a slide, find its tissue, tile it at a magnification, read the tiles.
 
-The path from a slide file to a bag of patch features, in four steps that can also be used alone::
+The path from a slide file to its patches, in steps that can also be used alone::
 
     slide = open_slide("tumor_001.tif")                # OpenSlide (svs/tif/ndpi/mrxs/...) or a plain image
     mask = segment_tissue(slide)                       # CLAM's saturation threshold at a ~64x downsample
     grid = patch_grid(slide, mask, magnification=20)   # level-0 top-left coords + what to read where
-    extract_features("tumor_001.tif", "resnet18", "feats/tumor_001.h5")   # all of the above, then the encoder
+    patches = PatchDataset(slide, grid)                # read, resized, ImageNet-normalised tensors
+
+Embedding the patches with an encoder (a resumable inference pipeline writing one HDF5 file per slide)
+is :func:`attnzoo.pipelines.wsi_features.extract_features`; this module holds no model code.
 
 Resolution is always asked for as a magnification (``magnification=20``) or in micrometres per
 pixel (``mpp=0.5``), never as a pyramid level: the level and the region size to read are derived
@@ -20,12 +23,6 @@ read_level="base"`` here (without ``read_level="base"``, a slide with a 2x level
 is read from that level instead: faster, other pixels); the default ``patch_size=224`` reads exactly
 224 px at 20x.
 
-:func:`extract_features` writes one HDF5 file per slide, with ``features`` [N, D] and ``coords``
-[N, 2] (level-0 x, y of each patch's top-left corner; CLAM's and TRIDENT's layout, so their tools
-read it too) and the patching parameters as attributes. It is atomic (nothing appears at the
-final path until the file is complete) and resumable: finished batches are kept as shards in
-``<out>.partial/`` and a rerun after an interruption continues where it stopped.
-
 Needs the ``wsi`` extra (``pip install "attnzoo[wsi]"``: openslide-python, openslide-bin, tifffile,
 h5py). Plain images (PNG/JPEG, or TIFFs OpenSlide cannot open) are read into memory as a single level
 without OpenSlide.
@@ -34,17 +31,11 @@ without OpenSlide.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import importlib.util
-import json
 import math
 import os
-import re
-import shutil
-import tempfile
-import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,7 +43,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from attnzoo._io import atomic_path, atomic_write
 from attnzoo.errors import DatasetFormatError, InvalidInputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -67,9 +57,7 @@ __all__ = [
     "PatchTransform",
     "Slide",
     "TissueMask",
-    "create_patch_encoder",
-    "extract_features",
-    "extract_slides",
+    "import_wsi_dependency",
     "magnification_from_mpp",
     "open_slide",
     "patch_grid",
@@ -87,15 +75,16 @@ _OBJECTIVES = ((80.0, 0.125), (60.0, 1 / 6), (40.0, 0.25), (20.0, 0.5), (10.0, 1
 _INHERITED_HANDLES: list[Any] = []  # OpenSlide handles a forked child got from its parent (kept, never closed)
 _LEVEL_TOLERANCE = 1.01  # a level whose downsample exceeds the target by <1% still counts as fine enough
 _UPSAMPLE_TOLERANCE = 0.95  # targets up to 5% finer than the scan are read at level 0 and resized up
-FEATURES_FORMAT = "attnzoo.wsi_features/1"
 
 
-def _require(module: str) -> Any:
+def import_wsi_dependency(module: str) -> Any:
     """Import an optional dependency of the ``wsi`` extra, or say how to install it."""
     try:
         return importlib.import_module(module)
     except (ImportError, OSError) as err:  # openslide raises OSError when its C library is missing
-        raise ImportError(f"{module} is needed to read whole-slide images ({err}); install it with: {WSI_EXTRA_HINT}") from err
+        raise ImportError(
+            f"{module} is needed to read whole-slide images ({err}); install it with: {WSI_EXTRA_HINT}"
+        ) from err
 
 
 def _positive(value: Any, name: str) -> float | None:
@@ -148,9 +137,19 @@ class Slide:
             raise DatasetFormatError(f"{name}: is a directory, not a slide file")
         openslide = None
         try:
-            openslide = _require("openslide")
+            openslide = import_wsi_dependency("openslide")
         except ImportError:
-            if self.path.suffix.lower() in (".svs", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide", ".dcm"):
+            if self.path.suffix.lower() in (
+                ".svs",
+                ".ndpi",
+                ".mrxs",
+                ".vms",
+                ".vmu",
+                ".scn",
+                ".bif",
+                ".svslide",
+                ".dcm",
+            ):
                 raise
         self.properties: dict[str, str] = {}
         fmt = None
@@ -163,7 +162,9 @@ class Slide:
             try:
                 self._osr = openslide.OpenSlide(name)
             except (OSError, openslide.OpenSlideError) as err:
-                raise DatasetFormatError(f"{name}: OpenSlide detected {fmt} but cannot open it (corrupt or truncated?): {err}") from None
+                raise DatasetFormatError(
+                    f"{name}: OpenSlide detected {fmt} but cannot open it (corrupt or truncated?): {err}"
+                ) from None
             self.backend = "openslide"
             self.vendor = fmt
             self.properties = dict(self._osr.properties)
@@ -186,7 +187,7 @@ class Slide:
 
     def _handle(self) -> Any:
         if self.backend == "openslide" and (self._osr is None or self._pid != os.getpid()):
-            openslide = _require("openslide")  # forked or unpickled: never share a handle across processes
+            openslide = import_wsi_dependency("openslide")  # forked or unpickled: never share a handle across processes
             if self._osr is not None:
                 _INHERITED_HANDLES.append(self._osr)  # the parent's handle: never closed from a child
             try:
@@ -217,8 +218,10 @@ class Slide:
 
     def __repr__(self) -> str:
         mpp = f"{self.mpp:.4g}" if self.mpp else None
-        return (f"Slide({os.fspath(self.path)!r}, backend={self.backend!r}, dimensions={self.dimensions}, "
-                f"levels={self.level_count}, mpp={mpp}, objective_power={self.objective_power})")
+        return (
+            f"Slide({os.fspath(self.path)!r}, backend={self.backend!r}, dimensions={self.dimensions}, "
+            f"levels={self.level_count}, mpp={mpp}, objective_power={self.objective_power})"
+        )
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -244,7 +247,9 @@ class Slide:
 
     def _check_level(self, level: int) -> int:
         if not isinstance(level, (int, np.integer)) or not 0 <= int(level) < self.level_count:
-            raise InvalidInputError(f"{self.path}: level {level!r} does not exist (the slide has levels 0..{self.level_count - 1})")
+            raise InvalidInputError(
+                f"{self.path}: level {level!r} does not exist (the slide has levels 0..{self.level_count - 1})"
+            )
         return int(level)
 
     # ------------------------------------------------------------------ pixels
@@ -260,12 +265,14 @@ class Slide:
         if w <= 0 or h <= 0:
             raise InvalidInputError(f"{self.path}: region size must be positive, got {tuple(size)}")
         if self.backend == "openslide":
-            openslide = _require("openslide")
+            openslide = import_wsi_dependency("openslide")
             try:
                 rgba = self._handle().read_region((x, y), level, (w, h))
             except (OSError, openslide.OpenSlideError) as err:
-                raise DatasetFormatError(f"{self.path}: cannot read the region at {(x, y)} level {level} size {(w, h)} "
-                                         f"(corrupt or truncated slide?): {err}") from None
+                raise DatasetFormatError(
+                    f"{self.path}: cannot read the region at {(x, y)} level {level} size {(w, h)} "
+                    f"(corrupt or truncated slide?): {err}"
+                ) from None
             return _composite(rgba, self._background)
         image = self._array()
         out = np.empty((h, w, 3), np.uint8)
@@ -273,7 +280,7 @@ class Slide:
         height, width = image.shape[:2]
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
         if x1 > x0 and y1 > y0:
-            out[y0 - y:y1 - y, x0 - x:x1 - x] = image[y0:y1, x0:x1]
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = image[y0:y1, x0:x1]
         return Image.fromarray(out)
 
     def _array(self) -> np.ndarray:
@@ -283,7 +290,11 @@ class Slide:
 
     def thumbnail(self, max_size: int | Sequence[int] = 1024) -> Image.Image:
         """The whole slide as RGB, aspect ratio kept, fitting in ``max_size`` (an int or (w, h))."""
-        box = (int(max_size), int(max_size)) if isinstance(max_size, (int, np.integer)) else tuple(int(v) for v in max_size)
+        box = (
+            (int(max_size), int(max_size))
+            if isinstance(max_size, (int, np.integer))
+            else tuple(int(v) for v in max_size)
+        )
         if len(box) != 2 or min(box) <= 0:
             raise InvalidInputError(f"max_size must be a positive int or (width, height), got {max_size!r}")
         width, height = self.dimensions
@@ -363,7 +374,7 @@ def _openslide_resolution(props: Mapping[str, str]) -> tuple[float | None, float
 
 def _read_plain_image(path: Path) -> tuple[np.ndarray, float | None]:
     """A plain image (or a TIFF OpenSlide refused) fully decoded to HxWx3 uint8, and its mpp if tagged."""
-    from attnzoo.datasets.images import _no_pil_bomb_check, array_to_image, to_rgb
+    from attnzoo.datasets.images import array_to_image, to_rgb, without_pil_bomb_check
 
     name = os.fspath(path)
     mpp = None
@@ -373,7 +384,7 @@ def _read_plain_image(path: Path) -> tuple[np.ndarray, float | None]:
     is_tiff = head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
     if is_tiff:
         try:
-            tifffile = _require("tifffile")
+            tifffile = import_wsi_dependency("tifffile")
             with tifffile.TiffFile(name) as tif:
                 page = tif.pages[0]
                 width, height = int(page.imagewidth), int(page.imagelength)
@@ -393,7 +404,7 @@ def _read_plain_image(path: Path) -> tuple[np.ndarray, float | None]:
         except Exception as err:  # noqa: BLE001  (tifffile missing, or any of the errors it raises on damaged files: try PIL)
             errors.append(f"tifffile: {err}")
     try:
-        with _no_pil_bomb_check():
+        with without_pil_bomb_check():
             image = Image.open(path)
             _check_fallback_size(name, *image.size)
             image.load()
@@ -404,8 +415,10 @@ def _read_plain_image(path: Path) -> tuple[np.ndarray, float | None]:
         errors.append("not a format OpenSlide or PIL can read")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, InvalidInputError) as err:
         errors.append(f"PIL: {err}")
-    raise DatasetFormatError(f"{name}: cannot read this slide ({'; '.join(errors)}); supported: what OpenSlide opens "
-                             "(svs, tif, ndpi, mrxs, scn, bif, vms, dicom) or a plain PNG/JPEG/TIFF image")
+    raise DatasetFormatError(
+        f"{name}: cannot read this slide ({'; '.join(errors)}); supported: what OpenSlide opens "
+        "(svs, tif, ndpi, mrxs, scn, bif, vms, dicom) or a plain PNG/JPEG/TIFF image"
+    )
 
 
 def _check_fallback_size(name: str, width: int, height: int) -> None:
@@ -413,7 +426,8 @@ def _check_fallback_size(name: str, width: int, height: int) -> None:
         if importlib.util.find_spec("openslide") is None:
             raise DatasetFormatError(
                 f"{name}: {width}x{height} image is too large to hold in memory, and OpenSlide, which reads "
-                f"pyramidal slides piece by piece, is not installed: {WSI_EXTRA_HINT}")
+                f"pyramidal slides piece by piece, is not installed: {WSI_EXTRA_HINT}"
+            )
         raise DatasetFormatError(
             f"{name}: {width}x{height} image is too large to hold in memory and OpenSlide cannot open it; "
             "convert it to a pyramidal tiled TIFF (e.g. vips tiffsave --tile --pyramid) or raise ATTNZOO_MAX_SLIDE_PIXELS"
@@ -463,8 +477,12 @@ class TissueMask:
             x, y = np.clip(x, 0, w), np.clip(y, 0, h)
             i, j = np.minimum(np.floor(x).astype(np.int64), w - 1), np.minimum(np.floor(y).astype(np.int64), h - 1)
             u, v = x - i, y - j
-            return (table[j, i] * (1 - u) * (1 - v) + table[j, i + 1] * u * (1 - v)
-                    + table[j + 1, i] * (1 - u) * v + table[j + 1, i + 1] * u * v)
+            return (
+                table[j, i] * (1 - u) * (1 - v)
+                + table[j, i + 1] * u * (1 - v)
+                + table[j + 1, i] * (1 - u) * v
+                + table[j + 1, i + 1] * u * v
+            )
 
         dsx, dsy = self.downsample
         x0, y0 = coords[:, 0] / dsx, coords[:, 1] / dsy
@@ -563,8 +581,18 @@ def segment_tissue(
             for hole in members[:max_n_holes]:
                 excluded[hole] = hole_areas[hole] > a_h * ref_area
         mask &= ~excluded[hole_labels]
-    params = {"seg_downsample": seg_downsample, "sthresh": sthresh, "mthresh": mthresh, "close": close, "use_otsu": use_otsu,
-              "a_t": a_t, "a_h": a_h, "max_n_holes": max_n_holes, "ref_patch_size": ref_patch_size, "threshold": threshold}
+    params = {
+        "seg_downsample": seg_downsample,
+        "sthresh": sthresh,
+        "mthresh": mthresh,
+        "close": close,
+        "use_otsu": use_otsu,
+        "a_t": a_t,
+        "a_h": a_h,
+        "max_n_holes": max_n_holes,
+        "ref_patch_size": ref_patch_size,
+        "threshold": threshold,
+    }
     return TissueMask(mask=mask, downsample=downsample, level=level, params=params)
 
 
@@ -596,29 +624,45 @@ class PatchGrid:
     def attrs(self) -> dict[str, Any]:
         """The grid's parameters, JSON/HDF5-attribute friendly (None values left out)."""
         out = {
-            "patch_size": self.patch_size, "stride": self.stride, "patch_level": self.level, "read_size": self.read_size,
-            "patch_size_level0": self.size_level0, "stride_level0": self.stride_level0, "downsample": self.downsample,
-            "magnification": self.magnification, "mpp": self.mpp, "base_magnification": self.base_magnification,
+            "patch_size": self.patch_size,
+            "stride": self.stride,
+            "patch_level": self.level,
+            "read_size": self.read_size,
+            "patch_size_level0": self.size_level0,
+            "stride_level0": self.stride_level0,
+            "downsample": self.downsample,
+            "magnification": self.magnification,
+            "mpp": self.mpp,
+            "base_magnification": self.base_magnification,
             "base_mpp": self.base_mpp,
         }
         return {k: v for k, v in out.items() if v is not None}
 
 
 def _resolve_resolution(
-    slide: Slide, magnification: float | None, mpp: float | None, base_magnification: float | None, base_mpp: float | None
+    slide: Slide,
+    magnification: float | None,
+    mpp: float | None,
+    base_magnification: float | None,
+    base_mpp: float | None,
 ) -> tuple[float, float | None, float | None, float | None, float | None]:
     """(downsample from level 0, target magnification, target mpp, base magnification, base mpp)."""
     magnification, mpp = _positive(magnification, "magnification"), _positive(mpp, "mpp")
     if (magnification is None) == (mpp is None):
-        raise InvalidInputError("give exactly one of magnification= (e.g. 20) or mpp= (µm per pixel, e.g. 0.5); "
-                                "levels are chosen from the slide's metadata")
+        raise InvalidInputError(
+            "give exactly one of magnification= (e.g. 20) or mpp= (µm per pixel, e.g. 0.5); "
+            "levels are chosen from the slide's metadata"
+        )
     base_mpp = _positive(base_mpp, "base_mpp") or slide.mpp
-    base_mag = _positive(base_magnification, "base_magnification") or slide.objective_power or magnification_from_mpp(base_mpp)
+    base_mag = (
+        _positive(base_magnification, "base_magnification") or slide.objective_power or magnification_from_mpp(base_mpp)
+    )
     if magnification is not None:
         if base_mag is None:
             raise InvalidInputError(
                 f"{slide.path}: the scan magnification is unknown (no objective power or µm/px in the file's metadata); "
-                "pass base_magnification= (e.g. 40) or base_mpp= (e.g. 0.25), or ask for mpp= instead")
+                "pass base_magnification= (e.g. 40) or base_mpp= (e.g. 0.25), or ask for mpp= instead"
+            )
         downsample = base_mag / magnification
         target_mpp = base_mpp * downsample if base_mpp else None
         what = f"{magnification:g}x from a {base_mag:g}x scan"
@@ -626,14 +670,17 @@ def _resolve_resolution(
         if base_mpp is None:
             raise InvalidInputError(
                 f"{slide.path}: the slide's µm/px is unknown (no openslide.mpp-x or TIFF resolution in its metadata); "
-                "pass base_mpp= (e.g. 0.25), or ask for magnification= with base_magnification=")
+                "pass base_mpp= (e.g. 0.25), or ask for magnification= with base_magnification="
+            )
         downsample = mpp / base_mpp
         magnification = base_mag / downsample if base_mag else None
         target_mpp = mpp
         what = f"{mpp:g} µm/px from a {base_mpp:g} µm/px scan"
     if downsample < _UPSAMPLE_TOLERANCE:
-        raise InvalidInputError(f"{slide.path}: cannot give {what}: patches would be upsampled {1 / downsample:.2f}x; "
-                                "ask for a lower magnification (or a larger mpp)")
+        raise InvalidInputError(
+            f"{slide.path}: cannot give {what}: patches would be upsampled {1 / downsample:.2f}x; "
+            "ask for a lower magnification (or a larger mpp)"
+        )
     return downsample, magnification, target_mpp, base_mag, base_mpp
 
 
@@ -674,10 +721,13 @@ def patch_grid(
     if not 0.0 <= float(min_tissue) <= 1.0:
         raise InvalidInputError(f"min_tissue must lie in [0, 1], got {min_tissue!r}")
     if read_level not in ("auto", "base"):
-        raise InvalidInputError(f"read_level must be 'auto' (the coarsest level fine enough) or 'base' (level 0), got {read_level!r}")
+        raise InvalidInputError(
+            f"read_level must be 'auto' (the coarsest level fine enough) or 'base' (level 0), got {read_level!r}"
+        )
     patch_size, stride = int(patch_size), int(stride)
     downsample, target_mag, target_mpp, base_mag, base_mpp = _resolve_resolution(
-        slide, magnification, mpp, base_magnification, base_mpp)
+        slide, magnification, mpp, base_magnification, base_mpp
+    )
 
     level = slide.get_best_level_for_downsample(downsample) if read_level == "auto" else 0
     level_ds = slide.level_downsamples[level]
@@ -695,15 +745,32 @@ def patch_grid(
     tissue = None
     if mask is not None:
         mh, mw = mask.shape
-        if abs(mw * mask.downsample[0] - width) > 2 * mask.downsample[0] or abs(mh * mask.downsample[1] - height) > 2 * mask.downsample[1]:
-            raise InvalidInputError(f"{slide.path}: the tissue mask ({mw}x{mh} at downsample {mask.downsample}) "
-                                    f"does not cover this {width}x{height} slide; was it made from another slide?")
+        if (
+            abs(mw * mask.downsample[0] - width) > 2 * mask.downsample[0]
+            or abs(mh * mask.downsample[1] - height) > 2 * mask.downsample[1]
+        ):
+            raise InvalidInputError(
+                f"{slide.path}: the tissue mask ({mw}x{mh} at downsample {mask.downsample}) "
+                f"does not cover this {width}x{height} slide; was it made from another slide?"
+            )
         tissue = mask.coverage(coords, size0)
         keep = (tissue >= min_tissue) & (tissue > 0)
         coords, tissue = coords[keep], tissue[keep]
-    return PatchGrid(coords=coords, level=level, read_size=read_size, patch_size=patch_size, stride=stride,
-                     size_level0=size0, stride_level0=step0, downsample=float(downsample), magnification=target_mag,
-                     mpp=target_mpp, base_magnification=base_mag, base_mpp=base_mpp, tissue=tissue)
+    return PatchGrid(
+        coords=coords,
+        level=level,
+        read_size=read_size,
+        patch_size=patch_size,
+        stride=stride,
+        size_level0=size0,
+        stride_level0=step0,
+        downsample=float(downsample),
+        magnification=target_mag,
+        mpp=target_mpp,
+        base_magnification=base_mag,
+        base_mpp=base_mpp,
+        tissue=tissue,
+    )
 
 
 # ------------------------------------------------------------------------------ patches -> tensors
@@ -735,8 +802,15 @@ class PatchDataset:
     DataLoader workers: each process opens its own slide handle.
     """
 
-    def __init__(self, slide: Slide | str | os.PathLike, grid: PatchGrid, *, input_size: int | None = None,
-                 transform: Callable[[Image.Image], Any] | None = None, coords: np.ndarray | None = None):
+    def __init__(
+        self,
+        slide: Slide | str | os.PathLike,
+        grid: PatchGrid,
+        *,
+        input_size: int | None = None,
+        transform: Callable[[Image.Image], Any] | None = None,
+        coords: np.ndarray | None = None,
+    ):
         self.slide = slide if isinstance(slide, Slide) else open_slide(slide)
         self.coords = np.asarray(grid.coords if coords is None else coords, dtype=np.int64).reshape(-1, 2)
         self.level, self.read_size = grid.level, grid.read_size
@@ -755,384 +829,3 @@ class PatchDataset:
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         return self.transform(self.read(index)), index
-
-
-# -------------------------------------------------------------------------------------- encoders
-
-#: Encoder names with a fixed recipe: (timm architecture, official weights used by default, output dim).
-_NAMED_ENCODERS = {
-    "resnet18": ("resnet18", "resnet18.tv_in1k", 512),  # ACMIL "natural_supervised": torchvision ImageNet ResNet18
-    "resnet50_trunc": ("resnet50", "resnet50.tv_in1k", 1024),  # CLAM: torchvision ResNet50 up to layer3 + avg pool
-}
-
-
-def create_patch_encoder(name: str, weights: str | os.PathLike | Mapping[str, Any] | None = None) -> torch.nn.Module:
-    """A patch encoder returning [B, D] features, in eval mode.
-
-    ``"resnet18"``: ImageNet ResNet18 without its fc (512-d; ACMIL's natural_supervised features).
-    ``"resnet50_trunc"``: ResNet50 cut after layer3, global average pool (1024-d; CLAM's features).
-    Any other name: ``attnzoo.create_model(name, num_classes=0)`` (e.g. ``vit_small_patch16_224``
-    with the Lunit DINO checkpoint as ``weights=PATH`` gives ACMIL's medical_ssl 384-d features).
-    ``weights``: None = the official ImageNet weights (torchvision's for the two ResNets, downloaded
-    once), ``"none"`` = random initialisation, or a local path / URL / registered checkpoint / state dict.
-    """
-    from attnzoo.errors import WeightsError
-    from attnzoo.factory import create_model
-
-    random_init = isinstance(weights, str) and weights.strip().lower() == "none"
-    arch, default_tag, _ = _NAMED_ENCODERS.get(name, (name, None, None))
-
-    def build(**kwargs: Any) -> torch.nn.Module:
-        if random_init:
-            return create_model(arch, weights="none", **kwargs)
-        if weights is None:
-            return create_model(default_tag or arch, pretrained=True, **kwargs)
-        return create_model(arch, weights=weights, **kwargs)
-
-    if name == "resnet50_trunc":
-        try:
-            model = build()
-        except WeightsError as err:  # maybe a checkpoint of the truncated network itself (no layer4/fc)
-            if weights is None or random_init:
-                raise
-            model = _truncate_resnet50(create_model(arch, weights="none"))
-            try:
-                from attnzoo.weights.loading import load_weights
-
-                load_weights(model, weights)
-            except WeightsError:
-                raise err from None
-            return model.eval()
-        return _truncate_resnet50(model).eval()
-    try:
-        return build(num_classes=0)
-    except WeightsError as err:  # a classification checkpoint: drop its head and load the rest
-        if weights is None or random_init:
-            raise
-        try:
-            return create_model(arch, weights=_without_classifier(arch, weights), num_classes=0)
-        except WeightsError:
-            raise err from None
-
-
-def _without_classifier(arch: str, weights: Any) -> dict[str, Any]:
-    """The state dict of ``weights`` minus the keys of ``arch``'s classifier (timm's ``pretrained_cfg['classifier']``)."""
-    from attnzoo.factory import create_model
-    from attnzoo.weights.loading import (
-        load_checkpoint_file,
-        resolve_checkpoint,
-        unwrap_state_dict,
-    )
-
-    state = unwrap_state_dict(weights if isinstance(weights, Mapping) else load_checkpoint_file(resolve_checkpoint(weights)))
-    headless = create_model(arch, weights="none", num_classes=0)
-    heads = (headless.pretrained_cfg or {}).get("classifier") or ()
-    heads = (heads,) if isinstance(heads, str) else tuple(heads)
-    own = headless.state_dict()
-    return {k: v for k, v in state.items() if k in own or not any(k == h or k.startswith(h + ".") for h in heads)}
-
-
-def _truncate_resnet50(model: torch.nn.Module) -> torch.nn.Module:
-    import torch
-
-    model.layer4 = torch.nn.Identity()
-    model.num_features = 1024
-    model.reset_classifier(0, "avg")
-    return model
-
-
-def _weights_digest(model: torch.nn.Module) -> str:
-    """A short hash of the encoder's parameters and buffers: a resumed run must use the same weights."""
-    import torch
-
-    digest = hashlib.blake2b(digest_size=12)
-    for key, tensor in sorted(model.state_dict().items()):
-        digest.update(f"{key}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _resolve_encoder(encoder: Any, weights: Any) -> tuple[torch.nn.Module, str]:
-    import torch
-
-    if isinstance(encoder, torch.nn.Module):
-        if weights is not None:
-            raise InvalidInputError("weights= applies to an encoder given by name; load the module's weights yourself")
-        cfg = getattr(encoder, "pretrained_cfg", None)
-        return encoder, (cfg.get("architecture") if isinstance(cfg, Mapping) else None) or type(encoder).__name__
-    if isinstance(encoder, str):
-        return create_patch_encoder(encoder, weights), encoder
-    raise InvalidInputError(f"encoder must be a model name or a torch.nn.Module, got {type(encoder).__name__}")
-
-
-# ------------------------------------------------------------------------------ feature extraction
-
-
-class _Shards:
-    """Finished batches of one extraction, kept in ``<out>.partial/`` until the final file is written."""
-
-    def __init__(self, out_path: Path, fingerprint: dict[str, Any], coords: np.ndarray):
-        self.dir = out_path.with_name(out_path.name + ".partial")
-        self.n = len(coords)
-        meta = self.dir / "meta.json"
-        if self.dir.is_dir():
-            try:
-                same = json.loads(meta.read_text()).get("fingerprint") == fingerprint
-                same = same and np.array_equal(np.load(self.dir / "coords.npy"), coords)
-            except (OSError, ValueError):
-                same = False
-            if not same:
-                warnings.warn(f"{self.dir}: left by an extraction with other settings (or damaged); starting over",
-                              stacklevel=3)
-                shutil.rmtree(self.dir)
-        if not self.dir.is_dir():
-            tmp = Path(tempfile.mkdtemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".partial.tmp"))
-            np.save(tmp / "coords.npy", coords)
-            (tmp / "meta.json").write_text(json.dumps({"fingerprint": fingerprint, "n": self.n}, indent=1))
-            os.replace(tmp, self.dir)
-        self.shards = self._scan()
-        self._dim = int(np.load(self.shards[0][2], mmap_mode="r").shape[1]) if self.shards else None
-
-    def _scan(self) -> list[tuple[int, int, Path]]:
-        """The contiguous run of shards from row 0 (anything after a gap is dropped)."""
-        found = {}
-        for path in self.dir.glob("rows_*.npy"):
-            with contextlib.suppress(ValueError):
-                start, end = (int(v) for v in path.stem.split("_")[1:3])
-                found[start] = (start, end, path)
-        run, row = [], 0
-        while row in found and found[row][1] > row:
-            run.append(found[row])
-            row = found[row][1]
-        return run
-
-    @property
-    def done(self) -> int:
-        return self.shards[-1][1] if self.shards else 0
-
-    @property
-    def dim(self) -> int | None:
-        return self._dim
-
-    def add(self, start: int, features: np.ndarray) -> None:
-        end = start + len(features)
-        path = self.dir / f"rows_{start:010d}_{end:010d}.npy"
-        with atomic_write(path, "wb") as fh:
-            np.save(fh, features)
-        self.shards.append((start, end, path))
-        self._dim = self._dim or int(features.shape[1])
-
-    def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _existing_matches(out_path: Path, fingerprint: dict[str, Any]) -> bool:
-    h5py = _require("h5py")
-    try:
-        with h5py.File(out_path, "r") as f:
-            stored = f.attrs.get("fingerprint")
-        return stored is not None and json.loads(stored) == fingerprint
-    except (OSError, ValueError):
-        return False
-
-
-def extract_features(
-    slide_path: str | os.PathLike,
-    encoder: str | torch.nn.Module,
-    out_path: str | os.PathLike,
-    *,
-    magnification: float | None = 20,
-    mpp: float | None = None,
-    patch_size: int = 224,
-    stride: int | None = None,
-    input_size: int | None = None,
-    min_tissue: float = 0.5,
-    read_level: str = "auto",
-    base_magnification: float | None = None,
-    base_mpp: float | None = None,
-    weights: str | os.PathLike | Mapping[str, Any] | None = None,
-    batch_size: int = 64,
-    num_workers: int = 2,
-    transform: Callable[[Image.Image], Any] | None = None,
-    device: str | torch.device | None = None,
-    dtype: str = "float32",
-    amp: bool = False,
-    segment_kwargs: Mapping[str, Any] | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    _encoder_name: str | None = None,
-) -> Path:
-    """Embed every tissue patch of a slide and write ``features``/``coords`` to the HDF5 file ``out_path``.
-
-    Tissue comes from :func:`segment_tissue` (``segment_kwargs`` passed on), patches from
-    :func:`patch_grid` at ``magnification`` (or ``mpp``, which then takes precedence; ``read_level``
-    chooses the pyramid level read, see there) and are resized to ``input_size`` (default ``patch_size``) before ``transform`` (default: ImageNet normalisation, as
-    ACMIL's Step2). ``encoder`` is a name (see :func:`create_patch_encoder`, which ``weights`` goes to)
-    or a module mapping [B, 3, H, W] to [B, D]. ``num_workers`` DataLoader processes read and tile
-    patches while the encoder runs under ``torch.inference_mode`` (with ``amp``, under autocast: float16
-    on CUDA, bfloat16 on CPU; off by default, as the official extractions ran in float32); features
-    are stored as ``dtype`` (float32 or float16).
-
-    The file appears at ``out_path`` only when complete. Finished batches live in
-    ``<out_path>.partial/`` and an interrupted call, rerun with the same arguments, computes only the
-    rest. If ``out_path`` already holds the result of the same settings it is returned as is; a file
-    made with other settings raises unless ``overwrite``. Returns ``out_path``.
-    """
-    import torch
-
-    _require("h5py")
-    out_path = Path(out_path)
-    if dtype not in ("float32", "float16"):
-        raise InvalidInputError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
-    if int(batch_size) < 1 or int(num_workers) < 0:
-        raise InvalidInputError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
-    if mpp is not None:
-        magnification = None
-    slide = open_slide(slide_path, mpp=base_mpp, objective_power=base_magnification)
-    mask = segment_tissue(slide, **dict(segment_kwargs or {}))
-    if not mask.any():
-        raise InvalidInputError(
-            f"{slide.path}: no tissue found (saturation threshold {mask.params['threshold']:g} at downsample "
-            f"{mask.downsample[0]:.3g}, regions must exceed a_t={mask.params['a_t']:g} reference patches); "
-            "if the slide has tissue, lower sthresh or a_t through segment_kwargs=")
-    grid = patch_grid(slide, mask, magnification=magnification, mpp=mpp, patch_size=patch_size, stride=stride,
-                      min_tissue=min_tissue, read_level=read_level)
-    if len(grid) == 0:
-        raise InvalidInputError(f"{slide.path}: tissue covers {mask.fraction:.2%} of the slide but no patch has "
-                                f"min_tissue={min_tissue:g} of its area in tissue; lower min_tissue or patch_size")
-    input_size = int(input_size or patch_size)
-    transform = transform if transform is not None else PatchTransform()
-    model, encoder_name = _resolve_encoder(encoder, weights)
-    encoder_name = _encoder_name or encoder_name
-    fingerprint = {
-        "slide": slide.name, "slide_bytes": slide.path.stat().st_size,
-        "dimensions": list(slide.dimensions), "grid": grid.attrs(), "n": len(grid), "input_size": input_size,
-        "transform": _transform_id(transform), "encoder": encoder_name, "weights": _weights_digest(model), "dtype": dtype,
-        "amp": bool(amp),
-    }
-    if out_path.exists() and not overwrite:
-        if _existing_matches(out_path, fingerprint):
-            shutil.rmtree(out_path.with_name(out_path.name + ".partial"), ignore_errors=True)  # a crash after the rename
-            return out_path
-        raise InvalidInputError(f"{out_path} already exists and was made with other settings (or by another tool); "
-                                "pass overwrite=True to replace it")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-
-    shards = _Shards(out_path, fingerprint, grid.coords)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(dev).eval()
-    try:
-        _run_encoder(model, encoder_name, slide, grid, shards, input_size, transform, dev, dtype,
-                     int(batch_size), int(num_workers), progress, bool(amp))
-        _write_features_h5(out_path, shards, grid, slide, fingerprint, encoder_name, input_size, dtype, mask)
-    finally:
-        slide.close()
-    shards.remove()
-    return out_path
-
-
-def _transform_id(transform: Callable[[Image.Image], Any]) -> str:
-    """What identifies a transform across processes: its repr without memory addresses (a function's
-    repr holds one, which would make every rerun look like other settings and defeat resuming)."""
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform))
-
-
-def _run_encoder(model: torch.nn.Module, encoder_name: str, slide: Slide, grid: PatchGrid, shards: _Shards,
-                 input_size: int, transform: Callable[[Image.Image], Any], dev: torch.device, dtype: str,
-                 batch_size: int, num_workers: int, progress: bool, amp: bool) -> None:
-    """Embed the patches after the finished shards, batch by batch, each batch saved as a shard."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    start = shards.done
-    if start < len(grid):
-        dataset = PatchDataset(slide, grid, input_size=input_size, transform=transform, coords=grid.coords[start:])
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                            pin_memory=dev.type == "cuda", prefetch_factor=4 if num_workers else None)
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(grid), initial=start, desc=slide.name, unit="patch", dynamic_ncols=True,
-                   disable=not progress)
-        row = start
-        try:
-            autocast = torch.autocast(dev.type, dtype=torch.float16 if dev.type == "cuda" else torch.bfloat16, enabled=amp)
-            with torch.inference_mode(), autocast:
-                for images, _ in loader:
-                    out = model(images.to(dev, non_blocking=True))
-                    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != images.shape[0]:
-                        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                        raise InvalidInputError(f"encoder {encoder_name} must map [B, 3, H, W] to [B, D] features, got {got}")
-                    feats = out.float().cpu().numpy()
-                    if shards.dim is not None and feats.shape[1] != shards.dim:
-                        raise InvalidInputError(f"encoder {encoder_name} gave {feats.shape[1]}-d features after {shards.dim}-d ones")
-                    with np.errstate(over="ignore"):  # float16 overflow is reported below
-                        stored = feats.astype(dtype)
-                    bad = ~np.isfinite(stored).all(axis=1)
-                    if bad.any():  # kept batches stay resumable; nothing non-finite reaches the file
-                        x, y = grid.coords[row + int(np.argmax(bad))]
-                        cause = (" (beyond float16's range: use dtype='float32')" if np.isfinite(feats).all() else
-                                 " (try amp=False)" if amp else "")
-                        raise InvalidInputError(f"encoder {encoder_name} gave non-finite features for {int(bad.sum())} patch(es) "
-                                                f"of {slide.name}, the first at level-0 ({x}, {y}){cause}")
-                    shards.add(row, stored)
-                    row += len(feats)
-                    bar.update(len(feats))
-        finally:
-            bar.close()
-
-
-def _write_features_h5(out_path: Path, shards: _Shards, grid: PatchGrid, slide: Slide, fingerprint: dict[str, Any],
-                       encoder_name: str, input_size: int, dtype: str, mask: TissueMask) -> None:
-    """Stream the shards into one HDF5 file beside ``out_path`` and rename it into place."""
-    h5py = _require("h5py")
-    from attnzoo import __version__
-
-    if shards.done != len(grid):
-        raise RuntimeError(f"{shards.dir}: holds {shards.done} of {len(grid)} rows")  # pragma: no cover
-    with atomic_path(out_path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            features = f.create_dataset("features", shape=(len(grid), shards.dim), dtype=dtype)
-            for start, end, path in shards.shards:
-                features[start:end] = np.load(path)
-            coords = f.create_dataset("coords", data=grid.coords.astype(np.int64))
-            # CLAM's convention: coords carry the size read at patch_level
-            coords.attrs["patch_size"] = grid.read_size
-            coords.attrs["patch_level"] = grid.level
-            attrs = {
-                "format": FEATURES_FORMAT, "attnzoo_version": __version__, "slide_id": slide.name,
-                "slide_path": os.fspath(slide.path), "slide_dimensions": list(slide.dimensions), "encoder": encoder_name,
-                "input_size": input_size, "level": grid.level, "tissue_fraction": mask.fraction,
-                "fingerprint": json.dumps(fingerprint, sort_keys=True),
-                **grid.attrs(),
-            }
-            for key, value in attrs.items():
-                f.attrs[key] = value
-
-
-def extract_slides(
-    slide_paths: Iterable[str | os.PathLike],
-    encoder: str | torch.nn.Module,
-    out_dir: str | os.PathLike,
-    *,
-    weights: str | os.PathLike | Mapping[str, Any] | None = None,
-    skip_errors: bool = False,
-    **kwargs: Any,
-) -> dict[str, Path]:
-    """:func:`extract_features` for many slides into ``out_dir/<slide_id>.h5``, building the encoder once.
-
-    Finished slides are skipped and interrupted ones resumed, so rerunning the same call after a
-    crash continues the job. With ``skip_errors`` an unreadable slide or one without tissue is
-    reported with a warning and left out instead of stopping the run. Returns slide id -> file.
-    """
-    model, name = _resolve_encoder(encoder, weights)
-    out_dir = Path(out_dir)
-    done: dict[str, Path] = {}
-    for slide_path in slide_paths:
-        sid = slide_id(slide_path)
-        try:
-            done[sid] = extract_features(slide_path, model, out_dir / f"{sid}.h5", _encoder_name=name, **kwargs)
-        except (DatasetFormatError, InvalidInputError) as err:
-            if not skip_errors:
-                raise
-            warnings.warn(f"skipped {slide_path}: {err}", stacklevel=2)
-    return done

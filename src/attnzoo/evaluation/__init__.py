@@ -1,27 +1,9 @@
-"""Evaluation runner: pipeline x dataset x metrics -> JSON + Markdown report (resumable)."""
+"""Evaluation runner: pipeline x dataset x metrics -> JSON + Markdown report (resumable).
 
-from attnzoo.evaluation.runner import EvalSample, TaskEvaluator, evaluate
+Each task's evaluator lives in this package (one file per task) and is named by its
+:class:`~attnzoo.tasks.TaskSpec`; ``attnzoo.tasks.get_evaluator(task)`` finds it.
+"""
 
-EVALUATORS = {
-    "image-classification": "attnzoo.evaluation.classification:ClassificationEvaluator",
-    "multiview-3d-reconstruction": "attnzoo.evaluation.reconstruction:MultiViewReconstructionEvaluator",
-    "wsi-classification": "attnzoo.evaluation.wsi:WSIClassificationEvaluator",
-    "scanpath": "attnzoo.evaluation.scanpath:ScanpathEvaluator",
-}
+from attnzoo.evaluation.runner import EvalPlan, EvalSample, TaskEvaluator, evaluate, weights_identity
 
-
-def get_evaluator(task: str):
-    """The evaluator class of a task (aliases resolved through the pipeline registry)."""
-    import importlib
-
-    from attnzoo.errors import UnknownNameError
-    from attnzoo.pipelines import get_task
-
-    name = get_task(task).name
-    if name not in EVALUATORS:
-        raise UnknownNameError("evaluation task", task, EVALUATORS)
-    module, _, attr = EVALUATORS[name].partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
-__all__ = ["EVALUATORS", "EvalSample", "TaskEvaluator", "evaluate", "get_evaluator"]
+__all__ = ["EvalPlan", "EvalSample", "TaskEvaluator", "evaluate", "weights_identity"]

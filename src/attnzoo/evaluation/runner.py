@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar
 
 from attnzoo._io import write_json, write_text
 from attnzoo.errors import InvalidInputError
@@ -30,18 +30,80 @@ class EvalSample:
     target: Any
 
 
-class TaskEvaluator(Protocol):
-    """What a task contributes to the runner: its samples, its per-sample record, its metrics."""
+@dataclass
+class EvalPlan:
+    """What ``attnzoo eval <task>`` runs: the model (name) and pipeline keywords, and one evaluator per
+    run with the settings it adds to ``run.json`` (a sub-folder name for each run when there are
+    several, e.g. a sweep over view counts)."""
 
-    task: str
+    model: str
+    split: str
+    runs: list[tuple[str | None, TaskEvaluator, dict[str, Any]]]
+    pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
 
-    def samples(self) -> Sequence[EvalSample]: ...
 
-    def record(self, sample: EvalSample, result: Any) -> dict[str, Any]: ...
+class TaskEvaluator:
+    """What a task contributes to the runner: its samples, its per-sample record, its metrics.
 
-    def metrics(self, records: list[dict[str, Any]]) -> dict[str, Any]: ...
+    ``attnzoo eval <task>`` calls :meth:`plan` with the task's command-line options; the default
+    builds one evaluator from them. A task whose options change the model or the pipeline (an OAT
+    run's own split, a view-count sweep) overrides it.
+    """
 
-    def report(self, metrics: dict[str, Any]) -> str: ...
+    task: ClassVar[str] = ""
+    #: The metrics ``attnzoo eval`` prints on its one-line summary.
+    headline: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def plan(
+        cls,
+        data: str | os.PathLike,
+        split: str | None,
+        *,
+        default_split: str,
+        limit: int | None,
+        model: str,
+        weights: Any,
+        log: Callable[[str], None] = print,
+        **options: Any,
+    ) -> EvalPlan:
+        """``split`` is None when the user gave none (``default_split`` is the task's)."""
+        split = split or default_split
+        evaluator = cls(data, split, limit=limit, **options)  # type: ignore[call-arg]
+        return EvalPlan(model, split, [(None, evaluator, {})], settings=dict(options))
+
+    @classmethod
+    def summarize(cls, results: dict[Any, dict[str, Any]], out: Path) -> str:
+        """Several runs of one plan: write their joint report and say where (a plan of one run never calls this)."""
+        raise NotImplementedError(f"{cls.__name__} plans one run only")
+
+    def check_model(self, model: Any) -> None:
+        """Refuse a model that cannot be scored on this data (e.g. other classes) before any work."""
+
+    def samples(self) -> Sequence[EvalSample]:
+        raise NotImplementedError
+
+    def record(self, sample: EvalSample, result: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def metrics(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def report(self, metrics: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+
+def weights_identity(weights: str | os.PathLike | None) -> str:
+    """What names the weights in a run's settings: a local file by its absolute path, size and
+    modification time, so a resumed evaluation never reuses predictions of weights since retrained."""
+    if not weights:
+        return "pretrained"
+    path = Path(weights)
+    if path.is_file():
+        stat = path.stat()
+        return f"{path.resolve()} ({stat.st_size} bytes, modified {stat.st_mtime_ns})"
+    return str(weights)
 
 
 def _read_jsonl(path: Path, truncate: bool = True) -> list[dict[str, Any]]:
@@ -86,10 +148,19 @@ def evaluate(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     suffix = f".rank{ctx.rank}" if ctx.world_size > 1 else ""
-    predictions_path, skipped_path, run_path = out / f"predictions{suffix}.jsonl", out / f"skipped{suffix}.jsonl", out / "run.json"
+    predictions_path, skipped_path, run_path = (
+        out / f"predictions{suffix}.jsonl",
+        out / f"skipped{suffix}.jsonl",
+        out / "run.json",
+    )
     settings = {"task": evaluator.task, **settings}
     if overwrite and ctx.is_main:
-        for path in (*out.glob("predictions*.jsonl"), *out.glob("skipped*.jsonl"), out / "metrics.json", out / "report.md"):
+        for path in (
+            *out.glob("predictions*.jsonl"),
+            *out.glob("skipped*.jsonl"),
+            out / "metrics.json",
+            out / "report.md",
+        ):
             path.unlink(missing_ok=True)
     elif not overwrite and run_path.exists():
         previous = json.loads(run_path.read_text())
@@ -106,15 +177,26 @@ def evaluate(
     records = _read_jsonl(predictions_path)
     skipped = _read_jsonl(skipped_path)
     done = {r["id"] for r in records} | {s["id"] for s in skipped}
-    for path in (*out.glob("predictions*.jsonl"), *out.glob("skipped*.jsonl")):  # other processes' (and earlier runs') shards
+    for path in (
+        *out.glob("predictions*.jsonl"),
+        *out.glob("skipped*.jsonl"),
+    ):  # other processes' (and earlier runs') shards
         if path not in (predictions_path, skipped_path):
             done |= {r["id"] for r in _read_jsonl(path, truncate=False)}
-    todo = [s for s in samples[ctx.rank::ctx.world_size] if s.id not in done]
+    todo = [s for s in samples[ctx.rank :: ctx.world_size] if s.id not in done]
     ctx.barrier()
     started = time.perf_counter()
-    with open(predictions_path, "a") as pred_fh, open(skipped_path, "a") as skip_fh, tqdm(
-        total=len(samples), initial=len(samples) - len(todo), desc=f"eval {evaluator.task}", unit="img", disable=not progress
-    ) as bar:
+    with (
+        open(predictions_path, "a") as pred_fh,
+        open(skipped_path, "a") as skip_fh,
+        tqdm(
+            total=len(samples),
+            initial=len(samples) - len(todo),
+            desc=f"eval {evaluator.task}",
+            unit="img",
+            disable=not progress,
+        ) as bar,
+    ):
         batch_lines: list[str] = []
         results = pipe.iterate([s.input for s in todo], batch_size=batch_size, num_workers=num_workers, on_error="skip")
         for count, (i, result) in enumerate(results, start=1):

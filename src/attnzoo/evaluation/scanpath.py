@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ import numpy as np
 
 from attnzoo.datasets.scanpaths import detect_scanpath_dataset
 from attnzoo.errors import DatasetFormatError, InvalidInputError
-from attnzoo.evaluation.runner import EvalSample
+from attnzoo.evaluation.runner import EvalPlan, EvalSample, TaskEvaluator
 
 __all__ = ["NEUTRAL_CAPTION", "ScanpathEvaluator"]
 
@@ -58,7 +59,12 @@ def free_viewing_scores(model_xy: np.ndarray, humans: list[np.ndarray], size: tu
 
     humans = [h for h in humans if len(h)]
     if not humans or not len(model_xy):
-        return {"spp": float("nan"), "scanmatch": float("nan"), "multimatch": float("nan"), "edit_distance": float("nan")}
+        return {
+            "spp": float("nan"),
+            "scanmatch": float("nan"),
+            "multimatch": float("nan"),
+            "edit_distance": float("nan"),
+        }
     string = scanpath_to_string(model_xy, size)
     return {
         "spp": scanpath_plausibility(model_xy, humans, size),
@@ -68,27 +74,106 @@ def free_viewing_scores(model_xy: np.ndarray, humans: list[np.ndarray], size: tu
     }
 
 
-class ScanpathEvaluator:
-    task = "scanpath"
+def model_family(model: str) -> str:
+    """``nevaclip`` or ``oat``, from the model's registry entry; ``"oat"`` alone is the shorthand for
+    the OAT variant of the shelf found in the data."""
+    from attnzoo.factory import load_families
+    from attnzoo.registry import get_model_entry
 
-    def __init__(self, data: str | os.PathLike, split: str = "test", *, limit: int | None = None, dataset: str | None = None,
-                 captions: str | None = None, seed: int = 0, model_kind: str = "nevaclip", samples_per_trial: int | None = None,
-                 drop_outliers: bool = True):
+    if model.lower() == "oat":
+        return "oat"
+    load_families()
+    entry = get_model_entry(model)
+    if entry is None or "scanpath" not in entry.tasks:
+        raise InvalidInputError(f"{model} is not a scanpath model (nevaclip or oat_amazon / oat_yogurt / oat_wine)")
+    return entry.family
+
+
+class ScanpathEvaluator(TaskEvaluator):
+    task = "scanpath"
+    headline = ("spp", "ss", "delta")
+
+    @classmethod
+    def plan(
+        cls,
+        data: str | os.PathLike,
+        split: str | None,
+        *,
+        default_split: str = "test",
+        limit: int | None,
+        model: str,
+        weights: Any,
+        log: Callable[[str], None] = print,
+        dataset: str | None = None,
+        captions: str | None = None,
+        seed: int | None = None,
+        samples: int | None = None,
+    ) -> EvalPlan:
+        """An OAT training run's weights are evaluated on that run's own split unless asked otherwise."""
+        family = model_family(model)
+        split, seed, drop_outliers = evaluation_split(family, weights, split, default_split, seed, log)
+        evaluator = cls(
+            data,
+            split,
+            limit=limit,
+            dataset=dataset,
+            captions=captions,
+            seed=seed,
+            model_kind=family,
+            samples_per_trial=samples,
+            drop_outliers=drop_outliers,
+        )
+        if model.lower() == "oat":  # the OAT variant of the shelf layout found in --data
+            model = f"oat_{evaluator.dataset}"
+        if family == "nevaclip":
+            pipeline_kwargs: dict[str, Any] = {"seed": seed}
+        else:
+            pipeline_kwargs = {"strategy": "sample", "num_samples": samples, "seed": seed} if samples else {}
+        settings = {
+            "dataset": dataset,
+            "captions": captions,
+            "seed": seed,
+            "samples_per_trial": samples,
+            "drop_outliers": drop_outliers,
+        }
+        return EvalPlan(
+            model, split, [(None, evaluator, {})], pipeline_kwargs, {k: v for k, v in settings.items() if v is not None}
+        )
+
+    def __init__(
+        self,
+        data: str | os.PathLike,
+        split: str = "test",
+        *,
+        limit: int | None = None,
+        dataset: str | None = None,
+        captions: str | None = None,
+        seed: int = 0,
+        model_kind: str = "nevaclip",
+        samples_per_trial: int | None = None,
+        drop_outliers: bool = True,
+    ):
         root = Path(data)
         if not root.exists():
             raise DatasetFormatError(f"dataset folder {root} does not exist")
         self.root, self.dataset, self.seed, self.limit = root, dataset or detect_scanpath_dataset(root), seed, limit
         self.drop_outliers = drop_outliers
         if self.dataset not in NEVACLIP_DATASETS + SEARCH_DATASETS:
-            raise InvalidInputError(f"--dataset must be one of {NEVACLIP_DATASETS + SEARCH_DATASETS}, got {self.dataset!r}")
+            raise InvalidInputError(
+                f"--dataset must be one of {NEVACLIP_DATASETS + SEARCH_DATASETS}, got {self.dataset!r}"
+            )
         self.is_search = self.dataset in SEARCH_DATASETS
         self.samples_per_trial = samples_per_trial
         if samples_per_trial is not None and (not self.is_search or samples_per_trial < 1):
-            raise InvalidInputError("--samples (sampled scanpaths per trial, >= 1) applies to OAT on amazon, yogurt or wine")
+            raise InvalidInputError(
+                "--samples (sampled scanpaths per trial, >= 1) applies to OAT on amazon, yogurt or wine"
+            )
         if model_kind == "oat" and not self.is_search:
             raise InvalidInputError(f"OAT predicts visual search on shelves (amazon, yogurt, wine), not {self.dataset}")
         if model_kind == "nevaclip" and self.is_search:
-            raise InvalidInputError(f"NevaClip is evaluated on capmit1003 / mit1003; {self.dataset} is OAT's (use --model oat_{self.dataset})")
+            raise InvalidInputError(
+                f"NevaClip is evaluated on capmit1003 / mit1003; {self.dataset} is OAT's (use --model oat_{self.dataset})"
+            )
         if self.is_search:
             self._load_search(split)
         else:
@@ -97,7 +182,9 @@ class ScanpathEvaluator:
     # -- data ------------------------------------------------------------------------------
     def _load_free_viewing(self, split: str, captions: str | None) -> None:
         if split not in ("test", "all"):
-            raise InvalidInputError(f"NevaClip has no training: --split is 'test' or 'all' (the whole dataset), got {split!r}")
+            raise InvalidInputError(
+                f"NevaClip has no training: --split is 'test' or 'all' (the whole dataset), got {split!r}"
+            )
         if self.dataset == "capmit1003":
             from attnzoo.datasets.capmit1003 import CapMIT1003
 
@@ -106,7 +193,9 @@ class ScanpathEvaluator:
             self.conditions = [c.strip() for c in (captions or "own,misleading").split(",") if c.strip()]
             bad = sorted(set(self.conditions) - {"own", "misleading", "other-subject"})
             if bad or not self.conditions:
-                raise InvalidInputError(f"--captions takes own, misleading, other-subject (comma-separated), got {captions!r}")
+                raise InvalidInputError(
+                    f"--captions takes own, misleading, other-subject (comma-separated), got {captions!r}"
+                )
             self.caption_sets = {"own": [r.caption for r in self.records]}
             if "misleading" in self.conditions:
                 self.caption_sets["misleading"] = self.records.misleading_captions(self.seed)
@@ -143,11 +232,15 @@ class ScanpathEvaluator:
         self.all_trials = load_search_trials(self.root, self.dataset, self.drop_outliers)
         name, _, scheme = split.partition("-by-")
         if name not in ("train", "val", "test", "all"):
-            raise InvalidInputError(f"--split is train, val, test or all (optionally -by-layout / -by-target), got {split!r}")
+            raise InvalidInputError(
+                f"--split is train, val, test or all (optionally -by-layout / -by-target), got {split!r}"
+            )
         if name == "all":
             self.trials = self.all_trials
         else:
-            self.trials = split_search_trials(self.all_trials, self.root, self.dataset, scheme or "official", self.seed)[name]
+            self.trials = split_search_trials(
+                self.all_trials, self.root, self.dataset, scheme or "official", self.seed
+            )[name]
 
     # -- the runner's protocol ------------------------------------------------------------------
     def samples(self) -> list[EvalSample]:
@@ -165,11 +258,15 @@ class ScanpathEvaluator:
                     if caption is None:  # "other-subject": nobody else described this image
                         continue
                     key = r.meta.get("obs_uid", f"{r.stimulus}|{r.subject}|{i}")
-                    out.append(EvalSample(f"{condition}|{key}", {"image": r.image_path, "caption": caption}, (condition, i)))
+                    out.append(
+                        EvalSample(f"{condition}|{key}", {"image": r.image_path, "caption": caption}, (condition, i))
+                    )
         else:
             for stimulus, records in list(self._groups.items())[:limit]:
                 caption = self.stimulus_captions.get(stimulus, NEUTRAL_CAPTION)
-                out.append(EvalSample(stimulus, {"image": records[0].image_path, "caption": caption}, ("own", stimulus)))
+                out.append(
+                    EvalSample(stimulus, {"image": records[0].image_path, "caption": caption}, ("own", stimulus))
+                )
         return out
 
     def record(self, sample: EvalSample, result: Any) -> dict[str, Any]:
@@ -177,19 +274,31 @@ class ScanpathEvaluator:
             trial = self.trials[sample.target]
             if isinstance(result, list):  # sampled decoding: OAT's "multi" rows average over the samples of a trial
                 return self._sampled_scores([np.asarray(r.objects) for r in result], trial)
-            return {"objects": np.asarray(result.objects).tolist(), "found_target": bool(result.found_target),
-                    **self._search_scores(np.asarray(result.objects), trial), "nss": self._object_nss([np.asarray(result.objects)], trial)}
+            return {
+                "objects": np.asarray(result.objects).tolist(),
+                "found_target": bool(result.found_target),
+                **self._search_scores(np.asarray(result.objects), trial),
+                "nss": self._object_nss([np.asarray(result.objects)], trial),
+            }
         condition, key = sample.target
         humans = [self.records[key]] if self.dataset == "capmit1003" else self._groups[key]
         size = tuple(result.image_size)
         scores = free_viewing_scores(result.xy, [h.xy for h in humans], size)
-        return {"condition": condition, "caption": sample.input["caption"], "xy": np.round(result.xy, 2).tolist(), **scores,
-                "human": self._human_scores(condition, key, size)}
+        return {
+            "condition": condition,
+            "caption": sample.input["caption"],
+            "xy": np.round(result.xy, 2).tolist(),
+            **scores,
+            "human": self._human_scores(condition, key, size),
+        }
 
     def _search_scores(self, objects: np.ndarray, trial: Any) -> dict[str, Any]:
         from attnzoo.metrics.scanpath import object_scanpath_scores
 
-        return {**object_scanpath_scores(objects, trial.objects, trial.target), "multimatch": self._object_multimatch(objects, trial)}
+        return {
+            **object_scanpath_scores(objects, trial.objects, trial.target),
+            "multimatch": self._object_multimatch(objects, trial),
+        }
 
     def _sampled_scores(self, samples: list[np.ndarray], trial: Any) -> dict[str, Any]:
         """Each score averaged over the trial's sampled scanpaths; the statistics too (OAT's "multi")."""
@@ -197,9 +306,14 @@ class ScanpathEvaluator:
 
         per = [self._search_scores(objects, trial) for objects in samples]
         stats = [p["stats"] for p in per if p["stats"] is not None]
-        return {"samples": [o.tolist() for o in samples], "ss": _mean([p["ss"] for p in per]),
-                "edit_distance": _mean([p["edit_distance"] for p in per]), "multimatch": _mean([p["multimatch"] for p in per]),
-                "stats": average_search_statistics(stats) if stats else None, "nss": self._object_nss(samples, trial)}
+        return {
+            "samples": [o.tolist() for o in samples],
+            "ss": _mean([p["ss"] for p in per]),
+            "edit_distance": _mean([p["edit_distance"] for p in per]),
+            "multimatch": _mean([p["multimatch"] for p in per]),
+            "stats": average_search_statistics(stats) if stats else None,
+            "nss": self._object_nss(samples, trial),
+        }
 
     def _object_nss(self, samples: list[np.ndarray], trial: Any) -> float:
         """OAT's NSS: every predicted object (all samples pooled) as its grid-cell centre in a binary
@@ -207,7 +321,9 @@ class ScanpathEvaluator:
         from attnzoo.metrics.scanpath import OAT_LAYOUTS, fixation_nss, objects_to_points
 
         layout = OAT_LAYOUTS[self.dataset]
-        objects = np.concatenate([s for s in samples if len(s)]) if any(len(s) for s in samples) else np.zeros(0, np.int64)
+        objects = (
+            np.concatenate([s for s in samples if len(s)]) if any(len(s) for s in samples) else np.zeros(0, np.int64)
+        )
         if not len(objects) or not len(trial.xy):
             return float("nan")
         points = objects_to_points(objects, trial.grid, layout["cell_size"], layout["offset"])
@@ -238,9 +354,12 @@ class ScanpathEvaluator:
             rows = [r for r in records if r["condition"] == condition]
             if rows:
                 out["rows"][f"model ({condition} caption)" if self.dataset == "capmit1003" else "model"] = {
-                    k: round(_mean([r[k] for r in rows]), 4) for k in keys} | {"n": len(rows)}
+                    k: round(_mean([r[k] for r in rows]), 4) for k in keys
+                } | {"n": len(rows)}
         humans = [r["human"] for r in records if r.get("human")]
-        out["rows"]["humans (inter-subject)"] = {k: round(_mean([h[k] for h in humans]), 4) for k in keys} | {"n": len(humans)}
+        out["rows"]["humans (inter-subject)"] = {k: round(_mean([h[k] for h in humans]), 4) for k in keys} | {
+            "n": len(humans)
+        }
         first = next(iter(out["rows"].values()))
         out.update({k: first[k] for k in keys})
         return out
@@ -263,21 +382,38 @@ class ScanpathEvaluator:
         return {k: _mean([sc[k] for sc in scores]) for k in scores[0]}
 
     def _search_metrics(self, records: list[dict[str, Any]]) -> dict[str, Any]:
-        from attnzoo.metrics.scanpath import SEARCH_STATISTICS, average_search_statistics, behavioural_delta, search_statistics
+        from attnzoo.metrics.scanpath import (
+            SEARCH_STATISTICS,
+            average_search_statistics,
+            behavioural_delta,
+            search_statistics,
+        )
 
         index = {s.id: s.target for s in self.samples()}
         trials = [self.trials[index[r["id"]]] for r in records]
         human_stats = average_search_statistics(search_statistics(t.objects, t.target) for t in trials)
         model_stats = average_search_statistics(r["stats"] for r in records if r["stats"] is not None)
-        model_row = {"ss": _mean([r["ss"] for r in records]), "edit_distance": _mean([r["edit_distance"] for r in records]),
-                     "multimatch": _mean([r["multimatch"] for r in records]), "nss": _mean([r.get("nss", float("nan")) for r in records]),
-                     "delta": behavioural_delta(model_stats, human_stats), **model_stats, "n": len(records)}
+        model_row = {
+            "ss": _mean([r["ss"] for r in records]),
+            "edit_distance": _mean([r["edit_distance"] for r in records]),
+            "multimatch": _mean([r["multimatch"] for r in records]),
+            "nss": _mean([r.get("nss", float("nan")) for r in records]),
+            "delta": behavioural_delta(model_stats, human_stats),
+            **model_stats,
+            "n": len(records),
+        }
         human_row = {**self._search_agreement(trials), "delta": 0.0, **human_stats, "n": len(trials)}
         name = f"model ({self.samples_per_trial} samples per trial)" if self.samples_per_trial else "model (greedy)"
-        rows = {name: {k: round(v, 4) if isinstance(v, float) else v for k, v in model_row.items()},
-                "humans (inter-subject)": {k: round(v, 4) if isinstance(v, float) else v for k, v in human_row.items()}}
-        return {"dataset": self.dataset, "rows": rows, **{k: rows[name][k] for k in ("ss", "edit_distance", "multimatch", "nss", "delta")},
-                "statistics": list(SEARCH_STATISTICS)}
+        rows = {
+            name: {k: round(v, 4) if isinstance(v, float) else v for k, v in model_row.items()},
+            "humans (inter-subject)": {k: round(v, 4) if isinstance(v, float) else v for k, v in human_row.items()},
+        }
+        return {
+            "dataset": self.dataset,
+            "rows": rows,
+            **{k: rows[name][k] for k in ("ss", "edit_distance", "multimatch", "nss", "delta")},
+            "statistics": list(SEARCH_STATISTICS),
+        }
 
     def _search_agreement(self, trials: list[Any]) -> dict[str, float]:
         """Each observer's object sequence against the other observers of the same display and target
@@ -303,19 +439,40 @@ class ScanpathEvaluator:
 
     def report(self, metrics: dict[str, Any]) -> str:
         if self.is_search:
-            cols = [("SS", "ss"), ("ED", "edit_distance"), ("MM", "multimatch"), ("NSS", "nss"), ("Δ", "delta"), ("correct target", "correct_target"),
-                    ("length", "length"), ("search", "search_ratio"), ("refixation", "refixation_ratio"), ("revisit", "revisit_ratio")]
-            note = ("SS: Needleman-Wunsch on objects / max length (OAT); ED: edit distance on objects; MM: MultiMatch (mean of vector, "
-                    "direction, length, position) of grid-cell centres vs raw fixations; NSS of the predicted cells at the observer's "
-                    "fixations; Δ of the test-set means of the five statistics (sampled: each trial's statistics first averaged over "
-                    "its samples, OAT's \"multi\").")
+            cols = [
+                ("SS", "ss"),
+                ("ED", "edit_distance"),
+                ("MM", "multimatch"),
+                ("NSS", "nss"),
+                ("Δ", "delta"),
+                ("correct target", "correct_target"),
+                ("length", "length"),
+                ("search", "search_ratio"),
+                ("refixation", "refixation_ratio"),
+                ("revisit", "revisit_ratio"),
+            ]
+            note = (
+                "SS: Needleman-Wunsch on objects / max length (OAT); ED: edit distance on objects; MM: MultiMatch (mean of vector, "
+                "direction, length, position) of grid-cell centres vs raw fixations; NSS of the predicted cells at the observer's "
+                "fixations; Δ of the test-set means of the five statistics (sampled: each trial's statistics first averaged over "
+                'its samples, OAT\'s "multi").'
+            )
         else:
-            cols = [("SPP (SBTDE)", "spp"), ("ScanMatch", "scanmatch"), ("MultiMatch", "multimatch"), ("edit distance", "edit_distance")]
-            note = ("SPP: string-based time-delay embedding similarity (4x4 grid, k=3, mean over observers); "
-                    "humans: each observer against the others on the same image.")
+            cols = [
+                ("SPP (SBTDE)", "spp"),
+                ("ScanMatch", "scanmatch"),
+                ("MultiMatch", "multimatch"),
+                ("edit distance", "edit_distance"),
+            ]
+            note = (
+                "SPP: string-based time-delay embedding similarity (4x4 grid, k=3, mean over observers); "
+                "humans: each observer against the others on the same image."
+            )
         head = "| | " + " | ".join(c for c, _ in cols) + " | n |\n|---|" + "---|" * (len(cols) + 1) + "\n"
-        body = "".join(f"| {name} | " + " | ".join(_fmt(row.get(k)) for _, k in cols) + f" | {row.get('n', '')} |\n"
-                       for name, row in metrics["rows"].items())
+        body = "".join(
+            f"| {name} | " + " | ".join(_fmt(row.get(k)) for _, k in cols) + f" | {row.get('n', '')} |\n"
+            for name, row in metrics["rows"].items()
+        )
         return f"Dataset: **{metrics['dataset']}**\n\n{head}{body}\n{note}\n"
 
 
@@ -332,7 +489,32 @@ def _nan_to_none(value: Any) -> Any:
 
 
 def _fmt(value: Any) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}" if isinstance(value, float) else str(value)
+    return (
+        "–"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else f"{value:.4f}"
+        if isinstance(value, float)
+        else str(value)
+    )
+
+
+def evaluation_split(
+    family: str, weights: Any, split: str | None, default_split: str, seed: int | None, log: Callable[[str], None]
+) -> tuple[str, int, bool]:
+    """(split, seed, drop_outliers): an OAT training run's own split unless asked otherwise, with a
+    warning when the asked one differs (its test set may hold training scanpaths)."""
+    run = training_split(weights) if family == "oat" else None
+    if run is None:
+        return split or default_split, 0 if seed is None else seed, True
+    own = "test" if run["split"] == "official" else f"test-by-{run['split']}"
+    chosen_split = split or own
+    chosen_seed = run["split_seed"] if seed is None else seed
+    if chosen_split.partition("-by-")[2] != own.partition("-by-")[2] or chosen_seed != run["split_seed"]:
+        log(
+            f"warning: these weights were trained on the {run['split']} split with seed {run['split_seed']}; evaluating on "
+            f"{chosen_split!r} with seed {chosen_seed}: its scanpaths may have been in the training set"
+        )
+    return chosen_split, chosen_seed, bool(run.get("drop_outliers", True))
 
 
 def training_split(weights: str | os.PathLike | None) -> dict[str, Any] | None:

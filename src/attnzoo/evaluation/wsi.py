@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 
 from attnzoo.errors import DatasetFormatError
-from attnzoo.evaluation.runner import EvalSample
+from attnzoo.evaluation.runner import EvalSample, TaskEvaluator
 
 
-class WSIClassificationEvaluator:
+class WSIClassificationEvaluator(TaskEvaluator):
     task = "wsi-classification"
+    headline = ("accuracy", "auc", "f1_macro")
 
     def __init__(self, data: str | os.PathLike, split: str = "test", *, limit: int | None = None):
         from attnzoo.datasets.mil_features import read_feature_bags, read_slide_labels, read_split_file
@@ -39,10 +40,14 @@ class WSIClassificationEvaluator:
         elif split == "test":
             ids = [s for s in ids if "test" in s]
             if not ids:
-                raise DatasetFormatError(f"{root}: no slide id contains 'test' (Camelyon16's naming of its test set); "
-                                         "pass the official split file (--split split_4.json / bracs.csv) or --split all")
+                raise DatasetFormatError(
+                    f"{root}: no slide id contains 'test' (Camelyon16's naming of its test set); "
+                    "pass the official split file (--split split_4.json / bracs.csv) or --split all"
+                )
         elif split != "all":
-            raise DatasetFormatError(f"--split for wsi-classification is 'test', 'all' or a split file (.json/.csv), got {split!r}")
+            raise DatasetFormatError(
+                f"--split for wsi-classification is 'test', 'all' or a split file (.json/.csv), got {split!r}"
+            )
         self.ids = ids[:limit] if limit else ids
 
     def samples(self) -> list[EvalSample]:
@@ -50,7 +55,9 @@ class WSIClassificationEvaluator:
         for slide in self.ids:
             bag = self.bags[slide]
             if bag.label is None:
-                raise DatasetFormatError(f"slide {slide} has no label: put labels.csv (slide_id,label) beside the features")
+                raise DatasetFormatError(
+                    f"slide {slide} has no label: put labels.csv (slide_id,label) beside the features"
+                )
             out.append(EvalSample(slide, bag, bag.label))
         return out
 
@@ -61,9 +68,19 @@ class WSIClassificationEvaluator:
         from attnzoo.metrics.mil import mil_metrics
 
         m = mil_metrics(np.array([r["probabilities"] for r in records]), np.array([r["target"] for r in records]))
-        return {k: (round(float(v), 4) if isinstance(v, float) else v) for k, v in m.items() if not isinstance(v, (list, np.ndarray))}
+        return {
+            k: (round(float(v), 4) if isinstance(v, float) else v)
+            for k, v in m.items()
+            if not isinstance(v, (list, np.ndarray))
+        }
 
     def report(self, metrics: dict[str, Any]) -> str:
-        rows = [("accuracy (%)", "accuracy"), ("AUC (macro one-vs-rest)", "auc"), ("F1 micro (the official code's F1)", "f1_micro"),
-                ("F1 macro", "f1_macro")]
-        return "| metric | value |\n|---|---|\n" + "".join(f"| {name} | {metrics[key]:.4f} |\n" for name, key in rows if key in metrics)
+        rows = [
+            ("accuracy (%)", "accuracy"),
+            ("AUC (macro one-vs-rest)", "auc"),
+            ("F1 micro (the official code's F1)", "f1_micro"),
+            ("F1 macro", "f1_macro"),
+        ]
+        return "| metric | value |\n|---|---|\n" + "".join(
+            f"| {name} | {metrics[key]:.4f} |\n" for name, key in rows if key in metrics
+        )

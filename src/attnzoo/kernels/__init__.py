@@ -1,7 +1,10 @@
-"""Attention ops shared by every model: a plain-PyTorch reference, a FlexAttention path and
-fused Triton kernels (forward and backward) behind one dispatcher.
+"""Attention ops shared by every model, each with up to three backends behind one dispatcher:
+``torch`` (plain PyTorch, the CPU default, in the fastest exact formulation for the call),
+``flex`` (FlexAttention with a block mask built from the indices) and ``triton`` (fused
+forward and backward kernels). The semantics are defined by ``attnzoo.kernels.oracle``, a
+deliberately simple implementation that only the tests use.
 
->>> with attnzoo.kernels.use_backend("reference"):  # or ATTNZOO_ATTN_BACKEND=reference
+>>> with attnzoo.kernels.use_backend("torch"):  # or ATTNZOO_ATTN_BACKEND=torch
 ...     out = attnzoo.kernels.grouped_attention(q, k, v, groups, route=route)  # doctest: +SKIP
 
 Importing this package never touches a GPU driver; Triton kernels load on first use.
@@ -9,9 +12,16 @@ Importing this package never touches a GPU driver; Triton kernels load on first 
 
 from attnzoo.kernels.dispatch import BACKEND_NAMES, available_backends, forced_backend, use_backend
 from attnzoo.kernels.grouped_attention import grouped_attention
-from attnzoo.kernels.linear_attention import inline_attention, linear_attention
-from attnzoo.kernels.topk_attention import mask_to_index, masked_attention, pack_mask, topk_attention, unpack_mask
-from attnzoo.kernels.grouping import across_views, dilated_groups, inverse_routing, region_means, region_routing, window_groups
+from attnzoo.kernels.grouping import (
+    across_views,
+    dilated_groups,
+    inverse_routing,
+    region_means,
+    region_routing,
+    window_groups,
+)
+from attnzoo.kernels.linear_attention import inline_attention, l2vit_linear_attention
+from attnzoo.kernels.masked_attention import masked_attention, pack_mask, unpack_mask
 
 __all__ = [
     "BACKEND_NAMES",
@@ -22,13 +32,11 @@ __all__ = [
     "grouped_attention",
     "inline_attention",
     "inverse_routing",
-    "linear_attention",
-    "mask_to_index",
+    "l2vit_linear_attention",
     "masked_attention",
     "pack_mask",
     "region_means",
     "region_routing",
-    "topk_attention",
     "unpack_mask",
     "use_backend",
     "window_groups",

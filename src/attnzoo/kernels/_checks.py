@@ -11,20 +11,31 @@ def describe(t: object) -> str:
     return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def check_qkv(op: str, q: object, k: object, v: object, layout: str) -> None:
-    """q, k, v are 4-D floating tensors of one dtype on one device (``layout`` names the dims)."""
+def check_qkv(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) -> None:
+    """q, k, v are 4-D floating tensors of one dtype on one device (``layout`` names the dims).
+
+    Annotated as tensors for the callers; checked at run time because users pass anything.
+    """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise InvalidInputError(f"{op}: {name} must be a {layout} tensor, got {describe(t)}")
         if not t.is_floating_point():
             raise InvalidInputError(f"{op}: {name} must be floating point, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):  # type: ignore[union-attr]
-        raise InvalidInputError(f"{op}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")  # type: ignore[union-attr]
-    if not (q.device == k.device == v.device):  # type: ignore[union-attr]
+    if not (q.dtype == k.dtype == v.dtype):
+        raise InvalidInputError(f"{op}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if not (q.device == k.device == v.device):
         raise InvalidInputError(f"{op}: q, k, v are on different devices")
 
 
-def check_index_tensor(op: str, name: str, t: object, device: torch.device) -> None:
+def check_heads_first_qkv(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q ``[B, H, N, D]``, k and v ``[B, H, Nk, D]``."""
+    check_qkv(op, q, k, v, "[B, H, N, D]")
+    B, H, N, D = q.shape
+    if k.shape != v.shape or k.shape[:2] != (B, H) or k.shape[3] != D:
+        raise InvalidInputError(f"{op}: k and v must be [{B}, {H}, Nk, {D}], got {tuple(k.shape)} and {tuple(v.shape)}")
+
+
+def check_index_tensor(op: str, name: str, t: torch.Tensor, device: torch.device) -> None:
     if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.dtype == torch.bool:
         raise InvalidInputError(f"{op}: {name} must be an integer tensor, got {describe(t)}")
     if t.device != device:

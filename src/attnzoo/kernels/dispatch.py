@@ -1,7 +1,9 @@
 """Backend registry and dispatch: the best backend whose constraint checks pass, with logged reasons.
 
-Each op registers its backends in preference order (fastest first). A backend is a function
-plus checks; a check returns ``None`` when the call is fine or a short reason when it is not.
+Each op has up to three backends, registered under :data:`BACKEND_NAMES` and preferred in that
+order: ``triton`` (fused kernels), ``flex`` (FlexAttention) and ``torch`` (plain PyTorch, which
+can run every call). A backend is a function plus checks; a check returns ``None`` when the call
+is fine or a short reason when it is not.
 ``use_backend(name)`` (a context manager) or ``ATTNZOO_ATTN_BACKEND`` forces one backend: a
 forced backend that cannot run raises :class:`BackendUnavailableError` instead of falling back.
 """
@@ -16,9 +18,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from attnzoo.errors import BackendUnavailableError, InvalidInputError
 
-BACKEND_NAMES = ("triton", "flex", "reference")
+BACKEND_NAMES = ("triton", "flex", "torch")
 logger = logging.getLogger("attnzoo.kernels")
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("attnzoo_attn_backend", default=None)
 
@@ -45,7 +49,7 @@ _REGISTRY: dict[str, list[_Backend]] = {}
 def register_backend(op: str, name: str, fn: Callable[..., Any], checks: list[Check] | None = None) -> None:
     """Add ``name`` to ``op``'s backends; registration order is preference order."""
     if name not in BACKEND_NAMES:
-        raise ValueError(f"backend name must be one of {BACKEND_NAMES}")
+        raise ValueError(f"backend name must be one of {', '.join(BACKEND_NAMES)}, got {name!r}")
     backends = _REGISTRY.setdefault(op, [])
     backends[:] = [b for b in backends if b.name != name] + [_Backend(name, fn, list(checks or []))]
     backends.sort(key=lambda b: BACKEND_NAMES.index(b.name))
@@ -86,7 +90,9 @@ def dispatch(op: str, *args: Any, **kwargs: Any) -> Any:
     if forced is not None:
         backend = next((b for b in backends if b.name == forced), None)
         if backend is None:
-            raise BackendUnavailableError(f"{op} has no {forced!r} backend (it has: {', '.join(b.name for b in backends)})")
+            raise BackendUnavailableError(
+                f"{op} has no {forced!r} backend (it has: {', '.join(b.name for b in backends)})"
+            )
         reason = backend.why_not(*args, **kwargs)
         if reason:
             raise BackendUnavailableError(f"{op}: the forced {forced!r} backend cannot run this call: {reason}")
@@ -96,10 +102,11 @@ def dispatch(op: str, *args: Any, **kwargs: Any) -> Any:
         if reason is None:
             return backend.fn(*args, **kwargs)
         logger.debug("%s: skipping %s backend: %s", op, backend.name, reason)
-    raise BackendUnavailableError(f"{op}: no backend can run this call")  # pragma: no cover - reference always can
+    raise BackendUnavailableError(f"{op}: no backend can run this call")  # pragma: no cover - torch always can
 
 
 # -- common checks -------------------------------------------------------------------------
+
 
 def triton_importable() -> str | None:
     try:
@@ -113,7 +120,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
-def on_gpu_or_interpreter(tensor: Any) -> str | None:
+def on_gpu_or_interpreter(tensor: torch.Tensor) -> str | None:
     """Triton runs on CUDA tensors; on CPU only under TRITON_INTERPRET=1 and only when forced."""
     if tensor.is_cuda:
         return None
@@ -122,10 +129,24 @@ def on_gpu_or_interpreter(tensor: Any) -> str | None:
     return "inputs are not on a CUDA device (CPU runs Triton only under TRITON_INTERPRET=1 when forced)"
 
 
-def triton_can_run(q: Any, max_head_dim: int) -> str | None:
+def triton_can_run(q: torch.Tensor, max_head_dim: int) -> str | None:
     """The checks every Triton backend shares: importable, a device it runs on, a head dim it takes."""
     return (
         triton_importable()
         or on_gpu_or_interpreter(q)
         or (f"head dim {q.shape[-1]} > {max_head_dim}" if q.shape[-1] > max_head_dim else None)
     )
+
+
+def flex_can_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *_: object) -> str | None:
+    """FlexAttention exists in this torch; on the CPU (eager, dense scores, no backward) only when forced."""
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return "this torch has no FlexAttention"
+    if not q.is_cuda:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return "FlexAttention has no backward on the CPU"
+        if forced_backend() != "flex":
+            return "eager FlexAttention on the CPU materialises dense scores (used only when forced)"
+    return None

@@ -2,27 +2,29 @@
 
 Always built with a ``mask_mod`` (eager flex without one silently computes dense attention).
 Compiled on CUDA; eager on the CPU, where flex materialises the scores (fine for tests and
-small inputs, and it still supports backward there).
+small inputs; the dispatcher runs it there only when forced, and never for backward).
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from attnzoo.kernels.reference import expand_route
+from attnzoo.kernels.grouping import expand_route
 
 
 @functools.lru_cache(maxsize=1)
-def _compiled_flex():
+def _compiled_flex() -> Callable[..., torch.Tensor]:
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _flex(q: torch.Tensor, *args, **kwargs):
+def _flex(q: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
     if q.is_cuda:
@@ -32,7 +34,15 @@ def _flex(q: torch.Tensor, *args, **kwargs):
         return flex_attention(q, *args, **kwargs)
 
 
-def grouped_attention(q, k, v, q_groups, kv_groups, route, scale: float) -> torch.Tensor:
+def grouped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_groups: torch.Tensor,
+    kv_groups: torch.Tensor,
+    route: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
     from torch.nn.attention.flex_attention import BlockMask
 
     B, N, H, D = q.shape
@@ -53,9 +63,14 @@ def grouped_attention(q, k, v, q_groups, kv_groups, route, scale: float) -> torc
         hr = h if heads_r > 1 else 0
         return allowed[b, hr, q_idx // Tq, kv_idx // Tk] & key_ok[kv_idx]
 
-    kv_indices = torch.sort(torch.where(allowed, torch.arange(Gk, device=q.device), Gk), dim=-1).values.clamp(max=Gk - 1)
+    kv_indices = torch.sort(torch.where(allowed, torch.arange(Gk, device=q.device), Gk), dim=-1).values.clamp(
+        max=Gk - 1
+    )
     mask = BlockMask.from_kv_blocks(
-        allowed.sum(-1).to(torch.int32), kv_indices.to(torch.int32), BLOCK_SIZE=(Tq, Tk), mask_mod=mask_mod,
+        allowed.sum(-1).to(torch.int32),
+        kv_indices.to(torch.int32),
+        BLOCK_SIZE=(Tq, Tk),
+        mask_mod=mask_mod,
         seq_lengths=(G * Tq, Gk * Tk),
     )
     out_g = _flex(Qg, Kg, Vg, block_mask=mask, scale=scale).transpose(1, 2)  # [B, G*Tq, H, D]
@@ -65,24 +80,9 @@ def grouped_attention(q, k, v, q_groups, kv_groups, route, scale: float) -> torc
     return out
 
 
-def topk_attention(q, k, v, index, scale: float) -> torch.Tensor:
-    """Per-row key sets as a dense boolean table read by the mask_mod."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    B, H, N, _ = q.shape
-    Nk = k.shape[2]
-    allowed = torch.zeros(B, H, N, Nk + 1, dtype=torch.bool, device=q.device)
-    allowed.scatter_(-1, torch.where(index >= 0, index, Nk).long(), True)
-    allowed = allowed[..., :Nk]
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return allowed[b, h, q_idx, kv_idx]
-
-    mask = create_block_mask(mask_mod, B, H, N, Nk, device=q.device)
-    return _flex(q, k, v, block_mask=mask, scale=scale)
-
-
-def masked_attention(q, k, v, mask, scale: float) -> torch.Tensor:
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
     from torch.nn.attention.flex_attention import create_block_mask
 
     B, H, N, _ = q.shape

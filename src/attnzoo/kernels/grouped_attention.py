@@ -5,14 +5,11 @@ from __future__ import annotations
 import torch
 
 from attnzoo.errors import InvalidInputError
-from attnzoo.kernels import dispatch, reference
+from attnzoo.kernels import dispatch, torch_impl
 from attnzoo.kernels._checks import check_index_tensor, check_qkv, describe
 
 OP = "grouped_attention"
 MAX_TRITON_HEAD_DIM = 256
-DENSE_MIN_DENSITY = 0.25  # share of all keys each query sees, above which dense masked SDPA wins
-DENSE_MAX_SCORES = 1 << 21  # N * Nk above which the token mask itself gets too large
-DENSE_MIN_TOPK = 4  # with few routed groups (windows: 1) gathering is cheaper than 4x the dense work
 
 
 def grouped_attention(
@@ -45,11 +42,20 @@ def grouped_attention(
     return dispatch.dispatch(OP, q, k, v, q_groups, kv_groups, route, scale)
 
 
-def _validate(q, k, v, q_groups, kv_groups, route) -> None:
+def _validate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_groups: torch.Tensor,
+    kv_groups: torch.Tensor,
+    route: torch.Tensor | None,
+) -> None:
     check_qkv(OP, q, k, v, "[B, N, H, D]")
     B, N, H, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (H, D):
-        raise InvalidInputError(f"grouped_attention: k and v must be [B, Nk, H, D] = [{B}, Nk, {H}, {D}], got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise InvalidInputError(
+            f"grouped_attention: k and v must be [B, Nk, H, D] = [{B}, Nk, {H}, {D}], got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     for name, table, n in (("q_groups", q_groups, N), ("kv_groups", kv_groups, k.shape[1])):
         check_index_tensor(OP, name, table, q.device)
         if table.dim() != 2:
@@ -62,72 +68,60 @@ def _validate(q, k, v, q_groups, kv_groups, route) -> None:
         raise InvalidInputError("grouped_attention: a token appears in more than one query group slot")
     if route is None:
         if G != Gk:
-            raise InvalidInputError(f"grouped_attention: without a route, q and kv need the same number of groups ({G} vs {Gk})")
+            raise InvalidInputError(
+                f"grouped_attention: without a route, q and kv need the same number of groups ({G} vs {Gk})"
+            )
         return
     check_index_tensor(OP, "route", route, q.device)
     if route.dim() not in (3, 4):
-        raise InvalidInputError(f"grouped_attention: route must be an integer [B, G, topk] or [B, H, G, topk] tensor, got {describe(route)}")
+        raise InvalidInputError(
+            f"grouped_attention: route must be an integer [B, G, topk] or [B, H, G, topk] tensor, got {describe(route)}"
+        )
     expected = (B, G) if route.dim() == 3 else (B, H, G)
     if tuple(route.shape[:-1]) != expected or route.shape[-1] < 1:
-        raise InvalidInputError(f"grouped_attention: route shape {tuple(route.shape)} does not match [{', '.join(map(str, expected))}, topk]")
+        raise InvalidInputError(
+            f"grouped_attention: route shape {tuple(route.shape)} does not match [{', '.join(map(str, expected))}, topk]"
+        )
     if int(route.min()) < 0 or int(route.max()) >= Gk:
         raise InvalidInputError(f"grouped_attention: route holds key-group indices outside [0, {Gk})")
 
 
 # -- backends ------------------------------------------------------------------------------
 
-def _triton(q, k, v, q_groups, kv_groups, route, scale):
+
+def _triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_groups: torch.Tensor,
+    kv_groups: torch.Tensor,
+    route: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
     from attnzoo.kernels import ops
 
-    return ops.grouped_attention(q, k, v, q_groups.to(torch.int32), kv_groups.to(torch.int32),
-                                 None if route is None else route.to(torch.int32), scale)
+    as_int32 = None if route is None else route.to(torch.int32)
+    return ops.grouped_attention(q, k, v, q_groups.to(torch.int32), kv_groups.to(torch.int32), as_int32, scale)
 
 
-def _flex(q, k, v, q_groups, kv_groups, route, scale):
+def _flex(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_groups: torch.Tensor,
+    kv_groups: torch.Tensor,
+    route: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
     from attnzoo.kernels import flex
 
     return flex.grouped_attention(q, k, v, q_groups, kv_groups, route, scale)
 
 
-def check_triton(q, *_):
+def _check_triton(q: torch.Tensor, *_: object) -> str | None:
     return dispatch.triton_can_run(q, MAX_TRITON_HEAD_DIM)
 
 
-def check_flex(q, k, v, *_):
-    try:
-        import torch.nn.attention.flex_attention  # noqa: F401
-    except ImportError:
-        return "this torch has no FlexAttention"
-    if not q.is_cuda:
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            return "FlexAttention has no backward on the CPU"
-        if dispatch.forced_backend() != "flex":
-            return "eager FlexAttention on the CPU materialises dense scores (used only when forced)"
-    return None
-
-
-def _partitions(groups: torch.Tensor, num_tokens: int) -> bool:
-    """Every token in exactly one group, no padding."""
-    if groups.numel() != num_tokens or bool((groups < 0).any()):
-        return False
-    return bool((torch.bincount(groups.reshape(-1).long(), minlength=num_tokens) == 1).all())
-
-
-def _reference(q, k, v, q_groups, kv_groups, route, scale):
-    """Plain torch, in whichever exact formulation is cheaper: on the CPU, dense fused SDPA under a
-    token mask when the routed keys are a large share of few tokens (the CPU SDPA kernel returns 0
-    for fully masked rows; GPU SDPA backends may not), else gathering the routed groups (with flat
-    index_selects when the query groups partition the tokens and nothing is padded)."""
-    topk = 1 if route is None else route.shape[-1]
-    density = topk * kv_groups.shape[1] / max(k.shape[1], 1)
-    many_small_groups = topk >= DENSE_MIN_TOPK  # gathering many routed groups is what costs on the CPU
-    if not q.is_cuda and many_small_groups and density >= DENSE_MIN_DENSITY and q.shape[1] * k.shape[1] <= DENSE_MAX_SCORES:
-        return reference.grouped_attention_dense(q, k, v, q_groups, kv_groups, route, scale)
-    if _partitions(q_groups, q.shape[1]) and not bool((kv_groups < 0).any()):
-        return reference.grouped_attention_partition(q, k, v, q_groups, kv_groups, route, scale)
-    return reference.grouped_attention(q, k, v, q_groups, kv_groups, route, scale)
-
-
-dispatch.register_backend(OP, "triton", _triton, [check_triton])
-dispatch.register_backend(OP, "flex", _flex, [check_flex])
-dispatch.register_backend(OP, "reference", _reference)
+dispatch.register_backend(OP, "triton", _triton, [_check_triton])
+dispatch.register_backend(OP, "flex", _flex, [dispatch.flex_can_run])
+dispatch.register_backend(OP, "torch", torch_impl.grouped_attention)

@@ -14,7 +14,9 @@ import torch
 from attnzoo.errors import InvalidInputError
 
 
-def window_groups(height: int, width: int, window: int | tuple[int, int], *, device: torch.device | str | None = None) -> torch.Tensor:
+def window_groups(
+    height: int, width: int, window: int | tuple[int, int], *, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Non-overlapping windows in row-major window order, tokens row-major inside a window.
 
     Sizes that are not multiples of the window give partial windows whose missing slots
@@ -31,12 +33,16 @@ def window_groups(height: int, width: int, window: int | tuple[int, int], *, dev
     return table.reshape(ny * nx, wh * ww).to(device=device, dtype=torch.int32)
 
 
-def dilated_groups(height: int, width: int, groups: int | tuple[int, int], *, device: torch.device | str | None = None) -> torch.Tensor:
+def dilated_groups(
+    height: int, width: int, groups: int | tuple[int, int], *, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Strided groups: group ``(gy, gx)`` holds tokens ``(i*Gy + gy, j*Gx + gx)`` (long-range grouping)."""
     gy_n, gx_n = (groups, groups) if isinstance(groups, int) else groups
     if height % gy_n or width % gx_n:
         raise InvalidInputError(f"a {height}x{width} map does not split into {gy_n}x{gx_n} dilated groups")
-    gy, gx, i, j = torch.meshgrid(torch.arange(gy_n), torch.arange(gx_n), torch.arange(height // gy_n), torch.arange(width // gx_n), indexing="ij")
+    gy, gx, i, j = torch.meshgrid(
+        torch.arange(gy_n), torch.arange(gx_n), torch.arange(height // gy_n), torch.arange(width // gx_n), indexing="ij"
+    )
     table = (i * gy_n + gy) * width + (j * gx_n + gx)
     return table.reshape(gy_n * gx_n, -1).to(device=device, dtype=torch.int32)
 
@@ -60,7 +66,9 @@ def region_routing(q: torch.Tensor, k: torch.Tensor, groups: torch.Tensor, topk:
     gradient reaches the router. Returns int32 ``[B, G, topk]`` in descending logit order.
     """
     if q.dim() != 3 or k.shape != q.shape:
-        raise InvalidInputError(f"region_routing expects q and k of the same shape [B, N, C], got {tuple(q.shape)} and {tuple(k.shape)}")
+        raise InvalidInputError(
+            f"region_routing expects q and k of the same shape [B, N, C], got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
     num_groups = groups.shape[0]
     if not 1 <= topk <= num_groups:
         raise InvalidInputError(f"topk must be in [1, {num_groups}] for {num_groups} regions, got {topk}")
@@ -68,6 +76,25 @@ def region_routing(q: torch.Tensor, k: torch.Tensor, groups: torch.Tensor, topk:
         q_r, k_r = region_means(q, groups), region_means(k, groups)
         logits = (q_r * scale) @ k_r.transpose(-1, -2)
         return torch.topk(logits, k=topk, dim=-1).indices.to(torch.int32)
+
+
+def expand_route(
+    route: torch.Tensor | None, batch: int, heads: int, num_groups: int, device: torch.device
+) -> torch.Tensor:
+    """``[B, H, G, topk]`` routing; ``None`` means each query group sees its own key group.
+
+    A route shared by the heads (``[B, G, topk]``) stays shared: its head stride is 0, which the
+    backends read as "fetch once for all heads".
+    """
+    if route is None:
+        return (
+            torch.arange(num_groups, device=device, dtype=torch.int32)
+            .view(1, 1, num_groups, 1)
+            .expand(batch, heads, num_groups, 1)
+        )
+    if route.dim() == 3:
+        return route[:, None].expand(batch, heads, *route.shape[1:])
+    return route
 
 
 def region_means(x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:

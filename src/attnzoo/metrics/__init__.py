@@ -16,7 +16,20 @@ from attnzoo.metrics.scanpath import (
 )
 
 __all__ = [
-    "behavioural_delta", "edit_distance", "fscore", "mil_metrics", "multimatch", "nss", "sbtde_similarity", "scanmatch",
-    "scanpath_plausibility", "search_statistics", "sequence_score", "summarize_iou", "topk_accuracy", "topk_accuracy_from_ranked",
-    "voxel_iou", "voxels_to_mesh",
+    "behavioural_delta",
+    "edit_distance",
+    "fscore",
+    "mil_metrics",
+    "multimatch",
+    "nss",
+    "sbtde_similarity",
+    "scanmatch",
+    "scanpath_plausibility",
+    "search_statistics",
+    "sequence_score",
+    "summarize_iou",
+    "topk_accuracy",
+    "topk_accuracy_from_ranked",
+    "voxel_iou",
+    "voxels_to_mesh",
 ]

@@ -9,7 +9,9 @@ import numpy as np
 from attnzoo.errors import InvalidInputError
 
 
-def topk_accuracy_from_ranked(ranked: Sequence[Sequence[int]] | np.ndarray, targets: Sequence[int] | np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+def topk_accuracy_from_ranked(
+    ranked: Sequence[Sequence[int]] | np.ndarray, targets: Sequence[int] | np.ndarray, ks: Sequence[int] = (1, 5)
+) -> dict[int, float]:
     """Percent of samples whose target is among their first ``k`` ranked predictions.
 
     ``ranked[i]`` lists class indices best first; it may be shorter than ``k`` (a model
@@ -29,7 +31,9 @@ def topk_accuracy_from_ranked(ranked: Sequence[Sequence[int]] | np.ndarray, targ
     return result
 
 
-def topk_accuracy(logits: np.ndarray, targets: Sequence[int] | np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+def topk_accuracy(
+    logits: np.ndarray, targets: Sequence[int] | np.ndarray, ks: Sequence[int] = (1, 5)
+) -> dict[int, float]:
     """Percent top-k accuracy from an ``N x C`` score matrix (torch tensors are accepted)."""
     scores = np.asarray(logits.detach().cpu() if hasattr(logits, "detach") else logits, dtype=np.float64)
     if scores.ndim != 2:

@@ -25,9 +25,11 @@ from attnzoo.errors import InvalidInputError
 
 __all__ = ["F1_NOTE", "binary_auc", "mil_metrics"]
 
-F1_NOTE = ("the official ACMIL code's 'F1' is torchmetrics F1Score(task='multiclass') with its default "
-           "average='micro', which equals accuracy/100 for single-label predictions: compare it with f1_micro; "
-           "f1_macro is the per-class F1 averaged over the classes present in labels or predictions")
+F1_NOTE = (
+    "the official ACMIL code's 'F1' is torchmetrics F1Score(task='multiclass') with its default "
+    "average='micro', which equals accuracy/100 for single-label predictions: compare it with f1_micro; "
+    "f1_macro is the per-class F1 averaged over the classes present in labels or predictions"
+)
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -96,9 +98,13 @@ def mil_metrics(probabilities: Any, labels: Any, *, num_classes: int | None = No
     if not np.isfinite(probs).all():
         raise InvalidInputError("probabilities contain NaN or infinite values")
     if probs.min() < 0.0 or probs.max() > 1.0:
-        raise InvalidInputError("probabilities must lie in [0, 1]: pass softmax probabilities (logits.softmax(-1)), "
-                                "as the official evaluation does")
-    if y.dtype == bool or not (np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)))):
+        raise InvalidInputError(
+            "probabilities must lie in [0, 1]: pass softmax probabilities (logits.softmax(-1)), "
+            "as the official evaluation does"
+        )
+    if y.dtype == bool or not (
+        np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)))
+    ):
         raise InvalidInputError(f"labels must be integer class indices, got dtype {y.dtype}")
     y = y.astype(np.int64)
     if y.min() < 0 or y.max() >= c:
@@ -115,9 +121,12 @@ def mil_metrics(probabilities: Any, labels: Any, *, num_classes: int | None = No
         auc = float(np.mean([0.0 if np.isnan(a) else a for a in per_class]))
     undefined = [k for k, a in enumerate(per_class) if np.isnan(a)]
     if undefined:
-        warnings.warn(f"AUC is undefined for class(es) {undefined} (no positive or no negative sample); "
-                      + ("the binary AUC is NaN" if c == 2 else "they count as 0 in the macro average, as torchmetrics does"),
-                      UserWarning, stacklevel=2)
+        warnings.warn(
+            f"AUC is undefined for class(es) {undefined} (no positive or no negative sample); "
+            + ("the binary AUC is NaN" if c == 2 else "they count as 0 in the macro average, as torchmetrics does"),
+            UserWarning,
+            stacklevel=2,
+        )
 
     classes = np.arange(c)
     tp = np.array([np.sum(correct & (y == k)) for k in classes], dtype=np.float64)

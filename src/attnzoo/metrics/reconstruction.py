@@ -112,7 +112,9 @@ def summarize_iou(
     if values.ndim == 1:
         values = values[:, None]
     if values.ndim != 2 or values.shape[1] != len(levels):
-        raise InvalidInputError(f"summarize_iou: ious must be [N, {len(levels)}] (one column per threshold), got shape {values.shape}")
+        raise InvalidInputError(
+            f"summarize_iou: ious must be [N, {len(levels)}] (one column per threshold), got shape {values.shape}"
+        )
     ids = list(taxonomy_ids)
     if len(ids) != values.shape[0]:
         raise InvalidInputError(f"summarize_iou: {values.shape[0]} IoU rows but {len(ids)} taxonomy ids")
@@ -151,7 +153,9 @@ def _names_by_id(ids: list, taxonomy_names) -> dict:
         return {k: str(v) for k, v in taxonomy_names.items()}
     names = list(taxonomy_names)
     if len(names) != len(ids):
-        raise InvalidInputError(f"summarize_iou: {len(names)} taxonomy names for {len(ids)} samples (pass one per sample or an id -> name mapping)")
+        raise InvalidInputError(
+            f"summarize_iou: {len(names)} taxonomy names for {len(ids)} samples (pass one per sample or an id -> name mapping)"
+        )
     return {tid: str(name) for tid, name in zip(ids, names)}
 
 
@@ -265,7 +269,9 @@ def mesh_area(vertices: np.ndarray, faces: np.ndarray) -> float:
     return float(_face_areas(vertices, faces).sum()) if len(faces) else 0.0
 
 
-def sample_surface(vertices: np.ndarray, faces: np.ndarray, n_points: int, seed: int | np.random.Generator = 0) -> np.ndarray:
+def sample_surface(
+    vertices: np.ndarray, faces: np.ndarray, n_points: int, seed: int | np.random.Generator = 0
+) -> np.ndarray:
     """``n_points`` points ``[n, 3]`` drawn uniformly (by area) on a triangle mesh's surface.
 
     A triangle is picked with probability proportional to its area, then a point uniformly
@@ -289,7 +295,9 @@ def sample_surface(vertices: np.ndarray, faces: np.ndarray, n_points: int, seed:
     return tri[:, 0] * (1 - s)[:, None] + tri[:, 1] * (s * (1 - r2))[:, None] + tri[:, 2] * (s * r2)[:, None]
 
 
-def pointcloud_fscore(pred_points: np.ndarray, gt_points: np.ndarray, distance: float = 0.01) -> tuple[float, float, float]:
+def pointcloud_fscore(
+    pred_points: np.ndarray, gt_points: np.ndarray, distance: float = 0.01
+) -> tuple[float, float, float]:
     """``(F, precision, recall)`` of two point clouds at ``distance``.
 
     Precision is the fraction of predicted points within ``distance`` (strictly less) of a
@@ -401,7 +409,9 @@ def _paired_batches(pred, gt, name: str):
     pred = _squeeze_channel(pred, "prediction", name)
     gt = _squeeze_channel(gt, "ground truth", name)
     if tuple(pred.shape) != tuple(gt.shape):
-        raise InvalidInputError(f"{name}: prediction shape {tuple(pred.shape)} does not match ground truth shape {tuple(gt.shape)}")
+        raise InvalidInputError(
+            f"{name}: prediction shape {tuple(pred.shape)} does not match ground truth shape {tuple(gt.shape)}"
+        )
     if 0 in tuple(pred.shape):
         raise InvalidInputError(f"{name}: empty input of shape {tuple(pred.shape)}")
     single = len(pred.shape) == 3

@@ -96,7 +96,9 @@ def _points(xy: Any, name: str, *, columns: tuple[int, ...] = (2,), min_length: 
         arr = arr.reshape(0, columns[0])
     wanted = " or ".join(f"[T, {c}]" for c in columns)
     if arr.ndim != 2 or arr.shape[1] not in columns:
-        raise InvalidInputError(f"{name} must be {wanted} (x, y{', duration s' if 3 in columns else ''}), got shape {arr.shape}")
+        raise InvalidInputError(
+            f"{name} must be {wanted} (x, y{', duration s' if 3 in columns else ''}), got shape {arr.shape}"
+        )
     if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) or np.issubdtype(arr.dtype, np.complexfloating):
         raise InvalidInputError(f"{name} must hold real numbers, got dtype {arr.dtype}")
     arr = arr.astype(np.float64)
@@ -250,7 +252,9 @@ def _check_k(k: Any, *lengths: int) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise InvalidInputError(f"k (the embedding window) must be a positive integer, got {k!r}")
     if min(lengths) < k:
-        raise InvalidInputError(f"k={k} is longer than a scanpath ({min(lengths)} fixations): choose k <= the shorter length")
+        raise InvalidInputError(
+            f"k={k} is longer than a scanpath ({min(lengths)} fixations): choose k <= the shorter length"
+        )
     return int(k)
 
 
@@ -290,14 +294,19 @@ def scaled_tde_similarity(human: Any, model: Any, size: Any) -> float:
 
 
 def _string_tde(human: str, model: str, k: int, reduce: str) -> float:
-    hw = {human[i:i + k] for i in range(len(human) - k + 1)}
-    nearest = np.array([min(edit_distance(mw, w, transpositions=True) for w in hw) / k
-                        for mw in (model[i:i + k] for i in range(len(model) - k + 1))])
+    hw = {human[i : i + k] for i in range(len(human) - k + 1)}
+    nearest = np.array(
+        [
+            min(edit_distance(mw, w, transpositions=True) for w in hw) / k
+            for mw in (model[i : i + k] for i in range(len(model) - k + 1))
+        ]
+    )
     return _reduce(nearest, reduce)
 
 
-def sbtde_distance(human: Any, model: Any, size: Any, *, k: int = 3, grid: Any = (4, 4), reduce: str = "mean",
-                   clip: bool = True) -> float:
+def sbtde_distance(
+    human: Any, model: Any, size: Any, *, k: int = 3, grid: Any = (4, 4), reduce: str = "mean", clip: bool = True
+) -> float:
     """String-based time-delay embedding distance (Fahimi & Bruce 2021), as FixaTons computes it.
 
     Both scanpaths become strings (:func:`scanpath_to_string`, default 4x4 grid); every window of
@@ -311,8 +320,9 @@ def sbtde_distance(human: Any, model: Any, size: Any, *, k: int = 3, grid: Any =
     return _string_tde(h, m, _check_k(k, len(h), len(m)), reduce)
 
 
-def sbtde_similarity(human: Any, model: Any, size: Any, *, k: int | str = 3, grid: Any = (4, 4),
-                     reduce: str = "mean", clip: bool = True) -> float:
+def sbtde_similarity(
+    human: Any, model: Any, size: Any, *, k: int | str = 3, grid: Any = (4, 4), reduce: str = "mean", clip: bool = True
+) -> float:
     """``1 - sbtde_distance``: 1 for identical strings, 0 for no matching window.
 
     ``k='all'`` averages ``1 - SBTDE_k`` over ``k = 1 .. min(len)``, the string analogue of the
@@ -332,9 +342,18 @@ def sbtde_similarity(human: Any, model: Any, size: Any, *, k: int | str = 3, gri
     return 1.0 - _string_tde(h, m, _check_k(k, len(h), len(m)), reduce)
 
 
-def scanpath_plausibility(model: Any, humans: Iterable[Any], size: Any, *, aggregate: str = "mean",
-                          truncate_to_human: bool = False, k: int | str = 3, grid: Any = (4, 4),
-                          reduce: str = "mean", clip: bool = True) -> float:
+def scanpath_plausibility(
+    model: Any,
+    humans: Iterable[Any],
+    size: Any,
+    *,
+    aggregate: str = "mean",
+    truncate_to_human: bool = False,
+    k: int | str = 3,
+    grid: Any = (4, 4),
+    reduce: str = "mean",
+    clip: bool = True,
+) -> float:
     """NevaClip's scanpath plausibility (SPP): SBTDE similarity of one model scanpath to the human
     scanpaths of the same stimulus, aggregated over humans.
 
@@ -364,8 +383,9 @@ def scanpath_plausibility(model: Any, humans: Iterable[Any], size: Any, *, aggre
 # ScanMatch (Cristino et al. 2010), as GazeParser's port (FixaTons, chenxy99/Scanpaths)
 
 
-def _scanmatch_sequence(pts: np.ndarray, width: int, height: int, rows: int, cols: int,
-                        offset: tuple[float, float], temporal_bin_ms: float) -> np.ndarray:
+def _scanmatch_sequence(
+    pts: np.ndarray, width: int, height: int, rows: int, cols: int, offset: tuple[float, float], temporal_bin_ms: float
+) -> np.ndarray:
     d = pts.copy()
     d[:, 0] -= offset[0]
     d[:, 1] -= offset[1]
@@ -385,8 +405,17 @@ def _scanmatch_sequence(pts: np.ndarray, width: int, height: int, rows: int, col
     return seq
 
 
-def scanmatch(a: Any, b: Any, size: Any, *, grid: Any = (6, 8), threshold: float = 3.5, gap: float = 0.0,
-              offset: Any = (0, 0), temporal_bin_ms: float = 0.0) -> float:
+def scanmatch(
+    a: Any,
+    b: Any,
+    size: Any,
+    *,
+    grid: Any = (6, 8),
+    threshold: float = 3.5,
+    gap: float = 0.0,
+    offset: Any = (0, 0),
+    temporal_bin_ms: float = 0.0,
+) -> float:
     """ScanMatch similarity (Cristino et al. 2010) as GazeParser's Python port computes it.
 
     Fixations are binned on a ``grid`` (rows, cols) over ``size`` (offset subtracted, negatives
@@ -461,8 +490,14 @@ def _calcangle(x1: float, y1: float, x2: float, y2: float) -> float:
 
 
 def _saccade(lenx: float, leny: float, x: float, y: float) -> dict[str, float]:
-    return {"x": x, "y": y, "lenx": lenx, "leny": leny, "rho": float(np.sqrt(lenx ** 2 + leny ** 2)),
-            "theta": float(np.arctan2(leny, lenx))}
+    return {
+        "x": x,
+        "y": y,
+        "lenx": lenx,
+        "leny": leny,
+        "rho": float(np.sqrt(lenx**2 + leny**2)),
+        "theta": float(np.arctan2(leny, lenx)),
+    }
 
 
 def _simplify_direction(sacs: list[dict], durs: list[float], tdir: float, tdur: float) -> tuple[list, list]:
@@ -518,9 +553,17 @@ def _vector_scanpath(pts: np.ndarray, grouping: bool, tdir: float, tdur: float, 
     x, y, dur = pts[:, 0], pts[:, 1], pts[:, 2]
     lenx, leny = np.diff(x), np.diff(y)
     if grouping:
-        sacs = [{"x": float(x[i]), "y": float(y[i]), "lenx": float(lenx[i]), "leny": float(leny[i]),
-                 "rho": float(np.sqrt(lenx[i] ** 2 + leny[i] ** 2)), "theta": float(np.arctan2(leny[i], lenx[i]))}
-                for i in range(len(lenx))]
+        sacs = [
+            {
+                "x": float(x[i]),
+                "y": float(y[i]),
+                "lenx": float(lenx[i]),
+                "leny": float(leny[i]),
+                "rho": float(np.sqrt(lenx[i] ** 2 + leny[i] ** 2)),
+                "theta": float(np.arctan2(leny[i], lenx[i])),
+            }
+            for i in range(len(lenx))
+        ]
         durs = [float(d) for d in dur]
         prev = len(durs)
         while True:
@@ -529,10 +572,19 @@ def _vector_scanpath(pts: np.ndarray, grouping: bool, tdir: float, tdur: float, 
             if len(durs) == prev:
                 break
             prev = len(durs)
-        return {key: np.array([s[key] for s in sacs], dtype=np.float64) for key in ("x", "y", "lenx", "leny", "rho", "theta")} | {
-            "dur": np.array(durs, dtype=np.float64)}
-    return {"x": x[:-1], "y": y[:-1], "lenx": lenx, "leny": leny, "rho": np.sqrt(lenx ** 2 + leny ** 2),
-            "theta": np.arctan2(leny, lenx), "dur": dur}
+        return {
+            key: np.array([s[key] for s in sacs], dtype=np.float64)
+            for key in ("x", "y", "lenx", "leny", "rho", "theta")
+        } | {"dur": np.array(durs, dtype=np.float64)}
+    return {
+        "x": x[:-1],
+        "y": y[:-1],
+        "lenx": lenx,
+        "leny": leny,
+        "rho": np.sqrt(lenx**2 + leny**2),
+        "theta": np.arctan2(leny, lenx),
+        "dur": dur,
+    }
 
 
 def _alignment_path(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -562,8 +614,16 @@ def _alignment_path(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return p // n2, p % n2
 
 
-def multimatch(a: Any, b: Any, screen_size: Any, *, grouping: bool = False, direction_threshold: float = 0.0,
-               duration_threshold: float = 0.0, amplitude_threshold: float = 0.0) -> dict[str, float]:
+def multimatch(
+    a: Any,
+    b: Any,
+    screen_size: Any,
+    *,
+    grouping: bool = False,
+    direction_threshold: float = 0.0,
+    duration_threshold: float = 0.0,
+    amplitude_threshold: float = 0.0,
+) -> dict[str, float]:
     """MultiMatch similarities: ``vector``, ``direction``, ``length``, ``position``, ``duration``
     (1 = identical), plus ``mean_without_duration`` (OAT's "Avg MM", the mean of the first four).
 
@@ -579,8 +639,11 @@ def multimatch(a: Any, b: Any, screen_size: Any, *, grouping: bool = False, dire
     pa = _points(a, "a", columns=(2, 3))
     pb = _points(b, "b", columns=(2, 3))
     width, height = _size(screen_size, "screen_size")
-    for name, value in (("direction_threshold", direction_threshold), ("duration_threshold", duration_threshold),
-                        ("amplitude_threshold", amplitude_threshold)):
+    for name, value in (
+        ("direction_threshold", direction_threshold),
+        ("duration_threshold", duration_threshold),
+        ("amplitude_threshold", amplitude_threshold),
+    ):
         if not (isinstance(value, (int, float, np.number)) and math.isfinite(value)):
             raise InvalidInputError(f"{name} must be a finite number, got {value!r}")
     keys = ("vector", "direction", "length", "position", "duration")
@@ -596,7 +659,7 @@ def multimatch(a: Any, b: Any, screen_size: Any, *, grouping: bool = False, dire
         raise InvalidInputError("simplification left no saccade to compare: lower the thresholds")
     dx = np.abs(s1["lenx"][:, None] - s2["lenx"][None, :])
     dy = np.abs(s1["leny"][:, None] - s2["leny"][None, :])
-    i, j = _alignment_path(np.sqrt(dx ** 2 + dy ** 2))
+    i, j = _alignment_path(np.sqrt(dx**2 + dy**2))
 
     vector = np.sqrt((s1["lenx"][i] - s2["lenx"][j]) ** 2 + (s1["leny"][i] - s2["leny"][j]) ** 2)
     t1, t2 = s1["theta"][i], s2["theta"][j]
@@ -610,7 +673,7 @@ def multimatch(a: Any, b: Any, screen_size: Any, *, grouping: bool = False, dire
     with np.errstate(invalid="ignore", divide="ignore"):
         duration = np.abs(d1 - d2) / np.abs(np.maximum(d1, d2))
 
-    diagonal = math.sqrt(width ** 2 + height ** 2)
+    diagonal = math.sqrt(width**2 + height**2)
     out = {
         "vector": 1 - float(np.median(vector)) / (2 * diagonal),
         "direction": 1 - float(np.median(angle)) / math.pi,
@@ -675,8 +738,13 @@ def search_statistics(objects: Any, target: int) -> dict[str, float]:
             search += 1
         refix += run_length - 1
         seen.add(obj)
-    return {"correct_target": float(int(seq[-1]) == int(target)), "length": float(n), "search_ratio": search / n,
-            "refixation_ratio": refix / n, "revisit_ratio": revisit / n}
+    return {
+        "correct_target": float(int(seq[-1]) == int(target)),
+        "length": float(n),
+        "search_ratio": search / n,
+        "refixation_ratio": refix / n,
+        "revisit_ratio": revisit / n,
+    }
 
 
 def object_scanpath_scores(pred: Any, human: Any, target: int) -> dict[str, Any]:
@@ -684,8 +752,11 @@ def object_scanpath_scores(pred: Any, human: Any, target: int) -> dict[str, Any]
     (:func:`sequence_score`, 0 for an empty prediction), ``edit_distance`` and ``stats``
     (:func:`search_statistics`, ``None`` for an empty prediction: it has no last fixation)."""
     p, h = _objects(pred, "pred", allow_empty=True), _objects(human, "human", allow_empty=True)
-    return {"ss": sequence_score(p, h) if len(p) else 0.0, "edit_distance": float(edit_distance(p.tolist(), h.tolist())),
-            "stats": search_statistics(p, target) if len(p) else None}
+    return {
+        "ss": sequence_score(p, h) if len(p) else 0.0,
+        "edit_distance": float(edit_distance(p.tolist(), h.tolist())),
+        "stats": search_statistics(p, target) if len(p) else None,
+    }
 
 
 def average_search_statistics(stats: Iterable[Mapping[str, float]]) -> dict[str, float]:
@@ -719,7 +790,9 @@ def behavioural_delta(model_stats: Mapping[str, float], human_stats: Mapping[str
         try:
             m, h = float(model_stats[key]), float(human_stats[key])
         except KeyError:
-            raise InvalidInputError(f"statistics lack {key!r}: pass dicts from search_statistics / average_search_statistics") from None
+            raise InvalidInputError(
+                f"statistics lack {key!r}: pass dicts from search_statistics / average_search_statistics"
+            ) from None
         if not (math.isfinite(m) and math.isfinite(h)):
             raise InvalidInputError(f"statistic {key!r} is not finite (model {m}, human {h})")
         if h == 0:
@@ -741,10 +814,14 @@ def objects_to_points(objects: Any, grid: Any, cell_size: Any, offset: Any = (0,
         w, h = (float(v) for v in cell_size)
         ox, oy = (float(v) for v in offset)
     except (TypeError, ValueError):
-        raise InvalidInputError(f"cell_size and offset must be pairs of numbers, got {cell_size!r}, {offset!r}") from None
+        raise InvalidInputError(
+            f"cell_size and offset must be pairs of numbers, got {cell_size!r}, {offset!r}"
+        ) from None
     if seq.size and (seq.min() < 0 or seq.max() >= rows * cols):
-        raise InvalidInputError(f"object indices must lie in [0, {rows * cols - 1}] for a {rows}x{cols} grid, "
-                                f"got {seq.min()}..{seq.max()} (EOS/PAD/BOS tokens must be stripped)")
+        raise InvalidInputError(
+            f"object indices must lie in [0, {rows * cols - 1}] for a {rows}x{cols} grid, "
+            f"got {seq.min()}..{seq.max()} (EOS/PAD/BOS tokens must be stripped)"
+        )
     r, c = np.divmod(seq, cols)
     return np.column_stack([ox + c * w + w / 2, oy + r * h + h / 2]).astype(np.float64)
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnzoo.errors import InvalidInputError, UnknownNameError, WeightsError
+from attnzoo.registry import register_model
 
 __all__ = [
     "OPENAI_DATASET_MEAN",
@@ -70,6 +72,7 @@ RNG_MODES = ("per_sample", "official")
 
 # -- foveation -----------------------------------------------------------------------------
 
+
 def gaussian_window(size: int = 41, sigma: float = 10.0) -> torch.Tensor:
     """The ``[size, size]`` float32 Gaussian the official code builds: a normalised 1-D kernel
     (values from Python floats, normalised in float32) times its transpose."""
@@ -77,7 +80,9 @@ def gaussian_window(size: int = 41, sigma: float = 10.0) -> torch.Tensor:
         raise InvalidInputError(f"blur filter size must be a positive odd number, got {size}")
     if not sigma > 0:
         raise InvalidInputError(f"blur sigma must be positive, got {sigma}")
-    gauss = torch.tensor([math.exp(-((i - size // 2) ** 2) / float(2 * sigma**2)) for i in range(size)], dtype=torch.float32)
+    gauss = torch.tensor(
+        [math.exp(-((i - size // 2) ** 2) / float(2 * sigma**2)) for i in range(size)], dtype=torch.float32
+    )
     gauss = gauss / gauss.sum()
     return gauss[:, None] * gauss[None, :]
 
@@ -88,7 +93,9 @@ def gaussian_blur_difference(x: torch.Tensor, size: int = 41, sigma: float = 10.
         raise InvalidInputError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
     pad = size // 2
     if pad >= min(x.shape[-2:]):
-        raise InvalidInputError(f"blur filter size {size} needs images larger than {pad} pixels, got {tuple(x.shape[-2:])}")
+        raise InvalidInputError(
+            f"blur filter size {size} needs images larger than {pad} pixels, got {tuple(x.shape[-2:])}"
+        )
     channels = x.shape[1]
     window = gaussian_window(size, sigma).to(device=x.device, dtype=x.dtype)
     window = window.expand(channels, 1, size, size).contiguous()
@@ -129,7 +136,9 @@ def update_memory(memory: torch.Tensor, mask: torch.Tensor, forgetting: float) -
 RESIZE_MODES = ("shortest", "squash", "longest")
 
 
-def _resize_geometry(width: int, height: int, input_size: int, resize_mode: str = "shortest") -> tuple[int, int, int, int]:
+def _resize_geometry(
+    width: int, height: int, input_size: int, resize_mode: str = "shortest"
+) -> tuple[int, int, int, int]:
     """(resized width, resized height, crop left, crop top) of open_clip's eval transform.
 
     ``shortest``: torchvision Resize(short side) + CenterCrop, the long side truncated, offsets rounded
@@ -197,7 +206,12 @@ def preprocess_images(
     from attnzoo.datasets.images import load_image
 
     transform = image_transform(
-        input_size, is_train=False, mean=tuple(mean), std=tuple(std), interpolation=interpolation, resize_mode=resize_mode
+        input_size,
+        is_train=False,
+        mean=tuple(mean),
+        std=tuple(std),
+        interpolation=interpolation,
+        resize_mode=resize_mode,
     )
     tensors, sizes = [], []
     for source in images:
@@ -210,6 +224,7 @@ def preprocess_images(
 
 
 # -- the search ----------------------------------------------------------------------------
+
 
 @dataclass
 class NevaClipResult:
@@ -231,13 +246,17 @@ class NevaClipResult:
 class _RestartDraws:
     """Uniform [0, 1) draws for the samples that did not improve, as ``[n, 2, 1, 1]``."""
 
-    def __init__(self, mode: str, seed: int | Sequence[int] | None, batch: int, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self, mode: str, seed: int | Sequence[int] | None, batch: int, device: torch.device, dtype: torch.dtype
+    ):
         if mode not in RNG_MODES:
             raise InvalidInputError(f"rng must be one of {RNG_MODES}, got {mode!r}")
         self.mode, self.device, self.dtype = mode, device, dtype
         if mode == "official":
             if seed is not None and not _is_int(seed):
-                raise InvalidInputError("rng='official' draws from one stream: seed must be an int (or None for torch's global RNG)")
+                raise InvalidInputError(
+                    "rng='official' draws from one stream: seed must be an int (or None for torch's global RNG)"
+                )
             self.generator = None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
             return
         if seed is None:
@@ -314,7 +333,10 @@ class NevaClip:
     ):
         self.model_name, self.pretrained, self.cache_dir = model_name, pretrained, cache_dir
         self.foveation_sigma, self.blur_filter_size, self.blur_sigma, self.amplitude = (
-            foveation_sigma, blur_filter_size, blur_sigma, amplitude,
+            foveation_sigma,
+            blur_filter_size,
+            blur_sigma,
+            amplitude,
         )
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype or torch.float32
@@ -326,7 +348,9 @@ class NevaClip:
         self._module: nn.Module | None = None  # the whole CLIP (or the bare tower): what .to() moves
         if model is not None:
             if not hasattr(model, "visual"):
-                raise InvalidInputError("model must be an open_clip CLIP-like module with a .visual tower; pass visual= for a bare tower")
+                raise InvalidInputError(
+                    "model must be an open_clip CLIP-like module with a .visual tower; pass visual= for a bare tower"
+                )
             self._text_encoder = text_encoder or getattr(model, "encode_text", None)
             self._setup(model)
         elif visual is not None:
@@ -363,11 +387,13 @@ class NevaClip:
             raise UnknownNameError("open_clip model", self.model_name, open_clip.list_models())
         try:
             with _hub_offline_if_asked():
-                model, _, _ = open_clip.create_model_and_transforms(self.model_name, pretrained=self.pretrained, cache_dir=self.cache_dir)
+                model, _, _ = open_clip.create_model_and_transforms(
+                    self.model_name, pretrained=self.pretrained, cache_dir=self.cache_dir
+                )
         except Exception as err:  # noqa: BLE001  open_clip raises RuntimeError / OSError / HF errors for missing weights
             raise WeightsError(
                 f"could not load open_clip {self.model_name!r} with pretrained={self.pretrained!r} ({err}); "
-                "check the tag (open_clip.list_pretrained()), the network, or pass a local checkpoint path as pretrained="
+                "check the tag (open_clip.list_pretrained()), the network, or pass a local checkpoint path as weights="
             ) from None
         self._text_encoder = self._text_encoder or model.encode_text
         self._setup(model)
@@ -397,7 +423,13 @@ class NevaClip:
     @property
     def preprocess_cfg(self) -> dict[str, Any]:
         """open_clip's eval preprocessing of this model (OpenAI's bicubic / centre crop / mean-std by default)."""
-        cfg = {"size": self.input_size, "mean": OPENAI_DATASET_MEAN, "std": OPENAI_DATASET_STD, "interpolation": "bicubic", "resize_mode": "shortest"}
+        cfg = {
+            "size": self.input_size,
+            "mean": OPENAI_DATASET_MEAN,
+            "std": OPENAI_DATASET_STD,
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+        }
         cfg.update(getattr(self.visual, "preprocess_cfg", None) or {})
         cfg.update(self._preprocess_cfg or {})
         return cfg
@@ -416,7 +448,9 @@ class NevaClip:
         """Decoded, resized, centre-cropped, normalised images and their original (width, height)."""
         cfg = self.preprocess_cfg
         items = list(images) if isinstance(images, (list, tuple)) else [images]
-        return preprocess_images(items, self.input_size, cfg["mean"], cfg["std"], cfg["interpolation"], cfg["resize_mode"])
+        return preprocess_images(
+            items, self.input_size, cfg["mean"], cfg["std"], cfg["interpolation"], cfg["resize_mode"]
+        )
 
     def tokenize(self, captions: Sequence[str], *, truncate: bool = False) -> torch.Tensor:
         """Token ids; refuses empty captions and (unless ``truncate``) captions the tokenizer would cut."""
@@ -426,7 +460,9 @@ class NevaClip:
             if not isinstance(caption, str):
                 raise InvalidInputError(f"caption {index} must be a string, got {type(caption).__name__}")
             if not caption.strip():
-                raise InvalidInputError(f"caption {index} is empty; give a non-empty caption or an embedding tensor as target")
+                raise InvalidInputError(
+                    f"caption {index} is empty; give a non-empty caption or an embedding tensor as target"
+                )
             if not truncate:
                 length = self._token_count(caption)
                 if length > context:
@@ -438,7 +474,11 @@ class NevaClip:
 
     def _token_count(self, caption: str) -> int:
         tokenizer = self.tokenizer
-        if hasattr(tokenizer, "encode") and hasattr(tokenizer, "sot_token_id") and getattr(tokenizer, "reduction_fn", None) is None:
+        if (
+            hasattr(tokenizer, "encode")
+            and hasattr(tokenizer, "sot_token_id")
+            and getattr(tokenizer, "reduction_fn", None) is None
+        ):
             return len(tokenizer.encode(caption)) + 2
         tokens = tokenizer([caption], context_length=4096)
         pad_id = getattr(getattr(tokenizer, "tokenizer", None), "pad_token_id", None) or 0
@@ -450,14 +490,18 @@ class NevaClip:
         if self._visual is None:
             self._load()  # the named model brings its text tower
         if self._text_encoder is None:
-            raise InvalidInputError("this NevaClip has no text encoder: pass model= (a CLIP) or text_encoder= and tokenizer=, or give embeddings")
+            raise InvalidInputError(
+                "this NevaClip has no text encoder: pass model= (a CLIP) or text_encoder= and tokenizer=, or give embeddings"
+            )
         tokens = self.tokenize(captions, truncate=truncate).to(self.device)
         return self._text_encoder(tokens).float()
 
     def _targets(self, targets: Any, truncate: bool, name: str) -> torch.Tensor:
         if isinstance(targets, str):
             targets = [targets]
-        if isinstance(targets, torch.Tensor) or (isinstance(targets, (list, tuple)) and targets and isinstance(targets[0], torch.Tensor)):
+        if isinstance(targets, torch.Tensor) or (
+            isinstance(targets, (list, tuple)) and targets and isinstance(targets[0], torch.Tensor)
+        ):
             embedding = torch.stack(list(targets)) if isinstance(targets, (list, tuple)) else targets
             embedding = embedding[None] if embedding.ndim == 1 else embedding
             if embedding.ndim != 2 or embedding.shape[0] == 0:
@@ -467,10 +511,14 @@ class NevaClip:
         elif isinstance(targets, (list, tuple)) and targets:
             embedding = self.encode_captions(targets, truncate=truncate)
         else:
-            raise InvalidInputError(f"{name} must be a caption, a list of captions or an embedding tensor, got {type(targets).__name__}")
+            raise InvalidInputError(
+                f"{name} must be a caption, a list of captions or an embedding tensor, got {type(targets).__name__}"
+            )
         dim = self.embed_dim
         if dim is not None and embedding.shape[1] != dim:
-            raise InvalidInputError(f"{name} embedding has dimension {embedding.shape[1]} but the vision tower outputs {dim}")
+            raise InvalidInputError(
+                f"{name} embedding has dimension {embedding.shape[1]} but the vision tower outputs {dim}"
+            )
         return embedding.to(self.device, torch.float64 if self.dtype == torch.float64 else torch.float32)
 
     def _images(self, images: Any) -> tuple[torch.Tensor, list[tuple[int, int]] | None]:
@@ -483,7 +531,9 @@ class NevaClip:
                 )
             return images, None
         if isinstance(images, np.ndarray) and images.ndim not in (2, 3):
-            raise InvalidInputError(f"a numpy image must be HxW or HxWxC, got shape {images.shape}; pass a batch as a list")
+            raise InvalidInputError(
+                f"a numpy image must be HxW or HxWxC, got shape {images.shape}; pass a batch as a list"
+            )
         return self.preprocess(images)
 
     # -- the search ----------------------------------------------------------------------
@@ -524,19 +574,31 @@ class NevaClip:
         target = self._targets(targets, truncate, "targets")
         second = None if second_target is None else self._targets(second_target, truncate, "second_target")
         batch = max(x.shape[0], target.shape[0], 1 if second is None else second.shape[0])
-        for name, count in (("images", x.shape[0]), ("targets", target.shape[0]), ("second_target", 0 if second is None else second.shape[0])):
+        for name, count in (
+            ("images", x.shape[0]),
+            ("targets", target.shape[0]),
+            ("second_target", 0 if second is None else second.shape[0]),
+        ):
             if count not in (0, 1, batch):
                 raise InvalidInputError(f"got {count} {name} for a batch of {batch}: give one, or one per sample")
-        x = x.to(self.device, torch.float64 if self.dtype == torch.float64 else torch.float32).expand(batch, -1, -1, -1).contiguous()
+        x = (
+            x.to(self.device, torch.float64 if self.dtype == torch.float64 else torch.float32)
+            .expand(batch, -1, -1, -1)
+            .contiguous()
+        )
         target = target.expand(batch, -1).contiguous()
         second = None if second is None else second.expand(batch, -1).contiguous()
         if sizes is not None and len(sizes) == 1:
             sizes = sizes * batch
         draws = _RestartDraws(rng, seed, batch, self.device, x.dtype)
-        result = self._search(x, target, second, fixations, iterations, lr, random_restarts, forgetting, draws, return_traces, autocast)
+        result = self._search(
+            x, target, second, fixations, iterations, lr, random_restarts, forgetting, draws, return_traces, autocast
+        )
         if sizes is not None:
             mode = self.preprocess_cfg["resize_mode"]
-            result.xy = [fixations_to_pixels(result.positions[i], sizes[i], self.input_size, mode) for i in range(batch)]
+            result.xy = [
+                fixations_to_pixels(result.positions[i], sizes[i], self.input_size, mode) for i in range(batch)
+            ]
         return result
 
     __call__ = predict
@@ -585,7 +647,9 @@ class NevaClip:
                     if isinstance(output, (tuple, list)):
                         output = output[0]
                     if output.shape[-1] != goal.shape[-1]:
-                        raise InvalidInputError(f"target embedding has dimension {goal.shape[-1]} but the vision tower outputs {output.shape[-1]}")
+                        raise InvalidInputError(
+                            f"target embedding has dimension {goal.shape[-1]} but the vision tower outputs {output.shape[-1]}"
+                        )
                     loss = 1 - F.cosine_similarity(output.to(goal.dtype) if not use_amp else output, goal, 1)
                     # sum, not the official mean: same signs, and a sample's gradient does not depend on the batch size
                     (grad,) = torch.autograd.grad(loss.sum(), pos)
@@ -605,7 +669,9 @@ class NevaClip:
                             else:
                                 pos[stuck] = pos[stuck] + (fresh * lr - lr / 2)
                 with torch.no_grad():
-                    memory = update_memory(memory, foveation_mask(best_pos, size, self.foveation_sigma, self.amplitude), forgetting)
+                    memory = update_memory(
+                        memory, foveation_mask(best_pos, size, self.foveation_sigma, self.amplitude), forgetting
+                    )
                 positions.append(best_pos.detach().reshape(batch, 2))
                 losses.append(best_loss)
         result = NevaClipResult(positions=torch.stack(positions, 1).cpu(), losses=torch.stack(losses, 1).cpu())
@@ -613,3 +679,23 @@ class NevaClip:
             result.loss_trace = torch.stack(loss_trace).reshape(fixations, iterations, batch).cpu()
             result.pos_trace = torch.stack(pos_trace).reshape(fixations, iterations, batch, 2).cpu()
         return result
+
+
+@register_model(family="nevaclip", tasks=("scanpath",), own_weights=True)
+def nevaclip(pretrained: bool = True, weights: Any = None, **kwargs: Any) -> NevaClip:
+    """NevaClip on an open_clip model (``model_name``, default the paper's ``"RN50"``).
+
+    ``weights`` is an open_clip pretrained tag or a local checkpoint path (default ``"openai"``);
+    ``pretrained=False`` (or ``weights="none"``, which the factory turns into that) gives CLIP's
+    random initialisation.
+    """
+    if not isinstance(pretrained, bool):
+        raise InvalidInputError(
+            f"pretrained={pretrained!r}: pass open_clip's pretrained tag (or a checkpoint path) as "
+            "weights=, e.g. weights='openai'"
+        )
+    if weights is not None:
+        kwargs["pretrained"] = os.fspath(weights) if isinstance(weights, os.PathLike) else weights
+    elif not pretrained:
+        kwargs["pretrained"] = None
+    return NevaClip(**kwargs)

@@ -9,8 +9,9 @@ three stages.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from typing import Any, ClassVar
 
@@ -21,10 +22,16 @@ from PIL import Image
 from attnzoo.errors import InvalidInputError
 
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float64": torch.float64, "fp64": torch.float64,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
 }
 
 
@@ -86,14 +93,25 @@ class _Preprocessed(torch.utils.data.Dataset):
 
 
 class Pipeline:
-    """Base class: subclasses define ``preprocess``, ``_forward`` and ``postprocess``."""
+    """Base class: subclasses write ``preprocess``, ``_forward`` and ``postprocess`` (and, when they take
+    call keywords, ``_sanitize_parameters`` with those keywords as named arguments).
+
+    The base owns device and dtype placement, the inference context, batching, single-vs-list
+    inputs and the check of unknown keywords, so a task's pipeline holds only its own logic.
+    """
 
     task: ClassVar[str] = ""
-    default_model: ClassVar[str | None] = None
+    #: Call keywords that carry data of each input (e.g. a caption per image): one value for all
+    #: inputs, or a list with one per input; they reach ``preprocess`` inside a dict item.
+    input_fields: ClassVar[tuple[str, ...]] = ()
+    #: The key under which a plain (non-dict) input goes into that dict item.
+    primary_field: ClassVar[str] = "image"
+    #: ``_forward`` runs under ``torch.inference_mode()`` unless the model needs gradients (NevaClip).
+    needs_grad: ClassVar[bool] = False
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: Any,
         *,
         device: str | int | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
@@ -105,51 +123,90 @@ class Pipeline:
         self.dtype = resolve_dtype(dtype)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.batch_size = _positive_int("batch_size", batch_size)
-        self.num_workers = num_workers
-        self._defaults = self._sanitize_parameters(**kwargs)
+        self.num_workers = _non_negative_int("num_workers", num_workers)
+        self._defaults = self._checked_parameters(kwargs)
+
+    @classmethod
+    def accepts(cls, model: Any) -> bool:
+        """Whether this pipeline serves ``model`` (a task with several model kinds picks by this)."""
+        return True
+
+    @classmethod
+    def configure_model(cls, model: Any, weights: Any) -> Any:
+        """Called by :func:`attnzoo.pipeline` after building a model by name, with the weights it was
+        given; a pipeline may read what a training run wrote beside them."""
+        return model
+
+    def __repr__(self) -> str:
+        name = getattr(self.model, "pretrained_cfg", {}) or {}
+        model = name.get("architecture") or type(self.model).__name__
+        checkpoint = name.get("checkpoint") or name.get("tag")
+        weights = f", weights={checkpoint!r}" if checkpoint else ""
+        return f"{type(self).__name__}(task={self.task!r}, model={model!r}{weights}, device={str(self.device)!r}, dtype={self.dtype})"
 
     # -- the stages -------------------------------------------------------------------
-    def _sanitize_parameters(self, **kwargs: Any) -> tuple[dict, dict, dict]:
-        if kwargs:
-            raise InvalidInputError(f"{type(self).__name__} got unexpected arguments: {sorted(kwargs)}")
+    # (``*args: Any, **kwargs: Any`` so that subclasses name exactly the parameters they take)
+    def _sanitize_parameters(self, *args: Any, **kwargs: Any) -> tuple[dict, dict, dict]:
+        """Split call keywords into (preprocess, forward, postprocess) parameters. Subclasses name the
+        keywords they take as arguments; the base refuses any other."""
         return {}, {}, {}
 
-    def preprocess(self, inputs: Any, **params: Any) -> dict[str, torch.Tensor]:
+    def preprocess(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """One input -> a dict of tensors and values (runs in DataLoader workers when ``num_workers > 0``)."""
         raise NotImplementedError
 
-    def _forward(self, batch: dict[str, torch.Tensor], **params: Any) -> dict[str, torch.Tensor]:
+    def _forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """A collated batch, on the device, -> the model's outputs."""
         raise NotImplementedError
 
-    def postprocess(self, outputs: dict[str, torch.Tensor], **params: Any) -> Any:
+    def postprocess(self, *args: Any, **kwargs: Any) -> Any:
+        """One sample's outputs -> the result object."""
         raise NotImplementedError
 
-    def preprocessor(self, **params: Any) -> Callable[[Any], dict[str, torch.Tensor]]:
+    def preprocessor(self, *args: Any, **params: Any) -> Callable[[Any], dict[str, Any]]:
         """A picklable per-input callable for DataLoader workers (override to avoid shipping the model)."""
         return functools.partial(self.preprocess, **params)
 
     #: Stacks preprocessed samples into a batch; a plain function so DataLoader workers can run it.
+    #: Pipelines whose samples do not stack use :func:`list_collate`.
     collate = staticmethod(torch.utils.data.default_collate)
 
-    def forward(self, batch: dict[str, torch.Tensor], **params: Any) -> dict[str, torch.Tensor]:
-        """Device placement and ``inference_mode`` around ``_forward``; outputs come back on the CPU."""
-        moved = {
-            k: v.to(self.device, dtype=self.dtype if self.dtype is not None and v.is_floating_point() else None, non_blocking=True)
-            if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()
-        }
-        with torch.inference_mode():
+    def forward(self, batch: dict[str, Any], **params: Any) -> dict[str, Any]:
+        """Device placement and the inference context around ``_forward``; outputs come back on the CPU."""
+        moved = _map_tensors(batch, self._to_device)
+        context = torch.enable_grad() if self.needs_grad else torch.inference_mode()
+        with context:
             outputs = self._forward(moved, **params)
-        return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in outputs.items()}
+        return _map_tensors(outputs, lambda t: t.detach().cpu())
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        dtype = self.dtype if self.dtype is not None and tensor.is_floating_point() else None
+        return tensor.to(self.device, dtype=dtype, non_blocking=True)
 
     # -- running ----------------------------------------------------------------------
+    def is_single(self, inputs: Any) -> bool:
+        """One input versus a batch of them (override where one input is itself a list, e.g. views)."""
+        return is_single_input(inputs)
+
     def __call__(self, inputs: Any, **kwargs: Any) -> Any:
         """One input gives one result; a list/iterable (or a 4-D array) gives a list."""
-        single = is_single_input(inputs)
-        items: Iterable[Any] = [inputs] if single else inputs
+        single = self.is_single(inputs)
+        items: Any = [inputs] if single else inputs
         if isinstance(items, (np.ndarray, torch.Tensor)):
             items = list(items)
         results = [result for _, result in self.iterate(items, **kwargs)]
         return results[0] if single else results
+
+    def _with_fields(self, items: list[Any], fields: dict[str, Any]) -> list[dict[str, Any]]:
+        """Each input as a dict item holding its share of the per-input call keywords."""
+        columns = {name: _broadcast(value, len(items), name) for name, value in fields.items()}
+        out = []
+        for i, item in enumerate(items):
+            row = dict(item) if isinstance(item, Mapping) else {self.primary_field: item}
+            for name, column in columns.items():
+                row.setdefault(name, column[i])
+            out.append(row)
+        return out
 
     def iterate(
         self,
@@ -163,8 +220,12 @@ class Pipeline:
         """Yield ``(index, result)`` in input order; with ``on_error="skip"`` a bad input yields its error."""
         if on_error not in ("raise", "skip"):
             raise InvalidInputError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-        batch_size = _positive_int("batch_size", batch_size or self.batch_size)
-        num_workers = self.num_workers if num_workers is None else num_workers
+        fields = {name: kwargs.pop(name) for name in self.input_fields if name in kwargs}
+        fields = {name: value for name, value in fields.items() if value is not None}
+        if fields:
+            inputs = self._with_fields(list(inputs), fields)
+        batch_size = _positive_int("batch_size", self.batch_size if batch_size is None else batch_size)
+        num_workers = _non_negative_int("num_workers", self.num_workers if num_workers is None else num_workers)
         pre, fwd, post = self._merged_parameters(kwargs)
         fn = self.preprocessor(**pre)
         for batch in self._batches(inputs, fn, batch_size, num_workers):
@@ -178,8 +239,16 @@ class Pipeline:
                     results[index] = self.postprocess(_take(outputs, j), **post)
             yield from sorted(results.items())
 
+    def _checked_parameters(self, kwargs: dict[str, Any]) -> tuple[dict, dict, dict]:
+        accepted = _named_parameters(self._sanitize_parameters)
+        unknown = sorted(set(kwargs) - accepted)
+        if unknown:
+            takes = f"it takes {', '.join(sorted(accepted))}" if accepted else "it takes no keywords"
+            raise InvalidInputError(f"{type(self).__name__} got unexpected arguments {unknown}; {takes}")
+        return self._sanitize_parameters(**kwargs)
+
     def _merged_parameters(self, kwargs: dict[str, Any]) -> tuple[dict, dict, dict]:
-        call = self._sanitize_parameters(**kwargs)
+        call = self._checked_parameters(kwargs)
         return tuple({**default, **given} for default, given in zip(self._defaults, call))  # type: ignore[return-value]
 
     def _batches(self, inputs: Iterable[Any], fn: Callable, batch_size: int, num_workers: int) -> Iterator[tuple]:
@@ -188,7 +257,10 @@ class Pipeline:
             dataset = _Preprocessed(inputs, fn)
             if num_workers > 0:
                 yield from torch.utils.data.DataLoader(
-                    dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=split,
+                    dataset,
+                    batch_size=batch_size,
+                    num_workers=num_workers,
+                    collate_fn=split,
                     pin_memory=self.device.type == "cuda",
                 )
                 return
@@ -202,11 +274,48 @@ class Pipeline:
             offset += len(chunk)
 
 
+def list_collate(samples: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """A batch as a dict of lists, for samples that do not stack (variable sizes, non-tensors)."""
+    return {k: [s[k] for s in samples] for k in samples[0]}
+
+
+def _named_parameters(fn: Callable[..., Any]) -> set[str]:
+    """The keyword names ``fn`` declares (a ``**kwargs`` catch-all declares none)."""
+    params = inspect.signature(fn).parameters.values()
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _broadcast(value: Any, n: int, name: str) -> list[Any]:
+    """One value for every input, or a list (or a 2-D tensor's rows) with one per input."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise InvalidInputError(f"got {len(value)} values of {name}= for {n} inputs: give one, or one per input")
+        return list(value)
+    if isinstance(value, torch.Tensor) and value.ndim == 2 and n > 1:
+        if value.shape[0] != n:
+            raise InvalidInputError(f"got {value.shape[0]} rows of {name}= for {n} inputs")
+        return list(value)
+    return [value] * n
+
+
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``fn`` on every tensor in a batch: dict values, and tensors inside lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    return value
+
+
 def _split_collate(
     items: list[tuple[int, dict | None, InvalidInputError | None]], collate: Callable[[list], Any]
-) -> tuple[list[int], Any, list[tuple[int, Exception]]]:
+) -> tuple[list[int], Any, list[tuple[int, InvalidInputError]]]:
     """Set failed inputs aside and collate the rest (runs inside DataLoader workers)."""
-    indices, samples, errors = [], [], []
+    indices: list[int] = []
+    samples: list[dict | None] = []
+    errors: list[tuple[int, InvalidInputError]] = []
     for index, sample, err in items:
         if err is not None:
             errors.append((index, err))
@@ -221,7 +330,12 @@ def _take(outputs: dict[str, Any], j: int) -> dict[str, Any]:
 
 
 def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    return int(value)
 
+
+def _non_negative_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise InvalidInputError(f"{name} must be 0 or a positive integer, got {value!r}")
+    return int(value)

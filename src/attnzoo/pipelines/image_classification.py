@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 
 from attnzoo.datasets.images import load_image
 from attnzoo.errors import InvalidInputError
@@ -30,17 +32,40 @@ class ClassPrediction:
         return asdict(self)
 
 
+class Classification(list):
+    """The top-k :class:`ClassPrediction` of one image, best first (a list), with the image for :meth:`plot`."""
+
+    def __init__(self, predictions: list[ClassPrediction], image: Any = None, title: str = ""):
+        super().__init__(predictions)
+        self.image, self.title = image, title
+
+    def to_dict(self) -> list[dict[str, Any]]:
+        return [p.to_dict() for p in self]
+
+    def summary(self) -> str:
+        return ", ".join(f"{p.label} ({p.score:.1%})" for p in self)
+
+    def plot(self, image: Any = None, title: str | None = None) -> Image.Image:
+        """The image beside a bar chart of its classes."""
+        from attnzoo.viz import plot_classification
+
+        source = image if image is not None else self.image
+        if source is None:
+            raise InvalidInputError("this result holds no image: pass plot(image)")
+        return plot_classification(load_image(source), self, title=self.title if title is None else title)
+
+
 class ImagePreprocessor:
     """Decode + the model's eval transform; small and picklable, so DataLoader workers get no model."""
 
     def __init__(self, transform: Any, *, colour_order: str = "RGB", max_pixels: int | None = None):
         self.transform, self.colour_order, self.max_pixels = transform, colour_order, max_pixels
 
-    def __call__(self, image: Any) -> dict[str, torch.Tensor]:
+    def __call__(self, image: Any) -> dict[str, Any]:
         pixels = self.transform(load_image(image, max_pixels=self.max_pixels))
         if self.colour_order == "BGR":
             pixels = pixels.flip(0)
-        return {"pixel_values": pixels}
+        return {"pixel_values": pixels, "image": image if isinstance(image, (str, os.PathLike)) else None}
 
 
 def imagenet_labels(model: torch.nn.Module) -> list[str] | None:
@@ -74,9 +99,10 @@ class ImageClassificationPipeline(Pipeline):
     """
 
     task = "image-classification"
-    default_model = "resnet50.a1_in1k"
 
-    def __init__(self, model: torch.nn.Module, *, labels: list[str] | None = None, max_pixels: int | None = None, **kwargs: Any):
+    def __init__(
+        self, model: torch.nn.Module, *, labels: list[str] | None = None, max_pixels: int | None = None, **kwargs: Any
+    ):
         from timm.data import create_transform, resolve_data_config
 
         super().__init__(model, **kwargs)
@@ -84,13 +110,21 @@ class ImageClassificationPipeline(Pipeline):
         self.transform = create_transform(**self.data_config, is_training=False)
         self.colour_order = (getattr(self.model, "pretrained_cfg", None) or {}).get("colour_order", "RGB")
         self.max_pixels = max_pixels
+        cfg = getattr(self.model, "pretrained_cfg", None) or {}
+        self.title = str(cfg.get("checkpoint") or cfg.get("architecture") or type(self.model).__name__)
         self.labels = list(labels) if labels is not None else model_labels(self.model)
         num_classes = int(getattr(self.model, "num_classes", len(self.labels)) or len(self.labels))
         if len(self.labels) != num_classes:
             raise InvalidInputError(f"labels has {len(self.labels)} names but the model predicts {num_classes} classes")
 
-    def _sanitize_parameters(self, top_k: int | None = None, **kwargs: Any) -> tuple[dict, dict, dict]:
-        super()._sanitize_parameters(**kwargs)
+    @staticmethod
+    def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+            "image": [s["image"] for s in samples],
+        }
+
+    def _sanitize_parameters(self, top_k: int | None = None) -> tuple[dict, dict, dict]:
         post = {}
         if top_k is not None:
             if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
@@ -101,13 +135,16 @@ class ImageClassificationPipeline(Pipeline):
     def preprocessor(self) -> ImagePreprocessor:
         return ImagePreprocessor(self.transform, colour_order=self.colour_order, max_pixels=self.max_pixels)
 
-    def preprocess(self, image: Any) -> dict[str, torch.Tensor]:
+    def preprocess(self, image: Any) -> dict[str, Any]:
         return self.preprocessor()(image)
 
-    def _forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"logits": self.model(batch["pixel_values"])}
+    def _forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {"logits": self.model(batch["pixel_values"]), "image": batch["image"]}
 
-    def postprocess(self, outputs: dict[str, torch.Tensor], top_k: int = 5) -> list[ClassPrediction]:
+    def postprocess(self, outputs: dict[str, Any], top_k: int = 5) -> Classification:
         probs = outputs["logits"].float().softmax(-1)
         scores, indices = probs.topk(min(top_k, probs.numel()))
-        return [ClassPrediction(self.labels[i], float(s), int(i)) for s, i in zip(scores.tolist(), indices.tolist())]
+        predictions = [
+            ClassPrediction(self.labels[i], float(s), int(i)) for s, i in zip(scores.tolist(), indices.tolist())
+        ]
+        return Classification(predictions, outputs["image"], self.title)

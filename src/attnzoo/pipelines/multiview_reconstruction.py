@@ -3,6 +3,9 @@
 >>> recon = attnzoo.pipeline("multiview-3d-reconstruction", model="lrgt", weights="lrgt_shapenet.pth")  # doctest: +SKIP
 >>> shape = recon(["view0.png", "view1.png", "view2.png"])                                           # doctest: +SKIP
 >>> shape.save("chair.obj"); shape.plot().save("chair.png")                                          # doctest: +SKIP
+
+LRGT's input is the official ShapeNet test loader's (:func:`preprocess_views`); the training recipe
+uses it as well, with its random backgrounds.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from attnzoo.datasets.images import load_image
 from attnzoo.errors import InvalidInputError
 from attnzoo.pipelines.base import Pipeline
 
-__all__ = ["MultiViewReconstructionPipeline", "Occupancy"]
+__all__ = ["MultiViewReconstructionPipeline", "Occupancy", "preprocess_views"]
 
 
 @dataclass
@@ -61,8 +64,21 @@ class Occupancy:
             with atomic_write(path, "w") as fh:
                 fh.write(text)
         else:
-            raise InvalidInputError(f"cannot save a reconstruction as {suffix or 'a file without suffix'} (use .obj, .ply, .binvox or .npy)")
+            raise InvalidInputError(
+                f"cannot save a reconstruction as {suffix or 'a file without suffix'} (use .obj, .ply, .binvox or .npy)"
+            )
         return path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "grid": list(self.probabilities.shape),
+            "threshold": self.threshold,
+            "occupied_voxels": int(self.voxels.sum()),
+        }
+
+    def summary(self) -> str:
+        side = "x".join(map(str, self.probabilities.shape))
+        return f"{int(self.voxels.sum())} occupied voxels of {side} (threshold {self.threshold})"
 
     def plot(self, title: str = "") -> Image.Image:
         """The input views beside an isometric render of the voxels."""
@@ -79,10 +95,167 @@ def _obj(vertices: np.ndarray, faces: np.ndarray) -> str:
 
 
 def _ply(vertices: np.ndarray, faces: np.ndarray) -> str:
-    header = ["ply", "format ascii 1.0", f"element vertex {len(vertices)}", "property float x", "property float y", "property float z",
-              f"element face {len(faces)}", "property list uchar int vertex_indices", "end_header"]
+    header = [
+        "ply",
+        "format ascii 1.0",
+        f"element vertex {len(vertices)}",
+        "property float x",
+        "property float y",
+        "property float z",
+        f"element face {len(faces)}",
+        "property list uchar int vertex_indices",
+        "end_header",
+    ]
     body = [f"{x:.6f} {y:.6f} {z:.6f}" for x, y, z in vertices] + [f"3 {a} {b} {c}" for a, b, c in faces]
     return "\n".join(header + body) + "\n"
+
+
+# -- preprocessing (the official utils/data_transforms.py) -----------------------------------
+
+
+def _to_float_array(image: Any, index: int) -> np.ndarray:
+    """One image as float32 ``[H, W, C]`` in [0, 1], C = 1 (grey), 2 (grey+alpha), 3 (RGB) or 4 (RGBA)."""
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as im:
+                im.load()
+                image = im.copy()
+        except (OSError, ValueError) as err:
+            raise InvalidInputError(f"view {index}: cannot read image {os.fspath(image)!r}: {err}") from None
+    if isinstance(image, Image.Image):
+        if image.mode not in ("RGBA", "RGB", "L", "LA", "I;16", "I;16B", "I;16L"):
+            has_alpha = "A" in image.mode or "transparency" in image.info
+            image = image.convert("RGBA" if has_alpha else "RGB")
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    try:
+        arr = np.asarray(image)
+    except (TypeError, ValueError) as err:
+        raise InvalidInputError(f"view {index}: not an image ({type(image).__name__}): {err}") from None
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4) or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise InvalidInputError(f"view {index}: expected an H x W (x 1/2/3/4 channels) image, got shape {arr.shape}")
+    if arr.dtype.kind == "u" and arr.dtype.itemsize in (1, 2):  # uint8 (/255, as the official loader) or 16-bit
+        return arr.astype(np.float32) / np.float32(255 if arr.dtype.itemsize == 1 else 65535)
+    if arr.dtype.kind == "b":
+        return arr.astype(np.float32)
+    if arr.dtype.kind == "f":
+        arr = arr.astype(np.float32)
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise InvalidInputError(
+                f"view {index}: float images must hold values in [0, 1] (uint8 images are divided by 255)"
+            )
+        return arr
+    raise InvalidInputError(f"view {index}: unsupported pixel type {arr.dtype} (use uint8, uint16 or float in [0, 1])")
+
+
+def preprocess_views(
+    images: Any,
+    colour_order: str = "bgr",
+    background: int | Sequence[int] | None = 240,
+    *,
+    size: int = 224,
+    crop_fraction: float = 128 / 137,
+) -> torch.Tensor:
+    """Renderings -> model input ``[V, 3, size, size]``, as the official ShapeNet test loader.
+
+    ``images``: a list of views, each a PIL image, an ``H x W x C`` array (uint8, uint16, or float in
+    [0, 1]; RGBA, RGB, grey+alpha or grey, channels in RGB order) or an image path; one image or a
+    ``[V, H, W, C]`` array also works. All views must have the same size. Per view:
+
+    1. centre-crop a square of ``crop_fraction`` of the shorter side (128 of the 137 px ShapeNet
+       renderings, exactly the official crop; the official code would crop 128 px of any larger
+       image, which only makes sense at 137), then bilinear resize (half-pixel centres, no
+       antialiasing: ``cv2.resize``'s ``INTER_LINEAR``) to ``size``, alpha included;
+    2. where the resized alpha is exactly 0, the pixel becomes ``background`` (an int, or an
+       ``(r, g, b)`` triple, 0-255; the official test colour is 240; ``None`` keeps the pixels);
+       other pixels keep their colour (no alpha blending, as the official loader). Views without
+       alpha are not composited;
+    3. grey becomes three equal channels; ``colour_order="bgr"`` (default: the official model was
+       trained on ``cv2.imread`` BGR) or ``"rgb"``; then ``x * 2 - 1``.
+
+    Feed ``model(preprocess_views(views)[None])``.
+    """
+    order = str(colour_order).lower() if isinstance(colour_order, str) else colour_order
+    if order not in ("bgr", "rgb"):
+        raise InvalidInputError(f"colour_order must be 'bgr' or 'rgb', got {colour_order!r}")
+    bg = _background(background)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise InvalidInputError(f"size must be a positive int, got {size!r}")
+    if not 0 < crop_fraction <= 1:
+        raise InvalidInputError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
+    if (isinstance(images, np.ndarray) and images.ndim == 4) or (
+        isinstance(images, torch.Tensor) and images.dim() == 4
+    ):
+        images = list(images)
+    elif not isinstance(images, (list, tuple)):
+        images = [images]
+    if len(images) == 0:
+        raise InvalidInputError("preprocess_views needs at least one view, got none")
+    arrays = [_to_float_array(im, i) for i, im in enumerate(images)]
+    sizes = {a.shape[:2] for a in arrays}
+    if len(sizes) > 1:
+        raise InvalidInputError(f"all views must have the same size, got {sorted(sizes)} (H, W)")
+    out = [_process_one(a, order, bg, size, crop_fraction) for a in arrays]
+    return torch.stack(out)
+
+
+def _background(background: int | Sequence[int] | None) -> tuple[float, float, float] | None:
+    if background is None:
+        return None
+    values = (
+        [background] * 3
+        if isinstance(background, (int, np.integer)) and not isinstance(background, bool)
+        else background
+    )
+    try:
+        rgb = [int(v) for v in values]  # type: ignore[union-attr]
+        ok = len(rgb) == 3 and all(0 <= v <= 255 and v == w for v, w in zip(rgb, values))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise InvalidInputError(
+            f"background must be an int 0-255, an (r, g, b) triple of them, or None, got {background!r}"
+        )
+    # float64 division then float32, as the official loader (np.array([[[r, g, b]]]) / 255.)
+    return tuple(float(np.float32(v / 255.0)) for v in rgb)  # type: ignore[return-value]
+
+
+def _linear_resize_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """``[n_out, n_in]`` weights of ``cv2.resize(..., INTER_LINEAR)``: half-pixel centres, edges
+    clamped, no antialiasing (torch's own bilinear resize rounds its float32 source coordinates,
+    which costs up to 1e-5)."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(0, n_in - 1)
+    i0 = src.floor().long()
+    frac = src - i0
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    rows = torch.arange(n_out)
+    m.index_put_((rows, i0), 1 - frac, accumulate=True)
+    m.index_put_((rows, (i0 + 1).clamp(max=n_in - 1)), frac, accumulate=True)
+    return m
+
+
+def _process_one(
+    arr: np.ndarray, order: str, bg: tuple[float, float, float] | None, size: int, crop_fraction: float
+) -> torch.Tensor:
+    H, W, C = arr.shape
+    side = max(1, int(round(min(H, W) * crop_fraction)))
+    top, left = (H - side) // 2, (W - side) // 2
+    x = torch.from_numpy(np.ascontiguousarray(arr[top : top + side, left : left + side])).permute(2, 0, 1)  # [C, s, s]
+    if side != size:
+        m = _linear_resize_matrix(side, size)  # separable, in float64: within 1.2e-7 of cv2.resize on float32 images
+        x = (m @ x.double() @ m.T).float()
+    has_alpha = C in (2, 4)
+    colour = x[: C - 1] if has_alpha else x
+    if colour.shape[0] == 1:
+        colour = colour.expand(3, -1, -1)
+    if has_alpha and bg is not None:
+        fill = torch.tensor(bg, dtype=torch.float32).view(3, 1, 1).expand(3, size, size)
+        colour = torch.where(x[C - 1 :] == 0, fill, colour)
+    if order == "bgr":
+        colour = colour.flip(0)
+    return (colour * 2 - 1).contiguous()
 
 
 class MultiViewReconstructionPipeline(Pipeline):
@@ -91,13 +264,12 @@ class MultiViewReconstructionPipeline(Pipeline):
     128/137, 224 px, background 240, BGR unless ``colour_order="rgb"``)."""
 
     task = "multiview-3d-reconstruction"
-    default_model = "lrgt"
 
-    def _sanitize_parameters(self, threshold: float | None = None, colour_order: str | None = None, background: int | None = None,
-                             **kwargs: Any) -> tuple[dict, dict, dict]:
-        if kwargs:
-            raise InvalidInputError(f"{type(self).__name__} got unexpected arguments: {sorted(kwargs)}")
-        pre, post = {}, {}
+    def _sanitize_parameters(
+        self, threshold: float | None = None, colour_order: str | None = None, background: int | None = None
+    ) -> tuple[dict, dict, dict]:
+        pre: dict[str, Any] = {}
+        post: dict[str, Any] = {}
         if colour_order is not None:
             if colour_order not in ("bgr", "rgb"):
                 raise InvalidInputError(f"colour_order must be 'bgr' or 'rgb', got {colour_order!r}")
@@ -110,27 +282,30 @@ class MultiViewReconstructionPipeline(Pipeline):
             post["threshold"] = threshold
         return pre, {}, post
 
-    def __call__(self, inputs: Any, **kwargs: Any) -> Any:
-        single = _is_one_object(inputs)
-        results = [r for _, r in self.iterate([inputs] if single else list(inputs), **kwargs)]
-        return results[0] if single else results
+    def is_single(self, inputs: Any) -> bool:
+        return _is_one_object(inputs)
 
     def preprocess(self, views: Sequence[Any], colour_order: str = "bgr", background: int = 240) -> dict[str, Any]:
-        from attnzoo.vision.lrgt import preprocess_views
-
+        if isinstance(views, (np.ndarray, torch.Tensor)):
+            views = list(views)
         if isinstance(views, (str, bytes, os.PathLike)) or not isinstance(views, Sequence) or len(views) == 0:
             raise InvalidInputError("a reconstruction needs a non-empty list of views of one object")
         images = [load_image(v, keep_alpha=True) for v in views]
-        return {"views": preprocess_views(images, colour_order=colour_order, background=background), "thumbnails": images}
+        return {
+            "views": preprocess_views(images, colour_order=colour_order, background=background),
+            "thumbnails": images,
+        }
 
     @staticmethod
     def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         counts = {s["views"].shape[0] for s in samples}
         if len(counts) > 1:
-            raise InvalidInputError(f"objects in one batch must have the same number of views, got {sorted(counts)}; use batch_size=1")
+            raise InvalidInputError(
+                f"objects in one batch must have the same number of views, got {sorted(counts)}; use batch_size=1"
+            )
         return {"views": torch.stack([s["views"] for s in samples]), "thumbnails": [s["thumbnails"] for s in samples]}
 
-    def _forward(self, batch: dict[str, Any], **params: Any) -> dict[str, Any]:
+    def _forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {"probabilities": self.model(batch["views"]).float(), "thumbnails": batch["thumbnails"]}
 
     def postprocess(self, outputs: dict[str, Any], threshold: float = 0.3) -> Occupancy:

@@ -21,7 +21,6 @@ Batches run as one tensor program; with NevaClip each image's scanpath is the on
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +31,9 @@ import torch
 from PIL import Image
 
 from attnzoo.errors import InvalidInputError
-from attnzoo.pipelines.base import Pipeline, is_single_input
+from attnzoo.pipelines.base import Pipeline, is_single_input, list_collate
 
-__all__ = ["Scanpath", "ScanpathPipeline", "build_scanpath_model"]
+__all__ = ["NevaClipScanpathPipeline", "OATScanpathPipeline", "Scanpath", "run_decoding"]
 
 
 @dataclass
@@ -64,6 +63,12 @@ class Scanpath:
     def __len__(self) -> int:
         return int(self.xy.shape[0])
 
+    def summary(self) -> str:
+        found = (
+            "" if self.found_target is None else (" (found the target)" if self.found_target else " (target not found)")
+        )
+        return " ".join(f"({x:.0f},{y:.0f})" for x, y in self.xy) + found
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"xy": np.round(self.xy, 2).tolist(), "image_size": list(self.image_size)}
         if self.caption is not None:
@@ -74,42 +79,33 @@ class Scanpath:
             out["durations"] = self.durations.tolist()
         return out
 
-    def plot(self, image: Any = None, *, others: list[Any] | None = None, labels: list[str] | None = None, **kwargs: Any) -> Image.Image:
+    def plot(
+        self, image: Any = None, *, others: list[Any] | None = None, labels: list[str] | None = None, **kwargs: Any
+    ) -> Image.Image:
         """Numbered fixations over the image; ``others`` (e.g. the observers' scanpaths, ``[T, 2]``
         arrays or records with ``.xy``) are drawn in other colours."""
         from attnzoo.datasets.images import load_image
         from attnzoo.viz.scanpath import plot_scanpaths
 
         source = image if image is not None else self.image
-        picture = load_image(source) if source is not None else Image.new("RGB", tuple(self.image_size), (235, 235, 235))
+        picture = (
+            load_image(source)
+            if source is not None
+            else Image.new("RGB", (int(self.image_size[0]), int(self.image_size[1])), (235, 235, 235))
+        )
         paths = [self.xy] + [getattr(o, "xy", o) for o in (others or [])]
         names = labels or (["model"] + [f"observer {i + 1}" for i in range(len(others))] if others else None)
         title = kwargs.pop("title", None) or (f"\u201c{self.caption}\u201d" if self.caption else None)
-        return plot_scanpaths(picture, paths, labels=names, durations=[self.durations] + [None] * len(others or []), boxes=self.boxes,
-                              target=self.target, title=title, **kwargs)
-
-
-def build_scanpath_model(name: str, *, weights: Any = None, pretrained: bool | None = None, **kwargs: Any) -> Any:
-    """``"nevaclip"`` (open_clip ``model_name=``/``pretrained=`` in ``kwargs``; the paper's RN50 /
-    openai by default) or an OAT model name (``"oat"`` is ``"oat_amazon"``)."""
-    if name.lower() in ("nevaclip", "neva-clip", "neva_clip"):
-        from attnzoo.multimodal.nevaclip import NevaClip
-
-        if isinstance(weights, str) and weights.strip().lower() == "none":
-            kwargs.setdefault("pretrained", None)  # random weights, as everywhere else in attnzoo
-        elif weights is not None:
-            kwargs.setdefault("pretrained", os.fspath(weights) if isinstance(weights, os.PathLike) else weights)
-        elif pretrained is False:
-            kwargs.setdefault("pretrained", None)
-        return NevaClip(**kwargs)
-    from attnzoo.factory import create_model
-
-    name = {"oat": "oat_amazon"}.get(name.lower(), name)
-    model = create_model(name, pretrained=weights is None if pretrained is None else pretrained, weights=weights, **kwargs)
-    run = run_decoding(weights)
-    if run is not None:  # a training run's weights: decode up to its max_len (the longest training scanpath), as its own test did
-        model.max_len = int(run["max_len"])
-    return model
+        return plot_scanpaths(
+            picture,
+            paths,
+            labels=names,
+            durations=[self.durations] + [None] * len(others or []),
+            boxes=self.boxes,
+            target=self.target,
+            title=title,
+            **kwargs,
+        )
 
 
 def run_decoding(weights: Any) -> dict[str, Any] | None:
@@ -125,153 +121,229 @@ def run_decoding(weights: Any) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
-def _is_nevaclip(model: Any) -> bool:
-    from attnzoo.multimodal.nevaclip import NevaClip
+def _record_image(item: Any) -> Any:
+    """A dataset record (``.image_path``) stands for its image."""
+    return getattr(item, "image_path", item)
 
-    return isinstance(model, NevaClip)
 
-
-class ScanpathPipeline(Pipeline):
+class NevaClipScanpathPipeline(Pipeline):
     """NevaClip: ``p(image, caption=...)`` (or ``target=`` an embedding), a list of images with one
-    caption each (or one for all). OAT: ``p(image, boxes=..., target=...)``, a list of dicts with
-    those keys, or :class:`~attnzoo.datasets.scanpaths.SearchTrial` records.
+    caption each (or one for all), or dicts with ``image`` and ``caption``/``target``.
 
-    NevaClip settings (``fixations``, ``iterations``, ``lr``, ``forgetting``, ``random_restarts``,
-    ``seed``) default to the paper's; OAT's ``strategy`` is ``"greedy"`` (the official ``test_max``)
-    or ``"sample"`` (``num_samples`` scanpaths per display, as ``test_expect``).
+    Search settings (``fixations``, ``iterations``, ``lr``, ``forgetting``, ``random_restarts``,
+    ``seed``) default to the paper's. Batches run as one tensor program; each image's scanpath is
+    the one it gets alone (every image's restarts come from its own generator seeded with ``seed``).
     """
 
     task = "scanpath"
-    default_model = "nevaclip"
+    input_fields = ("caption", "target")
+    needs_grad = True  # the fixation search follows the gradient of CLIP's similarity
+    collate = staticmethod(list_collate)
 
-    def __init__(self, model: Any, *, device: str | int | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                 batch_size: int = 8, num_workers: int = 0, **kwargs: Any):
-        if not (_is_nevaclip(model) or isinstance(model, torch.nn.Module)):
-            raise InvalidInputError(f"the scanpath pipeline takes a NevaClip or an OAT model, got {type(model).__name__}")
-        self.kind = "nevaclip" if _is_nevaclip(model) else "oat"
-        if self.kind == "nevaclip":
-            model.visual  # load a named CLIP now: a missing download fails here, not at the first image  # noqa: B018
-        super().__init__(model, device=device, dtype=dtype, batch_size=batch_size, num_workers=num_workers, **kwargs)
+    @classmethod
+    def accepts(cls, model: Any) -> bool:
+        from attnzoo.multimodal.nevaclip import NevaClip
 
-    # -- parameters ------------------------------------------------------------------------
-    _NEVA_KEYS = ("fixations", "iterations", "lr", "random_restarts", "forgetting", "seed", "truncate")
-    _OAT_KEYS = ("strategy", "num_samples", "max_len", "seed")
+        return isinstance(model, NevaClip)
 
-    def _sanitize_parameters(self, **kwargs: Any) -> tuple[dict, dict, dict]:
-        allowed = self._NEVA_KEYS if self.kind == "nevaclip" else self._OAT_KEYS
-        unknown = sorted(set(kwargs) - set(allowed))
-        if unknown:
-            raise InvalidInputError(f"{self.kind} scanpaths take {', '.join(allowed)}; got unexpected {unknown}")
-        pre = {"truncate": kwargs["truncate"]} if "truncate" in kwargs else {}
-        return pre, dict(kwargs), ({"strategy": kwargs["strategy"]} if "strategy" in kwargs else {})
+    def __init__(self, model: Any, *, batch_size: int = 8, **kwargs: Any):
+        model.visual  # load a named CLIP now: a missing download fails here, not at the first image  # noqa: B018
+        super().__init__(model, batch_size=batch_size, **kwargs)
 
-    # -- inputs ----------------------------------------------------------------------------
-    def __call__(self, inputs: Any, caption: Any = None, *, target: Any = None, boxes: Any = None, **kwargs: Any) -> Any:
-        single = is_single_input(inputs) or (self.kind == "oat" and hasattr(inputs, "boxes"))
-        items = [inputs] if single else list(inputs)
-        if self.kind == "nevaclip":
-            items = self._neva_items(items, caption, target)
-        else:
-            if caption is not None:
-                raise InvalidInputError("OAT searches for a target object: pass boxes= and target=, not caption=")
-            items = self._oat_items(items, boxes, target)
-        results = [r for _, r in self.iterate(items, **kwargs)]
-        return results[0] if single else results
+    def is_single(self, inputs: Any) -> bool:
+        return is_single_input(inputs) or hasattr(inputs, "image_path")
 
-    @staticmethod
-    def _broadcast(value: Any, n: int, name: str) -> list[Any]:
-        if isinstance(value, (list, tuple)):
-            if len(value) != n:
-                raise InvalidInputError(f"got {len(value)} {name}s for {n} images: give one, or one per image")
-            return list(value)
-        if isinstance(value, torch.Tensor) and value.ndim == 2:
-            if value.shape[0] != n:
-                raise InvalidInputError(f"got {value.shape[0]} {name} embeddings for {n} images")
-            return list(value)
-        return [value] * n
+    def _sanitize_parameters(
+        self,
+        fixations: int | None = None,
+        iterations: int | None = None,
+        lr: float | None = None,
+        random_restarts: bool | None = None,
+        forgetting: float | None = None,
+        seed: int | None = None,
+        truncate: bool | None = None,
+    ) -> tuple[dict, dict, dict]:
+        given = {
+            k: v
+            for k, v in dict(
+                fixations=fixations,
+                iterations=iterations,
+                lr=lr,
+                random_restarts=random_restarts,
+                forgetting=forgetting,
+                seed=seed,
+            ).items()
+            if v is not None
+        }
+        truncated = {"truncate": truncate} if truncate is not None else {}
+        return truncated, {**given, **truncated}, {}
 
-    def _neva_items(self, items: list[Any], caption: Any, target: Any) -> list[dict[str, Any]]:
+    def preprocess(self, item: Any, *, truncate: bool = False) -> dict[str, Any]:
+        record = item.get("image") if isinstance(item, dict) else item
+        item = dict(item) if isinstance(item, dict) else {"image": item}
+        if "image" not in item:
+            raise InvalidInputError(f"a NevaClip input dict needs an 'image' key, got keys {sorted(item)}")
+        item.setdefault("caption", getattr(record, "caption", None))
+        item["image"] = _record_image(item["image"])
+        caption, target = item.get("caption"), item.get("target")
+        if caption is None and target is None:
+            raise InvalidInputError(
+                "NevaClip needs what the viewer looks for: caption='...' (--caption on the command line) "
+                "or target=<embedding>"
+            )
         if caption is not None and target is not None:
             raise InvalidInputError("give caption= or target= (an embedding), not both")
-        captions, targets = self._broadcast(caption, len(items), "caption"), self._broadcast(target, len(items), "target")
-        out = []
-        for item, c, t in zip(items, captions, targets):
-            if isinstance(item, dict):
-                item = dict(item)
-            else:
-                item = {"image": getattr(item, "image_path", item), "caption": c if c is not None else getattr(item, "caption", None), "target": t}
-            if item.get("caption") is None and item.get("target") is None:
-                raise InvalidInputError("NevaClip needs what the viewer looks for: caption='...' or target=<embedding>")
-            out.append(item)
-        return out
+        if caption is not None:
+            self.model.tokenize([caption], truncate=truncate)  # empty or too long: this input's error, before any work
+        x, sizes = self.model.preprocess([item["image"]])
+        return {"x": x[0], "size": sizes[0], "caption": caption, "target": target, "image": item["image"]}
 
-    def _oat_items(self, items: list[Any], boxes: Any, target: Any) -> list[dict[str, Any]]:
-        out = []
-        for item in items:
-            if isinstance(item, dict):
-                out.append(dict(item))
-            elif hasattr(item, "boxes") and hasattr(item, "target"):  # a SearchTrial
-                out.append({"image": item.image_path, "boxes": item.boxes, "target": item.target})
-            else:
-                if boxes is None or target is None:
-                    raise InvalidInputError("OAT needs the display's object boxes= ([N, 4] x0, y0, x1, y1) and the target= object index")
-                out.append({"image": item, "boxes": boxes, "target": target})
-        return out
+    def _forward(self, batch: dict[str, Any], *, truncate: bool = False, **search: Any) -> dict[str, Any]:
+        neva = self.model
+        captions = [c for c in batch["caption"] if c is not None]
+        encoded = iter(neva.encode_captions(captions, truncate=truncate)) if captions else iter(())
+        targets = [
+            next(encoded) if caption is not None else torch.as_tensor(target).float().reshape(-1).to(neva.device)
+            for caption, target in zip(batch["caption"], batch["target"])
+        ]
+        dims = {t.shape[-1] for t in targets}
+        if len(dims) != 1:
+            raise InvalidInputError(f"target embeddings of different sizes in one batch: {sorted(dims)}")
+        result = neva.predict(torch.stack(batch["x"]), torch.stack(targets), **search)
+        return {
+            "positions": result.positions,
+            "losses": result.losses,
+            "size": batch["size"],
+            "caption": batch["caption"],
+            "image": batch["image"],
+        }
 
-    # -- stages ----------------------------------------------------------------------------
-    def preprocess(self, item: dict[str, Any], *, truncate: bool = False) -> dict[str, Any]:
-        if self.kind == "nevaclip":
-            caption, target = item.get("caption"), item.get("target")
-            if caption is None and target is None:
-                raise InvalidInputError("NevaClip needs what the viewer looks for: caption='...' or target=<embedding>")
-            if caption is not None:
-                self.model.tokenize([caption], truncate=truncate)  # empty or too long: this input's error, before any work
-            x, sizes = self.model.preprocess([item["image"]])
-            return {"x": x[0], "size": sizes[0], "caption": item.get("caption"), "target": item.get("target"), "image": item["image"]}
-        return self._oat_preprocess(item)
+    def postprocess(self, outputs: dict[str, Any]) -> Scanpath:
+        from attnzoo.multimodal.nevaclip import fixations_to_pixels
 
-    def _oat_preprocess(self, item: dict[str, Any]) -> dict[str, Any]:
+        positions = outputs["positions"]
+        xy = fixations_to_pixels(
+            positions, outputs["size"], self.model.input_size, self.model.preprocess_cfg["resize_mode"]
+        )
+        return Scanpath(
+            xy,
+            tuple(outputs["size"]),
+            caption=outputs["caption"],
+            relative=positions.numpy(),
+            losses=outputs["losses"].numpy(),
+            image=outputs["image"],
+        )
+
+
+class OATScanpathPipeline(Pipeline):
+    """OAT (visual search): ``p(image, boxes=..., target=...)``, a list of dicts with those keys, or
+    :class:`~attnzoo.datasets.scanpaths.SearchTrial` records. ``strategy`` is ``"greedy"`` (the
+    official ``test_max``) or ``"sample"`` (``num_samples`` scanpaths per display, as ``test_expect``)."""
+
+    task = "scanpath"
+    input_fields = ("boxes", "target")
+    collate = staticmethod(list_collate)
+
+    @classmethod
+    def accepts(cls, model: Any) -> bool:
+        from attnzoo.vision.oat import OAT
+
+        return isinstance(model, OAT)
+
+    @classmethod
+    def configure_model(cls, model: Any, weights: Any) -> Any:
+        run = run_decoding(weights)
+        if (
+            run is not None
+        ):  # a training run's weights: decode up to its max_len (the longest training scanpath), as its own test did
+            model.max_len = int(run["max_len"])
+        return model
+
+    def __init__(self, model: Any, *, batch_size: int = 8, **kwargs: Any):
+        super().__init__(model, batch_size=batch_size, **kwargs)
+
+    def is_single(self, inputs: Any) -> bool:
+        return is_single_input(inputs) or hasattr(inputs, "boxes")
+
+    def _sanitize_parameters(
+        self,
+        strategy: str | None = None,
+        num_samples: int | None = None,
+        max_len: int | None = None,
+        seed: int | None = None,
+    ) -> tuple[dict, dict, dict]:
+        if strategy is not None and strategy not in ("greedy", "sample"):
+            raise InvalidInputError(f"strategy must be 'greedy' or 'sample', got {strategy!r}")
+        given = {
+            k: v
+            for k, v in dict(strategy=strategy, num_samples=num_samples, max_len=max_len, seed=seed).items()
+            if v is not None
+        }
+        return {}, given, ({"strategy": strategy} if strategy is not None else {})
+
+    def preprocess(self, item: Any) -> dict[str, Any]:
         """Crops of the display's objects in OAT's reading order (rows by y snapped to 10 px, then x);
         the caller's box order is kept for the answer."""
         from attnzoo.datasets.images import load_image
         from attnzoo.datasets.visual_search import reading_order
-        from attnzoo.vision.oat import display_crops
+        from attnzoo.vision.oat_inputs import display_crops
 
+        if hasattr(item, "boxes") and hasattr(item, "target") and not isinstance(item, dict):  # a SearchTrial
+            item = {"image": item.image_path, "boxes": item.boxes, "target": item.target}
+        elif not isinstance(item, dict):
+            item = {"image": item}
+        missing = [k for k in ("image", "boxes", "target") if item.get(k) is None]
+        if missing:
+            raise InvalidInputError(
+                f"OAT needs the image, the display's object boxes= ([N, 4] x0, y0, x1, y1) and the target= "
+                f"object index; missing: {', '.join(missing)}"
+            )
         picture = load_image(item["image"])
         boxes = np.asarray(item["boxes"], dtype=np.float64)
         n = self.model.num_objects
         if boxes.ndim != 2 or boxes.shape != (n, 4) or not np.isfinite(boxes).all():
-            raise InvalidInputError(f"{type(self.model).__name__} sees a {self.model.grid[0]}x{self.model.grid[1]} shelf: boxes must be "
-                                    f"[{n}, 4] (x0, y0, x1, y1), got shape {boxes.shape}")
+            raise InvalidInputError(
+                f"{type(self.model).__name__} sees a {self.model.grid[0]}x{self.model.grid[1]} shelf: boxes must be "
+                f"[{n}, 4] (x0, y0, x1, y1), got shape {boxes.shape}"
+            )
         w, h = picture.size
-        outside = np.flatnonzero((boxes[:, 0] < 0) | (boxes[:, 1] < 0) | (boxes[:, 2] > w) | (boxes[:, 3] > h)
-                                 | (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))
+        outside = np.flatnonzero(
+            (boxes[:, 0] < 0)
+            | (boxes[:, 1] < 0)
+            | (boxes[:, 2] > w)
+            | (boxes[:, 3] > h)
+            | (boxes[:, 2] <= boxes[:, 0])
+            | (boxes[:, 3] <= boxes[:, 1])
+        )
         if len(outside):
-            raise InvalidInputError(f"box {int(outside[0])} {boxes[outside[0]].tolist()} is empty or outside the {w}x{h} image")
+            raise InvalidInputError(
+                f"box {int(outside[0])} {boxes[outside[0]].tolist()} is empty or outside the {w}x{h} image"
+            )
         target = item["target"]
         if isinstance(target, bool) or not isinstance(target, (int, np.integer)) or not 0 <= int(target) < n:
             raise InvalidInputError(f"target must be the index of one of the {n} boxes (0-based), got {target!r}")
         order = reading_order(boxes)  # model index -> caller's index
         style = getattr(self.model, "pretrained_cfg", {}).get("crop_style", "bgr")  # as the variant was trained
         crops = display_crops(np.asarray(picture), boxes[order], style, grid=self.model.grid)
-        return {"crops": crops, "target": int(np.flatnonzero(order == int(target))[0]), "order": order, "boxes": boxes,
-                "size": picture.size, "image": item["image"]}
+        return {
+            "crops": crops,
+            "target": int(np.flatnonzero(order == int(target))[0]),
+            "order": order,
+            "boxes": boxes,
+            "size": picture.size,
+            "image": item["image"],
+        }
 
-    @staticmethod
-    def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-        return {k: [s[k] for s in samples] for k in samples[0]}
-
-    def preprocessor(self, **params: Any):
-        return functools.partial(self.preprocess, **params)
-
-    def forward(self, batch: dict[str, Any], **params: Any) -> dict[str, Any]:
-        if self.kind == "nevaclip":
-            return self._neva_forward(batch, **params)
-        return self._oat_forward(batch, **params)
-
-    def _oat_forward(self, batch: dict[str, Any], *, strategy: str = "greedy", num_samples: int | None = None,
-                     max_len: int | None = None, seed: int | None = 0) -> dict[str, Any]:
-        from attnzoo.vision.oat import _trial_seeds, generate
+    def _forward(
+        self,
+        batch: dict[str, Any],
+        *,
+        strategy: str = "greedy",
+        num_samples: int | None = None,
+        max_len: int | None = None,
+        seed: int | None = 0,
+    ) -> dict[str, Any]:
+        from attnzoo.vision.oat_decoding import generate, trial_seeds
 
         max_len = max_len or getattr(self.model, "max_len", None) or self.model.num_objects
         seeds = None
@@ -279,39 +351,33 @@ class ScanpathPipeline(Pipeline):
             # every display draws from the same trial seeds: its samples do not depend on which batch,
             # or which place in it, the display lands in (as NevaClip's per-image generators)
             per_display = 100 if num_samples is None else num_samples
-            seeds = _trial_seeds(torch.Generator().manual_seed(int(seed)), per_display) * len(batch["crops"])
-        with torch.inference_mode():
-            decoded = generate(self.model, [c.to(self.device) for c in batch["crops"]], batch["target"], max_len, strategy=strategy,
-                               num_samples=num_samples if strategy == "sample" else None, seeds=seeds)
+            seeds = trial_seeds(torch.Generator().manual_seed(int(seed)), per_display) * len(batch["crops"])
+        decoded = generate(
+            self.model,
+            batch["crops"],
+            batch["target"],
+            max_len,
+            strategy=strategy,
+            num_samples=num_samples if strategy == "sample" else None,
+            seeds=seeds,
+        )
         return {**batch, "decoded": decoded}
 
-    def _neva_forward(self, batch: dict[str, Any], *, truncate: bool = False, **params: Any) -> dict[str, Any]:
-        neva = self.model
-        targets = []
-        captions = [c for c in batch["caption"] if c is not None]
-        encoded = iter(neva.encode_captions(captions, truncate=truncate)) if captions else iter(())
-        for caption, target in zip(batch["caption"], batch["target"]):
-            targets.append(next(encoded) if caption is not None else torch.as_tensor(target).float().reshape(-1).to(neva.device))
-        dims = {t.shape[-1] for t in targets}
-        if len(dims) != 1:
-            raise InvalidInputError(f"target embeddings of different sizes in one batch: {sorted(dims)}")
-        result = neva.predict(torch.stack(batch["x"]), torch.stack(targets), **params)
-        return {"positions": result.positions, "losses": result.losses, "size": batch["size"], "caption": batch["caption"],
-                "image": batch["image"]}
-
-    def postprocess(self, outputs: dict[str, Any], **params: Any) -> Scanpath:
-        if self.kind == "nevaclip":
-            from attnzoo.multimodal.nevaclip import fixations_to_pixels
-
-            positions = outputs["positions"]
-            xy = fixations_to_pixels(positions, outputs["size"], self.model.input_size, self.model.preprocess_cfg["resize_mode"])
-            return Scanpath(xy, tuple(outputs["size"]), caption=outputs["caption"], relative=positions.numpy(),
-                            losses=outputs["losses"].numpy(), image=outputs["image"])
+    def postprocess(self, outputs: dict[str, Any], strategy: str = "greedy") -> Scanpath | list[Scanpath]:
         order, boxes = outputs["order"], outputs["boxes"]
         centres = np.column_stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2])
         paths = []
         for trial in outputs["decoded"]:
             objects = order[np.asarray(trial.objects, dtype=np.int64)] if trial.objects else np.zeros(0, np.int64)
-            paths.append(Scanpath(centres[objects].reshape(-1, 2), tuple(outputs["size"]), objects=objects, target=int(order[outputs["target"]]),
-                                  boxes=boxes, found_target=bool(trial.terminated), image=outputs["image"]))
-        return paths[0] if len(paths) == 1 and params.get("strategy", "greedy") == "greedy" else paths
+            paths.append(
+                Scanpath(
+                    centres[objects].reshape(-1, 2),
+                    tuple(outputs["size"]),
+                    objects=objects,
+                    target=int(order[outputs["target"]]),
+                    boxes=boxes,
+                    found_target=bool(trial.terminated),
+                    image=outputs["image"],
+                )
+            )
+        return paths[0] if len(paths) == 1 and strategy == "greedy" else paths

@@ -8,6 +8,7 @@ probabilities, the attention on every patch and a heatmap over the slide out.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -20,7 +21,7 @@ import torch
 from PIL import Image
 
 from attnzoo.errors import InvalidInputError
-from attnzoo.pipelines.base import Pipeline
+from attnzoo.pipelines.base import Pipeline, list_collate
 
 __all__ = ["SlidePrediction", "WSIClassificationPipeline"]
 
@@ -48,8 +49,20 @@ class SlidePrediction:
         return self.labels[self.index] if self.labels and self.index < len(self.labels) else str(self.index)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "index": self.index, "probabilities": [round(float(p), 6) for p in self.probabilities],
-                "slide": self.slide_path, "patches": int(len(self.attention))}
+        return {
+            "label": self.label,
+            "index": self.index,
+            "probabilities": [round(float(p), 6) for p in self.probabilities],
+            "slide": self.slide_path,
+            "patches": int(len(self.attention)),
+        }
+
+    def summary(self) -> str:
+        return f"{self.label} ({self.probabilities.max():.1%}, {len(self.attention)} patches)"
+
+    def plot(self, size: int = 1024, slide: Any = None) -> Image.Image:
+        """The attention heatmap (:meth:`heatmap`)."""
+        return self.heatmap(size, slide)
 
     def heatmap(self, size: int = 1024, slide: Any = None) -> Image.Image:
         """The attention over the slide thumbnail (over a blank canvas when the slide is not at hand)."""
@@ -62,21 +75,17 @@ class SlidePrediction:
         if source is not None and not str(source).lower().endswith(FEATURE_SUFFIXES):
             from attnzoo.datasets.wsi import open_slide
 
-            with open_slide(source) if isinstance(source, (str, os.PathLike)) else _nullcontext(source) as s:
+            with open_slide(source) if isinstance(source, (str, os.PathLike)) else contextlib.nullcontext(source) as s:
                 thumbnail, dims = s.thumbnail((size, size)), s.dimensions
-        return plot_attention_heatmap(self.attention, self.coords, self.patch_size_level0 or 1, thumbnail=thumbnail,
-                                      dimensions=dims, size=size, title=f"{self.label} ({self.probabilities.max():.1%})")
-
-
-class _nullcontext:
-    def __init__(self, value: Any):
-        self.value = value
-
-    def __enter__(self) -> Any:
-        return self.value
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+        return plot_attention_heatmap(
+            self.attention,
+            self.coords,
+            self.patch_size_level0 or 1,
+            thumbnail=thumbnail,
+            dimensions=dims,
+            size=size,
+            title=f"{self.label} ({self.probabilities.max():.1%})",
+        )
 
 
 class WSIClassificationPipeline(Pipeline):
@@ -90,25 +99,31 @@ class WSIClassificationPipeline(Pipeline):
     task = "wsi-classification"
     default_model = "acmil_ga"
 
-    def __init__(self, model: torch.nn.Module, *, encoder: str | torch.nn.Module = "resnet18", encoder_weights: str | None = None,
-                 magnification: float = 20, patch_size: int = 256, input_size: int = 224, feature_dir: str | os.PathLike | None = None,
-                 labels: list[str] | None = None, segment_kwargs: dict[str, Any] | None = None, read_level: str = "base",
-                 **kwargs: Any):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        encoder: str | torch.nn.Module = "resnet18",
+        encoder_weights: str | None = None,
+        magnification: float = 20,
+        patch_size: int = 256,
+        input_size: int = 224,
+        feature_dir: str | os.PathLike | None = None,
+        labels: list[str] | None = None,
+        segment_kwargs: dict[str, Any] | None = None,
+        read_level: str = "base",
+        **kwargs: Any,
+    ):
         super().__init__(model, **kwargs)
         self.encoder, self.encoder_weights = encoder, encoder_weights
         self.magnification, self.patch_size, self.input_size = magnification, patch_size, input_size
         self.feature_dir = Path(feature_dir) if feature_dir else Path(tempfile.mkdtemp(prefix="attnzoo-wsi-"))
         self.labels, self.segment_kwargs, self.read_level = labels, segment_kwargs, read_level
 
-    def _sanitize_parameters(self, **kwargs: Any) -> tuple[dict, dict, dict]:
-        if kwargs:
-            raise InvalidInputError(f"{type(self).__name__} got unexpected arguments: {sorted(kwargs)}")
-        return {}, {}, {}
+    collate = staticmethod(list_collate)
 
-    def __call__(self, inputs: Any, **kwargs: Any) -> Any:
-        single = not isinstance(inputs, (list, tuple))
-        results = [r for _, r in self.iterate([inputs] if single else list(inputs), **kwargs)]
-        return results[0] if single else results
+    def is_single(self, inputs: Any) -> bool:
+        return not isinstance(inputs, (list, tuple))
 
     def preprocess(self, source: Any) -> dict[str, Any]:
         from attnzoo.datasets.mil_features import FeatureBag, read_feature_bags
@@ -128,27 +143,53 @@ class WSIClassificationPipeline(Pipeline):
                 raise InvalidInputError(f"{path} holds {len(bags)} slides; pass one slide's features (or a FeatureBag)")
             bag = next(iter(bags.values()))
         else:
-            raise InvalidInputError(f"cannot classify a {type(source).__name__}: pass a slide path, a feature file, a FeatureBag or a tensor")
+            raise InvalidInputError(
+                f"cannot classify a {type(source).__name__}: pass a slide path, a feature file, a FeatureBag or a tensor"
+            )
         if bag.features.ndim != 2:
-            raise InvalidInputError(f"{bag.slide_id}: a bag is [N, D] patch features (or [1, N, D]), got {tuple(bag.features.shape)}")
+            raise InvalidInputError(
+                f"{bag.slide_id}: a bag is [N, D] patch features (or [1, N, D]), got {tuple(bag.features.shape)}"
+            )
         if len(bag.features) == 0:
             raise InvalidInputError(f"{bag.slide_id}: an empty bag (no patches) cannot be classified")
         source_slide, patch0 = self._feature_file_info(feature_file)
         slide = source_slide if path is not None and path == feature_file else path
-        return {"features": bag.features, "coords": bag.coords, "slide": str(slide) if slide else None, "patch0": patch0}
+        return {
+            "features": bag.features,
+            "coords": bag.coords,
+            "slide": str(slide) if slide else None,
+            "patch0": patch0,
+        }
 
     def _extract(self, slide: Path) -> Path:
-        from attnzoo.datasets.wsi import _weights_digest, extract_features
+        from attnzoo.pipelines.wsi_features import extract_features, weights_digest
 
         # one file per slide *and* settings: another slide of the same name, or the same slide tiled
         # otherwise, must not meet "already exists" (nor reuse the wrong features)
-        settings = [os.fspath(slide.resolve()), self.encoder if isinstance(self.encoder, str) else _weights_digest(self.encoder),
-                    self.encoder_weights, self.magnification, self.patch_size, self.input_size, self.read_level,
-                    sorted((self.segment_kwargs or {}).items())]
+        settings = [
+            os.fspath(slide.resolve()),
+            self.encoder if isinstance(self.encoder, str) else weights_digest(self.encoder),
+            self.encoder_weights,
+            self.magnification,
+            self.patch_size,
+            self.input_size,
+            self.read_level,
+            sorted((self.segment_kwargs or {}).items()),
+        ]
         out = self.feature_dir / f"{slide.stem}-{hashlib.sha1(repr(settings).encode()).hexdigest()[:10]}.h5"
-        return extract_features(slide, self.encoder, out, magnification=self.magnification, patch_size=self.patch_size,
-                                input_size=self.input_size, read_level=self.read_level, weights=self.encoder_weights, device=self.device, progress=False,
-                                segment_kwargs=self.segment_kwargs)
+        return extract_features(
+            slide,
+            self.encoder,
+            out,
+            magnification=self.magnification,
+            patch_size=self.patch_size,
+            input_size=self.input_size,
+            read_level=self.read_level,
+            weights=self.encoder_weights,
+            device=self.device,
+            progress=False,
+            segment_kwargs=self.segment_kwargs,
+        )
 
     @staticmethod
     def _feature_file_info(path: Path | None) -> tuple[Path | None, int | None]:
@@ -169,23 +210,30 @@ class WSIClassificationPipeline(Pipeline):
                     patch0 = int(steps.min()) if len(steps) else None
         return (Path(slide) if slide and Path(slide).exists() else None), (None if patch0 is None else int(patch0))
 
-    @staticmethod
-    def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-        return {k: [s[k] for s in samples] for k in samples[0]}
-
-    def forward(self, batch: dict[str, Any], **params: Any) -> dict[str, Any]:
-        outputs: dict[str, Any] = {"probabilities": [], "attention": []}
-        with torch.inference_mode():
-            for features in batch["features"]:
-                check = getattr(self.model, "check_input", None)
-                if check is not None:
-                    check(features)
-                out = self.model(features.to(self.device, self.dtype or torch.float32))
-                outputs["probabilities"].append(torch.softmax(out.slide_logits.float(), -1)[0].cpu())
-                outputs["attention"].append(out.instance_attention().float().cpu())
-        return {**outputs, "coords": batch["coords"], "slide": batch["slide"], "patch0": batch["patch0"]}
+    def _forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        probabilities, attention = [], []
+        for features in batch["features"]:  # one bag at a time: bags differ in length
+            check = getattr(self.model, "check_input", None)
+            if check is not None:
+                check(features)
+            out = self.model(features if self.dtype is not None else features.float())
+            probabilities.append(torch.softmax(out.slide_logits.float(), -1)[0])
+            attention.append(out.instance_attention().float())
+        return {
+            "probabilities": probabilities,
+            "attention": attention,
+            "coords": batch["coords"],
+            "slide": batch["slide"],
+            "patch0": batch["patch0"],
+        }
 
     def postprocess(self, outputs: dict[str, Any]) -> SlidePrediction:
         coords = outputs["coords"]
-        return SlidePrediction(outputs["probabilities"].numpy(), outputs["attention"].numpy().reshape(-1),
-                               None if coords is None else np.asarray(coords), outputs["patch0"], outputs["slide"], self.labels)
+        return SlidePrediction(
+            outputs["probabilities"].numpy(),
+            outputs["attention"].numpy().reshape(-1),
+            None if coords is None else np.asarray(coords),
+            outputs["patch0"],
+            outputs["slide"],
+            self.labels,
+        )

@@ -27,11 +27,24 @@ __all__ = ["TransformedSamples", "train_classification"]
 
 _logger = logging.getLogger(__name__)
 RECIPE_DEFAULTS = {
-    "input_size": 224, "interpolation": "bicubic", "auto_augment": None, "color_jitter": 0.0, "reprob": 0.0,
-    "mixup": 0.0, "cutmix": 0.0, "smoothing": 0.0, "drop_path": 0.0, "eval_batch_size": 64,
+    "input_size": 224,
+    "interpolation": "bicubic",
+    "auto_augment": None,
+    "color_jitter": 0.0,
+    "reprob": 0.0,
+    "mixup": 0.0,
+    "cutmix": 0.0,
+    "smoothing": 0.0,
+    "drop_path": 0.0,
+    "eval_batch_size": 64,
     # Sparsifiner's two phases (official default config): "reconstruction", then "distill" from a dense teacher
-    "sparsifiner_phase": None, "attn_recon_weight": 0.01, "teacher": None, "teacher_weights": None,
-    "cls_weight": 1.0, "cls_distill_weight": 0.5, "token_distill_weight": 0.5,
+    "sparsifiner_phase": None,
+    "attn_recon_weight": 0.01,
+    "teacher": None,
+    "teacher_weights": None,
+    "cls_weight": 1.0,
+    "cls_distill_weight": 0.5,
+    "token_distill_weight": 0.5,
 }
 
 
@@ -78,7 +91,10 @@ class _SparsifinerReconstructionLoss:
 
     def __call__(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         out = model(batch[0], dense_attn=True)
-        layers = [F.mse_loss(a, d[..., 1:, :].detach(), reduction="sum") for a, d in zip(out.approx_attn, out.dense_attn, strict=True)]
+        layers = [
+            F.mse_loss(a, d[..., 1:, :].detach(), reduction="sum")
+            for a, d in zip(out.approx_attn, out.dense_attn, strict=True)
+        ]
         return self.weight * torch.stack(layers).mean()
 
 
@@ -102,7 +118,9 @@ class _SparsifinerDistillLoss:
             cls = torch.sum(-y * F.log_softmax(out.logits, dim=-1), dim=-1).mean()
         else:
             cls = F.cross_entropy(out.logits, y, label_smoothing=self.smoothing)
-        kl = F.kl_div(F.log_softmax(out.logits, dim=-1), F.log_softmax(logits_t, dim=-1), reduction="batchmean", log_target=True)
+        kl = F.kl_div(
+            F.log_softmax(out.logits, dim=-1), F.log_softmax(logits_t, dim=-1), reduction="batchmean", log_target=True
+        )
         tokens = F.mse_loss(out.features.flatten(0, 1), tokens_t[:, 1:].flatten(0, 1))
         w_cls, w_kl, w_tok = self.weights
         return w_cls * cls + w_kl * kl + w_tok * tokens
@@ -123,17 +141,28 @@ class _TopK:
         return {"top1": 100.0 * hits1 / n, "top5": 100.0 * hits5 / n}
 
 
-def _teacher(student: torch.nn.Module, extra: dict[str, Any], num_classes: int, kwargs: dict[str, Any]) -> torch.nn.Module:
+def _teacher(
+    student: torch.nn.Module, extra: dict[str, Any], num_classes: int, kwargs: dict[str, Any]
+) -> torch.nn.Module:
     """The dense DeiT teacher: timm's ViT with the student's backbone dimensions, from ``teacher_weights``."""
-    import attnzoo
     from timm.models.vision_transformer import VisionTransformer
 
+    import attnzoo
+
     if extra["teacher_weights"] is None:
-        raise InvalidInputError("sparsifiner_phase=distill needs teacher_weights=PATH (the dense DeiT checkpoint the student started from)")
+        raise InvalidInputError(
+            "sparsifiner_phase=distill needs teacher_weights=PATH (the dense DeiT checkpoint the student started from)"
+        )
     block = student.blocks[0]
-    teacher = VisionTransformer(img_size=student.img_size, patch_size=student.patch_embed.patch_size, embed_dim=student.embed_dim,
-                                depth=len(student.blocks), num_heads=block.attn.num_heads, mlp_ratio=block.mlp.fc1.out_features / student.embed_dim,
-                                num_classes=student.num_classes)
+    teacher = VisionTransformer(
+        img_size=student.img_size,
+        patch_size=student.patch_embed.patch_size,
+        embed_dim=student.embed_dim,
+        depth=len(student.blocks),
+        num_heads=block.attn.num_heads,
+        mlp_ratio=block.mlp.fc1.out_features / student.embed_dim,
+        num_classes=student.num_classes,
+    )
     attnzoo.weights.load_weights(teacher, extra["teacher_weights"], converter=_dense_filter)
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -145,7 +174,9 @@ def _dense_filter(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dic
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     state = state.get("model", state)
-    return checkpoint_filter_fn({k.removeprefix("module."): v for k, v in state.items() if ".mask_predictor." not in k}, model)
+    return checkpoint_filter_fn(
+        {k.removeprefix("module."): v for k, v in state.items() if ".mask_predictor." not in k}, model
+    )
 
 
 def train_classification(
@@ -161,15 +192,18 @@ def train_classification(
     model_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train (or fine-tune, with ``weights``) ``model`` on ``data/train``, evaluating on ``data/val``."""
-    import attnzoo
     from timm.data import Mixup, create_transform, resolve_data_config
+
+    import attnzoo
 
     cfg = recipe_config(config, overrides, RECIPE_DEFAULTS, "image-classification")
     extra = cfg.extra
     root = Path(data)
     train_samples = _split(root, "train")
     if train_samples is None:
-        raise DatasetFormatError(f"{root}: no training images (expected {root}/train/<class>/<image> or {root}/<class>/<image>)")
+        raise DatasetFormatError(
+            f"{root}: no training images (expected {root}/train/<class>/<image> or {root}/<class>/<image>)"
+        )
     val_samples = _split(root, "val")
     num_classes = len(train_samples.classes)
 
@@ -190,13 +224,32 @@ def train_classification(
 
     size = int(extra["input_size"])
     data_cfg = resolve_data_config({"input_size": (3, size, size)}, model=net)
-    train_tf = create_transform((3, size, size), is_training=True, auto_augment=extra["auto_augment"], interpolation=extra["interpolation"],
-                                color_jitter=extra["color_jitter"] or None, re_prob=extra["reprob"], mean=data_cfg["mean"], std=data_cfg["std"])
-    eval_tf = create_transform((3, size, size), is_training=False, interpolation=data_cfg["interpolation"], crop_pct=data_cfg["crop_pct"],
-                               mean=data_cfg["mean"], std=data_cfg["std"])
+    train_tf = create_transform(
+        (3, size, size),
+        is_training=True,
+        auto_augment=extra["auto_augment"],
+        interpolation=extra["interpolation"],
+        color_jitter=extra["color_jitter"] or None,
+        re_prob=extra["reprob"],
+        mean=data_cfg["mean"],
+        std=data_cfg["std"],
+    )
+    eval_tf = create_transform(
+        (3, size, size),
+        is_training=False,
+        interpolation=data_cfg["interpolation"],
+        crop_pct=data_cfg["crop_pct"],
+        mean=data_cfg["mean"],
+        std=data_cfg["std"],
+    )
     mixup = None
     if extra["mixup"] > 0 or extra["cutmix"] > 0:
-        mixup = Mixup(mixup_alpha=extra["mixup"], cutmix_alpha=extra["cutmix"], label_smoothing=extra["smoothing"], num_classes=num_classes)
+        mixup = Mixup(
+            mixup_alpha=extra["mixup"],
+            cutmix_alpha=extra["cutmix"],
+            label_smoothing=extra["smoothing"],
+            num_classes=num_classes,
+        )
     loss_fn: Any = _ClassificationLoss(mixup, extra["smoothing"])
     phase = extra["sparsifiner_phase"]
     if phase is not None:
@@ -207,20 +260,36 @@ def train_classification(
             loss_fn = _SparsifinerReconstructionLoss(extra["attn_recon_weight"])
         elif phase == "distill":
             net.set_phase("sparse")
-            loss_fn = _SparsifinerDistillLoss(_teacher(net, extra, num_classes, kwargs), mixup, extra["smoothing"],
-                                              (extra["cls_weight"], extra["cls_distill_weight"], extra["token_distill_weight"]))
+            loss_fn = _SparsifinerDistillLoss(
+                _teacher(net, extra, num_classes, kwargs),
+                mixup,
+                extra["smoothing"],
+                (extra["cls_weight"], extra["cls_distill_weight"], extra["token_distill_weight"]),
+            )
         else:
             raise InvalidInputError(f"sparsifiner_phase must be 'reconstruction' or 'distill', got {phase!r}")
     trainer_device = torch.device(device) if device else None
     trainer = Trainer(
-        net, TransformedSamples(train_samples, train_tf), cfg, out, loss_fn=loss_fn,
-        device=trainer_device, run_info={"task": "image-classification", "model": model, "data": str(root), "classes": train_samples.classes,
-                                         "weights": None if weights is None else str(weights)},
+        net,
+        TransformedSamples(train_samples, train_tf),
+        cfg,
+        out,
+        loss_fn=loss_fn,
+        device=trainer_device,
+        run_info={
+            "task": "image-classification",
+            "model": model,
+            "data": str(root),
+            "classes": train_samples.classes,
+            "weights": None if weights is None else str(weights),
+        },
     )
     if mixup is not None and (cfg.batch_size // (cfg.accum_steps * trainer.ctx.world_size)) % 2:
         raise InvalidInputError("mixup/cutmix need an even batch per process and accumulation step")
     if val_samples is not None:
-        trainer.eval_fn = _TopK(TransformedSamples(val_samples, eval_tf), int(extra["eval_batch_size"]), cfg.num_workers, trainer.device)
+        trainer.eval_fn = _TopK(
+            TransformedSamples(val_samples, eval_tf), int(extra["eval_batch_size"]), cfg.num_workers, trainer.device
+        )
     elif cfg.best_metric:
         _logger.warning("no %s/val split: training without evaluation", root)
     result = trainer.fit(resume=resume)

@@ -107,7 +107,11 @@ def _split(item: str) -> tuple[str, str]:
 
 
 def named_configs() -> list[str]:
-    return sorted(p.name.removesuffix(".yaml") for p in resources.files("attnzoo.training.configs").iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name.removesuffix(".yaml")
+        for p in resources.files("attnzoo.training.configs").iterdir()
+        if p.name.endswith(".yaml")
+    )
 
 
 def load_config(source: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
@@ -134,8 +138,12 @@ def load_config(source: str | Path | None = None, overrides: list[str] | dict[st
     return apply_overrides(config, overrides or [])
 
 
-def recipe_config(config: str | Path | TrainConfig | None, overrides: list[str] | dict[str, Any] | None, defaults: dict[str, Any],
-                  task: str) -> TrainConfig:
+def recipe_config(
+    config: str | Path | TrainConfig | None,
+    overrides: list[str] | dict[str, Any] | None,
+    defaults: dict[str, Any],
+    task: str,
+) -> TrainConfig:
     """A recipe's settings: its defaults under the named/YAML config, then the overrides; keys the
     recipe does not know are errors."""
     cfg = config if isinstance(config, TrainConfig) else load_config(config)

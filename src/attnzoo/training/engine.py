@@ -55,6 +55,7 @@ def seed_everything(seed: int) -> None:
 
 # -- data ----------------------------------------------------------------------------------------
 
+
 class SeededSamples(Dataset):
     """Items are ``(epoch, index, copy)``; each sample's random augmentation is seeded from them,
     so it does not depend on which process or step loads it."""
@@ -86,9 +87,26 @@ class StepBatches:
     order lists each image r times in a row, so its copies land on different processes, and is cut
     to the dataset length. ``start_step`` skips steps already done (resume)."""
 
-    def __init__(self, n: int, global_batch: int, accum: int, ctx: DistributedContext, seed: int, epoch: int, start_step: int = 0,
-                 repeats: int = 1):
-        self.n, self.G, self.accum, self.ctx, self.seed, self.epoch, self.start = n, global_batch, accum, ctx, seed, epoch, start_step
+    def __init__(
+        self,
+        n: int,
+        global_batch: int,
+        accum: int,
+        ctx: DistributedContext,
+        seed: int,
+        epoch: int,
+        start_step: int = 0,
+        repeats: int = 1,
+    ):
+        self.n, self.G, self.accum, self.ctx, self.seed, self.epoch, self.start = (
+            n,
+            global_batch,
+            accum,
+            ctx,
+            seed,
+            epoch,
+            start_step,
+        )
         self.repeats = repeats
 
     @property
@@ -103,16 +121,19 @@ class StepBatches:
         order = [(i, c) for i in perm for c in range(self.repeats)][: self.n]
         micro = self.G // self.accum
         for step in range(self.start, self.steps):
-            batch = order[step * self.G:(step + 1) * self.G]
+            batch = order[step * self.G : (step + 1) * self.G]
             for m in range(self.accum):
-                part = batch[m * micro:(m + 1) * micro][self.ctx.rank::self.ctx.world_size]
+                part = batch[m * micro : (m + 1) * micro][self.ctx.rank :: self.ctx.world_size]
                 yield [(self.epoch, i, c) for i, c in part]
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
 
+
 def latest_checkpoint(folder: str | Path) -> Path | None:
-    found = sorted((int(m.group(1)), p) for p in Path(folder).glob("checkpoint-*.pt") if (m := CHECKPOINT_RE.search(p.name)))
+    found = sorted(
+        (int(m.group(1)), p) for p in Path(folder).glob("checkpoint-*.pt") if (m := CHECKPOINT_RE.search(p.name))
+    )
     return found[-1][1] if found else None
 
 
@@ -135,10 +156,20 @@ class Trainer:
     ones (default: no weight decay on norms, biases and 1-D parameters).
     """
 
-    def __init__(self, model: nn.Module, train_set: Dataset, config: TrainConfig, out_dir: str | Path, *,
-                 loss_fn: LossFn, eval_fn: EvalFn | None = None, collate_fn: Callable | None = None,
-                 parameters: Sequence[nn.Parameter] | None = None, device: str | torch.device | None = None,
-                 run_info: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        train_set: Dataset,
+        config: TrainConfig,
+        out_dir: str | Path,
+        *,
+        loss_fn: LossFn,
+        eval_fn: EvalFn | None = None,
+        collate_fn: Callable | None = None,
+        parameters: Sequence[nn.Parameter] | None = None,
+        device: str | torch.device | None = None,
+        run_info: dict[str, Any] | None = None,
+    ):
         config.validate()
         self.config, self.out_dir, self.loss_fn, self.eval_fn = config, Path(out_dir), loss_fn, eval_fn
         self.ctx = distributed_context()
@@ -150,12 +181,19 @@ class Trainer:
             raise DatasetFormatError("the training set has no samples")
         per_micro = config.batch_size // (config.accum_steps * self.ctx.world_size)
         if per_micro * config.accum_steps * self.ctx.world_size != config.batch_size:
-            raise InvalidInputError(f"batch_size {config.batch_size} must divide by accum_steps x processes "
-                                    f"({config.accum_steps} x {self.ctx.world_size})")
+            raise InvalidInputError(
+                f"batch_size {config.batch_size} must divide by accum_steps x processes "
+                f"({config.accum_steps} x {self.ctx.world_size})"
+            )
         if n < config.batch_size:
-            raise InvalidInputError(f"the training set has {n} samples, fewer than one batch ({config.batch_size}); "
-                                    f"lower batch_size")
-        self.train_set, self.collate_fn, self.run_info = SeededSamples(train_set, config.seed), collate_fn, run_info or {}
+            raise InvalidInputError(
+                f"the training set has {n} samples, fewer than one batch ({config.batch_size}); lower batch_size"
+            )
+        self.train_set, self.collate_fn, self.run_info = (
+            SeededSamples(train_set, config.seed),
+            collate_fn,
+            run_info or {},
+        )
         self.steps_per_epoch = n // config.batch_size
         self.total_steps = self.steps_per_epoch * config.epochs
         seed_everything(config.seed)
@@ -184,8 +222,10 @@ class Trainer:
         no_decay = [p for p in params if p.ndim <= 1 and not c.decay_norms_and_biases]
         named = {id(p): n for n, p in self.model.named_parameters()}
         skip = getattr(self.model, "no_weight_decay", lambda: set())()
-        decay, no_decay = ([p for p in decay if named.get(id(p)) not in skip],
-                           no_decay + [p for p in decay if named.get(id(p)) in skip])
+        decay, no_decay = (
+            [p for p in decay if named.get(id(p)) not in skip],
+            no_decay + [p for p in decay if named.get(id(p)) in skip],
+        )
         groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
         if not groups:
@@ -206,23 +246,49 @@ class Trainer:
         c, spe = self.config, self.steps_per_epoch
         warmup, cooldown = int(round(c.warmup_epochs * spe)), int(round(c.cooldown_epochs * spe))
         if c.schedule == "cosine":  # past t_initial (the cool-down) timm holds lr_min
-            return CosineLRScheduler(self.optimizer, t_initial=max(self.total_steps - warmup - cooldown, 1), lr_min=c.min_lr, warmup_t=warmup,
-                                     warmup_lr_init=c.warmup_lr, warmup_prefix=True, t_in_epochs=False)
+            return CosineLRScheduler(
+                self.optimizer,
+                t_initial=max(self.total_steps - warmup - cooldown, 1),
+                lr_min=c.min_lr,
+                warmup_t=warmup,
+                warmup_lr_init=c.warmup_lr,
+                warmup_prefix=True,
+                t_in_epochs=False,
+            )
         if c.schedule == "multistep":
             # timm applies milestone m at step m - 1; torch's MultiStepLR (the official recipes) at m: shift by one
-            return MultiStepLRScheduler(self.optimizer, decay_t=[int(round(m * spe)) + 1 for m in c.decay_milestones], decay_rate=c.decay_rate,
-                                        warmup_t=warmup, warmup_lr_init=c.warmup_lr, t_in_epochs=False)
+            return MultiStepLRScheduler(
+                self.optimizer,
+                decay_t=[int(round(m * spe)) + 1 for m in c.decay_milestones],
+                decay_rate=c.decay_rate,
+                warmup_t=warmup,
+                warmup_lr_init=c.warmup_lr,
+                t_in_epochs=False,
+            )
         decay = int(round(c.decay_epochs * spe)) if c.schedule == "step" else 10**12
-        return StepLRScheduler(self.optimizer, decay_t=max(decay, 1), decay_rate=c.decay_rate, warmup_t=warmup,
-                               warmup_lr_init=c.warmup_lr, t_in_epochs=False)
+        return StepLRScheduler(
+            self.optimizer,
+            decay_t=max(decay, 1),
+            decay_rate=c.decay_rate,
+            warmup_t=warmup,
+            warmup_lr_init=c.warmup_lr,
+            t_in_epochs=False,
+        )
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self, epoch: int, step_in_epoch: int) -> dict[str, Any]:
         return {
-            "model": _unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-            "ema": self.ema.module.state_dict() if self.ema is not None else None, "scaler": self.scaler.state_dict(),
-            "step": self.step, "epoch": epoch, "step_in_epoch": step_in_epoch, "best": self.best,
-            "evals_since_best": self.evals_since_best, "config": self.config.to_dict(), "run": self.run_info,
+            "model": _unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "best": self.best,
+            "evals_since_best": self.evals_since_best,
+            "config": self.config.to_dict(),
+            "run": self.run_info,
         }
 
     def save_checkpoint(self, epoch: int, step_in_epoch: int) -> Path | None:
@@ -244,16 +310,23 @@ class Trainer:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated, not a checkpoint, or not loadable safely
-            raise WeightsError(f"cannot resume from {path}: not a readable attnzoo checkpoint ({type(e).__name__}: {e})") from e
+            raise WeightsError(
+                f"cannot resume from {path}: not a readable attnzoo checkpoint ({type(e).__name__}: {e})"
+            ) from e
         if not isinstance(state, dict) or "model" not in state or "optimizer" not in state:
             raise WeightsError(f"cannot resume from {path}: it is not a training checkpoint (no model/optimizer state)")
         model = _unwrap(self.model)
         mismatch = describe_mismatch(model, state["model"])
         if mismatch:
             raise WeightsError(f"cannot resume from {path}: the model does not match it ({mismatch})")
-        if state["config"].get("batch_size") != self.config.batch_size or state["config"].get("seed") != self.config.seed:
-            raise WeightsError(f"cannot resume from {path}: it was made with batch_size={state['config'].get('batch_size')}, "
-                               f"seed={state['config'].get('seed')}; this run has {self.config.batch_size}, {self.config.seed}")
+        if (
+            state["config"].get("batch_size") != self.config.batch_size
+            or state["config"].get("seed") != self.config.seed
+        ):
+            raise WeightsError(
+                f"cannot resume from {path}: it was made with batch_size={state['config'].get('batch_size')}, "
+                f"seed={state['config'].get('seed')}; this run has {self.config.batch_size}, {self.config.seed}"
+            )
         model.load_state_dict(state["model"])
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -351,7 +424,9 @@ class Trainer:
         if self.ctx.is_main:
             import yaml
 
-            write_text(self.out_dir / "config.yaml", yaml.safe_dump({**c.to_dict(), "run": self.run_info}, sort_keys=False))
+            write_text(
+                self.out_dir / "config.yaml", yaml.safe_dump({**c.to_dict(), "run": self.run_info}, sort_keys=False)
+            )
         writer = self._tensorboard()
         bar = self._progress()
         if bar is not None:
@@ -361,7 +436,9 @@ class Trainer:
             for epoch in range(start_epoch, c.epochs):
                 if self._should_stop():
                     if self.ctx.is_main:
-                        _logger.info("early stop: %d evaluations without a better %s", self.evals_since_best, c.best_metric)
+                        _logger.info(
+                            "early stop: %d evaluations without a better %s", self.evals_since_best, c.best_metric
+                        )
                     break
                 metrics = self._train_epoch(epoch, start_step if epoch == start_epoch else 0, writer, bar)
         finally:
@@ -387,9 +464,17 @@ class Trainer:
         c = self.config
         if hasattr(self.train_set.dataset, "set_epoch"):  # e.g. new random views each epoch
             self.train_set.dataset.set_epoch(epoch)
-        batches = StepBatches(len(self.train_set), c.batch_size, c.accum_steps, self.ctx, c.seed, epoch, start_step, c.repeated_aug)
-        loader = DataLoader(self.train_set, batch_sampler=batches, num_workers=c.num_workers, collate_fn=self.collate_fn,
-                            pin_memory=self.device.type == "cuda", persistent_workers=False)
+        batches = StepBatches(
+            len(self.train_set), c.batch_size, c.accum_steps, self.ctx, c.seed, epoch, start_step, c.repeated_aug
+        )
+        loader = DataLoader(
+            self.train_set,
+            batch_sampler=batches,
+            num_workers=c.num_workers,
+            collate_fn=self.collate_fn,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
         model = self.ddp_model
         model.train()
         step_in_epoch, micro, running, seen, t0 = start_step, 0, 0.0, 0, time.perf_counter()
@@ -399,11 +484,13 @@ class Trainer:
                 self.scheduler.step_update(self.step)
             batch = self._to_device(batch)
             sync = micro == c.accum_steps - 1 or self.ctx.world_size == 1
-            with (nullcontext() if sync else model.no_sync()), self._autocast():
+            with nullcontext() if sync else model.no_sync(), self._autocast():
                 loss = self.loss_fn(model, batch)
             value = loss.item()  # one device sync per micro-step, for the check and the log
             if not math.isfinite(value):
-                raise InvalidInputError(f"the loss is {value} at step {self.step} (epoch {epoch}); lower lr or check the data")
+                raise InvalidInputError(
+                    f"the loss is {value} at step {self.step} (epoch {epoch}); lower lr or check the data"
+                )
             with nullcontext() if sync else model.no_sync():
                 self.scaler.scale(loss / c.accum_steps).backward()
             running += value / c.accum_steps
@@ -426,7 +513,13 @@ class Trainer:
                 bar.update(1)
             if self.step % c.log_every == 0 or step_in_epoch == self.steps_per_epoch:
                 rate = seen * self.ctx.world_size / max(time.perf_counter() - t0, 1e-9)
-                row = {"step": self.step, "epoch": epoch, "loss": running, "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": rate}
+                row = {
+                    "step": self.step,
+                    "epoch": epoch,
+                    "loss": running,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "samples_per_s": rate,
+                }
                 self._log(row, writer)
                 if bar is not None:
                     bar.set_postfix(loss=f"{running:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{rate:.1f}")
@@ -473,4 +566,3 @@ class Trainer:
         except ImportError:  # the `train` extra is not installed: CSV only
             return None
         return SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step or None)
-

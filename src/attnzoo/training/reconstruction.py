@@ -1,6 +1,7 @@
 """The multi-view 3D reconstruction recipe (LRGT on ShapeNet), as the official ``config.py`` trains it:
 Dice loss, AdamW 1e-4, MultiStepLR [60, 90], 3 random views per model on a random light background,
-validation IoU (max over thresholds) with the first 3 views.
+validation IoU (max over thresholds) with the first 3 views. The encoder starts from DeiT-B
+distilled ImageNet weights (:func:`load_deit_init`), as the official training does.
 
     attnzoo train multiview-3d-reconstruction --data /data/shapenet --out runs/lrgt --config lrgt
 """
@@ -8,24 +9,94 @@ validation IoU (max over thresholds) with the first 3 views.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from attnzoo.errors import InvalidInputError, WeightsError
 from attnzoo.training.config import TrainConfig, recipe_config
 from attnzoo.training.engine import Trainer
 
-__all__ = ["dice_loss", "train_reconstruction"]
+if TYPE_CHECKING:  # pragma: no cover
+    from attnzoo.vision.lrgt import LRGTViT
 
-RECIPE_DEFAULTS = {"n_views": 3, "deit_weights": None, "train_background": [225, 255], "eval_background": 240, "eval_batch_size": 8}
+__all__ = ["DEIT_INIT_URL", "dice_loss", "load_deit_init", "train_reconstruction"]
+
+DEIT_INIT_URL = "https://dl.fbaipublicfiles.com/deit/deit_base_distilled_patch16_224-df68dfff.pth"
+
+RECIPE_DEFAULTS = {
+    "n_views": 3,
+    "deit_weights": None,
+    "train_background": [225, 255],
+    "eval_background": 240,
+    "eval_batch_size": 8,
+}
 
 
 def dice_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The official "Dice": ``1 - (sum(p g) + 1) / (sum(p^2 + g^2) + 1)`` per sample (no factor 2), batch mean."""
     p, g = pred.flatten(1), target.flatten(1)
     return (1 - ((p * g).sum(1) + 1) / ((p * p + g * g).sum(1) + 1)).mean()
+
+
+def _vit_of(model: nn.Module) -> LRGTViT:
+    from attnzoo.vision.lrgt import LRGT, LRGTEncoder, LRGTViT
+
+    if isinstance(model, LRGT):
+        return model.encoder.encoder
+    if isinstance(model, LRGTEncoder):
+        return model.encoder
+    if isinstance(model, LRGTViT):
+        return model
+    raise InvalidInputError(f"load_deit_init needs an LRGT, LRGTEncoder or LRGTViT, got {type(model).__name__}")
+
+
+def load_deit_init(
+    model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any] = DEIT_INIT_URL
+) -> dict[str, list[str]]:
+    """The official ImageNet initialisation of the encoder: DeiT-B *distilled* weights (the
+    released ``{'model': ...}`` file, a timm state dict, a path, URL or ``hf-hub:`` spec).
+
+    Each block's fused ``attn.qkv`` is split into thirds for ``to_q``/``to_k``/``to_v``; ``head``
+    and ``head_dist`` are ignored; parameters DeiT lacks (the IFS convs) keep their init. A shape
+    mismatch (another DeiT size) is an error. Returns the keys ``loaded``, ``ignored`` and ``kept``.
+    """
+    from attnzoo.weights import load_checkpoint_file, resolve_checkpoint, unwrap_state_dict
+
+    vit = _vit_of(model)
+    obj: Any = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint_file(resolve_checkpoint(checkpoint))
+    source = unwrap_state_dict(obj)
+    own = vit.state_dict()
+    new: dict[str, torch.Tensor] = {}
+    ignored: list[str] = []
+    for name, tensor in source.items():
+        if ".attn.qkv." in name:
+            parts = tensor.chunk(3, dim=0)
+            for proj, part in zip(("to_q", "to_k", "to_v"), parts):
+                new[name.replace(".qkv.", f".{proj}.")] = part
+        elif name in own:
+            new[name] = tensor
+        else:
+            ignored.append(name)
+    unknown = [k for k in new if k not in own]
+    bad = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in new.items() if k in own and v.shape != own[k].shape
+    ]
+    if unknown or bad:
+        raise WeightsError(
+            f"the DeiT checkpoint does not fit this LRGT encoder: {', '.join((unknown + bad)[:5])}"
+            f"{' ...' if len(unknown + bad) > 5 else ''} (the official init is DeiT-B distilled, 768 wide)"
+        )
+    if not new:
+        raise WeightsError("the DeiT checkpoint holds no encoder weights")
+    with torch.no_grad():
+        for k, v in new.items():
+            own[k].copy_(v)
+    return {"loaded": sorted(new), "ignored": sorted(ignored), "kept": sorted(k for k in own if k not in new)}
 
 
 class ViewsTransform:
@@ -36,11 +107,16 @@ class ViewsTransform:
         self.background = background
 
     def __call__(self, views: list[np.ndarray]) -> torch.Tensor:
-        from attnzoo.vision.lrgt import preprocess_views
+        from attnzoo.pipelines.multiview_reconstruction import preprocess_views
 
         if isinstance(self.background, (list, tuple)):
             low, high = self.background
-            return torch.cat([preprocess_views([v], background=tuple(int(c) for c in np.random.randint(low, high + 1, 3))) for v in views])
+            return torch.cat(
+                [
+                    preprocess_views([v], background=tuple(int(c) for c in np.random.randint(low, high + 1, 3)))
+                    for v in views
+                ]
+            )
         return preprocess_views(views, background=self.background)
 
 
@@ -85,27 +161,54 @@ def train_reconstruction(
 ) -> dict[str, Any]:
     """Train ``model`` (default LRGT) on ``data`` (ShapeNetRendering/, ShapeNetVox32/, ShapeNet.json)."""
     import attnzoo
-    from attnzoo.datasets.shapenet import ShapeNetDataset
-    from attnzoo.evaluation.reconstruction import find_split_file
+    from attnzoo.datasets.shapenet import ShapeNetDataset, find_split_file
 
     cfg = recipe_config(config or "lrgt", overrides, RECIPE_DEFAULTS, "multiview-3d-reconstruction")
     extra = cfg.extra
     root = Path(data)
     split_file = find_split_file(root)
-    train = ShapeNetDataset(root / "ShapeNetRendering", root / "ShapeNetVox32", split_file, split="train", n_views=int(extra["n_views"]),
-                            transform=ViewsTransform(list(extra["train_background"])), seed=cfg.seed)
-    net = attnzoo.create_model(model, weights=weights, **(model_kwargs or {})) if weights else attnzoo.create_model(model, **(model_kwargs or {}))
+    train = ShapeNetDataset(
+        root / "ShapeNetRendering",
+        root / "ShapeNetVox32",
+        split_file,
+        split="train",
+        n_views=int(extra["n_views"]),
+        transform=ViewsTransform(list(extra["train_background"])),
+        seed=cfg.seed,
+    )
+    net = (
+        attnzoo.create_model(model, weights=weights, **(model_kwargs or {}))
+        if weights
+        else attnzoo.create_model(model, **(model_kwargs or {}))
+    )
     if weights is None and extra["deit_weights"]:
-        from attnzoo.vision.lrgt import load_deit_init
-
         load_deit_init(net, extra["deit_weights"])
     net.train()
-    trainer = Trainer(net, train, cfg, out, loss_fn=_loss, collate_fn=_batch, device=torch.device(device) if device else None,
-                      run_info={"task": "multiview-3d-reconstruction", "model": model, "data": str(root),
-                                "weights": None if weights is None else str(weights)})
+    trainer = Trainer(
+        net,
+        train,
+        cfg,
+        out,
+        loss_fn=_loss,
+        collate_fn=_batch,
+        device=torch.device(device) if device else None,
+        run_info={
+            "task": "multiview-3d-reconstruction",
+            "model": model,
+            "data": str(root),
+            "weights": None if weights is None else str(weights),
+        },
+    )
     try:
-        val = ShapeNetDataset(root / "ShapeNetRendering", root / "ShapeNetVox32", split_file, split="val", n_views=int(extra["n_views"]),
-                              view_selection="first", transform=ViewsTransform(int(extra["eval_background"])))
+        val = ShapeNetDataset(
+            root / "ShapeNetRendering",
+            root / "ShapeNetVox32",
+            split_file,
+            split="val",
+            n_views=int(extra["n_views"]),
+            view_selection="first",
+            transform=ViewsTransform(int(extra["eval_background"])),
+        )
         trainer.eval_fn = _ValidationIoU(val, int(extra["eval_batch_size"]), trainer.device)
     except Exception as err:  # no val models: train without validation
         from attnzoo.errors import DatasetFormatError

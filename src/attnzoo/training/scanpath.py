@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from attnzoo._io import write_json
@@ -27,16 +28,40 @@ from attnzoo.errors import DatasetFormatError, InvalidInputError
 from attnzoo.training.config import TrainConfig, recipe_config
 from attnzoo.training.engine import Trainer
 
-__all__ = ["evaluate_search", "train_scanpath"]
+if TYPE_CHECKING:  # pragma: no cover
+    from attnzoo.vision.oat import OAT
+    from attnzoo.vision.oat_inputs import OATBatch
+
+__all__ = ["evaluate_search", "oat_loss", "teacher_forced_loss", "train_scanpath"]
 
 RECIPE_DEFAULTS = {"dataset": None, "split": "official", "split_seed": 0, "max_len": None, "drop_outliers": True}
+
+
+def oat_loss(logits: torch.Tensor, tgt_pos: torch.Tensor, pad_idx: int) -> torch.Tensor:
+    """Cross-entropy of teacher-forced logits ``[L-1, B, N+2]`` against ``tgt_pos[1:]``, PAD ignored."""
+    target = tgt_pos[1:]
+    if logits.shape[:2] != target.shape:
+        raise InvalidInputError(f"logits {tuple(logits.shape)} do not match tgt_pos[1:] {tuple(target.shape)}")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1).to(logits.device), ignore_index=pad_idx
+    )
+
+
+def teacher_forced_loss(model: OAT, batch: OATBatch) -> torch.Tensor:
+    """The official training loss (``train_batch_teacher_forcing``) of a
+    :func:`~attnzoo.vision.oat_inputs.collate_oat` batch."""
+    if batch.pad_idx != model.pad_idx:
+        raise InvalidInputError(
+            f"the batch was collated for {batch.pad_idx - 1} objects, the model has {model.num_objects}"
+        )
+    return oat_loss(model.forward_batch(batch), batch.tgt_pos, model.pad_idx)
 
 
 class SearchSamples(Dataset):
     """OAT samples (object crops, target, object sequence); crops made once per display image."""
 
     def __init__(self, trials: list[Any], crop_style: str = "bgr"):
-        from attnzoo.vision.oat import OATSample, display_crops
+        from attnzoo.vision.oat_inputs import OATSample, display_crops
 
         self.trials = trials
         crops: dict[tuple, torch.Tensor] = {}
@@ -59,12 +84,17 @@ class SearchSamples(Dataset):
 def evaluate_search(model: torch.nn.Module, samples: SearchSamples, max_len: int, batch: int = 32) -> dict[str, float]:
     """Greedy scanpaths of every trial: mean sequence score, edit distance, the five behavioural
     statistics and Δ against the observers' (of the set's means, as OAT)."""
-    from attnzoo.metrics.scanpath import average_search_statistics, behavioural_delta, object_scanpath_scores, search_statistics
-    from attnzoo.vision.oat import generate
+    from attnzoo.metrics.scanpath import (
+        average_search_statistics,
+        behavioural_delta,
+        object_scanpath_scores,
+        search_statistics,
+    )
+    from attnzoo.vision.oat_decoding import generate
 
     predictions: list[list[int]] = []
     for start in range(0, len(samples), batch):
-        chunk = samples.samples[start:start + batch]
+        chunk = samples.samples[start : start + batch]
         decoded = generate(model, [s.crops for s in chunk], [s.target for s in chunk], max_len)
         predictions += [d[0].objects for d in decoded]
     scores = [object_scanpath_scores(p, s.sequence, s.target) for p, s in zip(predictions, samples.samples)]
@@ -96,7 +126,9 @@ def train_scanpath(
     import attnzoo
 
     if str(model).lower().startswith("neva"):
-        raise InvalidInputError("NevaClip is zero-shot (a frozen CLIP): there is nothing to train; evaluate it with 'attnzoo eval scanpath'")
+        raise InvalidInputError(
+            "NevaClip is zero-shot (a frozen CLIP): there is nothing to train; evaluate it with 'attnzoo eval scanpath'"
+        )
     from attnzoo.datasets.scanpaths import detect_scanpath_dataset
     from attnzoo.datasets.visual_search import load_search_trials, split_search_trials
 
@@ -109,27 +141,47 @@ def train_scanpath(
     split = split_search_trials(trials, data, name, str(cfg.extra["split"]), int(cfg.extra["split_seed"]))
     if not split["train"]:
         raise DatasetFormatError(f"{data}: no training scanpaths in the split")
-    max_len = int(cfg.extra["max_len"] or max(len(t.objects) for t in split["train"]))  # the official: the longest training sequence
-    net = attnzoo.create_model(model, weights=weights, **(model_kwargs or {})) if weights else attnzoo.create_model(model, **(model_kwargs or {}))
+    max_len = int(
+        cfg.extra["max_len"] or max(len(t.objects) for t in split["train"])
+    )  # the official: the longest training sequence
+    net = (
+        attnzoo.create_model(model, weights=weights, **(model_kwargs or {}))
+        if weights
+        else attnzoo.create_model(model, **(model_kwargs or {}))
+    )
     grid = tuple(split["train"][0].grid)
     if tuple(net.grid) != grid:
-        raise InvalidInputError(f"{model} is built for a {net.grid} grid but the {name} displays are {grid}: use oat_{name}")
+        raise InvalidInputError(
+            f"{model} is built for a {net.grid} grid but the {name} displays are {grid}: use oat_{name}"
+        )
     style = getattr(net, "pretrained_cfg", {}).get("crop_style", "bgr")  # Amazon's BGR 0-255, the shelves' RGB min-max
-    train_set, val_set = SearchSamples(split["train"], style), SearchSamples(split["val"], style) if split["val"] else None
+    train_set, val_set = (
+        SearchSamples(split["train"], style),
+        SearchSamples(split["val"], style) if split["val"] else None,
+    )
 
     def collate(samples: list[Any]) -> Any:
-        from attnzoo.vision.oat import collate_oat
+        from attnzoo.vision.oat_inputs import collate_oat
 
         return collate_oat(samples, grid)
 
-    def loss(m: torch.nn.Module, batch: Any) -> torch.Tensor:
-        from attnzoo.vision.oat import teacher_forced_loss
-
-        return teacher_forced_loss(m, batch)
-
-    trainer = Trainer(net.train(), train_set, cfg, out, loss_fn=loss, collate_fn=collate, device=torch.device(device) if device else None,
-                      run_info={"task": "scanpath", "model": model, "data": str(data), "dataset": name, "max_len": max_len,
-                                "split_sizes": {k: len(v) for k, v in split.items()}})
+    trainer = Trainer(
+        net.train(),
+        train_set,
+        cfg,
+        out,
+        loss_fn=teacher_forced_loss,
+        collate_fn=collate,
+        device=torch.device(device) if device else None,
+        run_info={
+            "task": "scanpath",
+            "model": model,
+            "data": str(data),
+            "dataset": name,
+            "max_len": max_len,
+            "split_sizes": {k: len(v) for k, v in split.items()},
+        },
+    )
     if val_set is not None:
         trainer.eval_fn = lambda m: evaluate_search(m, val_set, max_len)
     result = trainer.fit(resume=resume)
@@ -143,7 +195,14 @@ def train_scanpath(
     if trainer.ctx.is_main:
         write_json(Path(out) / "test_metrics.json", {"max_len": max_len, **test})
         # read beside the weights: pipeline("scanpath") decodes up to max_len, `attnzoo eval` tests on this run's split
-        write_json(Path(out) / "decoding.json", {"max_len": max_len, "dataset": name, "split": str(cfg.extra["split"]),
-                                                 "split_seed": int(cfg.extra["split_seed"]),
-                                                 "drop_outliers": bool(cfg.extra["drop_outliers"])})
+        write_json(
+            Path(out) / "decoding.json",
+            {
+                "max_len": max_len,
+                "dataset": name,
+                "split": str(cfg.extra["split"]),
+                "split_seed": int(cfg.extra["split_seed"]),
+                "drop_outliers": bool(cfg.extra["drop_outliers"]),
+            },
+        )
     return {**result, "test": test, "max_len": max_len}

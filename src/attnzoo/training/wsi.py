@@ -32,8 +32,15 @@ from attnzoo.training.engine import Trainer
 
 __all__ = ["train_wsi_classification"]
 
-RECIPE_DEFAULTS = {"split": None, "labels": None, "dataset": "camelyon16", "n_classes": None, "seeds": None, "val_fraction": 0.1,
-                   "allow_missing": False}
+RECIPE_DEFAULTS = {
+    "split": None,
+    "labels": None,
+    "dataset": "camelyon16",
+    "n_classes": None,
+    "seeds": None,
+    "val_fraction": 0.1,
+    "allow_missing": False,
+}
 
 
 class _Bags(Dataset):
@@ -85,7 +92,9 @@ def _split(bags: Any, extra: dict[str, Any], seed: int) -> dict[str, list[str]]:
     from attnzoo.datasets.mil_features import read_split_file
 
     if extra["split"]:
-        split = read_split_file(_split_path(extra, seed), n_classes=int(extra["n_classes"] or 3), labels_csv=extra["labels"])
+        split = read_split_file(
+            _split_path(extra, seed), n_classes=int(extra["n_classes"] or 3), labels_csv=extra["labels"]
+        )
         parts = bags.split(split, strict=not extra["allow_missing"])
         return {name: list(parts[name]) for name in ("train", "val", "test")}
     ids = sorted(bags)
@@ -127,8 +136,11 @@ def train_wsi_classification(
     seeds = base.extra["seeds"] or [base.seed]
     bags = read_feature_bags(data, labels=_labels(base.extra, int(seeds[0])))
     if base.extra["split"] and len(seeds) > 1 and "{seed}" not in str(base.extra["split"]):
-        warnings.warn(f"all {len(seeds)} seeds use the one split file {base.extra['split']}, so their spread covers the "
-                      "initialisation only; ACMIL's protocol gives each seed its own (split=.../split_{seed}.json)", stacklevel=2)
+        warnings.warn(
+            f"all {len(seeds)} seeds use the one split file {base.extra['split']}, so their spread covers the "
+            "initialisation only; ACMIL's protocol gives each seed its own (split=.../split_{seed}.json)",
+            stacklevel=2,
+        )
     runs = {}
     for seed in seeds:
         cfg = TrainConfig(**{**base.to_dict(), "seed": int(seed), "extra": dict(base.extra)})
@@ -138,23 +150,36 @@ def train_wsi_classification(
         label_of = {s: bags[s].label for part in split.values() for s in part}  # reads each bag once
         unlabelled = [s for s, label in label_of.items() if label is None]
         if unlabelled:
-            raise DatasetFormatError(f"{data}: {len(unlabelled)} slide(s) have no label, e.g. {', '.join(unlabelled[:5])}: "
-                                     "pass labels=CSV (slide_id,label), or a split file that carries them")
+            raise DatasetFormatError(
+                f"{data}: {len(unlabelled)} slide(s) have no label, e.g. {', '.join(unlabelled[:5])}: "
+                "pass labels=CSV (slide_id,label), or a split file that carries them"
+            )
         labels = sorted({label_of[s] for s in split["train"]})
         n_classes = int(cfg.extra["n_classes"] or (max(labels) + 1))
         dim = bags[split["train"][0]].dim
         torch.manual_seed(int(seed))
         kwargs = {"in_dim": dim, "n_classes": n_classes, **(model_kwargs or {})}
-        net = attnzoo.create_model(model, weights=weights, **kwargs) if weights else attnzoo.create_model(model, **kwargs)
+        net = (
+            attnzoo.create_model(model, weights=weights, **kwargs) if weights else attnzoo.create_model(model, **kwargs)
+        )
         run_out = Path(out) / f"seed-{seed}" if len(seeds) > 1 else Path(out)
-        trainer = Trainer(net.train(), _Bags(bags, split["train"]), cfg, run_out, loss_fn=_loss, collate_fn=_one,
-                          device=torch.device(device) if device else None,
-                          run_info={"task": "wsi-classification", "model": model, "data": str(data), "split": split})
+        trainer = Trainer(
+            net.train(),
+            _Bags(bags, split["train"]),
+            cfg,
+            run_out,
+            loss_fn=_loss,
+            collate_fn=_one,
+            device=torch.device(device) if device else None,
+            run_info={"task": "wsi-classification", "model": model, "data": str(data), "split": split},
+        )
         if split["val"]:
             trainer.eval_fn = _Validation(bags, split["val"], trainer.device)
         result = trainer.fit(resume=resume)
         best = run_out / "best.pt"
-        if split["val"] and best.exists():  # the official protocol: test metrics of the epoch with the best validation score
+        if (
+            split["val"] and best.exists()
+        ):  # the official protocol: test metrics of the epoch with the best validation score
             net.load_state_dict(torch.load(best, weights_only=True)["model"])
         net.eval()
         with torch.no_grad():

@@ -1,4 +1,5 @@
-"""What every attnzoo classifier shares: timm's classifier API and the official-keyword check."""
+"""What attnzoo's model families share: timm's classifier API, the official-keyword check,
+the ``output_fmt`` check of ``forward_intermediates``, ViT initialisation, seeded generators."""
 
 from __future__ import annotations
 
@@ -34,12 +35,20 @@ class ClassifierMixin:
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
+def check_output_fmt(output_fmt: str, supported: tuple[str, ...] = ("NCHW", "NLC")) -> None:
+    """``forward_intermediates`` raises for a format it cannot give, rather than returning another one."""
+    if output_fmt not in supported:
+        raise InvalidInputError(f"output_fmt must be one of {', '.join(map(repr, supported))}, got {output_fmt!r}")
+
+
 def as_generator(generator: torch.Generator | int | None) -> torch.Generator | None:
     """A ``torch.Generator`` from a generator, an int seed or None (the global RNG), for models with sampling steps."""
     if generator is None or isinstance(generator, torch.Generator):
         return generator
     if isinstance(generator, bool) or not isinstance(generator, int):
-        raise InvalidInputError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
+        raise InvalidInputError(
+            f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}"
+        )
     return torch.Generator().manual_seed(generator)
 
 

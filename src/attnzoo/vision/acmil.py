@@ -42,15 +42,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnzoo.errors import InvalidInputError, WeightsError
-from attnzoo.factory import register_model
+from attnzoo.errors import InvalidInputError
+from attnzoo.registry import register_model
 from attnzoo.vision._common import as_generator
+from attnzoo.weights import unwrap_state_dict
 
 __all__ = [
     "PRETRAIN_DIMS",
@@ -86,6 +87,7 @@ _MASK_VALUE = -1e9  # the official fill value of masked logits
 
 
 # -- outputs and helpers -------------------------------------------------------------------
+
 
 def instance_attention(attention: torch.Tensor) -> torch.Tensor:
     """Per-instance attention ``[N]`` for heatmaps: softmax over instances of the raw logits,
@@ -167,8 +169,9 @@ def acmil_loss(output: ACMILOutput | tuple, label: int | torch.Tensor) -> ACMILL
     return ACMILLoss(div + sub + slide, sub, slide, div)
 
 
-def stkim_mask(logits: torch.Tensor, n_masked_patch: int, mask_drop: float,
-               generator: torch.Generator | int | None = None) -> torch.Tensor:
+def stkim_mask(
+    logits: torch.Tensor, n_masked_patch: int, mask_drop: float, generator: torch.Generator | int | None = None
+) -> torch.Tensor:
     """Stochastic top-K instance masking of ``logits [R, N]`` (one row per branch or head).
 
     In every row the ``k = min(n_masked_patch, N)`` largest logits are found and ``int(k * mask_drop)``
@@ -192,6 +195,7 @@ def stkim_mask(logits: torch.Tensor, n_masked_patch: int, mask_drop: float,
 
 
 # -- building blocks -----------------------------------------------------------------------
+
 
 class _DimReduction(nn.Module):
     """Linear(no bias) + ReLU; the official ``DimReduction`` with no residual blocks."""
@@ -262,7 +266,9 @@ class _QueryAttention(nn.Module):
         logits = (q @ k.permute(0, 1, 3, 2)) / math.sqrt(q.shape[-1])  # [1, H, 1, N]
         if self.training and self.n_masked_patch > 0:
             b, h, nq, n = logits.shape
-            logits = stkim_mask(logits.reshape(b * h * nq, n), self.n_masked_patch, self.mask_drop, generator).reshape(b, h, nq, n)
+            logits = stkim_mask(logits.reshape(b * h * nq, n), self.n_masked_patch, self.mask_drop, generator).reshape(
+                b, h, nq, n
+            )
         out = _merge_heads(logits.softmax(dim=-1) @ v)
         out = self.layer_norm(self.dropout(self.out_proj(out)))
         return out[0], logits[0]
@@ -286,6 +292,7 @@ class _BagAttention(nn.Module):
 
 # -- models --------------------------------------------------------------------------------
 
+
 class _ACMILBase(nn.Module):
     in_dim: int
     inner_dim: int
@@ -294,11 +301,17 @@ class _ACMILBase(nn.Module):
     n_masked_patch: int
     mask_drop: float
 
-    def _check_args(self, in_dim: int, inner_dim: int, n_classes: int, n_token: int, n_masked_patch: int, mask_drop: float) -> None:
+    def _check_args(
+        self, in_dim: int, inner_dim: int, n_classes: int, n_token: int, n_masked_patch: int, mask_drop: float
+    ) -> None:
         if min(in_dim, inner_dim, n_classes, n_token) < 1:
-            raise InvalidInputError(f"in_dim, inner_dim, n_classes and n_token must be >= 1, got {in_dim}, {inner_dim}, {n_classes}, {n_token}")
+            raise InvalidInputError(
+                f"in_dim, inner_dim, n_classes and n_token must be >= 1, got {in_dim}, {inner_dim}, {n_classes}, {n_token}"
+            )
         if n_masked_patch < 0 or not 0.0 <= mask_drop <= 1.0:
-            raise InvalidInputError(f"n_masked_patch must be >= 0 and mask_drop in [0, 1], got {n_masked_patch} and {mask_drop}")
+            raise InvalidInputError(
+                f"n_masked_patch must be >= 0 and mask_drop in [0, 1], got {n_masked_patch} and {mask_drop}"
+            )
         self.in_dim, self.inner_dim, self.n_classes = int(in_dim), int(inner_dim), int(n_classes)
         self.n_token, self.n_masked_patch, self.mask_drop = int(n_token), int(n_masked_patch), float(mask_drop)
 
@@ -310,11 +323,15 @@ class _ACMILBase(nn.Module):
         if x.ndim == 2:
             x = x.unsqueeze(0)
         if x.ndim != 3 or x.shape[0] != 1:
-            raise InvalidInputError(f"{name} takes one bag at a time, [1, N, {self.in_dim}] or [N, {self.in_dim}], got "
-                                    f"{tuple(x.shape)} (loop over bags: the official code trains with batch size 1)")
+            raise InvalidInputError(
+                f"{name} takes one bag at a time, [1, N, {self.in_dim}] or [N, {self.in_dim}], got "
+                f"{tuple(x.shape)} (loop over bags: the official code trains with batch size 1)"
+            )
         if x.shape[-1] != self.in_dim:
-            raise InvalidInputError(f"{name} expects {self.in_dim} features per instance (in_dim={self.in_dim}), got "
-                                    f"{x.shape[-1]}: build the model with in_dim={x.shape[-1]} (and the matching inner_dim)")
+            raise InvalidInputError(
+                f"{name} expects {self.in_dim} features per instance (in_dim={self.in_dim}), got "
+                f"{x.shape[-1]}: build the model with in_dim={x.shape[-1]} (and the matching inner_dim)"
+            )
         if x.shape[1] == 0:
             raise InvalidInputError(f"{name} got an empty bag (0 instances): a slide needs at least one patch feature")
         if not x.is_floating_point():
@@ -328,8 +345,10 @@ class _ACMILBase(nn.Module):
         return acmil_loss(output, label)
 
     def extra_repr(self) -> str:
-        return (f"in_dim={self.in_dim}, inner_dim={self.inner_dim}, n_classes={self.n_classes}, n_token={self.n_token}, "
-                f"n_masked_patch={self.n_masked_patch}, mask_drop={self.mask_drop}")
+        return (
+            f"in_dim={self.in_dim}, inner_dim={self.inner_dim}, n_classes={self.n_classes}, n_token={self.n_token}, "
+            f"n_masked_patch={self.n_masked_patch}, mask_drop={self.mask_drop}"
+        )
 
 
 class ACMILGatedAttention(_ACMILBase):
@@ -342,8 +361,17 @@ class ACMILGatedAttention(_ACMILBase):
     ResNet18 features.
     """
 
-    def __init__(self, in_dim: int = 512, inner_dim: int = 256, n_classes: int = 2, n_token: int = 5,
-                 n_masked_patch: int = 10, mask_drop: float = 0.6, attn_dim: int = 128, drop_rate: float = 0.0):
+    def __init__(
+        self,
+        in_dim: int = 512,
+        inner_dim: int = 256,
+        n_classes: int = 2,
+        n_token: int = 5,
+        n_masked_patch: int = 10,
+        mask_drop: float = 0.6,
+        attn_dim: int = 128,
+        drop_rate: float = 0.0,
+    ):
         super().__init__()
         self._check_args(in_dim, inner_dim, n_classes, n_token, n_masked_patch, mask_drop)
         self.attn_dim, self.drop_rate = int(attn_dim), float(drop_rate)
@@ -380,8 +408,17 @@ class ACMILMultiHead(_ACMILBase):
     ``attention`` in the output is ``[num_heads, K, N]``.
     """
 
-    def __init__(self, in_dim: int = 512, inner_dim: int = 256, n_classes: int = 2, n_token: int = 5,
-                 n_masked_patch: int = 10, mask_drop: float = 0.6, num_heads: int = 8, proj_drop: float = 0.1):
+    def __init__(
+        self,
+        in_dim: int = 512,
+        inner_dim: int = 256,
+        n_classes: int = 2,
+        n_token: int = 5,
+        n_masked_patch: int = 10,
+        mask_drop: float = 0.6,
+        num_heads: int = 8,
+        proj_drop: float = 0.1,
+    ):
         super().__init__()
         self._check_args(in_dim, inner_dim, n_classes, n_token, n_masked_patch, mask_drop)
         if num_heads < 1 or inner_dim % num_heads:
@@ -389,7 +426,8 @@ class ACMILMultiHead(_ACMILBase):
         self.num_heads, self.proj_drop = int(num_heads), float(proj_drop)
         self.dimreduction = _DimReduction(in_dim, inner_dim)
         self.sub_attention = nn.ModuleList(
-            _QueryAttention(inner_dim, num_heads, proj_drop, n_masked_patch, mask_drop) for _ in range(n_token))
+            _QueryAttention(inner_dim, num_heads, proj_drop, n_masked_patch, mask_drop) for _ in range(n_token)
+        )
         self.bag_attention = _BagAttention(inner_dim, num_heads, proj_drop)
         self.q = nn.Parameter(torch.zeros(1, n_token, inner_dim))
         nn.init.normal_(self.q, std=1e-6)
@@ -416,51 +454,23 @@ class ACMILMultiHead(_ACMILBase):
 
 
 def _from_official(conf: Mapping[str, Any], kwargs: dict[str, Any], extra: dict[str, str]) -> dict[str, Any]:
-    names = {"D_feat": "in_dim", "D_inner": "inner_dim", "n_class": "n_classes", "n_token": "n_token",
-             "n_masked_patch": "n_masked_patch", "mask_drop": "mask_drop", **extra}
+    names = {
+        "D_feat": "in_dim",
+        "D_inner": "inner_dim",
+        "n_class": "n_classes",
+        "n_token": "n_token",
+        "n_masked_patch": "n_masked_patch",
+        "mask_drop": "mask_drop",
+        **extra,
+    }
     args = {names[k]: v for k, v in conf.items() if k in names}
     for key, value in kwargs.items():
         args[names.get(key, key)] = value
     return args
 
 
-# -- factory -------------------------------------------------------------------------------
+# -- checkpoints, builders, cfgs, registered models --------------------------------------------
 
-def _dims(pretrain: str | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-    if pretrain is None:
-        return kwargs
-    if pretrain not in PRETRAIN_DIMS:
-        raise InvalidInputError(f"unknown pretrain {pretrain!r}; known: {', '.join(PRETRAIN_DIMS)}")
-    if "in_dim" in kwargs or "inner_dim" in kwargs:
-        raise InvalidInputError("pass either pretrain or in_dim/inner_dim, not both")
-    in_dim, inner_dim = PRETRAIN_DIMS[pretrain]
-    return {"in_dim": in_dim, "inner_dim": inner_dim, **kwargs}
-
-
-@register_model
-def acmil_ga(pretrain: str | None = None, **kwargs: Any) -> ACMILGatedAttention:
-    """ACMIL-GA as in the README: 512 -> 256 (ResNet18 features), 2 classes, 5 branches, STKIM
-    top-10 with 0.6 dropped: 200,593 params. ``pretrain`` picks the dims of an official encoder."""
-    return ACMILGatedAttention(**_dims(pretrain, kwargs))
-
-
-@register_model
-def acmil_mha(pretrain: str | None = None, **kwargs: Any) -> ACMILMultiHead:
-    """ACMIL-MHA, same defaults as :func:`acmil_ga`: 1,585,932 params."""
-    return ACMILMultiHead(**_dims(pretrain, kwargs))
-
-
-@register_model
-def abmil(pretrain: str | None = None, **kwargs: Any) -> ACMILGatedAttention:
-    """ABMIL baseline as the README runs it: ``ACMIL_GA`` with n_token=1, n_masked_patch=0,
-    mask_drop=0 (gated attention MIL; the loss reduces to the slide CE)."""
-    for key in ("n_token", "n_masked_patch", "mask_drop"):
-        if key in kwargs:
-            raise InvalidInputError(f"abmil fixes n_token=1, n_masked_patch=0, mask_drop=0; use acmil_ga to set {key}")
-    return ACMILGatedAttention(**_dims(pretrain, kwargs), n_token=1, n_masked_patch=0, mask_drop=0.0)
-
-
-# -- weights -------------------------------------------------------------------------------
 
 def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
     """An official checkpoint -> a state dict for ``model``.
@@ -474,18 +484,81 @@ def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: nn.Module) -> dic
     The file itself must be loadable by :func:`attnzoo.weights.load_checkpoint_file`; see the
     module docstring for re-saving the official pickles.
     """
-    if not isinstance(checkpoint, Mapping):
-        raise WeightsError(f"an ACMIL checkpoint is a dict, got {type(checkpoint).__name__}")
-    state: Any = checkpoint
-    for key in ("model", "state_dict"):
-        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
-            state = state[key]
-    state = {str(k).removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if not state:
-        raise WeightsError(f"not an ACMIL checkpoint: no tensors under 'model'/'state_dict'; keys: {sorted(map(str, checkpoint))[:10]}")
-    if (isinstance(model, ACMILGatedAttention) and model.n_token == 1 and "classifier.fc.weight" in state
-            and "Slide_classifier.fc.weight" not in state):
+    state = unwrap_state_dict(checkpoint)
+    if (
+        isinstance(model, ACMILGatedAttention)
+        and model.n_token == 1
+        and "classifier.fc.weight" in state
+        and "Slide_classifier.fc.weight" not in state
+    ):
         head = {k.removeprefix("classifier."): state.pop(k) for k in list(state) if k.startswith("classifier.fc.")}
         for prefix in ("classifier.0.", "Slide_classifier."):
             state.update({prefix + k: v.clone() for k, v in head.items()})
     return state
+
+
+def _dims(pretrain: str | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+    if pretrain is None:
+        return kwargs
+    if pretrain not in PRETRAIN_DIMS:
+        raise InvalidInputError(f"unknown pretrain {pretrain!r}; known: {', '.join(PRETRAIN_DIMS)}")
+    if "in_dim" in kwargs or "inner_dim" in kwargs:
+        raise InvalidInputError("pass either pretrain or in_dim/inner_dim, not both")
+    in_dim, inner_dim = PRETRAIN_DIMS[pretrain]
+    return {"in_dim": in_dim, "inner_dim": inner_dim, **kwargs}
+
+
+_M = TypeVar("_M", bound=_ACMILBase)
+
+
+def _create_acmil(variant: str, cls: type[_M], pretrain: str | None, kwargs: dict[str, Any]) -> _M:
+    model = cls(**_dims(pretrain, kwargs))
+    model.pretrained_cfg = dict(default_cfgs[variant])
+    return model
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    """What the official runs train on (README: ImageNet ResNet18 patch features, two classes). ACMIL
+    released no trained weights, so there is no url: train one, then pass weights=PATH."""
+    return {
+        "num_classes": 2,
+        "pretrain": "natural_supervised",
+        "in_dim": 512,
+        "input": "patch features of one slide [N, in_dim]",
+        "license": "mit",
+        "origin_url": "https://github.com/dazhangyu123/ACMIL",
+        "paper_ids": "arXiv:2311.07125",
+        **kwargs,
+    }
+
+
+default_cfgs: dict[str, dict[str, Any]] = {
+    "acmil_ga": _cfg(),
+    "acmil_mha": _cfg(),
+    "abmil": _cfg(),
+}
+
+
+@register_model(family="acmil", tasks=("wsi-classification",))
+def acmil_ga(pretrain: str | None = None, **kwargs: Any) -> ACMILGatedAttention:
+    """ACMIL-GA as in the README: 512 -> 256 (ResNet18 features), 2 classes, 5 branches, STKIM
+    top-10 with 0.6 dropped: 200,593 params. ``pretrain`` picks the dims of an official encoder."""
+    return _create_acmil("acmil_ga", ACMILGatedAttention, pretrain, kwargs)
+
+
+@register_model(family="acmil", tasks=("wsi-classification",))
+def acmil_mha(pretrain: str | None = None, **kwargs: Any) -> ACMILMultiHead:
+    """ACMIL-MHA, same defaults as :func:`acmil_ga`: 1,585,932 params."""
+    return _create_acmil("acmil_mha", ACMILMultiHead, pretrain, kwargs)
+
+
+@register_model(family="acmil", tasks=("wsi-classification",))
+def abmil(pretrain: str | None = None, **kwargs: Any) -> ACMILGatedAttention:
+    """ABMIL baseline as the README runs it: ``ACMIL_GA`` with n_token=1, n_masked_patch=0,
+    mask_drop=0 (gated attention MIL; the loss reduces to the slide CE)."""
+    for key in ("n_token", "n_masked_patch", "mask_drop"):
+        if key in kwargs:
+            raise InvalidInputError(f"abmil fixes n_token=1, n_masked_patch=0, mask_drop=0; use acmil_ga to set {key}")
+    return _create_acmil(
+        "abmil", ACMILGatedAttention, pretrain, {**kwargs, "n_token": 1, "n_masked_patch": 0, "mask_drop": 0.0}
+    )

@@ -9,6 +9,18 @@ pre-norm attention and MLP. Stages 1-3 use bi-level routing attention (top-k 1/4
 of a 7x7 grid, so every query sees 64 keys at 224 px); stage 4 uses global attention with
 LePE. BatchNorm before global pooling. Parameter names follow the official checkpoints.
 
+Bi-level routing attention (BRA), all of it in this file apart from the two kernel ops:
+
+1. one projection gives q, k (width ``qk_dim``) and v;
+2. the map is cut into ``n_win`` x ``n_win`` regions (``attnzoo.kernels.window_groups``);
+3. region-to-region routing: the region means of q and k (detached, all heads together) score
+   every region pair, and each region keeps its ``topk`` best key regions
+   (``attnzoo.kernels.region_routing``);
+4. token attention: each query attends to the tokens of its routed regions, per head, with the
+   scale ``qk_dim ** -0.5`` of the released models (``attnzoo.kernels.grouped_attention``,
+   which reads the routed keys in place instead of gathering them as the official code does);
+5. LePE (a depthwise conv on v) is added and the output projection applied.
+
 Implemented here: biformer_tiny, biformer_small, biformer_base (:class:`BiFormer`, the released
 classifiers using the legacy BRA) and the two "Swin-Tiny-Layout" ablation models (:class:`BiFormerSTL`):
 biformer_stl (legacy BRA, NHWC blocks) and biformer_stl_nchw (the refactored NCHW BRA, 1x1
@@ -22,32 +34,268 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, get_norm_layer
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import nn
 
 from attnzoo.errors import InvalidInputError
-from attnzoo.vision._common import ClassifierMixin, check_official_kwargs, init_vit_weights
-from attnzoo.vision.layers import (
-    AttentionLePE,
-    BiLevelRoutingAttention,
-    NCHWAttentionLePE,
-    NCHWBiLevelRoutingAttention,
-)
-from attnzoo.weights import CheckpointEntry, PreprocessConfig, register_checkpoint
+from attnzoo.kernels import grouped_attention, region_routing, window_groups
+from attnzoo.vision._common import ClassifierMixin, check_official_kwargs, check_output_fmt, init_vit_weights
+from attnzoo.weights import register_checkpoints, unwrap_state_dict
 
-__all__ = ["BiFormer", "BiFormerSTL"]
+__all__ = [
+    "AttentionLePE",
+    "BiFormer",
+    "BiFormerSTL",
+    "BiLevelRoutingAttention",
+    "NCHWAttentionLePE",
+    "NCHWBiLevelRoutingAttention",
+]
+
+
+# -- attention: BRA and global attention with LePE ---------------------------------------------
+#
+# Two families, as in the official code, each keeping the official parameter names so official
+# checkpoints load without renaming: the legacy ones (ops/bra_legacy.py, models/_common.py) take
+# NHWC maps; the refactored ones (ops/bra_nchw.py, nchwAttentionLePE) take NCHW maps and hold 1x1
+# convolutions.
+
+
+class QKVLinear(nn.Module):
+    """One projection to ``q | k | v`` (widths qk, qk, dim), as the official ``QKVLinear``."""
+
+    def __init__(self, dim: int, qk_dim: int, bias: bool = True):
+        super().__init__()
+        self.dim, self.qk_dim = dim, qk_dim
+        self.qkv = nn.Linear(dim, qk_dim + qk_dim + dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.qkv(x).split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
+
+
+class BiLevelRoutingAttention(nn.Module):
+    """Region-to-region routing (top-k regions per region, shared by heads, no gradient), then
+    token attention inside the routed regions, plus LePE (depthwise conv on v) before ``wo``.
+
+    Compatible with the released BiFormer weights: ``scale = qk_dim ** -0.5`` (the full width,
+    not the head width), ``n_win`` regions per side (the map must divide evenly, as the official
+    ``auto_pad=False`` asserts).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        n_win: int = 7,
+        qk_dim: int | None = None,
+        qk_scale: float | None = None,
+        topk: int = 4,
+        side_dwconv: int = 5,
+    ):
+        super().__init__()
+        self.dim, self.num_heads, self.n_win, self.topk = dim, num_heads, n_win, topk
+        self.qk_dim = qk_dim or dim
+        if self.qk_dim % num_heads or dim % num_heads:
+            raise InvalidInputError(f"dim {dim} and qk_dim {self.qk_dim} must be divisible by num_heads {num_heads}")
+        self.scale = qk_scale or self.qk_dim**-0.5
+        self.qkv = QKVLinear(dim, self.qk_dim)
+        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim) if side_dwconv > 0 else None
+        self.wo = nn.Linear(dim, dim)
+        self._groups: dict[tuple, torch.Tensor] = {}
+
+    def groups(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        key = (height, width, device)
+        if key not in self._groups:
+            self._groups[key] = window_groups(height, width, (height // self.n_win, width // self.n_win), device=device)
+        return self._groups[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        if H % self.n_win or W % self.n_win:
+            raise InvalidInputError(
+                f"BiLevelRoutingAttention: a {H}x{W} map does not split into {self.n_win}x{self.n_win} regions "
+                f"(BiFormer needs input sizes whose stage maps divide by {self.n_win}, e.g. 224 or 448)"
+            )
+        q, k, v = self.qkv(x.reshape(B, H * W, C))
+        groups = self.groups(H, W, x.device)
+        route = region_routing(q, k, groups, self.topk, self.scale)
+        heads = lambda t: t.reshape(B, H * W, self.num_heads, -1)  # noqa: E731
+        out = grouped_attention(heads(q), heads(k), heads(v), groups, route=route, scale=self.scale).reshape(B, H, W, C)
+        if self.lepe is not None:
+            out = out + self.lepe(v.reshape(B, H, W, C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.wo(out)
+
+
+class AttentionLePE(nn.Module):
+    """BiFormer's last stage: plain multi-head attention over the whole map, LePE on the input.
+
+    As the official code: ``qkv`` without bias, scale ``head_dim ** -0.5``, LePE (depthwise conv)
+    applied to the block input ``x`` and added before ``proj``.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: float | None = None, side_dwconv: int = 5
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim) if side_dwconv > 0 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        tokens = x.reshape(B, H * W, C)
+        q, k, v = self.qkv(tokens).reshape(B, H * W, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale).transpose(1, 2).reshape(B, H * W, C)
+        if self.lepe is not None:
+            out = out + self.lepe(x.permute(0, 3, 1, 2)).flatten(2).transpose(1, 2)
+        return self.proj(out).reshape(B, H, W, C)
+
+
+class NCHWBiLevelRoutingAttention(nn.Module):
+    """The refactored BRA of BiFormer-STL-nchw (official ``nchwBRA``): NCHW in and out.
+
+    Same math as :class:`BiLevelRoutingAttention` on maps that divide into ``n_win`` x ``n_win``
+    regions (the 1x1 convolutions are the same linear maps; routing is unscaled, which picks the
+    same regions). Other sizes are handled as the official code does, which differs from the
+    legacy zero padding:
+
+    - the region size is ``(H // n_win, W // n_win)``, so there are ``ceil(H / rh) x
+      ceil(W / rw)`` regions (possibly more than ``n_win`` per side), the last ones partial;
+    - region descriptors average only the valid tokens of a partial region (``avg_pool2d`` with
+      ``ceil_mode=True, count_include_pad=False``);
+    - keys and values are zero-padded *after* the projection to whole regions and the padded
+      slots are **not masked**: each one adds a logit of 0 (with a zero value) to the softmax of
+      every query that routes to its region. Padded queries are dropped.
+
+    The map must be at least ``n_win`` tokens per side (the region size is then at least 1).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        n_win: int = 7,
+        qk_scale: float | None = None,
+        topk: int = 4,
+        side_dwconv: int = 3,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise InvalidInputError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        if topk < 1:
+            raise InvalidInputError(f"NCHWBiLevelRoutingAttention needs topk >= 1, got {topk}")
+        self.dim, self.num_heads, self.n_win, self.topk = dim, num_heads, n_win, topk
+        self.scale = qk_scale or dim**-0.5  # the full width, as the official code (and the legacy models)
+        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim) if side_dwconv > 0 else None
+        self.qkv_linear = nn.Conv2d(dim, 3 * dim, kernel_size=1)
+        self.output_linear = nn.Conv2d(dim, dim, kernel_size=1)
+        self._groups: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def groups(self, height: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query groups on the map (partial regions hold ``-1`` slots) and key/value groups on the
+        zero-padded map (every slot a token), both in the same row-major region order."""
+        key = (height, width, device)
+        if key not in self._groups:
+            region = (height // self.n_win, width // self.n_win)
+            padded = (-(-height // region[0]) * region[0], -(-width // region[1]) * region[1])
+            self._groups[key] = (
+                window_groups(height, width, region, device=device),
+                window_groups(*padded, region, device=device),
+            )
+        return self._groups[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        if H < self.n_win or W < self.n_win:
+            raise InvalidInputError(
+                f"NCHWBiLevelRoutingAttention: a {H}x{W} map is smaller than {self.n_win} regions per side "
+                f"(the region size H // n_win, W // n_win must be at least 1)"
+            )
+        q_groups, kv_groups = self.groups(H, W, x.device)
+        # the 1x1 conv as a linear map on NHWC tokens, so the kernels read token-major q, k, v
+        qkv = F.linear(x.permute(0, 2, 3, 1), self.qkv_linear.weight.flatten(1), self.qkv_linear.bias)  # [B, H, W, 3C]
+        q, k, v = qkv.chunk(3, dim=-1)
+        route = region_routing(
+            q.reshape(B, H * W, C), k.reshape(B, H * W, C), q_groups, self.topk, 1.0
+        )  # unscaled, as official
+        region = (H // self.n_win, W // self.n_win)
+        pad_b, pad_r = -H % region[0], -W % region[1]
+        kp, vp = (F.pad(t, (0, 0, 0, pad_r, 0, pad_b)) if pad_b or pad_r else t for t in (k, v))  # zeros, unmasked
+        q, kp, vp = (
+            t.reshape(B, -1, self.num_heads, C // self.num_heads) for t in (q, kp, vp)
+        )  # heads: views, no copy
+        out = grouped_attention(q, kp, vp, q_groups, kv_groups, route=route, scale=self.scale).reshape(B, H, W, C)
+        if self.lepe is not None:
+            out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        out = F.linear(out, self.output_linear.weight.flatten(1), self.output_linear.bias)
+        return out.permute(0, 3, 1, 2)
+
+
+class NCHWAttentionLePE(nn.Module):
+    """BiFormer-STL-nchw's last stage (official ``nchwAttentionLePE``): global attention, NCHW.
+
+    Like :class:`AttentionLePE` (``num_heads=8``, bias-free ``qkv``, ``head_dim ** -0.5``), but
+    with 1x1 convolutions and, unlike it, LePE applied to **v** rather than to the input.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: float | None = None, side_dwconv: int = 5
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise InvalidInputError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.qkv = nn.Conv2d(dim, dim * 3, kernel_size=1, bias=qkv_bias)
+        self.proj = nn.Conv2d(dim, dim, kernel_size=1)
+        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim) if side_dwconv > 0 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        qkv = F.linear(x.permute(0, 2, 3, 1).reshape(B, H * W, C), self.qkv.weight.flatten(1), self.qkv.bias)
+        q, k, v = qkv.reshape(B, H * W, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale).transpose(1, 2).reshape(B, H, W, C)
+        if self.lepe is not None:
+            out = out + self.lepe(v.transpose(2, 3).reshape(B, C, H, W)).permute(0, 2, 3, 1)
+        out = F.linear(out, self.proj.weight.flatten(1), self.proj.bias)
+        return out.permute(0, 3, 1, 2)
+
+
+# -- blocks ------------------------------------------------------------------------------------
 
 
 class BiFormerBlock(nn.Module):
-    def __init__(self, dim: int, *, num_heads: int, n_win: int, topk: int, qk_dim: int | None, mlp_ratio: float,
-                 side_dwconv: int, before_attn_dwconv: int, drop_path: float = 0.0, qk_scale: float | None = None):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heads: int,
+        n_win: int,
+        topk: int,
+        qk_dim: int | None,
+        mlp_ratio: float,
+        side_dwconv: int,
+        before_attn_dwconv: int,
+        drop_path: float = 0.0,
+        qk_scale: float | None = None,
+    ):
         super().__init__()
         self.pos_embed = nn.Conv2d(dim, dim, before_attn_dwconv, padding=1, groups=dim)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         if topk > 0:
-            self.attn: nn.Module = BiLevelRoutingAttention(dim, num_heads=num_heads, n_win=n_win, qk_dim=qk_dim, qk_scale=qk_scale,
-                                                           topk=topk, side_dwconv=side_dwconv)
+            self.attn: nn.Module = BiLevelRoutingAttention(
+                dim,
+                num_heads=num_heads,
+                n_win=n_win,
+                qk_dim=qk_dim,
+                qk_scale=qk_scale,
+                topk=topk,
+                side_dwconv=side_dwconv,
+            )
         else:  # topk = -2 in the official configs: global attention (the 7x7 map is too small to route)
             self.attn = AttentionLePE(dim, side_dwconv=side_dwconv)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
@@ -63,6 +311,123 @@ class BiFormerBlock(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
+class BiFormerSTLBlock(nn.Module):
+    """BiFormer-STL block (official ``models/biformer_stl.py``), NHWC: pre-norm attention and MLP,
+    no position-embedding conv, no layer scale; MLP keys ``mlp.0``/``mlp.2``."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heads: int,
+        n_win: int,
+        topk: int,
+        mlp_ratio: float,
+        side_dwconv: int,
+        drop_path: float = 0.0,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        if topk > 0:
+            self.attn: nn.Module = BiLevelRoutingAttention(
+                dim, num_heads=num_heads, n_win=n_win, qk_dim=dim, topk=topk, side_dwconv=side_dwconv
+            )
+        elif topk == -2:  # the released stage 4: global attention, LePE on the input
+            self.attn = AttentionLePE(dim, side_dwconv=side_dwconv)
+        elif topk == -1:  # the official plain ``Attention`` (same keys ``qkv``/``proj``, no LePE)
+            self.attn = AttentionLePE(dim, side_dwconv=0)
+        else:
+            raise InvalidInputError(
+                f"biformer_stl: topk={topk} is not supported (use > 0 for BRA, -2 for attention with LePE, -1 without)"
+            )
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        hidden = int(mlp_ratio * dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # NHWC in and out
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class NCHWBiFormerSTLBlock(nn.Module):
+    """BiFormer-STL-nchw block (official ``models/biformer_stl_nchw.py``), NCHW: ``LayerNorm2d``
+    (eps 1e-6), the refactored BRA or global attention with LePE on v, and a 1x1-conv MLP."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heads: int,
+        n_win: int,
+        topk: int,
+        mlp_ratio: float,
+        side_dwconv: int,
+        drop_path: float = 0.0,
+    ):
+        super().__init__()
+        self.norm1 = LayerNorm2d(dim)
+        if topk > 0:
+            self.attn: nn.Module = NCHWBiLevelRoutingAttention(
+                dim, num_heads=num_heads, n_win=n_win, topk=topk, side_dwconv=side_dwconv
+            )
+        elif topk == -1:  # the released stage 4; the official block does not pass side_dwconv here (kernel 5)
+            self.attn = NCHWAttentionLePE(dim)
+        else:
+            raise InvalidInputError(
+                f"biformer_stl_nchw: topk={topk} is not supported (use > 0 for BRA, -1 for attention with LePE)"
+            )
+        self.norm2 = LayerNorm2d(dim)
+        hidden = int(mlp_ratio * dim)
+        self.mlp = nn.Sequential(nn.Conv2d(dim, hidden, 1), nn.GELU(), nn.Conv2d(hidden, dim, 1))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # NCHW in and out
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class BiFormerSTLStage(nn.Module):
+    """``stages.{i}.blocks.{j}``; NCHW in and out (the legacy blocks run on an NHWC view)."""
+
+    def __init__(self, blocks: Sequence[nn.Module], channels_last: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.channels_last = channels_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.permute(0, 2, 3, 1)
+        for block in self.blocks:
+            x = block(x)
+        return x.permute(0, 3, 1, 2) if self.channels_last else x
+
+
+# -- models ------------------------------------------------------------------------------------
+
+_OFFICIAL_DEFAULTS = {
+    "kv_downsample_mode": "identity",
+    "kv_per_wins": [-1, -1, -1, -1],
+    "layer_scale_init_value": -1,
+    "param_routing": False,
+    "diff_routing": False,
+    "soft_routing": False,
+    "pre_norm": True,
+    "pe": None,
+    "auto_pad": False,
+    "param_attention": "qkvo",
+    "mlp_dwconv": False,
+    "representation_size": None,
+    "use_checkpoint_stages": [],
+    "kv_downsample_ratios": None,
+    "kv_downsample_kernels": None,
+    "pe_stages": [0],
+    "attn_drop": 0.0,
+}
+
+_STL_OFFICIAL_DEFAULTS = {"qk_scale": None, "use_checkpoint_stages": []}  # the official STL classes ignore qk_scale
+
+
 class _BiFormerBase(ClassifierMixin, nn.Module):
     """What both layouts share: ``downsample_layers[i]`` then ``stages[i]`` on NCHW maps, a 2-D
     ``norm`` before pooling, a linear ``head``; timm's feature and classifier API."""
@@ -75,17 +440,25 @@ class _BiFormerBase(ClassifierMixin, nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:
         """Raise a clear error for input sizes the model cannot take (the attention layers check too)."""
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
         """Stage outputs (NCHW) at ``indices`` (last n if an int), timm's contract."""
+        check_output_fmt(output_fmt, ("NCHW",))
         self._check_input(x)
-        take = list(range(4)) if indices is None else ([i % 4 for i in range(4 - indices, 4)] if isinstance(indices, int) else [i % 4 for i in indices])
+        take, last = feature_take_indices(len(self.stages), indices)
         intermediates = []
-        for i in range(4):
-            x = self.stages[i](self.downsample_layers[i](x))
+        for i, (downsample, stage) in enumerate(zip(self.downsample_layers, self.stages, strict=True)):
+            x = stage(downsample(x))
             if i in take:
-                intermediates.append(self.norm(x) if norm and i == 3 else x)
-            if stop_early and i >= max(take):
+                intermediates.append(self.norm(x) if norm and i == len(self.stages) - 1 else x)
+            if stop_early and i >= last:
                 break
         if intermediates_only:
             return intermediates
@@ -136,23 +509,47 @@ class BiFormer(_BiFormerBase):
         check_official_kwargs("BiFormer", unsupported, _OFFICIAL_DEFAULTS)
         self.num_classes, self.global_pool = num_classes, global_pool
         self.num_features = self.head_hidden_size = embed_dim[-1]
-        self.downsample_layers = nn.ModuleList([nn.Sequential(
-            nn.Conv2d(in_chans, embed_dim[0] // 2, 3, stride=2, padding=1), nn.BatchNorm2d(embed_dim[0] // 2), nn.GELU(),
-            nn.Conv2d(embed_dim[0] // 2, embed_dim[0], 3, stride=2, padding=1), nn.BatchNorm2d(embed_dim[0]),
-        )])
+        self.downsample_layers = nn.ModuleList(
+            [
+                nn.Sequential(
+                    nn.Conv2d(in_chans, embed_dim[0] // 2, 3, stride=2, padding=1),
+                    nn.BatchNorm2d(embed_dim[0] // 2),
+                    nn.GELU(),
+                    nn.Conv2d(embed_dim[0] // 2, embed_dim[0], 3, stride=2, padding=1),
+                    nn.BatchNorm2d(embed_dim[0]),
+                )
+            ]
+        )
         for i in range(3):
-            self.downsample_layers.append(nn.Sequential(nn.Conv2d(embed_dim[i], embed_dim[i + 1], 3, stride=2, padding=1), nn.BatchNorm2d(embed_dim[i + 1])))
+            self.downsample_layers.append(
+                nn.Sequential(
+                    nn.Conv2d(embed_dim[i], embed_dim[i + 1], 3, stride=2, padding=1), nn.BatchNorm2d(embed_dim[i + 1])
+                )
+            )
         rates = torch.linspace(0, drop_path_rate, sum(depth)).tolist()
         self.stages = nn.ModuleList()
         self.feature_info = []
         cursor = 0
         for i in range(4):
-            self.stages.append(nn.Sequential(*[
-                BiFormerBlock(embed_dim[i], num_heads=embed_dim[i] // head_dim, n_win=n_win, topk=topks[i], qk_dim=qk_dims[i],
-                              mlp_ratio=mlp_ratios[i], side_dwconv=side_dwconv, before_attn_dwconv=before_attn_dwconv,
-                              drop_path=rates[cursor + j], qk_scale=qk_scale)
-                for j in range(depth[i])
-            ]))
+            self.stages.append(
+                nn.Sequential(
+                    *[
+                        BiFormerBlock(
+                            embed_dim[i],
+                            num_heads=embed_dim[i] // head_dim,
+                            n_win=n_win,
+                            topk=topks[i],
+                            qk_dim=qk_dims[i],
+                            mlp_ratio=mlp_ratios[i],
+                            side_dwconv=side_dwconv,
+                            before_attn_dwconv=before_attn_dwconv,
+                            drop_path=rates[cursor + j],
+                            qk_scale=qk_scale,
+                        )
+                        for j in range(depth[i])
+                    ]
+                )
+            )
             cursor += depth[i]
             self.feature_info.append(dict(num_chs=embed_dim[i], reduction=4 * 2**i, module=f"stages.{i}"))
         self.norm = nn.BatchNorm2d(embed_dim[-1])
@@ -160,70 +557,6 @@ class BiFormer(_BiFormerBase):
         self.head = nn.Linear(embed_dim[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.grad_checkpointing = False
         self.apply(init_vit_weights)
-
-
-class BiFormerSTLBlock(nn.Module):
-    """BiFormer-STL block (official ``models/biformer_stl.py``), NHWC: pre-norm attention and MLP,
-    no position-embedding conv, no layer scale; MLP keys ``mlp.0``/``mlp.2``."""
-
-    def __init__(self, dim: int, *, num_heads: int, n_win: int, topk: int, mlp_ratio: float, side_dwconv: int, drop_path: float = 0.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        if topk > 0:
-            self.attn: nn.Module = BiLevelRoutingAttention(dim, num_heads=num_heads, n_win=n_win, qk_dim=dim, topk=topk, side_dwconv=side_dwconv)
-        elif topk == -2:  # the released stage 4: global attention, LePE on the input
-            self.attn = AttentionLePE(dim, side_dwconv=side_dwconv)
-        elif topk == -1:  # the official plain ``Attention`` (same keys ``qkv``/``proj``, no LePE)
-            self.attn = AttentionLePE(dim, side_dwconv=0)
-        else:
-            raise InvalidInputError(f"biformer_stl: topk={topk} is not supported (use > 0 for BRA, -2 for attention with LePE, -1 without)")
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        hidden = int(mlp_ratio * dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # NHWC in and out
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
-
-
-class NCHWBiFormerSTLBlock(nn.Module):
-    """BiFormer-STL-nchw block (official ``models/biformer_stl_nchw.py``), NCHW: ``LayerNorm2d``
-    (eps 1e-6), the refactored BRA or global attention with LePE on v, and a 1x1-conv MLP."""
-
-    def __init__(self, dim: int, *, num_heads: int, n_win: int, topk: int, mlp_ratio: float, side_dwconv: int, drop_path: float = 0.0):
-        super().__init__()
-        self.norm1 = LayerNorm2d(dim)
-        if topk > 0:
-            self.attn: nn.Module = NCHWBiLevelRoutingAttention(dim, num_heads=num_heads, n_win=n_win, topk=topk, side_dwconv=side_dwconv)
-        elif topk == -1:  # the released stage 4; the official block does not pass side_dwconv here (kernel 5)
-            self.attn = NCHWAttentionLePE(dim)
-        else:
-            raise InvalidInputError(f"biformer_stl_nchw: topk={topk} is not supported (use > 0 for BRA, -1 for attention with LePE)")
-        self.norm2 = LayerNorm2d(dim)
-        hidden = int(mlp_ratio * dim)
-        self.mlp = nn.Sequential(nn.Conv2d(dim, hidden, 1), nn.GELU(), nn.Conv2d(hidden, dim, 1))
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # NCHW in and out
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
-
-
-class BiFormerSTLStage(nn.Module):
-    """``stages.{i}.blocks.{j}``; NCHW in and out (the legacy blocks run on an NHWC view)."""
-
-    def __init__(self, blocks: Sequence[nn.Module], channels_last: bool):
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-        self.channels_last = channels_last
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            x = x.permute(0, 2, 3, 1)
-        for block in self.blocks:
-            x = block(x)
-        return x.permute(0, 3, 1, 2) if self.channels_last else x
 
 
 class BiFormerSTL(_BiFormerBase):
@@ -271,23 +604,43 @@ class BiFormerSTL(_BiFormerBase):
         self.n_wins = [n_wins] * 4 if isinstance(n_wins, int) else list(n_wins)
         self.topks = list(topks if topks is not None else ((1, 4, 16, -2) if layout == "legacy" else (1, 4, 16, -1)))
         norm_layer = get_norm_layer(norm_layer) if isinstance(norm_layer, str) else norm_layer
-        pre_head_norm = get_norm_layer(pre_head_norm_layer) if isinstance(pre_head_norm_layer, str) else (pre_head_norm_layer or norm_layer)
+        pre_head_norm = (
+            get_norm_layer(pre_head_norm_layer)
+            if isinstance(pre_head_norm_layer, str)
+            else (pre_head_norm_layer or norm_layer)
+        )
         self.num_classes, self.global_pool = num_classes, global_pool
         self.num_features = self.head_hidden_size = embed_dim[-1]
-        self.downsample_layers = nn.ModuleList([nn.Sequential(nn.Conv2d(in_chans, embed_dim[0], 4, stride=4), norm_layer(embed_dim[0]))])
+        self.downsample_layers = nn.ModuleList(
+            [nn.Sequential(nn.Conv2d(in_chans, embed_dim[0], 4, stride=4), norm_layer(embed_dim[0]))]
+        )
         for i in range(3):
-            self.downsample_layers.append(nn.Sequential(norm_layer(embed_dim[i]), nn.Conv2d(embed_dim[i], embed_dim[i + 1], 2, stride=2)))
+            self.downsample_layers.append(
+                nn.Sequential(norm_layer(embed_dim[i]), nn.Conv2d(embed_dim[i], embed_dim[i + 1], 2, stride=2))
+            )
         block_cls = BiFormerSTLBlock if layout == "legacy" else NCHWBiFormerSTLBlock
         rates = torch.linspace(0, drop_path_rate, sum(depth)).tolist()
         self.stages = nn.ModuleList()
         self.feature_info = []
         cursor = 0
         for i in range(4):
-            self.stages.append(BiFormerSTLStage([
-                block_cls(embed_dim[i], num_heads=embed_dim[i] // head_dim, n_win=self.n_wins[i], topk=self.topks[i],
-                          mlp_ratio=mlp_ratios[i], side_dwconv=side_dwconv, drop_path=rates[cursor + j])
-                for j in range(depth[i])
-            ], channels_last=layout == "legacy"))
+            self.stages.append(
+                BiFormerSTLStage(
+                    [
+                        block_cls(
+                            embed_dim[i],
+                            num_heads=embed_dim[i] // head_dim,
+                            n_win=self.n_wins[i],
+                            topk=self.topks[i],
+                            mlp_ratio=mlp_ratios[i],
+                            side_dwconv=side_dwconv,
+                            drop_path=rates[cursor + j],
+                        )
+                        for j in range(depth[i])
+                    ],
+                    channels_last=layout == "legacy",
+                )
+            )
             cursor += depth[i]
             self.feature_info.append(dict(num_chs=embed_dim[i], reduction=4 * 2**i, module=f"stages.{i}"))
         self.norm = pre_head_norm(embed_dim[-1])
@@ -304,10 +657,14 @@ class BiFormerSTL(_BiFormerBase):
         if self.layout == "nchw" or not routed:  # the nchw BRA pads any map with at least n_win tokens per side
             least = max([32] + [self.n_wins[i] << (i + 2) for i in routed])
             if min(H, W) < least:
-                raise InvalidInputError(f"{name} takes inputs of at least {least}x{least} px (a routed stage map "
-                                        f"needs at least n_win tokens per side), got {H}x{W}")
+                raise InvalidInputError(
+                    f"{name} takes inputs of at least {least}x{least} px (a routed stage map "
+                    f"needs at least n_win tokens per side), got {H}x{W}"
+                )
             return
-        if min(sizes[3]) >= 1 and all(s % self.n_wins[i] == 0 and s >= self.n_wins[i] for i in routed for s in sizes[i]):
+        if min(sizes[3]) >= 1 and all(
+            s % self.n_wins[i] == 0 and s >= self.n_wins[i] for i in routed for s in sizes[i]
+        ):
             return
         period = math.lcm(*[self.n_wins[i] << (i + 2) for i in routed])
         raise InvalidInputError(
@@ -317,14 +674,7 @@ class BiFormerSTL(_BiFormerBase):
         )
 
 
-_OFFICIAL_DEFAULTS = {
-    "kv_downsample_mode": "identity", "kv_per_wins": [-1, -1, -1, -1], "layer_scale_init_value": -1, "param_routing": False,
-    "diff_routing": False, "soft_routing": False, "pre_norm": True, "pe": None, "auto_pad": False, "param_attention": "qkvo",
-    "mlp_dwconv": False, "representation_size": None, "use_checkpoint_stages": [], "kv_downsample_ratios": None,
-    "kv_downsample_kernels": None, "pe_stages": [0], "attn_drop": 0.0,
-}
-
-_STL_OFFICIAL_DEFAULTS = {"qk_scale": None, "use_checkpoint_stages": []}  # the official STL classes ignore qk_scale
+# -- checkpoints, builders, pretrained cfgs, registered models ------------------------------
 
 
 def _layout_of(keys: Any) -> str | None:
@@ -345,92 +695,156 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) 
     The five released checkpoints come in three key layouts (BiFormer-T/S/B, STL, STL-nchw); a
     checkpoint of another layout than ``model`` raises an error naming the model it belongs to.
     """
-    if "model" in state_dict and isinstance(state_dict["model"], dict):
-        state_dict = state_dict["model"]
-    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    state_dict = unwrap_state_dict(state_dict)
     found, expected = _layout_of(state_dict), _layout_of(model.state_dict())
     if found and expected and found != expected:
-        raise InvalidInputError(f"this is a {found} checkpoint, but the model is a {expected} model: create {found.split('/')[0]} instead")
+        raise InvalidInputError(
+            f"this is a {found} checkpoint, but the model is a {expected} model: create {found.split('/')[0]} instead"
+        )
     return state_dict
 
 
 def _create_biformer(variant: str, pretrained: bool = False, **kwargs: Any) -> BiFormer:
     return build_model_with_cfg(
-        BiFormer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"), **kwargs,
+        BiFormer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+        **kwargs,
     )
 
 
 def _create_biformer_stl(variant: str, pretrained: bool = False, **kwargs: Any) -> BiFormerSTL:
     return build_model_with_cfg(
-        BiFormerSTL, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"), **kwargs,
+        BiFormerSTL,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+        **kwargs,
     )
 
 
 def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
     """The official evaluation: resize 256/224 bicubic, centre crop, ImageNet mean/std (not timm's ViT defaults)."""
     return {
-        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
-        "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-        "first_conv": "downsample_layers.0.0", "classifier": "head", "license": "mit", **kwargs,
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "first_conv": "downsample_layers.0.0",
+        "classifier": "head",
+        "license": "mit",
+        "notes": (
+            "official release (OneDrive; the links have been reported dead, issue #53): pass weights=PATH to a local copy",
+        ),
+        **kwargs,
     }
 
 
-_ONEDRIVE = "https://api.onedrive.com/v1.0/shares/s!AkBbczdRlZvCh{}/root/content"
-default_cfgs = generate_default_cfgs({
-    "biformer_tiny.official_in1k": _cfg(_ONEDRIVE.format("HEOoGkgwgQzEDlM")),
-    "biformer_small.official_in1k": _cfg(_ONEDRIVE.format("HDyM-x9KWRBZ832")),
-    "biformer_base.official_in1k": _cfg(_ONEDRIVE.format("HI_XPhoadjaNxtO")),
-    "biformer_stl.official_in1k": _cfg(_ONEDRIVE.format("Sf-m7ujkvx9lIQ1")),
-    "biformer_stl_nchw.official_in1k": _cfg(_ONEDRIVE.format("WYrKbWbMgqd2Ai0")),
-})
+def _official(variant: str, share: str) -> dict[str, Any]:
+    return _cfg(
+        f"https://api.onedrive.com/v1.0/shares/s!AkBbczdRlZvCh{share}/root/content",
+        filename=f"biformer_{variant}_in1k.pth",
+    )
 
 
-for _variant, _key in (("tiny", "HEOoGkgwgQzEDlM"), ("small", "HDyM-x9KWRBZ832"), ("base", "HI_XPhoadjaNxtO"),
-                       ("stl", "Sf-m7ujkvx9lIQ1"), ("stl_nchw", "WYrKbWbMgqd2Ai0")):
-    register_checkpoint(CheckpointEntry(
-        name=f"biformer_{_variant}.official_in1k", model=f"biformer_{_variant}", url=_ONEDRIVE.format(_key),
-        filename=f"biformer_{_variant}_in1k.pth", converter="attnzoo.vision.biformer:checkpoint_filter_fn", default=True,
-        preprocess=PreprocessConfig(crop_pct=0.875, interpolation="bicubic"), license="MIT",
-        notes="official release (OneDrive; the links have been reported dead, issue #53): pass weights=PATH to a local copy",
-    ))
+default_cfgs = generate_default_cfgs(
+    register_checkpoints(
+        {
+            "biformer_tiny.official_in1k": _official("tiny", "HEOoGkgwgQzEDlM"),
+            "biformer_small.official_in1k": _official("small", "HDyM-x9KWRBZ832"),
+            "biformer_base.official_in1k": _official("base", "HI_XPhoadjaNxtO"),
+            "biformer_stl.official_in1k": _official("stl", "Sf-m7ujkvx9lIQ1"),
+            "biformer_stl_nchw.official_in1k": _official("stl_nchw", "WYrKbWbMgqd2Ai0"),
+        },
+        converter="attnzoo.vision.biformer:checkpoint_filter_fn",
+    )
+)
 
 
 @register_model
 def biformer_tiny(pretrained: bool = False, **kwargs: Any) -> BiFormer:
-    args = dict(depth=[2, 2, 8, 2], embed_dim=[64, 128, 256, 512], mlp_ratios=[3, 3, 3, 3], head_dim=32, topks=[1, 4, 16, -2],
-                qk_dims=[64, 128, 256, 512], n_win=7, side_dwconv=5, before_attn_dwconv=3)
+    args = dict(
+        depth=[2, 2, 8, 2],
+        embed_dim=[64, 128, 256, 512],
+        mlp_ratios=[3, 3, 3, 3],
+        head_dim=32,
+        topks=[1, 4, 16, -2],
+        qk_dims=[64, 128, 256, 512],
+        n_win=7,
+        side_dwconv=5,
+        before_attn_dwconv=3,
+    )
     return _create_biformer("biformer_tiny", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def biformer_small(pretrained: bool = False, **kwargs: Any) -> BiFormer:
-    args = dict(depth=[4, 4, 18, 4], embed_dim=[64, 128, 256, 512], mlp_ratios=[3, 3, 3, 3], head_dim=32, topks=[1, 4, 16, -2],
-                qk_dims=[64, 128, 256, 512], n_win=7, side_dwconv=5, before_attn_dwconv=3)
+    args = dict(
+        depth=[4, 4, 18, 4],
+        embed_dim=[64, 128, 256, 512],
+        mlp_ratios=[3, 3, 3, 3],
+        head_dim=32,
+        topks=[1, 4, 16, -2],
+        qk_dims=[64, 128, 256, 512],
+        n_win=7,
+        side_dwconv=5,
+        before_attn_dwconv=3,
+    )
     return _create_biformer("biformer_small", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def biformer_base(pretrained: bool = False, **kwargs: Any) -> BiFormer:
-    args = dict(depth=[4, 4, 18, 4], embed_dim=[96, 192, 384, 768], mlp_ratios=[3, 3, 3, 3], head_dim=32, topks=[1, 4, 16, -2],
-                qk_dims=[96, 192, 384, 768], n_win=7, side_dwconv=5, before_attn_dwconv=3)
+    args = dict(
+        depth=[4, 4, 18, 4],
+        embed_dim=[96, 192, 384, 768],
+        mlp_ratios=[3, 3, 3, 3],
+        head_dim=32,
+        topks=[1, 4, 16, -2],
+        qk_dims=[96, 192, 384, 768],
+        n_win=7,
+        side_dwconv=5,
+        before_attn_dwconv=3,
+    )
     return _create_biformer("biformer_base", pretrained, **dict(args, **kwargs))
-
-
 
 
 @register_model
 def biformer_stl(pretrained: bool = False, **kwargs: Any) -> BiFormerSTL:
     """BiFormer-STL (Swin-T layout, legacy BRA), 28.4M params, 82.7% IN-1k top-1 (official README)."""
-    args = dict(depth=[2, 2, 6, 2], embed_dim=[96, 192, 384, 768], mlp_ratios=[4, 4, 4, 4], head_dim=32, norm_layer=nn.BatchNorm2d,
-                n_wins=(7, 7, 7, 7), topks=(1, 4, 16, -2), side_dwconv=5, layout="legacy")
+    args = dict(
+        depth=[2, 2, 6, 2],
+        embed_dim=[96, 192, 384, 768],
+        mlp_ratios=[4, 4, 4, 4],
+        head_dim=32,
+        norm_layer=nn.BatchNorm2d,
+        n_wins=(7, 7, 7, 7),
+        topks=(1, 4, 16, -2),
+        side_dwconv=5,
+        layout="legacy",
+    )
     return _create_biformer_stl("biformer_stl", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def biformer_stl_nchw(pretrained: bool = False, **kwargs: Any) -> BiFormerSTL:
     """BiFormer-STL with the refactored NCHW BRA (pads any size), 28.4M params, 82.7% IN-1k top-1 (official README)."""
-    args = dict(depth=[2, 2, 6, 2], embed_dim=[96, 192, 384, 768], mlp_ratios=[4, 4, 4, 4], head_dim=32, norm_layer=nn.BatchNorm2d,
-                n_wins=(7, 7, 7, 7), topks=(1, 4, 16, -1), side_dwconv=5, layout="nchw")
+    args = dict(
+        depth=[2, 2, 6, 2],
+        embed_dim=[96, 192, 384, 768],
+        mlp_ratios=[4, 4, 4, 4],
+        head_dim=32,
+        norm_layer=nn.BatchNorm2d,
+        n_wins=(7, 7, 7, 7),
+        topks=(1, 4, 16, -1),
+        side_dwconv=5,
+        layout="nchw",
+    )
     return _create_biformer_stl("biformer_stl_nchw", pretrained, **dict(args, **kwargs))

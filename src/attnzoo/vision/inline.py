@@ -44,17 +44,19 @@ from timm.layers import (
     trunc_normal_,
 )
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import nn
 
 from attnzoo.errors import InvalidInputError
 from attnzoo.kernels import inline_attention
-from attnzoo.vision._common import ClassifierMixin, check_official_kwargs, init_vit_weights
-from attnzoo.weights import CheckpointEntry, PreprocessConfig, register_checkpoint
+from attnzoo.vision._common import ClassifierMixin, check_official_kwargs, check_output_fmt, init_vit_weights
+from attnzoo.weights import register_checkpoints, unwrap_state_dict
 
 __all__ = ["InLineAttention", "InLineDeiT", "InLineSwin", "checkpoint_filter_fn"]
 
 
 # -- attention ---------------------------------------------------------------------------------
+
 
 class InLineAttention(nn.Module):
     """InLine attention over all tokens it is given, plus the dynamic depthwise 3x3 residual on ``v``.
@@ -102,13 +104,23 @@ def _relative_position_index(ws: int) -> torch.Tensor:
 class WindowAttention(nn.Module):
     """Softmax attention inside square windows with a learned relative position bias (Swin's W-MSA)."""
 
-    def __init__(self, dim: int, window_size: int, num_heads: int, qkv_bias: bool = True, qk_scale: float | None = None,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        window_size: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ):
         super().__init__()
         self.window_size, self.num_heads = window_size, num_heads
         self.scale = qk_scale or (dim // num_heads) ** -0.5
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
-        self.register_buffer("relative_position_index", _relative_position_index(window_size))  # persistent, as released
+        self.register_buffer(
+            "relative_position_index", _relative_position_index(window_size)
+        )  # persistent, as released
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
@@ -123,12 +135,15 @@ class WindowAttention(nn.Module):
         attn = attn + bias.unsqueeze(0)
         if mask is not None:  # (nW, N, N) of 0 / -100: tokens from different regions of a shifted window
             nW = mask.shape[0]
-            attn = (attn.view(Bw // nW, nW, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)).view(Bw, self.num_heads, N, N)
+            attn = (attn.view(Bw // nW, nW, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)).view(
+                Bw, self.num_heads, N, N
+            )
         attn = self.attn_drop(attn.softmax(dim=-1))
         return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(Bw, N, C)))
 
 
-# -- InLine-Swin -------------------------------------------------------------------------------
+# -- blocks ------------------------------------------------------------------------------------
+
 
 def _window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
     """(B, H, W, C) -> (B * nW, ws * ws, C), windows row-major."""
@@ -162,11 +177,14 @@ def _parse_attn_type(attn_type: str, num_layers: int) -> list[str]:
     if len(letters) < num_layers or any(c not in "ISM" for c in letters) or ("M" in letters and not suffix.isdigit()):
         raise InvalidInputError(
             f"InLineSwin: attn_type {attn_type!r} must give one of I, S, M per stage ({num_layers} stages) and, if any "
-            "stage is M, the number of leading InLine blocks after them (e.g. 'IIIS', 'IISS', 'IIMS2')")
+            "stage is M, the number of leading InLine blocks after them (e.g. 'IIIS', 'IISS', 'IIMS2')"
+        )
     return [c + suffix if c == "M" else c for c in letters]
 
 
-def _block_plan(stage_type: str, depth: int, window_size: int, resolution: tuple[int, int]) -> list[tuple[str, int, int]]:
+def _block_plan(
+    stage_type: str, depth: int, window_size: int, resolution: tuple[int, int]
+) -> list[tuple[str, int, int]]:
     """(kind, window, shift) per block, exactly as the official BasicLayer/SwinTransformerBlock decide them."""
     plan = []
     for j in range(depth):
@@ -179,8 +197,9 @@ def _block_plan(stage_type: str, depth: int, window_size: int, resolution: tuple
     return plan
 
 
-def _swin_size_problem(img_size: tuple[int, int], patch_size: int, depths: Sequence[int], window_size: int,
-                       stage_types: list[str]) -> str | None:
+def _swin_size_problem(
+    img_size: tuple[int, int], patch_size: int, depths: Sequence[int], window_size: int, stage_types: list[str]
+) -> str | None:
     """Why these image sides cannot go through the network, or None if they can."""
     res = (img_size[0] // patch_size, img_size[1] // patch_size)
     if min(res) < 1:
@@ -199,9 +218,22 @@ def _swin_size_problem(img_size: tuple[int, int], patch_size: int, depths: Seque
 class InLineSwinBlock(nn.Module):
     """Pre-norm block on a fixed ``input_resolution``: (shifted) window attention, then the MLP."""
 
-    def __init__(self, dim: int, input_resolution: tuple[int, int], num_heads: int, kind: str, window_size: int, shift_size: int,
-                 mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: float | None = None, drop: float = 0.0,
-                 attn_drop: float = 0.0, drop_path: float = 0.0, norm_layer: Any = nn.LayerNorm):
+    def __init__(
+        self,
+        dim: int,
+        input_resolution: tuple[int, int],
+        num_heads: int,
+        kind: str,
+        window_size: int,
+        shift_size: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_layer: Any = nn.LayerNorm,
+    ):
         super().__init__()
         self.input_resolution, self.kind = input_resolution, kind
         self.window_size, self.shift_size = window_size, shift_size
@@ -209,8 +241,9 @@ class InLineSwinBlock(nn.Module):
         if kind == "I":
             self.attn: nn.Module = InLineAttention(dim, num_heads, qkv_bias=qkv_bias, proj_drop=drop)
         else:
-            self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
-                                        attn_drop=attn_drop, proj_drop=drop)
+            self.attn = WindowAttention(
+                dim, window_size, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop
+            )
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
@@ -255,14 +288,28 @@ class PatchMerging(nn.Module):
 class InLineSwinStage(nn.Module):
     """``layers.{i}``: the blocks, then (except in the last stage) patch merging."""
 
-    def __init__(self, dim: int, input_resolution: tuple[int, int], depth: int, num_heads: int, stage_type: str, window_size: int,
-                 drop_path: Sequence[float], downsample: bool, **block_kwargs: Any):
+    def __init__(
+        self,
+        dim: int,
+        input_resolution: tuple[int, int],
+        depth: int,
+        num_heads: int,
+        stage_type: str,
+        window_size: int,
+        drop_path: Sequence[float],
+        downsample: bool,
+        **block_kwargs: Any,
+    ):
         super().__init__()
         self.grad_checkpointing = False
-        self.blocks = nn.ModuleList([
-            InLineSwinBlock(dim, input_resolution, num_heads, kind, ws, shift, drop_path=drop_path[j], **block_kwargs)
-            for j, (kind, ws, shift) in enumerate(_block_plan(stage_type, depth, window_size, input_resolution))
-        ])
+        self.blocks = nn.ModuleList(
+            [
+                InLineSwinBlock(
+                    dim, input_resolution, num_heads, kind, ws, shift, drop_path=drop_path[j], **block_kwargs
+                )
+                for j, (kind, ws, shift) in enumerate(_block_plan(stage_type, depth, window_size, input_resolution))
+            ]
+        )
         norm_layer = block_kwargs.get("norm_layer", nn.LayerNorm)
         self.downsample = PatchMerging(input_resolution, dim, norm_layer) if downsample else None
 
@@ -279,18 +326,31 @@ class InLineSwinStage(nn.Module):
         return x if self.downsample is None else self.downsample(x)
 
 
-def _take(n: int, indices: int | Sequence[int] | None) -> list[int]:
-    """timm's ``indices``: None = all, an int = the last ``n``, a sequence = those (negative allowed)."""
-    if indices is None:
-        return list(range(n))
-    if isinstance(indices, int):
-        if not 0 < indices <= n:
-            raise InvalidInputError(f"indices={indices}: take between 1 and {n} of the last outputs")
-        return list(range(n - indices, n))
-    take = sorted({i % n for i in indices})
-    if any(not -n <= i < n for i in indices):
-        raise InvalidInputError(f"indices {list(indices)} out of range for {n} outputs")
-    return take
+class InLineBlock(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_layer: Any = nn.LayerNorm,
+        act_layer: Any = nn.GELU,
+    ):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = InLineAttention(dim, num_heads, qkv_bias=qkv_bias, proj_drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), size))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+# -- models ------------------------------------------------------------------------------------
 
 
 class InLineSwin(ClassifierMixin, nn.Module):
@@ -336,11 +396,14 @@ class InLineSwin(ClassifierMixin, nn.Module):
             raise InvalidInputError(
                 f"InLineSwin: img_size {self.img_size[0]}x{self.img_size[1]} does not fit (patch_size {patch_size}, window_size "
                 f"{window_size}, attn_type {attn_type!r}): {problem}. "
-                f"{self._working_sizes(patch_size, depths, window_size, stage_types)}")
+                f"{self._working_sizes(patch_size, depths, window_size, stage_types)}"
+            )
         self.num_classes, self.global_pool = num_classes, global_pool
         self.num_layers, self.embed_dim, self.ape = num_layers, embed_dim, ape
         self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (num_layers - 1))
-        self.patch_embed = PatchEmbed(self.img_size, patch_size, in_chans, embed_dim, norm_layer=norm_layer if patch_norm else None)
+        self.patch_embed = PatchEmbed(
+            self.img_size, patch_size, in_chans, embed_dim, norm_layer=norm_layer if patch_norm else None
+        )
         grid = self.patch_embed.grid_size
         if ape:
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dim))
@@ -351,11 +414,24 @@ class InLineSwin(ClassifierMixin, nn.Module):
         self.feature_info = []
         for i in range(num_layers):
             dim, res = embed_dim * 2**i, (grid[0] // 2**i, grid[1] // 2**i)
-            self.layers.append(InLineSwinStage(
-                dim, res, depths[i], num_heads[i], stage_types[i], window_size, rates[sum(depths[:i]):sum(depths[:i + 1])],
-                downsample=i < num_layers - 1, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate,
-                attn_drop=attn_drop_rate, norm_layer=norm_layer,
-            ))
+            self.layers.append(
+                InLineSwinStage(
+                    dim,
+                    res,
+                    depths[i],
+                    num_heads[i],
+                    stage_types[i],
+                    window_size,
+                    rates[sum(depths[:i]) : sum(depths[: i + 1])],
+                    downsample=i < num_layers - 1,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    qk_scale=qk_scale,
+                    drop=drop_rate,
+                    attn_drop=attn_drop_rate,
+                    norm_layer=norm_layer,
+                )
+            )
             self.feature_info.append({"num_chs": dim, "reduction": patch_size * 2**i, "module": f"layers.{i}"})
         self.norm = norm_layer(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -363,9 +439,14 @@ class InLineSwin(ClassifierMixin, nn.Module):
         self.set_grad_checkpointing(use_checkpoint)
 
     @staticmethod
-    def _working_sizes(patch_size: int, depths: Sequence[int], window_size: int, stage_types: list[str], limit: int = 1024) -> str:
-        ok = [s for s in range(patch_size, limit + 1, patch_size)
-              if _swin_size_problem((s, s), patch_size, depths, window_size, stage_types) is None]
+    def _working_sizes(
+        patch_size: int, depths: Sequence[int], window_size: int, stage_types: list[str], limit: int = 1024
+    ) -> str:
+        ok = [
+            s
+            for s in range(patch_size, limit + 1, patch_size)
+            if _swin_size_problem((s, s), patch_size, depths, window_size, stage_types) is None
+        ]
         return f"Square sizes that work up to {limit}: {', '.join(map(str, ok)) or 'none'} (create the model with img_size=...)"
 
     @torch.jit.ignore
@@ -386,7 +467,8 @@ class InLineSwin(ClassifierMixin, nn.Module):
         if x.dim() != 4 or tuple(x.shape[2:]) != self.img_size:
             raise InvalidInputError(
                 f"InLineSwin was built for {self.img_size[0]}x{self.img_size[1]} inputs (its window clamping and shift masks "
-                f"depend on the size), got shape {tuple(x.shape)}; create the model with img_size=(H, W) for other sizes")
+                f"depend on the size), got shape {tuple(x.shape)}; create the model with img_size=(H, W) for other sizes"
+            )
         x = self.patch_embed(x)
         if self.ape:
             x = x + self.absolute_pos_embed
@@ -396,12 +478,18 @@ class InLineSwin(ClassifierMixin, nn.Module):
         H, W = self.layers[i].blocks[0].input_resolution
         return x.transpose(1, 2).reshape(x.shape[0], -1, H, W)
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
         """Stage outputs before patch merging (NCHW, reductions 4/8/16/32), timm's contract."""
-        if output_fmt not in ("NCHW", "NLC"):
-            raise InvalidInputError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take = _take(self.num_layers, indices)
+        check_output_fmt(output_fmt)
+        take, last = feature_take_indices(self.num_layers, indices)
         intermediates = []
         x = self._embed(x)
         for i, layer in enumerate(self.layers):
@@ -409,7 +497,7 @@ class InLineSwin(ClassifierMixin, nn.Module):
             if i in take:
                 out = self.norm(x) if norm and i == self.num_layers - 1 else x
                 intermediates.append(self._nchw(out, i) if output_fmt == "NCHW" else out)
-            if stop_early and i >= max(take):
+            if stop_early and i >= last:
                 break
             if layer.downsample is not None:
                 x = layer.downsample(x)
@@ -432,21 +520,12 @@ class InLineSwin(ClassifierMixin, nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-# -- InLine-DeiT -------------------------------------------------------------------------------
-
-class InLineBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0,
-                 drop_path: float = 0.0, norm_layer: Any = nn.LayerNorm, act_layer: Any = nn.GELU):
-        super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = InLineAttention(dim, num_heads, qkv_bias=qkv_bias, proj_drop=drop)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
-
-    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), size))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+_DEIT_OFFICIAL_DEFAULTS = {
+    "representation_size": None,
+    "distilled": False,
+    "weight_init": "",
+    "embed_layer": PatchEmbed,
+}
 
 
 class InLineDeiT(ClassifierMixin, nn.Module):
@@ -492,12 +571,17 @@ class InLineDeiT(ClassifierMixin, nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
-        self.blocks = nn.ModuleList([
-            InLineBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, rates[i], norm_layer, act_layer) for i in range(depth)
-        ])
+        self.blocks = nn.ModuleList(
+            [
+                InLineBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, rates[i], norm_layer, act_layer)
+                for i in range(depth)
+            ]
+        )
         self.norm = norm_layer(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.feature_info = [{"num_chs": embed_dim, "reduction": patch_size, "module": f"blocks.{i}"} for i in range(depth)]
+        self.feature_info = [
+            {"num_chs": embed_dim, "reduction": patch_size, "module": f"blocks.{i}"} for i in range(depth)
+        ]
         self.grad_checkpointing = False
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
@@ -511,7 +595,8 @@ class InLineDeiT(ClassifierMixin, nn.Module):
         if x.dim() != 4 or tuple(x.shape[2:]) != self.img_size:
             raise InvalidInputError(
                 f"InLineDeiT was built for {self.img_size[0]}x{self.img_size[1]} inputs, got shape {tuple(x.shape)}; create "
-                "the model with img_size=(H, W) for other sizes (official weights then load with a resampled pos_embed)")
+                "the model with img_size=(H, W) for other sizes (official weights then load with a resampled pos_embed)"
+            )
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x + self.pos_embed)
@@ -521,22 +606,29 @@ class InLineDeiT(ClassifierMixin, nn.Module):
             return torch.utils.checkpoint.checkpoint(block, x, self.grid_size, use_reentrant=False)
         return block(x, self.grid_size)
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, return_prefix_tokens: bool = False,
-                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
         """Block outputs (timm's ViT contract): patch tokens as NCHW maps or NLC, cls split off."""
-        if output_fmt not in ("NCHW", "NLC"):
-            raise InvalidInputError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take = _take(len(self.blocks), indices)
+        check_output_fmt(output_fmt)
+        take, last = feature_take_indices(len(self.blocks), indices)
         intermediates = []
         x = self._embed(x)
         for i, block in enumerate(self.blocks):
             x = self._block(block, x)
             if i in take:
                 intermediates.append(self.norm(x) if norm else x)
-            if stop_early and i >= max(take):
+            if stop_early and i >= last:
                 break
         prefix = [y[:, : self.num_prefix_tokens] for y in intermediates]
-        intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
         if output_fmt == "NCHW":
             intermediates = [y.transpose(1, 2).reshape(y.shape[0], -1, *self.grid_size) for y in intermediates]
         if return_prefix_tokens:
@@ -553,16 +645,13 @@ class InLineDeiT(ClassifierMixin, nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "avg":
-            x = x[:, self.num_prefix_tokens:].mean(1)
+            x = x[:, self.num_prefix_tokens :].mean(1)
         elif self.global_pool == "token":
             x = x[:, 0]
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-_DEIT_OFFICIAL_DEFAULTS = {"representation_size": None, "distilled": False, "weight_init": "", "embed_layer": PatchEmbed}
 
 
 # -- checkpoints -------------------------------------------------------------------------------
@@ -578,11 +667,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module) -> dict[s
       saves; where the model's geometry (image size) differs from the checkpoint's, ours are used,
       and ones our model does not have are dropped. Everything else must match strictly.
     """
-    for key in ("model", "state_dict"):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
-            break
-    state = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    state = unwrap_state_dict(state_dict)
     own = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     for k, v in state.items():
@@ -602,59 +687,100 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module) -> dict[s
 
 
 def _create(cls: type, variant: str, pretrained: bool, **kwargs: Any) -> nn.Module:
-    out_indices = (0, 1, 2, 3) if cls is InLineSwin else min(3, kwargs["depth"])  # DeiT: the last 3 blocks, as timm's ViT
-    return build_model_with_cfg(cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg={"out_indices": out_indices, "feature_cls": "getter"}, **kwargs)
+    out_indices = (
+        (0, 1, 2, 3) if cls is InLineSwin else min(3, kwargs["depth"])
+    )  # DeiT: the last 3 blocks, as timm's ViT
+    return build_model_with_cfg(
+        cls,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg={"out_indices": out_indices, "feature_cls": "getter"},
+        **kwargs,
+    )
 
 
 def _cfg(url: str, size: int = 224, **kwargs: Any) -> dict[str, Any]:
     """The official evaluation: bicubic resize to size/0.875, centre crop, ImageNet default mean/std."""
     return {
-        "url": url, "num_classes": 1000, "input_size": (3, size, size), "pool_size": None, "crop_pct": 0.875,
-        "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "fixed_input_size": True,
-        "first_conv": "patch_embed.proj", "classifier": "head", **kwargs,
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, size, size),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "fixed_input_size": True,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        **kwargs,
     }
 
 
-_CLOUD = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
-_RELEASES = {  # model: (Tsinghua Cloud file id, eval size)
-    "inline_swin_tiny": ("32810869fcc34410966b", 224),
-    "inline_swin_small": ("e9657fd247c04c7cb1a1", 224),
-    "inline_swin_base": ("bf23564bb64c420aafe1", 224),
-    "inline_deit_tiny": ("1d6b8191ad6d4114b291", 224),
-    "inline_deit_small": ("2f3898b07e9247f3beb3", 288),
-    "inline_deit_base": ("10bdd726d4b0435eb34e", 448),
-}
-default_cfgs = generate_default_cfgs({
-    f"{name}.official_in1k": _cfg(_CLOUD.format(file_id), size, **({"pool_size": (7, 7)} if "swin" in name else {}))
-    for name, (file_id, size) in _RELEASES.items()
-})
+def _official(model: str, file_id: str, size: int = 224) -> dict[str, Any]:
+    """A release on Tsinghua Cloud (LeapLabTHU/InLine README), cached as ``<model>_in1k.pth``."""
+    return _cfg(
+        f"https://cloud.tsinghua.edu.cn/f/{file_id}/?dl=1",
+        size,
+        filename=f"{model}_in1k.pth",
+        notes=("official release (Tsinghua Cloud, LeapLabTHU/InLine README)",),
+        **({"pool_size": (7, 7)} if model.startswith("inline_swin") else {}),
+    )
 
-for _name, (_file_id, _size) in _RELEASES.items():
-    register_checkpoint(CheckpointEntry(
-        name=f"{_name}.official_in1k", model=_name, url=_CLOUD.format(_file_id), filename=f"{_name}_in1k.pth", default=True,
+
+default_cfgs = generate_default_cfgs(
+    register_checkpoints(
+        {
+            "inline_swin_tiny.official_in1k": _official("inline_swin_tiny", "32810869fcc34410966b"),
+            "inline_swin_small.official_in1k": _official("inline_swin_small", "e9657fd247c04c7cb1a1"),
+            "inline_swin_base.official_in1k": _official("inline_swin_base", "bf23564bb64c420aafe1"),
+            "inline_deit_tiny.official_in1k": _official("inline_deit_tiny", "1d6b8191ad6d4114b291"),
+            "inline_deit_small.official_in1k": _official("inline_deit_small", "2f3898b07e9247f3beb3", 288),
+            "inline_deit_base.official_in1k": _official("inline_deit_base", "10bdd726d4b0435eb34e", 448),
+        },
         converter="attnzoo.vision.inline:checkpoint_filter_fn",
-        preprocess=PreprocessConfig(input_size=(3, _size, _size), crop_pct=0.875, interpolation="bicubic"),
-        notes="official release (Tsinghua Cloud, LeapLabTHU/InLine README)",
-    ))
+    )
+)
 
 
 @register_model
 def inline_swin_tiny(pretrained: bool = False, **kwargs: Any) -> InLineSwin:
     """InLine-Swin-T: attn_type IIIS (the maintainer's correction of the paper's IISS, InLine issue #11)."""
-    args = {"embed_dim": 96, "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24], "window_size": 56, "attn_type": "IIIS", "drop_path_rate": 0.2}
+    args = {
+        "embed_dim": 96,
+        "depths": [2, 2, 6, 2],
+        "num_heads": [3, 6, 12, 24],
+        "window_size": 56,
+        "attn_type": "IIIS",
+        "drop_path_rate": 0.2,
+    }
     return _create(InLineSwin, "inline_swin_tiny", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def inline_swin_small(pretrained: bool = False, **kwargs: Any) -> InLineSwin:
-    args = {"embed_dim": 96, "depths": [2, 2, 18, 2], "num_heads": [3, 6, 12, 24], "window_size": 56, "attn_type": "IISS", "drop_path_rate": 0.3}
+    args = {
+        "embed_dim": 96,
+        "depths": [2, 2, 18, 2],
+        "num_heads": [3, 6, 12, 24],
+        "window_size": 56,
+        "attn_type": "IISS",
+        "drop_path_rate": 0.3,
+    }
     return _create(InLineSwin, "inline_swin_small", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def inline_swin_base(pretrained: bool = False, **kwargs: Any) -> InLineSwin:
-    args = {"embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32], "window_size": 56, "attn_type": "IIMS2", "drop_path_rate": 0.5}
+    args = {
+        "embed_dim": 128,
+        "depths": [2, 2, 18, 2],
+        "num_heads": [4, 8, 16, 32],
+        "window_size": 56,
+        "attn_type": "IIMS2",
+        "drop_path_rate": 0.5,
+    }
     return _create(InLineSwin, "inline_swin_base", pretrained, **dict(args, **kwargs))
 
 

@@ -18,13 +18,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
+from timm.layers import DropPath, Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import nn
 
-from attnzoo.kernels import grouped_attention, linear_attention, window_groups
-from attnzoo.vision._common import ClassifierMixin, check_official_kwargs
-from attnzoo.weights import CheckpointEntry, PreprocessConfig, register_checkpoint
+from attnzoo.kernels import grouped_attention, l2vit_linear_attention, window_groups
+from attnzoo.vision._common import ClassifierMixin, check_official_kwargs, check_output_fmt
+from attnzoo.weights import register_checkpoints, unwrap_state_dict
 
 __all__ = ["L2ViT"]
 
@@ -43,15 +44,6 @@ class ConvPosEnc(nn.Module):
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return self.proj(_nchw(x, size)).flatten(2).transpose(1, 2)
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class WindowAttention(nn.Module):
@@ -90,7 +82,7 @@ class LinearAttention(nn.Module):
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = linear_attention(q, k, v, temperature=self.temperature, denom_min=100.0)
+        out = l2vit_linear_attention(q, k, v, temperature=self.temperature, denom_min=100.0)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
@@ -151,8 +143,11 @@ class ConvStem(nn.Module):
         super().__init__()
         self.proj = nn.Module()
         self.proj.proj = nn.Sequential(
-            nn.Conv2d(in_chans, dim // 2, 3, 2, 1), nn.BatchNorm2d(dim // 2), nn.ReLU(),
-            nn.Conv2d(dim // 2, dim, 3, 2, 1), nn.BatchNorm2d(dim),
+            nn.Conv2d(in_chans, dim // 2, 3, 2, 1),
+            nn.BatchNorm2d(dim // 2),
+            nn.ReLU(),
+            nn.Conv2d(dim // 2, dim, 3, 2, 1),
+            nn.BatchNorm2d(dim),
         )
         self.norm = nn.LayerNorm(dim)
 
@@ -202,14 +197,17 @@ class L2ViT(ClassifierMixin, nn.Module):
         ratios = list(mlp_ratio) if isinstance(mlp_ratio, Sequence) else [mlp_ratio] * 4
         self.num_classes, self.global_pool = num_classes, global_pool
         self.num_features = self.head_hidden_size = dims[-1]
-        self.downsample_layers = nn.ModuleList([ConvStem(in_chans, dims[0])] + [PatchMerging(dims[i], dims[i + 1]) for i in range(3)])
+        self.downsample_layers = nn.ModuleList(
+            [ConvStem(in_chans, dims[0])] + [PatchMerging(dims[i], dims[i + 1]) for i in range(3)]
+        )
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.stages = nn.ModuleList()
         self.feature_info = []
         cursor = 0
         for i in range(4):
             blocks = [
-                LocalWindowBlock(dims[i], num_heads[i], ratios[i], window_size, rates[cursor + j]) if j % 2 == 0
+                LocalWindowBlock(dims[i], num_heads[i], ratios[i], window_size, rates[cursor + j])
+                if j % 2 == 0
                 else LinearGlobalBlock(dims[i], num_heads[i], ratios[i], rates[cursor + j])
                 for j in range(depths[i])
             ]
@@ -244,23 +242,31 @@ class L2ViT(ClassifierMixin, nn.Module):
                     x = block(x, size)
             yield x, size
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
-        take = list(range(4)) if indices is None else ([i for i in range(4 - indices, 4)] if isinstance(indices, int) else [i % 4 for i in indices])
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """Stage outputs as NCHW maps or NLC tokens at ``indices`` (last n if an int), timm's contract."""
+        check_output_fmt(output_fmt)
+        take, last = feature_take_indices(len(self.stages), indices)
         intermediates = []
         for i, (tokens, size) in enumerate(self._stages(x)):
             if i in take:
-                out = self.norm(tokens) if norm and i == 3 else tokens
+                out = self.norm(tokens) if norm and i == len(self.stages) - 1 else tokens
                 intermediates.append(_nchw(out, size) if output_fmt == "NCHW" else out)
-            if stop_early and i >= max(take):
+            if stop_early and i >= last:
                 break
         if intermediates_only:
             return intermediates
         return self.norm(tokens), intermediates
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        for tokens, _ in self._stages(x):
-            pass
+        *_, (tokens, _size) = self._stages(x)  # the last stage's tokens
         return self.norm(tokens)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -273,54 +279,70 @@ class L2ViT(ClassifierMixin, nn.Module):
 
 
 _OFFICIAL_DEFAULTS = {
-    "cpe": False, "sub_cpe": False, "cpe_kernel": 3, "cpe_act": False, "conv_stem": True, "conv_stem_type": "2L",
-    "stem_overlapped": False, "overlapped": False, "ffn_conv": False, "rffn_conv": False, "token_mixer": "csmix",
-    "channel_mixer": "mlp", "block_type": "mix_local_enhanced_vit", "norm": {"type": "LN"}, "last_proj": False,
+    "cpe": False,
+    "sub_cpe": False,
+    "cpe_kernel": 3,
+    "cpe_act": False,
+    "conv_stem": True,
+    "conv_stem_type": "2L",
+    "stem_overlapped": False,
+    "overlapped": False,
+    "ffn_conv": False,
+    "rffn_conv": False,
+    "token_mixer": "csmix",
+    "channel_mixer": "mlp",
+    "block_type": "mix_local_enhanced_vit",
+    "norm": {"type": "LN"},
+    "last_proj": False,
 }
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Official checkpoints keep the weights under ``model`` (and the EMA under ``model_ema``)."""
-    for key in ("model", "state_dict"):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
-            break
-    return {k.removeprefix("module."): v for k, v in state_dict.items()}
+    """Official checkpoints keep the weights under ``model`` (and the EMA under ``model_ema``); our names."""
+    return unwrap_state_dict(state_dict)
 
 
 def _create_l2vit(variant: str, pretrained: bool = False, **kwargs: Any) -> L2ViT:
-    return build_model_with_cfg(L2ViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"), **kwargs)
+    return build_model_with_cfg(
+        L2ViT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+        **kwargs,
+    )
 
 
-def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
+def _cfg(file: str, **kwargs: Any) -> dict[str, Any]:
     """The official evaluation: resize S/0.875 bicubic and centre crop below 384 px, ImageNet mean/std."""
     return {
-        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
-        "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-        "first_conv": "downsample_layers.0.proj.proj.0", "classifier": "head", **kwargs,
+        "url": f"https://github.com/ChuanyangZheng/L2ViT/releases/download/v1.0/{file}",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "first_conv": "downsample_layers.0.proj.proj.0",
+        "classifier": "head",
+        **kwargs,
     }
 
 
-_RELEASES = "https://github.com/ChuanyangZheng/L2ViT/releases/download/v1.0/"
-_FILES = {"tiny": "L2ViT-Tiny-checkpoint-best-ema.pth", "small": "L2ViT-Small-checkpoint-best-ema.pth",
-          "base": "L2ViT-Base-checkpoint-best-ema.pth"}
-default_cfgs = generate_default_cfgs({
-    **{f"l2vit_{v}.official_in1k": _cfg(_RELEASES + f) for v, f in _FILES.items()},
-    "l2vit_base_384.official_in22k_ft_in1k": _cfg(_RELEASES + "L2ViT-Base-22k21k-finetune-384-checkpoint-best.pth",
-                                                  input_size=(3, 384, 384), crop_pct=1.0),
-})
-
-for _variant, _file in _FILES.items():
-    register_checkpoint(CheckpointEntry(
-        name=f"l2vit_{_variant}.official_in1k", model=f"l2vit_{_variant}", url=_RELEASES + _file, default=True,
-        converter="attnzoo.vision.l2vit:checkpoint_filter_fn", preprocess=PreprocessConfig(crop_pct=0.875, interpolation="bicubic"),
-    ))
-register_checkpoint(CheckpointEntry(
-    name="l2vit_base_384.official_in22k_ft_in1k", model="l2vit_base_384", default=True,
-    url=_RELEASES + "L2ViT-Base-22k21k-finetune-384-checkpoint-best.pth", converter="attnzoo.vision.l2vit:checkpoint_filter_fn",
-    preprocess=PreprocessConfig(input_size=(3, 384, 384), crop_pct=1.0, interpolation="bicubic"),
-))
+default_cfgs = generate_default_cfgs(
+    register_checkpoints(
+        {
+            "l2vit_tiny.official_in1k": _cfg("L2ViT-Tiny-checkpoint-best-ema.pth"),
+            "l2vit_small.official_in1k": _cfg("L2ViT-Small-checkpoint-best-ema.pth"),
+            "l2vit_base.official_in1k": _cfg("L2ViT-Base-checkpoint-best-ema.pth"),
+            "l2vit_base_384.official_in22k_ft_in1k": _cfg(
+                "L2ViT-Base-22k21k-finetune-384-checkpoint-best.pth", input_size=(3, 384, 384), crop_pct=1.0
+            ),
+        },
+        converter="attnzoo.vision.l2vit:checkpoint_filter_fn",
+    )
+)
 
 
 @register_model

@@ -3,7 +3,7 @@
 Yang, Zhu, Lin, Nong, Liang. ICCV 2023. https://arxiv.org/abs/2308.08724
 Official code: https://github.com/LiyingCV/Long-Range-Grouping-Transformer (models/encoder/encoder.py,
 models/transformer_base/attention.py, models/transformer_base/encoder/transformer_block.py,
-models/merger/merger.py, models/decoder/decoder.py, utils/data_transforms.py).
+models/merger/merger.py, models/decoder/decoder.py).
 
 ``[B, V, 3, 224, 224]`` views (any ``V >= 1``) -> ``[B, 32, 32, 32]`` occupancy probabilities, in
 three modules, each with the official parameter names (the released checkpoint stores them as
@@ -22,55 +22,53 @@ three state dicts):
   upsampling transformer: 4^3 -> 8^3 -> 16^3 -> 32^3 (transposed convs + BN + ReLU, with
   attention over 512 tokens at each resolution, sub-voxels packed into channels), sigmoid.
 
-Inputs follow the official ShapeNet loader (:func:`preprocess_views`): **BGR** channel order (the
+Inputs follow the official ShapeNet loader
+(:func:`attnzoo.pipelines.multiview_reconstruction.preprocess_views`): **BGR** channel order (the
 checkpoint was trained on ``cv2.imread``), centre crop 128 of the 137 px renderings, bilinear
 resize to 224, a constant 240 background where alpha is 0, ``x * 2 - 1``.
 
 Weights: the authors' 3-view checkpoint (Baidu Pan, must be downloaded by hand:
 ``attnzoo.create_model("lrgt", weights=PATH)``, converted by :func:`checkpoint_filter_fn`), or the
-DeiT-B distilled ImageNet initialisation of the encoder (:func:`load_deit_init`).
+DeiT-B distilled ImageNet initialisation of the encoder
+(:func:`attnzoo.training.reconstruction.load_deit_init`).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import nn
 
 from attnzoo.errors import InvalidInputError, WeightsError
-from attnzoo.factory import register_model
 from attnzoo.kernels import across_views, dilated_groups, grouped_attention
+from attnzoo.registry import register_model
 from attnzoo.vision._common import as_generator, init_vit_weights
-from attnzoo.weights import CheckpointEntry, PreprocessConfig, register_checkpoint
+from attnzoo.weights import register_checkpoints, unwrap_state_dict
 
 __all__ = [
-    "DEIT_INIT_URL",
     "LRGT",
     "LRGTDecoder",
     "LRGTEncoder",
-    "LRGTMerger",
     "LRGTOutput",
+    "LRGTMerger",
+    "LRGTViT",
     "checkpoint_filter_fn",
-    "load_deit_init",
+    "default_cfgs",
     "lrgt",
-    "preprocess_views",
 ]
 
-DEIT_INIT_URL = "https://dl.fbaipublicfiles.com/deit/deit_base_distilled_patch16_224-df68dfff.pth"
-OFFICIAL_CHECKPOINT_URL = "https://pan.baidu.com/s/16po1e4pxfQnd-_ppGH81Mg?pwd=ynq7"
 VOXEL_SIZE = 32
 _QUERY_SIDE = 4  # the decoder starts from 4^3 = 64 learned queries
 _STATE_DICTS = ("encoder_state_dict", "merger_state_dict", "decoder_state_dict")
 
 
 # -- shared attention ----------------------------------------------------------------------
+
 
 class _QKVAttention(nn.Module):
     """Separate ``to_q``/``to_k``/``to_v`` projections (the official layout), fused SDPA."""
@@ -81,7 +79,7 @@ class _QKVAttention(nn.Module):
             raise InvalidInputError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
         self.to_k = nn.Linear(dim, dim, bias=qkv_bias)
         self.to_v = nn.Linear(dim, dim, bias=qkv_bias)
@@ -99,6 +97,7 @@ class _QKVAttention(nn.Module):
 
 # -- encoder -------------------------------------------------------------------------------
 
+
 class LGAttention(_QKVAttention):
     """Intra-view attention, or long-range grouping attention (LGA) across views with the
     inter-view feature signature ``IFS`` (a depthwise 3x3 conv of V) added before ``proj``."""
@@ -107,8 +106,13 @@ class LGAttention(_QKVAttention):
         super().__init__(dim, num_heads, qkv_bias)
         self.IFS = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
 
-    def forward(self, x: torch.Tensor, views: int = 1, groups: torch.Tensor | None = None,  # type: ignore[override]
-                grid: tuple[int, int] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        views: int = 1,
+        groups: torch.Tensor | None = None,  # type: ignore[override]
+        grid: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         if groups is None:  # intra-view: the official op order (the merger's clustering downstream is discrete)
             q, k, v = self._heads(self.to_q(x)), self._heads(self.to_k(x)), self._heads(self.to_v(x))
             attn = ((q @ k.transpose(-1, -2)) * self.scale).softmax(dim=-1)
@@ -131,8 +135,9 @@ class LRGTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))  # exact GELU
 
-    def forward(self, x: torch.Tensor, views: int = 1, groups: torch.Tensor | None = None,
-                grid: tuple[int, int] | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, views: int = 1, groups: torch.Tensor | None = None, grid: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), views, groups, grid)
         return x + self.mlp(self.norm2(x))
 
@@ -149,15 +154,27 @@ class _PatchEmbed(nn.Module):
 class LRGTViT(nn.Module):
     """The official ``DistilledVisionTransformer`` with LGA blocks (parameter names as released)."""
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, depth: int = 12,
-                 num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True, lga_layers: Sequence[int] = (5, 7, 9, 11),
-                 patch_group: int = 7):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        lga_layers: Sequence[int] = (5, 7, 9, 11),
+        patch_group: int = 7,
+    ):
         super().__init__()
         if img_size % patch_size:
             raise InvalidInputError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         side = img_size // patch_size
         if side % patch_group:
-            raise InvalidInputError(f"a {side}x{side} token grid does not split into {patch_group}x{patch_group} dilated groups")
+            raise InvalidInputError(
+                f"a {side}x{side} token grid does not split into {patch_group}x{patch_group} dilated groups"
+            )
         if any(not 0 <= i < depth for i in lga_layers):
             raise InvalidInputError(f"lga_layers {list(lga_layers)} must index blocks 0..{depth - 1}")
         self.img_size, self.in_chans, self.grid, self.patch_group = img_size, in_chans, (side, side), patch_group
@@ -179,7 +196,9 @@ class LRGTViT(nn.Module):
         per_view = dilated_groups(*self.grid, self.patch_group, device=device)
         return across_views(per_view, views, self.grid[0] * self.grid[1])
 
-    def forward(self, x: torch.Tensor, return_blocks: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor, return_blocks: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         V = x.shape[1]
         x = self.patch_embed(x.flatten(0, 1)) + self.pos_embed[:, 2:]  # [(B V), P, D]
         groups = self.group_table(V, x.device) if self.lga_layers else None
@@ -197,18 +216,35 @@ class LRGTEncoder(nn.Module):
     ``[B, V, 3, H, W]`` -> ``[B, V, P, D]``.
     """
 
-    def __init__(self, *, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, depth: int = 12,
-                 num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True, lga_layers: Sequence[int] = (5, 7, 9, 11),
-                 patch_group: int = 7):
+    def __init__(
+        self,
+        *,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        lga_layers: Sequence[int] = (5, 7, 9, 11),
+        patch_group: int = 7,
+    ):
         super().__init__()
-        self.encoder = LRGTViT(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, lga_layers, patch_group)
+        self.encoder = LRGTViT(
+            img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, lga_layers, patch_group
+        )
 
     def check_input(self, views: torch.Tensor) -> None:
         vit = self.encoder
         expected = (vit.in_chans, vit.img_size, vit.img_size)
         if not isinstance(views, torch.Tensor) or views.dim() != 5 or tuple(views.shape[2:]) != expected:
             got = tuple(views.shape) if isinstance(views, torch.Tensor) else type(views).__name__
-            hint = " (one sample: add a batch dimension, views[None])" if isinstance(views, torch.Tensor) and views.dim() == 4 else ""
+            hint = (
+                " (one sample: add a batch dimension, views[None])"
+                if isinstance(views, torch.Tensor) and views.dim() == 4
+                else ""
+            )
             raise InvalidInputError(f"LRGT expects views [B, V, {', '.join(map(str, expected))}], got {got}{hint}")
         if views.shape[0] < 1 or views.shape[1] < 1:
             raise InvalidInputError(f"LRGT needs at least one sample and one view, got {tuple(views.shape)}")
@@ -240,6 +276,7 @@ def _init_official(m: nn.Module) -> None:
 
 
 # -- merger (STM) --------------------------------------------------------------------------
+
 
 class STMAttention(nn.Module):
     """Cross-attention from the merged tokens to all tokens, each key's score added to its logits.
@@ -280,13 +317,15 @@ class STMBlock(nn.Module):
         """DPC-kNN: the ``out_tokens`` densest-and-isolated tokens become centres; every token joins
         its nearest centre. Returns ``[B, N]`` cluster ids in ``[0, out_tokens)``."""
         B = x.shape[0]
-        dist = torch.cdist(x, x) / (self.dim ** 0.5)
+        dist = torch.cdist(x, x) / (self.dim**0.5)
         nearest, _ = torch.topk(dist, k=self.k, dim=-1, largest=False)
-        density = (-(nearest ** 2).mean(dim=-1)).exp()
+        density = (-(nearest**2).mean(dim=-1)).exp()
         if generator is None:
             noise = torch.rand(density.shape, device=density.device, dtype=density.dtype)
         else:  # drawn where the generator lives, so a CPU seed gives the same clusters on any device
-            noise = torch.rand(density.shape, generator=generator, device=generator.device, dtype=density.dtype).to(density.device)
+            noise = torch.rand(density.shape, generator=generator, device=generator.device, dtype=density.dtype).to(
+                density.device
+            )
         density = density + noise * 1e-6  # breaks density ties, as the official code
         denser = (density[:, None, :] > density[:, :, None]).type(x.dtype)  # [b, i, j]: j is denser than i
         dist_max = dist.flatten(1).max(dim=-1)[0][:, None, None]
@@ -294,7 +333,9 @@ class STMBlock(nn.Module):
         centres = torch.topk(delta * density, k=self.out_tokens, dim=-1).indices  # [B, out]
         batch = torch.arange(B, device=x.device)[:, None]
         idx_cluster = dist[batch, centres].argmin(dim=1)  # [B, N]: nearest centre
-        idx_cluster[batch.expand(B, self.out_tokens), centres] = torch.arange(self.out_tokens, device=x.device).expand(B, -1)
+        idx_cluster[batch.expand(B, self.out_tokens), centres] = torch.arange(self.out_tokens, device=x.device).expand(
+            B, -1
+        )
         return idx_cluster
 
     def merge(self, x: torch.Tensor, idx_cluster: torch.Tensor, token_score: torch.Tensor) -> torch.Tensor:
@@ -309,8 +350,10 @@ class STMBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if x.shape[1] < max(self.k, self.out_tokens):
-            raise InvalidInputError(f"an STM block merging into {self.out_tokens} tokens with k={self.k} needs at least "
-                                    f"{max(self.k, self.out_tokens)} input tokens, got {x.shape[1]}")
+            raise InvalidInputError(
+                f"an STM block merging into {self.out_tokens} tokens with k={self.k} needs at least "
+                f"{max(self.k, self.out_tokens)} input tokens, got {x.shape[1]}"
+            )
         x = self.norm1(x)
         score = self.score_mlp(x)  # [B, N, 1]
         idx_cluster = self.cluster(x, generator)
@@ -322,7 +365,15 @@ class STMBlock(nn.Module):
 class LRGTMerger(nn.Module):
     """The official ``Merger``: all views' tokens ``[B, V, P, D]`` -> ``[B, out_tokens[-1], D]``."""
 
-    def __init__(self, *, dim: int = 768, out_tokens: Sequence[int] = (196, 196), k: int = 15, num_heads: int = 12, mlp_ratio: float = 4.0):
+    def __init__(
+        self,
+        *,
+        dim: int = 768,
+        out_tokens: Sequence[int] = (196, 196),
+        k: int = 15,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+    ):
         super().__init__()
         if not out_tokens or any(int(t) < 1 for t in out_tokens) or k < 1:
             raise InvalidInputError(f"merger needs positive out_tokens and k, got {list(out_tokens)} and {k}")
@@ -330,9 +381,15 @@ class LRGTMerger(nn.Module):
         self.blocks = nn.ModuleList(STMBlock(dim, int(t), k, num_heads, mlp_ratio) for t in out_tokens)
         self.apply(_init_official)
 
-    def forward(self, tokens: torch.Tensor, generator: torch.Generator | int | None = None,
-                return_clusters: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 4 or tokens.shape[-1] != self.dim or 0 in tokens.shape:
+    def forward(
+        self, tokens: torch.Tensor, generator: torch.Generator | int | None = None, return_clusters: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        if (
+            not isinstance(tokens, torch.Tensor)
+            or tokens.dim() != 4
+            or tokens.shape[-1] != self.dim
+            or 0 in tokens.shape
+        ):
             got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise InvalidInputError(f"the LRGT merger expects tokens [B, V, P, {self.dim}], got {got}")
         gen = as_generator(generator)
@@ -345,6 +402,7 @@ class LRGTMerger(nn.Module):
 
 
 # -- decoder -------------------------------------------------------------------------------
+
 
 class DecoderBlock(nn.Module):
     """Pre-norm self-attention (no qkv bias) and MLP; LayerNorm eps 1e-5."""
@@ -382,7 +440,7 @@ class QueryBlock(nn.Module):
 class QueryPrepare(nn.Module):
     """64 learned queries (``emb``) and one :class:`QueryBlock` (the official ``Transformer``)."""
 
-    def __init__(self, dim: int, num_heads: int, num_queries: int = _QUERY_SIDE ** 3, depth: int = 1):
+    def __init__(self, dim: int, num_heads: int, num_queries: int = _QUERY_SIDE**3, depth: int = 1):
         super().__init__()
         self.emb = nn.Embedding(num_queries, dim)
         self.blocks = nn.ModuleList(QueryBlock(dim, num_heads) for _ in range(depth))
@@ -395,14 +453,16 @@ class QueryPrepare(nn.Module):
 
 
 def _upconv(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.ConvTranspose3d(cin, cout, kernel_size=4, stride=2, padding=1, bias=False), nn.BatchNorm3d(cout), nn.ReLU())
+    return nn.Sequential(
+        nn.ConvTranspose3d(cin, cout, kernel_size=4, stride=2, padding=1, bias=False), nn.BatchNorm3d(cout), nn.ReLU()
+    )
 
 
 def _pack(x: torch.Tensor, s: int) -> torch.Tensor:
     """``b d (h s) (w s) (l s) -> b (h w l) (d s s s)``: sub-voxels into channels."""
     B, C, H, W, L = x.shape
     x = x.view(B, C, H // s, s, W // s, s, L // s, s).permute(0, 2, 4, 6, 1, 3, 5, 7)
-    return x.reshape(B, (H // s) * (W // s) * (L // s), C * s ** 3)
+    return x.reshape(B, (H // s) * (W // s) * (L // s), C * s**3)
 
 
 def _unpack(t: torch.Tensor, channels: int, side: int, s: int) -> torch.Tensor:
@@ -414,20 +474,33 @@ def _unpack(t: torch.Tensor, channels: int, side: int, s: int) -> torch.Tensor:
 class ProgressiveUpsampler(nn.Module):
     """The official ``TransformerDecoder``: ``[B, 64, D]`` -> ``[B, 1, 32, 32, 32]`` probabilities."""
 
-    def __init__(self, dim: int = 768, num_heads: int = 12, depth: int = 8, channels: Sequence[int] | None = None, mlp_ratio: float = 4.0):
+    def __init__(
+        self,
+        dim: int = 768,
+        num_heads: int = 12,
+        depth: int = 8,
+        channels: Sequence[int] | None = None,
+        mlp_ratio: float = 4.0,
+    ):
         super().__init__()
         if channels is not None and len(channels) != 3:
-            raise InvalidInputError(f"decoder channels are the widths after upconv1/2/3, three ints; got {list(channels)}")
+            raise InvalidInputError(
+                f"decoder channels are the widths after upconv1/2/3, three ints; got {list(channels)}"
+            )
         c1, c2, c3 = (int(c) for c in channels) if channels is not None else (dim // 8, dim // 64, dim // 256)
         if min(c1, c2, c3) < 1 or depth < 4:
-            raise InvalidInputError(f"decoder channels {(c1, c2, c3)} must be positive (dim {dim} needs to be a multiple of 256 "
-                                    f"for the default channels) and depth >= 4, got depth {depth}")
+            raise InvalidInputError(
+                f"decoder channels {(c1, c2, c3)} must be positive (dim {dim} needs to be a multiple of 256 "
+                f"for the default channels) and depth >= 4, got depth {depth}"
+            )
         self.dim, self.channels = dim, (c1, c2, c3)
         n = depth // 4
         widths = (dim, c1, c2 * 8, c3 * 64)  # blocks3/blocks4 see 2^3 / 4^3 sub-voxels packed into channels
         for width in widths:
             if width % num_heads:
-                raise InvalidInputError(f"decoder width {width} (of {widths}) is not divisible by num_heads {num_heads}")
+                raise InvalidInputError(
+                    f"decoder width {width} (of {widths}) is not divisible by num_heads {num_heads}"
+                )
         self.blocks1 = nn.ModuleList(DecoderBlock(widths[0], num_heads, mlp_ratio) for _ in range(n))
         self.blocks2 = nn.ModuleList(DecoderBlock(widths[1], num_heads, mlp_ratio) for _ in range(n))
         self.blocks3 = nn.ModuleList(DecoderBlock(widths[2], num_heads, mlp_ratio) for _ in range(n))
@@ -461,7 +534,15 @@ class ProgressiveUpsampler(nn.Module):
 class LRGTDecoder(nn.Module):
     """The official ``Decoder``: merged tokens ``[B, P, D]`` -> ``[B, 1, 32, 32, 32]`` (sigmoid)."""
 
-    def __init__(self, *, dim: int = 768, num_heads: int = 12, depth: int = 8, channels: Sequence[int] | None = None, mlp_ratio: float = 4.0):
+    def __init__(
+        self,
+        *,
+        dim: int = 768,
+        num_heads: int = 12,
+        depth: int = 8,
+        channels: Sequence[int] | None = None,
+        mlp_ratio: float = 4.0,
+    ):
         super().__init__()
         self.dim = dim
         # registration order = the official state dict order
@@ -471,13 +552,19 @@ class LRGTDecoder(nn.Module):
         self.apply(_init_official)
 
     def forward(self, context: torch.Tensor) -> torch.Tensor:
-        if not isinstance(context, torch.Tensor) or context.dim() != 3 or context.shape[-1] != self.dim or 0 in context.shape:
+        if (
+            not isinstance(context, torch.Tensor)
+            or context.dim() != 3
+            or context.shape[-1] != self.dim
+            or 0 in context.shape
+        ):
             got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
             raise InvalidInputError(f"the LRGT decoder expects merged tokens [B, P, {self.dim}], got {got}")
         return self.transformer_decoder(self.layer_norm(self.prepare(context)))
 
 
 # -- the model -----------------------------------------------------------------------------
+
 
 @dataclass
 class LRGTOutput:
@@ -491,7 +578,8 @@ class LRGTOutput:
 
 
 class LRGT(nn.Module):
-    """Multi-view images ``[B, V, 3, 224, 224]`` (BGR in [-1, 1], see :func:`preprocess_views`) ->
+    """Multi-view images ``[B, V, 3, 224, 224]`` (BGR in [-1, 1], see
+    :func:`~attnzoo.pipelines.multiview_reconstruction.preprocess_views`) ->
     occupancy probabilities ``[B, 32, 32, 32]``. ``encoder``, ``merger`` and ``decoder`` hold the
     official state dicts (``encoder_state_dict`` etc. of the released checkpoint, minus ``module.``).
 
@@ -520,14 +608,31 @@ class LRGT(nn.Module):
         noise_seed: int | None = None,
     ):
         super().__init__()
-        self.encoder = LRGTEncoder(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                                   mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, lga_layers=lga_layers, patch_group=patch_group)
+        self.encoder = LRGTEncoder(
+            img_size=img_size,
+            patch_size=patch_size,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            lga_layers=lga_layers,
+            patch_group=patch_group,
+        )
         self.merger = LRGTMerger(dim=embed_dim, out_tokens=merger_tokens, k=merger_k, num_heads=merger_heads)
-        self.decoder = LRGTDecoder(dim=embed_dim, num_heads=decoder_heads, depth=decoder_depth, channels=decoder_channels)
+        self.decoder = LRGTDecoder(
+            dim=embed_dim, num_heads=decoder_heads, depth=decoder_depth, channels=decoder_channels
+        )
         self.noise_seed = noise_seed
         self.pretrained_cfg: dict[str, Any] = {
-            "input_size": (3, img_size, img_size), "crop_pct": 128 / 137, "crop_mode": "center", "interpolation": "bilinear",
-            "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "colour_order": "BGR", "background": 240,
+            "input_size": (3, img_size, img_size),
+            "crop_pct": 128 / 137,
+            "crop_mode": "center",
+            "interpolation": "bilinear",
+            "mean": (0.5, 0.5, 0.5),
+            "std": (0.5, 0.5, 0.5),
+            "colour_order": "BGR",
+            "background": 240,
         }
 
     def _generator(self, generator: torch.Generator | int | None) -> torch.Generator | None:
@@ -557,22 +662,17 @@ class LRGT(nn.Module):
         return self.decode(self.merge(self.encode(views), generator))
 
 
-@register_model
-def lrgt(**kwargs: Any) -> LRGT:
-    """LRGT as released (DeiT-B/16 encoder with LGA in blocks 5/7/9/11, 2 STM blocks, progressive decoder): 129.9M params."""
-    return LRGT(**kwargs)
-
-
 # -- weights -------------------------------------------------------------------------------
-
-def _strip(sd: Mapping[str, Any], prefix: str = "module.") -> dict[str, Any]:
-    return {k.removeprefix(prefix): v for k, v in sd.items()}
 
 
 def _fill_bn_counters(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Older (Sync)BN state dicts may lack ``num_batches_tracked`` (unused in eval): take the model's."""
     for k, v in model.state_dict().items():
-        if k.endswith("num_batches_tracked") and k not in state and k.removesuffix("num_batches_tracked") + "running_mean" in state:
+        if (
+            k.endswith("num_batches_tracked")
+            and k not in state
+            and k.removesuffix("num_batches_tracked") + "running_mean" in state
+        ):
             state[k] = v.clone()
     return state
 
@@ -592,215 +692,61 @@ def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: nn.Module) -> dic
             missing = [n for n in _STATE_DICTS if n not in parts]
             if missing:
                 raise WeightsError(f"the LRGT checkpoint lacks {', '.join(missing)} (it has {', '.join(parts)})")
-            state = {f"{name.removesuffix('_state_dict')}.{k}": v for name in _STATE_DICTS for k, v in _strip(parts[name]).items()}
+            state = {
+                f"{name.removesuffix('_state_dict')}.{k}": v
+                for name in _STATE_DICTS
+                for k, v in unwrap_state_dict(parts[name]).items()
+            }
         else:
-            part = {LRGTEncoder: "encoder_state_dict", LRGTMerger: "merger_state_dict", LRGTDecoder: "decoder_state_dict"}.get(type(model))
+            part = {
+                LRGTEncoder: "encoder_state_dict",
+                LRGTMerger: "merger_state_dict",
+                LRGTDecoder: "decoder_state_dict",
+            }.get(type(model))
             if part is None or part not in parts:
-                raise WeightsError(f"cannot take a {type(model).__name__} out of an LRGT checkpoint with {', '.join(parts)}")
-            state = _strip(parts[part])
+                raise WeightsError(
+                    f"cannot take a {type(model).__name__} out of an LRGT checkpoint with {', '.join(parts)}"
+                )
+            state = unwrap_state_dict(parts[part])
     else:
-        state = _strip({k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)})
-        if not state:
-            raise WeightsError(f"not an LRGT checkpoint: no {'/'.join(_STATE_DICTS)} and no tensors; keys: {sorted(map(str, checkpoint))[:10]}")
+        tensors = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+        if not tensors:
+            raise WeightsError(
+                f"not an LRGT checkpoint: no {'/'.join(_STATE_DICTS)} and no tensors; keys: {sorted(map(str, checkpoint))[:10]}"
+            )
+        state = unwrap_state_dict(tensors)
     return _fill_bn_counters(dict(state), model)
 
 
-def _vit_of(model: nn.Module) -> LRGTViT:
-    if isinstance(model, LRGT):
-        return model.encoder.encoder
-    if isinstance(model, LRGTEncoder):
-        return model.encoder
-    if isinstance(model, LRGTViT):
-        return model
-    raise InvalidInputError(f"load_deit_init needs an LRGT, LRGTEncoder or LRGTViT, got {type(model).__name__}")
+# One entry per released checkpoint: timm's pretrained_cfg keys plus ours (filename, manual_download,
+# colour_order), registered with attnzoo.weights for `attnzoo weights` and create_model(pretrained=True).
+default_cfgs = register_checkpoints(
+    {
+        "lrgt.official_shapenet": {
+            "url": "https://pan.baidu.com/s/16po1e4pxfQnd-_ppGH81Mg?pwd=ynq7",
+            "filename": "lrgt_official_shapenet.pth",
+            "manual_download": True,
+            "license": "mit",
+            "input_size": (3, 224, 224),
+            "crop_pct": 128 / 137,
+            "crop_mode": "center",
+            "mean": (0.5, 0.5, 0.5),
+            "std": (0.5, 0.5, 0.5),
+            "interpolation": "bilinear",
+            "colour_order": "BGR",
+            "notes": (
+                "the authors' 3-view LRGT (ShapeNet, re-trained on 2x RTX 4090, 'similar to the paper'), a Baidu Pan "
+                "share (extraction code ynq7) that cannot be fetched automatically: download it by hand and pass "
+                "weights=PATH (or save it as lrgt_official_shapenet.pth in attnzoo.weights.checkpoints_dir()). Inputs: "
+                "preprocess_views (BGR, crop 128/137, bilinear 224, background 240, [-1, 1])"
+            ),
+        },
+    },
+    converter="attnzoo.vision.lrgt:checkpoint_filter_fn",
+)
 
 
-def load_deit_init(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any] = DEIT_INIT_URL) -> dict[str, list[str]]:
-    """The official ImageNet initialisation of the encoder: DeiT-B *distilled* weights (the
-    released ``{'model': ...}`` file, a timm state dict, a path, URL or ``hf-hub:`` spec).
-
-    Each block's fused ``attn.qkv`` is split into thirds for ``to_q``/``to_k``/``to_v``; ``head``
-    and ``head_dist`` are ignored; parameters DeiT lacks (the IFS convs) keep their init. A shape
-    mismatch (another DeiT size) is an error. Returns the keys ``loaded``, ``ignored`` and ``kept``.
-    """
-    from attnzoo.weights import load_checkpoint_file, resolve_checkpoint
-
-    vit = _vit_of(model)
-    obj: Any = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint_file(resolve_checkpoint(checkpoint))
-    for key in ("model", "state_dict"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
-    source = _strip({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)})
-    own = vit.state_dict()
-    new: dict[str, torch.Tensor] = {}
-    ignored: list[str] = []
-    for name, tensor in source.items():
-        if ".attn.qkv." in name:
-            parts = tensor.chunk(3, dim=0)
-            for proj, part in zip(("to_q", "to_k", "to_v"), parts):
-                new[name.replace(".qkv.", f".{proj}.")] = part
-        elif name in own:
-            new[name] = tensor
-        else:
-            ignored.append(name)
-    unknown = [k for k in new if k not in own]
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in new.items() if k in own and v.shape != own[k].shape]
-    if unknown or bad:
-        raise WeightsError(f"the DeiT checkpoint does not fit this LRGT encoder: {', '.join((unknown + bad)[:5])}"
-                           f"{' ...' if len(unknown + bad) > 5 else ''} (the official init is DeiT-B distilled, 768 wide)")
-    if not new:
-        raise WeightsError("the DeiT checkpoint holds no encoder weights")
-    with torch.no_grad():
-        for k, v in new.items():
-            own[k].copy_(v)
-    return {"loaded": sorted(new), "ignored": sorted(ignored), "kept": sorted(k for k in own if k not in new)}
-
-
-register_checkpoint(CheckpointEntry(
-    name="lrgt.official_shapenet", model="lrgt", url=OFFICIAL_CHECKPOINT_URL, filename="lrgt_official_shapenet.pth",
-    converter="attnzoo.vision.lrgt:checkpoint_filter_fn", default=True, license="MIT", manual_download=True,
-    preprocess=PreprocessConfig(input_size=(3, 224, 224), crop_pct=128 / 137, crop_mode="center", mean=(0.5, 0.5, 0.5),
-                                std=(0.5, 0.5, 0.5), interpolation="bilinear", colour_order="BGR"),
-    notes="the authors' 3-view LRGT (ShapeNet, re-trained on 2x RTX 4090, 'similar to the paper'), a Baidu Pan share "
-          "(extraction code ynq7) that cannot be fetched automatically: download it by hand and pass weights=PATH "
-          "(or save it as lrgt_official_shapenet.pth in attnzoo.weights.checkpoints_dir()). Inputs: preprocess_views (BGR, crop "
-          "128/137, bilinear 224, background 240, [-1, 1])",
-))
-
-
-# -- preprocessing -------------------------------------------------------------------------
-
-def _to_float_array(image: Any, index: int) -> np.ndarray:
-    """One image as float32 ``[H, W, C]`` in [0, 1], C = 1 (grey), 2 (grey+alpha), 3 (RGB) or 4 (RGBA)."""
-    from PIL import Image
-
-    if isinstance(image, (str, os.PathLike)):
-        try:
-            with Image.open(image) as im:
-                im.load()
-                image = im.copy()
-        except (OSError, ValueError) as err:
-            raise InvalidInputError(f"view {index}: cannot read image {os.fspath(image)!r}: {err}") from None
-    if isinstance(image, Image.Image):
-        if image.mode not in ("RGBA", "RGB", "L", "LA", "I;16", "I;16B", "I;16L"):
-            has_alpha = "A" in image.mode or "transparency" in image.info
-            image = image.convert("RGBA" if has_alpha else "RGB")
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    try:
-        arr = np.asarray(image)
-    except (TypeError, ValueError) as err:
-        raise InvalidInputError(f"view {index}: not an image ({type(image).__name__}): {err}") from None
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4) or arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise InvalidInputError(f"view {index}: expected an H x W (x 1/2/3/4 channels) image, got shape {arr.shape}")
-    if arr.dtype.kind == "u" and arr.dtype.itemsize in (1, 2):  # uint8 (/255, as the official loader) or 16-bit
-        return arr.astype(np.float32) / np.float32(255 if arr.dtype.itemsize == 1 else 65535)
-    if arr.dtype.kind == "b":
-        return arr.astype(np.float32)
-    if arr.dtype.kind == "f":
-        arr = arr.astype(np.float32)
-        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
-            raise InvalidInputError(f"view {index}: float images must hold values in [0, 1] (uint8 images are divided by 255)")
-        return arr
-    raise InvalidInputError(f"view {index}: unsupported pixel type {arr.dtype} (use uint8, uint16 or float in [0, 1])")
-
-
-def preprocess_views(
-    images: Any,
-    colour_order: str = "bgr",
-    background: int | Sequence[int] | None = 240,
-    *,
-    size: int = 224,
-    crop_fraction: float = 128 / 137,
-) -> torch.Tensor:
-    """Renderings -> model input ``[V, 3, size, size]``, as the official ShapeNet test loader.
-
-    ``images``: a list of views, each a PIL image, an ``H x W x C`` array (uint8, uint16, or float in
-    [0, 1]; RGBA, RGB, grey+alpha or grey, channels in RGB order) or an image path; one image or a
-    ``[V, H, W, C]`` array also works. All views must have the same size. Per view:
-
-    1. centre-crop a square of ``crop_fraction`` of the shorter side (128 of the 137 px ShapeNet
-       renderings, exactly the official crop; the official code would crop 128 px of any larger
-       image, which only makes sense at 137), then bilinear resize (half-pixel centres, no
-       antialiasing: ``cv2.resize``'s ``INTER_LINEAR``) to ``size``, alpha included;
-    2. where the resized alpha is exactly 0, the pixel becomes ``background`` (an int, or an
-       ``(r, g, b)`` triple, 0-255; the official test colour is 240; ``None`` keeps the pixels);
-       other pixels keep their colour (no alpha blending, as the official loader). Views without
-       alpha are not composited;
-    3. grey becomes three equal channels; ``colour_order="bgr"`` (default: the official model was
-       trained on ``cv2.imread`` BGR) or ``"rgb"``; then ``x * 2 - 1``.
-
-    Feed ``model(preprocess_views(views)[None])``.
-    """
-    order = str(colour_order).lower() if isinstance(colour_order, str) else colour_order
-    if order not in ("bgr", "rgb"):
-        raise InvalidInputError(f"colour_order must be 'bgr' or 'rgb', got {colour_order!r}")
-    bg = _background(background)
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise InvalidInputError(f"size must be a positive int, got {size!r}")
-    if not 0 < crop_fraction <= 1:
-        raise InvalidInputError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
-    if (isinstance(images, np.ndarray) and images.ndim == 4) or (isinstance(images, torch.Tensor) and images.dim() == 4):
-        images = list(images)
-    elif not isinstance(images, (list, tuple)):
-        images = [images]
-    if len(images) == 0:
-        raise InvalidInputError("preprocess_views needs at least one view, got none")
-    arrays = [_to_float_array(im, i) for i, im in enumerate(images)]
-    sizes = {a.shape[:2] for a in arrays}
-    if len(sizes) > 1:
-        raise InvalidInputError(f"all views must have the same size, got {sorted(sizes)} (H, W)")
-    out = [_process_one(a, order, bg, size, crop_fraction) for a in arrays]
-    return torch.stack(out)
-
-
-def _background(background: int | Sequence[int] | None) -> tuple[float, float, float] | None:
-    if background is None:
-        return None
-    values = [background] * 3 if isinstance(background, (int, np.integer)) and not isinstance(background, bool) else background
-    try:
-        rgb = [int(v) for v in values]  # type: ignore[union-attr]
-        ok = len(rgb) == 3 and all(0 <= v <= 255 and v == w for v, w in zip(rgb, values))  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise InvalidInputError(f"background must be an int 0-255, an (r, g, b) triple of them, or None, got {background!r}")
-    # float64 division then float32, as the official loader (np.array([[[r, g, b]]]) / 255.)
-    return tuple(float(np.float32(v / 255.0)) for v in rgb)  # type: ignore[return-value]
-
-
-def _linear_resize_matrix(n_in: int, n_out: int) -> torch.Tensor:
-    """``[n_out, n_in]`` weights of ``cv2.resize(..., INTER_LINEAR)``: half-pixel centres, edges
-    clamped, no antialiasing (torch's own bilinear resize rounds its float32 source coordinates,
-    which costs up to 1e-5)."""
-    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(0, n_in - 1)
-    i0 = src.floor().long()
-    frac = src - i0
-    m = torch.zeros(n_out, n_in, dtype=torch.float64)
-    rows = torch.arange(n_out)
-    m.index_put_((rows, i0), 1 - frac, accumulate=True)
-    m.index_put_((rows, (i0 + 1).clamp(max=n_in - 1)), frac, accumulate=True)
-    return m
-
-
-def _process_one(arr: np.ndarray, order: str, bg: tuple[float, float, float] | None, size: int, crop_fraction: float) -> torch.Tensor:
-    H, W, C = arr.shape
-    side = max(1, int(round(min(H, W) * crop_fraction)))
-    top, left = (H - side) // 2, (W - side) // 2
-    x = torch.from_numpy(np.ascontiguousarray(arr[top:top + side, left:left + side])).permute(2, 0, 1)  # [C, s, s]
-    if side != size:
-        m = _linear_resize_matrix(side, size)  # separable, in float64: within 1.2e-7 of cv2.resize on float32 images
-        x = (m @ x.double() @ m.T).float()
-    has_alpha = C in (2, 4)
-    colour = x[: C - 1] if has_alpha else x
-    if colour.shape[0] == 1:
-        colour = colour.expand(3, -1, -1)
-    if has_alpha and bg is not None:
-        fill = torch.tensor(bg, dtype=torch.float32).view(3, 1, 1).expand(3, size, size)
-        colour = torch.where(x[C - 1:] == 0, fill, colour)
-    if order == "bgr":
-        colour = colour.flip(0)
-    return (colour * 2 - 1).contiguous()
+@register_model(family="lrgt", tasks=("multiview-3d-reconstruction",))
+def lrgt(**kwargs: Any) -> LRGT:
+    """LRGT as released (DeiT-B/16 encoder with LGA in blocks 5/7/9/11, 2 STM blocks, progressive decoder): 129.9M params."""
+    return LRGT(**kwargs)

@@ -32,10 +32,17 @@ from torch import nn
 
 from attnzoo.errors import InvalidInputError
 from attnzoo.kernels import masked_attention
-from attnzoo.vision._common import check_official_kwargs, init_vit_weights
-from attnzoo.weights import CheckpointEntry, PreprocessConfig, register_checkpoint
+from attnzoo.vision._common import check_official_kwargs, check_output_fmt, init_vit_weights
+from attnzoo.weights import register_checkpoints, unwrap_state_dict
 
-__all__ = ["ConnectivityPredictor", "LayerSparsity", "Sparsifiner", "SparsifinerAttention", "SparsifinerOutput", "SparsityReport"]
+__all__ = [
+    "ConnectivityPredictor",
+    "LayerSparsity",
+    "Sparsifiner",
+    "SparsifinerAttention",
+    "SparsifinerOutput",
+    "SparsityReport",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -59,15 +66,27 @@ class ConnectivityPredictor(nn.Module):
     order is the official one, so the chosen keys agree bit for bit on the CPU.
     """
 
-    def __init__(self, dim: int, num_heads: int, num_tokens: int, keep_rate: float = 0.25, reduce_n_factor: int = 6,
-                 reduce_c_factor: int = 2, share_inout_proj: bool = False, basis_threshold: float = 0.02, coef_topk: int = 8):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_tokens: int,
+        keep_rate: float = 0.25,
+        reduce_n_factor: int = 6,
+        reduce_c_factor: int = 2,
+        share_inout_proj: bool = False,
+        basis_threshold: float = 0.02,
+        coef_topk: int = 8,
+    ):
         super().__init__()
         head_dim = dim // num_heads
         self.num_tokens, self.num_heads = num_tokens, num_heads
         self.reduced_c, self.reduced_n = head_dim // reduce_c_factor, num_tokens // reduce_n_factor
         if self.reduced_c < 1 or self.reduced_n < 1:
-            raise InvalidInputError(f"ConnectivityPredictor: reduce factors leave no channels or basis slots "
-                                    f"(head_dim {head_dim}/{reduce_c_factor}, tokens {num_tokens}/{reduce_n_factor})")
+            raise InvalidInputError(
+                f"ConnectivityPredictor: reduce factors leave no channels or basis slots "
+                f"(head_dim {head_dim}/{reduce_c_factor}, tokens {num_tokens}/{reduce_n_factor})"
+            )
         self.scale = num_heads**-0.5  # the official code scales by the head count, not the head width
         self.budget = math.ceil(keep_rate * num_tokens)
         self.coef_topk = min(coef_topk, self.reduced_n)
@@ -75,7 +94,11 @@ class ConnectivityPredictor(nn.Module):
         self.proj_c_q = nn.Linear(head_dim, self.reduced_c)
         self.proj_c_k = nn.Linear(head_dim, self.reduced_c)
         self.proj_n = nn.Parameter(trunc_normal_(torch.zeros(num_tokens, self.reduced_n), std=0.02))
-        self.proj_back_n = self.proj_n if share_inout_proj else nn.Parameter(trunc_normal_(torch.zeros(num_tokens, self.reduced_n), std=0.02))
+        self.proj_back_n = (
+            self.proj_n
+            if share_inout_proj
+            else nn.Parameter(trunc_normal_(torch.zeros(num_tokens, self.reduced_n), std=0.02))
+        )
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, reconstruction: bool = False) -> Connectivity:
         """``q``, ``k``: ``[B, H, N, head_dim]``. ``reconstruction``: the raw basis and all coefficients
@@ -119,10 +142,23 @@ class SparsifinerAttention(nn.Module):
     kernel skips the masked-out tiles instead of computing dense logits as the official code does.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: float | None = None,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, *, num_tokens: int, keep_rate: float = 0.25,
-                 reduce_n_factor: int = 6, reduce_c_factor: int = 2, share_inout_proj: bool = False,
-                 basis_threshold: float = 0.02, coef_topk: int = 8):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        qk_scale: float | None = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        *,
+        num_tokens: int,
+        keep_rate: float = 0.25,
+        reduce_n_factor: int = 6,
+        reduce_c_factor: int = 2,
+        share_inout_proj: bool = False,
+        basis_threshold: float = 0.02,
+        coef_topk: int = 8,
+    ):
         super().__init__()
         if dim % num_heads:
             raise InvalidInputError(f"SparsifinerAttention: dim {dim} is not divisible by num_heads {num_heads}")
@@ -131,8 +167,17 @@ class SparsifinerAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.mask_predictor = ConnectivityPredictor(dim, num_heads, num_tokens, keep_rate, reduce_n_factor, reduce_c_factor,
-                                                    share_inout_proj, basis_threshold, coef_topk)
+        self.mask_predictor = ConnectivityPredictor(
+            dim,
+            num_heads,
+            num_tokens,
+            keep_rate,
+            reduce_n_factor,
+            reduce_c_factor,
+            share_inout_proj,
+            basis_threshold,
+            coef_topk,
+        )
         self.reconstruction = False  # set by Sparsifiner.set_phase("reconstruction")
 
     def forward_detailed(self, x: torch.Tensor, dense_attn: bool = False) -> AttentionOutput:
@@ -153,7 +198,9 @@ class SparsifinerAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
-            raise InvalidInputError("Sparsifiner predicts its own attention mask; attn_mask/is_causal are not supported")
+            raise InvalidInputError(
+                "Sparsifiner predicts its own attention mask; attn_mask/is_causal are not supported"
+            )
         return self.forward_detailed(x).x
 
 
@@ -217,9 +264,11 @@ class SparsityReport:
         lines = ["image  density  QK+AV GMACs (dense)  saved  MHSA GMACs incl. predictor (dense)  saved"]
         for i, (att, mhsa) in enumerate(zip(self.attention_macs, self.mhsa_macs, strict=True)):
             density = sum(layer.density[i] for layer in self.layers) / len(self.layers)
-            lines.append(f"{i:>5}  {density:>7.1%}  {att / 1e9:>8.3f} ({self.dense_attention_macs / 1e9:.3f})  "
-                         f"{self.attention_reduction[i]:>5.1%}  {mhsa / 1e9:>20.3f} ({self.dense_mhsa_macs / 1e9:.3f})  "
-                         f"{self.mhsa_reduction[i]:>5.1%}")
+            lines.append(
+                f"{i:>5}  {density:>7.1%}  {att / 1e9:>8.3f} ({self.dense_attention_macs / 1e9:.3f})  "
+                f"{self.attention_reduction[i]:>5.1%}  {mhsa / 1e9:>20.3f} ({self.dense_mhsa_macs / 1e9:.3f})  "
+                f"{self.mhsa_reduction[i]:>5.1%}"
+            )
         return "\n".join(lines)
 
 
@@ -260,18 +309,40 @@ class Sparsifiner(VisionTransformer):
         **official: Any,
     ):
         _check_official(depth, official)
-        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes, global_pool=global_pool,
-                         embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                         drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate)
+        super().__init__(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=num_classes,
+            global_pool=global_pool,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            drop_rate=drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate,
+        )
         keep = list(attn_keep_rate_list) if attn_keep_rate_list is not None else [0.25] * depth
         if len(keep) != depth:
             raise InvalidInputError(f"Sparsifiner: attn_keep_rate_list has {len(keep)} entries for depth {depth}")
         num_tokens = self.patch_embed.num_patches + self.num_prefix_tokens
         for block, rate in zip(self.blocks, keep, strict=True):
             block.attn = SparsifinerAttention(
-                embed_dim, num_heads, qkv_bias, qk_scale, attn_drop_rate, 0.0, num_tokens=num_tokens, keep_rate=rate,
-                reduce_n_factor=reduce_n_factor, reduce_c_factor=reduce_c_factor, share_inout_proj=share_inout_proj,
-                basis_threshold=basis_threshold, coef_topk=coef_topk,
+                embed_dim,
+                num_heads,
+                qkv_bias,
+                qk_scale,
+                attn_drop_rate,
+                0.0,
+                num_tokens=num_tokens,
+                keep_rate=rate,
+                reduce_n_factor=reduce_n_factor,
+                reduce_c_factor=reduce_c_factor,
+                share_inout_proj=share_inout_proj,
+                basis_threshold=basis_threshold,
+                coef_topk=coef_topk,
             )
             block.attn.apply(init_vit_weights)
         self.img_size = self.patch_embed.img_size
@@ -283,7 +354,9 @@ class Sparsifiner(VisionTransformer):
         ``"sparse"`` (default): predicted sparse attention, the backbone trainable, predictors frozen (phase 2).
         """
         if phase not in ("reconstruction", "sparse"):
-            raise InvalidInputError(f"Sparsifiner.set_phase: unknown phase {phase!r} (use 'reconstruction' or 'sparse')")
+            raise InvalidInputError(
+                f"Sparsifiner.set_phase: unknown phase {phase!r} (use 'reconstruction' or 'sparse')"
+            )
         for name, p in self.named_parameters():
             p.requires_grad_(("mask_predictor" in name) == (phase == "reconstruction"))
         for block in self.blocks:
@@ -300,13 +373,29 @@ class Sparsifiner(VisionTransformer):
                 f"by the token count), got shape {tuple(x.shape)}; resize first or build the model with img_size="
             )
 
-    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    def forward_features(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
         self._check_size(x)
         return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
 
-    def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any):
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        **kwargs: Any,
+    ):
+        """timm's ViT contract (block outputs as NCHW maps or NLC tokens), at the built image size only."""
+        check_output_fmt(output_fmt)
         self._check_size(x)
-        return super().forward_intermediates(x, *args, **kwargs)
+        return super().forward_intermediates(
+            x, indices, return_prefix_tokens, norm, stop_early, output_fmt, intermediates_only, **kwargs
+        )
 
     def forward_detailed(self, x: torch.Tensor, dense_attn: bool = False) -> SparsifinerOutput:
         """The official forward's rich outputs: per-layer coefficients, approximate attention, masks.
@@ -325,11 +414,13 @@ class Sparsifiner(VisionTransformer):
             out.dense_attn.append(a.dense_attn)
             out.basis.append(a.connectivity.basis)
         x = self.norm(x)
-        out.final_tokens, out.features = x, x[:, self.num_prefix_tokens:]
+        out.final_tokens, out.features = x, x[:, self.num_prefix_tokens :]
         out.logits = self.forward_head(x)
         return out
 
-    def forward(self, x: torch.Tensor, detailed: bool = False, dense_attn: bool = False) -> torch.Tensor | SparsifinerOutput:
+    def forward(
+        self, x: torch.Tensor, detailed: bool = False, dense_attn: bool = False
+    ) -> torch.Tensor | SparsifinerOutput:
         """Logits; with ``detailed=True`` the :class:`SparsifinerOutput` (through ``forward``, so
         DistributedDataParallel sees the call when training with the rich outputs)."""
         if detailed or dense_attn:
@@ -347,7 +438,9 @@ class Sparsifiner(VisionTransformer):
         layers, attention, predictor = [], [0] * B, 0
         for block, mask in zip(self.blocks, out.attn_mask, strict=True):
             p = block.attn.mask_predictor
-            predictor += 2 * H * N * d * p.reduced_c + 2 * H * N * p.reduced_c * p.reduced_n + H * (N - 1) * p.reduced_n * N
+            predictor += (
+                2 * H * N * d * p.reduced_c + 2 * H * N * p.reduced_c * p.reduced_n + H * (N - 1) * p.reduced_n * N
+            )
             kept = mask.flatten(1).sum(1).tolist() if mask is not None else [H * N * N] * B
             layer_macs = [2 * int(n) * d for n in kept]
             layers.append(LayerSparsity([n / (H * N * N) for n in kept], layer_macs, dense_attention))
@@ -355,7 +448,11 @@ class Sparsifiner(VisionTransformer):
         depth = len(self.blocks)
         masks = [m for m in out.attn_mask if m is not None]
         return SparsityReport(
-            layers, attention, depth * dense_attention, predictor, depth * 4 * N * C * C,
+            layers,
+            attention,
+            depth * dense_attention,
+            predictor,
+            depth * 4 * N * C * C,
             basis_sparsity=sum(_sparsity(b) for b in out.basis) / depth,
             basis_coef_sparsity=sum(_sparsity(c) for c in out.basis_coef) / depth,
             attn_mask_sparsity=sum(_sparsity(m) for m in masks) / len(masks) if masks else 0.0,
@@ -363,7 +460,11 @@ class Sparsifiner(VisionTransformer):
 
 
 _OFFICIAL_DEFAULTS = {
-    "representation_size": None, "hybrid_backbone": None, "norm_layer": None, "distill": True, "cfg": None,
+    "representation_size": None,
+    "hybrid_backbone": None,
+    "norm_layer": None,
+    "distill": True,
+    "cfg": None,
 }
 
 
@@ -372,7 +473,9 @@ def _check_official(depth: int, official: dict[str, Any]) -> None:
     tokens = official.pop("token_keep_rate_list", None)
     prune = official.pop("token_pruning_loc_indicator", None)
     if (tokens is not None and any(r != 1.0 for r in tokens)) or (prune is not None and any(prune)):
-        raise InvalidInputError("Sparsifiner: token pruning is not implemented (the paper's default configuration has it off)")
+        raise InvalidInputError(
+            "Sparsifiner: token pruning is not implemented (the paper's default configuration has it off)"
+        )
     official.pop("distill", None)  # stored but unused by the official model
     check_official_kwargs("Sparsifiner", official, _OFFICIAL_DEFAULTS)
 
@@ -381,55 +484,92 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: Sparsifiner
     """Sparsifiner checkpoints, or dense DeiT ones (official ``{'model': ...}`` or timm's), with
     ``module.`` prefixes; ``pos_embed`` resampled to the model's grid. A dense checkpoint has no
     connectivity predictor: the model's own (untrained) predictor is kept, with a warning."""
-    for key in ("model", "state_dict"):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
-            break
-    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    state_dict = unwrap_state_dict(state_dict)
     predictor = {k: v for k, v in state_dict.items() if ".mask_predictor." in k}
     state_dict = _vit_filter({k: v for k, v in state_dict.items() if k not in predictor}, model)
     if not predictor:
-        _logger.warning("dense checkpoint: the connectivity predictors are untrained; run the reconstruction phase "
-                        "(Sparsifiner.set_phase('reconstruction')) before trusting the sparse model")
+        _logger.warning(
+            "dense checkpoint: the connectivity predictors are untrained; run the reconstruction phase "
+            "(Sparsifiner.set_phase('reconstruction')) before trusting the sparse model"
+        )
         predictor = {k: v for k, v in model.state_dict().items() if ".mask_predictor." in k}
     return {**state_dict, **predictor}
 
 
 def _create_sparsifiner(variant: str, pretrained: bool = False, **kwargs: Any) -> Sparsifiner:
-    return build_model_with_cfg(Sparsifiner, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(out_indices=3, feature_cls="getter"), **kwargs)
+    return build_model_with_cfg(
+        Sparsifiner,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=3, feature_cls="getter"),
+        **kwargs,
+    )
 
 
 def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
     """The official evaluation: resize 256 bicubic, centre crop 224, ImageNet mean/std (as DeiT)."""
     return {
-        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875, "fixed_input_size": True,
-        "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0", **kwargs,
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "fixed_input_size": True,
+        "interpolation": "bicubic",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "apache-2.0",
+        **kwargs,
     }
 
 
-_DEIT = {"small": "https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth",
-         "base": "https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth"}
-default_cfgs = generate_default_cfgs({f"sparsifiner_deit_{v}.deit_in1k": _cfg(url) for v, url in _DEIT.items()})
-
-for _variant, _url in _DEIT.items():
-    register_checkpoint(CheckpointEntry(
-        name=f"sparsifiner_deit_{_variant}.deit_in1k", model=f"sparsifiner_deit_{_variant}", url=_url, default=True,
-        converter="attnzoo.vision.sparsifiner:checkpoint_filter_fn", license="Apache-2.0",
-        preprocess=PreprocessConfig(crop_pct=0.875, interpolation="bicubic"),
-        notes="dense DeiT weights, the official initialisation: the connectivity predictor is untrained (no Sparsifiner "
-              "weights were released); train it with the reconstruction phase",
-    ))
+_DEIT_NOTES = (
+    "dense DeiT weights, the official initialisation: the connectivity predictor is untrained (no Sparsifiner "
+    "weights were released); train it with the reconstruction phase",
+)
+default_cfgs = generate_default_cfgs(
+    register_checkpoints(
+        {
+            "sparsifiner_deit_small.deit_in1k": _cfg(
+                "https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth", notes=_DEIT_NOTES
+            ),
+            "sparsifiner_deit_base.deit_in1k": _cfg(
+                "https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth", notes=_DEIT_NOTES
+            ),
+        },
+        converter="attnzoo.vision.sparsifiner:checkpoint_filter_fn",
+    )
+)
 
 
 @register_model
 def sparsifiner_deit_small(pretrained: bool = False, **kwargs: Any) -> Sparsifiner:
-    args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4, qkv_bias=True, reduce_n_factor=6, reduce_c_factor=2)
+    args = dict(
+        patch_size=16,
+        embed_dim=384,
+        depth=12,
+        num_heads=6,
+        mlp_ratio=4,
+        qkv_bias=True,
+        reduce_n_factor=6,
+        reduce_c_factor=2,
+    )
     return _create_sparsifiner("sparsifiner_deit_small", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def sparsifiner_deit_base(pretrained: bool = False, **kwargs: Any) -> Sparsifiner:
-    args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4, qkv_bias=True, reduce_n_factor=6, reduce_c_factor=2)
+    args = dict(
+        patch_size=16,
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        mlp_ratio=4,
+        qkv_bias=True,
+        reduce_n_factor=6,
+        reduce_c_factor=2,
+    )
     return _create_sparsifiner("sparsifiner_deit_base", pretrained, **dict(args, **kwargs))

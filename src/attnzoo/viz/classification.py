@@ -8,14 +8,16 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def load_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1
         return ImageFont.load_default()
 
 
-def plot_classification(image: Image.Image, predictions: Sequence[Any], *, title: str | None = None, height: int = 320) -> Image.Image:
+def plot_classification(
+    image: Image.Image, predictions: Sequence[Any], *, title: str | None = None, height: int = 320
+) -> Image.Image:
     """``predictions`` are objects or dicts with ``label`` and ``score`` (best first)."""
     image = image.convert("RGB")
     scale = height / image.height
@@ -24,7 +26,7 @@ def plot_classification(image: Image.Image, predictions: Sequence[Any], *, title
     canvas = Image.new("RGB", (thumb.width + panel_w, height), "white")
     canvas.paste(thumb, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    font, small = _font(16), _font(13)
+    font, small = load_font(16), load_font(13)
     x0, y = thumb.width + pad, pad
     if title:
         draw.text((x0, y), title, fill="black", font=font)

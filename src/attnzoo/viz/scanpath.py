@@ -13,11 +13,19 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from attnzoo.errors import InvalidInputError
-from attnzoo.viz.classification import _font
+from attnzoo.viz.classification import load_font
 
 __all__ = ["SCANPATH_COLOURS", "plot_scanpath", "plot_scanpaths"]
 
-SCANPATH_COLOURS = [(230, 57, 70), (29, 120, 216), (255, 183, 3), (42, 157, 143), (131, 56, 236), (251, 86, 7), (58, 134, 255)]
+SCANPATH_COLOURS = [
+    (230, 57, 70),
+    (29, 120, 216),
+    (255, 183, 3),
+    (42, 157, 143),
+    (131, 56, 236),
+    (251, 86, 7),
+    (58, 134, 255),
+]
 
 
 def _as_points(xy: Any) -> np.ndarray:
@@ -47,21 +55,30 @@ def plot_scanpaths(
     base = base.convert("RGB")
     scale = min(1.0, max_side / max(base.size))
     if scale < 1.0:
-        base = base.resize((max(1, round(base.width * scale)), max(1, round(base.height * scale))), Image.Resampling.BICUBIC)
+        base = base.resize(
+            (max(1, round(base.width * scale)), max(1, round(base.height * scale))), Image.Resampling.BICUBIC
+        )
     # Dim the photo a little so the marks read on any image.
     canvas = Image.blend(base, Image.new("RGB", base.size, (255, 255, 255)), 0.25).convert("RGBA")
     overlay = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(overlay)
-    font = _font(max(10, round(radius * 1.1)))
+    font = load_font(max(10, round(radius * 1.1)))
     if boxes is not None:
         for i, (x0, y0, x1, y1) in enumerate(np.asarray(boxes, dtype=np.float64) * scale):
             is_target = target is not None and i == target
-            draw.rectangle([x0, y0, x1, y1], outline=(30, 170, 60, 255) if is_target else (255, 255, 255, 150),
-                           width=4 if is_target else 1)
+            draw.rectangle(
+                [x0, y0, x1, y1],
+                outline=(30, 170, 60, 255) if is_target else (255, 255, 255, 150),
+                width=4 if is_target else 1,
+            )
     for k, path in enumerate(scanpaths):
         points = _as_points(path) * scale
         colour = SCANPATH_COLOURS[k % len(SCANPATH_COLOURS)]
-        dur = None if durations is None or durations[k] is None else np.asarray(durations[k], dtype=np.float64).reshape(-1)
+        dur = (
+            None
+            if durations is None or durations[k] is None
+            else np.asarray(durations[k], dtype=np.float64).reshape(-1)
+        )
         if dur is not None and len(dur) != len(points):
             raise InvalidInputError(f"scanpath {k}: {len(dur)} durations for {len(points)} fixations")
         if len(points) > 1:
@@ -81,17 +98,19 @@ def plot_scanpaths(
         d = ImageDraw.Draw(framed)
         x = 6
         if title:
-            d.text((x, 4), title, fill=(0, 0, 0), font=_font(14))
-            x += int(d.textlength(title, font=_font(14))) + 16
+            d.text((x, 4), title, fill=(0, 0, 0), font=load_font(14))
+            x += int(d.textlength(title, font=load_font(14))) + 16
         for k, name in enumerate(names):
             colour = SCANPATH_COLOURS[k % len(SCANPATH_COLOURS)]
             d.ellipse([x, 6, x + 10, 16], fill=colour)
-            d.text((x + 14, 4), name, fill=(0, 0, 0), font=_font(13))
-            x += 14 + int(d.textlength(name, font=_font(13))) + 14
+            d.text((x + 14, 4), name, fill=(0, 0, 0), font=load_font(13))
+            x += 14 + int(d.textlength(name, font=load_font(13))) + 14
         out = framed
     return out
 
 
-def plot_scanpath(image: Image.Image | np.ndarray, xy: Any, *, durations: Any | None = None, **kwargs: Any) -> Image.Image:
+def plot_scanpath(
+    image: Image.Image | np.ndarray, xy: Any, *, durations: Any | None = None, **kwargs: Any
+) -> Image.Image:
     """One scanpath over its image (see :func:`plot_scanpaths`)."""
     return plot_scanpaths(image, [xy], durations=None if durations is None else [durations], **kwargs)

@@ -19,8 +19,12 @@ _FACES = (
 )
 
 
-def render_voxels(grid: np.ndarray, size: int = 320, colour: Sequence[int] = (70, 130, 200),
-                  background: Sequence[int] = (255, 255, 255)) -> Image.Image:
+def render_voxels(
+    grid: np.ndarray,
+    size: int = 320,
+    colour: Sequence[int] = (70, 130, 200),
+    background: Sequence[int] = (255, 255, 255),
+) -> Image.Image:
     """Isometric render of a boolean ``[X, Y, Z]`` grid (axis 1 up, as ShapeNet's voxels after
     binvox's ``fix_coords``). Only faces between an occupied and an empty cell are drawn,
     far to near, so a 32^3 grid renders in a few tens of milliseconds."""
@@ -57,8 +61,9 @@ def render_voxels(grid: np.ndarray, size: int = 320, colour: Sequence[int] = (70
     return image
 
 
-
-def plot_reconstruction(views: Sequence[Image.Image] | None, grid: np.ndarray, title: str = "", size: int = 320) -> Image.Image:
+def plot_reconstruction(
+    views: Sequence[Image.Image] | None, grid: np.ndarray, title: str = "", size: int = 320
+) -> Image.Image:
     """The input views (thumbnails, left) next to the reconstructed voxels (right)."""
     render = render_voxels(grid, size=size)
     views = list(views or [])[:8]

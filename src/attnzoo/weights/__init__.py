@@ -27,6 +27,7 @@ from attnzoo.weights.registry import (
     is_checkpoint,
     list_checkpoints,
     register_checkpoint,
+    register_checkpoints,
     unregister_checkpoint,
 )
 
@@ -49,6 +50,7 @@ __all__ = [
     "load_checkpoint_file",
     "load_weights",
     "register_checkpoint",
+    "register_checkpoints",
     "resolve_checkpoint",
     "save_state_dict",
     "sha256_file",

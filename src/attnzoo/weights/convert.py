@@ -14,7 +14,9 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 
-def save_state_dict(state_dict: dict[str, "torch.Tensor"], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+def save_state_dict(
+    state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> Path:
     """Write a state dict as safetensors, atomically (shared or strided tensors are copied)."""
     from safetensors.torch import save
 
@@ -37,7 +39,7 @@ def save_state_dict(state_dict: dict[str, "torch.Tensor"], path: str | os.PathLi
 def convert_checkpoint(
     src: str | os.PathLike,
     dst: str | os.PathLike,
-    model: "torch.nn.Module",
+    model: torch.nn.Module,
     *,
     converter: Callable[..., dict] | None = None,
     metadata: dict[str, str] | None = None,

@@ -46,7 +46,9 @@ def sha256_file(path: str | os.PathLike) -> str:
 def verify_file(path: str | os.PathLike, sha256: str) -> None:
     actual = sha256_file(path)
     if actual.lower() != sha256.lower():
-        raise ChecksumError(f"{path}: sha256 is {actual}, expected {sha256.lower()}; the file is corrupt or not the one released")
+        raise ChecksumError(
+            f"{path}: sha256 is {actual}, expected {sha256.lower()}; the file is corrupt or not the one released"
+        )
 
 
 def hub_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
@@ -135,10 +137,19 @@ def _fetch_into(url: str, part: Path, *, progress: bool, timeout: float) -> None
             start = 0
         length = response.headers.get("Content-Length")
         total = start + int(length) if length is not None else None
-        with open(part, "ab" if start else "wb") as fh, tqdm(
-            total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
-            desc=part.name.removesuffix(".part"), disable=not progress, leave=False,
-        ) as bar:
+        with (
+            open(part, "ab" if start else "wb") as fh,
+            tqdm(
+                total=total,
+                initial=start,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=part.name.removesuffix(".part"),
+                disable=not progress,
+                leave=False,
+            ) as bar,
+        ):
             while chunk := response.read(_CHUNK):
                 fh.write(chunk)
                 bar.update(len(chunk))

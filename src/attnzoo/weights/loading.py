@@ -67,9 +67,13 @@ def fetch_checkpoint(entry: registry.CheckpointEntry, *, progress: bool = True) 
     if entry.manual_download:
         if cached.is_file():
             return cached
-        raise WeightsError(f"{entry.name} cannot be downloaded automatically ({entry.notes or 'the host needs a browser'}): "
-                           f"download {entry.url} by hand and pass weights=PATH, or put the file at {cached}")
-    return hub.download_url(entry.url or "", hub.checkpoints_dir() / entry.cache_filename, sha256=entry.sha256, progress=progress)
+        raise WeightsError(
+            f"{entry.name} cannot be downloaded automatically ({entry.notes or 'the host needs a browser'}): "
+            f"download {entry.url} by hand and pass weights=PATH, or put the file at {cached}"
+        )
+    return hub.download_url(
+        entry.url or "", hub.checkpoints_dir() / entry.cache_filename, sha256=entry.sha256, progress=progress
+    )
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -98,8 +102,10 @@ def load_checkpoint_file(path: str | os.PathLike, *, map_location: str = "cpu") 
     with open(path, "rb") as fh:
         head = fh.read(512).lstrip()
     if head[:1] == b"<" or head[:15].lower().startswith(b"<!doctype"):  # a download that returned a web page
-        raise WeightsError(f"{path} is a web page (HTML), not a checkpoint: the download link returned a page (a login, "
-                           "quota or error page?); delete the file and download it again, or fetch it by hand")
+        raise WeightsError(
+            f"{path} is a web page (HTML), not a checkpoint: the download link returned a page (a login, "
+            "quota or error page?); delete the file and download it again, or fetch it by hand"
+        )
     try:
         with torch.serialization.safe_globals(_harmless_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -114,7 +120,7 @@ def load_checkpoint_file(path: str | os.PathLike, *, map_location: str = "cpu") 
         raise WeightsError(f"{path} is not a readable PyTorch checkpoint: {err}") from None
 
 
-def unwrap_state_dict(obj: Any, *, prefixes: tuple[str, ...] = ("module.",)) -> dict[str, "torch.Tensor"]:
+def unwrap_state_dict(obj: Any, *, prefixes: tuple[str, ...] = ("module.",)) -> dict[str, torch.Tensor]:
     """Take the state dict out of a training checkpoint (``model``/``state_dict`` wrappers, DDP prefixes)."""
     import torch
 
@@ -130,7 +136,7 @@ def unwrap_state_dict(obj: Any, *, prefixes: tuple[str, ...] = ("module.",)) -> 
     state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     for prefix in prefixes:
         if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
@@ -141,7 +147,7 @@ def _all_tensors(obj: Mapping) -> bool:
 
 
 def describe_mismatch(
-    model: "torch.nn.Module", state_dict: Mapping[str, "torch.Tensor"], *, strict: bool = True, limit: int = 5
+    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True, limit: int = 5
 ) -> str:
     """'' when ``state_dict`` fits ``model`` (exactly, if ``strict``), else a short account of what differs."""
     own = model.state_dict()
@@ -163,12 +169,12 @@ def describe_mismatch(
 
 
 def load_weights(
-    model: "torch.nn.Module",
+    model: torch.nn.Module,
     weights: str | os.PathLike | Mapping[str, Any],
     *,
     converter: Callable[..., dict] | None = None,
     strict: bool = True,
-) -> "torch.nn.Module":
+) -> torch.nn.Module:
     """Load a checkpoint (path, URL, registered name or state dict) into ``model``, exactly.
 
     ``converter(state_dict, model)`` maps an official key layout onto ours; it receives the

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from attnzoo.errors import UnknownNameError
@@ -116,6 +116,71 @@ def default_checkpoint(model: str) -> CheckpointEntry | None:
         if entry.default:
             return entry
     return candidates[0] if candidates else None
+
+
+#: Keys of a ``default_cfgs`` entry that are attnzoo's own: timm's ``PretrainedCfg`` has no such fields.
+CHECKPOINT_ONLY_KEYS = ("filename", "sha256", "file_format", "colour_order", "manual_download")
+_PREPROCESS_KEYS = tuple(f.name for f in fields(PreprocessConfig))
+
+
+def preprocess_from_cfg(cfg: Mapping[str, Any]) -> PreprocessConfig:
+    """The preprocessing a timm-style pretrained cfg describes (timm's defaults where it is silent)."""
+    values: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in _PREPROCESS_KEYS
+    }
+    return PreprocessConfig(**values)
+
+
+def checkpoint_entry(
+    name: str, cfg: Mapping[str, Any], *, converter: str | Callable[..., dict] | None, default: bool = True
+) -> CheckpointEntry:
+    """The entry of the checkpoint a ``"model.tag"`` pretrained cfg points at (timm's keys plus
+    :data:`CHECKPOINT_ONLY_KEYS`); timm's ``notes`` tuple becomes one line."""
+    model, _, tag = name.partition(".")
+    if not tag:
+        raise ValueError(
+            f"checkpoint {name!r} needs a tag: name pretrained cfgs with a source '<model>.<tag>', as timm"
+        )
+    notes = cfg.get("notes") or ""
+    return CheckpointEntry(
+        name=name,
+        model=model,
+        url=cfg.get("url") or None,
+        hf_hub_id=cfg.get("hf_hub_id") or None,
+        hf_filename=cfg.get("hf_hub_filename") or None,
+        sha256=cfg.get("sha256"),
+        file_format=cfg.get("file_format", "pytorch"),
+        converter=converter,
+        preprocess=preprocess_from_cfg(cfg),
+        filename=cfg.get("filename"),
+        default=default,
+        license=cfg.get("license"),
+        notes=notes if isinstance(notes, str) else " ".join(notes),
+        manual_download=bool(cfg.get("manual_download", False)),
+    )
+
+
+def register_checkpoints(
+    cfgs: Mapping[str, Mapping[str, Any]], *, converter: str | Callable[..., dict] | None
+) -> dict[str, dict[str, Any]]:
+    """Register a :class:`CheckpointEntry` for every ``"model.tag"`` of a model file's pretrained
+    cfgs that has a source (``url`` or ``hf_hub_id``), and return the cfgs without attnzoo's own
+    keys (:data:`CHECKPOINT_ONLY_KEYS`), ready for timm's ``generate_default_cfgs``.
+
+    So each checkpoint is written once: its URL, crop and licence serve timm's ``pretrained_cfg``
+    and our download/convert registry alike. A model's first tag is its default, as in timm.
+    ``converter`` (``"module:function"`` keeps registering import-free) maps the files' key layout.
+    """
+    timm_cfgs: dict[str, dict[str, Any]] = {}
+    has_default: set[str] = set()
+    for name, cfg in cfgs.items():
+        timm_cfgs[name] = {k: v for k, v in cfg.items() if k not in CHECKPOINT_ONLY_KEYS}
+        if cfg.get("url") or cfg.get("hf_hub_id"):
+            entry = register_checkpoint(
+                checkpoint_entry(name, cfg, converter=converter, default=name.partition(".")[0] not in has_default)
+            )
+            has_default.add(entry.model)
+    return timm_cfgs
 
 
 def list_checkpoints(pattern: str | None = None) -> list[CheckpointEntry]:

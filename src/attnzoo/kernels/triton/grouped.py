@@ -4,50 +4,58 @@
 Token addresses come from the group tables and the routing index, so routed K/V are read
 where the projection wrote them and never gathered into copies. Forward: online softmax
 in fp32 (exp2, scale folded with log2 e), storing the log-sum-exp. fp32 inputs multiply in
-IEEE fp32 (not TF32), so results match the reference to rounding; fp16/bf16 use tensor cores. Backward: a dQ kernel
+IEEE fp32 (not TF32), so results match the oracle to rounding; fp16/bf16 use tensor cores. Backward: a dQ kernel
 that repeats the forward loop, and a dK/dV kernel that owns a key tile and visits the query
 groups routed to it through an inverse routing index (CSR): deterministic, no atomics.
 """
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
 
-from attnzoo.kernels.grouping import inverse_routing
-from attnzoo.kernels.reference import expand_route
-
-LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _softmax_step(m_i, l_i, s):
-    """One online-softmax step over a block of log2-scaled scores ``s`` (rows may be all -inf)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    return m_new, l_i * alpha + tl.sum(p, 1), p, alpha
-
-
-@triton.jit
-def _softmax_finish(acc, m_i, l_i):
-    """Normalised output and log2-sum-exp; rows that saw no key give 0 and -inf."""
-    has_keys = l_i > 0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-    return out, lse
+from attnzoo.kernels.grouping import expand_route, inverse_routing
+from attnzoo.kernels.triton.common import LOG2E, acc_dtype, interpreter_safe, softmax_finish, softmax_step, stat_dtype
 
 
 @triton.jit
 def _grouped_fwd_kernel(
-    Q, K, V, O, LSE, QG, KG, R,
-    s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_ob, s_on, s_oh,
-    s_rb, s_rh, s_rg, s_lb, s_lh,
-    H, Tq, Tk, TOPK, D, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    QG,
+    KG,
+    R,
+    s_qb,
+    s_qn,
+    s_qh,
+    s_kb,
+    s_kn,
+    s_kh,
+    s_vb,
+    s_vn,
+    s_vh,
+    s_ob,
+    s_on,
+    s_oh,
+    s_rb,
+    s_rh,
+    s_rg,
+    s_lb,
+    s_lh,
+    H,
+    Tq,
+    Tk,
+    TOPK,
+    D,
+    qk_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -60,9 +68,13 @@ def _grouped_fwd_kernel(
     d_ok = dcol < D
     q_tok = tl.load(QG + g * Tq + rows, mask=rows < Tq, other=-1)
     q_ok = q_tok >= 0
-    q = tl.load(Q + b * s_qb + q_tok[:, None] * s_qn + h * s_qh + dcol[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = interpreter_safe(
+        tl.load(
+            Q + b * s_qb + q_tok[:, None] * s_qn + h * s_qh + dcol[None, :],
+            mask=q_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+    )
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_M], ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
@@ -73,27 +85,73 @@ def _grouped_fwd_kernel(
         kg = tl.load(R + b * s_rb + h * s_rh + g * s_rg + r // Tk, mask=r_ok, other=0)
         k_tok = tl.load(KG + kg * Tk + r % Tk, mask=r_ok, other=-1)
         k_ok = k_tok >= 0
-        kt = tl.load(K + b * s_kb + k_tok[None, :] * s_kn + h * s_kh + dcol[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-        vv = tl.load(V + b * s_vb + k_tok[:, None] * s_vn + h * s_vh + dcol[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vv = vv.to(tl.float32)
+        kt = interpreter_safe(
+            tl.load(
+                K + b * s_kb + k_tok[None, :] * s_kn + h * s_kh + dcol[:, None],
+                mask=k_ok[None, :] & d_ok[:, None],
+                other=0.0,
+            )
+        )
+        vv = interpreter_safe(
+            tl.load(
+                V + b * s_vb + k_tok[:, None] * s_vn + h * s_vh + dcol[None, :],
+                mask=k_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+        )
         s = tl.dot(q, kt, input_precision="ieee") * qk_scale
         s = tl.where(k_ok[None, :], s, float("-inf"))
-        m_i, l_i, p, alpha = _softmax_step(m_i, l_i, s)
+        m_i, l_i, p, alpha = softmax_step(m_i, l_i, s)
         acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision="ieee")
-    out, lse = _softmax_finish(acc, m_i, l_i)
-    tl.store(O + b * s_ob + q_tok[:, None] * s_on + h * s_oh + dcol[None, :], out.to(O.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
+    out, lse = softmax_finish(acc, m_i, l_i)
+    tl.store(
+        O + b * s_ob + q_tok[:, None] * s_on + h * s_oh + dcol[None, :],
+        out.to(O.dtype.element_ty),
+        mask=q_ok[:, None] & d_ok[None, :],
+    )
     tl.store(LSE + b * s_lb + h * s_lh + q_tok, lse, mask=q_ok)
 
 
 @triton.jit
 def _grouped_bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, QG, KG, R,
-    s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
-    s_rb, s_rh, s_rg, s_lb, s_lh,
-    H, Tq, Tk, TOPK, D, qk_scale, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    DQ,
+    LSE,
+    DELTA,
+    QG,
+    KG,
+    R,
+    s_qb,
+    s_qn,
+    s_qh,
+    s_kb,
+    s_kn,
+    s_kh,
+    s_vb,
+    s_vn,
+    s_vh,
+    s_db,
+    s_dn,
+    s_dh,
+    s_rb,
+    s_rh,
+    s_rg,
+    s_lb,
+    s_lh,
+    H,
+    Tq,
+    Tk,
+    TOPK,
+    D,
+    qk_scale,
+    scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -107,11 +165,12 @@ def _grouped_bwd_dq_kernel(
     q_tok = tl.load(QG + g * Tq + rows, mask=rows < Tq, other=-1)
     q_ok = q_tok >= 0
     qd_mask = q_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * s_qb + q_tok[:, None] * s_qn + h * s_qh + dcol[None, :], mask=qd_mask, other=0.0)
-    do = tl.load(DO + b * s_db + q_tok[:, None] * s_dn + h * s_dh + dcol[None, :], mask=qd_mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = interpreter_safe(
+        tl.load(Q + b * s_qb + q_tok[:, None] * s_qn + h * s_qh + dcol[None, :], mask=qd_mask, other=0.0)
+    )
+    do = interpreter_safe(
+        tl.load(DO + b * s_db + q_tok[:, None] * s_dn + h * s_dh + dcol[None, :], mask=qd_mask, other=0.0)
+    )
     lse = tl.load(LSE + b * s_lb + h * s_lh + q_tok, mask=q_ok, other=float("inf"))
     delta = tl.load(DELTA + b * s_lb + h * s_lh + q_tok, mask=q_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
@@ -122,11 +181,20 @@ def _grouped_bwd_dq_kernel(
         kg = tl.load(R + b * s_rb + h * s_rh + g * s_rg + r // Tk, mask=r_ok, other=0)
         k_tok = tl.load(KG + kg * Tk + r % Tk, mask=r_ok, other=-1)
         k_ok = k_tok >= 0
-        kt = tl.load(K + b * s_kb + k_tok[None, :] * s_kn + h * s_kh + dcol[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-        vt = tl.load(V + b * s_vb + k_tok[None, :] * s_vn + h * s_vh + dcol[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
+        kt = interpreter_safe(
+            tl.load(
+                K + b * s_kb + k_tok[None, :] * s_kn + h * s_kh + dcol[:, None],
+                mask=k_ok[None, :] & d_ok[:, None],
+                other=0.0,
+            )
+        )
+        vt = interpreter_safe(
+            tl.load(
+                V + b * s_vb + k_tok[None, :] * s_vn + h * s_vh + dcol[:, None],
+                mask=k_ok[None, :] & d_ok[:, None],
+                other=0.0,
+            )
+        )
         s = tl.dot(q, kt, input_precision="ieee") * qk_scale
         p = tl.where(k_ok[None, :] & q_ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, vt, input_precision="ieee")
@@ -138,11 +206,46 @@ def _grouped_bwd_dq_kernel(
 
 @triton.jit
 def _grouped_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, QG, KG, PTR, IDX,
-    s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_db, s_dn, s_dh,
-    s_pb, s_ph, s_ib, s_ih, s_lb, s_lh,
-    H, Tq, Tk, D, qk_scale, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    DK,
+    DV,
+    LSE,
+    DELTA,
+    QG,
+    KG,
+    PTR,
+    IDX,
+    s_qb,
+    s_qn,
+    s_qh,
+    s_kb,
+    s_kn,
+    s_kh,
+    s_vb,
+    s_vn,
+    s_vh,
+    s_db,
+    s_dn,
+    s_dh,
+    s_pb,
+    s_ph,
+    s_ib,
+    s_ih,
+    s_lb,
+    s_lh,
+    H,
+    Tq,
+    Tk,
+    D,
+    qk_scale,
+    scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -156,11 +259,12 @@ def _grouped_bwd_dkdv_kernel(
     k_tok = tl.load(KG + gk * Tk + cols, mask=cols < Tk, other=-1)
     k_ok = k_tok >= 0
     kd_mask = k_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * s_kb + k_tok[:, None] * s_kn + h * s_kh + dcol[None, :], mask=kd_mask, other=0.0)
-    v = tl.load(V + b * s_vb + k_tok[:, None] * s_vn + h * s_vh + dcol[None, :], mask=kd_mask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = interpreter_safe(
+        tl.load(K + b * s_kb + k_tok[:, None] * s_kn + h * s_kh + dcol[None, :], mask=kd_mask, other=0.0)
+    )
+    v = interpreter_safe(
+        tl.load(V + b * s_vb + k_tok[:, None] * s_vn + h * s_vh + dcol[None, :], mask=kd_mask, other=0.0)
+    )
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     lo = tl.load(PTR + b * s_pb + h * s_ph + gk)
@@ -172,11 +276,16 @@ def _grouped_bwd_dkdv_kernel(
             q_tok = tl.load(QG + g * Tq + rows, mask=rows < Tq, other=-1)
             q_ok = q_tok >= 0
             qd_mask = q_ok[:, None] & d_ok[None, :]
-            qt = tl.load(Q + b * s_qb + q_tok[None, :] * s_qn + h * s_qh + dcol[:, None], mask=q_ok[None, :] & d_ok[:, None], other=0.0)
-            do = tl.load(DO + b * s_db + q_tok[:, None] * s_dn + h * s_dh + dcol[None, :], mask=qd_mask, other=0.0)
-            if UPCAST:
-                qt = qt.to(tl.float32)
-                do = do.to(tl.float32)
+            qt = interpreter_safe(
+                tl.load(
+                    Q + b * s_qb + q_tok[None, :] * s_qn + h * s_qh + dcol[:, None],
+                    mask=q_ok[None, :] & d_ok[:, None],
+                    other=0.0,
+                )
+            )
+            do = interpreter_safe(
+                tl.load(DO + b * s_db + q_tok[:, None] * s_dn + h * s_dh + dcol[None, :], mask=qd_mask, other=0.0)
+            )
             lse = tl.load(LSE + b * s_lb + h * s_lh + q_tok, mask=q_ok, other=float("inf"))
             delta = tl.load(DELTA + b * s_lb + h * s_lh + q_tok, mask=q_ok, other=0.0)
             st = tl.dot(k, qt, input_precision="ieee") * qk_scale  # [BLOCK_N, BLOCK_M]
@@ -190,30 +299,16 @@ def _grouped_bwd_dkdv_kernel(
     tl.store(DV + b * s_vb + k_tok[:, None] * s_vn + h * s_vh + dcol[None, :], dv.to(DV.dtype.element_ty), mask=kd_mask)
 
 
-def _tiles(tq: int, tk: int, topk: int, d: int) -> tuple[int, int, int]:
+def _tiles(tq: int, tk: int, d: int) -> tuple[int, int, int]:
     block_d = max(16, triton.next_power_of_2(d))
     block_m = min(64, max(16, triton.next_power_of_2(tq)))
     block_n = min(64, max(16, triton.next_power_of_2(max(tk, 1))))
     return block_m, block_n, block_d
 
 
-def _upcast(t: torch.Tensor) -> bool:
-    """The interpreter computes bf16 on raw bits: cast right after each load there."""
-    import os
-
-    return t.dtype == torch.bfloat16 and (not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-
-
-def _acc(t: torch.Tensor):
-    """fp32 accumulation, fp64 for fp64 inputs (so gradcheck sees the backward's real precision)."""
-    return tl.float64 if t.dtype == torch.float64 else tl.float32
-
-
-def _stat_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _route_and_strides(route: torch.Tensor | None, B: int, H: int, G: int, device: torch.device):
+def _route_and_strides(
+    route: torch.Tensor | None, B: int, H: int, G: int, device: torch.device
+) -> tuple[torch.Tensor, tuple[int, int, int]]:
     r = expand_route(route, B, H, G, device).to(torch.int32)
     if r.stride(-1) != 1:
         r = r.contiguous()
@@ -224,7 +319,15 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def grouped_attention_fwd(q, k, v, q_groups, kv_groups, route, scale: float):
+def grouped_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_groups: torch.Tensor,
+    kv_groups: torch.Tensor,
+    route: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, N, H, D = q.shape
     G, Tq = q_groups.shape
@@ -232,20 +335,61 @@ def grouped_attention_fwd(q, k, v, q_groups, kv_groups, route, scale: float):
     r, (s_rb, s_rh, s_rg) = _route_and_strides(route, B, H, G, q.device)
     topk = r.shape[-1]
     out = torch.zeros_like(q, memory_format=torch.contiguous_format)
-    lse = torch.full((B, H, N), float("-inf"), dtype=_stat_dtype(q), device=q.device)
-    block_m, block_n, block_d = _tiles(Tq, Tk, topk, D)
+    lse = torch.full((B, H, N), float("-inf"), dtype=stat_dtype(q), device=q.device)
+    block_m, block_n, block_d = _tiles(Tq, Tk, D)
     grid = (G * triton.cdiv(Tq, block_m), B * H)
     _grouped_fwd_kernel[grid](
-        q, k, v, out, lse, q_groups.contiguous(), kv_groups.contiguous(), r,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), s_rb, s_rh, s_rg, lse.stride(0), lse.stride(1),
-        H, Tq, Tk, topk, D, scale * LOG2E,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, UPCAST=_upcast(q), ACC=_acc(q),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        q_groups.contiguous(),
+        kv_groups.contiguous(),
+        r,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        s_rb,
+        s_rh,
+        s_rg,
+        lse.stride(0),
+        lse.stride(1),
+        H,
+        Tq,
+        Tk,
+        topk,
+        D,
+        scale * LOG2E,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        ACC=acc_dtype(q),
     )
     return out, lse
 
 
-def grouped_attention_bwd(do, q, k, v, out, lse, q_groups, kv_groups, route, scale: float):
+def grouped_attention_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    q_groups: torch.Tensor,
+    kv_groups: torch.Tensor,
+    route: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # contiguous inputs: the gradients are written with the same strides
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
     B, N, H, D = q.shape
@@ -253,33 +397,102 @@ def grouped_attention_bwd(do, q, k, v, out, lse, q_groups, kv_groups, route, sca
     Gk, Tk = kv_groups.shape
     r, (s_rb, s_rh, s_rg) = _route_and_strides(route, B, H, G, q.device)
     topk = r.shape[-1]
-    delta = (do.to(_stat_dtype(q)) * out.to(_stat_dtype(q))).sum(-1).permute(0, 2, 1).contiguous()  # [B, H, N]
+    delta = (do.to(stat_dtype(q)) * out.to(stat_dtype(q))).sum(-1).permute(0, 2, 1).contiguous()  # [B, H, N]
     qg, kg = q_groups.contiguous(), kv_groups.contiguous()
     dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
     dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
     dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
-    block_m, block_n, block_d = _tiles(Tq, Tk, topk, D)
-    upcast = _upcast(q)
+    block_m, block_n, block_d = _tiles(Tq, Tk, D)
     _grouped_bwd_dq_kernel[(G * triton.cdiv(Tq, block_m), B * H)](
-        q, k, v, do, dq, lse, delta, qg, kg, r,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2), s_rb, s_rh, s_rg, lse.stride(0), lse.stride(1),
-        H, Tq, Tk, topk, D, scale * LOG2E, scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, UPCAST=upcast, ACC=_acc(q),
+        q,
+        k,
+        v,
+        do,
+        dq,
+        lse,
+        delta,
+        qg,
+        kg,
+        r,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        do.stride(0),
+        do.stride(1),
+        do.stride(2),
+        s_rb,
+        s_rh,
+        s_rg,
+        lse.stride(0),
+        lse.stride(1),
+        H,
+        Tq,
+        Tk,
+        topk,
+        D,
+        scale * LOG2E,
+        scale,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        ACC=acc_dtype(q),
     )
     shared = route is None or route.dim() == 3
-    routing = (route if route is not None else torch.arange(G, device=q.device, dtype=torch.int32).view(1, G, 1).expand(B, G, 1))
+    routing = (
+        route
+        if route is not None
+        else torch.arange(G, device=q.device, dtype=torch.int32).view(1, G, 1).expand(B, G, 1)
+    )
     routing = routing[:, None] if shared else routing
     ptr, idx = inverse_routing(routing, Gk)
     s_ph = 0 if shared else ptr.stride(1)
     s_ih = 0 if shared else idx.stride(1)
     _grouped_bwd_dkdv_kernel[(Gk * triton.cdiv(Tk, block_n), B * H)](
-        q, k, v, do, dk, dv, lse, delta, qg, kg, ptr, idx,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2), ptr.stride(0), s_ph, idx.stride(0), s_ih, lse.stride(0), lse.stride(1),
-        H, Tq, Tk, D, scale * LOG2E, scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, UPCAST=upcast, ACC=_acc(q),
+        q,
+        k,
+        v,
+        do,
+        dk,
+        dv,
+        lse,
+        delta,
+        qg,
+        kg,
+        ptr,
+        idx,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        do.stride(0),
+        do.stride(1),
+        do.stride(2),
+        ptr.stride(0),
+        s_ph,
+        idx.stride(0),
+        s_ih,
+        lse.stride(0),
+        lse.stride(1),
+        H,
+        Tq,
+        Tk,
+        D,
+        scale * LOG2E,
+        scale,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        ACC=acc_dtype(q),
     )
     return dq, dk, dv
-
-

@@ -14,15 +14,32 @@ import torch
 import triton
 import triton.language as tl
 
-from attnzoo.kernels.triton.grouped import _acc, _stat_dtype
+from attnzoo.kernels.triton.common import acc_dtype, stat_dtype
 
 L2VIT, INLINE = 0, 1
 
 
 @triton.jit
 def _state_kernel(
-    K, V, S, Z, VS, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, H, N, D, chunk,
-    MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    K,
+    V,
+    S,
+    Z,
+    VS,
+    s_kb,
+    s_kh,
+    s_kn,
+    s_vb,
+    s_vh,
+    s_vn,
+    H,
+    N,
+    D,
+    chunk,
+    MODE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -53,8 +70,27 @@ def _state_kernel(
 
 @triton.jit
 def _apply_kernel(
-    Q, O, S, Z, VS, TAU, s_qb, s_qh, s_qn, s_ob, s_oh, s_on, H, N, D, c, denom_min,
-    MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    Q,
+    O,
+    S,
+    Z,
+    VS,
+    TAU,
+    s_qb,
+    s_qh,
+    s_qn,
+    s_ob,
+    s_oh,
+    s_on,
+    H,
+    N,
+    D,
+    c,
+    denom_min,
+    MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -73,15 +109,39 @@ def _apply_kernel(
         out = tl.dot(a, state, input_precision="ieee") * tau / den[:, None]
     else:
         vbar = tl.load(VS + bh * BLOCK_D + dcol) / N
-        out = tl.dot(q, state, input_precision="ieee") * c + (1.0 - c * tl.sum(q * z[None, :], 1))[:, None] * vbar[None, :]
+        out = (
+            tl.dot(q, state, input_precision="ieee") * c
+            + (1.0 - c * tl.sum(q * z[None, :], 1))[:, None] * vbar[None, :]
+        )
     tl.store(O + b * s_ob + h * s_oh + rows[:, None] * s_on + dcol[None, :], out.to(O.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _bwd_query_kernel(
-    Q, DO, DQ, S, Z, VS, TAU, DS, DZ, DX, DTAU,
-    s_qb, s_qh, s_qn, H, N, D, c, denom_min, chunk,
-    MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    Q,
+    DO,
+    DQ,
+    S,
+    Z,
+    VS,
+    TAU,
+    DS,
+    DZ,
+    DX,
+    DTAU,
+    s_qb,
+    s_qh,
+    s_qn,
+    H,
+    N,
+    D,
+    c,
+    denom_min,
+    chunk,
+    MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """dQ per token, plus partial sums of the state gradients over this split's tokens."""
     split = tl.program_id(0)
@@ -136,8 +196,26 @@ def _bwd_query_kernel(
 
 @triton.jit
 def _bwd_key_kernel(
-    K, V, DK, DV, DS, DZ, DX, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, H, N, D,
-    MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    K,
+    V,
+    DK,
+    DV,
+    DS,
+    DZ,
+    DX,
+    s_kb,
+    s_kh,
+    s_kn,
+    s_vb,
+    s_vh,
+    s_vn,
+    H,
+    N,
+    D,
+    MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -167,56 +245,150 @@ def _config(q: torch.Tensor) -> tuple[int, int, int, int]:
     block_d = max(16, triton.next_power_of_2(D))
     block_n = 32 if block_d > 64 else 64
     # split the token axis so that small B*H still fills the GPU; partials are summed in order
-    splits = max(1, min(triton.cdiv(N, block_n), triton.cdiv(264, B * H))) if q.is_cuda else max(1, min(2, triton.cdiv(N, block_n)))
+    splits = (
+        max(1, min(triton.cdiv(N, block_n), triton.cdiv(264, B * H)))
+        if q.is_cuda
+        else max(1, min(2, triton.cdiv(N, block_n)))
+    )
     chunk = triton.cdiv(triton.cdiv(N, splits), block_n) * block_n
     return block_n, block_d, triton.cdiv(N, chunk), chunk
 
 
-def _prepare(q, k, v):
+def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
-def linear_attention_fwd(q, k, v, tau, mode: int, c: float, denom_min: float):
+def linear_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tau: torch.Tensor, mode: int, c: float, denom_min: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``out`` and the reduced state ``(S, z, vsum)`` saved for backward."""
     q, k, v = _prepare(q, k, v)
     B, H, N, D = q.shape
     block_n, block_d, splits, chunk = _config(q)
-    stat, acc = _stat_dtype(q), _acc(q)
+    stat, acc = stat_dtype(q), acc_dtype(q)
     S = torch.empty(splits, B * H, block_d, block_d, dtype=stat, device=q.device)
     Z = torch.empty(splits, B * H, block_d, dtype=stat, device=q.device)
     VS = torch.empty_like(Z)
     _state_kernel[(splits, B * H)](
-        k, v, S, Z, VS, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), H, N, D, chunk,
-        MODE=mode, BLOCK_N=block_n, BLOCK_D=block_d, ACC=acc,
+        k,
+        v,
+        S,
+        Z,
+        VS,
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        H,
+        N,
+        D,
+        chunk,
+        MODE=mode,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        ACC=acc,
     )
     S, Z, VS = S.sum(0), Z.sum(0), VS.sum(0)
     out = torch.empty_like(q)
     _apply_kernel[(triton.cdiv(N, block_n), B * H)](
-        q, out, S, Z, VS, tau, q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        H, N, D, c, denom_min, MODE=mode, BLOCK_M=block_n, BLOCK_D=block_d, ACC=acc,
+        q,
+        out,
+        S,
+        Z,
+        VS,
+        tau,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        H,
+        N,
+        D,
+        c,
+        denom_min,
+        MODE=mode,
+        BLOCK_M=block_n,
+        BLOCK_D=block_d,
+        ACC=acc,
     )
     return out, S, Z, VS
 
 
-def linear_attention_bwd(do, q, k, v, tau, S, Z, VS, mode: int, c: float, denom_min: float):
+def linear_attention_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tau: torch.Tensor,
+    S: torch.Tensor,
+    Z: torch.Tensor,
+    VS: torch.Tensor,
+    mode: int,
+    c: float,
+    denom_min: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = _prepare(q, k, v)
     do = do.contiguous()
     B, H, N, D = q.shape
     block_n, block_d, splits, chunk = _config(q)
-    stat, acc = _stat_dtype(q), _acc(q)
+    stat, acc = stat_dtype(q), acc_dtype(q)
     dq = torch.empty_like(q)
     DS = torch.empty(splits, B * H, block_d, block_d, dtype=stat, device=q.device)
     DZ = torch.empty(splits, B * H, block_d, dtype=stat, device=q.device)
     DX, DT = torch.empty_like(DZ), torch.empty_like(DZ)
     _bwd_query_kernel[(splits, B * H)](
-        q, do, dq, S, Z, VS, tau, DS, DZ, DX, DT, q.stride(0), q.stride(1), q.stride(2), H, N, D, c, denom_min, chunk,
-        MODE=mode, BLOCK_M=block_n, BLOCK_D=block_d, ACC=acc,
+        q,
+        do,
+        dq,
+        S,
+        Z,
+        VS,
+        tau,
+        DS,
+        DZ,
+        DX,
+        DT,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        H,
+        N,
+        D,
+        c,
+        denom_min,
+        chunk,
+        MODE=mode,
+        BLOCK_M=block_n,
+        BLOCK_D=block_d,
+        ACC=acc,
     )
     DS, DZ, DX = DS.sum(0), DZ.sum(0), DX.sum(0)
     d_tau = DT.sum(0).sum(-1).view(B, H).sum(0)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     _bwd_key_kernel[(triton.cdiv(N, block_n), B * H)](
-        k, v, dk, dv, DS, DZ, DX, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), H, N, D,
-        MODE=mode, BLOCK_M=block_n, BLOCK_D=block_d, ACC=acc,
+        k,
+        v,
+        dk,
+        dv,
+        DS,
+        DZ,
+        DX,
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        H,
+        N,
+        D,
+        MODE=mode,
+        BLOCK_M=block_n,
+        BLOCK_D=block_d,
+        ACC=acc,
     )
     return dq, dk, dv, d_tau

@@ -1,17 +1,15 @@
-"""Plain-PyTorch definitions of every op: the semantics, the CPU path and the test oracle."""
+"""The ``torch`` backend: plain PyTorch, the CPU default, in whichever exact formulation of each
+op is fastest for the call. The semantics are defined by :mod:`attnzoo.kernels.oracle`."""
 
 from __future__ import annotations
 
 import torch
 
+from attnzoo.kernels.grouping import expand_route
 
-def expand_route(route: torch.Tensor | None, batch: int, heads: int, num_groups: int, device: torch.device) -> torch.Tensor:
-    """``[B, H, G, topk]`` routing; ``None`` means each query group sees its own key group."""
-    if route is None:
-        return torch.arange(num_groups, device=device, dtype=torch.int32).view(1, 1, num_groups, 1).expand(batch, heads, num_groups, 1)
-    if route.dim() == 3:
-        return route[:, None].expand(batch, heads, *route.shape[1:])
-    return route
+DENSE_MIN_DENSITY = 0.25  # share of all keys each query sees, above which dense masked SDPA wins
+DENSE_MAX_SCORES = 1 << 21  # N * Nk above which the token mask itself gets too large
+DENSE_MIN_TOPK = 4  # with few routed groups (windows: 1) gathering is cheaper than 4x the dense work
 
 
 def grouped_attention(
@@ -23,13 +21,43 @@ def grouped_attention(
     route: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    """Gather-based grouped attention, like the official BiFormer code (materialises routed K/V).
+    """The cheaper exact formulation: on the CPU, dense fused SDPA under a token mask when the routed
+    keys are a large share of few tokens (the CPU SDPA kernel returns 0 for fully masked rows; GPU
+    SDPA backends may not), else gathering the routed groups (with flat index_selects when the
+    query groups partition the tokens and nothing is padded)."""
+    topk = 1 if route is None else route.shape[-1]
+    density = topk * kv_groups.shape[1] / max(k.shape[1], 1)
+    many_small_groups = topk >= DENSE_MIN_TOPK  # gathering many routed groups is what costs on the CPU
+    if (
+        not q.is_cuda
+        and many_small_groups
+        and density >= DENSE_MIN_DENSITY
+        and q.shape[1] * k.shape[1] <= DENSE_MAX_SCORES
+    ):
+        return grouped_attention_dense(q, k, v, q_groups, kv_groups, route, scale)
+    if _partitions(q_groups, q.shape[1]) and not bool((kv_groups < 0).any()):
+        return grouped_attention_partition(q, k, v, q_groups, kv_groups, route, scale)
+    return grouped_attention_gather(q, k, v, q_groups, kv_groups, route, scale)
 
-    ``q`` ``[B, N, H, D]``, ``k``/``v`` ``[B, Nk, H, D]``; ``q_groups`` ``[G, Tq]`` and
-    ``kv_groups`` ``[Gk, Tk]`` index tokens (``-1`` = padding, masked); ``route``
-    ``[B, G, topk]`` (shared over heads) or ``[B, H, G, topk]`` picks key groups per query
-    group. Queries in a group attend to all valid tokens of its routed key groups.
-    """
+
+def _partitions(groups: torch.Tensor, num_tokens: int) -> bool:
+    """Every token in exactly one group, no padding."""
+    if groups.numel() != num_tokens or bool((groups < 0).any()):
+        return False
+    return bool((torch.bincount(groups.reshape(-1).long(), minlength=num_tokens) == 1).all())
+
+
+def grouped_attention_gather(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_groups: torch.Tensor,
+    kv_groups: torch.Tensor,
+    route: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Gather the routed K/V groups, like the official BiFormer code: the general formulation
+    (padding slots, tokens in no group)."""
     B, N, H, D = q.shape
     G, Tq = q_groups.shape
     route = expand_route(route, B, H, G, q.device).long()
@@ -72,17 +100,31 @@ def grouped_attention_partition(
     G, Tq = q_groups.shape
     Gk, Tk = kv_groups.shape
     qi = q_groups.reshape(-1).long()
-    Q = (q * scale)[:, qi].view(B, G, Tq, H, D).permute(0, 3, 1, 2, 4)  # [B, H, G, Tq, D], scaled first as the official code
+    Q = (
+        (q * scale)[:, qi].view(B, G, Tq, H, D).permute(0, 3, 1, 2, 4)
+    )  # [B, H, G, Tq, D], scaled first as the official code
     route = expand_route(route, B, H, G, q.device).long()
     topk = route.shape[-1]
     if route.stride(1) == 0:  # shared by the heads: fetch whole [Tk, H, D] groups once
         flat = (route[:, 0] + torch.arange(B, device=q.device).view(B, 1, 1) * Gk).reshape(-1)
-        Kr, Vr = (t[:, kv_groups.long()].view(B * Gk, Tk, H, D).index_select(0, flat).view(B, G, topk * Tk, H, D).permute(0, 3, 1, 2, 4)
-                  for t in (k, v))  # [B, H, G, topk*Tk, D]
+        Kr, Vr = (
+            t[:, kv_groups.long()]
+            .view(B * Gk, Tk, H, D)
+            .index_select(0, flat)
+            .view(B, G, topk * Tk, H, D)
+            .permute(0, 3, 1, 2, 4)
+            for t in (k, v)
+        )  # [B, H, G, topk*Tk, D]
     else:
         flat = (route + torch.arange(B * H, device=q.device).view(B, H, 1, 1) * Gk).reshape(-1)
-        Kr, Vr = (t[:, kv_groups.long()].permute(0, 3, 1, 2, 4).reshape(B * H * Gk, Tk, D).index_select(0, flat).view(B, H, G, topk * Tk, D)
-                  for t in (k, v))
+        Kr, Vr = (
+            t[:, kv_groups.long()]
+            .permute(0, 3, 1, 2, 4)
+            .reshape(B * H * Gk, Tk, D)
+            .index_select(0, flat)
+            .view(B, H, G, topk * Tk, D)
+            for t in (k, v)
+        )
     out = torch.softmax(Q @ Kr.transpose(-1, -2), dim=-1) @ Vr  # [B, H, G, Tq, D]
     inverse = torch.empty_like(qi)
     inverse[qi] = torch.arange(N, device=q.device)
@@ -112,9 +154,13 @@ def grouped_attention_dense(
     allowed = torch.zeros(B, heads_r, G + 1, Gk + 1, dtype=torch.bool, device=q.device)
     allowed[:, :, :G].scatter_(-1, route[:, :heads_r], True)
     group_of_q = torch.full((N,), G, dtype=torch.long, device=q.device)
-    group_of_q[q_groups[q_groups >= 0].long()] = torch.arange(G, device=q.device).view(G, 1).expand(G, Tq)[q_groups >= 0]
+    group_of_q[q_groups[q_groups >= 0].long()] = (
+        torch.arange(G, device=q.device).view(G, 1).expand(G, Tq)[q_groups >= 0]
+    )
     group_of_k = torch.full((Nk,), Gk, dtype=torch.long, device=q.device)
-    group_of_k[kv_groups[kv_groups >= 0].long()] = torch.arange(Gk, device=q.device).view(Gk, 1).expand(Gk, Tk)[kv_groups >= 0]
+    group_of_k[kv_groups[kv_groups >= 0].long()] = (
+        torch.arange(Gk, device=q.device).view(Gk, 1).expand(Gk, Tk)[kv_groups >= 0]
+    )
     mask = allowed.index_select(2, group_of_q).index_select(3, group_of_k)  # [B, Hr, N, Nk]
     out = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
@@ -125,37 +171,22 @@ def grouped_attention_dense(
     return out.contiguous()
 
 
-def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, scale: float) -> torch.Tensor:
-    """Each query row attends only to its own key set ``index`` ``[B, H, N, topk]`` (``-1`` = none).
-
-    ``q`` ``[B, H, N, D]``, ``k``/``v`` ``[B, H, Nk, D]``. Rows with no valid key output 0, as
-    Sparsifiner's ``masked_fill(-inf) -> softmax -> nan_to_num`` does.
-    """
-    valid = index >= 0
-    idx = index.clamp(min=0).long()
-    B, H, N, topk = idx.shape
-    flat = idx.reshape(B, H, N * topk, 1)
-    Kr = torch.gather(k, 2, flat.expand(-1, -1, -1, k.shape[-1])).view(B, H, N, topk, -1)
-    Vr = torch.gather(v, 2, flat.expand(-1, -1, -1, v.shape[-1])).view(B, H, N, topk, -1)
-    scores = (q.unsqueeze(-2) * Kr).sum(-1) * scale
-    probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
-    return (probs.unsqueeze(-1) * Vr).sum(-2)
-
-
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Sparsifiner's sparse attention as its official code computes it: dense logits,
-    ``masked_fill(-inf)`` where ``mask`` ``[B, H, N, Nk]`` is False, softmax, ``nan_to_num``."""
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """On the CPU, fused SDPA under the boolean mask (exact, about 2.5x the explicit softmax at
+    DeiT sizes; the CPU kernel returns 0 for a row with no key). Elsewhere Sparsifiner's explicit
+    ``masked_fill(-inf) -> softmax -> nan_to_num``, since GPU SDPA backends may return NaN for such rows."""
+    if not q.is_cuda:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     logits = (q @ k.transpose(-1, -2)) * scale
     return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0) @ v
 
 
-def linear_attention(
+def l2vit_linear_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor | float, denom_min: float
 ) -> torch.Tensor:
-    """L²ViT's enhanced linear attention: ``relu(q) (relu(k)^T v) tau / max(relu(q) . sum relu(k), c)``.
-
-    ``q``/``k``/``v`` ``[B, H, N, D]``; ``temperature`` per head (``[H]``) or a scalar.
-    """
+    """L²ViT's enhanced linear attention in its linear form: ``relu(q) (relu(k)^T v) tau / max(relu(q) . sum relu(k), c)``."""
     fq, fk = torch.relu(q), torch.relu(k)
     tau = torch.as_tensor(temperature, dtype=q.dtype, device=q.device).reshape(-1, 1, 1)
     state = fk.transpose(-1, -2) @ v  # [B, H, D, D]
@@ -164,10 +195,7 @@ def linear_attention(
 
 
 def inline_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """InLine attention (identity feature map, mean-key correction), in its linear form.
-
-    ``w_ij = (s/n) q_i.k_j - (s/n) q_i.kbar + 1/n``, so ``o_i = q_i (K^T V) s/n + (1 - s q_i.kbar) vbar``.
-    """
+    """InLine attention in its linear form: ``o_i = q_i (K^T V) s/n + (1 - s q_i.kbar) vbar``."""
     n = k.shape[-2]
     state = k.transpose(-1, -2) @ v * (scale / n)  # [B, H, D, D]
     k_mean = k.mean(-2, keepdim=True)  # [B, H, 1, D]

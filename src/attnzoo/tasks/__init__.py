@@ -1,0 +1,245 @@
+"""Tasks: one :class:`TaskSpec` per task, and :func:`pipeline`.
+
+A spec names everything a task is made of: its pipeline class(es) (a task may serve several
+kinds of model; the model picks its pipeline), its evaluator, its training recipe, its default
+models and the command-line options it adds. ``attnzoo run|eval|train <task>`` and ``attnzoo
+tasks`` are generated from the specs, so a new task is one spec plus its own files:
+
+>>> from attnzoo.tasks import Option, TaskSpec, register_task
+>>> register_task(TaskSpec("my-task", "what it does", pipelines=("my_pkg.pipe:MyPipeline",),
+...                        default_model="my_model", options=(Option("threshold", float, "..."),)))  # doctest: +SKIP
+
+Specs refer to code as ``"module:attr"`` strings, so listing tasks imports no model code.
+Packages can also add tasks through the ``attnzoo.tasks`` entry-point group (each entry point a
+:class:`TaskSpec` or a function returning specs).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from attnzoo.errors import InvalidInputError, UnknownNameError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from attnzoo.pipelines.base import Pipeline
+
+_logger = logging.getLogger(__name__)
+
+COMMANDS = ("run", "eval", "train")
+
+
+@dataclass(frozen=True)
+class Option:
+    """A command-line option a task adds, e.g. ``Option("caption", str, "what the viewer looks for")``.
+
+    ``attnzoo run`` passes it to the pipeline (constructor keyword), ``attnzoo eval`` to the
+    evaluator's :meth:`~attnzoo.evaluation.runner.TaskEvaluator.plan`, ``attnzoo train`` to the recipe
+    as an override; ``commands`` says which of them take it. ``None`` (the default) means "not given".
+    """
+
+    name: str
+    type: type = str
+    help: str = ""
+    commands: tuple[str, ...] = ("run",)
+    default: Any = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _load(ref: Any) -> Any:
+    if not isinstance(ref, str):
+        return ref
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclass
+class TaskSpec:
+    """Everything that makes a task; code is referenced as ``"module:attr"`` (or given as objects)."""
+
+    name: str
+    description: str
+    pipelines: tuple[Any, ...]
+    """Pipeline classes; the first whose ``accepts(model)`` is true serves a model."""
+    default_model: str | None = None
+    aliases: tuple[str, ...] = ()
+    evaluator: Any = None
+    """A :class:`~attnzoo.evaluation.runner.TaskEvaluator` subclass: ``attnzoo eval <task>``."""
+    recipe: Any = None
+    """``f(model, data, out, *, config, overrides, weights, resume, device) -> dict``: ``attnzoo train <task>``."""
+    train_model: str | None = None
+    """The model trained by default, when it is not the pipeline's default."""
+    inputs: str = "images"
+    """What ``attnzoo run`` takes: ``"images"`` (files; folders expand to their images), ``"folders"``
+    (each folder is one input: the views of one object) or ``"files"`` (files and folders as given)."""
+    eval_split: str = "test"
+    options: tuple[Option, ...] = ()
+    data_help: str = "Dataset root folder."
+    docs: str | None = None
+    """The docs page (under docs/) that explains the task."""
+    _loaded: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def pipeline_classes(self) -> list[type[Pipeline]]:
+        if "pipelines" not in self._loaded:
+            self._loaded["pipelines"] = [_load(p) for p in self.pipelines]
+        return self._loaded["pipelines"]
+
+    def pipeline_for(self, model: Any) -> type[Pipeline]:
+        for cls in self.pipeline_classes():
+            if cls.accepts(model):
+                return cls
+        kinds = ", ".join(c.__name__ for c in self.pipeline_classes())
+        raise InvalidInputError(
+            f"the {self.name} task has no pipeline for a {type(model).__name__} (its pipelines: {kinds})"
+        )
+
+    def load_evaluator(self) -> Any:
+        if self.evaluator is None:
+            raise InvalidInputError(f"the {self.name} task has no evaluation yet")
+        return _load(self.evaluator)
+
+    def load_recipe(self) -> Any:
+        if self.recipe is None:
+            raise InvalidInputError(f"the {self.name} task has no training recipe (nothing to train)")
+        return _load(self.recipe)
+
+    def options_for(self, command: str) -> tuple[Option, ...]:
+        return tuple(o for o in self.options if command in o.commands)
+
+    def models(self) -> list[str]:
+        """attnzoo's registered models that serve this task."""
+        from attnzoo.factory import attnzoo_models
+
+        return [name for name, tasks in attnzoo_models().items() if self.name in tasks]
+
+
+_TASKS: dict[str, TaskSpec] = {}
+_ALIASES: dict[str, str] = {}
+_entry_points_loaded = False
+
+
+def register_task(spec: TaskSpec, *, overwrite: bool = False) -> TaskSpec:
+    """Add a task (third parties may too). Its name and aliases must be new unless ``overwrite``."""
+    taken = {spec.name, *spec.aliases} & (set(_TASKS) | set(_ALIASES))
+    if taken and not overwrite:
+        raise ValueError(f"task name(s) {sorted(taken)} already registered")
+    unregister_task(spec.name)
+    _TASKS[spec.name] = spec
+    for alias in spec.aliases:
+        _ALIASES[alias] = spec.name
+    return spec
+
+
+def unregister_task(name: str) -> None:
+    spec = _TASKS.pop(name, None)
+    for alias in spec.aliases if spec else ():
+        _ALIASES.pop(alias, None)
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="attnzoo.tasks"):
+        try:
+            found = ep.load()
+            specs = found() if callable(found) and not isinstance(found, TaskSpec) else found
+            for spec in [specs] if isinstance(specs, TaskSpec) else specs:
+                register_task(spec, overwrite=True)
+        except Exception as err:  # a broken plug-in must not break attnzoo
+            _logger.warning("could not load task entry point %s: %s", ep.name, err)
+
+
+def get_task(task: str) -> TaskSpec:
+    _load_entry_points()
+    name = _ALIASES.get(task, task)
+    if name not in _TASKS:
+        raise UnknownNameError("task", task, list(_TASKS) + list(_ALIASES))
+    return _TASKS[name]
+
+
+def list_tasks() -> list[str]:
+    _load_entry_points()
+    return sorted(_TASKS)
+
+
+def all_tasks() -> list[TaskSpec]:
+    return [_TASKS[name] for name in list_tasks()]
+
+
+def pipeline(
+    task: str,
+    model: str | torch.nn.Module | Any | None = None,
+    *,
+    weights: str | os.PathLike | Mapping[str, Any] | None = None,
+    pretrained: bool | None = None,
+    device: str | int | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> Pipeline:
+    """Build the pipeline for ``task``.
+
+    ``model`` is a registered name (pretrained weights by default, as in transformers), or a model
+    object used as is. ``weights`` overrides the checkpoint (a path, URL, registered name, or
+    ``"none"`` for random initialisation). Remaining keywords go to the pipeline (its settings
+    and the defaults of its call keywords).
+    """
+    spec = get_task(task)
+    if model is None:
+        model = spec.default_model
+    if model is None:
+        raise InvalidInputError(f"the {spec.name} task has no default model: pass model=")
+    built: Any = model
+    if isinstance(model, str):
+        from attnzoo.factory import create_model
+
+        built = create_model(
+            model,
+            pretrained=weights is None if pretrained is None else pretrained,
+            weights=weights,
+            **dict(model_kwargs or {}),
+        )
+        cls = spec.pipeline_for(built)
+        built = cls.configure_model(built, weights)
+    else:
+        if weights is not None:
+            from attnzoo.weights import load_weights
+
+            load_weights(model, weights)
+        cls = spec.pipeline_for(model)
+    return cls(built, device=device, dtype=dtype, **kwargs)
+
+
+def get_evaluator(task: str) -> Any:
+    """The evaluator class of a task (aliases resolved)."""
+    return get_task(task).load_evaluator()
+
+
+# the built-in tasks, one spec each
+from attnzoo.tasks import image_classification, multiview_reconstruction, scanpath, wsi_classification  # noqa: E402,F401
+
+__all__ = [
+    "COMMANDS",
+    "Option",
+    "TaskSpec",
+    "all_tasks",
+    "get_evaluator",
+    "get_task",
+    "list_tasks",
+    "pipeline",
+    "register_task",
+    "unregister_task",
+]

@@ -1,0 +1,130 @@
+"""masked_attention (Sparsifiner's per-row key sets): every backend equals the oracle."""
+
+import pytest
+import torch
+
+import attnzoo.kernels as K
+from attnzoo.errors import InvalidInputError
+from attnzoo.kernels import oracle as O
+from tests.kernels.oracle_check import FP32_TOL, assert_matches_oracle, heads_first_qkv
+
+interpret = pytest.mark.interpret
+
+MASK_CASES = {
+    "vit_like_n70_nk90": dict(N=70, Nk=90, D=16, density=0.2),
+    "batch1_d24_dense": dict(B=1, N=33, Nk=33, D=24, density=0.9),
+    "sparse_tiles_skipped": dict(N=80, Nk=130, D=16, density=0.05),
+}
+
+
+def make_mask(B, N, Nk, density, seed=0):
+    mask = torch.rand(B, 2, N, Nk, generator=torch.Generator().manual_seed(seed)) < density
+    mask[0, 0, 5] = False  # a row with no key
+    mask[-1, 1, :, Nk // 2 :] = False  # whole tiles with no key
+    return mask
+
+
+def make_case(case, dtype=torch.float32):
+    cfg = dict(B=2) | MASK_CASES[case]
+    q, k, v = heads_first_qkv(B=cfg["B"], N=cfg["N"], Nk=cfg["Nk"], D=cfg["D"], dtype=dtype)
+    return q, k, v, make_mask(cfg["B"], cfg["N"], cfg["Nk"], cfg["density"])
+
+
+def check_backend(backend, case, dtype, packed):
+    q, k, v, mask = make_case(case, dtype)
+    tol = FP32_TOL if dtype == torch.float32 else dict(atol=4e-3, rtol=4e-3)
+    given = K.pack_mask(mask) if packed else mask
+    assert_matches_oracle(
+        backend,
+        lambda a, b, c: K.masked_attention(a, b, c, given, scale=0.3),
+        lambda a, b, c: O.masked_attention(a, b, c, mask, 0.3),
+        (q, k, v),
+        tol,
+    )
+
+
+@interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", list(MASK_CASES))
+def test_masked_triton_matches_oracle(case, dtype):
+    check_backend("triton", case, dtype, packed=False)
+    check_backend("triton", case, dtype, packed=True)
+
+
+@pytest.mark.parametrize("case", list(MASK_CASES))
+def test_masked_torch_backend_matches_oracle(case):
+    check_backend("torch", case, torch.float32, packed=False)
+
+
+def test_masked_equals_sparsifiner_dense_softmax():
+    """The op is Sparsifiner's masked_fill(-inf) -> softmax -> nan_to_num -> @ v, written independently."""
+    q, k, v = heads_first_qkv()
+    mask = torch.rand(2, 2, 20, 20, generator=torch.Generator().manual_seed(1)) < 0.3
+    mask[0, 0, 3] = False
+    dense = ((q @ k.transpose(-1, -2)) * 0.25).masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0) @ v
+    torch.testing.assert_close(O.masked_attention(q, k, v, mask, 0.25), dense, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(K.masked_attention(q, k, v, mask, scale=0.25), dense, atol=1e-6, rtol=1e-5)
+
+
+def test_masked_flex_and_packing():
+    q, k, v = heads_first_qkv(N=40, Nk=45)
+    mask = make_mask(2, 40, 45, 0.3)
+    packed = K.pack_mask(mask)
+    assert packed.shape == (2, 2, 40, 2) and packed.dtype == torch.int32
+    assert torch.equal(K.unpack_mask(packed, 45), mask)
+    with K.use_backend("flex"):
+        torch.testing.assert_close(
+            K.masked_attention(q, k, v, packed, scale=0.2), O.masked_attention(q, k, v, mask, 0.2), **FP32_TOL
+        )
+
+
+@interpret
+def test_masked_gradcheck_fp64():
+    q, k, v = heads_first_qkv(B=1, H=2, N=9, Nk=11, dtype=torch.float64)
+    mask = make_mask(1, 9, 11, 0.5)
+    with K.use_backend("triton"):
+        assert torch.autograd.gradcheck(
+            lambda a, b, c: K.masked_attention(a, b, c, mask), [t.requires_grad_() for t in (q, k, v)], fast_mode=True
+        )
+        torch.library.opcheck(
+            __import__("attnzoo.kernels.ops", fromlist=["ops"]).masked_attention_fwd, (q, k, v, K.pack_mask(mask), 0.25)
+        )
+
+
+@interpret
+def test_masked_reads_non_contiguous_views():
+    base = torch.randn(2, 20, 3, 2, 16)
+    q, k, v = (t.transpose(1, 2) for t in base.unbind(2))  # [B, H, N, D] views of a [B, N, 3, H, D] projection
+    assert not q.is_contiguous()
+    mask = make_mask(2, 20, 20, 0.4)
+    with K.use_backend("triton"):
+        got = K.masked_attention(q, k, v, mask)
+    torch.testing.assert_close(got, O.masked_attention(q, k, v, mask, 16**-0.5), **FP32_TOL)
+
+
+@pytest.mark.parametrize(
+    "mask, match",
+    [
+        (torch.ones(2, 2, 20, 19, dtype=torch.bool), "mask must be"),
+        (torch.ones(2, 2, 20, 2, dtype=torch.int32), "packed mask"),
+        (torch.ones(2, 2, 20, 20), "bool, or int32"),
+    ],
+)
+def test_masked_bad_masks(mask, match):
+    q, k, v = heads_first_qkv()
+    with pytest.raises(InvalidInputError, match=match):
+        K.masked_attention(q, k, v, mask)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda q, k, v, m: K.masked_attention(q[0], k, v, m), "must be a \\[B, H, N, D\\]"),
+        (lambda q, k, v, m: K.masked_attention(q, k.half(), v, m), "dtypes differ"),
+        (lambda q, k, v, m: K.masked_attention(q, k, v[:, :1], m), "k and v must be"),
+    ],
+)
+def test_masked_bad_qkv_is_a_typed_error(call, match):
+    q, k, v = heads_first_qkv()
+    with pytest.raises(InvalidInputError, match=match):
+        call(q, k, v, torch.ones(2, 2, 20, 20, dtype=torch.bool))
