@@ -8,7 +8,7 @@ swin_tiny_patch4_window7_224 and deit_small_patch16_224 are timed alongside.
 
     python benchmarks/classification_models.py                    # CPU, fp32, batch 8, 224 px
     python benchmarks/classification_models.py --models biformer_tiny --repeats 5
-    python benchmarks/classification_models.py --device cuda --dtype bfloat16 --batch 128
+    python benchmarks/classification_models.py --device cuda --dtype bfloat16 --batch 128 --channels-last
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import attnzoo  # noqa: F401  (registers the families with timm)
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import bra_gather_official, l2vit_official  # noqa: E402  (the op-level official baselines)
+from kernels import bra_gather_official, inline_official, l2vit_official  # noqa: E402  (op-level official baselines)
 
 
 class patched(contextlib.AbstractContextManager):  # noqa: N801  (reads like contextlib's helpers)
@@ -63,9 +63,7 @@ def _l2vit_official(q, k, v, *, temperature, denom_min, **_):
 
 
 def _inline_official(q, k, v, *, scale):
-    n = k.shape[-2]
-    kv = (k.transpose(-2, -1) * (scale / n)) @ v
-    return q @ kv + (1 - scale * (q @ k.mean(-2, keepdim=True).transpose(-2, -1))) * v.mean(-2, keepdim=True)
+    return inline_official(q, k, v, scale)
 
 
 # model -> (module holding the op, op name, official-style replacement)
@@ -115,6 +113,16 @@ def timed(model: torch.nn.Module, x: torch.Tensor, repeats: int, device: torch.d
         return statistics.median(_once(model, x, device)[0] for _ in range(repeats))
 
 
+def prepared(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, nhwc: bool) -> torch.nn.Module:
+    model = model.eval().to(device, dtype)
+    return model.to(memory_format=torch.channels_last) if nhwc else model
+
+
+def image_batch(batch: int, size: int, device: torch.device, dtype: torch.dtype, nhwc: bool) -> torch.Tensor:
+    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last) if nhwc else x
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(OFFICIAL))
@@ -123,11 +131,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="models and inputs in NHWC (the patch-embedding / conv layers)"
+    )
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
     print(
         f"device={device} dtype={args.dtype} batch={args.batch} threads={torch.get_num_threads()} repeats={args.repeats}"
+        + (" channels_last" if args.channels_last else "")
     )
     print(f"{'model':<32} {'ms/batch':>9} {'img/s':>8} {'official ms':>12} {'speedup':>8} {'max |diff|':>10}")
     results = {}
@@ -135,9 +147,9 @@ def main() -> None:
         if name not in timm.list_models(name):
             print(f"{name:<32} (not registered, skipped)")
             continue
-        model = timm.create_model(name).eval().to(device, dtype)
+        model = prepared(timm.create_model(name), device, dtype, args.channels_last)
         size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
-        x = torch.randn(args.batch, 3, size, size, device=device, dtype=dtype)
+        x = image_batch(args.batch, size, device, dtype, args.channels_last)
         module, op, official = OFFICIAL[name]
         ours, base, y, y_ref = timed_pair(model, x, patched(module, op, official), args.repeats, device)
         diff = (y.float() - y_ref.float()).abs().max().item()
@@ -147,8 +159,8 @@ def main() -> None:
         )
     if not args.no_baselines:
         for name in BASELINES:
-            model = timm.create_model(name).eval().to(device, dtype)
-            t = timed(model, torch.randn(args.batch, 3, 224, 224, device=device, dtype=dtype), args.repeats, device)
+            model = prepared(timm.create_model(name), device, dtype, args.channels_last)
+            t = timed(model, image_batch(args.batch, 224, device, dtype, args.channels_last), args.repeats, device)
             print(f"{'timm ' + name:<32} {t * 1e3:>9.1f} {args.batch / t:>8.1f}")
     if "biformer_tiny" in results:
         print(f"biformer_tiny speedup vs gather reference: {results['biformer_tiny']:.2f}x")

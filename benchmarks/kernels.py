@@ -1,6 +1,6 @@
 """Attention ops at the real model shapes: every available backend against the official-style
 torch implementation (gather for BRA, masked dense softmax for Sparsifiner, explicit matmuls
-for linear attention) and dense SDPA, all measured in the same run.
+for L2ViT's and InLine's linear attention) and dense SDPA, all measured in the same run.
 
 The variants of a case run interleaved, one call each per round (the first variant of a round
 rotates), so that the load of a shared machine hits baseline and candidates alike; each ratio
@@ -11,6 +11,7 @@ HBM bandwidth.
 
     python benchmarks/kernels.py --quick          # CPU subset, under a minute
     python benchmarks/kernels.py --device cuda --dtype bfloat16 --backward --batch 128
+    python benchmarks/kernels.py --device cuda --cases inline,bra --backends torch,triton
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import argparse
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -29,6 +30,8 @@ import torch.nn.functional as F
 import attnzoo.kernels as K
 
 HBM_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0}
+# The cases in the order they run; --quick runs only "bra" unless --cases says otherwise.
+CASES = ("bra", "l2vit", "l2vit_window", "sparsifiner", "lrgt", "inline")
 
 
 # -- the official-style baselines ------------------------------------------------------------
@@ -59,6 +62,13 @@ def l2vit_official(q, k, v, tau, denom_min):
     kv = (k.transpose(-2, -1) @ v) * tau
     denom = (q @ k.sum(-2, keepdim=True).transpose(-2, -1)).clamp(min=denom_min)
     return (q @ kv) / denom
+
+
+def inline_official(q, k, v, scale):
+    """InLine's official formulation: the scaled ``K^T V`` state and the mean-key correction as explicit matmuls."""
+    n = k.shape[-2]
+    kv = (k.transpose(-2, -1) * (scale / n)) @ v
+    return q @ kv + (1 - scale * (q @ k.mean(-2, keepdim=True).transpose(-2, -1))) * v.mean(-2, keepdim=True)
 
 
 def sdpa_dense(q, k, v):
@@ -168,14 +178,24 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's); 1 steadies a shared machine"
     )
+    parser.add_argument(
+        "--cases", default=None, help=f"comma-separated subset of {','.join(CASES)} (default: all; --quick: bra)"
+    )
+    parser.add_argument(
+        "--backends",
+        default=None,
+        help="comma-separated subset of torch,flex,triton (default: all on cuda, torch on cpu)",
+    )
     args = parser.parse_args()
+    cases = chosen(parser, "--cases", args.cases, CASES, ("bra",) if args.quick else CASES)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     batch = args.batch or (2 if args.quick else (128 if device == "cuda" else 8))
     repeats = args.repeats or 15
-    backends = ["torch", "flex", "triton"] if device == "cuda" else ["torch"]
+    default_backends = ("torch", "flex", "triton") if device == "cuda" else ("torch",)
+    backends = chosen(parser, "--backends", args.backends, K.BACKEND_NAMES, default_backends)
     torch.manual_seed(0)
     print(
         f"device={torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} torch={torch.__version__} "
@@ -195,7 +215,7 @@ def main() -> None:
 
     # BiFormer-T: regions of a 7x7 grid, topk 1/4/16, heads 2/4/8, head dim 32, scale C^-0.5
     resolutions = (224,) if args.quick else (224, 448)
-    for px in resolutions:
+    for px in resolutions if "bra" in cases else ():
         for stage, (topk, heads) in enumerate(((1, 2), (4, 4), (16, 8))):
             side = px // 4 // 2**stage
             C = 64 * 2**stage
@@ -222,7 +242,7 @@ def main() -> None:
                 rows,
             )
 
-    if not args.quick:
+    if "l2vit" in cases:
         # L2ViT-T linear global attention: stages at 224 px, heads 3/6/12/24, head dim 32
         for stage, heads in enumerate((3, 6, 12, 24)):
             N = (56 // 2**stage) ** 2
@@ -250,6 +270,7 @@ def main() -> None:
                 4 * q.numel() * elem,
                 rows,
             )
+    if "l2vit_window" in cases:
         # L2ViT-T local window attention 7x7 (identity routing)
         for stage, heads in enumerate((3, 6, 12)):
             side = 56 // 2**stage
@@ -270,6 +291,7 @@ def main() -> None:
                 4 * q.numel() * elem,
                 rows,
             )
+    if "sparsifiner" in cases:
         # Sparsifiner DeiT-S: N=197, 6 heads, head dim 64, 50 keys per row
         q, k, v = tensors(*[(batch, 6, 197, 64)] * 3)
         index = torch.rand(batch, 6, 197, 197, device=device).topk(50, dim=-1).indices.int()
@@ -282,6 +304,7 @@ def main() -> None:
         run_case(
             "Sparsifiner DeiT-S top-50", variants, device, args.backward, [q, k, v], repeats, 4 * q.numel() * elem, rows
         )
+    if "lrgt" in cases:
         # LRGT: ViT-B/16 tokens of V views, 49 long-range groups of 4V tokens, 12 heads, head dim 64
         for views in (3, 8, 20):
             q, k, v = tensors(*[(max(1, batch // 16), views * 196, 12, 64)] * 3)
@@ -295,17 +318,64 @@ def main() -> None:
                 f"LRGT {views} views", variants, device, args.backward, [q, k, v], repeats, 4 * q.numel() * elem, rows
             )
 
-    # per round: the best backend of each BRA stage, geometric mean over the stages
+    if "inline" in cases:
+        # InLine-Swin-T: its InLine stages at 224 px are global (3136/784/196 tokens), heads 3/6/12, head dim 32
+        for stage, heads in enumerate((3, 6, 12)):
+            N = (56 // 2**stage) ** 2
+            q, k, v = tensors(*[(batch, heads, N, 32)] * 3)
+            variants = [
+                ("official matmuls", partial(inline_official, q, k, v, 32**-0.5)),
+                *backend_variants([b for b in backends if b != "flex"], K.inline_attention, q, k, v, scale=32**-0.5),
+            ]
+            if not args.quick:
+                variants.append(("dense SDPA (softmax)", partial(sdpa_dense, q, k, v)))
+            run_case(
+                f"InLine-Swin-T stage{stage + 1}",
+                variants,
+                device,
+                args.backward,
+                [q, k, v],
+                repeats,
+                4 * q.numel() * elem,
+                rows,
+            )
+
+    if "bra" in cases:
+        print(
+            f"BRA speedup vs official gather (geometric mean over the stages, per round): {best_per_round(rows, 'BRA')}"
+        )
+    if "inline" in cases:
+        print(
+            "InLine speedup vs official matmuls (geometric mean over the stages, per round): "
+            f"{best_per_round(rows, 'InLine')}"
+        )
+
+
+def chosen(
+    parser: argparse.ArgumentParser, flag: str, value: str | None, names: tuple[str, ...], default: tuple[str, ...]
+) -> tuple[str, ...]:
+    """The names a comma-separated ``flag`` picks (``default`` when not given); unknown ones are a usage error."""
+    if value is None:
+        return default
+    picked = tuple(name.strip() for name in value.split(",") if name.strip())
+    unknown = [name for name in picked if name not in names]
+    if unknown or not picked:
+        parser.error(f"{flag}: unknown {unknown or value!r}; choose from {','.join(names)}")
+    return picked
+
+
+def best_per_round(rows: list[tuple[str, str, list[float], list[float]]], prefix: str) -> str:
+    """Per round, the best backend's ratio of each case titled ``prefix...``; the geometric mean over those cases."""
     best: dict[str, list[float]] = {}
     for title, name, _, ratios in rows:
-        if title.startswith("BRA") and name != "official gather" and not name.startswith("dense"):
+        if title.startswith(prefix) and not name.startswith(("official", "dense")):
             best[title] = [max(pair) for pair in zip(best[title], ratios, strict=True)] if title in best else ratios
     per_round = [math.exp(statistics.mean(math.log(x) for x in stages)) for stages in zip(*best.values(), strict=True)]
-    print(f"BRA speedup vs official gather (geometric mean over the stages, per round): {spread(per_round)}")
+    return spread(per_round)
 
 
 def backend_variants(
-    backends: list[str], op: Callable[..., torch.Tensor], *args: Any, **kwargs: Any
+    backends: Sequence[str], op: Callable[..., torch.Tensor], *args: Any, **kwargs: Any
 ) -> list[tuple[str, Callable[[], torch.Tensor]]]:
     """One variant per backend: ``op(*args, **kwargs)`` forced onto it."""
     return [(backend, partial(_forced, backend, partial(op, *args, **kwargs))) for backend in backends]

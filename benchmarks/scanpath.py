@@ -16,13 +16,15 @@ Timed, in alternating rounds, on the same machine:
 
 Then a roofline check of what batching can gain at all on this machine: the FLOPs of one search
 iteration (tower forward + gradient to the input, counted by ``torch.utils.flop_counter``), the
-throughput one image at a time reaches with them, and this machine's sustained float32 matmul
-throughput with the same threads (the best of a few large square products). Batching only helps
-where one image leaves the machine idle, so peak / one-at-a-time throughput bounds the ratio.
+throughput one image at a time reaches with them, and the device's sustained matmul throughput (the
+best of a few large square products; float32 with the same threads on the CPU, float16 on CUDA,
+where the search autocasts to float16). Batching only helps where one image leaves the device idle,
+so peak / one-at-a-time throughput bounds the ratio.
 
     python benchmarks/scanpath.py --quick           # 2 fixations x 3 iterations
     python benchmarks/scanpath.py                   # the paper's 10 x 20 (long on a CPU)
     python benchmarks/scanpath.py --threads 1 --channels-last
+    python benchmarks/scanpath.py --device cuda --fixations 5 --iterations 10 --channels-last
 """
 
 from __future__ import annotations
@@ -94,16 +96,25 @@ def iteration_flops(visual: nn.Module, x: torch.Tensor) -> float:
     return float(counter.get_total_flops())
 
 
-def matmul_peak(seconds: float = 1.0) -> float:
-    """Sustained float32 matmul FLOP/s with the current threads (best of a few large square products)."""
+def sync(device: torch.device) -> None:
+    """Wait for the queued CUDA work, so a clock read after it times the work and not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """Sustained matmul FLOP/s on ``device`` (best of a few large square products; the current threads on a CPU)."""
     best = 0.0
-    for n in (1024, 2048, 3072):
-        a, b = torch.randn(n, n), torch.randn(n, n)
+    sizes = (1024, 2048, 3072) if device.type == "cpu" else (4096, 8192)
+    for n in sizes:
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         torch.mm(a, b)
+        sync(device)
         count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / 3:
+        while time.perf_counter() - start < seconds / len(sizes):
             torch.mm(a, b)
             count += 1
+        sync(device)
         best = max(best, count * 2 * n**3 / (time.perf_counter() - start))
     return best
 
@@ -118,7 +129,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--channels-last", action="store_true", help="also time batched NHWC")
     p.add_argument("--skip-official-style", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (there the search autocasts to float16)")
     args = p.parse_args()
+    device = torch.device(args.device)
     if args.quick:
         args.fixations, args.iterations = 2, 3
     if args.threads:
@@ -130,7 +143,7 @@ def main() -> None:
     targets = torch.randn(args.images, visual.output_dim, generator=torch.Generator().manual_seed(1))
     seeds = list(range(100, 100 + args.images))
     kw = {"fixations": args.fixations, "iterations": args.iterations}
-    frozen = NevaClip(visual=visual)
+    frozen = NevaClip(visual=visual, device=device)  # moves the tower (shared with official_style) there
 
     def one_at_a_time(model: NevaClip) -> torch.Tensor:
         return torch.cat(
@@ -151,19 +164,25 @@ def main() -> None:
     if not args.skip_official_style:
         runs = {"official-style": official_style, **runs}
     if args.channels_last:
-        nhwc = NevaClip(visual=copy.deepcopy(visual), channels_last=True)
+        nhwc = NevaClip(visual=copy.deepcopy(visual), channels_last=True, device=device)
         runs["batched+channels_last"] = lambda: nhwc.predict(x, targets, seed=seeds, **kw).positions
     print(
         f"NevaClip RN50 (random, input-sensitive), {args.images} images, {args.fixations} fixations x {args.iterations} "
         f"iterations, CPU threads {torch.get_num_threads()}, torch {torch.__version__}"
+        + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
     )
     frozen.predict(x[:1], targets[0], fixations=1, iterations=1)  # warm-up (oneDNN primitives)
+    if device.type == "cuda":  # and the batch's shapes (CUDA context, cuDNN and autocast caches)
+        for model in [frozen] + ([nhwc] if args.channels_last else []):
+            model.predict(x, targets, seed=seeds, fixations=1, iterations=1)
     rates: dict[str, list[float]] = {name: [] for name in runs}
     outputs: dict[str, torch.Tensor] = {}
     for _ in range(args.rounds):
         for name, fn in runs.items():
+            sync(device)
             start = time.perf_counter()
             outputs[name] = fn()
+            sync(device)
             rates[name].append(args.images / (time.perf_counter() - start))
     reference = outputs["one-at-a-time"]
     for name, values in rates.items():
@@ -179,12 +198,13 @@ def main() -> None:
         print(
             f"ratio batched / official-style: {statistics.median(rates['batched']) / statistics.median(rates['official-style']):.2f}x"
         )
-    flops = iteration_flops(visual, x) * args.fixations * args.iterations  # per scanpath
-    peak = matmul_peak()
+    flops = iteration_flops(visual, x.to(device)) * args.fixations * args.iterations  # per scanpath
+    peak_dtype = torch.float16 if device.type == "cuda" else torch.float32  # what the search computes in
+    peak = matmul_peak(device, peak_dtype)
     achieved = {name: statistics.median(values) * flops for name, values in rates.items()}
     print(
-        f"roofline: {flops / 1e9:.1f} GFLOP per scanpath (tower forward + input gradient); this machine's float32 "
-        f"matmul peak {peak / 1e9:.1f} GFLOP/s"
+        f"roofline: {flops / 1e9:.1f} GFLOP per scanpath (tower forward + input gradient); this machine's "
+        f"{str(peak_dtype).removeprefix('torch.')} matmul peak {peak / 1e9:.1f} GFLOP/s"
     )
     for name, value in achieved.items():
         print(f"{name:>24}: {value / 1e9:6.1f} GFLOP/s in the tower = {value / peak:.0%} of the matmul peak")

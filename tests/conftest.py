@@ -1,25 +1,20 @@
 """Test setup: Triton's interpreter on CPU-only machines (before attnzoo is imported), an
-isolated ATTNZOO_HOME per test, and small helpers that write real on-disk formats."""
+isolated ATTNZOO_HOME per test, where parity fixtures and kernel tests run, and small shared inputs."""
 
 from __future__ import annotations
 
 import os
 
-try:
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-except ImportError:  # pragma: no cover
-    pass
-
 import pytest
+
+from tests import helpers
+
+if helpers.kernel_device() == "cpu":  # Triton reads this once, at import: before attnzoo is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
-
-    if torch.cuda.is_available():
+    if helpers.kernel_device() == "cuda":
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
@@ -61,12 +56,25 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def reference_dir():
-    """Parity fixtures made with the official code: $ATTNZOO_REFERENCE_DIR or ../shared/reference."""
-    from pathlib import Path
-
-    root = Path(
-        os.environ.get("ATTNZOO_REFERENCE_DIR") or Path(__file__).resolve().parents[1].parent / "shared" / "reference"
-    )
+    """Parity fixtures made with the official code: $ATTNZOO_REFERENCE_DIR or ../shared/reference
+    (a missing folder skips, or fails where fixtures are required: see tests/helpers.py)."""
+    root = helpers.reference_root()
     if not root.is_dir():
-        pytest.skip(f"parity fixtures not found at {root} (set ATTNZOO_REFERENCE_DIR)")
+        helpers.missing_fixture(f"parity fixtures not found at {root} (set ATTNZOO_REFERENCE_DIR)")
     return root
+
+
+@pytest.fixture
+def kernel_device():
+    """The device kernel tests put their tensors on: the CUDA device where a GPU is present, else the CPU."""
+    return helpers.kernel_device()
+
+
+@pytest.fixture
+def triton_device(kernel_device):
+    """Where tests that force the Triton backend put their tensors: natively on CUDA where a GPU is
+    present, else on the CPU under the interpreter (skipped if TRITON_INTERPRET was turned off)."""
+    reason = helpers.triton_unavailable(kernel_device)
+    if reason:
+        pytest.skip(reason)
+    return kernel_device

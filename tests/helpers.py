@@ -1,15 +1,79 @@
-"""Helpers that write real file formats for tests (PNG at 16 bits, HTTP with Range)."""
+"""Helpers for tests: where parity fixtures and kernels live (one rule each), and writers of real
+file formats (PNG at 16 bits, HTTP with Range)."""
 
 from __future__ import annotations
 
 import http.server
+import os
 import struct
 import threading
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# -- parity fixtures ---------------------------------------------------------------------------
+
+
+def fixtures_required() -> bool:
+    """Whether a missing parity fixture is a failure rather than a skip: in CI
+    (``ATTNZOO_REQUIRE_FIXTURES=1``) and whenever ``ATTNZOO_REFERENCE_DIR`` names a folder on purpose."""
+    return os.environ.get("ATTNZOO_REQUIRE_FIXTURES") == "1" or bool(os.environ.get("ATTNZOO_REFERENCE_DIR"))
+
+
+def reference_root() -> Path:
+    """``$ATTNZOO_REFERENCE_DIR``, else ``../shared/reference`` beside the checkout."""
+    return Path(os.environ.get("ATTNZOO_REFERENCE_DIR") or ROOT.parent / "shared" / "reference")
+
+
+def missing_fixture(message: str) -> NoReturn:
+    """Skip the test, or fail it where fixtures are required (so CI never passes a parity test unrun)."""
+    if fixtures_required():
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def reference_path(reference_dir: Path, *parts: str) -> Path:
+    """``reference_dir / parts`` when it exists, else :func:`missing_fixture`."""
+    path = Path(reference_dir).joinpath(*parts)
+    if not path.exists():
+        missing_fixture(f"parity fixture {'/'.join(parts)} not found under {reference_dir}")
+    return path
+
+
+# -- where kernels run -------------------------------------------------------------------------
+
+
+def kernel_device() -> str:
+    """Where kernel tests put their tensors: the CUDA device when there is one (native Triton,
+    compiled flex), else the CPU (Triton under its interpreter, eager flex)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def triton_unavailable(device: str) -> str | None:
+    """Why Triton cannot run on ``device`` in this process, or None: on the CPU only the
+    interpreter runs it, and ``TRITON_INTERPRET=1`` must be set before triton is imported."""
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton runs on the CPU only under TRITON_INTERPRET=1 (tests/conftest.py sets it without CUDA)"
+    return None
+
+
+def triton_dtypes() -> list:
+    """The dtypes the Triton kernels are checked in: fp32 and fp16 everywhere, bf16 natively on
+    CUDA only (the interpreter computes bf16 wrongly)."""
+    import torch
+
+    return [torch.float32, torch.float16, *([torch.bfloat16] if kernel_device() == "cuda" else [])]
+
+
+# -- file formats ------------------------------------------------------------------------------
 
 
 def write_png(path: Path, array: np.ndarray) -> Path:
@@ -111,3 +175,15 @@ def register_test_model(monkeypatch, name: str, builder, like: str) -> None:
     monkeypatch.setitem(
         attnzoo.registry._MODELS, name, attnzoo.registry.ModelEntry(name, builder, entry.family, entry.tasks)
     )
+
+
+def parity_device(request, backend: str, monkeypatch) -> str:
+    """Where a parity test runs a backend: the Triton device (CUDA where present, else the interpreter's CPU)
+    for ``triton``, else the CPU; TF32 stays off on CUDA, as the fixtures' README asks."""
+    device = request.getfixturevalue("triton_device") if backend == "triton" else "cpu"
+    if device != "cpu":
+        import torch
+
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    return device

@@ -1,6 +1,8 @@
 """Writers of tiny copies of the published scanpath dataset layouts (CapMIT1003 SQLite, MIT1003 raw
 .mat and pysaliency HDF5, Amazon/STI JSON + binary masks, OAT shelf .xlsx). Each returns what it
-wrote so tests can check readers against it."""
+wrote so tests can check readers against it. Also: tiny models for the scanpath pipelines (a real
+open_clip CLIP, OAT), a way to register them under their names for one test, and SPP computed by
+hand (nltk's edit distance) to check the metric and the evaluation against."""
 
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ import numpy as np
 from PIL import Image
 
 
-def write_image(path: Path, size: tuple[int, int], seed: int = 0, fmt: str | None = None) -> Path:
+def write_image(path: Path, size: tuple[int, int], seed: int = 0, fmt: str | None = None, block: int = 1) -> Path:
+    """Random colours in ``block`` x ``block`` squares (large blocks keep a full-size screen's file small)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     w, h = size
-    pixels = np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    cells = np.random.default_rng(seed).integers(0, 255, (-(-h // block), -(-w // block), 3), dtype=np.uint8)
+    pixels = cells.repeat(block, 0).repeat(block, 1)[:h, :w]
     Image.fromarray(pixels).save(path, format=fmt)
     return path
 
@@ -370,8 +374,10 @@ def write_oat_shelf(
     task: str = "yogurt",
     scanpaths: list[dict] | None = None,
     fmt: str = "xlsx",
+    image_size: tuple[int, int] = (168, 105),
 ) -> dict:
-    """OAT's gaze file (one row per fixation) + img/Question/<Q>.png + img/Target/<T>.png."""
+    """OAT's gaze file (one row per fixation) + img/Question/<Q>.png + img/Target/<T>.png (shelf images
+    of ``image_size``; the task's boxes fit the screen's 1680 x 1050 only)."""
     prefix, stem = ("Q3", "time_Q3_mousedel_new") if task == "yogurt" else ("Q1", "time_Q1_mousedel_new")
     if scanpaths is None:
         scanpaths = [
@@ -424,9 +430,124 @@ def write_oat_shelf(
     for seed, s in enumerate(scanpaths):
         write_image(
             root / "img" / "Question" / f"{s['Question']}.png",
-            (168, 105),
+            image_size,
             seed,
             fmt="PNG",
+            block=1 if image_size == (168, 105) else 30,
         )
         write_image(root / "img" / "Target" / f"{s['Target']}.png", (10, 20), seed, fmt="PNG")
     return {"path": path, "scanpaths": scanpaths}
+
+
+# ---- tiny models -------------------------------------------------------------------------------
+def make_sensitive_(tower, seed: int, image_size: int):
+    """Make a random open_clip ModifiedResNet tower's output depend on the image, as the parity fixture's:
+    He-initialised convolutions and batch-norm statistics measured on smooth random images (with open_clip's
+    default initialisation the output barely changes with the image, and the search follows rounding noise)."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(seed + 100)
+    for module in tower.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.weight.data = torch.randn(module.weight.shape, generator=gen) * math.sqrt(
+                2.0 / module.weight[0].numel()
+            )
+        elif isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None
+    tower.train()
+    with torch.no_grad():
+        for _ in range(2):
+            tower(F.avg_pool2d(torch.randn(8, 3, image_size, image_size, generator=gen), 5, 1, 2))
+    tower.eval()
+    return tower
+
+
+def tiny_clip(seed: int = 0, image_size: int = 224, embed_dim: int = 64):
+    """A real open_clip CLIP (ModifiedResNet vision tower, transformer text tower, OpenAI's BPE
+    tokenizer that ships with open_clip), small enough for the CPU, input-sensitive (:func:`make_sensitive_`)."""
+    import open_clip
+    import torch
+
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(
+        embed_dim=embed_dim,
+        vision_cfg={"image_size": image_size, "layers": [1, 1, 1, 1], "width": 8},
+        text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    )
+    make_sensitive_(model.visual, seed, image_size)
+    return model.eval()
+
+
+def tiny_nevaclip(seed: int = 0, image_size: int = 224):
+    import open_clip
+
+    from attnzoo.multimodal.nevaclip import NevaClip
+
+    return NevaClip(model=tiny_clip(seed, image_size), tokenizer=open_clip.get_tokenizer("RN50"))
+
+
+OAT_SMALL = {
+    "num_encoder_layers": 1,
+    "num_decoder_layers": 1,
+    "emb_size": 64,
+    "nhead": 2,
+    "dim_feedforward": 32,
+    "CA_d_k": 16,
+}
+
+
+def tiny_oat(grid: tuple[int, int] = (2, 3)):
+    """A tiny OAT on a ``grid`` shelf with Amazon's position table."""
+    from attnzoo.vision.oat import OAT
+
+    return OAT(grid=grid, pe_table="amazon", seed=0, **OAT_SMALL).eval()
+
+
+def use_model(monkeypatch, name: str, builder) -> None:
+    """The registered model ``name`` is built by ``builder(**kwargs)`` for one test (the real builder would
+    load a real CLIP, or build a full-size OAT)."""
+    import attnzoo.registry
+    from attnzoo.factory import load_families
+
+    load_families()
+    entry = attnzoo.registry.get_model_entry(name)
+    monkeypatch.setitem(
+        attnzoo.registry._MODELS,
+        name,
+        attnzoo.registry.ModelEntry(name, builder, entry.family, entry.tasks, entry.own_weights),
+    )
+
+
+# ---- SPP by hand ---------------------------------------------------------------------------------
+def spp_by_hand(model_xy, humans_xy, size, k: int = 3, grid: int = 4) -> float:
+    """NevaClip's scanpath plausibility written out: FixaTons' letters (cells of ``width // 4`` x
+    ``height // 4`` px, coordinates truncated, points past the last cell clipped into it), each window of
+    ``k`` model letters matched to its nearest window of human letters by nltk's edit distance with
+    transpositions, / k, averaged; 1 minus that, averaged over the humans with at least ``k`` fixations."""
+    from nltk import edit_distance
+
+    def letters(xy):
+        step_x, step_y = int(size[0]) // grid, int(size[1]) // grid
+        out = ""
+        for x, y in np.asarray(xy, dtype=float):
+            col, row = min(max(int(x) // step_x, 0), grid - 1), min(max(int(y) // step_y, 0), grid - 1)
+            out += chr(ord("a") + row * grid + col)
+        return out
+
+    model = letters(model_xy)
+    scores = []
+    for human in humans_xy:
+        h = letters(human)
+        if len(h) < k or len(model) < k:
+            continue
+        windows = [h[i : i + k] for i in range(len(h) - k + 1)]
+        nearest = [
+            min(edit_distance(model[i : i + k], w, transpositions=True) for w in windows) / k
+            for i in range(len(model) - k + 1)
+        ]
+        scores.append(1 - sum(nearest) / len(nearest))
+    return sum(scores) / len(scores) if scores else float("nan")

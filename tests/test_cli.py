@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -84,8 +85,18 @@ def test_run_prints_and_saves(tmp_path, photo, capsys):
     )
     printed = capsys.readouterr().out
     assert "cat.png:" in printed and "a.jpg:" in printed
-    results = json.loads((out / "results.json").read_text())
+    record = json.loads((out / "results.json").read_text())
+    assert record["task"] == "image-classification" and record["model"] == "test_resnet"
+    assert record["weights"] == "random (seed 0)"
+    results = record["results"]
     assert len(results) == 2 and all(len(v) == 3 for v in results.values())
+    # the same (seeded) random model in Python gives the same top-3 for the same file
+    expected = attnzoo.pipeline("image-classification", model="test_resnet", weights="none", device="cpu")(
+        str(tmp_path / "cat.png"), top_k=3
+    )
+    got = results[str(tmp_path / "cat.png")]
+    assert [(g["index"], g["label"]) for g in got] == [(p.index, p.label) for p in expected]
+    assert [g["score"] for g in got] == pytest.approx([p.score for p in expected], rel=1e-5)
     assert (out / "cat.png").exists() and (out / "a.png").exists()
     (tmp_path / "imgs" / "b").mkdir()
     photo.save(tmp_path / "imgs" / "b" / "a.jpg")  # the same stem in another folder: its own picture
@@ -199,30 +210,46 @@ def test_models_and_tasks(capsys):
 
 
 def test_demo_writes_pictures_and_says_random(tmp_path, capsys):
+    """The README's first command: every task, random weights said so, and values a second run of the same
+    (seeded) random pipelines reproduces."""
+    import numpy as np
+
+    from attnzoo.datasets.binvox import read_binvox
+    from attnzoo.demo import sample_images, synthetic_views
+    from attnzoo.tasks import list_tasks
+
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
-    assert "RANDOM weights" in out
-    index = json.loads((tmp_path / "demo" / "index.json").read_text())
-    assert index[0]["task"] == "image-classification" and index[0]["pretrained"] is False
-    files = {p.name for p in (tmp_path / "demo" / "image-classification").iterdir()}
-    assert {"chelsea.png", "coffee.png", "astronaut.png", "rocket.png", "motorcycle_left.png", "results.json"} <= files
-    results = json.loads((tmp_path / "demo" / "image-classification" / "results.json").read_text())
-    assert results["pretrained"] is False and len(results["predictions"]["chelsea"]) == 5
-    assert (
-        index[1]["task"] == "multiview-3d-reconstruction" and index[1]["pretrained"] is False
-    )  # LRGT's weights need a manual download
-    files = {p.name for p in (tmp_path / "demo" / "multiview-3d-reconstruction").iterdir()}
-    assert {"table.png", "table.obj", "table.binvox", "results.json"} <= files
-    assert index[2]["task"] == "scanpath" and index[2]["pretrained"] is False  # no network for CLIP RN50 here
-    files = {p.name for p in (tmp_path / "demo" / "scanpath").iterdir()}
-    assert {"astronaut_scanpath.png", "coffee_scanpath.png", "shelf_search.png", "results.json"} <= files
+    assert "RANDOM weights" in out and f"writing results and pictures to {tmp_path / 'demo'}" in out
+    index = {entry["task"]: entry for entry in json.loads((tmp_path / "demo" / "index.json").read_text())}
+    assert set(index) == set(list_tasks()) and not any(e.get("skipped") for e in index.values())
+    assert all(e["pretrained"] is False for e in index.values())  # no network here; LRGT/ACMIL/OAT: none to download
+
+    folder = tmp_path / "demo" / "image-classification"
+    results = json.loads((folder / "results.json").read_text())
+    assert results["pretrained"] is False
+    classify = attnzoo.pipeline("image-classification", model="resnet50.a1_in1k", weights="none", device="cpu")
+    expected = classify(sample_images(("chelsea",))["chelsea"], top_k=5)
+    assert [p["index"] for p in results["predictions"]["chelsea"]] == [p.index for p in expected]
+    assert {f"{name}.png" for name in sample_images()} <= {p.name for p in folder.iterdir()}
+
+    folder = tmp_path / "demo" / "multiview-3d-reconstruction"
+    results = json.loads((folder / "results.json").read_text())
+    voxels = read_binvox(folder / "table.binvox").voxels
+    assert int(voxels.sum()) == results["occupied_voxels"]
+    recon = attnzoo.pipeline("multiview-3d-reconstruction", model="lrgt", weights="none", device="cpu")
+    assert np.array_equal(recon(synthetic_views(3)).voxels, voxels)  # seeded: the same random model, the same cube
+    assert (folder / "table.png").is_file() and (folder / "table.obj").read_text().count("\nv ") > 0
+
     scanpaths = json.loads((tmp_path / "demo" / "scanpath" / "results.json").read_text())["scanpaths"]
     assert len(scanpaths["astronaut"]["xy"]) == 4 and scanpaths["shelf"]["target"] == 13
-    assert (
-        index[3]["task"] == "wsi-classification" and index[3]["pretrained"] is False
-    )  # no ACMIL weights were released
-    files = {p.name for p in (tmp_path / "demo" / "wsi-classification").iterdir()}
-    assert {"synthetic_slide.tif", "heatmap.png", "results.json"} <= files
+    assert {"astronaut_scanpath.png", "coffee_scanpath.png", "shelf_search.png"} <= {
+        p.name for p in (tmp_path / "demo" / "scanpath").iterdir()
+    }
+    slide = json.loads((tmp_path / "demo" / "wsi-classification" / "results.json").read_text())
+    assert slide["patches"] > 50 and sum(slide["probabilities"]) == pytest.approx(1.0, abs=1e-5)
+    inserted = json.loads((tmp_path / "demo" / "subject-insertion" / "results.json").read_text())
+    assert inserted["prompt"] and (tmp_path / "demo" / "subject-insertion" / "insertion.png").is_file()
 
 
 def test_console_script_installed():
@@ -243,3 +270,182 @@ def test_eval_settings_name_local_weights_by_content_stamp(tmp_path):
     os.utime(weights, ns=(1, 1))
     assert _weights_identity(str(weights)) != first
     assert _weights_identity(None) == "pretrained" and _weights_identity("resnet18.a1_in1k") == "resnet18.a1_in1k"
+
+
+def test_random_weights_are_seeded_and_labelled(photo):
+    one = attnzoo.pipeline("image-classification", model="test_resnet", weights="none", device="cpu")
+    two = attnzoo.pipeline("image-classification", model="test_resnet", weights="none", device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(one.model.state_dict().values(), two.model.state_dict().values()))
+    assert one.weights_label == "random (seed 0)" and "random (seed 0)" in repr(one)
+    state = torch.random.get_rng_state()
+    attnzoo.pipeline("image-classification", model="test_resnet", weights="none", device="cpu")
+    assert torch.equal(state, torch.random.get_rng_state())  # the caller's RNG stream is left alone
+    result = one(photo)
+    assert result.weights == "random (seed 0)"
+    from attnzoo.pipelines.base import weights_note
+
+    assert weights_note(one.weights_label) == "random weights" and weights_note("pretrained (x)") == ""
+
+
+def test_run_every_task_kind(tmp_path, capsys, monkeypatch):
+    """3D from a folder of views per object; slides or feature files for WSI; results name model and weights."""
+    from attnzoo.vision.acmil import ACMILGatedAttention
+    from attnzoo.vision.lrgt import LRGT
+    from tests.helpers import register_test_model
+    from tests.pipelines.test_multiview_reconstruction import TINY
+    from tests.shapes3d import primitive, renderings
+    from tests.training.test_wsi_recipe import write_acmil_h5
+
+    register_test_model(monkeypatch, "lrgt_tiny_cli", lambda **kw: LRGT(**TINY, noise_seed=0), like="lrgt")
+    for kind in ("table", "box"):
+        folder = tmp_path / "objects" / kind
+        folder.mkdir(parents=True)
+        for i, view in enumerate(renderings(primitive(kind), n=2)):
+            view.save(folder / f"{i:02d}.png")
+    out = tmp_path / "out3d"
+    assert (
+        main(
+            [
+                "run",
+                "3d-reconstruction",
+                str(tmp_path / "objects" / "table"),
+                str(tmp_path / "objects" / "box"),
+                "--model",
+                "lrgt_tiny_cli",
+                "-w",
+                "none",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    record = json.loads((out / "results.json").read_text())
+    assert record["model"] == "lrgt_tiny_cli" and record["weights"] == "random (seed 0)"
+    assert set(record["results"]) == {str(tmp_path / "objects" / k) for k in ("table", "box")}
+    assert all(r["grid"] == [32, 32, 32] for r in record["results"].values())
+    assert (out / "table.png").is_file() and (out / "box.png").is_file()
+    assert "occupied voxels" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "run",
+                "3d-reconstruction",
+                str(tmp_path / "objects" / "table" / "00.png"),
+                "-m",
+                "lrgt_tiny_cli",
+                "-w",
+                "none",
+            ]
+        )
+        == 1
+    )  # a file where a folder of views is wanted
+    assert "folder" in capsys.readouterr().err
+
+    data = write_acmil_h5(tmp_path / "feats.h5", n_slides=1, dim=512)
+    register_test_model(
+        monkeypatch, "acmil_tiny_cli", lambda **kw: ACMILGatedAttention(in_dim=512, inner_dim=16), like="acmil_ga"
+    )
+    out = tmp_path / "outwsi"
+    assert main(["run", "wsi-classification", str(data), "-m", "acmil_tiny_cli", "-w", "none", "--out", str(out)]) == 0
+    record = json.loads((out / "results.json").read_text())
+    assert record["task"] == "wsi-classification" and len(record["results"]) == 1
+    assert sum(next(iter(record["results"].values()))["probabilities"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_out_must_be_a_folder_and_batching_is_checked_before_writing(tmp_path, photo, capsys):
+    photo.save(tmp_path / "cat.png")
+    (tmp_path / "taken").write_text("mine")
+    assert (
+        main(
+            [
+                "run",
+                "classification",
+                str(tmp_path / "cat.png"),
+                "-m",
+                "test_resnet",
+                "-w",
+                "none",
+                "--out",
+                str(tmp_path / "taken"),
+            ]
+        )
+        == 2
+    )
+    assert "is a file" in capsys.readouterr().err and (tmp_path / "taken").read_text() == "mine"
+    (tmp_path / "data" / "val" / "a").mkdir(parents=True)
+    photo.save(tmp_path / "data" / "val" / "a" / "x.png")
+    for bad in ("-1", "0"):
+        code = main(
+            [
+                "eval",
+                "classification",
+                "--data",
+                str(tmp_path / "data"),
+                "--out",
+                str(tmp_path / "e"),
+                "-m",
+                "test_resnet",
+                "-w",
+                "none",
+                "--batch-size",
+                bad,
+            ]
+        )
+        assert code == 1 and "batch_size" in capsys.readouterr().err
+        assert not (tmp_path / "e" / "run.json").exists()
+
+
+def test_models_marks_attnzoos_own_with_their_tasks(capsys):
+    assert main(["models", "biformer_t*"]) == 0
+    assert capsys.readouterr().out.split("\n")[0] == "biformer_tiny\t[attnzoo: image-classification]"
+    assert main(["models", "nevaclip"]) == 0
+    assert "[attnzoo: scanpath]" in capsys.readouterr().out
+    assert main(["models", "resnet18"]) == 0
+    assert capsys.readouterr().out.strip() == "resnet18"
+
+
+def test_third_party_logs_are_quiet_unless_debug(caplog):
+    import logging
+
+    from attnzoo import cli
+
+    def noisy():
+        logging.error("Failed to download weights (a third-party log line)")
+        logging.getLogger("attnzoo.test").warning("an attnzoo warning")
+
+    with cli._quiet_third_party_logs(debug=False):
+        noisy()
+    assert [r.getMessage() for r in caplog.records] == ["an attnzoo warning"]
+    caplog.clear()
+    with cli._quiet_third_party_logs(debug=True):
+        noisy()
+    assert "Failed to download weights (a third-party log line)" in [r.getMessage() for r in caplog.records]
+    assert main(["tasks", "--debug"]) == 0  # --debug is accepted after the command too
+
+
+def test_demo_leaves_nothing_half_written_and_skips_a_missing_extra(tmp_path, monkeypatch, capsys):
+    from attnzoo import demo
+    from attnzoo.errors import MissingDependencyError
+
+    def broken(out, model, log, device=None):
+        out.mkdir(parents=True)
+        (out / "half.png").write_bytes(b"x")
+        raise RuntimeError("a bug")
+
+    def needs_extra(out, model, log, device=None):
+        raise MissingDependencyError("openslide is needed: pip install 'attnzoo[wsi]'")
+
+    ok = demo.DemoResult("image-classification", "m", False, [])
+    monkeypatch.setattr(demo, "DEMOS", {"image-classification": lambda out, *a, **k: ok, "scanpath": broken})
+    assert main(["demo", "--out", str(tmp_path / "d")]) == 3
+    assert not (tmp_path / "d").exists() and not list(tmp_path.glob(".d.*"))
+    monkeypatch.setattr(demo, "DEMOS", {"image-classification": lambda out, *a, **k: ok, "scanpath": needs_extra})
+    assert main(["demo", "--out", str(tmp_path / "d")]) == 0
+    index = json.loads((tmp_path / "d" / "index.json").read_text())
+    assert index[-1] == {"task": "scanpath", "skipped": "openslide is needed: pip install 'attnzoo[wsi]'"}
+    assert "[scanpath] skipped: openslide is needed" in capsys.readouterr().out
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("keep")
+    assert main(["demo", "--out", str(tmp_path / "mine")]) == 2  # not a demo folder: never replaced
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "keep"

@@ -87,3 +87,64 @@ def test_own_registry_and_list_models():
     assert "unit_toy_net" in attnzoo.list_models("unit_*")
     assert "resnet18" in attnzoo.list_models("resnet1*")
     assert all(n.startswith("resnet18.") for n in attnzoo.list_models("resnet18.*", pretrained=True))
+
+
+def test_pretrained_with_the_hub_unreachable_fails_at_once_with_the_ways_out():
+    """tests/conftest.py makes the Hub unreachable: no retries, and both ways out are named."""
+    with pytest.raises(OfflineError) as info:
+        attnzoo.create_model("resnet18", pretrained=True)
+    message = str(info.value)
+    assert "cannot reach huggingface.co" in message and "resnet18" in message
+    assert "--weights none" in message and "ATTNZOO_OFFLINE=1" in message
+
+
+def test_pretrained_from_the_hugging_face_cache_without_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    from safetensors.torch import save
+
+    cache = tmp_path / "hf"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    torch.manual_seed(5)
+    state = attnzoo.create_model("test_resnet", weights="none").state_dict()
+    snapshot = cache / "models--timm--test_resnet.r160_in1k" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").write_bytes(save(state))
+    (cache / "models--timm--test_resnet.r160_in1k" / "refs").mkdir()
+    (cache / "models--timm--test_resnet.r160_in1k" / "refs" / "main").write_text("a" * 40)
+    model = attnzoo.create_model("test_resnet", pretrained=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_pretrained_from_an_unreachable_url_fails_at_once(monkeypatch, tmp_path):
+    """timm cfgs with a plain URL: the host is probed once, and a cached file would not need it."""
+    import socket
+
+    import timm.models
+    from timm.models import PretrainedCfg
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed once the block ends
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch_hub"))
+    monkeypatch.setattr(
+        timm.models, "resolve_pretrained_cfg", lambda name: PretrainedCfg(url=f"http://127.0.0.1:{port}/rn.pth")
+    )
+    with pytest.raises(OfflineError, match=r"cannot reach 127\.0\.0\.1.*--weights none"):
+        attnzoo.create_model("resnet18", pretrained=True)
+    monkeypatch.setenv("ATTNZOO_OFFLINE", "1")
+    with pytest.raises(OfflineError, match=rf"offline mode.*{tmp_path / 'torch_hub' / 'checkpoints' / 'rn.pth'}"):
+        attnzoo.create_model("resnet18", pretrained=True)
+
+
+def test_list_models_pretrained():
+    from attnzoo.weights import list_checkpoints
+
+    plain, tagged = set(attnzoo.list_models()), attnzoo.list_models(pretrained=True)
+    assert tagged == sorted(tagged) and len(tagged) == len(set(tagged))
+    assert "resnet50.a1_in1k" in tagged and "resnet50" not in tagged and "resnet50" in plain
+    assert all("." in name for name in tagged)  # every name carries the tag of its weights
+    ours = {e.name for e in list_checkpoints()}
+    assert ours and ours <= set(tagged)  # attnzoo's registered checkpoints, timm-shaped or not
+    assert {name.partition(".")[0] for name in tagged} <= plain  # every tagged name is a model create_model knows
+    assert attnzoo.list_models("resnet18.*", pretrained=True) == [n for n in tagged if n.startswith("resnet18.")]
+    assert attnzoo.list_models("no_such_model*", pretrained=True) == []

@@ -144,9 +144,9 @@ def test_a_new_task_is_its_spec(toy_task, tmp_path, capsys):
         == 0
     )
     assert "a.png: 4.000 grey" in capsys.readouterr().out
-    assert json.loads((out / "results.json").read_text()) == {
-        str(image): {"value": pytest.approx(4.0), "label": "grey"}
-    }
+    record = json.loads((out / "results.json").read_text())
+    assert record["model"] == "brightness" and record["weights"] == "random (seed 0)"
+    assert record["results"] == {str(image): {"value": pytest.approx(4.0), "label": "grey"}}
     assert Image.open(out / "a.png").size == (8, 8)
 
     (tmp_path / "data" / "val").mkdir(parents=True)

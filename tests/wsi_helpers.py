@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 #: Tissue segmentation for these slides: they are far smaller than CLAM's 100-reference-patch minimum region.
 SEG = {"a_t": 1, "a_h": 1}
@@ -92,6 +93,64 @@ def write_slide(
     return path
 
 
+def write_section_slide(
+    path: Path,
+    width: int = 8192,
+    height: int = 6144,
+    sections=((3900, 3000, 3500, 2600, (205, 120, 175)), (7600, 600, 250, 200, (150, 85, 165))),
+) -> Path:
+    """A slide the size of a small real one at 40x (0.25 µm/px, Aperio description): flat H&E-coloured
+    ellipses (by default a tissue section larger than CLAM's 100 reference patches, and a speck of
+    debris smaller), written tile by tile so the level-0 image is never in memory."""
+    import tifffile
+
+    tile = 256
+
+    def tiles(ds: int):
+        for ty in range(0, -(-height // ds), tile):
+            for tx in range(0, -(-width // ds), tile):
+                y, x = np.ogrid[ty : ty + tile, tx : tx + tile]
+                block = np.full((tile, tile, 3), 255, np.uint8)
+                for cx, cy, rx, ry, colour in sections:
+                    block[((x * ds - cx) / rx) ** 2 + ((y * ds - cy) / ry) ** 2 < 1] = colour
+                yield block
+
+    description = f"Aperio Image Library v12.0.0\r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) RAW|MPP = 0.25|AppMag = 40"
+    with tifffile.TiffWriter(path) as tw:
+        for ds in (1, 4, 16, 64):
+            tw.write(
+                tiles(ds),
+                shape=(-(-height // ds), -(-width // ds), 3),
+                dtype=np.uint8,
+                tile=(tile, tile),
+                compression="zlib",
+                photometric="rgb",
+                description=description if ds == 1 else None,
+                resolution=(4e4 / ds, 4e4 / ds),
+                resolutionunit="CENTIMETER",
+                subfiletype=0 if ds == 1 else 1,
+                metadata=None,
+            )
+    return path
+
+
+class TinyEncoder(torch.nn.Module):
+    """A fast, deterministic stand-in for a patch encoder: [B, 3, H, W] -> [B, 8]."""
+
+    def __init__(self, fail_after: int | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 4, stride=4)
+        self.calls, self.rows, self.fail_after = 0, 0, fail_after
+
+    def forward(self, x):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("simulated crash")
+        self.calls += 1
+        self.rows += x.shape[0]
+        return torch.relu(self.conv(x)).mean(dim=(2, 3))
+
+
 def write_test_slides(root: Path) -> dict[str, Path]:
     """The slides the WSI tests share: an Aperio .svs, a generic TIFF at 0.5 µm/px, a blank slide and a plain PNG."""
     from PIL import Image
@@ -105,3 +164,27 @@ def write_test_slides(root: Path) -> dict[str, Path]:
     Image.fromarray(slide_image(1024, 768, blobs=((500, 380, 330, 260, (200, 110, 170)),))).save(root / "plain.png")
     out["png"] = root / "plain.png"
     return out
+
+
+#: Tissue segmentation for the cohort slides (smaller still than the default slide).
+COHORT_SEG = {"a_t": 0.1, "a_h": 0.1}
+#: (width, height) of each cohort slide: different sizes, so sharding by size has something to balance.
+COHORT_SIZES = ((1536, 1024), (1024, 768), (1280, 1024), (768, 768), (1024, 1024))
+
+
+def write_cohort(root: Path, sizes=COHORT_SIZES, corrupt: str | None = "corrupt.tif") -> list[Path]:
+    """A small cohort: pyramidal slides ``s0.tif, s1.tif, ...`` of ``sizes``, each with two tissue blobs
+    (tissue under :data:`COHORT_SEG`), plus ``corrupt`` (a truncated copy of the first, which no reader opens)."""
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (w, h) in enumerate(sizes):
+        blobs = (
+            (w // 3, h // 2, w // 5, h // 4, (205, 120, 175)),
+            (2 * w // 3, h // 2, w // 6, h // 5, (150, 85, 165)),
+        )
+        paths.append(write_slide(root / f"s{i}.tif", slide_image(w, h, blobs=blobs, seed=i)))
+    if corrupt is not None:
+        data = paths[0].read_bytes()
+        (root / corrupt).write_bytes(data[: len(data) // 3])
+        paths.append(root / corrupt)
+    return paths

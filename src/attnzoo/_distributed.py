@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+#: How long ranks wait for each other in :meth:`DistributedContext.broadcast_object` and
+#: :meth:`DistributedContext.gather_objects`: ranks of a long job (a cohort of slides) may finish hours
+#: apart, past the process group's default timeout (10 min for NCCL, 30 for gloo). torchrun stops
+#: every rank when one dies, so a long wait never outlives a crash.
+OBJECT_TIMEOUT = timedelta(days=2)
+_OBJECT_GROUPS: dict[tuple[int, int], Any] = {}
 
 
 @dataclass(frozen=True)
@@ -22,6 +31,27 @@ class DistributedContext:
 
             dist.barrier()
 
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (a picklable Python object; the others pass anything)."""
+        if self.world_size <= 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=_object_group(self))
+        return box[0]
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank; also a barrier that waits up to
+        :data:`OBJECT_TIMEOUT` (a plain :meth:`barrier` gives up after the group's default timeout)."""
+        if self.world_size <= 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=_object_group(self))
+        return out
+
 
 def distributed_context() -> DistributedContext:
     """Join the process group ``torchrun`` set up (NCCL on GPUs, gloo on the CPU), if any."""
@@ -38,3 +68,14 @@ def distributed_context() -> DistributedContext:
             torch.cuda.set_device(local)
         dist.init_process_group(backend)
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local)
+
+
+def _object_group(ctx: DistributedContext) -> Any:
+    """A gloo group over every rank for Python objects (CPU tensors, whatever the default backend is)
+    with :data:`OBJECT_TIMEOUT`; made on first use, which every rank reaches at the same call."""
+    import torch.distributed as dist
+
+    key = (ctx.world_size, id(dist.group.WORLD))  # a new default group (after destroy + init) gets its own
+    if key not in _OBJECT_GROUPS:
+        _OBJECT_GROUPS[key] = dist.new_group(backend="gloo", timeout=OBJECT_TIMEOUT)
+    return _OBJECT_GROUPS[key]

@@ -1,14 +1,42 @@
-"""Small file helpers shared by every layer: nothing a user saved is ever half-written."""
+"""Small file helpers shared by every layer: nothing a user saved is ever half-written, and
+nothing a user hands us to read ends in a parser's raw exception."""
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
+import struct
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from attnzoo.errors import AttnzooError, DatasetFormatError
+
+#: What parsers (json, csv, zipfile, xml, PIL, h5py, scipy.io, sqlite3, torch.load) raise on malformed
+#: bytes: OSError and ValueError cover most (UnicodeDecodeError, JSONDecodeError, BadGzipFile, h5py's
+#: errors); the rest are what a damaged file makes a parser trip over (deep nesting, a short read, a
+#: size field that does not fit). Only ever caught around a parser call, never around our own logic.
+PARSE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    ValueError,
+    EOFError,
+    RecursionError,
+    OverflowError,
+    MemoryError,
+    SyntaxError,  # xml.etree.ElementTree.ParseError, PIL's "not a ... file"
+    struct.error,
+    zlib.error,
+    zipfile.BadZipFile,
+    csv.Error,
+)
+#: What navigating a damaged container (HDF5 groups, .mat structs, a pickled dict) raises: a member
+#: missing or of the wrong kind; h5py and torch.load raise RuntimeError for damaged internals.
+STRUCTURE_ERRORS: tuple[type[BaseException], ...] = (KeyError, IndexError, TypeError, AttributeError, RuntimeError)
 
 
 def _read_umask() -> int:
@@ -64,3 +92,76 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_write(path, "w") as fh:
         fh.write(text)
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    if isinstance(err, MemoryError):
+        return "it claims more memory than there is"
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
+
+
+@contextlib.contextmanager
+def parse_errors(
+    name: str | os.PathLike,
+    what: str,
+    *,
+    error: type[AttnzooError] = DatasetFormatError,
+    also: tuple[type[BaseException], ...] = (),
+) -> Iterator[None]:
+    """Around a parser call: what it raises on malformed input becomes ``error`` naming the input.
+
+    ``also`` adds the exceptions a particular parser uses for damage (``KeyError`` from a format's
+    missing field, scipy's ``MatReadError``, ...). Typed attnzoo errors pass through unchanged.
+    """
+    name = os.fspath(name)
+    try:
+        yield
+    except AttnzooError:
+        raise
+    except FileNotFoundError:
+        raise error(f"{name}: no such file (expected {what})") from None
+    except IsADirectoryError:
+        raise error(f"{name}: is a folder, expected {what}") from None
+    except (*PARSE_ERRORS, *also) as err:
+        raise error(f"{name}: not a readable {what} ({_reason(err)})") from None
+
+
+def read_text(
+    path: str | os.PathLike, what: str = "text file", *, error: type[AttnzooError] = DatasetFormatError
+) -> str:
+    """A UTF-8 text file (a BOM is dropped); anything else is ``error`` naming the file."""
+    with parse_errors(path, what, error=error):
+        return Path(path).read_text(encoding="utf-8-sig")
+
+
+def read_json(
+    path: str | os.PathLike, what: str = "JSON file", *, error: type[AttnzooError] = DatasetFormatError
+) -> Any:
+    """A JSON file; bad encoding, syntax or nesting is ``error`` naming the file (with the line)."""
+    text = read_text(path, what, error=error)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise error(
+            f"{os.fspath(path)}: not valid JSON (malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}); "
+            f"expected {what}"
+        ) from None
+    except RecursionError:
+        raise error(f"{os.fspath(path)}: JSON nested too deeply to be {what}") from None
+
+
+def read_csv_rows(
+    path: str | os.PathLike, what: str = "CSV file", *, error: type[AttnzooError] = DatasetFormatError
+) -> tuple[list[str], list[dict[str, str]]]:
+    """The header and the rows of a UTF-8 CSV file (cells and names stripped; short rows padded with '')."""
+    with parse_errors(path, what, error=error), open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        header = [(h or "").strip() for h in (reader.fieldnames or [])]
+        rows = [
+            {(k or "").strip(): v.strip() if isinstance(v, str) else "" for k, v in row.items() if k is not None}
+            for row in reader
+        ]
+    return header, rows

@@ -6,9 +6,12 @@ shows the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -85,7 +88,10 @@ def _param(name: str, annotation: Any, default: Any = inspect.Parameter.empty) -
 def _option_params(options: tuple[Option, ...]) -> list[inspect.Parameter]:
     params = []
     for o in options:
-        if o.type is bool:
+        if o.type is bool and o.default is None:  # tri-state: --x / --no-x / unset
+            flags = f"{o.flag}/--no-{o.flag[2:]}"
+            params.append(_param(o.name, Annotated[Optional[bool], typer.Option(flags, help=o.help)], None))  # noqa: UP045
+        elif o.type is bool:
             params.append(_param(o.name, Annotated[bool, typer.Option(o.flag, help=o.help)], bool(o.default)))
         else:
             params.append(_param(o.name, Annotated[Optional[o.type], typer.Option(o.flag, help=o.help)], None))  # noqa: UP045
@@ -94,6 +100,7 @@ def _option_params(options: tuple[Option, ...]) -> list[inspect.Parameter]:
 
 def _command(fn: Any, params: list[inspect.Parameter], spec: Any, command: str) -> Any:
     def callback(**kwargs: Any) -> None:
+        _check_out(kwargs.get("out"))
         fn(spec, **kwargs)
 
     callback.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
@@ -126,7 +133,8 @@ def _run_params(spec: Any) -> list[inspect.Parameter]:
         inspect.Parameter(
             "inputs",
             inspect.Parameter.POSITIONAL_OR_KEYWORD,
-            annotation=Annotated[list[str], typer.Argument(help=inputs_help)],
+            default=None,
+            annotation=Annotated[Optional[list[str]], typer.Argument(help=inputs_help)],  # noqa: UP045
         ),
         *_common_model_params(spec),
         _param(
@@ -230,8 +238,15 @@ def _train_params(spec: Any) -> list[inspect.Parameter]:
 
 
 def _given(options: dict[str, Any], spec: Any, command: str) -> dict[str, Any]:
-    """The task options the user gave (a flag left off is not passed on)."""
-    return {o.name: options[o.name] for o in spec.options_for(command) if options.get(o.name) not in (None, False)}
+    """The task options the user gave: a value left unset (None), or an off flag, is not passed on
+    (0 and an explicit --no-x are)."""
+    given = {}
+    for o in spec.options_for(command):
+        value = options.get(o.name)
+        if value is None or (o.type is bool and value is False and o.default is False):
+            continue
+        given[o.name] = value
+    return given
 
 
 def _expand_inputs(inputs: list[str], kind: str) -> list[str]:
@@ -253,7 +268,7 @@ def _expand_inputs(inputs: list[str], kind: str) -> list[str]:
 def _run_task(
     spec: Any,
     *,
-    inputs: list[str],
+    inputs: list[str] | None,
     model: str | None,
     weights: str | None,
     out: Path | None,
@@ -266,6 +281,9 @@ def _run_task(
     from attnzoo.errors import InvalidInputError
     from attnzoo.tasks import pipeline
 
+    # an option named like the pipeline's main input (subject insertion's --target) is one more input
+    primary = {cls.primary_field for cls in spec.pipeline_classes()} & set(options)
+    inputs = [*(inputs or []), *(options.pop(name) for name in sorted(primary) if options.get(name) is not None)]
     files = _expand_inputs(inputs, spec.inputs)
     if not files:
         raise InvalidInputError("no input files given (folders held no images)")
@@ -283,29 +301,36 @@ def _run_task(
     items: list[Any] = (
         [[str(p) for p in list_images(Path(f))] for f in files] if spec.inputs == "folders" else list(files)
     )
-    _run_files(pipe, files, items, out, **fields)
+    _run_files(pipe, files, items, out, model=model or spec.default_model, **fields)
 
 
 def _input_fields(spec: Any) -> set[str]:
     return {name for cls in spec.pipeline_classes() for name in cls.input_fields}
 
 
-def _run_files(pipe: Any, files: list[str], items: list[Any], out: Path | None, **fields: Any) -> None:
-    """``attnzoo run``'s loop for any task: a line per input, unreadable inputs skipped (unless there
-    is only one), then ``results.json`` and a picture per input in ``out``."""
+def _run_files(pipe: Any, files: list[str], items: list[Any], out: Path | None, *, model: str, **fields: Any) -> None:
+    """``attnzoo run``'s loop for any task: a line per input (and a progress bar on a terminal),
+    unreadable inputs skipped (unless there is only one), then ``results.json`` (with the task, model
+    and weights) and a picture per input in ``out``."""
+    from tqdm.auto import tqdm
+
     from attnzoo._io import atomic_write, write_json
     from attnzoo.errors import InvalidInputError
 
     results, failed = {}, []
-    for i, result in pipe.iterate(items, on_error="raise" if len(files) == 1 else "skip", **fields):
-        if isinstance(result, Exception):
-            failed.append(files[i])
-            _echo(f"skipped: {result}", err=True)
-            continue
-        results[files[i]] = result
-        _echo(f"{files[i]}: {result.summary()}")
+    with tqdm(total=len(items), desc=f"{pipe.task}", unit="input", disable=None, leave=False) as bar:
+        for i, result in pipe.iterate(items, on_error="raise" if len(files) == 1 else "skip", **fields):
+            bar.update(1)
+            if isinstance(result, Exception):
+                failed.append(files[i])
+                bar.write(f"skipped: {result}", file=sys.stderr)
+                continue
+            results[files[i]] = result
+            bar.write(f"{files[i]}: {result.summary()}")
     if out is not None and results:
-        write_json(out / "results.json", {f: r.to_dict() for f, r in results.items()})
+        record = {"task": pipe.task, "model": model, "weights": pipe.weights_label, "results": {}}
+        record["results"] = {f: r.to_dict() for f, r in results.items()}
+        write_json(out / "results.json", record)
         taken: set[str] = set()
         for file, result in results.items():
             stem = Path(file).stem or Path(file).name
@@ -316,9 +341,19 @@ def _run_files(pipe: Any, files: list[str], items: list[Any], out: Path | None, 
             taken.add(name)
             with atomic_write(out / f"{name}.png", "wb") as fh:
                 result.plot().save(fh, format="PNG")
+            if hasattr(result, "write_files"):  # a task's own outputs beside the picture (e.g. the inserted image)
+                result.write_files(out, name)
         _echo(f"wrote {len(results) + 1} files to {out}")
     if failed:
         raise InvalidInputError(f"{len(failed)} of {len(files)} inputs could not be read")
+
+
+def _check_out(out: Path | None) -> None:
+    """An output folder that is a file, or cannot be made, is refused before any work."""
+    from attnzoo.errors import InvalidOptionError
+
+    if out is not None and out.exists() and not out.is_dir():
+        raise InvalidOptionError(f"--out {out} is a file; give a folder (it is created if missing)")
 
 
 def _eval_task(
@@ -338,8 +373,10 @@ def _eval_task(
     **options: Any,
 ) -> None:
     from attnzoo.evaluation import evaluate, weights_identity
+    from attnzoo.pipelines.base import check_batching
     from attnzoo.tasks import pipeline
 
+    check_batching(batch_size, 0 if num_workers is None else num_workers)
     evaluator_cls = spec.load_evaluator()
     # the dataset is read (and a bad one refused) before the model loads
     plan = evaluator_cls.plan(
@@ -352,10 +389,23 @@ def _eval_task(
         log=lambda m: _echo(m, err=True),
         **_given(options, spec, "eval"),
     )
-    pipe = pipeline(spec.name, model=plan.model, weights=weights, device=device, dtype=dtype, **plan.pipeline_kwargs)
+    pipes: dict[str, Any] = {}  # one pipeline per distinct set of keywords (e.g. one per method compared)
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
     results = {}
     for name, evaluator, run_settings in plan.runs:
+        kwargs = {**plan.pipeline_kwargs, **(evaluator.pipeline_kwargs or {})}
+        key = repr(sorted(kwargs.items()))
+        if key not in pipes:
+            pipes[key] = pipeline(
+                spec.name,
+                model=plan.model,
+                weights=weights,
+                device=device,
+                dtype=dtype,
+                model_kwargs=plan.model_kwargs or None,
+                **kwargs,
+            )
+        pipe = pipes[key]
         evaluator.check_model(pipe.model)
         settings = {
             "model": plan.model,
@@ -464,11 +514,13 @@ def models(
     pattern: Annotated[str | None, typer.Argument(help="Shell-style filter, e.g. 'biformer*'.")] = None,
     pretrained: Annotated[bool, typer.Option("--pretrained", help="List name.tag entries with weights.")] = False,
 ) -> None:
-    """List model names that create_model and --model accept."""
-    from attnzoo.factory import list_models
+    """List model names that create_model and --model accept; attnzoo's own are marked with their tasks."""
+    from attnzoo.factory import attnzoo_models, list_models
 
+    own = attnzoo_models()
     for name in list_models(pattern, pretrained=pretrained):
-        _echo(name)
+        tasks = own.get(name.partition(".")[0])
+        _echo(f"{name}\t[attnzoo: {', '.join(tasks)}]" if tasks else name)
 
 
 @app.command()
@@ -531,18 +583,15 @@ def weights_verify(
         str | None, typer.Option("--sha256", help="Expected sha256 (default: the registered one).")
     ] = None,
 ) -> None:
-    """Check a checkpoint file against its sha256."""
-    from attnzoo.errors import WeightsError
+    """Check a checkpoint file against its sha256 (with none known, print the file's hash)."""
     from attnzoo.factory import load_families
-    from attnzoo.weights import get_checkpoint, is_checkpoint, resolve_checkpoint, sha256_file, verify_file
+    from attnzoo.weights import verify_report
 
     load_families()
-    expected = sha256 or (get_checkpoint(name).sha256 if is_checkpoint(name) else None)
-    path = resolve_checkpoint(name)
-    if expected is None:
-        raise WeightsError(f"no sha256 known for {name}; pass --sha256 (the file's is {sha256_file(path)})")
-    verify_file(path, expected)
-    _echo(f"OK {path} sha256={expected.lower()}")
+    ok, message = verify_report(name, sha256)
+    _echo(message, err=not ok)
+    if not ok:
+        raise typer.Exit(1)
 
 
 @weights_app.command("convert")
@@ -565,6 +614,116 @@ def weights_convert(
     _echo(f"wrote {path}")
 
 
+extract_app = typer.Typer(
+    help="Features of many inputs at once: whole-slide cohorts, shared between processes under torchrun, resumable.",
+    no_args_is_help=True,
+)
+app.add_typer(extract_app, name="extract")
+
+
+def _segment_setting(text: str) -> tuple[str, Any]:
+    """``--segment a_t=1``: a number, true/false or none; the names are checked with the rest."""
+    import json
+
+    key, sep, raw = text.partition("=")
+    value = raw.strip().lower()
+    if not sep or not key.strip():
+        raise InvalidOptionError(f"--segment takes NAME=VALUE (e.g. a_t=1), got {text!r}")
+    if value in ("none", "null"):
+        return key.strip(), None
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        raise InvalidOptionError(f"--segment {text}: the value must be a number, true/false or none") from None
+
+
+@extract_app.command("wsi-features")
+def extract_wsi_features(
+    slides: Annotated[
+        list[str],
+        typer.Argument(
+            help="Slides: files, folders (their whole-slide files), quoted globs, or CSVs with a slide_path column "
+            "(and optional slide_id, label)."
+        ),
+    ],
+    encoder: Annotated[
+        str,
+        typer.Option(
+            "--encoder", "-e", help="Patch encoder: resnet18 (ACMIL), resnet50_trunc (CLAM) or any timm/attnzoo model."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (made if missing).")],
+    weights: WeightsOpt = None,
+    layout: Annotated[
+        str, typer.Option("--layout", help="attnzoo: OUT/<slide_id>.h5; clam: OUT/h5_files/*.h5 + OUT/pt_files/*.pt.")
+    ] = "attnzoo",
+    magnification: Annotated[float, typer.Option("--magnification", help="Magnification patches are cut at.")] = 20.0,
+    mpp: Annotated[Optional[float], typer.Option("--mpp", help="µm per pixel instead of --magnification.")] = None,  # noqa: UP045
+    patch_size: Annotated[int, typer.Option("--patch-size", help="Patch side (px at that resolution).")] = 256,
+    input_size: Annotated[int, typer.Option("--input-size", help="Side patches are resized to for the encoder.")] = 224,
+    stride: Annotated[Optional[int], typer.Option("--stride", help="Grid step (default: the patch size).")] = None,  # noqa: UP045
+    read_level: Annotated[
+        str,
+        typer.Option(
+            "--read-level", help="base: read level 0 and resize (CLAM, ACMIL); auto: coarsest level fine enough."
+        ),
+    ] = "base",
+    min_tissue: Annotated[float, typer.Option("--min-tissue", help="Fraction of a patch that must be tissue.")] = 0.5,
+    segment: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(
+            "--segment", help="Tissue segmentation setting NAME=VALUE (CLAM's: sthresh, a_t, ...); repeatable."
+        ),
+    ] = None,
+    base_magnification: Annotated[
+        Optional[float], typer.Option("--base-magnification", help="The scan's objective, for files without it.")  # noqa: UP045
+    ] = None,
+    base_mpp: Annotated[
+        Optional[float], typer.Option("--base-mpp", help="The scan's µm per pixel, for files without it.")  # noqa: UP045
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Patches per encoder batch.")] = 64,
+    num_workers: Annotated[int, typer.Option("--num-workers", help="Processes reading patches, per process.")] = 2,
+    device: DeviceOpt = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Stored features: float32 or float16.")] = "float32",
+    amp: Annotated[bool, typer.Option("--amp", help="Run the encoder under autocast.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Remake files made with other settings (default: such a slide fails).")
+    ] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first slide that fails.")] = False,
+) -> None:
+    """Patch features of every slide into OUT, one file per slide, plus OUT/manifest.csv (and labels.csv
+    from a CSV's labels); rerun to resume. Under torchrun the processes share the slides."""
+    from attnzoo.pipelines.wsi_cohort import extract_cohort
+
+    result = extract_cohort(
+        slides,
+        encoder,
+        out,
+        layout=layout,
+        weights=weights,
+        strict=strict,
+        overwrite="stale" if overwrite else False,
+        log=lambda m: _echo(m, err=True),
+        magnification=magnification,
+        mpp=mpp,
+        patch_size=patch_size,
+        input_size=input_size,
+        stride=stride,
+        read_level=read_level,
+        min_tissue=min_tissue,
+        segment_kwargs=dict(_segment_setting(s) for s in segment or ()),
+        base_magnification=base_magnification,
+        base_mpp=base_mpp,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        dtype=dtype,
+        amp=amp,
+    )
+    if result.manifest is not None:  # rank 0
+        _echo(result.summary())
+
+
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
     """(Exit, Abort, ClickException) from typer and click: newer typer versions vendor click."""
     exits, aborts, errors = [typer.Exit], [typer.Abort], []
@@ -585,21 +744,8 @@ def main(argv: list[str] | None = None) -> int:
     args = [a for a in args if a != "--debug"]  # accepted anywhere, not only before the command
     exit_types, abort_types, click_errors = _click_exception_types()
     try:
-        _add_task_commands()
-        if len(args) > 1 and args[0] in ("run", "eval", "train") and not args[1].startswith("-"):
-            from attnzoo.tasks import get_task
-
-            get_task(args[1])  # an unknown task: a typed error with suggestions, not click's bare usage error
-        result = app(args=args, prog_name="attnzoo", standalone_mode=False)
-        return result if isinstance(result, int) else 0
-    except exit_types as exc:
-        return exc.exit_code
-    except abort_types:
-        _echo("aborted", err=True)
-        return 130
-    except click_errors as exc:
-        exc.show()
-        return exc.exit_code
+        with _quiet_third_party_logs(debug):
+            return _main(args, exit_types, abort_types, click_errors)
     except AttnzooError as exc:
         if debug:
             raise
@@ -616,6 +762,40 @@ def main(argv: list[str] | None = None) -> int:
             err=True,
         )
         return 3
+
+
+@contextlib.contextmanager
+def _quiet_third_party_logs(debug: bool) -> Iterator[None]:
+    """Other libraries' log lines (open_clip's "Failed to download weights", timm's, the Hub's) stay
+    quiet unless ``--debug``; attnzoo's own warnings still show."""
+    root, own = logging.getLogger(), logging.getLogger("attnzoo")
+    saved = root.level, own.level
+    root.setLevel(logging.WARNING if debug else logging.CRITICAL)
+    own.setLevel(logging.DEBUG if debug else logging.WARNING)
+    try:
+        yield
+    finally:
+        root.setLevel(saved[0])
+        own.setLevel(saved[1])
+
+
+def _main(args: list[str], exit_types: tuple, abort_types: tuple, click_errors: tuple) -> int:
+    try:
+        _add_task_commands()
+        if len(args) > 1 and args[0] in ("run", "eval", "train") and not args[1].startswith("-"):
+            from attnzoo.tasks import get_task
+
+            get_task(args[1])  # an unknown task: a typed error with suggestions, not click's bare usage error
+        result = app(args=args, prog_name="attnzoo", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except exit_types as exc:
+        return exc.exit_code
+    except abort_types:
+        _echo("aborted", err=True)
+        return 130
+    except click_errors as exc:
+        exc.show()
+        return exc.exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover

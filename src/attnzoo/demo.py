@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from attnzoo._io import atomic_path, atomic_write, write_json
-from attnzoo.errors import WeightsError
+from attnzoo.errors import InvalidOptionError, MissingDependencyError, WeightsError
 
 #: Photographs scikit-image ships in its wheel, by the names of their loaders in ``skimage.data``.
 SAMPLE_IMAGES = {
@@ -73,8 +74,7 @@ def _build(task: str, model: str | None, log: Callable[[str], None], **kwargs: A
         with _offline_unless(reachable):
             return pipeline(task, model=model, **kwargs), True, model
     except WeightsError as err:
-        reason = err if reachable or hub.is_offline() else "no network to the Hugging Face Hub and not in its cache"
-        log(f"[{task}] pretrained weights for {model} unavailable ({reason})")
+        log(f"[{task}] pretrained weights for {model} unavailable: {err}")
         log(f"[{task}] using RANDOM weights instead: the predictions below are meaningless")
         return pipeline(task, model=model, weights="none", **kwargs), False, model
 
@@ -150,64 +150,63 @@ def demo_multiview_reconstruction(
     return result
 
 
-def synthetic_slide(path: Path, size: int = 3072) -> Path:
-    """A small pyramidal TIFF (0.25 µm/px, Aperio-style description) with H&E-coloured blobs on white."""
+def synthetic_slide(path: Path, width: int = 8192, height: int = 6144) -> Path:
+    """A pyramidal TIFF the size of a small real slide at 40x (0.25 µm/px, Aperio description): a large
+    H&E-coloured tissue section with a denser region, and a speck of debris on white, written tile by tile
+    (the level-0 image is never in memory). Large enough for the pipeline's default tissue settings
+    (CLAM's, which drop regions under 100 reference patches)."""
     import numpy as np
-    import tifffile
 
-    rng = np.random.default_rng(0)
-    image = np.full((size, size, 3), 255, np.uint8)
-    y, x = np.mgrid[:size, :size]
-    for cx, cy, r, colour in (
-        (0.3, 0.35, 0.18, (205, 120, 175)),
-        (0.68, 0.62, 0.2, (150, 85, 165)),
-        (0.35, 0.75, 0.1, (190, 110, 170)),
-    ):
-        inside = (x - cx * size) ** 2 + (y - cy * size) ** 2 < (r * size) ** 2
-        image[inside] = np.clip(np.array(colour) + rng.normal(0, 12, (int(inside.sum()), 3)), 0, 255).astype(np.uint8)
-    description = (
-        f"Aperio Image Library v12.0.0\r\n{size}x{size} [0,0 {size}x{size}] (256x256) RAW|MPP = 0.25|AppMag = 40"
+    try:
+        import tifffile
+    except ImportError:
+        raise MissingDependencyError(
+            "the synthetic slide is a pyramidal TIFF, which needs tifffile: pip install 'attnzoo[wsi]'"
+        ) from None
+
+    tile = 256
+    sections = (  # centre x, centre y, radius x, radius y, colour (level-0 pixels); later ones paint over earlier
+        (4000, 3100, 3600, 2700, (205, 120, 175)),  # the section: ~116 of CLAM's reference patches
+        (2900, 3600, 1000, 750, (150, 85, 165)),  # a denser region inside it
+        (7800, 400, 150, 110, (190, 110, 170)),  # a speck of debris, too small to count as tissue
     )
+
+    def tiles(ds: int):
+        for ty in range(0, -(-height // ds), tile):
+            for tx in range(0, -(-width // ds), tile):
+                rng = np.random.default_rng(ty * 131 + tx + ds)
+                y, x = np.ogrid[ty : ty + tile, tx : tx + tile]
+                block = np.full((tile, tile, 3), 255, np.uint8)
+                for cx, cy, rx, ry, colour in sections:
+                    inside = ((x * ds - cx) / rx) ** 2 + ((y * ds - cy) / ry) ** 2 < 1
+                    noisy = np.clip(np.array(colour) + rng.normal(0, 12, (int(inside.sum()), 3)), 0, 255)
+                    block[inside] = noisy.astype(np.uint8)
+                yield block
+
+    description = f"Aperio Image Library v12.0.0\r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) RAW|MPP = 0.25|AppMag = 40"
     with atomic_path(path) as partial, tifffile.TiffWriter(partial) as tw:  # tifffile needs a named file
-        tw.write(
-            image,
-            tile=(256, 256),
-            compression="zlib",
-            photometric="rgb",
-            description=description,
-            resolution=(4e4, 4e4),
-            resolutionunit="CENTIMETER",
-            metadata=None,
-        )
-        for ds in (4, 16):
+        for ds in (1, 4, 16, 64):
             tw.write(
-                np.ascontiguousarray(image[::ds, ::ds]),
-                tile=(256, 256),
+                tiles(ds),
+                shape=(-(-height // ds), -(-width // ds), 3),
+                dtype=np.uint8,
+                tile=(tile, tile),
                 compression="zlib",
                 photometric="rgb",
-                subfiletype=1,
+                description=description if ds == 1 else None,
+                resolution=(4e4 / ds, 4e4 / ds),
+                resolutionunit="CENTIMETER",
+                subfiletype=0 if ds == 1 else 1,
                 metadata=None,
             )
     return path
 
 
 def demo_wsi_classification(out: Path, model: str | None, log: Callable[[str], None], device: Any = None) -> DemoResult:
-    from attnzoo.weights import hub
-
-    encoder_weights = None if hub.hub_reachable() else "none"
-    if encoder_weights == "none":
-        log(
-            "[wsi-classification] ResNet18 ImageNet weights unavailable offline: the patch encoder uses RANDOM weights too"
-        )
+    """ACMIL on a synthetic slide with the pipeline's default tiling and tissue settings (ACMIL's recipe);
+    with random weights the patch encoder is random too (no download)."""
     pipe, pretrained, name = _build(
-        "wsi-classification",
-        model,
-        log,
-        device=device,
-        encoder_weights=encoder_weights,
-        feature_dir=out / "features",
-        labels=["normal", "tumour"],
-        segment_kwargs={"a_t": 1},
+        "wsi-classification", model, log, device=device, feature_dir=out / "features", labels=["normal", "tumour"]
     )
     slide = synthetic_slide(out / "synthetic_slide.tif")
     result = pipe(slide)
@@ -247,11 +246,7 @@ def demo_scanpath(out: Path, model: str | None, log: Callable[[str], None], devi
 
     images = sample_images(("astronaut", "coffee"))
     captions = {"astronaut": "an astronaut in a white suit holding a helmet", "coffee": "a cup of coffee on a saucer"}
-    try:
-        pipe, pretrained, name = _build("scanpath", model, log, device=device, batch_size=2)
-    except ImportError as err:
-        log(f"[scanpath] open_clip is not installed ({err}); pip install 'attnzoo[multimodal]'")
-        return DemoResult("scanpath", "nevaclip", False, note="open_clip missing")
+    pipe, pretrained, name = _build("scanpath", model, log, device=device, batch_size=2)
     settings: dict[str, Any] = {}
     if not pretrained:  # a random RN50 gives meaningless (but runnable) scanpaths: keep the search short
         settings = {"fixations": 4, "iterations": 3}
@@ -285,7 +280,57 @@ def demo_scanpath(out: Path, model: str | None, log: Callable[[str], None], devi
     return result
 
 
+def demo_subject_insertion(out: Path, model: str | None, log: Callable[[str], None], device: Any = None) -> DemoResult:
+    """In-Context Brush on two photographs with the tiny RANDOM FLUX.1-Fill configuration (the real model is
+    about 34 GB): the pipeline, the diptych and the attention edit run for real, the pixels it paints are noise."""
+    import numpy as np
+
+    import attnzoo
+
+    log("[subject-insertion] FLUX.1-Fill-dev is about 34 GB: the demo runs a tiny RANDOM FLUX (its result is noise)")
+    images = sample_images(("astronaut", "coffee"))
+    target, subject = images["astronaut"], images["coffee"]
+    mask = np.zeros((target.height, target.width), bool)
+    mask[300:480, 40:220] = True  # the table in the lower left
+    pipe = attnzoo.pipeline("subject-insertion", weights="none", device=device, panel_size=64, steps=4)
+    result = pipe(target, subject=subject, mask=mask, prompt="a cup of coffee on the table", seed=0)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / "insertion.png", "wb") as fh:
+        result.plot().save(fh, format="PNG")
+    files = [out / "insertion.png", *result.write_files(out, "astronaut")]
+    write_json(out / "results.json", {"model": "flux_fill (tiny, random)", "pretrained": False, **result.to_dict()})
+    log(f"[subject-insertion] astronaut + coffee: {result.summary()} (tiny random FLUX)")
+    return DemoResult("subject-insertion", "flux_fill", False, [*files, out / "results.json"])
+
+
+def demo_hallucination_mitigation(
+    out: Path, model: str | None, log: Callable[[str], None], device: Any = None
+) -> DemoResult:
+    """VAR on a photograph with the tiny RANDOM LLaVA-1.5 (the real model is about 14 GB): the prompt
+    template, the attention edit and the attention picture run for real, the answers are gibberish."""
+    import attnzoo
+
+    log(
+        "[hallucination-mitigation] LLaVA-1.5-7B is about 14 GB: the demo runs a tiny RANDOM LLaVA "
+        "(its answers are gibberish), with VAR on made-up sink dimensions 3, 7 and tau 2"
+    )
+    image = sample_images(("chelsea",))["chelsea"]
+    question = "Is there a cat in the image?"
+    pipe = attnzoo.pipeline("hallucination-mitigation", weights="none", device=device, max_new_tokens=8)
+    result = pipe(image, question=question, method="var", sink_dims=(3, 7), tau=2.0, return_attention=True)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / "chelsea.png", "wb") as fh:
+        result.plot().save(fh, format="PNG")
+    write_json(out / "results.json", {"model": "tiny random LLaVA-1.5", "pretrained": False, **result.to_dict()})
+    log(f"[hallucination-mitigation] chelsea: {result.summary()} (tiny random LLaVA)")
+    return DemoResult(
+        "hallucination-mitigation", "llava-hf/llava-1.5-7b-hf", False, [out / "chelsea.png", out / "results.json"]
+    )
+
+
 DEMOS: dict[str, Callable[..., DemoResult]] = {
+    "hallucination-mitigation": demo_hallucination_mitigation,
+    "subject-insertion": demo_subject_insertion,
     "scanpath": demo_scanpath,
     "wsi-classification": demo_wsi_classification,
     "image-classification": demo_image_classification,
@@ -296,24 +341,64 @@ DEMOS: dict[str, Callable[..., DemoResult]] = {
 def run_demo(
     out_dir: str | Path = "attnzoo-demo", *, device: Any = None, log: Callable[[str], None] = print
 ) -> list[DemoResult]:
-    """Run the demo of every registered task that has one; results land in ``out_dir/<task>/``."""
+    """Run the demo of every registered task that has one; results land in ``out_dir/<task>/``.
+
+    Everything is written into a staging folder first and put in place at the end, so a failed run
+    leaves no half-written ``out_dir``; a task whose optional package is missing is skipped with a
+    one-line reason.
+    """
     from attnzoo.tasks import list_tasks
 
-    out = Path(out_dir)
-    results = []
-    for task in list_tasks():
-        demo = DEMOS.get(task)
-        if demo is None:
-            log(f"[{task}] no demo yet")
-            continue
-        results.append(demo(out / task, None, log, device=device))
-    index = [
-        {"task": r.task, "model": r.model, "pretrained": r.pretrained, "files": [str(f) for f in r.files]}
-        for r in results
-    ]
-    write_json(out / "index.json", index)
-    log(f"wrote {sum(len(r.files) for r in results)} files to {out}/ (see {out / 'index.json'})")
+    out = Path(out_dir).absolute()
+    if out.exists() and not out.is_dir():
+        raise InvalidOptionError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "index.json").is_file():
+        raise InvalidOptionError(
+            f"--out {out} holds other files (no index.json of an earlier demo): choose another folder"
+        )
+    log(f"attnzoo demo: writing results and pictures to {out}/")
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    results, skipped = [], {}
+    try:
+        for task in list_tasks():
+            demo = DEMOS.get(task)
+            if demo is None:
+                log(f"[{task}] no demo yet")
+                continue
+            try:
+                results.append(demo(staging / task, None, log, device=device))
+            except MissingDependencyError as err:
+                skipped[task] = str(err)
+                log(f"[{task}] skipped: {err}")
+                shutil.rmtree(staging / task, ignore_errors=True)
+        index = [
+            {
+                "task": r.task,
+                "model": r.model,
+                "pretrained": r.pretrained,
+                "files": [str(out / f.relative_to(staging)) for f in r.files],
+            }
+            for r in results
+        ] + [{"task": task, "skipped": reason} for task, reason in skipped.items()]
+        write_json(staging / "index.json", index)
+        _replace_folder(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for r in results:
+        r.files = [out / f.relative_to(staging) for f in r.files]
+    log(f"wrote {sum(len(r.files) for r in results) + 1} files to {out}/ (see {out / 'index.json'})")
     return results
+
+
+def _replace_folder(new: Path, old: Path) -> None:
+    """Put ``new`` where ``old`` is, in two renames; an earlier demo's folder is removed only after."""
+    previous = old.parent / f".{old.name}.old-{os.getpid()}"
+    if old.exists():
+        old.rename(previous)
+    new.rename(old)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 __all__ = ["DEMOS", "DemoResult", "run_demo", "sample_images"]

@@ -37,11 +37,15 @@ class ChecksumError(WeightsError):
 
 
 class OfflineError(WeightsError):
-    """Offline mode is on and a file that is not in the cache was asked for."""
+    """A file that is not cached was asked for while the network cannot be used (offline mode, or its host unreachable)."""
 
 
 class BackendUnavailableError(AttnzooError, RuntimeError):
     """An attention backend was forced but cannot run here (device, dtype, shape, missing package)."""
+
+
+class MissingDependencyError(AttnzooError, ImportError):
+    """An optional package a feature needs is not installed; the message says which extra installs it."""
 
 
 class UnknownNameError(AttnzooError, LookupError):
@@ -66,5 +70,6 @@ __all__ = [
     "ChecksumError",
     "OfflineError",
     "BackendUnavailableError",
+    "MissingDependencyError",
     "UnknownNameError",
 ]

@@ -10,10 +10,12 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import os
+import urllib.parse
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from attnzoo.errors import OfflineError, UnknownNameError, WeightsError
+from attnzoo.errors import UnknownNameError, WeightsError
 from attnzoo.registry import get_model_entry, registered_models
 from attnzoo.weights import hub, registry
 from attnzoo.weights.loading import load_weights
@@ -21,7 +23,12 @@ from attnzoo.weights.loading import load_weights
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-_FAMILY_PACKAGES = ("attnzoo.vision", "attnzoo.multimodal.nevaclip")
+_FAMILY_PACKAGES = (
+    "attnzoo.vision",
+    "attnzoo.multimodal.nevaclip",
+    "attnzoo.multimodal.insertion.models",
+    "attnzoo.multimodal.hallucination.models",
+)
 _families_loaded = False
 
 
@@ -37,19 +44,18 @@ def load_families() -> None:
 def list_models(pattern: str | None = None, *, pretrained: bool = False) -> list[str]:
     """Names ``create_model`` accepts: timm's registry (ours included) and our own models.
 
-    With ``pretrained=True`` the names carry their weight tag (``resnet50.a1_in1k``) and
-    include our registered checkpoints.
+    With ``pretrained=True``, only names with weights: ``model.tag`` (``resnet50.a1_in1k``), timm's
+    and our registered checkpoints.
     """
     import timm
 
     load_families()
     names = set(timm.list_models(pattern or "", pretrained=pretrained))
-    own = set(registered_models())
     if pretrained:
-        own = {e.name for e in registry.list_checkpoints() if get_model_entry(e.model) is not None}
-        names |= {e.name for e in registry.list_checkpoints()}
-    names |= {n for n in own if not pattern or fnmatch.fnmatch(n, pattern)}
-    return sorted(n for n in names if not pattern or fnmatch.fnmatch(n, pattern))
+        names |= {e.name for e in registry.list_checkpoints(pattern)}
+    else:
+        names |= {n for n in registered_models() if not pattern or fnmatch.fnmatch(n, pattern)}
+    return sorted(names)
 
 
 def _split_name(name: str) -> tuple[str, str | None]:
@@ -76,7 +82,7 @@ def create_model(
 
     load_families()
     base, tag = _split_name(name)
-    own_entry = get_model_entry(base)
+    own_entry = get_model_entry(name if "/" in name else base)  # a Hub id may name one of our models
     if own_entry is None and not timm.is_model(base):
         raise UnknownNameError("model", name, list_models())
     if isinstance(weights, str) and weights.strip().lower() == "none":
@@ -93,6 +99,8 @@ def create_model(
         entry = registry.get_checkpoint(os.fspath(weights))
 
     if own_entry is not None and own_entry.own_weights:
+        if weights is None and pretrained and name in own_entry.hub_ids:
+            weights = name  # the Hub id given as the model name is what to load
         model = own_entry.fn(pretrained=pretrained, weights=weights, **kwargs)
         return _placed(model, device, dtype)
     if own_entry is not None:
@@ -148,7 +156,8 @@ def _apply_preprocess(model: Any, entry: registry.CheckpointEntry) -> None:
 
 
 def _timm_pretrained(name: str, **kwargs: Any) -> torch.nn.Module:
-    """timm's own pretrained weights, found in the HF cache first so offline use is instant."""
+    """timm's own pretrained weights, from a cache first; offline or with the host unreachable, a
+    file that is not cached fails at once with the ways out instead of after the Hub's retries."""
     import timm
     from timm.models import resolve_pretrained_cfg
 
@@ -159,20 +168,18 @@ def _timm_pretrained(name: str, **kwargs: Any) -> torch.nn.Module:
     if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
         raise WeightsError(f"no pretrained weights are known for {name}; pass weights=PATH or pretrained=False")
     overlay: dict[str, Any] = {}
+    what = f"timm's pretrained weights for {name}"
     if cfg.hf_hub_id:
         cached = _hf_cached(cfg.hf_hub_id, cfg.hf_hub_filename)
         if cached:
             overlay = {"file": cached}
-        elif hub.is_offline():
-            raise OfflineError(
-                f"offline mode (ATTNZOO_OFFLINE/HF_HUB_OFFLINE) and the timm weights {cfg.hf_hub_id} are not in the "
-                "Hugging Face cache: fetch them once online, or download model.safetensors from "
-                f"https://huggingface.co/{cfg.hf_hub_id} and pass weights=PATH"
-            )
-    elif hub.is_offline():
-        raise OfflineError(
-            f"offline mode and {name}'s weights ({cfg.url}) are not cached: download them and pass weights=PATH"
-        )
+        else:
+            hub.ensure_can_download(what, f"{hub.hf_endpoint()}/{cfg.hf_hub_id}", _hf_cache_dir())
+    elif cfg.url and not cfg.file:
+        url, filename = cfg.url if isinstance(cfg.url, tuple) else (cfg.url, None)  # timm allows (url, filename)
+        cached_url = _torch_hub_file(url, filename)
+        if not cached_url.is_file():
+            hub.ensure_can_download(what, url, cached_url)
     try:
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay or None, **kwargs)
     except (OSError, RuntimeError, ValueError) as err:
@@ -187,3 +194,16 @@ def _hf_cached(repo_id: str, filename: str | None) -> str | None:
         if isinstance(found, str):
             return found
     return None
+
+
+def _hf_cache_dir() -> Path:
+    import huggingface_hub.constants
+
+    return Path(huggingface_hub.constants.HF_HUB_CACHE)
+
+
+def _torch_hub_file(url: str, filename: str | None = None) -> Path:
+    """Where timm keeps a checkpoint it downloads from a plain URL (torch.hub's checkpoints folder)."""
+    import torch.hub
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / (filename or Path(urllib.parse.urlsplit(url).path).name)

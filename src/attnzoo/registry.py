@@ -26,6 +26,9 @@ class ModelEntry:
     own_weights: bool = False
     """The builder takes ``pretrained=`` and ``weights=`` itself (e.g. NevaClip's open_clip tags)
     instead of having a state dict loaded into the model it returns."""
+    hub_ids: tuple[str, ...] = ()
+    """Hugging Face Hub ids that also name this model (``black-forest-labs/FLUX.1-Fill-dev``): given as
+    the model name, the builder loads that id as its weights."""
 
 
 _MODELS: dict[str, ModelEntry] = {}
@@ -38,13 +41,16 @@ def register_model(
     family: str | None = None,
     tasks: tuple[str, ...] | str = (),
     own_weights: bool = False,
+    hub_ids: tuple[str, ...] = (),
 ) -> Any:
     """Register a builder of a non-timm model under ``name`` (default: the function's name)."""
 
     def wrap(f: _F) -> _F:
         served = (tasks,) if isinstance(tasks, str) else tuple(tasks)
         key = name or f.__name__
-        _MODELS[key] = ModelEntry(key, f, family or f.__module__.rsplit(".", 1)[-1], served, own_weights)
+        _MODELS[key] = ModelEntry(
+            key, f, family or f.__module__.rsplit(".", 1)[-1], served, own_weights, tuple(hub_ids)
+        )
         return f
 
     return wrap(fn) if fn is not None else wrap
@@ -55,7 +61,10 @@ def unregister_model(name: str) -> None:
 
 
 def get_model_entry(name: str) -> ModelEntry | None:
-    """The entry of ``name`` (a ``.tag`` suffix is ignored), or None for timm's models."""
+    """The entry of ``name`` (a ``.tag`` suffix is ignored, a Hub id finds the model it names), or None
+    for timm's models."""
+    if "/" in name:
+        return next((e for e in _MODELS.values() if name in e.hub_ids), None)
     return _MODELS.get(name.partition(".")[0])
 
 

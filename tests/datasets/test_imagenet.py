@@ -138,3 +138,11 @@ def test_a_missing_split_is_not_read_as_classes(tmp_path):
         read_classification_folder(tmp_path, "val")  # not two classes named 'test' and 'train'
     assert read_classification_folder(tmp_path, "test").classes == ["cat", "dog"]
     assert read_classification_folder(tmp_path / "train", "val").classes == ["cat", "dog"]  # a folder of classes
+
+
+def test_a_link_loop_lists_each_image_once(tmp_path):
+    jpeg(tmp_path / "cat" / "a.jpg")
+    (tmp_path / "cat" / "again").symlink_to(tmp_path / "cat", target_is_directory=True)
+    (tmp_path / "dog").symlink_to(tmp_path / "cat", target_is_directory=True)  # a class that is a link still counts
+    data = read_image_folder(tmp_path)
+    assert [(p.relative_to(tmp_path).as_posix(), t) for p, t in data.samples] == [("cat/a.jpg", 0), ("dog/a.jpg", 1)]

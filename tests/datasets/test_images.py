@@ -1,5 +1,4 @@
 import io
-import time
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ from PIL import Image
 from attnzoo.datasets import images
 from attnzoo.datasets.images import load_image
 from attnzoo.errors import InvalidInputError
-from tests.helpers import png_header_only, write_png
+from tests.helpers import http_server, png_header_only, write_png
 
 
 def test_inputs_of_every_kind_agree(photo, tmp_path):
@@ -104,20 +103,54 @@ def test_missing_file_and_directory(tmp_path):
         load_image(tmp_path)
 
 
-def test_huge_png_refused_before_decoding(tmp_path):
+@pytest.fixture
+def forbid_decoding(monkeypatch):
+    """Call it once the test's files are written: from then on, decoding any image's pixels fails
+    the test (refusals must come from the header)."""
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("an image was decoded")
+
+    def forbid():
+        monkeypatch.setattr(Image.Image, "load", refuse)
+        monkeypatch.setattr(Image.Image, "draft", refuse)
+
+    return forbid
+
+
+def test_huge_png_refused_before_decoding(tmp_path, forbid_decoding):
     path = png_header_only(tmp_path / "huge.png", 20000, 20000)
-    start = time.perf_counter()
+    forbid_decoding()
     with pytest.raises(InvalidInputError, match=r"huge.png: 20000x20000 image exceeds"):
         load_image(path)
-    assert time.perf_counter() - start < 5  # refused from the header: no 1.2 GB decode happened
 
 
-def test_oversized_jpeg_decodes_at_reduced_scale(photo, tmp_path, monkeypatch):
+def jpeg_claiming(photo, width: int, height: int) -> bytes:
+    """A real small JPEG whose frame header (SOF0) is rewritten to claim ``width x height``."""
+    buf = io.BytesIO()
+    photo.save(buf, format="JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def test_jpeg_header_over_the_limit_is_refused_before_decoding(photo, tmp_path, forbid_decoding):
+    path = tmp_path / "bomb.jpg"
+    path.write_bytes(jpeg_claiming(photo, 65000, 65000))
+    forbid_decoding()
+    with pytest.raises(InvalidInputError, match=r"bomb.jpg: 65000x65000 image exceeds the 178,956,970-pixel limit"):
+        load_image(path)
+
+
+def test_oversized_jpeg_is_refused_and_max_pixels_raises_the_limit(photo, tmp_path, monkeypatch):
     photo.resize((400, 300)).save(tmp_path / "big.jpg")
     monkeypatch.setattr(images, "MAX_PIXELS", 20_000)
-    out = load_image(tmp_path / "big.jpg")
-    assert out.width * out.height <= 20_000 and out.width >= 400 // 8
-    assert abs(out.width / out.height - 4 / 3) < 0.05
+    with pytest.raises(InvalidInputError, match=r"big.jpg: 400x300 image exceeds the 20,000-pixel limit"):
+        load_image(tmp_path / "big.jpg")
+    assert load_image(tmp_path / "big.jpg", max_pixels=120_000).size == (400, 300)
+    with pytest.raises(InvalidInputError, match="exceeds the 100-pixel limit"):
+        load_image(tmp_path / "big.jpg", max_pixels=100)
 
 
 @pytest.mark.parametrize(
@@ -142,3 +175,77 @@ def test_half_precision_tensors_load():
     x = torch.rand(3, 8, 8)
     for dtype in (torch.bfloat16, torch.float16):
         assert np.array_equal(np.asarray(load_image(x.to(dtype))), np.asarray(load_image(x.to(dtype).float())))
+
+
+# ---- images as http(s) URLs (a local server: tests never reach the internet) ---------------------------------
+
+
+def test_url_images_load_like_files(photo, tmp_path):
+    buf = io.BytesIO()
+    photo.save(buf, format="PNG")
+    with http_server({"/cat.png": buf.getvalue()}) as (base, requests):
+        out = load_image(f"{base}/cat.png")
+    assert np.array_equal(np.asarray(out), np.asarray(photo)) and requests == [("/cat.png", None)]
+
+
+def test_url_failures_are_typed_and_name_the_url(photo, tmp_path, monkeypatch):
+    buf = io.BytesIO()
+    photo.save(buf, format="JPEG")
+    bomb = png_header_only(tmp_path / "bomb.png", 20000, 20000).read_bytes()
+    files = {"/cat.jpg": buf.getvalue(), "/bomb.png": bomb, "/text": b"<html>not an image</html>", "/empty": b""}
+    with http_server(files) as (base, _):
+        for path, message in [
+            ("/missing.jpg", "HTTP 404"),
+            ("/bomb.png", "20000x20000 image exceeds"),
+            ("/text", "not an image format"),
+            ("/empty", "empty file"),
+        ]:
+            with pytest.raises(InvalidInputError, match=message) as info:
+                load_image(base + path)
+            assert base + path in str(info.value)
+        monkeypatch.setattr(images, "MAX_DOWNLOAD_BYTES", 1000)
+        with pytest.raises(InvalidInputError, match="over the 1,000-byte limit"):
+            load_image(f"{base}/cat.jpg")
+
+
+def test_url_dropped_mid_body_is_typed(photo):
+    buf = io.BytesIO()
+    photo.save(buf, format="JPEG")
+    with http_server({"/cut.jpg": buf.getvalue()}, cut_after={"/cut.jpg": 100}) as (base, _):
+        with pytest.raises(InvalidInputError, match="cut.jpg"):
+            load_image(f"{base}/cut.jpg")
+
+
+def test_url_unreachable_or_silent_host_fails_fast(monkeypatch):
+    import socket
+
+    monkeypatch.setattr(images, "URL_TIMEOUT", 0.5)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    with pytest.raises(InvalidInputError, match=f"127.0.0.1:{port}/x.jpg: cannot download"):
+        load_image(f"http://127.0.0.1:{port}/x.jpg")
+    import urllib.request
+
+    timeouts = []
+    real_urlopen = urllib.request.urlopen
+
+    def urlopen(request, *args, timeout=None, **kwargs):
+        timeouts.append(timeout)
+        return real_urlopen(request, *args, timeout=timeout, **kwargs)
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    with socket.socket() as silent:  # accepts connections (backlog) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        with pytest.raises(InvalidInputError, match="cannot download"):
+            load_image(f"http://127.0.0.1:{silent.getsockname()[1]}/x.jpg")
+    assert timeouts == [0.5]  # every request carries the short timeout, so a silent host cannot hang us
+
+
+def test_url_in_offline_mode_is_refused_without_a_request(monkeypatch):
+    monkeypatch.setenv("ATTNZOO_OFFLINE", "1")
+    with http_server({"/a.png": b""}) as (base, requests):
+        with pytest.raises(InvalidInputError, match="offline mode"):
+            load_image(f"{base}/a.png")
+    assert requests == []

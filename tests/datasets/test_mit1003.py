@@ -271,3 +271,16 @@ def test_natural_sort_key():
         "i10.jpeg",
         "i100.jpeg",
     ]
+
+
+def test_detection_looks_where_the_reader_looks(tmp_path):
+    from attnzoo.datasets.scanpaths import detect_scanpath_dataset
+
+    scan = [{"n": 0, "subject": 0, "xs": [1.0], "ys": [2.0], "ts": [0.5], "durations": [0.2]}]
+    write_mit1003_pysaliency(tmp_path / "deep" / "er" / "MIT1003", {"i1.jpeg": (10, 10)}, scan)
+    with pytest.raises(
+        DatasetFormatError, match="cannot tell"
+    ):  # three levels down is no layout: the tree isn't walked
+        detect_scanpath_dataset(tmp_path)
+    assert detect_scanpath_dataset(tmp_path / "deep" / "er") == "mit1003"
+    assert MIT1003(tmp_path / "deep" / "er").source == "pysaliency"

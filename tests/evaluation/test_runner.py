@@ -219,10 +219,9 @@ def test_eval_under_torchrun_shards_and_gathers(imagenet_tree, tmp_path):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # the rendezvous binds a free port itself: nothing fixed to collide with
         "--nproc_per_node",
         "2",
-        "--master_port",
-        "29523",
         "-m",
         "attnzoo.cli",
         *args,

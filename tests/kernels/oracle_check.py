@@ -1,5 +1,6 @@
 """What every kernel test does: run an op on one backend, forward and backward, and hold it
-against the oracle (``attnzoo.kernels.oracle``) evaluated in fp64 on the same inputs."""
+against the oracle (``attnzoo.kernels.oracle``) evaluated in fp64 on the same inputs, on the
+device the backend runs on (``triton_device`` / ``kernel_device`` in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,25 @@ import torch
 import attnzoo.kernels as K
 
 FP32_TOL = dict(atol=2e-5, rtol=1e-4)
+BF16_TOL = dict(atol=2e-2, rtol=2e-2)  # 8 mantissa bits; checked natively on CUDA only
 
 
-def heads_first_qkv(B=2, H=2, N=20, D=16, dtype=torch.float32, seed=0, Nk=None):
+def tolerance(dtype: torch.dtype, fp16: float) -> dict[str, float]:
+    """The tolerance of an op's check in ``dtype``; ``fp16`` is the op's own (its rounding steps differ)."""
+    return {torch.float32: FP32_TOL, torch.float16: dict(atol=fp16, rtol=fp16), torch.bfloat16: BF16_TOL}[dtype]
+
+
+def to_device(device: str | torch.device, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The tensors (made on the CPU from seeded generators, so every device sees the same values) on ``device``."""
+    return [None if t is None else t.to(device) for t in tensors]
+
+
+def heads_first_qkv(B=2, H=2, N=20, D=16, dtype=torch.float32, seed=0, Nk=None, device="cpu"):
     """q ``[B, H, N, D]`` and k, v ``[B, H, Nk, D]``, seeded."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, N, D, generator=g).to(dtype)
     k, v = (torch.randn(B, H, Nk or N, D, generator=g).to(dtype) for _ in range(2))
-    return q, k, v
+    return tuple(to_device(device, q, k, v))
 
 
 def assert_matches_oracle(
@@ -40,3 +52,19 @@ def assert_matches_oracle(
     torch.testing.assert_close(out.double(), ref, **tol)
     for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got.double(), want, **tol)
+
+
+def assert_flex_matches_oracle(
+    op: Callable[..., torch.Tensor],
+    oracle: Callable[..., torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    tol: dict[str, float],
+) -> None:
+    """The flex backend against the oracle: forward and backward where it is compiled (CUDA), the
+    forward alone on the CPU (eager FlexAttention has no backward there)."""
+    if inputs[0].is_cuda:
+        assert_matches_oracle("flex", op, oracle, inputs, tol)
+        return
+    with K.use_backend("flex"):
+        out = op(*inputs)
+    torch.testing.assert_close(out.double(), oracle(*(t.double() for t in inputs)), **tol)

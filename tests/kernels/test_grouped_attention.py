@@ -1,4 +1,5 @@
-"""grouped_attention: every backend equals the oracle, forward and backward."""
+"""grouped_attention: every backend equals the oracle, forward and backward (Triton natively on CUDA
+where a GPU is present, else under the interpreter)."""
 
 import json
 import logging
@@ -10,13 +11,25 @@ import attnzoo.kernels as K
 from attnzoo.errors import BackendUnavailableError, InvalidInputError
 from attnzoo.kernels import oracle as O
 from attnzoo.kernels import torch_impl as T
-from tests.kernels.oracle_check import FP32_TOL, assert_matches_oracle
+from tests.helpers import reference_path, triton_dtypes
+from tests.kernels.oracle_check import FP32_TOL, assert_flex_matches_oracle, assert_matches_oracle, to_device, tolerance
 
 interpret = pytest.mark.interpret
 
 
 def make_case(
-    B=2, Hm=8, Wm=8, H=2, D=16, window=4, topk=2, per_head=False, dtype=torch.float32, seed=0, grouping="window"
+    B=2,
+    Hm=8,
+    Wm=8,
+    H=2,
+    D=16,
+    window=4,
+    topk=2,
+    per_head=False,
+    dtype=torch.float32,
+    seed=0,
+    grouping="window",
+    device="cpu",
 ):
     g = torch.Generator().manual_seed(seed)
     groups = K.window_groups(Hm, Wm, window) if grouping == "window" else K.dilated_groups(Hm, Wm, window)
@@ -30,7 +43,7 @@ def make_case(
             .view(*shape, topk)
             .int()
         )
-    return q, k, v, groups, route
+    return tuple(to_device(device, q, k, v, groups, route))
 
 
 CASES = {
@@ -51,23 +64,22 @@ def oracle_grads(q, k, v, groups, route, scale, d_out):
     return out, torch.autograd.grad(out, leaves, d_out.double())
 
 
-def check_backend(backend, case, dtype):
-    q, k, v, groups, route = make_case(dtype=dtype, **CASES[case])
-    tol = FP32_TOL if dtype == torch.float32 else dict(atol=3e-3, rtol=3e-3)
+def check_backend(backend, case, dtype, device="cpu"):
+    q, k, v, groups, route = make_case(dtype=dtype, device=device, **CASES[case])
     assert_matches_oracle(
         backend,
         lambda a, b, c: K.grouped_attention(a, b, c, groups, route=route, scale=0.3),
         lambda a, b, c: O.grouped_attention(a, b, c, groups, groups, route, 0.3),
         (q, k, v),
-        tol,
+        tolerance(dtype, fp16=3e-3),
     )
 
 
 @interpret
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", triton_dtypes())
 @pytest.mark.parametrize("case", list(CASES))
-def test_triton_matches_oracle(case, dtype):
-    check_backend("triton", case, dtype)
+def test_triton_matches_oracle(case, dtype, triton_device):
+    check_backend("triton", case, dtype, triton_device)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -76,16 +88,22 @@ def test_torch_backend_matches_oracle(case):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_flex_forward_matches_oracle(case):
-    q, k, v, groups, route = make_case(**CASES[case])
-    with K.use_backend("flex"):
-        out = K.grouped_attention(q, k, v, groups, route=route, scale=0.3)
-    torch.testing.assert_close(out, O.grouped_attention(q, k, v, groups, groups, route, 0.3), **FP32_TOL)
+def test_flex_matches_oracle(case, kernel_device):
+    """Compiled, forward and backward, on CUDA; eager and forward only on the CPU."""
+    q, k, v, groups, route = make_case(device=kernel_device, **CASES[case])
+    assert_flex_matches_oracle(
+        lambda a, b, c: K.grouped_attention(a, b, c, groups, route=route, scale=0.3),
+        lambda a, b, c: O.grouped_attention(a, b, c, groups, groups, route, 0.3),
+        (q, k, v),
+        FP32_TOL,
+    )
 
 
 @interpret
-def test_triton_gradcheck_fp64():
-    q, k, v, groups, route = make_case(B=1, Hm=4, Wm=6, window=(2, 3), H=1, topk=2, dtype=torch.float64)
+def test_triton_gradcheck_fp64(triton_device):
+    q, k, v, groups, route = make_case(
+        B=1, Hm=4, Wm=6, window=(2, 3), H=1, topk=2, dtype=torch.float64, device=triton_device
+    )
     leaves = [t.requires_grad_() for t in (q, k, v)]
     with K.use_backend("triton"):
         assert torch.autograd.gradcheck(
@@ -94,8 +112,8 @@ def test_triton_gradcheck_fp64():
 
 
 @interpret
-def test_triton_backward_is_deterministic():
-    q, k, v, groups, route = make_case(topk=3)
+def test_triton_backward_is_deterministic(triton_device):
+    q, k, v, groups, route = make_case(topk=3, device=triton_device)
     runs = []
     for _ in range(2):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -106,25 +124,28 @@ def test_triton_backward_is_deterministic():
 
 
 @interpret
-def test_triton_reads_non_contiguous_views_in_place():
+def test_triton_reads_non_contiguous_views_in_place(triton_device):
     """q, k, v as strided views of one fused qkv projection, as the models produce them."""
     B, N, H, D = 2, 64, 2, 16
-    qkv = torch.randn(B, N, 3, H, D)
+    qkv = torch.randn(B, N, 3, H, D).to(triton_device)
     q, k, v = qkv.unbind(2)
     assert not q.is_contiguous()
-    groups = K.window_groups(8, 8, 4)
-    route = make_case()[4]
+    groups = K.window_groups(8, 8, 4, device=triton_device)
+    route = make_case(device=triton_device)[4]
     with K.use_backend("triton"):
         out = K.grouped_attention(q, k, v, groups, route=route)
     torch.testing.assert_close(out, O.grouped_attention(q, k, v, groups, groups, route, D**-0.5), **FP32_TOL)
 
 
 @interpret
-def test_query_group_with_no_valid_key_outputs_zero():
-    q, k, v, _, _ = make_case(B=1, Hm=4, Wm=4, topk=None)
-    q_groups = torch.arange(16, dtype=torch.int32).view(2, 8)
-    kv_groups = torch.tensor([[0, 1, 2, 3], [-1, -1, -1, -1]], dtype=torch.int32)
-    route = torch.tensor([[[0], [1]]], dtype=torch.int32)
+def test_query_group_with_no_valid_key_outputs_zero(triton_device):
+    q, k, v, _, _ = make_case(B=1, Hm=4, Wm=4, topk=None, device=triton_device)
+    q_groups, kv_groups, route = to_device(
+        triton_device,
+        torch.arange(16, dtype=torch.int32).view(2, 8),
+        torch.tensor([[0, 1, 2, 3], [-1, -1, -1, -1]], dtype=torch.int32),
+        torch.tensor([[[0], [1]]], dtype=torch.int32),
+    )
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     for backend in ("triton", "torch"):
         with K.use_backend(backend):
@@ -135,10 +156,10 @@ def test_query_group_with_no_valid_key_outputs_zero():
 
 
 @interpret
-def test_custom_op_passes_opcheck():
+def test_custom_op_passes_opcheck(triton_device):
     from attnzoo.kernels import ops
 
-    q, k, v, groups, route = make_case(B=1, Hm=4, Wm=4, window=2, topk=2)
+    q, k, v, groups, route = make_case(B=1, Hm=4, Wm=4, window=2, topk=2, device=triton_device)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), groups, groups, route, 0.25)
     with K.use_backend("triton"):
         torch.library.opcheck(ops.grouped_attention_fwd, args)
@@ -214,23 +235,24 @@ def test_group_tables():
 
 
 @pytest.mark.parity
-def test_biformer_bra_op_parity(reference_dir):
+def test_biformer_bra_op_parity(reference_dir, triton_device):
     """The official BRA module, recomposed from the kernel ops: same routing, same output."""
     from safetensors.torch import load_file
 
-    folder = reference_dir / "biformer_bra_op"
-    if not folder.is_dir():
-        pytest.skip("biformer_bra_op fixture absent")
-    cfg = json.loads((folder / "config.json").read_text())
+    folder = reference_path(reference_dir, "biformer_bra_op")
+    cfg = json.loads(reference_path(folder, "config.json").read_text())
     kw = cfg["constructor_kwargs"]
-    sd, inputs, expected = (load_file(folder / f"{n}.safetensors") for n in ("state_dict", "inputs", "outputs"))
+    sd, inputs, expected = (
+        {name: t.to(triton_device) for name, t in load_file(reference_path(folder, f"{n}.safetensors")).items()}
+        for n in ("state_dict", "inputs", "outputs")
+    )
     x = inputs["x"]
     B, Hm, Wm, C = x.shape
     qk, heads, n_win, topk = kw["qk_dim"], kw["num_heads"], kw["n_win"], kw["topk"]
     scale = kw["qk_scale"] or qk**-0.5
     qkv = torch.nn.functional.linear(x, sd["qkv.qkv.weight"], sd["qkv.qkv.bias"]).reshape(B, Hm * Wm, -1)
     q, k, v = qkv.split([qk, qk, C], dim=-1)
-    groups = K.window_groups(Hm, Wm, (Hm // n_win, Wm // n_win))
+    groups = K.window_groups(Hm, Wm, (Hm // n_win, Wm // n_win), device=triton_device)
     route = K.region_routing(q, k, groups, topk, scale)
     assert torch.equal(route.long(), expected["r_idx"])
     split = lambda t: t.reshape(B, Hm * Wm, heads, -1)  # noqa: E731

@@ -1,4 +1,5 @@
-"""l2vit_linear_attention and inline_attention: every backend equals the oracle (their quadratic forms)."""
+"""l2vit_linear_attention and inline_attention: every backend equals the oracle (their quadratic forms);
+Triton natively on CUDA where a GPU is present, else under the interpreter."""
 
 import pytest
 import torch
@@ -6,7 +7,8 @@ import torch
 import attnzoo.kernels as K
 from attnzoo.errors import InvalidInputError
 from attnzoo.kernels import oracle as O
-from tests.kernels.oracle_check import FP32_TOL, assert_matches_oracle, heads_first_qkv
+from tests.helpers import triton_dtypes
+from tests.kernels.oracle_check import FP32_TOL, assert_matches_oracle, heads_first_qkv, tolerance
 
 interpret = pytest.mark.interpret
 
@@ -26,11 +28,11 @@ LINEAR_CASES = {
 }
 
 
-def check_both_ops(backend, case, dtype):
-    q, k, v = heads_first_qkv(dtype=dtype, **LINEAR_CASES[case])
-    tau = (torch.rand(q.shape[1], generator=torch.Generator().manual_seed(3)) + 0.5).to(dtype)
+def check_both_ops(backend, case, dtype, device="cpu"):
+    q, k, v = heads_first_qkv(dtype=dtype, device=device, **LINEAR_CASES[case])
+    tau = (torch.rand(q.shape[1], generator=torch.Generator().manual_seed(3)) + 0.5).to(device, dtype)
     c = l2vit_denom_min(q.double(), k.double())
-    tol = FP32_TOL if dtype == torch.float32 else dict(atol=4e-3, rtol=4e-3)
+    tol = tolerance(dtype, fp16=4e-3)
     assert_matches_oracle(
         backend,
         lambda a, b, c_, t: K.l2vit_linear_attention(a, b, c_, temperature=t, denom_min=c),
@@ -49,10 +51,10 @@ def check_both_ops(backend, case, dtype):
 
 
 @interpret
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", triton_dtypes())
 @pytest.mark.parametrize("case", list(LINEAR_CASES))
-def test_linear_triton_matches_oracle(case, dtype):
-    check_both_ops("triton", case, dtype)
+def test_linear_triton_matches_oracle(case, dtype, triton_device):
+    check_both_ops("triton", case, dtype, triton_device)
 
 
 @pytest.mark.parametrize("case", list(LINEAR_CASES))
@@ -79,9 +81,9 @@ def test_torch_backend_equals_the_quadratic_forms():
 
 
 @interpret
-def test_linear_gradcheck_fp64():
-    q, k, v = heads_first_qkv(B=1, H=2, N=10, dtype=torch.float64)
-    tau = torch.tensor([0.6, 1.4], dtype=torch.float64, requires_grad=True)
+def test_linear_gradcheck_fp64(triton_device):
+    q, k, v = heads_first_qkv(B=1, H=2, N=10, dtype=torch.float64, device=triton_device)
+    tau = torch.tensor([0.6, 1.4], dtype=torch.float64, device=triton_device, requires_grad=True)
     c = l2vit_denom_min(q, k)
     leaves = [t.requires_grad_() for t in (q, k, v)]
     with K.use_backend("triton"):
@@ -94,17 +96,18 @@ def test_linear_gradcheck_fp64():
 
 
 @interpret
-def test_custom_op_passes_opcheck():
+def test_custom_op_passes_opcheck(triton_device):
     from attnzoo.kernels import ops
 
-    q, k, v = (t.requires_grad_() for t in heads_first_qkv(B=1, H=1, N=8))
+    q, k, v = (t.requires_grad_() for t in heads_first_qkv(B=1, H=1, N=8, device=triton_device))
+    tau = torch.ones(1, device=triton_device, requires_grad=True)
     with K.use_backend("triton"):
-        torch.library.opcheck(ops.linear_attention_fwd, (q, k, v, torch.ones(1, requires_grad=True), 0, 0.0, 1.0))
+        torch.library.opcheck(ops.linear_attention_fwd, (q, k, v, tau, 0, 0.0, 1.0))
 
 
 @interpret
-def test_non_contiguous_inputs():
-    base = torch.randn(2, 20, 3, 2, 16)
+def test_non_contiguous_inputs(triton_device):
+    base = torch.randn(2, 20, 3, 2, 16).to(triton_device)
     q, k, v = (t.transpose(1, 2) for t in base.unbind(2))  # [B, H, N, D] views of a [B, N, 3, H, D] projection
     assert not q.is_contiguous()
     for op in (

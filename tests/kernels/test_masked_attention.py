@@ -1,4 +1,5 @@
-"""masked_attention (Sparsifiner's per-row key sets): every backend equals the oracle."""
+"""masked_attention (Sparsifiner's per-row key sets): every backend equals the oracle (Triton natively
+on CUDA where a GPU is present, else under the interpreter)."""
 
 import pytest
 import torch
@@ -6,7 +7,14 @@ import torch
 import attnzoo.kernels as K
 from attnzoo.errors import InvalidInputError
 from attnzoo.kernels import oracle as O
-from tests.kernels.oracle_check import FP32_TOL, assert_matches_oracle, heads_first_qkv
+from tests.helpers import triton_dtypes
+from tests.kernels.oracle_check import (
+    FP32_TOL,
+    assert_flex_matches_oracle,
+    assert_matches_oracle,
+    heads_first_qkv,
+    tolerance,
+)
 
 interpret = pytest.mark.interpret
 
@@ -24,31 +32,30 @@ def make_mask(B, N, Nk, density, seed=0):
     return mask
 
 
-def make_case(case, dtype=torch.float32):
+def make_case(case, dtype=torch.float32, device="cpu"):
     cfg = dict(B=2) | MASK_CASES[case]
-    q, k, v = heads_first_qkv(B=cfg["B"], N=cfg["N"], Nk=cfg["Nk"], D=cfg["D"], dtype=dtype)
-    return q, k, v, make_mask(cfg["B"], cfg["N"], cfg["Nk"], cfg["density"])
+    q, k, v = heads_first_qkv(B=cfg["B"], N=cfg["N"], Nk=cfg["Nk"], D=cfg["D"], dtype=dtype, device=device)
+    return q, k, v, make_mask(cfg["B"], cfg["N"], cfg["Nk"], cfg["density"]).to(device)
 
 
-def check_backend(backend, case, dtype, packed):
-    q, k, v, mask = make_case(case, dtype)
-    tol = FP32_TOL if dtype == torch.float32 else dict(atol=4e-3, rtol=4e-3)
+def check_backend(backend, case, dtype, packed, device="cpu"):
+    q, k, v, mask = make_case(case, dtype, device)
     given = K.pack_mask(mask) if packed else mask
     assert_matches_oracle(
         backend,
         lambda a, b, c: K.masked_attention(a, b, c, given, scale=0.3),
         lambda a, b, c: O.masked_attention(a, b, c, mask, 0.3),
         (q, k, v),
-        tol,
+        tolerance(dtype, fp16=4e-3),
     )
 
 
 @interpret
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", triton_dtypes())
 @pytest.mark.parametrize("case", list(MASK_CASES))
-def test_masked_triton_matches_oracle(case, dtype):
-    check_backend("triton", case, dtype, packed=False)
-    check_backend("triton", case, dtype, packed=True)
+def test_masked_triton_matches_oracle(case, dtype, triton_device):
+    check_backend("triton", case, dtype, packed=False, device=triton_device)
+    check_backend("triton", case, dtype, packed=True, device=triton_device)
 
 
 @pytest.mark.parametrize("case", list(MASK_CASES))
@@ -66,22 +73,25 @@ def test_masked_equals_sparsifiner_dense_softmax():
     torch.testing.assert_close(K.masked_attention(q, k, v, mask, scale=0.25), dense, atol=1e-6, rtol=1e-5)
 
 
-def test_masked_flex_and_packing():
-    q, k, v = heads_first_qkv(N=40, Nk=45)
-    mask = make_mask(2, 40, 45, 0.3)
+def test_masked_flex_and_packing(kernel_device):
+    """Flex compiled, forward and backward, on CUDA; eager and forward only on the CPU."""
+    q, k, v = heads_first_qkv(N=40, Nk=45, device=kernel_device)
+    mask = make_mask(2, 40, 45, 0.3).to(kernel_device)
     packed = K.pack_mask(mask)
     assert packed.shape == (2, 2, 40, 2) and packed.dtype == torch.int32
     assert torch.equal(K.unpack_mask(packed, 45), mask)
-    with K.use_backend("flex"):
-        torch.testing.assert_close(
-            K.masked_attention(q, k, v, packed, scale=0.2), O.masked_attention(q, k, v, mask, 0.2), **FP32_TOL
-        )
+    assert_flex_matches_oracle(
+        lambda a, b, c: K.masked_attention(a, b, c, packed, scale=0.2),
+        lambda a, b, c: O.masked_attention(a, b, c, mask, 0.2),
+        (q, k, v),
+        FP32_TOL,
+    )
 
 
 @interpret
-def test_masked_gradcheck_fp64():
-    q, k, v = heads_first_qkv(B=1, H=2, N=9, Nk=11, dtype=torch.float64)
-    mask = make_mask(1, 9, 11, 0.5)
+def test_masked_gradcheck_fp64(triton_device):
+    q, k, v = heads_first_qkv(B=1, H=2, N=9, Nk=11, dtype=torch.float64, device=triton_device)
+    mask = make_mask(1, 9, 11, 0.5).to(triton_device)
     with K.use_backend("triton"):
         assert torch.autograd.gradcheck(
             lambda a, b, c: K.masked_attention(a, b, c, mask), [t.requires_grad_() for t in (q, k, v)], fast_mode=True
@@ -92,11 +102,11 @@ def test_masked_gradcheck_fp64():
 
 
 @interpret
-def test_masked_reads_non_contiguous_views():
-    base = torch.randn(2, 20, 3, 2, 16)
+def test_masked_reads_non_contiguous_views(triton_device):
+    base = torch.randn(2, 20, 3, 2, 16).to(triton_device)
     q, k, v = (t.transpose(1, 2) for t in base.unbind(2))  # [B, H, N, D] views of a [B, N, 3, H, D] projection
     assert not q.is_contiguous()
-    mask = make_mask(2, 20, 20, 0.4)
+    mask = make_mask(2, 20, 20, 0.4).to(triton_device)
     with K.use_backend("triton"):
         got = K.masked_attention(q, k, v, mask)
     torch.testing.assert_close(got, O.masked_attention(q, k, v, mask, 16**-0.5), **FP32_TOL)

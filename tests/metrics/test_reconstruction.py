@@ -1,8 +1,10 @@
 import math
 
+import mcubes
 import numpy as np
 import pytest
 import torch
+from scipy.spatial import cKDTree
 
 from attnzoo.errors import InvalidInputError
 from attnzoo.metrics.reconstruction import (
@@ -153,8 +155,7 @@ def test_empty_grid_gives_an_empty_mesh():
     assert vertices.shape == (0, 3) and faces.shape == (0, 3)
 
 
-def test_mesh_matches_pymcubes_when_installed():
-    mcubes = pytest.importorskip("mcubes")
+def test_mesh_matches_pymcubes():
     rng = np.random.default_rng(0)
     grid = rng.random((12, 12, 12)) < 0.35
     padded = np.pad(grid.astype(np.float64), 1)
@@ -226,11 +227,44 @@ def test_fscore_empty_cases():
     assert fscore(empty, empty) == 1.0
 
 
-def test_fscore_of_a_shifted_cube_is_in_between_and_reproducible():
+def test_fscore_of_the_shape_plus_a_far_copy_is_two_thirds():
+    """By hand: every ground-truth point has a predicted neighbour (recall 1), and half the predicted
+    surface is the far copy (precision 1/2, up to the binomial split of the samples: sd 0.003 at
+    32768 points): F = 2 * 1/2 * 1 / (1/2 + 1) = 2/3."""
+    gt = box(lo=(4, 4, 4), hi=(8, 8, 8))
+    pred = gt + box(lo=(20, 20, 20), hi=(24, 24, 24))
+    assert fscore(pred, gt, n_points=32768) == pytest.approx(2 / 3, abs=0.01)
+
+
+def legoformer_fscore(pred_grid, gt_grid, n_points, seed, distance=0.01):
+    """LegoFormer's F-score written a second way: PyMCubes (the official mesher) on the padded grids,
+    vertices / (padded size - 1), points drawn by area with the parallelogram-reflection method (not
+    sample_surface's square-root form), nearest neighbours in both directions."""
+    rng = np.random.default_rng(seed)
+
+    def points(grid):
+        padded = np.pad(grid.astype(np.float64), 1)
+        vertices, faces = mcubes.marching_cubes(padded, 0)
+        a, b, c = (vertices[faces[:, k]] / (np.array(padded.shape) - 1) for k in range(3))
+        areas = np.linalg.norm(np.cross(b - a, c - a), axis=1)
+        pick = rng.choice(len(faces), n_points, p=areas / areas.sum())
+        u, w = rng.random((2, n_points))
+        flip = u + w > 1
+        u[flip], w[flip] = 1 - u[flip], 1 - w[flip]
+        return a[pick] + u[:, None] * (b - a)[pick] + w[:, None] * (c - a)[pick]
+
+    pred_points, gt_points = points(pred_grid), points(gt_grid)
+    precision = np.mean(cKDTree(gt_points).query(pred_points)[0] < distance)
+    recall = np.mean(cKDTree(pred_points).query(gt_points)[0] < distance)
+    return 2 * precision * recall / (precision + recall)
+
+
+def test_fscore_of_a_shifted_cube_follows_the_official_recipe_and_is_reproducible():
     gt = box(lo=(8, 8, 8), hi=(16, 16, 16))
     shifted = box(lo=(9, 8, 8), hi=(17, 16, 16))
     value = fscore(shifted, gt)
-    assert 0.2 < value < 0.9
+    # about 0.55 both ways; two independent samplings of 8192 points differ by sd 0.004
+    assert value == pytest.approx(legoformer_fscore(shifted >= 0.3, gt >= 0.5, 8192, seed=0), abs=0.015)
     assert fscore(shifted, gt) == value and fscore(shifted, gt, seed=1) != value
     farther = fscore(box(lo=(10, 8, 8), hi=(18, 16, 16)), gt)
     assert farther < value

@@ -4,9 +4,11 @@ docomparison) and hand-computed cases of the FixaTons / GazeParser / OAT definit
 import math
 import random
 
+import multimatch_gaze
 import numpy as np
 import pytest
 import torch
+from nltk import edit_distance as edit_distance_nltk
 from scipy.stats import zscore
 
 from attnzoo.errors import InvalidInputError
@@ -48,18 +50,17 @@ def letters_path(word):
 
 @pytest.mark.parametrize("transpositions", [False, True])
 def test_edit_distance_matches_nltk_on_random_strings(transpositions):
-    nltk_edit_distance = pytest.importorskip("nltk").edit_distance
     rng = random.Random(0)
     for _ in range(400):
         a = "".join(rng.choice("abcd") for _ in range(rng.randint(0, 8)))
         b = "".join(rng.choice("abcd") for _ in range(rng.randint(0, 8)))
-        assert edit_distance(a, b, transpositions=transpositions) == nltk_edit_distance(
+        assert edit_distance(a, b, transpositions=transpositions) == edit_distance_nltk(
             a, b, transpositions=transpositions
         )
     for _ in range(50):
         a = [rng.randint(0, 5) for _ in range(rng.randint(0, 10))]
         b = [rng.randint(0, 5) for _ in range(rng.randint(0, 10))]
-        assert edit_distance(a, b, transpositions=transpositions, substitution_cost=2) == nltk_edit_distance(
+        assert edit_distance(a, b, transpositions=transpositions, substitution_cost=2) == edit_distance_nltk(
             a, b, substitution_cost=2, transpositions=transpositions
         )
 
@@ -140,7 +141,6 @@ def test_sbtde_hand_case():
 
 
 def test_sbtde_matches_window_loop_with_nltk():
-    nltk_edit_distance = pytest.importorskip("nltk").edit_distance
     rng = np.random.default_rng(3)
     size = (640, 480)
     for _ in range(5):
@@ -149,7 +149,7 @@ def test_sbtde_matches_window_loop_with_nltk():
         for k in (1, 3):
             hw = [hs[i : i + k] for i in range(len(hs) - k + 1)]
             nearest = [
-                min(nltk_edit_distance(ms[i : i + k], w, transpositions=True) for w in hw) / k
+                min(edit_distance_nltk(ms[i : i + k], w, transpositions=True) for w in hw) / k
                 for i in range(len(ms) - k + 1)
             ]
             assert sbtde_distance(human, model, size, k=k) == pytest.approx(np.mean(nearest))
@@ -167,6 +167,23 @@ def test_scanpath_plausibility_aggregation_and_truncation():
     assert scanpath_plausibility(long_model, [letters_path("abcd")], (40, 40), k=2) == pytest.approx(1 - (1 + 0.5) / 5)
     assert scanpath_plausibility(long_model, [letters_path("abcd")], (40, 40), k=2, truncate_to_human=True) == 1.0
     assert math.isnan(scanpath_plausibility(model, [letters_path("ab")], (40, 40)))
+
+
+def test_scanpath_plausibility_equals_the_definition_written_out():
+    """Against SPP by hand (tests/scanpath_helpers.py: FixaTons' letters, nltk's edit distance), on random
+    paths of any length, images whose sides are not multiples of 4, points on and past the border."""
+    from tests.scanpath_helpers import spp_by_hand
+
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        size = (int(rng.integers(8, 700)), int(rng.integers(8, 500)))
+        model = rng.uniform(-0.1, 1.05, (int(rng.integers(1, 12)), 2)) * size
+        humans = [rng.uniform(0, 1.02, (int(rng.integers(0, 10)), 2)) * size for _ in range(int(rng.integers(1, 5)))]
+        expected = spp_by_hand(model, humans, size)
+        got = scanpath_plausibility(model, humans, size)
+        assert (math.isnan(got) and math.isnan(expected)) or got == pytest.approx(expected, abs=1e-12)
+    human = letters_path("abcd")
+    assert spp_by_hand(letters_path("abdc"), [human], (40, 40)) == pytest.approx(2 / 3)  # the hand case above
 
 
 def test_tde_input_validation():
@@ -227,7 +244,6 @@ def test_scanmatch_validation():
 
 
 def _package_multimatch(a, b, screen, **kw):
-    multimatch_gaze = pytest.importorskip("multimatch_gaze")
 
     def rec(p):
         p = np.asarray(p, dtype=float)

@@ -2,8 +2,7 @@
 the foveation formulas against independent numpy/scipy computations, pixel mapping, open_clip
 preprocessing, batched == one-at-a-time scanpaths, RNG modes, caption targets and bad input."""
 
-import json
-import math
+import io
 import subprocess
 import sys
 
@@ -12,39 +11,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file
-from torch import nn
 
 from attnzoo.errors import InvalidInputError, UnknownNameError
 from attnzoo.multimodal import nevaclip as N
+from tests.scanpath_helpers import make_sensitive_
+from tests.scanpath_helpers import tiny_clip as make_tiny_clip
+from tests.vision._reference import load_fixture, manual_seed
 
 # -- helpers -------------------------------------------------------------------------------
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """The non-parity tests are tiny: one thread is as fast and does not stall when cores are shared."""
+    """The models are tiny: one thread is as fast, and two stall each other when other work shares the
+    cores (the full parity run took 173 s with two threads on a loaded 2-core machine, 11 s with one). The
+    fixture was made with two threads; one changes the last bits (< 1e-6, config.json's determinism),
+    inside its tolerance, and no discrete decision (its loop margins are >= 1e-5)."""
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
-
-
-@pytest.fixture
-def two_threads(one_thread):
-    """The fixture was made with 2 threads; a different count can change the last bits."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(saved)
-
-
-def load_fixture(reference_dir):
-    folder = reference_dir / "nevaclip"
-    if not folder.is_dir():
-        pytest.skip("nevaclip fixture absent")
-    cfg = json.loads((folder / "config.json").read_text())
-    return cfg, {n: load_file(folder / f"{n}.safetensors") for n in ("state_dict", "inputs", "outputs")}
 
 
 def fixture_tower(cfg, state_dict):
@@ -57,7 +43,7 @@ def fixture_tower(cfg, state_dict):
 
 
 def fixture_neva(cfg):
-    """Our NevaClip with the fixture's (official main.py) hyper-parameters."""
+    """Our NevaClip's settings from the fixture's (official main.py) hyper-parameters."""
     kw = cfg["constructor_kwargs"]["NeVAWrapper"]
     return {
         "foveation_sigma": kw["foveation_sigma"],
@@ -65,10 +51,6 @@ def fixture_neva(cfg):
         "blur_sigma": kw["blur_sigma"],
         "amplitude": kw["foveation_aggregation"],
     }
-
-
-def tolerance(cfg):
-    return {"atol": cfg["suggested_tolerance"]["atol"], "rtol": cfg["suggested_tolerance"]["rtol"]}
 
 
 def sensitive_tower(image_size=64, seed=0, embed_dim=32):
@@ -80,23 +62,6 @@ def sensitive_tower(image_size=64, seed=0, embed_dim=32):
     tower = _build_vision_tower(embed_dim, CLIPVisionCfg(image_size=image_size, layers=[1, 1, 1, 1], width=8))
     make_sensitive_(tower, seed, image_size)
     return tower
-
-
-def make_sensitive_(tower, seed, image_size):
-    gen = torch.Generator().manual_seed(seed + 100)
-    for module in tower.modules():
-        if isinstance(module, nn.Conv2d):
-            module.weight.data = torch.randn(module.weight.shape, generator=gen) * math.sqrt(
-                2.0 / module.weight[0].numel()
-            )
-        elif isinstance(module, nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None
-    tower.train()
-    with torch.no_grad():
-        for _ in range(2):
-            tower(F.avg_pool2d(torch.randn(8, 3, image_size, image_size, generator=gen), 5, 1, 2))
-    tower.eval()
 
 
 def smooth_images(n, size=64, seed=1):
@@ -112,48 +77,36 @@ def tower():
 @pytest.fixture(scope="module")
 def tiny_clip():
     """A tiny open_clip CLIP (RN visual + 1-layer text transformer, the real BPE vocabulary)."""
-    import open_clip
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-
-    torch.manual_seed(0)
-    model = open_clip.model.CLIP(
-        embed_dim=32,
-        vision_cfg=CLIPVisionCfg(image_size=64, layers=[1, 1, 1, 1], width=8),
-        text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
-    )
-    make_sensitive_(model.visual, 0, 64)
-    return model.eval()
+    return make_tiny_clip(0, image_size=64, embed_dim=32)
 
 
 # -- parity with the official code ---------------------------------------------------------
 
 
 @pytest.mark.parity
-def test_blur_and_foveation_parity(reference_dir, two_threads):
-    cfg, f = load_fixture(reference_dir)
-    kw = cfg["constructor_kwargs"]["NeVAWrapper"]
-    x, out = f["inputs"]["x"], f["outputs"]
+def test_blur_and_foveation_parity(reference_dir):
+    f = load_fixture(reference_dir, "nevaclip")
+    kw = f.cfg["constructor_kwargs"]["NeVAWrapper"]
+    x, out = f.inputs["x"], f.outputs
     torch.testing.assert_close(
-        N.gaussian_blur_difference(x, kw["blur_filter_size"], kw["blur_sigma"]), out["blur"], **tolerance(cfg)
+        N.gaussian_blur_difference(x, kw["blur_filter_size"], kw["blur_sigma"]), out["blur"], **f.tolerance
     )
-    mask = N.foveation_mask(
-        f["inputs"]["probe_pos"], kw["image_size"], kw["foveation_sigma"], kw["foveation_aggregation"]
-    )
-    torch.testing.assert_close(mask, out["foveation_probe"], **tolerance(cfg))
+    mask = N.foveation_mask(f.inputs["probe_pos"], kw["image_size"], kw["foveation_sigma"], kw["foveation_aggregation"])
+    torch.testing.assert_close(mask, out["foveation_probe"], **f.tolerance)
 
 
 @pytest.mark.parity
-def test_forward_loss_and_gradient_parity(reference_dir, two_threads):
-    cfg, f = load_fixture(reference_dir)
-    kw = cfg["constructor_kwargs"]["NeVAWrapper"]
-    tower = fixture_tower(cfg, f["state_dict"])
-    x, text, out = f["inputs"]["x"], f["inputs"]["text_embedding"], f["outputs"]
-    size, tol = kw["image_size"], tolerance(cfg)
+def test_forward_loss_and_gradient_parity(reference_dir):
+    f = load_fixture(reference_dir, "nevaclip")
+    kw = f.cfg["constructor_kwargs"]["NeVAWrapper"]
+    tower = fixture_tower(f.cfg, f.state_dict)
+    x, text, out = f.inputs["x"], f.inputs["text_embedding"], f.outputs
+    size, tol = kw["image_size"], f.tolerance
     blur = N.gaussian_blur_difference(x, kw["blur_filter_size"], kw["blur_sigma"])
     memory = torch.zeros(x.shape[0], 1, size, size)
     with torch.no_grad():
         torch.testing.assert_close(tower(x), out["visual_out_clean"], **tol)
-        probe = N.foveation_mask(f["inputs"]["probe_pos"], size, kw["foveation_sigma"])
+        probe = N.foveation_mask(f.inputs["probe_pos"], size, kw["foveation_sigma"])
         torch.testing.assert_close(tower(N.foveate(x, blur, memory, probe)), out["visual_out_probe"], **tol)
     pos = torch.zeros(x.shape[0], 2, 1, 1, requires_grad=True)
     y = tower(N.foveate(x, blur, memory, N.foveation_mask(pos, size, kw["foveation_sigma"])))
@@ -164,51 +117,43 @@ def test_forward_loss_and_gradient_parity(reference_dir, two_threads):
     torch.testing.assert_close(grad, out["grad_p0"], **tol)
 
 
-def _check_scanpath(cfg, f, mode, fixations):
-    """Official mode, torch.manual_seed(3)-equivalent draws; the first ``fixations`` steps of the
-    official 10-step run are exactly what a ``fixations``-step run computes."""
-    run = cfg["constructor_kwargs"]["run_optimization"]
-    model = N.NevaClip(visual=fixture_tower(cfg, f["state_dict"]), **fixture_neva(cfg))
-    result = model.predict(
-        f["inputs"]["x"],
-        f["inputs"]["text_embedding"],
-        fixations=fixations,
-        iterations=run["opt_iterations"],
-        lr=run["learning_rate"],
-        random_restarts=mode == "scanpath",
-        seed=3,
-        rng="official",
-        return_traces=True,
-    )
-    out = f["outputs"]
-    exact = {"atol": 1e-6, "rtol": 0.0}  # suggested_tolerance["scanpath"]: exact up to float rounding
-    torch.testing.assert_close(result.pos_trace, out[f"{mode}.pos_trace"][:fixations], **exact)
-    torch.testing.assert_close(result.loss_trace, out[f"{mode}.loss_trace"][:fixations], **tolerance(cfg))
-    torch.testing.assert_close(result.positions, out[mode][:, :fixations], **exact)
-
-
 @pytest.mark.parity
 @pytest.mark.parametrize("mode", ["scanpath", "scanpath_norestart"])
-def test_scanpath_prefix_parity(reference_dir, two_threads, mode):
-    cfg, f = load_fixture(reference_dir)
-    _check_scanpath(cfg, f, mode, fixations=1)
-
-
-@pytest.mark.parity
-@pytest.mark.slow
-def test_full_scanpath_parity(reference_dir, two_threads):
-    cfg, f = load_fixture(reference_dir)
-    for mode in ("scanpath", "scanpath_norestart"):
-        _check_scanpath(cfg, f, mode, fixations=cfg["constructor_kwargs"]["run_optimization"]["scanpath_length"])
+def test_scanpath_parity(reference_dir, mode):
+    """The whole official trace (every step, every inner iteration), official RNG mode seeded as the fixture's
+    runs were; every setting from config.json. One thread makes it fast enough for every run (~6 s)."""
+    f = load_fixture(reference_dir, "nevaclip")
+    run = f.cfg["constructor_kwargs"]["run_optimization"]
+    steps = run["scanpath_length"]
+    model = N.NevaClip(visual=fixture_tower(f.cfg, f.state_dict), **fixture_neva(f.cfg))
+    result = model.predict(
+        f.inputs["x"],
+        f.inputs["text_embedding"],
+        fixations=steps,
+        iterations=run["opt_iterations"],
+        lr=run["learning_rate"],
+        forgetting=f.cfg["constructor_kwargs"]["NeVAWrapper"]["forgetting"],
+        random_restarts=mode == "scanpath",  # scanpath_norestart: run_optimization(..., random_restarts=False)
+        seed=manual_seed(f.cfg["rng"]),
+        rng="official",
+        return_traces=True,
+        progress=False,
+    )
+    out = f.outputs
+    assert out[f"{mode}.pos_trace"].shape[:2] == (steps, run["opt_iterations"])
+    exact = {"atol": 1e-6, "rtol": 0.0}  # suggested_tolerance["scanpath"]: exact up to float rounding
+    torch.testing.assert_close(result.pos_trace, out[f"{mode}.pos_trace"], **exact)
+    torch.testing.assert_close(result.loss_trace, out[f"{mode}.loss_trace"], **f.tolerance)
+    torch.testing.assert_close(result.positions, out[mode], **exact)
 
 
 @pytest.mark.parity
 def test_preprocessing_parity(reference_dir):
-    cfg, f = load_fixture(reference_dir)
-    inputs = f["inputs"]
+    f = load_fixture(reference_dir, "nevaclip")
+    inputs = f.inputs
     images = [inputs[f"image_uint8.{i}"].numpy() for i in range(inputs["x"].shape[0])]
-    x, sizes = N.preprocess_images(images, cfg["constructor_kwargs"]["NeVAWrapper"]["image_size"])
-    torch.testing.assert_close(x, inputs["x"], **tolerance(cfg))
+    x, sizes = N.preprocess_images(images, f.cfg["constructor_kwargs"]["NeVAWrapper"]["image_size"])
+    torch.testing.assert_close(x, inputs["x"], **f.tolerance)
     assert sizes == [(im.shape[1], im.shape[0]) for im in images]
 
 
@@ -480,6 +425,74 @@ def test_bad_input_is_refused_with_a_clear_message(tiny_clip, tower):
         model.predict(x, torch.randn(32), seed=[1, 2])
     with pytest.raises(InvalidInputError, match="no text encoder"):
         N.NevaClip(visual=tower).predict(x, "a caption")
+
+
+@pytest.mark.parametrize(
+    "target, match",
+    [
+        (torch.full((32,), float("nan")), "NaN or infinite"),
+        (torch.tensor([float("inf")] + [0.0] * 31), "NaN or infinite"),
+        (torch.full((32,), 1e39, dtype=torch.float64), "NaN or infinite"),  # overflows the float32 search
+        (torch.zeros(32), "zero vector"),
+        (np.zeros((2, 32)), "zero vector"),
+        (torch.zeros(1, 0), r"\[D\] or \[N, D\]"),
+        (torch.ones(32, dtype=torch.complex64), "real numbers"),
+        (torch.ones(32, dtype=torch.bool), "real numbers"),
+        (np.array(["a"] * 32), "real numbers"),
+        ([torch.ones(32), torch.ones(31)], "one size"),
+    ],
+)
+def test_targets_without_a_direction_are_refused(tower, target, match):
+    """A NaN, infinite or zero target used to give the image centre (every step's loss NaN, nothing improves)."""
+    model = N.NevaClip(visual=tower)
+    with pytest.raises(InvalidInputError, match=match):
+        model.predict(smooth_images(1), target, fixations=1, iterations=1)
+    with pytest.raises(InvalidInputError, match=match):
+        model.predict(smooth_images(1), torch.randn(32), second_target=target, fixations=1, iterations=1)
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        ({"fixations": 0}, "fixations must be a positive integer"),
+        ({"fixations": True}, "fixations must be a positive integer"),
+        ({"iterations": 1.0}, "iterations must be a positive integer"),
+        ({"lr": float("inf")}, "lr"),
+        ({"lr": -0.1}, "lr"),
+        ({"lr": "0.1"}, "lr"),
+        ({"forgetting": -0.5}, "forgetting"),
+        ({"forgetting": float("nan")}, "forgetting"),
+        ({"random_restarts": 1}, "random_restarts"),
+        ({"seed": True}, "seed"),
+        ({"seed": 1.5}, "seed"),
+    ],
+)
+def test_search_settings_that_cannot_mean_anything_are_refused(tower, settings, match):
+    with pytest.raises(InvalidInputError, match=match):
+        N.NevaClip(visual=tower).predict(
+            smooth_images(1), torch.randn(32), **{"fixations": 1, "iterations": 1, **settings}
+        )
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_over_the_fixations_on_a_terminal_only(tower, monkeypatch):
+    model = N.NevaClip(visual=tower)
+    x, target = smooth_images(2), torch.randn(32)
+    for stream, progress, shown in (
+        (_Terminal(), True, True),
+        (_Terminal(), False, False),
+        (io.StringIO(), True, False),
+    ):
+        monkeypatch.setattr(sys, "stderr", stream)
+        model.predict(x, target, fixations=3, iterations=2, progress=progress)
+        text = stream.getvalue()
+        assert ("NevaClip search (2 images)" in text) == shown, text
+        if shown:
+            assert "/3 [" in text and "iteration 1/2" in text  # 3 fixation steps, 2 iterations each
 
 
 def test_named_model_loads_lazily_and_unknown_names_fail_fast():

@@ -1,3 +1,6 @@
+import copy
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -15,12 +18,14 @@ def classify(tiny_model):
 
 
 def manual_scores(model, image):
-    """The same prediction written out by hand with timm's own transform."""
+    """The same prediction written out by hand with timm's own transform: logits in the model's
+    dtype, probabilities in fp32."""
     from timm.data import create_transform, resolve_data_config
 
     transform = create_transform(**resolve_data_config(model=model), is_training=False)
     with torch.no_grad():
-        return model(transform(image.convert("RGB"))[None]).softmax(-1)[0]
+        logits = model(transform(image.convert("RGB"))[None].to(next(model.parameters()).dtype))
+    return logits.float().softmax(-1)[0]
 
 
 def test_result_matches_hand_written_inference(classify, tiny_model, photo):
@@ -103,6 +108,28 @@ def test_dtype_and_device(tiny_model, photo):
         with pytest.raises(InvalidInputError, match="CUDA"):
             attnzoo.pipeline("image-classification", model=tiny_model, device="cuda")
     assert ref.device.type == "cpu"
+
+
+@pytest.mark.parametrize("dtype, float32_gap", [("float64", 5e-11), ("bfloat16", 1e-7)])
+def test_cli_run_computes_in_the_dtype_it_is_given(tiny_model, photo, tmp_path, dtype, float32_gap):
+    """`attnzoo run --dtype`: every class's score is the model's, by hand, in that dtype, and
+    measurably not the fp32 one (the gap: this model and photo's, at the least)."""
+    from safetensors.torch import save_file
+
+    from attnzoo.cli import main
+
+    save_file(tiny_model.state_dict(), tmp_path / "weights.safetensors")
+    photo.save(tmp_path / "cat.png")
+    args = ["run", "image-classification", str(tmp_path / "cat.png"), "--model", "test_resnet", "--top-k", "1000"]
+    args += ["--weights", str(tmp_path / "weights.safetensors"), "--device", "cpu", "--dtype", dtype]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    record = json.loads((tmp_path / "out" / "results.json").read_text())["results"][str(tmp_path / "cat.png")]
+    scores = np.zeros(1000)
+    scores[[p["index"] for p in record]] = [p["score"] for p in record]
+    by_hand = manual_scores(copy.deepcopy(tiny_model).to(getattr(torch, dtype)), photo).double().numpy()
+    in_fp32 = manual_scores(tiny_model, photo).double().numpy()
+    np.testing.assert_allclose(scores, by_hand, rtol=0, atol=1e-12)
+    assert np.abs(scores - in_fp32).max() > float32_gap
 
 
 def test_model_by_name_with_random_weights(photo):

@@ -12,32 +12,28 @@ from PIL import Image
 
 import attnzoo
 from attnzoo.errors import InvalidInputError
-from tests.scanpath_helpers import write_capmit1003, write_mit1003_pysaliency
+from tests.scanpath_helpers import (
+    spp_by_hand,
+    tiny_nevaclip,
+    tiny_oat,
+    use_model,
+    write_capmit1003,
+    write_mit1003_pysaliency,
+)
 
-open_clip = pytest.importorskip("open_clip")
 
-
-def tiny_clip(seed: int = 0):
-    """A real open_clip CLIP (ModifiedResNet vision tower, transformer text tower, OpenAI's BPE
-    tokenizer that ships with open_clip), small enough for the CPU, made input-sensitive like the
-    parity fixture (He-initialised convolutions)."""
-    torch.manual_seed(seed)
-    model = open_clip.CLIP(
-        embed_dim=64,
-        vision_cfg={"image_size": 224, "layers": [1, 1, 1, 1], "width": 8},
-        text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    )
-    for m in model.visual.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight)
-    return model.eval()
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The models are tiny: one thread is as fast, and two stall each other on cores shared with other work."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")
-def neva():
-    from attnzoo.multimodal.nevaclip import NevaClip
-
-    return NevaClip(model=tiny_clip(), tokenizer=open_clip.get_tokenizer("RN50"))
+def neva(one_thread):
+    return tiny_nevaclip()
 
 
 def picture(seed: int, size=(96, 64)) -> Image.Image:
@@ -82,9 +78,16 @@ def test_a_batch_gives_what_each_image_gets_alone(neva):
 
 
 def test_seed_changes_restarts_and_is_reproducible(neva):
-    pipe = attnzoo.pipeline("scanpath", model=neva, **FAST)
-    a, b = pipe(picture(1), caption="waves", seed=1), pipe(picture(1), caption="waves", seed=1)
+    # on noise the foveated view changes a lot with the fixation, so the search gets stuck and restarts
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    pipe = attnzoo.pipeline("scanpath", model=neva, fixations=3, iterations=6)
+    a, b = pipe(noise, caption="noise", seed=1), pipe(noise, caption="noise", seed=1)
     np.testing.assert_array_equal(a.relative, b.relative)
+    other = pipe(noise, caption="noise", seed=2)
+    assert not np.array_equal(other.relative, a.relative)
+    # the difference is a restart's: sign steps from the centre alone stay on the lr = 0.1 lattice
+    off_lattice = lambda sp: np.abs(sp.relative * 10 - np.round(sp.relative * 10)).max() > 1e-3  # noqa: E731
+    assert off_lattice(a) and off_lattice(other)
 
 
 def test_plot_draws_the_fixations_over_the_image(neva):
@@ -110,6 +113,21 @@ def test_plot_draws_the_fixations_over_the_image(neva):
         ({"target": torch.randn(12)}, "dimension"),
         ({"caption": "a", "target": torch.randn(64)}, "not both"),
         ({"caption": "a", "colour": 3}, "unexpected"),
+        ({"target": torch.full((64,), float("nan"))}, "NaN or infinite"),
+        ({"target": torch.full((64,), float("inf"))}, "NaN or infinite"),
+        ({"target": np.full(64, 1e39)}, "NaN or infinite"),  # finite in float64, infinite in the search's float32
+        ({"target": torch.zeros(64)}, "zero vector"),
+        ({"target": torch.zeros(0)}, r"\[D\] or \[N, D\]"),
+        ({"target": torch.ones(64, dtype=torch.complex64)}, "real numbers"),
+        ({"target": "a caption"}, "tensor or an array"),
+        ({"target": torch.randn(3, 64)}, "one embedding"),
+        ({"caption": "a", "lr": float("nan")}, "lr"),
+        ({"caption": "a", "lr": "abc"}, "lr"),
+        ({"caption": "a", "fixations": 0}, "fixations"),
+        ({"caption": "a", "iterations": 2.5}, "iterations"),
+        ({"caption": "a", "forgetting": 2.0}, "forgetting"),
+        ({"caption": "a", "random_restarts": "no"}, "random_restarts"),
+        ({"caption": "a", "seed": "3"}, "seed"),
     ],
 )
 def test_bad_input_gives_clear_errors(neva, kwargs, match):
@@ -131,20 +149,6 @@ def test_images_of_any_mode_and_size(neva, tmp_path):
         pipe(tmp_path / "missing.png", caption="a thing")
 
 
-def use_nevaclip(monkeypatch, builder):
-    """``nevaclip`` builds ``builder(**kwargs)`` for one test (the registered builder would load a real CLIP)."""
-    import attnzoo.registry
-    from attnzoo.factory import load_families
-
-    load_families()
-    entry = attnzoo.registry.get_model_entry("nevaclip")
-    monkeypatch.setitem(
-        attnzoo.registry._MODELS,
-        "nevaclip",
-        attnzoo.registry.ModelEntry("nevaclip", builder, entry.family, entry.tasks, entry.own_weights),
-    )
-
-
 def test_pipeline_factory_names_and_task_listing(monkeypatch, neva):
     from attnzoo.pipelines.scanpath import NevaClipScanpathPipeline
     from attnzoo.tasks import get_task, list_tasks
@@ -161,7 +165,7 @@ def test_pipeline_factory_names_and_task_listing(monkeypatch, neva):
         seen["kwargs"] = kwargs
         return neva
 
-    use_nevaclip(monkeypatch, fake_build)
+    use_model(monkeypatch, "nevaclip", fake_build)
     pipe = attnzoo.pipeline("gaze", model_kwargs={"model_name": "ViT-B-32"}, weights="laion2b_s34b_b79k")
     assert seen["kwargs"]["model_name"] == "ViT-B-32" and isinstance(pipe, NevaClipScanpathPipeline)
     assert seen["kwargs"]["weights"] == "laion2b_s34b_b79k"
@@ -250,7 +254,24 @@ def test_mit1003_evaluation_scores_every_observer(neva, tmp_path):
     pipe = attnzoo.pipeline("scanpath", model=neva, **FAST)
     metrics = evaluate(pipe, evaluator, tmp_path / "out", settings={}, progress=False)
     assert metrics["rows"]["humans (inter-subject)"]["n"] == 2
-    assert 0 <= metrics["rows"]["model"]["spp"] <= 1 and 0 <= metrics["rows"]["humans (inter-subject)"]["spp"] <= 1
+    # SPP written out by hand (nltk's edit distance) from the saved model scanpaths and the observers' fixations
+    preds = {
+        json.loads(line)["id"]: json.loads(line)
+        for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()
+    }
+    observers = {
+        name: [np.column_stack([p["xs"], p["ys"]]) for p in paths if p["n"] == n] for n, name in enumerate(images)
+    }
+    for name, humans in observers.items():
+        np.testing.assert_allclose(np.concatenate([r.xy for r in evaluator._groups[name]]), np.concatenate(humans))
+    model_spp = [spp_by_hand(preds[name]["xy"], humans, images[name]) for name, humans in observers.items()]
+    human_spp = [
+        np.mean([spp_by_hand(h, [o for o in humans if o is not h], images[name]) for h in humans])
+        for name, humans in observers.items()
+    ]
+    assert metrics["rows"]["model"]["spp"] == pytest.approx(np.mean(model_spp), abs=1e-4)
+    assert metrics["rows"]["humans (inter-subject)"]["spp"] == pytest.approx(np.mean(human_spp), abs=1e-4)
+    assert 0 < np.mean(human_spp) < 1  # the observers' paths differ a little: neither all nor nothing matches
 
 
 def test_evaluation_refuses_mismatched_models_and_options(tmp_path):
@@ -269,22 +290,6 @@ def test_evaluation_refuses_mismatched_models_and_options(tmp_path):
 
 
 # -- OAT (visual search) ----------------------------------------------------------------------------
-def tiny_oat():
-    from attnzoo.vision.oat import OAT
-
-    return OAT(
-        grid=(2, 3),
-        num_encoder_layers=1,
-        num_decoder_layers=1,
-        emb_size=64,
-        nhead=2,
-        dim_feedforward=32,
-        CA_d_k=16,
-        pe_table="amazon",
-        seed=0,
-    ).eval()
-
-
 def shelf(tmp_path, seed=0):
     """A 2x3 shelf of coloured packages on grey, and the packages' boxes in reading order."""
     rng = np.random.default_rng(seed)
@@ -374,66 +379,108 @@ def test_oat_batches_sampling_and_search_trials(tmp_path):
         ({"target": 9}, "target"),
         ({"target": 1, "caption": "x"}, "caption"),
         ({"target": 1, "boxes": "huge"}, "outside"),
+        ({"target": 1, "boxes": "nan"}, "box 2 .* NaN or infinite"),
+        ({"target": 1, "boxes": "boxes.txt"}, r"\.json or \.npy"),
+        ({"target": 1, "max_len": 0}, "max_len must be a positive integer"),
+        ({"target": 1, "strategy": "sample", "num_samples": 0}, "num_samples must be a positive integer"),
+        ({"target": 1, "strategy": "sample", "seed": 1.5}, "seed must be an integer"),
+        ({"target": 1, "strategy": "beam"}, "strategy"),
     ],
 )
 def test_oat_bad_input(tmp_path, kwargs, match):
     pipe = attnzoo.pipeline("scanpath", model=tiny_oat(), max_len=3)
     path, boxes = shelf(tmp_path)
-    if isinstance(kwargs.get("boxes"), str):
+    named = kwargs.get("boxes") if isinstance(kwargs.get("boxes"), str) else None
+    if named == "huge":
         kwargs["boxes"] = boxes + np.array([0, 0, 500, 0])
+    elif named == "nan":
+        kwargs["boxes"] = np.where(np.arange(6)[:, None] == 2, np.nan, boxes)
     kwargs.setdefault("boxes", boxes)
     with pytest.raises(InvalidInputError, match=match):
         pipe(path, **kwargs)
 
 
-def test_cli_eval_scanpath_on_capmit1003(neva, tmp_path, monkeypatch):
+def test_cli_eval_scanpath_on_capmit1003_with_the_search_settings(neva, tmp_path, monkeypatch, capsys):
     from attnzoo.cli import main
+    from attnzoo.datasets.capmit1003 import CapMIT1003
 
-    use_nevaclip(monkeypatch, lambda **kw: neva)
+    use_model(monkeypatch, "nevaclip", lambda **kw: neva)
     data = write_capmit1003(tmp_path / "capmit")
     out = tmp_path / "eval"
+    search = ["--fixations", "2", "--iterations", "3", "--lr", "0.05", "--forgetting", "0.5", "--seed", "4"]
     code = main(
-        [
-            "eval",
-            "scanpath",
-            "--data",
-            str(data["db"].parent),
-            "--out",
-            str(out),
-            "--captions",
-            "own",
-            "--num-workers",
-            "0",
-        ]
+        ["eval", "scanpath", "--data", str(data["db"].parent), "--out", str(out), "--captions", "own", *search]
+        + ["--num-workers", "0"]
     )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["rows"]) == {"model (own caption)", "humans (inter-subject)"} and metrics["n"] == 4
     assert metrics["captions"] == "own" and metrics["dataset"] == "capmit1003"
+    assert {k: metrics[k] for k in ("fixations", "iterations", "lr", "forgetting", "seed")} == {
+        "fixations": 2,
+        "iterations": 3,
+        "lr": 0.05,
+        "forgetting": 0.5,
+        "seed": 4,
+    }
+    # the settings reached the search: each caption's scanpath is the pipeline's with them
+    first = CapMIT1003(data["db"].parent)[0]
+    pipe = attnzoo.pipeline("scanpath", model=neva, fixations=2, iterations=3, lr=0.05, forgetting=0.5, seed=4)
+    expected = pipe(first.image_path, caption=first.caption)
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(next(p["xy"] for p in preds if p["caption"] == first.caption), expected.xy, atol=0.01)
+    capsys.readouterr()
     assert main(["eval", "image-classification", "--data", str(tmp_path), "--out", str(out), "--captions", "own"]) != 0
+    # NevaClip's settings are refused for OAT, before any data is read
+    assert (
+        main(["eval", "scanpath", "--model", "oat_amazon", "--data", str(tmp_path), "--out", str(out), "--lr", "1"])
+        == 1
+    )
+    assert "--lr: NevaClip's search settings" in capsys.readouterr().err
 
 
 def test_cli_run_scanpath_writes_fixations_and_pictures(neva, tmp_path, monkeypatch, capsys):
     from attnzoo.cli import main
 
-    use_nevaclip(monkeypatch, lambda **kw: neva)
+    use_model(monkeypatch, "nevaclip", lambda **kw: neva)
     images = tmp_path / "images"
     images.mkdir()
     for i in range(2):
         picture(i).save(images / f"p{i}.png")
     out = tmp_path / "out"
-    assert main(["run", "scanpath", str(images), "--caption", "a pattern", "--out", str(out)]) == 0
-    results = json.loads((out / "results.json").read_text())
-    assert len(results) == 2 and all(len(r["xy"]) == 10 and r["caption"] == "a pattern" for r in results.values())
+    search = ["--fixations", "3", "--iterations", "2", "--lr", "0.2", "--forgetting", "0.25", "--seed", "5"]
+    args = ["run", "scanpath", str(images), "--caption", "a pattern", *search, "--random-restarts", "--truncate"]
+    assert main([*args, "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert len(results) == 2 and all(r["caption"] == "a pattern" for r in results.values())
+    pipe = attnzoo.pipeline("scanpath", model=neva, fixations=3, iterations=2, lr=0.2, forgetting=0.25, seed=5)
+    expected = pipe(images / "p1.png", caption="a pattern")
+    np.testing.assert_allclose(results[str(images / "p1.png")]["xy"], expected.xy, atol=0.01)
     assert (out / "p0.png").is_file() and "(" in capsys.readouterr().out
     assert main(["run", "scanpath", str(images)]) == 1  # no caption: a one-line error
     assert "--caption" in capsys.readouterr().err
+    assert main(["run", "scanpath", str(images), "--caption", "a", "--fixations", "0"]) == 1
+    assert "fixations must be a positive integer" in capsys.readouterr().err
+
+
+def test_cli_run_scanpath_without_random_restarts(tmp_path, monkeypatch):
+    import attnzoo.tasks
+    from attnzoo.cli import main
+
+    seen = {}
+
+    def record(task, **kwargs):
+        seen.update(kwargs)
+        raise InvalidInputError("stop here")
+
+    monkeypatch.setattr(attnzoo.tasks, "pipeline", record)
+    picture(0).save(tmp_path / "p.png")
+    assert main(["run", "scanpath", str(tmp_path / "p.png"), "--caption", "a", "--no-random-restarts"]) == 1
+    assert seen.get("random_restarts") is False
 
 
 def test_dtype_and_device_move_the_whole_clip(tmp_path):
-    from attnzoo.multimodal.nevaclip import NevaClip
-
-    neva64 = NevaClip(model=tiny_clip(1), tokenizer=open_clip.get_tokenizer("RN50"))
+    neva64 = tiny_nevaclip(1)
     pipe = attnzoo.pipeline("scanpath", model=neva64, dtype="float64", fixations=1, iterations=1)
     clip = neva64._module
     assert {p.dtype for p in clip.parameters()} == {torch.float64}  # the text tower too, not only the visual one

@@ -1,16 +1,24 @@
 """pipeline("wsi-classification"): slide file -> tiles -> features -> ACMIL -> probabilities, attention, heatmap."""
 
+import os
+import tempfile
+from pathlib import Path
+
 import numpy as np
+import openslide  # noqa: E402,F401  (the wsi extra: installed with .[all])
 import pytest
 import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from PIL import Image
 
 import attnzoo
 from attnzoo.datasets.mil_features import FeatureBag
 from attnzoo.errors import InvalidInputError
+from attnzoo.pipelines.wsi_classification import SlidePrediction
 from tests.helpers import register_test_model
-from tests.wsi_helpers import slide_image, write_slide
-
-pytest.importorskip("openslide")
+from tests.wsi_helpers import TinyEncoder, slide_image, write_section_slide, write_slide
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +214,305 @@ def test_evaluator_splits_and_labels_csv(tmp_path):
     split.write_text(json.dumps({"train_names": names[:3], "val_names": [], "test_names": names[4:] + ["BRACS_99"]}))
     with pytest.raises(DatasetFormatError, match="BRACS_99"):
         WSIClassificationEvaluator(folder, str(split))
+
+
+# ------------------------------------------------------------------ settings, per call and at construction
+
+
+def _tiny_pipeline(**kwargs):
+    torch.manual_seed(0)
+    return attnzoo.pipeline(
+        "wsi-classification", model=attnzoo.create_model("acmil_ga", in_dim=8, inner_dim=8), device="cpu", **kwargs
+    )
+
+
+def test_defaults_find_tissue_on_a_whole_slide_sized_image(tmp_path):
+    """ACMIL's recipe as is (CLAM's a_t=100 reference patches, 256 px at 20x from level 0): the section
+    is tiled, the speck of debris beside it is not."""
+    slide = write_section_slide(tmp_path / "section.svs")
+    result = _tiny_pipeline(encoder=TinyEncoder(), feature_dir=tmp_path / "f")(slide)
+    assert 100 <= len(result.coords) <= 120 and result.patch_size_level0 == 512
+    assert (result.coords[:, 0] < 7400).all()  # nothing from the debris at (7600, 600)
+
+
+def test_settings_work_per_call_and_at_construction_alike(tmp_path):
+    """base_magnification (a PNG has no metadata), segment_kwargs, encoder_weights: either place."""
+    png = tmp_path / "plain.png"
+    Image.fromarray(slide_image(1024, 768, blobs=((500, 380, 330, 260, (200, 110, 170)),))).save(png)
+    settings = {"base_magnification": 40, "segment_kwargs": {"a_t": 0.1}, "patch_size": 64, "input_size": 32}
+    bare = _tiny_pipeline(encoder=TinyEncoder(), feature_dir=tmp_path / "a")
+    with pytest.raises(InvalidInputError, match="base_magnification"):
+        bare(png, segment_kwargs={"a_t": 0.1})
+    per_call = bare(png, **settings)
+    built = _tiny_pipeline(encoder=TinyEncoder(), feature_dir=tmp_path / "b", **settings)(png)
+    np.testing.assert_array_equal(per_call.coords, built.coords)
+    np.testing.assert_allclose(per_call.probabilities, built.probabilities, atol=1e-6)
+    assert per_call.patch_size_level0 == 128  # 64 px at 20x of a 40x scan
+    finer = bare(png, **{**settings, "magnification": 40})  # a call's setting wins over the constructor's
+    assert finer.patch_size_level0 == 64 and len(finer.coords) > len(per_call.coords)
+
+
+def test_second_call_on_a_slide_with_a_random_encoder_reuses_its_features(wsi, tmp_path):
+    slide = write_slide(tmp_path / "again.tif")
+    first = wsi(slide)
+    (made,) = wsi.feature_dir.glob("again-*.h5")
+    stamp = made.stat().st_mtime_ns
+    second = wsi(slide)  # once refused: "already exists ... pass overwrite=True"
+    np.testing.assert_array_equal(first.probabilities, second.probabilities)
+    assert [p.stat().st_mtime_ns for p in wsi.feature_dir.glob("again-*.h5")] == [stamp]
+    assert first.encoder == "resnet18, random (seed 0)" and first.random_weights
+
+
+def test_random_model_weights_mean_a_random_encoder_and_say_so(monkeypatch, tmp_path):
+    """weights="none" must not download the encoder's ImageNet weights (they cannot make a random model's
+    output meaningful); "pretrained" still asks for them. The picture and summary say "random weights"."""
+    from attnzoo.pipelines import wsi_features
+
+    asked = []
+
+    def fake_encoder(name, weights=None, **kwargs):
+        asked.append((name, weights))
+        return TinyEncoder()
+
+    monkeypatch.setattr(wsi_features, "create_patch_encoder", fake_encoder)
+    wsi = attnzoo.pipeline(
+        "wsi-classification",
+        model="acmil_ga",
+        weights="none",
+        device="cpu",
+        model_kwargs={"in_dim": 8, "inner_dim": 8},
+        feature_dir=tmp_path,
+        segment_kwargs={"a_t": 1},
+        patch_size=128,
+        input_size=32,
+    )
+    slide = write_slide(tmp_path / "s.tif")
+    result = wsi(slide)
+    wsi(slide, encoder_weights="pretrained")
+    assert asked == [("resnet18", "none"), ("resnet18", None)]
+    assert result.random_weights and result.weights == "random (seed 0)" and "random weights" in result.summary()
+    assert result.to_dict()["weights"] == "random (seed 0)"
+    picture = np.asarray(result.heatmap(size=400)).astype(int)
+    red = (np.abs(picture - np.array([170, 20, 20])).sum(-1) < 60)[:60]  # the note, in the title band
+    assert red.sum() > 50
+    assert "array" not in repr(result) and "random weights" in repr(result)
+
+
+def test_bad_settings_are_typed_errors_at_construction_and_per_call(wsi, tmp_path):
+    (tmp_path / "file").write_text("x")
+    bad = [
+        {"segment_kwargs": {"no_such": 1}},
+        {"segment_kwargs": {"a_t": "small"}},
+        {"segment_kwargs": {"use_otsu": 1}},
+        {"segment_kwargs": {"mthresh": 0}},
+        {"segment_kwargs": [("a_t", 1)]},
+        {"magnification": -20},
+        {"magnification": float("nan")},
+        {"base_mpp": "0.25"},
+        {"patch_size": 0},
+        {"patch_size": 12.5},
+        {"input_size": True},
+        {"read_level": 1},
+        {"min_tissue": 2},
+        {"labels": ["only one"]},
+        {"labels": "ab"},
+        {"feature_dir": tmp_path / "file"},
+        {"progress": "yes"},
+        {"encoder": 5},
+        {"encoder_weights": 5},
+        {"no_such_setting": 1},
+    ]
+    for setting in bad:
+        with pytest.raises(InvalidInputError):
+            attnzoo.pipeline("wsi-classification", model=wsi.model, device="cpu", **setting)
+        with pytest.raises(InvalidInputError):
+            wsi(torch.randn(3, 512), **setting)
+    with pytest.raises(InvalidInputError, match="encoder_weights"):
+        wsi(write_slide(tmp_path / "m.tif"), encoder=TinyEncoder(), encoder_weights="none")
+
+
+def test_complex_and_non_finite_features_are_refused(wsi):
+    for features, match in (
+        (torch.randn(5, 512, dtype=torch.complex64), "imaginary"),
+        (torch.ones(5, 512, dtype=torch.bool), "real numbers"),
+        (np.full((5, 512), 1 + 1j), "real numbers"),
+        (np.array([["a"] * 512] * 5), "real numbers"),
+        (torch.full((5, 512), float("inf")), "infinite"),
+        (torch.full((5, 512), 1e300, dtype=torch.float64), "float32's range"),
+        (torch.zeros(5, 0), "0 dimensions"),
+    ):
+        with pytest.raises(InvalidInputError, match=match):
+            wsi(features)
+    bag = FeatureBag("s", torch.randn(4, 512), coords=torch.zeros(3, 2, dtype=torch.long))
+    with pytest.raises(InvalidInputError, match="one per patch"):
+        wsi(bag)
+    ints = wsi(np.ones((4, 512), np.int64))  # integer features are numbers: used as float32
+    np.testing.assert_allclose(ints.probabilities, wsi(torch.ones(4, 512)).probabilities)
+    results = list(wsi.iterate([torch.randn(3, 512), torch.randn(3, 384), torch.randn(2, 512)], on_error="skip"))
+    assert isinstance(results[1][1], InvalidInputError) and isinstance(results[2][1], SlidePrediction)
+
+
+def test_progress_bar_over_a_slides_patches(wsi, tmp_path, capsys):
+    slide = write_slide(tmp_path / "bar.tif")
+    wsi(slide)  # progress=None and stderr is not a terminal here: no bar
+    assert "patch" not in capsys.readouterr().err
+    wsi(slide, progress=True, feature_dir=tmp_path / "again")
+    assert "patch" in capsys.readouterr().err
+
+
+def test_no_tissue_messages_say_which_setting_to_change(tmp_path):
+    wsi = _tiny_pipeline(encoder=TinyEncoder(), feature_dir=tmp_path)
+    with pytest.raises(InvalidInputError, match=r"below a_t=100 .*segment_kwargs=\{'a_t'"):
+        wsi(write_slide(tmp_path / "small.tif"))  # tissue, but far less than CLAM's minimum region
+    blank = write_slide(tmp_path / "blank.tif", np.full((512, 512, 3), 255, np.uint8), downsamples=(4,))
+    with pytest.raises(InvalidInputError, match="lower sthresh"):
+        wsi(blank)
+
+
+# ------------------------------------------------------------------------------------------ fuzzing
+
+#: Small by default (ATTNZOO_FUZZ_EXAMPLES=1000 for a deeper run by hand), never writing .hypothesis/ into the tree.
+FUZZ = settings(
+    max_examples=int(os.environ.get("ATTNZOO_FUZZ_EXAMPLES", "30")),
+    deadline=None,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.uint8, torch.bool)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _tiny_pipeline(encoder=TinyEncoder(), feature_dir=tmp_path_factory.mktemp("fuzz"), labels=["a", "b"])
+
+
+def _classified_or_refused(wsi, source, n=None):
+    """The rule for every input: a well-formed prediction, or a typed error (never another exception)."""
+    try:
+        result = wsi(source)
+    except attnzoo.errors.AttnzooError as err:
+        event(f"refused: {type(err).__name__}")
+        return None
+    event("classified")
+    assert isinstance(result, SlidePrediction) and result.probabilities.shape == (2,)
+    assert np.isfinite(result.probabilities).all() and abs(result.probabilities.sum() - 1) < 1e-5
+    assert np.isfinite(result.attention).all() and abs(result.attention.sum() - 1) < 1e-4
+    assert n is None or len(result.attention) == n
+    if result.coords is not None:  # any coordinates a file may hold draw a picture, at most as wide as asked
+        assert 0 < result.heatmap(size=200).width <= 200
+    return result
+
+
+@st.composite
+def feature_arrays(draw):
+    """Bags of odd shapes (0-4 dims, empty ones too), dtypes (complex and bool included) and values (NaN, inf, huge)."""
+    if draw(st.booleans()):  # half of them well-formed, so the path to a prediction is fuzzed too
+        shape, elements = (draw(st.integers(1, 6)), 8), st.floats(-10, 10)
+    else:
+        shape = tuple(draw(st.lists(st.integers(0, 5), max_size=3))) + (draw(st.sampled_from([8, 8, 3, 0])),)
+        elements = st.one_of(st.floats(-10, 10), st.sampled_from([np.nan, np.inf, -np.inf, 1e300, 0.0]))
+    values = draw(hnp.arrays(np.float64, shape, elements=elements))
+    kind = draw(st.sampled_from(["torch", "numpy", "complex", "bag"]))
+    if kind == "complex":
+        return values.astype(np.complex128) * (1 + 1j)
+    tensor = torch.from_numpy(values).to(draw(st.sampled_from(DTYPES)))
+    if kind == "numpy":
+        return tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
+    if kind == "bag":
+        rows = tensor.shape[-2] if tensor.ndim >= 2 else 0
+        coords = draw(st.one_of(st.none(), hnp.arrays(np.int64, (draw(st.sampled_from([rows, rows + 1])), 2))))
+        return FeatureBag("fuzz", tensor, coords=None if coords is None else torch.from_numpy(coords))
+    return tensor
+
+
+@FUZZ
+@given(features=feature_arrays())
+def test_fuzz_tensors_arrays_and_bags(tiny, features):
+    raw = features.features if isinstance(features, FeatureBag) else features
+    tensor = torch.as_tensor(raw)
+    finite_real = (
+        not tensor.is_complex()
+        and tensor.dtype != torch.bool
+        and tensor.ndim in (2, 3)
+        and (tensor.ndim == 2 or tensor.shape[0] == 1)
+        and tensor.shape[-2] > 0
+        and tensor.shape[-1] == 8
+        and bool(torch.isfinite(tensor.float()).all())
+    )
+    coords_ok = not isinstance(features, FeatureBag) or features.coords is None or len(features.coords) == len(raw)
+    result = _classified_or_refused(tiny, features, tensor.shape[-2] if tensor.ndim >= 2 else None)
+    assert (result is not None) == (finite_real and coords_ok), (tensor.dtype, tuple(tensor.shape))
+
+
+@FUZZ
+@given(
+    source=st.one_of(
+        st.none(),
+        st.integers(),
+        st.floats(allow_nan=True),
+        st.text(max_size=8),
+        st.binary(max_size=8),
+        st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+        st.lists(st.integers(), max_size=2),
+    )
+)
+def test_fuzz_objects_that_are_not_slides(tiny, source):
+    try:
+        out = tiny(source)
+    except attnzoo.errors.AttnzooError:
+        return
+    assert out == [] or all(isinstance(r, SlidePrediction) for r in out)
+
+
+@FUZZ
+@given(
+    suffix=st.sampled_from([".h5", ".hdf5", ".pt", ".pth", ".svs", ".tif", ".png", ".txt", ""]),
+    content=st.binary(max_size=256),
+)
+def test_fuzz_files_of_any_content(tiny, suffix, content):
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"input{suffix}"
+        path.write_bytes(content)
+        assert _classified_or_refused(tiny, path) is None  # random bytes are never a slide or features
+        assert _classified_or_refused(tiny, Path(folder) / "missing.svs") is None
+        assert _classified_or_refused(tiny, Path(folder)) is None  # a folder without features
+
+
+@st.composite
+def feature_files(draw, folder):
+    """A per-slide HDF5 or .pt feature file, as CLAM/TRIDENT/attnzoo write them, with odd contents."""
+    import h5py
+
+    features = draw(feature_arrays())
+    raw = features.features if isinstance(features, FeatureBag) else features
+    raw = np.asarray(raw.float() if isinstance(raw, torch.Tensor) and raw.dtype == torch.bfloat16 else raw)
+    n = raw.shape[-2] if raw.ndim >= 2 else 1
+    coords = draw(st.one_of(st.none(), hnp.arrays(np.float64, (draw(st.sampled_from([n, n + 1])), 2))))
+    if draw(st.booleans()):
+        path = folder / "slide.h5"
+        with h5py.File(path, "w") as f:
+            f["features"] = raw
+            if coords is not None:
+                f["coords"] = coords
+                f["coords"].attrs["patch_level"] = draw(st.integers(-1, 2))
+                f["coords"].attrs["patch_size"] = draw(st.integers(0, 512))
+            if draw(st.booleans()):
+                f.attrs["slide_path"] = draw(
+                    st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), max_size=10)
+                )
+    else:
+        path = folder / "slide.pt"
+        payload = {"features": torch.as_tensor(raw)} if draw(st.booleans()) else torch.as_tensor(raw)
+        torch.save(payload, path)
+    return path, raw
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_feature_files(tiny, data):
+    with tempfile.TemporaryDirectory() as folder:
+        path, raw = data.draw(feature_files(Path(folder)))
+        result = _classified_or_refused(tiny, path)
+        if result is not None:  # what was read is what was written
+            assert raw.shape[-1] == 8 and len(result.attention) == raw.shape[-2]
+            assert not np.iscomplexobj(raw) and raw.dtype != bool and np.isfinite(raw.astype(np.float32)).all()

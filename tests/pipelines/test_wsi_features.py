@@ -2,44 +2,27 @@
 TIFFs that OpenSlide itself opens (tests/wsi_helpers.py)."""
 
 import json
+import os
 
+import h5py
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
-
-pytest.importorskip("openslide")
 
 from attnzoo.datasets.mil_features import read_feature_bags
 from attnzoo.datasets.wsi import PatchTransform, open_slide, patch_grid, segment_tissue
 from attnzoo.errors import InvalidInputError, UnknownNameError
 from attnzoo.pipelines import wsi_features
-from attnzoo.pipelines.wsi_features import create_patch_encoder, extract_features, extract_slides
-from tests.wsi_helpers import SEG, slide_image, tissue_truth, write_slide, write_test_slides
-
-h5py = pytest.importorskip("h5py")
+from attnzoo.pipelines.wsi_features import check_segment_kwargs, create_patch_encoder, extract_features, extract_slides
+from tests.wsi_helpers import SEG, TinyEncoder, slide_image, tissue_truth, write_slide, write_test_slides
 
 
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory):
     return write_test_slides(tmp_path_factory.mktemp("slides"))
-
-
-class TinyEncoder(torch.nn.Module):
-    """A fast, deterministic stand-in for a patch encoder: [B, 3, H, W] -> [B, 8]."""
-
-    def __init__(self, fail_after: int | None = None):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 8, 4, stride=4)
-        self.calls, self.rows, self.fail_after = 0, 0, fail_after
-
-    def forward(self, x):
-        if self.fail_after is not None and self.calls >= self.fail_after:
-            raise KeyboardInterrupt("simulated crash")
-        self.calls += 1
-        self.rows += x.shape[0]
-        return torch.relu(self.conv(x)).mean(dim=(2, 3))
 
 
 def run(slide, out, encoder, **kw):
@@ -127,6 +110,59 @@ def test_interrupted_extraction_leaves_nothing_and_resumes(slides, tmp_path):
         assert f.attrs["patch_size"] == 96
 
 
+def test_overwrite_stale_replaces_only_files_made_otherwise(slides, tmp_path):
+    out = run(slides["aperio"], tmp_path / "s.h5", TinyEncoder())
+    same = TinyEncoder()
+    run(slides["aperio"], out, same, overwrite="stale")
+    assert same.calls == 0
+    other = TinyEncoder()
+    run(slides["aperio"], out, other, patch_size=96, overwrite="stale")  # no "pass overwrite=True"
+    with h5py.File(out) as f:
+        assert other.rows == len(f["features"]) and f.attrs["patch_size"] == 96
+    with pytest.raises(InvalidInputError, match="overwrite must be"):
+        run(slides["aperio"], out, TinyEncoder(), overwrite="yes")
+
+
+def test_bad_arguments_are_typed_errors_before_any_work(slides, tmp_path):
+    for bad in (
+        {"segment_kwargs": {"a_t": -1}},
+        {"segment_kwargs": {"sthresh": "8"}},
+        {"segment_kwargs": {"close": 1.5}},
+        {"segment_kwargs": {"seg_downsample": 0}},
+        {"segment_kwargs": {"level": -1}},
+        {"segment_kwargs": {"nope": 1}},
+        {"segment_kwargs": "a_t=1"},
+        {"patch_size": "big"},
+        {"input_size": 0},
+        {"stride": "x"},
+        {"min_tissue": "half"},
+        {"min_tissue": float("nan")},
+        {"batch_size": 0},
+        {"num_workers": -1},
+        {"device": "nonsense"},
+        {"transform": 3},
+    ):
+        with pytest.raises(InvalidInputError):
+            run(slides["aperio"], tmp_path / "x.h5", TinyEncoder(), **bad)
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_progress_bars_over_patches_and_slides(slides, tmp_path, capsys):
+    run(slides["aperio"], tmp_path / "quiet.h5", TinyEncoder(), progress=None)  # stderr is no terminal here
+    assert capsys.readouterr().err == ""
+    extract_slides(
+        [slides["aperio"]],
+        TinyEncoder(),
+        tmp_path / "many",
+        patch_size=112,
+        num_workers=0,
+        segment_kwargs=SEG,
+        progress=True,
+    )
+    err = capsys.readouterr().err
+    assert "slides" in err and "patch" in err
+
+
 def test_changed_settings_restart_a_partial_run(slides, tmp_path):
     out = tmp_path / "x.h5"
     with pytest.raises(KeyboardInterrupt):
@@ -152,6 +188,8 @@ def test_resnet18_random_weights_at_an_mpp(slides, tmp_path):
         assert f["features"].shape[1] == 512 and f.attrs["encoder"] == "resnet18"
         assert f.attrs["mpp"] == 2.0 and f.attrs["level"] == 1 and f.attrs["read_size"] == 64
         assert np.isfinite(f["features"][()]).all()
+    stamp = out.stat().st_mtime_ns  # the random encoder is drawn from a fixed seed: a rerun reuses the file
+    assert run(slides["generic"], out, "resnet18", weights="none", mpp=2.0, patch_size=64).stat().st_mtime_ns == stamp
 
 
 def test_extract_slides_skips_failures_and_reuses_results(slides, tmp_path):
@@ -276,3 +314,51 @@ def test_default_weights_are_the_official_imagenet_ones(monkeypatch):
         ("resnet50.tv_in1k", True, None, None),
         ("vit_small_patch16_224", False, "dino_vit_small_patch16_ep200.torch", 0),
     ]
+
+
+SEGMENT_KEYS = [
+    "sthresh",
+    "mthresh",
+    "close",
+    "use_otsu",
+    "a_t",
+    "a_h",
+    "max_n_holes",
+    "ref_patch_size",
+    "seg_downsample",
+    "level",
+]
+
+
+@settings(
+    max_examples=int(os.environ.get("ATTNZOO_FUZZ_EXAMPLES", "30")),
+    deadline=None,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+@given(
+    kwargs=st.dictionaries(
+        st.sampled_from([*SEGMENT_KEYS, "other"]),
+        st.one_of(
+            st.none(),
+            st.booleans(),
+            st.integers(-3, 300),
+            st.floats(allow_nan=True, allow_infinity=True),
+            st.text(max_size=3),
+        ),
+        max_size=4,
+    )
+)
+def test_fuzz_segment_kwargs(slides, kwargs):
+    """Any segment_kwargs: a tissue mask, or a typed error naming the setting (never a crash deep inside)."""
+    try:
+        checked = check_segment_kwargs(kwargs)
+    except InvalidInputError as err:
+        assert "segment_kwargs" in str(err)
+        return
+    slide = open_slide(slides["aperio"])
+    try:
+        mask = segment_tissue(slide, **checked)
+    except InvalidInputError:
+        return
+    assert mask.mask.dtype == bool and mask.mask.ndim == 2

@@ -227,6 +227,44 @@ def test_sparsifiner_two_phase_recipe(tmp_path):
         )
 
 
+def test_sparsifiner_lvvit_reconstruction_phase_and_no_deit_teacher(tmp_path):
+    """LV-ViT Sparsifiner: the reconstruction phase trains its predictors only; the distillation
+    phase, whose dense teacher is a DeiT, refuses it instead of distilling from the wrong model."""
+    from safetensors.torch import load_file
+
+    tiny = dict(embed_dim=32, depth=2, num_heads=2)
+    data = shapes_dataset(tmp_path / "shapes", per_class_train=2, per_class_val=1)
+    common = ["epochs=1", "batch_size=8", "num_workers=0", "auto_augment=null", "reprob=0", "color_jitter=0"]
+    common += ["warmup_epochs=0", "lr=1e-2"]
+    torch.manual_seed(0)
+    start = dict(attnzoo.create_model("sparsifiner_lvvit_s", num_classes=4, **tiny).named_parameters())
+    torch.manual_seed(0)
+    train_classification(
+        "sparsifiner_lvvit_s",
+        data,
+        tmp_path / "recon",
+        config="sparsifiner_recon",
+        overrides=common,
+        model_kwargs=tiny,
+        device="cpu",
+    )
+    recon = load_file(tmp_path / "recon" / "model.safetensors")
+    # the backbone's parameters did not move (its stem's BatchNorm statistics do, in training mode, as officially)
+    assert all(torch.equal(recon[k], v) for k, v in start.items() if "mask_predictor" not in k)
+    assert not torch.equal(recon["blocks.0.attn.mask_predictor.proj_n"], start["blocks.0.attn.mask_predictor.proj_n"])
+    with pytest.raises(InvalidInputError, match="LV-ViT"):
+        train_classification(
+            "sparsifiner_lvvit_s",
+            data,
+            tmp_path / "distill",
+            config="sparsifiner_distill",
+            weights=tmp_path / "recon" / "model.safetensors",
+            model_kwargs=tiny,
+            device="cpu",
+            overrides=[*common, "mixup=0", "cutmix=0", f"teacher_weights={tmp_path / 'recon' / 'model.safetensors'}"],
+        )
+
+
 def S_init(tiny):
     """The predictors a fresh model starts with (the recon run builds its model the same way, seed 0)."""
     torch.manual_seed(0)

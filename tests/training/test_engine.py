@@ -1,10 +1,9 @@
-"""The training engine: exact resume after SIGKILL, DDP equivalence, accumulation, EMA, checkpoints, errors."""
+"""The training engine: exact resume after SIGKILL, DDP equivalence, accumulation, EMA, AMP, checkpoints, errors."""
 
+import copy
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -40,19 +39,27 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(tmp_path):
     full = run(tmp_path / "full")
     assert full.returncode == 0, full.stderr
     out = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(out), "--slow", "0.05"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 120
-    while (
-        time.time() < deadline and not (out / "checkpoint-00000008.pt").exists()
-    ):  # step 8 of 6 per epoch: mid epoch 2
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / "final.pt").exists(), "the run finished before it could be killed"
-    assert not list(out.glob(".*.tmp")) or True  # a torn temporary file may remain; it is never a checkpoint
-    assert all(p.name.startswith("checkpoint-") or p.suffix != ".pt" or p.name == "best.pt" for p in out.glob("*.pt"))
+    out.mkdir()
+    # Killed while writing the checkpoint of step 10 (6 steps per epoch: mid epoch 2), once the run says it is there.
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, str(SCRIPT), str(out), "--torn-checkpoint", "10"],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+        try:
+            said = proc.stdout.readline()  # blocks until the child is inside the write, or has exited
+        finally:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+    assert said.strip() == "writing checkpoint-00000010.pt", (tmp_path / "stderr.txt").read_text()[-3000:]
+    assert not (out / "final.pt").exists()
+    torn = list(out.glob(".checkpoint-00000010.pt.*.tmp"))
+    assert len(torn) == 1 and torn[0].stat().st_size > 0  # the half-written file is there ...
+    assert latest_checkpoint(out).name == "checkpoint-00000008.pt"  # ... and never taken for a checkpoint
+    assert sorted(p.name for p in out.glob("*.pt")) == ["best.pt", "checkpoint-00000006.pt", "checkpoint-00000008.pt"]
     resumed = run(out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert_same(final_weights(out), final_weights(tmp_path / "full"))
@@ -68,10 +75,9 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # the rendezvous binds a free port itself: nothing fixed to collide with
         "--nproc_per_node",
         "2",
-        "--master_port",
-        "29517",
         str(SCRIPT),
         str(tmp_path / "two"),
         "--dropout",
@@ -103,10 +109,16 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path):
     assert_same(a.model.state_dict(), b.model.state_dict(), atol=1e-6, rtol=1e-5)
 
 
-def test_ema_follows_its_definition(tmp_path):
-    trainer = make_trainer(tmp_path, ema_decay=0.5, epochs=1)
-    trainer.train_set.dataset.tensors = tuple(t[:8] for t in trainer.train_set.dataset.tensors)  # one step
+def one_batch(trainer):
+    """Cut the trainer's data to its first batch: fit() then takes exactly one step."""
+    data = trainer.train_set.dataset
+    data.tensors = tuple(t[: trainer.config.batch_size] for t in data.tensors)
     trainer.steps_per_epoch = trainer.total_steps = 1
+    return trainer
+
+
+def test_ema_follows_its_definition(tmp_path):
+    trainer = one_batch(make_trainer(tmp_path, ema_decay=0.5, epochs=1))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.fit()
     after = trainer.model.state_dict()
@@ -199,10 +211,37 @@ def test_repeated_copies_are_augmented_differently(tmp_path):
     assert samples[(0, 1, 0)] == samples[(0, 1, 0)] != samples[(0, 1, 1)] != samples[(1, 1, 0)]
 
 
-@pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_mixed_precision_runs(tmp_path, amp):
-    trainer = make_trainer(tmp_path, amp=amp, repeated_aug=2)
-    assert trainer.fit()["step"] == 4
+@pytest.mark.parametrize("amp, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_mixed_precision_step_is_the_autocast_step_written_by_hand(tmp_path, amp, dtype):
+    """One SGD step (lr 1) under AMP moves every weight by the gradient of the loss computed under
+    torch.autocast in ``dtype`` (fp16: with the loss scaled by GradScaler's initial 2**16, a power
+    of two, so unscaling is exact), which is measurably not the fp32 gradient."""
+    trainer = one_batch(make_trainer(tmp_path, amp=amp, optimizer="sgd", momentum=0.0, lr=1.0, weight_decay=0.0))
+    before = copy.deepcopy(trainer.model)
+    seen = []
+
+    def recording_loss(model, batch):
+        logits = model(batch[0])
+        seen.append((batch, logits.dtype))
+        return nn.functional.cross_entropy(logits, batch[1])
+
+    trainer.loss_fn = recording_loss
+    assert trainer.fit()["step"] == 1
+    [((x, y), logits_dtype)] = seen
+    assert logits_dtype == dtype
+    scale = 2.0**16 if amp == "fp16" else 1.0
+
+    def sgd_step(autocast):
+        model = copy.deepcopy(before)
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            loss = nn.functional.cross_entropy(model(x), y)
+        (loss * scale).backward()
+        return {name: p.detach() - p.grad / scale for name, p in model.named_parameters()}
+
+    trained, by_hand, in_fp32 = dict(trainer.model.named_parameters()), sgd_step(True), sgd_step(False)
+    for name, want in by_hand.items():
+        torch.testing.assert_close(trained[name].detach(), want, atol=1e-7, rtol=1e-6)
+    assert max((by_hand[n] - in_fp32[n]).abs().max().item() for n in by_hand) > 1e-5  # AMP made a difference
 
 
 def test_schedule_warms_up_decays_and_cools_down(tmp_path):
@@ -257,11 +296,11 @@ def test_step_schedule_and_clipping(tmp_path):
     for step, lr in ((0, 0.1), (spe, 0.01), (3 * spe - 1, 0.01), (3 * spe, 0.001)):
         multi.scheduler.step_update(step)
         assert multi.optimizer.param_groups[0]["lr"] == pytest.approx(lr)
-    sgd = make_trainer(
-        tmp_path / "sgd", optimizer="sgd", momentum=0.0, lr=1.0, clip_grad=1e-3, epochs=1, weight_decay=0.0
+    sgd = one_batch(
+        make_trainer(
+            tmp_path / "sgd", optimizer="sgd", momentum=0.0, lr=1.0, clip_grad=1e-3, epochs=1, weight_decay=0.0
+        )
     )
-    sgd.train_set.dataset.tensors = tuple(t[:8] for t in sgd.train_set.dataset.tensors)
-    sgd.steps_per_epoch = sgd.total_steps = 1
     before = torch.cat([p.detach().flatten().clone() for p in sgd.model.parameters()])
     sgd.fit()
     after = torch.cat([p.detach().flatten() for p in sgd.model.parameters()])

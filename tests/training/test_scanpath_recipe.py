@@ -9,6 +9,7 @@ import pytest
 
 import attnzoo
 from attnzoo.errors import InvalidInputError
+from tests.helpers import register_test_model
 from tests.scanpath_helpers import AMAZON_SIZE, write_amazon
 
 SMALL = {
@@ -187,3 +188,55 @@ def test_evaluation_defaults_to_the_runs_own_split(trained, tmp_path, capsys):
     assert "trained on the layout split" in capsys.readouterr().err
     assert _scanpath_split("oat", other, None, 4)[1] == 4 and "seed 3" in capsys.readouterr().err
     assert _scanpath_split("nevaclip", None, None, None) == ("test", 0, True)
+
+
+@pytest.mark.slow
+def test_cli_train_scanpath_and_resume_after_an_interruption(tmp_path, monkeypatch):
+    """`attnzoo train scanpath` through attnzoo.cli.main, and `--resume` of the same command after a
+    Ctrl-C in its second step (one epoch, a checkpoint after every step): the resumed run ends with
+    the uninterrupted run's weights and test metrics, and logs each step once."""
+    import torch
+    from safetensors.torch import load_file
+
+    import attnzoo.training.scanpath as recipe
+    from attnzoo.cli import main
+    from attnzoo.vision.oat import oat_amazon
+
+    register_test_model(monkeypatch, "oat_tiny_cli", lambda **kw: oat_amazon(**{**SMALL, **kw}), like="oat_amazon")
+    data = amazon_set(tmp_path / "data", collages=2, subjects=3)
+
+    def train(out, *extra):
+        args = [
+            "train",
+            "scanpath",
+            "--model",
+            "oat_tiny_cli",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+        settings = ["epochs=1", "batch_size=2", "checkpoint_every=1", "log_every=1", "num_workers=0"]
+        return main([*args, *extra, *settings])
+
+    assert train(tmp_path / "full") == 0
+    real_loss, calls = recipe.teacher_forced_loss, []
+
+    def interrupted_in_step_2(model, batch):
+        calls.append(batch)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_loss(model, batch)
+
+    monkeypatch.setattr(recipe, "teacher_forced_loss", interrupted_in_step_2)
+    assert train(tmp_path / "cut") == 130  # the CLI's exit status for an interruption
+    assert [p.name for p in (tmp_path / "cut").glob("checkpoint-*.pt")] == ["checkpoint-00000001.pt"]
+    assert train(tmp_path / "cut", "--resume") == 0
+    assert len(calls) == 3  # the resumed run took step 2 only
+    full, resumed = (load_file(tmp_path / run / "model.safetensors") for run in ("full", "cut"))
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+    assert (tmp_path / "cut" / "test_metrics.json").read_text() == (tmp_path / "full" / "test_metrics.json").read_text()
+    steps = [row["step"] for row in csv.DictReader((tmp_path / "cut" / "metrics.csv").open())]
+    assert steps == [row["step"] for row in csv.DictReader((tmp_path / "full" / "metrics.csv").open())] == ["1", "2"]

@@ -1,11 +1,14 @@
 """A tiny training run for the engine tests, run as a subprocess (also under torchrun).
 
-python tiny_run.py OUT [--resume] [--slow SECONDS] [--dropout P] [--accum N] [--ema D]
+python tiny_run.py OUT [--resume] [--torn-checkpoint STEP] [--dropout P] [--accum N] [--ema D] [--epochs N]
 """
 
 import argparse
+import contextlib
+import os
 import sys
-import time
+import threading
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -29,11 +32,34 @@ def dataset():
     return TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
 
 
+def tear_checkpoint_and_wait(step: int) -> None:
+    """Stand in for a SIGKILL that lands while the checkpoint of ``step`` is being written: its
+    temporary file is left half-written, a line on stdout says so, and the run waits to be killed
+    (the test kills it at this known point instead of racing a running loop)."""
+    import attnzoo.training.engine as engine
+
+    real, target = engine.atomic_write, f"checkpoint-{step:08d}.pt"
+
+    @contextlib.contextmanager
+    def torn(path, mode="wb"):
+        with real(path, mode) as fh:
+            yield fh
+            if Path(path).name == target:
+                fh.flush()
+                fh.truncate(fh.tell() // 2)
+                fh.flush()
+                print(f"writing {target}", flush=True)
+                threading.Event().wait(600)  # killed long before; never outlive a crashed test
+                os._exit(1)
+
+    engine.atomic_write = torn
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("out")
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--slow", type=float, default=0.0)
+    p.add_argument("--torn-checkpoint", type=int, default=None)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--accum", type=int, default=1)
     p.add_argument("--ema", type=float, default=None)
@@ -56,10 +82,10 @@ def main(argv=None):
         best_metric="acc",
     )
     data = dataset()
+    if a.torn_checkpoint is not None:
+        tear_checkpoint_and_wait(a.torn_checkpoint)
 
     def loss_fn(model, batch):
-        if a.slow:
-            time.sleep(a.slow)
         x, y = batch
         return nn.functional.cross_entropy(model(x), y)
 

@@ -2,19 +2,18 @@
 layouts and parameter counts, STKIM, the official losses, the gated-attention formula, heatmap
 scores, the factory, checkpoints and input errors."""
 
-import json
 import math
 import re
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 import attnzoo
 from attnzoo.errors import InvalidInputError, WeightsError
 from attnzoo.vision import acmil as A
 from attnzoo.weights import load_checkpoint_file
+from tests.vision._reference import key_manifest, load_files, manual_seed, state_layout, tolerance
 
 FIXTURES = {"acmil_ga": A.ACMILGatedAttention, "acmil_mha": A.ACMILMultiHead}
 OUTPUT_NAMES = ("sub_preds", "slide_pred", "attention")  # the official forward's 3-tuple, in order
@@ -30,23 +29,10 @@ class Struct:
 # -- fixtures ------------------------------------------------------------------------------
 
 
-def load_fixture(reference_dir, name):
-    folder = reference_dir / name
-    if not folder.is_dir():
-        pytest.skip(f"{name} fixture absent")
-    cfg = json.loads((folder / "config.json").read_text())
-    files = {n: load_file(folder / f"{n}.safetensors") for n in ("state_dict", "inputs", "outputs")}
-    return cfg, files
-
-
 def build_from_config(name, cfg):
     kwargs = dict(cfg["constructor_kwargs"])
     conf = kwargs.pop("conf")
     return FIXTURES[name].from_official_config(conf, **kwargs)
-
-
-def tolerance(cfg):
-    return {"atol": cfg["suggested_tolerance"]["atol"], "rtol": cfg["suggested_tolerance"]["rtol"]}
 
 
 def bag(n=40, dim=512, seed=0):
@@ -63,7 +49,7 @@ def n_params(model):
 @pytest.mark.parity
 @pytest.mark.parametrize("name", sorted(FIXTURES))
 def test_eval_parity(reference_dir, name):
-    cfg, f = load_fixture(reference_dir, name)
+    cfg, f = load_files(reference_dir, name)
     model = build_from_config(name, cfg).eval()
     model.load_state_dict(f["state_dict"], strict=True)
     assert n_params(model) == cfg["num_params"]
@@ -80,12 +66,11 @@ def test_eval_parity(reference_dir, name):
 @pytest.mark.parametrize("name", sorted(FIXTURES))
 def test_train_mode_stkim_parity(reference_dir, name):
     """Training-mode outputs, where the fixture has them; the RNG recipe is read from config.json."""
-    cfg, f = load_fixture(reference_dir, name)
+    cfg, f = load_files(reference_dir, name)
     keys = [k for k in f["outputs"] if k.startswith("train_stkim.")]
     if not keys:
         pytest.skip(f"{name} has no training-mode outputs")
-    note = cfg["outputs"]["train_stkim.*"]
-    seed = int(re.search(r"torch\.manual_seed\((\d+)\)", note).group(1))
+    seed = manual_seed(cfg["outputs"]["train_stkim.*"])
     conf = cfg["constructor_kwargs"]["conf"]
     k = min(conf["n_masked_patch"], cfg["inputs_meta"]["x"]["shape"][1])
     n_dropped = int(k * conf["mask_drop"])
@@ -110,7 +95,7 @@ def test_train_mode_stkim_parity(reference_dir, name):
 def test_official_initialisation_order(reference_dir, name):
     """Built under the fixture's seed, every tensor the fixture did not perturb matches it: the
     modules are created in the official order (so torch.manual_seed reproduces official inits)."""
-    cfg, f = load_fixture(reference_dir, name)
+    cfg, f = load_files(reference_dir, name)
     torch.manual_seed(cfg["seed"])
     model = build_from_config(name, cfg)
     # perturbed: parameters constant after init (LayerNorm) and, per config.json, MHA's queries
@@ -123,33 +108,26 @@ def test_official_initialisation_order(reference_dir, name):
 
 @pytest.mark.parity
 @pytest.mark.parametrize("name", sorted(FIXTURES))
-def test_full_size_key_layouts(reference_dir, name):
-    folder = reference_dir / name
-    manifests = sorted(folder.glob(f"keys_{name}_*.json"))
-    if not manifests:
-        pytest.skip(f"{name} key manifests absent")
-    assert len(manifests) == 2
-    for path in manifests:
-        manifest = json.loads(path.read_text())
-        dims = re.search(r"D_feat=(\d+), D_inner=(\d+), n_class=(\d+), n_token=(\d+)", manifest["official_builder"])
-        extra = re.search(r"n_masked_patch=(\d+), mask_drop=([\d.]+)", manifest["official_builder"])
-        in_dim, inner_dim, n_class, n_token = map(int, dims.groups())
-        model = FIXTURES[name](
-            in_dim=in_dim,
-            inner_dim=inner_dim,
-            n_classes=n_class,
-            n_token=n_token,
-            n_masked_patch=int(extra.group(1)),
-            mask_drop=float(extra.group(2)),
-        )
-        layout = {
-            k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
-            for k, v in model.state_dict().items()
-        }
-        assert list(layout) == list(manifest["keys"]), path.name  # same keys, same (official) order
-        assert layout == manifest["keys"], path.name
-        assert len(layout) == manifest["num_keys"]
-        assert n_params(model) == manifest["total_params"], path.name
+@pytest.mark.parametrize("dims", ["512_256", "384_128"])
+def test_full_size_key_layouts(reference_dir, name, dims):
+    manifest = key_manifest(reference_dir, name, f"{name}_{dims}")
+    found = re.search(r"D_feat=(\d+), D_inner=(\d+), n_class=(\d+), n_token=(\d+)", manifest["official_builder"])
+    extra = re.search(r"n_masked_patch=(\d+), mask_drop=([\d.]+)", manifest["official_builder"])
+    in_dim, inner_dim, n_class, n_token = map(int, found.groups())
+    assert f"{in_dim}_{inner_dim}" == dims
+    model = FIXTURES[name](
+        in_dim=in_dim,
+        inner_dim=inner_dim,
+        n_classes=n_class,
+        n_token=n_token,
+        n_masked_patch=int(extra.group(1)),
+        mask_drop=float(extra.group(2)),
+    )
+    layout = state_layout(model.state_dict())
+    assert list(layout) == list(manifest["keys"])  # same keys, same (official) order
+    assert layout == manifest["keys"]
+    assert len(layout) == manifest["num_keys"]
+    assert n_params(model) == manifest["total_params"]
 
 
 # -- sizes (research notes d1) -------------------------------------------------------------
@@ -381,6 +359,10 @@ def test_bad_inputs():
     nan[0, 2, 3] = float("nan")
     with pytest.raises(InvalidInputError, match="NaN"):
         model(nan)
+    huge = bag(5, 32).double()
+    huge[0, 1, 1] = 1e300  # finite in float64, infinite in the model's float32
+    with pytest.raises(InvalidInputError, match="infinite"):
+        model(huge)
     with pytest.raises(InvalidInputError, match="expects 32 features per instance"):
         model(bag(5, 48))
     with pytest.raises(InvalidInputError, match="one bag at a time"):

@@ -5,27 +5,18 @@ official ones, the two layouts against each other on divisible sizes, and the re
 (nchw) BRA on non-divisible sizes against a plain-torch transcription of the official math.
 """
 
-import json
-
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 import attnzoo
 import attnzoo.kernels as K
 from attnzoo.errors import InvalidInputError
 from attnzoo.vision import biformer as B
 from attnzoo.vision.biformer import NCHWAttentionLePE, NCHWBiLevelRoutingAttention
-
-
-def load_fixture(reference_dir, name="biformer"):
-    folder = reference_dir / name
-    if not folder.is_dir():
-        pytest.skip(f"{name} fixture absent")
-    cfg = json.loads((folder / "config.json").read_text())
-    return cfg, *(load_file(folder / f"{n}.safetensors") for n in ("state_dict", "inputs", "outputs"))
+from tests.helpers import parity_device
+from tests.vision._reference import assert_key_layout, key_manifest, load_fixture
 
 
 @pytest.mark.parity
@@ -33,45 +24,73 @@ def load_fixture(reference_dir, name="biformer"):
     "backend",
     ["torch", pytest.param("flex", marks=pytest.mark.slow), pytest.param("triton", marks=pytest.mark.slow)],
 )
-def test_official_parity(reference_dir, backend, monkeypatch):
-    cfg, state, inputs, expected = load_fixture(reference_dir)
-    model = B.BiFormer(**cfg["constructor_kwargs"]).eval()
+def test_official_parity(reference_dir, backend, monkeypatch, request):
+    """Every output of the fixture from the plain forward ``model(x)``: the logits, each stage's map
+    and every BRA block's routing; on the torch backend, forward_intermediates + forward_head too."""
+    device = parity_device(request, backend, monkeypatch)
+    f = load_fixture(reference_dir, "biformer")
+    model = B.BiFormer(**f.cfg["constructor_kwargs"]).eval()
     model.load_state_dict(
-        B.checkpoint_filter_fn({"model": {f"module.{k}": v for k, v in state.items()}}, model), strict=True
+        B.checkpoint_filter_fn({"model": {f"module.{k}": v for k, v in f.state_dict.items()}}, model), strict=True
     )
-    routes = []
+    routes, stages = [], []
     real = B.region_routing
     monkeypatch.setattr(B, "region_routing", lambda *a: routes.append(real(*a)) or routes[-1])
-    tol = cfg["suggested_tolerance"]
-    x = inputs["x"][:1] if backend == "triton" else inputs["x"]  # the interpreter is slow: the first image only
+    for stage in model.stages:
+        stage.register_forward_hook(lambda module, args, out: stages.append(out))
+    x = f.inputs["x"][:1] if backend == "triton" else f.inputs["x"]  # the interpreter is slow: the first image only
+    expected = {k: v[: len(x)] for k, v in f.outputs.items()}
+    model.to(device)
     with torch.no_grad(), K.use_backend(backend):
-        final, stages = model.forward_intermediates(x)
-        logits = model.forward_head(final)
-    torch.testing.assert_close(logits, expected["y"][: len(x)], atol=tol["atol"], rtol=tol["rtol"])
+        logits = model(x.to(device)).cpu()
+    torch.testing.assert_close(logits, expected["y"], **f.tolerance)
+    compared = {"y"}
     for i, stage in enumerate(stages):
-        torch.testing.assert_close(stage, expected[f"stage{i}"][: len(x)], atol=tol["atol"], rtol=tol["rtol"])
+        torch.testing.assert_close(stage.cpu(), expected[f"stage{i}"], **f.tolerance)
+        compared.add(f"stage{i}")
     names = sorted(k for k in expected if k.startswith("routing_idx"))
     assert len(routes) == len(names)
     for name, route in zip(names, routes, strict=True):
         # discrete outputs match exactly, as sets (the order of near-equal routing logits may differ)
-        assert torch.equal(route.long().sort(-1).values, expected[name][: len(route)].sort(-1).values), name
+        assert torch.equal(route.cpu().long().sort(-1).values, expected[name].sort(-1).values), name
+        compared.add(name)
+    assert compared == set(expected)
+    if backend == "torch":  # timm's API path computes the same
+        with torch.no_grad():
+            final, intermediates = model.forward_intermediates(x)
+            assert torch.equal(model.forward_head(final), logits)
+        assert all(torch.equal(a, b) for a, b in zip(intermediates, stages[: len(intermediates)], strict=True))
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("backend", ["torch", pytest.param("flex", marks=pytest.mark.slow)])
+def test_bra_module_official_parity(reference_dir, backend):
+    """The official BRA module's fixture, loaded strictly into our BiLevelRoutingAttention and called
+    as the official one was (``ret_attn_mask=True``): output, routing weights and indices, attention."""
+    f = load_fixture(reference_dir, "biformer_bra_op")
+    assert f.cfg["forward_call"].startswith("module(x, ret_attn_mask=True)")
+    module = B.BiLevelRoutingAttention(**f.cfg["constructor_kwargs"]).eval()
+    module.load_state_dict(f.state_dict, strict=True)
+    assert sum(p.numel() for p in module.parameters()) == f.cfg["num_params"]
+    with torch.no_grad(), K.use_backend(backend):
+        y, r_weight, r_idx, attn_weight = module(f.inputs["x"], ret_attn_mask=True)
+        plain = module(f.inputs["x"])
+    got = {"y": y, "r_weight": r_weight, "attn_weight": attn_weight}
+    assert set(got) | {"r_idx"} == set(f.outputs)
+    assert r_idx.dtype == torch.int64 and torch.equal(r_idx, f.outputs["r_idx"])  # discrete: exactly, in order
+    assert torch.equal(plain, y)
+    for name, ours in got.items():
+        torch.testing.assert_close(ours, f.outputs[name], **f.tolerance, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parity
 @pytest.mark.parametrize("variant", ["tiny", "small", "base", "stl", "stl_nchw"])
 def test_full_size_key_layouts(reference_dir, variant):
-    """Our full-size models have exactly the official key names and shapes, and parameter counts."""
-    path = reference_dir / "biformer" / f"keys_biformer_{variant}.json"
-    if not path.is_file():
-        pytest.skip(f"{path.name} absent")
-    layout = json.loads(path.read_text())
-    keys = layout.get("keys", layout)
-    model = timm.create_model(f"biformer_{variant}")
-    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
-    official = {k: list(v["shape"]) for k, v in keys.items() if isinstance(v, dict) and "shape" in v}
-    assert ours == official
-    if "total_params" in layout:
-        assert sum(p.numel() for p in model.parameters()) == layout["total_params"]
+    """Our full-size models have exactly the official keys, shapes, dtypes and parameter counts."""
+    manifest = key_manifest(reference_dir, "biformer", f"biformer_{variant}")
+    with torch.device("meta"):  # shapes only
+        model = timm.create_model(f"biformer_{variant}")
+    assert_key_layout(model, manifest)
 
 
 def test_timm_registration_and_local_official_checkpoint(tmp_path):
@@ -197,10 +216,10 @@ def official_nchw_bra(m, x):
     return F.conv2d(out + m.lepe(v), m.output_linear.weight, m.output_linear.bias)
 
 
-def check_nchw_bra(H, W, n_win, topk, dim=16, heads=2, batch=2):
+def check_nchw_bra(H, W, n_win, topk, dim=16, heads=2, batch=2, device="cpu"):
     torch.manual_seed(0)
-    m = NCHWBiLevelRoutingAttention(dim, num_heads=heads, n_win=n_win, topk=topk, side_dwconv=5)
-    x = torch.randn(batch, dim, H, W, requires_grad=True)
+    m = NCHWBiLevelRoutingAttention(dim, num_heads=heads, n_win=n_win, topk=topk, side_dwconv=5).to(device)
+    x = torch.randn(batch, dim, H, W).to(device).requires_grad_()
     y = m(x)
     d_y = torch.randn_like(y)
     grads = torch.autograd.grad(y, [x, *m.parameters()], d_y)
@@ -224,9 +243,9 @@ def test_nchw_bra_pads_as_the_official_code(H, W, n_win, topk):
 
 
 @pytest.mark.interpret
-def test_nchw_bra_triton_backend():
+def test_nchw_bra_triton_backend(triton_device):
     with K.use_backend("triton"):
-        check_nchw_bra(7, 8, 3, 2, dim=8, batch=1)
+        check_nchw_bra(7, 8, 3, 2, dim=8, batch=1, device=triton_device)
 
 
 def test_nchw_attention_lepe_matches_official_math():

@@ -76,7 +76,7 @@ def test_cli_run_and_eval_with_an_official_checkpoint_file(name, tmp_path, photo
         )
         == 0
     )
-    (result,) = json.loads((tmp_path / "run" / "results.json").read_text()).values()
+    (result,) = json.loads((tmp_path / "run" / "results.json").read_text())["results"].values()
     assert result[0]["index"] == expected
     val = tmp_path / "imagenet" / "val" / imagenet_synsets()[0][expected]
     val.mkdir(parents=True)

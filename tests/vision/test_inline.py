@@ -1,18 +1,15 @@
 """InLine-Swin / InLine-DeiT: official-checkpoint parity (fixtures from the official code),
 full-size key layouts, timm integration, API and size errors."""
 
-import json
-import os
-
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file
 
 import attnzoo
 import attnzoo.kernels as K
 from attnzoo.errors import InvalidInputError
 from attnzoo.vision import inline as I
+from tests.vision._reference import assert_key_layout, key_manifest, load_fixture
 
 SWIN_SMALL = {
     "embed_dim": 16,
@@ -24,21 +21,27 @@ SWIN_SMALL = {
 DEIT_SMALL = {"embed_dim": 32, "depth": 2, "num_heads": 2, "drop_path_rate": 0.0}
 
 
-def load_fixture(reference_dir, name):
-    folder = reference_dir / name
-    if not folder.is_dir():
-        pytest.skip(f"{name} fixture absent")
-    cfg = json.loads((folder / "config.json").read_text())
-    return cfg, *(load_file(folder / f"{n}.safetensors") for n in ("state_dict", "inputs", "outputs"))
+GEOMETRY = ("attn_mask", "relative_position_index")  # buffers the model derives from its own geometry
 
 
 def build_from_fixture(cfg, state, device="cpu"):
-    """The official constructor keywords; ``norm_layer`` in config.json is a description of the default."""
+    """The official constructor keywords; ``norm_layer`` in config.json is a description of the default.
+
+    The Swin geometry buffers are not taken from the fixture: the ones the model generated must
+    equal the official ones (values and dtypes), and stay in place after loading.
+    """
     kwargs = {k: v for k, v in cfg["constructor_kwargs"].items() if k != "norm_layer"}
     cls = I.InLineDeiT if "inline_deit" in cfg["official_class"] else I.InLineSwin
     model = cls(**kwargs).eval()
+    generated = {k: v.clone() for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in GEOMETRY}
+    official = {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] in GEOMETRY}
+    assert set(generated) == set(official)
+    for name, value in official.items():
+        assert generated[name].dtype == value.dtype and torch.equal(generated[name], value), name
     wrapped = {"model": {f"module.{k}": v for k, v in state.items()}, "epoch": 299}  # the official (DDP) wrapper
     model.load_state_dict(I.checkpoint_filter_fn(wrapped, model), strict=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in generated.items())
+    assert sum(p.numel() for p in model.parameters()) == cfg["num_params"]
     return model.to(device)
 
 
@@ -59,53 +62,40 @@ def run_fixture(model, x):
 @pytest.mark.parity
 @pytest.mark.parametrize("name", ["inline", "inline_swin_mixed", "inline_deit"])
 def test_official_parity(reference_dir, name):
-    cfg, state, inputs, expected = load_fixture(reference_dir, name)
-    model = build_from_fixture(cfg, state)
-    tol = cfg["suggested_tolerance"]
+    f = load_fixture(reference_dir, name)
+    model = build_from_fixture(f.cfg, f.state_dict)
     with torch.no_grad(), K.use_backend("torch"):
-        got = run_fixture(model, inputs["x"])
-    assert set(got) == set(expected)  # logits and every intermediate the fixture names
-    for key, want in expected.items():
-        torch.testing.assert_close(
-            got[key], want, atol=tol["atol"], rtol=tol["rtol"], msg=lambda m, key=key: f"{name}/{key}: {m}"
-        )
+        got = run_fixture(model, f.inputs["x"])
+    assert set(got) == set(f.outputs)  # logits and every intermediate the fixture names
+    for key, want in f.outputs.items():
+        torch.testing.assert_close(got[key], want, **f.tolerance, msg=lambda m, key=key: f"{name}/{key}: {m}")
 
 
 @pytest.mark.parity
 @pytest.mark.interpret
-def test_official_parity_triton_backend(reference_dir, monkeypatch):
+def test_official_parity_triton_backend(reference_dir, monkeypatch, triton_device):
     """The smallest fixture through the Triton InLine kernel (interpreted on CPU, native on CUDA)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton runs on CPU only under TRITON_INTERPRET=1")
-    pytest.importorskip("triton")
+    device = triton_device
     if device == "cuda":  # keep TF32 off, as the fixture README asks
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
         torch.set_float32_matmul_precision("highest")
-    cfg, state, inputs, expected = load_fixture(reference_dir, "inline_deit")
-    model = build_from_fixture(cfg, state, device)
-    tol = cfg["suggested_tolerance"]
+    f = load_fixture(reference_dir, "inline_deit")
+    model = build_from_fixture(f.cfg, f.state_dict, device)
     with torch.no_grad(), K.use_backend("triton"):
-        got = run_fixture(model, inputs["x"].to(device))
-    for key, want in expected.items():
-        torch.testing.assert_close(got[key].cpu(), want, atol=tol["atol"], rtol=tol["rtol"])
+        got = run_fixture(model, f.inputs["x"].to(device))
+    assert set(got) == set(f.outputs)
+    for key, want in f.outputs.items():
+        torch.testing.assert_close(got[key].cpu(), want, **f.tolerance)
 
 
 @pytest.mark.parity
 @pytest.mark.parametrize("variant", ["swin_tiny", "swin_small", "swin_base", "deit_tiny", "deit_small", "deit_base"])
 def test_full_size_key_layouts(reference_dir, variant):
     """Our full-size models have exactly the official keys, shapes, dtypes (buffers included) and parameter count."""
-    path = reference_dir / "inline" / f"keys_inline_{variant}.json"
-    if not path.is_file():
-        pytest.skip(f"{path.name} absent")
-    official = json.loads(path.read_text())
+    official = key_manifest(reference_dir, "inline", f"inline_{variant}")
     with torch.device("meta"):  # shapes only: fast even for InLine-Swin-B
         model = timm.create_model(f"inline_{variant}")
-    ours = {
-        k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in model.state_dict().items()
-    }
-    assert ours == official["keys"]
-    assert sum(p.numel() for p in model.parameters()) == official["total_params"]
+    assert_key_layout(model, official)
 
 
 def test_variant_configs():
@@ -153,8 +143,9 @@ def test_swin_forward_backward_features_and_api():
     model(x).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
     model.eval()
-    feats = model.forward_features(x)
-    assert feats.shape == (2, 49, 128) and model.forward_head(feats, pre_logits=True).shape == (2, 128)
+    feats = model.forward_features(x)  # NHWC, as timm's Swin
+    assert feats.shape == (2, 7, 7, 128) and model.forward_head(feats, pre_logits=True).shape == (2, 128)
+    torch.testing.assert_close(model.forward_head(feats), model.head(feats.mean((1, 2))))
     stages = model.forward_intermediates(x, intermediates_only=True)
     assert [tuple(s.shape) for s in stages] == [(2, 16, 56, 56), (2, 32, 28, 28), (2, 64, 14, 14), (2, 128, 7, 7)]
     model.reset_classifier(7)

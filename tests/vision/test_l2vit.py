@@ -1,46 +1,52 @@
 """L²ViT: official-checkpoint parity (fixture from the official code), timm integration, API."""
 
-import json
-
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file
 
 import attnzoo
 import attnzoo.kernels as K
 from attnzoo.errors import InvalidInputError
 from attnzoo.vision import l2vit as L
+from tests.helpers import parity_device
+from tests.vision._reference import assert_key_layout, key_manifest, load_fixture
 
 
 @pytest.mark.parity
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
-def test_official_parity_including_padded_windows(reference_dir, backend):
-    folder = reference_dir / "l2vit"
-    if not folder.is_dir():
-        pytest.skip("l2vit fixture absent")
-    cfg = json.loads((folder / "config.json").read_text())
-    state, inputs, expected = (load_file(folder / f"{n}.safetensors") for n in ("state_dict", "inputs", "outputs"))
-    model = L.L2ViT(**cfg["constructor_kwargs"]).eval()
-    model.load_state_dict(L.checkpoint_filter_fn({"model": state, "model_ema": {}}, model), strict=True)
-    tol = cfg["suggested_tolerance"]
+def test_official_parity_including_padded_windows(reference_dir, backend, monkeypatch, request):
+    """Every output of the fixture: logits at 224 and 256 px (padded windows) and each stage's tokens."""
+    device = parity_device(request, backend, monkeypatch)
+    f = load_fixture(reference_dir, "l2vit")
+    model = L.L2ViT(**f.cfg["constructor_kwargs"]).eval()
+    model.load_state_dict(L.checkpoint_filter_fn({"model": f.state_dict, "model_ema": {}}, model), strict=True)
+    assert sum(p.numel() for p in model.parameters()) == f.cfg["num_params"]
+    model.to(device)
+    x, x_256 = f.inputs["x"].to(device), f.inputs["x_256"].to(device)
     with torch.no_grad(), K.use_backend(backend):
-        stages = model.forward_intermediates(inputs["x"], intermediates_only=True, output_fmt="NLC")
-        logits, logits_256 = model(inputs["x"]), model(inputs["x_256"])  # 256 px: stage sides 64/32/16/8 pad to 7s
-    torch.testing.assert_close(logits, expected["y"], atol=tol["atol"], rtol=tol["rtol"])
-    torch.testing.assert_close(logits_256, expected["y_256"], atol=tol["atol"], rtol=tol["rtol"])
-    for i, stage in enumerate(stages):
-        torch.testing.assert_close(stage, expected[f"stage{i}"], atol=tol["atol"], rtol=tol["rtol"])
+        final, stages = model.forward_intermediates(x, output_fmt="NLC")
+        got = {"y": model(x), "y_256": model(x_256)}  # 256 px: stage sides 64/32/16/8 pad to 7s
+        features = model.forward_features(x)
+    final, features, stages = final.cpu(), features.cpu(), [s.cpu() for s in stages]
+    got = {k: v.cpu() for k, v in got.items()}
+    got |= {f"stage{i}": stage for i, stage in enumerate(stages)}  # the official tokens [B, H*W, C]
+    assert set(got) == set(f.outputs)
+    for name, want in f.outputs.items():
+        torch.testing.assert_close(got[name], want, **f.tolerance, msg=lambda m, name=name: f"{name}: {m}")
+    # forward_features is timm's Swin NHWC map: the last stage's tokens after the final norm
+    assert torch.equal(final, features) and features.shape == (len(x), 7, 7, stages[-1].shape[-1])
+    with torch.no_grad():
+        torch.testing.assert_close(features.flatten(1, 2), model.norm(stages[-1].to(device)).cpu())
 
 
 @pytest.mark.parity
-def test_full_size_key_layouts(reference_dir):
-    folder = reference_dir / "l2vit"
-    for variant, name in (("tiny", "Tiny"), ("small", "Small"), ("base", "Base"), ("base_384", "Base_384")):
-        keys = json.loads((folder / f"keys_L2ViT_{name}.json").read_text())
-        keys = keys.get("keys", keys)
-        ours = {k: list(v.shape) for k, v in timm.create_model(f"l2vit_{variant}").state_dict().items()}
-        assert ours == {k: list(v["shape"]) for k, v in keys.items() if isinstance(v, dict) and "shape" in v}, variant
+@pytest.mark.parametrize("variant", ["Tiny", "Small", "Base", "Base_384"])
+def test_full_size_key_layouts(reference_dir, variant):
+    """Our full-size models have exactly the official keys, shapes, dtypes and parameter counts."""
+    manifest = key_manifest(reference_dir, "l2vit", f"L2ViT_{variant}")
+    with torch.device("meta"):  # shapes only
+        model = timm.create_model(f"l2vit_{variant.lower()}")
+    assert_key_layout(model, manifest)
 
 
 def test_forward_backward_features_and_checkpoint(tmp_path):

@@ -2,17 +2,17 @@
 full model; official checkpoint layout and conversion; views; errors."""
 
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import attnzoo
 import attnzoo.kernels as K
 from attnzoo.errors import InvalidInputError, WeightsError
 from attnzoo.vision import lrgt as L
+from tests.helpers import reference_path
+from tests.vision._reference import key_manifest, load_files, manual_seed, tolerance
 
 TINY = dict(
     embed_dim=64,
@@ -30,21 +30,8 @@ TINY = dict(
 # -- fixtures ------------------------------------------------------------------------------
 
 
-def load_fixture(reference_dir, name):
-    folder = reference_dir / name
-    if not folder.is_dir():
-        pytest.skip(f"{name} fixture absent")
-    cfg = json.loads((folder / "config.json").read_text())
-    files = {
-        n: load_file(folder / f"{n}.safetensors")
-        for n in ("state_dict", "inputs", "outputs")
-        if (folder / f"{n}.safetensors").is_file()
-    }
-    return cfg, files
-
-
-def tolerance(cfg):
-    return dict(atol=cfg["suggested_tolerance"]["atol"], rtol=cfg["suggested_tolerance"]["rtol"])
+def weights_recipe(reference_dir, name):
+    return json.loads(reference_path(reference_dir, name, "weights_recipe.json").read_text())
 
 
 def materialise(recipe):
@@ -115,19 +102,16 @@ def check_encoder(model, cfg, f, backend, device="cpu"):
 @pytest.mark.parametrize("backend", ["torch", "flex"])
 def test_encoder_parity(reference_dir, backend):
     """LGA through attnzoo.kernels.grouped_attention; every block's output, both LGA blocks included."""
-    cfg, f = load_fixture(reference_dir, "lrgt_encoder")
+    cfg, f = load_files(reference_dir, "lrgt_encoder")
     check_encoder(build_encoder(cfg, f["state_dict"]), cfg, f, backend)
 
 
 @pytest.mark.parity
 @pytest.mark.interpret
-def test_encoder_parity_triton_backend(reference_dir, monkeypatch):
+def test_encoder_parity_triton_backend(reference_dir, monkeypatch, triton_device):
     """The whole encoder fixture (2 samples x 3 views) through the Triton grouped kernel: about 20 s interpreted on CPU."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton runs on CPU only under TRITON_INTERPRET=1")
-    pytest.importorskip("triton")
-    cfg, f = load_fixture(reference_dir, "lrgt_encoder")
+    device = triton_device
+    cfg, f = load_files(reference_dir, "lrgt_encoder")
     if device == "cuda":  # keep TF32 off, as the fixture README asks
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
@@ -136,17 +120,18 @@ def test_encoder_parity_triton_backend(reference_dir, monkeypatch):
 
 @pytest.mark.parity
 def test_merger_parity_and_official_rng(reference_dir):
-    cfg, f = load_fixture(reference_dir, "lrgt_merger")
+    cfg, f = load_files(reference_dir, "lrgt_merger")
     stm = cfg["constructor_kwargs"]["NETWORK.MERGER.STM"]
     model = L.LRGTMerger(dim=stm["DIM"], out_tokens=stm["OUT_TOKEN_LENS"], k=stm["K"], num_heads=stm["NUM_HEAD"]).eval()
     model.load_state_dict(f["state_dict"], strict=True)
     assert sum(p.numel() for p in model.parameters()) == cfg["num_params"]
     x, expected = f["inputs"]["x"], f["outputs"]
+    seed = manual_seed(cfg["rng"])  # the fixture's RNG: the global generator, seeded right before merger(x)
     with torch.no_grad():
-        y, clusters = model(x, generator=torch.Generator().manual_seed(3), return_clusters=True)
-        torch.manual_seed(3)  # the fixture's RNG: the global generator, seeded right before merger(x)
+        y, clusters = model(x, generator=torch.Generator().manual_seed(seed), return_clusters=True)
+        torch.manual_seed(seed)
         y_global, clusters_global = model(x, return_clusters=True)
-        y_int = model(x, generator=3)
+        y_int = model(x, generator=seed)
     torch.testing.assert_close(y, expected["y"], **tolerance(cfg))
     for i, c in enumerate(clusters):
         assert c.dtype == torch.int64 and torch.equal(c, expected[f"idx_cluster.{i}"]), (
@@ -158,8 +143,8 @@ def test_merger_parity_and_official_rng(reference_dir):
 
 @pytest.mark.parity
 def test_decoder_parity(reference_dir):
-    cfg, f = load_fixture(reference_dir, "lrgt_decoder")
-    recipe = json.loads((reference_dir / "lrgt_decoder" / "weights_recipe.json").read_text())
+    cfg, f = load_files(reference_dir, "lrgt_decoder")
+    recipe = weights_recipe(reference_dir, "lrgt_decoder")
     group = cfg["constructor_kwargs"]["NETWORK"]["DECODER"]["GROUP"]
     assert (
         cfg["constructor_kwargs"]["NETWORK"]["DECODER"]["VOXEL_SIZE"] == L.VOXEL_SIZE
@@ -180,11 +165,11 @@ def test_decoder_parity(reference_dir):
 @pytest.mark.parity
 def test_full_model_parity(reference_dir):
     """The full official model from a checkpoint in the released layout (three state dicts, ``module.``)."""
-    cfg, f = load_fixture(reference_dir, "lrgt_full")
+    cfg, f = load_files(reference_dir, "lrgt_full")
     net = cfg["constructor_kwargs"]["NETWORK"]
     assert net["ENCODER"]["VIT"]["MODEL_NAME"] == "vit_deit_base_distilled_patch16_224"
     stm, group = net["MERGER"]["STM"], net["DECODER"]["GROUP"]
-    recipe = json.loads((reference_dir / "lrgt_full" / "weights_recipe.json").read_text())["modules"]
+    recipe = weights_recipe(reference_dir, "lrgt_full")["modules"]
     checkpoint = {"epoch_idx": 0, "best_iou": 0.0, "best_epoch": 0}
     for part in ("encoder", "merger", "decoder"):
         checkpoint[f"{part}_state_dict"] = {f"module.{k}": v for k, v in materialise(recipe[part]).items()}
@@ -202,12 +187,11 @@ def test_full_model_parity(reference_dir):
     for part in ("encoder", "merger", "decoder"):
         assert sum(p.numel() for p in getattr(model, part).parameters()) == cfg["num_params"][part]
     x, expected, tol = f["inputs"]["x"], f["outputs"], tolerance(cfg)
+    seed = manual_seed(cfg["rng"])  # the official torch.manual_seed right before the merger
     with torch.no_grad():
-        out = model.forward_detailed(
-            x, generator=torch.Generator().manual_seed(3)
-        )  # = torch.manual_seed(3) before the merger
-        y = model(x, generator=3)
-        merged_tf, clusters_tf = model.merger(expected["encoder_out"], generator=3, return_clusters=True)
+        out = model.forward_detailed(x, generator=torch.Generator().manual_seed(seed))
+        y = model(x, generator=seed)
+        merged_tf, clusters_tf = model.merger(expected["encoder_out"], generator=seed, return_clusters=True)
     for name, ours in (
         ("encoder_out", out.tokens),
         ("merger_out", out.merged),
@@ -231,7 +215,7 @@ def test_full_model_parity(reference_dir):
             f"STM block {i} (teacher-forced): grouping differs"
         )
     with torch.no_grad():
-        out64 = model.double().forward_detailed(x.double(), generator=3)
+        out64 = model.double().forward_detailed(x.double(), generator=seed)
     for i, c in enumerate(out64.clusters):
         assert torch.equal(c, expected[f"idx_cluster.{i}"]), f"STM block {i} (float64): clusters differ"
     torch.testing.assert_close(out64.occupancy.float(), expected["y"], **tol)
@@ -239,14 +223,11 @@ def test_full_model_parity(reference_dir):
 
 @pytest.mark.parity
 def test_full_size_key_layouts(reference_dir):
-    folder = reference_dir / "lrgt"
-    if not folder.is_dir():
-        pytest.skip("lrgt key manifests absent")
     with torch.device("meta"):
         model = attnzoo.create_model("lrgt")
     total = 0
     for part in ("encoder", "merger", "decoder"):
-        manifest = json.loads((folder / f"keys_lrgt_{part}.json").read_text())
+        manifest = key_manifest(reference_dir, "lrgt", f"lrgt_{part}")
         keys = manifest["keys"]
         module = getattr(model, part)
         ours = {k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in module.state_dict().items()}

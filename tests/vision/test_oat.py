@@ -3,14 +3,12 @@ initialisation, the full-size key layout, position tables, cv2-style crops, coll
 decoding rules (termination, step-1 rule, PAD, max_len, sampling, batching), factory, checkpoints
 and input errors."""
 
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 import attnzoo
 from attnzoo.datasets.scanpaths import SearchTrial
@@ -19,6 +17,7 @@ from attnzoo.training.scanpath import teacher_forced_loss
 from attnzoo.vision import oat as O
 from attnzoo.vision.oat_decoding import OATScanpath, generate, greedy_eval, trial_seeds
 from attnzoo.vision.oat_inputs import CROP_SIZE, OATSample, collate_oat, crop_objects, display_crops
+from tests.vision._reference import key_manifest, load_files, state_layout, tolerance
 
 GRID = (2, 3)  # N = 6: EOS 6, PAD 7, BOS 8
 N = 6
@@ -42,15 +41,6 @@ def crops_for(seed, n=N):
 
 
 # -- fixture -------------------------------------------------------------------------------
-
-
-def load_fixture(reference_dir):
-    folder = reference_dir / "oat"
-    if not folder.is_dir():
-        pytest.skip("oat fixture absent")
-    cfg = json.loads((folder / "config.json").read_text())
-    files = {n: load_file(folder / f"{n}.safetensors") for n in ("state_dict", "inputs", "outputs")}
-    return cfg, files
 
 
 def fixture_grid(cfg):
@@ -77,16 +67,12 @@ def fixture_samples(cfg, inputs):
     ]
 
 
-def tolerance(cfg):
-    return {"atol": cfg["suggested_tolerance"]["atol"], "rtol": cfg["suggested_tolerance"]["rtol"]}
-
-
 # -- parity --------------------------------------------------------------------------------
 
 
 @pytest.mark.parity
 def test_collate_matches_official_collator(reference_dir):
-    cfg, f = load_fixture(reference_dir)
+    cfg, f = load_files(reference_dir, "oat")
     inp = f["inputs"]
     ic = cfg["index_conventions"]
     batch = collate_oat(fixture_samples(cfg, inp), fixture_grid(cfg))
@@ -113,7 +99,7 @@ def test_collate_matches_official_collator(reference_dir):
 
 @pytest.mark.parity
 def test_teacher_forced_parity(reference_dir):
-    cfg, f = load_fixture(reference_dir)
+    cfg, f = load_files(reference_dir, "oat")
     inp, ref = f["inputs"], f["outputs"]
     model = fixture_model(cfg, f).eval()
     model.load_state_dict(f["state_dict"], strict=True)
@@ -142,7 +128,7 @@ def test_teacher_forced_parity(reference_dir):
 
 @pytest.mark.parity
 def test_greedy_decode_parity(reference_dir):
-    cfg, f = load_fixture(reference_dir)
+    cfg, f = load_files(reference_dir, "oat")
     ref = f["outputs"]
     model = fixture_model(cfg, f).eval()
     model.load_state_dict(f["state_dict"], strict=True)
@@ -164,7 +150,7 @@ def test_greedy_decode_parity(reference_dir):
 def test_official_initialisation(reference_dir):
     """The fixture was perturbed only where init left a constant tensor (config.json 'perturbation'),
     so every other parameter must equal our seeded official init bit for bit."""
-    cfg, f = load_fixture(reference_dir)
+    cfg, f = load_files(reference_dir, "oat")
     model = fixture_model(cfg, f)
     own = dict(model.named_parameters())
     compared = 0
@@ -188,15 +174,9 @@ def amazon_model():
 
 @pytest.mark.parity
 def test_full_size_key_manifest(reference_dir, amazon_model):
-    path = reference_dir / "oat" / "keys_oat_full_amazon.json"
-    if not path.is_file():
-        pytest.skip("key manifest absent")
-    manifest = json.loads(path.read_text())
+    manifest = key_manifest(reference_dir, "oat", "oat_full_amazon")
     prefix = "model." if all(k.startswith("model.") for k in manifest["keys"]) else ""
-    ours = {
-        prefix + k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
-        for k, v in amazon_model.state_dict().items()
-    }
+    ours = {prefix + k: v for k, v in state_layout(amazon_model.state_dict()).items()}
     assert ours == manifest["keys"]
     assert sum(p.numel() for p in amazon_model.parameters()) == manifest["total_params"]
 
@@ -282,7 +262,8 @@ def test_position_embedding_concatenates_row_col_flag():
 
 
 def test_crop_objects_matches_cv2():
-    cv2 = pytest.importorskip("cv2")
+    import cv2
+
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (420, 380, 3), dtype=np.uint8)
     boxes = np.array(
@@ -326,7 +307,8 @@ def test_display_crops_per_variant():
     assert O.default_cfgs["oat_amazon"]["crop_style"] == "bgr"
     with pytest.raises(InvalidInputError, match="crop_style"):
         display_crops(rgb, boxes, "rgb")
-    cv2 = pytest.importorskip("cv2")
+    import cv2
+
     expected = np.stack(
         [
             cv2.normalize(

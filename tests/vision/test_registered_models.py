@@ -105,7 +105,46 @@ MIL = dict(in_dim=16, inner_dim=8, n_classes=3)
 # generator and LinearEmbedding: official modules OAT never calls, kept so official checkpoints load strictly
 OAT_TINY = Tiny(OAT, oat_batch, "forward_batch", no_grad=r"^(generator|LinearEmbedding)\.")
 
+
+def lvlm(family: str) -> Tiny:
+    """The hallucination-mitigation models build the tiny random LVLM of their family with random weights
+    (attnzoo.multimodal.hallucination.models.tiny_lvlm): a prompt holding its image tokens, and its pixels."""
+    text = torch.tensor([[1, 40, 41, 42]])
+    if family == "llava":  # 36 image tokens (id 100), an 84 px image; LLaVA reads the CLIP features before post-norm
+        return Tiny(
+            {},
+            lambda: (torch.cat([text, torch.full((1, 36), 100)], 1), torch.randn(1, 3, 84, 84)),
+            no_grad=r"^model\.vision_tower\.post_layernorm\.",
+        )
+    if family == "qwen2_vl":  # 4 image tokens (id 104) between the vision markers (102, 103): 4x4 patches
+        ids = torch.cat([text, torch.tensor([[102, 104, 104, 104, 104, 103]])], 1)
+        images = {
+            "pixel_values": torch.randn(16, 3 * 2 * 14 * 14),
+            "image_grid_thw": torch.tensor([[1, 4, 4]]),
+            "mm_token_type_ids": (ids == 104).long(),
+        }
+        return Tiny({}, lambda: ids, forward_kwargs=images)
+    return Tiny(  # instructblip: 4 query tokens (id 100) before the text, a 28 px image, the Q-Former's text
+        {},
+        lambda: (
+            torch.randn(1, 3, 28, 28),
+            torch.tensor([[1, 40, 41]]),
+            torch.ones(1, 3, dtype=torch.long),
+            torch.cat([torch.full((1, 4), 100), text], 1),
+        ),
+    )
+
+
 TINY: dict[str, Tiny] = {
+    "llava_1_5_7b": lvlm("llava"),
+    "llava_1_5_13b": lvlm("llava"),
+    "llava_v1_6_mistral_7b": lvlm("llava"),
+    "llava_v1_6_vicuna_7b": lvlm("llava"),
+    "llava_v1_6_vicuna_13b": lvlm("llava"),
+    "qwen2_vl_7b_instruct": lvlm("qwen2_vl"),
+    "qwen2_5_vl_3b_instruct": lvlm("qwen2_vl"),
+    "qwen2_5_vl_7b_instruct": lvlm("qwen2_vl"),
+    "instructblip_vicuna_7b": lvlm("instructblip"),
     "biformer_tiny": Tiny(BIFORMER, image(64)),
     "biformer_small": Tiny(BIFORMER, image(64)),
     "biformer_base": Tiny(BIFORMER, image(64)),
@@ -117,6 +156,7 @@ TINY: dict[str, Tiny] = {
     "l2vit_base_384": Tiny(L2VIT, image(64)),
     "sparsifiner_deit_small": Tiny(SPARSIFINER, image(64), no_grad=r"\.mask_predictor\."),  # frozen in the sparse phase
     "sparsifiner_deit_base": Tiny(SPARSIFINER, image(64), no_grad=r"\.mask_predictor\."),
+    "sparsifiner_lvvit_s": Tiny(SPARSIFINER, image(64), no_grad=r"\.mask_predictor\."),
     "inline_swin_tiny": Tiny(INLINE_SWIN, image(64)),
     "inline_swin_small": Tiny(INLINE_SWIN, image(64)),
     "inline_swin_base": Tiny(INLINE_SWIN, image(64)),
@@ -139,6 +179,22 @@ TINY: dict[str, Tiny] = {
     "acmil_ga": Tiny(MIL, bag),
     "acmil_mha": Tiny(MIL, bag),
     "abmil": Tiny(MIL, bag),
+    # random weights build the tiny FLUX.1-Fill configuration of the notes: its transformer, one step
+    "flux_fill": Tiny(
+        {},
+        lambda: (),
+        "transformer",
+        dict(
+            hidden_states=torch.randn(1, 8, 20),
+            encoder_hidden_states=torch.randn(1, 4, 32),
+            pooled_projections=torch.randn(1, 32),
+            timestep=torch.tensor([0.5]),
+            img_ids=torch.zeros(8, 3),
+            txt_ids=torch.zeros(4, 3),
+            guidance=torch.tensor([30.0]),
+        ),
+        backward=False,
+    ),
 }
 
 

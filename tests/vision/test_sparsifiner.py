@@ -1,79 +1,106 @@
-"""Sparsifiner: official parity (fixture from the official code), DeiT weights, phases, sparsity report."""
+"""Sparsifiner (DeiT and LV-ViT): official parity (fixture from the official code), full-size key
+layouts, dense DeiT / LV-ViT weights, phases, sparsity report."""
 
-import json
 import math
 
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file
+import torch.nn.functional as F
 
 import attnzoo
 import attnzoo.kernels as K
 from attnzoo.errors import InvalidInputError
 from attnzoo.vision import sparsifiner as S
+from tests.helpers import parity_device
+from tests.vision._reference import assert_key_layout, key_manifest, load_fixture
 
 TINY = dict(embed_dim=64, depth=2, num_heads=2)
 
-
-def load_fixture(reference_dir, name="sparsifiner"):
-    folder = reference_dir / name
-    if not folder.is_dir():
-        pytest.skip(f"{name} fixture absent")
-    cfg = json.loads((folder / "config.json").read_text())
-    return cfg, *(load_file(folder / f"{n}.safetensors") for n in ("state_dict", "inputs", "outputs"))
+# the official cfg switches our model has no keyword for, at the values it implements
+IMPLEMENTED_SPAR = {
+    "BASIS_COEF": {"USE_TOPK": True},
+    "ATTN_SCORE": {"USE_TOPK": True},
+    "TOKEN_PRUNING_LOC": [],
+    "TOKEN_KEEP_RATE_BASE": 1.0,
+    "PRUNE_ATTN_MATRIX_ROW": False,
+    "PRUNE_ATTN_MATRIX_COL": False,
+}
 
 
 def build_from_fixture(cfg, state):
+    """The official constructor keywords and cfg object (``cfg_object``) as our keywords."""
     kwargs = {
         k: v for k, v in cfg["constructor_kwargs"].items() if k != "norm_layer"
     }  # documented as "None (-> LN 1e-6)"
-    spar = cfg["cfg_object"]["SPAR"]
+    spar, loss = cfg["cfg_object"]["SPAR"], cfg["cfg_object"]["LOSS"]
+    for key, value in IMPLEMENTED_SPAR.items():
+        got = spar[key] if not isinstance(value, dict) else {k: spar[key][k] for k in value}
+        assert got == value, f"the fixture sets SPAR.{key}={got}, which Sparsifiner does not implement"
+    assert not loss["USE_ATTN_RECON"]  # evaluation: the sparse phase
+    for ours, official in (("reduce_n_factor", "REDUCE_N_FACTOR"), ("reduce_c_factor", "REDUCE_C_FACTOR")):
+        assert kwargs[ours] == spar[official]
+    assert kwargs["share_inout_proj"] == spar["SHARE_INOUT_PROJ"]
+    assert set(kwargs["attn_keep_rate_list"]) == {spar["ATTN_KEEP_RATE"]}
     kwargs.update(basis_threshold=spar["BASIS_THRESHOLD"], coef_topk=spar["BASIS_COEF"]["TOPK"])
     model = S.Sparsifiner(**kwargs).eval()
     model.load_state_dict(
         S.checkpoint_filter_fn({"model": {f"module.{k}": v for k, v in state.items()}}, model), strict=True
     )
+    assert sum(p.numel() for p in model.parameters()) == cfg["num_params"]
     return model
+
+
+def _cpu(value):
+    """Tensors (and lists of them) back on the CPU for comparison with the fixture."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    return [_cpu(v) for v in value] if isinstance(value, list) else value
 
 
 @pytest.mark.parity
 @pytest.mark.parametrize("backend", ["torch", "flex", pytest.param("triton", marks=pytest.mark.slow)])
-def test_official_parity(reference_dir, backend):
-    cfg, state, inputs, expected = load_fixture(reference_dir)
-    model = build_from_fixture(cfg, state)
-    tol = dict(atol=cfg["suggested_tolerance"]["atol"], rtol=cfg["suggested_tolerance"]["rtol"])
-    if backend == "triton":  # the interpreter is slow: the first image only
+def test_official_parity(reference_dir, backend, monkeypatch, request):
+    """Every output of the fixture: logits, features, each layer's mask (exactly), approximate
+    attention, coefficients and block input, the masked attention and the sparsity statistics."""
+    device = parity_device(request, backend, monkeypatch)
+    f = load_fixture(reference_dir, "sparsifiner")
+    model = build_from_fixture(f.cfg, f.state_dict).to(device)
+    inputs, expected, tol = f.inputs, f.outputs, f.tolerance
+    statistics = ("basis_sparsity", "basis_coef_sparsity", "attn_mask_sparsity")
+    if backend == "triton":  # the interpreter is slow: the first image only (the statistics average both)
         inputs = {"x": inputs["x"][:1]}
-        expected = {k: v[:1] if v.dim() else v for k, v in expected.items() if not k.endswith("sparsity")}
+        expected = {k: v[:1] for k, v in expected.items() if k not in statistics}
+    x = inputs["x"].to(device)
     with torch.no_grad(), K.use_backend(backend):
-        out = model.forward_detailed(inputs["x"])
-        logits = model(inputs["x"])
-        report = model.sparsity_report(inputs["x"])
-    torch.testing.assert_close(out.logits, expected["y"], **tol)
-    torch.testing.assert_close(logits, expected["y"], **tol)
-    torch.testing.assert_close(out.features, expected["features"], **tol)
+        out = model.forward_detailed(x, masked_attn=True)
+        logits = model(x).cpu()
+        report = model.sparsity_report(x)
+    out = type(out)(**{k: _cpu(v) for k, v in vars(out).items()}) if device != "cpu" else out
+    got = {"y": logits, "features": out.features}
     for i in range(len(model.blocks)):
-        assert torch.equal(out.attn_mask[i], expected[f"attn_mask.{i}"]), (
-            f"layer {i}: key sets differ"
-        )  # discrete: exact
-        for name, ours in (
-            ("approx_attn", out.approx_attn),
-            ("basis_coef", out.basis_coef),
-            ("block_in", out.block_inputs),
-        ):
-            torch.testing.assert_close(ours[i], expected[f"{name}.{i}"], **tol)
-    for name in ("basis_sparsity", "basis_coef_sparsity", "attn_mask_sparsity") if backend != "triton" else ():
-        assert getattr(report, name) == pytest.approx(expected[name].item(), abs=1e-6), name
+        got |= {f"approx_attn.{i}": out.approx_attn[i], f"basis_coef.{i}": out.basis_coef[i]}
+        got |= {f"block_in.{i}": out.block_inputs[i], f"masked_attn.{i}": out.masked_attn[i]}
+        # discrete: exactly
+        assert torch.equal(out.attn_mask[i], expected.pop(f"attn_mask.{i}")), f"layer {i}: key sets differ"
+    torch.testing.assert_close(out.logits, expected["y"], **tol)
+    for name in statistics:
+        if name in expected:
+            assert getattr(report, name) == pytest.approx(expected.pop(name).item(), abs=1e-6), name
+    assert set(expected) <= set(got), f"outputs of the fixture left unchecked: {set(expected) - set(got)}"
+    for name, want in expected.items():
+        torch.testing.assert_close(got[name], want, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parity
-def test_full_size_key_layout(reference_dir):
-    keys = json.loads((reference_dir / "sparsifiner" / "keys_sparsifiner_deit_small.json").read_text())
-    model = timm.create_model("sparsifiner_deit_small")
-    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
-    assert ours == {k: list(v["shape"]) for k, v in keys["keys"].items()}
-    assert sum(p.numel() for p in model.parameters()) == keys["total_params"]
+@pytest.mark.parametrize("variant", ["deit_small", "lvvit_s"])
+def test_full_size_key_layouts(reference_dir, variant):
+    """Our full-size models have exactly the official keys, shapes, dtypes and parameter counts;
+    LV-ViT-S is the official training script's ``--model sparsifiner_lvvit``."""
+    manifest = key_manifest(reference_dir, "sparsifiner", f"sparsifiner_{variant}")
+    with torch.device("meta"):  # shapes only
+        model = timm.create_model(f"sparsifiner_{variant}")
+    assert_key_layout(model, manifest)
 
 
 def test_predictor_matches_its_definition():
@@ -175,3 +202,85 @@ def test_api_and_bad_input():
         S.Sparsifiner(token_pruning_loc_indicator=[False] * 3 + [True] + [False] * 8)
     with pytest.raises(InvalidInputError, match="attn_keep_rate_list"):
         S.Sparsifiner(depth=2, attn_keep_rate_list=[0.25])
+
+
+# -- LV-ViT ------------------------------------------------------------------------------------
+
+LVVIT_TINY = dict(embed_dim=48, depth=2, num_heads=2, num_classes=5)
+
+
+def lvvit_reference(model, x):
+    """The official SparsifinerLVViT evaluation forward, written from its description (notes §3.1)
+    in plain torch: the 4_2 conv stem, LayerNorm eps 1e-5, qkv without bias, the scale applied to q
+    first, residual branches divided by skip_lam 2, logits = head(cls) + 0.5 * max over the patch
+    tokens of aux_head. The key sets come from each layer's predictor (checked against the official
+    one by the DeiT fixture)."""
+    stem = model.patch_embed
+    h = x
+    for conv, bn in ((stem.conv1, stem.bn1), (stem.conv2, stem.bn2), (stem.conv3, stem.bn3)):
+        h = F.conv2d(h, conv.weight, stride=conv.stride, padding=conv.padding)
+        h = F.relu(F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps))
+    h = F.conv2d(h, stem.proj.weight, stem.proj.bias, stride=8).flatten(2).transpose(1, 2)
+    h = torch.cat([model.cls_token.expand(len(x), -1, -1), h], dim=1) + model.pos_embed
+    B, N, C = h.shape
+    norm = lambda t, ln: F.layer_norm(t, (C,), ln.weight, ln.bias, eps=1e-5)  # noqa: E731
+    for block in model.blocks:
+        attn = block.attn
+        heads = attn.num_heads
+        q, k, v = (norm(h, block.norm1) @ attn.qkv.weight.t()).reshape(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        mask = S.connectivity_mask(attn.mask_predictor(q, k).key_index, N)
+        weights = ((q * (C // heads) ** -0.5) @ k.transpose(-1, -2)).masked_fill(~mask, float("-inf")).softmax(-1)
+        h = h + attn.proj((weights @ v).transpose(1, 2).reshape(B, N, C)) / 2.0
+        h = h + block.mlp.fc2(F.gelu(block.mlp.fc1(norm(h, block.norm2)))) / 2.0
+    h = norm(h, model.norm)
+    return model.head(h[:, 0]) + 0.5 * model.aux_head(h[:, 1:]).max(1).values
+
+
+def test_lvvit_matches_the_official_forward():
+    torch.manual_seed(0)
+    model = timm.create_model("sparsifiner_lvvit_s", **LVVIT_TINY)
+    with torch.no_grad():  # non-trivial BatchNorm statistics and a decisive predictor
+        for name, t in model.state_dict().items():
+            if "running_var" in name:
+                t.uniform_(0.5, 1.5)
+            elif "running_mean" in name or (name.endswith("bias") and t.is_floating_point()):
+                t.normal_(0, 0.1)
+        for block in model.blocks:
+            block.attn.mask_predictor.proj_n.mul_(5)
+    model.eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), lvvit_reference(model, x), atol=1e-5, rtol=1e-5)
+        out = model.forward_detailed(x)
+    assert all(m[:, :, 1:].sum(-1).eq(math.ceil(0.25 * 197)).all() for m in out.attn_mask)  # sparse, as released
+    torch.testing.assert_close(out.logits, model(x))
+
+
+def test_lvvit_dense_release_loads_into_the_backbone(tmp_path, caplog):
+    """The dense LV-ViT-S release (a bare state dict) loads; the untrained predictors are kept."""
+    torch.manual_seed(0)
+    source = timm.create_model("sparsifiner_lvvit_s", **LVVIT_TINY).eval()
+    dense = {k: v for k, v in source.state_dict().items() if ".mask_predictor." not in k}
+    torch.save(dense, tmp_path / "lvvit_s-26M-224-83.3.pth.tar")
+    model = attnzoo.create_model("sparsifiner_lvvit_s", weights=tmp_path / "lvvit_s-26M-224-83.3.pth.tar", **LVVIT_TINY)
+    assert "untrained" in caplog.text
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in dense.items())
+    entry = attnzoo.weights.get_checkpoint("sparsifiner_lvvit_s.lvvit_in1k")
+    assert entry.url.endswith("/TokenLabeling/releases/download/1.0/lvvit_s-26M-224-83.3.pth.tar")
+    assert model.pretrained_cfg["first_conv"] == "patch_embed.conv1"
+
+
+def test_lvvit_head_api():
+    model = timm.create_model("sparsifiner_lvvit_s", **LVVIT_TINY).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        assert torch.equal(model.forward_head(tokens, pre_logits=True), tokens[:, 0])
+        model.reset_classifier(0)
+        assert torch.equal(model(x), tokens[:, 0])  # without a classifier: the class token, no aux term
+    model.reset_classifier(3)
+    assert model.aux_head.out_features == 3 and model(x).shape == (1, 3)
+    with pytest.raises(InvalidInputError, match="pools the class token"):
+        model.reset_classifier(3, global_pool="avg")
+    with pytest.raises(InvalidInputError, match="not supported"):
+        S.SparsifinerLVViT(p_emb="4_2_128")

@@ -53,3 +53,66 @@ def test_bad_shapes_are_refused():
         viz.plot_scanpath(grey(), np.zeros((3, 3)))
     with pytest.raises(InvalidInputError, match="durations"):
         viz.plot_scanpath(grey(), np.zeros((3, 2)), durations=[1.0, 2.0])
+
+
+def test_fixation_numbers_are_listed_in_runs():
+    from attnzoo.viz.scanpath import _number_runs
+
+    assert _number_runs([7, 1, 2, 3]) == "1-3, 7"
+    assert _number_runs([1, 2]) == "1, 2" and _number_runs([4]) == "4"
+    assert _number_runs([1, 3, 4, 5, 6, 9, 10]) == "1, 3-6, 9, 10"
+
+
+def white_text(region):
+    """How many near-white (number) pixels a region holds."""
+    return int((np.asarray(region).astype(int).min(axis=-1) > 230).sum())
+
+
+def test_coinciding_fixations_share_one_label_beside_them():
+    # fixations 1 and 3 on the same spot, 2 elsewhere: one circle without a number, "1, 3" beside it
+    path = np.array([[50.0, 50.0], [150.0, 50.0], [50.4, 49.8]])
+    out = np.asarray(viz.plot_scanpath(grey(), path))
+    r = 11
+    assert white_text(out[50 - 5 : 50 + 6, 50 - 5 : 50 + 6]) == 0  # no overprinted digits inside the shared circle
+    assert white_text(out[50 - 5 : 50 + 6, 150 - 5 : 150 + 6]) > 3  # a lone fixation keeps its number
+    label = out[50 - 7 : 50 + 8, 50 + r + 1 : 50 + r + 30]  # right of the circle, where the label goes
+    colour = np.array(SCANPATH_COLOURS[0])
+    assert (np.abs(label.astype(int) - colour).sum(-1) < 60).mean() > 0.4 and white_text(label) > 5
+
+
+def test_scanpaths_meeting_at_one_place_list_each_in_its_colour():
+    model, observer = np.array([[100.0, 50.0], [30.0, 30.0]]), np.array([[170.0, 80.0], [100.0, 50.0]])
+    out = np.asarray(viz.plot_scanpaths(grey(), [model, observer]))
+    label = out[35:66, 112:140].astype(int)  # right of the shared spot: one line per scanpath
+    for k in (0, 1):
+        assert (np.abs(label - np.array(SCANPATH_COLOURS[k])).sum(-1) < 60).sum() > 20
+
+
+def test_labels_of_nearby_places_do_not_cover_each_other():
+    from attnzoo.viz.scanpath import _place_label
+
+    placed = []
+    for y in (30.0, 40.0, 50.0):  # three places, each revisited, close together
+        group = (89.0, y - 11, 111.0, y + 11)
+        box = _place_label((40.0, 15.0), group, (0, 0, 200, 100), placed, [group])
+        assert 0 <= box[0] and box[2] <= 200 and 0 <= box[1] and box[3] <= 100
+        assert box[2] <= group[0] or box[0] >= group[2] or box[3] <= group[1] or box[1] >= group[3]  # beside
+        for other in placed:
+            assert box[2] <= other[0] or box[0] >= other[2] or box[3] <= other[1] or box[1] >= other[3]
+        placed.append(box)
+
+
+def test_a_shelf_search_revisiting_objects_labels_each_object_once(tmp_path):
+    from attnzoo.pipelines.scanpath import Scanpath
+
+    boxes = np.array([(10 + 45 * c, 8 + 56 * r, 48 + 45 * c, 56 + 56 * r) for r in range(2) for c in range(3)], float)
+    objects = np.array([2, 0, 2, 5, 2, 0, 4])
+    centres = np.column_stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2])
+    sp = Scanpath(centres[objects], (150, 120), objects=objects, target=4, boxes=boxes, found_target=True)
+    out = np.asarray(sp.plot())
+    for obj in (0, 2):  # revisited: the circle holds no number
+        x, y = centres[obj].astype(int)
+        assert white_text(out[y - 4 : y + 5, x - 4 : x + 5]) == 0
+    for obj in (5, 4):  # looked at once: numbered in place
+        x, y = centres[obj].astype(int)
+        assert white_text(out[y - 5 : y + 6, x - 5 : x + 6]) > 3

@@ -1,10 +1,13 @@
 import hashlib
 import os
+import threading
+from types import SimpleNamespace
 
 import pytest
 
+import attnzoo.weights.hub as hub
 from attnzoo.errors import ChecksumError, OfflineError, WeightsError
-from attnzoo.weights import checkpoints_dir, download_url, is_offline, sha256_file, verify_file
+from attnzoo.weights import checkpoints_dir, download_url, is_offline, sha256_file, url_reachable, verify_file
 from tests.helpers import http_server
 
 PAYLOAD = os.urandom(3 * (1 << 20) + 123)  # several chunks
@@ -57,9 +60,83 @@ def test_http_404_is_weights_error(tmp_path):
             download_url(f"{base}/missing.bin", tmp_path / "m.bin", progress=False)
 
 
-def test_unreachable_server_gives_up_with_resume_hint(tmp_path):
-    with pytest.raises(WeightsError, match="resume"):
-        download_url("http://127.0.0.1:9/none.bin", tmp_path / "n.bin", retries=1, progress=False, timeout=2)
+def test_unreachable_host_fails_at_once_with_the_ways_out(tmp_path, closed_port):
+    """No retries against a host that refuses connections, and no "resume" when nothing was received."""
+    url = f"http://127.0.0.1:{closed_port}/none.bin"
+    with pytest.raises(OfflineError) as info:
+        download_url(url, tmp_path / "n.bin", progress=False)
+    message = str(info.value)
+    assert "cannot reach 127.0.0.1" in message and "resume" not in message
+    assert "--weights none" in message and "ATTNZOO_OFFLINE=1" in message
+    assert not (tmp_path / "n.bin.part").exists()
+
+
+def test_failed_download_offers_resume_only_when_bytes_were_kept(tmp_path, monkeypatch):
+    def half_then_cut(url, part, *, progress, timeout):
+        with open(part, "ab") as fh:
+            fh.write(PAYLOAD[:1000])
+        raise ConnectionResetError("connection reset by peer")
+
+    def nothing(url, part, *, progress, timeout):
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(hub, "time", SimpleNamespace(sleep=lambda s: None))  # no back-off waits in a test
+    with http_server({}) as (base, _):  # a host that answers, so the probe passes
+        monkeypatch.setattr(hub, "_fetch_into", half_then_cut)
+        with pytest.raises(WeightsError, match=r"bytes are kept in .*w\.bin\.part: run the same command again"):
+            download_url(f"{base}/w.bin", tmp_path / "w.bin", retries=1, progress=False)
+        monkeypatch.setattr(hub, "_fetch_into", nothing)
+        with pytest.raises(WeightsError) as info:
+            download_url(f"{base}/v.bin", tmp_path / "v.bin", retries=1, progress=False)
+    assert "resume" not in str(info.value) and "nothing was received" in str(info.value)
+    assert "--weights none" in str(info.value)
+
+
+def test_reachability_is_probed_once_per_host(monkeypatch, closed_port):
+    calls = []
+    real = hub._connects
+    monkeypatch.setattr(hub, "_connects", lambda *target: calls.append(target) or real(*target))
+    with http_server({}) as (base, _):
+        assert url_reachable(f"{base}/a.bin") and url_reachable(f"{base}/b.bin")
+    assert not url_reachable(f"http://127.0.0.1:{closed_port}/x") and not url_reachable(
+        f"http://127.0.0.1:{closed_port}/y"
+    )
+    assert [target[1] for target in calls] == [int(base.rsplit(":", 1)[1]), closed_port]
+    assert url_reachable("file:///nowhere/w.pth")  # nothing to connect to
+
+
+def test_a_host_that_never_answers_costs_one_short_timeout(monkeypatch):
+    """A black-holed network (packets dropped, name lookups hanging): the verdict comes while the
+    connection attempt is still hanging, and is remembered."""
+    release, events = threading.Event(), []
+
+    def hangs(address, timeout=None):
+        events.append("tried")
+        release.wait(30)
+        events.append("gave up")
+        raise OSError("gave up")
+
+    probes = []
+    real = hub._connects
+    monkeypatch.setattr(hub, "_connects", lambda *target: probes.append(target) or real(*target))
+    monkeypatch.setattr(hub, "CONNECT_TIMEOUT", 0.1)
+    monkeypatch.setattr(hub.socket, "create_connection", hangs)
+    try:
+        assert not url_reachable("https://hub.invalid/model.safetensors")
+        assert not url_reachable("https://hub.invalid/other.safetensors")
+        assert "gave up" not in events  # both answers came while the attempt still hung
+        assert probes == [("hub.invalid", 443, 0.1)]
+    finally:
+        release.set()
+
+
+def test_the_probe_goes_to_the_proxy_when_one_is_set(monkeypatch, closed_port):
+    probed = []
+    monkeypatch.setattr(hub, "_connects", lambda host, port, timeout: probed.append((host, port)) or False)
+    monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{closed_port}")
+    monkeypatch.setenv("no_proxy", "")
+    assert not url_reachable("https://example.org/w.pth")
+    assert probed == [("127.0.0.1", closed_port)]
 
 
 @pytest.mark.parametrize("var", ["ATTNZOO_OFFLINE", "HF_HUB_OFFLINE"])

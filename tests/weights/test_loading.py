@@ -169,3 +169,94 @@ def test_a_downloaded_web_page_is_named_as_such(tmp_path):
     (tmp_path / "model.pth").write_bytes(b"\n<!DOCTYPE html><html><body>Sign in to OneDrive</body></html>")
     with pytest.raises(WeightsError, match="web page.*delete the file"):
         load_checkpoint_file(tmp_path / "model.pth")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\xef\xbb\xbf<!DOCTYPE html><html><body>Quota exceeded</body></html>",  # UTF-8 byte-order mark
+        "<html><body>Sign in</body></html>".encode("utf-16"),  # UTF-16 with its byte-order mark
+        b"  \r\n<?xml version='1.0'?><Error><Code>AccessDenied</Code></Error>",  # an S3 error page
+    ],
+)
+def test_web_pages_are_named_as_such_whatever_their_encoding(tmp_path, content):
+    (tmp_path / "model.pth").write_bytes(content)
+    with pytest.raises(WeightsError, match="web page") as info:
+        load_checkpoint_file(tmp_path / "model.pth")
+    assert "code execution" not in str(info.value)
+
+
+def test_a_text_file_is_named_as_such(tmp_path):
+    """torch's weights-only unpickler raises a bare KeyError on text; the user must read what the file is."""
+    (tmp_path / "weights.pth").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
+    with pytest.raises(WeightsError, match=r"text file.*'version https://git-lfs"):
+        load_checkpoint_file(tmp_path / "weights.pth")
+
+
+def test_empty_and_garbage_files_are_not_called_malicious(tmp_path):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(WeightsError, match="empty"):
+        load_checkpoint_file(tmp_path / "empty.pth")
+    (tmp_path / "noise.pth").write_bytes(bytes(range(128, 256)) * 4)
+    with pytest.raises(WeightsError, match="not a readable PyTorch checkpoint") as info:
+        load_checkpoint_file(tmp_path / "noise.pth")
+    assert "code execution" not in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+def test_non_finite_weights_are_refused_naming_the_tensors(tmp_path, bad, fmt):
+    state = small_net().state_dict()
+    state["2.weight"][1, 0] = bad
+    state["0.bias"][:] = bad
+    path = tmp_path / f"w.{fmt}"
+    save_file(state, path) if fmt == "safetensors" else torch.save({"model": state}, path)
+    with pytest.raises(WeightsError, match=r"2 tensor\(s\):.*0\.bias \(3 of 3\).*2\.weight \(1 of 6\)"):
+        load_checkpoint_file(path)
+    with pytest.raises(WeightsError, match="allow_non_finite=True"):
+        load_weights(small_net(), path)
+    model = load_weights(small_net(), path, allow_non_finite=True)  # the opt-out, e.g. to inspect a diverged run
+    assert not torch.isfinite(model[0].bias).any()
+    with pytest.raises(WeightsError, match="NaN or inf"):
+        load_weights(small_net(), state)  # a state dict in memory too
+
+
+def test_non_finite_weights_through_create_model(tmp_path):
+    import attnzoo
+
+    state = attnzoo.create_model("test_resnet", weights="none").state_dict()
+    state["fc.weight"].fill_(float("nan"))
+    save_file(state, tmp_path / "nan.safetensors")
+    with pytest.raises(WeightsError, match=r"fc\.weight \(\d+ of \d+\)"):
+        attnzoo.create_model("test_resnet", weights=tmp_path / "nan.safetensors")
+
+
+def test_integer_and_bool_tensors_are_not_checked_for_finiteness(tmp_path):
+    torch.save({"index": torch.arange(5), "mask": torch.ones(3, dtype=torch.bool)}, tmp_path / "ints.pth")
+    assert set(load_checkpoint_file(tmp_path / "ints.pth")) == {"index", "mask"}
+
+
+def test_a_converter_that_cannot_read_the_file_is_a_weights_error(tmp_path):
+    torch.save({"model": {"unrelated": torch.zeros(2)}}, tmp_path / "other.pth")
+
+    def official_layout(state, model):
+        return {k.removeprefix("backbone."): state[f"backbone.{k}"] for k in model.state_dict()}
+
+    with pytest.raises(WeightsError, match=r"official_layout reads \(KeyError"):
+        load_weights(small_net(), tmp_path / "other.pth", converter=official_layout)
+
+
+def test_verify_report(tmp_path):
+    from attnzoo.errors import InvalidOptionError
+    from attnzoo.weights import verify_report
+
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"weights")
+    digest = hashlib.sha256(b"weights").hexdigest()
+    ok, message = verify_report(str(path))
+    assert ok and digest in message and "no known sha256" in message  # nothing to compare: report, not fail
+    assert verify_report(str(path), digest.upper()) == (True, f"OK {path} sha256={digest}")
+    ok, message = verify_report(str(path), "0" * 64)
+    assert not ok and "MISMATCH" in message and digest in message
+    with pytest.raises(InvalidOptionError, match="64 hexadecimal"):
+        verify_report(str(path), "abc")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attnzoo.datasets.scanpaths import ScanpathCollection, ScanpathRecord
+from attnzoo.datasets.scanpaths import ScanpathCollection, ScanpathRecord, checked_points, checked_times, image_size
 from attnzoo.errors import DatasetFormatError, InvalidInputError
 
 __all__ = ["CAPMIT1003_SCHEMA", "CapMIT1003", "parse_timestamp"]
@@ -115,6 +115,7 @@ class CapMIT1003(ScanpathCollection):
         finally:
             cnx.close()
 
+        captions = [(*row[:5], None if row[5] is None else str(row[5])) for row in captions]
         no_image = [str(row[0]) for row in captions if row[5] is None]
         if no_image:
             raise DatasetFormatError(
@@ -127,6 +128,7 @@ class CapMIT1003(ScanpathCollection):
                 f"{' ...' if len(missing) > 10 else ''} (pass skip_missing=True to leave their captions out)"
             )
         missing_set = set(missing)
+        sizes = {name: image_size(self.stimuli_dir / name) for name in {row[5] for row in captions} - missing_set}
         records = []
         for obs, usr, start, caption, img_uid, img_path in captions:
             obs = str(obs)
@@ -134,17 +136,16 @@ class CapMIT1003(ScanpathCollection):
                 self.skipped.append(obs)
                 continue
             path_clicks = clicks.get(obs, [])
+            where = f"{self.db_path}: clicks of obs_uid {obs!r} on {img_path}"
+            xy = checked_points([(x, y) for x, y, _ in path_clicks], where, sizes[img_path])
             try:
-                xy = np.asarray([(float(x), float(y)) for x, y, _ in path_clicks], dtype=np.float64).reshape(-1, 2)
                 start_s = parse_timestamp(start)
                 stamps = [parse_timestamp(t) for _, _, t in path_clicks]
-            except (TypeError, ValueError) as err:
-                raise DatasetFormatError(
-                    f"{self.db_path}: malformed click or time of obs_uid {obs!r} ({err})"
-                ) from None
+            except (TypeError, ValueError, OverflowError) as err:
+                raise DatasetFormatError(f"{where}: malformed time ({err})") from None
             times = None
             if start_s is not None and all(s is not None for s in stamps):
-                times = np.asarray([s - start_s for s in stamps], dtype=np.float64)
+                times = checked_times([s - start_s for s in stamps], where, len(xy), "click times")
             records.append(
                 ScanpathRecord(
                     stimulus=str(img_path),
@@ -154,6 +155,7 @@ class CapMIT1003(ScanpathCollection):
                     times=times,
                     durations=None,
                     caption=None if caption is None else str(caption),
+                    image_size=sizes[img_path],
                     meta={
                         "obs_uid": obs,
                         "img_uid": str(img_uid),

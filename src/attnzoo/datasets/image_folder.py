@@ -40,9 +40,19 @@ def is_image_file(path: Path) -> bool:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursively, following links), in a stable order."""
+    """Image files under ``folder`` (recursively, following links), in a stable order; a folder
+    reached twice through links (a link to a parent makes a loop) is listed once."""
     found = []
+    seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        try:
+            stat = os.stat(dirpath)
+        except OSError:  # vanished or unreadable since it was listed
+            stat = None
+        if stat is None or (stat.st_dev, stat.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(Path(f)))
     return found

@@ -11,14 +11,15 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import re
 import tarfile
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+
+from attnzoo._io import STRUCTURE_ERRORS, parse_errors, read_csv_rows
 from attnzoo.datasets.image_folder import (
     ClassificationSamples,
     check_root,
@@ -26,6 +27,7 @@ from attnzoo.datasets.image_folder import (
     list_images,
     read_image_folder,
 )
+from attnzoo.datasets.matfile import load_mat
 from attnzoo.errors import DatasetFormatError
 
 _SYNSET = re.compile(r"^n\d{8}$")
@@ -34,6 +36,7 @@ _SOLUTION = "LOC_val_solution.csv"
 _DEVKIT = "ILSVRC2012_devkit_t12"
 _GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
 _META = "data/meta.mat"
+_MAX_DEVKIT_MEMBER_BYTES = 64 << 20
 
 
 @lru_cache(maxsize=1)
@@ -138,21 +141,15 @@ def _find_labels(folder: Path) -> Path | None:
 
 def _read_solution_csv(path: Path) -> dict:
     """Kaggle's ``ImageId,PredictionString`` with the synset as the first token of each box."""
+    header, rows = read_csv_rows(path, f"Kaggle {_SOLUTION}")
+    if {"ImageId", "PredictionString"} - set(header):
+        raise DatasetFormatError(f"{path}: expected the columns ImageId,PredictionString, found {header}")
     truth: dict = {}
-    try:
-        with open(path, newline="") as fh:
-            reader = csv.DictReader(fh)
-            if not reader.fieldnames or {"ImageId", "PredictionString"} - set(reader.fieldnames):
-                raise DatasetFormatError(
-                    f"{path}: expected the columns ImageId,PredictionString, found {reader.fieldnames}"
-                )
-            for row in reader:
-                tokens = (row["PredictionString"] or "").split()
-                if not tokens:
-                    raise DatasetFormatError(f"{path}: empty PredictionString for {row['ImageId']}")
-                truth[row["ImageId"]] = tokens[0]
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise DatasetFormatError(f"{path}: cannot read ({err})") from None
+    for row in rows:
+        tokens = row["PredictionString"].split()
+        if not tokens:
+            raise DatasetFormatError(f"{path}: empty PredictionString for {row['ImageId']}")
+        truth[row["ImageId"]] = tokens[0]
     return truth
 
 
@@ -165,15 +162,15 @@ def _read_devkit(path: Path) -> dict:
         except OSError as err:
             raise DatasetFormatError(f"devkit {path} is incomplete: {err}") from None
     else:
-        try:
+        with parse_errors(path, f"{_DEVKIT} archive (.tar.gz)", also=(tarfile.TarError,)):
             with tarfile.open(path) as tar:
                 ground_truth = _tar_member(tar, _GROUND_TRUTH, path)
                 meta = _tar_member(tar, _META, path)
-        except (tarfile.TarError, OSError) as err:
-            raise DatasetFormatError(f"devkit archive {path} cannot be read: {err}") from None
     id_to_wnid = _parse_meta_mat(meta, path)
+    with parse_errors(f"{path} ({_GROUND_TRUTH})", "UTF-8 text file of ILSVRC2012_IDs"):
+        lines = ground_truth.decode("utf-8").split()
     truth = {}
-    for number, line in enumerate(ground_truth.decode().split(), start=1):
+    for number, line in enumerate(lines, start=1):
         try:
             truth[number] = id_to_wnid[int(line)]
         except (ValueError, KeyError):
@@ -187,18 +184,23 @@ def _tar_member(tar: tarfile.TarFile, name: str, path: Path) -> bytes:
     member = next((m for m in tar.getmembers() if m.name.endswith(name) and m.isfile()), None)
     if member is None:
         raise DatasetFormatError(f"devkit archive {path} has no {name}")
+    if member.size > _MAX_DEVKIT_MEMBER_BYTES:
+        raise DatasetFormatError(f"devkit archive {path}: {name} claims {member.size:,} bytes; the real one is < 1 MB")
     return tar.extractfile(member).read()  # type: ignore[union-attr]
 
 
 def _parse_meta_mat(data: bytes, path: Path) -> dict[int, str]:
-    from scipy.io import loadmat
-
-    try:
-        synsets = loadmat(io.BytesIO(data), squeeze_me=True)["synsets"]
-        ids, wnids, children = synsets["ILSVRC2012_ID"], synsets["WNID"], synsets["num_children"]
-    except (ValueError, KeyError, TypeError, OSError) as err:
-        raise DatasetFormatError(f"{path}: meta.mat has no readable 'synsets' table ({err})") from None
-    return {int(i): str(w) for i, w, c in zip(ids, wnids, children) if int(c) == 0}
+    """``{ILSVRC2012_ID: wnid}`` of the 1000 leaf synsets in the devkit's ``meta.mat``."""
+    name = f"{path} ({_META})"
+    mat = load_mat(data, name, "MATLAB .mat file with a 'synsets' table", squeeze_me=True)
+    with parse_errors(name, "MATLAB .mat file with a 'synsets' table", also=STRUCTURE_ERRORS):
+        synsets = mat["synsets"]
+        rows = zip(
+            np.atleast_1d(synsets["ILSVRC2012_ID"]),
+            np.atleast_1d(synsets["WNID"]),
+            np.atleast_1d(synsets["num_children"]),
+        )
+        return {int(i): str(w) for i, w, c in rows if int(c) == 0}
 
 
 def read_classification_folder(

@@ -1,80 +1,200 @@
 """Decode any image a user may hand us into an RGB ``PIL.Image``, or say clearly why not.
 
-Handles paths, PIL images, numpy arrays and tensors; EXIF rotation; grayscale, palette,
-CMYK, alpha (composited on white) and 16-bit images (scaled, not clipped); and guards
-against decompression bombs: oversized JPEGs are decoded at reduced scale by the codec,
-other oversized formats are refused before any pixel is decoded.
+Handles paths, http(s) URLs, PIL images, numpy arrays and tensors; EXIF rotation; grayscale,
+palette, CMYK, alpha (composited on white) and 16-bit images (scaled, not clipped); and guards
+against decompression bombs: an image whose header claims more than the pixel limit is refused
+before any pixel is decoded, whatever its format.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import io
 import os
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from attnzoo.errors import InvalidInputError
+from attnzoo._io import PARSE_ERRORS
+from attnzoo.errors import AttnzooError, InvalidInputError
 
-#: Largest image (in pixels) decoded at full size; PIL's own bomb limit is 2x its warning level.
+#: Largest image (in pixels) decoded; PIL's own bomb limit is 2x its warning level.
 MAX_PIXELS = int(os.environ.get("ATTNZOO_MAX_IMAGE_PIXELS", 2 * 89_478_485))
+#: Largest image file (bytes) fetched from an http(s) URL.
+MAX_DOWNLOAD_BYTES = int(os.environ.get("ATTNZOO_MAX_IMAGE_BYTES", 64 << 20))
+#: Seconds an http(s) image may take to connect, and between two pieces of its data.
+URL_TIMEOUT = float(os.environ.get("ATTNZOO_URL_TIMEOUT", "10"))
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+#: What PIL's plugins raise on damaged files besides the parse errors every parser raises.
+_PIL_DAMAGE: tuple[type[BaseException], ...] = (
+    *PARSE_ERRORS,
+    Image.DecompressionBombError,
+    KeyError,
+    IndexError,
+    TypeError,
+    ZeroDivisionError,
+)
 
 
 def describe(source: Any) -> str:
     """A short name for an input, for error messages."""
     if isinstance(source, (str, os.PathLike)):
         return os.fspath(source)
-    shape = getattr(source, "shape", None) or getattr(source, "size", None)
-    return f"<{type(source).__name__} {tuple(shape) if shape is not None else ''}>".replace(" >", ">")
+    shape = getattr(source, "shape", None)
+    if shape is None:
+        shape = getattr(source, "size", None)  # PIL's (width, height)
+    text = str(tuple(shape)) if isinstance(shape, (tuple, list)) else ""  # numpy/torch shapes, PIL sizes
+    return f"<{type(source).__name__} {text}>".replace(" >", ">")
+
+
+_bomb_lock = threading.Lock()
+_bomb_users = 0
+_bomb_saved: int | None = None
 
 
 @contextlib.contextmanager
-def without_pil_bomb_check():
-    """We apply our own pixel limit after reading the header, so PIL must not refuse first."""
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
+def without_pil_bomb_check() -> Iterator[None]:
+    """We apply our own pixel limit after reading the header, so PIL must not refuse first. PIL's
+    limit is a global: it is restored when the last thread using this leaves, not before."""
+    global _bomb_users, _bomb_saved
+    with _bomb_lock:
+        if _bomb_users == 0:
+            _bomb_saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        _bomb_users += 1
     try:
         yield
     finally:
-        Image.MAX_IMAGE_PIXELS = saved
+        with _bomb_lock:
+            _bomb_users -= 1
+            if _bomb_users == 0:
+                Image.MAX_IMAGE_PIXELS = _bomb_saved
 
 
-def open_image_file(path: str | os.PathLike, *, max_pixels: int | None = None, keep_alpha: bool = False) -> Image.Image:
-    """Open and fully decode an image file as RGB (RGBA with ``keep_alpha`` when it has transparency) within the pixel budget."""
-    name = os.fspath(path)
-    limit = max_pixels or MAX_PIXELS
+def check_image_size(
+    size: tuple[int, int], name: str, *, max_pixels: int | None = None, error: type[AttnzooError] = InvalidInputError
+) -> None:
+    """Refuse an image whose (header's) size exceeds the pixel limit, before anything is decoded."""
+    limit = MAX_PIXELS if max_pixels is None else int(max_pixels)
+    width, height = size
+    if width * height > limit:
+        raise error(
+            f"{name}: {width}x{height} image exceeds the {limit:,}-pixel limit (read from its header: nothing was "
+            "decoded); downscale it first, or raise the limit with max_pixels= or ATTNZOO_MAX_IMAGE_PIXELS"
+        )
+
+
+@contextlib.contextmanager
+def opened_image(
+    source: str | os.PathLike | IO[bytes],
+    *,
+    name: str | None = None,
+    max_pixels: int | None = None,
+    error: type[AttnzooError] = InvalidInputError,
+    what: str = "image",
+    missing: str = "no such file",
+) -> Iterator[Image.Image]:
+    """The image in ``source`` (a path or binary file), opened after its header's size passed
+    :func:`check_image_size`. Every image file a reader decodes comes through here, so whatever PIL
+    raises on a damaged file -- while opening or while the caller decodes in the block -- becomes
+    ``error`` naming the file."""
+    name = name or os.fspath(source)  # type: ignore[arg-type]
     try:
-        with without_pil_bomb_check():
-            image = Image.open(path)
-            width, height = image.size
-            if width * height > limit:
-                if image.format != "JPEG":
-                    raise InvalidInputError(
-                        f"{name}: {width}x{height} image exceeds the {limit:,}-pixel decode limit; "
-                        "downscale it first or raise attnzoo.datasets.images.MAX_PIXELS"
-                    )
-                scale = next((s for s in (2, 4, 8) if math.ceil(width / s) * math.ceil(height / s) <= limit), None)
-                if scale is None:
-                    raise InvalidInputError(f"{name}: {width}x{height} JPEG is too large even at 1/8 scale")
-                image.draft("RGB", (math.ceil(width / scale), math.ceil(height / scale)))
-            image.load()
-    except InvalidInputError:
+        with without_pil_bomb_check(), Image.open(source) as image:
+            check_image_size(image.size, name, max_pixels=max_pixels, error=error)
+            yield image
+    except AttnzooError:
         raise
     except FileNotFoundError:
-        raise InvalidInputError(f"{name}: no such file") from None
+        raise error(f"{name}: {missing}") from None
     except IsADirectoryError:
-        raise InvalidInputError(f"{name}: is a directory, not an image") from None
+        raise error(f"{name}: is a directory, not {'an' if what[0] in 'aeiou' else 'a'} {what}") from None
     except UnidentifiedImageError:
-        raise InvalidInputError(f"{name}: not an image format PIL can read") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise InvalidInputError(f"{name}: truncated or corrupt image ({err})") from None
-    image = ImageOps.exif_transpose(image)
-    return to_rgb(image, name=name, keep_alpha=keep_alpha)
+        raise error(f"{name}: not an image format PIL can read") from None
+    except _PIL_DAMAGE as err:
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise error(f"{name}: truncated or corrupt {what} ({reason})") from None
+
+
+def open_image_file(
+    path: str | os.PathLike | IO[bytes],
+    *,
+    max_pixels: int | None = None,
+    keep_alpha: bool = False,
+    name: str | None = None,
+) -> Image.Image:
+    """Open and fully decode an image file as RGB (RGBA with ``keep_alpha`` when it has transparency) within the pixel budget."""
+    name = name or os.fspath(path)  # type: ignore[arg-type]
+    with opened_image(path, name=name, max_pixels=max_pixels) as image:
+        image.load()
+        image = ImageOps.exif_transpose(image)  # a damaged EXIF block fails here: still inside the guard
+        return to_rgb(image, name=name, keep_alpha=keep_alpha)
+
+
+def is_url(source: Any) -> bool:
+    return isinstance(source, str) and source[:8].lower().startswith(("http://", "https://"))
+
+
+def fetch_url(url: str, *, max_bytes: int | None = None, timeout: float | None = None) -> bytes:
+    """The bytes at an http(s) URL, read with a short timeout and refused past ``max_bytes``
+    (announced or actual); any network or HTTP failure is an :class:`InvalidInputError` naming the URL."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    from attnzoo.weights.hub import is_offline
+
+    limit = MAX_DOWNLOAD_BYTES if max_bytes is None else int(max_bytes)
+    wait = URL_TIMEOUT if timeout is None else float(timeout)
+    if is_offline():
+        raise InvalidInputError(
+            f"{url}: offline mode is on (ATTNZOO_OFFLINE/HF_HUB_OFFLINE); download the image and pass its path"
+        )
+    request = urllib.request.Request(url, headers={"User-Agent": "attnzoo"})
+    try:
+        with urllib.request.urlopen(request, timeout=wait) as response:
+            announced = response.headers.get("Content-Length", "")
+            if announced.isdigit() and int(announced) > limit:
+                raise InvalidInputError(
+                    f"{url}: the server announces {int(announced):,} bytes, over the {limit:,}-byte limit for "
+                    "images (ATTNZOO_MAX_IMAGE_BYTES)"
+                )
+            data = _read_within(response, limit + 1, seconds=10 * wait, url=url)
+    except urllib.error.HTTPError as err:
+        raise InvalidInputError(f"{url}: the server answered HTTP {err.code} ({err.reason})") from None
+    except urllib.error.URLError as err:
+        raise InvalidInputError(f"{url}: cannot download the image ({err.reason})") from None
+    except (OSError, ValueError, http.client.HTTPException) as err:  # timeouts, dropped connections, bad URLs
+        raise InvalidInputError(f"{url}: cannot download the image ({type(err).__name__}: {err})") from None
+    if len(data) > limit:
+        raise InvalidInputError(
+            f"{url}: more than {limit:,} bytes, over the limit for images (ATTNZOO_MAX_IMAGE_BYTES)"
+        )
+    if not data:
+        raise InvalidInputError(f"{url}: the server sent an empty file")
+    return data
+
+
+def _read_within(response: IO[bytes], max_bytes: int, *, seconds: float, url: str) -> bytes:
+    """Up to ``max_bytes`` of a response within ``seconds`` in all (a server sending a byte at a
+    time would never trip the timeout of each read)."""
+    deadline = time.monotonic() + seconds
+    chunks, size = [], 0
+    while size < max_bytes:
+        if time.monotonic() > deadline:
+            raise InvalidInputError(f"{url}: the download is too slow (gave up after {seconds:g} s)")
+        chunk = response.read(min(1 << 16, max_bytes - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def to_rgb(image: Image.Image, *, name: str = "<image>", keep_alpha: bool = False) -> Image.Image:
@@ -106,7 +226,7 @@ def _float_to_rgb(data: np.ndarray, name: str) -> Image.Image:
     low, high = float(data.min(initial=0.0)), float(data.max(initial=0.0))
     if low < -1e-3 or high > 1 + 1e-3:
         raise InvalidInputError(f"{name}: float image values must lie in [0, 1], found [{low:.3g}, {high:.3g}]")
-    return array_to_image((np.clip(data, 0, 1) * 255.0 + 0.5).astype(np.uint8), name=name)
+    return array_to_image((np.clip(data.astype(np.float32), 0, 1) * 255.0 + 0.5).astype(np.uint8), name=name)
 
 
 def array_to_image(
@@ -129,15 +249,19 @@ def array_to_image(
     elif array.dtype == np.uint16:
         array = np.round(array / 257.0).astype(np.uint8)
     elif np.issubdtype(array.dtype, np.floating):
-        return _float_to_rgb(array.astype(np.float32), name)
+        return _float_to_rgb(array, name)  # checked in its own precision: 1e300 is out of range, not infinite
     elif array.dtype != np.uint8:
         raise InvalidInputError(f"{name}: unsupported dtype {array.dtype}; use uint8, uint16, bool or float in [0, 1]")
     return to_rgb(Image.fromarray(np.ascontiguousarray(array)), name=name, keep_alpha=keep_alpha)
 
 
 def load_image(source: Any, *, max_pixels: int | None = None, keep_alpha: bool = False) -> Image.Image:
-    """An RGB image from a path, PIL image, numpy array (HxWxC) or tensor (CxHxW); with
-    ``keep_alpha`` an image with transparency comes back as RGBA (e.g. ShapeNet renderings)."""
+    """An RGB image from a path, an http(s) URL, a PIL image, a numpy array (HxWxC) or a tensor
+    (CxHxW); with ``keep_alpha`` an image with transparency comes back as RGBA (e.g. ShapeNet
+    renderings). Files and downloads larger than ``max_pixels`` are refused from their header."""
+    if is_url(source):
+        data = fetch_url(source)
+        return open_image_file(io.BytesIO(data), max_pixels=max_pixels, keep_alpha=keep_alpha, name=source)
     if isinstance(source, (str, Path, os.PathLike)):
         return open_image_file(source, max_pixels=max_pixels, keep_alpha=keep_alpha)
     if isinstance(source, Image.Image):
@@ -154,5 +278,6 @@ def load_image(source: Any, *, max_pixels: int | None = None, keep_alpha: bool =
             tensor = tensor.float()  # bfloat16 has no numpy dtype; float16 is widened alike
         return array_to_image(tensor.numpy(), name=describe(source), channels_first=True, keep_alpha=keep_alpha)
     raise InvalidInputError(
-        f"cannot read an image from {type(source).__name__}; pass a file path, PIL image, numpy array or tensor"
+        f"cannot read an image from {type(source).__name__}; pass a file path, http(s) URL, PIL image, numpy array "
+        "or tensor"
     )

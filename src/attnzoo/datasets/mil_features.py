@@ -25,8 +25,8 @@ and 7 -> 2 class mappings.
 
 from __future__ import annotations
 
-import csv
-import json
+import contextlib
+import math
 import os
 import pickle
 import warnings
@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnzoo._io import STRUCTURE_ERRORS, parse_errors, read_csv_rows, read_json
 from attnzoo.errors import DatasetFormatError, InvalidInputError
 
 __all__ = [
@@ -83,6 +84,8 @@ _CAMELYON_LABEL_WORDS = {
     "positive": 1,
 }
 SPLIT_NAMES = ("train", "val", "test")
+#: Largest level-0 coordinate (px) a patch can have: the largest scans are a few 10^5 px wide.
+_MAX_COORD = 2.0**31
 
 
 def _h5py() -> Any:
@@ -124,8 +127,8 @@ def _make_bag(slide_id: str, features: Any, coords: Any, label: Any, where: str,
         feats = feats[0]
     if feats.ndim != 2:
         raise DatasetFormatError(f"{where}: features must be a 2-D [N, D] array, got shape {feats.shape}")
-    if not (np.issubdtype(feats.dtype, np.floating) or np.issubdtype(feats.dtype, np.integer)):
-        raise DatasetFormatError(f"{where}: features have dtype {feats.dtype}, expected floating point")
+    if feats.dtype.kind not in "iuf":  # complex values would lose their imaginary part, text has no meaning
+        raise DatasetFormatError(f"{where}: features have dtype {feats.dtype}, expected real numbers (floating point)")
     if feats.shape[0] == 0:
         raise DatasetFormatError(f"{where}: empty bag (0 patches); re-extract this slide or leave it out of the split")
     if feats.shape[1] == 0:
@@ -142,17 +145,16 @@ def _make_bag(slide_id: str, features: Any, coords: Any, label: Any, where: str,
             raise DatasetFormatError(
                 f"{where}: coords have shape {xy.shape}, expected [{feats.shape[0]}, 2] to match the features"
             )
-        if not np.isfinite(xy.astype(np.float64)).all():
+        if xy.dtype.kind not in "iuf":
+            raise DatasetFormatError(f"{where}: coords have dtype {xy.dtype}, expected real numbers (pixels)")
+        xy = xy[:, :2].astype(np.float64)
+        if not np.isfinite(xy).all():
             raise DatasetFormatError(f"{where}: coords hold NaN or infinite values")
-        coord_tensor = torch.from_numpy(np.round(xy[:, :2]).astype(np.int64))
+        if (np.abs(xy) > _MAX_COORD).any():
+            raise DatasetFormatError(f"{where}: coords reach {np.abs(xy).max():.3g} px, beyond any slide")
+        coord_tensor = torch.from_numpy(np.round(xy).astype(np.int64))
     if label is not None:
-        try:
-            value = np.asarray(label).reshape(-1)
-            if value.size != 1 or float(value[0]) != int(value[0]):
-                raise ValueError
-            label = int(value[0])
-        except (TypeError, ValueError):
-            raise DatasetFormatError(f"{where}: label {label!r} is not an integer") from None
+        label = _bag_label(label, where)
     return FeatureBag(
         slide_id=slide_id,
         features=torch.from_numpy(np.ascontiguousarray(feats)),
@@ -162,53 +164,67 @@ def _make_bag(slide_id: str, features: Any, coords: Any, label: Any, where: str,
     )
 
 
-def _h5_error(path: Path, err: Exception) -> DatasetFormatError:
-    return DatasetFormatError(f"{path}: not a readable HDF5 file (corrupt, truncated or another format): {err}")
+def _bag_label(label: Any, where: str) -> int:
+    """A stored label: one whole number (``1``, ``1.0``, ``[1]``); not text, a bool, a complex or 1.5."""
+    value = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+    if value.size != 1 or value.dtype.kind not in "iuf":
+        raise DatasetFormatError(f"{where}: label {label!r} is not an integer")
+    number = float(value.reshape(-1)[0])
+    if not (math.isfinite(number) and number.is_integer()):
+        raise DatasetFormatError(f"{where}: label {label!r} is not an integer")
+    return int(number)
+
+
+def _label_mapping(labels: Mapping[str, Any]) -> dict[str, int]:
+    """slide_id -> integer label, as passed by a caller; anything else is an :class:`InvalidInputError`."""
+    out = {}
+    for slide, label in labels.items():
+        try:
+            out[str(slide)] = _bag_label(label, f"labels[{slide!r}]")
+        except DatasetFormatError as err:
+            raise InvalidInputError(str(err)) from None
+    return out
+
+
+def _reading_h5(path: Path) -> contextlib.AbstractContextManager[None]:
+    """Around every HDF5 read: a damaged file, or a member of the wrong kind, names the file."""
+    return parse_errors(path, "HDF5 feature file (corrupt, truncated or another format)", also=STRUCTURE_ERRORS)
 
 
 def _load_acmil_group(path: Path, group: str) -> tuple[Any, Any, Any]:
     h5py = _h5py()
     where = f"{path} [{group}]"
-    try:
-        with h5py.File(path, "r") as f:
-            if group not in f or not isinstance(f[group], h5py.Group):
-                raise DatasetFormatError(f"{where}: no such slide group")
-            g = f[group]
-            if "feat" not in g:
-                raise DatasetFormatError(f"{where}: the group has no 'feat' dataset (has: {sorted(g.keys())})")
-            feats = g["feat"][()]
-            coords = g["coords"][()] if "coords" in g else None
-            label = g.attrs.get("label")
-    except OSError as err:
-        raise _h5_error(path, err) from None
-    return feats, coords, label
+    with _reading_h5(path), h5py.File(path, "r") as f:
+        if group not in f or not isinstance(f[group], h5py.Group):
+            raise DatasetFormatError(f"{where}: no such slide group")
+        g = f[group]
+        if "feat" not in g:
+            raise DatasetFormatError(f"{where}: the group has no 'feat' dataset (has: {sorted(g.keys())})")
+        return g["feat"][()], g["coords"][()] if "coords" in g else None, g.attrs.get("label")
 
 
 def _load_h5_bag(path: Path, slide_id: str) -> tuple[Any, Any, Any]:
     h5py = _h5py()
-    try:
-        with h5py.File(path, "r") as f:
-            if "features" not in f:
-                raise DatasetFormatError(f"{path}: has no 'features' dataset (has: {sorted(f.keys())})")
-            feats = f["features"][()]
-            coords = f["coords"][()] if "coords" in f else None
-            label = f.attrs.get("label")
-    except OSError as err:
-        raise _h5_error(path, err) from None
-    return feats, coords, label
+    with _reading_h5(path), h5py.File(path, "r") as f:
+        if "features" not in f:
+            raise DatasetFormatError(f"{path}: has no 'features' dataset (has: {sorted(f.keys())})")
+        return f["features"][()], f["coords"][()] if "coords" in f else None, f.attrs.get("label")
 
 
 def _load_pt_bag(path: Path, slide_id: str) -> tuple[Any, Any, Any]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with parse_errors(path, "PyTorch tensor file (torch.save)", also=STRUCTURE_ERRORS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # not a pickle that names code: a damaged or foreign file
+            raise DatasetFormatError(
+                f"{path}: not a readable PyTorch tensor file (torch.save): the weights-only loader cannot parse it"
+            ) from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DatasetFormatError(
             f"{path}: the .pt file needs code execution to load ({first}); attnzoo loads feature "
             "files weights-only. Re-save the features as a plain tensor."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise DatasetFormatError(f"{path}: not a readable PyTorch file: {err}") from None
     coords = label = None
     if isinstance(obj, Mapping):
         key = next((k for k in ("features", "feats", "feat") if k in obj), None)
@@ -251,7 +267,7 @@ class FeatureBags(Mapping[str, FeatureBag]):
         self._entries = dict(entries)
         self.layout = layout
         self.source = Path(source)
-        self.labels = {str(k): int(v) for k, v in (labels or {}).items()}
+        self.labels = _label_mapping(labels or {})
         self._cache = dict(cache or {})
 
     def __getitem__(self, slide_id: str) -> FeatureBag:
@@ -291,7 +307,7 @@ class FeatureBags(Mapping[str, FeatureBag]):
 
     def with_labels(self, labels: Mapping[str, int]) -> FeatureBags:
         """The same bags with ``labels`` overriding the stored ones (e.g. BRACS's 3-class labels)."""
-        merged = {**self.labels, **{str(k): int(v) for k, v in labels.items()}}
+        merged = {**self.labels, **_label_mapping(labels)}
         return self._derive(self._entries, merged)
 
     def subset(self, slide_ids: Iterable[str], *, strict: bool = True, what: str = "requested slides") -> FeatureBags:
@@ -340,19 +356,16 @@ def read_acmil_h5(path: str | os.PathLike, labels: Mapping[str, int] | None = No
     h5py = _h5py()
     path = Path(path)
     _check_exists(path, "ACMIL feature file")
-    try:
-        with h5py.File(path, "r") as f:
-            groups = [k for k in f if isinstance(f[k], h5py.Group)]
-            if not groups:
-                raise DatasetFormatError(
-                    f"{path}: no slide groups; an ACMIL feature file holds one group per slide id "
-                    f"with 'feat' and 'coords' (top-level keys: {sorted(f.keys())[:10]})"
-                )
-            no_feat = [k for k in groups if "feat" not in f[k]]
-            if no_feat:
-                raise DatasetFormatError(f"{path}: slide groups without a 'feat' dataset: {', '.join(no_feat[:10])}")
-    except OSError as err:
-        raise _h5_error(path, err) from None
+    with _reading_h5(path), h5py.File(path, "r") as f:
+        groups = [k for k in f if isinstance(f[k], h5py.Group)]
+        if not groups:
+            raise DatasetFormatError(
+                f"{path}: no slide groups; an ACMIL feature file holds one group per slide id "
+                f"with 'feat' and 'coords' (top-level keys: {sorted(f.keys())[:10]})"
+            )
+        no_feat = [k for k in groups if "feat" not in f[k]]
+        if no_feat:
+            raise DatasetFormatError(f"{path}: slide groups without a 'feat' dataset: {', '.join(no_feat[:10])}")
     entries = {g: _Entry(_load_acmil_group, path, g) for g in groups}
     return FeatureBags(entries, layout="acmil", source=path, labels=labels)
 
@@ -426,16 +439,13 @@ def read_trident_features(
 def _h5_kind(path: Path) -> str:
     """'bag' (a per-slide file with ``features``), 'acmil' (slide groups with ``feat``) or 'unknown'."""
     h5py = _h5py()
-    try:
-        with h5py.File(path, "r") as f:
-            if isinstance(f.get("features"), h5py.Dataset):
-                return "bag"
-            groups = [k for k in f if isinstance(f[k], h5py.Group)]
-            if groups and all("feat" in f[k] for k in groups[:5]):
-                return "acmil"
-            return "unknown:" + ", ".join(sorted(f.keys())[:10])
-    except OSError as err:
-        raise _h5_error(path, err) from None
+    with _reading_h5(path), h5py.File(path, "r") as f:
+        if isinstance(f.get("features"), h5py.Dataset):
+            return "bag"
+        groups = [k for k in f if isinstance(f[k], h5py.Group)]
+        if groups and all("feat" in f[k] for k in groups[:5]):
+            return "acmil"
+        return "unknown:" + ", ".join(sorted(f.keys())[:10])
 
 
 def _single_file(
@@ -444,13 +454,10 @@ def _single_file(
     sid = path.stem
     if loader is _load_h5_bag:
         h5py = _h5py()
-        try:
-            with h5py.File(path, "r") as f:
-                stored = f.attrs.get("slide_id")
-                sid = stored.decode() if isinstance(stored, bytes) else str(stored) if stored is not None else sid
-                layout = "attnzoo" if f.attrs.get("format") else layout
-        except OSError as err:
-            raise _h5_error(path, err) from None
+        with _reading_h5(path), h5py.File(path, "r") as f:
+            stored = f.attrs.get("slide_id")
+            sid = stored.decode() if isinstance(stored, bytes) else str(stored) if stored is not None else sid
+            layout = "attnzoo" if f.attrs.get("format") else layout
     return FeatureBags({sid: _Entry(loader, path, sid)}, layout=layout, source=path, labels=labels)
 
 
@@ -536,13 +543,7 @@ class SlideSplit:
 
 def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
     _check_exists(path, "CSV file")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise DatasetFormatError(f"{path}: not a readable CSV file: {err}") from None
+    header, rows = read_csv_rows(path, "CSV file")
     missing = [c for c in required if c not in header]
     if missing:
         raise DatasetFormatError(f"{path}: missing column(s) {', '.join(missing)} (header: {','.join(header)})")
@@ -554,11 +555,11 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
 def _int_label(text: str, where: str) -> int:
     try:
         value = float(text)
-        if value != int(value):
-            raise ValueError
-        return int(value)
     except ValueError:
-        raise DatasetFormatError(f"{where}: label {text!r} is not an integer") from None
+        value = math.nan
+    if not (math.isfinite(value) and value.is_integer()):
+        raise DatasetFormatError(f"{where}: label {text!r} is not an integer")
+    return int(value)
 
 
 def read_slide_labels(csv_path: str | os.PathLike, n_classes: int | None = None) -> dict[str, int]:
@@ -602,10 +603,7 @@ def read_camelyon16_split(split_json: str | os.PathLike, labels_csv: str | os.Pa
     """
     path = Path(split_json)
     _check_exists(path, "split file")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DatasetFormatError(f"{path}: not a readable JSON split file: {err}") from None
+    data = read_json(path, "JSON split file (train_names, val_names, test_names)")
     if not isinstance(data, dict):
         raise DatasetFormatError(f"{path}: expected a JSON object with train_names, val_names and test_names")
     names: dict[str, list[str]] = {}

@@ -39,7 +39,9 @@ from typing import Any
 
 import numpy as np
 
-from attnzoo.datasets.scanpaths import ScanpathCollection, ScanpathRecord
+from attnzoo._io import STRUCTURE_ERRORS, parse_errors
+from attnzoo.datasets.matfile import load_mat
+from attnzoo.datasets.scanpaths import ScanpathCollection, ScanpathRecord, checked_points, checked_times, image_size
 from attnzoo.errors import DatasetFormatError, InvalidInputError
 
 __all__ = [
@@ -207,7 +209,8 @@ def check_fixations(eye_data: np.ndarray) -> dict[str, np.ndarray]:
             "duration": np.array([1000.0 * N / SAMPLING_RATE]),
         }
 
-    accel = _accel(data)
+    with np.errstate(over="ignore", invalid="ignore"):  # inf in a trace gives inf/NaN, as in MATLAB, silently
+        accel = _accel(data)
     with np.errstate(invalid="ignore"):
         check = np.flatnonzero(accel > _ACCEL_CRIT) + 1
     if len(check) < 3:
@@ -337,16 +340,13 @@ def _decode(value: Any) -> str:
     return value.decode("utf8") if isinstance(value, bytes) else str(value)
 
 
-def _load_mat_eye_data(path: Path, stem: str) -> np.ndarray:
-    from scipy.io import loadmat
-    from scipy.io.matlab import MatReadError
+_EYE_DATA_ERRORS: tuple[type[BaseException], ...] = (*STRUCTURE_ERRORS, ValueError)
 
-    try:
-        mat = loadmat(path, simplify_cells=True)
-    except NotImplementedError as err:  # v7.3 files are HDF5
-        raise DatasetFormatError(f"{path}: MATLAB v7.3 file; the MIT1003 release uses v5 .mat files ({err})") from None
-    except (MatReadError, OSError, ValueError, TypeError) as err:
-        raise DatasetFormatError(f"{path}: not a readable .mat file ({type(err).__name__}: {err})") from None
+
+def _load_mat_eye_data(path: Path, stem: str) -> np.ndarray:
+    with parse_errors(path, "MATLAB v5 .mat file"):
+        data = path.read_bytes()
+    mat = load_mat(data, str(path), simplify_cells=True)
     name = matlab_variable_name(stem)
     variables = [k for k in mat if not k.startswith("__")]
     if name in mat:
@@ -360,14 +360,102 @@ def _load_mat_eye_data(path: Path, stem: str) -> np.ndarray:
     try:
         data = struct["DATA"]
         first = data[0] if isinstance(data, (list, np.ndarray)) and not isinstance(data, dict) else data
-        eye = np.asarray(first["eyeData"], dtype=np.float64)
-    except (KeyError, IndexError, TypeError, ValueError) as err:
+        eye = np.asarray(first["eyeData"])
+        if eye.dtype.kind not in "iuf":
+            raise TypeError(f"eyeData holds {eye.dtype} values, not real numbers")
+        eye = eye.astype(np.float64)
+    except _EYE_DATA_ERRORS as err:
         raise DatasetFormatError(
-            f"{path}: variable {name!r} has no DATA(1).eyeData ({type(err).__name__}: {err})"
+            f"{path}: variable {name!r} has no DATA(1).eyeData of real numbers ({type(err).__name__}: {err})"
         ) from None
-    if eye.ndim != 2 or eye.shape[1] < 2:
+    if eye.ndim != 2 or eye.shape[1] < 2 or eye.shape[0] < 1:
         raise DatasetFormatError(f"{path}: DATA(1).eyeData must be [N, 2] gaze samples, got shape {eye.shape}")
     return eye
+
+
+def _read_file_stimuli(path: Path, folder: Path) -> tuple[list[Path], list[tuple[int, ...]]]:
+    """pysaliency's ``FileStimuli`` file: the image paths and their ``(height, width[, channels])``."""
+    import h5py
+
+    with parse_errors(path, "pysaliency FileStimuli file (stimuli.hdf5)", also=STRUCTURE_ERRORS):
+        with h5py.File(path, "r") as f:
+            kind, version = _decode(f.attrs.get("type", b"")), _decode(f.attrs.get("version", b""))
+            if kind != "FileStimuli":
+                raise DatasetFormatError(
+                    f"{path}: expected a pysaliency FileStimuli file (attrs type='FileStimuli'), got type={kind!r}"
+                )
+            names = [_decode(x) for x in f["filenames"][...]]
+            shapes = [tuple(int(v) for v in np.asarray(s).reshape(-1)) for s in f["shapes"][...]]
+    if len(shapes) != len(names):
+        raise DatasetFormatError(f"{path}: {len(names)} filenames but {len(shapes)} shapes")
+    bad = next((i for i, shape in enumerate(shapes) if len(shape) < 2 or min(shape[:2]) < 1), None)
+    if bad is not None:
+        raise DatasetFormatError(f"{path}: image {bad} has shape {shapes[bad]}, not (height, width[, channels])")
+    return [Path(n) if version < "2.0" else folder / n for n in names], shapes
+
+
+def _read_scanpath_fixations(path: Path) -> dict[str, Any]:
+    """The arrays of pysaliency's ``ScanpathFixations`` (v1.0) or older ``FixationTrains`` file,
+    checked for shape: ``xs``/``ys`` [S, L] (and ``ts``/``durations`` when present), ``lengths``,
+    ``ns`` (image index) and ``subjects`` [S] as integers."""
+    import h5py
+
+    with parse_errors(path, "pysaliency fixations file (fixations.hdf5)", also=STRUCTURE_ERRORS):
+        with h5py.File(path, "r") as f:
+            kind = _decode(f.attrs.get("type", b""))
+            if kind == "ScanpathFixations":
+                g = f["scanpaths"]
+                fa = g["fixation_attributes"]
+                arrays = {
+                    "xs": g["xs"][...],
+                    "ys": g["ys"][...],
+                    "ns": g["n"][...],
+                    "lengths": g["length"][...],
+                    "subjects": g["scanpath_attributes"]["subject"][...],
+                    "ts": fa["ts"][...] if "ts" in fa else None,
+                    "durations": fa["durations"][...] if "durations" in fa else None,
+                }
+            elif kind == "FixationTrains":
+                sfa = f.get("scanpath_fixation_attributes")
+                arrays = {
+                    "xs": f["train_xs"][...],
+                    "ys": f["train_ys"][...],
+                    "ns": f["train_ns"][...],
+                    "ts": f["train_ts"][...],
+                    "subjects": f["train_subjects"][...],
+                    "lengths": f["train_lengths"][...] if "train_lengths" in f else None,
+                    "durations": sfa["durations"][...] if sfa is not None and "durations" in sfa else None,
+                }
+            else:
+                raise DatasetFormatError(
+                    f"{path}: expected pysaliency ScanpathFixations or FixationTrains (attrs type), got type={kind!r}"
+                )
+    for key in ("xs", "ys", "ts", "durations"):
+        if arrays[key] is not None:
+            arrays[key] = np.atleast_2d(_real(arrays[key], path, key))
+    xs = arrays["xs"]
+    if arrays["lengths"] is None:  # FixationTrains < v1.3: each length is up to the trailing NaN padding
+        arrays["lengths"] = np.array(
+            [int(np.flatnonzero(~np.isnan(r))[-1]) + 1 if np.any(~np.isnan(r)) else 0 for r in xs]
+        )
+    for key in ("ns", "lengths", "subjects"):
+        values = _real(arrays[key], path, key).reshape(-1)
+        if values.shape != (xs.shape[0],) or not (np.isfinite(values).all() and (values == np.round(values)).all()):
+            raise DatasetFormatError(f"{path}: '{key}' must hold one whole number per scanpath ({xs.shape[0]})")
+        if (values < 0).any():
+            raise DatasetFormatError(f"{path}: '{key}' holds a negative value ({int(values.min())})")
+        arrays[key] = values.astype(np.int64)
+    for key in ("ys", "ts", "durations"):
+        if arrays[key] is not None and arrays[key].shape != xs.shape:
+            raise DatasetFormatError(f"{path}: '{key}' has shape {arrays[key].shape}, 'xs' has {xs.shape}")
+    return arrays
+
+
+def _real(values: Any, path: Path, key: str) -> np.ndarray:
+    array = np.asarray(values)
+    if array.dtype.kind not in "iuf":
+        raise DatasetFormatError(f"{path}: '{key}' holds {array.dtype} values, not real numbers")
+    return array.astype(np.float64)
 
 
 class MIT1003(ScanpathCollection):
@@ -432,80 +520,32 @@ class MIT1003(ScanpathCollection):
         return None
 
     def _read_pysaliency(self, folder: Path, initial: bool | None) -> list[ScanpathRecord]:
-        import h5py
-
         stim_path, fix_path = folder / "stimuli.hdf5", folder / "fixations.hdf5"
-        try:
-            with h5py.File(stim_path, "r") as f:
-                kind, version = (
-                    _decode(f.attrs.get("type", b"")),
-                    _decode(f.attrs.get("version", b"")),
-                )
-                if kind != "FileStimuli":
-                    raise DatasetFormatError(
-                        f"{stim_path}: expected a pysaliency FileStimuli file (attrs type='FileStimuli'), got type={kind!r}"
-                    )
-                names = [_decode(x) for x in f["filenames"][...]]
-                shapes = [tuple(int(v) for v in s) for s in f["shapes"][...]]
-            filenames = [Path(n) if version < "2.0" else folder / n for n in names]
-            with h5py.File(fix_path, "r") as f:
-                kind, version = (
-                    _decode(f.attrs.get("type", b"")),
-                    _decode(f.attrs.get("version", b"")),
-                )
-                if kind == "ScanpathFixations":
-                    g = f["scanpaths"]
-                    lengths = g["length"][...].astype(np.int64)
-                    xs, ys, ns = (
-                        g["xs"][...],
-                        g["ys"][...],
-                        g["n"][...].astype(np.int64),
-                    )
-                    subjects = g["scanpath_attributes"]["subject"][...]
-                    fa = g["fixation_attributes"]
-                    ts = fa["ts"][...] if "ts" in fa else None
-                    durs = fa["durations"][...] if "durations" in fa else None
-                elif kind == "FixationTrains":
-                    xs, ys, ns = (
-                        f["train_xs"][...],
-                        f["train_ys"][...],
-                        f["train_ns"][...].astype(np.int64),
-                    )
-                    ts, subjects = f["train_ts"][...], f["train_subjects"][...]
-                    if "train_lengths" in f:
-                        lengths = f["train_lengths"][...].astype(np.int64)
-                    else:  # < v1.3: length = up to the trailing NaN padding
-                        lengths = np.array(
-                            [int(np.flatnonzero(~np.isnan(r))[-1]) + 1 if np.any(~np.isnan(r)) else 0 for r in xs]
-                        )
-                    sfa = f.get("scanpath_fixation_attributes")
-                    durs = sfa["durations"][...] if sfa is not None and "durations" in sfa else None
-                else:
-                    raise DatasetFormatError(
-                        f"{fix_path}: expected pysaliency ScanpathFixations or FixationTrains (attrs type), got type={kind!r}"
-                    )
-        except (OSError, KeyError) as err:
-            bad = fix_path if "fixations" in str(err) or fix_path.name in str(err) else f"{stim_path} / {fix_path}"
-            raise DatasetFormatError(f"{bad}: not a pysaliency MIT1003 cache ({type(err).__name__}: {err})") from None
-
+        filenames, shapes = _read_file_stimuli(stim_path, folder)
+        arrays = _read_scanpath_fixations(fix_path)
+        xs, lengths, ns, subjects = arrays["xs"], arrays["lengths"], arrays["ns"], arrays["subjects"]
         names_sorted = self._subject_names(subjects)
         records = []
         for i in range(len(lengths)):
             n, L = int(ns[i]), int(lengths[i])
+            where = f"{fix_path}: scanpath {i}"
             if not 0 <= n < len(filenames):
-                raise DatasetFormatError(
-                    f"{fix_path}: scanpath {i} refers to image {n}, but stimuli.hdf5 has {len(filenames)}"
-                )
+                raise DatasetFormatError(f"{where} refers to image {n}, but stimuli.hdf5 has {len(filenames)}")
+            if not 0 <= L <= xs.shape[1]:
+                raise DatasetFormatError(f"{where} claims {L} fixations, but {xs.shape[1]} are stored per scanpath")
             h, w = shapes[n][:2]
-            subj = names_sorted[int(subjects[i])]
+            xy = checked_points(np.stack([xs[i, :L], arrays["ys"][i, :L]], axis=1), where, (w, h))
+            ts, durs = arrays["ts"], arrays["durations"]
             records.append(
                 ScanpathRecord(
                     stimulus=filenames[n].name,
                     image_path=filenames[n],
-                    subject=subj,
-                    xy=np.stack([xs[i, :L], ys[i, :L]], axis=1).astype(np.float64),
-                    times=None if ts is None else ts[i, :L].astype(np.float64),
-                    durations=None if durs is None else durs[i, :L].astype(np.float64),
+                    subject=names_sorted[int(subjects[i])],
+                    xy=xy,
+                    times=None if ts is None else checked_times(ts[i, :L], where, L),
+                    durations=None
+                    if durs is None
+                    else checked_times(durs[i, :L], where, L, "durations", non_negative=True),
                     image_size=(int(w), int(h)),
                     meta={
                         "source": "pysaliency",
@@ -529,8 +569,6 @@ class MIT1003(ScanpathCollection):
 
     # ---- raw ----------------------------------------------------------------------------------
     def _read_raw(self) -> list[ScanpathRecord]:
-        from PIL import Image
-
         stim_dir, data_dir = self.root / "ALLSTIMULI", self.root / "DATA"
         for folder in (stim_dir, data_dir):
             if not folder.is_dir():
@@ -550,16 +588,15 @@ class MIT1003(ScanpathCollection):
             )
         records = []
         for img in images:
-            try:
-                with Image.open(stim_dir / img) as im:
-                    width, height = im.size
-            except (OSError, ValueError) as err:
-                raise DatasetFormatError(f"{stim_dir / img}: unreadable image ({err})") from None
+            width, height = image_size(stim_dir / img)
             stem = Path(img).stem
             for subj in subjects:
                 path = data_dir / subj / f"{stem}.mat"
                 eye = _load_mat_eye_data(path, stem)
-                xy, times, durs = fixations_from_gaze(eye, width, height, self.initial_fixation)
+                try:
+                    xy, times, durs = fixations_from_gaze(eye, width, height, self.initial_fixation)
+                except (InvalidInputError, DatasetFormatError) as err:
+                    raise DatasetFormatError(f"{path}: {err}") from None
                 records.append(
                     ScanpathRecord(
                         stimulus=img,

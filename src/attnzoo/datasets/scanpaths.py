@@ -8,19 +8,118 @@ Conventions, the same in every reader:
 * times and durations are in seconds;
 * object indices are 0-based, in the display's reading order (the published OAT files are
   1-based: readers convert);
-* one record per (stimulus, observer): nothing is shared between observers' records.
+* one record per (stimulus, observer): nothing is shared between observers' records;
+* every point a reader returns is finite and lies on the image or near it (:func:`checked_points`):
+  eye trackers record some gaze just off the stimulus, but a NaN, an infinity or a point more than
+  half the image's size beyond an edge is a damaged file, refused with the file and record named.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from attnzoo.datasets.images import opened_image
 from attnzoo.errors import DatasetFormatError, InvalidInputError
+
+#: How far beyond each edge (as a fraction of the image's width / height) a gaze point may lie.
+OFF_IMAGE_MARGIN = 0.5
+
+
+def _leaves(values: Any) -> Iterator[Any]:
+    if isinstance(values, (list, tuple)):
+        for value in values:
+            yield from _leaves(value)
+    else:
+        yield values
+
+
+def _numeric_array(values: Any, where: str, what: str) -> np.ndarray:
+    """``values`` as float64, refusing what only looks numeric: text, booleans (``true`` in JSON would
+    be 1), complex numbers; None (a NULL cell) becomes NaN, which the callers refuse."""
+    if not isinstance(values, np.ndarray):
+        bad = next(
+            (
+                v
+                for v in _leaves(values)
+                if isinstance(v, bool) or not isinstance(v, (int, float, np.number, type(None)))
+            ),
+            None,
+        )
+        if bad is not None:
+            raise DatasetFormatError(f"{where}: {what} must be numbers, found {bad!r}")
+        try:
+            values = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError, OverflowError):  # ragged lists, a list where a number belongs
+            raise DatasetFormatError(f"{where}: {what} must be numbers in a regular table") from None
+    if values.size and values.dtype.kind not in "iuf":
+        raise DatasetFormatError(f"{where}: {what} must be real numbers, found {values.dtype} values")
+    return values.astype(np.float64)
+
+
+def checked_points(values: Any, where: str, image_size: tuple[float, float] | None = None) -> np.ndarray:
+    """``[T, 2]`` float64 (x, y) points read from a dataset file: finite and, when the image size is
+    known, no farther outside the image than :data:`OFF_IMAGE_MARGIN` of its size; else a
+    :class:`DatasetFormatError` naming ``where`` and the first bad point."""
+    xy = _numeric_array(values, where, "points")
+    if xy.size == 0:
+        return np.zeros((0, 2))
+    if xy.ndim != 2 or xy.shape[1] != 2:
+        raise DatasetFormatError(f"{where}: points must be (x, y) pairs, got an array of shape {xy.shape}")
+    finite = np.isfinite(xy).all(axis=1)
+    if not finite.all():
+        i = int(np.flatnonzero(~finite)[0])
+        raise DatasetFormatError(f"{where}: point {i} is ({xy[i, 0]}, {xy[i, 1]}), not a finite (x, y)")
+    if image_size is not None:
+        width, height = (float(v) for v in image_size)
+        mx, my = OFF_IMAGE_MARGIN * width, OFF_IMAGE_MARGIN * height
+        x, y = xy[:, 0], xy[:, 1]
+        outside = (x < -mx) | (x > width + mx) | (y < -my) | (y > height + my)
+        if outside.any():
+            i = int(np.flatnonzero(outside)[0])
+            raise DatasetFormatError(
+                f"{where}: point {i} ({xy[i, 0]:g}, {xy[i, 1]:g}) lies far outside the {width:g}x{height:g} image "
+                f"(more than {OFF_IMAGE_MARGIN:g} of its size beyond an edge)"
+            )
+    return xy
+
+
+def checked_times(values: Any, where: str, n: int, what: str = "times", *, non_negative: bool = False) -> np.ndarray:
+    """``[n]`` float64 finite times (or durations, ``non_negative``) read with ``n`` points."""
+    times = _numeric_array(values, where, what).reshape(-1)
+    if times.shape[0] != n:
+        raise DatasetFormatError(f"{where}: {times.shape[0]} {what} for {n} points")
+    bad = ~np.isfinite(times) | ((times < 0) if non_negative else False)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        kind = "a finite number" + (" >= 0" if non_negative else "")
+        raise DatasetFormatError(f"{where}: {what}[{i}] is {times[i]}, not {kind}")
+    return times
+
+
+def checked_size(width: Any, height: Any, where: str) -> tuple[int, int]:
+    """A stated image size: two positive integers (``True`` or ``"640"`` are not sizes)."""
+    values = []
+    for name, value in (("width", width), ("height", height)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise DatasetFormatError(f"{where}: image {name} must be a number, got {value!r}")
+        if not (math.isfinite(value) and value >= 1 and float(value).is_integer()):
+            raise DatasetFormatError(f"{where}: image {name} must be a positive whole number of pixels, got {value!r}")
+        values.append(int(value))
+    return values[0], values[1]
+
+
+def image_size(path: str | os.PathLike, what: str = "stimulus image") -> tuple[int, int]:
+    """``(width, height)`` of an image file from its header (nothing decoded); a damaged or
+    oversized file is a :class:`DatasetFormatError` naming it."""
+    with opened_image(path, error=DatasetFormatError, what=what) as image:
+        return image.size
 
 
 @dataclass
@@ -138,7 +237,8 @@ def detect_scanpath_dataset(root: str | os.PathLike) -> str:
     for stem, task in (("time_Q3_mousedel_new", "yogurt"), ("time_Q1_mousedel_new", "wine")):
         if any((d / f"{stem}{ext}").is_file() for d in (root, root / "gaze") for ext in (".xlsx", ".csv")):
             return task
-    if (root / "DATA").is_dir() or list(root.glob("**/fixations.hdf5")):
+    caches = ("", "MIT1003", "MIT1003_initial_fix", "MIT1003_initial_fix_consistent")  # where MIT1003 looks
+    if (root / "DATA").is_dir() or any((root / c / "fixations.hdf5").is_file() for c in caches):
         return "mit1003"
     raise DatasetFormatError(
         f"{root}: cannot tell which scanpath dataset this is (looked for capmit1003.db, Amazon.json / amazon_data.json, "

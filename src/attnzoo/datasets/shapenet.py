@@ -20,7 +20,6 @@ binvox ``fix_coords`` (axes x, y, z; y is up) and returned as float32, as the of
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Callable, Iterable
@@ -30,11 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch.utils.data
-from PIL import Image, UnidentifiedImageError
 
+from attnzoo._io import read_json
 from attnzoo.datasets.binvox import read_binvox
 from attnzoo.datasets.image_folder import check_root
-from attnzoo.datasets.images import MAX_PIXELS
+from attnzoo.datasets.images import opened_image
 from attnzoo.errors import DatasetFormatError, InvalidInputError
 
 __all__ = [
@@ -92,18 +91,11 @@ def _check_split(split: str) -> str:
 def read_shapenet_split(split_file: str | os.PathLike) -> list[ShapeNetTaxonomy]:
     """The classes of a ``ShapeNet.json`` split file, in file order."""
     path = Path(split_file).expanduser()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    if not path.exists():
         raise DatasetFormatError(
             f"{path}: no such split file (the official one is datasets/ShapeNet.json in the LRGT/Pix2Vox repositories)"
-        ) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise DatasetFormatError(f"{path}: cannot read the split file ({err})") from None
-    try:
-        entries = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DatasetFormatError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+        )
+    entries = read_json(path, "ShapeNet split file (a JSON list of taxonomies)")
     if not isinstance(entries, list) or not entries:
         raise DatasetFormatError(
             f"{path}: expected a non-empty JSON list of taxonomy entries, found {type(entries).__name__}"
@@ -154,29 +146,10 @@ def read_rendering(path: str | os.PathLike) -> np.ndarray:
     The official loader reads the same pixels with ``cv2.imread(IMREAD_UNCHANGED)``, i.e. in
     BGRA order; channel order is the transform's business (LRGT's models expect BGR).
     """
-    name = os.fspath(path)
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise DatasetFormatError(
-                    f"{name}: {width}x{height} rendering exceeds the {MAX_PIXELS:,}-pixel decode limit"
-                )
-            image.load()
-            rgba = image if image.mode == "RGBA" else image.convert("RGBA")
-            return np.array(rgba, dtype=np.uint8)
-    except DatasetFormatError:
-        raise
-    except FileNotFoundError:
-        raise DatasetFormatError(
-            f"{name}: missing rendering (every model needs rendering/00.png ... {N_RENDERINGS - 1:02d}.png)"
-        ) from None
-    except IsADirectoryError:
-        raise DatasetFormatError(f"{name}: is a directory, not a rendering") from None
-    except UnidentifiedImageError:
-        raise DatasetFormatError(f"{name}: not an image PIL can read") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise DatasetFormatError(f"{name}: truncated or corrupt rendering ({err})") from None
+    missing = f"missing rendering (every model needs rendering/00.png ... {N_RENDERINGS - 1:02d}.png)"
+    with opened_image(path, error=DatasetFormatError, what="rendering", missing=missing) as image:
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        return np.array(rgba, dtype=np.uint8)
 
 
 class ShapeNetDataset(torch.utils.data.Dataset):

@@ -35,7 +35,7 @@ targets between splits. :func:`leakage_free_split` groups by layout, target or (
 
 from __future__ import annotations
 
-import json
+import math
 import random
 import re
 import zipfile
@@ -45,7 +45,9 @@ from xml.etree import ElementTree
 
 import numpy as np
 
-from attnzoo.datasets.scanpaths import ScanpathCollection, SearchTrial
+from attnzoo._io import parse_errors, read_csv_rows, read_json, read_text
+from attnzoo.datasets.images import opened_image
+from attnzoo.datasets.scanpaths import ScanpathCollection, SearchTrial, checked_points, checked_size
 from attnzoo.errors import DatasetFormatError, InvalidInputError
 
 __all__ = [
@@ -206,14 +208,14 @@ def drop_length_outliers(trials: Sequence[SearchTrial], k: float = 3.0) -> list[
 
 # ---- Amazon -------------------------------------------------------------------------------------
 def read_amazon_json(path: str | Path) -> dict:
-    """Load and validate ``Amazon.json`` / ``amazon_data.json``; errors name the file and the image."""
+    """Load and validate ``Amazon.json`` / ``amazon_data.json``; errors name the file and the image.
+
+    Sizes must be positive whole numbers, boxes and fixations finite numbers (fixations no farther
+    off the collage than :func:`~attnzoo.datasets.scanpaths.checked_points` allows)."""
     path = Path(path)
     if not path.is_file():
         raise DatasetFormatError(f"missing {path} (the Amazon book-cover annotations of STI-Dataset / OAT)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DatasetFormatError(f"{path}: malformed JSON ({err})") from None
+    data = read_json(path, "Amazon annotation file (JSON)")
     if not isinstance(data, dict) or not data:
         raise DatasetFormatError(f"{path}: expected an object mapping image names to annotations")
     for name, entry in data.items():
@@ -223,11 +225,17 @@ def read_amazon_json(path: str | Path) -> dict:
         lacking = [k for k in ("fixations", "ground_truth", "size", "target") if k not in entry]
         if lacking:
             raise DatasetFormatError(f"{where}: missing key(s) {lacking}")
+        size = entry["size"]
+        if not isinstance(size, dict) or not {"width", "height"} <= set(size):
+            raise DatasetFormatError(f"{where}: 'size' must be {{height, width}}")
+        width, height = checked_size(size["width"], size["height"], where)
         fix = entry["fixations"]
         if not isinstance(fix, dict) or not all(
             isinstance(p, list) and all(isinstance(q, list) and len(q) == 2 for q in p) for p in fix.values()
         ):
             raise DatasetFormatError(f"{where}: 'fixations' must map subject ids to lists of [x, y]")
+        for subject, points in fix.items():
+            checked_points(points, f"{where}, subject {subject!r}", (width, height))
         gt = entry["ground_truth"]
         if (
             not isinstance(gt, list)
@@ -235,9 +243,12 @@ def read_amazon_json(path: str | Path) -> dict:
             or not all(isinstance(g, dict) and {"xmin", "xmax", "ymin", "ymax"} <= set(g) for g in gt)
         ):
             raise DatasetFormatError(f"{where}: 'ground_truth' must be a non-empty list of {{xmin, xmax, ymin, ymax}}")
-        size = entry["size"]
-        if not isinstance(size, dict) or not {"width", "height"} <= set(size):
-            raise DatasetFormatError(f"{where}: 'size' must be {{height, width}}")
+        for g in gt:
+            (x0, y0), (x1, y1) = checked_points(
+                [[g["xmin"], g["ymin"]], [g["xmax"], g["ymax"]]], f"{where}, ground_truth"
+            )
+            if x1 < x0 or y1 < y0:
+                raise DatasetFormatError(f"{where}: ground_truth box {g} has xmax < xmin or ymax < ymin")
         if not isinstance(entry["target"], str):
             raise DatasetFormatError(f"{where}: 'target' must be the target image name")
     return data
@@ -295,7 +306,7 @@ class AmazonCovers(ScanpathCollection):
         trials: list[SearchTrial] = []
         for name in names:
             entry = data[name]
-            width, height = int(entry["size"]["width"]), int(entry["size"]["height"])
+            width, height = checked_size(entry["size"]["width"], entry["size"]["height"], str(json_path))
             if use_masks:
                 box = self._mask_boxes(self.mask_dir / f"14x6-{name}")
             else:
@@ -316,7 +327,7 @@ class AmazonCovers(ScanpathCollection):
                 None,
             )
             for subject, points in entry["fixations"].items():
-                xy = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+                xy = checked_points(points, f"{json_path}: image {name!r}, subject {subject!r}", (width, height))
                 trials.append(
                     SearchTrial(
                         stimulus=name,
@@ -359,13 +370,8 @@ class AmazonCovers(ScanpathCollection):
         )
 
     def _mask_boxes(self, path: Path) -> np.ndarray:
-        from PIL import Image
-
-        try:
-            with Image.open(path) as im:
-                mask = np.asarray(im.convert("RGB") if im.mode not in ("L", "1") else im.convert("L"))
-        except (OSError, ValueError) as err:
-            raise DatasetFormatError(f"{path}: unreadable mask image ({err})") from None
+        with opened_image(path, error=DatasetFormatError, what="mask image") as im:
+            mask = np.asarray(im.convert("RGB") if im.mode not in ("L", "1") else im.convert("L"))
         return boxes_from_mask(mask, expected=AMAZON_GRID[0] * AMAZON_GRID[1], source=str(path))
 
 
@@ -373,57 +379,66 @@ class AmazonCovers(ScanpathCollection):
 _XLSX_NS = {"m": "http://schemas.openxmlformats.org/spreadsheetml/2006/main"}
 
 
+#: Largest part of a workbook read (bytes, uncompressed): the shelf files are a few MB; a zip bomb is not.
+MAX_XLSX_PART_BYTES = 256 << 20
+
+
 def _column_index(ref: str) -> int:
-    letters = re.match(r"[A-Z]+", ref).group(0)
+    """0-based column of a cell reference such as ``"AB12"``."""
+    match = re.match(r"[A-Z]{1,3}(?=\d+$)", ref)
+    if match is None:
+        raise ValueError(f"bad cell reference {ref!r}")
     index = 0
-    for ch in letters:
+    for ch in match.group(0):
         index = index * 26 + ord(ch) - 64
     return index - 1
+
+
+def _xlsx_part(z: zipfile.ZipFile, name: str) -> ElementTree.Element:
+    if z.getinfo(name).file_size > MAX_XLSX_PART_BYTES:
+        raise ValueError(f"{name} claims {z.getinfo(name).file_size:,} bytes uncompressed")
+    return ElementTree.fromstring(z.read(name))
 
 
 def read_xlsx(path: str | Path) -> list[dict[str, object]]:
     """First worksheet of an .xlsx as a list of row dicts keyed by the header row (stdlib only)."""
     path = Path(path)
-    try:
+    t_tag, v_tag = f"{{{_XLSX_NS['m']}}}t", f"{{{_XLSX_NS['m']}}}v"
+    # zipfile raises NotImplementedError for unknown compression, RuntimeError for encrypted parts
+    with parse_errors(path, ".xlsx workbook", also=(KeyError, IndexError, NotImplementedError, RuntimeError)):
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
             shared: list[str] = []
             if "xl/sharedStrings.xml" in names:
-                root = ElementTree.fromstring(z.read("xl/sharedStrings.xml"))
                 shared = [
-                    "".join(t.text or "" for t in si.iter(f"{{{_XLSX_NS['m']}}}t"))
-                    for si in root.findall("m:si", _XLSX_NS)
+                    "".join(t.text or "" for t in si.iter(t_tag))
+                    for si in _xlsx_part(z, "xl/sharedStrings.xml").findall("m:si", _XLSX_NS)
                 ]
-            sheets = sorted(
-                (n for n in names if re.fullmatch(r"xl/worksheets/sheet\d+\.xml", n)),
-                key=_natural,
-            )
+            sheets = sorted((n for n in names if re.fullmatch(r"xl/worksheets/sheet\d+\.xml", n)), key=_natural)
             if not sheets:
                 raise DatasetFormatError(f"{path}: no worksheet in the workbook")
-            sheet = ElementTree.fromstring(z.read(sheets[0]))
-    except (zipfile.BadZipFile, KeyError, ElementTree.ParseError) as err:
-        raise DatasetFormatError(f"{path}: not a readable .xlsx workbook ({err})") from None
-    table: list[dict[int, object]] = []
-    for row in sheet.iter(f"{{{_XLSX_NS['m']}}}row"):
-        cells: dict[int, object] = {}
-        for pos, c in enumerate(row.findall("m:c", _XLSX_NS)):
-            col = _column_index(c.get("r")) if c.get("r") else pos
-            kind, v = c.get("t", "n"), c.find("m:v", _XLSX_NS)
-            if kind == "inlineStr":
-                value: object = "".join(t.text or "" for t in c.iter(f"{{{_XLSX_NS['m']}}}t"))
-            elif v is None or v.text is None:
-                continue
-            elif kind == "s":
-                value = shared[int(v.text)]
-            elif kind in ("str", "e"):
-                value = v.text
-            elif kind == "b":
-                value = v.text == "1"
-            else:
-                number = float(v.text)
-                value = int(number) if number.is_integer() else number
-            cells[col] = value
-        table.append(cells)
+            sheet = _xlsx_part(z, sheets[0])
+        table: list[dict[int, object]] = []
+        for row in sheet.iter(f"{{{_XLSX_NS['m']}}}row"):
+            cells: dict[int, object] = {}
+            for pos, c in enumerate(row.findall("m:c", _XLSX_NS)):
+                col = _column_index(c.get("r", "")) if c.get("r") else pos
+                kind, v = c.get("t", "n"), c.find(v_tag)
+                if kind == "inlineStr":
+                    value: object = "".join(t.text or "" for t in c.iter(t_tag))
+                elif v is None or v.text is None:
+                    continue
+                elif kind == "s":
+                    value = shared[int(v.text)]
+                elif kind in ("str", "e"):
+                    value = v.text
+                elif kind == "b":
+                    value = v.text == "1"
+                else:
+                    number = float(v.text)
+                    value = int(number) if number.is_integer() else number
+                cells[col] = value
+            table.append(cells)
     if not table:
         return []
     header = {col: str(name) for col, name in table[0].items()}
@@ -432,11 +447,24 @@ def read_xlsx(path: str | Path) -> list[dict[str, object]]:
 
 def _read_rows(path: Path) -> list[dict[str, object]]:
     if path.suffix.lower() == ".csv":
-        import csv
-
-        with open(path, newline="") as fh:
-            return [dict(r) for r in csv.DictReader(fh)]
+        _, rows = read_csv_rows(path, "OAT gaze table (CSV)")
+        return [{k: v for k, v in row.items() if v != ""} for row in rows]  # a blank cell, as in the workbook
     return read_xlsx(path)
+
+
+def _number(value: object) -> float:
+    """A numeric cell (a number, or its text in a CSV); a boolean is not a number."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _whole_number(value: object) -> int:
+    """An integer cell (``3``, ``3.0``, ``"3"``); 2.5, NaN, inf or text are not object numbers."""
+    number = _number(value)
+    if not math.isfinite(number) or not number.is_integer() or abs(number) > 2**31:
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(number)
 
 
 class OATShelf(ScanpathCollection):
@@ -477,7 +505,9 @@ class OATShelf(ScanpathCollection):
         if lacking:
             raise DatasetFormatError(f"{self.data_file}: missing column(s) {lacking} (has {sorted(table[0])})")
         groups: dict[str, list[dict]] = {}
-        for row in table:
+        for number, row in enumerate(table, start=2):
+            if "ID" not in row:
+                raise DatasetFormatError(f"{self.data_file}: row {number} has an empty 'ID' cell")
             groups.setdefault(str(row["ID"]), []).append(row)
         boxes = shelf_boxes(task)
         n_objects = rows * cols
@@ -485,26 +515,30 @@ class OATShelf(ScanpathCollection):
             self.root / "img" / "Question",
             self.root / "img" / "Target",
         )
+        targets = sorted(p for p in target_dir.iterdir() if p.is_file()) if target_dir.is_dir() else []
         trials = []
         for scan_id, scan in groups.items():
+            where = f"{self.data_file}: scanpath ID {scan_id}"
+            blank = next((c for r in scan for c in self.COLUMNS if c not in r), None)
+            if blank is not None:
+                raise DatasetFormatError(f"{where} has a row with an empty {blank!r} cell")
             first = scan[0]
             question = str(first["Question"])
             if not question.startswith(prefix):
                 continue  # another task's rows in a combined file
             try:
-                objects = np.array([int(float(r["Choice"])) for r in scan], dtype=np.int64) - 1
-                xy = np.array([(float(r["X"]), float(r["Y"])) for r in scan], dtype=np.float64).reshape(-1, 2)
-                target = int(float(first["T_Package"])) - 1
-            except KeyError as err:  # a blank cell: the row has no such key
-                raise DatasetFormatError(
-                    f"{self.data_file}: scanpath ID {scan_id} has a row with an empty {err.args[0]!r} cell"
-                ) from None
+                objects = np.array([_whole_number(r["Choice"]) for r in scan], dtype=np.int64) - 1
+                target = _whole_number(first["T_Package"]) - 1
             except (TypeError, ValueError) as err:
-                raise DatasetFormatError(f"{self.data_file}: malformed row in scanpath ID {scan_id} ({err})") from None
+                raise DatasetFormatError(f"{where}: Choice and T_Package must be object numbers ({err})") from None
+            try:
+                xy = checked_points([(_number(r["X"]), _number(r["Y"])) for r in scan], where, screen)
+            except (TypeError, ValueError) as err:
+                raise DatasetFormatError(f"{where}: X and Y must be numbers ({err})") from None
             if objects.min(initial=0) < 0 or objects.max(initial=0) >= n_objects or not 0 <= target < n_objects:
                 raise DatasetFormatError(f"{self.data_file}: scanpath ID {scan_id} has objects outside 1..{n_objects}")
             target_name = str(first["Target"])
-            target_path = next((p for p in target_dir.glob(f"{target_name}.*")), None) if target_dir.is_dir() else None
+            target_path = next((p for p in targets if p.name.startswith(f"{target_name}.")), None)
             trials.append(
                 SearchTrial(
                     stimulus=f"{question}.png",
@@ -544,7 +578,7 @@ def _permutation(n: int, seed_or_file: int | str | Path) -> list[int]:
             f"missing permutation file {path} (OAT's splitlist_all_amazon.txt: one index per line)"
         )
     try:
-        order = [int(line) for line in path.read_text().split()]
+        order = [int(line) for line in read_text(path, "permutation file (one index per line)").split()]
     except ValueError as err:
         raise DatasetFormatError(f"{path}: expected one integer per line ({err})") from None
     if sorted(order) != list(range(n)):

@@ -35,15 +35,17 @@ import importlib
 import importlib.util
 import math
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from attnzoo.errors import DatasetFormatError, InvalidInputError
+from attnzoo._io import parse_errors
+from attnzoo.errors import DatasetFormatError, InvalidInputError, MissingDependencyError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -68,13 +70,15 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WSI_EXTRA_HINT = 'pip install "attnzoo[wsi]"'
-#: Largest image (pixels) the in-memory reader decodes; bigger slides need OpenSlide (a pyramidal file).
+#: Largest image (pixels) the in-memory reader decodes, and the largest region one read returns;
+#: bigger slides need OpenSlide (a pyramidal file).
 FALLBACK_MAX_PIXELS = int(os.environ.get("ATTNZOO_MAX_SLIDE_PIXELS", str(1 << 28)))
 #: Standard objectives and the usual µm/px they scan at; a slide's mpp snaps to the nearest (in log scale).
 _OBJECTIVES = ((80.0, 0.125), (60.0, 1 / 6), (40.0, 0.25), (20.0, 0.5), (10.0, 1.0), (5.0, 2.0), (2.5, 4.0))
 _INHERITED_HANDLES: list[Any] = []  # OpenSlide handles a forked child got from its parent (kept, never closed)
 _LEVEL_TOLERANCE = 1.01  # a level whose downsample exceeds the target by <1% still counts as fine enough
 _UPSAMPLE_TOLERANCE = 0.95  # targets up to 5% finer than the scan are read at level 0 and resized up
+_MAX_FILTER = 255  # largest median filter / closing size (px of the segmentation image)
 
 
 def import_wsi_dependency(module: str) -> Any:
@@ -82,7 +86,7 @@ def import_wsi_dependency(module: str) -> Any:
     try:
         return importlib.import_module(module)
     except (ImportError, OSError) as err:  # openslide raises OSError when its C library is missing
-        raise ImportError(
+        raise MissingDependencyError(
             f"{module} is needed to read whole-slide images ({err}); install it with: {WSI_EXTRA_HINT}"
         ) from err
 
@@ -97,6 +101,42 @@ def _positive(value: Any, name: str) -> float | None:
     if not math.isfinite(number) or number <= 0:
         raise InvalidInputError(f"{name} must be a positive number, got {value!r}")
     return number
+
+
+def _count(value: Any, name: str, *, minimum: int = 1, maximum: int = 2**31) -> int:
+    """A whole-number setting (patch size, filter size): ``7`` or ``7.0``; not NaN, 2.5, text or a bool."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InvalidInputError(f"{name} must be an integer from {minimum} to {maximum}, got {value!r}")
+    if not (math.isfinite(value) and float(value).is_integer() and minimum <= value <= maximum):
+        raise InvalidInputError(f"{name} must be an integer from {minimum} to {maximum}, got {value!r}")
+    return int(value)
+
+
+def _non_negative(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InvalidInputError(f"{name} must be a number >= 0, got {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise InvalidInputError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+#: The largest level-0 coordinate any slide can have (OpenSlide's dimensions are int64, real scans < 2^20).
+MAX_COORDINATE = 2**31
+
+
+def _pixel_pairs(values: Any, name: str) -> np.ndarray:
+    """``[N, 2]`` int64 level-0 (x, y) positions: real, finite, whole numbers of pixels."""
+    array = np.asarray(values)
+    if array.size == 0:
+        return np.zeros((0, 2), np.int64)
+    if array.dtype.kind not in "iuf" or array.ndim != 2 or array.shape[1] != 2:
+        raise InvalidInputError(f"{name} must be an [N, 2] array of (x, y) pixels, got {array.dtype} {array.shape}")
+    floats = array.astype(np.float64)
+    if not (np.isfinite(floats).all() and (floats == np.round(floats)).all()):
+        raise InvalidInputError(f"{name} must hold finite whole numbers of pixels")
+    if np.abs(floats).max() > MAX_COORDINATE:
+        raise InvalidInputError(f"{name} must lie within ±{MAX_COORDINATE:,} pixels (no slide is larger)")
+    return floats.astype(np.int64)
 
 
 def magnification_from_mpp(mpp: float | None) -> float | None:
@@ -120,6 +160,8 @@ class Slide:
     """
 
     def __init__(self, path: str | os.PathLike, *, mpp: float | None = None, objective_power: float | None = None):
+        if not isinstance(path, (str, os.PathLike)):
+            raise InvalidInputError(f"a slide is opened from a file path, got {type(path).__name__}")
         self.path = Path(path)
         self._mpp_override = _positive(mpp, "mpp")
         self._power_override = _positive(objective_power, "objective_power")
@@ -170,6 +212,10 @@ class Slide:
             self.properties = dict(self._osr.properties)
             self.level_dimensions = tuple(tuple(int(v) for v in d) for d in self._osr.level_dimensions)
             self.level_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
+            if not self.level_dimensions or min(min(d) for d in self.level_dimensions) < 1:
+                raise DatasetFormatError(f"{name}: OpenSlide reports empty levels {self.level_dimensions}")
+            if not all(math.isfinite(d) and d >= 1 for d in self.level_downsamples):
+                raise DatasetFormatError(f"{name}: OpenSlide reports level downsamples {self.level_downsamples}")
             self._background = _parse_colour(self.properties.get("openslide.background-color"))
             file_mpp, file_power = _openslide_resolution(self.properties)
         else:
@@ -260,10 +306,21 @@ class Slide:
         OpenSlide reports one) shows.
         """
         level = self._check_level(level)
-        x, y = (round(float(v)) for v in location)
-        w, h = (int(v) for v in size)
-        if w <= 0 or h <= 0:
-            raise InvalidInputError(f"{self.path}: region size must be positive, got {tuple(size)}")
+        try:
+            x, y = (round(float(v)) for v in location)
+            w, h = (_count(v, "region size") for v in size)
+        except (TypeError, ValueError, OverflowError):  # NaN/inf or text in location, a wrong length
+            raise InvalidInputError(
+                f"{self.path}: read_region needs a finite (x, y) location and a (width, height) of positive "
+                f"integers, got {location!r}, {size!r}"
+            ) from None
+        if max(abs(x), abs(y)) > MAX_COORDINATE:
+            raise InvalidInputError(f"{self.path}: read_region location {(x, y)} is beyond any slide")
+        if w * h > FALLBACK_MAX_PIXELS:
+            raise InvalidInputError(
+                f"{self.path}: a {w}x{h} region is over the {FALLBACK_MAX_PIXELS:,}-pixel limit of one read "
+                "(ATTNZOO_MAX_SLIDE_PIXELS); read it in tiles, or from a coarser level"
+            )
         if self.backend == "openslide":
             openslide = import_wsi_dependency("openslide")
             try:
@@ -290,13 +347,10 @@ class Slide:
 
     def thumbnail(self, max_size: int | Sequence[int] = 1024) -> Image.Image:
         """The whole slide as RGB, aspect ratio kept, fitting in ``max_size`` (an int or (w, h))."""
-        box = (
-            (int(max_size), int(max_size))
-            if isinstance(max_size, (int, np.integer))
-            else tuple(int(v) for v in max_size)
-        )
-        if len(box) != 2 or min(box) <= 0:
+        sizes = [max_size, max_size] if isinstance(max_size, (int, np.integer)) else list(max_size)
+        if len(sizes) != 2:
             raise InvalidInputError(f"max_size must be a positive int or (width, height), got {max_size!r}")
+        box = tuple(_count(v, "max_size") for v in sizes)
         width, height = self.dimensions
         scale = min(box[0] / width, box[1] / height)
         target = (max(1, round(width * scale)), max(1, round(height * scale)))
@@ -374,12 +428,12 @@ def _openslide_resolution(props: Mapping[str, str]) -> tuple[float | None, float
 
 def _read_plain_image(path: Path) -> tuple[np.ndarray, float | None]:
     """A plain image (or a TIFF OpenSlide refused) fully decoded to HxWx3 uint8, and its mpp if tagged."""
-    from attnzoo.datasets.images import array_to_image, to_rgb, without_pil_bomb_check
+    from attnzoo.datasets.images import array_to_image, opened_image, to_rgb
 
     name = os.fspath(path)
     mpp = None
     errors: list[str] = []
-    with open(path, "rb") as fh:
+    with parse_errors(path, "slide file"), open(path, "rb") as fh:
         head = fh.read(4)
     is_tiff = head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
     if is_tiff:
@@ -404,17 +458,15 @@ def _read_plain_image(path: Path) -> tuple[np.ndarray, float | None]:
         except Exception as err:  # noqa: BLE001  (tifffile missing, or any of the errors it raises on damaged files: try PIL)
             errors.append(f"tifffile: {err}")
     try:
-        with without_pil_bomb_check():
-            image = Image.open(path)
+        # the fallback's own pixel limit (with its advice about OpenSlide) applies, not the image loader's
+        with opened_image(path, max_pixels=sys.maxsize, error=InvalidInputError, what="image") as image:
             _check_fallback_size(name, *image.size)
             image.load()
-        return np.asarray(to_rgb(image, name=name)), mpp
+            return np.asarray(to_rgb(image, name=name)), mpp
     except DatasetFormatError:
         raise
-    except UnidentifiedImageError:
-        errors.append("not a format OpenSlide or PIL can read")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, InvalidInputError) as err:
-        errors.append(f"PIL: {err}")
+    except InvalidInputError as err:
+        errors.append(f"PIL: {str(err).removeprefix(name + ': ')}")
     raise DatasetFormatError(
         f"{name}: cannot read this slide ({'; '.join(errors)}); supported: what OpenSlide opens "
         "(svs, tif, ndpi, mrxs, scn, bif, vms, dicom) or a plain PNG/JPEG/TIFF image"
@@ -449,6 +501,27 @@ class TissueMask:
     downsample: tuple[float, float]
     level: int | None = None
     params: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        mask = np.asarray(self.mask)
+        if (
+            mask.ndim != 2
+            or mask.dtype.kind not in "biu"
+            or (mask.dtype.kind != "b" and not np.isin(mask, (0, 1)).all())
+        ):
+            raise InvalidInputError(
+                f"a tissue mask is a 2-D boolean (or 0/1) array, got {mask.dtype} of shape {mask.shape}"
+            )
+        try:
+            downsample = tuple(float(v) for v in self.downsample)
+        except (TypeError, ValueError):
+            downsample = ()
+        if len(downsample) != 2 or not all(math.isfinite(v) and v > 0 for v in downsample):
+            raise InvalidInputError(
+                f"a tissue mask's downsample is (x, y) level-0 pixels per mask pixel, got {self.downsample!r}"
+            )
+        object.__setattr__(self, "mask", mask.astype(bool, copy=False))
+        object.__setattr__(self, "downsample", downsample)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -528,8 +601,18 @@ def segment_tissue(
 
     if not isinstance(slide, Slide):
         slide = open_slide(slide)
-    if mthresh < 1 or mthresh % 2 == 0:
+    # filter and closing sizes are pixels of the ~64x-downsampled image (CLAM: 7 and 4); saturation is 0..255
+    mthresh = _count(mthresh, "mthresh (median filter size)", maximum=_MAX_FILTER)
+    if mthresh % 2 == 0:
         raise InvalidInputError(f"mthresh (median filter size) must be a positive odd integer, got {mthresh}")
+    if seg_downsample is None:
+        raise InvalidInputError("seg_downsample must be a positive number, got None")
+    seg_downsample = _positive(seg_downsample, "seg_downsample")  # type: ignore[assignment]
+    sthresh = _count(sthresh, "sthresh", minimum=0, maximum=255)
+    close = _count(close, "close", minimum=0, maximum=_MAX_FILTER)
+    max_n_holes = _count(max_n_holes, "max_n_holes", minimum=0)
+    ref_patch_size = _count(ref_patch_size, "ref_patch_size")
+    a_t, a_h = _non_negative(a_t, "a_t"), _non_negative(a_h, "a_h")
     if level is None:
         level = slide.get_best_level_for_downsample(seg_downsample)
         if slide.level_downsamples[level] * 4 < seg_downsample and max(slide.dimensions) / seg_downsample >= 1:
@@ -713,18 +796,16 @@ def patch_grid(
     """
     if not isinstance(slide, Slide):
         slide = open_slide(slide)
-    if int(patch_size) != patch_size or patch_size < 1:
-        raise InvalidInputError(f"patch_size must be a positive integer, got {patch_size!r}")
-    stride = patch_size if stride is None else stride
-    if int(stride) != stride or stride < 1:
-        raise InvalidInputError(f"stride must be a positive integer, got {stride!r}")
-    if not 0.0 <= float(min_tissue) <= 1.0:
+    patch_size = _count(patch_size, "patch_size")
+    stride = patch_size if stride is None else _count(stride, "stride")
+    if not _non_negative(min_tissue, "min_tissue") <= 1.0:
         raise InvalidInputError(f"min_tissue must lie in [0, 1], got {min_tissue!r}")
+    if mask is not None and not isinstance(mask, TissueMask):
+        raise InvalidInputError(f"mask must be a TissueMask (from segment_tissue), got {type(mask).__name__}")
     if read_level not in ("auto", "base"):
         raise InvalidInputError(
             f"read_level must be 'auto' (the coarsest level fine enough) or 'base' (level 0), got {read_level!r}"
         )
-    patch_size, stride = int(patch_size), int(stride)
     downsample, target_mag, target_mpp, base_mag, base_mpp = _resolve_resolution(
         slide, magnification, mpp, base_magnification, base_mpp
     )
@@ -812,9 +893,9 @@ class PatchDataset:
         coords: np.ndarray | None = None,
     ):
         self.slide = slide if isinstance(slide, Slide) else open_slide(slide)
-        self.coords = np.asarray(grid.coords if coords is None else coords, dtype=np.int64).reshape(-1, 2)
-        self.level, self.read_size = grid.level, grid.read_size
-        self.input_size = int(input_size or grid.patch_size)
+        self.coords = _pixel_pairs(grid.coords if coords is None else coords, "patch coords")
+        self.level, self.read_size = self.slide._check_level(grid.level), _count(grid.read_size, "grid.read_size")
+        self.input_size = _count(grid.patch_size if input_size is None else input_size, "input_size")
         self.transform = transform if transform is not None else PatchTransform()
 
     def __len__(self) -> int:

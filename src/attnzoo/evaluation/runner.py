@@ -41,6 +41,8 @@ class EvalPlan:
     runs: list[tuple[str | None, TaskEvaluator, dict[str, Any]]]
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keywords the model is built with when named (e.g. the feature width the data holds)."""
 
 
 class TaskEvaluator:
@@ -54,6 +56,8 @@ class TaskEvaluator:
     task: ClassVar[str] = ""
     #: The metrics ``attnzoo eval`` prints on its one-line summary.
     headline: ClassVar[tuple[str, ...]] = ()
+    #: Pipeline keywords this run needs beyond the plan's (e.g. the method of one row of a comparison).
+    pipeline_kwargs: dict[str, Any] | None = None
 
     @classmethod
     def plan(
@@ -143,9 +147,13 @@ def evaluate(
     from tqdm.auto import tqdm
 
     from attnzoo._distributed import distributed_context
+    from attnzoo.pipelines.base import check_batching
 
+    check_batching(batch_size, num_workers)  # before anything is written
     ctx = distributed_context()
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"{out} is a file: evaluation results go into a folder")
     out.mkdir(parents=True, exist_ok=True)
     suffix = f".rank{ctx.rank}" if ctx.world_size > 1 else ""
     predictions_path, skipped_path, run_path = (
@@ -193,8 +201,8 @@ def evaluate(
             total=len(samples),
             initial=len(samples) - len(todo),
             desc=f"eval {evaluator.task}",
-            unit="img",
-            disable=not progress,
+            unit="sample",
+            disable=None if progress else True,  # on a terminal only
         ) as bar,
     ):
         batch_lines: list[str] = []
@@ -202,7 +210,7 @@ def evaluate(
         for count, (i, result) in enumerate(results, start=1):
             sample = todo[i]
             if isinstance(result, Exception):
-                entry = {"id": sample.id, "input": str(sample.input), "reason": str(result)}
+                entry = {"id": sample.id, "input": _describe_input(sample), "reason": str(result)}
                 skipped.append(entry)
                 skip_fh.write(json.dumps(entry) + "\n")
                 skip_fh.flush()
@@ -237,6 +245,19 @@ def evaluate(
     write_json(out / "metrics.json", metrics)
     write_text(out / "report.md", _report(evaluator, metrics, skipped))
     return metrics
+
+
+def _describe_input(sample: EvalSample) -> str:
+    """What names a skipped input in skipped.jsonl and the report: its path (or paths), else its id (an
+    in-memory input such as a feature bag would print as its whole tensor)."""
+    value = sample.input
+    if isinstance(value, dict):
+        value = next((v for k, v in value.items() if k in ("image", "path", "slide", "target")), None)
+    if isinstance(value, (str, os.PathLike)):
+        return str(value)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (str, os.PathLike)) for v in value):
+        return ", ".join(map(str, value))
+    return sample.id
 
 
 def _merge_shards(out: Path, samples: Sequence[EvalSample]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -108,9 +108,31 @@ class ScanpathEvaluator(TaskEvaluator):
         captions: str | None = None,
         seed: int | None = None,
         samples: int | None = None,
+        fixations: int | None = None,
+        iterations: int | None = None,
+        lr: float | None = None,
+        random_restarts: bool | None = None,
+        forgetting: float | None = None,
     ) -> EvalPlan:
-        """An OAT training run's weights are evaluated on that run's own split unless asked otherwise."""
+        """An OAT training run's weights are evaluated on that run's own split unless asked otherwise.
+        NevaClip's search settings (default: the paper's) are recorded with the run."""
         family = model_family(model)
+        search = {
+            k: v
+            for k, v in dict(
+                fixations=fixations,
+                iterations=iterations,
+                lr=lr,
+                random_restarts=random_restarts,
+                forgetting=forgetting,
+            ).items()
+            if v is not None
+        }
+        if search and family != "nevaclip":
+            raise InvalidInputError(
+                f"{', '.join('--' + k.replace('_', '-') for k in search)}: NevaClip's search settings; OAT decodes "
+                "(--samples for sampled scanpaths)"
+            )
         split, seed, drop_outliers = evaluation_split(family, weights, split, default_split, seed, log)
         evaluator = cls(
             data,
@@ -126,7 +148,7 @@ class ScanpathEvaluator(TaskEvaluator):
         if model.lower() == "oat":  # the OAT variant of the shelf layout found in --data
             model = f"oat_{evaluator.dataset}"
         if family == "nevaclip":
-            pipeline_kwargs: dict[str, Any] = {"seed": seed}
+            pipeline_kwargs: dict[str, Any] = {"seed": seed, **search}
         else:
             pipeline_kwargs = {"strategy": "sample", "num_samples": samples, "seed": seed} if samples else {}
         settings = {
@@ -135,6 +157,7 @@ class ScanpathEvaluator(TaskEvaluator):
             "seed": seed,
             "samples_per_trial": samples,
             "drop_outliers": drop_outliers,
+            **search,
         }
         return EvalPlan(
             model, split, [(None, evaluator, {})], pipeline_kwargs, {k: v for k, v in settings.items() if v is not None}

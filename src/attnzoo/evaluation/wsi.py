@@ -12,18 +12,41 @@ BRACS's ``bracs.csv``, whose labels it also uses).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from attnzoo.errors import DatasetFormatError
-from attnzoo.evaluation.runner import EvalSample, TaskEvaluator
+from attnzoo.evaluation.runner import EvalPlan, EvalSample, TaskEvaluator
 
 
 class WSIClassificationEvaluator(TaskEvaluator):
     task = "wsi-classification"
     headline = ("accuracy", "auc", "f1_macro")
+
+    @classmethod
+    def plan(
+        cls,
+        data: str | os.PathLike,
+        split: str | None,
+        *,
+        default_split: str,
+        limit: int | None,
+        model: str,
+        weights: Any,
+        log: Callable[[str], None] = print,
+        **options: Any,
+    ) -> EvalPlan:
+        """A model named for the evaluation is built for the width of the features found in ``--data``
+        (512 for ResNet18's, 1024 for CLAM's truncated ResNet50, ...)."""
+        plan = super().plan(
+            data, split, default_split=default_split, limit=limit, model=model, weights=weights, log=log, **options
+        )
+        evaluator = plan.runs[0][1]
+        plan.model_kwargs = {"in_dim": evaluator.bags[evaluator.ids[0]].dim} if evaluator.ids else {}
+        return plan
 
     def __init__(self, data: str | os.PathLike, split: str = "test", *, limit: int | None = None):
         from attnzoo.datasets.mil_features import read_feature_bags, read_slide_labels, read_split_file

@@ -10,6 +10,7 @@ deliberately simple implementation that only the tests use.
 Importing this package never touches a GPU driver; Triton kernels load on first use.
 """
 
+from attnzoo.kernels.boosted_attention import Boost, BoostedAttentionOutput, boosted_attention
 from attnzoo.kernels.dispatch import BACKEND_NAMES, available_backends, forced_backend, use_backend
 from attnzoo.kernels.grouped_attention import grouped_attention
 from attnzoo.kernels.grouping import (
@@ -25,8 +26,11 @@ from attnzoo.kernels.masked_attention import masked_attention, pack_mask, unpack
 
 __all__ = [
     "BACKEND_NAMES",
+    "Boost",
+    "BoostedAttentionOutput",
     "across_views",
     "available_backends",
+    "boosted_attention",
     "dilated_groups",
     "forced_backend",
     "grouped_attention",

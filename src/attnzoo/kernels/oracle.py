@@ -76,3 +76,28 @@ def inline_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     n = k.shape[-2]
     weights = (scale / n) * (q @ k.transpose(-1, -2) - q @ k.mean(-2, keepdim=True).transpose(-1, -2)) + 1 / n
     return weights @ v
+
+
+def boosted_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    boosts: list[tuple[torch.Tensor, torch.Tensor, float]],
+    mass: tuple[torch.Tensor, torch.Tensor] | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Explicit probabilities ``A`` per (batch, head); entries in ``rows x keys`` of each boost (bool masks)
+    are multiplied by ``1 + amount`` (amounts of overlapping boosts add), not renormalised; ``O = A' V``.
+    The mass is ``sum A[rows][:, keys]`` of the unboosted ``A``. ``q`` ``[B, N, H, D]``."""
+    B, N, H, _ = q.shape
+    outs, masses = [], []
+    for b, h in itertools.product(range(B), range(H)):
+        probs = torch.softmax((q[b, :, h] @ k[b, :, h].T) * scale, dim=-1)
+        gain = torch.ones_like(probs)
+        for rows, keys, amount in boosts:
+            gain[rows.nonzero().flatten()[:, None], keys.nonzero().flatten()[None, :]] += amount
+        outs.append((probs * gain) @ v[b, :, h])
+        if mass is not None:
+            masses.append(probs[mass[0]][:, mass[1]].sum())
+    out = torch.stack(outs).view(B, H, N, -1).transpose(1, 2)
+    return out, (torch.stack(masses).view(B, H) if mass is not None else None)

@@ -1,6 +1,9 @@
-"""Multimodal methods: NevaClip (CLIP-guided zero-shot scanpaths) and, later, the insertion and
-hallucination-mitigation methods. Importing this package is cheap: each method's module (and
-torch / open_clip with it) is imported on first attribute access."""
+"""Multimodal methods: NevaClip (CLIP-guided zero-shot scanpaths, :mod:`attnzoo.multimodal.nevaclip`),
+subject insertion (In-Context Brush and Diptych Prompting on FLUX.1-Fill,
+:mod:`attnzoo.multimodal.insertion`) and training-free LVLM hallucination mitigation (VAR, PAI,
+PAINT, VCD, AGLA, CARVE, :mod:`attnzoo.multimodal.hallucination`). Importing this package is cheap:
+each method's module (and torch / open_clip / diffusers / transformers with it) is imported on first
+attribute access."""
 
 from __future__ import annotations
 

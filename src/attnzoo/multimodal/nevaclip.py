@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,12 +55,14 @@ __all__ = [
     "OPENAI_DATASET_STD",
     "NevaClip",
     "NevaClipResult",
+    "check_search_settings",
     "fixations_to_pixels",
     "foveate",
     "foveation_mask",
     "gaussian_blur_difference",
     "gaussian_window",
     "preprocess_images",
+    "target_embeddings",
     "update_memory",
 ]
 
@@ -264,7 +266,7 @@ class _RestartDraws:
         elif _is_int(seed):
             seeds = [int(seed)] * batch
         else:
-            seeds = list(seed)
+            seeds = list(seed) if isinstance(seed, (list, tuple, np.ndarray, torch.Tensor)) else []
             if len(seeds) != batch or not all(_is_int(s) for s in seeds):
                 raise InvalidInputError(f"seed must be an int or a list of {batch} ints (one per sample), got {seed!r}")
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -278,27 +280,81 @@ class _RestartDraws:
         return torch.cat(draws).to(self.device)
 
 
-@contextlib.contextmanager
-def _hub_offline_if_asked():
-    """In attnzoo's offline mode, open_clip's Hugging Face downloads look in the cache only
-    (instead of retrying a network that is not there)."""
-    from attnzoo.weights.hub import is_offline
-
-    if not is_offline():
-        yield
-        return
-    import huggingface_hub.constants as hf_constants
-
-    saved = hf_constants.HF_HUB_OFFLINE
-    hf_constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        hf_constants.HF_HUB_OFFLINE = saved
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def check_search_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The given search settings as plain Python values, refused where they cannot mean what they say
+    (zero fixations, a NaN or infinite step, a memory that grows without bound)."""
+    checked = dict(settings)
+    for name in ("fixations", "iterations"):
+        if name in settings:
+            value = settings[name]
+            if not _is_int(value) or value < 1:
+                raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
+            checked[name] = int(value)
+    if "lr" in settings:
+        lr = settings["lr"]
+        if not _is_real(lr) or not math.isfinite(lr) or lr <= 0:
+            raise InvalidInputError(
+                f"lr (the sign-gradient step, in units of the [-1, 1] crop) must be a positive finite number, got {lr!r}"
+            )
+        checked["lr"] = float(lr)
+    if "forgetting" in settings:
+        forgetting = settings["forgetting"]
+        if not _is_real(forgetting) or not 0 <= forgetting <= 1:  # NaN fails the comparison too
+            raise InvalidInputError(
+                f"forgetting (the share of earlier fixations' memory kept at each step; 0 in the paper) must be in "
+                f"[0, 1], got {forgetting!r}"
+            )
+        checked["forgetting"] = float(forgetting)
+    if "random_restarts" in settings:
+        restarts = settings["random_restarts"]
+        if not isinstance(restarts, (bool, np.bool_)):
+            raise InvalidInputError(f"random_restarts must be True or False, got {restarts!r}")
+        checked["random_restarts"] = bool(restarts)
+    return checked
+
+
+def target_embeddings(value: Any, name: str, dim: int | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[N, D]`` target embeddings in ``dtype`` from a tensor or array ``[D]`` / ``[N, D]`` (or a list of ``[D]``
+    tensors). A target with NaN or infinite values, or a zero vector, has no direction to search for (the
+    search would stay at the image centre), so it is refused, as is a complex or boolean one."""
+    if isinstance(value, (list, tuple)):
+        try:
+            value = torch.stack([torch.as_tensor(v) for v in value])
+        except (RuntimeError, TypeError, ValueError) as err:
+            raise InvalidInputError(f"{name}: a list of embeddings must hold tensors of one size ({err})") from None
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "fiu":
+            raise InvalidInputError(f"{name} embedding must be real numbers, got a numpy array of {value.dtype}")
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if not isinstance(value, torch.Tensor):
+        raise InvalidInputError(
+            f"{name} embedding must be a tensor or an array [D] or [N, D], got {type(value).__name__}"
+        )
+    if value.is_complex() or value.dtype == torch.bool:
+        raise InvalidInputError(f"{name} embedding must be real numbers, got {value.dtype}")
+    embedding = value[None] if value.ndim == 1 else value
+    if embedding.ndim != 2 or embedding.shape[0] == 0 or embedding.shape[1] == 0:
+        raise InvalidInputError(f"{name} embedding must be [D] or [N, D], got shape {tuple(value.shape)}")
+    if dim is not None and embedding.shape[1] != dim:
+        raise InvalidInputError(
+            f"{name} embedding has dimension {embedding.shape[1]} but the vision tower outputs {dim}"
+        )
+    embedding = embedding.detach().to(dtype)
+    if not torch.isfinite(embedding).all():
+        raise InvalidInputError(
+            f"{name} embedding holds NaN or infinite values (in {dtype}): it gives the search no direction"
+        )
+    if (torch.linalg.vector_norm(embedding, dim=1) == 0).any():
+        raise InvalidInputError(f"{name} embedding is a zero vector: its cosine similarity is undefined")
+    return embedding
 
 
 class NevaClip:
@@ -385,14 +441,20 @@ class NevaClip:
 
         if not (self.model_name.startswith(("hf-hub:", "local-dir:")) or self.model_name in open_clip.list_models()):
             raise UnknownNameError("open_clip model", self.model_name, open_clip.list_models())
+        from attnzoo.weights import hub
+
+        reachable = hub.hub_reachable()  # one short probe: an unreachable Hub fails now, not after its retries
         try:
-            with _hub_offline_if_asked():
+            with hub.hf_cache_only(not reachable):
                 model, _, _ = open_clip.create_model_and_transforms(
                     self.model_name, pretrained=self.pretrained, cache_dir=self.cache_dir
                 )
         except Exception as err:  # noqa: BLE001  open_clip raises RuntimeError / OSError / HF errors for missing weights
+            if not reachable and any(isinstance(e, OSError) for e in (err, err.__cause__, err.__context__)):
+                what = f"open_clip's {self.model_name} weights {self.pretrained!r}"
+                raise hub.unavailable_error(what, hub.hf_endpoint()) from None
             raise WeightsError(
-                f"could not load open_clip {self.model_name!r} with pretrained={self.pretrained!r} ({err}); "
+                f"could not load open_clip {self.model_name!r} with weights={self.pretrained!r} ({err}); "
                 "check the tag (open_clip.list_pretrained()), the network, or pass a local checkpoint path as weights="
             ) from None
         self._text_encoder = self._text_encoder or model.encode_text
@@ -496,30 +558,27 @@ class NevaClip:
         tokens = self.tokenize(captions, truncate=truncate).to(self.device)
         return self._text_encoder(tokens).float()
 
+    @property
+    def search_dtype(self) -> torch.dtype:
+        """Positions, memory and targets are float32 (float64 for a float64 model), whatever the tower's dtype."""
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
     def _targets(self, targets: Any, truncate: bool, name: str) -> torch.Tensor:
         if isinstance(targets, str):
             targets = [targets]
-        if isinstance(targets, torch.Tensor) or (
-            isinstance(targets, (list, tuple)) and targets and isinstance(targets[0], torch.Tensor)
+        if isinstance(targets, (torch.Tensor, np.ndarray)) or (
+            isinstance(targets, (list, tuple)) and targets and isinstance(targets[0], (torch.Tensor, np.ndarray))
         ):
-            embedding = torch.stack(list(targets)) if isinstance(targets, (list, tuple)) else targets
-            embedding = embedding[None] if embedding.ndim == 1 else embedding
-            if embedding.ndim != 2 or embedding.shape[0] == 0:
-                raise InvalidInputError(f"{name} embedding must be [D] or [N, D], got shape {tuple(embedding.shape)}")
-            if not embedding.is_floating_point():
-                raise InvalidInputError(f"{name} embedding must be floating point, got {embedding.dtype}")
+            embedding = target_embeddings(targets, name, self.embed_dim, self.search_dtype)
         elif isinstance(targets, (list, tuple)) and targets:
-            embedding = self.encode_captions(targets, truncate=truncate)
+            embedding = target_embeddings(
+                self.encode_captions(targets, truncate=truncate), name, self.embed_dim, self.search_dtype
+            )
         else:
             raise InvalidInputError(
                 f"{name} must be a caption, a list of captions or an embedding tensor, got {type(targets).__name__}"
             )
-        dim = self.embed_dim
-        if dim is not None and embedding.shape[1] != dim:
-            raise InvalidInputError(
-                f"{name} embedding has dimension {embedding.shape[1]} but the vision tower outputs {dim}"
-            )
-        return embedding.to(self.device, torch.float64 if self.dtype == torch.float64 else torch.float32)
+        return embedding.to(self.device)
 
     def _images(self, images: Any) -> tuple[torch.Tensor, list[tuple[int, int]] | None]:
         size = self.input_size
@@ -554,6 +613,7 @@ class NevaClip:
         truncate: bool = False,
         return_traces: bool = False,
         autocast: bool = True,
+        progress: bool = True,
     ) -> NevaClipResult:
         """Scanpaths for a batch of images and targets (one each, or one broadcast to all).
 
@@ -564,12 +624,18 @@ class NevaClip:
         batch, and a batch of one draws what the official code draws after
         ``torch.manual_seed(seed)``; ``rng="official"``: one stream for the batch, drawn as the
         official code does (``seed=None``: torch's global RNG). ``autocast`` (fp16) applies on
-        CUDA only, as the official ``torch.cuda.amp.autocast()``.
+        CUDA only, as the official ``torch.cuda.amp.autocast()``. ``progress``: a bar over the fixation
+        steps on a terminal (the paper's settings take minutes per image on a CPU).
         """
-        if fixations < 1 or iterations < 1:
-            raise InvalidInputError(f"fixations and iterations must be >= 1, got {fixations} and {iterations}")
-        if not lr > 0:
-            raise InvalidInputError(f"lr must be positive, got {lr}")
+        settings = check_search_settings(
+            {
+                "fixations": fixations,
+                "iterations": iterations,
+                "lr": lr,
+                "random_restarts": random_restarts,
+                "forgetting": forgetting,
+            }
+        )
         x, sizes = self._images(images)
         target = self._targets(targets, truncate, "targets")
         second = None if second_target is None else self._targets(second_target, truncate, "second_target")
@@ -581,19 +647,13 @@ class NevaClip:
         ):
             if count not in (0, 1, batch):
                 raise InvalidInputError(f"got {count} {name} for a batch of {batch}: give one, or one per sample")
-        x = (
-            x.to(self.device, torch.float64 if self.dtype == torch.float64 else torch.float32)
-            .expand(batch, -1, -1, -1)
-            .contiguous()
-        )
+        x = x.to(self.device, self.search_dtype).expand(batch, -1, -1, -1).contiguous()
         target = target.expand(batch, -1).contiguous()
         second = None if second is None else second.expand(batch, -1).contiguous()
         if sizes is not None and len(sizes) == 1:
             sizes = sizes * batch
         draws = _RestartDraws(rng, seed, batch, self.device, x.dtype)
-        result = self._search(
-            x, target, second, fixations, iterations, lr, random_restarts, forgetting, draws, return_traces, autocast
-        )
+        result = self._search(x, target, second, draws, return_traces, autocast, progress, **settings)
         if sizes is not None:
             mode = self.preprocess_cfg["resize_mode"]
             result.xy = [
@@ -608,20 +668,32 @@ class NevaClip:
         x: torch.Tensor,
         target: torch.Tensor,
         second: torch.Tensor | None,
+        draws: _RestartDraws,
+        traces: bool,
+        autocast: bool,
+        progress: bool,
+        *,
         fixations: int,
         iterations: int,
         lr: float,
         random_restarts: bool,
         forgetting: float,
-        draws: _RestartDraws,
-        traces: bool,
-        autocast: bool,
     ) -> NevaClipResult:
+        from tqdm.auto import tqdm
+
         visual, size, batch = self.visual, self.input_size, x.shape[0]
         use_amp = autocast and x.device.type == "cuda"
         amp = torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
         positions, losses, loss_trace, pos_trace = [], [], [], []
-        with amp, torch.enable_grad():
+        bar = tqdm(
+            total=fixations,
+            desc=f"NevaClip search ({batch} image{'s' if batch > 1 else ''})",
+            unit="fixation",
+            dynamic_ncols=True,
+            leave=False,
+            disable=None if progress else True,  # on a terminal only
+        )
+        with bar, amp, torch.enable_grad():
             with torch.no_grad():
                 blur = gaussian_blur_difference(x, self.blur_filter_size, self.blur_sigma)
             memory = torch.zeros((batch, 1, size, size), device=x.device, dtype=x.dtype)
@@ -634,7 +706,9 @@ class NevaClip:
                 pos = torch.zeros((batch, 2, 1, 1), device=x.device, dtype=x.dtype, requires_grad=True)
                 best_pos = torch.zeros((batch, 2, 1, 1), device=x.device, dtype=x.dtype)
                 best_loss = torch.full((batch,), float("inf"), device=x.device, dtype=x.dtype)
-                for _ in range(iterations):
+                for iteration in range(iterations):
+                    if not bar.disable:
+                        bar.set_postfix_str(f"iteration {iteration + 1}/{iterations}")
                     if traces:
                         pos_trace.append(pos.detach().reshape(batch, 2).clone())
                     mask = foveation_mask(pos, size, self.foveation_sigma, self.amplitude)
@@ -674,6 +748,7 @@ class NevaClip:
                     )
                 positions.append(best_pos.detach().reshape(batch, 2))
                 losses.append(best_loss)
+                bar.update(1)
         result = NevaClipResult(positions=torch.stack(positions, 1).cpu(), losses=torch.stack(losses, 1).cpu())
         if traces:
             result.loss_trace = torch.stack(loss_trace).reshape(fixations, iterations, batch).cpu()

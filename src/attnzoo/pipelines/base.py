@@ -123,6 +123,9 @@ class Pipeline:
         self.dtype = resolve_dtype(dtype)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.batch_size = _positive_int("batch_size", batch_size)
+        #: What the weights are ("random (seed 0)", "pretrained (...)", a path); set by attnzoo.pipeline,
+        #: recorded by ``attnzoo run`` and shown on pictures. None: a model object given as is.
+        self.weights_label: str | None = None
         self.num_workers = _non_negative_int("num_workers", num_workers)
         self._defaults = self._checked_parameters(kwargs)
 
@@ -138,11 +141,11 @@ class Pipeline:
         return model
 
     def __repr__(self) -> str:
-        name = getattr(self.model, "pretrained_cfg", {}) or {}
-        model = name.get("architecture") or type(self.model).__name__
-        checkpoint = name.get("checkpoint") or name.get("tag")
-        weights = f", weights={checkpoint!r}" if checkpoint else ""
-        return f"{type(self).__name__}(task={self.task!r}, model={model!r}{weights}, device={str(self.device)!r}, dtype={self.dtype})"
+        cfg = getattr(self.model, "pretrained_cfg", {}) or {}
+        model = cfg.get("architecture") or type(self.model).__name__
+        weights = f", weights={self.weights_label!r}" if self.weights_label else ""
+        device = str(self.device)
+        return f"{type(self).__name__}(task={self.task!r}, model={model!r}{weights}, device={device!r}, dtype={self.dtype})"
 
     # -- the stages -------------------------------------------------------------------
     # (``*args: Any, **kwargs: Any`` so that subclasses name exactly the parameters they take)
@@ -274,6 +277,11 @@ class Pipeline:
             offset += len(chunk)
 
 
+def weights_note(label: str | None) -> str:
+    """How a picture's title names the weights: "random weights" (predictions are meaningless), else nothing."""
+    return "random weights" if label and label.startswith("random") else ""
+
+
 def list_collate(samples: list[dict[str, Any]]) -> dict[str, list[Any]]:
     """A batch as a dict of lists, for samples that do not stack (variable sizes, non-tensors)."""
     return {k: [s[k] for s in samples] for k in samples[0]}
@@ -327,6 +335,11 @@ def _split_collate(
 
 def _take(outputs: dict[str, Any], j: int) -> dict[str, Any]:
     return {k: v[j] if isinstance(v, (torch.Tensor, list, tuple)) else v for k, v in outputs.items()}
+
+
+def check_batching(batch_size: Any, num_workers: Any) -> tuple[int, int]:
+    """``batch_size`` (>= 1) and ``num_workers`` (>= 0) as ints, or a typed error naming the bad one."""
+    return _positive_int("batch_size", batch_size), _non_negative_int("num_workers", num_workers)
 
 
 def _positive_int(name: str, value: Any) -> int:

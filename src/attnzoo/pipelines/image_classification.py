@@ -11,7 +11,7 @@ from PIL import Image
 
 from attnzoo.datasets.images import load_image
 from attnzoo.errors import InvalidInputError
-from attnzoo.pipelines.base import Pipeline
+from attnzoo.pipelines.base import Pipeline, weights_note
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,11 @@ class ClassPrediction:
 class Classification(list):
     """The top-k :class:`ClassPrediction` of one image, best first (a list), with the image for :meth:`plot`."""
 
-    def __init__(self, predictions: list[ClassPrediction], image: Any = None, title: str = ""):
+    def __init__(
+        self, predictions: list[ClassPrediction], image: Any = None, title: str = "", weights: str | None = None
+    ):
         super().__init__(predictions)
-        self.image, self.title = image, title
+        self.image, self.title, self.weights = image, title, weights
 
     def to_dict(self) -> list[dict[str, Any]]:
         return [p.to_dict() for p in self]
@@ -52,7 +54,10 @@ class Classification(list):
         source = image if image is not None else self.image
         if source is None:
             raise InvalidInputError("this result holds no image: pass plot(image)")
-        return plot_classification(load_image(source), self, title=self.title if title is None else title)
+        if title is None:
+            note = weights_note(self.weights)
+            title = f"{self.title} ({note})" if note else self.title
+        return plot_classification(load_image(source), self, title=title)
 
 
 class ImagePreprocessor:
@@ -147,4 +152,4 @@ class ImageClassificationPipeline(Pipeline):
         predictions = [
             ClassPrediction(self.labels[i], float(s), int(i)) for s, i in zip(scores.tolist(), indices.tolist())
         ]
-        return Classification(predictions, outputs["image"], self.title)
+        return Classification(predictions, outputs["image"], self.title, self.weights_label)

@@ -22,7 +22,7 @@ from PIL import Image
 
 from attnzoo.datasets.images import load_image
 from attnzoo.errors import InvalidInputError
-from attnzoo.pipelines.base import Pipeline
+from attnzoo.pipelines.base import Pipeline, weights_note
 
 __all__ = ["MultiViewReconstructionPipeline", "Occupancy", "preprocess_views"]
 
@@ -31,9 +31,14 @@ __all__ = ["MultiViewReconstructionPipeline", "Occupancy", "preprocess_views"]
 class Occupancy:
     """A reconstructed object: occupancy probabilities on a voxel grid (axis 1 up, ShapeNet's order)."""
 
-    probabilities: np.ndarray  # float32 [X, Y, Z] in [0, 1]
+    probabilities: np.ndarray = field(repr=False)  # float32 [X, Y, Z] in [0, 1]
     threshold: float = 0.3
     views: list[Image.Image] = field(default_factory=list, repr=False)
+    weights: str | None = None
+    """What the model's weights were (``"random (seed 0)"``, ...), for the picture's title."""
+
+    def __repr__(self) -> str:
+        return f"Occupancy({self.summary()}, {len(self.views)} views)"
 
     @property
     def voxels(self) -> np.ndarray:
@@ -80,10 +85,13 @@ class Occupancy:
         side = "x".join(map(str, self.probabilities.shape))
         return f"{int(self.voxels.sum())} occupied voxels of {side} (threshold {self.threshold})"
 
-    def plot(self, title: str = "") -> Image.Image:
+    def plot(self, title: str | None = None) -> Image.Image:
         """The input views beside an isometric render of the voxels."""
         from attnzoo.viz.voxels import plot_reconstruction
 
+        if title is None:
+            title = f"{len(self.views)} views -> {self.summary()}"
+            title += f" ({weights_note(self.weights)})" if weights_note(self.weights) else ""
         return plot_reconstruction(self.views, self.voxels, title=title)
 
 
@@ -309,7 +317,9 @@ class MultiViewReconstructionPipeline(Pipeline):
         return {"probabilities": self.model(batch["views"]).float(), "thumbnails": batch["thumbnails"]}
 
     def postprocess(self, outputs: dict[str, Any], threshold: float = 0.3) -> Occupancy:
-        return Occupancy(outputs["probabilities"].numpy(), threshold, [im.copy() for im in outputs["thumbnails"]])
+        return Occupancy(
+            outputs["probabilities"].numpy(), threshold, [im.copy() for im in outputs["thumbnails"]], self.weights_label
+        )
 
 
 def _is_one_object(inputs: Any) -> bool:

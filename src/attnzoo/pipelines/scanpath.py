@@ -121,18 +121,58 @@ def run_decoding(weights: Any) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
+def _read_boxes(path: Path) -> Any:
+    """Boxes from a ``.json`` (a list of ``[x0, y0, x1, y1]``) or ``.npy`` file (``attnzoo run --boxes``)."""
+    import json
+
+    if path.suffix.lower() not in (".json", ".npy"):
+        raise InvalidInputError(f"boxes file {path}: give a .json or .npy file of [N, 4] (x0, y0, x1, y1) boxes")
+    if not path.is_file():
+        raise InvalidInputError(f"boxes file {path}: no such file")
+    try:
+        return json.loads(path.read_text()) if path.suffix.lower() == ".json" else np.load(path, allow_pickle=False)
+    except (OSError, ValueError, RecursionError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise InvalidInputError(f"boxes file {path} could not be read ({type(err).__name__}: {err})") from None
+
+
+def _boxes(value: Any) -> np.ndarray:
+    """Object boxes as a float array (any shape: the caller checks it); a path names a file of them."""
+    if isinstance(value, (str, os.PathLike)):
+        value = _read_boxes(Path(value))
+    if isinstance(value, bytes):
+        raise InvalidInputError(f"boxes must be numbers [N, 4] (x0, y0, x1, y1), got {type(value).__name__}")
+    try:
+        boxes = np.asarray(value)
+    except (TypeError, ValueError) as err:
+        raise InvalidInputError(f"boxes must be numbers [N, 4] (x0, y0, x1, y1) ({err})") from None
+    if boxes.dtype.kind not in "iuf":
+        raise InvalidInputError(f"boxes must be real numbers [N, 4] (x0, y0, x1, y1), got an array of {boxes.dtype}")
+    boxes = boxes.astype(np.float64)
+    if boxes.ndim != 2:
+        raise InvalidInputError(f"boxes must be [N, 4] (x0, y0, x1, y1), got shape {boxes.shape}")
+    return boxes
+
+
 def _record_image(item: Any) -> Any:
     """A dataset record (``.image_path``) stands for its image."""
     return getattr(item, "image_path", item)
 
 
+def _check_seed(seed: Any) -> None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise InvalidInputError(f"seed must be an integer, got {seed!r}")
+
+
 class NevaClipScanpathPipeline(Pipeline):
     """NevaClip: ``p(image, caption=...)`` (or ``target=`` an embedding), a list of images with one
-    caption each (or one for all), or dicts with ``image`` and ``caption``/``target``.
+    caption each (or one for all), dicts with ``image`` and ``caption``/``target``, or dataset records
+    (``.image_path``, ``.caption``).
 
     Search settings (``fixations``, ``iterations``, ``lr``, ``forgetting``, ``random_restarts``,
-    ``seed``) default to the paper's. Batches run as one tensor program; each image's scanpath is
-    the one it gets alone (every image's restarts come from its own generator seeded with ``seed``).
+    ``seed``) default to the paper's; ``truncate`` cuts captions longer than CLIP's context;
+    ``progress`` shows a bar over the search on a terminal. Batches run as one tensor program; each
+    image's scanpath is the one it gets alone (every image's restarts come from its own generator
+    seeded with ``seed``).
     """
 
     task = "scanpath"
@@ -162,8 +202,11 @@ class NevaClipScanpathPipeline(Pipeline):
         forgetting: float | None = None,
         seed: int | None = None,
         truncate: bool | None = None,
+        progress: bool | None = None,
     ) -> tuple[dict, dict, dict]:
-        given = {
+        from attnzoo.multimodal.nevaclip import check_search_settings
+
+        search = {
             k: v
             for k, v in dict(
                 fixations=fixations,
@@ -171,11 +214,19 @@ class NevaClipScanpathPipeline(Pipeline):
                 lr=lr,
                 random_restarts=random_restarts,
                 forgetting=forgetting,
-                seed=seed,
             ).items()
             if v is not None
         }
-        truncated = {"truncate": truncate} if truncate is not None else {}
+        given = check_search_settings(search)  # refused here: at construction, or before any image is read
+        _check_seed(seed)
+        for name, flag in (("truncate", truncate), ("progress", progress)):
+            if flag is not None and not isinstance(flag, (bool, np.bool_)):
+                raise InvalidInputError(f"{name} must be True or False, got {flag!r}")
+        if seed is not None:
+            given["seed"] = int(seed)
+        if progress is not None:
+            given["progress"] = bool(progress)
+        truncated = {"truncate": bool(truncate)} if truncate is not None else {}
         return truncated, {**given, **truncated}, {}
 
     def preprocess(self, item: Any, *, truncate: bool = False) -> dict[str, Any]:
@@ -195,6 +246,16 @@ class NevaClipScanpathPipeline(Pipeline):
             raise InvalidInputError("give caption= or target= (an embedding), not both")
         if caption is not None:
             self.model.tokenize([caption], truncate=truncate)  # empty or too long: this input's error, before any work
+        else:
+            from attnzoo.multimodal.nevaclip import target_embeddings
+
+            target = target_embeddings(target, "target", self.model.embed_dim, self.model.search_dtype)
+            if target.shape[0] != 1:
+                raise InvalidInputError(
+                    f"target= is one embedding [D] per image, got shape {tuple(target.shape)}; "
+                    "for several images give a list with one embedding each"
+                )
+            target = target[0]
         x, sizes = self.model.preprocess([item["image"]])
         return {"x": x[0], "size": sizes[0], "caption": caption, "target": target, "image": item["image"]}
 
@@ -203,7 +264,7 @@ class NevaClipScanpathPipeline(Pipeline):
         captions = [c for c in batch["caption"] if c is not None]
         encoded = iter(neva.encode_captions(captions, truncate=truncate)) if captions else iter(())
         targets = [
-            next(encoded) if caption is not None else torch.as_tensor(target).float().reshape(-1).to(neva.device)
+            next(encoded) if caption is not None else target.to(neva.device, neva.search_dtype)
             for caption, target in zip(batch["caption"], batch["target"])
         ]
         dims = {t.shape[-1] for t in targets}
@@ -274,6 +335,10 @@ class OATScanpathPipeline(Pipeline):
     ) -> tuple[dict, dict, dict]:
         if strategy is not None and strategy not in ("greedy", "sample"):
             raise InvalidInputError(f"strategy must be 'greedy' or 'sample', got {strategy!r}")
+        for name, value in (("num_samples", num_samples), ("max_len", max_len)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+                raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
+        _check_seed(seed)
         given = {
             k: v
             for k, v in dict(strategy=strategy, num_samples=num_samples, max_len=max_len, seed=seed).items()
@@ -299,13 +364,16 @@ class OATScanpathPipeline(Pipeline):
                 f"object index; missing: {', '.join(missing)}"
             )
         picture = load_image(item["image"])
-        boxes = np.asarray(item["boxes"], dtype=np.float64)
+        boxes = _boxes(item["boxes"])
         n = self.model.num_objects
-        if boxes.ndim != 2 or boxes.shape != (n, 4) or not np.isfinite(boxes).all():
+        if boxes.shape != (n, 4):
             raise InvalidInputError(
                 f"{type(self.model).__name__} sees a {self.model.grid[0]}x{self.model.grid[1]} shelf: boxes must be "
                 f"[{n}, 4] (x0, y0, x1, y1), got shape {boxes.shape}"
             )
+        bad = np.flatnonzero(~np.isfinite(boxes).all(axis=1))
+        if len(bad):
+            raise InvalidInputError(f"box {int(bad[0])} {boxes[bad[0]].tolist()} holds NaN or infinite coordinates")
         w, h = picture.size
         outside = np.flatnonzero(
             (boxes[:, 0] < 0)
@@ -345,7 +413,8 @@ class OATScanpathPipeline(Pipeline):
     ) -> dict[str, Any]:
         from attnzoo.vision.oat_decoding import generate, trial_seeds
 
-        max_len = max_len or getattr(self.model, "max_len", None) or self.model.num_objects
+        if max_len is None:
+            max_len = getattr(self.model, "max_len", None) or self.model.num_objects
         seeds = None
         if strategy == "sample" and seed is not None:
             # every display draws from the same trial seeds: its samples do not depend on which batch,

@@ -4,14 +4,19 @@ probabilities, the attention on every patch and a heatmap over the slide out.
 >>> wsi = attnzoo.pipeline("wsi-classification", model="acmil_ga", weights="acmil_camelyon16.safetensors")  # doctest: +SKIP
 >>> result = wsi("tumor_001.tif")         # tiles at 20x, ResNet18 features, ACMIL   # doctest: +SKIP
 >>> result.heatmap().save("tumor_001.png")                                          # doctest: +SKIP
+
+Every setting below is accepted by the constructor (the default of every call) and by each call
+(for that call), e.g. ``wsi("scan.tif", base_magnification=40, segment_kwargs={"a_t": 1})``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,17 +26,19 @@ import torch
 from PIL import Image
 
 from attnzoo.errors import InvalidInputError
-from attnzoo.pipelines.base import Pipeline, list_collate
+from attnzoo.pipelines.base import Pipeline, list_collate, weights_note
 
 __all__ = ["SlidePrediction", "WSIClassificationPipeline"]
 
-FEATURE_SUFFIXES = (".h5", ".hdf5", ".pt", ".pth")
+FEATURE_SUFFIXES = (".h5", ".hdf5", ".h5py", ".pt", ".pth")
 
 
 @dataclass
 class SlidePrediction:
     """One slide: class probabilities, the attention on each patch (mean over branches of the
-    softmax, summing to 1) and where the patches are."""
+    softmax, summing to 1) and where the patches are. ``weights`` says what the MIL model's weights
+    were (``"random (seed 0)"``, a checkpoint; None when not known) and ``encoder`` which patch
+    encoder embedded the slide (None for features given as such)."""
 
     probabilities: np.ndarray  # [C]
     attention: np.ndarray  # [N]
@@ -39,6 +46,9 @@ class SlidePrediction:
     patch_size_level0: int | None = None
     slide_path: str | None = None
     labels: list[str] | None = field(default=None, repr=False)
+    weights: str | None = None
+    encoder: str | None = None
+    random_encoder: bool = field(default=False, repr=False)
 
     @property
     def index(self) -> int:
@@ -48,6 +58,11 @@ class SlidePrediction:
     def label(self) -> str:
         return self.labels[self.index] if self.labels and self.index < len(self.labels) else str(self.index)
 
+    @property
+    def random_weights(self) -> bool:
+        """Whether the prediction came from random weights (the MIL model's or the patch encoder's)."""
+        return bool(weights_note(self.weights)) or self.random_encoder
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "label": self.label,
@@ -55,17 +70,24 @@ class SlidePrediction:
             "probabilities": [round(float(p), 6) for p in self.probabilities],
             "slide": self.slide_path,
             "patches": int(len(self.attention)),
+            "weights": self.weights,
+            "encoder": self.encoder,
         }
 
+    def __repr__(self) -> str:
+        return f"SlidePrediction({self.summary()}, slide={self.slide_path!r}, weights={self.weights!r})"
+
     def summary(self) -> str:
-        return f"{self.label} ({self.probabilities.max():.1%}, {len(self.attention)} patches)"
+        note = ", random weights" if self.random_weights else ""
+        return f"{self.label} ({self.probabilities.max():.1%}, {len(self.attention)} patches{note})"
 
     def plot(self, size: int = 1024, slide: Any = None) -> Image.Image:
         """The attention heatmap (:meth:`heatmap`)."""
         return self.heatmap(size, slide)
 
     def heatmap(self, size: int = 1024, slide: Any = None) -> Image.Image:
-        """The attention over the slide thumbnail (over a blank canvas when the slide is not at hand)."""
+        """The attention over the slide thumbnail (over a blank canvas when the slide is not at hand),
+        with a colour bar, the predicted class in the title and "random weights" when they were."""
         from attnzoo.viz.wsi import plot_attention_heatmap
 
         if self.coords is None:
@@ -77,6 +99,12 @@ class SlidePrediction:
 
             with open_slide(source) if isinstance(source, (str, os.PathLike)) else contextlib.nullcontext(source) as s:
                 thumbnail, dims = s.thumbnail((size, size)), s.dimensions
+        name = f"{Path(self.slide_path).name}: " if self.slide_path else ""
+        note = ""
+        if weights_note(self.weights):
+            note = "random weights: the class and the attention are meaningless"
+        elif self.random_encoder:
+            note = "random weights (patch encoder): the class and the attention are meaningless"
         return plot_attention_heatmap(
             self.attention,
             self.coords,
@@ -84,118 +112,253 @@ class SlidePrediction:
             thumbnail=thumbnail,
             dimensions=dims,
             size=size,
-            title=f"{self.label} ({self.probabilities.max():.1%})",
+            title=f"{name}{self.label} ({self.probabilities.max():.1%}), {len(self.attention)} patches",
+            note=note,
         )
 
 
 class WSIClassificationPipeline(Pipeline):
-    """Inputs: a slide file (tiled at ``magnification``, features by ``encoder``), a feature file
-    (ACMIL/CLAM/TRIDENT/attnzoo ``.h5`` or ``.pt``), a :class:`~attnzoo.datasets.mil_features.FeatureBag`,
-    or a ``[N, D]`` tensor. The MIL model sees one bag at a time. ``segment_kwargs`` go to the tissue
-    segmentation (CLAM's parameters; small images need a lower ``a_t``). Slides are tiled as ACMIL's
-    Step1/Step2: 256 px at 20x read from level 0 (``read_level="base"``), resized to 224;
-    ``read_level="auto"`` reads a coarser pyramid level when one is fine enough (faster, other pixels)."""
+    """Inputs: a slide file (tiled, then embedded by ``encoder``), a feature file or folder holding one
+    slide (ACMIL/CLAM/TRIDENT/attnzoo ``.h5`` or ``.pt``), a :class:`~attnzoo.datasets.mil_features.FeatureBag`,
+    or a ``[N, D]`` (or ``[1, N, D]``) tensor or array of real numbers. The MIL model sees one bag at a time.
+
+    Settings, each accepted by the constructor (the default) and by a call (for that call):
+    ``encoder`` (``"resnet18"``, another name, or a module); ``encoder_weights`` (None: the official
+    ImageNet weights, or random ones when the pipeline's model has random weights; ``"pretrained"``:
+    the official ones always; ``"none"``; a path); ``magnification`` (20) or ``mpp`` (µm per pixel,
+    which wins when given); ``patch_size`` (256 px at that resolution); ``input_size`` (224, what the
+    encoder sees); ``read_level`` (``"base"``: level 0, resized, as ACMIL; ``"auto"``: a coarser pyramid
+    level when one is fine enough: faster, other pixels); ``min_tissue`` (0.5); ``segment_kwargs``
+    (CLAM's tissue segmentation; images much smaller than a whole slide need a lower ``a_t``);
+    ``base_magnification`` / ``base_mpp`` (for a file without that metadata); ``feature_dir`` (where
+    features are kept and reused; a temporary folder by default); ``progress`` (a bar over each
+    slide's patches; None: on a terminal only); ``labels`` (class names).
+    """
 
     task = "wsi-classification"
     default_model = "acmil_ga"
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        *,
-        encoder: str | torch.nn.Module = "resnet18",
-        encoder_weights: str | None = None,
-        magnification: float = 20,
-        patch_size: int = 256,
-        input_size: int = 224,
-        feature_dir: str | os.PathLike | None = None,
-        labels: list[str] | None = None,
-        segment_kwargs: dict[str, Any] | None = None,
-        read_level: str = "base",
-        **kwargs: Any,
-    ):
-        super().__init__(model, **kwargs)
-        self.encoder, self.encoder_weights = encoder, encoder_weights
-        self.magnification, self.patch_size, self.input_size = magnification, patch_size, input_size
-        self.feature_dir = Path(feature_dir) if feature_dir else Path(tempfile.mkdtemp(prefix="attnzoo-wsi-"))
-        self.labels, self.segment_kwargs, self.read_level = labels, segment_kwargs, read_level
-
     collate = staticmethod(list_collate)
+
+    def __init__(self, model: torch.nn.Module, **kwargs: Any):
+        self._encoders: dict[Any, tuple[torch.nn.Module, str, str, Any]] = {}
+        self._temporary_dir: Path | None = None
+        super().__init__(model, **kwargs)
+
+    @property
+    def feature_dir(self) -> Path:
+        """Where slides' features go unless a call names another folder (made on first use)."""
+        given = self._defaults[0].get("feature_dir")
+        if given is not None:
+            return Path(given)
+        if self._temporary_dir is None:
+            self._temporary_dir = Path(tempfile.mkdtemp(prefix="attnzoo-wsi-"))
+        return self._temporary_dir
 
     def is_single(self, inputs: Any) -> bool:
         return not isinstance(inputs, (list, tuple))
 
-    def preprocess(self, source: Any) -> dict[str, Any]:
+    def _sanitize_parameters(
+        self,
+        encoder: str | torch.nn.Module | None = None,
+        encoder_weights: str | os.PathLike | Mapping[str, Any] | None = None,
+        magnification: float | None = None,
+        mpp: float | None = None,
+        patch_size: int | None = None,
+        input_size: int | None = None,
+        read_level: str | None = None,
+        min_tissue: float | None = None,
+        segment_kwargs: Mapping[str, Any] | None = None,
+        base_magnification: float | None = None,
+        base_mpp: float | None = None,
+        feature_dir: str | os.PathLike | None = None,
+        progress: bool | None = None,
+        labels: Sequence[str] | None = None,
+    ) -> tuple[dict, dict, dict]:
+        from attnzoo.pipelines.wsi_features import check_patch_side, check_segment_kwargs
+
+        pre: dict[str, Any] = {}
+        if encoder is not None:
+            if not isinstance(encoder, torch.nn.Module) and not (isinstance(encoder, str) and encoder.strip()):
+                raise InvalidInputError(f"encoder must be a model name or a torch.nn.Module, got {encoder!r}")
+            pre["encoder"] = encoder
+        if encoder_weights is not None:
+            if not isinstance(encoder_weights, (str, os.PathLike, Mapping)):
+                raise InvalidInputError(
+                    "encoder_weights must be 'pretrained', 'none', a path, URL or checkpoint name, or a state "
+                    f"dict; got a {type(encoder_weights).__name__}"
+                )
+            pre["encoder_weights"] = encoder_weights
+        for name, value in (
+            ("magnification", magnification),
+            ("mpp", mpp),
+            ("base_magnification", base_magnification),
+            ("base_mpp", base_mpp),
+        ):
+            if value is not None:
+                pre[name] = _positive_number(name, value)
+        for name, value in (("patch_size", patch_size), ("input_size", input_size)):
+            if value is not None:
+                pre[name] = check_patch_side(name, value)
+        if read_level is not None:
+            if read_level not in ("auto", "base"):
+                raise InvalidInputError(f"read_level must be 'base' (level 0) or 'auto', got {read_level!r}")
+            pre["read_level"] = read_level
+        if min_tissue is not None:
+            if _positive_number("min_tissue", min_tissue, allow_zero=True) > 1:
+                raise InvalidInputError(f"min_tissue is a fraction of a patch's area, in [0, 1]; got {min_tissue!r}")
+            pre["min_tissue"] = float(min_tissue)
+        if segment_kwargs is not None:
+            pre["segment_kwargs"] = check_segment_kwargs(segment_kwargs)
+        if feature_dir is not None:
+            if not isinstance(feature_dir, (str, os.PathLike)) or not os.fspath(feature_dir):
+                raise InvalidInputError(f"feature_dir must be a folder path, got {feature_dir!r}")
+            if Path(feature_dir).exists() and not Path(feature_dir).is_dir():
+                raise InvalidInputError(f"feature_dir={os.fspath(feature_dir)!r} is a file; give a folder")
+            pre["feature_dir"] = Path(feature_dir)
+        if progress is not None:
+            if not isinstance(progress, bool):
+                raise InvalidInputError(f"progress must be True, False or None (on a terminal), got {progress!r}")
+            pre["progress"] = progress
+        post = {} if labels is None else {"labels": self._checked_labels(labels)}
+        return pre, {}, post
+
+    def _checked_labels(self, labels: Any) -> list[str]:
+        if isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence):
+            raise InvalidInputError(f"labels must be a list of class names, got {labels!r}")
+        n_classes = getattr(self.model, "n_classes", None)
+        if isinstance(n_classes, int) and len(labels) != n_classes:
+            raise InvalidInputError(f"got {len(labels)} labels for a model with {n_classes} classes")
+        return [str(label) for label in labels]
+
+    def preprocess(
+        self,
+        source: Any,
+        *,
+        encoder: str | torch.nn.Module = "resnet18",
+        encoder_weights: str | os.PathLike | Mapping[str, Any] | None = None,
+        magnification: float = 20,
+        mpp: float | None = None,
+        patch_size: int = 256,
+        input_size: int = 224,
+        read_level: str = "base",
+        min_tissue: float = 0.5,
+        segment_kwargs: dict[str, Any] | None = None,
+        base_magnification: float | None = None,
+        base_mpp: float | None = None,
+        feature_dir: Path | None = None,
+        progress: bool | None = None,
+    ) -> dict[str, Any]:
         from attnzoo.datasets.mil_features import FeatureBag, read_feature_bags
 
         path = feature_file = None
-        if isinstance(source, torch.Tensor):
-            bag = FeatureBag("<tensor>", (source[0] if source.ndim == 3 and len(source) == 1 else source).float())
+        encoder_note, random_encoder = None, False
+        if isinstance(source, (torch.Tensor, np.ndarray)):
+            name, raw, raw_coords = f"the {type(source).__name__}", source, None
         elif isinstance(source, FeatureBag):
-            bag = source
+            name, raw, raw_coords = source.slide_id, source.features, source.coords
         elif isinstance(source, (str, os.PathLike)):
             path = Path(source)
             if not path.exists():
                 raise InvalidInputError(f"{path}: no such file")
-            feature_file = path if path.suffix.lower() in FEATURE_SUFFIXES else self._extract(path)
+            if path.is_dir() or path.suffix.lower() in FEATURE_SUFFIXES:
+                feature_file = path
+            else:
+                module, encoder_name, digest, encoder_note, random_encoder = self._encoder(encoder, encoder_weights)
+                feature_file = self._extract(
+                    path,
+                    module,
+                    encoder_name,
+                    digest,
+                    feature_dir=feature_dir,
+                    magnification=magnification,
+                    mpp=mpp,
+                    patch_size=patch_size,
+                    input_size=input_size,
+                    read_level=read_level,
+                    min_tissue=min_tissue,
+                    segment_kwargs=segment_kwargs,
+                    base_magnification=base_magnification,
+                    base_mpp=base_mpp,
+                    progress=progress,
+                )
             bags = read_feature_bags(feature_file)
             if len(bags) != 1:
                 raise InvalidInputError(f"{path} holds {len(bags)} slides; pass one slide's features (or a FeatureBag)")
             bag = next(iter(bags.values()))
+            name, raw, raw_coords = bag.slide_id, bag.features, bag.coords
         else:
             raise InvalidInputError(
                 f"cannot classify a {type(source).__name__}: pass a slide path, a feature file, a FeatureBag or a tensor"
             )
-        if bag.features.ndim != 2:
-            raise InvalidInputError(
-                f"{bag.slide_id}: a bag is [N, D] patch features (or [1, N, D]), got {tuple(bag.features.shape)}"
-            )
-        if len(bag.features) == 0:
-            raise InvalidInputError(f"{bag.slide_id}: an empty bag (no patches) cannot be classified")
+        features = _as_features(raw, name)  # every bag, whoever made it: real, finite, [N, D]
+        coords = _as_coords(raw_coords, len(features), name)
+        check = getattr(self.model, "check_input", None)
+        if check is not None:  # here, not in _forward, so on_error="skip" can set a bad bag aside
+            check(features)
         source_slide, patch0 = self._feature_file_info(feature_file)
         slide = source_slide if path is not None and path == feature_file else path
         return {
-            "features": bag.features,
-            "coords": bag.coords,
+            "features": features,
+            "coords": coords,
             "slide": str(slide) if slide else None,
             "patch0": patch0,
+            "encoder": encoder_note,
+            "random_encoder": random_encoder,
         }
 
-    def _extract(self, slide: Path) -> Path:
-        from attnzoo.pipelines.wsi_features import extract_features, weights_digest
+    def _encoder(self, encoder: str | torch.nn.Module, weights: Any) -> tuple[torch.nn.Module, str, str, str, bool]:
+        """The patch encoder, its name, a digest of its weights, a description of them and whether they are
+        random. A named encoder is built once per setting (a random one from a fixed seed), so a second
+        call on a slide finds its features made with the very same encoder and reuses them."""
+        from attnzoo.pipelines.wsi_features import RANDOM_ENCODER_SEED, create_patch_encoder, weights_digest
 
-        # one file per slide *and* settings: another slide of the same name, or the same slide tiled
-        # otherwise, must not meet "already exists" (nor reuse the wrong features)
-        settings = [
-            os.fspath(slide.resolve()),
-            self.encoder if isinstance(self.encoder, str) else weights_digest(self.encoder),
-            self.encoder_weights,
-            self.magnification,
-            self.patch_size,
-            self.input_size,
-            self.read_level,
-            sorted((self.segment_kwargs or {}).items()),
-        ]
-        out = self.feature_dir / f"{slide.stem}-{hashlib.sha1(repr(settings).encode()).hexdigest()[:10]}.h5"
+        if isinstance(encoder, torch.nn.Module):
+            if weights is not None:
+                raise InvalidInputError(
+                    "encoder_weights applies to an encoder given by name; load the module's yourself"
+                )
+            cfg = getattr(encoder, "pretrained_cfg", None)
+            name = (cfg.get("architecture") if isinstance(cfg, Mapping) else None) or type(encoder).__name__
+            return encoder, name, weights_digest(encoder), f"{name} (a module given as is)", False
+        if weights is None and weights_note(self.weights_label):
+            weights = "none"  # a random model: no download of weights that cannot make its output meaningful
+        if isinstance(weights, str) and weights.strip().lower() == "pretrained":
+            weights = None
+        random = isinstance(weights, str) and weights.strip().lower() == "none"
+        key = (encoder, ("<state dict>", id(weights)) if isinstance(weights, Mapping) else weights)
+        if key not in self._encoders:
+            module = create_patch_encoder(encoder, weights).to(self.device)
+            note = (
+                f"random (seed {RANDOM_ENCODER_SEED})"
+                if random
+                else "pretrained (official)"
+                if weights is None
+                else "a state dict"
+                if isinstance(weights, Mapping)
+                else os.fspath(weights)
+            )
+            # the weights themselves stay referenced, so the id in a state dict's key is never reused
+            self._encoders[key] = (module, weights_digest(module), f"{encoder}, {note}", weights)
+        module, digest, note, _ = self._encoders[key]
+        return module, encoder, digest, note, random
+
+    def _extract(self, slide: Path, encoder: torch.nn.Module, name: str, digest: str, **settings: Any) -> Path:
+        from attnzoo.pipelines.wsi_features import extract_features
+
+        # one file per slide, encoder and settings: another slide of the same name, or the same slide
+        # tiled otherwise, gets its own file; a file left by an older run with other settings is replaced
+        feature_dir = settings.pop("feature_dir") or self.feature_dir
+        key = [os.fspath(slide.resolve()), name, digest, sorted(_plain(settings).items())]
+        out = feature_dir / f"{slide.stem}-{hashlib.sha1(repr(key).encode()).hexdigest()[:10]}.h5"
         return extract_features(
-            slide,
-            self.encoder,
-            out,
-            magnification=self.magnification,
-            patch_size=self.patch_size,
-            input_size=self.input_size,
-            read_level=self.read_level,
-            weights=self.encoder_weights,
-            device=self.device,
-            progress=False,
-            segment_kwargs=self.segment_kwargs,
+            slide, encoder, out, device=self.device, overwrite="stale", _encoder_name=name, **settings
         )
 
     @staticmethod
     def _feature_file_info(path: Path | None) -> tuple[Path | None, int | None]:
         """From our own HDF5 feature files: the slide they came from (if still there, for the heatmap)
         and the patch side at level 0; ``(None, None)`` for other files."""
-        if path is None or path.suffix.lower() not in (".h5", ".hdf5"):
+        if path is None or path.suffix.lower() not in (".h5", ".hdf5", ".h5py"):
             return None, None
         import h5py
 
@@ -208,26 +371,24 @@ class WSIClassificationPipeline(Pipeline):
                 elif coords.ndim == 2 and len(coords) > 1:
                     steps = np.diff(np.unique(coords[:, 0]))
                     patch0 = int(steps.min()) if len(steps) else None
-        return (Path(slide) if slide and Path(slide).exists() else None), (None if patch0 is None else int(patch0))
+        if isinstance(slide, bytes):
+            slide = slide.decode(errors="replace")
+        try:
+            found = Path(slide) if isinstance(slide, str) and slide and Path(slide).is_file() else None
+        except (OSError, ValueError):  # not a path this system can have (e.g. a NUL inside)
+            found = None
+        return found, (None if patch0 is None else int(patch0))
 
     def _forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         probabilities, attention = [], []
         for features in batch["features"]:  # one bag at a time: bags differ in length
-            check = getattr(self.model, "check_input", None)
-            if check is not None:
-                check(features)
             out = self.model(features if self.dtype is not None else features.float())
             probabilities.append(torch.softmax(out.slide_logits.float(), -1)[0])
             attention.append(out.instance_attention().float())
-        return {
-            "probabilities": probabilities,
-            "attention": attention,
-            "coords": batch["coords"],
-            "slide": batch["slide"],
-            "patch0": batch["patch0"],
-        }
+        kept = ("coords", "slide", "patch0", "encoder", "random_encoder")
+        return {"probabilities": probabilities, "attention": attention, **{k: batch[k] for k in kept}}
 
-    def postprocess(self, outputs: dict[str, Any]) -> SlidePrediction:
+    def postprocess(self, outputs: dict[str, Any], labels: list[str] | None = None) -> SlidePrediction:
         coords = outputs["coords"]
         return SlidePrediction(
             outputs["probabilities"].numpy(),
@@ -235,5 +396,69 @@ class WSIClassificationPipeline(Pipeline):
             None if coords is None else np.asarray(coords),
             outputs["patch0"],
             outputs["slide"],
-            self.labels,
+            labels,
+            self.weights_label,
+            outputs["encoder"],
+            outputs["random_encoder"],
         )
+
+
+def _positive_number(name: str, value: Any, *, allow_zero: bool = False) -> float:
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if not ok or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise InvalidInputError(
+            f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}"
+        )
+    return float(value)
+
+
+def _plain(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings as plain values for a file name's hash (segment_kwargs as a sorted list)."""
+    return {k: sorted(v.items()) if isinstance(v, Mapping) else v for k, v in settings.items() if k != "progress"}
+
+
+def _as_features(features: Any, what: str) -> torch.Tensor:
+    """A bag's features as a float32 [N, D] tensor of finite real numbers (a [1, N, D] batch of one is
+    unwrapped), or a typed error: complex values would lose their imaginary part, NaN and inf would
+    make every probability NaN, booleans and strings are not features."""
+    if isinstance(features, np.ndarray):
+        if features.dtype.kind not in "iuf":
+            raise InvalidInputError(f"{what}: features must be real numbers, got an array of dtype {features.dtype}")
+        features = torch.from_numpy(np.ascontiguousarray(features))
+    if not isinstance(features, torch.Tensor):
+        raise InvalidInputError(f"{what}: features must be a tensor or array, got a {type(features).__name__}")
+    if features.is_complex() or features.dtype == torch.bool:
+        raise InvalidInputError(
+            f"{what}: features must be real numbers, got {features.dtype}"
+            + (" (the imaginary part would be lost)" if features.is_complex() else "")
+        )
+    if features.layout != torch.strided:
+        features = features.to_dense()
+    if features.ndim == 3 and features.shape[0] == 1:
+        features = features[0]
+    if features.ndim != 2:
+        raise InvalidInputError(f"{what}: a bag is [N, D] patch features (or [1, N, D]), got {tuple(features.shape)}")
+    if features.shape[0] == 0:
+        raise InvalidInputError(f"{what}: an empty bag (no patches) cannot be classified")
+    if features.shape[1] == 0:
+        raise InvalidInputError(f"{what}: patch features with 0 dimensions, shape {tuple(features.shape)}")
+    features = features.detach().to("cpu", torch.float32)
+    bad = ~torch.isfinite(features).all(dim=1)
+    if bool(bad.any()):
+        raise InvalidInputError(
+            f"{what}: {int(bad.sum())} of {len(features)} patches have NaN or infinite features "
+            "(or values beyond float32's range)"
+        )
+    return features
+
+
+def _as_coords(coords: Any, n: int, what: str) -> np.ndarray | None:
+    """Patch coordinates as an int64 [N, 2] array (one per patch, finite), or a typed error."""
+    if coords is None:
+        return None
+    array = coords.detach().cpu().numpy() if isinstance(coords, torch.Tensor) else np.asarray(coords)
+    if array.dtype.kind not in "iuf" or array.shape != (n, 2) or not np.isfinite(array).all():
+        raise InvalidInputError(
+            f"{what}: coords must be [N, 2] finite level-0 (x, y), one per patch ({n}); got {array.dtype} {array.shape}"
+        )
+    return array.astype(np.int64)

@@ -6,11 +6,15 @@ module builds the patch encoder and runs it over them::
     extract_features("tumor_001.tif", "resnet18", "feats/tumor_001.h5", magnification=20)
     extract_slides(sorted(Path("slides").glob("*.tif")), "resnet18", "feats/")   # one encoder, many slides
 
+Cohorts (a CSV of slides, sharding across processes under ``torchrun``, a manifest) are
+:mod:`attnzoo.pipelines.wsi_cohort`, behind ``attnzoo extract wsi-features``.
+
 :func:`extract_features` writes one HDF5 file per slide, with ``features`` [N, D] and ``coords``
 [N, 2] (level-0 x, y of each patch's top-left corner; CLAM's and TRIDENT's layout, so their tools
 read it too) and the patching parameters as attributes. It is atomic (nothing appears at the
 final path until the file is complete) and resumable: finished batches are kept as shards in
-``<out>.partial/`` and a rerun after an interruption continues where it stopped.
+``<out>.partial/`` and a rerun after an interruption continues where it stopped. The same settings
+give the same file, byte for byte, in any process.
 
 ACMIL's Step2 (from CLAM) is ``magnification=20, patch_size=256, input_size=224, read_level="base"``
 with the ``resnet18`` encoder (see :mod:`attnzoo.datasets.wsi` for how resolutions are read).
@@ -21,13 +25,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +56,27 @@ from attnzoo.datasets.wsi import (
     open_slide,
     patch_grid,
     segment_tissue,
-    slide_id,
 )
-from attnzoo.errors import DatasetFormatError, InvalidInputError, WeightsError
+from attnzoo.datasets.wsi import slide_id as slide_id_of
+from attnzoo.errors import InvalidInputError, WeightsError
 from attnzoo.factory import create_model
+from attnzoo.pipelines.base import check_batching, resolve_device
 from attnzoo.weights.loading import load_checkpoint_file, load_weights, resolve_checkpoint, unwrap_state_dict
 
-__all__ = ["FEATURES_FORMAT", "create_patch_encoder", "extract_features", "extract_slides", "weights_digest"]
+__all__ = [
+    "FEATURES_FORMAT",
+    "ExtractionSettings",
+    "check_settings",
+    "create_patch_encoder",
+    "extract_features",
+    "extract_slides",
+    "finished_features",
+    "weights_digest",
+]
 
 FEATURES_FORMAT = "attnzoo.wsi_features/1"
+#: The seed a randomly initialised patch encoder (``weights="none"``) is drawn from.
+RANDOM_ENCODER_SEED = 0
 #: Encoder names with a fixed recipe: (timm architecture, official weights used by default, output dim).
 _NAMED_ENCODERS = {
     "resnet18": ("resnet18", "resnet18.tv_in1k", 512),  # ACMIL "natural_supervised": torchvision ImageNet ResNet18
@@ -87,9 +106,11 @@ def extract_features(
     dtype: str = "float32",
     amp: bool = False,
     segment_kwargs: Mapping[str, Any] | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
+    overwrite: bool | str = False,
+    progress: bool | None = None,
+    slide_id: str | None = None,
     _encoder_name: str | None = None,
+    _weights_digest: str | None = None,
 ) -> Path:
     """Embed every tissue patch of a slide and write ``features``/``coords`` to the HDF5 file ``out_path``.
 
@@ -106,88 +127,99 @@ def extract_features(
     The file appears at ``out_path`` only when complete. Finished batches live in
     ``<out_path>.partial/`` and an interrupted call, rerun with the same arguments, computes only the
     rest. If ``out_path`` already holds the result of the same settings it is returned as is; a file
-    made with other settings raises unless ``overwrite``. Returns ``out_path``.
+    made with other settings raises unless ``overwrite`` (``True``: always recompute; ``"stale"``:
+    recompute only a file made with other settings, what a cache of features wants). ``progress``:
+    a bar over the slide's patches (``None``: only when stderr is a terminal). ``slide_id``: the id
+    stored in the file (default: the file name without its extension). Returns ``out_path``.
     """
     import_wsi_dependency("h5py")
     out_path = Path(out_path)
-    if dtype not in ("float32", "float16"):
-        raise InvalidInputError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
-    if int(batch_size) < 1 or int(num_workers) < 0:
-        raise InvalidInputError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
-    if mpp is not None:
-        magnification = None
-    slide = open_slide(slide_path, mpp=base_mpp, objective_power=base_magnification)
-    mask = segment_tissue(slide, **dict(segment_kwargs or {}))
-    if not mask.any():
-        raise InvalidInputError(
-            f"{slide.path}: no tissue found (saturation threshold {mask.params['threshold']:g} at downsample "
-            f"{mask.downsample[0]:.3g}, regions must exceed a_t={mask.params['a_t']:g} reference patches); "
-            "if the slide has tissue, lower sthresh or a_t through segment_kwargs="
-        )
-    grid = patch_grid(
-        slide,
-        mask,
+    if overwrite not in (False, True, "stale"):
+        raise InvalidInputError(f"overwrite must be False, True or 'stale', got {overwrite!r}")
+    batch_size, num_workers = check_batching(batch_size, num_workers)
+    settings = check_settings(
         magnification=magnification,
         mpp=mpp,
         patch_size=patch_size,
         stride=stride,
+        input_size=input_size,
         min_tissue=min_tissue,
         read_level=read_level,
+        base_magnification=base_magnification,
+        base_mpp=base_mpp,
+        transform=transform,
+        dtype=dtype,
+        amp=amp,
+        segment_kwargs=segment_kwargs,
     )
-    if len(grid) == 0:
-        raise InvalidInputError(
-            f"{slide.path}: tissue covers {mask.fraction:.2%} of the slide but no patch has "
-            f"min_tissue={min_tissue:g} of its area in tissue; lower min_tissue or patch_size"
-        )
-    input_size = int(input_size or patch_size)
-    transform = transform if transform is not None else PatchTransform()
-    model, encoder_name = _resolve_encoder(encoder, weights)
-    encoder_name = _encoder_name or encoder_name
-    fingerprint = {
-        "slide": slide.name,
-        "slide_bytes": slide.path.stat().st_size,
-        "dimensions": list(slide.dimensions),
-        "grid": grid.attrs(),
-        "n": len(grid),
-        "input_size": input_size,
-        "transform": _transform_id(transform),
-        "encoder": encoder_name,
-        "weights": weights_digest(model),
-        "dtype": dtype,
-        "amp": bool(amp),
-    }
-    if out_path.exists() and not overwrite:
-        if _existing_matches(out_path, fingerprint):  # a crash after the rename may have left the shards
-            shutil.rmtree(out_path.with_name(out_path.name + ".partial"), ignore_errors=True)
-            return out_path
-        raise InvalidInputError(
-            f"{out_path} already exists and was made with other settings (or by another tool); "
-            "pass overwrite=True to replace it"
-        )
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-
-    shards = _Shards(out_path, fingerprint, grid.coords)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(dev).eval()
-    try:
-        _run_encoder(
-            model,
-            encoder_name,
+    dev = resolve_device(device)
+    with contextlib.closing(
+        open_slide(slide_path, mpp=settings.base_mpp, objective_power=settings.base_magnification)
+    ) as slide:
+        mask = segment_tissue(slide, **settings.segment_kwargs)
+        if not mask.any():
+            why = _why_no_tissue(slide, mask, settings.segment_kwargs)
+            raise InvalidInputError(f"{slide.path}: no tissue found; {why}")
+        grid = patch_grid(
             slide,
-            grid,
-            shards,
-            input_size,
-            transform,
-            dev,
-            dtype,
-            int(batch_size),
-            int(num_workers),
-            progress,
-            bool(amp),
+            mask,
+            magnification=settings.magnification,
+            mpp=settings.mpp,
+            patch_size=settings.patch_size,
+            stride=settings.stride,
+            min_tissue=settings.min_tissue,
+            read_level=settings.read_level,
         )
-        _write_features_h5(out_path, shards, grid, slide, fingerprint, encoder_name, input_size, dtype, mask)
-    finally:
-        slide.close()
+        if len(grid) == 0:
+            raise InvalidInputError(
+                f"{slide.path}: tissue covers {mask.fraction:.2%} of the slide but no patch has "
+                f"min_tissue={settings.min_tissue:g} of its area in tissue; lower min_tissue or patch_size"
+            )
+        model, encoder_name = _resolve_encoder(encoder, weights)
+        encoder_name = _encoder_name or encoder_name
+        digest = _weights_digest or weights_digest(model)
+        fingerprint = {
+            "slide": slide.name,
+            "slide_bytes": slide.path.stat().st_size,
+            "dimensions": list(slide.dimensions),
+            "tissue": {**mask.params, "level": mask.level},
+            "grid": grid.attrs(),
+            "min_tissue": settings.min_tissue,
+            "n": len(grid),
+            "input_size": settings.input_size,
+            "transform": settings.transform_id,
+            "encoder": encoder_name,
+            "weights": digest,
+            "dtype": settings.dtype,
+            "amp": settings.amp,
+        }
+        if out_path.exists() and overwrite is not True:
+            if _existing_matches(out_path, fingerprint):  # a crash after the rename may have left the shards
+                shutil.rmtree(out_path.with_name(out_path.name + ".partial"), ignore_errors=True)
+                return out_path
+            if overwrite != "stale":
+                raise InvalidInputError(
+                    f"{out_path} already exists and was made with other settings (or by another tool); "
+                    "pass overwrite=True to replace it"
+                )
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out_path)
+
+        shards = _Shards(out_path, fingerprint, grid.coords)
+        model = model.to(dev).eval()
+        _run_encoder(model, encoder_name, slide, grid, shards, settings, dev, batch_size, num_workers, progress)
+        _write_features_h5(
+            out_path,
+            shards,
+            grid,
+            slide,
+            slide_id or slide.name,
+            fingerprint,
+            settings.digest(encoder_name, digest),
+            encoder_name,
+            settings,
+            mask,
+        )
     shards.remove()
     return out_path
 
@@ -206,22 +238,24 @@ def extract_slides(
     Finished slides are skipped and interrupted ones resumed, so rerunning the same call after a
     crash continues the job. With ``skip_errors`` an unreadable slide or one without tissue is
     reported with a warning and left out instead of stopping the run. Returns slide id -> file.
+    ``progress`` (in ``kwargs``) shows a bar over the slides beside each slide's bar over its patches.
+    This process does every slide and writes no manifest: for sharding across processes and a
+    manifest use :func:`attnzoo.pipelines.wsi_cohort.extract_cohort`.
     """
-    model, name = _resolve_encoder(encoder, weights)
-    out_dir = Path(out_dir)
-    done: dict[str, Path] = {}
-    for slide_path in slide_paths:
-        sid = slide_id(slide_path)
-        try:
-            done[sid] = extract_features(slide_path, model, out_dir / f"{sid}.h5", _encoder_name=name, **kwargs)
-        except (DatasetFormatError, InvalidInputError) as err:
-            if not skip_errors:
-                raise
-            warnings.warn(f"skipped {slide_path}: {err}", stacklevel=2)
-    return done
+    from attnzoo.pipelines.wsi_cohort import CohortSlide, extract_cohort
+
+    slides = [CohortSlide.of(path) for path in slide_paths]
+    result = extract_cohort(
+        slides, encoder, out_dir, weights=weights, strict=not skip_errors, distributed=False, manifest=False, **kwargs
+    )
+    for record in result.failed:
+        warnings.warn(f"skipped {record.slide}: {record.error}", stacklevel=2)
+    return {record.slide_id: Path(out_dir) / f"{record.slide_id}.h5" for record in result.records if record.ok}
 
 
-def create_patch_encoder(name: str, weights: str | os.PathLike | Mapping[str, Any] | None = None) -> torch.nn.Module:
+def create_patch_encoder(
+    name: str, weights: str | os.PathLike | Mapping[str, Any] | None = None, *, seed: int = RANDOM_ENCODER_SEED
+) -> torch.nn.Module:
     """A patch encoder returning [B, D] features, in eval mode.
 
     ``"resnet18"``: ImageNet ResNet18 without its fc (512-d; ACMIL's natural_supervised features).
@@ -230,13 +264,17 @@ def create_patch_encoder(name: str, weights: str | os.PathLike | Mapping[str, An
     with the Lunit DINO checkpoint as ``weights=PATH`` gives ACMIL's medical_ssl 384-d features).
     ``weights``: None = the official ImageNet weights (torchvision's for the two ResNets, downloaded
     once), ``"none"`` = random initialisation, or a local path / URL / registered checkpoint / state dict.
+    Random initialisation draws from ``seed`` (the global RNG is left as it was), so every call, process
+    and rerun gets the same encoder and features already extracted with it are reused, not refused.
     """
     random_init = isinstance(weights, str) and weights.strip().lower() == "none"
     arch, default_tag, _ = _NAMED_ENCODERS.get(name, (name, None, None))
 
     def build(**kwargs: Any) -> torch.nn.Module:
         if random_init:
-            return create_model(arch, weights="none", **kwargs)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return create_model(arch, weights="none", **kwargs)
         if weights is None:
             return create_model(default_tag or arch, pretrained=True, **kwargs)
         return create_model(arch, weights=weights, **kwargs)
@@ -274,7 +312,221 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """The checked settings of an extraction that decide its features (not where or how fast it runs):
+    what a finished file is matched on (:meth:`digest`) before it is reused."""
+
+    magnification: float | None
+    mpp: float | None
+    patch_size: int
+    stride: int | None
+    input_size: int
+    min_tissue: float
+    read_level: str
+    base_magnification: float | None
+    base_mpp: float | None
+    dtype: str
+    amp: bool
+    segment_kwargs: dict[str, Any] = field(default_factory=dict)
+    transform: Callable[[Image.Image], Any] = field(default_factory=PatchTransform, compare=False)
+
+    @property
+    def transform_id(self) -> str:
+        return _transform_id(self.transform)
+
+    def digest(self, encoder_name: str, weights: str) -> str:
+        """A short hash of these settings, the encoder's name and its :func:`weights_digest`; stored in
+        every file as ``settings_digest`` (segmentation defaults filled in, so leaving a setting out and
+        giving its default match)."""
+        defaults = {p.name: p.default for p in inspect.signature(segment_tissue).parameters.values()}
+        segment = {k: v for k, v in defaults.items() if k != "slide"} | self.segment_kwargs
+        payload = {
+            "format": FEATURES_FORMAT,
+            **{k: v for k, v in vars(self).items() if k not in ("transform", "segment_kwargs")},
+            "segment": segment,
+            "transform": self.transform_id,
+            "encoder": encoder_name,
+            "weights": weights,
+        }
+        return hashlib.blake2b(json.dumps(payload, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+def check_settings(
+    *,
+    magnification: float | None = 20,
+    mpp: float | None = None,
+    patch_size: int = 224,
+    stride: int | None = None,
+    input_size: int | None = None,
+    min_tissue: float = 0.5,
+    read_level: str = "auto",
+    base_magnification: float | None = None,
+    base_mpp: float | None = None,
+    transform: Callable[[Image.Image], Any] | None = None,
+    dtype: str = "float32",
+    amp: bool = False,
+    segment_kwargs: Mapping[str, Any] | None = None,
+) -> ExtractionSettings:
+    """:func:`extract_features`' settings checked, slide-independently (a wrong one is an
+    :class:`~attnzoo.errors.InvalidInputError` naming it before any slide is read); ``mpp`` wins
+    over ``magnification``."""
+    if dtype not in ("float32", "float16"):
+        raise InvalidInputError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+    if isinstance(min_tissue, bool) or not isinstance(min_tissue, (int, float)) or not 0 <= min_tissue <= 1:
+        raise InvalidInputError(f"min_tissue is a fraction of a patch's area, in [0, 1]; got {min_tissue!r}")
+    if transform is not None and not callable(transform):
+        raise InvalidInputError(f"transform must map a PIL image to a tensor, got a {type(transform).__name__}")
+    if read_level not in ("auto", "base"):
+        raise InvalidInputError(
+            f"read_level must be 'auto' (the coarsest level fine enough) or 'base' (level 0), got {read_level!r}"
+        )
+    if mpp is not None:
+        magnification = None
+    if magnification is None and mpp is None:
+        raise InvalidInputError("give magnification= (e.g. 20) or mpp= (µm per pixel, e.g. 0.5)")
+    scales = {
+        "magnification": magnification,
+        "mpp": mpp,
+        "base_magnification": base_magnification,
+        "base_mpp": base_mpp,
+    }
+    for name, value in scales.items():
+        number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+        if value is not None and not (number and math.isfinite(value) and value > 0):
+            raise InvalidInputError(f"{name} must be a positive number, got {value!r}")
+    patch_size = check_patch_side("patch_size", patch_size)
+    return ExtractionSettings(
+        **{k: float(v) if v is not None else None for k, v in scales.items()},
+        patch_size=patch_size,
+        stride=check_patch_side("stride", stride) if stride is not None else None,
+        input_size=check_patch_side("input_size", input_size) if input_size is not None else patch_size,
+        min_tissue=float(min_tissue),
+        read_level=read_level,
+        dtype=dtype,
+        amp=bool(amp),
+        segment_kwargs=check_segment_kwargs(segment_kwargs),
+        transform=transform if transform is not None else PatchTransform(),
+    )
+
+
+def finished_features(out_path: str | os.PathLike, slide_path: str | os.PathLike, settings_digest: str) -> int | None:
+    """The number of patches in ``out_path`` when it holds ``slide_path``'s features made with the
+    settings of ``settings_digest`` (:meth:`ExtractionSettings.digest`), else None. Reads only the
+    file's attributes, never the slide: a rerun over thousands of finished slides costs seconds.
+    (The slide is recognised by its name and size, as :func:`extract_features`' own check.)"""
+    h5py = import_wsi_dependency("h5py")
+    out_path, slide_path = Path(out_path), Path(slide_path)
+    try:
+        with h5py.File(out_path, "r") as f:
+            stored, fingerprint = f.attrs.get("settings_digest"), json.loads(f.attrs.get("fingerprint", "{}"))
+        same = (
+            stored == settings_digest
+            and fingerprint.get("slide") == slide_id_of(slide_path)
+            and fingerprint.get("slide_bytes") == slide_path.stat().st_size
+        )
+    except (OSError, ValueError, TypeError):
+        return None
+    return int(fingerprint["n"]) if same and isinstance(fingerprint.get("n"), int) else None
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """What an earlier process killed while writing ``path`` left beside it: the temporary files of
+    :func:`~attnzoo._io.atomic_path` and the shard folders being set up (``.<name>.XXXXXXXX[.partial].tmp``;
+    the exact pattern, so another slide's never match)."""
+    pattern = re.compile(re.escape(f".{path.name}.") + r"[A-Za-z0-9_]{8}(\.partial)?\.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        for entry in path.parent.iterdir():
+            if pattern.fullmatch(entry.name):
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
+def check_patch_side(name: str, value: Any) -> int:
+    """A patch side in pixels: a positive integer (integer-valued floats allowed), or a typed error."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InvalidInputError(f"{name} must be a positive integer (pixels), got {value!r}")
+    if not math.isfinite(value) or value < 1 or int(value) != value:
+        raise InvalidInputError(f"{name} must be a positive integer (pixels), got {value!r}")
+    return int(value)
+
+
+#: Bounds of segment_tissue's parameters where the type alone is not enough: saturation is 0-255; filter
+#: sizes are mask pixels (CLAM uses 7 and 4; scipy's closing needs memory growing with about the fourth
+#: power of its size: 180 MB at 64, over 6 GB at 134); a segmentation finer than level 0 would upsample
+#: the slide; the reference patch is level-0 pixels.
+_SEGMENT_RANGES = {
+    "sthresh": (0, 255),
+    "mthresh": (1, 31),
+    "close": (0, 32),
+    "seg_downsample": (1, math.inf),
+    "ref_patch_size": (1, 2**16),
+}
+
+
+def _is_integer(default: Any) -> bool:
+    """Whether a segment_tissue parameter with this default takes integers (``level``'s default is None)."""
+    return default is None or (isinstance(default, int) and not isinstance(default, bool))
+
+
+def check_segment_kwargs(segment_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The keywords for :func:`~attnzoo.datasets.wsi.segment_tissue`, each checked against the type of its
+    default (flags are booleans, counts non-negative integers, sizes and areas non-negative numbers), so
+    a wrong one is a typed error naming it instead of a failure deep inside the segmentation."""
+    if segment_kwargs is None:
+        return {}
+    if not isinstance(segment_kwargs, Mapping):
+        raise InvalidInputError(f"segment_kwargs must be a dict, got a {type(segment_kwargs).__name__}")
+    defaults = {p.name: p.default for p in inspect.signature(segment_tissue).parameters.values() if p.name != "slide"}
+    unknown = sorted(map(str, set(segment_kwargs) - set(defaults)))
+    if unknown:
+        raise InvalidInputError(f"segment_kwargs: unknown {unknown}; segment_tissue takes {', '.join(defaults)}")
+    for key, value in segment_kwargs.items():
+        default = defaults[key]
+        low, high = _SEGMENT_RANGES.get(key, (0, math.inf))
+        if isinstance(default, bool):
+            ok, kind = isinstance(value, bool), "True or False"
+        else:
+            integer = _is_integer(default)
+            kind = f"{'an integer' if integer else 'a number'} in [{low:g}, {high:g}]"
+            number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+                value, (bool, np.bool_)
+            )
+            ok = (value is None and default is None) or (
+                number and math.isfinite(value) and low <= value <= high and (not integer or int(value) == value)
+            )
+        if not ok:
+            raise InvalidInputError(f"segment_kwargs[{key!r}] must be {kind}, got {value!r}")
+    return {
+        k: v if isinstance(v, bool) or v is None else int(v) if _is_integer(defaults[k]) else float(v)
+        for k, v in segment_kwargs.items()
+    }
+
+
 # ------------------------------------------------------------------------------------ internals
+
+
+def _why_no_tissue(slide: Slide, mask: TissueMask, segment_kwargs: dict[str, Any]) -> str:
+    """Whether the saturation threshold or the minimum region size (``a_t``) removed everything, and
+    what to change: CLAM's minimum of 100 reference patches (512 px squared at level 0, about 1.6 mm²
+    at 40x) drops every region of an image much smaller than a whole slide."""
+    from scipy import ndimage
+
+    params = mask.params
+    below = segment_tissue(slide, **{**segment_kwargs, "a_t": 0})
+    if not below.any():
+        return (
+            f"no region's saturation exceeds {params['threshold']:g} at downsample {mask.downsample[0]:.3g}; "
+            "if the slide has tissue, lower sthresh through segment_kwargs="
+        )
+    labels, count = ndimage.label(below.mask, structure=np.ones((3, 3), bool))
+    ref_area = params["ref_patch_size"] ** 2 / (below.downsample[0] * below.downsample[1])
+    largest = np.bincount(labels.ravel())[1:].max() / ref_area
+    return (
+        f"{count} region(s) pass the saturation threshold, the largest {largest:.3g} reference patches "
+        f"({params['ref_patch_size']} px squared at level 0) in area, all below a_t={params['a_t']:g} (CLAM's "
+        f"minimum tissue region, made for whole slides); for a smaller image pass segment_kwargs={{'a_t': "
+        f"{max(largest / 2, 0.01):.2g}}} or lower"
+    )
 
 
 def _resolve_encoder(encoder: Any, weights: Any) -> tuple[torch.nn.Module, str]:
@@ -388,19 +640,19 @@ def _run_encoder(
     slide: Slide,
     grid: PatchGrid,
     shards: _Shards,
-    input_size: int,
-    transform: Callable[[Image.Image], Any],
+    settings: ExtractionSettings,
     dev: torch.device,
-    dtype: str,
     batch_size: int,
     num_workers: int,
-    progress: bool,
-    amp: bool,
+    progress: bool | None,
 ) -> None:
     """Embed the patches after the finished shards, batch by batch, each batch saved as a shard."""
     start = shards.done
+    amp, dtype = settings.amp, settings.dtype
     if start < len(grid):
-        dataset = PatchDataset(slide, grid, input_size=input_size, transform=transform, coords=grid.coords[start:])
+        dataset = PatchDataset(
+            slide, grid, input_size=settings.input_size, transform=settings.transform, coords=grid.coords[start:]
+        )
         loader: DataLoader = DataLoader(
             dataset,  # type: ignore[arg-type]
             batch_size=batch_size,
@@ -410,7 +662,12 @@ def _run_encoder(
             prefetch_factor=4 if num_workers else None,
         )
         bar = tqdm(
-            total=len(grid), initial=start, desc=slide.name, unit="patch", dynamic_ncols=True, disable=not progress
+            total=len(grid),
+            initial=start,
+            desc=slide.name,
+            unit="patch",
+            dynamic_ncols=True,
+            disable=None if progress is None else not progress,
         )
         row = start
         try:
@@ -458,10 +715,11 @@ def _write_features_h5(
     shards: _Shards,
     grid: PatchGrid,
     slide: Slide,
+    slide_id: str,
     fingerprint: dict[str, Any],
+    settings_digest: str,
     encoder_name: str,
-    input_size: int,
-    dtype: str,
+    settings: ExtractionSettings,
     mask: TissueMask,
 ) -> None:
     """Stream the shards into one HDF5 file beside ``out_path`` and rename it into place."""
@@ -470,7 +728,7 @@ def _write_features_h5(
         raise RuntimeError(f"{shards.dir}: holds {shards.done} of {len(grid)} rows")  # pragma: no cover
     with atomic_path(out_path) as tmp:
         with h5py.File(tmp, "w") as f:
-            features = f.create_dataset("features", shape=(len(grid), shards.dim), dtype=dtype)
+            features = f.create_dataset("features", shape=(len(grid), shards.dim), dtype=settings.dtype)
             for start, end, path in shards.shards:
                 features[start:end] = np.load(path)
             coords = f.create_dataset("coords", data=grid.coords.astype(np.int64))
@@ -480,14 +738,15 @@ def _write_features_h5(
             attrs = {
                 "format": FEATURES_FORMAT,
                 "attnzoo_version": __version__,
-                "slide_id": slide.name,
+                "slide_id": slide_id,
                 "slide_path": os.fspath(slide.path),
                 "slide_dimensions": list(slide.dimensions),
                 "encoder": encoder_name,
-                "input_size": input_size,
+                "input_size": settings.input_size,
                 "level": grid.level,
                 "tissue_fraction": mask.fraction,
                 "fingerprint": json.dumps(fingerprint, sort_keys=True),
+                "settings_digest": settings_digest,
                 **grid.attrs(),
             }
             for key, value in attrs.items():

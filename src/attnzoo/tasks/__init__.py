@@ -203,24 +203,49 @@ def pipeline(
     if model is None:
         raise InvalidInputError(f"the {spec.name} task has no default model: pass model=")
     built: Any = model
+    pretrained = weights is None if pretrained is None else pretrained
+    random = (weights is None and not pretrained) or (isinstance(weights, str) and weights.strip().lower() == "none")
     if isinstance(model, str):
+        import torch
+
         from attnzoo.factory import create_model
 
-        built = create_model(
-            model,
-            pretrained=weights is None if pretrained is None else pretrained,
-            weights=weights,
-            **dict(model_kwargs or {}),
-        )
+        # random weights are drawn from a fixed seed: every process of a sharded or resumed run, and
+        # every rerun, gets the same model
+        with torch.random.fork_rng(devices=[]):
+            if random:
+                torch.manual_seed(RANDOM_INIT_SEED)
+            built = create_model(model, pretrained=pretrained, weights=weights, **dict(model_kwargs or {}))
         cls = spec.pipeline_for(built)
         built = cls.configure_model(built, weights)
     else:
-        if weights is not None:
+        if weights is not None and not random:
             from attnzoo.weights import load_weights
 
             load_weights(model, weights)
         cls = spec.pipeline_for(model)
-    return cls(built, device=device, dtype=dtype, **kwargs)
+    pipe = cls(built, device=device, dtype=dtype, **kwargs)
+    pipe.weights_label = describe_weights(built, weights, random, from_name=isinstance(model, str))
+    return pipe
+
+
+#: The seed random initialisation draws from when a pipeline is built by name with ``weights="none"``.
+RANDOM_INIT_SEED = 0
+
+
+def describe_weights(model: Any, weights: Any, random: bool, *, from_name: bool = True) -> str | None:
+    """What a run's records and pictures say about the weights: ``"random (seed 0)"``, ``"pretrained
+    (<checkpoint>)"``, the file or name given, or None for a model object given as is."""
+    if random:
+        return f"random (seed {RANDOM_INIT_SEED})" if from_name else "random"
+    if weights is not None:
+        return os.fspath(weights) if isinstance(weights, (str, os.PathLike)) else "a state dict"
+    if not from_name:
+        return None
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch, tag = cfg.get("architecture"), cfg.get("tag")
+    name = cfg.get("checkpoint") or (f"{arch}.{tag}" if arch and tag else None)
+    return f"pretrained ({name})" if name else "pretrained"
 
 
 def get_evaluator(task: str) -> Any:
@@ -229,7 +254,14 @@ def get_evaluator(task: str) -> Any:
 
 
 # the built-in tasks, one spec each
-from attnzoo.tasks import image_classification, multiview_reconstruction, scanpath, wsi_classification  # noqa: E402,F401
+from attnzoo.tasks import (  # noqa: E402,F401
+    hallucination_mitigation,
+    image_classification,
+    multiview_reconstruction,
+    scanpath,
+    subject_insertion,
+    wsi_classification,
+)
 
 __all__ = [
     "COMMANDS",

@@ -17,6 +17,48 @@ SPEC = register_task(
         train_model="oat",
         options=(
             Option("caption", str, "NevaClip: what the viewer looks for, e.g. 'a man crossing the street'.", ("run",)),
+            # NevaClip's search, for run and eval (the paper's settings by default: 10 x 20 take minutes per
+            # image on a CPU)
+            Option("fixations", int, "NevaClip: fixations per scanpath (default 10, the paper's).", ("run", "eval")),
+            Option(
+                "iterations",
+                int,
+                "NevaClip: gradient steps searching each fixation (default 20; fewer is faster and rougher).",
+                ("run", "eval"),
+            ),
+            Option("lr", float, "NevaClip: sign-gradient step in [-1, 1] crop units (default 0.1).", ("run", "eval")),
+            Option(
+                "random_restarts",
+                bool,
+                "NevaClip: restart a fixation that did not improve at a random place (the default, as the paper); "
+                "--no-random-restarts jitters it instead.",
+                ("run", "eval"),
+            ),
+            Option(
+                "forgetting",
+                float,
+                "NevaClip: share of the earlier fixations kept sharp at each step, in [0, 1] (default 0: only the last).",
+                ("run", "eval"),
+            ),
+            Option(
+                "truncate",
+                bool,
+                "NevaClip: cut captions longer than CLIP's 77 tokens instead of refusing them.",
+                ("run",),
+            ),
+            Option(
+                "boxes",
+                str,
+                "OAT: the display's object boxes, a .json or .npy file of [N, 4] (x0, y0, x1, y1) pixels (any order).",
+                ("run",),
+            ),
+            Option("target", int, "OAT: the object searched for, as its index (0-based) in --boxes.", ("run",)),
+            Option(
+                "max_len",
+                int,
+                "OAT: at most this many fixations (default: the training run's longest scanpath, else one per object).",
+                ("run",),
+            ),
             Option(
                 "dataset",
                 str,

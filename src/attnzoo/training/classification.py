@@ -148,7 +148,14 @@ def _teacher(
     from timm.models.vision_transformer import VisionTransformer
 
     import attnzoo
+    from attnzoo.vision.sparsifiner import SparsifinerLVViT
 
+    if isinstance(student, SparsifinerLVViT):
+        raise InvalidInputError(
+            "sparsifiner_phase=distill distils from a dense DeiT teacher; the LV-ViT student's own recipe "
+            "(a dense LV-ViT teacher with token labelling) is not implemented: run the reconstruction phase, "
+            "then fine-tune without sparsifiner_phase"
+        )
     if extra["teacher_weights"] is None:
         raise InvalidInputError(
             "sparsifiner_phase=distill needs teacher_weights=PATH (the dense DeiT checkpoint the student started from)"

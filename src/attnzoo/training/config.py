@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -10,7 +12,35 @@ from typing import Any
 
 import yaml
 
-from attnzoo.errors import InvalidInputError, UnknownNameError
+from attnzoo.errors import InvalidOptionError, UnknownNameError
+
+_CHOICES = {
+    "schedule": ("cosine", "step", "multistep", "constant"),
+    "amp": ("none", "bf16", "fp16"),
+    "best_mode": ("max", "min"),
+    "optimizer": ("adamw", "adam", "sgd"),
+}
+#: Lowest allowed value of each bounded setting (counts, and rates that may be zero).
+_AT_LEAST = {
+    "epochs": 1,
+    "batch_size": 1,
+    "accum_steps": 1,
+    "repeated_aug": 1,
+    "eval_every": 1,
+    "log_every": 1,
+    "keep_last": 1,
+    "num_workers": 0,
+    "checkpoint_every": 0,
+    "early_stop_patience": 0,
+    "min_lr": 0.0,
+    "warmup_lr": 0.0,
+    "warmup_epochs": 0.0,
+    "cooldown_epochs": 0.0,
+    "weight_decay": 0.0,
+    "momentum": 0.0,
+}
+_POSITIVE = ("lr", "decay_epochs", "decay_rate", "clip_grad")
+_KINDS = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string"}
 
 
 @dataclass
@@ -50,34 +80,81 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # recipe settings
 
     def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.accum_steps < 1 or self.repeated_aug < 1:
-            raise InvalidInputError("epochs, batch_size, accum_steps and repeated_aug must be at least 1")
-        if self.schedule not in ("cosine", "step", "multistep", "constant"):
-            raise InvalidInputError(f"schedule must be cosine, step, multistep or constant, got {self.schedule!r}")
-        if self.amp not in ("none", "bf16", "fp16"):
-            raise InvalidInputError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
-        if self.best_mode not in ("max", "min"):
-            raise InvalidInputError(f"best_mode must be max or min, got {self.best_mode!r}")
-        if self.early_stop_patience < 0 or (self.early_stop_patience and self.best_metric is None):
-            raise InvalidInputError("early_stop_patience needs best_metric (the metric it watches) and must be >= 0")
+        """Refuse, naming the setting, any value the engine could not use as meant (types included:
+        ``lr=abc`` or ``lr=nan`` must not reach the optimizer); integral floats become ints."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _conform(f.name, getattr(self, f.name), str(f.type)))
+        for key, choices in _CHOICES.items():
+            if str(getattr(self, key)).lower() not in choices:
+                raise InvalidOptionError(f"{key} must be one of {', '.join(choices)}, got {getattr(self, key)!r}")
+        for key, low in _AT_LEAST.items():
+            if getattr(self, key) < low:
+                raise InvalidOptionError(f"{key} must be at least {low}, got {getattr(self, key)!r}")
+        for key in _POSITIVE:
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise InvalidOptionError(f"{key} must be positive, got {getattr(self, key)!r}")
+        if self.momentum >= 1:
+            raise InvalidOptionError(f"momentum must be below 1, got {self.momentum!r}")
+        if any(m < 0 for m in self.decay_milestones):
+            raise InvalidOptionError(f"decay_milestones must be epochs (>= 0), got {self.decay_milestones!r}")
+        if self.early_stop_patience and self.best_metric is None:
+            raise InvalidOptionError("early_stop_patience needs best_metric (the metric it watches)")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise InvalidInputError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+            raise InvalidOptionError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def _coerce(value: str, current: Any) -> Any:
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _conform(key: str, value: Any, annotation: str) -> Any:
+    """``value`` as the type ``annotation`` names (``"float | None"``, ``"list[float]"``...), or a typed
+    error naming ``key``."""
+    optional = annotation.endswith(" | None")
+    kind = annotation.removesuffix(" | None")
+    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null"))):
+        return None
+    if kind == "bool" and isinstance(value, bool):
+        return value
+    if kind == "int" and _is_number(value) and float(value).is_integer():
+        return int(value)
+    if kind == "float" and _is_number(value) and math.isfinite(value):
+        return float(value)
+    if kind == "str" and isinstance(value, str):
+        return value
+    if kind == "list[float]" and isinstance(value, (list, tuple)):
+        return [_conform(f"{key}[{i}]", v, "float") for i, v in enumerate(value)]
+    if kind.startswith("dict") and isinstance(value, Mapping):
+        return dict(value)
+    if kind not in _KINDS and not kind.startswith(("list", "dict")):
+        return value  # a type this check does not know: the engine's own checks apply
+    wanted = _KINDS.get(kind, "a list of numbers" if kind.startswith("list") else "a mapping")
+    raise InvalidOptionError(f"{key} must be {wanted}{' or null' if optional else ''}, got {value!r}")
+
+
+def _coerce(key: str, value: str, current: Any) -> Any:
     """YAML scalars, plus the numbers YAML 1.1 leaves as strings (``1e-4``)."""
-    parsed = yaml.safe_load(value)
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise InvalidOptionError(f"{key}={value!r} is not a value ({_yaml_problem(err)})") from None
     if isinstance(parsed, str):
         try:
             parsed = float(parsed)
         except ValueError:
             return parsed
-    if isinstance(current, float) and isinstance(parsed, int) and not isinstance(parsed, bool):
+    if isinstance(current, float) and _is_number(parsed):
         return float(parsed)
     return parsed
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(err, 'problem', None) or err}{where}"
 
 
 def apply_overrides(config: TrainConfig, overrides: dict[str, Any] | list[str]) -> TrainConfig:
@@ -87,12 +164,12 @@ def apply_overrides(config: TrainConfig, overrides: dict[str, Any] | list[str]) 
     for key, value in items:
         if key.startswith("extra."):
             sub = key.removeprefix("extra.")
-            config.extra[sub] = _coerce(value, config.extra.get(sub)) if isinstance(value, str) else value
+            config.extra[sub] = _coerce(key, value, config.extra.get(sub)) if isinstance(value, str) else value
         elif key in names:
             current = getattr(config, key)
-            setattr(config, key, _coerce(value, current) if isinstance(value, str) else value)
+            setattr(config, key, _coerce(key, value, current) if isinstance(value, str) else value)
         elif key in config.extra:
-            config.extra[key] = _coerce(value, config.extra[key]) if isinstance(value, str) else value
+            config.extra[key] = _coerce(key, value, config.extra[key]) if isinstance(value, str) else value
         else:
             raise UnknownNameError("training setting", key, [*names, *config.extra])
     config.validate()
@@ -101,7 +178,7 @@ def apply_overrides(config: TrainConfig, overrides: dict[str, Any] | list[str]) 
 
 def _split(item: str) -> tuple[str, str]:
     if "=" not in item:
-        raise InvalidInputError(f"overrides are key=value, got {item!r}")
+        raise InvalidOptionError(f"overrides are key=value, got {item!r}")
     key, value = item.split("=", 1)
     return key.strip(), value
 
@@ -114,28 +191,62 @@ def named_configs() -> list[str]:
     )
 
 
+def _named_configs_hint() -> str:
+    return f"Named configs: {', '.join(named_configs())} (attnzoo train --list-configs); or give a YAML file."
+
+
+def _read_config(source: str | Path) -> dict[str, Any]:
+    """The mapping a named recipe or a YAML file holds; every way a file can be wrong is a typed error."""
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise InvalidOptionError(f"config file {path} does not exist. {_named_configs_hint()}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise InvalidOptionError(f"config file {path} cannot be read as text ({err})") from None
+    else:
+        names = named_configs()
+        if str(source) not in names:
+            error = UnknownNameError("training config", str(source), names)
+            error.args = (f"{error.args[0]} {_named_configs_hint()}",)
+            raise error
+        text = resources.files("attnzoo.training.configs").joinpath(f"{source}.yaml").read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise InvalidOptionError(f"training config {source} is not valid YAML: {_yaml_problem(err)}") from None
+    except RecursionError:
+        raise InvalidOptionError(f"training config {source} is nested too deeply to be a config") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise InvalidOptionError(f"training config {source} must be a mapping of setting names to values")
+    if not isinstance(data.get("extra") or {}, dict):
+        raise InvalidOptionError(f"training config {source}: 'extra' must be a mapping")
+    return data
+
+
 def load_config(source: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
     """A named recipe (``"biformer"``, see :func:`named_configs`), a YAML path, or the defaults."""
-    data: dict[str, Any] = {}
-    if source is not None:
-        path = Path(source)
-        if path.suffix in (".yaml", ".yml") or path.exists():
-            if not path.is_file():
-                raise InvalidInputError(f"config file {path} does not exist")
-            text = path.read_text()
-        else:
-            names = named_configs()
-            if str(source) not in names:
-                raise UnknownNameError("training config", str(source), names)
-            text = resources.files("attnzoo.training.configs").joinpath(f"{source}.yaml").read_text()
-        data = yaml.safe_load(text) or {}
-        if not isinstance(data, dict):
-            raise InvalidInputError(f"training config {source} must be a mapping")
+    data = _read_config(source) if source is not None else {}
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    extra = dict(data.pop("extra", {}) or {})
+    extra = dict(data.pop("extra", None) or {})
     extra.update({k: data.pop(k) for k in list(data) if k not in names})  # recipe keys may sit at the top level
     config = TrainConfig(**data, extra=extra)
     return apply_overrides(config, overrides or [])
+
+
+def _check_recipe_settings(extra: dict[str, Any], defaults: dict[str, Any], task: str) -> None:
+    """Recipe settings have the kind of their default (a number, a flag, a name); None defaults take anything."""
+    unknown = set(extra) - set(defaults)
+    if unknown:
+        raise InvalidOptionError(
+            f"unknown {task} settings: {', '.join(sorted(unknown))} (known: {', '.join(sorted(defaults))})"
+        )
+    for key, default in defaults.items():
+        if default is not None and not isinstance(default, (list, dict)):
+            kind = "bool" if isinstance(default, bool) else type(default).__name__
+            extra[key] = _conform(key, extra[key], kind)
 
 
 def recipe_config(
@@ -145,11 +256,9 @@ def recipe_config(
     task: str,
 ) -> TrainConfig:
     """A recipe's settings: its defaults under the named/YAML config, then the overrides; keys the
-    recipe does not know are errors."""
+    recipe does not know, or values of the wrong kind, are errors."""
     cfg = config if isinstance(config, TrainConfig) else load_config(config)
     cfg.extra = {**defaults, **cfg.extra}
     apply_overrides(cfg, overrides or [])
-    unknown = set(cfg.extra) - set(defaults)
-    if unknown:
-        raise InvalidInputError(f"unknown {task} settings: {', '.join(sorted(unknown))}")
+    _check_recipe_settings(cfg.extra, defaults, task)
     return cfg

@@ -105,14 +105,18 @@ def _split(bags: Any, extra: dict[str, Any], seed: int) -> dict[str, list[str]]:
     return {"train": rest[n_val:], "val": rest[:n_val], "test": test}
 
 
-def _labels(extra: dict[str, Any], seed: int) -> dict[str, int] | None:
+def _labels(extra: dict[str, Any], seed: int, data: str | os.PathLike) -> dict[str, int] | None:
+    """The slide labels: ``labels=`` a CSV, else BRACS's split CSV, else ``labels.csv`` beside the features
+    (what ``attnzoo extract wsi-features`` writes, and what ``attnzoo eval`` reads), else the feature file's own."""
     from attnzoo.datasets.mil_features import read_bracs_csv, read_slide_labels
 
-    if not extra["labels"]:
-        if extra["split"] and str(extra["split"]).endswith(".csv"):
-            return read_bracs_csv(_split_path(extra, seed), int(extra["n_classes"] or 3)).labels
-        return None
-    return read_slide_labels(extra["labels"])
+    if extra["labels"]:
+        return read_slide_labels(extra["labels"])
+    if extra["split"] and str(extra["split"]).endswith(".csv"):
+        return read_bracs_csv(_split_path(extra, seed), int(extra["n_classes"] or 3)).labels
+    root = Path(data)
+    beside = (root if root.is_dir() else root.parent) / "labels.csv"
+    return read_slide_labels(beside) if beside.is_file() else None
 
 
 def train_wsi_classification(
@@ -134,7 +138,7 @@ def train_wsi_classification(
 
     base = recipe_config(config or "acmil", overrides, RECIPE_DEFAULTS, "wsi-classification")
     seeds = base.extra["seeds"] or [base.seed]
-    bags = read_feature_bags(data, labels=_labels(base.extra, int(seeds[0])))
+    bags = read_feature_bags(data, labels=_labels(base.extra, int(seeds[0]), data))
     if base.extra["split"] and len(seeds) > 1 and "{seed}" not in str(base.extra["split"]):
         warnings.warn(
             f"all {len(seeds)} seeds use the one split file {base.extra['split']}, so their spread covers the "

@@ -336,9 +336,12 @@ class _ACMILBase(nn.Module):
             raise InvalidInputError(f"{name} got an empty bag (0 instances): a slide needs at least one patch feature")
         if not x.is_floating_point():
             raise InvalidInputError(f"{name} expects floating-point features, got {x.dtype}")
+        x = x.to(self.dimreduction.fc1.weight.dtype)  # cast first: 1e300 in float64 is inf in float32
         if not bool(torch.isfinite(x).all()):
-            raise InvalidInputError(f"{name} got NaN or infinite features in a bag of {x.shape[1]} instances")
-        return x.to(self.dimreduction.fc1.weight.dtype)
+            raise InvalidInputError(
+                f"{name} got NaN or infinite features (in {x.dtype}) in a bag of {x.shape[1]} instances"
+            )
+        return x
 
     def loss(self, output: ACMILOutput | tuple, label: int | torch.Tensor) -> ACMILLoss:
         """The official training loss, see :func:`acmil_loss`."""

@@ -41,7 +41,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from attnzoo.errors import InvalidInputError
-from attnzoo.kernels import grouped_attention, region_routing, window_groups
+from attnzoo.kernels import grouped_attention, region_means, region_routing, window_groups
 from attnzoo.vision._common import ClassifierMixin, check_official_kwargs, check_output_fmt, init_vit_weights
 from attnzoo.weights import register_checkpoints, unwrap_state_dict
 
@@ -61,6 +61,17 @@ __all__ = [
 # checkpoints load without renaming: the legacy ones (ops/bra_legacy.py, models/_common.py) take
 # NHWC maps; the refactored ones (ops/bra_nchw.py, nchwAttentionLePE) take NCHW maps and hold 1x1
 # convolutions.
+
+
+_BRA_OFFICIAL_DEFAULTS = {
+    "kv_downsample_mode": "identity",
+    "param_attention": "qkvo",
+    "param_routing": False,
+    "diff_routing": False,
+    "soft_routing": False,
+    "auto_pad": False,
+}
+_KV_DOWNSAMPLE_ONLY = ("kv_per_win", "kv_downsample_ratio", "kv_downsample_kernel")  # unread by the identity mode
 
 
 class QKVLinear(nn.Module):
@@ -93,8 +104,13 @@ class BiLevelRoutingAttention(nn.Module):
         qk_scale: float | None = None,
         topk: int = 4,
         side_dwconv: int = 5,
+        **official: Any,
     ):
         super().__init__()
+        if official.get("kv_downsample_mode", "identity") == "identity":
+            for key in _KV_DOWNSAMPLE_ONLY:
+                official.pop(key, None)
+        check_official_kwargs("BiLevelRoutingAttention", official, _BRA_OFFICIAL_DEFAULTS)
         self.dim, self.num_heads, self.n_win, self.topk = dim, num_heads, n_win, topk
         self.qk_dim = qk_dim or dim
         if self.qk_dim % num_heads or dim % num_heads:
@@ -111,7 +127,16 @@ class BiLevelRoutingAttention(nn.Module):
             self._groups[key] = window_groups(height, width, (height // self.n_win, width // self.n_win), device=device)
         return self._groups[key]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """``[B, N, heads * d]`` -> ``[B, N, heads, d]`` (heads are contiguous channel chunks, as official)."""
+        return t.reshape(*t.shape[:2], self.num_heads, -1)
+
+    def forward(
+        self, x: torch.Tensor, ret_attn_mask: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """NHWC in and out. ``ret_attn_mask=True`` also returns, as the official module does,
+        ``r_weight`` and ``r_idx`` (the routing, ``[B, G, topk]``) and ``attn_weight``
+        (see :meth:`attention_weights`)."""
         B, H, W, C = x.shape
         if H % self.n_win or W % self.n_win:
             raise InvalidInputError(
@@ -121,11 +146,34 @@ class BiLevelRoutingAttention(nn.Module):
         q, k, v = self.qkv(x.reshape(B, H * W, C))
         groups = self.groups(H, W, x.device)
         route = region_routing(q, k, groups, self.topk, self.scale)
-        heads = lambda t: t.reshape(B, H * W, self.num_heads, -1)  # noqa: E731
-        out = grouped_attention(heads(q), heads(k), heads(v), groups, route=route, scale=self.scale).reshape(B, H, W, C)
+        out = grouped_attention(
+            self._heads(q), self._heads(k), self._heads(v), groups, route=route, scale=self.scale
+        ).reshape(B, H, W, C)
         if self.lepe is not None:
             out = out + self.lepe(v.reshape(B, H, W, C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return self.wo(out)
+        out = self.wo(out)
+        if not ret_attn_mask:
+            return out
+        return out, *self.attention_weights(q, k, groups, route)
+
+    def attention_weights(
+        self, q: torch.Tensor, k: torch.Tensor, groups: torch.Tensor, route: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the official module returns beside its output, for inspection (the forward never
+        materialises them): ``r_weight``, the softmax of each region's top-k routing logits (computed
+        but unused by the released hard routing); ``r_idx``; ``attn_weight`` ``[B * G, heads, T,
+        topk * T]``, each region's post-softmax token attention, keys in routed-region order and
+        row-major inside a region."""
+        B, G, T = q.shape[0], *groups.shape
+        index = route.long()
+        with torch.no_grad():
+            logits = (region_means(q, groups) * self.scale) @ region_means(k, groups).transpose(-1, -2)
+        r_weight = logits.gather(-1, index).softmax(dim=-1)
+        queries = self._heads(q)[:, groups.long()].permute(0, 1, 3, 2, 4)  # [B, G, heads, T, d]
+        key_tokens = groups.long()[index].flatten(2)  # [B, G, topk * T]
+        keys = self._heads(k)[torch.arange(B, device=q.device)[:, None, None], key_tokens]  # [B, G, topk*T, heads, d]
+        attn = ((queries * self.scale) @ keys.permute(0, 1, 3, 4, 2)).softmax(dim=-1)
+        return r_weight, index, attn.reshape(B * G, self.num_heads, T, -1)
 
 
 class AttentionLePE(nn.Module):
@@ -475,9 +523,7 @@ class _BiFormerBase(ClassifierMixin, nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean((2, 3)) if self.global_pool == "avg" else x.flatten(2).amax(-1)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
+        return self.pool_and_classify(x, pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -507,7 +553,7 @@ class BiFormer(_BiFormerBase):
     ):
         super().__init__()
         check_official_kwargs("BiFormer", unsupported, _OFFICIAL_DEFAULTS)
-        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_classes, self.global_pool = num_classes, self.check_global_pool(global_pool)
         self.num_features = self.head_hidden_size = embed_dim[-1]
         self.downsample_layers = nn.ModuleList(
             [
@@ -526,7 +572,7 @@ class BiFormer(_BiFormerBase):
                     nn.Conv2d(embed_dim[i], embed_dim[i + 1], 3, stride=2, padding=1), nn.BatchNorm2d(embed_dim[i + 1])
                 )
             )
-        rates = torch.linspace(0, drop_path_rate, sum(depth)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depth), device="cpu").tolist()
         self.stages = nn.ModuleList()
         self.feature_info = []
         cursor = 0
@@ -609,7 +655,7 @@ class BiFormerSTL(_BiFormerBase):
             if isinstance(pre_head_norm_layer, str)
             else (pre_head_norm_layer or norm_layer)
         )
-        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_classes, self.global_pool = num_classes, self.check_global_pool(global_pool)
         self.num_features = self.head_hidden_size = embed_dim[-1]
         self.downsample_layers = nn.ModuleList(
             [nn.Sequential(nn.Conv2d(in_chans, embed_dim[0], 4, stride=4), norm_layer(embed_dim[0]))]
@@ -619,7 +665,7 @@ class BiFormerSTL(_BiFormerBase):
                 nn.Sequential(norm_layer(embed_dim[i]), nn.Conv2d(embed_dim[i], embed_dim[i + 1], 2, stride=2))
             )
         block_cls = BiFormerSTLBlock if layout == "legacy" else NCHWBiFormerSTLBlock
-        rates = torch.linspace(0, drop_path_rate, sum(depth)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depth), device="cpu").tolist()
         self.stages = nn.ModuleList()
         self.feature_info = []
         cursor = 0
@@ -727,11 +773,16 @@ def _create_biformer_stl(variant: str, pretrained: bool = False, **kwargs: Any) 
 
 
 def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
-    """The official evaluation: resize 256/224 bicubic, centre crop, ImageNet mean/std (not timm's ViT defaults)."""
+    """The official evaluation: resize 256/224 bicubic, centre crop, ImageNet mean/std (not timm's ViT defaults).
+
+    ``min_input_size``: the smallest input whose stage maps split into the 7x7 routing regions
+    (legacy BRA: sides that are multiples of 112; the nchw BRA pads, but needs 7 tokens per side).
+    """
     return {
         "url": url,
         "num_classes": 1000,
         "input_size": (3, 224, 224),
+        "min_input_size": (3, 112, 112),
         "pool_size": (7, 7),
         "crop_pct": 0.875,
         "interpolation": "bicubic",

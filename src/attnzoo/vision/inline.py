@@ -357,8 +357,11 @@ class InLineSwin(ClassifierMixin, nn.Module):
     """Keyword names mirror the official ``InLineSwin`` constructor (``attn_type`` as in the configs).
 
     The network is built for ``img_size`` (the shift masks and window clamping depend on each
-    stage's resolution), so inputs must have exactly that size.
+    stage's resolution), so inputs must have exactly that size. As timm's Swin,
+    ``forward_features`` returns the normed last stage as an NHWC map (``output_fmt``).
     """
+
+    output_fmt = "NHWC"
 
     def __init__(
         self,
@@ -398,7 +401,7 @@ class InLineSwin(ClassifierMixin, nn.Module):
                 f"{window_size}, attn_type {attn_type!r}): {problem}. "
                 f"{self._working_sizes(patch_size, depths, window_size, stage_types)}"
             )
-        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_classes, self.global_pool = num_classes, self.check_global_pool(global_pool)
         self.num_layers, self.embed_dim, self.ape = num_layers, embed_dim, ape
         self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (num_layers - 1))
         self.patch_embed = PatchEmbed(
@@ -434,6 +437,7 @@ class InLineSwin(ClassifierMixin, nn.Module):
             )
             self.feature_info.append({"num_chs": dim, "reduction": patch_size * 2**i, "module": f"layers.{i}"})
         self.norm = norm_layer(self.num_features)
+        self.head_drop = nn.Identity()  # the official head has no dropout (drop_rate acts inside the blocks)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(init_vit_weights)
         self.set_grad_checkpointing(use_checkpoint)
@@ -478,6 +482,9 @@ class InLineSwin(ClassifierMixin, nn.Module):
         H, W = self.layers[i].blocks[0].input_resolution
         return x.transpose(1, 2).reshape(x.shape[0], -1, H, W)
 
+    def _nhwc(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        return x.reshape(x.shape[0], *self.layers[i].blocks[0].input_resolution, x.shape[-1])
+
     def forward_intermediates(
         self,
         x: torch.Tensor,
@@ -487,7 +494,8 @@ class InLineSwin(ClassifierMixin, nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ):
-        """Stage outputs before patch merging (NCHW, reductions 4/8/16/32), timm's contract."""
+        """Stage outputs before patch merging (NCHW maps, reductions 4/8/16/32, or NLC tokens) and
+        the final NHWC map of ``forward_features``: timm's contract."""
         check_output_fmt(output_fmt)
         take, last = feature_take_indices(self.num_layers, indices)
         intermediates = []
@@ -503,18 +511,17 @@ class InLineSwin(ClassifierMixin, nn.Module):
                 x = layer.downsample(x)
         if intermediates_only:
             return intermediates
-        return self.norm(x), intermediates
+        final = self.norm(x) if i == self.num_layers - 1 else x  # the norm is sized for the last stage
+        return self._nhwc(final, i), intermediates
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self._embed(x)
         for layer in self.layers:
             x = layer(x)
-        return self.norm(x)  # [B, L, C]
+        return self._nhwc(self.norm(x), self.num_layers - 1)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(1)
-        return x if pre_logits else self.head(x)
+        return self.pool_and_classify(x, pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -535,6 +542,9 @@ class InLineDeiT(ClassifierMixin, nn.Module):
     tokens) or ``''``. Inputs must be ``img_size``; official checkpoints made at another size
     load with the position embedding resampled (``checkpoint_filter_fn``).
     """
+
+    output_fmt = "NLC"  # forward_features gives tokens [B, 1 + N, C], as timm's ViT
+    global_pools = ("token", "avg", "")
 
     def __init__(
         self,
@@ -562,7 +572,7 @@ class InLineDeiT(ClassifierMixin, nn.Module):
         self.img_size = to_2tuple(img_size)
         if min(self.img_size) < patch_size:
             raise InvalidInputError(f"InLineDeiT: img_size {self.img_size} is smaller than one {patch_size}px patch")
-        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_classes, self.global_pool = num_classes, self.check_global_pool(global_pool)
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
         self.patch_embed = PatchEmbed(self.img_size, patch_size, in_chans, embed_dim)
@@ -664,16 +674,15 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module) -> dict[s
 
     - DeiT: ``pos_embed`` is resampled (bicubic, cls kept) when the checkpoint's grid differs.
     - Swin: ``relative_position_index`` and ``attn_mask`` are geometry buffers the official code
-      saves; where the model's geometry (image size) differs from the checkpoint's, ours are used,
-      and ones our model does not have are dropped. Everything else must match strictly.
+      saves. They follow from the architecture and the image size, not from training, so the
+      model's own are always used (the parity tests check them against the official ones by
+      value), and ones our model does not have are dropped. Everything else must match strictly.
     """
     state = unwrap_state_dict(state_dict)
     own = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     for k, v in state.items():
         if k.rsplit(".", 1)[-1] in _GEOMETRY_BUFFERS:
-            if k in own:
-                out[k] = v if v.shape == own[k].shape else own[k]
             continue
         if k == "pos_embed" and isinstance(model, InLineDeiT) and v.shape != own[k].shape:
             v = resample_abs_pos_embed(v, new_size=list(model.grid_size), num_prefix_tokens=model.num_prefix_tokens)
@@ -681,7 +690,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module) -> dict[s
             v = v.reshape(own[k].shape)
         out[k] = v
     for k, v in own.items():
-        if k.rsplit(".", 1)[-1] in _GEOMETRY_BUFFERS and k not in out:
+        if k.rsplit(".", 1)[-1] in _GEOMETRY_BUFFERS:
             out[k] = v
     return out
 

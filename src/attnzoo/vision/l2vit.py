@@ -35,6 +35,10 @@ def _nchw(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B, C, *size)
 
 
+def _nhwc(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return x.reshape(x.shape[0], *size, x.shape[-1])
+
+
 class ConvPosEnc(nn.Module):
     """Depthwise 3x3 conv on the token map (``cpe.{0,1}.proj``); the caller adds the residual."""
 
@@ -174,7 +178,13 @@ class PatchMerging(nn.Module):
 
 
 class L2ViT(ClassifierMixin, nn.Module):
-    """Keyword names mirror the official constructor (``depths``, ``dims``, ``num_heads`` ...)."""
+    """Keyword names mirror the official constructor (``depths``, ``dims``, ``num_heads`` ...).
+
+    As timm's Swin, ``forward_features`` returns the normed last stage as an NHWC map
+    (``output_fmt``) and ``forward_intermediates`` NCHW maps (or the official NLC tokens).
+    """
+
+    output_fmt = "NHWC"
 
     def __init__(
         self,
@@ -195,12 +205,12 @@ class L2ViT(ClassifierMixin, nn.Module):
         super().__init__()
         check_official_kwargs("L2ViT", unsupported, _OFFICIAL_DEFAULTS)
         ratios = list(mlp_ratio) if isinstance(mlp_ratio, Sequence) else [mlp_ratio] * 4
-        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_classes, self.global_pool = num_classes, self.check_global_pool(global_pool)
         self.num_features = self.head_hidden_size = dims[-1]
         self.downsample_layers = nn.ModuleList(
             [ConvStem(in_chans, dims[0])] + [PatchMerging(dims[i], dims[i + 1]) for i in range(3)]
         )
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.stages = nn.ModuleList()
         self.feature_info = []
         cursor = 0
@@ -251,7 +261,8 @@ class L2ViT(ClassifierMixin, nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ):
-        """Stage outputs as NCHW maps or NLC tokens at ``indices`` (last n if an int), timm's contract."""
+        """Stage outputs as NCHW maps or NLC tokens at ``indices`` (last n if an int), and the final
+        NHWC map of ``forward_features``: timm's contract."""
         check_output_fmt(output_fmt)
         take, last = feature_take_indices(len(self.stages), indices)
         intermediates = []
@@ -263,16 +274,15 @@ class L2ViT(ClassifierMixin, nn.Module):
                 break
         if intermediates_only:
             return intermediates
-        return self.norm(tokens), intermediates
+        final = self.norm(tokens) if i == len(self.stages) - 1 else tokens  # the norm is sized for the last stage
+        return _nhwc(final, size), intermediates
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        *_, (tokens, _size) = self._stages(x)  # the last stage's tokens
-        return self.norm(tokens)
+        *_, (tokens, size) = self._stages(x)  # the last stage's tokens
+        return _nhwc(self.norm(tokens), size)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(1) if self.global_pool == "avg" else x
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
+        return self.pool_and_classify(x, pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -319,7 +329,7 @@ def _cfg(file: str, **kwargs: Any) -> dict[str, Any]:
         "url": f"https://github.com/ChuanyangZheng/L2ViT/releases/download/v1.0/{file}",
         "num_classes": 1000,
         "input_size": (3, 224, 224),
-        "pool_size": None,
+        "pool_size": (7, 7),
         "crop_pct": 0.875,
         "interpolation": "bicubic",
         "mean": (0.485, 0.456, 0.406),
@@ -337,7 +347,10 @@ default_cfgs = generate_default_cfgs(
             "l2vit_small.official_in1k": _cfg("L2ViT-Small-checkpoint-best-ema.pth"),
             "l2vit_base.official_in1k": _cfg("L2ViT-Base-checkpoint-best-ema.pth"),
             "l2vit_base_384.official_in22k_ft_in1k": _cfg(
-                "L2ViT-Base-22k21k-finetune-384-checkpoint-best.pth", input_size=(3, 384, 384), crop_pct=1.0
+                "L2ViT-Base-22k21k-finetune-384-checkpoint-best.pth",
+                input_size=(3, 384, 384),
+                pool_size=(12, 12),
+                crop_pct=1.0,
             ),
         },
         converter="attnzoo.vision.l2vit:checkpoint_filter_fn",

@@ -1,7 +1,8 @@
-"""Sparsifiner: learned, instance-dependent sparse attention on a DeiT backbone.
+"""Sparsifiner: learned, instance-dependent sparse attention on DeiT and LV-ViT backbones.
 
 Wei, Duke, Jayasundara, Kotagiri, Taylor, Mou. CVPR 2023. https://arxiv.org/abs/2303.13755
-Official code: https://github.com/lim142857/Sparsifiner (src/models/sparsifiner.py).
+Official code: https://github.com/lim142857/Sparsifiner (src/models/sparsifiner.py,
+src/models/sparsifiner_lvvit.py).
 
 A DeiT whose every attention layer owns a low-rank *connectivity predictor*: it scores all
 query-key pairs cheaply (reduced channels, a learned token basis), keeps the top 25% of keys per
@@ -9,22 +10,25 @@ query and the attention runs only over those (the cls query stays dense). The ba
 DeiT's parameter names, so dense DeiT checkpoints load; the predictor has to be trained (the
 reconstruction phase of the two-phase recipe), since no trained Sparsifiner weights were released.
 
-Implemented: sparsifiner_deit_small, sparsifiner_deit_base (the paper's eval configuration:
-coefficient top-8, basis threshold 0.02, keep rate 0.25, no token pruning). Not yet: the LV-ViT
-variants and token pruning.
+Implemented: sparsifiner_deit_small, sparsifiner_deit_base and sparsifiner_lvvit_s (the
+official training script's three models; the paper's eval configuration: coefficient top-8,
+basis threshold 0.02, keep rate 0.25, no token pruning). The LV-ViT model starts from the dense
+LV-ViT-S release (zihangJiang/TokenLabeling). Not implemented: token pruning, and LV-ViT-M, which
+the official script downloads but never builds.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from timm.layers import PatchEmbed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter
@@ -40,6 +44,7 @@ __all__ = [
     "LayerSparsity",
     "Sparsifiner",
     "SparsifinerAttention",
+    "SparsifinerLVViT",
     "SparsifinerOutput",
     "SparsityReport",
 ]
@@ -131,6 +136,7 @@ class AttentionOutput:
     connectivity: Connectivity
     mask: torch.Tensor | None  # bool [B, H, N, N], None in reconstruction mode
     dense_attn: torch.Tensor | None = None  # softmax(q k^T) rows, only when asked for
+    masked_attn: torch.Tensor | None = None  # the sparse attention's probabilities, only when asked for
 
 
 class SparsifinerAttention(nn.Module):
@@ -180,21 +186,25 @@ class SparsifinerAttention(nn.Module):
         )
         self.reconstruction = False  # set by Sparsifiner.set_phase("reconstruction")
 
-    def forward_detailed(self, x: torch.Tensor, dense_attn: bool = False) -> AttentionOutput:
+    def forward_detailed(self, x: torch.Tensor, dense_attn: bool = False, masked_attn: bool = False) -> AttentionOutput:
+        """``dense_attn``: also the dense softmax attention; ``masked_attn``: also the probabilities
+        of the sparse attention (the official ``masked_attn``: masked softmax, ``nan_to_num``)."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         reconstruction = self.reconstruction and self.training
         conn = self.mask_predictor(q, k, reconstruction)
-        dense = None
-        if dense_attn or reconstruction:
-            dense = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        logits = (q @ k.transpose(-2, -1)) * self.scale if dense_attn or masked_attn or reconstruction else None
+        dense = logits.softmax(dim=-1) if logits is not None and (dense_attn or reconstruction) else None
+        masked = None
         if reconstruction:  # the backbone stays dense so the regression target is undistorted
             mask, out = None, dense @ v
         else:
             mask = connectivity_mask(conn.key_index, N)
             out = masked_attention(q, k, v, mask, scale=self.scale)
+            if logits is not None and masked_attn:
+                masked = logits.masked_fill(~mask, float("-inf")).softmax(dim=-1).nan_to_num()
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
-        return AttentionOutput(out, conn, mask, dense)
+        return AttentionOutput(out, conn, mask, dense, masked)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
@@ -215,6 +225,7 @@ class SparsifinerOutput:
     approx_attn: list[torch.Tensor] = field(default_factory=list)
     attn_mask: list[torch.Tensor | None] = field(default_factory=list)
     dense_attn: list[torch.Tensor | None] = field(default_factory=list)
+    masked_attn: list[torch.Tensor | None] = field(default_factory=list)
     basis: list[torch.Tensor] = field(default_factory=list)
     final_tokens: torch.Tensor | None = None  # all tokens after the final norm [B, N, C] (distillation target)
 
@@ -276,6 +287,85 @@ def _sparsity(t: torch.Tensor) -> float:
     return 1.0 - torch.count_nonzero(t).item() / t.numel()
 
 
+class LVViTPatchEmbed(nn.Module):
+    """LV-ViT's ``4_2`` patch embedding (official ``PatchEmbed4_2``): conv 7x7 stride 2, two
+    convs 3x3 (64 channels, BN and ReLU after each), then a ``patch_size // 2`` strided projection.
+    Tokens out ``[B, N, C]``, with the attributes timm's VisionTransformer reads."""
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 384,
+        bias: bool = True,
+        dynamic_img_pad: bool = False,
+        device: Any = None,
+        dtype: Any = None,
+    ):
+        super().__init__()
+        if not bias or dynamic_img_pad:
+            raise InvalidInputError("LVViTPatchEmbed: the released stem has a projection bias and no dynamic padding")
+        dd = {"device": device, "dtype": dtype}
+        self.img_size, self.patch_size = to_2tuple(img_size), to_2tuple(patch_size)
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.conv1 = nn.Conv2d(in_chans, 64, 7, stride=2, padding=3, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(64, **dd)
+        self.conv2 = nn.Conv2d(64, 64, 3, padding=1, bias=False, **dd)
+        self.bn2 = nn.BatchNorm2d(64, **dd)
+        self.conv3 = nn.Conv2d(64, 64, 3, padding=1, bias=False, **dd)
+        self.bn3 = nn.BatchNorm2d(64, **dd)
+        stride = (self.patch_size[0] // 2, self.patch_size[1] // 2)
+        self.proj = nn.Conv2d(64, embed_dim, stride, stride=stride, **dd)
+
+    def feat_ratio(self) -> int:
+        return self.patch_size[0]
+
+    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
+            x = F.relu(bn(conv(x)))
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class ResidualScale(nn.Module):
+    """LV-ViT's ``skip_lam``: each residual branch is divided by it before the addition."""
+
+    def __init__(self, skip_lam: float):
+        super().__init__()
+        self.skip_lam = skip_lam
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.skip_lam
+
+    def extra_repr(self) -> str:
+        return f"skip_lam={self.skip_lam}"
+
+
+# official constructor keywords accepted at the value every released model uses
+_OFFICIAL_DEFAULTS = {
+    "representation_size": None,
+    "hybrid_backbone": None,
+    "norm_layer": None,
+    "distill": True,
+    "cfg": None,
+}
+_LVVIT_OFFICIAL_DEFAULTS = {  # the official builder's values (src/main.py --model sparsifiner_lvvit)
+    "representation_size": None,
+    "hybrid_backbone": None,
+    "norm_layer": nn.LayerNorm,
+    "p_emb": "4_2",
+    "drop_path_decay": "linear",
+    "order": None,
+    "return_dense": True,
+    "mix_token": True,  # stored by the official model, which never mixes tokens in its forward
+    "cfg": None,
+}
+
+
 class Sparsifiner(VisionTransformer):
     """timm's VisionTransformer (DeiT names and API) with Sparsifiner attention in every block.
 
@@ -283,6 +373,11 @@ class Sparsifiner(VisionTransformer):
     fraction of keys per layer. The official ``cfg`` fields become ``basis_threshold`` and
     ``coef_topk``; its training switch ``LOSS.USE_ATTN_RECON`` is :meth:`set_phase`.
     """
+
+    # the backbone's patch embedding and norms (class attributes, so the LV-ViT variant swaps them)
+    backbone_embed_layer: Callable[..., nn.Module] = PatchEmbed
+    backbone_norm_layer: Callable[..., nn.Module] = partial(nn.LayerNorm, eps=1e-6)
+    released_kwargs: dict[str, Any] = _OFFICIAL_DEFAULTS
 
     def __init__(
         self,
@@ -308,13 +403,15 @@ class Sparsifiner(VisionTransformer):
         global_pool: str = "token",
         **official: Any,
     ):
-        _check_official(depth, official)
+        _check_official(type(self).__name__, depth, official, self.released_kwargs)
         super().__init__(
             img_size=img_size,
             patch_size=patch_size,
             in_chans=in_chans,
             num_classes=num_classes,
             global_pool=global_pool,
+            embed_layer=self.backbone_embed_layer,
+            norm_layer=self.backbone_norm_layer,
             embed_dim=embed_dim,
             depth=depth,
             num_heads=num_heads,
@@ -397,21 +494,25 @@ class Sparsifiner(VisionTransformer):
             x, indices, return_prefix_tokens, norm, stop_early, output_fmt, intermediates_only, **kwargs
         )
 
-    def forward_detailed(self, x: torch.Tensor, dense_attn: bool = False) -> SparsifinerOutput:
+    def forward_detailed(
+        self, x: torch.Tensor, dense_attn: bool = False, masked_attn: bool = False
+    ) -> SparsifinerOutput:
         """The official forward's rich outputs: per-layer coefficients, approximate attention, masks.
-        ``dense_attn=True`` also returns each layer's dense softmax attention (the reconstruction target)."""
+        ``dense_attn=True`` also returns each layer's dense softmax attention (the reconstruction
+        target), ``masked_attn=True`` the sparse attention's probabilities."""
         self._check_size(x)
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         out = SparsifinerOutput(logits=x, features=x)
         for block in self.blocks:
             out.block_inputs.append(x)
-            a = block.attn.forward_detailed(block.norm1(x), dense_attn=dense_attn)
+            a = block.attn.forward_detailed(block.norm1(x), dense_attn=dense_attn, masked_attn=masked_attn)
             x = x + block.drop_path1(block.ls1(a.x))
             x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
             out.basis_coef.append(a.connectivity.basis_coef)
             out.approx_attn.append(a.connectivity.approx_attn)
             out.attn_mask.append(a.mask)
             out.dense_attn.append(a.dense_attn)
+            out.masked_attn.append(a.masked_attn)
             out.basis.append(a.connectivity.basis)
         x = self.norm(x)
         out.final_tokens, out.features = x, x[:, self.num_prefix_tokens :]
@@ -459,25 +560,90 @@ class Sparsifiner(VisionTransformer):
         )
 
 
-_OFFICIAL_DEFAULTS = {
-    "representation_size": None,
-    "hybrid_backbone": None,
-    "norm_layer": None,
-    "distill": True,
-    "cfg": None,
-}
+class SparsifinerLVViT(Sparsifiner):
+    """Sparsifiner on LV-ViT (official ``SparsifinerLVViT``, the released ``--model sparsifiner_lvvit``).
+
+    Against the DeiT variant: the ``4_2`` convolutional patch embedding, qkv without bias,
+    LayerNorm eps 1e-5, residual branches divided by ``skip_lam``, MLP ratio 3, and an
+    ``aux_head`` on the patch tokens: logits = ``head(cls) + 0.5 * max_tokens aux_head(patches)``
+    (the official evaluation output). The official training loop takes only ``head(cls)`` in
+    training mode (``aux_head`` learns through its token distillation); here the logits are the
+    same in both modes, as timm's VOLO, so plain fine-tuning trains both heads.
+    """
+
+    backbone_embed_layer = LVViTPatchEmbed
+    backbone_norm_layer = nn.LayerNorm
+    released_kwargs = _LVVIT_OFFICIAL_DEFAULTS
+    global_pools = ("token", "")  # the class token, or every token unpooled (timm's feature wrappers)
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 384,
+        depth: int = 16,
+        num_heads: int = 6,
+        mlp_ratio: float = 3.0,
+        qkv_bias: bool = False,
+        skip_lam: float = 2.0,
+        global_pool: str = "token",
+        **kwargs: Any,
+    ):
+        self._check_pool(global_pool)
+        super().__init__(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=num_classes,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            global_pool=global_pool,
+            **kwargs,
+        )
+        for block in self.blocks:
+            block.ls1, block.ls2 = ResidualScale(skip_lam), ResidualScale(skip_lam)
+        self.aux_head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.aux_head.apply(init_vit_weights)
+        trunc_normal_(self.cls_token, std=0.02)  # the official initialisation
+
+    def _check_pool(self, global_pool: str | None) -> None:
+        if global_pool is not None and global_pool not in self.global_pools:
+            raise InvalidInputError(
+                f"SparsifinerLVViT pools the class token (or nothing, ''), got global_pool={global_pool!r}"
+            )
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self._check_pool(global_pool)
+        super().reset_classifier(num_classes, global_pool)
+        self.aux_head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """``head(cls) + 0.5 * aux_head(patches).max``; without a classifier, the class token's
+        features; with ``global_pool=''``, every token through ``head``."""
+        if not self.global_pool:
+            x = self.head_drop(x)
+            return x if pre_logits else self.head(x)
+        cls = self.head_drop(x[:, 0])
+        if pre_logits or self.num_classes == 0:
+            return cls
+        return self.head(cls) + 0.5 * self.aux_head(x[:, self.num_prefix_tokens :]).amax(dim=1)
 
 
-def _check_official(depth: int, official: dict[str, Any]) -> None:
+def _check_official(family: str, depth: int, official: dict[str, Any], released: dict[str, Any]) -> None:
     """The official token-pruning keywords are accepted when pruning is off, as in the released config."""
     tokens = official.pop("token_keep_rate_list", None)
     prune = official.pop("token_pruning_loc_indicator", None)
     if (tokens is not None and any(r != 1.0 for r in tokens)) or (prune is not None and any(prune)):
         raise InvalidInputError(
-            "Sparsifiner: token pruning is not implemented (the paper's default configuration has it off)"
+            f"{family}: token pruning is not implemented (the paper's default configuration has it off)"
         )
     official.pop("distill", None)  # stored but unused by the official model
-    check_official_kwargs("Sparsifiner", official, _OFFICIAL_DEFAULTS)
+    check_official_kwargs(family, official, released)
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: Sparsifiner) -> dict[str, torch.Tensor]:
@@ -496,9 +662,11 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: Sparsifiner
     return {**state_dict, **predictor}
 
 
-def _create_sparsifiner(variant: str, pretrained: bool = False, **kwargs: Any) -> Sparsifiner:
+def _create_sparsifiner(
+    variant: str, pretrained: bool = False, cls: type[Sparsifiner] = Sparsifiner, **kwargs: Any
+) -> Sparsifiner:
     return build_model_with_cfg(
-        Sparsifiner,
+        cls,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
@@ -539,6 +707,16 @@ default_cfgs = generate_default_cfgs(
             "sparsifiner_deit_base.deit_in1k": _cfg(
                 "https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth", notes=_DEIT_NOTES
             ),
+            "sparsifiner_lvvit_s.lvvit_in1k": _cfg(
+                "https://github.com/zihangJiang/TokenLabeling/releases/download/1.0/lvvit_s-26M-224-83.3.pth.tar",
+                filename="lvvit_s-26M-224-83.3.pth.tar",
+                first_conv="patch_embed.conv1",
+                classifier=("head", "aux_head"),
+                notes=(
+                    "dense LV-ViT-S weights (TokenLabeling release), the official initialisation: the connectivity "
+                    "predictor is untrained; train it with the reconstruction phase",
+                ),
+            ),
         },
         converter="attnzoo.vision.sparsifiner:checkpoint_filter_fn",
     )
@@ -573,3 +751,20 @@ def sparsifiner_deit_base(pretrained: bool = False, **kwargs: Any) -> Sparsifine
         reduce_c_factor=2,
     )
     return _create_sparsifiner("sparsifiner_deit_base", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def sparsifiner_lvvit_s(pretrained: bool = False, **kwargs: Any) -> SparsifinerLVViT:
+    """The official ``--model sparsifiner_lvvit`` (LV-ViT-S backbone, 26.4M parameters)."""
+    args = dict(
+        patch_size=16,
+        embed_dim=384,
+        depth=16,
+        num_heads=6,
+        mlp_ratio=3,
+        qkv_bias=False,
+        skip_lam=2.0,
+        reduce_n_factor=6,
+        reduce_c_factor=2,
+    )
+    return _create_sparsifiner("sparsifiner_lvvit_s", pretrained, SparsifinerLVViT, **dict(args, **kwargs))

@@ -37,6 +37,86 @@ def _as_points(xy: Any) -> np.ndarray:
     return points
 
 
+def _number_runs(numbers: Sequence[int]) -> str:
+    """``[1, 2, 3, 7]`` -> ``"1-3, 7"``: the fixation numbers one place holds, short."""
+    parts: list[str] = []
+    ordered = sorted(numbers)
+    start = prev = ordered[0]
+    for n in [*ordered[1:], None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}" if prev > start + 1 else f"{start}, {prev}")
+        if n is not None:
+            start = prev = n
+    return ", ".join(parts)
+
+
+def _coinciding(centres: np.ndarray, radii: np.ndarray) -> list[list[int]]:
+    """Groups of marks whose numbers would overprint each other (centres closer than 1.3 radii,
+    chained), each group in drawing order; a lone mark is a group of one."""
+    parent = list(range(len(centres)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    if len(centres) > 1:
+        gap = np.linalg.norm(centres[:, None] - centres[None], axis=-1)
+        reach = 1.3 * np.maximum(radii[:, None], radii[None])
+        for a, b in zip(*np.nonzero(np.triu(gap < reach, k=1))):
+            parent[root(int(a))] = root(int(b))
+    groups: dict[int, list[int]] = {}
+    for i in range(len(centres)):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
+
+
+def _text_colour(colour: tuple[int, int, int]) -> tuple[int, int, int, int]:
+    """Black on light marks (the yellow), white on the others."""
+    luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+    return (0, 0, 0, 255) if luminance > 165 else (255, 255, 255, 255)
+
+
+Box = tuple[float, float, float, float]
+
+
+def _overlap(a: Box, b: Box) -> float:
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def _place_label(size: tuple[float, float], group: Box, picture: Box, labels: list[Box], marks: list[Box]) -> Box:
+    """Where a label of ``size`` goes: touching the ``group`` of marks it names (right, left, above,
+    below, then the corners), inside the ``picture``, covering as little of the labels already placed
+    (worst) and of other marks as it can."""
+    w, h = size
+    x0, y0, x1, y1 = group
+    cx, cy = (x0 + x1 - w) / 2, (y0 + y1 - h) / 2
+    corners = [
+        (x1 + 1, cy),
+        (x0 - 1 - w, cy),
+        (cx, y0 - 1 - h),
+        (cx, y1 + 1),
+        (x1 + 1, y0 - h / 2),
+        (x0 - 1 - w, y0 - h / 2),
+        (x1 + 1, y1 - h / 2),
+        (x0 - 1 - w, y1 - h / 2),
+    ]
+    best: tuple[float, int, Box] | None = None
+    for order, (x, y) in enumerate(corners):
+        # pulled inside the picture (it then may cover its own group: counted like any other mark)
+        x = min(max(picture[0], x), picture[2] - w)
+        y = min(max(picture[1], y), picture[3] - h)
+        box = (x, y, x + w, y + h)
+        cost = 10 * sum(_overlap(box, t) for t in labels) + sum(_overlap(box, m) for m in marks)
+        if best is None or (cost, order) < best[:2]:
+            best = (cost, order, box)
+    assert best is not None
+    return best[2]
+
+
 def plot_scanpaths(
     image: Image.Image | np.ndarray,
     scanpaths: Sequence[Any],
@@ -50,7 +130,11 @@ def plot_scanpaths(
     radius: float = 11.0,
 ) -> Image.Image:
     """Each scanpath (``[T, 2]`` (x, y) in the image's pixels) as numbered circles joined by
-    lines, one colour per scanpath; circle area grows with the fixation duration when given."""
+    lines, one colour per scanpath; circle area grows with the fixation duration when given.
+
+    Fixations that (nearly) coincide, a revisited object or the same spot in two scanpaths, would
+    print their numbers over each other: they share one label beside them instead, a line per
+    scanpath in its colour listing its fixation numbers (``2, 5-7``)."""
     base = Image.fromarray(np.asarray(image)) if isinstance(image, np.ndarray) else image
     base = base.convert("RGB")
     scale = min(1.0, max_side / max(base.size))
@@ -71,9 +155,9 @@ def plot_scanpaths(
                 outline=(30, 170, 60, 255) if is_target else (255, 255, 255, 150),
                 width=4 if is_target else 1,
             )
+    marks: list[tuple[int, int, float, float, float]] = []  # (scanpath, fixation, x, y, radius) in drawing order
     for k, path in enumerate(scanpaths):
         points = _as_points(path) * scale
-        colour = SCANPATH_COLOURS[k % len(SCANPATH_COLOURS)]
         dur = (
             None
             if durations is None or durations[k] is None
@@ -81,14 +165,47 @@ def plot_scanpaths(
         )
         if dur is not None and len(dur) != len(points):
             raise InvalidInputError(f"scanpath {k}: {len(dur)} durations for {len(points)} fixations")
-        if len(points) > 1:
-            draw.line([tuple(p) for p in points], fill=(*colour, 200), width=3)
         radii = np.full(len(points), radius)
         if dur is not None and len(dur) and dur.max() > 0:
             radii = radius * (0.6 + 0.9 * np.sqrt(dur / dur.max()))
-        for i, ((x, y), r) in enumerate(zip(points, radii)):
+        marks.extend((k, i, float(x), float(y), float(r)) for i, ((x, y), r) in enumerate(zip(points, radii)))
+    groups = _coinciding(np.array([m[2:4] for m in marks]).reshape(-1, 2), np.array([m[4] for m in marks]))
+    shared = {i for g in groups if len(g) > 1 for i in g}
+    start = 0
+    for k, path in enumerate(scanpaths):
+        colour = SCANPATH_COLOURS[k % len(SCANPATH_COLOURS)]
+        count = len(_as_points(path))
+        own = marks[start : start + count]
+        if count > 1:
+            draw.line([(m[2], m[3]) for m in own], fill=(*colour, 200), width=3)
+        for j, (_, i, x, y, r) in enumerate(own):
             draw.ellipse([x - r, y - r, x + r, y + r], fill=(*colour, 215), outline=(255, 255, 255, 255), width=2)
-            draw.text((x, y), str(i + 1), fill=(255, 255, 255, 255), font=font, anchor="mm")
+            if start + j not in shared:
+                draw.text((x, y), str(i + 1), fill=_text_colour(colour), font=font, anchor="mm")
+        start += count
+    picture = (0.0, 0.0, float(canvas.width), float(canvas.height))
+    discs = [(x - r, y - r, x + r, y + r) for _, _, x, y, r in marks]
+    placed: list[Box] = []
+    for group in (g for g in groups if len(g) > 1):
+        numbers: dict[int, list[int]] = {}
+        for index in group:
+            numbers.setdefault(marks[index][0], []).append(marks[index][1] + 1)
+        lines = [(k, _number_runs(n)) for k, n in sorted(numbers.items())]
+        heights = [draw.textbbox((0, 0), text, font=font)[3] + 4 for _, text in lines]
+        width = max(draw.textlength(text, font=font) for _, text in lines) + 8
+        bounds = (
+            min(discs[i][0] for i in group),
+            min(discs[i][1] for i in group),
+            max(discs[i][2] for i in group),
+            max(discs[i][3] for i in group),
+        )
+        x, y, *_ = label = _place_label((width, sum(heights)), bounds, picture, placed, discs)
+        placed.append(label)
+        for (k, text), h in zip(lines, heights):
+            colour = SCANPATH_COLOURS[k % len(SCANPATH_COLOURS)]
+            draw.rectangle([x, y, x + width, y + h], fill=(*colour, 235), outline=(255, 255, 255, 255))
+            draw.text((x + 4, y + h / 2), text, fill=_text_colour(colour), font=font, anchor="lm")
+            y += h
     out = Image.alpha_composite(canvas, overlay).convert("RGB")
     names = list(labels) if labels else []
     if title or names:

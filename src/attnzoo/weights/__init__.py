@@ -9,6 +9,7 @@ from attnzoo.weights.hub import (
     hub_reachable,
     is_offline,
     sha256_file,
+    url_reachable,
     verify_file,
 )
 from attnzoo.weights.loading import (
@@ -16,8 +17,10 @@ from attnzoo.weights.loading import (
     fetch_checkpoint,
     load_checkpoint_file,
     load_weights,
+    parse_hf_hub,
     resolve_checkpoint,
     unwrap_state_dict,
+    verify_report,
 )
 from attnzoo.weights.registry import (
     CheckpointEntry,
@@ -49,6 +52,7 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint_file",
     "load_weights",
+    "parse_hf_hub",
     "register_checkpoint",
     "register_checkpoints",
     "resolve_checkpoint",
@@ -56,5 +60,7 @@ __all__ = [
     "sha256_file",
     "unregister_checkpoint",
     "unwrap_state_dict",
+    "url_reachable",
     "verify_file",
+    "verify_report",
 ]

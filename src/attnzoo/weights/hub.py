@@ -7,19 +7,32 @@ a later run would trust it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
 import socket
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from attnzoo.errors import ChecksumError, OfflineError, WeightsError
 
 _CHUNK = 1 << 20
 _TRUTHY = {"1", "true", "yes", "on"}
+#: Seconds one probe may take (name lookup and TCP connect together) before a host counts as unreachable.
+CONNECT_TIMEOUT = 3.0
+#: (host, port) -> reachable: a process probes each host once, so a missing network costs one timeout, not one per file.
+_VERDICTS: dict[tuple[str, int], bool] = {}
+#: What a user can do when weights cannot be fetched; every network error says it.
+WAYS_OUT = (
+    "Use random weights with --weights none (weights='none' in Python), or a file you have with --weights PATH; "
+    "set ATTNZOO_OFFLINE=1 to work from the cache only, without trying the network"
+)
 
 
 def attnzoo_home() -> Path:
@@ -51,22 +64,102 @@ def verify_file(path: str | os.PathLike, sha256: str) -> None:
         )
 
 
-def hub_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
-    """A quick probe, so that callers with a fallback don't wait through the hub's retries."""
-    if is_offline():
-        return False
+def hf_endpoint() -> str:
+    """The Hugging Face Hub's address (``HF_ENDPOINT`` when set)."""
+    import huggingface_hub.constants
+
+    return str(huggingface_hub.constants.ENDPOINT)
+
+
+def _probe_target(url: str) -> tuple[str, int] | None:
+    """The (host, port) a request for ``url`` connects to first: its proxy's when one applies."""
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return None
+        proxy = urllib.request.getproxies().get(parts.scheme)
+        if proxy and not urllib.request.proxy_bypass(parts.hostname):
+            parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        if not parts.hostname:
+            return None
+        return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # a malformed port: let the request itself report the URL
+        return None
 
 
-def _offline_error(what: str, source: str, dest: Path) -> OfflineError:
+def _connects(host: str, port: int, timeout: float) -> bool:
+    """One TCP connect, name lookup included, bounded by ``timeout`` (a lookup alone can hang for long)."""
+    outcome: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                outcome.append(True)
+        except OSError:
+            outcome.append(False)
+
+    thread = threading.Thread(target=attempt, name=f"attnzoo-probe-{host}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(outcome and outcome[0])
+
+
+def url_reachable(url: str) -> bool:
+    """Whether the host of ``url`` (or its proxy) accepts a connection, probed once per process.
+
+    A fetch whose host is down would otherwise spend its retries and timeouts (about a minute for
+    the Hub) before failing; non-HTTP URLs (``file://``) count as reachable.
+    """
+    target = _probe_target(url)
+    if target is None:
+        return True
+    if target not in _VERDICTS:
+        _VERDICTS[target] = _connects(*target, CONNECT_TIMEOUT)
+    return _VERDICTS[target]
+
+
+def hub_reachable() -> bool:
+    """The Hugging Face Hub can be used: not in offline mode and its host answers (probed once per process)."""
+    return not is_offline() and url_reachable(hf_endpoint())
+
+
+def unavailable_error(what: str, url: str, dest: Path | None = None) -> OfflineError:
+    """The error for ``what`` (not cached) when ``url`` cannot be used now: offline mode, or its host unreachable."""
+    if is_offline():
+        place = f"download {url} and place it at {dest}, or pass" if dest else "pass"
+        return OfflineError(
+            f"offline mode (ATTNZOO_OFFLINE/HF_HUB_OFFLINE) and no cached copy of {what}: {place} the local file "
+            "with --weights PATH; or use random weights with --weights none (weights='none' in Python)"
+        )
+    host = urllib.parse.urlsplit(url).hostname or url
     return OfflineError(
-        f"offline mode (ATTNZOO_OFFLINE/HF_HUB_OFFLINE) and {what} is not cached: "
-        f"download {source} and place it at {dest}, or pass the local file path instead"
+        f"cannot reach {host} (no network, or a firewall or proxy in the way) to fetch {what}, and there is no "
+        f"cached copy. {WAYS_OUT}."
     )
+
+
+def ensure_can_download(what: str, url: str, dest: Path | None = None) -> None:
+    """Fail at once, saying the ways out, where fetching ``url`` cannot work: offline mode or an unreachable host."""
+    reachable = hub_reachable() if url.startswith(hf_endpoint()) else not is_offline() and url_reachable(url)
+    if not reachable:
+        raise unavailable_error(what, url, dest)
+
+
+@contextlib.contextmanager
+def hf_cache_only(enabled: bool = True) -> Iterator[None]:
+    """While ``enabled``, third-party Hugging Face downloads (open_clip's) read the cache only, so a Hub
+    that cannot be used fails at once instead of through its retries."""
+    if not enabled:
+        yield
+        return
+    import huggingface_hub.constants as hf_constants
+
+    saved = hf_constants.HF_HUB_OFFLINE
+    hf_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hf_constants.HF_HUB_OFFLINE = saved
 
 
 def download_url(
@@ -88,8 +181,7 @@ def download_url(
             if sha256:
                 verify_file(dest, sha256)
             return dest
-        if is_offline():
-            raise _offline_error(dest.name, url, dest)
+        ensure_can_download(dest.name, url, dest)
         part = dest.with_name(dest.name + ".part")
         last_error: Exception | None = None
         for attempt in range(retries + 1):
@@ -109,10 +201,15 @@ def download_url(
             if attempt < retries:
                 time.sleep(min(2.0**attempt * 0.25, 4.0))
         if last_error is not None:
+            kept = part.stat().st_size if part.exists() else 0
+            then = (
+                f"{kept} bytes are kept in {part}: run the same command again to resume from there"
+                if kept
+                else f"nothing was received. {WAYS_OUT}"
+            )
             raise WeightsError(
-                f"download of {url} failed after {retries + 1} attempts ({last_error}); "
-                f"run the same command again to resume from {part}"
-            ) from last_error
+                f"download of {url} failed after {retries + 1} attempts ({last_error}); {then}"
+            ) from None
         if sha256:
             try:
                 verify_file(part, sha256)
@@ -159,20 +256,22 @@ def _fetch_into(url: str, part: Path, *, progress: bool, timeout: float) -> None
 
 
 def hf_download(repo_id: str, filename: str, *, revision: str | None = None, sha256: str | None = None) -> Path:
-    """A file from the Hugging Face Hub through its own cache, verified when a sha256 is known."""
+    """A file from the Hugging Face Hub through its own cache, verified when a sha256 is known.
+    When the Hub cannot be used (offline mode, unreachable host) only the cache is read."""
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    offline = is_offline()
+    cache_only = not hub_reachable()
+    what = f"{repo_id}/{filename}"
     try:
-        path = Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision, local_files_only=offline))
+        path = Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision, local_files_only=cache_only))
     except LocalEntryNotFoundError as err:
-        if offline:
+        if cache_only:
             cache = Path(huggingface_hub.constants.HF_HUB_CACHE)
-            raise _offline_error(f"{repo_id}/{filename}", f"https://huggingface.co/{repo_id}", cache) from None
-        raise WeightsError(f"cannot fetch {repo_id}/{filename} from the Hugging Face Hub: {err}") from None
+            raise unavailable_error(what, f"{hf_endpoint()}/{repo_id}", cache) from None
+        raise WeightsError(f"cannot fetch {what} from the Hugging Face Hub: {err}") from None
     except Exception as err:  # hub errors have many types; all mean the same to a caller
-        raise WeightsError(f"cannot fetch {repo_id}/{filename} from the Hugging Face Hub: {err}") from err
+        raise WeightsError(f"cannot fetch {what} from the Hugging Face Hub: {err}") from err
     if sha256:
         verify_file(path, sha256)
     return path

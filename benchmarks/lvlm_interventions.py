@@ -1,0 +1,330 @@
+"""Per-token decode time of each LVLM hallucination-mitigation method against plain ``generate`` on
+the same model, measured alternately in the same run.
+
+Decode time per token = the median gap between consecutive decoding steps of one ``generate`` (a
+logits processor stamps each step), so the prefill and the vision tower stay out. VCD and AGLA's
+paper behaviour run batched by default (``vcd``, ``agla-paper``: the branch prompt is a second row of
+the main ``generate``, one batched forward per token); the ``-separate`` rows run the branch as a
+second forward per token with its own cache (``batched=False``), AGLA's official behaviour only at
+the first token. CARVE is a pre-pass, so its row is the time of one whole answer (both probes, the
+refinement and the final pass on [original, refined]) over one plain answer of the same length on
+the same prompt. On the CPU the
+stamps are the process's CPU time (``time.process_time``), which other jobs on a shared machine do
+not inflate; on a GPU they are wall time after a synchronize. Each method is
+timed right after a plain run, and the ratio is the median over the repeats of those pairs. The default model is a
+tiny random LLaVA-1.5 with the real layout (336 px CLIP, 576 image tokens) and a small language
+model; ``--model`` loads a real checkpoint through transformers' ``from_pretrained`` (cache,
+offline mode) for GPU runs.
+
+    python benchmarks/lvlm_interventions.py                                   # CPU, tiny model
+    python benchmarks/lvlm_interventions.py --methods var,pai --tokens 32
+    python benchmarks/lvlm_interventions.py --model llava-hf/llava-1.5-7b-hf --device cuda --dtype float16
+
+To add a method, append a :class:`Method` to ``METHODS``: ``setup(model, inputs)`` returns the context
+manager that attaches it and the extra ``generate`` keyword arguments (e.g. ``logits_processor``, or
+``inputs`` to run on other model inputs, as the paired rows of a batched contrast branch); or
+``answer(model, batch)`` returns the prompt batch a pre-pass method answers on (timed whole).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+# This folder's kernels.py would shadow Hugging Face's `kernels` package, which transformers imports.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+import torch  # noqa: E402
+from transformers import LogitsProcessorList  # noqa: E402
+
+from attnzoo.errors import InvalidOptionError  # noqa: E402
+from attnzoo.multimodal.hallucination import CARVE, PAI, PAINT, VAR, VCD, AGLALogitsProcessor  # noqa: E402
+from attnzoo.multimodal.hallucination.base import PairedContrast  # noqa: E402
+from attnzoo.multimodal.hallucination.functional import CARVE_LAYERS  # noqa: E402
+from attnzoo.multimodal.hallucination.method import PromptBatch  # noqa: E402
+from attnzoo.multimodal.hallucination.var import sink_dims_for  # noqa: E402
+
+
+@dataclass
+class Method:
+    name: str
+    goal: float | None
+    setup: Callable[[torch.nn.Module, dict], tuple[contextlib.AbstractContextManager, dict]] | None = None
+    note: str = ""
+    answer: Callable[[torch.nn.Module, PromptBatch], PromptBatch] | None = None
+
+
+@contextlib.contextmanager
+def _eager_text(model):
+    """The language model on transformers' own eager attention (what the methods compute on)."""
+    key = "text_config" if "text_config" in model.config.sub_configs else ""
+    before = model.config.get_text_config()._attn_implementation
+    model.set_attn_implementation({key: "eager"} if key else "eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation({key: before} if key else before)
+
+
+def _attention_edit(make):
+    return lambda model, inputs: (make(model).attach(model), {})
+
+
+def _pai_cfg(model, inputs):
+    pai = PAI().attach(model)
+    return pai, {"logits_processor": LogitsProcessorList([pai.cfg_processor(inputs, gamma=1.1)])}
+
+
+def _var(model):
+    try:
+        sink_dims_for(model)
+        return VAR()
+    except InvalidOptionError:
+        # A random model has no massive activations: a low tau makes ~2% of the tokens sinks (real
+        # LLaVA has a handful), so the redistribution path runs instead of VAR's no-sink shortcut.
+        return VAR(sink_dims=(0, 1), tau=2.3, summ=0.0)
+
+
+def _processors(make):
+    return lambda model, inputs: (
+        contextlib.nullcontext(),
+        {"logits_processor": LogitsProcessorList(make(model, inputs))},
+    )
+
+
+def _vcd(model, inputs):
+    return VCD().processor(model, PromptBatch([], [], inputs, encode=None))
+
+
+def _agla(behaviour):
+    """AGLA's assembly processor; the augmented view is the image with its right fifth blacked out (the
+    decode cost does not depend on which pixels BLIP's GradCAM keeps, and no BLIP model is loaded)."""
+
+    def make(model, inputs):
+        pixels = inputs["pixel_values"].clone()
+        pixels[..., -pixels.shape[-1] // 5 :] = pixels.min()
+        return AGLALogitsProcessor(model, {**inputs, "pixel_values": pixels}, behaviour=behaviour)
+
+    return make
+
+
+def _separate(make):
+    """The contrast processor with its branch as a second forward per token (``batched=False``)."""
+    return _processors(lambda model, inputs: [make(model, inputs)])
+
+
+def _paired(make):
+    """The contrast branch as the second row of the main generate (``batched=True``): the pipeline's way."""
+
+    def setup(model, inputs):
+        paired = PairedContrast(make(model, inputs))
+        return paired.attached(), {"logits_processor": [paired], "inputs": paired.inputs(inputs)}
+
+    return setup
+
+
+def _carve(behaviour):
+    def answer(model, batch):
+        depth = model.config.get_text_config().num_hidden_layers
+        layers = CARVE_LAYERS if depth > max(CARVE_LAYERS) else tuple(range(max(0, depth - 6), depth))
+        carve = CARVE(layers=layers, probe_tokens=batch.extra["tokens"], behaviour=behaviour)
+        return carve.prepare(model, None, batch)
+
+    return answer
+
+
+METHODS = [
+    Method("eager", None, lambda model, inputs: (_eager_text(model), {}), "plain, language model on eager attention"),
+    Method("var", 1.1, _attention_edit(_var), "sink detection at prefill, redistribution on every decode row"),
+    Method("pai", 1.1, _attention_edit(lambda m: PAI())),
+    Method("paint", None, _attention_edit(lambda m: PAINT())),
+    Method("pai+cfg", None, _pai_cfg, "a second (text-only) forward per token"),
+    Method("vcd", 1.7, _paired(_vcd), "batched: the noised-image row in the same forward"),
+    Method("vcd-separate", None, _separate(_vcd), "batched=False: a second (noised-image) forward per token"),
+    Method("agla", 1.7, _separate(_agla("official")), "official: the augmented branch at the first token only"),
+    Method("agla-paper", 1.7, _paired(_agla("paper")), "paper, batched: the augmented row in the same forward"),
+    Method("agla-paper-separate", None, _separate(_agla("paper")), "paper, batched=False: a second forward per token"),
+    Method(
+        "carve",
+        2.5,
+        note="whole answer: 2 probes (one batch), refine, answer on [original, refined]",
+        answer=_carve("official"),
+    ),
+    Method("carve-paper", 2.5, note="whole answer: the same, answer on the refined image", answer=_carve("paper")),
+]
+
+
+def tiny_llava(text_hidden: int, layers: int):
+    """A random LLaVA-1.5 with the real image layout (336 px / 14 px CLIP: 576 image tokens)."""
+    from tests.lvlm_helpers import tiny_llava as build
+
+    return build(batch=1, layers=layers, image_size=336, text_hidden=text_hidden, text_before=[30], text_after=[20])
+
+
+def load(name: str, device, dtype):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype).to(device).eval()
+    processor = AutoProcessor.from_pretrained(name)
+    from PIL import Image
+
+    image = Image.new("RGB", (336, 336), (120, 90, 60))
+    prompt = "USER: <image>\nDescribe the image in detail. ASSISTANT:"
+    inputs = processor(images=image, text=prompt, return_tensors="pt").to(device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return model, dict(inputs), _llava_hf_encoder(processor, device, dtype)
+
+
+def _llava_hf_encoder(processor, device, dtype):
+    """A llava-hf prompt per question, one <image> per image (CARVE's final pass has two), left-padded."""
+    processor.tokenizer.padding_side = "left"
+
+    def encode(images, questions):
+        groups = [[image] if not isinstance(image, list) else image for image in images]
+        prompts = [f"USER: {'<image>' * len(g)}\n{q} ASSISTANT:" for g, q in zip(groups, questions, strict=True)]
+        flat = [image for group in groups for image in group]
+        inputs = processor(images=flat, text=prompts, padding=True, return_tensors="pt").to(device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        return dict(inputs)
+
+    return encode
+
+
+def _tiny_encoder(device, dtype):
+    from tests.multimodal.lvlm_prompts import llava_encoder
+
+    encode = llava_encoder(336)
+
+    def on_device(images, questions):
+        inputs = encode(images, questions)
+        return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+
+    return on_device
+
+
+def prompt_batch(encode, tokens: int) -> PromptBatch:
+    """One photograph-sized random image and a question, as the pipeline would hand them over."""
+    import numpy as np
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    question = "Describe the image in detail. What is in the top left corner of the picture, and what color is it?"
+    return PromptBatch([image], [question], encode([image], [question]), encode, extra={"tokens": tokens})
+
+
+class StepClock:
+    """A logits processor that stamps each decoding step; the gaps between stamps are the per-token
+    decode times (one forward plus generate's bookkeeping and the processors before it)."""
+
+    def __init__(self, device):
+        self.device, self.stamps = device, []
+
+    def __call__(self, input_ids, scores):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.stamps.append(time.perf_counter())
+        else:  # CPU time of this process: robust to other jobs sharing the cores
+            self.stamps.append(time.process_time())
+        return scores
+
+
+def _clock(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
+
+
+def whole_answer(model, batch: PromptBatch, tokens: int, answer, device) -> float:
+    """Seconds for one answer of ``tokens`` tokens, the method's pre-pass included."""
+    start = _clock(device)
+    with torch.no_grad():
+        final = answer(model, batch) if answer else batch
+        model.generate(**final.inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+    return _clock(device) - start
+
+
+def per_token(model, inputs, tokens: int, setup, device) -> float:
+    """Median decode seconds per token, the method attached afresh (as a user would)."""
+    context, extra = setup(model, inputs) if setup else (contextlib.nullcontext(), {})
+    clock = StepClock(device)
+    extra = dict(extra)
+    inputs = extra.pop("inputs", inputs)
+    extra["logits_processor"] = LogitsProcessorList([*extra.get("logits_processor", []), clock])
+    with context, torch.no_grad():
+        model.generate(**inputs, **extra, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+    gaps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+    return statistics.median(gaps)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=",".join(m.name for m in METHODS))
+    p.add_argument("--tokens", type=int, default=24, help="new tokens per timed generate")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--model", default=None, help="a checkpoint for from_pretrained (default: tiny random LLaVA)")
+    p.add_argument("--text-hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.model:
+        model, inputs, encode = load(args.model, device, dtype)
+    else:
+        model, inputs = tiny_llava(args.text_hidden, args.layers)
+        model = model.to(device, dtype)
+        inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+        encode = _tiny_encoder(device, dtype)
+    batch = prompt_batch(encode, args.tokens)
+    chosen = [m for m in METHODS if m.name in args.methods.split(",")]
+    print(
+        f"model={args.model or f'tiny LLaVA-1.5 (text hidden {args.text_hidden}, {args.layers} layers)'} "
+        f"prompt={inputs['input_ids'].shape[1]} tokens device={device} dtype={args.dtype} "
+        f"threads={torch.get_num_threads()} new tokens={args.tokens} repeats={args.repeats} "
+        f"torch={torch.__version__}" + (f" gpu={torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
+    )
+    for _ in range(2):  # warm-up
+        per_token(model, inputs, 4, None, device)
+    # Per repeat, each method right after its own plain run: the ratio survives load that drifts
+    # between repeats (the machine may be shared); the medians are over the repeats.
+    times: dict[str, list[float]] = {"plain": [], **{m.name: [] for m in chosen}}
+    ratios: dict[str, list[float]] = {m.name: [] for m in chosen}
+    for _ in range(args.repeats):
+        for method in chosen:
+            if method.answer is not None:
+                plain = whole_answer(model, batch, args.tokens, None, device)
+                t = whole_answer(model, batch, args.tokens, method.answer, device)
+                times.setdefault("plain answer", []).append(plain)
+            else:
+                plain = per_token(model, inputs, args.tokens, None, device)
+                t = per_token(model, inputs, args.tokens, method.setup, device)
+                times["plain"].append(plain)
+            times[method.name].append(t)
+            ratios[method.name].append(t / plain)
+    print(f"{'method':20s} {'ms':>9s} {'ratio':>7s} {'goal':>6s}   (ms: per token; whole answer for 'answer' rows)")
+    if times["plain"]:
+        print(f"{'plain':20s} {1e3 * statistics.median(times['plain']):9.3f} {1.0:7.3f}")
+    if "plain answer" in times:
+        print(f"{'plain answer':20s} {1e3 * statistics.median(times['plain answer']):9.1f} {1.0:7.3f}")
+    for method in chosen:
+        ratio = statistics.median(ratios[method.name])
+        goal = f"<={method.goal}" if method.goal else "-"
+        status = "" if method.goal is None else (" ok" if ratio <= method.goal else " MISSED")
+        ms = 1e3 * statistics.median(times[method.name])
+        print(f"{method.name:20s} {ms:9.3f} {ratio:7.3f} {goal:>6s}{status}  {method.note}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,657 @@
+"""Object-hallucination benchmarks of LVLMs for ``attnzoo eval hallucination-mitigation``: POPE,
+CHAIR and MME's perception subset (existence, count, position, color), with a method (none, var,
+agla, ...) or several (``--methods none,var,agla``: one run per method on the same samples, then one
+comparison table).
+
+What moves the published numbers is recorded with every run (multimodal notes §2.1, §4): the
+decoding (greedy or sampled, temperature, top-p, top-k, beams, max new tokens, seed), the prompt
+(the question as sent: the POPE question + suffix, the CHAIR prompt, the MME question), the chat
+template, the answer parser, the model revision and attention implementation, the method and its
+settings, and the question / image list files with their sha256. A run resumed with any of these
+changed is refused (``--overwrite`` starts over). Sampled decoding seeds each sample from the run's
+seed and the sample's id, so a resumed or sharded run draws exactly what one uninterrupted process
+draws.
+
+Each answer is one line of ``predictions.jsonl`` with the answer text and what every parser read in
+it; ``metrics.json`` holds the headline parser's scores and every other parser's beside them.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from attnzoo._io import read_json, write_json, write_text
+from attnzoo.errors import InvalidInputError, InvalidOptionError
+from attnzoo.evaluation.runner import EvalPlan, EvalSample, TaskEvaluator
+
+__all__ = [
+    "BENCHMARKS",
+    "PROMPT_SUFFIXES",
+    "HallucinationEvaluator",
+    "comparison_table",
+    "decoding_settings",
+    "sample_seed",
+    "write_comparison_table",
+]
+
+TASK = "hallucination-mitigation"
+BENCHMARKS = ("pope", "chair", "mme")
+#: Named prompt suffixes (anything else given to ``--prompt-suffix`` is used literally).
+PROMPT_SUFFIXES = {
+    "one-word": " Please answer this question with one word.",  # VCD, AGLA (POPE)
+    "llava": "\nAnswer the question using a single word or phrase.",  # LLaVA-1.5's POPE / MME, lmms-eval
+    "yes-no": " Please answer yes or no.",  # MME's released questions end with it
+    "none": "",
+}
+MME_RELEASED_SUFFIX = " Please answer yes or no."
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pope": {"split": "adversarial", "prompt_suffix": "one-word", "max_new_tokens": 64, "parser": "pope"},
+    "chair": {"split": "val2014", "max_new_tokens": 512},
+    "mme": {"split": "perception", "prompt_suffix": "released", "max_new_tokens": 64, "parser": "mme"},
+}
+
+
+def sample_seed(seed: int, sample_id: str) -> int:
+    """The seed of one sample's sampled decoding: the same in every shard, resume and process count."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def decoding_settings(
+    *,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    num_beams: int | None = None,
+    max_new_tokens: int | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """The full decoding configuration with its defaults filled in: greedy unless ``do_sample`` (then
+    temperature 1, top-p 1, no top-k unless given: the VCD / AGLA setting), one beam."""
+    sampled = bool(do_sample)
+    if not sampled and any(v is not None for v in (temperature, top_p, top_k)):
+        raise InvalidOptionError("--temperature, --top-p and --top-k apply to sampled decoding: add --do-sample")
+    for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("num_beams", num_beams, 1)):
+        if value is not None and value < low:
+            raise InvalidOptionError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    if temperature is not None and temperature <= 0:
+        raise InvalidOptionError(f"--temperature must be > 0, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise InvalidOptionError(f"--top-p must be in (0, 1], got {top_p}")
+    return {
+        "mode": "sampled" if sampled else "beam" if (num_beams or 1) > 1 else "greedy",
+        "do_sample": sampled,
+        "temperature": (1.0 if temperature is None else float(temperature)) if sampled else None,
+        "top_p": (1.0 if top_p is None else float(top_p)) if sampled else None,
+        "top_k": top_k if sampled else None,
+        "num_beams": num_beams or 1,
+        "max_new_tokens": max_new_tokens,
+        "seed": 0 if seed is None else int(seed),
+    }
+
+
+def _describe_method(name: str, settings: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every setting of the method(s) as they will run, defaults included, as JSON values (what ``run.json``
+    holds and a resumed run compares); an unknown method is refused here, before any model loads."""
+    from attnzoo.multimodal.hallucination.methods import build_methods
+
+    described = [m.describe() for m in build_methods(name, strict=False, **settings)]
+    return json.loads(json.dumps(described, default=str))
+
+
+def _sha256(path: Path | None) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None else None
+
+
+def _suffix(value: str | None, default: str) -> str:
+    name = default if value is None else value
+    return PROMPT_SUFFIXES.get(name, name)
+
+
+def _answer_text(result: Any) -> str:
+    answer = getattr(result, "answer", result)
+    if not isinstance(answer, str):
+        raise InvalidInputError(f"the pipeline's result has no text answer (got {type(answer).__name__})")
+    return answer
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, float):
+        return None if math.isnan(value) else round(value, 4)
+    return value
+
+
+class HallucinationEvaluator(TaskEvaluator):
+    task = TASK
+    headline = ("accuracy", "f1", "yes_ratio", "chair_s", "chair_i", "recall", "length", "total")
+
+    @classmethod
+    def plan(
+        cls,
+        data: str | os.PathLike,
+        split: str | None,
+        *,
+        default_split: str = "adversarial",
+        limit: int | None,
+        model: str,
+        weights: Any,
+        log: Callable[[str], None] = print,
+        benchmark: str | None = None,
+        source: str | None = None,
+        method: str | None = None,
+        methods: str | None = None,
+        parser: str | None = None,
+        prompt: str | None = None,
+        prompt_suffix: str | None = None,
+        chat_template: str | None = None,
+        questions: str | None = None,
+        image_folder: str | None = None,
+        image_list: str | None = None,
+        chair_images: int | None = None,
+        lemmatizer: str | None = None,
+        subtasks: str | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        num_beams: int | None = None,
+        max_new_tokens: int | None = None,
+        seed: int | None = None,
+        attn_implementation: str | None = None,
+        revision: str | None = None,
+        **method_settings: Any,
+    ) -> EvalPlan:
+        """One run per method (a sub-folder each when there are several); every run's settings hold
+        the full decoding configuration, prompt, parser, data files and the method's settings."""
+        benchmark = benchmark or "pope"
+        if benchmark not in BENCHMARKS:
+            raise InvalidOptionError(f"--benchmark must be one of {', '.join(BENCHMARKS)}, got {benchmark!r}")
+        if method and methods:
+            raise InvalidOptionError("give --method or --methods, not both")
+        names = [m.strip() for m in (methods or method or "none").split(",") if m.strip()]
+        if not names or len(set(names)) != len(names):
+            raise InvalidOptionError(f"--methods lists each method once, got {methods or method!r}")
+        decoding = decoding_settings(
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens or _DEFAULTS[benchmark]["max_new_tokens"],
+            seed=seed,
+        )
+        model_settings = {
+            "attn_implementation": attn_implementation,
+            "revision": revision,
+            "chat_template": chat_template,
+        }
+        common_kwargs = {
+            **{k: v for k, v in decoding.items() if k not in ("mode", "seed") and v is not None},
+            **{k: v for k, v in model_settings.items() if v is not None},
+        }
+        first = cls(
+            data,
+            split,
+            benchmark=benchmark,
+            source=source,
+            limit=limit,
+            parser=parser,
+            prompt=prompt,
+            prompt_suffix=prompt_suffix,
+            questions=questions,
+            image_folder=image_folder,
+            image_list=image_list,
+            chair_images=chair_images,
+            lemmatizer=lemmatizer,
+            subtasks=subtasks,
+            seed=decoding["seed"],
+            sampled=decoding["do_sample"],
+        )
+        runs: list[tuple[str | None, TaskEvaluator, dict[str, Any]]] = []
+        for name in names:
+            evaluator = copy.copy(first)  # the data is read once and shared by the methods' runs
+            own = dict(method_settings) if name != "none" else {}
+            evaluator.pipeline_kwargs = {**common_kwargs, "method": name, **own}
+            if own and len(names) > 1:  # every method gets the settings; each takes the ones it has
+                evaluator.pipeline_kwargs["unused_settings"] = "ignore"
+            ran = {"method": name, "method_settings": own, "method_description": _describe_method(name, own)}
+            runs.append((name if len(names) > 1 else None, evaluator, ran))
+        settings = {
+            **first.settings(),
+            "decoding": decoding,
+            **{k: v if v is not None else "model default" for k, v in model_settings.items()},
+        }
+        pipeline_kwargs = dict(runs[0][1].pipeline_kwargs or {}) if len(names) == 1 else common_kwargs
+        return EvalPlan(model, first.split, runs, pipeline_kwargs, settings)
+
+    @classmethod
+    def summarize(cls, results: dict[Any, dict[str, Any]], out: Path) -> str:
+        path = write_comparison_table(results, out)
+        return f"wrote the comparison of {len(results)} methods to {path}"
+
+    def __init__(
+        self,
+        data: str | os.PathLike,
+        split: str | None = None,
+        *,
+        benchmark: str = "pope",
+        source: str | None = None,
+        limit: int | None = None,
+        parser: str | None = None,
+        prompt: str | None = None,
+        prompt_suffix: str | None = None,
+        questions: str | os.PathLike | None = None,
+        image_folder: str | os.PathLike | None = None,
+        image_list: str | os.PathLike | None = None,
+        chair_images: int | None = None,
+        lemmatizer: str | None = None,
+        subtasks: str | Sequence[str] | None = None,
+        seed: int = 0,
+        sampled: bool = False,
+    ):
+        if benchmark not in BENCHMARKS:
+            raise InvalidOptionError(f"--benchmark must be one of {', '.join(BENCHMARKS)}, got {benchmark!r}")
+        if limit is not None and limit < 1:
+            raise InvalidOptionError(f"--limit must be >= 1, got {limit}")
+        defaults = _DEFAULTS[benchmark]
+        self.benchmark, self.limit, self.seed, self.sampled = benchmark, limit, seed, sampled
+        self.split = split or defaults["split"]
+        self.pipeline_kwargs: dict[str, Any] = {}
+        self._extra: dict[str, Any] = {}
+        self.dataset: Any = None  # PopeDataset or ChairDataset
+        self.questions: list[Any] = []  # MME's
+        self.parser: str | None = None
+        self.suffix: str | None = None
+        self._cache: dict[str, Any] = {}  # shared by the copies of one plan (one per method)
+        given = {
+            "source": source,
+            "questions": questions,
+            "image_list": image_list,
+            "chair_images": chair_images,
+            "lemmatizer": lemmatizer,
+            "subtasks": subtasks,
+            "prompt": prompt,
+        }
+        allowed = {
+            "pope": {"source", "questions", "prompt"},
+            "chair": {"image_list", "chair_images", "lemmatizer", "prompt"},
+            "mme": {"subtasks", "prompt"},
+        }[benchmark]
+        wrong = sorted(k for k, v in given.items() if v is not None and k not in allowed)
+        if wrong:
+            raise InvalidOptionError(
+                f"{', '.join('--' + w.replace('_', '-') for w in wrong)} do not apply to --benchmark {benchmark}"
+            )
+        if benchmark == "chair" and (parser is not None or prompt_suffix is not None):
+            raise InvalidOptionError(
+                "CHAIR scores free captions: --parser and --prompt-suffix do not apply (use --prompt)"
+            )
+        if benchmark == "pope":
+            self._load_pope(data, source or "coco", questions, image_folder, parser, prompt, prompt_suffix)
+        elif benchmark == "chair":
+            self._load_chair(data, image_list, chair_images, lemmatizer, prompt, image_folder)
+        else:
+            self._load_mme(data, subtasks, parser, prompt, prompt_suffix, image_folder)
+
+    # -- data --------------------------------------------------------------------------------------
+    def _load_pope(self, data, source, questions, image_folder, parser, prompt, prompt_suffix) -> None:
+        from attnzoo.datasets.pope import POPE_SPLITS, PopeDataset
+        from attnzoo.metrics.hallucination import POPE_PARSERS
+
+        if self.split not in POPE_SPLITS:
+            raise InvalidOptionError(f"POPE's --split is one of {', '.join(POPE_SPLITS)}, got {self.split!r}")
+        self.parser = parser or _DEFAULTS["pope"]["parser"]
+        if self.parser not in POPE_PARSERS:
+            raise InvalidOptionError(f"--parser for POPE is one of {', '.join(POPE_PARSERS)}, got {self.parser!r}")
+        if prompt is not None:
+            raise InvalidOptionError("POPE asks its own questions: --prompt does not apply (use --prompt-suffix)")
+        self.dataset = PopeDataset.from_root(data, source, self.split, questions=questions, images=image_folder)
+        self.suffix = _suffix(prompt_suffix, _DEFAULTS["pope"]["prompt_suffix"])
+        self._extra = {
+            "source": source,
+            "questions": str(self.dataset.question_file.resolve()),
+            "questions_sha256": _sha256(self.dataset.question_file),
+            "images": str(self.dataset.image_folder.resolve()),
+            "parser": self.parser,
+            "prompt_template": "{question}{suffix}",
+            "prompt_suffix": self.suffix,
+        }
+
+    def _load_chair(self, data, image_list, chair_images, lemmatizer, prompt, image_folder) -> None:
+        from attnzoo.datasets.chair import CHAIR_PROMPT, ChairDataset
+        from attnzoo.metrics.hallucination import get_lemmatizer
+
+        if image_folder is not None:
+            raise InvalidOptionError("CHAIR reads its images from <data>/val2014: --image-folder does not apply")
+        if self.split not in ("val2014", "train2014", "val2017", "train2017"):
+            raise InvalidOptionError(f"CHAIR's --split is a COCO split (val2014 by default), got {self.split!r}")
+        self.lemmatizer = lemmatizer or "nltk"
+        get_lemmatizer(self.lemmatizer)  # a missing nltk or its data is refused before the model loads
+        self.dataset = ChairDataset.from_root(
+            data, list_file=image_list, count=chair_images or 500, seed=self.seed, split=self.split
+        )
+        self.prompt = prompt
+        listed = {im.prompt for im in self.dataset.images} - {None}
+        if prompt is None and len(listed) > 1:
+            raise InvalidOptionError(f"the image list asks {len(listed)} different prompts; choose one with --prompt")
+        self.prompt = prompt or (listed.pop() if listed else CHAIR_PROMPT)
+        self._extra = {
+            "images": str(self.dataset.image_folder.resolve()),
+            "image_list": str(Path(image_list).resolve()) if image_list else None,
+            "image_list_sha256": _sha256(self.dataset.list_file),
+            "chair_images": len(self.dataset.images),
+            "chair_sample_seed": None if image_list else self.seed,
+            "image_ids_sha256": hashlib.sha256(
+                ",".join(str(im.image_id) for im in self.dataset.images).encode()
+            ).hexdigest(),
+            "lemmatizer": self.lemmatizer,
+            "prompt_template": "{prompt}",
+            "prompt": self.prompt,
+        }
+
+    def _load_mme(self, data, subtasks, parser, prompt, prompt_suffix, image_folder) -> None:
+        from attnzoo.datasets.mme import MME_HALLUCINATION_SUBTASKS, read_mme
+        from attnzoo.metrics.hallucination import MME_PARSERS
+
+        if image_folder is not None or prompt is not None:
+            raise InvalidOptionError(
+                "MME asks its own questions on its own images: --prompt / --image-folder do not apply"
+            )
+        if self.split != "perception":
+            raise InvalidOptionError(
+                f"MME's --split is 'perception' (choose subtasks with --subtasks), got {self.split!r}"
+            )
+        self.parser = parser or _DEFAULTS["mme"]["parser"]
+        if self.parser not in MME_PARSERS:
+            raise InvalidOptionError(f"--parser for MME is one of {', '.join(MME_PARSERS)}, got {self.parser!r}")
+        names = subtasks.split(",") if isinstance(subtasks, str) else subtasks or MME_HALLUCINATION_SUBTASKS
+        self.subtasks = [s.strip() for s in names if s.strip()]
+        self.questions = read_mme(data, self.subtasks)
+        released = prompt_suffix in (None, "released")
+        self.suffix = None if released else _suffix(prompt_suffix, "none")
+        self._extra = {
+            "mme_subtasks": self.subtasks,
+            "parser": self.parser,
+            "prompt_template": "{question}" if released else "{question without ' Please answer yes or no.'}{suffix}",
+            "prompt_suffix": "as released" if released else self.suffix,
+        }
+
+    def settings(self) -> dict[str, Any]:
+        """What this evaluator adds to ``run.json`` (the data files, prompt and parser)."""
+        return {"benchmark": self.benchmark, **self._extra}
+
+    # -- the runner's protocol -----------------------------------------------------------------------
+    def _input(self, sample_id: str, image: Path, question: str) -> dict[str, Any]:
+        item: dict[str, Any] = {"image": str(image), "question": question}
+        if self.sampled:
+            item["seed"] = sample_seed(self.seed, sample_id)
+        return item
+
+    def samples(self) -> list[EvalSample]:
+        """``--limit N``: the first N questions (POPE), images (CHAIR) or images of each subtask (MME, both
+        questions each)."""
+        out = []
+        if self.benchmark == "pope":
+            for q in self.dataset.questions[: self.limit]:
+                sid = f"{self.split}/{q.question_id}"
+                out.append(EvalSample(sid, self._input(sid, self.dataset.image_path(q), q.text + self.suffix), q))
+        elif self.benchmark == "chair":
+            for im in self.dataset.images[: self.limit]:
+                sid = str(im.image_id)
+                out.append(EvalSample(sid, self._input(sid, self.dataset.image_folder / im.file_name, self.prompt), im))
+        else:
+            keep: set[tuple[str, str]] = set()
+            for subtask in self.subtasks:
+                keep |= set(
+                    list(dict.fromkeys((q.subtask, q.image_key) for q in self.questions if q.subtask == subtask))[
+                        : self.limit
+                    ]
+                )
+            for q in self.questions:
+                if (q.subtask, q.image_key) not in keep:
+                    continue
+                sid = f"{q.subtask}/{q.image_key}/{q.index}"
+                text = q.question if self.suffix is None else q.question.replace(MME_RELEASED_SUFFIX, "") + self.suffix
+                out.append(EvalSample(sid, self._input(sid, q.image, text), q))
+        return out
+
+    def scorer(self) -> Any:
+        """CHAIR's scorer with the ground truth of the chosen images (built on first use)."""
+        if "scorer" not in self._cache:
+            from attnzoo.metrics.hallucination import ChairScorer
+
+            instances, captions = self.dataset.ground_truth_inputs()
+            self._cache["scorer"] = ChairScorer.from_coco(instances, captions, lemmatizer=self.lemmatizer)
+        return self._cache["scorer"]
+
+    def record(self, sample: EvalSample, result: Any) -> dict[str, Any]:
+        from attnzoo.metrics.hallucination import MME_PARSERS, POPE_PARSERS, parse_mme_answer, parse_pope_answer
+
+        answer = _answer_text(result)
+        target = sample.target
+        if self.benchmark == "pope":
+            return {
+                "image": target.image,
+                "question": sample.input["question"],
+                "answer": answer,
+                "label": target.label,
+                "parsed": {p: parse_pope_answer(answer, p, target.label) for p in POPE_PARSERS},
+            }
+        if self.benchmark == "chair":
+            return {
+                "image_id": target.image_id,
+                "answer": answer,
+                **self.scorer().score_caption(target.image_id, answer),
+            }
+        return {
+            "subtask": target.subtask,
+            "image": target.image_key,
+            "question": sample.input["question"],
+            "answer": answer,
+            "label": target.answer,
+            "parsed": {p: parse_mme_answer(answer, p) for p in MME_PARSERS},
+        }
+
+    def metrics(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        from attnzoo.metrics.hallucination import chair_summary, mme_scores, pope_metrics
+
+        if self.benchmark == "pope":
+            labels = [r["label"] for r in records]
+            rows = {p: pope_metrics([r["parsed"][p] for r in records], labels) for p in records[0]["parsed"]}
+            return _rounded({**rows[self.parser], "parser": self.parser, "parsers": rows})
+        if self.benchmark == "chair":
+            return _rounded({**chair_summary(records), "lemmatizer": self.lemmatizer})
+        by_parser = {}
+        for p in records[0]["parsed"]:
+            per_subtask = mme_scores((r["subtask"], r["image"], r["label"], r["parsed"][p]) for r in records)
+            by_parser[p] = {"subtasks": per_subtask, "total": sum(s["score"] for s in per_subtask.values())}
+        return _rounded({**by_parser[self.parser], "parser": self.parser, "parsers": by_parser})
+
+    def report(self, metrics: dict[str, Any]) -> str:
+        lines = [f"Benchmark: **{_benchmark_title(metrics)}**", ""]
+        lines += [f"- **{k}**: {v}" for k, v in _setting_lines(metrics)]
+        lines += ["", _table([(_row_name(metrics), metrics)], metrics["benchmark"], metrics.get("subtasks"))]
+        if metrics["benchmark"] == "mme":
+            lines += ["", "| subtask | acc | acc+ | score | images |", "|---|---|---|---|---|"]
+            lines += [
+                f"| {name} | {_fmt(row['acc'])} | {_fmt(row['acc_plus'])} | {_fmt(row['score'])} | {row['images']} |"
+                for name, row in metrics["subtasks"].items()
+            ]
+        if metrics["benchmark"] in ("pope", "mme"):
+            others = [(f"parser {p}", m) for p, m in metrics["parsers"].items() if p != metrics["parser"]]
+            lines += [
+                "",
+                "The same answers under the other parsers:",
+                "",
+                _table(others, metrics["benchmark"], metrics.get("subtasks")),
+            ]
+        lines += ["", _NOTES[metrics["benchmark"]]]
+        return "\n".join(lines) + "\n"
+
+
+# -- reports and the comparison table --------------------------------------------------------------
+_NOTES = {
+    "pope": "Percent. Parsers: pope = POPE's evaluate.py (first sentence, exact No/no/not); opera = OPERA/PAI "
+    "(whole answer, also NO and n't); vcd = VCD/AGLA (label-dependent substring); strict = exactly one of the "
+    "words yes/no, else unparsed (counted wrong).",
+    "chair": "CHAIR_s: captions with a hallucinated object; CHAIR_i: hallucinated object mentions; recall: "
+    "ground-truth objects mentioned (percent); Len: mean tokens per caption (punctuation included).",
+    "mme": "Per subtask acc + acc+ (each out of 100, so out of 200); acc+: images with both questions right.",
+}
+_COLUMNS = {
+    "pope": [
+        ("Accuracy", "accuracy"),
+        ("Precision", "precision"),
+        ("Recall", "recall"),
+        ("F1", "f1"),
+        ("Yes-ratio", "yes_ratio"),
+        ("Unparsed", "unparsed"),
+    ],
+    "chair": [("CHAIR_s", "chair_s"), ("CHAIR_i", "chair_i"), ("Recall", "recall"), ("Len", "length")],
+}
+
+
+def _fmt(value: Any) -> str:
+    return "–" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def _table(rows: Sequence[tuple[str, Mapping[str, Any]]], benchmark: str, subtasks: Mapping[str, Any] | None) -> str:
+    if benchmark == "mme":
+        names = list(subtasks or {})
+        head = "| | " + " | ".join(names) + " | total |\n|---|" + "---|" * (len(names) + 1) + "\n"
+        body = "".join(
+            f"| {name} | "
+            + " | ".join(_fmt(m["subtasks"].get(s, {}).get("score")) for s in names)
+            + f" | {_fmt(m['total'])} |\n"
+            for name, m in rows
+        )
+        return head + body
+    cols = _COLUMNS[benchmark]
+    head = "| | " + " | ".join(c for c, _ in cols) + " | n |\n|---|" + "---|" * (len(cols) + 1) + "\n"
+    return head + "".join(
+        f"| {name} | " + " | ".join(_fmt(m.get(k)) for _, k in cols) + f" | {m.get('n', '')} |\n" for name, m in rows
+    )
+
+
+def _benchmark_title(metrics: Mapping[str, Any]) -> str:
+    if metrics["benchmark"] == "pope":
+        return f"POPE {metrics.get('source', '')} {metrics.get('split', '')}".strip()
+    if metrics["benchmark"] == "chair":
+        return f"CHAIR ({metrics.get('chair_images', '?')} images, lemmatiser {metrics.get('lemmatizer')})"
+    return f"MME ({', '.join(metrics.get('mme_subtasks') or metrics.get('subtasks', {}))})"
+
+
+def _decoding_text(decoding: Mapping[str, Any] | None) -> str:
+    if not decoding:
+        return "not recorded"
+    if decoding.get("do_sample"):
+        top_k = f", top-k {decoding['top_k']}" if decoding.get("top_k") is not None else ""
+        mode = f"sampled (temperature {decoding['temperature']}, top-p {decoding['top_p']}{top_k})"
+    else:
+        mode = decoding.get("mode", "greedy")
+    return f"{mode}, {decoding.get('num_beams', 1)} beam(s), max {decoding.get('max_new_tokens')} new tokens, seed {decoding.get('seed')}"
+
+
+def _setting_lines(metrics: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    keys = (
+        "method_settings",
+        "method_description",
+        "parser",
+        "lemmatizer",
+        "attn_implementation",
+        "revision",
+        "chat_template",
+    )
+    out: list[tuple[str, Any]] = [
+        ("method", metrics.get("method", "none")),
+        ("decoding", _decoding_text(metrics.get("decoding"))),
+    ]
+    out += [(k, metrics[k]) for k in keys if metrics.get(k) not in (None, {}, [])]
+    for key in ("prompt", "prompt_suffix"):
+        if key in metrics:
+            out.append((key, f"`{json.dumps(metrics[key])}`"))
+    return out
+
+
+def _row_name(metrics: Mapping[str, Any]) -> str:
+    return str(metrics.get("method") or "none")
+
+
+def comparison_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """One row per method (the columns the papers report), from each run's metrics; the runs must be of
+    one benchmark, and every setting that differs between them (other than the method) is listed."""
+    if not results:
+        raise InvalidInputError("no runs to compare")
+    runs = list(results.items())
+    benchmarks = {m.get("benchmark") for _, m in runs}
+    if len(benchmarks) != 1 or None in benchmarks:
+        raise InvalidInputError(f"runs of different benchmarks cannot share a table: {sorted(map(str, benchmarks))}")
+    benchmark = benchmarks.pop()
+    first = runs[0][1]
+    rows = [(str(m.get("method") or name), m) for name, m in runs]
+    text = [f"# {_benchmark_title(first)}: methods compared", ""]
+    shared = ("method", "method_settings", "method_description")
+    text += [f"- **{k}**: {v}" for k, v in _setting_lines(first) if k not in shared]
+    text += ["", _table(rows, str(benchmark), first.get("subtasks")), ""]
+    ignored = {
+        "method",
+        "method_settings",
+        "method_description",
+        "n",
+        "skipped",
+        "skipped_inputs",
+        "seconds_this_run",
+        "parsers",
+        "subtasks",
+        "total",
+    }
+    ignored |= {c for cols in _COLUMNS.values() for _, c in cols} | {
+        "tp",
+        "fp",
+        "tn",
+        "fn",
+        "mentions",
+        "hallucinated_mentions",
+    }
+    differ = sorted(k for _, m in runs for k in m if k not in ignored and m.get(k) != first.get(k))
+    if differ:
+        text += [
+            f"**Warning**: the runs differ in {', '.join(dict.fromkeys(differ))}: the rows are not comparable.",
+            "",
+        ]
+    settings = {name: m.get("method_settings") or {} for name, m in rows}
+    if any(settings.values()):
+        text += ["Method settings: " + "; ".join(f"{n}: {json.dumps(s)}" for n, s in settings.items()), ""]
+    return "\n".join(text)
+
+
+def write_comparison_table(
+    runs: Mapping[str, Mapping[str, Any]] | Sequence[str | os.PathLike], out: str | os.PathLike
+) -> Path:
+    """Write ``comparison.md`` and ``comparison.json`` into ``out`` from several runs: their metrics by
+    name, or run folders / ``metrics.json`` paths (named by their method). Returns the Markdown path."""
+    if isinstance(runs, Mapping):
+        results = dict(runs)
+    else:
+        results = {}
+        for item in runs:
+            path = Path(item)
+            metrics = read_json(path / "metrics.json" if path.is_dir() else path, "an evaluation's metrics.json")
+            name = str(metrics.get("method") or path.name)
+            if name in results:
+                raise InvalidInputError(f"two runs of method {name!r} in the comparison")
+            results[name] = metrics
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "comparison.json", {str(k): v for k, v in results.items()})
+    write_text(out / "comparison.md", comparison_table({str(k): v for k, v in results.items()}))
+    return out / "comparison.md"

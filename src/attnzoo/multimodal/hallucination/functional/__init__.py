@@ -1,0 +1,83 @@
+"""Pure functions of the hallucination-mitigation methods that are not attention-time edits:
+VCD's noised image and contrast rule, AGLA's BLIP GradCAM augmenter and assembly rule, CARVE's
+probe, contrast, fusion, mask and crop, and PAINT's dual-stream token sets. Each reproduces the
+official code (parity fixtures in ``tests/multimodal/test_hallucination_functional*.py``)."""
+
+from attnzoo.multimodal.hallucination.functional.agla import (
+    AGLA_GRADCAM_LAYER,
+    BLIP_ENC_TOKEN_ID,
+    AglaMask,
+    BlipGradCam,
+    agla_att_map,
+    agla_augment,
+    agla_keep_count,
+    agla_mask,
+    agla_mask_from_att_map,
+    agla_masked_image,
+    blip_caption_text,
+    blip_gradcam,
+)
+from attnzoo.multimodal.hallucination.functional.carve import (
+    CARVE_ANSWER_SUFFIX,
+    CARVE_GENERAL_INSTRUCTION,
+    CARVE_LAMBDA_CODE,
+    CARVE_LAMBDA_PAPER,
+    CARVE_LAYERS,
+    CARVE_VARIANTS,
+    CarveCrop,
+    CarveMask,
+    CarveProbe,
+    CarveResult,
+    carve_contrast,
+    carve_crop,
+    carve_fuse,
+    carve_mask,
+    carve_probe_attention,
+    carve_refine,
+)
+from attnzoo.multimodal.hallucination.functional.contrastive import (
+    VCD_NUM_STEPS,
+    add_diffusion_noise,
+    assembly_logits,
+    contrastive_logits,
+    plausibility_cutoff,
+)
+from attnzoo.multimodal.hallucination.functional.paint import PAINT_LOCAL_RATIO, paint_token_sets
+
+__all__ = [
+    "AGLA_GRADCAM_LAYER",
+    "BLIP_ENC_TOKEN_ID",
+    "CARVE_ANSWER_SUFFIX",
+    "CARVE_GENERAL_INSTRUCTION",
+    "CARVE_LAMBDA_CODE",
+    "CARVE_LAMBDA_PAPER",
+    "CARVE_LAYERS",
+    "CARVE_VARIANTS",
+    "PAINT_LOCAL_RATIO",
+    "VCD_NUM_STEPS",
+    "AglaMask",
+    "BlipGradCam",
+    "CarveCrop",
+    "CarveMask",
+    "CarveProbe",
+    "CarveResult",
+    "add_diffusion_noise",
+    "agla_att_map",
+    "agla_augment",
+    "agla_keep_count",
+    "agla_mask",
+    "agla_mask_from_att_map",
+    "agla_masked_image",
+    "assembly_logits",
+    "blip_caption_text",
+    "blip_gradcam",
+    "carve_contrast",
+    "carve_crop",
+    "carve_fuse",
+    "carve_mask",
+    "carve_probe_attention",
+    "carve_refine",
+    "contrastive_logits",
+    "paint_token_sets",
+    "plausibility_cutoff",
+]

@@ -1,0 +1,89 @@
+"""The one shape every hallucination-mitigation method takes in the pipeline, so that
+``pipeline("hallucination-mitigation", method=...)`` treats VAR, PAI, PAINT, VCD, AGLA and CARVE
+(and their combinations) alike instead of branching per method.
+
+A method may do up to three things around one ``generate`` call on a batch of prompts (the
+pipeline runs every method's ``prepare`` before any method's ``logits_processors``):
+
+1. :meth:`MitigationMethod.prepare`: a pre-pass that changes the prompts (CARVE's probes and
+   masked image); the default keeps them.
+2. :meth:`MitigationMethod.interventions`: attention edits and hooks attached for the duration of
+   ``generate`` (VAR, PAI, PAINT).
+3. :meth:`MitigationMethod.logits_processors`: contrast branches built for this batch (PAI's CFG,
+   VCD, AGLA), passed to ``generate(logits_processor=...)``.
+
+A contrast method may instead run its branch as more rows of the same ``generate``
+(:meth:`MitigationMethod.paired_contrast`, VCD's and AGLA's ``batched`` mode): the pipeline asks for
+it first, and only calls ``logits_processors`` of a method that returns None. At most one method of a
+call pairs (one contrast method per call).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from PIL import Image
+from torch import nn
+from transformers import LogitsProcessor
+
+from .base import Intervention, PairedContrast
+
+#: One prompt's image(s): CARVE's official final pass asks about [original, refined] together.
+PromptImages = Image.Image | Sequence[Image.Image]
+#: encode(images, questions) -> the model inputs (processor output, on the model's device/dtype,
+#: left-padded, one image placeholder per image of each prompt).
+Encoder = Callable[[Sequence[PromptImages], Sequence[str]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """One batch of prompts as the pipeline built them: the decoded images, the questions, the
+    model inputs, and the encoder that made them (for methods that re-encode an edited image)."""
+
+    images: list[PromptImages]
+    questions: list[str]
+    inputs: Mapping[str, Any]
+    encode: Encoder = field(repr=False)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def with_images(self, images: Sequence[PromptImages]) -> PromptBatch:
+        """The same questions over other images, re-encoded."""
+        images = list(images)
+        return replace(self, images=images, inputs=self.encode(images, self.questions))
+
+
+class MitigationMethod:
+    """Base of every method the pipeline runs; subclasses override what they use."""
+
+    #: the registry name ("var", "vcd", ...).
+    name: str = "method"
+
+    def interventions(self) -> list[Intervention]:
+        """Interventions to attach to the model while ``generate`` runs (may be empty)."""
+        return []
+
+    def prepare(self, model: nn.Module, processor: Any, batch: PromptBatch) -> PromptBatch:
+        """A pre-pass that may replace the prompts before ``generate`` (default: none)."""
+        return batch
+
+    def logits_processors(self, model: nn.Module, processor: Any, batch: PromptBatch) -> list[LogitsProcessor]:
+        """Logits processors for ``generate`` on this batch (may be empty)."""
+        return []
+
+    def paired_contrast(self, model: nn.Module, processor: Any, batch: PromptBatch) -> PairedContrast | None:
+        """The contrast branch as extra rows of the main ``generate`` (one batched forward per token),
+        or None (default) to run :meth:`logits_processors` instead."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """The method and its settings as they ran (recorded with every answer)."""
+        return {"method": self.name}
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k != "method")
+        return f"{type(self).__name__}({settings})"
+
+
+__all__ = ["Encoder", "MitigationMethod", "PromptBatch", "PromptImages"]

@@ -1,0 +1,304 @@
+"""The method registry of ``pipeline("hallucination-mitigation", method=...)``: names to classes
+(imported on first use), keyword settings routed to the methods that take them, and the rules for
+combining methods.
+
+    build_methods("var")                                  # [VAR adapter]
+    build_methods("var+agla", alpha=2)                    # alpha goes to AGLA (VAR has none)
+    build_methods({"pai": {"alpha": 0.5}, "vcd": {}})     # settings per method
+    build_methods([VAR(sink_dims=(3, 7)), "vcd"])         # instances as they are
+
+VAR, PAI and PAINT are :class:`~.base.Intervention` s; :class:`InterventionMethod` gives them the
+:class:`~.method.MitigationMethod` shape (PAI and PAINT with their classifier-free-guidance processor
+when ``gamma != 1``). Which methods combine (:func:`check_composition`):
+
+- at most one attention edit (VAR, PAI, PAINT): two would each replace the language model's attention;
+- at most one contrast method (VCD, AGLA): each takes the scores it is given as the original image's
+  logits, so a second would contrast against the first one's output (and at most one method may run
+  its branch as rows of the main ``generate``, :meth:`~.method.MitigationMethod.paired_contrast`);
+- at most one method that rewrites the prompts (CARVE), and not with an attention edit: CARVE's probes
+  read the stock model's attention to choose the crop;
+- anything else combines: an attention edit with a contrast method (VAR + AGLA, PAI + VCD), CARVE with
+  a contrast method (the contrast runs on CARVE's final prompt).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from attnzoo.errors import InvalidOptionError
+
+from .base import AttentionEdit, Intervention, InterventionConflictError
+from .method import MitigationMethod, PromptBatch
+
+__all__ = [
+    "METHODS",
+    "InterventionMethod",
+    "MethodEntry",
+    "build_methods",
+    "check_composition",
+    "composition_name",
+    "method_names",
+    "method_settings",
+    "parse_method_spec",
+]
+
+_PACKAGE = __name__.rpartition(".")[0]
+ATTENTION, CONTRAST, PREPARE = "attention edit", "contrast", "prompt rewrite"
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One registered method: its class (``module:attr``, imported on first use) and its kind."""
+
+    name: str
+    module: str
+    attr: str
+    kind: str
+    #: The adapter adds PAI's CFG processor (``gamma``, ``cutoff``) to the intervention.
+    cfg: bool = False
+
+    def load(self) -> type:
+        try:
+            return getattr(importlib.import_module(self.module), self.attr)
+        except (ImportError, AttributeError) as err:
+            raise InvalidOptionError(
+                f"the {self.name} method cannot be loaded ({self.module}.{self.attr}: {err})"
+            ) from err
+
+    def settings(self) -> tuple[str, ...]:
+        """The keyword settings the method takes (the class's, plus ``gamma``/``cutoff`` for the CFG)."""
+        names = _keywords(self.load())
+        return (*names, "gamma", "cutoff") if self.cfg else names
+
+    def build(self, **settings: Any) -> MitigationMethod:
+        cls = self.load()
+        settings = {k: _coerced(cls, k, v) for k, v in settings.items()}
+        if self.cfg:
+            guidance = {k: settings.pop(k) for k in ("gamma", "cutoff") if k in settings}
+            return InterventionMethod(cls(**settings), **guidance)
+        built = cls(**settings)
+        return InterventionMethod(built) if isinstance(built, Intervention) else built
+
+
+METHODS: dict[str, MethodEntry] = {
+    "var": MethodEntry("var", f"{_PACKAGE}.var", "VAR", ATTENTION),
+    "pai": MethodEntry("pai", f"{_PACKAGE}.pai", "PAI", ATTENTION, cfg=True),
+    "paint": MethodEntry("paint", f"{_PACKAGE}.paint", "PAINT", ATTENTION, cfg=True),
+    "vcd": MethodEntry("vcd", f"{_PACKAGE}.vcd", "VCD", CONTRAST),
+    "agla": MethodEntry("agla", f"{_PACKAGE}.agla", "AGLA", CONTRAST),
+    "carve": MethodEntry("carve", f"{_PACKAGE}.carve", "CARVE", PREPARE),
+}
+_NONE = ("", "none", "baseline", "stock")
+
+
+def _coerced(cls: type, name: str, value: Any) -> Any:
+    """A list setting given as text (the command line's ``--sink-dims 1415,2533``) as a list of numbers."""
+    parameter = inspect.signature(cls).parameters.get(name)
+    annotation = str(getattr(parameter, "annotation", ""))
+    if not isinstance(value, str) or not any(t in annotation for t in ("Sequence", "Iterable", "tuple[", "list[")):
+        return value
+    try:
+        return [float(v) if "." in v else int(v) for v in value.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise InvalidOptionError(f"{name} must be numbers separated by commas, got {value!r}") from None
+
+
+def _keywords(fn: Any) -> tuple[str, ...]:
+    params = inspect.signature(fn).parameters.values()
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self")
+
+
+def method_names() -> list[str]:
+    return list(METHODS)
+
+
+def method_settings(name: str) -> tuple[str, ...]:
+    """The keyword settings of a registered method."""
+    return _entry(name).settings()
+
+
+def _entry(name: str) -> MethodEntry:
+    entry = METHODS.get(name.strip().lower())
+    if entry is None:
+        raise InvalidOptionError(f"unknown method {name!r}; the methods are: none, {', '.join(METHODS)}")
+    return entry
+
+
+class InterventionMethod(MitigationMethod):
+    """An :class:`~.base.Intervention` (VAR, PAI, PAINT) as a method: attached while ``generate`` runs,
+    with PAI's CFG processor for each batch when ``gamma`` is set and not 1."""
+
+    def __init__(self, intervention: Intervention, *, gamma: float | None = None, cutoff: float | None = None):
+        if not isinstance(intervention, Intervention):
+            raise InvalidOptionError(f"InterventionMethod wraps an Intervention, got {type(intervention).__name__}")
+        if (gamma is not None or cutoff is not None) and not hasattr(intervention, "cfg_processor"):
+            raise InvalidOptionError(
+                f"{intervention.method} has no classifier-free guidance: gamma/cutoff do not apply"
+            )
+        defaults = _cfg_defaults(intervention)
+        self.intervention = intervention
+        self.name = intervention.method
+        self.gamma = defaults.get("gamma") if gamma is None else float(gamma)
+        self.cutoff = defaults.get("cutoff") if cutoff is None else float(cutoff)
+
+    @property
+    def guided(self) -> bool:
+        return self.gamma is not None and self.gamma != 1.0
+
+    def interventions(self) -> list[Intervention]:
+        return [self.intervention]
+
+    def logits_processors(self, model, processor, batch: PromptBatch) -> list:
+        if not self.guided:
+            return []
+        return [self.intervention.cfg_processor(batch.inputs, self.gamma, cutoff=self.cutoff)]  # type: ignore[attr-defined]
+
+    def describe(self) -> dict[str, Any]:
+        described = self.intervention.describe()
+        if self.gamma is not None:
+            described.update(gamma=self.gamma, cutoff=self.cutoff, cfg="on" if self.guided else "off (gamma 1)")
+        return described
+
+
+def _cfg_defaults(intervention: Intervention) -> dict[str, float]:
+    """The official CFG strength of PAI (1.1) or PAINT (2, its CHAIR script) and PAI's cutoff (0.1)."""
+    if not hasattr(intervention, "cfg_processor"):
+        return {}
+    module = importlib.import_module(type(intervention).__module__)
+    from .pai import DEFAULTS as PAI_DEFAULTS
+
+    defaults = getattr(module, "DEFAULTS", PAI_DEFAULTS)
+    return {"gamma": float(defaults.get("gamma", PAI_DEFAULTS["gamma"])), "cutoff": float(PAI_DEFAULTS["cutoff"])}
+
+
+def parse_method_spec(spec: Any) -> list[tuple[str, Any]]:
+    """``(name, item)`` pairs of a method spec: ``item`` is a settings dict for a registered name, or the
+    method instance itself. None, "none", "" and [] are no method."""
+    if spec is None or isinstance(spec, (MitigationMethod, Intervention)):
+        spec = [] if spec is None else [spec]
+    if isinstance(spec, str):
+        spec = [part for part in spec.replace(",", "+").split("+")]
+    if isinstance(spec, Mapping):
+        pairs = []
+        for name, settings in spec.items():
+            if settings is not None and not isinstance(settings, Mapping):
+                raise InvalidOptionError(f"method settings for {name!r} must be a dict, got {type(settings).__name__}")
+            pairs.append((str(name), dict(settings or {})))
+        spec = pairs
+    if not isinstance(spec, Iterable):
+        raise InvalidOptionError(f"method must be a name, a list of names or methods, or a dict; got {spec!r}")
+    out: list[tuple[str, Any]] = []
+    for item in spec:
+        if isinstance(item, tuple) and len(item) == 2:
+            name, settings = item
+        elif isinstance(item, (MitigationMethod, Intervention)):
+            name, settings = _name_of(item), item
+        elif isinstance(item, str):
+            name, settings = item, {}
+        else:
+            raise InvalidOptionError(f"a method is a name or a MitigationMethod, got {type(item).__name__}")
+        name = name.strip().lower()
+        if name in _NONE and not isinstance(settings, (MitigationMethod, Intervention)):
+            continue
+        if isinstance(settings, Mapping):
+            _entry(name)
+        out.append((name, settings))
+    return out
+
+
+def _name_of(method: MitigationMethod | Intervention) -> str:
+    return str(getattr(method, "method", None) if isinstance(method, Intervention) else method.name)
+
+
+def build_methods(spec: Any = None, *, strict: bool = True, **settings: Any) -> list[MitigationMethod]:
+    """The methods of ``spec`` (see the module docstring), checked to combine. Each keyword setting goes
+    to every named method that takes it; one that none takes raises :class:`InvalidOptionError` (with
+    ``strict=False`` it is left out: a comparison of methods gives every method the same settings)."""
+    pairs = parse_method_spec(spec)
+    taken: set[str] = set()
+    methods: list[MitigationMethod] = []
+    for name, item in pairs:
+        if not isinstance(item, Mapping):
+            methods.append(InterventionMethod(item) if isinstance(item, Intervention) else item)
+            continue
+        entry = METHODS[name]
+        accepted = entry.settings()
+        own = {k: v for k, v in settings.items() if k in accepted}
+        taken |= set(own)
+        try:
+            methods.append(entry.build(**{**own, **item}))
+        except TypeError as err:  # a setting the class refuses (a wrong type, a positional mix-up)
+            raise InvalidOptionError(f"{name}: {err}") from None
+    unused = sorted(set(settings) - taken)
+    if unused and strict:
+        named = [n for n, item in pairs if isinstance(item, Mapping)]
+        takes = "; ".join(f"{n} takes {', '.join(method_settings(n)) or 'nothing'}" for n in named)
+        raise InvalidOptionError(
+            f"setting(s) {', '.join(unused)} are taken by no method of {composition_name(methods) or 'none'}"
+            + (f" ({takes})" if takes else " (method none takes no settings)")
+        )
+    check_composition(methods)
+    return methods
+
+
+def kinds_of(method: MitigationMethod) -> set[str]:
+    """What a method does around ``generate``: edits attention, contrasts logits, rewrites the prompts
+    (a registered method's kind; for others, what they override)."""
+    entry = METHODS.get(method.name)
+    if entry is not None:
+        return {entry.kind}
+    kinds = set()
+    if any(isinstance(i, AttentionEdit) for i in method.interventions()):
+        kinds.add(ATTENTION)
+    if type(method).prepare is not MitigationMethod.prepare:
+        kinds.add(PREPARE)
+    overrides = (type(method).logits_processors, type(method).paired_contrast)
+    if overrides != (MitigationMethod.logits_processors, MitigationMethod.paired_contrast):
+        kinds.add(CONTRAST)
+    return kinds
+
+
+def check_composition(methods: Sequence[MitigationMethod]) -> None:
+    """Raise :class:`~.base.InterventionConflictError` for a combination that cannot run (module docstring)."""
+    names = [m.name for m in methods]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InterventionConflictError(f"method {', '.join(twice)} is listed twice")
+    by_kind: dict[str, list[str]] = {}
+    for method in methods:
+        for kind in kinds_of(method):
+            by_kind.setdefault(kind, []).append(method.name)
+    edits, contrasts, rewrites = (by_kind.get(k, []) for k in (ATTENTION, CONTRAST, PREPARE))
+    if len(edits) > 1:
+        raise InterventionConflictError(
+            f"{' and '.join(edits)} both edit the language model's attention; use one of var, pai, paint "
+            "(an attention edit combines with a contrast method such as vcd or agla)"
+        )
+    if len(contrasts) > 1:
+        raise InterventionConflictError(
+            f"{' and '.join(contrasts)} each contrast the model's logits with their own branch and take the "
+            "scores they are given as the original image's logits; use one of them"
+        )
+    if len(rewrites) > 1:
+        raise InterventionConflictError(f"{' and '.join(rewrites)} both rewrite the prompts; use one of them")
+    if rewrites and edits:
+        raise InterventionConflictError(
+            f"{rewrites[0]}'s probes read the stock model's attention to choose what to crop, which "
+            f"{edits[0]} would change: combine {rewrites[0]} with no method or with a contrast method (vcd, agla)"
+        )
+
+
+def composition_name(methods: Sequence[MitigationMethod]) -> str:
+    """``"none"``, ``"var"``, ``"var+agla"``."""
+    return "+".join(m.name for m in methods) or "none"
+
+
+def ordered(methods: Sequence[MitigationMethod]) -> list[MitigationMethod]:
+    """The order the pipeline runs them in: prompt rewrites, then contrast methods, then the rest, so a
+    contrast method's processor comes before PAI's CFG processor in the chain."""
+    rank = {PREPARE: 0, CONTRAST: 1}
+    return sorted(methods, key=lambda m: min((rank.get(k, 2) for k in kinds_of(m)), default=2))

@@ -1,0 +1,142 @@
+"""VCD, Visual Contrastive Decoding (Leng et al., CVPR 2024; official code DAMO-NLP-SG/VCD).
+
+A contrast branch sees a diffusion-noised copy v' of the image (DDPM forward process at step 500 of
+1000, sigmoid betas; :func:`~.functional.contrastive.add_diffusion_noise` on the processed pixel
+tensor), and every step combines the two next-token logits:
+z = (1 + alpha) l(v) - alpha l(v'), then drops the tokens the ORIGINAL branch finds implausible
+(l(v) < log beta + max l(v)). The official scripts' values are alpha 1, beta 0.2, noise step 500
+(the loop's own fallbacks alpha 0.5 / beta 0.1 only applied when a script forgot them).
+
+Two ways to run the branch, the same scores up to float32 batching noise (``batched``):
+
+- ``batched=True`` (default): the noised prompts are B more rows of the main ``generate``
+  (:class:`~.base.PairedContrast`), so every token is one batched forward with one KV cache.
+- ``batched=False``: the branch is a second forward per token with its own KV cache
+  (:class:`~.base.ContrastBranchProcessor`).
+
+Greedy decoding, sampling and ``num_beams=1`` all run the method (the official patch only covers
+sampling). Code and paper agree: there is one behaviour.
+
+Seeds: the official script seeds the global RNG once per run (``set_seed(args.seed)``, 55 in the
+POPE scripts), and the noise of every question and every sampled token then come from that one
+stream, so a question's noise and draws depend on every question before it. That cannot be repeated
+per answer, so there are two seeds here: ``seed`` (55) seeds the generator of each batch's noise
+(None: the global RNG, as the official code), and the pipeline's sampling ``seed`` seeds each answer's
+token draws. A greedy answer depends on the noise seed only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import LogitsProcessor
+
+from attnzoo.errors import InvalidInputError, InvalidOptionError
+
+from .base import ContrastBranchProcessor, PairedContrast
+from .functional.contrastive import VCD_NUM_STEPS, add_diffusion_noise, contrastive_logits
+from .layouts import family_of
+from .method import MitigationMethod, PromptBatch
+
+#: The official scripts' settings (seed: the scripts' global seed, used here for the noise draw).
+DEFAULTS: dict[str, Any] = {"alpha": 1.0, "beta": 0.2, "noise_step": 500, "seed": 55}
+
+
+def check_cutoff(method: str, alpha: float, beta: float) -> tuple[float, float]:
+    """alpha >= 0 and beta in [0, 1], as floats (VCD and AGLA share them)."""
+    alpha, beta = float(alpha), float(beta)
+    if not alpha >= 0.0:
+        raise InvalidOptionError(f"{method}'s alpha must be >= 0, got {alpha}")
+    if not 0.0 <= beta <= 1.0:
+        raise InvalidOptionError(f"{method}'s plausibility cutoff beta must be in [0, 1], got {beta}")
+    return alpha, beta
+
+
+def check_batched(method: str, batched: bool) -> bool:
+    if not isinstance(batched, bool):
+        raise InvalidOptionError(f"{method}'s batched must be True or False, got {batched!r}")
+    return batched
+
+
+class VCDLogitsProcessor(ContrastBranchProcessor):
+    """VCD's rule against a branch of the same model on ``noised_inputs`` (the prompt batch with its
+    pixels noised: :meth:`VCD.noised_inputs`)."""
+
+    method = "vcd"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        noised_inputs: Mapping[str, Any],
+        alpha: float = DEFAULTS["alpha"],
+        beta: float = DEFAULTS["beta"],
+    ):
+        self.alpha, self.beta = check_cutoff("VCD", alpha, beta)
+        super().__init__(model, noised_inputs)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "alpha": self.alpha, "beta": self.beta}
+
+    def combine(self, input_ids, scores, branch_logits):
+        return contrastive_logits(scores, branch_logits.to(scores.dtype), self.alpha, self.beta)
+
+
+class VCD(MitigationMethod):
+    """Visual Contrastive Decoding as a pipeline method: a :class:`VCDLogitsProcessor` per batch,
+    its branch on the batch's inputs with ``pixel_values`` noised at ``noise_step``; ``batched`` runs
+    the branch as rows of the main ``generate`` (:meth:`paired_contrast`) or as its own forward."""
+
+    name = "vcd"
+
+    def __init__(
+        self,
+        *,
+        alpha: float = DEFAULTS["alpha"],
+        beta: float = DEFAULTS["beta"],
+        noise_step: int = DEFAULTS["noise_step"],
+        seed: int | None = DEFAULTS["seed"],
+        batched: bool = True,
+    ):
+        self.alpha, self.beta = check_cutoff("VCD", alpha, beta)
+        if not 0 <= int(noise_step) < VCD_NUM_STEPS or int(noise_step) != noise_step:
+            raise InvalidOptionError(f"VCD's noise_step must be an integer in [0, {VCD_NUM_STEPS}), got {noise_step}")
+        self.noise_step = int(noise_step)
+        self.seed = None if seed is None else int(seed)
+        self.batched = check_batched("VCD", batched)
+
+    def noised_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """``inputs`` with ``pixel_values`` replaced by their noised copy (drawn on the CPU from a
+        generator seeded with ``seed``, so a batch gets the same noise on every device)."""
+        pixels = inputs.get("pixel_values")
+        if not isinstance(pixels, torch.Tensor):
+            raise InvalidInputError("VCD noises the image: the prompt batch has no pixel_values")
+        generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
+        source = pixels.detach() if generator is None else pixels.detach().cpu()
+        noised = add_diffusion_noise(source, self.noise_step, generator).to(pixels.device)
+        return {**inputs, "pixel_values": noised}
+
+    def processor(self, model: nn.Module, batch: PromptBatch) -> VCDLogitsProcessor:
+        family_of(model)  # an unknown model type raises here, naming it
+        return VCDLogitsProcessor(model, self.noised_inputs(batch.inputs), self.alpha, self.beta)
+
+    def logits_processors(self, model: nn.Module, processor: Any, batch: PromptBatch) -> list[LogitsProcessor]:
+        return [self.processor(model, batch)]
+
+    def paired_contrast(self, model: nn.Module, processor: Any, batch: PromptBatch) -> PairedContrast | None:
+        return PairedContrast(self.processor(model, batch)) if self.batched else None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "method": self.name,
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "noise_step": self.noise_step,
+            "seed": self.seed,
+            "batched": self.batched,
+        }
+
+
+__all__ = ["DEFAULTS", "VCD", "VCDLogitsProcessor"]

@@ -1,0 +1,852 @@
+"""``pipeline("hallucination-mitigation")``: answer questions about images with a transformers LVLM,
+with a training-free hallucination-mitigation method (VAR, PAI, PAINT, VCD, AGLA, CARVE, or a
+combination such as ``"var+agla"``) or none.
+
+>>> ask = attnzoo.pipeline("hallucination-mitigation", model="llava-hf/llava-1.5-7b-hf", method="var")  # doctest: +SKIP
+>>> out = ask("kitchen.jpg", question="Is there a dog in the image?")                               # doctest: +SKIP
+>>> out.answer, out.settings["methods"]                                                              # doctest: +SKIP
+
+Per batch of prompts: the questions go into the model family's prompt template (the processor's chat
+template: "USER: <image>\\n{question} ASSISTANT:" for llava-hf LLaVA-1.5), are encoded left-padded,
+their image tokens are checked against the family's layout, the methods prepare the prompts (CARVE),
+their interventions are attached (VAR, PAI, PAINT), their logits processors built (VCD, AGLA, PAI's
+CFG), and ``generate`` runs; then everything is detached, so the model is the stock model between
+calls. A contrast method in batched mode (VCD; AGLA's paper behaviour) runs its branch prompts as B
+more rows of the same ``generate`` (one batched forward per token; both halves take the main rows'
+token) and only the first B rows are answers. Each batch is a fresh run of each method: an answer never depends on what was asked before it
+(VAR's official carry-over of the first question's sinks stays within one ``generate`` call).
+
+Decoding is exactly what the result records: greedy (default) or sampled, with the model's own
+``generation_config`` penalties and sampling defaults left out. Sampled decoding draws every answer
+from its own generator seeded by its ``seed`` (the input's, else the call's), so an answer is the same
+whatever batch it ran in; the contrast processors come before temperature, top-k and top-p, as in the
+official VCD / AGLA / PAI loops.
+
+``return_attention=True`` adds the answer's attention over the image's token grid (the last query row
+of every decoding step, mean over heads and the chosen layers, and over the answer's tokens) and,
+with a method, the same for the stock model's answer (a second run without the method), so
+``result.plot()`` shows both over the image. The language model runs eager attention for it (the
+attention edits always compute it).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import textwrap
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from attnzoo.errors import InvalidInputError, InvalidOptionError
+from attnzoo.pipelines.base import Pipeline, list_collate, weights_note
+
+__all__ = [
+    "CHAT_TEMPLATES",
+    "HallucinationMitigationPipeline",
+    "MitigationResult",
+    "decoding_record",
+]
+
+#: Named prompt templates beside the processor's own ("model"); any other string with ``{question}``
+#: (and ``{image}`` for the image placeholder) is used literally.
+CHAT_TEMPLATES = {
+    # LLaVA's original vicuna_v1 conversation (system message): what VCD, AGLA, VAR and PAINT ran with
+    "llava_v1": "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the human's questions. USER: {image}\n{question} ASSISTANT:",
+}
+_CALL_KEYWORDS = (
+    "method",
+    "method_settings",
+    "unused_settings",
+    "max_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_p",
+    "top_k",
+    "num_beams",
+    "seed",
+    "chat_template",
+    "return_attention",
+    "attention_layers",
+)
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+@dataclass
+class MitigationResult:
+    """One answer and everything that made it."""
+
+    question: str
+    answer: str
+    prompt: str
+    """The text the processor encoded (template applied, one image placeholder)."""
+    image: Image.Image
+    settings: dict[str, Any] = field(default_factory=dict)
+    """Model, family, method (``"var+agla"``), each method's settings as it ran, decoding, prompt template."""
+    seed: int | None = None
+    """The sampling seed of this answer (None: greedy or beam search)."""
+    token_ids: list[int] = field(default_factory=list)
+    attention: np.ndarray | None = None
+    """``[rows, cols]``: the answer's attention over the image's token grid, with the method."""
+    baseline_answer: str | None = None
+    """The stock model's answer (with ``return_attention`` and a method)."""
+    baseline_attention: np.ndarray | None = None
+    view: Image.Image | None = None
+    """The image as the vision tower saw it (resized and cropped), where the grid lies."""
+    weights: str | None = None
+
+    @property
+    def method(self) -> str:
+        return str(self.settings.get("method", "none"))
+
+    def summary(self) -> str:
+        decoding = self.settings.get("decoding", {}).get("mode", "greedy")
+        text = f"{self.question!r} -> {self.answer!r} ({self.method}, {decoding})"
+        if self.baseline_answer is not None:
+            text += f"; without the method: {self.baseline_answer!r}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "question": self.question,
+            "answer": self.answer,
+            "prompt": self.prompt,
+            "seed": self.seed,
+            "weights": self.weights,
+            **self.settings,
+        }
+        if self.baseline_answer is not None:
+            record["baseline_answer"] = self.baseline_answer
+        for key, grid in (("attention", self.attention), ("baseline_attention", self.baseline_attention)):
+            if grid is not None:
+                record[key] = np.round(grid.astype(np.float64), 6).tolist()
+        return record
+
+    def plot(self, size: int = 256) -> Image.Image:
+        """The image, then the answer's attention over it with the method and without (when measured),
+        on one colour scale, with the question and the answers below."""
+        from attnzoo.viz.classification import load_font
+
+        base = (self.view or self.image).convert("RGB")
+        base = base.resize((size, max(1, round(base.height * size / base.width))), Image.Resampling.BICUBIC)
+        panels = [("image", base)]
+        grids = [g for g in (self.attention, self.baseline_attention) if g is not None]
+        scale = (min(float(g.min()) for g in grids), max(float(g.max()) for g in grids)) if grids else (0.0, 1.0)
+        if self.attention is not None:
+            title = f"with {self.method}" if self.baseline_attention is not None else f"attention ({self.method})"
+            panels.append((title, _overlay(base, self.attention, scale)))
+        if self.baseline_attention is not None:
+            panels.append(("without a method", _overlay(base, self.baseline_attention, scale)))
+        font, small = load_font(14), load_font(12)
+        pad, head = 8, 22
+        width = pad + sum(p.width + pad for _, p in panels)
+        lines = [f"Q: {self.question}", f"A ({self.method}): {self.answer}"]
+        if self.baseline_answer is not None:
+            lines.append(f"A (no method): {self.baseline_answer}")
+        if grids:
+            lines.append(
+                f"colour: the answer's attention per image token, {scale[0]:.3g} (dark) to {scale[1]:.3g} (light)"
+            )
+        note = weights_note(self.weights)
+        if note:
+            lines.append(f"({note}: the answers are meaningless)")
+        wrapped = [w for line in lines for w in textwrap.wrap(line, max(20, width // 7)) or [""]]
+        sheet = Image.new("RGB", (width, head + base.height + pad + 16 * len(wrapped) + pad), "white")
+        draw = ImageDraw.Draw(sheet)
+        x = pad
+        for title, picture in panels:
+            sheet.paste(picture, (x, head))
+            draw.text((x, 4), title, fill=(0, 0, 0), font=font)
+            x += picture.width + pad
+        y = head + base.height + pad
+        for line in wrapped:
+            draw.text((pad, y), line, fill=(40, 40, 40), font=small)
+            y += 16
+        return sheet
+
+
+def _overlay(base: Image.Image, grid: np.ndarray, scale: tuple[float, float]) -> Image.Image:
+    """``grid`` on the viridis ramp (``scale`` = the values of its ends), one square per token, over ``base``."""
+    from attnzoo.viz.wsi import attention_colours
+
+    low, high = scale
+    values = (np.asarray(grid, dtype=np.float64) - low) / (high - low if high > low else 1.0)
+    colours = Image.fromarray(attention_colours(values)).resize(base.size, Image.Resampling.NEAREST)
+    return Image.blend(base, colours, 0.55)
+
+
+def decoding_record(
+    *,
+    do_sample: bool = False,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    num_beams: int = 1,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The decoding as it runs (the shape ``attnzoo eval`` records): greedy, sampled or beam search."""
+    return {
+        "mode": "sampled" if do_sample else "beam" if num_beams > 1 else "greedy",
+        "do_sample": do_sample,
+        "temperature": (1.0 if temperature is None else temperature) if do_sample else None,
+        "top_p": (1.0 if top_p is None else top_p) if do_sample else None,
+        "top_k": top_k if do_sample else None,
+        "num_beams": num_beams,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+    }
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InvalidOptionError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _seed(value: Any, name: str = "seed") -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise InvalidOptionError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _layers(value: Any) -> tuple[int, ...]:
+    """Layer indices from ints or a string like ``"10-12"`` / ``"2,5,8-9"``."""
+    parts = value.split(",") if isinstance(value, str) else value
+    out: list[int] = []
+    try:
+        for part in parts if not isinstance(parts, (int, np.integer)) else [parts]:
+            if isinstance(part, str) and "-" in part.strip()[1:]:
+                low, high = part.split("-", 1)
+                out.extend(range(int(low), int(high) + 1))
+            elif not isinstance(part, str) or part.strip():
+                out.append(int(part))
+    except (TypeError, ValueError):
+        raise InvalidOptionError(
+            f"attention_layers must be layer indices like '10-12' or [10, 11], got {value!r}"
+        ) from None
+    if not out:
+        raise InvalidOptionError("attention_layers names no layer")
+    return tuple(out)
+
+
+def _chat_template(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidOptionError(
+            f"chat_template must be 'model', one of {list(CHAT_TEMPLATES)} or a string, got {value!r}"
+        )
+    if value not in ("model", *CHAT_TEMPLATES) and "{question}" not in value:
+        raise InvalidOptionError(
+            f"chat_template {value!r} is neither 'model' nor one of {list(CHAT_TEMPLATES)}; a literal template needs "
+            "{question} (and {image} where the image goes)"
+        )
+    return value
+
+
+def _check_decoding(given: dict[str, Any]) -> dict[str, Any]:
+    sampled = bool(given.get("do_sample"))
+    if given.get("do_sample") is not None and not isinstance(given["do_sample"], (bool, np.bool_)):
+        raise InvalidOptionError(f"do_sample must be True or False, got {given['do_sample']!r}")
+    temperature, top_p, top_k = given.get("temperature"), given.get("top_p"), given.get("top_k")
+    if temperature is not None and not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise InvalidOptionError(f"temperature must be > 0, got {temperature!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise InvalidOptionError(f"top_p must be in (0, 1], got {top_p!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0):
+        raise InvalidOptionError(f"top_k must be a non-negative integer, got {top_k!r}")
+    if not sampled and given.get("do_sample") is False and any(v is not None for v in (temperature, top_p, top_k)):
+        raise InvalidOptionError("temperature, top_p and top_k apply to sampled decoding: pass do_sample=True")
+    return given
+
+
+class HallucinationMitigationPipeline(Pipeline):
+    """``p(image, question="...")``; also lists, one image with a list of questions, or dicts
+    ``{"image": ..., "question": ..., "seed": ...}``.
+
+    Constructor: ``processor`` (for a loaded model without one), ``attn_implementation`` (switches the
+    language model's, or loads with it), ``revision`` and ``device_map`` (loading by name). Settings
+    (constructor or call): ``method`` (a name, ``"var+agla"``, a list, a dict of per-method settings, or
+    method objects), the methods' own settings as keywords (each goes to the methods that take it:
+    ``tau``, ``alpha``, ``gamma``, ``behaviour``, ...), ``max_new_tokens`` (128), ``do_sample``,
+    ``temperature``, ``top_p``, ``top_k``, ``num_beams`` (1), ``seed`` (0), ``chat_template`` ("model",
+    "llava_v1" or a literal), ``return_attention``, ``attention_layers`` (all), ``unused_settings``
+    ("error", or "ignore": a method setting none of the methods takes is left out, as in a comparison of
+    methods that all get the same settings).
+    """
+
+    task = "hallucination-mitigation"
+    primary_field = "image"
+    input_fields = ("question", "seed")
+    collate = staticmethod(list_collate)
+
+    @classmethod
+    def accepts(cls, model: Any) -> bool:
+        from attnzoo.multimodal.hallucination.models import LVLMCheckpoint
+
+        return isinstance(model, (LVLMCheckpoint, torch.nn.Module))
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        processor: Any = None,
+        device: str | int | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        attn_implementation: str | None = None,
+        revision: str | None = None,
+        device_map: Any = None,
+        **kwargs: Any,
+    ):
+        from attnzoo.multimodal.hallucination.layouts import family_of
+        from attnzoo.multimodal.hallucination.models import LVLMCheckpoint, processor_for
+        from attnzoo.pipelines.base import resolve_device, resolve_dtype
+
+        self._methods_cache: dict[Any, list[Any]] = {}
+        self._weights_label: str | None = None
+        if isinstance(model, LVLMCheckpoint):
+            overrides = {"revision": revision, "attn_implementation": attn_implementation, "device_map": device_map}
+            model, loaded = model.load(
+                device=resolve_device(device) if device_map is None else None,
+                dtype=resolve_dtype(dtype) or model.dtype,
+                **{k: v for k, v in overrides.items() if v is not None},
+            )
+            processor = processor if processor is not None else loaded
+        elif revision is not None or device_map is not None:
+            raise InvalidOptionError("revision= and device_map= apply when the pipeline loads the model by name")
+        self.family = family_of(model)  # an unsupported model: UnknownFamilyError naming the supported types
+        if attn_implementation is not None and self._text_attention(model) != attn_implementation:
+            model.set_attn_implementation({self.family.text_config_key: attn_implementation})
+        if processor is None:
+            processor = processor_for(model)
+        self.processor = processor if processor is not None else _auto_processor(model)
+        placed = _dispatched_device(model)
+        with _kept_in_place(model) if placed is not None else nullcontext():
+            super().__init__(
+                model, device=placed or device, dtype=dtype, batch_size=batch_size, num_workers=num_workers, **kwargs
+            )
+
+    @property
+    def weights_label(self) -> str | None:
+        from attnzoo.multimodal.hallucination.models import TINY_NAMES
+
+        if self.model_name in TINY_NAMES.values():  # say which model ran, whatever name asked for it
+            return f"{self._weights_label or 'random'}, tiny {self.family.name} ({self.model_name})"
+        return self._weights_label
+
+    @weights_label.setter
+    def weights_label(self, value: str | None) -> None:
+        self._weights_label = value
+
+    @property
+    def model_name(self) -> str:
+        return str(
+            getattr(self.model, "name_or_path", "") or self.model.config._name_or_path or type(self.model).__name__
+        )
+
+    @staticmethod
+    def _text_attention(model: Any) -> str | None:
+        from attnzoo.multimodal.hallucination.layouts import family_of
+
+        return getattr(family_of(model).text_config(), "_attn_implementation", None)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model={self.model_name!r}, weights={self.weights_label!r}, device={str(self.device)!r})"
+
+    # -- keywords ----------------------------------------------------------------------------------
+    def _checked_parameters(self, kwargs: dict[str, Any]) -> tuple[dict, dict, dict]:
+        """Call keywords plus the methods' own settings, which are open-ended (each method's keywords):
+        they are checked against the methods when these are built."""
+        named = {k: v for k, v in kwargs.items() if k in _CALL_KEYWORDS}
+        extra = {k: v for k, v in kwargs.items() if k not in _CALL_KEYWORDS}
+        if extra:
+            named["method_settings"] = {**(named.get("method_settings") or {}), **extra}
+        return self._sanitize_parameters(**named)
+
+    def _sanitize_parameters(
+        self,
+        method: Any = None,
+        method_settings: Mapping[str, Any] | None = None,
+        unused_settings: str | None = None,
+        max_new_tokens: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        num_beams: int | None = None,
+        seed: int | None = None,
+        chat_template: str | None = None,
+        return_attention: bool | None = None,
+        attention_layers: Any = None,
+    ) -> tuple[dict, dict, dict]:
+        given = {k: v for k, v in locals().items() if k != "self" and v is not None}
+        if "max_new_tokens" in given:
+            given["max_new_tokens"] = _positive_int("max_new_tokens", max_new_tokens)
+        if "num_beams" in given:
+            given["num_beams"] = _positive_int("num_beams", num_beams)
+        if "seed" in given:
+            given["seed"] = _seed(seed)
+        if "chat_template" in given:
+            given["chat_template"] = _chat_template(chat_template)
+        if "attention_layers" in given:
+            given["attention_layers"] = _layers(attention_layers)
+        if unused_settings is not None and unused_settings not in ("error", "ignore"):
+            raise InvalidOptionError(f"unused_settings must be 'error' or 'ignore', got {unused_settings!r}")
+        if method_settings is not None:
+            given["method_settings"] = dict(method_settings)
+        _check_decoding(given)
+        if "method" in given:
+            self._build_methods(given)  # refused here: at construction, or before any image is read
+        return {}, given, given
+
+    def _merged_parameters(self, kwargs: dict[str, Any]) -> tuple[dict, dict, dict]:
+        """The call's keywords over the constructor's; method settings merge key by key, unless the call
+        names another method (then only the call's settings apply)."""
+        call = self._checked_parameters(kwargs)
+        merged = []
+        for default, given in zip(self._defaults, call, strict=True):
+            out = {**default, **given}
+            if "method" in given:
+                out["method_settings"] = given.get("method_settings", {})
+            elif "method_settings" in given:
+                out["method_settings"] = {**default.get("method_settings", {}), **given["method_settings"]}
+            merged.append(out)
+        return merged[0], merged[1], merged[2]
+
+    def _build_methods(self, given: Mapping[str, Any]) -> list[Any]:
+        from attnzoo.multimodal.hallucination.methods import build_methods
+
+        spec, settings = given.get("method"), dict(given.get("method_settings") or {})
+        strict = given.get("unused_settings", "error") == "error"
+        key = (_spec_key(spec), repr(sorted(settings.items(), key=lambda kv: kv[0])), strict)
+        if key not in self._methods_cache:
+            self._methods_cache[key] = build_methods(spec, strict=strict, **settings)
+        return self._methods_cache[key]
+
+    def _decoding(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        sampling = [k for k in ("temperature", "top_p", "top_k") if given.get(k) is not None]
+        if sampling and not given.get("do_sample"):
+            raise InvalidOptionError(f"{', '.join(sampling)} apply to sampled decoding: pass do_sample=True")
+        return decoding_record(
+            do_sample=bool(given.get("do_sample", False)),
+            temperature=given.get("temperature"),
+            top_p=given.get("top_p"),
+            top_k=given.get("top_k"),
+            num_beams=given.get("num_beams", 1),
+            max_new_tokens=given.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
+            seed=given.get("seed", 0),
+        )
+
+    # -- running -----------------------------------------------------------------------------------
+    def __call__(self, inputs: Any = None, **kwargs: Any) -> Any:
+        """One image with a list of questions asks each of them about it."""
+        if inputs is None:
+            raise InvalidInputError("give an image: p(image, question='...')")
+        questions = kwargs.get("question")
+        if self.is_single(inputs) and not isinstance(inputs, Mapping) and isinstance(questions, (list, tuple)):
+            inputs = [inputs] * len(questions)
+        return super().__call__(inputs, **kwargs)
+
+    def preprocessor(self, *args: Any, **params: Any):
+        return functools.partial(_read_item, fields=(self.primary_field, *self.input_fields))
+
+    def preprocess(self, item: Any, **params: Any) -> dict[str, Any]:
+        return _read_item(item, fields=(self.primary_field, *self.input_fields))
+
+    def forward(self, batch: dict[str, Any], **params: Any) -> dict[str, Any]:
+        """``_forward`` under ``no_grad`` (not ``inference_mode``: AGLA's GradCAM turns gradients back on)."""
+        with torch.no_grad():
+            return self._forward(batch, **params)
+
+    def _forward(self, batch: dict[str, list[Any]], **given: Any) -> dict[str, Any]:
+        from attnzoo.multimodal.hallucination.methods import composition_name
+
+        methods = self._build_methods(given)
+        decoding = self._decoding(given)
+        sampled = decoding["do_sample"]
+        seeds = [(_seed(s) if s is not None else decoding["seed"]) if sampled else None for s in batch["seed"]]
+        capture = bool(given.get("return_attention", False))
+        template = given.get("chat_template", "model")
+        run = self._answer(batch, methods, decoding, seeds, template, capture, given.get("attention_layers"))
+        outputs: dict[str, Any] = {
+            "question": batch["question"],
+            "image": batch["image"],
+            "seed": seeds,
+            **run,
+            "settings": {
+                "model": self.model_name,
+                "family": self.family.name,
+                "method": composition_name(methods),
+                "methods": [m.describe() for m in methods],
+                "decoding": decoding,
+                "chat_template": template,
+                "attn_implementation": self._text_attention(self.model),
+            },
+        }
+        if capture and methods:
+            stock = self._answer(batch, [], decoding, seeds, template, capture, given.get("attention_layers"))
+            outputs["baseline_answer"], outputs["baseline_attention"] = stock["answer"], stock["attention"]
+        return outputs
+
+    def postprocess(self, outputs: dict[str, Any], **given: Any) -> MitigationResult:
+        return MitigationResult(
+            question=outputs["question"],
+            answer=outputs["answer"],
+            prompt=outputs["prompt"],
+            image=outputs["image"],
+            settings=outputs["settings"],
+            seed=outputs["seed"],
+            token_ids=outputs["token_ids"],
+            attention=outputs.get("attention"),
+            baseline_answer=outputs.get("baseline_answer"),
+            baseline_attention=outputs.get("baseline_attention"),
+            view=outputs.get("view"),
+            weights=self.weights_label,
+        )
+
+    # -- one generate ------------------------------------------------------------------------------
+    def _answer(self, batch, methods, decoding, seeds, template, capture, layers) -> dict[str, list[Any]]:
+        from transformers import LogitsProcessorList
+
+        from attnzoo.multimodal.hallucination.base import attached, processors_then_warpers
+        from attnzoo.multimodal.hallucination.method import PromptBatch
+        from attnzoo.multimodal.hallucination.methods import ordered
+
+        if capture and decoding["num_beams"] > 1:
+            raise InvalidOptionError("return_attention follows one sequence per prompt: use num_beams=1")
+        if decoding["do_sample"] and decoding["num_beams"] > 1:
+            raise InvalidOptionError("sampling with num_beams > 1 (beam sampling) is not supported")
+        encode = functools.partial(self._encode, template=template)
+        inputs = encode(batch["image"], batch["question"])
+        self._image_tokens(inputs, batch["name"])
+        prompt_batch = PromptBatch(list(batch["image"]), list(batch["question"]), inputs, encode, {"seeds": seeds})
+        runs = ordered(methods)
+        with _plain_generation_config(self.model):
+            for method in runs:
+                prompt_batch = method.prepare(self.model, self.processor, prompt_batch)
+            interventions = [i for m in runs for i in m.interventions()]
+            with attached(self.model, *interventions):
+                paired, processors = _contrast(runs, self.model, self.processor, prompt_batch)
+                if decoding["do_sample"]:
+                    chain = processors_then_warpers(
+                        *processors,
+                        temperature=decoding["temperature"],
+                        top_k=decoding["top_k"],
+                        top_p=decoding["top_p"],
+                    )
+                    chain.append(_RowSampler(seeds, self.device))
+                else:
+                    chain = LogitsProcessorList(processors)
+                final = model_inputs = prompt_batch.inputs
+                if paired is not None:  # the contrast branch as rows of the same generate, after the main rows
+                    model_inputs = paired.inputs(final, self._pad_token_id() or 0)
+                    final = paired.main_rows(model_inputs, final)
+                    chain = LogitsProcessorList([paired.followed_by(*chain)])
+                recorder = _AttentionRecorder(self.family, layers) if capture else None
+                with (
+                    self._attention_weights() if capture else nullcontext(),
+                    recorder or nullcontext(),
+                    paired.attached() if paired is not None else nullcontext(),
+                ):
+                    sequences = self.model.generate(
+                        **model_inputs,
+                        do_sample=False,
+                        num_beams=decoding["num_beams"],
+                        max_new_tokens=decoding["max_new_tokens"],
+                        logits_processor=chain,
+                        pad_token_id=self._pad_token_id(),
+                    )
+        tokens = self._image_tokens(final, batch["name"])
+        new = sequences[: final["input_ids"].shape[0], final["input_ids"].shape[1] :].cpu()
+        lengths = [_answer_length(row, self._eos_token_ids()) for row in new]
+        # each prompt's first image: (its index in the vision tower's order, its run of tokens)
+        first: dict[int, tuple[int, Any]] = {}
+        for index, run in enumerate(tokens.runs):
+            first.setdefault(run.sample, (index, run))
+        return {
+            "answer": [a.strip() for a in self.processor.batch_decode(new, skip_special_tokens=True)],
+            "prompt": [
+                self._prompt(q, template, _count(im)) for q, im in zip(prompt_batch.questions, prompt_batch.images)
+            ],
+            "token_ids": [row[:n].tolist() for row, n in zip(new, lengths, strict=True)],
+            "attention": recorder.grids(tokens, first, lengths) if recorder is not None else [None] * len(new),
+            "view": self._views(final, [first.get(b, (None, None))[0] for b in range(len(new))]),
+        }
+
+    def _prompt(self, question: str, template: str, images: int = 1) -> str:
+        placeholder = getattr(self.processor, "image_token", "<image>")
+        if template == "model":
+            if getattr(self.processor, "chat_template", None):
+                content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
+                conversation = [{"role": "user", "content": content}]
+                return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+            return question  # InstructBLIP: the processor puts the query tokens before the question
+        if template in CHAT_TEMPLATES:
+            if self.family.name not in ("LLaVA-1.5", "LLaVA-NeXT"):
+                raise InvalidOptionError(f"chat_template={template!r} is LLaVA's; {self.family.name} has its own")
+            template = CHAT_TEMPLATES[template]
+        return template.replace("{image}", "\n".join([placeholder] * images)).replace("{question}", question)
+
+    def _encode(self, images: Sequence[Any], questions: Sequence[str], *, template: str) -> dict[str, Any]:
+        """The processor's tensors for the prompts, left-padded, on the model's device and dtype; an entry
+        of ``images`` may be a list (several images in one prompt, as CARVE's final pass)."""
+        prompts = [self._prompt(q, template, _count(im)) for q, im in zip(questions, images, strict=True)]
+        tokenizer = self.processor.tokenizer
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"  # InstructBLIP's Q-Former text stays right-padded
+        try:
+            encoded = self.processor(images=list(images), text=prompts, return_tensors="pt", padding=True)
+        except (ValueError, TypeError, KeyError) as err:
+            raise InvalidInputError(f"the processor cannot encode the prompt(s) {prompts!r}: {err}") from None
+        finally:
+            tokenizer.padding_side = side
+        dtype = self.model.dtype
+        return {
+            k: v.to(self.device, dtype=dtype if v.is_floating_point() else None) if isinstance(v, torch.Tensor) else v
+            for k, v in encoded.items()
+        }
+
+    def _image_tokens(self, inputs: Mapping[str, Any], names: Sequence[str]) -> Any:
+        """The prompts' image tokens, checked against the family's layout (a processor that does not match
+        the model otherwise fails deep inside the forward, or silently misplaces the image)."""
+        from attnzoo.multimodal.hallucination.layouts import LayoutError
+
+        seen = {
+            "pixel_values": inputs.get("pixel_values"),
+            "image_sizes": inputs.get("image_sizes"),
+            "grid_thw": inputs.get("image_grid_thw"),
+        }
+        info = self.family.read_image_info((), {k: v for k, v in seen.items() if v is not None})
+        try:
+            return self.family.image_tokens(inputs["input_ids"], info)
+        except LayoutError as err:
+            raise LayoutError(f"image(s) {', '.join(names)}: {err}") from None
+
+    def _views(self, inputs: Mapping[str, Any], indices: Sequence[int | None]) -> list[Image.Image | None]:
+        """Each prompt's first image as the vision tower saw it (None where pixels are not an image grid)."""
+        pixels = inputs.get("pixel_values")
+        processor = getattr(self.processor, "image_processor", None)
+        if pixels is None or pixels.ndim not in (4, 5) or processor is None:
+            return [None] * len(indices)
+        mean = torch.tensor(getattr(processor, "image_mean", (0.0, 0.0, 0.0)), dtype=torch.float32)[:, None, None]
+        std = torch.tensor(getattr(processor, "image_std", (1.0, 1.0, 1.0)), dtype=torch.float32)[:, None, None]
+        views: list[Image.Image | None] = []
+        for index in indices:
+            if index is None or index >= pixels.shape[0]:
+                views.append(None)
+                continue
+            picture = pixels[index, 0] if pixels.ndim == 5 else pixels[index]  # LLaVA-NeXT: the base view first
+            rgb = (picture.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+            views.append(Image.fromarray((rgb * 255 + 0.5).astype(np.uint8)))
+        return views
+
+    def _pad_token_id(self) -> int | None:
+        config = self.model.generation_config
+        tokenizer = getattr(self.processor, "tokenizer", None)
+        for candidate in (config.pad_token_id, getattr(tokenizer, "pad_token_id", None)):
+            if candidate is not None:
+                return int(candidate)
+        eos = self._eos_token_ids()
+        return eos[0] if eos else None
+
+    def _eos_token_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = getattr(getattr(self.processor, "tokenizer", None), "eos_token_id", None)
+        return [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+    def _attention_weights(self) -> Any:
+        """Eager attention in the language model while inside (sdpa and flash attention return no
+        weights), unless an attached attention edit already computes them: CARVE's switch."""
+        from attnzoo.multimodal.hallucination.base import eager_language_model
+
+        return eager_language_model(self.model, self.family)
+
+
+def _contrast(methods: Sequence[Any], model: Any, processor: Any, batch: Any) -> tuple[Any, list[Any]]:
+    """(the paired contrast branch or None, the other logits processors) of the methods, in order."""
+    paired, processors = None, []
+    for method in methods:
+        pair = method.paired_contrast(model, processor, batch)
+        if pair is None:
+            processors += method.logits_processors(model, processor, batch)
+        elif paired is not None:
+            raise InvalidOptionError(f"{paired.rule.method} and {method.name} both pair a contrast branch; use one")
+        else:
+            paired = pair
+    return paired, processors
+
+
+def _count(images: Any) -> int:
+    return len(images) if isinstance(images, (list, tuple)) else 1
+
+
+def _spec_key(spec: Any) -> Any:
+    if isinstance(spec, str) or spec is None:
+        return spec
+    if isinstance(spec, Mapping):
+        return repr(sorted((str(k), repr(v)) for k, v in spec.items()))
+    if isinstance(spec, (list, tuple)):
+        return tuple(_spec_key(s) for s in spec)
+    return id(spec)
+
+
+def _read_item(item: Any, fields: tuple[str, ...]) -> dict[str, Any]:
+    """One input: the decoded image (RGB), the question and the seed (checked, named in errors)."""
+    from attnzoo.datasets.images import describe, load_image
+
+    row = dict(item) if isinstance(item, Mapping) else {fields[0]: item}
+    unknown = sorted(set(row) - set(fields))
+    if unknown:
+        raise InvalidInputError(f"unknown input keys {unknown}; an input takes {', '.join(fields)}")
+    if row.get("image") is None:
+        raise InvalidInputError("the image is missing")
+    name = describe(row["image"])
+    question = row.get("question")
+    if question is None:
+        raise InvalidInputError(f"{name}: question= is required, e.g. 'Is there a dog in the image?'")
+    if not isinstance(question, str) or not question.strip():
+        raise InvalidInputError(f"{name}: the question is empty ({question!r})")
+    seed = row.get("seed")
+    if seed is not None:
+        try:
+            seed = _seed(seed)
+        except InvalidOptionError as err:
+            raise InvalidInputError(f"{name}: {err}") from None
+    return {"image": load_image(row["image"]), "question": question, "seed": seed, "name": name}
+
+
+def _answer_length(row: torch.Tensor, eos: Sequence[int]) -> int:
+    """Generated tokens up to and including the first end-of-sequence token."""
+    for index, token in enumerate(row.tolist()):
+        if token in eos:
+            return index + 1
+    return len(row)
+
+
+def _auto_processor(model: Any) -> Any:
+    from transformers import AutoProcessor
+
+    name = getattr(model, "name_or_path", "") or model.config._name_or_path
+    if not name:
+        raise InvalidInputError(
+            "this model came without a processor: pass processor= (e.g. AutoProcessor.from_pretrained(...))"
+        )
+    try:
+        return AutoProcessor.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise InvalidInputError(f"no processor for {name} ({err}); pass processor=") from None
+
+
+def _dispatched_device(model: Any) -> torch.device | None:
+    """Where a model spread over several devices (``device_map``) takes its inputs; None otherwise."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map or len(set(map(str, device_map.values()))) <= 1:
+        return None
+    return model.get_input_embeddings().weight.device
+
+
+@contextmanager
+def _kept_in_place(model: Any) -> Iterator[None]:
+    """The pipeline base moves its model to one device; a dispatched model must stay where it is."""
+    model.__dict__["to"] = lambda *args, **kwargs: model
+    try:
+        yield
+    finally:
+        model.__dict__.pop("to", None)
+
+
+@contextmanager
+def _plain_generation_config(model: Any) -> Iterator[None]:
+    """Only the model's special token ids while inside: its generation_config's penalties and sampling
+    defaults (e.g. Qwen2-VL's repetition penalty) would otherwise join every ``generate`` unrecorded."""
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    keep = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+    model.generation_config = GenerationConfig(**{k: getattr(saved, k, None) for k in keep})
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+class _RowSampler:
+    """The last logits processor of sampled decoding: draws each row's next token from its own
+    generator and leaves only that token, which greedy selection then takes. An answer's draws depend on
+    its seed alone, not on the batch it ran in (resumed and sharded evaluations draw the same)."""
+
+    def __init__(self, seeds: Sequence[int | None], device: torch.device):
+        self.generators = [torch.Generator(device=device).manual_seed(int(s or 0)) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.float(), dim=-1)
+        if probs.shape[0] != len(self.generators):
+            raise InvalidOptionError("sampled decoding draws one answer per prompt (num_return_sequences=1)")
+        tokens = torch.stack(
+            [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators, strict=True)]
+        )
+        chosen = torch.full_like(scores, -math.inf)
+        return chosen.scatter_(1, tokens, 0.0)
+
+
+class _AttentionRecorder:
+    """Forward hooks on the language model's attention modules: per forward of the main stream, the last
+    query row's attention (mean over heads), summed over the chosen layers; contrast branches are skipped."""
+
+    def __init__(self, family: Any, layers: Sequence[int] | None):
+        self.family = family
+        modules = family.text_model().layers
+        self.layers = tuple(range(len(modules))) if layers is None else tuple(layers)
+        if any(not -len(modules) <= i < len(modules) for i in self.layers):
+            raise InvalidOptionError(f"attention_layers {self.layers} do not fit {len(modules)} layers")
+        self.modules = [modules[i].self_attn for i in self.layers]
+        self.steps: list[torch.Tensor] = []
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> _AttentionRecorder:
+        self._handles = [self.family.text_model().register_forward_pre_hook(self._new_step)]
+        self._handles += [m.register_forward_hook(self._record) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    @staticmethod
+    def _main_stream() -> bool:
+        from attnzoo.multimodal.hallucination.base import MAIN_STREAM, current_stream
+
+        return current_stream() == MAIN_STREAM
+
+    def _new_step(self, module: Any, args: Any) -> None:
+        if self._main_stream():
+            self.steps.append(None)  # type: ignore[arg-type]
+
+    def _record(self, module: Any, args: Any, output: Any) -> None:
+        if not self._main_stream():
+            return
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if weights is None:
+            raise InvalidOptionError("return_attention needs attention weights, and this attention returned none")
+        row = weights[:, :, -1, :].float().mean(dim=1).cpu()
+        self.steps[-1] = row if self.steps[-1] is None else self.steps[-1] + row
+
+    def grids(self, tokens: Any, first: Mapping[int, tuple[int, Any]], lengths: Sequence[int]) -> list[np.ndarray]:
+        """Each prompt's attention over its first image's grid, averaged over layers and answer tokens."""
+        tokens.require_grid("return_attention")
+        out = []
+        for sample, length in enumerate(lengths):
+            if sample not in first:
+                raise InvalidInputError(f"prompt {sample} holds no image tokens")
+            run = first[sample][1]
+            steps = [s[sample, run.grid_positions] for s in self.steps[: max(length, 1)]]
+            mean = torch.stack(steps).mean(0) / len(self.layers)
+            out.append(mean.reshape(run.grid).numpy())
+        return out

@@ -1,0 +1,536 @@
+"""``pipeline("subject-insertion")``: put a subject from one photo into a masked region of another, with
+FLUX.1-Fill and In-Context Brush's attention edit (or Diptych Prompting's, or none).
+
+>>> insert = attnzoo.pipeline("subject-insertion")                   # FLUX.1-Fill-dev  # doctest: +SKIP
+>>> out = insert("snow.jpg", subject="barn.jpg", subject_word="barn", mask="snow.json",
+...              prompt="A barn in the snow")                                           # doctest: +SKIP
+>>> out.image.save("barn-in-snow.png"); out.plot().save("barn-in-snow-plot.png")        # doctest: +SKIP
+
+The subject (segmented with ``subject_mask=``, a ``subject_word`` through Grounding DINO + SAM, or an RGBA
+photo's alpha) is pasted on white and put beside the target in one canvas (a vertical diptych by
+default); FLUX.1-Fill inpaints the target's masked region with the edit installed in its attention.
+``behaviour="corrected"`` (default) or ``"official"`` (see :mod:`attnzoo.multimodal.insertion.layout`
+and the docs page); the result records which ran.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from attnzoo.errors import InvalidInputError, InvalidOptionError
+from attnzoo.pipelines.base import Pipeline, list_collate, weights_note
+
+__all__ = [
+    "METHODS",
+    "InsertionResult",
+    "SubjectInsertionPipeline",
+    "attention_settings",
+    "check_settings",
+    "run_settings",
+]
+
+METHODS = ("in-context-brush", "diptych", "none")
+_METHOD_ALIASES = {
+    "icb": "in-context-brush",
+    "in_context_brush": "in-context-brush",
+    "incontextbrush": "in-context-brush",
+}
+
+
+@dataclass
+class InsertionResult:
+    """One insertion: the target with the subject inserted, and everything that made it."""
+
+    image: Image.Image
+    """The target with the subject inserted, at the target's size."""
+    canvas: Image.Image
+    """The generated diptych (subject's panel and target's panel)."""
+    canvas_input: Image.Image
+    """The diptych FLUX inpainted: subject on white beside the target."""
+    canvas_mask: np.ndarray
+    """uint8 ``[H, W]`` over the canvas, white = filled."""
+    mask: np.ndarray
+    """bool ``[H, W]`` over the target: where it was filled."""
+    subject: Image.Image
+    """The subject pasted on white, as it went into the canvas."""
+    target: Image.Image
+    prompt: str | None
+    seed: int
+    settings: dict[str, Any] = field(default_factory=dict)
+    """Model, method, behaviour (official or corrected), steps, guidance, layout, attention settings, blending."""
+    weights: str | None = None
+    subject_mask: np.ndarray | None = None
+    """bool over the subject photo: the subject's pixels (None: the whole photo)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "seed": self.seed,
+            "target_size": list(self.target.size),
+            "mask_pixels": int(self.mask.sum()),
+            "canvas_size": list(self.canvas.size),
+            **self.settings,
+        }
+
+    def summary(self) -> str:
+        s = self.settings
+        width, height = self.target.size
+        return (
+            f"{s.get('method')} ({s.get('behaviour')}), seed {self.seed}, {s.get('steps')} steps: filled "
+            f"{int(self.mask.sum())} px of the {width}x{height} target"
+        )
+
+    def write_files(self, folder: str | os.PathLike, stem: str) -> list[Path]:
+        """``<stem>-inserted.png`` (the result) and ``<stem>-canvas.png`` (the generated diptych), written atomically."""
+        from attnzoo._io import atomic_write
+
+        written = []
+        for suffix, picture in (("inserted", self.image), ("canvas", self.canvas)):
+            path = Path(folder) / f"{stem}-{suffix}.png"
+            with atomic_write(path, "wb") as fh:
+                picture.save(fh, format="PNG")
+            written.append(path)
+        return written
+
+    def plot(self, height: int = 256) -> Image.Image:
+        """Subject | target with the mask | result, side by side."""
+        from attnzoo.viz.classification import load_font
+
+        shaded = np.asarray(self.target, dtype=np.float32).copy()
+        shaded[self.mask] = 0.5 * shaded[self.mask] + 0.5 * np.array([255.0, 40.0, 40.0])
+        inner = self.mask.copy()  # the mask's edge, drawn solid so it shows on any background
+        inner[1:] &= self.mask[:-1]
+        inner[:-1] &= self.mask[1:]
+        inner[:, 1:] &= self.mask[:, :-1]
+        inner[:, :-1] &= self.mask[:, 1:]
+        edge = self.mask & ~inner
+        edge = edge | np.roll(edge, 1, 0) | np.roll(edge, 1, 1)
+        shaded[edge] = (255.0, 0.0, 0.0)
+        panels = [
+            ("subject", self.subject),
+            ("target + mask", Image.fromarray(shaded.round().astype(np.uint8))),
+            ("result", self.image),
+        ]
+        scaled = [(t, p.resize((max(1, round(p.width * height / p.height)), height))) for t, p in panels]
+        font = load_font(14)
+        note = weights_note(self.weights)
+        header = 22
+        footer = 20
+        width = sum(p.width for _, p in scaled) + 8 * (len(scaled) + 1)
+        sheet = Image.new("RGB", (width, height + header + footer + 8), (255, 255, 255))
+        draw = ImageDraw.Draw(sheet)
+        x = 8
+        for title, picture in scaled:
+            sheet.paste(picture, (x, header))
+            draw.text((x, 3), title, fill=(0, 0, 0), font=font)
+            x += picture.width + 8
+        caption = f"\u201c{self.prompt}\u201d  " if self.prompt else ""
+        caption += f"{self.settings.get('method')}, {self.settings.get('behaviour')}, seed {self.seed}"
+        if note:
+            caption += f" ({note})"
+        draw.text((8, header + height + 4), caption, fill=(60, 60, 60), font=font)
+        return sheet
+
+
+def _method(value: Any) -> str:
+    name = str(value).strip().lower()
+    name = _METHOD_ALIASES.get(name.replace(" ", "-"), name.replace("_", "-"))
+    if name not in METHODS:
+        raise InvalidOptionError(f"method must be one of {', '.join(METHODS)}, got {value!r}")
+    return name
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InvalidOptionError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(float(value)):
+        raise InvalidOptionError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _step_window(value: Any) -> tuple[float, float]:
+    """``(start, stop)`` steps: ints are step indices, floats in [0, 1] fractions; a pair or ``"0,25"`` / ``"0,0.5"``."""
+    parts = [v.strip() for v in value.replace(":", ",").split(",")] if isinstance(value, str) else value
+    try:
+        start, stop = (
+            int(v) if isinstance(v, (int, np.integer)) or (isinstance(v, str) and v.lstrip("-").isdigit()) else float(v)
+            for v in parts
+        )
+    except (TypeError, ValueError):
+        raise InvalidOptionError(f"step_window must be two numbers (start, stop), got {value!r}") from None
+    return start, stop
+
+
+def _blocks(value: Any) -> tuple[int, ...]:
+    """Block indices from ints, or a string like ``"0-18"`` / ``"0,3,5-7"``."""
+    if isinstance(value, str):
+        out: list[int] = []
+        try:
+            for part in value.split(","):
+                if "-" in part.strip()[1:]:
+                    low, high = part.split("-", 1)
+                    out.extend(range(int(low), int(high) + 1))
+                elif part.strip():
+                    out.append(int(part))
+        except ValueError:
+            raise InvalidOptionError(f"blocks must be indices like '0-18' or '0,3,5-7', got {value!r}") from None
+        return tuple(out)
+    try:
+        return tuple(int(b) for b in value)
+    except (TypeError, ValueError):
+        raise InvalidOptionError(f"blocks must be block indices, got {value!r}") from None
+
+
+def _onoff(value: Any) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("on", "true", "yes", "1"):
+        return True
+    if text in ("off", "false", "no", "0"):
+        return False
+    raise InvalidOptionError(f"blend must be on or off, got {value!r}")
+
+
+class SubjectInsertionPipeline(Pipeline):
+    """``p(target, subject=..., mask=..., prompt=...)``; also a dict per input or a list of them.
+
+    Per input: ``subject`` (image), ``mask`` (where to insert: an array, a mask image or a VIA annotation),
+    ``prompt``, optionally ``subject_mask`` or ``subject_word``, ``seed``, ``prompt_embeds`` and
+    ``pooled_prompt_embeds`` (for a model without text encoders). Settings (constructor or call):
+    ``method`` ("in-context-brush", "diptych", "none"), ``behaviour`` ("corrected", "official"), ``steps``
+    (50), ``guidance`` (30), ``seed`` (0), ``panel_size`` (768), ``orientation`` (vertical; Diptych's
+    default horizontal), ``blend`` (on with the corrected behaviour), ``shift_img``/``shift_txt`` (0.3),
+    ``head_gain`` (0.2), ``enforce`` (Diptych's lambda, 1.3), ``blocks``, ``step_window``,
+    ``max_sequence_length`` (512). Constructor only: ``cpu_offload``, ``segmenter``.
+    """
+
+    task = "subject-insertion"
+    primary_field = "target"
+    input_fields = (
+        "subject",
+        "mask",
+        "prompt",
+        "subject_mask",
+        "subject_word",
+        "seed",
+        "prompt_embeds",
+        "pooled_prompt_embeds",
+    )
+    collate = staticmethod(list_collate)
+
+    @classmethod
+    def accepts(cls, model: Any) -> bool:
+        from diffusers import FluxFillPipeline
+
+        from attnzoo.multimodal.insertion.flux import FluxFillModel
+
+        return isinstance(model, (FluxFillModel, FluxFillPipeline))
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        device: str | int | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        batch_size: int = 1,
+        cpu_offload: bool = False,
+        segmenter: Any = None,
+        **kwargs: Any,
+    ):
+        from attnzoo.multimodal.insertion.flux import FluxFillModel, _offload
+        from attnzoo.pipelines.base import resolve_device
+
+        model = model if isinstance(model, FluxFillModel) else FluxFillModel(model)
+        if cpu_offload and not model.offloaded:
+            _offload(model, resolve_device(device))
+        self.segmenter = segmenter
+        super().__init__(model, device=device, dtype=dtype, batch_size=batch_size, **kwargs)
+
+    def __call__(self, inputs: Any = None, **kwargs: Any) -> Any:
+        """``p(target, ...)`` or ``p(target=..., ...)``."""
+        if inputs is None:
+            if kwargs.get("target") is None:
+                raise InvalidInputError("give the target image: p(target, subject=..., mask=..., prompt=...)")
+            inputs = kwargs.pop("target")
+        return super().__call__(inputs, **kwargs)
+
+    def _sanitize_parameters(
+        self,
+        method: str | None = None,
+        behaviour: str | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        panel_size: int | tuple[int, int] | str | None = None,
+        orientation: str | None = None,
+        blend: bool | str | None = None,
+        shift_img: float | None = None,
+        shift_txt: float | None = None,
+        head_gain: float | None = None,
+        enforce: float | None = None,
+        blocks: Any = None,
+        step_window: Any = None,
+        max_sequence_length: int | None = None,
+    ) -> tuple[dict, dict, dict]:
+        given = check_settings(**{k: v for k, v in locals().items() if k != "self"})
+        return given, given, given
+
+    def layout(self, settings: dict[str, Any]) -> Any:
+        from attnzoo.multimodal.insertion.layout import PanelLayout
+
+        height, width = settings["panel_size"]
+        return PanelLayout.fit(
+            height, width, orientation=settings["orientation"], vae_scale_factor=self.model.vae_scale_factor
+        )
+
+    # -- the stages --------------------------------------------------------------------------
+
+    def preprocess(self, item: dict[str, Any], **given: Any) -> dict[str, Any]:
+        from attnzoo.multimodal.insertion.inputs import prepare_inputs
+
+        settings = run_settings(given)
+        unknown = sorted(set(item) - {self.primary_field, *self.input_fields})
+        if unknown:
+            raise InvalidInputError(
+                f"unknown input keys {unknown}; an input takes {self.primary_field}, {', '.join(self.input_fields)}"
+            )
+        if item.get("target") is None:
+            raise InvalidInputError("the target image is missing")
+        if item.get("subject") is None:
+            raise InvalidInputError("subject= is required: the photo of the subject to insert")
+        prompt, embeds = item.get("prompt"), item.get("prompt_embeds")
+        if embeds is None:
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise InvalidInputError("prompt= is required: a short caption of the result, e.g. 'A barn in the snow'")
+        elif item.get("pooled_prompt_embeds") is None:
+            raise InvalidInputError("prompt_embeds= needs pooled_prompt_embeds= too")
+        if self.segmenter is None and item.get("subject_word") is not None:
+            from attnzoo.multimodal.insertion.segment import SubjectSegmenter
+
+            self.segmenter = SubjectSegmenter(device=self.device)
+        inputs = prepare_inputs(
+            item["subject"],
+            item["target"],
+            item.get("mask"),
+            self.layout(settings),
+            subject_mask=item.get("subject_mask"),
+            subject_word=item.get("subject_word"),
+            segmenter=self.segmenter,
+            behaviour=settings["behaviour"],
+        )
+        seed = _seed(item["seed"]) if item.get("seed") is not None else given.get("seed", 0)
+        return {
+            "inputs": inputs,
+            "prompt": prompt,
+            "seed": seed,
+            "prompt_embeds": embeds,
+            "pooled": item.get("pooled_prompt_embeds"),
+        }
+
+    def _forward(self, batch: dict[str, list[Any]], **given: Any) -> dict[str, Any]:
+        from attnzoo.multimodal.insertion.flux import run_fill
+
+        settings = run_settings(given)
+        attention = attention_settings(given)
+        canvases = []
+        for inputs, prompt, seed, embeds, pooled in zip(
+            batch["inputs"], batch["prompt"], batch["seed"], batch["prompt_embeds"], batch["pooled"]
+        ):
+            if embeds is None:
+                embeds, pooled = self.model.encode_prompt(prompt, settings["max_sequence_length"])
+            embeds = _batched(embeds, 3).to(self.model.device, self.model.dtype)
+            pooled = _batched(pooled, 2).to(self.model.device, self.model.dtype)
+            out = run_fill(
+                self.model,
+                inputs.canvas,
+                inputs.canvas_mask,
+                attention,
+                orientation=settings["orientation"],
+                prompt_embeds=embeds,
+                pooled_prompt_embeds=pooled,
+                num_inference_steps=settings["steps"],
+                guidance_scale=settings["guidance"],
+                seed=seed,
+                blend=settings["blend"],
+                max_sequence_length=settings["max_sequence_length"],
+            )
+            canvases.append(out.image)
+        return {**batch, "canvas": canvases}
+
+    def postprocess(self, outputs: dict[str, Any], **given: Any) -> InsertionResult:
+        from attnzoo.multimodal.insertion.layout import panel_of
+
+        settings = run_settings(given)
+        inputs = outputs["inputs"]
+        canvas = (outputs["canvas"].permute(1, 2, 0).clamp(0, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
+        target_h, target_w = inputs.target.shape[:2]
+        result = Image.fromarray(np.ascontiguousarray(panel_of(canvas, inputs.layout, 1))).resize((target_w, target_h))
+        return InsertionResult(
+            image=result,
+            canvas=Image.fromarray(canvas),
+            canvas_input=Image.fromarray(inputs.canvas),
+            canvas_mask=inputs.canvas_mask,
+            mask=inputs.target_mask,
+            subject=Image.fromarray(inputs.subject_on_white),
+            target=Image.fromarray(inputs.target),
+            prompt=outputs["prompt"],
+            seed=int(outputs["seed"]),
+            settings={"model": self.model.name, **settings},
+            weights=self.weights_label,
+            subject_mask=inputs.subject_mask,
+        )
+
+
+def check_settings(
+    method: str | None = None,
+    behaviour: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int | None = None,
+    panel_size: int | tuple[int, int] | str | None = None,
+    orientation: str | None = None,
+    blend: bool | str | None = None,
+    shift_img: float | None = None,
+    shift_txt: float | None = None,
+    head_gain: float | None = None,
+    enforce: float | None = None,
+    blocks: Any = None,
+    step_window: Any = None,
+    max_sequence_length: int | None = None,
+) -> dict[str, Any]:
+    """The settings given (None = not given), checked and normalised; refused with :class:`InvalidOptionError`."""
+    from attnzoo.multimodal.insertion.layout import ORIENTATIONS, check_behaviour
+
+    given: dict[str, Any] = {}
+    if method is not None:
+        given["method"] = _method(method)
+    if behaviour is not None:
+        try:
+            given["behaviour"] = check_behaviour(str(behaviour).lower())
+        except InvalidInputError as err:
+            raise InvalidOptionError(str(err)) from None
+    for name, count in (("steps", steps), ("max_sequence_length", max_sequence_length)):
+        if count is not None:
+            given[name] = _positive_int(name, count)
+    for name, value in (
+        ("guidance", guidance),
+        ("shift_img", shift_img),
+        ("shift_txt", shift_txt),
+        ("head_gain", head_gain),
+        ("enforce", enforce),
+    ):
+        if value is not None:
+            given[name] = _finite(name, value)
+    if seed is not None:
+        given["seed"] = _seed(seed)
+    if panel_size is not None:
+        given["panel_size"] = _panel_size(panel_size)
+    if orientation is not None:
+        if orientation not in ORIENTATIONS:
+            raise InvalidOptionError(f"orientation must be 'vertical' or 'horizontal', got {orientation!r}")
+        given["orientation"] = orientation
+    if blend is not None:
+        given["blend"] = _onoff(blend)
+    if blocks is not None:
+        given["blocks"] = _blocks(blocks)
+    if step_window is not None:
+        given["step_window"] = _step_window(step_window)
+    attention_settings(given)  # refused here: at construction, or before any image is read
+    return given
+
+
+def run_settings(given: dict[str, Any]) -> dict[str, Any]:
+    """Every setting of a run, defaults filled in (what results and reports record)."""
+    method = given.get("method", "in-context-brush")
+    behaviour = given.get("behaviour", "corrected")
+    return {
+        "method": method,
+        "behaviour": behaviour,
+        "steps": given.get("steps", 50),
+        "guidance": given.get("guidance", 30.0),
+        "panel_size": list(given.get("panel_size", (768, 768))),
+        "orientation": given.get("orientation", "horizontal" if method == "diptych" else "vertical"),
+        "blend": given.get("blend", behaviour == "corrected"),
+        "max_sequence_length": given.get("max_sequence_length", 512),
+        "attention": attention_settings(given).to_dict(),
+    }
+
+
+def attention_settings(given: dict[str, Any]) -> Any:
+    """The :class:`~attnzoo.multimodal.insertion.in_context_brush.InsertionAttention` of the settings."""
+    from attnzoo.multimodal.insertion.in_context_brush import InsertionAttention
+
+    method = given.get("method", "in-context-brush")
+    common = dict(
+        behaviour=given.get("behaviour", "corrected"), blocks=given.get("blocks"), steps=given.get("step_window")
+    )
+    icb = {k: given[k] for k in ("shift_img", "shift_txt", "head_gain") if k in given}
+    try:
+        if method == "none":
+            if icb or "enforce" in given:
+                raise InvalidOptionError("method='none' takes no shift_img, shift_txt, head_gain or enforce")
+            return InsertionAttention.none(**common)
+        if method == "diptych":
+            if icb:
+                raise InvalidOptionError(
+                    "Diptych's setting is enforce= (lambda); shift_img/shift_txt/head_gain are In-Context Brush's"
+                )
+            return InsertionAttention.diptych(given.get("enforce", 1.3), **common)
+        if "enforce" in given:
+            raise InvalidOptionError(
+                "enforce= is Diptych's lambda; In-Context Brush takes shift_img, shift_txt, head_gain"
+            )
+        return InsertionAttention.in_context_brush(**icb, **common)
+    except InvalidOptionError:
+        raise
+    except InvalidInputError as err:
+        raise InvalidOptionError(str(err)) from None
+
+
+def _seed(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise InvalidOptionError(f"seed must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _panel_size(value: Any) -> tuple[int, int]:
+    """Panel pixels: ``768``, ``"768"``, ``"768x512"`` (height x width) or ``(768, 512)``."""
+    if isinstance(value, str):
+        try:
+            value = [int(v) for v in value.lower().replace("x", ",").split(",")]
+        except ValueError:
+            raise InvalidOptionError(f"panel_size must be pixels (768) or HxW (768x512), got {value!r}") from None
+        value = value[0] if len(value) == 1 else value
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = (value, value)
+    try:
+        height, width = value
+    except (TypeError, ValueError):
+        raise InvalidOptionError(f"panel_size must be pixels (768) or (height, width), got {value!r}") from None
+    return _positive_int("panel height", height), _positive_int("panel width", width)
+
+
+def _batched(t: Any, dims: int) -> torch.Tensor:
+    """Embeddings for one prompt with the batch dimension FLUX expects (``dims`` in all)."""
+    if not isinstance(t, torch.Tensor):
+        t = torch.as_tensor(np.asarray(t))
+    if t.dim() == dims - 1:
+        t = t.unsqueeze(0)
+    if t.dim() != dims or t.shape[0] != 1:
+        raise InvalidInputError(
+            f"prompt embeddings for one prompt must be [1, ...] with {dims} dims, got {tuple(t.shape)}"
+        )
+    return t

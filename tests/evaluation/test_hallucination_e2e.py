@@ -1,0 +1,149 @@
+"""``attnzoo eval hallucination-mitigation`` and ``attnzoo run hallucination-mitigation`` end to end
+through the CLI, with the tiny random LLaVA (``--weights none``, no network) over synthetic POPE, CHAIR
+and MME folders in their published layouts (the writers of the dataset tests, with real pictures)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import attnzoo
+from attnzoo.cli import main
+from tests.datasets.test_chair import write_agla_list, write_coco_tree
+from tests.datasets.test_mme import write_mme_tree
+from tests.datasets.test_pope import write_pope_tree
+
+TASK = "hallucination-mitigation"
+TINY = ["--weights", "none", "--device", "cpu", "--num-workers", "0", "--max-new-tokens", "3"]
+VAR_ON_TINY = ["--sink-dims", "3,7", "--tau", "2"]  # tau 20 never fires on a width-64 model
+
+
+def with_pictures(root: Path) -> Path:
+    """The writers' placeholder .jpg files replaced by small real pictures (each its own pixels)."""
+    for index, path in enumerate(sorted(root.rglob("*.jpg"))):
+        pixels = np.random.default_rng(index).integers(0, 256, (40 + index % 3, 56, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path, format="JPEG")
+    return root
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def eval_cli(*args: str) -> int:
+    return main(["eval", TASK, *TINY, *args])
+
+
+@pytest.fixture(scope="module")
+def pope(tmp_path_factory):
+    return with_pictures(write_pope_tree(tmp_path_factory.mktemp("pope") / "data", images=2, per_image=1))
+
+
+def test_pope_methods_comparison_and_resume(pope, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--benchmark", "pope", "--split", "random", "--methods", "none,var", *VAR_ON_TINY, "--data", str(pope)]
+    assert eval_cli(*args, "--out", str(out)) == 0
+    printed = capsys.readouterr().out
+    assert "comparison of 2 methods" in printed
+    runs = {m: json.loads((out / m / "metrics.json").read_text()) for m in ("none", "var")}
+    assert runs["none"]["n"] == runs["var"]["n"] == 4 and runs["var"]["method_settings"] == {
+        "sink_dims": "3,7",
+        "tau": 2.0,
+    }
+    assert runs["var"]["decoding"]["mode"] == "greedy" and runs["var"]["decoding"]["max_new_tokens"] == 3
+    described = runs["var"]["method_description"][0]  # every setting as it ran, defaults included
+    assert (described["tau"], described["rho"], described["behaviour"]) == (2.0, 0.5, "official")
+    assert runs["none"]["method_description"] == [] and "rho_code" in (out / "var" / "report.md").read_text()
+    table = (out / "comparison.md").read_text()
+    assert [
+        line.split("|")[1].strip()
+        for line in table.splitlines()
+        if line.startswith("| none") or line.startswith("| var")
+    ] == ["none", "var"]
+
+    # the answers are the pipeline's own, question by question
+    ask = attnzoo.pipeline(
+        TASK, weights="none", device="cpu", max_new_tokens=3, method="var", sink_dims=(3, 7), tau=2.0
+    )
+    for record in read_lines(out / "var" / "predictions.jsonl")[:2]:
+        image = pope / "val2014" / record["image"]
+        assert ask(image, question=record["question"]).answer == record["answer"]
+
+    # a run cut short (its last answer and the metrics lost) resumes to the same result
+    predictions = out / "var" / "predictions.jsonl"
+    lines = predictions.read_text().splitlines(keepends=True)
+    predictions.write_text("".join(lines[:-1]))
+    (out / "var" / "metrics.json").unlink()
+    assert eval_cli(*args, "--out", str(out)) == 0
+    resumed = json.loads((out / "var" / "metrics.json").read_text())
+    assert "".join(lines) == predictions.read_text()
+    for key in ("accuracy", "f1", "yes_ratio", "parsers", "n"):
+        assert resumed[key] == runs["var"][key]
+
+
+def test_sampled_answers_do_not_depend_on_the_batch(pope, tmp_path):
+    common = ["--benchmark", "pope", "--do-sample", "--temperature", "0.8", "--seed", "3", "--data", str(pope)]
+    assert eval_cli(*common, "--batch-size", "4", "--out", str(tmp_path / "b4")) == 0
+    assert eval_cli(*common, "--batch-size", "1", "--out", str(tmp_path / "b1")) == 0
+    four, one = (read_lines(tmp_path / b / "predictions.jsonl") for b in ("b4", "b1"))
+    assert [r["answer"] for r in four] == [r["answer"] for r in one] and len(four) == 4
+    run = json.loads((tmp_path / "b4" / "run.json").read_text())
+    assert run["decoding"]["mode"] == "sampled" and run["decoding"]["temperature"] == 0.8
+
+
+def test_chair_and_mme(tmp_path):
+    coco = with_pictures(write_coco_tree(tmp_path / "coco"))
+    listed = write_agla_list(tmp_path / "chair.jsonl", [1, 2, 3])
+    chair = ["--benchmark", "chair", "--image-list", str(listed), "--lemmatizer", "builtin", "--method", "var"]
+    assert eval_cli(*chair, *VAR_ON_TINY, "--data", str(coco), "--out", str(tmp_path / "chair")) == 0
+    metrics = json.loads((tmp_path / "chair" / "metrics.json").read_text())
+    assert metrics["n"] == 3 and {"chair_s", "chair_i", "recall", "length"} <= set(metrics)
+    assert metrics["method"] == "var" and metrics["prompt"] == "Please describe this image in detail."
+
+    mme = with_pictures(write_mme_tree(tmp_path / "mme", images=1))
+    assert eval_cli("--benchmark", "mme", "--data", str(mme), "--out", str(tmp_path / "mme")) == 0
+    metrics = json.loads((tmp_path / "mme" / "metrics.json").read_text())
+    assert metrics["n"] == 8 and set(metrics["subtasks"]) == {"existence", "count", "position", "color"}
+
+
+def test_bad_method_setting_is_refused_before_answering(pope, tmp_path, capsys):
+    assert (
+        eval_cli(
+            "--benchmark", "pope", "--method", "var", "--alpha", "2", "--data", str(pope), "--out", str(tmp_path / "o")
+        )
+        == 2
+    )
+    assert "alpha" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "predictions.jsonl").exists() or not (tmp_path / "o" / "predictions.jsonl").read_text()
+
+
+def test_run_writes_answers_and_the_attention_picture(pope, tmp_path, capsys):
+    image = next((pope / "val2014").glob("*.jpg"))
+    args = ["run", TASK, str(image), "--question", "Is there a dog in the image?", "--method", "var", *VAR_ON_TINY]
+    assert (
+        main(
+            [
+                *args,
+                "--weights",
+                "none",
+                "--device",
+                "cpu",
+                "--max-new-tokens",
+                "3",
+                "--return-attention",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    assert "Is there a dog in the image?" in capsys.readouterr().out
+    record = json.loads((tmp_path / "results.json").read_text())
+    result = record["results"][str(image)]
+    assert record["task"] == TASK and record["weights"].startswith("random") and "tiny" in record["weights"]
+    assert result["method"] == "var" and result["methods"][0]["sink_dims"] == [3, 7]
+    assert np.asarray(result["attention"]).shape == (6, 6) and "baseline_answer" in result
+    picture = Image.open(tmp_path / f"{image.stem}.png")
+    assert picture.width > 3 * 200  # image | with var | without a method

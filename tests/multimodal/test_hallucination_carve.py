@@ -1,0 +1,209 @@
+"""CARVE as the pipeline runs it (method.prepare, then generate on the batch it returns) on tiny
+random LLaVA and Qwen2-VL, greedy and sampled, both behaviours: the batched probes against the
+single-prompt functional probe (EOS stop included), the final pass's images, the component
+selection as a property, probes unaffected by an attached attention edit, the eager switch undone,
+InstructBLIP refused, and bad settings."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import ndimage
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from attnzoo.errors import InvalidInputError, InvalidOptionError, UnknownNameError
+from attnzoo.multimodal.hallucination import CARVE, PAI, LayoutError
+from attnzoo.multimodal.hallucination.functional import (
+    CARVE_GENERAL_INSTRUCTION,
+    CARVE_VARIANTS,
+    carve_probe_attention,
+)
+from attnzoo.multimodal.hallucination.layouts import family_of
+from tests.lvlm_helpers import greedy, sampled, sharpen_attention
+from tests.multimodal.lvlm_prompts import last_logits, photos, prompt_batch, stock_state, tiny_model
+
+QUESTIONS = ["is there a dog", "what color is the car on the left"]
+LAYERS = (1, 2, 3)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def images(seed=0):
+    """Two photographs large enough for a Qwen2-VL grid of several tokens."""
+    return [photo.resize((112, 84)) for photo in photos(2, seed=seed)]
+
+
+def test_carve_settings_and_errors():
+    assert CARVE().describe() == {
+        "method": "carve",
+        "behaviour": "official",
+        "final_images": "original+refined",
+        "variant": "v4",
+        "layers": (20, 21, 22, 23, 24, 25),
+        "lam": 1e-8,
+        "top_percent": 0.2,
+        "min_keep_regions": 3,
+        "outlier_percent": 0.1,
+        "probe_tokens": 32,
+        "general_instruction": CARVE_GENERAL_INSTRUCTION,
+        "answer_suffix": None,
+    }
+    assert CARVE(behaviour="paper").describe()["final_images"] == "refined"
+    bad_settings = (
+        {"variant": "v5"},
+        {"lam": 0},
+        {"top_percent": 0},
+        {"top_percent": 1.5},
+        {"layers": ()},
+        {"min_keep_regions": 0},
+        {"probe_tokens": 0},
+        {"outlier_percent": -1},
+        {"general_instruction": " "},
+        {"behaviour": "code"},
+    )
+    for bad in bad_settings:
+        with pytest.raises(InvalidOptionError):
+            CARVE(**bad)
+    model, encode = tiny_model("llava")
+    batch = prompt_batch(encode, images()[:1], QUESTIONS[:1])
+    with pytest.raises(InvalidOptionError, match="4-layer"):
+        CARVE().prepare(model, None, batch)  # layers 20..25 do not exist
+    with pytest.raises(InvalidInputError, match="one image per question"):
+        CARVE(layers=LAYERS).prepare(
+            model, None, replace(prompt_batch(encode, images(), QUESTIONS), questions=QUESTIONS[:1])
+        )
+    blip_model, blip_encode = tiny_model("instructblip")
+    with pytest.raises(LayoutError, match="InstructBLIP"):
+        CARVE(layers=LAYERS).prepare(blip_model, None, prompt_batch(blip_encode, images()[:1], QUESTIONS[:1]))
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    with pytest.raises(UnknownNameError, match="llama"):
+        CARVE(layers=(0,)).prepare(LlamaForCausalLM(config), None, batch)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_carve_batched_probes_match_the_functional_probe(family):
+    """Both probes of both prompts decode as one padded batch; each row's maps are those of
+    carve_probe_attention on its own prompt, and a pair stops at the first EOS of either probe."""
+    model, encode = tiny_model(family, attn_implementation="eager")
+    sharpen_attention(model)
+    photos_, carve = images(), CARVE(layers=LAYERS, probe_tokens=5)
+    first_general = carve_probe_attention(model, encode(photos_[:1], [CARVE_GENERAL_INSTRUCTION]), 5, LAYERS)
+    model.generation_config.eos_token_id = int(first_general.tokens[2])  # that probe now stops at step 3
+    alone = [
+        [carve_probe_attention(model, encode([image], [q]), 5, LAYERS) for q in (question, CARVE_GENERAL_INSTRUCTION)]
+        for image, question in zip(photos_, QUESTIONS, strict=True)
+    ]
+    batched = carve.probe(model, family_of(model), prompt_batch(encode, photos_, QUESTIONS))
+    for (query, general, grid), probes in zip(batched, alone, strict=True):
+        steps = min(len(probe.maps) for probe in probes)
+        assert min(len(query), len(general)) == steps
+        for ours, probe in zip((query, general), probes, strict=True):
+            assert ours.shape[1:] == probe.maps.shape[1:] == (3, grid[0] * grid[1])
+            torch.testing.assert_close(ours[:steps], probe.maps[:steps], atol=1e-6, rtol=1e-5)
+    assert len(alone[0][1].maps) == 3
+    assert carve.last_layers == LAYERS
+
+
+@pytest.mark.parametrize("behaviour", ["official", "paper"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_carve_through_generate(family, behaviour):
+    """prepare() returns the batch of the final pass ([original, refined] or refined), re-encoded;
+    generate runs on it greedy and sampled; the SDPA model is switched to eager for the probes
+    only, and left as the stock model."""
+    model, encode = tiny_model(family)
+    sharpen_attention(model)
+    photos_ = images()
+    batch = prompt_batch(encode, photos_, QUESTIONS)
+    stock, state = last_logits(model, batch.inputs), stock_state(model)
+    carve = CARVE(layers=LAYERS, probe_tokens=4, behaviour=behaviour, answer_suffix="Answer briefly.")
+    final = carve.prepare(model, None, batch)
+    refined = [result.crop.refined_image for result in carve.last_results]
+    expected_images = [[p, r] for p, r in zip(photos_, refined, strict=True)] if behaviour == "official" else refined
+    assert final.images == expected_images and final.questions == [f"{q} Answer briefly." for q in QUESTIONS]
+    expected = encode(expected_images, final.questions)
+    assert final.inputs.keys() == expected.keys()
+    assert all(torch.equal(final.inputs[key], expected[key]) for key in expected)
+    for image, result in zip(photos_, carve.last_results, strict=True):
+        assert result.sum_att_map.shape == (image.height, image.width)
+        assert result.crop.refined_image.size[0] >= image.width or result.crop.refined_image.size[1] >= image.height
+    assert stock_state(model) == state  # back on SDPA, no hooks left
+    answer, drawn = greedy(model, final.inputs, 3), sampled(model, final.inputs, 3)
+    assert answer.shape == drawn.shape == (2, 3)
+    assert not torch.allclose(last_logits(model, final.inputs), stock, atol=1e-3)
+    assert torch.equal(last_logits(model, batch.inputs), stock)
+
+
+def test_carve_probes_ignore_an_attached_attention_edit():
+    """With PAI attached (its attention function returns the weights: no switch), the probes run
+    unedited in their own stream: the same refined images; the final pass then runs edited."""
+    model, encode = tiny_model("llava")
+    sharpen_attention(model)
+    batch = prompt_batch(encode, images(), QUESTIONS)
+    stock, state = last_logits(model, batch.inputs), stock_state(model)
+    carve = CARVE(layers=LAYERS, probe_tokens=3)
+    plain = carve.prepare(model, None, batch)
+    with PAI(alpha=2.0).attach(model):
+        edited = carve.prepare(model, None, batch)
+        assert greedy(model, edited.inputs, 2).shape == (2, 2)
+    assert all(torch.equal(edited.inputs[k], plain.inputs[k]) for k in plain.inputs)
+    assert stock_state(model) == state and torch.equal(last_logits(model, batch.inputs), stock)
+
+
+@pytest.fixture(scope="module")
+def llava():
+    model, encode = tiny_model("llava", attn_implementation="eager")
+    return sharpen_attention(model), encode
+
+
+def selected_components(fused, top_percent, min_keep, strategy, outlier_percent):
+    """The component rule written out: 4-connected components of S >= its (1 - top_percent)
+    percentile, the K = max(min_keep, int(n * top_percent)) best by summed S or by size (ties: the
+    earlier component), or those of at least int(total * outlier_percent / 100) pixels."""
+    above = fused >= np.percentile(fused, (1 - top_percent) * 100)
+    labeled, count = ndimage.label(above, structure=[[0, 1, 0], [1, 1, 1], [0, 1, 0]])
+    ids = list(range(1, count + 1))
+    sizes = {i: int((labeled == i).sum()) for i in ids}
+    if strategy == "remove_small":
+        minimum = int(above.sum() * outlier_percent / 100)
+        kept = [i for i in ids if sizes[i] >= minimum]
+    else:
+        score = {i: (float(fused[labeled == i].sum()) if strategy == "attention_sum" else sizes[i]) for i in ids}
+        kept = sorted(ids, key=lambda i: (-score[i], i))[: max(min_keep, int(count * top_percent))]
+    return np.isin(labeled, kept) & (labeled > 0), len(kept)
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    variant=st.sampled_from(sorted(CARVE_VARIANTS)),
+    top_percent=st.floats(0.05, 0.6),
+    min_keep=st.integers(1, 4),
+)
+@settings(max_examples=15, deadline=None)
+def test_carve_component_selection(llava, seed, variant, top_percent, min_keep):
+    """The method's mask is the union of the components the rule selects on its fused map, and the
+    refined image is the masked crop of the mask's bounding box."""
+    model, encode = llava
+    image = photos(1, seed=seed)[0]
+    carve = CARVE(variant=variant, layers=LAYERS, probe_tokens=3, top_percent=top_percent, min_keep_regions=min_keep)
+    carve.prepare(model, None, prompt_batch(encode, [image], QUESTIONS[:1]))
+    (result,) = carve.last_results
+    strategy = CARVE_VARIANTS[variant][1]
+    expected, kept = selected_components(result.sum_att_map, top_percent, min_keep, strategy, 0.1)
+    assert np.array_equal(result.mask.mask.astype(bool), expected) and len(result.mask.kept_component_ids) == kept
+    rows, cols = np.nonzero(expected)
+    assert result.crop.bbox == (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
+    masked = np.asarray(image) * expected[..., None]
+    assert np.array_equal(np.asarray(result.crop.masked_image), masked)

@@ -1,0 +1,207 @@
+"""VCD as the pipeline runs it (method.prepare, interventions attached, generate with
+method.logits_processors) on tiny random LLaVA, Qwen2-VL and InstructBLIP, greedy and sampled: the
+combined scores against the rule computed by hand on the two branches' logits (the noised branch
+run independently on the whole sequence), the seeded noise, composition with PAI, bad settings, and
+the model left as the stock model. The batched mode (the noised prompts as rows of the main
+generate) against the separate branch: same tokens, same scores within float32 batching noise,
+with and without VAR / PAI attached, and an end-of-sequence token stopping both halves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from attnzoo.errors import InvalidInputError, InvalidOptionError, UnknownNameError
+from attnzoo.multimodal.hallucination import PAI, VAR, VCD, InterventionError, VCDLogitsProcessor
+from attnzoo.multimodal.hallucination.functional import add_diffusion_noise
+from attnzoo.multimodal.hallucination.method import PromptBatch
+from tests.lvlm_helpers import EOS_TOKEN_ID, PAD_TOKEN_ID, greedy, sampled, sharpen_attention
+from tests.multimodal.lvlm_prompts import (
+    FAMILIES,
+    assert_same_run,
+    drive,
+    extended,
+    last_logits,
+    photos,
+    prompt_batch,
+    run_as_pipeline,
+    run_contrast,
+    stock_state,
+    table_processor,
+    tiny_model,
+)
+from tests.vision._reference import load_fixture
+
+QUESTIONS = ["is there a dog", "what color is the car"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def vcd_rule(original, noised, alpha, beta):
+    """(1 + alpha) l_o - alpha l_cd, -inf where l_o < log(beta) + max l_o (written out by hand)."""
+    combined = (1 + alpha) * original - alpha * noised
+    floor = torch.log(torch.tensor(beta)) + original.max(-1, keepdim=True).values
+    return torch.where(original < floor, torch.full_like(combined, -float("inf")), combined)
+
+
+def test_vcd_settings_and_errors():
+    described = {"method": "vcd", "alpha": 1.0, "beta": 0.2, "noise_step": 500, "seed": 55, "batched": True}
+    assert VCD().describe() == described and VCD(batched=False).describe() == {**described, "batched": False}
+    assert repr(VCD(alpha=0.5)) == "VCD(alpha=0.5, beta=0.2, noise_step=500, seed=55, batched=True)"
+    bad_settings = ({"alpha": -1}, {"beta": 1.5}, {"beta": -0.1}, {"noise_step": 1000}, {"noise_step": 2.5})
+    for bad in (*bad_settings, {"batched": "yes"}):
+        with pytest.raises(InvalidOptionError):
+            VCD(**bad)
+    model, encode = tiny_model("llava")
+    batch = prompt_batch(encode, photos(1), QUESTIONS[:1])
+    with pytest.raises(InvalidInputError, match="pixel_values"):
+        VCD().logits_processors(model, None, PromptBatch([], [], {"input_ids": batch.inputs["input_ids"]}, encode))
+    with pytest.raises(InvalidOptionError, match="beta"):
+        VCDLogitsProcessor(model, batch.inputs, beta=2.0)
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    with pytest.raises(UnknownNameError, match="llama"):
+        VCD().logits_processors(LlamaForCausalLM(config), None, batch)
+
+
+def test_vcd_noise_is_seeded_and_leaves_the_other_inputs():
+    pixels = torch.rand(2, 3, 8, 8)
+    inputs = {"input_ids": torch.ones(2, 3, dtype=torch.long), "pixel_values": pixels}
+    noised = VCD(seed=3).noised_inputs(inputs)
+    assert noised["input_ids"] is inputs["input_ids"] and inputs["pixel_values"] is pixels
+    expected = add_diffusion_noise(pixels, 500, torch.Generator().manual_seed(3))
+    assert torch.equal(noised["pixel_values"], expected)
+    assert torch.equal(VCD(seed=3).noised_inputs(inputs)["pixel_values"], expected)
+    torch.manual_seed(7)
+    global_draw = VCD(seed=None, noise_step=10).noised_inputs(inputs)["pixel_values"]
+    torch.manual_seed(7)
+    assert torch.equal(global_draw, add_diffusion_noise(pixels, 10))
+
+
+@pytest.mark.parity
+def test_vcd_processor_parity(reference_dir):
+    """Driven step by step on the fixture's logits, the processor gives the official loop's scores
+    (VCD keeps its own cache: the branch's logits of every step)."""
+    f = load_fixture(reference_dir, "vcd_logits")
+    settings_ = f.cfg["method_settings"]
+    prompt_ids = f.inputs["prompt_ids"]
+    processor = table_processor(
+        VCDLogitsProcessor,
+        f.inputs["logits_cd"],
+        prompt_ids.shape[1],
+        alpha=settings_["cd_alpha"],
+        beta=settings_["cd_beta"],
+    )
+    scores = drive(processor, prompt_ids, f.inputs["logits_orig"])
+    torch.testing.assert_close(scores, f.outputs["scores"], **f.tolerance)
+    assert processor.branch_calls == len(scores)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vcd_through_generate(family):
+    model, encode = tiny_model(family)
+    sharpen_attention(model)
+    batch = prompt_batch(encode, photos(2), QUESTIONS)
+    stock, state = last_logits(model, batch.inputs), stock_state(model)
+    plain = greedy(model, batch.inputs, 3)
+    vcd = VCD(alpha=1.5, beta=0.05)
+    tokens, before, after, (processor,) = run_as_pipeline(model, batch, vcd, greedy)
+    assert processor.branch_calls == 3 and processor.describe() == {"method": "vcd", "alpha": 1.5, "beta": 0.05}
+    noised = vcd.noised_inputs(batch.inputs)
+    for step in range(3):
+        l_cd = last_logits(model, extended(noised, tokens[:, :step]))
+        expected = vcd_rule(before[step], l_cd, 1.5, 0.05)
+        torch.testing.assert_close(after[step], expected, atol=1e-4, rtol=1e-4)
+        assert torch.equal(tokens[:, step], after[step].argmax(-1))
+    assert not torch.allclose(after[0], before[0], atol=1e-3)  # the branch changed the scores
+    assert torch.equal(plain, greedy(model, batch.inputs, 3))
+    drawn, _, after_sampled, (sampler,) = run_as_pipeline(model, batch, vcd, sampled, steps=4)
+    assert drawn.shape == (2, 4) and sampler.branch_calls == 4
+    for step, scores in enumerate(after_sampled):  # every drawn token survived the cutoff
+        assert torch.isfinite(scores.gather(1, drawn[:, step : step + 1])).all()
+    assert stock_state(model) == state and torch.equal(last_logits(model, batch.inputs), stock)
+
+
+def test_vcd_composes_with_pai():
+    """PAI attached, VCD's processor in generate: both branches run the edited model (the branch in
+    its own stream), and detaching leaves the stock model."""
+    model, encode = tiny_model("llava")
+    sharpen_attention(model)
+    batch = prompt_batch(encode, photos(2), QUESTIONS)
+    stock, state = last_logits(model, batch.inputs), stock_state(model)
+    vcd = VCD()
+    alone = run_as_pipeline(model, batch, vcd, greedy)[2]
+    pai = PAI(alpha=2.0)
+    tokens, before, after, _ = run_as_pipeline(model, batch, vcd, greedy, interventions=[pai])
+    with pai.attach(model):
+        edited_noised = last_logits(model, vcd.noised_inputs(batch.inputs))
+    torch.testing.assert_close(after[0], vcd_rule(before[0], edited_noised, 1.0, 0.2), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(after[0], alone[0], atol=1e-3)
+    assert stock_state(model) == state and torch.equal(last_logits(model, batch.inputs), stock)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vcd_batched_equals_the_separate_branch(family):
+    """Two prompts of different lengths (left padding), greedy and sampled (the pipeline's seeded draws),
+    alone and with PAI or VAR attached (their per-row state covers the branch rows as the branch's own
+    stream does): the same tokens and the same combined scores within float32 batching noise."""
+    model, encode = tiny_model(family)
+    sharpen_attention(model)
+    batch = prompt_batch(encode, photos(2), QUESTIONS)
+    assert not batch.inputs["attention_mask"].all()  # the shorter prompt is left-padded
+    stock, state = last_logits(model, batch.inputs), stock_state(model)
+    vcd = VCD(alpha=1.5, beta=0.05)
+    runs = [({}, ()), ({"seeds": [3, 4]}, ()), ({}, (PAI(alpha=2.0),))]
+    runs.append(({"seeds": [5, 6]}, (VAR(sink_dims=(0, 1), tau=1.5, summ=0.0, behaviour="paper"),)))
+    for decoding, interventions in runs:
+        paired = run_contrast(model, batch, vcd, 4, paired=True, interventions=interventions, **decoding)
+        separate = run_contrast(model, batch, vcd, 4, paired=False, interventions=interventions, **decoding)
+        assert_same_run(paired, separate)
+    assert stock_state(model) == state and torch.equal(last_logits(model, batch.inputs), stock)
+
+
+class ForceEos:
+    """Only the end-of-sequence token for ``rows`` at generated step ``step``."""
+
+    def __init__(self, prompt_length: int, step: int, rows):
+        self.at, self.rows = prompt_length + step, list(rows)
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] == self.at:
+            scores[self.rows] = -float("inf")
+            scores[self.rows, EOS_TOKEN_ID] = 0.0
+        return scores
+
+
+def test_vcd_batched_stops_both_halves_at_the_end_of_sequence():
+    """The first prompt ends at step 1, the second at step 2: both halves pad the ended rows alike, and
+    generate stops after step 2 as the separate branch's run does."""
+    model, encode = tiny_model("llava")
+    batch = prompt_batch(encode, photos(2), QUESTIONS)
+    width = batch.inputs["input_ids"].shape[1]
+    then = (ForceEos(width, 1, [0]), ForceEos(width, 2, [0, 1]))
+    kwargs = {"then": then, "eos_token_id": EOS_TOKEN_ID}
+    paired = run_contrast(model, batch, VCD(), 6, paired=True, **kwargs)
+    separate = run_contrast(model, batch, VCD(), 6, paired=False, **kwargs)
+    assert_same_run(paired, separate)
+    tokens = paired[0]
+    assert tokens.shape == (2, 3) and tokens[0, 1] == EOS_TOKEN_ID and tokens[0, 2] == PAD_TOKEN_ID
+    assert tokens[1, 2] == EOS_TOKEN_ID
+
+
+def test_vcd_batched_refuses_what_would_split_the_halves():
+    model, encode = tiny_model("llava")
+    batch = prompt_batch(encode, photos(2), QUESTIONS)
+    with pytest.raises(InterventionError, match="num_beams"):
+        run_contrast(model, batch, VCD(), 2, paired=True, num_beams=2)
+    with pytest.raises(InterventionError, match="followed_by"):  # generate's own sampling draws each row alone
+        torch.manual_seed(0)
+        run_contrast(model, batch, VCD(), 3, paired=True, do_sample=True, top_k=0)

@@ -1,0 +1,314 @@
+"""``pipeline("hallucination-mitigation")`` on the tiny random LLaVA (``weights="none"``: a 4-layer
+LLaMA, an 84 px CLIP tower with a 6x6 token grid, a character-level tokenizer; no network): input
+forms, batching with left padding, the stock model when no method runs, every method and the
+combinations, attention pictures, sampling seeds, loading from a folder, and the typed errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import attnzoo
+from attnzoo.errors import InvalidInputError, InvalidOptionError, OfflineError, UnknownNameError
+from attnzoo.multimodal.hallucination import VAR, InterventionConflictError, LayoutError
+from attnzoo.multimodal.hallucination.methods import METHODS, build_methods
+from attnzoo.multimodal.hallucination.models import LVLMCheckpoint, processor_for, tiny_llava, tiny_lvlm
+from tests.lvlm_helpers import attn_implementations, module_hooks
+
+TASK = "hallucination-mitigation"
+VAR_ON_TINY = {"sink_dims": (3, 7), "tau": 2.0}  # tau 20 never fires on a width-64 model
+QUESTIONS = ["Is there a dog in the image?", "What colour is the car on the left of the picture?", "Cat?"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def ask():
+    return attnzoo.pipeline(TASK, weights="none", device="cpu", max_new_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def photos():
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (48 + 9 * i, 70, 3), dtype=np.uint8)) for i in range(3)]
+
+
+def stock_tokens(ask, image, question, max_new_tokens=4):
+    """Plain transformers: the processor's prompt and ``generate`` without any attnzoo code."""
+    prompt = ask.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    inputs = ask.processor(images=[image], text=[prompt], return_tensors="pt")
+    out = ask.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=0)
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def test_input_forms_and_batching(ask, photos):
+    one = ask(photos[0], question=QUESTIONS[0])
+    assert one.question == QUESTIONS[0] and one.prompt == f"USER: <image>\n{QUESTIONS[0]} ASSISTANT:"
+    assert one.settings["method"] == "none" and one.settings["decoding"]["mode"] == "greedy" and one.seed is None
+    assert ask.weights_label.startswith("random") and "tiny LLaVA" in ask.weights_label
+    batched = ask(photos, question=QUESTIONS, batch_size=3)  # prompts of three lengths: left padding
+    assert [r.answer for r in batched] == [ask(p, question=q).answer for p, q in zip(photos, QUESTIONS)]
+    many = ask(photos[0], question=QUESTIONS[:2])  # one image, several questions
+    dicts = ask([{"image": photos[0], "question": q} for q in QUESTIONS[:2]], batch_size=2)
+    assert (
+        [r.answer for r in many]
+        == [r.answer for r in dicts]
+        == [batched[0].answer, ask(photos[0], question=QUESTIONS[1]).answer]
+    )
+    record = one.to_dict()
+    assert record["answer"] == one.answer and record["model"] == "attnzoo/tiny-random-llava"
+    assert one.summary().startswith(repr(QUESTIONS[0]))
+
+
+def test_no_method_is_the_stock_model_before_and_after_methods(ask, photos):
+    hooks, implementations = module_hooks(ask.model), attn_implementations(ask.model)
+    plain = ask(photos[1], question=QUESTIONS[1])
+    expected = stock_tokens(ask, photos[1], QUESTIONS[1])
+    assert plain.token_ids == expected[: len(plain.token_ids)] and plain.token_ids
+    ask(photos[1], question=QUESTIONS[1], method="var+vcd", **VAR_ON_TINY)
+    ask(photos[1], question=QUESTIONS[1], method="pai", return_attention=True)
+    assert module_hooks(ask.model) == hooks and attn_implementations(ask.model) == implementations
+    assert ask(photos[1], question=QUESTIONS[1]).token_ids == plain.token_ids
+
+
+@pytest.mark.parametrize(
+    "method, settings",
+    [
+        ("var", VAR_ON_TINY),
+        ("pai", {}),
+        ("pai", {"gamma": 1.0}),
+        ("paint", {"alpha": 0.5}),
+        ("vcd", {"alpha": 0.5}),
+        ("carve", {"layers": (2, 3), "probe_tokens": 2}),
+        ("var+vcd", VAR_ON_TINY),
+        ("pai+vcd", {"alpha": 0.3}),
+        ("carve+vcd", {"layers": (2, 3), "probe_tokens": 2}),
+    ],
+)
+def test_every_method_and_combination_answers(ask, photos, method, settings):
+    results = ask(photos[:2], question=QUESTIONS[:2], method=method, batch_size=2, **settings)
+    ran = results[0].settings
+    assert ran["method"] == method and [m["method"] for m in ran["methods"]] == method.split("+")
+    assert all(isinstance(r.answer, str) and r.token_ids for r in results)
+    for given, value in settings.items():  # a shared setting reaches every method that takes it
+        recorded = [_plain(m[given]) for m in ran["methods"] if given in m]
+        assert recorded and all(v == _plain(value) for v in recorded)
+    if method == "pai":
+        assert ran["methods"][0]["cfg"] == ("off (gamma 1)" if settings else "on")
+    if method.startswith("carve"):  # the official final pass sees [original, refined]
+        assert results[0].prompt.count("<image>") == 2
+
+
+def test_agla_and_var_with_a_blip_model(ask, photos, tmp_path):
+    from tests.multimodal.lvlm_prompts import tiny_blip_itm
+
+    blip, blip_processor = tiny_blip_itm(tmp_path)
+    spec = {"var": VAR_ON_TINY, "agla": {"blip_model": blip, "blip_processor": blip_processor}}
+    results = ask(photos[:2], question=QUESTIONS[:2], method=spec, batch_size=2, do_sample=True, seed=1)
+    assert results[0].settings["method"] == "var+agla" and results[0].seed == 1
+    assert results[0].settings["methods"][1]["alpha"] == 2.0  # AGLA's official POPE setting
+
+
+@pytest.mark.parametrize("method", ["vcd", "var+vcd", "pai+vcd", "agla"])
+def test_batched_contrast_answers_as_the_separate_branch(ask, photos, tmp_path, method):
+    """The contrast branch as rows of the main generate (default) or as its own forward: the same
+    answers for a batch of prompts of different lengths, greedy and sampled, the mode recorded; the
+    attention picture of the main rows is the same within float32 batching noise."""
+    from tests.multimodal.lvlm_prompts import tiny_blip_itm
+
+    settings = dict(VAR_ON_TINY) if "var" in method else {}
+    if method == "agla":
+        blip, blip_processor = tiny_blip_itm(tmp_path)
+        settings = {"blip_model": blip, "blip_processor": blip_processor, "behaviour": "paper"}
+    for decoding in ({}, {"do_sample": True, "seed": 2}):
+        runs = [
+            ask(
+                photos[:2], question=QUESTIONS[:2], method=method, batch_size=2, batched=batched, **decoding, **settings
+            )
+            for batched in (True, False)
+        ]
+        assert [r.token_ids for r in runs[0]] == [r.token_ids for r in runs[1]]
+        assert [r.settings["methods"][-1]["batched"] for r in (runs[0][0], runs[1][0])] == [True, False]
+    if method == "vcd":
+        pictures = [
+            ask(photos[1], question=QUESTIONS[1], method="vcd", batched=b, return_attention=True) for b in (True, False)
+        ]
+        np.testing.assert_allclose(pictures[0].attention, pictures[1].attention, atol=1e-6, rtol=1e-5)
+        np.testing.assert_array_equal(pictures[0].baseline_attention, pictures[1].baseline_attention)
+
+
+def test_compositions_and_settings_are_checked(ask, photos):
+    for spec, message in [
+        ("var+pai", "both edit the language model's attention"),
+        ("vcd+agla", "each contrast the model's logits"),
+        ("carve+var", "probes read the stock model's attention"),
+        ("var+var", "listed twice"),
+    ]:
+        with pytest.raises(InterventionConflictError, match=message):
+            build_methods(spec, **({"sink_dims": (3, 7)} if "var" in spec else {}))
+    with pytest.raises(InvalidOptionError, match="unknown method 'dola'.*var, pai, paint, vcd, agla, carve"):
+        ask(photos[0], question="x", method="dola")
+    with pytest.raises(InvalidOptionError, match="alpha are taken by no method of var"):
+        attnzoo.pipeline(TASK, weights="none", device="cpu", method="var", alpha=0.5)
+    assert [m.name for m in build_methods("var,vcd", strict=False, alpha=0.5, sink_dims="3,7")] == ["var", "vcd"]
+    assert build_methods("var", sink_dims="3,7")[0].intervention.sink_dims == (3, 7)  # the command line's text
+    assert build_methods(None) == build_methods("none") == []
+    var = attnzoo.pipeline(TASK, weights="none", device="cpu", max_new_tokens=2, method="var", sink_dims=(3, 7))
+    assert var(photos[0], question="x", tau=2.5).settings["methods"][0]["sink_dims"] == (3, 7)  # settings merge
+    assert var(photos[0], question="x", method="vcd").settings["methods"][0]["method"] == "vcd"  # its own settings
+    own = VAR(sink_dims=(3, 7), tau=2.0)
+    assert build_methods([own, "vcd"])[0].intervention is own
+    assert set(METHODS) == {"var", "pai", "paint", "vcd", "agla", "carve"}
+
+
+def test_return_attention_and_the_picture(ask, photos, tmp_path):
+    traced = VAR(trace=True, **VAR_ON_TINY)
+    out = ask(photos[0], question=QUESTIONS[0], method=traced, return_attention=True)
+    assert out.attention.shape == out.baseline_attention.shape == (6, 6) and out.baseline_answer is not None
+    assert any(bool(r["edited"].any()) for r in traced.records)  # VAR edited rows, so the maps differ
+    assert not np.allclose(out.attention, out.baseline_attention)
+    assert np.isfinite(out.attention).all() and (out.attention >= 0).all() and out.attention.sum() <= 1.0 + 1e-5
+    assert out.view.size == (84, 84)  # the CLIP crop the grid lies on
+    picture = out.plot()
+    picture.save(tmp_path / "var.png")
+    assert Image.open(tmp_path / "var.png").size == picture.size and picture.width > 3 * 256
+    plain = ask(photos[0], question=QUESTIONS[0], return_attention=True, attention_layers="2-3")
+    assert plain.baseline_attention is None and plain.attention.shape == (6, 6)
+    assert 2 * 256 < plain.plot().width < 3 * 256
+    assert "attention" in plain.to_dict() and np.asarray(plain.to_dict()["attention"]).shape == (6, 6)
+
+
+def test_sdpa_model_switches_to_eager_for_attention_and_back(photos):
+    model = tiny_llava()
+    assert model.config.text_config._attn_implementation == "sdpa"
+    ask = attnzoo.pipeline(TASK, model=model, processor=processor_for(model), device="cpu", max_new_tokens=2)
+    assert ask(photos[0], question="dog?", return_attention=True).attention.shape == (6, 6)
+    assert model.config.text_config._attn_implementation == "sdpa"
+    eager = attnzoo.pipeline(TASK, model=model, device="cpu", attn_implementation="eager", max_new_tokens=2)
+    assert eager.model.config.text_config._attn_implementation == "eager"
+
+
+def test_sampling_seeds(ask, photos):
+    kwargs = dict(question=QUESTIONS[0], do_sample=True, temperature=1.5, max_new_tokens=6)
+    first, again = ask(photos[0], seed=4, **kwargs), ask(photos[0], seed=4, **kwargs)
+    assert first.answer == again.answer and first.seed == 4
+    draws = {ask(photos[0], seed=s, **kwargs).answer for s in range(6)}
+    assert len(draws) > 1
+    per_input = ask([{"image": photos[0], "seed": s} for s in (4, 5)], **kwargs, batch_size=2)
+    assert per_input[0].answer == first.answer and per_input[1].seed == 5
+    assert first.settings["decoding"] == {
+        "mode": "sampled",
+        "do_sample": True,
+        "temperature": 1.5,
+        "top_p": 1.0,
+        "top_k": None,
+        "num_beams": 1,
+        "max_new_tokens": 6,
+        "seed": 0,
+    }
+
+
+def test_loading_by_name_from_a_folder_and_offline(tmp_path, photos, monkeypatch):
+    model = tiny_llava()
+    model.save_pretrained(tmp_path / "tiny")
+    processor_for(model).save_pretrained(tmp_path / "tiny")
+    handle = attnzoo.create_model("llava-hf/llava-1.5-7b-hf", pretrained=True)
+    assert isinstance(handle, LVLMCheckpoint) and handle.name_or_path == "llava-hf/llava-1.5-7b-hf"
+    one = attnzoo.pipeline(TASK, model="llava_1_5_7b", weights=str(tmp_path / "tiny"), device="cpu", dtype="float64")
+    two = attnzoo.pipeline(
+        TASK, model="llava_1_5_7b", weights=str(tmp_path / "tiny"), device="cpu", dtype="float64", method="vcd"
+    )
+    assert one.model is two.model and one.model.dtype == torch.float64  # loaded once, in the dtype asked for
+    assert one(photos[0], question="dog?", max_new_tokens=2).answer is not None
+    qwen = attnzoo.pipeline(TASK, model="Qwen/Qwen2-VL-7B-Instruct", weights="none", device="cpu")
+    assert (
+        qwen.family.name == "Qwen2-VL"
+        and qwen.weights_label == "random (seed 0), tiny Qwen2-VL (attnzoo/tiny-random-qwen2-vl)"
+    )
+    monkeypatch.setenv("ATTNZOO_OFFLINE", "1")
+    with pytest.raises(OfflineError, match="llava-hf/llava-1.5-7b-hf"):
+        attnzoo.pipeline(TASK, device="cpu")
+
+
+def test_bad_inputs_are_named(ask, photos, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a picture")
+    with pytest.raises(InvalidInputError, match="broken.jpg"):
+        ask(broken, question="dog?")
+    with pytest.raises(InvalidInputError, match="the question is empty"):
+        ask(photos[0], question="  ")
+    with pytest.raises(InvalidInputError, match="question= is required"):
+        ask(photos[0])
+    skipped = list(
+        ask.iterate([{"image": broken, "question": "a"}, {"image": photos[0], "question": "b"}], on_error="skip")
+    )
+    assert isinstance(skipped[0][1], InvalidInputError) and skipped[1][1].answer is not None
+    with pytest.raises(InvalidOptionError, match="do_sample=True"):
+        ask(photos[0], question="dog?", temperature=0.5)
+    with pytest.raises(InvalidOptionError, match="beam"):
+        ask(photos[0], question="dog?", do_sample=True, num_beams=2)
+    with pytest.raises(InvalidOptionError, match="chat_template"):
+        ask(photos[0], question="dog?", chat_template="vicuna")
+    assert ask(photos[0], question="dog?", chat_template="llava_v1").prompt.startswith("A chat between")
+    with pytest.raises(InvalidOptionError, match="sink dimensions"):  # a backbone VAR has no sink dims for
+        ask(photos[0], question="dog?", method="var")
+
+
+def test_a_model_the_task_cannot_serve(photos):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    plain = LlamaForCausalLM(
+        LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
+    with pytest.raises(UnknownNameError, match="LVLM family.*llava"):
+        attnzoo.pipeline(TASK, model=plain, device="cpu")
+    model = tiny_llava()  # a processor that writes 35 image tokens for a model that makes 36
+    wrong = processor_for(tiny_llava())
+    wrong.num_additional_image_tokens = 0
+    ask = attnzoo.pipeline(TASK, model=model, processor=wrong, device="cpu", max_new_tokens=2)
+    with pytest.raises(LayoutError, match="image\\(s\\) <Image"):
+        ask(photos[0], question="dog?")
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "instructblip"])
+def other_family(request):
+    model = tiny_lvlm(request.param)
+    return request.param, attnzoo.pipeline(TASK, model=model, device="cpu", max_new_tokens=3)
+
+
+def test_other_families(other_family, photos):
+    family, ask = other_family
+    assert ask.weights_label.startswith("random, tiny") and ask.family.name in ask.weights_label
+    batched = ask(photos[:2], question=QUESTIONS[:2], batch_size=2)
+    assert [r.answer for r in batched] == [ask(p, question=q).answer for p, q in zip(photos[:2], QUESTIONS[:2])]
+    inputs = ask._encode([photos[0]], [QUESTIONS[0]], template="model")
+    stock = ask.model.generate(**inputs, do_sample=False, max_new_tokens=3, pad_token_id=0)
+    assert batched[0].token_ids == stock[0, inputs["input_ids"].shape[1] :].tolist()[: len(batched[0].token_ids)]
+    assert ask(photos[0], question=QUESTIONS[0], method="var+vcd", **VAR_ON_TINY).settings["method"] == "var+vcd"
+    if family == "qwen2_vl":  # a grid of (h/28, w/28) merged patches
+        assert batched[0].prompt.count("<|image_pad|>") == 1 and "<|im_start|>assistant" in batched[0].prompt
+        out = ask(
+            photos[1], question=QUESTIONS[1], method="carve", layers=(2, 3), probe_tokens=2, return_attention=True
+        )
+        assert out.attention.ndim == 2 and out.attention.shape == out.baseline_attention.shape
+    else:  # a Q-Former: no grid to picture or to crop from
+        with pytest.raises(LayoutError, match="patch grid"):
+            ask(photos[0], question="dog?", return_attention=True)
+        with pytest.raises(LayoutError, match="patch grid"):
+            ask(photos[0], question="dog?", method="carve")

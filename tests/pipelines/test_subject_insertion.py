@@ -1,0 +1,347 @@
+"""pipeline("subject-insertion") end to end on the tiny random FLUX.1-Fill (no network, no text encoders):
+images in, an image out, every input form, the latent blending, bad input as typed errors, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from attnzoo.errors import InvalidInputError, InvalidOptionError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from attnzoo.multimodal.insertion.flux import tiny_flux_fill
+
+    return tiny_flux_fill(0)
+
+
+@pytest.fixture
+def pipe(tiny):
+    from attnzoo.pipelines.subject_insertion import SubjectInsertionPipeline
+
+    return SubjectInsertionPipeline(tiny, panel_size=16, steps=2)
+
+
+@pytest.fixture
+def registered_flux(monkeypatch):
+    """``flux_fill`` in the model registry for this test only (importing its module registers it; a later
+    test that lists the registry must not see it unless attnzoo's families already include it)."""
+    import attnzoo.registry as registry
+    from attnzoo.factory import load_families
+
+    load_families()
+    before = registry.get_model_entry("flux_fill")
+    from attnzoo.multimodal.insertion import models
+
+    entry = registry.ModelEntry("flux_fill", models.flux_fill, "insertion", ("subject-insertion",), True)
+    if before is None:
+        registry._MODELS.pop("flux_fill", None)
+    monkeypatch.setitem(registry._MODELS, "flux_fill", before or entry)
+
+
+def photo(h, w, seed):
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((w, h)))
+
+
+def box_mask(h, w, top, left, bottom, right):
+    mask = np.zeros((h, w), bool)
+    mask[top:bottom, left:right] = True
+    return mask
+
+
+SUBJECT, TARGET = photo(20, 24, 0), photo(30, 40, 1)
+MASK = box_mask(30, 40, 8, 10, 22, 30)
+
+
+def test_end_to_end_on_the_tiny_model(pipe):
+    out = pipe(TARGET, subject=SUBJECT, mask=MASK, prompt="a cat on a sofa")
+    assert out.image.size == (40, 30) and out.canvas.size == (16, 32) and out.canvas_input.size == (16, 32)
+    assert out.mask.shape == (30, 40) and out.mask.any() and out.subject_mask is None
+    assert out.settings["method"] == "in-context-brush" and out.settings["behaviour"] == "corrected"
+    assert out.settings["blend"] is True and out.settings["attention"]["shift_img"] == 0.3
+    record = json.loads(json.dumps(out.to_dict()))
+    assert record["seed"] == 0 and record["prompt"] == "a cat on a sofa" and record["steps"] == 2
+    assert "in-context-brush (corrected)" in out.summary()
+    picture = out.plot()
+    assert picture.height > 256 and picture.width > 3 * 200
+    again = pipe(TARGET, subject=SUBJECT, mask=MASK, prompt="a cat on a sofa")
+    assert np.array_equal(np.asarray(again.image), np.asarray(out.image))  # fixed seed: the same image
+    other = pipe(TARGET, subject=SUBJECT, mask=MASK, prompt="a cat on a sofa", seed=5)
+    assert other.seed == 5 and not np.array_equal(np.asarray(other.image), np.asarray(out.image))
+
+
+def test_methods_behaviours_and_batches(pipe):
+    items = [
+        {"target": TARGET, "subject": SUBJECT, "mask": MASK, "prompt": "a"},
+        {"target": TARGET, "subject": SUBJECT, "mask": MASK, "prompt": "b", "seed": 3},
+    ]
+    results = pipe(items, method="diptych", behaviour="official")
+    assert [r.seed for r in results] == [0, 3]
+    assert all(r.settings["orientation"] == "horizontal" and r.settings["blend"] is False for r in results)
+    assert results[0].canvas.size == (32, 16) and results[0].settings["attention"]["shift_img"] == pytest.approx(0.3)
+    plain = pipe(target=TARGET, subject=SUBJECT, mask=MASK, prompt="a", method="none")
+    assert plain.settings["attention"]["method"] == "none"
+
+
+def test_blending_keeps_everything_outside_the_mask(tiny):
+    """Corrected behaviour: after the last step the unmasked latents are the canvas's own (noise level 0);
+    the official one leaves the scheduler's latents as they are."""
+    from attnzoo.multimodal.insertion.flux import _blend_for, run_fill
+    from attnzoo.multimodal.insertion.in_context_brush import InsertionAttention
+    from attnzoo.multimodal.insertion.inputs import prepare_inputs
+    from attnzoo.multimodal.insertion.layout import PanelLayout
+
+    inputs = prepare_inputs(SUBJECT, TARGET, MASK, PanelLayout(16, 16, "vertical", 1, 2))
+    embeds, pooled = tiny.encode_prompt("a cat")
+    kwargs = dict(
+        orientation="vertical",
+        prompt_embeds=embeds,
+        pooled_prompt_embeds=pooled,
+        num_inference_steps=3,
+        seed=4,
+        trace=True,
+    )
+    blended = run_fill(tiny, inputs.canvas, inputs.canvas_mask, InsertionAttention(), blend=True, **kwargs)
+    blend = _blend_for(tiny, Image.fromarray(inputs.canvas), Image.fromarray(inputs.canvas_mask), 32, 16, 4)
+    outside = blend.keep == 0
+    assert outside.any() and (~outside).any()
+    final = blended.trace["latents"][-1]
+    assert torch.equal(final[outside], blend.source[outside])
+    assert not torch.equal(blended.trace["latents_step"][-1][outside], blend.source[outside])
+    official = run_fill(
+        tiny, inputs.canvas, inputs.canvas_mask, InsertionAttention(behaviour="official"), blend=False, **kwargs
+    )
+    for step, after in zip(official.trace["latents_step"], official.trace["latents"], strict=True):
+        assert torch.equal(step, after)
+
+
+def test_input_forms(pipe, tmp_path):
+    """An RGBA subject (its alpha is the mask), a grayscale target, a mask image and a VIA annotation on disk."""
+    rgba = np.dstack([SUBJECT, np.where(box_mask(20, 24, 4, 4, 16, 20), 255, 0).astype(np.uint8)])
+    Image.fromarray(rgba).save(tmp_path / "subject.png")
+    Image.fromarray(TARGET).convert("L").save(tmp_path / "target.png")
+    Image.fromarray((MASK * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+    out = pipe(
+        str(tmp_path / "target.png"), subject=str(tmp_path / "subject.png"), mask=str(tmp_path / "mask.png"), prompt="x"
+    )
+    assert out.subject_mask.sum() == 12 * 16 and np.asarray(out.subject)[0, 0].tolist() == [255, 255, 255]
+    via = {"regions": [{"shape_attributes": {"name": "ellipse", "cx": 20, "cy": 15, "rx": 8, "ry": 6}}]}
+    (tmp_path / "mask.json").write_text(json.dumps(via))
+    out = pipe(str(tmp_path / "target.png"), subject=SUBJECT, mask=str(tmp_path / "mask.json"), prompt="x")
+    assert out.mask[15, 20] and not out.mask[0, 0]
+
+
+def test_subject_word_goes_through_the_segmenter(tiny):
+    from attnzoo.multimodal.insertion.segment import SubjectSegmenter
+    from attnzoo.pipelines.subject_insertion import SubjectInsertionPipeline
+
+    seen = []
+    segmenter = SubjectSegmenter(
+        detector=lambda image, word: seen.append(word) or [(0.4, (1, 1, 5, 5)), (0.9, (2, 3, 12, 15))],
+        sam=lambda image, box: box_mask(image.height, image.width, int(box[1]), int(box[0]), int(box[3]), int(box[2])),
+    )
+    pipe = SubjectInsertionPipeline(tiny, panel_size=16, steps=1, segmenter=segmenter)
+    out = pipe(TARGET, subject=SUBJECT, subject_word="teapot", mask=MASK, prompt="x")
+    assert seen == ["teapot"] and out.subject_mask.sum() == 12 * 10  # the best-scoring box
+    nothing = SubjectSegmenter(detector=lambda image, word: [], sam=lambda image, box: None)
+    with pytest.raises(InvalidInputError, match="no 'teapot' found"):
+        SubjectInsertionPipeline(tiny, panel_size=16, steps=1, segmenter=nothing)(
+            TARGET, subject=SUBJECT, subject_word="teapot", mask=MASK, prompt="x"
+        )
+
+
+def test_prompt_embeddings_instead_of_a_prompt(pipe, tiny):
+    embeds, pooled = tiny.encode_prompt("a cat")
+    given = pipe(TARGET, subject=SUBJECT, mask=MASK, prompt_embeds=embeds[0], pooled_prompt_embeds=pooled)
+    by_text = pipe(TARGET, subject=SUBJECT, mask=MASK, prompt="a cat")
+    assert np.array_equal(np.asarray(given.image), np.asarray(by_text.image))
+
+
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        (dict(mask=np.zeros((30, 40), bool)), "mask is empty"),
+        (dict(mask=None), "mask= is required"),
+        (dict(mask=box_mask(31, 40, 0, 0, 5, 5)), "give a mask of the image's size"),
+        (
+            dict(mask={"regions": [{"shape_attributes": {"name": "ellipse", "cx": 90, "cy": 90, "rx": 5, "ry": 5}}]}),
+            "lies outside the 40x30 target",
+        ),
+        (dict(prompt=None), "prompt= is required"),
+        (dict(prompt="  "), "prompt= is required"),
+        (dict(subject=None), "subject= is required"),
+        (dict(subject="no/such/file.png"), "subject"),
+        (dict(subject_mask=np.zeros((20, 24), bool)), "selects no pixel"),
+        (dict(subject_mask=np.ones((20, 24), bool), subject_word="cat"), "not both"),
+        (dict(prompt_embeds=torch.zeros(1, 4, 32)), "pooled_prompt_embeds"),
+    ],
+)
+def test_bad_input_is_a_typed_error(pipe, change, error):
+    item = {"target": TARGET, "subject": SUBJECT, "mask": MASK, "prompt": "a cat"} | change
+    with pytest.raises(InvalidInputError, match=error):
+        pipe(item)
+
+
+def test_official_via_mask_falling_off_a_non_square_target(pipe):
+    """The official behaviour draws VIA regions transposed; one that then misses the target is refused."""
+    via = {"regions": [{"shape_attributes": {"name": "ellipse", "cx": 36, "cy": 4, "rx": 2, "ry": 2}}]}
+    out = pipe(TARGET, subject=SUBJECT, mask=via, prompt="x")
+    assert out.mask[4, 36]
+    with pytest.raises(InvalidInputError, match="draws VIA regions transposed"):
+        pipe(TARGET, subject=SUBJECT, mask=via, prompt="x", behaviour="official")
+
+
+@pytest.mark.parametrize(
+    "settings, error",
+    [
+        (dict(method="dreambooth"), "method must be one of"),
+        (dict(behaviour="paper"), "behaviour must be one of"),
+        (dict(steps=0), "steps must be a positive integer"),
+        (dict(guidance=float("inf")), "guidance must be a finite number"),
+        (dict(method="diptych", head_gain=0.1), "enforce"),
+        (dict(method="none", shift_img=0.1), "takes no shift_img"),
+        (dict(enforce=1.5), "Diptych's lambda"),
+        (dict(step_window="5,2"), "start <= stop"),
+        (dict(blend="maybe"), "on or off"),
+        (dict(panel_size="big"), "panel_size"),
+        (dict(orientation="diagonal"), "orientation"),
+    ],
+)
+def test_bad_settings_are_refused_up_front(tiny, settings, error):
+    from attnzoo.pipelines.subject_insertion import SubjectInsertionPipeline
+
+    with pytest.raises(InvalidOptionError, match=error):
+        SubjectInsertionPipeline(tiny, **settings)
+
+
+def test_sizes_not_divisible_by_the_packing_are_rounded_with_a_warning(tiny):
+    from attnzoo.pipelines.subject_insertion import SubjectInsertionPipeline
+
+    with pytest.warns(UserWarning, match="not a multiple of 2"):
+        out = SubjectInsertionPipeline(tiny, panel_size=(15, 17), steps=1)(
+            TARGET, subject=SUBJECT, mask=MASK, prompt="x"
+        )
+    assert out.canvas.size == (16, 32)
+
+
+def test_a_model_that_is_not_flux_fill_is_refused(tiny):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline
+
+    from attnzoo.multimodal.insertion.flux import TINY_VAE, FluxFillModel
+    from attnzoo.pipelines.subject_insertion import SubjectInsertionPipeline
+
+    with pytest.raises(InvalidInputError, match="needs a diffusers FluxFillPipeline"):
+        FluxFillModel(torch.nn.Linear(2, 2))
+    odd = FluxFillPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=AutoencoderKL(**TINY_VAE),
+        transformer=torch.nn.Linear(2, 2),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+    )
+    with pytest.raises(InvalidInputError, match="not a FLUX transformer"):
+        SubjectInsertionPipeline(odd)
+    assert SubjectInsertionPipeline.accepts(tiny.pipe) and SubjectInsertionPipeline.accepts(tiny)
+    assert not SubjectInsertionPipeline.accepts(torch.nn.Linear(2, 2))
+    no_text = FluxFillModel(tiny.pipe)  # the same pipeline without a stand-in encoder
+    with pytest.raises(InvalidInputError, match="no text encoders"):
+        SubjectInsertionPipeline(no_text, panel_size=16, steps=1)(TARGET, subject=SUBJECT, mask=MASK, prompt="x")
+
+
+def test_attnzoo_pipeline_by_name(registered_flux):
+    import attnzoo
+
+    pipe = attnzoo.pipeline("subject-insertion", weights="none", panel_size=16, steps=1)
+    assert pipe.weights_label == "random (seed 0)" and "flux_fill_tiny" in pipe.model.name
+    assert pipe(TARGET, subject=SUBJECT, mask=MASK, prompt="x").image.size == (40, 30)
+
+
+def test_cli_run_writes_the_image_and_the_plot(registered_flux, tmp_path):
+    from attnzoo.cli import main
+
+    Image.fromarray(SUBJECT).save(tmp_path / "subject.png")
+    Image.fromarray(TARGET).save(tmp_path / "target.png")
+    Image.fromarray((MASK * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+    common = [
+        "--subject",
+        str(tmp_path / "subject.png"),
+        "--prompt",
+        "a cat",
+        "--weights",
+        "none",
+        "--steps",
+        "1",
+        "--panel-size",
+        "16",
+    ]
+    out = tmp_path / "out"
+    bad = main(
+        [
+            "run",
+            "subject-insertion",
+            str(tmp_path / "target.png"),
+            "--mask",
+            str(tmp_path / "subject.png"),
+            *common,
+            "-o",
+            str(out),
+        ]
+    )
+    assert bad == 1 and not out.exists()  # nothing half written
+    assert (
+        main(
+            [
+                "run",
+                "subject-insertion",
+                str(tmp_path / "target.png"),
+                "--mask",
+                str(tmp_path / "mask.png"),
+                *common,
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    record = json.loads((out / "results.json").read_text())
+    assert record["task"] == "subject-insertion" and record["weights"] == "random (seed 0)"
+    (result,) = record["results"].values()
+    assert result["prompt"] == "a cat" and result["method"] == "in-context-brush"
+    assert Image.open(out / "target.png").width > 40
+
+
+def test_loading_through_diffusers(tiny, tmp_path):
+    """A saved pipeline folder loads through diffusers' from_pretrained (and by name with weights=FOLDER);
+    an uncached Hub id with the Hub unreachable fails at once, saying the ways out."""
+    from attnzoo.errors import OfflineError
+    from attnzoo.multimodal.insertion import models
+    from attnzoo.multimodal.insertion.flux import load_flux_fill
+
+    tiny.pipe.save_pretrained(tmp_path / "tiny")
+    no_text = dict.fromkeys(("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"))  # saved without them
+    loaded = load_flux_fill(tmp_path / "tiny", dtype="float32", **no_text)
+    assert loaded.name == str(tmp_path / "tiny") and loaded.dtype == torch.float32
+    for name, param in tiny.transformer.state_dict().items():
+        assert torch.equal(loaded.transformer.state_dict()[name], param), name
+    assert models.flux_fill(weights=str(tmp_path / "tiny"), dtype=torch.float32, **no_text).vae_scale_factor == 1
+    with pytest.raises(OfflineError, match="no cached copy|cannot reach"):
+        load_flux_fill("attnzoo-tests/no-such-flux-fill")
+    with pytest.raises(InvalidInputError, match="seed= only"):
+        models.flux_fill(pretrained=False, dtype=torch.float16)

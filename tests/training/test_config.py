@@ -1,0 +1,121 @@
+"""Training settings: every bad value is refused with a typed error naming the setting, before a run starts."""
+
+import pytest
+
+from attnzoo.errors import InvalidOptionError, UnknownNameError
+from attnzoo.training.config import TrainConfig, load_config, named_configs, recipe_config
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("lr=abc", "lr"),
+        ("lr=nan", "lr"),
+        ("lr=.nan", "lr"),
+        ("lr=inf", "lr"),
+        ("lr=-1", "lr"),
+        ("lr=0", "lr"),
+        ("lr=[", "lr"),
+        ("batch_size=0", "batch_size"),
+        ("batch_size=2.5", "batch_size"),
+        ("batch_size=true", "batch_size"),
+        ("epochs=-1", "epochs"),
+        ("num_workers=-1", "num_workers"),
+        ("accum_steps=0", "accum_steps"),
+        ("log_every=0", "log_every"),
+        ("eval_every=0", "eval_every"),
+        ("keep_last=0", "keep_last"),
+        ("weight_decay=-0.1", "weight_decay"),
+        ("momentum=1.5", "momentum"),
+        ("clip_grad=0", "clip_grad"),
+        ("min_lr=nan", "min_lr"),
+        ("warmup_epochs=-1", "warmup_epochs"),
+        ("decay_milestones=[30, x]", "decay_milestones"),
+        ("decay_milestones=5", "decay_milestones"),
+        ("decay_norms_and_biases=maybe", "decay_norms_and_biases"),
+        ("optimizer=lamb", "optimizer"),
+        ("schedule=linear", "schedule"),
+        ("amp=fp8", "amp"),
+        ("ema_decay=1.5", "ema_decay"),
+    ],
+)
+def test_bad_settings_are_refused_naming_the_key(override, key):
+    with pytest.raises(InvalidOptionError, match=rf"^{key}\b"):
+        load_config(None, [override])
+
+
+def test_unknown_settings_are_refused_naming_the_key():
+    with pytest.raises(UnknownNameError, match="'lrate'.*Did you mean: lr"):
+        load_config(None, ["lrate=1e-3"])
+    with pytest.raises(InvalidOptionError, match="key=value"):
+        load_config(None, ["lr"])
+    with pytest.raises(InvalidOptionError, match=r"unknown image-classification settings: colour \(known: .*mixup"):
+        recipe_config(None, {"extra.colour": 1}, {"mixup": 0.0}, "image-classification")
+
+
+def test_good_settings_are_normalised():
+    cfg = load_config(None, ["lr=1e-4", "epochs=1e2", "clip_grad=none", "decay_milestones=[30, 60]", "seed=-3"])
+    assert cfg.lr == 1e-4 and cfg.epochs == 100 and isinstance(cfg.epochs, int)
+    assert cfg.clip_grad is None and cfg.decay_milestones == [30.0, 60.0] and cfg.seed == -3
+    assert load_config(None, {"lr": 1}).lr == 1.0 and isinstance(load_config(None, {"lr": 1}).lr, float)
+    TrainConfig().validate()  # the defaults are valid
+    for name in named_configs():
+        load_config(name)  # and so is every shipped recipe
+
+
+def test_recipe_settings_keep_the_kind_of_their_default():
+    defaults = {"mixup": 0.0, "eval_batch_size": 64, "dataset": "camelyon16", "allow_missing": False, "teacher": None}
+    cfg = recipe_config(None, ["mixup=1", "eval_batch_size=32.0", "teacher=deit_small"], defaults, "unit")
+    assert cfg.extra["mixup"] == 1.0 and cfg.extra["eval_batch_size"] == 32 and cfg.extra["teacher"] == "deit_small"
+    for override, key in [
+        ("mixup=abc", "mixup"),
+        ("mixup=nan", "mixup"),
+        ("eval_batch_size=2.5", "eval_batch_size"),
+        ("dataset=[1, 2]", "dataset"),
+        ("allow_missing=3", "allow_missing"),
+        ("mixup=null", "mixup"),
+    ]:
+        with pytest.raises(InvalidOptionError, match=rf"^{key}\b"):
+            recipe_config(None, [override], defaults, "unit")
+
+
+def test_an_unknown_named_config_lists_the_real_ones():
+    with pytest.raises(UnknownNameError) as info:
+        load_config("nosuch")
+    message = str(info.value)
+    assert "'nosuch'" in message and all(name in message for name in named_configs())
+    assert "--list-configs" in message
+    with pytest.raises(UnknownNameError, match="Did you mean: biformer"):
+        load_config("bifomer")
+    with pytest.raises(InvalidOptionError, match="does not exist.*biformer"):
+        load_config("missing.yaml")
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("epochs: [1,\n", "not valid YAML.*line"),
+        ("epochs: 1\n  lr: 2\n", "not valid YAML"),
+        ("key: value\n- item\n", "not valid YAML"),
+        ("- just\n- a list\n", "must be a mapping"),
+        ("1: 2\n", "must be a mapping"),
+        ("extra: [1, 2]\n", "'extra' must be a mapping"),
+        ("epochs: many\n", "^epochs must be an integer"),
+        ("lr: .nan\n", "^lr must be a finite number"),
+        ("batch_size: 0\n", "^batch_size must be at least 1"),
+        ("epochs: " + "[" * 600 + "]" * 600 + "\n", "nested too deeply"),
+    ],
+)
+def test_malformed_yaml_configs_are_typed_errors(tmp_path, text, problem):
+    (tmp_path / "mine.yaml").write_text(text)
+    with pytest.raises(InvalidOptionError, match=problem):
+        load_config(tmp_path / "mine.yaml")
+
+
+def test_a_binary_file_as_config_is_a_typed_error(tmp_path):
+    (tmp_path / "mine.yaml").write_bytes(b"\xff\xfe\x00\x81binary")
+    with pytest.raises(InvalidOptionError, match="cannot be read as text"):
+        load_config(tmp_path / "mine.yaml")
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(InvalidOptionError, match="does not exist"):
+        load_config(tmp_path / "folder.yaml")
