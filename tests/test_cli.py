@@ -221,6 +221,8 @@ def test_demo_writes_pictures_and_says_random(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "RANDOM weights" in out and f"writing results and pictures to {tmp_path / 'demo'}" in out
+    # no network and no offline switch set by the user: the demo says so, not "offline mode"
+    assert "no network to huggingface.co" in out and "offline mode" not in out
     index = {entry["task"]: entry for entry in json.loads((tmp_path / "demo" / "index.json").read_text())}
     assert set(index) == set(list_tasks()) and not any(e.get("skipped") for e in index.values())
     assert all(e["pretrained"] is False for e in index.values())  # no network here; LRGT/ACMIL/OAT: none to download

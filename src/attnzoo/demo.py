@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,12 +70,17 @@ def _build(task: str, model: str | None, log: Callable[[str], None], **kwargs: A
     from attnzoo.weights import hub
 
     model = model or get_task(task).default_model
+    saved_offline = hub.is_offline()
     reachable = hub.hub_reachable()
     try:
         with _offline_unless(reachable):
             return pipeline(task, model=model, **kwargs), True, model
     except WeightsError as err:
-        log(f"[{task}] pretrained weights for {model} unavailable: {err}")
+        reason = str(err)
+        if not reachable and not saved_offline:  # the demo switched to the caches itself: say why
+            host = urllib.parse.urlsplit(hub.hf_endpoint()).hostname
+            reason = reason.replace(hub.OFFLINE_REASON, f"no network to {host}")
+        log(f"[{task}] pretrained weights for {model} unavailable: {reason}")
         log(f"[{task}] using RANDOM weights instead: the predictions below are meaningless")
         return pipeline(task, model=model, weights="none", **kwargs), False, model
 

@@ -123,12 +123,16 @@ def hub_reachable() -> bool:
     return not is_offline() and url_reachable(hf_endpoint())
 
 
+#: How an error says that the user switched the network off (the demo rewords it when it did so itself).
+OFFLINE_REASON = "offline mode (ATTNZOO_OFFLINE/HF_HUB_OFFLINE)"
+
+
 def unavailable_error(what: str, url: str, dest: Path | None = None) -> OfflineError:
     """The error for ``what`` (not cached) when ``url`` cannot be used now: offline mode, or its host unreachable."""
     if is_offline():
         place = f"download {url} and place it at {dest}, or pass" if dest else "pass"
         return OfflineError(
-            f"offline mode (ATTNZOO_OFFLINE/HF_HUB_OFFLINE) and no cached copy of {what}: {place} the local file "
+            f"{OFFLINE_REASON} and no cached copy of {what}: {place} the local file "
             "with --weights PATH; or use random weights with --weights none (weights='none' in Python)"
         )
     host = urllib.parse.urlsplit(url).hostname or url
