@@ -416,6 +416,7 @@ def _eval_task(
             "dtype": dtype,
             **plan.settings,
             **run_settings,
+            **evaluator.run_settings(pipe, batch_size=batch_size),
         }
         run_out = Path(out) if name is None else Path(out) / name
         metrics = evaluate(

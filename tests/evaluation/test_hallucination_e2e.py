@@ -91,6 +91,10 @@ def test_sampled_answers_do_not_depend_on_the_batch(pope, tmp_path):
     assert [r["answer"] for r in four] == [r["answer"] for r in one] and len(four) == 4
     run = json.loads((tmp_path / "b4" / "run.json").read_text())
     assert run["decoding"]["mode"] == "sampled" and run["decoding"]["temperature"] == 0.8
+    # what actually ran is recorded, not "model default"; a resume with another batch size is refused
+    assert run["batch_size"] == 4 and run["attn_implementation"] in {"eager", "sdpa"}
+    assert run["processor_chat_template_sha256"]
+    assert eval_cli(*common, "--batch-size", "2", "--out", str(tmp_path / "b4")) != 0
 
 
 def test_chair_and_mme(tmp_path):

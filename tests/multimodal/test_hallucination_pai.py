@@ -174,3 +174,24 @@ def test_cfg_gamma_one_skips_the_branch():
         scores = torch.randn(1, 1000)
         torch.testing.assert_close(cfg(inputs["input_ids"], scores), torch.log_softmax(scores, -1))
         assert cfg.branch_calls == 0
+
+
+def test_a_cfg_processor_never_leaves_the_edit_switched_off():
+    """The official coupling holds the edit until the CFG processor's first call: gamma 1 (no branch)
+    must not hold it, and a processor that never ran must not hold a later attachment."""
+    model, inputs = BUILDERS["llava"]()
+    sharpen_attention(model)
+    with torch.no_grad():
+        stock = model(**inputs).logits[:, -1]
+        with PAI(alpha=1.0).attach(model):
+            edited = model(**inputs).logits[:, -1]
+    assert not torch.allclose(edited, stock, atol=1e-4)  # the edit shows on the prompt's last row
+    pai = PAI(alpha=1.0)
+    with torch.no_grad():
+        with pai.attach(model):
+            pai.cfg_processor(inputs, gamma=1.0)
+            torch.testing.assert_close(model(**inputs).logits[:, -1], edited)
+        with pai.attach(model):
+            pai.cfg_processor(inputs, gamma=1.7)  # built, never called
+        with pai.attach(model):  # a new attachment edits again
+            torch.testing.assert_close(model(**inputs).logits[:, -1], edited)

@@ -136,6 +136,21 @@ def test_read_mask_forms(tmp_path):
         read_mask("{broken", size)
 
 
+def test_read_mask_arrays_fill_where_non_zero_floats_from_one_half():
+    """Integer and bool arrays: non-zero = fill (a 0/1 uint8 mask is not empty); floats: >= 0.5; images: >= 128."""
+    size = (4, 6)
+    ones = np.zeros(size, np.uint8)
+    ones[1:3, 2:5] = 1
+    expected = np.where(ones > 0, 255, 0).astype(np.uint8)
+    for form in (ones, ones * 255, ones.astype(bool), ones.astype(np.int16) * -3, torch.from_numpy(ones)):
+        assert np.array_equal(read_mask(form, size), expected)
+    soft = ones * np.float32(0.5) + np.float32(0.2)  # 0.2 outside, 0.7 inside: not scaled by its max
+    assert np.array_equal(read_mask(soft, size), expected)
+    assert not read_mask(np.full(size, 0.2), size).any() and read_mask(np.full(size, 0.5), size).all()
+    image = Image.fromarray(np.where(ones > 0, 128, 127).astype(np.uint8))  # images keep white = fill
+    assert np.array_equal(read_mask(image, size), expected)
+
+
 def test_canvas_puts_the_subject_first():
     subject = np.full((10, 12, 3), 40, np.uint8)
     target = np.full((20, 30, 3), 200, np.uint8)
@@ -331,6 +346,22 @@ def test_settings_and_transformer_are_checked():
     )
     with pytest.raises(InvalidInputError, match="not a FLUX transformer"):
         install_processors(sd3, InsertionAttention())
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        InsertionAttention(blocks=(4, 5)),
+        InsertionAttention.diptych(blocks=(0, 9)),
+        InsertionAttention.none(blocks=(4,)),
+    ],
+)
+def test_blocks_past_the_last_are_refused(settings):
+    """An index the transformer does not have would leave the edit off unseen (the tiny one has blocks 0-3)."""
+    model = tiny_transformer()
+    with pytest.raises(InvalidInputError, match="has 4 attention blocks, 0-3"):
+        install_processors(model, settings)
+    install_processors(model, InsertionAttention(blocks=(0, 3)))
 
 
 def test_layout_must_match_the_tokens():

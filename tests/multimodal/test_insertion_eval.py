@@ -5,6 +5,7 @@ tiny random CLIP and DINO."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -188,3 +189,18 @@ def test_plan_refuses_bad_settings(tmp_path):
         SubjectInsertionEvaluator.plan(root, None, seeds="0,0", **kw)
     with pytest.raises(InvalidOptionError, match="method must be one of"):
         SubjectInsertionEvaluator.plan(root, None, method="magic", **kw)
+
+
+@pytest.mark.parametrize("panel_size, panels", [("65", [64, 64]), ("33x47", [32, 48])])
+def test_plan_records_the_panel_size_the_model_uses(tmp_path, panel_size, panels):
+    """The asked size is rounded to the model's whole tokens (2 px on the tiny model); run.json and the report
+    record the panels used (the evaluator's run settings, once the pipeline is built)."""
+    from attnzoo.evaluation.subject_insertion import SubjectInsertionEvaluator
+    from attnzoo.multimodal.insertion.flux import tiny_flux_fill
+
+    kw = dict(default_split="test", limit=None, model="flux_fill", weights=None)
+    plan = SubjectInsertionEvaluator.plan(write_layout(tmp_path), None, panel_size=panel_size, **kw)
+    assert plan.pipeline_kwargs["panel_size"] == panel_size
+    with pytest.warns(UserWarning, match="not a multiple of 2"):
+        ran = plan.runs[0][1].run_settings(SimpleNamespace(model=tiny_flux_fill(0)), batch_size=1)
+    assert ran["panel_size"] == panels and ran["attention"]["head_gain"] == 0.2

@@ -253,6 +253,8 @@ def test_bad_inputs_are_named(ask, photos, tmp_path):
         ask(broken, question="dog?")
     with pytest.raises(InvalidInputError, match="the question is empty"):
         ask(photos[0], question="  ")
+    with pytest.raises(InvalidOptionError, match="var: a setting of the wrong type"):
+        ask(photos[0], question="dog?", method="var", tau="high")
     with pytest.raises(InvalidInputError, match="question= is required"):
         ask(photos[0])
     skipped = list(

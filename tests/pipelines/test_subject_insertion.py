@@ -189,6 +189,14 @@ def test_prompt_embeddings_instead_of_a_prompt(pipe, tiny):
         (dict(subject_mask=np.zeros((20, 24), bool)), "selects no pixel"),
         (dict(subject_mask=np.ones((20, 24), bool), subject_word="cat"), "not both"),
         (dict(prompt_embeds=torch.zeros(1, 4, 32)), "pooled_prompt_embeds"),
+        (
+            dict(prompt_embeds=torch.zeros(1, 4, 64), pooled_prompt_embeds=torch.zeros(1, 32)),
+            r"prompt_embeds must be 32 wide \(the transformer's joint_attention_dim\)",
+        ),
+        (
+            dict(prompt_embeds=torch.zeros(1, 4, 32), pooled_prompt_embeds=torch.zeros(1, 16)),
+            r"pooled_prompt_embeds must be 32 wide \(the transformer's pooled_projection_dim\)",
+        ),
     ],
 )
 def test_bad_input_is_a_typed_error(pipe, change, error):
@@ -206,6 +214,26 @@ def test_official_via_mask_falling_off_a_non_square_target(pipe):
         pipe(TARGET, subject=SUBJECT, mask=via, prompt="x", behaviour="official")
 
 
+def test_official_via_mask_checked_on_the_canvas_it_is_drawn_on(pipe):
+    """A region inside the official (transposed, 30 wide x 40 high) canvas but below the 30-high target is
+    drawn by the official code, so it is used, not refused as lying outside the target."""
+    via = {"regions": [{"shape_attributes": {"name": "ellipse", "cx": 10, "cy": 35, "rx": 3, "ry": 3}}]}
+    out = pipe(TARGET, subject=SUBJECT, mask=via, prompt="x", behaviour="official")
+    assert out.mask.any() and out.settings["behaviour"] == "official"
+
+
+@pytest.mark.parametrize("mask", [MASK.astype(np.uint8), MASK.astype(np.int64), MASK * 255, MASK.astype(np.float32)])
+def test_zero_one_masks_of_any_dtype_fill_where_non_zero(pipe, mask):
+    out = pipe(TARGET, subject=SUBJECT, mask=mask, prompt="x")
+    assert np.array_equal(out.mask, pipe(TARGET, subject=SUBJECT, mask=MASK, prompt="x").mask)
+
+
+def test_a_zero_one_subject_mask_selects_its_ones(pipe):
+    chosen = box_mask(20, 24, 4, 4, 16, 20)
+    out = pipe(TARGET, subject=SUBJECT, subject_mask=chosen.astype(np.uint8), mask=MASK, prompt="x")
+    assert np.array_equal(out.subject_mask, chosen)
+
+
 @pytest.mark.parametrize(
     "settings, error",
     [
@@ -220,6 +248,10 @@ def test_official_via_mask_falling_off_a_non_square_target(pipe):
         (dict(blend="maybe"), "on or off"),
         (dict(panel_size="big"), "panel_size"),
         (dict(orientation="diagonal"), "orientation"),
+        (dict(blocks="4-99"), r"blocks 4, 5, 6, 7, 8, ... do not exist: .* has 4 attention blocks, 0-3"),
+        (dict(blocks=[0, 7]), "blocks 7 do not exist"),
+        (dict(method="diptych", blocks="3,4"), "blocks 4 do not exist"),
+        (dict(method="none", blocks="9"), "blocks 9 do not exist"),
     ],
 )
 def test_bad_settings_are_refused_up_front(tiny, settings, error):
@@ -237,6 +269,18 @@ def test_sizes_not_divisible_by_the_packing_are_rounded_with_a_warning(tiny):
             TARGET, subject=SUBJECT, mask=MASK, prompt="x"
         )
     assert out.canvas.size == (16, 32)
+    assert out.settings["panel_size"] == [16, 16] and out.to_dict()["panel_size"] == [16, 16]  # the panels used
+
+
+@pytest.mark.parametrize("panel_size, panels, canvas", [(65, [64, 64], (64, 128)), ("33x47", [32, 48], (48, 64))])
+def test_results_record_the_panel_size_used_not_the_one_asked(tiny, panel_size, panels, canvas):
+    from attnzoo.pipelines.subject_insertion import SubjectInsertionPipeline
+
+    with pytest.warns(UserWarning, match="not a multiple of 2"):
+        out = SubjectInsertionPipeline(tiny, panel_size=panel_size, steps=1)(
+            TARGET, subject=SUBJECT, mask=MASK, prompt="x"
+        )
+    assert out.canvas.size == canvas and out.settings["panel_size"] == panels
 
 
 def test_a_model_that_is_not_flux_fill_is_refused(tiny):
@@ -345,3 +389,25 @@ def test_loading_through_diffusers(tiny, tmp_path):
         load_flux_fill("attnzoo-tests/no-such-flux-fill")
     with pytest.raises(InvalidInputError, match="seed= only"):
         models.flux_fill(pretrained=False, dtype=torch.float16)
+
+
+def test_run_fill_refuses_embeddings_of_another_width(tiny):
+    from attnzoo.multimodal.insertion.flux import run_fill
+    from attnzoo.multimodal.insertion.in_context_brush import InsertionAttention
+
+    canvas, mask = np.zeros((32, 16, 3), np.uint8), np.zeros((32, 16), np.uint8)
+    for embeds, pooled, name in (
+        (torch.zeros(1, 4, 8), torch.zeros(1, 32), "prompt_embeds must be 32 wide"),
+        (torch.zeros(1, 4, 32), torch.zeros(1, 8), "pooled_prompt_embeds must be 32 wide"),
+    ):
+        with pytest.raises(InvalidInputError, match=name):
+            run_fill(
+                tiny,
+                canvas,
+                mask,
+                InsertionAttention(),
+                orientation="vertical",
+                prompt_embeds=embeds,
+                pooled_prompt_embeds=pooled,
+                num_inference_steps=1,
+            )

@@ -4,6 +4,7 @@ killed and rerun against one uninterrupted process, on small pyramidal TIFFs (te
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -85,6 +86,22 @@ def test_slides_from_files_folders_globs_and_csvs(cohort, tmp_path):
     ):
         with pytest.raises(error, match=match):
             list_slides(bad)
+
+
+@pytest.mark.parametrize("bad_id", ["../escaped", "sub/dir", "a\\b", os.sep + "abs", ".", ".."])
+def test_a_slide_id_that_is_not_a_file_name_is_refused(cohort, tmp_path, bad_id):
+    """A CSV slide_id names the output file: a path would write outside --out or into a sub-folder of it."""
+    table = tmp_path / "cohort.csv"
+    with open(table, "w", newline="") as fh:
+        csv.writer(fh).writerows([("slide_path", "slide_id"), (cohort[1], "fine"), (cohort[2], bad_id)])
+    with pytest.raises(DatasetFormatError, match=re.escape(f"{table} line 3: slide_id ") + ".* is not a file name"):
+        list_slides([table])
+    for name in (bad_id, "", " "):  # an empty CSV cell means the file's name; a slide made here has no default
+        with pytest.raises(DatasetFormatError, match="is not a file name"):
+            CohortSlide(name, cohort[2])
+    with pytest.raises(DatasetFormatError, match="line 3"):
+        run([table], tmp_path / "out")
+    assert not list(tmp_path.rglob("*.h5"))
 
 
 @settings(max_examples=40, deadline=None)

@@ -233,6 +233,23 @@ class HallucinationEvaluator(TaskEvaluator):
         pipeline_kwargs = dict(runs[0][1].pipeline_kwargs or {}) if len(names) == 1 else common_kwargs
         return EvalPlan(model, first.split, runs, pipeline_kwargs, settings)
 
+    def run_settings(self, pipe: Any, *, batch_size: int) -> dict[str, Any]:
+        """What loaded and how the prompts were batched: the language model's attention implementation,
+        the checkpoint's commit, the processor's own chat template (by hash) and the batch size (left
+        padding changes the numbers), instead of "model default"."""
+        settings: dict[str, Any] = {"batch_size": batch_size}
+        model = getattr(pipe, "model", None)
+        text_attention = getattr(pipe, "text_attention", None)
+        if model is not None and callable(text_attention):
+            settings["attn_implementation"] = text_attention(model)
+        commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+        if commit:
+            settings["revision"] = commit
+        template = getattr(getattr(pipe, "processor", None), "chat_template", None)
+        if isinstance(template, str):
+            settings["processor_chat_template_sha256"] = hashlib.sha256(template.encode()).hexdigest()[:16]
+        return settings
+
     @classmethod
     def summarize(cls, results: dict[Any, dict[str, Any]], out: Path) -> str:
         path = write_comparison_table(results, out)

@@ -85,6 +85,11 @@ class TaskEvaluator:
     def check_model(self, model: Any) -> None:
         """Refuse a model that cannot be scored on this data (e.g. other classes) before any work."""
 
+    def run_settings(self, pipe: Any, *, batch_size: int) -> dict[str, Any]:
+        """Settings known only once the pipeline is built (what actually ran, e.g. the attention
+        implementation a model loaded with), recorded in run.json: a resume with other ones is refused."""
+        return {}
+
     def samples(self) -> Sequence[EvalSample]:
         raise NotImplementedError
 

@@ -78,6 +78,8 @@ class SubjectInsertionEvaluator(TaskEvaluator):
         self._clip: ClipEmbedder | None = clip_model if isinstance(clip_model, ClipEmbedder) else None
         self._dino: DinoEmbedder | None = dino_model if isinstance(dino_model, DinoEmbedder) else None
         self.device = device or "cpu"
+        #: The settings given and the plan's recorded ones, which :meth:`check_model` completes.
+        self._given: dict[str, Any] = {}
 
     @classmethod
     def plan(
@@ -97,7 +99,8 @@ class SubjectInsertionEvaluator(TaskEvaluator):
         cpu_offload: bool | None = None,
         **settings: Any,
     ) -> EvalPlan:
-        """The method settings go to the pipeline; the report records them with their defaults filled in."""
+        """The method settings go to the pipeline; the report records them with their defaults filled in
+        (and the panels actually used, once :meth:`check_model` has seen the model)."""
         from attnzoo.pipelines.subject_insertion import check_settings, run_settings
 
         unknown = sorted(set(settings) - set(_PIPELINE_SETTINGS))
@@ -121,7 +124,15 @@ class SubjectInsertionEvaluator(TaskEvaluator):
             "clip_model": str(evaluator._clip_spec),
             "dino_model": str(evaluator._dino_spec),
         }
+        evaluator._given = given
         return EvalPlan(model, split or default_split, [(None, evaluator, {})], pipeline_kwargs, recorded)
+
+    def run_settings(self, pipe: Any, *, batch_size: int) -> dict[str, Any]:
+        """The panels the model uses (the asked size rounded to its whole tokens), recorded in run.json."""
+        from attnzoo.pipelines.subject_insertion import panel_layout, run_settings
+
+        layout = panel_layout(run_settings(self._given), pipe.model.vae_scale_factor)
+        return run_settings(self._given, layout)
 
     def samples(self) -> list[EvalSample]:
         items = []

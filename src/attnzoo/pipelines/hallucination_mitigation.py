@@ -322,7 +322,7 @@ class HallucinationMitigationPipeline(Pipeline):
         elif revision is not None or device_map is not None:
             raise InvalidOptionError("revision= and device_map= apply when the pipeline loads the model by name")
         self.family = family_of(model)  # an unsupported model: UnknownFamilyError naming the supported types
-        if attn_implementation is not None and self._text_attention(model) != attn_implementation:
+        if attn_implementation is not None and self.text_attention(model) != attn_implementation:
             model.set_attn_implementation({self.family.text_config_key: attn_implementation})
         if processor is None:
             processor = processor_for(model)
@@ -352,7 +352,8 @@ class HallucinationMitigationPipeline(Pipeline):
         )
 
     @staticmethod
-    def _text_attention(model: Any) -> str | None:
+    def text_attention(model: Any) -> str | None:
+        """The attention implementation the model's language model runs (eager, sdpa, ...)."""
         from attnzoo.multimodal.hallucination.layouts import family_of
 
         return getattr(family_of(model).text_config(), "_attn_implementation", None)
@@ -487,7 +488,7 @@ class HallucinationMitigationPipeline(Pipeline):
                 "methods": [m.describe() for m in methods],
                 "decoding": decoding,
                 "chat_template": template,
-                "attn_implementation": self._text_attention(self.model),
+                "attn_implementation": self.text_attention(self.model),
             },
         }
         if capture and methods:

@@ -34,6 +34,7 @@ __all__ = [
     "SubjectInsertionPipeline",
     "attention_settings",
     "check_settings",
+    "panel_layout",
     "run_settings",
 ]
 
@@ -286,15 +287,12 @@ class SubjectInsertionPipeline(Pipeline):
         max_sequence_length: int | None = None,
     ) -> tuple[dict, dict, dict]:
         given = check_settings(**{k: v for k, v in locals().items() if k != "self"})
+        if "blocks" in given:
+            _check_blocks(self.model.transformer, given)
         return given, given, given
 
     def layout(self, settings: dict[str, Any]) -> Any:
-        from attnzoo.multimodal.insertion.layout import PanelLayout
-
-        height, width = settings["panel_size"]
-        return PanelLayout.fit(
-            height, width, orientation=settings["orientation"], vae_scale_factor=self.model.vae_scale_factor
-        )
+        return panel_layout(settings, self.model.vae_scale_factor)
 
     # -- the stages --------------------------------------------------------------------------
 
@@ -317,6 +315,8 @@ class SubjectInsertionPipeline(Pipeline):
                 raise InvalidInputError("prompt= is required: a short caption of the result, e.g. 'A barn in the snow'")
         elif item.get("pooled_prompt_embeds") is None:
             raise InvalidInputError("prompt_embeds= needs pooled_prompt_embeds= too")
+        else:
+            self.model.check_prompt_embeds(embeds, item["pooled_prompt_embeds"])
         if self.segmenter is None and item.get("subject_word") is not None:
             from attnzoo.multimodal.insertion.segment import SubjectSegmenter
 
@@ -373,8 +373,8 @@ class SubjectInsertionPipeline(Pipeline):
     def postprocess(self, outputs: dict[str, Any], **given: Any) -> InsertionResult:
         from attnzoo.multimodal.insertion.layout import panel_of
 
-        settings = run_settings(given)
         inputs = outputs["inputs"]
+        settings = run_settings(given, inputs.layout)
         canvas = (outputs["canvas"].permute(1, 2, 0).clamp(0, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
         target_h, target_w = inputs.target.shape[:2]
         result = Image.fromarray(np.ascontiguousarray(panel_of(canvas, inputs.layout, 1))).resize((target_w, target_h))
@@ -452,21 +452,45 @@ def check_settings(
     return given
 
 
-def run_settings(given: dict[str, Any]) -> dict[str, Any]:
-    """Every setting of a run, defaults filled in (what results and reports record)."""
+def run_settings(given: dict[str, Any], layout: Any = None) -> dict[str, Any]:
+    """Every setting of a run, defaults filled in (what results and reports record). With the run's
+    :class:`~attnzoo.multimodal.insertion.layout.PanelLayout`, ``panel_size`` is the panels it used (the
+    asked size rounded to whole tokens, :func:`panel_layout`), not the one asked for."""
     method = given.get("method", "in-context-brush")
     behaviour = given.get("behaviour", "corrected")
+    panel_size = (
+        (layout.panel_height, layout.panel_width) if layout is not None else given.get("panel_size", (768, 768))
+    )
     return {
         "method": method,
         "behaviour": behaviour,
         "steps": given.get("steps", 50),
         "guidance": given.get("guidance", 30.0),
-        "panel_size": list(given.get("panel_size", (768, 768))),
+        "panel_size": list(panel_size),
         "orientation": given.get("orientation", "horizontal" if method == "diptych" else "vertical"),
         "blend": given.get("blend", behaviour == "corrected"),
         "max_sequence_length": given.get("max_sequence_length", 512),
         "attention": attention_settings(given).to_dict(),
     }
+
+
+def panel_layout(settings: dict[str, Any], vae_scale_factor: int) -> Any:
+    """The panels a run of :func:`run_settings` ``settings`` uses on a model with this VAE factor: the
+    asked ``panel_size`` rounded to whole tokens (with a warning when it changes)."""
+    from attnzoo.multimodal.insertion.layout import PanelLayout
+
+    height, width = settings["panel_size"]
+    return PanelLayout.fit(height, width, orientation=settings["orientation"], vae_scale_factor=vae_scale_factor)
+
+
+def _check_blocks(transformer: Any, given: dict[str, Any]) -> None:
+    """``blocks=`` names blocks the model has (refused when the pipeline is made or called, before any image)."""
+    from attnzoo.multimodal.insertion.in_context_brush import check_blocks
+
+    try:
+        check_blocks(transformer, attention_settings(given))
+    except InvalidInputError as err:
+        raise InvalidOptionError(str(err)) from None
 
 
 def attention_settings(given: dict[str, Any]) -> Any:

@@ -87,11 +87,26 @@ class CohortSlide:
     label: str | None = None
     size: int = 0
 
+    def __post_init__(self) -> None:
+        _check_slide_id(self.slide_id)
+
     @classmethod
     def of(cls, path: str | os.PathLike, name: str | None = None, label: str | None = None) -> CohortSlide:
         """The slide at ``path``, called ``name`` (default: the file name without its extension)."""
         path = Path(os.path.abspath(path))  # absolute and without '..', symbolic links kept
         return cls(name or slide_id(path), path, label or None, _slide_bytes(path))
+
+
+def _check_slide_id(name: str, where: str = "") -> str:
+    """A slide id names its output file (``<out>/<slide_id>.h5``): one that is a path, or no name, could
+    write outside the output folder or into a sub-folder of it."""
+    separators = {"/", "\\", os.sep, *([os.altsep] if os.altsep else [])}
+    if not name.strip() or name in (".", "..") or any(s in name for s in separators):
+        raise DatasetFormatError(
+            f"{where}slide_id {name!r} is not a file name: a slide id names its output file <slide_id>.h5, so it "
+            "must not be empty, '.' or '..', or contain '/' or '\\'"
+        )
+    return name
 
 
 @dataclass(frozen=True)
@@ -229,7 +244,10 @@ def _csv_slides(csv_path: Path) -> list[CohortSlide]:
         path = Path(row[column]).expanduser()
         if not path.is_absolute() and not path.exists():
             path = csv_path.parent / path  # relative to the CSV, unless it names a file from here
-        slides.append(CohortSlide.of(path, row.get("slide_id") or None, row.get("label") or None))
+        name = row.get("slide_id") or None
+        if name is not None:
+            _check_slide_id(name, f"{csv_path} line {line}: ")
+        slides.append(CohortSlide.of(path, name, row.get("label") or None))
     return slides
 
 

@@ -231,8 +231,10 @@ def build_methods(spec: Any = None, *, strict: bool = True, **settings: Any) -> 
         taken |= set(own)
         try:
             methods.append(entry.build(**{**own, **item}))
-        except TypeError as err:  # a setting the class refuses (a wrong type, a positional mix-up)
-            raise InvalidOptionError(f"{name}: {err}") from None
+        except InvalidOptionError:
+            raise
+        except (TypeError, ValueError) as err:  # a setting the class refuses (tau="high", a positional mix-up)
+            raise InvalidOptionError(f"{name}: a setting of the wrong type or value ({err})") from None
     unused = sorted(set(settings) - taken)
     if unused and strict:
         named = [n for n, item in pairs if isinstance(item, Mapping)]

@@ -54,6 +54,11 @@ class ImageAttentionAmplifier(AttentionEdit):
                 f"{self.method}: layers [{self.start_layer}, {end}) do not fit a language model of {n} layers"
             )
         self._end = end
+        self._hold = False  # a CFG processor of an earlier attachment never holds this one
+
+    def detach(self) -> None:
+        self._hold = False
+        super().detach()
 
     def _token_strengths(self, state: StreamState) -> torch.Tensor:
         """[B, S] amplification of each prompt position (0 where nothing changes)."""
@@ -149,7 +154,7 @@ class PAICFGLogitsProcessor(ContrastBranchProcessor):
             raise InvalidOptionError(f"the CFG cutoff must be in (0, 1], got {cutoff}")
         self.gamma, self.cutoff = float(gamma), float(cutoff)
         self.intervention = intervention
-        if intervention is not None:
+        if intervention is not None and self.gamma != 1.0:  # gamma 1 never runs the branch: nothing to wait for
             intervention._hold_until_cfg()
 
     def describe(self) -> dict[str, Any]:

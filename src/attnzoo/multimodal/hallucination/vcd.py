@@ -20,13 +20,15 @@ sampling). Code and paper agree: there is one behaviour.
 Seeds: the official script seeds the global RNG once per run (``set_seed(args.seed)``, 55 in the
 POPE scripts), and the noise of every question and every sampled token then come from that one
 stream, so a question's noise and draws depend on every question before it. That cannot be repeated
-per answer, so there are two seeds here: ``seed`` (55) seeds the generator of each batch's noise
-(None: the global RNG, as the official code), and the pipeline's sampling ``seed`` seeds each answer's
-token draws. A greedy answer depends on the noise seed only.
+per answer, so there are two seeds here: ``seed`` (55) seeds each image's noise (None: the global RNG,
+as the official code), and the pipeline's sampling ``seed`` seeds each answer's
+token draws. Each image's noise comes from its own generator, seeded by ``seed`` and the image's
+pixels, so a greedy answer depends on the noise seed and its own image only, not on the batch.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -108,14 +110,21 @@ class VCD(MitigationMethod):
         self.batched = check_batched("VCD", batched)
 
     def noised_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
-        """``inputs`` with ``pixel_values`` replaced by their noised copy (drawn on the CPU from a
-        generator seeded with ``seed``, so a batch gets the same noise on every device)."""
+        """``inputs`` with ``pixel_values`` replaced by their noised copy. With a ``seed``, each image's
+        noise is drawn on the CPU from its own generator, seeded by ``seed`` and the image's pixels: an
+        answer is then the same whatever else shares its batch (batch size, resumed or sharded runs)
+        and on every device. ``seed=None`` draws the whole batch from the global RNG, as the official
+        code does."""
         pixels = inputs.get("pixel_values")
         if not isinstance(pixels, torch.Tensor):
             raise InvalidInputError("VCD noises the image: the prompt batch has no pixel_values")
-        generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
-        source = pixels.detach() if generator is None else pixels.detach().cpu()
-        noised = add_diffusion_noise(source, self.noise_step, generator).to(pixels.device)
+        if self.seed is None:
+            noised = add_diffusion_noise(pixels.detach(), self.noise_step)
+        else:
+            parts = _per_image(pixels.detach().cpu(), inputs.get("image_grid_thw"))
+            noised = torch.cat(
+                [add_diffusion_noise(part, self.noise_step, _image_generator(self.seed, part)) for part in parts]
+            ).to(pixels.device)
         return {**inputs, "pixel_values": noised}
 
     def processor(self, model: nn.Module, batch: PromptBatch) -> VCDLogitsProcessor:
@@ -137,6 +146,26 @@ class VCD(MitigationMethod):
             "seed": self.seed,
             "batched": self.batched,
         }
+
+
+def _per_image(pixels: torch.Tensor, grid_thw: Any) -> list[torch.Tensor]:
+    """The batch's pixel tensor cut into one piece per image: rows of ``[N, ...]`` (LLaVA, NeXT's
+    tiles, InstructBLIP), or Qwen2-VL's flattened patches by each image's ``t * h * w``."""
+    if isinstance(grid_thw, torch.Tensor) and pixels.ndim == 2:
+        sizes = [int(n) for n in grid_thw.prod(-1)]
+        if sum(sizes) != pixels.shape[0]:
+            raise InvalidInputError(
+                f"VCD: image_grid_thw accounts for {sum(sizes)} patches but pixel_values has {pixels.shape[0]}"
+            )
+        return list(pixels.split(sizes))
+    return list(pixels.split(1))
+
+
+def _image_generator(seed: int, pixels: torch.Tensor) -> torch.Generator:
+    """A CPU generator seeded by ``seed`` and the image's pixel values."""
+    digest = hashlib.sha256(seed.to_bytes(8, "little", signed=True))
+    digest.update(pixels.contiguous().float().numpy().tobytes())
+    return torch.Generator().manual_seed(int.from_bytes(digest.digest()[:8], "little") & (2**63 - 1))
 
 
 __all__ = ["DEFAULTS", "VCD", "VCDLogitsProcessor"]

@@ -165,6 +165,20 @@ class FluxFillModel:
             return PanelLayout(height // 2, width, orientation, self.vae_scale_factor)
         return PanelLayout(height, width // 2, orientation, self.vae_scale_factor)
 
+    def check_prompt_embeds(self, prompt_embeds: Any, pooled_prompt_embeds: Any) -> None:
+        """Given embeddings have the widths the transformer projects from (else a shape error deep inside it)."""
+        config = self.transformer.config
+        for name, given, setting in (
+            ("prompt_embeds", prompt_embeds, "joint_attention_dim"),
+            ("pooled_prompt_embeds", pooled_prompt_embeds, "pooled_projection_dim"),
+        ):
+            width = getattr(config, setting)
+            shape = tuple(getattr(given, "shape", np.shape(given)))
+            if not shape or shape[-1] != width:
+                raise InvalidInputError(
+                    f"{name} must be {width} wide (the transformer's {setting}) for {self.name}, got shape {shape}"
+                )
+
     def encode_prompt(self, prompt: str, max_sequence_length: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
         """``(prompt_embeds [1, T, D], pooled_prompt_embeds [1, P])`` for one prompt."""
         if self.has_text_encoders:
@@ -359,6 +373,7 @@ def run_fill(
         )
     height = image.height if height is None else height
     width = image.width if width is None else width
+    model.check_prompt_embeds(prompt_embeds, pooled_prompt_embeds)
     layout = model.layout(height, width, orientation)
     pipe = model.pipe
     blender = _blend_for(model, image, mask, height, width, seed) if blend else None

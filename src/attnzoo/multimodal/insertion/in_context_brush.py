@@ -46,6 +46,7 @@ __all__ = [
     "InContextAttnProcessor",
     "InsertionAttention",
     "InsertionState",
+    "check_blocks",
     "check_flux_transformer",
     "head_weights",
     "install_processors",
@@ -326,11 +327,26 @@ def check_flux_transformer(transformer: Any) -> None:
             raise InvalidInputError(f"{type(transformer).__name__}: a double-stream block has no text projections")
 
 
+def check_blocks(transformer: Any, settings: InsertionAttention) -> None:
+    """The edit's blocks exist in ``transformer``: an index past its last block would turn the edit off unseen."""
+    if settings.blocks is None:
+        return
+    count = len(block_names(transformer))
+    missing = sorted({b for b in settings.blocks if b >= count})
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        raise InvalidInputError(
+            f"blocks {shown} do not exist: {type(transformer).__name__} has {count} attention blocks, 0-{count - 1} "
+            "(forward order: double-stream blocks, then single-stream blocks)"
+        )
+
+
 def install_processors(
     transformer: Any, settings: InsertionAttention, state: InsertionState | None = None
 ) -> InsertionState:
     """Put an :class:`InContextAttnProcessor` on every attention of ``transformer``; returns their shared state."""
     check_flux_transformer(transformer)
+    check_blocks(transformer, settings)
     state = state if state is not None else InsertionState()
     processors: dict[str, Any] = {}
     names = list(transformer.attn_processors)

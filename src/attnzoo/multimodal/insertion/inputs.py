@@ -104,7 +104,7 @@ def prepare_inputs(
         raise InvalidInputError("mask= is required: where in the target to insert the subject (white = fill)")
     size = target_rgb.shape[:2]
     if is_via(mask):
-        _check_via_inside(mask, size)
+        _check_via_inside(mask, size, behaviour)
     user_mask = read_mask(mask, size, name="mask", behaviour=behaviour)
     if not user_mask.any():
         raise InvalidInputError(
@@ -125,11 +125,14 @@ def prepare_inputs(
     return inputs
 
 
-def _check_via_inside(mask: Any, size: tuple[int, int]) -> None:
-    """A VIA region that lies wholly outside the target is a mistake (wrong file, wrong image), not a no-op."""
+def _check_via_inside(mask: Any, size: tuple[int, int], behaviour: str) -> None:
+    """A VIA region that lies wholly outside the canvas it is drawn on is a mistake (wrong file, wrong image),
+    not a no-op. That canvas is the target's, or under ``behaviour="official"`` the transposed one the
+    official code draws on (:func:`~attnzoo.multimodal.insertion.layout.rasterize_via`)."""
     from attnzoo.multimodal.insertion.layout import _via_regions
 
-    height, width = size
+    official = behaviour == "official" and size[0] != size[1]
+    height, width = size[::-1] if official else size
     for i, shape in enumerate(_via_regions(mask)):
         try:
             if shape.get("name") == "ellipse":
@@ -143,6 +146,10 @@ def _check_via_inside(mask: Any, size: tuple[int, int]) -> None:
         except (KeyError, TypeError, ValueError):
             continue  # malformed: rasterize_via says what is wrong
         if max(xs) < 0 or max(ys) < 0 or min(xs) >= width or min(ys) >= height:
-            raise InvalidInputError(
-                f"VIA region {i} ({shape.get('name')}) lies outside the {width}x{height} target image"
+            where = (
+                f"the {width}x{height} canvas behaviour='official' draws VIA regions transposed on, as the official "
+                f"code does (the target is {height}x{width}; behaviour='corrected' draws them upright)"
+                if official
+                else f"the {width}x{height} target image"
             )
+            raise InvalidInputError(f"VIA region {i} ({shape.get('name')}) lies outside {where}")

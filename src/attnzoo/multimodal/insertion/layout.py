@@ -302,8 +302,10 @@ def _via_regions(regions: Any) -> list[Mapping[str, Any]]:
 
 def read_mask(mask: Any, size: tuple[int, int], *, name: str = "mask", behaviour: str = "corrected") -> np.ndarray:
     """A fill mask for an image of ``size`` = ``(height, width)``, as uint8 0/255 ``[height, width]``:
-    from a bool/number array or tensor (non-zero = fill), a mask image (path, PIL; white = fill; an alpha
-    channel counts as the mask) or a VIA annotation (path to a .json, a JSON string or dict).
+    from a bool or integer array or tensor (non-zero = fill, so a 0/1 and a 0/255 mask mean the same), a
+    float one (>= 0.5 = fill: a 0/1 mask or probabilities), a mask image (path, PIL; white = fill, i.e.
+    >= 128 of 255; an alpha channel counts as the mask) or a VIA annotation (path to a .json, a JSON
+    string or dict).
 
     A VIA annotation under ``behaviour="official"`` comes back as the official code draws it: on the
     transposed ``[width, height]`` canvas (:func:`rasterize_via`), which :func:`build_canvas` stretches
@@ -321,8 +323,7 @@ def read_mask(mask: Any, size: tuple[int, int], *, name: str = "mask", behaviour
             raise InvalidInputError(f"{name} must hold booleans or numbers, got {array.dtype}")
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise InvalidInputError(f"{name} holds NaN or infinite values")
-        scale = 255 if array.dtype == np.uint8 else (1 if array.dtype.kind == "b" else array.max(initial=0) or 1)
-        binary = (array.astype(np.float64) / scale) >= 0.5 if array.dtype.kind != "b" else array
+        binary = array >= 0.5 if array.dtype.kind == "f" else array != 0
     else:
         from attnzoo.datasets.images import load_image
 
