@@ -149,6 +149,10 @@ def test_read_mask_arrays_fill_where_non_zero_floats_from_one_half():
     assert not read_mask(np.full(size, 0.2), size).any() and read_mask(np.full(size, 0.5), size).all()
     image = Image.fromarray(np.where(ones > 0, 128, 127).astype(np.uint8))  # images keep white = fill
     assert np.array_equal(read_mask(image, size), expected)
+    # leading/trailing unit axes go, the image's own axes stay (a 1x1 target keeps its 1x1 mask)
+    for form in (ones[None], ones[None, None], ones[..., None]):
+        assert np.array_equal(read_mask(form, size), expected)
+    assert read_mask(np.ones((1, 1), np.uint8), (1, 1)).shape == (1, 1)
 
 
 def test_canvas_puts_the_subject_first():

@@ -399,6 +399,7 @@ def test_run_fill_refuses_embeddings_of_another_width(tiny):
     for embeds, pooled, name in (
         (torch.zeros(1, 4, 8), torch.zeros(1, 32), "prompt_embeds must be 32 wide"),
         (torch.zeros(1, 4, 32), torch.zeros(1, 8), "pooled_prompt_embeds must be 32 wide"),
+        (torch.full((1, 4, 32), float("nan")), torch.zeros(1, 32), "prompt_embeds holds NaN"),
     ):
         with pytest.raises(InvalidInputError, match=name):
             run_fill(

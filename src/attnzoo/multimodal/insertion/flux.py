@@ -178,6 +178,8 @@ class FluxFillModel:
                 raise InvalidInputError(
                     f"{name} must be {width} wide (the transformer's {setting}) for {self.name}, got shape {shape}"
                 )
+            if isinstance(given, torch.Tensor) and given.is_floating_point() and not torch.isfinite(given).all():
+                raise InvalidInputError(f"{name} holds NaN or infinite values")
 
     def encode_prompt(self, prompt: str, max_sequence_length: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
         """``(prompt_embeds [1, T, D], pooled_prompt_embeds [1, P])`` for one prompt."""

@@ -316,7 +316,11 @@ def read_mask(mask: Any, size: tuple[int, int], *, name: str = "mask", behaviour
     if isinstance(mask, torch.Tensor):
         mask = mask.detach().cpu().numpy()
     if isinstance(mask, np.ndarray):
-        array = np.squeeze(mask)
+        array = mask
+        while array.ndim > 2 and array.shape[0] == 1:  # [1, H, W], [1, 1, H, W]: drop leading unit axes only
+            array = array[0]
+        while array.ndim > 2 and array.shape[-1] == 1:  # [H, W, 1]
+            array = array[..., 0]
         if array.ndim != 2:
             raise InvalidInputError(f"{name} must be a 2-D array [height, width], got shape {mask.shape}")
         if array.dtype.kind not in "biuf":
