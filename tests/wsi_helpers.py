@@ -101,37 +101,10 @@ def write_section_slide(
 ) -> Path:
     """A slide the size of a small real one at 40x (0.25 µm/px, Aperio description): flat H&E-coloured
     ellipses (by default a tissue section larger than CLAM's 100 reference patches, and a speck of
-    debris smaller), written tile by tile so the level-0 image is never in memory."""
-    import tifffile
+    debris smaller), written tile by tile by the demo's writer."""
+    from attnzoo.demo import synthetic_slide
 
-    tile = 256
-
-    def tiles(ds: int):
-        for ty in range(0, -(-height // ds), tile):
-            for tx in range(0, -(-width // ds), tile):
-                y, x = np.ogrid[ty : ty + tile, tx : tx + tile]
-                block = np.full((tile, tile, 3), 255, np.uint8)
-                for cx, cy, rx, ry, colour in sections:
-                    block[((x * ds - cx) / rx) ** 2 + ((y * ds - cy) / ry) ** 2 < 1] = colour
-                yield block
-
-    description = f"Aperio Image Library v12.0.0\r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) RAW|MPP = 0.25|AppMag = 40"
-    with tifffile.TiffWriter(path) as tw:
-        for ds in (1, 4, 16, 64):
-            tw.write(
-                tiles(ds),
-                shape=(-(-height // ds), -(-width // ds), 3),
-                dtype=np.uint8,
-                tile=(tile, tile),
-                compression="zlib",
-                photometric="rgb",
-                description=description if ds == 1 else None,
-                resolution=(4e4 / ds, 4e4 / ds),
-                resolutionunit="CENTIMETER",
-                subfiletype=0 if ds == 1 else 1,
-                metadata=None,
-            )
-    return path
+    return synthetic_slide(path, width, height, sections=sections, texture=0)
 
 
 class TinyEncoder(torch.nn.Module):

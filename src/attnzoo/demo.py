@@ -156,11 +156,27 @@ def demo_multiview_reconstruction(
     return result
 
 
-def synthetic_slide(path: Path, width: int = 8192, height: int = 6144) -> Path:
+#: The demo slide's ellipses (centre x, centre y, radius x, radius y, colour; level-0 pixels; later ones
+#: paint over earlier).
+SLIDE_SECTIONS = (
+    (4000, 3100, 3600, 2700, (205, 120, 175)),  # the section: ~116 of CLAM's reference patches
+    (2900, 3600, 1000, 750, (150, 85, 165)),  # a denser region inside it
+    (7800, 400, 150, 110, (190, 110, 170)),  # a speck of debris, too small to count as tissue
+)
+
+
+def synthetic_slide(
+    path: Path,
+    width: int = 8192,
+    height: int = 6144,
+    sections: tuple = SLIDE_SECTIONS,
+    texture: float = 12.0,
+) -> Path:
     """A pyramidal TIFF the size of a small real slide at 40x (0.25 µm/px, Aperio description): a large
     H&E-coloured tissue section with a denser region, and a speck of debris on white, written tile by tile
     (the level-0 image is never in memory). Large enough for the pipeline's default tissue settings
-    (CLAM's, which drop regions under 100 reference patches)."""
+    (CLAM's, which drop regions under 100 reference patches). ``texture``: the colour noise's standard
+    deviation (0: flat colours)."""
     import numpy as np
 
     try:
@@ -171,11 +187,6 @@ def synthetic_slide(path: Path, width: int = 8192, height: int = 6144) -> Path:
         ) from None
 
     tile = 256
-    sections = (  # centre x, centre y, radius x, radius y, colour (level-0 pixels); later ones paint over earlier
-        (4000, 3100, 3600, 2700, (205, 120, 175)),  # the section: ~116 of CLAM's reference patches
-        (2900, 3600, 1000, 750, (150, 85, 165)),  # a denser region inside it
-        (7800, 400, 150, 110, (190, 110, 170)),  # a speck of debris, too small to count as tissue
-    )
 
     def tiles(ds: int):
         for ty in range(0, -(-height // ds), tile):
@@ -185,8 +196,11 @@ def synthetic_slide(path: Path, width: int = 8192, height: int = 6144) -> Path:
                 block = np.full((tile, tile, 3), 255, np.uint8)
                 for cx, cy, rx, ry, colour in sections:
                     inside = ((x * ds - cx) / rx) ** 2 + ((y * ds - cy) / ry) ** 2 < 1
-                    noisy = np.clip(np.array(colour) + rng.normal(0, 12, (int(inside.sum()), 3)), 0, 255)
-                    block[inside] = noisy.astype(np.uint8)
+                    if texture:
+                        noisy = np.clip(np.array(colour) + rng.normal(0, texture, (int(inside.sum()), 3)), 0, 255)
+                        block[inside] = noisy.astype(np.uint8)
+                    else:
+                        block[inside] = colour
                 yield block
 
     description = f"Aperio Image Library v12.0.0\r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) RAW|MPP = 0.25|AppMag = 40"

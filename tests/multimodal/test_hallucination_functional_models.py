@@ -14,6 +14,7 @@ from attnzoo.errors import InvalidInputError
 from attnzoo.multimodal.hallucination import functional as F
 from attnzoo.multimodal.hallucination.functional.agla import _first_itm_token
 from tests.lvlm_helpers import QWEN_IDS, tiny_llava, tiny_qwen2_vl
+from tests.multimodal.lvlm_prompts import tiny_blip_itm
 
 
 @pytest.fixture(autouse=True)
@@ -27,53 +28,13 @@ def one_thread():
 
 # -- AGLA: tiny BLIP-ITM ------------------------------------------------------------------------
 
-BLIP_WORDS = "[PAD] [UNK] [CLS] [SEP] [MASK] is there a dog cat in the image ? red car on left".split()
-BLIP_SIZE = 64  # 16 px patches: a 4 x 4 grid
+BLIP_SIZE = 64  # tiny_blip_itm's images: 16 px patches, a 4 x 4 grid
 
 
 @pytest.fixture(scope="module")
 def blip(tmp_path_factory):
-    """A tiny random BlipForImageTextRetrieval (8 text layers, so the GradCAM layer 6 exists) and a
-    BlipProcessor with a word-level vocabulary written to disk."""
-    from transformers import (
-        BertTokenizerFast,
-        BlipConfig,
-        BlipForImageTextRetrieval,
-        BlipImageProcessor,
-        BlipProcessor,
-        BlipTextConfig,
-        BlipVisionConfig,
-    )
-
-    vocab = tmp_path_factory.mktemp("blip") / "vocab.txt"
-    vocab.write_text("\n".join(BLIP_WORDS))
-    processor = BlipProcessor(
-        image_processor=BlipImageProcessor(size={"height": BLIP_SIZE, "width": BLIP_SIZE}),
-        tokenizer=BertTokenizerFast(str(vocab)),
-    )
-    text = BlipTextConfig(
-        vocab_size=32,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        encoder_hidden_size=32,
-        max_position_embeddings=64,
-        bos_token_id=30,
-        sep_token_id=3,
-        pad_token_id=0,
-    )
-    vision = BlipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=BLIP_SIZE,
-        patch_size=16,
-    )
-    torch.manual_seed(0)
-    model = BlipForImageTextRetrieval(BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict())).eval()
-    return model, processor
+    """The tiny random BLIP-ITM of the AGLA tests, without their shared image-text component."""
+    return tiny_blip_itm(tmp_path_factory.mktemp("blip"), match=0.0)
 
 
 @pytest.fixture(scope="module")
