@@ -8,7 +8,7 @@ import functools
 import numpy as np
 import openslide  # noqa: F401  (the wsi extra: a failed install must fail here, not skip)
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -63,6 +63,7 @@ def test_damaged_slides(kind, data):
     ),
     downsample=st.one_of(st.tuples(odd_numbers(), odd_numbers()), odd_numbers(), st.just((4.0, 4.0))),
 )
+@example(mask=[[1, 0], [0, 1]], downsample=(1.0, 5e-324))  # once gave NaN coverage
 def test_tissue_masks_built_by_hand(mask, downsample):
     built = read_or_refuse(lambda: TissueMask(mask, downsample), "tissue mask")
     if built is not None:
@@ -77,6 +78,7 @@ def test_tissue_masks_built_by_hand(mask, downsample):
     key=st.sampled_from(["patch_size", "stride", "min_tissue", "magnification", "mpp", "base_magnification"]),
     value=odd_numbers(),
 )
+@example(key="magnification", value=2.225073858507e-311)  # once ended in OverflowError (downsample inf)
 def test_patch_grid_settings(key, value):
     with scratch() as folder:
         (folder / "s.png").write_bytes(small_slide("png"))
@@ -132,6 +134,9 @@ def test_patch_coords_and_regions(coords, location, size):
 def test_a_mask_of_nan_downsample_is_refused():
     with pytest.raises(InvalidInputError, match="downsample"):
         TissueMask(np.ones((2, 2), bool), (float("nan"), 1.0))
+    # found by the fuzz test below: a subnormal downsample made coverage NaN (coordinates / 5e-324 = inf)
+    with pytest.raises(InvalidInputError, match="at least 1e-06"):
+        TissueMask(np.eye(2, dtype=bool), (1.0, 5e-324))
 
 
 def test_patch_coords_beyond_any_slide_are_refused_when_given():

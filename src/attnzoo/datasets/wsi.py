@@ -120,6 +120,9 @@ def _non_negative(value: Any, name: str) -> float:
     return float(value)
 
 
+#: The finest mask a slide can have, in level-0 pixels per mask pixel (below it, coordinates divided
+#: by the downsample overflow; real masks are 1 or coarser).
+MIN_MASK_DOWNSAMPLE = 1e-6
 #: The largest level-0 coordinate any slide can have (OpenSlide's dimensions are int64, real scans < 2^20).
 MAX_COORDINATE = 2**31
 
@@ -516,9 +519,10 @@ class TissueMask:
             downsample = tuple(float(v) for v in self.downsample)
         except (TypeError, ValueError):
             downsample = ()
-        if len(downsample) != 2 or not all(math.isfinite(v) and v > 0 for v in downsample):
+        if len(downsample) != 2 or not all(math.isfinite(v) and v >= MIN_MASK_DOWNSAMPLE for v in downsample):
             raise InvalidInputError(
-                f"a tissue mask's downsample is (x, y) level-0 pixels per mask pixel, got {self.downsample!r}"
+                f"a tissue mask's downsample is (x, y) level-0 pixels per mask pixel, each finite and at least "
+                f"{MIN_MASK_DOWNSAMPLE:g}, got {self.downsample!r}"
             )
         object.__setattr__(self, "mask", mask.astype(bool, copy=False))
         object.__setattr__(self, "downsample", downsample)
@@ -759,6 +763,11 @@ def _resolve_resolution(
         magnification = base_mag / downsample if base_mag else None
         target_mpp = mpp
         what = f"{mpp:g} µm/px from a {base_mpp:g} µm/px scan"
+    if not downsample <= MAX_COORDINATE:  # inf from a subnormal magnification or mpp ratio, too
+        raise InvalidInputError(
+            f"{slide.path}: cannot give {what}: one patch pixel would span {downsample:g} level-0 pixels, more "
+            "than any slide has"
+        )
     if downsample < _UPSAMPLE_TOLERANCE:
         raise InvalidInputError(
             f"{slide.path}: cannot give {what}: patches would be upsampled {1 / downsample:.2f}x; "
