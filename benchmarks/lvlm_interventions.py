@@ -7,8 +7,8 @@ paper behaviour run batched by default (``vcd``, ``agla-paper``: the branch prom
 the main ``generate``, one batched forward per token); the ``-separate`` rows run the branch as a
 second forward per token with its own cache (``batched=False``), AGLA's official behaviour only at
 the first token. CARVE is a pre-pass, so its row is the time of one whole answer (both probes, the
-refinement and the final pass on [original, refined]) over one plain answer of the same length on
-the same prompt. On the CPU the
+refinement and the final pass on [original, refined], which on LLaVA continues from the probes'
+image-prefix cache) over one plain answer of the same length on the same prompt. On the CPU the
 stamps are the process's CPU time (``time.process_time``), which other jobs on a shared machine do
 not inflate; on a GPU they are wall time after a synchronize. Each method is
 timed right after a plain run, and the ratio is the median over the repeats of those pairs. The default model is a
@@ -248,7 +248,8 @@ def whole_answer(model, batch: PromptBatch, tokens: int, answer, device) -> floa
     start = _clock(device)
     with torch.no_grad():
         final = answer(model, batch) if answer else batch
-        model.generate(**final.inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+        inputs = final.generate_inputs()  # CARVE's official final pass continues from its probes' image prefix
+        model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
     return _clock(device) - start
 
 

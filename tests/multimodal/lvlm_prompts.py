@@ -23,6 +23,7 @@ from tests.lvlm_helpers import (
     QWEN_IDS,
     tiny_instructblip,
     tiny_llava,
+    tiny_llava_next,
     tiny_qwen2_vl,
 )
 
@@ -74,6 +75,36 @@ def llava_encoder(side: int = LLAVA_SIDE):
         ids, mask = _left_pad(rows)
         flat = [image.convert("RGB") for group in groups for image in group]
         return {"input_ids": ids, "attention_mask": mask, **pixels(images=flat, return_tensors="pt")}
+
+    return encode
+
+
+def _llava_next_encoder(model):
+    """The encoder of the tiny LLaVA-NeXT (28 px base view, 28x56 / 56x28 anyres pinpoints)."""
+    from transformers import LlavaNextImageProcessor
+
+    from attnzoo.multimodal.hallucination.layouts import llava_next_image_token_count
+
+    config = model.config
+    pixels = LlavaNextImageProcessor(
+        size={"shortest_edge": 28},
+        crop_size={"height": 28, "width": 28},
+        image_grid_pinpoints=config.image_grid_pinpoints,
+    )
+
+    def encode(images, questions):
+        groups = _image_lists(images)
+        flat = [image.convert("RGB") for group in groups for image in group]
+        vision = pixels(images=flat, return_tensors="pt")
+        counts = iter(
+            llava_next_image_token_count(config, tuple(int(v) for v in size)) for size in vision["image_sizes"]
+        )
+        rows = [
+            [BOS_TOKEN_ID, 10, 11, *[IMAGE_TOKEN_ID for _ in group for _ in range(next(counts))], *words(q, 990), 12]
+            for group, q in zip(groups, questions, strict=True)
+        ]
+        ids, mask = _left_pad(rows)
+        return {"input_ids": ids, "attention_mask": mask, **vision}
 
     return encode
 
@@ -132,6 +163,9 @@ def tiny_model(family: str, attn_implementation: str = "sdpa", **kw):
     if family == "llava":
         model, _ = tiny_llava(image_size=LLAVA_SIDE, attn_implementation=attn_implementation, **kw)
         return model, llava_encoder()
+    if family == "llava_next":
+        model, _ = tiny_llava_next(attn_implementation=attn_implementation, **kw)
+        return model, _llava_next_encoder(model)
     if family == "qwen2_vl":
         model, _ = tiny_qwen2_vl(attn_implementation=attn_implementation, **kw)
         return model, _qwen_encoder()

@@ -1,8 +1,9 @@
 """CARVE as the pipeline runs it (method.prepare, then generate on the batch it returns) on tiny
-random LLaVA and Qwen2-VL, greedy and sampled, both behaviours: the batched probes against the
-single-prompt functional probe (EOS stop included), the final pass's images, the component
-selection as a property, probes unaffected by an attached attention edit, the eager switch undone,
-InstructBLIP refused, and bad settings."""
+random LLaVA, LLaVA-NeXT and Qwen2-VL, greedy and sampled, both behaviours: the batched probes
+against the single-prompt functional probe (EOS stop included), the pairs' shared image prefix, the
+official final pass continuing from that prefix's cache, the final pass's images, the component
+selection as a property, probes unaffected by an attached attention edit, the attention switch
+undone, InstructBLIP refused, and bad settings."""
 
 from __future__ import annotations
 
@@ -14,17 +15,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 
 from attnzoo.errors import InvalidInputError, InvalidOptionError, UnknownNameError
 from attnzoo.multimodal.hallucination import CARVE, PAI, LayoutError
+from attnzoo.multimodal.hallucination import carve as carve_module
+from attnzoo.multimodal.hallucination.carve import _shared_prefix_layout
 from attnzoo.multimodal.hallucination.functional import (
     CARVE_GENERAL_INSTRUCTION,
     CARVE_VARIANTS,
     carve_probe_attention,
 )
 from attnzoo.multimodal.hallucination.layouts import family_of
-from tests.lvlm_helpers import greedy, sampled, sharpen_attention
+from tests.lvlm_helpers import attn_implementations, greedy, sampled, sharpen_attention
 from tests.multimodal.lvlm_prompts import last_logits, photos, prompt_batch, stock_state, tiny_model
 
 QUESTIONS = ["is there a dog", "what color is the car on the left"]
@@ -117,12 +120,85 @@ def test_carve_batched_probes_match_the_functional_probe(family):
     assert carve.last_layers == LAYERS
 
 
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+def test_carve_probe_pairs_share_their_image_prefix(family, monkeypatch):
+    """A pair's two probes hold the text before the image and the image in the same first columns
+    (one prefill of them for both); every laid-out row is its prompt, token for token. A pair whose
+    prompts differ before the image keeps the padded layout, and the maps are the same either way."""
+    model, encode = tiny_model(family)
+    sharpen_attention(model)
+    photos_, n = images(), len(QUESTIONS)
+    inputs = encode([*photos_, *photos_], [*QUESTIONS, *([CARVE_GENERAL_INSTRUCTION] * n)])
+    laid, width = _shared_prefix_layout(family_of(model), inputs, n)
+    assert width is not None and laid.keys() == inputs.keys()
+    for key, value in inputs.items():
+        if value.shape != inputs["input_ids"].shape:
+            assert laid[key] is value  # the images are untouched
+            continue
+        for row in range(2 * n):
+            kept = laid[key][row][laid["attention_mask"][row].bool()]
+            assert torch.equal(kept, value[row][inputs["attention_mask"][row].bool()])
+    for key in ("input_ids", "attention_mask"):
+        assert torch.equal(laid[key][:n, :width], laid[key][n:, :width])
+    image_token = family_of(model).image_token_id()
+    assert not bool((laid["input_ids"][:, width:] == image_token).any())
+    assert bool(laid["attention_mask"][:, width - 1].all()) and bool(laid["attention_mask"][:, -1].all())
+
+    other = dict(inputs, input_ids=inputs["input_ids"].clone())
+    first = int(torch.nonzero(inputs["attention_mask"][n]).min())
+    other["input_ids"][n, first] += 1  # the general probe's prompt now differs before its image
+    assert _shared_prefix_layout(family_of(model), other, n) == (other, None)
+
+    carve = CARVE(layers=LAYERS, probe_tokens=4)
+    shared = carve.probe(model, family_of(model), prompt_batch(encode, photos_, QUESTIONS))
+    monkeypatch.setattr(carve_module, "_shared_prefix_layout", lambda family, inputs, pairs: (dict(inputs), None))
+    padded = carve.probe(model, family_of(model), prompt_batch(encode, photos_, QUESTIONS))
+    for ours, theirs in zip(shared, padded, strict=True):
+        assert ours[2] == theirs[2]
+        for a, b in zip(ours[:2], theirs[:2], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_carve_final_pass_continues_from_the_probes_prefix(family):
+    """The official final pass on LLaVA starts with each question probe's prefix (its text and the
+    original image): generate continues from a copy of that prefix's KV cache with only the refined
+    images, and answers as on the whole prompts. The paper's final pass and Qwen2-VL do not."""
+    model, encode = tiny_model(family)
+    sharpen_attention(model)
+    final = CARVE(layers=LAYERS, probe_tokens=4).prepare(model, None, prompt_batch(encode, images(), QUESTIONS))
+    assert final.cached is not None
+    for key in ("pixel_values", "image_sizes"):  # only the refined images are encoded again
+        if key in final.inputs:
+            assert torch.equal(final.cached.inputs[key], final.inputs[key][1::2])
+    settings = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    whole = model.generate(**final.inputs, **settings)
+    for _ in range(2):  # each call continues from a fresh copy
+        inputs = final.generate_inputs()
+        assert inputs["cache"] is not final.cached.cache
+        assert inputs["cache"].get_seq_length() < inputs["input_ids"].shape[1]
+        continued = model.generate(**inputs, **settings)
+        assert torch.equal(
+            continued.sequences[:, inputs["input_ids"].shape[1] :],
+            whole.sequences[:, final.inputs["input_ids"].shape[1] :],
+        )
+        for ours, theirs in zip(continued.scores, whole.scores, strict=True):
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    paper = CARVE(layers=LAYERS, probe_tokens=2, behaviour="paper")
+    assert paper.prepare(model, None, prompt_batch(encode, images(), QUESTIONS)).cached is None
+    qwen, qwen_encode = tiny_model("qwen2_vl")
+    assert (
+        CARVE(layers=LAYERS, probe_tokens=2).prepare(qwen, None, prompt_batch(qwen_encode, images(), QUESTIONS)).cached
+        is None
+    )
+
+
 @pytest.mark.parametrize("behaviour", ["official", "paper"])
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
 def test_carve_through_generate(family, behaviour):
     """prepare() returns the batch of the final pass ([original, refined] or refined), re-encoded;
-    generate runs on it greedy and sampled; the SDPA model is switched to eager for the probes
-    only, and left as the stock model."""
+    generate runs on it greedy and sampled; the probes' attention function is switched in for them
+    only, and the model left as the stock model."""
     model, encode = tiny_model(family)
     sharpen_attention(model)
     photos_ = images()
@@ -147,8 +223,8 @@ def test_carve_through_generate(family, behaviour):
 
 
 def test_carve_probes_ignore_an_attached_attention_edit():
-    """With PAI attached (its attention function returns the weights: no switch), the probes run
-    unedited in their own stream: the same refined images; the final pass then runs edited."""
+    """With PAI attached, the probes run unedited (their own attention function, their own stream):
+    the same refined images; the final pass then runs edited, PAI's function back in place."""
     model, encode = tiny_model("llava")
     sharpen_attention(model)
     batch = prompt_batch(encode, images(), QUESTIONS)
@@ -156,7 +232,10 @@ def test_carve_probes_ignore_an_attached_attention_edit():
     carve = CARVE(layers=LAYERS, probe_tokens=3)
     plain = carve.prepare(model, None, batch)
     with PAI(alpha=2.0).attach(model):
+        attached = attn_implementations(model)
         edited = carve.prepare(model, None, batch)
+        assert attn_implementations(model) == attached
+        assert not [name for name in AttentionInterface._global_mapping if name.startswith("attnzoo_probe")]
         assert greedy(model, edited.inputs, 2).shape == (2, 2)
     assert all(torch.equal(edited.inputs[k], plain.inputs[k]) for k in plain.inputs)
     assert stock_state(model) == state and torch.equal(last_logits(model, batch.inputs), stock)

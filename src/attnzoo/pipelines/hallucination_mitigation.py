@@ -546,6 +546,8 @@ class HallucinationMitigationPipeline(Pipeline):
                 else:
                     chain = LogitsProcessorList(processors)
                 final = model_inputs = prompt_batch.inputs
+                if prompt_batch.cached is not None and paired is None and not capture and decoding["num_beams"] == 1:
+                    model_inputs = prompt_batch.generate_inputs()  # a prefix already computed (CARVE's probes)
                 if paired is not None:  # the contrast branch as rows of the same generate, after the main rows
                     model_inputs = paired.inputs(final, self._pad_token_id() or 0)
                     final = paired.main_rows(model_inputs, final)
@@ -565,7 +567,7 @@ class HallucinationMitigationPipeline(Pipeline):
                         pad_token_id=self._pad_token_id(),
                     )
         tokens = self._image_tokens(final, batch["name"])
-        new = sequences[: final["input_ids"].shape[0], final["input_ids"].shape[1] :].cpu()
+        new = sequences[: final["input_ids"].shape[0], model_inputs["input_ids"].shape[1] :].cpu()
         lengths = [_answer_length(row, self._eos_token_ids()) for row in new]
         # each prompt's first image: (its index in the vision tower's order, its run of tokens)
         first: dict[int, tuple[int, Any]] = {}

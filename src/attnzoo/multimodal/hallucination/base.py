@@ -503,6 +503,31 @@ def eager_language_model(model: nn.Module, family: Family) -> Iterator[None]:
             config._attn_implementation_internal = implementation
 
 
+_probe_names = itertools.count()
+
+
+@contextmanager
+def language_model_attention(model: nn.Module, family: Family, function: Any, mask: str = "sdpa") -> Iterator[None]:
+    """The language model on ``function`` (transformers' attention-function signature) while inside,
+    registered under a fresh name with transformers' ``mask`` builder; every config's implementation
+    restored and the name unregistered afterwards (an attached edit's function included)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    name = f"attnzoo_probe_{next(_probe_names)}"
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask])
+    snapshot = [(config, config._attn_implementation_internal) for config in _all_configs(model)]
+    key = family.text_config_key
+    try:
+        cast(Any, model).set_attn_implementation({key: name} if key else name)
+        yield
+    finally:
+        for config, implementation in snapshot:
+            config._attn_implementation_internal = implementation
+        _Session._unregister(name)
+
+
 def family_for(model: nn.Module) -> Family:
     """The model's family (its session's, when interventions are attached); a plain causal LM gets
     the plain family."""

@@ -22,14 +22,18 @@ The two probes of every prompt of a batch run as one batch, with a KV cache (the
 one prompt at a time and re-runs the whole sequence for every token); each row stops after its
 EOS, and a pair stops as soon as one of its probes does (v4 only fuses the steps both reached; v1-v3
 read the first step only, so their probes stop there). The maps equal
-:func:`~.functional.carve.carve_probe_attention`'s up to floating-point rounding. The probes need
-the attention weights: a language model on SDPA or flash attention switches to eager attention for
-them and back. The image tokens must form a patch grid (LLaVA-1.5, the base view of LLaVA-NeXT,
-Qwen2-VL): InstructBLIP's resampled query tokens raise :class:`~.layouts.LayoutError`.
+:func:`~.functional.carve.carve_probe_attention`'s up to floating-point rounding. A pair's prompts
+are alike up to the end of the image, so that prefix runs once and its cache serves both probes;
+the probes run on SDPA and compute only the attention row they read (the last query's, in the probe
+layers). On LLaVA (1.5 and NeXT) the official final pass, whose prompts start with the same prefix, continues
+from its cache (:class:`~.method.CachedPrefix`): only the refined image and the question run again.
+The image tokens must form a patch grid (LLaVA-1.5, the base view of LLaVA-NeXT, Qwen2-VL):
+InstructBLIP's resampled query tokens raise :class:`~.layouts.LayoutError`.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, cast
@@ -40,7 +44,7 @@ from torch import nn
 
 from attnzoo.errors import InvalidInputError, InvalidOptionError
 
-from .base import ContrastBranchProcessor, check_behaviour, eager_language_model
+from .base import ContrastBranchProcessor, check_behaviour, language_model_attention, repeat_kv
 from .functional.carve import (
     CARVE_GENERAL_INSTRUCTION,
     CARVE_LAMBDA_CODE,
@@ -51,7 +55,7 @@ from .functional.carve import (
     carve_refine,
 )
 from .layouts import Family, LayoutError, family_of
-from .method import MitigationMethod, PromptBatch, PromptImages
+from .method import CachedPrefix, MitigationMethod, PromptBatch, PromptImages
 
 #: The official defaults (``carve.pipeline.carve``).
 DEFAULTS: dict[str, Any] = {
@@ -130,7 +134,7 @@ class CARVE(MitigationMethod):
         if len(images) != len(batch.images):
             raise InvalidInputError("CARVE needs one image per question, not a list of images per question")
         asked = replace(batch, questions=[self._ask(q) for q in batch.questions])
-        maps = self.probe(model, family, asked)
+        maps, prefix = self._probe(model, family, asked)
         self.last_results = [
             carve_refine(
                 query,
@@ -148,7 +152,10 @@ class CARVE(MitigationMethod):
         refined = [result.crop.refined_image for result in self.last_results]
         if self.behaviour == "official":  # two images per prompt: the encoder takes a list per question
             pairs: list[PromptImages] = [[image, ref] for image, ref in zip(images, refined, strict=True)]
-            return asked.with_images(pairs)
+            final = asked.with_images(pairs)
+            if prefix is None or not family.continues_cached_prompts:
+                return final
+            return replace(final, cached=_cached_final(final.inputs, *prefix))
         return asked.with_images(refined)
 
     def probe(
@@ -156,15 +163,25 @@ class CARVE(MitigationMethod):
     ) -> list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]]:
         """(query maps [T_q, L, N], general maps [T_g, L, N], token grid) of every prompt: the question
         and the general probes of the whole batch decode greedily as one batch."""
+        return self._probe(model, family, batch)[0]
+
+    def _probe(self, model: nn.Module, family: Family, batch: PromptBatch):
+        """The maps and, when the probes shared their image prefix, (probe inputs, prefix width, the
+        prefix's KV cache) for the official final pass, which starts with the same prefix."""
         n = len(batch.images)
         general = self._ask(self.general_instruction)
         inputs = batch.encode([*batch.images, *batch.images], [*batch.questions, *([general] * n)])
+        _grid_positions(family, inputs)
+        inputs, prefix = _shared_prefix_layout(family, inputs, n)
         positions, grids = _grid_positions(family, inputs)
         layers = self._existing_layers(family)
         steps = 1 if CARVE_VARIANTS[self.variant][0] == "first" else self.probe_tokens
-        rows = _ProbeRunner(model, inputs, family, layers).run(positions, steps, pairs=n)
+        keep = prefix is not None and self.behaviour == "official" and family.continues_cached_prompts
+        runner = _ProbeRunner(model, inputs, family, layers, prefix=prefix, keep_prefix=keep)
+        rows = runner.run(positions, steps, pairs=n)
         self.last_layers = layers
-        return [(rows[i], rows[n + i], grids[i]) for i in range(n)]
+        maps = [(rows[i], rows[n + i], grids[i]) for i in range(n)]
+        return maps, ((inputs, prefix, runner.prefix_cache) if keep else None)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -204,10 +221,57 @@ class _ProbeRunner(ContrastBranchProcessor):
     method = "carve probe"
     edit_branch = False
 
-    def __init__(self, model: nn.Module, inputs: Mapping[str, Any], family: Family, layers: tuple[int, ...]):
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: Mapping[str, Any],
+        family: Family,
+        layers: tuple[int, ...],
+        prefix: int | None = None,
+        keep_prefix: bool = False,
+    ):
         super().__init__(model, inputs)
-        self.probe_family, self.layers = family, layers
+        self.probe_family, self.layers, self.prefix, self.keep_prefix = family, layers, prefix, keep_prefix
+        #: The shared prefix's KV cache (one row per pair), when asked to keep it.
+        self.prefix_cache: Any = None
         self._rows: dict[int, torch.Tensor] = {}
+
+    def _prefill(self, batch: int) -> torch.Tensor:
+        """With a shared prefix (:func:`_shared_prefix_layout`), the first ``prefix`` columns (the
+        image and the text before it) run once per pair, their cache is copied to both rows of the
+        pair, and the rest of every row runs on top of it; the same attention as one forward."""
+        if self.prefix is None:
+            return super()._prefill(batch)
+        self.reset()
+        inputs, width = self.branch_inputs, self.prefix
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        pairs = ids.shape[0] // 2
+        text_positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        positions = self.probe_family.split_prefill_positions(inputs, text_positions)
+        per_token = {k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.shape == ids.shape}
+        head = {k: v[:pairs, :width] for k, v in inputs.items() if k in per_token}
+        head.update(_first_images(inputs, per_token, pairs))
+        self._keep(
+            self.family.prefill(
+                {**head, "position_ids": positions[..., :pairs, :width]}, use_cache=True, logits_to_keep=1
+            )
+        )
+        cache = self._cache
+        if self.keep_prefix:
+            self.prefix_cache = copy.deepcopy(cache)
+        both = torch.arange(pairs, device=ids.device).repeat(2)
+        cache.batch_select_indices(both)
+        self._mask, self._next_position = mask, text_positions[:, -1:] + 1
+        return self._keep(
+            self.family.generation_module()(
+                input_ids=ids[:, width:],
+                attention_mask=mask,
+                position_ids=positions[..., width:],
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        )
 
     def run(self, positions: list[torch.Tensor], steps: int, pairs: int) -> list[torch.Tensor]:
         """Per prompt row, [T, len(layers), N] float32 maps at ``positions`` (row i's grid tokens);
@@ -217,14 +281,8 @@ class _ProbeRunner(ContrastBranchProcessor):
         stops = torch.tensor(sorted(_eos_ids(self.model, None)), dtype=ids.dtype, device=ids.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
         maps: list[list[torch.Tensor]] = [[] for _ in range(batch)]
-        decoder = _decoder_layers(self.probe_family)
-        attention = [cast(nn.Module, decoder[layer].self_attn) for layer in self.layers]
-        handles = [
-            module.register_forward_hook(self._recorder(layer))
-            for module, layer in zip(attention, self.layers, strict=True)
-        ]
         try:
-            with eager_language_model(self.model, self.probe_family), torch.no_grad():
+            with language_model_attention(self.model, self.probe_family, self._attention), torch.no_grad():
                 logits = self.branch_logits(ids)
                 for step in range(steps):
                     rows = torch.stack([self._rows[layer] for layer in self.layers], dim=1)  # [B, L, K]
@@ -237,23 +295,30 @@ class _ProbeRunner(ContrastBranchProcessor):
                     ids = torch.cat([ids, token[:, None]], dim=-1)
                     logits = self.branch_logits(ids)
         finally:
-            for handle in handles:
-                handle.remove()
             self._rows = {}
             self.reset()
         return [torch.stack(row) for row in maps]
 
-    def _recorder(self, layer: int):
-        def hook(module, args, output):
-            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            if weights is None:
-                raise InvalidInputError(
-                    f"CARVE reads the attention weights of language-model layer {layer}, and its attention "
-                    "implementation returned none: load the model with attn_implementation='eager'"
-                )
-            self._rows[layer] = weights[:, :, -1].mean(dim=1).float()
+    def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        """transformers' SDPA attention; in a probe layer, also the last query row's weights (all the
+        probe reads: the full weights of eager attention cost a prefill far more)."""
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return hook
+        output, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+        layer = getattr(module, "layer_idx", None)
+        if layer not in self.layers:
+            return output, None
+        keys = repeat_kv(key, query.shape[1] // key.shape[1])
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        logits = torch.matmul(query[:, :, -1:], keys.transpose(2, 3)) * scale
+        if attention_mask is not None:  # the last row is causal-complete: only padding is masked
+            last = attention_mask[:, :, -1:, : keys.shape[-2]]
+            logits = logits.masked_fill(~last, float("-inf")) if last.dtype == torch.bool else logits + last
+        weights = nn.functional.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+        self._rows[layer] = weights[:, :, -1].mean(dim=1).float()
+        return output, weights
 
     def combine(self, input_ids, scores, branch_logits):
         raise NotImplementedError("the CARVE probe is no logits processor")
@@ -279,6 +344,92 @@ def _grid_positions(family: Family, inputs: Mapping[str, Any]) -> tuple[list[tor
         raise InvalidInputError(f"CARVE probes one image per prompt; the probe rows hold {counts} image(s)")
     first = [runs[row][0] for row in range(ids.shape[0])]
     return [run.grid_positions for run in first], [run.grid for run in first]
+
+
+def _shared_prefix_layout(family: Family, inputs: Mapping[str, Any], pairs: int) -> tuple[dict[str, Any], int | None]:
+    """The probe rows laid out so that the question probe ``i`` and the general probe ``pairs + i``,
+    whose prompts start alike up to the end of their image, hold that prefix in the same columns:
+    ``[padding][prefix][padding][rest]``, the prefixes right-aligned in the first ``width`` columns,
+    the rests in the last ones. Returns the inputs and ``width``; the inputs unchanged and None when
+    a pair's prompts differ before the image ends (a template that puts the question first)."""
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(ids)
+    valid = mask.bool()
+    counts = valid.sum(-1).tolist()
+    image_end = {
+        run.sample: run.start + run.length - (ids.shape[1] - counts[run.sample])
+        for run in family.image_tokens(ids, _image_info(inputs)).runs
+    }
+    heads: list[int] = []
+    for i in range(pairs):
+        end = image_end[i]
+        first, second = ids[i][valid[i]], ids[pairs + i][valid[pairs + i]]
+        if min(len(first), len(second)) <= end or not torch.equal(first[:end], second[:end]):
+            return dict(inputs), None
+        heads.append(end)
+    return _lay_out(inputs, mask, heads * 2), max(heads)
+
+
+def _lay_out(inputs: Mapping[str, Any], mask: torch.Tensor, heads: Sequence[int]) -> dict[str, Any]:
+    """Left-padded rows re-laid as ``[padding][first heads[r] tokens][padding][the rest]`` with the
+    heads right-aligned at column max(heads) and the rests at the end (every per-token input alike)."""
+    ids = inputs["input_ids"]
+    valid = mask.bool()
+    counts = valid.sum(-1).tolist()
+    width = max(heads)
+    tails = [count - head for count, head in zip(counts, heads, strict=True)]
+    length = width + max(tails)
+    filler = int(ids[~valid][0]) if bool((~valid).any()) else int(ids[0, 0])
+    laid = {k: v for k, v in inputs.items()}
+    sources = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.shape == ids.shape}
+    sources["attention_mask"] = mask
+    for key, source in sources.items():
+        out = source.new_full((ids.shape[0], length), filler if key == "input_ids" else 0)
+        for row, head in enumerate(heads):
+            kept = source[row][valid[row]]
+            out[row, width - head : width] = kept[:head]
+            out[row, length - tails[row] :] = kept[head:]
+        laid[key] = out
+    return laid
+
+
+def _cached_final(final: Mapping[str, Any], probe: Mapping[str, Any], width: int, cache: Any) -> CachedPrefix | None:
+    """The official final pass on the probes' prefix cache: every prompt [original, refined] starts
+    with its question probe's prefix (the text before the original image, and the image), so only
+    the rest runs, and only the refined images are encoded. None where that does not hold."""
+    if cache is None:
+        return None
+    ids = final["input_ids"]
+    mask = final.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(ids)
+    count = ids.shape[0]
+    heads = []
+    for row in range(count):
+        prefix = probe["input_ids"][row, :width][probe["attention_mask"][row, :width].bool()]
+        kept = ids[row][mask[row].bool()]
+        if len(kept) <= len(prefix) or not torch.equal(kept[: len(prefix)], prefix):
+            return None
+        heads.append(len(prefix))
+    laid = _lay_out(final, mask, heads)
+    for key, value in final.items():  # per image: [original, refined] per prompt; the originals are cached
+        if isinstance(value, torch.Tensor) and value.shape != ids.shape:
+            if value.shape[0] != 2 * count:
+                return None
+            laid[key] = value[1::2]
+    return CachedPrefix(laid, cache)
+
+
+def _first_images(inputs: Mapping[str, Any], per_token: set[str], count: int) -> dict[str, Any]:
+    """The image inputs of the first ``count`` prompts (one image each)."""
+    images = {k: v for k, v in inputs.items() if k not in per_token and v is not None}
+    thw = images.get("image_grid_thw")
+    if thw is not None:  # Qwen2-VL: the images' patches are concatenated along dim 0
+        patches = int(thw[:count].prod(-1).sum())
+        return {**images, "image_grid_thw": thw[:count], "pixel_values": images["pixel_values"][:patches]}
+    return {k: (v[:count] if isinstance(v, torch.Tensor) else v) for k, v in images.items()}
 
 
 def _image_info(inputs: Mapping[str, Any]) -> dict[str, Any] | None:

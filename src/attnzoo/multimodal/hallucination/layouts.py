@@ -114,6 +114,10 @@ class Family:
     counts_need_image_info: ClassVar[bool] = False
     #: The sub-config of the language model (``set_attn_implementation``'s dict key); "" for a plain LM.
     text_config_key: ClassVar[str] = "text_config"
+    #: Whether ``generate`` can continue a prompt whose first columns (an image among them) are in a
+    #: given KV cache, with only the later images passed (positions from the attention mask, image
+    #: features scattered into the uncached tokens): checked for LLaVA-1.5 and LLaVA-NeXT.
+    continues_cached_prompts: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -231,6 +235,12 @@ class Family:
         """The position ids of one decoded token at ``text_positions`` [B, 1]."""
         return text_positions
 
+    def split_prefill_positions(self, inputs: Mapping[str, Any], text_positions: torch.Tensor) -> torch.Tensor:
+        """The position ids of a whole prompt computed up front, for a prefill split into several
+        forwards (the later ones see no image, so the model cannot derive them); the model's
+        per-generation state is set as its own prefill would set it."""
+        return text_positions
+
     def prefill(self, inputs: Mapping[str, Any], **kwargs) -> Any:
         """One forward of the generation module on a full prompt (a contrast branch's prefill)."""
         return self.generation_module()(**inputs, **kwargs)
@@ -239,6 +249,7 @@ class Family:
 class LlavaFamily(Family):
     name = "LLaVA-1.5"
     model_types = ("llava",)
+    continues_cached_prompts = True
 
     def _vision_side(self) -> int:
         vision = self.config.vision_config
@@ -348,6 +359,18 @@ class Qwen2VLFamily(Family):
     def prefill_positions(self, inputs, text_positions):
         # With images, the model's get_rope_index builds the 3-D ids (and its rope deltas).
         return None if inputs.get("image_grid_thw") is not None else text_positions
+
+    def split_prefill_positions(self, inputs, text_positions):
+        if inputs.get("image_grid_thw") is None:
+            return text_positions
+        positions, deltas = self.model.model.get_rope_index(
+            inputs["input_ids"],
+            mm_token_type_ids=inputs.get("mm_token_type_ids"),
+            image_grid_thw=inputs["image_grid_thw"],
+            attention_mask=inputs.get("attention_mask"),
+        )
+        self.model.model.rope_deltas = deltas
+        return positions
 
     def step_positions(self, text_positions):
         deltas = self.model.model.rope_deltas

@@ -20,6 +20,7 @@ call pairs (one contrast method per call).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -38,6 +39,21 @@ Encoder = Callable[[Sequence[PromptImages], Sequence[str]], dict[str, Any]]
 
 
 @dataclass(frozen=True)
+class CachedPrefix:
+    """The prompts of a batch with their first columns already in a KV cache (CARVE's final pass
+    starts with the image its probes encoded): ``inputs`` hold the whole prompts in the cache's
+    column layout and only the images after the cached prefix; ``generate`` continues from a copy of
+    ``cache`` and computes the same answer as on the whole prompts."""
+
+    inputs: Mapping[str, Any]
+    cache: Any = field(repr=False)
+
+    def generate_inputs(self) -> dict[str, Any]:
+        """Keyword arguments for ``generate`` (a fresh copy of the cache each call: generate extends it)."""
+        return {**self.inputs, "cache": copy.deepcopy(self.cache)}
+
+
+@dataclass(frozen=True)
 class PromptBatch:
     """One batch of prompts as the pipeline built them: the decoded images, the questions, the
     model inputs, and the encoder that made them (for methods that re-encode an edited image)."""
@@ -47,11 +63,17 @@ class PromptBatch:
     inputs: Mapping[str, Any]
     encode: Encoder = field(repr=False)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: The same prompts with a prefix already computed (None: none is); ``inputs`` stay the reference.
+    cached: CachedPrefix | None = None
 
     def with_images(self, images: Sequence[PromptImages]) -> PromptBatch:
         """The same questions over other images, re-encoded."""
         images = list(images)
-        return replace(self, images=images, inputs=self.encode(images, self.questions))
+        return replace(self, images=images, inputs=self.encode(images, self.questions), cached=None)
+
+    def generate_inputs(self) -> dict[str, Any]:
+        """What ``generate`` runs on: the cached prefix's inputs when there is one, else ``inputs``."""
+        return self.cached.generate_inputs() if self.cached is not None else dict(self.inputs)
 
 
 class MitigationMethod:
@@ -86,4 +108,4 @@ class MitigationMethod:
         return f"{type(self).__name__}({settings})"
 
 
-__all__ = ["Encoder", "MitigationMethod", "PromptBatch", "PromptImages"]
+__all__ = ["CachedPrefix", "Encoder", "MitigationMethod", "PromptBatch", "PromptImages"]
