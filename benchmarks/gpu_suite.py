@@ -207,7 +207,8 @@ def plan(device: str, quick: bool) -> list[Part]:
         ),
         Part(
             "lvlm",
-            "per-token decode time of VAR, PAI, PAINT, PAI+CFG against plain generate (random LLaVA-1.5)",
+            "per-token decode time of VAR, PAI, VCD, AGLA against plain generate, and CARVE's whole answer "
+            "against a plain one (random LLaVA-1.5)",
             30,
             [
                 Step(
@@ -216,9 +217,40 @@ def plan(device: str, quick: bool) -> list[Part]:
                     + (
                         ("--methods", "var", "--tokens", "3", "--repeats", "1", "--text-hidden", "64", "--layers", "1")
                         if quick
-                        else ("--dtype", "bfloat16", "--tokens", "32", "--repeats", "5")
+                        else ("--methods", "var,pai,vcd,agla-paper", "--dtype", "bfloat16", "--tokens", "32")
+                        + ("--repeats", "5")
                     ),
-                    r"^(plain|eager|var|pai|paint|pai\+cfg)\s",
+                    r"^(plain|var|pai|vcd|agla-paper)\s",
+                ),
+                Step(
+                    "carve",
+                    ("benchmarks/lvlm_interventions.py", *dev)
+                    + (
+                        (
+                            "--methods",
+                            "carve",
+                            "--tokens",
+                            "2",
+                            "--repeats",
+                            "1",
+                            "--text-hidden",
+                            "64",
+                            "--layers",
+                            "1",
+                        )
+                        if quick
+                        else (
+                            "--methods",
+                            "carve,carve-paper",
+                            "--dtype",
+                            "bfloat16",
+                            "--tokens",
+                            "32",
+                            "--repeats",
+                            "3",
+                        )
+                    ),
+                    r"^(plain answer|carve|carve-paper)\s",
                 ),
             ],
         ),

@@ -8,7 +8,9 @@ the main ``generate``, one batched forward per token); the ``-separate`` rows ru
 second forward per token with its own cache (``batched=False``), AGLA's official behaviour only at
 the first token. CARVE is a pre-pass, so its row is the time of one whole answer (both probes, the
 refinement and the final pass on [original, refined], which on LLaVA continues from the probes'
-image-prefix cache) over one plain answer of the same length on the same prompt. On the CPU the
+image-prefix cache) over one plain answer of the same length on the same prompt; ``carve-6q`` asks
+six POPE-style questions about one image as one batch (one general probe and one image prefix
+serve all six), against the six plain answers batched. On the CPU the
 stamps are the process's CPU time (``time.process_time``), which other jobs on a shared machine do
 not inflate; on a GPU they are wall time after a synchronize. Each method is
 timed right after a plain run, and the ratio is the median over the repeats of those pairs. The default model is a
@@ -60,6 +62,8 @@ class Method:
     setup: Callable[[torch.nn.Module, dict], tuple[contextlib.AbstractContextManager, dict]] | None = None
     note: str = ""
     answer: Callable[[torch.nn.Module, PromptBatch], PromptBatch] | None = None
+    #: questions about the one image, asked as one batch (pre-pass methods)
+    questions: int = 1
 
 
 @contextlib.contextmanager
@@ -159,6 +163,13 @@ METHODS = [
         answer=_carve("official"),
     ),
     Method("carve-paper", 2.5, note="whole answer: the same, answer on the refined image", answer=_carve("paper")),
+    Method(
+        "carve-6q",
+        None,
+        note="6 POPE-style questions about one image in one batch, against the 6 plain answers batched",
+        answer=_carve("official"),
+        questions=6,
+    ),
 ]
 
 
@@ -210,14 +221,21 @@ def _tiny_encoder(device, dtype):
     return on_device
 
 
-def prompt_batch(encode, tokens: int) -> PromptBatch:
-    """One photograph-sized random image and a question, as the pipeline would hand them over."""
+POPE_OBJECTS = ("dog", "car", "person", "chair", "bottle", "cup")
+
+
+def prompt_batch(encode, tokens: int, questions: int = 1) -> PromptBatch:
+    """One photograph-sized random image and a question (or ``questions`` POPE-style ones about it),
+    as the pipeline would hand them over."""
     import numpy as np
     from PIL import Image
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
-    question = "Describe the image in detail. What is in the top left corner of the picture, and what color is it?"
-    return PromptBatch([image], [question], encode([image], [question]), encode, extra={"tokens": tokens})
+    asked = ["Describe the image in detail. What is in the top left corner of the picture, and what color is it?"]
+    if questions > 1:
+        asked = [f"Is there a {POPE_OBJECTS[i % len(POPE_OBJECTS)]} in the image?" for i in range(questions)]
+    images = [image] * len(asked)
+    return PromptBatch(images, asked, encode(images, asked), encode, extra={"tokens": tokens})
 
 
 class StepClock:
@@ -288,7 +306,7 @@ def main() -> None:
         model = model.to(device, dtype)
         inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
         encode = _tiny_encoder(device, dtype)
-    batch = prompt_batch(encode, args.tokens)
+    batches = {m.questions: prompt_batch(encode, args.tokens, m.questions) for m in METHODS}
     chosen = [m for m in METHODS if m.name in args.methods.split(",")]
     print(
         f"model={args.model or f'tiny LLaVA-1.5 (text hidden {args.text_hidden}, {args.layers} layers)'} "
@@ -305,9 +323,10 @@ def main() -> None:
     for _ in range(args.repeats):
         for method in chosen:
             if method.answer is not None:
+                batch = batches[method.questions]
                 plain = whole_answer(model, batch, args.tokens, None, device)
                 t = whole_answer(model, batch, args.tokens, method.answer, device)
-                times.setdefault("plain answer", []).append(plain)
+                times.setdefault("plain answer" if method.questions == 1 else "plain answers", []).append(plain)
             else:
                 plain = per_token(model, inputs, args.tokens, None, device)
                 t = per_token(model, inputs, args.tokens, method.setup, device)
@@ -317,8 +336,9 @@ def main() -> None:
     print(f"{'method':20s} {'ms':>9s} {'ratio':>7s} {'goal':>6s}   (ms: per token; whole answer for 'answer' rows)")
     if times["plain"]:
         print(f"{'plain':20s} {1e3 * statistics.median(times['plain']):9.3f} {1.0:7.3f}")
-    if "plain answer" in times:
-        print(f"{'plain answer':20s} {1e3 * statistics.median(times['plain answer']):9.1f} {1.0:7.3f}")
+    for name in ("plain answer", "plain answers"):
+        if name in times:
+            print(f"{name:20s} {1e3 * statistics.median(times[name]):9.1f} {1.0:7.3f}")
     for method in chosen:
         ratio = statistics.median(ratios[method.name])
         goal = f"<={method.goal}" if method.goal else "-"

@@ -98,18 +98,20 @@ def test_carve_settings_and_errors():
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_carve_batched_probes_match_the_functional_probe(family):
-    """Both probes of both prompts decode as one padded batch; each row's maps are those of
-    carve_probe_attention on its own prompt, and a pair stops at the first EOS of either probe."""
+    """The probes of all prompts decode as one padded batch (one general probe per distinct image);
+    each row's maps are those of carve_probe_attention on its own prompt, and a pair stops at the
+    first EOS of either probe."""
     model, encode = tiny_model(family, attn_implementation="eager")
     sharpen_attention(model)
     photos_, carve = images(), CARVE(layers=LAYERS, probe_tokens=5)
+    photos_, questions = [*photos_, photos_[0]], [*QUESTIONS, "where is the dog"]
     first_general = carve_probe_attention(model, encode(photos_[:1], [CARVE_GENERAL_INSTRUCTION]), 5, LAYERS)
     model.generation_config.eos_token_id = int(first_general.tokens[2])  # that probe now stops at step 3
     alone = [
         [carve_probe_attention(model, encode([image], [q]), 5, LAYERS) for q in (question, CARVE_GENERAL_INSTRUCTION)]
-        for image, question in zip(photos_, QUESTIONS, strict=True)
+        for image, question in zip(photos_, questions, strict=True)
     ]
-    batched = carve.probe(model, family_of(model), prompt_batch(encode, photos_, QUESTIONS))
+    batched = carve.probe(model, family_of(model), prompt_batch(encode, photos_, questions))
     for (query, general, grid), probes in zip(batched, alone, strict=True):
         steps = min(len(probe.maps) for probe in probes)
         assert min(len(query), len(general)) == steps
@@ -121,53 +123,71 @@ def test_carve_batched_probes_match_the_functional_probe(family):
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
-def test_carve_probe_pairs_share_their_image_prefix(family, monkeypatch):
-    """A pair's two probes hold the text before the image and the image in the same first columns
-    (one prefill of them for both); every laid-out row is its prompt, token for token. A pair whose
-    prompts differ before the image keeps the padded layout, and the maps are the same either way."""
+def test_carve_probes_share_their_image_prefix(family, monkeypatch):
+    """The questions about one image and that image's one general probe hold the text before the
+    image and the image in the same first columns (one prefill of them for all); every laid-out row
+    is its prompt, token for token. Rows that differ before the image keep the padded layout, and
+    the maps are the same either way."""
     model, encode = tiny_model(family)
     sharpen_attention(model)
-    photos_, n = images(), len(QUESTIONS)
-    inputs = encode([*photos_, *photos_], [*QUESTIONS, *([CARVE_GENERAL_INSTRUCTION] * n)])
-    laid, width = _shared_prefix_layout(family_of(model), inputs, n)
-    assert width is not None and laid.keys() == inputs.keys()
+    photos_ = images()
+    asked = [photos_[0], photos_[1], photos_[0].copy()]  # equal pictures, two objects
+    questions = [*QUESTIONS, "where is the dog"]
+    groups = carve_module._image_groups(asked)
+    assert groups == [0, 1, 0]
+    inputs = encode([*asked, *photos_], [*questions, *([CARVE_GENERAL_INSTRUCTION] * 2)])
+    laid, prefix = _shared_prefix_layout(family_of(model), inputs, [*groups, 0, 1])
+    assert prefix is not None and laid.keys() == inputs.keys()
+    assert prefix.groups == (0, 1, 0, 0, 1) and prefix.owners == (0, 1)
     for key, value in inputs.items():
         if value.shape != inputs["input_ids"].shape:
             assert laid[key] is value  # the images are untouched
             continue
-        for row in range(2 * n):
+        for row in range(5):
             kept = laid[key][row][laid["attention_mask"][row].bool()]
             assert torch.equal(kept, value[row][inputs["attention_mask"][row].bool()])
+    width = prefix.width
     for key in ("input_ids", "attention_mask"):
-        assert torch.equal(laid[key][:n, :width], laid[key][n:, :width])
+        for row, group in enumerate(prefix.groups):
+            assert torch.equal(laid[key][row, :width], laid[key][prefix.owners[group], :width])
     image_token = family_of(model).image_token_id()
     assert not bool((laid["input_ids"][:, width:] == image_token).any())
     assert bool(laid["attention_mask"][:, width - 1].all()) and bool(laid["attention_mask"][:, -1].all())
 
     other = dict(inputs, input_ids=inputs["input_ids"].clone())
-    first = int(torch.nonzero(inputs["attention_mask"][n]).min())
-    other["input_ids"][n, first] += 1  # the general probe's prompt now differs before its image
-    assert _shared_prefix_layout(family_of(model), other, n) == (other, None)
+    first = int(torch.nonzero(inputs["attention_mask"][3]).min())
+    other["input_ids"][3, first] += 1  # a general probe's prompt now differs before its image
+    assert _shared_prefix_layout(family_of(model), other, [*groups, 0, 1]) == (other, None)
 
+    encoded = []
+    counting = prompt_batch(
+        lambda images, questions: encoded.append(len(images)) or encode(images, questions), asked, questions
+    )
     carve = CARVE(layers=LAYERS, probe_tokens=4)
-    shared = carve.probe(model, family_of(model), prompt_batch(encode, photos_, QUESTIONS))
-    monkeypatch.setattr(carve_module, "_shared_prefix_layout", lambda family, inputs, pairs: (dict(inputs), None))
-    padded = carve.probe(model, family_of(model), prompt_batch(encode, photos_, QUESTIONS))
+    shared = carve.probe(model, family_of(model), counting)
+    assert encoded[-1] == 5  # three questions, one general probe per distinct image
+    monkeypatch.setattr(carve_module, "_shared_prefix_layout", lambda family, inputs, groups: (dict(inputs), None))
+    padded = carve.probe(model, family_of(model), prompt_batch(encode, asked, questions))
     for ours, theirs in zip(shared, padded, strict=True):
         assert ours[2] == theirs[2]
         for a, b in zip(ours[:2], theirs[:2], strict=True):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(shared[0][1], shared[2][1])  # one general probe for both questions
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
 def test_carve_final_pass_continues_from_the_probes_prefix(family):
     """The official final pass on LLaVA starts with each question probe's prefix (its text and the
     original image): generate continues from a copy of that prefix's KV cache with only the refined
-    images, and answers as on the whole prompts. The paper's final pass and Qwen2-VL do not."""
+    images, and answers as on the whole prompts (two questions about one image start from one cache
+    row). The paper's final pass and Qwen2-VL do not."""
     model, encode = tiny_model(family)
     sharpen_attention(model)
-    final = CARVE(layers=LAYERS, probe_tokens=4).prepare(model, None, prompt_batch(encode, images(), QUESTIONS))
-    assert final.cached is not None
+    asked = [*images(), images()[0]]
+    batch = prompt_batch(encode, asked, [*QUESTIONS, "where is the dog"])
+    final = CARVE(layers=LAYERS, probe_tokens=4).prepare(model, None, batch)
+    assert final.cached is not None and tuple(final.cached.rows) == (0, 1, 0)
+    assert final.cached.cache.layers[0].keys.shape[0] == 2  # one row per distinct image
     for key in ("pixel_values", "image_sizes"):  # only the refined images are encoded again
         if key in final.inputs:
             assert torch.equal(final.cached.inputs[key], final.inputs[key][1::2])

@@ -154,25 +154,29 @@ def test_batched_contrast_answers_as_the_separate_branch(ask, photos, tmp_path, 
 
 
 def test_carve_final_pass_from_the_probes_prefix_answers_alike(ask, photos, monkeypatch):
-    """CARVE's official final pass continues from the KV cache of its probes' image prefix: the same
-    answers as recomputing the whole prompts, greedy and sampled, for prompts of different lengths;
-    return_attention and a paired contrast branch run on the whole prompts."""
+    """CARVE's probes share one general probe and one image prefix per distinct image, and its
+    official final pass continues from that prefix's KV cache: the same answers as probing every
+    prompt on its own and recomputing the whole prompts, greedy and sampled, for prompts of different
+    lengths; return_attention and a paired contrast branch run on the whole prompts."""
+    from attnzoo.multimodal.hallucination import carve
     from attnzoo.multimodal.hallucination.layouts import LlavaFamily
     from attnzoo.multimodal.hallucination.method import CachedPrefix
 
     continued = []
     original = CachedPrefix.generate_inputs
     monkeypatch.setattr(CachedPrefix, "generate_inputs", lambda self: continued.append(1) or original(self))
-    settings = {"method": "carve", "layers": (2, 3), "probe_tokens": 3, "batch_size": 2, "max_new_tokens": 6}
+    settings = {"method": "carve", "layers": (2, 3), "probe_tokens": 3, "batch_size": 3, "max_new_tokens": 6}
+    asked = [photos[0], photos[1], photos[0]]
     for decoding in ({}, {"do_sample": True, "seed": 2}):
-        runs = []
-        for reuse in (True, False):
-            monkeypatch.setattr(LlavaFamily, "continues_cached_prompts", reuse)
-            runs.append(ask(photos[:2], question=QUESTIONS[:2], **settings, **decoding))
-        assert [r.token_ids for r in runs[0]] == [r.token_ids for r in runs[1]]
-        assert [r.answer for r in runs[0]] == [r.answer for r in runs[1]]
-    assert len(continued) == 2  # once per batch with reuse on
-    monkeypatch.setattr(LlavaFamily, "continues_cached_prompts", True)
+        with monkeypatch.context() as alone:
+            alone.setattr(LlavaFamily, "continues_cached_prompts", False)
+            alone.setattr(carve, "_image_groups", lambda images: list(range(len(images))))
+            alone.setattr(carve, "_shared_prefix_layout", lambda family, inputs, groups: (dict(inputs), None))
+            separate = ask(asked, question=QUESTIONS, **settings, **decoding)
+        shared = ask(asked, question=QUESTIONS, **settings, **decoding)
+        assert [r.token_ids for r in shared] == [r.token_ids for r in separate]
+        assert [r.answer for r in shared] == [r.answer for r in separate]
+    assert len(continued) == 2  # once per batch with the cache
     ask(photos[0], question=QUESTIONS[0], **settings, return_attention=True)
     ask(photos[:2], question=QUESTIONS[:2], **{**settings, "method": "carve+vcd"})
     assert len(continued) == 2

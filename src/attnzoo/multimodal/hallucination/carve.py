@@ -18,24 +18,26 @@ A^G with per-token attention around 1e-3; pass ``lam`` to change it). The offici
 TextVQA format); ``answer_suffix=CARVE_ANSWER_SUFFIX`` does the same, the default leaves the
 questions as given.
 
-The two probes of every prompt of a batch run as one batch, with a KV cache (the official loop runs
-one prompt at a time and re-runs the whole sequence for every token); each row stops after its
-EOS, and a pair stops as soon as one of its probes does (v4 only fuses the steps both reached; v1-v3
-read the first step only, so their probes stop there). The maps equal
-:func:`~.functional.carve.carve_probe_attention`'s up to floating-point rounding. A pair's prompts
-are alike up to the end of the image, so that prefix runs once and its cache serves both probes;
-the probes run on SDPA and compute only the attention row they read (the last query's, in the probe
-layers). On LLaVA (1.5 and NeXT) the official final pass, whose prompts start with the same prefix, continues
-from its cache (:class:`~.method.CachedPrefix`): only the refined image and the question run again.
-The image tokens must form a patch grid (LLaVA-1.5, the base view of LLaVA-NeXT, Qwen2-VL):
-InstructBLIP's resampled query tokens raise :class:`~.layouts.LayoutError`.
+The probes of every prompt of a batch run as one batch, with a KV cache (the official loop runs
+one prompt at a time and re-runs the whole sequence for every token). Questions about equal pictures
+share one general probe, and all probes of one picture are alike up to the end of the image, so
+that prefix runs once and its cache serves them all. Each row stops after its EOS; a question is
+done as soon as its probe or its general probe is (v4 only fuses the steps both reached; v1-v3 read
+the first step only, so their probes stop there), and decoding ends when every question is done. The
+probes run on SDPA and compute only the attention row they read (the last query's, in the probe
+layers); the maps equal :func:`~.functional.carve.carve_probe_attention`'s up to floating-point
+rounding. On LLaVA (1.5 and NeXT) the official final pass, whose prompts start with the same prefix,
+continues from its cache (:class:`~.method.CachedPrefix`): only the refined image and the question
+run again. The image tokens must form a patch grid (LLaVA-1.5, the base view of LLaVA-NeXT,
+Qwen2-VL): InstructBLIP's resampled query tokens raise :class:`~.layouts.LayoutError`.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import torch
@@ -162,25 +164,29 @@ class CARVE(MitigationMethod):
         self, model: nn.Module, family: Family, batch: PromptBatch
     ) -> list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]]:
         """(query maps [T_q, L, N], general maps [T_g, L, N], token grid) of every prompt: the question
-        and the general probes of the whole batch decode greedily as one batch."""
+        probes and one general probe per distinct picture decode greedily as one batch."""
         return self._probe(model, family, batch)[0]
 
     def _probe(self, model: nn.Module, family: Family, batch: PromptBatch):
-        """The maps and, when the probes shared their image prefix, (probe inputs, prefix width, the
+        """The maps and, when the probes shared their image prefix, (probe inputs, the prefix, the
         prefix's KV cache) for the official final pass, which starts with the same prefix."""
         n = len(batch.images)
         general = self._ask(self.general_instruction)
-        inputs = batch.encode([*batch.images, *batch.images], [*batch.questions, *([general] * n)])
+        groups = _image_groups(cast(list[Image.Image], batch.images))
+        distinct = [groups.index(group) for group in range(max(groups) + 1)]  # each group's first prompt
+        images = [*batch.images, *(batch.images[i] for i in distinct)]
+        inputs = batch.encode(images, [*batch.questions, *([general] * len(distinct))])
         _grid_positions(family, inputs)
-        inputs, prefix = _shared_prefix_layout(family, inputs, n)
+        inputs, prefix = _shared_prefix_layout(family, inputs, [*groups, *range(len(distinct))])
         positions, grids = _grid_positions(family, inputs)
         layers = self._existing_layers(family)
         steps = 1 if CARVE_VARIANTS[self.variant][0] == "first" else self.probe_tokens
         keep = prefix is not None and self.behaviour == "official" and family.continues_cached_prompts
         runner = _ProbeRunner(model, inputs, family, layers, prefix=prefix, keep_prefix=keep)
-        rows = runner.run(positions, steps, pairs=n)
+        partners = [n + group for group in groups]
+        rows = runner.run(positions, steps, partners)
         self.last_layers = layers
-        maps = [(rows[i], rows[n + i], grids[i]) for i in range(n)]
+        maps = [(rows[i], rows[partners[i]], grids[i]) for i in range(n)]
         return maps, ((inputs, prefix, runner.prefix_cache) if keep else None)
 
     def describe(self) -> dict[str, Any]:
@@ -227,40 +233,38 @@ class _ProbeRunner(ContrastBranchProcessor):
         inputs: Mapping[str, Any],
         family: Family,
         layers: tuple[int, ...],
-        prefix: int | None = None,
+        prefix: SharedPrefix | None = None,
         keep_prefix: bool = False,
     ):
         super().__init__(model, inputs)
         self.probe_family, self.layers, self.prefix, self.keep_prefix = family, layers, prefix, keep_prefix
-        #: The shared prefix's KV cache (one row per pair), when asked to keep it.
+        #: The shared prefixes' KV cache (one row per distinct prefix), when asked to keep it.
         self.prefix_cache: Any = None
         self._rows: dict[int, torch.Tensor] = {}
 
     def _prefill(self, batch: int) -> torch.Tensor:
-        """With a shared prefix (:func:`_shared_prefix_layout`), the first ``prefix`` columns (the
-        image and the text before it) run once per pair, their cache is copied to both rows of the
-        pair, and the rest of every row runs on top of it; the same attention as one forward."""
+        """With shared prefixes (:func:`_shared_prefix_layout`), the first ``prefix.width`` columns (an
+        image and the text before it) run once per distinct prefix, their cache is copied to every row
+        that starts with it, and the rest of every row runs on top: the same attention as one forward."""
         if self.prefix is None:
             return super()._prefill(batch)
         self.reset()
-        inputs, width = self.branch_inputs, self.prefix
+        inputs, width, owners = self.branch_inputs, self.prefix.width, list(self.prefix.owners)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        pairs = ids.shape[0] // 2
         text_positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         positions = self.probe_family.split_prefill_positions(inputs, text_positions)
         per_token = {k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.shape == ids.shape}
-        head = {k: v[:pairs, :width] for k, v in inputs.items() if k in per_token}
-        head.update(_first_images(inputs, per_token, pairs))
+        head = {k: v[owners, :width] for k, v in inputs.items() if k in per_token}
+        head.update(_row_images(inputs, per_token, owners))
         self._keep(
             self.family.prefill(
-                {**head, "position_ids": positions[..., :pairs, :width]}, use_cache=True, logits_to_keep=1
+                {**head, "position_ids": positions[..., owners, :width]}, use_cache=True, logits_to_keep=1
             )
         )
         cache = self._cache
         if self.keep_prefix:
             self.prefix_cache = copy.deepcopy(cache)
-        both = torch.arange(pairs, device=ids.device).repeat(2)
-        cache.batch_select_indices(both)
+        cache.batch_select_indices(torch.tensor(self.prefix.groups, device=ids.device))
         self._mask, self._next_position = mask, text_positions[:, -1:] + 1
         return self._keep(
             self.family.generation_module()(
@@ -273,9 +277,10 @@ class _ProbeRunner(ContrastBranchProcessor):
             )
         )
 
-    def run(self, positions: list[torch.Tensor], steps: int, pairs: int) -> list[torch.Tensor]:
+    def run(self, positions: list[torch.Tensor], steps: int, partners: Sequence[int]) -> list[torch.Tensor]:
         """Per prompt row, [T, len(layers), N] float32 maps at ``positions`` (row i's grid tokens);
-        row i and row ``pairs + i`` form a pair that stops once either of them produced EOS."""
+        question row i and its general row ``partners[i]`` form a pair that is done once either of
+        them produced EOS, and decoding stops when every pair is."""
         ids = self.branch_inputs["input_ids"]
         batch = ids.shape[0]
         stops = torch.tensor(sorted(_eos_ids(self.model, None)), dtype=ids.dtype, device=ids.device)
@@ -290,7 +295,7 @@ class _ProbeRunner(ContrastBranchProcessor):
                         maps[row].append(rows[row][:, positions[row].to(rows.device)].cpu())
                     token = logits.argmax(dim=-1)
                     finished = finished | torch.isin(token, stops)
-                    if step == steps - 1 or bool((finished[:pairs] | finished[pairs:]).all()):
+                    if step == steps - 1 or bool((finished[: len(partners)] | finished[list(partners)]).all()):
                         break
                     ids = torch.cat([ids, token[:, None]], dim=-1)
                     logits = self.branch_logits(ids)
@@ -346,12 +351,34 @@ def _grid_positions(family: Family, inputs: Mapping[str, Any]) -> tuple[list[tor
     return [run.grid_positions for run in first], [run.grid for run in first]
 
 
-def _shared_prefix_layout(family: Family, inputs: Mapping[str, Any], pairs: int) -> tuple[dict[str, Any], int | None]:
-    """The probe rows laid out so that the question probe ``i`` and the general probe ``pairs + i``,
-    whose prompts start alike up to the end of their image, hold that prefix in the same columns:
-    ``[padding][prefix][padding][rest]``, the prefixes right-aligned in the first ``width`` columns,
-    the rests in the last ones. Returns the inputs and ``width``; the inputs unchanged and None when
-    a pair's prompts differ before the image ends (a template that puts the question first)."""
+@dataclass(frozen=True)
+class SharedPrefix:
+    """Rows that start alike up to the end of their image hold that prefix in the first ``width``
+    columns: ``groups[r]`` is row r's prefix, ``owners[g]`` the row whose prefix g is computed."""
+
+    width: int
+    groups: tuple[int, ...]
+    owners: tuple[int, ...]
+
+
+def _image_groups(images: Sequence[Image.Image]) -> list[int]:
+    """Each image's group: equal pictures (mode, size, pixels) share one, numbered by first use."""
+    seen: dict[tuple, int] = {}
+    groups = []
+    for image in images:
+        key = (image.mode, image.size, hashlib.blake2b(image.tobytes(), digest_size=16).digest())
+        groups.append(seen.setdefault(key, len(seen)))
+    return groups
+
+
+def _shared_prefix_layout(
+    family: Family, inputs: Mapping[str, Any], groups: Sequence[int]
+) -> tuple[dict[str, Any], SharedPrefix | None]:
+    """The probe rows laid out so that the rows of one group (the questions about one image and its
+    general probe), whose prompts start alike up to the end of the image, hold that prefix in the
+    same columns: ``[padding][prefix][padding][rest]``, the prefixes right-aligned in the first
+    ``width`` columns, the rests in the last ones. The inputs unchanged and None when a group's
+    prompts differ before the image ends (a template that puts the question first)."""
     ids = inputs["input_ids"]
     mask = inputs.get("attention_mask")
     if mask is None:
@@ -362,14 +389,14 @@ def _shared_prefix_layout(family: Family, inputs: Mapping[str, Any], pairs: int)
         run.sample: run.start + run.length - (ids.shape[1] - counts[run.sample])
         for run in family.image_tokens(ids, _image_info(inputs)).runs
     }
-    heads: list[int] = []
-    for i in range(pairs):
-        end = image_end[i]
-        first, second = ids[i][valid[i]], ids[pairs + i][valid[pairs + i]]
-        if min(len(first), len(second)) <= end or not torch.equal(first[:end], second[:end]):
+    owners = [list(groups).index(group) for group in range(max(groups) + 1)]
+    for row, group in enumerate(groups):
+        owner, end = owners[group], image_end[owners[group]]
+        first, second = ids[row][valid[row]], ids[owner][valid[owner]]
+        if image_end[row] != end or len(first) <= end or not torch.equal(first[:end], second[:end]):
             return dict(inputs), None
-        heads.append(end)
-    return _lay_out(inputs, mask, heads * 2), max(heads)
+    heads = [image_end[row] for row in range(len(groups))]
+    return _lay_out(inputs, mask, heads), SharedPrefix(max(heads), tuple(groups), tuple(owners))
 
 
 def _lay_out(inputs: Mapping[str, Any], mask: torch.Tensor, heads: Sequence[int]) -> dict[str, Any]:
@@ -395,7 +422,9 @@ def _lay_out(inputs: Mapping[str, Any], mask: torch.Tensor, heads: Sequence[int]
     return laid
 
 
-def _cached_final(final: Mapping[str, Any], probe: Mapping[str, Any], width: int, cache: Any) -> CachedPrefix | None:
+def _cached_final(
+    final: Mapping[str, Any], probe: Mapping[str, Any], prefix: SharedPrefix, cache: Any
+) -> CachedPrefix | None:
     """The official final pass on the probes' prefix cache: every prompt [original, refined] starts
     with its question probe's prefix (the text before the original image, and the image), so only
     the rest runs, and only the refined images are encoded. None where that does not hold."""
@@ -405,31 +434,33 @@ def _cached_final(final: Mapping[str, Any], probe: Mapping[str, Any], width: int
     mask = final.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(ids)
-    count = ids.shape[0]
+    count, width = ids.shape[0], prefix.width
     heads = []
     for row in range(count):
-        prefix = probe["input_ids"][row, :width][probe["attention_mask"][row, :width].bool()]
+        head = probe["input_ids"][row, :width][probe["attention_mask"][row, :width].bool()]
         kept = ids[row][mask[row].bool()]
-        if len(kept) <= len(prefix) or not torch.equal(kept[: len(prefix)], prefix):
+        if len(kept) <= len(head) or not torch.equal(kept[: len(head)], head):
             return None
-        heads.append(len(prefix))
+        heads.append(len(head))
     laid = _lay_out(final, mask, heads)
     for key, value in final.items():  # per image: [original, refined] per prompt; the originals are cached
         if isinstance(value, torch.Tensor) and value.shape != ids.shape:
             if value.shape[0] != 2 * count:
                 return None
             laid[key] = value[1::2]
-    return CachedPrefix(laid, cache)
+    return CachedPrefix(laid, cache, rows=prefix.groups[:count])
 
 
-def _first_images(inputs: Mapping[str, Any], per_token: set[str], count: int) -> dict[str, Any]:
-    """The image inputs of the first ``count`` prompts (one image each)."""
+def _row_images(inputs: Mapping[str, Any], per_token: set[str], rows: Sequence[int]) -> dict[str, Any]:
+    """The image inputs of prompts ``rows`` (one image each), in that order."""
     images = {k: v for k, v in inputs.items() if k not in per_token and v is not None}
     thw = images.get("image_grid_thw")
     if thw is not None:  # Qwen2-VL: the images' patches are concatenated along dim 0
-        patches = int(thw[:count].prod(-1).sum())
-        return {**images, "image_grid_thw": thw[:count], "pixel_values": images["pixel_values"][:patches]}
-    return {k: (v[:count] if isinstance(v, torch.Tensor) else v) for k, v in images.items()}
+        ends = thw.prod(-1).cumsum(0).tolist()
+        spans = [range(ends[row] - int(thw[row].prod()), ends[row]) for row in rows]
+        patches = torch.tensor([i for span in spans for i in span], device=images["pixel_values"].device)
+        return {**images, "image_grid_thw": thw[list(rows)], "pixel_values": images["pixel_values"][patches]}
+    return {k: (v[list(rows)] if isinstance(v, torch.Tensor) else v) for k, v in images.items()}
 
 
 def _image_info(inputs: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 from PIL import Image
 from torch import nn
 from transformers import LogitsProcessor
@@ -47,10 +48,15 @@ class CachedPrefix:
 
     inputs: Mapping[str, Any]
     cache: Any = field(repr=False)
+    #: The cache row each prompt starts from (None: row i for prompt i).
+    rows: Sequence[int] | None = None
 
     def generate_inputs(self) -> dict[str, Any]:
         """Keyword arguments for ``generate`` (a fresh copy of the cache each call: generate extends it)."""
-        return {**self.inputs, "cache": copy.deepcopy(self.cache)}
+        cache = copy.deepcopy(self.cache)
+        if self.rows is not None:
+            cache.batch_select_indices(torch.tensor(list(self.rows), device=self.inputs["input_ids"].device))
+        return {**self.inputs, "cache": cache}
 
 
 @dataclass(frozen=True)
