@@ -100,7 +100,7 @@ def plan(device: str, quick: bool) -> list[Part]:
             "the LRGT encoder against the official LGA; BRA, L2ViT linear/window, Sparsifiner masked, LRGT "
             "grouped, InLine: fwd+bwd against the official-style reference, FlexAttention and SDPA; GB/s, % of HBM, "
             "peak memory",
-            130,
+            115,
             [
                 Step(
                     "lrgt_encoder",
@@ -209,7 +209,7 @@ def plan(device: str, quick: bool) -> list[Part]:
             "lvlm",
             "per-token decode time of VAR, PAI, VCD, AGLA against plain generate, and CARVE's whole answer "
             "against a plain one (random LLaVA-1.5)",
-            30,
+            45,
             [
                 Step(
                     "decode",

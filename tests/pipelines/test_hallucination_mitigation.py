@@ -178,8 +178,14 @@ def test_carve_final_pass_from_the_probes_prefix_answers_alike(ask, photos, monk
         assert [r.answer for r in shared] == [r.answer for r in separate]
     assert len(continued) == 2  # once per batch with the cache
     ask(photos[0], question=QUESTIONS[0], **settings, return_attention=True)
-    ask(photos[:2], question=QUESTIONS[:2], **{**settings, "method": "carve+vcd"})
+    ask(photos[:2], question=QUESTIONS[:2], **{**settings, "method": "carve+vcd"})  # paired: whole prompts
     assert len(continued) == 2
+    separate_branch = {**settings, "method": "carve+vcd", "batched": False}  # VCD's own forward beside the cache
+    with monkeypatch.context() as alone:
+        alone.setattr(LlavaFamily, "continues_cached_prompts", False)
+        whole = ask(asked, question=QUESTIONS, **separate_branch)
+    assert [r.token_ids for r in ask(asked, question=QUESTIONS, **separate_branch)] == [r.token_ids for r in whole]
+    assert len(continued) == 3
 
 
 def test_compositions_and_settings_are_checked(ask, photos):

@@ -36,7 +36,7 @@ import math
 import textwrap
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -548,6 +548,7 @@ class HallucinationMitigationPipeline(Pipeline):
                 final = model_inputs = prompt_batch.inputs
                 if prompt_batch.cached is not None and paired is None and not capture and decoding["num_beams"] == 1:
                     model_inputs = prompt_batch.generate_inputs()  # a prefix already computed (CARVE's probes)
+                prompt_batch = replace(prompt_batch, cached=None)  # its cache is copied or unused: free it now
                 if paired is not None:  # the contrast branch as rows of the same generate, after the main rows
                     model_inputs = paired.inputs(final, self._pad_token_id() or 0)
                     final = paired.main_rows(model_inputs, final)

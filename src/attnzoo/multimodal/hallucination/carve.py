@@ -165,9 +165,9 @@ class CARVE(MitigationMethod):
     ) -> list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]]:
         """(query maps [T_q, L, N], general maps [T_g, L, N], token grid) of every prompt: the question
         probes and one general probe per distinct picture decode greedily as one batch."""
-        return self._probe(model, family, batch)[0]
+        return self._probe(model, family, batch, keep=False)[0]
 
-    def _probe(self, model: nn.Module, family: Family, batch: PromptBatch):
+    def _probe(self, model: nn.Module, family: Family, batch: PromptBatch, keep: bool = True):
         """The maps and, when the probes shared their image prefix, (probe inputs, the prefix, the
         prefix's KV cache) for the official final pass, which starts with the same prefix."""
         n = len(batch.images)
@@ -181,7 +181,7 @@ class CARVE(MitigationMethod):
         positions, grids = _grid_positions(family, inputs)
         layers = self._existing_layers(family)
         steps = 1 if CARVE_VARIANTS[self.variant][0] == "first" else self.probe_tokens
-        keep = prefix is not None and self.behaviour == "official" and family.continues_cached_prompts
+        keep = keep and prefix is not None and self.behaviour == "official" and family.continues_cached_prompts
         runner = _ProbeRunner(model, inputs, family, layers, prefix=prefix, keep_prefix=keep)
         partners = [n + group for group in groups]
         rows = runner.run(positions, steps, partners)
@@ -264,7 +264,7 @@ class _ProbeRunner(ContrastBranchProcessor):
         cache = self._cache
         if self.keep_prefix:
             self.prefix_cache = copy.deepcopy(cache)
-        cache.batch_select_indices(torch.tensor(self.prefix.groups, device=ids.device))
+        cache.batch_select_indices(torch.tensor(self.prefix.groups))  # CPU indices serve a cache on any devices
         self._mask, self._next_position = mask, text_positions[:, -1:] + 1
         return self._keep(
             self.family.generation_module()(
@@ -362,11 +362,12 @@ class SharedPrefix:
 
 
 def _image_groups(images: Sequence[Image.Image]) -> list[int]:
-    """Each image's group: equal pictures (mode, size, pixels) share one, numbered by first use."""
+    """Each image's group: equal pictures (size and RGB pixels, what the processors read) share one,
+    numbered by first use."""
     seen: dict[tuple, int] = {}
     groups = []
     for image in images:
-        key = (image.mode, image.size, hashlib.blake2b(image.tobytes(), digest_size=16).digest())
+        key = (image.size, hashlib.blake2b(image.convert("RGB").tobytes(), digest_size=16).digest())
         groups.append(seen.setdefault(key, len(seen)))
     return groups
 
@@ -444,10 +445,11 @@ def _cached_final(
         heads.append(len(head))
     laid = _lay_out(final, mask, heads)
     for key, value in final.items():  # per image: [original, refined] per prompt; the originals are cached
-        if isinstance(value, torch.Tensor) and value.shape != ids.shape:
-            if value.shape[0] != 2 * count:
-                return None
-            laid[key] = value[1::2]
+        if value is None or (isinstance(value, torch.Tensor) and value.shape == ids.shape):
+            continue  # per-token inputs are laid out above
+        if not isinstance(value, torch.Tensor) or value.shape[0] != 2 * count:
+            return None
+        laid[key] = value[1::2]
     return CachedPrefix(laid, cache, rows=prefix.groups[:count])
 
 

@@ -53,9 +53,17 @@ class CachedPrefix:
 
     def generate_inputs(self) -> dict[str, Any]:
         """Keyword arguments for ``generate`` (a fresh copy of the cache each call: generate extends it)."""
-        cache = copy.deepcopy(self.cache)
-        if self.rows is not None:
-            cache.batch_select_indices(torch.tensor(list(self.rows), device=self.inputs["input_ids"].device))
+        if self.rows is None:
+            return {**self.inputs, "cache": copy.deepcopy(self.cache)}
+        # Selecting rows makes new tensors: copy the cache's structure only, then select.
+        tensors = [
+            t
+            for layer in getattr(self.cache, "layers", [])
+            for t in vars(layer).values()
+            if isinstance(t, torch.Tensor)
+        ]
+        cache = copy.deepcopy(self.cache, memo={id(t): t for t in tensors})
+        cache.batch_select_indices(torch.tensor(list(self.rows)))  # CPU indices serve a cache on any devices
         return {**self.inputs, "cache": cache}
 
 
