@@ -480,6 +480,13 @@ class GrowingColumns:
 
 # -- logits processors with a contrast branch ------------------------------------------------
 
+
+def mask_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Each token's position among its row's unmasked tokens (0 where masked), as ``generate`` derives
+    position ids from the attention mask: padding anywhere in a row shifts nothing after it."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
 _branches = itertools.count()
 
 
@@ -613,7 +620,7 @@ class ContrastBranchProcessor(LogitsProcessor):
         if mask is None:
             mask = torch.ones(lead.shape[:2], dtype=torch.long, device=lead.device)
         inputs["attention_mask"] = mask
-        text_positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        text_positions = mask_positions(mask)
         if "position_ids" not in inputs:
             positions = self.family.prefill_positions(inputs, text_positions)
             if positions is not None:

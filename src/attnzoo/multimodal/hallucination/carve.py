@@ -46,7 +46,7 @@ from torch import nn
 
 from attnzoo.errors import InvalidInputError, InvalidOptionError
 
-from .base import ContrastBranchProcessor, check_behaviour, language_model_attention, repeat_kv
+from .base import ContrastBranchProcessor, check_behaviour, language_model_attention, mask_positions, repeat_kv
 from .functional.carve import (
     CARVE_GENERAL_INSTRUCTION,
     CARVE_LAMBDA_CODE,
@@ -251,9 +251,9 @@ class _ProbeRunner(ContrastBranchProcessor):
         self.reset()
         inputs, width, owners = self.branch_inputs, self.prefix.width, list(self.prefix.owners)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        text_positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        text_positions = mask_positions(mask)
         positions = self.probe_family.split_prefill_positions(inputs, text_positions)
-        per_token = {k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.shape == ids.shape}
+        per_token = _per_token_keys(inputs)
         head = {k: v[owners, :width] for k, v in inputs.items() if k in per_token}
         head.update(_row_images(inputs, per_token, owners))
         self._keep(
@@ -380,10 +380,7 @@ def _shared_prefix_layout(
     same columns: ``[padding][prefix][padding][rest]``, the prefixes right-aligned in the first
     ``width`` columns, the rests in the last ones. The inputs unchanged and None when a group's
     prompts differ before the image ends (a template that puts the question first)."""
-    ids = inputs["input_ids"]
-    mask = inputs.get("attention_mask")
-    if mask is None:
-        mask = torch.ones_like(ids)
+    ids, mask = inputs["input_ids"], _attention_mask(inputs)
     valid = mask.bool()
     counts = valid.sum(-1).tolist()
     image_end = {
@@ -411,7 +408,7 @@ def _lay_out(inputs: Mapping[str, Any], mask: torch.Tensor, heads: Sequence[int]
     length = width + max(tails)
     filler = int(ids[~valid][0]) if bool((~valid).any()) else int(ids[0, 0])
     laid = {k: v for k, v in inputs.items()}
-    sources = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.shape == ids.shape}
+    sources = {k: inputs[k] for k in _per_token_keys(inputs)}
     sources["attention_mask"] = mask
     for key, source in sources.items():
         out = source.new_full((ids.shape[0], length), filler if key == "input_ids" else 0)
@@ -431,10 +428,7 @@ def _cached_final(
     the rest runs, and only the refined images are encoded. None where that does not hold."""
     if cache is None:
         return None
-    ids = final["input_ids"]
-    mask = final.get("attention_mask")
-    if mask is None:
-        mask = torch.ones_like(ids)
+    ids, mask = final["input_ids"], _attention_mask(final)
     count, width = ids.shape[0], prefix.width
     heads = []
     for row in range(count):
@@ -444,13 +438,25 @@ def _cached_final(
             return None
         heads.append(len(head))
     laid = _lay_out(final, mask, heads)
+    per_token = _per_token_keys(final)
     for key, value in final.items():  # per image: [original, refined] per prompt; the originals are cached
-        if value is None or (isinstance(value, torch.Tensor) and value.shape == ids.shape):
-            continue  # per-token inputs are laid out above
+        if value is None or key in per_token:
+            continue  # laid out above
         if not isinstance(value, torch.Tensor) or value.shape[0] != 2 * count:
             return None
         laid[key] = value[1::2]
     return CachedPrefix(laid, cache, rows=prefix.groups[:count])
+
+
+def _attention_mask(inputs: Mapping[str, Any]) -> torch.Tensor:
+    mask = inputs.get("attention_mask")
+    return torch.ones_like(inputs["input_ids"]) if mask is None else mask
+
+
+def _per_token_keys(inputs: Mapping[str, Any]) -> set[str]:
+    """The inputs with one entry per token ([B, S] like ``input_ids``); the rest are per image."""
+    shape = inputs["input_ids"].shape
+    return {k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.shape == shape}
 
 
 def _row_images(inputs: Mapping[str, Any], per_token: set[str], rows: Sequence[int]) -> dict[str, Any]:
