@@ -44,12 +44,7 @@ from tests.vision._reference import load_fixture
 QUESTIONS = ["is there a dog in the image", "what color is the car on the left"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,7 @@ from tests.lvlm_helpers import BUILDERS, attn_implementations, greedy, module_ho
 FAMILIES = sorted(BUILDERS)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class NoEdit(AttentionEdit):

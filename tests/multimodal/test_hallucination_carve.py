@@ -35,12 +35,7 @@ QUESTIONS = ["is there a dog", "what color is the car on the left"]
 LAYERS = (1, 2, 3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images(seed=0):

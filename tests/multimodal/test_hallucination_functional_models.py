@@ -16,14 +16,9 @@ from attnzoo.multimodal.hallucination.functional.agla import _first_itm_token
 from tests.lvlm_helpers import QWEN_IDS, tiny_llava, tiny_qwen2_vl
 from tests.multimodal.lvlm_prompts import tiny_blip_itm
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and two stall each other on a shared 2-core machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+# one_thread (tests/conftest.py): tiny models run as fast on one thread, and two stall each other on a shared 2-core
+# machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- AGLA: tiny BLIP-ITM ------------------------------------------------------------------------

@@ -14,13 +14,7 @@ from attnzoo.errors import InvalidOptionError
 from attnzoo.multimodal.hallucination import PAI, FixedImageSpan, PAICFGLogitsProcessor, text_only_inputs
 from tests.lvlm_helpers import BUILDERS, EOS_TOKEN_ID, greedy, sampled, sharpen_attention
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_lm(layers=4):

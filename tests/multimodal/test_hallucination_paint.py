@@ -17,13 +17,7 @@ from attnzoo.multimodal.hallucination.layouts import family_of
 from tests.helpers import reference_path
 from tests.lvlm_helpers import BUILDERS, greedy, sampled, sharpen_attention
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parity

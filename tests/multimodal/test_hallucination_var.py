@@ -21,13 +21,7 @@ from attnzoo.multimodal.hallucination.var import SINK_DIMS, sink_dims_for
 from tests.helpers import reference_path
 from tests.lvlm_helpers import BUILDERS, greedy, sampled, sharpen_attention
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- parity ------------------------------------------------------------------------------------

@@ -37,12 +37,7 @@ from tests.vision._reference import load_fixture
 QUESTIONS = ["is there a dog", "what color is the car"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def vcd_rule(original, noised, alpha, beta):

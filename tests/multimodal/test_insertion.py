@@ -31,13 +31,7 @@ from attnzoo.multimodal.insertion.layout import (
     unpack_latents,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- layout ---------------------------------------------------------------------------------------

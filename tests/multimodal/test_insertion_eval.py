@@ -16,13 +16,7 @@ from attnzoo.datasets.dreambench import read_dreambench_insertion, read_dreamboo
 from attnzoo.errors import DatasetFormatError, InvalidInputError, InvalidOptionError
 from attnzoo.metrics.insertion import ClipEmbedder, DinoEmbedder, cosine, crop_to_mask, insertion_scores, mask_box
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def picture(h, w, seed):

@@ -13,17 +13,9 @@ from attnzoo.multimodal.insertion.in_context_brush import InsertionAttention, In
 from attnzoo.multimodal.insertion.layout import PanelLayout
 from tests.vision._reference import load_fixture
 
-pytestmark = pytest.mark.parity
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is as fast and does not stall on a shared machine (within the fixtures'
-    tolerance: their 1- vs 2-thread differences are recorded in config.json)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+# one_thread (tests/conftest.py): tiny models: one thread is as fast and does not stall on a shared machine (within
+# the fixtures' tolerance: their 1- vs 2-thread differences are recorded in config.json).
+pytestmark = [pytest.mark.parity, pytest.mark.usefixtures("one_thread")]
 
 
 def cloned(tensors):

@@ -21,16 +21,11 @@ from tests.vision._reference import load_fixture, manual_seed
 # -- helpers -------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models are tiny: one thread is as fast, and two stall each other when other work shares the
-    cores (the full parity run took 173 s with two threads on a loaded 2-core machine, 11 s with one). The
-    fixture was made with two threads; one changes the last bits (< 1e-6, config.json's determinism),
-    inside its tolerance, and no discrete decision (its loop margins are >= 1e-5)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+# one_thread (tests/conftest.py): the models are tiny: one thread is as fast, and two stall each other when other work
+# shares the cores (the full parity run took 173 s with two threads on a loaded 2-core machine, 11 s with one). The
+# fixture was made with two threads; one changes the last bits (< 1e-6, config.json's determinism), inside its
+# tolerance, and no discrete decision (its loop margins are >= 1e-5).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fixture_tower(cfg, state_dict):

@@ -22,12 +22,7 @@ VAR_ON_TINY = {"sink_dims": (3, 7), "tau": 2.0}  # tau 20 never fires on a width
 QUESTIONS = ["Is there a dog in the image?", "What colour is the car on the left of the picture?", "Cat?"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,19 +5,12 @@ import json
 import h5py
 import numpy as np
 import pytest
-import torch
 
 from attnzoo.training.wsi import train_wsi_classification
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One bag per step makes thousands of tiny matmuls: on a shared 2-core machine a second torch thread
-    only adds contention (the two training tests ran 3-4x slower with two threads than with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one_thread (tests/conftest.py): one bag per step makes thousands of tiny matmuls: on a shared 2-core machine a
+# second torch thread only adds contention (the two training tests ran 3-4x slower with two threads than with one).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_acmil_h5(path, n_slides=48, n_instances=40, dim=16, seed=0):
