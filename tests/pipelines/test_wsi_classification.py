@@ -252,6 +252,21 @@ def test_settings_work_per_call_and_at_construction_alike(tmp_path):
     assert finer.patch_size_level0 == 64 and len(finer.coords) > len(per_call.coords)
 
 
+def test_default_feature_folder_is_removed_with_the_pipeline(tmp_path):
+    """Without feature_dir, features go to a temporary folder that leaves with the pipeline (a run
+    over many pipelines once left one folder per pipeline in /tmp)."""
+    import gc
+
+    pipe = _tiny_pipeline(encoder=TinyEncoder())
+    folder = pipe.feature_dir
+    assert folder.is_dir() and pipe.feature_dir == folder
+    bag = folder / "kept-until-the-pipeline-goes.h5"
+    bag.write_bytes(b"x")
+    del pipe
+    gc.collect()
+    assert not folder.exists()
+
+
 def test_second_call_on_a_slide_with_a_random_encoder_reuses_its_features(wsi, tmp_path):
     slide = write_slide(tmp_path / "again.tif")
     first = wsi(slide)

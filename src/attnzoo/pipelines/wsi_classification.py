@@ -141,7 +141,8 @@ class WSIClassificationPipeline(Pipeline):
 
     def __init__(self, model: torch.nn.Module, **kwargs: Any):
         self._encoders: dict[Any, tuple[torch.nn.Module, str, str, Any]] = {}
-        self._temporary_dir: Path | None = None
+        # Removed with the pipeline (or at exit): a default feature folder is a cache, not a result.
+        self._temporary_dir: tempfile.TemporaryDirectory[str] | None = None
         super().__init__(model, **kwargs)
 
     @property
@@ -151,8 +152,8 @@ class WSIClassificationPipeline(Pipeline):
         if given is not None:
             return Path(given)
         if self._temporary_dir is None:
-            self._temporary_dir = Path(tempfile.mkdtemp(prefix="attnzoo-wsi-"))
-        return self._temporary_dir
+            self._temporary_dir = tempfile.TemporaryDirectory(prefix="attnzoo-wsi-", ignore_cleanup_errors=True)
+        return Path(self._temporary_dir.name)
 
     def is_single(self, inputs: Any) -> bool:
         return not isinstance(inputs, (list, tuple))
