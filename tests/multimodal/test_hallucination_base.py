@@ -26,6 +26,7 @@ from attnzoo.multimodal.hallucination import (
 from attnzoo.multimodal.hallucination.base import PairedContrast
 from attnzoo.multimodal.hallucination.layouts import family_of
 from attnzoo.multimodal.hallucination.pai import PAICFGLogitsProcessor
+from attnzoo.multimodal.hallucination.transformers_compat import cache_keyword, output_cache
 from tests.lvlm_helpers import BUILDERS, attn_implementations, greedy, module_hooks, sampled, sharpen_attention
 
 FAMILIES = sorted(BUILDERS)
@@ -54,6 +55,27 @@ class NoEdit(AttentionEdit):
 def logits(model, inputs):
     with torch.no_grad():
         return model(**inputs).logits
+
+
+def test_cache_keyword_continues_a_prompt_on_this_transformers():
+    """The cache's name (past_key_values before transformers 5.24, cache after): a prompt continued
+    from its cache under that name gives the logits of the whole sequence at once."""
+    import inspect
+
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    ).eval()
+    assert cache_keyword() in inspect.signature(model.model.forward).parameters
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = model(ids).logits[:, -3:]
+        head = model(ids[:, :6], use_cache=True)
+        cache = output_cache(head)
+        assert cache is not None and cache.get_seq_length() == 6
+        tail = model(ids[:, 6:], use_cache=True, **{cache_keyword(): cache})
+    assert output_cache(tail).get_seq_length() == 9
+    torch.testing.assert_close(tail.logits, whole, atol=1e-5, rtol=1e-5)
+    assert output_cache(model(ids[:, :2], use_cache=False)) is None
 
 
 @pytest.mark.parametrize("family", FAMILIES)

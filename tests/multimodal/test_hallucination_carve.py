@@ -28,6 +28,7 @@ from attnzoo.multimodal.hallucination.functional import (
     carve_probe_attention,
 )
 from attnzoo.multimodal.hallucination.layouts import family_of
+from attnzoo.multimodal.hallucination.transformers_compat import cache_keyword
 from tests.lvlm_helpers import attn_implementations, greedy, sampled, sharpen_attention
 from tests.multimodal.lvlm_prompts import last_logits, photos, prompt_batch, stock_state, tiny_model
 
@@ -194,8 +195,8 @@ def test_carve_final_pass_continues_from_the_probes_prefix(family):
     whole = model.generate(**final.inputs, **settings)
     for _ in range(2):  # each call continues from a fresh copy
         inputs = final.generate_inputs()
-        assert inputs["cache"] is not final.cached.cache
-        assert inputs["cache"].get_seq_length() < inputs["input_ids"].shape[1]
+        assert inputs[cache_keyword()] is not final.cached.cache
+        assert inputs[cache_keyword()].get_seq_length() < inputs["input_ids"].shape[1]
         continued = model.generate(**inputs, **settings)
         assert torch.equal(
             continued.sequences[:, inputs["input_ids"].shape[1] :],

@@ -14,6 +14,7 @@ from attnzoo.errors import InvalidOptionError
 from attnzoo.multimodal.hallucination import PAINT, FixedImageSpan, LayoutError
 from attnzoo.multimodal.hallucination.functional.paint import paint_token_sets
 from attnzoo.multimodal.hallucination.layouts import family_of
+from attnzoo.multimodal.hallucination.transformers_compat import cache_keyword, output_cache
 from tests.helpers import reference_path
 from tests.lvlm_helpers import BUILDERS, greedy, sampled, sharpen_attention
 
@@ -57,12 +58,15 @@ def test_paint_matches_the_official_code(reference_dir):
     with paint.attach(model, layout=FixedImageSpan(start, length, grid=(side, side))), torch.no_grad():
         out = model(inputs_embeds=inputs["x"], use_cache=True, output_attentions=True)
         prefill_outs = dict(outs)
-        cache, decode = out.cache, []
+        cache, decode = output_cache(out), []
         for t in range(inputs["decode_input_ids"].shape[1]):
             step = model(
-                input_ids=inputs["decode_input_ids"][:, t : t + 1], cache=cache, use_cache=True, output_attentions=True
+                input_ids=inputs["decode_input_ids"][:, t : t + 1],
+                use_cache=True,
+                output_attentions=True,
+                **{cache_keyword(): cache},
             )
-            cache = step.cache
+            cache = output_cache(step)
             decode.append(step.logits[:, -1])
             for layer in range(len(model.model.layers)):
                 torch.testing.assert_close(

@@ -17,6 +17,7 @@ from attnzoo.errors import InvalidOptionError
 from attnzoo.multimodal.hallucination import VAR, FixedImageSpan, find_sink_dims, redistribute, sink_scores
 from attnzoo.multimodal.hallucination.base import family_for
 from attnzoo.multimodal.hallucination.layouts import family_of
+from attnzoo.multimodal.hallucination.transformers_compat import cache_keyword, output_cache
 from attnzoo.multimodal.hallucination.var import SINK_DIMS, sink_dims_for
 from tests.helpers import reference_path
 from tests.lvlm_helpers import BUILDERS, greedy, sampled, sharpen_attention
@@ -80,16 +81,16 @@ def run_fixture(model, inputs, layers):
                 inputs_embeds=inputs["x"], position_ids=inputs["position_ids"], use_cache=True, output_attentions=True
             )
             prefill = dict(seen)
-            cache, steps, total = out.cache, [], inputs["x"].shape[1]
+            cache, steps, total = output_cache(out), [], inputs["x"].shape[1]
             for t in range(inputs["decode_input_ids"].shape[1]):
                 step = model(
                     input_ids=inputs["decode_input_ids"][:, t : t + 1],
                     position_ids=torch.tensor([[total + t]]),
-                    cache=cache,
                     use_cache=True,
                     output_attentions=True,
+                    **{cache_keyword(): cache},
                 )
-                cache = step.cache
+                cache = output_cache(step)
                 steps.append((step.logits[:, -1], step.attentions, {k: v for k, v in seen.items() if "attn_out" in k}))
     finally:
         for handle in handles:

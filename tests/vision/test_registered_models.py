@@ -110,11 +110,14 @@ def lvlm(family: str) -> Tiny:
     """The hallucination-mitigation models build the tiny random LVLM of their family with random weights
     (attnzoo.multimodal.hallucination.models.tiny_lvlm): a prompt holding its image tokens, and its pixels."""
     text = torch.tensor([[1, 40, 41, 42]])
-    if family == "llava":  # 36 image tokens (id 100), an 84 px image; LLaVA reads the CLIP features before post-norm
+    if family == "llava":  # 36 image tokens (id 100), an 84 px image
         return Tiny(
             {},
             lambda: (torch.cat([text, torch.full((1, 36), 100)], 1), torch.randn(1, 3, 84, 84)),
-            no_grad=r"^model\.vision_tower\.post_layernorm\.",
+            # LLaVA reads the CLIP features of the second-to-last layer (vision_feature_layer=-2): the
+            # last layer and the post-norm reach the outputs only through transformers >= 5.24's
+            # image_outputs.
+            no_grad=r"^model\.vision_tower\.(post_layernorm|encoder\.layers\.1)\.",
         )
     if family == "qwen2_vl":  # 4 image tokens (id 104) between the vision markers (102, 103): 4x4 patches
         ids = torch.cat([text, torch.tensor([[102, 104, 104, 104, 104, 103]])], 1)

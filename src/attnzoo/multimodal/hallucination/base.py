@@ -43,6 +43,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from attnzoo.errors import AttnzooError, InvalidOptionError
 
 from .layouts import Family, FixedImageSpan, ImageTokens, LayoutError, resolve_family
+from .transformers_compat import cache_keyword, output_cache
 
 
 class InterventionError(AttnzooError, RuntimeError):
@@ -636,14 +637,16 @@ class ContrastBranchProcessor(LogitsProcessor):
         self._next_position = self._next_position + 1
         return self._keep(
             self.family.generation_module()(
-                input_ids=token, attention_mask=self._mask, position_ids=positions, cache=self._cache, use_cache=True
+                input_ids=token,
+                attention_mask=self._mask,
+                position_ids=positions,
+                use_cache=True,
+                **{cache_keyword(): self._cache},
             )
         )
 
     def _keep(self, output) -> torch.Tensor:
-        self._cache = getattr(output, "cache", None)
-        if self._cache is None:
-            self._cache = output.past_key_values
+        self._cache = output_cache(output)
         return output.logits[:, -1, :]
 
     @contextmanager

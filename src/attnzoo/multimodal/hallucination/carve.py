@@ -58,6 +58,7 @@ from .functional.carve import (
 )
 from .layouts import Family, LayoutError, family_of
 from .method import CachedPrefix, MitigationMethod, PromptBatch, PromptImages
+from .transformers_compat import cache_keyword
 
 #: The official defaults (``carve.pipeline.carve``).
 DEFAULTS: dict[str, Any] = {
@@ -271,8 +272,8 @@ class _ProbeRunner(ContrastBranchProcessor):
                 input_ids=ids[:, width:],
                 attention_mask=mask,
                 position_ids=positions[..., width:],
-                cache=cache,
                 use_cache=True,
+                **{cache_keyword(): cache},
                 logits_to_keep=1,
             )
         )

@@ -31,6 +31,7 @@ from torch import nn
 from transformers import LogitsProcessor
 
 from .base import Intervention, PairedContrast
+from .transformers_compat import cache_keyword
 
 #: One prompt's image(s): CARVE's official final pass asks about [original, refined] together.
 PromptImages = Image.Image | Sequence[Image.Image]
@@ -54,7 +55,7 @@ class CachedPrefix:
     def generate_inputs(self) -> dict[str, Any]:
         """Keyword arguments for ``generate`` (a fresh copy of the cache each call: generate extends it)."""
         if self.rows is None:
-            return {**self.inputs, "cache": copy.deepcopy(self.cache)}
+            return {**self.inputs, cache_keyword(): copy.deepcopy(self.cache)}
         # Selecting rows makes new tensors: copy the cache's structure only, then select.
         tensors = [
             t
@@ -64,7 +65,7 @@ class CachedPrefix:
         ]
         cache = copy.deepcopy(self.cache, memo={id(t): t for t in tensors})
         cache.batch_select_indices(torch.tensor(list(self.rows)))  # CPU indices serve a cache on any devices
-        return {**self.inputs, "cache": cache}
+        return {**self.inputs, cache_keyword(): cache}
 
 
 @dataclass(frozen=True)

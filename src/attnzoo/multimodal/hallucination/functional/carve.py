@@ -12,7 +12,6 @@ one released variant (v1..v4).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from typing import Literal, NamedTuple
 
@@ -21,6 +20,7 @@ import torch
 from PIL import Image
 
 from attnzoo.errors import InvalidInputError
+from attnzoo.multimodal.hallucination.transformers_compat import cache_keyword, output_cache
 
 #: The layers the official code fuses (20..25 inclusive).
 CARVE_LAYERS = tuple(range(20, 26))
@@ -121,7 +121,6 @@ def carve_probe_attention(
         raise InvalidInputError("the CARVE probe takes one unpadded prompt: its attention_mask has zeros")
     start, end = image_span if image_span is not None else _image_token_span(input_ids[0], _image_token_id(model))
     stop_ids = _eos_ids(model, eos_token_id)
-    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     step_inputs = dict(inputs)
     maps: list[torch.Tensor] = []
@@ -143,7 +142,7 @@ def carve_probe_attention(
             if token in stop_ids:
                 break
             # B = 1 and no padding: the model derives positions (Qwen2-VL's M-RoPE too) from the cache
-            step_inputs = {"input_ids": input_ids.new_tensor([[token]]), cache_name: getattr(out, cache_name)}
+            step_inputs = {"input_ids": input_ids.new_tensor([[token]]), cache_keyword(): output_cache(out)}
     return CarveProbe(torch.stack(maps), torch.tensor(tokens), (start, end), layers)
 
 
