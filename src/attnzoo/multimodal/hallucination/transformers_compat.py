@@ -1,7 +1,7 @@
 """The KV cache's name across the transformers releases we support (``pyproject.toml``'s floor
 on): before 5.24 it is ``past_key_values`` in model calls, ``generate`` and model outputs; from 5.24
 on it is ``cache``, and the old name only warns. Everything here that hands a cache to a model, or
-reads one back, goes through these two helpers (``.ci/transformers_floor`` runs the tests on the
+reads one back, goes through these two helpers (``.ci/lower_bounds`` runs the tests on the
 floor)."""
 
 from __future__ import annotations
