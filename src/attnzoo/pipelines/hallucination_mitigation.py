@@ -621,14 +621,8 @@ class HallucinationMitigationPipeline(Pipeline):
         the model otherwise fails deep inside the forward, or silently misplaces the image)."""
         from attnzoo.multimodal.hallucination.layouts import LayoutError
 
-        seen = {
-            "pixel_values": inputs.get("pixel_values"),
-            "image_sizes": inputs.get("image_sizes"),
-            "grid_thw": inputs.get("image_grid_thw"),
-        }
-        info = self.family.read_image_info((), {k: v for k, v in seen.items() if v is not None})
         try:
-            return self.family.image_tokens(inputs["input_ids"], info)
+            return self.family.image_tokens(inputs["input_ids"], self.family.inputs_image_info(inputs))
         except LayoutError as err:
             raise LayoutError(f"image(s) {', '.join(names)}: {err}") from None
 

@@ -501,14 +501,22 @@ def eager_language_model(model: nn.Module, family: Family) -> Iterator[None]:
     ):
         yield
         return
+    with _text_attention(model, family, "eager"):
+        yield
+
+
+@contextmanager
+def _text_attention(model: nn.Module, family: Family, implementation: str) -> Iterator[None]:
+    """The language model on attention ``implementation`` while inside; every config's implementation
+    (the vision tower's, an attached edit's) restored afterwards."""
     snapshot = [(config, config._attn_implementation_internal) for config in _all_configs(model)]
     key = family.text_config_key
-    cast(Any, model).set_attn_implementation({key: "eager"} if key else "eager")
     try:
+        cast(Any, model).set_attn_implementation({key: implementation} if key else implementation)
         yield
     finally:
-        for config, implementation in snapshot:
-            config._attn_implementation_internal = implementation
+        for config, old in snapshot:
+            config._attn_implementation_internal = old
 
 
 _probe_names = itertools.count()
@@ -525,14 +533,10 @@ def language_model_attention(model: nn.Module, family: Family, function: Any, ma
     name = f"attnzoo_probe_{next(_probe_names)}"
     AttentionInterface.register(name, function)
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask])
-    snapshot = [(config, config._attn_implementation_internal) for config in _all_configs(model)]
-    key = family.text_config_key
     try:
-        cast(Any, model).set_attn_implementation({key: name} if key else name)
-        yield
+        with _text_attention(model, family, name):
+            yield
     finally:
-        for config, implementation in snapshot:
-            config._attn_implementation_internal = implementation
         _Session._unregister(name)
 
 

@@ -340,7 +340,7 @@ def _grid_positions(family: Family, inputs: Mapping[str, Any]) -> tuple[list[tor
     if mask is not None and not bool(mask[:, -1].all()):
         raise InvalidInputError("CARVE's probes decode a padded batch: the encoder must pad on the left")
     ids = inputs["input_ids"]
-    tokens = family.image_tokens(ids, _image_info(inputs))
+    tokens = family.image_tokens(ids, family.inputs_image_info(inputs))
     tokens.require_grid("CARVE")
     runs: dict[int, list] = {}
     for run in tokens.runs:
@@ -386,7 +386,7 @@ def _shared_prefix_layout(
     counts = valid.sum(-1).tolist()
     image_end = {
         run.sample: run.start + run.length - (ids.shape[1] - counts[run.sample])
-        for run in family.image_tokens(ids, _image_info(inputs)).runs
+        for run in family.image_tokens(ids, family.inputs_image_info(inputs)).runs
     }
     owners = [list(groups).index(group) for group in range(max(groups) + 1)]
     for row, group in enumerate(groups):
@@ -470,18 +470,6 @@ def _row_images(inputs: Mapping[str, Any], per_token: set[str], rows: Sequence[i
         patches = torch.tensor([i for span in spans for i in span], device=images["pixel_values"].device)
         return {**images, "image_grid_thw": thw[list(rows)], "pixel_values": images["pixel_values"][patches]}
     return {k: (v[list(rows)] if isinstance(v, torch.Tensor) else v) for k, v in images.items()}
-
-
-def _image_info(inputs: Mapping[str, Any]) -> dict[str, Any] | None:
-    """What the family's layout needs to count each image's tokens, read from the model inputs."""
-    if inputs.get("image_grid_thw") is not None:
-        grids = [tuple(int(v) for v in g) for g in inputs["image_grid_thw"]]
-        return {"num_images": len(grids), "grid_thw": grids}
-    if inputs.get("image_sizes") is not None:
-        sizes = [tuple(int(v) for v in s) for s in inputs["image_sizes"]]
-        return {"num_images": len(sizes), "image_sizes": sizes}
-    pixels = inputs.get("pixel_values")
-    return None if pixels is None else {"num_images": pixels.shape[0]}
 
 
 __all__ = ["CARVE", "DEFAULTS"]

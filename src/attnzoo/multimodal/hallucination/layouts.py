@@ -144,6 +144,16 @@ class Family:
         pixels = args[0] if args else kwargs.get("pixel_values")
         return None if pixels is None else {"num_images": pixels.shape[0]}
 
+    def inputs_image_info(self, inputs: Mapping[str, Any]) -> dict | None:
+        """What :meth:`image_tokens` needs to count each image's tokens, read from a processor's model
+        inputs (``pixel_values`` with ``image_sizes`` or ``image_grid_thw`` where the family has them)."""
+        seen = {
+            "pixel_values": inputs.get("pixel_values"),
+            "image_sizes": inputs.get("image_sizes"),
+            "grid_thw": inputs.get("image_grid_thw"),
+        }
+        return self.read_image_info((), {k: v for k, v in seen.items() if v is not None})
+
     def stateful_attributes(self) -> list[tuple[nn.Module, str]]:
         """Per-generation state a model keeps on its modules (a contrast branch must not clobber it)."""
         return []
