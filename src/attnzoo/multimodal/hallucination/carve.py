@@ -465,10 +465,8 @@ def _row_images(inputs: Mapping[str, Any], per_token: set[str], rows: Sequence[i
     images = {k: v for k, v in inputs.items() if k not in per_token and v is not None}
     thw = images.get("image_grid_thw")
     if thw is not None:  # Qwen2-VL: the images' patches are concatenated along dim 0
-        ends = thw.prod(-1).cumsum(0).tolist()
-        spans = [range(ends[row] - int(thw[row].prod()), ends[row]) for row in rows]
-        patches = torch.tensor([i for span in spans for i in span], device=images["pixel_values"].device)
-        return {**images, "image_grid_thw": thw[list(rows)], "pixel_values": images["pixel_values"][patches]}
+        pieces = images["pixel_values"].split([int(n) for n in thw.prod(-1)])
+        return {**images, "image_grid_thw": thw[list(rows)], "pixel_values": torch.cat([pieces[row] for row in rows])}
     return {k: (v[list(rows)] if isinstance(v, torch.Tensor) else v) for k, v in images.items()}
 
 
