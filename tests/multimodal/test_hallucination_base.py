@@ -89,6 +89,26 @@ def test_custom_attention_without_edit_is_bitwise_eager(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_attention_edits_run_under_beam_search(family):
+    """Beam search repeats every prompt's row after the images were encoded once: an edit that changes
+    nothing gives the stock beams bit for bit, and an edit that acts gives every beam row of a prompt
+    the edited model's next-token logits."""
+    model, inputs = BUILDERS[family](batch=2, attn_implementation="eager")
+    sharpen_attention(model)
+    stock = greedy(model, inputs, max_new_tokens=4, num_beams=2)
+    with NoEdit().attach(model) as edit:
+        assert torch.equal(greedy(model, inputs, max_new_tokens=4, num_beams=2), stock)
+    assert edit.masks and edit.masks[0][0] == 4  # 2 prompts x 2 beams
+    with PAI(alpha=1.0).attach(model):
+        edited = logits(model, inputs)[:, -1].repeat_interleave(2, dim=0)
+        beams = model.generate(
+            **inputs, max_new_tokens=2, num_beams=2, pad_token_id=0, output_logits=True, return_dict_in_generate=True
+        )
+    torch.testing.assert_close(beams.logits[0], edited, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits(model, inputs)[:, -1].repeat_interleave(2, dim=0), edited, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_detach_restores_the_stock_model(family):
     model, inputs = BUILDERS[family](batch=2)  # loaded with SDPA, as from_pretrained does
     sharpen_attention(model)

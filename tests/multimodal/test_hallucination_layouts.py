@@ -77,6 +77,21 @@ def test_llava_two_images_in_one_prompt_and_count_errors():
     assert isinstance(info.value, InvalidInputError)
 
 
+def test_beam_search_rows_repeat_their_prompts_runs():
+    """generate encodes B prompts' images once, then repeats each row num_beams times: the copies get
+    their prompt's runs and image indices; rows that are no such copies still fail the count."""
+    family = family_of(tiny_llava()[0])
+    ids, _ = prompt_ids([2, 3], [4, 8], [3, 1])  # prompt 0: one image, prompt 1: two
+    prompts = family.image_tokens(ids, {"num_images": 3})
+    beams = family.image_tokens(ids.repeat_interleave(2, dim=0), {"num_images": 3})
+    expected = [(2 * r.sample + copy, r.start, r.length, r.image) for r in prompts.runs[:1] for copy in range(2)]
+    expected += [(2 * r.sample + copy, r.start, r.length, r.image) for copy in range(2) for r in prompts.runs[1:]]
+    assert [(r.sample, r.start, r.length, r.image) for r in beams.runs] == expected
+    assert [r.image for r in prompts.runs] == [0, 1, 2] and (prompts.num_images, beams.num_images) == (3, 3)
+    with pytest.raises(LayoutError, match="6 image"):
+        family.image_tokens(torch.cat([ids, ids]), {"num_images": 3})  # the same rows, not beam copies
+
+
 def test_wrong_count_is_a_typed_error_inside_generate():
     model, inputs = tiny_llava()
     inputs["input_ids"][0, inputs["input_ids"][0] == IMAGE_TOKEN_ID] = 5

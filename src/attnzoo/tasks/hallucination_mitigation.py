@@ -61,7 +61,7 @@ SPEC = register_task(
             Option("temperature", float, "Sampling temperature (1).", _BOTH),
             Option("top_p", float, "Sampling top-p (1).", _BOTH),
             Option("top_k", int, "Sampling top-k (none).", _BOTH),
-            Option("num_beams", int, "Beam search (1; attention edits only, not contrast methods).", _BOTH),
+            Option("num_beams", int, "Beam search (1; attention edits and CARVE, not contrast branches).", _BOTH),
             Option("seed", int, "Sampling seed (0; eval: each sample's seed derives from it).", _BOTH),
             Option("chat_template", str, "model (the processor's, default), llava_v1 or a literal {question}.", _BOTH),
             Option(

@@ -50,8 +50,9 @@ class InterventionError(AttnzooError, RuntimeError):
     """An intervention cannot run as asked (not attached, a generation mode it does not support)."""
 
 
-class InterventionConflictError(InterventionError):
-    """Two interventions that cannot share a model (two attention edits, the same one twice)."""
+class InterventionConflictError(InterventionError, InvalidOptionError):
+    """Two interventions that cannot share a model (two attention edits, the same one twice): a usage
+    error, so the CLI exits with 2 as for any bad option."""
 
 
 BEHAVIOURS = ("official", "paper")
@@ -225,8 +226,15 @@ class _Session:
             ids = kwargs.get("input_ids", args[0] if args else None)
             embeds = kwargs.get("inputs_embeds")
             shape = tuple(ids.shape[:2]) if ids is not None else tuple(embeds.shape[:2])
-            if ids is None and state.pending_ids is not None and tuple(state.pending_ids.shape) == shape:
-                ids = state.pending_ids
+            pending = state.pending_ids
+            if (
+                ids is None
+                and pending is not None
+                and pending.shape[1] == shape[1]
+                and shape[0] % pending.shape[0] == 0
+            ):
+                # the embedded prompt; beam search (InstructBLIP's generate) repeats each row after embedding it
+                ids = pending.repeat_interleave(shape[0] // pending.shape[0], dim=0)
             state.image_tokens = self._image_tokens(ids, shape, state.pending_images)
             state.prompts += 1
             for intervention in self.interventions:

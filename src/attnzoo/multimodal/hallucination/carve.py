@@ -284,26 +284,31 @@ class _ProbeRunner(ContrastBranchProcessor):
         them produced EOS, and decoding stops when every pair is."""
         ids = self.branch_inputs["input_ids"]
         batch = ids.shape[0]
-        stops = torch.tensor(sorted(_eos_ids(self.model, None)), dtype=ids.dtype, device=ids.device)
-        finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+        stops = set(_eos_ids(self.model, None))
+        finished = [False] * batch
         maps: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        picks: list[torch.Tensor] = []
         try:
             with language_model_attention(self.model, self.probe_family, self._attention), torch.no_grad():
                 logits = self.branch_logits(ids)
                 for step in range(steps):
-                    rows = torch.stack([self._rows[layer] for layer in self.layers], dim=1)  # [B, L, K]
-                    for row in torch.nonzero(~finished).flatten().tolist():
-                        maps[row].append(rows[row][:, positions[row].to(rows.device)].cpu())
+                    # [B, L, K] on the first probe layer's device (a device map may spread the layers)
+                    first = self._rows[self.layers[0]]
+                    rows = torch.stack([self._rows[layer].to(first.device) for layer in self.layers], dim=1)
+                    picks = picks or [grid.to(first.device) for grid in positions]
+                    for row in range(batch):
+                        if not finished[row]:  # the maps stay on the device until the end: no sync per row
+                            maps[row].append(rows[row][:, picks[row]])
                     token = logits.argmax(dim=-1)
-                    finished = finished | torch.isin(token, stops)
-                    if step == steps - 1 or bool((finished[: len(partners)] | finished[list(partners)]).all()):
+                    finished = [was or now in stops for was, now in zip(finished, token.tolist(), strict=True)]
+                    if step == steps - 1 or all(finished[q] or finished[g] for q, g in enumerate(partners)):
                         break
-                    ids = torch.cat([ids, token[:, None]], dim=-1)
+                    ids = torch.cat([ids, token[:, None].to(ids.device)], dim=-1)
                     logits = self.branch_logits(ids)
         finally:
             self._rows = {}
             self.reset()
-        return [torch.stack(row) for row in maps]
+        return [torch.stack(row).cpu() for row in maps]
 
     def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         """transformers' SDPA attention; in a probe layer, also the last query row's weights (all the

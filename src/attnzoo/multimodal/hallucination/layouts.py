@@ -20,7 +20,7 @@ text-only experiments) works with a :class:`FixedImageSpan` instead of a family.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -46,13 +46,15 @@ class UnknownFamilyError(UnknownNameError):
 class ImageRun:
     """One image's tokens in the language model's sequence: ``length`` tokens from ``start`` in row
     ``sample``; ``grid`` (rows, cols) covers the tokens from ``start + grid_offset`` that map one to
-    one onto the vision tower's patches (None for a resampler)."""
+    one onto the vision tower's patches (None for a resampler); ``image`` is the image's index in the
+    order the vision tower saw the images (beam search repeats a prompt's rows, not its images)."""
 
     sample: int
     start: int
     length: int
     grid: tuple[int, int] | None = None
     grid_offset: int = 0
+    image: int = 0
 
     @property
     def grid_positions(self) -> torch.Tensor:
@@ -76,6 +78,11 @@ class ImageTokens:
     @property
     def batch_size(self) -> int:
         return self.mask.shape[0]
+
+    @property
+    def num_images(self) -> int:
+        """The images the vision tower saw (fewer than the runs when beam search repeated the rows)."""
+        return len({run.image for run in self.runs})
 
     def image_end(self) -> torch.Tensor:
         """One past the last image token of each row ([B] long; 0 for a row without images)."""
@@ -175,6 +182,43 @@ class Family:
     def image_tokens(self, input_ids: torch.Tensor, image_info: Mapping[str, Any] | None = None) -> ImageTokens:
         """Locate and check the image tokens of ``input_ids`` [B, S]; ``image_info`` is what
         :meth:`read_image_info` saw at the same prefill (None when the images were not seen)."""
+        try:
+            return self._image_tokens(input_ids, image_info)
+        except LayoutError:
+            repeated = self._beam_rows(input_ids, image_info)
+            if repeated is None:
+                raise
+            return repeated
+
+    def _beam_rows(self, input_ids: torch.Tensor, image_info: Mapping[str, Any] | None) -> ImageTokens | None:
+        """Beam search: ``generate`` encodes the prompts' images once, then repeats every prompt's row
+        ``num_beams`` times (consecutive copies). The runs of the first copies, repeated onto the
+        others (same images); None when the rows are not such copies of prompts that fit the images."""
+        rows = input_ids.shape[0]
+        if not image_info or not image_info.get("num_images"):
+            return None
+        for copies in range(2, rows + 1):
+            if rows % copies:
+                continue
+            groups = input_ids.view(rows // copies, copies, -1)
+            if not bool((groups == groups[:, :1]).all()):
+                continue
+            try:
+                prompts = self._image_tokens(input_ids[::copies], image_info)
+            except LayoutError:
+                continue
+            runs = tuple(
+                replace(run, sample=run.sample * copies + copy)
+                for prompt in range(rows // copies)
+                for copy in range(copies)
+                for run in prompts.runs
+                if run.sample == prompt
+            )
+            mask = input_ids == self.image_token_id()
+            return ImageTokens(mask=mask, runs=runs, family=self.name, spatial=self.spatial)
+        return None
+
+    def _image_tokens(self, input_ids: torch.Tensor, image_info: Mapping[str, Any] | None) -> ImageTokens:
         mask = input_ids == self.image_token_id()
         if not bool(mask.any()):
             return ImageTokens(mask=mask, runs=(), family=self.name, spatial=self.spatial)
@@ -212,7 +256,7 @@ class Family:
                     "own processor (it writes one placeholder per image feature)"
                 )
             grid, grid_offset = self.grid_for(index, image_info)
-            runs.append(ImageRun(sample, start + offset, size, grid, grid_offset))
+            runs.append(ImageRun(sample, start + offset, size, grid, grid_offset, image=index))
             offset += size
         return runs
 
@@ -306,7 +350,7 @@ class LlavaNextFamily(LlavaFamily):
                     f"input_ids row {sample} has a run of {length} image tokens at position {start}, fewer than "
                     f"LLaVA-NeXT's base view of {base}"
                 )
-            return [ImageRun(sample, start, length, *self.grid_for(first_index, image_info))]
+            return [ImageRun(sample, start, length, *self.grid_for(first_index, image_info), image=first_index)]
         return super()._split_run(sample, start, length, sizes, first_index, image_info)
 
     vision_note = "several anyres crops per image (unsupported)"
@@ -456,7 +500,7 @@ class FixedImageSpan:
             )
         mask = torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
         mask[:, self.start : self.start + self.length] = True
-        runs = tuple(ImageRun(b, self.start, self.length, self.grid, self.grid_offset) for b in range(batch))
+        runs = tuple(ImageRun(b, self.start, self.length, self.grid, self.grid_offset, image=b) for b in range(batch))
         return ImageTokens(mask=mask, runs=runs, family="fixed span", spatial=self.grid is not None)
 
 
