@@ -151,3 +151,19 @@ def test_run_writes_answers_and_the_attention_picture(pope, tmp_path, capsys):
     assert np.asarray(result["attention"]).shape == (6, 6) and "baseline_answer" in result
     picture = Image.open(tmp_path / f"{image.stem}.png")
     assert picture.width > 3 * 200  # image | with var | without a method
+
+
+def test_incompatible_methods_are_a_usage_error(pope, tmp_path, capsys):
+    image = next((pope / "val2014").glob("*.jpg"))
+    args = ["run", TASK, str(image), "--question", "dog?", "--method", "var+pai", "--weights", "none"]
+    assert main([*args, "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert "var" in capsys.readouterr().err and not (tmp_path / "results.json").exists()
+
+
+def test_run_with_beam_search_and_an_attention_edit(pope, tmp_path, capsys):
+    """generate repeats each prompt's row for its beams after encoding the image once."""
+    image = next((pope / "val2014").glob("*.jpg"))
+    args = ["run", TASK, str(image), "--question", "dog?", "--method", "var", *VAR_ON_TINY, "--num-beams", "2"]
+    assert main([*args, "--weights", "none", "--device", "cpu", "--max-new-tokens", "3", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())["results"][str(image)]
+    assert result["method"] == "var" and result["decoding"]["mode"] == "beam" and result["decoding"]["num_beams"] == 2
