@@ -98,6 +98,30 @@ def test_pai_settings_and_errors():
         PAICFGLogitsProcessor(model, {"input_ids": torch.ones(1, 3, dtype=torch.long)}, cutoff=0.0)
 
 
+@pytest.mark.parametrize("alpha", [-0.1, -5.0, float("nan"), float("inf"), -float("inf")])
+def test_pai_alpha_must_be_finite_and_not_negative(alpha):
+    with pytest.raises(InvalidOptionError, match=r"PAI's alpha .*got"):
+        PAI(alpha=alpha)
+
+
+@pytest.mark.parametrize("gamma", [float("nan"), float("inf"), -float("inf")])
+def test_pai_cfg_gamma_must_be_finite(gamma):
+    """gamma nan or inf would make every guided score nan (every answer padding)."""
+    model = tiny_lm()
+    with pytest.raises(InvalidOptionError, match=r"gamma must be finite, got (nan|inf|-inf)"):
+        PAICFGLogitsProcessor(model, {"input_ids": torch.ones(1, 3, dtype=torch.long)}, gamma=gamma)
+
+
+def test_pai_edge_values_still_construct():
+    """alpha 0 (no edit) and any finite gamma: 1 is no guidance, 0 the text-only branch, below 0 guidance
+    away from the image; the formula is defined for all of them and the official processor takes any."""
+    assert PAI(alpha=0.0).alpha == 0.0 and PAI(alpha=1e6).alpha == 1e6
+    model = tiny_lm()
+    for gamma in (0.0, 0.5, 1.0, -2.0, 100.0):
+        cfg = PAICFGLogitsProcessor(model, {"input_ids": torch.ones(1, 3, dtype=torch.long)}, gamma=gamma)
+        assert cfg.gamma == gamma
+
+
 @pytest.mark.parametrize("family", sorted(BUILDERS))
 def test_pai_generates_on_tiny_lvlms(family):
     model, inputs = BUILDERS[family](batch=2)
@@ -189,3 +213,14 @@ def test_a_cfg_processor_never_leaves_the_edit_switched_off():
             pai.cfg_processor(inputs, gamma=1.7)  # built, never called
         with pai.attach(model):  # a new attachment edits again
             torch.testing.assert_close(model(**inputs).logits[:, -1], edited)
+
+
+@pytest.mark.parametrize("settings", [{"gamma": float("nan")}, {"gamma": float("inf")}, {"cutoff": 2.0}])
+@pytest.mark.parametrize("method", ["pai", "paint"])
+def test_bad_cfg_settings_fail_when_the_method_is_built(method, settings):
+    """gamma and cutoff given by name are checked with the method, before any image is read."""
+    from attnzoo.multimodal.hallucination.methods import build_methods
+
+    with pytest.raises(InvalidOptionError, match="gamma|cutoff"):
+        build_methods(method, **settings)
+    assert build_methods(method, gamma=-3.0, cutoff=1.0)[0].gamma == -3.0  # any finite strength

@@ -116,6 +116,25 @@ def test_paint_reads_the_cls_rows_and_edits_every_image():
         assert not set(local.tolist()) & set(summary.tolist())
 
 
+def test_paint_under_beam_search_gives_each_beam_its_images_sets():
+    """Beam search repeats each prompt's row after the tower saw its image once: every beam row gets
+    the sets of its prompt's image and the edited model's next-token logits."""
+    model, inputs = BUILDERS["llava"](batch=2, image_size=56)
+    sharpen_attention(model)
+    with PAINT(local_ratio=0.5).attach(model) as paint:
+        with torch.no_grad():
+            edited = model(**inputs).logits[:, -1].repeat_interleave(2, dim=0)
+        prompts = list(paint.last_token_sets)
+        beams = model.generate(
+            **inputs, max_new_tokens=2, num_beams=2, pad_token_id=0, output_logits=True, return_dict_in_generate=True
+        )
+    torch.testing.assert_close(beams.logits[0], edited, atol=1e-5, rtol=1e-5)
+    repeated = [prompts[0], prompts[0], prompts[1], prompts[1]]
+    assert len(paint.last_token_sets) == 4
+    for (local, summary), (want_local, want_summary) in zip(paint.last_token_sets, repeated, strict=True):
+        assert torch.equal(local, want_local) and torch.equal(summary, want_summary)
+
+
 def test_paint_strengths_land_on_the_grid_positions():
     model, inputs = BUILDERS["llava"](batch=2)
     paint = PAINT(alpha=0.7, beta=0.3, token_sets=([0, 3], [1]))
@@ -127,6 +146,49 @@ def test_paint_strengths_land_on_the_grid_positions():
         row = strengths[run.sample]
         assert row[run.start : run.start + 4].tolist() == pytest.approx([0.7, 0.3, 0.0, 0.7])
         assert row.count_nonzero() == 3
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"alpha": -0.1},
+        {"alpha": float("nan")},
+        {"alpha": float("inf")},
+        {"beta": -1.0},
+        {"beta": float("nan")},
+        {"beta": -float("inf")},
+        {"local_ratio": 0.0},
+        {"local_ratio": -0.5},
+        {"local_ratio": 1.5},
+        {"local_ratio": float("nan")},
+        {"summary_layer": 1.5},
+        {"summary_layer": True},
+    ],
+)
+def test_paint_bad_settings_fail_when_it_is_built(bad):
+    ((name, value),) = bad.items()
+    with pytest.raises(InvalidOptionError, match=f"PAINT's {name} .*{value!r}"):
+        PAINT(**bad)
+
+
+def test_paint_edge_settings_still_construct():
+    paint = PAINT(alpha=0.0, beta=0.0, local_ratio=1.0, summary_layer=-1)
+    assert (paint.alpha, paint.beta, paint.local_ratio, paint.summary_layer) == (0.0, 0.0, 1.0, -1)
+    assert PAINT(local_ratio=1e-3, summary_layer=3.0).summary_layer == 3
+
+
+@pytest.mark.parametrize("layer", [2, -3, 99])
+def test_paint_summary_layer_must_be_a_vision_tower_layer(layer):
+    """Checked against the tower's depth when PAINT attaches (a typed error, no hook left behind)."""
+    model, _ = BUILDERS["llava"]()
+    depth = model.config.vision_config.num_hidden_layers
+    tower = model.model.vision_tower
+    assert depth == 2 == len(getattr(tower, "vision_model", tower).encoder.layers)
+    with pytest.raises(InvalidOptionError, match=f"summary_layer {layer} .*2\\b"):
+        PAINT(summary_layer=layer).attach(model)
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    for edge in (-2, 1):
+        PAINT(summary_layer=edge).attach(model).detach()
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "instructblip"])

@@ -337,6 +337,39 @@ def test_var_parameters():
     assert sink_dims_for(Named()) == SINK_DIMS["llama-2-13b"] == (2100, 4743)
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"tau": float("nan")},
+        {"tau": float("inf")},
+        {"tau": -float("inf")},
+        {"summ": -0.1},
+        {"summ": 1.5},
+        {"summ": float("nan")},
+        {"rho": float("nan")},
+        {"rho": -0.1},
+        {"p": 1.1},
+        {"p": float("inf")},
+    ],
+)
+def test_var_bad_settings_fail_when_it_is_built(bad):
+    ((name, value),) = bad.items()
+    with pytest.raises(InvalidOptionError, match=f"VAR's {name} .*{value!r}"):
+        VAR(**bad)
+    if name in ("rho", "p"):  # the code's inverted values go through the same check
+        with pytest.raises(InvalidOptionError, match=f"VAR's {name}"):
+            VAR.from_code_values(**{name: 1 - value})
+
+
+def test_var_edge_settings_still_construct():
+    """summ, rho and p are shares (0 and 1 included); tau thresholds phi >= 0, so any finite tau is
+    meaningful (a negative one makes every token a sink)."""
+    for summ, rho, p in ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)):
+        var = VAR(summ=summ, rho=rho, p=p)
+        assert (var.summ, var.rho, var.p) == (summ, rho, p)
+    assert VAR(tau=-3.0).tau == -3.0 and VAR(tau=0.0).tau == 0.0 and VAR(tau=1e9).tau == 1e9
+
+
 def test_find_sink_dims_recovers_injected_dims():
     model, inputs = BUILDERS["llava"](batch=2)
     with injected_sinks(model, sink_positions(model, inputs)):

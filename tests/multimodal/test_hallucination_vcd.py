@@ -8,8 +8,10 @@ with and without VAR / PAI attached, and an end-of-sequence token stopping both 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from attnzoo.errors import InvalidInputError, InvalidOptionError, UnknownNameError
@@ -20,6 +22,7 @@ from attnzoo.multimodal.hallucination.method import PromptBatch
 from tests.lvlm_helpers import EOS_TOKEN_ID, PAD_TOKEN_ID, greedy, sampled, sharpen_attention
 from tests.multimodal.lvlm_prompts import (
     FAMILIES,
+    _llava_next_encoder,
     assert_same_run,
     drive,
     extended,
@@ -104,6 +107,49 @@ def test_vcd_noise_of_an_image_does_not_depend_on_its_batch():
     assert torch.equal(both[4:], second)
     with pytest.raises(InvalidInputError, match="image_grid_thw"):
         vcd.noised_inputs({"pixel_values": patches[:5], "image_grid_thw": grid})
+
+
+def _next_model_with_a_five_tile_pinpoint():
+    """The tiny LLaVA-NeXT with a 56 x 56 pinpoint too: a wide image gets 5 tiles, a tall one 3."""
+    model, _ = tiny_model("llava_next")
+    model.config.image_grid_pinpoints = [[28, 56], [56, 28], [56, 56]]
+    sharpen_attention(model)
+    rng = np.random.default_rng(0)
+    tall, wide = (Image.fromarray(rng.integers(10, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((40, 20), (200, 300)))
+    return model, _llava_next_encoder(model), tall, wide
+
+
+def test_vcd_noise_of_a_llava_next_image_does_not_depend_on_the_tiles_of_its_batch():
+    """LLaVA-NeXT pads every image's tiles to the batch's largest count: a 3-tile image alone and beside a
+    5-tile one gets the same noised tiles, the padding stays zero, and the model is needed to count them."""
+    model, encode, tall, wide = _next_model_with_a_five_tile_pinpoint()
+    alone, pair = encode([tall], QUESTIONS[:1]), encode([tall, wide], QUESTIONS)
+    assert alone["pixel_values"].shape[1] == 3 and pair["pixel_values"].shape[1] == 5
+    assert torch.equal(pair["pixel_values"][0, 3:], torch.zeros_like(pair["pixel_values"][0, 3:]))
+    vcd = VCD()
+    noised_alone = vcd.noised_inputs(alone, model)["pixel_values"]
+    noised_pair = vcd.noised_inputs(pair, model)["pixel_values"]
+    assert torch.equal(noised_pair[0, :3], noised_alone[0]) and torch.equal(
+        noised_pair[0, 3:], pair["pixel_values"][0, 3:]
+    )
+    assert torch.equal(noised_pair[1], vcd.noised_inputs(encode([wide], QUESTIONS[1:]), model)["pixel_values"][0])
+    assert not torch.equal(noised_pair[0, :3], alone["pixel_values"][0])
+    with pytest.raises(InvalidInputError, match="image_grid_pinpoints"):
+        vcd.noised_inputs(pair)
+    with pytest.raises(InvalidInputError, match="image_sizes"):
+        vcd.noised_inputs({**pair, "image_sizes": pair["image_sizes"][:1]}, model)
+    with pytest.raises(InvalidInputError, match="5 tiles"):
+        vcd.noised_inputs({**pair, "pixel_values": pair["pixel_values"][:, :3]}, model)
+
+
+def test_vcd_answer_of_a_llava_next_image_does_not_depend_on_its_batch():
+    """End to end (the branch as rows of the main generate): the 3-tile image's greedy VCD tokens are
+    the same alone and batched with a 5-tile image."""
+    model, encode, tall, wide = _next_model_with_a_five_tile_pinpoint()
+    vcd = VCD(alpha=1.5, beta=0.05)
+    alone = run_contrast(model, prompt_batch(encode, [tall], QUESTIONS[:1]), vcd, 4, paired=True)[0]
+    batched = run_contrast(model, prompt_batch(encode, [tall, wide], QUESTIONS), vcd, 4, paired=True)[0]
+    assert torch.equal(batched[:1], alone)
 
 
 @pytest.mark.parity

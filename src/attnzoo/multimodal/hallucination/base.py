@@ -29,6 +29,8 @@ for bit: same attention implementations, no hooks, same outputs.
 from __future__ import annotations
 
 import itertools
+import math
+import operator
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -79,6 +81,41 @@ def check_behaviour(behaviour: str) -> str:
     if behaviour not in BEHAVIOURS:
         raise InvalidOptionError(f"behaviour must be one of {BEHAVIOURS}, got {behaviour!r}")
     return behaviour
+
+
+def check_number(
+    method: str,
+    name: str,
+    value: Any,
+    *,
+    at_least: float | None = None,
+    above: float | None = None,
+    at_most: float | None = None,
+) -> float:
+    """``value`` as a finite float within the given bounds (the methods' strengths and thresholds: a nan
+    or inf would silently turn every answer into padding or the method into a no-op). A value that is
+    no number raises float's own TypeError / ValueError, which the pipeline names as a wrong type."""
+    number = float(value)
+    given = ((">=", operator.ge, at_least), (">", operator.gt, above), ("<=", operator.le, at_most))
+    limits = [(sign, holds, bound) for sign, holds, bound in given if bound is not None]
+    if not (math.isfinite(number) and all(holds(number, bound) for _, holds, bound in limits)):
+        stated = "".join(f" and {sign} {bound}" for sign, _, bound in limits)
+        raise InvalidOptionError(f"{method}'s {name} must be finite{stated}, got {value!r}")
+    return number
+
+
+def check_cutoff(method: str, alpha: float, beta: float) -> tuple[float, float]:
+    """alpha finite and >= 0 and beta in [0, 1], as floats (VCD and AGLA share them)."""
+    return (
+        check_number(method, "alpha", alpha, at_least=0.0),
+        check_number(method, "plausibility cutoff beta", beta, at_least=0.0, at_most=1.0),
+    )
+
+
+def check_batched(method: str, batched: bool) -> bool:
+    if not isinstance(batched, bool):
+        raise InvalidOptionError(f"{method}'s batched must be True or False, got {batched!r}")
+    return batched
 
 
 @dataclass

@@ -33,6 +33,7 @@ from attnzoo.errors import InvalidOptionError
 
 from .base import AttentionEdit, Intervention, InterventionConflictError
 from .method import MitigationMethod, PromptBatch
+from .pai import check_cfg_cutoff, check_gamma
 
 __all__ = [
     "METHODS",
@@ -142,8 +143,8 @@ class InterventionMethod(MitigationMethod):
         defaults = _cfg_defaults(intervention)
         self.intervention = intervention
         self.name = intervention.method
-        self.gamma = defaults.get("gamma") if gamma is None else float(gamma)
-        self.cutoff = defaults.get("cutoff") if cutoff is None else float(cutoff)
+        self.gamma = defaults.get("gamma") if gamma is None else check_gamma(gamma)
+        self.cutoff = defaults.get("cutoff") if cutoff is None else check_cfg_cutoff(cutoff)
 
     @property
     def guided(self) -> bool:

@@ -24,16 +24,24 @@ sets with two strengths instead of the whole image.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from attnzoo.errors import InvalidOptionError
 
-from .base import AttentionEdit, ContrastBranchProcessor, GrowingColumns, StreamState, family_for, log_tensor
+from .base import (
+    AttentionEdit,
+    ContrastBranchProcessor,
+    GrowingColumns,
+    StreamState,
+    check_number,
+    family_for,
+    log_tensor,
+)
 
 #: The official defaults (README / chair_eval.py).
-DEFAULTS = {"alpha": 0.2, "start_layer": 2, "gamma": 1.1, "cutoff": 0.1}
+DEFAULTS: dict[str, Any] = {"alpha": 0.2, "start_layer": 2, "gamma": 1.1, "cutoff": 0.1}
 
 
 class ImageAttentionAmplifier(AttentionEdit):
@@ -103,7 +111,8 @@ class ImageAttentionAmplifier(AttentionEdit):
 
 
 class PAI(ImageAttentionAmplifier):
-    """PAI's attention amplification of every image token, ``alpha`` (official 0.2) on the last row."""
+    """PAI's attention amplification of every image token, ``alpha`` (official 0.2) on the last row.
+    ``alpha`` is finite and >= 0: the method raises image attention (0 leaves it as it is)."""
 
     method = "pai"
 
@@ -116,7 +125,7 @@ class PAI(ImageAttentionAmplifier):
         behaviour: str = "official",
     ):
         super().__init__(start_layer=start_layer, end_layer=end_layer, behaviour=behaviour)
-        self.alpha = float(alpha)
+        self.alpha = check_number("PAI", "alpha", alpha, at_least=0.0)
 
     def _settings(self):
         return {"alpha": self.alpha, "start_layer": self.start_layer, "end_layer": self.end_layer or self._end or None}
@@ -130,6 +139,19 @@ def text_only_inputs(model, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor
     again): the unconditional branch of PAI's CFG (the official ``neg_prompt`` = BOS + text before +
     text after the image)."""
     return family_for(model).text_only(inputs)
+
+
+def check_gamma(gamma: float) -> float:
+    """The CFG strength: any finite value (1 is no guidance, below 1 leans toward the text-only branch;
+    the official processor takes any float), never nan or inf, which would make every score nan."""
+    return check_number("PAI", "CFG strength gamma", gamma)
+
+
+def check_cfg_cutoff(cutoff: float) -> float:
+    """The CFG's plausibility cutoff, a share of the top probability in (0, 1]."""
+    if not 0.0 < cutoff <= 1.0:
+        raise InvalidOptionError(f"the CFG cutoff must be in (0, 1], got {cutoff}")
+    return float(cutoff)
 
 
 class PAICFGLogitsProcessor(ContrastBranchProcessor):
@@ -150,9 +172,7 @@ class PAICFGLogitsProcessor(ContrastBranchProcessor):
         intervention: ImageAttentionAmplifier | None = None,
     ):
         super().__init__(model, unconditional_inputs)
-        if not 0.0 < cutoff <= 1.0:
-            raise InvalidOptionError(f"the CFG cutoff must be in (0, 1], got {cutoff}")
-        self.gamma, self.cutoff = float(gamma), float(cutoff)
+        self.gamma, self.cutoff = check_gamma(gamma), check_cfg_cutoff(cutoff)
         self.intervention = intervention
         if intervention is not None and self.gamma != 1.0:  # gamma 1 never runs the branch: nothing to wait for
             intervention._hold_until_cfg()
@@ -162,7 +182,7 @@ class PAICFGLogitsProcessor(ContrastBranchProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.gamma == 1.0:
-            return torch.log_softmax(scores, dim=-1)
+            return cast(torch.FloatTensor, torch.log_softmax(scores, dim=-1))
         output = super().__call__(input_ids, scores)
         if self.intervention is not None:
             self.intervention._release()
@@ -176,4 +196,12 @@ class PAICFGLogitsProcessor(ContrastBranchProcessor):
         return guided.masked_fill(conditional < floor, -float("inf"))
 
 
-__all__ = ["DEFAULTS", "PAI", "ImageAttentionAmplifier", "PAICFGLogitsProcessor", "text_only_inputs"]
+__all__ = [
+    "DEFAULTS",
+    "PAI",
+    "ImageAttentionAmplifier",
+    "PAICFGLogitsProcessor",
+    "check_cfg_cutoff",
+    "check_gamma",
+    "text_only_inputs",
+]

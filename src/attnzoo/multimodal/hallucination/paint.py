@@ -22,17 +22,26 @@ coupling, as for PAI (``cfg_processor``; the PAINT CHAIR script's gamma is 2).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
+from typing import Any
 
 import torch
 
 from attnzoo.errors import InvalidOptionError
 
-from .base import StreamState
+from .base import StreamState, check_number
 from .layouts import LayoutError
 from .pai import ImageAttentionAmplifier
 
 #: The official defaults (CLI) and the CFG strength of its CHAIR script.
-DEFAULTS = {"alpha": 0.7, "beta": 0.3, "start_layer": 2, "local_ratio": 0.25, "summary_layer": -2, "gamma": 2.0}
+DEFAULTS: dict[str, Any] = {
+    "alpha": 0.7,
+    "beta": 0.3,
+    "start_layer": 2,
+    "local_ratio": 0.25,
+    "summary_layer": -2,
+    "gamma": 2.0,
+}
 
 
 def _token_sets(cls_first: torch.Tensor, cls_summary: torch.Tensor, local_ratio: float, num_patches: int):
@@ -44,7 +53,11 @@ def _token_sets(cls_first: torch.Tensor, cls_summary: torch.Tensor, local_ratio:
 class PAINT(ImageAttentionAmplifier):
     """PAINT: local tokens amplified by ``alpha``, summary tokens by ``beta`` (last row, layers
     [start_layer, end_layer)). ``token_sets=(local, summary)`` (patch indices) fixes the sets for every
-    image instead of reading the vision tower (for text-only models fed image features)."""
+    image instead of reading the vision tower (for text-only models fed image features).
+
+    ``alpha`` and ``beta`` are finite and >= 0 (PAINT raises the two sets' attention), ``local_ratio``
+    (the share of patches taken as local tokens) is in (0, 1], and ``summary_layer`` must index the
+    vision tower (checked against its depth when the method attaches)."""
 
     method = "paint"
 
@@ -61,8 +74,15 @@ class PAINT(ImageAttentionAmplifier):
         behaviour: str = "official",
     ):
         super().__init__(start_layer=start_layer, end_layer=end_layer, behaviour=behaviour)
-        self.alpha, self.beta = float(alpha), float(beta)
-        self.local_ratio, self.summary_layer = float(local_ratio), int(summary_layer)
+        self.alpha = check_number("PAINT", "alpha", alpha, at_least=0.0)
+        self.beta = check_number("PAINT", "beta", beta, at_least=0.0)
+        self.local_ratio = check_number("PAINT", "local_ratio", local_ratio, above=0.0, at_most=1.0)
+        integral = isinstance(summary_layer, Integral) or (
+            isinstance(summary_layer, float) and float(summary_layer).is_integer()
+        )
+        if isinstance(summary_layer, bool) or not integral:
+            raise InvalidOptionError(f"PAINT's summary_layer must be a vision-tower layer index, got {summary_layer!r}")
+        self.summary_layer = int(summary_layer)
         self.token_sets = (
             None if token_sets is None else tuple(torch.as_tensor(s, dtype=torch.long) for s in token_sets)
         )
@@ -89,10 +109,14 @@ class PAINT(ImageAttentionAmplifier):
         super()._check_model(session)
         if self.token_sets is None:
             family = session.family
-            self._attentions = {
-                0: family.vision_attention(0, "PAINT"),
-                1: family.vision_attention(self.summary_layer, "PAINT"),
-            }
+            first = family.vision_attention(0, "PAINT")  # a family without a CLIP tower raises here
+            depth = family.config.vision_config.num_hidden_layers
+            if not -depth <= self.summary_layer < depth:
+                raise InvalidOptionError(
+                    f"PAINT's summary_layer {self.summary_layer} is not a layer of the {depth}-layer vision tower "
+                    f"(use -{depth}..{depth - 1})"
+                )
+            self._attentions = {0: first, 1: family.vision_attention(self.summary_layer, "PAINT")}
             for module in self._attentions.values():
                 if not all(hasattr(module, a) for a in ("q_proj", "k_proj", "head_dim")):
                     raise LayoutError(f"PAINT reads CLIP-style attention (q_proj, k_proj); got {type(module).__name__}")
@@ -103,8 +127,8 @@ class PAINT(ImageAttentionAmplifier):
         modules: dict[int, tuple[torch.nn.Module, list[int]]] = {}
         for which, module in self._attentions.items():
             modules.setdefault(id(module), (module, []))[1].append(which)
-        for module, which in modules.values():
-            self._hook(module, self._cls_reader(which))
+        for module, indices in modules.values():
+            self._hook(module, self._cls_reader(indices))
 
     def _cls_reader(self, which: list[int]):
         def hook(module, args, kwargs):
@@ -131,18 +155,18 @@ class PAINT(ImageAttentionAmplifier):
         tokens.require_grid(self.method)
         slot = self._slot(state)
         cls = slot.pop("cls", None)
-        if self.token_sets is None and (cls is None or cls[0].shape[0] != len(tokens.runs)):
+        if self.token_sets is None and (cls is None or cls[0].shape[0] != tokens.num_images):
             seen = "no image" if cls is None else f"{cls[0].shape[0]} image(s)"
             raise LayoutError(
-                f"PAINT saw {seen} in the vision tower but {len(tokens.runs)} image(s) in the prompt's tokens"
+                f"PAINT saw {seen} in the vision tower but {tokens.num_images} image(s) in the prompt's tokens"
             )
         self.last_token_sets = []
-        for index, run in enumerate(tokens.runs):
+        for run in tokens.runs:  # beam search: a prompt's rows share its image's sets
             positions = run.grid_positions
             if self.token_sets is not None:
                 local, summary = self.token_sets
             else:
-                local, summary = _token_sets(cls[0][index], cls[1][index], self.local_ratio, len(positions))
+                local, summary = _token_sets(cls[0][run.image], cls[1][run.image], self.local_ratio, len(positions))
             if any(s.numel() and int(s.max()) >= len(positions) for s in (local, summary)):
                 raise InvalidOptionError(f"PAINT token sets index past the image's {len(positions)} patches")
             self.last_token_sets.append((local, summary))

@@ -31,13 +31,14 @@ sinks.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
+from torch import nn
 
 from attnzoo.errors import InvalidInputError, InvalidOptionError
 
-from .base import AttentionEdit, GrowingColumns, StreamState, family_for
+from .base import AttentionEdit, GrowingColumns, StreamState, check_number, family_for
 
 #: Sink dimensions of the language backbones, from the official code (``DIM_SINK``).
 SINK_DIMS: dict[str, tuple[int, ...]] = {"llama-2-7b": (1415, 2533), "llama-2-13b": (2100, 4743)}
@@ -144,7 +145,9 @@ class VAR(AttentionEdit):
     """Visual Attention Redistribution as an attention edit of a transformers LVLM.
 
     ``rho``/``p`` are the paper's (min visual non-sink ratio, share of sink attention moved); see the
-    module docstring for the code's inverted values and the official-vs-paper behaviours. ``sink_dims``
+    module docstring for the code's inverted values and the official-vs-paper behaviours. ``rho``,
+    ``p`` and ``summ`` (the minimum image share of a row) are shares, in [0, 1]; ``tau`` (the sink
+    threshold on phi >= 0) is any finite number (a negative one makes every token a sink). ``sink_dims``
     default to the backbone's known dims; ``sink_layers`` to layers 2..L-1. With ``trace=True`` every
     edited forward appends a record (sinks, candidate (b, h, q) rows, edited rows) to ``records``.
     """
@@ -164,10 +167,11 @@ class VAR(AttentionEdit):
         trace: bool = False,
     ):
         super().__init__(behaviour)
-        for name, value in (("rho", rho), ("p", p)):
-            if not 0.0 <= value <= 1.0:
-                raise InvalidOptionError(f"VAR's {name} must be in [0, 1], got {value}")
-        self.tau, self.rho, self.p, self.summ = float(tau), float(rho), float(p), float(summ)
+        self.tau = check_number("VAR", "tau", tau)
+        self.rho, self.p, self.summ = (
+            check_number("VAR", name, value, at_least=0.0, at_most=1.0)
+            for name, value in (("rho", rho), ("p", p), ("summ", summ))
+        )
         self.sink_dims = None if sink_dims is None else tuple(int(d) for d in sink_dims)
         self.sink_layers = None if sink_layers is None else tuple(sorted(int(i) for i in sink_layers))
         self.trace = trace
@@ -323,7 +327,7 @@ def find_sink_dims(
     over ``samples`` (model-input dicts or ``input_ids``) and layers 2..L-1 (the layers VAR reads).
     Returns the ``n_dims`` best dims, ascending (and the scores [hidden] with ``return_scores``)."""
     family = family_for(model)
-    text_layers = family.text_model().layers
+    text_layers = cast(nn.ModuleList, family.text_model().layers)
     chosen = tuple(layers) if layers is not None else tuple(range(min(2, len(text_layers) - 1), len(text_layers)))
     captured: list[torch.Tensor] = []
 

@@ -24,6 +24,9 @@ per answer, so there are two seeds here: ``seed`` (55) seeds each image's noise 
 as the official code), and the pipeline's sampling ``seed`` seeds each answer's
 token draws. Each image's noise comes from its own generator, seeded by ``seed`` and the image's
 pixels, so a greedy answer depends on the noise seed and its own image only, not on the batch.
+LLaVA-NeXT pads every image's tiles to the batch's largest tile count: only an image's real tiles
+(counted from ``image_sizes`` as the model counts them) are hashed and noised, the padding is left
+as it is.
 """
 
 from __future__ import annotations
@@ -38,29 +41,13 @@ from transformers import LogitsProcessor
 
 from attnzoo.errors import InvalidInputError, InvalidOptionError
 
-from .base import ContrastBranchProcessor, PairedContrast
+from .base import ContrastBranchProcessor, PairedContrast, check_batched, check_cutoff
 from .functional.contrastive import VCD_NUM_STEPS, add_diffusion_noise, contrastive_logits
 from .layouts import family_of
 from .method import MitigationMethod, PromptBatch
 
 #: The official scripts' settings (seed: the scripts' global seed, used here for the noise draw).
 DEFAULTS: dict[str, Any] = {"alpha": 1.0, "beta": 0.2, "noise_step": 500, "seed": 55}
-
-
-def check_cutoff(method: str, alpha: float, beta: float) -> tuple[float, float]:
-    """alpha >= 0 and beta in [0, 1], as floats (VCD and AGLA share them)."""
-    alpha, beta = float(alpha), float(beta)
-    if not alpha >= 0.0:
-        raise InvalidOptionError(f"{method}'s alpha must be >= 0, got {alpha}")
-    if not 0.0 <= beta <= 1.0:
-        raise InvalidOptionError(f"{method}'s plausibility cutoff beta must be in [0, 1], got {beta}")
-    return alpha, beta
-
-
-def check_batched(method: str, batched: bool) -> bool:
-    if not isinstance(batched, bool):
-        raise InvalidOptionError(f"{method}'s batched must be True or False, got {batched!r}")
-    return batched
 
 
 class VCDLogitsProcessor(ContrastBranchProcessor):
@@ -109,27 +96,33 @@ class VCD(MitigationMethod):
         self.seed = None if seed is None else int(seed)
         self.batched = check_batched("VCD", batched)
 
-    def noised_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    def noised_inputs(self, inputs: Mapping[str, Any], model: nn.Module | None = None) -> dict[str, Any]:
         """``inputs`` with ``pixel_values`` replaced by their noised copy. With a ``seed``, each image's
         noise is drawn on the CPU from its own generator, seeded by ``seed`` and the image's pixels: an
         answer is then the same whatever else shares its batch (batch size, resumed or sharded runs)
         and on every device. ``seed=None`` draws the whole batch from the global RNG, as the official
-        code does."""
+        code does. LLaVA-NeXT's padded tiles ([B, tiles, 3, H, W] with ``image_sizes``) need ``model``:
+        its config tells each image's real tiles from the batch's padding."""
         pixels = inputs.get("pixel_values")
         if not isinstance(pixels, torch.Tensor):
             raise InvalidInputError("VCD noises the image: the prompt batch has no pixel_values")
         if self.seed is None:
-            noised = add_diffusion_noise(pixels.detach(), self.noise_step)
+            return {**inputs, "pixel_values": add_diffusion_noise(pixels.detach(), self.noise_step)}
+        cpu = pixels.detach().cpu()
+        image_sizes = inputs.get("image_sizes")
+        if cpu.ndim == 5 and image_sizes is not None:
+            counts = _tile_counts(model, image_sizes, (cpu.shape[0], cpu.shape[1]))
+            noised = cpu.clone()  # the padding tiles stay as they are
+            for row, count in enumerate(counts):
+                noised[row : row + 1, :count] = _seeded_noise(cpu[row : row + 1, :count], self.noise_step, self.seed)
         else:
-            parts = _per_image(pixels.detach().cpu(), inputs.get("image_grid_thw"))
-            noised = torch.cat(
-                [add_diffusion_noise(part, self.noise_step, _image_generator(self.seed, part)) for part in parts]
-            ).to(pixels.device)
-        return {**inputs, "pixel_values": noised}
+            parts = _per_image(cpu, inputs.get("image_grid_thw"))
+            noised = torch.cat([_seeded_noise(part, self.noise_step, self.seed) for part in parts])
+        return {**inputs, "pixel_values": noised.to(pixels.device)}
 
     def processor(self, model: nn.Module, batch: PromptBatch) -> VCDLogitsProcessor:
         family_of(model)  # an unknown model type raises here, naming it
-        return VCDLogitsProcessor(model, self.noised_inputs(batch.inputs), self.alpha, self.beta)
+        return VCDLogitsProcessor(model, self.noised_inputs(batch.inputs, model), self.alpha, self.beta)
 
     def logits_processors(self, model: nn.Module, processor: Any, batch: PromptBatch) -> list[LogitsProcessor]:
         return [self.processor(model, batch)]
@@ -149,8 +142,9 @@ class VCD(MitigationMethod):
 
 
 def _per_image(pixels: torch.Tensor, grid_thw: Any) -> list[torch.Tensor]:
-    """The batch's pixel tensor cut into one piece per image: rows of ``[N, ...]`` (LLaVA, NeXT's
-    tiles, InstructBLIP), or Qwen2-VL's flattened patches by each image's ``t * h * w``."""
+    """The batch's pixel tensor cut into one piece per image: rows of ``[N, ...]`` (LLaVA, InstructBLIP;
+    padded LLaVA-NeXT tiles go through :func:`_tile_counts` instead), or Qwen2-VL's flattened patches
+    by each image's ``t * h * w``."""
     if isinstance(grid_thw, torch.Tensor) and pixels.ndim == 2:
         sizes = [int(n) for n in grid_thw.prod(-1)]
         if sum(sizes) != pixels.shape[0]:
@@ -159,6 +153,36 @@ def _per_image(pixels: torch.Tensor, grid_thw: Any) -> list[torch.Tensor]:
             )
         return list(pixels.split(sizes))
     return list(pixels.split(1))
+
+
+def _tile_counts(model: nn.Module | None, image_sizes: Any, shape: tuple[int, int]) -> list[int]:
+    """The real tiles of each row of LLaVA-NeXT's padded ``[B, max_tiles, ...]`` pixels, counted from
+    ``image_sizes`` as the model counts them (its anyres grid pinpoints and vision tile side)."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    config = getattr(model, "config", None)
+    pinpoints = getattr(config, "image_grid_pinpoints", None)
+    vision = getattr(config, "vision_config", None)
+    if pinpoints is None or vision is None:
+        raise InvalidInputError(
+            "VCD: pixel_values of [images, tiles, 3, H, W] with image_sizes (LLaVA-NeXT) need the model whose "
+            "image_grid_pinpoints count each image's tiles: noised_inputs(inputs, model)"
+        )
+    sizes = [tuple(int(v) for v in size) for size in image_sizes]
+    if len(sizes) != shape[0]:
+        raise InvalidInputError(f"VCD: image_sizes has {len(sizes)} images but pixel_values has {shape[0]}")
+    counts = [image_size_to_num_patches(size, pinpoints, vision.image_size) for size in sizes]
+    for size, count in zip(sizes, counts, strict=True):
+        if count > shape[1]:
+            raise InvalidInputError(
+                f"VCD: an image of size {size} has {count} tiles but pixel_values holds {shape[1]} per image"
+            )
+    return counts
+
+
+def _seeded_noise(image: torch.Tensor, noise_step: int, seed: int) -> torch.Tensor:
+    """One image's noised pixels, drawn from its own generator (``seed`` and its pixels)."""
+    return add_diffusion_noise(image, noise_step, _image_generator(seed, image))
 
 
 def _image_generator(seed: int, pixels: torch.Tensor) -> torch.Generator:
