@@ -171,6 +171,16 @@ def test_bad_arrays_and_objects(bad):
         load_image(bad)
 
 
+@pytest.mark.parametrize("size", [(0, 7), (7, 0), (0, 0)])
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_empty_pil_images_are_refused(size, mode):
+    """A 0-wide or 0-high PIL image would reach an image processor and divide by its size."""
+    with pytest.raises(InvalidInputError, match=f"empty image of size {size[0]}x{size[1]}"):
+        load_image(Image.new(mode, size))
+    with pytest.raises(InvalidInputError, match="^photo: empty image"):
+        images.to_rgb(Image.new(mode, size), name="photo")
+
+
 def test_half_precision_tensors_load():
     x = torch.rand(3, 8, 8)
     for dtype in (torch.bfloat16, torch.float16):

@@ -9,6 +9,7 @@ scores within float32 batching noise, with and without VAR."""
 
 from __future__ import annotations
 
+import socket
 from dataclasses import replace
 
 import numpy as np
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from attnzoo.errors import InvalidInputError, InvalidOptionError, UnknownNameError
+from attnzoo.errors import InvalidInputError, InvalidOptionError, OfflineError, UnknownNameError, WeightsError
 from attnzoo.multimodal.hallucination import AGLA, VAR, AGLALogitsProcessor
 from attnzoo.multimodal.hallucination.functional import agla_keep_count, blip_caption_text
 from tests.lvlm_helpers import greedy, sampled, sharpen_attention
@@ -181,6 +182,33 @@ def test_agla_loads_blip_lazily_inside_inference_mode(blip, tmp_path):
         agla.logits_processors(lvlm, None, several)
 
 
+@pytest.mark.parametrize("offline", [True, False])
+def test_agla_loads_blip_from_the_cache_only_when_the_hub_cannot_be_used(blip, tmp_path, monkeypatch, offline):
+    """Offline mode, or a Hub that does not answer: a BLIP id that is not cached fails at once (no
+    retries), typed and named, and so does its processor; a local folder that does not exist is named."""
+    from attnzoo.weights import hub
+
+    if offline:
+        monkeypatch.setenv("ATTNZOO_OFFLINE", "1")
+    else:
+        monkeypatch.setattr(hub, "hub_reachable", lambda: False)
+    lvlm, encode = tiny_model("llava")
+    batch = prompt_batch(encode, photos(1), QUESTIONS[:1])
+    monkeypatch.setattr(socket.socket, "connect", _no_network)  # cache only: not one connection
+    with pytest.raises(OfflineError, match="BLIP-ITM model attnzoo-tests/no-such-blip"):
+        AGLA(blip_model="attnzoo-tests/no-such-blip").logits_processors(lvlm, None, batch)
+    model, _ = blip
+    monkeypatch.setattr(model, "name_or_path", "attnzoo-tests/no-such-blip")
+    with pytest.raises(OfflineError, match="BLIP processor attnzoo-tests/no-such-blip"):
+        AGLA(blip_model=model).blip()
+    for missing in (tmp_path / "no_such_blip", "./no_such_blip"):
+        with pytest.raises(WeightsError, match=f"no such folder {missing}"):
+            AGLA(blip_model=str(missing)).blip()
+    (tmp_path / "empty").mkdir()  # a folder without a model: transformers' error, typed and named
+    with pytest.raises(WeightsError, match=f"BLIP-ITM model {tmp_path / 'empty'}"):
+        AGLA(blip_model=str(tmp_path / "empty")).blip()
+
+
 @given(
     seed=st.integers(0, 2**16),
     question=st.sampled_from(QUESTIONS + ["red cat on the left"]),
@@ -231,3 +259,7 @@ def test_agla_batched_equals_the_separate_branch(blip, family):
     official = AGLA(blip_model=blip[0], blip_processor=blip[1])
     assert official.paired_contrast(model, None, batch) is None
     assert stock_state(model) == state and torch.equal(last_logits(model, batch.inputs), stock)
+
+
+def _no_network(*args, **kwargs):
+    raise AssertionError("a network connection was attempted")

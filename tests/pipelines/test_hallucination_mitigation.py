@@ -5,13 +5,17 @@ combinations, attention pictures, sampling seeds, loading from a folder, and the
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import socket
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import attnzoo
-from attnzoo.errors import InvalidInputError, InvalidOptionError, OfflineError, UnknownNameError
+from attnzoo.errors import InvalidInputError, InvalidOptionError, OfflineError, UnknownNameError, WeightsError
 from attnzoo.multimodal.hallucination import VAR, InterventionConflictError, LayoutError
 from attnzoo.multimodal.hallucination.methods import METHODS, build_methods
 from attnzoo.multimodal.hallucination.models import LVLMCheckpoint, processor_for, tiny_llava, tiny_lvlm
@@ -271,9 +275,96 @@ def test_loading_by_name_from_a_folder_and_offline(tmp_path, photos, monkeypatch
         qwen.family.name == "Qwen2-VL"
         and qwen.weights_label == "random (seed 0), tiny Qwen2-VL (attnzoo/tiny-random-qwen2-vl)"
     )
+    if importlib.util.find_spec("flash_attn") is None:  # transformers refuses it while loading
+        with pytest.raises(InvalidOptionError, match="attn_implementation='flash_attention_2'"):
+            attnzoo.pipeline(
+                TASK, model="llava_1_5_7b", weights=str(tmp_path / "tiny"), attn_implementation="flash_attention_2"
+            )
     monkeypatch.setenv("ATTNZOO_OFFLINE", "1")
     with pytest.raises(OfflineError, match="llava-hf/llava-1.5-7b-hf"):
         attnzoo.pipeline(TASK, device="cpu")
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_a_model_without_processor_loads_its_processor_from_the_cache_only(offline, monkeypatch):
+    """Offline (or with the Hub unreachable) the processor of a model given without one is read from the
+    cache only: a missing copy fails at once, typed and named, instead of after the Hub client's retries."""
+    from attnzoo.weights import hub
+
+    model = type(tiny_llava())(tiny_llava().config)  # no processor attached
+    model.name_or_path = model.config._name_or_path = "attnzoo-tests/no-such-lvlm"
+    if offline:
+        monkeypatch.setenv("ATTNZOO_OFFLINE", "1")
+    else:
+        monkeypatch.setattr(hub, "hub_reachable", lambda: False)
+    monkeypatch.setattr(socket.socket, "connect", _no_network)  # cache only: not one connection
+    with pytest.raises(OfflineError, match="processor of attnzoo-tests/no-such-lvlm"):
+        attnzoo.pipeline(TASK, model=model, device="cpu")
+    model.name_or_path = model.config._name_or_path = "/no/such/folder/lvlm"
+    with pytest.raises(WeightsError, match="no such folder /no/such/folder/lvlm"):
+        attnzoo.pipeline(TASK, model=model, device="cpu")
+
+
+def test_a_bad_attn_implementation_is_a_named_option_error(photos):
+    model = tiny_llava()
+    bad = ["bogus"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") is None else [])
+    for name in bad:
+        with pytest.raises(InvalidOptionError, match=f"attn_implementation='{name}'"):
+            attnzoo.pipeline(TASK, model=model, device="cpu", attn_implementation=name)
+        assert attn_implementations(model) == attn_implementations(tiny_llava())  # left as it was
+    ask = attnzoo.pipeline(TASK, model=model, device="cpu", attn_implementation="eager", max_new_tokens=2)
+    assert ask(photos[0], question="dog?").settings["attn_implementation"] == "eager"
+
+
+@pytest.mark.parametrize("settings", [[1, 2], (("alpha", 1.0),), {1: 2.0}, "alpha=1"])
+def test_method_settings_must_be_a_mapping(ask, photos, settings):
+    with pytest.raises(InvalidOptionError, match="method_settings must map setting names to values"):
+        ask(photos[0], question="dog?", method="vcd", method_settings=settings)
+    with pytest.raises(InvalidOptionError, match="method_settings must map"):
+        ask(photos[0], question="dog?", method="vcd", method_settings=settings, alpha=0.5)
+    with pytest.raises(InvalidOptionError, match="method_settings must map"):
+        attnzoo.pipeline(TASK, weights="none", device="cpu", method="vcd", method_settings=settings)
+    ran = ask(photos[0], question="dog?", method="vcd", method_settings={"alpha": 0.5}, max_new_tokens=1)
+    assert ran.settings["methods"][0]["alpha"] == 0.5
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return attnzoo.pipeline(TASK, model=tiny_lvlm("qwen2_vl"), device="cpu", max_new_tokens=2)
+
+
+def test_an_image_the_processor_refuses_is_named_and_skippable(qwen, ask, photos):
+    """Qwen2-VL's processor refuses an aspect ratio over 200: that input fails in preprocessing, named,
+    so on_error="skip" answers the others (in one batch, as each alone); an empty image is refused
+    before any processor sees it."""
+    thin = Image.new("RGB", (500, 1), (120, 30, 200))
+    with pytest.raises(InvalidInputError, match="500x1 image: absolute aspect ratio must be smaller than 200"):
+        qwen(thin, question="dog?")
+    items = [{"image": photos[0], "question": QUESTIONS[0]}, {"image": thin, "question": "dog?"}]
+    items.append({"image": photos[1], "question": QUESTIONS[1]})
+    results = dict(qwen.iterate(items, batch_size=3, on_error="skip"))
+    assert isinstance(results[1], InvalidInputError) and "<Image (500, 1)>" in str(results[1])
+    assert [results[0].token_ids, results[2].token_ids] == [
+        qwen(photos[i], question=QUESTIONS[i]).token_ids for i in (0, 1)
+    ]
+    assert ask(thin, question="dog?").token_ids  # LLaVA's CLIP processor takes it
+    for empty in (Image.new("RGB", (0, 7)), Image.new("L", (7, 0))):
+        with pytest.raises(InvalidInputError, match="empty image of size"):
+            ask(empty, question="dog?")
+
+
+def test_the_command_line_skips_an_image_the_processor_refuses(photos, tmp_path, capsys):
+    from attnzoo.cli import main
+
+    photos[0].save(tmp_path / "a.png")
+    Image.new("RGB", (500, 1)).save(tmp_path / "thin.png")
+    photos[1].save(tmp_path / "b.png")
+    files = [str(tmp_path / n) for n in ("a.png", "thin.png", "b.png")]
+    args = ["run", TASK, *files, "--question", "dog?", "--model", "qwen2_vl_7b_instruct", "--weights", "none"]
+    code = main([*args, "--device", "cpu", "--max-new-tokens", "2", "--out", str(tmp_path / "out")])
+    assert code == 1 and "thin.png: the model's image processor refuses this 500x1 image" in capsys.readouterr().err
+    written = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    assert sorted(written) == [files[0], files[2]] and all(r["answer"] is not None for r in written.values())
 
 
 def test_bad_inputs_are_named(ask, photos, tmp_path):
@@ -344,3 +435,7 @@ def test_other_families(other_family, photos):
             ask(photos[0], question="dog?", return_attention=True)
         with pytest.raises(LayoutError, match="patch grid"):
             ask(photos[0], question="dog?", method="carve")
+
+
+def _no_network(*args, **kwargs):
+    raise AssertionError("a network connection was attempted")

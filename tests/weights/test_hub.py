@@ -168,3 +168,36 @@ def test_verify_and_sha256(tmp_path):
 def test_cache_dir_follows_attnzoo_home(monkeypatch, tmp_path):
     monkeypatch.setenv("ATTNZOO_HOME", str(tmp_path / "h"))
     assert checkpoints_dir() == tmp_path / "h" / "checkpoints"
+
+
+def test_pretrained_loading_reads_the_cache_only_when_the_hub_cannot_be_used(monkeypatch, tmp_path):
+    """The shared wrapper of the libraries' from_pretrained: cache only (and HF offline inside) with the Hub
+    unreachable, a typed error naming what failed, a missing local path refused before any load."""
+    import huggingface_hub.constants as hf_constants
+
+    from attnzoo.errors import InvalidInputError
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
+    with hub.pretrained_loading("the thing org/model", "org/model") as cache_only:
+        assert cache_only and hf_constants.HF_HUB_OFFLINE
+    with pytest.raises(OfflineError, match="the thing org/model"):
+        with hub.pretrained_loading("the thing org/model", "org/model"):
+            raise OSError("not in the cache")
+    with hub.pretrained_loading("a folder", tmp_path) as cache_only:
+        assert not cache_only  # a local folder is read as it is
+    for missing in (tmp_path / "nowhere", "./nowhere", "a/b/c"):
+        with pytest.raises(WeightsError, match="no such folder"):
+            with hub.pretrained_loading("a folder", missing):
+                pytest.fail("the load ran")
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
+    with pytest.raises(WeightsError, match="cannot load the thing: bad config") as info:
+        with hub.pretrained_loading("the thing", "org/model") as cache_only:
+            assert not cache_only
+            raise ValueError("bad config")
+    assert not isinstance(info.value, OfflineError)
+    with pytest.raises(InvalidInputError, match="ours"):  # attnzoo's own errors pass unchanged
+        with hub.pretrained_loading("the thing", "org/model"):
+            raise InvalidInputError("ours")
+    with pytest.raises(RuntimeError, match="other"):  # errors not listed pass unchanged
+        with hub.pretrained_loading("the thing", "org/model"):
+            raise RuntimeError("other")

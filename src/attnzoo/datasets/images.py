@@ -199,6 +199,8 @@ def _read_within(response: IO[bytes], max_bytes: int, *, seconds: float, url: st
 
 def to_rgb(image: Image.Image, *, name: str = "<image>", keep_alpha: bool = False) -> Image.Image:
     """RGB; transparent images are composited on white, or kept as RGBA with ``keep_alpha``."""
+    if image.width == 0 or image.height == 0:  # image processors would divide by its size
+        raise InvalidInputError(f"{name}: empty image of size {image.width}x{image.height}")
     mode = image.mode
     if mode == "RGB":
         return image
@@ -271,12 +273,13 @@ def load_image(source: Any, *, max_pixels: int | None = None, keep_alpha: bool =
     try:
         import torch
     except ImportError:  # pragma: no cover
-        torch = None
-    if torch is not None and isinstance(source, torch.Tensor):
-        tensor = source.detach().cpu()
-        if tensor.is_floating_point() and tensor.dtype not in (torch.float32, torch.float64):
-            tensor = tensor.float()  # bfloat16 has no numpy dtype; float16 is widened alike
-        return array_to_image(tensor.numpy(), name=describe(source), channels_first=True, keep_alpha=keep_alpha)
+        pass
+    else:
+        if isinstance(source, torch.Tensor):
+            tensor = source.detach().cpu()
+            if tensor.is_floating_point() and tensor.dtype not in (torch.float32, torch.float64):
+                tensor = tensor.float()  # bfloat16 has no numpy dtype; float16 is widened alike
+            return array_to_image(tensor.numpy(), name=describe(source), channels_first=True, keep_alpha=keep_alpha)
     raise InvalidInputError(
         f"cannot read an image from {type(source).__name__}; pass a file path, http(s) URL, PIL image, numpy array "
         "or tensor"

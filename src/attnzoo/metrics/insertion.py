@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from attnzoo.errors import InvalidInputError, WeightsError
+from attnzoo.errors import InvalidInputError
 
 __all__ = [
     "CLIP_DEFAULT",
@@ -75,14 +75,8 @@ def _load(what: str, fn: Callable[[], Any]) -> Any:
     """A model through its library's cache; offline (or with the Hub unreachable) the cache only."""
     from attnzoo.weights import hub
 
-    cache_only = not hub.hub_reachable()
-    try:
-        with hub.hf_cache_only(cache_only):
-            return fn()
-    except (OSError, RuntimeError, ValueError) as err:
-        if cache_only:
-            raise hub.unavailable_error(what, hub.hf_endpoint()) from err
-        raise WeightsError(f"cannot load {what}: {err}") from err
+    with hub.pretrained_loading(what, errors=(OSError, RuntimeError, ValueError)):
+        return fn()
 
 
 class ClipEmbedder:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from attnzoo.errors import InvalidInputError, InvalidOptionError
+from attnzoo.errors import AttnzooError, InvalidInputError, InvalidOptionError
 from attnzoo.pipelines.base import Pipeline, list_collate, weights_note
 
 __all__ = [
@@ -313,20 +313,23 @@ class HallucinationMitigationPipeline(Pipeline):
         self._weights_label: str | None = None
         if isinstance(model, LVLMCheckpoint):
             overrides = {"revision": revision, "attn_implementation": attn_implementation, "device_map": device_map}
-            model, loaded = model.load(
-                device=resolve_device(device) if device_map is None else None,
-                dtype=resolve_dtype(dtype) or model.dtype,
-                **{k: v for k, v in overrides.items() if v is not None},
-            )
+            with _attn_implementation_checked(attn_implementation):
+                model, loaded = model.load(
+                    device=resolve_device(device) if device_map is None else None,
+                    dtype=resolve_dtype(dtype) or model.dtype,
+                    **{k: v for k, v in overrides.items() if v is not None},
+                )
             processor = processor if processor is not None else loaded
         elif revision is not None or device_map is not None:
             raise InvalidOptionError("revision= and device_map= apply when the pipeline loads the model by name")
         self.family = family_of(model)  # an unsupported model: UnknownFamilyError naming the supported types
         if attn_implementation is not None and self.text_attention(model) != attn_implementation:
-            model.set_attn_implementation({self.family.text_config_key: attn_implementation})
+            with _attn_implementation_checked(attn_implementation):
+                model.set_attn_implementation({self.family.text_config_key: attn_implementation})
         if processor is None:
             processor = processor_for(model)
         self.processor = processor if processor is not None else _auto_processor(model)
+        self._image_check = _ImageCheck(getattr(self.processor, "image_processor", None))
         placed = _dispatched_device(model)
         with _kept_in_place(model) if placed is not None else nullcontext():
             super().__init__(
@@ -368,7 +371,7 @@ class HallucinationMitigationPipeline(Pipeline):
         named = {k: v for k, v in kwargs.items() if k in _CALL_KEYWORDS}
         extra = {k: v for k, v in kwargs.items() if k not in _CALL_KEYWORDS}
         if extra:
-            named["method_settings"] = {**(named.get("method_settings") or {}), **extra}
+            named["method_settings"] = {**_method_settings(named.get("method_settings") or {}), **extra}
         return self._sanitize_parameters(**named)
 
     def _sanitize_parameters(
@@ -401,7 +404,7 @@ class HallucinationMitigationPipeline(Pipeline):
         if unused_settings is not None and unused_settings not in ("error", "ignore"):
             raise InvalidOptionError(f"unused_settings must be 'error' or 'ignore', got {unused_settings!r}")
         if method_settings is not None:
-            given["method_settings"] = dict(method_settings)
+            given["method_settings"] = _method_settings(method_settings)
         _check_decoding(given)
         if "method" in given:
             self._build_methods(given)  # refused here: at construction, or before any image is read
@@ -456,10 +459,10 @@ class HallucinationMitigationPipeline(Pipeline):
         return super().__call__(inputs, **kwargs)
 
     def preprocessor(self, *args: Any, **params: Any):
-        return functools.partial(_read_item, fields=(self.primary_field, *self.input_fields))
+        return functools.partial(_read_item, fields=(self.primary_field, *self.input_fields), check=self._image_check)
 
     def preprocess(self, item: Any, **params: Any) -> dict[str, Any]:
-        return _read_item(item, fields=(self.primary_field, *self.input_fields))
+        return self.preprocessor()(item)
 
     def forward(self, batch: dict[str, Any], **params: Any) -> dict[str, Any]:
         """``_forward`` under ``no_grad`` (not ``inference_mode``: AGLA's GradCAM turns gradients back on)."""
@@ -695,8 +698,36 @@ def _spec_key(spec: Any) -> Any:
     return id(spec)
 
 
-def _read_item(item: Any, fields: tuple[str, ...]) -> dict[str, Any]:
-    """One input: the decoded image (RGB), the question and the seed (checked, named in errors)."""
+class _ImageCheck:
+    """The model's image processor alone on each input's image, so that an image it refuses (Qwen2-VL: an
+    aspect ratio over 200) is that input's error in preprocessing, where ``on_error="skip"`` skips it,
+    instead of failing the batch's encoding. Every image is RGB by then, so the verdict depends on its size
+    only: the processor runs once per size (a few ms each)."""
+
+    def __init__(self, image_processor: Any):
+        self.image_processor = image_processor
+        self.refusals: dict[tuple[int, int], str | None] = {}
+
+    def __call__(self, image: Image.Image, name: str) -> None:
+        if self.image_processor is None:
+            return
+        if image.size not in self.refusals:
+            try:
+                self.image_processor(images=[image], return_tensors="pt")
+                self.refusals[image.size] = None
+            except (ValueError, TypeError, ZeroDivisionError, IndexError, RuntimeError) as err:
+                self.refusals[image.size] = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+        refusal = self.refusals[image.size]
+        if refusal is not None:
+            width, height = image.size
+            raise InvalidInputError(
+                f"{name}: the model's image processor refuses this {width}x{height} image: {refusal}"
+            )
+
+
+def _read_item(item: Any, fields: tuple[str, ...], check: _ImageCheck | None = None) -> dict[str, Any]:
+    """One input: the decoded image (RGB, one the model's image processor takes), the question and the seed
+    (checked, named in errors)."""
     from attnzoo.datasets.images import describe, load_image
 
     row = dict(item) if isinstance(item, Mapping) else {fields[0]: item}
@@ -717,7 +748,10 @@ def _read_item(item: Any, fields: tuple[str, ...]) -> dict[str, Any]:
             seed = _seed(seed)
         except InvalidOptionError as err:
             raise InvalidInputError(f"{name}: {err}") from None
-    return {"image": load_image(row["image"]), "question": question, "seed": seed, "name": name}
+    image = load_image(row["image"])
+    if check is not None:
+        check(image, name)
+    return {"image": image, "question": question, "seed": seed, "name": name}
 
 
 def _answer_length(row: torch.Tensor, eos: Sequence[int]) -> int:
@@ -729,17 +763,41 @@ def _answer_length(row: torch.Tensor, eos: Sequence[int]) -> int:
 
 
 def _auto_processor(model: Any) -> Any:
+    """The processor saved with the model's checkpoint (cache only when offline or the Hub is unreachable)."""
     from transformers import AutoProcessor
+
+    from attnzoo.weights import hub
 
     name = getattr(model, "name_or_path", "") or model.config._name_or_path
     if not name:
         raise InvalidInputError(
             "this model came without a processor: pass processor= (e.g. AutoProcessor.from_pretrained(...))"
         )
+    with hub.pretrained_loading(f"the processor of {name} (or pass processor=)", name) as cache_only:
+        return AutoProcessor.from_pretrained(name, local_files_only=cache_only)
+
+
+@contextmanager
+def _attn_implementation_checked(name: str | None) -> Iterator[None]:
+    """transformers refuses an attention implementation it does not know (ValueError), whose package is
+    missing (ImportError, e.g. flash_attention_2) or whose Hub kernel it cannot fetch: a bad option, named.
+    Other errors of the block (a load's) pass unchanged."""
     try:
-        return AutoProcessor.from_pretrained(name)
-    except (OSError, ValueError) as err:
-        raise InvalidInputError(f"no processor for {name} ({err}); pass processor=") from None
+        yield
+    except (ValueError, ImportError, OSError) as err:
+        text = str(err).strip()
+        if name is None or isinstance(err, AttnzooError) or (name not in text and "attention" not in text.lower()):
+            raise
+        reason = text.splitlines()[0] if text else type(err).__name__
+        raise InvalidOptionError(f"attn_implementation={name!r} cannot be used here: {reason}") from err
+
+
+def _method_settings(value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise InvalidOptionError(
+            f"method_settings must map setting names to values, e.g. {{'alpha': 1.0}}; got {value!r}"
+        )
+    return dict(value)
 
 
 def _dispatched_device(model: Any) -> torch.device | None:

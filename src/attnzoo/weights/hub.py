@@ -20,7 +20,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from attnzoo.errors import ChecksumError, OfflineError, WeightsError
+from attnzoo.errors import AttnzooError, ChecksumError, OfflineError, WeightsError
 
 _CHUNK = 1 << 20
 _TRUTHY = {"1", "true", "yes", "on"}
@@ -164,6 +164,34 @@ def hf_cache_only(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         hf_constants.HF_HUB_OFFLINE = saved
+
+
+@contextlib.contextmanager
+def pretrained_loading(
+    what: str,
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError),
+) -> Iterator[bool]:
+    """Around a library's ``from_pretrained(name_or_path, local_files_only=<yielded>)`` (Hugging Face's
+    cache): offline or with the Hub unreachable (one short probe) it reads the cache only, so a missing
+    copy fails at once instead of after the Hub client's retries; a local folder is read as it is, and a
+    path to none fails at once. What the loader raises (``errors``) becomes an :class:`OfflineError`
+    (cache only) or a :class:`WeightsError`, naming ``what``."""
+    name = None if name_or_path is None else os.fspath(name_or_path)
+    if name is not None and not os.path.exists(name):
+        if os.path.isabs(name) or name.startswith(("./", "../")) or name.count("/") > 1:  # no Hub id either
+            raise WeightsError(f"cannot load {what}: no such folder {name}")
+    cache_only = not (name is not None and os.path.isdir(name)) and not hub_reachable()
+    try:
+        with hf_cache_only(cache_only):
+            yield cache_only
+    except AttnzooError:
+        raise
+    except errors as err:
+        if cache_only:
+            raise unavailable_error(what, f"{hf_endpoint()}/{name}" if name else hf_endpoint()) from err
+        raise WeightsError(f"cannot load {what}: {err}") from err
 
 
 def download_url(

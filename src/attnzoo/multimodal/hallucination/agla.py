@@ -42,12 +42,11 @@ from transformers import LogitsProcessor
 
 from attnzoo.errors import InvalidInputError, InvalidOptionError
 
-from .base import ContrastBranchProcessor, PairedContrast, check_behaviour
+from .base import ContrastBranchProcessor, PairedContrast, check_batched, check_behaviour, check_cutoff
 from .functional.agla import AGLA_GRADCAM_LAYER, agla_augment
 from .functional.contrastive import assembly_logits
 from .layouts import family_of
 from .method import MitigationMethod, PromptBatch
-from .vcd import check_batched, check_cutoff
 
 #: The official POPE settings and the BLIP-ITM checkpoint matching the official LAVIS model.
 DEFAULTS: dict[str, Any] = {"alpha": 2.0, "beta": 0.5, "blip_model": "Salesforce/blip-itm-large-coco"}
@@ -102,8 +101,9 @@ class AGLA(MitigationMethod):
     BLIP-ITM GradCAM, re-encoded with the pipeline's encoder, and an :class:`AGLALogitsProcessor`
     runs the augmented branch.
 
-    ``blip_model`` is a loaded ``BlipForImageTextRetrieval`` or a hub id loaded on first use with
-    ``from_pretrained`` (float32, on the LVLM's device; transformers' cache and offline mode apply);
+    ``blip_model`` is a loaded ``BlipForImageTextRetrieval`` or a hub id (or a local folder) loaded on
+    first use with ``from_pretrained`` (float32, on the LVLM's device; transformers' cache; offline, or
+    with the Hub unreachable, the cache only, failing at once with an :class:`~attnzoo.errors.OfflineError`);
     ``blip_processor`` its ``BlipProcessor`` (default: loaded from the same id or the model's
     ``name_or_path``). ``gradcam_layer`` is the BLIP text layer whose cross-attention the GradCAM reads.
     ``batched`` (default: True for the paper behaviour, False for the official one): the augmented
@@ -151,9 +151,16 @@ class AGLA(MitigationMethod):
         if isinstance(self.blip_model, str):
             from transformers import BlipForImageTextRetrieval
 
+            from attnzoo.weights import hub
+
             name = self.blip_model
-            with torch.inference_mode(False):  # weights loaded as inference tensors could not take part in the GradCAM
-                model = BlipForImageTextRetrieval.from_pretrained(name, dtype=torch.float32).eval()
+            with (
+                torch.inference_mode(False),  # weights loaded as inference tensors could not take part in the GradCAM
+                hub.pretrained_loading(f"AGLA's BLIP-ITM model {name} (blip_model=)", name) as cache_only,
+            ):
+                model = BlipForImageTextRetrieval.from_pretrained(
+                    name, dtype=torch.float32, local_files_only=cache_only
+                ).eval()
                 self.blip_model = model.to(device) if device is not None else model
             if self.blip_processor is None:
                 self.blip_processor = _load_blip_processor(name)
@@ -178,13 +185,14 @@ class AGLA(MitigationMethod):
     def processor(self, model: nn.Module, batch: PromptBatch) -> AGLALogitsProcessor:
         """The assembly processor of ``batch``, its branch on the augmented images."""
         family_of(model)  # an unknown model type raises here, naming it
-        if not all(isinstance(image, Image.Image) for image in batch.images):
+        images = [image for image in batch.images if isinstance(image, Image.Image)]
+        if len(images) != len(batch.images):
             raise InvalidInputError(
                 "AGLA augments one image per prompt; this batch has prompts with several images (e.g. CARVE's "
                 "official final pass on [original, refined]): AGLA does not compose with it"
             )
         device = next(model.parameters()).device
-        self.last_augmented = self.augment(batch.images, batch.questions, device)
+        self.last_augmented = self.augment(images, batch.questions, device)
         augmented = batch.with_images(self.last_augmented)
         return AGLALogitsProcessor(model, augmented.inputs, self.alpha, self.beta, behaviour=self.behaviour)
 
@@ -220,7 +228,10 @@ def _check_blip(model: Any) -> None:
 def _load_blip_processor(name: str):
     from transformers import BlipProcessor
 
-    return BlipProcessor.from_pretrained(name)
+    from attnzoo.weights import hub
+
+    with hub.pretrained_loading(f"AGLA's BLIP processor {name} (blip_processor=)", name) as cache_only:
+        return BlipProcessor.from_pretrained(name, local_files_only=cache_only)
 
 
 __all__ = ["AGLA", "AGLALogitsProcessor", "DEFAULTS"]

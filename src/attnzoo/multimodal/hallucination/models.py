@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from attnzoo.errors import InvalidOptionError, WeightsError
+from attnzoo.errors import InvalidOptionError
 from attnzoo.registry import register_model
 
 __all__ = [
@@ -132,23 +132,17 @@ def _from_pretrained(spec: LVLMCheckpoint, dtype: Any, device_map: Any) -> tuple
     from attnzoo.weights import hub
 
     name = os.fspath(spec.name_or_path)
-    cache_only = not os.path.isdir(name) and not hub.hub_reachable()
     extra = dict(spec.from_pretrained)
-    cache_only = cache_only or bool(extra.pop("local_files_only", False))
-    loading: dict[str, Any] = {"revision": spec.revision, "local_files_only": cache_only}
-    model_kwargs = {**loading, "dtype": dtype, **extra}
-    if device_map is not None:
-        model_kwargs["device_map"] = device_map
-    if spec.attn_implementation is not None:
-        model_kwargs["attn_implementation"] = spec.attn_implementation
-    try:
-        with hub.hf_cache_only(cache_only):
-            processor = AutoProcessor.from_pretrained(name, **loading)
-            model = AutoModelForImageTextToText.from_pretrained(name, **model_kwargs)
-    except (OSError, ValueError) as err:
-        if cache_only and not os.path.isdir(name):
-            raise hub.unavailable_error(f"the LVLM {name}", f"{hub.hf_endpoint()}/{name}") from err
-        raise WeightsError(f"cannot load the LVLM {name}: {err}") from err
+    asked_cache_only = bool(extra.pop("local_files_only", False))
+    with hub.pretrained_loading(f"the LVLM {name}", name) as cache_only:
+        loading: dict[str, Any] = {"revision": spec.revision, "local_files_only": cache_only or asked_cache_only}
+        model_kwargs = {**loading, "dtype": dtype, **extra}
+        if device_map is not None:
+            model_kwargs["device_map"] = device_map
+        if spec.attn_implementation is not None:
+            model_kwargs["attn_implementation"] = spec.attn_implementation
+        processor = AutoProcessor.from_pretrained(name, **loading)
+        model = AutoModelForImageTextToText.from_pretrained(name, **model_kwargs)
     return model, processor
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from attnzoo.errors import InvalidInputError, MissingDependencyError, WeightsError
+from attnzoo.errors import InvalidInputError, MissingDependencyError
 from attnzoo.multimodal.insertion.in_context_brush import (
     InsertionAttention,
     InsertionState,
@@ -242,23 +242,16 @@ def load_flux_fill(
     from attnzoo.weights import hub
 
     torch_dtype = _dtype(dtype)
-    is_local = _is_local(name_or_path)
-    cache_only = not is_local and not hub.hub_reachable()
-    try:
-        with hub.hf_cache_only(cache_only):
-            pipe: Any = FluxFillPipeline.from_pretrained(
-                name_or_path,
-                dtype=torch_dtype,
-                revision=revision,
-                local_files_only=cache_only or from_pretrained.pop("local_files_only", False),
-                **from_pretrained,
-            )
-    except (OSError, ValueError) as err:
-        if cache_only:
-            raise hub.unavailable_error(
-                f"the diffusers pipeline {name_or_path}", f"{hub.hf_endpoint()}/{name_or_path}"
-            ) from err
-        raise WeightsError(f"cannot load the FluxFillPipeline {name_or_path}: {err}") from err
+    with hub.pretrained_loading(
+        f"the diffusers pipeline {name_or_path} (FluxFillPipeline)", name_or_path
+    ) as cache_only:
+        pipe: Any = FluxFillPipeline.from_pretrained(
+            name_or_path,
+            dtype=torch_dtype,
+            revision=revision,
+            local_files_only=cache_only or from_pretrained.pop("local_files_only", False),
+            **from_pretrained,
+        )
     pipe.set_progress_bar_config(disable=not progress)
     model = FluxFillModel(pipe, name=str(name_or_path))
     if cpu_offload:
@@ -276,12 +269,6 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if not isinstance(found, torch.dtype):
         raise InvalidInputError(f"dtype={dtype!r} is not a torch dtype (e.g. 'bfloat16', 'float16', 'float32')")
     return found
-
-
-def _is_local(name_or_path: Any) -> bool:
-    import os
-
-    return os.path.isdir(os.fspath(name_or_path))
 
 
 def _offload(model: FluxFillModel, device: Any) -> None:

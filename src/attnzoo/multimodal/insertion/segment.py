@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from attnzoo.errors import InvalidInputError, WeightsError
+from attnzoo.errors import InvalidInputError
 
 __all__ = ["DETECTOR_ID", "SAM_ID", "SubjectSegmenter"]
 
@@ -125,18 +125,9 @@ def sam_segmenter(model: Any, processor: Any, device: torch.device) -> Callable[
 
 def _from_pretrained(classes: tuple[Any, Any], name: str) -> tuple[Any, Any]:
     """Processor and model through transformers' own cache; offline or with the Hub unreachable, the cache only."""
-    import os
-
     from attnzoo.weights import hub
 
-    local = os.path.isdir(os.fspath(name))
-    cache_only = not local and not hub.hub_reachable()
-    try:
-        with hub.hf_cache_only(cache_only):
-            return classes[0].from_pretrained(name, local_files_only=cache_only), classes[1].from_pretrained(
-                name, local_files_only=cache_only
-            )
-    except OSError as err:
-        if cache_only:
-            raise hub.unavailable_error(f"{name} (subject segmentation)", f"{hub.hf_endpoint()}/{name}") from err
-        raise WeightsError(f"cannot load {name} for subject segmentation: {err}") from err
+    with hub.pretrained_loading(f"{name} (subject segmentation)", name) as cache_only:
+        return classes[0].from_pretrained(name, local_files_only=cache_only), classes[1].from_pretrained(
+            name, local_files_only=cache_only
+        )
