@@ -188,3 +188,24 @@ def test_fixed_span():
         FixedImageSpan(8, 4).image_tokens(1, 10)
     with pytest.raises(LayoutError, match="patch grid"):
         FixedImageSpan(0, 4).image_tokens(1, 10).require_grid("PAINT")
+
+
+def test_image_refusal_follows_the_processors_own_rule():
+    """Qwen2-VL's processor refuses an aspect ratio over 200; the family says so without processing pixels
+    (and agrees with the processor), the other families take any non-empty size."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor, Qwen2VLImageProcessor
+
+    qwen, processor = family_of(tiny_qwen2_vl()[0]), Qwen2VLImageProcessor()
+    for width, height in ((500, 1), (1, 500), (640, 480), (1, 1), (300, 2)):
+        refusal = qwen.image_refusal(processor, width, height)
+        try:
+            processor(images=[Image.new("RGB", (width, height))], return_tensors="pt")
+            refused = None
+        except ValueError as err:
+            refused = str(err)
+        assert (refusal is None) == (refused is None), (width, height, refusal, refused)
+        if refusal is not None:
+            assert refusal in refused
+    assert "200" in qwen.image_refusal(processor, 500, 1)
+    assert family_of(tiny_llava()[0]).image_refusal(CLIPImageProcessor(), 500, 1) is None

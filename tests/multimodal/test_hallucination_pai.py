@@ -221,6 +221,6 @@ def test_bad_cfg_settings_fail_when_the_method_is_built(method, settings):
     """gamma and cutoff given by name are checked with the method, before any image is read."""
     from attnzoo.multimodal.hallucination.methods import build_methods
 
-    with pytest.raises(InvalidOptionError, match="gamma|cutoff"):
+    with pytest.raises(InvalidOptionError, match=f"^{method.upper()}'s CFG (strength gamma|cutoff)"):
         build_methods(method, **settings)
     assert build_methods(method, gamma=-3.0, cutoff=1.0)[0].gamma == -3.0  # any finite strength

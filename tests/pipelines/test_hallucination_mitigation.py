@@ -187,6 +187,24 @@ def test_carve_final_pass_from_the_probes_prefix_answers_alike(ask, photos, monk
     assert len(continued) == 3
 
 
+@pytest.mark.parametrize("behaviour", ["official", "paper"])
+def test_carve_with_beam_search_answers_on_the_whole_refined_prompts(ask, photos, monkeypatch, behaviour):
+    """Beam search repeats the rows of the prompts, so CARVE's final pass runs the whole prompts (not the
+    probes' cached prefix): the answers are beam search's own on the refined prompts."""
+    calls = []
+    original = type(ask.model).generate
+    monkeypatch.setattr(type(ask.model), "generate", lambda self, **kw: calls.append(kw) or original(self, **kw))
+    settings = {"layers": (2, 3), "probe_tokens": 2, "max_new_tokens": 3, "behaviour": behaviour}
+    results = ask(photos[:2], question=QUESTIONS[:2], method="carve", num_beams=2, batch_size=2, **settings)
+    (call,) = calls
+    assert call["num_beams"] == 2 and not any(k in call for k in ("cache", "past_key_values"))
+    with torch.no_grad():
+        direct = original(ask.model, **call)[:, call["input_ids"].shape[1] :]
+    for result, row in zip(results, direct, strict=True):
+        assert result.token_ids == row[: len(result.token_ids)].tolist()
+    assert call["pixel_values"].shape[0] == (4 if behaviour == "official" else 2)  # [original, refined] or refined
+
+
 def test_compositions_and_settings_are_checked(ask, photos):
     for spec, message in [
         ("var+pai", "both edit the language model's attention"),
@@ -275,6 +293,8 @@ def test_loading_by_name_from_a_folder_and_offline(tmp_path, photos, monkeypatch
         qwen.family.name == "Qwen2-VL"
         and qwen.weights_label == "random (seed 0), tiny Qwen2-VL (attnzoo/tiny-random-qwen2-vl)"
     )
+    with pytest.raises(InvalidOptionError, match="attn_implementation='bogus'"):  # not a load failure
+        attnzoo.pipeline(TASK, model="llava_1_5_7b", weights=str(tmp_path / "tiny"), attn_implementation="bogus")
     if importlib.util.find_spec("flash_attn") is None:  # transformers refuses it while loading
         with pytest.raises(InvalidOptionError, match="attn_implementation='flash_attention_2'"):
             attnzoo.pipeline(
@@ -439,3 +459,24 @@ def test_other_families(other_family, photos):
 
 def _no_network(*args, **kwargs):
     raise AssertionError("a network connection was attempted")
+
+
+def test_llava_next_beam_search_refuses_a_batch_of_mixed_tile_counts():
+    """transformers' LLaVA-NeXT beam search fails inside on images of different tile counts in one batch
+    (a RuntimeError): the pipeline says so, typed, before generate; equal tile counts pass."""
+    import numpy as np
+    from PIL import Image
+
+    from attnzoo.multimodal.hallucination.layouts import family_of
+    from attnzoo.pipelines.hallucination_mitigation import _check_beam_tiles
+    from tests.multimodal.lvlm_prompts import tiny_model
+
+    model, encode = tiny_model("llava_next")
+    model.config.image_grid_pinpoints = [[28, 56], [56, 28], [56, 56]]
+    rng = np.random.default_rng(0)
+    tall, wide = (Image.fromarray(rng.integers(10, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((40, 20), (200, 300)))
+    family = family_of(model)
+    with pytest.raises(InvalidOptionError, match=r"one tile count .*\[3, 5\].*batch_size=1"):
+        _check_beam_tiles(family, encode([tall, wide], ["dog?", "cat?"]))
+    _check_beam_tiles(family, encode([tall, tall], ["dog?", "cat?"]))
+    _check_beam_tiles(family_of(tiny_llava()), {"image_sizes": None})

@@ -185,7 +185,7 @@ def test_pretrained_loading_reads_the_cache_only_when_the_hub_cannot_be_used(mon
             raise OSError("not in the cache")
     with hub.pretrained_loading("a folder", tmp_path) as cache_only:
         assert not cache_only  # a local folder is read as it is
-    for missing in (tmp_path / "nowhere", "./nowhere", "a/b/c"):
+    for missing in (tmp_path / "nowhere", "./nowhere", "a/b/c", "~/nowhere", "models\\nowhere"):
         with pytest.raises(WeightsError, match="no such folder"):
             with hub.pretrained_loading("a folder", missing):
                 pytest.fail("the load ran")

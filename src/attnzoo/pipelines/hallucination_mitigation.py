@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from attnzoo.errors import AttnzooError, InvalidInputError, InvalidOptionError
+from attnzoo.errors import AttnzooError, InvalidInputError, InvalidOptionError, OfflineError, WeightsError
 from attnzoo.pipelines.base import Pipeline, list_collate, weights_note
 
 __all__ = [
@@ -329,7 +329,7 @@ class HallucinationMitigationPipeline(Pipeline):
         if processor is None:
             processor = processor_for(model)
         self.processor = processor if processor is not None else _auto_processor(model)
-        self._image_check = _ImageCheck(getattr(self.processor, "image_processor", None))
+        self._image_check = _ImageCheck(self.family, getattr(self.processor, "image_processor", None))
         placed = _dispatched_device(model)
         with _kept_in_place(model) if placed is not None else nullcontext():
             super().__init__(
@@ -556,6 +556,8 @@ class HallucinationMitigationPipeline(Pipeline):
                     model_inputs = paired.inputs(final, self._pad_token_id() or 0)
                     final = paired.main_rows(model_inputs, final)
                     chain = LogitsProcessorList([paired.followed_by(*chain)])
+                if decoding["num_beams"] > 1:
+                    _check_beam_tiles(self.family, model_inputs)
                 recorder = _AttentionRecorder(self.family, layers) if capture else None
                 with (
                     self._attention_weights() if capture else nullcontext(),
@@ -575,8 +577,8 @@ class HallucinationMitigationPipeline(Pipeline):
         lengths = [_answer_length(row, self._eos_token_ids()) for row in new]
         # each prompt's first image: (its index in the vision tower's order, its run of tokens)
         first: dict[int, tuple[int, Any]] = {}
-        for index, run in enumerate(tokens.runs):
-            first.setdefault(run.sample, (index, run))
+        for run in tokens.runs:
+            first.setdefault(run.sample, (run.image, run))
         return {
             "answer": [a.strip() for a in self.processor.batch_decode(new, skip_special_tokens=True)],
             "prompt": [
@@ -699,29 +701,20 @@ def _spec_key(spec: Any) -> Any:
 
 
 class _ImageCheck:
-    """The model's image processor alone on each input's image, so that an image it refuses (Qwen2-VL: an
-    aspect ratio over 200) is that input's error in preprocessing, where ``on_error="skip"`` skips it,
-    instead of failing the batch's encoding. Every image is RGB by then, so the verdict depends on its size
-    only: the processor runs once per size (a few ms each)."""
+    """The family's rule of what its image processor refuses (Qwen2-VL: an aspect ratio over 200), asked
+    per input's image, so that the refusal is that input's error in preprocessing, where
+    ``on_error="skip"`` skips it, instead of failing the batch's encoding."""
 
-    def __init__(self, image_processor: Any):
-        self.image_processor = image_processor
-        self.refusals: dict[tuple[int, int], str | None] = {}
+    def __init__(self, family: Any, image_processor: Any):
+        self.family, self.image_processor = family, image_processor
 
     def __call__(self, image: Image.Image, name: str) -> None:
         if self.image_processor is None:
             return
-        if image.size not in self.refusals:
-            try:
-                self.image_processor(images=[image], return_tensors="pt")
-                self.refusals[image.size] = None
-            except (ValueError, TypeError, ZeroDivisionError, IndexError, RuntimeError) as err:
-                self.refusals[image.size] = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
-        refusal = self.refusals[image.size]
+        refusal = self.family.image_refusal(self.image_processor, image.width, image.height)
         if refusal is not None:
-            width, height = image.size
             raise InvalidInputError(
-                f"{name}: the model's image processor refuses this {width}x{height} image: {refusal}"
+                f"{name}: the model's image processor refuses this {image.width}x{image.height} image: {refusal}"
             )
 
 
@@ -780,16 +773,35 @@ def _auto_processor(model: Any) -> Any:
 @contextmanager
 def _attn_implementation_checked(name: str | None) -> Iterator[None]:
     """transformers refuses an attention implementation it does not know (ValueError), whose package is
-    missing (ImportError, e.g. flash_attention_2) or whose Hub kernel it cannot fetch: a bad option, named.
-    Other errors of the block (a load's) pass unchanged."""
+    missing (ImportError, e.g. flash_attention_2) or whose Hub kernel it cannot fetch: a bad option, named,
+    also when a load by name wrapped it in a WeightsError. Other errors of the block (a load's) pass unchanged."""
     try:
         yield
-    except (ValueError, ImportError, OSError) as err:
-        text = str(err).strip()
-        if name is None or isinstance(err, AttnzooError) or (name not in text and "attention" not in text.lower()):
+    except (ValueError, ImportError, OSError, WeightsError) as err:
+        cause = err.__cause__ if isinstance(err, WeightsError) and not isinstance(err, OfflineError) else err
+        if name is None or isinstance(cause, AttnzooError) or not isinstance(cause, ValueError | ImportError | OSError):
             raise
-        reason = text.splitlines()[0] if text else type(err).__name__
+        text = str(cause).strip()
+        if name not in text and "attention" not in text.lower():
+            raise
+        reason = text.splitlines()[0] if text else type(cause).__name__
         raise InvalidOptionError(f"attn_implementation={name!r} cannot be used here: {reason}") from err
+
+
+def _check_beam_tiles(family: Any, inputs: Mapping[str, Any]) -> None:
+    """transformers' LLaVA-NeXT beam search splits the repeated rows' image features by the images' tile
+    counts and fails inside (a RuntimeError) when a batch's images differ in them: refused here, named."""
+    from attnzoo.multimodal.hallucination.layouts import LlavaNextFamily, llava_next_tile_count
+
+    sizes = inputs.get("image_sizes")
+    if not isinstance(family, LlavaNextFamily) or sizes is None:
+        return
+    counts = [llava_next_tile_count(family.config, size) for size in sizes]
+    if len(set(counts)) > 1:
+        raise InvalidOptionError(
+            f"beam search on LLaVA-NeXT needs the images of a batch to have one tile count (transformers fails "
+            f"otherwise); these have {counts}: use batch_size=1 with num_beams > 1"
+        )
 
 
 def _method_settings(value: Any) -> dict[str, Any]:

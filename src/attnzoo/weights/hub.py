@@ -179,9 +179,8 @@ def pretrained_loading(
     path to none fails at once. What the loader raises (``errors``) becomes an :class:`OfflineError`
     (cache only) or a :class:`WeightsError`, naming ``what``."""
     name = None if name_or_path is None else os.fspath(name_or_path)
-    if name is not None and not os.path.exists(name):
-        if os.path.isabs(name) or name.startswith(("./", "../")) or name.count("/") > 1:  # no Hub id either
-            raise WeightsError(f"cannot load {what}: no such folder {name}")
+    if name is not None and not os.path.exists(name) and not _is_repo_id(name):
+        raise WeightsError(f"cannot load {what}: no such folder {name}")
     cache_only = not (name is not None and os.path.isdir(name)) and not hub_reachable()
     try:
         with hf_cache_only(cache_only):
@@ -192,6 +191,19 @@ def pretrained_loading(
         if cache_only:
             raise unavailable_error(what, f"{hf_endpoint()}/{name}" if name else hf_endpoint()) from err
         raise WeightsError(f"cannot load {what}: {err}") from err
+
+
+def _is_repo_id(name: str) -> bool:
+    """Whether ``name`` can be a Hub repository id ("org/model", "gpt2"); a path (two slashes, "./x",
+    "~/x", a drive or backslashes) cannot."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def download_url(

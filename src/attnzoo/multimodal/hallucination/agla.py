@@ -154,13 +154,11 @@ class AGLA(MitigationMethod):
             from attnzoo.weights import hub
 
             name = self.blip_model
-            with (
-                torch.inference_mode(False),  # weights loaded as inference tensors could not take part in the GradCAM
-                hub.pretrained_loading(f"AGLA's BLIP-ITM model {name} (blip_model=)", name) as cache_only,
-            ):
-                model = BlipForImageTextRetrieval.from_pretrained(
-                    name, dtype=torch.float32, local_files_only=cache_only
-                ).eval()
+            with torch.inference_mode(False):  # weights loaded as inference tensors could not take part in the GradCAM
+                with hub.pretrained_loading(f"AGLA's BLIP-ITM model {name} (blip_model=)", name) as cache_only:
+                    model = BlipForImageTextRetrieval.from_pretrained(
+                        name, dtype=torch.float32, local_files_only=cache_only
+                    ).eval()
                 self.blip_model = model.to(device) if device is not None else model
             if self.blip_processor is None:
                 self.blip_processor = _load_blip_processor(name)

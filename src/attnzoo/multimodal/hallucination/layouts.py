@@ -161,6 +161,11 @@ class Family:
         }
         return self.read_image_info((), {k: v for k, v in seen.items() if v is not None})
 
+    def image_refusal(self, image_processor: Any, width: int, height: int) -> str | None:
+        """Why the family's image processor would refuse a ``width`` x ``height`` image (None: it takes
+        any non-empty size), asked before the batch is encoded so that the refusal is that image's."""
+        return None
+
     def stateful_attributes(self) -> list[tuple[nn.Module, str]]:
         """Per-generation state a model keeps on its modules (a contrast branch must not clobber it)."""
         return []
@@ -200,7 +205,7 @@ class Family:
         for copies in range(2, rows + 1):
             if rows % copies:
                 continue
-            groups = input_ids.view(rows // copies, copies, -1)
+            groups = input_ids.reshape(rows // copies, copies, -1)
             if not bool((groups == groups[:, :1]).all()):
                 continue
             try:
@@ -359,6 +364,18 @@ class LlavaNextFamily(LlavaFamily):
         return Family.vision_attention(self, layer, method)
 
 
+def llava_next_tile_count(config, image_size: Sequence[int]) -> int:
+    """Tiles the model encodes for one LLaVA-NeXT image of ``(height, width)`` (base view and anyres
+    crops): the rest of its row of a batch's ``[images, max_tiles, 3, H, W]`` pixels is padding."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    return int(
+        image_size_to_num_patches(
+            tuple(int(v) for v in image_size), config.image_grid_pinpoints, config.vision_config.image_size
+        )
+    )
+
+
 def llava_next_image_token_count(config, image_size: Sequence[int]) -> int:
     """Placeholder tokens of one LLaVA-NeXT image of ``(height, width)``: the base view, then the
     anyres crops unpadded to the image's aspect ratio with one newline token per row (the same
@@ -389,6 +406,25 @@ class Qwen2VLFamily(Family):
 
     def _merge(self) -> int:
         return int(self.config.vision_config.spatial_merge_size)
+
+    def image_refusal(self, image_processor, width, height):
+        """Qwen2-VL's processor resizes to a multiple of its patch size within its pixel budget, and refuses
+        an aspect ratio over 200 (or a side it cannot fit): the same rule, without processing pixels."""
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        size = getattr(image_processor, "size", None) or {}
+        bounds = {
+            "min_pixels": getattr(image_processor, "min_pixels", None) or size.get("shortest_edge"),
+            "max_pixels": getattr(image_processor, "max_pixels", None) or size.get("longest_edge"),
+        }
+        factor = getattr(image_processor, "patch_size", None), getattr(image_processor, "merge_size", None)
+        if None in factor:
+            return None  # another processor: its own rules apply when the batch is encoded
+        try:
+            smart_resize(height, width, factor=factor[0] * factor[1], **{k: v for k, v in bounds.items() if v})
+        except ValueError as err:
+            return str(err).strip().splitlines()[0]
+        return None
 
     def tokens_per_image(self, image_info):
         if not image_info:

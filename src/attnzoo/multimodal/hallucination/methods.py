@@ -143,8 +143,9 @@ class InterventionMethod(MitigationMethod):
         defaults = _cfg_defaults(intervention)
         self.intervention = intervention
         self.name = intervention.method
-        self.gamma = defaults.get("gamma") if gamma is None else check_gamma(gamma)
-        self.cutoff = defaults.get("cutoff") if cutoff is None else check_cfg_cutoff(cutoff)
+        named = intervention.method.upper()
+        self.gamma = defaults.get("gamma") if gamma is None else check_gamma(gamma, named)
+        self.cutoff = defaults.get("cutoff") if cutoff is None else check_cfg_cutoff(cutoff, named)
 
     @property
     def guided(self) -> bool:

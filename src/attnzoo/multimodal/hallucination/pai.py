@@ -141,17 +141,15 @@ def text_only_inputs(model, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor
     return family_for(model).text_only(inputs)
 
 
-def check_gamma(gamma: float) -> float:
+def check_gamma(gamma: float, method: str = "PAI") -> float:
     """The CFG strength: any finite value (1 is no guidance, below 1 leans toward the text-only branch;
     the official processor takes any float), never nan or inf, which would make every score nan."""
-    return check_number("PAI", "CFG strength gamma", gamma)
+    return check_number(method, "CFG strength gamma", gamma)
 
 
-def check_cfg_cutoff(cutoff: float) -> float:
+def check_cfg_cutoff(cutoff: float, method: str = "PAI") -> float:
     """The CFG's plausibility cutoff, a share of the top probability in (0, 1]."""
-    if not 0.0 < cutoff <= 1.0:
-        raise InvalidOptionError(f"the CFG cutoff must be in (0, 1], got {cutoff}")
-    return float(cutoff)
+    return check_number(method, "CFG cutoff", cutoff, above=0.0, at_most=1.0)
 
 
 class PAICFGLogitsProcessor(ContrastBranchProcessor):
@@ -172,7 +170,8 @@ class PAICFGLogitsProcessor(ContrastBranchProcessor):
         intervention: ImageAttentionAmplifier | None = None,
     ):
         super().__init__(model, unconditional_inputs)
-        self.gamma, self.cutoff = check_gamma(gamma), check_cfg_cutoff(cutoff)
+        method = intervention.method.upper() if intervention is not None else "PAI"
+        self.gamma, self.cutoff = check_gamma(gamma, method), check_cfg_cutoff(cutoff, method)
         self.intervention = intervention
         if intervention is not None and self.gamma != 1.0:  # gamma 1 never runs the branch: nothing to wait for
             intervention._hold_until_cfg()

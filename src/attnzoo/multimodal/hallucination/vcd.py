@@ -43,7 +43,7 @@ from attnzoo.errors import InvalidInputError, InvalidOptionError
 
 from .base import ContrastBranchProcessor, PairedContrast, check_batched, check_cutoff
 from .functional.contrastive import VCD_NUM_STEPS, add_diffusion_noise, contrastive_logits
-from .layouts import family_of
+from .layouts import family_of, llava_next_tile_count
 from .method import MitigationMethod, PromptBatch
 
 #: The official scripts' settings (seed: the scripts' global seed, used here for the noise draw).
@@ -158,8 +158,6 @@ def _per_image(pixels: torch.Tensor, grid_thw: Any) -> list[torch.Tensor]:
 def _tile_counts(model: nn.Module | None, image_sizes: Any, shape: tuple[int, int]) -> list[int]:
     """The real tiles of each row of LLaVA-NeXT's padded ``[B, max_tiles, ...]`` pixels, counted from
     ``image_sizes`` as the model counts them (its anyres grid pinpoints and vision tile side)."""
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
     config = getattr(model, "config", None)
     pinpoints = getattr(config, "image_grid_pinpoints", None)
     vision = getattr(config, "vision_config", None)
@@ -171,7 +169,7 @@ def _tile_counts(model: nn.Module | None, image_sizes: Any, shape: tuple[int, in
     sizes = [tuple(int(v) for v in size) for size in image_sizes]
     if len(sizes) != shape[0]:
         raise InvalidInputError(f"VCD: image_sizes has {len(sizes)} images but pixel_values has {shape[0]}")
-    counts = [image_size_to_num_patches(size, pinpoints, vision.image_size) for size in sizes]
+    counts = [llava_next_tile_count(config, size) for size in sizes]
     for size, count in zip(sizes, counts, strict=True):
         if count > shape[1]:
             raise InvalidInputError(
