@@ -49,6 +49,7 @@ def test_carve_settings_and_errors():
         "method": "carve",
         "behaviour": "official",
         "final_images": "original+refined",
+        "grid": "official table (256/576/1024/1600/1681 tokens square)",
         "variant": "v4",
         "layers": (20, 21, 22, 23, 24, 25),
         "lam": 1e-8,
@@ -59,7 +60,8 @@ def test_carve_settings_and_errors():
         "general_instruction": CARVE_GENERAL_INSTRUCTION,
         "answer_suffix": None,
     }
-    assert CARVE(behaviour="paper").describe()["final_images"] == "refined"
+    paper = CARVE(behaviour="paper").describe()
+    assert paper["final_images"] == "refined" and paper["grid"] == "image's"
     bad_settings = (
         {"variant": "v5"},
         {"lam": 0},

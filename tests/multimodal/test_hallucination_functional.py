@@ -472,3 +472,20 @@ def test_carve_refine_rejects_bad_input():
         F.carve_mask(np.ones((4, 4)), top_percent=0.0)
     with pytest.raises(InvalidInputError, match="does not match"):
         F.carve_crop(image, np.ones((3, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("known_grids", [True, False])
+def test_carve_fuse_grid_of_a_wide_qwen_image(known_grids):
+    """576 tokens of an 18 x 32 grid (a 16:9 Qwen2-VL image): the official table reads them as 24 x 24,
+    the paper's grid keeps the image's own, so one hot token lands in its own cell of the picture."""
+    rows, cols, cell = 18, 32, 28
+    query = np.full((1, 1, rows * cols), 1e-3, dtype=np.float32)
+    query[0, 0, 9 * cols + 24] = 1.0
+    fused = F.carve_fuse(
+        query, np.ones_like(query), (cols * cell, rows * cell), grid_shape=(rows, cols), known_grids=known_grids
+    )
+    y, x = np.unravel_index(int(np.argmax(fused)), fused.shape)
+    in_cell = bool(9 * cell <= y < 10 * cell and 24 * cell <= x < 25 * cell)
+    assert in_cell is (not known_grids)
+    if known_grids:  # token 312 of a 24 x 24 grid: row 13, col 0
+        assert x < cols * cell / 24 and 13 * rows * cell / 24 <= y < 14 * rows * cell / 24

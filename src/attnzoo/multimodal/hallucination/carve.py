@@ -12,7 +12,9 @@ magnified. The answer is then generated on the refined prompt (the stages are th
 
 Code vs paper (``behaviour``): the released code answers on **[original, refined]** (two images in
 one prompt) — ``"official"``; the paper's Algorithm 1 answers on the refined image alone —
-``"paper"``. Both use the code's lambda 1e-8 (the paper's appendix mentions 0.05, which would swamp
+``"paper"``. The released code also reads 256, 576, 1024, 1600 and 1681 image tokens as a square grid
+whatever the image's shape (a 16:9 Qwen2-VL image of 18x32 merged patches becomes 24x24, a scrambled
+map); ``"paper"`` reads the image's own grid. Both use the code's lambda 1e-8 (the paper's appendix mentions 0.05, which would swamp
 A^G with per-token attention around 1e-3; pass ``lam`` to change it). The official prompts append
 "Answer the question using a single word or phrase." to every question, probes included (a
 TextVQA format); ``answer_suffix=CARVE_ANSWER_SUFFIX`` does the same, the default leaves the
@@ -149,6 +151,7 @@ class CARVE(MitigationMethod):
                 min_keep_regions=self.min_keep_regions,
                 outlier_percent=self.outlier_percent,
                 grid_shape=grid,
+                known_grids=self.behaviour == "official",
             )
             for image, (query, general, grid) in zip(images, maps, strict=True)
         ]
@@ -195,6 +198,9 @@ class CARVE(MitigationMethod):
             "method": self.name,
             "behaviour": self.behaviour,
             "final_images": "original+refined" if self.behaviour == "official" else "refined",
+            "grid": "official table (256/576/1024/1600/1681 tokens square)"
+            if self.behaviour == "official"
+            else "image's",
             "variant": self.variant,
             "layers": self.last_layers or self.layers,
             "lam": self.lam,

@@ -166,6 +166,7 @@ def carve_fuse(
     lam: float = CARVE_LAMBDA_CODE,
     step_mode: StepMode = "all",
     grid_shape: tuple[int, int] | None = None,
+    known_grids: bool = True,
 ) -> np.ndarray:
     """S [H, W] float64 = sum_t w_t sum_l resize(grid(A^Q_tl / (A^G_tl + lam))) at the image size.
 
@@ -173,8 +174,10 @@ def carve_fuse(
     min(T_q, T_g) steps count. ``layers`` picks along axis 1 (default: all). ``step_mode`` "all"
     weighs step t by t + 1, "first" uses step 0 alone. ``image_size`` is PIL's (W, H). The grid of
     N_v tokens: 576 -> 24x24, 1024 -> 32x32, 1600 -> 40x40, 1681 -> 41x41, 256 -> 16x16 whatever
-    ``grid_shape`` says (official rule); otherwise ``grid_shape`` (Qwen2-VL: image_grid_thw[1:] / 2;
-    extra tokens dropped), otherwise a square. Each grid is resized with PIL bilinear on a float32
+    ``grid_shape`` says (the official rule, ``known_grids=True``: a Qwen2-VL image of 18x32 merged
+    patches, 576 tokens, is read as 24x24); otherwise ``grid_shape`` (Qwen2-VL: image_grid_thw[1:] / 2;
+    extra tokens dropped), otherwise a square. ``known_grids=False`` takes ``grid_shape`` first when it
+    covers the tokens exactly (the paper's grid). Each grid is resized with PIL bilinear on a float32
     image, as the official code does.
     """
     query, general = _float32(query_maps), _float32(general_maps)
@@ -188,7 +191,7 @@ def carve_fuse(
     picked = range(query.shape[1]) if layers is None else list(layers)
     if any(not 0 <= layer < query.shape[1] for layer in picked):
         raise InvalidInputError(f"layers {list(picked)} not all within the maps' {query.shape[1]} layers")
-    grid = _token_grid(query.shape[2], grid_shape)
+    grid = _token_grid(query.shape[2], grid_shape, known_grids)
     steps = [0] if step_mode == "first" else range(min(len(query), len(general)))
     fused = np.zeros((height, width), dtype=np.float64)
     for step in steps:
@@ -270,13 +273,21 @@ def carve_refine(
     min_keep_regions: int = 3,
     outlier_percent: float = 0.1,
     grid_shape: tuple[int, int] | None = None,
+    known_grids: bool = True,
 ) -> CarveResult:
     """Fusion, mask and crop of one released variant (``CARVE_VARIANTS``; v4 is the default)."""
     if variant not in CARVE_VARIANTS:
         raise InvalidInputError(f"unknown CARVE variant {variant!r}; expected one of {sorted(CARVE_VARIANTS)}")
     step_mode, strategy = CARVE_VARIANTS[variant]
     fused = carve_fuse(
-        query_maps, general_maps, image.size, layers=layers, lam=lam, step_mode=step_mode, grid_shape=grid_shape
+        query_maps,
+        general_maps,
+        image.size,
+        layers=layers,
+        lam=lam,
+        step_mode=step_mode,
+        grid_shape=grid_shape,
+        known_grids=known_grids,
     )
     mask = carve_mask(
         fused,
@@ -288,7 +299,9 @@ def carve_refine(
     return CarveResult(fused, mask, carve_crop(image, mask.mask))
 
 
-def _token_grid(count: int, grid_shape: tuple[int, int] | None) -> tuple[int, int]:
+def _token_grid(count: int, grid_shape: tuple[int, int] | None, known_grids: bool = True) -> tuple[int, int]:
+    if not known_grids and grid_shape is not None and grid_shape[0] * grid_shape[1] == count:
+        return int(grid_shape[0]), int(grid_shape[1])
     if count in _KNOWN_GRIDS:
         return _KNOWN_GRIDS[count]
     if grid_shape is not None and 0 < grid_shape[0] * grid_shape[1] <= count:
