@@ -480,3 +480,33 @@ def test_llava_next_beam_search_refuses_a_batch_of_mixed_tile_counts():
         _check_beam_tiles(family, encode([tall, wide], ["dog?", "cat?"]))
     _check_beam_tiles(family, encode([tall, tall], ["dog?", "cat?"]))
     _check_beam_tiles(family_of(tiny_llava()), {"image_sizes": None})
+
+
+@pytest.mark.parametrize("method", ["pai", "vcd"])
+def test_threads_sharing_a_model_take_turns(ask, photos, method):
+    """The methods attach to the model and swap its generation config while generate runs: calls from
+    several threads on one model answer as one at a time, and the config is the model's own afterwards."""
+    import threading
+
+    config = ask.model.generation_config
+    serial = [ask(photo, question=question, method=method).token_ids for photo, question in zip(photos, QUESTIONS)]
+    answers: dict[int, list] = {}
+    errors: list[BaseException] = []
+
+    def answer(index):
+        try:
+            for _ in range(2):
+                answers.setdefault(index, []).append(
+                    ask(photos[index], question=QUESTIONS[index], method=method).token_ids
+                )
+        except BaseException as err:  # noqa: BLE001  reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=answer, args=(i,)) for i in range(len(photos))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert answers == {i: [serial[i], serial[i]] for i in range(len(photos))}
+    assert ask.model.generation_config is config

@@ -34,6 +34,8 @@ from __future__ import annotations
 import functools
 import math
 import textwrap
+import threading
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -532,7 +534,7 @@ class HallucinationMitigationPipeline(Pipeline):
         self._image_tokens(inputs, batch["name"])
         prompt_batch = PromptBatch(list(batch["image"]), list(batch["question"]), inputs, encode, {"seeds": seeds})
         runs = ordered(methods)
-        with _plain_generation_config(self.model):
+        with _model_lock(self.model), _plain_generation_config(self.model):
             for method in runs:
                 prompt_batch = method.prepare(self.model, self.processor, prompt_batch)
             interventions = [i for m in runs for i in m.interventions()]
@@ -828,6 +830,21 @@ def _kept_in_place(model: Any) -> Iterator[None]:
         yield
     finally:
         model.__dict__.pop("to", None)
+
+
+_MODEL_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def _model_lock(model: Any) -> threading.RLock:
+    """One answer at a time per model: the methods attach to the model, keep per-prompt state in it and
+    swap its generation config while generate runs, so pipelines sharing a model from several threads
+    (a loaded checkpoint is shared by name) take turns instead of mixing their states."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
 
 
 @contextmanager
