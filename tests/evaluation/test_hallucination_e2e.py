@@ -167,3 +167,23 @@ def test_run_with_beam_search_and_an_attention_edit(pope, tmp_path, capsys):
     assert main([*args, "--weights", "none", "--device", "cpu", "--max-new-tokens", "3", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "results.json").read_text())["results"][str(image)]
     assert result["method"] == "var" and result["decoding"]["mode"] == "beam" and result["decoding"]["num_beams"] == 2
+
+
+def test_run_carve_with_its_layers_on_a_small_model(pope, tmp_path, capsys):
+    """The tiny model has 4 layers, not CARVE's 20-25: --layers and --probe-tokens set them."""
+    image = next((pope / "val2014").glob("*.jpg"))
+    args = ["run", TASK, str(image), "--question", "dog?", "--method", "carve", "--weights", "none", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "default")]) == 2
+    assert "--layers" in capsys.readouterr().err
+    settings = ["--layers", "1,2,3", "--probe-tokens", "2", "--max-new-tokens", "2", "--out", str(tmp_path / "set")]
+    assert main([*args, *settings]) == 0
+    result = json.loads((tmp_path / "set" / "results.json").read_text())["results"][str(image)]
+    assert result["methods"][0]["layers"] == [1, 2, 3] and result["methods"][0]["probe_tokens"] == 2
+
+
+def test_mme_subtask_named_twice_runs_once(tmp_path):
+    mme = with_pictures(write_mme_tree(tmp_path / "mme", images=1))
+    args = ["--benchmark", "mme", "--subtasks", "existence,existence", "--data", str(mme), "--out", str(tmp_path / "o")]
+    assert eval_cli(*args) == 0
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["n"] == 2 and set(metrics["subtasks"]) == {"existence"}

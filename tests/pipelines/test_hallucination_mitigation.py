@@ -211,6 +211,7 @@ def test_compositions_and_settings_are_checked(ask, photos):
         ("vcd+agla", "each contrast the model's logits"),
         ("carve+var", "probes read the stock model's attention"),
         ("var+var", "listed twice"),
+        ("carve+agla", r"\[original, refined\].*behaviour='paper'"),
     ]:
         with pytest.raises(InterventionConflictError, match=message):
             build_methods(spec, **({"sink_dims": (3, 7)} if "var" in spec else {}))
@@ -221,6 +222,7 @@ def test_compositions_and_settings_are_checked(ask, photos):
     assert [m.name for m in build_methods("var,vcd", strict=False, alpha=0.5, sink_dims="3,7")] == ["var", "vcd"]
     assert build_methods("var", sink_dims="3,7")[0].intervention.sink_dims == (3, 7)  # the command line's text
     assert build_methods(None) == build_methods("none") == []
+    assert [m.name for m in build_methods("carve+agla", behaviour="paper")] == ["carve", "agla"]
     var = attnzoo.pipeline(TASK, weights="none", device="cpu", max_new_tokens=2, method="var", sink_dims=(3, 7))
     assert var(photos[0], question="x", tau=2.5).settings["methods"][0]["sink_dims"] == (3, 7)  # settings merge
     assert var(photos[0], question="x", method="vcd").settings["methods"][0]["method"] == "vcd"  # its own settings

@@ -391,7 +391,7 @@ class HallucinationEvaluator(TaskEvaluator):
         if self.parser not in MME_PARSERS:
             raise InvalidOptionError(f"--parser for MME is one of {', '.join(MME_PARSERS)}, got {self.parser!r}")
         names = subtasks.split(",") if isinstance(subtasks, str) else subtasks or MME_HALLUCINATION_SUBTASKS
-        self.subtasks = [s.strip() for s in names if s.strip()]
+        self.subtasks = list(dict.fromkeys(s.strip() for s in names if s.strip()))  # each once, in order
         self.questions = read_mme(data, self.subtasks)
         released = prompt_suffix in (None, "released")
         self.suffix = None if released else _suffix(prompt_suffix, "none")

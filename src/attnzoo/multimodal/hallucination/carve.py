@@ -221,7 +221,7 @@ class CARVE(MitigationMethod):
         if not layers:
             raise InvalidOptionError(
                 f"none of CARVE's probe layers {list(self.layers)} exists in this {depth}-layer language model; "
-                "pass layers=..."
+                "pass layers=... (--layers on the command line)"
             )
         return layers
 

@@ -18,7 +18,8 @@ when ``gamma != 1``). Which methods combine (:func:`check_composition`):
 - at most one method that rewrites the prompts (CARVE), and not with an attention edit: CARVE's probes
   read the stock model's attention to choose the crop;
 - anything else combines: an attention edit with a contrast method (VAR + AGLA, PAI + VCD), CARVE with
-  a contrast method (the contrast runs on CARVE's final prompt).
+  a contrast method (the contrast runs on CARVE's final prompt; AGLA only with CARVE's paper behaviour,
+  whose final prompts hold one image).
 """
 
 from __future__ import annotations
@@ -292,7 +293,14 @@ def check_composition(methods: Sequence[MitigationMethod]) -> None:
     if rewrites and edits:
         raise InterventionConflictError(
             f"{rewrites[0]}'s probes read the stock model's attention to choose what to crop, which "
-            f"{edits[0]} would change: combine {rewrites[0]} with no method or with a contrast method (vcd, agla)"
+            f"{edits[0]} would change: combine {rewrites[0]} with no method or with a contrast method (vcd; agla "
+            "with carve's paper behaviour)"
+        )
+    carve = next((m for m in methods if m.name == "carve"), None)
+    if carve is not None and "agla" in names and getattr(carve, "behaviour", None) == "official":
+        raise InterventionConflictError(
+            "carve's official final pass asks about [original, refined] (two images per prompt) and agla "
+            "augments one image per prompt: combine agla with carve's paper behaviour (behaviour='paper')"
         )
 
 
