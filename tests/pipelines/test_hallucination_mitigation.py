@@ -5,6 +5,7 @@ combinations, attention pictures, sampling seeds, loading from a folder, and the
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import socket
@@ -246,6 +247,9 @@ def test_return_attention_and_the_picture(ask, photos, tmp_path):
     assert plain.baseline_attention is None and plain.attention.shape == (6, 6)
     assert 2 * 256 < plain.plot().width < 3 * 256
     assert "attention" in plain.to_dict() and np.asarray(plain.to_dict()["attention"]).shape == (6, 6)
+    tall = dataclasses.replace(out, view=Image.new("RGB", (10, 600)))  # e.g. a Qwen2-VL view of a 1:60 image
+    sheet = tall.plot(size=64)
+    assert sheet.height < 22 + 64 + 16 * 12 and sheet.width >= 3 * 64  # each picture fits the box, titles whole
 
 
 def test_sdpa_model_switches_to_eager_for_attention_and_back(photos):

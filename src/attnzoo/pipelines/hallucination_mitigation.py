@@ -132,11 +132,14 @@ class MitigationResult:
 
     def plot(self, size: int = 256) -> Image.Image:
         """The image, then the answer's attention over it with the method and without (when measured),
-        on one colour scale, with the question and the answers below."""
+        on one colour scale, with the question and the answers below; each picture fits a ``size`` box."""
         from attnzoo.viz.classification import load_font
 
         base = (self.view or self.image).convert("RGB")
-        base = base.resize((size, max(1, round(base.height * size / base.width))), Image.Resampling.BICUBIC)
+        fit = size / max(base.width, base.height)
+        base = base.resize(
+            (max(1, round(base.width * fit)), max(1, round(base.height * fit))), Image.Resampling.BICUBIC
+        )
         panels = [("image", base)]
         grids = [g for g in (self.attention, self.baseline_attention) if g is not None]
         scale = (min(float(g.min()) for g in grids), max(float(g.max()) for g in grids)) if grids else (0.0, 1.0)
@@ -147,7 +150,9 @@ class MitigationResult:
             panels.append(("without a method", _overlay(base, self.baseline_attention, scale)))
         font, small = load_font(14), load_font(12)
         pad, head = 8, 22
-        width = pad + sum(p.width + pad for _, p in panels)
+        measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        slots = [max(picture.width, math.ceil(measure.textlength(title, font=font))) for title, picture in panels]
+        width = pad + sum(slot + pad for slot in slots)
         lines = [f"Q: {self.question}", f"A ({self.method}): {self.answer}"]
         if self.baseline_answer is not None:
             lines.append(f"A (no method): {self.baseline_answer}")
@@ -162,10 +167,10 @@ class MitigationResult:
         sheet = Image.new("RGB", (width, head + base.height + pad + 16 * len(wrapped) + pad), "white")
         draw = ImageDraw.Draw(sheet)
         x = pad
-        for title, picture in panels:
+        for (title, picture), slot in zip(panels, slots, strict=True):
             sheet.paste(picture, (x, head))
             draw.text((x, 4), title, fill=(0, 0, 0), font=font)
-            x += picture.width + pad
+            x += slot + pad
         y = head + base.height + pad
         for line in wrapped:
             draw.text((pad, y), line, fill=(40, 40, 40), font=small)
