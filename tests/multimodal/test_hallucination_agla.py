@@ -195,8 +195,9 @@ def test_agla_loads_blip_from_the_cache_only_when_the_hub_cannot_be_used(blip, t
     lvlm, encode = tiny_model("llava")
     batch = prompt_batch(encode, photos(1), QUESTIONS[:1])
     monkeypatch.setattr(socket.socket, "connect", _no_network)  # cache only: not one connection
-    with pytest.raises(OfflineError, match="BLIP-ITM model attnzoo-tests/no-such-blip"):
+    with pytest.raises(OfflineError, match="BLIP-ITM model attnzoo-tests/no-such-blip") as info:
         AGLA(blip_model="attnzoo-tests/no-such-blip").logits_processors(lvlm, None, batch)
+    assert "blip_model=" in str(info.value) and "--weights" not in str(info.value)  # --weights loads the LVLM
     model, _ = blip
     monkeypatch.setattr(model, "name_or_path", "attnzoo-tests/no-such-blip")
     with pytest.raises(OfflineError, match="BLIP processor attnzoo-tests/no-such-blip"):

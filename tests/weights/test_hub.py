@@ -183,6 +183,10 @@ def test_pretrained_loading_reads_the_cache_only_when_the_hub_cannot_be_used(mon
     with pytest.raises(OfflineError, match="the thing org/model"):
         with hub.pretrained_loading("the thing org/model", "org/model"):
             raise OSError("not in the cache")
+    with pytest.raises(OfflineError, match="pass it as thing=") as info:
+        with hub.pretrained_loading("the thing", "org/model", ways_out="pass it as thing="):
+            raise OSError("not in the cache")
+    assert "--weights" not in str(info.value)
     with hub.pretrained_loading("a folder", tmp_path) as cache_only:
         assert not cache_only  # a local folder is read as it is
     for missing in (tmp_path / "nowhere", "./nowhere", "a/b/c", "~/nowhere", "models\\nowhere"):

@@ -773,7 +773,8 @@ def _auto_processor(model: Any) -> Any:
         raise InvalidInputError(
             "this model came without a processor: pass processor= (e.g. AutoProcessor.from_pretrained(...))"
         )
-    with hub.pretrained_loading(f"the processor of {name} (or pass processor=)", name) as cache_only:
+    ways_out = "pass the model's processor with processor= (e.g. AutoProcessor.from_pretrained(a local folder))"
+    with hub.pretrained_loading(f"the processor of {name}", name, ways_out=ways_out) as cache_only:
         return AutoProcessor.from_pretrained(name, local_files_only=cache_only)
 
 

@@ -127,18 +127,20 @@ def hub_reachable() -> bool:
 OFFLINE_REASON = "offline mode (ATTNZOO_OFFLINE/HF_HUB_OFFLINE)"
 
 
-def unavailable_error(what: str, url: str, dest: Path | None = None) -> OfflineError:
-    """The error for ``what`` (not cached) when ``url`` cannot be used now: offline mode, or its host unreachable."""
+def unavailable_error(what: str, url: str, dest: Path | None = None, ways_out: str | None = None) -> OfflineError:
+    """The error for ``what`` (not cached) when ``url`` cannot be used now: offline mode, or its host
+    unreachable. ``ways_out`` replaces the advice about ``--weights`` where that option does not load ``what``."""
     if is_offline():
         place = f"download {url} and place it at {dest}, or pass" if dest else "pass"
-        return OfflineError(
-            f"{OFFLINE_REASON} and no cached copy of {what}: {place} the local file "
-            "with --weights PATH; or use random weights with --weights none (weights='none' in Python)"
+        advice = ways_out or (
+            f"{place} the local file with --weights PATH; or use random weights with --weights none "
+            "(weights='none' in Python)"
         )
+        return OfflineError(f"{OFFLINE_REASON} and no cached copy of {what}: {advice}")
     host = urllib.parse.urlsplit(url).hostname or url
     return OfflineError(
         f"cannot reach {host} (no network, or a firewall or proxy in the way) to fetch {what}, and there is no "
-        f"cached copy. {WAYS_OUT}."
+        f"cached copy. {ways_out or WAYS_OUT}."
     )
 
 
@@ -172,12 +174,13 @@ def pretrained_loading(
     name_or_path: str | os.PathLike | None = None,
     *,
     errors: tuple[type[BaseException], ...] = (OSError, ValueError),
+    ways_out: str | None = None,
 ) -> Iterator[bool]:
     """Around a library's ``from_pretrained(name_or_path, local_files_only=<yielded>)`` (Hugging Face's
     cache): offline or with the Hub unreachable (one short probe) it reads the cache only, so a missing
     copy fails at once instead of after the Hub client's retries; a local folder is read as it is, and a
     path to none fails at once. What the loader raises (``errors``) becomes an :class:`OfflineError`
-    (cache only) or a :class:`WeightsError`, naming ``what``."""
+    (cache only, with ``ways_out`` as its advice) or a :class:`WeightsError`, naming ``what``."""
     name = None if name_or_path is None else os.fspath(name_or_path)
     if name is not None and not os.path.exists(name) and not _is_repo_id(name):
         raise WeightsError(f"cannot load {what}: no such folder {name}")
@@ -189,7 +192,8 @@ def pretrained_loading(
         raise
     except errors as err:
         if cache_only:
-            raise unavailable_error(what, f"{hf_endpoint()}/{name}" if name else hf_endpoint()) from err
+            url = f"{hf_endpoint()}/{name}" if name else hf_endpoint()
+            raise unavailable_error(what, url, ways_out=ways_out) from err
         raise WeightsError(f"cannot load {what}: {err}") from err
 
 

@@ -155,7 +155,9 @@ class AGLA(MitigationMethod):
 
             name = self.blip_model
             with torch.inference_mode(False):  # weights loaded as inference tensors could not take part in the GradCAM
-                with hub.pretrained_loading(f"AGLA's BLIP-ITM model {name} (blip_model=)", name) as cache_only:
+                with hub.pretrained_loading(
+                    f"AGLA's BLIP-ITM model {name} (blip_model=)", name, ways_out=_BLIP_WAYS_OUT
+                ) as cache_only:
                     model = BlipForImageTextRetrieval.from_pretrained(
                         name, dtype=torch.float32, local_files_only=cache_only
                     ).eval()
@@ -223,12 +225,21 @@ def _check_blip(model: Any) -> None:
         )
 
 
+#: What to do when AGLA's BLIP cannot be fetched (``--weights`` loads the LVLM, not BLIP).
+_BLIP_WAYS_OUT = (
+    "pass a local BLIP-ITM folder (or a loaded model and its processor) as blip_model= / blip_processor=, "
+    "or use a method that needs no BLIP"
+)
+
+
 def _load_blip_processor(name: str):
     from transformers import BlipProcessor
 
     from attnzoo.weights import hub
 
-    with hub.pretrained_loading(f"AGLA's BLIP processor {name} (blip_processor=)", name) as cache_only:
+    with hub.pretrained_loading(
+        f"AGLA's BLIP processor {name} (blip_processor=)", name, ways_out=_BLIP_WAYS_OUT
+    ) as cache_only:
         return BlipProcessor.from_pretrained(name, local_files_only=cache_only)
 
 
