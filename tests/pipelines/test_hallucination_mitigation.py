@@ -457,9 +457,15 @@ def test_other_families(other_family, photos):
             photos[1], question=QUESTIONS[1], method="carve", layers=(2, 3), probe_tokens=2, return_attention=True
         )
         assert out.attention.ndim == 2 and out.attention.shape == out.baseline_attention.shape
-    else:  # a Q-Former: no grid to picture or to crop from
-        with pytest.raises(LayoutError, match="patch grid"):
-            ask(photos[0], question="dog?", return_attention=True)
+    else:  # a Q-Former: no grid to picture or to crop from, said before any answer is generated
+        calls = []
+        ask.model.generate = lambda *args, **kwargs: calls.append(1)
+        try:
+            with pytest.raises(LayoutError, match="patch grid"):
+                ask(photos[0], question="dog?", return_attention=True)
+        finally:
+            del ask.model.generate
+        assert not calls
         with pytest.raises(LayoutError, match="patch grid"):
             ask(photos[0], question="dog?", method="carve")
 

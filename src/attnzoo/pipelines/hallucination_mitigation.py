@@ -532,6 +532,13 @@ class HallucinationMitigationPipeline(Pipeline):
 
         if capture and decoding["num_beams"] > 1:
             raise InvalidOptionError("return_attention follows one sequence per prompt: use num_beams=1")
+        if capture and not self.family.spatial:  # said before answering, not after
+            from attnzoo.multimodal.hallucination.layouts import LayoutError
+
+            raise LayoutError(
+                f"return_attention draws the answer's attention over the image's patch grid, but {self.family.name} "
+                f"has {self.family.vision_note}; use a projector model (LLaVA, Qwen2-VL)"
+            )
         if decoding["do_sample"] and decoding["num_beams"] > 1:
             raise InvalidOptionError("sampling with num_beams > 1 (beam sampling) is not supported")
         encode = functools.partial(self._encode, template=template)
