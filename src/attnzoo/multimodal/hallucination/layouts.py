@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from attnzoo.errors import InvalidInputError, UnknownNameError
+from attnzoo.errors import InvalidInputError, InvalidOptionError, UnknownNameError
 
 
 class LayoutError(InvalidInputError):
@@ -173,8 +173,9 @@ class Family:
     #: Why the family has no CLIP tower whose CLS attention maps onto the image tokens (if it has none).
     vision_note: ClassVar[str] = "no such vision tower"
 
-    def vision_attention(self, layer: int, method: str) -> nn.Module:
-        """The self-attention module of vision-tower layer ``layer`` (methods reading CLS attention)."""
+    def vision_attention(self, layer: int, method: str, setting: str = "layer") -> nn.Module:
+        """The self-attention module of vision-tower layer ``layer`` (methods reading CLS attention);
+        a layer the tower lacks is an :class:`InvalidOptionError` naming the method's ``setting``."""
         raise LayoutError(
             f"{method} reads the CLS attention of a CLIP vision tower whose patches are the image tokens; "
             f"{self.name} has {self.vision_note}"
@@ -324,9 +325,16 @@ class LlavaFamily(Family):
         side = self._vision_side()
         return (side, side), self._extra()
 
-    def vision_attention(self, layer: int, method: str) -> nn.Module:
+    def vision_attention(self, layer, method, setting="layer"):
         tower = self.model.model.vision_tower
-        return getattr(tower, "vision_model", tower).encoder.layers[layer].self_attn
+        layers = getattr(tower, "vision_model", tower).encoder.layers
+        depth = len(layers)
+        if not -depth <= layer < depth:
+            raise InvalidOptionError(
+                f"{method}'s {setting} {layer} is not a layer of the {depth}-layer vision tower "
+                f"(use -{depth}..{depth - 1})"
+            )
+        return layers[layer].self_attn
 
 
 class LlavaNextFamily(LlavaFamily):
@@ -360,8 +368,8 @@ class LlavaNextFamily(LlavaFamily):
 
     vision_note = "several anyres crops per image (unsupported)"
 
-    def vision_attention(self, layer: int, method: str) -> nn.Module:
-        return Family.vision_attention(self, layer, method)
+    def vision_attention(self, layer, method, setting="layer"):
+        return Family.vision_attention(self, layer, method, setting)
 
 
 def llava_next_tile_count(config, image_size: Sequence[int]) -> int:

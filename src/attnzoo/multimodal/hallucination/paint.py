@@ -109,14 +109,10 @@ class PAINT(ImageAttentionAmplifier):
         super()._check_model(session)
         if self.token_sets is None:
             family = session.family
-            first = family.vision_attention(0, "PAINT")  # a family without a CLIP tower raises here
-            depth = family.config.vision_config.num_hidden_layers
-            if not -depth <= self.summary_layer < depth:
-                raise InvalidOptionError(
-                    f"PAINT's summary_layer {self.summary_layer} is not a layer of the {depth}-layer vision tower "
-                    f"(use -{depth}..{depth - 1})"
-                )
-            self._attentions = {0: first, 1: family.vision_attention(self.summary_layer, "PAINT")}
+            self._attentions = {
+                0: family.vision_attention(0, "PAINT"),
+                1: family.vision_attention(self.summary_layer, "PAINT", "summary_layer"),
+            }
             for module in self._attentions.values():
                 if not all(hasattr(module, a) for a in ("q_proj", "k_proj", "head_dim")):
                     raise LayoutError(f"PAINT reads CLIP-style attention (q_proj, k_proj); got {type(module).__name__}")
