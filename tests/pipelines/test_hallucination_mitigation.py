@@ -252,6 +252,60 @@ def test_return_attention_and_the_picture(ask, photos, tmp_path):
     assert sheet.height < 22 + 64 + 16 * 12 and sheet.width >= 3 * 64  # each picture fits the box, titles whole
 
 
+def _attention_by_one_forward(ask, images, question, token_ids):
+    """The answer's attention over each image's grid recomputed without the pipeline: one eager forward
+    of prompt + answer, rows of the steps that chose the answer's tokens, mean over heads and layers."""
+    from attnzoo.multimodal.hallucination.base import eager_language_model
+
+    inputs = ask._encode([images], [question], template="model")
+    prompt = inputs["input_ids"].shape[1]
+    ids = torch.cat([inputs["input_ids"], torch.tensor([token_ids])], dim=1)
+    mask = torch.ones_like(ids)
+    with torch.no_grad(), eager_language_model(ask.model, ask.family):
+        out = ask.model(**{**inputs, "input_ids": ids, "attention_mask": mask}, output_attentions=True)
+    rows = torch.stack([a[0].mean(0) for a in out.attentions]).mean(0)  # [S, S], mean over heads, layers
+    steps = rows[prompt - 1 : prompt - 1 + max(len(token_ids), 1)].mean(0)
+    image = torch.nonzero(ids[0] == ask.model.config.image_token_id).flatten().split(36)
+    return [steps[positions].reshape(6, 6).numpy() for positions in image]
+
+
+@pytest.mark.parametrize("behaviour", ["official", "paper"])
+def test_carve_attention_is_drawn_on_the_images_the_answer_saw(ask, photos, behaviour):
+    """CARVE answers on [original, refined] (official) or the refined image (paper): each grid is the
+    answer's attention over its own image, drawn over that image; the stock answer's over the original."""
+    from attnzoo.multimodal.hallucination import CARVE
+
+    carve = CARVE(layers=(2, 3), probe_tokens=2, behaviour=behaviour)
+    out = ask(photos[1], question=QUESTIONS[1], method=carve, return_attention=True)
+    refined = carve.last_results[0].crop.refined_image
+    seen = [photos[1], refined] if behaviour == "official" else [refined]
+    expected = _attention_by_one_forward(ask, seen, QUESTIONS[1], out.token_ids)
+    stock = _attention_by_one_forward(ask, [photos[1]], QUESTIONS[1], ask(photos[1], question=QUESTIONS[1]).token_ids)
+    np.testing.assert_allclose(out.baseline_attention, stock[0], atol=1e-6)
+    np.testing.assert_allclose(out.attention, expected[0], atol=1e-6)
+    record = out.to_dict()
+    if behaviour == "official":
+        assert out.answered_on == ("original", "refined") and record["answered_on"] == ["original", "refined"]
+        np.testing.assert_allclose(out.refined_attention, expected[1], atol=1e-6)
+        np.testing.assert_allclose(record["refined_attention"], expected[1], atol=1e-6)
+        assert not np.allclose(out.view, out.refined_view)
+    else:
+        assert out.answered_on == ("refined",) and out.refined_attention is None and out.refined_view is None
+    processor = ask.processor.image_processor
+
+    def clip_view(image):  # the image as CLIP's processor resizes and crops it, in 0..255
+        pixels = processor(image, return_tensors="pt")["pixel_values"][0].permute(1, 2, 0).numpy()
+        return (pixels * np.array(processor.image_std) + np.array(processor.image_mean)) * 255
+
+    refined_view = out.refined_view if behaviour == "official" else out.view
+    for view, image in ((refined_view, refined), (out.baseline_view, photos[1])):
+        assert np.abs(np.asarray(view, float) - clip_view(image)).max() <= 1.0
+    if behaviour == "official":
+        assert np.abs(np.asarray(out.view, float) - clip_view(photos[1])).max() <= 1.0
+    panels = 4 if behaviour == "official" else 3
+    assert panels * 256 < out.plot().width < (panels + 1) * 256
+
+
 def test_sdpa_model_switches_to_eager_for_attention_and_back(photos):
     model = tiny_llava()
     assert model.config.text_config._attn_implementation == "sdpa"

@@ -26,7 +26,10 @@ official VCD / AGLA / PAI loops.
 of every decoding step, mean over heads and the chosen layers, and over the answer's tokens) and,
 with a method, the same for the stock model's answer (a second run without the method), so
 ``result.plot()`` shows both over the image. The language model runs eager attention for it (the
-attention edits always compute it).
+attention edits always compute it). Where the method answers on other images than the one given
+(CARVE: [original, refined] with its official behaviour, the refined image alone with the paper's),
+``answered_on`` says which, each grid is drawn over the image it belongs to, and the stock answer's
+over the original.
 """
 
 from __future__ import annotations
@@ -95,13 +98,26 @@ class MitigationResult:
     """The sampling seed of this answer (None: greedy or beam search)."""
     token_ids: list[int] = field(default_factory=list)
     attention: np.ndarray | None = None
-    """``[rows, cols]``: the answer's attention over the image's token grid, with the method."""
+    """``[rows, cols]``: the answer's attention over the token grid of the first image it was answered on
+    (``answered_on[0]``), with the method."""
     baseline_answer: str | None = None
     """The stock model's answer (with ``return_attention`` and a method)."""
     baseline_attention: np.ndarray | None = None
+    """The stock answer's attention over the original image's grid."""
     view: Image.Image | None = None
-    """The image as the vision tower saw it (resized and cropped), where the grid lies."""
+    """The first image answered on as the vision tower saw it (resized and cropped; the image itself where
+    the model's pixels are no picture, as Qwen2-VL's patches), where ``attention`` lies."""
     weights: str | None = None
+    answered_on: tuple[str, ...] = ("original",)
+    """The images of the prompt the answer was generated on, in order: ``"original"`` (the one given) or
+    ``"refined"`` (made by the method: CARVE answers on ("original", "refined"), or ("refined",) with the
+    paper's behaviour)."""
+    refined_attention: np.ndarray | None = None
+    """The answer's attention over the refined image's grid, when it was answered on the original and the
+    refined image (CARVE's official behaviour); ``attention`` is then the original's share."""
+    refined_view: Image.Image | None = None
+    baseline_view: Image.Image | None = None
+    """The original image as the vision tower saw it in the stock run."""
 
     @property
     def method(self) -> str:
@@ -122,37 +138,51 @@ class MitigationResult:
             "seed": self.seed,
             "weights": self.weights,
             **self.settings,
+            "answered_on": list(self.answered_on),
         }
         if self.baseline_answer is not None:
             record["baseline_answer"] = self.baseline_answer
-        for key, grid in (("attention", self.attention), ("baseline_attention", self.baseline_attention)):
+        grids = (
+            ("attention", self.attention),
+            ("refined_attention", self.refined_attention),
+            ("baseline_attention", self.baseline_attention),
+        )
+        for key, grid in grids:
             if grid is not None:
                 record[key] = np.round(grid.astype(np.float64), 6).tolist()
         return record
 
     def plot(self, size: int = 256) -> Image.Image:
-        """The image, then the answer's attention over it with the method and without (when measured),
-        on one colour scale, with the question and the answers below; each picture fits a ``size`` box."""
+        """The image, then the answer's attention over each image it was answered on with the method, and
+        over the original without it (when measured), on one colour scale, with the question and the
+        answers below; each picture fits a ``size`` box."""
         from attnzoo.viz.classification import load_font
 
-        base = (self.view or self.image).convert("RGB")
-        fit = size / max(base.width, base.height)
-        base = base.resize(
-            (max(1, round(base.width * fit)), max(1, round(base.height * fit))), Image.Resampling.BICUBIC
-        )
-        panels = [("image", base)]
-        grids = [g for g in (self.attention, self.baseline_attention) if g is not None]
+        first = self.answered_on[0] if self.answered_on else "original"
+        original = _first_given(self.baseline_view, self.view if first == "original" else None) or self.image
+        panels = [("image", _fit(original, size))]
+        grids = [g for g in (self.attention, self.refined_attention, self.baseline_attention) if g is not None]
         scale = (min(float(g.min()) for g in grids), max(float(g.max()) for g in grids)) if grids else (0.0, 1.0)
+        name = f"with {self.method}" if self.baseline_attention is not None else f"attention ({self.method})"
         if self.attention is not None:
-            title = f"with {self.method}" if self.baseline_attention is not None else f"attention ({self.method})"
-            panels.append((title, _overlay(base, self.attention, scale)))
+            where = f"{first} image" if self.refined_attention is not None or first != "original" else ""
+            base = _first_given(self.view, self.image if first == "original" else None)
+            if base is not None:
+                panels.append(
+                    (f"{name}, {where}" if where else name, _overlay(_fit(base, size), self.attention, scale))
+                )
+        if self.refined_attention is not None and self.refined_view is not None:
+            panels.append(
+                (f"{name}, refined image", _overlay(_fit(self.refined_view, size), self.refined_attention, scale))
+            )
         if self.baseline_attention is not None:
-            panels.append(("without a method", _overlay(base, self.baseline_attention, scale)))
+            panels.append(("without a method", _overlay(_fit(original, size), self.baseline_attention, scale)))
         font, small = load_font(14), load_font(12)
         pad, head = 8, 22
         measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
         slots = [max(picture.width, math.ceil(measure.textlength(title, font=font))) for title, picture in panels]
         width = pad + sum(slot + pad for slot in slots)
+        tallest = max(picture.height for _, picture in panels)
         lines = [f"Q: {self.question}", f"A ({self.method}): {self.answer}"]
         if self.baseline_answer is not None:
             lines.append(f"A (no method): {self.baseline_answer}")
@@ -160,22 +190,36 @@ class MitigationResult:
             lines.append(
                 f"colour: the answer's attention per image token, {scale[0]:.3g} (dark) to {scale[1]:.3g} (light)"
             )
+        if self.refined_attention is not None:
+            lines.append("the answer's attention is shared between the original and the refined image")
         note = weights_note(self.weights)
         if note:
             lines.append(f"({note}: the answers are meaningless)")
         wrapped = [w for line in lines for w in textwrap.wrap(line, max(20, width // 7)) or [""]]
-        sheet = Image.new("RGB", (width, head + base.height + pad + 16 * len(wrapped) + pad), "white")
+        sheet = Image.new("RGB", (width, head + tallest + pad + 16 * len(wrapped) + pad), "white")
         draw = ImageDraw.Draw(sheet)
         x = pad
         for (title, picture), slot in zip(panels, slots, strict=True):
             sheet.paste(picture, (x, head))
             draw.text((x, 4), title, fill=(0, 0, 0), font=font)
             x += slot + pad
-        y = head + base.height + pad
+        y = head + tallest + pad
         for line in wrapped:
             draw.text((pad, y), line, fill=(40, 40, 40), font=small)
             y += 16
         return sheet
+
+
+def _first_given(*pictures: Image.Image | None) -> Image.Image | None:
+    return next((picture for picture in pictures if picture is not None), None)
+
+
+def _fit(picture: Image.Image, size: int) -> Image.Image:
+    """``picture`` in RGB, scaled to fit a ``size`` box."""
+    fit = size / max(picture.width, picture.height)
+    return picture.convert("RGB").resize(
+        (max(1, round(picture.width * fit)), max(1, round(picture.height * fit))), Image.Resampling.BICUBIC
+    )
 
 
 def _overlay(base: Image.Image, grid: np.ndarray, scale: tuple[float, float]) -> Image.Image:
@@ -504,6 +548,7 @@ class HallucinationMitigationPipeline(Pipeline):
         if capture and methods:
             stock = self._answer(batch, [], decoding, seeds, template, capture, given.get("attention_layers"))
             outputs["baseline_answer"], outputs["baseline_attention"] = stock["answer"], stock["attention"]
+            outputs["baseline_view"] = stock["view"]
         return outputs
 
     def postprocess(self, outputs: dict[str, Any], **given: Any) -> MitigationResult:
@@ -520,6 +565,10 @@ class HallucinationMitigationPipeline(Pipeline):
             baseline_attention=outputs.get("baseline_attention"),
             view=outputs.get("view"),
             weights=self.weights_label,
+            answered_on=outputs["answered_on"],
+            refined_attention=outputs.get("refined_attention"),
+            refined_view=outputs.get("refined_view"),
+            baseline_view=outputs.get("baseline_view"),
         )
 
     # -- one generate ------------------------------------------------------------------------------
@@ -589,18 +638,38 @@ class HallucinationMitigationPipeline(Pipeline):
         tokens = self._image_tokens(final, batch["name"])
         new = sequences[: final["input_ids"].shape[0], model_inputs["input_ids"].shape[1] :].cpu()
         lengths = [_answer_length(row, self._eos_token_ids()) for row in new]
-        # each prompt's first image: (its index in the vision tower's order, its run of tokens)
-        first: dict[int, tuple[int, Any]] = {}
+        # each prompt's images: (its index in the vision tower's order, its run of tokens), in order
+        image_runs: dict[int, list[Any]] = {}
         for run in tokens.runs:
-            first.setdefault(run.sample, (run.image, run))
+            image_runs.setdefault(run.sample, []).append(run)
+        groups = [im if isinstance(im, (list, tuple)) else [im] for im in prompt_batch.images]
+        answered_on = [
+            tuple("original" if im is given else "refined" for im in group)
+            for group, given in zip(groups, batch["image"], strict=True)
+        ]
+        grids = recorder.grids(tokens, image_runs, lengths) if recorder is not None else [[] for _ in new]
+        views = [
+            [
+                im if v is None else v
+                for v, im in zip(self._views(final, [r.image for r in image_runs.get(b, [])]), groups[b], strict=False)
+            ]
+            for b in range(len(new))
+        ]
+        refined = [
+            ("original", "refined") == answered_on[b][:2] and len(grids[b]) > 1 and len(views[b]) > 1
+            for b in range(len(new))
+        ]
         return {
             "answer": [a.strip() for a in self.processor.batch_decode(new, skip_special_tokens=True)],
             "prompt": [
                 self._prompt(q, template, _count(im)) for q, im in zip(prompt_batch.questions, prompt_batch.images)
             ],
             "token_ids": [row[:n].tolist() for row, n in zip(new, lengths, strict=True)],
-            "attention": recorder.grids(tokens, first, lengths) if recorder is not None else [None] * len(new),
-            "view": self._views(final, [first.get(b, (None, None))[0] for b in range(len(new))]),
+            "attention": [g[0] if g else None for g in grids],
+            "view": [v[0] if v else None for v in views],
+            "answered_on": answered_on,
+            "refined_attention": [g[1] if r else None for g, r in zip(grids, refined, strict=True)],
+            "refined_view": [v[1] if r else None for v, r in zip(views, refined, strict=True)],
         }
 
     def _prompt(self, question: str, template: str, images: int = 1) -> str:
@@ -646,7 +715,8 @@ class HallucinationMitigationPipeline(Pipeline):
             raise LayoutError(f"image(s) {', '.join(names)}: {err}") from None
 
     def _views(self, inputs: Mapping[str, Any], indices: Sequence[int | None]) -> list[Image.Image | None]:
-        """Each prompt's first image as the vision tower saw it (None where pixels are not an image grid)."""
+        """The images at ``indices`` (the vision tower's order) as the tower saw them (None where pixels
+        are not an image grid)."""
         pixels = inputs.get("pixel_values")
         processor = getattr(self.processor, "image_processor", None)
         if pixels is None or pixels.ndim not in (4, 5) or processor is None:
@@ -936,15 +1006,15 @@ class _AttentionRecorder:
         row = weights[:, :, -1, :].float().mean(dim=1).cpu()
         self.steps[-1] = row if self.steps[-1] is None else self.steps[-1] + row
 
-    def grids(self, tokens: Any, first: Mapping[int, tuple[int, Any]], lengths: Sequence[int]) -> list[np.ndarray]:
-        """Each prompt's attention over its first image's grid, averaged over layers and answer tokens."""
+    def grids(self, tokens: Any, runs: Mapping[int, Sequence[Any]], lengths: Sequence[int]) -> list[list[np.ndarray]]:
+        """Each prompt's attention over each of its images' grids (``runs``: its images' token runs, in
+        order), averaged over layers and answer tokens."""
         tokens.require_grid("return_attention")
         out = []
         for sample, length in enumerate(lengths):
-            if sample not in first:
+            if not runs.get(sample):
                 raise InvalidInputError(f"prompt {sample} holds no image tokens")
-            run = first[sample][1]
-            steps = [s[sample, run.grid_positions] for s in self.steps[: max(length, 1)]]
-            mean = torch.stack(steps).mean(0) / len(self.layers)
-            out.append(mean.reshape(run.grid).numpy())
+            steps = self.steps[: max(length, 1)]
+            means = [torch.stack([s[sample, run.grid_positions] for s in steps]).mean(0) for run in runs[sample]]
+            out.append([(mean / len(self.layers)).reshape(run.grid).numpy() for mean, run in zip(means, runs[sample])])
         return out
