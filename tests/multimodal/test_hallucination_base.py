@@ -328,3 +328,29 @@ def test_paired_refuses_what_it_cannot_run():
         pair.inputs({**inputs, "pixel_values": inputs["pixel_values"][..., :-1]})
     with pytest.raises(InterventionError, match="attached"):  # no raw logits read off the forward
         greedy(model, pair.inputs(inputs), logits_processor=LogitsProcessorList([pair]))
+    from attnzoo.multimodal.hallucination.agla import AGLALogitsProcessor
+
+    augmented = {**inputs, "pixel_values": -inputs["pixel_values"]}
+    with pytest.raises(InvalidOptionError, match="AGLA's official behaviour .*first token only"):
+        PairedContrast(AGLALogitsProcessor(model, augmented, behaviour="official"))
+    assert PairedContrast(AGLALogitsProcessor(model, augmented, behaviour="paper")).describe()["behaviour"] == "paper"
+
+
+@pytest.mark.parametrize("edit", [PAI, lambda: VAR(sink_dims=(3, 7), tau=2.0)])
+def test_a_prompt_continued_from_a_cache_is_refused_with_edits_attached(edit):
+    """The edits read the whole prompt in one forward (its image tokens, VAR's sinks): a prompt whose
+    first tokens come from a KV cache would silently run unedited (or on an earlier prompt's state)."""
+    model, inputs = BUILDERS["llava"](batch=1)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+
+    def prefix_cache():
+        with torch.no_grad():
+            return output_cache(model(input_ids=ids[:, :3], attention_mask=mask[:, :3], use_cache=True))
+
+    stock = greedy(model, {**inputs, cache_keyword(): prefix_cache()}, max_new_tokens=2)
+    assert torch.equal(stock, greedy(model, inputs, max_new_tokens=2))  # the stock model continues it fine
+    cache = prefix_cache()
+    with edit().attach(model):
+        with pytest.raises(InterventionError, match="continues a cache of 3.*without past_key_values"):
+            greedy(model, {**inputs, cache_keyword(): cache}, max_new_tokens=2)
+        assert greedy(model, inputs, max_new_tokens=2).shape == stock.shape  # the whole prompt runs

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnzoo.errors import InvalidOptionError
+from attnzoo.errors import InvalidInputError, InvalidOptionError
 from attnzoo.multimodal.hallucination import VAR, FixedImageSpan, find_sink_dims, redistribute, sink_scores
 from attnzoo.multimodal.hallucination.base import family_for
 from attnzoo.multimodal.hallucination.layouts import family_of
@@ -377,3 +377,64 @@ def test_find_sink_dims_recovers_injected_dims():
     assert dims == SINK_DIMS_TINY
     assert scores.shape == (model.config.text_config.hidden_size,)
     assert find_sink_dims(model, [inputs["input_ids"]], n_dims=3) != SINK_DIMS_TINY  # nothing injected
+
+
+def test_find_sink_dims_refuses_bad_calls_and_leaves_no_hook():
+    model, inputs = BUILDERS["llava"](batch=2)
+    layers = family_for(model).text_model().layers
+    for kwargs, pattern in (
+        ({"layers": [2, 9]}, r"layers \[2, 9\]"),  # layer 2 exists: its hook must not stay behind
+        ({"layers": []}, r"layers \[\]"),
+        ({"n_dims": 100}, r"n_dims .*1\.\.64"),
+        ({"n_dims": 0}, "n_dims"),
+    ):
+        with pytest.raises(InvalidOptionError, match=pattern):
+            find_sink_dims(model, [inputs], **kwargs)
+    for sample in ([1, 2, 3], {"pixel_values": inputs["pixel_values"]}, inputs["pixel_values"]):
+        with pytest.raises(InvalidInputError, match="sample 0 must be input_ids"):
+            find_sink_dims(model, [sample])
+    padding = {**inputs, "attention_mask": torch.zeros_like(inputs["attention_mask"])}
+    with pytest.raises(InvalidInputError, match="sample 1 has a row with no tokens"):
+        find_sink_dims(model, [inputs, padding])
+    with pytest.raises(InvalidInputError, match="at least one sample"):
+        find_sink_dims(model, [])
+    assert not any(len(layer._forward_pre_hooks) for layer in layers)
+    ids = inputs["input_ids"][:1]
+    assert find_sink_dims(model, [ids[0]], n_dims=3) == find_sink_dims(model, [ids], n_dims=3)  # [S] is one row
+
+
+def test_var_without_sink_dims_looks_them_up_on_every_model(monkeypatch):
+    """A VAR() reused on a second backbone takes that backbone's dims, not the first model's."""
+    from attnzoo.multimodal.hallucination import var as var_module
+
+    monkeypatch.setitem(var_module.SINK_DIMS, "tiny-a", (3, 7))
+    monkeypatch.setitem(var_module.SINK_DIMS, "tiny-b", (10, 20))
+    monkeypatch.setitem(var_module.CHECKPOINT_BACKBONES, "tiny-model-a", "tiny-a")
+    monkeypatch.setitem(var_module.CHECKPOINT_BACKBONES, "tiny-model-b", "tiny-b")
+    (model_a, _), (model_b, _) = BUILDERS["llava"](), BUILDERS["llava"](seed=1)
+    model_a.config._name_or_path, model_b.config._name_or_path = "org/tiny-model-a", "org/tiny-model-b"
+    var = VAR()
+    with var.attach(model_a):
+        assert var.describe()["sink_dims"] == (3, 7)
+    with var.attach(model_b):
+        assert var.describe()["sink_dims"] == (10, 20)
+    assert var.sink_dims is None
+
+
+def test_var_in_float16_moves_the_mass_where_the_gain_overflows_float16():
+    """A selected row whose non-sink image attention is ~1e-6: moved / rest is ~1e5, beyond float16's
+    65504. The row is the float32 row (it was NaN), rounded to float16; and in float32 a row whose
+    gain overflows even float32 (rest subnormal) is left alone, as a row with rest == 0."""
+    image = torch.tensor([[0, 1, 1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    sinks = torch.tensor([[1, 1, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    row = torch.tensor([0.9999, 2e-7, 1e-6, 1e-6, 0.0, 3e-5, 3e-5, 3e-5], dtype=torch.float64)
+    weights = (row / row.sum())[None, None, None]
+    exact, selected = redistribute(weights.float(), image, sinks, rho=0.5, p=0.4, summ=0.0)
+    half, selected_half = redistribute(weights.half(), image, sinks, rho=0.5, p=0.4, summ=0.0)
+    assert bool(selected.all()) and bool(selected_half.all()) and half.dtype == torch.float16
+    assert torch.isfinite(half).all()
+    torch.testing.assert_close(half.float(), exact, rtol=2e-3, atol=1e-7)
+    assert float(exact.sum()) == pytest.approx(1.0, abs=1e-5)  # the mass moved, none lost
+    tiny = torch.tensor([[[[0.6, 0.4 - 2e-45, 1e-45, 1e-45, 0, 0, 0, 0]]]], dtype=torch.float32)
+    out, chosen = redistribute(tiny, image, sinks, rho=0.0, p=0.4, summ=0.0)
+    assert not bool(chosen.any()) and torch.equal(out, tiny)

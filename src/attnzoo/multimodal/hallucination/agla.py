@@ -74,6 +74,14 @@ class AGLALogitsProcessor(ContrastBranchProcessor):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "behaviour": self.behaviour, "alpha": self.alpha, "beta": self.beta}
 
+    def pairing_refusal(self) -> str | None:
+        if self.behaviour == "official":
+            return (
+                "AGLA's official behaviour runs the augmented branch for the first token only, on its own; "
+                "pairing applies to behaviour='paper'"
+            )
+        return super().pairing_refusal()
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.behaviour == "official" and self._continues(input_ids):
             self._last_ids = input_ids

@@ -257,7 +257,18 @@ class _Session:
     def _on_text_forward(self, module, args, kwargs):
         state = self.state()
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        state.prefill = cache is None or cache.get_seq_length() == 0
+        cached = 0 if cache is None else cache.get_seq_length()
+        state.prefill = cached == 0
+        if cached and _STREAM.get()[1]:
+            lead = kwargs.get("input_ids", args[0] if args else None)
+            lead = kwargs.get("inputs_embeds") if lead is None else lead
+            if lead is not None and lead.shape[1] > 1:
+                names = "+".join(i.method for i in self.interventions)
+                raise InterventionError(
+                    f"{names}: a forward of {lead.shape[1]} tokens continues a cache of {cached} (a cached prompt "
+                    "prefix, chunked prefill or assisted decoding); the interventions read the whole prompt in one "
+                    "forward, so pass the whole prompt to generate without past_key_values"
+                )
         state.step = 0 if state.prefill else state.step + 1
         if state.prefill:
             ids = kwargs.get("input_ids", args[0] if args else None)
@@ -603,8 +614,9 @@ class ContrastBranchProcessor(LogitsProcessor):
     switches attention edits off inside the branch. The processor belongs to one batch of
     prompts; a new prompt (any call that does not extend the last one by one token) restarts the
     branch. ``generate`` appends custom processors after its own (e.g. ``min_new_tokens``); it
-    builds no temperature/top-k/top-p warpers unless asked, so to apply them after the contrast
-    rule, pass them after this processor (:func:`processors_then_warpers`).
+    builds temperature/top-k/top-p warpers from its arguments and the model's ``generation_config``,
+    so to apply them after the contrast rule, pass them after this processor and neutralise generate's
+    own (:func:`processors_then_warpers`).
     """
 
     method: ClassVar[str] = "contrast branch"
@@ -633,6 +645,12 @@ class ContrastBranchProcessor(LogitsProcessor):
     def describe(self) -> dict[str, Any]:
         """What ran (recorded with each result); subclasses add their settings."""
         return {"method": self.method}
+
+    def pairing_refusal(self) -> str | None:
+        """Why the branch cannot run as rows of the main forward (:class:`PairedContrast`), or None."""
+        if not self.edit_branch:
+            return "its branch runs without attention edits, which rows of the main forward cannot switch off"
+        return None
 
     def combine(self, input_ids: torch.Tensor, scores: torch.Tensor, branch_logits: torch.Tensor) -> torch.Tensor:
         """The method's rule on the main scores and the branch's next-token logits [B, V]."""
@@ -739,10 +757,9 @@ class PairedContrast(LogitsProcessor):
     """
 
     def __init__(self, rule: ContrastBranchProcessor):
-        if not rule.edit_branch:
-            raise InvalidOptionError(
-                f"{rule.method}'s branch runs without attention edits, which rows of the main forward cannot switch off"
-            )
+        refusal = rule.pairing_refusal()
+        if refusal is not None:
+            raise InvalidOptionError(f"{rule.method} cannot run as rows of the main forward: {refusal}")
         lead = rule.branch_inputs.get("input_ids")
         if lead is None:
             raise InvalidOptionError(f"{rule.method}: a paired contrast branch needs input_ids")
@@ -854,8 +871,9 @@ def processors_then_warpers(
     *processors: LogitsProcessor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0
 ) -> LogitsProcessorList:
     """Contrast processors first, then the sampling warpers (temperature -> top-k -> top-p), as the
-    official VCD/AGLA/PAI loops order them. Call ``generate(do_sample=True)`` without its own
-    temperature/top_k/top_p so it builds no second set of warpers."""
+    official VCD/AGLA/PAI loops order them. ``generate`` must build no second set: a checkpoint's
+    ``generation_config`` may set its own (Qwen2-VL-Instruct: top_k 1), so call
+    ``generate(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)`` (the pipeline strips the model's)."""
     from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     chain = list(processors)

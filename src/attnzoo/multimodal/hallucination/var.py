@@ -108,8 +108,18 @@ def _redistribute(weights: torch.Tensor, ind: _Indicators, rho_code: float, summ
     candidates = (visual_sinks / (image + ind.share_eps) <= rho_code) & (image >= summ) & (rest > 0)
     if ind.has_visual_sink is not None:
         candidates = candidates & ind.has_visual_sink
-    gain = (moved / rest)[..., None]  # inf or nan only on rows that are not candidates
-    return torch.addcmul(ind.sink_scale.view(k), ind.non_sink_image.view(k), gain), candidates
+    # float16 overflows (65504) where the non-sink image attention is tiny: the gain and the product are
+    # float32 then; a gain beyond even that (rest subnormal) leaves its row alone, as rest == 0 does
+    exact = torch.float32 if weights.dtype == torch.float16 else weights.dtype
+    gain = moved.to(exact) / rest.to(exact)  # inf or nan only on rows that are not candidates
+    candidates = candidates & torch.isfinite(gain)
+    factor = torch.addcmul(ind.sink_scale.view(k).to(exact), ind.non_sink_image.view(k).to(exact), gain[..., None])
+    return factor, candidates
+
+
+def _edited(weights: torch.Tensor, factor: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """The weights of the ``selected`` rows times their factor (in the factor's dtype), the rest as they are."""
+    return (weights.to(factor.dtype) * torch.where(selected[..., None], factor, 1.0)).to(weights.dtype)
 
 
 def redistribute(
@@ -138,7 +148,7 @@ def redistribute(
     factor, selected = _redistribute(weights, ind, 1 - rho, summ)
     if rows is not None:
         selected = selected & rows[:, None]
-    return weights * torch.where(selected[..., None], factor, 1.0), selected
+    return _edited(weights, factor, selected), selected
 
 
 class VAR(AttentionEdit):
@@ -176,6 +186,7 @@ class VAR(AttentionEdit):
         self.sink_layers = None if sink_layers is None else tuple(sorted(int(i) for i in sink_layers))
         self.trace = trace
         self.records: list[dict[str, Any]] = []
+        self._dims: tuple[int, ...] = ()  # the dims on the model attached last (sink_dims or its backbone's)
         self._layers: tuple[int, ...] = ()
         self._edited: frozenset[int] = frozenset()
         self._first_sinks: dict[str, dict[int, torch.Tensor]] = {}
@@ -210,7 +221,7 @@ class VAR(AttentionEdit):
             "rho_code": self.rho_code,
             "p_code": self.p_code,
             "summ": self.summ,
-            "sink_dims": self.sink_dims,
+            "sink_dims": self._dims or self.sink_dims,
             "sink_layers": self._layers or self.sink_layers,
             "edited_layers": self.edited_layers or None,
         }
@@ -224,7 +235,7 @@ class VAR(AttentionEdit):
         layers = self.sink_layers if self.sink_layers is not None else tuple(range(2, n))
         if any(not 0 <= i < n for i in layers):
             raise InvalidOptionError(f"VAR's sink_layers {layers} do not fit {n} layers")
-        self.sink_dims, self._layers = tuple(dims), tuple(layers)
+        self._dims, self._layers = tuple(dims), tuple(layers)
         last = n - 1
         self._edited = frozenset(i for i in layers if self.behaviour == "official" or i != last)
 
@@ -265,7 +276,7 @@ class VAR(AttentionEdit):
             if not slot["detect"]:
                 return
             hidden = args[0] if args else kwargs["hidden_states"]
-            slot["sinks"][layer] = sink_scores(hidden, self.sink_dims) > self.tau
+            slot["sinks"][layer] = sink_scores(hidden, self._dims) > self.tau
             if self.behaviour == "official":
                 self._first_sinks.setdefault(state.name, {}).setdefault(layer, slot["sinks"][layer])
 
@@ -300,7 +311,7 @@ class VAR(AttentionEdit):
                     "edited": selected,
                 }
             )
-        return weights * torch.where(selected[..., None], factor, 1.0)
+        return _edited(weights, factor, selected)
 
 
 def _fit(mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -324,25 +335,34 @@ def find_sink_dims(
 ):
     """Measure a backbone's sink dimensions: the hidden dims where a few tokens carry massive
     activations, scored as max_token |x / rms(x)|[d] over the median of that max across dims, summed
-    over ``samples`` (model-input dicts or ``input_ids``) and layers 2..L-1 (the layers VAR reads).
-    Returns the ``n_dims`` best dims, ascending (and the scores [hidden] with ``return_scores``)."""
+    over ``samples`` (model-input dicts with ``input_ids``, or ``input_ids`` [B, S] / [S]) and layers
+    2..L-1 (the layers VAR reads). Returns the ``n_dims`` best dims, ascending (and the scores [hidden]
+    with ``return_scores``)."""
     family = family_for(model)
     text_layers = cast(nn.ModuleList, family.text_model().layers)
-    chosen = tuple(layers) if layers is not None else tuple(range(min(2, len(text_layers) - 1), len(text_layers)))
+    depth, hidden_size = len(text_layers), family.text_config().hidden_size
+    chosen = tuple(int(i) for i in layers) if layers is not None else tuple(range(min(2, depth - 1), depth))
+    if not chosen or any(not 0 <= i < depth for i in chosen):
+        raise InvalidOptionError(f"find_sink_dims: layers {list(chosen)} must be a non-empty subset of 0..{depth - 1}")
+    if isinstance(n_dims, bool) or not isinstance(n_dims, int) or not 1 <= n_dims <= hidden_size:
+        raise InvalidOptionError(f"find_sink_dims: n_dims must be an integer in 1..{hidden_size}, got {n_dims!r}")
     captured: list[torch.Tensor] = []
 
     def capture(module, args, kwargs):
         captured.append(args[0] if args else kwargs["hidden_states"])
 
-    handles = [text_layers[i].register_forward_pre_hook(capture, with_kwargs=True) for i in chosen]
     scores = None
+    handles: list[Any] = []
     try:
-        for sample in samples:
-            inputs = dict(sample) if isinstance(sample, Mapping) else {"input_ids": sample}
+        handles = [text_layers[i].register_forward_pre_hook(capture, with_kwargs=True) for i in chosen]
+        for index, sample in enumerate(samples):
+            inputs = _calibration_inputs(index, sample)
+            valid = inputs.get("attention_mask")
+            if valid is not None and not bool(valid.bool().any(dim=-1).all()):
+                raise InvalidInputError(f"find_sink_dims: sample {index} has a row with no tokens (attention_mask 0)")
             captured.clear()
             with torch.no_grad():
                 family.prefill(inputs, use_cache=False)
-            valid = inputs.get("attention_mask")
             for hidden in captured:
                 x = hidden.to(torch.float32)
                 normed = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _RMS_EPS)).abs()
@@ -358,6 +378,21 @@ def find_sink_dims(
         raise InvalidInputError("find_sink_dims needs at least one sample")
     dims = tuple(sorted(int(i) for i in torch.topk(scores, n_dims).indices))
     return (dims, scores) if return_scores else dims
+
+
+def _calibration_inputs(index: int, sample: Any) -> dict[str, Any]:
+    """One sample as model inputs: a dict with ``input_ids`` (2-D), or ``input_ids`` themselves."""
+    inputs = dict(sample) if isinstance(sample, Mapping) else {"input_ids": sample}
+    ids = inputs.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.ndim not in (1, 2) or ids.numel() == 0:
+        raise InvalidInputError(
+            f"find_sink_dims: sample {index} must be input_ids (an integer tensor [B, S] or [S]) or a dict of model "
+            f"inputs with them (a processor's output), got {type(sample).__name__}"
+            + (f" with input_ids of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else "")
+        )
+    if ids.ndim == 1:
+        inputs = {k: (v[None] if isinstance(v, torch.Tensor) and v.ndim == 1 else v) for k, v in inputs.items()}
+    return inputs
 
 
 __all__ = [

@@ -100,7 +100,8 @@ class VCD(MitigationMethod):
         """``inputs`` with ``pixel_values`` replaced by their noised copy. With a ``seed``, each image's
         noise is drawn on the CPU from its own generator, seeded by ``seed`` and the image's pixels: an
         answer is then the same whatever else shares its batch (batch size, resumed or sharded runs)
-        and on every device. ``seed=None`` draws the whole batch from the global RNG, as the official
+        and on every device, for one pixel dtype (the seed hashes the pixels as the model gets them, and
+        the noise is drawn in their dtype: a float16 run noises an image otherwise than a float32 run). ``seed=None`` draws the whole batch from the global RNG, as the official
         code does. LLaVA-NeXT's padded tiles ([B, tiles, 3, H, W] with ``image_sizes``) need ``model``:
         its config tells each image's real tiles from the batch's padding."""
         pixels = inputs.get("pixel_values")
