@@ -375,6 +375,13 @@ def test_out_must_be_a_folder_and_batching_is_checked_before_writing(tmp_path, p
         == 2
     )
     assert "is a file" in capsys.readouterr().err and (tmp_path / "taken").read_text() == "mine"
+    run = ["run", "classification", str(tmp_path / "cat.png"), "-m", "test_resnet", "-w", "none", "--out"]
+    assert main([*run, str(tmp_path / "taken" / "deeper" / "out")]) == 2  # before any work, not after it
+    assert f"cannot be created: {tmp_path / 'taken'} is a file" in capsys.readouterr().err
+    assert main([*run, "/proc/attnzoo-no-such/out"]) == 2
+    assert "cannot be created in /proc" in capsys.readouterr().err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".attnzoo-probe-")]
+    assert main([*run, str(tmp_path / "new" / "out")]) == 0 and (tmp_path / "new" / "out").is_dir()
     (tmp_path / "data" / "val" / "a").mkdir(parents=True)
     photo.save(tmp_path / "data" / "val" / "a" / "x.png")
     for bad in ("-1", "0"):

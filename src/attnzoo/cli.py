@@ -352,8 +352,20 @@ def _check_out(out: Path | None) -> None:
     """An output folder that is a file, or cannot be made, is refused before any work."""
     from attnzoo.errors import InvalidOptionError
 
-    if out is not None and out.exists() and not out.is_dir():
+    if out is None:
+        return
+    if out.exists() and not out.is_dir():
         raise InvalidOptionError(f"--out {out} is a file; give a folder (it is created if missing)")
+    existing = next(folder for folder in (out, *out.absolute().parents) if folder.exists())
+    if not existing.is_dir():
+        raise InvalidOptionError(f"--out {out} cannot be created: {existing} is a file")
+    if existing != out:  # can a folder be made there? (a probe folder, removed at once)
+        import tempfile
+
+        try:
+            Path(tempfile.mkdtemp(prefix=".attnzoo-probe-", dir=existing)).rmdir()
+        except OSError as err:
+            raise InvalidOptionError(f"--out {out} cannot be created in {existing}: {err.strerror or err}") from None
 
 
 def _eval_task(

@@ -181,6 +181,14 @@ def test_agla_loads_blip_lazily_inside_inference_mode(blip, tmp_path):
     with pytest.raises(InvalidInputError, match="several images"):
         agla.logits_processors(lvlm, None, several)
 
+    from transformers import BlipForConditionalGeneration
+
+    captioner = BlipForConditionalGeneration(model.config)  # same model type, no image-text-matching head
+    captioner.save_pretrained(tmp_path / "captioning")
+    processor.save_pretrained(tmp_path / "captioning")
+    with pytest.raises(WeightsError, match=r"no image-text-matching checkpoint: it has no itm_head\.bias"):
+        AGLA(blip_model=str(tmp_path / "captioning")).blip()
+
 
 @pytest.mark.parametrize("offline", [True, False])
 def test_agla_loads_blip_from_the_cache_only_when_the_hub_cannot_be_used(blip, tmp_path, monkeypatch, offline):

@@ -109,6 +109,29 @@ def test_vcd_noise_of_an_image_does_not_depend_on_its_batch():
         vcd.noised_inputs({"pixel_values": patches[:5], "image_grid_thw": grid})
 
 
+def test_vcd_noises_a_qwen2_vl_still_image_once_in_all_its_frames():
+    """Qwen2-VL's processor writes a still image as two equal frames per patch row ([C, T, P, P]): the
+    image is noised once, both frames get that noise (noised apart, the 3-D patch embedding would
+    average the noise down to a milder distortion than the step says)."""
+    model, encode = tiny_model("qwen2_vl")
+    inputs = encode(photos()[:2], QUESTIONS)
+    pixels = inputs["pixel_values"]
+    frames = pixels.reshape(pixels.shape[0], 3, 2, -1)
+    assert torch.equal(frames[:, :, 0], frames[:, :, 1])  # the processor's two frames
+    torch.manual_seed(5)
+    noised = VCD(seed=None).noised_inputs(inputs, model)["pixel_values"]
+    torch.manual_seed(5)
+    once = add_diffusion_noise(frames[:, :, :1].contiguous(), 500)
+    assert torch.equal(noised, once.expand_as(frames).reshape(pixels.shape))
+    seeded = VCD(seed=55).noised_inputs(inputs, model)["pixel_values"].reshape(frames.shape)
+    assert torch.equal(seeded[:, :, 0], seeded[:, :, 1]) and not torch.equal(seeded, frames)
+    moving = frames.clone()  # frames that differ (a video) are noised element by element
+    moving[:, :, 1] += 0.5
+    noised_apart = VCD(seed=55).noised_inputs({**inputs, "pixel_values": moving.reshape(pixels.shape)}, model)
+    apart = noised_apart["pixel_values"].reshape(frames.shape)
+    assert not torch.allclose(apart[:, :, 0] - moving[:, :, 0], apart[:, :, 1] - moving[:, :, 1])
+
+
 def _next_model_with_a_five_tile_pinpoint():
     """The tiny LLaVA-NeXT with a 56 x 56 pinpoint too: a wide image gets 5 tiles, a tall one 3."""
     model, _ = tiny_model("llava_next")
@@ -181,7 +204,7 @@ def test_vcd_through_generate(family):
     vcd = VCD(alpha=1.5, beta=0.05)
     tokens, before, after, (processor,) = run_as_pipeline(model, batch, vcd, greedy)
     assert processor.branch_calls == 3 and processor.describe() == {"method": "vcd", "alpha": 1.5, "beta": 0.05}
-    noised = vcd.noised_inputs(batch.inputs)
+    noised = vcd.noised_inputs(batch.inputs, model)
     for step in range(3):
         l_cd = last_logits(model, extended(noised, tokens[:, :step]))
         expected = vcd_rule(before[step], l_cd, 1.5, 0.05)

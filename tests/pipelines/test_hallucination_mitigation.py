@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import re
 import socket
 
 import numpy as np
@@ -195,7 +196,13 @@ def test_carve_with_beam_search_answers_on_the_whole_refined_prompts(ask, photos
     calls = []
     original = type(ask.model).generate
     monkeypatch.setattr(type(ask.model), "generate", lambda self, **kw: calls.append(kw) or original(self, **kw))
+    from attnzoo.multimodal.hallucination.transformers_compat import beams_keep_prompt_images
+
     settings = {"layers": (2, 3), "probe_tokens": 2, "max_new_tokens": 3, "behaviour": behaviour}
+    if behaviour == "official" and not beams_keep_prompt_images(ask.model):  # transformers < 5.18
+        with pytest.raises(InvalidOptionError, match="5.18"):
+            ask(photos[:2], question=QUESTIONS[:2], method="carve", num_beams=2, batch_size=2, **settings)
+        return
     results = ask(photos[:2], question=QUESTIONS[:2], method="carve", num_beams=2, batch_size=2, **settings)
     (call,) = calls
     assert call["num_beams"] == 2 and not any(k in call for k in ("cache", "past_key_values"))
@@ -204,6 +211,24 @@ def test_carve_with_beam_search_answers_on_the_whole_refined_prompts(ask, photos
     for result, row in zip(results, direct, strict=True):
         assert result.token_ids == row[: len(result.token_ids)].tolist()
     assert call["pixel_values"].shape[0] == (4 if behaviour == "official" else 2)  # [original, refined] or refined
+    # every beam row of a prompt sees that prompt's images, in order: its first logits are the prompt's
+    prompts = {k: v for k, v in call.items() if isinstance(v, torch.Tensor)}
+    with torch.no_grad():
+        alone = ask.model(**prompts).logits[:, -1]
+    beams = _first_forward_rows(ask.model, prompts, num_beams=2)
+    torch.testing.assert_close(beams, alone.repeat_interleave(2, dim=0), atol=1e-5, rtol=1e-5)
+
+
+def test_carve_official_with_beam_search_is_refused_where_transformers_mixes_the_images(ask, photos, monkeypatch):
+    """Before transformers 5.18, generate repeats pixel_values row by row for beam search, so a prompt of
+    two images gets [A, A] and [B, B] in its beam rows: CARVE's official final pass is refused there."""
+    from attnzoo.multimodal.hallucination import transformers_compat
+
+    monkeypatch.setattr(transformers_compat, "beams_keep_prompt_images", lambda model: False)
+    settings = {"layers": (2, 3), "probe_tokens": 2, "max_new_tokens": 2}
+    with pytest.raises(InvalidOptionError, match=r"transformers >= 5.18 .*behaviour='paper'"):
+        ask(photos[0], question=QUESTIONS[0], method="carve", num_beams=2, **settings)
+    assert ask(photos[0], question=QUESTIONS[0], method="carve", num_beams=2, behaviour="paper", **settings).answer
 
 
 def test_compositions_and_settings_are_checked(ask, photos):
@@ -524,29 +549,95 @@ def test_other_families(other_family, photos):
             ask(photos[0], question="dog?", method="carve")
 
 
+def test_other_families_prompt_text_and_markers(other_family, photos):
+    """A hand-written template gets the family's own image text (Qwen2-VL: the image token between its
+    vision markers; InstructBLIP: none, its processor places the queries), and a question holding an
+    image marker is that input's error, skipped with on_error="skip"."""
+    family, ask = other_family
+    model_prompt = ask._prompt(QUESTIONS[0], "model")
+    if family == "qwen2_vl":
+        head, tail = model_prompt.split("<|vision_start|><|image_pad|><|vision_end|>")
+        literal = head + "{image}" + "{question}" + tail[len(QUESTIONS[0]) :]
+    else:
+        literal = "{image}{question}"
+    assert ask._prompt(QUESTIONS[0], literal) == model_prompt  # the model's own template, written by hand
+    assert ask(photos[0], question=QUESTIONS[0], chat_template=literal).token_ids == (
+        ask(photos[0], question=QUESTIONS[0]).token_ids
+    )
+    markers = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>") if family == "qwen2_vl" else ("<image>",)
+    for marker in markers:
+        with pytest.raises(InvalidInputError, match=f"holds '{re.escape(marker)}'"):
+            ask(photos[0], question=f"What is {marker} here?")
+    inputs = [{"image": photos[0], "question": f"a {markers[0]} b"}, {"image": photos[1], "question": QUESTIONS[1]}]
+    results = list(ask.iterate(inputs, on_error="skip", batch_size=2))
+    assert isinstance(results[0][1], InvalidInputError) and results[1][1].answer is not None
+
+
+def test_seeds_beyond_what_a_generator_takes_are_typed_errors(ask, photos):
+    from attnzoo.multimodal.hallucination import VCD
+
+    for call in ({"seed": 2**64}, {"seed": -1}):
+        with pytest.raises(InvalidInputError, match=r"seed must be an integer in \[0, 2\*\*64\)"):
+            ask(photos[0], question="dog?", do_sample=True, **call)
+    with pytest.raises(InvalidInputError, match="seed"):
+        ask({"image": photos[0], "question": "dog?", "seed": 2**64}, do_sample=True)
+    assert ask(photos[0], question="dog?", do_sample=True, seed=2**64 - 1).answer is not None
+    with pytest.raises(InvalidOptionError, match="VCD's seed must be a 64-bit integer"):
+        VCD(seed=2**63)
+    with pytest.raises(InvalidOptionError, match="VCD's seed"):
+        ask(photos[0], question="dog?", method="vcd", method_settings={"seed": "55"})
+    assert VCD(seed=-(2**63)).seed == -(2**63)
+
+
 def _no_network(*args, **kwargs):
     raise AssertionError("a network connection was attempted")
 
 
+def _first_forward_rows(model, inputs, **generate_kw):
+    """The last-position logits of ``generate``'s first forward (the prompts), every row."""
+    rows = []
+    handle = model.register_forward_hook(lambda module, args, out: rows.append(out.logits[:, -1]) if not rows else None)
+    try:
+        with torch.no_grad():
+            model.generate(**inputs, **generate_kw, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    finally:
+        handle.remove()
+    return rows[0]
+
+
 def test_llava_next_beam_search_refuses_a_batch_of_mixed_tile_counts():
-    """transformers' LLaVA-NeXT beam search fails inside on images of different tile counts in one batch
-    (a RuntimeError): the pipeline says so, typed, before generate; equal tile counts pass."""
+    """transformers' LLaVA-NeXT beam search fails inside on prompts whose images differ in tile count (a
+    RuntimeError): the pipeline says so, typed, before generate; equal tile counts pass, and so does one
+    prompt of two images of different tile counts (CARVE's [original, refined]), whose beam rows then
+    see that prompt's images."""
     import numpy as np
     from PIL import Image
 
     from attnzoo.multimodal.hallucination.layouts import family_of
-    from attnzoo.pipelines.hallucination_mitigation import _check_beam_tiles
-    from tests.multimodal.lvlm_prompts import tiny_model
+    from attnzoo.multimodal.hallucination.transformers_compat import beams_keep_prompt_images
+    from attnzoo.pipelines.hallucination_mitigation import _check_beam_images
+    from tests.multimodal.lvlm_prompts import _llava_next_encoder, tiny_model
 
-    model, encode = tiny_model("llava_next")
+    model, _ = tiny_model("llava_next")
     model.config.image_grid_pinpoints = [[28, 56], [56, 28], [56, 56]]
+    encode = _llava_next_encoder(model)
     rng = np.random.default_rng(0)
     tall, wide = (Image.fromarray(rng.integers(10, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((40, 20), (200, 300)))
     family = family_of(model)
     with pytest.raises(InvalidOptionError, match=r"one tile count .*\[3, 5\].*batch_size=1"):
-        _check_beam_tiles(family, encode([tall, wide], ["dog?", "cat?"]))
-    _check_beam_tiles(family, encode([tall, tall], ["dog?", "cat?"]))
-    _check_beam_tiles(family_of(tiny_llava()), {"image_sizes": None})
+        _check_beam_images(model, family, encode([tall, wide], ["dog?", "cat?"]), [1, 1])
+    _check_beam_images(model, family, encode([tall, tall], ["dog?", "cat?"]), [1, 1])
+    _check_beam_images(tiny_llava(), family_of(tiny_llava()), {"image_sizes": None}, [1])
+    both = encode([[tall, wide]], ["dog?"])
+    if not beams_keep_prompt_images(model):  # transformers < 5.18: the beams would see other images
+        with pytest.raises(InvalidOptionError, match="5.18"):
+            _check_beam_images(model, family, both, [2])
+        return
+    _check_beam_images(model, family, both, [2])
+    with torch.no_grad():
+        direct = model(**both).logits[:, -1]
+    beams = _first_forward_rows(model, both, num_beams=2)
+    torch.testing.assert_close(beams, direct.expand(2, -1), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["pai", "vcd"])

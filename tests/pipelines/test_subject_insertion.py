@@ -406,3 +406,15 @@ def test_run_fill_refuses_embeddings_of_another_width(tiny):
                 pooled_prompt_embeds=pooled,
                 num_inference_steps=1,
             )
+
+
+def test_seed_is_one_torch_generators_take():
+    """The fill draws from Generator().manual_seed(seed) and (seed + 1): the seed must leave room for both."""
+    from attnzoo.errors import InvalidOptionError
+    from attnzoo.pipelines.subject_insertion import _seed
+
+    assert _seed(0) == 0 and _seed(2**64 - 2) == 2**64 - 2
+    torch.Generator().manual_seed(_seed(2**64 - 2) + 1)
+    for bad in (2**64 - 1, -1, True, 1.5, "3"):
+        with pytest.raises(InvalidOptionError, match=r"seed must be an integer in \[0, 2\*\*64 - 1\)"):
+            _seed(bad)

@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 #: Named prompt templates beside the processor's own ("model"); any other string with ``{question}``
-#: (and ``{image}`` for the image placeholder) is used literally.
+#: (and ``{image}`` where the image goes: the family's image text, ``Family.prompt_placeholder``) is used literally.
 CHAT_TEMPLATES = {
     # LLaVA's original vicuna_v1 conversation (system message): what VCD, AGLA, VAR and PAINT ran with
     "llava_v1": "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
@@ -262,8 +262,9 @@ def _positive_int(name: str, value: Any) -> int:
 
 
 def _seed(value: Any, name: str = "seed") -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise InvalidOptionError(f"{name} must be a non-negative integer, got {value!r}")
+    """A seed torch's generators take: an integer in [0, 2**64)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2**64:
+        raise InvalidOptionError(f"{name} must be an integer in [0, 2**64), got {value!r}")
     return int(value)
 
 
@@ -380,7 +381,7 @@ class HallucinationMitigationPipeline(Pipeline):
         if processor is None:
             processor = processor_for(model)
         self.processor = processor if processor is not None else _auto_processor(model)
-        self._image_check = _ImageCheck(self.family, getattr(self.processor, "image_processor", None))
+        self._input_check = _InputCheck(self.family, self.processor)
         placed = _dispatched_device(model)
         with _kept_in_place(model) if placed is not None else nullcontext():
             super().__init__(
@@ -510,7 +511,7 @@ class HallucinationMitigationPipeline(Pipeline):
         return super().__call__(inputs, **kwargs)
 
     def preprocessor(self, *args: Any, **params: Any):
-        return functools.partial(_read_item, fields=(self.primary_field, *self.input_fields), check=self._image_check)
+        return functools.partial(_read_item, fields=(self.primary_field, *self.input_fields), check=self._input_check)
 
     def preprocess(self, item: Any, **params: Any) -> dict[str, Any]:
         return self.preprocessor()(item)
@@ -620,7 +621,9 @@ class HallucinationMitigationPipeline(Pipeline):
                     final = paired.main_rows(model_inputs, final)
                     chain = LogitsProcessorList([paired.followed_by(*chain)])
                 if decoding["num_beams"] > 1:
-                    _check_beam_tiles(self.family, model_inputs)
+                    _check_beam_images(
+                        self.model, self.family, model_inputs, [_count(im) for im in prompt_batch.images]
+                    )
                 recorder = _AttentionRecorder(self.family, layers) if capture else None
                 with (
                     self._attention_weights() if capture else nullcontext(),
@@ -673,7 +676,7 @@ class HallucinationMitigationPipeline(Pipeline):
         }
 
     def _prompt(self, question: str, template: str, images: int = 1) -> str:
-        placeholder = getattr(self.processor, "image_token", "<image>")
+        placeholder = self.family.prompt_placeholder(self.processor)
         if template == "model":
             if getattr(self.processor, "chat_template", None):
                 content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
@@ -784,15 +787,17 @@ def _spec_key(spec: Any) -> Any:
     return id(spec)
 
 
-class _ImageCheck:
-    """The family's rule of what its image processor refuses (Qwen2-VL: an aspect ratio over 200), asked
-    per input's image, so that the refusal is that input's error in preprocessing, where
-    ``on_error="skip"`` skips it, instead of failing the batch's encoding."""
+class _InputCheck:
+    """Per input, what the model's processor would refuse for the whole batch: an image its image processor
+    refuses (the family's rule; Qwen2-VL: an aspect ratio over 200), a question holding an image marker
+    (``<image>``, ``<|image_pad|>``: the processor would count it as an image). Asked in preprocessing,
+    where the refusal is that input's error and ``on_error="skip"`` skips it."""
 
-    def __init__(self, family: Any, image_processor: Any):
-        self.family, self.image_processor = family, image_processor
+    def __init__(self, family: Any, processor: Any):
+        self.family, self.image_processor = family, getattr(processor, "image_processor", None)
+        self.markers = family.image_markers(processor)
 
-    def __call__(self, image: Image.Image, name: str) -> None:
+    def image(self, image: Image.Image, name: str) -> None:
         if self.image_processor is None:
             return
         refusal = self.family.image_refusal(self.image_processor, image.width, image.height)
@@ -801,8 +806,16 @@ class _ImageCheck:
                 f"{name}: the model's image processor refuses this {image.width}x{image.height} image: {refusal}"
             )
 
+    def question(self, question: str, name: str) -> None:
+        held = [marker for marker in self.markers if marker and marker in question]
+        if held:
+            raise InvalidInputError(
+                f"{name}: the question holds {', '.join(map(repr, held))}, which {self.family.name}'s processor reads "
+                "as an image's tokens; the pipeline places the image itself: leave it out of the question"
+            )
 
-def _read_item(item: Any, fields: tuple[str, ...], check: _ImageCheck | None = None) -> dict[str, Any]:
+
+def _read_item(item: Any, fields: tuple[str, ...], check: _InputCheck | None = None) -> dict[str, Any]:
     """One input: the decoded image (RGB, one the model's image processor takes), the question and the seed
     (checked, named in errors)."""
     from attnzoo.datasets.images import describe, load_image
@@ -825,9 +838,11 @@ def _read_item(item: Any, fields: tuple[str, ...], check: _ImageCheck | None = N
             seed = _seed(seed)
         except InvalidOptionError as err:
             raise InvalidInputError(f"{name}: {err}") from None
+    if check is not None:
+        check.question(question, name)
     image = load_image(row["image"])
     if check is not None:
-        check(image, name)
+        check.image(image, name)
     return {"image": image, "question": question, "seed": seed, "name": name}
 
 
@@ -873,19 +888,30 @@ def _attn_implementation_checked(name: str | None) -> Iterator[None]:
         raise InvalidOptionError(f"attn_implementation={name!r} cannot be used here: {reason}") from err
 
 
-def _check_beam_tiles(family: Any, inputs: Mapping[str, Any]) -> None:
-    """transformers' LLaVA-NeXT beam search splits the repeated rows' image features by the images' tile
-    counts and fails inside (a RuntimeError) when a batch's images differ in them: refused here, named."""
+def _check_beam_images(model: Any, family: Any, inputs: Mapping[str, Any], images_per_prompt: Sequence[int]) -> None:
+    """What transformers' beam search gets wrong with images, refused here, named: before 5.18 a prompt of
+    several images gets other images in its beam rows (silently); LLaVA-NeXT splits the repeated rows'
+    image features by tile counts and fails inside (a RuntimeError) when the prompts of a batch have
+    images of different tile counts (one prompt's images may differ)."""
     from attnzoo.multimodal.hallucination.layouts import LlavaNextFamily, llava_next_tile_count
+    from attnzoo.multimodal.hallucination.transformers_compat import beams_keep_prompt_images
 
+    if max(images_per_prompt, default=1) > 1 and not beams_keep_prompt_images(model):
+        import transformers
+
+        raise InvalidOptionError(
+            f"beam search on prompts of several images (CARVE's official final pass: [original, refined]) needs "
+            f"transformers >= 5.18 for {family.name}: transformers {transformers.__version__} gives a prompt's beams "
+            "other images; use num_beams=1 or CARVE's behaviour='paper', or upgrade transformers"
+        )
     sizes = inputs.get("image_sizes")
-    if not isinstance(family, LlavaNextFamily) or sizes is None:
+    if not isinstance(family, LlavaNextFamily) or sizes is None or len(images_per_prompt) < 2:
         return
     counts = [llava_next_tile_count(family.config, size) for size in sizes]
     if len(set(counts)) > 1:
         raise InvalidOptionError(
-            f"beam search on LLaVA-NeXT needs the images of a batch to have one tile count (transformers fails "
-            f"otherwise); these have {counts}: use batch_size=1 with num_beams > 1"
+            f"beam search on LLaVA-NeXT needs the images of a batch of several prompts to have one tile count "
+            f"(transformers fails otherwise); these have {counts}: use batch_size=1 with num_beams > 1"
         )
 
 

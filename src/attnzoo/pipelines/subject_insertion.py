@@ -525,8 +525,9 @@ def attention_settings(given: dict[str, Any]) -> Any:
 
 
 def _seed(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise InvalidOptionError(f"seed must be a non-negative integer, got {value!r}")
+    """A seed for torch's generators, which also take seed + 1: an integer in [0, 2**64 - 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2**64 - 1:
+        raise InvalidOptionError(f"seed must be an integer in [0, 2**64 - 1), got {value!r}")
     return int(value)
 
 

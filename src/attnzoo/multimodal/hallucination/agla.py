@@ -40,7 +40,7 @@ from PIL import Image
 from torch import nn
 from transformers import LogitsProcessor
 
-from attnzoo.errors import InvalidInputError, InvalidOptionError
+from attnzoo.errors import InvalidInputError, InvalidOptionError, WeightsError
 
 from .base import ContrastBranchProcessor, PairedContrast, check_batched, check_behaviour, check_cutoff
 from .functional.agla import AGLA_GRADCAM_LAYER, agla_augment
@@ -166,10 +166,16 @@ class AGLA(MitigationMethod):
                 with hub.pretrained_loading(
                     f"AGLA's BLIP-ITM model {name} (blip_model=)", name, ways_out=_BLIP_WAYS_OUT
                 ) as cache_only:
-                    model = BlipForImageTextRetrieval.from_pretrained(
-                        name, dtype=torch.float32, local_files_only=cache_only
-                    ).eval()
-                self.blip_model = model.to(device) if device is not None else model
+                    model, loading = BlipForImageTextRetrieval.from_pretrained(
+                        name, dtype=torch.float32, local_files_only=cache_only, output_loading_info=True
+                    )
+                head = sorted(key for key in loading.get("missing_keys", ()) if key.startswith("itm_head."))
+                if head:  # e.g. a captioning checkpoint: its ITM head would be random, and so AGLA's mask
+                    raise WeightsError(
+                        f"AGLA's BLIP model {name} (blip_model=) is no image-text-matching checkpoint: it has no "
+                        f"{', '.join(head)}; use one such as {DEFAULTS['blip_model']}"
+                    )
+                self.blip_model = model.eval().to(device) if device is not None else model.eval()
             if self.blip_processor is None:
                 self.blip_processor = _load_blip_processor(name)
         if self.blip_processor is None:

@@ -170,6 +170,16 @@ class Family:
         """Per-generation state a model keeps on its modules (a contrast branch must not clobber it)."""
         return []
 
+    # -- prompt text -------------------------------------------------------------------------
+    def prompt_placeholder(self, processor: Any) -> str:
+        """The text that stands for one image in a prompt written by hand (the processor expands it to
+        the image's tokens): the processor's image token."""
+        return _token_text(getattr(processor, "image_token", None) or "<image>")
+
+    def image_markers(self, processor: Any) -> tuple[str, ...]:
+        """Texts a question must not hold: the processor would read them as an image's tokens."""
+        return (_token_text(getattr(processor, "image_token", None) or "<image>"),)
+
     #: Why the family has no CLIP tower whose CLS attention maps onto the image tokens (if it has none).
     vision_note: ClassVar[str] = "no such vision tower"
 
@@ -454,6 +464,23 @@ class Qwen2VLFamily(Family):
     def stateful_attributes(self):
         return [(self.model.model, "rope_deltas")]
 
+    def _special(self, processor: Any, key: str) -> str | None:
+        token_id = getattr(self.config, key, None)
+        tokenizer = getattr(processor, "tokenizer", None)
+        if token_id is None or tokenizer is None:
+            return None
+        return _token_text(tokenizer.convert_ids_to_tokens(int(token_id)))
+
+    def prompt_placeholder(self, processor):
+        """The image token between the vision markers, as the processor's chat template writes it."""
+        start, end = (self._special(processor, key) or "" for key in ("vision_start_token_id", "vision_end_token_id"))
+        return f"{start}{super().prompt_placeholder(processor)}{end}"
+
+    def image_markers(self, processor):
+        keys = ("video_token_id", "vision_start_token_id", "vision_end_token_id")
+        extra = (self._special(processor, key) for key in keys)
+        return (*super().image_markers(processor), *(marker for marker in extra if marker))
+
     def prefill_positions(self, inputs, text_positions):
         # With images, the model's get_rope_index builds the 3-D ids (and its rope deltas).
         return None if inputs.get("image_grid_thw") is not None else text_positions
@@ -498,6 +525,10 @@ class InstructBlipFamily(Family):
     def tokens_per_image(self, image_info):
         return int(self.config.num_query_tokens)
 
+    def prompt_placeholder(self, processor):
+        """Nothing: the processor puts the image's query tokens before the text itself."""
+        return ""
+
     def prefill(self, inputs, **kwargs):
         """What ``InstructBlipForConditionalGeneration.generate`` does before handing the language
         model its embeddings: Q-Former queries scattered into the placeholder positions."""
@@ -515,6 +546,11 @@ class InstructBlipFamily(Family):
 
 
 FAMILIES: tuple[type[Family], ...] = (LlavaFamily, LlavaNextFamily, Qwen2VLFamily, InstructBlipFamily)
+
+
+def _token_text(token: Any) -> str:
+    """A token as text (processors may hold a tokenizers ``AddedToken``)."""
+    return str(getattr(token, "content", token))
 
 
 def family_of(model: nn.Module) -> Family:

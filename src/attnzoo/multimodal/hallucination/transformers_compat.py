@@ -2,7 +2,7 @@
 on): before 5.24 it is ``past_key_values`` in model calls, ``generate`` and model outputs; from 5.24
 on it is ``cache``, and the old name only warns. Everything here that hands a cache to a model, or
 reads one back, goes through these two helpers (``.ci/lower_bounds`` runs the tests on the
-floor)."""
+floor). Beam search over prompts of several images: see :func:`beams_keep_prompt_images`."""
 
 from __future__ import annotations
 
@@ -24,4 +24,17 @@ def output_cache(output: Any) -> Any:
     return getattr(output, cache_keyword(), None)
 
 
-__all__ = ["cache_keyword", "output_cache"]
+def beams_keep_prompt_images(model: Any) -> bool:
+    """Whether ``generate`` gives every beam row of a prompt that prompt's images in order. From 5.18 it
+    encodes the images first and repeats each prompt's group ([A, B] -> [A, B, A, B]); before, the
+    generic expansion repeats ``pixel_values`` row by row ([A, A, B, B]), so a prompt of several images
+    (CARVE's official [original, refined]) gets the wrong ones in its beam rows, silently. Models with
+    their own expansion (Qwen2-VL) group by prompt on every release."""
+    from transformers.generation.utils import GenerationMixin
+
+    generic = GenerationMixin._expand_inputs_for_generation
+    own = getattr(type(model), "_expand_inputs_for_generation", generic)
+    return hasattr(GenerationMixin, "_expand_multimodal_outputs") or own is not generic
+
+
+__all__ = ["beams_keep_prompt_images", "cache_keyword", "output_cache"]

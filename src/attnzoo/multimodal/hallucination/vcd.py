@@ -35,6 +35,7 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import LogitsProcessor
@@ -93,6 +94,10 @@ class VCD(MitigationMethod):
         if not 0 <= int(noise_step) < VCD_NUM_STEPS or int(noise_step) != noise_step:
             raise InvalidOptionError(f"VCD's noise_step must be an integer in [0, {VCD_NUM_STEPS}), got {noise_step}")
         self.noise_step = int(noise_step)
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not -(2**63) <= seed < 2**63
+        ):
+            raise InvalidOptionError(f"VCD's seed must be a 64-bit integer (or None), got {seed!r}")
         self.seed = None if seed is None else int(seed)
         self.batched = check_batched("VCD", batched)
 
@@ -101,14 +106,18 @@ class VCD(MitigationMethod):
         noise is drawn on the CPU from its own generator, seeded by ``seed`` and the image's pixels: an
         answer is then the same whatever else shares its batch (batch size, resumed or sharded runs)
         and on every device, for one pixel dtype (the seed hashes the pixels as the model gets them, and
-        the noise is drawn in their dtype: a float16 run noises an image otherwise than a float32 run). ``seed=None`` draws the whole batch from the global RNG, as the official
-        code does. LLaVA-NeXT's padded tiles ([B, tiles, 3, H, W] with ``image_sizes``) need ``model``:
-        its config tells each image's real tiles from the batch's padding."""
+        the noise is drawn in their dtype: a float16 run noises an image otherwise than a float32 run).
+        ``seed=None`` draws the whole batch from the global RNG, as the official code does.
+        LLaVA-NeXT's padded tiles ([B, tiles, 3, H, W] with ``image_sizes``) need ``model``: its config
+        tells each image's real tiles from the batch's padding. Qwen2-VL's patch rows hold a still image
+        as equal temporal frames: with ``model`` (its vision config) the image is noised once and every
+        frame gets that noise (without, each element is noised on its own)."""
         pixels = inputs.get("pixel_values")
         if not isinstance(pixels, torch.Tensor):
             raise InvalidInputError("VCD noises the image: the prompt batch has no pixel_values")
+        frames = _still_frames(model, pixels)
         if self.seed is None:
-            return {**inputs, "pixel_values": add_diffusion_noise(pixels.detach(), self.noise_step)}
+            return {**inputs, "pixel_values": _noised(pixels.detach(), self.noise_step, None, frames)}
         cpu = pixels.detach().cpu()
         image_sizes = inputs.get("image_sizes")
         if cpu.ndim == 5 and image_sizes is not None:
@@ -118,7 +127,7 @@ class VCD(MitigationMethod):
                 noised[row : row + 1, :count] = _seeded_noise(cpu[row : row + 1, :count], self.noise_step, self.seed)
         else:
             parts = _per_image(cpu, inputs.get("image_grid_thw"))
-            noised = torch.cat([_seeded_noise(part, self.noise_step, self.seed) for part in parts])
+            noised = torch.cat([_seeded_noise(part, self.noise_step, self.seed, frames) for part in parts])
         return {**inputs, "pixel_values": noised.to(pixels.device)}
 
     def processor(self, model: nn.Module, batch: PromptBatch) -> VCDLogitsProcessor:
@@ -179,9 +188,36 @@ def _tile_counts(model: nn.Module | None, image_sizes: Any, shape: tuple[int, in
     return counts
 
 
-def _seeded_noise(image: torch.Tensor, noise_step: int, seed: int) -> torch.Tensor:
+def _seeded_noise(
+    image: torch.Tensor, noise_step: int, seed: int, frames: tuple[int, int] | None = None
+) -> torch.Tensor:
     """One image's noised pixels, drawn from its own generator (``seed`` and its pixels)."""
-    return add_diffusion_noise(image, noise_step, _image_generator(seed, image))
+    return _noised(image, noise_step, _image_generator(seed, image), frames)
+
+
+def _still_frames(model: nn.Module | None, pixels: torch.Tensor) -> tuple[int, int] | None:
+    """(channels, frames) of Qwen2-VL's flattened patch rows ([C, T, P, P] each): its processor writes a
+    still image as ``temporal_patch_size`` equal frames. None for pixels that are images."""
+    vision = getattr(getattr(model, "config", None), "vision_config", None)
+    frames = int(getattr(vision, "temporal_patch_size", 1) or 1)
+    channels = int(getattr(vision, "in_channels", 3) or 3)
+    if pixels.ndim != 2 or frames < 2 or pixels.shape[1] % (channels * frames):
+        return None
+    return channels, frames
+
+
+def _noised(
+    pixels: torch.Tensor, noise_step: int, generator: torch.Generator | None, frames: tuple[int, int] | None
+) -> torch.Tensor:
+    """VCD's noise on the image: where the rows hold equal frames of one still image (Qwen2-VL), the image
+    is noised once and the frames stay equal (noised apart, the patch embedding would average the noise
+    down to a milder distortion than ``noise_step``)."""
+    if frames is not None:
+        grid = pixels.reshape(pixels.shape[0], frames[0], frames[1], -1)
+        first = grid[:, :, :1]
+        if torch.equal(grid, first.expand_as(grid)):
+            return add_diffusion_noise(first.contiguous(), noise_step, generator).expand_as(grid).reshape(pixels.shape)
+    return add_diffusion_noise(pixels, noise_step, generator)
 
 
 def _image_generator(seed: int, pixels: torch.Tensor) -> torch.Generator:
