@@ -104,22 +104,30 @@ def _redistribute(weights: torch.Tensor, ind: _Indicators, rho_code: float, summ
     k = weights.shape[-1]
     sums = torch.matmul(weights, ind.columns.view(k))
     image, visual_sinks, moved, rest = sums.unbind(-1)
-    # A row whose image attention is all on sinks has nowhere to move it (the official code divides 0 by 0).
-    candidates = (visual_sinks / (image + ind.share_eps) <= rho_code) & (image >= summ) & (rest > 0)
+    sink_scale, non_sink_image = ind.sink_scale.view(k), ind.non_sink_image.view(k)
+    if weights.dtype == torch.float16:  # moved / rest overflows float16 (65504) where rest is tiny
+        moved, rest, sink_scale, non_sink_image = (
+            moved.float(),
+            rest.float(),
+            sink_scale.float(),
+            non_sink_image.float(),
+        )
+    gain = moved / rest
+    # A finite gain needs rest > 0: a row whose image attention is all on sinks has nowhere to move it (the
+    # official code divides 0 by 0), nor has one whose rest is too small for the dtype (subnormal).
+    candidates = (visual_sinks / (image + ind.share_eps) <= rho_code) & (image >= summ) & torch.isfinite(gain)
     if ind.has_visual_sink is not None:
         candidates = candidates & ind.has_visual_sink
-    # float16 overflows (65504) where the non-sink image attention is tiny: the gain and the product are
-    # float32 then; a gain beyond even that (rest subnormal) leaves its row alone, as rest == 0 does
-    exact = torch.float32 if weights.dtype == torch.float16 else weights.dtype
-    gain = moved.to(exact) / rest.to(exact)  # inf or nan only on rows that are not candidates
-    candidates = candidates & torch.isfinite(gain)
-    factor = torch.addcmul(ind.sink_scale.view(k).to(exact), ind.non_sink_image.view(k).to(exact), gain[..., None])
-    return factor, candidates
+    return torch.addcmul(sink_scale, non_sink_image, gain[..., None]), candidates
 
 
 def _edited(weights: torch.Tensor, factor: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-    """The weights of the ``selected`` rows times their factor (in the factor's dtype), the rest as they are."""
-    return (weights.to(factor.dtype) * torch.where(selected[..., None], factor, 1.0)).to(weights.dtype)
+    """The weights of the ``selected`` rows times their factor (in the factor's dtype: float32 for
+    float16 weights), the rest as they are."""
+    edited = torch.where(selected[..., None], factor, 1.0)
+    if factor.dtype == weights.dtype:
+        return weights * edited
+    return (weights.float() * edited).to(weights.dtype)
 
 
 def redistribute(
