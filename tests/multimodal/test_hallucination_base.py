@@ -351,6 +351,6 @@ def test_a_prompt_continued_from_a_cache_is_refused_with_edits_attached(edit):
     assert torch.equal(stock, greedy(model, inputs, max_new_tokens=2))  # the stock model continues it fine
     cache = prefix_cache()
     with edit().attach(model):
-        with pytest.raises(InterventionError, match="continues a cache of 3.*without past_key_values"):
+        with pytest.raises(InterventionError, match="continues a cache of 3.*without a KV cache"):
             greedy(model, {**inputs, cache_keyword(): cache}, max_new_tokens=2)
         assert greedy(model, inputs, max_new_tokens=2).shape == stock.shape  # the whole prompt runs

@@ -199,8 +199,8 @@ def test_carve_with_beam_search_answers_on_the_whole_refined_prompts(ask, photos
     from attnzoo.multimodal.hallucination.transformers_compat import beams_keep_prompt_images
 
     settings = {"layers": (2, 3), "probe_tokens": 2, "max_new_tokens": 3, "behaviour": behaviour}
-    if behaviour == "official" and not beams_keep_prompt_images(ask.model):  # transformers < 5.18
-        with pytest.raises(InvalidOptionError, match="5.18"):
+    if behaviour == "official" and not beams_keep_prompt_images(ask.model):  # transformers < 5.19
+        with pytest.raises(InvalidOptionError, match="5.19"):
             ask(photos[:2], question=QUESTIONS[:2], method="carve", num_beams=2, batch_size=2, **settings)
         return
     results = ask(photos[:2], question=QUESTIONS[:2], method="carve", num_beams=2, batch_size=2, **settings)
@@ -220,14 +220,18 @@ def test_carve_with_beam_search_answers_on_the_whole_refined_prompts(ask, photos
 
 
 def test_carve_official_with_beam_search_is_refused_where_transformers_mixes_the_images(ask, photos, monkeypatch):
-    """Before transformers 5.18, generate repeats pixel_values row by row for beam search, so a prompt of
+    """Before transformers 5.19, generate repeats pixel_values row by row for beam search, so a prompt of
     two images gets [A, A] and [B, B] in its beam rows: CARVE's official final pass is refused there."""
-    from attnzoo.multimodal.hallucination import transformers_compat
+    from attnzoo.multimodal.hallucination import CARVE, transformers_compat
 
     monkeypatch.setattr(transformers_compat, "beams_keep_prompt_images", lambda model: False)
     settings = {"layers": (2, 3), "probe_tokens": 2, "max_new_tokens": 2}
-    with pytest.raises(InvalidOptionError, match=r"transformers >= 5.18 .*behaviour='paper'"):
-        ask(photos[0], question=QUESTIONS[0], method="carve", num_beams=2, **settings)
+    probes = []
+    with monkeypatch.context() as probing:
+        probing.setattr(CARVE, "_probe", lambda *args, **kwargs: probes.append(1))
+        with pytest.raises(InvalidOptionError, match=r"transformers >= 5.19 .*behaviour='paper'"):
+            ask(photos[0], question=QUESTIONS[0], method="carve", num_beams=2, **settings)
+    assert not probes  # refused before CARVE's probes ran
     assert ask(photos[0], question=QUESTIONS[0], method="carve", num_beams=2, behaviour="paper", **settings).answer
 
 
@@ -629,8 +633,8 @@ def test_llava_next_beam_search_refuses_a_batch_of_mixed_tile_counts():
     _check_beam_images(model, family, encode([tall, tall], ["dog?", "cat?"]), [1, 1])
     _check_beam_images(tiny_llava(), family_of(tiny_llava()), {"image_sizes": None}, [1])
     both = encode([[tall, wide]], ["dog?"])
-    if not beams_keep_prompt_images(model):  # transformers < 5.18: the beams would see other images
-        with pytest.raises(InvalidOptionError, match="5.18"):
+    if not beams_keep_prompt_images(model):  # transformers < 5.19: the beams would see other images
+        with pytest.raises(InvalidOptionError, match="5.19"):
             _check_beam_images(model, family, both, [2])
         return
     _check_beam_images(model, family, both, [2])

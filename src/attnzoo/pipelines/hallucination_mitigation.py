@@ -116,6 +116,7 @@ class MitigationResult:
     """The answer's attention over the refined image's grid, when it was answered on the original and the
     refined image (CARVE's official behaviour); ``attention`` is then the original's share."""
     refined_view: Image.Image | None = None
+    """The refined image as the vision tower saw it, where ``refined_attention`` lies (set with it)."""
     baseline_view: Image.Image | None = None
     """The original image as the vision tower saw it in the stock run."""
 
@@ -596,6 +597,9 @@ class HallucinationMitigationPipeline(Pipeline):
         self._image_tokens(inputs, batch["name"])
         prompt_batch = PromptBatch(list(batch["image"]), list(batch["question"]), inputs, encode, {"seeds": seeds})
         runs = ordered(methods)
+        if decoding["num_beams"] > 1:  # said before any pre-pass (CARVE's probes) runs
+            answered = max((method.images_per_answered_prompt for method in runs), default=1)
+            _check_beam_images(self.model, self.family, {}, [answered] * len(prompt_batch.questions))
         with _model_lock(self.model), _plain_generation_config(self.model):
             for method in runs:
                 prompt_batch = method.prepare(self.model, self.processor, prompt_batch)
@@ -658,7 +662,7 @@ class HallucinationMitigationPipeline(Pipeline):
             ]
             for b in range(len(new))
         ]
-        refined = [
+        has_refined_grid = [
             ("original", "refined") == answered_on[b][:2] and len(grids[b]) > 1 and len(views[b]) > 1
             for b in range(len(new))
         ]
@@ -671,8 +675,8 @@ class HallucinationMitigationPipeline(Pipeline):
             "attention": [g[0] if g else None for g in grids],
             "view": [v[0] if v else None for v in views],
             "answered_on": answered_on,
-            "refined_attention": [g[1] if r else None for g, r in zip(grids, refined, strict=True)],
-            "refined_view": [v[1] if r else None for v, r in zip(views, refined, strict=True)],
+            "refined_attention": [g[1] if r else None for g, r in zip(grids, has_refined_grid, strict=True)],
+            "refined_view": [v[1] if r else None for v, r in zip(views, has_refined_grid, strict=True)],
         }
 
     def _prompt(self, question: str, template: str, images: int = 1) -> str:
@@ -889,7 +893,7 @@ def _attn_implementation_checked(name: str | None) -> Iterator[None]:
 
 
 def _check_beam_images(model: Any, family: Any, inputs: Mapping[str, Any], images_per_prompt: Sequence[int]) -> None:
-    """What transformers' beam search gets wrong with images, refused here, named: before 5.18 a prompt of
+    """What transformers' beam search gets wrong with images, refused here, named: before 5.19 a prompt of
     several images gets other images in its beam rows (silently); LLaVA-NeXT splits the repeated rows'
     image features by tile counts and fails inside (a RuntimeError) when the prompts of a batch have
     images of different tile counts (one prompt's images may differ)."""
@@ -901,7 +905,7 @@ def _check_beam_images(model: Any, family: Any, inputs: Mapping[str, Any], image
 
         raise InvalidOptionError(
             f"beam search on prompts of several images (CARVE's official final pass: [original, refined]) needs "
-            f"transformers >= 5.18 for {family.name}: transformers {transformers.__version__} gives a prompt's beams "
+            f"transformers >= 5.19 for {family.name}: transformers {transformers.__version__} gives a prompt's beams "
             "other images; use num_beams=1 or CARVE's behaviour='paper', or upgrade transformers"
         )
     sizes = inputs.get("image_sizes")

@@ -267,7 +267,7 @@ class _Session:
                 raise InterventionError(
                     f"{names}: a forward of {lead.shape[1]} tokens continues a cache of {cached} (a cached prompt "
                     "prefix, chunked prefill or assisted decoding); the interventions read the whole prompt in one "
-                    "forward, so pass the whole prompt to generate without past_key_values"
+                    "forward, so pass the whole prompt to generate, without a KV cache"
                 )
         state.step = 0 if state.prefill else state.step + 1
         if state.prefill:

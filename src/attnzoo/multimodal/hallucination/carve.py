@@ -123,6 +123,10 @@ class CARVE(MitigationMethod):
         #: The probe layers that exist in the last model (the official fusion skips the others).
         self.last_layers: tuple[int, ...] = ()
 
+    @property
+    def images_per_answered_prompt(self) -> int:
+        return 2 if self.behaviour == "official" else 1
+
     def prepare(self, model: nn.Module, processor: Any, batch: PromptBatch) -> PromptBatch:
         family = family_of(model)
         if not family.spatial:

@@ -174,11 +174,12 @@ class Family:
     def prompt_placeholder(self, processor: Any) -> str:
         """The text that stands for one image in a prompt written by hand (the processor expands it to
         the image's tokens): the processor's image token."""
-        return _token_text(getattr(processor, "image_token", None) or "<image>")
+        return _image_token_text(processor)
 
     def image_markers(self, processor: Any) -> tuple[str, ...]:
-        """Texts a question must not hold: the processor would read them as an image's tokens."""
-        return (_token_text(getattr(processor, "image_token", None) or "<image>"),)
+        """Texts a question must not hold: the processor would take them for an image's (or video's)
+        tokens or their markers."""
+        return (_image_token_text(processor),)
 
     #: Why the family has no CLIP tower whose CLS attention maps onto the image tokens (if it has none).
     vision_note: ClassVar[str] = "no such vision tower"
@@ -464,7 +465,7 @@ class Qwen2VLFamily(Family):
     def stateful_attributes(self):
         return [(self.model.model, "rope_deltas")]
 
-    def _special(self, processor: Any, key: str) -> str | None:
+    def _config_token_text(self, processor: Any, key: str) -> str | None:
         token_id = getattr(self.config, key, None)
         tokenizer = getattr(processor, "tokenizer", None)
         if token_id is None or tokenizer is None:
@@ -473,12 +474,14 @@ class Qwen2VLFamily(Family):
 
     def prompt_placeholder(self, processor):
         """The image token between the vision markers, as the processor's chat template writes it."""
-        start, end = (self._special(processor, key) or "" for key in ("vision_start_token_id", "vision_end_token_id"))
+        start, end = (
+            self._config_token_text(processor, key) or "" for key in ("vision_start_token_id", "vision_end_token_id")
+        )
         return f"{start}{super().prompt_placeholder(processor)}{end}"
 
     def image_markers(self, processor):
         keys = ("video_token_id", "vision_start_token_id", "vision_end_token_id")
-        extra = (self._special(processor, key) for key in keys)
+        extra = (self._config_token_text(processor, key) for key in keys)
         return (*super().image_markers(processor), *(marker for marker in extra if marker))
 
     def prefill_positions(self, inputs, text_positions):
@@ -551,6 +554,10 @@ FAMILIES: tuple[type[Family], ...] = (LlavaFamily, LlavaNextFamily, Qwen2VLFamil
 def _token_text(token: Any) -> str:
     """A token as text (processors may hold a tokenizers ``AddedToken``)."""
     return str(getattr(token, "content", token))
+
+
+def _image_token_text(processor: Any) -> str:
+    return _token_text(getattr(processor, "image_token", None) or "<image>")
 
 
 def family_of(model: nn.Module) -> Family:

@@ -97,6 +97,12 @@ class MitigationMethod:
     #: the registry name ("var", "vcd", ...).
     name: str = "method"
 
+    @property
+    def images_per_answered_prompt(self) -> int:
+        """How many images each prompt the answer is generated on holds after :meth:`prepare` (1: the one
+        given; CARVE's official behaviour: 2), known before it runs."""
+        return 1
+
     def interventions(self) -> list[Intervention]:
         """Interventions to attach to the model while ``generate`` runs (may be empty)."""
         return []

@@ -25,16 +25,19 @@ def output_cache(output: Any) -> Any:
 
 
 def beams_keep_prompt_images(model: Any) -> bool:
-    """Whether ``generate`` gives every beam row of a prompt that prompt's images in order. From 5.18 it
-    encodes the images first and repeats each prompt's group ([A, B] -> [A, B, A, B]); before, the
-    generic expansion repeats ``pixel_values`` row by row ([A, A, B, B]), so a prompt of several images
-    (CARVE's official [original, refined]) gets the wrong ones in its beam rows, silently. Models with
-    their own expansion (Qwen2-VL) group by prompt on every release."""
+    """Whether ``generate`` gives every beam row of a prompt that prompt's images in order. From 5.19 it
+    repeats each prompt's group of encoded images ([A, B] -> [A, B, A, B]); before, the rows get them
+    interleaved ([A, A, B, B]: 5.18's grouped expansion still interleaves within a group, and older
+    releases repeat ``pixel_values`` row by row), so a prompt of several images (CARVE's official
+    [original, refined]) gets the wrong ones in its beam rows, silently. A model with its own expansion
+    (Qwen2-VL before 5.18) repeats each prompt's images as a group."""
+    import transformers
+    from packaging.version import Version
     from transformers.generation.utils import GenerationMixin
 
     generic = GenerationMixin._expand_inputs_for_generation
     own = getattr(type(model), "_expand_inputs_for_generation", generic)
-    return hasattr(GenerationMixin, "_expand_multimodal_outputs") or own is not generic
+    return own is not generic or Version(transformers.__version__).release >= (5, 19)
 
 
 __all__ = ["beams_keep_prompt_images", "cache_keyword", "output_cache"]

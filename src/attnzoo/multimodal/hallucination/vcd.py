@@ -199,8 +199,9 @@ def _still_frames(model: nn.Module | None, pixels: torch.Tensor) -> tuple[int, i
     """(channels, frames) of Qwen2-VL's flattened patch rows ([C, T, P, P] each): its processor writes a
     still image as ``temporal_patch_size`` equal frames. None for pixels that are images."""
     vision = getattr(getattr(model, "config", None), "vision_config", None)
-    frames = int(getattr(vision, "temporal_patch_size", 1) or 1)
-    channels = int(getattr(vision, "in_channels", 3) or 3)
+    frames, channels = getattr(vision, "temporal_patch_size", 1), getattr(vision, "in_channels", 3)
+    if not isinstance(frames, int) or not isinstance(channels, int) or channels < 1:
+        return None
     if pixels.ndim != 2 or frames < 2 or pixels.shape[1] % (channels * frames):
         return None
     return channels, frames
