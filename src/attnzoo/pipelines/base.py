@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from attnzoo.errors import InvalidInputError
+from attnzoo.errors import InvalidInputError, InvalidOptionError
 
 _DTYPES = {
     "float32": torch.float32,
@@ -345,6 +345,15 @@ def check_batching(batch_size: Any, num_workers: Any) -> tuple[int, int]:
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def generator_seed(value: Any, name: str = "seed", *, spare: int = 0) -> int:
+    """A seed torch's generators take: an integer in [0, 2**64 - ``spare``) (``spare``: how many seeds above
+    it the caller draws from too, as seed + 1), or an :class:`InvalidOptionError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2**64 - spare:
+        upper = f"2**64 - {spare}" if spare else "2**64"
+        raise InvalidOptionError(f"{name} must be an integer in [0, {upper}), got {value!r}")
     return int(value)
 
 

@@ -49,7 +49,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from attnzoo.errors import AttnzooError, InvalidInputError, InvalidOptionError, OfflineError, WeightsError
-from attnzoo.pipelines.base import Pipeline, list_collate, weights_note
+from attnzoo.pipelines.base import Pipeline, generator_seed, list_collate, weights_note
 
 __all__ = [
     "CHAT_TEMPLATES",
@@ -262,13 +262,6 @@ def _positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
-def _seed(value: Any, name: str = "seed") -> int:
-    """A seed torch's generators take: an integer in [0, 2**64)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2**64:
-        raise InvalidOptionError(f"{name} must be an integer in [0, 2**64), got {value!r}")
-    return int(value)
-
-
 def _layers(value: Any) -> tuple[int, ...]:
     """Layer indices from ints or a string like ``"10-12"`` / ``"2,5,8-9"``."""
     parts = value.split(",") if isinstance(value, str) else value
@@ -449,7 +442,7 @@ class HallucinationMitigationPipeline(Pipeline):
         if "num_beams" in given:
             given["num_beams"] = _positive_int("num_beams", num_beams)
         if "seed" in given:
-            given["seed"] = _seed(seed)
+            given["seed"] = generator_seed(seed)
         if "chat_template" in given:
             given["chat_template"] = _chat_template(chat_template)
         if "attention_layers" in given:
@@ -528,7 +521,7 @@ class HallucinationMitigationPipeline(Pipeline):
         methods = self._build_methods(given)
         decoding = self._decoding(given)
         sampled = decoding["do_sample"]
-        seeds = [(_seed(s) if s is not None else decoding["seed"]) if sampled else None for s in batch["seed"]]
+        seeds = [(generator_seed(s) if s is not None else decoding["seed"]) if sampled else None for s in batch["seed"]]
         capture = bool(given.get("return_attention", False))
         template = given.get("chat_template", "model")
         run = self._answer(batch, methods, decoding, seeds, template, capture, given.get("attention_layers"))
@@ -839,7 +832,7 @@ def _read_item(item: Any, fields: tuple[str, ...], check: _InputCheck | None = N
     seed = row.get("seed")
     if seed is not None:
         try:
-            seed = _seed(seed)
+            seed = generator_seed(seed)
         except InvalidOptionError as err:
             raise InvalidInputError(f"{name}: {err}") from None
     if check is not None:

@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from attnzoo.errors import InvalidInputError, InvalidOptionError
-from attnzoo.pipelines.base import Pipeline, list_collate, weights_note
+from attnzoo.pipelines.base import Pipeline, generator_seed, list_collate, weights_note
 
 __all__ = [
     "METHODS",
@@ -525,10 +525,8 @@ def attention_settings(given: dict[str, Any]) -> Any:
 
 
 def _seed(value: Any) -> int:
-    """A seed for torch's generators, which also take seed + 1: an integer in [0, 2**64 - 1)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2**64 - 1:
-        raise InvalidOptionError(f"seed must be an integer in [0, 2**64 - 1), got {value!r}")
-    return int(value)
+    """A seed for the fill, which draws from seed and seed + 1."""
+    return generator_seed(value, spare=1)
 
 
 def _panel_size(value: Any) -> tuple[int, int]:
