@@ -609,15 +609,15 @@ def _first_forward_rows(model, inputs, **generate_kw):
     return rows[0]
 
 
-def test_llava_next_beam_search_refuses_a_batch_of_mixed_tile_counts():
-    """transformers' LLaVA-NeXT beam search fails inside on prompts whose images differ in tile count (a
-    RuntimeError): the pipeline says so, typed, before generate; equal tile counts pass, and so does one
-    prompt of two images of different tile counts (CARVE's [original, refined]), whose beam rows then
-    see that prompt's images."""
+def test_llava_next_beam_search_on_a_batch_of_mixed_tile_counts():
+    """LLaVA-NeXT beam search on a batch whose images differ in tile count: every prompt's beams equal
+    that prompt's own run (no refusal); one prompt of two images of different tile counts (CARVE's
+    [original, refined]) passes on transformers >= 5.19, whose beam rows then see that prompt's images,
+    and is refused, typed, before."""
     import numpy as np
     from PIL import Image
 
-    from attnzoo.multimodal.hallucination.layouts import family_of
+    from attnzoo.multimodal.hallucination.layouts import family_of, llava_next_tile_count
     from attnzoo.multimodal.hallucination.transformers_compat import beams_keep_prompt_images
     from attnzoo.pipelines.hallucination_mitigation import _check_beam_images
     from tests.multimodal.lvlm_prompts import _llava_next_encoder, tiny_model
@@ -627,21 +627,28 @@ def test_llava_next_beam_search_refuses_a_batch_of_mixed_tile_counts():
     encode = _llava_next_encoder(model)
     rng = np.random.default_rng(0)
     tall, wide = (Image.fromarray(rng.integers(10, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((40, 20), (200, 300)))
+    assert [llava_next_tile_count(model.config, image.size[::-1]) for image in (tall, wide)] == [3, 5]
     family = family_of(model)
-    with pytest.raises(InvalidOptionError, match=r"one tile count .*\[3, 5\].*batch_size=1"):
-        _check_beam_images(model, family, encode([tall, wide], ["dog?", "cat?"]), [1, 1])
-    _check_beam_images(model, family, encode([tall, tall], ["dog?", "cat?"]), [1, 1])
-    _check_beam_images(tiny_llava(), family_of(tiny_llava()), {"image_sizes": None}, [1])
+    _check_beam_images(model, family, [1, 1])
+
+    def beams(images, questions):
+        with torch.no_grad():
+            out = model.generate(
+                **encode(images, questions), num_beams=2, max_new_tokens=4, do_sample=False, pad_token_id=0
+            )
+        return out[:, -4:].tolist()
+
+    assert beams([tall, wide], ["dog?", "cat?"]) == beams([tall], ["dog?"]) + beams([wide], ["cat?"])
     both = encode([[tall, wide]], ["dog?"])
     if not beams_keep_prompt_images(model):  # transformers < 5.19: the beams would see other images
         with pytest.raises(InvalidOptionError, match="5.19"):
-            _check_beam_images(model, family, both, [2])
+            _check_beam_images(model, family, [2])
         return
-    _check_beam_images(model, family, both, [2])
+    _check_beam_images(model, family, [2])
     with torch.no_grad():
         direct = model(**both).logits[:, -1]
-    beams = _first_forward_rows(model, both, num_beams=2)
-    torch.testing.assert_close(beams, direct.expand(2, -1), atol=1e-5, rtol=1e-5)
+    beam_rows = _first_forward_rows(model, both, num_beams=2)
+    torch.testing.assert_close(beam_rows, direct.expand(2, -1), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["pai", "vcd"])
