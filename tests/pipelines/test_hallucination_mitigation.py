@@ -361,8 +361,11 @@ def test_sampling_seeds(ask, photos):
         "top_k": None,
         "num_beams": 1,
         "max_new_tokens": 6,
-        "seed": 0,
+        "seed": 4,  # the call's seed: the one this answer drew with (was the pipeline default, 0)
     }
+    assert [r.settings["decoding"]["seed"] for r in per_input] == [4, 5]
+    assert [r.to_dict()["decoding"]["seed"] for r in per_input] == [4, 5]
+    assert ask(photos[0], **kwargs).settings["decoding"]["seed"] == 0  # no seed given: the default drew
 
 
 def test_loading_by_name_from_a_folder_and_offline(tmp_path, photos, monkeypatch):

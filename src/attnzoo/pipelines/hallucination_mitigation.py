@@ -547,12 +547,15 @@ class HallucinationMitigationPipeline(Pipeline):
         return outputs
 
     def postprocess(self, outputs: dict[str, Any], **given: Any) -> MitigationResult:
+        settings, seed = outputs["settings"], outputs["seed"]
+        if seed is not None and settings["decoding"]["seed"] != seed:  # an input's or the call's own seed
+            settings = {**settings, "decoding": {**settings["decoding"], "seed": seed}}
         return MitigationResult(
             question=outputs["question"],
             answer=outputs["answer"],
             prompt=outputs["prompt"],
             image=outputs["image"],
-            settings=outputs["settings"],
+            settings=settings,
             seed=outputs["seed"],
             token_ids=outputs["token_ids"],
             attention=outputs.get("attention"),
