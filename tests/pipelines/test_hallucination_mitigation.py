@@ -380,6 +380,15 @@ def test_loading_by_name_from_a_folder_and_offline(tmp_path, photos, monkeypatch
     )
     assert one.model is two.model and one.model.dtype == torch.float64  # loaded once, in the dtype asked for
     assert one(photos[0], question="dog?", max_new_tokens=2).answer is not None
+    from transformers import AutoModelForImageTextToText
+
+    loads = []
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", lambda *a, **k: loads.append(a))
+    for name, expected in (("qwen2_vl_7b_instruct", "qwen2_vl"), ("llava_v1_6_vicuna_7b", "llava_next")):
+        with pytest.raises(WeightsError, match=f"holds a 'llava' checkpoint, but {name} is a '{expected}' model"):
+            attnzoo.pipeline(TASK, model=name, weights=str(tmp_path / "tiny"), device="cpu", dtype="float32")
+    assert not loads  # refused from the config, before any weights are read
+    monkeypatch.undo()
     qwen = attnzoo.pipeline(TASK, model="Qwen/Qwen2-VL-7B-Instruct", weights="none", device="cpu")
     assert (
         qwen.family.name == "Qwen2-VL"

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from attnzoo.errors import InvalidOptionError
+from attnzoo.errors import InvalidOptionError, WeightsError
 from attnzoo.registry import register_model
 
 __all__ = [
@@ -77,6 +77,11 @@ class LVLMCheckpoint:
     device_map: Any = None
     attn_implementation: str | None = None
     from_pretrained: dict[str, Any] = field(default_factory=dict)
+    #: The ``config.model_type`` the registered name stands for ("llava_next"): a folder or Hub id
+    #: holding another architecture is refused before its weights are read. None: any.
+    model_type: str | None = None
+    #: The registered name, for that message.
+    model_name: str | None = None
 
     @property
     def pretrained_cfg(self) -> dict[str, Any]:
@@ -141,9 +146,26 @@ def _from_pretrained(spec: LVLMCheckpoint, dtype: Any, device_map: Any) -> tuple
             model_kwargs["device_map"] = device_map
         if spec.attn_implementation is not None:
             model_kwargs["attn_implementation"] = spec.attn_implementation
+        if spec.model_type is not None:
+            _check_model_type(spec, name, loading)
         processor = AutoProcessor.from_pretrained(name, **loading)
         model = AutoModelForImageTextToText.from_pretrained(name, **model_kwargs)
     return model, processor
+
+
+def _check_model_type(spec: LVLMCheckpoint, name: str, loading: dict[str, Any]) -> None:
+    """A checkpoint of another architecture than the registered name would load and run under that name
+    (``--model qwen2_vl_7b_instruct --weights <a LLaVA folder>``): refused from its config, before the
+    weights are read."""
+    from transformers import AutoConfig
+
+    found = getattr(AutoConfig.from_pretrained(name, **loading), "model_type", None)
+    if found != spec.model_type:
+        raise WeightsError(
+            f"{name} holds a {found!r} checkpoint, but {spec.model_name or 'the model asked for'} is a "
+            f"{spec.model_type!r} model: pass the checkpoint's own name as the model (its Hub id or folder "
+            f"loads whatever architecture it holds), or weights of this one"
+        )
 
 
 #: The tiny random models' names (their ``config._name_or_path``), by family.
@@ -352,6 +374,18 @@ def _char_tokenizer(specials: list[str]) -> Any:
 
 
 _FROM_PRETRAINED_KEYS = ("revision", "dtype", "device_map", "attn_implementation")
+#: Each registered name's ``config.model_type``.
+_MODEL_TYPES = {
+    "llava_1_5_7b": "llava",
+    "llava_1_5_13b": "llava",
+    "llava_v1_6_mistral_7b": "llava_next",
+    "llava_v1_6_vicuna_7b": "llava_next",
+    "llava_v1_6_vicuna_13b": "llava_next",
+    "qwen2_vl_7b_instruct": "qwen2_vl",
+    "qwen2_5_vl_3b_instruct": "qwen2_5_vl",
+    "qwen2_5_vl_7b_instruct": "qwen2_5_vl",
+    "instructblip_vicuna_7b": "instructblip",
+}
 
 
 def _builder(name: str, hub_id: str):
@@ -367,7 +401,13 @@ def _builder(name: str, hub_id: str):
                 f"{type(weights).__name__}"
             )
         own = {k: kwargs.pop(k) for k in _FROM_PRETRAINED_KEYS if k in kwargs}
-        return LVLMCheckpoint(os.fspath(weights) if weights is not None else hub_id, **own, from_pretrained=kwargs)
+        return LVLMCheckpoint(
+            os.fspath(weights) if weights is not None else hub_id,
+            **own,
+            from_pretrained=kwargs,
+            model_type=_MODEL_TYPES[name],
+            model_name=name,
+        )
 
     build.__name__ = name
     build.__doc__ = (
