@@ -308,3 +308,29 @@ def test_carve_component_selection(llava, seed, variant, top_percent, min_keep):
     assert result.crop.bbox == (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
     masked = np.asarray(image) * expected[..., None]
     assert np.array_equal(np.asarray(result.crop.masked_image), masked)
+
+
+def test_carve_refined_image_the_processor_refuses_is_a_typed_error(monkeypatch):
+    """A mask that keeps one thin strip of a wide image is magnified into a crop of aspect ratio > 200,
+    which Qwen2-VL's processor refuses (a raw ValueError deep in the batch encoding): CARVE says so,
+    typed, naming the prompt."""
+    import attnzoo
+    from attnzoo.multimodal.hallucination.functional.carve import carve_crop
+    from attnzoo.multimodal.hallucination.models import tiny_lvlm
+
+    real = carve_module.carve_refine
+
+    def thin_strip(query, general, image, **kw):
+        mask = np.zeros((image.height, image.width), dtype=np.uint8)
+        mask[image.height // 2] = 1  # one row of pixels across the whole image
+        return real(query, general, image, **kw)._replace(crop=carve_crop(image, mask))
+
+    monkeypatch.setattr(carve_module, "carve_refine", thin_strip)
+    ask = attnzoo.pipeline("hallucination-mitigation", model=tiny_lvlm("qwen2_vl"), device="cpu", max_new_tokens=2)
+    wide = Image.fromarray(np.random.default_rng(0).integers(0, 256, (56, 420, 3), dtype=np.uint8))
+    strip = np.zeros((56, 420), dtype=np.uint8)
+    strip[28] = 1
+    refined = carve_crop(wide, strip).refined_image  # 420x1 magnified x56 to cover the image's height
+    assert refined.size == (23520, 56) and refined.width / refined.height > 200  # what the processor refuses
+    with pytest.raises(InvalidInputError, match=r"CARVE's refined image of prompt 0 .* 23520x56 crop.*aspect"):
+        ask(wide, question="dog?", method="carve", layers=(2, 3), probe_tokens=2)

@@ -160,6 +160,7 @@ class CARVE(MitigationMethod):
             for image, (query, general, grid) in zip(images, maps, strict=True)
         ]
         refined = [result.crop.refined_image for result in self.last_results]
+        _check_refined(family, processor, refined)
         if self.behaviour == "official":  # two images per prompt: the encoder takes a list per question
             pairs: list[PromptImages] = [[image, ref] for image, ref in zip(images, refined, strict=True)]
             final = asked.with_images(pairs)
@@ -343,6 +344,22 @@ class _ProbeRunner(ContrastBranchProcessor):
 
     def combine(self, input_ids, scores, branch_logits):
         raise NotImplementedError("the CARVE probe is no logits processor")
+
+
+def _check_refined(family: Family, processor: Any, refined: Sequence[Image.Image]) -> None:
+    """A refined image the processor would refuse (Qwen2-VL: a crop of one thin strip, magnified to an
+    aspect ratio over 200) is said as CARVE's, with its prompt, instead of the processor's error."""
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None:
+        return
+    for index, image in enumerate(refined):
+        refusal = family.image_refusal(image_processor, image.width, image.height)
+        if refusal is not None:
+            raise InvalidInputError(
+                f"CARVE's refined image of prompt {index} of the batch is a {image.width}x{image.height} crop, which "
+                f"the model's image processor refuses: {refusal}. Its mask kept a thin strip; try a larger "
+                "top_percent or min_keep_regions"
+            )
 
 
 def _decoder_layers(family: Family) -> nn.ModuleList:
