@@ -384,6 +384,8 @@ def test_oat_batches_sampling_and_search_trials(tmp_path):
         ({"target": 1, "max_len": 0}, "max_len must be a positive integer"),
         ({"target": 1, "strategy": "sample", "num_samples": 0}, "num_samples must be a positive integer"),
         ({"target": 1, "strategy": "sample", "seed": 1.5}, "seed must be an integer"),
+        ({"target": 1, "strategy": "sample", "seed": 2**64}, r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"),
+        ({"target": 1, "strategy": "sample", "seed": -(2**63) - 1}, "seed must be an integer in"),
         ({"target": 1, "strategy": "beam"}, "strategy"),
     ],
 )

@@ -159,8 +159,11 @@ def _record_image(item: Any) -> Any:
 
 
 def _check_seed(seed: Any) -> None:
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-        raise InvalidInputError(f"seed must be an integer, got {seed!r}")
+    """What ``torch.Generator.manual_seed`` takes: an integer in [-2**63, 2**64)."""
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not -(2**63) <= seed < 2**64
+    ):
+        raise InvalidInputError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
 
 
 class NevaClipScanpathPipeline(Pipeline):
