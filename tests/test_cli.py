@@ -380,6 +380,12 @@ def test_out_must_be_a_folder_and_batching_is_checked_before_writing(tmp_path, p
     assert f"cannot be created: {tmp_path / 'taken'} is a file" in capsys.readouterr().err
     assert main([*run, "/proc/attnzoo-no-such/out"]) == 2
     assert "cannot be created in /proc" in capsys.readouterr().err
+    assert main([*run, "/proc"]) == 2  # a folder that exists and takes no files (even as root)
+    assert "--out /proc cannot be written to" in capsys.readouterr().err
+    before = (tmp_path / "cat.png").read_bytes()
+    assert main([*run, str(tmp_path)]) == 0  # an existing folder that takes files: the input's own
+    assert (tmp_path / "cat.png").read_bytes() == before  # never written over by its picture
+    assert (tmp_path / "cat-2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the picture, beside it
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".attnzoo-probe-")]
     assert main([*run, str(tmp_path / "new" / "out")]) == 0 and (tmp_path / "new" / "out").is_dir()
     (tmp_path / "data" / "val" / "a").mkdir(parents=True)

@@ -332,10 +332,15 @@ def _run_files(pipe: Any, files: list[str], items: list[Any], out: Path | None, 
         record["results"] = {f: r.to_dict() for f, r in results.items()}
         write_json(out / "results.json", record)
         taken: set[str] = set()
+        given = [p for item in items for p in (item if isinstance(item, list) else [item])]
+        given += [v for v in fields.values() if isinstance(v, (str, Path)) and Path(v).is_file()]  # --subject
+        inputs = {Path(p).resolve() for p in given}
         for file, result in results.items():
             stem = Path(file).stem or Path(file).name
             name, n = stem, 1
-            while name in taken:  # a/001.jpg and b/001.jpg, or cat.jpg and cat.png: one picture each
+            # a/001.jpg and b/001.jpg, or cat.jpg and cat.png: one picture each; and never over an input
+            # (cat.png run with --out beside it)
+            while name in taken or any(path.resolve() in inputs for path in _written_paths(out, name, result)):
                 n += 1
                 name = f"{stem}-{n}"
             taken.add(name)
@@ -348,24 +353,32 @@ def _run_files(pipe: Any, files: list[str], items: list[Any], out: Path | None, 
         raise InvalidInputError(f"{len(failed)} of {len(files)} inputs could not be read")
 
 
+def _written_paths(out: Path, name: str, result: Any) -> list[Path]:
+    """The files ``attnzoo run`` writes for one input named ``name``: its picture and the task's own files."""
+    return [out / f"{name}.png", *(out / f"{name}-{suffix}.png" for suffix in getattr(result, "file_suffixes", ()))]
+
+
 def _check_out(out: Path | None) -> None:
-    """An output folder that is a file, or cannot be made, is refused before any work."""
+    """An output folder that is a file, cannot be made or cannot be written to is refused before any work."""
     from attnzoo.errors import InvalidOptionError
 
     if out is None:
         return
-    if out.exists() and not out.is_dir():
-        raise InvalidOptionError(f"--out {out} is a file; give a folder (it is created if missing)")
-    existing = next(folder for folder in (out, *out.absolute().parents) if folder.exists())
+    try:
+        if out.exists() and not out.is_dir():
+            raise InvalidOptionError(f"--out {out} is a file; give a folder (it is created if missing)")
+        existing = next(folder for folder in (out, *out.absolute().parents) if folder.exists())
+    except OSError as err:  # a parent folder that cannot be entered
+        raise InvalidOptionError(f"--out {out} cannot be reached: {err.strerror or err}") from None
     if not existing.is_dir():
         raise InvalidOptionError(f"--out {out} cannot be created: {existing} is a file")
-    if existing != out:  # can a folder be made there? (a probe folder, removed at once)
-        import tempfile
+    import tempfile
 
-        try:
-            Path(tempfile.mkdtemp(prefix=".attnzoo-probe-", dir=existing)).rmdir()
-        except OSError as err:
-            raise InvalidOptionError(f"--out {out} cannot be created in {existing}: {err.strerror or err}") from None
+    try:  # can a file be made there? (a probe folder, removed at once)
+        Path(tempfile.mkdtemp(prefix=".attnzoo-probe-", dir=existing)).rmdir()
+    except OSError as err:
+        doing = "written to" if existing == out else f"created in {existing}"
+        raise InvalidOptionError(f"--out {out} cannot be {doing}: {err.strerror or err}") from None
 
 
 def _eval_task(

@@ -19,7 +19,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -89,12 +89,15 @@ class InsertionResult:
             f"{int(self.mask.sum())} px of the {width}x{height} target"
         )
 
+    #: The files :meth:`write_files` writes beside the picture: ``<stem>-<suffix>.png``.
+    file_suffixes: ClassVar[tuple[str, ...]] = ("inserted", "canvas")
+
     def write_files(self, folder: str | os.PathLike, stem: str) -> list[Path]:
         """``<stem>-inserted.png`` (the result) and ``<stem>-canvas.png`` (the generated diptych), written atomically."""
         from attnzoo._io import atomic_write
 
         written = []
-        for suffix, picture in (("inserted", self.image), ("canvas", self.canvas)):
+        for suffix, picture in zip(self.file_suffixes, (self.image, self.canvas), strict=True):
             path = Path(folder) / f"{stem}-{suffix}.png"
             with atomic_write(path, "wb") as fh:
                 picture.save(fh, format="PNG")
