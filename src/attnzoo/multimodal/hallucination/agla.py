@@ -50,6 +50,8 @@ from .method import MitigationMethod, PromptBatch
 
 #: The official POPE settings and the BLIP-ITM checkpoint matching the official LAVIS model.
 DEFAULTS: dict[str, Any] = {"alpha": 2.0, "beta": 0.5, "blip_model": "Salesforce/blip-itm-large-coco"}
+#: Why the official behaviour's branch neither pairs with the main rows nor batches with them.
+OFFICIAL_BRANCH_ALONE = "AGLA's official behaviour runs the augmented branch for the first token only, on its own"
 
 
 class AGLALogitsProcessor(ContrastBranchProcessor):
@@ -76,10 +78,7 @@ class AGLALogitsProcessor(ContrastBranchProcessor):
 
     def pairing_refusal(self) -> str | None:
         if self.behaviour == "official":
-            return (
-                "AGLA's official behaviour runs the augmented branch for the first token only, on its own; "
-                "pairing applies to behaviour='paper'"
-            )
+            return f"{OFFICIAL_BRANCH_ALONE}; pairing applies to behaviour='paper'"
         return super().pairing_refusal()
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -136,10 +135,7 @@ class AGLA(MitigationMethod):
         if batched is None:
             batched = self.behaviour == "paper"
         elif check_batched("AGLA", batched) and self.behaviour == "official":
-            raise InvalidOptionError(
-                "AGLA's official behaviour runs the augmented branch for the first token only, on its own: "
-                "batched=True applies to behaviour='paper'"
-            )
+            raise InvalidOptionError(f"{OFFICIAL_BRANCH_ALONE}: batched=True applies to behaviour='paper'")
         self.batched = batched
         if isinstance(blip_model, str):
             if not blip_model:
