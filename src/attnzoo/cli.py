@@ -177,6 +177,16 @@ def _eval_params(spec: Any) -> list[inspect.Parameter]:
             ],
             False,
         ),
+        _param(
+            "retry_skipped",
+            Annotated[
+                bool,
+                typer.Option(
+                    "--retry-skipped", help="When resuming, try again the inputs an earlier run skipped (mended since)."
+                ),
+            ],
+            False,
+        ),
         *_option_params(spec.options_for("eval")),
     ]
 
@@ -393,6 +403,7 @@ def _eval_task(
     num_workers: int | None,
     limit: int | None,
     overwrite: bool,
+    retry_skipped: bool,
     device: str | None,
     dtype: str | None,
     **options: Any,
@@ -445,7 +456,14 @@ def _eval_task(
         }
         run_out = Path(out) if name is None else Path(out) / name
         metrics = evaluate(
-            pipe, evaluator, run_out, settings=settings, batch_size=batch_size, num_workers=workers, overwrite=overwrite
+            pipe,
+            evaluator,
+            run_out,
+            settings=settings,
+            batch_size=batch_size,
+            num_workers=workers,
+            overwrite=overwrite,
+            retry_skipped=retry_skipped,
         )
         if not metrics:  # a torchrun process other than the first: process 0 reports
             continue

@@ -174,6 +174,27 @@ def test_all_inputs_unreadable(tmp_path):
         evaluate(pipe, get_evaluator("image-classification")(tmp_path), tmp_path / "o", settings={}, progress=False)
 
 
+def test_a_resumed_run_keeps_skipped_inputs_unless_asked_to_retry_them(tmp_path, photo, capsys):
+    folder = tmp_path / "val" / WNIDS[3]
+    folder.mkdir(parents=True)
+    photo.save(folder / "good.png")
+    (folder / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    run = ["eval", "image-classification", "-m", "test_resnet", "-w", "none", "--data", str(tmp_path)]
+    run += ["--out", str(tmp_path / "o"), "--num-workers", "0"]
+    assert main(run) == 0
+    first = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert (first["n"], first["skipped"]) == (1, 1)
+    photo.save(folder / "bad.png")  # mended
+    assert main(run) == 0  # resumed: what was skipped stays skipped (nothing left to do)
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["skipped"] == 1
+    assert main([*run, "--retry-skipped"]) == 0
+    again = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert (again["n"], again["skipped"], again["skipped_inputs"]) == (2, 0, [])
+    assert "bad.png" not in (tmp_path / "o" / "report.md").read_text()
+    ids = [json.loads(line)["id"] for line in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 2  # the earlier prediction kept, not run twice
+
+
 def test_generic_folder_with_more_classes_than_the_model(tmp_path, photo):
     for cls in "abcd":
         (tmp_path / cls).mkdir()

@@ -3,7 +3,8 @@
 ``out/`` receives ``run.json`` (the settings), ``predictions.jsonl`` (one line per sample,
 appended and flushed batch by batch: the resume state), ``skipped.jsonl`` (inputs that
 could not be read, with the reason), and at the end ``metrics.json`` and ``report.md``.
-Running again with the same settings continues where an interrupted run stopped.
+Running again with the same settings continues where an interrupted run stopped (with
+``retry_skipped``, the skipped inputs are tried again too).
 
 Under ``torchrun`` each process takes every N-th sample and appends to its own
 ``predictions.rank<r>.jsonl``; process 0 then merges them, scores and writes the report.
@@ -145,10 +146,12 @@ def evaluate(
     batch_size: int = 32,
     num_workers: int = 0,
     overwrite: bool = False,
+    retry_skipped: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate and return the metrics dict that is also written to ``out_dir/metrics.json``
-    (under ``torchrun``: on process 0; the others return an empty dict)."""
+    (under ``torchrun``: on process 0; the others return an empty dict). A resumed run keeps the
+    samples an earlier run skipped as skipped, unless ``retry_skipped`` (an input mended since)."""
     from tqdm.auto import tqdm
 
     from attnzoo._distributed import distributed_context
@@ -182,6 +185,9 @@ def evaluate(
             raise InvalidInputError(
                 f"{out} holds a run with other settings ({', '.join(changed)}); pass --overwrite or choose another --out"
             )
+    if retry_skipped and not overwrite and ctx.is_main:  # read by nobody before the barrier below
+        for path in out.glob("skipped*.jsonl"):
+            path.unlink()
     ctx.barrier()  # nobody writes before everyone has read the settings and the earlier predictions
     if ctx.is_main:
         write_json(run_path, settings)
