@@ -195,6 +195,22 @@ def test_a_resumed_run_keeps_skipped_inputs_unless_asked_to_retry_them(tmp_path,
     assert sorted(ids) == sorted(set(ids)) and len(ids) == 2  # the earlier prediction kept, not run twice
 
 
+def test_a_users_own_jsonl_files_in_out_are_neither_read_nor_deleted(imagenet_tree, tmp_path):
+    root, _ = imagenet_tree
+    pipe = attnzoo.pipeline("image-classification", model="test_resnet", weights="none", device="cpu")
+    ev = get_evaluator("image-classification")(root, limit=4)
+    out = tmp_path / "o"
+    out.mkdir()
+    ids = [sample.id for sample in ev.samples()]
+    mine = "".join(json.dumps({"id": i, "pred": [0], "target": 0}) + "\n" for i in ids[:3])
+    for name in ("predictions-first3.jsonl", "skipped-old.jsonl"):
+        (out / name).write_text(mine)
+    metrics = evaluate(pipe, ev, out, settings={}, progress=False)
+    assert metrics["n"] + metrics["skipped"] == 4  # not 1: the user's file named no sample done
+    evaluate(pipe, ev, out, settings={}, overwrite=True, progress=False)
+    assert all((out / name).read_text() == mine for name in ("predictions-first3.jsonl", "skipped-old.jsonl"))
+
+
 def test_generic_folder_with_more_classes_than_the_model(tmp_path, photo):
     for cls in "abcd":
         (tmp_path / cls).mkdir()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -172,8 +173,8 @@ def evaluate(
     settings = {"task": evaluator.task, **settings}
     if overwrite and ctx.is_main:
         for path in (
-            *out.glob("predictions*.jsonl"),
-            *out.glob("skipped*.jsonl"),
+            *_own_files(out, "predictions"),
+            *_own_files(out, "skipped"),
             out / "metrics.json",
             out / "report.md",
         ):
@@ -186,7 +187,7 @@ def evaluate(
                 f"{out} holds a run with other settings ({', '.join(changed)}); pass --overwrite or choose another --out"
             )
     if retry_skipped and not overwrite and ctx.is_main:  # read by nobody before the barrier below
-        for path in out.glob("skipped*.jsonl"):
+        for path in _own_files(out, "skipped"):
             path.unlink()
     ctx.barrier()  # nobody writes before everyone has read the settings and the earlier predictions
     if ctx.is_main:
@@ -197,8 +198,8 @@ def evaluate(
     skipped = _read_jsonl(skipped_path)
     done = {r["id"] for r in records} | {s["id"] for s in skipped}
     for path in (
-        *out.glob("predictions*.jsonl"),
-        *out.glob("skipped*.jsonl"),
+        *_own_files(out, "predictions"),
+        *_own_files(out, "skipped"),
     ):  # other processes' (and earlier runs') shards
         if path not in (predictions_path, skipped_path):
             done |= {r["id"] for r in _read_jsonl(path, truncate=False)}
@@ -239,7 +240,7 @@ def evaluate(
     ctx.barrier()
     if not ctx.is_main:
         return {}
-    if ctx.world_size > 1 or any(out.glob("predictions.rank*.jsonl")):
+    if ctx.world_size > 1 or any(path.name != "predictions.jsonl" for path in _own_files(out, "predictions")):
         records, skipped = _merge_shards(out, samples)
 
     if not records:
@@ -271,19 +272,27 @@ def _describe_input(sample: EvalSample) -> str:
     return sample.id
 
 
+def _own_files(out: Path, kind: str) -> list[Path]:
+    """The runner's ``<kind>.jsonl`` and its processes' ``<kind>.rank<r>.jsonl`` in ``out``, sorted; a user's
+    ``predictions-baseline.jsonl`` beside them is neither read as done nor deleted."""
+    own = re.compile(rf"{kind}(\.rank\d+)?\.jsonl")
+    return sorted(path for path in out.glob(f"{kind}*.jsonl") if own.fullmatch(path.name))
+
+
 def _merge_shards(out: Path, samples: Sequence[EvalSample]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """All processes' records, in dataset order, rewritten into predictions.jsonl / skipped.jsonl."""
     order = {s.id: i for i, s in enumerate(samples)}
     merged = []
     for kind in ("predictions", "skipped"):
         rows = {}
-        for path in sorted(out.glob(f"{kind}*.jsonl")):
+        for path in _own_files(out, kind):
             for row in _read_jsonl(path):
                 rows.setdefault(row["id"], row)
         rows_sorted = sorted(rows.values(), key=lambda r: order.get(r["id"], len(order)))
         write_text(out / f"{kind}.jsonl", "".join(json.dumps(r) + "\n" for r in rows_sorted))
-        for path in out.glob(f"{kind}.rank*.jsonl"):
-            path.unlink()
+        for path in _own_files(out, kind):
+            if path.name != f"{kind}.jsonl":
+                path.unlink()
         merged.append(rows_sorted)
     return merged[0], merged[1]
 
