@@ -260,3 +260,19 @@ def test_verify_report(tmp_path):
     assert not ok and "MISMATCH" in message and digest in message
     with pytest.raises(InvalidOptionError, match="64 hexadecimal"):
         verify_report(str(path), "abc")
+
+
+def test_convert_never_writes_over_its_source_nor_into_a_folder(tmp_path):
+    from attnzoo.errors import InvalidOptionError
+
+    official = tmp_path / "official.pth"
+    torch.save(small_net().state_dict(), official)
+    before = official.read_bytes()
+    for dst in (official, tmp_path / "." / "official.pth"):
+        with pytest.raises(InvalidOptionError, match="is the checkpoint being converted"):
+            convert_checkpoint(official, dst, small_net())
+    assert official.read_bytes() == before  # the official checkpoint is kept
+    with pytest.raises(InvalidOptionError, match="is a folder: give the .safetensors file"):
+        convert_checkpoint(official, tmp_path, small_net())
+    out = convert_checkpoint(official, tmp_path / "ours.safetensors", small_net())
+    assert set(load_file(out)) == set(small_net().state_dict())

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from attnzoo._io import atomic_write
+from attnzoo.errors import InvalidOptionError
 from attnzoo.weights.loading import load_weights
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,7 +45,16 @@ def convert_checkpoint(
     converter: Callable[..., dict] | None = None,
     metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Load ``src`` (official layout) into ``model`` strictly, then save the model's state dict to ``dst``."""
+    """Load ``src`` (official layout) into ``model`` strictly, then save the model's state dict to ``dst``
+    (a file; never the official checkpoint itself, which would be lost)."""
+    out = Path(os.fspath(dst))
+    if out.is_dir():
+        raise InvalidOptionError(
+            f"{out} is a folder: give the .safetensors file to write, e.g. {out / 'model.safetensors'}"
+        )
+    source = Path(os.fspath(src))
+    if source.exists() and out.exists() and source.resolve() == out.resolve():
+        raise InvalidOptionError(f"{out} is the checkpoint being converted: write the conversion to another file")
     load_weights(model, src, converter=converter, strict=True)
     meta = {"format": "pt", "converted_from": Path(os.fspath(src)).name, **(metadata or {})}
     return save_state_dict(model.state_dict(), dst, meta)
