@@ -355,6 +355,37 @@ def test_run_every_task_kind(tmp_path, capsys, monkeypatch):
     assert sum(next(iter(record["results"].values()))["probabilities"]) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_run_into_a_folder_keeps_what_it_did_not_write_and_adds_to_its_results(tmp_path, photo, capsys):
+    """A user's file in --out is never written over (the picture gets another name), a later run of the same
+    model adds its results to results.json, and another model's run into it is refused before any work."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    photo.save(photos / "cat.jpg")
+    photo.rotate(90).save(photos / "dog.jpg")
+    (photos / "cat.png").write_bytes(b"the user's own picture")
+    run = ["run", "classification", "-m", "test_resnet", "-w", "none", "--out", str(photos)]
+    assert main([*run, str(photos / "cat.jpg")]) == 0
+    assert (photos / "cat.png").read_bytes() == b"the user's own picture"
+    record = json.loads((photos / "results.json").read_text())
+    assert record["files"] == {str(photos / "cat.jpg"): ["cat-2.png"]}
+    assert main([*run, str(photos / "cat.jpg"), str(photos / "dog.jpg")]) == 0  # cat again, and dog
+    record = json.loads((photos / "results.json").read_text())
+    assert sorted(record["results"]) == [str(photos / "cat.jpg"), str(photos / "dog.jpg")]
+    assert record["files"] == {str(photos / "cat.jpg"): ["cat-2.png"], str(photos / "dog.jpg"): ["dog.png"]}
+    assert not (photos / "cat-3.png").exists()  # cat's own earlier picture was replaced, not added to
+    assert main([*run, str(photos / "dog.jpg")]) == 0  # an earlier input's results and picture stay
+    assert len(json.loads((photos / "results.json").read_text())["results"]) == 2
+    capsys.readouterr()
+    resnet18 = ["run", "classification", "-m", "resnet18", "-w", "none", str(photos / "dog.jpg"), "--out"]
+    assert main([*resnet18, str(photos)]) == 2
+    assert "holds the results of another run (model 'test_resnet', this run's 'resnet18')" in capsys.readouterr().err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "results.json").write_text("my notes")
+    assert main([*run[:-1], str(tmp_path / "mine"), str(photos / "dog.jpg")]) == 2
+    assert "results.json that attnzoo run did not write" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "results.json").read_text() == "my notes"
+
+
 def test_out_must_be_a_folder_and_batching_is_checked_before_writing(tmp_path, photo, capsys):
     photo.save(tmp_path / "cat.png")
     (tmp_path / "taken").write_text("mine")

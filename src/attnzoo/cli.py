@@ -320,13 +320,17 @@ def _input_fields(spec: Any) -> set[str]:
 
 def _run_files(pipe: Any, files: list[str], items: list[Any], out: Path | None, *, model: str, **fields: Any) -> None:
     """``attnzoo run``'s loop for any task: a line per input (and a progress bar on a terminal),
-    unreadable inputs skipped (unless there is only one), then ``results.json`` (with the task, model
-    and weights) and a picture per input in ``out``."""
+    unreadable inputs skipped (unless there is only one), then a picture per input (and the task's own
+    files) and ``results.json`` (with the task, model and weights) in ``out``. A later run of the same task,
+    model and weights into ``out`` adds to its results; no file is written over but the same input's own
+    from an earlier run."""
     from tqdm.auto import tqdm
 
     from attnzoo._io import atomic_write, write_json
     from attnzoo.errors import InvalidInputError
 
+    header = {"task": pipe.task, "model": model, "weights": pipe.weights_label}
+    earlier = _earlier_results(out, header) if out is not None else {"results": {}, "files": {}}  # before work
     results, failed = {}, []
     with tqdm(total=len(items), desc=f"{pipe.task}", unit="input", disable=None, leave=False) as bar:
         for i, result in pipe.iterate(items, on_error="raise" if len(files) == 1 else "skip", **fields):
@@ -338,27 +342,29 @@ def _run_files(pipe: Any, files: list[str], items: list[Any], out: Path | None, 
             results[files[i]] = result
             bar.write(f"{files[i]}: {result.summary()}")
     if out is not None and results:
-        record = {"task": pipe.task, "model": model, "weights": pipe.weights_label, "results": {}}
-        record["results"] = {f: r.to_dict() for f, r in results.items()}
-        write_json(out / "results.json", record)
-        taken: set[str] = set()
         given = [p for item in items for p in (item if isinstance(item, list) else [item])]
         given += [v for v in fields.values() if isinstance(v, (str, Path)) and Path(v).is_file()]  # --subject
-        inputs = {Path(p).resolve() for p in given}
+        kept = {Path(p).resolve() for p in given}  # never written over
+        written: dict[str, list[str]] = {}
         for file, result in results.items():
+            own = set(earlier["files"].get(file, []))  # this input's files from an earlier run
             stem = Path(file).stem or Path(file).name
             name, n = stem, 1
-            # a/001.jpg and b/001.jpg, or cat.jpg and cat.png: one picture each; and never over an input
-            # (cat.png run with --out beside it)
-            while name in taken or any(path.resolve() in inputs for path in _written_paths(out, name, result)):
+            # a/001.jpg and b/001.jpg, cat.jpg and cat.png, an input or a user's file in out: one name each
+            while not _free(_written_paths(out, name, result), kept, own):
                 n += 1
                 name = f"{stem}-{n}"
-            taken.add(name)
-            with atomic_write(out / f"{name}.png", "wb") as fh:
+            paths = _written_paths(out, name, result)
+            kept.update(path.resolve() for path in paths)
+            with atomic_write(paths[0], "wb") as fh:
                 result.plot().save(fh, format="PNG")
             if hasattr(result, "write_files"):  # a task's own outputs beside the picture (e.g. the inserted image)
                 result.write_files(out, name)
-        _echo(f"wrote {len(results) + 1} files to {out}")
+            written[file] = [path.name for path in paths]
+        record = {f: r.to_dict() for f, r in results.items()}
+        files = {**earlier["files"], **written}
+        write_json(out / "results.json", {**header, "results": {**earlier["results"], **record}, "files": files})
+        _echo(f"wrote {sum(map(len, written.values())) + 1} files to {out}")
     if failed:
         raise InvalidInputError(f"{len(failed)} of {len(files)} inputs could not be read")
 
@@ -366,6 +372,41 @@ def _run_files(pipe: Any, files: list[str], items: list[Any], out: Path | None, 
 def _written_paths(out: Path, name: str, result: Any) -> list[Path]:
     """The files ``attnzoo run`` writes for one input named ``name``: its picture and the task's own files."""
     return [out / f"{name}.png", *(out / f"{name}-{suffix}.png" for suffix in getattr(result, "file_suffixes", ()))]
+
+
+def _free(paths: list[Path], kept: set[Path], own: set[str]) -> bool:
+    """Whether ``paths`` may be written: none is an input or already written by this run, and none exists
+    unless the same input's earlier run wrote it."""
+    return not any(path.resolve() in kept or (path.exists() and path.name not in own) for path in paths)
+
+
+def _earlier_results(out: Path, header: dict[str, Any]) -> dict[str, Any]:
+    """The results and the files per input (``{"results": ..., "files": ...}``) an earlier ``attnzoo run``
+    of the same task, model and weights left in ``out`` (kept and added to); another run's, or a
+    ``results.json`` attnzoo did not write, is refused."""
+    import json
+
+    from attnzoo.errors import InvalidOptionError
+
+    path = out / "results.json"
+    if not path.exists():
+        return {"results": {}, "files": {}}
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        earlier = None
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("results"), dict) or "task" not in earlier:
+        raise InvalidOptionError(
+            f"--out {out} holds a results.json that attnzoo run did not write: choose another --out"
+        )
+    other = {k: earlier.get(k) for k in header if earlier.get(k) != header[k]}
+    if other:
+        said = ", ".join(f"{k} {v!r}, this run's {header[k]!r}" for k, v in other.items())
+        raise InvalidOptionError(
+            f"--out {out} holds the results of another run ({said}): choose another --out, or move its results.json"
+        )
+    files = earlier.get("files")
+    return {"results": earlier["results"], "files": files if isinstance(files, dict) else {}}
 
 
 def _check_out(out: Path | None) -> None:
