@@ -379,6 +379,9 @@ def test_run_into_a_folder_keeps_what_it_did_not_write_and_adds_to_its_results(t
     resnet18 = ["run", "classification", "-m", "resnet18", "-w", "none", str(photos / "dog.jpg"), "--out"]
     assert main([*resnet18, str(photos)]) == 2
     assert "holds the results of another run (model 'test_resnet', this run's 'resnet18')" in capsys.readouterr().err
+    for out in (photos, photos / "out"):  # the next run over photos/ would read the pictures as inputs
+        assert main(["run", "classification", "-m", "test_resnet", "-w", "none", str(photos), "--out", str(out)]) == 2
+        assert f"--out {out} is inside the input folder {photos}" in capsys.readouterr().err
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "results.json").write_text("my notes")
     assert main([*run[:-1], str(tmp_path / "mine"), str(photos / "dog.jpg")]) == 2

@@ -275,6 +275,23 @@ def _expand_inputs(inputs: list[str], kind: str) -> list[str]:
     return expanded
 
 
+def _check_out_beside_inputs(out: Path | None, inputs: list[str]) -> None:
+    """--out in (or equal to) an input folder: the next run over that folder would read the pictures
+    written there as inputs (its images are listed recursively). Refused before any work."""
+    from attnzoo.errors import InvalidOptionError
+
+    if out is None:
+        return
+    where = out.resolve()
+    for item in inputs:
+        folder = Path(item)
+        if folder.is_dir() and where.is_relative_to(folder.resolve()):
+            raise InvalidOptionError(
+                f"--out {out} is inside the input folder {item}: a later run over that folder would read the "
+                "pictures written there as inputs; choose an --out outside it"
+            )
+
+
 def _run_task(
     spec: Any,
     *,
@@ -297,6 +314,7 @@ def _run_task(
     files = _expand_inputs(inputs, spec.inputs)
     if not files:
         raise InvalidInputError("no input files given (folders held no images)")
+    _check_out_beside_inputs(out, inputs)
     given = _given(options, spec, "run")
     fields = {k: v for k, v in given.items() if k in _input_fields(spec)}
     pipe = pipeline(
