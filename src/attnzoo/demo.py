@@ -7,6 +7,7 @@ otherwise, and says which in its output and in each result file.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import urllib.parse
@@ -370,12 +371,7 @@ def run_demo(
     from attnzoo.tasks import list_tasks
 
     out = Path(out_dir).absolute()
-    if out.exists() and not out.is_dir():
-        raise InvalidOptionError(f"--out {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "index.json").is_file():
-        raise InvalidOptionError(
-            f"--out {out} holds other files (no index.json of an earlier demo): choose another folder"
-        )
+    _refuse_unless_replaceable(out)
     log(f"attnzoo demo: writing results and pictures to {out}/")
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -388,7 +384,10 @@ def run_demo(
                 log(f"[{task}] no demo yet")
                 continue
             try:
-                results.append(demo(staging / task, None, log, device=device))
+                result = demo(staging / task, None, log, device=device)
+                listed = set(result.files)  # the index lists every file, so a rerun knows what it may replace
+                result.files += [f for f in _files_under(staging / task) if f not in listed]
+                results.append(result)
             except MissingDependencyError as err:
                 skipped[task] = str(err)
                 log(f"[{task}] skipped: {err}")
@@ -412,8 +411,83 @@ def run_demo(
     return results
 
 
+def _files_under(folder: Path) -> list[Path]:
+    """Every file under ``folder``, symbolic links included (not followed), sorted."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        found += [Path(root) / name for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]]
+    return sorted(found)
+
+
+def _demo_index(path: Path) -> tuple[set[str], set[str]] | None:
+    """The tasks with a folder and the files (relative to the demo's folder) of the index ``run_demo``
+    writes at ``path``; None when the file is not such an index."""
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(index, list):
+        return None
+    tasks: set[str] = set()
+    files: set[str] = set()
+    for entry in index:
+        if not isinstance(entry, dict) or not isinstance(entry.get("task"), str):
+            return None
+        if set(entry) == {"task", "skipped"}:
+            continue
+        written = entry.get("files")
+        if set(entry) != {"task", "model", "pretrained", "files"} or not isinstance(written, list):
+            return None
+        if not all(isinstance(f, str) for f in written):
+            return None
+        tasks.add(entry["task"])
+        for file in map(Path, written):  # absolute, under the folder it was written to: it may have moved since
+            folder = next((p for p in file.parents if p.name == entry["task"]), None)
+            if folder is not None:
+                files.add((Path(entry["task"]) / file.relative_to(folder)).as_posix())
+    return tasks, files
+
+
+def _refuse_unless_replaceable(out: Path) -> None:
+    """``out`` is replaced whole: only a missing or empty folder, or an earlier demo's folder holding
+    nothing but what its index lists, may be; anything else of the user's is refused, never deleted."""
+    if out.exists() and not out.is_dir():
+        raise InvalidOptionError(f"--out {out} is a file; give a folder")
+    if not out.is_dir():
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    index = _demo_index(out / "index.json")
+    if index is None:
+        what = "an index.json that no attnzoo demo wrote" if "index.json" in entries else "no index.json"
+        raise InvalidOptionError(
+            f"--out {out} holds other files ({_some(entries)}) and {what}; it is not an earlier attnzoo demo's "
+            "folder: choose another folder"
+        )
+    tasks, listed = index
+    folders = [
+        out / name for name in entries if name in tasks and (out / name).is_dir() and not (out / name).is_symlink()
+    ]
+    foreign = [name for name in entries if name != "index.json" and out / name not in folders]
+    foreign += [
+        rel for folder in folders for f in _files_under(folder) if (rel := f.relative_to(out).as_posix()) not in listed
+    ]
+    if foreign:
+        raise InvalidOptionError(
+            f"--out {out} holds files the earlier attnzoo demo there did not write ({_some(foreign)}; its "
+            "index.json does not list them): choose another folder"
+        )
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def _replace_folder(new: Path, old: Path) -> None:
-    """Put ``new`` where ``old`` is, in two renames; an earlier demo's folder is removed only after."""
+    """Put ``new`` where ``old`` is, in two renames; an earlier demo's folder is removed only after,
+    checked again (the user may have added a file while the demo ran)."""
+    _refuse_unless_replaceable(old)
     previous = old.parent / f".{old.name}.old-{os.getpid()}"
     if old.exists():
         old.rename(previous)
