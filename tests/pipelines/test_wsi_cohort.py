@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from attnzoo.cli import main
 from attnzoo.datasets.mil_features import read_feature_bags
-from attnzoo.errors import DatasetFormatError, InvalidInputError
+from attnzoo.errors import DatasetFormatError, InvalidInputError, InvalidOptionError
 from attnzoo.pipelines import wsi_features
 from attnzoo.pipelines.wsi_cohort import MANIFEST_COLUMNS, CohortSlide, extract_cohort, list_slides, shard_slides
 from tests.wsi_helpers import COHORT_SEG, TinyEncoder, write_cohort
@@ -191,6 +191,46 @@ def test_other_settings_fail_per_slide_unless_overwrite(cohort, tmp_path):
         with pytest.raises(InvalidInputError, match=match):
             run(cohort, tmp_path / "never", **bad)
     assert not (tmp_path / "never").exists()
+
+
+def test_a_refused_clam_slide_keeps_its_h5_and_the_users_pt(cohort, tmp_path):
+    """A slide whose h5 was made with other settings fails without --overwrite: the .pt beside it stays."""
+    h5, pt = tmp_path / "h5_files" / "s0.h5", tmp_path / "pt_files" / "s0.pt"
+    run(cohort[:1], tmp_path, layout="clam", patch_size=96)
+    pt.write_bytes(b"the user's own features")
+    before = h5.read_bytes()
+    (refused,) = run(cohort[:1], tmp_path, layout="clam").records
+    assert not refused.ok and "other settings" in refused.error
+    assert pt.read_bytes() == b"the user's own features" and h5.read_bytes() == before
+    (remade,) = run(cohort[:1], tmp_path, layout="clam", overwrite="stale").records  # remade: the .pt follows
+    with h5py.File(h5) as f:
+        assert remade.ok and torch.equal(torch.load(pt, weights_only=True), torch.from_numpy(f["features"][()]))
+
+
+def test_an_input_file_is_never_written_over(cohort, tmp_path):
+    """The slide list as <out>/labels.csv or <out>/manifest.csv (or a slide as a feature file): refused
+    before any work, the input as it was."""
+    table = tmp_path / "labels.csv"
+    text = f"slide_path,slide_id,label\n{cohort[0]},A,tumor\n{cohort[1]},B,normal\n"
+    table.write_text(text)
+    with pytest.raises(InvalidOptionError, match=re.escape(f"replace the slide list {table}") + ".*labels.csv.*--out"):
+        run([table], tmp_path)
+    args = ["extract", "wsi-features", str(table), "--encoder", "test_resnet", "-w", "none", "--out", str(tmp_path)]
+    assert main(args) == 2
+    listing = tmp_path / "manifest.csv"
+    listing.write_text(f"slide_path\n{cohort[0]}\n")
+    with pytest.raises(InvalidOptionError, match="manifest.csv"):
+        run([listing], tmp_path)
+    assert table.read_text() == text and listing.read_text() == f"slide_path\n{cohort[0]}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.csv", "manifest.csv"]
+    slide = tmp_path / "slides" / "s0.h5"  # a slide file named like its own feature file
+    slide.parent.mkdir()
+    slide.write_bytes(cohort[0].read_bytes())
+    with pytest.raises(InvalidOptionError, match="the slide .*s0.h5"):
+        run([slide], slide.parent, overwrite=True)
+    assert slide.read_bytes() == cohort[0].read_bytes()
+    run([table], tmp_path / "elsewhere", manifest=False)  # no manifest, no labels.csv: nothing in the way
+    assert (tmp_path / "elsewhere" / "A.h5").is_file()
 
 
 def test_progress_bars_on_a_terminal_and_a_line_per_slide_in_a_log(cohort, tmp_path, capsys):

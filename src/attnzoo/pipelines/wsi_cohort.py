@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from attnzoo._distributed import DistributedContext, distributed_context
 from attnzoo._io import atomic_write, read_csv_rows, write_text
 from attnzoo.datasets.wsi import import_wsi_dependency, slide_id
-from attnzoo.errors import AttnzooError, DatasetFormatError, InvalidInputError
+from attnzoo.errors import AttnzooError, DatasetFormatError, InvalidInputError, InvalidOptionError
 from attnzoo.pipelines.base import check_batching, resolve_device
 from attnzoo.pipelines.wsi_features import (
     ExtractionSettings,
@@ -303,7 +303,9 @@ def extract_cohort(
     if out.exists() and not out.is_dir():
         raise InvalidInputError(f"{out} is a file; features go into a folder (made if missing)")
     ctx = distributed_context() if distributed else DistributedContext()
-    cohort = _listed_on_rank0(slides, ctx)
+    slides = list(slides)
+    writes = _Outputs(out, layout, manifest)
+    cohort = _listed_on_rank0(slides, ctx, lambda listed: writes.refuse_inputs(slides, listed, weights))
 
     started = time.perf_counter()
     model, name = _resolve_encoder(encoder, weights)
@@ -359,19 +361,69 @@ def _check_extract_kwargs(extract_kwargs: dict[str, Any]) -> ExtractionSettings:
     return check_settings(**{k: given[k] for k in inspect.signature(check_settings).parameters})
 
 
-def _listed_on_rank0(slides: Iterable[Any], ctx: DistributedContext) -> list[CohortSlide]:
-    """Rank 0 lists the slides and sends the list (or its error) to every rank: every rank shards the
-    very same list, even when files appear while the ranks start."""
+def _listed_on_rank0(
+    slides: Iterable[Any], ctx: DistributedContext, check: Callable[[list[CohortSlide]], None]
+) -> list[CohortSlide]:
+    """Rank 0 lists the slides (and ``check``s them) and sends the list (or its error) to every rank:
+    every rank shards the very same list, even when files appear while the ranks start."""
     listed: list[CohortSlide] | AttnzooError | None = None
     if ctx.is_main:
         try:
             listed = list_slides(slides)
+            check(listed)
         except AttnzooError as err:
             listed = err
     listed = ctx.broadcast_object(listed)
     if isinstance(listed, AttnzooError):
         raise listed
     return listed
+
+
+def _slide_outputs(out: Path, layout: str, name: str) -> tuple[Path, Path | None]:
+    """A slide's feature file, and in CLAM's layout its ``.pt`` too."""
+    if layout == "clam":
+        return out / "h5_files" / f"{name}.h5", out / "pt_files" / f"{name}.pt"
+    return out / f"{name}.h5", None
+
+
+@dataclass(frozen=True)
+class _Outputs:
+    """What a run writes into ``out``."""
+
+    out: Path
+    layout: str
+    manifest: bool
+
+    def files(self, cohort: Sequence[CohortSlide]) -> dict[Path, str]:
+        """Every file the run may write (resolved) -> its name in ``out``."""
+        named = [p for s in cohort for p in _slide_outputs(self.out, self.layout, s.slide_id) if p is not None]
+        if self.manifest:
+            named.append(self.out / "manifest.csv")
+            if any(s.label is not None for s in cohort):
+                named.append(self.out / "labels.csv")
+        return {p.resolve(): p.relative_to(self.out).as_posix() for p in named}
+
+    def refuse_inputs(
+        self, inputs: Sequence[Any], cohort: Sequence[CohortSlide], weights: str | os.PathLike | Mapping | None
+    ) -> None:
+        """A run must not write over what it reads (a slide list ``<out>/labels.csv`` would come back as
+        ``slide_id,label`` and the next run fail): refused before any work."""
+        read: dict[Path, str] = {}
+        for item in inputs:
+            if not isinstance(item, CohortSlide) and Path(item).is_file():
+                read.setdefault(Path(item).resolve(), f"the slide list {item}")
+        for slide in cohort:
+            read.setdefault(slide.path.resolve(), f"the slide {slide.path}")
+        if isinstance(weights, (str, os.PathLike)) and os.fspath(weights) and Path(weights).is_file():
+            read.setdefault(Path(weights).resolve(), f"the weights {weights}")
+        written = self.files(cohort)
+        scratch = (self.out / PARTIAL_DIR).resolve()  # removed at the end of a run
+        for path, what in read.items():
+            name = written.get(path) or (PARTIAL_DIR if self.manifest and path.is_relative_to(scratch) else None)
+            if name is not None:
+                raise InvalidOptionError(
+                    f"--out {self.out} would replace {what} (the run writes {name} there): choose another --out"
+                )
 
 
 class _Slides:
@@ -395,9 +447,7 @@ class _Slides:
         self.last_error: BaseException | None = None
 
     def paths(self, slide: CohortSlide) -> tuple[Path, Path | None]:
-        if self.layout == "clam":
-            return self.out / "h5_files" / f"{slide.slide_id}.h5", self.out / "pt_files" / f"{slide.slide_id}.pt"
-        return self.out / f"{slide.slide_id}.h5", None
+        return _slide_outputs(self.out, self.layout, slide.slide_id)
 
     def run(self, slide: CohortSlide, earlier_seconds: float | None) -> SlideRecord:
         """The slide's record; a slide's own error is recorded (and kept in ``last_error``), not raised."""
@@ -415,8 +465,6 @@ class _Slides:
             if patches is not None and (pt is None or pt.exists()):
                 return SlideRecord(**record, patches=patches, status="done", seconds=earlier_seconds, reused=True)
             if patches is None:
-                if pt is not None:
-                    pt.unlink(missing_ok=True)  # an earlier one is stale once its h5 is remade
                 extract_features(
                     slide.path,
                     self.model,
@@ -428,6 +476,8 @@ class _Slides:
                     **self.kwargs,
                 )
                 patches = _patch_count(h5)
+                if pt is not None:  # stale once its h5 is remade; a refused h5 leaves it as it was
+                    pt.unlink(missing_ok=True)
             if pt is not None:
                 _write_pt(h5, pt)
         except SLIDE_ERRORS as err:
