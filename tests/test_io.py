@@ -2,7 +2,7 @@
 
 import pytest
 
-from attnzoo._io import atomic_path, atomic_write
+from attnzoo._io import atomic_path, atomic_write, remove_stale_temporaries_in
 
 
 def test_success_renames_into_place(tmp_path):
@@ -43,3 +43,15 @@ def test_written_files_get_the_usual_permissions(tmp_path):
         assert (tmp_path / "old.json").stat().st_mode & 0o777 == 0o640
     finally:
         os.umask(umask)
+
+
+def test_stale_temporaries_of_the_named_files_only_are_removed(tmp_path):
+    """What a killed atomic write left (a file, or a shard folder being set up), for the names given only."""
+    stale = [".best.pt.k3j_9xz0.tmp", ".checkpoint-00000001.pt.ab_cd123.tmp", ".best.pt.abcdefgh.partial.tmp"]
+    kept = [".other.pt.k3j_9xz0.tmp", ".best.pt.short.tmp", "best.pt", ".xbest.pt.abcdefgh.tmp"]
+    (tmp_path / stale.pop()).mkdir()
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"x")
+    remove_stale_temporaries_in(tmp_path, r"best\.pt|checkpoint-\d{8}\.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    remove_stale_temporaries_in(tmp_path / "missing", r"best\.pt")  # no folder: nothing to do

@@ -7,6 +7,8 @@ import contextlib
 import csv
 import json
 import os
+import re
+import shutil
 import struct
 import tempfile
 import zipfile
@@ -81,6 +83,17 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
     with atomic_path(path) as tmp, open(tmp, mode) as fh:
         yield fh
         fh.flush()
+
+
+def remove_stale_temporaries_in(folder: str | os.PathLike, names: str) -> None:
+    """Delete what processes killed while writing (through :func:`atomic_path`) files of ``folder`` whose
+    names fully match the regular expression ``names`` left there: ``.<name>.XXXXXXXX.tmp`` files and
+    ``.<name>.XXXXXXXX.partial.tmp`` folders. The exact pattern, so no other file ever matches."""
+    pattern = re.compile(rf"\.(?:{names})\.[A-Za-z0-9_]{{8}}(\.partial)?\.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        for entry in Path(folder).iterdir():
+            if pattern.fullmatch(entry.name):
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -237,6 +237,17 @@ def _train_params(spec: Any) -> list[inspect.Parameter]:
             Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in --out.")],
             False,
         ),
+        _param(
+            "overwrite",
+            Annotated[
+                bool,
+                typer.Option(
+                    "--overwrite",
+                    help="Discard an earlier run in --out (its checkpoints, logs, weights) and start afresh.",
+                ),
+            ],
+            False,
+        ),
         _param("device", DeviceOpt, None),
         _param(
             "overrides",
@@ -544,6 +555,7 @@ def _train_task(
     config: str | None,
     list_configs: bool,
     resume: bool,
+    overwrite: bool,
     device: str | None,
     overrides: list[str] | None,
     **options: Any,
@@ -558,6 +570,7 @@ def _train_task(
         overrides=[*(overrides or []), *extra],
         weights=weights,
         resume=resume,
+        overwrite=overwrite,
         device=device,
     )
     best = f" best={result['best']:.3f}" if result.get("best") is not None else ""

@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw
 
 import attnzoo
 from attnzoo.cli import main
-from attnzoo.errors import DatasetFormatError, InvalidInputError
+from attnzoo.errors import DatasetFormatError, InvalidInputError, InvalidOptionError
 from attnzoo.training.classification import train_classification
 
 TINY_BIFORMER = dict(depth=[1, 1, 1, 1], embed_dim=[16, 32, 64, 128], head_dim=16, qk_dims=[16, 32, 64, 128])
@@ -269,3 +269,25 @@ def S_init(tiny):
     """The predictors a fresh model starts with (the recon run builds its model the same way, seed 0)."""
     torch.manual_seed(0)
     return attnzoo.create_model("sparsifiner_deit_small", num_classes=4, **tiny).state_dict()
+
+
+def test_a_run_never_writes_over_its_inputs_or_into_its_data(tmp_path):
+    """Refused before any work: weights or a config file that the run would replace (fine-tuning
+    ``ft/model.safetensors`` into ``--out ft``), and ``--out`` equal to or inside ``--data`` (a later
+    run would read ``tensorboard/`` as a class)."""
+    data = shapes_dataset(tmp_path / "shapes", per_class_train=2, per_class_val=1)
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    (ft / "model.safetensors").write_bytes(b"weights")
+    (ft / "config.yaml").write_text("epochs: 1\n")
+    common = {"overrides": ["epochs=1", "batch_size=8", "num_workers=0"], "device": "cpu"}
+    for inputs in ({"weights": ft / "model.safetensors"}, {"config": str(ft / "config.yaml")}):
+        for again in ({}, {"resume": True}, {"overwrite": True}):
+            with pytest.raises(InvalidOptionError, match="would be replaced"):
+                train_classification("resnet18", data, ft, **inputs, **again, **common)
+    assert (ft / "model.safetensors").read_bytes() == b"weights"
+    assert sorted(p.name for p in ft.iterdir()) == ["config.yaml", "model.safetensors"]
+    for out in (data, data / "run", data / "train" / "run"):
+        with pytest.raises(InvalidOptionError, match="inside the training data"):
+            train_classification("resnet18", data, out, **common)
+    assert sorted(p.name for p in data.iterdir()) == ["train", "val"]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from attnzoo.errors import DatasetFormatError, InvalidInputError, UnknownNameError, WeightsError
+from attnzoo.errors import DatasetFormatError, InvalidInputError, InvalidOptionError, UnknownNameError, WeightsError
 from attnzoo.training import TrainConfig, Trainer, latest_checkpoint, load_config, named_configs
 
 SCRIPT = Path(__file__).with_name("tiny_run.py")
@@ -63,6 +63,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(tmp_path):
     resumed = run(out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert_same(final_weights(out), final_weights(tmp_path / "full"))
+    assert not list(out.glob(".*.tmp"))  # the torn temporary went when the run resumed
     rows = (out / "metrics.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, 19))  # no step logged twice
 
@@ -89,7 +90,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     assert len(list((tmp_path / "two").glob("checkpoint-*.pt"))) == 2  # rank 0 alone writes checkpoints
 
 
-def make_trainer(tmp_path, **overrides):
+def make_trainer(tmp_path, trainer_kwargs=None, **overrides):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(32, 4, generator=g)
@@ -97,7 +98,13 @@ def make_trainer(tmp_path, **overrides):
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
     cfg = TrainConfig(**{"epochs": 1, "batch_size": 8, "lr": 0.05, "num_workers": 0, "log_every": 1, **overrides})
     return Trainer(
-        model, data, cfg, tmp_path, loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), device="cpu"
+        model,
+        data,
+        cfg,
+        tmp_path,
+        loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]),
+        device="cpu",
+        **(trainer_kwargs or {}),
     )
 
 
@@ -339,3 +346,79 @@ def test_a_non_finite_first_evaluation_does_not_block_later_bests(tmp_path):
     result = trainer.fit()
     assert result["best"] == 0.5 and not result["stopped_early"]
     assert torch.load(tmp_path / "best.pt", weights_only=True)["eval_delta"] == 0.5
+
+
+def run_files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_a_fresh_run_refuses_a_folder_holding_an_earlier_run_and_overwrite_discards_it(tmp_path):
+    """Two runs never mix: pruning by name kept the earlier run's later checkpoint and deleted the new
+    run's own; best.pt, config.yaml were replaced and metrics.csv appended to."""
+    make_trainer(tmp_path, epochs=5, keep_last=1, best_metric="acc").fit()
+    (tmp_path / "notes.txt").write_text("mine")
+    before = {name: (tmp_path / name).read_bytes() for name in run_files(tmp_path)}
+    with pytest.raises(InvalidOptionError, match="earlier run .*--resume.*--overwrite"):
+        make_trainer(tmp_path, epochs=1, keep_last=1).fit()
+    assert {name: (tmp_path / name).read_bytes() for name in run_files(tmp_path)} == before  # untouched
+    with pytest.raises(InvalidOptionError, match="exclude each other"):
+        make_trainer(tmp_path, epochs=1).fit(resume=True, overwrite=True)
+    make_trainer(tmp_path, epochs=1, keep_last=1).fit(overwrite=True)
+    assert latest_checkpoint(tmp_path).name == "checkpoint-00000004.pt"
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["checkpoint-00000004.pt"]
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3, 4] and "epochs: 1" in (
+        tmp_path / "config.yaml"
+    ).read_text()
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # only the names a run writes are discarded
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1  # the earlier run's went
+
+
+def test_pruning_keeps_checkpoints_of_later_steps_it_did_not_write(tmp_path):
+    trainer = make_trainer(tmp_path, keep_last=1)
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "checkpoint-00000099.pt").write_bytes(b"someone else's")
+    trainer.step = 4
+    trainer.save_checkpoint(1, 0)
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["checkpoint-00000004.pt", "checkpoint-00000099.pt"]
+
+
+def test_a_run_refuses_to_write_over_its_inputs_or_into_its_data(tmp_path):
+    out = tmp_path / "ft"
+    out.mkdir()
+    for name in ("model.safetensors", "config.yaml", "checkpoint-00000003.pt"):
+        (out / name).write_bytes(b"input")
+        with pytest.raises(InvalidOptionError, match=f"{name} in .*ft: it would be replaced"):
+            make_trainer(out, {"inputs": [out / "sub" / ".." / name]}).fit(overwrite=True)
+        assert (out / name).read_bytes() == b"input"
+    elsewhere = make_trainer(tmp_path / "other", {"inputs": [out / "model.safetensors"], "data": tmp_path / "data"})
+    assert elsewhere.fit()["step"] == 4  # reading from one folder and writing to another is fine
+    for data in (out, tmp_path):
+        with pytest.raises(InvalidOptionError, match="inside the training data"):
+            make_trainer(out, {"data": data}).fit(resume=True)
+    assert run_files(out) == ["checkpoint-00000003.pt", "config.yaml", "model.safetensors"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_model_or_dataset(tmp_path):
+    info = {"task": "toy", "model": "mlp", "data": str(tmp_path / "data"), "classes": ["a", "b"], "weights": None}
+    make_trainer(tmp_path, {"run_info": info}, epochs=2).fit()
+    for change, named in (
+        ({"data": str(tmp_path / "other")}, "data '.*data' -> '.*other'"),
+        ({"classes": ["a", "c"]}, r"classes \['a', 'b'\] -> \['a', 'c'\]"),
+        ({"model": "mlp2", "task": "toy2"}, "model 'mlp' -> 'mlp2'; task 'toy' -> 'toy2'"),
+    ):
+        with pytest.raises(WeightsError, match=f"another run \\({named}\\)"):
+            make_trainer(tmp_path, {"run_info": {**info, **change}}, epochs=2).fit(resume=True)
+    # the same data by another spelling, and other initial weights (the checkpoint replaces them), resume
+    same = {**info, "data": os.path.relpath(tmp_path / "data"), "weights": "other.pth"}
+    assert make_trainer(tmp_path, {"run_info": same}, epochs=3).fit(resume=True)["step"] == 12
+
+
+def test_a_run_removes_the_temporaries_a_killed_write_left(tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    stale = [".checkpoint-00000010.pt.k3j_9xz0.tmp", ".best.pt.abcdefgh.tmp", ".metrics.csv.12345678.tmp"]
+    others = [".notes.txt.abcdefgh.tmp", ".best.pt.abc.tmp", "notes.txt"]  # not a run's, or not atomic_write's
+    for name in stale + others:
+        (tmp_path / name).write_bytes(b"x" * 100)
+    make_trainer(tmp_path).fit()
+    assert sorted(p.name for p in tmp_path.glob(".*")) == sorted(others[:2])

@@ -5,6 +5,7 @@ import json
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from attnzoo.training.wsi import train_wsi_classification
 
@@ -144,3 +145,27 @@ def test_unlabelled_bags_are_a_clear_error(tmp_path):
             device="cpu",
             model_kwargs={"inner_dim": 8},
         )
+
+
+def test_resuming_several_seeds_starts_afresh_a_seed_killed_before_its_first_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+
+    from attnzoo.errors import InvalidOptionError
+
+    data = write_acmil_h5(tmp_path / "feats.h5", n_slides=12)
+    kwargs = {"overrides": {"epochs": 1, "seeds": [1, 2], "log_every": 1}, "device": "cpu"}
+    kwargs["model_kwargs"] = {"inner_dim": 8}
+    train_wsi_classification("abmil", data, tmp_path / "run", **kwargs)
+    seed2 = tmp_path / "run" / "seed-2"
+    full = load_file(seed2 / "model.safetensors")
+    with pytest.raises(InvalidOptionError, match="run holds an earlier run .*--resume"):  # a rerun without --resume
+        train_wsi_classification("abmil", data, tmp_path / "run", **kwargs)
+    # seed 2 as killed before its first checkpoint: its config and first log rows only
+    for path in [*seed2.glob("*.pt"), seed2 / "model.safetensors", seed2 / "test_metrics.json"]:
+        path.unlink()
+    result = train_wsi_classification("abmil", data, tmp_path / "run", resume=True, **kwargs)
+    assert set(result["seeds"]) == {1, 2}
+    resumed = load_file(seed2 / "model.safetensors")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)  # seed 2 trained again from its start
+    steps = [int(r.split(",")[0]) for r in (seed2 / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == sorted(set(steps))  # no step logged twice

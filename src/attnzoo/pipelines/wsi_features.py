@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from attnzoo import __version__
-from attnzoo._io import atomic_path, atomic_write
+from attnzoo._io import atomic_path, atomic_write, remove_stale_temporaries_in
 from attnzoo.datasets.wsi import (
     PatchDataset,
     PatchGrid,
@@ -434,11 +434,7 @@ def remove_stale_temporaries(path: Path) -> None:
     """What an earlier process killed while writing ``path`` left beside it: the temporary files of
     :func:`~attnzoo._io.atomic_path` and the shard folders being set up (``.<name>.XXXXXXXX[.partial].tmp``;
     the exact pattern, so another slide's never match)."""
-    pattern = re.compile(re.escape(f".{path.name}.") + r"[A-Za-z0-9_]{8}(\.partial)?\.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        for entry in path.parent.iterdir():
-            if pattern.fullmatch(entry.name):
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
+    remove_stale_temporaries_in(path.parent, re.escape(path.name))
 
 
 def check_patch_side(name: str, value: Any) -> int:

@@ -21,7 +21,7 @@ from attnzoo.datasets.imagenet import read_classification_folder
 from attnzoo.datasets.images import load_image
 from attnzoo.errors import DatasetFormatError, InvalidInputError, WeightsError
 from attnzoo.training.config import TrainConfig, recipe_config
-from attnzoo.training.engine import Trainer
+from attnzoo.training.engine import Trainer, check_run_folder, run_inputs
 
 __all__ = ["TransformedSamples", "train_classification"]
 
@@ -197,8 +197,10 @@ def train_classification(
     resume: bool | str | os.PathLike = False,
     device: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Train (or fine-tune, with ``weights``) ``model`` on ``data/train``, evaluating on ``data/val``."""
+    """Train (or fine-tune, with ``weights``) ``model`` on ``data/train``, evaluating on ``data/val``.
+    ``overwrite`` discards an earlier run in ``out`` (else refused, unless ``resume``)."""
     from timm.data import Mixup, create_transform, resolve_data_config
 
     import attnzoo
@@ -206,6 +208,8 @@ def train_classification(
     cfg = recipe_config(config, overrides, RECIPE_DEFAULTS, "image-classification")
     extra = cfg.extra
     root = Path(data)
+    folder: dict[str, Any] = {"data": root, "inputs": run_inputs(config, weights, cfg)}
+    check_run_folder(out, resume=resume, overwrite=overwrite, **folder)
     train_samples = _split(root, "train")
     if train_samples is None:
         raise DatasetFormatError(
@@ -290,6 +294,7 @@ def train_classification(
             "classes": train_samples.classes,
             "weights": None if weights is None else str(weights),
         },
+        **folder,
     )
     if mixup is not None and (cfg.batch_size // (cfg.accum_steps * trainer.ctx.world_size)) % 2:
         raise InvalidInputError("mixup/cutmix need an even batch per process and accumulation step")
@@ -299,6 +304,6 @@ def train_classification(
         )
     elif cfg.best_metric:
         _logger.warning("no %s/val split: training without evaluation", root)
-    result = trainer.fit(resume=resume)
+    result = trainer.fit(resume=resume, overwrite=overwrite)
     trainer.save_weights()
     return {**result, "classes": train_samples.classes}

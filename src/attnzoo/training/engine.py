@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import random
 import re
 import time
@@ -28,14 +29,26 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from attnzoo._distributed import DistributedContext, distributed_context
-from attnzoo._io import atomic_write, write_text
-from attnzoo.errors import DatasetFormatError, InvalidInputError, WeightsError
+from attnzoo._io import atomic_write, remove_stale_temporaries_in, write_text
+from attnzoo.errors import DatasetFormatError, InvalidInputError, InvalidOptionError, WeightsError
 from attnzoo.training.config import TrainConfig
 
-__all__ = ["DistributedContext", "Trainer", "distributed_context", "latest_checkpoint", "seed_everything"]
+__all__ = [
+    "RUN_FILES",
+    "DistributedContext",
+    "Trainer",
+    "check_run_folder",
+    "distributed_context",
+    "latest_checkpoint",
+    "run_inputs",
+    "seed_everything",
+]
 
 _logger = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d{8})\.pt$")
+#: What the trainer writes in its folder besides ``checkpoint-*.pt`` and ``tensorboard/``.
+RUN_FILES = ("config.yaml", "metrics.csv", "eval.csv", "best.pt", "model.safetensors")
+TENSORBOARD = "tensorboard"
 
 
 def _mix(*values: int) -> int:
@@ -130,11 +143,97 @@ class StepBatches:
 # -- checkpoints ---------------------------------------------------------------------------------
 
 
-def latest_checkpoint(folder: str | Path) -> Path | None:
-    found = sorted(
-        (int(m.group(1)), p) for p in Path(folder).glob("checkpoint-*.pt") if (m := CHECKPOINT_RE.search(p.name))
+def _checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the checkpoints in ``folder``, by step."""
+    return sorted(
+        (int(m.group(1)), p) for p in Path(folder).glob("checkpoint-*.pt") if (m := CHECKPOINT_RE.fullmatch(p.name))
     )
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    found = _checkpoints(folder)
     return found[-1][1] if found else None
+
+
+# -- the run folder --------------------------------------------------------------------------------
+
+
+def _is_run_file(name: str, outputs: Sequence[str]) -> bool:
+    return name in RUN_FILES or name in outputs or CHECKPOINT_RE.fullmatch(name) is not None
+
+
+def _earlier_run_files(out: Path, outputs: Sequence[str]) -> list[Path]:
+    """The files under the names a run writes (TensorBoard's event files included) that ``out`` already holds."""
+    if not out.is_dir():
+        return []
+    found = [p for p in out.iterdir() if _is_run_file(p.name, outputs) and p.is_file()]
+    return sorted(found) + sorted((out / TENSORBOARD).glob("events.out.tfevents.*"))
+
+
+def run_inputs(config: Any, weights: str | os.PathLike | None, settings: TrainConfig) -> list[str | os.PathLike]:
+    """What a recipe reads besides its data and must never write over: the initial weights, the config
+    file and the path-like recipe settings (teacher weights, label and split files)."""
+    items = [weights, config, *settings.extra.values()]
+    return [item for item in items if isinstance(item, (str, os.PathLike))]
+
+
+def check_run_folder(
+    out: str | os.PathLike,
+    *,
+    resume: bool | str | os.PathLike = False,
+    overwrite: bool = False,
+    data: str | os.PathLike | None = None,
+    inputs: Sequence[str | os.PathLike] = (),
+    outputs: Sequence[str] = (),
+) -> list[Path]:
+    """Refuse, before any work, a run that would destroy what it reads or mix with another run: ``out``
+    equal to or inside ``data`` (a later run would read the run's files as data), an input that is a
+    file the run writes (it would be replaced), or, unless it resumes or overwrites, a folder holding an
+    earlier run (two runs' checkpoints and logs would mix). ``outputs``: the file names the recipe
+    writes besides the trainer's. Returns the earlier run's files (``overwrite`` deletes them)."""
+    out = Path(out)
+    if resume and overwrite:
+        raise InvalidOptionError(
+            f"--resume and --overwrite exclude each other: one continues the run in {out}, the other discards it"
+        )
+    where, root = out.resolve(), None if data is None else Path(data).resolve()
+    if root is not None and (where == root or root in where.parents):
+        raise InvalidOptionError(
+            f"--out {out} is inside the training data {data}: a later run would read the run's files as data; "
+            "choose a folder outside it"
+        )
+    for item in inputs:
+        path = Path(item).resolve()
+        if path.parent == where and _is_run_file(path.name, outputs):
+            raise InvalidOptionError(
+                f"{item} is read by this run, which writes {path.name} in {out}: it would be replaced; "
+                "copy it elsewhere or choose another --out"
+            )
+    earlier = _earlier_run_files(out, outputs)
+    if earlier and not resume and not overwrite:
+        shown = ", ".join(p.name for p in earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+        raise InvalidOptionError(
+            f"{out} holds an earlier run ({shown}): pass --resume to continue it, --overwrite to discard it, "
+            "or choose another --out"
+        )
+    return earlier
+
+
+def _run_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What differs between the run a checkpoint was made for and this one, among what both record
+    (the initial weights do not count: the checkpoint replaces them)."""
+    changes = []
+    for key in sorted(saved.keys() & current.keys() - {"weights"}):
+        before, now = saved[key], current[key]
+        if before == now or (key == "data" and Path(str(before)).resolve() == Path(str(now)).resolve()):
+            continue
+        changes.append(f"{key} {_shorten(before)} -> {_shorten(now)}")
+    return changes
+
+
+def _shorten(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -153,7 +252,9 @@ class Trainer:
     ``loss_fn(model, batch)`` returns the mean loss of a micro-batch (the recipe decides the
     forward: labels, mixup, distillation). ``eval_fn(model)`` returns metrics (run on the EMA
     weights when EMA is on). ``param_groups``: the optimizer's groups if the recipe needs special
-    ones (default: no weight decay on norms, biases and 1-D parameters).
+    ones (default: no weight decay on norms, biases and 1-D parameters). ``data``, ``inputs`` (initial
+    weights, config file) and ``outputs`` (the recipe's own file names): what :func:`check_run_folder`
+    guards before :meth:`fit` writes anything.
     """
 
     def __init__(
@@ -169,9 +270,13 @@ class Trainer:
         parameters: Sequence[nn.Parameter] | None = None,
         device: str | torch.device | None = None,
         run_info: dict[str, Any] | None = None,
+        data: str | os.PathLike | None = None,
+        inputs: Sequence[str | os.PathLike] = (),
+        outputs: Sequence[str] = (),
     ):
         config.validate()
         self.config, self.out_dir, self.loss_fn, self.eval_fn = config, Path(out_dir), loss_fn, eval_fn
+        self.data, self.inputs, self.outputs = data, tuple(inputs), tuple(outputs)  # see check_run_folder
         self.ctx = distributed_context()
         if device is None:
             device = f"cuda:{self.ctx.local_rank}" if torch.cuda.is_available() else "cpu"
@@ -297,8 +402,8 @@ class Trainer:
         path = self.out_dir / f"checkpoint-{self.step:08d}.pt"
         with atomic_write(path) as fh:
             torch.save(self.state_dict(epoch, step_in_epoch), fh)
-        old = sorted(p for p in self.out_dir.glob("checkpoint-*.pt") if CHECKPOINT_RE.search(p.name))
-        for stale in old[: max(len(old) - self.config.keep_last, 0)]:
+        ours = [p for step, p in _checkpoints(self.out_dir) if step <= self.step]  # never a later run's
+        for stale in ours[: max(len(ours) - self.config.keep_last, 0)]:
             stale.unlink(missing_ok=True)
         return path
 
@@ -326,6 +431,12 @@ class Trainer:
             raise WeightsError(
                 f"cannot resume from {path}: it was made with batch_size={state['config'].get('batch_size')}, "
                 f"seed={state['config'].get('seed')}; this run has {self.config.batch_size}, {self.config.seed}"
+            )
+        changes = _run_changes(state.get("run") or {}, self.run_info)
+        if changes:
+            raise WeightsError(
+                f"cannot resume from {path}: it was made for another run ({'; '.join(changes)}); resume with the "
+                "same model and data, or start afresh with --overwrite or another --out"
             )
         model.load_state_dict(state["model"])
         try:
@@ -408,15 +519,26 @@ class Trainer:
             self.best = value
         return better
 
-    def fit(self, resume: bool | str | Path = False) -> dict[str, Any]:
-        """Train to the end (or continue from the latest checkpoint with ``resume=True`` / a path)."""
+    def fit(self, resume: bool | str | Path = False, overwrite: bool = False) -> dict[str, Any]:
+        """Train to the end (or continue from the latest checkpoint with ``resume=True`` / a path).
+        A fresh run refuses a folder holding an earlier run; ``overwrite`` deletes that run's files first."""
         c = self.config
+        earlier = check_run_folder(
+            self.out_dir, resume=resume, overwrite=overwrite, data=self.data, inputs=self.inputs, outputs=self.outputs
+        )
+        if self.ctx.world_size > 1:
+            dist.barrier()  # every process has checked the folder before process 0 changes it
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.ctx.is_main:
+            for stale in earlier if overwrite else ():
+                stale.unlink(missing_ok=True)
+            names = "|".join(re.escape(n) for n in (*RUN_FILES, *self.outputs))
+            remove_stale_temporaries_in(self.out_dir, rf"checkpoint-\d{{8}}\.pt|{names}")  # from a killed write
         start_epoch, start_step = 0, 0
         if resume:
             path = latest_checkpoint(self.out_dir) if resume is True else Path(resume)
             if path is None:
-                raise WeightsError(f"--resume: no checkpoint-*.pt in {self.out_dir}")
+                raise WeightsError(f"--resume: no checkpoint-*.pt in {self.out_dir} (--overwrite starts afresh)")
             start_epoch, start_step = self.load_checkpoint(path)
             self._truncate_log()
             if self.ctx.is_main:
@@ -565,4 +687,4 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # the `train` extra is not installed: CSV only
             return None
-        return SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step or None)
+        return SummaryWriter(str(self.out_dir / TENSORBOARD), purge_step=self.step or None)

@@ -19,7 +19,7 @@ from torch import nn
 
 from attnzoo.errors import InvalidInputError, WeightsError
 from attnzoo.training.config import TrainConfig, recipe_config
-from attnzoo.training.engine import Trainer
+from attnzoo.training.engine import Trainer, check_run_folder, run_inputs
 
 if TYPE_CHECKING:  # pragma: no cover
     from attnzoo.vision.lrgt import LRGTViT
@@ -158,14 +158,18 @@ def train_reconstruction(
     resume: bool | str | os.PathLike = False,
     device: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Train ``model`` (default LRGT) on ``data`` (ShapeNetRendering/, ShapeNetVox32/, ShapeNet.json)."""
+    """Train ``model`` (default LRGT) on ``data`` (ShapeNetRendering/, ShapeNetVox32/, ShapeNet.json).
+    ``overwrite`` discards an earlier run in ``out`` (else refused, unless ``resume``)."""
     import attnzoo
     from attnzoo.datasets.shapenet import ShapeNetDataset, find_split_file
 
     cfg = recipe_config(config or "lrgt", overrides, RECIPE_DEFAULTS, "multiview-3d-reconstruction")
     extra = cfg.extra
     root = Path(data)
+    folder: dict[str, Any] = {"data": root, "inputs": run_inputs(config, weights, cfg)}
+    check_run_folder(out, resume=resume, overwrite=overwrite, **folder)
     split_file = find_split_file(root)
     train = ShapeNetDataset(
         root / "ShapeNetRendering",
@@ -198,6 +202,7 @@ def train_reconstruction(
             "data": str(root),
             "weights": None if weights is None else str(weights),
         },
+        **folder,
     )
     try:
         val = ShapeNetDataset(
@@ -215,6 +220,6 @@ def train_reconstruction(
 
         if not isinstance(err, DatasetFormatError):
             raise
-    result = trainer.fit(resume=resume)
+    result = trainer.fit(resume=resume, overwrite=overwrite)
     trainer.save_weights()
     return result

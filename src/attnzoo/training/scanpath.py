@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from attnzoo._io import write_json
 from attnzoo.errors import DatasetFormatError, InvalidInputError
 from attnzoo.training.config import TrainConfig, recipe_config
-from attnzoo.training.engine import Trainer
+from attnzoo.training.engine import Trainer, check_run_folder, run_inputs
 
 if TYPE_CHECKING:  # pragma: no cover
     from attnzoo.vision.oat import OAT
@@ -120,9 +120,11 @@ def train_scanpath(
     resume: bool | str | os.PathLike = False,
     device: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train an OAT model; writes checkpoints, ``best.pt``, ``model.safetensors`` (the best epoch's
-    weights) and ``test_metrics.json`` under ``out``."""
+    weights) and ``test_metrics.json`` under ``out``; ``overwrite`` discards an earlier run there (else
+    refused, unless ``resume``)."""
     import attnzoo
 
     if str(model).lower().startswith("neva"):
@@ -133,6 +135,12 @@ def train_scanpath(
     from attnzoo.datasets.visual_search import load_search_trials, split_search_trials
 
     cfg = recipe_config(config or "oat", overrides, RECIPE_DEFAULTS, "scanpath")
+    folder: dict[str, Any] = {
+        "data": data,
+        "inputs": run_inputs(config, weights, cfg),
+        "outputs": ("test_metrics.json", "decoding.json"),
+    }
+    check_run_folder(out, resume=resume, overwrite=overwrite, **folder)
     name = cfg.extra["dataset"] or detect_scanpath_dataset(data)
     if name not in ("amazon", "yogurt", "wine"):
         raise DatasetFormatError(f"{data}: OAT trains on visual-search data (amazon, yogurt, wine), found {name}")
@@ -181,10 +189,11 @@ def train_scanpath(
             "max_len": max_len,
             "split_sizes": {k: len(v) for k, v in split.items()},
         },
+        **folder,
     )
     if val_set is not None:
         trainer.eval_fn = lambda m: evaluate_search(m, val_set, max_len)
-    result = trainer.fit(resume=resume)
+    result = trainer.fit(resume=resume, overwrite=overwrite)
     best = Path(out) / "best.pt"
     if val_set is not None and best.exists():  # the official protocol: test the epoch with the best validation delta
         net.load_state_dict(torch.load(best, weights_only=True)["model"])

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from attnzoo._io import write_json
 from attnzoo.errors import DatasetFormatError
 from attnzoo.training.config import TrainConfig, recipe_config
-from attnzoo.training.engine import Trainer
+from attnzoo.training.engine import Trainer, check_run_folder, latest_checkpoint, run_inputs
 
 __all__ = ["train_wsi_classification"]
 
@@ -130,14 +130,29 @@ def train_wsi_classification(
     resume: bool | str | os.PathLike = False,
     device: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train on feature bags (any layout :func:`attnzoo.datasets.mil_features.read_feature_bags`
-    reads); with ``seeds`` one run per seed under ``out/seed-<s>`` and ``summary.json`` (mean ± sd)."""
+    reads); with ``seeds`` one run per seed under ``out/seed-<s>`` and ``summary.json`` (mean ± sd).
+    ``overwrite`` discards an earlier run in ``out`` (else refused, unless ``resume``); resuming several
+    seeds starts afresh a seed killed before its first checkpoint."""
     import attnzoo
     from attnzoo.datasets.mil_features import read_feature_bags
 
     base = recipe_config(config or "acmil", overrides, RECIPE_DEFAULTS, "wsi-classification")
     seeds = base.extra["seeds"] or [base.seed]
+    modes = _seed_modes(out, [int(s) for s in seeds], resume, overwrite)
+    folder: dict[str, Any] = {"data": data, "inputs": run_inputs(config, weights, base)}
+    # several seeds: the summary beside the seeds' folders; their files are checked (and discarded) by folder
+    earlier = (
+        check_run_folder(out, resume=resume, overwrite=overwrite, outputs=("summary.json",), **folder)
+        if len(seeds) > 1
+        else []
+    )
+    for run_out, (seed_resume, seed_overwrite) in modes.items():
+        check_run_folder(run_out, resume=seed_resume, overwrite=seed_overwrite, outputs=_OUTPUTS, **folder)
+    for path in earlier if overwrite else ():
+        path.unlink(missing_ok=True)
     bags = read_feature_bags(data, labels=_labels(base.extra, int(seeds[0]), data))
     if base.extra["split"] and len(seeds) > 1 and "{seed}" not in str(base.extra["split"]):
         warnings.warn(
@@ -166,7 +181,8 @@ def train_wsi_classification(
         net = (
             attnzoo.create_model(model, weights=weights, **kwargs) if weights else attnzoo.create_model(model, **kwargs)
         )
-        run_out = Path(out) / f"seed-{seed}" if len(seeds) > 1 else Path(out)
+        run_out = _seed_folder(out, int(seed), len(seeds))
+        seed_resume, seed_overwrite = modes[run_out]
         trainer = Trainer(
             net.train(),
             _Bags(bags, split["train"]),
@@ -176,10 +192,12 @@ def train_wsi_classification(
             collate_fn=_one,
             device=torch.device(device) if device else None,
             run_info={"task": "wsi-classification", "model": model, "data": str(data), "split": split},
+            outputs=_OUTPUTS,
+            **folder,
         )
         if split["val"]:
             trainer.eval_fn = _Validation(bags, split["val"], trainer.device)
-        result = trainer.fit(resume=resume)
+        result = trainer.fit(resume=seed_resume, overwrite=seed_overwrite)
         best = run_out / "best.pt"
         if (
             split["val"] and best.exists()
@@ -201,6 +219,26 @@ def train_wsi_classification(
             summary["sd"][k] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
     write_json(Path(out) / "summary.json", summary)
     return {"step": sum(1 for _ in runs), "best": None, **summary}
+
+
+_OUTPUTS = ("test_metrics.json", "summary.json")  # summary.json: in the one folder of a single seed
+
+
+def _seed_folder(out: str | os.PathLike, seed: int, n_seeds: int) -> Path:
+    return Path(out) / f"seed-{seed}" if n_seeds > 1 else Path(out)
+
+
+def _seed_modes(
+    out: str | os.PathLike, seeds: list[int], resume: bool | str | os.PathLike, overwrite: bool
+) -> dict[Path, tuple[bool | str | os.PathLike, bool]]:
+    """Each seed's folder and its ``(resume, overwrite)``: resuming several seeds, one killed before its
+    first checkpoint has nothing to resume from and starts afresh (discarding its first log rows)."""
+    modes = {}
+    for seed in seeds:
+        folder = _seed_folder(out, seed, len(seeds))
+        fresh = resume is True and len(seeds) > 1 and latest_checkpoint(folder) is None
+        modes[folder] = (False, True) if fresh else (resume, overwrite)
+    return modes
 
 
 class _Validation:
