@@ -113,6 +113,7 @@ def toy_task(monkeypatch):
                 Option("target_scale", float, "Scale of the targets.", ("eval",)),
             ),
             data_help="A folder of val/<id>_<brightness>.png images.",
+            inputs_help="Grey images to read the brightness of.",
         )
     )
     yield spec
@@ -134,6 +135,7 @@ def test_a_new_task_is_its_spec(toy_task, tmp_path, capsys):
     # per-task help: its own options and --data text
     assert main(["run", "toy-brightness", "--help"]) == 0
     assert "--scale" in (help_text := capsys.readouterr().out) and "--views" not in help_text
+    assert "Grey images to read the brightness of." in help_text  # its own inputs text
     assert main(["eval", "toy", "--help"]) == 0
     assert "val/<id>_<brightness>.png" in (help_text := capsys.readouterr().out) and "--target-scale" in help_text
 

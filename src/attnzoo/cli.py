@@ -126,9 +126,9 @@ def _common_model_params(spec: Any) -> list[inspect.Parameter]:
 def _run_params(spec: Any) -> list[inspect.Parameter]:
     what = {
         "folders": "Folders, each holding the views of one object.",
-        "files": "Input files (slides or feature files).",
+        "files": "Input files, as given.",
     }
-    inputs_help = what.get(spec.inputs, "Input images (folders are expanded to their images).")
+    inputs_help = spec.inputs_help or what.get(spec.inputs, "Input images (folders are expanded to their images).")
     return [
         inspect.Parameter(
             "inputs",

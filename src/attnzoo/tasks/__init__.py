@@ -81,6 +81,8 @@ class TaskSpec:
     inputs: str = "images"
     """What ``attnzoo run`` takes: ``"images"`` (files; folders expand to their images), ``"folders"``
     (each folder is one input: the views of one object) or ``"files"`` (files and folders as given)."""
+    inputs_help: str | None = None
+    """``attnzoo run``'s help for its inputs (None: the usual one for ``inputs``)."""
     eval_split: str = "test"
     options: tuple[Option, ...] = ()
     data_help: str = "Dataset root folder."

@@ -14,6 +14,7 @@ SPEC = register_task(
         aliases=("insertion", "in-context-brush"),
         evaluator="attnzoo.evaluation.subject_insertion:SubjectInsertionEvaluator",
         inputs="files",
+        inputs_help="The target images to insert the subject into (or give one with --target).",
         options=(
             Option("target", str, "The target image (or give it as the positional input).", ("run",)),
             Option("subject", str, "The subject's photo (an RGBA photo's alpha is its mask).", ("run",)),

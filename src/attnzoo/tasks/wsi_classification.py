@@ -12,6 +12,7 @@ SPEC = register_task(
         evaluator="attnzoo.evaluation.wsi:WSIClassificationEvaluator",
         recipe="attnzoo.training.wsi:train_wsi_classification",
         inputs="files",
+        inputs_help="Input files: slides or patch-feature files (.h5).",
         data_help="Patch features: an ACMIL/CLAM/TRIDENT/attnzoo .h5 file or folder, with labels (labels.csv or the file's own).",
         docs="wsi-classification.md",
     )
