@@ -388,6 +388,11 @@ def test_loading_by_name_from_a_folder_and_offline(tmp_path, photos, monkeypatch
         with pytest.raises(WeightsError, match=f"holds a 'llava' checkpoint, but {name} is a '{expected}' model"):
             attnzoo.pipeline(TASK, model=name, weights=str(tmp_path / "tiny"), device="cpu", dtype="float32")
     assert not loads  # refused from the config, before any weights are read
+    with pytest.raises(
+        WeightsError,
+        match=r"give it as weights with a name of its architecture as the model \(llava_1_5_7b, llava_1_5_13b\)",
+    ):
+        attnzoo.pipeline(TASK, model="qwen2_vl_7b_instruct", weights=str(tmp_path / "tiny"), device="cpu")
     monkeypatch.undo()
     qwen = attnzoo.pipeline(TASK, model="Qwen/Qwen2-VL-7B-Instruct", weights="none", device="cpu")
     assert (
@@ -487,6 +492,9 @@ def test_the_command_line_skips_an_image_the_processor_refuses(photos, tmp_path,
     assert code == 1 and "thin.png: the model's image processor refuses this 500x1 image" in capsys.readouterr().err
     written = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
     assert sorted(written) == [files[0], files[2]] and all(r["answer"] is not None for r in written.values())
+    agla = ["run", TASK, files[0], "--question", "dog?", "--weights", "none", "--method", "agla"]
+    assert main([*agla, "--blip-model", str(tmp_path / "no-blip")]) == 1  # the option reaches AGLA's loader
+    assert f"AGLA's BLIP-ITM model {tmp_path / 'no-blip'} (blip_model=): no such folder" in capsys.readouterr().err
 
 
 def test_bad_inputs_are_named(ask, photos, tmp_path):

@@ -31,6 +31,12 @@ _METHOD_OPTIONS = (
         "layers", str, "CARVE: the language-model layers its probes read (20,21,...,25); 1,2,3 on a small model.", _BOTH
     ),
     Option("probe_tokens", int, "CARVE: greedy tokens per probe (32).", _BOTH),
+    Option(
+        "blip_model",
+        str,
+        "AGLA: its BLIP image-text-matching model, a Hub id or a local folder (Salesforce/blip-itm-large-coco).",
+        _BOTH,
+    ),
 )
 
 SPEC = register_task(

@@ -237,8 +237,8 @@ def _check_blip(model: Any) -> None:
 
 #: What to do when AGLA's BLIP cannot be fetched (``--weights`` loads the LVLM, not BLIP).
 _BLIP_WAYS_OUT = (
-    "pass a local BLIP-ITM folder (or a loaded model and its processor) as blip_model= / blip_processor=, "
-    "or use a method that needs no BLIP"
+    "pass a local BLIP-ITM folder as blip_model= (--blip-model on the command line), or a loaded model and its "
+    "processor as blip_model= / blip_processor=, or use a method that needs no BLIP"
 )
 
 

@@ -161,10 +161,11 @@ def _check_model_type(spec: LVLMCheckpoint, name: str, loading: dict[str, Any]) 
 
     found = getattr(AutoConfig.from_pretrained(name, **loading), "model_type", None)
     if found != spec.model_type:
+        names = [n for n, kind in _MODEL_TYPES.items() if kind == found]
+        fits = f"a name of its architecture as the model ({', '.join(names)})" if names else "a model of its kind"
         raise WeightsError(
             f"{name} holds a {found!r} checkpoint, but {spec.model_name or 'the model asked for'} is a "
-            f"{spec.model_type!r} model: pass the checkpoint's own name as the model (its Hub id or folder "
-            f"loads whatever architecture it holds), or weights of this one"
+            f"{spec.model_type!r} model: give it as weights with {fits}, or weights of this one"
         )
 
 
