@@ -385,6 +385,30 @@ def test_loading_through_diffusers(tiny, tmp_path):
         models.flux_fill(pretrained=False, dtype=torch.float16)
 
 
+def test_offline_advice_names_the_setting_that_loads_each_helper_model(monkeypatch):
+    """The CLIP/DINO embedders of the evaluation and the subject segmenter are not what --weights loads:
+    offline, their errors say what does (not "use --weights none")."""
+    import socket
+
+    from attnzoo.errors import OfflineError
+    from attnzoo.metrics.insertion import ClipEmbedder, DinoEmbedder
+    from attnzoo.multimodal.insertion.segment import SubjectSegmenter
+
+    monkeypatch.setenv("ATTNZOO_OFFLINE", "1")
+    monkeypatch.setattr(socket.socket, "connect", lambda *a, **k: pytest.fail("a network connection was attempted"))
+    for load, option in (
+        (lambda: ClipEmbedder.from_name("ViT-B-32:attnzoo-tests-no-such-tag"), "--clip-model"),
+        (lambda: DinoEmbedder.from_name("vit_small_patch16_224.attnzoo_tests_no_such_tag"), "--dino-model"),
+        (
+            lambda: SubjectSegmenter("attnzoo-tests/no-such-detector").detect(Image.new("RGB", (8, 8)), "barn"),
+            "--subject-mask",
+        ),
+    ):
+        with pytest.raises(OfflineError, match=option) as info:
+            load()
+        assert "--weights none" not in str(info.value)
+
+
 def test_run_fill_refuses_embeddings_of_another_width(tiny):
     from attnzoo.multimodal.insertion.flux import run_fill
     from attnzoo.multimodal.insertion.in_context_brush import InsertionAttention

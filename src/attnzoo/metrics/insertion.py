@@ -71,11 +71,16 @@ def _split_name(name: str, default_tag: str | None) -> tuple[str, str | None]:
     return model, tag or default_tag
 
 
-def _load(what: str, fn: Callable[[], Any]) -> Any:
-    """A model through its library's cache; offline (or with the Hub unreachable) the cache only."""
+def _load(what: str, fn: Callable[[], Any], option: str) -> Any:
+    """A model through its library's cache; offline (or with the Hub unreachable) the cache only. ``option``
+    names the setting that picks it (--weights does not: it loads the model under evaluation)."""
     from attnzoo.weights import hub
 
-    with hub.pretrained_loading(what, errors=(OSError, RuntimeError, ValueError)):
+    ways_out = (
+        f"name a model your cache holds with {option} (--{option.replace('_', '-')} on the command line), "
+        "or run once with the network to cache it; set ATTNZOO_OFFLINE=1 to work from the cache only"
+    )
+    with hub.pretrained_loading(what, errors=(OSError, RuntimeError, ValueError), ways_out=ways_out):
         return fn()
 
 
@@ -97,7 +102,9 @@ class ClipEmbedder:
 
         model_name, tag = _split_name(name, "openai")
         model, _, preprocess = _load(
-            f"the CLIP model {name}", lambda: open_clip.create_model_and_transforms(model_name, pretrained=tag)
+            f"the CLIP model {name}",
+            lambda: open_clip.create_model_and_transforms(model_name, pretrained=tag),
+            "clip_model",
         )
         embedder = cls(model, preprocess, open_clip.get_tokenizer(model_name), device)
         embedder.name = name
@@ -133,7 +140,9 @@ class DinoEmbedder:
     def from_name(cls, name: str = DINO_DEFAULT, device: Any = "cpu") -> DinoEmbedder:
         import timm
 
-        model = _load(f"the DINO model {name}", lambda: timm.create_model(name, pretrained=True, num_classes=0))
+        model = _load(
+            f"the DINO model {name}", lambda: timm.create_model(name, pretrained=True, num_classes=0), "dino_model"
+        )
         embedder = cls(model, None, device)
         embedder.name = name
         return embedder

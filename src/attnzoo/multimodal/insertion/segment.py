@@ -127,7 +127,11 @@ def _from_pretrained(classes: tuple[Any, Any], name: str) -> tuple[Any, Any]:
     """Processor and model through transformers' own cache; offline or with the Hub unreachable, the cache only."""
     from attnzoo.weights import hub
 
-    with hub.pretrained_loading(f"{name} (subject segmentation)", name) as cache_only:
+    ways_out = (
+        "give the subject's mask instead (subject_mask=, --subject-mask), or run once with the network to cache "
+        "the segmentation models; set ATTNZOO_OFFLINE=1 to work from the cache only"
+    )
+    with hub.pretrained_loading(f"{name} (subject segmentation)", name, ways_out=ways_out) as cache_only:
         return classes[0].from_pretrained(name, local_files_only=cache_only), classes[1].from_pretrained(
             name, local_files_only=cache_only
         )
