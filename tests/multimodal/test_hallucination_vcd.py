@@ -54,6 +54,9 @@ def test_vcd_settings_and_errors():
     described = {"method": "vcd", "alpha": 1.0, "beta": 0.2, "noise_step": 500, "seed": 55, "batched": True}
     assert VCD().describe() == described and VCD(batched=False).describe() == {**described, "batched": False}
     assert repr(VCD(alpha=0.5)) == "VCD(alpha=0.5, beta=0.2, noise_step=500, seed=55, batched=True)"
+    from attnzoo.multimodal.hallucination.methods import build_methods
+
+    assert repr(build_methods("pai")[0]).startswith("InterventionMethod(method='pai', ")  # the wrapper says which
     bad_settings = ({"alpha": -1}, {"beta": 1.5}, {"beta": -0.1}, {"noise_step": 1000}, {"noise_step": 2.5})
     for bad in (*bad_settings, {"batched": "yes"}):
         with pytest.raises(InvalidOptionError):

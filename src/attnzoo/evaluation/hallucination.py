@@ -97,6 +97,14 @@ def decoding_settings(
     }
 
 
+def _settings_taken(name: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a method (or a composition, "var+vcd") takes; "none" takes none."""
+    from attnzoo.multimodal.hallucination.methods import method_settings, parse_method_spec
+
+    accepted = {key for part, _ in parse_method_spec(name) for key in method_settings(part)}
+    return {k: v for k, v in settings.items() if k in accepted}
+
+
 def _describe_method(name: str, settings: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Every setting of the method(s) as they will run, defaults included, as JSON values (what ``run.json``
     holds and a resumed run compares); an unknown method is refused here, before any model loads."""
@@ -217,9 +225,13 @@ class HallucinationEvaluator(TaskEvaluator):
             sampled=decoding["do_sample"],
         )
         runs: list[tuple[str | None, TaskEvaluator, dict[str, Any]]] = []
+        taken = {name: _settings_taken(name, method_settings) for name in names}
+        unused = sorted(set(method_settings) - {k for own in taken.values() for k in own})
+        if unused and len(names) > 1:  # one method alone says so itself, naming what it takes
+            raise InvalidOptionError(f"setting(s) {', '.join(unused)} are taken by none of --methods {','.join(names)}")
         for name in names:
             evaluator = copy.copy(first)  # the data is read once and shared by the methods' runs
-            own = dict(method_settings) if name != "none" else {}
+            own = taken[name] if len(names) > 1 else dict(method_settings)  # recorded: the ones it takes
             evaluator.pipeline_kwargs = {**common_kwargs, "method": name, **own}
             if own and len(names) > 1:  # every method gets the settings; each takes the ones it has
                 evaluator.pipeline_kwargs["unused_settings"] = "ignore"

@@ -59,7 +59,7 @@ SPEC = register_task(
             Option("source", str, "POPE source: coco (default), aokvqa or gqa.", _EVAL),
             Option("questions", str, "POPE: a question file to use instead of the published one.", _EVAL),
             Option("image_folder", str, "POPE: the images' folder (default: found under --data).", _EVAL),
-            Option("parser", str, "Answer parser: POPE pope/opera/vcd/strict, MME mme/strict.", _EVAL),
+            Option("parser", str, "Answer parser: POPE pope/opera/vcd/strict, MME mme/lmms-eval/strict.", _EVAL),
             Option("prompt", str, "CHAIR: the captioning prompt (default OPERA's).", _EVAL),
             Option("prompt_suffix", str, "POPE/MME: one-word, llava, yes-no, none, released (MME) or literal.", _EVAL),
             Option("image_list", str, "CHAIR: a list of images (AGLA's chair.jsonl, a caption log).", _EVAL),

@@ -125,7 +125,10 @@ class MitigationMethod:
         return {"method": self.name}
 
     def __repr__(self) -> str:
-        settings = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k != "method")
+        """``VCD(alpha=1.0, ...)``; a class that wraps several methods names which: ``InterventionMethod(method='var', ...)``."""
+        described = self.describe()
+        named = type(self).__name__.lower() == str(described.get("method", "")).lower()
+        settings = ", ".join(f"{k}={v!r}" for k, v in described.items() if k != "method" or not named)
         return f"{type(self).__name__}({settings})"
 
 
