@@ -298,6 +298,8 @@ def _fetch_into(url: str, part: Path, *, progress: bool, timeout: float) -> None
             while chunk := response.read(_CHUNK):
                 fh.write(chunk)
                 bar.update(len(chunk))
+            fh.flush()
+            os.fsync(fh.fileno())  # on disk before it is renamed into the cache (a power cut keeps no torn file)
         size = part.stat().st_size
     if total is not None and size < total:
         raise http.client.IncompleteRead(b"", total - size)
