@@ -355,7 +355,7 @@ def test_run_every_task_kind(tmp_path, capsys, monkeypatch):
     assert sum(next(iter(record["results"].values()))["probabilities"]) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_run_into_a_folder_keeps_what_it_did_not_write_and_adds_to_its_results(tmp_path, photo, capsys):
+def test_run_into_a_folder_keeps_what_it_did_not_write_and_adds_to_its_results(tmp_path, photo, capsys, monkeypatch):
     """A user's file in --out is never written over (the picture gets another name), a later run of the same
     model adds its results to results.json, and another model's run into it is refused before any work."""
     photos = tmp_path / "photos"
@@ -377,11 +377,23 @@ def test_run_into_a_folder_keeps_what_it_did_not_write_and_adds_to_its_results(t
     assert len(json.loads((photos / "results.json").read_text())["results"]) == 2
     capsys.readouterr()
     resnet18 = ["run", "classification", "-m", "resnet18", "-w", "none", str(photos / "dog.jpg"), "--out"]
-    assert main([*resnet18, str(photos)]) == 2
+    with monkeypatch.context() as patch:  # refused before the model loads
+        patch.setattr(attnzoo.tasks, "pipeline", lambda *a, **k: pytest.fail("the model was loaded first"))
+        assert main([*resnet18, str(photos)]) == 2
     assert "holds the results of another run (model 'test_resnet', this run's 'resnet18')" in capsys.readouterr().err
     for out in (photos, photos / "out"):  # the next run over photos/ would read the pictures as inputs
         assert main(["run", "classification", "-m", "test_resnet", "-w", "none", str(photos), "--out", str(out)]) == 2
         assert f"--out {out} is inside the input folder {photos}" in capsys.readouterr().err
+    record = json.loads((photos / "results.json").read_text())
+    del record["files"]  # as written before results.json listed each input's files
+    (photos / "results.json").write_text(json.dumps(record))
+    assert main([*run, str(photos / "dog.jpg")]) == 0 and not (photos / "dog-2.png").exists()  # dog.png is its own
+    torch.manual_seed(0)
+    save_file(attnzoo.create_model("test_resnet").state_dict(), tmp_path / "w.safetensors")
+    monkeypatch.chdir(tmp_path)
+    by_file = ["run", "classification", "-m", "test_resnet", str(photos / "dog.jpg"), "--out", str(tmp_path / "byw")]
+    assert main([*by_file, "-w", "w.safetensors"]) == 0
+    assert main([*by_file, "-w", str(tmp_path / "w.safetensors")]) == 0  # the same file, spelled otherwise
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "results.json").write_text("my notes")
     assert main([*run[:-1], str(tmp_path / "mine"), str(photos / "dog.jpg")]) == 2

@@ -326,6 +326,8 @@ def _run_task(
     if not files:
         raise InvalidInputError("no input files given (folders held no images)")
     _check_out_beside_inputs(out, inputs)
+    if out is not None:  # another task's or model's results in --out: said before the model loads
+        _earlier_results(out, {"task": spec.name, "model": model or spec.default_model})
     given = _given(options, spec, "run")
     fields = {k: v for k, v in given.items() if k in _input_fields(spec)}
     pipe = pipeline(
@@ -372,12 +374,14 @@ def _run_files(pipe: Any, files: list[str], items: list[Any], out: Path | None, 
             bar.write(f"{files[i]}: {result.summary()}")
     if out is not None and results:
         given = [p for item in items for p in (item if isinstance(item, list) else [item])]
-        given += [v for v in fields.values() if isinstance(v, (str, Path)) and Path(v).is_file()]  # --subject
+        given += [v for v in fields.values() if isinstance(v, (str, Path)) and os.path.isfile(v)]  # --subject
         kept = {Path(p).resolve() for p in given}  # never written over
         written: dict[str, list[str]] = {}
         for file, result in results.items():
-            own = set(earlier["files"].get(file, []))  # this input's files from an earlier run
             stem = Path(file).stem or Path(file).name
+            own = set(earlier["files"].get(file, []))  # this input's files from an earlier run
+            if file in earlier["results"] and file not in earlier["files"]:  # a results.json listing no files
+                own = {path.name for path in _written_paths(out, stem, result)}
             name, n = stem, 1
             # a/001.jpg and b/001.jpg, cat.jpg and cat.png, an input or a user's file in out: one name each
             while not _free(_written_paths(out, name, result), kept, own):
@@ -409,6 +413,18 @@ def _free(paths: list[Path], kept: set[Path], own: set[str]) -> bool:
     return not any(path.resolve() in kept or (path.exists() and path.name not in own) for path in paths)
 
 
+def _same_setting(key: str, earlier: Any, now: Any) -> bool:
+    """Equal, or for the weights the same file however it is spelled (relative, absolute, a link)."""
+    if earlier == now:
+        return True
+    if key != "weights" or not isinstance(earlier, str) or not isinstance(now, str):
+        return False
+    try:
+        return os.path.samefile(earlier, now)
+    except OSError:  # not files (labels such as "random (seed 0)"), or gone
+        return False
+
+
 def _earlier_results(out: Path, header: dict[str, Any]) -> dict[str, Any]:
     """The results and the files per input (``{"results": ..., "files": ...}``) an earlier ``attnzoo run``
     of the same task, model and weights left in ``out`` (kept and added to); another run's, or a
@@ -428,7 +444,7 @@ def _earlier_results(out: Path, header: dict[str, Any]) -> dict[str, Any]:
         raise InvalidOptionError(
             f"--out {out} holds a results.json that attnzoo run did not write: choose another --out"
         )
-    other = {k: earlier.get(k) for k in header if earlier.get(k) != header[k]}
+    other = {k: earlier.get(k) for k in header if not _same_setting(k, earlier.get(k), header[k])}
     if other:
         said = ", ".join(f"{k} {v!r}, this run's {header[k]!r}" for k, v in other.items())
         raise InvalidOptionError(

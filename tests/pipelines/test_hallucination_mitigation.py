@@ -492,6 +492,8 @@ def test_the_command_line_skips_an_image_the_processor_refuses(photos, tmp_path,
     assert code == 1 and "thin.png: the model's image processor refuses this 500x1 image" in capsys.readouterr().err
     written = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
     assert sorted(written) == [files[0], files[2]] and all(r["answer"] is not None for r in written.values())
+    long = ["run", TASK, files[0], "--question", "Is there " + "a very " * 50 + "big dog?", "--weights", "none"]
+    assert main([*long, "--max-new-tokens", "1", "--out", str(tmp_path / "long")]) == 0  # no file name of 300+ bytes
     agla = ["run", TASK, files[0], "--question", "dog?", "--weights", "none", "--method", "agla"]
     assert main([*agla, "--blip-model", str(tmp_path / "no-blip")]) == 1  # the option reaches AGLA's loader
     assert f"AGLA's BLIP-ITM model {tmp_path / 'no-blip'} (blip_model=): no such folder" in capsys.readouterr().err
