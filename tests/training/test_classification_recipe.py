@@ -291,3 +291,19 @@ def test_a_run_never_writes_over_its_inputs_or_into_its_data(tmp_path):
         with pytest.raises(InvalidOptionError, match="inside the training data"):
             train_classification("resnet18", data, out, **common)
     assert sorted(p.name for p in data.iterdir()) == ["train", "val"]
+
+
+def test_a_run_resumes_from_another_working_folder(tmp_path, monkeypatch):
+    """The data is recorded resolved: a job resumed from another folder, naming the same data by another
+    relative path (a scheduler's working folder), is the same run."""
+    shapes_dataset(tmp_path / "shapes", per_class_train=2, per_class_val=1)
+    (tmp_path / "jobs").mkdir()
+    common = {"config": "finetune", "device": "cpu"}
+    settings = ["batch_size=8", "num_workers=0", "auto_augment=null", "input_size=64", "checkpoint_every=1"]
+    monkeypatch.chdir(tmp_path)
+    train_classification("resnet18", "shapes", tmp_path / "run", overrides=["epochs=1", *settings], **common)
+    monkeypatch.chdir(tmp_path / "jobs")
+    resumed = train_classification(
+        "resnet18", "../shapes", tmp_path / "run", overrides=["epochs=2", *settings], resume=True, **common
+    )
+    assert resumed["step"] == 2

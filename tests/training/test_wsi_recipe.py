@@ -160,6 +160,11 @@ def test_resuming_several_seeds_starts_afresh_a_seed_killed_before_its_first_che
     full = load_file(seed2 / "model.safetensors")
     with pytest.raises(InvalidOptionError, match="run holds an earlier run .*--resume"):  # a rerun without --resume
         train_wsi_classification("abmil", data, tmp_path / "run", **kwargs)
+    for path in seed2.glob("checkpoint-*.pt"):  # finished, its checkpoints deleted to save space: kept, refused
+        path.unlink()
+    with pytest.raises(InvalidOptionError, match="seed-2 holds the results of a finished seed .*test_metrics.json"):
+        train_wsi_classification("abmil", data, tmp_path / "run", resume=True, **kwargs)
+    assert (seed2 / "test_metrics.json").is_file() and (seed2 / "model.safetensors").is_file()
     # seed 2 as killed before its first checkpoint: its config and first log rows only
     for path in [*seed2.glob("*.pt"), seed2 / "model.safetensors", seed2 / "test_metrics.json"]:
         path.unlink()

@@ -290,7 +290,7 @@ def train_classification(
         run_info={
             "task": "image-classification",
             "model": model,
-            "data": str(root),
+            "data": str(Path(root).resolve()),
             "classes": train_samples.classes,
             "weights": None if weights is None else str(weights),
         },

@@ -199,7 +199,7 @@ def train_reconstruction(
         run_info={
             "task": "multiview-3d-reconstruction",
             "model": model,
-            "data": str(root),
+            "data": str(Path(root).resolve()),
             "weights": None if weights is None else str(weights),
         },
         **folder,

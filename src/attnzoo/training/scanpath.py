@@ -184,7 +184,7 @@ def train_scanpath(
         run_info={
             "task": "scanpath",
             "model": model,
-            "data": str(data),
+            "data": str(Path(data).resolve()),
             "dataset": name,
             "max_len": max_len,
             "split_sizes": {k: len(v) for k, v in split.items()},

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from attnzoo._io import write_json
-from attnzoo.errors import DatasetFormatError
+from attnzoo.errors import DatasetFormatError, InvalidOptionError
 from attnzoo.training.config import TrainConfig, recipe_config
 from attnzoo.training.engine import Trainer, check_run_folder, latest_checkpoint, run_inputs
 
@@ -191,7 +191,7 @@ def train_wsi_classification(
             loss_fn=_loss,
             collate_fn=_one,
             device=torch.device(device) if device else None,
-            run_info={"task": "wsi-classification", "model": model, "data": str(data), "split": split},
+            run_info={"task": "wsi-classification", "model": model, "data": str(Path(data).resolve()), "split": split},
             outputs=_OUTPUTS,
             **folder,
         )
@@ -232,11 +232,19 @@ def _seed_modes(
     out: str | os.PathLike, seeds: list[int], resume: bool | str | os.PathLike, overwrite: bool
 ) -> dict[Path, tuple[bool | str | os.PathLike, bool]]:
     """Each seed's folder and its ``(resume, overwrite)``: resuming several seeds, one killed before its
-    first checkpoint has nothing to resume from and starts afresh (discarding its first log rows)."""
+    first checkpoint has nothing to resume from and starts afresh (discarding its first log rows). One
+    that finished (its results are there) but whose checkpoints are gone is refused: starting it afresh
+    would discard those results."""
     modes = {}
     for seed in seeds:
         folder = _seed_folder(out, seed, len(seeds))
         fresh = resume is True and len(seeds) > 1 and latest_checkpoint(folder) is None
+        finished = [name for name in ("test_metrics.json", "best.pt", "model.safetensors") if (folder / name).exists()]
+        if fresh and finished:
+            raise InvalidOptionError(
+                f"--resume: {folder} holds the results of a finished seed ({', '.join(finished)}) but no "
+                "checkpoint to resume from; move that folder away to train the seed again, or pass --overwrite"
+            )
         modes[folder] = (False, True) if fresh else (resume, overwrite)
     return modes
 
