@@ -476,7 +476,8 @@ def _refuse_unless_replaceable(out: Path) -> None:
     if foreign:
         raise InvalidOptionError(
             f"--out {out} holds files the earlier attnzoo demo there did not write ({_some(foreign)}; its "
-            "index.json does not list them): choose another folder"
+            "index.json does not list them): choose another folder (an older attnzoo's demo folder lists fewer files: "
+            "delete it if nothing of yours is in it)"
         )
 
 

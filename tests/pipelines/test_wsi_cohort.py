@@ -207,6 +207,21 @@ def test_a_refused_clam_slide_keeps_its_h5_and_the_users_pt(cohort, tmp_path):
         assert remade.ok and torch.equal(torch.load(pt, weights_only=True), torch.from_numpy(f["features"][()]))
 
 
+def test_a_pt_older_than_its_h5_is_made_again(cohort, tmp_path):
+    """A run killed after remaking a slide's h5 and before removing its old .pt: the next run does not take
+    that .pt as done, it derives it again from the h5 (no extraction)."""
+    import os
+
+    h5, pt = tmp_path / "h5_files" / "s0.h5", tmp_path / "pt_files" / "s0.pt"
+    run(cohort[:1], tmp_path, layout="clam")
+    pt.write_bytes(b"stale")
+    stamp = h5.stat().st_mtime_ns - 10**9
+    os.utime(pt, ns=(stamp, stamp))
+    (again,) = run(cohort[:1], tmp_path, layout="clam").records
+    with h5py.File(h5) as f:
+        assert again.ok and torch.equal(torch.load(pt, weights_only=True), torch.from_numpy(f["features"][()]))
+
+
 def test_an_input_file_is_never_written_over(cohort, tmp_path):
     """The slide list as <out>/labels.csv or <out>/manifest.csv (or a slide as a feature file): refused
     before any work, the input as it was."""

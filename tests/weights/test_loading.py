@@ -268,7 +268,8 @@ def test_convert_never_writes_over_its_source_nor_into_a_folder(tmp_path):
     official = tmp_path / "official.pth"
     torch.save(small_net().state_dict(), official)
     before = official.read_bytes()
-    for dst in (official, tmp_path / "." / "official.pth"):
+    (tmp_path / "linked.pth").hardlink_to(official)
+    for dst in (official, tmp_path / "." / "official.pth", tmp_path / "linked.pth"):
         with pytest.raises(InvalidOptionError, match="is the checkpoint being converted"):
             convert_checkpoint(official, dst, small_net())
     assert official.read_bytes() == before  # the official checkpoint is kept

@@ -462,7 +462,7 @@ class _Slides:
         self.last_error = None
         try:
             patches = None if self.overwrite is True else finished_features(h5, slide.path, self.digest)
-            if patches is not None and (pt is None or pt.exists()):
+            if patches is not None and (pt is None or _derived_after(pt, h5)):
                 return SlideRecord(**record, patches=patches, status="done", seconds=earlier_seconds, reused=True)
             if patches is None:
                 extract_features(
@@ -485,6 +485,15 @@ class _Slides:
             error = " ".join(str(err).split())  # one line in the CSV
             return SlideRecord(**record, patches=None, status="failed", seconds=_elapsed(started), error=error)
         return SlideRecord(**record, patches=patches, status="done", seconds=_elapsed(started))
+
+
+def _derived_after(pt: Path, h5: Path) -> bool:
+    """Whether ``pt`` was written from ``h5`` as it is now: a ``.pt`` older than its h5 is stale (a run killed
+    between remaking the h5 and removing the old ``.pt``), and is made again from the h5 (no extraction)."""
+    try:
+        return pt.stat().st_mtime_ns >= h5.stat().st_mtime_ns
+    except FileNotFoundError:
+        return False
 
 
 def _elapsed(started: float) -> float:

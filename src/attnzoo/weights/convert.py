@@ -53,7 +53,7 @@ def convert_checkpoint(
             f"{out} is a folder: give the .safetensors file to write, e.g. {out / 'model.safetensors'}"
         )
     source = Path(os.fspath(src))
-    if source.exists() and out.exists() and source.resolve() == out.resolve():
+    if source.exists() and out.exists() and os.path.samefile(source, out):  # links and hard links included
         raise InvalidOptionError(f"{out} is the checkpoint being converted: write the conversion to another file")
     load_weights(model, src, converter=converter, strict=True)
     meta = {"format": "pt", "converted_from": Path(os.fspath(src)).name, **(metadata or {})}
