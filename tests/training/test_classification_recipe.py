@@ -96,27 +96,26 @@ def test_fine_tuning_from_an_official_checkpoint_file_replaces_the_head(tmp_path
 
 def test_cli_train_command_and_errors(tmp_path, capsys):
     data = shapes_dataset(tmp_path / "shapes", per_class_train=2, per_class_val=1)
-    code = main(
-        [
-            "train",
-            "image-classification",
-            "--model",
-            "resnet18",
-            "--data",
-            str(data),
-            "--out",
-            str(tmp_path / "run"),
-            "--config",
-            "finetune",
-            "epochs=1",
-            "batch_size=8",
-            "num_workers=0",
-            "auto_augment=null",
-            "input_size=64",
-            "--device",
-            "cpu",
-        ]
-    )
+    command = [
+        "train",
+        "image-classification",
+        "--model",
+        "resnet18",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        "--config",
+        "finetune",
+        "epochs=1",
+        "batch_size=8",
+        "num_workers=0",
+        "auto_augment=null",
+        "input_size=64",
+        "--device",
+        "cpu",
+    ]
+    code = main(command)
     assert code == 0, capsys.readouterr().err
     assert "trained 1 steps" in capsys.readouterr().out
     assert (
@@ -158,6 +157,10 @@ def test_cli_train_command_and_errors(tmp_path, capsys):
         == 1
     )
     assert "Did you mean" in capsys.readouterr().err
+    assert main(command) == 2  # the same command again: the earlier run is kept, not mixed with
+    refused = capsys.readouterr().err
+    assert "holds an earlier run" in refused and "--overwrite" in refused
+    assert main([*command, "--overwrite"]) == 0 and "trained 1 steps" in capsys.readouterr().out
     (tmp_path / "empty" / "train" / "a").mkdir(parents=True)
     with pytest.raises(DatasetFormatError):
         train_classification("resnet18", tmp_path / "empty", tmp_path / "o2", overrides=["epochs=1"])
