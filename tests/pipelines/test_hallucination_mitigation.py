@@ -63,6 +63,8 @@ def test_input_forms_and_batching(ask, photos):
     assert one.question == QUESTIONS[0] and one.prompt == f"USER: <image>\n{QUESTIONS[0]} ASSISTANT:"
     assert one.settings["method"] == "none" and one.settings["decoding"]["mode"] == "greedy" and one.seed is None
     assert ask.weights_label.startswith("random") and "tiny LLaVA" in ask.weights_label
+    assert repr(ask).startswith("HallucinationMitigationPipeline(task='hallucination-mitigation', model=")
+    assert repr(ask).endswith("device='cpu', dtype=torch.float32)")
     batched = ask(photos, question=QUESTIONS, batch_size=3)  # prompts of three lengths: left padding
     assert [r.answer for r in batched] == [ask(p, question=q).answer for p, q in zip(photos, QUESTIONS)]
     many = ask(photos[0], question=QUESTIONS[:2])  # one image, several questions
@@ -506,6 +508,8 @@ def test_bad_inputs_are_named(ask, photos, tmp_path):
         ask(broken, question="dog?")
     with pytest.raises(InvalidInputError, match="the question is empty"):
         ask(photos[0], question="  ")
+    with pytest.raises(InvalidInputError, match="the question must be text, got int 3"):
+        ask(photos[0], question=3)
     with pytest.raises(InvalidOptionError, match="var: a setting of the wrong type"):
         ask(photos[0], question="dog?", method="var", tau="high")
     with pytest.raises(InvalidInputError, match="question= is required"):

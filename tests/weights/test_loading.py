@@ -73,6 +73,10 @@ def test_corrupt_files_are_weights_errors(tmp_path):
         load_checkpoint_file(tmp_path / "cut.safetensors")
     with pytest.raises(WeightsError, match="does not exist"):
         load_checkpoint_file(tmp_path / "missing.pth")
+    with pytest.raises(WeightsError, match="is a folder: give the checkpoint file in it"):
+        load_checkpoint_file(tmp_path)
+    with pytest.raises(WeightsError, match=r"tensors mixed with other values \(step\) and no state dict"):
+        unwrap_state_dict({**small_net().state_dict(), "step": 5})
 
 
 @pytest.mark.parametrize(

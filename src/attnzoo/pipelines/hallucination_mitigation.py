@@ -408,7 +408,10 @@ class HallucinationMitigationPipeline(Pipeline):
         return getattr(family_of(model).text_config(), "_attn_implementation", None)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(model={self.model_name!r}, weights={self.weights_label!r}, device={str(self.device)!r})"
+        return (
+            f"{type(self).__name__}(task={self.task!r}, model={self.model_name!r}, weights={self.weights_label!r}, "
+            f"device={str(self.device)!r}, dtype={self.model.dtype})"
+        )
 
     # -- keywords ----------------------------------------------------------------------------------
     def _checked_parameters(self, kwargs: dict[str, Any]) -> tuple[dict, dict, dict]:
@@ -828,7 +831,9 @@ def _read_item(item: Any, fields: tuple[str, ...], check: _InputCheck | None = N
     question = row.get("question")
     if question is None:
         raise InvalidInputError(f"{name}: question= is required, e.g. 'Is there a dog in the image?'")
-    if not isinstance(question, str) or not question.strip():
+    if not isinstance(question, str):
+        raise InvalidInputError(f"{name}: the question must be text, got {type(question).__name__} {question!r}")
+    if not question.strip():
         raise InvalidInputError(f"{name}: the question is empty ({question!r})")
     seed = row.get("seed")
     if seed is not None:

@@ -125,6 +125,8 @@ def load_checkpoint_file(path: str | os.PathLike, *, map_location: str = "cpu", 
     such a file anyway (to inspect it).
     """
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"{path} is a folder: give the checkpoint file in it (.safetensors, .pth, .pt, .bin)")
     if not path.is_file():
         raise WeightsError(f"checkpoint file {path} does not exist")
     if path.stat().st_size == 0:
@@ -223,8 +225,11 @@ def unwrap_state_dict(obj: Any, *, prefixes: tuple[str, ...] = ("module.",)) -> 
     while isinstance(obj, Mapping) and not _all_tensors(obj):
         key = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if key is None:
+            others = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+            mixed = f"tensors mixed with other values ({', '.join(others[:5])}) and " if len(others) < len(obj) else ""
             raise WeightsError(
-                f"checkpoint holds no state dict under any of {list(_WRAPPER_KEYS)}; top-level keys: {sorted(map(str, obj))[:10]}"
+                f"checkpoint holds {mixed}no state dict under any of {list(_WRAPPER_KEYS)}; "
+                f"top-level keys: {sorted(map(str, obj))[:10]}"
             )
         obj = obj[key]
     if not isinstance(obj, Mapping):
