@@ -218,7 +218,7 @@ def test_methods_comparison_table(tmp_path):
     root = write_pope_tree(tmp_path / "data")
     plan = make_plan(root, benchmark="pope", methods="none,var,agla", alpha=2.0, limit=8)
     assert [name for name, _, _ in plan.runs] == ["none", "var", "agla"]
-    assert [ev.pipeline_kwargs.get("alpha") for _, ev, _ in plan.runs] == [None, 2.0, 2.0]
+    assert [ev.pipeline_kwargs.get("alpha") for _, ev, _ in plan.runs] == [None, None, 2.0]  # VAR takes no alpha
     assert "method" not in plan.pipeline_kwargs  # each run brings its own
     results = run_plan(plan, root, tmp_path / "out")
     message = HallucinationEvaluator.summarize(results, tmp_path / "out")
