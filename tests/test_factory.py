@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import save_file
 
 import attnzoo
-from attnzoo.errors import OfflineError, UnknownNameError, WeightsError
+from attnzoo.errors import InvalidInputError, OfflineError, UnknownNameError, WeightsError
 from attnzoo.registry import register_model
 from attnzoo.weights import CheckpointEntry, PreprocessConfig, register_checkpoint, unregister_checkpoint
 
@@ -17,6 +17,30 @@ def test_create_timm_model_random():
 def test_create_model_kwargs_device_dtype():
     model = attnzoo.create_model("test_resnet", num_classes=7, dtype=torch.float64, device="cpu")
     assert model(torch.randn(2, 3, 64, 64, dtype=torch.float64)).shape == (2, 7)
+
+
+def test_create_model_takes_dtype_names_and_ints_as_a_pipeline_does():
+    model = attnzoo.create_model("test_resnet", dtype="fp16", device=-1)
+    assert next(model.parameters()).dtype == torch.float16 and next(model.parameters()).device.type == "cpu"
+    assert next(attnzoo.create_model("test_resnet", dtype="bfloat16").parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "placement",
+    [{"device": "meta"}, {"device": "mps"}, {"dtype": torch.int8}, {"dtype": torch.complex64}, {"dtype": "fp13"}],
+)
+def test_create_model_refuses_a_device_or_dtype_that_cannot_work(placement, monkeypatch):
+    import timm
+
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("built before the check"))
+    with pytest.raises(InvalidInputError):
+        attnzoo.create_model("test_resnet", **placement)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_create_model_on_cuda_without_cuda_is_a_typed_error():
+    with pytest.raises(InvalidInputError, match="CUDA"):
+        attnzoo.create_model("test_resnet", device="cuda")
 
 
 def test_unknown_model_suggests_close_names():

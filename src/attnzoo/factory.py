@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from attnzoo._placement import resolve_device, resolve_dtype
 from attnzoo.errors import UnknownNameError, WeightsError
 from attnzoo.registry import get_model_entry, registered_models
 from attnzoo.weights import hub, registry
@@ -68,18 +69,21 @@ def create_model(
     pretrained: bool = False,
     weights: str | os.PathLike | Mapping[str, Any] | None = None,
     *,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    device: str | int | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
     **kwargs: Any,
 ) -> torch.nn.Module:
     """Build ``name``; load its default official weights (``pretrained=True``) or ``weights``.
 
     ``weights`` is a local path, a URL, ``hf-hub:org/repo/file``, a registered checkpoint
     name, a state dict, or ``"none"`` for random initialisation. A registered checkpoint
-    also sets the model's ``pretrained_cfg`` preprocessing.
+    also sets the model's ``pretrained_cfg`` preprocessing. ``device`` / ``dtype`` are checked (as a
+    pipeline's) before anything is built; ``device=None`` leaves the model on the CPU.
     """
     import timm
 
+    device = resolve_device(device) if device is not None else None
+    dtype = resolve_dtype(dtype)
     load_families()
     base, tag = _split_name(name)
     own_entry = get_model_entry(name if "/" in name else base)  # a Hub id may name one of our models
@@ -122,7 +126,7 @@ def create_model(
     return _placed(model, device, dtype)
 
 
-def _placed(model: Any, device: Any, dtype: Any) -> Any:
+def _placed(model: Any, device: torch.device | None, dtype: torch.dtype | None) -> Any:
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
     return model.eval()

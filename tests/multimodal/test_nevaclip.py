@@ -362,6 +362,40 @@ def test_float64_and_vit_towers():
     assert torch.isfinite(result.losses).all()
 
 
+def test_device_and_dtype_are_checked_as_a_pipelines_are():
+    """A named model is built lazily, so a device or dtype that cannot work must fail at construction."""
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidInputError, match="CUDA"):
+            N.NevaClip(device="cuda")
+    for bad in ({"device": "meta"}, {"dtype": torch.int8}, {"dtype": torch.complex64}, {"dtype": "float13"}):
+        with pytest.raises(InvalidInputError):
+            N.NevaClip(**bad)
+    assert N.NevaClip(dtype="fp16", device=-1).dtype == torch.float16  # names and ints, as a pipeline takes them
+
+
+def test_to_takes_a_device_or_dtype_positionally_as_a_module_does():
+    tower = sensitive_tower(embed_dim=16)
+    model = N.NevaClip(visual=tower)
+    assert model.to(torch.float64) is model and model.dtype == torch.float64
+    assert next(tower.parameters()).dtype == torch.float64
+    model.to("cpu", torch.float16)
+    assert model.dtype == torch.float16 and next(tower.parameters()).dtype == torch.float16
+    model.to(torch.zeros(1, dtype=torch.bfloat16))  # a tensor's device and dtype
+    assert model.dtype == torch.bfloat16 and model.device == torch.device("cpu")
+    model.to(dtype="float32")
+    assert next(tower.parameters()).dtype == torch.float32
+    for args, kwargs in [
+        ((torch.int8,), {}),
+        (("meta",), {}),
+        (("cpu", torch.float32, "x"), {}),
+        ((), {"dtype": "f13"}),
+    ]:
+        with pytest.raises(InvalidInputError):
+            model.to(*args, **kwargs)
+    assert (model.dtype, model.device) == (torch.float32, torch.device("cpu"))  # a refused call moves nothing
+    assert next(tower.parameters()).dtype == torch.float32
+
+
 # -- captions and pictures -----------------------------------------------------------------
 
 

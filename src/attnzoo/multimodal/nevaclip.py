@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnzoo._placement import resolve_device, resolve_dtype
 from attnzoo.errors import InvalidInputError, UnknownNameError, WeightsError
 from attnzoo.registry import register_model
 
@@ -382,8 +383,8 @@ class NevaClip:
         blur_filter_size: int = 41,
         blur_sigma: float = 10.0,
         amplitude: float = 1.0,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        device: str | int | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
         cache_dir: str | None = None,
         channels_last: bool = False,
     ):
@@ -394,8 +395,8 @@ class NevaClip:
             blur_sigma,
             amplitude,
         )
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.dtype = dtype or torch.float32
+        self.device = resolve_device(device) if device is not None else torch.device("cpu")
+        self.dtype = resolve_dtype(dtype) or torch.float32
         self.channels_last = channels_last
         self._preprocess_cfg = preprocess_cfg
         self._tokenizer = tokenizer
@@ -422,12 +423,27 @@ class NevaClip:
         self._module = model
         self._visual = getattr(model, "visual", model)
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> NevaClip:
-        """Move the whole CLIP (vision and text towers) and use ``device``/``dtype`` for the search."""
-        if device is not None:
-            self.device = torch.device(device)
-        if dtype is not None:
-            self.dtype = dtype
+    def to(
+        self,
+        *args: str | int | torch.device | torch.dtype | torch.Tensor,
+        device: str | int | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> NevaClip:
+        """Move the whole CLIP (vision and text towers) and use ``device``/``dtype`` for the search. As
+        ``nn.Module.to``, a device, a dtype, both, or a tensor (its device and dtype) may come positionally."""
+        if len(args) > 2:
+            raise InvalidInputError(f"NevaClip.to takes a device and a dtype, got {len(args)} positional arguments")
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                device, dtype = arg.device, arg.dtype
+            elif isinstance(arg, torch.dtype):
+                dtype = arg
+            else:
+                device = arg
+        # both checked before either changes: a refused dtype leaves the model where it was
+        new_device = resolve_device(device) if device is not None else self.device
+        new_dtype = resolve_dtype(dtype) or self.dtype
+        self.device, self.dtype = new_device, new_dtype
         if self._module is not None:
             self._setup(self._module)
         return self

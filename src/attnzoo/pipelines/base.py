@@ -19,52 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+# resolve_device / resolve_dtype live in the leaf attnzoo._placement (create_model and NevaClip use them too);
+# they stay importable from here
+from attnzoo._placement import parameter_dtype, resolve_device, resolve_dtype
 from attnzoo.errors import InvalidInputError, InvalidOptionError
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float64": torch.float64,
-    "fp64": torch.float64,
-}
-
-
-def _this_process_cuda() -> torch.device:
-    """``cuda``, or under a multi-process ``torchrun`` this process's own GPU (``cuda:LOCAL_RANK``):
-    a bare ``cuda`` means whichever device is current, which changes once the process group is set up."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("LOCAL_RANK", "").isdigit():
-        return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
-    return torch.device("cuda")
-
-
-def resolve_device(device: str | int | torch.device | None) -> torch.device:
-    """``None`` picks CUDA when present; ints mean CUDA ordinals, as in transformers."""
-    if device is None:
-        return _this_process_cuda() if torch.cuda.is_available() else torch.device("cpu")
-    if isinstance(device, int):
-        device = "cpu" if device < 0 else f"cuda:{device}"
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise InvalidInputError(f"device={device!r} is not a device torch knows ({err})") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError(f"device={device!r} asked for CUDA, but no CUDA device is available here")
-    return _this_process_cuda() if resolved.type == "cuda" and resolved.index is None else resolved
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[str(dtype).lower().removeprefix("torch.")]
-    except KeyError:
-        raise InvalidInputError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)}") from None
 
 
 def is_single_input(inputs: Any) -> bool:
@@ -176,15 +134,18 @@ class Pipeline:
 
     def forward(self, batch: dict[str, Any], **params: Any) -> dict[str, Any]:
         """Device placement and the inference context around ``_forward``; outputs come back on the CPU."""
-        moved = _map_tensors(batch, self._to_device)
+        dtype = self.dtype if self.dtype is not None else parameter_dtype(self.model)
+        moved = _map_tensors(batch, functools.partial(self._to_device, dtype=dtype))
         context = torch.enable_grad() if self.needs_grad else torch.inference_mode()
         with context:
             outputs = self._forward(moved, **params)
         return _map_tensors(outputs, lambda t: t.detach().cpu())
 
-    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        dtype = self.dtype if self.dtype is not None and tensor.is_floating_point() else None
-        return tensor.to(self.device, dtype=dtype, non_blocking=True)
+    def _to_device(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Floating inputs in ``dtype`` (the pipeline's, else the model's own, as transformers does), so a
+        model already in half precision takes float32 pictures; integer inputs as they are."""
+        cast = dtype if dtype is not None and tensor.is_floating_point() else None
+        return tensor.to(self.device, dtype=cast, non_blocking=True)
 
     # -- running ----------------------------------------------------------------------
     def is_single(self, inputs: Any) -> bool:

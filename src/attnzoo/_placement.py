@@ -1,0 +1,90 @@
+"""Where a model runs and in which dtype: the checks every entry point (pipelines, ``create_model``,
+NevaClip) shares, so a device or dtype that cannot work fails at once with a typed error instead of
+inside torch on the first forward pass. A leaf: it imports only torch and :mod:`attnzoo.errors`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from attnzoo.errors import InvalidInputError
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+}
+_FLOATING = frozenset(_DTYPES.values())
+
+
+def _this_process_cuda() -> torch.device:
+    """``cuda``, or under a multi-process ``torchrun`` this process's own GPU (``cuda:LOCAL_RANK``):
+    a bare ``cuda`` means whichever device is current, which changes once the process group is set up."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("LOCAL_RANK", "").isdigit():
+        return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+    return torch.device("cuda")
+
+
+def _backend_available(device: torch.device) -> bool:
+    """torch's own ``torch.<type>.is_available()`` where the backend has a module (cuda, mps, xpu, ...);
+    otherwise whether an empty tensor can be made there (torch raises assorted errors when it cannot)."""
+    is_available = getattr(getattr(torch, device.type, None), "is_available", None)
+    if callable(is_available):
+        return bool(is_available())
+    try:
+        torch.empty(0, device=device)
+    except Exception:  # noqa: BLE001  RuntimeError, NotImplementedError, AssertionError, ImportError by backend
+        return False
+    return True
+
+
+def resolve_device(device: str | int | torch.device | None) -> torch.device:
+    """``None`` picks CUDA when present; ints mean CUDA ordinals, as in transformers. A device whose
+    backend is not available here, or ``meta`` (no data to compute on), is refused."""
+    if device is None:
+        return _this_process_cuda() if torch.cuda.is_available() else torch.device("cpu")
+    if isinstance(device, int):
+        device = "cpu" if device < 0 else f"cuda:{device}"
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise InvalidInputError(f"device={device!r} is not a device torch knows ({err})") from None
+    if resolved.type == "meta":
+        raise InvalidInputError(f"device={device!r} holds no data, so a model cannot run there; use 'cpu' or 'cuda'")
+    if resolved.type != "cpu" and not _backend_available(resolved):
+        what = resolved.type.upper()
+        raise InvalidInputError(f"device={device!r} asked for {what}, but no {what} device is available here")
+    return _this_process_cuda() if resolved.type == "cuda" and resolved.index is None else resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A floating dtype models run in (float16, bfloat16, float32, float64), from a torch dtype or its name."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _FLOATING:
+            floating = ", ".join(sorted(str(d) for d in _FLOATING))
+            raise InvalidInputError(f"dtype={dtype} is not a dtype models run in here; use one of {floating}")
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower().removeprefix("torch.")]
+    except KeyError:
+        raise InvalidInputError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)}") from None
+
+
+def parameter_dtype(model: Any) -> torch.dtype | None:
+    """The dtype of the model's first floating parameter (as transformers reads a model's dtype), or None
+    for a model without floating parameters or not a module."""
+    parameters = getattr(model, "parameters", None)
+    if not callable(parameters):
+        return None
+    return next((p.dtype for p in parameters() if p.is_floating_point()), None)
