@@ -47,6 +47,11 @@ def test_unknown_model_suggests_close_names():
     with pytest.raises(UnknownNameError) as info:
         attnzoo.create_model("resnet5O")
     assert "resnet50" in info.value.suggestions
+    from attnzoo.errors import InvalidOptionError
+
+    for bad in (None, "", "  ", 3):
+        with pytest.raises(InvalidOptionError, match="a model is named by a non-empty string"):
+            attnzoo.create_model(bad)
 
 
 def test_weights_from_local_file(tmp_path):

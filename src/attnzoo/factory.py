@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from attnzoo._placement import resolve_device, resolve_dtype
-from attnzoo.errors import UnknownNameError, WeightsError
+from attnzoo.errors import InvalidOptionError, UnknownNameError, WeightsError
 from attnzoo.registry import get_model_entry, registered_models
 from attnzoo.weights import hub, registry
 from attnzoo.weights.loading import load_weights
@@ -82,6 +82,8 @@ def create_model(
     """
     import timm
 
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidOptionError(f"a model is named by a non-empty string, got {name!r}")
     device = resolve_device(device) if device is not None else None
     dtype = resolve_dtype(dtype)
     load_families()
