@@ -40,6 +40,17 @@ def test_public_api_resolves():
         attnzoo.does_not_exist  # noqa: B018
 
 
+def test_every_name_in_all_resolves_and_list_tasks_is_top_level():
+    """``from attnzoo import *`` gives every public name, list_tasks beside list_models, without torch."""
+    code = "import sys, attnzoo; print(attnzoo.list_tasks()[:1], 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "['hallucination-mitigation'] False"
+    from attnzoo.tasks import list_tasks
+
+    assert "list_tasks" in attnzoo.__all__ and "list_tasks" in dir(attnzoo) and attnzoo.list_tasks is list_tasks
+    assert all(getattr(attnzoo, name) is not None for name in attnzoo.__all__)
+
+
 def test_dependency_ranges_admit_the_pinned_torch_pair():
     reqs = {Requirement(r).name: Requirement(r) for r in PROJECT["dependencies"]}
     assert reqs["torch"].specifier.contains("2.14.1")

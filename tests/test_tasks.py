@@ -222,3 +222,74 @@ def test_builtin_tasks_name_their_parts():
             assert issubclass(spec.load_evaluator(), TaskEvaluator)
         if spec.docs:
             assert (Path(__file__).resolve().parents[1] / "docs" / spec.docs).is_file()
+
+
+def test_a_model_of_another_task_is_refused_when_the_pipeline_is_built(toy_task, monkeypatch):
+    """Names by their registry entry (before anything is built), model objects by their kind; a timm name is a
+    classifier. The error names the task and the model, instead of a torch error at the first call."""
+    import timm
+
+    import attnzoo.factory
+    from attnzoo.errors import InvalidOptionError
+    from attnzoo.factory import create_model
+
+    with monkeypatch.context() as patch:
+        patch.setattr(attnzoo.factory, "create_model", lambda *a, **k: pytest.fail("a refused model was built"))
+        for task, model, serves in (
+            ("multiview-3d-reconstruction", "test_resnet", "image-classification"),
+            ("wsi-classification", "test_resnet", "image-classification"),
+            ("image-classification", "acmil_ga", "wsi-classification"),
+            ("image-classification", "lrgt", "multiview-3d-reconstruction"),
+            ("toy-brightness", "lrgt", "multiview-3d-reconstruction"),
+        ):
+            with pytest.raises(InvalidOptionError, match=rf"the {task} task does not take '{model}': .* for {serves}"):
+                pipeline(task, model=model, weights="none", device="cpu")
+    resnet = timm.create_model("test_resnet")
+    for task, model, serves in (
+        ("wsi-classification", resnet, "image-classification"),
+        ("multiview-3d-reconstruction", resnet, "image-classification"),
+        ("image-classification", create_model("acmil_ga", in_dim=8, inner_dim=8), "wsi-classification"),
+        ("image-classification", Brightness(), "toy-brightness"),
+        ("toy-brightness", resnet, "image-classification"),  # its pipeline claims Brightness models only
+    ):
+        with pytest.raises(
+            InvalidOptionError, match=rf"the {task} task does not take a {type(model).__name__}: .* for {serves}"
+        ):
+            pipeline(task, model=model, device="cpu")
+
+
+def test_models_keep_the_tasks_they_serve(toy_task):
+    """A timm classifier runs in any task made of the image-classification pipeline and in a third party's
+    pipeline that claims it with its own accepts(); a model attnzoo does not know goes to the pipelines as before."""
+    from attnzoo.pipelines.image_classification import ImageClassificationPipeline
+    from attnzoo.tasks import model_tasks
+
+    class Backbone(ImageClassificationPipeline):
+        task = "unit-backbone"
+
+        @classmethod
+        def accepts(cls, model):
+            return hasattr(model, "forward_features")
+
+    assert model_tasks("test_resnet") == ("image-classification",) and model_tasks("no_such_model") is None
+    assert model_tasks(Brightness()) == ("toy-brightness",) and model_tasks(torch.nn.Linear(2, 2)) is None
+    register_task(TaskSpec("unit-reuse", "x", pipelines=(ImageClassificationPipeline,), default_model="test_resnet"))
+    register_task(TaskSpec("unit-backbone", "x", pipelines=(Backbone,), default_model="test_resnet"))
+    try:
+        assert pipeline("unit-reuse", weights="none", device="cpu").task == "image-classification"
+        assert isinstance(pipeline("unit-backbone", weights="none", device="cpu"), Backbone)
+        own = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        assert isinstance(pipeline("image-classification", model=own, device="cpu", labels=list("abcd")), Pipeline)
+        assert isinstance(pipeline("toy", model=Brightness(), device="cpu"), BrightnessPipeline)
+    finally:
+        unregister_task("unit-reuse")
+        unregister_task("unit-backbone")
+
+
+def test_a_task_is_named_by_a_string():
+    import attnzoo
+
+    for bad in (None, 3, ["image-classification"]):
+        with pytest.raises(InvalidInputError, match="a task is named by a string"):
+            pipeline(bad)
+    assert attnzoo.list_tasks() == list_tasks()

@@ -1,7 +1,7 @@
 """attnzoo: vision and multimodal attention models behind one API.
 
 ``import attnzoo`` is cheap: torch, timm and the model files load on first use of
-:func:`create_model`, :func:`list_models` or :func:`pipeline`.
+:func:`create_model`, :func:`list_models`, :func:`list_tasks` or :func:`pipeline`.
 """
 
 from __future__ import annotations
@@ -10,17 +10,18 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "create_model", "list_models", "pipeline", "errors"]
+__all__ = ["__version__", "create_model", "list_models", "list_tasks", "pipeline", "errors"]
 
 _LAZY = {
     "create_model": ("attnzoo.factory", "create_model"),
     "list_models": ("attnzoo.factory", "list_models"),
+    "list_tasks": ("attnzoo.tasks", "list_tasks"),
     "pipeline": ("attnzoo.tasks", "pipeline"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from attnzoo.factory import create_model, list_models
-    from attnzoo.tasks import pipeline
+    from attnzoo.tasks import list_tasks, pipeline
 
 
 def __getattr__(name: str) -> Any:

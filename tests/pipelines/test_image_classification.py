@@ -148,6 +148,30 @@ def test_bad_inputs_raise_naming_the_input(classify, photo, tmp_path):
     assert isinstance(results[1][1], InvalidInputError) and same(results[0][1], results[2][1])
 
 
+def test_every_input_kind_keeps_its_image_for_the_picture(classify, photo, tmp_path):
+    """plot() works without passing the image again, whatever the input was: files are read again, in-memory
+    inputs are kept as decoded (a copy: editing the caller's image afterwards changes nothing)."""
+    photo.save(tmp_path / "p.png")
+    arr = np.array(photo)
+    canvas = photo.copy()
+    sources = [tmp_path / "p.png", canvas, arr, torch.from_numpy(arr).permute(2, 0, 1)]
+    results = classify(sources, batch_size=2)
+    assert results[0].image == tmp_path / "p.png"
+    for result in results[1:]:
+        assert isinstance(result.image, Image.Image) and np.array_equal(np.asarray(result.image), arr)
+    canvas.paste((0, 0, 0), (0, 0, 96, 64))
+    assert np.array_equal(np.asarray(results[1].image), arr)
+    pictures = [r.plot() for r in results]
+    assert all(np.array_equal(np.asarray(p), np.asarray(pictures[0])) for p in pictures[1:])
+
+
+def test_top_k_takes_numpy_integers(classify, photo):
+    assert len(classify(photo, top_k=np.int64(3))) == 3 and len(classify(photo, top_k=np.uint8(2))) == 2
+    for bad in (np.float64(3), "3", np.bool_(True)):
+        with pytest.raises(InvalidInputError, match="top_k"):
+            classify(photo, top_k=bad)
+
+
 def test_task_registry():
     assert "image-classification" in list_tasks()
     assert get_task("classification").name == "image-classification"

@@ -77,12 +77,50 @@ def test_bad_input(recon, tmp_path):
     views = renderings(primitive("box"), n=2)
     with pytest.raises(InvalidInputError, match="same size"):
         recon([views[0], views[1].resize((100, 100))])
-    with pytest.raises(InvalidInputError, match="same number of views"):
-        recon([views, views[:1]], batch_size=2)
     with pytest.raises(InvalidInputError, match="no such file"):
         recon([str(tmp_path / "missing.png")])
     grey = [v.convert("L") for v in views]  # no alpha: no compositing, grey to three channels
     assert recon(grey).probabilities.shape == (32, 32, 32)
+
+
+def test_objects_with_other_view_counts_batch_together(recon):
+    """Results do not depend on batching: objects are grouped by view count inside a batch, so a mixed batch
+    gives what batch_size=1 gives, and with on_error="skip" one bad object costs only its own result."""
+    table, ball = renderings(primitive("table"), n=3), renderings(primitive("ball"), n=2)
+    objects = [ball, table, ball[::-1]]
+    one_by_one = recon(objects, batch_size=1)
+    batched = recon(objects, batch_size=3)
+    assert [len(r.views) for r in batched] == [2, 3, 2]
+    for got, expected in zip(batched, one_by_one):
+        np.testing.assert_allclose(got.probabilities, expected.probabilities, atol=1e-6)
+    results = list(recon.iterate([table, [], ball], batch_size=3, on_error="skip"))
+    assert [i for i, _ in results] == [0, 1, 2] and isinstance(results[1][1], InvalidInputError)
+    np.testing.assert_allclose(results[2][1].probabilities, one_by_one[0].probabilities, atol=1e-6)
+
+
+def test_generators_and_lists_of_view_arrays_are_batches(recon):
+    table, ball = renderings(primitive("table"), n=2), renderings(primitive("ball"), n=1)
+    expected = recon([table, ball])
+    from_generator = recon(views for views in (table, ball))
+    assert isinstance(from_generator, list) and len(from_generator) == 2
+    stacked = [np.stack([np.asarray(v) for v in views]) for views in (table, ball)]  # [V, H, W, C] each
+    tensors = [torch.from_numpy(a).permute(0, 3, 1, 2) for a in stacked]  # [V, C, H, W], as tensors are read
+    for got in (from_generator, recon(stacked), recon(tensors)):
+        for result, want in zip(got, expected):
+            np.testing.assert_allclose(result.probabilities, want.probabilities, atol=1e-6)
+    one = recon(stacked[0])  # a 4-D array alone is still one object's views
+    np.testing.assert_allclose(one.probabilities, expected[0].probabilities, atol=1e-6)
+
+
+def test_threshold_must_be_a_number_in_the_open_unit_interval(recon):
+    views = renderings(primitive("box"), n=1)
+    for bad in ("0.5", True, float("nan"), 0, 1.0, [0.5]):
+        with pytest.raises(InvalidInputError, match="threshold must be a number in"):
+            recon(views, threshold=bad)
+    for bad in (3, ["bgr"]):
+        with pytest.raises(InvalidInputError, match="colour_order"):
+            recon(views, colour_order=bad)
+    assert recon(views, threshold=np.float32(0.25)).threshold == 0.25
 
 
 def test_shapenet_evaluation_and_view_sweep(recon, tmp_path, capsys, monkeypatch):

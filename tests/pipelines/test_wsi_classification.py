@@ -367,6 +367,18 @@ def test_complex_and_non_finite_features_are_refused(wsi):
     assert isinstance(results[1][1], InvalidInputError) and isinstance(results[2][1], SlidePrediction)
 
 
+def test_a_generator_of_bags_is_a_batch(wsi):
+    bags = [torch.randn(3, 512), FeatureBag("s", torch.randn(2, 512)), np.ones((4, 512), np.float32)]
+    expected = wsi(bags)
+    for got in (wsi(bag for bag in bags), wsi(iter(bags)), wsi(tuple(bags))):
+        assert [len(r.attention) for r in got] == [3, 2, 4]
+        for result, want in zip(got, expected):
+            np.testing.assert_allclose(result.probabilities, want.probabilities)
+    assert isinstance(wsi(bags[0]), SlidePrediction) and isinstance(wsi(bags[1]), SlidePrediction)
+    with pytest.raises(InvalidInputError, match="cannot classify a dict"):
+        wsi({"features": bags[0]})  # a mapping is one (unreadable) input, not a batch of its keys
+
+
 def test_progress_bar_over_a_slides_patches(wsi, tmp_path, capsys):
     slide = write_slide(tmp_path / "bar.tif")
     wsi(slide)  # progress=None and stderr is not a terminal here: no bar

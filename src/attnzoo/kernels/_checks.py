@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from attnzoo.errors import InvalidInputError
@@ -40,3 +43,16 @@ def check_index_tensor(op: str, name: str, t: torch.Tensor, device: torch.device
         raise InvalidInputError(f"{op}: {name} must be an integer tensor, got {describe(t)}")
     if t.device != device:
         raise InvalidInputError(f"{op}: {name} is on {t.device}, q on {device}")
+
+
+def real_scalar(op: str, name: str, value: object) -> float:
+    """A finite real number (a Python or numpy number, or a one-element real tensor) as a float; anything else
+    (None, a string, a bool, NaN, inf) is an :class:`InvalidInputError` naming ``name``."""
+    if isinstance(value, torch.Tensor):
+        ok = value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
+    else:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    number = float(value) if ok else math.nan  # type: ignore[arg-type]
+    if not math.isfinite(number):
+        raise InvalidInputError(f"{op}: {name} must be a finite real number, got {value!r}")
+    return number

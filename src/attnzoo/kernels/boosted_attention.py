@@ -22,7 +22,7 @@ import torch
 
 from attnzoo.errors import InvalidInputError
 from attnzoo.kernels import dispatch
-from attnzoo.kernels._checks import check_qkv, describe
+from attnzoo.kernels._checks import check_qkv, describe, real_scalar
 
 OP = "boosted_attention"
 #: Elements of the probability slice (batch x heads x rows x keys) the chunked formulation holds at once.
@@ -82,9 +82,7 @@ def boosted_attention(
         if not isinstance(boost, (tuple, list)) or len(boost) != 3:
             raise InvalidInputError(f"{OP}: boosts[{i}] must be (rows, keys, amount), got {describe(boost)}")
         rows, keys, amount = boost
-        amount = float(amount)
-        if amount != amount or amount in (float("inf"), float("-inf")):
-            raise InvalidInputError(f"{OP}: boosts[{i}] amount must be finite, got {amount}")
+        amount = real_scalar(OP, f"boosts[{i}] amount", amount)
         rows, keys = (
             as_token_set(rows, N, f"boosts[{i}] rows", q.device),
             as_token_set(keys, Nk, f"boosts[{i}] keys", q.device),
@@ -96,7 +94,7 @@ def boosted_attention(
         if not isinstance(mass, (tuple, list)) or len(mass) != 2:
             raise InvalidInputError(f"{OP}: mass must be (rows, keys), got {describe(mass)}")
         block = (as_token_set(mass[0], N, "mass rows", q.device), as_token_set(mass[1], Nk, "mass keys", q.device))
-    scale = float(D**-0.5 if scale is None else scale)
+    scale = D**-0.5 if scale is None else real_scalar(OP, "scale", scale)
     return dispatch.dispatch(OP, q, k, v, tuple(checked), block, scale)
 
 

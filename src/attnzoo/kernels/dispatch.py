@@ -56,10 +56,9 @@ def register_backend(op: str, name: str, fn: Callable[..., Any], checks: list[Ch
 
 
 def _check_name(name: str) -> str:
-    name = name.strip().lower()
-    if name not in BACKEND_NAMES:
+    if not isinstance(name, str) or name.strip().lower() not in BACKEND_NAMES:
         raise InvalidInputError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
-    return name
+    return name.strip().lower()
 
 
 @contextlib.contextmanager

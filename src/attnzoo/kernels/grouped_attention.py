@@ -6,7 +6,7 @@ import torch
 
 from attnzoo.errors import InvalidInputError
 from attnzoo.kernels import dispatch, torch_impl
-from attnzoo.kernels._checks import check_index_tensor, check_qkv, describe
+from attnzoo.kernels._checks import check_index_tensor, check_qkv, describe, real_scalar
 
 OP = "grouped_attention"
 MAX_TRITON_HEAD_DIM = 256
@@ -38,7 +38,7 @@ def grouped_attention(
     """
     kv_groups = q_groups if kv_groups is None else kv_groups
     _validate(q, k, v, q_groups, kv_groups, route)
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else real_scalar(OP, "scale", scale)
     return dispatch.dispatch(OP, q, k, v, q_groups, kv_groups, route, scale)
 
 

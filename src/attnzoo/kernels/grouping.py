@@ -8,7 +8,9 @@ kernels read tokens through these tables, so no grouping ever costs a permuted c
 from __future__ import annotations
 
 import math
+import operator
 
+import numpy as np
 import torch
 
 from attnzoo.errors import InvalidInputError
@@ -23,9 +25,7 @@ def window_groups(
     are ``-1`` (masked). For BiFormer's and L²ViT's *unmasked* zero padding, pad the map
     with zeros first, as the official code does, and build the groups on the padded map.
     """
-    wh, ww = (window, window) if isinstance(window, int) else window
-    if min(height, width, wh, ww) < 1:
-        raise InvalidInputError(f"window_groups needs positive sizes, got map {height}x{width}, window {wh}x{ww}")
+    height, width, (wh, ww) = _sizes("window_groups", height, width, "window", window)
     ny, nx = math.ceil(height / wh), math.ceil(width / ww)
     ry, rx, i, j = torch.meshgrid(torch.arange(ny), torch.arange(nx), torch.arange(wh), torch.arange(ww), indexing="ij")
     y, x = ry * wh + i, rx * ww + j
@@ -37,7 +37,7 @@ def dilated_groups(
     height: int, width: int, groups: int | tuple[int, int], *, device: torch.device | str | None = None
 ) -> torch.Tensor:
     """Strided groups: group ``(gy, gx)`` holds tokens ``(i*Gy + gy, j*Gx + gx)`` (long-range grouping)."""
-    gy_n, gx_n = (groups, groups) if isinstance(groups, int) else groups
+    height, width, (gy_n, gx_n) = _sizes("dilated_groups", height, width, "groups", groups)
     if height % gy_n or width % gx_n:
         raise InvalidInputError(f"a {height}x{width} map does not split into {gy_n}x{gx_n} dilated groups")
     gy, gx, i, j = torch.meshgrid(
@@ -45,6 +45,23 @@ def dilated_groups(
     )
     table = (i * gy_n + gy) * width + (j * gx_n + gx)
     return table.reshape(gy_n * gx_n, -1).to(device=device, dtype=torch.int32)
+
+
+def _sizes(op: str, height: int, width: int, name: str, per_axis: int | tuple[int, int]) -> tuple[int, int, tuple]:
+    """The map's sizes and ``name`` (one int, or a ``(y, x)`` pair), checked to be positive integers (anything
+    ``operator.index`` takes but a bool), or a typed error."""
+    pair = tuple(per_axis) if isinstance(per_axis, (tuple, list)) else (per_axis, per_axis)
+    values = (height, width, *pair)
+    try:
+        ok = len(pair) == 2 and not any(isinstance(v, (bool, np.bool_)) for v in values)
+        ok = ok and min(operator.index(v) for v in values) >= 1
+    except TypeError:
+        ok = False
+    if not ok:
+        raise InvalidInputError(
+            f"{op} needs positive integer sizes, got map {height!r}x{width!r} and {name}={per_axis!r}"
+        )
+    return height, width, pair
 
 
 def across_views(table: torch.Tensor, views: int, tokens_per_view: int) -> torch.Tensor:

@@ -3,11 +3,12 @@ InLine attention. One Triton kernel pair computes both (``MODE``)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from attnzoo.errors import InvalidInputError
 from attnzoo.kernels import dispatch, torch_impl
-from attnzoo.kernels._checks import check_heads_first_qkv
+from attnzoo.kernels._checks import check_heads_first_qkv, real_scalar
 
 MAX_TRITON_HEAD_DIM = 128
 L2VIT_OP, INLINE_OP = "l2vit_linear_attention", "inline_attention"
@@ -24,11 +25,21 @@ def l2vit_linear_attention(
     """
     _validate(L2VIT_OP, q, k, v)
     H = q.shape[1]
+    if isinstance(temperature, torch.Tensor):  # a learnt parameter: used as is, gradient included
+        if temperature.is_complex() or temperature.dtype == torch.bool:
+            raise InvalidInputError(f"{L2VIT_OP}: temperature must be real, got {temperature.dtype}")
+    elif isinstance(temperature, (list, tuple, np.ndarray)):
+        try:
+            temperature = np.asarray(temperature, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"{L2VIT_OP}: temperature must hold real numbers, got {temperature!r}") from None
+    else:
+        temperature = real_scalar(L2VIT_OP, "temperature", temperature)
     tau = torch.as_tensor(temperature, dtype=q.dtype, device=q.device)
     if tau.numel() not in (1, H):
         raise InvalidInputError(f"{L2VIT_OP}: temperature must have 1 or {H} elements, got shape {tuple(tau.shape)}")
     tau = tau.reshape(-1).expand(H)
-    return dispatch.dispatch(L2VIT_OP, q, k, v, tau, float(denom_min))
+    return dispatch.dispatch(L2VIT_OP, q, k, v, tau, real_scalar(L2VIT_OP, "denom_min", denom_min))
 
 
 def inline_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
@@ -38,7 +49,7 @@ def inline_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     one, entries may be negative). q, k, v: ``[B, H, N, D]``; ``scale`` default ``D ** -0.5``.
     """
     _validate(INLINE_OP, q, k, v)
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else real_scalar(INLINE_OP, "scale", scale)
     return dispatch.dispatch(INLINE_OP, q, k, v, scale)
 
 

@@ -8,7 +8,7 @@ import torch
 
 from attnzoo.errors import InvalidInputError
 from attnzoo.kernels import dispatch, torch_impl
-from attnzoo.kernels._checks import check_heads_first_qkv, describe
+from attnzoo.kernels._checks import check_heads_first_qkv, describe, real_scalar
 
 OP = "masked_attention"
 MAX_TRITON_HEAD_DIM = 256
@@ -45,7 +45,7 @@ def masked_attention(
         bits, mask = mask, unpack_mask(mask, Nk)
     else:
         raise InvalidInputError(f"masked_attention: mask must be bool, or int32 packed bits, got {mask.dtype}")
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else real_scalar(OP, "scale", scale)
     return dispatch.dispatch(OP, q, k, v, mask, bits, scale)
 
 

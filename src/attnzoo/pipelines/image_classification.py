@@ -6,10 +6,11 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
-from attnzoo.datasets.images import load_image
+from attnzoo.datasets.images import is_url, load_image
 from attnzoo.errors import InvalidInputError
 from attnzoo.pipelines.base import Pipeline, weights_note
 
@@ -67,10 +68,13 @@ class ImagePreprocessor:
         self.transform, self.colour_order, self.max_pixels = transform, colour_order, max_pixels
 
     def __call__(self, image: Any) -> dict[str, Any]:
-        pixels = self.transform(load_image(image, max_pixels=self.max_pixels))
+        decoded = load_image(image, max_pixels=self.max_pixels)
+        pixels = self.transform(decoded)
         if self.colour_order == "BGR":
             pixels = pixels.flip(0)
-        return {"pixel_values": pixels, "image": image if isinstance(image, (str, os.PathLike)) else None}
+        # a file is read again for plot(); an in-memory input (or a download) is kept as decoded, a copy of its own
+        on_disk = isinstance(image, (str, os.PathLike)) and not is_url(image)
+        return {"pixel_values": pixels, "image": image if on_disk else decoded}
 
 
 def imagenet_labels(model: torch.nn.Module) -> list[str] | None:
@@ -132,9 +136,9 @@ class ImageClassificationPipeline(Pipeline):
     def _sanitize_parameters(self, top_k: int | None = None) -> tuple[dict, dict, dict]:
         post = {}
         if top_k is not None:
-            if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
                 raise InvalidInputError(f"top_k must be a positive integer, got {top_k!r}")
-            post["top_k"] = top_k
+            post["top_k"] = int(top_k)
         return {}, {}, post
 
     def preprocessor(self) -> ImagePreprocessor:

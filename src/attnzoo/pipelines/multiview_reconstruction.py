@@ -11,7 +11,7 @@ uses it as well, with its random backgrounds.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from PIL import Image
 
 from attnzoo.datasets.images import load_image
 from attnzoo.errors import InvalidInputError
-from attnzoo.pipelines.base import Pipeline, weights_note
+from attnzoo.pipelines.base import Pipeline, list_collate, weights_note
 
 __all__ = ["MultiViewReconstructionPipeline", "Occupancy", "preprocess_views"]
 
@@ -279,15 +279,18 @@ class MultiViewReconstructionPipeline(Pipeline):
         pre: dict[str, Any] = {}
         post: dict[str, Any] = {}
         if colour_order is not None:
-            if colour_order not in ("bgr", "rgb"):
+            if not isinstance(colour_order, str) or colour_order not in ("bgr", "rgb"):
                 raise InvalidInputError(f"colour_order must be 'bgr' or 'rgb', got {colour_order!r}")
             pre["colour_order"] = colour_order
         if background is not None:
             pre["background"] = background
         if threshold is not None:
-            if not 0.0 < threshold < 1.0:
-                raise InvalidInputError(f"threshold must be in (0, 1), got {threshold}")
-            post["threshold"] = threshold
+            number = isinstance(threshold, (int, float, np.integer, np.floating)) and not isinstance(
+                threshold, (bool, np.bool_)
+            )
+            if not number or not 0.0 < threshold < 1.0:
+                raise InvalidInputError(f"threshold must be a number in (0, 1), got {threshold!r}")
+            post["threshold"] = float(threshold)
         return pre, {}, post
 
     def is_single(self, inputs: Any) -> bool:
@@ -304,17 +307,21 @@ class MultiViewReconstructionPipeline(Pipeline):
             "thumbnails": images,
         }
 
-    @staticmethod
-    def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-        counts = {s["views"].shape[0] for s in samples}
-        if len(counts) > 1:
-            raise InvalidInputError(
-                f"objects in one batch must have the same number of views, got {sorted(counts)}; use batch_size=1"
-            )
-        return {"views": torch.stack([s["views"] for s in samples]), "thumbnails": [s["thumbnails"] for s in samples]}
+    collate = staticmethod(list_collate)
 
     def _forward(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {"probabilities": self.model(batch["views"]).float(), "thumbnails": batch["thumbnails"]}
+        # objects with as many views run together, so any mix of view counts batches (and an on_error="skip"
+        # run never loses a whole batch to one object with another count)
+        views = batch["views"]
+        by_count: dict[int, list[int]] = {}
+        for i, object_views in enumerate(views):
+            by_count.setdefault(object_views.shape[0], []).append(i)
+        probabilities: list[torch.Tensor] = [torch.empty(0)] * len(views)
+        for members in by_count.values():
+            grids = self.model(torch.stack([views[i] for i in members])).float()
+            for i, grid in zip(members, grids):
+                probabilities[i] = grid
+        return {"probabilities": probabilities, "thumbnails": batch["thumbnails"]}
 
     def postprocess(self, outputs: dict[str, Any], threshold: float = 0.3) -> Occupancy:
         return Occupancy(
@@ -323,9 +330,17 @@ class MultiViewReconstructionPipeline(Pipeline):
 
 
 def _is_one_object(inputs: Any) -> bool:
-    """A list of images is one object; a list of lists is a batch; a 4-D array is one object's views."""
+    """A list of images is one object; a list of lists (or of ``[V, H, W, C]`` arrays) is a batch; a 4-D
+    array is one object's views; any other iterable (a generator) is a batch of objects."""
     if isinstance(inputs, (np.ndarray, torch.Tensor)):
         return inputs.ndim <= 4
-    if isinstance(inputs, Sequence) and not isinstance(inputs, (str, bytes)):
-        return not inputs or not (isinstance(inputs[0], Sequence) and not isinstance(inputs[0], (str, bytes)))
-    return True
+    if isinstance(inputs, (str, bytes, os.PathLike, Image.Image, Mapping)):
+        return True
+    if isinstance(inputs, Sequence):
+        if not inputs:
+            return True
+        first = inputs[0]
+        if isinstance(first, (np.ndarray, torch.Tensor)):
+            return first.ndim != 4
+        return not (isinstance(first, Sequence) and not isinstance(first, (str, bytes)))
+    return not isinstance(inputs, Iterable)

@@ -16,7 +16,7 @@ import hashlib
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,7 +156,11 @@ class WSIClassificationPipeline(Pipeline):
         return Path(self._temporary_dir.name)
 
     def is_single(self, inputs: Any) -> bool:
-        return not isinstance(inputs, (list, tuple))
+        """A slide, feature file, bag, tensor or array is one input; a list or any other iterable (a generator)
+        is a batch of them."""
+        if isinstance(inputs, (str, bytes, os.PathLike, torch.Tensor, np.ndarray, Mapping)):
+            return True
+        return not isinstance(inputs, Iterable)
 
     def _sanitize_parameters(
         self,

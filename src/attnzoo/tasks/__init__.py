@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from attnzoo.errors import InvalidInputError, UnknownNameError
+from attnzoo.errors import InvalidInputError, InvalidOptionError, UnknownNameError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -96,13 +96,32 @@ class TaskSpec:
         return self._loaded["pipelines"]
 
     def pipeline_for(self, model: Any) -> type[Pipeline]:
+        serves = model_tasks(model)
         for cls in self.pipeline_classes():
-            if cls.accepts(model):
+            if self._runs_in(cls, serves) and cls.accepts(model):
                 return cls
+        if serves is not None and self.name not in serves:
+            raise _wrong_task(self, f"a {type(model).__name__}", serves)
         kinds = ", ".join(c.__name__ for c in self.pipeline_classes())
         raise InvalidInputError(
             f"the {self.name} task has no pipeline for a {type(model).__name__} (its pipelines: {kinds})"
         )
+
+    def _takes(self, serves: tuple[str, ...] | None) -> bool:
+        """Whether a model that attnzoo knows to serve ``serves`` (None: a model it does not know) may run in
+        one of this task's pipelines."""
+        return any(self._runs_in(cls, serves) for cls in self.pipeline_classes())
+
+    def _runs_in(self, cls: type[Pipeline], serves: tuple[str, ...] | None) -> bool:
+        """A model of unknown kind may run in any pipeline (its ``accepts`` decides); one of ours in this task
+        or a pipeline made for a task its registry entry lists; a timm classifier also in a pipeline that
+        claims models itself, with its own ``accepts`` (e.g. a third party's task on timm backbones)."""
+        if serves is None or self.name in serves or cls.task in serves:
+            return True
+        from attnzoo.pipelines.base import Pipeline
+
+        own_accepts = getattr(cls.accepts, "__func__", None) is not getattr(Pipeline.accepts, "__func__", None)
+        return serves == _CLASSIFIER and own_accepts
 
     def load_evaluator(self) -> Any:
         if self.evaluator is None:
@@ -122,6 +141,44 @@ class TaskSpec:
         from attnzoo.factory import attnzoo_models
 
         return [name for name, tasks in attnzoo_models().items() if self.name in tasks]
+
+
+_CLASSIFIER = ("image-classification",)
+
+
+def model_tasks(model: Any) -> tuple[str, ...] | None:
+    """The tasks attnzoo knows ``model`` (a name or a model object) to serve: its registry entry's for our own
+    models (an object by the module its class comes from), image classification for timm's classifiers
+    (ours registered with timm included); None for a model it does not know (a third party's)."""
+    import timm.models
+
+    from attnzoo.factory import load_families
+    from attnzoo.registry import get_model_entry, registered_models
+
+    load_families()
+    if isinstance(model, str):
+        entry = get_model_entry(model)
+        if entry is not None:
+            return entry.tasks
+        return _CLASSIFIER if timm.models.is_model(model) else None
+    module = type(model).__module__
+    served = {
+        task
+        for entry in map(get_model_entry, registered_models())
+        if entry is not None and getattr(entry.fn, "__module__", None) == module
+        for task in entry.tasks
+    }
+    if served:
+        return tuple(sorted(served))
+    timm_modules = {timm.models.model_entrypoint(n).__module__ for n in timm.models.list_models()}
+    return _CLASSIFIER if module.startswith("timm.") or module in timm_modules else None
+
+
+def _wrong_task(spec: TaskSpec, what: str, serves: tuple[str, ...]) -> InvalidOptionError:
+    default = f" (its default model: {spec.default_model})" if spec.default_model else ""
+    return InvalidOptionError(
+        f"the {spec.name} task does not take {what}: it is a model for {', '.join(serves)}{default}"
+    )
 
 
 _TASKS: dict[str, TaskSpec] = {}
@@ -166,6 +223,8 @@ def _load_entry_points() -> None:
 
 def get_task(task: str) -> TaskSpec:
     _load_entry_points()
+    if not isinstance(task, str):
+        raise InvalidInputError(f"a task is named by a string, got {task!r}; the tasks: {', '.join(sorted(_TASKS))}")
     name = _ALIASES.get(task, task)
     if name not in _TASKS:
         raise UnknownNameError("task", task, list(_TASKS) + list(_ALIASES))
@@ -212,6 +271,9 @@ def pipeline(
 
         from attnzoo.factory import create_model
 
+        serves = model_tasks(model)
+        if not spec._takes(serves):  # before building: no weights are fetched for a model the task cannot run
+            raise _wrong_task(spec, repr(model), serves)  # type: ignore[arg-type]
         # random weights are drawn from a fixed seed: every process of a sharded or resumed run, and
         # every rerun, gets the same model
         with torch.random.fork_rng(devices=[]):
@@ -273,6 +335,7 @@ __all__ = [
     "get_evaluator",
     "get_task",
     "list_tasks",
+    "model_tasks",
     "pipeline",
     "register_task",
     "unregister_task",
