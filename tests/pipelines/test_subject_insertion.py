@@ -239,6 +239,10 @@ def test_a_zero_one_subject_mask_selects_its_ones(pipe):
         (dict(method="none", shift_img=0.1), "takes no shift_img"),
         (dict(enforce=1.5), "Diptych's lambda"),
         (dict(step_window="5,2"), "start <= stop"),
+        (dict(step_window="nan,1"), "two finite numbers"),  # NaN compared False everywhere: no edit at all
+        (dict(blocks="18-0"), "ranges low-high"),  # an empty range ran plain FLUX Fill as in-context-brush
+        (dict(blocks=","), "no blanks"),
+        (dict(blocks=[]), "blocks is empty"),
         (dict(blend="maybe"), "on or off"),
         (dict(panel_size="big"), "panel_size"),
         (dict(orientation="diagonal"), "orientation"),
@@ -253,6 +257,15 @@ def test_bad_settings_are_refused_up_front(tiny, settings, error):
 
     with pytest.raises(InvalidOptionError, match=error):
         SubjectInsertionPipeline(tiny, **settings)
+
+
+def test_a_step_window_after_the_last_step_is_refused(tiny):
+    from attnzoo.pipelines.subject_insertion import SubjectInsertionPipeline
+
+    pipe = SubjectInsertionPipeline(tiny, steps=2, step_window="5,9")
+    target, subject = Image.new("RGB", (16, 16), "white"), Image.new("RGB", (16, 16), "red")
+    with pytest.raises(InvalidOptionError, match=r"step_window \(5, 9\) starts at or after the last of the run's 2"):
+        pipe(target, subject=subject, mask=np.ones((16, 16), np.uint8), prompt="a cat")
 
 
 def test_sizes_not_divisible_by_the_packing_are_rounded_with_a_warning(tiny):

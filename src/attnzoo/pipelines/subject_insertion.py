@@ -174,6 +174,8 @@ def _step_window(value: Any) -> tuple[float, float]:
         )
     except (TypeError, ValueError):
         raise InvalidOptionError(f"step_window must be two numbers (start, stop), got {value!r}") from None
+    if not (math.isfinite(start) and math.isfinite(stop)) or start < 0:
+        raise InvalidOptionError(f"step_window must be two finite numbers from 0 on, got {value!r}")
     return start, stop
 
 
@@ -185,16 +187,23 @@ def _blocks(value: Any) -> tuple[int, ...]:
             for part in value.split(","):
                 if "-" in part.strip()[1:]:
                     low, high = part.split("-", 1)
+                    if int(high) < int(low):
+                        raise ValueError(part)
                     out.extend(range(int(low), int(high) + 1))
-                elif part.strip():
+                else:
                     out.append(int(part))
         except ValueError:
-            raise InvalidOptionError(f"blocks must be indices like '0-18' or '0,3,5-7', got {value!r}") from None
+            raise InvalidOptionError(
+                f"blocks must be indices like '0-18' or '0,3,5-7' (ranges low-high, no blanks), got {value!r}"
+            ) from None
         return tuple(out)
     try:
-        return tuple(int(b) for b in value)
+        out = [int(b) for b in value]
     except (TypeError, ValueError):
         raise InvalidOptionError(f"blocks must be block indices, got {value!r}") from None
+    if not out:
+        raise InvalidOptionError("blocks is empty: the edit would run in no block (leave it out for all blocks)")
+    return tuple(out)
 
 
 def _onoff(value: Any) -> bool:
@@ -348,6 +357,12 @@ class SubjectInsertionPipeline(Pipeline):
 
         settings = run_settings(given)
         attention = attention_settings(given)
+        window = given.get("step_window")
+        if window is not None and isinstance(window[0], int) and window[0] >= settings["steps"]:
+            raise InvalidOptionError(
+                f"step_window {tuple(window)} starts at or after the last of the run's {settings['steps']} steps: "
+                "the edit would run in no step"
+            )
         canvases = []
         for inputs, prompt, seed, embeds, pooled in zip(
             batch["inputs"], batch["prompt"], batch["seed"], batch["prompt_embeds"], batch["pooled"]
