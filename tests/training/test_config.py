@@ -37,11 +37,19 @@ from attnzoo.training.config import TrainConfig, load_config, named_configs, rec
         ("schedule=linear", "schedule"),
         ("amp=fp8", "amp"),
         ("ema_decay=1.5", "ema_decay"),
+        ("min_lr=1", "min_lr"),  # above lr: the cosine schedule climbed from lr to it
+        ("seed=1e30", "seed"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_key(override, key):
     with pytest.raises(InvalidOptionError, match=rf"^{key}\b"):
         load_config(None, [override])
+
+
+def test_an_unused_min_lr_or_warmup_lr_may_exceed_lr():
+    assert load_config(None, ["schedule=constant", "lr=1e-6"]).min_lr > 1e-6  # the constant schedule reads no min_lr
+    with pytest.raises(InvalidOptionError, match="^warmup_lr must be at most lr"):
+        load_config(None, ["warmup_epochs=1", "warmup_lr=1", "schedule=constant"])
 
 
 def test_unknown_settings_are_refused_naming_the_key():

@@ -101,6 +101,12 @@ class TrainConfig:
             raise InvalidOptionError("early_stop_patience needs best_metric (the metric it watches)")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise InvalidOptionError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        used = {"min_lr": self.schedule == "cosine", "warmup_lr": self.warmup_epochs > 0}
+        for key in ("min_lr", "warmup_lr"):  # above lr the schedule climbs where it should decay or warm up
+            if used[key] and getattr(self, key) > self.lr:
+                raise InvalidOptionError(f"{key} must be at most lr ({self.lr}), got {getattr(self, key)!r}")
+        if not -(2**63) <= self.seed < 2**63:
+            raise InvalidOptionError(f"seed must be a 64-bit integer, got {self.seed!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
