@@ -161,6 +161,9 @@ def test_cli_train_command_and_errors(tmp_path, capsys):
     refused = capsys.readouterr().err
     assert "holds an earlier run" in refused and "--overwrite" in refused
     assert main([*command, "--overwrite"]) == 0 and "trained 1 steps" in capsys.readouterr().out
+    for device in ("mps", "bogus"):  # typed, not a RuntimeError from torch
+        assert main([*command[:-1], device, "--overwrite"]) == 1
+        assert f"device={device!r}" in capsys.readouterr().err
     (tmp_path / "empty" / "train" / "a").mkdir(parents=True)
     with pytest.raises(DatasetFormatError):
         train_classification("resnet18", tmp_path / "empty", tmp_path / "o2", overrides=["epochs=1"])

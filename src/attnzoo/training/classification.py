@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from attnzoo._placement import resolve_device
 from attnzoo.datasets.image_folder import ClassificationSamples
 from attnzoo.datasets.imagenet import read_classification_folder
 from attnzoo.datasets.images import load_image
@@ -279,7 +280,7 @@ def train_classification(
             )
         else:
             raise InvalidInputError(f"sparsifiner_phase must be 'reconstruction' or 'distill', got {phase!r}")
-    trainer_device = torch.device(device) if device else None
+    trainer_device = resolve_device(device) if device else None
     trainer = Trainer(
         net,
         TransformedSamples(train_samples, train_tf),

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from attnzoo._distributed import DistributedContext, distributed_context
 from attnzoo._io import atomic_write, remove_stale_temporaries_in, write_text
+from attnzoo._placement import resolve_device
 from attnzoo.errors import DatasetFormatError, InvalidInputError, InvalidOptionError, WeightsError
 from attnzoo.training.config import TrainConfig
 
@@ -280,7 +281,7 @@ class Trainer:
         self.ctx = distributed_context()
         if device is None:
             device = f"cuda:{self.ctx.local_rank}" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         n = len(train_set)  # type: ignore[arg-type]
         if n == 0:
             raise DatasetFormatError("the training set has no samples")

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from attnzoo._placement import resolve_device
 from attnzoo.errors import InvalidInputError, WeightsError
 from attnzoo.training.config import TrainConfig, recipe_config
 from attnzoo.training.engine import Trainer, check_run_folder, run_inputs
@@ -195,7 +196,7 @@ def train_reconstruction(
         out,
         loss_fn=_loss,
         collate_fn=_batch,
-        device=torch.device(device) if device else None,
+        device=resolve_device(device) if device else None,
         run_info={
             "task": "multiview-3d-reconstruction",
             "model": model,

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from attnzoo._io import write_json
+from attnzoo._placement import resolve_device
 from attnzoo.errors import DatasetFormatError, InvalidInputError
 from attnzoo.training.config import TrainConfig, recipe_config
 from attnzoo.training.engine import Trainer, check_run_folder, run_inputs
@@ -180,7 +181,7 @@ def train_scanpath(
         out,
         loss_fn=teacher_forced_loss,
         collate_fn=collate,
-        device=torch.device(device) if device else None,
+        device=resolve_device(device) if device else None,
         run_info={
             "task": "scanpath",
             "model": model,

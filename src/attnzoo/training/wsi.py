@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from attnzoo._io import write_json
+from attnzoo._placement import resolve_device
 from attnzoo.errors import DatasetFormatError, InvalidOptionError
 from attnzoo.training.config import TrainConfig, recipe_config
 from attnzoo.training.engine import Trainer, check_run_folder, latest_checkpoint, run_inputs
@@ -190,7 +191,7 @@ def train_wsi_classification(
             run_out,
             loss_fn=_loss,
             collate_fn=_one,
-            device=torch.device(device) if device else None,
+            device=resolve_device(device) if device else None,
             run_info={"task": "wsi-classification", "model": model, "data": str(Path(data).resolve()), "split": split},
             outputs=_OUTPUTS,
             **folder,
