@@ -89,6 +89,13 @@ def make_plan(root, **options):
     )
 
 
+def test_a_temperature_whose_logits_would_overflow_is_refused(tmp_path):
+    root = write_pope_tree(tmp_path / "data")
+    for temperature in (1e-320, float("inf"), 0.0):
+        with pytest.raises(InvalidOptionError, match="--temperature must be a finite number >= 1e-4"):
+            make_plan(root, do_sample=True, temperature=temperature)
+
+
 def test_a_comparison_records_only_the_settings_each_method_takes(tmp_path):
     root = write_pope_tree(tmp_path / "data")
     plan = make_plan(root, methods="none,var,vcd,pai+vcd", tau=2.0, alpha=0.5)

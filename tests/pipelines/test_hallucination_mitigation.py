@@ -520,6 +520,9 @@ def test_bad_inputs_are_named(ask, photos, tmp_path):
     assert isinstance(skipped[0][1], InvalidInputError) and skipped[1][1].answer is not None
     with pytest.raises(InvalidOptionError, match="do_sample=True"):
         ask(photos[0], question="dog?", temperature=0.5)
+    for temperature in (1e-320, float("inf"), float("nan"), 0):  # 1e-320 overflowed the logits: NaN sampling
+        with pytest.raises(InvalidOptionError, match="temperature must be a finite number >= 1e-4"):
+            ask(photos[0], question="dog?", do_sample=True, temperature=temperature)
     with pytest.raises(InvalidOptionError, match="beam"):
         ask(photos[0], question="dog?", do_sample=True, num_beams=2)
     with pytest.raises(InvalidOptionError, match="chat_template"):

@@ -81,8 +81,8 @@ def decoding_settings(
     for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("num_beams", num_beams, 1)):
         if value is not None and value < low:
             raise InvalidOptionError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-    if temperature is not None and temperature <= 0:
-        raise InvalidOptionError(f"--temperature must be > 0, got {temperature}")
+    if temperature is not None and not 1e-4 <= temperature < math.inf:  # below, the scaled logits overflow
+        raise InvalidOptionError(f"--temperature must be a finite number >= 1e-4, got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:
         raise InvalidOptionError(f"--top-p must be in (0, 1], got {top_p}")
     return {

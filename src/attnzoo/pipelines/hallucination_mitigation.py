@@ -300,8 +300,13 @@ def _check_decoding(given: dict[str, Any]) -> dict[str, Any]:
     if given.get("do_sample") is not None and not isinstance(given["do_sample"], (bool, np.bool_)):
         raise InvalidOptionError(f"do_sample must be True or False, got {given['do_sample']!r}")
     temperature, top_p, top_k = given.get("temperature"), given.get("top_p"), given.get("top_k")
-    if temperature is not None and not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise InvalidOptionError(f"temperature must be > 0, got {temperature!r}")
+    if temperature is not None and not (
+        isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and 1e-4 <= temperature < math.inf
+    ):  # below, the scaled logits overflow to inf and sampling fails on NaN; greedy decoding is that limit
+        raise InvalidOptionError(
+            f"temperature must be a finite number >= 1e-4, got {temperature!r} (for temperature -> 0, sample greedily: "
+            "do_sample=False)"
+        )
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise InvalidOptionError(f"top_p must be in (0, 1], got {top_p!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0):
