@@ -426,6 +426,8 @@ def test_out_must_be_a_folder_and_batching_is_checked_before_writing(tmp_path, p
     assert f"cannot be created: {tmp_path / 'taken'} is a file" in capsys.readouterr().err
     assert main([*run, "/proc/attnzoo-no-such/out"]) == 2
     assert "cannot be created in /proc" in capsys.readouterr().err
+    assert main(["demo", "-o", str(tmp_path / "taken" / "x")]) == 2  # the demo too: before any demo runs
+    assert "is a file" in capsys.readouterr().err
     assert main([*run, "/proc"]) == 2  # a folder that exists and takes no files (even as root)
     assert "--out /proc cannot be written to" in capsys.readouterr().err
     before = (tmp_path / "cat.png").read_bytes()

@@ -678,6 +678,7 @@ def demo(
     """Run every pipeline on bundled sample photographs; write results and pictures to --out."""
     from attnzoo.demo import run_demo
 
+    _check_out(out)  # under a file, or where no folder can be made: said before the demos run
     run_demo(out, device=device, log=_echo)
 
 

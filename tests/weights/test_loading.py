@@ -279,5 +279,7 @@ def test_convert_never_writes_over_its_source_nor_into_a_folder(tmp_path):
     assert official.read_bytes() == before  # the official checkpoint is kept
     with pytest.raises(InvalidOptionError, match="is a folder: give the .safetensors file"):
         convert_checkpoint(official, tmp_path, small_net())
+    with pytest.raises(InvalidOptionError, match="official.pth is a file, not a folder"):  # was FileExistsError
+        convert_checkpoint(official, official / "x.safetensors", small_net())
     out = convert_checkpoint(official, tmp_path / "ours.safetensors", small_net())
     assert set(load_file(out)) == set(small_net().state_dict())

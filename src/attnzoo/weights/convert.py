@@ -48,6 +48,9 @@ def convert_checkpoint(
     """Load ``src`` (official layout) into ``model`` strictly, then save the model's state dict to ``dst``
     (a file; never the official checkpoint itself, which would be lost)."""
     out = Path(os.fspath(dst))
+    blocked = next((p for p in out.absolute().parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise InvalidOptionError(f"{out} cannot be written: {blocked} is a file, not a folder")
     if out.is_dir():
         raise InvalidOptionError(
             f"{out} is a folder: give the .safetensors file to write, e.g. {out / 'model.safetensors'}"
