@@ -28,7 +28,7 @@ RANKS = {
     "vision.layers": 1,
     "kernels": 0,
 }
-LEAVES = {"weights", "datasets", "metrics", "viz", "errors", "registry", "_io", "_distributed", "_placement"}
+LEAVES = {"weights", "datasets", "metrics", "viz", "errors", "registry", "_io", "_distributed", "_placement", "_values"}
 
 
 def _module_name(path: Path) -> str:
