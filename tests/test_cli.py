@@ -512,3 +512,37 @@ def test_demo_leaves_nothing_half_written_and_skips_a_missing_extra(tmp_path, mo
     (tmp_path / "mine" / "thesis.tex").write_text("keep")
     assert main(["demo", "--out", str(tmp_path / "mine")]) == 2  # not a demo folder: never replaced
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "keep"
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["run", "image-classification", ""], "argument 3"),  # Path("") is the current folder: it walked cwd
+        (["run", "image-classification", "x.png", "--out", ""], "--out"),
+        (["run", "image-classification", "x.png", "-o", " "], "-o"),
+        (["run", "image-classification", "x.png", "--model="], "--model"),
+        (["eval", "image-classification", "--data", "d", "--out", "o", "--split", ""], "--split"),
+        (["train", "image-classification", "--data", "d", "--out", "o", "--config", ""], "--config"),
+        (["extract", "wsi-features", "s.svs", "--encoder", "", "--out", "o"], "--encoder"),
+    ],
+)
+def test_an_empty_argument_is_refused_by_name_before_any_work(tmp_path, monkeypatch, capsys, args, named):
+    """An empty value read as "not given" (the default ran) or, as a path, as the current folder."""
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    assert f"error: {named} is empty" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_extract_fails_when_every_slide_failed_and_not_when_some_did(tmp_path, capsys):
+    from tests.wsi_helpers import write_cohort
+
+    good, broken = write_cohort(tmp_path / "slides", sizes=((768, 768),))
+    base = ["extract", "wsi-features", "--encoder", "test_resnet", "-w", "none", "--patch-size", "64"]
+    base += ["--input-size", "32", "--num-workers", "0", "--segment", "a_t=0.1", "--segment", "a_h=0.1"]
+    assert main([*base, str(broken), "--out", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err
+    assert "error: no slide has features: all 1 failed (errors in the manifest)" in err
+    assert (tmp_path / "none" / "manifest.csv").is_file()  # the errors are there to read
+    assert main([*base, str(broken), str(good), "--out", str(tmp_path / "some")]) == 0
+    assert "1 of 2 slides have features" in capsys.readouterr().out

@@ -855,6 +855,10 @@ def extract_wsi_features(
     )
     if result.manifest is not None:  # rank 0
         _echo(result.summary())
+        if result.failed and len(result.failed) == len(result.records):  # some failed: the run goes on, exit 0
+            from attnzoo.errors import InvalidInputError
+
+            raise InvalidInputError(f"no slide has features: all {len(result.failed)} failed (errors in the manifest)")
 
 
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
@@ -877,6 +881,7 @@ def main(argv: list[str] | None = None) -> int:
     args = [a for a in args if a != "--debug"]  # accepted anywhere, not only before the command
     exit_types, abort_types, click_errors = _click_exception_types()
     try:
+        _refuse_blank_arguments(args)
         with _quiet_third_party_logs(debug):
             return _main(args, exit_types, abort_types, click_errors)
     except AttnzooError as exc:
@@ -895,6 +900,17 @@ def main(argv: list[str] | None = None) -> int:
             err=True,
         )
         return 3
+
+
+def _refuse_blank_arguments(args: list[str]) -> None:
+    """An empty argument (``--out ''``, ``--model=``, ``run ''``) is a typo or an unset shell variable: as a
+    path it would read as the current folder, as a setting as "not given" (the default). Refused, named."""
+    for i, arg in enumerate(args):
+        flag, sep, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        if (sep or not flag) and not value.strip():
+            before = args[i - 1] if i and args[i - 1].startswith("-") and "=" not in args[i - 1] else ""
+            name = flag or before or f"argument {i + 1}"
+            raise InvalidOptionError(f"{name} is empty; give a value (an unset shell variable?)")
 
 
 @contextlib.contextmanager

@@ -483,9 +483,11 @@ def test_targets_without_a_direction_are_refused(tower, target, match):
 @pytest.mark.parametrize(
     "settings, match",
     [
-        ({"fixations": 0}, "fixations must be a positive integer"),
-        ({"fixations": True}, "fixations must be a positive integer"),
-        ({"iterations": 1.0}, "iterations must be a positive integer"),
+        ({"fixations": 0}, r"fixations must be an integer in \[1, 1000\]"),
+        ({"fixations": True}, r"fixations must be an integer in \[1, 1000\]"),
+        ({"fixations": 10**9}, r"fixations must be an integer in \[1, 1000\] \(human scanpaths hold tens"),
+        ({"iterations": 1.0}, r"iterations must be an integer in \[1, 10000\]"),
+        ({"iterations": 10**6}, r"iterations must be an integer in \[1, 10000\] \(gradient steps"),
         ({"lr": float("inf")}, "lr"),
         ({"lr": -0.1}, "lr"),
         ({"lr": "0.1"}, "lr"),

@@ -381,7 +381,8 @@ def test_oat_batches_sampling_and_search_trials(tmp_path):
         ({"target": 1, "boxes": "huge"}, "outside"),
         ({"target": 1, "boxes": "nan"}, "box 2 .* NaN or infinite"),
         ({"target": 1, "boxes": "boxes.txt"}, r"\.json or \.npy"),
-        ({"target": 1, "max_len": 0}, "max_len must be a positive integer"),
+        ({"target": 1, "max_len": 0}, r"max_len must be an integer in \[1, 5000\] \(the decoder's position table"),
+        ({"target": 1, "max_len": 10**8}, r"max_len must be an integer in \[1, 5000\]"),
         ({"target": 1, "strategy": "sample", "num_samples": 0}, "num_samples must be a positive integer"),
         ({"target": 1, "strategy": "sample", "seed": 1.5}, "seed must be an integer"),
         ({"target": 1, "strategy": "sample", "seed": 2**64}, r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"),
@@ -462,7 +463,9 @@ def test_cli_run_scanpath_writes_fixations_and_pictures(neva, tmp_path, monkeypa
     assert main(["run", "scanpath", str(images)]) == 1  # no caption: a one-line error
     assert "--caption" in capsys.readouterr().err
     assert main(["run", "scanpath", str(images), "--caption", "a", "--fixations", "0"]) == 1
-    assert "fixations must be a positive integer" in capsys.readouterr().err
+    assert "fixations must be an integer in [1, 1000]" in capsys.readouterr().err
+    assert main(["run", "scanpath", str(images), "--caption", "a", "--fixations", "1000000000"]) == 1
+    assert "fixations must be an integer in [1, 1000] (human scanpaths" in capsys.readouterr().err
 
 
 def test_cli_run_scanpath_without_random_restarts(tmp_path, monkeypatch):

@@ -233,7 +233,11 @@ def test_a_zero_one_subject_mask_selects_its_ones(pipe):
     [
         (dict(method="dreambooth"), "method must be one of"),
         (dict(behaviour="paper"), "behaviour must be one of"),
-        (dict(steps=0), "steps must be a positive integer"),
+        (dict(steps=0), r"steps must be an integer in \[1, 1000\]"),
+        (dict(steps=10**12), r"steps must be an integer in \[1, 1000\] \(the scheduler's 1000 training timesteps\)"),
+        (dict(max_sequence_length=513), r"max_sequence_length .* T5 text encoder takes at most 512 tokens"),
+        (dict(panel_size="1000000x1000000"), r"panel height must be an integer in \[1, 4096\] \(FLUX was trained"),
+        (dict(panel_size=(768, 4097)), r"panel width must be an integer in \[1, 4096\]"),
         (dict(guidance=float("inf")), "guidance must be a finite number"),
         (dict(method="diptych", head_gain=0.1), "enforce"),
         (dict(method="none", shift_img=0.1), "takes no shift_img"),

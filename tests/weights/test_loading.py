@@ -155,6 +155,9 @@ def test_resolve_rejects_missing_paths_and_unknown_names(tmp_path):
         resolve_checkpoint(tmp_path / "nope.safetensors")
     with pytest.raises(UnknownNameError):
         resolve_checkpoint("no_such_checkpoint")
+    for blank in ("", "  "):  # Path("") is the current folder
+        with pytest.raises(WeightsError, match="weights is empty: give a path"):
+            resolve_checkpoint(blank)
 
 
 def test_entry_needs_a_source():

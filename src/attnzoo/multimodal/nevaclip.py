@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnzoo._placement import resolve_device, resolve_dtype
+from attnzoo._values import whole_number
 from attnzoo.errors import InvalidInputError, UnknownNameError, WeightsError
 from attnzoo.registry import register_model
 
@@ -289,16 +290,21 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
+#: Generous bounds on the search's counts (the paper: 10 fixations of 20 steps): every step is a CLIP forward and
+#: backward pass, so a typo such as 1e9 would otherwise run for days before anything is written.
+_SEARCH_LIMITS = {
+    "fixations": (1000, "human scanpaths hold tens of fixations; the paper predicts 10"),
+    "iterations": (10000, "gradient steps per fixation; the paper takes 20"),
+}
+
+
 def check_search_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The given search settings as plain Python values, refused where they cannot mean what they say
     (zero fixations, a NaN or infinite step, a memory that grows without bound)."""
     checked = dict(settings)
-    for name in ("fixations", "iterations"):
+    for name, (high, why) in _SEARCH_LIMITS.items():
         if name in settings:
-            value = settings[name]
-            if not _is_int(value) or value < 1:
-                raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
-            checked[name] = int(value)
+            checked[name] = whole_number(settings[name], name, high=high, why=why, error=InvalidInputError)
     if "lr" in settings:
         lr = settings["lr"]
         if not _is_real(lr) or not math.isfinite(lr) or lr <= 0:

@@ -22,6 +22,7 @@ from PIL import Image
 # resolve_device / resolve_dtype live in the leaf attnzoo._placement (create_model and NevaClip use them too);
 # they stay importable from here
 from attnzoo._placement import parameter_dtype, resolve_device, resolve_dtype
+from attnzoo._values import whole_number
 from attnzoo.errors import InvalidInputError, InvalidOptionError
 
 
@@ -303,12 +304,6 @@ def check_batching(batch_size: Any, num_workers: Any) -> tuple[int, int]:
     return _positive_int("batch_size", batch_size), _non_negative_int("num_workers", num_workers)
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def generator_seed(value: Any, name: str = "seed", *, spare: int = 0) -> int:
     """A seed torch's generators take: an integer in [0, 2**64 - ``spare``) (``spare``: how many seeds above
     it the caller draws from too, as seed + 1), or an :class:`InvalidOptionError` naming ``name``."""
@@ -318,7 +313,9 @@ def generator_seed(value: Any, name: str = "seed", *, spare: int = 0) -> int:
     return int(value)
 
 
+def _positive_int(name: str, value: Any) -> int:
+    return whole_number(value, name, error=InvalidInputError)
+
+
 def _non_negative_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise InvalidInputError(f"{name} must be 0 or a positive integer, got {value!r}")
-    return int(value)
+    return whole_number(value, name, low=0, error=InvalidInputError)

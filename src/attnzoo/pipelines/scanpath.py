@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from attnzoo._values import whole_number
 from attnzoo.errors import InvalidInputError
 from attnzoo.pipelines.base import Pipeline, is_single_input, list_collate
 
@@ -338,9 +339,12 @@ class OATScanpathPipeline(Pipeline):
     ) -> tuple[dict, dict, dict]:
         if strategy is not None and strategy not in ("greedy", "sample"):
             raise InvalidInputError(f"strategy must be 'greedy' or 'sample', got {strategy!r}")
-        for name, value in (("num_samples", num_samples), ("max_len", max_len)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
-                raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
+        if num_samples is not None:
+            whole_number(num_samples, "num_samples", error=InvalidInputError)
+        if max_len is not None:
+            from attnzoo.vision.oat_decoding import check_max_len
+
+            check_max_len(max_len, self.model)
         _check_seed(seed)
         given = {
             k: v

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from attnzoo._values import whole_number
 from attnzoo.errors import InvalidInputError, InvalidOptionError
 from attnzoo.pipelines.base import Pipeline, generator_seed, list_collate, weights_note
 
@@ -152,10 +153,20 @@ def _method(value: Any) -> str:
     return name
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InvalidOptionError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+#: Bounds with their reason: FLUX's scheduler is trained on 1000 timesteps (more steps revisit them), its T5
+#: encoder takes 512 tokens, and FLUX was trained up to about 2 megapixels (a panel side past 4096 px, doubled
+#: by the diptych, needs more memory than any GPU has).
+_LIMITS = {
+    "steps": (1000, "the scheduler's 1000 training timesteps"),
+    "max_sequence_length": (512, "FLUX's T5 text encoder takes at most 512 tokens"),
+    "panel height": (4096, "FLUX was trained up to about 2 megapixels; the diptych doubles the panel"),
+    "panel width": (4096, "FLUX was trained up to about 2 megapixels; the diptych doubles the panel"),
+}
+
+
+def _count(name: str, value: Any) -> int:
+    high, why = _LIMITS[name]
+    return whole_number(value, name, high=high, why=why)
 
 
 def _finite(name: str, value: Any) -> float:
@@ -442,7 +453,7 @@ def check_settings(
             raise InvalidOptionError(str(err)) from None
     for name, count in (("steps", steps), ("max_sequence_length", max_sequence_length)):
         if count is not None:
-            given[name] = _positive_int(name, count)
+            given[name] = _count(name, count)
     for name, value in (
         ("guidance", guidance),
         ("shift_img", shift_img),
@@ -561,7 +572,7 @@ def _panel_size(value: Any) -> tuple[int, int]:
         height, width = value
     except (TypeError, ValueError):
         raise InvalidOptionError(f"panel_size must be pixels (768) or (height, width), got {value!r}") from None
-    return _positive_int("panel height", height), _positive_int("panel width", width)
+    return _count("panel height", height), _count("panel width", width)
 
 
 def _batched(t: Any, dims: int) -> torch.Tensor:

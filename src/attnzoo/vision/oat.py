@@ -434,6 +434,11 @@ class OAT(nn.Module):
             b.memory_key_padding_mask,
         )
 
+    @property
+    def longest_decoding(self) -> int:
+        """The most fixations one scanpath can have: the rows of the decoder's position table (5000 officially)."""
+        return int(self.onedpositional_encoding.pos_embedding.shape[0])
+
     def generate(self, crops: Any, target: Any, max_len: int, **kwargs: Any) -> list[list[OATScanpath]]:
         """See :func:`attnzoo.vision.oat_decoding.generate`."""
         return generate(self, crops, target, max_len, **kwargs)

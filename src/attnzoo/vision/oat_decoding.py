@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from attnzoo._values import whole_number
 from attnzoo.errors import InvalidInputError
 from attnzoo.vision._common import as_generator
 from attnzoo.vision.oat_inputs import (
@@ -134,12 +135,15 @@ def _as_displays(model: OAT, crops: Any, target: Any) -> tuple[torch.Tensor, tor
     return stacked, targets
 
 
-def _check_max_len(max_len: Any) -> int:
-    if isinstance(max_len, bool) or not isinstance(max_len, int | np.integer) or max_len < 1:
-        raise InvalidInputError(
-            f"max_len must be a positive int (the official value: the longest training sequence), got {max_len!r}"
-        )
-    return int(max_len)
+def check_max_len(max_len: Any, model: OAT) -> int:
+    """At most the model's position table (a longer scanpath has no position code to add)."""
+    return whole_number(
+        max_len,
+        "max_len",
+        high=model.longest_decoding,
+        why="the decoder's position table; the official value is the longest training scanpath",
+        error=InvalidInputError,
+    )
 
 
 def trial_seeds(generator: torch.Generator | None, count: int) -> list[int]:
@@ -180,7 +184,7 @@ def generate(
     """
     if grid is not None and check_grid(grid) != model.grid:
         raise InvalidInputError(f"grid {tuple(grid)} does not match the model's {model.grid}")
-    max_len = _check_max_len(max_len)
+    max_len = check_max_len(max_len, model)
     if strategy not in ("greedy", "sample"):
         raise InvalidInputError(f"strategy must be 'greedy' or 'sample', got {strategy!r}")
     if strategy == "greedy":
@@ -251,7 +255,7 @@ def greedy_eval(model: OAT, sample: Any, max_len: int) -> OATGreedyEval:
     predicted EOS (fed with a zero blank) until that many steps are scored, which changes only the
     losses. ``loss`` = sum of the scored steps / ``(len(sequence) + 1)``.
     """
-    max_len = _check_max_len(max_len)
+    max_len = check_max_len(max_len, model)
     crops, target, seq = as_sample(sample, model.num_objects, 0)
     n = model.num_objects
     gt = [model.bos_idx, *seq, model.eos_idx]

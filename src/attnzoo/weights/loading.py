@@ -43,6 +43,8 @@ def _harmless_globals() -> list[Any]:
 def resolve_checkpoint(spec: str | os.PathLike, *, progress: bool = True) -> Path:
     """A local path for a checkpoint given as a path, URL, ``hf-hub:repo/file`` or registered name."""
     text = os.fspath(spec)
+    if not text.strip():  # Path("") is the current folder
+        raise WeightsError("weights is empty: give a path, URL, hf-hub:org/repo/file, registered name or 'none'")
     path = Path(text).expanduser()
     if path.is_file():
         return path
