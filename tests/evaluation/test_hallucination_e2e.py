@@ -187,3 +187,21 @@ def test_mme_subtask_named_twice_runs_once(tmp_path):
     assert eval_cli(*args) == 0
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert metrics["n"] == 2 and set(metrics["subtasks"]) == {"existence"}
+
+
+def test_a_comparison_checks_every_method_before_the_first_answers(pope, tmp_path, capsys):
+    """VAR has no sink dimensions for the tiny model: "none" ran over the whole dataset before VAR failed."""
+    out = tmp_path / "o"
+    assert eval_cli("--benchmark", "pope", "--methods", "none,var", "--data", str(pope), "--out", str(out)) == 2
+    assert "VAR has no sink dimensions" in capsys.readouterr().err
+    assert not any(path.read_text() for path in out.rglob("predictions.jsonl"))  # nothing answered
+
+
+@pytest.mark.parametrize("seed", [str(2**64), "-1"])
+def test_a_seed_the_run_command_refuses_is_refused_before_the_model_loads(pope, tmp_path, capsys, monkeypatch, seed):
+    import attnzoo.tasks
+
+    monkeypatch.setattr(attnzoo.tasks, "pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    args = ["--benchmark", "pope", "--do-sample", "--seed", seed, "--data", str(pope), "--out", str(tmp_path / "o")]
+    assert eval_cli(*args) == 2
+    assert r"--seed must be an integer in [0, 2**64)" in capsys.readouterr().err

@@ -344,3 +344,63 @@ def test_two_torchrun_processes_equal_one(tmp_path):
             tmp_path / "one" / method / "predictions.jsonl"
         )
         assert not list((tmp_path / "two" / method).glob("*.rank*.jsonl"))
+
+
+def test_settings_are_checked_before_the_model_loads(tmp_path):
+    """What the plan refuses, before any model loads: a seed the run command refuses (a 64-bit generator
+    seed), blank list items, empty strings and zeros that read as "not given" (the default ran instead), and
+    a contrast method with beam search (it failed after the methods before it in a comparison had run)."""
+    root = write_pope_tree(tmp_path / "data")
+    for seed in (2**64, -1, 2.5):
+        with pytest.raises(InvalidOptionError, match=r"--seed must be an integer in \[0, 2\*\*64\)"):
+            make_plan(root, seed=seed)
+    assert make_plan(root, do_sample=True, seed=2**64 - 1).settings["decoding"]["seed"] == 2**64 - 1
+    for options, message in (
+        ({"methods": "var,,agla"}, "--methods 'var,,agla' has a blank item"),
+        ({"methods": "none,"}, "has a blank item"),
+        ({"method": ""}, "--method '' has a blank item"),
+        ({"methods": " "}, "--methods ' ' has a blank item"),
+        ({"benchmark": ""}, "--benchmark must be one of"),
+        ({"source": ""}, "--source must be a non-empty string"),
+        ({"parser": ""}, "--parser must be a non-empty string"),
+        ({"split": " "}, "--split must be a non-empty string"),
+        ({"questions": ""}, "--questions must be a non-empty string"),
+        ({"image_folder": ""}, "--image-folder must be a non-empty string"),
+        ({"chat_template": ""}, "--chat-template must be a non-empty string"),
+        ({"revision": ""}, "--revision must be a non-empty string"),
+        ({"max_new_tokens": 0}, "--max-new-tokens must be a positive integer, got 0"),
+        ({"num_beams": 0}, "--num-beams must be a positive integer"),
+        ({"do_sample": True, "top_k": -1}, "--top-k must be an integer >= 0"),
+        ({"methods": "none,vcd", "num_beams": 2}, "method vcd: vcd run.*num_beams=2 does not apply"),
+    ):
+        with pytest.raises(InvalidOptionError, match=message):
+            make_plan(root, **options)
+    coco = write_coco_tree(tmp_path / "coco")
+    for options, message in (
+        ({"chair_images": 0}, "--chair-images must be a positive integer, got 0"),
+        ({"prompt": ""}, "--prompt must be a non-empty string"),
+        ({"lemmatizer": ""}, "--lemmatizer must be a non-empty string"),
+        ({"image_list": ""}, "--image-list must be a non-empty string"),
+    ):
+        with pytest.raises(InvalidOptionError, match=message):
+            make_plan(coco, benchmark="chair", **options)
+    mme = write_mme_tree(tmp_path / "mme", images=1)
+    for subtasks in ("existence,,count", "", ["existence", " "]):
+        with pytest.raises(InvalidOptionError, match="--subtasks"):
+            make_plan(mme, benchmark="mme", subtasks=subtasks)
+
+
+def test_every_method_of_a_comparison_is_checked_on_the_model_before_the_first_runs(tmp_path):
+    """``attnzoo eval`` asks the first run's evaluator to check the model before answering: it checks every
+    method of the plan, so VAR without sink dimensions for this model fails before "none" runs."""
+    from attnzoo.multimodal.hallucination.models import tiny_llava
+
+    root = write_pope_tree(tmp_path / "data")
+    model = tiny_llava()
+    first = make_plan(root, methods="none,var").runs[0][1]
+    with pytest.raises(InvalidOptionError, match="VAR has no sink dimensions for attnzoo/tiny-random-llava"):
+        first.check_model(model)
+    first = make_plan(root, methods="none,carve", layers="2,3").runs[0][1]
+    first.check_model(model)
+    with pytest.raises(InvalidOptionError, match="none of CARVE's probe layers"):
+        make_plan(root, methods="none,carve").runs[0][1].check_model(model)

@@ -16,6 +16,7 @@ from attnzoo.multimodal.hallucination.layouts import (
     LlavaNextFamily,
     Qwen2VLFamily,
     family_of,
+    language_model_limits,
     llava_next_image_token_count,
     token_runs,
 )
@@ -209,3 +210,27 @@ def test_image_refusal_follows_the_processors_own_rule():
             assert refusal in refused
     assert "200" in qwen.image_refusal(processor, 500, 1)
     assert family_of(tiny_llava()[0]).image_refusal(CLIPImageProcessor(), 500, 1) is None
+
+
+@pytest.mark.parametrize("build", [tiny_llava, tiny_llava_next, tiny_qwen2_vl, tiny_instructblip])
+def test_the_language_models_context_and_vocabulary(build):
+    """Each family's context is its language model's max_position_embeddings (times linear RoPE scaling);
+    none is invented where the config sets none (dynamic scaling, no such field)."""
+    from attnzoo.errors import InvalidOptionError
+
+    model, _ = build()
+    text = model.config.text_config
+    family = family_of(model)
+    assert language_model_limits(model.config) == (text.max_position_embeddings, text.vocab_size)
+    assert family.context_length() == text.max_position_embeddings
+    family.check_room(text.max_position_embeddings - 5, 5, "max_new_tokens")
+    with pytest.raises(InvalidOptionError, match="max_new_tokens=6 after a prompt of .* at most 5 fit"):
+        family.check_room(text.max_position_embeddings - 5, 6, "max_new_tokens")
+    kind = "rope_parameters" if getattr(text, "rope_parameters", None) is not None else "rope_scaling"
+    base = dict(getattr(text, kind) or {})
+    setattr(text, kind, {**base, "rope_type": "linear", "factor": 4.0})
+    assert family.context_length() == 4 * text.max_position_embeddings
+    setattr(text, kind, {**base, "rope_type": "dynamic", "factor": 2.0})
+    assert family.context_length() is None
+    family.check_room(10**9, 10**9, "max_new_tokens")  # no known limit: nothing refused
+    assert language_model_limits(type("Config", (), {"model_type": "gpt2"})()) == (None, None)

@@ -708,3 +708,102 @@ def test_threads_sharing_a_model_take_turns(ask, photos, method):
     assert not errors
     assert answers == {i: [serial[i], serial[i]] for i in range(len(photos))}
     assert ask.model.generation_config is config
+
+
+def _no_generate(model, monkeypatch):
+    """``model.generate`` recorded instead of run: a refusal must come before the model generates."""
+    calls = []
+    monkeypatch.setattr(model, "generate", lambda *args, **kwargs: calls.append(kwargs))
+    return calls
+
+
+def test_max_new_tokens_must_fit_the_language_models_context(ask, photos, monkeypatch, tmp_path):
+    """The tiny LLaVA's LLaMA has 2048 positions: a count that cannot fit after any prompt is refused when the
+    pipeline is made, one that cannot fit after this prompt (image tokens included) before generating."""
+    assert ask.family.context_length() == ask.model.config.text_config.max_position_embeddings == 2048
+    for value in (10**14, 2048):
+        with pytest.raises(InvalidOptionError, match=r"max_new_tokens must be an integer in \[1, 2047\].*context"):
+            attnzoo.pipeline(TASK, weights="none", device="cpu", max_new_tokens=value)
+    for value in (0, True, 2.5, "8"):  # whole numbers only (attnzoo._values.whole_number)
+        with pytest.raises(InvalidOptionError, match="max_new_tokens must be"):
+            ask(photos[0], question="dog?", max_new_tokens=value)
+    calls = _no_generate(ask.model, monkeypatch)
+    prompt = len(ask.processor(images=[photos[0]], text=[ask._prompt("dog?", "model")])["input_ids"][0])
+    with pytest.raises(
+        InvalidOptionError, match=f"prompt of {prompt} tokens.*context of 2048.*at most {2048 - prompt}"
+    ):
+        ask(photos[0], question="dog?", max_new_tokens=2048 - prompt + 1)
+    with pytest.raises(InvalidOptionError, match="max_new_tokens=2000 after a prompt"):  # CARVE's probes never ran
+        ask(photos[0], question="dog?", max_new_tokens=2000, method="carve", layers=(2, 3), probe_tokens=2)
+    with pytest.raises(InvalidOptionError, match="CARVE's probe_tokens=2000 after a prompt"):
+        ask(photos[0], question="dog?", method="carve", layers=(2, 3), probe_tokens=2000)
+    assert not calls
+    monkeypatch.undo()
+    # loading by name: refused from the checkpoint's config.json, before its weights are read
+    tiny_llava().save_pretrained(tmp_path / "tiny")
+    processor_for(tiny_llava()).save_pretrained(tmp_path / "tiny")
+    from transformers import AutoModelForImageTextToText
+
+    loads = []
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", lambda *a, **k: loads.append(a))
+    for setting, match in (({"max_new_tokens": 2048}, "context is 2048"), ({"num_beams": 500}, "vocabulary")):
+        with pytest.raises(InvalidOptionError, match=match):
+            attnzoo.pipeline(TASK, model="llava_1_5_7b", weights=str(tmp_path / "tiny"), device="cpu", **setting)
+    assert not loads
+
+
+def test_beams_are_bounded_by_the_vocabulary_and_contrast_branches_take_none(ask, photos, monkeypatch):
+    vocab = ask.model.config.text_config.vocab_size
+    with pytest.raises(InvalidOptionError, match=rf"num_beams must be an integer in \[1, {vocab}\].*vocabulary"):
+        attnzoo.pipeline(TASK, weights="none", device="cpu", num_beams=100000)
+    calls = _no_generate(ask.model, monkeypatch)
+    with pytest.raises(InvalidOptionError, match="vocabulary"):
+        ask(photos[0], question="dog?", num_beams=vocab + 1)
+    for method in ("vcd", "pai"):  # VCD's branch, PAI's guidance: one cache per sequence
+        with pytest.raises(InvalidOptionError, match=f"{method} run.*num_beams=2 does not apply"):
+            ask(photos[0], question="dog?", method=method, num_beams=2)
+    assert not calls
+
+
+def test_a_file_given_where_a_checkpoint_folder_goes_is_named(tmp_path, photos, capsys):
+    """A weights file as AGLA's BLIP or as the LVLM's weights was looked up on the Hub ("cannot reach
+    huggingface.co"); it is refused, saying what the option takes."""
+    from attnzoo.cli import main
+    from attnzoo.multimodal.hallucination import AGLA
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights")
+    with pytest.raises(InvalidOptionError, match="is a file; it takes a Hub id or a folder.*BlipForImageTextRetrieval"):
+        AGLA(blip_model=str(weights))
+    with pytest.raises(InvalidOptionError, match=r"weights .* is a file.*saved llava model \(its config.json"):
+        attnzoo.pipeline(TASK, model="llava_1_5_7b", weights=str(weights), device="cpu")
+    photos[0].save(tmp_path / "a.png")
+    run = ["run", TASK, str(tmp_path / "a.png"), "--question", "dog?", "--device", "cpu"]
+    assert main([*run, "--weights", "none", "--method", "agla", "--blip-model", str(weights)]) == 2
+    assert "--blip-model) " + str(weights) + " is a file" in capsys.readouterr().err
+    assert main([*run, "--weights", str(weights)]) == 2
+    assert "huggingface.co" not in capsys.readouterr().err
+
+
+def test_blank_items_and_empty_strings_are_refused(ask, photos):
+    """A dropped blank item or an empty string read as "not given" would run something other than what was
+    typed (``method=""`` ran the stock model)."""
+    for method in ("", " ", "var,,agla", "var++agla", "var+"):
+        with pytest.raises(InvalidOptionError, match="method"):
+            ask(photos[0], question="dog?", method=method)
+    for spec, settings, name in (
+        ("var", {"sink_dims": "3,,7"}, "sink_dims"),
+        ("carve", {"layers": "1,,2"}, "layers"),
+        ("carve", {"layers": "1,2,"}, "layers"),
+    ):
+        with pytest.raises(InvalidOptionError, match=f"{name} '.*' has a blank item"):
+            build_methods(spec, **settings)
+    with pytest.raises(InvalidOptionError, match="attention_layers '1,,2' has a blank item"):
+        ask(photos[0], question="dog?", return_attention=True, attention_layers="1,,2")
+    for keyword in ("attn_implementation", "revision"):
+        with pytest.raises(InvalidOptionError, match=f"{keyword} must be a non-empty string"):
+            attnzoo.pipeline(TASK, weights="none", device="cpu", **{keyword: ""})
+    with pytest.raises(InvalidOptionError, match="weights must be a non-empty string"):
+        attnzoo.pipeline(TASK, weights=" ", device="cpu")
+    with pytest.raises(InvalidOptionError, match="blip_model.*must be a non-empty string"):
+        ask(photos[0], question="dog?", method="agla", blip_model="")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from attnzoo._io import read_json, write_json, write_text
+from attnzoo._values import comma_items, nonblank_text, whole_number
 from attnzoo.errors import InvalidInputError, InvalidOptionError
 from attnzoo.evaluation.runner import EvalPlan, EvalSample, TaskEvaluator
 
@@ -75,12 +76,16 @@ def decoding_settings(
 ) -> dict[str, Any]:
     """The full decoding configuration with its defaults filled in: greedy unless ``do_sample`` (then
     temperature 1, top-p 1, no top-k unless given: the VCD / AGLA setting), one beam."""
+    from attnzoo.pipelines.base import generator_seed
+
     sampled = bool(do_sample)
     if not sampled and any(v is not None for v in (temperature, top_p, top_k)):
         raise InvalidOptionError("--temperature, --top-p and --top-k apply to sampled decoding: add --do-sample")
-    for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("num_beams", num_beams, 1)):
-        if value is not None and value < low:
-            raise InvalidOptionError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("num_beams", num_beams, 1), ("top_k", top_k, 0)):
+        if value is not None:  # the model's own bounds (context, vocabulary) are checked once its config is read
+            whole_number(value, f"--{name.replace('_', '-')}", low=low)
+    if seed is not None:  # the run command's range, refused before the model loads
+        generator_seed(seed, "--seed")
     if temperature is not None and not 1e-4 <= temperature < math.inf:  # below, the scaled logits overflow
         raise InvalidOptionError(f"--temperature must be a finite number >= 1e-4, got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -105,13 +110,17 @@ def _settings_taken(name: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k in accepted}
 
 
-def _describe_method(name: str, settings: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _describe_method(name: str, settings: Mapping[str, Any], decoding: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Every setting of the method(s) as they will run, defaults included, as JSON values (what ``run.json``
-    holds and a resumed run compares); an unknown method is refused here, before any model loads."""
-    from attnzoo.multimodal.hallucination.methods import build_methods
+    holds and a resumed run compares); an unknown method, or one that cannot decode as asked (a contrast
+    branch with beam search), is refused here, before any model loads."""
+    from attnzoo.multimodal.hallucination.methods import build_methods, decoding_refusal
 
-    described = [m.describe() for m in build_methods(name, strict=False, **settings)]
-    return json.loads(json.dumps(described, default=str))
+    built = build_methods(name, strict=False, **settings)
+    refusal = decoding_refusal(built, decoding["num_beams"])
+    if refusal is not None:
+        raise InvalidOptionError(f"method {name}: {refusal}")
+    return json.loads(json.dumps([m.describe() for m in built], default=str))
 
 
 def _sha256(path: Path | None) -> str | None:
@@ -180,21 +189,26 @@ class HallucinationEvaluator(TaskEvaluator):
     ) -> EvalPlan:
         """One run per method (a sub-folder each when there are several); every run's settings hold
         the full decoding configuration, prompt, parser, data files and the method's settings."""
-        benchmark = benchmark or "pope"
+        benchmark = "pope" if benchmark is None else benchmark
         if benchmark not in BENCHMARKS:
             raise InvalidOptionError(f"--benchmark must be one of {', '.join(BENCHMARKS)}, got {benchmark!r}")
-        if method and methods:
+        texts = {"chat_template": chat_template, "attn_implementation": attn_implementation, "revision": revision}
+        for name, value in texts.items():
+            if value is not None:  # empty: not "the model's own"
+                nonblank_text(value, "--" + name.replace("_", "-"))
+        if method is not None and methods is not None:
             raise InvalidOptionError("give --method or --methods, not both")
-        names = [m.strip() for m in (methods or method or "none").split(",") if m.strip()]
-        if not names or len(set(names)) != len(names):
-            raise InvalidOptionError(f"--methods lists each method once, got {methods or method!r}")
+        listed = methods if methods is not None else method
+        names = ["none"] if listed is None else comma_items(listed, "--methods" if methods is not None else "--method")
+        if len(set(names)) != len(names):
+            raise InvalidOptionError(f"--methods lists each method once, got {listed!r}")
         decoding = decoding_settings(
             do_sample=do_sample,
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
             num_beams=num_beams,
-            max_new_tokens=max_new_tokens or _DEFAULTS[benchmark]["max_new_tokens"],
+            max_new_tokens=_DEFAULTS[benchmark]["max_new_tokens"] if max_new_tokens is None else max_new_tokens,
             seed=seed,
         )
         model_settings = {
@@ -235,8 +249,9 @@ class HallucinationEvaluator(TaskEvaluator):
             evaluator.pipeline_kwargs = {**common_kwargs, "method": name, **own}
             if own and len(names) > 1:  # every method gets the settings; each takes the ones it has
                 evaluator.pipeline_kwargs["unused_settings"] = "ignore"
-            ran = {"method": name, "method_settings": own, "method_description": _describe_method(name, own)}
+            ran = {"method": name, "method_settings": own, "method_description": _describe_method(name, own, decoding)}
             runs.append((name if len(names) > 1 else None, evaluator, ran))
+        first._cache["methods"] = [(name, run["method_settings"]) for name, _, run in runs]  # checked on the model
         settings = {
             **first.settings(),
             "decoding": decoding,
@@ -244,6 +259,17 @@ class HallucinationEvaluator(TaskEvaluator):
         }
         pipeline_kwargs = dict(runs[0][1].pipeline_kwargs or {}) if len(names) == 1 else common_kwargs
         return EvalPlan(model, first.split, runs, pipeline_kwargs, settings)
+
+    def check_model(self, model: Any) -> None:
+        """Every method of the plan on ``model`` (the methods of a comparison all run on it), before the first
+        run answers: VAR without sink dimensions for this model would otherwise fail after the runs before it."""
+        from attnzoo.multimodal.hallucination.methods import build_methods, check_on_model
+
+        if self._cache.get("methods_checked_on") is model:
+            return
+        for name, settings in self._cache.get("methods", ()):
+            check_on_model(build_methods(name, strict=False, **settings), model)
+        self._cache["methods_checked_on"] = model
 
     def run_settings(self, pipe: Any, *, batch_size: int) -> dict[str, Any]:
         """What loaded and how the prompts were batched: the language model's attention implementation,
@@ -289,8 +315,25 @@ class HallucinationEvaluator(TaskEvaluator):
     ):
         if benchmark not in BENCHMARKS:
             raise InvalidOptionError(f"--benchmark must be one of {', '.join(BENCHMARKS)}, got {benchmark!r}")
-        if limit is not None and limit < 1:
-            raise InvalidOptionError(f"--limit must be >= 1, got {limit}")
+        if limit is not None:
+            whole_number(limit, "--limit")
+        texts = {
+            "split": split,
+            "source": source,
+            "parser": parser,
+            "prompt": prompt,
+            "questions": questions,
+            "image_folder": image_folder,
+            "image_list": image_list,
+            "lemmatizer": lemmatizer,
+        }
+        for name, value in texts.items():
+            if value is not None:  # an empty one would read as "not given" (the default) or the current folder
+                nonblank_text(
+                    os.fspath(value) if isinstance(value, os.PathLike) else value, "--" + name.replace("_", "-")
+                )
+        if chair_images is not None:
+            whole_number(chair_images, "--chair-images")
         defaults = _DEFAULTS[benchmark]
         self.benchmark, self.limit, self.seed, self.sampled = benchmark, limit, seed, sampled
         self.split = split or defaults["split"]
@@ -402,8 +445,15 @@ class HallucinationEvaluator(TaskEvaluator):
         self.parser = parser or _DEFAULTS["mme"]["parser"]
         if self.parser not in MME_PARSERS:
             raise InvalidOptionError(f"--parser for MME is one of {', '.join(MME_PARSERS)}, got {self.parser!r}")
-        names = subtasks.split(",") if isinstance(subtasks, str) else subtasks or MME_HALLUCINATION_SUBTASKS
-        self.subtasks = list(dict.fromkeys(s.strip() for s in names if s.strip()))  # each once, in order
+        if subtasks is None:
+            names = list(MME_HALLUCINATION_SUBTASKS)
+        elif isinstance(subtasks, str):
+            names = comma_items(subtasks, "--subtasks")
+        else:
+            names = [nonblank_text(s, "--subtasks").strip() for s in subtasks]
+        if not names:
+            raise InvalidOptionError("--subtasks names no subtask")
+        self.subtasks = list(dict.fromkeys(names))  # each once, in order
         self.questions = read_mme(data, self.subtasks)
         released = prompt_suffix in (None, "released")
         self.suffix = None if released else _suffix(prompt_suffix, "none")

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from attnzoo._values import comma_items, nonblank_text, whole_number
 from attnzoo.errors import AttnzooError, InvalidInputError, InvalidOptionError, OfflineError, WeightsError
 from attnzoo.pipelines.base import Pipeline, generator_seed, list_collate, weights_note
 
@@ -256,22 +257,48 @@ def decoding_record(
     }
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InvalidOptionError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+def _generation_limits(given: dict[str, Any], context: int | None, vocab: int | None) -> dict[str, Any]:
+    """``max_new_tokens`` and ``num_beams`` of ``given`` checked (whole numbers) against what the language model
+    can take: fewer new tokens than its context (the prompt holds at least one token), no more beams than its
+    vocabulary. None: that limit is not known (nothing invented)."""
+    if given.get("max_new_tokens") is not None:
+        why = f"the language model's context is {context} tokens and the prompt takes at least one" if context else ""
+        high = context - 1 if context else None
+        given["max_new_tokens"] = whole_number(given["max_new_tokens"], "max_new_tokens", high=high, why=why)
+    if given.get("num_beams") is not None:
+        why = (
+            f"the vocabulary's {vocab} tokens: every beam starts from the same prompt, so its first step has no "
+            "more distinct continuations"
+            if vocab
+            else ""
+        )
+        given["num_beams"] = whole_number(given["num_beams"], "num_beams", high=vocab, why=why)
+    return given
+
+
+def _check_before_loading(checkpoint: Any, given: Mapping[str, Any], revision: str | None) -> None:
+    """The ``max_new_tokens`` / ``num_beams`` that the checkpoint's config alone rules out, refused from its
+    config.json before its weights load (minutes for a 7B model)."""
+    from attnzoo.multimodal.hallucination.layouts import language_model_limits
+
+    asked = {k: given[k] for k in ("max_new_tokens", "num_beams") if given.get(k) is not None}
+    if not asked:
+        return
+    _generation_limits(dict(asked), None, None)  # a value of the wrong kind is refused without reading anything
+    config = checkpoint.config(**({"revision": revision} if revision is not None else {}))
+    _generation_limits(asked, *language_model_limits(config))
 
 
 def _layers(value: Any) -> tuple[int, ...]:
-    """Layer indices from ints or a string like ``"10-12"`` / ``"2,5,8-9"``."""
-    parts = value.split(",") if isinstance(value, str) else value
+    """Layer indices from ints or a string like ``"10-12"`` / ``"2,5,8-9"`` (a blank item refused)."""
+    parts = comma_items(value, "attention_layers") if isinstance(value, str) else value
     out: list[int] = []
     try:
         for part in parts if not isinstance(parts, (int, np.integer)) else [parts]:
             if isinstance(part, str) and "-" in part.strip()[1:]:
                 low, high = part.split("-", 1)
                 out.extend(range(int(low), int(high) + 1))
-            elif not isinstance(part, str) or part.strip():
+            else:
                 out.append(int(part))
     except (TypeError, ValueError):
         raise InvalidOptionError(
@@ -362,7 +389,11 @@ class HallucinationMitigationPipeline(Pipeline):
 
         self._methods_cache: dict[Any, list[Any]] = {}
         self._weights_label: str | None = None
+        for name, value in (("attn_implementation", attn_implementation), ("revision", revision)):
+            if value is not None:  # an empty one would read as "the model's own" (or transformers' default)
+                nonblank_text(value, name)
         if isinstance(model, LVLMCheckpoint):
+            _check_before_loading(model, kwargs, revision)
             overrides = {"revision": revision, "attn_implementation": attn_implementation, "device_map": device_map}
             with _attn_implementation_checked(attn_implementation):
                 model, loaded = model.load(
@@ -444,11 +475,10 @@ class HallucinationMitigationPipeline(Pipeline):
         return_attention: bool | None = None,
         attention_layers: Any = None,
     ) -> tuple[dict, dict, dict]:
+        from attnzoo.multimodal.hallucination.layouts import language_model_limits
+
         given = {k: v for k, v in locals().items() if k != "self" and v is not None}
-        if "max_new_tokens" in given:
-            given["max_new_tokens"] = _positive_int("max_new_tokens", max_new_tokens)
-        if "num_beams" in given:
-            given["num_beams"] = _positive_int("num_beams", num_beams)
+        _generation_limits(given, *language_model_limits(self.model.config))
         if "seed" in given:
             given["seed"] = generator_seed(seed)
         if "chat_template" in given:
@@ -479,13 +509,16 @@ class HallucinationMitigationPipeline(Pipeline):
         return merged[0], merged[1], merged[2]
 
     def _build_methods(self, given: Mapping[str, Any]) -> list[Any]:
-        from attnzoo.multimodal.hallucination.methods import build_methods
+        from attnzoo.multimodal.hallucination.methods import build_methods, check_on_model
 
         spec, settings = given.get("method"), dict(given.get("method_settings") or {})
         strict = given.get("unused_settings", "error") == "error"
         key = (_spec_key(spec), repr(sorted(settings.items(), key=lambda kv: kv[0])), strict)
         if key not in self._methods_cache:
-            self._methods_cache[key] = build_methods(spec, strict=strict, **settings)
+            methods = build_methods(spec, strict=strict, **settings)
+            with _model_lock(self.model):  # what this model rules out (VAR's sink dims), before any answer
+                check_on_model(methods, self.model)
+            self._methods_cache[key] = methods
         return self._methods_cache[key]
 
     def _decoding(self, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -583,8 +616,11 @@ class HallucinationMitigationPipeline(Pipeline):
 
         from attnzoo.multimodal.hallucination.base import attached, processors_then_warpers
         from attnzoo.multimodal.hallucination.method import PromptBatch
-        from attnzoo.multimodal.hallucination.methods import ordered
+        from attnzoo.multimodal.hallucination.methods import decoding_refusal, ordered
 
+        refusal = decoding_refusal(methods, decoding["num_beams"])
+        if refusal is not None:
+            raise InvalidOptionError(refusal)
         if capture and decoding["num_beams"] > 1:
             raise InvalidOptionError("return_attention follows one sequence per prompt: use num_beams=1")
         if capture and not self.family.spatial:  # said before answering, not after
@@ -599,6 +635,7 @@ class HallucinationMitigationPipeline(Pipeline):
         encode = functools.partial(self._encode, template=template)
         inputs = encode(batch["image"], batch["question"])
         self._image_tokens(inputs, batch["name"])
+        self._check_room(inputs, decoding["max_new_tokens"])  # before any pre-pass generates
         prompt_batch = PromptBatch(list(batch["image"]), list(batch["question"]), inputs, encode, {"seeds": seeds})
         runs = ordered(methods)
         if decoding["num_beams"] > 1:  # said before any pre-pass (CARVE's probes) runs
@@ -630,6 +667,8 @@ class HallucinationMitigationPipeline(Pipeline):
                     chain = LogitsProcessorList([paired.followed_by(*chain)])
                 if decoding["num_beams"] > 1:
                     _check_beam_images(self.model, self.family, [_count(im) for im in prompt_batch.images])
+                self._check_room(final, decoding["max_new_tokens"])  # the prompts as they answer (CARVE's longer)
+                self._check_room(model_inputs, decoding["max_new_tokens"])
                 recorder = _AttentionRecorder(self.family, layers) if capture else None
                 with (
                     self._attention_weights() if capture else nullcontext(),
@@ -712,6 +751,10 @@ class HallucinationMitigationPipeline(Pipeline):
             k: v.to(self.device, dtype=dtype if v.is_floating_point() else None) if isinstance(v, torch.Tensor) else v
             for k, v in encoded.items()
         }
+
+    def _check_room(self, inputs: Mapping[str, Any], max_new_tokens: int) -> None:
+        """The answer must fit the language model's context after the (left-padded) prompts."""
+        self.family.check_room(int(inputs["input_ids"].shape[1]), max_new_tokens, "max_new_tokens")
 
     def _image_tokens(self, inputs: Mapping[str, Any], names: Sequence[str]) -> Any:
         """The prompts' image tokens, checked against the family's layout (a processor that does not match

@@ -47,6 +47,7 @@ from .functional.agla import AGLA_GRADCAM_LAYER, agla_augment
 from .functional.contrastive import assembly_logits
 from .layouts import family_of
 from .method import MitigationMethod, PromptBatch
+from .models import pretrained_source
 
 #: The official POPE settings and the BLIP-ITM checkpoint matching the official LAVIS model.
 DEFAULTS: dict[str, Any] = {"alpha": 2.0, "beta": 0.5, "blip_model": "Salesforce/blip-itm-large-coco"}
@@ -137,9 +138,8 @@ class AGLA(MitigationMethod):
         elif check_batched("AGLA", batched) and self.behaviour == "official":
             raise InvalidOptionError(f"{OFFICIAL_BRANCH_ALONE}: batched=True applies to behaviour='paper'")
         self.batched = batched
-        if isinstance(blip_model, str):
-            if not blip_model:
-                raise InvalidOptionError("AGLA's blip_model must be a hub id or a loaded BlipForImageTextRetrieval")
+        if isinstance(blip_model, str):  # a Hub id or a folder (an empty name or a file refused here)
+            blip_model = pretrained_source(blip_model, "AGLA's blip_model (--blip-model)", "BlipForImageTextRetrieval")
         else:
             _check_blip(blip_model)
         self.blip_model = blip_model

@@ -46,6 +46,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from attnzoo._values import whole_number
 from attnzoo.errors import InvalidInputError, InvalidOptionError
 
 from .base import ContrastBranchProcessor, check_behaviour, language_model_attention, mask_positions, repeat_kv
@@ -106,10 +107,8 @@ class CARVE(MitigationMethod):
             raise InvalidOptionError(f"CARVE's lam must be > 0, got {lam}")
         if not 0.0 < float(top_percent) <= 1.0:
             raise InvalidOptionError(f"CARVE's top_percent must be in (0, 1], got {top_percent}")
-        if int(min_keep_regions) < 1 or int(probe_tokens) < 1:
-            raise InvalidOptionError(
-                f"CARVE's min_keep_regions and probe_tokens must be >= 1, got {min_keep_regions} and {probe_tokens}"
-            )
+        min_keep_regions = whole_number(min_keep_regions, "CARVE's min_keep_regions")
+        probe_tokens = whole_number(probe_tokens, "CARVE's probe_tokens")
         if not 0.0 <= float(outlier_percent) <= 100.0:
             raise InvalidOptionError(f"CARVE's outlier_percent must be in [0, 100], got {outlier_percent}")
         if not general_instruction.strip():
@@ -127,13 +126,22 @@ class CARVE(MitigationMethod):
     def images_per_answered_prompt(self) -> int:
         return 2 if self.behaviour == "official" else 1
 
-    def prepare(self, model: nn.Module, processor: Any, batch: PromptBatch) -> PromptBatch:
+    def check_model(self, model: nn.Module) -> None:
+        self._model_family(model)
+
+    def _model_family(self, model: nn.Module) -> Family:
+        """The model's family, refused without a patch grid or without any of the probe layers."""
         family = family_of(model)
         if not family.spatial:
             raise LayoutError(
                 f"CARVE maps the image tokens' attention back onto the image, which needs a patch grid; "
                 f"{family.name} has {family.vision_note}. Use a projector model (LLaVA, Qwen2-VL)"
             )
+        self._existing_layers(family)
+        return family
+
+    def prepare(self, model: nn.Module, processor: Any, batch: PromptBatch) -> PromptBatch:
+        family = self._model_family(model)
         if not batch.images or len(batch.images) != len(batch.questions):
             raise InvalidInputError(
                 f"CARVE needs one image per question, got {len(batch.images)} image(s) and "
@@ -190,6 +198,7 @@ class CARVE(MitigationMethod):
         positions, grids = _grid_positions(family, inputs)
         layers = self._existing_layers(family)
         steps = 1 if CARVE_VARIANTS[self.variant][0] == "first" else self.probe_tokens
+        family.check_room(int(inputs["input_ids"].shape[1]), steps, "CARVE's probe_tokens")
         keep = keep and prefix is not None and self.behaviour == "official" and family.continues_cached_prompts
         runner = _ProbeRunner(model, inputs, family, layers, prefix=prefix, keep_prefix=keep)
         partners = [n + group for group in groups]

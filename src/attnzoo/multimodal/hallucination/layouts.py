@@ -138,6 +138,23 @@ class Family:
     def text_config(self):
         return getattr(self.config, self.text_config_key) if self.text_config_key else self.config
 
+    def context_length(self) -> int | None:
+        """The language model's context in tokens (prompt, image tokens included, plus answer), or None where
+        its config sets none: :func:`language_model_limits`."""
+        return _context_length(self.text_config())
+
+    def check_room(self, prompt_tokens: int, new_tokens: int, setting: str) -> None:
+        """Refuse ``new_tokens`` generated after a prompt of ``prompt_tokens`` (image tokens included) where
+        they pass the context: positions past it were never trained (or, with a rotary table, do not exist),
+        and a huge count would run out of memory or for hours. No known context: nothing refused."""
+        limit = self.context_length()
+        if limit is not None and prompt_tokens + new_tokens > limit:
+            room = f"at most {limit - prompt_tokens} fit" if prompt_tokens < limit else "the prompt alone fills it"
+            raise InvalidOptionError(
+                f"{setting}={new_tokens} after a prompt of {prompt_tokens} tokens (image tokens included) passes "
+                f"the language model's context of {limit} tokens (max_position_embeddings): {room}"
+            )
+
     def generation_module(self) -> nn.Module:
         """The module whose forward ``generate`` calls (and a contrast branch calls in its place)."""
         return self.model
@@ -569,6 +586,34 @@ def family_of(model: nn.Module) -> Family:
     raise UnknownFamilyError(str(model_type), [t for f in FAMILIES for t in f.model_types])
 
 
+def language_model_limits(config: Any) -> tuple[int | None, int | None]:
+    """``(context, vocabulary)`` of the language model of an LVLM ``config`` (a model's or a checkpoint's
+    ``config.json``, read before its weights load); None where the config sets none (a model type of no
+    family here, a T5 language model's relative positions, dynamic RoPE scaling)."""
+    family = next((f for f in FAMILIES if getattr(config, "model_type", None) in f.model_types), None)
+    if family is None:
+        return None, None
+    text = getattr(config, family.text_config_key, None) if family.text_config_key else config
+    vocab = getattr(text, "vocab_size", None)
+    return _context_length(text), vocab if isinstance(vocab, int) and vocab > 0 else None
+
+
+def _context_length(text_config: Any) -> int | None:
+    """``max_position_embeddings`` (LLaMA, Vicuna, Mistral, Qwen2: the positions the model was built for),
+    times the factor of linear RoPE scaling; None under dynamic scaling (no set end) or without one."""
+    limit = getattr(text_config, "max_position_embeddings", None)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        return None
+    rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None)
+    if isinstance(rope, Mapping):
+        kind, factor = rope.get("rope_type", rope.get("type")), rope.get("factor")
+        if kind == "dynamic":
+            return None
+        if kind == "linear" and isinstance(factor, (int, float)) and factor > 1:
+            return int(limit * factor)
+    return limit
+
+
 @dataclass(frozen=True)
 class FixedImageSpan:
     """A fixed image span for models without an image layout of their own (a plain causal LM fed
@@ -630,6 +675,7 @@ __all__ = [
     "Qwen2VLFamily",
     "UnknownFamilyError",
     "family_of",
+    "language_model_limits",
     "llava_next_image_token_count",
     "resolve_family",
     "token_runs",

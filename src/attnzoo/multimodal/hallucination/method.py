@@ -107,6 +107,13 @@ class MitigationMethod:
         """Interventions to attach to the model while ``generate`` runs (may be empty)."""
         return []
 
+    def check_model(self, model: nn.Module) -> None:
+        """Raise what running on ``model`` would raise from its settings alone (sink dimensions it has none
+        of, layers it lacks), before any prompt is answered: a comparison of methods checks every method
+        before the first one runs. The default: every intervention attached and detached again."""
+        for intervention in self.interventions():
+            intervention.attach(model).detach()
+
     def prepare(self, model: nn.Module, processor: Any, batch: PromptBatch) -> PromptBatch:
         """A pre-pass that may replace the prompts before ``generate`` (default: none)."""
         return batch

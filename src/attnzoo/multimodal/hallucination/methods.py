@@ -30,6 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from attnzoo._values import comma_items
 from attnzoo.errors import InvalidOptionError
 
 from .base import AttentionEdit, Intervention, InterventionConflictError
@@ -42,7 +43,9 @@ __all__ = [
     "MethodEntry",
     "build_methods",
     "check_composition",
+    "check_on_model",
     "composition_name",
+    "decoding_refusal",
     "method_names",
     "method_settings",
     "parse_method_spec",
@@ -103,8 +106,9 @@ def _coerced(cls: type, name: str, value: Any) -> Any:
     annotation = str(getattr(parameter, "annotation", ""))
     if not isinstance(value, str) or not any(t in annotation for t in ("Sequence", "Iterable", "tuple[", "list[")):
         return value
+    items = comma_items(value, name)
     try:
-        return [float(v) if "." in v else int(v) for v in value.replace(" ", "").split(",") if v]
+        return [float(v) if "." in v else int(v) for v in items]
     except ValueError:
         raise InvalidOptionError(f"{name} must be numbers separated by commas, got {value!r}") from None
 
@@ -183,8 +187,15 @@ def parse_method_spec(spec: Any) -> list[tuple[str, Any]]:
     method instance itself. None, "none", "" and [] are no method."""
     if spec is None or isinstance(spec, (MitigationMethod, Intervention)):
         spec = [] if spec is None else [spec]
-    if isinstance(spec, str):
-        spec = [part for part in spec.replace(",", "+").split("+")]
+    if isinstance(spec, str):  # "" or "var++agla" would run something other than what was typed
+        if not spec.strip():
+            raise InvalidOptionError("method is empty: name one (var, var+agla), or 'none' for the stock model")
+        try:
+            spec = comma_items(spec.replace("+", ","), "method")
+        except InvalidOptionError:
+            raise InvalidOptionError(
+                f"method {spec!r} has a blank item; join method names with + or commas, e.g. 'var+agla'"
+            ) from None
     if isinstance(spec, Mapping):
         pairs = []
         for name, settings in spec.items():
@@ -248,6 +259,27 @@ def build_methods(spec: Any = None, *, strict: bool = True, **settings: Any) -> 
         )
     check_composition(methods)
     return methods
+
+
+def check_on_model(methods: Sequence[MitigationMethod], model: Any) -> None:
+    """Raise what each of ``methods`` would raise on ``model`` from its settings alone
+    (:meth:`~.method.MitigationMethod.check_model`), before any of them answers."""
+    for method in methods:
+        method.check_model(model)
+
+
+def decoding_refusal(methods: Sequence[MitigationMethod], num_beams: int) -> str | None:
+    """Why ``methods`` cannot decode with ``num_beams`` (None: they can): a contrast branch (VCD, AGLA, PAI's
+    or PAINT's guidance) keeps one cache per sequence, which beam search reorders."""
+    if num_beams <= 1:
+        return None
+    branched = [m.name for m in methods if CONTRAST in kinds_of(m) or getattr(m, "guided", False)]
+    if not branched:
+        return None
+    return (
+        f"{', '.join(branched)} run(s) a contrast branch with one cache per sequence, which beam search reorders: "
+        f"num_beams={num_beams} does not apply (use num_beams=1: greedy or sampled decoding)"
+    )
 
 
 def kinds_of(method: MitigationMethod) -> set[str]:

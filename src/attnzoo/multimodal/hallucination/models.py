@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from attnzoo._values import nonblank_text
 from attnzoo.errors import InvalidOptionError, WeightsError
 from attnzoo.registry import register_model
 
@@ -30,6 +31,7 @@ __all__ = [
     "TINY_NAMES",
     "LVLMCheckpoint",
     "attach_processor",
+    "pretrained_source",
     "processor_for",
     "tiny_llava",
     "tiny_lvlm",
@@ -63,6 +65,20 @@ def processor_for(model: torch.nn.Module) -> Any | None:
     return _PROCESSORS.get(model)
 
 
+def pretrained_source(value: Any, what: str, holds: str) -> str:
+    """``value`` as what ``from_pretrained`` takes: a Hub id or a folder. An empty name, or a file (a weights
+    file given where a saved model's folder goes), is refused naming ``what`` and what it takes (``holds``:
+    the model class such a folder holds); transformers would look a file's path up on the Hub and say that
+    huggingface.co cannot be reached."""
+    name = nonblank_text(os.fspath(value) if isinstance(value, os.PathLike) else value, what)
+    if os.path.isfile(name):
+        raise InvalidOptionError(
+            f"{what} {name} is a file; it takes a Hub id or a folder holding a saved {holds} (its config.json and "
+            "weights, as save_pretrained writes them)"
+        )
+    return name
+
+
 @dataclass
 class LVLMCheckpoint:
     """A transformers LVLM not loaded yet: a Hub id or a local folder, and how to load it.
@@ -93,6 +109,16 @@ class LVLMCheckpoint:
 
     def eval(self) -> LVLMCheckpoint:
         return self
+
+    def config(self, **overrides: Any) -> Any:
+        """The checkpoint's config (``config.json`` only, no weights), checked to be of :attr:`model_type`:
+        what a pipeline reads to refuse settings the model cannot take before its weights load."""
+        spec = replace(self, **overrides)
+        name = _source(spec)
+        from attnzoo.weights import hub
+
+        with hub.pretrained_loading(f"the LVLM {name}", name) as cache_only:
+            return _checked_config(spec, name, _loading(spec, cache_only))
 
     def load(self, **overrides: Any) -> tuple[torch.nn.Module, Any]:
         """``AutoModelForImageTextToText.from_pretrained`` and ``AutoProcessor.from_pretrained`` (from the
@@ -136,37 +162,48 @@ def _from_pretrained(spec: LVLMCheckpoint, dtype: Any, device_map: Any) -> tuple
 
     from attnzoo.weights import hub
 
-    name = os.fspath(spec.name_or_path)
-    extra = dict(spec.from_pretrained)
-    asked_cache_only = bool(extra.pop("local_files_only", False))
+    name = _source(spec)
+    extra = {k: v for k, v in spec.from_pretrained.items() if k != "local_files_only"}
     with hub.pretrained_loading(f"the LVLM {name}", name) as cache_only:
-        loading: dict[str, Any] = {"revision": spec.revision, "local_files_only": cache_only or asked_cache_only}
+        loading = _loading(spec, cache_only)
         model_kwargs = {**loading, "dtype": dtype, **extra}
         if device_map is not None:
             model_kwargs["device_map"] = device_map
         if spec.attn_implementation is not None:
             model_kwargs["attn_implementation"] = spec.attn_implementation
         if spec.model_type is not None:
-            _check_model_type(spec, name, loading)
+            _checked_config(spec, name, loading)
         processor = AutoProcessor.from_pretrained(name, **loading)
         model = AutoModelForImageTextToText.from_pretrained(name, **model_kwargs)
     return model, processor
 
 
-def _check_model_type(spec: LVLMCheckpoint, name: str, loading: dict[str, Any]) -> None:
-    """A checkpoint of another architecture than the registered name would load and run under that name
-    (``--model qwen2_vl_7b_instruct --weights <a LLaVA folder>``): refused from its config, before the
-    weights are read."""
+def _source(spec: LVLMCheckpoint) -> str:
+    holds = f"{spec.model_type} model" if spec.model_type else "transformers LVLM"
+    return pretrained_source(spec.name_or_path, "the LVLM checkpoint (weights=, --weights)", holds)
+
+
+def _loading(spec: LVLMCheckpoint, cache_only: bool) -> dict[str, Any]:
+    asked_cache_only = bool(spec.from_pretrained.get("local_files_only", False))
+    return {"revision": spec.revision, "local_files_only": cache_only or asked_cache_only}
+
+
+def _checked_config(spec: LVLMCheckpoint, name: str, loading: dict[str, Any]) -> Any:
+    """The checkpoint's config. One of another architecture than the registered name would load and run
+    under that name (``--model qwen2_vl_7b_instruct --weights <a LLaVA folder>``): refused from its config,
+    before the weights are read."""
     from transformers import AutoConfig
 
-    found = getattr(AutoConfig.from_pretrained(name, **loading), "model_type", None)
-    if found != spec.model_type:
+    config = AutoConfig.from_pretrained(name, **loading)
+    found = getattr(config, "model_type", None)
+    if spec.model_type is not None and found != spec.model_type:
         names = [n for n, kind in _MODEL_TYPES.items() if kind == found]
         fits = f"a name of its architecture as the model ({', '.join(names)})" if names else "a model of its kind"
         raise WeightsError(
             f"{name} holds a {found!r} checkpoint, but {spec.model_name or 'the model asked for'} is a "
             f"{spec.model_type!r} model: give it as weights with {fits}, or weights of this one"
         )
+    return config
 
 
 #: The tiny random models' names (their ``config._name_or_path``), by family.
@@ -402,8 +439,9 @@ def _builder(name: str, hub_id: str):
                 f"{type(weights).__name__}"
             )
         own = {k: kwargs.pop(k) for k in _FROM_PRETRAINED_KEYS if k in kwargs}
+        source = hub_id if weights is None else pretrained_source(weights, "weights", f"{_MODEL_TYPES[name]} model")
         return LVLMCheckpoint(
-            os.fspath(weights) if weights is not None else hub_id,
+            source,
             **own,
             from_pretrained=kwargs,
             model_type=_MODEL_TYPES[name],
