@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 import attnzoo
 from attnzoo.cli import main
 from attnzoo.errors import DatasetFormatError, InvalidInputError, InvalidOptionError
-from attnzoo.training.classification import train_classification
+from attnzoo.training.classification import METRICS, train_classification
 
 TINY_BIFORMER = dict(depth=[1, 1, 1, 1], embed_dim=[16, 32, 64, 128], head_dim=16, qk_dims=[16, 32, 64, 128])
 COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (230, 210, 30)]
@@ -118,6 +118,8 @@ def test_cli_train_command_and_errors(tmp_path, capsys):
     code = main(command)
     assert code == 0, capsys.readouterr().err
     assert "trained 1 steps" in capsys.readouterr().out
+    evaluated = (tmp_path / "run" / "eval.csv").read_text().splitlines()[0].split(",")[2:]
+    assert evaluated == [f"eval_{name}" for name in METRICS]  # the names best_metric is checked against
     assert (
         json.loads(json.dumps(__import__("yaml").safe_load((tmp_path / "run" / "config.yaml").read_text())))["run"][
             "model"
@@ -298,3 +300,30 @@ def test_a_run_resumes_from_another_working_folder(tmp_path, monkeypatch):
         "resnet18", "../shapes", tmp_path / "run", overrides=["epochs=2", *settings], resume=True, **common
     )
     assert resumed["step"] == 2
+
+
+def test_bad_sizes_and_a_damaged_image_in_a_worker_are_one_line_errors(tmp_path, capsys):
+    """input_size=-1 reached a DataLoader worker: the CLI printed the worker's whole traceback as an internal error."""
+    data = shapes_dataset(tmp_path / "shapes", per_class_train=2, per_class_val=1)
+    command = [
+        "train",
+        "image-classification",
+        "--model",
+        "resnet18",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    settings = ["epochs=1", "batch_size=8", "auto_augment=null", "--device", "cpu"]
+    for bad, said in [
+        ("input_size=-1", "input_size must be a positive integer, got -1"),
+        ("eval_batch_size=0", "eval_batch_size must be a positive integer, got 0"),
+        ("reprob=2", "reprob must be a number in [0.0, 1.0], got 2.0"),
+    ]:
+        assert main([*command, *settings, bad]) == 2
+        assert capsys.readouterr().err == f"error: {said}\n"
+    (data / "train" / "class1" / "0.png").write_bytes(b"not a png at all")
+    assert main([*command, *settings, "input_size=32", "num_workers=1"]) == 1
+    said = capsys.readouterr().err
+    assert said == f"error: {data / 'train' / 'class1' / '0.png'}: not an image format PIL can read\n", said

@@ -39,6 +39,8 @@ from attnzoo.training.config import TrainConfig, load_config, named_configs, rec
         ("ema_decay=1.5", "ema_decay"),
         ("min_lr=1", "min_lr"),  # above lr: the cosine schedule climbed from lr to it
         ("seed=1e30", "seed"),
+        ("seed=1" + "0" * 400, "seed"),  # an int past the float range: once an OverflowError from float()
+        ("lr=1" + "0" * 400, "lr"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_key(override, key):
@@ -127,3 +129,39 @@ def test_a_binary_file_as_config_is_a_typed_error(tmp_path):
     (tmp_path / "folder.yaml").mkdir()
     with pytest.raises(InvalidOptionError, match="does not exist"):
         load_config(tmp_path / "folder.yaml")
+
+
+def test_bounded_recipe_settings_are_refused_naming_the_key():
+    defaults = {"input_size": 224, "reprob": 0.0, "n_classes": None}
+    ranges = {"input_size": (1, None), "reprob": (0.0, 1.0), "n_classes": (2, None)}
+    for override, wanted in [
+        ("input_size=-1", "input_size must be a positive integer, got -1"),
+        ("input_size=0", "input_size must be a positive integer"),
+        ("reprob=1.5", r"reprob must be a number in \[0.0, 1.0\], got 1.5"),
+        ("n_classes=1", r"n_classes must be an integer >= 2, got 1"),
+        ("n_classes=abc", "n_classes must be an integer or null"),
+    ]:
+        with pytest.raises(InvalidOptionError, match=f"^{wanted}"):
+            recipe_config(None, [override], defaults, "unit", ranges=ranges)
+    cfg = recipe_config(None, ["input_size=32.0", "reprob=1", "n_classes=null"], defaults, "unit", ranges=ranges)
+    assert cfg.extra == {"input_size": 32, "reprob": 1.0, "n_classes": None}
+
+
+def _recipes():
+    from attnzoo.training import classification, reconstruction, scanpath, wsi
+
+    return [
+        (classification.train_classification, "image-classification", ("top1", "top5")),
+        (reconstruction.train_reconstruction, "multiview-3d-reconstruction", ("iou",)),
+        (scanpath.train_scanpath, "scanpath", ("ss", "edit_distance", "delta", "model_length")),
+        (wsi.train_wsi_classification, "wsi-classification", ("selection", "auc", "f1_micro")),
+    ]
+
+
+@pytest.mark.parametrize("recipe, task, metrics", _recipes(), ids=lambda v: getattr(v, "__name__", ""))
+def test_every_recipe_refuses_an_unknown_best_metric_before_reading_its_data(tmp_path, recipe, task, metrics):
+    """best_metric=nope was accepted: the run trained to its end and no best.pt was ever written."""
+    with pytest.raises(InvalidOptionError, match=f"^best_metric 'nope' is not a metric the {task} evaluation") as info:
+        recipe("any_model", tmp_path / "no data here", tmp_path / "out", overrides=["best_metric=nope"])
+    assert all(name in str(info.value) for name in metrics)
+    assert not (tmp_path / "out").exists()

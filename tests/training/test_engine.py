@@ -422,3 +422,89 @@ def test_a_run_removes_the_temporaries_a_killed_write_left(tmp_path):
         (tmp_path / name).write_bytes(b"x" * 100)
     make_trainer(tmp_path).fit()
     assert sorted(p.name for p in tmp_path.glob(".*")) == sorted(others[:2])
+
+
+def test_a_best_metric_the_evaluation_does_not_report_is_refused_at_the_first_evaluation(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=3, best_metric="nope")
+    trainer.eval_fn = lambda model: {"acc": 0.5, "loss": 1.0}
+    with pytest.raises(
+        InvalidOptionError, match="^best_metric 'nope' is not a metric this run's evaluation reports.*acc, loss"
+    ):
+        trainer.fit()
+    assert trainer.step == trainer.steps_per_epoch  # refused after the first epoch, not after the last
+
+
+class Damaged(torch.utils.data.Dataset):
+    """Sample 5 fails the way a damaged file does, with a typed attnzoo error."""
+
+    def __init__(self, error):
+        g = torch.Generator().manual_seed(1)
+        self.x, self.error = torch.randn(32, 4, generator=g), error
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        if i == 5:
+            raise self.error
+        return self.x[i], int(self.x[i, 0] > 0)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [DatasetFormatError("sample 5: not an image PIL can read"), UnknownNameError("colour", "mauve", ["magenta"])],
+    ids=["one-argument", "other-arguments"],
+)
+def test_a_typed_error_in_a_data_loader_worker_reaches_the_caller_as_itself(tmp_path, error):
+    """With num_workers > 0 DataLoader re-raised it with the worker's traceback as the message (the CLI printed that
+    whole traceback), or as a RuntimeError where the class's __init__ takes other arguments."""
+    trainer = make_trainer(tmp_path, num_workers=1, epochs=1)
+    trainer.train_set.dataset = Damaged(error)
+    with pytest.raises(type(error)) as info:
+        trainer.fit()
+    assert type(info.value) is type(error) and str(info.value) == str(error) and "Traceback" not in str(info.value)
+    assert vars(info.value) == vars(error)
+
+
+def test_huge_counts_start_at_once_or_are_refused_with_the_reason(tmp_path):
+    """Nothing before the first step costs time or memory in proportion to the counts; a count of steps past the
+    float range (the schedule computes in floats) was an OverflowError at the first step."""
+    from attnzoo.training.engine import StepBatches, _process_limit
+
+    trainer = make_trainer(tmp_path / "long", epochs=10**12, warmup_epochs=1e9, cooldown_epochs=1e9, log_every=10**30)
+    steps = []
+
+    def one_step(model, batch):
+        if steps:
+            raise KeyboardInterrupt  # the run got going: stop it there
+        steps.append(len(batch[0]))
+        return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    trainer.loss_fn = one_step
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert trainer.step == 1 and trainer.total_steps == 4 * 10**12
+    # repeated_aug's order was built as n x repeats pairs, then cut to n
+    order = [item for batch in StepBatches(20, 4, 1, _context(), seed=0, epoch=0, repeats=10**12) for item in batch]
+    assert len(order) == 20 and len({i for _, i, _ in order}) == 1 and [c for _, _, c in order] == list(range(20))
+    for overrides, key in [
+        ({"epochs": 10**308}, "epochs"),
+        ({"warmup_epochs": 1e308}, "warmup_epochs"),
+        ({"cooldown_epochs": 1e308}, "cooldown_epochs"),
+        ({"schedule": "step", "decay_epochs": 1e308}, "decay_epochs"),
+        ({"schedule": "multistep", "decay_milestones": [1.0, 1e308]}, "decay_milestones"),
+    ]:
+        with pytest.raises(
+            InvalidOptionError, match=f"^{key}=.* optimizer steps .*more than the learning-rate schedule"
+        ):
+            make_trainer(tmp_path / "refused", **overrides)
+    if _process_limit() is not None:  # DataLoader would start them all before the first batch
+        with pytest.raises(InvalidOptionError, match="^num_workers=1000000000000 is more worker processes"):
+            make_trainer(tmp_path / "refused", num_workers=10**12)
+    assert not (tmp_path / "refused").exists()
+
+
+def _context():
+    from attnzoo._distributed import DistributedContext
+
+    return DistributedContext()

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import attnzoo
 from attnzoo.errors import InvalidInputError
@@ -80,6 +81,20 @@ def test_training_lowers_the_loss_and_keeps_the_best_epoch_by_delta(trained):
     assert (run / "model.safetensors").is_file() and "stopped_early" in result
     config = (run / "config.yaml").read_text()
     assert "early_stop_patience: 30" in config and "optimizer: adam" in config and "best_mode: min" in config
+
+
+def test_every_evaluation_reports_the_metrics_best_metric_is_checked_against(trained, monkeypatch):
+    """The model's statistics were left out of an evaluation where none of its scanpaths had any: eval.csv then
+    took its columns from whichever row came first, and best_metric=model_length would be missing."""
+    import attnzoo.training.scanpath as recipe
+
+    data, run, result = trained
+    with (run / "eval.csv").open() as fh:
+        assert next(csv.reader(fh))[2:] == [f"eval_{name}" for name in recipe.METRICS]
+    no_statistics = {"ss": 0.0, "edit_distance": 1.0, "delta": float("inf")}  # no scanpath reached the target
+    monkeypatch.setattr(recipe, "evaluate_search", lambda model, samples, max_len: no_statistics)
+    metrics = recipe._validation(torch.nn.Identity(), recipe.SearchSamples([]), 5)
+    assert list(metrics) == list(recipe.METRICS) and all(np.isnan(metrics[k]) for k in recipe.METRICS[3:])
 
 
 def test_trained_weights_run_in_the_pipeline_and_the_evaluation(trained, tmp_path):

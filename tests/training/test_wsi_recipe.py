@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from attnzoo.training.wsi import train_wsi_classification
+from attnzoo.errors import InvalidOptionError
+from attnzoo.training.wsi import METRICS, train_wsi_classification
 
 # one_thread (tests/conftest.py): one bag per step makes thousands of tiny matmuls: on a shared 2-core machine a
 # second torch thread only adds contention (the two training tests ran 3-4x slower with two threads than with one).
@@ -76,9 +77,12 @@ def test_cli_train_command(tmp_path, capsys):
             "cpu",
         ]
     )
-    assert code == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert list(summary["seeds"]) == ["3"] and "auc" in summary["mean"]
+    # 12 slides: 3 test, 1 of the other 9 for validation, 8 to train on, one bag per step (it said "1 steps")
+    assert "trained 8 steps" in captured.out and summary["seeds"]["3"]["step"] == 8
 
 
 def _write_split(path, train, val, test):
@@ -174,3 +178,71 @@ def test_resuming_several_seeds_starts_afresh_a_seed_killed_before_its_first_che
     assert all(torch.equal(full[k], resumed[k]) for k in full)  # seed 2 trained again from its start
     steps = [int(r.split(",")[0]) for r in (seed2 / "metrics.csv").read_text().splitlines()[1:]]
     assert steps == sorted(set(steps))  # no step logged twice
+
+
+@pytest.mark.parametrize(
+    "seeds, wanted",
+    [
+        ("[1,1]", "seeds lists 1 more than once"),
+        ("[1.5,1.7]", r"seeds\[0\] must be an integer in \[-9223372036854775808, 9223372036854775807\]"),
+        ("[]", "seeds is empty"),
+        ("1,,2", "seeds '1,,2' has a blank item"),
+        ("abc", "seeds must be integers"),
+        ("[1, 9223372036854775808]", r"seeds\[1\] must be an integer in"),
+        ("[true]", r"seeds\[0\] must be an integer"),
+        ("{a: 1}", r"seeds\[0\] must be an integer"),
+    ],
+)
+def test_bad_seeds_are_refused_before_anything_is_read(tmp_path, seeds, wanted):
+    with pytest.raises(InvalidOptionError, match=f"^{wanted}"):
+        train_wsi_classification("abmil", tmp_path / "no data", tmp_path / "run", overrides=[f"seeds={seeds}"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_seed_settings_that_name_seeds():
+    from attnzoo.training.wsi import seed_list
+
+    assert seed_list(None, 7) == [7] and seed_list(3, 7) == [3] and seed_list("1, 2,-3", 7) == [1, 2, -3]
+    assert seed_list([2, 1], 7) == [2, 1]
+
+
+def test_overwrite_discards_an_earlier_runs_seed_folders_and_resume_keeps_its_seeds(tmp_path):
+    """--overwrite left an earlier run's seed-<s> folders and a later --resume with other seeds mixed them in."""
+    data = write_acmil_h5(tmp_path / "feats.h5", n_slides=12)
+    out = tmp_path / "run"
+
+    def train(seeds, **kwargs):
+        overrides = {"epochs": 1, "seeds": seeds, "log_every": 1000}
+        return train_wsi_classification(
+            "abmil", data, out, overrides=overrides, device="cpu", model_kwargs={"inner_dim": 8}, **kwargs
+        )
+
+    result = train([1, 2])
+    assert result["step"] == 16 and [run["step"] for run in result["seeds"].values()] == [8, 8]  # 8 slides each
+    (out / "seed-1" / "notes.txt").write_text("mine")
+    with pytest.raises(InvalidOptionError, match=r"is a run of seeds \[1, 2\], not \[1, 3\]: resume it with seeds="):
+        train([1, 3], resume=True)
+    with pytest.raises(InvalidOptionError, match="is a run of seeds"):
+        train([4], resume=True)
+    assert train([2, 1], resume=True)["step"] == 16  # the same seeds, in another order: finished, nothing to do
+
+    assert train([4], overwrite=True)["step"] == 8
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["seed-1", "tensorboard"]
+    assert [p.name for p in (out / "seed-1").iterdir()] == ["notes.txt"]  # only the user's file is left
+    assert json.loads((out / "summary.json").read_text())["seeds"].keys() == {"4"}
+    with pytest.raises(InvalidOptionError, match=r"is a run of seeds \[4\], not \[1, 2\]"):
+        train([1, 2], resume=True)
+    eval_columns = (out / "eval.csv").read_text().splitlines()[0].split(",")[2:]
+    assert eval_columns == [f"eval_{name}" for name in METRICS]  # the names best_metric is checked against
+
+
+def test_resume_refuses_other_seeds_of_a_run_that_did_not_record_them(tmp_path):
+    """A run made before seeds.json existed: its seed folders tell which seeds it has."""
+    data = write_acmil_h5(tmp_path / "feats.h5", n_slides=12)
+    kwargs = {"device": "cpu", "model_kwargs": {"inner_dim": 8}}
+    train_wsi_classification("abmil", data, tmp_path / "run", overrides={"epochs": 1, "seeds": [1, 2]}, **kwargs)
+    (tmp_path / "run" / "seeds.json").unlink()
+    with pytest.raises(InvalidOptionError, match=r"is a run of seeds \[1, 2\], not \[1, 3\]"):
+        train_wsi_classification(
+            "abmil", data, tmp_path / "run", overrides={"epochs": 1, "seeds": [1, 3]}, resume=True, **kwargs
+        )

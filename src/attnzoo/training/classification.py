@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from attnzoo._placement import resolve_device
 from attnzoo.datasets.image_folder import ClassificationSamples
@@ -22,7 +22,7 @@ from attnzoo.datasets.imagenet import read_classification_folder
 from attnzoo.datasets.images import load_image
 from attnzoo.errors import DatasetFormatError, InvalidInputError, WeightsError
 from attnzoo.training.config import TrainConfig, recipe_config
-from attnzoo.training.engine import Trainer, check_run_folder, run_inputs
+from attnzoo.training.engine import Trainer, check_run_folder, run_inputs, typed_batches
 
 __all__ = ["TransformedSamples", "train_classification"]
 
@@ -47,6 +47,19 @@ RECIPE_DEFAULTS = {
     "cls_distill_weight": 0.5,
     "token_distill_weight": 0.5,
 }
+#: Allowed values of the recipe settings that are sizes, counts, probabilities or strengths.
+RECIPE_RANGES = {
+    "input_size": (1, None),
+    "eval_batch_size": (1, None),
+    "color_jitter": (0.0, None),
+    "reprob": (0.0, 1.0),
+    "mixup": (0.0, None),
+    "cutmix": (0.0, None),
+    "smoothing": (0.0, 1.0),
+    "drop_path": (0.0, 1.0),
+}
+#: What the validation (:class:`_TopK`) reports: the names ``best_metric`` may take.
+METRICS = ("top1", "top5")
 
 
 class TransformedSamples(Dataset):
@@ -133,7 +146,7 @@ class _TopK:
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
         hits1 = hits5 = n = 0
-        for x, y in DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers):
+        for x, y in typed_batches(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers):
             logits = model(x.to(self.device))
             top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.cpu()
             hits1 += int((top[:, 0] == y).sum())
@@ -206,7 +219,9 @@ def train_classification(
 
     import attnzoo
 
-    cfg = recipe_config(config, overrides, RECIPE_DEFAULTS, "image-classification")
+    cfg = recipe_config(
+        config, overrides, RECIPE_DEFAULTS, "image-classification", metrics=METRICS, ranges=RECIPE_RANGES
+    )
     extra = cfg.extra
     root = Path(data)
     folder: dict[str, Any] = {"data": root, "inputs": run_inputs(config, weights, cfg)}

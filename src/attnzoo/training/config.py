@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from attnzoo._values import whole_number
 from attnzoo.errors import InvalidOptionError, UnknownNameError
 
 _CHOICES = {
@@ -116,6 +117,22 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _finite_float(value: Any) -> float | None:
+    """``value`` as a finite float, or None (an int beyond the float range, like ``lr=1`` + 400 zeros, too)."""
+    if not _is_number(value):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _is_whole(value: Any) -> bool:
+    """An int, or an integral float (``epochs=1e2``); ints are taken as they are, however large (no float on the way)."""
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
+
+
 def _conform(key: str, value: Any, annotation: str) -> Any:
     """``value`` as the type ``annotation`` names (``"float | None"``, ``"list[float]"``...), or a typed
     error naming ``key``."""
@@ -125,10 +142,10 @@ def _conform(key: str, value: Any, annotation: str) -> Any:
         return None
     if kind == "bool" and isinstance(value, bool):
         return value
-    if kind == "int" and _is_number(value) and float(value).is_integer():
+    if kind == "int" and _is_whole(value):
         return int(value)
-    if kind == "float" and _is_number(value) and math.isfinite(value):
-        return float(value)
+    if kind == "float" and _finite_float(value) is not None:
+        return _finite_float(value)
     if kind == "str" and isinstance(value, str):
         return value
     if kind == "list[float]" and isinstance(value, (list, tuple)):
@@ -152,9 +169,9 @@ def _coerce(key: str, value: str, current: Any) -> Any:
             parsed = float(parsed)
         except ValueError:
             return parsed
-    if isinstance(current, float) and _is_number(parsed):
-        return float(parsed)
-    return parsed
+    if isinstance(current, float) and _finite_float(parsed) is not None:
+        return _finite_float(parsed)
+    return parsed  # anything else is judged by the setting's own check
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
@@ -242,17 +259,51 @@ def load_config(source: str | Path | None = None, overrides: list[str] | dict[st
     return apply_overrides(config, overrides or [])
 
 
-def _check_recipe_settings(extra: dict[str, Any], defaults: dict[str, Any], task: str) -> None:
-    """Recipe settings have the kind of their default (a number, a flag, a name); None defaults take anything."""
+#: A recipe setting's allowed range: ``(low, high)``, both included; ``high`` None for no upper bound.
+Range = tuple[float, float | None]
+
+
+def _check_recipe_settings(
+    extra: dict[str, Any], defaults: dict[str, Any], task: str, ranges: Mapping[str, Range]
+) -> None:
+    """Recipe settings have the kind of their default (a number, a flag, a name); None defaults take anything,
+    except where ``ranges`` bounds them (then an int if the lower bound is one, else a number, or null)."""
     unknown = set(extra) - set(defaults)
     if unknown:
         raise InvalidOptionError(
             f"unknown {task} settings: {', '.join(sorted(unknown))} (known: {', '.join(sorted(defaults))})"
         )
     for key, default in defaults.items():
-        if default is not None and not isinstance(default, (list, dict)):
+        if key in ranges:
+            low, high = ranges[key]
+            kind = type(low if default is None else default).__name__
+            extra[key] = _in_range(
+                key, _conform(key, extra[key], f"{kind} | None" if default is None else kind), low, high
+            )
+        elif default is not None and not isinstance(default, (list, dict)):
             kind = "bool" if isinstance(default, bool) else type(default).__name__
             extra[key] = _conform(key, extra[key], kind)
+
+
+def _in_range(key: str, value: Any, low: float, high: float | None) -> Any:
+    """``value`` if it lies in ``[low, high]`` (None passes: a setting left unset), else an error naming ``key``."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return whole_number(value, key, low=int(low), high=None if high is None else int(high))
+    if value < low or (high is not None and value > high):
+        wanted = f"at least {low}" if high is None else f"in [{low}, {high}]"
+        raise InvalidOptionError(f"{key} must be a number {wanted}, got {value!r}")
+    return value
+
+
+def check_best_metric(best_metric: str | None, metrics: Sequence[str], evaluation: str) -> None:
+    """Refuse a ``best_metric`` that ``evaluation`` does not report: no ``best.pt`` would ever be written, and
+    the run would end without saying why."""
+    if best_metric is not None and best_metric not in metrics:
+        raise InvalidOptionError(
+            f"best_metric {best_metric!r} is not a metric {evaluation} reports; choose one of: {', '.join(metrics)}"
+        )
 
 
 def recipe_config(
@@ -260,11 +311,17 @@ def recipe_config(
     overrides: list[str] | dict[str, Any] | None,
     defaults: dict[str, Any],
     task: str,
+    *,
+    metrics: Sequence[str] | None = None,
+    ranges: Mapping[str, Range] | None = None,
 ) -> TrainConfig:
     """A recipe's settings: its defaults under the named/YAML config, then the overrides; keys the
-    recipe does not know, or values of the wrong kind, are errors."""
+    recipe does not know, values of the wrong kind or outside ``ranges``, and a ``best_metric`` not among
+    ``metrics`` (the names the recipe's evaluation reports) are errors, before any data is read."""
     cfg = config if isinstance(config, TrainConfig) else load_config(config)
     cfg.extra = {**defaults, **cfg.extra}
     apply_overrides(cfg, overrides or [])
-    _check_recipe_settings(cfg.extra, defaults, task)
+    _check_recipe_settings(cfg.extra, defaults, task, ranges or {})
+    if metrics is not None:
+        check_best_metric(cfg.best_metric, metrics, f"the {task} evaluation")
     return cfg

@@ -26,13 +26,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 from attnzoo._distributed import DistributedContext, distributed_context
 from attnzoo._io import atomic_write, remove_stale_temporaries_in, write_text
 from attnzoo._placement import resolve_device
-from attnzoo.errors import DatasetFormatError, InvalidInputError, InvalidOptionError, WeightsError
-from attnzoo.training.config import TrainConfig
+from attnzoo.errors import AttnzooError, DatasetFormatError, InvalidInputError, InvalidOptionError, WeightsError
+from attnzoo.training.config import TrainConfig, check_best_metric
 
 __all__ = [
     "RUN_FILES",
@@ -43,6 +43,7 @@ __all__ = [
     "latest_checkpoint",
     "run_inputs",
     "seed_everything",
+    "typed_batches",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -132,13 +133,96 @@ class StepBatches:
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch))).tolist()
-        order = [(i, c) for i in perm for c in range(self.repeats)][: self.n]
+        r = self.repeats  # each image r times in a row, cut to n: built in O(n), whatever r is
+        order = [(perm[k // r], k % r) for k in range(self.n)]
         micro = self.G // self.accum
         for step in range(self.start, self.steps):
             batch = order[step * self.G : (step + 1) * self.G]
             for m in range(self.accum):
                 part = batch[m * micro : (m + 1) * micro][self.ctx.rank :: self.ctx.world_size]
                 yield [(self.epoch, i, c) for i, c in part]
+
+
+class _WorkerFailure:
+    """An attnzoo error a DataLoader worker met, sent to the main process in place of its batch. DataLoader
+    itself would re-raise it as ``type(error)(worker traceback text)`` (or a RuntimeError where the class takes
+    other arguments): the user would read a traceback where a one-line message was meant."""
+
+    def __init__(self, error: AttnzooError):
+        self.error = error
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        error = self.error
+        return _rebuilt_failure, (type(error), error.args, vars(error))
+
+
+def _rebuilt_failure(kind: type[AttnzooError], args: tuple[Any, ...], state: dict[str, Any]) -> _WorkerFailure:
+    """The error as raised, without calling ``__init__`` (UnknownNameError's takes other arguments than ``args``)."""
+    error = kind.__new__(kind, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return _WorkerFailure(error)
+
+
+def _carried(fn: Callable[[Any], Any], arg: Any) -> Any:
+    """``fn(arg)``; in a worker process an attnzoo error becomes a :class:`_WorkerFailure` (in the main process
+    it propagates as usual, with its traceback)."""
+    if get_worker_info() is None:
+        return fn(arg)
+    try:
+        return fn(arg)
+    except AttnzooError as error:
+        return _WorkerFailure(error)
+
+
+class _CarryErrors(Dataset):
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: Any) -> Any:
+        return _carried(self.dataset.__getitem__, item)
+
+
+class _CarryErrorsCollate:
+    def __init__(self, collate_fn: Callable | None):
+        self.collate_fn = collate_fn or default_collate
+
+    def __call__(self, items: list[Any]) -> Any:
+        failure = next((item for item in items if isinstance(item, _WorkerFailure)), None)
+        return failure if failure is not None else _carried(self.collate_fn, items)
+
+
+def typed_batches(dataset: Dataset, *, collate_fn: Callable | None = None, **loader_kwargs: Any) -> Iterator[Any]:
+    """The batches of ``DataLoader(dataset, collate_fn=collate_fn, **loader_kwargs)``; an attnzoo error met in a
+    worker process (a damaged image, a bad setting) reaches the caller as itself, one line, as with
+    ``num_workers=0``."""
+    loader = DataLoader(_CarryErrors(dataset), collate_fn=_CarryErrorsCollate(collate_fn), **loader_kwargs)
+    for batch in loader:
+        if isinstance(batch, _WorkerFailure):
+            raise batch.error
+        yield batch
+
+
+def _process_limit() -> int | None:
+    """How many processes this user may have at once (``ulimit -u``, the kernel's ``pid_max``), where the system
+    says; None where it does not."""
+    limits = []
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+        if soft != resource.RLIM_INFINITY:
+            limits.append(int(soft))
+    except (ImportError, AttributeError, OSError, ValueError):
+        pass
+    try:
+        limits.append(int(Path("/proc/sys/kernel/pid_max").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(limits) if limits else None
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
@@ -300,8 +384,14 @@ class Trainer:
             collate_fn,
             run_info or {},
         )
+        limit = _process_limit()
+        if limit is not None and config.num_workers >= limit:  # DataLoader would fork them all before the first step
+            raise InvalidOptionError(
+                f"num_workers={config.num_workers} is more worker processes than this system lets one user run "
+                f"({limit}); use a few per CPU core ({os.cpu_count()} here)"
+            )
         self.steps_per_epoch = n // config.batch_size
-        self.total_steps = self.steps_per_epoch * config.epochs
+        self.total_steps = self._step_count("epochs", config.epochs)
         seed_everything(config.seed)
         self.model = model.to(self.device)
         trainable = [p for p in (parameters if parameters is not None else model.parameters()) if p.requires_grad]
@@ -349,8 +439,11 @@ class Trainer:
         """timm's schedulers, stepped per optimizer update (a pure function of the step: nothing to resume)."""
         from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, StepLRScheduler
 
-        c, spe = self.config, self.steps_per_epoch
-        warmup, cooldown = int(round(c.warmup_epochs * spe)), int(round(c.cooldown_epochs * spe))
+        c = self.config
+        warmup, cooldown = (
+            self._step_count("warmup_epochs", c.warmup_epochs),
+            self._step_count("cooldown_epochs", c.cooldown_epochs),
+        )
         if c.schedule == "cosine":  # past t_initial (the cool-down) timm holds lr_min
             return CosineLRScheduler(
                 self.optimizer,
@@ -365,13 +458,13 @@ class Trainer:
             # timm applies milestone m at step m - 1; torch's MultiStepLR (the official recipes) at m: shift by one
             return MultiStepLRScheduler(
                 self.optimizer,
-                decay_t=[int(round(m * spe)) + 1 for m in c.decay_milestones],
+                decay_t=[self._step_count("decay_milestones", m) + 1 for m in c.decay_milestones],
                 decay_rate=c.decay_rate,
                 warmup_t=warmup,
                 warmup_lr_init=c.warmup_lr,
                 t_in_epochs=False,
             )
-        decay = int(round(c.decay_epochs * spe)) if c.schedule == "step" else 10**12
+        decay = self._step_count("decay_epochs", c.decay_epochs) if c.schedule == "step" else 10**12
         return StepLRScheduler(
             self.optimizer,
             decay_t=max(decay, 1),
@@ -379,6 +472,21 @@ class Trainer:
             warmup_t=warmup,
             warmup_lr_init=c.warmup_lr,
             t_in_epochs=False,
+        )
+
+    def _step_count(self, key: str, epochs: float) -> int:
+        """``epochs`` of this run as optimizer steps. timm's schedules compute with floats: a count beyond the
+        float range (about 1.8e308) would end in an OverflowError at the first step, so it is refused here.
+        Nothing before the first step takes time or memory in proportion to the count."""
+        steps = epochs * self.steps_per_epoch
+        try:
+            if math.isfinite(float(steps)):
+                return int(round(steps))
+        except OverflowError:
+            pass
+        raise InvalidOptionError(
+            f"{key}={_shorten(epochs, 24)} is {_shorten(steps, 24)} optimizer steps ({self.steps_per_epoch} per epoch), "
+            "more than the learning-rate schedule can count (its arithmetic is in floats, up to about 1.8e308)"
         )
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -590,7 +698,7 @@ class Trainer:
         batches = StepBatches(
             len(self.train_set), c.batch_size, c.accum_steps, self.ctx, c.seed, epoch, start_step, c.repeated_aug
         )
-        loader = DataLoader(
+        loader = typed_batches(
             self.train_set,
             batch_sampler=batches,
             num_workers=c.num_workers,
@@ -652,6 +760,7 @@ class Trainer:
                 self.save_checkpoint(epoch, step_in_epoch)
         metrics = self._evaluate(epoch) if (epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs else {}
         if metrics:
+            check_best_metric(c.best_metric, [k.removeprefix("eval_") for k in metrics], "this run's evaluation")
             self._log({"step": self.step, "epoch": epoch, **metrics}, writer)
             improved = self._improved(metrics)
             self.evals_since_best = 0 if improved else self.evals_since_best + 1

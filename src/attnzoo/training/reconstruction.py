@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from attnzoo._placement import resolve_device
-from attnzoo.errors import InvalidInputError, WeightsError
+from attnzoo._values import whole_number
+from attnzoo.errors import InvalidInputError, InvalidOptionError, WeightsError
 from attnzoo.training.config import TrainConfig, recipe_config
 from attnzoo.training.engine import Trainer, check_run_folder, run_inputs
 
@@ -36,6 +37,9 @@ RECIPE_DEFAULTS = {
     "eval_background": 240,
     "eval_batch_size": 8,
 }
+RECIPE_RANGES = {"n_views": (1, None), "eval_batch_size": (1, None), "eval_background": (0, 255)}
+#: What the validation (:class:`_ValidationIoU`) reports: the names ``best_metric`` may take.
+METRICS = ("iou",)
 
 
 def dice_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -121,6 +125,16 @@ class ViewsTransform:
         return preprocess_views(views, background=self.background)
 
 
+def _background_range(value: Any) -> list[int]:
+    """``train_background``: the ``[low, high]`` range of each channel's random background (0-255)."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise InvalidOptionError(f"train_background must be [low, high] (0-255 grey levels), got {value!r}")
+    low, high = (whole_number(v, f"train_background[{i}]", low=0, high=255) for i, v in enumerate(value))
+    if low > high:
+        raise InvalidOptionError(f"train_background must be [low, high] with low <= high, got {value!r}")
+    return [low, high]
+
+
 def _batch(items: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([i["views"] for i in items]), torch.stack([torch.from_numpy(i["voxels"]) for i in items])
 
@@ -166,8 +180,16 @@ def train_reconstruction(
     import attnzoo
     from attnzoo.datasets.shapenet import ShapeNetDataset, find_split_file
 
-    cfg = recipe_config(config or "lrgt", overrides, RECIPE_DEFAULTS, "multiview-3d-reconstruction")
+    cfg = recipe_config(
+        config or "lrgt",
+        overrides,
+        RECIPE_DEFAULTS,
+        "multiview-3d-reconstruction",
+        metrics=METRICS,
+        ranges=RECIPE_RANGES,
+    )
     extra = cfg.extra
+    extra["train_background"] = _background_range(extra["train_background"])
     root = Path(data)
     folder: dict[str, Any] = {"data": root, "inputs": run_inputs(config, weights, cfg)}
     check_run_folder(out, resume=resume, overwrite=overwrite, **folder)

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from attnzoo._io import write_json
 from attnzoo._placement import resolve_device
 from attnzoo.errors import DatasetFormatError, InvalidInputError
+from attnzoo.metrics.scanpath import SEARCH_STATISTICS
 from attnzoo.training.config import TrainConfig, recipe_config
 from attnzoo.training.engine import Trainer, check_run_folder, run_inputs
 
@@ -36,6 +37,10 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["evaluate_search", "oat_loss", "teacher_forced_loss", "train_scanpath"]
 
 RECIPE_DEFAULTS = {"dataset": None, "split": "official", "split_seed": 0, "max_len": None, "drop_outliers": True}
+RECIPE_RANGES = {"max_len": (1, None)}
+#: What the validation reports (:func:`evaluate_search`, the model's statistics NaN when it has none): the names
+#: ``best_metric`` may take.
+METRICS = ("ss", "edit_distance", "delta", *(f"model_{k}" for k in SEARCH_STATISTICS))
 
 
 def oat_loss(logits: torch.Tensor, tgt_pos: torch.Tensor, pad_idx: int) -> torch.Tensor:
@@ -110,6 +115,12 @@ def evaluate_search(model: torch.nn.Module, samples: SearchSamples, max_len: int
     }
 
 
+def _validation(model: torch.nn.Module, samples: SearchSamples, max_len: int) -> dict[str, float]:
+    """:func:`evaluate_search` with every name of :data:`METRICS` at every evaluation (the model's statistics NaN
+    when none of its scanpaths has any), so that eval.csv keeps its columns and ``best_metric`` is always there."""
+    return {**dict.fromkeys(METRICS, float("nan")), **evaluate_search(model, samples, max_len)}
+
+
 def train_scanpath(
     model: str,
     data: str | os.PathLike,
@@ -135,7 +146,7 @@ def train_scanpath(
     from attnzoo.datasets.scanpaths import detect_scanpath_dataset
     from attnzoo.datasets.visual_search import load_search_trials, split_search_trials
 
-    cfg = recipe_config(config or "oat", overrides, RECIPE_DEFAULTS, "scanpath")
+    cfg = recipe_config(config or "oat", overrides, RECIPE_DEFAULTS, "scanpath", metrics=METRICS, ranges=RECIPE_RANGES)
     folder: dict[str, Any] = {
         "data": data,
         "inputs": run_inputs(config, weights, cfg),
@@ -193,7 +204,7 @@ def train_scanpath(
         **folder,
     )
     if val_set is not None:
-        trainer.eval_fn = lambda m: evaluate_search(m, val_set, max_len)
+        trainer.eval_fn = lambda m: _validation(m, val_set, max_len)
     result = trainer.fit(resume=resume, overwrite=overwrite)
     best = Path(out) / "best.pt"
     if val_set is not None and best.exists():  # the official protocol: test the epoch with the best validation delta

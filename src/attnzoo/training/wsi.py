@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from attnzoo._io import write_json
+from attnzoo._io import read_json, write_json
 from attnzoo._placement import resolve_device
-from attnzoo.errors import DatasetFormatError, InvalidOptionError
+from attnzoo._values import comma_items, whole_number
+from attnzoo.errors import AttnzooError, DatasetFormatError, InvalidOptionError
 from attnzoo.training.config import TrainConfig, recipe_config
-from attnzoo.training.engine import Trainer, check_run_folder, latest_checkpoint, run_inputs
+from attnzoo.training.engine import TENSORBOARD, Trainer, check_run_folder, latest_checkpoint, run_inputs
 
-__all__ = ["train_wsi_classification"]
+__all__ = ["seed_list", "train_wsi_classification"]
 
 RECIPE_DEFAULTS = {
     "split": None,
@@ -42,6 +44,11 @@ RECIPE_DEFAULTS = {
     "val_fraction": 0.1,
     "allow_missing": False,
 }
+RECIPE_RANGES = {"n_classes": (2, None), "val_fraction": (0.0, 1.0)}
+#: What the validation (:class:`_Validation`) reports: the names ``best_metric`` may take.
+METRICS = ("accuracy", "auc", "f1_micro", "f1_macro", "selection_score", "num_samples", "selection")
+#: The seeds torch's generators take (as the ``seed`` setting).
+SEED_RANGE = (-(2**63), 2**63 - 1)
 
 
 class _Bags(Dataset):
@@ -106,6 +113,21 @@ def _split(bags: Any, extra: dict[str, Any], seed: int) -> dict[str, list[str]]:
     return {"train": rest[n_val:], "val": rest[:n_val], "test": test}
 
 
+def _checked_split(bags: Any, extra: dict[str, Any], seed: int, data: Any) -> tuple[dict[str, list[str]], int]:
+    """This seed's split and number of classes; a split without training slides or with unlabelled ones is refused."""
+    split = _split(bags, extra, seed)
+    if not split["train"]:
+        raise DatasetFormatError(f"{data}: no training slides in the split")
+    label_of = {s: bags[s].label for part in split.values() for s in part}  # reads each bag once
+    unlabelled = [s for s, label in label_of.items() if label is None]
+    if unlabelled:
+        raise DatasetFormatError(
+            f"{data}: {len(unlabelled)} slide(s) have no label, e.g. {', '.join(unlabelled[:5])}: "
+            "pass labels=CSV (slide_id,label), or a split file that carries them"
+        )
+    return split, int(extra["n_classes"] or (max(label_of[s] for s in split["train"]) + 1))
+
+
 def _labels(extra: dict[str, Any], seed: int, data: str | os.PathLike) -> dict[str, int] | None:
     """The slide labels: ``labels=`` a CSV, else BRACS's split CSV, else ``labels.csv`` beside the features
     (what ``attnzoo extract wsi-features`` writes, and what ``attnzoo eval`` reads), else the feature file's own."""
@@ -134,55 +156,45 @@ def train_wsi_classification(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train on feature bags (any layout :func:`attnzoo.datasets.mil_features.read_feature_bags`
-    reads); with ``seeds`` one run per seed under ``out/seed-<s>`` and ``summary.json`` (mean ± sd).
-    ``overwrite`` discards an earlier run in ``out`` (else refused, unless ``resume``); resuming several
-    seeds starts afresh a seed killed before its first checkpoint."""
+    reads); with several ``seeds`` one run per seed under ``out/seed-<s>`` and ``summary.json`` (mean ± sd).
+    ``overwrite`` discards an earlier run in ``out`` (its seed folders included; else refused, unless ``resume``);
+    ``resume`` continues the run with the seeds it was started with (others are refused), and starts afresh a
+    seed killed before its first checkpoint. Returns ``step``: the optimizer steps of all seeds together (each
+    seed's under ``seeds[s]["step"]``), and the summary."""
     import attnzoo
     from attnzoo.datasets.mil_features import read_feature_bags
 
-    base = recipe_config(config or "acmil", overrides, RECIPE_DEFAULTS, "wsi-classification")
-    seeds = base.extra["seeds"] or [base.seed]
-    modes = _seed_modes(out, [int(s) for s in seeds], resume, overwrite)
-    folder: dict[str, Any] = {"data": data, "inputs": run_inputs(config, weights, base)}
-    # several seeds: the summary beside the seeds' folders; their files are checked (and discarded) by folder
-    earlier = (
-        check_run_folder(out, resume=resume, overwrite=overwrite, outputs=("summary.json",), **folder)
-        if len(seeds) > 1
-        else []
+    base = recipe_config(
+        config or "acmil", overrides, RECIPE_DEFAULTS, "wsi-classification", metrics=METRICS, ranges=RECIPE_RANGES
     )
+    seeds = base.extra["seeds"] = seed_list(base.extra["seeds"], base.seed)
+    folder: dict[str, Any] = {"data": data, "inputs": run_inputs(config, weights, base)}
+    earlier = _earlier_run(out, seeds, resume, overwrite, folder)
+    modes = _seed_modes(out, seeds, resume, overwrite)
     for run_out, (seed_resume, seed_overwrite) in modes.items():
         check_run_folder(run_out, resume=seed_resume, overwrite=seed_overwrite, outputs=_OUTPUTS, **folder)
-    for path in earlier if overwrite else ():
-        path.unlink(missing_ok=True)
-    bags = read_feature_bags(data, labels=_labels(base.extra, int(seeds[0]), data))
+    bags = read_feature_bags(data, labels=_labels(base.extra, seeds[0], data))
     if base.extra["split"] and len(seeds) > 1 and "{seed}" not in str(base.extra["split"]):
         warnings.warn(
             f"all {len(seeds)} seeds use the one split file {base.extra['split']}, so their spread covers the "
             "initialisation only; ACMIL's protocol gives each seed its own (split=.../split_{seed}.json)",
             stacklevel=2,
         )
+    splits = {seed: _checked_split(bags, base.extra, seed, data) for seed in seeds}  # every seed's, before any file
+    if overwrite:
+        _discard(out, earlier)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_json(Path(out) / SEEDS_FILE, {"seeds": seeds})  # what --resume holds a later call to
     runs = {}
-    for seed in seeds:
-        cfg = TrainConfig(**{**base.to_dict(), "seed": int(seed), "extra": dict(base.extra)})
-        split = _split(bags, cfg.extra, int(seed))
-        if not split["train"]:
-            raise DatasetFormatError(f"{data}: no training slides in the split")
-        label_of = {s: bags[s].label for part in split.values() for s in part}  # reads each bag once
-        unlabelled = [s for s, label in label_of.items() if label is None]
-        if unlabelled:
-            raise DatasetFormatError(
-                f"{data}: {len(unlabelled)} slide(s) have no label, e.g. {', '.join(unlabelled[:5])}: "
-                "pass labels=CSV (slide_id,label), or a split file that carries them"
-            )
-        labels = sorted({label_of[s] for s in split["train"]})
-        n_classes = int(cfg.extra["n_classes"] or (max(labels) + 1))
+    for seed, (split, n_classes) in splits.items():
+        cfg = TrainConfig(**{**base.to_dict(), "seed": seed, "extra": dict(base.extra)})
         dim = bags[split["train"][0]].dim
-        torch.manual_seed(int(seed))
+        torch.manual_seed(seed)
         kwargs = {"in_dim": dim, "n_classes": n_classes, **(model_kwargs or {})}
         net = (
             attnzoo.create_model(model, weights=weights, **kwargs) if weights else attnzoo.create_model(model, **kwargs)
         )
-        run_out = _seed_folder(out, int(seed), len(seeds))
+        run_out = _seed_folder(out, seed, len(seeds))
         seed_resume, seed_overwrite = modes[run_out]
         trainer = Trainer(
             net.train(),
@@ -193,7 +205,7 @@ def train_wsi_classification(
             collate_fn=_one,
             device=resolve_device(device) if device else None,
             run_info={"task": "wsi-classification", "model": model, "data": str(Path(data).resolve()), "split": split},
-            outputs=_OUTPUTS,
+            outputs=_RUN_OUTPUTS,
             **folder,
         )
         if split["val"]:
@@ -210,7 +222,7 @@ def train_wsi_classification(
         trainer.save_weights(net)
         if trainer.ctx.is_main:
             write_json(run_out / "test_metrics.json", test)
-        runs[int(seed)] = {"best_val": result.get("best"), "test": test}
+        runs[seed] = {"best_val": result.get("best"), "step": result["step"], "test": test}
     summary = {"seeds": runs, "mean": {}, "sd": {}}
     keys = sorted({k for r in runs.values() for k in r["test"]})
     for k in keys:
@@ -219,14 +231,108 @@ def train_wsi_classification(
             summary["mean"][k] = float(np.mean(values))
             summary["sd"][k] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
     write_json(Path(out) / "summary.json", summary)
-    return {"step": sum(1 for _ in runs), "best": None, **summary}
+    return {"step": sum(run["step"] for run in runs.values()), "best": None, **summary}
 
 
-_OUTPUTS = ("test_metrics.json", "summary.json")  # summary.json: in the one folder of a single seed
+#: Where a run records its seeds, in ``out``: ``--resume`` continues only that run.
+SEEDS_FILE = "seeds.json"
+#: What a seed's Trainer finds besides its own files: the seed's results and (one seed, in ``out``) the summary.
+_RUN_OUTPUTS = ("test_metrics.json", "summary.json")
+_OUTPUTS = (*_RUN_OUTPUTS, SEEDS_FILE)  # seeds.json: written in ``out`` before the seeds' Trainers run
+_SEED_FOLDER = re.compile(r"seed-(-?\d+)")
+
+
+def seed_list(value: Any, default: int) -> list[int]:
+    """The ``seeds`` setting as a list: null (the config's ``seed``), one integer, a list of integers, or
+    ``"1,2,3"``. Each seed must be an integer torch's generators take, given once (it names one run and its
+    folder): a repeated seed would train the same folder twice, ``[]`` would fall back to another seed unsaid."""
+    if value is None:
+        return [default]
+    if isinstance(value, str):
+        items: list[Any] = []
+        for item in comma_items(value, "seeds"):
+            try:
+                items.append(int(item))
+            except ValueError:
+                raise InvalidOptionError(
+                    f"seeds must be integers, e.g. seeds=[1,2,3] or seeds=1,2,3; got {value!r}"
+                ) from None
+    else:
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        raise InvalidOptionError("seeds is empty: give at least one seed (seeds=[1,2,3]), or leave it out for seed")
+    low, high = SEED_RANGE
+    seeds = [whole_number(s, f"seeds[{i}]", low=low, high=high, why="torch's seeds") for i, s in enumerate(items)]
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise InvalidOptionError(
+            f"seeds lists {', '.join(map(str, repeated))} more than once: each seed is one run (folder seed-<s>); "
+            "give each once"
+        )
+    return seeds
 
 
 def _seed_folder(out: str | os.PathLike, seed: int, n_seeds: int) -> Path:
     return Path(out) / f"seed-{seed}" if n_seeds > 1 else Path(out)
+
+
+def _seed_folders(out: str | os.PathLike) -> dict[int, Path]:
+    """The ``seed-<s>`` folders in ``out`` (a run of several seeds made them), by seed."""
+    root = Path(out)
+    if not root.is_dir():
+        return {}
+    found = ((_SEED_FOLDER.fullmatch(p.name), p) for p in root.iterdir() if p.is_dir())
+    return {int(m.group(1)): p for m, p in found if m is not None}
+
+
+def _earlier_run(
+    out: str | os.PathLike, seeds: list[int], resume: bool | str | os.PathLike, overwrite: bool, folder: dict[str, Any]
+) -> list[Path]:
+    """The files an earlier run left in ``out`` and its seed folders (what ``overwrite`` discards), refused as
+    :func:`check_run_folder` refuses them, before any work; a resumed run must have the seeds it started with."""
+    earlier = check_run_folder(out, resume=resume, overwrite=overwrite, outputs=_OUTPUTS, **folder)
+    for seed_folder in _seed_folders(out).values():
+        earlier += check_run_folder(seed_folder, resume=resume, overwrite=overwrite, outputs=_OUTPUTS, **folder)
+    if resume:
+        recorded, started = _recorded_seeds(out), {s for s, p in _seed_folders(out).items() if _holds_run(p)}
+        if (recorded is not None and sorted(recorded) != sorted(seeds)) or not started <= set(seeds):
+            known = recorded if recorded is not None else sorted(started)
+            raise InvalidOptionError(
+                f"--resume: {out} is a run of seeds {known}, not {seeds}: resume it with seeds={known}, or pass "
+                f"--overwrite to discard it and train seeds {seeds} afresh"
+            )
+    return earlier
+
+
+def _holds_run(folder: Path) -> bool:
+    return bool(check_run_folder(folder, resume=True, outputs=_OUTPUTS))
+
+
+def _recorded_seeds(out: str | os.PathLike) -> list[int] | None:
+    """The seeds ``out``'s run was started with (None for a run made before they were recorded)."""
+    path = Path(out) / SEEDS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return seed_list(read_json(path, "the seeds of a run")["seeds"], 0)
+    except (AttnzooError, KeyError, TypeError) as err:
+        raise InvalidOptionError(
+            f"--resume: {path} does not say which seeds the run has ({err}); pass --overwrite to start afresh"
+        ) from None
+
+
+def _discard(out: str | os.PathLike, earlier: list[Path]) -> None:
+    """Delete an earlier run's files, then the seed folders (and their ``tensorboard/``) of that run left empty:
+    a folder that holds anything else (a user's file) stays."""
+    for path in earlier:
+        path.unlink(missing_ok=True)
+    for seed_folder in _seed_folders(out).values():
+        if any(seed_folder in path.parents for path in earlier):
+            for folder in (seed_folder / TENSORBOARD, seed_folder):
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty (something not the run's is there), or never made
+                    pass
 
 
 def _seed_modes(
