@@ -54,6 +54,18 @@ def test_unknown_model_suggests_close_names():
             attnzoo.create_model(bad)
 
 
+def test_a_checkpoint_file_given_as_the_model_is_named(tmp_path, capsys):
+    from attnzoo.cli import main
+    from attnzoo.errors import InvalidOptionError
+
+    checkpoint = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(1)}, checkpoint)
+    with pytest.raises(InvalidOptionError, match=r"is a file; a model is given by name .* as weights= \(--weights\)"):
+        attnzoo.create_model(str(checkpoint))
+    assert main(["run", "image-classification", str(checkpoint), "--model", str(checkpoint)]) == 2
+    assert "is a file; a model is given by name" in capsys.readouterr().err
+
+
 def test_weights_from_local_file(tmp_path):
     torch.manual_seed(1)
     src = attnzoo.create_model("test_resnet")

@@ -590,7 +590,9 @@ def _train_task(
         device=device,
     )
     best = f" best={result['best']:.3f}" if result.get("best") is not None else ""
-    _echo(f"trained {result['step']} steps{best}; wrote {Path(out)}")
+    seeds = result.get("seeds")
+    over = f" over {len(seeds)} seeds" if isinstance(seeds, dict) and len(seeds) > 1 else ""
+    _echo(f"trained {result['step']} steps{over}{best}; wrote {Path(out)}")
 
 
 def _list_configs(value: bool) -> None:

@@ -90,6 +90,11 @@ def create_model(
     base, tag = _split_name(name)
     own_entry = get_model_entry(name if "/" in name else base)  # a Hub id may name one of our models
     if own_entry is None and not timm.is_model(base):
+        if os.path.isfile(name):  # a checkpoint given where its model's name goes
+            raise InvalidOptionError(
+                f"model {name!r} is a file; a model is given by name (see 'attnzoo models' / 'attnzoo tasks'), "
+                "its checkpoint as weights= (--weights)"
+            )
         raise UnknownNameError("model", name, list_models())
     if isinstance(weights, str) and weights.strip().lower() == "none":
         weights, pretrained = None, False

@@ -82,7 +82,10 @@ def test_cli_train_command(tmp_path, capsys):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert list(summary["seeds"]) == ["3"] and "auc" in summary["mean"]
     # 12 slides: 3 test, 1 of the other 9 for validation, 8 to train on, one bag per step (it said "1 steps")
-    assert "trained 8 steps" in captured.out and summary["seeds"]["3"]["step"] == 8
+    assert "trained 8 steps;" in captured.out and summary["seeds"]["3"]["step"] == 8
+    two = ["train", "wsi-classification", "--model", "abmil", "--data", str(data), "--out", str(tmp_path / "two")]
+    assert main([*two, "epochs=1", "seeds=[3,4]", "--device", "cpu"]) == 0
+    assert "trained 16 steps over 2 seeds" in capsys.readouterr().out
 
 
 def _write_split(path, train, val, test):
