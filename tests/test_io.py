@@ -55,3 +55,17 @@ def test_stale_temporaries_of_the_named_files_only_are_removed(tmp_path):
     remove_stale_temporaries_in(tmp_path, r"best\.pt|checkpoint-\d{8}\.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
     remove_stale_temporaries_in(tmp_path / "missing", r"best\.pt")  # no folder: nothing to do
+
+
+def test_an_output_folder_is_checked_before_any_work(tmp_path):
+    from attnzoo._io import check_output_folder
+    from attnzoo.errors import InvalidInputError, InvalidOptionError
+
+    assert check_output_folder(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+    assert not (tmp_path / "new").exists() and not any(tmp_path.iterdir())  # checked, nothing made or left
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(InvalidOptionError, match=r"--out .*file is a file; give a folder"):
+        check_output_folder(tmp_path / "file")
+    with pytest.raises(InvalidInputError, match=r"out_dir .*file.x cannot be created: .*file is a file"):
+        check_output_folder(tmp_path / "file" / "x", "out_dir", InvalidInputError)
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from attnzoo.errors import AttnzooError, DatasetFormatError
+from attnzoo.errors import AttnzooError, DatasetFormatError, InvalidInputError, InvalidOptionError
 
 #: What parsers (json, csv, zipfile, xml, PIL, h5py, scipy.io, sqlite3, torch.load) raise on malformed
 #: bytes: OSError and ValueError cover most (UnicodeDecodeError, JSONDecodeError, BadGzipFile, h5py's
@@ -178,3 +178,25 @@ def read_csv_rows(
             for row in reader
         ]
     return header, rows
+
+
+def check_output_folder(
+    out: str | os.PathLike, what: str = "--out", error: type[InvalidInputError] = InvalidOptionError
+) -> Path:
+    """An output folder that is a file, cannot be made (a file on its path) or cannot be written to, refused
+    before any work (else the first write fails after minutes of it); ``what`` names it in the message."""
+    out = Path(out)
+    try:
+        if out.exists() and not out.is_dir():
+            raise error(f"{what} {out} is a file; give a folder (it is created if missing)")
+        existing = next(folder for folder in (out, *out.absolute().parents) if folder.exists())
+    except OSError as err:  # a parent folder that cannot be entered
+        raise error(f"{what} {out} cannot be reached: {err.strerror or err}") from None
+    if not existing.is_dir():
+        raise error(f"{what} {out} cannot be created: {existing} is a file")
+    try:  # can a file be made there? (a probe folder, removed at once)
+        Path(tempfile.mkdtemp(prefix=".attnzoo-probe-", dir=existing)).rmdir()
+    except OSError as err:
+        doing = "written to" if existing == out else f"created in {existing}"
+        raise error(f"{what} {out} cannot be {doing}: {err.strerror or err}") from None
+    return out

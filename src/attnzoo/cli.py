@@ -456,25 +456,10 @@ def _earlier_results(out: Path, header: dict[str, Any]) -> dict[str, Any]:
 
 def _check_out(out: Path | None) -> None:
     """An output folder that is a file, cannot be made or cannot be written to is refused before any work."""
-    from attnzoo.errors import InvalidOptionError
+    if out is not None:
+        from attnzoo._io import check_output_folder
 
-    if out is None:
-        return
-    try:
-        if out.exists() and not out.is_dir():
-            raise InvalidOptionError(f"--out {out} is a file; give a folder (it is created if missing)")
-        existing = next(folder for folder in (out, *out.absolute().parents) if folder.exists())
-    except OSError as err:  # a parent folder that cannot be entered
-        raise InvalidOptionError(f"--out {out} cannot be reached: {err.strerror or err}") from None
-    if not existing.is_dir():
-        raise InvalidOptionError(f"--out {out} cannot be created: {existing} is a file")
-    import tempfile
-
-    try:  # can a file be made there? (a probe folder, removed at once)
-        Path(tempfile.mkdtemp(prefix=".attnzoo-probe-", dir=existing)).rmdir()
-    except OSError as err:
-        doing = "written to" if existing == out else f"created in {existing}"
-        raise InvalidOptionError(f"--out {out} cannot be {doing}: {err.strerror or err}") from None
+        check_output_folder(out)
 
 
 def _eval_task(
@@ -830,6 +815,7 @@ def extract_wsi_features(
     from a CSV's labels); rerun to resume. Under torchrun the processes share the slides."""
     from attnzoo.pipelines.wsi_cohort import extract_cohort
 
+    _check_out(out)
     result = extract_cohort(
         slides,
         encoder,

@@ -19,7 +19,7 @@ from attnzoo.datasets.wsi import (
     patch_grid,
     segment_tissue,
 )
-from attnzoo.errors import DatasetFormatError, InvalidInputError, MissingDependencyError
+from attnzoo.errors import DatasetFormatError, InvalidInputError, InvalidOptionError, MissingDependencyError
 from tests.wsi_helpers import SEG, slide_image, tissue_truth, write_slide, write_test_slides
 
 
@@ -202,6 +202,37 @@ def test_grid_refuses_bad_requests(slides):
     other = segment_tissue(open_slide(slides["png"]), **SEG)
     with pytest.raises(InvalidInputError, match="another slide"):
         patch_grid(slide, other, magnification=20)
+
+
+def test_a_grid_too_fine_for_the_slide_is_refused_before_it_is_laid(slides):
+    """patch_size=1 at 20x on a 200000x100000 scan would lay 5e9 positions (80 GB of coordinates): refused
+    from the slide's size, with the settings and the usual ones named, before any array is made."""
+    slide = open_slide(slides["aperio"])
+    slide.level_dimensions = ((200_000, 100_000), *slide.level_dimensions[1:])  # a large 40x scan
+    with pytest.raises(InvalidOptionError, match=r"5,000,000,000 patch positions .* 16,777,216 .*usual: 256 px"):
+        patch_grid(slide, magnification=20, patch_size=1)
+    with pytest.raises(InvalidOptionError, match=r"stride=2 .*--stride"):
+        patch_grid(slide, magnification=20, patch_size=256, stride=2)
+    assert len(patch_grid(slide, magnification=20, patch_size=256)) == 391 * 196  # CLAM's grid: far below
+
+
+def test_a_patch_larger_than_one_read_is_refused_from_the_grid(slides):
+    slide = open_slide(slides["aperio"])  # 40x: a patch at 20x is read as twice its side from level 0
+    side = wsi.max_patch_side()
+    with pytest.raises(InvalidOptionError, match=rf"read as {2 * side}x{2 * side} px .*one read"):
+        patch_grid(slide, magnification=20, patch_size=side, read_level="base")
+
+
+def test_an_absurd_magnification_is_told_in_a_few_digits(slides):
+    with pytest.raises(InvalidInputError, match=r"upsampled 2\.5e\+298x;"):  # was 300 digits
+        patch_grid(open_slide(slides["aperio"]), magnification=1e300)
+
+
+def test_counts_take_whole_numbers_in_range_with_the_shared_wording():
+    assert wsi._count(7.0, "mthresh") == 7 and wsi._count(np.int64(3), "close", minimum=0) == 3
+    for bad in (0, 2.5, float("nan"), float("inf"), True, "7", 2**31 + 1):
+        with pytest.raises(InvalidInputError, match=r"patch_size must be an integer in \[1, 2147483648\]"):
+            wsi._count(bad, "patch_size")
 
 
 # ------------------------------------------------------------------------------------------- patches

@@ -15,7 +15,7 @@ from PIL import Image
 
 import attnzoo
 from attnzoo.datasets.mil_features import FeatureBag
-from attnzoo.errors import InvalidInputError
+from attnzoo.errors import InvalidInputError, InvalidOptionError
 from attnzoo.pipelines.wsi_classification import SlidePrediction
 from tests.helpers import register_test_model
 from tests.wsi_helpers import TinyEncoder, slide_image, write_section_slide, write_slide
@@ -344,6 +344,18 @@ def test_bad_settings_are_typed_errors_at_construction_and_per_call(wsi, tmp_pat
             wsi(torch.randn(3, 512), **setting)
     with pytest.raises(InvalidInputError, match="encoder_weights"):
         wsi(write_slide(tmp_path / "m.tif"), encoder=TinyEncoder(), encoder_weights="none")
+
+
+def test_sizes_that_cannot_be_meant_are_refused_by_the_pipeline_too(wsi, tmp_path):
+    """The extraction's bounds hold for a slide classified directly: at construction where the value alone
+    decides, else when the slide is tiled (the input size is bounded relative to the patch size)."""
+    with pytest.raises(InvalidOptionError, match="read in one piece"):
+        attnzoo.pipeline("wsi-classification", model=wsi.model, device="cpu", patch_size=100_000)
+    for setting in ({"min_tissue": np.float32(0.25)}, {"magnification": np.float32(10)}, {"input_size": 100_000.0}):
+        attnzoo.pipeline("wsi-classification", model=wsi.model, device="cpu", **setting)  # accepted as before
+    with pytest.raises(InvalidOptionError, match="at most 16x patch_size 112"):
+        wsi(write_slide(tmp_path / "s.tif"), input_size=100_000)
+    assert not list(wsi.feature_dir.glob("s-*"))
 
 
 def test_complex_and_non_finite_features_are_refused(wsi):

@@ -305,6 +305,45 @@ def test_cli_refuses_bad_options_before_any_work(cohort, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    "options, said",
+    [
+        (["--input-size", "100000"], "at most 16x patch_size 256"),
+        (["--patch-size", "1"], "at most 16x patch_size 1:"),
+        (["--stride", "1"], "stride must be an integer in [16, "),
+        (["--batch-size", "100000000"], "use batch_size 14266 or less (--batch-size)"),
+        (["--patch-size", "100000"], "read in one piece of at most 16384x16384"),
+    ],
+)
+def test_cli_refuses_sizes_that_cannot_be_meant(cohort, tmp_path, capsys, options, said):
+    """These ran out of memory or for hours (--input-size 100000, --patch-size 1 on a real slide); now a usage
+    error (exit 2) before any slide is read, saying why and what CLAM and ACMIL use."""
+    base = ["extract", "wsi-features", str(cohort[0]), "--encoder", "test_resnet", "-w", "none", "--out"]
+    assert main([*base, str(tmp_path / "out"), *options]) == 2
+    err = capsys.readouterr().err
+    assert said in err and ("usual: 256 px patches at 20x" in err or "usual: batch_size 64" in err)
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_out_folder_under_a_file_is_refused_before_any_work(cohort, tmp_path, capsys):
+    (tmp_path / "taken").write_text("mine")
+    args = ["extract", "wsi-features", str(cohort[0]), "--encoder", "test_resnet", "-w", "none"]
+    assert main([*args, "--out", str(tmp_path / "taken" / "feats")]) == 2  # was NotADirectoryError, exit 3
+    assert f"--out {tmp_path / 'taken' / 'feats'} cannot be created: {tmp_path / 'taken'} is a file" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(InvalidInputError, match="the output folder .* cannot be created: .* is a file"):
+        run([cohort[0]], tmp_path / "taken" / "a" / "b")
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"] and (tmp_path / "taken").read_text() == "mine"
+
+
+def test_the_python_api_checks_the_same_bounds_once_before_any_slide(cohort, tmp_path):
+    for setting in ({"input_size": 100_000}, {"stride": 1}, {"batch_size": 10**8}):
+        with pytest.raises(InvalidOptionError):
+            run(cohort, tmp_path / "out", **setting)
+    assert not any(tmp_path.iterdir())
+
+
 # ------------------------------------------------------------------------------------ torchrun
 
 

@@ -3,6 +3,7 @@ TIFFs that OpenSlide itself opens (tests/wsi_helpers.py)."""
 
 import json
 import os
+import re
 
 import h5py
 import numpy as np
@@ -14,9 +15,10 @@ from PIL import Image
 
 from attnzoo.datasets.mil_features import read_feature_bags
 from attnzoo.datasets.wsi import PatchTransform, open_slide, patch_grid, segment_tissue
-from attnzoo.errors import InvalidInputError, UnknownNameError
+from attnzoo.errors import InvalidInputError, InvalidOptionError, UnknownNameError
 from attnzoo.pipelines import wsi_features
 from attnzoo.pipelines.wsi_features import check_segment_kwargs, create_patch_encoder, extract_features, extract_slides
+from tests.datasets.fuzzing import FUZZ, odd_numbers
 from tests.wsi_helpers import SEG, TinyEncoder, slide_image, tissue_truth, write_slide, write_test_slides
 
 
@@ -145,6 +147,52 @@ def test_bad_arguments_are_typed_errors_before_any_work(slides, tmp_path):
         with pytest.raises(InvalidInputError):
             run(slides["aperio"], tmp_path / "x.h5", TinyEncoder(), **bad)
     assert not (tmp_path / "x.h5").exists()
+
+
+@pytest.mark.parametrize(
+    "setting, why",
+    [
+        ({"input_size": 100_000}, r"input_size must be an integer in \[1, 1792\] \(pixels, at most 16x patch_size 112"),
+        ({"patch_size": 100_000}, r"patch_size must be .* read in one piece of at most 16384x16384.*usual: 256 px"),
+        ({"patch_size": 1, "input_size": 224}, r"at most 16x patch_size 1\b"),
+        ({"stride": 1}, r"stride must be an integer in \[7, .*every pixel in more than 256 patches"),
+        ({"batch_size": 10**8}, r"over 2\*\*31 .*use batch_size 14266 or less"),
+        ({"input_size": 1792, "batch_size": 1000}, r"use batch_size 222 or less"),
+    ],
+)
+def test_sizes_that_cannot_be_meant_are_refused_with_the_reason(slides, tmp_path, setting, why):
+    """--input-size 100000 ran out of memory, patch_size=1 or stride=1 cut billions of patches from a real
+    slide; each is refused before the slide is opened, saying why and what is usual."""
+    with pytest.raises(InvalidOptionError, match=why):
+        run(slides["aperio"], tmp_path / "x.h5", TinyEncoder(), **{"input_size": 224, **setting})
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_encoder_that_cannot_take_the_input_size_says_which_setting(slides, tmp_path):
+    """TinyEncoder's 4x4 convolution on 2x2 inputs raised a bare RuntimeError (an internal error in the CLI)."""
+    with pytest.raises(
+        InvalidOptionError, match=r"encoder TinyEncoder cannot take a batch of \(4, 3, 2, 2\).*--input-size"
+    ):
+        run(slides["aperio"], tmp_path / "x.h5", TinyEncoder(), input_size=2)
+    with pytest.raises(InvalidInputError, match="amp must be True or False"):
+        run(slides["aperio"], tmp_path / "x.h5", TinyEncoder(), amp="no")  # was autocast switched on
+
+
+def test_no_tissue_advice_names_the_python_keyword_and_the_cli_option(slides, tmp_path):
+    with pytest.raises(InvalidInputError) as blank:
+        run(slides["blank"], tmp_path / "blank.h5", TinyEncoder())
+    assert (
+        "lower sthresh (now 8): segment_kwargs={'sthresh': 4} in Python, --segment sthresh=4 on the command line"
+        in (str(blank.value))
+    )
+    with pytest.raises(InvalidInputError) as small:
+        run(slides["aperio"], tmp_path / "small.h5", TinyEncoder(), segment_kwargs={})  # CLAM's a_t=100
+    advice = re.search(
+        r"lower a_t to (\S+) or less: segment_kwargs=\{'a_t': (\S+)\} in Python, --segment a_t=(\S+) on",
+        str(small.value),
+    )
+    assert advice is not None and float(advice[1]) == float(advice[2]) == float(advice[3]) < 100
+    assert run(slides["aperio"], tmp_path / "ok.h5", TinyEncoder(), segment_kwargs={"a_t": float(advice[3])}).exists()
 
 
 def test_progress_bars_over_patches_and_slides(slides, tmp_path, capsys):
@@ -362,3 +410,25 @@ def test_fuzz_segment_kwargs(slides, kwargs):
     except InvalidInputError:
         return
     assert mask.mask.dtype == bool and mask.mask.ndim == 2
+
+
+@FUZZ
+@given(
+    key=st.sampled_from(
+        ["magnification", "mpp", "base_mpp", "patch_size", "stride", "input_size", "min_tissue", "batch_size", "dtype"]
+    ),
+    value=odd_numbers(),
+)
+def test_fuzz_extraction_settings(key, value):
+    """Any value of one setting: settings within the bounds an extraction can run with, or a typed error naming it."""
+    given = {"magnification": 20, "patch_size": 256, "input_size": 224, "batch_size": 64, key: value}
+    batch_size = given.pop("batch_size")
+    try:
+        checked = wsi_features.check_settings(**given)
+        batch_size, _ = wsi_features.check_batch(batch_size, 0, checked.input_size)
+    except InvalidInputError as err:
+        assert key in str(err), err
+        return
+    assert 1 <= checked.patch_size <= 16384 and 1 <= checked.input_size <= 16 * checked.patch_size
+    assert checked.stride is None or 16 * checked.stride >= checked.patch_size
+    assert batch_size * 3 * checked.input_size**2 < 2**31 and 0 <= checked.min_tissue <= 1

@@ -45,7 +45,8 @@ import numpy as np
 from PIL import Image
 
 from attnzoo._io import parse_errors
-from attnzoo.errors import DatasetFormatError, InvalidInputError, MissingDependencyError
+from attnzoo._values import whole_number
+from attnzoo.errors import DatasetFormatError, InvalidInputError, InvalidOptionError, MissingDependencyError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -103,13 +104,20 @@ def _positive(value: Any, name: str) -> float | None:
     return number
 
 
-def _count(value: Any, name: str, *, minimum: int = 1, maximum: int = 2**31) -> int:
-    """A whole-number setting (patch size, filter size): ``7`` or ``7.0``; not NaN, 2.5, text or a bool."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise InvalidInputError(f"{name} must be an integer from {minimum} to {maximum}, got {value!r}")
-    if not (math.isfinite(value) and float(value).is_integer() and minimum <= value <= maximum):
-        raise InvalidInputError(f"{name} must be an integer from {minimum} to {maximum}, got {value!r}")
-    return int(value)
+def _count(
+    value: Any,
+    name: str,
+    *,
+    minimum: int = 1,
+    maximum: int = 2**31,
+    why: str = "",
+    error: type[InvalidInputError] = InvalidInputError,
+) -> int:
+    """A whole-number setting (patch size, filter size): ``7`` or ``7.0`` (a float from JSON or a command
+    line); not NaN, 2.5, text or a bool. :func:`attnzoo._values.whole_number`'s rule and wording otherwise."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer() and minimum <= value <= maximum:
+        value = int(value)
+    return whole_number(value, name, low=minimum, high=maximum, why=why, error=error)
 
 
 def _non_negative(value: Any, name: str) -> float:
@@ -125,6 +133,18 @@ def _non_negative(value: Any, name: str) -> float:
 MIN_MASK_DOWNSAMPLE = 1e-6
 #: The largest level-0 coordinate any slide can have (OpenSlide's dimensions are int64, real scans < 2^20).
 MAX_COORDINATE = 2**31
+#: The most patch positions one grid may lay over a slide: each is placed and weighed against the tissue
+#: mask in memory (about 100 bytes apiece, 1.6 GB at this bound) and each kept one is an encoder input.
+#: CLAM's and ACMIL's 256 px at 20x give at most ~10^5 on the largest slides; this is 100x more.
+MAX_GRID_POSITIONS = 2**24
+#: What users of the usual recipes are told when a setting is far off.
+USUAL_PATCHING = "usual: 256 px patches at 20x, stride = patch size, resized to 224, as in CLAM and ACMIL"
+
+
+def max_patch_side() -> int:
+    """The largest patch side a grid can have: a patch is read in one piece, at most
+    :data:`FALLBACK_MAX_PIXELS` pixels (``ATTNZOO_MAX_SLIDE_PIXELS``)."""
+    return math.isqrt(FALLBACK_MAX_PIXELS)
 
 
 def _pixel_pairs(values: Any, name: str) -> np.ndarray:
@@ -770,7 +790,7 @@ def _resolve_resolution(
         )
     if downsample < _UPSAMPLE_TOLERANCE:
         raise InvalidInputError(
-            f"{slide.path}: cannot give {what}: patches would be upsampled {1 / downsample:.2f}x; "
+            f"{slide.path}: cannot give {what}: patches would be upsampled {1 / downsample:.3g}x; "
             "ask for a lower magnification (or a larger mpp)"
         )
     return downsample, magnification, target_mpp, base_mag, base_mpp
@@ -824,12 +844,26 @@ def patch_grid(
     read_size = max(1, round(patch_size * downsample / level_ds))
     size0 = max(1, round(patch_size * downsample))
     step0 = max(1, round(stride * downsample))
+    at = f"{target_mag:g}x" if target_mag is not None else f"{target_mpp:g} µm/px"
+    if read_size > max_patch_side():
+        raise InvalidOptionError(
+            f"{slide.path}: a {patch_size} px patch at {at} is read as {read_size}x{read_size} px at level {level}, "
+            f"over the {FALLBACK_MAX_PIXELS:,}-pixel limit of one read (ATTNZOO_MAX_SLIDE_PIXELS); lower patch_size "
+            f"(--patch-size); {USUAL_PATCHING}"
+        )
 
     width, height = slide.dimensions
-    if pad:
-        xs, ys = np.arange(0, width, step0), np.arange(0, height, step0)
-    else:
-        xs, ys = np.arange(0, width - size0 + 1, step0), np.arange(0, height - size0 + 1, step0)
+    starts_x = range(0, width, step0) if pad else range(0, width - size0 + 1, step0)
+    starts_y = range(0, height, step0) if pad else range(0, height - size0 + 1, step0)
+    if len(starts_x) * len(starts_y) > MAX_GRID_POSITIONS:
+        raise InvalidOptionError(
+            f"{slide.path}: patch_size={patch_size}, stride={stride} (px at {at}: a step of {step0} level-0 px) "
+            f"would lay {len(starts_x) * len(starts_y):,} patch positions over this {width}x{height} slide, more "
+            f"than the {MAX_GRID_POSITIONS:,} one grid may hold (each is weighed against the tissue mask in memory "
+            f"and each kept one is an encoder input); raise patch_size (--patch-size) or stride (--stride); "
+            f"{USUAL_PATCHING}"
+        )
+    xs, ys = (np.arange(r.start, r.stop, r.step, dtype=np.int64) for r in (starts_x, starts_y))
     grid_y, grid_x = np.meshgrid(ys, xs, indexing="ij")
     coords = np.stack([grid_x.ravel(), grid_y.ravel()], axis=1).astype(np.int64)
     tissue = None

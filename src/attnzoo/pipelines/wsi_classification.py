@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -179,7 +178,13 @@ class WSIClassificationPipeline(Pipeline):
         progress: bool | None = None,
         labels: Sequence[str] | None = None,
     ) -> tuple[dict, dict, dict]:
-        from attnzoo.pipelines.wsi_features import check_patch_side, check_segment_kwargs
+        from attnzoo.pipelines.wsi_features import (
+            check_input_size,
+            check_min_tissue,
+            check_patch_side,
+            check_scale,
+            check_segment_kwargs,
+        )
 
         pre: dict[str, Any] = {}
         if encoder is not None:
@@ -200,18 +205,17 @@ class WSIClassificationPipeline(Pipeline):
             ("base_mpp", base_mpp),
         ):
             if value is not None:
-                pre[name] = _positive_number(name, value)
-        for name, value in (("patch_size", patch_size), ("input_size", input_size)):
-            if value is not None:
-                pre[name] = check_patch_side(name, value)
+                pre[name] = check_scale(name, value)
+        if patch_size is not None:
+            pre["patch_size"] = check_patch_side("patch_size", patch_size)
+        if input_size is not None:  # its bound, relative to the patch size, is checked when a slide is tiled
+            pre["input_size"] = check_input_size(input_size, None)
         if read_level is not None:
             if read_level not in ("auto", "base"):
                 raise InvalidInputError(f"read_level must be 'base' (level 0) or 'auto', got {read_level!r}")
             pre["read_level"] = read_level
         if min_tissue is not None:
-            if _positive_number("min_tissue", min_tissue, allow_zero=True) > 1:
-                raise InvalidInputError(f"min_tissue is a fraction of a patch's area, in [0, 1]; got {min_tissue!r}")
-            pre["min_tissue"] = float(min_tissue)
+            pre["min_tissue"] = check_min_tissue(min_tissue)
         if segment_kwargs is not None:
             pre["segment_kwargs"] = check_segment_kwargs(segment_kwargs)
         if feature_dir is not None:
@@ -406,15 +410,6 @@ class WSIClassificationPipeline(Pipeline):
             outputs["encoder"],
             outputs["random_encoder"],
         )
-
-
-def _positive_number(name: str, value: Any, *, allow_zero: bool = False) -> float:
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-    if not ok or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise InvalidInputError(
-            f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}"
-        )
-    return float(value)
 
 
 def _plain(settings: dict[str, Any]) -> dict[str, Any]:

@@ -40,13 +40,14 @@ import torch
 from tqdm.auto import tqdm
 
 from attnzoo._distributed import DistributedContext, distributed_context
-from attnzoo._io import atomic_write, read_csv_rows, write_text
+from attnzoo._io import atomic_write, check_output_folder, read_csv_rows, write_text
 from attnzoo.datasets.wsi import import_wsi_dependency, slide_id
 from attnzoo.errors import AttnzooError, DatasetFormatError, InvalidInputError, InvalidOptionError
-from attnzoo.pipelines.base import check_batching, resolve_device
+from attnzoo.pipelines.base import resolve_device
 from attnzoo.pipelines.wsi_features import (
     ExtractionSettings,
     _resolve_encoder,
+    check_batch,
     check_settings,
     extract_features,
     finished_features,
@@ -299,9 +300,7 @@ def extract_cohort(
         raise InvalidInputError(f"overwrite must be False, True or 'stale', got {overwrite!r}")
     import_wsi_dependency("h5py")
     settings = _check_extract_kwargs(extract_kwargs)  # a wrong setting fails here, not once per slide
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise InvalidInputError(f"{out} is a file; features go into a folder (made if missing)")
+    out = check_output_folder(out_dir, "the output folder", InvalidInputError)
     ctx = distributed_context() if distributed else DistributedContext()
     slides = list(slides)
     writes = _Outputs(out, layout, manifest)
@@ -356,9 +355,10 @@ def _check_extract_kwargs(extract_kwargs: dict[str, Any]) -> ExtractionSettings:
         raise InvalidInputError(f"extract_features does not take these settings: {err}") from None
     bound.apply_defaults()
     given = bound.arguments
-    check_batching(given["batch_size"], given["num_workers"])
+    settings = check_settings(**{k: given[k] for k in inspect.signature(check_settings).parameters})
+    check_batch(given["batch_size"], given["num_workers"], settings.input_size)
     resolve_device(given["device"])
-    return check_settings(**{k: given[k] for k in inspect.signature(check_settings).parameters})
+    return settings
 
 
 def _listed_on_rank0(

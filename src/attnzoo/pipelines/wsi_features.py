@@ -47,18 +47,22 @@ from tqdm.auto import tqdm
 from attnzoo import __version__
 from attnzoo._io import atomic_path, atomic_write, remove_stale_temporaries_in
 from attnzoo.datasets.wsi import (
+    MAX_COORDINATE,
+    USUAL_PATCHING,
     PatchDataset,
     PatchGrid,
     PatchTransform,
     Slide,
     TissueMask,
+    _count,
     import_wsi_dependency,
+    max_patch_side,
     open_slide,
     patch_grid,
     segment_tissue,
 )
 from attnzoo.datasets.wsi import slide_id as slide_id_of
-from attnzoo.errors import InvalidInputError, WeightsError
+from attnzoo.errors import InvalidInputError, InvalidOptionError, WeightsError
 from attnzoo.factory import create_model
 from attnzoo.pipelines.base import check_batching, resolve_device
 from attnzoo.weights.loading import load_checkpoint_file, load_weights, resolve_checkpoint, unwrap_state_dict
@@ -66,6 +70,7 @@ from attnzoo.weights.loading import load_checkpoint_file, load_weights, resolve_
 __all__ = [
     "FEATURES_FORMAT",
     "ExtractionSettings",
+    "check_batch",
     "check_settings",
     "create_patch_encoder",
     "extract_features",
@@ -77,6 +82,15 @@ __all__ = [
 FEATURES_FORMAT = "attnzoo.wsi_features/1"
 #: The seed a randomly initialised patch encoder (``weights="none"``) is drawn from.
 RANDOM_ENCODER_SEED = 0
+#: How many times larger than a patch its encoder input may be: beyond 16x each patch pixel becomes a block
+#: of more than 16x16 input pixels, which adds no detail, only memory and time.
+MAX_UPSCALE = 16
+#: How many patches may overlap along each axis (patch_size / stride): a CLAM grid has 1, a dense
+#: sliding window 2 to 4; beyond 16 every pixel is read and encoded in more than 256 patches.
+MAX_OVERLAP = 16
+#: The most elements one batch of encoder inputs may hold: 2**31 is 8 GiB of float32 before the encoder's
+#: own activations, and beyond it many GPU kernels (int32 indexing) refuse the tensor.
+MAX_BATCH_ELEMENTS = 2**31 - 1
 #: Encoder names with a fixed recipe: (timm architecture, official weights used by default, output dim).
 _NAMED_ENCODERS = {
     "resnet18": ("resnet18", "resnet18.tv_in1k", 512),  # ACMIL "natural_supervised": torchvision ImageNet ResNet18
@@ -136,7 +150,6 @@ def extract_features(
     out_path = Path(out_path)
     if overwrite not in (False, True, "stale"):
         raise InvalidInputError(f"overwrite must be False, True or 'stale', got {overwrite!r}")
-    batch_size, num_workers = check_batching(batch_size, num_workers)
     settings = check_settings(
         magnification=magnification,
         mpp=mpp,
@@ -152,6 +165,7 @@ def extract_features(
         amp=amp,
         segment_kwargs=segment_kwargs,
     )
+    batch_size, num_workers = check_batch(batch_size, num_workers, settings.input_size)
     dev = resolve_device(device)
     with contextlib.closing(
         open_slide(slide_path, mpp=settings.base_mpp, objective_power=settings.base_magnification)
@@ -173,7 +187,8 @@ def extract_features(
         if len(grid) == 0:
             raise InvalidInputError(
                 f"{slide.path}: tissue covers {mask.fraction:.2%} of the slide but no patch has "
-                f"min_tissue={settings.min_tissue:g} of its area in tissue; lower min_tissue or patch_size"
+                f"min_tissue={settings.min_tissue:g} of its area in tissue; lower min_tissue (--min-tissue) or "
+                "patch_size (--patch-size)"
             )
         model, encoder_name = _resolve_encoder(encoder, weights)
         encoder_name = _encoder_name or encoder_name
@@ -373,8 +388,9 @@ def check_settings(
     over ``magnification``."""
     if dtype not in ("float32", "float16"):
         raise InvalidInputError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
-    if isinstance(min_tissue, bool) or not isinstance(min_tissue, (int, float)) or not 0 <= min_tissue <= 1:
-        raise InvalidInputError(f"min_tissue is a fraction of a patch's area, in [0, 1]; got {min_tissue!r}")
+    min_tissue = check_min_tissue(min_tissue)
+    if not isinstance(amp, (bool, np.bool_)):  # "no" would switch autocast on
+        raise InvalidInputError(f"amp must be True or False, got {amp!r}")
     if transform is not None and not callable(transform):
         raise InvalidInputError(f"transform must map a PIL image to a tensor, got a {type(transform).__name__}")
     if read_level not in ("auto", "base"):
@@ -391,17 +407,13 @@ def check_settings(
         "base_magnification": base_magnification,
         "base_mpp": base_mpp,
     }
-    for name, value in scales.items():
-        number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-        if value is not None and not (number and math.isfinite(value) and value > 0):
-            raise InvalidInputError(f"{name} must be a positive number, got {value!r}")
     patch_size = check_patch_side("patch_size", patch_size)
     return ExtractionSettings(
-        **{k: float(v) if v is not None else None for k, v in scales.items()},
+        **{k: None if v is None else check_scale(k, v) for k, v in scales.items()},
         patch_size=patch_size,
-        stride=check_patch_side("stride", stride) if stride is not None else None,
-        input_size=check_patch_side("input_size", input_size) if input_size is not None else patch_size,
-        min_tissue=float(min_tissue),
+        stride=None if stride is None else check_stride(stride, patch_size),
+        input_size=check_input_size(input_size, patch_size) if input_size is not None else patch_size,
+        min_tissue=min_tissue,
         read_level=read_level,
         dtype=dtype,
         amp=bool(amp),
@@ -437,13 +449,72 @@ def remove_stale_temporaries(path: Path) -> None:
     remove_stale_temporaries_in(path.parent, re.escape(path.name))
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_scale(name: str, value: Any) -> float:
+    """A resolution (magnification or µm/px, of the patches or the scan): a finite number > 0."""
+    if not (_is_number(value) and math.isfinite(value) and value > 0):
+        raise InvalidInputError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def check_min_tissue(value: Any) -> float:
+    """The fraction of a patch's area that must be tissue."""
+    if not (_is_number(value) and 0 <= value <= 1):  # NaN fails the comparison
+        raise InvalidInputError(f"min_tissue is a fraction of a patch's area, in [0, 1]; got {value!r}")
+    return float(value)
+
+
 def check_patch_side(name: str, value: Any) -> int:
-    """A patch side in pixels: a positive integer (integer-valued floats allowed), or a typed error."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise InvalidInputError(f"{name} must be a positive integer (pixels), got {value!r}")
-    if not math.isfinite(value) or value < 1 or int(value) != value:
-        raise InvalidInputError(f"{name} must be a positive integer (pixels), got {value!r}")
-    return int(value)
+    """A patch side in pixels (integer-valued floats allowed), up to what one read returns (a patch is read
+    in one piece of at most ``ATTNZOO_MAX_SLIDE_PIXELS``); else an :class:`~attnzoo.errors.InvalidOptionError`."""
+    most = max_patch_side()
+    why = f"pixels; a patch is read in one piece of at most {most}x{most}, ATTNZOO_MAX_SLIDE_PIXELS; {USUAL_PATCHING}"
+    return _count(value, name, maximum=most, why=why, error=InvalidOptionError)
+
+
+def check_stride(stride: Any, patch_size: int) -> int:
+    """The grid step: at least 1/:data:`MAX_OVERLAP` of the patch, at most what any slide spans."""
+    low = max(1, math.ceil(patch_size / MAX_OVERLAP))
+    why = (
+        f"pixels, at least patch_size {patch_size} / {MAX_OVERLAP}: a finer step puts every pixel in more than "
+        f"{MAX_OVERLAP**2} patches, to be read and encoded each time; {USUAL_PATCHING}"
+    )
+    return _count(stride, "stride", minimum=low, maximum=MAX_COORDINATE, why=why, error=InvalidOptionError)
+
+
+def check_input_size(input_size: Any, patch_size: int | None) -> int:
+    """The side patches are resized to for the encoder: at most :data:`MAX_UPSCALE` times the patch (when
+    the patch size is not known yet, a positive integer; the bound applies once it is)."""
+    if patch_size is None:
+        return _count(input_size, "input_size", why="pixels", error=InvalidOptionError)
+    why = (
+        f"pixels, at most {MAX_UPSCALE}x patch_size {patch_size}: a larger input blows each patch pixel up into a "
+        f"block and adds no detail, only memory and time; {USUAL_PATCHING}"
+    )
+    return _count(input_size, "input_size", maximum=MAX_UPSCALE * patch_size, why=why, error=InvalidOptionError)
+
+
+def check_batch(batch_size: Any, num_workers: Any, input_size: int) -> tuple[int, int]:
+    """``batch_size`` and ``num_workers`` checked, and one batch of ``input_size`` patches no larger than
+    :data:`MAX_BATCH_ELEMENTS`: a larger batch cannot be held (or run by many GPU kernels) and only fails later."""
+    batch_size, num_workers = check_batching(batch_size, num_workers)
+    per_patch = 3 * input_size**2
+    if batch_size * per_patch > MAX_BATCH_ELEMENTS:
+        fits = MAX_BATCH_ELEMENTS // per_patch
+        fix = (
+            f"use batch_size {fits} or less (--batch-size)"
+            if fits
+            else f"lower input_size (--input-size) to {math.isqrt(MAX_BATCH_ELEMENTS // 3)} or less"
+        )
+        raise InvalidOptionError(
+            f"batch_size {batch_size} of {input_size}x{input_size} inputs is a tensor of {batch_size * per_patch:,} "
+            f"elements, over 2**31 (8 GiB of float32 before the encoder's own activations, more than many GPU "
+            f"kernels index): {fix}; usual: batch_size 64 to 512 at input_size 224"
+        )
+    return batch_size, num_workers
 
 
 #: Bounds of segment_tissue's parameters where the type alone is not enough: saturation is 0-255; filter
@@ -510,18 +581,33 @@ def _why_no_tissue(slide: Slide, mask: TissueMask, segment_kwargs: dict[str, Any
     params = mask.params
     below = segment_tissue(slide, **{**segment_kwargs, "a_t": 0})
     if not below.any():
-        return (
-            f"no region's saturation exceeds {params['threshold']:g} at downsample {mask.downsample[0]:.3g}; "
-            "if the slide has tissue, lower sthresh through segment_kwargs="
+        saturation = f"no region's saturation exceeds {params['threshold']:g} at downsample {mask.downsample[0]:.3g}; "
+        if params["use_otsu"] and params["threshold"] > params["sthresh"]:
+            return saturation + f"if the slide has tissue, drop Otsu's threshold: {_segment_setting('use_otsu', False)}"
+        if params["sthresh"] == 0:
+            return saturation + "the image has no colour, so no segmentation setting finds tissue in it"
+        return saturation + (
+            f"if the slide has tissue, lower sthresh (now {params['sthresh']}): "
+            f"{_segment_setting('sthresh', params['sthresh'] // 2)}"
         )
     labels, count = ndimage.label(below.mask, structure=np.ones((3, 3), bool))
     ref_area = params["ref_patch_size"] ** 2 / (below.downsample[0] * below.downsample[1])
     largest = np.bincount(labels.ravel())[1:].max() / ref_area
+    lower = float(f"{max(largest / 2, 0.01):.2g}")
     return (
         f"{count} region(s) pass the saturation threshold, the largest {largest:.3g} reference patches "
         f"({params['ref_patch_size']} px squared at level 0) in area, all below a_t={params['a_t']:g} (CLAM's "
-        f"minimum tissue region, made for whole slides); for a smaller image pass segment_kwargs={{'a_t': "
-        f"{max(largest / 2, 0.01):.2g}}} or lower"
+        f"minimum tissue region, made for whole slides); for a smaller image lower a_t to {lower:g} or less: "
+        f"{_segment_setting('a_t', lower)}"
+    )
+
+
+def _segment_setting(name: str, value: Any) -> str:
+    """A segmentation setting as a Python caller and a command-line user each give it."""
+    cli = str(value).lower() if isinstance(value, bool) else f"{value:g}"
+    return (
+        f"segment_kwargs={{{name!r}: {value!r}}} in Python, --segment {name}={cli} on the command line "
+        "(attnzoo extract wsi-features)"
     )
 
 
@@ -672,7 +758,7 @@ def _run_encoder(
             )
             with torch.inference_mode(), autocast:
                 for images, _ in loader:
-                    out = model(images.to(dev, non_blocking=True))
+                    out = _encode(model, encoder_name, images.to(dev, non_blocking=True), batch_size)
                     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != images.shape[0]:
                         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                         raise InvalidInputError(
@@ -704,6 +790,23 @@ def _run_encoder(
                     bar.update(len(feats))
         finally:
             bar.close()
+
+
+def _encode(model: torch.nn.Module, encoder_name: str, images: torch.Tensor, batch_size: int) -> Any:
+    """``model(images)``; an encoder that cannot take these inputs (a ViT made for another size, too small an
+    input for its strides, no memory for the batch) is a typed error naming the settings to change."""
+    try:
+        return model(images)
+    except torch.OutOfMemoryError as err:
+        raise InvalidOptionError(
+            f"encoder {encoder_name} ran out of memory on a batch of {tuple(images.shape)}: lower batch_size "
+            f"(--batch-size, now {batch_size}) or input_size (--input-size): {err}"
+        ) from err
+    except (RuntimeError, AssertionError, ValueError, TypeError) as err:
+        raise InvalidOptionError(
+            f"encoder {encoder_name} cannot take a batch of {tuple(images.shape)} ({type(err).__name__}: {err}); "
+            f"set input_size (--input-size) to what the encoder is made for (usually 224)"
+        ) from err
 
 
 def _write_features_h5(
