@@ -109,3 +109,14 @@ def test_a_moved_demo_folder_is_still_recognised(tmp_path, stubbed):
     stubbed(2)
     demo.run_demo(tmp_path / "moved", log=lambda line: None)
     assert (tmp_path / "moved" / "image-classification" / "picture.png").read_text() == "run 2"
+
+
+def test_a_file_or_a_folder_under_a_file_is_refused_through_the_python_api(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "DEMOS", {})
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    with pytest.raises(InvalidOptionError, match="is a file; give a folder"):
+        demo.run_demo(taken, log=lambda line: None)
+    with pytest.raises(InvalidOptionError, match=f"cannot be created: {re.escape(str(taken))} is a file"):
+        demo.run_demo(taken / "demo", log=lambda line: None)
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"] and taken.read_text() == "mine"

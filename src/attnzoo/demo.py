@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attnzoo._io import atomic_path, atomic_write, write_json
+from attnzoo._io import atomic_path, atomic_write, check_output_folder, write_json
 from attnzoo.errors import InvalidOptionError, MissingDependencyError, WeightsError
 
 #: Photographs scikit-image ships in its wheel, by the names of their loaders in ``skimage.data``.
@@ -451,8 +451,7 @@ def _demo_index(path: Path) -> tuple[set[str], set[str]] | None:
 def _refuse_unless_replaceable(out: Path) -> None:
     """``out`` is replaced whole: only a missing or empty folder, or an earlier demo's folder holding
     nothing but what its index lists, may be; anything else of the user's is refused, never deleted."""
-    if out.exists() and not out.is_dir():
-        raise InvalidOptionError(f"--out {out} is a file; give a folder")
+    check_output_folder(out)  # a file, or under one: refused as by every command
     if not out.is_dir():
         return
     entries = sorted(p.name for p in out.iterdir())
