@@ -132,6 +132,45 @@ def test_forward_backward_and_api():
         B.BiFormer(auto_pad=True)
 
 
+def test_embed_dim_without_qk_dims_brings_its_own():
+    """The released models all have qk_dims == embed_dim; the preset's qk_dims used to stay and the
+    first forward failed in the kernel."""
+    model = timm.create_model("biformer_tiny", embed_dim=[32, 32, 64, 64], depth=[1] * 4, head_dim=16, num_classes=3)
+    assert [stage[0].attn.qk_dim for stage in model.stages[:3]] == [32, 32, 64]
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 224, 224)).shape == (1, 3)
+
+
+@pytest.mark.parametrize("qk_dim", [8, 32])
+def test_bra_with_qk_dim_other_than_dim_matches_the_oracle(qk_dim):
+    """The official BRA allows qk_dim != dim (q, k narrower or wider than v); the kernel takes one
+    head width, so the module pads the narrower side with zeros, which changes nothing."""
+    from attnzoo.kernels import oracle
+
+    torch.manual_seed(0)
+    bra = B.BiLevelRoutingAttention(16, num_heads=2, n_win=2, qk_dim=qk_dim, topk=2).eval()
+    x = torch.randn(2, 4, 6, 16)
+    with torch.no_grad():
+        q, k, v = bra.qkv(x.reshape(2, 24, 16))
+        groups = bra.groups(4, 6, x.device)
+        route = K.region_routing(q, k, groups, 2, bra.scale)
+        heads = lambda t: t.reshape(2, 24, 2, -1)  # noqa: E731
+        out = oracle.grouped_attention(heads(q), heads(k), heads(v), groups, groups, route, bra.scale)
+        out = out.reshape(2, 4, 6, 16) + bra.lepe(v.reshape(2, 4, 6, 16).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        torch.testing.assert_close(bra(x), bra.wo(out), atol=1e-5, rtol=1e-5)
+    model = timm.create_model("biformer_tiny", embed_dim=[16] * 4, qk_dims=[qk_dim] * 4, depth=[1] * 4, head_dim=8)
+    assert model(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+
+
+@pytest.mark.parametrize("name", ["biformer_tiny", "biformer_stl", "biformer_stl_nchw"])
+def test_an_empty_batch_gives_an_empty_output(name):
+    model = timm.create_model(name, num_classes=3, **STL_SMALL).eval()
+    with torch.no_grad():
+        assert model(torch.randn(0, 3, 224, 224)).shape == (0, 3)
+        stages = model.forward_intermediates(torch.randn(0, 3, 224, 224), intermediates_only=True)
+    assert [tuple(s.shape) for s in stages] == [(0, 16, 56, 56), (0, 32, 28, 28), (0, 64, 14, 14), (0, 128, 7, 7)]
+
+
 # -- BiFormer-STL and STL-nchw ----------------------------------------------------------------
 
 STL_SMALL = dict(depth=[1, 1, 1, 1], embed_dim=[16, 32, 64, 128], head_dim=16)  # heads 1, 2, 4, 8

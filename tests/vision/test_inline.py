@@ -196,6 +196,16 @@ def test_residual_conv_skips_cls_and_uses_all_token_mean():
     torch.testing.assert_close(base, attn.proj(core))
 
 
+@pytest.mark.parametrize(("name", "small"), [("inline_swin_tiny", SWIN_SMALL), ("inline_deit_tiny", DEIT_SMALL)])
+def test_an_empty_batch_gives_an_empty_output(name, small):
+    """The residual's per-sample depthwise conv has B * C groups: none for an empty batch."""
+    model = timm.create_model(name, num_classes=3, **small).eval()
+    with torch.no_grad():
+        assert model(torch.randn(0, 3, 224, 224)).shape == (0, 3)
+        stages = model.forward_intermediates(torch.randn(0, 3, 224, 224), intermediates_only=True)
+        assert all(s.shape[0] == 0 and s.dim() == 4 for s in stages)
+
+
 def test_sizes_the_architecture_cannot_take():
     with pytest.raises(InvalidInputError, match=r"56x56 windows do not tile it.*224, 448"):
         timm.create_model("inline_swin_tiny", img_size=256, **SWIN_SMALL)

@@ -551,6 +551,33 @@ def test_generate_bad_input():
         generate(model, crops, 1.5, max_len=3)
 
 
+def test_generate_on_an_empty_batch_gives_no_scanpaths():
+    model = tiny_model()
+    assert generate(model, crops_for(0)[None][:0], [], max_len=3) == []
+    assert generate(model, [], [], max_len=3) == []
+    assert (
+        generate(model, np.zeros((0, N, *CROP_SIZE, 3), np.uint8), [], max_len=3, strategy="sample", generator=0) == []
+    )
+
+
+def test_crops_on_another_scale_than_the_models_are_refused():
+    """[0, 1] floats (torchvision's ToTensor range) given to a 0-255 model, or 0-255 crops given to a
+    shelf model (min-max [0, 1] crops), would change every pointer decision without an error."""
+    model, crops = tiny_model(), crops_for(0)
+    with pytest.raises(InvalidInputError, match="multiply them by 255"):
+        generate(model, crops.float() / 255, 1, max_len=3)
+    with pytest.raises(InvalidInputError, match="multiply them by 255"):
+        greedy_eval(model, (crops.float() / 255, 1, [1]), max_len=3)
+    assert generate(model, crops.float(), 1, max_len=3) == generate(model, crops, 1, max_len=3)
+    assert generate(model, torch.zeros(N, *CROP_SIZE, 3), 1, max_len=3)  # black crops read the same on any scale
+    shelf = attnzoo.create_model("oat_wine", **TINY)
+    wine = torch.randint(0, 256, (22, *CROP_SIZE, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(InvalidInputError, match="rgb_minmax"):
+        generate(shelf, wine, 1, max_len=3)
+    ((path,),) = generate(shelf, wine.float() / 255, 1, max_len=3)
+    assert len(path.objects) >= 1
+
+
 def test_collate_bad_input():
     with pytest.raises(InvalidInputError, match="grid has 6"):
         collate_oat([(crops_for(0, n=5), 1, [1])], GRID)

@@ -204,6 +204,22 @@ def test_api_and_bad_input():
         S.Sparsifiner(depth=2, attn_keep_rate_list=[0.25])
 
 
+@pytest.mark.parametrize("rate", [-0.5, 0.0, 1.5, float("nan"), True, "half"])
+def test_a_keep_rate_outside_zero_one_is_refused_when_built(rate):
+    with pytest.raises(InvalidInputError, match=r"attn_keep_rate_list\[1\] must be .* in \(0, 1\]"):
+        timm.create_model("sparsifiner_deit_small", attn_keep_rate_list=[0.25, rate], **TINY)
+    with pytest.raises(InvalidInputError, match=r"keep_rate must be"):
+        S.ConnectivityPredictor(64, 2, 197, keep_rate=rate)
+
+
+@pytest.mark.parametrize("cls_name", ["sparsifiner_deit_small", "sparsifiner_lvvit_s"])
+def test_features_only_of_a_model_shallower_than_three_blocks(cls_name):
+    model = timm.create_model(cls_name, features_only=True, **TINY).eval()  # timm's ViT takes the last 3 blocks
+    with torch.no_grad():
+        assert [tuple(f.shape) for f in model(torch.randn(1, 3, 224, 224))] == [(1, 64, 14, 14)] * 2
+    assert model.feature_info.channels() == [64, 64]
+
+
 # -- LV-ViT ------------------------------------------------------------------------------------
 
 LVVIT_TINY = dict(embed_dim=48, depth=2, num_heads=2, num_classes=5)

@@ -1,14 +1,18 @@
-"""What attnzoo's model families share: timm's classifier API, the official-keyword check,
-the ``output_fmt`` check of ``forward_intermediates``, ViT initialisation, seeded generators."""
+"""What attnzoo's model families share: timm's classifier API, the builder that loads pretrained
+weights through :mod:`attnzoo.weights`, the official-keyword check, the ``output_fmt`` check of
+``forward_intermediates``, ViT initialisation, seeded generators."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from attnzoo.errors import InvalidInputError
+from attnzoo.errors import AttnzooError, InvalidInputError, WeightsError
+
+_M = TypeVar("_M", bound=nn.Module)
 
 
 class ClassifierMixin:
@@ -103,3 +107,84 @@ def check_official_kwargs(family: str, kwargs: dict[str, Any], released: dict[st
         expected = released[key]
         if value != expected and not (isinstance(expected, list) and list(value or []) == expected):
             raise InvalidInputError(f"{family}: {key}={value!r} is not supported (released models use {expected!r})")
+
+
+def build_classifier(
+    model_cls: Callable[..., _M],
+    variant: str,
+    pretrained: bool,
+    *,
+    filter_fn: Callable[..., dict],
+    feature_cfg: dict[str, Any],
+    **kwargs: Any,
+) -> _M:
+    """timm's ``build_model_with_cfg``, except that ``pretrained=True`` reads the checkpoint through
+    :mod:`attnzoo.weights`: the registered entry's file in attnzoo's cache (its own file name,
+    sha256-checked, loaded without running pickled code), with attnzoo's typed errors offline.
+
+    timm's own download would name its cache file after the URL's last path part, which is
+    ``content`` for every OneDrive link (so the BiFormer checkpoints overwrite each other) and empty
+    for Tsinghua Cloud's ``.../?dl=1`` (so the cache folder itself is read), and would fail with
+    urllib's errors. A source given in ``pretrained_cfg_overlay`` (``file``, ``state_dict``,
+    ``url``, ``hf_hub_id``) still wins, and timm's adaptation is kept: another ``num_classes``
+    drops the classifier, another ``in_chans`` adapts the first convolution.
+    """
+    from timm.models import build_model_with_cfg
+
+    if not pretrained:
+        return build_model_with_cfg(
+            model_cls, variant, False, pretrained_filter_fn=filter_fn, feature_cfg=feature_cfg, **kwargs
+        )
+    from timm.models import load_pretrained, resolve_pretrained_cfg
+
+    cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")).to_dict()
+    checkpoint = pretrained_checkpoint(cfg, kwargs.get("pretrained_cfg_overlay") or {})  # before building: fail fast
+    features = bool(kwargs.get("features_only"))
+
+    def build_and_load(**model_kwargs: Any) -> _M:
+        model = model_cls(**model_kwargs)
+        try:
+            load_pretrained(
+                model,
+                {**cfg, "state_dict": checkpoint},
+                num_classes=0 if features else getattr(model, "num_classes", 1000),  # timm's rule
+                in_chans=model_kwargs.get("in_chans", 3),
+                filter_fn=filter_fn,
+            )
+        except AttnzooError:
+            raise
+        except (RuntimeError, KeyError, ValueError) as err:  # torch's load_state_dict: keys or shapes differ
+            raise WeightsError(f"the pretrained checkpoint does not fit {variant}: {str(err)[:600]}") from err
+        return model
+
+    return build_model_with_cfg(
+        build_and_load, variant, False, pretrained_filter_fn=filter_fn, feature_cfg=feature_cfg, **kwargs
+    )
+
+
+def pretrained_checkpoint(cfg: Mapping[str, Any], overlay: Mapping[str, Any]) -> Any:
+    """The checkpoint a resolved timm pretrained cfg points at, read through :mod:`attnzoo.weights`.
+
+    In timm's order: an in-memory ``state_dict``, a local ``file``, a ``url`` / ``hf_hub_id`` the
+    caller put in ``pretrained_cfg_overlay``; else the registered entry ``<architecture>.<tag>``
+    (attnzoo's cache, sha256), else the cfg's own source.
+    """
+    from attnzoo.weights import fetch_checkpoint, get_checkpoint, is_checkpoint, load_checkpoint_file
+    from attnzoo.weights.loading import resolve_checkpoint
+
+    if cfg.get("state_dict") is not None:
+        return cfg["state_dict"]
+    if cfg.get("file"):
+        return load_checkpoint_file(cfg["file"])
+    name = f"{cfg.get('architecture')}.{cfg.get('tag')}"
+    if not (overlay.get("url") or overlay.get("hf_hub_id")) and is_checkpoint(name):
+        return load_checkpoint_file(fetch_checkpoint(get_checkpoint(name)))
+    if cfg.get("url"):
+        return load_checkpoint_file(resolve_checkpoint(cfg["url"]))
+    if cfg.get("hf_hub_id"):
+        filename = cfg.get("hf_hub_filename") or "model.safetensors"
+        return load_checkpoint_file(resolve_checkpoint(f"hf-hub:{cfg['hf_hub_id']}/{filename}"))
+    raise WeightsError(
+        f"no pretrained weights are known for {name}: pass pretrained_cfg_overlay=dict(file=PATH) to timm, "
+        "weights=PATH to attnzoo.create_model, or pretrained=False"
+    )

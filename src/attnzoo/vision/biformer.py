@@ -36,13 +36,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, get_norm_layer
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
 
 from attnzoo.errors import InvalidInputError
 from attnzoo.kernels import grouped_attention, region_means, region_routing, window_groups
-from attnzoo.vision._common import ClassifierMixin, check_official_kwargs, check_output_fmt, init_vit_weights
+from attnzoo.vision._common import (
+    ClassifierMixin,
+    build_classifier,
+    check_official_kwargs,
+    check_output_fmt,
+    init_vit_weights,
+)
 from attnzoo.weights import register_checkpoints, unwrap_state_dict
 
 __all__ = [
@@ -92,7 +98,8 @@ class BiLevelRoutingAttention(nn.Module):
 
     Compatible with the released BiFormer weights: ``scale = qk_dim ** -0.5`` (the full width,
     not the head width), ``n_win`` regions per side (the map must divide evenly, as the official
-    ``auto_pad=False`` asserts).
+    ``auto_pad=False`` asserts). ``qk_dim`` may differ from ``dim``, as officially (the released
+    models have them equal).
     """
 
     def __init__(
@@ -129,7 +136,21 @@ class BiLevelRoutingAttention(nn.Module):
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         """``[B, N, heads * d]`` -> ``[B, N, heads, d]`` (heads are contiguous channel chunks, as official)."""
-        return t.reshape(*t.shape[:2], self.num_heads, -1)
+        return t.reshape(*t.shape[:2], self.num_heads, t.shape[-1] // self.num_heads)  # no -1: a batch may be empty
+
+    def _one_width(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-head q, k and v of one width, as the kernel takes: with ``qk_dim != dim`` (which the
+        official code allows) the narrower side is zero-padded. Zero columns add nothing to
+        ``q . k``, and the padded columns of the output are cut off by :meth:`forward`."""
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        extra = q.shape[-1] - v.shape[-1]
+        if extra > 0:
+            v = F.pad(v, (0, extra))
+        elif extra < 0:
+            q, k = F.pad(q, (0, -extra)), F.pad(k, (0, -extra))
+        return q, k, v
 
     def forward(
         self, x: torch.Tensor, ret_attn_mask: bool = False
@@ -146,9 +167,8 @@ class BiLevelRoutingAttention(nn.Module):
         q, k, v = self.qkv(x.reshape(B, H * W, C))
         groups = self.groups(H, W, x.device)
         route = region_routing(q, k, groups, self.topk, self.scale)
-        out = grouped_attention(
-            self._heads(q), self._heads(k), self._heads(v), groups, route=route, scale=self.scale
-        ).reshape(B, H, W, C)
+        out = grouped_attention(*self._one_width(q, k, v), groups, route=route, scale=self.scale)
+        out = out[..., : C // self.num_heads].reshape(B, H, W, C)
         if self.lepe is not None:
             out = out + self.lepe(v.reshape(B, H, W, C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         out = self.wo(out)
@@ -173,7 +193,7 @@ class BiLevelRoutingAttention(nn.Module):
         key_tokens = groups.long()[index].flatten(2)  # [B, G, topk * T]
         keys = self._heads(k)[torch.arange(B, device=q.device)[:, None, None], key_tokens]  # [B, G, topk*T, heads, d]
         attn = ((queries * self.scale) @ keys.permute(0, 1, 3, 4, 2)).softmax(dim=-1)
-        return r_weight, index, attn.reshape(B * G, self.num_heads, T, -1)
+        return r_weight, index, attn.reshape(B * G, self.num_heads, T, attn.shape[-1])
 
 
 class AttentionLePE(nn.Module):
@@ -274,8 +294,8 @@ class NCHWBiLevelRoutingAttention(nn.Module):
         pad_b, pad_r = -H % region[0], -W % region[1]
         kp, vp = (F.pad(t, (0, 0, 0, pad_r, 0, pad_b)) if pad_b or pad_r else t for t in (k, v))  # zeros, unmasked
         q, kp, vp = (
-            t.reshape(B, -1, self.num_heads, C // self.num_heads) for t in (q, kp, vp)
-        )  # heads: views, no copy
+            t.reshape(B, t.shape[1] * t.shape[2], self.num_heads, C // self.num_heads) for t in (q, kp, vp)
+        )  # heads: views, no copy (no -1: a batch may be empty)
         out = grouped_attention(q, kp, vp, q_groups, kv_groups, route=route, scale=self.scale).reshape(B, H, W, C)
         if self.lepe is not None:
             out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -751,25 +771,34 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) 
 
 
 def _create_biformer(variant: str, pretrained: bool = False, **kwargs: Any) -> BiFormer:
-    return build_model_with_cfg(
+    return build_classifier(
         BiFormer,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
         **kwargs,
     )
 
 
 def _create_biformer_stl(variant: str, pretrained: bool = False, **kwargs: Any) -> BiFormerSTL:
-    return build_model_with_cfg(
+    return build_classifier(
         BiFormerSTL,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
         **kwargs,
     )
+
+
+def _preset(preset: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A released configuration with the caller's keywords over it. Every released model has
+    ``qk_dims == embed_dim``, so a given ``embed_dim`` without ``qk_dims`` brings its own (the
+    official builders take no ``embed_dim`` at all); ``qk_dims`` given alone still applies."""
+    if "embed_dim" in kwargs and "qk_dims" not in kwargs:
+        kwargs = dict(kwargs, qk_dims=list(kwargs["embed_dim"]))
+    return dict(preset, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
@@ -832,7 +861,7 @@ def biformer_tiny(pretrained: bool = False, **kwargs: Any) -> BiFormer:
         side_dwconv=5,
         before_attn_dwconv=3,
     )
-    return _create_biformer("biformer_tiny", pretrained, **dict(args, **kwargs))
+    return _create_biformer("biformer_tiny", pretrained, **_preset(args, kwargs))
 
 
 @register_model
@@ -848,7 +877,7 @@ def biformer_small(pretrained: bool = False, **kwargs: Any) -> BiFormer:
         side_dwconv=5,
         before_attn_dwconv=3,
     )
-    return _create_biformer("biformer_small", pretrained, **dict(args, **kwargs))
+    return _create_biformer("biformer_small", pretrained, **_preset(args, kwargs))
 
 
 @register_model
@@ -864,7 +893,7 @@ def biformer_base(pretrained: bool = False, **kwargs: Any) -> BiFormer:
         side_dwconv=5,
         before_attn_dwconv=3,
     )
-    return _create_biformer("biformer_base", pretrained, **dict(args, **kwargs))
+    return _create_biformer("biformer_base", pretrained, **_preset(args, kwargs))
 
 
 @register_model

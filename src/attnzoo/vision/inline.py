@@ -43,13 +43,19 @@ from timm.layers import (
     to_2tuple,
     trunc_normal_,
 )
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
 
 from attnzoo.errors import InvalidInputError
 from attnzoo.kernels import inline_attention
-from attnzoo.vision._common import ClassifierMixin, check_official_kwargs, check_output_fmt, init_vit_weights
+from attnzoo.vision._common import (
+    ClassifierMixin,
+    build_classifier,
+    check_official_kwargs,
+    check_output_fmt,
+    init_vit_weights,
+)
 from attnzoo.weights import register_checkpoints, unwrap_state_dict
 
 __all__ = ["InLineAttention", "InLineDeiT", "InLineSwin", "checkpoint_filter_fn"]
@@ -89,7 +95,10 @@ class InLineAttention(nn.Module):
         out = inline_attention(q, k, v, scale=self.scale).transpose(1, 2).reshape(B, N, C)
         prefix = N - h * w
         v_map = v[:, :, prefix:].transpose(1, 2).reshape(B, h, w, C).permute(0, 3, 1, 2).reshape(1, B * C, h, w)
-        local = F.conv2d(v_map, kernel, padding=1, groups=B * C).reshape(B, C, h * w).transpose(1, 2)
+        if B:
+            local = F.conv2d(v_map, kernel, padding=1, groups=B * C).reshape(B, C, h * w).transpose(1, 2)
+        else:  # an empty batch: conv2d refuses zero groups
+            local = v_map.new_zeros(0, h * w, C)
         out = out + local if prefix == 0 else torch.cat([out[:, :prefix], out[:, prefix:] + local], dim=1)
         return self.proj_drop(self.proj(out))
 
@@ -146,16 +155,17 @@ class WindowAttention(nn.Module):
 
 
 def _window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
-    """(B, H, W, C) -> (B * nW, ws * ws, C), windows row-major."""
+    """(B, H, W, C) -> (B * nW, ws * ws, C), windows row-major (sizes spelt out: B may be 0)."""
     B, H, W, C = x.shape
     x = x.view(B, H // ws, ws, W // ws, ws, C).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, ws * ws, C)
+    return x.reshape(B * (H // ws) * (W // ws), ws * ws, C)
 
 
 def _window_reverse(windows: torch.Tensor, ws: int, H: int, W: int) -> torch.Tensor:
     C = windows.shape[-1]
-    x = windows.view(-1, H // ws, W // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, H, W, C)
+    B = windows.shape[0] // ((H // ws) * (W // ws))
+    x = windows.view(B, H // ws, W // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, H, W, C)
 
 
 def _shift_mask(H: int, W: int, ws: int, shift: int) -> torch.Tensor:
@@ -282,7 +292,7 @@ class PatchMerging(nn.Module):
         B, _, C = x.shape
         x = x.view(B, H, W, C)
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
-        return self.reduction(self.norm(x.view(B, -1, 4 * C)))
+        return self.reduction(self.norm(x.reshape(B, x.shape[1] * x.shape[2], 4 * C)))
 
 
 class InLineSwinStage(nn.Module):
@@ -480,7 +490,7 @@ class InLineSwin(ClassifierMixin, nn.Module):
 
     def _nchw(self, x: torch.Tensor, i: int) -> torch.Tensor:
         H, W = self.layers[i].blocks[0].input_resolution
-        return x.transpose(1, 2).reshape(x.shape[0], -1, H, W)
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[-1], H, W)
 
     def _nhwc(self, x: torch.Tensor, i: int) -> torch.Tensor:
         return x.reshape(x.shape[0], *self.layers[i].blocks[0].input_resolution, x.shape[-1])
@@ -640,7 +650,7 @@ class InLineDeiT(ClassifierMixin, nn.Module):
         prefix = [y[:, : self.num_prefix_tokens] for y in intermediates]
         intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
         if output_fmt == "NCHW":
-            intermediates = [y.transpose(1, 2).reshape(y.shape[0], -1, *self.grid_size) for y in intermediates]
+            intermediates = [y.transpose(1, 2).reshape(y.shape[0], y.shape[-1], *self.grid_size) for y in intermediates]
         if return_prefix_tokens:
             intermediates = list(zip(intermediates, prefix, strict=True))
         if intermediates_only:
@@ -699,11 +709,11 @@ def _create(cls: type, variant: str, pretrained: bool, **kwargs: Any) -> nn.Modu
     out_indices = (
         (0, 1, 2, 3) if cls is InLineSwin else min(3, kwargs["depth"])
     )  # DeiT: the last 3 blocks, as timm's ViT
-    return build_model_with_cfg(
+    return build_classifier(
         cls,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        filter_fn=checkpoint_filter_fn,
         feature_cfg={"out_indices": out_indices, "feature_cls": "getter"},
         **kwargs,
     )

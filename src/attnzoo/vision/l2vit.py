@@ -19,12 +19,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
 
 from attnzoo.kernels import grouped_attention, l2vit_linear_attention, window_groups
-from attnzoo.vision._common import ClassifierMixin, check_official_kwargs, check_output_fmt
+from attnzoo.vision._common import ClassifierMixin, build_classifier, check_official_kwargs, check_output_fmt
 from attnzoo.weights import register_checkpoints, unwrap_state_dict
 
 __all__ = ["L2ViT"]
@@ -313,11 +313,11 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) 
 
 
 def _create_l2vit(variant: str, pretrained: bool = False, **kwargs: Any) -> L2ViT:
-    return build_model_with_cfg(
+    return build_classifier(
         L2ViT,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
         **kwargs,
     )

@@ -22,6 +22,7 @@ from attnzoo._values import whole_number
 from attnzoo.errors import InvalidInputError
 from attnzoo.vision._common import as_generator
 from attnzoo.vision.oat_inputs import (
+    CROP_SIZE,
     N_BLANKS,
     as_crops,
     as_object_index,
@@ -107,7 +108,14 @@ def _allowed(logits: torch.Tensor, step: int, n: int) -> torch.Tensor:
     return logits[:, :n] if step == 1 else logits[:, : n + 1]
 
 
+def pixel_range(model: OAT) -> tuple[float, float]:
+    """The pixel values ``model`` was trained on: its cfg's, else the 0-255 of the Amazon crops."""
+    low, high = (getattr(model, "pretrained_cfg", None) or {}).get("pixel_range", (0, 255))
+    return float(low), float(high)
+
+
 def _as_displays(model: OAT, crops: Any, target: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, N, 150, 93, 3]`` crops and ``[B]`` targets; ``B`` may be 0 (an empty batch or list)."""
     n = model.num_objects
     if isinstance(crops, np.ndarray):
         crops = torch.from_numpy(np.ascontiguousarray(crops))
@@ -115,7 +123,7 @@ def _as_displays(model: OAT, crops: Any, target: Any) -> tuple[torch.Tensor, tor
         crops, target = [crops], [target]
     elif isinstance(crops, torch.Tensor) and crops.dim() == 5:
         crops = list(crops)
-    elif not isinstance(crops, (list, tuple)) or not crops:
+    elif not isinstance(crops, (list, tuple)):
         raise InvalidInputError(
             "crops must be one display [N, 150, 93, 3], a batch [B, N, 150, 93, 3] or a list of displays"
         )
@@ -125,14 +133,17 @@ def _as_displays(model: OAT, crops: Any, target: Any) -> tuple[torch.Tensor, tor
         target = [target]
     if len(target) != len(crops):
         raise InvalidInputError(f"got {len(crops)} displays but {len(target)} targets")
-    dtype = model.readout.weight.dtype
-    stacked = torch.stack([as_crops(c, n, f"display {i}'s crops") for i, c in enumerate(crops)]).to(
-        model.pe.device, dtype
-    )
+    dtype, device = model.readout.weight.dtype, model.pe.device
+    if not crops:
+        return torch.empty((0, n, *CROP_SIZE, 3), dtype=dtype, device=device), torch.empty(
+            0, dtype=torch.int64, device=device
+        )
+    scale = pixel_range(model)
+    stacked = torch.stack([as_crops(c, n, f"display {i}'s crops", scale) for i, c in enumerate(crops)])
     targets = torch.tensor(
-        [as_object_index(t, n, f"display {i}'s target") for i, t in enumerate(target)], device=model.pe.device
+        [as_object_index(t, n, f"display {i}'s target") for i, t in enumerate(target)], device=device
     )
-    return stacked, targets
+    return stacked.to(device, dtype), targets
 
 
 def check_max_len(max_len: Any, model: OAT) -> int:
@@ -166,9 +177,10 @@ def generate(
 ) -> list[list[OATScanpath]]:
     """Decode scanpaths: ``result[display][trial]`` (one trial for greedy).
 
-    ``crops``: one display ``[N, 150, 93, 3]`` (BGR, uint8 or 0-255 float), a batch
-    ``[B, N, 150, 93, 3]`` or a list of displays; ``target``: the 0-based target object (one per
-    display); ``max_len``: at most this many fixations (officially the longest training sequence);
+    ``crops``: one display ``[N, 150, 93, 3]`` on the model's scale (Amazon: BGR, uint8 or 0-255
+    float; the shelves: :func:`~attnzoo.vision.oat_inputs.display_crops`' [0, 1] floats; crops on
+    the other scale are refused), a batch ``[B, N, 150, 93, 3]`` or a list of displays (an empty
+    batch or list gives ``[]``); ``target``: the 0-based target object (one per display); ``max_len``: at most this many fixations (officially the longest training sequence);
     ``grid``: optional check against the model's. ``strategy="greedy"`` is the official ``test_max``,
     ``"sample"`` the official ``test_expect`` (``num_samples`` multinomial trials per display, 100 in
     the official evaluation). Step 1 never ends the scanpath; a trial ends when it points at the
@@ -209,6 +221,8 @@ def generate(
                 f"seeds must hold one int per trial ({n_displays} displays x {per_display} = {total}), got {len(seeds)}"
             )
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    if n_displays == 0:  # an empty batch: no scanpaths, as a batch of B gives B lists
+        return []
 
     was_training = model.training
     model.eval()
@@ -256,7 +270,7 @@ def greedy_eval(model: OAT, sample: Any, max_len: int) -> OATGreedyEval:
     losses. ``loss`` = sum of the scored steps / ``(len(sequence) + 1)``.
     """
     max_len = check_max_len(max_len, model)
-    crops, target, seq = as_sample(sample, model.num_objects, 0)
+    crops, target, seq = as_sample(sample, model.num_objects, 0, pixel_range(model))
     n = model.num_objects
     gt = [model.bos_idx, *seq, model.eos_idx]
     length = len(gt)

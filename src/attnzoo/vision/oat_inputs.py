@@ -31,6 +31,7 @@ __all__ = [
     "as_object_index",
     "as_sample",
     "check_grid",
+    "check_pixel_range",
     "collate_oat",
     "crop_objects",
     "display_crops",
@@ -218,8 +219,11 @@ def as_object_index(value: Any, n: int, what: str) -> int:
     return value
 
 
-def as_crops(crops: Any, n: int, what: str = "crops") -> torch.Tensor:
-    """One display's ``n`` crops ``[n, 150, 93, 3]`` (uint8 or 0-255 float, tensor or array) as float32."""
+def as_crops(crops: Any, n: int, what: str = "crops", pixel_range: Sequence[float] | None = None) -> torch.Tensor:
+    """One display's ``n`` crops ``[n, 150, 93, 3]`` (uint8 or 0-255 float, tensor or array) as float32.
+
+    With the model's ``pixel_range`` (its ``pretrained_cfg["pixel_range"]``), crops on the other
+    scale are refused (:func:`check_pixel_range`)."""
     if isinstance(crops, np.ndarray):
         crops = torch.from_numpy(np.ascontiguousarray(crops))
     if not isinstance(crops, torch.Tensor):
@@ -233,12 +237,37 @@ def as_crops(crops: Any, n: int, what: str = "crops") -> torch.Tensor:
         raise InvalidInputError(f"{what} hold {crops.shape[0]} objects but the grid has {n}")
     if crops.dtype != torch.uint8 and not crops.is_floating_point():
         raise InvalidInputError(f"{what} must be uint8 or float (0-255), got {crops.dtype}")
+    if pixel_range is not None:
+        check_pixel_range(crops, pixel_range, what)
     return crops.float()
 
 
-def as_sample(sample: Any, n: int, index: int) -> tuple[torch.Tensor, int, list[int]]:
-    """An :class:`OATSample` or ``(crops, target, sequence)`` checked against ``n`` objects, as
-    ``(float crops, target, fixated objects)``; ``index`` names the sample in the error."""
+def check_pixel_range(crops: torch.Tensor, pixel_range: Sequence[float], what: str = "crops") -> None:
+    """Refuse crops on another scale than the model's: nothing fails downstream, but every pointer
+    decision changes. A 0-255 model (Amazon, and an ``OAT`` built without a cfg) refuses float crops
+    whose maximum is in (0, 1] (torchvision's ``ToTensor`` range; at most one grey level of 255
+    otherwise); a [0, 1] model (the shelves' min-max crops) refuses any value above 1."""
+    if crops.numel() == 0:
+        return
+    high = float(crops.max())
+    if float(pixel_range[1]) > 1 and crops.is_floating_point() and 0 < high <= 1:
+        raise InvalidInputError(
+            f"{what} are floats in [0, 1] (torchvision's ToTensor range?), but this model reads 0-255 pixel "
+            "values: multiply them by 255, or pass the uint8 crops of crop_objects / display_crops"
+        )
+    if float(pixel_range[1]) <= 1 and high > 1:
+        raise InvalidInputError(
+            f"{what} reach {high:g}, but this model reads each crop min-max scaled to [0, 1] "
+            "(crop_style 'rgb_minmax'): make them with display_crops(image, boxes, 'rgb_minmax')"
+        )
+
+
+def as_sample(
+    sample: Any, n: int, index: int, pixel_range: Sequence[float] | None = None
+) -> tuple[torch.Tensor, int, list[int]]:
+    """An :class:`OATSample` or ``(crops, target, sequence)`` checked against ``n`` objects (and the
+    crops against ``pixel_range``, when given), as ``(float crops, target, fixated objects)``;
+    ``index`` names the sample in the error."""
     if isinstance(sample, OATSample):
         crops, target, seq = sample.crops, sample.target, sample.sequence
     else:
@@ -246,7 +275,7 @@ def as_sample(sample: Any, n: int, index: int) -> tuple[torch.Tensor, int, list[
             crops, target, seq = sample
         except (TypeError, ValueError):
             raise InvalidInputError(f"sample {index} must be an OATSample or (crops, target, sequence)") from None
-    crops = as_crops(crops, n, f"sample {index}'s crops")
+    crops = as_crops(crops, n, f"sample {index}'s crops", pixel_range)
     target = as_object_index(target, n, f"sample {index}'s target")
     seq_arr = seq.detach().cpu().numpy() if isinstance(seq, torch.Tensor) else np.asarray(seq)
     if seq_arr.ndim != 1 or seq_arr.size == 0:

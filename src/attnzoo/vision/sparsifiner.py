@@ -29,14 +29,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import PatchEmbed, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter
 from torch import nn
 
 from attnzoo.errors import InvalidInputError
 from attnzoo.kernels import masked_attention
-from attnzoo.vision._common import check_official_kwargs, check_output_fmt, init_vit_weights
+from attnzoo.vision._common import build_classifier, check_official_kwargs, check_output_fmt, init_vit_weights
 from attnzoo.weights import register_checkpoints, unwrap_state_dict
 
 __all__ = [
@@ -60,6 +60,17 @@ class Connectivity:
     approx_attn: torch.Tensor  # [B, H, N-1, N]
     key_index: torch.Tensor | None  # [B, H, N-1, budget]; None in reconstruction mode (dense attention)
     basis: torch.Tensor  # [n_basis, N] as used (thresholded |proj_back_n|^T at eval)
+
+
+def check_keep_rate(rate: Any, what: str) -> float:
+    """A kept fraction of keys in (0, 1]: checked when the model is built, not deep inside a forward."""
+    try:
+        value = float(rate)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(rate, bool) or not 0.0 < value <= 1.0:  # NaN fails the comparison too
+        raise InvalidInputError(f"{what} must be a fraction of the keys in (0, 1] (0.25 in the paper), got {rate!r}")
+    return value
 
 
 class ConnectivityPredictor(nn.Module):
@@ -93,7 +104,7 @@ class ConnectivityPredictor(nn.Module):
                 f"(head_dim {head_dim}/{reduce_c_factor}, tokens {num_tokens}/{reduce_n_factor})"
             )
         self.scale = num_heads**-0.5  # the official code scales by the head count, not the head width
-        self.budget = math.ceil(keep_rate * num_tokens)
+        self.budget = math.ceil(check_keep_rate(keep_rate, "keep_rate") * num_tokens)
         self.coef_topk = min(coef_topk, self.reduced_n)
         self.basis_threshold = basis_threshold
         self.proj_c_q = nn.Linear(head_dim, self.reduced_c)
@@ -424,6 +435,7 @@ class Sparsifiner(VisionTransformer):
         keep = list(attn_keep_rate_list) if attn_keep_rate_list is not None else [0.25] * depth
         if len(keep) != depth:
             raise InvalidInputError(f"Sparsifiner: attn_keep_rate_list has {len(keep)} entries for depth {depth}")
+        keep = [check_keep_rate(rate, f"Sparsifiner: attn_keep_rate_list[{i}]") for i, rate in enumerate(keep)]
         num_tokens = self.patch_embed.num_patches + self.num_prefix_tokens
         for block, rate in zip(self.blocks, keep, strict=True):
             block.attn = SparsifinerAttention(
@@ -665,12 +677,12 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: Sparsifiner
 def _create_sparsifiner(
     variant: str, pretrained: bool = False, cls: type[Sparsifiner] = Sparsifiner, **kwargs: Any
 ) -> Sparsifiner:
-    return build_model_with_cfg(
+    return build_classifier(
         cls,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=3, feature_cls="getter"),
+        filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=min(3, kwargs["depth"]), feature_cls="getter"),  # the last 3 blocks, as timm's ViT
         **kwargs,
     )
 

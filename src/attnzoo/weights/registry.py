@@ -119,6 +119,8 @@ def default_checkpoint(model: str) -> CheckpointEntry | None:
 
 
 #: Keys of a ``default_cfgs`` entry that are attnzoo's own: timm's ``PretrainedCfg`` has no such fields.
+#: timm never downloads attnzoo's classifiers itself: their builders (``vision._common.build_classifier``)
+#: read ``pretrained=True`` through the registered entry, so its ``filename`` and ``sha256`` still apply.
 CHECKPOINT_ONLY_KEYS = ("filename", "sha256", "file_format", "colour_order", "manual_download")
 _PREPROCESS_KEYS = tuple(f.name for f in fields(PreprocessConfig))
 
