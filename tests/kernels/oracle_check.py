@@ -68,3 +68,23 @@ def assert_flex_matches_oracle(
     with K.use_backend("flex"):
         out = op(*inputs)
     torch.testing.assert_close(out.double(), oracle(*(t.double() for t in inputs)), **tol)
+
+
+def backend_device(request, backend: str) -> str:
+    """The device a test of ``backend`` runs on: ``triton_device`` for Triton (skipped where it cannot run), else
+    ``kernel_device`` (fixtures in tests/conftest.py)."""
+    return request.getfixturevalue("triton_device" if backend == "triton" else "kernel_device")
+
+
+def assert_backend_matches_oracle(
+    backend: str,
+    op: Callable[..., torch.Tensor],
+    oracle: Callable[..., torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    tol: dict[str, float],
+) -> None:
+    """:func:`assert_matches_oracle`, or for ``flex`` :func:`assert_flex_matches_oracle` (no backward on the CPU)."""
+    if backend == "flex":
+        assert_flex_matches_oracle(op, oracle, inputs, tol)
+    else:
+        assert_matches_oracle(backend, op, oracle, inputs, tol)

@@ -28,7 +28,11 @@ DATA_PTRS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "TAU"}
 KERNELS = {
     "grouped_fwd": (grouped._grouped_fwd_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32)),
     "grouped_bwd_dq": (grouped._grouped_bwd_dq_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32)),
-    "grouped_bwd_dkdv": (grouped._grouped_bwd_dkdv_kernel, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=64)),
+    "grouped_bwd_dkdv": (grouped._grouped_bwd_dkdv_kernel, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=64, PER_SLOT=False)),
+    "grouped_bwd_dkdv_per_slot": (
+        grouped._grouped_bwd_dkdv_kernel,
+        dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=64, PER_SLOT=True),  # overlapping key groups
+    ),
     "masked_fwd": (masked._masked_fwd_kernel, "masked"),
     "masked_bwd_dq": (masked._masked_bwd_dq_kernel, "masked"),
     "masked_bwd_dkdv": (masked._masked_bwd_dkdv_kernel, "masked"),

@@ -8,11 +8,19 @@ import pytest
 import torch
 
 import attnzoo.kernels as K
-from attnzoo.errors import BackendUnavailableError, InvalidInputError
+from attnzoo.errors import BackendUnavailableError, InvalidInputError, UnknownNameError
 from attnzoo.kernels import oracle as O
 from attnzoo.kernels import torch_impl as T
 from tests.helpers import reference_path, triton_dtypes
-from tests.kernels.oracle_check import FP32_TOL, assert_flex_matches_oracle, assert_matches_oracle, to_device, tolerance
+from tests.kernels.oracle_check import (
+    FP32_TOL,
+    assert_backend_matches_oracle,
+    assert_flex_matches_oracle,
+    assert_matches_oracle,
+    backend_device,
+    to_device,
+    tolerance,
+)
 
 interpret = pytest.mark.interpret
 
@@ -204,6 +212,13 @@ def test_env_var_forces_backend(monkeypatch):
         (lambda a: {**a, "q_groups": a["q_groups"].clone().index_fill_(1, torch.tensor([1]), 0)}, "more than one"),
         (lambda a: {**a, "q_groups": a["q_groups"] + 100}, "outside"),
         (lambda a: {**a, "route": None, "kv_groups": a["q_groups"][:2]}, "same number of groups"),
+        (lambda a: {**a, "route": a["route"][..., :1].expand_as(a["route"])}, "names a key group twice"),
+        (
+            lambda a: {**a, "kv_groups": a["q_groups"].clone().index_fill_(1, torch.tensor([1]), 0)},
+            "lists a token twice",
+        ),
+        (lambda a: {n: t[..., :0] if n in "qkv" else t for n, t in a.items()}, "head dim D must be at least 1"),
+        (lambda a: {n: None if t is None else t.to("meta") for n, t in a.items()}, "meta tensors"),
     ],
 )
 def test_bad_input_is_a_typed_error(mutate, match):
@@ -211,6 +226,85 @@ def test_bad_input_is_a_typed_error(mutate, match):
     args = mutate(dict(q=q, k=k, v=v, q_groups=groups, kv_groups=None, route=route))
     with pytest.raises(InvalidInputError, match=match):
         K.grouped_attention(args["q"], args["k"], args["v"], args["q_groups"], args["kv_groups"], args["route"])
+
+
+BACKENDS = ["torch", "flex", "triton"]
+
+
+@interpret
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("route", [[0, 0, 1], [0, 0, 1, 2]])  # the torch backend gathers at topk < 4, masks at >= 4
+def test_a_route_naming_a_key_group_twice_is_refused(backend, route, request):
+    """Counting the group's keys twice (oracle, Triton) or once (flex, a token mask) are both guesses: refused."""
+    device = backend_device(request, backend)
+    q, k, v = (torch.randn(1, 16, 2, 4, device=device) for _ in range(3))
+    groups = K.window_groups(4, 4, 2, device=device)
+    repeated = torch.tensor([[route] * 4], dtype=torch.int32, device=device)
+    with K.use_backend(backend), pytest.raises(InvalidInputError, match="names a key group twice"):
+        K.grouped_attention(q, k, v, groups, route=repeated)
+
+
+# 2x2 windows of a 4x4 map, each with a halo of the next window's first column or row: tokens 1, 2, 5, 6, 9, 10,
+# 13 and 14 sit in two key groups
+HALO_KV_GROUPS = [[0, 1, 4, 5, 2, 6], [2, 3, 6, 7, 1, 5], [8, 9, 12, 13, 10, 14], [10, 11, 14, 15, 9, 13]]
+
+
+@interpret
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("topk", [1, 2, 4])  # the torch backend's gather (topk < 4) and token-mask (4) formulations
+def test_overlapping_key_groups_count_a_token_once_per_routed_group(backend, topk, request):
+    device = backend_device(request, backend)
+    q, k, v = make_case(B=2, Hm=4, Wm=4, window=2, topk=None)[:3]
+    groups, kv_groups = K.window_groups(4, 4, 2), torch.tensor(HALO_KV_GROUPS, dtype=torch.int32)
+    route = torch.stack([torch.arange(4).roll(-g)[:topk] for g in range(4)]).int().expand(2, 4, topk)
+    q, k, v, groups, kv_groups, route = to_device(device, q, k, v, groups, kv_groups, route)
+    assert_backend_matches_oracle(
+        backend,
+        lambda a, b, c: K.grouped_attention(a, b, c, groups, kv_groups, route, scale=0.3),
+        lambda a, b, c: O.grouped_attention(a, b, c, groups, kv_groups, route, 0.3),
+        (q, k, v),
+        FP32_TOL,
+    )
+
+
+@interpret
+@pytest.mark.parametrize("dtype", triton_dtypes())
+def test_triton_backward_adds_a_token_s_parts_from_every_key_group_holding_it(dtype, triton_device):
+    """Token 3 in all four key groups (and a padding slot): its dK/dV sums four parts, per-head routes."""
+    q, k, v = make_case(B=2, Hm=4, Wm=4, H=2, window=2, topk=None, dtype=dtype)[:3]
+    extra = torch.tensor([[3], [-1], [3], [3]], dtype=torch.int32)
+    kv_groups = torch.cat([torch.tensor(HALO_KV_GROUPS, dtype=torch.int32), extra], dim=1)
+    route = torch.stack([torch.randperm(4, generator=torch.Generator().manual_seed(i))[:3] for i in range(16)])
+    q, k, v, groups, kv_groups, route = to_device(
+        triton_device, q, k, v, K.window_groups(4, 4, 2), kv_groups, route.view(2, 2, 4, 3).int()
+    )
+    assert_matches_oracle(
+        "triton",
+        lambda a, b, c: K.grouped_attention(a, b, c, groups, kv_groups, route, scale=0.3),
+        lambda a, b, c: O.grouped_attention(a, b, c, groups, kv_groups, route, 0.3),
+        (q, k, v),
+        tolerance(dtype, fp16=3e-3),
+    )
+
+
+@interpret
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_inputs_give_the_empty_or_all_zero_output_on_every_backend(backend, request):
+    device = backend_device(request, backend)
+    groups, none = K.window_groups(4, 4, 2), torch.zeros(0, 4, dtype=torch.int32)
+    cases = {  # (B, N, H, D), Nk, q_groups, kv_groups
+        "no batch": ((0, 16, 2, 4), 16, groups, groups),
+        "no head": ((1, 16, 0, 4), 16, groups, groups),
+        "no query": ((1, 0, 2, 4), 0, none, none),
+        "no key": ((1, 16, 2, 4), 0, groups, torch.full((4, 4), -1, dtype=torch.int32)),
+        "no group": ((1, 16, 2, 4), 16, none, none),
+    }
+    for name, (shape, Nk, q_groups, kv_groups) in cases.items():
+        q = torch.randn(shape)
+        k, v = (torch.randn(shape[0], Nk, *shape[2:]) for _ in range(2))
+        with K.use_backend(backend):
+            out = K.grouped_attention(*to_device(device, q, k, v, q_groups, kv_groups))
+        assert out.shape == q.shape and not out.any(), name
 
 
 def test_group_tables():
@@ -232,6 +326,49 @@ def test_group_tables():
     route = torch.tensor([[[[1, 0], [1, 2], [0, 1]]]])
     ptr, idx = K.inverse_routing(route, 3)
     assert ptr.tolist() == [[[0, 2, 5, 6]]] and idx.tolist() == [[[0, 2, 0, 1, 2, 1]]]
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda g: K.across_views(g, -1, 16), "views must be an integer >= 0"),
+        (lambda g: K.across_views(g, 2.0, 16), "views must be an integer >= 0"),
+        (lambda g: K.across_views(g, 2, 0), "tokens_per_view must be a positive integer"),
+        (lambda g: K.across_views(g, 2, 8), "outside \\[-1, 8\\)"),  # view 0's token 8 would be view 1's token 0
+        (lambda g: K.across_views(g.float(), 2, 16), "integer \\[G, T\\] table"),
+        (lambda g: K.inverse_routing(g[None], 4), "route must be an integer \\[B, R, G, topk\\]"),
+        (lambda g: K.inverse_routing(g[None, None], -1), "num_kv_groups must be an integer >= 0"),
+    ],
+)
+def test_group_table_helpers_refuse_bad_arguments(call, match):
+    with pytest.raises(InvalidInputError, match=match):
+        call(K.window_groups(4, 4, 2))
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(topk=2.0), "topk must be an integer in \\[1, 4\\]"),
+        (dict(topk=True), "topk must be an integer in \\[1, 4\\]"),
+        (dict(topk=5), "topk must be an integer in \\[1, 4\\]"),
+        (dict(scale=None), "scale must be a finite real number"),
+        (dict(groups=K.window_groups(4, 4, 2).float()), "integer \\[G, T\\] table"),
+        (dict(groups=K.window_groups(4, 4, 2).flatten()), "integer \\[G, T\\] table"),
+        (dict(groups=K.window_groups(4, 4, 2) + 10), "outside \\[-1, 16\\)"),
+        (dict(q=torch.ones(1, 16, 8, dtype=torch.long)), "floating q and k"),
+    ],
+)
+def test_region_routing_refuses_bad_arguments(change, match):
+    args = dict(q=torch.randn(1, 16, 8), k=torch.randn(1, 16, 8), groups=K.window_groups(4, 4, 2), topk=2, scale=1.0)
+    with pytest.raises(InvalidInputError, match=match):
+        K.region_routing(**(args | change))
+    expected = K.region_routing(**args)
+    assert torch.equal(K.region_routing(**(args | dict(topk=torch.tensor(2), scale=torch.tensor(1.0)))), expected)
+
+
+def test_unknown_op_is_a_typed_error():
+    with pytest.raises(UnknownNameError, match="unknown kernel op 'nope'"):
+        K.available_backends("nope")
 
 
 @pytest.mark.parity

@@ -12,6 +12,7 @@ from tests.kernels.oracle_check import (
     FP32_TOL,
     assert_flex_matches_oracle,
     assert_matches_oracle,
+    backend_device,
     heads_first_qkv,
     tolerance,
 )
@@ -124,6 +125,44 @@ def test_masked_bad_masks(mask, match):
     q, k, v = heads_first_qkv()
     with pytest.raises(InvalidInputError, match=match):
         K.masked_attention(q, k, v, mask)
+
+
+def test_pack_mask_takes_only_bits():
+    mask = make_mask(1, 8, 40, 0.5)
+    for same in (mask.float(), mask.to(torch.uint8), mask.long()):  # 0/1 numbers are bits too
+        assert torch.equal(K.pack_mask(same), K.pack_mask(mask))
+    for bad in (mask.float() * 0.7, mask.long() * 2, mask.long() - 1):  # would be truncated or wrapped
+        with pytest.raises(InvalidInputError, match="must hold only 0 and 1"):
+            K.pack_mask(bad)
+    for bad in (torch.tensor(True), None, torch.ones(2, 3, dtype=torch.complex64)):
+        with pytest.raises(InvalidInputError, match="mask must be a real"):
+            K.pack_mask(bad)
+
+
+def test_unpack_mask_needs_one_word_per_32_keys():
+    packed = K.pack_mask(make_mask(1, 8, 40, 0.5))  # 2 words
+    for num_keys in (65, 70, 20, 0):  # too few words (40 keys would silently come back as 32), or too many
+        with pytest.raises(InvalidInputError, match="int32 bits"):
+            K.unpack_mask(packed, num_keys)
+    for bad in (-1, 40.0, None):
+        with pytest.raises(InvalidInputError, match="num_keys must be an integer >= 0"):
+            K.unpack_mask(packed, bad)
+    with pytest.raises(InvalidInputError, match="int32 bits"):
+        K.unpack_mask(packed.long(), 40)
+    assert K.unpack_mask(packed, 33).shape == (1, 2, 8, 33)
+
+
+@interpret
+@pytest.mark.parametrize("backend", ["torch", "flex", "triton"])
+def test_masked_empty_inputs_give_the_empty_or_all_zero_output_on_every_backend(backend, request):
+    device = backend_device(request, backend)
+    for B, H, N, Nk in ((0, 2, 5, 5), (1, 0, 5, 5), (1, 2, 0, 0), (1, 2, 0, 5), (1, 2, 5, 0)):
+        q, k, v = (torch.randn(B, H, n, 4, device=device) for n in (N, Nk, Nk))
+        mask = torch.ones(B, H, N, Nk, dtype=torch.bool, device=device)
+        with K.use_backend(backend):
+            out = K.masked_attention(q, k, v, mask)
+            packed = K.masked_attention(q, k, v, K.pack_mask(mask))
+        assert out.shape == q.shape and not out.any() and torch.equal(packed, out), (B, H, N, Nk)
 
 
 @pytest.mark.parametrize(

@@ -47,6 +47,9 @@ def test_l2vit_temperature_and_clamp_must_be_real_numbers():
         K.l2vit_linear_attention(q, k, v, temperature=torch.ones(2, dtype=torch.complex64))
     with pytest.raises(InvalidInputError, match="denom_min"):
         K.l2vit_linear_attention(q, k, v, temperature=1.0, denom_min=None)
+    for not_positive in (0, 0.0, -1.0):  # a query with no positive feature would divide 0 by 0
+        with pytest.raises(InvalidInputError, match="denom_min must be > 0"):
+            K.l2vit_linear_attention(-q.abs(), k, v, temperature=1.0, denom_min=not_positive)
     expected = K.l2vit_linear_attention(q, k, v, temperature=torch.tensor([0.5, 2.0]))
     for same in ([0.5, 2.0], np.array([0.5, 2.0], np.float32), ((0.5,), (2.0,))):
         torch.testing.assert_close(K.l2vit_linear_attention(q, k, v, temperature=same), expected)
@@ -70,6 +73,22 @@ def test_scales_must_be_finite_real_numbers():
         expected = _output(op(0.3))
         for same in (np.float32(0.3), torch.tensor(0.3)):  # the same scale up to float32 rounding
             torch.testing.assert_close(_output(op(same)), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_head_dim_zero_is_a_typed_error():
+    """D = 0 has no default scale (D ** -0.5) and nothing to attend with."""
+    q, k, v = (t[..., :0] for t in qkv(heads_first=True))
+    tq, tk, tv = (t[..., :0] for t in qkv(heads_first=False))
+    ops = {
+        "inline_attention": lambda: K.inline_attention(q, k, v),
+        "l2vit_linear_attention": lambda: K.l2vit_linear_attention(q, k, v, temperature=1.0),
+        "masked_attention": lambda: K.masked_attention(q, k, v, torch.ones(1, 2, 8, 8, dtype=torch.bool)),
+        "grouped_attention": lambda: K.grouped_attention(tq, tk, tv, K.window_groups(2, 4, 2)),
+        "boosted_attention": lambda: K.boosted_attention(tq, tk, tv),
+    }
+    for name, op in ops.items():
+        with pytest.raises(InvalidInputError, match=f"{name}: q's head dim D must be at least 1"):
+            op()
 
 
 def _output(out: torch.Tensor | K.BoostedAttentionOutput) -> torch.Tensor:

@@ -28,6 +28,8 @@ def check_qkv(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout
         raise InvalidInputError(f"{op}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     if not (q.device == k.device == v.device):
         raise InvalidInputError(f"{op}: q, k, v are on different devices")
+    if q.shape[-1] == 0:  # no feature to attend with (and the default scale D ** -0.5 would divide by zero)
+        raise InvalidInputError(f"{op}: q's head dim D must be at least 1, got {layout} = {tuple(q.shape)}")
 
 
 def check_heads_first_qkv(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -43,6 +45,13 @@ def check_index_tensor(op: str, name: str, t: torch.Tensor, device: torch.device
         raise InvalidInputError(f"{op}: {name} must be an integer tensor, got {describe(t)}")
     if t.device != device:
         raise InvalidInputError(f"{op}: {name} is on {t.device}, q on {device}")
+
+
+def repeated_entries(t: torch.Tensor) -> torch.Tensor:
+    """Whether some row of ``t`` (along its last dim) holds a non-negative value twice (``-1`` padding may repeat), as a
+    0-d bool tensor left on the device, so that several value checks can share one sync."""
+    ordered = t.sort(-1).values
+    return ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any()
 
 
 def real_scalar(op: str, name: str, value: object) -> float:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from attnzoo.errors import BackendUnavailableError, InvalidInputError
+from attnzoo.errors import BackendUnavailableError, InvalidInputError, UnknownNameError
 
 BACKEND_NAMES = ("triton", "flex", "torch")
 logger = logging.getLogger("attnzoo.kernels")
@@ -80,11 +80,17 @@ def forced_backend() -> str | None:
 
 def available_backends(op: str, *args: Any, **kwargs: Any) -> dict[str, str | None]:
     """For each backend of ``op``: ``None`` if it can run these arguments, else why not."""
-    return {b.name: b.why_not(*args, **kwargs) for b in _REGISTRY[op]}
+    return {b.name: b.why_not(*args, **kwargs) for b in _backends(op)}
+
+
+def _backends(op: str) -> list[_Backend]:
+    if not isinstance(op, str) or op not in _REGISTRY:
+        raise UnknownNameError("kernel op", str(op), _REGISTRY)
+    return _REGISTRY[op]
 
 
 def dispatch(op: str, *args: Any, **kwargs: Any) -> Any:
-    backends = _REGISTRY[op]
+    backends = _backends(op)
     forced = forced_backend()
     if forced is not None:
         backend = next((b for b in backends if b.name == forced), None)
@@ -143,6 +149,8 @@ def flex_can_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *_: object) 
         import torch.nn.attention.flex_attention  # noqa: F401
     except ImportError:
         return "this torch has no FlexAttention"
+    if q.is_meta:
+        return "FlexAttention does not run on meta tensors"
     if not q.is_cuda:
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             return "FlexAttention has no backward on the CPU"

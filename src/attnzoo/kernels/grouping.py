@@ -13,7 +13,9 @@ import operator
 import numpy as np
 import torch
 
+from attnzoo._values import whole_number
 from attnzoo.errors import InvalidInputError
+from attnzoo.kernels._checks import describe, real_scalar
 
 
 def window_groups(
@@ -68,11 +70,27 @@ def across_views(table: torch.Tensor, views: int, tokens_per_view: int) -> torch
     """Extend a per-view grouping to ``views`` stacked views (LRGT's long-range grouping).
 
     Group ``g`` then holds its tokens from every view, ordered (token, view): view ``v``'s copy
-    of token ``t`` is ``v * tokens_per_view + t``. Tokens are numbered view-major.
+    of token ``t`` is ``v * tokens_per_view + t``. Tokens are numbered view-major, so the table's
+    indices must lie in ``[-1, tokens_per_view)``.
     """
+    views = whole_number(views, "across_views: views", low=0, error=InvalidInputError)
+    tokens_per_view = whole_number(tokens_per_view, "across_views: tokens_per_view", error=InvalidInputError)
+    _check_table("across_views", table, tokens_per_view)
     offsets = torch.arange(views, device=table.device, dtype=table.dtype) * tokens_per_view
     expanded = table[:, :, None] + offsets  # [G, T, V]
     return torch.where(table[:, :, None] >= 0, expanded, -1).flatten(1).to(torch.int32)
+
+
+def _check_table(op: str, table: torch.Tensor, num_tokens: int) -> None:
+    """``table`` is an integer ``[G, T]`` grouping of ``num_tokens`` tokens (``-1`` = padding)."""
+    if not _is_integer_tensor(table) or table.dim() != 2:
+        raise InvalidInputError(f"{op}: groups must be an integer [G, T] table, got {describe(table)}")
+    if bool(((table < -1) | (table >= num_tokens)).any()):
+        raise InvalidInputError(f"{op}: groups hold token indices outside [-1, {num_tokens})")
+
+
+def _is_integer_tensor(t: object) -> bool:
+    return isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
 def region_routing(q: torch.Tensor, k: torch.Tensor, groups: torch.Tensor, topk: int, scale: float) -> torch.Tensor:
@@ -80,15 +98,22 @@ def region_routing(q: torch.Tensor, k: torch.Tensor, groups: torch.Tensor, topk:
 
     ``q``, ``k``: ``[B, N, C]`` (all heads together, as the official code averages the full
     channel width). Region means are taken over each group's valid tokens and detached: no
-    gradient reaches the router. Returns int32 ``[B, G, topk]`` in descending logit order.
+    gradient reaches the router. Returns int32 ``[B, G, topk]`` in descending logit order
+    (``topk`` distinct regions, as :func:`~attnzoo.kernels.grouped_attention` requires).
     """
-    if q.dim() != 3 or k.shape != q.shape:
+    floating = all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (q, k))
+    if not floating or q.dim() != 3 or k.shape != q.shape:
         raise InvalidInputError(
-            f"region_routing expects q and k of the same shape [B, N, C], got {tuple(q.shape)} and {tuple(k.shape)}"
+            f"region_routing expects floating q and k of the same shape [B, N, C], got {describe(q)} and {describe(k)}"
         )
+    _check_table("region_routing", groups, q.shape[1])
     num_groups = groups.shape[0]
-    if not 1 <= topk <= num_groups:
-        raise InvalidInputError(f"topk must be in [1, {num_groups}] for {num_groups} regions, got {topk}")
+    if isinstance(topk, torch.Tensor) and _is_integer_tensor(topk) and topk.numel() == 1:
+        topk = int(topk)  # a one-element integer tensor counts as its number
+    topk = whole_number(
+        topk, "region_routing: topk", high=num_groups, why=f"{num_groups} regions", error=InvalidInputError
+    )
+    scale = real_scalar("region_routing", "scale", scale)
     with torch.no_grad():
         q_r, k_r = region_means(q, groups), region_means(k, groups)
         logits = (q_r * scale) @ k_r.transpose(-1, -2)
@@ -126,8 +151,15 @@ def inverse_routing(route: torch.Tensor, num_kv_groups: int) -> tuple[torch.Tens
 
     Returns ``ptr`` ``[B, R, Gk + 1]`` and ``idx`` ``[B, R, G * topk]`` (int32); query groups
     of key group ``j`` are ``idx[b, r, ptr[b, r, j]:ptr[b, r, j + 1]]``, in ascending order.
-    Built with a stable sort, so the backward pass that uses it is deterministic.
+    Built with a stable sort, so the backward pass that uses it is deterministic. Indices of
+    ``route`` must lie in ``[0, num_kv_groups)`` (:func:`~attnzoo.kernels.grouped_attention` checks
+    them; this runs inside its backward, so it reads no value).
     """
+    num_kv_groups = whole_number(num_kv_groups, "inverse_routing: num_kv_groups", low=0, error=InvalidInputError)
+    if not _is_integer_tensor(route) or route.dim() != 4:
+        raise InvalidInputError(
+            f"inverse_routing: route must be an integer [B, R, G, topk] tensor, got {describe(route)}"
+        )
     B, R, G, topk = route.shape
     flat = route.reshape(B, R, G * topk).long()
     order = torch.sort(flat, dim=-1, stable=True).indices

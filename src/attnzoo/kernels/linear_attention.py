@@ -39,7 +39,10 @@ def l2vit_linear_attention(
     if tau.numel() not in (1, H):
         raise InvalidInputError(f"{L2VIT_OP}: temperature must have 1 or {H} elements, got shape {tuple(tau.shape)}")
     tau = tau.reshape(-1).expand(H)
-    return dispatch.dispatch(L2VIT_OP, q, k, v, tau, real_scalar(L2VIT_OP, "denom_min", denom_min))
+    clamp = real_scalar(L2VIT_OP, "denom_min", denom_min)
+    if clamp <= 0:  # a query whose ReLU features are all 0 has denominator 0: only a positive clamp keeps it finite
+        raise InvalidInputError(f"{L2VIT_OP}: denom_min must be > 0 (L²ViT uses 100), got {denom_min!r}")
+    return dispatch.dispatch(L2VIT_OP, q, k, v, tau, clamp)
 
 
 def inline_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:

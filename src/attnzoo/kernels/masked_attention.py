@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from attnzoo._values import whole_number
 from attnzoo.errors import InvalidInputError
 from attnzoo.kernels import dispatch, torch_impl
 from attnzoo.kernels._checks import check_heads_first_qkv, describe, real_scalar
@@ -22,7 +23,7 @@ def masked_attention(
     ``q`` ``[B, H, N, D]``, ``k``/``v`` ``[B, H, Nk, D]``. ``mask`` is a bool ``[B, H, N, Nk]``
     tensor, or the same packed 32 keys per int32 word (``pack_mask``): ``[B, H, N, ceil(Nk / 32)]``.
     Rows with no key output zeros (Sparsifiner's masked softmax + ``nan_to_num``). ``scale``
-    defaults to ``D ** -0.5``.
+    defaults to ``D ** -0.5`` (``D = 0`` is refused).
     """
     check_heads_first_qkv(OP, q, k, v)
     Nk = k.shape[2]
@@ -50,7 +51,15 @@ def masked_attention(
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Bool ``[..., Nk]`` -> int32 ``[..., ceil(Nk / 32)]``; key ``j`` is bit ``j % 32`` of word ``j // 32``."""
+    """Bool ``[..., Nk]`` -> int32 ``[..., ceil(Nk / 32)]``; key ``j`` is bit ``j % 32`` of word ``j // 32``.
+
+    A numeric mask must hold only 0 and 1: any other value (0.7, 2, -1) has no bit to stand for."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() < 1 or mask.is_complex():
+        raise InvalidInputError(f"pack_mask: mask must be a real [..., Nk] tensor, got {describe(mask)}")
+    if mask.dtype != torch.bool:
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise InvalidInputError(f"pack_mask: a {mask.dtype} mask must hold only 0 and 1 (or be bool)")
+        mask = mask != 0
     Nk = mask.shape[-1]
     words = (Nk + 31) // 32
     padded = torch.nn.functional.pad(mask.to(torch.int64), (0, words * 32 - Nk)).view(*mask.shape[:-1], words, 32)
@@ -59,7 +68,14 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_mask(bits: torch.Tensor, num_keys: int) -> torch.Tensor:
-    """The inverse of :func:`pack_mask`: int32 ``[..., words]`` -> bool ``[..., num_keys]``."""
+    """The inverse of :func:`pack_mask`: int32 ``[..., ceil(num_keys / 32)]`` -> bool ``[..., num_keys]``."""
+    num_keys = whole_number(num_keys, "unpack_mask: num_keys", low=0, error=InvalidInputError)
+    words = (num_keys + 31) // 32
+    if not isinstance(bits, torch.Tensor) or bits.dtype != torch.int32 or bits.dim() < 1 or bits.shape[-1] != words:
+        got = f"{bits.dtype} {tuple(bits.shape)}" if isinstance(bits, torch.Tensor) else describe(bits)
+        raise InvalidInputError(
+            f"unpack_mask: {num_keys} keys need int32 bits [..., {words}] (32 keys a word), got {got}"
+        )
     shifts = torch.arange(32, device=bits.device, dtype=torch.int32)
     flat = ((bits[..., None] >> shifts) & 1).bool().flatten(-2)
     return flat[..., :num_keys]
@@ -81,6 +97,8 @@ def _flex(
 ) -> torch.Tensor:
     from attnzoo.kernels import flex
 
+    if q.numel() == 0 or k.shape[2] == 0:  # nothing to attend: flex's block mask cannot be empty
+        return torch_impl.masked_attention(q, k, v, mask, scale)
     return flex.masked_attention(q, k, v, mask, scale)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from attnzoo.kernels._checks import repeated_entries
 from attnzoo.kernels.grouping import expand_route
 
 DENSE_MIN_DENSITY = 0.25  # share of all keys each query sees, above which dense masked SDPA wins
@@ -23,8 +24,12 @@ def grouped_attention(
 ) -> torch.Tensor:
     """The cheaper exact formulation: on the CPU, dense fused SDPA under a token mask when the routed
     keys are a large share of few tokens (the CPU SDPA kernel returns 0 for fully masked rows; GPU
-    SDPA backends may not), else gathering the routed groups (with flat index_selects when the
-    query groups partition the tokens and nothing is padded)."""
+    SDPA backends may not) and no key token sits in two key groups (a mask cannot count a key twice),
+    else gathering the routed groups (with flat index_selects when the query groups partition the
+    tokens and nothing is padded). Empty inputs (no query, head or key) take the dense form, which
+    handles every empty shape."""
+    if q.numel() == 0 or k.shape[1] == 0:
+        return grouped_attention_dense(q, k, v, q_groups, kv_groups, route, scale)
     topk = 1 if route is None else route.shape[-1]
     density = topk * kv_groups.shape[1] / max(k.shape[1], 1)
     many_small_groups = topk >= DENSE_MIN_TOPK  # gathering many routed groups is what costs on the CPU
@@ -33,6 +38,7 @@ def grouped_attention(
         and many_small_groups
         and density >= DENSE_MIN_DENSITY
         and q.shape[1] * k.shape[1] <= DENSE_MAX_SCORES
+        and (kv_groups is q_groups or not bool(repeated_entries(kv_groups.flatten())))  # query groups never overlap
     ):
         return grouped_attention_dense(q, k, v, q_groups, kv_groups, route, scale)
     if _partitions(q_groups, q.shape[1]) and not bool((kv_groups < 0).any()):
@@ -142,7 +148,7 @@ def grouped_attention_dense(
 ) -> torch.Tensor:
     """The same op as dense attention under a token-level mask (fused SDPA on the CPU).
 
-    Exact, and much faster than gathering when the routed keys are a large share of all keys
+    Exact when no key token sits in two key groups (each key then has one group), and much faster than gathering when the routed keys are a large share of all keys
     and the token count is small (BiFormer's third stage: 16 of 49 regions at N = 196).
     """
     B, N, H, D = q.shape
@@ -165,7 +171,7 @@ def grouped_attention_dense(
     out = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
     ).transpose(1, 2)
-    if bool((kv_groups < 0).any()) or int((q_groups >= 0).sum()) != N:  # some rows may have no key: output 0
+    if bool((kv_groups < 0).any()) or Tk == 0 or int((q_groups >= 0).sum()) != N:  # rows with no key: output 0
         has_key = mask.any(-1).transpose(1, 2)[..., None]  # [B, N, Hr, 1]
         out = torch.where(has_key, out, torch.zeros((), dtype=out.dtype, device=out.device))
     return out.contiguous()

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from attnzoo.kernels._checks import repeated_entries
 from attnzoo.kernels.grouping import expand_route, inverse_routing
 from attnzoo.kernels.triton.common import LOG2E, acc_dtype, interpreter_safe, softmax_finish, softmax_step, stat_dtype
 
@@ -236,6 +237,7 @@ def _grouped_bwd_dkdv_kernel(
     s_ih,
     s_lb,
     s_lh,
+    s_gb,
     H,
     Tq,
     Tk,
@@ -246,7 +248,10 @@ def _grouped_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
+    PER_SLOT: tl.constexpr,
 ):
+    """dK, dV of one key tile of one key group. ``PER_SLOT``: written per table slot (``[B, Gk * Tk, H, D]``, batch
+    stride ``s_gb``), for key groups that overlap, whose slots of one token the caller sums; else per token."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -295,8 +300,27 @@ def _grouped_bwd_dkdv_kernel(
             dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision="ieee")
     dk = dk * scale
-    tl.store(DK + b * s_kb + k_tok[:, None] * s_kn + h * s_kh + dcol[None, :], dk.to(DK.dtype.element_ty), mask=kd_mask)
-    tl.store(DV + b * s_vb + k_tok[:, None] * s_vn + h * s_vh + dcol[None, :], dv.to(DV.dtype.element_ty), mask=kd_mask)
+    if PER_SLOT:
+        row = gk * Tk + cols
+    else:
+        row = k_tok
+    tl.store(DK + b * s_gb + row[:, None] * s_kn + h * s_kh + dcol[None, :], dk.to(DK.dtype.element_ty), mask=kd_mask)
+    tl.store(DV + b * s_gb + row[:, None] * s_vn + h * s_vh + dcol[None, :], dv.to(DV.dtype.element_ty), mask=kd_mask)
+
+
+def _sum_slots(per_slot: torch.Tensor, kv_groups: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """``[B, Gk * Tk, H, D]`` gradients per table slot -> ``[B, Nk, H, D]`` per token, each token's slots added in
+    slot order, one rank at a time (every token at most once per step): deterministic, no atomics."""
+    flat = kv_groups.flatten().long()
+    slots = torch.nonzero(flat >= 0).flatten()
+    tokens, order = torch.sort(flat[slots], stable=True)
+    slots = slots[order]
+    rank = torch.arange(len(tokens), device=tokens.device) - torch.searchsorted(tokens, tokens)
+    out = per_slot.new_zeros(per_slot.shape[0], num_keys, *per_slot.shape[2:])
+    for r in range(int(rank.max()) + 1 if len(rank) else 0):
+        at = rank == r
+        out[:, tokens[at]] += per_slot[:, slots[at]]
+    return out
 
 
 def _tiles(tq: int, tk: int, d: int) -> tuple[int, int, int]:
@@ -400,8 +424,14 @@ def grouped_attention_bwd(
     delta = (do.to(stat_dtype(q)) * out.to(stat_dtype(q))).sum(-1).permute(0, 2, 1).contiguous()  # [B, H, N]
     qg, kg = q_groups.contiguous(), kv_groups.contiguous()
     dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
-    dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
-    dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
+    # overlapping key groups (a token's gradient then has several parts) are never the query groups themselves
+    same_table = (qg.data_ptr(), qg.shape, qg.stride()) == (kg.data_ptr(), kg.shape, kg.stride())
+    per_slot = not same_table and bool(repeated_entries(kg.flatten()))
+    if per_slot:  # kept in the accumulation dtype until the parts are added
+        dk, dv = (k.new_zeros(B, Gk * Tk, H, D, dtype=stat_dtype(k)) for _ in range(2))
+    else:
+        dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
+        dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
     block_m, block_n, block_d = _tiles(Tq, Tk, D)
     _grouped_bwd_dq_kernel[(G * triton.cdiv(Tq, block_m), B * H)](
         q,
@@ -484,6 +514,7 @@ def grouped_attention_bwd(
         s_ih,
         lse.stride(0),
         lse.stride(1),
+        dk.stride(0),
         H,
         Tq,
         Tk,
@@ -494,5 +525,8 @@ def grouped_attention_bwd(
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         ACC=acc_dtype(q),
+        PER_SLOT=per_slot,
     )
+    if per_slot:
+        dk, dv = (_sum_slots(t, kg, k.shape[1]).to(k.dtype) for t in (dk, dv))
     return dq, dk, dv
