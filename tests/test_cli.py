@@ -524,13 +524,15 @@ def test_demo_leaves_nothing_half_written_and_skips_a_missing_extra(tmp_path, mo
         (["eval", "image-classification", "--data", "d", "--out", "o", "--split", ""], "--split"),
         (["train", "image-classification", "--data", "d", "--out", "o", "--config", ""], "--config"),
         (["extract", "wsi-features", "s.svs", "--encoder", "", "--out", "o"], "--encoder"),
+        (["eval", "hallucination-mitigation", "--data", "d", "--out", "o", "--prompt-suffix", ""], "--prompt-suffix"),
     ],
 )
 def test_an_empty_argument_is_refused_by_name_before_any_work(tmp_path, monkeypatch, capsys, args, named):
     """An empty value read as "not given" (the default ran) or, as a path, as the current folder."""
     monkeypatch.chdir(tmp_path)
     assert main(args) == 2
-    assert f"error: {named} is empty" in capsys.readouterr().err
+    hint = "none for no suffix" if named == "--prompt-suffix" else "an unset shell variable?"
+    assert f"error: {named} is empty; give a value ({hint})" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 

@@ -890,6 +890,10 @@ def main(argv: list[str] | None = None) -> int:
         return 3
 
 
+#: Options whose "nothing" has a name of its own.
+_EMPTY_HINTS = {"--prompt-suffix": "none for no suffix"}
+
+
 def _refuse_blank_arguments(args: list[str]) -> None:
     """An empty argument (``--out ''``, ``--model=``, ``run ''``) is a typo or an unset shell variable: as a
     path it would read as the current folder, as a setting as "not given" (the default). Refused, named."""
@@ -898,7 +902,8 @@ def _refuse_blank_arguments(args: list[str]) -> None:
         if (sep or not flag) and not value.strip():
             before = args[i - 1] if i and args[i - 1].startswith("-") and "=" not in args[i - 1] else ""
             name = flag or before or f"argument {i + 1}"
-            raise InvalidOptionError(f"{name} is empty; give a value (an unset shell variable?)")
+            hint = _EMPTY_HINTS.get(name, "an unset shell variable?")
+            raise InvalidOptionError(f"{name} is empty; give a value ({hint})")
 
 
 @contextlib.contextmanager

@@ -288,6 +288,25 @@ def test_triton_backward_adds_a_token_s_parts_from_every_key_group_holding_it(dt
 
 
 @interpret
+def test_triton_per_slot_backward_writes_with_its_own_strides(triton_device):
+    """One key in two key groups, k and v views whose size-1 token dimension has an odd stride: the per-slot
+    gradient buffer was written with k's strides (dV off by 15)."""
+    k, v = (torch.randn(1, 2, 1, 4).transpose(1, 2) for _ in range(2))  # [1, 1, 2, 4], strides (8, 4, 4, 1)
+    assert k.stride() == (8, 4, 4, 1)
+    q = torch.randn(1, 2, 2, 4)
+    groups, kv_groups = torch.tensor([[0], [1]], dtype=torch.int32), torch.tensor([[0], [0]], dtype=torch.int32)
+    route = torch.tensor([[[0, 1], [1, 0]]], dtype=torch.int32)
+    q, k, v, groups, kv_groups, route = to_device(triton_device, q, k, v, groups, kv_groups, route)
+    assert_matches_oracle(
+        "triton",
+        lambda a, b, c: K.grouped_attention(a, b, c, groups, kv_groups, route, scale=0.5),
+        lambda a, b, c: O.grouped_attention(a, b, c, groups, kv_groups, route, 0.5),
+        (q, k, v),
+        FP32_TOL,
+    )
+
+
+@interpret
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_inputs_give_the_empty_or_all_zero_output_on_every_backend(backend, request):
     device = backend_device(request, backend)

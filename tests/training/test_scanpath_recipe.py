@@ -151,6 +151,17 @@ def test_trained_weights_run_in_the_pipeline_and_the_evaluation(trained, tmp_pat
     assert len(ScanpathEvaluator(data, "test", model_kind="oat").samples()) == len(test_ids)
 
 
+def test_a_max_len_past_the_position_table_is_refused_before_training(tmp_path):
+    """It trained an epoch, then validation's decoding refused it (and the run's files were left behind)."""
+    from attnzoo.training.scanpath import train_scanpath
+
+    data = amazon_set(tmp_path / "data")
+    overrides = {"epochs": 1, "batch_size": 4, "max_len": 6000}
+    with pytest.raises(InvalidInputError, match=r"max_len must be an integer in \[1, 5000\]"):
+        train_scanpath("oat_amazon", data, tmp_path / "run", overrides=overrides, device="cpu", model_kwargs=SMALL)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
 def test_oat_loss_ignores_pad():
     import torch
     import torch.nn.functional as F

@@ -139,3 +139,26 @@ def test_a_local_file_in_the_overlay_still_wins_and_a_misfit_is_a_weights_error(
     assert not checkpoints_dir().exists() or not any(checkpoints_dir().iterdir())  # nothing fetched
     with pytest.raises(WeightsError, match="does not fit biformer_stl"):
         timm.create_model("biformer_stl", pretrained=True, pretrained_cfg_overlay=overlay, head_dim=8, depth=[1] * 4)
+
+
+def test_a_saved_local_dir_loads_through_timm(tmp_path):
+    """``local-dir:`` (timm's save_for_hf folder) is timm's to read: attnzoo's file loader refused the folder."""
+    from timm.models import _hub
+
+    source = timm.create_model("biformer_stl", **STL_SMALL)
+    _hub.save_for_hf(source, tmp_path)
+    assert same_weights(timm.create_model(f"local-dir:{tmp_path}", pretrained=True, **STL_SMALL), source)
+
+
+def test_a_hub_repo_the_caller_names_is_left_to_timm_not_the_official_file():
+    """An overlay ``hf_hub_id`` (or an ``hf-hub:`` model name) must not be answered with the registered
+    official checkpoint: timm loads the repo the caller named, as it prefers it to the cfg's URL."""
+    from timm.models import resolve_pretrained_cfg
+
+    from attnzoo.vision._common import pretrained_checkpoint
+
+    overlay = {"hf_hub_id": "someone/biformer_tiny_finetuned"}
+    cfg = resolve_pretrained_cfg("biformer_tiny", None, overlay).to_dict()
+    assert cfg["url"] and pretrained_checkpoint(cfg, overlay) is None
+    assert pretrained_checkpoint({**cfg, "source": "hf-hub"}, {}) is None
+    assert not checkpoints_dir().exists() or not any(checkpoints_dir().iterdir())  # nothing fetched

@@ -169,6 +169,9 @@ def train_scanpath(
         if weights
         else attnzoo.create_model(model, **(model_kwargs or {}))
     )
+    from attnzoo.vision.oat_decoding import check_max_len
+
+    check_max_len(max_len, net)  # past the position table: refused now, not at the first validation
     grid = tuple(split["train"][0].grid)
     if tuple(net.grid) != grid:
         raise InvalidInputError(

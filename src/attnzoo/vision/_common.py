@@ -139,6 +139,10 @@ def build_classifier(
 
     cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")).to_dict()
     checkpoint = pretrained_checkpoint(cfg, kwargs.get("pretrained_cfg_overlay") or {})  # before building: fail fast
+    if checkpoint is None:  # a Hub repo or URL the caller named: timm's own loading, in its own order
+        return build_model_with_cfg(
+            model_cls, variant, True, pretrained_filter_fn=filter_fn, feature_cfg=feature_cfg, **kwargs
+        )
     features = bool(kwargs.get("features_only"))
 
     def build_and_load(**model_kwargs: Any) -> _M:
@@ -162,28 +166,25 @@ def build_classifier(
     )
 
 
-def pretrained_checkpoint(cfg: Mapping[str, Any], overlay: Mapping[str, Any]) -> Any:
-    """The checkpoint a resolved timm pretrained cfg points at, read through :mod:`attnzoo.weights`.
-
-    In timm's order: an in-memory ``state_dict``, a local ``file``, a ``url`` / ``hf_hub_id`` the
-    caller put in ``pretrained_cfg_overlay``; else the registered entry ``<architecture>.<tag>``
-    (attnzoo's cache, sha256), else the cfg's own source.
-    """
+def pretrained_checkpoint(cfg: Mapping[str, Any], overlay: Mapping[str, Any]) -> Any | None:
+    """The checkpoint a resolved timm pretrained cfg points at, read through :mod:`attnzoo.weights`: an
+    in-memory ``state_dict``, a local ``file``, else the registered entry ``<architecture>.<tag>``
+    (attnzoo's cache, sha256). None where timm should load it itself: a ``url`` / ``hf_hub_id`` the caller put
+    in ``pretrained_cfg_overlay``, a model named ``hf-hub:...`` or ``local-dir:...`` (timm prefers the Hub
+    repo to the official URL, and reads a saved folder), or a cfg of no registered entry."""
     from attnzoo.weights import fetch_checkpoint, get_checkpoint, is_checkpoint, load_checkpoint_file
-    from attnzoo.weights.loading import resolve_checkpoint
 
     if cfg.get("state_dict") is not None:
         return cfg["state_dict"]
+    if cfg.get("source") in ("hf-hub", "local-dir") or overlay.get("url") or overlay.get("hf_hub_id"):
+        return None
     if cfg.get("file"):
         return load_checkpoint_file(cfg["file"])
     name = f"{cfg.get('architecture')}.{cfg.get('tag')}"
-    if not (overlay.get("url") or overlay.get("hf_hub_id")) and is_checkpoint(name):
+    if is_checkpoint(name):
         return load_checkpoint_file(fetch_checkpoint(get_checkpoint(name)))
-    if cfg.get("url"):
-        return load_checkpoint_file(resolve_checkpoint(cfg["url"]))
-    if cfg.get("hf_hub_id"):
-        filename = cfg.get("hf_hub_filename") or "model.safetensors"
-        return load_checkpoint_file(resolve_checkpoint(f"hf-hub:{cfg['hf_hub_id']}/{filename}"))
+    if cfg.get("url") or cfg.get("hf_hub_id"):
+        return None
     raise WeightsError(
         f"no pretrained weights are known for {name}: pass pretrained_cfg_overlay=dict(file=PATH) to timm, "
         "weights=PATH to attnzoo.create_model, or pretrained=False"

@@ -238,6 +238,8 @@ def _grouped_bwd_dkdv_kernel(
     s_lb,
     s_lh,
     s_gb,
+    s_gn,
+    s_gh,
     H,
     Tq,
     Tk,
@@ -250,8 +252,9 @@ def _grouped_bwd_dkdv_kernel(
     ACC: tl.constexpr,
     PER_SLOT: tl.constexpr,
 ):
-    """dK, dV of one key tile of one key group. ``PER_SLOT``: written per table slot (``[B, Gk * Tk, H, D]``, batch
-    stride ``s_gb``), for key groups that overlap, whose slots of one token the caller sums; else per token."""
+    """dK, dV of one key tile of one key group, into buffers of strides ``s_gb, s_gn, s_gh``. ``PER_SLOT``: written
+    per table slot (``[B, Gk * Tk, H, D]``), for key groups that overlap, whose slots of one token the caller sums;
+    else per token."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -304,8 +307,9 @@ def _grouped_bwd_dkdv_kernel(
         row = gk * Tk + cols
     else:
         row = k_tok
-    tl.store(DK + b * s_gb + row[:, None] * s_kn + h * s_kh + dcol[None, :], dk.to(DK.dtype.element_ty), mask=kd_mask)
-    tl.store(DV + b * s_gb + row[:, None] * s_vn + h * s_vh + dcol[None, :], dv.to(DV.dtype.element_ty), mask=kd_mask)
+    # the gradient buffers' own strides (dK and dV share one layout): k's may differ on a dimension of size 1
+    tl.store(DK + b * s_gb + row[:, None] * s_gn + h * s_gh + dcol[None, :], dk.to(DK.dtype.element_ty), mask=kd_mask)
+    tl.store(DV + b * s_gb + row[:, None] * s_gn + h * s_gh + dcol[None, :], dv.to(DV.dtype.element_ty), mask=kd_mask)
 
 
 def _sum_slots(per_slot: torch.Tensor, kv_groups: torch.Tensor, num_keys: int) -> torch.Tensor:
@@ -432,6 +436,7 @@ def grouped_attention_bwd(
     else:
         dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
         dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
+    assert dk.stride() == dv.stride(), "dK and dV buffers share one layout"
     block_m, block_n, block_d = _tiles(Tq, Tk, D)
     _grouped_bwd_dq_kernel[(G * triton.cdiv(Tq, block_m), B * H)](
         q,
@@ -515,6 +520,8 @@ def grouped_attention_bwd(
         lse.stride(0),
         lse.stride(1),
         dk.stride(0),
+        dk.stride(1),
+        dk.stride(2),
         H,
         Tq,
         Tk,

@@ -184,7 +184,7 @@ def _cfg_defaults(intervention: Intervention) -> dict[str, float]:
 
 def parse_method_spec(spec: Any) -> list[tuple[str, Any]]:
     """``(name, item)`` pairs of a method spec: ``item`` is a settings dict for a registered name, or the
-    method instance itself. None, "none", "" and [] are no method."""
+    method instance itself. None, "none" and [] are no method ("" is refused: a typo or an unset variable)."""
     if spec is None or isinstance(spec, (MitigationMethod, Intervention)):
         spec = [] if spec is None else [spec]
     if isinstance(spec, str):  # "" or "var++agla" would run something other than what was typed
