@@ -94,17 +94,15 @@ def test_fine_tuning_from_an_official_checkpoint_file_replaces_the_head(tmp_path
     assert state["run"]["weights"].endswith("official.pth")
 
 
+def train_resnet18(data, out) -> list[str]:
+    """``attnzoo train image-classification`` of resnet18 on ``data`` into ``out`` (settings follow)."""
+    return ["train", "image-classification", "--model", "resnet18", "--data", str(data), "--out", str(out)]
+
+
 def test_cli_train_command_and_errors(tmp_path, capsys):
     data = shapes_dataset(tmp_path / "shapes", per_class_train=2, per_class_val=1)
     command = [
-        "train",
-        "image-classification",
-        "--model",
-        "resnet18",
-        "--data",
-        str(data),
-        "--out",
-        str(tmp_path / "run"),
+        *train_resnet18(data, tmp_path / "run"),
         "--config",
         "finetune",
         "epochs=1",
@@ -305,16 +303,7 @@ def test_a_run_resumes_from_another_working_folder(tmp_path, monkeypatch):
 def test_bad_sizes_and_a_damaged_image_in_a_worker_are_one_line_errors(tmp_path, capsys):
     """input_size=-1 reached a DataLoader worker: the CLI printed the worker's whole traceback as an internal error."""
     data = shapes_dataset(tmp_path / "shapes", per_class_train=2, per_class_val=1)
-    command = [
-        "train",
-        "image-classification",
-        "--model",
-        "resnet18",
-        "--data",
-        str(data),
-        "--out",
-        str(tmp_path / "o"),
-    ]
+    command = train_resnet18(data, tmp_path / "o")
     settings = ["epochs=1", "batch_size=8", "auto_augment=null", "--device", "cpu"]
     for bad, said in [
         ("input_size=-1", "input_size must be a positive integer, got -1"),
