@@ -459,3 +459,21 @@ def test_seed_is_one_torch_generators_take():
     for bad in (2**64 - 1, -1, True, 1.5, "3"):
         with pytest.raises(InvalidOptionError, match=r"seed must be an integer in \[0, 2\*\*64 - 1\)"):
             _seed(bad)
+
+
+def test_settings_no_model_takes_are_refused_before_a_named_model_loads(monkeypatch, capsys):
+    """FLUX.1-Fill is 34 GB: ``--steps 1000000`` was refused only after it had loaded (or failed to)."""
+    import attnzoo
+    import attnzoo.factory
+    from attnzoo.cli import main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was built before its settings were checked")
+
+    monkeypatch.setattr(attnzoo.factory, "create_model", no_loading)
+    with pytest.raises(InvalidOptionError, match=r"steps must be an integer in \[1, 1000\]"):
+        attnzoo.pipeline("subject-insertion", steps=10**6)
+    with pytest.raises(InvalidOptionError, match="panel height"):
+        attnzoo.pipeline("subject-insertion", panel_size="99999x8")
+    assert main(["run", "subject-insertion", "t.png", "--subject", "s.png", "--steps", "1000000"]) == 2
+    assert "steps must be an integer in [1, 1000]" in capsys.readouterr().err

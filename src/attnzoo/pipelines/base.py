@@ -94,6 +94,12 @@ class Pipeline:
         return True
 
     @classmethod
+    def check_settings(cls, settings: Mapping[str, Any]) -> None:
+        """Refuse the values among ``settings`` that no model could take, before :func:`attnzoo.pipeline`
+        builds a model by name (its weights can be gigabytes). Checks only the names it knows: the
+        constructor still refuses unknown ones. Default: nothing to check without the model."""
+
+    @classmethod
     def configure_model(cls, model: Any, weights: Any) -> Any:
         """Called by :func:`attnzoo.pipeline` after building a model by name, with the weights it was
         given; a pipeline may read what a training run wrote beside them."""

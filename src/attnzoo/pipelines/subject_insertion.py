@@ -15,8 +15,10 @@ and the docs page); the result records which ran.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -290,6 +292,11 @@ class SubjectInsertionPipeline(Pipeline):
                 raise InvalidInputError("give the target image: p(target, subject=..., mask=..., prompt=...)")
             inputs = kwargs.pop("target")
         return super().__call__(inputs, **kwargs)
+
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, Any]) -> None:
+        known = inspect.signature(check_settings).parameters
+        check_settings(**{k: v for k, v in settings.items() if k in known})
 
     def _sanitize_parameters(
         self,

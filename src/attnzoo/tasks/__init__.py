@@ -274,6 +274,9 @@ def pipeline(
         serves = model_tasks(model)
         if not spec._takes(serves):  # before building: no weights are fetched for a model the task cannot run
             raise _wrong_task(spec, repr(model), serves)  # type: ignore[arg-type]
+        for cls in spec.pipeline_classes():  # settings no model could take: refused before any weights load
+            if spec._runs_in(cls, serves):
+                cls.check_settings(kwargs)
         # random weights are drawn from a fixed seed: every process of a sharded or resumed run, and
         # every rerun, gets the same model
         with torch.random.fork_rng(devices=[]):
