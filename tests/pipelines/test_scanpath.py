@@ -511,3 +511,17 @@ def test_evaluation_skips_unusable_captions_and_limits_each_condition(neva, tmp_
         "tokens long" in line for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()
     )
     assert "model (misleading caption)" in metrics["rows"]
+
+
+def test_nevaclip_search_settings_are_refused_before_clip_loads(monkeypatch):
+    """A named NevaClip loads CLIP when its pipeline is made: ``fixations=10**9`` was refused only after that."""
+    from attnzoo.multimodal.nevaclip import NevaClip
+
+    def no_loading(self):
+        raise AssertionError("CLIP was loaded before the search settings were checked")
+
+    monkeypatch.setattr(NevaClip, "visual", property(no_loading))
+    with pytest.raises(InvalidInputError, match=r"fixations must be an integer in \[1, 1000\]"):
+        attnzoo.pipeline("scanpath", model="nevaclip", weights="none", fixations=10**9)
+    with pytest.raises(InvalidInputError, match="forgetting"):
+        attnzoo.pipeline("scanpath", model="nevaclip", forgetting=2.0)

@@ -22,6 +22,7 @@ Batches run as one tensor program; with NevaClip each image's scanpath is the on
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,10 @@ def _check_seed(seed: Any) -> None:
         raise InvalidInputError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
 
 
+#: NevaClip's search settings (checked before a named model loads, as they need no model).
+_SEARCH_SETTINGS = ("fixations", "iterations", "lr", "random_restarts", "forgetting")
+
+
 class NevaClipScanpathPipeline(Pipeline):
     """NevaClip: ``p(image, caption=...)`` (or ``target=`` an embedding), a list of images with one
     caption each (or one for all), dicts with ``image`` and ``caption``/``target``, or dataset records
@@ -197,6 +202,12 @@ class NevaClipScanpathPipeline(Pipeline):
     def is_single(self, inputs: Any) -> bool:
         return is_single_input(inputs) or hasattr(inputs, "image_path")
 
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, Any]) -> None:
+        from attnzoo.multimodal.nevaclip import check_search_settings
+
+        check_search_settings({k: settings[k] for k in _SEARCH_SETTINGS if settings.get(k) is not None})
+
     def _sanitize_parameters(
         self,
         fixations: int | None = None,
@@ -210,18 +221,12 @@ class NevaClipScanpathPipeline(Pipeline):
     ) -> tuple[dict, dict, dict]:
         from attnzoo.multimodal.nevaclip import check_search_settings
 
-        search = {
-            k: v
-            for k, v in dict(
-                fixations=fixations,
-                iterations=iterations,
-                lr=lr,
-                random_restarts=random_restarts,
-                forgetting=forgetting,
-            ).items()
-            if v is not None
-        }
-        given = check_search_settings(search)  # refused here: at construction, or before any image is read
+        search = dict(
+            fixations=fixations, iterations=iterations, lr=lr, random_restarts=random_restarts, forgetting=forgetting
+        )
+        given = check_search_settings(
+            {k: v for k, v in search.items() if v is not None}
+        )  # refused here: at construction, or before any image is read
         _check_seed(seed)
         for name, flag in (("truncate", truncate), ("progress", progress)):
             if flag is not None and not isinstance(flag, (bool, np.bool_)):
