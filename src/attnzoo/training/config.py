@@ -15,6 +15,9 @@ import yaml
 from attnzoo._values import whole_number
 from attnzoo.errors import InvalidOptionError, UnknownNameError
 
+#: The seeds torch's generators take: the ``seed`` setting's range, and each of WSI training's ``seeds``.
+SEED_RANGE = (-(2**63), 2**63 - 1)
+
 _CHOICES = {
     "schedule": ("cosine", "step", "multistep", "constant"),
     "amp": ("none", "bf16", "fp16"),
@@ -106,7 +109,7 @@ class TrainConfig:
         for key in ("min_lr", "warmup_lr"):  # above lr the schedule climbs where it should decay or warm up
             if used[key] and getattr(self, key) > self.lr:
                 raise InvalidOptionError(f"{key} must be at most lr ({self.lr}), got {getattr(self, key)!r}")
-        if not -(2**63) <= self.seed < 2**63:
+        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise InvalidOptionError(f"seed must be a 64-bit integer, got {self.seed!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,8 +147,8 @@ def _conform(key: str, value: Any, annotation: str) -> Any:
         return value
     if kind == "int" and _is_whole(value):
         return int(value)
-    if kind == "float" and _finite_float(value) is not None:
-        return _finite_float(value)
+    if kind == "float" and (number := _finite_float(value)) is not None:
+        return number
     if kind == "str" and isinstance(value, str):
         return value
     if kind == "list[float]" and isinstance(value, (list, tuple)):
@@ -169,8 +172,8 @@ def _coerce(key: str, value: str, current: Any) -> Any:
             parsed = float(parsed)
         except ValueError:
             return parsed
-    if isinstance(current, float) and _finite_float(parsed) is not None:
-        return _finite_float(parsed)
+    if isinstance(current, float) and (number := _finite_float(parsed)) is not None:
+        return number
     return parsed  # anything else is judged by the setting's own check
 
 

@@ -30,7 +30,7 @@ from attnzoo._io import read_json, write_json
 from attnzoo._placement import resolve_device
 from attnzoo._values import comma_items, whole_number
 from attnzoo.errors import AttnzooError, DatasetFormatError, InvalidOptionError
-from attnzoo.training.config import TrainConfig, recipe_config
+from attnzoo.training.config import SEED_RANGE, TrainConfig, recipe_config
 from attnzoo.training.engine import TENSORBOARD, Trainer, check_run_folder, latest_checkpoint, run_inputs
 
 __all__ = ["seed_list", "train_wsi_classification"]
@@ -47,8 +47,6 @@ RECIPE_DEFAULTS = {
 RECIPE_RANGES = {"n_classes": (2, None), "val_fraction": (0.0, 1.0)}
 #: What the validation (:class:`_Validation`) reports: the names ``best_metric`` may take.
 METRICS = ("accuracy", "auc", "f1_micro", "f1_macro", "selection_score", "num_samples", "selection")
-#: The seeds torch's generators take (as the ``seed`` setting).
-SEED_RANGE = (-(2**63), 2**63 - 1)
 
 
 class _Bags(Dataset):
@@ -291,10 +289,14 @@ def _earlier_run(
     """The files an earlier run left in ``out`` and its seed folders (what ``overwrite`` discards), refused as
     :func:`check_run_folder` refuses them, before any work; a resumed run must have the seeds it started with."""
     earlier = check_run_folder(out, resume=resume, overwrite=overwrite, outputs=_OUTPUTS, **folder)
-    for seed_folder in _seed_folders(out).values():
-        earlier += check_run_folder(seed_folder, resume=resume, overwrite=overwrite, outputs=_OUTPUTS, **folder)
+    per_seed = {
+        seed: check_run_folder(seed_folder, resume=resume, overwrite=overwrite, outputs=_OUTPUTS, **folder)
+        for seed, seed_folder in _seed_folders(out).items()
+    }
+    for files in per_seed.values():
+        earlier += files
     if resume:
-        recorded, started = _recorded_seeds(out), {s for s, p in _seed_folders(out).items() if _holds_run(p)}
+        recorded, started = _recorded_seeds(out), {seed for seed, files in per_seed.items() if files}
         if (recorded is not None and sorted(recorded) != sorted(seeds)) or not started <= set(seeds):
             known = recorded if recorded is not None else sorted(started)
             raise InvalidOptionError(
@@ -302,10 +304,6 @@ def _earlier_run(
                 f"--overwrite to discard it and train seeds {seeds} afresh"
             )
     return earlier
-
-
-def _holds_run(folder: Path) -> bool:
-    return bool(check_run_folder(folder, resume=True, outputs=_OUTPUTS))
 
 
 def _recorded_seeds(out: str | os.PathLike) -> list[int] | None:
