@@ -385,6 +385,25 @@ def test_region_routing_refuses_bad_arguments(change, match):
     assert torch.equal(K.region_routing(**(args | dict(topk=torch.tensor(2), scale=torch.tensor(1.0)))), expected)
 
 
+def test_region_routing_reads_a_table_back_once_and_sees_in_place_edits(monkeypatch):
+    """The table's range is read back (a host sync on a GPU) once per table and version, not on every call."""
+    from attnzoo.kernels import grouping
+
+    reads = []
+    read = grouping._read_range
+    monkeypatch.setattr(grouping, "_read_range", lambda t: reads.append(1) or read(t))
+    q, k, groups = torch.randn(1, 16, 8), torch.randn(1, 16, 8), K.window_groups(4, 4, 2)
+    first = K.region_routing(q, k, groups, 2, 1.0)
+    assert torch.equal(K.region_routing(q, k, groups, 2, 1.0), first) and len(reads) == 1
+    groups[0, 0] = 16  # an in-place edit after the table was checked is still seen
+    with pytest.raises(InvalidInputError, match="outside \\[-1, 16\\)"):
+        K.region_routing(q, k, groups, 2, 1.0)
+    with torch.inference_mode():  # inference tensors keep no version: read on every call
+        table = K.window_groups(4, 4, 2)
+        K.region_routing(q, k, table, 2, 1.0), K.region_routing(q, k, table, 2, 1.0)
+    assert len(reads) == 4
+
+
 def test_unknown_op_is_a_typed_error():
     with pytest.raises(UnknownNameError, match="unknown kernel op 'nope'"):
         K.available_backends("nope")

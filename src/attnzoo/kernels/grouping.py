@@ -12,6 +12,7 @@ import operator
 
 import numpy as np
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from attnzoo._values import whole_number
 from attnzoo.errors import InvalidInputError
@@ -81,11 +82,36 @@ def across_views(table: torch.Tensor, views: int, tokens_per_view: int) -> torch
     return torch.where(table[:, :, None] >= 0, expanded, -1).flatten(1).to(torch.int32)
 
 
+#: Smallest and largest entry of each groups table seen, with the table's version: models build their tables
+#: once and pass the same tensor on every call, so reading its range back (a host sync on a GPU) happens once.
+_TABLE_RANGES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _table_range(table: torch.Tensor) -> tuple[int, int]:
+    """``(min, max)`` of a non-empty integer table, read back once per table and version (an in-place edit
+    bumps the version); inference tensors keep no version, so theirs is read on every call."""
+    if table.is_inference():
+        return _read_range(table)
+    cached = _TABLE_RANGES.get(table)
+    if cached is None or cached[0] != table._version:
+        cached = (table._version, _read_range(table))
+        _TABLE_RANGES[table] = cached
+    return cached[1]
+
+
+def _read_range(table: torch.Tensor) -> tuple[int, int]:
+    low, high = torch.stack([table.min(), table.max()]).tolist()
+    return int(low), int(high)
+
+
 def _check_table(op: str, table: torch.Tensor, num_tokens: int) -> None:
     """``table`` is an integer ``[G, T]`` grouping of ``num_tokens`` tokens (``-1`` = padding)."""
     if not _is_integer_tensor(table) or table.dim() != 2:
         raise InvalidInputError(f"{op}: groups must be an integer [G, T] table, got {describe(table)}")
-    if bool(((table < -1) | (table >= num_tokens)).any()):
+    if table.numel() == 0 or table.is_meta:
+        return
+    low, high = _table_range(table)
+    if low < -1 or high >= num_tokens:
         raise InvalidInputError(f"{op}: groups hold token indices outside [-1, {num_tokens})")
 
 
