@@ -77,3 +77,47 @@ def test_grouped_backward_is_bitwise_deterministic_on_gpu():
         run(lambda a, b, c: K.grouped_attention(a, b, c, groups, route=route), (q, k, v), "triton")[1] for _ in range(2)
     ]
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+def halo_groups(side: int, window: int, device: str) -> torch.Tensor:
+    """Key groups: each window plus the next window's first column (padding at the right edge): tokens on a
+    window's left column sit in two key groups, which the Triton backward sums per table slot."""
+    rows = []
+    for top in range(0, side, window):
+        for left in range(0, side, window):
+            cols = [c if c < side else None for c in range(left, left + window + 1)]
+            rows.append([-1 if c is None else r * side + c for r in range(top, top + window) for c in cols])
+    return torch.tensor(rows, dtype=torch.int32, device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_overlapping_key_groups_on_gpu(dtype):
+    torch.manual_seed(0)
+    B, side, H, D = 2, 28, 4, 32
+    q, k, v = (torch.randn(B, side * side, H, D, device="cuda") for _ in range(3))
+    groups, kv_groups = K.window_groups(side, side, 4, device="cuda"), halo_groups(side, 4, "cuda")
+    route = K.region_routing(q.reshape(B, -1, H * D), k.reshape(B, -1, H * D), groups, 4, (H * D) ** -0.5)
+    compare(
+        lambda a, b, c: K.grouped_attention(a, b, c, groups, kv_groups, route=route),
+        lambda a, b, c: O.grouped_attention(a, b, c, groups, kv_groups, route, D**-0.5),
+        (q, k, v),
+        dtype,
+    )
+    runs = [
+        run(lambda a, b, c: K.grouped_attention(a, b, c, groups, kv_groups, route=route), (q, k, v), "triton")[1]
+        for _ in range(2)
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+def test_forced_torch_backend_with_no_keys_on_gpu():
+    """An all-padding key group on the torch backend (SDPA on CUDA): zeros, as the oracle, not NaN."""
+    q, k, v = (torch.randn(1, 16, 2, 8, device="cuda") for _ in range(3))
+    groups = K.window_groups(4, 4, 2, device="cuda")
+    kv_groups = groups.clone()
+    kv_groups[1] = -1
+    with K.use_backend("torch"):
+        out = K.grouped_attention(q, k, v, groups, kv_groups, scale=0.3)
+    want = O.grouped_attention(q.double(), k.double(), v.double(), groups, kv_groups, None, 0.3)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(out).all()
