@@ -1,8 +1,11 @@
 """Atomic writes: the target appears whole or not at all, and no temporary file is left behind."""
 
+import re
+
 import pytest
 
-from attnzoo._io import atomic_path, atomic_write, remove_stale_temporaries_in
+from attnzoo._io import atomic_path, atomic_write, check_out_outside, remove_stale_temporaries_in
+from attnzoo.errors import InvalidInputError, InvalidOptionError
 
 
 def test_success_renames_into_place(tmp_path):
@@ -69,3 +72,20 @@ def test_an_output_folder_is_checked_before_any_work(tmp_path):
     with pytest.raises(InvalidInputError, match=r"out_dir .*file.x cannot be created: .*file is a file"):
         check_output_folder(tmp_path / "file" / "x", "out_dir", InvalidInputError)
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_an_out_equal_to_or_inside_an_input_is_refused(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    for out in (data, data / "sub" / "run", data / "sub" / ".." / "new"):
+        with pytest.raises(
+            InvalidOptionError, match=f"^{re.escape(f'--out {out} is inside the training data {data}: why; ')}"
+        ):
+            check_out_outside(out, [tmp_path / "other", data], what="training data", why="why")
+    monkeypatch.chdir(data)  # a relative --out is resolved too
+    with pytest.raises(InvalidInputError, match="choose an --out outside it$") as caught:
+        check_out_outside("run", [data], what="input folder", why="why", error=InvalidInputError)
+    assert type(caught.value) is InvalidInputError
+    for out in (tmp_path / "data-run", tmp_path, tmp_path / "other"):  # beside, above: allowed
+        check_out_outside(out, [data], what="training data", why="why")
+    check_out_outside(data, [], what="training data", why="why")

@@ -1,9 +1,21 @@
 """The shared checks of setting values (attnzoo._values)."""
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 
-from attnzoo._values import comma_items, nonblank_text, whole_number
+import attnzoo._values as values
+from attnzoo._values import (
+    check_worker_count,
+    comma_items,
+    is_integer,
+    nonblank_text,
+    process_limit,
+    real_number,
+    to_real,
+    whole_number,
+)
 from attnzoo.errors import InvalidInputError, InvalidOptionError
 
 
@@ -28,6 +40,84 @@ def test_whole_number_wording_and_error_type():
         whole_number(0, "n", error=InvalidInputError)
     assert type(caught.value) is InvalidInputError
     assert whole_number(0, "n", low=0) == 0
+
+
+def test_whole_number_takes_integral_floats_when_asked():
+    assert (
+        whole_number(7.0, "n", integral_floats=True) == 7 and type(whole_number(7.0, "n", integral_floats=True)) is int
+    )
+    assert whole_number(np.float32(3), "n", integral_floats=True) == 3
+    for bad in (2.5, float("nan"), float("inf"), 0.0, 8.0, True, "7"):
+        with pytest.raises(InvalidOptionError, match=rf"n must be an integer in \[1, 7\], got {bad!r}$"):
+            whole_number(bad, "n", high=7, integral_floats=True)  # the value as given, not as converted
+    with pytest.raises(InvalidOptionError):
+        whole_number(7.0, "n")  # floats stay refused by default
+
+
+def test_is_integer():
+    assert is_integer(3) and is_integer(np.int8(-1)) and is_integer(10**400)
+    assert not any(is_integer(v) for v in (True, np.True_, 3.0, np.float64(3), "3", None))
+
+
+@pytest.mark.parametrize("value", [2, 2.5, np.float32(0.5), np.int64(-3), Fraction(1, 3), np.float64(1e300)])
+def test_to_real_takes_python_and_numpy_numbers(value):
+    assert to_real(value) == float(value) and type(to_real(value)) is float
+
+
+@pytest.mark.parametrize(
+    "value", [True, np.True_, "1", None, 1j, np.complex64(1), [1.0], 10**400, float("nan"), float("-inf")]
+)
+def test_to_real_refuses_the_rest(value):
+    assert to_real(value) is None
+
+
+def test_to_real_takes_non_finite_numbers_when_asked():
+    assert to_real(float("inf"), finite=False) == float("inf")
+    assert np.isnan(to_real(np.float32("nan"), finite=False))
+    assert to_real(10**400, finite=False) is None  # no float holds it
+
+
+@pytest.mark.parametrize(
+    ("bounds", "inside", "outside", "wanted"),
+    [
+        ({}, [-1e300, 0, 7], [float("nan"), float("inf")], "a finite number"),
+        ({"above": 0}, [1e-300, 5], [0, -1, float("inf")], "a positive finite number"),
+        ({"low": 0}, [0, 5], [-1e-9, float("nan")], "a finite number >= 0"),
+        ({"high": 1}, [1, -5], [1.5, float("-inf")], "a finite number <= 1"),
+        ({"low": 0, "high": 1}, [0, 0.5, 1], [-0.1, 1.1, float("nan")], r"a number in \[0, 1\]"),
+        ({"above": 0, "high": 1}, [1, 0.5], [0, 1.1], r"a number in \(0, 1\]"),
+        ({"above": 2, "finite": False}, [float("inf")], [2, float("nan")], "a number > 2"),
+    ],
+)
+def test_real_number_bounds_and_wording(bounds, inside, outside, wanted):
+    for value in inside:
+        assert real_number(value, "x", **bounds) == float(value)
+    for value in [*outside, True, "0.5", None, 10**400]:
+        with pytest.raises(InvalidOptionError, match=rf"^x must be {wanted} \(why\), got "):
+            real_number(value, "x", why="why", **bounds)
+
+
+def test_real_number_error_type():
+    with pytest.raises(InvalidInputError) as caught:
+        real_number("1", "x", error=InvalidInputError)
+    assert type(caught.value) is InvalidInputError
+    assert real_number(np.float32(0.25), "x", low=0, high=1) == 0.25
+
+
+def test_process_limit_is_a_positive_int_or_unknown():
+    limit = process_limit()
+    assert limit is None or (type(limit) is int and limit > 0)
+
+
+def test_worker_counts_at_the_process_limit_are_refused(monkeypatch):
+    monkeypatch.setattr(values, "process_limit", lambda: 8)
+    assert check_worker_count(7) == 7 and check_worker_count(0) == 0
+    with pytest.raises(InvalidOptionError, match=r"^num_workers=8 is more worker processes than this system lets one"):
+        check_worker_count(8)
+    with pytest.raises(InvalidOptionError, match=r"^--num-workers=9 is more worker processes .*\(8\)"):
+        check_worker_count(9, "--num-workers")
+    monkeypatch.setattr(values, "process_limit", lambda: None)  # the system does not say: nothing refused
+    assert check_worker_count(10**12) == 10**12
 
 
 def test_comma_items_strips_and_keeps_order():

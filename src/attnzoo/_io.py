@@ -13,7 +13,7 @@ import struct
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -200,3 +200,20 @@ def check_output_folder(
         doing = "written to" if existing == out else f"created in {existing}"
         raise error(f"{what} {out} cannot be {doing}: {err.strerror or err}") from None
     return out
+
+
+def check_out_outside(
+    out: str | os.PathLike,
+    inputs: Iterable[str | os.PathLike],
+    *,
+    what: str,
+    why: str,
+    error: type[InvalidInputError] = InvalidOptionError,
+) -> None:
+    """``out`` equal to or inside one of ``inputs`` (what the run reads: ``what`` names them, ``why`` says what
+    would go wrong) refused before any work: a later run over that input would read the files written there
+    as its own (folders are read recursively)."""
+    where = Path(out).resolve()
+    for item in inputs:
+        if where.is_relative_to(Path(item).resolve()):
+            raise error(f"--out {out} is inside the {what} {item}: {why}; choose an --out outside it")

@@ -1,13 +1,22 @@
 """Checks of setting values shared by every layer, so that one rule gives one wording everywhere:
-whole numbers in a range, comma lists without blank items, text that is not blank."""
+whole and real numbers in a range, worker counts, comma lists without blank items, text that is not blank."""
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from attnzoo.errors import InvalidInputError, InvalidOptionError
+
+
+def is_integer(value: Any) -> bool:
+    """A Python or numpy integer; a bool is not one (``True`` is a flag, not a count)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def whole_number(
@@ -16,19 +25,107 @@ def whole_number(
     *,
     low: int = 1,
     high: int | None = None,
+    integral_floats: bool = False,
     why: str = "",
     error: type[InvalidInputError] = InvalidOptionError,
 ) -> int:
-    """``value`` as an int in ``[low, high]`` (bools and floats refused), or ``error`` naming ``name``;
-    ``why`` says what the upper bound stands for (e.g. "the model's context")."""
-    whole = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-    if not whole or value < low or (high is not None and value > high):
+    """``value`` as an int in ``[low, high]`` (bools and floats refused; with ``integral_floats``, ``7.0`` from
+    JSON or a command line is 7, 2.5 and NaN still refused), or ``error`` naming ``name``; ``why`` says what
+    the upper bound stands for (e.g. "the model's context")."""
+    given = value
+    if integral_floats and isinstance(value, (float, np.floating)) and float(value).is_integer():
+        value = int(value)
+    if not is_integer(value) or value < low or (high is not None and value > high):
         if high is None:
             wanted = "a positive integer" if low == 1 else f"an integer >= {low}"
         else:
             wanted = f"an integer in [{low}, {high}]"
-        raise error(f"{name} must be {wanted}{f' ({why})' if why else ''}, got {value!r}")
+        raise error(f"{name} must be {wanted}{f' ({why})' if why else ''}, got {given!r}")
     return int(value)
+
+
+def to_real(value: Any, *, finite: bool = True) -> float | None:
+    """``value`` as a float where it is a real number (a Python or numpy int or float, any
+    :class:`numbers.Real`), else None: a bool, a string, None, a complex number, an int past the float range
+    (``1`` and 400 zeros) and, with ``finite``, NaN and infinities."""
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        number = float(value)
+    except (OverflowError, TypeError, ValueError):
+        return None
+    return number if not finite or math.isfinite(number) else None
+
+
+def real_number(
+    value: Any,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    above: float | None = None,
+    finite: bool = True,
+    why: str = "",
+    error: type[InvalidInputError] = InvalidOptionError,
+) -> float:
+    """``value`` (see :func:`to_real`) as a float in ``[low, high]``, or over ``above`` (for "positive": a
+    strict lower bound instead of ``low``); each bound optional. Else ``error`` naming ``name``; ``why`` says
+    what the number is or why the bounds."""
+    number = to_real(value, finite=finite)
+    if number is None or not (  # written as what must hold, so that NaN (with finite=False) fails every bound
+        (low is None or number >= low) and (high is None or number <= high) and (above is None or number > above)
+    ):
+        raise error(
+            f"{name} must be {_real_wanted(low, high, above, finite)}{f' ({why})' if why else ''}, got {value!r}"
+        )
+    return number
+
+
+def _real_wanted(low: float | None, high: float | None, above: float | None, finite: bool) -> str:
+    """The words for a number within the given bounds: ``a number in [0, 1]``, ``a positive finite number``."""
+    kind = "finite number" if finite else "number"
+    opening = f"({above}" if above is not None else f"[{low}" if low is not None else None
+    if opening is not None and high is not None:
+        return f"a number in {opening}, {high}]"
+    if above == 0:
+        return f"a positive {kind}"
+    if above is not None:
+        return f"a {kind} > {above}"
+    if low is not None:
+        return f"a {kind} >= {low}"
+    return f"a {kind} <= {high}" if high is not None else f"a {kind}"
+
+
+def process_limit() -> int | None:
+    """How many processes this user may have at once (``ulimit -u``, the kernel's ``pid_max``), where the system
+    says; None where it does not."""
+    limits = []
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+        if soft != resource.RLIM_INFINITY:
+            limits.append(int(soft))
+    except (ImportError, AttributeError, OSError, ValueError):
+        pass
+    try:
+        limits.append(int(Path("/proc/sys/kernel/pid_max").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(limits) if limits else None
+
+
+def check_worker_count(num_workers: int, name: str = "num_workers") -> int:
+    """A count of DataLoader worker processes (an int >= 0, checked by the caller) below what this system lets
+    one user run: DataLoader forks them all before the first batch, so a typo such as 10**6 would otherwise
+    exhaust the process table instead of being refused."""
+    limit = process_limit()
+    if limit is not None and num_workers >= limit:
+        raise InvalidOptionError(
+            f"{name}={num_workers} is more worker processes than this system lets one user run ({limit}); "
+            f"use a few per CPU core ({os.cpu_count()} here)"
+        )
+    return num_workers
 
 
 def comma_items(value: str, name: str) -> list[str]:

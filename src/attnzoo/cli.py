@@ -289,18 +289,12 @@ def _expand_inputs(inputs: list[str], kind: str) -> list[str]:
 def _check_out_beside_inputs(out: Path | None, inputs: list[str]) -> None:
     """--out in (or equal to) an input folder: the next run over that folder would read the pictures
     written there as inputs (its images are listed recursively). Refused before any work."""
-    from attnzoo.errors import InvalidOptionError
+    from attnzoo._io import check_out_outside
 
-    if out is None:
-        return
-    where = out.resolve()
-    for item in inputs:
-        folder = Path(item)
-        if folder.is_dir() and where.is_relative_to(folder.resolve()):
-            raise InvalidOptionError(
-                f"--out {out} is inside the input folder {item}: a later run over that folder would read the "
-                "pictures written there as inputs; choose an --out outside it"
-            )
+    if out is not None:  # an input file cannot hold --out; one equal to it is refused as a file later
+        folders = [item for item in inputs if Path(item).is_dir()]
+        why = "a later run over that folder would read the pictures written there as inputs"
+        check_out_outside(out, folders, what="input folder", why=why)
 
 
 def _run_task(

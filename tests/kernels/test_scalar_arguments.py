@@ -11,7 +11,8 @@ import torch
 import attnzoo.kernels as K
 from attnzoo.errors import InvalidInputError
 
-BAD_NUMBERS = (None, "0.5", True, float("nan"), float("inf"), 1 + 2j, [0.5, 0.5, 0.5])
+#: ``10**400`` is past the float range (was an OverflowError); ``np.True_`` is a flag, as ``True``.
+BAD_NUMBERS = (None, "0.5", True, float("nan"), float("inf"), 1 + 2j, [0.5, 0.5, 0.5], 10**400, np.True_)
 
 
 def qkv(heads_first: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -491,6 +491,8 @@ def test_targets_without_a_direction_are_refused(tower, target, match):
         ({"lr": float("inf")}, "lr"),
         ({"lr": -0.1}, "lr"),
         ({"lr": "0.1"}, "lr"),
+        ({"lr": 10**400}, r"lr must be a positive finite number \(the sign-gradient step"),  # was an OverflowError
+        ({"forgetting": 2}, r"forgetting must be a number in \[0, 1\] \(the share of earlier fixations"),
         ({"forgetting": -0.5}, "forgetting"),
         ({"forgetting": float("nan")}, "forgetting"),
         ({"random_restarts": 1}, "random_restarts"),

@@ -126,3 +126,16 @@ def test_a_model_already_in_bfloat16_classifies_float32_pictures(tiny_model, pho
     assert result[0].index == in_fp32.argmax()  # a margin of 1e-4 against a bfloat16 error under 1e-6
     # bfloat16 keeps 8 bits of mantissa: its scores are the fp32 ones to a few percent of the largest
     np.testing.assert_allclose(scores, in_fp32, rtol=0, atol=0.05 * in_fp32.max())
+
+
+def test_check_batching_refuses_worker_counts_at_the_process_limit(monkeypatch):
+    """The one batching check of run, eval and extraction: DataLoader would fork every worker before a batch."""
+    import attnzoo._values
+    from attnzoo.errors import InvalidOptionError
+
+    monkeypatch.setattr(attnzoo._values, "process_limit", lambda: 5)
+    assert base.check_batching(8, 4) == (8, 4)
+    with pytest.raises(InvalidOptionError, match="num_workers=5 is more worker processes"):
+        base.check_batching(8, 5)
+    with pytest.raises(InvalidInputError, match="num_workers must be an integer >= 0"):
+        base.check_batching(8, -1)

@@ -168,6 +168,17 @@ def test_sizes_that_cannot_be_meant_are_refused_with_the_reason(slides, tmp_path
     assert not any(tmp_path.iterdir())
 
 
+def test_worker_counts_at_the_process_limit_are_refused_as_in_training(slides, tmp_path, monkeypatch):
+    """DataLoader forks every worker before the first batch: num_workers=10**6 exhausted the process table."""
+    import attnzoo._values
+
+    monkeypatch.setattr(attnzoo._values, "process_limit", lambda: 4)
+    assert wsi_features.check_batch(8, 3, 224) == (8, 3)
+    with pytest.raises(InvalidOptionError, match=r"^num_workers=4 is more worker processes than this system lets"):
+        run(slides["aperio"], tmp_path / "x.h5", TinyEncoder(), num_workers=4)
+    assert not any(tmp_path.iterdir())
+
+
 def test_an_encoder_that_cannot_take_the_input_size_says_which_setting(slides, tmp_path):
     """TinyEncoder's 4x4 convolution on 2x2 inputs raised a bare RuntimeError (an internal error in the CLI)."""
     with pytest.raises(

@@ -469,7 +469,8 @@ def test_a_typed_error_in_a_data_loader_worker_reaches_the_caller_as_itself(tmp_
 def test_huge_counts_start_at_once_or_are_refused_with_the_reason(tmp_path):
     """Nothing before the first step costs time or memory in proportion to the counts; a count of steps past the
     float range (the schedule computes in floats) was an OverflowError at the first step."""
-    from attnzoo.training.engine import StepBatches, _process_limit
+    from attnzoo._values import process_limit
+    from attnzoo.training.engine import StepBatches
 
     trainer = make_trainer(tmp_path / "long", epochs=10**12, warmup_epochs=1e9, cooldown_epochs=1e9, log_every=10**30)
     steps = []
@@ -498,9 +499,19 @@ def test_huge_counts_start_at_once_or_are_refused_with_the_reason(tmp_path):
             InvalidOptionError, match=f"^{key}=.* optimizer steps .*more than the learning-rate schedule"
         ):
             make_trainer(tmp_path / "refused", **overrides)
-    if _process_limit() is not None:  # DataLoader would start them all before the first batch
+    if process_limit() is not None:  # DataLoader would start them all before the first batch
         with pytest.raises(InvalidOptionError, match="^num_workers=1000000000000 is more worker processes"):
             make_trainer(tmp_path / "refused", num_workers=10**12)
+    assert not (tmp_path / "refused").exists()
+
+
+def test_worker_counts_at_the_process_limit_are_refused(tmp_path, monkeypatch):
+    import attnzoo._values
+
+    monkeypatch.setattr(attnzoo._values, "process_limit", lambda: 3)
+    with pytest.raises(InvalidOptionError, match=r"^num_workers=3 is more worker processes .*\(3\); use a few per"):
+        make_trainer(tmp_path / "refused", num_workers=3)
+    make_trainer(tmp_path / "kept", num_workers=2)  # below the limit: taken
     assert not (tmp_path / "refused").exists()
 
 

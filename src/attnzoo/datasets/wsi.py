@@ -45,7 +45,7 @@ import numpy as np
 from PIL import Image
 
 from attnzoo._io import parse_errors
-from attnzoo._values import whole_number
+from attnzoo._values import real_number, whole_number
 from attnzoo.errors import DatasetFormatError, InvalidInputError, InvalidOptionError, MissingDependencyError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -104,28 +104,8 @@ def _positive(value: Any, name: str) -> float | None:
     return number
 
 
-def _count(
-    value: Any,
-    name: str,
-    *,
-    minimum: int = 1,
-    maximum: int = 2**31,
-    why: str = "",
-    error: type[InvalidInputError] = InvalidInputError,
-) -> int:
-    """A whole-number setting (patch size, filter size): ``7`` or ``7.0`` (a float from JSON or a command
-    line); not NaN, 2.5, text or a bool. :func:`attnzoo._values.whole_number`'s rule and wording otherwise."""
-    if isinstance(value, (float, np.floating)) and float(value).is_integer() and minimum <= value <= maximum:
-        value = int(value)
-    return whole_number(value, name, low=minimum, high=maximum, why=why, error=error)
-
-
 def _non_negative(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise InvalidInputError(f"{name} must be a number >= 0, got {value!r}")
-    if not (math.isfinite(value) and value >= 0):
-        raise InvalidInputError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return real_number(value, name, low=0, error=InvalidInputError)
 
 
 #: The finest mask a slide can have, in level-0 pixels per mask pixel (below it, coordinates divided
@@ -133,6 +113,14 @@ def _non_negative(value: Any, name: str) -> float:
 MIN_MASK_DOWNSAMPLE = 1e-6
 #: The largest level-0 coordinate any slide can have (OpenSlide's dimensions are int64, real scans < 2^20).
 MAX_COORDINATE = 2**31
+
+
+def _count(value: Any, name: str, *, minimum: int = 1, maximum: int = MAX_COORDINATE) -> int:
+    """A whole-number setting of this module (patch size, filter size): ``7`` or ``7.0`` (a float from JSON or a
+    command line), at most :data:`MAX_COORDINATE` (no slide is larger); :func:`attnzoo._values.whole_number`."""
+    return whole_number(value, name, low=minimum, high=maximum, integral_floats=True, error=InvalidInputError)
+
+
 #: The most patch positions one grid may lay over a slide: each is placed and weighed against the tissue
 #: mask in memory (about 100 bytes apiece, 1.6 GB at this bound) and each kept one is an encoder input.
 #: CLAM's and ACMIL's 256 px at 20x give at most ~10^5 on the largest slides; this is 100x more.

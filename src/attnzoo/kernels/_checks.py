@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 
+from attnzoo._values import to_real
 from attnzoo.errors import InvalidInputError
 
 
@@ -55,13 +53,13 @@ def repeated_entries(t: torch.Tensor) -> torch.Tensor:
 
 
 def real_scalar(op: str, name: str, value: object) -> float:
-    """A finite real number (a Python or numpy number, or a one-element real tensor) as a float; anything else
-    (None, a string, a bool, NaN, inf) is an :class:`InvalidInputError` naming ``name``."""
+    """A finite real number (:func:`attnzoo._values.to_real`'s rule, or a one-element real tensor) as a float;
+    anything else (None, a string, a bool, NaN, inf) is an :class:`InvalidInputError` naming ``op`` and ``name``."""
+    number = value
     if isinstance(value, torch.Tensor):
-        ok = value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
-    else:
-        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    number = float(value) if ok else math.nan  # type: ignore[arg-type]
-    if not math.isfinite(number):
+        real = value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
+        number = value.item() if real else None
+    checked = to_real(number)
+    if checked is None:
         raise InvalidInputError(f"{op}: {name} must be a finite real number, got {value!r}")
-    return number
+    return checked

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnzoo._placement import resolve_device, resolve_dtype
-from attnzoo._values import whole_number
+from attnzoo._values import is_integer, real_number, whole_number
 from attnzoo.errors import InvalidInputError, UnknownNameError, WeightsError
 from attnzoo.registry import register_model
 
@@ -257,7 +257,7 @@ class _RestartDraws:
             raise InvalidInputError(f"rng must be one of {RNG_MODES}, got {mode!r}")
         self.mode, self.device, self.dtype = mode, device, dtype
         if mode == "official":
-            if seed is not None and not _is_int(seed):
+            if seed is not None and not is_integer(seed):
                 raise InvalidInputError(
                     "rng='official' draws from one stream: seed must be an int (or None for torch's global RNG)"
                 )
@@ -265,11 +265,11 @@ class _RestartDraws:
             return
         if seed is None:
             seeds = [int(s) for s in torch.randint(0, 2**62, (batch,))]
-        elif _is_int(seed):
+        elif is_integer(seed):
             seeds = [int(seed)] * batch
         else:
             seeds = list(seed) if isinstance(seed, (list, tuple, np.ndarray, torch.Tensor)) else []
-            if len(seeds) != batch or not all(_is_int(s) for s in seeds):
+            if len(seeds) != batch or not all(is_integer(s) for s in seeds):
                 raise InvalidInputError(f"seed must be an int or a list of {batch} ints (one per sample), got {seed!r}")
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
 
@@ -280,14 +280,6 @@ class _RestartDraws:
         indices = not_improved.nonzero().flatten().tolist()
         draws = [torch.rand((1, 2, 1, 1), generator=self.generators[i], dtype=self.dtype) for i in indices]
         return torch.cat(draws).to(self.device)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 #: Generous bounds on the search's counts (the paper: 10 fixations of 20 steps): every step is a CLIP forward and
@@ -306,20 +298,13 @@ def check_search_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
         if name in settings:
             checked[name] = whole_number(settings[name], name, high=high, why=why, error=InvalidInputError)
     if "lr" in settings:
-        lr = settings["lr"]
-        if not _is_real(lr) or not math.isfinite(lr) or lr <= 0:
-            raise InvalidInputError(
-                f"lr (the sign-gradient step, in units of the [-1, 1] crop) must be a positive finite number, got {lr!r}"
-            )
-        checked["lr"] = float(lr)
+        why = "the sign-gradient step, in units of the [-1, 1] crop"
+        checked["lr"] = real_number(settings["lr"], "lr", above=0, why=why, error=InvalidInputError)
     if "forgetting" in settings:
-        forgetting = settings["forgetting"]
-        if not _is_real(forgetting) or not 0 <= forgetting <= 1:  # NaN fails the comparison too
-            raise InvalidInputError(
-                f"forgetting (the share of earlier fixations' memory kept at each step; 0 in the paper) must be in "
-                f"[0, 1], got {forgetting!r}"
-            )
-        checked["forgetting"] = float(forgetting)
+        why = "the share of earlier fixations' memory kept at each step; 0 in the paper"
+        checked["forgetting"] = real_number(
+            settings["forgetting"], "forgetting", low=0, high=1, why=why, error=InvalidInputError
+        )
     if "random_restarts" in settings:
         restarts = settings["random_restarts"]
         if not isinstance(restarts, (bool, np.bool_)):

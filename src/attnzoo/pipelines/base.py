@@ -22,7 +22,7 @@ from PIL import Image
 # resolve_device / resolve_dtype live in the leaf attnzoo._placement (create_model and NevaClip use them too);
 # they stay importable from here
 from attnzoo._placement import parameter_dtype, resolve_device, resolve_dtype
-from attnzoo._values import whole_number
+from attnzoo._values import check_worker_count, whole_number
 from attnzoo.errors import InvalidInputError, InvalidOptionError
 
 
@@ -306,8 +306,9 @@ def _take(outputs: dict[str, Any], j: int) -> dict[str, Any]:
 
 
 def check_batching(batch_size: Any, num_workers: Any) -> tuple[int, int]:
-    """``batch_size`` (>= 1) and ``num_workers`` (>= 0) as ints, or a typed error naming the bad one."""
-    return _positive_int("batch_size", batch_size), _non_negative_int("num_workers", num_workers)
+    """``batch_size`` (>= 1) and ``num_workers`` (>= 0, below the system's process limit) as ints, or a typed
+    error naming the bad one."""
+    return _positive_int("batch_size", batch_size), check_worker_count(_non_negative_int("num_workers", num_workers))
 
 
 def generator_seed(value: Any, name: str = "seed", *, spare: int = 0) -> int:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from attnzoo._values import whole_number
+from attnzoo._values import real_number, whole_number
 from attnzoo.errors import InvalidInputError, InvalidOptionError
 from attnzoo.pipelines.base import Pipeline, generator_seed, list_collate, weights_note
 
@@ -169,12 +169,6 @@ _LIMITS = {
 def _count(name: str, value: Any) -> int:
     high, why = _LIMITS[name]
     return whole_number(value, name, high=high, why=why)
-
-
-def _finite(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(float(value)):
-        raise InvalidOptionError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
 
 
 def _step_window(value: Any) -> tuple[float, float]:
@@ -469,7 +463,7 @@ def check_settings(
         ("enforce", enforce),
     ):
         if value is not None:
-            given[name] = _finite(name, value)
+            given[name] = real_number(value, name)
     if seed is not None:
         given["seed"] = _seed(seed)
     if panel_size is not None:

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from attnzoo import __version__
 from attnzoo._io import atomic_path, atomic_write, remove_stale_temporaries_in
+from attnzoo._values import real_number, to_real, whole_number
 from attnzoo.datasets.wsi import (
     MAX_COORDINATE,
     USUAL_PATCHING,
@@ -54,7 +55,6 @@ from attnzoo.datasets.wsi import (
     PatchTransform,
     Slide,
     TissueMask,
-    _count,
     import_wsi_dependency,
     max_patch_side,
     open_slide,
@@ -449,22 +449,14 @@ def remove_stale_temporaries(path: Path) -> None:
     remove_stale_temporaries_in(path.parent, re.escape(path.name))
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-
-
 def check_scale(name: str, value: Any) -> float:
     """A resolution (magnification or µm/px, of the patches or the scan): a finite number > 0."""
-    if not (_is_number(value) and math.isfinite(value) and value > 0):
-        raise InvalidInputError(f"{name} must be a positive number, got {value!r}")
-    return float(value)
+    return real_number(value, name, above=0, error=InvalidInputError)
 
 
 def check_min_tissue(value: Any) -> float:
     """The fraction of a patch's area that must be tissue."""
-    if not (_is_number(value) and 0 <= value <= 1):  # NaN fails the comparison
-        raise InvalidInputError(f"min_tissue is a fraction of a patch's area, in [0, 1]; got {value!r}")
-    return float(value)
+    return real_number(value, "min_tissue", low=0, high=1, why="a fraction of a patch's area", error=InvalidInputError)
 
 
 def check_patch_side(name: str, value: Any) -> int:
@@ -472,7 +464,7 @@ def check_patch_side(name: str, value: Any) -> int:
     in one piece of at most ``ATTNZOO_MAX_SLIDE_PIXELS``); else an :class:`~attnzoo.errors.InvalidOptionError`."""
     most = max_patch_side()
     why = f"pixels; a patch is read in one piece of at most {most}x{most}, ATTNZOO_MAX_SLIDE_PIXELS; {USUAL_PATCHING}"
-    return _count(value, name, maximum=most, why=why, error=InvalidOptionError)
+    return whole_number(value, name, high=most, integral_floats=True, why=why)
 
 
 def check_stride(stride: Any, patch_size: int) -> int:
@@ -482,19 +474,19 @@ def check_stride(stride: Any, patch_size: int) -> int:
         f"pixels, at least patch_size {patch_size} / {MAX_OVERLAP}: a finer step puts every pixel in more than "
         f"{MAX_OVERLAP**2} patches, to be read and encoded each time; {USUAL_PATCHING}"
     )
-    return _count(stride, "stride", minimum=low, maximum=MAX_COORDINATE, why=why, error=InvalidOptionError)
+    return whole_number(stride, "stride", low=low, high=MAX_COORDINATE, integral_floats=True, why=why)
 
 
 def check_input_size(input_size: Any, patch_size: int | None) -> int:
     """The side patches are resized to for the encoder: at most :data:`MAX_UPSCALE` times the patch (when
     the patch size is not known yet, a positive integer; the bound applies once it is)."""
     if patch_size is None:
-        return _count(input_size, "input_size", why="pixels", error=InvalidOptionError)
+        return whole_number(input_size, "input_size", high=MAX_COORDINATE, integral_floats=True, why="pixels")
     why = (
         f"pixels, at most {MAX_UPSCALE}x patch_size {patch_size}: a larger input blows each patch pixel up into a "
         f"block and adds no detail, only memory and time; {USUAL_PATCHING}"
     )
-    return _count(input_size, "input_size", maximum=MAX_UPSCALE * patch_size, why=why, error=InvalidOptionError)
+    return whole_number(input_size, "input_size", high=MAX_UPSCALE * patch_size, integral_floats=True, why=why)
 
 
 def check_batch(batch_size: Any, num_workers: Any, input_size: int) -> tuple[int, int]:
@@ -555,11 +547,9 @@ def check_segment_kwargs(segment_kwargs: Mapping[str, Any] | None) -> dict[str, 
         else:
             integer = _is_integer(default)
             kind = f"{'an integer' if integer else 'a number'} in [{low:g}, {high:g}]"
-            number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-                value, (bool, np.bool_)
-            )
+            number = to_real(value)
             ok = (value is None and default is None) or (
-                number and math.isfinite(value) and low <= value <= high and (not integer or int(value) == value)
+                number is not None and low <= number <= high and (not integer or number.is_integer())
             )
         if not ok:
             raise InvalidInputError(f"segment_kwargs[{key!r}] must be {kind}, got {value!r}")

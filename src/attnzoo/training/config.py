@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -12,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from attnzoo._values import whole_number
+from attnzoo._values import to_real, whole_number
 from attnzoo.errors import InvalidOptionError, UnknownNameError
 
 #: The seeds torch's generators take: the ``seed`` setting's range, and each of WSI training's ``seeds``.
@@ -116,21 +115,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _finite_float(value: Any) -> float | None:
-    """``value`` as a finite float, or None (an int beyond the float range, like ``lr=1`` + 400 zeros, too)."""
-    if not _is_number(value):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _is_whole(value: Any) -> bool:
     """An int, or an integral float (``epochs=1e2``); ints are taken as they are, however large (no float on the way)."""
     return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
@@ -147,7 +131,7 @@ def _conform(key: str, value: Any, annotation: str) -> Any:
         return value
     if kind == "int" and _is_whole(value):
         return int(value)
-    if kind == "float" and (number := _finite_float(value)) is not None:
+    if kind == "float" and (number := to_real(value)) is not None:
         return number
     if kind == "str" and isinstance(value, str):
         return value
@@ -172,7 +156,7 @@ def _coerce(key: str, value: str, current: Any) -> Any:
             parsed = float(parsed)
         except ValueError:
             return parsed
-    if isinstance(current, float) and (number := _finite_float(parsed)) is not None:
+    if isinstance(current, float) and (number := to_real(parsed)) is not None:
         return number
     return parsed  # anything else is judged by the setting's own check
 

@@ -29,8 +29,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 from attnzoo._distributed import DistributedContext, distributed_context
-from attnzoo._io import atomic_write, remove_stale_temporaries_in, write_text
+from attnzoo._io import atomic_write, check_out_outside, remove_stale_temporaries_in, write_text
 from attnzoo._placement import resolve_device
+from attnzoo._values import check_worker_count
 from attnzoo.errors import AttnzooError, DatasetFormatError, InvalidInputError, InvalidOptionError, WeightsError
 from attnzoo.training.config import TrainConfig, check_best_metric
 
@@ -206,25 +207,6 @@ def typed_batches(dataset: Dataset, *, collate_fn: Callable | None = None, **loa
         yield batch
 
 
-def _process_limit() -> int | None:
-    """How many processes this user may have at once (``ulimit -u``, the kernel's ``pid_max``), where the system
-    says; None where it does not."""
-    limits = []
-    try:
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_NPROC)[0]
-        if soft != resource.RLIM_INFINITY:
-            limits.append(int(soft))
-    except (ImportError, AttributeError, OSError, ValueError):
-        pass
-    try:
-        limits.append(int(Path("/proc/sys/kernel/pid_max").read_text()))
-    except (OSError, ValueError):
-        pass
-    return min(limits) if limits else None
-
-
 # -- checkpoints ---------------------------------------------------------------------------------
 
 
@@ -281,12 +263,9 @@ def check_run_folder(
         raise InvalidOptionError(
             f"--resume and --overwrite exclude each other: one continues the run in {out}, the other discards it"
         )
-    where, root = out.resolve(), None if data is None else Path(data).resolve()
-    if root is not None and (where == root or root in where.parents):
-        raise InvalidOptionError(
-            f"--out {out} is inside the training data {data}: a later run would read the run's files as data; "
-            "choose a folder outside it"
-        )
+    read = [] if data is None else [data]
+    check_out_outside(out, read, what="training data", why="a later run would read the run's files as data")
+    where = out.resolve()
     for item in inputs:
         path = Path(item).resolve()
         if path.parent == where and _is_run_file(path.name, outputs):
@@ -384,12 +363,7 @@ class Trainer:
             collate_fn,
             run_info or {},
         )
-        limit = _process_limit()
-        if limit is not None and config.num_workers >= limit:  # DataLoader would fork them all before the first step
-            raise InvalidOptionError(
-                f"num_workers={config.num_workers} is more worker processes than this system lets one user run "
-                f"({limit}); use a few per CPU core ({os.cpu_count()} here)"
-            )
+        check_worker_count(config.num_workers)
         self.steps_per_epoch = n // config.batch_size
         self.total_steps = self._step_count("epochs", config.epochs)
         seed_everything(config.seed)
