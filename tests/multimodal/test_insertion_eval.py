@@ -39,8 +39,9 @@ def write_layout(root, pairs=None):
     picture(30, 40, 9).save(root / "backgrounds" / "room.png")
     via = {"regions": [{"shape_attributes": {"name": "ellipse", "cx": 20, "cy": 15, "rx": 9, "ry": 7}}]}
     (root / "backgrounds" / "room.json").write_text(json.dumps(via))
-    (root / "prompts_and_classes.txt").write_text(
-        "Classes\nsubject_name,class\ndog6,dog\nred_cartoon,cartoon\n\nPrompts\n"
+    (root / "dataset" / "prompts_and_classes.txt").write_text(  # where google/dreambooth has it, in its format
+        "Classes\n\nsubject_name,class\ndog6,dog\nred_cartoon,cartoon\n\nPrompts\n\nObject Prompts\n\n"
+        "prompt_list = [\n'a {0} {1} in the jungle'.format(unique_token, class_token),\n]\n"
     )
     manifest = {
         "backgrounds": [
@@ -61,7 +62,17 @@ def test_layout_reader(tmp_path):
     dog = data.pairs[0]
     assert dog.subject_image.name == "00.jpg" and dog.subject_mask.name == "dog.png"  # the first image by name
     assert dog.prompt == "a dog in a room" and dog.subject_word == "dog" and dog.mask.name == "room.json"
-    assert read_dreambooth_classes(root / "prompts_and_classes.txt") == {"dog6": "dog", "red_cartoon": "cartoon"}
+    assert (
+        data.pairs[1].subject_word == "cartoon" and data.pairs[1].prompt == "a cartoon in a room"
+    )  # not "red cartoon"
+    classes = {"dog6": "dog", "red_cartoon": "cartoon"}
+    assert read_dreambooth_classes(root / "dataset" / "prompts_and_classes.txt") == classes
+
+
+def test_a_class_file_beside_dataset_is_read_too(tmp_path):
+    root = write_layout(tmp_path)
+    (root / "dataset" / "prompts_and_classes.txt").rename(root / "prompts_and_classes.txt")
+    assert read_dreambench_insertion(root).pairs[1].subject_word == "cartoon"
 
 
 def test_layout_errors_name_the_problem(tmp_path):

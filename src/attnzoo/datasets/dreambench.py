@@ -5,7 +5,7 @@ Layout (the published ``dataset/`` folder, plus the manifest)::
 
     root/
       dataset/<subject>/00.jpg ...     one folder per subject (30 in DreamBench)
-      prompts_and_classes.txt          optional: DreamBooth's file, "subject,class" lines (the class word)
+      dataset/prompts_and_classes.txt  DreamBooth's file, "subject,class" lines (the class word); optional
       insertion.json                   the manifest (another file with --manifest)
 
 The manifest (paths relative to ``root``)::
@@ -76,6 +76,19 @@ def read_dreambooth_classes(path: Path) -> dict[str, str]:
             name, word = text.split(",", 1)
             classes[name.strip()] = word.strip()
     return classes
+
+
+#: Where DreamBooth's class file is looked for: where google/dreambooth publishes it, then beside ``dataset/``.
+CLASSES_FILES = ("dataset/prompts_and_classes.txt", "prompts_and_classes.txt")
+
+
+def _dreambooth_classes(root: Path) -> dict[str, str]:
+    """The class words of DreamBooth's file; without it, subjects are named after their folders, which for half of
+    DreamBench is not the class word (``bear_plushie`` is a "stuffed animal", ``rc_car`` a "toy")."""
+    for name in CLASSES_FILES:
+        if (root / name).is_file():
+            return read_dreambooth_classes(root / name)
+    return {}
 
 
 def _class_from_folder(name: str) -> str:
@@ -165,8 +178,7 @@ def _subjects(root: Path, overrides: Any, manifest_path: Path) -> dict[str, dict
     if not isinstance(overrides, dict):
         raise DatasetFormatError(f"{manifest_path}: 'subjects' must map subject names to {{image, mask, class}}")
     folder = root / "dataset"
-    classes_file = root / "prompts_and_classes.txt"
-    classes = read_dreambooth_classes(classes_file) if classes_file.is_file() else {}
+    classes = _dreambooth_classes(root)
     names = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
     names += [n for n in overrides if n not in names]
     if not names:
