@@ -216,6 +216,28 @@ def test_evaluator_splits_and_labels_csv(tmp_path):
         WSIClassificationEvaluator(folder, str(split))
 
 
+def test_evaluator_scores_the_probabilities_the_model_gave_not_rounded_ones():
+    """A confident model's softmax rounds to exactly 0 or 1 at 6 decimals: the tied slides would be scored as
+    half-ordered by AUC, where the raw softmax (what the official code scores) orders them."""
+    from types import SimpleNamespace
+
+    from attnzoo.evaluation.runner import EvalSample
+    from attnzoo.evaluation.wsi import WSIClassificationEvaluator
+    from attnzoo.metrics.mil import mil_metrics
+
+    logits = torch.tensor([[0.0, 15.5], [0.0, 14.9], [0.0, -15.2], [0.0, -16.0], [0.0, -14.8], [0.0, 1.6e-6]])
+    probabilities, targets = torch.softmax(logits.double(), -1).numpy(), [1, 0, 1, 0, 0, 1]
+    evaluator = WSIClassificationEvaluator.__new__(WSIClassificationEvaluator)
+    records = [
+        evaluator.record(EvalSample(str(i), None, t), SimpleNamespace(probabilities=p))
+        for i, (p, t) in enumerate(zip(probabilities, targets, strict=True))
+    ]
+    expected = mil_metrics(probabilities, np.array(targets))
+    assert expected["auc"] != mil_metrics(np.round(probabilities, 6), np.array(targets))["auc"]  # the case bites
+    got = evaluator.metrics(records)
+    assert got["auc"] == round(expected["auc"], 4) and got["accuracy"] == round(expected["accuracy"], 4)
+
+
 # ------------------------------------------------------------------ settings, per call and at construction
 
 

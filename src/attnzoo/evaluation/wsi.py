@@ -85,7 +85,9 @@ class WSIClassificationEvaluator(TaskEvaluator):
         return out
 
     def record(self, sample: EvalSample, result: Any) -> dict[str, Any]:
-        return {"target": int(sample.target), "probabilities": [round(float(p), 6) for p in result.probabilities]}
+        # full precision: a confident model's probabilities round to exactly 0 or 1, and AUC would score
+        # the tied slides as half-ordered where the official code (raw softmax) orders them
+        return {"target": int(sample.target), "probabilities": [float(p) for p in result.probabilities]}
 
     def metrics(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         from attnzoo.metrics.mil import mil_metrics
