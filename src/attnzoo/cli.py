@@ -506,8 +506,7 @@ def _eval_task(
                 model_kwargs=plan.model_kwargs or None,
                 **kwargs,
             )
-        pipe = pipes[key]
-        evaluator.check_model(pipe.model)
+        pipe = pipes[key]  # evaluate() checks it against the evaluator before anything is written
         settings = {
             "model": plan.model,
             "weights": weights_identity(weights),

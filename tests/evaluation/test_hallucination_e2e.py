@@ -197,6 +197,32 @@ def test_a_comparison_checks_every_method_before_the_first_answers(pope, tmp_pat
     assert not any(path.read_text() for path in out.rglob("predictions.jsonl"))  # nothing answered
 
 
+def test_a_comparison_with_agla_resolves_its_blip_before_the_first_answers(pope, tmp_path, capsys):
+    """AGLA's BLIP loads on AGLA's first batch: a --blip-model that cannot load let "none" answer every question
+    first. It is refused before anything answers, on the command line and through attnzoo.evaluation.evaluate
+    (which checks the model against the evaluator as the command line does)."""
+    from attnzoo.errors import WeightsError
+    from attnzoo.evaluation import evaluate
+    from attnzoo.evaluation.hallucination import HallucinationEvaluator
+
+    missing = tmp_path / "no-blip"
+    out = tmp_path / "cli"
+    args = ["--benchmark", "pope", "--methods", "none,agla", "--blip-model", str(missing), "--data", str(pope)]
+    assert eval_cli(*args, "--out", str(out)) == 1
+    assert f"BLIP-ITM model {missing} (blip_model=, --blip-model): no such folder" in capsys.readouterr().err
+    assert not any(path.read_text() for path in out.rglob("predictions.jsonl"))  # nothing answered
+
+    plan = HallucinationEvaluator.plan(
+        pope, None, limit=None, model="llava_1_5_7b", weights="none", methods="none,agla", blip_model=str(missing)
+    )
+    name, evaluator, _ = plan.runs[0]
+    assert name == "none"
+    pipe = attnzoo.pipeline(TASK, weights="none", device="cpu", **{**plan.pipeline_kwargs, **evaluator.pipeline_kwargs})
+    with pytest.raises(WeightsError, match="--blip-model"):
+        evaluate(pipe, evaluator, tmp_path / "python" / "none", settings=plan.settings, progress=False)
+    assert not (tmp_path / "python").exists()
+
+
 @pytest.mark.parametrize("seed", [str(2**64), "-1"])
 def test_a_seed_the_run_command_refuses_is_refused_before_the_model_loads(pope, tmp_path, capsys, monkeypatch, seed):
     import attnzoo.tasks

@@ -7,8 +7,8 @@ from safetensors.torch import save_file
 import attnzoo
 from attnzoo.cli import main
 from attnzoo.datasets.imagenet import imagenet_synsets
-from attnzoo.errors import InvalidInputError
-from attnzoo.evaluation import evaluate
+from attnzoo.errors import DatasetFormatError, InvalidInputError
+from attnzoo.evaluation import EvalSample, TaskEvaluator, evaluate
 from attnzoo.tasks import get_evaluator
 
 WNIDS = imagenet_synsets()[0]
@@ -149,6 +149,53 @@ def test_resume_after_interruption(imagenet_tree, tmp_path):
     assert len(ids) == len(set(ids)) == 8
     for key in ("top1", "top5", "n", "skipped"):
         assert resumed[key] == full[key]
+
+
+def test_the_python_api_checks_the_model_as_the_command_line_does(imagenet_tree, tmp_path):
+    """evaluate() refuses a model the evaluator cannot score (here 10 classes on ImageNet's 1000) before
+    anything is written or answered, as ``attnzoo eval`` does; it used to report a meaningless accuracy."""
+    root, _ = imagenet_tree
+    model = attnzoo.create_model("test_resnet", weights="none", num_classes=10)
+    pipe = attnzoo.pipeline("image-classification", model=model, device="cpu")
+    with pytest.raises(DatasetFormatError, match="the model predicts 10"):
+        evaluate(pipe, get_evaluator("image-classification")(root), tmp_path / "o", settings={}, progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+class _Numbers(TaskEvaluator):
+    task = "numbers"
+
+    def samples(self):
+        return [EvalSample(str(i), i, i) for i in range(4)]
+
+    def record(self, sample, result):
+        return {"value": result}
+
+    def metrics(self, records):
+        return {}
+
+    def report(self, metrics):
+        return ""
+
+
+class _FailsInItsSecondBatch:
+    """Batches of two: the first holds an unreadable input (skipped) and an answer; the second fails."""
+
+    def iterate(self, inputs, **kwargs):
+        yield 0, InvalidInputError("unreadable")
+        yield 1, 10
+        raise RuntimeError("out of memory")
+
+
+def test_answers_made_before_a_failure_are_kept(tmp_path):
+    """A batch whose skipped input left fewer answers than the batch size kept them in memory only: a failure
+    in the next batch (or a kill) lost them, and the resumed run made them again."""
+    with pytest.raises(RuntimeError, match="out of memory"):
+        evaluate(_FailsInItsSecondBatch(), _Numbers(), tmp_path, settings={}, batch_size=2, progress=False)
+    assert [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()] == [
+        {"id": "1", "value": 10}
+    ]
+    assert [json.loads(line)["id"] for line in (tmp_path / "skipped.jsonl").read_text().splitlines()] == ["0"]
 
 
 def test_other_settings_in_same_out_dir_is_an_error(imagenet_tree, tmp_path):

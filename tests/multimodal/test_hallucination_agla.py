@@ -218,6 +218,58 @@ def test_agla_loads_blip_from_the_cache_only_when_the_hub_cannot_be_used(blip, t
         AGLA(blip_model=str(tmp_path / "empty")).blip()
 
 
+def test_agla_resolves_its_blip_before_any_prompt_without_loading_its_weights(blip, tmp_path, monkeypatch):
+    """check_model (what the pipeline and the evaluator call before anything answers) reads the BLIP's
+    config, finds its weights file and loads its processor, but leaves the weights to the first batch; a
+    source that cannot load is refused there, typed and naming --blip-model: a folder that is missing, holds
+    no weights or another model, and a Hub id whose config or weights are not cached (the Hub cannot be
+    reached in the tests) or cannot be fetched. No network is touched."""
+    import shutil
+
+    import huggingface_hub.constants
+    from transformers import BlipForImageTextRetrieval
+
+    model, processor = blip
+    lvlm, _ = tiny_model("llava")
+    saved = tmp_path / "blip"
+    model.save_pretrained(saved)
+    processor.save_pretrained(saved)
+    monkeypatch.setattr(socket.socket, "connect", _no_network)
+    monkeypatch.setattr(BlipForImageTextRetrieval, "from_pretrained", _no_weights_loaded)
+    agla = AGLA(blip_model=str(saved))
+    agla.check_model(lvlm)
+    assert agla.blip_model == str(saved) and agla.blip_processor is not None  # the weights wait for the first batch
+
+    cache = tmp_path / "hf_cache"  # a Hub id in Hugging Face's cache, laid out as huggingface_hub writes it
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    repo, commit = cache / "models--attnzoo-tests--tiny-blip", "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(saved, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    AGLA(blip_model="attnzoo-tests/tiny-blip").check_model(lvlm)
+    (repo / "snapshots" / commit / "model.safetensors").unlink()  # its config cached, its weights not
+    for name in ("attnzoo-tests/tiny-blip", "attnzoo-tests/no-such-blip"):
+        with pytest.raises(OfflineError, match=rf"BLIP-ITM model {name} \(blip_model=, --blip-model\).*no cached copy"):
+            AGLA(blip_model=name).check_model(lvlm)
+
+    (tmp_path / "config_only").mkdir()
+    shutil.copy(saved / "config.json", tmp_path / "config_only")
+    LlamaConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=1).save_pretrained(
+        tmp_path / "llama"
+    )
+    for folder, said in (
+        (tmp_path / "missing", "no such folder"),
+        (tmp_path / "config_only", "the folder holds no weights"),
+        (tmp_path / "llama", "its config.json is of a llama model, not BLIP"),
+    ):
+        with pytest.raises(WeightsError, match=rf"BLIP-ITM model {folder} \(blip_model=, --blip-model\): {said}"):
+            AGLA(blip_model=str(folder)).check_model(lvlm)
+
+
+def _no_weights_loaded(*args, **kwargs):
+    raise AssertionError("BLIP's weights were loaded")
+
+
 @given(
     seed=st.integers(0, 2**16),
     question=st.sampled_from(QUESTIONS + ["red cat on the left"]),

@@ -498,7 +498,8 @@ def test_the_command_line_skips_an_image_the_processor_refuses(photos, tmp_path,
     assert main([*long, "--max-new-tokens", "1", "--out", str(tmp_path / "long")]) == 0  # no file name of 300+ bytes
     agla = ["run", TASK, files[0], "--question", "dog?", "--weights", "none", "--method", "agla"]
     assert main([*agla, "--blip-model", str(tmp_path / "no-blip")]) == 1  # the option reaches AGLA's loader
-    assert f"AGLA's BLIP-ITM model {tmp_path / 'no-blip'} (blip_model=): no such folder" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert f"AGLA's BLIP-ITM model {tmp_path / 'no-blip'} (blip_model=, --blip-model): no such folder" in said
 
 
 def test_bad_inputs_are_named(ask, photos, tmp_path):
@@ -750,6 +751,80 @@ def test_max_new_tokens_must_fit_the_language_models_context(ask, photos, monkey
         with pytest.raises(InvalidOptionError, match=match):
             attnzoo.pipeline(TASK, model="llava_1_5_7b", weights=str(tmp_path / "tiny"), device="cpu", **setting)
     assert not loads
+
+
+class _Generated(Exception):
+    """``generate`` was reached (raised in its place: a long answer on the CPU is not the point)."""
+
+
+def _stop_at_generate(model, monkeypatch) -> list[dict]:
+    calls: list[dict] = []
+
+    def generate(*args, **kwargs):
+        calls.append(kwargs)
+        raise _Generated
+
+    monkeypatch.setattr(model, "generate", generate)
+    return calls
+
+
+def test_carve_final_prompt_is_checked_before_its_probes_where_its_length_is_known(ask, photos, monkeypatch):
+    """LLaVA-1.5 gives every image the same tokens, so CARVE's official final prompt [original, refined] is as
+    long as the prompt with the original twice: an answer that fits the question's prompt but not that one is
+    refused before the probes run (they used to run first), and one that just fits runs, on a final prompt of
+    exactly that length. The paper's final prompt (the refined image alone) is the question's length."""
+    from attnzoo.multimodal.hallucination import CARVE
+
+    settings = {"method": "carve", "layers": (2, 3), "probe_tokens": 2}
+    limit = ask.family.context_length()
+    one, two = (
+        len(ask.processor(images=[photos[0]] * n, text=[ask._prompt("dog?", "model", n)])["input_ids"][0])
+        for n in (1, 2)
+    )
+    probes = []
+    probe = CARVE._probe
+    monkeypatch.setattr(CARVE, "_probe", lambda self, *a, **k: probes.append(1) or probe(self, *a, **k))
+    calls = _stop_at_generate(ask.model, monkeypatch)
+    with pytest.raises(InvalidOptionError, match=f"max_new_tokens={limit - one} after a prompt of {two} tokens"):
+        ask(photos[0], question="dog?", max_new_tokens=limit - one, **settings)
+    assert not probes and not calls
+    with pytest.raises(_Generated):
+        ask(photos[0], question="dog?", max_new_tokens=limit - two, **settings)
+    assert len(probes) == 1 and calls[0]["input_ids"].shape[1] == two
+    with pytest.raises(_Generated):
+        ask(photos[0], question="dog?", max_new_tokens=limit - one, behaviour="paper", **settings)
+    assert len(probes) == 2 and calls[1]["input_ids"].shape[1] == one
+
+
+def test_prompts_a_pre_pass_lengthened_are_checked_before_any_contrast_branch(ask, photos, monkeypatch):
+    """Where the final prompts' length is known only once the pre-pass ran (CARVE on LLaVA-NeXT or Qwen2-VL:
+    the refined image's tokens follow the crop's size, and a bound would refuse runs that fit), an answer that
+    does not fit is refused as soon as it returns, before a contrast branch (VCD's noised images, AGLA's BLIP
+    GradCAM) is built on them."""
+    from attnzoo.multimodal.hallucination import VCD
+    from attnzoo.multimodal.hallucination.method import MitigationMethod
+
+    class Lengthens(MitigationMethod):
+        name = "lengthens"
+
+        def prepare(self, model, processor, batch):
+            longer = dataclasses.replace(batch, questions=[q + " and" * 40 for q in batch.questions])
+            return longer.with_images(batch.images)
+
+    monkeypatch.setattr(VCD, "processor", _branch_built)
+    calls = _stop_at_generate(ask.model, monkeypatch)
+    asked, longer = (
+        len(ask.processor(images=[photos[0]], text=[ask._prompt(question, "model")])["input_ids"][0])
+        for question in ("dog?", "dog?" + " and" * 40)
+    )
+    room = ask.family.context_length() - asked  # fits the question's prompt, not the lengthened one
+    with pytest.raises(InvalidOptionError, match=f"max_new_tokens={room} after a prompt of {longer} tokens"):
+        ask(photos[0], question="dog?", method=[Lengthens(), "vcd"], max_new_tokens=room)
+    assert not calls
+
+
+def _branch_built(*args, **kwargs):
+    raise AssertionError("VCD's contrast branch was built on prompts that do not fit")
 
 
 def test_beams_are_bounded_by_the_vocabulary_and_contrast_branches_take_none(ask, photos, monkeypatch):

@@ -152,13 +152,18 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate and return the metrics dict that is also written to ``out_dir/metrics.json``
     (under ``torchrun``: on process 0; the others return an empty dict). A resumed run keeps the
-    samples an earlier run skipped as skipped, unless ``retry_skipped`` (an input mended since)."""
+    samples an earlier run skipped as skipped, unless ``retry_skipped`` (an input mended since).
+    The pipeline's model is checked against the evaluator (:meth:`TaskEvaluator.check_model`) before
+    anything is written or answered; a pipeline without a ``model`` attribute is not checked."""
     from tqdm.auto import tqdm
 
     from attnzoo._distributed import distributed_context
     from attnzoo.pipelines.base import check_batching
 
     check_batching(batch_size, num_workers)  # before anything is written
+    model = getattr(pipe, "model", None)
+    if model is not None:
+        evaluator.check_model(model)
     ctx = distributed_context()
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -219,23 +224,25 @@ def evaluate(
     ):
         batch_lines: list[str] = []
         results = pipe.iterate([s.input for s in todo], batch_size=batch_size, num_workers=num_workers, on_error="skip")
-        for count, (i, result) in enumerate(results, start=1):
-            sample = todo[i]
-            if isinstance(result, Exception):
-                entry = {"id": sample.id, "input": _describe_input(sample), "reason": str(result)}
-                skipped.append(entry)
-                skip_fh.write(json.dumps(entry) + "\n")
-                skip_fh.flush()
-            else:
-                record = {"id": sample.id, **evaluator.record(sample, result)}
-                records.append(record)
-                batch_lines.append(json.dumps(record) + "\n")
-            if len(batch_lines) >= batch_size or count == len(todo):
-                pred_fh.writelines(batch_lines)
-                pred_fh.flush()
-                batch_lines.clear()
-            bar.update(1)
-        pred_fh.writelines(batch_lines)
+        try:
+            for count, (i, result) in enumerate(results, start=1):
+                sample = todo[i]
+                if isinstance(result, Exception):
+                    entry = {"id": sample.id, "input": _describe_input(sample), "reason": str(result)}
+                    skipped.append(entry)
+                    skip_fh.write(json.dumps(entry) + "\n")
+                    skip_fh.flush()
+                else:
+                    record = {"id": sample.id, **evaluator.record(sample, result)}
+                    records.append(record)
+                    batch_lines.append(json.dumps(record) + "\n")
+                if len(batch_lines) >= batch_size or count == len(todo):
+                    pred_fh.writelines(batch_lines)
+                    pred_fh.flush()
+                    batch_lines.clear()
+                bar.update(1)
+        finally:  # also when a later batch fails or the run is killed: the answers made so far are kept
+            pred_fh.writelines(batch_lines)
     elapsed = time.perf_counter() - started
     ctx.barrier()
     if not ctx.is_main:

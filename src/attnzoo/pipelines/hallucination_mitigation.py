@@ -641,9 +641,17 @@ class HallucinationMitigationPipeline(Pipeline):
         if decoding["num_beams"] > 1:  # said before any pre-pass (CARVE's probes) runs
             answered = max((method.images_per_answered_prompt for method in runs), default=1)
             _check_beam_images(self.model, self.family, [answered] * len(prompt_batch.questions))
+        for method in runs:  # prompts a pre-pass will lengthen, where their length is known before it runs
+            known = method.prepared_inputs(self.model, prompt_batch)
+            if known is not None:
+                self._check_room(known, decoding["max_new_tokens"])
         with _model_lock(self.model), _plain_generation_config(self.model):
             for method in runs:
                 prompt_batch = method.prepare(self.model, self.processor, prompt_batch)
+            # the prompts as they answer (CARVE's longer), refused before any branch or edit is built on them
+            if decoding["num_beams"] > 1:
+                _check_beam_images(self.model, self.family, [_count(im) for im in prompt_batch.images])
+            self._check_room(prompt_batch.inputs, decoding["max_new_tokens"])
             interventions = [i for m in runs for i in m.interventions()]
             with attached(self.model, *interventions):
                 paired, processors = _contrast(runs, self.model, self.processor, prompt_batch)
@@ -665,10 +673,7 @@ class HallucinationMitigationPipeline(Pipeline):
                     model_inputs = paired.inputs(final, self._pad_token_id() or 0)
                     final = paired.main_rows(model_inputs, final)
                     chain = LogitsProcessorList([paired.followed_by(*chain)])
-                if decoding["num_beams"] > 1:
-                    _check_beam_images(self.model, self.family, [_count(im) for im in prompt_batch.images])
-                self._check_room(final, decoding["max_new_tokens"])  # the prompts as they answer (CARVE's longer)
-                self._check_room(model_inputs, decoding["max_new_tokens"])
+                self._check_room(model_inputs, decoding["max_new_tokens"])  # as laid out: paired rows, a cached prefix
                 recorder = _AttentionRecorder(self.family, layers) if capture else None
                 with (
                     self._attention_weights() if capture else nullcontext(),

@@ -32,6 +32,7 @@ The GradCAM needs gradients: they are switched on inside the augmenter even unde
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
@@ -112,6 +113,7 @@ class AGLA(MitigationMethod):
     ``blip_model`` is a loaded ``BlipForImageTextRetrieval`` or a hub id (or a local folder) loaded on
     first use with ``from_pretrained`` (float32, on the LVLM's device; transformers' cache; offline, or
     with the Hub unreachable, the cache only, failing at once with an :class:`~attnzoo.errors.OfflineError`);
+    :meth:`check_model` resolves that source before any prompt is answered, without loading the weights.
     ``blip_processor`` its ``BlipProcessor`` (default: loaded from the same id or the model's
     ``name_or_path``). ``gradcam_layer`` is the BLIP text layer whose cross-attention the GradCAM reads.
     ``batched`` (default: True for the paper behaviour, False for the official one): the augmented
@@ -150,6 +152,17 @@ class AGLA(MitigationMethod):
         #: The augmented images of the last batch (what the contrast branch saw).
         self.last_augmented: list[Image.Image] = []
 
+    def check_model(self, model: nn.Module) -> None:
+        """The BLIP source resolved before any prompt is answered (a comparison "none,agla" would otherwise
+        answer every question without AGLA first): its config read and a weights file found where nothing
+        can be downloaded (:func:`check_blip_source`; the weights themselves load on first use), and the
+        processor, a few small files, loaded."""
+        super().check_model(model)
+        if isinstance(self.blip_model, str):
+            check_blip_source(self.blip_model)
+        if self.blip_processor is None:
+            self.blip_processor = _load_blip_processor(self._processor_source())
+
     def blip(self, device: torch.device | str | None = None) -> tuple[nn.Module, Any]:
         """(BLIP-ITM model, its processor), loading them on first use."""
         if isinstance(self.blip_model, str):
@@ -159,30 +172,34 @@ class AGLA(MitigationMethod):
 
             name = self.blip_model
             with torch.inference_mode(False):  # weights loaded as inference tensors could not take part in the GradCAM
-                with hub.pretrained_loading(
-                    f"AGLA's BLIP-ITM model {name} (blip_model=)", name, ways_out=_BLIP_WAYS_OUT
-                ) as cache_only:
+                with hub.pretrained_loading(_blip_what(name), name, ways_out=_BLIP_WAYS_OUT) as cache_only:
                     model, loading = BlipForImageTextRetrieval.from_pretrained(
                         name, dtype=torch.float32, local_files_only=cache_only, output_loading_info=True
                     )
                 head = sorted(key for key in loading.get("missing_keys", ()) if key.startswith("itm_head."))
                 if head:  # e.g. a captioning checkpoint: its ITM head would be random, and so AGLA's mask
                     raise WeightsError(
-                        f"AGLA's BLIP model {name} (blip_model=) is no image-text-matching checkpoint: it has no "
-                        f"{', '.join(head)}; use one such as {DEFAULTS['blip_model']}"
+                        f"AGLA's BLIP model {name} (blip_model=, --blip-model) is no image-text-matching checkpoint: "
+                        f"it has no {', '.join(head)}; use one such as {DEFAULTS['blip_model']}"
                     )
                 self.blip_model = model.eval().to(device) if device is not None else model.eval()
             if self.blip_processor is None:
                 self.blip_processor = _load_blip_processor(name)
         if self.blip_processor is None:
-            name = getattr(self.blip_model, "name_or_path", "") or ""
-            if not name:
-                raise InvalidOptionError(
-                    "AGLA was given a BLIP model without a processor and the model has no name_or_path to load one "
-                    "from: pass blip_processor=BlipProcessor(...)"
-                )
-            self.blip_processor = _load_blip_processor(name)
+            self.blip_processor = _load_blip_processor(self._processor_source())
         return cast(nn.Module, self.blip_model), self.blip_processor
+
+    def _processor_source(self) -> str:
+        """Where a processor not given loads from: the BLIP id or folder, or a loaded model's ``name_or_path``."""
+        if isinstance(self.blip_model, str):
+            return self.blip_model
+        name = getattr(self.blip_model, "name_or_path", "") or ""
+        if not name:
+            raise InvalidOptionError(
+                "AGLA was given a BLIP model without a processor and the model has no name_or_path to load one "
+                "from: pass blip_processor=BlipProcessor(...)"
+            )
+        return name
 
     def augment(
         self, images: Sequence[Image.Image], questions: Sequence[str], device: torch.device | str | None = None
@@ -242,6 +259,44 @@ _BLIP_WAYS_OUT = (
 )
 
 
+#: The files, one of which holds a transformers checkpoint's weights (what ``from_pretrained`` looks for).
+_WEIGHTS_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def _blip_what(name: str) -> str:
+    return f"AGLA's BLIP-ITM model {name} (blip_model=, --blip-model)"
+
+
+def check_blip_source(name: str) -> None:
+    """Raise what loading AGLA's BLIP from ``name`` (a Hub id or a folder) would raise, without loading its
+    weights (about 1.8 GB for the official BLIP-ITM-large): its ``config.json`` read as ``from_pretrained``
+    reads it (the folder; the cache only when offline or the Hub cannot be reached; else the Hub) and of a
+    BLIP model, and a weights file present where none can be downloaded (a folder, or the cache only)."""
+    from huggingface_hub import try_to_load_from_cache
+    from transformers import AutoConfig
+
+    from attnzoo.weights import hub
+
+    what = _blip_what(name)
+    with hub.pretrained_loading(what, name, ways_out=_BLIP_WAYS_OUT) as cache_only:
+        model_type = getattr(AutoConfig.from_pretrained(name, local_files_only=cache_only), "model_type", None)
+        if model_type != "blip":
+            raise WeightsError(
+                f"cannot load {what}: its config.json is of a {model_type} model, not BLIP; use a BLIP "
+                f"image-text-matching checkpoint such as {DEFAULTS['blip_model']}"
+            )
+        if os.path.isdir(name):
+            if not any(os.path.isfile(os.path.join(name, file)) for file in _WEIGHTS_FILES):
+                raise WeightsError(f"cannot load {what}: the folder holds no weights ({', '.join(_WEIGHTS_FILES)})")
+        elif cache_only and not any(isinstance(try_to_load_from_cache(name, file), str) for file in _WEIGHTS_FILES):
+            raise hub.unavailable_error(what, f"{hub.hf_endpoint()}/{name}", ways_out=_BLIP_WAYS_OUT)
+
+
 def _load_blip_processor(name: str):
     from transformers import BlipProcessor
 
@@ -253,4 +308,4 @@ def _load_blip_processor(name: str):
         return BlipProcessor.from_pretrained(name, local_files_only=cache_only)
 
 
-__all__ = ["AGLA", "AGLALogitsProcessor", "DEFAULTS"]
+__all__ = ["AGLA", "AGLALogitsProcessor", "DEFAULTS", "check_blip_source"]

@@ -177,6 +177,22 @@ class CARVE(MitigationMethod):
             return replace(final, cached=_cached_final(final.inputs, *prefix))
         return asked.with_images(refined)
 
+    def prepared_inputs(self, model: nn.Module, batch: PromptBatch) -> Mapping[str, Any] | None:
+        """The final prompts' length before the probes, where the refined image takes as many tokens as
+        any image (LLaVA-1.5): the prompts encoded with the original image in its place. None where its
+        count follows the crop's size (LLaVA-NeXT's tiles, Qwen2-VL's patches): a bound (the most tiles,
+        the processor's max_pixels) would refuse runs that fit, so those prompts are checked once built,
+        before anything else runs on them."""
+        if not family_of(model).fixed_image_tokens or not all(isinstance(im, Image.Image) for im in batch.images):
+            return None  # a list of images per prompt: prepare refuses it
+        if self.behaviour == "paper" and self.answer_suffix is None:
+            return batch.inputs  # the refined image in the original's place, the same questions
+        asked = replace(batch, questions=[self._ask(q) for q in batch.questions])
+        images: list[PromptImages] = (
+            [[image, image] for image in batch.images] if self.behaviour == "official" else batch.images
+        )
+        return asked.with_images(images).inputs
+
     def probe(
         self, model: nn.Module, family: Family, batch: PromptBatch
     ) -> list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]]:

@@ -125,6 +125,10 @@ class Family:
     #: given KV cache, with only the later images passed (positions from the attention mask, image
     #: features scattered into the uncached tokens): checked for LLaVA-1.5 and LLaVA-NeXT.
     continues_cached_prompts: ClassVar[bool] = False
+    #: Whether every image takes the same number of tokens whatever its size (LLaVA-1.5 resizes to its
+    #: tower's square; a Q-Former has its queries): a prompt's length is then known from its text and
+    #: its number of images, before the images are chosen.
+    fixed_image_tokens: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -338,6 +342,7 @@ class LlavaFamily(Family):
     name = "LLaVA-1.5"
     model_types = ("llava",)
     continues_cached_prompts = True
+    fixed_image_tokens = True
 
     def _vision_side(self) -> int:
         vision = self.config.vision_config
@@ -368,6 +373,7 @@ class LlavaFamily(Family):
 class LlavaNextFamily(LlavaFamily):
     name = "LLaVA-NeXT"
     model_types = ("llava_next",)
+    fixed_image_tokens = False  # anyres: the tiles and their unpadded rows follow the image's size
 
     def image_info_module(self):
         return self.model
@@ -527,6 +533,7 @@ class InstructBlipFamily(Family):
     name = "InstructBLIP"
     model_types = ("instructblip",)
     spatial = False
+    fixed_image_tokens = True
     vision_note = "a Q-Former: the language model sees resampled query tokens, not patches"
 
     def text_model(self):

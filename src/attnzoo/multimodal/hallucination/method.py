@@ -118,6 +118,12 @@ class MitigationMethod:
         """A pre-pass that may replace the prompts before ``generate`` (default: none)."""
         return batch
 
+    def prepared_inputs(self, model: nn.Module, batch: PromptBatch) -> Mapping[str, Any] | None:
+        """Model inputs as long as the prompts :meth:`prepare` will return, where that length is known before
+        the pre-pass runs (the pipeline refuses an answer that would not fit the context before it), or
+        None where it is not (default: a method without a pre-pass keeps the prompts, checked already)."""
+        return None
+
     def logits_processors(self, model: nn.Module, processor: Any, batch: PromptBatch) -> list[LogitsProcessor]:
         """Logits processors for ``generate`` on this batch (may be empty)."""
         return []
