@@ -152,3 +152,19 @@ def test_scanpath_readers_are_exported_lazily():
     assert datasets.CapMIT1003 is CapMIT1003 and datasets.AmazonCovers is AmazonCovers
     with pytest.raises(AttributeError):
         datasets.NotADataset  # noqa: B018
+
+
+def test_stimuli_with_exif_rotation_reach_the_model_in_the_frame_of_the_clicks(tmp_path):
+    """Clicks were recorded on the stored pixels: the evaluation's input decodes to those, not upright."""
+    from attnzoo.evaluation.scanpath import ScanpathEvaluator
+    from attnzoo.multimodal.nevaclip import preprocess_images
+    from tests.datasets.test_images import sideways_jpeg
+
+    write_capmit1003(tmp_path)
+    for seed, (name, size) in enumerate(CAPMIT_IMAGES.values()):
+        sideways_jpeg(tmp_path / "ALLSTIMULI" / name, size, seed)
+    records = CapMIT1003(tmp_path)
+    assert {r.stimulus: r.image_size for r in records} == dict(CAPMIT_IMAGES.values())  # as stored
+    samples = ScanpathEvaluator(tmp_path, "test", dataset="capmit1003").samples()
+    _, sizes = preprocess_images([s.input["image"] for s in samples], input_size=16)
+    assert sizes == [records[s.target[1]].image_size for s in samples]

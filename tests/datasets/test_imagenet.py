@@ -146,3 +146,38 @@ def test_a_link_loop_lists_each_image_once(tmp_path):
     (tmp_path / "dog").symlink_to(tmp_path / "cat", target_is_directory=True)  # a class that is a link still counts
     data = read_image_folder(tmp_path)
     assert [(p.relative_to(tmp_path).as_posix(), t) for p, t in data.samples] == [("cat/a.jpg", 0), ("dog/a.jpg", 1)]
+
+
+def test_imagenetv2_folders_are_numbered_by_class_index(tmp_path):
+    """ImageNetV2's folders 0/ .. 999/ name the class index: text order would put 10 before 2."""
+    for k in range(12):
+        jpeg(tmp_path / "val" / str(k) / "a.jpeg", k)
+    data = read_classification_folder(tmp_path, "val")
+    assert data.classes == [str(k) for k in range(12)]
+    assert [(path.parent.name, target) for path, target in data.samples] == [(str(k), k) for k in range(12)]
+    # numbers that are not exactly 0 .. N-1 are names like any other: sorted as text
+    (tmp_path / "val" / "0").rename(tmp_path / "val" / "12")
+    assert read_image_folder(tmp_path / "val").classes == sorted(str(k) for k in range(1, 13))
+    (tmp_path / "val" / "12").rename(tmp_path / "val" / "0")
+    jpeg(tmp_path / "val" / "cats" / "a.jpeg")
+    assert read_image_folder(tmp_path / "val").classes == sorted([*map(str, range(12)), "cats"])
+
+
+def test_evaluation_decodes_dataset_images_as_stored(tmp_path):
+    """timm/torchvision evaluate ImageNet without EXIF rotation: so does the classification evaluation."""
+    import torch
+
+    from attnzoo.evaluation.classification import ClassificationEvaluator
+    from attnzoo.pipelines.image_classification import ImagePreprocessor
+    from tests.datasets.test_images import sideways_jpeg
+
+    sideways_jpeg(tmp_path / "synsets" / PICK[0] / "a.JPEG", (40, 30))
+    sideways_jpeg(tmp_path / "flat" / "ILSVRC2012_val_00000001.JPEG", (40, 30))
+    (tmp_path / "flat" / "LOC_val_solution.csv").write_text(
+        f"ImageId,PredictionString\nILSVRC2012_val_00000001,{PICK[1]} 1\n"
+    )
+    sideways_jpeg(tmp_path / "folder" / "cats" / "a.jpg", (40, 30))
+    size_of = ImagePreprocessor(lambda image: torch.tensor(image.size))  # the pipeline's decoding
+    for name in ("synsets", "flat", "folder"):
+        (sample,) = ClassificationEvaluator(tmp_path / name).samples()
+        assert size_of(sample.input)["pixel_values"].tolist() == [40, 30], name

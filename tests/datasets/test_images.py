@@ -1,4 +1,5 @@
 import io
+import pickle
 
 import numpy as np
 import pytest
@@ -66,6 +67,31 @@ def test_exif_rotation_is_applied(photo, tmp_path):
     assert out.size == (photo.height, photo.width)
     expected = np.asarray(photo.transpose(Image.Transpose.ROTATE_270)).astype(int)
     assert np.abs(np.asarray(out).astype(int) - expected).mean() < 6
+
+
+def sideways_jpeg(path, size, seed=0):
+    """A JPEG of ``size`` (width, height) pixels as stored, whose EXIF says: turn 90 degrees to display."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+    return path
+
+
+def test_dataset_images_are_decoded_as_stored(tmp_path):
+    """A user's photo is turned upright; a dataset's image keeps the stored frame its annotations use."""
+    path = sideways_jpeg(tmp_path / "r.jpg", (40, 30))
+    marked = images.dataset_image_path(path)
+    assert load_image(path).size == load_image(str(path)).size == (30, 40)
+    assert load_image(marked).size == images.open_image_file(marked).size == (40, 30)
+    with Image.open(path) as stored:
+        assert np.array_equal(np.asarray(load_image(marked)), np.asarray(stored.convert("RGB")))
+    # still a Path: equal to the plain one, and the mark survives derived paths and pickling (workers)
+    assert marked == path and hash(marked) == hash(path) and marked.name == "r.jpg"
+    assert isinstance(marked.parent / "r.jpg", images.DatasetImagePath)
+    assert isinstance(pickle.loads(pickle.dumps(marked)), images.DatasetImagePath)
+    assert images.dataset_image_path(marked) is marked
 
 
 def test_one_pixel_image(tmp_path):

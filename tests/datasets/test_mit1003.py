@@ -284,3 +284,99 @@ def test_detection_looks_where_the_reader_looks(tmp_path):
         detect_scanpath_dataset(tmp_path)
     assert detect_scanpath_dataset(tmp_path / "deep" / "er") == "mit1003"
     assert MIT1003(tmp_path / "deep" / "er").source == "pysaliency"
+
+
+# ---- pysaliency's three caches: never one read in place of another -------------------------------
+ONE_IMAGE = {"i1.jpeg": (400, 300)}
+ONE_SCAN = [
+    {"n": 0, "subject": 0, "xs": [200.0, 10.0], "ys": [150.0, 20.0], "ts": [1 / 240, 0.3], "durations": [0.2, 0.1]}
+]
+
+
+@pytest.mark.parametrize(
+    ("found", "asked", "needed"),
+    [("MIT1003_initial_fix", False, True), ("MIT1003", True, False)],
+)
+def test_a_cache_of_the_other_setting_is_refused(tmp_path, found, asked, needed):
+    write_mit1003_pysaliency(tmp_path / found, ONE_IMAGE, ONE_SCAN)
+    for root in (tmp_path, tmp_path / found):  # the folder holding the cache, or the cache folder itself
+        for source in ("auto", "pysaliency"):
+            with pytest.raises(DatasetFormatError) as err:
+                MIT1003(root, source=source, initial_fixation=asked)
+            message = str(err.value)
+            assert f"{found}/" in message and f"initial_fixation={asked}" in message
+            assert f"Pass initial_fixation={needed} to read {found}/" in message
+        ds = MIT1003(root, initial_fixation=needed)  # the matching setting reads it as stored
+        assert ds[0].meta["initial_fixation"] is needed and ds[0].meta["cache"] == found
+        np.testing.assert_array_equal(ds[0].xy, [[200, 150], [10, 20]])
+    # with the raw release beside it, auto reads the raw release; an explicit source is obeyed
+    write_mit1003_raw(tmp_path, ONE_IMAGE, {("i1.jpeg", "CNG"): step_trace(200, {80: (10, 20)}, (200, 150))})
+    assert MIT1003(tmp_path, initial_fixation=asked).source == "raw"
+    with pytest.raises(DatasetFormatError, match=f"Pass initial_fixation={needed}"):
+        MIT1003(tmp_path, source="pysaliency", initial_fixation=asked)
+
+
+def consistent_cache_scanpath(trace, width, height, n, subject):
+    """What pysaliency's get_mit1003_with_initial_fixation(replace_initial_invalid_fixations=True) stores:
+    the fixations on the image, behind a central one at ts 0 where the recorded first one is off the image."""
+    fix = check_fixations(trace)
+    xs, ys = fix["medianXY"][:, 0], fix["medianXY"][:, 1]
+    ts, durations = fix["start"] / 240, fix["duration"] / 1000
+    valid = (xs > 0) & (xs < width) & (ys > 0) & (ys < height)
+    scan = {"xs": xs[valid], "ys": ys[valid], "ts": ts[valid], "durations": durations[valid]}
+    if not valid[0]:
+        stand_in = {"xs": width / 2, "ys": height / 2, "ts": 0.0, "durations": durations[0]}
+        scan = {key: np.r_[stand_in[key], values] for key, values in scan.items()}
+    return {"n": n, "subject": subject, **scan}
+
+
+@pytest.mark.parametrize("initial_fixation", [False, True])
+def test_the_consistent_cache_is_converted_exactly_to_either_setting(tmp_path, initial_fixation):
+    traces = {
+        ("i1.jpeg", "CNG"): step_trace(200, {80: (300, 60), 150: (200, 100)}, (-5, 50)),  # first fixation off
+        ("i1.jpeg", "ajs"): step_trace(200, {80: (300, 60), 150: (-20, 70)}, (100, 50)),
+    }
+    write_mit1003_raw(tmp_path, ONE_IMAGE, traces)
+    scans = [consistent_cache_scanpath(trace, 400, 300, 0, i) for i, trace in enumerate(traces.values())]
+    write_mit1003_pysaliency(tmp_path / "MIT1003_initial_fix_consistent", ONE_IMAGE, scans)
+    raw = MIT1003(tmp_path, source="raw", initial_fixation=initial_fixation)
+    cached = MIT1003(tmp_path, source="pysaliency", initial_fixation=initial_fixation)
+    assert MIT1003(tmp_path, initial_fixation=initial_fixation).source == "pysaliency"
+    for r, c in zip(raw, cached, strict=True):
+        assert (r.stimulus, r.subject) == (c.stimulus, c.subject)
+        np.testing.assert_allclose(c.xy, r.xy)
+        np.testing.assert_allclose(c.times, r.times)
+        np.testing.assert_allclose(c.durations, r.durations)
+        assert c.meta["initial_fixation"] is initial_fixation
+        assert c.meta["cache"] == "MIT1003_initial_fix_consistent"
+    assert len(cached[1]) == (2 if initial_fixation else 1)
+
+
+def test_a_consistent_cache_that_cannot_be_converted_is_refused(tmp_path):
+    folder = tmp_path / "MIT1003_initial_fix_consistent"
+    write_mit1003_pysaliency(folder, ONE_IMAGE, [{**ONE_SCAN[0], "xs": [], "ys": [], "ts": [], "durations": []}])
+    with pytest.raises(DatasetFormatError, match="scanpath 0 is empty"):
+        MIT1003(tmp_path)
+    write_mit1003_pysaliency(folder, ONE_IMAGE, ONE_SCAN)
+    import h5py
+
+    with h5py.File(folder / "fixations.hdf5", "a") as f:
+        del f["scanpaths/fixation_attributes/ts"]
+    with pytest.raises(DatasetFormatError, match="stores no fixation times"):
+        MIT1003(tmp_path, initial_fixation=True)
+    assert len(MIT1003(tmp_path)[0]) == 1  # dropping the first fixation needs no times
+
+
+def test_stimuli_with_exif_rotation_reach_the_model_in_the_frame_of_the_fixations(tmp_path):
+    """MATLAB's imread does not rotate: sizes, fixations and the evaluation's input use the stored pixels."""
+    from attnzoo.datasets.images import load_image
+    from attnzoo.evaluation.scanpath import ScanpathEvaluator
+    from tests.datasets.test_images import sideways_jpeg
+
+    write_mit1003_raw(tmp_path, ONE_IMAGE, {("i1.jpeg", "CNG"): step_trace(200, {80: (350, 60)}, (200, 150))})
+    sideways_jpeg(tmp_path / "ALLSTIMULI" / "i1.jpeg", ONE_IMAGE["i1.jpeg"])
+    record = MIT1003(tmp_path)[0]
+    assert record.image_size == (400, 300)
+    np.testing.assert_array_equal(record.xy, [[350, 60]])  # x = 350 lies on the stored 400 px width
+    (sample,) = ScanpathEvaluator(tmp_path, "test", dataset="mit1003").samples()
+    assert load_image(sample.input["image"]).size == record.image_size

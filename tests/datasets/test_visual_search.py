@@ -67,6 +67,22 @@ def test_oat_layout_with_masks(tmp_path):
     assert a.xy is not b.xy and a.objects is not b.objects and a.boxes is not b.boxes
 
 
+def test_displays_with_exif_rotation_reach_the_model_as_stored(tmp_path):
+    """Fixations and boxes are on the stored pixels: the OAT evaluation decodes the display in that frame."""
+    from attnzoo.datasets.images import DatasetImagePath, load_image
+    from attnzoo.evaluation.scanpath import ScanpathEvaluator
+    from tests.datasets.test_images import sideways_jpeg
+
+    written = write_amazon(tmp_path, layout="oat")
+    for seed, name in enumerate(written["entries"]):
+        sideways_jpeg(written["folder"] / "images" / name, AMAZON_SIZE, seed)
+    trials = AmazonCovers(tmp_path)
+    assert all(isinstance(t.target_image_path, DatasetImagePath) for t in trials)
+    evaluator = ScanpathEvaluator(tmp_path, "all", dataset="amazon", model_kind="oat")
+    for sample in evaluator.samples():
+        assert load_image(sample.input["image"]).size == evaluator.trials[sample.target].image_size == AMAZON_SIZE
+
+
 def test_sti_layout_uses_the_grid(tmp_path):
     write_amazon(tmp_path, layout="sti")
     ds = AmazonCovers(tmp_path)

@@ -208,6 +208,23 @@ def test_sampled_inputs_carry_per_sample_seeds(tmp_path):
     assert "seed" not in greedy[0].input
 
 
+def test_benchmark_images_are_decoded_as_stored(tmp_path):
+    """As the official scripts read them (PIL's open, no EXIF rotation): a sideways-tagged COCO picture stays as
+    stored, where a user's own picture is turned upright."""
+    from PIL import Image
+
+    from attnzoo.datasets.images import load_image
+
+    root = write_pope_tree(tmp_path / "data")
+    samples = make_plan(root, benchmark="pope").runs[0][1].samples()
+    path = samples[0].input["image"]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to view
+    Image.new("RGB", (40, 20)).save(path, format="JPEG", exif=exif)
+    assert load_image(samples[0].input["image"]).size == (40, 20)
+    assert load_image(str(path)).size == (20, 40)
+
+
 def test_resumed_run_with_other_settings_is_refused(tmp_path):
     root = write_pope_tree(tmp_path / "data")
     run_plan(make_plan(root, benchmark="pope"), root, tmp_path / "out")

@@ -1,4 +1,14 @@
-"""Generic ImageFolder (``root/<class>/<image>``), classes in sorted order as torchvision does."""
+"""Generic ImageFolder (``root/<class>/<image>``), classes in sorted order as torchvision does --
+except folders named by class index.
+
+When every class folder's name is a whole number and together they are exactly ``0 .. N-1`` (the
+ImageNetV2 layout: ``0/`` .. ``999/``, folder ``k`` holding ImageNet class ``k``), the folder's number
+is its class index. Sorting those names as text would put ``10`` before ``2`` and score nearly every
+prediction wrong without an error. Any other set of names keeps the sorted-name order.
+
+Sample paths are :class:`~attnzoo.datasets.images.DatasetImagePath` s: a pipeline decodes them as
+stored, without EXIF rotation, as timm/torchvision evaluate (published accuracies are on stored pixels).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from attnzoo.datasets.images import IMAGE_EXTENSIONS
+from attnzoo.datasets.images import IMAGE_EXTENSIONS, dataset_image_path
 from attnzoo.errors import DatasetFormatError
 
 
@@ -19,6 +29,9 @@ class ClassificationSamples:
     layout: str
     root: Path
     class_ids: list[str] = field(default_factory=list)  # e.g. WordNet ids, parallel to ``classes``
+
+    def __post_init__(self) -> None:
+        self.samples = [(dataset_image_path(path), target) for path, target in self.samples]  # decoded as stored
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -42,7 +55,7 @@ def is_image_file(path: Path) -> bool:
 def list_images(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursively, following links), in a stable order; a folder
     reached twice through links (a link to a parent makes a loop) is listed once."""
-    found = []
+    found: list[Path] = []
     seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         try:
@@ -67,10 +80,21 @@ def check_root(root: str | os.PathLike) -> Path:
     return root
 
 
+def class_order(names: list[str]) -> list[str]:
+    """Class folder names in class-index order: by number when they are exactly ``0 .. N-1``
+    (ImageNetV2's layout), else sorted as text (module docstring)."""
+    if names and all(name.isascii() and name.isdigit() for name in names):
+        numbered = sorted(names, key=int)
+        if [int(name) for name in numbered] == list(range(len(names))):
+            return numbered
+    return sorted(names)
+
+
 def read_image_folder(root: str | os.PathLike) -> ClassificationSamples:
-    """``root/<class_name>/**/<image>``; the class index is the position in sorted class names."""
+    """``root/<class_name>/**/<image>``; the class index is the position in sorted class names, or the
+    folder's number for folders ``0 .. N-1`` (module docstring)."""
     root = check_root(root)
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = class_order([d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")])
     if not classes:
         raise DatasetFormatError(f"{root} has no class subfolders; expected {root}/<class_name>/<image files>")
     samples = [(path, target) for target, name in enumerate(classes) for path in list_images(root / name)]

@@ -7,6 +7,10 @@
    ``.tar.gz``: ``data/ILSVRC2012_validation_ground_truth.txt`` plus ``data/meta.mat``).
    The devkit numbers classes by ``ILSVRC2012_ID``, which is *not* the sorted-synset order
    every model uses: we map through ``meta.mat``'s WNIDs.
+
+ImageNetV2's folders ``0/`` .. ``999/`` (named by class index) are read as a generic ImageFolder whose
+numbered classes keep their numbers (:mod:`attnzoo.datasets.image_folder`). Images are decoded as
+stored, without EXIF rotation, as timm/torchvision evaluate.
 """
 
 from __future__ import annotations
@@ -206,7 +210,8 @@ def _parse_meta_mat(data: bytes, path: Path) -> dict[int, str]:
 def read_classification_folder(
     root: str | os.PathLike, split: str = "val", *, labels: str | os.PathLike | None = None
 ) -> ClassificationSamples:
-    """ImageNet when the folder has an ImageNet layout, else a generic ImageFolder."""
+    """ImageNet when the folder has an ImageNet layout, else a generic ImageFolder: an ImageNetV2 folder
+    (``0/`` .. ``999/``) gets class index = folder number, not the text order that puts ``10`` before ``2``."""
     root = check_root(root)
     folder = split_folder(root, split)
     if _is_imagenet_folder(folder):

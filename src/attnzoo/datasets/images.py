@@ -4,6 +4,16 @@ Handles paths, http(s) URLs, PIL images, numpy arrays and tensors; EXIF rotation
 palette, CMYK, alpha (composited on white) and 16-bit images (scaled, not clipped); and guards
 against decompression bombs: an image whose header claims more than the pixel limit is refused
 before any pixel is decoded, whatever its format.
+
+EXIF orientation, one rule:
+
+* a user's image (a path, URL or PIL image given to a pipeline) is turned upright, as a photo
+  viewer shows it: a phone photo stored sideways is seen the right way up;
+* a dataset's image (a :class:`DatasetImagePath`, which every dataset reader hands out) is used
+  as stored. Published fixations, clicks and boxes were recorded on the stored pixels (MATLAB's
+  ``imread`` does not rotate), and timm/torchvision's ImageNet evaluation does not rotate either, so
+  published accuracies are on stored pixels. A reader's image size (its header's) and the image a
+  pipeline decodes from that path are therefore in the same frame.
 """
 
 from __future__ import annotations
@@ -11,10 +21,11 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PosixPath, WindowsPath
 from typing import IO, Any
 
 import numpy as np
@@ -122,6 +133,23 @@ def opened_image(
         raise error(f"{name}: truncated or corrupt {what} ({reason})") from None
 
 
+if sys.platform == "win32":
+    _NativePath = WindowsPath
+else:
+    _NativePath = PosixPath
+
+
+class DatasetImagePath(_NativePath):
+    """A dataset's image file: decoded as stored, EXIF orientation not applied, since the dataset's
+    annotations (and its image size) are in the stored pixels' frame. A plain ``Path`` otherwise:
+    equal to, and hashed as, the same ``Path``; ``/`` and ``.parent`` keep the type."""
+
+
+def dataset_image_path(path: str | os.PathLike) -> DatasetImagePath:
+    """``path`` marked as a dataset's image (see :class:`DatasetImagePath`)."""
+    return path if isinstance(path, DatasetImagePath) else DatasetImagePath(path)
+
+
 def open_image_file(
     path: str | os.PathLike | IO[bytes],
     *,
@@ -129,11 +157,13 @@ def open_image_file(
     keep_alpha: bool = False,
     name: str | None = None,
 ) -> Image.Image:
-    """Open and fully decode an image file as RGB (RGBA with ``keep_alpha`` when it has transparency) within the pixel budget."""
+    """Open and fully decode an image file as RGB (RGBA with ``keep_alpha`` when it has transparency) within the
+    pixel budget; upright by its EXIF orientation unless it is a :class:`DatasetImagePath`."""
     name = name or os.fspath(path)  # type: ignore[arg-type]
     with opened_image(path, name=name, max_pixels=max_pixels) as image:
         image.load()
-        image = ImageOps.exif_transpose(image)  # a damaged EXIF block fails here: still inside the guard
+        if not isinstance(path, DatasetImagePath):
+            image = ImageOps.exif_transpose(image)  # a damaged EXIF block fails here: still inside the guard
         return to_rgb(image, name=name, keep_alpha=keep_alpha)
 
 
@@ -260,7 +290,8 @@ def array_to_image(
 def load_image(source: Any, *, max_pixels: int | None = None, keep_alpha: bool = False) -> Image.Image:
     """An RGB image from a path, an http(s) URL, a PIL image, a numpy array (HxWxC) or a tensor
     (CxHxW); with ``keep_alpha`` an image with transparency comes back as RGBA (e.g. ShapeNet
-    renderings). Files and downloads larger than ``max_pixels`` are refused from their header."""
+    renderings). Files and downloads larger than ``max_pixels`` are refused from their header.
+    Upright by EXIF orientation, except a dataset's :class:`DatasetImagePath` (module docstring)."""
     if is_url(source):
         data = fetch_url(source)
         return open_image_file(io.BytesIO(data), max_pixels=max_pixels, keep_alpha=keep_alpha, name=source)

@@ -28,6 +28,21 @@ Both give what pysaliency gives (its ``_get_mit1003``), so records from the two 
 * the first fixation (the forced central one) dropped unless ``initial_fixation=True``. When the
   first *raw* fixation was itself invalid, pysaliency puts a central fixation in its place before
   dropping the first one, so nothing valid is lost: we do the same.
+
+pysaliency's three caches differ in that first fixation, and a cache of the other kind is never read
+in place of the asked one (a model scored against it would meet, or miss, the forced central fixation):
+
+* ``MIT1003/`` (``get_mit1003``) is ``initial_fixation=False``; the dropped fixation cannot be put back;
+* ``MIT1003_initial_fix/`` (``get_mit1003_with_initial_fixation()``) is ``initial_fixation=True``.
+  Dropping its first fixation is *not* ``get_mit1003``: where the recorded first fixation was off
+  the image, ``get_mit1003`` keeps the next one, and this cache does not say where that happened;
+* ``MIT1003_initial_fix_consistent/`` (``...(replace_initial_invalid_fixations=True)``) puts a central
+  fixation at ``ts = 0`` where the recorded first one was off the image, so both settings are exact:
+  ``initial_fixation=False`` drops each scanpath's first fixation (that is ``get_mit1003``), and
+  ``initial_fixation=True`` drops only those stand-ins (a recorded fixation starts at ``ts >= 1/240``).
+
+With only a cache of the other kind, :class:`MIT1003` raises a :class:`DatasetFormatError` naming it
+and the setting that reads it.
 """
 
 from __future__ import annotations
@@ -458,14 +473,31 @@ def _real(values: Any, path: Path, key: str) -> np.ndarray:
     return array.astype(np.float64)
 
 
+#: pysaliency's cache folders and the ``initial_fixation`` setting each was made with.
+_CACHE_SETTINGS = {"MIT1003": False, "MIT1003_initial_fix": True, "MIT1003_initial_fix_consistent": True}
+#: The pysaliency call that writes each cache folder.
+_CACHE_MAKERS = {
+    "MIT1003": "get_mit1003",
+    "MIT1003_initial_fix": "get_mit1003_with_initial_fixation",
+    "MIT1003_initial_fix_consistent": "get_mit1003_with_initial_fixation(replace_initial_invalid_fixations=True)",
+}
+_CONSISTENT = "MIT1003_initial_fix_consistent"
+
+
+def _has_cache(folder: Path) -> bool:
+    return (folder / "stimuli.hdf5").is_file() and (folder / "fixations.hdf5").is_file()
+
+
 class MIT1003(ScanpathCollection):
     """MIT1003 free-viewing scanpaths as :class:`ScanpathRecord` s, one per (image, subject).
 
     ``root`` holds ``ALLSTIMULI/`` + ``DATA/`` (raw), or the pysaliency cache files (directly, or its
-    ``MIT1003/`` / ``MIT1003_initial_fix/`` subfolders: the one matching ``initial_fixation`` is used).
-    A pysaliency cache was filtered when it was made: ``initial_fixation`` selects between the two
-    caches but cannot add a dropped first fixation back (``meta["initial_fixation"]`` says which the
-    record has, ``None`` when a bare cache does not tell).
+    ``MIT1003/`` / ``MIT1003_initial_fix/`` / ``MIT1003_initial_fix_consistent/`` subfolders). A cache was
+    filtered when it was made: only one made with ``initial_fixation``'s setting, or the consistent one
+    (converted exactly, module docstring), is read; a cache of the other kind alone is an error naming the
+    setting it needs. A cache in ``root`` itself is known by ``root``'s name when that is one of those
+    three. ``meta["initial_fixation"]`` says which the record has and ``meta["cache"]`` the cache read
+    (both ``None`` for a cache in a folder named otherwise, whose kind nothing tells).
     """
 
     def __init__(self, root: str | Path, source: str = "auto", initial_fixation: bool = False):
@@ -478,53 +510,96 @@ class MIT1003(ScanpathCollection):
         cache = self._find_cache()
         raw_ok = (self.root / "ALLSTIMULI").is_dir() and (self.root / "DATA").is_dir()
         if source == "auto":
-            source = (
-                "pysaliency"
-                if cache is not None and cache[1] in (None, initial_fixation)
-                else "raw"
-                if raw_ok
-                else "pysaliency"
-                if cache
-                else ""
-            )
+            source = "pysaliency" if cache is not None else "raw" if raw_ok else ""
             if not source:
+                self._refuse_other_cache()
                 raise DatasetFormatError(
                     f"{self.root}: no MIT1003 layout found; expected ALLSTIMULI/ + DATA/ (the raw release) or "
-                    "stimuli.hdf5 + fixations.hdf5 (pysaliency's cache, also under MIT1003/ or MIT1003_initial_fix/)"
+                    "stimuli.hdf5 + fixations.hdf5 (pysaliency's cache, also under "
+                    f"{', '.join(name + '/' for name in _CACHE_SETTINGS)})"
                 )
         self.source = source
         if source == "raw":
             records = self._read_raw()
         else:
             if cache is None:
+                self._refuse_other_cache()
                 raise DatasetFormatError(
-                    f"{self.root}: no stimuli.hdf5 + fixations.hdf5 (pysaliency cache) here or under MIT1003/, MIT1003_initial_fix/"
+                    f"{self.root}: no stimuli.hdf5 + fixations.hdf5 (pysaliency cache) here or under "
+                    f"{', '.join(name + '/' for name in _CACHE_SETTINGS)}"
                 )
             records = self._read_pysaliency(*cache)
         super().__init__(records)
 
     # ---- pysaliency ---------------------------------------------------------------------------
-    def _find_cache(self) -> tuple[Path, bool | None] | None:
-        preferred = ["MIT1003_initial_fix", "MIT1003_initial_fix_consistent", "MIT1003"]
-        if not self.initial_fixation:
-            preferred = [
-                "MIT1003",
-                "MIT1003_initial_fix",
-                "MIT1003_initial_fix_consistent",
-            ]
-        candidates: list[tuple[Path, bool | None]] = [(self.root, None)]
-        candidates += [(self.root / name, name != "MIT1003") for name in preferred]
-        for folder, initial in candidates:
-            if (folder / "stimuli.hdf5").is_file() and (folder / "fixations.hdf5").is_file():
-                return folder, initial
-        return None
+    def _caches(self) -> list[tuple[Path, str | None]]:
+        """The pysaliency caches here: in ``root`` itself (known by the folder's name when it is one of
+        pysaliency's, else of unknown kind) and in its subfolders."""
+        own = self.root.name if self.root.name in _CACHE_SETTINGS else None
+        caches = [(self.root, own)] if _has_cache(self.root) else []
+        return caches + [(self.root / name, name) for name in _CACHE_SETTINGS if _has_cache(self.root / name)]
 
-    def _read_pysaliency(self, folder: Path, initial: bool | None) -> list[ScanpathRecord]:
+    def _find_cache(self) -> tuple[Path, str | None] | None:
+        """The cache to read: the one in ``root`` if it may be read, else the folder made with
+        ``initial_fixation``'s setting, else the consistent one (converted on reading)."""
+        usable = [
+            (folder, name)
+            for folder, name in self._caches()
+            if name is None or name == _CONSISTENT or _CACHE_SETTINGS[name] == self.initial_fixation
+        ]
+        usable.sort(key=lambda cache: (cache[0] != self.root, cache[1] == _CONSISTENT))
+        return usable[0] if usable else None
+
+    def _refuse_other_cache(self) -> None:
+        """Only caches of the other setting are here: name one, and the setting that reads it."""
+        folder, found = next(((f, n) for f, n in self._caches() if n is not None), (None, None))
+        if found is None:
+            return
+        wanted = next(name for name, initial in _CACHE_SETTINGS.items() if initial == self.initial_fixation)
+        why = (
+            "the first fixation it dropped cannot be put back"
+            if self.initial_fixation
+            else "where the recorded first fixation was off the image, get_mit1003 keeps the next one, and "
+            f"{found}/ does not say where that happened"
+        )
+        raise DatasetFormatError(
+            f"{folder}: this pysaliency cache is {found}/ ({_CACHE_MAKERS[found]}, first fixations "
+            f"{'kept' if _CACHE_SETTINGS[found] else 'dropped'}), but initial_fixation={self.initial_fixation} "
+            f"needs {wanted}/ ({_CACHE_MAKERS[wanted]}) or {_CONSISTENT}/, and {found}/ cannot be converted exactly "
+            f"({why}). Pass initial_fixation={_CACHE_SETTINGS[found]} to read {found}/, or add the raw release "
+            f"(ALLSTIMULI/ + DATA/) or {wanted}/."
+        )
+
+    def _leading_to_drop(self, name: str | None, arrays: dict[str, Any], path: Path) -> np.ndarray:
+        """How many leading fixations of each scanpath to drop to turn cache ``name`` into the asked setting:
+        none, except from the consistent cache (module docstring)."""
+        lengths = arrays["lengths"]
+        if name != _CONSISTENT:
+            return np.zeros(len(lengths), dtype=np.int64)
+        if not self.initial_fixation:
+            empty = np.flatnonzero(lengths == 0)
+            if len(empty):
+                raise DatasetFormatError(
+                    f"{path}: scanpath {int(empty[0])} is empty, but every scanpath of {_CONSISTENT}/ starts with "
+                    "its initial (or stand-in central) fixation: this is not that cache"
+                )
+            return np.ones(len(lengths), dtype=np.int64)
+        if arrays["ts"] is None:
+            raise DatasetFormatError(
+                f"{path}: {_CONSISTENT}/ stores no fixation times, so its stand-in central fixations (ts = 0) "
+                "cannot be told from recorded ones; pass initial_fixation=False, or add MIT1003_initial_fix/ or the "
+                "raw release (ALLSTIMULI/ + DATA/)"
+            )
+        return ((lengths > 0) & (arrays["ts"][:, 0] == 0)).astype(np.int64)
+
+    def _read_pysaliency(self, folder: Path, name: str | None) -> list[ScanpathRecord]:
         stim_path, fix_path = folder / "stimuli.hdf5", folder / "fixations.hdf5"
         filenames, shapes = _read_file_stimuli(stim_path, folder)
         arrays = _read_scanpath_fixations(fix_path)
         xs, lengths, ns, subjects = arrays["xs"], arrays["lengths"], arrays["ns"], arrays["subjects"]
         names_sorted = self._subject_names(subjects)
+        drops = self._leading_to_drop(name, arrays, fix_path)
+        initial = None if name is None else self.initial_fixation
         records = []
         for i in range(len(lengths)):
             n, L = int(ns[i]), int(lengths[i])
@@ -534,6 +609,7 @@ class MIT1003(ScanpathCollection):
             if not 0 <= L <= xs.shape[1]:
                 raise DatasetFormatError(f"{where} claims {L} fixations, but {xs.shape[1]} are stored per scanpath")
             h, w = shapes[n][:2]
+            kept = slice(int(drops[i]), L)
             xy = checked_points(np.stack([xs[i, :L], arrays["ys"][i, :L]], axis=1), where, (w, h))
             ts, durs = arrays["ts"], arrays["durations"]
             records.append(
@@ -541,15 +617,16 @@ class MIT1003(ScanpathCollection):
                     stimulus=filenames[n].name,
                     image_path=filenames[n],
                     subject=names_sorted[int(subjects[i])],
-                    xy=xy,
-                    times=None if ts is None else checked_times(ts[i, :L], where, L),
+                    xy=xy[kept],
+                    times=None if ts is None else checked_times(ts[i, :L], where, L)[kept],
                     durations=None
                     if durs is None
-                    else checked_times(durs[i, :L], where, L, "durations", non_negative=True),
+                    else checked_times(durs[i, :L], where, L, "durations", non_negative=True)[kept],
                     image_size=(int(w), int(h)),
                     meta={
                         "source": "pysaliency",
                         "initial_fixation": initial,
+                        "cache": name,
                         "image_index": n,
                     },
                 )

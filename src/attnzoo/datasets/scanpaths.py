@@ -3,8 +3,10 @@ shelf visual-search sets), the scanpath metrics' callers and the scanpath evalua
 
 Conventions, the same in every reader:
 
-* coordinates are ``(x, y)`` in the pixels of the original stimulus image (x to the right,
-  y down, origin at the top-left pixel's corner as the published files give them);
+* coordinates are ``(x, y)`` in the pixels of the original stimulus image as stored (x to the right,
+  y down, origin at the top-left pixel's corner as the published files give them): EXIF orientation
+  is not applied, since the recordings were made on the stored pixels; a record's ``image_path`` is
+  a :class:`~attnzoo.datasets.images.DatasetImagePath`, so a pipeline decodes it in that same frame;
 * times and durations are in seconds;
 * object indices are 0-based, in the display's reading order (the published OAT files are
   1-based: readers convert);
@@ -25,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from attnzoo.datasets.images import opened_image
+from attnzoo.datasets.images import dataset_image_path, opened_image
 from attnzoo.errors import DatasetFormatError, InvalidInputError
 
 #: How far beyond each edge (as a fraction of the image's width / height) a gaze point may lie.
@@ -116,10 +118,16 @@ def checked_size(width: Any, height: Any, where: str) -> tuple[int, int]:
 
 
 def image_size(path: str | os.PathLike, what: str = "stimulus image") -> tuple[int, int]:
-    """``(width, height)`` of an image file from its header (nothing decoded); a damaged or
-    oversized file is a :class:`DatasetFormatError` naming it."""
+    """``(width, height)`` of an image file from its header (nothing decoded): the stored pixels' frame,
+    EXIF orientation not applied (module docstring); a damaged or oversized file is a
+    :class:`DatasetFormatError` naming it."""
     with opened_image(path, error=DatasetFormatError, what=what) as image:
         return image.size
+
+
+def _stored_frame(path: Any) -> Any:
+    """A record's image path marked to be decoded as stored, the frame of its points (None stays None)."""
+    return dataset_image_path(path) if isinstance(path, (str, os.PathLike)) else path
 
 
 @dataclass
@@ -142,6 +150,9 @@ class ScanpathRecord:
     """``(width, height)`` of the stimulus, when the dataset states it (else read the image)."""
     meta: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.image_path = _stored_frame(self.image_path)
+
     def __len__(self) -> int:
         return int(self.xy.shape[0])
 
@@ -161,6 +172,10 @@ class SearchTrial(ScanpathRecord):
     target_image_path: Path | None = None
     layout: str = ""
     """Layout id: the same id means the same display (split by it to avoid leakage)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.target_image_path = _stored_frame(self.target_image_path)
 
 
 class ScanpathCollection(Sequence):

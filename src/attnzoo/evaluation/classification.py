@@ -38,7 +38,8 @@ class ClassificationEvaluator(TaskEvaluator):
             what = (
                 "ImageNet-1k's 1000 classes"
                 if self.dataset.layout.startswith("imagenet")
-                else f"{needed} classes (class index = position in sorted folder names)"
+                else f"{needed} classes (class index = position in sorted folder names, or the folder's number "
+                "for folders 0 .. N-1)"
             )
             raise DatasetFormatError(
                 f"{self.dataset.root} has {what} but the model predicts {num_classes}; "

@@ -470,7 +470,10 @@ class HallucinationEvaluator(TaskEvaluator):
 
     # -- the runner's protocol -----------------------------------------------------------------------
     def _input(self, sample_id: str, image: Path, question: str) -> dict[str, Any]:
-        item: dict[str, Any] = {"image": str(image), "question": question}
+        from attnzoo.datasets.images import dataset_image_path
+
+        # decoded as stored, as the official evaluations (PIL's open, no EXIF rotation) did
+        item: dict[str, Any] = {"image": dataset_image_path(image), "question": question}
         if self.sampled:
             item["seed"] = sample_seed(self.seed, sample_id)
         return item
