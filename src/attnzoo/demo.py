@@ -272,14 +272,13 @@ def demo_scanpath(out: Path, model: str | None, log: Callable[[str], None], devi
     if not pretrained:  # a random RN50 gives meaningless (but runnable) scanpaths: keep the search short
         settings = {"fixations": 4, "iterations": 3}
         log("[scanpath] NevaClip with the random CLIP runs a short search (4 fixations x 3 iterations)")
-    weights_note = "pretrained CLIP RN50" if pretrained else "random CLIP"
     result = DemoResult("scanpath", name, pretrained)
     summary: dict[str, Any] = {}
     paths = pipe(list(images.values()), caption=[captions[k] for k in images], **settings)
     for (image_name, image), sp in zip(images.items(), paths):
         path = out / f"{image_name}_scanpath.png"
         with atomic_write(path, "wb") as fh:
-            sp.plot(image, title=f"NevaClip ({weights_note}): \u201c{sp.caption}\u201d").save(fh, format="PNG")
+            sp.plot(image, title=f"NevaClip: \u201c{sp.caption}\u201d").save(fh, format="PNG")  # random: a red note
         result.files.append(path)
         summary[image_name] = sp.to_dict()
         log(f"[scanpath] {image_name}: {len(sp)} fixations, first at ({sp.xy[0, 0]:.0f}, {sp.xy[0, 1]:.0f})")
@@ -288,9 +287,7 @@ def demo_scanpath(out: Path, model: str | None, log: Callable[[str], None], devi
     oat = attnzoo.pipeline("scanpath", model="oat_yogurt", weights="none", device=device, max_len=12)
     search = oat(shelf, boxes=boxes, target=13)
     with atomic_write(out / "shelf_search.png", "wb") as fh:
-        search.plot(shelf, title="OAT (random weights: no weights were released), target in green").save(
-            fh, format="PNG"
-        )
+        search.plot(shelf, title="OAT (no weights were released), target in green").save(fh, format="PNG")
     result.files.append(out / "shelf_search.png")
     summary["shelf"] = search.to_dict()
     log(

@@ -882,3 +882,12 @@ def test_blank_items_and_empty_strings_are_refused(ask, photos):
         attnzoo.pipeline(TASK, weights=" ", device="cpu")
     with pytest.raises(InvalidOptionError, match="blip_model.*must be a non-empty string"):
         ask(photos[0], question="dog?", method="agla", blip_model="")
+
+
+def test_a_small_image_is_magnified_block_by_block_in_the_picture():
+    from attnzoo.pipelines.hallucination_mitigation import MitigationResult
+
+    cells = (np.indices((16, 16)).sum(0) % 2 * 255).astype(np.uint8)
+    result = MitigationResult(question="q?", answer="a", prompt="p", image=Image.fromarray(cells).convert("RGB"))
+    panel = np.asarray(result.plot(size=128))[22 : 22 + 128, 8 : 8 + 128]
+    assert set(np.unique(panel)) == {0, 255}  # 16 px -> 128 px: each pixel an 8 px block, no grey blur

@@ -328,6 +328,26 @@ def test_oat_search_points_at_objects_and_keeps_the_callers_box_order(tmp_path):
     assert sp.plot().size[0] == 150
 
 
+def red_note_pixels(picture: Image.Image, image_height: int) -> int:
+    """Pixels of the red note in the band above the image."""
+    band = np.asarray(picture).astype(int)[: picture.height - image_height]
+    return int((np.abs(band - np.array([170, 20, 20])).sum(-1) < 90).sum())
+
+
+def test_random_weights_reach_the_record_and_the_picture(neva, tmp_path):
+    """OAT has no released weights: its scanpaths (and a random NevaClip's) say so, in to_dict and the picture."""
+    path, boxes = shelf(tmp_path)
+    oat = attnzoo.pipeline("scanpath", model=tiny_oat(), weights="none", max_len=5)
+    neva_random = attnzoo.pipeline("scanpath", model=neva, weights="none", **FAST)
+    for sp in (oat(path, boxes=boxes, target=4), neva_random(picture(0), caption="a pattern")):
+        assert sp.weights == "random" and json.loads(json.dumps(sp.to_dict()))["weights"] == "random"
+        assert red_note_pixels(sp.plot(), sp.image_size[1]) > 20
+        assert red_note_pixels(sp.plot(title="my own title"), sp.image_size[1]) > 20  # a title keeps the note
+    known = attnzoo.pipeline("scanpath", model=neva, **FAST)(picture(0), caption="a pattern")
+    assert known.weights is None and "weights" not in known.to_dict()
+    assert red_note_pixels(known.plot(), 64) == 0
+
+
 def test_shelf_variants_see_their_official_crops(tmp_path):
     from attnzoo.vision.oat_decoding import generate
     from attnzoo.vision.oat_inputs import display_crops

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import attnzoo
 from attnzoo.cli import main
@@ -118,7 +119,9 @@ def test_run_oat_on_a_shelf_picture_with_boxes_from_a_file(shelves, oat, tmp_pat
         assert main([*args, "--boxes", str(tmp_path / name), "--target", "4", "--max-len", "3"]) == 0
         result = json.loads((out / "results.json").read_text())["results"][str(picture)]
         assert result["objects"] == expected.objects.tolist() and result["target"] == 4 and len(result["xy"]) <= 3
-        assert (out / "Q3_1.png").is_file()
+        assert result["weights"] == "random (seed 0)"  # OAT has no released weights: the record says so
+        band = np.asarray(Image.open(out / "Q3_1.png").convert("RGB")).astype(int)[:22]  # the note's line on top
+        assert (np.abs(band - np.array([170, 20, 20])).sum(-1) < 90).sum() > 20  # and the picture, in red
     capsys.readouterr()
     (tmp_path / "bad.json").write_text("[[1, 2, 3, 4]")
     assert main([*args[:-2], "--boxes", str(tmp_path / "bad.json"), "--target", "4"]) == 1

@@ -477,3 +477,32 @@ def test_settings_no_model_takes_are_refused_before_a_named_model_loads(monkeypa
         attnzoo.pipeline("subject-insertion", panel_size="99999x8")
     assert main(["run", "subject-insertion", "t.png", "--subject", "s.png", "--steps", "1000000"]) == 2
     assert "steps must be an integer in [1, 1000]" in capsys.readouterr().err
+
+
+def test_the_picture_wraps_a_long_caption_and_keeps_the_random_weights_note():
+    from attnzoo.pipelines.subject_insertion import InsertionResult
+
+    target, mask = Image.new("RGB", (512, 512), "white"), np.zeros((512, 512), bool)
+    mask[300:400, 100:200] = True
+    result = InsertionResult(
+        image=target,
+        canvas=target,
+        canvas_input=target,
+        canvas_mask=mask.astype(np.uint8),
+        mask=mask,
+        subject=Image.new("RGB", (512, 512), "white"),
+        target=target,
+        prompt="a small brown teddy bear sitting on the wooden bench next to the flowers in the garden",
+        seed=0,
+        settings={"method": "in-context-brush", "behaviour": "corrected"},
+        weights="random (seed 0)",
+    )
+    picture = result.plot()
+    footer = np.asarray(picture).astype(int)[22 + 256 :]
+    assert not (footer[:, -4:].sum(-1) < 600).any()  # the caption is wrapped, not clipped at the right edge
+    assert (np.abs(footer - np.array([170, 20, 20])).sum(-1) < 90).sum() > 20  # the note, whole, in red
+    assert picture.height > 22 + 256 + 2 * 20
+    cells = (np.indices((32, 32)).sum(0) % 2 * 255).astype(np.uint8)
+    tiny = InsertionResult(**{**result.__dict__, "subject": Image.fromarray(cells).convert("RGB")})
+    subject = np.asarray(tiny.plot())[22 : 22 + 256, 8 : 8 + 256]
+    assert set(np.unique(subject)) == {0, 255}  # a 32 px subject magnified block by block, not blurred to grey

@@ -104,6 +104,29 @@ def test_heatmap_of_clam_features_uses_their_patch_size(wsi, tmp_path):
         assert wsi(tmp_path / name).patch_size_level0 == expected
 
 
+def test_patch_size_of_outside_feature_files_from_their_attributes_or_grid(wsi, tmp_path):
+    """TRIDENT puts patch_size_level0 on the coords dataset; a file without any size gets its grid's step,
+    also when its patches form a single column (one x, many y)."""
+    import h5py
+
+    column = np.array([[1024, y] for y in range(0, 2048, 256)], np.int64)
+    row = column[:, ::-1].copy()
+    for name, coords, attrs, expected in (
+        ("trident.h5", column, {"patch_size_level0": 512, "patch_size": 256, "patch_level": 0}, 512),
+        ("column.h5", column, {}, 256),
+        ("row.h5", row, {}, 256),
+    ):
+        with h5py.File(tmp_path / name, "w") as f:
+            f["features"] = np.random.default_rng(0).normal(size=(len(coords), 512)).astype(np.float32)
+            f["coords"] = coords
+            f["coords"].attrs.update(attrs)
+        prediction = wsi(tmp_path / name)
+        assert prediction.patch_size_level0 == expected
+        heatmap = np.asarray(prediction.heatmap(size=300)).astype(int)[:, : 300 - 124]  # left of the colour bar
+        coloured = (np.ptp(heatmap, axis=-1) > 40).sum()  # viridis squares, not the grey canvas or the text
+        assert coloured > len(coords) * 15**2  # squares the patches' size (about 20 px here), not 2 px dots
+
+
 def test_bad_input(wsi, tmp_path):
     with pytest.raises(InvalidInputError, match="empty bag"):
         wsi(FeatureBag("empty", torch.zeros(0, 512)))

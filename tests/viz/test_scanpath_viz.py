@@ -116,3 +116,69 @@ def test_a_shelf_search_revisiting_objects_labels_each_object_once(tmp_path):
     for obj in (5, 4):  # looked at once: numbered in place
         x, y = centres[obj].astype(int)
         assert white_text(out[y - 5 : y + 6, x - 5 : x + 6]) > 3
+
+
+def header_height(picture) -> int:
+    """Rows above the (grey) image: the white band of title, legend and note."""
+    grey_rows = np.flatnonzero((np.asarray(picture).astype(int)[:, :, 0] < 250).mean(1) > 0.9)
+    return int(grey_rows.min())
+
+
+def test_a_long_legend_wraps_inside_the_picture():
+    paths = [np.array([[20.0 + 30 * k, 50.0]]) for k in range(4)]
+    labels = ["model", "observer 1", "observer 2", "observer 3"]
+    out = viz.plot_scanpaths(
+        grey(200, 100), paths, labels=labels, title="an astronaut in a white suit holding a helmet"
+    )
+    assert out.width == 200
+    band = np.asarray(out).astype(int)[: header_height(out)]
+    assert band.shape[0] > 22 * 2  # the title and the legend need several lines
+    for k in range(4):  # every scanpath's dot is in the band, not past its right edge
+        assert (np.abs(band - np.array(SCANPATH_COLOURS[k])).sum(-1) < 30).sum() > 20
+    assert not (band[:, -3:] < 200).any()  # no text runs into the edge
+
+
+def test_a_note_is_drawn_in_red_above_the_picture():
+    out = viz.plot_scanpath(grey(), np.array([[50.0, 50.0]]), note="random weights: these fixations are meaningless")
+    band = np.asarray(out).astype(int)[: header_height(out)]
+    assert out.height > 100 and (np.abs(band - np.array([170, 20, 20])).sum(-1) < 90).sum() > 20
+    plain = viz.plot_scanpath(grey(), np.array([[50.0, 50.0]]))
+    assert plain.size == (200, 100)
+
+
+def test_arrays_and_tensors_are_read_as_images():
+    import torch
+
+    bright = viz.plot_scanpath(np.full((50, 80), 0.8), [[10.0, 10.0]])  # float grey in [0, 1]
+    assert bright.size == (80, 50) and np.asarray(bright)[45, 70].min() > 200  # 0.8 * 255 dimmed to white, not black
+    chw = viz.plot_scanpath(np.zeros((3, 40, 60), np.uint8), [[10.0, 10.0]])
+    assert chw.size == (60, 40)
+    assert viz.plot_scanpath(torch.zeros(3, 40, 60), [[10.0, 10.0]]).size == (60, 40)
+
+
+@pytest.mark.parametrize(
+    ("xy", "durations", "match"),
+    [
+        ([[np.nan, 3.0], [10.0, 10.0]], None, "finite"),
+        ([[1.0, 3.0], [np.inf, 10.0]], None, "finite"),
+        ([["a", "b"]], None, r"\[T, 2\]"),
+        ([[1.0, 3.0], [10.0, 10.0]], [np.nan, 0.2], "durations"),
+        ([[1.0, 3.0], [10.0, 10.0]], [-0.1, 0.2], "durations"),
+    ],
+)
+def test_fixations_and_durations_that_cannot_be_drawn_are_typed_errors(xy, durations, match):
+    with pytest.raises(InvalidInputError, match=match):
+        viz.plot_scanpath(grey(), xy, durations=durations)
+
+
+def test_a_thumbnail_gets_its_fixations_and_boxes_scaled():
+    from attnzoo.pipelines.scanpath import Scanpath
+
+    boxes = np.array([[300.0, 150.0, 500.0, 350.0]])
+    sp = Scanpath(np.array([[400.0, 250.0]]), (800, 400), boxes=boxes, target=0, objects=np.array([0]))
+    out = np.asarray(sp.plot(grey(200, 100))).astype(int)  # a quarter of the size
+    assert out.shape == (100, 200, 3)
+    assert np.abs(out[62 + 7, 100] - np.array(SCANPATH_COLOURS[0])).sum() < 120  # the fixation, at (100, 62.5)
+    assert out[50, 75][1] > out[50, 75][0] + 40  # the target's green edge at x = 300 / 4
+    with pytest.raises(InvalidInputError, match="800x400"):
+        sp.plot(grey(200, 200))  # not the image's shape

@@ -78,3 +78,27 @@ def test_without_thumbnail_the_canvas_spans_the_patches():
 def test_bad_input_is_a_typed_error(attention, coords, size):
     with pytest.raises(InvalidInputError):
         plot_attention_heatmap(attention, coords, 256, size=size)
+
+
+def test_a_thumbnail_without_the_slides_size_is_refused():
+    """Without dimensions= the thumbnail of the whole slide would be stretched over the patches' extent."""
+    thumbnail = Image.new("RGB", (100, 50), (230, 180, 210))
+    with pytest.raises(InvalidInputError, match=r"dimensions="):
+        plot_attention_heatmap(np.ones(2), np.array([[3000, 1000], [3500, 1000]]), 500, thumbnail=thumbnail)
+    picture = plot_attention_heatmap(
+        np.ones(2), np.array([[3000, 1000], [3500, 1000]]), 500, thumbnail=thumbnail, dimensions=(10000, 5000)
+    )
+    assert picture.width == 1024
+
+
+def test_a_long_title_and_note_are_wrapped_whole():
+    picture = plot_attention_heatmap(
+        np.ones(2),
+        np.array([[0, 0], [512, 0]]),
+        512,
+        size=300,
+        title="a_very_long_slide_name_without_any_space_in_it_at_all.svs: tumour (91.0%), 2 patches",
+        note="random weights: the class and the attention are meaningless",
+    )
+    ink = np.asarray(picture).astype(int).sum(-1) < 500
+    assert not ink[:, -3:].any()  # nothing runs off the right edge

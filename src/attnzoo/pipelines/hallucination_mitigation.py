@@ -158,7 +158,7 @@ class MitigationResult:
         """The image, then the answer's attention over each image it was answered on with the method, and
         over the original without it (when measured), on one colour scale, with the question and the
         answers below; each picture fits a ``size`` box."""
-        from attnzoo.viz.classification import load_font
+        from attnzoo.viz.drawing import load_font
 
         first = self.answered_on[0] if self.answered_on else "original"
         original = _first_given(self.baseline_view, self.view if first == "original" else None) or self.image
@@ -217,10 +217,12 @@ def _first_given(*pictures: Image.Image | None) -> Image.Image | None:
 
 
 def _fit(picture: Image.Image, size: int) -> Image.Image:
-    """``picture`` in RGB, scaled to fit a ``size`` box."""
+    """``picture`` in RGB, scaled to fit a ``size`` box (a small one magnified to show its pixels)."""
+    from attnzoo.viz.drawing import resize_picture
+
     fit = size / max(picture.width, picture.height)
-    return picture.convert("RGB").resize(
-        (max(1, round(picture.width * fit)), max(1, round(picture.height * fit))), Image.Resampling.BICUBIC
+    return resize_picture(
+        picture.convert("RGB"), (max(1, round(picture.width * fit)), max(1, round(picture.height * fit)))
     )
 
 

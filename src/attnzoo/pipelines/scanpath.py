@@ -33,7 +33,7 @@ from PIL import Image
 
 from attnzoo._values import whole_number
 from attnzoo.errors import InvalidInputError
-from attnzoo.pipelines.base import Pipeline, is_single_input, list_collate
+from attnzoo.pipelines.base import Pipeline, is_single_input, list_collate, weights_note
 
 __all__ = ["NevaClipScanpathPipeline", "OATScanpathPipeline", "Scanpath", "run_decoding"]
 
@@ -61,6 +61,8 @@ class Scanpath:
     """NevaClip: ``1 - cos`` between the foveated image and the target at each fixation."""
     image: Any = field(default=None, repr=False)
     """The input image (path or PIL image) for :meth:`plot`."""
+    weights: str | None = None
+    """What the model's weights were (``"random (seed 0)"``, a checkpoint; None when not known)."""
 
     def __len__(self) -> int:
         return int(self.xy.shape[0])
@@ -79,13 +81,17 @@ class Scanpath:
             out.update(objects=self.objects.tolist(), target=self.target, found_target=self.found_target)
         if self.durations is not None:
             out["durations"] = self.durations.tolist()
+        if self.weights is not None:
+            out["weights"] = self.weights
         return out
 
     def plot(
         self, image: Any = None, *, others: list[Any] | None = None, labels: list[str] | None = None, **kwargs: Any
     ) -> Image.Image:
         """Numbered fixations over the image; ``others`` (e.g. the observers' scanpaths, ``[T, 2]``
-        arrays or records with ``.xy``) are drawn in other colours."""
+        arrays or records with ``.xy``) are drawn in other colours. An ``image`` of another size than
+        :attr:`image_size` (a thumbnail) gets the fixations and boxes scaled to it; a red note says when
+        the weights were random."""
         from attnzoo.datasets.images import load_image
         from attnzoo.viz.scanpath import plot_scanpaths
 
@@ -95,9 +101,12 @@ class Scanpath:
             if source is not None
             else Image.new("RGB", (int(self.image_size[0]), int(self.image_size[1])), (235, 235, 235))
         )
-        paths = [self.xy] + [getattr(o, "xy", o) for o in (others or [])]
+        paths = [self.xy] + [getattr(o, "xy", o) for o in others or []]
         names = labels or (["model"] + [f"observer {i + 1}" for i in range(len(others))] if others else None)
         title = kwargs.pop("title", None) or (f"\u201c{self.caption}\u201d" if self.caption else None)
+        note = kwargs.pop("note", None)
+        if note is None and weights_note(self.weights):
+            note = "random weights: these fixations are meaningless"
         return plot_scanpaths(
             picture,
             paths,
@@ -106,6 +115,8 @@ class Scanpath:
             boxes=self.boxes,
             target=self.target,
             title=title,
+            note=note,
+            image_size=self.image_size,
             **kwargs,
         )
 
@@ -302,6 +313,7 @@ class NevaClipScanpathPipeline(Pipeline):
             relative=positions.numpy(),
             losses=outputs["losses"].numpy(),
             image=outputs["image"],
+            weights=self.weights_label,
         )
 
 
@@ -459,6 +471,7 @@ class OATScanpathPipeline(Pipeline):
                     boxes=boxes,
                     found_target=bool(trial.terminated),
                     image=outputs["image"],
+                    weights=self.weights_label,
                 )
             )
         return paths[0] if len(paths) == 1 and strategy == "greedy" else paths

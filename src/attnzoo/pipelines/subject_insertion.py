@@ -108,8 +108,9 @@ class InsertionResult:
         return written
 
     def plot(self, height: int = 256) -> Image.Image:
-        """Subject | target with the mask | result, side by side."""
-        from attnzoo.viz.classification import load_font
+        """Subject | target with the mask | result, side by side, over the prompt and settings (wrapped
+        to the width) and a red note when the weights were random."""
+        from attnzoo.viz.drawing import NOTE_COLOUR, load_font, resize_picture, wrap_text
 
         shaded = np.asarray(self.target, dtype=np.float32).copy()
         shaded[self.mask] = 0.5 * shaded[self.mask] + 0.5 * np.array([255.0, 40.0, 40.0])
@@ -126,24 +127,25 @@ class InsertionResult:
             ("target + mask", Image.fromarray(shaded.round().astype(np.uint8))),
             ("result", self.image),
         ]
-        scaled = [(t, p.resize((max(1, round(p.width * height / p.height)), height))) for t, p in panels]
+        scaled = [(t, resize_picture(p, (max(1, round(p.width * height / p.height)), height))) for t, p in panels]
         font = load_font(14)
         note = weights_note(self.weights)
-        header = 22
-        footer = 20
+        header, line = 22, 20
         width = sum(p.width for _, p in scaled) + 8 * (len(scaled) + 1)
-        sheet = Image.new("RGB", (width, height + header + footer + 8), (255, 255, 255))
+        caption = f"\u201c{self.prompt}\u201d  " if self.prompt else ""
+        caption += f"{self.settings.get('method')}, {self.settings.get('behaviour')}, seed {self.seed}"
+        lines = [(text, (60, 60, 60)) for text in wrap_text(caption, font, width - 16)]
+        if note:
+            lines += [(text, NOTE_COLOUR) for text in wrap_text(f"{note}: the result is meaningless", font, width - 16)]
+        sheet = Image.new("RGB", (width, height + header + line * len(lines) + 8), (255, 255, 255))
         draw = ImageDraw.Draw(sheet)
         x = 8
         for title, picture in scaled:
             sheet.paste(picture, (x, header))
             draw.text((x, 3), title, fill=(0, 0, 0), font=font)
             x += picture.width + 8
-        caption = f"\u201c{self.prompt}\u201d  " if self.prompt else ""
-        caption += f"{self.settings.get('method')}, {self.settings.get('behaviour')}, seed {self.seed}"
-        if note:
-            caption += f" ({note})"
-        draw.text((8, header + height + 4), caption, fill=(60, 60, 60), font=font)
+        for i, (text, colour) in enumerate(lines):
+            draw.text((8, header + height + 4 + line * i), text, fill=colour, font=font)
         return sheet
 
 

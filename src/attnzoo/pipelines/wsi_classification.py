@@ -107,7 +107,7 @@ class SlidePrediction:
         return plot_attention_heatmap(
             self.attention,
             self.coords,
-            self.patch_size_level0 or 1,
+            self.patch_size_level0 or grid_step(self.coords) or 1,  # features given bare: the grid's step
             thumbnail=thumbnail,
             dimensions=dims,
             size=size,
@@ -372,21 +372,22 @@ class WSIClassificationPipeline(Pipeline):
         import h5py
 
         with h5py.File(path, "r") as f:
-            slide, patch0 = f.attrs.get("slide_path"), f.attrs.get("patch_size_level0")
-            if patch0 is None and "coords" in f:  # CLAM/TRIDENT: the size read at patch_level, else the grid step
-                attrs, coords = f["coords"].attrs, np.asarray(f["coords"][()])
-                if int(attrs.get("patch_level", -1)) == 0 and attrs.get("patch_size") is not None:
-                    patch0 = attrs["patch_size"]
-                elif coords.ndim == 2 and len(coords) > 1:
-                    steps = np.diff(np.unique(coords[:, 0]))
-                    patch0 = int(steps.min()) if len(steps) else None
+            slide, patch0 = f.attrs.get("slide_path"), _side(f.attrs.get("patch_size_level0"))
+            if patch0 is None and "coords" in f:
+                # TRIDENT puts patch_size_level0 on the coords; CLAM the size read at patch_level; else the grid step
+                attrs = f["coords"].attrs
+                patch0 = _side(attrs.get("patch_size_level0"))
+                if patch0 is None and attrs.get("patch_level") is not None and int(attrs["patch_level"]) == 0:
+                    patch0 = _side(attrs.get("patch_size"))
+                if patch0 is None:
+                    patch0 = grid_step(np.asarray(f["coords"][()]))
         if isinstance(slide, bytes):
             slide = slide.decode(errors="replace")
         try:
             found = Path(slide) if isinstance(slide, str) and slide and Path(slide).is_file() else None
         except (OSError, ValueError):  # not a path this system can have (e.g. a NUL inside)
             found = None
-        return found, (None if patch0 is None else int(patch0))
+        return found, patch0
 
     def _forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         probabilities, attention = [], []
@@ -450,6 +451,25 @@ def _as_features(features: Any, what: str) -> torch.Tensor:
             "(or values beyond float32's range)"
         )
     return features
+
+
+def _side(value: Any) -> int | None:
+    """A patch side read from a file's attributes: a positive whole number of pixels, else None."""
+    try:
+        side = float(np.asarray(value).reshape(-1)[0]) if value is not None else None
+    except (TypeError, ValueError, IndexError):
+        return None
+    return round(side) if side is not None and np.isfinite(side) and side >= 1 else None
+
+
+def grid_step(coords: np.ndarray) -> int | None:
+    """The patch grid's step in level-0 pixels: the smallest gap between the distinct x, or y, positions
+    (a single column of patches has only y ones); None for a lone patch."""
+    coords = np.asarray(coords)
+    if coords.ndim != 2 or coords.shape[1:] != (2,) or coords.dtype.kind not in "iuf":
+        return None
+    gaps = np.concatenate([np.diff(np.unique(coords[:, axis].astype(np.float64))) for axis in (0, 1)])
+    return _side(gaps[np.isfinite(gaps)].min()) if np.isfinite(gaps).any() else None
 
 
 def _as_coords(coords: Any, n: int, what: str) -> np.ndarray | None:

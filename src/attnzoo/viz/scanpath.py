@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from attnzoo.errors import InvalidInputError
-from attnzoo.viz.classification import load_font
+from attnzoo.viz.drawing import NOTE_COLOUR, load_font, text_width, wrap_text
 
 __all__ = ["SCANPATH_COLOURS", "plot_scanpath", "plot_scanpaths"]
 
@@ -29,12 +29,62 @@ SCANPATH_COLOURS = [
 
 
 def _as_points(xy: Any) -> np.ndarray:
-    points = np.asarray(xy, dtype=np.float64)
+    try:
+        points = np.asarray(xy, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise InvalidInputError(f"a scanpath is a [T, 2] array of (x, y) pixels ({err})") from None
     if points.size == 0:
         return points.reshape(0, 2)
     if points.ndim != 2 or points.shape[1] != 2:
         raise InvalidInputError(f"a scanpath is a [T, 2] array of (x, y) pixels, got shape {points.shape}")
+    if not np.isfinite(points).all():
+        row = int(np.flatnonzero(~np.isfinite(points).all(axis=1))[0])
+        raise InvalidInputError(f"fixation {row + 1} {points[row].tolist()} is not a finite (x, y) pixel")
     return points
+
+
+def _as_durations(durations: Any, count: int, k: int) -> np.ndarray:
+    try:
+        seconds = np.asarray(durations, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as err:
+        raise InvalidInputError(f"scanpath {k}: durations must be numbers ({err})") from None
+    if len(seconds) != count:
+        raise InvalidInputError(f"scanpath {k}: {len(seconds)} durations for {count} fixations")
+    if not (np.isfinite(seconds).all() and (seconds >= 0).all()):
+        raise InvalidInputError(f"scanpath {k}: durations must be finite and not negative, got {seconds.tolist()}")
+    return seconds
+
+
+def _scale_to(image_size: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """(x, y) factors from the fixations' ``image_size`` to a picture of ``size``; another shape (beyond
+    the rounding of a thumbnail's sides) is not a copy of the image the fixations were made on."""
+    width, height = (float(v) for v in image_size)
+    if not (width > 0 and height > 0):
+        raise InvalidInputError(f"image_size must be a positive (width, height), got {tuple(image_size)}")
+    sx, sy = size[0] / width, size[1] / height
+    if abs(sx - sy) > 1 / width + 1 / height:
+        raise InvalidInputError(
+            f"the fixations are on a {width:.0f}x{height:.0f} image: plot them over that image or a copy of "
+            f"its shape, not a {size[0]}x{size[1]} one"
+        )
+    return np.array([sx, sy])
+
+
+def _as_picture(image: Any) -> Image.Image:
+    """A PIL image as given (in RGB); arrays (HxW, HxWxC or CxHxW, uint8 or floats in [0, 1]), tensors
+    and paths as :func:`attnzoo.datasets.images.load_image` reads them."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    from attnzoo.datasets.images import array_to_image, load_image
+
+    if (
+        isinstance(image, np.ndarray)
+        and image.ndim == 3
+        and image.shape[-1] not in (1, 3, 4)
+        and image.shape[0] in (1, 3, 4)
+    ):
+        return array_to_image(image, name="the image", channels_first=True)
+    return load_image(image)
 
 
 def _number_runs(numbers: Sequence[int]) -> str:
@@ -118,7 +168,7 @@ def _place_label(size: tuple[float, float], group: Box, picture: Box, labels: li
 
 
 def plot_scanpaths(
-    image: Image.Image | np.ndarray,
+    image: Any,
     scanpaths: Sequence[Any],
     *,
     labels: Sequence[str] | None = None,
@@ -126,21 +176,27 @@ def plot_scanpaths(
     boxes: np.ndarray | None = None,
     target: int | None = None,
     title: str | None = None,
+    note: str | None = None,
+    image_size: tuple[int, int] | None = None,
     max_side: int = 800,
     radius: float = 11.0,
 ) -> Image.Image:
     """Each scanpath (``[T, 2]`` (x, y) in the image's pixels) as numbered circles joined by
     lines, one colour per scanpath; circle area grows with the fixation duration when given.
+    ``image``: a PIL image, an array (HxW, HxWxC or CxHxW) or a tensor; ``image_size``: the ``(width,
+    height)`` the fixations and boxes are pixels of, when ``image`` is a copy at another size (a
+    thumbnail: they are scaled to it; another shape is refused). Above the picture, wrapped
+    to its width: the ``title``, the legend (``labels``) and ``note`` (e.g. "random weights") in red.
 
     Fixations that (nearly) coincide, a revisited object or the same spot in two scanpaths, would
     print their numbers over each other: they share one label beside them instead, a line per
     scanpath in its colour listing its fixation numbers (``2, 5-7``)."""
-    base = Image.fromarray(np.asarray(image)) if isinstance(image, np.ndarray) else image
-    base = base.convert("RGB")
-    scale = min(1.0, max_side / max(base.size))
-    if scale < 1.0:
+    base = _as_picture(image)
+    shrink = min(1.0, max_side / max(base.size))
+    scale = shrink * (np.ones(2) if image_size is None else _scale_to(image_size, base.size))  # per axis (x, y)
+    if shrink < 1.0:
         base = base.resize(
-            (max(1, round(base.width * scale)), max(1, round(base.height * scale))), Image.Resampling.BICUBIC
+            (max(1, round(base.width * shrink)), max(1, round(base.height * shrink))), Image.Resampling.BICUBIC
         )
     # Dim the photo a little so the marks read on any image.
     canvas = Image.blend(base, Image.new("RGB", base.size, (255, 255, 255)), 0.25).convert("RGBA")
@@ -148,7 +204,7 @@ def plot_scanpaths(
     draw = ImageDraw.Draw(overlay)
     font = load_font(max(10, round(radius * 1.1)))
     if boxes is not None:
-        for i, (x0, y0, x1, y1) in enumerate(np.asarray(boxes, dtype=np.float64) * scale):
+        for i, (x0, y0, x1, y1) in enumerate(np.asarray(boxes, dtype=np.float64) * np.tile(scale, 2)):
             is_target = target is not None and i == target
             draw.rectangle(
                 [x0, y0, x1, y1],
@@ -158,13 +214,7 @@ def plot_scanpaths(
     marks: list[tuple[int, int, float, float, float]] = []  # (scanpath, fixation, x, y, radius) in drawing order
     for k, path in enumerate(scanpaths):
         points = _as_points(path) * scale
-        dur = (
-            None
-            if durations is None or durations[k] is None
-            else np.asarray(durations[k], dtype=np.float64).reshape(-1)
-        )
-        if dur is not None and len(dur) != len(points):
-            raise InvalidInputError(f"scanpath {k}: {len(dur)} durations for {len(points)} fixations")
+        dur = None if durations is None or durations[k] is None else _as_durations(durations[k], len(points), k)
         radii = np.full(len(points), radius)
         if dur is not None and len(dur) and dur.max() > 0:
             radii = radius * (0.6 + 0.9 * np.sqrt(dur / dur.max()))
@@ -207,23 +257,48 @@ def plot_scanpaths(
             draw.text((x + 4, y + h / 2), text, fill=_text_colour(colour), font=font, anchor="lm")
             y += h
     out = Image.alpha_composite(canvas, overlay).convert("RGB")
-    names = list(labels) if labels else []
-    if title or names:
-        header = 22
-        framed = Image.new("RGB", (out.width, out.height + header), (255, 255, 255))
-        framed.paste(out, (0, header))
-        d = ImageDraw.Draw(framed)
-        x = 6
-        if title:
-            d.text((x, 4), title, fill=(0, 0, 0), font=load_font(14))
-            x += int(d.textlength(title, font=load_font(14))) + 16
-        for k, name in enumerate(names):
-            colour = SCANPATH_COLOURS[k % len(SCANPATH_COLOURS)]
-            d.ellipse([x, 6, x + 10, 16], fill=colour)
-            d.text((x + 14, 4), name, fill=(0, 0, 0), font=load_font(13))
-            x += 14 + int(d.textlength(name, font=load_font(13))) + 14
-        out = framed
-    return out
+    return _with_header(out, title, list(labels) if labels else [], note)
+
+
+_HEADER_LINE = 18  # px per line of the band above the picture
+
+
+def _with_header(picture: Image.Image, title: str | None, names: list[str], note: str | None) -> Image.Image:
+    """The picture under a band holding the title, the legend (one dot and name per scanpath, in a line
+    after the title while there is room) and the note in red, all wrapped to the picture's width."""
+    if not (title or names or note):
+        return picture
+    pad, room = 6, picture.width - 12
+    title_font, name_font = load_font(14), load_font(13)
+    texts: list[tuple[float, int, str, Any, tuple[int, int, int]]] = []  # (x, line, text, font, colour)
+    dots: list[tuple[float, int, tuple[int, int, int]]] = []  # (x, line, colour)
+    line, x = -1, float(pad)
+    for text in wrap_text(title, title_font, room):
+        line += 1
+        texts.append((pad, line, text, title_font, (0, 0, 0)))
+        x = pad + text_width(text, title_font) + 16
+    for k, name in enumerate(names):
+        colour = SCANPATH_COLOURS[k % len(SCANPATH_COLOURS)]
+        parts = wrap_text(name, name_font, room - 14) or [""]
+        if line < 0 or x + 14 + text_width(parts[0], name_font) > pad + room:
+            line, x = line + 1, float(pad)
+        dots.append((x, line, colour))
+        for j, part in enumerate(parts):
+            line, x = (line + 1, float(pad)) if j else (line, x)
+            texts.append((x + 14, line, part, name_font, (0, 0, 0)))
+        x += 14 + text_width(parts[-1], name_font) + 14
+    for text in wrap_text(note, name_font, room):
+        line += 1
+        texts.append((pad, line, text, name_font, NOTE_COLOUR))
+    header = 4 + _HEADER_LINE * (line + 1)
+    framed = Image.new("RGB", (picture.width, picture.height + header), (255, 255, 255))
+    framed.paste(picture, (0, header))
+    draw = ImageDraw.Draw(framed)
+    for x, at, text, font, colour in texts:
+        draw.text((x, 4 + _HEADER_LINE * at), text, fill=colour, font=font)
+    for x, at, colour in dots:
+        draw.ellipse([x, 6 + _HEADER_LINE * at, x + 10, 16 + _HEADER_LINE * at], fill=colour)
+    return framed
 
 
 def plot_scanpath(

@@ -8,8 +8,11 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from attnzoo.viz.drawing import load_font, resize_picture, wrap_text
+
 __all__ = ["plot_reconstruction", "render_voxels"]
 
+_TITLE_LINE = 14  # px per line of the title
 _COS, _SIN = math.cos(math.pi / 6), math.sin(math.pi / 6)
 # the three faces seen from (+x, +y, +z): (neighbour offset, corner offsets, shade)
 _FACES = (
@@ -39,7 +42,7 @@ def render_voxels(
     padded = np.pad(occ, 1)
     extent = max(X, Y, Z)
     scale = size / (extent * 2.1)
-    ox, oy = size / 2, size / 2 - (X + Z) * _SIN * scale / 2 + Y * scale / 2
+    ox = oy = size / 2  # project() takes the grid's centre to the origin: its image is centred on the picture
 
     def project(p: np.ndarray) -> np.ndarray:
         x, y, z = p[..., 0] - X / 2, p[..., 1] - Y / 2, p[..., 2] - Z / 2
@@ -64,19 +67,24 @@ def render_voxels(
 def plot_reconstruction(
     views: Sequence[Image.Image] | None, grid: np.ndarray, title: str = "", size: int = 320
 ) -> Image.Image:
-    """The input views (thumbnails, left) next to the reconstructed voxels (right)."""
+    """The input views (thumbnails, left) next to the reconstructed voxels (right), under the title
+    (wrapped to the picture's width)."""
     render = render_voxels(grid, size=size)
     views = list(views or [])[:8]
     thumb = size // 4 if views else 0
     cols = 2 if len(views) > 4 else 1
-    canvas = Image.new("RGB", (size + thumb * cols, size + (18 if title else 0)), (255, 255, 255))
-    top = 18 if title else 0
+    width = size + thumb * cols
+    font = load_font(10)
+    lines = wrap_text(title, font, width - 8)
+    top = 4 + _TITLE_LINE * len(lines) if lines else 0
+    canvas = Image.new("RGB", (width, size + top), (255, 255, 255))
     for i, view in enumerate(views):
         im = view.convert("RGBA")
         flat = Image.new("RGB", im.size, (240, 240, 240))
         flat.paste(im, mask=im.getchannel("A"))
-        canvas.paste(flat.resize((thumb, thumb)), ((i // 4) * thumb, top + (i % 4) * thumb))
+        canvas.paste(resize_picture(flat, (thumb, thumb)), ((i // 4) * thumb, top + (i % 4) * thumb))
     canvas.paste(render, (thumb * cols, top))
-    if title:
-        ImageDraw.Draw(canvas).text((4, 3), title, fill=(0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((4, 3 + _TITLE_LINE * i), line, fill=(0, 0, 0), font=font)
     return canvas

@@ -3,13 +3,11 @@ attention rank on a sequential colormap, a colour bar, and a title that says wha
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 from PIL import Image, ImageDraw
 
 from attnzoo.errors import InvalidInputError
-from attnzoo.viz.classification import load_font
+from attnzoo.viz.drawing import NOTE_COLOUR, load_font, resize_picture, wrap_text
 
 __all__ = ["attention_colours", "plot_attention_heatmap"]
 
@@ -29,7 +27,6 @@ _VIRIDIS = np.array(
     ],
     dtype=np.float64,
 )
-_NOTE_COLOUR = (170, 20, 20)
 _PANEL_WIDTH = 124  # the colour bar and its labels
 
 
@@ -64,9 +61,11 @@ def plot_attention_heatmap(
 ) -> Image.Image:
     """Each patch's attention as a coloured square over the slide thumbnail (over a blank canvas spanning
     the patches without one), a colour bar beside it and ``title`` above, with ``note`` (e.g. "random
-    weights") in red under it. The picture is at most ``size`` pixels wide (exactly, for a landscape slide).
-    ``alpha``: the squares' opacity (default 0.6 over a thumbnail, opaque over a blank canvas). Colours are attention ranks, so the few top patches stand out as in the
-    official heatmaps whatever the spread of the raw values; the bar's ends give the raw values."""
+    weights") in red under it. A thumbnail needs ``dimensions``, the slide's level-0 ``(width, height)``
+    it shows. The picture is at most ``size`` pixels wide (exactly, for a landscape slide).
+    ``alpha``: the squares' opacity (default 0.6 over a thumbnail, opaque over a blank canvas). Colours are
+    attention ranks, so the few top patches stand out as in the official heatmaps whatever the spread of
+    the raw values; the bar's ends give the raw values."""
     attention = np.asarray(attention, dtype=np.float64).reshape(-1)
     coords = np.asarray(coords, dtype=np.float64)
     if coords.ndim != 2 or coords.shape[1:] != (2,) or len(attention) != len(coords):
@@ -77,6 +76,11 @@ def plot_attention_heatmap(
         raise InvalidInputError("a heatmap needs finite attention values and coordinates")
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < _PANEL_WIDTH + 16:
         raise InvalidInputError(f"size must be an integer of at least {_PANEL_WIDTH + 16} pixels, got {size!r}")
+    if thumbnail is not None and dimensions is None:
+        raise InvalidInputError(
+            "a thumbnail needs the slide's level-0 size, dimensions=(width, height): without it the thumbnail "
+            "would be stretched over the patches' extent, not the slide's"
+        )
     side = max(int(patch_size_level0), 1)
     origin = np.zeros(2)
     if dimensions is None:  # from (0, 0), or from the top-left patch should one lie left of or above it
@@ -86,7 +90,7 @@ def plot_attention_heatmap(
     scale = (int(size) - _PANEL_WIDTH) / max(max(dimensions), 1)
     canvas_size = (max(1, round(dimensions[0] * scale)), max(1, round(dimensions[1] * scale)))
     base = (
-        thumbnail.convert("RGB").resize(canvas_size)
+        resize_picture(thumbnail.convert("RGB"), canvas_size)
         if thumbnail is not None
         else Image.new("RGB", canvas_size, (245, 245, 245))
     )
@@ -105,9 +109,8 @@ def _framed(heatmap: Image.Image, attention: np.ndarray, title: str, note: str) 
     on its right with the raw attention at its ends and middle."""
     font, small = load_font(16), load_font(12)
     pad, bar_w, width = 8, 14, heatmap.width + _PANEL_WIDTH
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    lines = [(line, font, (0, 0, 0), 20) for line in _wrap(measure, title, font, width - 2 * pad)]
-    lines += [(line, small, _NOTE_COLOUR, 16) for line in _wrap(measure, note, small, width - 2 * pad)]
+    lines = [(line, font, (0, 0, 0), 20) for line in wrap_text(title, font, width - 2 * pad)]
+    lines += [(line, small, NOTE_COLOUR, 16) for line in wrap_text(note, small, width - 2 * pad)]
     head = pad + sum(step for *_, step in lines) + (4 if lines else 0)
     body = max(heatmap.height, 150)
     out = Image.new("RGB", (width, head + body + pad), (255, 255, 255))
@@ -135,14 +138,3 @@ def _framed(heatmap: Image.Image, attention: np.ndarray, title: str, note: str) 
             draw.line([x0 + bar_w, y, x0 + bar_w + 4, y], fill=(90, 90, 90))
             draw.text((x0 + bar_w + 6, y), text, fill=(40, 40, 40), font=small, anchor="lm")
     return out
-
-
-def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> list[str]:
-    """``text`` split at spaces into lines no wider than ``width`` (a single long word stays whole)."""
-    lines: list[str] = []
-    for word in text.split():
-        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
-            lines[-1] = f"{lines[-1]} {word}"
-        else:
-            lines.append(word)
-    return lines
