@@ -20,9 +20,9 @@ from attnzoo._placement import resolve_device
 from attnzoo.datasets.image_folder import ClassificationSamples
 from attnzoo.datasets.imagenet import read_classification_folder
 from attnzoo.datasets.images import load_image
-from attnzoo.errors import DatasetFormatError, InvalidInputError, WeightsError
+from attnzoo.errors import DatasetFormatError, InvalidInputError, InvalidOptionError, WeightsError
 from attnzoo.training.config import TrainConfig, recipe_config
-from attnzoo.training.engine import Trainer, check_run_folder, run_inputs, typed_batches
+from attnzoo.training.engine import Trainer, check_run_folder, run_inputs, seed_everything, typed_batches
 
 __all__ = ["TransformedSamples", "train_classification"]
 
@@ -33,6 +33,7 @@ RECIPE_DEFAULTS = {
     "auto_augment": None,
     "color_jitter": 0.0,
     "reprob": 0.0,
+    "remode": "const",  # random erasing's fill: timm's default; the official DeiT-style recipes use "pixel"
     "mixup": 0.0,
     "cutmix": 0.0,
     "smoothing": 0.0,
@@ -58,6 +59,8 @@ RECIPE_RANGES = {
     "smoothing": (0.0, 1.0),
     "drop_path": (0.0, 1.0),
 }
+#: Random erasing's fills (timm's ``re_mode``): zeros, one random colour per box, or per-pixel noise.
+ERASE_MODES = ("const", "rand", "pixel")
 #: What the validation (:class:`_TopK`) reports: the names ``best_metric`` may take.
 METRICS = ("top1", "top5")
 
@@ -98,13 +101,15 @@ class _ClassificationLoss:
 class _SparsifinerReconstructionLoss:
     """Phase 1: the connectivity predictors regress each layer's dense attention rows (cls row
     dropped) with a sum-reduced MSE, averaged over layers, times 0.01 (the official loss). The
-    backbone runs dense and frozen, so its own attention is the dense teacher's."""
+    backbone runs dense and frozen, so its own attention is the dense teacher's. The images are
+    mixed as in every official phase (the labels go unused)."""
 
-    def __init__(self, weight: float):
-        self.weight = weight
+    def __init__(self, weight: float, mixup: Any):
+        self.weight, self.mixup = weight, mixup
 
     def __call__(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        out = model(batch[0], dense_attn=True)
+        x = batch[0] if self.mixup is None else self.mixup(*batch)[0]
+        out = model(x, dense_attn=True)
         layers = [
             F.mse_loss(a, d[..., 1:, :].detach(), reduction="sum")
             for a, d in zip(out.approx_attn, out.dense_attn, strict=True)
@@ -223,6 +228,8 @@ def train_classification(
         config, overrides, RECIPE_DEFAULTS, "image-classification", metrics=METRICS, ranges=RECIPE_RANGES
     )
     extra = cfg.extra
+    if extra["remode"] not in ERASE_MODES:
+        raise InvalidOptionError(f"remode must be one of {', '.join(ERASE_MODES)}, got {extra['remode']!r}")
     root = Path(data)
     folder: dict[str, Any] = {"data": root, "inputs": run_inputs(config, weights, cfg)}
     check_run_folder(out, resume=resume, overwrite=overwrite, **folder)
@@ -234,6 +241,7 @@ def train_classification(
     val_samples = _split(root, "val")
     num_classes = len(train_samples.classes)
 
+    seed_everything(cfg.seed)  # the seed decides the initial weights (a new head's too), as the official scripts
     kwargs = dict(model_kwargs or {})
     if extra["drop_path"]:
         kwargs.setdefault("drop_path_rate", extra["drop_path"])
@@ -258,6 +266,7 @@ def train_classification(
         interpolation=extra["interpolation"],
         color_jitter=extra["color_jitter"] or None,
         re_prob=extra["reprob"],
+        re_mode=extra["remode"],
         mean=data_cfg["mean"],
         std=data_cfg["std"],
     )
@@ -284,7 +293,7 @@ def train_classification(
             raise InvalidInputError(f"sparsifiner_phase={phase!r} needs a Sparsifiner model, not {model}")
         if phase == "reconstruction":
             net.set_phase("reconstruction")
-            loss_fn = _SparsifinerReconstructionLoss(extra["attn_recon_weight"])
+            loss_fn = _SparsifinerReconstructionLoss(extra["attn_recon_weight"], mixup)
         elif phase == "distill":
             net.set_phase("sparse")
             loss_fn = _SparsifinerDistillLoss(

@@ -22,6 +22,9 @@ _CHOICES = {
     "amp": ("none", "bf16", "fp16"),
     "best_mode": ("max", "min"),
     "optimizer": ("adamw", "adam", "sgd"),
+    "sched_on": ("step", "epoch"),
+    "sched_update": ("before", "after"),
+    "eval_model": ("ema", "model"),
 }
 #: Lowest allowed value of each bounded setting (counts, and rates that may be zero).
 _AT_LEAST = {
@@ -42,25 +45,32 @@ _AT_LEAST = {
     "weight_decay": 0.0,
     "momentum": 0.0,
 }
-_POSITIVE = ("lr", "decay_epochs", "decay_rate", "clip_grad")
+_POSITIVE = ("lr", "decay_epochs", "decay_rate", "clip_grad", "lr_base_batch")
 _KINDS = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string"}
 
 
 @dataclass
 class TrainConfig:
     """Engine settings. ``batch_size`` is the *global* batch of one optimizer step (all processes,
-    all accumulation steps together), so a run gives the same result on 1 or N processes."""
+    all accumulation steps together), so a run gives the same result on 1 or N processes (a model with
+    BatchNorm layers: with ``sync_bn``)."""
 
     epochs: int = 10
     batch_size: int = 64
     accum_steps: int = 1
+    drop_last: bool = True  # false: an epoch ends with the partial batch left over (OAT's loader; one process only)
     optimizer: str = "adamw"
     lr: float = 1e-3
+    lr_base_batch: int | None = None  # lr is per this many images: x batch_size / lr_base_batch (DeiT, Swin: 512)
+    scale_warmup_min_lr: bool = False  # lr_base_batch scales warmup_lr and min_lr too (the Swin codebase: InLine)
     min_lr: float = 1e-5
     warmup_epochs: float = 0.0
     warmup_lr: float = 1e-6
-    cooldown_epochs: float = 0.0  # the last epochs run at min_lr (timm/DeiT: epochs = schedule + cooldown)
+    warmup_prefix: bool = True  # the decay starts after the warm-up (false: timm's default, counted from 0)
+    cooldown_epochs: float = 0.0  # the last epochs run at min_lr (timm's train.py: epochs = schedule + cooldown)
     schedule: str = "cosine"  # cosine | step | multistep | constant
+    sched_on: str = "step"  # step | epoch: the rate changes every optimizer step, or once per epoch
+    sched_update: str = "before"  # before | after: "after" runs each step/epoch at the previous one's rate
     decay_epochs: float = 30.0  # step schedule: every this many epochs
     decay_milestones: list[float] = field(default_factory=list)  # multistep schedule: at these epochs
     decay_rate: float = 0.1
@@ -70,6 +80,8 @@ class TrainConfig:
     clip_grad: float | None = None
     amp: str = "none"  # none | bf16 | fp16 (fp16 uses a GradScaler)
     ema_decay: float | None = None
+    eval_model: str = "ema"  # ema | model: the weights evaluated, kept in best.pt and saved (EMA's when EMA is on)
+    sync_bn: bool = False  # SyncBatchNorm under torchrun: BatchNorm statistics over all processes' samples
     seed: int = 0
     checkpoint_every: int = 0  # optimizer steps; 0 = only at the end of each epoch
     keep_last: int = 3
@@ -105,11 +117,25 @@ class TrainConfig:
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise InvalidOptionError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         used = {"min_lr": self.schedule == "cosine", "warmup_lr": self.warmup_epochs > 0}
+        rates = self.scaled_lrs()
         for key in ("min_lr", "warmup_lr"):  # above lr the schedule climbs where it should decay or warm up
-            if used[key] and getattr(self, key) > self.lr:
-                raise InvalidOptionError(f"{key} must be at most lr ({self.lr}), got {getattr(self, key)!r}")
+            if used[key] and rates[key] > rates["lr"]:
+                scaled = (
+                    f" (x batch_size / lr_base_batch: {rates['lr']:g}; lower {key} or set lr_base_batch=null)"
+                    if self.lr_base_batch
+                    else ""
+                )
+                raise InvalidOptionError(f"{key} must be at most lr ({self.lr}{scaled}), got {getattr(self, key)!r}")
         if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise InvalidOptionError(f"seed must be a 64-bit integer, got {self.seed!r}")
+
+    def scaled_lrs(self) -> dict[str, float]:
+        """The rates a run uses: with ``lr_base_batch``, ``lr`` (and with ``scale_warmup_min_lr`` also
+        ``warmup_lr``, ``min_lr``) times ``batch_size / lr_base_batch``, the linear rule of the official
+        DeiT/BiFormer/Swin scripts (``batch_size`` is already the global batch of all processes and steps)."""
+        factor = 1.0 if self.lr_base_batch is None else self.batch_size / self.lr_base_batch
+        bounds = factor if self.scale_warmup_min_lr else 1.0
+        return {"lr": self.lr * factor, "warmup_lr": self.warmup_lr * bounds, "min_lr": self.min_lr * bounds}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -99,7 +99,8 @@ class StepBatches:
 
     Optimizer step ``s`` uses the global batch ``order[s*G:(s+1)*G]``, split into ``accum``
     micro-batches, each split across ranks (``[rank::world]``); the last partial batch is dropped
-    so every step sees ``G`` samples. With ``repeats`` r > 1 (DeiT's repeated augmentation) the
+    so every step sees ``G`` samples, unless ``drop_last`` is false (one process, no accumulation:
+    the trainer checks). With ``repeats`` r > 1 (DeiT's repeated augmentation) the
     order lists each image r times in a row, so its copies land on different processes, and is cut
     to the dataset length. ``start_step`` skips steps already done (resume)."""
 
@@ -113,6 +114,7 @@ class StepBatches:
         epoch: int,
         start_step: int = 0,
         repeats: int = 1,
+        drop_last: bool = True,
     ):
         self.n, self.G, self.accum, self.ctx, self.seed, self.epoch, self.start = (
             n,
@@ -123,11 +125,15 @@ class StepBatches:
             epoch,
             start_step,
         )
-        self.repeats = repeats
+        self.repeats, self.drop_last = repeats, drop_last
 
     @property
     def steps(self) -> int:
-        return self.n // self.G
+        return self.n // self.G if self.drop_last else -(-self.n // self.G)
+
+    def global_size(self, step: int) -> int:
+        """The samples (dataset items: images, slides, trials) optimizer step ``step`` trains on, all processes together."""
+        return min(self.G, self.n - step * self.G)
 
     def __len__(self) -> int:
         return (self.steps - self.start) * self.accum
@@ -304,6 +310,42 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def _no_weight_decay(model: nn.Module) -> Callable[[str], bool]:
+    """Whether a parameter name is exempt from weight decay by the model's own word: ``no_weight_decay()``
+    (names) and ``no_weight_decay_keywords()`` (substrings, e.g. Swin's relative_position_bias_table), the two
+    lists the official Swin/InLine optimizer reads."""
+    names = set(getattr(model, "no_weight_decay", lambda: ())())
+    keywords = tuple(getattr(model, "no_weight_decay_keywords", lambda: ())())
+    return lambda name: name in names or any(k in name for k in keywords)
+
+
+def _synced_batchnorm(model: nn.Module, enabled: bool, world_size: int, device: torch.device) -> nn.Module:
+    """``model`` with SyncBatchNorm in place of its BatchNorm layers when ``enabled`` under torchrun (the
+    statistics of every process's samples, as the official LRGT trains); as it is otherwise."""
+    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if not enabled or world_size == 1 or not has_batchnorm:
+        return model
+    if device.type not in ("cuda", "xpu", "hpu"):
+        raise InvalidOptionError(
+            f"sync_bn=true needs GPUs under torchrun (torch's SyncBatchNorm does not run on {device.type}); "
+            "set sync_bn=false to train with each process's own BatchNorm statistics"
+        )
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+class _Schedule:
+    """A timm scheduler driven by the optimizer step: step ``s`` is the unit the scheduler counts (``s``, or the
+    epoch ``s // steps_per_epoch``), one unit behind with ``lag`` (the official loops that update the scheduler
+    after each step or epoch with its index: each runs at the previous one's rate, the first at the first's)."""
+
+    def __init__(self, scheduler: Any, steps_per_epoch: int | None, lag: int):
+        self.scheduler, self.steps_per_epoch, self.lag = scheduler, steps_per_epoch, lag
+
+    def step_update(self, step: int) -> None:
+        unit = step if self.steps_per_epoch is None else step // self.steps_per_epoch
+        self.scheduler.step_update(max(unit - self.lag, 0))
+
+
 # -- the trainer -----------------------------------------------------------------------------------
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -314,9 +356,10 @@ class Trainer:
     """Train ``model`` on ``train_set`` with ``config``; write everything under ``out_dir``.
 
     ``loss_fn(model, batch)`` returns the mean loss of a micro-batch (the recipe decides the
-    forward: labels, mixup, distillation). ``eval_fn(model)`` returns metrics (run on the EMA
-    weights when EMA is on). ``param_groups``: the optimizer's groups if the recipe needs special
-    ones (default: no weight decay on norms, biases and 1-D parameters). ``data``, ``inputs`` (initial
+    forward: labels, mixup, distillation). ``eval_fn(model)`` returns metrics (run on the weights
+    ``eval_model`` names: the EMA's when EMA is on, by default). ``parameters``: the ones to train
+    (default: all that require grad; no weight decay on norms, biases, 1-D parameters and those the
+    model's ``no_weight_decay``/``no_weight_decay_keywords`` name). ``data``, ``inputs`` (initial
     weights, config file) and ``outputs`` (the recipe's own file names): what :func:`check_run_folder`
     guards before :meth:`fit` writes anything.
     """
@@ -354,7 +397,12 @@ class Trainer:
                 f"batch_size {config.batch_size} must divide by accum_steps x processes "
                 f"({config.accum_steps} x {self.ctx.world_size})"
             )
-        if n < config.batch_size:
+        if not config.drop_last and config.accum_steps * self.ctx.world_size > 1:
+            raise InvalidOptionError(
+                "drop_last=false (a last, partial batch each epoch) needs one process and accum_steps=1: "
+                "a partial batch cannot be split evenly across processes and accumulation steps"
+            )
+        if n < config.batch_size and config.drop_last:
             raise InvalidInputError(
                 f"the training set has {n} samples, fewer than one batch ({config.batch_size}); lower batch_size"
             )
@@ -364,10 +412,15 @@ class Trainer:
             run_info or {},
         )
         check_worker_count(config.num_workers)
-        self.steps_per_epoch = n // config.batch_size
+        self.steps_per_epoch = n // config.batch_size if config.drop_last else -(-n // config.batch_size)
         self.total_steps = self._step_count("epochs", config.epochs)
         seed_everything(config.seed)
-        self.model = model.to(self.device)
+        self.model = model = _synced_batchnorm(model.to(self.device), config.sync_bn, self.ctx.world_size, self.device)
+        if config.amp == "fp16" and self.device.type == "cpu" and self.ctx.is_main:
+            _logger.warning(
+                "amp=fp16 on the CPU: torch runs fp16 autocast with a GradScaler there too, usually slower than fp32 "
+                "(amp=none); the official recipes that use fp16 train on GPUs"
+            )
         trainable = [p for p in (parameters if parameters is not None else model.parameters()) if p.requires_grad]
         self.optimizer = self._build_optimizer(trainable)
         self.scheduler = self._build_scheduler()
@@ -391,62 +444,65 @@ class Trainer:
         decay = [p for p in params if p.ndim > 1 or c.decay_norms_and_biases]
         no_decay = [p for p in params if p.ndim <= 1 and not c.decay_norms_and_biases]
         named = {id(p): n for n, p in self.model.named_parameters()}
-        skip = getattr(self.model, "no_weight_decay", lambda: set())()
+        exempt = _no_weight_decay(self.model)
         decay, no_decay = (
-            [p for p in decay if named.get(id(p)) not in skip],
-            no_decay + [p for p in decay if named.get(id(p)) in skip],
+            [p for p in decay if not exempt(named.get(id(p), ""))],
+            no_decay + [p for p in decay if exempt(named.get(id(p), ""))],
         )
         groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
         if not groups:
             raise InvalidInputError("the model has no trainable parameters")
-        name = c.optimizer.lower()
+        name, lr = c.optimizer.lower(), c.scaled_lrs()["lr"]
         if name == "adamw":
-            return torch.optim.AdamW(groups, lr=c.lr)
+            return torch.optim.AdamW(groups, lr=lr)
         if name == "sgd":
-            return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.momentum > 0)
+            return torch.optim.SGD(groups, lr=lr, momentum=c.momentum, nesterov=c.momentum > 0)
         if name == "adam":
-            return torch.optim.Adam(groups, lr=c.lr)
+            return torch.optim.Adam(groups, lr=lr)
         raise InvalidInputError(f"unknown optimizer {c.optimizer!r} (adamw, adam or sgd)")
 
-    def _build_scheduler(self):
-        """timm's schedulers, stepped per optimizer update (a pure function of the step: nothing to resume)."""
+    def _build_scheduler(self) -> _Schedule:
+        """timm's schedulers in the unit ``sched_on`` names (steps, or epochs), driven by the optimizer step
+        (a pure function of the step: nothing to resume)."""
         from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, StepLRScheduler
 
-        c = self.config
-        warmup, cooldown = (
-            self._step_count("warmup_epochs", c.warmup_epochs),
-            self._step_count("cooldown_epochs", c.cooldown_epochs),
+        c, rates = self.config, self.config.scaled_lrs()
+        warmup, cooldown, total = (
+            self._units("warmup_epochs", c.warmup_epochs),
+            self._units("cooldown_epochs", c.cooldown_epochs),
+            self._units("epochs", c.epochs),
         )
+        warmup_args = {
+            "warmup_t": warmup,
+            "warmup_lr_init": rates["warmup_lr"],
+            "warmup_prefix": c.warmup_prefix,
+            "t_in_epochs": False,
+        }
         if c.schedule == "cosine":  # past t_initial (the cool-down) timm holds lr_min
-            return CosineLRScheduler(
+            scheduler: Any = CosineLRScheduler(
                 self.optimizer,
-                t_initial=max(self.total_steps - warmup - cooldown, 1),
-                lr_min=c.min_lr,
-                warmup_t=warmup,
-                warmup_lr_init=c.warmup_lr,
-                warmup_prefix=True,
-                t_in_epochs=False,
+                t_initial=max(total - cooldown - (warmup if c.warmup_prefix else 0), 1),
+                lr_min=rates["min_lr"],
+                **warmup_args,
             )
-        if c.schedule == "multistep":
-            # timm applies milestone m at step m - 1; torch's MultiStepLR (the official recipes) at m: shift by one
-            return MultiStepLRScheduler(
+        elif c.schedule == "multistep":
+            # timm applies milestone m at m - 1; torch's MultiStepLR (the official recipes) at m: shift by one
+            scheduler = MultiStepLRScheduler(
                 self.optimizer,
-                decay_t=[self._step_count("decay_milestones", m) + 1 for m in c.decay_milestones],
+                decay_t=[self._units("decay_milestones", m) + 1 for m in c.decay_milestones],
                 decay_rate=c.decay_rate,
-                warmup_t=warmup,
-                warmup_lr_init=c.warmup_lr,
-                t_in_epochs=False,
+                **warmup_args,
             )
-        decay = self._step_count("decay_epochs", c.decay_epochs) if c.schedule == "step" else 10**12
-        return StepLRScheduler(
-            self.optimizer,
-            decay_t=max(decay, 1),
-            decay_rate=c.decay_rate,
-            warmup_t=warmup,
-            warmup_lr_init=c.warmup_lr,
-            t_in_epochs=False,
-        )
+        else:
+            decay = self._units("decay_epochs", c.decay_epochs) if c.schedule == "step" else 10**12
+            scheduler = StepLRScheduler(self.optimizer, decay_t=max(decay, 1), decay_rate=c.decay_rate, **warmup_args)
+        per_epoch = self.steps_per_epoch if c.sched_on == "epoch" else None
+        return _Schedule(scheduler, per_epoch, lag=int(c.sched_update == "after"))
+
+    def _units(self, key: str, epochs: float) -> float:
+        """``epochs`` in the schedule's unit: optimizer steps, or epochs themselves with ``sched_on=epoch``."""
+        return epochs if self.config.sched_on == "epoch" else self._step_count(key, epochs)
 
     def _step_count(self, key: str, epochs: float) -> int:
         """``epochs`` of this run as optimizer steps. timm's schedules compute with floats: a count beyond the
@@ -581,13 +637,19 @@ class Trainer:
     def _evaluate(self, epoch: int) -> dict[str, float]:
         if self.eval_fn is None or not self.ctx.is_main:
             return {}
-        model = self.ema.module if self.ema is not None else _unwrap(self.model)
+        model = self._evaluated_model()
         was_training = model.training
         model.eval()
         with torch.no_grad():
             metrics = {f"eval_{k}": float(v) for k, v in self.eval_fn(model).items()}
         model.train(was_training)
         return metrics
+
+    def _evaluated_model(self) -> nn.Module:
+        """The weights ``eval_model`` names: the EMA's (when EMA is on) or the trained model's."""
+        if self.ema is not None and self.config.eval_model == "ema":
+            return self.ema.module
+        return _unwrap(self.model)
 
     def _improved(self, metrics: dict[str, float]) -> bool:
         key = self.config.best_metric
@@ -629,9 +691,10 @@ class Trainer:
         if self.ctx.is_main:
             import yaml
 
-            write_text(
-                self.out_dir / "config.yaml", yaml.safe_dump({**c.to_dict(), "run": self.run_info}, sort_keys=False)
-            )
+            effective = {**c.scaled_lrs(), "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps}
+            _logger.info("training with %s", ", ".join(f"{k}={v:g}" for k, v in effective.items()))
+            record = {**c.to_dict(), "effective": effective, "run": self.run_info}
+            write_text(self.out_dir / "config.yaml", yaml.safe_dump(record, sort_keys=False))
         writer = self._tensorboard()
         bar = self._progress()
         if bar is not None:
@@ -670,7 +733,15 @@ class Trainer:
         if hasattr(self.train_set.dataset, "set_epoch"):  # e.g. new random views each epoch
             self.train_set.dataset.set_epoch(epoch)
         batches = StepBatches(
-            len(self.train_set), c.batch_size, c.accum_steps, self.ctx, c.seed, epoch, start_step, c.repeated_aug
+            len(self.train_set),
+            c.batch_size,
+            c.accum_steps,
+            self.ctx,
+            c.seed,
+            epoch,
+            start_step,
+            c.repeated_aug,
+            c.drop_last,
         )
         loader = typed_batches(
             self.train_set,
@@ -699,7 +770,6 @@ class Trainer:
             with nullcontext() if sync else model.no_sync():
                 self.scaler.scale(loss / c.accum_steps).backward()
             running += value / c.accum_steps
-            seen += len(batch[0]) if isinstance(batch, (list, tuple)) else 0
             micro += 1
             if micro < c.accum_steps:
                 continue
@@ -712,12 +782,13 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
                 self.ema.update(_unwrap(model))  # constant decay from the initial weights, as DeiT-style recipes
+            seen += batches.global_size(step_in_epoch)  # dataset items (images, slides, trials), whatever a batch holds
             self.step += 1
             step_in_epoch += 1
             if bar is not None:
                 bar.update(1)
             if self.step % c.log_every == 0 or step_in_epoch == self.steps_per_epoch:
-                rate = seen * self.ctx.world_size / max(time.perf_counter() - t0, 1e-9)
+                rate = seen / max(time.perf_counter() - t0, 1e-9)
                 row = {
                     "step": self.step,
                     "epoch": epoch,
@@ -739,19 +810,23 @@ class Trainer:
             improved = self._improved(metrics)
             self.evals_since_best = 0 if improved else self.evals_since_best + 1
             if improved and self.ctx.is_main:
+                model_to_save = self._evaluated_model()
+                best = {"model": model_to_save.state_dict(), "step": self.step, "epoch": epoch, **metrics}
+                if self.ema is not None and model_to_save is not self.ema.module:
+                    best["ema"] = self.ema.module.state_dict()  # as the official best.pth: both sets of weights
                 with atomic_write(self.out_dir / "best.pt") as fh:
-                    model_to_save = self.ema.module if self.ema is not None else _unwrap(self.model)
-                    torch.save({"model": model_to_save.state_dict(), "step": self.step, "epoch": epoch, **metrics}, fh)
+                    torch.save(best, fh)
         self.save_checkpoint(epoch + 1, 0)
         return metrics
 
     def save_weights(self, model: nn.Module | None = None, name: str = "model.safetensors") -> Path | None:
-        """The final weights (the EMA's when EMA is on: the weights the recipes evaluate) as safetensors, on process 0."""
+        """The final weights (the evaluated ones, ``eval_model``: the EMA's when EMA is on unless it says ``model``) as
+        safetensors, on process 0."""
         if not self.ctx.is_main:
             return None
         from safetensors.torch import save
 
-        model = model or (self.ema.module if self.ema is not None else _unwrap(self.model))
+        model = model or self._evaluated_model()
         path = self.out_dir / name
         with atomic_write(path) as fh:
             fh.write(save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}))

@@ -21,7 +21,7 @@ from attnzoo._placement import resolve_device
 from attnzoo._values import whole_number
 from attnzoo.errors import InvalidInputError, InvalidOptionError, WeightsError
 from attnzoo.training.config import TrainConfig, recipe_config
-from attnzoo.training.engine import Trainer, check_run_folder, run_inputs
+from attnzoo.training.engine import Trainer, check_run_folder, run_inputs, seed_everything
 
 if TYPE_CHECKING:  # pragma: no cover
     from attnzoo.vision.lrgt import LRGTViT
@@ -203,6 +203,7 @@ def train_reconstruction(
         transform=ViewsTransform(list(extra["train_background"])),
         seed=cfg.seed,
     )
+    seed_everything(cfg.seed)  # the seed decides the initial weights, as the official scripts
     net = (
         attnzoo.create_model(model, weights=weights, **(model_kwargs or {}))
         if weights

@@ -28,7 +28,7 @@ from attnzoo._placement import resolve_device
 from attnzoo.errors import DatasetFormatError, InvalidInputError
 from attnzoo.metrics.scanpath import SEARCH_STATISTICS
 from attnzoo.training.config import TrainConfig, recipe_config
-from attnzoo.training.engine import Trainer, check_run_folder, run_inputs
+from attnzoo.training.engine import Trainer, check_run_folder, run_inputs, seed_everything
 
 if TYPE_CHECKING:  # pragma: no cover
     from attnzoo.vision.oat import OAT
@@ -164,6 +164,7 @@ def train_scanpath(
     max_len = int(
         cfg.extra["max_len"] or max(len(t.objects) for t in split["train"])
     )  # the official: the longest training sequence
+    seed_everything(cfg.seed)  # the seed decides the initial weights, as the official scripts
     net = (
         attnzoo.create_model(model, weights=weights, **(model_kwargs or {}))
         if weights
