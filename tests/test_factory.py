@@ -86,8 +86,9 @@ def test_weights_that_do_not_fit_raise(tmp_path):
 
 def test_pretrained_offline_without_cache_fails_fast(monkeypatch):
     monkeypatch.setenv("ATTNZOO_OFFLINE", "1")
-    with pytest.raises(OfflineError, match="timm/resnet18"):
+    with pytest.raises(OfflineError, match="timm/resnet18") as info:
         attnzoo.create_model("resnet18", pretrained=True)
+    assert "`hf download timm/resnet18.a1_in1k`" in str(info.value) and "place it at" not in str(info.value)
 
 
 def test_invalid_pretrained_tag():
@@ -189,3 +190,81 @@ def test_list_models_pretrained():
     assert {name.partition(".")[0] for name in tagged} <= plain  # every tagged name is a model create_model knows
     assert attnzoo.list_models("resnet18.*", pretrained=True) == [n for n in tagged if n.startswith("resnet18.")]
     assert attnzoo.list_models("no_such_model*", pretrained=True) == []
+
+
+def test_a_registered_checkpoint_with_another_head_or_as_features_loads_like_timm(tmp_path):
+    """``num_classes`` of the caller's, or ``features_only``, leaves the file's classifier out, as
+    ``timm.create_model(pretrained=True)`` does, and loads every other key exactly; it was refused."""
+    torch.manual_seed(2)
+    src = attnzoo.create_model("test_resnet")
+    save_file(src.state_dict(), tmp_path / "w.safetensors")
+    register_checkpoint(
+        CheckpointEntry(name="test_resnet.unit", model="test_resnet", url=(tmp_path / "w.safetensors").as_uri())
+    )
+    try:
+        ten = attnzoo.create_model("test_resnet.unit", pretrained=True, num_classes=10)
+        assert (
+            ten.fc.weight.shape == (10, src.fc.in_features) and ten.pretrained_cfg["checkpoint"] == "test_resnet.unit"
+        )
+        assert all(torch.equal(v, src.state_dict()[k]) for k, v in ten.state_dict().items() if not k.startswith("fc."))
+        features = attnzoo.create_model("test_resnet.unit", pretrained=True, features_only=True, out_indices=(1, 2))
+        expected = timm_features(src, out_indices=(1, 2))
+        x = torch.randn(1, 3, 64, 64)
+        with torch.no_grad():
+            assert all(torch.equal(a, b) for a, b in zip(features(x), expected(x), strict=True))
+        assert "state_dict" not in features.pretrained_cfg  # the weights are not kept twice
+        assert attnzoo.create_model("test_resnet.unit", pretrained=True, num_classes=1000).fc.weight.equal(
+            src.fc.weight
+        )
+    finally:
+        unregister_checkpoint("test_resnet.unit")
+
+
+def timm_features(model, **features):
+    import timm
+
+    return timm.create_model(
+        "test_resnet",
+        pretrained=True,
+        pretrained_cfg_overlay={"state_dict": model.state_dict()},
+        features_only=True,
+        **features,
+    ).eval()
+
+
+def test_a_file_with_another_head_keeps_strict_on_everything_else(tmp_path):
+    torch.manual_seed(3)
+    src = attnzoo.create_model("test_resnet", num_classes=3)
+    save_file(src.state_dict(), tmp_path / "three.safetensors")
+    same = attnzoo.create_model("test_resnet", weights=tmp_path / "three.safetensors", num_classes=3)
+    assert same.fc.weight.equal(src.fc.weight)  # the head fits: it is loaded
+    five = attnzoo.create_model("test_resnet", weights=tmp_path / "three.safetensors", num_classes=5)
+    assert five.fc.weight.shape[0] == 5
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in five.state_dict().items() if not k.startswith("fc."))
+    prefixed = {f"backbone.{k}": v for k, v in src.state_dict().items()}
+    save_file(prefixed, tmp_path / "prefixed.safetensors")
+    for adapted in (dict(num_classes=5), dict(features_only=True)):
+        with pytest.raises(WeightsError, match=r"missing: .*unexpected: backbone\."):
+            attnzoo.create_model("test_resnet", weights=tmp_path / "prefixed.safetensors", **adapted)
+    with pytest.raises(WeightsError, match="fc.weight"):  # no num_classes asked for: the head must fit
+        attnzoo.create_model("test_resnet", weights=tmp_path / "three.safetensors")
+
+
+def test_our_classifiers_agree_with_timm_on_features_and_another_head(tmp_path):
+    import timm
+
+    small = dict(depths=[2, 2, 2, 2], dims=[16, 32, 48, 64], num_heads=[1, 2, 3, 4])
+    torch.manual_seed(4)
+    source = timm.create_model("l2vit_tiny", **small)
+    torch.save({"model": source.state_dict()}, tmp_path / "official.pth")
+    overlay = dict(file=str(tmp_path / "official.pth"))
+    x = torch.randn(1, 3, 224, 224)
+    for adapted in (dict(num_classes=10), dict(features_only=True)):
+        ours = attnzoo.create_model("l2vit_tiny", weights=tmp_path / "official.pth", **adapted, **small)
+        theirs = timm.create_model("l2vit_tiny", pretrained=True, pretrained_cfg_overlay=overlay, **adapted, **small)
+        ours_state, theirs_state = ours.state_dict(), theirs.eval().state_dict()
+        assert ours_state.keys() == theirs_state.keys()
+        assert all(torch.equal(v, theirs_state[k]) for k, v in ours_state.items() if "head." not in k)  # a new head
+        if adapted.get("features_only"):
+            with torch.no_grad():
+                assert all(torch.allclose(a, b) for a, b in zip(ours(x), theirs(x), strict=True))

@@ -19,7 +19,7 @@ from attnzoo._placement import resolve_device, resolve_dtype
 from attnzoo.errors import InvalidOptionError, UnknownNameError, WeightsError
 from attnzoo.registry import get_model_entry, registered_models
 from attnzoo.weights import hub, registry
-from attnzoo.weights.loading import load_weights
+from attnzoo.weights.loading import classifier_names, load_weights
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -120,17 +120,52 @@ def create_model(
                 f"no pretrained checkpoint is registered for {name}; pass weights=PATH or pretrained=False"
             )
         model = own_entry.fn(**kwargs)
+        if weights is not None:
+            load_weights(model, weights, converter=entry.resolve_converter() if entry else module_filter_fn(model))
     elif weights is None and pretrained:
         model = _timm_pretrained(name, **kwargs)
+    elif weights is None:
+        model = timm.create_model(name, pretrained=False, **kwargs)
     else:
-        model = timm.create_model(base if entry is not None else name, pretrained=False, **kwargs)
-
-    if weights is not None:
-        converter = entry.resolve_converter() if entry is not None else module_filter_fn(model)
-        load_weights(model, weights, converter=converter)
-        if entry is not None:
-            _apply_preprocess(model, entry)
+        model = _timm_with_weights(base if entry is not None else name, weights, entry, kwargs)
+    if weights is not None and entry is not None:
+        _apply_preprocess(model, entry)
     return _placed(model, device, dtype)
+
+
+#: timm's keywords that make a feature extractor of a model (``build_model_with_cfg`` takes them).
+_FEATURE_KWARGS = ("features_only", "out_indices", "feature_cls")
+
+
+def _timm_with_weights(
+    name: str,
+    weights: str | os.PathLike | Mapping[str, Any],
+    entry: registry.CheckpointEntry | None,
+    kwargs: dict[str, Any],
+) -> torch.nn.Module:
+    """A timm model with ``weights``, adapted as ``timm.create_model(pretrained=True)`` adapts its own: a
+    ``num_classes`` of the caller's, or ``features_only``, leaves the file's classifier out where it does not
+    fit; every other key loads exactly. A feature extractor is built by timm from the loaded model's weights."""
+    import timm
+
+    features = {k: kwargs.pop(k) for k in _FEATURE_KWARGS if k in kwargs}
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    new_head = "num_classes" in kwargs or bool(features.get("features_only"))
+    load_weights(
+        model,
+        weights,
+        converter=entry.resolve_converter() if entry is not None else module_filter_fn(model),
+        classifier=classifier_names(getattr(model, "pretrained_cfg", None)) if new_head else (),
+    )
+    if not features.get("features_only"):
+        return model
+    overlay = {"state_dict": model.state_dict()}
+    extractor = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs, **features)
+    for module in extractor.modules():  # timm keeps the overlay in every pretrained_cfg: not the weights twice
+        cfg = getattr(module, "pretrained_cfg", None)
+        if isinstance(cfg, dict):
+            cfg.pop("state_dict", None)
+    return extractor
 
 
 def _placed(model: Any, device: torch.device | None, dtype: torch.dtype | None) -> Any:
@@ -185,7 +220,8 @@ def _timm_pretrained(name: str, **kwargs: Any) -> torch.nn.Module:
         if cached:
             overlay = {"file": cached}
         else:
-            hub.ensure_can_download(what, f"{hub.hf_endpoint()}/{cfg.hf_hub_id}", _hf_cache_dir())
+            how = hub.hf_fetch_advice(cfg.hf_hub_id)  # timm reads model.safetensors or pytorch_model.bin
+            hub.ensure_can_download(what, f"{hub.hf_endpoint()}/{cfg.hf_hub_id}", how_to_fetch=how)
     elif cfg.url and not cfg.file:
         url, filename = cfg.url if isinstance(cfg.url, tuple) else (cfg.url, None)  # timm allows (url, filename)
         cached_url = _torch_hub_file(url, filename)
@@ -205,12 +241,6 @@ def _hf_cached(repo_id: str, filename: str | None) -> str | None:
         if isinstance(found, str):
             return found
     return None
-
-
-def _hf_cache_dir() -> Path:
-    import huggingface_hub.constants
-
-    return Path(huggingface_hub.constants.HF_HUB_CACHE)
 
 
 def _torch_hub_file(url: str, filename: str | None = None) -> Path:

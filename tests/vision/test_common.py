@@ -9,6 +9,7 @@ import torch
 import attnzoo  # registers the families with timm
 from attnzoo.cli import main
 from attnzoo.datasets.imagenet import imagenet_synsets
+from attnzoo.errors import WeightsError
 
 SMALL = {
     "biformer_tiny": dict(depth=[1, 1, 1, 1], embed_dim=[16, 32, 64, 128], head_dim=16, qk_dims=[16, 32, 64, 128]),
@@ -101,3 +102,40 @@ def test_cli_run_and_eval_with_an_official_checkpoint_file(name, tmp_path, photo
         == 0
     )
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["top1"] == 100.0
+
+
+def saved(tmp_path, state: dict, name: str = "official.pth") -> dict:
+    """``state`` in the official wrapper, as the ``pretrained_cfg_overlay`` that makes timm read it."""
+    torch.save({"model": state, "epoch": 299}, tmp_path / name)
+    return dict(file=str(tmp_path / name))
+
+
+@pytest.mark.parametrize("name", ["l2vit_tiny", "inline_deit_tiny"])
+def test_timm_adaptation_leaves_out_the_classifier_and_loads_everything_else(name, tmp_path):
+    torch.manual_seed(0)
+    source = timm.create_model(name, **SMALL[name]).state_dict()
+    overlay = saved(tmp_path, source)
+    ten = timm.create_model(name, pretrained=True, num_classes=10, pretrained_cfg_overlay=overlay, **SMALL[name])
+    assert ten.head.weight.shape[0] == 10
+    assert all(torch.equal(v, source[k]) for k, v in ten.state_dict().items() if not k.startswith("head."))
+    features = timm.create_model(
+        name, pretrained=True, features_only=True, pretrained_cfg_overlay=overlay, **SMALL[name]
+    )
+    assert len(features(torch.randn(1, 3, 224, 224))) == len(features.feature_info)
+
+
+@pytest.mark.parametrize("adapted", [dict(num_classes=10), dict(features_only=True), {}])
+def test_a_checkpoint_that_does_not_fit_is_refused_also_when_timm_adapts_the_model(adapted, tmp_path):
+    """timm loads with strict=False once it leaves the classifier out, and only logs the rest: a deeper
+    sibling's file loaded in part, a file with every key prefixed loaded nothing, without an error."""
+    small = SMALL["l2vit_tiny"]
+    deeper = timm.create_model("l2vit_tiny", **{**small, "depths": [2, 2, 4, 2]}).state_dict()
+    with pytest.raises(WeightsError, match=r"(?s)does not fit l2vit_tiny: .*stages\.2\.[23]\."):
+        timm.create_model(
+            "l2vit_tiny", pretrained=True, pretrained_cfg_overlay=saved(tmp_path, deeper), **adapted, **small
+        )
+    prefixed = {f"backbone.{k}": v for k, v in timm.create_model("l2vit_tiny", **small).state_dict().items()}
+    with pytest.raises(WeightsError, match=r"(?s)does not fit l2vit_tiny: .*(missing|Missing).*backbone\."):
+        timm.create_model(
+            "l2vit_tiny", pretrained=True, pretrained_cfg_overlay=saved(tmp_path, prefixed, "p.pth"), **adapted, **small
+        )

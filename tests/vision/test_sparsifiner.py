@@ -300,3 +300,39 @@ def test_lvvit_head_api():
         model.reset_classifier(3, global_pool="avg")
     with pytest.raises(InvalidInputError, match="not supported"):
         S.SparsifinerLVViT(p_emb="4_2_128")
+
+
+def test_a_converted_dense_checkpoint_keeps_saying_its_predictor_is_untrained(tmp_path, caplog):
+    """Converting a dense DeiT wrote the model's random predictor into the safetensors, and loading that
+    file then looked like a trained Sparsifiner: the conversion holds only what the DeiT file had."""
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    deit = timm.create_model("deit_small_patch16_224", **TINY)
+    torch.save({"model": deit.state_dict()}, tmp_path / "deit.pth")
+    model = attnzoo.create_model("sparsifiner_deit_small", **TINY)
+    attnzoo.weights.convert_checkpoint(
+        tmp_path / "deit.pth", tmp_path / "ours.safetensors", model, converter=S.checkpoint_filter_fn
+    )
+    with safe_open(tmp_path / "ours.safetensors", "pt") as fh:
+        assert not [k for k in fh.keys() if ".mask_predictor." in k]
+        assert "blocks.0.attn.mask_predictor.proj_c_q.weight" in fh.metadata()["not_in_source"]
+    caplog.clear()
+    loaded = attnzoo.create_model("sparsifiner_deit_small", weights=tmp_path / "ours.safetensors", **TINY)
+    assert "untrained" in caplog.text
+    assert torch.equal(loaded.state_dict()["blocks.0.attn.qkv.weight"], deit.state_dict()["blocks.0.attn.qkv.weight"])
+
+
+def test_lvvit_with_another_head_leaves_both_classifiers_out(tmp_path):
+    """LV-ViT's cfg names two classifiers (``head``, ``aux_head``): another ``num_classes`` drops both."""
+    torch.manual_seed(0)
+    source = timm.create_model("sparsifiner_lvvit_s", **LVVIT_TINY).state_dict()
+    torch.save(source, tmp_path / "lvvit.pth")
+    seven = {**LVVIT_TINY, "num_classes": 7}
+    overlay = dict(file=str(tmp_path / "lvvit.pth"))
+    for model in (
+        attnzoo.create_model("sparsifiner_lvvit_s", weights=tmp_path / "lvvit.pth", **seven),
+        timm.create_model("sparsifiner_lvvit_s", pretrained=True, pretrained_cfg_overlay=overlay, **seven),
+    ):
+        assert model.head.weight.shape[0] == 7 and model.aux_head.weight.shape[0] == 7
+        assert all(torch.equal(v, source[k]) for k, v in model.state_dict().items() if "head." not in k)

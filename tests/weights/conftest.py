@@ -1,10 +1,15 @@
 """Fixtures for the weights layer: a Hugging Face cache the test fills itself, a port nobody listens
-on, and a fresh reachability memory per test (nothing here touches the network)."""
+on, a local server of versioned files, and a fresh reachability memory per test (nothing here touches
+the network)."""
 
 from __future__ import annotations
 
+import hashlib
+import http.server
 import socket
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -46,3 +51,64 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class _VersionedHandler(http.server.BaseHTTPRequestHandler):
+    """Answers as a CDN does: each file has a version (ETag and Last-Modified, unless ``validators`` is
+    off), a Range is honoured only while If-Range names the current version, and a range past the end is
+    a 416 naming the size. ``wrong_range_start`` misbehaves: every 206 starts at byte 0."""
+
+    state: SimpleNamespace
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        state = self.state
+        state.log.append((self.path, self.headers.get("Range"), self.headers.get("If-Range")))
+        if self.path not in state.files:
+            self.send_error(404)
+            return
+        body = state.files[self.path]
+        version = f'"{hashlib.sha256(body).hexdigest()[:16]}"'
+        rng, if_range = self.headers.get("Range"), self.headers.get("If-Range")
+        start = int(rng.removeprefix("bytes=").split("-")[0]) if rng and if_range in (None, version) else 0
+        if start >= len(body) and rng and if_range in (None, version):
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(body)}")
+            self.end_headers()
+            return
+        if rng and if_range in (None, version):
+            start = 0 if state.wrong_range_start else start
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        if state.validators:
+            self.send_header("ETag", version)
+            self.send_header("Last-Modified", "Mon, 01 Jan 2024 00:00:00 GMT")
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        cut = state.cut_after.pop(self.path, None)
+        self.wfile.write(body[start:cut] if cut is not None else body[start:])
+        if cut is not None:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def versioned_server():
+    """A local HTTP server with versioned files: ``.files`` (path -> bytes, change it to publish a new version),
+    ``.cut_after`` (path -> bytes sent before the connection drops, once), ``.log`` of (path, Range, If-Range),
+    ``.url(path)``; ``.validators`` and ``.wrong_range_start`` switch behaviours."""
+    state = SimpleNamespace(files={}, cut_after={}, log=[], validators=True, wrong_range_start=False)
+    handler = type("Handler", (_VersionedHandler,), {"state": state})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state.url = lambda path: f"http://127.0.0.1:{server.server_address[1]}{path}"
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()

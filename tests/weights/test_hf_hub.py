@@ -35,13 +35,18 @@ def test_hf_hub_file_not_cached_fails_at_once_with_the_ways_out(hf_cache):
     message = str(info.value)
     assert "huggingface.co" in message and "my-lab/tiny-resnet/model.safetensors" in message
     assert "--weights none" in message and "ATTNZOO_OFFLINE=1" in message
+    assert "`hf download my-lab/tiny-resnet model.safetensors`" in message
 
 
 def test_hf_hub_in_offline_mode_names_the_cache(hf_cache, monkeypatch):
+    """The advice is the Hub client's download into its cache: a file copied into that folder by hand is
+    never found there (the cache is keyed by repo and commit)."""
     monkeypatch.setenv("ATTNZOO_OFFLINE", "1")
     with pytest.raises(OfflineError, match="offline mode") as info:
         resolve_checkpoint("hf-hub:my-lab/tiny-resnet/model.safetensors")
-    assert str(hf_cache.root) in str(info.value) and "--weights none" in str(info.value)
+    message = str(info.value)
+    assert str(hf_cache.root) in message and "--weights none" in message
+    assert "`hf download my-lab/tiny-resnet model.safetensors`" in message and "place it at" not in message
     hf_cache("my-lab/tiny-resnet", "model.safetensors", save(tiny_state()))
     assert resolve_checkpoint("hf-hub:my-lab/tiny-resnet/model.safetensors").is_file()
 

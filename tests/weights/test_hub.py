@@ -29,21 +29,99 @@ def test_cached_file_is_not_downloaded_again(tmp_path):
     assert len(log) == 1
 
 
-def test_resume_after_cut_connection(tmp_path):
+def version(body: bytes) -> str:
+    """The ETag the ``versioned_server`` fixture gives ``body``."""
+    return f'"{hashlib.sha256(body).hexdigest()[:16]}"'
+
+
+@pytest.fixture
+def no_waits(monkeypatch):
+    monkeypatch.setattr(hub, "time", SimpleNamespace(sleep=lambda s: None))  # no back-off waits in a test
+
+
+def cut_short(server, tmp_path, body: bytes, sent: int) -> str:
+    """A download of ``body`` that stops after ``sent`` bytes, leaving its ``.part``; returns the URL."""
+    server.files["/w.bin"], server.cut_after["/w.bin"] = body, sent
+    with pytest.raises(WeightsError, match=rf"{sent} bytes are kept in .*w\.bin\.part: run the same command again"):
+        download_url(server.url("/w.bin"), tmp_path / "w.bin", retries=0, progress=False)
+    return server.url("/w.bin")
+
+
+def test_resume_after_cut_connection(tmp_path, versioned_server):
     cut = 1_500_000
-    with http_server({"/w.bin": PAYLOAD}, cut_after={"/w.bin": cut}) as (base, log):
-        path = download_url(f"{base}/w.bin", tmp_path / "w.bin", sha256=SHA, progress=False)
+    versioned_server.files["/w.bin"], versioned_server.cut_after["/w.bin"] = PAYLOAD, cut
+    path = download_url(versioned_server.url("/w.bin"), tmp_path / "w.bin", sha256=SHA, progress=False)
     assert path.read_bytes() == PAYLOAD
-    assert log[0] == ("/w.bin", None)
-    assert log[1] == ("/w.bin", f"bytes={cut}-")  # the second request resumed, not restarted
+    log = versioned_server.log
+    assert log[0][:2] == ("/w.bin", None)
+    assert log[1] == ("/w.bin", f"bytes={cut}-", version(PAYLOAD))  # resumed, as long as the file is the same
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.bin", "w.bin.lock"]  # no .part, no record left
 
 
-def test_resume_from_part_left_by_earlier_process(tmp_path):
-    (tmp_path / "w.bin.part").write_bytes(PAYLOAD[:1000])
-    with http_server({"/w.bin": PAYLOAD}) as (base, log):
-        download_url(f"{base}/w.bin", tmp_path / "w.bin", sha256=SHA, progress=False)
-    assert log == [("/w.bin", "bytes=1000-")]
+@pytest.mark.usefixtures("no_waits")
+def test_resume_from_part_left_by_earlier_process(tmp_path, versioned_server):
+    url = cut_short(versioned_server, tmp_path, PAYLOAD, 1000)
+    download_url(url, tmp_path / "w.bin", sha256=SHA, progress=False)  # a later process
+    assert versioned_server.log[1] == ("/w.bin", "bytes=1000-", version(PAYLOAD))
     assert (tmp_path / "w.bin").read_bytes() == PAYLOAD
+
+
+def test_a_part_of_unknown_version_is_not_resumed(tmp_path, versioned_server):
+    """A ``.part`` with no record of the version it came from (an older release, another server) starts
+    over: resuming it with the new file's tail would cache a file that is neither."""
+    (tmp_path / "w.bin.part").write_bytes(os.urandom(1000))
+    versioned_server.files["/w.bin"] = PAYLOAD
+    download_url(versioned_server.url("/w.bin"), tmp_path / "w.bin", progress=False)
+    assert (tmp_path / "w.bin").read_bytes() == PAYLOAD
+    assert versioned_server.log == [("/w.bin", None, None)]
+
+
+@pytest.mark.usefixtures("no_waits")
+def test_a_part_of_an_older_release_starts_over(tmp_path, versioned_server):
+    old = os.urandom(len(PAYLOAD))
+    url = cut_short(versioned_server, tmp_path, old, 1000)
+    versioned_server.files["/w.bin"] = PAYLOAD  # a new release at the same URL
+    download_url(url, tmp_path / "w.bin", progress=False)
+    assert versioned_server.log[1] == ("/w.bin", "bytes=1000-", version(old))  # "only if it is still that one"
+    assert (tmp_path / "w.bin").read_bytes() == PAYLOAD  # the server sent the whole new file
+
+
+@pytest.mark.usefixtures("no_waits")
+def test_a_range_that_does_not_continue_the_part_starts_over(tmp_path, versioned_server):
+    url = cut_short(versioned_server, tmp_path, PAYLOAD, 1000)
+    versioned_server.wrong_range_start = True  # 206 from byte 0, whatever was asked
+    download_url(url, tmp_path / "w.bin", progress=False)
+    assert (tmp_path / "w.bin").read_bytes() == PAYLOAD
+    assert [entry[1] for entry in versioned_server.log] == [None, "bytes=1000-", None]
+
+
+@pytest.mark.usefixtures("no_waits")
+def test_http_416_completes_a_part_only_when_it_is_the_whole_file(tmp_path, versioned_server):
+    url = cut_short(versioned_server, tmp_path, PAYLOAD, 1000)
+    part = tmp_path / "w.bin.part"
+    part.write_bytes(part.read_bytes() + os.urandom(len(PAYLOAD)))  # longer than the file: not a finished download
+    download_url(url, tmp_path / "w.bin", progress=False)
+    assert (tmp_path / "w.bin").read_bytes() == PAYLOAD
+    assert [entry[1] for entry in versioned_server.log] == [None, f"bytes={len(PAYLOAD) + 1000}-", None]
+
+    (tmp_path / "w.bin").unlink()
+    versioned_server.log.clear()
+    cut_short(versioned_server, tmp_path, PAYLOAD, 1000)
+    part.write_bytes(PAYLOAD)  # every byte arrived, the rename did not happen
+    download_url(url, tmp_path / "w.bin", sha256=SHA, progress=False)
+    assert [entry[1] for entry in versioned_server.log] == [None, f"bytes={len(PAYLOAD)}-"]  # 416: nothing left
+
+
+@pytest.mark.usefixtures("no_waits")
+def test_a_server_that_names_no_version_gives_no_resume(tmp_path, versioned_server):
+    versioned_server.validators = False
+    versioned_server.files["/w.bin"], versioned_server.cut_after["/w.bin"] = PAYLOAD, 1000
+    url = versioned_server.url("/w.bin")
+    with pytest.raises(WeightsError, match="1000 bytes were received, but .* run the same command again to start over"):
+        download_url(url, tmp_path / "w.bin", retries=0, progress=False)
+    assert not (tmp_path / "w.bin.part").exists()
+    download_url(url, tmp_path / "w.bin", sha256=SHA, progress=False)
+    assert [entry[1] for entry in versioned_server.log] == [None, None]
 
 
 def test_checksum_mismatch_never_reaches_cache(tmp_path):
@@ -71,8 +149,10 @@ def test_unreachable_host_fails_at_once_with_the_ways_out(tmp_path, closed_port)
     assert not (tmp_path / "n.bin.part").exists()
 
 
+@pytest.mark.usefixtures("no_waits")
 def test_failed_download_offers_resume_only_when_bytes_were_kept(tmp_path, monkeypatch):
     def half_then_cut(url, part, *, progress, timeout):
+        hub._start_record(part, url, {"ETag": '"v1"'}, len(PAYLOAD))  # a server that names the version
         with open(part, "ab") as fh:
             fh.write(PAYLOAD[:1000])
         raise ConnectionResetError("connection reset by peer")
@@ -80,7 +160,6 @@ def test_failed_download_offers_resume_only_when_bytes_were_kept(tmp_path, monke
     def nothing(url, part, *, progress, timeout):
         raise TimeoutError("timed out")
 
-    monkeypatch.setattr(hub, "time", SimpleNamespace(sleep=lambda s: None))  # no back-off waits in a test
     with http_server({}) as (base, _):  # a host that answers, so the probe passes
         monkeypatch.setattr(hub, "_fetch_into", half_then_cut)
         with pytest.raises(WeightsError, match=r"bytes are kept in .*w\.bin\.part: run the same command again"):

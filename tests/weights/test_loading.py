@@ -9,6 +9,7 @@ from attnzoo.errors import UnknownNameError, WeightsError
 from attnzoo.weights import (
     CheckpointEntry,
     PreprocessConfig,
+    checkpoints_dir,
     convert_checkpoint,
     default_checkpoint,
     get_checkpoint,
@@ -286,3 +287,236 @@ def test_convert_never_writes_over_its_source_nor_into_a_folder(tmp_path):
         convert_checkpoint(official, official / "x.safetensors", small_net())
     out = convert_checkpoint(official, tmp_path / "ours.safetensors", small_net())
     assert set(load_file(out)) == set(small_net().state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+def test_float8_weights_are_checked_for_finiteness(tmp_path, dtype, fmt):
+    """float8 has no min/max kernel on the CPU: the check reads it in float32 instead of failing."""
+    values = torch.linspace(-2, 2, 12).reshape(3, 4)
+    path = tmp_path / f"w.{fmt}"
+    for state in ({"w": values.to(dtype)}, {"w": values.index_fill(1, torch.tensor([2]), float("nan")).to(dtype)}):
+        save_file(state, path) if fmt == "safetensors" else torch.save(state, path)
+        if torch.isfinite(state["w"].float()).all():
+            assert torch.equal(load_checkpoint_file(path)["w"].float(), state["w"].float())
+        else:
+            with pytest.raises(WeightsError, match=r"1 tensor\(s\): w \(3 of 12\)"):
+                load_checkpoint_file(path)
+
+
+# -- configuration objects official training scripts pickle beside the weights ------------------------------
+
+MARKER = "foreign-code-ran"
+FOREIGN_MODULES = {
+    "yacs/__init__.py": "",
+    "yacs/config.py": """
+import pathlib
+pathlib.Path({marker!r}).touch()
+
+class CfgNode(dict):  # yacs' own is a dict subclass with attributes of its own
+    def __init__(self, init_dict=None):
+        super().__init__(init_dict or {{}})
+        self.__dict__["__immutable__"] = False
+
+    def __setstate__(self, state):
+        pathlib.Path({marker!r}).touch()
+""",
+    "omegaconf/__init__.py": "from omegaconf.dictconfig import DictConfig\n",
+    "omegaconf/base.py": """
+class Metadata:
+    def __init__(self, ref_type, object_type):
+        self.ref_type, self.object_type = ref_type, object_type
+""",
+    "omegaconf/nodes.py": """
+class AnyNode:
+    def __init__(self, value):
+        self._val = value
+""",
+    "omegaconf/dictconfig.py": """
+import typing
+
+from omegaconf.base import Metadata
+from omegaconf.nodes import AnyNode
+
+class DictConfig:  # OmegaConf's is no dict: its state holds nodes and metadata naming types
+    def __init__(self, content):
+        self.__dict__["_content"] = {{k: AnyNode(v) for k, v in content.items()}}
+        self.__dict__["_metadata"] = Metadata(typing.Any, dict)
+
+    def __getstate__(self):
+        return dict(self.__dict__)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+""",
+    "utils/__init__.py": "",
+    "utils/utils.py": """
+class Struct:  # ACMIL's config
+    def __init__(self, **entries):
+        self.__dict__.update(entries)
+""",
+}
+
+
+@pytest.fixture
+def foreign(tmp_path, monkeypatch):
+    """yacs, omegaconf and ACMIL's ``utils`` written into a folder on sys.path (importable while a test saves
+    with them); ``.forget()`` drops the imported modules, ``.uninstall()`` deletes the folder too."""
+    import importlib
+    import shutil
+    import sys
+    from types import SimpleNamespace
+
+    root, marker = tmp_path / "site", tmp_path / MARKER
+    for name, text in FOREIGN_MODULES.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text.format(marker=str(marker)))
+    assert not {"yacs", "omegaconf", "utils"} & set(sys.modules)
+    monkeypatch.syspath_prepend(str(root))
+    importlib.invalidate_caches()
+    yacs, omegaconf, utils = (importlib.import_module(n) for n in ("yacs.config", "omegaconf", "utils.utils"))
+
+    def forget():
+        for name in [n for n in sys.modules if n.partition(".")[0] in ("yacs", "omegaconf", "utils")]:
+            del sys.modules[name]
+        marker.unlink(missing_ok=True)
+
+    def uninstall():
+        forget()
+        shutil.rmtree(root)
+        importlib.invalidate_caches()
+
+    yield SimpleNamespace(
+        CfgNode=yacs.CfgNode,
+        DictConfig=omegaconf.DictConfig,
+        Struct=utils.Struct,
+        marker=marker,
+        forget=forget,
+        uninstall=uninstall,
+    )
+    forget()
+
+
+def official_with_configs(foreign, path, weights):
+    """A file as the official training scripts write it: InLine's yacs ``config``, BiFormer's hydra ``args``,
+    ACMIL's ``Struct``."""
+    config = foreign.CfgNode({"MODEL": foreign.CfgNode({"NAME": "inline_deit_t", "DEPTHS": [2, 2, 6, 2]})})
+    torch.save(
+        {
+            "model": weights,
+            "optimizer": {"state": {}, "param_groups": []},
+            "max_accuracy": 74.5,
+            "epoch": 299,
+            "config": config,
+            "args": foreign.DictConfig({"lr": 1e-3, "model": "biformer_tiny"}),
+            "struct": foreign.Struct(D_feat=32, n_class=2),
+        },
+        path,
+    )
+
+
+def test_official_configs_pickled_beside_the_weights_load_without_their_libraries(tmp_path, foreign):
+    source = small_net()
+    official_with_configs(foreign, tmp_path / "official.pth", source.state_dict())
+    foreign.uninstall()
+    loaded = load_weights(
+        torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2)), tmp_path / "official.pth"
+    )
+    assert all(
+        torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), source.state_dict().values(), strict=True)
+    )
+    obj = load_checkpoint_file(tmp_path / "official.pth")
+    assert obj["config"] == {"MODEL": {"NAME": "inline_deit_t", "DEPTHS": [2, 2, 6, 2]}}  # a plain dict now
+    assert type(obj["config"]).__module__ == "collections" and obj["epoch"] == 299
+
+
+def test_no_code_of_a_foreign_library_runs_even_where_it_is_installed(tmp_path, foreign):
+    import sys
+
+    official_with_configs(foreign, tmp_path / "official.pth", small_net().state_dict())
+    foreign.forget()  # still importable, not imported
+    load_checkpoint_file(tmp_path / "official.pth")
+    assert not foreign.marker.exists() and "yacs.config" not in sys.modules
+
+
+def test_weights_inside_a_foreign_object_are_refused(tmp_path, foreign):
+    torch.save({"model": foreign.CfgNode(small_net().state_dict()), "epoch": 3}, tmp_path / "hidden.pth")
+    foreign.uninstall()
+    with pytest.raises(WeightsError, match=r"tensors inside a yacs\.config\.CfgNode object"):
+        load_checkpoint_file(tmp_path / "hidden.pth")
+
+
+def test_a_foreign_config_does_not_let_code_through(tmp_path, foreign):
+    torch.save(
+        {"model": small_net().state_dict(), "config": foreign.CfgNode({"A": 1}), "x": Evil()}, tmp_path / "e.pth"
+    )
+    foreign.uninstall()
+    with pytest.raises(WeightsError, match="code execution"):
+        load_checkpoint_file(tmp_path / "e.pth")
+
+
+# -- downloads that are not checkpoints ----------------------------------------------------------------------
+
+
+def test_a_download_that_is_not_a_checkpoint_is_deleted_and_fetched_again(tmp_path, versioned_server):
+    """A server that sends no length and stops early leaves a file cut short that nothing can detect before
+    it is read: reading it deletes it, so the next call fetches it again instead of failing forever."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"model": small_net().state_dict()}, buffer)
+    versioned_server.files["/w.pth"] = buffer.getvalue()[:600]
+    url = versioned_server.url("/w.pth")
+    with pytest.raises(
+        WeightsError, match=r"not a readable PyTorch checkpoint.*deleted: the next call fetches it again"
+    ):
+        load_weights(small_net(), url)
+    assert not list(checkpoints_dir().rglob("w.pth"))
+    versioned_server.files["/w.pth"] = buffer.getvalue()
+    load_weights(small_net(), url)
+    assert len(versioned_server.log) == 2
+
+
+def test_a_file_of_the_users_own_is_never_deleted(tmp_path):
+    mine = tmp_path / "mine.pth"
+    mine.write_bytes(b"\x80\x02garbage that is no pickle at all" * 10)
+    with pytest.raises(WeightsError, match="not a readable PyTorch checkpoint") as info:
+        load_weights(small_net(), mine)
+    assert mine.exists() and "deleted" not in str(info.value)
+
+
+# -- another classifier -----------------------------------------------------------------------------------
+
+
+def test_load_weights_leaves_a_classifier_that_does_not_fit_and_nothing_else():
+    source = small_net().state_dict()
+    five = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 5))
+    fresh = five[2].weight.detach().clone()
+    load_weights(five, source, classifier=("2",))
+    assert torch.equal(five[0].weight, source["0.weight"]) and torch.equal(five[2].weight, fresh)
+    two = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    load_weights(two, source, classifier=("2",))  # it fits: loaded
+    assert torch.equal(two[2].weight, source["2.weight"])
+    headless = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+    load_weights(headless, source, classifier=("2",))  # num_classes=0: the file's head is left out
+    with pytest.raises(WeightsError, match="1 missing: 0.bias"):
+        load_weights(five, {k: v for k, v in source.items() if k != "0.bias"}, classifier=("2",))
+    with pytest.raises(WeightsError, match="unexpected: backbone.0.weight"):
+        load_weights(five, {f"backbone.{k}": v for k, v in source.items()}, classifier=("2",))
+
+
+def test_convert_saves_only_what_the_source_holds(tmp_path):
+    """A converter may fill a part the official file lacks with the model's own initialisation (Sparsifiner's
+    predictor on a dense DeiT): the conversion leaves it out and names it, so loading it says so again."""
+    from safetensors import safe_open
+
+    source = small_net().state_dict()
+    torch.save({"model": {k: v for k, v in source.items() if not k.startswith("2.")}}, tmp_path / "dense.pth")
+
+    def fill_from_model(state, model):
+        return {**state, **{k: v for k, v in model.state_dict().items() if k.startswith("2.")}}
+
+    convert_checkpoint(tmp_path / "dense.pth", tmp_path / "out.safetensors", small_net(), converter=fill_from_model)
+    with safe_open(tmp_path / "out.safetensors", "pt") as fh:
+        assert set(fh.keys()) == {"0.weight", "0.bias"}
+        assert fh.metadata()["not_in_source"] == "2.weight,2.bias"

@@ -65,7 +65,7 @@ from attnzoo.datasets.wsi import slide_id as slide_id_of
 from attnzoo.errors import InvalidInputError, InvalidOptionError, WeightsError
 from attnzoo.factory import create_model
 from attnzoo.pipelines.base import check_batching, resolve_device
-from attnzoo.weights.loading import load_checkpoint_file, load_weights, resolve_checkpoint, unwrap_state_dict
+from attnzoo.weights.loading import load_checkpoint, load_weights, unwrap_state_dict
 
 __all__ = [
     "FEATURES_FORMAT",
@@ -614,9 +614,7 @@ def _resolve_encoder(encoder: Any, weights: Any) -> tuple[torch.nn.Module, str]:
 
 def _without_classifier(arch: str, weights: Any) -> dict[str, Any]:
     """The state dict of ``weights`` minus the keys of ``arch``'s classifier (timm's ``pretrained_cfg['classifier']``)."""
-    state = unwrap_state_dict(
-        weights if isinstance(weights, Mapping) else load_checkpoint_file(resolve_checkpoint(weights))
-    )
+    state = unwrap_state_dict(weights if isinstance(weights, Mapping) else load_checkpoint(weights))
     headless: Any = create_model(arch, weights="none", num_classes=0)
     heads = (headless.pretrained_cfg or {}).get("classifier") or ()
     heads = (heads,) if isinstance(heads, str) else tuple(heads)

@@ -70,10 +70,10 @@ def load_deit_init(
     and ``head_dist`` are ignored; parameters DeiT lacks (the IFS convs) keep their init. A shape
     mismatch (another DeiT size) is an error. Returns the keys ``loaded``, ``ignored`` and ``kept``.
     """
-    from attnzoo.weights import load_checkpoint_file, resolve_checkpoint, unwrap_state_dict
+    from attnzoo.weights import load_checkpoint, unwrap_state_dict
 
     vit = _vit_of(model)
-    obj: Any = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint_file(resolve_checkpoint(checkpoint))
+    obj: Any = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)
     source = unwrap_state_dict(obj)
     own = vit.state_dict()
     new: dict[str, torch.Tensor] = {}

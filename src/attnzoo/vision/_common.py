@@ -126,8 +126,9 @@ def build_classifier(
     ``content`` for every OneDrive link (so the BiFormer checkpoints overwrite each other) and empty
     for Tsinghua Cloud's ``.../?dl=1`` (so the cache folder itself is read), and would fail with
     urllib's errors. A source given in ``pretrained_cfg_overlay`` (``file``, ``state_dict``,
-    ``url``, ``hf_hub_id``) still wins, and timm's adaptation is kept: another ``num_classes``
-    drops the classifier, another ``in_chans`` adapts the first convolution.
+    ``url``, ``hf_hub_id``) still wins, and timm's adaptation is kept: another ``num_classes`` (or
+    ``features_only``) drops the classifier, another ``in_chans`` adapts the first convolution. Every
+    other key must match, where timm would load what it can and only log the rest.
     """
     from timm.models import build_model_with_cfg
 
@@ -136,6 +137,8 @@ def build_classifier(
             model_cls, variant, False, pretrained_filter_fn=filter_fn, feature_cfg=feature_cfg, **kwargs
         )
     from timm.models import load_pretrained, resolve_pretrained_cfg
+
+    from attnzoo.weights import classifier_names, keys_under, summarise_mismatch
 
     cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")).to_dict()
     checkpoint = pretrained_checkpoint(cfg, kwargs.get("pretrained_cfg_overlay") or {})  # before building: fail fast
@@ -147,19 +150,45 @@ def build_classifier(
 
     def build_and_load(**model_kwargs: Any) -> _M:
         model = model_cls(**model_kwargs)
+        num_classes = 0 if features else getattr(model, "num_classes", 1000)  # timm's rule
+        filtered: dict[str, None] = {}  # the keys the filter gave timm, in order
+
+        def recording_filter(state: Any, model: nn.Module) -> dict:
+            state = filter_fn(state, model)
+            filtered.update(dict.fromkeys(state))
+            return state
+
         try:
             load_pretrained(
                 model,
                 {**cfg, "state_dict": checkpoint},
-                num_classes=0 if features else getattr(model, "num_classes", 1000),  # timm's rule
+                num_classes=num_classes,
                 in_chans=model_kwargs.get("in_chans", 3),
-                filter_fn=filter_fn,
+                filter_fn=recording_filter,
             )
         except AttnzooError:
             raise
         except (RuntimeError, KeyError, ValueError) as err:  # torch's load_state_dict: keys or shapes differ
+            if filtered:  # a few keys of each kind, rather than torch's list of them all
+                check_keys(model, filtered, num_classes)
             raise WeightsError(f"the pretrained checkpoint does not fit {variant}: {str(err)[:600]}") from err
+        check_keys(model, filtered, num_classes)
         return model
+
+    def check_keys(model: nn.Module, filtered: Mapping[str, None], num_classes: int) -> None:
+        """timm loads with ``strict=False`` once it leaves the classifier out, and then only logs what else did
+        not match: a checkpoint of another depth loads in part, one with a ``backbone.`` prefix not at all.
+        Every key but the classifier's must match."""
+        dropped = set()
+        if num_classes != cfg.get("num_classes"):  # timm left the classifier out
+            dropped = keys_under(classifier_names(cfg), [*model.state_dict(), *filtered])
+        own = model.state_dict()
+        problem = summarise_mismatch(
+            missing=[k for k in own if k not in filtered and k not in dropped],
+            unexpected=[k for k in filtered if k not in own and k not in dropped],
+        )
+        if problem:
+            raise WeightsError(f"the pretrained checkpoint does not fit {variant}: {problem}")
 
     return build_model_with_cfg(
         build_and_load, variant, False, pretrained_filter_fn=filter_fn, feature_cfg=feature_cfg, **kwargs
@@ -172,7 +201,7 @@ def pretrained_checkpoint(cfg: Mapping[str, Any], overlay: Mapping[str, Any]) ->
     (attnzoo's cache, sha256). None where timm should load it itself: a ``url`` / ``hf_hub_id`` the caller put
     in ``pretrained_cfg_overlay``, a model named ``hf-hub:...`` or ``local-dir:...`` (timm prefers the Hub
     repo to the official URL, and reads a saved folder), or a cfg of no registered entry."""
-    from attnzoo.weights import fetch_checkpoint, get_checkpoint, is_checkpoint, load_checkpoint_file
+    from attnzoo.weights import is_checkpoint, load_checkpoint, load_checkpoint_file
 
     if cfg.get("state_dict") is not None:
         return cfg["state_dict"]
@@ -182,7 +211,7 @@ def pretrained_checkpoint(cfg: Mapping[str, Any], overlay: Mapping[str, Any]) ->
         return load_checkpoint_file(cfg["file"])
     name = f"{cfg.get('architecture')}.{cfg.get('tag')}"
     if is_checkpoint(name):
-        return load_checkpoint_file(fetch_checkpoint(get_checkpoint(name)))
+        return load_checkpoint(name)
     if cfg.get("url") or cfg.get("hf_hub_id"):
         return None
     raise WeightsError(

@@ -31,11 +31,10 @@ Parameter names are the official ones, so checkpoints written by the official tr
 load strictly once unwrapped (:func:`checkpoint_filter_fn`). **No trained ACMIL weights are
 released.** The official ``save_model`` pickles ``{'model', 'optimizer', 'epoch', 'config'}``
 where ``config`` is the repository's own ``utils.utils.Struct`` class: attnzoo's safe loader
-(:func:`attnzoo.weights.load_checkpoint_file`, ``torch.load(weights_only=True)``) refuses such a
-file with a :class:`~attnzoo.errors.WeightsError`. Re-save the state dict once, from a file you
-trust, in the official environment: ``torch.save(torch.load(path, weights_only=False)["model"],
-"acmil_state.pth")`` (or to safetensors), then ``attnzoo.create_model("acmil_ga",
-weights="acmil_state.pth", ...)`` with the same dimensions.
+(:func:`attnzoo.weights.load_checkpoint_file`, ``torch.load(weights_only=True)``) reads it with an
+inert stand-in for that class (none of the repository's code runs; the config comes back as an
+empty dict), so ``attnzoo.create_model("acmil_ga", weights="checkpoint-best.pth", ...)`` with the
+same dimensions loads the file as it was written.
 """
 
 from __future__ import annotations
@@ -484,8 +483,8 @@ def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: nn.Module) -> dic
     ``classifier.fc``) onto a one-branch :class:`ACMILGatedAttention`: that classifier becomes both
     ``classifier.0`` and ``Slide_classifier``, so the slide logits are ABMIL's output.
 
-    The file itself must be loadable by :func:`attnzoo.weights.load_checkpoint_file`; see the
-    module docstring for re-saving the official pickles.
+    The file itself is read by :func:`attnzoo.weights.load_checkpoint_file` (weights only; see the
+    module docstring for the official ``Struct`` config).
     """
     state = unwrap_state_dict(checkpoint)
     if (

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import json
 import os
+import re
 import socket
 import threading
 import time
@@ -19,6 +21,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from attnzoo.errors import AttnzooError, ChecksumError, OfflineError, WeightsError
 
@@ -127,28 +130,45 @@ def hub_reachable() -> bool:
 OFFLINE_REASON = "offline mode (ATTNZOO_OFFLINE/HF_HUB_OFFLINE)"
 
 
-def unavailable_error(what: str, url: str, dest: Path | None = None, ways_out: str | None = None) -> OfflineError:
+def unavailable_error(
+    what: str, url: str, dest: Path | None = None, ways_out: str | None = None, *, how_to_fetch: str | None = None
+) -> OfflineError:
     """The error for ``what`` (not cached) when ``url`` cannot be used now: offline mode, or its host
-    unreachable. ``ways_out`` replaces the advice about ``--weights`` where that option does not load ``what``."""
+    unreachable. ``how_to_fetch`` says how to get the file where it will be found (default: download
+    ``url`` and place it at ``dest``); ``ways_out`` replaces the advice about ``--weights`` where that
+    option does not load ``what``."""
     if is_offline():
-        place = f"download {url} and place it at {dest}, or pass" if dest else "pass"
+        place = how_to_fetch or (f"download {url} and place it at {dest}" if dest else None)
         advice = ways_out or (
-            f"{place} the local file with --weights PATH; or use random weights with --weights none "
-            "(weights='none' in Python)"
+            f"{place + ', or pass' if place else 'pass'} the local file with --weights PATH; "
+            "or use random weights with --weights none (weights='none' in Python)"
         )
         return OfflineError(f"{OFFLINE_REASON} and no cached copy of {what}: {advice}")
     host = urllib.parse.urlsplit(url).hostname or url
+    fetch = f" Where {host} can be reached, {how_to_fetch}." if how_to_fetch else ""
     return OfflineError(
         f"cannot reach {host} (no network, or a firewall or proxy in the way) to fetch {what}, and there is no "
-        f"cached copy. {ways_out or WAYS_OUT}."
+        f"cached copy.{fetch} {ways_out or WAYS_OUT}."
     )
 
 
-def ensure_can_download(what: str, url: str, dest: Path | None = None) -> None:
+def hf_fetch_advice(repo_id: str, filename: str | None = None) -> str:
+    """How to put a Hub file where attnzoo and timm find it, offline too: the Hugging Face cache, filled by
+    its own client (a file copied into that folder by hand is never found: the cache is keyed by commit)."""
+    import huggingface_hub.constants
+
+    target = f"{repo_id} {filename}" if filename else repo_id
+    return (
+        f"fetch it into the Hugging Face cache ({huggingface_hub.constants.HF_HUB_CACHE}) with "
+        f"`hf download {target}` (`huggingface-cli download` before huggingface_hub 0.34), which is read offline too"
+    )
+
+
+def ensure_can_download(what: str, url: str, dest: Path | None = None, *, how_to_fetch: str | None = None) -> None:
     """Fail at once, saying the ways out, where fetching ``url`` cannot work: offline mode or an unreachable host."""
     reachable = hub_reachable() if url.startswith(hf_endpoint()) else not is_offline() and url_reachable(url)
     if not reachable:
-        raise unavailable_error(what, url, dest)
+        raise unavailable_error(what, url, dest, how_to_fetch=how_to_fetch)
 
 
 @contextlib.contextmanager
@@ -238,9 +258,6 @@ def download_url(
                 last_error = None
                 break
             except urllib.error.HTTPError as err:
-                if err.code == 416 and part.exists():  # nothing left to fetch
-                    last_error = None
-                    break
                 if 400 <= err.code < 500:
                     raise WeightsError(f"download of {url} failed: HTTP {err.code} {err.reason}") from err
                 last_error = err
@@ -249,41 +266,125 @@ def download_url(
             if attempt < retries:
                 time.sleep(min(2.0**attempt * 0.25, 4.0))
         if last_error is not None:
-            kept = part.stat().st_size if part.exists() else 0
-            then = (
-                f"{kept} bytes are kept in {part}: run the same command again to resume from there"
-                if kept
-                else f"nothing was received. {WAYS_OUT}"
-            )
             raise WeightsError(
-                f"download of {url} failed after {retries + 1} attempts ({last_error}); {then}"
+                f"download of {url} failed after {retries + 1} attempts ({last_error}); {_what_was_kept(part, url)}"
             ) from None
         if sha256:
             try:
                 verify_file(part, sha256)
             except ChecksumError as err:
-                part.unlink(missing_ok=True)
+                _discard_part(part)
                 raise ChecksumError(f"download of {url}: {err}") from None
         os.replace(part, dest)
+        _resume_record(part).unlink(missing_ok=True)
     return dest
 
 
+def _what_was_kept(part: Path, url: str) -> str:
+    """The end of a failed download's error: what a second run will do with the bytes received."""
+    kept = part.stat().st_size if part.exists() else 0
+    if kept and _saved_validator(part, url):
+        return f"{kept} bytes are kept in {part}: run the same command again to resume from there"
+    if kept:
+        _discard_part(part)
+        return (
+            f"{kept} bytes were received, but the server names no version of the file (ETag or Last-Modified) "
+            "to resume them safely: run the same command again to start over"
+        )
+    return f"nothing was received. {WAYS_OUT}"
+
+
+class _StalePart(Exception):
+    """The server's answer does not continue the ``.part``: another version of the file, or another range."""
+
+
+_CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)")
+
+
+def _content_range(value: str | None) -> tuple[int | None, int | None]:
+    """(first byte, total size) of a ``Content-Range`` header; None where it does not say."""
+    match = _CONTENT_RANGE.match((value or "").strip())
+    if match is None:
+        return None, None
+    first, total = match.groups()
+    return (int(first) if first else None), (int(total) if total != "*" else None)
+
+
+def _resume_record(part: Path) -> Path:
+    """Beside a ``.part``: the URL, version (ETag or Last-Modified) and size of the file it was started from."""
+    return part.with_name(part.name + ".json")
+
+
+def _saved_validator(part: Path, url: str) -> dict[str, Any] | None:
+    """The record of ``part`` when it was started from ``url`` with a version to resume against, else None."""
+    try:
+        record = json.loads(_resume_record(part).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("url") != url or not isinstance(record.get("validator"), str):
+        return None
+    return record
+
+
+def _start_record(part: Path, url: str, headers: Any, size: int | None) -> None:
+    """Empty ``part`` first, then name the version it now holds (a strong ETag, else Last-Modified): a
+    ``.part`` is resumed only against the version it was started from."""
+    part.write_bytes(b"")
+    etag = headers.get("ETag")
+    validator = etag if etag and not etag.startswith("W/") else headers.get("Last-Modified")
+    if validator:
+        _resume_record(part).write_text(json.dumps({"url": url, "validator": validator, "size": size}))
+    else:
+        _resume_record(part).unlink(missing_ok=True)
+
+
+def _discard_part(part: Path) -> None:
+    part.unlink(missing_ok=True)
+    _resume_record(part).unlink(missing_ok=True)
+
+
 def _fetch_into(url: str, part: Path, *, progress: bool, timeout: float) -> None:
+    """Fetch ``url`` into ``part``, continuing a ``.part`` only where the server confirms it holds the same
+    version (If-Range) and sends the bytes that follow it; otherwise from the start."""
+    try:
+        _fetch_part(url, part, progress=progress, timeout=timeout)
+    except _StalePart:
+        _discard_part(part)
+        _fetch_part(url, part, progress=progress, timeout=timeout)
+
+
+def _fetch_part(url: str, part: Path, *, progress: bool, timeout: float) -> None:
     from tqdm.auto import tqdm
 
-    start = part.stat().st_size if part.exists() else 0
+    record = _saved_validator(part, url) if part.exists() else None
+    start = part.stat().st_size if record else 0
     headers = {"User-Agent": "attnzoo"}
-    if start:
-        headers["Range"] = f"bytes={start}-"
+    if record and start:
+        headers.update({"Range": f"bytes={start}-", "If-Range": record["validator"]})
     request = urllib.request.Request(url, headers=headers)
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    try:
+        opened = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        if start and err.code == 416:  # nothing after the .part: complete only if the file is exactly that long
+            _, total = _content_range(err.headers.get("Content-Range"))
+            err.close()
+            if total == start and record and record.get("size") in (None, start):
+                return
+            raise _StalePart from None
+        raise
+    with opened as response:
         status = getattr(response, "status", None) or 200
-        if start and status != 206:  # the server ignored the range: start over
-            start = 0
         length = response.headers.get("Content-Length")
+        if start and status == 206:
+            first, total = _content_range(response.headers.get("Content-Range"))
+            if first != start or (record and record.get("size") not in (None, total)):
+                raise _StalePart
+        else:  # a whole file: a new version, or a server without ranges
+            start = 0
+            _start_record(part, url, response.headers, int(length) if length is not None else None)
         total = start + int(length) if length is not None else None
         with (
-            open(part, "ab" if start else "wb") as fh,
+            open(part, "ab") as fh,
             tqdm(
                 total=total,
                 initial=start,
@@ -317,8 +418,8 @@ def hf_download(repo_id: str, filename: str, *, revision: str | None = None, sha
         path = Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision, local_files_only=cache_only))
     except LocalEntryNotFoundError as err:
         if cache_only:
-            cache = Path(huggingface_hub.constants.HF_HUB_CACHE)
-            raise unavailable_error(what, f"{hf_endpoint()}/{repo_id}", cache) from None
+            how = hf_fetch_advice(repo_id, filename)
+            raise unavailable_error(what, f"{hf_endpoint()}/{repo_id}", how_to_fetch=how) from None
         raise WeightsError(f"cannot fetch {what} from the Hugging Face Hub: {err}") from None
     except Exception as err:  # hub errors have many types; all mean the same to a caller
         raise WeightsError(f"cannot fetch {what} from the Hugging Face Hub: {err}") from err

@@ -7,7 +7,8 @@ import os
 import pickle
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,13 @@ _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state", "net")
 #: anything else it refuses is a file it cannot parse.
 _NEEDS_CODE = re.compile(r"GLOBAL|reduce|Can only (create|build)", re.IGNORECASE)
 _BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
+#: Modules whose globals never get a stand-in: their objects make up tensors, arrays and containers, so a
+#: stand-in there would change the weights (a pickle that needs one of them unlisted is refused).
+_NEVER_STOOD_IN = frozenset({"torch", "numpy", "builtins", "__builtin__"})
+#: Built-in types configuration objects name as values (OmegaConf's ``object_type=dict``): building them runs no code.
+_INERT_BUILTINS = (bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset)
+#: What :func:`_load_with_stand_ins` answers where stand-ins do not apply (None may be what a file holds).
+_NOT_LOADED = object()
 
 
 def _harmless_globals() -> list[Any]:
@@ -40,23 +48,32 @@ def _harmless_globals() -> list[Any]:
     return allowed
 
 
+class _UnreadableFile(WeightsError):
+    """A file that is not a checkpoint at all (empty, a web page, text, corrupt or cut short)."""
+
+
 def resolve_checkpoint(spec: str | os.PathLike, *, progress: bool = True) -> Path:
     """A local path for a checkpoint given as a path, URL, ``hf-hub:repo/file`` or registered name."""
+    return _resolve(spec, progress=progress)[0]
+
+
+def _resolve(spec: str | os.PathLike, *, progress: bool) -> tuple[Path, bool]:
+    """(local path, whether it is an unverified download in attnzoo's cache, which may be deleted to fetch it again)."""
     text = os.fspath(spec)
     if not text.strip():  # Path("") is the current folder
         raise WeightsError("weights is empty: give a path, URL, hf-hub:org/repo/file, registered name or 'none'")
     path = Path(text).expanduser()
     if path.is_file():
-        return path
+        return path, False
     if re.match(r"^(https?|file)://", text):
         name = text.rsplit("/", 1)[-1].split("?", 1)[0] or "checkpoint"
         # one folder per URL: two releases that share a file name must not share a cache entry
         folder = hashlib.sha256(text.encode()).hexdigest()[:16]
-        return hub.download_url(text, hub.checkpoints_dir() / "url" / folder / name, progress=progress)
+        return hub.download_url(text, hub.checkpoints_dir() / "url" / folder / name, progress=progress), True
     if text.startswith("hf-hub:"):
-        return hub.hf_download(*parse_hf_hub(text))
+        return hub.hf_download(*parse_hf_hub(text)), False
     if registry.is_checkpoint(text):
-        return fetch_checkpoint(registry.get_checkpoint(text), progress=progress)
+        return _fetch(registry.get_checkpoint(text), progress=progress)
     if path.suffix or os.sep in text or path.exists():
         raise WeightsError(f"checkpoint file {text} does not exist (or is not a file)")
     raise UnknownNameError("checkpoint", text, [e.name for e in registry.list_checkpoints()])
@@ -82,19 +99,38 @@ def parse_hf_hub(spec: str) -> tuple[str, str]:
 
 def fetch_checkpoint(entry: registry.CheckpointEntry, *, progress: bool = True) -> Path:
     """Download (or find in the cache) the file of a registered checkpoint, verified."""
+    return _fetch(entry, progress=progress)[0]
+
+
+def _fetch(entry: registry.CheckpointEntry, *, progress: bool) -> tuple[Path, bool]:
     if entry.hf_hub_id:
-        return hub.hf_download(entry.hf_hub_id, entry.hf_filename or "", sha256=entry.sha256)
+        return hub.hf_download(entry.hf_hub_id, entry.hf_filename or "", sha256=entry.sha256), False
     cached = hub.checkpoints_dir() / entry.cache_filename
-    if entry.manual_download:
+    if entry.manual_download:  # a file the user placed: never deleted
         if cached.is_file():
-            return cached
+            return cached, False
         raise WeightsError(
             f"{entry.name} cannot be downloaded automatically ({entry.notes or 'the host needs a browser'}): "
             f"download {entry.url} by hand and pass weights=PATH, or put the file at {cached}"
         )
-    return hub.download_url(
-        entry.url or "", hub.checkpoints_dir() / entry.cache_filename, sha256=entry.sha256, progress=progress
-    )
+    path = hub.download_url(entry.url or "", cached, sha256=entry.sha256, progress=progress)
+    return path, entry.sha256 is None  # a verified file is the one released: fetching it again changes nothing
+
+
+def load_checkpoint(spec: str | os.PathLike, *, allow_non_finite: bool = False, progress: bool = True) -> Any:
+    """The object stored in the checkpoint ``spec`` names (path, URL, ``hf-hub:``, registered name).
+
+    A download of attnzoo's own that is not a checkpoint at all (cut short by a server that sent no
+    length, an error page) is deleted, so the next call fetches it again instead of failing forever.
+    """
+    path, downloaded = _resolve(spec, progress=progress)
+    try:
+        return load_checkpoint_file(path, allow_non_finite=allow_non_finite)
+    except _UnreadableFile as err:
+        if not downloaded:
+            raise
+        path.unlink(missing_ok=True)
+        raise WeightsError(f"{err}. The downloaded copy was deleted: the next call fetches it again") from None
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -132,11 +168,13 @@ def load_checkpoint_file(path: str | os.PathLike, *, map_location: str = "cpu", 
     if not path.is_file():
         raise WeightsError(f"checkpoint file {path} does not exist")
     if path.stat().st_size == 0:
-        raise WeightsError(f"{path} is empty (0 bytes): an interrupted download or copy? Fetch it again")
+        raise _UnreadableFile(
+            f"{path} is empty (0 bytes): an interrupted download or copy? Delete it and fetch it again"
+        )
     with open(path, "rb") as fh:
         text = _as_text(fh.read(512))
     if text is not None and text.lstrip().startswith("<"):  # a download that returned a web page
-        raise WeightsError(
+        raise _UnreadableFile(
             f"{path} is a web page (HTML), not a checkpoint: the download link returned a page (a login, "
             "quota or error page?); delete the file and download it again, or fetch it by hand"
         )
@@ -152,35 +190,88 @@ def _read_safetensors(path: Path, map_location: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device=map_location)
     except Exception as err:  # safetensors' parser raises several types; all mean an unreadable file
-        raise WeightsError(f"{path} is not a readable safetensors file: {err}") from None
+        raise _UnreadableFile(f"{path} is not a readable safetensors file: {err}") from None
 
 
 def _read_pickle(path: Path, map_location: str, text: str | None) -> Any:
+    try:
+        return _weights_only_load(path, map_location)
+    except Exception as err:  # one guard for every way torch's parsers fail on a file that is not theirs
+        failure = err
+    if text is not None:
+        first = text.strip().splitlines()[0][:60]
+        raise _UnreadableFile(
+            f"{path} is a text file, not a checkpoint (it starts with {first!r}): a wrong path, or a download "
+            "that saved an error message?"
+        ) from None
+    reason = [line.strip() for line in str(failure).splitlines() if line.strip()]
+    needs_code = next((line for line in reason if _NEEDS_CODE.search(line)), None)
+    if isinstance(failure, pickle.UnpicklingError) and needs_code:
+        obj = _load_with_stand_ins(path, map_location) if "Unsupported global" in needs_code else _NOT_LOADED
+        if obj is not _NOT_LOADED:
+            return obj
+        raise WeightsError(
+            f"{path} is a pickle that needs code execution to load ({needs_code}); attnzoo refuses it. "
+            "Ask for a safetensors release, or convert a file you trust with a script of your own."
+        ) from None
+    detail = next((line for line in reason if "Unsupported operand" in line), reason[0] if reason else "")
+    raise _UnreadableFile(
+        f"{path} is not a readable PyTorch checkpoint ({type(failure).__name__}: {detail[:200]}); "
+        "a corrupt or truncated file, or not a checkpoint at all"
+    ) from None
+
+
+def _weights_only_load(path: Path, map_location: str, extra_globals: Collection[Any] = ()) -> Any:
     import torch
 
+    with torch.serialization.safe_globals([*_harmless_globals(), *extra_globals]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")  # our error says more
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _load_with_stand_ins(path: Path, map_location: str) -> Any:
+    """``path`` loaded with inert stand-ins for the foreign classes it names (yacs' ``CfgNode`` in InLine's
+    checkpoints, OmegaConf's ``DictConfig`` in BiFormer's, ACMIL's ``utils.utils.Struct``): still
+    weights-only, no code of theirs runs, and each stand-in becomes a plain ``OrderedDict``. Refused
+    (:data:`_NOT_LOADED`) where a name belongs to torch, numpy or the builtins, and an error where a
+    tensor would sit inside a stand-in (the weights themselves behind a foreign class)."""
+    import torch
+
+    list_globals = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if list_globals is None:  # older torch: the names cannot be listed up front
+        return _NOT_LOADED
     try:
-        with torch.serialization.safe_globals(_harmless_globals()), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # our error says more
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # one guard for every way torch's parsers fail on a file that is not theirs
-        if text is not None:
-            first = text.strip().splitlines()[0][:60]
+        with torch.serialization.safe_globals(_harmless_globals()):
+            names = [n for n in list_globals(path) if n not in {f"builtins.{t.__name__}" for t in _INERT_BUILTINS}]
+    except Exception:  # e.g. a legacy (non-zip) file: refused as before
+        return _NOT_LOADED
+    if not names or any(n.partition(".")[0] in _NEVER_STOOD_IN for n in names):
+        return _NOT_LOADED
+    built: list[tuple[str, OrderedDict, tuple]] = []
+    try:
+        obj = _weights_only_load(path, map_location, [*_INERT_BUILTINS, *(_stand_in(n, built) for n in names)])
+    except Exception:
+        return _NOT_LOADED
+    for name, stand_in, args in built:
+        if next(_tensors([args, dict(stand_in), vars(stand_in)]), None) is not None:
             raise WeightsError(
-                f"{path} is a text file, not a checkpoint (it starts with {first!r}): a wrong path, or a download "
-                "that saved an error message?"
-            ) from None
-        reason = [line.strip() for line in str(err).splitlines() if line.strip()]
-        needs_code = next((line for line in reason if _NEEDS_CODE.search(line)), None)
-        if isinstance(err, pickle.UnpicklingError) and needs_code:
-            raise WeightsError(
-                f"{path} is a pickle that needs code execution to load ({needs_code}); attnzoo refuses it. "
-                "Ask for a safetensors release, or convert a file you trust with a script of your own."
-            ) from None
-        detail = next((line for line in reason if "Unsupported operand" in line), reason[0] if reason else "")
-        raise WeightsError(
-            f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {detail[:200]}); "
-            "a corrupt or truncated file, or not a checkpoint at all"
-        ) from None
+                f"{path} keeps tensors inside a {name} object, which attnzoo does not build (it would run that "
+                "library's code); re-save the state dict from a file you trust"
+            )
+    return obj
+
+
+def _stand_in(full_name: str, built: list[tuple[str, OrderedDict, tuple]]) -> type:
+    """A class registered under ``full_name`` whose construction, by any pickle opcode, gives an empty
+    ``OrderedDict`` (the one dict type torch's weights-only unpickler fills and builds) and runs nothing else."""
+    module, _, qualname = full_name.rpartition(".")
+
+    def new(cls: type, *args: Any, **kwargs: Any) -> OrderedDict:
+        made: OrderedDict = OrderedDict()
+        built.append((full_name, made, (args, kwargs)))
+        return made
+
+    return type(qualname, (), {"__module__": module, "__qualname__": qualname, "__new__": new})
 
 
 def _tensors(obj: Any) -> Iterator[tuple[str, torch.Tensor]]:
@@ -208,16 +299,25 @@ def _refuse_non_finite(obj: Any, source: str, limit: int = 5) -> None:
             continue
         if not (tensor.is_floating_point() or tensor.is_complex()):
             continue
-        # min and max carry any NaN or inf: one vectorised pass, many times faster than isfinite(...).all()
-        low, high = torch.aminmax(torch.view_as_real(tensor) if tensor.is_complex() else tensor)
+        try:  # min and max carry any NaN or inf: one vectorised pass, many times faster than isfinite(...).all()
+            checked, (low, high) = tensor, _extremes(tensor)
+        except (NotImplementedError, RuntimeError):  # float8 and other dtypes without min/max: in 32 bits
+            checked = tensor.to(torch.complex64 if tensor.is_complex() else torch.float32)
+            low, high = _extremes(checked)
         if not (torch.isfinite(low) and torch.isfinite(high)):
-            bad.append(f"{name} ({int((~torch.isfinite(tensor)).sum())} of {tensor.numel()})")
+            bad.append(f"{name} ({int((~torch.isfinite(checked)).sum())} of {tensor.numel()})")
     if bad:
         more = f" and {len(bad) - limit} more" if len(bad) > limit else ""
         raise WeightsError(
             f"{source} holds NaN or inf values in {len(bad)} tensor(s): {', '.join(bad[:limit])}{more}; no working "
             "model holds them (a training run that diverged?). Pass allow_non_finite=True to load it anyway"
         )
+
+
+def _extremes(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
+    return torch.aminmax(torch.view_as_real(tensor) if tensor.is_complex() else tensor)
 
 
 def unwrap_state_dict(obj: Any, *, prefixes: tuple[str, ...] = ("module.",)) -> dict[str, torch.Tensor]:
@@ -250,24 +350,35 @@ def _all_tensors(obj: Mapping) -> bool:
 
 
 def describe_mismatch(
-    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True, limit: int = 5
+    model: torch.nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    strict: bool = True,
+    ignore: Collection[str] = (),
+    limit: int = 5,
 ) -> str:
-    """'' when ``state_dict`` fits ``model`` (exactly, if ``strict``), else a short account of what differs."""
+    """'' when ``state_dict`` fits ``model`` (exactly, if ``strict``), else a short account of what differs.
+    Keys in ``ignore`` may be missing from ``state_dict``."""
     own = model.state_dict()
     shapes = [
         f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
         for k, v in own.items()
         if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
     ]
-    problems = [("shape mismatch (file vs model)", shapes)]
-    if strict:
-        problems.insert(0, ("missing", [k for k in own if k not in state_dict]))
-        problems.insert(1, ("unexpected", [k for k in state_dict if k not in own]))
+    missing = [k for k in own if k not in state_dict and k not in ignore] if strict else []
+    unexpected = [k for k in state_dict if k not in own] if strict else []
+    return summarise_mismatch(missing=missing, unexpected=unexpected, shapes=shapes, limit=limit)
+
+
+def summarise_mismatch(
+    *, missing: Collection[str] = (), unexpected: Collection[str] = (), shapes: Collection[str] = (), limit: int = 5
+) -> str:
+    """'' when nothing differs, else how many keys are missing, unexpected or mis-shaped, naming a few of each."""
     parts = []
-    for label, items in problems:
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch (file vs model)", shapes)):
         if items:
             more = f" and {len(items) - limit} more" if len(items) > limit else ""
-            parts.append(f"{len(items)} {label}: {', '.join(items[:limit])}{more}")
+            parts.append(f"{len(items)} {label}: {', '.join(list(items)[:limit])}{more}")
     return "; ".join(parts)
 
 
@@ -278,12 +389,16 @@ def load_weights(
     converter: Callable[..., dict] | None = None,
     strict: bool = True,
     allow_non_finite: bool = False,
+    classifier: Collection[str] = (),
 ) -> torch.nn.Module:
     """Load a checkpoint (path, URL, registered name or state dict) into ``model``, exactly.
 
     ``converter(state_dict, model)`` maps an official key layout onto ours; it receives the
     raw checkpoint only when no generic state dict can be unwrapped from it. Checkpoints with
-    NaN or inf are refused unless ``allow_non_finite``.
+    NaN or inf are refused unless ``allow_non_finite``. ``classifier`` names the classifier modules
+    (timm's ``pretrained_cfg['classifier']``) of a model built with its own ``num_classes`` (or none):
+    where the file's classifier does not fit it, the file's is left out and the model keeps its own,
+    as timm does; every other key still loads exactly.
     """
     import torch
 
@@ -296,7 +411,7 @@ def load_weights(
         source = os.fspath(weights)
         if converter is None and registry.is_checkpoint(source):
             converter = registry.get_checkpoint(source).resolve_converter()
-        obj = load_checkpoint_file(resolve_checkpoint(source), allow_non_finite=allow_non_finite)
+        obj = load_checkpoint(source, allow_non_finite=allow_non_finite)
     try:
         state = unwrap_state_dict(obj)
     except WeightsError:
@@ -313,14 +428,36 @@ def load_weights(
             ) from err
         if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise WeightsError(f"checkpoint {source}: the converter did not return a state dict of tensors")
-    problem = describe_mismatch(model, state, strict=strict)
+    new_head = _unfitting_head(model, state, classifier)
+    state = {k: v for k, v in state.items() if k not in new_head}
+    problem = describe_mismatch(model, state, strict=strict, ignore=new_head)
     if problem:
         raise WeightsError(f"checkpoint {source} does not fit {type(model).__name__}: {problem}")
     try:
-        model.load_state_dict(state, strict=strict)
+        model.load_state_dict(state, strict=strict and not new_head)
     except RuntimeError as err:  # e.g. complex values for real parameters
         raise WeightsError(f"checkpoint {source} cannot be loaded into {type(model).__name__}: {err}") from None
     return model
+
+
+def classifier_names(cfg: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """The classifier modules a timm pretrained cfg names (``classifier``: one name or several)."""
+    names = (cfg or {}).get("classifier") or ()
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def keys_under(modules: Collection[str], keys: Iterable[str]) -> set[str]:
+    """The ``keys`` that belong to one of ``modules`` (``head`` holds ``head.weight`` and ``head.fc.bias``)."""
+    return {k for k in keys if any(k.startswith(f"{name}.") for name in modules)}
+
+
+def _unfitting_head(model: torch.nn.Module, state: Mapping[str, torch.Tensor], classifier: Collection[str]) -> set[str]:
+    """The keys (file's and model's) under the ``classifier`` modules when the file's do not fit the model's
+    (another number of classes, or no classifier on either side), else none: a head is kept or left out whole."""
+    own = model.state_dict()
+    head = keys_under(classifier, [*own, *state])
+    fits = all(k in own and k in state and own[k].shape == state[k].shape for k in head)
+    return set() if fits else head
 
 
 def verify_report(name_or_file: str, sha256: str | None = None) -> tuple[bool, str]:
