@@ -56,7 +56,8 @@ def closed_port() -> int:
 class _VersionedHandler(http.server.BaseHTTPRequestHandler):
     """Answers as a CDN does: each file has a version (ETag and Last-Modified, unless ``validators`` is
     off), a Range is honoured only while If-Range names the current version, and a range past the end is
-    a 416 naming the size. ``wrong_range_start`` misbehaves: every 206 starts at byte 0."""
+    a 416 naming the size. ``wrong_range_start`` misbehaves: every 206 starts at byte 0; ``ignore_if_range``
+    honours a Range whatever version its If-Range names (simple servers, some proxies)."""
 
     state: SimpleNamespace
 
@@ -72,6 +73,7 @@ class _VersionedHandler(http.server.BaseHTTPRequestHandler):
         body = state.files[self.path]
         version = f'"{hashlib.sha256(body).hexdigest()[:16]}"'
         rng, if_range = self.headers.get("Range"), self.headers.get("If-Range")
+        if_range = None if state.ignore_if_range else if_range
         start = int(rng.removeprefix("bytes=").split("-")[0]) if rng and if_range in (None, version) else 0
         if start >= len(body) and rng and if_range in (None, version):
             self.send_response(416)
@@ -100,8 +102,10 @@ class _VersionedHandler(http.server.BaseHTTPRequestHandler):
 def versioned_server():
     """A local HTTP server with versioned files: ``.files`` (path -> bytes, change it to publish a new version),
     ``.cut_after`` (path -> bytes sent before the connection drops, once), ``.log`` of (path, Range, If-Range),
-    ``.url(path)``; ``.validators`` and ``.wrong_range_start`` switch behaviours."""
-    state = SimpleNamespace(files={}, cut_after={}, log=[], validators=True, wrong_range_start=False)
+    ``.url(path)``; ``.validators``, ``.wrong_range_start`` and ``.ignore_if_range`` switch behaviours."""
+    state = SimpleNamespace(
+        files={}, cut_after={}, log=[], validators=True, wrong_range_start=False, ignore_if_range=False
+    )
     handler = type("Handler", (_VersionedHandler,), {"state": state})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

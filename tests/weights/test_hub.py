@@ -66,6 +66,14 @@ def test_resume_from_part_left_by_earlier_process(tmp_path, versioned_server):
     assert (tmp_path / "w.bin").read_bytes() == PAYLOAD
 
 
+def test_a_server_ignoring_if_range_does_not_splice_two_versions(tmp_path, versioned_server):
+    """It answers the Range with the new version's bytes, but names that version (its ETag): fetched whole again."""
+    url = cut_short(versioned_server, tmp_path, PAYLOAD, 1000)
+    newer = bytes(255 - b for b in PAYLOAD)  # the same size: the Content-Range check alone cannot tell
+    versioned_server.files["/w.bin"], versioned_server.ignore_if_range = newer, True
+    assert download_url(url, tmp_path / "w.bin", progress=False).read_bytes() == newer
+
+
 def test_a_part_of_unknown_version_is_not_resumed(tmp_path, versioned_server):
     """A ``.part`` with no record of the version it came from (an older release, another server) starts
     over: resuming it with the new file's tail would cache a file that is neither."""

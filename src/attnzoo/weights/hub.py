@@ -330,12 +330,17 @@ def _start_record(part: Path, url: str, headers: Any, size: int | None) -> None:
     """Empty ``part`` first, then name the version it now holds (a strong ETag, else Last-Modified): a
     ``.part`` is resumed only against the version it was started from."""
     part.write_bytes(b"")
-    etag = headers.get("ETag")
-    validator = etag if etag and not etag.startswith("W/") else headers.get("Last-Modified")
+    validator = _validator(headers)
     if validator:
         _resume_record(part).write_text(json.dumps({"url": url, "validator": validator, "size": size}))
     else:
         _resume_record(part).unlink(missing_ok=True)
+
+
+def _validator(headers: Any) -> str | None:
+    """The version a response names: its strong ETag, else its Last-Modified (None: it names none)."""
+    etag = headers.get("ETag")
+    return etag if etag and not etag.startswith("W/") else headers.get("Last-Modified")
 
 
 def _discard_part(part: Path) -> None:
@@ -377,7 +382,10 @@ def _fetch_part(url: str, part: Path, *, progress: bool, timeout: float) -> None
         length = response.headers.get("Content-Length")
         if start and status == 206:
             first, total = _content_range(response.headers.get("Content-Range"))
+            named = _validator(response.headers)  # a server that ignores If-Range still sends the version it serves
             if first != start or (record and record.get("size") not in (None, total)):
+                raise _StalePart
+            if named is not None and record and named != record["validator"]:
                 raise _StalePart
         else:  # a whole file: a new version, or a server without ranges
             start = 0
