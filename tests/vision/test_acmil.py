@@ -20,7 +20,8 @@ OUTPUT_NAMES = ("sub_preds", "slide_pred", "attention")  # the official forward'
 
 
 class Struct:
-    """Stands in for the official ``utils.utils.Struct`` config that ``save_model`` pickles."""
+    """Stands in for the official ``utils.utils.Struct`` config that ``save_model`` pickles (under that name:
+    see :func:`official_utils_module`)."""
 
     def __init__(self, **entries):
         self.__dict__.update(entries)
@@ -383,7 +384,20 @@ def test_bad_inputs():
 # -- checkpoints ---------------------------------------------------------------------------
 
 
-def test_official_checkpoint_loads_as_written(tmp_path):
+@pytest.fixture
+def official_utils_module(monkeypatch):
+    """The official repository's ``utils.utils`` importable while a test saves, so ``Struct`` pickles under its name."""
+    import sys
+    import types
+
+    utils, inner = types.ModuleType("utils"), types.ModuleType("utils.utils")
+    inner.Struct, utils.utils = Struct, inner
+    monkeypatch.setattr(Struct, "__module__", "utils.utils")
+    monkeypatch.setitem(sys.modules, "utils", utils)
+    monkeypatch.setitem(sys.modules, "utils.utils", inner)
+
+
+def test_official_checkpoint_loads_as_written(tmp_path, official_utils_module):
     """The official save_model pickles its own Struct config beside the weights: it loads as an inert mapping, the
     weights-only unpickler running no code of the repository's."""
     torch.manual_seed(0)
@@ -398,7 +412,7 @@ def test_official_checkpoint_loads_as_written(tmp_path):
         },
         official,
     )
-    assert load_checkpoint_file(official)["config"] == {}
+    assert load_checkpoint_file(official)["config"] == {"D_feat": 32, "D_inner": 16, "n_class": 2}
     model = attnzoo.create_model("acmil_ga", weights=official, in_dim=32, inner_dim=16)
     x = bag(12, 32)
     with torch.no_grad():

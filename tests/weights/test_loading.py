@@ -428,6 +428,21 @@ def test_official_configs_pickled_beside_the_weights_load_without_their_librarie
     obj = load_checkpoint_file(tmp_path / "official.pth")
     assert obj["config"] == {"MODEL": {"NAME": "inline_deit_t", "DEPTHS": [2, 2, 6, 2]}}  # a plain dict now
     assert type(obj["config"]).__module__ == "collections" and obj["epoch"] == 299
+    assert obj["struct"] == {"D_feat": 32, "n_class": 2}  # attribute state read back as the mapping's items
+
+
+class _CallsSubprocess:
+    def __reduce__(self):
+        import subprocess
+
+        return subprocess.check_call, (["true"],)
+
+
+def test_a_foreign_call_beside_the_weights_is_refused_not_stood_in(tmp_path):
+    """Stand-ins are for the configuration classes official scripts pickle, not for any global: a call stays refused."""
+    torch.save({"model": small_net().state_dict(), "hook": _CallsSubprocess()}, tmp_path / "bad.pth")
+    with pytest.raises(WeightsError, match="needs code execution"):
+        load_checkpoint_file(tmp_path / "bad.pth")
 
 
 def test_no_code_of_a_foreign_library_runs_even_where_it_is_installed(tmp_path, foreign):

@@ -23,11 +23,15 @@ _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state", "net")
 #: anything else it refuses is a file it cannot parse.
 _NEEDS_CODE = re.compile(r"GLOBAL|reduce|Can only (create|build)", re.IGNORECASE)
 _BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
-#: Modules whose globals never get a stand-in: their objects make up tensors, arrays and containers, so a
-#: stand-in there would change the weights (a pickle that needs one of them unlisted is refused).
-_NEVER_STOOD_IN = frozenset({"torch", "numpy", "builtins", "__builtin__"})
-#: Built-in types configuration objects name as values (OmegaConf's ``object_type=dict``): building them runs no code.
-_INERT_BUILTINS = (bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset)
+#: Built-in types configuration objects name as values (OmegaConf's ``object_type=dict``): building them runs no code
+#: and allocates no more than the pickle holds (``bytes``, which ``bytes(10**11)`` would make a memory bomb, is left out).
+_INERT_BUILTINS = (bool, int, float, complex, str, list, tuple, dict, set, frozenset)
+#: The foreign classes official training scripts pickle beside their weights, the only names that get stand-ins:
+#: yacs' ``CfgNode`` (InLine, Swin), OmegaConf's containers and nodes (BiFormer's hydra ``args``), ACMIL's
+#: ``utils.utils.Struct``, and what they reference (``typing.Any``, ``collections.defaultdict``). Any other global
+#: (a call such as ``subprocess.check_call``) is refused as before.
+_STAND_IN_PREFIXES = ("omegaconf.", "yacs.config.")
+_STAND_IN_NAMES = frozenset({"utils.utils.Struct", "typing.Any", "collections.defaultdict"})
 #: What :func:`_load_with_stand_ins` answers where stand-ins do not apply (None may be what a file holds).
 _NOT_LOADED = object()
 
@@ -245,7 +249,7 @@ def _load_with_stand_ins(path: Path, map_location: str) -> Any:
             names = [n for n in list_globals(path) if n not in {f"builtins.{t.__name__}" for t in _INERT_BUILTINS}]
     except Exception:  # e.g. a legacy (non-zip) file: refused as before
         return _NOT_LOADED
-    if not names or any(n.partition(".")[0] in _NEVER_STOOD_IN for n in names):
+    if not names or not all(_may_stand_in(n) for n in names):
         return _NOT_LOADED
     built: list[tuple[str, OrderedDict, tuple]] = []
     try:
@@ -258,7 +262,15 @@ def _load_with_stand_ins(path: Path, map_location: str) -> Any:
                 f"{path} keeps tensors inside a {name} object, which attnzoo does not build (it would run that "
                 "library's code); re-save the state dict from a file you trust"
             )
+        if not stand_in:  # a plain object (ACMIL's Struct): its attributes become the mapping's items
+            stand_in.update(vars(stand_in))
     return obj
+
+
+def _may_stand_in(name: str) -> bool:
+    """One of the configuration classes official scripts pickle (never a name of torch, numpy or the builtins,
+    whose objects make up the tensors and containers)."""
+    return name in _STAND_IN_NAMES or name.startswith(_STAND_IN_PREFIXES)
 
 
 def _stand_in(full_name: str, built: list[tuple[str, OrderedDict, tuple]]) -> type:
