@@ -399,6 +399,28 @@ def test_a_run_refuses_to_write_over_its_inputs_or_into_its_data(tmp_path):
     assert run_files(out) == ["checkpoint-00000003.pt", "config.yaml", "model.safetensors"]
 
 
+def test_resume_refuses_other_schedule_settings_and_reads_old_checkpoints_as_their_defaults(tmp_path):
+    """The resumed steps must follow the checkpoint's schedule; a checkpoint written before a setting existed counts
+    as that setting's default (the behaviour of its time), so a recipe that now says otherwise is refused."""
+    make_trainer(tmp_path, epochs=2).fit()
+    for change, named in (
+        ({"lr": 0.1}, "lr 0.05 -> 0.1"),
+        ({"sched_on": "epoch"}, "sched_on 'step' -> 'epoch'"),
+        ({"amp": "fp16"}, "amp 'none' -> 'fp16'"),
+        ({"lr_base_batch": 512}, "lr_base_batch None -> 512"),
+    ):
+        with pytest.raises(WeightsError, match=f"other training settings \\({named}\\)"):
+            make_trainer(tmp_path, epochs=3, **change).fit(resume=True)
+    path = latest_checkpoint(tmp_path)
+    state = torch.load(path, weights_only=True)
+    for key in ("sched_on", "sched_update", "warmup_prefix", "drop_last", "eval_model", "lr_base_batch"):
+        del state["config"][key]  # as a checkpoint from before these settings
+    torch.save(state, path)
+    with pytest.raises(WeightsError, match="sched_update 'before' -> 'after'"):
+        make_trainer(tmp_path, epochs=3, sched_update="after").fit(resume=True)
+    assert make_trainer(tmp_path, epochs=3).fit(resume=True)["step"] == 12  # more epochs: a longer run, allowed
+
+
 def test_resume_refuses_a_checkpoint_of_another_model_or_dataset(tmp_path):
     info = {"task": "toy", "model": "mlp", "data": str(tmp_path / "data"), "classes": ["a", "b"], "weights": None}
     make_trainer(tmp_path, {"run_info": info}, epochs=2).fit()

@@ -11,13 +11,14 @@ ends with the same weights as an uninterrupted run (bitwise on the CPU).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import math
 import os
 import random
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -346,6 +347,45 @@ class _Schedule:
         self.scheduler.step_update(max(unit - self.lag, 0))
 
 
+#: The settings that shape the steps still to come (the rate, its schedule, the precision, the EMA, which
+#: weights are evaluated): a resume must keep them. ``epochs`` may grow (a run continued for longer).
+TRAJECTORY_KEYS = (
+    "lr",
+    "lr_base_batch",
+    "scale_warmup_min_lr",
+    "min_lr",
+    "warmup_epochs",
+    "warmup_lr",
+    "warmup_prefix",
+    "cooldown_epochs",
+    "schedule",
+    "sched_on",
+    "sched_update",
+    "decay_epochs",
+    "decay_milestones",
+    "decay_rate",
+    "amp",
+    "drop_last",
+    "repeated_aug",
+    "ema_decay",
+    "eval_model",
+    "sync_bn",
+)
+
+
+def _trajectory_changes(saved: Mapping[str, Any], config: TrainConfig) -> list[str]:
+    """``key old -> new`` for each :data:`TRAJECTORY_KEYS` setting that differs from the checkpoint's; a key
+    the checkpoint lacks (made before the setting existed) counts as its default, which kept the behaviour
+    of that time."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    defaults["decay_milestones"] = []
+    return [
+        f"{key} {saved.get(key, defaults[key])!r} -> {getattr(config, key)!r}"
+        for key in TRAJECTORY_KEYS
+        if saved.get(key, defaults[key]) != getattr(config, key)
+    ]
+
+
 # -- the trainer -----------------------------------------------------------------------------------
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -571,6 +611,13 @@ class Trainer:
                 f"cannot resume from {path}: it was made with batch_size={state['config'].get('batch_size')}, "
                 f"seed={state['config'].get('seed')}; this run has {self.config.batch_size}, {self.config.seed}"
             )
+        changed = _trajectory_changes(state["config"], self.config)
+        if changed:
+            raise WeightsError(
+                f"cannot resume from {path}: it was made with other training settings ({'; '.join(changed)}), and "
+                "the resumed steps would follow another schedule; resume with the same settings, or start afresh "
+                "with --overwrite or another --out"
+            )
         changes = _run_changes(state.get("run") or {}, self.run_info)
         if changes:
             raise WeightsError(
@@ -584,7 +631,10 @@ class Trainer:
             raise WeightsError(f"cannot resume from {path}: the optimizer state does not match ({e})") from e
         if self.ema is not None and state.get("ema") is not None:
             self.ema.module.load_state_dict(state["ema"])
-        self.scaler.load_state_dict(state["scaler"])
+        try:
+            self.scaler.load_state_dict(state["scaler"])
+        except RuntimeError as e:  # a checkpoint written under another amp setting
+            raise WeightsError(f"cannot resume from {path}: its gradient-scaler state does not match ({e})") from e
         self.step, self.best = int(state["step"]), state.get("best")
         self.evals_since_best = int(state.get("evals_since_best", 0))
         return int(state["epoch"]), int(state["step_in_epoch"])
