@@ -1,5 +1,6 @@
 import argparse
 import hashlib
+import warnings
 
 import pytest
 import torch
@@ -507,13 +508,17 @@ def test_load_weights_leaves_a_classifier_that_does_not_fit_and_nothing_else():
     source = small_net().state_dict()
     five = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 5))
     fresh = five[2].weight.detach().clone()
-    load_weights(five, source, classifier=("2",))
+    with pytest.warns(UserWarning, match=r"classifier does not fit .*2.weight \(2, 3\) vs \(5, 3\)"):
+        load_weights(five, source, classifier=("2",))  # said: a wrong file would otherwise go unnoticed
     assert torch.equal(five[0].weight, source["0.weight"]) and torch.equal(five[2].weight, fresh)
     two = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
-    load_weights(two, source, classifier=("2",))  # it fits: loaded
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_weights(two, source, classifier=("2",))  # it fits: loaded, nothing to say
     assert torch.equal(two[2].weight, source["2.weight"])
     headless = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
-    load_weights(headless, source, classifier=("2",))  # num_classes=0: the file's head is left out
+    with pytest.warns(UserWarning, match=r"2.weight \(2, 3\) vs none"):
+        load_weights(headless, source, classifier=("2",))  # num_classes=0: the file's head is left out
     with pytest.raises(WeightsError, match="1 missing: 0.bias"):
         load_weights(five, {k: v for k, v in source.items() if k != "0.bias"}, classifier=("2",))
     with pytest.raises(WeightsError, match="unexpected: backbone.0.weight"):

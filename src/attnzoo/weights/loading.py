@@ -441,6 +441,15 @@ def load_weights(
         if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise WeightsError(f"checkpoint {source}: the converter did not return a state dict of tensors")
     new_head = _unfitting_head(model, state, classifier)
+    dropped = {k: tuple(state[k].shape) for k in sorted(new_head) if k in state}
+    if dropped:  # meant when fine-tuning to other classes; a wrong file would otherwise go unnoticed
+        own = model.state_dict()
+        warnings.warn(
+            f"checkpoint {source}: its classifier does not fit the model's and is left out (file "
+            + ", ".join(f"{k} {shape} vs {tuple(own[k].shape) if k in own else 'none'}" for k, shape in dropped.items())
+            + "); the model's own head stays as initialised",
+            stacklevel=2,
+        )
     state = {k: v for k, v in state.items() if k not in new_head}
     problem = describe_mismatch(model, state, strict=strict, ignore=new_head)
     if problem:
