@@ -259,6 +259,8 @@ def test_evaluator_scores_the_probabilities_the_model_gave_not_rounded_ones():
     assert expected["auc"] != mil_metrics(np.round(probabilities, 6), np.array(targets))["auc"]  # the case bites
     got = evaluator.metrics(records)
     assert got["auc"] == round(expected["auc"], 4) and got["accuracy"] == round(expected["accuracy"], 4)
+    # recorded in run.json: a run of rounded probabilities is not resumed into a mix of both
+    assert evaluator.run_settings(None, batch_size=1) == {"probabilities": "full precision"}
 
 
 # ------------------------------------------------------------------ settings, per call and at construction

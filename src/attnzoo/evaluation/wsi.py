@@ -84,6 +84,11 @@ class WSIClassificationEvaluator(TaskEvaluator):
             out.append(EvalSample(slide, bag, bag.label))
         return out
 
+    def run_settings(self, pipe: Any, *, batch_size: int) -> dict[str, Any]:
+        """Recorded so that a run whose probabilities were stored rounded (before they were kept whole) is not
+        resumed into a mix of both."""
+        return {"probabilities": "full precision"}
+
     def record(self, sample: EvalSample, result: Any) -> dict[str, Any]:
         # full precision: a confident model's probabilities round to exactly 0 or 1, and AUC would score
         # the tied slides as half-ordered where the official code (raw softmax) orders them

@@ -126,6 +126,8 @@ def region_routing(q: torch.Tensor, k: torch.Tensor, groups: torch.Tensor, topk:
     channel width). Region means are taken over each group's valid tokens and detached: no
     gradient reaches the router. Returns int32 ``[B, G, topk]`` in descending logit order
     (``topk`` distinct regions, as :func:`~attnzoo.kernels.grouped_attention` requires).
+    ``groups`` is range-checked once per table and version: edit a table with torch ops, since an edit
+    torch does not see (through a numpy view or ``.data``) is not checked again here.
     """
     floating = all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (q, k))
     if not floating or q.dim() != 3 or k.shape != q.shape:
