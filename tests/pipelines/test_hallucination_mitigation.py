@@ -274,6 +274,10 @@ def test_return_attention_and_the_picture(ask, photos, tmp_path):
     picture = out.plot()
     picture.save(tmp_path / "var.png")
     assert Image.open(tmp_path / "var.png").size == picture.size and picture.width > 3 * 256
+    from attnzoo.viz.drawing import NOTE_COLOUR
+
+    text = np.asarray(picture)[22 + 256 :]  # below the panels: the random-weights line in the pictures' note colour
+    assert (np.abs(text.astype(int) - NOTE_COLOUR).sum(-1) < 60).any()
     plain = ask(photos[0], question=QUESTIONS[0], return_attention=True, attention_layers="2-3")
     assert plain.baseline_attention is None and plain.attention.shape == (6, 6)
     assert 2 * 256 < plain.plot().width < 3 * 256

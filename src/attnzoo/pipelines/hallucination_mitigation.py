@@ -158,7 +158,7 @@ class MitigationResult:
         """The image, then the answer's attention over each image it was answered on with the method, and
         over the original without it (when measured), on one colour scale, with the question and the
         answers below; each picture fits a ``size`` box."""
-        from attnzoo.viz.drawing import load_font
+        from attnzoo.viz.drawing import NOTE_COLOUR, load_font
 
         first = self.answered_on[0] if self.answered_on else "original"
         original = _first_given(self.baseline_view, self.view if first == "original" else None) or self.image
@@ -195,9 +195,13 @@ class MitigationResult:
         if self.refined_attention is not None:
             lines.append("the answer's attention is shared between the original and the refined image")
         note = weights_note(self.weights)
-        if note:
-            lines.append(f"({note}: the answers are meaningless)")
-        wrapped = [w for line in lines for w in textwrap.wrap(line, max(20, width // 7)) or [""]]
+        text = (40, 40, 40)
+        coloured = [(line, text) for line in lines] + (
+            [(f"{note}: the answers are meaningless", NOTE_COLOUR)] if note else []
+        )
+        wrapped = [
+            (part, colour) for line, colour in coloured for part in textwrap.wrap(line, max(20, width // 7)) or [""]
+        ]
         sheet = Image.new("RGB", (width, head + tallest + pad + 16 * len(wrapped) + pad), "white")
         draw = ImageDraw.Draw(sheet)
         x = pad
@@ -206,8 +210,8 @@ class MitigationResult:
             draw.text((x, 4), title, fill=(0, 0, 0), font=font)
             x += slot + pad
         y = head + tallest + pad
-        for line in wrapped:
-            draw.text((pad, y), line, fill=(40, 40, 40), font=small)
+        for line, colour in wrapped:
+            draw.text((pad, y), line, fill=colour, font=small)
             y += 16
         return sheet
 
