@@ -27,7 +27,13 @@ import torch
 import attnzoo  # noqa: F401  (registers the families with timm)
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import bra_gather_official, inline_official, l2vit_official  # noqa: E402  (op-level official baselines)
+from kernels import (  # noqa: E402  (op-level official baselines)
+    backends_used,
+    bra_gather_official,
+    device_name,
+    inline_official,
+    l2vit_official,
+)
 
 
 class patched(contextlib.AbstractContextManager):  # noqa: N801  (reads like contextlib's helpers)
@@ -138,7 +144,8 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
     print(
-        f"device={device} dtype={args.dtype} batch={args.batch} threads={torch.get_num_threads()} repeats={args.repeats}"
+        f"device={device_name(device)} dtype={args.dtype} batch={args.batch} threads={torch.get_num_threads()} "
+        f"repeats={args.repeats} torch={torch.__version__} timm={timm.__version__}"
         + (" channels_last" if args.channels_last else "")
     )
     print(f"{'model':<32} {'ms/batch':>9} {'img/s':>8} {'official ms':>12} {'speedup':>8} {'max |diff|':>10}")
@@ -147,20 +154,36 @@ def main() -> None:
         if name not in timm.list_models(name):
             print(f"{name:<32} (not registered, skipped)")
             continue
-        model = prepared(timm.create_model(name), device, dtype, args.channels_last)
-        size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
-        x = image_batch(args.batch, size, device, dtype, args.channels_last)
-        module, op, official = OFFICIAL[name]
-        ours, base, y, y_ref = timed_pair(model, x, patched(module, op, official), args.repeats, device)
-        diff = (y.float() - y_ref.float()).abs().max().item()
+        try:  # one model that fails (a backend, memory) says why; the others still run
+            model = prepared(timm.create_model(name), device, dtype, args.channels_last)
+            size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+            x = image_batch(args.batch, size, device, dtype, args.channels_last)
+            module, op, official = OFFICIAL[name]
+            ours, base, y, y_ref = timed_pair(model, x, patched(module, op, official), args.repeats, device)
+            diff = (y.float() - y_ref.float()).abs().max().item()
+            with torch.inference_mode():
+                used = backends_used(lambda: model(x))  # noqa: B023  (called at once)
+        except Exception as err:
+            print(f"model {name}: error {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}")
+            continue
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         results[name] = base / ours
         print(
             f"{name:<32} {ours * 1e3:>9.1f} {args.batch / ours:>8.1f} {base * 1e3:>12.1f} {base / ours:>7.2f}x {diff:>10.2e}"
         )
+        print(f"  {name} ran on backend {used}")
     if not args.no_baselines:
         for name in BASELINES:
-            model = prepared(timm.create_model(name), device, dtype, args.channels_last)
-            t = timed(model, image_batch(args.batch, 224, device, dtype, args.channels_last), args.repeats, device)
+            try:
+                model = prepared(timm.create_model(name), device, dtype, args.channels_last)
+                t = timed(model, image_batch(args.batch, 224, device, dtype, args.channels_last), args.repeats, device)
+            except Exception as err:
+                print(
+                    f"model timm {name}: error {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+                )
+                continue
             print(f"{'timm ' + name:<32} {t * 1e3:>9.1f} {args.batch / t:>8.1f}")
     if "biformer_tiny" in results:
         print(f"biformer_tiny speedup vs gather reference: {results['biformer_tiny']:.2f}x")

@@ -47,9 +47,14 @@ QUICK_LIMIT_S = 90.0  # each part's limit in a --quick run: only a guard against
 CARRIED_WHEELS = ("open_clip_torch", "ftfy", "wcwidth", "openslide-python", "openslide-bin")
 # Parity fixtures the GPU tests read (tests/kernels and the vision tests selected with -k triton).
 CARRIED_FIXTURES = ("biformer", "biformer_bra_op", "inline_deit", "lrgt_encoder")
-# The wsi part's synthetic slide (size 8192, Camelyon16 pyramid): written by the first GPU run into this
-# ignored folder, which a warm device machine keeps, so a rerun there does not spend its limit writing it again.
-WSI_SLIDE = "build/gpu_suite/slide_8192.tif"
+# The wsi part's synthetic slide (Camelyon16 pyramid): large enough for several encoder batches of 32 (about
+# 140 patches at 20x; 8192 px gave 62, under one batch). Written by the first GPU run into this ignored folder
+# (the file is ~95 MB: too big to carry); a rerun on a machine still warm (rare: an idle one goes back within
+# about 30 s) reuses it. 16384 px would take ~100 s to write.
+WSI_SIZE = 12288
+WSI_SLIDE = f"build/gpu_suite/slide_{WSI_SIZE}.tif"
+# kernels.py's lines worth the summary: per-op speedups, % of HBM, the backends that could not run a case.
+KERNEL_HEADLINE = r"speedup|HBM|skipped"
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,7 @@ def plan(device: str, quick: bool) -> list[Part]:
             "gpu_tests",
             "Triton kernels on the GPU in fp32/fp16/bf16 against the oracle (fwd + bwd), bitwise-deterministic "
             "grouped backward, the other kernel tests natively, and the models' parity on the triton backend",
-            110,
+            100,
             [
                 Step("gpu_marked", (*pytest, "tests/kernels/test_gpu.py"), passed, needs_cuda=True),
                 Step(
@@ -98,9 +103,9 @@ def plan(device: str, quick: bool) -> list[Part]:
         Part(
             "kernels",
             "the LRGT encoder against the official LGA; BRA, L2ViT linear/window, Sparsifiner masked, LRGT "
-            "grouped, InLine: fwd+bwd against the official-style reference, FlexAttention and SDPA; GB/s, % of HBM, "
-            "peak memory",
-            115,
+            "grouped, InLine: fwd+bwd against the official-style reference, the torch and triton backends and "
+            "SDPA; GB/s, % of HBM, peak memory (FlexAttention: the flex_bra part)",
+            90,
             [
                 Step(
                     "lrgt_encoder",
@@ -116,8 +121,9 @@ def plan(device: str, quick: bool) -> list[Part]:
                         ("--quick", "--cases", "bra,inline", "--repeats", "2")
                         if quick
                         else ("--dtype", "bfloat16", "--backward", "--batch", "128", "--repeats", "10")
+                        + ("--backends", "torch,triton")  # compiled flex costs minutes over all shapes: flex_bra
                     ),
-                    r"speedup|HBM",
+                    KERNEL_HEADLINE,
                 ),
             ],
         ),
@@ -136,15 +142,15 @@ def plan(device: str, quick: bool) -> list[Part]:
                         else ("--dtype", "bfloat16", "--batch", "128", "--repeats", "10")
                     )
                     + ("--channels-last",),
-                    r"x\s|speedup",
+                    r"x\s|speedup|skipped|error|backend",
                 ),
                 Step(
                     "train_step",
                     ("benchmarks/train_throughput.py", *dev)
                     + (
-                        ("--model", "resnet18", "--batch", "2", "--images", "2", "--size", "32", "--rounds", "1")
+                        ("--model", "resnet18", "--batch", "2", "--images", "6", "--size", "32", "--rounds", "1")
                         if quick
-                        # three rounds: the median drops the first, which compiles the Triton kernels
+                        # 8 steps an epoch, 6 timed (the first warms up); three rounds, fresh models, median
                         else ("--model", "biformer_tiny", "--batch", "128", "--images", "1024", "--rounds", "3")
                     )
                     + ("--amp", "bf16"),
@@ -155,16 +161,18 @@ def plan(device: str, quick: bool) -> list[Part]:
         Part(
             "nevaclip",
             "NevaClip RN50: 8 images optimised together against one at a time, identical scanpaths",
-            30,
+            35,
             [
                 Step(
                     "batching",
                     ("benchmarks/scanpath.py", *dev)
                     + (
-                        ("--images", "2", "--fixations", "1", "--iterations", "1", "--skip-official-style")
+                        ("--images", "2", "--fixations", "1", "--iterations", "1")
                         if quick
                         else ("--images", "8", "--fixations", "5", "--iterations", "10", "--channels-last")
-                    ),
+                        + ("--rounds", "2")  # a median of two; the official-style variant would double the time
+                    )
+                    + ("--skip-official-style",),
                     r"^ratio",
                     needs_cuda=True,
                 ),
@@ -172,8 +180,9 @@ def plan(device: str, quick: bool) -> list[Part]:
         ),
         Part(
             "wsi",
-            "extract_features from a synthetic pyramidal slide against the bare encoder on in-memory patches",
-            60,
+            "extract_features from a synthetic pyramidal slide against the bare encoder on in-memory patches "
+            "(the slide's writing, about 45 s on 2 shared cores here, included)",
+            75,
             [
                 Step(
                     "extract_features",
@@ -181,7 +190,7 @@ def plan(device: str, quick: bool) -> list[Part]:
                     + (
                         ("--size", "2048", "--batch", "8", "--workers", "0", "--rounds", "1")
                         if quick
-                        else ("--size", "8192", "--batch", "128", "--workers", "4", "--rounds", "3")
+                        else ("--size", str(WSI_SIZE), "--batch", "32", "--workers", "4", "--rounds", "2")
                     )
                     + (() if quick else ("--slide", WSI_SLIDE)),
                     r"vs bare encoder",
@@ -209,7 +218,7 @@ def plan(device: str, quick: bool) -> list[Part]:
             "lvlm",
             "per-token decode time of VAR, PAI, VCD, AGLA against plain generate, and CARVE's whole answer "
             "against a plain one (random LLaVA-1.5)",
-            45,
+            40,
             [
                 Step(
                     "decode",
@@ -251,6 +260,25 @@ def plan(device: str, quick: bool) -> list[Part]:
                         )
                     ),
                     r"^(plain answer|carve|carve-paper)\s",
+                ),
+            ],
+        ),
+        Part(
+            "flex_bra",
+            "BRA (BiFormer-T 224 px stages, fwd+bwd) on compiled FlexAttention against the official gather: last, "
+            "as its compiles are the slowest part; it gets whatever time the earlier parts left",
+            20,
+            [
+                Step(
+                    "flex",
+                    ("benchmarks/kernels.py", *dev, "--cases", "bra", "--backends", "flex", "--resolutions", "224")
+                    + (
+                        ("--quick", "--repeats", "2")
+                        if quick
+                        else ("--dtype", "bfloat16", "--backward", "--batch", "128", "--repeats", "5")
+                    ),
+                    KERNEL_HEADLINE,
+                    needs_cuda=True,
                 ),
             ],
         ),
@@ -339,7 +367,9 @@ def pytest_counts(xml_path: Path) -> dict:
     return counts
 
 
-def run_part(part: Part, out: Path, device: str, limit_s: float, env: dict[str, str], scratch: Path) -> dict:
+def run_part(
+    part: Part, out: Path, device: str, limit_s: float, env: dict[str, str], scratch: Path, card: str | None = None
+) -> dict:
     """Run ``part``'s steps in order within ``limit_s``; write ``<part>.log`` and ``<part>.json``; the record."""
     start = time.perf_counter()
     deadline = start + limit_s
@@ -370,6 +400,7 @@ def run_part(part: Part, out: Path, device: str, limit_s: float, env: dict[str, 
         "wall_s": round(time.perf_counter() - start, 2),
         "limit_s": round(limit_s, 1),
         "device": device,
+        "card": card,
         "steps": steps,
     }
     (out / f"{part.name}.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -436,6 +467,21 @@ def machine(device: str) -> dict:
     return info
 
 
+def torch_builds() -> dict:
+    """The CUDA and cuDNN versions torch was built with, and the card as torch names it, read in a child
+    process (importing torch here would slow the parent and hold a CUDA context through every part)."""
+    probe = (
+        "import json, torch; cuda = torch.cuda.is_available(); print(json.dumps({'torch_cuda': torch.version.cuda, "
+        "'cudnn': torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None, "
+        "'torch_card': torch.cuda.get_device_name() if cuda else None}))"
+    )
+    try:
+        found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+        return json.loads(found.stdout.strip().splitlines()[-1])
+    except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError) as err:
+        return {"torch_cuda": None, "cudnn": None, "torch_card": None, "torch_probe_error": repr(err)[:200]}
+
+
 def run_suite(
     parts: list[Part], out: Path, device: str, budget_s: float, limits: dict[str, float] | None = None
 ) -> dict:
@@ -447,22 +493,24 @@ def run_suite(
         "command": shlex.join(["python", *sys.argv]),
         "budget_s": budget_s,
         **machine(device),
+        **torch_builds(),
         "parts": [],
     }
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_suite_") as scratch:
         env = child_env(Path(scratch) / "home")
-        for part in parts:
+        own = [limits.get(part.name, part.limit_s) for part in parts]
+        for i, part in enumerate(parts):
             left = budget_s - (time.perf_counter() - start)
-            limit = min(limits.get(part.name, part.limit_s), left)
+            limit = part_limit(own[i], left, sum(own[i + 1 :]))
             if limit <= 0:
                 result: dict = {"part": part.name, "description": part.description, "status": SKIPPED_BUDGET}
-                result.update(wall_s=0.0, limit_s=0.0, device=device, steps=[])
+                result.update(wall_s=0.0, limit_s=0.0, device=device, card=summary["card"], steps=[])
                 (out / f"{part.name}.json").write_text(json.dumps(result, indent=1) + "\n")
                 (out / f"{part.name}.log").write_text(f"{SKIPPED_BUDGET}\n")
             else:
                 print(f"[{part.name}] up to {limit:.0f} s: {part.description}", flush=True)
-                result = run_part(part, out, device, limit, env, Path(scratch))
+                result = run_part(part, out, device, limit, env, Path(scratch), summary["card"])
             headlines = [h for s in result["steps"] for h in s.get("headlines", [])]
             summary["parts"].append(
                 {key: result[key] for key in ("part", "status", "wall_s", "limit_s")}
@@ -477,9 +525,17 @@ def run_suite(
     return summary
 
 
+def part_limit(own_s: float, left_s: float, later_s: float) -> float:
+    """A part's seconds: its own limit, or more when the earlier parts left time the later ones' limits do
+    not claim (so time an early part did not use passes on), never past what is left of the budget."""
+    return min(max(own_s, left_s - later_s), left_s)
+
+
 def print_table(summary: dict) -> None:
     print(
-        f"\n{summary['card']} | driver {summary['driver']} | torch {summary['torch']} | triton {summary['triton']} "
+        f"\n{summary['card']} | driver {summary['driver']} | torch {summary['torch']} (CUDA {summary['torch_cuda']}, "
+        f"cuDNN {summary['cudnn']}) | triton {summary['triton']} | timm {summary['timm']} "
+        f"| transformers {summary['transformers']} "
         f"| {summary['wall_s']:.0f} s of {summary['budget_s']:.0f}"
     )
     print(f"{'part':<18} {'status':<24} {'wall s':>7} {'limit s':>8}  headline")

@@ -6,8 +6,10 @@ The variants of a case run interleaved, one call each per round (the first varia
 rotates), so that the load of a shared machine hits baseline and candidates alike; each ratio
 is taken within a round and reported as the median over the rounds with its interquartile
 range and min-max. Prints per case the median time, that ratio to the official-style baseline,
-peak memory and, on a GPU, effective GB/s (compulsory traffic: read q, k, v, write o) and % of
-HBM bandwidth.
+peak memory and, on a GPU, effective GB/s and % of HBM bandwidth from the compulsory traffic:
+read q, k, v, write o forward; with ``--backward`` also read q, k, v, o, dO and write dQ, dK, dV
+(12 q-sized tensors over the forward+backward time). Each op's summary line (the geometric mean over
+its stages) prints as soon as its cases finish, so a run ended by a time limit keeps it.
 
     python benchmarks/kernels.py --quick          # CPU subset, under a minute
     python benchmarks/kernels.py --device cuda --dtype bfloat16 --backward --batch 128
@@ -28,10 +30,12 @@ import torch
 import torch.nn.functional as F
 
 import attnzoo.kernels as K
+from attnzoo.kernels.dispatch import dispatch_counts, reset_dispatch_counts
 
 HBM_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0}
 # The cases in the order they run; --quick runs only "bra" unless --cases says otherwise.
 CASES = ("bra", "l2vit", "l2vit_window", "sparsifiner", "lrgt", "inline")
+SUMMARY_NOTE = "geometric mean over the stages per round, each stage's backend the best by median"
 
 
 # -- the official-style baselines ------------------------------------------------------------
@@ -69,6 +73,20 @@ def inline_official(q, k, v, scale):
     n = k.shape[-2]
     kv = (k.transpose(-2, -1) * (scale / n)) @ v
     return q @ kv + (1 - scale * (q @ k.mean(-2, keepdim=True).transpose(-2, -1))) * v.mean(-2, keepdim=True)
+
+
+def device_name(device: str | torch.device) -> str:
+    """The card's name on CUDA (``cuda`` alone does not say which card gave a number), else the device type."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def backends_used(run: Callable[[], Any]) -> str:
+    """Which backend the default dispatch chose for each kernel op while ``run()`` ran: "op: backend xN"."""
+    reset_dispatch_counts()
+    run()
+    used = dispatch_counts()
+    return "; ".join(f"{op}: " + ", ".join(f"{b} x{n}" for b, n in by.items()) for op, by in used.items()) or "none"
 
 
 def sdpa_dense(q, k, v):
@@ -137,7 +155,7 @@ def spread(values: list[float]) -> str:
     """Median, interquartile range and min-max of ratios, as one printable string."""
     if len(values) < 2:
         return f"x{values[0]:6.2f}" if values else "n/a"
-    q1, _, q3 = statistics.quantiles(values, n=4)
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")  # within min-max, unlike "exclusive"
     return f"x{statistics.median(values):6.2f} (IQR {q1:.2f}-{q3:.2f}, min-max {min(values):.2f}-{max(values):.2f})"
 
 
@@ -148,19 +166,22 @@ def gpu_bandwidth() -> float | None:
     return next((tb for key, tb in HBM_TBPS.items() if key in name), None)
 
 
-def run_case(title, variants, device, backward, inputs, repeats, traffic_bytes, rows):
-    """``variants[0]`` is the baseline; each other variant's ratio is baseline / variant time per round."""
+def run_case(title, variants, device, backward, inputs, repeats, rows):
+    """``variants[0]`` is the baseline; each other variant's ratio is baseline / variant time per round.
+    ``inputs``: q, k, v (the compulsory traffic is counted in q-sized tensors)."""
     print(f"  {title}")
     times, peaks = measure_interleaved(variants, device, backward, inputs, repeats)
     baseline = variants[0][0]
     if baseline not in times:
         return
     hbm = gpu_bandwidth()
+    tensors, which = (12, "fwd+bwd") if backward else (4, "fwd")
+    traffic_bytes = tensors * inputs[0].numel() * inputs[0].element_size()
     for name, ms_list in times.items():
         ratios = [b / t for b, t in zip(times[baseline], ms_list, strict=True)]
         ms = statistics.median(ms_list)
         gbps = traffic_bytes / (ms * 1e-3) / 1e9
-        extra = f" {gbps:7.1f} GB/s {100 * gbps / (hbm * 1e3):5.1f}% HBM" if device == "cuda" and hbm else ""
+        extra = f" {gbps:7.1f} GB/s {100 * gbps / (hbm * 1e3):5.1f}% HBM ({which})" if device == "cuda" and hbm else ""
         mem = f" peak {peaks[name]:8.1f} MiB" if device == "cuda" else ""
         versus = "(baseline)" if name == baseline else f"{spread(ratios)} vs baseline"
         print(f"    {name:<22} {ms:9.3f} ms  {versus}{mem}{extra}")
@@ -182,6 +203,12 @@ def main() -> None:
         "--cases", default=None, help=f"comma-separated subset of {','.join(CASES)} (default: all; --quick: bra)"
     )
     parser.add_argument(
+        "--resolutions",
+        type=lambda text: tuple(int(px) for px in text.split(",")),
+        default=None,
+        help="BRA image sizes in px, comma-separated (default 224,448; --quick: 224)",
+    )
+    parser.add_argument(
         "--backends",
         default=None,
         help="comma-separated subset of torch,flex,triton (default: all on cuda, torch on cpu)",
@@ -198,7 +225,7 @@ def main() -> None:
     backends = chosen(parser, "--backends", args.backends, K.BACKEND_NAMES, default_backends)
     torch.manual_seed(0)
     print(
-        f"device={torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} torch={torch.__version__} "
+        f"device={device_name(device)} torch={torch.__version__} "
         f"dtype={dtype} batch={batch} backward={args.backward} threads={torch.get_num_threads()}"
     )
     try:
@@ -208,13 +235,12 @@ def main() -> None:
     except ImportError:
         pass
     rows: list[tuple[str, str, list[float], list[float]]] = []
-    elem = torch.finfo(dtype).bits // 8
 
     def tensors(*shape_list):
         return [torch.randn(*s, device=device, dtype=dtype, requires_grad=args.backward) for s in shape_list]
 
     # BiFormer-T: regions of a 7x7 grid, topk 1/4/16, heads 2/4/8, head dim 32, scale C^-0.5
-    resolutions = (224,) if args.quick else (224, 448)
+    resolutions = args.resolutions or ((224,) if args.quick else (224, 448))
     for px in resolutions if "bra" in cases else ():
         for stage, (topk, heads) in enumerate(((1, 2), (4, 4), (16, 8))):
             side = px // 4 // 2**stage
@@ -238,9 +264,11 @@ def main() -> None:
                 args.backward,
                 [q, k, v],
                 repeats,
-                4 * q.numel() * elem,
                 rows,
             )
+
+    if "bra" in cases:
+        print(f"BRA speedup vs official gather: {best_per_round(rows, 'BRA')} ({SUMMARY_NOTE})", flush=True)
 
     if "l2vit" in cases:
         # L2ViT-T linear global attention: stages at 224 px, heads 3/6/12/24, head dim 32
@@ -267,7 +295,6 @@ def main() -> None:
                 args.backward,
                 [q, k, v],
                 repeats,
-                4 * q.numel() * elem,
                 rows,
             )
     if "l2vit_window" in cases:
@@ -288,7 +315,6 @@ def main() -> None:
                 args.backward,
                 [q, k, v],
                 repeats,
-                4 * q.numel() * elem,
                 rows,
             )
     if "sparsifiner" in cases:
@@ -301,9 +327,7 @@ def main() -> None:
             *backend_variants(backends, K.masked_attention, q, k, v, mask, scale=0.125),
             ("dense SDPA", partial(sdpa_dense, q, k, v)),
         ]
-        run_case(
-            "Sparsifiner DeiT-S top-50", variants, device, args.backward, [q, k, v], repeats, 4 * q.numel() * elem, rows
-        )
+        run_case("Sparsifiner DeiT-S top-50", variants, device, args.backward, [q, k, v], repeats, rows)
     if "lrgt" in cases:
         # LRGT: ViT-B/16 tokens of V views, 49 long-range groups of 4V tokens, 12 heads, head dim 64
         for views in (3, 8, 20):
@@ -314,9 +338,7 @@ def main() -> None:
                 ("official gather", partial(bra_gather_official, q, k, v, groups, identity, 0.125)),
                 *backend_variants(backends, K.grouped_attention, q, k, v, groups, scale=0.125),
             ]
-            run_case(
-                f"LRGT {views} views", variants, device, args.backward, [q, k, v], repeats, 4 * q.numel() * elem, rows
-            )
+            run_case(f"LRGT {views} views", variants, device, args.backward, [q, k, v], repeats, rows)
 
     if "inline" in cases:
         # InLine-Swin-T: its InLine stages at 224 px are global (3136/784/196 tokens), heads 3/6/12, head dim 32
@@ -336,19 +358,9 @@ def main() -> None:
                 args.backward,
                 [q, k, v],
                 repeats,
-                4 * q.numel() * elem,
                 rows,
             )
-
-    if "bra" in cases:
-        print(
-            f"BRA speedup vs official gather (geometric mean over the stages, per round): {best_per_round(rows, 'BRA')}"
-        )
-    if "inline" in cases:
-        print(
-            "InLine speedup vs official matmuls (geometric mean over the stages, per round): "
-            f"{best_per_round(rows, 'InLine')}"
-        )
+        print(f"InLine speedup vs official matmuls: {best_per_round(rows, 'InLine')} ({SUMMARY_NOTE})", flush=True)
 
 
 def chosen(
@@ -365,13 +377,22 @@ def chosen(
 
 
 def best_per_round(rows: list[tuple[str, str, list[float], list[float]]], prefix: str) -> str:
-    """Per round, the best backend's ratio of each case titled ``prefix...``; the geometric mean over those cases."""
-    best: dict[str, list[float]] = {}
-    for title, name, _, ratios in rows:
+    """Each case titled ``prefix...`` contributes its best backend, chosen by median time (a per-round maximum
+    over backends would pick noise), with that backend's per-round ratios; the geometric mean over the cases
+    per round, and which backend each case used."""
+    best: dict[str, tuple[float, str, list[float]]] = {}
+    for title, name, ms_list, ratios in rows:
         if title.startswith(prefix) and not name.startswith(("official", "dense")):
-            best[title] = [max(pair) for pair in zip(best[title], ratios, strict=True)] if title in best else ratios
-    per_round = [math.exp(statistics.mean(math.log(x) for x in stages)) for stages in zip(*best.values(), strict=True)]
-    return spread(per_round)
+            ms = statistics.median(ms_list)
+            if title not in best or ms < best[title][0]:
+                best[title] = (ms, name, ratios)
+    if not best:
+        return "n/a (no backend ran)"
+    per_round = [
+        math.exp(statistics.mean(math.log(x) for x in stages))
+        for stages in zip(*(ratios for _, _, ratios in best.values()), strict=True)
+    ]
+    return f"{spread(per_round)} [best: {', '.join(name for _, name, _ in best.values())}]"
 
 
 def backend_variants(

@@ -20,6 +20,7 @@ import attnzoo
 
 sys.path.insert(0, str(Path(__file__).parent))
 from classification_models import patched  # noqa: E402
+from kernels import backends_used, device_name  # noqa: E402
 
 
 def official_lga(q, k, v, groups, *, scale, **_):
@@ -57,7 +58,8 @@ def main() -> None:
     torch.manual_seed(0)
     encoder = attnzoo.create_model("lrgt").encoder.eval().to(device, dtype)
     print(
-        f"device={device} dtype={args.dtype} batch={args.batch} threads={torch.get_num_threads()} repeats={args.repeats}"
+        f"device={device_name(device)} dtype={args.dtype} batch={args.batch} threads={torch.get_num_threads()} "
+        f"repeats={args.repeats} torch={torch.__version__}"
     )
     print(f"{'views':>5} {'ours ms':>9} {'official ms':>12} {'speedup':>8} {'max |diff|':>10}")
     for views in (int(v) for v in args.views.split(",")):
@@ -71,10 +73,12 @@ def main() -> None:
                 ours.append(once(encoder, x, device))
                 with patched("attnzoo.vision.lrgt", "grouped_attention", official_lga):
                     base.append(once(encoder, x, device))
+            used = backends_used(lambda: encoder(x))  # noqa: B023  (called at once)
         o, b = statistics.median(ours), statistics.median(base)
         print(
             f"{views:>5} {o * 1e3:>9.1f} {b * 1e3:>12.1f} {b / o:>7.2f}x {(y.float() - y_ref.float()).abs().max().item():>10.2e}"
         )
+        print(f"      {views} views ran on backend {used}")
 
 
 if __name__ == "__main__":

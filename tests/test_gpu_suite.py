@@ -70,6 +70,14 @@ def test_budget_spent_skips_the_remaining_parts(suite, tmp_path):
     assert all((tmp_path / f"{name}.{ext}").is_file() for name in ("first", "second") for ext in ("json", "log"))
 
 
+def test_time_an_earlier_part_left_passes_on_but_never_past_the_budget(suite):
+    assert suite.part_limit(60, left_s=300, later_s=200) == 100  # 40 s unused before: passed on
+    assert suite.part_limit(60, left_s=200, later_s=200) == 60  # nothing unused: its own limit
+    assert suite.part_limit(60, left_s=30, later_s=0) == 30  # never past what is left
+    limits = [p.limit_s for p in suite.plan("cuda", quick=False)]
+    assert sum(limits) <= 450  # the default budget: a device call of at most 8 minutes
+
+
 def test_every_flag_the_suite_passes_is_one_its_script_declares(suite):
     """Checked for the GPU plan too, which the dry run cannot execute."""
     for device, quick in (("cuda", False), ("cuda", True), ("cpu", True)):
@@ -112,18 +120,20 @@ def test_cpu_dry_run_writes_every_part(suite, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     names = [p.name for p in suite.plan("cpu", True)]
     assert [p["part"] for p in summary["parts"]] == names
-    for key in ("card", "driver", "torch", "triton", "python", "budget_s", "wall_s", "started"):
+    for key in ("card", "driver", "torch", "torch_cuda", "cudnn", "triton", "timm", "transformers", "python"):
+        assert key in summary
+    for key in ("budget_s", "wall_s", "started"):
         assert key in summary
     for row in summary["parts"]:
         assert set(row) >= {"part", "status", "wall_s", "limit_s", "headlines", "missing_flags"}
         part = json.loads((out / f"{row['part']}.json").read_text())
-        assert part["status"] == row["status"]
+        assert part["status"] == row["status"] and part["card"] == summary["card"]
         assert (out / f"{row['part']}.log").read_text().strip()
         for step in part["steps"]:
             assert step["status"] in ("ok", suite.SKIPPED_CUDA), (row["part"], step["status"], step.get("error"))
             if step["status"] == "ok":
                 assert step["returncode"] == 0 and step["output"] and step["headlines"], (row["part"], step)
     statuses = {row["part"]: row["status"] for row in summary["parts"]}
-    assert statuses["gpu_tests"] == statuses["nevaclip"] == suite.SKIPPED_CUDA
+    assert statuses["gpu_tests"] == statuses["nevaclip"] == statuses["flex_bra"] == suite.SKIPPED_CUDA
     assert statuses["kernels"] == statuses["models"] == statuses["wsi"] == "ok"
     assert "part" in done.stdout and "status" in done.stdout  # the printed table

@@ -11,6 +11,7 @@ import attnzoo.kernels as K
 from attnzoo.errors import BackendUnavailableError, InvalidInputError, UnknownNameError
 from attnzoo.kernels import oracle as O
 from attnzoo.kernels import torch_impl as T
+from attnzoo.kernels.dispatch import dispatch_counts, reset_dispatch_counts
 from tests.helpers import reference_path, triton_dtypes
 from tests.kernels.oracle_check import (
     FP32_TOL,
@@ -180,6 +181,18 @@ def test_cpu_default_is_torch_and_skips_are_logged(caplog):
     with caplog.at_level(logging.DEBUG, logger="attnzoo.kernels"):
         K.grouped_attention(q, k, v, groups, route=route)
     assert "skipping triton backend" in caplog.text
+
+
+def test_dispatch_counts_name_the_backend_each_call_ran_on():
+    q, k, v, groups, route = make_case()
+    reset_dispatch_counts()
+    K.grouped_attention(q, k, v, groups, route=route)  # the CPU default: torch
+    with K.use_backend("flex"), torch.no_grad():
+        K.grouped_attention(q, k, v, groups, route=route)
+    K.grouped_attention(q, k, v, groups, route=route)
+    assert dispatch_counts() == {"grouped_attention": {"torch": 2, "flex": 1}}
+    reset_dispatch_counts()
+    assert dispatch_counts() == {}
 
 
 def test_env_var_forces_backend(monkeypatch):

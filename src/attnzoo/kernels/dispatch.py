@@ -6,6 +6,8 @@ can run every call). A backend is a function plus checks; a check returns ``None
 is fine or a short reason when it is not.
 ``use_backend(name)`` (a context manager) or ``ATTNZOO_ATTN_BACKEND`` forces one backend: a
 forced backend that cannot run raises :class:`BackendUnavailableError` instead of falling back.
+``dispatch_counts()`` says which backends ran each op since ``reset_dispatch_counts()`` (benchmarks
+that time the default dispatch report it).
 """
 
 from __future__ import annotations
@@ -44,6 +46,23 @@ class _Backend:
 
 
 _REGISTRY: dict[str, list[_Backend]] = {}
+_COUNTS: dict[str, dict[str, int]] = {}
+
+
+def dispatch_counts() -> dict[str, dict[str, int]]:
+    """``{op: {backend: calls}}`` of the calls dispatched since the last :func:`reset_dispatch_counts`
+    (a copy): which backend a model's default dispatch actually chose, per op."""
+    return {op: dict(by_backend) for op, by_backend in _COUNTS.items()}
+
+
+def reset_dispatch_counts() -> None:
+    _COUNTS.clear()
+
+
+def _ran(op: str, backend: _Backend) -> Callable[..., Any]:
+    by_backend = _COUNTS.setdefault(op, {})
+    by_backend[backend.name] = by_backend.get(backend.name, 0) + 1
+    return backend.fn
 
 
 def register_backend(op: str, name: str, fn: Callable[..., Any], checks: list[Check] | None = None) -> None:
@@ -101,11 +120,11 @@ def dispatch(op: str, *args: Any, **kwargs: Any) -> Any:
         reason = backend.why_not(*args, **kwargs)
         if reason:
             raise BackendUnavailableError(f"{op}: the forced {forced!r} backend cannot run this call: {reason}")
-        return backend.fn(*args, **kwargs)
+        return _ran(op, backend)(*args, **kwargs)
     for backend in backends:
         reason = backend.why_not(*args, **kwargs)
         if reason is None:
-            return backend.fn(*args, **kwargs)
+            return _ran(op, backend)(*args, **kwargs)
         logger.debug("%s: skipping %s backend: %s", op, backend.name, reason)
     raise BackendUnavailableError(f"{op}: no backend can run this call")  # pragma: no cover - torch always can
 

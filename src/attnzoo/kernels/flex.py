@@ -7,6 +7,7 @@ small inputs; the dispatcher runs it there only when forced, and never for backw
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from collections.abc import Callable
@@ -16,6 +17,10 @@ import torch
 
 from attnzoo.kernels.grouping import expand_route
 
+# Graphs the compiled flex may hold: one per shape and block size (a model's stages at a few resolutions, the
+# benchmarks' cases). Dynamo's default (8) would otherwise send every later shape, silently, to eager flex.
+RECOMPILE_LIMIT = 64
+
 
 @functools.lru_cache(maxsize=1)
 def _compiled_flex() -> Callable[..., torch.Tensor]:
@@ -24,11 +29,20 @@ def _compiled_flex() -> Callable[..., torch.Tensor]:
     return torch.compile(flex_attention, dynamic=False)
 
 
+def recompile_room(limit: int = RECOMPILE_LIMIT) -> contextlib.AbstractContextManager[Any]:
+    """Dynamo's per-function recompile limit raised to at least ``limit`` inside the block (its name changed
+    from ``cache_size_limit`` to ``recompile_limit`` in torch 2.6; the limit is read when a call recompiles)."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return config.patch(**{name: max(getattr(config, name), limit)})
+
+
 def _flex(q: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
     if q.is_cuda:
-        return _compiled_flex()(q, *args, **kwargs)
+        with recompile_room():
+            return _compiled_flex()(q, *args, **kwargs)
     with warnings.catch_warnings():  # eager flex warns that it is unfused: on the CPU that is the point
         warnings.simplefilter("ignore", UserWarning)
         return flex_attention(q, *args, **kwargs)
