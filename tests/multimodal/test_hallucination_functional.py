@@ -430,6 +430,25 @@ def test_carve_fuse_weights_steps_and_pairs_probes_by_step():
     np.testing.assert_allclose(F.carve_contrast(query[:2], general, 0.05), query[:2] / (general + 0.05), rtol=1e-6)
 
 
+def test_carve_fuse_equals_the_official_sum_of_resized_maps():
+    """The official code resizes every (step, layer) contrast map to the image and sums them; fusing on
+    the grid and resizing once gives the same S (bilinear resizing is linear) up to float32 rounding."""
+    rng = np.random.default_rng(1)
+    query = rng.random((5, 3, 576)).astype(np.float32) * 1e-2
+    general = rng.random((4, 3, 576)).astype(np.float32) * 1e-2
+    size = (200, 150)
+    expected = np.zeros(size[::-1])
+    for t in range(4):
+        for layer in (0, 2):
+            grid = (query[t, layer] / (general[t, layer] + np.float32(1e-8))).reshape(24, 24)
+            resized = Image.fromarray(grid.astype(np.float32)).resize(size, Image.Resampling.BILINEAR)
+            expected += (t + 1) * np.asarray(resized, dtype=np.float64)
+    fused = F.carve_fuse(query, general, size, layers=[0, 2])
+    np.testing.assert_allclose(fused, expected, rtol=1e-6)
+    with pytest.raises(InvalidInputError, match="no steps"):
+        F.carve_fuse(query[:0], general, size)
+
+
 def test_carve_fuse_grid_rules():
     maps = np.ones((1, 1, 12), dtype=np.float32)
     assert F.carve_fuse(maps, maps, (6, 4), grid_shape=(3, 4)).shape == (4, 6)
