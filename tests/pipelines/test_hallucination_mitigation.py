@@ -284,7 +284,9 @@ def test_return_attention_and_the_picture(ask, photos, tmp_path):
     assert "attention" in plain.to_dict() and np.asarray(plain.to_dict()["attention"]).shape == (6, 6)
     tall = dataclasses.replace(out, view=Image.new("RGB", (10, 600)))  # e.g. a Qwen2-VL view of a 1:60 image
     sheet = tall.plot(size=64)
-    assert sheet.height < 22 + 64 + 16 * 12 and sheet.width >= 3 * 64  # each picture fits the box, titles whole
+    assert sheet.height < 22 + 64 + 16 * 14 and sheet.width >= 3 * 64  # each picture fits the box, titles whole
+    wide = dataclasses.replace(tall, answer="WWW MMM " * 30).plot(size=64)  # wide letters: wrapped by drawn width
+    assert (np.asarray(wide)[22 + 64 + 8 :, -8:] == 255).all()  # the right margin stays white
 
 
 def _attention_by_one_forward(ask, images, question, token_ids):

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import functools
 import math
-import textwrap
 import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -158,7 +157,7 @@ class MitigationResult:
         """The image, then the answer's attention over each image it was answered on with the method, and
         over the original without it (when measured), on one colour scale, with the question and the
         answers below; each picture fits a ``size`` box."""
-        from attnzoo.viz.drawing import NOTE_COLOUR, load_font
+        from attnzoo.viz.drawing import NOTE_COLOUR, load_font, wrap_text
 
         first = self.answered_on[0] if self.answered_on else "original"
         original = _first_given(self.baseline_view, self.view if first == "original" else None) or self.image
@@ -199,9 +198,7 @@ class MitigationResult:
         coloured = [(line, text) for line in lines] + (
             [(f"{note}: the answers are meaningless", NOTE_COLOUR)] if note else []
         )
-        wrapped = [
-            (part, colour) for line, colour in coloured for part in textwrap.wrap(line, max(20, width // 7)) or [""]
-        ]
+        wrapped = [(part, colour) for line, colour in coloured for part in wrap_text(line, small, width - 2 * pad)]
         sheet = Image.new("RGB", (width, head + tallest + pad + 16 * len(wrapped) + pad), "white")
         draw = ImageDraw.Draw(sheet)
         x = pad
