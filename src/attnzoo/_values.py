@@ -19,6 +19,12 @@ def is_integer(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def is_whole(value: Any) -> bool:
+    """An integer (:func:`is_integer`) or an integral float (``1e2`` from YAML or a command line); ints are
+    taken as they are, however large (no float on the way)."""
+    return is_integer(value) or (isinstance(value, (float, np.floating)) and float(value).is_integer())
+
+
 def whole_number(
     value: Any,
     name: str,
@@ -33,7 +39,7 @@ def whole_number(
     JSON or a command line is 7, 2.5 and NaN still refused), or ``error`` naming ``name``; ``why`` says what
     the upper bound stands for (e.g. "the model's context")."""
     given = value
-    if integral_floats and isinstance(value, (float, np.floating)) and float(value).is_integer():
+    if integral_floats and is_whole(value):
         value = int(value)
     if not is_integer(value) or value < low or (high is not None and value > high):
         if high is None:

@@ -1,5 +1,6 @@
 """Training settings: every bad value is refused with a typed error naming the setting, before a run starts."""
 
+import numpy as np
 import pytest
 
 from attnzoo.errors import InvalidOptionError, UnknownNameError
@@ -68,6 +69,8 @@ def test_good_settings_are_normalised():
     assert cfg.lr == 1e-4 and cfg.epochs == 100 and isinstance(cfg.epochs, int)
     assert cfg.clip_grad is None and cfg.decay_milestones == [30.0, 60.0] and cfg.seed == -3
     assert load_config(None, {"lr": 1}).lr == 1.0 and isinstance(load_config(None, {"lr": 1}).lr, float)
+    from_numpy = load_config(None, {"epochs": np.int64(7), "batch_size": np.float32(16.0)})  # e.g. read off an array
+    assert (from_numpy.epochs, from_numpy.batch_size) == (7, 16) and type(from_numpy.epochs) is int
     TrainConfig().validate()  # the defaults are valid
     for name in named_configs():
         load_config(name)  # and so is every shipped recipe

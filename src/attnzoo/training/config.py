@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from attnzoo._values import to_real, whole_number
+from attnzoo._values import is_whole, to_real, whole_number
 from attnzoo.errors import InvalidOptionError, UnknownNameError
 
 #: The seeds torch's generators take: the ``seed`` setting's range, and each of WSI training's ``seeds``.
@@ -141,11 +141,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _is_whole(value: Any) -> bool:
-    """An int, or an integral float (``epochs=1e2``); ints are taken as they are, however large (no float on the way)."""
-    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
-
-
 def _conform(key: str, value: Any, annotation: str) -> Any:
     """``value`` as the type ``annotation`` names (``"float | None"``, ``"list[float]"``...), or a typed
     error naming ``key``."""
@@ -155,7 +150,7 @@ def _conform(key: str, value: Any, annotation: str) -> Any:
         return None
     if kind == "bool" and isinstance(value, bool):
         return value
-    if kind == "int" and _is_whole(value):
+    if kind == "int" and is_whole(value):
         return int(value)
     if kind == "float" and (number := to_real(value)) is not None:
         return number
