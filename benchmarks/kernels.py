@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import attnzoo.kernels as K
-from attnzoo.kernels.dispatch import dispatch_counts, reset_dispatch_counts
+from attnzoo.kernels import dispatch_counts, reset_dispatch_counts
 
 HBM_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0}
 # The cases in the order they run; --quick runs only "bra" unless --cases says otherwise.

@@ -9,9 +9,9 @@ import torch
 
 import attnzoo.kernels as K
 from attnzoo.errors import BackendUnavailableError, InvalidInputError, UnknownNameError
+from attnzoo.kernels import dispatch_counts, reset_dispatch_counts
 from attnzoo.kernels import oracle as O
 from attnzoo.kernels import torch_impl as T
-from attnzoo.kernels.dispatch import dispatch_counts, reset_dispatch_counts
 from tests.helpers import reference_path, triton_dtypes
 from tests.kernels.oracle_check import (
     FP32_TOL,

@@ -11,7 +11,14 @@ Importing this package never touches a GPU driver; Triton kernels load on first 
 """
 
 from attnzoo.kernels.boosted_attention import Boost, BoostedAttentionOutput, boosted_attention
-from attnzoo.kernels.dispatch import BACKEND_NAMES, available_backends, forced_backend, use_backend
+from attnzoo.kernels.dispatch import (
+    BACKEND_NAMES,
+    available_backends,
+    dispatch_counts,
+    forced_backend,
+    reset_dispatch_counts,
+    use_backend,
+)
 from attnzoo.kernels.grouped_attention import grouped_attention
 from attnzoo.kernels.grouping import (
     across_views,
@@ -32,6 +39,7 @@ __all__ = [
     "available_backends",
     "boosted_attention",
     "dilated_groups",
+    "dispatch_counts",
     "forced_backend",
     "grouped_attention",
     "inline_attention",
@@ -41,6 +49,7 @@ __all__ = [
     "pack_mask",
     "region_means",
     "region_routing",
+    "reset_dispatch_counts",
     "unpack_mask",
     "use_backend",
     "window_groups",
