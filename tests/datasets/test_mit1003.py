@@ -305,7 +305,8 @@ def test_a_cache_of_the_other_setting_is_refused(tmp_path, found, asked, needed)
                 MIT1003(root, source=source, initial_fixation=asked)
             message = str(err.value)
             assert f"{found}/" in message and f"initial_fixation={asked}" in message
-            assert f"Pass initial_fixation={needed} to read {found}/" in message
+            flag = f"--{'' if needed else 'no-'}initial-fixation"
+            assert f"Pass initial_fixation={needed} (`attnzoo eval scanpath`: {flag}) to read {found}/" in message
         ds = MIT1003(root, initial_fixation=needed)  # the matching setting reads it as stored
         assert ds[0].meta["initial_fixation"] is needed and ds[0].meta["cache"] == found
         np.testing.assert_array_equal(ds[0].xy, [[200, 150], [10, 20]])
@@ -314,6 +315,25 @@ def test_a_cache_of_the_other_setting_is_refused(tmp_path, found, asked, needed)
     assert MIT1003(tmp_path, initial_fixation=asked).source == "raw"
     with pytest.raises(DatasetFormatError, match=f"Pass initial_fixation={needed}"):
         MIT1003(tmp_path, source="pysaliency", initial_fixation=asked)
+
+
+def test_scanpath_evaluation_passes_initial_fixation_on_and_records_it(tmp_path):
+    """``attnzoo eval scanpath --initial-fixation`` reads MIT1003_initial_fix/ (refused without it), and
+    the setting is part of the run's recorded settings; other datasets have no such choice."""
+    from attnzoo.errors import InvalidInputError
+    from attnzoo.evaluation.scanpath import ScanpathEvaluator
+
+    write_mit1003_pysaliency(tmp_path / "MIT1003_initial_fix", ONE_IMAGE, ONE_SCAN)
+    with pytest.raises(DatasetFormatError, match="--initial-fixation"):
+        ScanpathEvaluator(tmp_path, dataset="mit1003")
+    plan = ScanpathEvaluator.plan(
+        tmp_path, None, limit=None, model="nevaclip", weights=None, dataset="mit1003", initial_fixation=True
+    )
+    evaluator = plan.runs[0][1]
+    assert evaluator.records[0].meta["initial_fixation"] is True and len(evaluator.records[0].xy) == 2
+    assert plan.settings["initial_fixation"] is True
+    with pytest.raises(InvalidInputError, match="initial-fixation"):
+        ScanpathEvaluator(tmp_path, dataset="capmit1003", initial_fixation=False)
 
 
 def consistent_cache_scanpath(trace, width, height, n, subject):

@@ -566,7 +566,8 @@ class MIT1003(ScanpathCollection):
             f"{folder}: this pysaliency cache is {found}/ ({_CACHE_MAKERS[found]}, first fixations "
             f"{'kept' if _CACHE_SETTINGS[found] else 'dropped'}), but initial_fixation={self.initial_fixation} "
             f"needs {wanted}/ ({_CACHE_MAKERS[wanted]}) or {_CONSISTENT}/, and {found}/ cannot be converted exactly "
-            f"({why}). Pass initial_fixation={_CACHE_SETTINGS[found]} to read {found}/, or add the raw release "
+            f"({why}). Pass initial_fixation={_CACHE_SETTINGS[found]} (`attnzoo eval scanpath`: "
+            f"--{'' if _CACHE_SETTINGS[found] else 'no-'}initial-fixation) to read {found}/, or add the raw release "
             f"(ALLSTIMULI/ + DATA/) or {wanted}/."
         )
 

@@ -106,6 +106,7 @@ class ScanpathEvaluator(TaskEvaluator):
         log: Callable[[str], None] = print,
         dataset: str | None = None,
         captions: str | None = None,
+        initial_fixation: bool | None = None,
         seed: int | None = None,
         samples: int | None = None,
         fixations: int | None = None,
@@ -140,6 +141,7 @@ class ScanpathEvaluator(TaskEvaluator):
             limit=limit,
             dataset=dataset,
             captions=captions,
+            initial_fixation=initial_fixation,
             seed=seed,
             model_kind=family,
             samples_per_trial=samples,
@@ -154,6 +156,7 @@ class ScanpathEvaluator(TaskEvaluator):
         settings = {
             "dataset": dataset,
             "captions": captions,
+            "initial_fixation": initial_fixation,
             "seed": seed,
             "samples_per_trial": samples,
             "drop_outliers": drop_outliers,
@@ -171,6 +174,7 @@ class ScanpathEvaluator(TaskEvaluator):
         limit: int | None = None,
         dataset: str | None = None,
         captions: str | None = None,
+        initial_fixation: bool | None = None,
         seed: int = 0,
         model_kind: str = "nevaclip",
         samples_per_trial: int | None = None,
@@ -186,6 +190,11 @@ class ScanpathEvaluator(TaskEvaluator):
                 f"--dataset must be one of {NEVACLIP_DATASETS + SEARCH_DATASETS}, got {self.dataset!r}"
             )
         self.is_search = self.dataset in SEARCH_DATASETS
+        if initial_fixation is not None and self.dataset != "mit1003":
+            raise InvalidInputError(
+                f"--initial-fixation / --no-initial-fixation chooses MIT1003's first fixation; {self.dataset} has no such choice"
+            )
+        self.initial_fixation = bool(initial_fixation)
         self.samples_per_trial = samples_per_trial
         if samples_per_trial is not None and (not self.is_search or samples_per_trial < 1):
             raise InvalidInputError(
@@ -229,7 +238,7 @@ class ScanpathEvaluator(TaskEvaluator):
 
             if captions not in (None, "own"):
                 raise InvalidInputError("MIT1003 is free viewing: --captions applies to capmit1003 only")
-            self.records = MIT1003(self.root)
+            self.records = MIT1003(self.root, initial_fixation=self.initial_fixation)
             self._groups = self.records.by_stimulus()
             self.conditions = ["own"]
             self.stimulus_captions = self._mit1003_captions()

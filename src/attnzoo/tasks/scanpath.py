@@ -72,6 +72,13 @@ SPEC = register_task(
                 ("eval",),
             ),
             Option(
+                "initial_fixation",
+                bool,
+                "On mit1003: keep each scanpath's first, central fixation (pysaliency's "
+                "get_mit1003_with_initial_fixation); by default it is dropped, as get_mit1003 does.",
+                ("eval",),
+            ),
+            Option(
                 "seed",
                 int,
                 "Seed of NevaClip's restarts, misleading captions and OAT's split (default 0; for an OAT "
