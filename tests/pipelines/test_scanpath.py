@@ -379,6 +379,12 @@ def test_oat_batches_sampling_and_search_trials(tmp_path):
         np.testing.assert_array_equal(a.objects, b.objects)
     trial = SearchTrial("s", p1, "u", np.zeros((0, 2)), boxes=b1, grid=(2, 3), target=2)
     np.testing.assert_array_equal(pipe([trial])[0].objects, alone[1].objects)
+    # one display's boxes as a plain [N, 4] list (or a tensor) are that display's, for one or every image
+    np.testing.assert_array_equal(pipe(p1, boxes=b1.tolist(), target=2).objects, alone[1].objects)
+    shared = pipe([p1, p1], boxes=torch.as_tensor(b1), target=2)
+    assert [s.objects.tolist() for s in shared] == [alone[1].objects.tolist()] * 2
+    per_image = pipe([p0, p1], boxes=[b0.tolist(), b1.tolist()], target=[1, 2])
+    assert [s.objects.tolist() for s in per_image] == [a.objects.tolist() for a in alone]
     samples = pipe(p0, boxes=b0, target=1, strategy="sample", num_samples=3, seed=7)
     again = pipe(p0, boxes=b0, target=1, strategy="sample", num_samples=3, seed=7)
     assert len(samples) == 3 and [s.objects.tolist() for s in samples] == [s.objects.tolist() for s in again]

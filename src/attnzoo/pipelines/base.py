@@ -63,6 +63,9 @@ class Pipeline:
     #: Call keywords that carry data of each input (e.g. a caption per image): one value for all
     #: inputs, or a list with one per input; they reach ``preprocess`` inside a dict item.
     input_fields: ClassVar[tuple[str, ...]] = ()
+    #: How deeply one input's value of a field nests (OAT's ``boxes``, an [N, 4] list: 2), so that one such
+    #: list is read as the value for every input, not as one value per input; fields not named: 0.
+    field_depths: ClassVar[dict[str, int]] = {}
     #: The key under which a plain (non-dict) input goes into that dict item.
     primary_field: ClassVar[str] = "image"
     #: ``_forward`` runs under ``torch.inference_mode()`` unless the model needs gradients (NevaClip).
@@ -170,7 +173,9 @@ class Pipeline:
 
     def _with_fields(self, items: list[Any], fields: dict[str, Any]) -> list[dict[str, Any]]:
         """Each input as a dict item holding its share of the per-input call keywords."""
-        columns = {name: _broadcast(value, len(items), name) for name, value in fields.items()}
+        columns = {
+            name: _broadcast(value, len(items), name, self.field_depths.get(name, 0)) for name, value in fields.items()
+        }
         out = []
         for i, item in enumerate(items):
             row = dict(item) if isinstance(item, Mapping) else {self.primary_field: item}
@@ -261,8 +266,11 @@ def _named_parameters(fn: Callable[..., Any]) -> set[str]:
     return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-def _broadcast(value: Any, n: int, name: str) -> list[Any]:
-    """One value for every input, or a list (or a 2-D tensor's rows) with one per input."""
+def _broadcast(value: Any, n: int, name: str, depth: int = 0) -> list[Any]:
+    """One value for every input, or a list (or a 2-D tensor's rows) with one per input; a list nested
+    ``depth`` deep (a field's :attr:`Pipeline.field_depths`) is one value."""
+    if depth and _nesting(value) == depth:
+        return [value] * n
     if isinstance(value, (list, tuple)):
         if len(value) != n:
             raise InvalidInputError(f"got {len(value)} values of {name}= for {n} inputs: give one, or one per input")
@@ -272,6 +280,15 @@ def _broadcast(value: Any, n: int, name: str) -> list[Any]:
             raise InvalidInputError(f"got {value.shape[0]} rows of {name}= for {n} inputs")
         return list(value)
     return [value] * n
+
+
+def _nesting(value: Any) -> int:
+    """How deeply lists, tuples and arrays nest in ``value``, read along the first items (0: a scalar)."""
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return value.ndim
+    if isinstance(value, (list, tuple)):
+        return 1 + (_nesting(value[0]) if value else 0)
+    return 0
 
 
 def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:

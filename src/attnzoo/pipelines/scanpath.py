@@ -324,6 +324,7 @@ class OATScanpathPipeline(Pipeline):
 
     task = "scanpath"
     input_fields = ("boxes", "target")
+    field_depths = {"boxes": 2}  # one display's boxes: [N, 4]
     collate = staticmethod(list_collate)
 
     @classmethod
