@@ -324,7 +324,7 @@ def test_settings_and_transformer_are_checked():
         InsertionAttention(head_gain=float("nan"))
     with pytest.raises(InvalidInputError, match="behaviour"):
         InsertionAttention(behaviour="paper")
-    with pytest.raises(InvalidInputError, match="start <= stop"):
+    with pytest.raises(InvalidInputError, match="start < stop"):
         InsertionAttention(steps=(5, 2))
     with pytest.raises(InvalidInputError, match="not a FLUX transformer"):
         check_flux_transformer(torch.nn.Linear(2, 2))

@@ -208,6 +208,7 @@ def test_official_via_mask_falling_off_a_non_square_target(pipe):
         pipe(TARGET, subject=SUBJECT, mask=via, prompt="x", behaviour="official")
 
 
+@pytest.mark.filterwarnings("ignore:behaviour=.official. slices")  # the tiny model's 16 text tokens
 def test_official_via_mask_checked_on_the_canvas_it_is_drawn_on(pipe):
     """A region inside the official (transposed, 30 wide x 40 high) canvas but below the 30-high target is
     drawn by the official code, so it is used, not refused as lying outside the target."""
@@ -242,7 +243,7 @@ def test_a_zero_one_subject_mask_selects_its_ones(pipe):
         (dict(method="diptych", head_gain=0.1), "enforce"),
         (dict(method="none", shift_img=0.1), "takes no shift_img"),
         (dict(enforce=1.5), "Diptych's lambda"),
-        (dict(step_window="5,2"), "start <= stop"),
+        (dict(step_window="5,2"), "start < stop"),
         (dict(step_window="nan,1"), "two finite numbers"),  # NaN compared False everywhere: no edit at all
         (dict(blocks="18-0"), "ranges low-high"),  # an empty range ran plain FLUX Fill as in-context-brush
         (dict(blocks=","), "no blanks"),
@@ -270,6 +271,62 @@ def test_a_step_window_after_the_last_step_is_refused(tiny):
     target, subject = Image.new("RGB", (16, 16), "white"), Image.new("RGB", (16, 16), "red")
     with pytest.raises(InvalidOptionError, match=r"step_window \(5, 9\) starts at or after the last of the run's 2"):
         pipe(target, subject=subject, mask=np.ones((16, 16), np.uint8), prompt="a cat")
+
+
+def test_a_fractional_step_window_holding_no_step_of_the_run_is_refused(tiny):
+    """(0.6, 0.9) of 2 steps marks steps 1.2 to 1.8: no step, so the run would be plain FLUX Fill."""
+    from attnzoo.pipelines.subject_insertion import SubjectInsertionPipeline
+
+    pipe = SubjectInsertionPipeline(tiny, panel_size=16, steps=2, step_window=(0.6, 0.9))
+    with pytest.raises(InvalidOptionError, match=r"step_window \(0.6, 0.9\) holds no step of the run's 2 steps"):
+        pipe(TARGET, subject=SUBJECT, mask=MASK, prompt="x")
+    assert pipe(TARGET, subject=SUBJECT, mask=MASK, prompt="x", steps=4).settings["attention"]["steps"] == [0.6, 0.9]
+
+
+def test_official_slicing_on_a_canvas_it_was_not_made_for_warns_once_per_call(pipe):
+    """The official op splits the tokens as a vertical diptych with 512 text tokens; a horizontal canvas puts
+    half of each panel in the other's set."""
+    import warnings
+
+    items = [{"target": TARGET, "subject": SUBJECT, "mask": MASK, "prompt": "x", "seed": s} for s in (0, 1)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet = pipe(items, orientation="horizontal")  # corrected: sliced by the layout, nothing to say
+        assert not [w for w in caught if "official" in str(w.message)]
+        results = pipe(items, orientation="horizontal", behaviour="official")
+    said = [w for w in caught if "behaviour='official'" in str(w.message)]
+    assert len(said) == 1 and issubclass(said[0].category, UserWarning)
+    assert "horizontal canvas" in str(said[0].message) and "the text has 16 tokens" in str(said[0].message)
+    assert len(results) == len(quiet) == 2
+    with pytest.warns(UserWarning, match="the text has 16 tokens"):  # each call says it again
+        pipe(items[0], behaviour="official")
+
+
+def test_cpu_offload_with_a_dtype_casts_then_offloads(monkeypatch):
+    """``dtype=`` with ``cpu_offload=True`` was refused though the docs give them together: the model is cast
+    first, then offloaded (accelerate and the accelerator stubbed: the hooks themselves are diffusers')."""
+    import sys
+    import types
+
+    import attnzoo.pipelines.base as base
+    from attnzoo.multimodal.insertion.flux import tiny_flux_fill
+    from attnzoo.pipelines.subject_insertion import SubjectInsertionPipeline
+
+    model = tiny_flux_fill(0)
+    offloaded_in = []
+
+    def enable_model_cpu_offload(device=None):
+        offloaded_in.append((torch.device(device).type, model.dtype))
+
+    monkeypatch.setitem(sys.modules, "accelerate", types.ModuleType("accelerate"))
+    monkeypatch.setattr(model.pipe, "enable_model_cpu_offload", enable_model_cpu_offload, raising=False)
+    monkeypatch.setattr(base, "resolve_device", lambda device: torch.device("cuda"))
+    pipe = SubjectInsertionPipeline(model, device="cuda", dtype="bfloat16", cpu_offload=True)
+    assert offloaded_in == [("cuda", torch.bfloat16)] and pipe.model.offloaded
+    assert model.transformer.dtype == torch.bfloat16 and model.pipe.vae.dtype == torch.bfloat16
+    assert model.to(dtype=torch.bfloat16) is model  # the dtype it was offloaded in: nothing to do
+    with pytest.raises(InvalidInputError, match="already offloaded in torch.bfloat16"):
+        model.to(dtype=torch.float32)
 
 
 def test_sizes_not_divisible_by_the_packing_are_rounded_with_a_warning(tiny):

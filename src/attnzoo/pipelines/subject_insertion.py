@@ -16,8 +16,8 @@ and the docs page); the result records which ran.
 from __future__ import annotations
 
 import inspect
-import math
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,18 +174,48 @@ def _count(name: str, value: Any) -> int:
 
 
 def _step_window(value: Any) -> tuple[float, float]:
-    """``(start, stop)`` steps: ints are step indices, floats in [0, 1] fractions; a pair or ``"0,25"`` / ``"0,0.5"``."""
+    """``(start, stop)`` steps: two ints are step indices, two floats in [0, 1] fractions of the run's steps;
+    a pair or ``"0,25"`` / ``"0,0.5"`` (a string with a decimal point or exponent in either end is two
+    fractions). Mixed or out-of-range windows and empty ones are refused (they would edit no step unseen)."""
+    from attnzoo.multimodal.insertion.in_context_brush import STEP_WINDOW_FORMS, check_step_window
+
     parts = [v.strip() for v in value.replace(":", ",").split(",")] if isinstance(value, str) else value
     try:
-        start, stop = (
-            int(v) if isinstance(v, (int, np.integer)) or (isinstance(v, str) and v.lstrip("-").isdigit()) else float(v)
+        parts = list(parts)
+        fractions = isinstance(value, str) and any(not p.lstrip("+-").isdigit() for p in parts)
+        window = [
+            float(v) if fractions else int(v) if isinstance(v, str) else v.item() if isinstance(v, np.generic) else v
             for v in parts
-        )
+        ]
     except (TypeError, ValueError):
-        raise InvalidOptionError(f"step_window must be two numbers (start, stop), got {value!r}") from None
-    if not (math.isfinite(start) and math.isfinite(stop)) or start < 0:
-        raise InvalidOptionError(f"step_window must be two finite numbers from 0 on, got {value!r}")
-    return start, stop
+        raise InvalidOptionError(
+            f"step_window must be two numbers (start, stop): a window is {STEP_WINDOW_FORMS}; got {value!r}"
+        ) from None
+    if len(window) != 2:
+        raise InvalidOptionError(
+            f"step_window must be two numbers (start, stop): a window is {STEP_WINDOW_FORMS}; got {value!r}"
+        )
+    try:
+        return check_step_window(tuple(window))
+    except InvalidInputError as err:
+        raise InvalidOptionError(str(err)) from None
+
+
+def _check_window_edits(window: tuple[float, float] | None, steps: int) -> None:
+    """A step window that edits no step of a ``steps`` run is refused (the run would be plain FLUX Fill)."""
+    from attnzoo.multimodal.insertion.in_context_brush import window_steps
+
+    if window is None or window_steps(window, steps):
+        return
+    if isinstance(window[0], int):
+        raise InvalidOptionError(
+            f"step_window {tuple(window)} starts at or after the last of the run's {steps} steps: "
+            "the edit would run in no step"
+        )
+    raise InvalidOptionError(
+        f"step_window {tuple(window)} holds no step of the run's {steps} steps (the fractions mark steps "
+        f"{window[0] * steps:g} to {window[1] * steps:g}, end excluded): the edit would run in no step; widen it"
+    )
 
 
 def _blocks(value: Any) -> tuple[int, ...]:
@@ -273,10 +303,12 @@ class SubjectInsertionPipeline(Pipeline):
         **kwargs: Any,
     ):
         from attnzoo.multimodal.insertion.flux import FluxFillModel, _offload
-        from attnzoo.pipelines.base import resolve_device
+        from attnzoo.pipelines.base import resolve_device, resolve_dtype
 
         model = model if isinstance(model, FluxFillModel) else FluxFillModel(model)
         if cpu_offload and not model.offloaded:
+            if dtype is not None:  # cast first, where the weights are: the offload hooks then move the cast weights
+                model.to(dtype=resolve_dtype(dtype))
             _offload(model, resolve_device(device))
         self.segmenter = segmenter
         super().__init__(model, device=device, dtype=dtype, batch_size=batch_size, **kwargs)
@@ -288,6 +320,10 @@ class SubjectInsertionPipeline(Pipeline):
                 raise InvalidInputError("give the target image: p(target, subject=..., mask=..., prompt=...)")
             inputs = kwargs.pop("target")
         return super().__call__(inputs, **kwargs)
+
+    def iterate(self, inputs: Any, **kwargs: Any) -> Any:
+        self._warned_official = False  # the official-slicing warning: once per call
+        return super().iterate(inputs, **kwargs)
 
     @classmethod
     def check_settings(cls, settings: Mapping[str, Any]) -> None:
@@ -371,12 +407,7 @@ class SubjectInsertionPipeline(Pipeline):
 
         settings = run_settings(given)
         attention = attention_settings(given)
-        window = given.get("step_window")
-        if window is not None and isinstance(window[0], int) and window[0] >= settings["steps"]:
-            raise InvalidOptionError(
-                f"step_window {tuple(window)} starts at or after the last of the run's {settings['steps']} steps: "
-                "the edit would run in no step"
-            )
+        _check_window_edits(given.get("step_window"), settings["steps"])
         canvases = []
         for inputs, prompt, seed, embeds, pooled in zip(
             batch["inputs"], batch["prompt"], batch["seed"], batch["prompt_embeds"], batch["pooled"]
@@ -384,6 +415,7 @@ class SubjectInsertionPipeline(Pipeline):
             if embeds is None:
                 embeds, pooled = self.model.encode_prompt(prompt, settings["max_sequence_length"])
             embeds = _batched(embeds, 3).to(self.model.device, self.model.dtype)
+            self._warn_official_slicing(attention, settings["orientation"], embeds.shape[1])
             pooled = _batched(pooled, 2).to(self.model.device, self.model.dtype)
             out = run_fill(
                 self.model,
@@ -401,6 +433,38 @@ class SubjectInsertionPipeline(Pipeline):
             )
             canvases.append(out.image)
         return {**batch, "canvas": canvases}
+
+    def _warn_official_slicing(self, attention: Any, orientation: str, text_len: int) -> None:
+        """In-Context Brush's official op assumes a vertical diptych and 512 text tokens: it slices a literal
+        512 and two halves of the rest. On another canvas the edit boosts the wrong tokens; said once per call."""
+        from attnzoo.multimodal.insertion.layout import OFFICIAL_TEXT_LEN
+
+        if getattr(self, "_warned_official", False) or attention.behaviour != "official":
+            return
+        if attention.method != "in-context-brush" or attention.is_identity:
+            return
+        wrong = []
+        if orientation != "vertical":
+            wrong.append(
+                f"on this {orientation} canvas each half of the image tokens is half subject, half target panel"
+            )
+        if text_len != OFFICIAL_TEXT_LEN:
+            wrong.append(
+                f"the text has {text_len} tokens, so the {OFFICIAL_TEXT_LEN}-token text slice takes in image tokens"
+                if text_len < OFFICIAL_TEXT_LEN
+                else f"the text has {text_len} tokens, so text tokens fall into the image halves"
+            )
+        if wrong:
+            self._warned_official = True
+            warnings.warn(
+                "behaviour='official' slices In-Context Brush's tokens as the official code does (a literal "
+                f"{OFFICIAL_TEXT_LEN} text tokens, then the top and bottom halves of a vertical diptych): "
+                + "; ".join(wrong)
+                + ". The edit then shifts the wrong tokens; use behaviour='corrected' (slices by the real layout), "
+                f"orientation='vertical' and max_sequence_length={OFFICIAL_TEXT_LEN} to match the official setting.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def postprocess(self, outputs: dict[str, Any], **given: Any) -> InsertionResult:
         from attnzoo.multimodal.insertion.layout import panel_of

@@ -94,7 +94,7 @@ class FluxFillModel:
     """A diffusers ``FluxFillPipeline`` as attnzoo's model of the subject-insertion task.
 
     ``to(device, dtype)`` and ``eval()`` behave as a module's (an offloaded pipeline stays where its hooks
-    put it); ``name`` is what reports call it. ``prompt_encoder`` stands in for the text encoders of a
+    put it, and keeps the dtype it was offloaded in: cast it before offloading); ``name`` is what reports call it. ``prompt_encoder`` stands in for the text encoders of a
     pipeline built without them (the tiny model)."""
 
     def __init__(
@@ -121,9 +121,11 @@ class FluxFillModel:
 
     def to(self, device: Any = None, dtype: torch.dtype | None = None) -> FluxFillModel:
         if self.offloaded:  # the offload hooks place each model on the execution device when it runs
-            if dtype is not None:
+            if dtype is not None and dtype != self.dtype:
                 raise InvalidInputError(
-                    "choose the dtype when loading an offloaded model (dtype=... at from_pretrained)"
+                    f"this model is already offloaded in {self.dtype}: choose the dtype before offloading "
+                    "(dtype=... with cpu_offload=True when loading, or give the pipeline an un-offloaded model "
+                    "with dtype=... and cpu_offload=True)"
                 )
             return self
         kwargs: dict[str, Any] = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}

@@ -32,6 +32,8 @@ the text length from the inputs and the panels from the :class:`~attnzoo.multimo
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -48,9 +50,11 @@ __all__ = [
     "InsertionState",
     "check_blocks",
     "check_flux_transformer",
+    "check_step_window",
     "head_weights",
     "install_processors",
     "insertion_processors",
+    "window_steps",
 ]
 
 SHIFT_BLOCKS = ("double", "all")
@@ -71,8 +75,8 @@ class InsertionAttention:
     blocks: tuple[int, ...] | None = None
     """Blocks (forward order: double blocks 0..18, then single blocks 19..56 in FLUX) the edit runs in; None: all."""
     steps: tuple[float, float] | None = None
-    """Denoising steps ``[start, stop)`` the edit runs in: ints are step indices, floats in [0, 1] fractions of
-    the run's steps; None: all (the official code edits every step)."""
+    """Denoising steps ``[start, stop)`` the edit runs in: two ints are step indices, two floats in [0, 1]
+    fractions of the run's steps (:func:`check_step_window`); None: all (the official code edits every step)."""
     behaviour: str = "corrected"
     method: str = "in-context-brush"
 
@@ -95,12 +99,7 @@ class InsertionAttention:
                 raise InvalidInputError(f"blocks must be non-negative block indices, got {self.blocks!r}")
             object.__setattr__(self, "blocks", blocks)
         if self.steps is not None:
-            steps = tuple(self.steps)
-            if len(steps) != 2 or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in steps):
-                raise InvalidInputError(f"steps must be (start, stop), got {self.steps!r}")
-            if steps[1] < steps[0] or steps[0] < 0:
-                raise InvalidInputError(f"steps must be (start, stop) with 0 <= start <= stop, got {self.steps!r}")
-            object.__setattr__(self, "steps", steps)
+            object.__setattr__(self, "steps", check_step_window(self.steps, "steps"))
 
     @classmethod
     def in_context_brush(cls, **settings: Any) -> InsertionAttention:
@@ -162,8 +161,8 @@ class InsertionState:
     def in_steps(self, window: tuple[float, float] | None) -> bool:
         if window is None:
             return True
-        start, stop = window
-        if isinstance(start, float) or isinstance(stop, float):
+        start, stop = check_step_window(window)
+        if isinstance(start, float):
             if self.num_steps is None:
                 raise InvalidInputError("a fractional step window needs the run's step count: state.reset(num_steps)")
             start, stop = start * self.num_steps, stop * self.num_steps
@@ -189,6 +188,54 @@ class InsertionState:
                 f"{self.layout.canvas_size[0]} px) but the transformer got {image_tokens}: set the run's layout"
             )
         return self.layout.token_sets(text_len, device)
+
+
+STEP_WINDOW_FORMS = (
+    "two step indices (ints, e.g. (0, 25) or '0,25') or two fractions of the run's steps in [0, 1] "
+    "(floats, e.g. (0.0, 0.5) or '0,0.5')"
+)
+
+
+def check_step_window(window: Any, name: str = "step_window") -> tuple[float, float]:
+    """A step window ``(start, stop)``, checked: two ints (step indices, ``0 <= start < stop``) or two
+    fractions in [0, 1] (``start < stop``; an int end of 0 or 1 beside a float reads as that fraction, so
+    ``(0, 0.5)`` is ``(0.0, 0.5)``). A float outside [0, 1], an int index beside a float, or an empty window
+    would edit no step (or all of them) unseen: :class:`InvalidInputError`."""
+    try:
+        start, stop = window
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"{name} must be (start, stop): {STEP_WINDOW_FORMS}; got {window!r}") from None
+    ends: list[float] = []
+    for end in (start, stop):
+        if isinstance(end, bool) or not isinstance(end, numbers.Real) or not math.isfinite(end):
+            raise InvalidInputError(
+                f"{name} must be two finite numbers: a window is {STEP_WINDOW_FORMS}; got {window!r}"
+            )
+        ends.append(int(end) if isinstance(end, numbers.Integral) else float(end))
+    if any(isinstance(e, float) for e in ends) and not all(0 <= e <= 1 for e in ends):
+        mixed = any(isinstance(e, int) for e in ends if not 0 <= e <= 1)
+        problem = "mixes a step index with a fraction" if mixed else "has a fraction outside [0, 1]"
+        raise InvalidInputError(f"{name} {tuple(window)} {problem}: a window is {STEP_WINDOW_FORMS}")
+    if any(isinstance(e, float) for e in ends):
+        ends = [float(e) for e in ends]
+    if ends[0] < 0:
+        raise InvalidInputError(f"{name} must start at 0 or later, got {tuple(window)}")
+    if ends[1] <= ends[0]:
+        raise InvalidInputError(
+            f"{name} {tuple(window)} is empty: it must be (start, stop) with start < stop (stop is excluded), "
+            "else the edit runs in no step"
+        )
+    return ends[0], ends[1]
+
+
+def window_steps(window: tuple[float, float] | None, num_steps: int) -> list[int]:
+    """The steps of a ``num_steps`` run that a step window edits (as :meth:`InsertionState.in_steps` reads it)."""
+    if window is None:
+        return list(range(num_steps))
+    start, stop = check_step_window(window)
+    if isinstance(start, float):
+        start, stop = start * num_steps, stop * num_steps
+    return [step for step in range(num_steps) if start <= step < stop]
 
 
 def head_weights(scores: torch.Tensor, gain: float, eps: float) -> torch.Tensor:

@@ -301,11 +301,19 @@ def _via_regions(regions: Any) -> list[Mapping[str, Any]]:
 
 
 def read_mask(mask: Any, size: tuple[int, int], *, name: str = "mask", behaviour: str = "corrected") -> np.ndarray:
-    """A fill mask for an image of ``size`` = ``(height, width)``, as uint8 0/255 ``[height, width]``:
-    from a bool or integer array or tensor (non-zero = fill, so a 0/1 and a 0/255 mask mean the same), a
-    float one (>= 0.5 = fill: a 0/1 mask or probabilities), a mask image (path, PIL; white = fill, i.e.
-    >= 128 of 255; an alpha channel counts as the mask) or a VIA annotation (path to a .json, a JSON
-    string or dict).
+    """A fill mask for an image of ``size`` = ``(height, width)``, as uint8 0/255 ``[height, width]``.
+
+    * a bool array or tensor: True = fill;
+    * an integer one holding only values up to 1 (a 0/1 mask): non-zero = fill;
+    * an integer one with values above 1 is read as a mask image's pixels, thresholded at half its range:
+      >= 32768 for uint16, >= 128 (white in an 8-bit image) for every other integer type, so a 0/255 mask
+      and ``np.asarray(Image.open(path))`` of a mask image fill exactly where the image itself does (grey
+      edges of a resized mask, JPEG noise in its black);
+    * a float one: >= 0.5 = fill (a 0/1 mask or probabilities);
+    * a mask image (path, PIL): white = fill, i.e. >= 128 of 255 in its luminance. An alpha channel is the
+      mask only when it holds both transparent (< 128) and opaque pixels; a constant alpha (a black-and-white
+      mask saved as RGBA, fully opaque) leaves the mask to the colour channels;
+    * a VIA annotation (path to a .json, a JSON string or dict).
 
     A VIA annotation under ``behaviour="official"`` comes back as the official code draws it: on the
     transposed ``[width, height]`` canvas (:func:`rasterize_via`), which :func:`build_canvas` stretches
@@ -327,7 +335,7 @@ def read_mask(mask: Any, size: tuple[int, int], *, name: str = "mask", behaviour
             raise InvalidInputError(f"{name} must hold booleans or numbers, got {array.dtype}")
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise InvalidInputError(f"{name} holds NaN or infinite values")
-        binary = array >= 0.5 if array.dtype.kind == "f" else array != 0
+        binary = _binary(array)
     else:
         from attnzoo.datasets.images import load_image
 
@@ -337,9 +345,10 @@ def read_mask(mask: Any, size: tuple[int, int], *, name: str = "mask", behaviour
                 image = load_image(mask, keep_alpha=True)
         except InvalidInputError as err:
             raise InvalidInputError(f"{name}: {err}") from None
-        if image.mode in ("RGBA", "LA"):
-            binary = np.asarray(image.getchannel("A")) >= 128
-        else:
+        alpha = np.asarray(image.getchannel("A")) >= 128 if image.mode in ("RGBA", "LA") else None
+        if alpha is not None and alpha.any() and not alpha.all():  # a varying alpha: the transparent PNG's mask
+            binary = alpha
+        else:  # no alpha, or a constant one (an opaque RGBA export): the luminance carries the mask
             binary = np.asarray(image.convert("L")) >= 128
     if binary.shape != (height, width):
         raise InvalidInputError(
@@ -347,6 +356,18 @@ def read_mask(mask: Any, size: tuple[int, int], *, name: str = "mask", behaviour
             "the image's size"
         )
     return np.where(binary, 255, 0).astype(np.uint8)
+
+
+def _binary(array: np.ndarray) -> np.ndarray:
+    """Where a numeric mask array fills (the rules of :func:`read_mask`)."""
+    if array.dtype.kind == "b":
+        return array
+    if array.dtype.kind == "f":
+        return array >= 0.5
+    if array.size == 0 or array.max() <= 1:  # a 0/1 mask
+        return array != 0
+    sixteen_bit = array.dtype.kind == "u" and array.dtype.itemsize == 2  # either byte order
+    return array >= (32768 if sixteen_bit else 128)  # a mask image's pixels: half its range
 
 
 def is_via(mask: Any) -> bool:

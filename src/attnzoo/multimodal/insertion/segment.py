@@ -1,6 +1,8 @@
 """The subject's mask from a word: zero-shot detection (Grounding DINO, through transformers) gives a box,
 SAM segments inside it, as In-Context Brush's ``infer.py`` does (caption ``"<word> ."``, box threshold 0.35,
-text threshold 0.25, one mask from the best box). The official code uses the original Grounding-DINO
+text threshold 0.25, one mask from one box). The box kept is the best-scoring one; the official code takes the
+first box Grounding DINO returns (``obj_boxes[0]``), which is not sorted by score, so the two can pick different
+objects when several are found. The official code uses the original Grounding-DINO
 SwinT-OGC and SAM ViT-H packages; here the transformers ports (defaults: ``grounding-dino-tiny`` and
 ``sam-vit-base``, the ones Diptych Prompting uses), so masks can differ slightly from the official ones.
 """
@@ -25,7 +27,8 @@ Box = tuple[float, float, float, float]
 
 
 class SubjectSegmenter:
-    """``segmenter(image, "barn")`` -> bool mask ``[H, W]`` of the best-scoring detection.
+    """``segmenter(image, "barn")`` -> bool mask ``[H, W]`` of the best-scoring detection (the official
+    ``infer.py`` takes the first one returned instead, which is not sorted by score).
 
     ``detector`` / ``sam`` are Hub ids or local folders (loaded on first use, from the cache when offline),
     or callables: ``detector(image, word) -> [(score, (x0, y0, x1, y1)), ...]`` and
