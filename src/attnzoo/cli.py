@@ -473,11 +473,15 @@ def _eval_task(
     dtype: str | None,
     **options: Any,
 ) -> None:
+    from attnzoo._values import whole_number
     from attnzoo.evaluation import evaluate, weights_identity
+    from attnzoo.evaluation.runner import execution_settings
     from attnzoo.pipelines.base import check_batching
     from attnzoo.tasks import pipeline
 
     check_batching(batch_size, 0 if num_workers is None else num_workers)
+    if limit is not None:  # 0 or a negative count would drop samples from the end without a word
+        whole_number(limit, "--limit", why="the number of samples to evaluate; leave it out for all")
     evaluator_cls = spec.load_evaluator()
     # the dataset is read (and a bad one refused) before the model loads
     plan = evaluator_cls.plan(
@@ -511,9 +515,10 @@ def _eval_task(
             "model": plan.model,
             "weights": weights_identity(weights),
             "data": str(Path(data).resolve()),
-            "split": plan.split,
+            **_split_settings(plan.split),
             "limit": limit,
             "dtype": dtype,
+            **execution_settings(pipe),
             **plan.settings,
             **run_settings,
             **evaluator.run_settings(pipe, batch_size=batch_size),
@@ -528,6 +533,7 @@ def _eval_task(
             num_workers=workers,
             overwrite=overwrite,
             retry_skipped=retry_skipped,
+            log=lambda m: _echo(m, err=True),
         )
         if not metrics:  # a torchrun process other than the first: process 0 reports
             continue
@@ -537,6 +543,18 @@ def _eval_task(
         _echo(f"wrote {run_out / 'metrics.json'} and {run_out / 'report.md'}")
     if len(results) > 1:
         _echo(evaluator_cls.summarize(results, Path(out)))
+
+
+def _split_settings(split: str) -> dict[str, Any]:
+    """How run.json records the split: a name as given; a split file (``--split split_1.json``) by its absolute
+    path and the sha256 of its content, so that a resume from another folder, with another file of the same
+    name or with the file edited, is refused instead of scoring another split's predictions with this one's."""
+    path = Path(split)
+    if path.suffix and path.is_file():
+        from attnzoo.weights import sha256_file
+
+        return {"split": str(path.resolve()), "split_sha256": sha256_file(path)}
+    return {"split": split}
 
 
 def _train_task(

@@ -7,7 +7,7 @@ from typing import Any
 
 from attnzoo.datasets.imagenet import read_classification_folder
 from attnzoo.errors import DatasetFormatError, InvalidInputError
-from attnzoo.evaluation.runner import EvalSample, TaskEvaluator
+from attnzoo.evaluation.runner import EvalSample, TaskEvaluator, format_metric
 from attnzoo.metrics.classification import topk_accuracy_from_ranked
 
 
@@ -65,5 +65,5 @@ class ClassificationEvaluator(TaskEvaluator):
     def report(self, metrics: dict[str, Any]) -> str:
         return (
             "| metric | value |\n|---|---|\n"
-            + f"| top-1 (%) | {metrics['top1']:.2f} |\n| top-5 (%) | {metrics['top5']:.2f} |\n"
+            + f"| top-1 (%) | {format_metric(metrics['top1'], '.2f')} |\n| top-5 (%) | {format_metric(metrics['top5'], '.2f')} |\n"
         )

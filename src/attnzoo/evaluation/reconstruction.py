@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from attnzoo._io import write_json, write_text
+from attnzoo._values import whole_number
 from attnzoo.errors import DatasetFormatError, InvalidOptionError
-from attnzoo.evaluation.runner import EvalPlan, EvalSample, TaskEvaluator
+from attnzoo.evaluation.runner import EvalPlan, EvalSample, TaskEvaluator, format_metric
 
 THRESHOLDS = (0.3, 0.4, 0.5)
 
@@ -70,6 +71,8 @@ class MultiViewReconstructionEvaluator(TaskEvaluator):
     ):
         from attnzoo.datasets.shapenet import ShapeNetDataset, find_split_file
 
+        if limit is not None:
+            whole_number(limit, "--limit")
         root = Path(data)
         if not root.is_dir():
             raise DatasetFormatError(f"dataset folder {root} does not exist")
@@ -109,7 +112,7 @@ class MultiViewReconstructionEvaluator(TaskEvaluator):
         from attnzoo.metrics.reconstruction import summarize_iou
 
         summary = summarize_iou(
-            np.array([r["iou"] for r in records]),
+            np.array([r["iou"] for r in records], dtype=float),
             [r["taxonomy_id"] for r in records],
             THRESHOLDS,
             taxonomy_names={r["taxonomy_id"]: r["taxonomy_name"] for r in records},
@@ -124,20 +127,20 @@ class MultiViewReconstructionEvaluator(TaskEvaluator):
             "per_class": _per_class(summary),
         }
         if self.with_fscore:
-            metrics["fscore"] = round(float(np.mean([r["fscore"] for r in records])), 4)
+            metrics["fscore"] = round(float(np.mean(np.array([r["fscore"] for r in records], dtype=float))), 4)
         return metrics
 
     def report(self, metrics: dict[str, Any]) -> str:
         lines = [
             f"Views: **{metrics['n_views']}**. IoU (max over thresholds {', '.join(map(str, THRESHOLDS))}, as papers report): "
-            f"**{metrics['iou']:.4f}** at {metrics['best_threshold']}"
-            + (f"; F-score@1%: **{metrics['fscore']:.4f}**" if "fscore" in metrics else ""),
+            f"**{format_metric(metrics['iou'])}** at {metrics['best_threshold']}"
+            + (f"; F-score@1%: **{format_metric(metrics['fscore'])}**" if "fscore" in metrics else ""),
             "",
             "| class | n | " + " | ".join(f"IoU@{t}" for t in THRESHOLDS) + " |",
             "|---|---|" + "---|" * len(THRESHOLDS),
         ]
         for row in metrics["per_class"]:
-            lines.append(f"| {row['name']} | {row['n']} | " + " | ".join(f"{v:.4f}" for v in row["iou"]) + " |")
+            lines.append(f"| {row['name']} | {row['n']} | " + " | ".join(format_metric(v) for v in row["iou"]) + " |")
         return "\n".join(lines) + "\n"
 
 
@@ -174,8 +177,8 @@ def sweep_report(results: dict[int, dict[str, Any]]) -> str:
         "",
         "| views | " + " | ".join(map(str, counts)) + " |",
         "|---|" + "---|" * len(counts),
-        "| IoU | " + " | ".join(f"{results[n]['iou']:.4f}" for n in counts) + " |",
+        "| IoU | " + " | ".join(format_metric(results[n]["iou"]) for n in counts) + " |",
     ]
     if all("fscore" in results[n] for n in counts):
-        lines.append("| F-score@1% | " + " | ".join(f"{results[n]['fscore']:.4f}" for n in counts) + " |")
+        lines.append("| F-score@1% | " + " | ".join(format_metric(results[n]["fscore"]) for n in counts) + " |")
     return "\n".join(lines) + "\n"

@@ -13,16 +13,22 @@ Under ``torchrun`` each process takes every N-th sample and appends to its own
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from attnzoo._io import write_json, write_text
+from attnzoo._io import write_text
 from attnzoo.errors import InvalidInputError
+
+#: Settings an older attnzoo did not record: a run.json without them is resumed (with a warning), since
+#: the earlier run's value cannot be known; the value recorded from then on holds later resumes to it.
+ADDED_SETTINGS = ("device", "precision")
 
 
 @dataclass
@@ -117,6 +123,60 @@ def weights_identity(weights: str | os.PathLike | None) -> str:
     return str(weights)
 
 
+def execution_settings(pipe: Any) -> dict[str, Any]:
+    """Where and in what precision the pipeline's model runs: the device type (``cpu``, ``cuda``, ``mps``)
+    and the floating dtype of its parameters. Both change the answers (NevaClip searches under fp16
+    autocast on CUDA only), so a resume on another device type or dtype is refused as other settings."""
+    import torch
+
+    from attnzoo._placement import parameter_dtype
+
+    device = getattr(pipe, "device", None)
+    if device is not None and not isinstance(device, torch.device):
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            device = None
+    dtype = getattr(pipe, "dtype", None) or parameter_dtype(getattr(pipe, "model", None))
+    return {
+        "device": device.type if device is not None else None,
+        "precision": str(dtype).removeprefix("torch.") if dtype is not None else None,
+    }
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as JSON can hold it: NaN and infinities (a metric no sample could give) become None (null),
+    numpy numbers plain numbers, tuples lists. What the runner writes goes through this (and ``allow_nan=False``)."""
+    if isinstance(value, dict):
+        return {str(k) if not isinstance(k, str) else k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    tolist = getattr(value, "tolist", None)  # numpy scalars and arrays, tensors
+    if callable(tolist):
+        return json_safe(tolist())
+    return value
+
+
+def dumps(value: Any, **kwargs: Any) -> str:
+    """One JSON text of ``value`` with NaN/infinity as null; anything still not finite is an error."""
+    return json.dumps(json_safe(value), allow_nan=False, **kwargs)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    write_text(path, dumps(value, indent=2) + "\n")
+
+
+def format_metric(value: Any, spec: str = ".4f") -> str:
+    """A metric in a report: ``n/a`` where no value could be computed (None, NaN, infinite)."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
 def _read_jsonl(path: Path, truncate: bool = True) -> list[dict[str, Any]]:
     """Records of a JSONL file; a torn last line (a killed run) is cut off the file (if ours to cut)."""
     if not path.exists():
@@ -149,16 +209,23 @@ def evaluate(
     overwrite: bool = False,
     retry_skipped: bool = False,
     progress: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Evaluate and return the metrics dict that is also written to ``out_dir/metrics.json``
     (under ``torchrun``: on process 0; the others return an empty dict). A resumed run keeps the
     samples an earlier run skipped as skipped, unless ``retry_skipped`` (an input mended since).
     The pipeline's model is checked against the evaluator (:meth:`TaskEvaluator.check_model`) before
-    anything is written or answered; a pipeline without a ``model`` attribute is not checked."""
+    anything is written or answered; a pipeline without a ``model`` attribute is not checked.
+
+    Answers an earlier run left in ``out_dir`` for samples that are not among this run's (the data
+    changed since) stay in its files but are left out of the metrics, said through ``log`` (default:
+    a line on stderr). NaN and infinite values are written as null (JSON has neither)."""
     from tqdm.auto import tqdm
 
     from attnzoo._distributed import distributed_context
     from attnzoo.pipelines.base import check_batching
+
+    say = log or (lambda message: print(message, file=sys.stderr))
 
     check_batching(batch_size, num_workers)  # before anything is written
     model = getattr(pipe, "model", None)
@@ -175,7 +242,7 @@ def evaluate(
         out / f"skipped{suffix}.jsonl",
         out / "run.json",
     )
-    settings = {"task": evaluator.task, **settings}
+    settings = json_safe({"task": evaluator.task, **settings})  # as run.json holds them, to compare alike
     if overwrite and ctx.is_main:
         for path in (
             *_own_files(out, "predictions"),
@@ -185,21 +252,16 @@ def evaluate(
         ):
             path.unlink(missing_ok=True)
     elif not overwrite and run_path.exists():
-        previous = json.loads(run_path.read_text())
-        if previous != settings:
-            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-            raise InvalidInputError(
-                f"{out} holds a run with other settings ({', '.join(changed)}); pass --overwrite or choose another --out"
-            )
+        _check_same_settings(json_safe(json.loads(run_path.read_text())), settings, out, say if ctx.is_main else None)
     if retry_skipped and not overwrite and ctx.is_main:  # read by nobody before the barrier below
         for path in _own_files(out, "skipped"):
             path.unlink()
     ctx.barrier()  # nobody writes before everyone has read the settings and the earlier predictions
     if ctx.is_main:
-        write_json(run_path, settings)
+        _write_json(run_path, settings)
 
     samples = evaluator.samples()
-    records = _read_jsonl(predictions_path)
+    records = json_safe(_read_jsonl(predictions_path))  # an older run's NaN as None, as this run writes it
     skipped = _read_jsonl(skipped_path)
     done = {r["id"] for r in records} | {s["id"] for s in skipped}
     for path in (
@@ -230,12 +292,13 @@ def evaluate(
                 if isinstance(result, Exception):
                     entry = {"id": sample.id, "input": _describe_input(sample), "reason": str(result)}
                     skipped.append(entry)
-                    skip_fh.write(json.dumps(entry) + "\n")
+                    skip_fh.write(dumps(entry) + "\n")
                     skip_fh.flush()
                 else:
-                    record = {"id": sample.id, **evaluator.record(sample, result)}
+                    # as written, so that a fresh run scores what a resumed one reads back (NaN as None)
+                    record = json_safe({"id": sample.id, **evaluator.record(sample, result)})
                     records.append(record)
-                    batch_lines.append(json.dumps(record) + "\n")
+                    batch_lines.append(dumps(record) + "\n")
                 if len(batch_lines) >= batch_size or count == len(todo):
                     pred_fh.writelines(batch_lines)
                     pred_fh.flush()
@@ -249,6 +312,7 @@ def evaluate(
         return {}
     if ctx.world_size > 1 or any(path.name != "predictions.jsonl" for path in _own_files(out, "predictions")):
         records, skipped = _merge_shards(out, samples)
+    records, skipped = _current(records, skipped, samples, out, say)
 
     if not records:
         raise InvalidInputError(f"no sample could be evaluated ({len(skipped)} skipped); see {skipped_path}")
@@ -261,9 +325,64 @@ def evaluate(
         **{k: v for k, v in settings.items() if k not in ("task",)},
         "task": evaluator.task,
     }
-    write_json(out / "metrics.json", metrics)
+    metrics = json_safe(metrics)  # NaN (e.g. AUC of one class) as None: null in metrics.json, "n/a" in the report
+    _write_json(out / "metrics.json", metrics)
     write_text(out / "report.md", _report(evaluator, metrics, skipped))
     return metrics
+
+
+def _check_same_settings(
+    previous: dict[str, Any], settings: dict[str, Any], out: Path, say: Callable[[str], None] | None
+) -> None:
+    """A resume must have the earlier run's settings. A setting attnzoo records only since (:data:`ADDED_SETTINGS`)
+    is taken on trust when the earlier run.json lacks it (said); any other difference is refused."""
+    changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+    trusted = [k for k in changed if k in ADDED_SETTINGS and k not in previous]
+    refused = [k for k in changed if k not in trusted]
+    if refused:
+        unrecorded = [k for k in refused if k not in previous]
+        why = (
+            f" (the earlier run, made by an older attnzoo, did not record {', '.join(unrecorded)}: "
+            "its answers cannot be checked against this run's settings)"
+            if unrecorded
+            else ""
+        )
+        hint = (
+            " (a run continues on the device type and dtype it started on: pass the same --device/--dtype)"
+            if {"device", "precision"} & set(refused)
+            else ""
+        )
+        raise InvalidInputError(
+            f"{out} holds a run with other settings ({', '.join(refused)}){why}{hint}; "
+            "pass --overwrite or choose another --out"
+        )
+    if trusted and say is not None:
+        now = ", ".join(f"{k}={settings.get(k)}" for k in trusted)
+        say(
+            f"warning: {out}/run.json does not record the {' and '.join(trusted)} of the earlier run (an older "
+            f"attnzoo); continuing it with {now}, recorded from now on"
+        )
+
+
+def _current(
+    records: list[dict[str, Any]],
+    skipped: list[dict[str, Any]],
+    samples: Sequence[EvalSample],
+    out: Path,
+    say: Callable[[str], None],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The answers (and skips) of this run's samples: an earlier run's of samples no longer in the data or
+    split are left out of the metrics (not out of its files), and said."""
+    ids = {s.id for s in samples}
+    kept = [r for r in records if r.get("id") in ids], [s for s in skipped if s.get("id") in ids]
+    left = len(records) - len(kept[0]), len(skipped) - len(kept[1])
+    if any(left):
+        say(
+            f"left out of the metrics {left[0]} prediction(s) and {left[1]} skipped input(s) in {out} whose ids are "
+            f"not among this run's {len(samples)} samples (the data changed since the earlier run); "
+            "they stay in its files"
+        )
+    return kept
 
 
 def _describe_input(sample: EvalSample) -> str:
@@ -291,16 +410,16 @@ def _merge_shards(out: Path, samples: Sequence[EvalSample]) -> tuple[list[dict[s
     order = {s.id: i for i, s in enumerate(samples)}
     merged = []
     for kind in ("predictions", "skipped"):
-        rows = {}
+        rows: dict[str, dict[str, Any]] = {}
         for path in _own_files(out, kind):
             for row in _read_jsonl(path):
                 rows.setdefault(row["id"], row)
         rows_sorted = sorted(rows.values(), key=lambda r: order.get(r["id"], len(order)))
-        write_text(out / f"{kind}.jsonl", "".join(json.dumps(r) + "\n" for r in rows_sorted))
+        write_text(out / f"{kind}.jsonl", "".join(dumps(r) + "\n" for r in rows_sorted))
         for path in _own_files(out, kind):
             if path.name != f"{kind}.jsonl":
                 path.unlink()
-        merged.append(rows_sorted)
+        merged.append(json_safe(rows_sorted))
     return merged[0], merged[1]
 
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from attnzoo._values import whole_number
 from attnzoo.datasets.scanpaths import detect_scanpath_dataset
 from attnzoo.errors import DatasetFormatError, InvalidInputError
 from attnzoo.evaluation.runner import EvalPlan, EvalSample, TaskEvaluator
@@ -180,6 +181,8 @@ class ScanpathEvaluator(TaskEvaluator):
         samples_per_trial: int | None = None,
         drop_outliers: bool = True,
     ):
+        if limit is not None:
+            whole_number(limit, "--limit")
         root = Path(data)
         if not root.exists():
             raise DatasetFormatError(f"dataset folder {root} does not exist")

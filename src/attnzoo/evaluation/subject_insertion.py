@@ -14,7 +14,7 @@ import numpy as np
 
 from attnzoo.datasets.dreambench import read_dreambench_insertion
 from attnzoo.errors import InvalidInputError, InvalidOptionError
-from attnzoo.evaluation.runner import EvalPlan, EvalSample, TaskEvaluator
+from attnzoo.evaluation.runner import EvalPlan, EvalSample, TaskEvaluator, format_metric
 from attnzoo.metrics.insertion import CLIP_DEFAULT, DINO_DEFAULT, ClipEmbedder, DinoEmbedder, insertion_scores
 
 __all__ = ["DEFAULT_SEEDS", "SubjectInsertionEvaluator"]
@@ -180,9 +180,10 @@ class SubjectInsertionEvaluator(TaskEvaluator):
             for k in METRICS:
                 per_subject[r["subject"]][k].append(r[k])
         return {
-            **{k: round(float(np.mean([r[k] for r in records])), 4) for k in METRICS},
+            **{k: round(float(np.mean(np.array([r[k] for r in records], dtype=float))), 4) for k in METRICS},
             "per_subject": {
-                s: {k: round(float(np.mean(v)), 4) for k, v in m.items()} for s, m in sorted(per_subject.items())
+                s: {k: round(float(np.mean(np.array(v, dtype=float))), 4) for k, v in m.items()}
+                for s, m in sorted(per_subject.items())
             },
             "pairs": len({(r["subject"], r["background"]) for r in records}),
         }
@@ -190,7 +191,7 @@ class SubjectInsertionEvaluator(TaskEvaluator):
     def report(self, metrics: dict[str, Any]) -> str:
         lines = ["| metric | value |", "|---|---|"]
         lines += [
-            f"| {name} | {metrics[k]:.4f} |"
+            f"| {name} | {format_metric(metrics[k])} |"
             for k, name in (("clip_i", "CLIP-I"), ("dino", "DINO"), ("clip_t", "CLIP-T"))
         ]
         attention = metrics.get("attention") or {}
@@ -211,7 +212,7 @@ class SubjectInsertionEvaluator(TaskEvaluator):
             "|---|---|---|---|",
         ]
         lines += [
-            f"| {s} | {m['clip_i']:.4f} | {m['dino']:.4f} | {m['clip_t']:.4f} |"
+            f"| {s} | {format_metric(m['clip_i'])} | {format_metric(m['dino'])} | {format_metric(m['clip_t'])} |"
             for s, m in metrics.get("per_subject", {}).items()
         ]
         return "\n".join(lines) + "\n"

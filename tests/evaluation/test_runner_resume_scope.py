@@ -1,0 +1,268 @@
+"""What a resumed evaluation may reuse: the same split file (path and content), the same labels, the same
+device and precision; answers of samples no longer in the data left out; NaN written as JSON's null; and the
+WSI evaluation's model built for (and checked against) the data's classes; --limit a positive count."""
+
+import json
+import math
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import attnzoo
+from attnzoo.cli import main
+from attnzoo.errors import DatasetFormatError, InvalidInputError
+from attnzoo.evaluation import EvalSample, TaskEvaluator, evaluate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _strict_json(text):
+    """JSON as the standard has it: a bare NaN or Infinity is an error."""
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _lines(path):
+    return [_strict_json(line) for line in path.read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- the runner, in memory
+
+
+class _Echo:
+    """A pipeline that answers each input with itself (NaN included)."""
+
+    def iterate(self, inputs, **kwargs):
+        yield from enumerate(inputs)
+
+
+class _Values(TaskEvaluator):
+    task = "values"
+
+    def __init__(self, ids, value=1.0):
+        self.ids, self.value = list(ids), value
+
+    def samples(self):
+        return [EvalSample(str(i), self.value, None) for i in self.ids]
+
+    def record(self, sample, result):
+        return {"value": result}
+
+    def metrics(self, records):
+        values = [r["value"] for r in records]
+        finite = [v for v in values if v is not None and math.isfinite(v)]
+        return {"mean": float(np.mean(finite)) if finite else float("nan"), "ids": sorted(r["id"] for r in records)}
+
+    def report(self, metrics):
+        return f"mean: {metrics['mean']}\n"
+
+
+def test_answers_of_samples_no_longer_in_the_data_are_left_out_but_kept(tmp_path, capsys):
+    evaluate(_Echo(), _Values(range(4)), tmp_path, settings={}, progress=False)
+    metrics = evaluate(_Echo(), _Values(range(2, 6)), tmp_path, settings={}, progress=False)
+    assert metrics["n"] == 4 and metrics["ids"] == ["2", "3", "4", "5"]  # not 6: 0 and 1 are not in this data
+    assert [r["id"] for r in _lines(tmp_path / "predictions.jsonl")] == ["0", "1", "2", "3", "4", "5"]  # kept
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and "2 prediction(s)" in said[0] and "not among this run's 4 samples" in said[0]
+    said = []
+    evaluate(_Echo(), _Values(range(1)), tmp_path, settings={}, progress=False, log=said.append)  # said where asked
+    assert len(said) == 1 and "5 prediction(s)" in said[0]
+
+
+def test_nan_is_written_as_null(tmp_path):
+    metrics = evaluate(_Echo(), _Values(range(3), float("nan")), tmp_path, settings={"lr": 1.0}, progress=False)
+    assert metrics["mean"] is None
+    assert [r["value"] for r in _lines(tmp_path / "predictions.jsonl")] == [None, None, None]
+    assert _strict_json((tmp_path / "metrics.json").read_text())["mean"] is None
+    _strict_json((tmp_path / "run.json").read_text())
+
+
+def test_an_older_runs_nan_lines_still_resume(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({"task": "values"}))
+    (tmp_path / "predictions.jsonl").write_text('{"id": "0", "value": NaN}\n{"id": "1", "value": 2.0}\n')
+    metrics = evaluate(_Echo(), _Values(range(3), 4.0), tmp_path, settings={}, progress=False)
+    assert metrics["n"] == 3 and metrics["mean"] == 3.0  # only sample 2 was run; the NaN one read back as null
+    assert _strict_json((tmp_path / "metrics.json").read_text())["n"] == 3
+
+
+# ----------------------------------------------------------------------------- attnzoo eval wsi-classification
+
+
+def _write_bags(path, labels, dim=16, seed=0, prefix="test_"):
+    """ACMIL's one-file layout: a group per slide with ``feat``, ``coords`` and its label."""
+    rng = np.random.default_rng(seed)
+    with h5py.File(path, "w") as f:
+        for i, label in enumerate(labels):
+            g = f.create_group(f"{prefix}{i}")
+            g.create_dataset("feat", data=rng.normal(size=(5, dim)).astype(np.float16))
+            g.create_dataset("coords", data=np.zeros((5, 2), np.int64))
+            if label is not None:
+                g.attrs["label"] = label
+    return path
+
+
+def _eval(data, out, *extra):
+    args = ["eval", "wsi-classification", "--model", "acmil_ga", "--data", str(data), "--out", str(out)]
+    return main([*args, "--num-workers", "0", "--batch-size", "1", *extra])
+
+
+def test_a_split_file_is_recorded_by_path_and_content(tmp_path, monkeypatch, capsys):
+    data = _write_bags(tmp_path / "feats.h5", [0, 1] * 4, prefix="slide_")
+    names = [f"slide_{i}" for i in range(8)]
+    for folder, test in (("A", names[:4]), ("B", names[4:])):
+        (tmp_path / folder).mkdir()
+        split = {"train_names": [n for n in names if n not in test], "val_names": [], "test_names": test}
+        (tmp_path / folder / "split_1.json").write_text(json.dumps(split))
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path / "A")
+    assert _eval(data, out, "--weights", "none", "--split", "split_1.json") == 0
+    run = _strict_json((out / "run.json").read_text())
+    assert run["split"] == str((tmp_path / "A" / "split_1.json").resolve()) and len(run["split_sha256"]) == 64
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path / "B")  # another file of the same name: another split, not resumed into a mix
+    assert _eval(data, out, "--weights", "none", "--split", "split_1.json") == 1
+    assert "split" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path / "A")
+    assert _eval(data, out, "--weights", "none", "--split", str(tmp_path / "A" / "split_1.json")) == 0  # same file
+    run.pop("split_sha256")  # a run.json of an older attnzoo: the split's content cannot be checked
+    (out / "run.json").write_text(json.dumps(run))
+    capsys.readouterr()
+    assert _eval(data, out, "--weights", "none", "--split", "split_1.json") == 1
+    err = capsys.readouterr().err
+    assert "did not record split_sha256" in err and "--overwrite" in err
+
+
+def test_an_edited_labels_csv_is_another_run(tmp_path, capsys):
+    data = _write_bags(tmp_path / "feats.h5", [None] * 4)
+    (tmp_path / "labels.csv").write_text("slide_id,label\n" + "".join(f"test_{i},{i % 2}\n" for i in range(4)))
+    out = tmp_path / "out"
+    assert _eval(data, out, "--weights", "none") == 0
+    (tmp_path / "labels.csv").write_text("slide_id,label\n" + "".join(f"test_{i},{1 - i % 2}\n" for i in range(4)))
+    capsys.readouterr()
+    assert _eval(data, out, "--weights", "none") == 1  # the slides done would keep their old targets
+    assert "labels_sha256" in capsys.readouterr().err
+
+
+def test_the_device_and_precision_are_recorded_and_held_to(tmp_path, capsys):
+    data = _write_bags(tmp_path / "feats.h5", [0, 1, 0, 1])
+    out = tmp_path / "out"
+    assert _eval(data, out, "--weights", "none", "--device", "cpu") == 0
+    run = _strict_json((out / "run.json").read_text())
+    assert (run["device"], run["precision"]) == ("cpu", "float32")
+    (out / "run.json").write_text(json.dumps({**run, "device": "cuda"}))  # as if started on a GPU
+    capsys.readouterr()
+    assert _eval(data, out, "--weights", "none", "--device", "cpu") == 1
+    err = capsys.readouterr().err
+    assert "device" in err and "--device" in err
+    old = {k: v for k, v in run.items() if k not in ("device", "precision")}  # an older attnzoo's run.json
+    (out / "run.json").write_text(json.dumps(old))
+    assert _eval(data, out, "--weights", "none", "--device", "cpu") == 0
+    assert "does not record the device and precision" in capsys.readouterr().err
+    assert _strict_json((out / "run.json").read_text())["device"] == "cpu"  # recorded from now on
+
+
+@pytest.mark.filterwarnings("ignore:AUC is undefined")
+def test_one_class_metrics_are_valid_json(tmp_path):
+    data = _write_bags(tmp_path / "feats.h5", [1, 1, 1])
+    assert _eval(data, tmp_path / "out", "--weights", "none") == 0
+    metrics = _strict_json((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["auc"] is None and metrics["n"] == 3  # AUC needs both classes
+    assert "| AUC (macro one-vs-rest) | n/a |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def _bracs(tmp_path, n=9):
+    """BRACS's layout: CLAM's per-slide h5 files, and bracs.csv whose 7 subtypes map to 3 classes."""
+    folder = tmp_path / "h5_files"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rows = [",case_id,slide_id,split_info,full_path,label"]
+    for i in range(n):
+        with h5py.File(folder / f"BRACS_{i}.h5", "w") as f:
+            f["features"] = rng.normal(size=(4, 16)).astype(np.float32)
+            f["coords"] = np.zeros((4, 2), np.int64)
+        rows.append(f"{i},c{i},BRACS_{i},{'test' if i >= 3 else 'train'},x,{i % 7}")
+    (tmp_path / "bracs.csv").write_text("\n".join(rows) + "\n")
+    return folder, tmp_path / "bracs.csv"
+
+
+def test_bracs_is_evaluated_with_its_three_classes(tmp_path, capsys):
+    folder, split = _bracs(tmp_path)
+    out = tmp_path / "random"
+    assert _eval(folder, out, "--weights", "none", "--split", str(split)) == 0, capsys.readouterr().err
+    assert {len(r["probabilities"]) for r in _lines(out / "predictions.jsonl")} == {3}
+    torch.manual_seed(0)  # a training run's weights: 3 classes, and widths other than the defaults
+    trained = attnzoo.create_model("acmil_ga", in_dim=16, n_classes=3, inner_dim=32, n_token=3, attn_dim=8)
+    save_file(trained.state_dict(), tmp_path / "model.safetensors")
+    out = tmp_path / "trained"
+    assert _eval(folder, out, "--weights", str(tmp_path / "model.safetensors"), "--split", str(split)) == 0, (
+        capsys.readouterr().err
+    )
+    from attnzoo.datasets.mil_features import read_feature_bags
+
+    bags = read_feature_bags(folder)
+    with torch.no_grad():
+        test = [f"BRACS_{i}" for i in range(3, 9)]
+        expected = {s: torch.softmax(trained.eval()(bags[s].features).slide_logits, -1)[0] for s in test}
+    got = {r["id"]: r["probabilities"] for r in _lines(out / "predictions.jsonl")}
+    assert got.keys() == expected.keys()
+    for slide, probabilities in got.items():
+        assert probabilities == pytest.approx(expected[slide].tolist(), abs=1e-6)
+
+
+def test_a_model_with_other_classes_than_the_labels_is_refused_before_any_slide(tmp_path, capsys):
+    folder, split = _bracs(tmp_path)
+    save_file(attnzoo.create_model("abmil", in_dim=16, n_classes=2).state_dict(), tmp_path / "two.safetensors")
+    out = tmp_path / "out"
+    assert _eval(folder, out, "--weights", str(tmp_path / "two.safetensors"), "--split", str(split)) == 1
+    err = capsys.readouterr().err
+    assert "3 classes" in err and "predicts 2" in err
+    assert not (out / "predictions.jsonl").exists()
+    from attnzoo.evaluation.wsi import WSIClassificationEvaluator
+
+    evaluator = WSIClassificationEvaluator(_write_bags(tmp_path / "three.h5", [0, 1, 2]), "all")
+    evaluator.check_model(attnzoo.create_model("acmil_ga", in_dim=16, n_classes=3))
+    with pytest.raises(DatasetFormatError, match="3 classes, but the model predicts 2"):
+        evaluator.check_model(attnzoo.create_model("acmil_ga", in_dim=16))
+
+
+def test_an_abmil_checkpoint_is_built_as_abmil(tmp_path, capsys):
+    """ABMIL fixes its single branch: the checkpoint's n_token (1) is not passed on to it."""
+    data = _write_bags(tmp_path / "feats.h5", [0, 1, 2, 0])
+    torch.manual_seed(0)
+    save_file(
+        attnzoo.create_model("abmil", in_dim=16, n_classes=3, inner_dim=8).state_dict(), tmp_path / "a.safetensors"
+    )
+    args = ["eval", "wsi-classification", "--model", "abmil", "--data", str(data), "--out", str(tmp_path / "o")]
+    assert main([*args, "--weights", str(tmp_path / "a.safetensors"), "--num-workers", "0"]) == 0, (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize("limit", ["-2", "0"])
+def test_limit_must_be_a_positive_count(tmp_path, capsys, limit):
+    data = _write_bags(tmp_path / "feats.h5", [0, 1, 0, 1])
+    assert _eval(data, tmp_path / "out", "--weights", "none", "--limit", limit) == 2
+    assert "--limit must be a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "run.json").exists()
+
+
+def test_evaluators_refuse_a_limit_that_is_not_a_positive_count(tmp_path):
+    from attnzoo.evaluation.reconstruction import MultiViewReconstructionEvaluator
+    from attnzoo.evaluation.scanpath import ScanpathEvaluator
+    from attnzoo.evaluation.wsi import WSIClassificationEvaluator
+
+    data = _write_bags(tmp_path / "feats.h5", [0, 1, 0, 1])
+    for bad in (-1, 0, 1.5, True):
+        with pytest.raises(InvalidInputError, match="--limit"):
+            WSIClassificationEvaluator(data, "all", limit=bad)
+        with pytest.raises(InvalidInputError, match="--limit"):
+            ScanpathEvaluator(tmp_path, limit=bad)
+        with pytest.raises(InvalidInputError, match="--limit"):
+            MultiViewReconstructionEvaluator(tmp_path, limit=bad)
+    assert len(WSIClassificationEvaluator(data, "all", limit=3).samples()) == 3
