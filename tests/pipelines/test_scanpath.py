@@ -385,6 +385,8 @@ def test_oat_batches_sampling_and_search_trials(tmp_path):
     assert [s.objects.tolist() for s in shared] == [alone[1].objects.tolist()] * 2
     per_image = pipe([p0, p1], boxes=[b0.tolist(), b1.tolist()], target=[1, 2])
     assert [s.objects.tolist() for s in per_image] == [a.objects.tolist() for a in alone]
+    with pytest.raises(InvalidInputError, match=r"boxes must be \[N, 4\]"):  # per image, the first one empty
+        pipe([p0, p1], boxes=[[], b1.tolist()], target=[1, 2])
     samples = pipe(p0, boxes=b0, target=1, strategy="sample", num_samples=3, seed=7)
     again = pipe(p0, boxes=b0, target=1, strategy="sample", num_samples=3, seed=7)
     assert len(samples) == 3 and [s.objects.tolist() for s in samples] == [s.objects.tolist() for s in again]

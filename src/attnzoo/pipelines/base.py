@@ -269,7 +269,7 @@ def _named_parameters(fn: Callable[..., Any]) -> set[str]:
 def _broadcast(value: Any, n: int, name: str, depth: int = 0) -> list[Any]:
     """One value for every input, or a list (or a 2-D tensor's rows) with one per input; a list nested
     ``depth`` deep (a field's :attr:`Pipeline.field_depths`) is one value."""
-    if depth and _nesting(value) == depth:
+    if depth and _is_one_value(value, depth):
         return [value] * n
     if isinstance(value, (list, tuple)):
         if len(value) != n:
@@ -280,6 +280,17 @@ def _broadcast(value: Any, n: int, name: str, depth: int = 0) -> list[Any]:
             raise InvalidInputError(f"got {value.shape[0]} rows of {name}= for {n} inputs")
         return list(value)
     return [value] * n
+
+
+def _is_one_value(value: Any, depth: int) -> bool:
+    """Whether ``value`` is one input's value of a field nested ``depth`` deep: an array of that many
+    dimensions, or a list whose every item nests one level less (a per-input list of displays' boxes has
+    items of another depth: an empty display's ``[]``, a path)."""
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return value.ndim == depth
+    if isinstance(value, (list, tuple)):
+        return all(not isinstance(item, str) and _nesting(item) == depth - 1 for item in value)
+    return False
 
 
 def _nesting(value: Any) -> int:
