@@ -430,23 +430,36 @@ def test_carve_fuse_weights_steps_and_pairs_probes_by_step():
     np.testing.assert_allclose(F.carve_contrast(query[:2], general, 0.05), query[:2] / (general + 0.05), rtol=1e-6)
 
 
-def test_carve_fuse_equals_the_official_sum_of_resized_maps():
+@pytest.mark.parametrize(
+    ("tokens", "grid_shape", "known_grids", "size", "step_mode"),
+    [
+        (576, None, True, (200, 150), "all"),  # LLaVA's 24 x 24
+        (576, None, True, (200, 150), "first"),
+        (576, (18, 32), False, (320, 180), "all"),  # a wide Qwen2-VL image, the paper's grid
+        (600, (20, 29), True, (13, 5), "all"),  # extra tokens dropped, an image smaller than the grid
+    ],
+)
+def test_carve_fuse_equals_the_official_sum_of_resized_maps(tokens, grid_shape, known_grids, size, step_mode):
     """The official code resizes every (step, layer) contrast map to the image and sums them; fusing on
     the grid and resizing once gives the same S (bilinear resizing is linear) up to float32 rounding."""
     rng = np.random.default_rng(1)
-    query = rng.random((5, 3, 576)).astype(np.float32) * 1e-2
-    general = rng.random((4, 3, 576)).astype(np.float32) * 1e-2
-    size = (200, 150)
+    query = rng.random((5, 3, tokens)).astype(np.float32) * 1e-2
+    general = rng.random((4, 3, tokens)).astype(np.float32) * 1e-2
+    general[0, 0, :7] = 0.0  # A^G = 0: the contrast is A^Q / lam
+    rows, cols = grid_shape if not known_grids else (24, 24) if tokens == 576 else grid_shape
     expected = np.zeros(size[::-1])
-    for t in range(4):
+    for t in range(1 if step_mode == "first" else 4):
         for layer in (0, 2):
-            grid = (query[t, layer] / (general[t, layer] + np.float32(1e-8))).reshape(24, 24)
+            contrast = query[t, layer] / (general[t, layer] + np.float32(1e-8))
+            grid = contrast[: rows * cols].reshape(rows, cols)
             resized = Image.fromarray(grid.astype(np.float32)).resize(size, Image.Resampling.BILINEAR)
-            expected += (t + 1) * np.asarray(resized, dtype=np.float64)
-    fused = F.carve_fuse(query, general, size, layers=[0, 2])
+            expected += (t + 1 if step_mode == "all" else 1) * np.asarray(resized, dtype=np.float64)
+    fused = F.carve_fuse(
+        query, general, size, layers=[0, 2], grid_shape=grid_shape, known_grids=known_grids, step_mode=step_mode
+    )
     np.testing.assert_allclose(fused, expected, rtol=1e-6)
     with pytest.raises(InvalidInputError, match="no steps"):
-        F.carve_fuse(query[:0], general, size)
+        F.carve_fuse(query[:0], general, size, grid_shape=grid_shape, known_grids=known_grids)
 
 
 def test_carve_fuse_grid_rules():

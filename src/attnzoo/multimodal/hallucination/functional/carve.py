@@ -180,7 +180,7 @@ def carve_fuse(
     covers the tokens exactly (the paper's grid). The resize is PIL bilinear on a float32 image, as in
     the official code, which resizes every (step, layer) map and sums the resized maps; bilinear
     resizing is linear, so here the weighted sum is taken on the token grid (float64) and resized once:
-    the same S up to float32 rounding (~1e-7 relative), for one resize instead of steps x layers.
+    the same S up to float32 rounding (a few 1e-7 relative: every term is >= 0, nothing cancels), for one resize instead of steps x layers.
     """
     query, general = _float32(query_maps), _float32(general_maps)
     if query.ndim != 3 or general.ndim != 3 or query.shape[1:] != general.shape[1:]:
