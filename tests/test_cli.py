@@ -353,6 +353,29 @@ def test_run_every_task_kind(tmp_path, capsys, monkeypatch):
     record = json.loads((out / "results.json").read_text())
     assert record["task"] == "wsi-classification" and len(record["results"]) == 1
     assert sum(next(iter(record["results"].values()))["probabilities"]) == pytest.approx(1.0, abs=1e-5)
+    # a slide's settings reach the pipeline (feature files do not use them)
+    from attnzoo.pipelines.wsi_classification import WSIClassificationPipeline
+
+    seen: dict = {}
+    real_init = WSIClassificationPipeline.__init__
+
+    def spy(self, model, **kwargs):
+        seen.update(kwargs)
+        real_init(self, model, **kwargs)
+
+    monkeypatch.setattr(WSIClassificationPipeline, "__init__", spy)
+    slide_options = ["--magnification", "10", "--patch-size", "128", "--read-level", "auto", "--base-mpp", "0.25"]
+    assert main(["run", "wsi-classification", str(data), "-m", "acmil_tiny_cli", "-w", "none", *slide_options]) == 0
+    assert {k: seen[k] for k in ("magnification", "patch_size", "read_level", "base_mpp")} == {
+        "magnification": 10.0,
+        "patch_size": 128,
+        "read_level": "auto",
+        "base_mpp": 0.25,
+    }
+    assert (
+        main(["run", "wsi-classification", str(data), "-m", "acmil_tiny_cli", "-w", "none", "--min-tissue", "2"]) == 1
+    )
+    assert "min_tissue" in capsys.readouterr().err
 
 
 def test_run_into_a_folder_keeps_what_it_did_not_write_and_adds_to_its_results(tmp_path, photo, capsys, monkeypatch):
