@@ -302,6 +302,24 @@ def test_official_slicing_on_a_canvas_it_was_not_made_for_warns_once_per_call(pi
         pipe(items[0], behaviour="official")
 
 
+def test_the_official_slicing_warning_is_each_calls_own_and_points_at_the_users_line(pipe):
+    """The once-per-call flag lived on the pipeline, reset when iterate() was called: of two interleaved
+    iterate() generators only the first warned. And stacklevel=2 pointed into the pipeline's _forward."""
+    import warnings
+
+    item = {"target": TARGET, "subject": SUBJECT, "mask": MASK, "prompt": "x"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = pipe.iterate([item, item], orientation="horizontal", behaviour="official", steps=1)
+        second = pipe.iterate([item], orientation="horizontal", behaviour="official", steps=1)
+        next(first)
+        next(second)
+        next(first)  # the first call's second input: said once per call already
+    said = [w for w in caught if "behaviour='official'" in str(w.message)]
+    assert len(said) == 2
+    assert {w.filename for w in said} == {__file__}, [w.filename for w in said]
+
+
 def test_cpu_offload_with_a_dtype_casts_then_offloads(monkeypatch):
     """``dtype=`` with ``cpu_offload=True`` was refused though the docs give them together: the model is cast
     first, then offloaded (accelerate and the accelerator stubbed: the hooks themselves are diffusers')."""

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any, ClassVar
 
 import numpy as np
@@ -42,6 +44,8 @@ __all__ = [
 ]
 
 METHODS = ("in-context-brush", "diptych", "none")
+#: The forward parameter holding one call's record of the warnings it gave (each call its own).
+_SAID = "_warnings_said"
 _METHOD_ALIASES = {
     "icb": "in-context-brush",
     "in_context_brush": "in-context-brush",
@@ -321,9 +325,12 @@ class SubjectInsertionPipeline(Pipeline):
             inputs = kwargs.pop("target")
         return super().__call__(inputs, **kwargs)
 
-    def iterate(self, inputs: Any, **kwargs: Any) -> Any:
-        self._warned_official = False  # the official-slicing warning: once per call
-        return super().iterate(inputs, **kwargs)
+    def _merged_parameters(self, kwargs: dict[str, Any]) -> tuple[dict, dict, dict]:
+        """The base's, and a fresh record of the warnings given, in the forward parameters of this one call
+        (``__call__`` / ``iterate``): a warning is said once per call, and interleaved calls (two ``iterate``
+        generators, two threads) each say their own."""
+        pre, fwd, post = super()._merged_parameters(kwargs)
+        return pre, {**fwd, _SAID: set()}, post
 
     @classmethod
     def check_settings(cls, settings: Mapping[str, Any]) -> None:
@@ -415,7 +422,7 @@ class SubjectInsertionPipeline(Pipeline):
             if embeds is None:
                 embeds, pooled = self.model.encode_prompt(prompt, settings["max_sequence_length"])
             embeds = _batched(embeds, 3).to(self.model.device, self.model.dtype)
-            self._warn_official_slicing(attention, settings["orientation"], embeds.shape[1])
+            _warn_official_slicing(attention, settings["orientation"], embeds.shape[1], given.get(_SAID))
             pooled = _batched(pooled, 2).to(self.model.device, self.model.dtype)
             out = run_fill(
                 self.model,
@@ -433,38 +440,6 @@ class SubjectInsertionPipeline(Pipeline):
             )
             canvases.append(out.image)
         return {**batch, "canvas": canvases}
-
-    def _warn_official_slicing(self, attention: Any, orientation: str, text_len: int) -> None:
-        """In-Context Brush's official op assumes a vertical diptych and 512 text tokens: it slices a literal
-        512 and two halves of the rest. On another canvas the edit boosts the wrong tokens; said once per call."""
-        from attnzoo.multimodal.insertion.layout import OFFICIAL_TEXT_LEN
-
-        if getattr(self, "_warned_official", False) or attention.behaviour != "official":
-            return
-        if attention.method != "in-context-brush" or attention.is_identity:
-            return
-        wrong = []
-        if orientation != "vertical":
-            wrong.append(
-                f"on this {orientation} canvas each half of the image tokens is half subject, half target panel"
-            )
-        if text_len != OFFICIAL_TEXT_LEN:
-            wrong.append(
-                f"the text has {text_len} tokens, so the {OFFICIAL_TEXT_LEN}-token text slice takes in image tokens"
-                if text_len < OFFICIAL_TEXT_LEN
-                else f"the text has {text_len} tokens, so text tokens fall into the image halves"
-            )
-        if wrong:
-            self._warned_official = True
-            warnings.warn(
-                "behaviour='official' slices In-Context Brush's tokens as the official code does (a literal "
-                f"{OFFICIAL_TEXT_LEN} text tokens, then the top and bottom halves of a vertical diptych): "
-                + "; ".join(wrong)
-                + ". The edit then shifts the wrong tokens; use behaviour='corrected' (slices by the real layout), "
-                f"orientation='vertical' and max_sequence_length={OFFICIAL_TEXT_LEN} to match the official setting.",
-                UserWarning,
-                stacklevel=2,
-            )
 
     def postprocess(self, outputs: dict[str, Any], **given: Any) -> InsertionResult:
         from attnzoo.multimodal.insertion.layout import panel_of
@@ -488,6 +463,49 @@ class SubjectInsertionPipeline(Pipeline):
             weights=self.weights_label,
             subject_mask=inputs.subject_mask,
         )
+
+
+def _warn_official_slicing(attention: Any, orientation: str, text_len: int, said: set[str] | None) -> None:
+    """In-Context Brush's official op assumes a vertical diptych and 512 text tokens: it slices a literal
+    512 and two halves of the rest. On another canvas the edit boosts the wrong tokens; said once per call
+    (``said``: the call's record of the warnings given; None: say it), at the user's line."""
+    from attnzoo.multimodal.insertion.layout import OFFICIAL_TEXT_LEN
+
+    if attention.behaviour != "official" or attention.method != "in-context-brush" or attention.is_identity:
+        return
+    if said is not None and "official-slicing" in said:
+        return
+    wrong = []
+    if orientation != "vertical":
+        wrong.append(f"on this {orientation} canvas each half of the image tokens is half subject, half target panel")
+    if text_len != OFFICIAL_TEXT_LEN:
+        wrong.append(
+            f"the text has {text_len} tokens, so the {OFFICIAL_TEXT_LEN}-token text slice takes in image tokens"
+            if text_len < OFFICIAL_TEXT_LEN
+            else f"the text has {text_len} tokens, so text tokens fall into the image halves"
+        )
+    if wrong:
+        if said is not None:
+            said.add("official-slicing")
+        warnings.warn(
+            "behaviour='official' slices In-Context Brush's tokens as the official code does (a literal "
+            f"{OFFICIAL_TEXT_LEN} text tokens, then the top and bottom halves of a vertical diptych): "
+            + "; ".join(wrong)
+            + ". The edit then shifts the wrong tokens; use behaviour='corrected' (slices by the real layout), "
+            f"orientation='vertical' and max_sequence_length={OFFICIAL_TEXT_LEN} to match the official setting.",
+            UserWarning,
+            stacklevel=_outside_attnzoo(),
+        )
+
+
+def _outside_attnzoo() -> int:
+    """The ``stacklevel`` that points a warning, given by the function calling this one, at the first frame
+    outside attnzoo: the user's line that called the pipeline (2, the warner's caller, when none is)."""
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "attnzoo":
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 2
 
 
 def check_settings(

@@ -54,6 +54,7 @@ __all__ = [
     "head_weights",
     "install_processors",
     "insertion_processors",
+    "window_bounds",
     "window_steps",
 ]
 
@@ -159,13 +160,10 @@ class InsertionState:
         return {}
 
     def in_steps(self, window: tuple[float, float] | None) -> bool:
+        """Whether the current step is in ``window`` (read by :func:`window_bounds`, as :func:`window_steps`)."""
         if window is None:
             return True
-        start, stop = check_step_window(window)
-        if isinstance(start, float):
-            if self.num_steps is None:
-                raise InvalidInputError("a fractional step window needs the run's step count: state.reset(num_steps)")
-            start, stop = start * self.num_steps, stop * self.num_steps
+        start, stop = window_bounds(window, self.num_steps)
         return start <= self.step < stop
 
     def token_sets(self, length: int, text_len: int, slicing: str, device: torch.device) -> TokenSets:
@@ -228,13 +226,23 @@ def check_step_window(window: Any, name: str = "step_window") -> tuple[float, fl
     return ends[0], ends[1]
 
 
+def window_bounds(window: Any, num_steps: int | None) -> tuple[float, float]:
+    """A step window ``(start, stop)`` in steps: the one rule :meth:`InsertionState.in_steps` (which edits
+    ``start <= step < stop``) and :func:`window_steps` (which refuses a window of no step) read windows by.
+    Indices are steps; fractions are of ``num_steps``, which they need."""
+    start, stop = check_step_window(window)
+    if isinstance(start, float):
+        if num_steps is None:
+            raise InvalidInputError("a fractional step window needs the run's step count: state.reset(num_steps)")
+        start, stop = start * num_steps, stop * num_steps
+    return start, stop
+
+
 def window_steps(window: tuple[float, float] | None, num_steps: int) -> list[int]:
     """The steps of a ``num_steps`` run that a step window edits (as :meth:`InsertionState.in_steps` reads it)."""
     if window is None:
         return list(range(num_steps))
-    start, stop = check_step_window(window)
-    if isinstance(start, float):
-        start, stop = start * num_steps, stop * num_steps
+    start, stop = window_bounds(window, num_steps)
     return [step for step in range(num_steps) if start <= step < stop]
 
 

@@ -13,9 +13,9 @@ from PIL import Image
 from attnzoo.errors import InvalidInputError
 from attnzoo.multimodal.insertion.layout import (
     PanelLayout,
+    _read_mask_rule,
     build_canvas,
     is_via,
-    read_mask,
     subject_on_white,
 )
 
@@ -87,8 +87,10 @@ def prepare_inputs(
     if subject_mask is not None and subject_word is not None:
         raise InvalidInputError("give subject_mask= or subject_word= (to segment the subject), not both")
     chosen: np.ndarray | None
+    subject_rule = ""
     if subject_mask is not None:
-        chosen = read_mask(subject_mask, (h, w), name="subject_mask") > 0
+        read, subject_rule = _read_mask_rule(subject_mask, (h, w), name="subject_mask")
+        chosen = read > 0
     elif subject_word is not None:
         if segmenter is None:
             from attnzoo.multimodal.insertion.segment import SubjectSegmenter
@@ -98,17 +100,20 @@ def prepare_inputs(
     else:
         chosen = alpha
     if chosen is not None and not chosen.any():
-        raise InvalidInputError("subject_mask selects no pixel of the subject image")
+        raise InvalidInputError(
+            "subject_mask selects no pixel of the subject image"
+            + (f" (read as {subject_rule})" if subject_rule else "")
+        )
     pasted = subject_rgb.copy() if chosen is None else subject_on_white(subject_rgb, chosen.astype(np.uint8))
     if mask is None:
         raise InvalidInputError("mask= is required: where in the target to insert the subject (white = fill)")
     size = target_rgb.shape[:2]
     if is_via(mask):
         _check_via_inside(mask, size, behaviour)
-    user_mask = read_mask(mask, size, name="mask", behaviour=behaviour)
+    user_mask, rule = _read_mask_rule(mask, size, name="mask", behaviour=behaviour)
     if not user_mask.any():
         raise InvalidInputError(
-            "the mask is empty: nothing to fill"
+            f"the mask is empty: nothing to fill (read as {rule})"
             + (
                 " (behaviour='official' draws VIA regions transposed, as the official code does; on this "
                 "non-square target they fall outside it)"

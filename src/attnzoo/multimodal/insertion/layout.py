@@ -304,23 +304,35 @@ def read_mask(mask: Any, size: tuple[int, int], *, name: str = "mask", behaviour
     """A fill mask for an image of ``size`` = ``(height, width)``, as uint8 0/255 ``[height, width]``.
 
     * a bool array or tensor: True = fill;
-    * an integer one holding only values up to 1 (a 0/1 mask): non-zero = fill;
-    * an integer one with values above 1 is read as a mask image's pixels, thresholded at half its range:
-      >= 32768 for uint16, >= 128 (white in an 8-bit image) for every other integer type, so a 0/255 mask
-      and ``np.asarray(Image.open(path))`` of a mask image fill exactly where the image itself does (grey
-      edges of a resized mask, JPEG noise in its black);
+    * an integer one holding at most two values, 0 and one other value ``v`` (a 0/1, 0/255 or 0/7 mask, a
+      label map of one label): ``v`` = fill, whatever ``v``;
+    * an integer one holding more values (or two non-zero ones) is read as a mask image's pixels and thresholded
+      at half its scale: the 8-bit scale (fill >= 128) when its largest value is at most 255, else the 16-bit
+      one (fill >= 32768); so ``np.asarray(Image.open(path))`` of a mask image fills exactly where the image
+      at ``path`` does (grey edges of a resized mask, JPEG noise in its black), and a 0/1/255 array fills only
+      its 255s (1 is black in an image). Such an array with a negative value or one beyond 65535 is no
+      image's pixels: refused (pass a bool array, e.g. ``labels == k``);
     * a float one: >= 0.5 = fill (a 0/1 mask or probabilities);
     * a mask image (path, PIL): white = fill, i.e. >= 128 of 255 in its luminance. An alpha channel is the
       mask only when it holds both transparent (< 128) and opaque pixels; a constant alpha (a black-and-white
       mask saved as RGBA, fully opaque) leaves the mask to the colour channels;
     * a VIA annotation (path to a .json, a JSON string or dict).
 
+    The error about an empty mask names the rule that read it.
+
     A VIA annotation under ``behaviour="official"`` comes back as the official code draws it: on the
     transposed ``[width, height]`` canvas (:func:`rasterize_via`), which :func:`build_canvas` stretches
     onto the panel as the official code does."""
+    return _read_mask_rule(mask, size, name=name, behaviour=behaviour)[0]
+
+
+def _read_mask_rule(
+    mask: Any, size: tuple[int, int], *, name: str = "mask", behaviour: str = "corrected"
+) -> tuple[np.ndarray, str]:
+    """:func:`read_mask`, and the rule that read the mask, in words (for a message about an empty mask)."""
     height, width = size
     if is_via(mask):
-        return rasterize_via(mask, size, behaviour=behaviour)
+        return rasterize_via(mask, size, behaviour=behaviour), "a VIA annotation, filled inside its regions"
     if isinstance(mask, torch.Tensor):
         mask = mask.detach().cpu().numpy()
     if isinstance(mask, np.ndarray):
@@ -335,7 +347,7 @@ def read_mask(mask: Any, size: tuple[int, int], *, name: str = "mask", behaviour
             raise InvalidInputError(f"{name} must hold booleans or numbers, got {array.dtype}")
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise InvalidInputError(f"{name} holds NaN or infinite values")
-        binary = _binary(array)
+        binary, rule = _binary(array, name)
     else:
         from attnzoo.datasets.images import load_image
 
@@ -347,27 +359,51 @@ def read_mask(mask: Any, size: tuple[int, int], *, name: str = "mask", behaviour
             raise InvalidInputError(f"{name}: {err}") from None
         alpha = np.asarray(image.getchannel("A")) >= 128 if image.mode in ("RGBA", "LA") else None
         if alpha is not None and alpha.any() and not alpha.all():  # a varying alpha: the transparent PNG's mask
-            binary = alpha
+            binary, rule = alpha, "a mask image with a transparent background, filled where opaque (alpha >= 128)"
         else:  # no alpha, or a constant one (an opaque RGBA export): the luminance carries the mask
             binary = np.asarray(image.convert("L")) >= 128
+            rule = "a mask image, filled where white (luminance >= 128 of 255)"
     if binary.shape != (height, width):
         raise InvalidInputError(
             f"{name} is {binary.shape[1]}x{binary.shape[0]} (w x h) but its image is {width}x{height}; give a mask of "
             "the image's size"
         )
-    return np.where(binary, 255, 0).astype(np.uint8)
+    return np.where(binary, 255, 0).astype(np.uint8), rule
 
 
-def _binary(array: np.ndarray) -> np.ndarray:
-    """Where a numeric mask array fills (the rules of :func:`read_mask`)."""
+def _binary(array: np.ndarray, name: str) -> tuple[np.ndarray, str]:
+    """Where a numeric mask array fills, and the rule that said so (the rules of :func:`read_mask`)."""
     if array.dtype.kind == "b":
-        return array
+        return array, "a bool array, filled where True"
     if array.dtype.kind == "f":
-        return array >= 0.5
-    if array.size == 0 or array.max() <= 1:  # a 0/1 mask
-        return array != 0
-    sixteen_bit = array.dtype.kind == "u" and array.dtype.itemsize == 2  # either byte order
-    return array >= (32768 if sixteen_bit else 128)  # a mask image's pixels: half its range
+        return array >= 0.5, f"a float array, filled where >= 0.5 (its values span {_span(array)})"
+    if array.size == 0:
+        return array != 0, "an empty integer array"
+    low, high = int(array.min()), int(array.max())
+    value = high if high != 0 else low  # the one non-zero value of a binary mask
+    if ((array == 0) | (array == value)).all():  # 0 and one value v (0/1, 0/255, 0/-3): a binary mask, v = fill
+        return array != 0, f"an integer array of the values {sorted({0, value})}, filled where non-zero"
+    if low < 0:
+        raise InvalidInputError(
+            f"{name} holds values {_span(array)}: not 0 and one fill value, and negative values are no mask "
+            "image's pixels; pass a bool array for a label map (e.g. labels == k)"
+        )
+    if high > 65535:
+        raise InvalidInputError(
+            f"{name} holds values {_span(array)}, not only 0 and one fill value: not an 8- or 16-bit mask "
+            "image's pixels either; pass a bool array for a label map (e.g. labels == k)"
+        )
+    threshold, scale = (128, "an 8-bit") if high <= 255 else (32768, "a 16-bit")
+    return array >= threshold, (
+        f"an integer array of values {_span(array)}, not only 0 and one fill value, so read as {scale} mask "
+        f"image's pixels: filled where >= {threshold}, half its range (for a label map pass a bool array, "
+        "e.g. labels > 0)"
+    )
+
+
+def _span(array: np.ndarray) -> str:
+    low, high = array.min(), array.max()
+    return f"{low:g} to {high:g}" if array.dtype.kind == "f" else f"{int(low)} to {int(high)}"
 
 
 def is_via(mask: Any) -> bool:
