@@ -473,15 +473,13 @@ def _eval_task(
     dtype: str | None,
     **options: Any,
 ) -> None:
-    from attnzoo._values import whole_number
     from attnzoo.evaluation import evaluate, weights_identity
-    from attnzoo.evaluation.runner import execution_settings
+    from attnzoo.evaluation.runner import check_limit, execution_settings
     from attnzoo.pipelines.base import check_batching
     from attnzoo.tasks import pipeline
 
     check_batching(batch_size, 0 if num_workers is None else num_workers)
-    if limit is not None:  # 0 or a negative count would drop samples from the end without a word
-        whole_number(limit, "--limit", why="the number of samples to evaluate; leave it out for all")
+    check_limit(limit)  # 0 or a negative count would drop samples from the end without a word
     evaluator_cls = spec.load_evaluator()
     # the dataset is read (and a bad one refused) before the model loads
     plan = evaluator_cls.plan(

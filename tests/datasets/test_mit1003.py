@@ -334,6 +334,17 @@ def test_scanpath_evaluation_passes_initial_fixation_on_and_records_it(tmp_path)
     assert plan.settings["initial_fixation"] is True
     with pytest.raises(InvalidInputError, match="initial-fixation"):
         ScanpathEvaluator(tmp_path, dataset="capmit1003", initial_fixation=False)
+    # --no-initial-fixation and no flag both drop it: the same settings (a run started with one resumes with
+    # the other), with no key, as an older attnzoo's run.json holds them
+    write_mit1003_pysaliency(tmp_path / "MIT1003", ONE_IMAGE, ONE_SCAN)
+    dropped = [
+        ScanpathEvaluator.plan(
+            tmp_path, None, limit=None, model="nevaclip", weights=None, dataset="mit1003", initial_fixation=flag
+        )
+        for flag in (False, None)
+    ]
+    assert [p.runs[0][1].records[0].meta["cache"] for p in dropped] == ["MIT1003", "MIT1003"]
+    assert dropped[0].settings == dropped[1].settings and "initial_fixation" not in dropped[0].settings
 
 
 def consistent_cache_scanpath(trace, width, height, n, subject):

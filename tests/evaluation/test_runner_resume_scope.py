@@ -136,6 +136,20 @@ def test_a_split_file_is_recorded_by_path_and_content(tmp_path, monkeypatch, cap
     assert _eval(data, out, "--weights", "none", "--split", "split_1.json") == 1
     err = capsys.readouterr().err
     assert "did not record split_sha256" in err and "--overwrite" in err
+    # the message gives the value this run records: the file unchanged since, adding it continues the run
+    # (its predictions kept) instead of --overwrite
+    digest = run["split_sha256"] = _sha256(tmp_path / "A" / "split_1.json")
+    assert f'"split_sha256": "{digest}"' in err and "unchanged" in err and str(out / "run.json") in err
+    (out / "run.json").write_text(json.dumps(run))
+    done = (out / "predictions.jsonl").read_text()
+    assert _eval(data, out, "--weights", "none", "--split", "split_1.json") == 0, capsys.readouterr().err
+    assert (out / "predictions.jsonl").read_text() == done  # resumed, nothing answered again
+
+
+def _sha256(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_an_edited_labels_csv_is_another_run(tmp_path, capsys):
@@ -266,3 +280,84 @@ def test_evaluators_refuse_a_limit_that_is_not_a_positive_count(tmp_path):
         with pytest.raises(InvalidInputError, match="--limit"):
             MultiViewReconstructionEvaluator(tmp_path, limit=bad)
     assert len(WSIClassificationEvaluator(data, "all", limit=3).samples()) == 3
+
+
+# ----------------------------------------------------------------------------- shared rules of every evaluator
+
+
+def test_the_precision_of_a_model_without_parameters_is_its_dtype():
+    """Subject insertion's FluxFillModel wraps a diffusers pipeline: no parameters(), but a dtype."""
+    from types import SimpleNamespace
+
+    from attnzoo.evaluation.runner import execution_settings
+
+    class Wrapped:  # no parameters()
+        dtype = torch.bfloat16
+
+    assert execution_settings(SimpleNamespace(device="cpu", model=Wrapped())) == {
+        "device": "cpu",
+        "precision": "bfloat16",
+    }
+    module = torch.nn.Linear(2, 2).to(torch.float64)  # a module: its parameters' dtype, as before
+    assert execution_settings(SimpleNamespace(device="cpu", model=module))["precision"] == "float64"
+
+
+def test_every_evaluator_refuses_a_bad_limit_alike(tmp_path):
+    """One rule, one wording, one error type (a usage error: exit code 2) for --limit in every evaluator."""
+    from attnzoo.cli import main as cli_main
+    from attnzoo.errors import InvalidOptionError
+    from attnzoo.evaluation.classification import ClassificationEvaluator
+    from attnzoo.evaluation.hallucination import HallucinationEvaluator
+    from attnzoo.evaluation.reconstruction import MultiViewReconstructionEvaluator
+    from attnzoo.evaluation.runner import check_limit
+    from attnzoo.evaluation.scanpath import ScanpathEvaluator
+    from attnzoo.evaluation.subject_insertion import SubjectInsertionEvaluator
+    from attnzoo.evaluation.wsi import WSIClassificationEvaluator
+
+    assert issubclass(InvalidOptionError, InvalidInputError)
+    assert check_limit(None) is None and check_limit(3) == 3
+    with pytest.raises(InvalidOptionError) as expected:
+        check_limit(0)
+    wording = str(expected.value)
+    assert wording.startswith("--limit must be a positive integer")
+    for evaluator in (
+        lambda: ClassificationEvaluator(tmp_path, limit=0),
+        lambda: HallucinationEvaluator(tmp_path, limit=0),
+        lambda: MultiViewReconstructionEvaluator(tmp_path, limit=0),
+        lambda: ScanpathEvaluator(tmp_path, limit=0),
+        lambda: SubjectInsertionEvaluator(tmp_path, limit=0),
+        lambda: WSIClassificationEvaluator(tmp_path, "all", limit=0),
+    ):
+        with pytest.raises(InvalidOptionError) as err:
+            evaluator()
+        assert str(err.value) == wording
+    for bad in (-1, 1.5, True):
+        with pytest.raises(InvalidOptionError, match="--limit must be a positive integer"):
+            ClassificationEvaluator(tmp_path, limit=bad)
+    assert cli_main(["eval", "image-classification", "--data", str(tmp_path), "--limit", "0"]) == 2
+
+
+def test_scanpath_and_hallucination_reports_show_a_missing_metric_as_n_a():
+    """Every report writes a metric no sample could give as the runner's format_metric does ("n/a"); the
+    scanpath Δ of a behaviour the observers never show stays "inf" (JSON and report)."""
+    from attnzoo.evaluation.hallucination import HallucinationEvaluator
+    from attnzoo.evaluation.runner import format_metric
+    from attnzoo.evaluation.scanpath import ScanpathEvaluator, _nan_to_none
+
+    missing = format_metric(None)
+    assert missing == format_metric(math.nan) == "n/a"
+    # report() reads only the metrics and, for scanpaths, which kind of dataset: no data needed
+    search = object.__new__(ScanpathEvaluator)
+    search.is_search = True
+    row = {"ss": 0.5, "edit_distance": math.nan, "multimatch": None, "nss": 1.25, "delta": math.inf, "n": 3}
+    metrics = _nan_to_none({"dataset": "amazon", "rows": {"model (greedy)": row}})
+    assert metrics["rows"]["model (greedy)"]["delta"] == "inf"
+    line = next(s for s in search.report(metrics).splitlines() if s.startswith("| model (greedy)"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1:6] == ["0.5000", missing, missing, "1.2500", "inf"] and cells[-1] == "3"
+    assert "–" not in line
+
+    chair = {"benchmark": "chair", "chair_s": 12.5, "chair_i": None, "recall": math.nan, "length": 7, "n": 2}
+    line = next(s for s in object.__new__(HallucinationEvaluator).report(chair).splitlines() if s.startswith("| none"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1:] == ["12.50", missing, missing, "7", "2"]

@@ -6,8 +6,8 @@ import os
 from typing import Any
 
 from attnzoo.datasets.imagenet import read_classification_folder
-from attnzoo.errors import DatasetFormatError, InvalidInputError
-from attnzoo.evaluation.runner import EvalSample, TaskEvaluator, format_metric
+from attnzoo.errors import DatasetFormatError
+from attnzoo.evaluation.runner import EvalSample, TaskEvaluator, check_limit, format_metric
 from attnzoo.metrics.classification import topk_accuracy_from_ranked
 
 
@@ -18,8 +18,7 @@ class ClassificationEvaluator(TaskEvaluator):
     def __init__(
         self, data: str | os.PathLike, split: str = "val", *, limit: int | None = None, num_classes: int | None = None
     ):
-        if limit is not None and (isinstance(limit, bool) or int(limit) < 1):
-            raise InvalidInputError(f"--limit must be a positive number of samples, got {limit!r}")
+        check_limit(limit)
         self.dataset = read_classification_folder(data, split)
         self.limit = limit
         if num_classes is not None:

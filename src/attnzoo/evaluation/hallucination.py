@@ -30,7 +30,7 @@ from typing import Any
 from attnzoo._io import read_json, write_json, write_text
 from attnzoo._values import comma_items, nonblank_text, whole_number
 from attnzoo.errors import InvalidInputError, InvalidOptionError
-from attnzoo.evaluation.runner import EvalPlan, EvalSample, TaskEvaluator
+from attnzoo.evaluation.runner import EvalPlan, EvalSample, TaskEvaluator, check_limit, format_metric
 
 __all__ = [
     "BENCHMARKS",
@@ -315,8 +315,7 @@ class HallucinationEvaluator(TaskEvaluator):
     ):
         if benchmark not in BENCHMARKS:
             raise InvalidOptionError(f"--benchmark must be one of {', '.join(BENCHMARKS)}, got {benchmark!r}")
-        if limit is not None:
-            whole_number(limit, "--limit")
+        check_limit(limit)
         texts = {
             "split": split,
             "source": source,
@@ -603,7 +602,8 @@ _COLUMNS = {
 
 
 def _fmt(value: Any) -> str:
-    return "–" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
+    """A table cell: a count as it is, a rate or score to two decimals, ``n/a`` where none could be computed."""
+    return format_metric(value, ".2f") if value is None or isinstance(value, float) else str(value)
 
 
 def _table(rows: Sequence[tuple[str, Mapping[str, Any]]], benchmark: str, subtasks: Mapping[str, Any] | None) -> str:

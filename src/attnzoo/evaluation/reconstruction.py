@@ -16,9 +16,8 @@ from typing import Any
 import numpy as np
 
 from attnzoo._io import write_json, write_text
-from attnzoo._values import whole_number
 from attnzoo.errors import DatasetFormatError, InvalidOptionError
-from attnzoo.evaluation.runner import EvalPlan, EvalSample, TaskEvaluator, format_metric
+from attnzoo.evaluation.runner import EvalPlan, EvalSample, TaskEvaluator, check_limit, format_metric
 
 THRESHOLDS = (0.3, 0.4, 0.5)
 
@@ -71,8 +70,7 @@ class MultiViewReconstructionEvaluator(TaskEvaluator):
     ):
         from attnzoo.datasets.shapenet import ShapeNetDataset, find_split_file
 
-        if limit is not None:
-            whole_number(limit, "--limit")
+        check_limit(limit)
         root = Path(data)
         if not root.is_dir():
             raise DatasetFormatError(f"dataset folder {root} does not exist")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from attnzoo._io import write_text
-from attnzoo.errors import InvalidInputError
+from attnzoo.errors import InvalidInputError, InvalidOptionError
 
 #: Settings an older attnzoo did not record: a run.json without them is resumed (with a warning), since
 #: the earlier run's value cannot be known; the value recorded from then on holds later resumes to it.
@@ -111,6 +111,19 @@ class TaskEvaluator:
         raise NotImplementedError
 
 
+def check_limit(limit: Any) -> int | None:
+    """``--limit``: None (every sample) or a positive count of samples; 0, a negative count, a bool or a float
+    is refused (:class:`~attnzoo.errors.InvalidOptionError`, exit code 2 on the command line), since slicing
+    by it would silently drop samples from the end."""
+    from attnzoo._values import whole_number
+
+    if limit is None:
+        return None
+    return whole_number(
+        limit, "--limit", why="the number of samples to evaluate; leave it out for all", error=InvalidOptionError
+    )
+
+
 def weights_identity(weights: str | os.PathLike | None) -> str:
     """What names the weights in a run's settings: a local file by its absolute path, size and
     modification time, so a resumed evaluation never reuses predictions of weights since retrained."""
@@ -125,8 +138,10 @@ def weights_identity(weights: str | os.PathLike | None) -> str:
 
 def execution_settings(pipe: Any) -> dict[str, Any]:
     """Where and in what precision the pipeline's model runs: the device type (``cpu``, ``cuda``, ``mps``)
-    and the floating dtype of its parameters. Both change the answers (NevaClip searches under fp16
-    autocast on CUDA only), so a resume on another device type or dtype is refused as other settings."""
+    and the floating dtype of its parameters (the pipeline's ``dtype``, else its model's ``dtype`` attribute, e.g.
+    a diffusers pipeline's wrapper without ``parameters()``, else the dtype of the model's parameters). Both
+    change the answers (NevaClip searches under fp16 autocast on CUDA only), so a resume on another device type
+    or dtype is refused as other settings."""
     import torch
 
     from attnzoo._placement import parameter_dtype
@@ -137,7 +152,8 @@ def execution_settings(pipe: Any) -> dict[str, Any]:
             device = torch.device(device)
         except (RuntimeError, TypeError, ValueError):
             device = None
-    dtype = getattr(pipe, "dtype", None) or parameter_dtype(getattr(pipe, "model", None))
+    model = getattr(pipe, "model", None)
+    dtype = getattr(pipe, "dtype", None) or getattr(model, "dtype", None) or parameter_dtype(model)
     return {
         "device": device.type if device is not None else None,
         "precision": str(dtype).removeprefix("torch.") if dtype is not None else None,
@@ -341,12 +357,17 @@ def _check_same_settings(
     refused = [k for k in changed if k not in trusted]
     if refused:
         unrecorded = [k for k in refused if k not in previous]
-        why = (
-            f" (the earlier run, made by an older attnzoo, did not record {', '.join(unrecorded)}: "
-            "its answers cannot be checked against this run's settings)"
-            if unrecorded
-            else ""
-        )
+        why = ""
+        if unrecorded:
+            pairs = ", ".join(f"{json.dumps(k)}: {dumps(settings[k])}" for k in unrecorded)
+            rest = [k for k in refused if k in previous]
+            why = (
+                f" (the earlier run, made by an older attnzoo, did not record {', '.join(unrecorded)}: its answers "
+                f"cannot be checked against this run's settings; this run records {pairs}. If the earlier run had "
+                "the same value (for a sha256: its file is unchanged since that run), adding "
+                f"{'that' if len(unrecorded) == 1 else 'those'} to {out / 'run.json'} continues the run"
+                f"{' once the other settings match' if rest else ''} and keeps its predictions)"
+            )
         hint = (
             " (a run continues on the device type and dtype it started on: pass the same --device/--dtype)"
             if {"device", "precision"} & set(refused)

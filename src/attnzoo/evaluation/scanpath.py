@@ -37,10 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from attnzoo._values import whole_number
 from attnzoo.datasets.scanpaths import detect_scanpath_dataset
 from attnzoo.errors import DatasetFormatError, InvalidInputError
-from attnzoo.evaluation.runner import EvalPlan, EvalSample, TaskEvaluator
+from attnzoo.evaluation.runner import EvalPlan, EvalSample, TaskEvaluator, check_limit, format_metric
 
 __all__ = ["NEUTRAL_CAPTION", "ScanpathEvaluator"]
 
@@ -157,7 +156,9 @@ class ScanpathEvaluator(TaskEvaluator):
         settings = {
             "dataset": dataset,
             "captions": captions,
-            "initial_fixation": initial_fixation,
+            # recorded only when kept: --no-initial-fixation and no flag both drop it (and an older run of
+            # mit1003, which recorded nothing, dropped it too), so all three resume one another
+            "initial_fixation": initial_fixation or None,
             "seed": seed,
             "samples_per_trial": samples,
             "drop_outliers": drop_outliers,
@@ -181,8 +182,7 @@ class ScanpathEvaluator(TaskEvaluator):
         samples_per_trial: int | None = None,
         drop_outliers: bool = True,
     ):
-        if limit is not None:
-            whole_number(limit, "--limit")
+        check_limit(limit)
         root = Path(data)
         if not root.exists():
             raise DatasetFormatError(f"dataset folder {root} does not exist")
@@ -524,13 +524,9 @@ def _nan_to_none(value: Any) -> Any:
 
 
 def _fmt(value: Any) -> str:
-    return (
-        "–"
-        if value is None or (isinstance(value, float) and math.isnan(value))
-        else f"{value:.4f}"
-        if isinstance(value, float)
-        else str(value)
-    )
+    """A table cell: a float as :func:`~attnzoo.evaluation.runner.format_metric` writes it (``n/a`` where no
+    sample gave the metric), the string "inf" of an infinite Δ as it is."""
+    return format_metric(value) if value is None or isinstance(value, float) else str(value)
 
 
 def evaluation_split(

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from attnzoo.datasets.dreambench import read_dreambench_insertion
-from attnzoo.errors import InvalidInputError, InvalidOptionError
-from attnzoo.evaluation.runner import EvalPlan, EvalSample, TaskEvaluator, format_metric
+from attnzoo.errors import InvalidOptionError
+from attnzoo.evaluation.runner import EvalPlan, EvalSample, TaskEvaluator, check_limit, format_metric
 from attnzoo.metrics.insertion import CLIP_DEFAULT, DINO_DEFAULT, ClipEmbedder, DinoEmbedder, insertion_scores
 
 __all__ = ["DEFAULT_SEEDS", "SubjectInsertionEvaluator"]
@@ -68,8 +68,7 @@ class SubjectInsertionEvaluator(TaskEvaluator):
         dino_model: str | DinoEmbedder | None = None,
         device: Any = None,
     ):
-        if limit is not None and (isinstance(limit, bool) or int(limit) < 1):
-            raise InvalidInputError(f"--limit must be a positive number of samples, got {limit!r}")
+        check_limit(limit)
         self.dataset = read_dreambench_insertion(data, manifest)
         self.seeds = _seeds(seeds)
         self.limit = limit

@@ -23,9 +23,8 @@ from typing import Any, cast
 
 import numpy as np
 
-from attnzoo._values import whole_number
 from attnzoo.errors import AttnzooError, DatasetFormatError
-from attnzoo.evaluation.runner import EvalPlan, EvalSample, TaskEvaluator, format_metric
+from attnzoo.evaluation.runner import EvalPlan, EvalSample, TaskEvaluator, check_limit, format_metric
 
 #: The classes of BRACS's split file as :func:`attnzoo.datasets.mil_features.read_split_file` maps them.
 BRACS_CLASSES = 3
@@ -63,8 +62,7 @@ class WSIClassificationEvaluator(TaskEvaluator):
     def __init__(self, data: str | os.PathLike, split: str = "test", *, limit: int | None = None):
         from attnzoo.datasets.mil_features import read_feature_bags, read_slide_labels, read_split_file
 
-        if limit is not None:
-            whole_number(limit, "--limit")
+        check_limit(limit)
         root = Path(data)
         if not root.exists():
             raise DatasetFormatError(f"dataset folder {root} does not exist")
