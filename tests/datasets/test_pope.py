@@ -68,6 +68,23 @@ def test_other_published_layouts(tmp_path):
     assert find_pope_file(tmp_path / "pope_coco" / "coco_pope_random.json", "coco", "random").is_file()
 
 
+def test_a_question_file_given_by_path_is_labelled_by_its_name(tmp_path):
+    write_pope_tree(tmp_path)
+    path = tmp_path / "POPE" / "gqa" / "gqa_pope_popular.json"
+    ds = PopeDataset.from_root(path)
+    assert (ds.source, ds.split, ds.image_folder.name) == ("gqa", "popular", "images")
+    assert (PopeDataset.from_root(tmp_path).source, PopeDataset.from_root(tmp_path).split) == ("coco", "adversarial")
+    with pytest.raises(InvalidOptionError, match="--split random contradicts .*gqa_pope_popular.json"):
+        PopeDataset.from_root(tmp_path, split="random", questions=path)
+    with pytest.raises(InvalidOptionError, match="--source coco contradicts"):
+        find_pope_file(path, "coco", "popular")
+    plain = tmp_path / "questions.json"
+    plain.write_text(path.read_text())
+    with pytest.raises(InvalidOptionError, match="does not say its source and split"):
+        PopeDataset.from_root(tmp_path, questions=plain)
+    assert PopeDataset.from_root(tmp_path, "gqa", "random", questions=plain).split == "random"
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
@@ -75,6 +92,12 @@ def test_other_published_layouts(tmp_path):
         ('{"question_id": 1, "image": "a.jpg", "text": "t", "label": "maybe"}\n', "label must be yes or no"),
         ('{"question_id": "1", "image": "a.jpg", "text": "t", "label": "no"}\n', "'question_id' missing"),
         ('{"question_id": 1, "image": "a.jpg", "label": "no"}\n', "'text' missing"),
+        (
+            '{"question_id": 1, "image": "a.jpg", "text": "t", "label": "no"}\n{"question_id": 2, "image": "a.jpg", '
+            '"text": "", "label": "no"}\n',
+            "line 2: 'text' .*is blank",
+        ),
+        ('{"question_id": 1, "image": "a.jpg", "text": " \\n ", "label": "yes"}\n', "line 1: 'text' .*is blank"),
         ('{"question_id": 1, "image": "a.jpg", "text": "t", "label": "no"}\n' * 2, "appears twice"),
         ("[1, 2]", "expected a JSON object"),
         ("\n\n", "holds no records"),

@@ -98,9 +98,9 @@ def test_a_temperature_whose_logits_would_overflow_is_refused(tmp_path):
 
 def test_a_comparison_records_only_the_settings_each_method_takes(tmp_path):
     root = write_pope_tree(tmp_path / "data")
-    plan = make_plan(root, methods="none,var,vcd,pai+vcd", tau=2.0, alpha=0.5)
+    plan = make_plan(root, methods="none,var,vcd,var+vcd", tau=2.0, alpha=0.5)
     recorded = {name: run["method_settings"] for name, _, run in plan.runs}
-    assert recorded == {"none": {}, "var": {"tau": 2.0}, "vcd": {"alpha": 0.5}, "pai+vcd": {"alpha": 0.5}}
+    assert recorded == {"none": {}, "var": {"tau": 2.0}, "vcd": {"alpha": 0.5}, "var+vcd": {"tau": 2.0, "alpha": 0.5}}
     with pytest.raises(InvalidOptionError, match="gamma are taken by none of --methods none,var"):
         make_plan(root, methods="none,var", gamma=2.0)
 

@@ -1,6 +1,8 @@
 """POPE, CHAIR and MME scorers against hand-made cases whose expected values were worked out by hand
 from the published scripts' rules (multimodal notes §2.2b), and against scikit-learn's metrics."""
 
+import math
+
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
 
@@ -133,10 +135,40 @@ def test_mme_scores_by_hand():
         ("count", "c.jpg", "no", "yes"),
     ]
     scores = mme_scores(rows)
-    assert scores["existence"] == {"acc": 75.0, "acc_plus": 50.0, "score": 125.0, "images": 2, "questions": 4}
+    assert scores["existence"] == {
+        "acc": 75.0,
+        "acc_plus": 50.0,
+        "score": 125.0,
+        "images": 2,
+        "questions": 4,
+        "incomplete_images": 0,
+        "incomplete": [],
+    }
     assert scores["count"]["score"] == 0.0
-    with pytest.raises(InvalidInputError, match="not exactly 2"):
-        mme_scores(rows[:3])
+    with pytest.raises(InvalidInputError, match="more than 2 answers"):
+        mme_scores([*rows, ("count", "c.jpg", "no", "no")])
+
+
+def test_an_mme_image_with_a_skipped_question_is_left_out_and_counted():
+    """MME scores pairs: b.jpg's second question skipped, b.jpg is left out (only a.jpg's pair is scored:
+    1 of 2 right, not both); a subtask with no complete pair has no score (NaN), not a score of 0."""
+    rows = [
+        ("existence", "a.jpg", "yes", "yes"),
+        ("existence", "a.jpg", "no", "yes"),
+        ("existence", "b.jpg", "yes", "yes"),
+        ("count", "c.jpg", "yes", "yes"),
+    ]
+    scores = mme_scores(rows)
+    assert scores["existence"] == {
+        "acc": 50.0,
+        "acc_plus": 0.0,
+        "score": 50.0,
+        "images": 1,
+        "questions": 2,
+        "incomplete_images": 1,
+        "incomplete": ["b.jpg"],
+    }
+    assert math.isnan(scores["count"]["score"]) and scores["count"]["incomplete"] == ["c.jpg"]
 
 
 # -- CHAIR -----------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -45,6 +46,7 @@ __all__ = [
     "coco_image_objects",
     "find_image_folder",
     "find_pope_file",
+    "pope_file_labels",
     "read_json_records",
     "read_pope_questions",
     "write_pope_questions",
@@ -113,8 +115,45 @@ def read_pope_questions(path: str | os.PathLike) -> list[PopeQuestion]:
             raise DatasetFormatError(f"{path}, line {number}: question_id {qid} appears twice")
         seen.add(qid)
         image = _field(path, number, record, "image", str)
-        questions.append(PopeQuestion(qid, image, _field(path, number, record, "text", str), label))
+        text = _field(path, number, record, "text", str)
+        if not text.strip():  # asked as the bare suffix, the answer would score against the label anyway
+            raise DatasetFormatError(f"{path}, line {number}: 'text' (the question) is blank")
+        questions.append(PopeQuestion(qid, image, text, label))
     return questions
+
+
+_FILE_NAME = re.compile(
+    rf"({'|'.join(POPE_SOURCES)})_pope_(?:seem_)?({'|'.join(POPE_SPLITS)})\.json", flags=re.IGNORECASE
+)
+
+
+def pope_file_labels(path: str | os.PathLike) -> tuple[str, str] | None:
+    """``(source, split)`` that a question file's name states in the published naming
+    (``<source>_pope_<split>.json``, POPE's ``<source>_pope_seem_<split>.json``), else None."""
+    match = _FILE_NAME.fullmatch(Path(path).name)
+    return (match.group(1).lower(), match.group(2).lower()) if match else None
+
+
+def _file_labels(path: Path, source: str | None, split: str | None) -> tuple[str, str]:
+    """The source and split of a question file given by path: what its name states, which a given
+    ``source`` / ``split`` must agree with; a name that states nothing needs both given."""
+    named = pope_file_labels(path)
+    if named is None:
+        if source is None or split is None:
+            missing = [f"--{w}" for w, v in (("source", source), ("split", split)) if v is None]
+            raise InvalidOptionError(
+                f"the name of POPE question file {path} does not say its source and split "
+                f"(<source>_pope_<split>.json): give {' and '.join(missing)} to label the results"
+            )
+        _check_choice("source", source, POPE_SOURCES)
+        _check_choice("split", split, POPE_SPLITS)
+        return source, split
+    for what, given, name in (("source", source, named[0]), ("split", split, named[1])):
+        if given is not None and given != name:
+            raise InvalidOptionError(
+                f"--{what} {given} contradicts POPE question file {path.name}, whose name says {what} {name}"
+            )
+    return named
 
 
 def write_pope_questions(path: str | os.PathLike, questions: Iterable[PopeQuestion]) -> Path:
@@ -127,11 +166,13 @@ def write_pope_questions(path: str | os.PathLike, questions: Iterable[PopeQuesti
 
 
 def find_pope_file(root: str | os.PathLike, source: str, split: str) -> Path:
-    """The question file of ``source`` x ``split`` under ``root`` (or ``root`` itself, a file)."""
+    """The question file of ``source`` x ``split`` under ``root``, or ``root`` itself when it is a file
+    (whose name, when it states a source and split, must agree with them)."""
     _check_choice("source", source, POPE_SOURCES)
     _check_choice("split", split, POPE_SPLITS)
     root = Path(root)
     if root.is_file():
+        _file_labels(root, source, split)
         return root
     name = f"{source}_pope_{split}.json"
     candidates = [
@@ -162,8 +203,8 @@ def find_image_folder(root: str | os.PathLike, source: str, images: str | os.Pat
     root = Path(root)
     base = root.parent if root.is_file() else root
     names = ["gqa/images", "images", "gqa"] if source == "gqa" else ["val2014", "coco/val2014", "images"]
-    for parent in (base, base.parent, base.parent.parent):
-        for name in names:
+    for name in names:  # by name first: a bare "gqa" folder near the file may be POPE's own question folder
+        for parent in (base, base.parent, base.parent.parent):
             if (parent / name).is_dir():
                 return parent / name
     raise DatasetFormatError(f"no {source} image folder ({' or '.join(names)}) in {base} or its parents")
@@ -183,15 +224,25 @@ class PopeDataset:
     def from_root(
         cls,
         root: str | os.PathLike,
-        source: str = "coco",
-        split: str = "adversarial",
+        source: str | None = None,
+        split: str | None = None,
         *,
         questions: str | os.PathLike | None = None,
         images: str | os.PathLike | None = None,
     ) -> PopeDataset:
-        question_file = Path(questions) if questions is not None else find_pope_file(root, source, split)
-        if not question_file.is_file():
-            raise DatasetFormatError(f"POPE question file {question_file} does not exist")
+        """The split of ``source`` x ``split`` found under ``root`` (coco and adversarial when not given),
+        or the question file ``questions`` (or ``root``, a file): its source and split are what its name
+        states (``<source>_pope_<split>.json``); a given one that contradicts the name is refused, and a
+        file whose name states neither needs both given."""
+        file = Path(questions) if questions is not None else Path(root) if Path(root).is_file() else None
+        if file is not None:
+            if not file.is_file():
+                raise DatasetFormatError(f"POPE question file {file} does not exist")
+            source, split = _file_labels(file, source, split)
+            question_file = file
+        else:
+            source, split = source or "coco", split or "adversarial"
+            question_file = find_pope_file(root, source, split)
         folder = find_image_folder(root, source, images)
         items = read_pope_questions(question_file)
         missing = sorted({q.image for q in items if not (folder / q.image).is_file()})

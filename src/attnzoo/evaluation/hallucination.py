@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,9 @@ __all__ = [
 
 TASK = "hallucination-mitigation"
 BENCHMARKS = ("pope", "chair", "mme")
-#: Named prompt suffixes (anything else given to ``--prompt-suffix`` is used literally).
+#: Named prompt suffixes. MME also has "released" (its questions as released). Anything else given to
+#: ``--prompt-suffix`` that looks like a name (one token of a-z, 0-9, "-", "_") is refused; other text
+#: is the suffix itself, after one space unless it starts with white space.
 PROMPT_SUFFIXES = {
     "one-word": " Please answer this question with one word.",  # VCD, AGLA (POPE)
     "llava": "\nAnswer the question using a single word or phrase.",  # LLaVA-1.5's POPE / MME, lmms-eval
@@ -110,6 +113,37 @@ def _settings_taken(name: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k in accepted}
 
 
+#: Settings that mean one thing in every method that takes them (how a contrast branch runs; the
+#: official code's or the paper's behaviour), whatever their defaults.
+_SAME_MEANING = frozenset({"batched", "behaviour"})
+
+
+def _refuse_ambiguous_settings(names: Sequence[str], settings: Mapping[str, Any]) -> None:
+    """In a comparison, a setting that two of the compared methods read with different meanings (told by
+    their different defaults: ``--alpha`` is VCD's contrast, 1, and PAI's attention boost, 0.2) is
+    refused: one value would run one of them far from its own setting without a word."""
+    from attnzoo.multimodal.hallucination.methods import build_methods, method_settings, parse_method_spec
+
+    defaults: dict[str, dict[str, Any]] = {}
+    for part in dict.fromkeys(part for name in names for part, _ in parse_method_spec(name)):
+        keys = [k for k in settings if k in method_settings(part) and k not in _SAME_MEANING]
+        if keys:
+            described = build_methods(part, strict=False)[0].describe()
+            for key in keys:
+                defaults.setdefault(key, {})[part] = described.get(key)
+    clashes = {k: d for k, d in defaults.items() if len({json.dumps(v, default=str) for v in d.values()}) > 1}
+    if clashes:
+        said = "; ".join(
+            f"--{k.replace('_', '-')} is read by {', '.join(f'{m} (default {v})' for m, v in d.items())}"
+            for k, d in clashes.items()
+        )
+        raise InvalidOptionError(
+            f"in --methods {','.join(names)} one value would go to methods that read it differently: {said}. "
+            "Run those methods separately (--method NAME with its own settings, each into its own --out) "
+            "and compare the runs with attnzoo.evaluation.hallucination.write_comparison_table"
+        )
+
+
 def _describe_method(name: str, settings: Mapping[str, Any], decoding: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Every setting of the method(s) as they will run, defaults included, as JSON values (what ``run.json``
     holds and a resumed run compares); an unknown method, or one that cannot decode as asked (a contrast
@@ -127,9 +161,33 @@ def _sha256(path: Path | None) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None else None
 
 
-def _suffix(value: str | None, default: str) -> str:
+_SUFFIX_NAME = re.compile(r"[a-z0-9_-]+", flags=re.IGNORECASE)
+_BENCHMARK_SUFFIXES = {"pope": tuple(PROMPT_SUFFIXES), "mme": ("released", *PROMPT_SUFFIXES)}
+
+
+def _suffix(value: str | None, default: str, benchmark: str) -> str:
+    """The text of a named suffix, or free text after one space (none added when it starts with white
+    space); a name of no suffix of ``benchmark`` (a typo such as "one_word", or MME's "released" on
+    POPE) is refused rather than asked as text glued to the question."""
     name = default if value is None else value
-    return PROMPT_SUFFIXES.get(name, name)
+    if name in PROMPT_SUFFIXES:
+        return PROMPT_SUFFIXES[name]
+    valid = _BENCHMARK_SUFFIXES[benchmark]  # MME's "released" is read by its loader, before this
+    owners = [b.upper() for b, names in _BENCHMARK_SUFFIXES.items() if name in names]
+    if owners:
+        raise InvalidOptionError(
+            f"--prompt-suffix {name} is {' and '.join(owners)}'s only; for {benchmark.upper()} use one of "
+            f"{', '.join(valid)}, or the text itself"
+        )
+    if _SUFFIX_NAME.fullmatch(name):
+        raise InvalidOptionError(
+            f"--prompt-suffix {name!r} names no suffix; the named suffixes of {benchmark.upper()} are "
+            f"{', '.join(valid)} (text of your own has a space or punctuation, e.g. 'Answer {name}.')"
+        )
+    return name if not name or name[0].isspace() else " " + name
+
+
+_NO_PAIRS = {"images": 0, "questions": 0, "incomplete_images": 0, "incomplete": []}
 
 
 def _answer_text(result: Any) -> str:
@@ -243,6 +301,8 @@ class HallucinationEvaluator(TaskEvaluator):
         unused = sorted(set(method_settings) - {k for own in taken.values() for k in own})
         if unused and len(names) > 1:  # one method alone says so itself, naming what it takes
             raise InvalidOptionError(f"setting(s) {', '.join(unused)} are taken by none of --methods {','.join(names)}")
+        if len(names) > 1:
+            _refuse_ambiguous_settings(names, method_settings)
         for name in names:
             evaluator = copy.copy(first)  # the data is read once and shared by the methods' runs
             own = taken[name] if len(names) > 1 else dict(method_settings)  # recorded: the ones it takes
@@ -335,7 +395,7 @@ class HallucinationEvaluator(TaskEvaluator):
             whole_number(chair_images, "--chair-images")
         defaults = _DEFAULTS[benchmark]
         self.benchmark, self.limit, self.seed, self.sampled = benchmark, limit, seed, sampled
-        self.split = split or defaults["split"]
+        self.split: str = split or defaults["split"]  # POPE's: its question file's, when its name says one
         self.pipeline_kwargs: dict[str, Any] = {}
         self._extra: dict[str, Any] = {}
         self.dataset: Any = None  # PopeDataset or ChairDataset
@@ -367,28 +427,29 @@ class HallucinationEvaluator(TaskEvaluator):
                 "CHAIR scores free captions: --parser and --prompt-suffix do not apply (use --prompt)"
             )
         if benchmark == "pope":
-            self._load_pope(data, source or "coco", questions, image_folder, parser, prompt, prompt_suffix)
+            self._load_pope(data, split, source, questions, image_folder, parser, prompt, prompt_suffix)
         elif benchmark == "chair":
             self._load_chair(data, image_list, chair_images, lemmatizer, prompt, image_folder)
         else:
             self._load_mme(data, subtasks, parser, prompt, prompt_suffix, image_folder)
 
     # -- data --------------------------------------------------------------------------------------
-    def _load_pope(self, data, source, questions, image_folder, parser, prompt, prompt_suffix) -> None:
+    def _load_pope(self, data, split, source, questions, image_folder, parser, prompt, prompt_suffix) -> None:
         from attnzoo.datasets.pope import POPE_SPLITS, PopeDataset
         from attnzoo.metrics.hallucination import POPE_PARSERS
 
-        if self.split not in POPE_SPLITS:
-            raise InvalidOptionError(f"POPE's --split is one of {', '.join(POPE_SPLITS)}, got {self.split!r}")
+        if split is not None and split not in POPE_SPLITS:
+            raise InvalidOptionError(f"POPE's --split is one of {', '.join(POPE_SPLITS)}, got {split!r}")
         self.parser = parser or _DEFAULTS["pope"]["parser"]
         if self.parser not in POPE_PARSERS:
             raise InvalidOptionError(f"--parser for POPE is one of {', '.join(POPE_PARSERS)}, got {self.parser!r}")
         if prompt is not None:
             raise InvalidOptionError("POPE asks its own questions: --prompt does not apply (use --prompt-suffix)")
-        self.dataset = PopeDataset.from_root(data, source, self.split, questions=questions, images=image_folder)
-        self.suffix = _suffix(prompt_suffix, _DEFAULTS["pope"]["prompt_suffix"])
+        self.dataset = PopeDataset.from_root(data, source, split, questions=questions, images=image_folder)
+        self.split = self.dataset.split  # a question file's name says its split and source
+        self.suffix = _suffix(prompt_suffix, _DEFAULTS["pope"]["prompt_suffix"], "pope")
         self._extra = {
-            "source": source,
+            "source": self.dataset.source,
             "questions": str(self.dataset.question_file.resolve()),
             "questions_sha256": _sha256(self.dataset.question_file),
             "images": str(self.dataset.image_folder.resolve()),
@@ -403,6 +464,11 @@ class HallucinationEvaluator(TaskEvaluator):
 
         if image_folder is not None:
             raise InvalidOptionError("CHAIR reads its images from <data>/val2014: --image-folder does not apply")
+        if image_list is not None and chair_images is not None:  # the list would win without a word
+            raise InvalidOptionError(
+                "--chair-images draws a seeded sample of the split; --image-list names the images: give one "
+                "(--limit N captions the first N images of the list)"
+            )
         if self.split not in ("val2014", "train2014", "val2017", "train2017"):
             raise InvalidOptionError(f"CHAIR's --split is a COCO split (val2014 by default), got {self.split!r}")
         self.lemmatizer = lemmatizer or "nltk"
@@ -454,10 +520,13 @@ class HallucinationEvaluator(TaskEvaluator):
             raise InvalidOptionError("--subtasks names no subtask")
         self.subtasks = list(dict.fromkeys(names))  # each once, in order
         self.questions = read_mme(data, self.subtasks)
+        asked = [(q.subtask, q.image_key, q.index, q.question, q.answer) for q in self.questions]
         released = prompt_suffix in (None, "released")
-        self.suffix = None if released else _suffix(prompt_suffix, "none")
+        self.suffix = None if released else _suffix(prompt_suffix, "none", "mme")
         self._extra = {
             "mme_subtasks": self.subtasks,
+            # the questions and answers as read (subtask, image, line, question, answer): edited data is seen
+            "questions_sha256": hashlib.sha256(json.dumps(asked).encode()).hexdigest(),
             "parser": self.parser,
             "prompt_template": "{question}" if released else "{question without ' Please answer yes or no.'}{suffix}",
             "prompt_suffix": "as released" if released else self.suffix,
@@ -554,6 +623,8 @@ class HallucinationEvaluator(TaskEvaluator):
         by_parser = {}
         for p in records[0]["parsed"]:
             per_subtask = mme_scores((r["subtask"], r["image"], r["label"], r["parsed"][p]) for r in records)
+            for name in self.subtasks:  # every question of it skipped: no score (n/a), not a score of 0
+                per_subtask.setdefault(name, {**dict.fromkeys(("acc", "acc_plus", "score"), math.nan), **_NO_PAIRS})
             by_parser[p] = {"subtasks": per_subtask, "total": sum(s["score"] for s in per_subtask.values())}
         return _rounded({**by_parser[self.parser], "parser": self.parser, "parsers": by_parser})
 
@@ -567,6 +638,15 @@ class HallucinationEvaluator(TaskEvaluator):
                 f"| {name} | {_fmt(row['acc'])} | {_fmt(row['acc_plus'])} | {_fmt(row['score'])} | {row['images']} |"
                 for name, row in metrics["subtasks"].items()
             ]
+            incomplete = {n: row.get("incomplete") or [] for n, row in metrics["subtasks"].items()}
+            if any(incomplete.values()):
+                count = sum(map(len, incomplete.values()))
+                named = "; ".join(f"{n}: {', '.join(images)}" for n, images in incomplete.items() if images)
+                lines += [
+                    "",
+                    f"**{count} image(s) had one of their two questions skipped** and are left out of acc, acc+ "
+                    f"and the score (MME scores pairs): {named}.",
+                ]
         if metrics["benchmark"] in ("pope", "mme"):
             others = [(f"parser {p}", m) for p, m in metrics["parsers"].items() if p != metrics["parser"]]
             lines += [

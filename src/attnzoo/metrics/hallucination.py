@@ -49,6 +49,7 @@ spaces and dots, and single letters y / n) and ``"strict"``.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -182,26 +183,32 @@ def parse_mme_answer(answer: str, parser: str = "mme") -> str | None:
 
 def mme_scores(rows: Iterable[tuple[str, str, str, str | None]]) -> dict[str, dict[str, Any]]:
     """Per subtask, from ``(subtask, image, label, parsed answer)`` rows: acc, acc+ and score = acc +
-    acc+ (percent, so the score is out of 200). Every image must have exactly its two questions."""
+    acc+ (percent, so the score is out of 200), over the images with both their questions answered, as
+    MME's calculation scores pairs. An image with one answer (the other skipped) is left out of all
+    three and counted in ``incomplete_images`` (named in ``incomplete``); a subtask with no complete
+    image scores NaN. More than two answers for an image are refused."""
     by_image: dict[str, dict[str, list[bool]]] = {}
     for subtask, image, label, parsed in rows:
         by_image.setdefault(subtask, {}).setdefault(image, []).append(parsed == str(label).lower())
     out: dict[str, dict[str, Any]] = {}
     for subtask, images in by_image.items():
-        unpaired = sorted(name for name, hits in images.items() if len(hits) != 2)
-        if unpaired:
+        extra = sorted(name for name, hits in images.items() if len(hits) > 2)
+        if extra:
             raise InvalidInputError(
-                f"MME scores pairs of questions: {subtask} images {unpaired[:5]} have not exactly 2 answers"
+                f"MME scores pairs of questions: {subtask} images {extra[:5]} have more than 2 answers"
             )
-        hits = [h for pair in images.values() for h in pair]
-        acc = _percent(sum(hits), len(hits))
-        acc_plus = _percent(sum(all(pair) for pair in images.values()), len(images))
+        pairs = [hits for hits in images.values() if len(hits) == 2]
+        hits = [h for pair in pairs for h in pair]
+        acc = _percent(sum(hits), len(hits)) if pairs else math.nan
+        acc_plus = _percent(sum(all(pair) for pair in pairs), len(pairs)) if pairs else math.nan
         out[subtask] = {
             "acc": acc,
             "acc_plus": acc_plus,
             "score": acc + acc_plus,
-            "images": len(images),
+            "images": len(pairs),
             "questions": len(hits),
+            "incomplete_images": len(images) - len(pairs),
+            "incomplete": sorted(name for name, answered in images.items() if len(answered) < 2),
         }
     return out
 
