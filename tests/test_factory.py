@@ -37,6 +37,17 @@ def test_create_model_refuses_a_device_or_dtype_that_cannot_work(placement, monk
         attnzoo.create_model("test_resnet", **placement)
 
 
+@pytest.mark.parametrize("placement", [{"device": "meta"}, {"dtype": "float13"}])
+def test_a_pipeline_refuses_a_device_or_dtype_that_cannot_work_before_building_its_model(placement, monkeypatch):
+    """Before any weights are fetched: a pretrained model built first would download its checkpoint only to be
+    refused (offline: an error about the missing checkpoint instead of the device)."""
+    import attnzoo.factory
+
+    monkeypatch.setattr(attnzoo.factory, "create_model", lambda *a, **k: pytest.fail("built before the check"))
+    with pytest.raises(InvalidInputError, match="device|dtype"):
+        attnzoo.pipeline("image-classification", model="resnet18", **placement)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_create_model_on_cuda_without_cuda_is_a_typed_error():
     with pytest.raises(InvalidInputError, match="CUDA"):

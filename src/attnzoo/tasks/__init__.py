@@ -263,6 +263,11 @@ def pipeline(
         model = spec.default_model
     if model is None:
         raise InvalidInputError(f"the {spec.name} task has no default model: pass model=")
+    from attnzoo._placement import resolve_device, resolve_dtype
+
+    if device is not None:  # a device or dtype that cannot work is refused before any weights are fetched
+        resolve_device(device)
+    resolve_dtype(dtype)
     built: Any = model
     pretrained = weights is None if pretrained is None else pretrained
     random = (weights is None and not pretrained) or (isinstance(weights, str) and weights.strip().lower() == "none")
