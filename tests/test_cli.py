@@ -1,3 +1,4 @@
+import contextlib
 import hashlib
 import json
 import subprocess
@@ -571,3 +572,116 @@ def test_extract_fails_when_every_slide_failed_and_not_when_some_did(tmp_path, c
     assert (tmp_path / "none" / "manifest.csv").is_file()  # the errors are there to read
     assert main([*base, str(broken), str(good), "--out", str(tmp_path / "some")]) == 0
     assert "1 of 2 slides have features" in capsys.readouterr().out
+
+
+def _pictures(folder):
+    return sorted(p.name for p in folder.glob("*.png"))
+
+
+def test_run_writes_each_result_as_it_arrives_and_an_interrupt_keeps_what_finished(
+    tmp_path, photo, capsys, monkeypatch
+):
+    """results.json names each input's picture once its batch is done, so Ctrl-C (or a crash) on the last
+    input keeps the others; the line printed says so, and the same command run again finishes the job
+    into the same pictures (no -2 copies beside them)."""
+    from attnzoo.pipelines.base import Pipeline
+
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+    for i, name in enumerate("abc"):
+        photo.rotate(90 * i).save(photos / f"{name}.jpg")
+    real_iterate = Pipeline.iterate
+    seen = []
+
+    def iterate(self, items, **kwargs):
+        for i, result in real_iterate(self, items, **kwargs):
+            if i == 1:  # the first batch is done: its picture and its line in results.json are there
+                record = json.loads((out / "results.json").read_text())
+                seen.append((record["files"], _pictures(out)))
+            if i == 2:
+                raise KeyboardInterrupt
+            yield i, result
+
+    run = ["run", "classification", "-m", "test_resnet", "-w", "none", str(photos), "--out", str(out), "-b", "1"]
+    with monkeypatch.context() as patch:
+        patch.setattr(Pipeline, "iterate", iterate)
+        assert main(run) == 130
+    assert seen == [({str(photos / "a.jpg"): ["a.png"]}, ["a.png"])]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"interrupted after 2 of 3 inputs: their results and pictures are kept in {out}")
+    assert "run the same command again" in err
+    record = json.loads((out / "results.json").read_text())
+    assert record["files"] == {str(photos / "a.jpg"): ["a.png"], str(photos / "b.jpg"): ["b.png"]}
+    assert sorted(record["results"]) == [str(photos / "a.jpg"), str(photos / "b.jpg")]
+    assert _pictures(out) == ["a.png", "b.png"]
+    assert main(run) == 0  # the same command: done
+    record = json.loads((out / "results.json").read_text())
+    assert record["files"] == {str(photos / f"{n}.jpg"): [f"{n}.png"] for n in "abc"}
+    assert _pictures(out) == ["a.png", "b.png", "c.png"]
+
+
+@pytest.mark.parametrize("at", [1, 2, 3, 4])
+def test_run_interrupted_while_writing_leaves_results_json_naming_exactly_its_pictures(
+    tmp_path, photo, capsys, monkeypatch, at
+):
+    """Ctrl-C at any write (a picture, results.json): the pictures in --out are those results.json names,
+    and the same command run again writes into them, not beside them."""
+    import attnzoo._io
+
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+    for i, name in enumerate("abc"):
+        photo.rotate(90 * i).save(photos / f"{name}.jpg")
+    real = attnzoo._io.atomic_write
+    calls = []
+
+    @contextlib.contextmanager
+    def atomic_write(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        with real(path, *args, **kwargs) as fh:
+            yield fh
+
+    run = ["run", "classification", "-m", "test_resnet", "-w", "none", str(photos), "--out", str(out), "-b", "2"]
+    with monkeypatch.context() as patch:
+        patch.setattr(attnzoo._io, "atomic_write", atomic_write)
+        assert main(run) == 130
+    assert "interrupted" in capsys.readouterr().err
+    named = json.loads((out / "results.json").read_text())["files"] if (out / "results.json").exists() else {}
+    assert _pictures(out) == sorted(n for names in named.values() for n in names)
+    assert list(out.glob(".*")) == []  # no temporary left
+    assert main(run) == 0
+    assert _pictures(out) == ["a.png", "b.png", "c.png"]
+
+
+@pytest.mark.parametrize(
+    "command, patched, said",
+    [
+        (["eval", "classification", "--data", "{data}"], "_eval_task", "the predictions made so far are kept in"),
+        (["train", "classification", "--data", "{data}"], "_train_task", "before the first checkpoint"),
+        (["train", "classification", "--data", "{data}"], "_train_task", "add --resume"),
+        (["extract", "wsi-features", "{data}", "-e", "resnet18"], "extract_cohort", "the slides finished are kept"),
+    ],
+)
+def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, monkeypatch, capsys, command, patched, said):
+    """typer turns Ctrl-C into a bare exit status 130: the command still ends with one line (no traceback)."""
+    import attnzoo.cli
+    import attnzoo.pipelines.wsi_cohort
+
+    out = tmp_path / "out"
+
+    def work(*args, **kwargs):
+        if said == "add --resume":  # a run that saved a checkpoint before Ctrl-C
+            out.mkdir(exist_ok=True)
+            (out / "checkpoint-00000010.pt").write_bytes(b"")
+        raise KeyboardInterrupt
+
+    owner = attnzoo.pipelines.wsi_cohort if patched == "extract_cohort" else attnzoo.cli
+    monkeypatch.setattr(owner, patched, work)
+    args = [a.replace("{data}", str(tmp_path)) for a in command]
+    assert main([*args, "--out", str(out)]) == 130
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert captured.err.startswith("interrupted") and said in captured.err and str(out) in captured.err

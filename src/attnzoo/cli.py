@@ -98,10 +98,46 @@ def _option_params(options: tuple[Option, ...]) -> list[inspect.Parameter]:
     return params
 
 
+class _Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with the one line that says what the interrupted command kept and how to resume it."""
+
+
+#: The line of the command Ctrl-C stopped, for :func:`main` to print: typer turns the KeyboardInterrupt
+#: into a bare exit status 130.
+_interrupted: list[str] = []
+
+
+@contextlib.contextmanager
+def _on_interrupt(line: Any) -> Iterator[None]:
+    """Ctrl-C inside the block ends the command with ``line()`` (what was kept, how to resume), unless a
+    step inside already said it (a KeyboardInterrupt with a message: a download's, ``attnzoo run``'s)."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        message = _interrupt_message(exc) if exc.args else line()
+        _interrupted.append(message)
+        raise _Interrupted(message) from exc
+
+
+def _interrupted_line(command: str, out: Path | None) -> str:
+    """What an interrupted ``run``/``eval``/``train`` kept, for an interrupt no step inside explained."""
+    if command == "eval":
+        return f"interrupted: the predictions made so far are kept in {out}; run the same command again to resume"
+    if command == "train":
+        from attnzoo.training.engine import CHECKPOINT_RE
+
+        folders = [out, *(p for p in out.iterdir() if p.is_dir())] if out is not None and out.is_dir() else []
+        if any(CHECKPOINT_RE.fullmatch(f.name) for folder in folders for f in folder.iterdir()):
+            return f"interrupted: the checkpoints saved in {out} are kept; add --resume to the same command to continue"
+        return f"interrupted before the first checkpoint: nothing to resume; start again (with --overwrite: {out} holds the run's first files)"
+    return "interrupted before any input was done: nothing was written"
+
+
 def _command(fn: Any, params: list[inspect.Parameter], spec: Any, command: str) -> Any:
     def callback(**kwargs: Any) -> None:
         _check_out(kwargs.get("out"))
-        fn(spec, **kwargs)
+        with _on_interrupt(lambda: _interrupted_line(command, kwargs.get("out"))):
+            fn(spec, **kwargs)
 
     callback.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     callback.__doc__ = f"{spec.description}." + (f" See docs/{spec.docs}." if spec.docs else "")
@@ -345,55 +381,127 @@ def _input_fields(spec: Any) -> set[str]:
 
 def _run_files(pipe: Any, files: list[str], items: list[Any], out: Path | None, *, model: str, **fields: Any) -> None:
     """``attnzoo run``'s loop for any task: a line per input (and a progress bar on a terminal),
-    unreadable inputs skipped (unless there is only one), then a picture per input (and the task's own
-    files) and ``results.json`` (with the task, model and weights) in ``out``. A later run of the same task,
-    model and weights into ``out`` adds to its results; no file is written over but the same input's own
-    from an earlier run."""
+    unreadable inputs skipped (unless there is only one), and in ``out`` a picture per input (and the task's
+    own files) written as its result arrives, with ``results.json`` (the task, model and weights, each input's
+    result and files) brought up to date batch by batch: an interrupted run keeps what it finished. A later
+    run of the same task, model and weights into ``out`` adds to its results; no file is written over but
+    the same input's own from an earlier run."""
     from tqdm.auto import tqdm
 
-    from attnzoo._io import atomic_write, write_json
     from attnzoo.errors import InvalidInputError
 
     header = {"task": pipe.task, "model": model, "weights": pipe.weights_label}
-    earlier = _earlier_results(out, header) if out is not None else {"results": {}, "files": {}}  # before work
-    results, failed = {}, []
-    with tqdm(total=len(items), desc=f"{pipe.task}", unit="input", disable=None, leave=False) as bar:
-        for i, result in pipe.iterate(items, on_error="raise" if len(files) == 1 else "skip", **fields):
-            bar.update(1)
-            if isinstance(result, Exception):
-                failed.append(files[i])
-                bar.write(f"skipped: {result}", file=sys.stderr)
-                continue
-            results[files[i]] = result
-            bar.write(f"{files[i]}: {result.summary()}")
-    if out is not None and results:
+    saved = _RunOutput(out, header, items, fields) if out is not None else None  # refuses another run's first
+    done, failed = 0, []
+    batch = max(1, int(getattr(pipe, "batch_size", 1) or 1))
+    try:
+        with tqdm(total=len(items), desc=f"{pipe.task}", unit="input", disable=None, leave=False) as bar:
+            for i, result in pipe.iterate(items, on_error="raise" if len(files) == 1 else "skip", **fields):
+                bar.update(1)
+                if isinstance(result, Exception):
+                    failed.append(files[i])
+                    bar.write(f"skipped: {result}", file=sys.stderr)
+                else:
+                    bar.write(f"{files[i]}: {result.summary()}")
+                    if saved is not None:
+                        saved.add(files[i], result)
+                    done += 1
+                if saved is not None and ((i + 1) % batch == 0 or i + 1 == len(items)):
+                    saved.save(when_due=True)  # the end of a batch
+    except BaseException as exc:
+        if saved is not None:  # what was written so far is named in results.json (an error here is not news)
+            with contextlib.suppress(Exception):
+                saved.save()
+        if isinstance(exc, KeyboardInterrupt) and not exc.args:
+            raise _Interrupted(_run_interrupted(saved, done, len(items), out)) from exc
+        raise
+    if saved is not None:
+        saved.save()
+        if saved.written:
+            _echo(f"wrote {sum(map(len, saved.written.values())) + 1} files to {out}")
+    if failed:
+        raise InvalidInputError(f"{len(failed)} of {len(files)} inputs could not be read")
+
+
+def _run_interrupted(saved: _RunOutput | None, done: int, total: int, out: Path | None) -> str:
+    """The line an interrupted ``attnzoo run`` ends with: what is kept, and how to finish."""
+    if saved is None:
+        return f"interrupted after {done} of {total} inputs (without --out nothing is kept)"
+    if not saved.written:
+        return f"interrupted before any input was done: nothing was written to {out}"
+    return (
+        f"interrupted after {done} of {total} inputs: their results and pictures are kept in {out} "
+        "(results.json); run the same command again to finish (those done are redone in place)"
+    )
+
+
+class _RunOutput:
+    """``attnzoo run``'s files in ``out``: each input's picture (and the task's own files) written when its
+    result arrives, and ``results.json`` (atomically replaced) naming exactly the files written. It is
+    rewritten at the end of a batch unless rewriting it would take more than a tenth of the run's time (a
+    results.json of many thousands of inputs), and always at the end, an error or an interrupt."""
+
+    def __init__(self, out: Path, header: dict[str, Any], items: list[Any], fields: dict[str, Any]) -> None:
+        self.out, self.header = out, header
+        earlier = _earlier_results(out, header)  # another run's results: refused before any work
+        self.earlier_results, self.earlier_files = earlier["results"], earlier["files"]
+        self.results: dict[str, Any] = dict(earlier["results"])  # the small records, not the results themselves
+        self.files: dict[str, list[str]] = dict(earlier["files"])
         given = [p for item in items for p in (item if isinstance(item, list) else [item])]
         given += [v for v in fields.values() if isinstance(v, (str, Path)) and os.path.isfile(v)]  # --subject
-        kept = {Path(p).resolve() for p in given}  # never written over
-        written: dict[str, list[str]] = {}
-        for file, result in results.items():
+        self.kept = {Path(p).resolve() for p in given}  # never written over
+        self.written: dict[str, list[str]] = {}  # this run's files per input
+        self.names: dict[str, str] = {}
+        self.pending = False
+        self.last_save, self.save_cost = 0.0, 0.0
+
+    def add(self, file: str, result: Any) -> None:
+        """Write ``file``'s picture and the task's files (all of them, or none: a failure removes what it made)."""
+        from attnzoo._io import atomic_write
+
+        out = self.out
+        if file in self.names:  # the same input twice: into the same files
+            name = self.names[file]
+        else:
             stem = Path(file).stem or Path(file).name
-            own = set(earlier["files"].get(file, []))  # this input's files from an earlier run
-            if file in earlier["results"] and file not in earlier["files"]:  # a results.json listing no files
+            own = set(self.earlier_files.get(file, []))  # this input's files from an earlier run
+            if file in self.earlier_results and file not in self.earlier_files:  # a results.json listing no files
                 own = {path.name for path in _written_paths(out, stem, result)}
             name, n = stem, 1
             # a/001.jpg and b/001.jpg, cat.jpg and cat.png, an input or a user's file in out: one name each
-            while not _free(_written_paths(out, name, result), kept, own):
+            while not _free(_written_paths(out, name, result), self.kept, own):
                 n += 1
                 name = f"{stem}-{n}"
-            paths = _written_paths(out, name, result)
-            kept.update(path.resolve() for path in paths)
+        paths = _written_paths(out, name, result)
+        new = [path for path in paths if not path.exists()]
+        try:
             with atomic_write(paths[0], "wb") as fh:
                 result.plot().save(fh, format="PNG")
             if hasattr(result, "write_files"):  # a task's own outputs beside the picture (e.g. the inserted image)
                 result.write_files(out, name)
-            written[file] = [path.name for path in paths]
-        record = {f: r.to_dict() for f, r in results.items()}
-        files = {**earlier["files"], **written}
-        write_json(out / "results.json", {**header, "results": {**earlier["results"], **record}, "files": files})
-        _echo(f"wrote {sum(map(len, written.values())) + 1} files to {out}")
-    if failed:
-        raise InvalidInputError(f"{len(failed)} of {len(files)} inputs could not be read")
+        except BaseException:
+            for path in new:  # not half an input's files: results.json will not name them
+                path.unlink(missing_ok=True)
+            raise
+        self.kept.update(path.resolve() for path in paths)
+        self.names[file] = name
+        self.written[file] = self.files[file] = [path.name for path in paths]
+        self.results[file] = result.to_dict()
+        self.pending = True
+
+    def save(self, *, when_due: bool = False) -> None:
+        """Rewrite results.json with what was written (``when_due``: unless it was rewritten very lately)."""
+        import time
+
+        from attnzoo._io import write_json
+
+        began = time.monotonic()
+        if not self.pending or (when_due and began - self.last_save < 10 * self.save_cost):
+            return
+        write_json(self.out / "results.json", {**self.header, "results": self.results, "files": self.files})
+        self.pending = False
+        self.last_save = time.monotonic()
+        self.save_cost = self.last_save - began
 
 
 def _written_paths(out: Path, name: str, result: Any) -> list[Path]:
@@ -702,7 +810,8 @@ def weights_download(
     from attnzoo.weights import resolve_checkpoint
 
     load_families()
-    _echo(str(resolve_checkpoint(name)))
+    with _on_interrupt(lambda: "interrupted: run the same command again to resume the download"):
+        _echo(str(resolve_checkpoint(name)))
 
 
 @weights_app.command("verify")
@@ -825,31 +934,33 @@ def extract_wsi_features(
     from attnzoo.pipelines.wsi_cohort import extract_cohort
 
     _check_out(out)
-    result = extract_cohort(
-        slides,
-        encoder,
-        out,
-        layout=layout,
-        weights=weights,
-        strict=strict,
-        overwrite="stale" if overwrite else False,
-        log=lambda m: _echo(m, err=True),
-        magnification=magnification,
-        mpp=mpp,
-        patch_size=patch_size,
-        input_size=input_size,
-        stride=stride,
-        read_level=read_level,
-        min_tissue=min_tissue,
-        segment_kwargs=dict(_segment_setting(s) for s in segment or ()),
-        base_magnification=base_magnification,
-        base_mpp=base_mpp,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
-        dtype=dtype,
-        amp=amp,
-    )
+    kept = f"interrupted: the slides finished are kept in {out}; run the same command again to resume"
+    with _on_interrupt(lambda: kept):
+        result = extract_cohort(
+            slides,
+            encoder,
+            out,
+            layout=layout,
+            weights=weights,
+            strict=strict,
+            overwrite="stale" if overwrite else False,
+            log=lambda m: _echo(m, err=True),
+            magnification=magnification,
+            mpp=mpp,
+            patch_size=patch_size,
+            input_size=input_size,
+            stride=stride,
+            read_level=read_level,
+            min_tissue=min_tissue,
+            segment_kwargs=dict(_segment_setting(s) for s in segment or ()),
+            base_magnification=base_magnification,
+            base_mpp=base_mpp,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            dtype=dtype,
+            amp=amp,
+        )
     if result.manifest is not None:  # rank 0
         _echo(result.summary())
         if result.failed and len(result.failed) == len(result.records):  # some failed: the run goes on, exit 0
@@ -886,8 +997,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _echo(f"error: {exc}", err=True)
         return 2 if isinstance(exc, InvalidOptionError) else 1
-    except KeyboardInterrupt:
-        _echo("interrupted", err=True)
+    except KeyboardInterrupt as exc:  # Ctrl-C outside a command (or a click that passes it on)
+        _echo(_interrupt_message(exc), err=True)
         return 130
     except Exception as exc:  # a bug: say so in one line, keep the traceback for --debug
         if debug:
@@ -897,6 +1008,11 @@ def main(argv: list[str] | None = None) -> int:
             err=True,
         )
         return 3
+
+
+def _interrupt_message(exc: KeyboardInterrupt) -> str:
+    """The line Ctrl-C ends with: what was kept and how to resume, where the command said it."""
+    return str(exc.args[0]) if exc.args and isinstance(exc.args[0], str) else "interrupted"
 
 
 #: Options whose "nothing" has a name of its own.
@@ -937,12 +1053,18 @@ def _main(args: list[str], exit_types: tuple, abort_types: tuple, click_errors: 
             from attnzoo.tasks import get_task
 
             get_task(args[1])  # an unknown task: a typed error with suggestions, not click's bare usage error
+        _interrupted.clear()
         result = app(args=args, prog_name="attnzoo", standalone_mode=False)
+        if result == 130:  # typer's answer to Ctrl-C
+            _echo(_interrupted[-1] if _interrupted else "interrupted", err=True)
         return result if isinstance(result, int) else 0
     except exit_types as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # typer turns Ctrl-C into Exit(130), silently
+            _echo(_interrupt_message(exc.__cause__), err=True)
         return exc.exit_code
-    except abort_types:
-        _echo("aborted", err=True)
+    except abort_types as exc:
+        cause = exc.__cause__  # click turns Ctrl-C into Abort
+        _echo(_interrupt_message(cause) if isinstance(cause, KeyboardInterrupt) else "aborted", err=True)
         return 130
     except click_errors as exc:
         exc.show()

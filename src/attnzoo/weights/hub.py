@@ -26,6 +26,7 @@ from typing import Any
 from attnzoo.errors import AttnzooError, ChecksumError, OfflineError, WeightsError
 
 _CHUNK = 1 << 20
+_PIECE = 1 << 16  # a download's read from a response that cannot say what has arrived
 _TRUTHY = {"1", "true", "yes", "on"}
 #: Seconds one probe may take (name lookup and TCP connect together) before a host counts as unreachable.
 CONNECT_TIMEOUT = 3.0
@@ -252,19 +253,24 @@ def download_url(
         ensure_can_download(dest.name, url, dest)
         part = dest.with_name(dest.name + ".part")
         last_error: Exception | None = None
-        for attempt in range(retries + 1):
-            try:
-                _fetch_into(url, part, progress=progress, timeout=timeout)
-                last_error = None
-                break
-            except urllib.error.HTTPError as err:
-                if 400 <= err.code < 500:
-                    raise WeightsError(f"download of {url} failed: HTTP {err.code} {err.reason}") from err
-                last_error = err
-            except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
-                last_error = err
-            if attempt < retries:
-                time.sleep(min(2.0**attempt * 0.25, 4.0))
+        try:
+            for attempt in range(retries + 1):
+                try:
+                    _fetch_into(url, part, progress=progress, timeout=timeout)
+                    last_error = None
+                    break
+                except urllib.error.HTTPError as err:
+                    if 400 <= err.code < 500:
+                        raise WeightsError(f"download of {url} failed: HTTP {err.code} {err.reason}") from err
+                    last_error = err
+                except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
+                    last_error = err
+                if attempt < retries:
+                    time.sleep(min(2.0**attempt * 0.25, 4.0))
+        except KeyboardInterrupt:
+            raise DownloadInterrupted(
+                f"interrupted: download of {url} stopped; {_kept_on_interrupt(part, url)}"
+            ) from None
         if last_error is not None:
             raise WeightsError(
                 f"download of {url} failed after {retries + 1} attempts ({last_error}); {_what_was_kept(part, url)}"
@@ -292,6 +298,17 @@ def _what_was_kept(part: Path, url: str) -> str:
             "to resume them safely: run the same command again to start over"
         )
     return f"nothing was received. {WAYS_OUT}"
+
+
+class DownloadInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`download_url`; its message says what was kept and how to resume."""
+
+
+def _kept_on_interrupt(part: Path, url: str) -> str:
+    """The end of an interrupted download's message: what a second run will do with the bytes received."""
+    if part.exists() and part.stat().st_size:
+        return _what_was_kept(part, url)
+    return "nothing was received: run the same command again to download it"
 
 
 class _StalePart(Exception):
@@ -404,8 +421,12 @@ def _fetch_part(url: str, part: Path, *, progress: bool, timeout: float) -> None
                 leave=False,
             ) as bar,
         ):
-            while chunk := response.read(_CHUNK):
+            # what has arrived, not a full _CHUNK: on a slow link a blocking read(_CHUNK) keeps nothing in the
+            # .part (and moves no bar) until a whole MiB is in; each piece is flushed, so an interrupt keeps it
+            read = getattr(response, "read1", None) or (lambda n: response.read(min(n, _PIECE)))
+            while chunk := read(_CHUNK):
                 fh.write(chunk)
+                fh.flush()
                 bar.update(len(chunk))
             fh.flush()
             os.fsync(fh.fileno())  # on disk before it is renamed into the cache (a power cut keeps no torn file)
