@@ -15,11 +15,13 @@ and the docs page); the result records which ran.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import sys
+import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -46,6 +48,11 @@ __all__ = [
 METHODS = ("in-context-brush", "diptych", "none")
 #: The forward parameter holding one call's record of the warnings it gave (each call its own).
 _SAID = "_warnings_said"
+#: A sample's key holding an input whose subject is still to segment (in the calling process).
+_TO_SEGMENT = "subject_to_segment"
+_SAMPLE_KEYS = ("inputs", "prompt", "seed", "prompt_embeds", "pooled")
+#: Held while a pipeline builds its segmenter (module-wide: a pipeline stays picklable for DataLoader workers).
+_SEGMENTER_LOCK = threading.Lock()
 _METHOD_ALIASES = {
     "icb": "in-context-brush",
     "in_context_brush": "in-context-brush",
@@ -271,6 +278,9 @@ class SubjectInsertionPipeline(Pipeline):
     default horizontal), ``blend`` (on with the corrected behaviour), ``shift_img``/``shift_txt`` (0.3),
     ``head_gain`` (0.2), ``enforce`` (Diptych's lambda, 1.3), ``blocks``, ``step_window``,
     ``max_sequence_length`` (512). Constructor only: ``cpu_offload``, ``segmenter``.
+
+    A ``subject_word`` is segmented (Grounding DINO + SAM) in the calling process, by one segmenter built
+    on first use and kept; with ``num_workers > 0`` the workers read and check the other inputs.
     """
 
     task = "subject-insertion"
@@ -365,10 +375,52 @@ class SubjectInsertionPipeline(Pipeline):
 
     # -- the stages --------------------------------------------------------------------------
 
-    def preprocess(self, item: dict[str, Any], **given: Any) -> dict[str, Any]:
-        from attnzoo.multimodal.insertion.inputs import prepare_inputs
+    def preprocessor(self, **params: Any) -> Callable[[Any], dict[str, Any]]:
+        """Per input, in DataLoader workers when ``num_workers > 0``: an input naming a ``subject_word`` is only
+        checked there and segmented by :meth:`_batches` in this process (one segmenter, on the pipeline's
+        device: a worker would load its own copy of the models, and cannot use CUDA)."""
+        return functools.partial(self._read, **params)
 
-        settings = run_settings(given)
+    def _read(self, item: dict[str, Any], **given: Any) -> dict[str, Any]:
+        if isinstance(item, Mapping) and item.get("subject_word") is not None and item.get("subject_mask") is None:
+            self._check_item(item)
+            return {**dict.fromkeys(_SAMPLE_KEYS), _TO_SEGMENT: item}
+        return {**self.preprocess(item, **given), _TO_SEGMENT: None}
+
+    def _batches(self, inputs: Iterable[Any], fn: Callable, batch_size: int, num_workers: int) -> Iterator[tuple]:
+        """The base's batches, with each input still to segment (see :meth:`preprocessor`) prepared here; one
+        that cannot be is set aside with its error, as an input refused by a worker is."""
+        # fn is preprocessor()'s partial: its keywords are this call's settings
+        settings: dict[str, Any] = dict(getattr(fn, "keywords", None) or {})
+        for indices, collated, errors in super()._batches(inputs, fn, batch_size, num_workers):
+            kept: list[int] = []
+            samples: list[dict[str, Any]] = []
+            errors = list(errors)
+            for j, index in enumerate(indices):
+                sample = {key: values[j] for key, values in collated.items()}
+                item = sample.pop(_TO_SEGMENT)
+                if item is not None:
+                    try:
+                        sample = self.preprocess(item, **settings)
+                    except InvalidInputError as err:
+                        errors.append((index, err))
+                        continue
+                kept.append(index)
+                samples.append(sample)
+            errors.sort(key=lambda error: error[0])
+            yield kept, (list_collate(samples) if samples else None), errors
+
+    def _segmenter(self) -> Any:
+        """The segmenter given, else one built on first use (on the pipeline's device) and kept for later calls."""
+        with _SEGMENTER_LOCK:
+            if self.segmenter is None:
+                from attnzoo.multimodal.insertion.segment import SubjectSegmenter
+
+                self.segmenter = SubjectSegmenter(device=self.device)
+            return self.segmenter
+
+    def _check_item(self, item: dict[str, Any]) -> None:
+        """An input's keys and required parts (a typed error for a missing or unknown one)."""
         unknown = sorted(set(item) - {self.primary_field, *self.input_fields})
         if unknown:
             raise InvalidInputError(
@@ -386,26 +438,30 @@ class SubjectInsertionPipeline(Pipeline):
             raise InvalidInputError("prompt_embeds= needs pooled_prompt_embeds= too")
         else:
             self.model.check_prompt_embeds(embeds, item["pooled_prompt_embeds"])
-        if self.segmenter is None and item.get("subject_word") is not None:
-            from attnzoo.multimodal.insertion.segment import SubjectSegmenter
 
-            self.segmenter = SubjectSegmenter(device=self.device)
+    def preprocess(self, item: dict[str, Any], **given: Any) -> dict[str, Any]:
+        from attnzoo.multimodal.insertion.inputs import prepare_inputs
+
+        settings = run_settings(given)
+        self._check_item(item)
+        word = item.get("subject_word")
+        segmenter = self._segmenter() if word is not None and item.get("subject_mask") is None else self.segmenter
         inputs = prepare_inputs(
             item["subject"],
             item["target"],
             item.get("mask"),
             self.layout(settings),
             subject_mask=item.get("subject_mask"),
-            subject_word=item.get("subject_word"),
-            segmenter=self.segmenter,
+            subject_word=word,
+            segmenter=segmenter,
             behaviour=settings["behaviour"],
         )
         seed = _seed(item["seed"]) if item.get("seed") is not None else given.get("seed", 0)
         return {
             "inputs": inputs,
-            "prompt": prompt,
+            "prompt": item.get("prompt"),
             "seed": seed,
-            "prompt_embeds": embeds,
+            "prompt_embeds": item.get("prompt_embeds"),
             "pooled": item.get("pooled_prompt_embeds"),
         }
 

@@ -12,10 +12,13 @@ Every setting below is accepted by the constructor (the default of every call) a
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,13 @@ from attnzoo.pipelines.base import Pipeline, list_collate, weights_note
 __all__ = ["SlidePrediction", "WSIClassificationPipeline"]
 
 FEATURE_SUFFIXES = (".h5", ".hdf5", ".h5py", ".pt", ".pth")
+#: A sample's key naming the slide whose features are still to be made (in the calling process).
+_TO_EMBED = "slide_to_embed"
+_SAMPLE_KEYS = ("features", "coords", "slide", "patch0", "encoder", "random_encoder")
+#: Guards the table of feature-file locks.
+_FILE_LOCKS_GUARD = threading.Lock()
+#: One lock per feature file: two threads wanting the same slide's features make them once, in turn.
+_FILE_LOCKS: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 
 
 @dataclass
@@ -132,6 +142,10 @@ class WSIClassificationPipeline(Pipeline):
     ``base_magnification`` / ``base_mpp`` (for a file without that metadata); ``feature_dir`` (where
     features are kept and reused; a temporary folder by default); ``progress`` (a bar over each
     slide's patches; None: on a terminal only); ``labels`` (class names).
+
+    With ``num_workers > 0`` the DataLoader workers read feature files, bags and tensors; slides are
+    tiled and embedded in the calling process (where the encoder and its device are), their patches
+    read by ``num_workers`` processes of the extraction's own (2 when ``num_workers`` is 0).
     """
 
     task = "wsi-classification"
@@ -140,9 +154,18 @@ class WSIClassificationPipeline(Pipeline):
 
     def __init__(self, model: torch.nn.Module, **kwargs: Any):
         self._encoders: dict[Any, tuple[torch.nn.Module, str, str, Any]] = {}
+        # guards the encoder cache and the default feature folder: threads sharing the pipeline share them
+        self._lock = threading.Lock()
         # Removed with the pipeline (or at exit): a default feature folder is a cache, not a result.
         self._temporary_dir: tempfile.TemporaryDirectory[str] | None = None
         super().__init__(model, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:  # picklable (e.g. for spawned DataLoader workers): no lock
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     @property
     def feature_dir(self) -> Path:
@@ -150,8 +173,9 @@ class WSIClassificationPipeline(Pipeline):
         given = self._defaults[0].get("feature_dir")
         if given is not None:
             return Path(given)
-        if self._temporary_dir is None:
-            self._temporary_dir = tempfile.TemporaryDirectory(prefix="attnzoo-wsi-", ignore_cleanup_errors=True)
+        with self._lock:  # one folder, whichever thread asks first
+            if self._temporary_dir is None:
+                self._temporary_dir = tempfile.TemporaryDirectory(prefix="attnzoo-wsi-", ignore_cleanup_errors=True)
         return Path(self._temporary_dir.name)
 
     def is_single(self, inputs: Any) -> bool:
@@ -256,7 +280,10 @@ class WSIClassificationPipeline(Pipeline):
         base_mpp: float | None = None,
         feature_dir: Path | None = None,
         progress: bool | None = None,
+        reading_workers: int | None = None,
     ) -> dict[str, Any]:
+        """One input as the model's bag (a slide is tiled and embedded here, ``reading_workers`` processes
+        reading its patches; None: the extraction's default)."""
         from attnzoo.datasets.mil_features import FeatureBag, read_feature_bags
 
         path = feature_file = None
@@ -267,9 +294,7 @@ class WSIClassificationPipeline(Pipeline):
             name, raw, raw_coords = source.slide_id, source.features, source.coords
         elif isinstance(source, (str, os.PathLike)):
             path = Path(source)
-            if not path.exists():
-                raise InvalidInputError(f"{path}: no such file")
-            if path.is_dir() or path.suffix.lower() in FEATURE_SUFFIXES:
+            if _slide_to_embed(path) is None:
                 feature_file = path
             else:
                 module, encoder_name, digest, encoder_note, random_encoder = self._encoder(encoder, encoder_weights)
@@ -278,6 +303,7 @@ class WSIClassificationPipeline(Pipeline):
                     module,
                     encoder_name,
                     digest,
+                    reading_workers,
                     feature_dir=feature_dir,
                     magnification=magnification,
                     mpp=mpp,
@@ -315,6 +341,43 @@ class WSIClassificationPipeline(Pipeline):
             "random_encoder": random_encoder,
         }
 
+    def preprocessor(self, **params: Any) -> Callable[[Any], dict[str, Any]]:
+        """Per input, in DataLoader workers when ``num_workers > 0``: feature files, bags and tensors are read
+        and checked there; a slide path is only checked, its features are made by :meth:`_batches` in this
+        process (a worker can neither start the extraction's own reading processes nor use CUDA)."""
+        return functools.partial(self._read, **params)
+
+    def _read(self, source: Any, **settings: Any) -> dict[str, Any]:
+        if isinstance(source, (str, os.PathLike)):
+            slide = _slide_to_embed(Path(source))
+            if slide is not None:  # the keys of every sample, so a batch of slides and bags collates
+                return {**dict.fromkeys(_SAMPLE_KEYS), _TO_EMBED: slide}
+        return {**self.preprocess(source, **settings), _TO_EMBED: None}
+
+    def _batches(self, inputs: Iterable[Any], fn: Callable, batch_size: int, num_workers: int) -> Iterator[tuple]:
+        """The base's batches, with each slide still to embed (see :meth:`preprocessor`) tiled and embedded
+        here; a slide that cannot be is set aside with its error, as an input refused by a worker is."""
+        # fn is preprocessor()'s partial: its keywords are this call's settings
+        settings: dict[str, Any] = dict(getattr(fn, "keywords", None) or {})
+        settings["reading_workers"] = num_workers or None
+        for indices, collated, errors in super()._batches(inputs, fn, batch_size, num_workers):
+            kept: list[int] = []
+            samples: list[dict[str, Any]] = []
+            errors = list(errors)
+            for j, index in enumerate(indices):
+                sample = {key: values[j] for key, values in collated.items()}
+                slide = sample.pop(_TO_EMBED)
+                if slide is not None:
+                    try:
+                        sample = self.preprocess(slide, **settings)
+                    except InvalidInputError as err:
+                        errors.append((index, err))
+                        continue
+                kept.append(index)
+                samples.append(sample)
+            errors.sort(key=lambda error: error[0])
+            yield kept, (list_collate(samples) if samples else None), errors
+
     def _encoder(self, encoder: str | torch.nn.Module, weights: Any) -> tuple[torch.nn.Module, str, str, str, bool]:
         """The patch encoder, its name, a digest of its weights, a description of them and whether they are
         random. A named encoder is built once per setting (a random one from a fixed seed), so a second
@@ -335,23 +398,26 @@ class WSIClassificationPipeline(Pipeline):
             weights = None
         random = isinstance(weights, str) and weights.strip().lower() == "none"
         key = (encoder, ("<state dict>", id(weights)) if isinstance(weights, Mapping) else weights)
-        if key not in self._encoders:
-            module = create_patch_encoder(encoder, weights).to(self.device)
-            note = (
-                f"random (seed {RANDOM_ENCODER_SEED})"
-                if random
-                else "pretrained (official)"
-                if weights is None
-                else "a state dict"
-                if isinstance(weights, Mapping)
-                else os.fspath(weights)
-            )
-            # the weights themselves stay referenced, so the id in a state dict's key is never reused
-            self._encoders[key] = (module, weights_digest(module), f"{encoder}, {note}", weights)
-        module, digest, note, _ = self._encoders[key]
+        with self._lock:  # threads sharing the pipeline share one encoder per setting, built once
+            if key not in self._encoders:
+                module = create_patch_encoder(encoder, weights).to(self.device)
+                note = (
+                    f"random (seed {RANDOM_ENCODER_SEED})"
+                    if random
+                    else "pretrained (official)"
+                    if weights is None
+                    else "a state dict"
+                    if isinstance(weights, Mapping)
+                    else os.fspath(weights)
+                )
+                # the weights themselves stay referenced, so the id in a state dict's key is never reused
+                self._encoders[key] = (module, weights_digest(module), f"{encoder}, {note}", weights)
+            module, digest, note, _ = self._encoders[key]
         return module, encoder, digest, note, random
 
-    def _extract(self, slide: Path, encoder: torch.nn.Module, name: str, digest: str, **settings: Any) -> Path:
+    def _extract(
+        self, slide: Path, encoder: torch.nn.Module, name: str, digest: str, workers: int | None, **settings: Any
+    ) -> Path:
         from attnzoo.pipelines.wsi_features import extract_features
 
         # one file per slide, encoder and settings: another slide of the same name, or the same slide
@@ -359,9 +425,12 @@ class WSIClassificationPipeline(Pipeline):
         feature_dir = settings.pop("feature_dir") or self.feature_dir
         key = [os.fspath(slide.resolve()), name, digest, sorted(_plain(settings).items())]
         out = feature_dir / f"{slide.stem}-{hashlib.sha1(repr(key).encode()).hexdigest()[:10]}.h5"
-        return extract_features(
-            slide, encoder, out, device=self.device, overwrite="stale", _encoder_name=name, **settings
-        )
+        if workers is not None:
+            settings["num_workers"] = workers
+        with _file_lock(out):  # a second thread on the same slide waits, then finds the file made
+            return extract_features(
+                slide, encoder, out, device=self.device, overwrite="stale", _encoder_name=name, **settings
+            )
 
     @staticmethod
     def _feature_file_info(path: Path | None) -> tuple[Path | None, int | None]:
@@ -411,6 +480,23 @@ class WSIClassificationPipeline(Pipeline):
             outputs["encoder"],
             outputs["random_encoder"],
         )
+
+
+def _slide_to_embed(path: Path) -> Path | None:
+    """``path`` when it is a slide to tile and embed; None for a feature file or folder (or a typed error)."""
+    if not path.exists():
+        raise InvalidInputError(f"{path}: no such file")
+    return None if path.is_dir() or path.suffix.lower() in FEATURE_SUFFIXES else path
+
+
+def _file_lock(path: Path) -> Any:
+    """The lock of one feature file (kept while some thread holds or waits on it)."""
+    key = os.path.abspath(path)
+    with _FILE_LOCKS_GUARD:
+        lock = _FILE_LOCKS.get(key)
+        if lock is None:
+            lock = _FILE_LOCKS[key] = threading.Lock()
+    return lock
 
 
 def _plain(settings: dict[str, Any]) -> dict[str, Any]:

@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -82,6 +83,8 @@ __all__ = [
 FEATURES_FORMAT = "attnzoo.wsi_features/1"
 #: The seed a randomly initialised patch encoder (``weights="none"``) is drawn from.
 RANDOM_ENCODER_SEED = 0
+#: Held while a random encoder is drawn from the (process-wide) default generator.
+_SEEDED_BUILD = threading.Lock()
 #: How many times larger than a patch its encoder input may be: beyond 16x each patch pixel becomes a block
 #: of more than 16x16 input pixels, which adds no detail, only memory and time.
 MAX_UPSCALE = 16
@@ -281,13 +284,17 @@ def create_patch_encoder(
     once), ``"none"`` = random initialisation, or a local path / URL / registered checkpoint / state dict.
     Random initialisation draws from ``seed`` (the global RNG is left as it was), so every call, process
     and rerun gets the same encoder and features already extracted with it are reused, not refused.
+    Builds from several threads take turns; torch has one default generator per process, so code drawing
+    random numbers in another thread while an encoder is built would still change it.
     """
     random_init = isinstance(weights, str) and weights.strip().lower() == "none"
     arch, default_tag, _ = _NAMED_ENCODERS.get(name, (name, None, None))
 
     def build(**kwargs: Any) -> torch.nn.Module:
         if random_init:
-            with torch.random.fork_rng(devices=[]):
+            # torch's default generator is one for the whole process: one seeded build at a time (two at
+            # once would interleave their draws), and the state other code sees is restored after it
+            with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 return create_model(arch, weights="none", **kwargs)
         if weights is None:

@@ -9,6 +9,7 @@ SwinT-OGC and SAM ViT-H packages; here the transformers ports (defaults: ``groun
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +49,14 @@ class SubjectSegmenter:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._detector: Callable[..., Any] | None = detector if callable(detector) else None
         self._sam: Callable[..., Any] | None = sam if callable(sam) else None
+        self._loading = threading.Lock()  # threads sharing the segmenter load each model once
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_loading"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._loading = threading.Lock()
 
     def __call__(self, image: Image.Image, word: str) -> np.ndarray:
         if not isinstance(word, str) or not word.strip():
@@ -66,12 +75,16 @@ class SubjectSegmenter:
 
     def detect(self, image: Image.Image, word: str) -> list[tuple[float, Box]]:
         if self._detector is None:
-            self._detector = self._load_detector()
+            with self._loading:
+                if self._detector is None:
+                    self._detector = self._load_detector()
         return list(self._detector(image, word))
 
     def segment(self, image: Image.Image, box: Box) -> np.ndarray:
         if self._sam is None:
-            self._sam = self._load_sam()
+            with self._loading:
+                if self._sam is None:
+                    self._sam = self._load_sam()
         return self._sam(image, box)
 
     def _load_detector(self) -> Callable[[Image.Image, str], list[tuple[float, Box]]]:
