@@ -316,3 +316,57 @@ def test_bad_sizes_and_a_damaged_image_in_a_worker_are_one_line_errors(tmp_path,
     assert main([*command, *settings, "input_size=32", "num_workers=1"]) == 1
     said = capsys.readouterr().err
     assert said == f"error: {data / 'train' / 'class1' / '0.png'}: not an image format PIL can read\n", said
+
+
+class _ColourOracle(torch.nn.Module):
+    """Predicts class k from the image's strongest colour channel k: right on every solid-colour image."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return x.mean((2, 3)) + 0.0 * self.unused
+
+
+def colour_folders(root, split, names, n=4):
+    """One solid colour per class, in the order of ``names``' position in ``"abc"`` (a red, b green, c blue)."""
+    for name in names:
+        folder = root / split / name
+        folder.mkdir(parents=True)
+        colour = [0, 0, 0]
+        colour["abc".index(name) if name in "abc" else 0] = 255
+        for i in range(n):
+            Image.new("RGB", (8, 8), tuple(colour)).save(folder / f"{i}.png")
+
+
+def train_oracle(tmp_path, monkeypatch, data):
+    monkeypatch.setattr(attnzoo, "create_model", lambda name, **kw: _ColourOracle())
+    settings = ["epochs=1", "batch_size=4", "num_workers=0", "input_size=8", "auto_augment=null", "best_metric=top1"]
+    return train_classification("oracle", data, tmp_path / "run", overrides=settings, device="cpu")
+
+
+def test_a_val_split_lacking_a_class_is_scored_against_the_training_classes(tmp_path, monkeypatch, caplog):
+    """val/ without b was read on its own: its c got target 1 (train's b), and a perfect model scored top1 50."""
+    colour_folders(tmp_path / "d", "train", "abc")
+    colour_folders(tmp_path / "d", "val", "ac")
+    with caplog.at_level("WARNING", logger="attnzoo.training.classification"):
+        result = train_oracle(tmp_path, monkeypatch, tmp_path / "d")
+    assert result["eval_top1"] == 100.0
+    assert "no images of 1 of the 3 training classes (b)" in caplog.text
+
+
+def test_a_val_class_the_training_split_lacks_is_refused(tmp_path, monkeypatch):
+    colour_folders(tmp_path / "d", "train", "ab")
+    colour_folders(tmp_path / "d", "val", ["a", "b", "dog"])
+    with pytest.raises(DatasetFormatError, match="training split lacks \\(dog\\)"):
+        train_oracle(tmp_path, monkeypatch, tmp_path / "d")
+
+
+def test_an_empty_training_class_folder_is_refused_naming_it(tmp_path, monkeypatch):
+    """It became a class without examples, silently."""
+    colour_folders(tmp_path / "d", "train", "ac")
+    (tmp_path / "d" / "train" / "b").mkdir()
+    colour_folders(tmp_path / "d", "val", "abc")
+    with pytest.raises(DatasetFormatError, match="class folder\\(s\\) b hold no images"):
+        train_oracle(tmp_path, monkeypatch, tmp_path / "d")

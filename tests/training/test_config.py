@@ -168,3 +168,41 @@ def test_every_recipe_refuses_an_unknown_best_metric_before_reading_its_data(tmp
         recipe("any_model", tmp_path / "no data here", tmp_path / "out", overrides=["best_metric=nope"])
     assert all(name in str(info.value) for name in metrics)
     assert not (tmp_path / "out").exists()
+
+
+def _scanpath(overrides):
+    """The scanpath recipe's settings, as ``attnzoo train scanpath`` reads them (its metrics' directions are
+    the shared table's)."""
+    from attnzoo.training import scanpath
+
+    return recipe_config(
+        "oat", overrides, scanpath.RECIPE_DEFAULTS, "scanpath", metrics=scanpath.METRICS, ranges=scanpath.RECIPE_RANGES
+    )
+
+
+def test_best_mode_follows_the_best_metric_unless_given():
+    """oat.yaml's best_mode=min stayed with best_metric=ss (higher is better): best.pt kept the worst epoch."""
+    assert _scanpath([]).best_mode == "min"  # the recipe's delta: lower is better
+    assert _scanpath(["best_metric=ss"]).best_mode == "max"
+    assert _scanpath(["best_metric=edit_distance"]).best_mode == "min"
+    assert _scanpath(["best_metric=model_length", "best_mode=min"]).best_mode == "min"  # no known direction
+    assert _scanpath(["best_metric=model_length"]).best_mode == "max"
+    assert _scanpath(["best_metric=ss", "best_mode=max"]).best_mode == "max"
+
+
+@pytest.mark.parametrize("metric, mode", [("ss", "min"), ("delta", "max")])
+def test_a_best_mode_contradicting_the_metric_is_refused_naming_both(metric, mode):
+    with pytest.raises(InvalidOptionError, match=f"best_mode={mode} contradicts best_metric={metric}"):
+        _scanpath([f"best_metric={metric}", f"best_mode={mode}"])
+
+
+@pytest.mark.parametrize("recipe", ["classification", "reconstruction", "scanpath", "wsi"])
+def test_every_recipe_knows_the_direction_of_its_metrics(recipe):
+    import importlib
+
+    module = importlib.import_module(f"attnzoo.training.{recipe}")
+    assert set(module.METRIC_MODES) == set(module.METRICS)
+    assert set(module.METRIC_MODES.values()) <= {"max", "min", None}
+    from attnzoo.training.config import METRIC_MODES
+
+    assert all(METRIC_MODES.get(k, v) == v for k, v in module.METRIC_MODES.items())  # no table contradicts another

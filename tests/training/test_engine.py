@@ -541,3 +541,50 @@ def _context():
     from attnzoo._distributed import DistributedContext
 
     return DistributedContext()
+
+
+def test_the_logged_loss_is_the_mean_over_the_steps_since_the_last_row(tmp_path):
+    """It was the loss of the one step at the log point."""
+    seen = []
+
+    def recording_loss(model, batch):
+        loss = nn.functional.cross_entropy(model(batch[0]), batch[1])
+        seen.append(loss.item())
+        return loss
+
+    trainer = make_trainer(tmp_path, epochs=1, log_every=3, accum_steps=2)  # 4 steps of 2 micro-batches
+    trainer.loss_fn = recording_loss
+    trainer.fit()
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()[1:]
+    logged = {int(r.split(",")[0]): float(r.split(",")[2]) for r in rows}
+    steps = [(a + b) / 2 for a, b in zip(seen[::2], seen[1::2], strict=True)]  # each step: its micro-batches' mean
+    assert logged.keys() == {3, 4}  # every 3 steps, and the epoch's end
+    assert logged[3] == pytest.approx(sum(steps[:3]) / 3) and logged[4] == pytest.approx(steps[3])
+
+
+def test_resume_refuses_other_recipe_settings_but_not_the_free_ones(tmp_path):
+    """input_size=48 on resume of a run started at 32 trained on silently, and config.yaml said 48."""
+    defaults = {"input_size": 224, "mixup": 0.0, "eval_batch_size": 64, "labels": None}
+    free = {"recipe_defaults": defaults, "resumable": ("eval_batch_size",)}
+    extra = {**defaults, "input_size": 32, "eval_batch_size": 8, "labels": str(tmp_path / "labels.csv")}
+    make_trainer(tmp_path, free, epochs=2, extra=dict(extra)).fit()
+    with pytest.raises(WeightsError, match="other recipe settings \\(input_size 32 -> 48\\)"):
+        make_trainer(tmp_path, free, epochs=3, extra={**extra, "input_size": 48}).fit(resume=True)
+    with pytest.raises(WeightsError, match="other training settings \\(weight_decay 0.05 -> 0.1\\)"):
+        make_trainer(tmp_path, free, epochs=3, extra=dict(extra), weight_decay=0.1).fit(resume=True)
+    path = latest_checkpoint(tmp_path)
+    state = torch.load(path, weights_only=True)
+    del state["config"]["extra"]["mixup"]  # as a checkpoint from before the setting: its default
+    torch.save(state, path)
+    with pytest.raises(WeightsError, match="mixup 0.0 -> 0.8"):
+        make_trainer(tmp_path, free, epochs=3, extra={**extra, "mixup": 0.8}).fit(resume=True)
+    same_path = str(tmp_path / "x" / ".." / "labels.csv")  # one file by another spelling
+    again = {**extra, "eval_batch_size": 16, "labels": same_path}  # the evaluation batch: free to change
+    assert make_trainer(tmp_path, free, epochs=3, extra=again).fit(resume=True)["step"] == 12
+
+
+def test_an_explicit_best_mode_against_the_metric_is_refused():
+    with pytest.raises(InvalidOptionError, match="best_mode=min contradicts best_metric=top1"):
+        make_trainer(Path("unused"), epochs=1, best_metric="top1", best_mode="min")
+    trainer = make_trainer(Path("unused"), epochs=1, best_metric="delta")
+    assert trainer.config.best_mode == "min"

@@ -101,3 +101,60 @@ def read_image_folder(root: str | os.PathLike) -> ClassificationSamples:
     if not samples:
         raise DatasetFormatError(f"{root} has class folders ({', '.join(classes[:5])}, ...) but no image files in them")
     return ClassificationSamples(samples, classes, "image-folder", root, class_ids=list(classes))
+
+
+def _class_keys(samples: ClassificationSamples) -> list[str]:
+    """The names that identify ``samples``' classes across splits: their ids (folder names, WordNet ids) or names."""
+    return list(samples.class_ids) if len(samples.class_ids) == len(samples.classes) else list(samples.classes)
+
+
+def _numbered(keys: list[str]) -> bool:
+    """Whether class folder names are exactly ``0 .. N-1`` (ImageNetV2's layout, named by class index)."""
+    return (
+        bool(keys)
+        and all(k.isascii() and k.isdigit() for k in keys)
+        and sorted(map(int, keys)) == list(range(len(keys)))
+    )
+
+
+def empty_class_folders(samples: ClassificationSamples) -> list[str]:
+    """The class folders under ``samples.root`` that hold no image: each would be a class the model is trained
+    to output without one example (torchvision's ImageFolder refuses them too). The classes of a fixed class
+    list (ImageNet's 1000) that have no folder at all are not counted."""
+    counts = [0] * len(samples.classes)
+    for _, target in samples.samples:
+        counts[target] += 1
+    return [key for key, n in zip(_class_keys(samples), counts, strict=True) if not n and (samples.root / key).is_dir()]
+
+
+def align_classes(
+    samples: ClassificationSamples, reference: ClassificationSamples, *, split: str = "val"
+) -> tuple[ClassificationSamples, list[str]]:
+    """``samples`` (a validation or test split read on its own) with targets indexing ``reference``'s classes (the
+    training split's: what the model outputs), matched by class folder name / id. A split's own numbering is
+    its sorted folders: with a class missing there, every later class would be scored against its neighbour's
+    output. A class ``reference`` lacks is refused (the model cannot predict it); returns also the reference's
+    classes the split has no sample of (the caller says so: a split may lack some)."""
+    keys, ref_keys = _class_keys(samples), _class_keys(reference)
+    index = {key: i for i, key in enumerate(ref_keys)}
+    if _numbered(keys) and not _numbered(ref_keys) and len(keys) <= len(ref_keys):
+        index = {key: int(key) for key in keys}  # ImageNetV2's folders 0/ .. 999/: folder k holds class k
+    used = sorted({keys[t] for _, t in samples.samples})
+    unknown = [key for key in used if key not in index]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f", ... ({len(unknown)} in all)" if len(unknown) > 5 else "")
+        raise DatasetFormatError(
+            f"{samples.root}: the {split} split has classes the training split lacks ({shown}); the model "
+            f"has no output for them. The training classes are {', '.join(ref_keys[:5])}"
+            f"{', ...' if len(ref_keys) > 5 else ''} ({reference.root})"
+        )
+    present = {index[key] for key in used}
+    missing = [key for i, key in enumerate(ref_keys) if i not in present]
+    aligned = ClassificationSamples(
+        [(path, index[keys[t]]) for path, t in samples.samples],
+        list(reference.classes),
+        samples.layout,
+        samples.root,
+        class_ids=list(reference.class_ids),
+    )
+    return aligned, missing

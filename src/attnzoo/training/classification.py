@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from attnzoo._placement import resolve_device
-from attnzoo.datasets.image_folder import ClassificationSamples
+from attnzoo.datasets.image_folder import ClassificationSamples, align_classes, empty_class_folders
 from attnzoo.datasets.imagenet import read_classification_folder
 from attnzoo.datasets.images import load_image
 from attnzoo.errors import DatasetFormatError, InvalidInputError, InvalidOptionError, WeightsError
@@ -63,6 +63,11 @@ RECIPE_RANGES = {
 ERASE_MODES = ("const", "rand", "pixel")
 #: What the validation (:class:`_TopK`) reports: the names ``best_metric`` may take.
 METRICS = ("top1", "top5")
+#: Which way each metric improves (``best_mode`` follows ``best_metric``'s).
+METRIC_MODES = {"top1": "max", "top5": "max"}
+#: The recipe settings a resumed run may change: they touch neither the trained steps nor what the validation
+#: measures (the evaluation batch size).
+RESUMABLE = ("eval_batch_size",)
 
 
 class TransformedSamples(Dataset):
@@ -84,6 +89,42 @@ def _split(data: Path, split: str) -> ClassificationSamples | None:
         return None
     samples = read_classification_folder(data, split)
     return samples if len(samples) else None
+
+
+def _training_split(root: Path) -> ClassificationSamples:
+    """The training split; an empty class folder is refused (a class the model would learn without an example)."""
+    samples = _split(root, "train")
+    if samples is None:
+        raise DatasetFormatError(
+            f"{root}: no training images (expected {root}/train/<class>/<image> or {root}/<class>/<image>)"
+        )
+    empty = empty_class_folders(samples)
+    if empty:
+        raise DatasetFormatError(
+            f"{samples.root}: class folder(s) {', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''} hold no "
+            "images; a class without training examples cannot be learned: add its images or remove the folder"
+        )
+    return samples
+
+
+def _evaluation_split(root: Path, split: str, train: ClassificationSamples) -> ClassificationSamples | None:
+    """``split`` with targets by the TRAINING classes (matched by folder name): read on its own, a split lacking a
+    class would number the later ones differently. A class the training split lacks is refused; training classes
+    the split lacks are logged."""
+    samples = _split(root, split)
+    if samples is None:
+        return None
+    samples, missing = align_classes(samples, train, split=split)
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        _logger.warning(
+            "the %s split has no images of %d of the %d training classes (%s); it scores the others",
+            split,
+            len(missing),
+            len(train.classes),
+            shown,
+        )
+    return samples
 
 
 class _ClassificationLoss:
@@ -225,7 +266,13 @@ def train_classification(
     import attnzoo
 
     cfg = recipe_config(
-        config, overrides, RECIPE_DEFAULTS, "image-classification", metrics=METRICS, ranges=RECIPE_RANGES
+        config,
+        overrides,
+        RECIPE_DEFAULTS,
+        "image-classification",
+        metrics=METRICS,
+        ranges=RECIPE_RANGES,
+        metric_modes=METRIC_MODES,
     )
     extra = cfg.extra
     if extra["remode"] not in ERASE_MODES:
@@ -233,12 +280,8 @@ def train_classification(
     root = Path(data)
     folder: dict[str, Any] = {"data": root, "inputs": run_inputs(config, weights, cfg)}
     check_run_folder(out, resume=resume, overwrite=overwrite, **folder)
-    train_samples = _split(root, "train")
-    if train_samples is None:
-        raise DatasetFormatError(
-            f"{root}: no training images (expected {root}/train/<class>/<image> or {root}/<class>/<image>)"
-        )
-    val_samples = _split(root, "val")
+    train_samples = _training_split(root)
+    val_samples = _evaluation_split(root, "val", train_samples)
     num_classes = len(train_samples.classes)
 
     seed_everything(cfg.seed)  # the seed decides the initial weights (a new head's too), as the official scripts
@@ -319,6 +362,8 @@ def train_classification(
             "classes": train_samples.classes,
             "weights": None if weights is None else str(weights),
         },
+        recipe_defaults=RECIPE_DEFAULTS,
+        resumable=RESUMABLE,
         **folder,
     )
     if mixup is not None and (cfg.batch_size // (cfg.accum_steps * trainer.ctx.world_size)) % 2:

@@ -86,7 +86,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # optimizer steps; 0 = only at the end of each epoch
     keep_last: int = 3
     best_metric: str | None = None
-    best_mode: str = "max"
+    # max | min: whether a higher or a lower ``best_metric`` is better. Unset (null), it follows the metric's known
+    # direction (recipe_config; "max" for a metric of no known direction); set, it must agree with a known direction.
+    best_mode: str | None = None
     early_stop_patience: int = 0  # stop after this many evaluations without a new best ``best_metric`` (0: never)
     eval_every: int = 1  # epochs
     log_every: int = 10  # optimizer steps
@@ -100,6 +102,8 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             setattr(self, f.name, _conform(f.name, getattr(self, f.name), str(f.type)))
         for key, choices in _CHOICES.items():
+            if key == "best_mode" and self.best_mode is None:
+                continue  # follows best_metric's direction
             if str(getattr(self, key)).lower() not in choices:
                 raise InvalidOptionError(f"{key} must be one of {', '.join(choices)}, got {getattr(self, key)!r}")
         for key, low in _AT_LEAST.items():
@@ -314,6 +318,45 @@ def check_best_metric(best_metric: str | None, metrics: Sequence[str], evaluatio
         )
 
 
+#: Whether a higher (``max``) or lower (``min``) value of a metric is better, for the metrics whose direction is
+#: known whatever the recipe: accuracy-like scores, AUC, F1, IoU and OAT's sequence score go up; OAT's
+#: behavioural distance (Δ), edit distance and losses go down. A recipe's own table adds to (or overrides) it.
+METRIC_MODES: dict[str, str] = {
+    "top1": "max",
+    "top5": "max",
+    "accuracy": "max",
+    "auc": "max",
+    "f1": "max",
+    "f1_micro": "max",
+    "f1_macro": "max",
+    "iou": "max",
+    "ss": "max",
+    "delta": "min",
+    "edit_distance": "min",
+    "loss": "min",
+}
+
+
+def resolve_best_mode(config: TrainConfig, modes: Mapping[str, str | None] | None = None) -> TrainConfig:
+    """Set ``config.best_mode`` from ``best_metric``'s direction (``modes``, then :data:`METRIC_MODES`) when it is
+    unset; an explicit ``best_mode`` that contradicts a known direction is refused (``best.pt``, the saved
+    weights and early stopping would follow the worst epoch). A metric of no known direction keeps an explicit
+    mode, or ``max`` (the former default)."""
+    known = {**METRIC_MODES, **(modes or {})}
+    direction = known.get(config.best_metric) if config.best_metric is not None else None
+    if config.best_mode is None:
+        config.best_mode = direction or "max"
+    elif direction is not None and config.best_mode.lower() != direction:
+        better = "higher" if direction == "max" else "lower"
+        raise InvalidOptionError(
+            f"best_mode={config.best_mode} contradicts best_metric={config.best_metric}, where {better} is better "
+            f"(best_mode={direction}); leave best_mode out (it follows best_metric) or set best_mode={direction}"
+        )
+    else:
+        config.best_mode = config.best_mode.lower()
+    return config
+
+
 def recipe_config(
     config: str | Path | TrainConfig | None,
     overrides: list[str] | dict[str, Any] | None,
@@ -322,14 +365,17 @@ def recipe_config(
     *,
     metrics: Sequence[str] | None = None,
     ranges: Mapping[str, Range] | None = None,
+    metric_modes: Mapping[str, str | None] | None = None,
 ) -> TrainConfig:
     """A recipe's settings: its defaults under the named/YAML config, then the overrides; keys the
     recipe does not know, values of the wrong kind or outside ``ranges``, and a ``best_metric`` not among
-    ``metrics`` (the names the recipe's evaluation reports) are errors, before any data is read."""
+    ``metrics`` (the names the recipe's evaluation reports) are errors, before any data is read. ``best_mode``
+    follows ``best_metric``'s direction (``metric_modes``: the recipe's own, then :data:`METRIC_MODES`) unless set,
+    and a set one that contradicts it is an error (:func:`resolve_best_mode`)."""
     cfg = config if isinstance(config, TrainConfig) else load_config(config)
     cfg.extra = {**defaults, **cfg.extra}
     apply_overrides(cfg, overrides or [])
     _check_recipe_settings(cfg.extra, defaults, task, ranges or {})
     if metrics is not None:
         check_best_metric(cfg.best_metric, metrics, f"the {task} evaluation")
-    return cfg
+    return resolve_best_mode(cfg, metric_modes)

@@ -34,7 +34,7 @@ from attnzoo._io import atomic_write, check_out_outside, remove_stale_temporarie
 from attnzoo._placement import resolve_device
 from attnzoo._values import check_worker_count
 from attnzoo.errors import AttnzooError, DatasetFormatError, InvalidInputError, InvalidOptionError, WeightsError
-from attnzoo.training.config import TrainConfig, check_best_metric
+from attnzoo.training.config import TrainConfig, check_best_metric, resolve_best_mode
 
 __all__ = [
     "RUN_FILES",
@@ -347,9 +347,18 @@ class _Schedule:
         self.scheduler.step_update(max(unit - self.lag, 0))
 
 
-#: The settings that shape the steps still to come (the rate, its schedule, the precision, the EMA, which
-#: weights are evaluated): a resume must keep them. ``epochs`` may grow (a run continued for longer).
+#: The settings that shape the steps still to come (the optimizer and its rate, the schedule, weight decay and
+#: clipping, the precision, the EMA, which weights are evaluated) or what ``best.pt`` is chosen by (the best value
+#: saved in the checkpoint is one of ``best_metric``): a resume must keep them. ``epochs`` may grow (a run continued
+#: for longer); the settings of logging, checkpointing, evaluation frequency, early-stopping patience, data loading
+#: (``num_workers``) and ``accum_steps`` (like the number of processes: how the global batch is computed) may change.
+#: The recipe's own settings (``extra``) are compared too, except those its recipe declares free (:class:`Trainer`).
 TRAJECTORY_KEYS = (
+    "optimizer",
+    "weight_decay",
+    "decay_norms_and_biases",
+    "momentum",
+    "clip_grad",
     "lr",
     "lr_base_batch",
     "scale_warmup_min_lr",
@@ -370,6 +379,7 @@ TRAJECTORY_KEYS = (
     "ema_decay",
     "eval_model",
     "sync_bn",
+    "best_metric",
 )
 
 
@@ -384,6 +394,39 @@ def _trajectory_changes(saved: Mapping[str, Any], config: TrainConfig) -> list[s
         for key in TRAJECTORY_KEYS
         if saved.get(key, defaults[key]) != getattr(config, key)
     ]
+
+
+_UNSET = object()
+
+
+def _recipe_changes(
+    saved: Mapping[str, Any], current: Mapping[str, Any], defaults: Mapping[str, Any] | None, free: Sequence[str]
+) -> list[str]:
+    """``key old -> new`` for each recipe setting (``extra``) that differs from the checkpoint's, except the ``free``
+    ones. A key the checkpoint lacks counts as its recipe default (``defaults``; without them it is not compared).
+    Two spellings of one path are the same setting."""
+    changes = []
+    for key in sorted(set(current) - set(free)):
+        before = saved.get(key, _UNSET if defaults is None else defaults.get(key, _UNSET))
+        now = current[key]
+        if before is _UNSET or _plain(before) == _plain(now) or _same_path(before, now):
+            continue
+        changes.append(f"{key} {_shorten(before)} -> {_shorten(now)}")
+    return changes
+
+
+def _plain(value: Any) -> Any:
+    """A tuple as a list: a setting read back from YAML or a checkpoint may come as either."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    if not (isinstance(a, (str, os.PathLike)) and isinstance(b, (str, os.PathLike))):
+        return False
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):
+        return False
 
 
 # -- the trainer -----------------------------------------------------------------------------------
@@ -401,7 +444,9 @@ class Trainer:
     (default: all that require grad; no weight decay on norms, biases, 1-D parameters and those the
     model's ``no_weight_decay``/``no_weight_decay_keywords`` name). ``data``, ``inputs`` (initial
     weights, config file) and ``outputs`` (the recipe's own file names): what :func:`check_run_folder`
-    guards before :meth:`fit` writes anything.
+    guards before :meth:`fit` writes anything. ``recipe_defaults``: the recipe's settings (``config.extra``) with
+    their defaults; a resume refuses a checkpoint made with other recipe settings (a key the checkpoint lacks counts
+    as its default), except the ``resumable`` ones (evaluation-only or initialisation settings).
     """
 
     def __init__(
@@ -420,8 +465,12 @@ class Trainer:
         data: str | os.PathLike | None = None,
         inputs: Sequence[str | os.PathLike] = (),
         outputs: Sequence[str] = (),
+        recipe_defaults: Mapping[str, Any] | None = None,
+        resumable: Sequence[str] = (),
     ):
         config.validate()
+        resolve_best_mode(config)
+        self.recipe_defaults, self.resumable = recipe_defaults, tuple(resumable)
         self.config, self.out_dir, self.loss_fn, self.eval_fn = config, Path(out_dir), loss_fn, eval_fn
         self.data, self.inputs, self.outputs = data, tuple(inputs), tuple(outputs)  # see check_run_folder
         self.ctx = distributed_context()
@@ -618,6 +667,15 @@ class Trainer:
                 "the resumed steps would follow another schedule; resume with the same settings, or start afresh "
                 "with --overwrite or another --out"
             )
+        changed = _recipe_changes(
+            state["config"].get("extra") or {}, self.config.extra, self.recipe_defaults, self.resumable
+        )
+        if changed:
+            raise WeightsError(
+                f"cannot resume from {path}: it was made with other recipe settings ({'; '.join(changed)}), and "
+                "the resumed steps would train otherwise; resume with the same settings, or start afresh "
+                "with --overwrite or another --out"
+            )
         changes = _run_changes(state.get("run") or {}, self.run_info)
         if changes:
             raise WeightsError(
@@ -709,7 +767,7 @@ class Trainer:
         if not math.isfinite(value):  # NaN or an infinite loss-like metric is never a new best
             return False
         best_is_finite = self.best is not None and math.isfinite(self.best)
-        better = not best_is_finite or (value > self.best if self.config.best_mode == "max" else value < self.best)
+        better = not best_is_finite or (value < self.best if self.config.best_mode == "min" else value > self.best)
         if better:
             self.best = value
         return better
@@ -804,6 +862,7 @@ class Trainer:
         model = self.ddp_model
         model.train()
         step_in_epoch, micro, running, seen, t0 = start_step, 0, 0.0, 0, time.perf_counter()
+        logged_steps = 0  # optimizer steps summed in ``running`` since the last log row
         for batch in loader:
             if micro == 0:
                 seed_everything(_mix(c.seed, self.step, self.ctx.rank))  # dropout, mixup: a function of the step
@@ -835,22 +894,23 @@ class Trainer:
             seen += batches.global_size(step_in_epoch)  # dataset items (images, slides, trials), whatever a batch holds
             self.step += 1
             step_in_epoch += 1
+            logged_steps += 1
             if bar is not None:
                 bar.update(1)
             if self.step % c.log_every == 0 or step_in_epoch == self.steps_per_epoch:
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
+                mean_loss = self._mean_over_processes(running / logged_steps)
                 row = {
                     "step": self.step,
                     "epoch": epoch,
-                    "loss": running,
+                    "loss": mean_loss,
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "samples_per_s": rate,
                 }
                 self._log(row, writer)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{running:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{rate:.1f}")
-                seen, t0 = 0, time.perf_counter()
-            running = 0.0
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{rate:.1f}")
+                seen, t0, running, logged_steps = 0, time.perf_counter(), 0.0, 0
             if c.checkpoint_every and self.step % c.checkpoint_every == 0 and step_in_epoch < self.steps_per_epoch:
                 self.save_checkpoint(epoch, step_in_epoch)
         metrics = self._evaluate(epoch) if (epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs else {}
@@ -868,6 +928,14 @@ class Trainer:
                     torch.save(best, fh)
         self.save_checkpoint(epoch + 1, 0)
         return metrics
+
+    def _mean_over_processes(self, value: float) -> float:
+        """``value`` averaged over the processes (every process reaches a log row at the same step); itself on one."""
+        if self.ctx.world_size <= 1:
+            return value
+        flag = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(flag)
+        return float(flag.item()) / self.ctx.world_size
 
     def save_weights(self, model: nn.Module | None = None, name: str = "model.safetensors") -> Path | None:
         """The final weights (the evaluated ones, ``eval_model``: the EMA's when EMA is on unless it says ``model``) as

@@ -40,6 +40,11 @@ RECIPE_DEFAULTS = {
 RECIPE_RANGES = {"n_views": (1, None), "eval_batch_size": (1, None), "eval_background": (0, 255)}
 #: What the validation (:class:`_ValidationIoU`) reports: the names ``best_metric`` may take.
 METRICS = ("iou",)
+#: Which way each metric improves (``best_mode`` follows ``best_metric``'s).
+METRIC_MODES = {"iou": "max"}
+#: The recipe settings a resumed run may change: the evaluation batch size, and the DeiT initialisation (the
+#: checkpoint replaces the initial weights).
+RESUMABLE = ("eval_batch_size", "deit_weights")
 
 
 def dice_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -187,6 +192,7 @@ def train_reconstruction(
         "multiview-3d-reconstruction",
         metrics=METRICS,
         ranges=RECIPE_RANGES,
+        metric_modes=METRIC_MODES,
     )
     extra = cfg.extra
     extra["train_background"] = _background_range(extra["train_background"])
@@ -226,6 +232,8 @@ def train_reconstruction(
             "data": str(Path(root).resolve()),
             "weights": None if weights is None else str(weights),
         },
+        recipe_defaults=RECIPE_DEFAULTS,
+        resumable=RESUMABLE,
         **folder,
     )
     try:

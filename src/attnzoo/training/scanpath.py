@@ -41,6 +41,9 @@ RECIPE_RANGES = {"max_len": (1, None)}
 #: What the validation reports (:func:`evaluate_search`, the model's statistics NaN when it has none): the names
 #: ``best_metric`` may take.
 METRICS = ("ss", "edit_distance", "delta", *(f"model_{k}" for k in SEARCH_STATISTICS))
+#: Which way each metric improves (``best_mode`` follows ``best_metric``'s): the sequence score up, the edit distance
+#: and OAT's behavioural distance down; the model's own statistics have no better direction (compared to humans').
+METRIC_MODES = {"ss": "max", "edit_distance": "min", "delta": "min", **{f"model_{k}": None for k in SEARCH_STATISTICS}}
 
 
 def oat_loss(logits: torch.Tensor, tgt_pos: torch.Tensor, pad_idx: int) -> torch.Tensor:
@@ -146,7 +149,15 @@ def train_scanpath(
     from attnzoo.datasets.scanpaths import detect_scanpath_dataset
     from attnzoo.datasets.visual_search import load_search_trials, split_search_trials
 
-    cfg = recipe_config(config or "oat", overrides, RECIPE_DEFAULTS, "scanpath", metrics=METRICS, ranges=RECIPE_RANGES)
+    cfg = recipe_config(
+        config or "oat",
+        overrides,
+        RECIPE_DEFAULTS,
+        "scanpath",
+        metrics=METRICS,
+        ranges=RECIPE_RANGES,
+        metric_modes=METRIC_MODES,
+    )
     folder: dict[str, Any] = {
         "data": data,
         "inputs": run_inputs(config, weights, cfg),
@@ -205,6 +216,7 @@ def train_scanpath(
             "max_len": max_len,
             "split_sizes": {k: len(v) for k, v in split.items()},
         },
+        recipe_defaults=RECIPE_DEFAULTS,
         **folder,
     )
     if val_set is not None:

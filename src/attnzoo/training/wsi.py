@@ -47,6 +47,10 @@ RECIPE_DEFAULTS = {
 RECIPE_RANGES = {"n_classes": (2, None), "val_fraction": (0.0, 1.0)}
 #: What the validation (:class:`_Validation`) reports: the names ``best_metric`` may take.
 METRICS = ("accuracy", "auc", "f1_micro", "f1_macro", "selection_score", "num_samples", "selection")
+#: Which way each metric improves (``best_mode`` follows ``best_metric``'s); the sample count has none.
+METRIC_MODES = {**dict.fromkeys(METRICS, "max"), "num_samples": None}
+#: The recipe settings a resumed seed's run may change: ``seeds`` (checked on its own: a resume keeps the run's).
+RESUMABLE = ("seeds",)
 
 
 class _Bags(Dataset):
@@ -163,7 +167,13 @@ def train_wsi_classification(
     from attnzoo.datasets.mil_features import read_feature_bags
 
     base = recipe_config(
-        config or "acmil", overrides, RECIPE_DEFAULTS, "wsi-classification", metrics=METRICS, ranges=RECIPE_RANGES
+        config or "acmil",
+        overrides,
+        RECIPE_DEFAULTS,
+        "wsi-classification",
+        metrics=METRICS,
+        ranges=RECIPE_RANGES,
+        metric_modes=METRIC_MODES,
     )
     seeds = base.extra["seeds"] = seed_list(base.extra["seeds"], base.seed)
     folder: dict[str, Any] = {"data": data, "inputs": run_inputs(config, weights, base)}
@@ -204,6 +214,8 @@ def train_wsi_classification(
             device=resolve_device(device) if device else None,
             run_info={"task": "wsi-classification", "model": model, "data": str(Path(data).resolve()), "split": split},
             outputs=_RUN_OUTPUTS,
+            recipe_defaults=RECIPE_DEFAULTS,
+            resumable=RESUMABLE,
             **folder,
         )
         if split["val"]:

@@ -1,0 +1,46 @@
+"""Generic ImageFolder helpers: a split read on its own is scored by the training classes; empty class folders."""
+
+import pytest
+from PIL import Image
+
+from attnzoo.datasets.image_folder import align_classes, empty_class_folders, read_image_folder
+from attnzoo.errors import DatasetFormatError
+
+
+def folder(root, classes, n=1):
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (4, 4)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_a_split_lacking_a_class_is_scored_by_the_training_class_names(tmp_path):
+    """val/ without b numbered c as 1 (train's b) on its own: a perfect model scored 50%."""
+    train = read_image_folder(folder(tmp_path / "train", "abc"))
+    val = read_image_folder(folder(tmp_path / "val", "ac"))
+    aligned, missing = align_classes(val, train)
+    assert [(p.parent.name, t) for p, t in aligned.samples] == [("a", 0), ("c", 2)]
+    assert aligned.classes == train.classes and missing == ["b"]
+
+
+def test_a_split_with_a_class_the_training_split_lacks_is_refused_naming_it(tmp_path):
+    train = read_image_folder(folder(tmp_path / "train", "ab"))
+    val = read_image_folder(folder(tmp_path / "val", ["a", "b", "dog"]))
+    with pytest.raises(DatasetFormatError, match="training split lacks \\(dog\\)"):
+        align_classes(val, train)
+
+
+def test_folders_named_by_class_index_keep_their_index(tmp_path):
+    """ImageNetV2's layout (0/ .. N-1/: folder k holds class k) against training classes with names."""
+    train = read_image_folder(folder(tmp_path / "train", ["x", "y", "z"]))
+    val = read_image_folder(folder(tmp_path / "val", ["0", "1"]))
+    aligned, missing = align_classes(val, train)
+    assert [(p.parent.name, t) for p, t in aligned.samples] == [("0", 0), ("1", 1)] and missing == ["z"]
+
+
+def test_empty_class_folders_are_found(tmp_path):
+    root = folder(tmp_path / "train", "ac")
+    (root / "b").mkdir()
+    assert empty_class_folders(read_image_folder(root)) == ["b"]
+    assert empty_class_folders(read_image_folder(folder(tmp_path / "full", "ab"))) == []
