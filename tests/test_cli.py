@@ -621,6 +621,31 @@ def test_run_writes_each_result_as_it_arrives_and_an_interrupt_keeps_what_finish
     assert _pictures(out) == ["a.png", "b.png", "c.png"]
 
 
+def test_ctrl_c_during_the_last_save_or_a_second_one_says_what_is_kept(tmp_path, photo, capsys, monkeypatch):
+    """Ctrl-C after the last input (while results.json is written), and a second Ctrl-C during the save that
+    follows it: the line still says what is kept, never "nothing was written"."""
+    from attnzoo import cli
+
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+    for name in "ab":
+        photo.save(photos / f"{name}.jpg")
+    real_save, calls = cli._RunOutput.save, []
+
+    def save(self, when_due=False):
+        calls.append(when_due)
+        if not when_due:  # the final save and the one after the interrupt: both interrupted
+            raise KeyboardInterrupt
+        return real_save(self, when_due=when_due)
+
+    monkeypatch.setattr(cli._RunOutput, "save", save)
+    run = ["run", "classification", "-m", "test_resnet", "-w", "none", str(photos), "--out", str(out), "-b", "1"]
+    assert main(run) == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f"interrupted after 2 of 2 inputs: their results and pictures are kept in {out}")
+    assert "nothing was written" not in err and "Traceback" not in err and calls.count(False) == 2
+
+
 @pytest.mark.parametrize("at", [1, 2, 3, 4])
 def test_run_interrupted_while_writing_leaves_results_json_naming_exactly_its_pictures(
     tmp_path, photo, capsys, monkeypatch, at

@@ -408,17 +408,19 @@ def _run_files(pipe: Any, files: list[str], items: list[Any], out: Path | None, 
                     done += 1
                 if saved is not None and ((i + 1) % batch == 0 or i + 1 == len(items)):
                     saved.save(when_due=True)  # the end of a batch
+        if saved is not None:
+            saved.save()
+            if saved.written:
+                _echo(f"wrote {sum(map(len, saved.written.values())) + 1} files to {out}")
     except BaseException as exc:
-        if saved is not None:  # what was written so far is named in results.json (an error here is not news)
-            with contextlib.suppress(Exception):
+        interrupted = isinstance(exc, KeyboardInterrupt) and not exc.args
+        message = _run_interrupted(saved, done, len(items), out) if interrupted else ""
+        if saved is not None:  # what was written so far is named in results.json (an error here is not news,
+            with contextlib.suppress(BaseException):  # nor a second Ctrl-C)
                 saved.save()
-        if isinstance(exc, KeyboardInterrupt) and not exc.args:
-            raise _Interrupted(_run_interrupted(saved, done, len(items), out)) from exc
+        if interrupted:
+            raise _Interrupted(message) from exc
         raise
-    if saved is not None:
-        saved.save()
-        if saved.written:
-            _echo(f"wrote {sum(map(len, saved.written.values())) + 1} files to {out}")
     if failed:
         raise InvalidInputError(f"{len(failed)} of {len(files)} inputs could not be read")
 
