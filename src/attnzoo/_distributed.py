@@ -1,8 +1,11 @@
-"""The process group ``torchrun`` sets up, shared by training and evaluation."""
+"""The process group ``torchrun`` sets up, shared by training and evaluation; and
+:class:`ProcessLocalLock`, the lock of an object that is copied into other processes (a pipeline sent to
+DataLoader workers)."""
 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -79,3 +82,23 @@ def _object_group(ctx: DistributedContext) -> Any:
     if key not in _OBJECT_GROUPS:
         _OBJECT_GROUPS[key] = dist.new_group(backend="gloo", timeout=OBJECT_TIMEOUT)
     return _OBJECT_GROUPS[key]
+
+
+class ProcessLocalLock:
+    """A ``threading.Lock`` (``with lock: ...``) that pickles as a new, unlocked one: an object holding it stays
+    picklable (a pipeline for spawned DataLoader workers), and a copy in another process, whose threads are
+    its own, never waits on this process's holder."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> bool:
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._lock.release()
+
+    def __reduce__(self) -> tuple[type[ProcessLocalLock], tuple[()]]:
+        return type(self), ()

@@ -4,6 +4,7 @@ by one segmenter built once and kept, not by a copy of Grounding DINO + SAM load
 from __future__ import annotations
 
 import os
+import pickle
 import threading
 
 import numpy as np
@@ -90,6 +91,26 @@ def test_subject_words_are_segmented_once_in_this_process(tiny, stub):
         pipe([{**items[0], "prompt": ""}], num_workers=1)
 
 
+def test_call_settings_reach_the_subjects_segmented_here(tiny, stub):
+    """An input segmented in the calling process is prepared with the call's settings (panel_size), not the
+    constructor's, and keeps the call's per-input seed; the reference takes both from its constructor, with the
+    mask given (nothing to segment there)."""
+    from attnzoo.pipelines.subject_insertion import SubjectInsertionPipeline
+
+    item = {"target": TARGET, "subject": SUBJECT, "mask": MASK, "prompt": "x"}
+    pipe = SubjectInsertionPipeline(tiny, panel_size=16, steps=1, device="cpu")
+    words = [{**item, "subject_word": "dog"}]
+    ((index, got),) = pipe.iterate(words, num_workers=1, panel_size=32, seed=5)
+    (called,) = pipe(words, panel_size=32, seed=5)  # without workers
+    reference = SubjectInsertionPipeline(tiny, panel_size=32, seed=5, steps=1, device="cpu")
+    expected = reference({**item, "subject_mask": SUBJECT_MASK})
+    assert index == 0 and got.seed == called.seed == expected.seed == 5
+    for result in (got, called):
+        np.testing.assert_array_equal(result.subject_mask, SUBJECT_MASK)
+        assert result.canvas.size == expected.canvas.size == (32, 64)  # the constructor's: (16, 32)
+        np.testing.assert_array_equal(np.asarray(result.image), np.asarray(expected.image))
+
+
 def test_threads_share_one_segmenter_and_load_each_model_once(monkeypatch):
     """Two threads on one SubjectSegmenter each loaded Grounding DINO (and SAM) when both found it unloaded."""
     meet = threading.Barrier(2)
@@ -124,3 +145,6 @@ def test_threads_share_one_segmenter_and_load_each_model_once(monkeypatch):
     assert sorted(loads) == ["detector", "sam"]
     np.testing.assert_array_equal(masks[0], SUBJECT_MASK)
     np.testing.assert_array_equal(masks[1], SUBJECT_MASK)
+    with segmenter._loading:  # held here: a copy (as a spawned worker gets it) has a lock of its own, free
+        copy = pickle.loads(pickle.dumps(segment.SubjectSegmenter("some/detector", "some/sam")))
+        assert copy._loading._lock.acquire(blocking=False)

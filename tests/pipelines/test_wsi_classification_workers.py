@@ -40,10 +40,11 @@ def reference(slide, tmp_path_factory):
     return prediction, features
 
 
-def make(tmp_path, name="feats"):
+def make(tmp_path, name="feats", **settings):
     torch.manual_seed(0)
     model = attnzoo.create_model("acmil_ga", in_dim=512, inner_dim=32)
-    return attnzoo.pipeline("wsi-classification", model=model, device="cpu", feature_dir=tmp_path / name, **SETTINGS)
+    settings = {**SETTINGS, **settings}
+    return attnzoo.pipeline("wsi-classification", model=model, device="cpu", feature_dir=tmp_path / name, **settings)
 
 
 def test_slides_with_workers_are_embedded_in_the_calling_process(slide, reference, tmp_path):
@@ -66,6 +67,23 @@ def test_slides_with_workers_are_embedded_in_the_calling_process(slide, referenc
     assert len(list(pipe.feature_dir.glob("*.h5"))) == 1
     copy = pickle.loads(pickle.dumps(pipe))  # as spawned workers get it: its lock is not pickled, but remade
     np.testing.assert_allclose(copy(bag).probabilities, tensor.probabilities, atol=1e-6)
+
+
+def test_call_settings_reach_the_slides_embedded_here(slide, reference, tmp_path):
+    """A slide is embedded in the calling process with the call's settings, not the constructor's: read from
+    the constructor's alone, magnification=10 and feature_dir= given to the call were dropped."""
+    alone, _ = reference
+    pipe = make(tmp_path)  # magnification 20
+    ((index, got),) = pipe.iterate([slide], num_workers=1, magnification=10, feature_dir=tmp_path / "call")
+    ten = make(tmp_path, "ten", magnification=10)(slide, num_workers=0)  # the constructor's settings, no workers
+    assert index == 0 and len(got.coords) == len(ten.coords) < len(alone.coords)
+    np.testing.assert_array_equal(got.coords, ten.coords)
+    np.testing.assert_allclose(got.probabilities, ten.probabilities, atol=1e-6)
+    assert len(list((tmp_path / "call").glob("slide-*.h5"))) == 1
+    assert not list(pipe.feature_dir.glob("*.h5"))
+    called = pipe(slide, magnification=10)  # through __call__, in this process
+    np.testing.assert_array_equal(called.coords, ten.coords)
+    np.testing.assert_allclose(called.probabilities, ten.probabilities, atol=1e-6)
 
 
 def test_threads_share_one_random_encoder_built_once(slide, reference, tmp_path, monkeypatch):

@@ -70,6 +70,12 @@ class Pipeline:
     primary_field: ClassVar[str] = "image"
     #: ``_forward`` runs under ``torch.inference_mode()`` unless the model needs gradients (NevaClip).
     needs_grad: ClassVar[bool] = False
+    #: The sample key that marks an input to prepare in the calling process, not in a DataLoader worker (one
+    #: that needs a model of the pipeline's: a worker would load its own copy and cannot use CUDA). For such an
+    #: input :meth:`preprocessor` gives a sample holding, under this key, what :meth:`prepare_here` takes (and
+    #: every other key of a sample, as None, so that a batch collates); for any other input, None under it.
+    #: The batches must then be dicts of per-sample sequences (:func:`list_collate`). None: no such inputs.
+    prepared_here_key: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -138,6 +144,13 @@ class Pipeline:
         """A picklable per-input callable for DataLoader workers (override to avoid shipping the model)."""
         return functools.partial(self.preprocess, **params)
 
+    def prepare_here(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """``(marked, num_workers, **params)``: one input marked under :attr:`prepared_here_key` (``marked``: the
+        value there) as its sample, in the calling process, with this call's preprocess parameters;
+        ``num_workers``: the call's DataLoader workers (idle meanwhile). An ``InvalidInputError`` sets the input
+        aside, as one raised in a worker does."""
+        raise NotImplementedError
+
     #: Stacks preprocessed samples into a batch; a plain function so DataLoader workers can run it.
     #: Pipelines whose samples do not stack use :func:`list_collate`.
     collate = staticmethod(torch.utils.data.default_collate)
@@ -205,7 +218,7 @@ class Pipeline:
         pre, fwd, post = self._merged_parameters(kwargs)
         fn = self.preprocessor(**pre)
         for batch in self._batches(inputs, fn, batch_size, num_workers):
-            indices, collated, errors = batch
+            indices, collated, errors = self._prepared_here(batch, num_workers, pre)
             if errors and on_error == "raise":
                 raise errors[0][1]
             results: dict[int, Any] = dict(errors)
@@ -214,6 +227,30 @@ class Pipeline:
                 for j, index in enumerate(indices):
                     results[index] = self.postprocess(_take(outputs, j), **post)
             yield from sorted(results.items())
+
+    def _prepared_here(self, batch: tuple, num_workers: int, params: dict[str, Any]) -> tuple:
+        """``batch`` with each input marked under :attr:`prepared_here_key` prepared by :meth:`prepare_here`;
+        one that cannot be joins the batch's errors, in input order."""
+        key = self.prepared_here_key
+        if key is None:
+            return batch
+        indices, collated, errors = batch
+        kept: list[int] = []
+        samples: list[dict[str, Any]] = []
+        errors = list(errors)
+        for j, index in enumerate(indices):
+            sample = {name: values[j] for name, values in collated.items()}
+            marked = sample.pop(key)
+            if marked is not None:
+                try:
+                    sample = self.prepare_here(marked, num_workers, **params)
+                except InvalidInputError as err:
+                    errors.append((index, err))
+                    continue
+            kept.append(index)
+            samples.append(sample)
+        errors.sort(key=lambda error: error[0])
+        return kept, (self.collate(samples) if samples else None), errors
 
     def _checked_parameters(self, kwargs: dict[str, Any]) -> tuple[dict, dict, dict]:
         accepted = _named_parameters(self._sanitize_parameters)

@@ -21,7 +21,7 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -296,6 +296,7 @@ class SubjectInsertionPipeline(Pipeline):
         "pooled_prompt_embeds",
     )
     collate = staticmethod(list_collate)
+    prepared_here_key = _TO_SEGMENT
 
     @classmethod
     def accepts(cls, model: Any) -> bool:
@@ -377,7 +378,7 @@ class SubjectInsertionPipeline(Pipeline):
 
     def preprocessor(self, **params: Any) -> Callable[[Any], dict[str, Any]]:
         """Per input, in DataLoader workers when ``num_workers > 0``: an input naming a ``subject_word`` is only
-        checked there and segmented by :meth:`_batches` in this process (one segmenter, on the pipeline's
+        checked there and segmented by :meth:`prepare_here` in this process (one segmenter, on the pipeline's
         device: a worker would load its own copy of the models, and cannot use CUDA)."""
         return functools.partial(self._read, **params)
 
@@ -387,28 +388,9 @@ class SubjectInsertionPipeline(Pipeline):
             return {**dict.fromkeys(_SAMPLE_KEYS), _TO_SEGMENT: item}
         return {**self.preprocess(item, **given), _TO_SEGMENT: None}
 
-    def _batches(self, inputs: Iterable[Any], fn: Callable, batch_size: int, num_workers: int) -> Iterator[tuple]:
-        """The base's batches, with each input still to segment (see :meth:`preprocessor`) prepared here; one
-        that cannot be is set aside with its error, as an input refused by a worker is."""
-        # fn is preprocessor()'s partial: its keywords are this call's settings
-        settings: dict[str, Any] = dict(getattr(fn, "keywords", None) or {})
-        for indices, collated, errors in super()._batches(inputs, fn, batch_size, num_workers):
-            kept: list[int] = []
-            samples: list[dict[str, Any]] = []
-            errors = list(errors)
-            for j, index in enumerate(indices):
-                sample = {key: values[j] for key, values in collated.items()}
-                item = sample.pop(_TO_SEGMENT)
-                if item is not None:
-                    try:
-                        sample = self.preprocess(item, **settings)
-                    except InvalidInputError as err:
-                        errors.append((index, err))
-                        continue
-                kept.append(index)
-                samples.append(sample)
-            errors.sort(key=lambda error: error[0])
-            yield kept, (list_collate(samples) if samples else None), errors
+    def prepare_here(self, item: dict[str, Any], num_workers: int, **given: Any) -> dict[str, Any]:
+        """An input marked by :meth:`_read`, its subject segmented here."""
+        return self.preprocess(item, **given)
 
     def _segmenter(self) -> Any:
         """The segmenter given, else one built on first use (on the pipeline's device) and kept for later calls."""

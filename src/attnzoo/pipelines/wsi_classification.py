@@ -18,7 +18,7 @@ import os
 import tempfile
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from attnzoo._distributed import ProcessLocalLock
 from attnzoo.errors import InvalidInputError
 from attnzoo.pipelines.base import Pipeline, list_collate, weights_note
 
@@ -151,21 +152,16 @@ class WSIClassificationPipeline(Pipeline):
     task = "wsi-classification"
     default_model = "acmil_ga"
     collate = staticmethod(list_collate)
+    prepared_here_key = _TO_EMBED
 
     def __init__(self, model: torch.nn.Module, **kwargs: Any):
         self._encoders: dict[Any, tuple[torch.nn.Module, str, str, Any]] = {}
         # guards the encoder cache and the default feature folder: threads sharing the pipeline share them
-        self._lock = threading.Lock()
+        # (a new one in a copy, e.g. for spawned DataLoader workers: the pipeline stays picklable)
+        self._lock = ProcessLocalLock()
         # Removed with the pipeline (or at exit): a default feature folder is a cache, not a result.
         self._temporary_dir: tempfile.TemporaryDirectory[str] | None = None
         super().__init__(model, **kwargs)
-
-    def __getstate__(self) -> dict[str, Any]:  # picklable (e.g. for spawned DataLoader workers): no lock
-        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
     @property
     def feature_dir(self) -> Path:
@@ -343,7 +339,7 @@ class WSIClassificationPipeline(Pipeline):
 
     def preprocessor(self, **params: Any) -> Callable[[Any], dict[str, Any]]:
         """Per input, in DataLoader workers when ``num_workers > 0``: feature files, bags and tensors are read
-        and checked there; a slide path is only checked, its features are made by :meth:`_batches` in this
+        and checked there; a slide path is only checked, its features are made by :meth:`prepare_here` in this
         process (a worker can neither start the extraction's own reading processes nor use CUDA)."""
         return functools.partial(self._read, **params)
 
@@ -354,29 +350,10 @@ class WSIClassificationPipeline(Pipeline):
                 return {**dict.fromkeys(_SAMPLE_KEYS), _TO_EMBED: slide}
         return {**self.preprocess(source, **settings), _TO_EMBED: None}
 
-    def _batches(self, inputs: Iterable[Any], fn: Callable, batch_size: int, num_workers: int) -> Iterator[tuple]:
-        """The base's batches, with each slide still to embed (see :meth:`preprocessor`) tiled and embedded
-        here; a slide that cannot be is set aside with its error, as an input refused by a worker is."""
-        # fn is preprocessor()'s partial: its keywords are this call's settings
-        settings: dict[str, Any] = dict(getattr(fn, "keywords", None) or {})
-        settings["reading_workers"] = num_workers or None
-        for indices, collated, errors in super()._batches(inputs, fn, batch_size, num_workers):
-            kept: list[int] = []
-            samples: list[dict[str, Any]] = []
-            errors = list(errors)
-            for j, index in enumerate(indices):
-                sample = {key: values[j] for key, values in collated.items()}
-                slide = sample.pop(_TO_EMBED)
-                if slide is not None:
-                    try:
-                        sample = self.preprocess(slide, **settings)
-                    except InvalidInputError as err:
-                        errors.append((index, err))
-                        continue
-                kept.append(index)
-                samples.append(sample)
-            errors.sort(key=lambda error: error[0])
-            yield kept, (list_collate(samples) if samples else None), errors
+    def prepare_here(self, slide: Path, num_workers: int, **settings: Any) -> dict[str, Any]:
+        """A slide marked by :meth:`_read`, tiled and embedded here; the call's DataLoader workers, idle meanwhile,
+        are its reading processes."""
+        return self.preprocess(slide, **settings, reading_workers=num_workers or None)
 
     def _encoder(self, encoder: str | torch.nn.Module, weights: Any) -> tuple[torch.nn.Module, str, str, str, bool]:
         """The patch encoder, its name, a digest of its weights, a description of them and whether they are

@@ -9,7 +9,6 @@ SwinT-OGC and SAM ViT-H packages; here the transformers ports (defaults: ``groun
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from attnzoo._distributed import ProcessLocalLock
 from attnzoo.errors import InvalidInputError
 
 __all__ = ["DETECTOR_ID", "SAM_ID", "SubjectSegmenter"]
@@ -49,14 +49,8 @@ class SubjectSegmenter:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._detector: Callable[..., Any] | None = detector if callable(detector) else None
         self._sam: Callable[..., Any] | None = sam if callable(sam) else None
-        self._loading = threading.Lock()  # threads sharing the segmenter load each model once
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_loading"}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._loading = threading.Lock()
+        # threads sharing the segmenter load each model once (a copy, pickled, gets a lock of its own)
+        self._loading = ProcessLocalLock()
 
     def __call__(self, image: Image.Image, word: str) -> np.ndarray:
         if not isinstance(word, str) or not word.strip():
