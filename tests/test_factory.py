@@ -90,9 +90,36 @@ def test_weights_from_local_file(tmp_path):
 
 
 def test_weights_that_do_not_fit_raise(tmp_path):
-    save_file(attnzoo.create_model("test_resnet", num_classes=3).state_dict(), tmp_path / "w.safetensors")
-    with pytest.raises(WeightsError, match="fc.weight"):
+    state = attnzoo.create_model("test_resnet", num_classes=3).state_dict()
+    state["conv1.0.weight"] = state["conv1.0.weight"][
+        :, :2
+    ].contiguous()  # a body that does not fit: no head count mends it
+    save_file(state, tmp_path / "w.safetensors")
+    with pytest.raises(WeightsError, match="conv1.0.weight"):
         attnzoo.create_model("test_resnet", weights=str(tmp_path / "w.safetensors"))
+
+
+def test_a_plain_checkpoint_of_other_classes_builds_a_model_of_its_class_count(tmp_path):
+    """A checkpoint trained on 4 classes (no training run beside it): the class count is read from its
+    classifier (timm's pretrained_cfg["classifier"]), and a warning says the class names are unknown."""
+    torch.manual_seed(5)
+    src = attnzoo.create_model("test_resnet", num_classes=4)
+    save_file(src.state_dict(), tmp_path / "four.safetensors")
+    torch.save({"model": {f"module.{k}": v for k, v in src.state_dict().items()}}, tmp_path / "four.pth")
+    x = torch.randn(1, 3, 48, 48)
+    for file in ("four.safetensors", "four.pth"):
+        with pytest.warns(UserWarning, match=r"4 classes \(fc\.weight \(4, .*names are unknown"):
+            model = attnzoo.create_model("test_resnet", weights=tmp_path / file)
+        assert model.num_classes == 4 and model.pretrained_cfg["num_classes"] == 4
+        assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.state_dict().items())
+        assert torch.equal(model(x), src.eval()(x))
+    with pytest.warns(UserWarning, match="names are unknown"):
+        classify = attnzoo.pipeline("image-classification", model="test_resnet", weights=tmp_path / "four.pth")
+    assert classify.labels == ["LABEL_0", "LABEL_1", "LABEL_2", "LABEL_3"]
+    assert "4 classes read from its fc.weight; class names unknown" in classify.weights_label
+    with pytest.warns(UserWarning, match="left out"):  # a num_classes of the caller's still wins
+        seven = attnzoo.create_model("test_resnet", weights=tmp_path / "four.safetensors", num_classes=7)
+    assert seven.num_classes == 7 and "weights_note" not in seven.pretrained_cfg
 
 
 def test_pretrained_offline_without_cache_fails_fast(monkeypatch):
@@ -257,8 +284,9 @@ def test_a_file_with_another_head_keeps_strict_on_everything_else(tmp_path):
     for adapted in (dict(num_classes=5), dict(features_only=True)):
         with pytest.raises(WeightsError, match=r"missing: .*unexpected: backbone\."):
             attnzoo.create_model("test_resnet", weights=tmp_path / "prefixed.safetensors", **adapted)
-    with pytest.raises(WeightsError, match="fc.weight"):  # no num_classes asked for: the head must fit
-        attnzoo.create_model("test_resnet", weights=tmp_path / "three.safetensors")
+    with pytest.warns(UserWarning, match="names are unknown"):  # no num_classes asked for: the file's count
+        three = attnzoo.create_model("test_resnet", weights=tmp_path / "three.safetensors")
+    assert three.num_classes == 3 and all(torch.equal(v, src.state_dict()[k]) for k, v in three.state_dict().items())
 
 
 def test_our_classifiers_agree_with_timm_on_features_and_another_head(tmp_path):

@@ -11,7 +11,9 @@ import fnmatch
 import importlib
 import os
 import urllib.parse
+import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +21,7 @@ from attnzoo._placement import resolve_device, resolve_dtype
 from attnzoo.errors import InvalidOptionError, UnknownNameError, WeightsError
 from attnzoo.registry import get_model_entry, registered_models
 from attnzoo.weights import hub, registry
-from attnzoo.weights.loading import classifier_names, load_weights
+from attnzoo.weights.loading import classifier_names, load_checkpoint, load_weights, unwrap_state_dict
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -79,6 +81,13 @@ def create_model(
     name, a state dict, or ``"none"`` for random initialisation. A registered checkpoint
     also sets the model's ``pretrained_cfg`` preprocessing. ``device`` / ``dtype`` are checked (as a
     pipeline's) before anything is built; ``device=None`` leaves the model on the CPU.
+
+    The weights of an ``attnzoo train image-classification`` run (a file beside the run's ``config.yaml``)
+    carry the run's settings: the model gets the run's number of classes, its class names
+    (``pretrained_cfg["label_names"]``) and the preprocessing its validation used (``input_size``, centre
+    crop). Other weights whose classifier is of another class count than the model's default build a model
+    of that count (with a warning: the class names are unknown). A ``num_classes`` of the caller's wins in
+    both cases (the file's classifier is left out where it does not fit, as with any checkpoint).
     """
     import timm
 
@@ -108,6 +117,8 @@ def create_model(
             weights = entry.name
     elif isinstance(weights, (str, os.PathLike)) and registry.is_checkpoint(os.fspath(weights)):
         entry = registry.get_checkpoint(os.fspath(weights))
+    run = trained_run(weights) if entry is None and own_entry is None else None
+    features_only = bool(kwargs.get("features_only"))
 
     if own_entry is not None and own_entry.own_weights:
         if weights is None and pretrained and name in own_entry.hub_ids:
@@ -127,9 +138,16 @@ def create_model(
     elif weights is None:
         model = timm.create_model(name, pretrained=False, **kwargs)
     else:
-        model = _timm_with_weights(base if entry is not None else name, weights, entry, kwargs)
+        try:
+            model = _timm_with_weights(base if entry is not None else name, weights, entry, kwargs, run=run)
+        except WeightsError as err:
+            if run is not None and run.model and _split_name(run.model)[0] != base:
+                raise WeightsError(f"{err} ({run.config} says these weights are {run.model}'s)") from err
+            raise
     if weights is not None and entry is not None:
         _apply_preprocess(model, entry)
+    if run is not None and not features_only:
+        _apply_run(model, run)
     return _placed(model, device, dtype)
 
 
@@ -142,21 +160,46 @@ def _timm_with_weights(
     weights: str | os.PathLike | Mapping[str, Any],
     entry: registry.CheckpointEntry | None,
     kwargs: dict[str, Any],
+    *,
+    run: TrainedRun | None = None,
 ) -> torch.nn.Module:
     """A timm model with ``weights``, adapted as ``timm.create_model(pretrained=True)`` adapts its own: a
     ``num_classes`` of the caller's, or ``features_only``, leaves the file's classifier out where it does not
-    fit; every other key loads exactly. A feature extractor is built by timm from the loaded model's weights."""
+    fit; every other key loads exactly. A feature extractor is built by timm from the loaded model's weights.
+
+    Without a ``num_classes`` of the caller's, the model has the classes of the training ``run`` the weights
+    come from, else of the file's classifier where it has another count than the model's default (an
+    unregistered checkpoint trained on other classes), said in a warning: its class names are unknown."""
     import timm
 
     features = {k: kwargs.pop(k) for k in _FEATURE_KWARGS if k in kwargs}
-    model = timm.create_model(name, pretrained=False, **kwargs)
     new_head = "num_classes" in kwargs or bool(features.get("features_only"))
-    load_weights(
-        model,
-        weights,
-        converter=entry.resolve_converter() if entry is not None else module_filter_fn(model),
-        classifier=classifier_names(getattr(model, "pretrained_cfg", None)) if new_head else (),
-    )
+    build = dict(kwargs)
+    if run is not None and not new_head:
+        build["num_classes"] = len(run.classes)
+    model = timm.create_model(name, pretrained=False, **build)
+    converter = entry.resolve_converter() if entry is not None else module_filter_fn(model)
+    classifier = classifier_names(getattr(model, "pretrained_cfg", None))
+    try:
+        load_weights(model, weights, converter=converter, classifier=classifier if new_head else ())
+    except WeightsError:
+        rows = None if new_head or entry is not None else _checkpoint_classes(weights, model, converter, classifier)
+        if rows is None or rows[0] == model.num_classes:
+            raise
+        count, key, shape = rows
+        model = timm.create_model(name, pretrained=False, **{**build, "num_classes": count})
+        load_weights(model, weights, converter=converter)
+        source = os.fspath(weights) if isinstance(weights, (str, os.PathLike)) else "the state dict"
+        warnings.warn(
+            f"checkpoint {source} has a classifier of {count} classes ({key} {shape}): the model is built with "
+            f"num_classes={count}. Its class names are unknown (predictions are labelled LABEL_0 .. "
+            f"LABEL_{count - 1}); an attnzoo training run's weights name them through the config.yaml beside them",
+            stacklevel=3,
+        )
+        head_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+        head_cfg.pop("label_names", None)
+        head_cfg.update(num_classes=count, weights_note=f"{count} classes read from its {key}; class names unknown")
+        _set_pretrained_cfg(model, head_cfg)
     if not features.get("features_only"):
         return model
     overlay = {"state_dict": model.state_dict()}
@@ -199,6 +242,132 @@ def _apply_preprocess(model: Any, entry: registry.CheckpointEntry) -> None:
     cfg["colour_order"] = entry.preprocess.colour_order
     cfg["checkpoint"] = entry.name
     model.pretrained_cfg = cfg
+
+
+def _set_pretrained_cfg(model: Any, cfg: dict[str, Any]) -> None:
+    model.pretrained_cfg = cfg
+    if hasattr(model, "default_cfg"):  # timm's older alias of the same dict
+        model.default_cfg = cfg
+
+
+#: The file an ``attnzoo train`` run writes its settings to, beside its weights (``model.safetensors``).
+RUN_CONFIG = "config.yaml"
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """What an ``attnzoo train image-classification`` run recorded in the ``config.yaml`` beside its weights."""
+
+    config: Path
+    """The run's ``config.yaml`` (absolute)."""
+    classes: tuple[str, ...]
+    """The class names, in the order of the model's outputs (the training split's classes)."""
+    input_size: int
+    """The square size the run trained and validated at (its validation: a centre crop of that size)."""
+    model: str | None = None
+    weights: str | None = None
+    """What the run started from (a registered checkpoint sets the normalisation the run used)."""
+
+    def describe(self) -> str:
+        return f"{len(self.classes)} classes and input size {self.input_size} from {self.config}"
+
+
+def trained_run(weights: Any) -> TrainedRun | None:
+    """The image-classification training run ``weights`` (a local file) come from: the run's ``config.yaml``
+    beside the file, when it records an ``attnzoo train image-classification`` run; else None. A config.yaml
+    that says it is such a run but lacks its classes or input size is refused (:class:`WeightsError`)."""
+    if not isinstance(weights, (str, os.PathLike)):
+        return None
+    path = Path(weights).expanduser()
+    config = path.parent / RUN_CONFIG
+    if not path.is_file() or not config.is_file():
+        return None
+    import yaml
+
+    try:
+        record = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise WeightsError(
+            f"{config}, beside the weights {path}, cannot be read ({type(err).__name__}: {err}); mend it, or move "
+            "the weights away from it"
+        ) from None
+    run = record.get("run") if isinstance(record, dict) else None
+    if not isinstance(run, dict) or run.get("task") != "image-classification":
+        return None  # another tool's config, or another task's run
+    classes, extra = run.get("classes"), record.get("extra")
+    size = extra.get("input_size") if isinstance(extra, dict) else None
+    if (
+        not isinstance(classes, list)
+        or not classes
+        or not all(isinstance(c, str) for c in classes)
+        or isinstance(size, bool)
+        or not isinstance(size, int)
+        or size < 1
+    ):
+        raise WeightsError(
+            f"{config} records an image-classification run without its classes (run.classes: a list of names) "
+            "or input size (extra.input_size: a positive whole number); mend it, or move the weights away from it"
+        )
+    model, start = run.get("model"), run.get("weights")
+    return TrainedRun(
+        config.resolve(),
+        tuple(classes),
+        size,
+        model=model if isinstance(model, str) else None,
+        weights=start if isinstance(start, str) else None,
+    )
+
+
+def _apply_run(model: Any, run: TrainedRun) -> None:
+    """The run's class names (where the model has its class count) and the preprocessing its validation used:
+    ``input_size`` square, resized by ``crop_pct`` and centre-cropped, with the model's (or the registered
+    checkpoint the run started from) normalisation, in RGB, as the recipe's evaluation transform."""
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    if run.weights is not None and registry.is_checkpoint(run.weights):
+        cfg.update(registry.get_checkpoint(run.weights).preprocess.to_timm())
+    cfg.update(input_size=(3, run.input_size, run.input_size), crop_mode="center", colour_order="RGB")
+    for key in ("test_input_size", "test_crop_pct"):
+        cfg.pop(key, None)
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    if num_classes == len(run.classes):
+        cfg.update(label_names=list(run.classes), num_classes=num_classes, weights_note=run.describe())
+    else:  # the caller's num_classes: the run's classifier was left out
+        cfg.pop("label_names", None)
+        cfg["weights_note"] = (
+            f"input size {run.input_size} from {run.config}; its {len(run.classes)} classes left out "
+            f"(num_classes={num_classes})"
+        )
+    cfg["training_run"] = str(run.config)
+    _set_pretrained_cfg(model, cfg)
+
+
+def _checkpoint_classes(
+    weights: str | os.PathLike | Mapping[str, Any],
+    model: Any,
+    converter: Callable[..., dict] | None,
+    classifier: tuple[str, ...],
+) -> tuple[int, str, tuple[int, ...]] | None:
+    """The class count of ``weights``' classifier (the rows of ``<classifier>.weight``, timm's
+    ``pretrained_cfg["classifier"]`` naming the module): (count, key, shape); None where the file has none."""
+    if not classifier:
+        return None
+    try:
+        obj = weights if isinstance(weights, Mapping) else load_checkpoint(weights)
+        state: Mapping[str, Any] = unwrap_state_dict(obj)
+    except WeightsError:
+        return None
+    if converter is not None:
+        try:
+            state = converter(dict(state), model)
+        except Exception:  # the converter's layout check: the raw keys are looked at instead
+            pass
+    found = {
+        (int(state[k].shape[0]), k, tuple(state[k].shape))
+        for k in (f"{name}.weight" for name in classifier)
+        if k in state and getattr(state[k], "ndim", 0) >= 1
+    }
+    counts = {count for count, _, _ in found}
+    return min(found) if len(counts) == 1 else None
 
 
 def _timm_pretrained(name: str, **kwargs: Any) -> torch.nn.Module:

@@ -1,14 +1,24 @@
-"""Image classification evaluation: ImageNet (both layouts) or any ImageFolder, top-1/top-5."""
+"""Image classification evaluation: ImageNet (both layouts) or any ImageFolder, top-1/top-5.
+
+The weights of an ``attnzoo train image-classification`` run are scored by the run's class names: the data's
+classes must be among the run's (matched by name, as the run's own validation matched its val split), and a
+target is the index of its class among the run's."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from attnzoo.datasets.image_folder import ClassificationSamples
 from attnzoo.datasets.imagenet import read_classification_folder
 from attnzoo.errors import DatasetFormatError
-from attnzoo.evaluation.runner import EvalSample, TaskEvaluator, check_limit, format_metric
+from attnzoo.evaluation.runner import EvalPlan, EvalSample, TaskEvaluator, check_limit, format_metric
 from attnzoo.metrics.classification import topk_accuracy_from_ranked
+
+_logger = logging.getLogger(__name__)
 
 
 class ClassificationEvaluator(TaskEvaluator):
@@ -16,18 +26,124 @@ class ClassificationEvaluator(TaskEvaluator):
     headline = ("top1", "top5")
 
     def __init__(
-        self, data: str | os.PathLike, split: str = "val", *, limit: int | None = None, num_classes: int | None = None
+        self,
+        data: str | os.PathLike,
+        split: str = "val",
+        *,
+        limit: int | None = None,
+        num_classes: int | None = None,
+        classes: Sequence[str] | None = None,
+        log: Callable[[str], None] | None = None,
     ):
+        """``classes``: the model's class names, in the order of its outputs (a training run's): the data's
+        classes are matched to them by name (:meth:`use_classes`)."""
         check_limit(limit)
         self.dataset = read_classification_folder(data, split)
         self.limit = limit
+        self.log = log or _logger.warning
+        self.model_classes: list[str] | None = None
+        if classes is not None:
+            self.use_classes(classes)
         if num_classes is not None:
             self.check_num_classes(num_classes)
 
+    @classmethod
+    def plan(
+        cls,
+        data: str | os.PathLike,
+        split: str | None,
+        *,
+        default_split: str,
+        limit: int | None,
+        model: str,
+        weights: Any,
+        log: Callable[[str], None] = print,
+        **options: Any,
+    ) -> EvalPlan:
+        """As :meth:`TaskEvaluator.plan`; the weights of a training run have their classes checked against the
+        data's here, before the model loads."""
+        from attnzoo.factory import trained_run
+
+        run = trained_run(weights)
+        split = split or default_split
+        evaluator = cls(data, split, limit=limit, log=log, **options)
+        if run is not None:
+            evaluator.use_classes(run.classes, source=str(run.config))
+        return EvalPlan(model, split, [(None, evaluator, {})], settings=dict(options))
+
     def check_model(self, model: Any) -> None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        names = cfg.get("label_names")
+        if cfg.get("training_run") and names:
+            self.use_classes(names, source=str(cfg["training_run"]))
         num_classes = getattr(model, "num_classes", None)
         if num_classes:
             self.check_num_classes(int(num_classes))
+
+    def use_classes(self, classes: Sequence[str], *, source: str = "the model") -> None:
+        """Score the data by ``classes`` (the model's outputs, e.g. a training run's classes from its config.yaml):
+        each data class is matched by name, and its samples' targets become its index among ``classes``. A data
+        class ``classes`` lacks is refused (:class:`DatasetFormatError` naming the differences); ``classes`` the
+        data has no sample of are said through ``log`` (a test split may lack some)."""
+        classes = list(classes)
+        if self.model_classes is not None:
+            if self.model_classes != classes:
+                raise DatasetFormatError(f"the model's classes ({source}) differ from those already given")
+            return
+        data = self.dataset
+        if list(data.classes) == classes:
+            self.model_classes = classes
+            return
+        index = {name: i for i, name in enumerate(classes)}
+        present = {data.classes[t] for _, t in data.samples}
+        used = [name for name in data.classes if name in present]
+        unknown = [name for name in used if name not in index]
+        repeated = len(index) != len(classes) or len(set(data.classes)) != len(data.classes)
+        if unknown or repeated:
+            why = (
+                f"has classes the model was not trained on ({_listed(unknown)})"
+                if unknown
+                else "has other classes than the model, and class names repeat, so they cannot be matched by name"
+            )
+            lacks = [c for c in classes if c not in present]
+            raise DatasetFormatError(
+                f"{data.root} {why}; the model's classes ({source}) are {_listed(classes)}"
+                + (f", of which the data lacks {_listed(lacks)}" if lacks else "")
+                + ". Evaluate on data with the model's classes (class folders named as in its training data)"
+            )
+        missing = [name for name in classes if name not in used]
+        if missing:
+            self.log(
+                f"{data.root} has no images of {len(missing)} of the model's {len(classes)} classes "
+                f"({_listed(missing)}); the others are scored (targets by the class names of {source})"
+            )
+        self.dataset = ClassificationSamples(
+            [(path, index[data.classes[t]]) for path, t in data.samples],
+            classes,
+            data.layout,
+            data.root,
+            class_ids=classes,
+        )
+        self.model_classes = classes
+
+    def run_settings(self, pipe: Any, *, batch_size: int) -> dict[str, Any]:
+        """A training run's weights (or a class count read from a checkpoint's classifier): what they brought,
+        and the preprocessing used."""
+        cfg = getattr(getattr(pipe, "model", None), "pretrained_cfg", None) or {}
+        note = cfg.get("weights_note")
+        if not note:
+            return {}
+        data_config = getattr(pipe, "data_config", None) or {}
+        names = list(cfg["label_names"]) if cfg.get("training_run") and cfg.get("label_names") else None
+        if names is not None and len(names) > 64:  # ImageNet's 1000 names: their count and digest
+            digest = hashlib.sha256("\n".join(names).encode()).hexdigest()
+            names = [f"{len(names)} classes, sha256 {digest}"]
+        return {
+            "weights_note": note,
+            "classes": names,
+            "input_size": list(data_config.get("input_size", ())) or None,
+            "crop_pct": data_config.get("crop_pct"),
+        }
 
     def check_num_classes(self, num_classes: int) -> None:
         """The model's classes must be the dataset's: a 21k model scored on ImageNet-1k indices, or a
@@ -66,3 +182,8 @@ class ClassificationEvaluator(TaskEvaluator):
             "| metric | value |\n|---|---|\n"
             + f"| top-1 (%) | {format_metric(metrics['top1'], '.2f')} |\n| top-5 (%) | {format_metric(metrics['top5'], '.2f')} |\n"
         )
+
+
+def _listed(names: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "") if names else "none"

@@ -1,4 +1,8 @@
-"""``pipeline("image-classification")``: any timm classifier, preprocessed as its checkpoint expects."""
+"""``pipeline("image-classification")``: any timm classifier, preprocessed as its checkpoint expects.
+
+The weights of an ``attnzoo train image-classification`` run bring the run's class names and the preprocessing
+its validation used (``attnzoo.create_model`` reads the run's ``config.yaml``): predictions are labelled with
+the run's classes, and ``weights_label`` says where they came from."""
 
 from __future__ import annotations
 
@@ -108,6 +112,7 @@ class ImageClassificationPipeline(Pipeline):
     """
 
     task = "image-classification"
+    _weights_label: str | None = None
 
     def __init__(
         self, model: torch.nn.Module, *, labels: list[str] | None = None, max_pixels: int | None = None, **kwargs: Any
@@ -125,6 +130,23 @@ class ImageClassificationPipeline(Pipeline):
         num_classes = int(getattr(self.model, "num_classes", len(self.labels)) or len(self.labels))
         if len(self.labels) != num_classes:
             raise InvalidInputError(f"labels has {len(self.labels)} names but the model predicts {num_classes} classes")
+        #: What the weights brought besides their tensors (a training run's classes and input size, read from
+        #: its config.yaml; or a class count read from the checkpoint's classifier), or None.
+        self.weights_note: str | None = cfg.get("weights_note")
+        #: The config.yaml of the training run the weights come from, or None.
+        self.training_run: str | None = cfg.get("training_run")
+
+    @property
+    def weights_label(self) -> str | None:
+        """What the weights are (set by :func:`attnzoo.pipeline`), with what they brought: ``"runs/x/model.safetensors
+        (4 classes and input size 32 from runs/x/config.yaml)"``."""
+        label = self._weights_label
+        note = getattr(self, "weights_note", None)
+        return f"{label} ({note})" if label and note else label
+
+    @weights_label.setter
+    def weights_label(self, value: str | None) -> None:
+        self._weights_label = value
 
     @staticmethod
     def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
