@@ -86,8 +86,10 @@ def _object_group(ctx: DistributedContext) -> Any:
 
 class ProcessLocalLock:
     """A ``threading.Lock`` (``with lock: ...``) that pickles as a new, unlocked one: an object holding it stays
-    picklable (a pipeline for spawned DataLoader workers), and a copy in another process, whose threads are
-    its own, never waits on this process's holder."""
+    picklable (a pipeline for spawned DataLoader workers), and a copy unpickled in another process (pickling,
+    ``spawn``/``forkserver`` workers), whose threads are its own, never waits on this process's holder. A
+    ``fork`` does not pickle: the child gets a copy of the lock's state, as with a plain ``threading.Lock``
+    (held in the child if a thread of the parent held it at the fork)."""
 
     __slots__ = ("_lock",)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import logging
 import os
 import urllib.parse
 import warnings
@@ -33,6 +34,7 @@ _FAMILY_PACKAGES = (
     "attnzoo.multimodal.hallucination.models",
 )
 _families_loaded = False
+_logger = logging.getLogger(__name__)
 
 
 def load_families() -> None:
@@ -187,6 +189,13 @@ def _timm_with_weights(
         if rows is None or rows[0] == model.num_classes:
             raise
         count, key, shape = rows
+        if run is not None:  # the run's classes are not the file's: not one run's weights and settings
+            raise WeightsError(
+                f"the weights {os.fspath(weights)} and the {RUN_CONFIG} beside them come from different runs: the "
+                f"weights' classifier has {count} classes ({key} {shape}), {run.config} records {len(run.classes)} "
+                f"({_listed(run.classes)}); put the weights beside their own run's {RUN_CONFIG}, move them away "
+                "from this one, or pass num_classes"
+            ) from None
         model = timm.create_model(name, pretrained=False, **{**build, "num_classes": count})
         load_weights(model, weights, converter=converter)
         source = os.fspath(weights) if isinstance(weights, (str, os.PathLike)) else "the state dict"
@@ -266,7 +275,13 @@ class TrainedRun:
     """The square size the run trained and validated at (its validation: a centre crop of that size)."""
     model: str | None = None
     weights: str | None = None
-    """What the run started from (a registered checkpoint sets the normalisation the run used)."""
+    """What the run started from (a registered checkpoint sets the normalisation of a run that did not record its
+    ``eval_transform``)."""
+    class_ids: tuple[str, ...] | None = None
+    """The ids of ``classes`` where they are not the names (ImageNet's WordNet ids): what the data is matched by."""
+    transform: Mapping[str, Any] | None = None
+    """The run's validation transform (``run.eval_transform``: mean, std, crop_pct, interpolation); None for a run
+    that did not record it."""
 
     def describe(self) -> str:
         return f"{len(self.classes)} classes and input size {self.input_size} from {self.config}"
@@ -275,7 +290,9 @@ class TrainedRun:
 def trained_run(weights: Any) -> TrainedRun | None:
     """The image-classification training run ``weights`` (a local file) come from: the run's ``config.yaml``
     beside the file, when it records an ``attnzoo train image-classification`` run; else None. A config.yaml
-    that says it is such a run but lacks its classes or input size is refused (:class:`WeightsError`)."""
+    that is not such a record (another tool's, even one YAML's safe loader cannot read) is ignored; one that says
+    it is such a run (``run.task: image-classification``) but lacks its classes or input size is refused
+    (:class:`WeightsError`)."""
     if not isinstance(weights, (str, os.PathLike)):
         return None
     path = Path(weights).expanduser()
@@ -286,11 +303,9 @@ def trained_run(weights: Any) -> TrainedRun | None:
 
     try:
         record = yaml.safe_load(config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise WeightsError(
-            f"{config}, beside the weights {path}, cannot be read ({type(err).__name__}: {err}); mend it, or move "
-            "the weights away from it"
-        ) from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:  # another tool's config (e.g. !!python/tuple)
+        _logger.debug("%s beside %s is not read as a training run's (%s: %s)", config, path, type(err).__name__, err)
+        return None
     run = record.get("run") if isinstance(record, dict) else None
     if not isinstance(run, dict) or run.get("task") != "image-classification":
         return None  # another tool's config, or another task's run
@@ -308,6 +323,19 @@ def trained_run(weights: Any) -> TrainedRun | None:
             f"{config} records an image-classification run without its classes (run.classes: a list of names) "
             "or input size (extra.input_size: a positive whole number); mend it, or move the weights away from it"
         )
+    ids, transform = run.get("class_ids"), run.get("eval_transform")
+    if ids is not None and (
+        not isinstance(ids, list) or len(ids) != len(classes) or not all(isinstance(c, str) for c in ids)
+    ):
+        raise WeightsError(
+            f"{config} records class ids (run.class_ids) that are not one name for each of its {len(classes)} "
+            "classes; mend it, or move the weights away from it"
+        )
+    if transform is not None and not _valid_transform(transform):
+        raise WeightsError(
+            f"{config} records a validation transform (run.eval_transform) without a positive crop_pct, an "
+            "interpolation name, and 3 mean and 3 positive std values; mend it, or move the weights away from it"
+        )
     model, start = run.get("model"), run.get("weights")
     return TrainedRun(
         config.resolve(),
@@ -315,15 +343,47 @@ def trained_run(weights: Any) -> TrainedRun | None:
         size,
         model=model if isinstance(model, str) else None,
         weights=start if isinstance(start, str) else None,
+        class_ids=tuple(ids) if ids is not None else None,
+        transform=transform,
+    )
+
+
+def _valid_transform(transform: Any) -> bool:
+    def numbers(values: Any, positive: bool) -> bool:
+        return (
+            isinstance(values, list)
+            and len(values) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            and all(v > 0 for v in values if positive)
+        )
+
+    crop = transform.get("crop_pct") if isinstance(transform, dict) else None
+    return (
+        isinstance(transform, dict)
+        and isinstance(crop, (int, float))
+        and not isinstance(crop, bool)
+        and crop > 0
+        and isinstance(transform.get("interpolation"), str)
+        and numbers(transform.get("mean"), False)
+        and numbers(transform.get("std"), True)
     )
 
 
 def _apply_run(model: Any, run: TrainedRun) -> None:
     """The run's class names (where the model has its class count) and the preprocessing its validation used:
-    ``input_size`` square, resized by ``crop_pct`` and centre-cropped, with the model's (or the registered
-    checkpoint the run started from) normalisation, in RGB, as the recipe's evaluation transform."""
+    ``input_size`` square, resized by ``crop_pct`` and centre-cropped, normalised, in RGB, as the recipe's
+    evaluation transform -- as the run recorded it (``run.eval_transform``); for a run that did not, with the
+    model's normalisation (or the registered checkpoint's the run started from)."""
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    if run.weights is not None and registry.is_checkpoint(run.weights):
+    if run.transform is not None:
+        t = run.transform
+        cfg.update(
+            mean=tuple(float(v) for v in t["mean"]),
+            std=tuple(float(v) for v in t["std"]),
+            crop_pct=float(t["crop_pct"]),
+            interpolation=str(t["interpolation"]),
+        )
+    elif run.weights is not None and registry.is_checkpoint(run.weights):
         cfg.update(registry.get_checkpoint(run.weights).preprocess.to_timm())
     cfg.update(input_size=(3, run.input_size, run.input_size), crop_mode="center", colour_order="RGB")
     for key in ("test_input_size", "test_crop_pct"):
@@ -331,14 +391,21 @@ def _apply_run(model: Any, run: TrainedRun) -> None:
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     if num_classes == len(run.classes):
         cfg.update(label_names=list(run.classes), num_classes=num_classes, weights_note=run.describe())
+        if run.class_ids is not None:
+            cfg["label_ids"] = list(run.class_ids)
     else:  # the caller's num_classes: the run's classifier was left out
         cfg.pop("label_names", None)
+        cfg.pop("label_ids", None)
         cfg["weights_note"] = (
             f"input size {run.input_size} from {run.config}; its {len(run.classes)} classes left out "
             f"(num_classes={num_classes})"
         )
     cfg["training_run"] = str(run.config)
     _set_pretrained_cfg(model, cfg)
+
+
+def _listed(names: tuple[str, ...], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def _checkpoint_classes(

@@ -3,7 +3,7 @@
 import pytest
 from PIL import Image
 
-from attnzoo.datasets.image_folder import align_classes, empty_class_folders, read_image_folder
+from attnzoo.datasets.image_folder import ClassificationSamples, align_classes, empty_class_folders, read_image_folder
 from attnzoo.errors import DatasetFormatError
 
 
@@ -37,6 +37,17 @@ def test_folders_named_by_class_index_keep_their_index(tmp_path):
     val = read_image_folder(folder(tmp_path / "val", ["0", "1"]))
     aligned, missing = align_classes(val, train)
     assert [(p.parent.name, t) for p, t in aligned.samples] == [("0", 0), ("1", 1)] and missing == ["z"]
+
+
+def test_a_class_name_that_names_two_reference_classes_is_refused(tmp_path):
+    """A reference of repeated keys (a run's ImageNet display names without their ids: two "crane") cannot be
+    matched by name: a split's "crane" would be scored as one of them, silently."""
+    reference = ClassificationSamples([], ["crane", "kite", "crane"], "training-run", tmp_path / "config.yaml")
+    val = read_image_folder(folder(tmp_path / "val", ["crane", "kite"]))
+    with pytest.raises(DatasetFormatError, match="crane name more than one"):
+        align_classes(val, reference)
+    only_kite = read_image_folder(folder(tmp_path / "kite", ["kite"]))
+    assert align_classes(only_kite, reference)[0].targets == [1]
 
 
 def test_empty_class_folders_are_found(tmp_path):

@@ -148,7 +148,7 @@ def test_a_num_classes_of_the_callers_still_wins(run):
 
 def test_eval_refuses_data_of_other_classes_naming_them(run, tmp_path, capsys):
     other = _colour_folders(tmp_path / "other", classes=["cherry", "leaf", "stone"])
-    with pytest.raises(DatasetFormatError, match=r"not trained on \(stone\).*cherry, leaf, sky.*lacks sky"):
+    with pytest.raises(DatasetFormatError, match=r"training split lacks \(stone\).*cherry, leaf, sky.*config.yaml"):
         ClassificationEvaluator.plan(
             other, None, default_split="val", limit=None, model="test_resnet", weights=run["weights"]
         )
@@ -183,13 +183,118 @@ def test_a_broken_run_config_beside_the_weights_is_refused(run, tmp_path):
     (folder / "config.yaml").write_text(yaml.safe_dump(record))
     with pytest.raises(WeightsError, match="classes"):
         attnzoo.create_model("test_resnet", weights=folder / "model.safetensors")
-    (folder / "config.yaml").write_text("a: [b\n")
-    with pytest.raises(WeightsError, match="cannot be read"):
+    record = yaml.safe_load((run["out"] / "config.yaml").read_text())
+    record["run"]["eval_transform"]["std"] = [0.2, 0.2]
+    (folder / "config.yaml").write_text(yaml.safe_dump(record))
+    with pytest.raises(WeightsError, match="eval_transform"):
         attnzoo.create_model("test_resnet", weights=folder / "model.safetensors")
-    (folder / "config.yaml").write_text(yaml.safe_dump({"lr": 0.1}))  # another tool's config: not a run's
-    with pytest.warns(UserWarning, match="names are unknown"):
-        plain = attnzoo.create_model("test_resnet", weights=folder / "model.safetensors")
-    assert plain.num_classes == len(CLASSES) and "label_names" not in plain.pretrained_cfg
+    for other in ("a: [b\n", yaml.safe_dump({"lr": 0.1})):  # another tool's config (unreadable, or not a run's)
+        (folder / "config.yaml").write_text(other)
+        with pytest.warns(UserWarning, match="names are unknown"):
+            plain = attnzoo.create_model("test_resnet", weights=folder / "model.safetensors")
+        assert plain.num_classes == len(CLASSES) and "label_names" not in plain.pretrained_cfg
+        assert "training_run" not in plain.pretrained_cfg and _state_equal(plain, folder / "model.safetensors")
+
+
+def test_another_tools_config_yaml_beside_a_checkpoint_is_ignored(tmp_path):
+    """A config.yaml that yaml's safe loader cannot read (``!!python/tuple``, as PyYAML's ``dump`` writes a tuple)
+    is another tool's: the weights beside it load (fine-tuning, teachers, encoders take such files)."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "other"
+    folder.mkdir()
+    source = attnzoo.create_model("test_resnet")
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, folder / "model.safetensors")
+    (folder / "config.yaml").write_text(yaml.dump({"img_size": (224, 224)}))
+    assert "!!python/tuple" in (folder / "config.yaml").read_text()
+    model = attnzoo.create_model("test_resnet", weights=folder / "model.safetensors")
+    assert model.num_classes == source.num_classes and _state_equal(model, folder / "model.safetensors")
+    assert "training_run" not in model.pretrained_cfg
+
+
+def test_weights_beside_another_runs_config_are_refused_naming_both(run, tmp_path):
+    """5-class weights beside a 3-class run's config.yaml: not the weights of that run; they were loaded with the
+    run's input size and a note that named the run."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "mixed"
+    shutil.copytree(run["out"], folder)
+    five = attnzoo.create_model("test_resnet", num_classes=5)
+    save_file({k: v.contiguous() for k, v in five.state_dict().items()}, folder / "model.safetensors")
+    weights, config = folder / "model.safetensors", (folder / "config.yaml").resolve()
+    with pytest.raises(WeightsError, match="different runs") as caught:
+        attnzoo.create_model("test_resnet", weights=weights)
+    said = str(caught.value)
+    assert "5 classes" in said and f"records {len(CLASSES)}" in said
+    assert str(weights) in said and str(config) in said
+    assert attnzoo.create_model("test_resnet", weights=weights, num_classes=5).num_classes == 5  # the caller's
+
+
+def test_eval_matches_numbered_folders_by_index_as_training_does(run, tmp_path):
+    """ImageNetV2's layout (folders 0/ .. K-1/, folder k holding class k) scored by a run with named classes."""
+    data = tmp_path / "v2"
+    for i, name in enumerate(CLASSES):
+        shutil.copytree(run["data"] / "val" / name, data / "val" / str(i))
+    evaluator = ClassificationEvaluator.plan(
+        data, None, default_split="val", limit=None, model="test_resnet", weights=run["weights"]
+    ).runs[0][1]
+    assert evaluator.dataset.classes == CLASSES
+    assert all(s.target == int(s.input.parent.name) for s in evaluator.samples())
+    assert sorted({s.target for s in evaluator.samples()}) == [0, 1, 2]
+
+
+def test_eval_accepts_imagenet_classes_whose_names_repeat(tmp_path):
+    """A run fine-tuned on ImageNet-1k records its 1000 display names (two are "crane"): ImageNetV2's numbered
+    folders are scored by index, ImageNet's own synset folders by WordNet id."""
+    from attnzoo.datasets.imagenet import imagenet_synsets
+
+    wnids, names = imagenet_synsets()
+    assert len(set(names)) < len(names)
+    v2 = tmp_path / "v2"
+    for k in range(4):  # the first folders of 0/ .. 999/
+        (v2 / "val" / str(k)).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(v2 / "val" / str(k) / "a.png")
+    evaluator = ClassificationEvaluator(v2, "val", log=lambda _: None)
+    evaluator.use_classes(names, source="runs/in1k/config.yaml")
+    assert sorted(evaluator.dataset.targets) == [0, 1, 2, 3] and evaluator.dataset.classes == list(names)
+    evaluator.check_num_classes(1000)
+    crane = [w for w, n in zip(wnids, names, strict=True) if n == "crane"]
+    synsets = tmp_path / "in"
+    for w in crane:
+        (synsets / "val" / w).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(synsets / "val" / w / "a.png")
+    evaluator = ClassificationEvaluator(synsets, "val", classes=names, log=lambda _: None)
+    assert sorted(evaluator.dataset.targets) == sorted(wnids.index(w) for w in crane)
+
+
+def test_the_run_records_its_validation_transform_and_the_pipeline_applies_it(run, tmp_path):
+    """A run started from another run's weights normalised as the first one's checkpoint did, not as the model's
+    default: the recorded validation transform (not a guess from the starting weights) preprocesses its weights."""
+    from timm.data import create_transform
+
+    recorded = yaml.safe_load((run["out"] / "config.yaml").read_text())["run"]["eval_transform"]
+    normalize = run["eval_tf"].transforms[-1]
+    assert recorded["mean"] == pytest.approx(normalize.mean.tolist()) and recorded["input_size"] == SIZE
+    assert recorded["std"] == pytest.approx(normalize.std.tolist())
+    folder = tmp_path / "run2"
+    shutil.copytree(run["out"], folder)
+    record = yaml.safe_load((folder / "config.yaml").read_text())
+    other = {**record["run"]["eval_transform"], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.3, 0.35], "crop_pct": 0.75}
+    record["run"].update(eval_transform=other, weights=str(run["weights"]))
+    (folder / "config.yaml").write_text(yaml.safe_dump(record))
+    classify = attnzoo.pipeline(
+        "image-classification", model="test_resnet", weights=folder / "model.safetensors", device="cpu"
+    )
+    picture = run["data"] / "val" / "leaf" / "0.png"
+    expected = create_transform(
+        (3, SIZE, SIZE),
+        interpolation=other["interpolation"],
+        crop_pct=other["crop_pct"],
+        mean=other["mean"],
+        std=other["std"],
+    )(load_image(picture))
+    pixels = classify.preprocess(str(picture))["pixel_values"]
+    assert torch.allclose(pixels, expected) and not torch.allclose(pixels, run["eval_tf"](load_image(picture)))
 
 
 def test_the_run_names_its_model_when_another_is_asked_for(run):

@@ -13,6 +13,7 @@ stored, without EXIF rotation, as timm/torchvision evaluate (published accuracie
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,7 +104,7 @@ def read_image_folder(root: str | os.PathLike) -> ClassificationSamples:
     return ClassificationSamples(samples, classes, "image-folder", root, class_ids=list(classes))
 
 
-def _class_keys(samples: ClassificationSamples) -> list[str]:
+def class_keys(samples: ClassificationSamples) -> list[str]:
     """The names that identify ``samples``' classes across splits: their ids (folder names, WordNet ids) or names."""
     return list(samples.class_ids) if len(samples.class_ids) == len(samples.classes) else list(samples.classes)
 
@@ -124,7 +125,7 @@ def empty_class_folders(samples: ClassificationSamples) -> list[str]:
     counts = [0] * len(samples.classes)
     for _, target in samples.samples:
         counts[target] += 1
-    return [key for key, n in zip(_class_keys(samples), counts, strict=True) if not n and (samples.root / key).is_dir()]
+    return [key for key, n in zip(class_keys(samples), counts, strict=True) if not n and (samples.root / key).is_dir()]
 
 
 def align_classes(
@@ -133,13 +134,24 @@ def align_classes(
     """``samples`` (a validation or test split read on its own) with targets indexing ``reference``'s classes (the
     training split's: what the model outputs), matched by class folder name / id. A split's own numbering is
     its sorted folders: with a class missing there, every later class would be scored against its neighbour's
-    output. A class ``reference`` lacks is refused (the model cannot predict it); returns also the reference's
-    classes the split has no sample of (the caller says so: a split may lack some)."""
-    keys, ref_keys = _class_keys(samples), _class_keys(reference)
+    output. Folders ``0 .. K-1`` (ImageNetV2's) against named classes are matched by number (folder ``k``: class
+    ``k``). A class ``reference`` lacks is refused (the model cannot predict it); returns also the reference's
+    classes the split has no sample of (the caller says so: a split may lack some). Evaluation matches the data
+    to a training run's classes through this same function."""
+    keys, ref_keys = class_keys(samples), class_keys(reference)
     index = {key: i for i, key in enumerate(ref_keys)}
-    if _numbered(keys) and not _numbered(ref_keys) and len(keys) <= len(ref_keys):
+    by_number = _numbered(keys) and not _numbered(ref_keys) and len(keys) <= len(ref_keys)
+    if by_number:
         index = {key: int(key) for key in keys}  # ImageNetV2's folders 0/ .. 999/: folder k holds class k
     used = sorted({keys[t] for _, t in samples.samples})
+    if not by_number and len(index) != len(ref_keys):
+        counts = Counter(ref_keys)
+        ambiguous = [key for key in used if counts[key] > 1]
+        if ambiguous:
+            raise DatasetFormatError(
+                f"{samples.root}: the {split} split's classes {', '.join(ambiguous[:5])} name more than one of the "
+                f"training classes ({reference.root}); they cannot be matched by name"
+            )
     unknown = [key for key in used if key not in index]
     if unknown:
         shown = ", ".join(unknown[:5]) + (f", ... ({len(unknown)} in all)" if len(unknown) > 5 else "")

@@ -1,8 +1,9 @@
 """Image classification evaluation: ImageNet (both layouts) or any ImageFolder, top-1/top-5.
 
 The weights of an ``attnzoo train image-classification`` run are scored by the run's class names: the data's
-classes must be among the run's (matched by name, as the run's own validation matched its val split), and a
-target is the index of its class among the run's."""
+classes must be among the run's (matched as the run's own validation matched its val split: by class folder name
+or id, or by number for ImageNetV2's folders ``0/`` .. ``999/``), and a target is the index of its class among the
+run's."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from attnzoo.datasets.image_folder import ClassificationSamples
-from attnzoo.datasets.imagenet import read_classification_folder
+from attnzoo.datasets.image_folder import ClassificationSamples, align_classes, class_keys
+from attnzoo.datasets.imagenet import imagenet_synsets, read_classification_folder
 from attnzoo.errors import DatasetFormatError
 from attnzoo.evaluation.runner import EvalPlan, EvalSample, TaskEvaluator, check_limit, format_metric
 from attnzoo.metrics.classification import topk_accuracy_from_ranked
@@ -39,6 +41,7 @@ class ClassificationEvaluator(TaskEvaluator):
         classes are matched to them by name (:meth:`use_classes`)."""
         check_limit(limit)
         self.dataset = read_classification_folder(data, split)
+        self.split = split
         self.limit = limit
         self.log = log or _logger.warning
         self.model_classes: list[str] | None = None
@@ -68,62 +71,44 @@ class ClassificationEvaluator(TaskEvaluator):
         split = split or default_split
         evaluator = cls(data, split, limit=limit, log=log, **options)
         if run is not None:
-            evaluator.use_classes(run.classes, source=str(run.config))
+            evaluator.use_classes(run.classes, source=str(run.config), class_ids=run.class_ids)
         return EvalPlan(model, split, [(None, evaluator, {})], settings=dict(options))
 
     def check_model(self, model: Any) -> None:
         cfg = getattr(model, "pretrained_cfg", None) or {}
         names = cfg.get("label_names")
         if cfg.get("training_run") and names:
-            self.use_classes(names, source=str(cfg["training_run"]))
+            self.use_classes(names, source=str(cfg["training_run"]), class_ids=cfg.get("label_ids"))
         num_classes = getattr(model, "num_classes", None)
         if num_classes:
             self.check_num_classes(int(num_classes))
 
-    def use_classes(self, classes: Sequence[str], *, source: str = "the model") -> None:
-        """Score the data by ``classes`` (the model's outputs, e.g. a training run's classes from its config.yaml):
-        each data class is matched by name, and its samples' targets become its index among ``classes``. A data
-        class ``classes`` lacks is refused (:class:`DatasetFormatError` naming the differences); ``classes`` the
-        data has no sample of are said through ``log`` (a test split may lack some)."""
+    def use_classes(
+        self, classes: Sequence[str], *, source: str = "the model", class_ids: Sequence[str] | None = None
+    ) -> None:
+        """Score the data by ``classes`` (the model's outputs, e.g. a training run's classes from its config.yaml),
+        matched as the run's training matched its val split (:func:`~attnzoo.datasets.image_folder.align_classes`:
+        by class id -- ``class_ids``, e.g. ImageNet's WordNet ids, else the names -- or, for folders ``0 .. K-1``,
+        by number); each sample's target becomes its class's index among ``classes``. A data class ``classes``
+        lacks is refused (:class:`DatasetFormatError`); ``classes`` the data has no sample of are said through
+        ``log`` (a test split may lack some)."""
         classes = list(classes)
+        ids = _class_ids(classes, class_ids)
         if self.model_classes is not None:
             if self.model_classes != classes:
                 raise DatasetFormatError(f"the model's classes ({source}) differ from those already given")
             return
         data = self.dataset
-        if list(data.classes) == classes:
+        if list(data.classes) == classes and class_keys(data) == ids:
             self.model_classes = classes
             return
-        index = {name: i for i, name in enumerate(classes)}
-        present = {data.classes[t] for _, t in data.samples}
-        used = [name for name in data.classes if name in present]
-        unknown = [name for name in used if name not in index]
-        repeated = len(index) != len(classes) or len(set(data.classes)) != len(data.classes)
-        if unknown or repeated:
-            why = (
-                f"has classes the model was not trained on ({_listed(unknown)})"
-                if unknown
-                else "has other classes than the model, and class names repeat, so they cannot be matched by name"
-            )
-            lacks = [c for c in classes if c not in present]
-            raise DatasetFormatError(
-                f"{data.root} {why}; the model's classes ({source}) are {_listed(classes)}"
-                + (f", of which the data lacks {_listed(lacks)}" if lacks else "")
-                + ". Evaluate on data with the model's classes (class folders named as in its training data)"
-            )
-        missing = [name for name in classes if name not in used]
+        reference = ClassificationSamples([], classes, "training-run", Path(source), class_ids=ids)
+        self.dataset, missing = align_classes(data, reference, split=self.split)
         if missing:
             self.log(
                 f"{data.root} has no images of {len(missing)} of the model's {len(classes)} classes "
-                f"({_listed(missing)}); the others are scored (targets by the class names of {source})"
+                f"({_listed(missing)}); the others are scored (targets by the classes of {source})"
             )
-        self.dataset = ClassificationSamples(
-            [(path, index[data.classes[t]]) for path, t in data.samples],
-            classes,
-            data.layout,
-            data.root,
-            class_ids=classes,
-        )
         self.model_classes = classes
 
     def run_settings(self, pipe: Any, *, batch_size: int) -> dict[str, Any]:
@@ -187,3 +172,13 @@ class ClassificationEvaluator(TaskEvaluator):
 def _listed(names: Sequence[str], limit: int = 8) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "") if names else "none"
+
+
+def _class_ids(classes: list[str], class_ids: Sequence[str] | None) -> list[str]:
+    """The ids that identify a model's ``classes`` (as the training split's ``class_ids``): those given, ImageNet-1k's
+    WordNet ids for its 1000 names (a run that did not record its ids: the names repeat, e.g. two "crane"), else
+    the names themselves (the class folder names of an ImageFolder run)."""
+    if class_ids is not None and len(class_ids) == len(classes):
+        return list(class_ids)
+    wnids, names = imagenet_synsets()
+    return list(wnids) if len(classes) == len(names) and tuple(classes) == names else classes

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from attnzoo._placement import resolve_device
-from attnzoo.datasets.image_folder import ClassificationSamples, align_classes, empty_class_folders
+from attnzoo.datasets.image_folder import ClassificationSamples, align_classes, class_keys, empty_class_folders
 from attnzoo.datasets.imagenet import read_classification_folder
 from attnzoo.datasets.images import load_image
 from attnzoo.errors import DatasetFormatError, InvalidInputError, InvalidOptionError, WeightsError
@@ -125,6 +125,19 @@ def _evaluation_split(root: Path, split: str, train: ClassificationSamples) -> C
             shown,
         )
     return samples
+
+
+def _transform_record(size: int, data_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The validation transform's settings, as the run's config.yaml records them (``run.eval_transform``): the
+    run's weights are preprocessed by them (``attnzoo.create_model`` reads them back)."""
+    return {
+        "input_size": size,
+        "interpolation": str(data_cfg["interpolation"]),
+        "crop_pct": float(data_cfg["crop_pct"]),
+        "crop_mode": "center",
+        "mean": [float(v) for v in data_cfg["mean"]],
+        "std": [float(v) for v in data_cfg["std"]],
+    }
 
 
 class _ClassificationLoss:
@@ -360,7 +373,9 @@ def train_classification(
             "model": model,
             "data": str(Path(root).resolve()),
             "classes": train_samples.classes,
+            **({"class_ids": ids} if (ids := class_keys(train_samples)) != list(train_samples.classes) else {}),
             "weights": None if weights is None else str(weights),
+            "eval_transform": _transform_record(size, data_cfg),
         },
         recipe_defaults=RECIPE_DEFAULTS,
         resumable=RESUMABLE,
