@@ -39,6 +39,16 @@ def test_folders_named_by_class_index_keep_their_index(tmp_path):
     assert [(p.parent.name, t) for p, t in aligned.samples] == [("0", 0), ("1", 1)] and missing == ["z"]
 
 
+def test_numbered_folders_against_numbered_classes_match_by_name(tmp_path):
+    """Category ids as class folders (0 .. 10 and 12: a gap, so train's own order is 0, 1, 10, 12, 2, ...): a val
+    folder 0 .. 9 is the class of its own name, not the class at that position."""
+    train = read_image_folder(folder(tmp_path / "train", [*map(str, range(11)), "12"]))
+    val = read_image_folder(folder(tmp_path / "val", list(map(str, range(10)))))
+    aligned, missing = align_classes(val, train)
+    assert all(train.classes[t] == p.parent.name for p, t in aligned.samples)
+    assert missing == ["10", "12"]
+
+
 def test_a_class_name_that_names_two_reference_classes_is_refused(tmp_path):
     """A reference of repeated keys (a run's ImageNet display names without their ids: two "crane") cannot be
     matched by name: a split's "crane" would be scored as one of them, silently."""

@@ -140,7 +140,11 @@ def align_classes(
     to a training run's classes through this same function."""
     keys, ref_keys = class_keys(samples), class_keys(reference)
     index = {key: i for i, key in enumerate(ref_keys)}
-    by_number = _numbered(keys) and not _numbered(ref_keys) and len(keys) <= len(ref_keys)
+    # folders 0/ .. N-1/ are class indices only against classes that are not numbers themselves: against
+    # numbered classes (category ids, with gaps or not) a folder is the class of its own name
+    by_number = (
+        _numbered(keys) and not any(key.isascii() and key.isdigit() for key in ref_keys) and len(keys) <= len(ref_keys)
+    )
     if by_number:
         index = {key: int(key) for key in keys}  # ImageNetV2's folders 0/ .. 999/: folder k holds class k
     used = sorted({keys[t] for _, t in samples.samples})
