@@ -10,6 +10,7 @@ from attnzoo._values import (
     check_worker_count,
     comma_items,
     is_integer,
+    listed,
     nonblank_text,
     process_limit,
     real_number,
@@ -136,3 +137,9 @@ def test_nonblank_text():
     for value in ("", "  ", None, 3):
         with pytest.raises(InvalidOptionError, match="--out must be a non-empty string"):
             nonblank_text(value, "--out")
+
+
+def test_listed_names_the_first_and_counts_the_rest():
+    assert listed([]) == "none"
+    assert listed(["a", "b"]) == "a, b"
+    assert listed([str(i) for i in range(12)], 3) == "0, 1, 2, ... (12 in all)"

@@ -96,9 +96,9 @@ def remove_stale_temporaries_in(folder: str | os.PathLike, names: str) -> None:
                 shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
+def write_json(path: str | os.PathLike, obj: Any, *, allow_nan: bool = True) -> None:
     with atomic_write(path, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False)
+        json.dump(obj, fh, indent=2, sort_keys=False, allow_nan=allow_nan)
         fh.write("\n")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,14 @@ def comma_items(value: str, name: str) -> list[str]:
     if not value.strip() or any(not item for item in items):
         raise InvalidOptionError(f"{name} {value!r} has a blank item; give comma-separated values such as 'a,b'")
     return items
+
+
+def listed(names: Sequence[str], limit: int = 5) -> str:
+    """The first ``limit`` of ``names`` for a message, with how many there are in all when some are left out
+    ("a, b, ... (12 in all)"); "none" for no names."""
+    if not names:
+        return "none"
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def nonblank_text(value: Any, name: str) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from attnzoo._placement import resolve_device, resolve_dtype
+from attnzoo._values import listed
 from attnzoo.errors import InvalidOptionError, UnknownNameError, WeightsError
 from attnzoo.registry import get_model_entry, registered_models
 from attnzoo.weights import hub, registry
@@ -193,7 +194,7 @@ def _timm_with_weights(
             raise WeightsError(
                 f"the weights {os.fspath(weights)} and the {RUN_CONFIG} beside them come from different runs: the "
                 f"weights' classifier has {count} classes ({key} {shape}), {run.config} records {len(run.classes)} "
-                f"({_listed(run.classes)}); put the weights beside their own run's {RUN_CONFIG}, move them away "
+                f"({listed(run.classes)}); put the weights beside their own run's {RUN_CONFIG}, move them away "
                 "from this one, or pass num_classes"
             ) from None
         model = timm.create_model(name, pretrained=False, **{**build, "num_classes": count})
@@ -402,10 +403,6 @@ def _apply_run(model: Any, run: TrainedRun) -> None:
         )
     cfg["training_run"] = str(run.config)
     _set_pretrained_cfg(model, cfg)
-
-
-def _listed(names: tuple[str, ...], limit: int = 5) -> str:
-    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def _checkpoint_classes(

@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from attnzoo._values import listed
 from attnzoo.datasets.images import IMAGE_EXTENSIONS, dataset_image_path
 from attnzoo.errors import DatasetFormatError
 
@@ -158,9 +159,8 @@ def align_classes(
             )
     unknown = [key for key in used if key not in index]
     if unknown:
-        shown = ", ".join(unknown[:5]) + (f", ... ({len(unknown)} in all)" if len(unknown) > 5 else "")
         raise DatasetFormatError(
-            f"{samples.root}: the {split} split has classes the training split lacks ({shown}); the model "
+            f"{samples.root}: the {split} split has classes the training split lacks ({listed(unknown)}); the model "
             f"has no output for them. The training classes are {', '.join(ref_keys[:5])}"
             f"{', ...' if len(ref_keys) > 5 else ''} ({reference.root})"
         )

@@ -12,8 +12,9 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from attnzoo._values import listed
 from attnzoo.datasets.image_folder import ClassificationSamples, align_classes, class_keys
 from attnzoo.datasets.imagenet import imagenet_synsets, read_classification_folder
 from attnzoo.errors import DatasetFormatError
@@ -67,12 +68,15 @@ class ClassificationEvaluator(TaskEvaluator):
         data's here, before the model loads."""
         from attnzoo.factory import trained_run
 
-        run = trained_run(weights)
-        split = split or default_split
-        evaluator = cls(data, split, limit=limit, log=log, **options)
+        run = trained_run(weights)  # a broken run record is refused before the data is read
+        plan = super().plan(
+            data, split, default_split=default_split, limit=limit, model=model, weights=weights, log=log, **options
+        )
+        evaluator = cast(ClassificationEvaluator, plan.runs[0][1])
+        evaluator.log = log
         if run is not None:
             evaluator.use_classes(run.classes, source=str(run.config), class_ids=run.class_ids)
-        return EvalPlan(model, split, [(None, evaluator, {})], settings=dict(options))
+        return plan
 
     def check_model(self, model: Any) -> None:
         cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -107,7 +111,7 @@ class ClassificationEvaluator(TaskEvaluator):
         if missing:
             self.log(
                 f"{data.root} has no images of {len(missing)} of the model's {len(classes)} classes "
-                f"({_listed(missing)}); the others are scored (targets by the classes of {source})"
+                f"({listed(missing, 8)}); the others are scored (targets by the classes of {source})"
             )
         self.model_classes = classes
 
@@ -167,11 +171,6 @@ class ClassificationEvaluator(TaskEvaluator):
             "| metric | value |\n|---|---|\n"
             + f"| top-1 (%) | {format_metric(metrics['top1'], '.2f')} |\n| top-5 (%) | {format_metric(metrics['top5'], '.2f')} |\n"
         )
-
-
-def _listed(names: Sequence[str], limit: int = 8) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "") if names else "none"
 
 
 def _class_ids(classes: list[str], class_ids: Sequence[str] | None) -> list[str]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from attnzoo._io import write_text
+from attnzoo._io import write_json, write_text
 from attnzoo.errors import InvalidInputError, InvalidOptionError
 
 #: Settings an older attnzoo did not record: a run.json without them is resumed (with a warning), since
@@ -182,10 +182,6 @@ def dumps(value: Any, **kwargs: Any) -> str:
     return json.dumps(json_safe(value), allow_nan=False, **kwargs)
 
 
-def _write_json(path: Path, value: Any) -> None:
-    write_text(path, dumps(value, indent=2) + "\n")
-
-
 def format_metric(value: Any, spec: str = ".4f") -> str:
     """A metric in a report: ``n/a`` where no value could be computed (None, NaN, infinite)."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -274,7 +270,7 @@ def evaluate(
             path.unlink()
     ctx.barrier()  # nobody writes before everyone has read the settings and the earlier predictions
     if ctx.is_main:
-        _write_json(run_path, settings)
+        write_json(run_path, settings, allow_nan=False)  # json_safe above
 
     samples = evaluator.samples()
     records = json_safe(_read_jsonl(predictions_path))  # an older run's NaN as None, as this run writes it
@@ -342,7 +338,7 @@ def evaluate(
         "task": evaluator.task,
     }
     metrics = json_safe(metrics)  # NaN (e.g. AUC of one class) as None: null in metrics.json, "n/a" in the report
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics, allow_nan=False)
     write_text(out / "report.md", _report(evaluator, metrics, skipped))
     return metrics
 
