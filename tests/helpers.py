@@ -151,11 +151,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body[start:])
 
 
+class LocalHTTPServer(http.server.ThreadingHTTPServer):
+    """The tests' local HTTP server. A client that hangs up mid-response (a download interrupted on purpose)
+    is expected, not an error: socketserver would print its traceback to the test's stderr."""
+
+    def handle_error(self, request, client_address) -> None:
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
+
+
 @contextmanager
 def http_server(files: dict[str, bytes], cut_after: dict[str, int] | None = None):
     """Serve ``files`` on 127.0.0.1 with Range support; yields (base_url, request_log)."""
     handler = type("Handler", (_Handler,), {"files": dict(files), "cut_after": dict(cut_after or {}), "requests": []})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = LocalHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

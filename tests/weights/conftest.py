@@ -13,6 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.helpers import LocalHTTPServer
+
 
 @pytest.fixture(autouse=True)
 def _fresh_reachability(monkeypatch):
@@ -107,7 +109,7 @@ def versioned_server():
         files={}, cut_after={}, log=[], validators=True, wrong_range_start=False, ignore_if_range=False
     )
     handler = type("Handler", (_VersionedHandler,), {"state": state})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = LocalHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     state.url = lambda path: f"http://127.0.0.1:{server.server_address[1]}{path}"

@@ -10,6 +10,7 @@ import time
 import attnzoo.weights.hub as hub
 from attnzoo.cli import main
 from attnzoo.weights import download_url
+from tests.helpers import LocalHTTPServer
 
 BODY = bytes(range(256)) * 1200  # 300 KiB: less than one of the reads a download used to wait for
 FIRST = 100_000
@@ -36,7 +37,7 @@ class _SlowHandler(http.server.BaseHTTPRequestHandler):
 
 def test_a_slow_download_keeps_what_has_arrived(tmp_path):
     release = threading.Event()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("H", (_SlowHandler,), {"release": release}))
+    server = LocalHTTPServer(("127.0.0.1", 0), type("H", (_SlowHandler,), {"release": release}))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/w.bin"
     part = tmp_path / "w.bin.part"
