@@ -36,7 +36,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 # This folder's kernels.py would shadow Hugging Face's `kernels` package, which transformers imports.
@@ -49,9 +49,10 @@ from transformers import LogitsProcessorList  # noqa: E402
 
 from attnzoo.errors import InvalidOptionError  # noqa: E402
 from attnzoo.multimodal.hallucination import CARVE, PAI, PAINT, VAR, VCD, AGLALogitsProcessor  # noqa: E402
-from attnzoo.multimodal.hallucination.base import PairedContrast  # noqa: E402
+from attnzoo.multimodal.hallucination.base import PairedContrast, family_for  # noqa: E402
 from attnzoo.multimodal.hallucination.functional import CARVE_LAYERS  # noqa: E402
-from attnzoo.multimodal.hallucination.method import PromptBatch  # noqa: E402
+from attnzoo.multimodal.hallucination.kv_cache import reserved_cache  # noqa: E402
+from attnzoo.multimodal.hallucination.method import CachedPrefix, PromptBatch  # noqa: E402
 from attnzoo.multimodal.hallucination.var import sink_dims_for  # noqa: E402
 
 
@@ -145,6 +146,14 @@ def _carve(behaviour):
     return answer
 
 
+def _plain_in_place(model, batch):
+    """The plain answer decoding on the in-place KV cache CARVE's passes use: how much of CARVE's ratio
+    that cache buys (the ratio against stock ``generate`` is the row's, against this row's plain
+    answer the quotient of the two rows)."""
+    family = family_for(model)
+    return replace(batch, cached=CachedPrefix(batch.inputs, reserved_cache(family.text_config())))
+
+
 METHODS = [
     Method("eager", None, lambda model, inputs: (_eager_text(model), {}), "plain, language model on eager attention"),
     Method("var", 1.1, _attention_edit(_var), "sink detection at prefill, redistribution on every decode row"),
@@ -163,6 +172,7 @@ METHODS = [
         answer=_carve("official"),
     ),
     Method("carve-paper", 2.5, note="whole answer: the same, answer on the refined image", answer=_carve("paper")),
+    Method("plain-inplace", None, note="whole answer: plain, on CARVE's in-place KV cache", answer=_plain_in_place),
     Method(
         "carve-6q",
         None,

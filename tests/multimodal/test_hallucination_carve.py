@@ -27,6 +27,7 @@ from attnzoo.multimodal.hallucination.functional import (
     CARVE_VARIANTS,
     carve_probe_attention,
 )
+from attnzoo.multimodal.hallucination.kv_cache import ReservedLayer
 from attnzoo.multimodal.hallucination.layouts import family_of
 from attnzoo.multimodal.hallucination.transformers_compat import cache_keyword
 from tests.lvlm_helpers import attn_implementations, greedy, sampled, sharpen_attention
@@ -190,6 +191,7 @@ def test_carve_final_pass_continues_from_the_probes_prefix(family):
     final = CARVE(layers=LAYERS, probe_tokens=4).prepare(model, None, batch)
     assert final.cached is not None and tuple(final.cached.rows) == (0, 1, 0)
     assert final.cached.cache.layers[0].keys.shape[0] == 2  # one row per distinct image
+    assert all(isinstance(layer, ReservedLayer) for layer in final.cached.cache.layers)  # decodes in place
     for key in ("pixel_values", "image_sizes"):  # only the refined images are encoded again
         if key in final.inputs:
             assert torch.equal(final.cached.inputs[key], final.inputs[key][1::2])

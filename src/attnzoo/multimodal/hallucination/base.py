@@ -693,10 +693,14 @@ class ContrastBranchProcessor(LogitsProcessor):
             positions = self.family.prefill_positions(inputs, text_positions)
             if positions is not None:
                 inputs["position_ids"] = positions
-        output = self.family.prefill(inputs, use_cache=True, logits_to_keep=1)
+        output = self.family.prefill(inputs, use_cache=True, logits_to_keep=1, **self._new_cache())
         self._mask = mask
         self._next_position = text_positions[:, -1:] + 1
         return self._keep(output)
+
+    def _new_cache(self) -> dict[str, Any]:
+        """The cache keyword for the branch's prefill (none: the model builds its own)."""
+        return {}
 
     def _step(self, token: torch.Tensor) -> torch.Tensor:
         self._mask = torch.cat([self._mask, self._mask.new_ones(self._mask.shape[0], 1)], dim=-1)

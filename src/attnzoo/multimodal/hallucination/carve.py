@@ -27,7 +27,7 @@ that prefix runs once and its cache serves them all. Each row stops after its EO
 done as soon as its probe or its general probe is (v4 only fuses the steps both reached; v1-v3 read
 the first step only, so their probes stop there), and decoding ends when every question is done. The
 probes run on SDPA and compute only the attention row they read (the last query's, in the probe
-layers); the maps equal :func:`~.functional.carve.carve_probe_attention`'s up to floating-point
+layers), on a KV cache that writes each token in place (:mod:`.kv_cache`); the maps equal :func:`~.functional.carve.carve_probe_attention`'s up to floating-point
 rounding. On LLaVA (1.5 and NeXT) the official final pass, whose prompts start with the same prefix,
 continues from its cache (:class:`~.method.CachedPrefix`): only the refined image and the question
 run again. The image tokens must form a patch grid (LLaVA-1.5, the base view of LLaVA-NeXT,
@@ -59,6 +59,7 @@ from .functional.carve import (
     _eos_ids,
     carve_refine,
 )
+from .kv_cache import reserved_cache
 from .layouts import Family, LayoutError, family_of
 from .method import CachedPrefix, MitigationMethod, PromptBatch, PromptImages
 from .transformers_compat import cache_keyword
@@ -295,7 +296,10 @@ class _ProbeRunner(ContrastBranchProcessor):
         head.update(_row_images(inputs, per_token, owners))
         self._keep(
             self.family.prefill(
-                {**head, "position_ids": positions[..., owners, :width]}, use_cache=True, logits_to_keep=1
+                {**head, "position_ids": positions[..., owners, :width]},
+                use_cache=True,
+                logits_to_keep=1,
+                **self._new_cache(),
             )
         )
         cache = self._cache
@@ -314,6 +318,11 @@ class _ProbeRunner(ContrastBranchProcessor):
             )
         )
 
+    def _new_cache(self) -> dict[str, Any]:
+        """The probes decode on a cache that writes each token in place (:mod:`.kv_cache`); the official
+        final pass continues on a copy of it."""
+        return {cache_keyword(): reserved_cache(self.probe_family.text_config())}
+
     def run(self, positions: list[torch.Tensor], steps: int, partners: Sequence[int]) -> list[torch.Tensor]:
         """Per prompt row, [T, len(layers), N] float32 maps at ``positions`` (row i's grid tokens);
         question row i and its general row ``partners[i]`` form a pair that is done once either of
@@ -322,19 +331,18 @@ class _ProbeRunner(ContrastBranchProcessor):
         batch = ids.shape[0]
         stops = set(_eos_ids(self.model, None))
         finished = [False] * batch
-        maps: list[list[torch.Tensor]] = [[] for _ in range(batch)]
-        picks: list[torch.Tensor] = []
+        # Every step's rows over the columns the grids span; each row's grid is picked once at the end.
+        low = min(int(grid.min()) for grid in positions)
+        high = max(int(grid.max()) for grid in positions) + 1
+        recorded: list[tuple[torch.Tensor, list[bool]]] = []
         try:
             with language_model_attention(self.model, self.probe_family, self._attention), torch.no_grad():
                 logits = self.branch_logits(ids)
                 for step in range(steps):
                     # [B, L, K] on the first probe layer's device (a device map may spread the layers)
                     first = self._rows[self.layers[0]]
-                    rows = torch.stack([self._rows[layer].to(first.device) for layer in self.layers], dim=1)
-                    picks = picks or [grid.to(first.device) for grid in positions]
-                    for row in range(batch):
-                        if not finished[row]:  # the maps stay on the device until the end: no sync per row
-                            maps[row].append(rows[row][:, picks[row]])
+                    rows = torch.stack([self._rows[layer][:, low:high].to(first.device) for layer in self.layers], 1)
+                    recorded.append((rows, [not done for done in finished]))  # on the device: no sync per step
                     token = logits.argmax(dim=-1)
                     finished = [was or now in stops for was, now in zip(finished, token.tolist(), strict=True)]
                     if step == steps - 1 or all(finished[q] or finished[g] for q, g in enumerate(partners)):
@@ -344,18 +352,28 @@ class _ProbeRunner(ContrastBranchProcessor):
         finally:
             self._rows = {}
             self.reset()
-        return [torch.stack(row).cpu() for row in maps]
+        maps = []
+        for row, grid in enumerate(positions):
+            spans = torch.stack([rows[row] for rows, alive in recorded if alive[row]])  # [T, L, high - low]
+            maps.append(spans[:, :, (grid - low).to(spans.device)].cpu())
+        return maps
 
     def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         """transformers' SDPA attention; in a probe layer, also the last query row's weights (all the
-        probe reads: the full weights of eager attention cost a prefill far more)."""
+        probe reads: the full weights of eager attention cost a prefill far more). A decoding step's
+        one row is the whole attention, so a probe layer computes it once, from those weights."""
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        output, _ = sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
         layer = getattr(module, "layer_idx", None)
-        if layer not in self.layers:
+        in_probe = layer in self.layers
+        one_row = in_probe and query.shape[2] == 1 and not dropout
+        one_row = one_row and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+        output = None
+        if not one_row:
+            output, _ = sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
+        if not in_probe:
             return output, None
         keys = repeat_kv(key, query.shape[1] // key.shape[1])
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -365,6 +383,9 @@ class _ProbeRunner(ContrastBranchProcessor):
             logits = logits.masked_fill(~last, float("-inf")) if last.dtype == torch.bool else logits + last
         weights = nn.functional.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
         self._rows[layer] = weights[:, :, -1].mean(dim=1).float()
+        if output is None:  # [B, 1, H, D], as SDPA's
+            values = repeat_kv(value, query.shape[1] // value.shape[1])
+            output = torch.matmul(weights, values).transpose(1, 2).contiguous()
         return output, weights
 
     def combine(self, input_ids, scores, branch_logits):
