@@ -27,8 +27,8 @@ that prefix runs once and its cache serves them all. Each row stops after its EO
 done as soon as its probe or its general probe is (v4 only fuses the steps both reached; v1-v3 read
 the first step only, so their probes stop there), and decoding ends when every question is done. The
 probes run on SDPA and compute only the attention row they read (the last query's, in the probe
-layers), on a KV cache that writes each token in place (:mod:`.kv_cache`); the maps equal :func:`~.functional.carve.carve_probe_attention`'s up to floating-point
-rounding. On LLaVA (1.5 and NeXT) the official final pass, whose prompts start with the same prefix,
+layers), on a KV cache that writes each token in place (:mod:`.kv_cache`); the maps equal
+:func:`~.functional.carve.carve_probe_attention`'s up to floating-point rounding. On LLaVA (1.5 and NeXT) the official final pass, whose prompts start with the same prefix,
 continues from its cache (:class:`~.method.CachedPrefix`): only the refined image and the question
 run again. The image tokens must form a patch grid (LLaVA-1.5, the base view of LLaVA-NeXT,
 Qwen2-VL): InstructBLIP's resampled query tokens raise :class:`~.layouts.LayoutError`.
@@ -49,7 +49,7 @@ from torch import nn
 from attnzoo._values import whole_number
 from attnzoo.errors import InvalidInputError, InvalidOptionError
 
-from .base import ContrastBranchProcessor, check_behaviour, language_model_attention, mask_positions, repeat_kv
+from .base import ContrastBranchProcessor, check_behaviour, language_model_attention, mask_positions
 from .functional.carve import (
     CARVE_GENERAL_INSTRUCTION,
     CARVE_LAMBDA_CODE,
@@ -361,7 +361,8 @@ class _ProbeRunner(ContrastBranchProcessor):
     def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         """transformers' SDPA attention; in a probe layer, also the last query row's weights (all the
         probe reads: the full weights of eager attention cost a prefill far more). A decoding step's
-        one row is the whole attention, so a probe layer computes it once, from those weights."""
+        one row is the whole attention, so a probe layer computes it once, from those weights. The
+        query heads are grouped over their key-value heads (no copy of the cache per head)."""
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         layer = getattr(module, "layer_idx", None)
@@ -375,18 +376,19 @@ class _ProbeRunner(ContrastBranchProcessor):
             )
         if not in_probe:
             return output, None
-        keys = repeat_kv(key, query.shape[1] // key.shape[1])
-        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        logits = torch.matmul(query[:, :, -1:], keys.transpose(2, 3)) * scale
+        batch, heads, _, width = query.shape
+        groups = key.shape[1]
+        scale = width**-0.5 if scaling is None else scaling
+        last = query[:, :, -1].reshape(batch, groups, heads // groups, width)  # [B, KV, heads per KV, D]
+        logits = torch.matmul(last, key.transpose(2, 3)) * scale  # [B, KV, heads per KV, K]
         if attention_mask is not None:  # the last row is causal-complete: only padding is masked
-            last = attention_mask[:, :, -1:, : keys.shape[-2]]
-            logits = logits.masked_fill(~last, float("-inf")) if last.dtype == torch.bool else logits + last
+            row = attention_mask[:, :, -1:, : key.shape[-2]]
+            logits = logits.masked_fill(~row, float("-inf")) if row.dtype == torch.bool else logits + row
         weights = nn.functional.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
-        self._rows[layer] = weights[:, :, -1].mean(dim=1).float()
+        self._rows[layer] = weights.mean(dim=(1, 2)).float()
         if output is None:  # [B, 1, H, D], as SDPA's
-            values = repeat_kv(value, query.shape[1] // value.shape[1])
-            output = torch.matmul(weights, values).transpose(1, 2).contiguous()
-        return output, weights
+            output = torch.matmul(weights, value).reshape(batch, 1, heads, value.shape[-1])
+        return output, weights.reshape(batch, heads, 1, -1)
 
     def combine(self, input_ids, scores, branch_logits):
         raise NotImplementedError("the CARVE probe is no logits processor")

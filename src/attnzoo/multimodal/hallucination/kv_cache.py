@@ -4,9 +4,11 @@ transformers' ``DynamicLayer`` concatenates its whole cache with every new token
 copies the cache, which on a long prompt (CARVE's final pass holds two images) or a small model is a
 large share of the step. :class:`ReservedLayer` keeps room for more tokens and writes each new one
 in place, handing the attention the filled part as a view: the same keys and values, so the same
-outputs. Whatever replaces a layer's tensors (row selection, beam reordering, cropping to fewer
-rows) is noticed at the next write, which moves the cache into fresh room; a cache shared by two
-generations must be deep-copied, as a ``DynamicCache`` must be.
+outputs. Whatever replaces a layer's tensors (row selection, beam reordering, offloading) is noticed
+at the next write, which moves the cache into fresh room; after ``crop`` (fewer tokens) the next
+tokens are written over the dropped places, so a view returned before the crop changes (a
+``DynamicLayer``'s returned tensors never do). A cache shared by two generations must be
+deep-copied, as a ``DynamicCache`` must be.
 """
 
 from __future__ import annotations
