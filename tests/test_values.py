@@ -126,6 +126,24 @@ def test_comma_items_strips_and_keeps_order():
     assert comma_items("7", "--x") == ["7"]
 
 
+def test_comma_items_nested_keeps_what_parentheses_hold():
+    assert comma_items("none, pai(alpha=0.5,gamma=1)+vcd", "--methods", nested=True) == [
+        "none",
+        "pai(alpha=0.5,gamma=1)+vcd",
+    ]
+    assert comma_items("pai(a=1)+vcd(b=2,c=3)", "--method", separators="+,", nested=True) == [
+        "pai(a=1)",
+        "vcd(b=2,c=3)",
+    ]
+    assert comma_items("a(b,c)", "--x") == ["a(b", "c)"]  # parentheses are text unless nested
+    with pytest.raises(InvalidOptionError, match="leaves a parenthesis open"):
+        comma_items("pai(alpha=1", "--method", nested=True)
+    with pytest.raises(InvalidOptionError, match="closes a parenthesis it did not open"):
+        comma_items("pai),vcd(", "--method", nested=True)
+    with pytest.raises(InvalidOptionError, match="blank item"):
+        comma_items("pai(alpha=1),", "--method", nested=True)
+
+
 @pytest.mark.parametrize("value", ["", " ", "a,,b", "a,", ",a", ","])
 def test_comma_items_refuses_blank_items(value):
     with pytest.raises(InvalidOptionError, match="--layers .* blank item"):

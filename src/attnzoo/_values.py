@@ -135,13 +135,31 @@ def check_worker_count(num_workers: int, name: str = "num_workers") -> int:
     return num_workers
 
 
-def comma_items(value: str, name: str) -> list[str]:
+def comma_items(value: str, name: str, separators: str = ",", nested: bool = False) -> list[str]:
     """The stripped items of ``"a, b,c"``; a blank item (``"a,,b"``, a trailing comma) or no item at all is
-    refused: a dropped item would run something other than what was typed."""
-    items = [item.strip() for item in value.split(",")]
+    refused: a dropped item would run something other than what was typed. ``nested``: separators inside
+    parentheses belong to their item (``"pai(alpha=0.5,gamma=1),vcd"`` is two items)."""
+    items = [item.strip() for item in _split_outside_parentheses(value, separators, name, nested)]
     if not value.strip() or any(not item for item in items):
         raise InvalidOptionError(f"{name} {value!r} has a blank item; give comma-separated values such as 'a,b'")
     return items
+
+
+def _split_outside_parentheses(value: str, separators: str, name: str, nested: bool) -> list[str]:
+    items, current, depth = [], [], 0
+    for char in value:
+        if nested and char in "()":
+            depth += 1 if char == "(" else -1
+            if depth < 0:
+                raise InvalidOptionError(f"{name} {value!r} closes a parenthesis it did not open")
+        if char in separators and depth == 0:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    if depth:
+        raise InvalidOptionError(f"{name} {value!r} leaves a parenthesis open")
+    return [*items, "".join(current)]
 
 
 def listed(names: Sequence[str], limit: int = 5) -> str:

@@ -160,6 +160,20 @@ def test_incompatible_methods_are_a_usage_error(pope, tmp_path, capsys):
     assert "var" in capsys.readouterr().err and not (tmp_path / "results.json").exists()
 
 
+def test_run_gives_each_method_of_a_composition_its_own_settings(pope, tmp_path, capsys):
+    """--alpha once for PAI + VCD (an attention boost and a contrast) is a usage error saying how to give
+    each its own; in the method's parentheses each runs with its own value."""
+    image = next((pope / "val2014").glob("*.jpg"))
+    args = ["run", TASK, str(image), "--question", "dog?", "--weights", "none", "--device", "cpu"]
+    assert main([*args, "--method", "pai+vcd", "--alpha", "1", "--out", str(tmp_path / "shared")]) == 2
+    assert "pai(alpha=1.0)+vcd(alpha=1.0)" in capsys.readouterr().err
+    own = ["--method", "pai(alpha=0.5)+vcd(alpha=2, beta=0.1)", "--max-new-tokens", "2"]
+    assert main([*args, *own, "--out", str(tmp_path / "own")]) == 0
+    result = json.loads((tmp_path / "own" / "results.json").read_text())["results"][str(image)]
+    assert [(m["method"], m["alpha"]) for m in result["methods"]] == [("pai", 0.5), ("vcd", 2.0)]
+    assert result["methods"][1]["beta"] == 0.1
+
+
 def test_run_with_beam_search_and_an_attention_edit(pope, tmp_path, capsys):
     """generate repeats each prompt's row for its beams after encoding the image once."""
     image = next((pope / "val2014").glob("*.jpg"))

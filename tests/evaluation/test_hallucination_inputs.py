@@ -172,6 +172,10 @@ def test_a_setting_with_one_meaning_in_a_comparison_stays_allowed(tmp_path):
     same = make_plan(root, methods="var,pai", behaviour="paper")  # official code or paper, in each
     assert all(run["method_settings"] == {"behaviour": "paper"} for _, _, run in same.runs)
     assert make_plan(root, method="pai", alpha=1.0).runs[0][2]["method_settings"] == {"alpha": 1.0}
+    own = make_plan(root, methods="none,pai(alpha=0.5),pai(alpha=1)+vcd(alpha=2, beta=0.1)")  # each its own
+    assert [name for name, _, _ in own.runs] == ["none", "pai(alpha=0.5)", "pai(alpha=1)+vcd(alpha=2, beta=0.1)"]
+    described = {name: [m["alpha"] for m in run["method_description"]] for name, _, run in own.runs}
+    assert described["pai(alpha=0.5)"] == [0.5] and described["pai(alpha=1)+vcd(alpha=2, beta=0.1)"] == [1.0, 2.0]
 
 
 def test_run_json_records_the_file_label(tmp_path):

@@ -100,7 +100,7 @@ def test_no_method_is_the_stock_model_before_and_after_methods(ask, photos):
         ("vcd", {"alpha": 0.5}),
         ("carve", {"layers": (2, 3), "probe_tokens": 2}),
         ("var+vcd", VAR_ON_TINY),
-        ("pai+vcd", {"alpha": 0.3}),
+        ("pai+vcd", {"beta": 0.3, "gamma": 1.0}),
         ("carve+vcd", {"layers": (2, 3), "probe_tokens": 2}),
     ],
 )
@@ -261,6 +261,45 @@ def test_compositions_and_settings_are_checked(ask, photos):
     own = VAR(sink_dims=(3, 7), tau=2.0)
     assert build_methods([own, "vcd"])[0].intervention is own
     assert set(METHODS) == {"var", "pai", "paint", "vcd", "agla", "carve"}
+
+
+def test_each_method_of_a_composition_takes_its_own_settings(ask, photos):
+    """A setting two methods of a composition read differently (alpha: PAI's attention boost, VCD's
+    contrast), given once, is refused, naming each default and how to give each its own; in parentheses
+    (the command line's --method) or a dict, each method runs with its own value."""
+    defaults = {name: build_methods(name)[0].describe()["alpha"] for name in ("pai", "vcd")}
+    assert defaults["pai"] != defaults["vcd"]  # the premise: two meanings of alpha
+    with pytest.raises(InvalidOptionError) as err:
+        build_methods("pai+vcd", alpha=1.0)
+    message = str(err.value)
+    assert all(f"{name} (default {value})" in message for name, value in defaults.items())
+    assert "--method 'pai(alpha=1.0)+vcd(alpha=1.0)'" in message
+    with pytest.raises(InvalidOptionError, match="read it differently"):
+        ask(photos[0], question=QUESTIONS[0], method="pai+vcd", alpha=1.0)
+    text = build_methods("pai(alpha=0.5, gamma=1)+vcd(alpha=2,beta=0.1, batched=false)")
+    mapping = build_methods({"pai": {"alpha": 0.5, "gamma": 1.0}, "vcd": {"alpha": 2.0, "beta": 0.1, "batched": False}})
+    assert [m.describe() for m in text] == [m.describe() for m in mapping]
+    assert text[0].describe()["cfg"] == "off (gamma 1)"
+    shared = build_methods("pai(alpha=0.3)+vcd", alpha=2.0)  # the shared value goes where no own one is
+    assert [m.describe()["alpha"] for m in shared] == [0.3, 2.0]
+    assert build_methods("carve(layers=1,2,3, probe_tokens=4)")[0].describe()["layers"] == (1, 2, 3)
+    assert build_methods("pai(end_layer=none)")[0].describe()["end_layer"] is None
+    result = ask(photos[0], question=QUESTIONS[0], method="pai(alpha=0.5)+vcd(alpha=2)")
+    assert [m["alpha"] for m in result.settings["methods"]] == [0.5, 2.0] and result.token_ids
+    for spec, refusal in [
+        ("pai(alpha=abc)", "pai's alpha must be a number"),
+        ("pai(start_layer=2.5)", "pai's start_layer must be a whole number"),
+        ("vcd(batched=maybe)", "vcd's batched must be true or false"),
+        ("pai(foo=1)", "pai takes alpha.*not foo"),
+        ("pai(alpha=1", "leaves a parenthesis open"),
+        ("pai)+vcd", "closes a parenthesis"),
+        ("pai(0.5)", "start without a name"),
+        ("pai(alpha=1,alpha=2)", "alpha twice"),
+        ("none(alpha=1)", "takes no settings"),
+        ("(alpha=1)", "not a name"),
+    ]:
+        with pytest.raises(InvalidOptionError, match=refusal):
+            build_methods(spec)
 
 
 def test_return_attention_and_the_picture(ask, photos, tmp_path):
@@ -517,8 +556,10 @@ def test_bad_inputs_are_named(ask, photos, tmp_path):
         ask(photos[0], question="  ")
     with pytest.raises(InvalidInputError, match="the question must be text, got int 3"):
         ask(photos[0], question=3)
-    with pytest.raises(InvalidOptionError, match="var: a setting of the wrong type"):
+    with pytest.raises(InvalidOptionError, match="var's tau must be a number, got 'high'"):
         ask(photos[0], question="dog?", method="var", tau="high")
+    with pytest.raises(InvalidOptionError, match="var: a setting of the wrong type"):
+        ask(photos[0], question="dog?", method="var", tau=[1])
     with pytest.raises(InvalidInputError, match="question= is required"):
         ask(photos[0])
     skipped = list(
@@ -624,8 +665,10 @@ def test_seeds_beyond_what_a_generator_takes_are_typed_errors(ask, photos):
     assert ask(photos[0], question="dog?", do_sample=True, seed=2**64 - 1).answer is not None
     with pytest.raises(InvalidOptionError, match="VCD's seed must be a 64-bit integer"):
         VCD(seed=2**63)
-    with pytest.raises(InvalidOptionError, match="VCD's seed"):
-        ask(photos[0], question="dog?", method="vcd", method_settings={"seed": "55"})
+    with pytest.raises(InvalidOptionError, match="vcd's seed must be a whole number, got 'fifty'"):
+        ask(photos[0], question="dog?", method="vcd", method_settings={"seed": "fifty"})
+    with pytest.raises(InvalidOptionError, match="VCD's seed must be a 64-bit integer"):  # text as the CLI gives it
+        ask(photos[0], question="dog?", method="vcd", method_settings={"seed": str(2**63)})
     assert VCD(seed=-(2**63)).seed == -(2**63)
 
 

@@ -113,25 +113,14 @@ def _settings_taken(name: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k in accepted}
 
 
-#: Settings that mean one thing in every method that takes them (how a contrast branch runs; the
-#: official code's or the paper's behaviour), whatever their defaults.
-_SAME_MEANING = frozenset({"batched", "behaviour"})
-
-
 def _refuse_ambiguous_settings(names: Sequence[str], settings: Mapping[str, Any]) -> None:
     """In a comparison, a setting that two of the compared methods read with different meanings (told by
     their different defaults: ``--alpha`` is VCD's contrast, 1, and PAI's attention boost, 0.2) is
     refused: one value would run one of them far from its own setting without a word."""
-    from attnzoo.multimodal.hallucination.methods import build_methods, method_settings, parse_method_spec
+    from attnzoo.multimodal.hallucination.methods import parse_method_spec, setting_clashes
 
-    defaults: dict[str, dict[str, Any]] = {}
-    for part in dict.fromkeys(part for name in names for part, _ in parse_method_spec(name)):
-        keys = [k for k in settings if k in method_settings(part) and k not in _SAME_MEANING]
-        if keys:
-            described = build_methods(part, strict=False)[0].describe()
-            for key in keys:
-                defaults.setdefault(key, {})[part] = described.get(key)
-    clashes = {k: d for k, d in defaults.items() if len({json.dumps(v, default=str) for v in d.values()}) > 1}
+    parts = [part for name in names for part, item in parse_method_spec(name) if isinstance(item, Mapping)]
+    clashes = setting_clashes(parts, settings)
     if clashes:
         said = "; ".join(
             f"--{k.replace('_', '-')} is read by {', '.join(f'{m} (default {v})' for m, v in d.items())}"
@@ -139,8 +128,9 @@ def _refuse_ambiguous_settings(names: Sequence[str], settings: Mapping[str, Any]
         )
         raise InvalidOptionError(
             f"in --methods {','.join(names)} one value would go to methods that read it differently: {said}. "
-            "Run those methods separately (--method NAME with its own settings, each into its own --out) "
-            "and compare the runs with attnzoo.evaluation.hallucination.write_comparison_table"
+            "Give each method its own in its parentheses (--methods 'none,pai(alpha=0.5),vcd(alpha=1)'), or run "
+            "those methods separately (--method NAME with its own settings, each into its own --out) and compare "
+            "the runs with attnzoo.evaluation.hallucination.write_comparison_table"
         )
 
 
@@ -257,7 +247,8 @@ class HallucinationEvaluator(TaskEvaluator):
         if method is not None and methods is not None:
             raise InvalidOptionError("give --method or --methods, not both")
         listed = methods if methods is not None else method
-        names = ["none"] if listed is None else comma_items(listed, "--methods" if methods is not None else "--method")
+        flag = "--methods" if methods is not None else "--method"
+        names = ["none"] if listed is None else comma_items(listed, flag, nested=True)
         if len(set(names)) != len(names):
             raise InvalidOptionError(f"--methods lists each method once, got {listed!r}")
         decoding = decoding_settings(

@@ -5,6 +5,11 @@ combining methods.
     build_methods("var")                                  # [VAR adapter]
     build_methods("var+agla", alpha=2)                    # alpha goes to AGLA (VAR has none)
     build_methods({"pai": {"alpha": 0.5}, "vcd": {}})     # settings per method
+    build_methods("pai(alpha=0.5)+vcd(alpha=1)")          # the same in text (the command line's --method)
+
+A keyword setting that two methods of a composition read differently (``alpha``: PAI's attention
+boost, default 0.2, and VCD's contrast, default 1) is refused: one value would run one of them far
+from its own setting without a word. Give each method its own, in its parentheses or dict.
     build_methods([VAR(sink_dims=(3, 7)), "vcd"])         # instances as they are
 
 VAR, PAI and PAINT are :class:`~.base.Intervention` s; :class:`InterventionMethod` gives them the
@@ -24,8 +29,11 @@ when ``gamma != 1``). Which methods combine (:func:`check_composition`):
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
+import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +57,9 @@ __all__ = [
     "method_names",
     "method_settings",
     "parse_method_spec",
+    "refuse_shared_settings",
+    "setting_clashes",
+    "setting_default",
 ]
 
 _PACKAGE = __name__.rpartition(".")[0]
@@ -81,7 +92,7 @@ class MethodEntry:
 
     def build(self, **settings: Any) -> MitigationMethod:
         cls = self.load()
-        settings = {k: _coerced(cls, k, v) for k, v in settings.items()}
+        settings = {k: _coerced(cls, k, v, self.name) for k, v in settings.items()}
         if self.cfg:
             guidance = {k: settings.pop(k) for k in ("gamma", "cutoff") if k in settings}
             return InterventionMethod(cls(**settings), **guidance)
@@ -100,17 +111,41 @@ METHODS: dict[str, MethodEntry] = {
 _NONE = ("", "none", "baseline", "stock")
 
 
-def _coerced(cls: type, name: str, value: Any) -> Any:
-    """A list setting given as text (the command line's ``--sink-dims 1415,2533``) as a list of numbers."""
-    parameter = inspect.signature(cls).parameters.get(name)
-    annotation = str(getattr(parameter, "annotation", ""))
-    if not isinstance(value, str) or not any(t in annotation for t in ("Sequence", "Iterable", "tuple[", "list[")):
+#: The settings PAI's and PAINT's guidance adapter takes, and their types.
+_CFG_SETTINGS = {"gamma": "float", "cutoff": "float"}
+
+
+def _coerced(cls: type, name: str, value: Any, method: str) -> Any:
+    """A setting given as text (the command line's ``--sink-dims 1415,2533``, a method's parentheses
+    ``pai(alpha=0.5)``) as the type the method takes: a list of numbers, a number, a flag or None."""
+    if not isinstance(value, str):
         return value
-    items = comma_items(value, name)
-    try:
-        return [float(v) if "." in v else int(v) for v in items]
-    except ValueError:
-        raise InvalidOptionError(f"{name} must be numbers separated by commas, got {value!r}") from None
+    parameter = inspect.signature(cls).parameters.get(name)
+    annotation = _CFG_SETTINGS.get(name) or str(getattr(parameter, "annotation", ""))
+    if any(t in annotation for t in ("Sequence", "Iterable", "tuple[", "list[")):
+        items = comma_items(value, name)
+        try:
+            return [float(v) if "." in v else int(v) for v in items]
+        except ValueError:
+            raise InvalidOptionError(f"{method}'s {name} must be numbers separated by commas, got {value!r}") from None
+    types = set(re.findall(r"[A-Za-z_.]+", annotation))
+    text = value.strip()
+    if "None" in types and text.lower() == "none":
+        return None
+    if "bool" in types:
+        flags = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+        if text.lower() in flags:
+            return flags[text.lower()]
+        raise InvalidOptionError(f"{method}'s {name} must be true or false, got {value!r}")
+    for kind, convert in (("int", int), ("float", float)):
+        if kind in types:
+            try:
+                return convert(text)
+            except ValueError:
+                raise InvalidOptionError(
+                    f"{method}'s {name} must be {'a whole number' if kind == 'int' else 'a number'}, got {value!r}"
+                ) from None
+    return value
 
 
 def _keywords(fn: Any) -> tuple[str, ...]:
@@ -191,11 +226,14 @@ def parse_method_spec(spec: Any) -> list[tuple[str, Any]]:
         if not spec.strip():
             raise InvalidOptionError("method is empty: name one (var, var+agla), or 'none' for the stock model")
         try:
-            spec = comma_items(spec.replace("+", ","), "method")
-        except InvalidOptionError:
+            items = comma_items(spec, "method", separators="+,", nested=True)
+        except InvalidOptionError as err:
+            if "parenthesis" in str(err):
+                raise
             raise InvalidOptionError(
                 f"method {spec!r} has a blank item; join method names with + or commas, e.g. 'var+agla'"
             ) from None
+        spec = [_named_settings(item) for item in items]
     if isinstance(spec, Mapping):
         pairs = []
         for name, settings in spec.items():
@@ -217,11 +255,44 @@ def parse_method_spec(spec: Any) -> list[tuple[str, Any]]:
             raise InvalidOptionError(f"a method is a name or a MitigationMethod, got {type(item).__name__}")
         name = name.strip().lower()
         if name in _NONE and not isinstance(settings, (MitigationMethod, Intervention)):
+            if settings:
+                raise InvalidOptionError(f"method {name!r} (the stock model) takes no settings, got {dict(settings)}")
             continue
         if isinstance(settings, Mapping):
             _entry(name)
         out.append((name, settings))
     return out
+
+
+_NAMED = re.compile(r"\s*([A-Za-z0-9_-]*)\s*(?:\((.*)\))?\s*", re.DOTALL)
+_KEY = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_-]*)\s*=(.*)", re.DOTALL)
+
+
+def _named_settings(item: str) -> tuple[str, dict[str, str]]:
+    """``"pai(alpha=0.5, gamma=1)"`` -> ``("pai", {"alpha": "0.5", "gamma": "1"})``; a list value keeps its
+    commas (``carve(layers=20,21,22)``: an item without ``=`` continues the setting before it)."""
+    match = _NAMED.fullmatch(item)
+    if match is None or not match.group(1):
+        raise InvalidOptionError(
+            f"method {item!r} is not a name, or a name with its settings in parentheses, e.g. 'pai(alpha=0.5)'"
+        )
+    name, inside = match.group(1), match.group(2)
+    settings: dict[str, str] = {}
+    if inside is None or not inside.strip():
+        return name, settings
+    key = None
+    for part in comma_items(inside, f"{name}'s settings", nested=True):
+        setting = _KEY.fullmatch(part)
+        if setting is None:
+            if key is None:
+                raise InvalidOptionError(f"{name}'s settings {inside!r} start without a name: write {name}(alpha=0.5)")
+            settings[key] += "," + part  # a list: layers=20,21,22
+            continue
+        key = setting.group(1).replace("-", "_")
+        if key in settings:
+            raise InvalidOptionError(f"{name}'s settings {inside!r} give {key} twice")
+        settings[key] = setting.group(2).strip()
+    return name, settings
 
 
 def _name_of(method: MitigationMethod | Intervention) -> str:
@@ -233,6 +304,7 @@ def build_methods(spec: Any = None, *, strict: bool = True, **settings: Any) -> 
     to every named method that takes it; one that none takes raises :class:`InvalidOptionError` (with
     ``strict=False`` it is left out: a comparison of methods gives every method the same settings)."""
     pairs = parse_method_spec(spec)
+    refuse_shared_settings(pairs, settings)
     taken: set[str] = set()
     methods: list[MitigationMethod] = []
     for name, item in pairs:
@@ -241,6 +313,9 @@ def build_methods(spec: Any = None, *, strict: bool = True, **settings: Any) -> 
             continue
         entry = METHODS[name]
         accepted = entry.settings()
+        unknown = sorted(set(item) - set(accepted))
+        if unknown:
+            raise InvalidOptionError(f"{name} takes {', '.join(accepted)}; not {', '.join(unknown)}")
         own = {k: v for k, v in settings.items() if k in accepted}
         taken |= set(own)
         try:
@@ -259,6 +334,65 @@ def build_methods(spec: Any = None, *, strict: bool = True, **settings: Any) -> 
         )
     check_composition(methods)
     return methods
+
+
+#: Settings that mean one thing in every method that takes them (how a contrast branch runs; the
+#: official code's or the paper's behaviour), whatever their defaults.
+SAME_MEANING = frozenset({"batched", "behaviour"})
+
+
+@functools.cache
+def _described_defaults(name: str) -> str:
+    return json.dumps(build_methods(name, strict=False)[0].describe(), default=str)
+
+
+def setting_default(name: str, key: str) -> Any:
+    """What the registered method ``name`` runs with when ``key`` is not given (as it describes itself)."""
+    return json.loads(_described_defaults(name)).get(key)
+
+
+def setting_clashes(names: Sequence[str], keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The ``keys`` that several of the registered methods ``names`` take with different defaults, i.e.
+    read differently (``alpha``: PAI's attention boost, 0.2, VCD's contrast, 1): key -> method -> default."""
+    clashes = {}
+    for key in keys:
+        readers = [name for name in dict.fromkeys(names) if key in method_settings(name)]
+        if key in SAME_MEANING or len(readers) < 2:
+            continue
+        defaults = {name: setting_default(name, key) for name in readers}
+        if len({json.dumps(v, default=str) for v in defaults.values()}) > 1:
+            clashes[key] = defaults
+    return clashes
+
+
+def refuse_shared_settings(pairs: Sequence[tuple[str, Any]], settings: Mapping[str, Any]) -> None:
+    """A keyword setting that would go to two methods of a composition that read it differently is
+    refused (a method with its own value for it, in its dict or parentheses, does not take the shared one)."""
+    registered = [(name, item) for name, item in pairs if isinstance(item, Mapping)]
+    if len(registered) < 2:
+        return
+    clashes = {}
+    for key in settings:
+        readers = [name for name, item in registered if key not in item]
+        clash = setting_clashes(readers, [key]).get(key)
+        if clash:
+            clashes[key] = clash
+    if not clashes:
+        return
+    said = "; ".join(
+        f"{key} is read by {', '.join(f'{name} (default {value})' for name, value in defaults.items())}"
+        for key, defaults in clashes.items()
+    )
+    parts = []
+    for name, _ in registered:
+        own = [f"{key}={settings[key]}" for key, defaults in clashes.items() if name in defaults]
+        parts.append(f"{name}({','.join(own)})" if own else name)
+    example = "+".join(parts)
+    raise InvalidOptionError(
+        f"one value would go to methods that read it differently: {said}. Give each method its own in its "
+        f"parentheses, e.g. --method '{example}' (leave a method's out to keep its default; in Python, "
+        "method={name: {setting: value}})"
+    )
 
 
 def check_on_model(methods: Sequence[MitigationMethod], model: Any) -> None:
