@@ -57,11 +57,13 @@ def test_pope_methods_comparison_and_resume(pope, tmp_path, capsys):
     assert (described["tau"], described["rho"], described["behaviour"]) == (2.0, 0.5, "official")
     assert runs["none"]["method_description"] == [] and "rho_code" in (out / "var" / "report.md").read_text()
     table = (out / "comparison.md").read_text()
-    assert [
-        line.split("|")[1].strip()
-        for line in table.splitlines()
-        if line.startswith("| none") or line.startswith("| var")
-    ] == ["none", "var"]
+    rows = [line.split("|") for line in table.splitlines() if line.startswith("| none") or line.startswith("| var")]
+    assert [row[1].strip() for row in rows] == ["none", "var"]
+    for row, (name, run) in zip(rows, runs.items(), strict=True):  # POPE's precision, not the model's dtype
+        said_yes = [r for r in read_lines(out / name / "predictions.jsonl") if r["parsed"]["pope"] == "yes"]
+        expected = 100 * sum(r["label"] == "yes" for r in said_yes) / len(said_yes) if said_yes else 0.0
+        assert run["precision"] == pytest.approx(expected) and run["model_dtype"] == "float32"
+        assert float(row[3]) == pytest.approx(expected, abs=0.01)
 
     # the answers are the pipeline's own, question by question
     ask = attnzoo.pipeline(

@@ -163,22 +163,29 @@ def test_an_edited_labels_csv_is_another_run(tmp_path, capsys):
     assert "labels_sha256" in capsys.readouterr().err
 
 
-def test_the_device_and_precision_are_recorded_and_held_to(tmp_path, capsys):
+def test_the_device_and_dtype_are_recorded_and_held_to(tmp_path, capsys):
     data = _write_bags(tmp_path / "feats.h5", [0, 1, 0, 1])
     out = tmp_path / "out"
     assert _eval(data, out, "--weights", "none", "--device", "cpu") == 0
     run = _strict_json((out / "run.json").read_text())
-    assert (run["device"], run["precision"]) == ("cpu", "float32")
+    assert (run["device"], run["model_dtype"]) == ("cpu", "float32") and "precision" not in run
     (out / "run.json").write_text(json.dumps({**run, "device": "cuda"}))  # as if started on a GPU
     capsys.readouterr()
     assert _eval(data, out, "--weights", "none", "--device", "cpu") == 1
     err = capsys.readouterr().err
     assert "device" in err and "--device" in err
-    old = {k: v for k, v in run.items() if k not in ("device", "precision")}  # an older attnzoo's run.json
+    old = {k: v for k, v in run.items() if k not in ("device", "model_dtype")}  # an older attnzoo's run.json
     (out / "run.json").write_text(json.dumps(old))
     assert _eval(data, out, "--weights", "none", "--device", "cpu") == 0
-    assert "does not record the device and precision" in capsys.readouterr().err
+    assert "does not record the device and model_dtype" in capsys.readouterr().err
     assert _strict_json((out / "run.json").read_text())["device"] == "cpu"  # recorded from now on
+    renamed = {**old, "device": "cpu", "precision": "float32"}  # the release that named the dtype "precision"
+    (out / "run.json").write_text(json.dumps(renamed))
+    assert _eval(data, out, "--weights", "none", "--device", "cpu") == 0
+    assert "does not record" not in capsys.readouterr().err
+    (out / "run.json").write_text(json.dumps({**renamed, "precision": "bfloat16"}))
+    assert _eval(data, out, "--weights", "none", "--device", "cpu") == 1  # held to as the dtype
+    assert "model_dtype" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore:AUC is undefined")
@@ -285,7 +292,7 @@ def test_evaluators_refuse_a_limit_that_is_not_a_positive_count(tmp_path):
 # ----------------------------------------------------------------------------- shared rules of every evaluator
 
 
-def test_the_precision_of_a_model_without_parameters_is_its_dtype():
+def test_the_dtype_of_a_model_without_parameters_is_its_dtype_attribute():
     """Subject insertion's FluxFillModel wraps a diffusers pipeline: no parameters(), but a dtype."""
     from types import SimpleNamespace
 
@@ -296,10 +303,10 @@ def test_the_precision_of_a_model_without_parameters_is_its_dtype():
 
     assert execution_settings(SimpleNamespace(device="cpu", model=Wrapped())) == {
         "device": "cpu",
-        "precision": "bfloat16",
+        "model_dtype": "bfloat16",
     }
     module = torch.nn.Linear(2, 2).to(torch.float64)  # a module: its parameters' dtype, as before
-    assert execution_settings(SimpleNamespace(device="cpu", model=module))["precision"] == "float64"
+    assert execution_settings(SimpleNamespace(device="cpu", model=module))["model_dtype"] == "float64"
 
 
 def test_every_evaluator_refuses_a_bad_limit_alike(tmp_path):

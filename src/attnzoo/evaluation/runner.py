@@ -28,7 +28,10 @@ from attnzoo.errors import InvalidInputError, InvalidOptionError
 
 #: Settings an older attnzoo did not record: a run.json without them is resumed (with a warning), since
 #: the earlier run's value cannot be known; the value recorded from then on holds later resumes to it.
-ADDED_SETTINGS = ("device", "precision")
+ADDED_SETTINGS = ("device", "model_dtype")
+#: Settings renamed since: (old name, new name). ``precision`` was the model's dtype until it
+#: hid POPE's metric of that name in metrics.json.
+RENAMED_SETTINGS = (("precision", "model_dtype"),)
 
 
 @dataclass
@@ -156,7 +159,7 @@ def execution_settings(pipe: Any) -> dict[str, Any]:
     dtype = getattr(pipe, "dtype", None) or getattr(model, "dtype", None) or parameter_dtype(model)
     return {
         "device": device.type if device is not None else None,
-        "precision": str(dtype).removeprefix("torch.") if dtype is not None else None,
+        "model_dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
     }
 
 
@@ -328,13 +331,13 @@ def evaluate(
 
     if not records:
         raise InvalidInputError(f"no sample could be evaluated ({len(skipped)} skipped); see {skipped_path}")
-    metrics = {
+    metrics = {  # a setting of a metric's name (POPE's precision) never hides the metric
+        **{k: v for k, v in settings.items() if k not in ("task",)},
         **evaluator.metrics(records),
         "n": len(records),
         "skipped": len(skipped),
         "skipped_inputs": [s["input"] for s in skipped],
         "seconds_this_run": round(elapsed, 3),
-        **{k: v for k, v in settings.items() if k not in ("task",)},
         "task": evaluator.task,
     }
     metrics = json_safe(metrics)  # NaN (e.g. AUC of one class) as None: null in metrics.json, "n/a" in the report
@@ -348,6 +351,10 @@ def _check_same_settings(
 ) -> None:
     """A resume must have the earlier run's settings. A setting attnzoo records only since (:data:`ADDED_SETTINGS`)
     is taken on trust when the earlier run.json lacks it (said); any other difference is refused."""
+    previous = dict(previous)
+    for old, new in RENAMED_SETTINGS:  # an earlier release's name of the same setting
+        if old in previous and new not in previous and old not in settings:
+            previous[new] = previous.pop(old)
     changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
     trusted = [k for k in changed if k in ADDED_SETTINGS and k not in previous]
     refused = [k for k in changed if k not in trusted]
@@ -366,7 +373,7 @@ def _check_same_settings(
             )
         hint = (
             " (a run continues on the device type and dtype it started on: pass the same --device/--dtype)"
-            if {"device", "precision"} & set(refused)
+            if {"device", "model_dtype"} & set(refused)
             else ""
         )
         raise InvalidInputError(
