@@ -53,7 +53,9 @@ class CachedPrefix:
     rows: Sequence[int] | None = None
 
     def generate_inputs(self) -> dict[str, Any]:
-        """Keyword arguments for ``generate`` (a fresh copy of the cache each call: generate extends it)."""
+        """Keyword arguments for ``generate`` (a fresh copy of the cache each call: generate extends it), for
+        one sequence per prompt: ``generate`` repeats the prompts for beams or ``num_return_sequences`` but
+        not a cache passed in, so generate those on the whole prompts (``inputs``), as the pipeline does."""
         if self.rows is None:
             return {**self.inputs, cache_keyword(): copy.deepcopy(self.cache)}
         # Selecting rows makes new tensors: copy the cache's structure only, then select.
