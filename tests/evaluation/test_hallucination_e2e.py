@@ -107,6 +107,10 @@ def test_chair_and_mme(tmp_path):
     metrics = json.loads((tmp_path / "chair" / "metrics.json").read_text())
     assert metrics["n"] == 3 and {"chair_s", "chair_i", "recall", "length"} <= set(metrics)
     assert metrics["method"] == "var" and metrics["prompt"] == "Please describe this image in detail."
+    assert "CHAIR (3 images" in (tmp_path / "chair" / "report.md").read_text()
+    limited = ["--limit", "2", "--out", str(tmp_path / "chair2")]
+    assert eval_cli(*chair, *VAR_ON_TINY, "--data", str(coco), *limited) == 0
+    assert "CHAIR (2 of 3 images" in (tmp_path / "chair2" / "report.md").read_text()  # what was scored
 
     mme = with_pictures(write_mme_tree(tmp_path / "mme", images=1))
     assert eval_cli("--benchmark", "mme", "--data", str(mme), "--out", str(tmp_path / "mme")) == 0

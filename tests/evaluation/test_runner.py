@@ -198,6 +198,29 @@ def test_answers_made_before_a_failure_are_kept(tmp_path):
     assert [json.loads(line)["id"] for line in (tmp_path / "skipped.jsonl").read_text().splitlines()] == ["0"]
 
 
+class _Answers:
+    def iterate(self, inputs, **kwargs):
+        yield from enumerate(inputs)
+
+
+class _Scored(_Numbers):
+    headline = ("score",)
+
+    def metrics(self, records):
+        return {"score": sum(r["value"] for r in records)}
+
+
+def test_a_setting_never_stands_where_a_metric_goes(tmp_path):
+    """A run setting named like a metric showed in the metric's place (POPE's precision as "float32", the
+    3-D F-score as "False" when not computed): a setting of a headline metric's name is refused before
+    anything is written, and a metric always wins over a setting in metrics.json."""
+    with pytest.raises(ValueError, match=r"_Scored: run setting\(s\) \['score'\] are named like its metrics"):
+        evaluate(_Answers(), _Scored(), tmp_path / "a", settings={"score": False}, progress=False)
+    assert not (tmp_path / "a").exists()
+    metrics = evaluate(_Answers(), _Numbers(), tmp_path / "b", settings={"n": "a setting"}, progress=False)
+    assert metrics["n"] == 4 and json.loads((tmp_path / "b" / "metrics.json").read_text())["n"] == 4
+
+
 def test_other_settings_in_same_out_dir_is_an_error(imagenet_tree, tmp_path):
     root, _ = imagenet_tree
     pipe = attnzoo.pipeline(

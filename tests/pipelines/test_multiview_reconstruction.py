@@ -171,8 +171,20 @@ def test_shapenet_evaluation_and_view_sweep(recon, tmp_path, capsys, monkeypatch
         assert metrics["n"] == 4 and metrics["n_views"] == n
         assert metrics["iou"] == pytest.approx(overall.max(), abs=1e-4)
         assert [row["n"] for row in metrics["per_class"]] == [2, 2] and "fscore" in metrics
+        assert isinstance(metrics["fscore"], float) and metrics["with_fscore"] is True
     report = (out / "report.md").read_text()
     assert "| views | 1 | 3 |" in report and "F-score" in report
+    plain = tmp_path / "plain"  # without --fscore: no F-score anywhere (the flag stood in its place)
+    args = ["eval", "multiview-3d-reconstruction", "--model", "lrgt_tiny_test", "--weights", "none"]
+    capsys.readouterr()
+    assert main([*args, "--data", str(root), "--views", "3", "--out", str(plain), "--num-workers", "0"]) == 0
+    metrics = json.loads((plain / "metrics.json").read_text())
+    assert "fscore" not in metrics and metrics["with_fscore"] is False
+    assert "F-score" not in (plain / "report.md").read_text() and "fscore" not in capsys.readouterr().out
+    run = json.loads((plain / "run.json").read_text())
+    old = {("fscore" if k == "with_fscore" else k): v for k, v in run.items()}  # the release before this one
+    (plain / "run.json").write_text(json.dumps(old))
+    assert main([*args, "--data", str(root), "--views", "3", "--out", str(plain), "--num-workers", "0"]) == 0
     assert main(["eval", "multiview-3d-reconstruction", "--data", str(root), "--out", str(out), "--views", "0,3"]) == 2
     assert main(["eval", "image-classification", "--data", str(root), "--out", str(out), "--views", "3"]) == 2
 

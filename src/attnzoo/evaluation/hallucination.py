@@ -699,7 +699,9 @@ def _benchmark_title(metrics: Mapping[str, Any]) -> str:
     if metrics["benchmark"] == "pope":
         return f"POPE {metrics.get('source', '')} {metrics.get('split', '')}".strip()
     if metrics["benchmark"] == "chair":
-        return f"CHAIR ({metrics.get('chair_images', '?')} images, lemmatiser {metrics.get('lemmatizer')})"
+        scored, listed = metrics.get("n", "?"), metrics.get("chair_images")
+        images = f"{scored} of {listed}" if listed not in (None, scored) else f"{scored}"
+        return f"CHAIR ({images} images, lemmatiser {metrics.get('lemmatizer')})"
     return f"MME ({', '.join(metrics.get('mme_subtasks') or metrics.get('subtasks', {}))})"
 
 

@@ -46,7 +46,7 @@ class MultiViewReconstructionEvaluator(TaskEvaluator):
             (
                 None if len(counts) == 1 else f"views-{n}",
                 cls(data, split, limit=limit, n_views=n, with_fscore=fscore),
-                {"views": n, "fscore": fscore},
+                {"views": n, "with_fscore": fscore},
             )
             for n in counts
         ]

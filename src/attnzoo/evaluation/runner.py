@@ -29,9 +29,9 @@ from attnzoo.errors import InvalidInputError, InvalidOptionError
 #: Settings an older attnzoo did not record: a run.json without them is resumed (with a warning), since
 #: the earlier run's value cannot be known; the value recorded from then on holds later resumes to it.
 ADDED_SETTINGS = ("device", "model_dtype")
-#: Settings renamed since: (old name, new name). ``precision`` was the model's dtype until it
-#: hid POPE's metric of that name in metrics.json.
-RENAMED_SETTINGS = (("precision", "model_dtype"),)
+#: Settings renamed since: (old name, new name). ``precision`` (the model's dtype) hid POPE's metric of
+#: that name in metrics.json, and the 3-D ``fscore`` flag stood where the F-score goes when not computed.
+RENAMED_SETTINGS = (("precision", "model_dtype"), ("fscore", "with_fscore"))
 
 
 @dataclass
@@ -243,6 +243,9 @@ def evaluate(
     say = log or (lambda message: print(message, file=sys.stderr))
 
     check_batching(batch_size, num_workers)  # before anything is written
+    shadowing = sorted(set(settings) & set(evaluator.headline))
+    if shadowing:  # a report would show the setting where the metric goes (F-score: False)
+        raise ValueError(f"{type(evaluator).__name__}: run setting(s) {shadowing} are named like its metrics")
     model = getattr(pipe, "model", None)
     if model is not None:
         evaluator.check_model(model)

@@ -391,7 +391,8 @@ class ScanpathEvaluator(TaskEvaluator):
                 out["rows"][f"model ({condition} caption)" if self.dataset == "capmit1003" else "model"] = {
                     k: round(_mean([r[k] for r in rows]), 4) for k in keys
                 } | {"n": len(rows)}
-        humans = [r["human"] for r in records if r.get("human")]
+        # a sample whose image no other observer viewed has no inter-subject score: not counted in n
+        humans = [h for h in (r.get("human") for r in records) if h and any(v is not None for v in h.values())]
         out["rows"]["humans (inter-subject)"] = {k: round(_mean([h[k] for h in humans]), 4) for k in keys} | {
             "n": len(humans)
         }
