@@ -172,9 +172,12 @@ def test_evaluation_runs_and_resumes(tmp_path):
     assert metrics["n"] == 4 and metrics["pairs"] == 2 and set(metrics["per_subject"]) == {"dog6", "red_cartoon"}
     assert all(-1 <= metrics[k] <= 1 for k in ("clip_i", "dino", "clip_t"))
     report = (out / "report.md").read_text()
-    assert (
-        "CLIP-I" in report and "steps: 1, guidance: 30.0, seeds: [0, 1]" in report and "corrected behaviour" in report
-    )
+    assert "CLIP-I" in report and "corrected behaviour" in report
+    assert "- denoising steps: 1, guidance: 30.0, seeds: [0, 1]" in report
+    assert "edited steps=all" in report and "steps=None" not in report  # the edit's window, said as one
+    from attnzoo.evaluation.subject_insertion import _attention_setting
+
+    assert _attention_setting("steps", [0.25, 0.5]) == "edited steps=[0.25, 0.5)"
     lines = (out / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 4 and json.loads(lines[1])["seed"] == 1
 

@@ -199,9 +199,11 @@ class SubjectInsertionEvaluator(TaskEvaluator):
             "## Settings",
             "",
             f"- method: {metrics.get('method')} ({metrics.get('behaviour')} behaviour)",
-            f"- steps: {metrics.get('steps')}, guidance: {metrics.get('guidance')}, seeds: {metrics.get('seeds')}",
+            f"- denoising steps: {metrics.get('steps')}, guidance: {metrics.get('guidance')}, "
+            f"seeds: {metrics.get('seeds')}",
             f"- panels: {metrics.get('panel_size')} px, {metrics.get('orientation')}; latent blending: {metrics.get('blend')}",
-            "- attention: " + ", ".join(f"{k}={v}" for k, v in attention.items() if k not in ("method", "behaviour")),
+            "- attention: "
+            + ", ".join(_attention_setting(k, v) for k, v in attention.items() if k not in ("method", "behaviour")),
             f"- CLIP: {metrics.get('clip_model')}; DINO: {metrics.get('dino_model')}",
             f"- pairs: {metrics.get('pairs')}",
             "",
@@ -215,3 +217,10 @@ class SubjectInsertionEvaluator(TaskEvaluator):
             for s, m in metrics.get("per_subject", {}).items()
         ]
         return "\n".join(lines) + "\n"
+
+
+def _attention_setting(key: str, value: Any) -> str:
+    """The edit's step window said as one, not as a step count ("steps=None" read as no steps)."""
+    if key == "steps":
+        return "edited steps=" + ("all" if value is None else f"[{value[0]}, {value[1]})")
+    return f"{key}={value}"
