@@ -710,3 +710,13 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, monkeypatch, caps
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1 and "Traceback" not in captured.err
     assert captured.err.startswith("interrupted") and said in captured.err and str(out) in captured.err
+
+
+def test_a_run_name_is_one_folder_inside_out():
+    """A method spec names a comparison's run folder: its path separators cannot nest folders or leave --out."""
+    from attnzoo.cli import _folder_name
+
+    assert _folder_name("pai(alpha=0.5)+vcd") == "pai(alpha=0.5)+vcd"
+    assert _folder_name("agla(blip_model=../../x)") == "agla(blip_model=.._.._x)"
+    assert _folder_name("agla(blip_model=C:\\models\\blip)") == "agla(blip_model=C:_models_blip)"
+    assert _folder_name("..") == _folder_name(".") == "_"

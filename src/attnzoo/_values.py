@@ -135,14 +135,15 @@ def check_worker_count(num_workers: int, name: str = "num_workers") -> int:
     return num_workers
 
 
-def comma_items(value: str, name: str, separators: str = ",", nested: bool = False) -> list[str]:
+def comma_items(value: str, name: str, separators: str = ",", nested: bool = False, strip: bool = True) -> list[str]:
     """The stripped items of ``"a, b,c"``; a blank item (``"a,,b"``, a trailing comma) or no item at all is
     refused: a dropped item would run something other than what was typed. ``nested``: separators inside
-    parentheses belong to their item (``"pai(alpha=0.5,gamma=1),vcd"`` is two items)."""
-    items = [item.strip() for item in _split_outside_parentheses(value, separators, name, nested)]
-    if not value.strip() or any(not item for item in items):
+    parentheses belong to their item (``"pai(alpha=0.5,gamma=1),vcd"`` is two items); ``strip=False``
+    keeps the white space around the items (text with commas in it, rejoined)."""
+    items = _split_outside_parentheses(value, separators, name, nested)
+    if not value.strip() or any(not item.strip() for item in items):
         raise InvalidOptionError(f"{name} {value!r} has a blank item; give comma-separated values such as 'a,b'")
-    return items
+    return [item.strip() for item in items] if strip else items
 
 
 def _split_outside_parentheses(value: str, separators: str, name: str, nested: bool) -> list[str]:

@@ -631,7 +631,7 @@ def _eval_task(
             **run_settings,
             **evaluator.run_settings(pipe, batch_size=batch_size),
         }
-        run_out = Path(out) if name is None else Path(out) / name
+        run_out = Path(out) if name is None else Path(out) / _folder_name(name)
         metrics = evaluate(
             pipe,
             evaluator,
@@ -651,6 +651,13 @@ def _eval_task(
         _echo(f"wrote {run_out / 'metrics.json'} and {run_out / 'report.md'}")
     if len(results) > 1:
         _echo(evaluator_cls.summarize(results, Path(out)))
+
+
+def _folder_name(name: str) -> str:
+    """A run's name (a method spec such as ``agla(blip_model=/models/blip)``) as one folder inside --out: path
+    separators become ``_``, so no part of it can leave --out or nest folders."""
+    folder = name.replace("/", "_").replace("\\", "_").replace(os.sep, "_")
+    return "_" if folder in (".", "..", "") else folder
 
 
 def _split_settings(split: str) -> dict[str, Any]:

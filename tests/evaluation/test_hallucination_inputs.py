@@ -172,10 +172,18 @@ def test_a_setting_with_one_meaning_in_a_comparison_stays_allowed(tmp_path):
     same = make_plan(root, methods="var,pai", behaviour="paper")  # official code or paper, in each
     assert all(run["method_settings"] == {"behaviour": "paper"} for _, _, run in same.runs)
     assert make_plan(root, method="pai", alpha=1.0).runs[0][2]["method_settings"] == {"alpha": 1.0}
-    own = make_plan(root, methods="none,pai(alpha=0.5),pai(alpha=1)+vcd(alpha=2, beta=0.1)")  # each its own
-    assert [name for name, _, _ in own.runs] == ["none", "pai(alpha=0.5)", "pai(alpha=1)+vcd(alpha=2, beta=0.1)"]
+    own = make_plan(root, methods="none,PAI( alpha=0.5 ),pai(alpha=1)+vcd(alpha=2, beta=0.1)")  # each its own
+    assert [name for name, _, _ in own.runs] == ["none", "pai(alpha=0.5)", "pai(alpha=1)+vcd(alpha=2,beta=0.1)"]
     described = {name: [m["alpha"] for m in run["method_description"]] for name, _, run in own.runs}
-    assert described["pai(alpha=0.5)"] == [0.5] and described["pai(alpha=1)+vcd(alpha=2, beta=0.1)"] == [1.0, 2.0]
+    assert described["pai(alpha=0.5)"] == [0.5] and described["pai(alpha=1)+vcd(alpha=2,beta=0.1)"] == [1.0, 2.0]
+    shared = make_plan(root, methods="none,pai(alpha=0.5),vcd", alpha=1.0)  # only VCD reads the shared alpha
+    settings = {name: run["method_settings"] for name, _, run in shared.runs}
+    assert settings == {"none": {}, "pai(alpha=0.5)": {}, "vcd": {"alpha": 1.0}}  # recorded where it went
+    with pytest.raises(InvalidOptionError, match="alpha are taken by none of --methods"):
+        make_plan(root, methods="pai(alpha=0.5),vcd(alpha=2)", alpha=1.0)  # every reader has its own
+    for twice in ("pai,PAI", "none,baseline", "pai(alpha=1),pai( alpha=1 )"):
+        with pytest.raises(InvalidOptionError, match="lists each method once"):
+            make_plan(root, methods=twice)
 
 
 def test_run_json_records_the_file_label(tmp_path):

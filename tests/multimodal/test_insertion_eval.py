@@ -177,7 +177,8 @@ def test_evaluation_runs_and_resumes(tmp_path):
     assert "edited steps=all" in report and "steps=None" not in report  # the edit's window, said as one
     from attnzoo.evaluation.subject_insertion import _attention_setting
 
-    assert _attention_setting("steps", [0.25, 0.5]) == "edited steps=[0.25, 0.5)"
+    assert _attention_setting("steps", [2, 4]) == "edited steps=[2, 4)"
+    assert _attention_setting("steps", [0.0, 1.0]) == "edited steps=[0.0, 1.0) of the run's steps (fractions)"
     lines = (out / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 4 and json.loads(lines[1])["seed"] == 1
 

@@ -19,7 +19,7 @@ from PIL import Image
 import attnzoo
 from attnzoo.errors import InvalidInputError, InvalidOptionError, OfflineError, UnknownNameError, WeightsError
 from attnzoo.multimodal.hallucination import VAR, InterventionConflictError, LayoutError
-from attnzoo.multimodal.hallucination.methods import METHODS, build_methods
+from attnzoo.multimodal.hallucination.methods import METHODS, build_methods, canonical_spec
 from attnzoo.multimodal.hallucination.models import LVLMCheckpoint, processor_for, tiny_llava, tiny_lvlm
 from tests.lvlm_helpers import attn_implementations, module_hooks
 
@@ -284,6 +284,15 @@ def test_each_method_of_a_composition_takes_its_own_settings(ask, photos):
     assert [m.describe()["alpha"] for m in shared] == [0.3, 2.0]
     assert build_methods("carve(layers=1,2,3, probe_tokens=4)")[0].describe()["layers"] == (1, 2, 3)
     assert build_methods("pai(end_layer=none)")[0].describe()["end_layer"] is None
+    carve = build_methods("carve(general_instruction=Describe it, in detail.  , layers=1, 2,3)")[0].describe()
+    assert carve["general_instruction"] == "Describe it, in detail." and carve["layers"] == (1, 2, 3)  # as typed
+    assert build_methods("var(sink_dims=none)")[0].describe()["sink_dims"] is None
+    assert build_methods("pai(gamma=none)")[0].describe()["gamma"] == build_methods("pai")[0].describe()["gamma"]
+    with pytest.raises(InvalidOptionError, match="alpha given once for all and again in the parentheses"):
+        build_methods("pai(alpha=0.5)", alpha=1.0)  # the shared value would go nowhere, yet be recorded
+    assert build_methods("pai(alpha=0.5)", strict=False, alpha=1.0)[0].describe()["alpha"] == 0.5
+    assert canonical_spec(" PAI( alpha = 0.5 ) + vcd") == canonical_spec("pai(alpha=0.5)+vcd") == "pai(alpha=0.5)+vcd"
+    assert canonical_spec("baseline") == "none"
     result = ask(photos[0], question=QUESTIONS[0], method="pai(alpha=0.5)+vcd(alpha=2)")
     assert [m["alpha"] for m in result.settings["methods"]] == [0.5, 2.0] and result.token_ids
     for spec, refusal in [

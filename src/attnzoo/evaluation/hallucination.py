@@ -109,7 +109,12 @@ def _settings_taken(name: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     """The settings a method (or a composition, "var+vcd") takes; "none" takes none."""
     from attnzoo.multimodal.hallucination.methods import method_settings, parse_method_spec
 
-    accepted = {key for part, _ in parse_method_spec(name) for key in method_settings(part)}
+    accepted = {
+        key
+        for part, item in parse_method_spec(name)
+        for key in method_settings(part)
+        if not (isinstance(item, Mapping) and key in item)  # its own value, in its parentheses, wins
+    }
     return {k: v for k, v in settings.items() if k in accepted}
 
 
@@ -119,8 +124,12 @@ def _refuse_ambiguous_settings(names: Sequence[str], settings: Mapping[str, Any]
     refused: one value would run one of them far from its own setting without a word."""
     from attnzoo.multimodal.hallucination.methods import parse_method_spec, setting_clashes
 
-    parts = [part for name in names for part, item in parse_method_spec(name) if isinstance(item, Mapping)]
-    clashes = setting_clashes(parts, settings)
+    pairs = [(part, item) for name in names for part, item in parse_method_spec(name) if isinstance(item, Mapping)]
+    clashes = {}
+    for key in settings:  # a method with its own value for it, in its parentheses, does not read the shared one
+        clash = setting_clashes([part for part, item in pairs if key not in item], [key]).get(key)
+        if clash:
+            clashes[key] = clash
     if clashes:
         said = "; ".join(
             f"--{k.replace('_', '-')} is read by {', '.join(f'{m} (default {v})' for m, v in d.items())}"
@@ -247,8 +256,11 @@ class HallucinationEvaluator(TaskEvaluator):
         if method is not None and methods is not None:
             raise InvalidOptionError("give --method or --methods, not both")
         listed = methods if methods is not None else method
+        from attnzoo.multimodal.hallucination.methods import canonical_spec
+
         flag = "--methods" if methods is not None else "--method"
-        names = ["none"] if listed is None else comma_items(listed, flag, nested=True)
+        # one way of writing each (case, spaces, "baseline"): one run and one folder per method however typed
+        names = ["none"] if listed is None else [canonical_spec(n) for n in comma_items(listed, flag, nested=True)]
         if len(set(names)) != len(names):
             raise InvalidOptionError(f"--methods lists each method once, got {listed!r}")
         decoding = decoding_settings(

@@ -245,7 +245,7 @@ def evaluate(
     check_batching(batch_size, num_workers)  # before anything is written
     shadowing = sorted(set(settings) & set(evaluator.headline))
     if shadowing:  # a report would show the setting where the metric goes (F-score: False)
-        raise ValueError(f"{type(evaluator).__name__}: run setting(s) {shadowing} are named like its metrics")
+        raise InvalidOptionError(f"{type(evaluator).__name__}: run setting(s) {shadowing} are named like its metrics")
     model = getattr(pipe, "model", None)
     if model is not None:
         evaluator.check_model(model)

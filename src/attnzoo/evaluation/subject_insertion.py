@@ -221,6 +221,10 @@ class SubjectInsertionEvaluator(TaskEvaluator):
 
 def _attention_setting(key: str, value: Any) -> str:
     """The edit's step window said as one, not as a step count ("steps=None" read as no steps)."""
-    if key == "steps":
-        return "edited steps=" + ("all" if value is None else f"[{value[0]}, {value[1]})")
-    return f"{key}={value}"
+    if key != "steps":
+        return f"{key}={value}"
+    if value is None:
+        return "edited steps=all"
+    if all(isinstance(v, int) for v in value):
+        return f"edited steps=[{value[0]}, {value[1]})"
+    return f"edited steps=[{value[0]}, {value[1]}) of the run's steps (fractions)"

@@ -6,11 +6,13 @@ combining methods.
     build_methods("var+agla", alpha=2)                    # alpha goes to AGLA (VAR has none)
     build_methods({"pai": {"alpha": 0.5}, "vcd": {}})     # settings per method
     build_methods("pai(alpha=0.5)+vcd(alpha=1)")          # the same in text (the command line's --method)
+    build_methods([VAR(sink_dims=(3, 7)), "vcd"])         # instances as they are
 
 A keyword setting that two methods of a composition read differently (``alpha``: PAI's attention
 boost, default 0.2, and VCD's contrast, default 1) is refused: one value would run one of them far
-from its own setting without a word. Give each method its own, in its parentheses or dict.
-    build_methods([VAR(sink_dims=(3, 7)), "vcd"])         # instances as they are
+from its own setting without a word. Give each method its own, in its parentheses or dict. A keyword
+setting that every method taking it sets in its own parentheses or dict is refused too (it would go
+nowhere while the run recorded it).
 
 VAR, PAI and PAINT are :class:`~.base.Intervention` s; :class:`InterventionMethod` gives them the
 :class:`~.method.MitigationMethod` shape (PAI and PAINT with their classifier-free-guidance processor
@@ -50,6 +52,7 @@ __all__ = [
     "InterventionMethod",
     "MethodEntry",
     "build_methods",
+    "canonical_spec",
     "check_composition",
     "check_on_model",
     "composition_name",
@@ -112,7 +115,7 @@ _NONE = ("", "none", "baseline", "stock")
 
 
 #: The settings PAI's and PAINT's guidance adapter takes, and their types.
-_CFG_SETTINGS = {"gamma": "float", "cutoff": "float"}
+_CFG_SETTINGS = {"gamma": "float | None", "cutoff": "float | None"}
 
 
 def _coerced(cls: type, name: str, value: Any, method: str) -> Any:
@@ -122,16 +125,16 @@ def _coerced(cls: type, name: str, value: Any, method: str) -> Any:
         return value
     parameter = inspect.signature(cls).parameters.get(name)
     annotation = _CFG_SETTINGS.get(name) or str(getattr(parameter, "annotation", ""))
+    types = set(re.findall(r"[A-Za-z_.]+", annotation))
+    if "None" in types and value.strip().lower() == "none":
+        return None
     if any(t in annotation for t in ("Sequence", "Iterable", "tuple[", "list[")):
         items = comma_items(value, name)
         try:
             return [float(v) if "." in v else int(v) for v in items]
         except ValueError:
             raise InvalidOptionError(f"{method}'s {name} must be numbers separated by commas, got {value!r}") from None
-    types = set(re.findall(r"[A-Za-z_.]+", annotation))
     text = value.strip()
-    if "None" in types and text.lower() == "none":
-        return None
     if "bool" in types:
         flags = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
         if text.lower() in flags:
@@ -281,18 +284,28 @@ def _named_settings(item: str) -> tuple[str, dict[str, str]]:
     if inside is None or not inside.strip():
         return name, settings
     key = None
-    for part in comma_items(inside, f"{name}'s settings", nested=True):
+    for part in comma_items(inside, f"{name}'s settings", nested=True, strip=False):
         setting = _KEY.fullmatch(part)
         if setting is None:
             if key is None:
                 raise InvalidOptionError(f"{name}'s settings {inside!r} start without a name: write {name}(alpha=0.5)")
-            settings[key] += "," + part  # a list: layers=20,21,22
+            settings[key] += "," + part  # a list (layers=20,21,22) or text with a comma, as typed
             continue
         key = setting.group(1).replace("-", "_")
         if key in settings:
             raise InvalidOptionError(f"{name}'s settings {inside!r} give {key} twice")
-        settings[key] = setting.group(2).strip()
-    return name, settings
+        settings[key] = setting.group(2).lstrip()
+    return name, {k: v.strip() for k, v in settings.items()}
+
+
+def canonical_spec(spec: str) -> str:
+    """A text spec written one way (lower-case names, no spaces around names, keys and values, the
+    stock model as ``none``): equal specs name one run, one folder."""
+    parts = []
+    for name, settings in parse_method_spec(spec):
+        own = ",".join(f"{k}={v}" for k, v in settings.items()) if isinstance(settings, Mapping) else ""
+        parts.append(f"{name}({own})" if own else name)
+    return "+".join(parts) or "none"
 
 
 def _name_of(method: MitigationMethod | Intervention) -> str:
@@ -324,6 +337,17 @@ def build_methods(spec: Any = None, *, strict: bool = True, **settings: Any) -> 
             raise
         except (TypeError, ValueError) as err:  # a setting the class refuses (tau="high", a positional mix-up)
             raise InvalidOptionError(f"{name}: a setting of the wrong type or value ({err})") from None
+    overridden = sorted(
+        key
+        for key in settings
+        if (takers := [item for name, item in pairs if isinstance(item, Mapping) and key in METHODS[name].settings()])
+        and all(key in item for item in takers)
+    )
+    if overridden and strict:
+        raise InvalidOptionError(
+            f"{', '.join(overridden)} given once for all and again in the parentheses of every method that takes "
+            f"it ({composition_name(methods)}): the shared value would go nowhere; give it once"
+        )
     unused = sorted(set(settings) - taken)
     if unused and strict:
         named = [n for n, item in pairs if isinstance(item, Mapping)]
