@@ -96,9 +96,9 @@ def demo_image_classification(
     predictions = pipe(list(images.values()), top_k=5)
     result = DemoResult("image-classification", name, pretrained)
     summary = {}
-    weights_note = "pretrained" if pretrained else "random weights"
+    note = "" if pretrained else "random weights: the classes are meaningless"
     for (image_name, image), preds in zip(images.items(), predictions):
-        picture = plot_classification(image, preds, title=f"{name} ({weights_note})")
+        picture = plot_classification(image, preds, title=name, note=note)  # the note in red, as every picture
         path = out / f"{image_name}.png"
         with atomic_write(path, "wb") as fh:
             picture.save(fh, format="PNG")
@@ -137,7 +137,7 @@ def demo_multiview_reconstruction(
     shape = pipe(views)
     result = DemoResult("multiview-3d-reconstruction", name, pretrained)
     weights_note = "pretrained" if pretrained else "random weights"
-    picture = shape.plot(title=f"{name} ({weights_note}): 3 views -> 32^3 voxels")
+    picture = shape.plot(title=f"{name}: 3 views -> 32^3 voxels")  # random weights: plot() adds the red note
     with atomic_write(out / "table.png", "wb") as fh:
         picture.save(fh, format="PNG")
     result.files += [out / "table.png", shape.save(out / "table.obj"), shape.save(out / "table.binvox")]
@@ -234,7 +234,8 @@ def demo_wsi_classification(out: Path, model: str | None, log: Callable[[str], N
     weights_note = "pretrained" if pretrained else "random weights"
     with atomic_write(out / "heatmap.png", "wb") as fh:
         result.heatmap(size=768).save(fh, format="PNG")
-    write_json(out / "results.json", {"model": name, "pretrained": pretrained, **result.to_dict()})
+    # the slide beside results.json, by name: ``out`` is the demo's staging folder, renamed when it is done
+    write_json(out / "results.json", {"model": name, "pretrained": pretrained, **result.to_dict(), "slide": slide.name})
     log(
         f"[wsi-classification] synthetic slide: {result.label} ({result.probabilities.max():.1%}, {weights_note}), "
         f"{len(result.attention)} patches"

@@ -949,3 +949,50 @@ def test_a_small_image_is_magnified_block_by_block_in_the_picture():
     result = MitigationResult(question="q?", answer="a", prompt="p", image=Image.fromarray(cells).convert("RGB"))
     panel = np.asarray(result.plot(size=128))[22 : 22 + 128, 8 : 8 + 128]
     assert set(np.unique(panel)) == {0, 255}  # 16 px -> 128 px: each pixel an 8 px block, no grey blur
+
+
+def test_the_first_panel_says_when_it_shows_the_models_view():
+    """A 2000x200 image answered on by a CLIP-style model: the panel showed the 84x84 centre crop (the
+    middle tenth of the image) titled "image"."""
+    from PIL import ImageDraw
+
+    from attnzoo.pipelines.hallucination_mitigation import MitigationResult
+    from attnzoo.viz.drawing import load_font
+
+    x = np.linspace(0, 255, 2000)
+    wide = Image.fromarray(
+        np.stack([np.tile(x, (200, 1)), np.tile(255 - x, (200, 1)), np.full((200, 2000), 90)], -1).astype(np.uint8)
+    )
+    square = wide.resize((200, 200))
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (84, 84, 3), dtype=np.uint8))
+    cases = [
+        (wide, wide.crop((900, 0, 1100, 200)).resize((84, 84)), "model's view (centre crop)"),
+        (wide, wide.resize((84, 84)), "model's view (stretched)"),
+        (square, square.resize((84, 84)), "model's view"),
+        (wide, noise, "model's view (reshaped)"),
+        (wide, None, "image"),
+    ]
+    font = load_font(14)
+    for image, view, title in cases:
+        result = MitigationResult(question="q?", answer="a", prompt="p", image=image, view=view)
+        sheet = np.asarray(result.plot(size=128))
+        strip = Image.new("RGB", (sheet.shape[1], 22), "white")
+        ImageDraw.Draw(strip).text((8, 4), title, fill=(0, 0, 0), font=font)
+        expected = np.asarray(strip)
+        ink = np.flatnonzero((expected < 255).any((0, 2)))
+        assert np.array_equal(sheet[:22, : ink.max() + 2], expected[:, : ink.max() + 2]), title  # the title, whole
+
+
+def test_the_first_panel_names_the_tiny_models_centre_crop(ask):
+    """The tiny LLaVA's CLIP processor crops a 2000x200 image to its middle 200x200: the picture says so."""
+    from attnzoo.pipelines.hallucination_mitigation import _image_title
+
+    x = np.linspace(0, 255, 2000)
+    wide = Image.fromarray(
+        np.stack([np.tile(x, (200, 1)), np.full((200, 2000), 90), np.full((200, 2000), 30)], -1).astype(np.uint8)
+    )
+    out = ask(wide, question="dog?", return_attention=True, max_new_tokens=1)
+    middle = np.asarray(out.view, float)[:, :, 0]
+    assert 100 < middle.min() and middle.max() < 155  # the view is the middle tenth: red from 115 to 140
+    assert _image_title(out.image, out.view) == "model's view (centre crop)"
+    assert _image_title(out.image, out.image) == "image"

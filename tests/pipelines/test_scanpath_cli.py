@@ -120,7 +120,7 @@ def test_run_oat_on_a_shelf_picture_with_boxes_from_a_file(shelves, oat, tmp_pat
         result = json.loads((out / "results.json").read_text())["results"][str(picture)]
         assert result["objects"] == expected.objects.tolist() and result["target"] == 4 and len(result["xy"]) <= 3
         assert result["weights"] == "random (seed 0)"  # OAT has no released weights: the record says so
-        band = np.asarray(Image.open(out / "Q3_1.png").convert("RGB")).astype(int)[:22]  # the note's line on top
+        band = np.asarray(Image.open(out / "Q3_1.png").convert("RGB")).astype(int)[:44]  # the target line, the note
         assert (np.abs(band - np.array([170, 20, 20])).sum(-1) < 90).sum() > 20  # and the picture, in red
     capsys.readouterr()
     (tmp_path / "bad.json").write_text("[[1, 2, 3, 4]")

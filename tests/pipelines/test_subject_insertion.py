@@ -581,3 +581,73 @@ def test_the_picture_wraps_a_long_caption_and_keeps_the_random_weights_note():
     tiny = InsertionResult(**{**result.__dict__, "subject": Image.fromarray(cells).convert("RGB")})
     subject = np.asarray(tiny.plot())[22 : 22 + 256, 8 : 8 + 256]
     assert set(np.unique(subject)) == {0, 255}  # a 32 px subject magnified block by block, not blurred to grey
+
+
+def _insertion_result(subject, target, mask):
+    from attnzoo.pipelines.subject_insertion import InsertionResult
+
+    return InsertionResult(
+        image=target,
+        canvas=target,
+        canvas_input=target,
+        canvas_mask=mask.astype(np.uint8),
+        mask=mask,
+        subject=subject,
+        target=target,
+        prompt="a cup",
+        seed=0,
+        settings={"method": "in-context-brush", "behaviour": "corrected"},
+    )
+
+
+def _ink(title, font):
+    """How many pixels ``title`` inks, drawn alone as the picture draws it (at a whole-pixel place)."""
+    from PIL import ImageDraw
+
+    strip = Image.new("RGB", (400, 22), "white")
+    ImageDraw.Draw(strip).text((0, 3), title, fill=(0, 0, 0), font=font)
+    return int((np.asarray(strip) < 255).any(-1).sum())
+
+
+def test_the_picture_keeps_titles_apart_and_panels_in_a_bounded_box():
+    """A 25 px wide subject's title printed over the next one's ('subject' on 'target + mask'), and a
+    2000x120 target made a picture thousands of pixels wide (every panel 256 px tall)."""
+    from attnzoo.viz.drawing import load_font, text_width
+
+    grey = (128, 128, 128)
+    mask = np.zeros((120, 2000), bool)
+    mask[30:90, 1000] = True  # one column: it still shows (and is outlined) in a panel a quarter of the width
+    result = _insertion_result(Image.new("RGB", (25, 300), grey), Image.new("RGB", (2000, 120), grey), mask)
+    picture = result.plot()
+    assert picture.width <= 8 + 3 * (512 + 8) and picture.height <= 22 + 256 + 3 * 20 + 8
+    font = load_font(14)
+    header = (np.asarray(picture)[:22] < 255).any(-1)
+    assert header.sum() == sum(_ink(title, font) for title in ("subject", "target + mask", "result"))  # apart
+    panels = np.asarray(picture).astype(int)[22 : 22 + 256]
+    drawn = np.flatnonzero((np.abs(panels - 255).sum(-1) > 0).any(0))
+    left = np.flatnonzero(header.any(0))[0]  # where "subject" starts
+    subject = drawn[drawn < left + text_width("subject", font) + 4]
+    assert len(subject) == 21 and left <= subject.min() and subject.max() <= left + text_width("subject", font)
+    assert (np.abs(panels - (255, 0, 0)).sum(-1) == 0).any()  # the one-column mask's outline
+    for height in (64, 256):
+        small = np.asarray(result.plot(height=height).convert("L"))
+        content = np.flatnonzero((small[22:-60] < 250).any(1))
+        assert content.max() - content.min() + 1 <= height  # the tallest panel fits the box
+
+
+def test_the_mask_outline_is_thin_and_does_not_wrap_around():
+    """A 20x20 target magnified 12.8x: its mask's outline was drawn at 20x20 and magnified into a
+    thick frame, and np.roll set red pixels at the picture's opposite edges for a mask in the corner."""
+    grey = Image.new("RGB", (20, 20), (128, 128, 128))
+    mask = np.zeros((20, 20), bool)
+    mask[12:, 12:] = True  # touches the bottom-right corner
+    picture = np.asarray(_insertion_result(grey, grey, mask).plot()).astype(int)
+    panel = picture[22 : 22 + 256, 8 + 256 + 8 : 8 + 256 + 8 + 256]  # the target's, at 256x256
+    red = np.abs(panel - (255, 0, 0)).sum(-1) == 0
+    start = 12 * 256 / 20  # where the mask begins on the panel (either side)
+    rows, cols = np.nonzero(red)
+    assert len(rows) and rows.min() >= start - 2 and cols.min() >= start - 2  # none away from the mask
+    assert red.sum(1)[200] <= 3 and red.sum(0)[200] <= 3  # a thin line across the mask's middle
+    assert red[200, : round(start) + 3].any() and red[: round(start) + 3, 200].any()  # outlined on both sides
+    shaded = np.round(0.5 * 128 + 0.5 * np.array([255.0, 40.0, 40.0]))
+    assert (panel[180:250, 180:250] == shaded).all()  # inside: shaded, not painted over

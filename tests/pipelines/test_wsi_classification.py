@@ -602,3 +602,26 @@ def test_fuzz_feature_files(tiny, data):
         if result is not None:  # what was read is what was written
             assert raw.shape[-1] == 8 and len(result.attention) == raw.shape[-2]
             assert not np.iscomplexobj(raw) and raw.dtype != bool and np.isfinite(raw.astype(np.float32)).all()
+
+
+def test_the_heatmap_title_counts_one_patch_in_the_singular(monkeypatch):
+    import attnzoo.viz.wsi as wsi_viz
+
+    titles = []
+    draw = wsi_viz.plot_attention_heatmap
+
+    def recording(*args, **kwargs):
+        titles.append(kwargs["title"])
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(wsi_viz, "plot_attention_heatmap", recording)
+    for count in (1, 2):
+        prediction = SlidePrediction(
+            probabilities=np.array([0.4, 0.6]),
+            attention=np.full(count, 1 / count),
+            coords=np.array([[512 * i, 0] for i in range(count)]),
+            patch_size_level0=512,
+            labels=["normal", "tumour"],
+        )
+        assert prediction.heatmap(size=300).width == 300
+    assert titles == ["tumour (60.0%), 1 patch", "tumour (60.0%), 2 patches"]

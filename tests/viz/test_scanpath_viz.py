@@ -42,8 +42,8 @@ def test_large_images_are_scaled_with_their_fixations_and_boxes_outline_the_targ
         target=1,
         max_side=800,
     )
-    assert out.size == (800, 400)
-    arr = np.asarray(out).astype(int)
+    assert out.width == 800 and out.height > 400  # the legend above names the target's green box
+    arr = np.asarray(out).astype(int)[-400:]
     assert arr[100, 201][1] > arr[100, 201][0] + 40  # the target's box edge is green at half scale (x = 400 / 2)
     assert np.abs(arr[200 + 7, 400] - np.array(SCANPATH_COLOURS[0])).sum() < 120  # the fixation at half scale
 
@@ -109,7 +109,7 @@ def test_a_shelf_search_revisiting_objects_labels_each_object_once(tmp_path):
     objects = np.array([2, 0, 2, 5, 2, 0, 4])
     centres = np.column_stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2])
     sp = Scanpath(centres[objects], (150, 120), objects=objects, target=4, boxes=boxes, found_target=True)
-    out = np.asarray(sp.plot())
+    out = np.asarray(sp.plot())[-120:]  # the shelf, under the legend naming the target's box
     for obj in (0, 2):  # revisited: the circle holds no number
         x, y = centres[obj].astype(int)
         assert white_text(out[y - 4 : y + 5, x - 4 : x + 5]) == 0
@@ -149,11 +149,12 @@ def test_a_note_is_drawn_in_red_above_the_picture():
 def test_arrays_and_tensors_are_read_as_images():
     import torch
 
+    # (small images are shown twice their size: see test_small_images_are_enlarged_by_a_whole_factor)
     bright = viz.plot_scanpath(np.full((50, 80), 0.8), [[10.0, 10.0]])  # float grey in [0, 1]
-    assert bright.size == (80, 50) and np.asarray(bright)[45, 70].min() > 200  # 0.8 * 255 dimmed to white, not black
+    assert bright.size == (160, 100) and np.asarray(bright)[90, 140].min() > 200  # 0.8 * 255 dimmed to white
     chw = viz.plot_scanpath(np.zeros((3, 40, 60), np.uint8), [[10.0, 10.0]])
-    assert chw.size == (60, 40)
-    assert viz.plot_scanpath(torch.zeros(3, 40, 60), [[10.0, 10.0]]).size == (60, 40)
+    assert chw.size == (120, 80)
+    assert viz.plot_scanpath(torch.zeros(3, 40, 60), [[10.0, 10.0]]).size == (120, 80)
 
 
 @pytest.mark.parametrize(
@@ -177,8 +178,137 @@ def test_a_thumbnail_gets_its_fixations_and_boxes_scaled():
     boxes = np.array([[300.0, 150.0, 500.0, 350.0]])
     sp = Scanpath(np.array([[400.0, 250.0]]), (800, 400), boxes=boxes, target=0, objects=np.array([0]))
     out = np.asarray(sp.plot(grey(200, 100))).astype(int)  # a quarter of the size
-    assert out.shape == (100, 200, 3)
+    assert out.shape[1:] == (200, 3) and out.shape[0] > 100  # under the legend naming the target's box
+    out = out[-100:]
     assert np.abs(out[62 + 7, 100] - np.array(SCANPATH_COLOURS[0])).sum() < 120  # the fixation, at (100, 62.5)
     assert out[50, 75][1] > out[50, 75][0] + 40  # the target's green edge at x = 300 / 4
     with pytest.raises(InvalidInputError, match="800x400"):
         sp.plot(grey(200, 200))  # not the image's shape
+
+
+# The picture-hunt fixes: small and narrow images, fixations off the image, many scanpaths, visual search.
+
+
+def near(pixels, colour, tolerance=60):
+    """Which pixels are within ``tolerance`` (summed over RGB) of ``colour``."""
+    return np.abs(np.asarray(pixels).astype(int) - np.array(colour)).sum(-1) < tolerance
+
+
+def test_small_images_are_enlarged_by_a_whole_factor():
+    from attnzoo.viz.scanpath import plot_scanpaths
+
+    checker = np.zeros((20, 20, 3), np.uint8)
+    checker[(np.arange(20)[:, None] + np.arange(20)[None]) % 2 == 1] = 255
+    out = plot_scanpaths(Image.fromarray(checker), [np.array([[5.0, 5.0]])])  # min_side=160
+    assert out.size == (160, 160)  # 8 x 8 screen pixels per image pixel
+    arr = np.asarray(out).astype(int)
+    block = arr[120:128, 136:144]  # image pixel (17, 15), far from the mark: one flat (dimmed) square
+    assert np.ptp(block) == 0
+    assert np.abs(arr[120, 135] - arr[120, 136]).sum() > 300  # the checker's next pixel, not a blur of it
+    assert near(arr[40 + 7, 40], SCANPATH_COLOURS[0], 120)  # the fixation (5, 5), scaled 8 times
+    assert plot_scanpaths(grey(100, 50), [[[5.0, 5.0]]], min_side=160).size == (100, 50)  # no whole factor fits
+    assert plot_scanpaths(grey(20, 20), [[[5.0, 5.0]]], min_side=0).size == (20, 20)
+
+
+def test_a_narrow_picture_gets_a_band_wide_enough_for_whole_words():
+    note = "random weights: these fixations are meaningless"
+    out = viz.plot_scanpath(grey(200, 2000), [[100.0, 1000.0]], title="\u201ca tall image\u201d", note=note)
+    assert 150 <= out.width < 200 and out.height < 1000  # shrunk to 80 x 800, under a wider band
+    rows = np.asarray(out).astype(int)[-10:]  # bottom rows: white margins either side of the centred image
+    image_columns = np.flatnonzero((rows < 250).any(axis=(0, 2)))
+    assert len(image_columns) == 80 and abs(image_columns.mean() - out.width / 2) < 2
+    from attnzoo.viz.scanpath import HEADER_MIN_WIDTH, header_layout
+
+    assert out.width == HEADER_MIN_WIDTH
+    band, texts, _ = header_layout(80, "\u201ca tall image\u201d", [], [(note, (170, 20, 20))])
+    assert band == HEADER_MIN_WIDTH
+    lines = [text for _, _, text, kind, _ in texts if kind == "note"]
+    assert " ".join(lines) == note and all(word in note.split() for line in lines for word in line.split())
+    assert len(lines) <= 3  # not a word (or half a word) a line
+    assert header_layout(96, "x", [], [])[0] == 96  # a short title needs no wider band
+
+
+def test_fixations_outside_the_image_are_drawn_hollow_at_its_edge(monkeypatch):
+    import attnzoo.viz.scanpath as scanpath
+
+    notes = []
+    layout = getattr(scanpath, "header_layout", None)
+    monkeypatch.setattr(scanpath, "header_layout", lambda *a: notes.extend(a[3]) or layout(*a), raising=False)
+    xy = np.array([[150.0, 100.0], [-60.0, 30.0], [420.0, 100.0], [150.0, 260.0], [100.0, 50.0]])
+    out = viz.plot_scanpath(grey(300, 200), xy)
+    arr = np.asarray(out).astype(int)[-200:]
+    red, r = SCANPATH_COLOURS[0], 11
+    for x, y in [(r, 30), (300 - r, 100), (150, 200 - r)]:  # at the edge, a whole mark inside the picture
+        ring = [arr[round(y + 9.5 * np.sin(a)), round(x + 9.5 * np.cos(a))] for a in np.linspace(0, 2 * np.pi, 16)]
+        assert near(ring, red, 90).mean() > 0.7  # outlined in the scanpath's colour
+        assert arr[y - 6, x].min() > 190  # hollow: light inside, not filled with red
+    assert near(arr[100 + 7, 150], red, 120) and near(arr[50 + 7, 100], red, 120)  # inside: filled as before
+    assert not near(arr[40:60, :3], red, 150).any()  # no line runs to (-60, 30) across the left edge (at y = 50)
+    assert (scanpath.outside_note(3, 5), (70, 70, 70)) in notes
+    assert scanpath.outside_note(3, 5).startswith("3 of 5 fixations lie outside the image")
+    assert scanpath.outside_note(0, 5) is None
+
+
+def cielab(rgb):
+    """sRGB (0-255) to CIE L*a*b* (D65)."""
+    c = np.asarray(rgb, dtype=float) / 255
+    c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+    xyz = c @ np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]).T
+    f = xyz / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(f > 0.008856, np.cbrt(f), 7.787 * f + 16 / 116)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+def test_sixteen_scanpaths_look_different_and_more_change_their_style():
+    from attnzoo.viz.scanpath import scanpath_style
+
+    colours = cielab(SCANPATH_COLOURS)
+    assert len(colours) >= 16
+    gaps = np.linalg.norm(colours[:, None] - colours[None], axis=-1) + np.eye(len(colours)) * 1e9
+    assert gaps.min() > 25  # no two alike (CIE76: about 2 is the least difference seen)
+    assert min(np.linalg.norm(colours[1:] - colours[:-1], axis=-1)) > 50  # neighbours far apart
+    styles = [scanpath_style(k) for k in range(3 * len(colours))]
+    assert len(set(styles)) == len(styles)
+    # the 17th scanpath has the first one's colour, with a square mark: its corner is coloured, a disc's is not
+    n = len(SCANPATH_COLOURS)
+    paths = [np.array([[20.0 + 30 * (k % 9), 20.0 + 60 * (k // 9)]]) for k in range(n + 1)]
+    arr = np.asarray(viz.plot_scanpaths(grey(300, 200), paths)).astype(int)
+    corner = lambda x, y: arr[int(y) + 7, int(x) + 7]  # noqa: E731  (a square fills it; a disc of r = 11 has its rim there)
+    assert near(corner(*paths[n][0]), SCANPATH_COLOURS[0], 120)
+    assert not near(corner(*paths[0][0]), SCANPATH_COLOURS[0], 120)
+
+
+def test_a_visual_search_picture_names_the_target_and_the_outcome(monkeypatch):
+    import attnzoo.viz.scanpath as scanpath
+    from attnzoo.pipelines.scanpath import Scanpath
+
+    boxes = np.array([(10 + 45 * c, 8 + 56 * r, 48 + 45 * c, 56 + 56 * r) for r in range(2) for c in range(3)], float)
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    found = Scanpath(
+        centres[[0, 2, 4]], (150, 120), objects=np.array([0, 2, 4]), target=4, boxes=boxes, found_target=True
+    )
+    lost = Scanpath(
+        centres[[0, 2, 1, 3]], (150, 120), objects=np.array([0, 2, 1, 3]), target=4, boxes=boxes, found_target=False
+    )
+    assert found.target_label() == "target (green box): found at fixation 3"
+    assert lost.target_label() == "target (green box): not found in 4 fixations"
+    assert Scanpath(centres[:1], (150, 120)).target_label() is None
+    entries = []
+    layout = scanpath.header_layout
+    monkeypatch.setattr(scanpath, "header_layout", lambda *a: entries.extend(a[2]) or layout(*a))
+    out = found.plot()
+    assert (found.target_label(), scanpath.TARGET_COLOUR, "box") in entries
+    band = np.asarray(out)[: out.height - 120]
+    assert band.shape[0] >= 18 and near(band, scanpath.TARGET_COLOUR).sum() > 10  # the green swatch in the legend
+    assert out.width == 150  # the band wraps to the shelf's width
+
+
+@pytest.mark.parametrize("shade", [250, 10])
+def test_the_other_boxes_show_on_bright_and_dark_shelves(shade):
+    shelf = Image.new("RGB", (200, 100), (shade,) * 3)
+    boxes = np.array([[20.0, 20.0, 80.0, 80.0], [120.0, 20.0, 180.0, 80.0]])
+    out = viz.plot_scanpaths(shelf, [np.array([[150.0, 50.0]])], boxes=boxes, target=1)
+    arr = np.asarray(out).astype(int)[-100:]
+    background = arr[50, 50]
+    edge = arr[50, 18:24]  # across the left edge of the box that is not the target
+    assert np.abs(edge - background).sum(-1).max() > 150

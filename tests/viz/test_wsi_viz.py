@@ -102,3 +102,32 @@ def test_a_long_title_and_note_are_wrapped_whole():
     )
     ink = np.asarray(picture).astype(int).sum(-1) < 500
     assert not ink[:, -3:].any()  # nothing runs off the right edge
+
+
+def test_the_colour_bar_labels_tell_different_values_apart():
+    """Attention 0.50049 and 0.49951 were coloured bright yellow and dark purple (by rank) while the bar
+    read "max 0.5 / median 0.5 / min 0.5"."""
+    from attnzoo.viz.wsi import bar_labels
+
+    for attention in ([0.50049, 0.49951], [1.0, 1.0 + 1e-12, 1.0 + 3e-12], [0.001, 0.06], [-2e-7, 3e-7], [0.25]):
+        values = np.quantile(attention, [1.0, 0.5, 0.0])
+        labels = bar_labels(np.array(attention))
+        assert [label.split()[0] for label in labels] == ["max", "median", "min"]
+        shown = [float(label.split()[1]) for label in labels]
+        for i in range(3):
+            assert shown[i] == pytest.approx(values[i], rel=5e-3)  # each its value, rounded
+            for j in range(3):  # values that differ print differently; equal ones the same
+                assert (labels[i].split()[1] == labels[j].split()[1]) == (values[i] == values[j])
+    assert bar_labels(np.array([0.001, 0.06])) == ("max 0.06", "median 0.0305", "min 0.001")  # 3 digits do
+
+
+def test_the_colour_bar_shows_close_values_and_keeps_long_labels_inside():
+    coords = np.array([[0, 0], [512, 0]])
+    close = np.asarray(plot_attention_heatmap(np.array([0.50049, 0.49951]), coords, 512, size=300)).astype(int)
+    tied = np.asarray(plot_attention_heatmap(np.array([0.5, 0.5]), coords, 512, size=300)).astype(int)
+    assert close.shape == tied.shape
+    labels = slice(300 - 124 + 8 + 14 + 6, 300)  # right of the bar and its ticks
+    assert not np.array_equal(close[:, labels], tied[:, labels])  # "max 0.5005" is not "max 0.5"
+    long = plot_attention_heatmap(np.array([1.0, 1.0 + 1e-12, 1.0 + 3e-12]), np.zeros((3, 2)), 512, size=300)
+    ink = np.asarray(long).astype(int).sum(-1) < 500
+    assert long.width == 300 and not ink[:, -3:].any()  # a wider bar panel: the labels are whole

@@ -161,7 +161,7 @@ class MitigationResult:
 
         first = self.answered_on[0] if self.answered_on else "original"
         original = _first_given(self.baseline_view, self.view if first == "original" else None) or self.image
-        panels = [("image", _fit(original, size))]
+        panels = [(_image_title(self.image, original), _fit(original, size))]
         grids = [g for g in (self.attention, self.refined_attention, self.baseline_attention) if g is not None]
         scale = (min(float(g.min()) for g in grids), max(float(g.max()) for g in grids)) if grids else (0.0, 1.0)
         name = f"with {self.method}" if self.baseline_attention is not None else f"attention ({self.method})"
@@ -211,6 +211,32 @@ class MitigationResult:
             draw.text((pad, y), line, fill=colour, font=small)
             y += 16
         return sheet
+
+
+def _image_title(image: Image.Image, shown: Image.Image) -> str:
+    """The first panel's title: ``"image"`` when it shows ``image`` itself, else ``"model's view"``, with
+    how it differs from the image when its shape does: "(centre crop)" or "(stretched)" when the view
+    matches that of the image (to within 12 grey levels on average, the better by 1), else "(reshaped)"."""
+    if shown is image:
+        return "image"
+    width, height = image.size
+    aspect = shown.width / shown.height
+    if abs(aspect / (width / height) - 1) <= max(0.02, 2 / min(shown.size)):  # a rounding of the same shape
+        return "model's view"
+    crop = (width - height * aspect, 0) if width / height > aspect else (0, height - width / aspect)
+    box = (crop[0] / 2, crop[1] / 2, width - crop[0] / 2, height - crop[1] / 2)
+    seen = np.asarray(shown.convert("RGB"), dtype=np.float32)
+    rgb = image.convert("RGB")
+    errors = {
+        how: float(
+            np.abs(np.asarray(rgb.resize(shown.size, Image.Resampling.BICUBIC, box=area), np.float32) - seen).mean()
+        )
+        for how, area in (("centre crop", box), ("stretched", None))
+    }
+    best = min(errors, key=errors.get)
+    if errors[best] > 12 or max(errors.values()) - errors[best] < 1:
+        return "model's view (reshaped)"
+    return f"model's view ({best})"
 
 
 def _first_given(*pictures: Image.Image | None) -> Image.Image | None:

@@ -52,17 +52,17 @@ class Classification(list):
     def summary(self) -> str:
         return ", ".join(f"{p.label} ({p.score:.1%})" for p in self)
 
-    def plot(self, image: Any = None, title: str | None = None) -> Image.Image:
-        """The image beside a bar chart of its classes."""
+    def plot(self, image: Any = None, title: str | None = None, note: str | None = None) -> Image.Image:
+        """The image beside a bar chart of its classes, under ``title`` (default: the model's name) and ``note``
+        in red (default: "random weights: the classes are meaningless" when they were; "" for none)."""
         from attnzoo.viz import plot_classification
 
         source = image if image is not None else self.image
         if source is None:
             raise InvalidInputError("this result holds no image: pass plot(image)")
-        if title is None:
-            note = weights_note(self.weights)
-            title = f"{self.title} ({note})" if note else self.title
-        return plot_classification(load_image(source), self, title=title)
+        if note is None:
+            note = f"{weights_note(self.weights)}: the classes are meaningless" if weights_note(self.weights) else ""
+        return plot_classification(load_image(source), self, title=self.title if title is None else title, note=note)
 
 
 class ImagePreprocessor:

@@ -85,14 +85,18 @@ class Occupancy:
         side = "x".join(map(str, self.probabilities.shape))
         return f"{int(self.voxels.sum())} occupied voxels of {side} (threshold {self.threshold})"
 
-    def plot(self, title: str | None = None) -> Image.Image:
-        """The input views beside an isometric render of the voxels."""
+    def plot(self, title: str | None = None, note: str | None = None) -> Image.Image:
+        """The input views beside an isometric render of the voxels, under ``title`` (default: the views and
+        the voxels counted) and ``note`` in red (default: "random weights: the shape is meaningless" when
+        they were; "" for none)."""
         from attnzoo.viz.voxels import plot_reconstruction
 
         if title is None:
-            title = f"{len(self.views)} views -> {self.summary()}"
-            title += f" ({weights_note(self.weights)})" if weights_note(self.weights) else ""
-        return plot_reconstruction(self.views, self.voxels, title=title)
+            n = len(self.views)
+            title = f"{n} view{'' if n == 1 else 's'} -> {self.summary()}"
+        if note is None:
+            note = f"{weights_note(self.weights)}: the shape is meaningless" if weights_note(self.weights) else ""
+        return plot_reconstruction(self.views, self.voxels, title=title, note=note)
 
 
 def _obj(vertices: np.ndarray, faces: np.ndarray) -> str:

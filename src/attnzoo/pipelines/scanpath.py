@@ -85,13 +85,26 @@ class Scanpath:
             out["weights"] = self.weights
         return out
 
+    def target_label(self) -> str | None:
+        """Visual search: the picture's legend entry for the target's green box, with the search's
+        outcome (``"target (green box): found at fixation 7"``); None for other scanpaths."""
+        if self.target is None or self.boxes is None:
+            return None
+        if self.found_target is None:
+            return "target (green box)"
+        if not self.found_target:
+            return f"target (green box): not found in {len(self)} fixations"
+        # a found search ends on the target: its last fixation
+        return f"target (green box): found at fixation {len(self)}" if len(self) else "target (green box): found"
+
     def plot(
         self, image: Any = None, *, others: list[Any] | None = None, labels: list[str] | None = None, **kwargs: Any
     ) -> Image.Image:
         """Numbered fixations over the image; ``others`` (e.g. the observers' scanpaths, ``[T, 2]``
         arrays or records with ``.xy``) are drawn in other colours. An ``image`` of another size than
         :attr:`image_size` (a thumbnail) gets the fixations and boxes scaled to it; a red note says when
-        the weights were random."""
+        the weights were random; a visual search's legend names the target's green box and says whether
+        (and at which fixation) it was found."""
         from attnzoo.datasets.images import load_image
         from attnzoo.viz.scanpath import plot_scanpaths
 
@@ -105,6 +118,7 @@ class Scanpath:
         names = labels or (["model"] + [f"observer {i + 1}" for i in range(len(others))] if others else None)
         title = kwargs.pop("title", None) or (f"\u201c{self.caption}\u201d" if self.caption else None)
         note = kwargs.pop("note", None)
+        kwargs.setdefault("target_label", self.target_label())
         if note is None and weights_note(self.weights):
             note = "random weights: these fixations are meaningless"
         return plot_scanpaths(

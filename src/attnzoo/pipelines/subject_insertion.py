@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 import sys
 import threading
@@ -120,44 +121,74 @@ class InsertionResult:
 
     def plot(self, height: int = 256) -> Image.Image:
         """Subject | target with the mask | result, side by side, over the prompt and settings (wrapped
-        to the width) and a red note when the weights were random."""
-        from attnzoo.viz.drawing import NOTE_COLOUR, load_font, resize_picture, wrap_text
+        to the width) and a red note when the weights were random. Each picture fits a box ``height``
+        tall and twice as wide (its shape kept); each panel is at least as wide as its title."""
+        from attnzoo.viz.drawing import NOTE_COLOUR, load_font, text_width, wrap_text
 
-        shaded = np.asarray(self.target, dtype=np.float32).copy()
-        shaded[self.mask] = 0.5 * shaded[self.mask] + 0.5 * np.array([255.0, 40.0, 40.0])
-        inner = self.mask.copy()  # the mask's edge, drawn solid so it shows on any background
-        inner[1:] &= self.mask[:-1]
-        inner[:-1] &= self.mask[1:]
-        inner[:, 1:] &= self.mask[:, :-1]
-        inner[:, :-1] &= self.mask[:, 1:]
-        edge = self.mask & ~inner
-        edge = edge | np.roll(edge, 1, 0) | np.roll(edge, 1, 1)
-        shaded[edge] = (255.0, 0.0, 0.0)
+        pictures = [self.subject, self.target, self.image]
+        sizes = [_fit_box(p.size, (2 * height, height)) for p in pictures]
         panels = [
-            ("subject", self.subject),
-            ("target + mask", Image.fromarray(shaded.round().astype(np.uint8))),
-            ("result", self.image),
+            ("subject", _shown(self.subject, sizes[0])),
+            ("target + mask", _mask_shown(self.target, self.mask, sizes[1])),
+            ("result", _shown(self.image, sizes[2])),
         ]
-        scaled = [(t, resize_picture(p, (max(1, round(p.width * height / p.height)), height))) for t, p in panels]
         font = load_font(14)
         note = weights_note(self.weights)
-        header, line = 22, 20
-        width = sum(p.width for _, p in scaled) + 8 * (len(scaled) + 1)
+        header, line, pad = 22, 20, 8
+        slots = [max(picture.width, math.ceil(text_width(title, font))) for title, picture in panels]
+        tallest = max(picture.height for _, picture in panels)
+        width = sum(slots) + pad * (len(slots) + 1)
         caption = f"\u201c{self.prompt}\u201d  " if self.prompt else ""
         caption += f"{self.settings.get('method')}, {self.settings.get('behaviour')}, seed {self.seed}"
-        lines = [(text, (60, 60, 60)) for text in wrap_text(caption, font, width - 16)]
+        lines = [(text, (60, 60, 60)) for text in wrap_text(caption, font, width - 2 * pad)]
         if note:
-            lines += [(text, NOTE_COLOUR) for text in wrap_text(f"{note}: the result is meaningless", font, width - 16)]
-        sheet = Image.new("RGB", (width, height + header + line * len(lines) + 8), (255, 255, 255))
+            lines += [
+                (text, NOTE_COLOUR) for text in wrap_text(f"{note}: the result is meaningless", font, width - 2 * pad)
+            ]
+        sheet = Image.new("RGB", (width, tallest + header + line * len(lines) + pad), (255, 255, 255))
         draw = ImageDraw.Draw(sheet)
-        x = 8
-        for title, picture in scaled:
-            sheet.paste(picture, (x, header))
+        x = pad
+        for (title, picture), slot in zip(panels, slots, strict=True):
+            sheet.paste(picture, (x + (slot - picture.width) // 2, header))  # centred under a wider title
             draw.text((x, 3), title, fill=(0, 0, 0), font=font)
-            x += picture.width + 8
+            x += slot + pad
         for i, (text, colour) in enumerate(lines):
-            draw.text((8, header + height + 4 + line * i), text, fill=colour, font=font)
+            draw.text((pad, header + tallest + 4 + line * i), text, fill=colour, font=font)
         return sheet
+
+
+def _fit_box(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
+    """``size`` scaled (up or down, its shape kept) to the largest that fits ``box``; each side at least 1."""
+    scale = min(box[0] / max(size[0], 1), box[1] / max(size[1], 1))
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def _shown(picture: Image.Image, size: tuple[int, int]) -> Image.Image:
+    from attnzoo.viz.drawing import resize_picture
+
+    return resize_picture(picture.convert("RGB"), size)
+
+
+def _mask_shown(target: Image.Image, mask: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """``target`` at ``size``, the mask shaded red over it and outlined by a 2 px solid red line drawn at
+    that size (so the line stays thin however much the target is magnified). The mask is resized as
+    nearest when it grows and as "any pixel masked" when it shrinks (a thin mask does not vanish); the
+    picture's border is no edge (a mask reaching it is outlined on its inner sides only)."""
+    shaded = np.asarray(_shown(target, size), dtype=np.float32).copy()
+    mask = np.asarray(mask, dtype=bool)
+    grows = size[0] >= mask.shape[1] and size[1] >= mask.shape[0]
+    if grows:
+        shown = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 127
+    else:
+        coverage = Image.fromarray(mask.astype(np.float32)).resize(size, Image.Resampling.BOX)
+        shown = np.asarray(coverage) > 1e-6
+    shaded[shown] = 0.5 * shaded[shown] + 0.5 * np.array([255.0, 40.0, 40.0])
+    inner = shown
+    for _ in range(2):  # erode twice (4-neighbours), the border padded as mask: what is left is the 2 px edge
+        padded = np.pad(inner, 1, mode="edge")
+        inner = inner & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    shaded[shown & ~inner] = (255.0, 0.0, 0.0)
+    return Image.fromarray(shaded.round().astype(np.uint8))
 
 
 def _method(value: Any) -> str:

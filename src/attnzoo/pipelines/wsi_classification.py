@@ -89,7 +89,7 @@ class SlidePrediction:
 
     def summary(self) -> str:
         note = ", random weights" if self.random_weights else ""
-        return f"{self.label} ({self.probabilities.max():.1%}, {len(self.attention)} patches{note})"
+        return f"{self.label} ({self.probabilities.max():.1%}, {_patches(len(self.attention))}{note})"
 
     def plot(self, size: int = 1024, slide: Any = None) -> Image.Image:
         """The attention heatmap (:meth:`heatmap`)."""
@@ -122,9 +122,13 @@ class SlidePrediction:
             thumbnail=thumbnail,
             dimensions=dims,
             size=size,
-            title=f"{name}{self.label} ({self.probabilities.max():.1%}), {len(self.attention)} patches",
+            title=f"{name}{self.label} ({self.probabilities.max():.1%}), {_patches(len(self.attention))}",
             note=note,
         )
+
+
+def _patches(count: int) -> str:
+    return f"{count} patch" if count == 1 else f"{count} patches"
 
 
 class WSIClassificationPipeline(Pipeline):

@@ -8,11 +8,12 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from attnzoo.viz.drawing import load_font, resize_picture, wrap_text
+from attnzoo.viz.drawing import NOTE_COLOUR, load_font, resize_picture, wrap_text
 
 __all__ = ["plot_reconstruction", "render_voxels"]
 
-_TITLE_LINE = 14  # px per line of the title
+_TITLE_LINE = 17  # px per line of the title (and the note)
+_MAX_VIEWS = 8  # views drawn as thumbnails; the rest are counted
 _COS, _SIN = math.cos(math.pi / 6), math.sin(math.pi / 6)
 # the three faces seen from (+x, +y, +z): (neighbour offset, corner offsets, shade)
 _FACES = (
@@ -65,26 +66,36 @@ def render_voxels(
 
 
 def plot_reconstruction(
-    views: Sequence[Image.Image] | None, grid: np.ndarray, title: str = "", size: int = 320
+    views: Sequence[Image.Image] | None, grid: np.ndarray, title: str = "", size: int = 320, note: str = ""
 ) -> Image.Image:
-    """The input views (thumbnails, left) next to the reconstructed voxels (right), under the title
-    (wrapped to the picture's width)."""
+    """The input views (thumbnails, left: the first 8, with "+N more" under them) next to the reconstructed
+    voxels (right), under the title and ``note`` (e.g. "random weights: ...", in red), both wrapped to the
+    picture's width. Each view keeps its aspect ratio in its square cell."""
     render = render_voxels(grid, size=size)
-    views = list(views or [])[:8]
-    thumb = size // 4 if views else 0
-    cols = 2 if len(views) > 4 else 1
+    views = list(views or [])
+    shown = views[:_MAX_VIEWS]
+    hidden = len(views) - len(shown)
+    thumb = size // 4 if shown else 0
+    cols = 2 if len(shown) > 4 else 1
     width = size + thumb * cols
-    font = load_font(10)
-    lines = wrap_text(title, font, width - 8)
+    font = load_font(13)
+    lines = [(line, (0, 0, 0)) for line in wrap_text(title, font, width - 8)]
+    lines += [(line, NOTE_COLOUR) for line in wrap_text(note, font, width - 8)]
     top = 4 + _TITLE_LINE * len(lines) if lines else 0
-    canvas = Image.new("RGB", (width, size + top), (255, 255, 255))
-    for i, view in enumerate(views):
+    foot = _TITLE_LINE + 2 if hidden else 0
+    canvas = Image.new("RGB", (width, top + size + foot), (255, 255, 255))
+    for i, view in enumerate(shown):
         im = view.convert("RGBA")
         flat = Image.new("RGB", im.size, (240, 240, 240))
         flat.paste(im, mask=im.getchannel("A"))
-        canvas.paste(resize_picture(flat, (thumb, thumb)), ((i // 4) * thumb, top + (i % 4) * thumb))
+        scale = thumb / max(flat.size)
+        w, h = max(1, round(flat.width * scale)), max(1, round(flat.height * scale))
+        x, y = (i // 4) * thumb + (thumb - w) // 2, top + (i % 4) * thumb + (thumb - h) // 2
+        canvas.paste(resize_picture(flat, (w, h)), (x, y))
     canvas.paste(render, (thumb * cols, top))
     draw = ImageDraw.Draw(canvas)
-    for i, line in enumerate(lines):
-        draw.text((4, 3 + _TITLE_LINE * i), line, fill=(0, 0, 0), font=font)
+    for i, (line, colour) in enumerate(lines):
+        draw.text((4, 3 + _TITLE_LINE * i), line, fill=colour, font=font)
+    if hidden:
+        draw.text((4, top + size + 1), f"+{hidden} more", fill=(80, 80, 80), font=font)
     return canvas

@@ -3,13 +3,15 @@ attention rank on a sequential colormap, a colour bar, and a title that says wha
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from PIL import Image, ImageDraw
 
 from attnzoo.errors import InvalidInputError
-from attnzoo.viz.drawing import NOTE_COLOUR, load_font, resize_picture, wrap_text
+from attnzoo.viz.drawing import NOTE_COLOUR, load_font, resize_picture, text_width, wrap_text
 
-__all__ = ["attention_colours", "plot_attention_heatmap"]
+__all__ = ["attention_colours", "bar_labels", "plot_attention_heatmap"]
 
 #: viridis sampled at 9 even steps: sequential (brightness rises with the value) and readable in grey
 #: and by the colour-blind, so "more attention" always reads as "lighter".
@@ -27,7 +29,8 @@ _VIRIDIS = np.array(
     ],
     dtype=np.float64,
 )
-_PANEL_WIDTH = 124  # the colour bar and its labels
+_PANEL_WIDTH = 124  # the colour bar and its labels (wider when a label needs it)
+_LABEL_X = 28  # where the labels start, from the panel's left: past the padding, the bar and its ticks
 
 
 def attention_colours(values: np.ndarray) -> np.ndarray:
@@ -45,6 +48,18 @@ def attention_ranks(attention: np.ndarray) -> np.ndarray:
     if len(attention) < 2:
         return np.full(len(attention), 0.5)
     return (rankdata(attention, method="average") - 1) / (len(attention) - 1)
+
+
+def bar_labels(attention: np.ndarray) -> tuple[str, str, str]:
+    """The colour bar's labels, ``("max ...", "median ...", "min ...")`` of ``attention``: 3 significant
+    digits, or as many more as it takes for values that differ to print differently (0.5005, 0.5 and
+    0.4995 are not all "0.5")."""
+    values = np.quantile(np.asarray(attention, dtype=np.float64).reshape(-1), [1.0, 0.5, 0.0])
+    for digits in range(3, 18):  # 17 significant digits tell any two doubles apart
+        texts = [f"{value:.{digits}g}" for value in values]
+        if all(texts[i] != texts[j] for i, j in ((0, 1), (1, 2), (0, 2)) if values[i] != values[j]):
+            break
+    return f"max {texts[0]}", f"median {texts[1]}", f"min {texts[2]}"
 
 
 def plot_attention_heatmap(
@@ -76,6 +91,9 @@ def plot_attention_heatmap(
         raise InvalidInputError("a heatmap needs finite attention values and coordinates")
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < _PANEL_WIDTH + 16:
         raise InvalidInputError(f"size must be an integer of at least {_PANEL_WIDTH + 16} pixels, got {size!r}")
+    labels = bar_labels(attention) if len(attention) else ()
+    widest = max((text_width(label, load_font(12)) for label in labels), default=0.0)
+    panel = min(max(_PANEL_WIDTH, _LABEL_X + math.ceil(widest) + 4), int(size) - 16)  # the heatmap keeps 16 px
     if thumbnail is not None and dimensions is None:
         raise InvalidInputError(
             "a thumbnail needs the slide's level-0 size, dimensions=(width, height): without it the thumbnail "
@@ -87,7 +105,7 @@ def plot_attention_heatmap(
         origin = np.minimum(coords.min(0), 0) if len(coords) else origin
         far = coords.max(0) + side if len(coords) else np.ones(2)
         dimensions = (int(far[0] - origin[0]), int(far[1] - origin[1]))
-    scale = (int(size) - _PANEL_WIDTH) / max(max(dimensions), 1)
+    scale = (int(size) - panel) / max(max(dimensions), 1)
     canvas_size = (max(1, round(dimensions[0] * scale)), max(1, round(dimensions[1] * scale)))
     base = (
         resize_picture(thumbnail.convert("RGB"), canvas_size)
@@ -101,14 +119,14 @@ def plot_attention_heatmap(
     for (x, y), c in zip((coords - origin) * scale, attention_colours(attention_ranks(attention)), strict=True):
         draw.rectangle([x, y, x + square - 1, y + square - 1], fill=(*map(int, c), round(255 * alpha)))
     heatmap = Image.alpha_composite(base.convert("RGBA"), overlay).convert("RGB")
-    return _framed(heatmap, attention, title, note)
+    return _framed(heatmap, labels, title, note, panel)
 
 
-def _framed(heatmap: Image.Image, attention: np.ndarray, title: str, note: str) -> Image.Image:
+def _framed(heatmap: Image.Image, labels: tuple[str, ...], title: str, note: str, panel: int) -> Image.Image:
     """The heatmap with the title (and note) above, wrapped to the picture's width, and the colour bar
-    on its right with the raw attention at its ends and middle."""
+    (``panel`` px wide) on its right with ``labels``, the raw attention at its ends and middle."""
     font, small = load_font(16), load_font(12)
-    pad, bar_w, width = 8, 14, heatmap.width + _PANEL_WIDTH
+    pad, bar_w, width = 8, 14, heatmap.width + panel
     lines = [(line, font, (0, 0, 0), 20) for line in wrap_text(title, font, width - 2 * pad)]
     lines += [(line, small, NOTE_COLOUR, 16) for line in wrap_text(note, small, width - 2 * pad)]
     head = pad + sum(step for *_, step in lines) + (4 if lines else 0)
@@ -128,13 +146,7 @@ def _framed(heatmap: Image.Image, attention: np.ndarray, title: str, note: str) 
     draw.rectangle([x0, top, x0 + bar_w - 1, bottom - 1], outline=(90, 90, 90))
     draw.text((x0, head + 2), "attention", fill=(0, 0, 0), font=small)
     draw.text((x0, head + 16), "(colour: rank)", fill=(90, 90, 90), font=small)
-    if len(attention):
-        lo, mid, hi = np.quantile(attention, [0.0, 0.5, 1.0])
-        for y, text in (
-            (top, f"max {hi:.3g}"),
-            ((top + bottom) // 2, f"median {mid:.3g}"),
-            (bottom - 1, f"min {lo:.3g}"),
-        ):
-            draw.line([x0 + bar_w, y, x0 + bar_w + 4, y], fill=(90, 90, 90))
-            draw.text((x0 + bar_w + 6, y), text, fill=(40, 40, 40), font=small, anchor="lm")
+    for y, text in zip((top, (top + bottom) // 2, bottom - 1), labels, strict=False):
+        draw.line([x0 + bar_w, y, x0 + bar_w + 4, y], fill=(90, 90, 90))
+        draw.text((x0 + bar_w + 6, y), text, fill=(40, 40, 40), font=small, anchor="lm")
     return out
