@@ -162,8 +162,9 @@ def test_own_registry_and_list_models():
 
     model = attnzoo.create_model("unit_toy_net", width=5)
     assert model.in_features == 5
-    with pytest.raises(WeightsError, match="no pretrained checkpoint"):
+    with pytest.raises(WeightsError, match="no pretrained checkpoint") as err:
         attnzoo.create_model("unit_toy_net", pretrained=True)
+    assert "--weights PATH, or --weights none" in str(err.value)  # the spelling of the command line too
     assert "unit_toy_net" in attnzoo.list_models("unit_*")
     assert "resnet18" in attnzoo.list_models("resnet1*")
     assert all(n.startswith("resnet18.") for n in attnzoo.list_models("resnet18.*", pretrained=True))

@@ -131,7 +131,8 @@ def create_model(
     if own_entry is not None:
         if weights is None and pretrained:
             raise WeightsError(
-                f"no pretrained checkpoint is registered for {name}; pass weights=PATH or pretrained=False"
+                f"no pretrained checkpoint is registered for {name}; pass weights=PATH or pretrained=False "
+                "(on the command line: --weights PATH, or --weights none for random weights)"
             )
         model = own_entry.fn(**kwargs)
         if weights is not None:
@@ -445,7 +446,10 @@ def _timm_pretrained(name: str, **kwargs: Any) -> torch.nn.Module:
     except RuntimeError as err:  # timm: "Invalid pretrained tag"
         raise UnknownNameError("pretrained tag", name, timm.list_models(_split_name(name)[0], pretrained=True)) from err
     if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
-        raise WeightsError(f"no pretrained weights are known for {name}; pass weights=PATH or pretrained=False")
+        raise WeightsError(
+            f"no pretrained weights are known for {name}; pass weights=PATH or pretrained=False "
+            "(on the command line: --weights PATH, or --weights none for random weights)"
+        )
     overlay: dict[str, Any] = {}
     what = f"timm's pretrained weights for {name}"
     if cfg.hf_hub_id:

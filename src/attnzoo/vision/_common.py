@@ -216,5 +216,6 @@ def pretrained_checkpoint(cfg: Mapping[str, Any], overlay: Mapping[str, Any]) ->
         return None
     raise WeightsError(
         f"no pretrained weights are known for {name}: pass pretrained_cfg_overlay=dict(file=PATH) to timm, "
-        "weights=PATH to attnzoo.create_model, or pretrained=False"
+        "weights=PATH to attnzoo.create_model, or pretrained=False (on the command line: --weights PATH, or "
+        "--weights none for random weights)"
     )
