@@ -118,6 +118,14 @@ def test_trained_weights_run_in_the_pipeline_and_the_evaluation(trained, tmp_pat
     expected = average_search_statistics(search_statistics(t.objects, t.target) for t in AmazonCovers(data))
     assert human["length"] == pytest.approx(expected["length"], abs=1e-4) and human["correct_target"] == 1.0
     assert metrics["rows"]["model (greedy)"]["n"] == len(AmazonCovers(data))
+    # the tiny collages are far smaller than OAT's layout of grid cells in px: MultiMatch and the model's NSS of
+    # objects are said to be n/a (MultiMatch came out below 0) instead of reported
+    from types import SimpleNamespace
+
+    assert metrics["multimatch"] is None and metrics["rows"]["humans (inter-subject)"]["multimatch"] is None
+    assert metrics["nss"] is None and "this display is" in metrics["layout_note"]
+    assert metrics["layout_note"] in (tmp_path / "eval" / "report.md").read_text()
+    assert evaluator._layout_misfit(SimpleNamespace(grid=trial.grid, image_size=(2560, 1600))) is None
     # sampled decoding (OAT's "multi" rows): statistics averaged over each trial's samples first
     sampled_pipe = attnzoo.pipeline(
         "scanpath",

@@ -359,10 +359,28 @@ class ScanpathEvaluator(TaskEvaluator):
         objects = (
             np.concatenate([s for s in samples if len(s)]) if any(len(s) for s in samples) else np.zeros(0, np.int64)
         )
-        if not len(objects) or not len(trial.xy):
+        if not len(objects) or not len(trial.xy) or self._layout_misfit(trial):
             return float("nan")
         points = objects_to_points(objects, trial.grid, layout["cell_size"], layout["offset"])
         return fixation_nss(points, trial.xy, layout["screen_size"] or trial.image_size)
+
+    def _layout_misfit(self, trial: Any) -> str | None:
+        """Why OAT's shelf layout (grid-cell centres in px of the original collages) does not fit this
+        display, or None: on a resized copy of the data the cell centres fall outside the image, and
+        MultiMatch and NSS of objects come out meaningless (MultiMatch below 0)."""
+        from attnzoo.metrics.scanpath import OAT_LAYOUTS
+
+        layout = OAT_LAYOUTS[self.dataset]
+        width, height = layout["screen_size"] or trial.image_size
+        rows, cols = trial.grid
+        (cell_w, cell_h), (x0, y0) = layout["cell_size"], layout["offset"]
+        need = (x0 + cols * cell_w, y0 + rows * cell_h)
+        if need[0] <= 1.02 * width and need[1] <= 1.02 * height:
+            return None
+        return (
+            f"OAT's {self.dataset} layout places {rows}x{cols} cells of {cell_w}x{cell_h} px (the original collages, "
+            f"about {need[0]}x{need[1]} px); this display is {width}x{height} px"
+        )
 
     def _object_multimatch(self, objects: np.ndarray, trial: Any) -> float:
         """OAT's MM: predicted objects as grid-cell centres against the observer's raw fixations,
@@ -371,7 +389,7 @@ class ScanpathEvaluator(TaskEvaluator):
 
         layout = OAT_LAYOUTS[self.dataset]
         screen = layout["screen_size"] or trial.image_size
-        if not len(objects) or not len(trial.xy):
+        if not len(objects) or not len(trial.xy) or self._layout_misfit(trial):
             return float("nan")
         points = objects_to_points(objects, trial.grid, layout["cell_size"], layout["offset"])
         return multimatch(pad_scanpath(trial.xy), pad_scanpath(points), screen)["mean_without_duration"]
@@ -427,6 +445,9 @@ class ScanpathEvaluator(TaskEvaluator):
 
         index = {s.id: s.target for s in self.samples()}
         trials = [self.trials[index[r["id"]]] for r in records]
+        misfit = next((why for why in map(self._layout_misfit, trials) if why), None)
+        if misfit:  # answers saved by an earlier release hold the meaningless values: left out here too
+            records = [{**r, "multimatch": float("nan"), "nss": float("nan")} for r in records]
         human_stats = average_search_statistics(search_statistics(t.objects, t.target) for t in trials)
         model_stats = average_search_statistics(r["stats"] for r in records if r["stats"] is not None)
         model_row = {
@@ -449,6 +470,7 @@ class ScanpathEvaluator(TaskEvaluator):
             "rows": rows,
             **{k: rows[name][k] for k in ("ss", "edit_distance", "multimatch", "nss", "delta")},
             "statistics": list(SEARCH_STATISTICS),
+            **({"layout_note": f"MM and the model's NSS are n/a: {misfit}"} if misfit else {}),
         }
 
     def _search_agreement(self, trials: list[Any]) -> dict[str, float]:
@@ -509,6 +531,8 @@ class ScanpathEvaluator(TaskEvaluator):
             f"| {name} | " + " | ".join(_fmt(row.get(k)) for _, k in cols) + f" | {row.get('n', '')} |\n"
             for name, row in metrics["rows"].items()
         )
+        if metrics.get("layout_note"):
+            note += f"\n\n**{metrics['layout_note']}.**"
         return f"Dataset: **{metrics['dataset']}**\n\n{head}{body}\n{note}\n"
 
 
