@@ -542,3 +542,47 @@ def test_package_import_is_cheap():
     )
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "NevaClip", out.stderr
+
+
+@pytest.fixture
+def tiny_open_clip_name(monkeypatch):
+    """A tiny RN CLIP registered under an open_clip model name for one test (random init only: no weights exist)."""
+    import open_clip.factory
+
+    name = "attnzoo-test-tiny-rn"
+    cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, name, cfg)
+    return name
+
+
+def test_a_random_named_clip_is_drawn_from_the_rng_state_at_construction(tiny_open_clip_name):
+    """The named CLIP is built on first use; with random weights it is the CLIP an eager build at construction
+    would draw, whatever the global RNG went through in between, and the build leaves the caller's RNG alone."""
+    import open_clip
+
+    def weights(model):
+        return {k: v.clone() for k, v in model._module.state_dict().items()}
+
+    built = []
+    for advance in (1, 1000):
+        torch.manual_seed(7)
+        model = N.NevaClip(tiny_open_clip_name, pretrained=None)
+        assert model._visual is None
+        torch.rand(advance)
+        before = torch.random.get_rng_state()
+        model.encode_captions(["a dog"])  # the first use builds the CLIP
+        built.append((weights(model), torch.equal(torch.random.get_rng_state(), before)))
+    torch.manual_seed(7)
+    eager = open_clip.create_model(tiny_open_clip_name, pretrained=None).state_dict()
+    for state, rng_untouched in built:
+        assert state.keys() == eager.keys()
+        assert all(torch.equal(state[k], eager[k]) for k in eager)
+        assert rng_untouched
+    # weights that are loaded are not drawn at random: nothing is kept for them
+    for name, tag in (("RN50", "openai"), ("hf-hub:timm/some-clip", None), ("local-dir:/x", "")):
+        assert not N.NevaClip(name, pretrained=tag).random_init
+    assert N.NevaClip("RN50", pretrained="openai")._init_rng_state is None

@@ -555,3 +555,36 @@ def test_nevaclip_search_settings_are_refused_before_clip_loads(monkeypatch):
         attnzoo.pipeline("scanpath", model="nevaclip", weights="none", fixations=10**9)
     with pytest.raises(InvalidInputError, match="forgetting"):
         attnzoo.pipeline("scanpath", model="nevaclip", forgetting=2.0)
+
+
+def test_a_random_nevaclip_is_the_same_model_in_every_build_and_process(monkeypatch):
+    """weights="none" promises the CLIP drawn from RANDOM_INIT_SEED, though NevaClip builds it on first use, after
+    attnzoo.pipeline's seeded block: whatever the global RNG held before, every build (rerun, process of a sharded
+    run) gets that CLIP and the same scanpaths, and the caller's RNG is left as it was."""
+    import open_clip
+    import open_clip.factory
+
+    from attnzoo.tasks import RANDOM_INIT_SEED
+
+    name = "attnzoo-test-tiny-rn"
+    cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, name, cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        expected = open_clip.create_model(name, pretrained=None).state_dict()
+    runs = []
+    for advance in (1, 777):
+        torch.rand(advance)  # what else the process drew before differs
+        before = torch.random.get_rng_state()
+        pipe = attnzoo.pipeline("scanpath", model="nevaclip", weights="none", model_kwargs={"model_name": name}, **FAST)
+        sp = pipe(picture(3), caption="a pattern")
+        state = pipe.model._module.state_dict()
+        assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+        assert torch.equal(torch.random.get_rng_state(), before)
+        assert pipe.weights_label == "random (seed 0)"
+        runs.append(np.asarray(sp.xy))
+    np.testing.assert_array_equal(runs[0], runs[1])

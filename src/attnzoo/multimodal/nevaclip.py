@@ -394,6 +394,13 @@ class NevaClip:
         self._text_encoder = text_encoder
         self._visual: nn.Module | None = None
         self._module: nn.Module | None = None  # the whole CLIP (or the bare tower): what .to() moves
+        # a named CLIP without weights is drawn at random when first used, which may be long after this
+        # (and after other code has drawn from the global RNG): it is drawn from the RNG state of now, so
+        # it is the CLIP an eager build here would give (attnzoo.pipeline seeds that state: every rerun
+        # and every process gets the same model), and building it leaves the caller's RNG as it was
+        self._init_rng_state: torch.Tensor | None = None
+        if model is None and visual is None and self.random_init:
+            self._init_rng_state = torch.random.get_rng_state()
         if model is not None:
             if not hasattr(model, "visual"):
                 raise InvalidInputError(
@@ -443,6 +450,12 @@ class NevaClip:
         """The CLIP is always frozen in eval mode; here for the ``model.to(...).eval()`` every pipeline does."""
         return self
 
+    @property
+    def random_init(self) -> bool:
+        """The named CLIP gets open_clip's random initialisation (no pretrained tag or checkpoint; an
+        ``hf-hub:`` / ``local-dir:`` name brings its own weights)."""
+        return not self.pretrained and not self.model_name.startswith(("hf-hub:", "local-dir:"))
+
     def _load(self) -> None:
         import open_clip
 
@@ -451,8 +464,11 @@ class NevaClip:
         from attnzoo.weights import hub
 
         reachable = hub.hub_reachable()  # one short probe: an unreachable Hub fails now, not after its retries
+        seeded = self._init_rng_state
         try:
-            with hub.hf_cache_only(not reachable):
+            with hub.hf_cache_only(not reachable), torch.random.fork_rng(devices=[], enabled=seeded is not None):
+                if seeded is not None:  # random weights: drawn from the RNG state at construction (see __init__)
+                    torch.random.set_rng_state(seeded)
                 model, _, _ = open_clip.create_model_and_transforms(
                     self.model_name, pretrained=self.pretrained, cache_dir=self.cache_dir
                 )
@@ -466,6 +482,7 @@ class NevaClip:
             ) from None
         self._text_encoder = self._text_encoder or model.encode_text
         self._setup(model)
+        self._init_rng_state = None
 
     @property
     def visual(self) -> nn.Module:
