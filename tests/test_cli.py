@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import attnzoo
 from attnzoo.cli import main
+from attnzoo.errors import InvalidOptionError
 from attnzoo.weights import CheckpointEntry, register_checkpoint, unregister_checkpoint
 
 
@@ -251,6 +252,7 @@ def test_demo_writes_pictures_and_says_random(tmp_path, capsys):
     }
     slide = json.loads((tmp_path / "demo" / "wsi-classification" / "results.json").read_text())
     assert slide["patches"] > 50 and sum(slide["probabilities"]) == pytest.approx(1.0, abs=1e-5)
+    assert (tmp_path / "demo" / "wsi-classification" / slide["slide"]).is_file()  # not the staging folder's path
     inserted = json.loads((tmp_path / "demo" / "subject-insertion" / "results.json").read_text())
     assert inserted["prompt"] and (tmp_path / "demo" / "subject-insertion" / "insertion.png").is_file()
 
@@ -720,3 +722,89 @@ def test_a_run_name_is_one_folder_inside_out():
     assert _folder_name("agla(blip_model=../../x)") == "agla(blip_model=.._.._x)"
     assert _folder_name("agla(blip_model=C:\\models\\blip)") == "agla(blip_model=C:_models_blip)"
     assert _folder_name("..") == _folder_name(".") == "_"
+
+
+def test_train_says_which_metric_is_best_and_when_nothing_was_left_to_train(tmp_path, capsys):
+    """The summary names the metric best.pt follows and its direction; --resume of a finished run trains nothing
+    and says so (not "trained N steps"); a resume with more epochs says how many steps this command trained."""
+    import csv
+
+    from tests.training.test_classification_recipe import shapes_dataset
+
+    data = shapes_dataset(tmp_path / "shapes", per_class_train=2, per_class_val=1)
+    out = tmp_path / "run"
+    command = ["train", "image-classification", "--model", "test_resnet", "--data", str(data), "--out", str(out)]
+    command += ["--device", "cpu", "--config", "finetune", "batch_size=8", "num_workers=0", "auto_augment=null"]
+    command += ["input_size=32", "best_metric=top1"]
+    assert main([*command, "epochs=1"]) == 0
+    with open(out / "eval.csv") as fh:
+        best = max(float(row["eval_top1"]) for row in csv.DictReader(fh))
+    said = f"best top1={best:.3f} (higher is better)"
+    assert capsys.readouterr().out.strip() == f"trained 1 steps; {said}; wrote {out}"
+    assert main([*command, "epochs=1", "--resume"]) == 0
+    assert capsys.readouterr().out.strip() == f"nothing left to train: the run in {out} had finished at step 1; {said}"
+    assert main([*command, "epochs=2", "--resume"]) == 0
+    assert capsys.readouterr().out.strip().startswith("trained 1 more steps (2 in all); best top1=")
+
+
+def test_weights_list_and_models_say_when_nothing_matches(capsys):
+    from attnzoo.factory import load_families
+    from attnzoo.weights import list_checkpoints
+
+    load_families()
+    registered = len(list_checkpoints())
+    assert registered and main(["weights", "list", "nomatch*"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == f"no official checkpoint matches 'nomatch*' ({registered} registered: attnzoo weights list)"
+    assert main(["models", "zzz*"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and "no model name matches 'zzz*'" in captured.err
+
+
+def test_train_lists_and_takes_only_the_tasks_own_recipes(tmp_path, capsys):
+    """--list-configs lists the task's named recipes; another task's is refused naming its task, and the hints
+    name a command that runs."""
+    code = main(["train", "image-classification", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "-c", "lrgt"])
+    err = capsys.readouterr().err
+    assert code == 2 and "'lrgt' is for multiview-3d-reconstruction" in err and "deit_weights" not in err
+    assert "attnzoo train image-classification --list-configs" in err
+    from attnzoo.training.config import CONFIG_TASKS, load_config, named_configs, recipe_config
+
+    assert main(["train", "image-classification", "--list-configs"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert listed == named_configs("image-classification") and "deit" in listed
+    assert not {"acmil", "lrgt", "oat"} & set(listed)
+    assert main(["train", "scanpath", "--list-configs"]) == 0
+    assert capsys.readouterr().out.split() == ["oat"]
+    assert main(["train", "image-classification", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "-c", "x"])
+    hint = capsys.readouterr().err.split("(")[1].split(")")[0]
+    assert main(hint.split()[1:]) == 0  # the hint's own command runs
+    assert capsys.readouterr().out.split() == listed
+    assert not (tmp_path / "o").exists()
+    # every named recipe belongs to exactly one task: the one whose recipe takes its settings
+    import attnzoo.training.classification as classification
+    import attnzoo.training.reconstruction as reconstruction
+    import attnzoo.training.scanpath as scanpath
+    import attnzoo.training.wsi as wsi
+
+    recipes = {
+        "image-classification": classification,
+        "multiview-3d-reconstruction": reconstruction,
+        "scanpath": scanpath,
+        "wsi-classification": wsi,
+    }
+    assert set(CONFIG_TASKS) == set(named_configs())
+    for name in named_configs():
+        cfg = load_config(name)  # a recipe takes the settings it knows and a best_metric its evaluation reports
+        takers = [
+            task
+            for task, module in recipes.items()
+            if set(cfg.extra) <= set(module.RECIPE_DEFAULTS) and cfg.best_metric in (None, *module.METRICS)
+        ]
+        assert takers == [CONFIG_TASKS[name]], name
+        for task, module in recipes.items():
+            if task == CONFIG_TASKS[name]:
+                recipe_config(name, [], module.RECIPE_DEFAULTS, task, ranges=getattr(module, "RECIPE_RANGES", None))
+            else:
+                with pytest.raises(InvalidOptionError, match=f"is for {CONFIG_TASKS[name]}"):
+                    recipe_config(name, [], module.RECIPE_DEFAULTS, task)

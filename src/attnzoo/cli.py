@@ -584,7 +584,7 @@ def _eval_task(
     **options: Any,
 ) -> None:
     from attnzoo.evaluation import evaluate, weights_identity
-    from attnzoo.evaluation.runner import check_limit, execution_settings
+    from attnzoo.evaluation.runner import check_limit, execution_settings, format_metric
     from attnzoo.pipelines.base import check_batching
     from attnzoo.tasks import pipeline
 
@@ -602,6 +602,7 @@ def _eval_task(
         log=lambda m: _echo(m, err=True),
         **_given(options, spec, "eval"),
     )
+    _check_eval_layout(Path(out), [name for name, _, _ in plan.runs])  # before any model loads or file is written
     pipes: dict[str, Any] = {}  # one pipeline per distinct set of keywords (e.g. one per method compared)
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
     results = {}
@@ -619,9 +620,11 @@ def _eval_task(
                 **kwargs,
             )
         pipe = pipes[key]  # evaluate() checks it against the evaluator before anything is written
+        run_out = Path(out) if name is None else Path(out) / _folder_name(name)
         settings = {
             "model": plan.model,
             "weights": weights_identity(weights),
+            **_weights_label(pipe, weights),
             "data": str(Path(data).resolve()),
             **_split_settings(plan.split),
             "limit": limit,
@@ -631,7 +634,6 @@ def _eval_task(
             **run_settings,
             **evaluator.run_settings(pipe, batch_size=batch_size),
         }
-        run_out = Path(out) if name is None else Path(out) / _folder_name(name)
         metrics = evaluate(
             pipe,
             evaluator,
@@ -647,10 +649,51 @@ def _eval_task(
             continue
         results[name] = metrics
         shown = {k: metrics[k] for k in (*evaluator.headline, "n", "skipped") if k in metrics}
-        _echo((f"{name} " if name is not None else "") + " ".join(f"{k}={v}" for k, v in shown.items()))
+        # a metric no sample could give (null in metrics.json) reads n/a, as in the report
+        said = " ".join(f"{k}={'n/a' if format_metric(v) == 'n/a' else v}" for k, v in shown.items())
+        _echo((f"{name} " if name is not None else "") + said)
         _echo(f"wrote {run_out / 'metrics.json'} and {run_out / 'report.md'}")
     if len(results) > 1:
         _echo(evaluator_cls.summarize(results, Path(out)))
+
+
+def _check_eval_layout(out: Path, names: list[str | None]) -> None:
+    """A single run writes its files (run.json, metrics.json, report.md ...) at the top of --out; a plan of several
+    runs (a view sweep, a comparison of methods) one sub-folder per run beside its joint report. The two never
+    share an --out: one folder would hold two runs' contradicting files (a single run's report.md over a sweep's,
+    or a sweep's report beside a single run's metrics.json). Refused before anything is written, with --overwrite
+    too (it discards a run's own files, not the other layout's); a rerun of the same plan resumes as before."""
+    from attnzoo.errors import InvalidOptionError
+
+    if not out.is_dir():
+        return
+    if None in names:
+        held = sorted(p.name for p in out.iterdir() if p.is_dir() and (p / "run.json").is_file())
+        if held:
+            raise InvalidOptionError(
+                f"--out {out} holds the runs of a sweep or comparison (in {', '.join(f'{n}/' for n in held)}): "
+                "a single run there would mix its files with theirs; choose another --out or remove the folder"
+            )
+    elif (out / "run.json").is_file():
+        folders = ", ".join(f"{_folder_name(n)}/" for n in names if n is not None)
+        raise InvalidOptionError(
+            f"--out {out} holds a single run (its run.json): this plan's runs ({folders}) would mix their files "
+            "with it; choose another --out or remove the folder"
+        )
+
+
+def _weights_label(pipe: Any, weights: str | None) -> dict[str, Any]:
+    """``{"weights_label": ...}``: what the weights that ran are (``random (seed 0), tiny LLaVA-1.5 (...)``, a
+    checkpoint's name), beside the ``weights`` setting (as given, which says neither). A local file given as
+    weights is named by its absolute path, so that a resume from another folder is the same run. Empty where
+    the pipeline says nothing. An older run.json without it resumes (the runner's ADDED_SETTINGS)."""
+    label = getattr(pipe, "weights_label", None)
+    if not isinstance(label, str):
+        return {}
+    given = os.fspath(weights) if weights else ""
+    if given and label.startswith(given) and Path(given).is_file():
+        label = str(Path(given).resolve()) + label[len(given) :]
+    return {"weights_label": label}
 
 
 def _folder_name(name: str) -> str:
@@ -689,6 +732,7 @@ def _train_task(
 ) -> None:
     recipe = spec.load_recipe()
     extra = [f"{k}={v}" for k, v in _given(options, spec, "train").items()]
+    start = _saved_steps(Path(out)) if resume else 0
     result = recipe(
         model or spec.train_model or spec.default_model,
         data,
@@ -700,19 +744,70 @@ def _train_task(
         overwrite=overwrite,
         device=device,
     )
-    best = f" best={result['best']:.3f}" if result.get("best") is not None else ""
+    _echo(_train_summary(result, Path(out), start))
+
+
+def _saved_steps(out: Path) -> int:
+    """The steps the checkpoints in ``out`` (and in its seed folders) had reached: where a ``--resume`` starts."""
+    from attnzoo.training.engine import CHECKPOINT_RE
+
+    folders = [out, *(p for p in out.iterdir() if p.is_dir())] if out.is_dir() else []
+    total = 0
+    for folder in folders:
+        steps = [int(m.group(1)) for f in folder.iterdir() if (m := CHECKPOINT_RE.fullmatch(f.name))]
+        total += max(steps, default=0)
+    return total
+
+
+def _best_setting(out: Path) -> tuple[str | None, str | None]:
+    """The ``best_metric`` and ``best_mode`` a run in ``out`` trained with (its config.yaml), or Nones."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((out / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None, None
+    if not isinstance(config, dict):
+        return None, None
+    return config.get("best_metric"), config.get("best_mode")
+
+
+def _train_summary(result: dict[str, Any], out: Path, start: int) -> str:
+    """The line ``attnzoo train`` ends with: the steps trained by this command (none where a resumed run had
+    finished), and the best value of the metric that chooses best.pt, named, with its direction."""
+    from attnzoo.evaluation.runner import format_metric
+
+    step = int(result["step"])
+    best = ""
+    if result.get("best") is not None:
+        metric, mode = _best_setting(out)
+        value = format_metric(result["best"], ".3f")
+        direction = {"min": " (lower is better)", "max": " (higher is better)"}.get(mode or "", "")
+        best = f"; best {metric}={value}{direction}" if metric else f"; best={value}"
     seeds = result.get("seeds")
     over = f" over {len(seeds)} seeds" if isinstance(seeds, dict) and len(seeds) > 1 else ""
-    _echo(f"trained {result['step']} steps{over}{best}; wrote {Path(out)}")
+    if start and step <= start:
+        why = " (it had stopped early)" if result.get("stopped_early") else ""
+        return f"nothing left to train: the run in {out} had finished at step {step}{over}{why}{best}"
+    trained = f"trained {step - start} more steps ({step} in all)" if start else f"trained {step} steps"
+    return f"{trained}{over}{best}; wrote {out}"
 
 
-def _list_configs(value: bool) -> None:
-    if value:
-        from attnzoo.training.config import named_configs
+def _list_configs(task: str) -> Any:
+    """``--list-configs`` of ``attnzoo train TASK``: the named recipes of that task only."""
 
-        for name in named_configs():
-            _echo(name)
-        raise typer.Exit()
+    def callback(value: bool) -> None:
+        if value:
+            from attnzoo.training.config import named_configs
+
+            names = named_configs(task)
+            for name in names:
+                _echo(name)
+            if not names:
+                _echo(f"no named {task} recipes: give a YAML file with --config", err=True)
+            raise typer.Exit()
+
+    return callback
 
 
 def _train_params_with_list(spec: Any) -> list[inspect.Parameter]:
@@ -725,7 +820,10 @@ def _train_params_with_list(spec: Any) -> list[inspect.Parameter]:
             Annotated[
                 bool,
                 typer.Option(
-                    "--list-configs", callback=_list_configs, is_eager=True, help="List the named recipes and exit."
+                    "--list-configs",
+                    callback=_list_configs(spec.name),
+                    is_eager=True,
+                    help=f"List the named {spec.name} recipes and exit.",
                 ),
             ],
             False,
@@ -763,9 +861,13 @@ def models(
     from attnzoo.factory import attnzoo_models, list_models
 
     own = attnzoo_models()
-    for name in list_models(pattern, pretrained=pretrained):
+    names = list_models(pattern, pretrained=pretrained)
+    for name in names:
         tasks = own.get(name.partition(".")[0])
         _echo(f"{name}\t[attnzoo: {', '.join(tasks)}]" if tasks else name)
+    if not names:  # said on stderr: the list on stdout stays a list of names
+        which = "model name with weights" if pretrained else "model name"
+        _echo(f"no {which} matches {pattern!r} (attnzoo models lists them all)" if pattern else "no models", err=True)
 
 
 @app.command()
@@ -804,7 +906,12 @@ def weights_list(pattern: Annotated[str | None, typer.Argument(help="Shell-style
     load_families()
     entries = list_checkpoints(pattern)
     if not entries:
-        _echo("no official checkpoints registered yet" + (f" matching {pattern!r}" if pattern else ""))
+        registered = len(list_checkpoints()) if pattern else 0
+        _echo(
+            f"no official checkpoint matches {pattern!r} ({registered} registered: attnzoo weights list)"
+            if registered
+            else "no official checkpoints registered yet" + (f" matching {pattern!r}" if pattern else "")
+        )
         _echo("(timm's own pretrained weights load with --model NAME; see 'attnzoo models --pretrained')")
     for e in entries:
         _echo(f"{e.name}\t{e.source}\tsha256={e.sha256 or 'unknown'}")

@@ -368,3 +368,102 @@ def test_scanpath_and_hallucination_reports_show_a_missing_metric_as_n_a():
     line = next(s for s in object.__new__(HallucinationEvaluator).report(chair).splitlines() if s.startswith("| none"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[1:] == ["12.50", missing, missing, "7", "2"]
+
+
+# ----------------------------------------------------------------------------- one run or a plan of runs per --out
+
+
+def _tree(folder):
+    """Every file under ``folder`` with its bytes: what a refused command must leave as it was."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_sweep_and_a_single_run_never_share_an_out(tmp_path, monkeypatch, capsys):
+    """A single run writes at the top of --out, a view sweep one sub-folder per run beside its report: either
+    into the other's --out (--overwrite or not) is refused before anything is written; reruns still resume."""
+    from attnzoo.vision.lrgt import LRGT
+    from tests.helpers import register_test_model
+    from tests.pipelines.test_multiview_reconstruction import TINY
+    from tests.shapes3d import write_shapenet
+
+    register_test_model(monkeypatch, "lrgt_layout_test", lambda **kw: LRGT(**TINY, noise_seed=0), like="lrgt")
+    root = write_shapenet(tmp_path / "shapenet", kinds=("box",), per_kind=(0, 0, 1), n_views=2)
+    args = ["eval", "multiview-3d-reconstruction", "--model", "lrgt_layout_test", "--weights", "none"]
+    args += ["--data", str(root), "--num-workers", "0"]
+    sweep, single = tmp_path / "sweep", tmp_path / "single"
+    assert main([*args, "--out", str(sweep), "--views", "1,2"]) == 0
+    assert main([*args, "--out", str(single), "--views", "1"]) == 0
+    before = {out: _tree(out) for out in (sweep, single)}
+    capsys.readouterr()
+    for extra in ([], ["--overwrite"]):
+        assert main([*args, "--out", str(sweep), "--views", "1", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "views-1/, views-2/" in err and "choose another --out or remove the folder" in err
+        assert main([*args, "--out", str(single), "--views", "1,2", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "holds a single run" in err and "choose another --out or remove the folder" in err
+    assert {out: _tree(out) for out in (sweep, single)} == before  # nothing written, nothing removed
+    assert main([*args, "--out", str(sweep), "--views", "1,2"]) == 0  # the same sweep again: resumed
+    assert main([*args, "--out", str(single), "--views", "1"]) == 0
+    assert not (sweep / "run.json").exists() and not any(p.is_dir() for p in single.iterdir())
+
+
+def test_a_comparison_and_a_single_method_never_share_an_out(tmp_path, capsys):
+    """The same for hallucination's --methods (sub-folders and comparison.md) and a single --method."""
+    from tests.datasets.test_pope import write_pope_tree
+    from tests.evaluation.test_hallucination_e2e import TINY, with_pictures
+
+    pope = with_pictures(write_pope_tree(tmp_path / "pope", images=1, per_image=1))
+    args = ["eval", "hallucination-mitigation", *TINY, "--benchmark", "pope", "--split", "random", "--data", str(pope)]
+    compared, single = tmp_path / "compared", tmp_path / "single"
+    assert main([*args, "--methods", "none,vcd", "--out", str(compared)]) == 0
+    assert main([*args, "--method", "none", "--out", str(single)]) == 0
+    before = {out: _tree(out) for out in (compared, single)}
+    capsys.readouterr()
+    assert main([*args, "--method", "none", "--out", str(compared), "--overwrite"]) == 2
+    assert "none/, vcd/" in capsys.readouterr().err
+    assert main([*args, "--methods", "none,vcd", "--out", str(single)]) == 2
+    assert "holds a single run" in capsys.readouterr().err
+    assert {out: _tree(out) for out in (compared, single)} == before
+    assert main([*args, "--methods", "none,vcd", "--out", str(compared)]) == 0  # resumed
+
+
+def test_eval_records_which_weights_ran_and_older_runs_still_resume(tmp_path, monkeypatch, capsys):
+    """run.json and metrics.json name the weights that ran (the pipeline's label: a tiny stand-in, a random
+    seed, a file by its absolute path), beside the "weights" setting as before; a run.json of an older attnzoo,
+    without that label, is still resumed, and a file given by a relative path resumes the run of its absolute."""
+    from tests.datasets.test_pope import write_pope_tree
+    from tests.evaluation.test_hallucination_e2e import TINY, with_pictures
+
+    pope = with_pictures(write_pope_tree(tmp_path / "pope", images=1, per_image=1))
+    out = tmp_path / "lvlm"
+    args = ["eval", "hallucination-mitigation", *TINY, "--benchmark", "pope", "--split", "random", "--data", str(pope)]
+    assert main([*args, "--out", str(out)]) == 0
+    ran = attnzoo.pipeline("hallucination-mitigation", weights="none", device="cpu").weights_label
+    assert "tiny" in ran  # the task's default model name stands for a tiny random model without weights
+    run, metrics = (_strict_json((out / name).read_text()) for name in ("run.json", "metrics.json"))
+    assert run["weights"] == metrics["weights"] == "none"  # as before: older runs still compare alike
+    assert run["weights_label"] == metrics["weights_label"] == ran
+    older = {k: v for k, v in run.items() if k != "weights_label"}
+    (out / "run.json").write_text(json.dumps(older))
+    answered = (out / "predictions.jsonl").read_text()
+    assert main([*args, "--out", str(out)]) == 0  # resumed, not refused for the label it lacks
+    assert (out / "predictions.jsonl").read_text() == answered
+
+    data = _write_bags(tmp_path / "feats.h5", [0, 1, 0, 1])
+    torch.manual_seed(0)
+    save_file(attnzoo.create_model("acmil_ga", in_dim=16, n_classes=2).state_dict(), tmp_path / "w.safetensors")
+    monkeypatch.chdir(tmp_path)
+    assert _eval(data, tmp_path / "wsi", "--weights", "w.safetensors") == 0
+    recorded = _strict_json((tmp_path / "wsi" / "run.json").read_text())["weights_label"]
+    assert recorded == str((tmp_path / "w.safetensors").resolve())
+    assert _eval(data, tmp_path / "wsi", "--weights", str(tmp_path / "w.safetensors")) == 0  # the same run
+
+
+@pytest.mark.filterwarnings("ignore:AUC is undefined")
+def test_the_summary_line_shows_a_metric_no_sample_could_give_as_n_a(tmp_path, capsys):
+    data = _write_bags(tmp_path / "feats.h5", [1, 1, 1])
+    assert _eval(data, tmp_path / "out", "--weights", "none") == 0
+    assert _strict_json((tmp_path / "out" / "metrics.json").read_text())["auc"] is None  # AUC needs both classes
+    line = capsys.readouterr().out.splitlines()[0]
+    assert " auc=n/a " in f" {line} " and "None" not in line

@@ -28,7 +28,7 @@ from attnzoo.errors import InvalidInputError, InvalidOptionError
 
 #: Settings an older attnzoo did not record: a run.json without them is resumed (with a warning), since
 #: the earlier run's value cannot be known; the value recorded from then on holds later resumes to it.
-ADDED_SETTINGS = ("device", "model_dtype")
+ADDED_SETTINGS = ("device", "model_dtype", "weights_label")
 #: Settings renamed since: (old name, new name). ``precision`` (the model's dtype) hid POPE's metric of
 #: that name in metrics.json, and the 3-D ``fscore`` flag stood where the F-score goes when not computed.
 RENAMED_SETTINGS = (("precision", "model_dtype"), ("fscore", "with_fscore"))
@@ -452,7 +452,9 @@ def _merge_shards(out: Path, samples: Sequence[EvalSample]) -> tuple[list[dict[s
 
 def _report(evaluator: TaskEvaluator, metrics: dict[str, Any], skipped: Iterable[dict[str, Any]]) -> str:
     lines = [f"# Evaluation: {evaluator.task}", ""]
-    lines += [f"- **{k}**: {metrics[k]}" for k in ("model", "weights", "data", "split") if k in metrics]
+    lines += [
+        f"- **{k}**: {metrics[k]}" for k in ("model", "weights", "weights_label", "data", "split") if k in metrics
+    ]
     lines += ["", evaluator.report(metrics).rstrip(), ""]
     lines += [f"Evaluated **{metrics['n']}** samples; skipped **{metrics['skipped']}**.", ""]
     skipped = list(skipped)

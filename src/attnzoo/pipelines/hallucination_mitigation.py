@@ -233,7 +233,7 @@ def _image_title(image: Image.Image, shown: Image.Image) -> str:
         )
         for how, area in (("centre crop", box), ("stretched", None))
     }
-    best = min(errors, key=errors.get)
+    best = min(errors, key=lambda how: errors[how])
     if errors[best] > 12 or max(errors.values()) - errors[best] < 1:
         return "model's view (reshaped)"
     return f"model's view ({best})"

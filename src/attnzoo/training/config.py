@@ -218,24 +218,58 @@ def _split(item: str) -> tuple[str, str]:
     return key.strip(), value
 
 
-def named_configs() -> list[str]:
-    return sorted(
+#: The task whose recipe each named config is written for: its extra settings are that recipe's, which the other
+#: tasks' recipes refuse (``attnzoo train TASK --list-configs`` lists a task's own).
+CONFIG_TASKS: dict[str, str] = {
+    "acmil": "wsi-classification",
+    "biformer": "image-classification",
+    "deit": "image-classification",
+    "finetune": "image-classification",
+    "inline_swin": "image-classification",
+    "l2vit": "image-classification",
+    "lrgt": "multiview-3d-reconstruction",
+    "oat": "scanpath",
+    "sparsifiner_distill": "image-classification",
+    "sparsifiner_recon": "image-classification",
+}
+
+
+def named_configs(task: str | None = None) -> list[str]:
+    """The named recipes (``--config NAME``); with ``task``, only that task's (:data:`CONFIG_TASKS`)."""
+    names = sorted(
         p.name.removesuffix(".yaml")
         for p in resources.files("attnzoo.training.configs").iterdir()
         if p.name.endswith(".yaml")
     )
+    return names if task is None else [n for n in names if CONFIG_TASKS.get(n) == task]
 
 
-def _named_configs_hint() -> str:
-    return f"Named configs: {', '.join(named_configs())} (attnzoo train --list-configs); or give a YAML file."
+def _named_configs_hint(task: str | None = None) -> str:
+    own = named_configs(task) if task is not None else []
+    if own:
+        return f"Named {task} configs: {', '.join(own)} (attnzoo train {task} --list-configs); or give a YAML file."
+    return f"Named configs: {', '.join(named_configs())} (attnzoo train TASK --list-configs); or give a YAML file."
 
 
-def _read_config(source: str | Path) -> dict[str, Any]:
+def _check_config_task(source: str | Path, task: str) -> None:
+    """A named recipe of another task (``--config lrgt`` for image classification) is refused, naming its task,
+    before its settings are read as this task's."""
+    path = Path(source)
+    if path.suffix not in (".yaml", ".yml") and not path.exists():  # a name, as _read_config tells them apart
+        other = CONFIG_TASKS.get(str(source))
+        if other is not None and other != task:
+            raise InvalidOptionError(
+                f"training config {source!r} is for {other} (attnzoo train {other} --config {source}), "
+                f"not {task}. {_named_configs_hint(task)}"
+            )
+
+
+def _read_config(source: str | Path, task: str | None = None) -> dict[str, Any]:
     """The mapping a named recipe or a YAML file holds; every way a file can be wrong is a typed error."""
     path = Path(source)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise InvalidOptionError(f"config file {path} does not exist. {_named_configs_hint()}")
+            raise InvalidOptionError(f"config file {path} does not exist. {_named_configs_hint(task)}")
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
@@ -243,8 +277,8 @@ def _read_config(source: str | Path) -> dict[str, Any]:
     else:
         names = named_configs()
         if str(source) not in names:
-            error = UnknownNameError("training config", str(source), names)
-            error.args = (f"{error.args[0]} {_named_configs_hint()}",)
+            error = UnknownNameError("training config", str(source), named_configs(task) or names)
+            error.args = (f"{error.args[0]} {_named_configs_hint(task)}",)
             raise error
         text = resources.files("attnzoo.training.configs").joinpath(f"{source}.yaml").read_text()
     try:
@@ -263,7 +297,14 @@ def _read_config(source: str | Path) -> dict[str, Any]:
 
 def load_config(source: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
     """A named recipe (``"biformer"``, see :func:`named_configs`), a YAML path, or the defaults."""
-    data = _read_config(source) if source is not None else {}
+    return _load_config(source, overrides)
+
+
+def _load_config(
+    source: str | Path | None, overrides: list[str] | dict[str, Any] | None, task: str | None = None
+) -> TrainConfig:
+    """:func:`load_config`; with ``task`` (a recipe's), its errors name that task's own configs."""
+    data = _read_config(source, task) if source is not None else {}
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     extra = dict(data.pop("extra", None) or {})
     extra.update({k: data.pop(k) for k in list(data) if k not in names})  # recipe keys may sit at the top level
@@ -372,7 +413,9 @@ def recipe_config(
     ``metrics`` (the names the recipe's evaluation reports) are errors, before any data is read. ``best_mode``
     follows ``best_metric``'s direction (``metric_modes``: the recipe's own, then :data:`METRIC_MODES`) unless set,
     and a set one that contradicts it is an error (:func:`resolve_best_mode`)."""
-    cfg = config if isinstance(config, TrainConfig) else load_config(config)
+    if config is not None and not isinstance(config, TrainConfig):
+        _check_config_task(config, task)
+    cfg = config if isinstance(config, TrainConfig) else _load_config(config, None, task)
     cfg.extra = {**defaults, **cfg.extra}
     apply_overrides(cfg, overrides or [])
     _check_recipe_settings(cfg.extra, defaults, task, ranges or {})
