@@ -42,6 +42,7 @@ __all__ = [
     "Trainer",
     "check_run_folder",
     "distributed_context",
+    "failed_checks",
     "latest_checkpoint",
     "run_inputs",
     "seed_everything",
@@ -212,6 +213,47 @@ def typed_batches(dataset: Dataset, *, collate_fn: Callable | None = None, **loa
         if isinstance(batch, _WorkerFailure):
             raise batch.error
         yield batch
+
+
+class _Checks(Dataset):
+    """Item ``k``: the ``(index, message)`` of each attnzoo error ``check`` raises on chunk ``k`` of ``items``."""
+
+    def __init__(self, items: Sequence[Any], check: Callable[[Any], Any], chunk: int):
+        self.items, self.check, self.chunk = items, check, chunk
+
+    def __len__(self) -> int:
+        return -(-len(self.items) // self.chunk)
+
+    def __getitem__(self, k: int) -> list[tuple[int, str]]:
+        failures = []
+        for i in range(k * self.chunk, min((k + 1) * self.chunk, len(self.items))):
+            try:
+                self.check(self.items[i])
+            except AttnzooError as error:
+                failures.append((i, str(error)))
+        return failures
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+def failed_checks(
+    items: Sequence[Any], check: Callable[[Any], Any], *, num_workers: int = 0, chunk: int = 256
+) -> list[str]:
+    """The messages of the attnzoo errors ``check(item)`` raises, in the order of ``items``: every item is checked
+    (a run is refused once, naming every damaged file, not once per file). The chunks of ``chunk`` items are
+    checked in ``num_workers`` DataLoader worker processes; under ``torchrun`` each process checks its share and
+    every process gets every message."""
+    ctx = distributed_context()
+    share = list(range(ctx.rank, len(items), ctx.world_size))
+    checks = _Checks([items[i] for i in share], check, chunk)
+    check_worker_count(num_workers)
+    workers = min(num_workers, len(checks)) if len(checks) > 1 else 0  # one chunk: no worker process to start
+    loader = DataLoader(checks, batch_size=None, num_workers=workers, collate_fn=_as_is)
+    found = [(share[i], message) for failures in loader for i, message in failures]
+    found = [item for part in ctx.gather_objects(found) for item in part]
+    return [message for _, message in sorted(found)]
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
@@ -525,6 +567,7 @@ class Trainer:
             self.ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.step, self.best = 0, None
         self.evals_since_best = 0  # for early stopping
+        self.eval_pending: int | None = None  # the epoch whose validation the loaded checkpoint still owes
         self.history: list[dict[str, Any]] = []
 
     # -- construction helpers ----------------------------------------------------------------------
@@ -609,7 +652,9 @@ class Trainer:
         )
 
     # -- checkpoints -------------------------------------------------------------------------------
-    def state_dict(self, epoch: int, step_in_epoch: int) -> dict[str, Any]:
+    def state_dict(self, epoch: int, step_in_epoch: int, eval_pending: int | None = None) -> dict[str, Any]:
+        """Everything a resume restores. ``eval_pending``: the epoch whose validation had not run when this was
+        written (the checkpoint an epoch's end writes before validating); a resume runs it first."""
         return {
             "model": _unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -620,16 +665,17 @@ class Trainer:
             "step_in_epoch": step_in_epoch,
             "best": self.best,
             "evals_since_best": self.evals_since_best,
+            "eval_pending": eval_pending,
             "config": self.config.to_dict(),
             "run": self.run_info,
         }
 
-    def save_checkpoint(self, epoch: int, step_in_epoch: int) -> Path | None:
+    def save_checkpoint(self, epoch: int, step_in_epoch: int, eval_pending: int | None = None) -> Path | None:
         if not self.ctx.is_main:
             return None
         path = self.out_dir / f"checkpoint-{self.step:08d}.pt"
         with atomic_write(path) as fh:
-            torch.save(self.state_dict(epoch, step_in_epoch), fh)
+            torch.save(self.state_dict(epoch, step_in_epoch, eval_pending), fh)
         ours = [p for step, p in _checkpoints(self.out_dir) if step <= self.step]  # never a later run's
         for stale in ours[: max(len(ours) - self.config.keep_last, 0)]:
             stale.unlink(missing_ok=True)
@@ -695,6 +741,8 @@ class Trainer:
             raise WeightsError(f"cannot resume from {path}: its gradient-scaler state does not match ({e})") from e
         self.step, self.best = int(state["step"]), state.get("best")
         self.evals_since_best = int(state.get("evals_since_best", 0))
+        pending = state.get("eval_pending")
+        self.eval_pending = None if pending is None else int(pending)
         return int(state["epoch"]), int(state["step_in_epoch"])
 
     # -- logging -----------------------------------------------------------------------------------
@@ -716,14 +764,16 @@ class Trainer:
                     writer.add_scalar(k, v, row["step"])
 
     def _truncate_log(self) -> None:
-        """On resume, drop log rows written after the checkpoint (they will be written again)."""
+        """On resume, drop log rows written after the checkpoint (they will be written again), and the evaluation
+        row of its step when the checkpoint owes that evaluation (it runs again)."""
         for name in ("metrics.csv", "eval.csv"):
             path = self.out_dir / name
             if not self.ctx.is_main or not path.exists():
                 continue
             with path.open(newline="") as fh:
                 rows = list(csv.reader(fh))
-            keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= self.step] if rows else []
+            last = self.step - 1 if name == "eval.csv" and self.eval_pending is not None else self.step
+            keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= last] if rows else []
             with atomic_write(path, "w") as fh:
                 csv.writer(fh).writerows(keep)
 
@@ -809,6 +859,12 @@ class Trainer:
             bar.update(self.step)
         metrics: dict[str, float] = {}
         try:
+            if self.eval_pending is not None:  # the checkpoint was written before its epoch's validation ran
+                if self.ctx.is_main:
+                    _logger.info("running the validation of epoch %d, which the checkpoint owes", self.eval_pending)
+                metrics = self._validate(self.eval_pending, writer)
+                self.eval_pending = None
+                self.save_checkpoint(start_epoch, start_step)
             for epoch in range(start_epoch, c.epochs):
                 if self._should_stop():
                     if self.ctx.is_main:
@@ -863,7 +919,15 @@ class Trainer:
         model.train()
         step_in_epoch, micro, running, seen, t0 = start_step, 0, 0.0, 0, time.perf_counter()
         logged_steps = 0  # optimizer steps summed in ``running`` since the last log row
-        for batch in loader:
+        batches_left = iter(loader)
+        while True:
+            try:
+                batch = next(batches_left)
+            except StopIteration:
+                break
+            except AttnzooError:  # a sample that cannot be loaded (a damaged file): keep the steps done first
+                self._save_before_failing(epoch, step_in_epoch)
+                raise
             if micro == 0:
                 seed_everything(_mix(c.seed, self.step, self.ctx.rank))  # dropout, mixup: a function of the step
                 self.scheduler.step_update(self.step)
@@ -913,7 +977,29 @@ class Trainer:
                 seen, t0, running, logged_steps = 0, time.perf_counter(), 0.0, 0
             if c.checkpoint_every and self.step % c.checkpoint_every == 0 and step_in_epoch < self.steps_per_epoch:
                 self.save_checkpoint(epoch, step_in_epoch)
-        metrics = self._evaluate(epoch) if (epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs else {}
+        metrics: dict[str, float] = {}
+        if self.eval_fn is not None and ((epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs):
+            # The epoch's training is saved before its validation runs: a failure there (a damaged image, a
+            # metric error) loses none of it. The checkpoint says the validation is owed; a resume runs it first.
+            self.save_checkpoint(epoch + 1, 0, eval_pending=epoch)
+            metrics = self._validate(epoch, writer)
+        self.save_checkpoint(epoch + 1, 0)  # with the validation's outcome (best, evals_since_best)
+        return metrics
+
+    def _save_before_failing(self, epoch: int, step_in_epoch: int) -> None:
+        """A checkpoint of the last optimizer step, unless there is one: a sample failed to load, between two
+        steps, so the weights and optimizer are those after step ``self.step`` (a step interrupted part-way through
+        its accumulation is redone whole on resume)."""
+        if not self.ctx.is_main or (self.out_dir / f"checkpoint-{self.step:08d}.pt").exists():
+            return
+        path = self.save_checkpoint(epoch, step_in_epoch)
+        _logger.warning("a sample could not be loaded: saved %s (step %d); mend the data and --resume", path, self.step)
+
+    def _validate(self, epoch: int, writer: Any) -> dict[str, float]:
+        """Evaluate the weights at the end of ``epoch``; log the metrics, count evaluations without a better
+        ``best_metric`` and write ``best.pt`` when it improved."""
+        c = self.config
+        metrics = self._evaluate(epoch)
         if metrics:
             check_best_metric(c.best_metric, [k.removeprefix("eval_") for k in metrics], "this run's evaluation")
             self._log({"step": self.step, "epoch": epoch, **metrics}, writer)
@@ -926,7 +1012,6 @@ class Trainer:
                     best["ema"] = self.ema.module.state_dict()  # as the official best.pth: both sets of weights
                 with atomic_write(self.out_dir / "best.pt") as fh:
                     torch.save(best, fh)
-        self.save_checkpoint(epoch + 1, 0)
         return metrics
 
     def _mean_over_processes(self, value: float) -> float:

@@ -1,0 +1,257 @@
+"""A damaged image is refused before any work; a failure in validation or in loading a sample keeps the training
+done (the epoch's checkpoint is written before its validation) and a resume continues exactly."""
+
+import csv
+
+import pytest
+import torch
+from torch import nn
+
+from attnzoo.errors import DatasetFormatError
+from attnzoo.training import TrainConfig, Trainer, latest_checkpoint
+from attnzoo.training.classification import train_classification
+from attnzoo.training.engine import failed_checks
+from tests.training.test_classification_recipe import _ColourOracle, colour_folders
+
+# -- refused before any work -------------------------------------------------------------------------------------
+
+
+def oracle_run(tmp_path, monkeypatch, data, *settings):
+    import attnzoo
+
+    made = []
+    monkeypatch.setattr(attnzoo, "create_model", lambda name, **kw: made.append(name) or _ColourOracle())
+    base = ["epochs=2", "batch_size=4", "num_workers=0", "input_size=8", "auto_augment=null", "best_metric=top1"]
+    result = train_classification("oracle", data, tmp_path / "run", overrides=[*base, *settings], device="cpu")
+    return result, made
+
+
+def test_a_damaged_validation_image_is_refused_before_any_training(tmp_path, monkeypatch):
+    """One unreadable val image: an epoch trained, then `error: ...bad.jpg: not an image format PIL can read`, no
+    checkpoint, and neither a fresh run (an earlier run is there) nor --resume (no checkpoint) could go on."""
+    data = tmp_path / "d"
+    colour_folders(data, "train", "abc")
+    colour_folders(data, "val", "abc")
+    bad = data / "val" / "b" / "bad.jpg"
+    bad.write_bytes(b"<html>a page saved as a .jpg</html>")
+    with pytest.raises(DatasetFormatError) as info:
+        oracle_run(tmp_path, monkeypatch, data)
+    assert str(info.value) == f"{bad}: not an image format PIL can read"
+    assert not (tmp_path / "run").exists()  # nothing written: no model built, no step taken
+    bad.unlink()
+    result, _ = oracle_run(tmp_path, monkeypatch, data)  # the same command, the data mended: a fresh run
+    assert result["step"] == 6 and result["eval_top1"] == 100.0
+
+
+def test_every_damaged_image_of_a_split_is_named_at_once(tmp_path, monkeypatch):
+    """A PNG cut short fails its checksums (verify reads PNG's data); the val split is named before the training one."""
+    data = tmp_path / "d"
+    colour_folders(data, "train", "abc")
+    colour_folders(data, "val", "abc")
+    whole = (data / "val" / "a" / "0.png").read_bytes()
+    cut, empty = data / "val" / "a" / "1.png", data / "val" / "c" / "2.png"
+    cut.write_bytes(whole[: len(whole) - 20])
+    empty.write_bytes(b"")
+    (data / "train" / "b" / "3.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetFormatError, match=r"^2 of the 12 val images cannot be read \(") as info:
+        oracle_run(tmp_path, monkeypatch, data)
+    said = str(info.value)
+    assert f"{cut}: truncated or corrupt image" in said and f"{empty}: not an image format PIL can read" in said
+    assert str(data / "train") not in said and not (tmp_path / "run").exists()
+    cut.write_bytes(whole)
+    empty.write_bytes(whole)
+    with pytest.raises(DatasetFormatError, match=f"^{data / 'train' / 'b' / '3.png'}: not an image format"):
+        oracle_run(tmp_path, monkeypatch, data)
+    assert not (tmp_path / "run").exists()
+
+
+def _fails_on_odd(item):
+    if item % 2:
+        raise DatasetFormatError(f"item {item} is odd")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_failed_checks_name_every_failure_in_order_with_or_without_workers(workers):
+    assert failed_checks(range(20), _fails_on_odd, num_workers=workers, chunk=3) == [
+        f"item {i} is odd" for i in range(1, 20, 2)
+    ]
+    assert failed_checks([], _fails_on_odd, num_workers=workers) == []
+
+
+# -- a failure after training started keeps the training done ----------------------------------------------------
+
+
+class Mendable(torch.utils.data.Dataset):
+    """32 samples; while ``broken``, the ``fail_at``-th sample loaded fails as a damaged file does."""
+
+    def __init__(self, fail_at=None):
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(32, 4, generator=g)
+        self.y = (self.x[:, 0] > 0).long()
+        self.fail_at, self.loads = fail_at, 0
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.loads += 1
+        if self.loads == self.fail_at:
+            raise DatasetFormatError(f"sample {i}: truncated or corrupt image")
+        return self.x[i], self.y[i]
+
+
+def trainer(out, data=None, **overrides):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2), nn.Tanh(), nn.Linear(8, 2))
+    settings = {"epochs": 3, "batch_size": 8, "lr": 0.05, "num_workers": 0, "log_every": 1, "best_metric": "acc"}
+    cfg = TrainConfig(**{**settings, **overrides})
+    data = data if data is not None else Mendable()
+    loss = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    return Trainer(model, data, cfg, out, loss_fn=loss, device="cpu")
+
+
+def accuracy(model):
+    data = Mendable()
+    return {"acc": float((model(data.x).argmax(-1) == data.y).float().mean()), "n": float(len(data))}
+
+
+def failing_once(on_call):
+    calls = []
+
+    def evaluate(model):
+        calls.append(1)
+        if len(calls) == on_call:
+            raise DatasetFormatError("val/dog/bad.jpg: not an image format PIL can read")
+        return accuracy(model)
+
+    return evaluate
+
+
+def rows(path, columns=("step", "epoch", "loss", "lr", "eval_acc", "eval_n")):
+    with path.open(newline="") as fh:
+        return [{k: v for k, v in r.items() if k in columns} for r in csv.DictReader(fh)]
+
+
+def assert_same_run(out, full):
+    assert rows(out / "metrics.csv") == rows(full.out_dir / "metrics.csv")  # no step logged twice or lost
+    assert rows(out / "eval.csv") == rows(full.out_dir / "eval.csv")
+    ours, theirs = (torch.load(p / "best.pt", weights_only=True) for p in (out, full.out_dir))
+    assert ours["step"] == theirs["step"] and ours["eval_acc"] == theirs["eval_acc"]
+    for k in theirs["model"]:
+        assert torch.equal(ours["model"][k], theirs["model"][k]), k
+
+
+def full_run(tmp_path, **overrides):
+    full = trainer(tmp_path / "full", **overrides)
+    full.eval_fn = accuracy
+    full.fit()
+    return full
+
+
+@pytest.mark.parametrize("failing_epoch", [2, 3], ids=["mid-run", "last-epoch"])
+def test_a_failure_in_validation_keeps_the_epoch_and_resume_runs_that_validation_first(tmp_path, failing_epoch):
+    """The checkpoint was written after validation: a damaged val image lost the whole epoch (and, in the first
+    epoch, left a folder a fresh run refused and --resume found no checkpoint in)."""
+    full = full_run(tmp_path)
+    out = tmp_path / "failed"
+    failed = trainer(out)
+    failed.eval_fn = failing_once(failing_epoch)
+    with pytest.raises(DatasetFormatError, match="bad.jpg"):
+        failed.fit()
+    done = failing_epoch * failed.steps_per_epoch
+    assert latest_checkpoint(out).name == f"checkpoint-{done:08d}.pt"  # the failing epoch's training is kept
+    state = torch.load(latest_checkpoint(out), weights_only=True)
+    assert state["eval_pending"] == failing_epoch - 1 and state["epoch"] == failing_epoch
+    resumed = trainer(out)
+    resumed.eval_fn = accuracy
+    result = resumed.fit(resume=True)
+    assert result["step"] == full.step and result["best"] == full.best
+    assert resumed.evals_since_best == full.evals_since_best
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[k], v), k  # bitwise: the resumed run is the same run
+    assert_same_run(out, full)
+    assert torch.load(latest_checkpoint(out), weights_only=True)["eval_pending"] is None
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_crash_after_validation_logged_its_row_resumes_without_a_second_row(tmp_path, monkeypatch):
+    """Killed after the validation wrote eval.csv and best.pt but before the checkpoint was written again with its
+    outcome: the resume drops that row, validates again, and the logs are the uninterrupted run's."""
+    full = full_run(tmp_path)
+    out = tmp_path / "killed"
+    killed = trainer(out)
+    killed.eval_fn = accuracy
+    real = Trainer.save_checkpoint
+
+    def dies_after_the_second_validation(self, epoch, step_in_epoch, **pending):
+        if epoch == 2 and pending.get("eval_pending") is None:
+            raise Killed
+        return real(self, epoch, step_in_epoch, **pending)
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", dies_after_the_second_validation)
+    with pytest.raises(Killed):
+        killed.fit()
+    monkeypatch.setattr(Trainer, "save_checkpoint", real)
+    assert len(rows(out / "eval.csv")) == 2  # the second validation's row was written
+    resumed = trainer(out)
+    resumed.eval_fn = accuracy
+    resumed.fit(resume=True)
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[k], v), k
+    assert_same_run(out, full)
+
+
+@pytest.mark.parametrize(
+    "accum, fail_at",
+    [(1, 20 + 32), (2, 22 + 32)],  # in the second epoch; with accumulation, part-way through a step's micro-batches
+    ids=["between-steps", "mid-accumulation"],
+)
+def test_a_sample_that_fails_to_load_keeps_the_steps_done_and_resume_is_exact(tmp_path, accum, fail_at):
+    """A damaged training file that passes the header check (a JPEG cut short) failed part-way through an epoch and
+    lost every step since the last checkpoint."""
+    full = full_run(tmp_path, accum_steps=accum)
+    out = tmp_path / "failed"
+    data = Mendable(fail_at=fail_at)
+    failed = trainer(out, data, accum_steps=accum)
+    failed.eval_fn = accuracy
+    with pytest.raises(DatasetFormatError, match="truncated or corrupt"):
+        failed.fit()
+    assert failed.step == failed.steps_per_epoch + 2  # two steps of the second epoch done ...
+    assert latest_checkpoint(out).name == f"checkpoint-{failed.step:08d}.pt"  # ... and kept
+    data.fail_at = None  # the file mended
+    resumed = trainer(out, data, accum_steps=accum)
+    resumed.eval_fn = accuracy
+    resumed.fit(resume=True)
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[k], v), k
+    assert_same_run(out, full)
+
+
+def test_a_damaged_or_missing_validation_rendering_is_refused_before_any_training(tmp_path, monkeypatch):
+    """The reconstruction recipe read its validation models at the first validation, after an epoch."""
+    import attnzoo
+    from attnzoo.registry import ModelEntry
+    from attnzoo.training.reconstruction import train_reconstruction
+    from attnzoo.vision.lrgt import LRGT
+    from tests.shapes3d import write_shapenet
+    from tests.training.test_reconstruction_recipe import TINY
+
+    monkeypatch.setitem(
+        attnzoo.registry._MODELS,
+        "lrgt_tiny_test",
+        ModelEntry("lrgt_tiny_test", lambda **kw: LRGT(**TINY, **kw), "lrgt", ("multiview-3d-reconstruction",)),
+    )
+    root = write_shapenet(tmp_path / "shapenet", kinds=("box", "ball"), per_kind=(2, 1, 0))
+    damaged = root / "ShapeNetRendering" / "01000000" / "box_val_0" / "rendering" / "01.png"
+    damaged.write_bytes(damaged.read_bytes()[:-30])
+    missing = root / "ShapeNetRendering" / "02000000" / "ball_val_0" / "rendering" / "02.png"
+    missing.unlink()
+    settings = ["epochs=1", "batch_size=2", "num_workers=0", "deit_weights=null"]
+    with pytest.raises(DatasetFormatError, match=r"^2 of the 2 validation models cannot be read \(") as info:
+        train_reconstruction("lrgt_tiny_test", root, tmp_path / "run", overrides=settings, device="cpu")
+    assert f"{damaged}: truncated or corrupt rendering" in str(info.value)
+    assert f"{missing}: missing rendering" in str(info.value)
+    assert not (tmp_path / "run").exists()
