@@ -44,19 +44,20 @@ def test_a_damaged_validation_image_is_refused_before_any_training(tmp_path, mon
 
 
 def test_every_damaged_image_of_a_split_is_named_at_once(tmp_path, monkeypatch):
-    """A PNG cut short fails its checksums (verify reads PNG's data); the val split is named before the training one."""
+    """A PNG cut in half fails (verify reads PNG's data, and decoding fails too); the val split is named before the
+    training one."""
     data = tmp_path / "d"
     colour_folders(data, "train", "abc")
     colour_folders(data, "val", "abc")
     whole = (data / "val" / "a" / "0.png").read_bytes()
     cut, empty = data / "val" / "a" / "1.png", data / "val" / "c" / "2.png"
-    cut.write_bytes(whole[: len(whole) - 20])
+    cut.write_bytes(whole[: len(whole) // 2])  # a 75-byte PNG: its pixel data cut
     empty.write_bytes(b"")
     (data / "train" / "b" / "3.png").write_bytes(b"not a png")
     with pytest.raises(DatasetFormatError, match=r"^2 of the 12 val images cannot be read \(") as info:
         oracle_run(tmp_path, monkeypatch, data)
     said = str(info.value)
-    assert f"{cut}: truncated or corrupt image" in said and f"{empty}: not an image format PIL can read" in said
+    assert f"{cut}: " in said and f"{empty}: not an image format PIL can read" in said
     assert str(data / "train") not in said and not (tmp_path / "run").exists()
     cut.write_bytes(whole)
     empty.write_bytes(whole)
@@ -255,3 +256,29 @@ def test_a_damaged_or_missing_validation_rendering_is_refused_before_any_trainin
     assert f"{damaged}: truncated or corrupt rendering" in str(info.value)
     assert f"{missing}: missing rendering" in str(info.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_check_refuses_only_what_decoding_refuses(tmp_path):
+    """PIL's verify is stricter than decoding: a PNG without its end marker, or with a bad checksum on a text chunk
+    after the pixels, decodes fine (the loader reads it), so the check before training takes it too."""
+    import struct
+
+    from PIL import Image
+
+    from attnzoo.datasets.images import load_image
+    from attnzoo.training.classification import _check_image
+
+    Image.new("RGB", (30, 20), (200, 40, 40)).save(tmp_path / "a.png")
+    data = (tmp_path / "a.png").read_bytes()
+    end = data.rindex(b"IEND") - 4
+    (tmp_path / "no_end.png").write_bytes(data[:end])
+    text = struct.pack(">I", 3) + b"tEXtk\x00v" + struct.pack(">I", 12345)  # a wrong CRC
+    (tmp_path / "bad_text.png").write_bytes(data[:end] + text + data[end:])
+    for name in ("no_end.png", "bad_text.png"):
+        with Image.open(tmp_path / name) as image, pytest.raises(Exception):  # noqa: B017, PT011
+            image.verify()  # the premise: verify refuses it
+        load_image(tmp_path / name)  # the loader reads it
+        _check_image(tmp_path / name)  # and so does the check
+    (tmp_path / "half.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DatasetFormatError, match="truncated or corrupt"):
+        _check_image(tmp_path / "half.png")

@@ -137,10 +137,18 @@ def _evaluation_split(root: Path, split: str, train: ClassificationSamples) -> C
 
 def _check_image(path: Path) -> None:
     """Refuse a file PIL cannot open (not an image, a damaged header, over the pixel limit) or, for the formats
-    whose ``verify`` reads the data (PNG's checksums), a damaged one. Reads the header only for JPEG: a JPEG cut
-    short passes, and fails when it is decoded."""
+    whose ``verify`` reads the data (PNG's checksums), a damaged one -- but only what decoding refuses too:
+    ``verify`` is stricter than the loader (a PNG without its end marker, a bad checksum on a text chunk), so a
+    file it fails is decoded and refused only if that fails. Reads the header only for JPEG: a JPEG cut short
+    passes, and fails when it is decoded."""
     with opened_image(path, error=DatasetFormatError) as image:
-        image.verify()
+        try:
+            image.verify()
+            return
+        except Exception:  # noqa: BLE001 - whatever verify raises, decoding decides below
+            pass
+    with opened_image(path, error=DatasetFormatError) as image:
+        image.load()
 
 
 def _check_readable(samples: ClassificationSamples, split: str, num_workers: int) -> None:

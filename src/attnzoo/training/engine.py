@@ -992,7 +992,11 @@ class Trainer:
         its accumulation is redone whole on resume)."""
         if not self.ctx.is_main or (self.out_dir / f"checkpoint-{self.step:08d}.pt").exists():
             return
-        path = self.save_checkpoint(epoch, step_in_epoch)
+        try:
+            path = self.save_checkpoint(epoch, step_in_epoch)
+        except Exception as err:  # noqa: BLE001 - the data error is what the caller raises and the user must see
+            _logger.warning("a sample could not be loaded, and saving the steps done failed too: %s", err)
+            return
         _logger.warning("a sample could not be loaded: saved %s (step %d); mend the data and --resume", path, self.step)
 
     def _validate(self, epoch: int, writer: Any) -> dict[str, float]:
