@@ -301,6 +301,10 @@ def test_a_visual_search_picture_names_the_target_and_the_outcome(monkeypatch):
     band = np.asarray(out)[: out.height - 120]
     assert band.shape[0] >= 18 and near(band, scanpath.TARGET_COLOUR).sum() > 10  # the green swatch in the legend
     assert out.width == 150  # the band wraps to the shelf's width
+    entries.clear()
+    for target in (-1, len(boxes)):  # no such box: no green box drawn, and the legend does not name one
+        viz.plot_scanpaths(Image.new("RGB", (150, 120)), [centres[:2]], boxes=boxes, target=target)
+        assert not any(kind == "box" for *_, kind in entries)
 
 
 @pytest.mark.parametrize("shade", [250, 10])

@@ -287,14 +287,15 @@ def plot_scanpaths(
     overlay = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(overlay)
     font = load_font(max(10, round(radius * 1.1)))
-    has_target = boxes is not None and target is not None
+    # the legend names the green box only when one is drawn (a target index among the boxes)
+    has_target = boxes is not None and target is not None and 0 <= int(target) < len(boxes)
     if boxes is not None:
         scaled = np.asarray(boxes, dtype=np.float64) * np.tile(scale, 2)
         for i, (x0, y0, x1, y1) in enumerate(scaled):
             if not (has_target and i == target):  # a dark edge under a light one: seen on bright and dark shelves
                 draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0, 150), width=3)
                 draw.rectangle([x0, y0, x1, y1], outline=(255, 255, 255, 220), width=1)
-        if target is not None and 0 <= int(target) < len(scaled):
+        if has_target:
             draw.rectangle(scaled[int(target)].tolist(), outline=(*TARGET_COLOUR, 255), width=4)
     # (scanpath, fixation, x, y, radius, outside) in drawing order; marks outside the image sit at its edge
     marks: list[tuple[int, int, float, float, float, bool]] = []
