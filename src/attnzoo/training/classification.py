@@ -27,6 +27,7 @@ from attnzoo.training.engine import (
     Trainer,
     check_run_folder,
     failed_checks,
+    refuse_failures,
     run_inputs,
     seed_everything,
     typed_batches,
@@ -158,13 +159,7 @@ def _check_readable(samples: ClassificationSamples, split: str, num_workers: int
     start = time.perf_counter()
     failures = failed_checks(samples.paths, _check_image, num_workers=num_workers)
     _logger.info("checked the %d %s images in %.1f s", len(samples), split, time.perf_counter() - start)
-    if len(failures) == 1:
-        raise DatasetFormatError(failures[0])
-    if failures:
-        shown = "; ".join(failures[:5]) + ("; ..." if len(failures) > 5 else "")
-        raise DatasetFormatError(
-            f"{len(failures)} of the {len(samples)} {split} images cannot be read ({shown}); mend or remove them"
-        )
+    refuse_failures(failures, len(samples), f"{split} images")
 
 
 def _transform_record(size: int, data_cfg: dict[str, Any]) -> dict[str, Any]:

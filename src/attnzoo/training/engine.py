@@ -256,6 +256,16 @@ def failed_checks(
     return [message for _, message in sorted(found)]
 
 
+def refuse_failures(failures: Sequence[str], count: int, what: str) -> None:
+    """Raise what :func:`failed_checks` found, if anything: one failure as its own message, several counted
+    ("3 of the 500 val images cannot be read (...)"), the first five named."""
+    if len(failures) == 1:
+        raise DatasetFormatError(failures[0])
+    if failures:
+        shown = "; ".join(failures[:5]) + ("; ..." if len(failures) > 5 else "")
+        raise DatasetFormatError(f"{len(failures)} of the {count} {what} cannot be read ({shown}); mend or remove them")
+
+
 # -- checkpoints ---------------------------------------------------------------------------------
 
 

@@ -23,7 +23,14 @@ from attnzoo._placement import resolve_device
 from attnzoo._values import whole_number
 from attnzoo.errors import DatasetFormatError, InvalidInputError, InvalidOptionError, WeightsError
 from attnzoo.training.config import TrainConfig, recipe_config
-from attnzoo.training.engine import Trainer, check_run_folder, failed_checks, run_inputs, seed_everything
+from attnzoo.training.engine import (
+    Trainer,
+    check_run_folder,
+    failed_checks,
+    refuse_failures,
+    run_inputs,
+    seed_everything,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from attnzoo.vision.lrgt import LRGTViT
@@ -190,13 +197,7 @@ def _check_validation_files(val: Any, num_workers: int) -> None:
     items = [([m.rendering_path(v) for v in val.view_indices(i)], m.voxel_path) for i, m in enumerate(val.samples)]
     failures = failed_checks(items, _read_model_files, num_workers=num_workers)
     _logger.info("checked the %d validation models in %.1f s", len(items), time.perf_counter() - start)
-    if len(failures) == 1:
-        raise DatasetFormatError(failures[0])
-    if failures:
-        shown = "; ".join(failures[:5]) + ("; ..." if len(failures) > 5 else "")
-        raise DatasetFormatError(
-            f"{len(failures)} of the {len(items)} validation models cannot be read ({shown}); mend or remove them"
-        )
+    refuse_failures(failures, len(items), "validation models")
 
 
 def train_reconstruction(
