@@ -331,6 +331,13 @@ def test_run_every_task_kind(tmp_path, capsys, monkeypatch):
     assert all(r["grid"] == [32, 32, 32] for r in record["results"].values())
     assert (out / "table.png").is_file() and (out / "box.png").is_file()
     assert "occupied voxels" in capsys.readouterr().out
+    from attnzoo.datasets.binvox import read_binvox
+
+    files = json.loads((out / "results.json").read_text())["files"][str(tmp_path / "objects" / "box")]
+    assert files == ["box.png", "box.obj", "box.binvox"]  # the shape itself, as --help says, beside its picture
+    voxels = read_binvox(out / "box.binvox").voxels
+    assert int(voxels.sum()) == record["results"][str(tmp_path / "objects" / "box")]["occupied_voxels"]
+    assert (out / "box.obj").read_text().count("\nv ") > 0
     assert (
         main(
             [

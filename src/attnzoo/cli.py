@@ -507,8 +507,11 @@ class _RunOutput:
 
 
 def _written_paths(out: Path, name: str, result: Any) -> list[Path]:
-    """The files ``attnzoo run`` writes for one input named ``name``: its picture and the task's own files."""
-    return [out / f"{name}.png", *(out / f"{name}-{suffix}.png" for suffix in getattr(result, "file_suffixes", ()))]
+    """The files ``attnzoo run`` writes for one input named ``name``: its picture and the task's own files
+    (``result.file_names(name)``, or ``<name>-<suffix>.png`` for each of ``result.file_suffixes``)."""
+    own = getattr(result, "file_names", None)
+    names = own(name) if callable(own) else [f"{name}-{suffix}.png" for suffix in getattr(result, "file_suffixes", ())]
+    return [out / f"{name}.png", *(out / n for n in names)]
 
 
 def _free(paths: list[Path], kept: set[Path], own: set[str]) -> bool:

@@ -50,6 +50,14 @@ class Occupancy:
 
         return voxels_to_mesh(self.voxels)
 
+    def file_names(self, stem: str) -> list[str]:
+        """What ``attnzoo run`` writes beside the picture: the surface mesh and the voxels."""
+        return [f"{stem}.obj", f"{stem}.binvox"]
+
+    def write_files(self, folder: str | os.PathLike, stem: str) -> list[Path]:
+        """``<stem>.obj`` (surface mesh) and ``<stem>.binvox`` (voxels), written atomically."""
+        return [self.save(Path(folder) / name) for name in self.file_names(stem)]
+
     def save(self, path: str | os.PathLike) -> Path:
         """``.obj`` / ``.ply`` (surface mesh), ``.binvox`` (voxels) or ``.npy`` (probabilities), written atomically."""
         from attnzoo._io import atomic_write
