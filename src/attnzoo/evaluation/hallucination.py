@@ -124,12 +124,7 @@ def _refuse_ambiguous_settings(names: Sequence[str], settings: Mapping[str, Any]
     refused: one value would run one of them far from its own setting without a word."""
     from attnzoo.multimodal.hallucination.methods import parse_method_spec, setting_clashes
 
-    pairs = [(part, item) for name in names for part, item in parse_method_spec(name) if isinstance(item, Mapping)]
-    clashes = {}
-    for key in settings:  # a method with its own value for it, in its parentheses, does not read the shared one
-        clash = setting_clashes([part for part, item in pairs if key not in item], [key]).get(key)
-        if clash:
-            clashes[key] = clash
+    clashes = setting_clashes([pair for name in names for pair in parse_method_spec(name)], settings)
     if clashes:
         said = "; ".join(
             f"--{k.replace('_', '-')} is read by {', '.join(f'{m} (default {v})' for m, v in d.items())}"

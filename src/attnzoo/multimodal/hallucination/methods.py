@@ -375,12 +375,14 @@ def setting_default(name: str, key: str) -> Any:
     return json.loads(_described_defaults(name)).get(key)
 
 
-def setting_clashes(names: Sequence[str], keys: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """The ``keys`` that several of the registered methods ``names`` take with different defaults, i.e.
-    read differently (``alpha``: PAI's attention boost, 0.2, VCD's contrast, 1): key -> method -> default."""
+def setting_clashes(pairs: Sequence[tuple[str, Any]], keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The ``keys`` that several registered methods of ``pairs`` (:func:`parse_method_spec`'s) would take with
+    different defaults, i.e. read differently (``alpha``: PAI's attention boost, 0.2, VCD's contrast, 1): key ->
+    method -> default. A method with its own value for a key, in its dict or parentheses, does not read it."""
+    registered = [(name, item) for name, item in pairs if isinstance(item, Mapping)]
     clashes = {}
     for key in keys:
-        readers = [name for name in dict.fromkeys(names) if key in method_settings(name)]
+        readers = list(dict.fromkeys(n for n, item in registered if key in method_settings(n) and key not in item))
         if key in SAME_MEANING or len(readers) < 2:
             continue
         defaults = {name: setting_default(name, key) for name in readers}
@@ -392,15 +394,7 @@ def setting_clashes(names: Sequence[str], keys: Iterable[str]) -> dict[str, dict
 def refuse_shared_settings(pairs: Sequence[tuple[str, Any]], settings: Mapping[str, Any]) -> None:
     """A keyword setting that would go to two methods of a composition that read it differently is
     refused (a method with its own value for it, in its dict or parentheses, does not take the shared one)."""
-    registered = [(name, item) for name, item in pairs if isinstance(item, Mapping)]
-    if len(registered) < 2:
-        return
-    clashes = {}
-    for key in settings:
-        readers = [name for name, item in registered if key not in item]
-        clash = setting_clashes(readers, [key]).get(key)
-        if clash:
-            clashes[key] = clash
+    clashes = setting_clashes(pairs, settings)
     if not clashes:
         return
     said = "; ".join(
@@ -408,7 +402,9 @@ def refuse_shared_settings(pairs: Sequence[tuple[str, Any]], settings: Mapping[s
         for key, defaults in clashes.items()
     )
     parts = []
-    for name, _ in registered:
+    for name, item in pairs:
+        if not isinstance(item, Mapping):
+            continue
         own = [f"{key}={settings[key]}" for key, defaults in clashes.items() if name in defaults]
         parts.append(f"{name}({','.join(own)})" if own else name)
     example = "+".join(parts)
