@@ -466,6 +466,23 @@ def make_sensitive_(tower, seed: int, image_size: int):
     return tower
 
 
+TINY_OPEN_CLIP_NAME = "attnzoo-test-tiny-rn"
+
+
+def register_tiny_open_clip(monkeypatch) -> str:
+    """A tiny RN CLIP registered under an open_clip model name for one test (random init only: no weights
+    exist); returns the name."""
+    import open_clip.factory
+
+    cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, TINY_OPEN_CLIP_NAME, cfg)
+    return TINY_OPEN_CLIP_NAME
+
+
 def tiny_clip(seed: int = 0, image_size: int = 224, embed_dim: int = 64):
     """A real open_clip CLIP (ModifiedResNet vision tower, transformer text tower, OpenAI's BPE
     tokenizer that ships with open_clip), small enough for the CPU, input-sensitive (:func:`make_sensitive_`)."""

@@ -14,7 +14,7 @@ from PIL import Image
 
 from attnzoo.errors import InvalidInputError, UnknownNameError
 from attnzoo.multimodal import nevaclip as N
-from tests.scanpath_helpers import make_sensitive_
+from tests.scanpath_helpers import make_sensitive_, register_tiny_open_clip
 from tests.scanpath_helpers import tiny_clip as make_tiny_clip
 from tests.vision._reference import load_fixture, manual_seed
 
@@ -547,16 +547,7 @@ def test_package_import_is_cheap():
 @pytest.fixture
 def tiny_open_clip_name(monkeypatch):
     """A tiny RN CLIP registered under an open_clip model name for one test (random init only: no weights exist)."""
-    import open_clip.factory
-
-    name = "attnzoo-test-tiny-rn"
-    cfg = {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
-    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, name, cfg)
-    return name
+    return register_tiny_open_clip(monkeypatch)
 
 
 def test_a_random_named_clip_is_drawn_from_the_rng_state_at_construction(tiny_open_clip_name):

@@ -13,6 +13,7 @@ from PIL import Image
 import attnzoo
 from attnzoo.errors import InvalidInputError
 from tests.scanpath_helpers import (
+    register_tiny_open_clip,
     spp_by_hand,
     tiny_nevaclip,
     tiny_oat,
@@ -562,17 +563,10 @@ def test_a_random_nevaclip_is_the_same_model_in_every_build_and_process(monkeypa
     attnzoo.pipeline's seeded block: whatever the global RNG held before, every build (rerun, process of a sharded
     run) gets that CLIP and the same scanpaths, and the caller's RNG is left as it was."""
     import open_clip
-    import open_clip.factory
 
     from attnzoo.tasks import RANDOM_INIT_SEED
 
-    name = "attnzoo-test-tiny-rn"
-    cfg = {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
-    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, name, cfg)
+    name = register_tiny_open_clip(monkeypatch)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         expected = open_clip.create_model(name, pretrained=None).state_dict()
