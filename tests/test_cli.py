@@ -754,6 +754,77 @@ def test_train_says_which_metric_is_best_and_when_nothing_was_left_to_train(tmp_
     assert capsys.readouterr().out.strip().startswith("trained 1 more steps (2 in all); best top1=")
 
 
+def _tiny_train_command(tmp_path):
+    from tests.training.test_classification_recipe import shapes_dataset
+
+    data = shapes_dataset(tmp_path / "shapes", per_class_train=2, per_class_val=1)
+    out = tmp_path / "run"
+    command = ["train", "image-classification", "--model", "test_resnet", "--data", str(data), "--out", str(out)]
+    command += ["--device", "cpu", "--config", "finetune", "batch_size=8", "num_workers=0", "auto_augment=null"]
+    return [*command, "input_size=32", "best_metric=top1", "epochs=1"], data, out
+
+
+def test_train_resume_that_ran_the_owed_validation_says_so(tmp_path, capsys):
+    """--no-check-images skips the check of every image before any work: a damaged val image fails the last epoch's
+    validation, after its checkpoint. The --resume that ran that validation said "nothing left to train" only, as if
+    it had done nothing."""
+    import csv
+
+    import yaml
+
+    command, data, out = _tiny_train_command(tmp_path)
+    bad = data / "val" / "class1" / "0.png"
+    whole = bad.read_bytes()
+    bad.write_bytes(b"not a png")
+    assert main(command) == 1  # the up-front check refuses it, before any work
+    assert f"error: {bad}: not an image format PIL can read" in capsys.readouterr().err and not out.exists()
+    assert main([*command, "--no-check-images"]) == 1  # trained, then failed in the validation
+    assert f"error: {bad}: not an image format PIL can read" in capsys.readouterr().err
+    assert yaml.safe_load((out / "config.yaml").read_text())["extra"]["check_images"] is False
+    assert torch.load(out / "checkpoint-00000001.pt", weights_only=True)["eval_pending"] == 0
+    bad.write_bytes(whole)
+    assert main([*command, "--resume"]) == 0  # the check on again: check_images may change on resume
+    with open(out / "eval.csv") as fh:
+        (row,) = csv.DictReader(fh)  # the owed validation's, once
+    best = f"best top1={float(row['eval_top1']):.3f} (higher is better)"
+    assert capsys.readouterr().out.strip() == (
+        f"ran the owed validation of the last epoch; nothing left to train: the run in {out} had finished at step 1; "
+        f"{best}"
+    )
+    assert (out / "best.pt").is_file()
+    assert main([*command, "--resume"]) == 0  # nothing owed now: nothing done
+    assert capsys.readouterr().out.strip().startswith("nothing left to train: ")
+    assert main(["train", "scanpath", "--data", str(data), "--out", str(out), "--no-check-images"]) == 2  # no check
+
+
+def test_train_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_from_step_0(
+    tmp_path, capsys, caplog, monkeypatch
+):
+    """Ctrl-C (or an error in the model) at step 0 left config.yaml and TensorBoard's file: the run said "nothing to
+    resume", a rerun was refused (an earlier run is there) and --resume found no checkpoint."""
+    from attnzoo.training import classification
+
+    command, _, out = _tiny_train_command(tmp_path)
+    with monkeypatch.context() as patch:
+
+        def interrupted(self, model, batch):
+            raise KeyboardInterrupt
+
+        patch.setattr(classification._ClassificationLoss, "__call__", interrupted)
+        assert main(command) == 130
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == f"interrupted before the first checkpoint: add --resume to the same command to start the run in {out} again from step 0"
+    )
+    assert (out / "config.yaml").is_file() and not list(out.glob("checkpoint-*.pt"))
+    with caplog.at_level("WARNING", logger="attnzoo.training.engine"):
+        assert main([*command, "--resume"]) == 0
+    assert f"no checkpoint in {out} yet: starting from step 0" in caplog.messages
+    assert capsys.readouterr().out.strip().startswith("trained 1 steps; best top1=")
+    assert (out / "metrics.csv").read_text().count("step,epoch") == 1 and (out / "model.safetensors").is_file()
+
+
 def test_weights_list_and_models_say_when_nothing_matches(capsys):
     from attnzoo.factory import load_families
     from attnzoo.weights import list_checkpoints

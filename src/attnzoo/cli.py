@@ -129,6 +129,8 @@ def _interrupted_line(command: str, out: Path | None) -> str:
         folders = [out, *(p for p in out.iterdir() if p.is_dir())] if out is not None and out.is_dir() else []
         if any(CHECKPOINT_RE.fullmatch(f.name) for folder in folders for f in folder.iterdir()):
             return f"interrupted: the checkpoints saved in {out} are kept; add --resume to the same command to continue"
+        if any((folder / "config.yaml").is_file() for folder in folders):  # the run had started: --resume restarts it
+            return f"interrupted before the first checkpoint: add --resume to the same command to start the run in {out} again from step 0"
         return f"interrupted before the first checkpoint: nothing to resume; start again (with --overwrite: {out} holds the run's first files)"
     return "interrupted before any input was done: nothing was written"
 
@@ -285,6 +287,7 @@ def _train_params(spec: Any) -> list[inspect.Parameter]:
             False,
         ),
         _param("device", DeviceOpt, None),
+        *_check_images_param(spec),
         _param(
             "overrides",
             Annotated[list[str] | None, typer.Argument(help="Settings as key=value, e.g. lr=5e-4 epochs=30.")],
@@ -292,6 +295,27 @@ def _train_params(spec: Any) -> list[inspect.Parameter]:
         ),  # noqa: UP045
         *_option_params(spec.options_for("train")),
     ]
+
+
+#: The training recipes that check their images before any work, what they check (the ``check_images`` setting).
+_CHECKED_IMAGES = {
+    "attnzoo.training.classification:train_classification": "every train/ and val/ image",
+    "attnzoo.training.reconstruction:train_reconstruction": "the validation models' renderings and voxels",
+}
+
+
+def _check_images_param(spec: Any) -> list[inspect.Parameter]:
+    """``--check-images/--no-check-images`` of the recipes that check their images up front (unset: the config's
+    ``check_images``, true by default)."""
+    checked = _CHECKED_IMAGES.get(spec.recipe) if isinstance(spec.recipe, str) else None
+    if checked is None:
+        return []
+    help_text = (
+        f"Open {checked} before any work, refusing damaged files (the default; the check_images setting). "
+        "--no-check-images skips it: a damaged file then fails when it is read, the steps done saved."
+    )
+    flags = typer.Option("--check-images/--no-check-images", help=help_text)
+    return [_param("check_images", Annotated[Optional[bool], flags], None)]  # noqa: UP045
 
 
 def _given(options: dict[str, Any], spec: Any, command: str) -> dict[str, Any]:
@@ -734,7 +758,10 @@ def _train_task(
     **options: Any,
 ) -> None:
     recipe = spec.load_recipe()
+    check_images = options.pop("check_images", None)
     extra = [f"{k}={v}" for k, v in _given(options, spec, "train").items()]
+    if check_images is not None:
+        extra.append(f"check_images={str(check_images).lower()}")
     start = _saved_steps(Path(out)) if resume else 0
     result = recipe(
         model or spec.train_model or spec.default_model,
@@ -791,7 +818,9 @@ def _train_summary(result: dict[str, Any], out: Path, start: int) -> str:
     over = f" over {len(seeds)} seeds" if isinstance(seeds, dict) and len(seeds) > 1 else ""
     if start and step <= start:
         why = " (it had stopped early)" if result.get("stopped_early") else ""
-        return f"nothing left to train: the run in {out} had finished at step {step}{over}{why}{best}"
+        # the last epoch's checkpoint was written before its validation, which failed or was stopped: run now
+        owed = "ran the owed validation of the last epoch; " if result.get("owed_validation") is not None else ""
+        return f"{owed}nothing left to train: the run in {out} had finished at step {step}{over}{why}{best}"
     trained = f"trained {step - start} more steps ({step} in all)" if start else f"trained {step} steps"
     return f"{trained}{over}{best}; wrote {out}"
 

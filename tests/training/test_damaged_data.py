@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from attnzoo.errors import DatasetFormatError
+from attnzoo.errors import AttnzooError, DatasetFormatError, WeightsError
 from attnzoo.training import TrainConfig, Trainer, latest_checkpoint
 from attnzoo.training.classification import train_classification
 from attnzoo.training.engine import failed_checks
@@ -16,13 +16,14 @@ from tests.training.test_classification_recipe import _ColourOracle, colour_fold
 # -- refused before any work -------------------------------------------------------------------------------------
 
 
-def oracle_run(tmp_path, monkeypatch, data, *settings):
+def oracle_run(tmp_path, monkeypatch, data, *settings, resume=False):
     import attnzoo
 
     made = []
     monkeypatch.setattr(attnzoo, "create_model", lambda name, **kw: made.append(name) or _ColourOracle())
     base = ["epochs=2", "batch_size=4", "num_workers=0", "input_size=8", "auto_augment=null", "best_metric=top1"]
-    result = train_classification("oracle", data, tmp_path / "run", overrides=[*base, *settings], device="cpu")
+    overrides = [*base, *settings]
+    result = train_classification("oracle", data, tmp_path / "run", overrides=overrides, device="cpu", resume=resume)
     return result, made
 
 
@@ -256,6 +257,13 @@ def test_a_damaged_or_missing_validation_rendering_is_refused_before_any_trainin
     assert f"{damaged}: truncated or corrupt rendering" in str(info.value)
     assert f"{missing}: missing rendering" in str(info.value)
     assert not (tmp_path / "run").exists()
+    # check_images=false: not read before training; the first validation meets a damaged model, after the epoch saved
+    with pytest.raises(AttnzooError, match=r"(truncated or corrupt|missing) rendering"):
+        train_reconstruction(
+            "lrgt_tiny_test", root, tmp_path / "run", overrides=[*settings, "check_images=false"], device="cpu"
+        )
+    state = torch.load(latest_checkpoint(tmp_path / "run"), weights_only=True)
+    assert state["eval_pending"] == 0 and state["config"]["extra"]["check_images"] is False
 
 
 def test_the_check_refuses_only_what_decoding_refuses(tmp_path):
@@ -282,3 +290,94 @@ def test_the_check_refuses_only_what_decoding_refuses(tmp_path):
     (tmp_path / "half.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(DatasetFormatError, match="truncated or corrupt"):
         _check_image(tmp_path / "half.png")
+
+
+# -- a run that saved no checkpoint ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "failure, at_step",
+    [(RuntimeError, 0), (KeyboardInterrupt, 0), (RuntimeError, 3)],
+    ids=["error-in-first-forward", "ctrl-c-at-step-0", "error-before-first-checkpoint"],
+)
+def test_resume_of_a_run_that_saved_no_checkpoint_starts_it_again_from_step_0(tmp_path, caplog, failure, at_step):
+    """A run stopped before its first checkpoint by something other than a sample failing to load (an error in the
+    model's forward, Ctrl-C) left config.yaml, TensorBoard's file and maybe metrics.csv rows: a fresh run refused
+    the folder (an earlier run is there) and --resume found no checkpoint in it. Now --resume starts it again from
+    step 0, refusing other settings as a checkpoint's resume does, and the logs are those of one run."""
+    full = full_run(tmp_path)
+    out = tmp_path / "failed"
+    failed = trainer(out)
+    failed.eval_fn = accuracy
+    loss = failed.loss_fn
+
+    def fails_at_step(model, batch):
+        if failed.step == at_step:
+            raise failure("the model's forward failed")
+        return loss(model, batch)
+
+    failed.loss_fn = fails_at_step
+    with pytest.raises(failure):
+        failed.fit()
+    assert latest_checkpoint(out) is None and (out / "config.yaml").is_file()
+    assert len(rows(out / "metrics.csv")) == at_step if at_step else not (out / "metrics.csv").exists()
+    with pytest.raises(WeightsError, match=r"config.yaml: it was made with other training settings \(lr 0.05 -> 0.1"):
+        trainer(out, lr=0.1).fit(resume=True)
+    resumed = trainer(out)
+    resumed.eval_fn = accuracy
+    with caplog.at_level("WARNING", logger="attnzoo.training.engine"):
+        result = resumed.fit(resume=True)
+    assert f"no checkpoint in {out} yet: starting from step 0" in caplog.messages
+    assert result["step"] == full.step and result["best"] == full.best and "owed_validation" not in result
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[k], v), k  # the run a fresh start gives
+    assert_same_run(out, full)
+    assert (out / "metrics.csv").read_text().count("step,epoch") == 1  # one header, each step once
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
+def test_resume_refuses_a_folder_holding_results_but_no_checkpoint(tmp_path):
+    """Starting again from step 0 would discard a finished run's results whose checkpoints were removed."""
+    out = tmp_path / "run"
+    done = trainer(out, epochs=1)
+    done.eval_fn = accuracy
+    done.fit()
+    for checkpoint in out.glob("checkpoint-*.pt"):
+        checkpoint.unlink()
+    with pytest.raises(WeightsError, match=r"holds the results of a run \(best.pt, eval.csv\) but no checkpoint"):
+        trainer(out, epochs=1).fit(resume=True)
+    assert (out / "best.pt").is_file() and len(rows(out / "eval.csv")) == 1
+
+
+# -- the up-front check switched off -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_with_check_images_false_a_damaged_image_fails_when_read_and_the_steps_done_are_kept(
+    tmp_path, monkeypatch, split
+):
+    """check_images=false skips the check of every image before any work (1.5-2.5 min on ImageNet at each start):
+    a damaged image then fails when it is read, with the training done saved, and --resume after mending it goes
+    on. The setting is recorded, and may change on resume."""
+    import yaml
+
+    data = tmp_path / "d"
+    colour_folders(data, "train", "abc")
+    colour_folders(data, "val", "abc")
+    bad = data / split / "b" / "bad.jpg"
+    bad.write_bytes(b"<html>a page saved as a .jpg</html>")
+    with pytest.raises(AttnzooError, match=f"^{bad}: not an image format PIL can read$"):  # typed, one line
+        oracle_run(tmp_path, monkeypatch, data, "check_images=false")
+    out = tmp_path / "run"
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert recorded["extra"]["check_images"] is False
+    state = torch.load(latest_checkpoint(out), weights_only=True)
+    if split == "val":  # the first epoch trained, saved before its validation
+        assert state["step"] == 3 and state["eval_pending"] == 0
+    else:  # 13 training images, 3 steps an epoch: the steps before the damaged one's are saved
+        assert state["step"] < 6 and state["eval_pending"] is None
+    with pytest.raises(DatasetFormatError, match=f"^{bad}: not an image format"):  # checked again: refused up front
+        oracle_run(tmp_path, monkeypatch, data, "check_images=true", resume=True)
+    bad.unlink()
+    result, _ = oracle_run(tmp_path, monkeypatch, data, resume=True)
+    assert result["step"] == 6 and result["eval_top1"] == 100.0

@@ -183,6 +183,28 @@ def test_resuming_several_seeds_starts_afresh_a_seed_killed_before_its_first_che
     assert steps == sorted(set(steps))  # no step logged twice
 
 
+def test_a_resume_that_runs_an_owed_validation_says_so(tmp_path, monkeypatch):
+    """The validation failed after the last epoch's checkpoint: the resume runs it, and its result says so (for
+    `attnzoo train`'s last line), by seed; a resume with nothing owed does not."""
+    from attnzoo.errors import DatasetFormatError
+    from attnzoo.training.engine import Trainer
+
+    data = write_acmil_h5(tmp_path / "feats.h5", n_slides=12)
+    kwargs = {"overrides": {"epochs": 1, "seeds": [3]}, "device": "cpu", "model_kwargs": {"inner_dim": 8}}
+    real = Trainer._validate
+
+    def fails(self, epoch, writer):
+        raise DatasetFormatError("a damaged bag")
+
+    monkeypatch.setattr(Trainer, "_validate", fails)
+    with pytest.raises(DatasetFormatError):
+        train_wsi_classification("abmil", data, tmp_path / "run", **kwargs)
+    monkeypatch.setattr(Trainer, "_validate", real)
+    result = train_wsi_classification("abmil", data, tmp_path / "run", resume=True, **kwargs)
+    assert result["owed_validation"] == {3: 0}
+    assert "owed_validation" not in train_wsi_classification("abmil", data, tmp_path / "run", resume=True, **kwargs)
+
+
 @pytest.mark.parametrize(
     "seeds, wanted",
     [

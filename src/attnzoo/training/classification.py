@@ -48,6 +48,7 @@ RECIPE_DEFAULTS = {
     "smoothing": 0.0,
     "drop_path": 0.0,
     "eval_batch_size": 64,
+    "check_images": True,  # open every train/val image before any work (false: a damaged one fails when read)
     # Sparsifiner's two phases (official default config): "reconstruction", then "distill" from a dense teacher
     "sparsifiner_phase": None,
     "attn_recon_weight": 0.01,
@@ -75,8 +76,8 @@ METRICS = ("top1", "top5")
 #: Which way each metric improves (``best_mode`` follows ``best_metric``'s).
 METRIC_MODES = {"top1": "max", "top5": "max"}
 #: The recipe settings a resumed run may change: they touch neither the trained steps nor what the validation
-#: measures (the evaluation batch size).
-RESUMABLE = ("eval_batch_size",)
+#: measures (the evaluation batch size, the check of the images before any work).
+RESUMABLE = ("eval_batch_size", "check_images")
 
 
 class TransformedSamples(Dataset):
@@ -330,9 +331,12 @@ def train_classification(
     check_run_folder(out, resume=resume, overwrite=overwrite, **folder)
     train_samples = _training_split(root)
     val_samples = _evaluation_split(root, "val", train_samples)
-    for split, samples in (("val", val_samples), ("training", train_samples)):
-        if samples is not None:
-            _check_readable(samples, split, cfg.num_workers)
+    if extra["check_images"]:
+        for split, samples in (("val", val_samples), ("training", train_samples)):
+            if samples is not None:
+                _check_readable(samples, split, cfg.num_workers)
+    else:  # a damaged image fails when it is read: the steps done are saved first (Trainer)
+        _logger.info("check_images=false: the images are not checked before training")
     num_classes = len(train_samples.classes)
 
     seed_everything(cfg.seed)  # the seed decides the initial weights (a new head's too), as the official scripts

@@ -708,36 +708,7 @@ class Trainer:
         mismatch = describe_mismatch(model, state["model"])
         if mismatch:
             raise WeightsError(f"cannot resume from {path}: the model does not match it ({mismatch})")
-        if (
-            state["config"].get("batch_size") != self.config.batch_size
-            or state["config"].get("seed") != self.config.seed
-        ):
-            raise WeightsError(
-                f"cannot resume from {path}: it was made with batch_size={state['config'].get('batch_size')}, "
-                f"seed={state['config'].get('seed')}; this run has {self.config.batch_size}, {self.config.seed}"
-            )
-        changed = _trajectory_changes(state["config"], self.config)
-        if changed:
-            raise WeightsError(
-                f"cannot resume from {path}: it was made with other training settings ({'; '.join(changed)}), and "
-                "the resumed steps would follow another schedule; resume with the same settings, or start afresh "
-                "with --overwrite or another --out"
-            )
-        changed = _recipe_changes(
-            state["config"].get("extra") or {}, self.config.extra, self.recipe_defaults, self.resumable
-        )
-        if changed:
-            raise WeightsError(
-                f"cannot resume from {path}: it was made with other recipe settings ({'; '.join(changed)}), and "
-                "the resumed steps would train otherwise; resume with the same settings, or start afresh "
-                "with --overwrite or another --out"
-            )
-        changes = _run_changes(state.get("run") or {}, self.run_info)
-        if changes:
-            raise WeightsError(
-                f"cannot resume from {path}: it was made for another run ({'; '.join(changes)}); resume with the "
-                "same model and data, or start afresh with --overwrite or another --out"
-            )
+        self._refuse_other_run(state["config"], state.get("run") or {}, path)
         model.load_state_dict(state["model"])
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -754,6 +725,71 @@ class Trainer:
         pending = state.get("eval_pending")
         self.eval_pending = None if pending is None else int(pending)
         return int(state["epoch"]), int(state["step_in_epoch"])
+
+    def _refuse_other_run(self, saved: Mapping[str, Any], run: Mapping[str, Any], source: str | Path) -> None:
+        """Refuse to go on with a run recorded (in a checkpoint, or the config.yaml of a run that saved none) with
+        another batch, seed, schedule, recipe settings, model or data than this one."""
+        if saved.get("batch_size") != self.config.batch_size or saved.get("seed") != self.config.seed:
+            raise WeightsError(
+                f"cannot resume from {source}: it was made with batch_size={saved.get('batch_size')}, "
+                f"seed={saved.get('seed')}; this run has {self.config.batch_size}, {self.config.seed}"
+            )
+        changed = _trajectory_changes(saved, self.config)
+        if changed:
+            raise WeightsError(
+                f"cannot resume from {source}: it was made with other training settings ({'; '.join(changed)}), and "
+                "the resumed steps would follow another schedule; resume with the same settings, or start afresh "
+                "with --overwrite or another --out"
+            )
+        changed = _recipe_changes(saved.get("extra") or {}, self.config.extra, self.recipe_defaults, self.resumable)
+        if changed:
+            raise WeightsError(
+                f"cannot resume from {source}: it was made with other recipe settings ({'; '.join(changed)}), and "
+                "the resumed steps would train otherwise; resume with the same settings, or start afresh "
+                "with --overwrite or another --out"
+            )
+        changes = _run_changes(dict(run), self.run_info)
+        if changes:
+            raise WeightsError(
+                f"cannot resume from {source}: it was made for another run ({'; '.join(changes)}); resume with the "
+                "same model and data, or start afresh with --overwrite or another --out"
+            )
+
+    def _restart_unsaved_run(self) -> None:
+        """``--resume`` of a run that saved no checkpoint (it failed or was stopped before its first one, e.g. an
+        error in the model's first forward, or Ctrl-C): the run starts again from step 0, as a fresh one, once its
+        recorded settings (config.yaml, written before step 0) are found the same as a checkpoint's would have to
+        be. Its earlier logs go (they would be written again); a folder holding results (``best.pt``, the weights,
+        the recipe's outputs) but no checkpoint is refused: starting again would discard them."""
+        record_path = self.out_dir / "config.yaml"
+        if not record_path.is_file():
+            raise WeightsError(f"--resume: no checkpoint-*.pt in {self.out_dir} (--overwrite starts afresh)")
+        earlier = _earlier_run_files(self.out_dir, self.outputs)
+        results = [p.name for p in earlier if p.name in ("eval.csv", "best.pt", "model.safetensors", *self.outputs)]
+        if results:
+            raise WeightsError(
+                f"--resume: {self.out_dir} holds the results of a run ({', '.join(results)}) but no checkpoint to "
+                "resume from; move them away to train it again, or pass --overwrite"
+            )
+        import yaml
+
+        try:
+            record = yaml.safe_load(record_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            raise WeightsError(
+                f"--resume: {record_path} cannot be read ({type(err).__name__}), and {self.out_dir} holds no "
+                "checkpoint; pass --overwrite to start afresh"
+            ) from None
+        if not isinstance(record, dict):
+            raise WeightsError(f"--resume: {record_path} is not a run's settings; pass --overwrite to start afresh")
+        settings = {k: v for k, v in record.items() if k not in ("effective", "run")}
+        run = record.get("run")
+        self._refuse_other_run(settings, run if isinstance(run, dict) else {}, record_path)
+        if self.ctx.is_main:
+            for stale in earlier:
+                if stale.name != "config.yaml":  # written again below, with this run's settings
+                    stale.unlink(missing_ok=True)
+            _logger.warning("no checkpoint in %s yet: starting from step 0", self.out_dir)
 
     # -- logging -----------------------------------------------------------------------------------
     def _log(self, row: dict[str, Any], writer: Any) -> None:
@@ -833,8 +869,11 @@ class Trainer:
         return better
 
     def fit(self, resume: bool | str | Path = False, overwrite: bool = False) -> dict[str, Any]:
-        """Train to the end (or continue from the latest checkpoint with ``resume=True`` / a path).
-        A fresh run refuses a folder holding an earlier run; ``overwrite`` deletes that run's files first."""
+        """Train to the end (or continue from the latest checkpoint with ``resume=True`` / a path; a run that saved
+        no checkpoint starts again from step 0). A fresh run refuses a folder holding an earlier run; ``overwrite``
+        deletes that run's files first. Returns ``step``, ``best``, ``stopped_early``, the last validation's
+        ``eval_*`` metrics and, where a resume ran the validation its checkpoint owed, ``owed_validation`` (that
+        epoch, from 0)."""
         c = self.config
         earlier = check_run_folder(
             self.out_dir, resume=resume, overwrite=overwrite, data=self.data, inputs=self.inputs, outputs=self.outputs
@@ -851,11 +890,12 @@ class Trainer:
         if resume:
             path = latest_checkpoint(self.out_dir) if resume is True else Path(resume)
             if path is None:
-                raise WeightsError(f"--resume: no checkpoint-*.pt in {self.out_dir} (--overwrite starts afresh)")
-            start_epoch, start_step = self.load_checkpoint(path)
-            self._truncate_log()
-            if self.ctx.is_main:
-                _logger.info("resumed from %s at step %d", path, self.step)
+                self._restart_unsaved_run()
+            else:
+                start_epoch, start_step = self.load_checkpoint(path)
+                self._truncate_log()
+                if self.ctx.is_main:
+                    _logger.info("resumed from %s at step %d", path, self.step)
         if self.ctx.is_main:
             import yaml
 
@@ -868,6 +908,7 @@ class Trainer:
         if bar is not None:
             bar.update(self.step)
         metrics: dict[str, float] = {}
+        owed = self.eval_pending
         try:
             if self.eval_pending is not None:  # the checkpoint was written before its epoch's validation ran
                 if self.ctx.is_main:
@@ -890,7 +931,10 @@ class Trainer:
                 writer.close()
         if self.ctx.world_size > 1:
             dist.barrier()
-        return {"step": self.step, "best": self.best, "stopped_early": self._should_stop(), **metrics}
+        result = {"step": self.step, "best": self.best, "stopped_early": self._should_stop(), **metrics}
+        if owed is not None:  # a resume that ran the validation its checkpoint owed (epoch ``owed``, from 0)
+            result["owed_validation"] = owed
+        return result
 
     def _should_stop(self) -> bool:
         """Early stopping, decided on process 0 (the only one that evaluates) and shared with the others."""

@@ -47,15 +47,16 @@ RECIPE_DEFAULTS = {
     "train_background": [225, 255],
     "eval_background": 240,
     "eval_batch_size": 8,
+    "check_images": True,  # read every validation model's files before any work (false: a damaged one fails there)
 }
 RECIPE_RANGES = {"n_views": (1, None), "eval_batch_size": (1, None), "eval_background": (0, 255)}
 #: What the validation (:class:`_ValidationIoU`) reports: the names ``best_metric`` may take.
 METRICS = ("iou",)
 #: Which way each metric improves (``best_mode`` follows ``best_metric``'s).
 METRIC_MODES = {"iou": "max"}
-#: The recipe settings a resumed run may change: the evaluation batch size, and the DeiT initialisation (the
-#: checkpoint replaces the initial weights).
-RESUMABLE = ("eval_batch_size", "deit_weights")
+#: The recipe settings a resumed run may change: the evaluation batch size, the check of the validation files
+#: before any work, and the DeiT initialisation (the checkpoint replaces the initial weights).
+RESUMABLE = ("eval_batch_size", "check_images", "deit_weights")
 
 
 def dice_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -254,7 +255,7 @@ def train_reconstruction(
         )
     except DatasetFormatError:  # no val models: train without validation
         val = None
-    if val is not None:
+    if val is not None and extra["check_images"]:
         _check_validation_files(val, cfg.num_workers)
     seed_everything(cfg.seed)  # the seed decides the initial weights, as the official scripts
     net = (

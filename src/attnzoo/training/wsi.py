@@ -162,7 +162,8 @@ def train_wsi_classification(
     ``overwrite`` discards an earlier run in ``out`` (its seed folders included; else refused, unless ``resume``);
     ``resume`` continues the run with the seeds it was started with (others are refused), and starts afresh a
     seed killed before its first checkpoint. Returns ``step``: the optimizer steps of all seeds together (each
-    seed's under ``seeds[s]["step"]``), and the summary."""
+    seed's under ``seeds[s]["step"]``), the summary and, where a resume ran the validation a seed's checkpoint
+    owed, ``owed_validation`` (that epoch, from 0, by seed)."""
     import attnzoo
     from attnzoo.datasets.mil_features import read_feature_bags
 
@@ -193,7 +194,7 @@ def train_wsi_classification(
         _discard(out, earlier)
     Path(out).mkdir(parents=True, exist_ok=True)
     write_json(Path(out) / SEEDS_FILE, {"seeds": seeds})  # what --resume holds a later call to
-    runs = {}
+    runs, owed = {}, {}
     for seed, (split, n_classes) in splits.items():
         cfg = TrainConfig(**{**base.to_dict(), "seed": seed, "extra": dict(base.extra)})
         dim = bags[split["train"][0]].dim
@@ -221,6 +222,8 @@ def train_wsi_classification(
         if split["val"]:
             trainer.eval_fn = _Validation(bags, split["val"], trainer.device)
         result = trainer.fit(resume=seed_resume, overwrite=seed_overwrite)
+        if "owed_validation" in result:  # this seed's resume ran the validation its checkpoint owed
+            owed[seed] = result["owed_validation"]
         best = run_out / "best.pt"
         if (
             split["val"] and best.exists()
@@ -241,7 +244,8 @@ def train_wsi_classification(
             summary["mean"][k] = float(np.mean(values))
             summary["sd"][k] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
     write_json(Path(out) / "summary.json", summary)
-    return {"step": sum(run["step"] for run in runs.values()), "best": None, **summary}
+    steps = sum(run["step"] for run in runs.values())
+    return {"step": steps, "best": None, **summary, **({"owed_validation": owed} if owed else {})}
 
 
 #: Where a run records its seeds, in ``out``: ``--resume`` continues only that run.
