@@ -51,14 +51,42 @@ class MissingDependencyError(AttnzooError, ImportError):
 class UnknownNameError(AttnzooError, LookupError):
     """A model, task or checkpoint name is not registered."""
 
-    def __init__(self, kind: str, name: str, known: Iterable[str]):
+    def __init__(
+        self,
+        kind: str,
+        name: str,
+        known: Iterable[str],
+        *,
+        choices: Iterable[str] | None = None,
+        ignore_case: bool = False,
+        unmatched: str = "",
+    ):
+        """``known``: the names a close match is looked for in (aliases included); ``choices``: the names to list
+        in full when there are few enough to read (the tasks), else None (thousands of models); ``ignore_case``:
+        a name in another case counts as close too (``BIFORMER_TINY.x`` suggests ``biformer_tiny.x``);
+        ``unmatched``: what the message adds after the name where no close name is found."""
         self.kind, self.name = kind, name
-        self.suggestions = difflib.get_close_matches(name, list(known), n=5, cutoff=0.5)
+        self.suggestions = close_names(name, known, ignore_case=ignore_case)
         hint = f" Did you mean: {', '.join(self.suggestions)}?" if self.suggestions else ""
-        super().__init__(f"unknown {kind} {name!r}.{hint}")
+        listed = f" The {kind}s: {', '.join(choices)}." if choices is not None else ""
+        super().__init__(f"unknown {kind} {name!r}{'' if self.suggestions else unmatched}.{hint}{listed}")
 
     def __str__(self) -> str:  # LookupError would otherwise repr() the message
         return self.args[0]
+
+
+def close_names(name: str, known: Iterable[str], *, ignore_case: bool = False, limit: int = 5) -> list[str]:
+    """The ``known`` names closest to ``name`` (difflib, cutoff 0.5), best first; with ``ignore_case`` those
+    that are close in any case come first (each as it is spelled in ``known``)."""
+    known = list(dict.fromkeys(known))
+    close = difflib.get_close_matches(name, known, n=limit, cutoff=0.5)
+    if ignore_case:
+        folded: dict[str, str] = {}
+        for item in known:
+            folded.setdefault(item.casefold(), item)
+        caseless = difflib.get_close_matches(name.casefold(), list(folded), n=limit, cutoff=0.5)
+        close = list(dict.fromkeys([*(folded[n] for n in caseless), *close]))[:limit]
+    return close
 
 
 __all__ = [

@@ -90,3 +90,18 @@ def test_registering_again_is_idempotent_but_a_conflict_raises():
 def test_a_checkpoint_needs_a_tag():
     with pytest.raises(ValueError, match="tag"):
         register_checkpoints({"unit_net": {"url": "https://example.org/w.pth"}}, converter=None)
+
+
+def test_an_unknown_checkpoint_is_one_unknown_name_error_built_whole():
+    """The close names, in any case, come from UnknownNameError itself (the message is built once, not patched)."""
+    from attnzoo.errors import UnknownNameError
+
+    R.register_checkpoint(R.CheckpointEntry(name="unit_net.lab_in1k", model="unit_net", url="https://example.org/w"))
+    error = R.unknown_checkpoint("UNIT_NET.lab_in1k", unmatched=", nor a file")
+    assert error.suggestions == ["unit_net.lab_in1k"]
+    assert str(error) == "unknown checkpoint 'UNIT_NET.lab_in1k'. Did you mean: unit_net.lab_in1k?"
+    direct = UnknownNameError("checkpoint", "UNIT_NET.lab_in1k", ["unit_net.lab_in1k"], ignore_case=True)
+    assert error.args == direct.args
+    assert str(R.unknown_checkpoint("zzz", unmatched=", nor a file zzz")) == "unknown checkpoint 'zzz', nor a file zzz."
+    # models and tasks keep matching by case
+    assert str(UnknownNameError("model", "RESNET50", ["resnet50"])) == "unknown model 'RESNET50'."

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from attnzoo._io import atomic_write
-from attnzoo.errors import InvalidOptionError
+from attnzoo.errors import InvalidOptionError, WeightsError
+from attnzoo.weights.hub import DISK_FULL
 from attnzoo.weights.loading import load_weights
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -33,9 +35,29 @@ def save_state_dict(
         tensors[key] = tensor
     payload = save(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()})
     path = Path(path)
-    with atomic_write(path, "wb") as fh:
-        fh.write(payload)
+    try:
+        with atomic_write(path, "wb") as fh:  # the temporary file is removed when a write fails
+            fh.write(payload)
+    except OSError as err:
+        raise _write_error(path, err) from None
     return path
+
+
+def _write_error(path: Path, err: OSError) -> WeightsError:
+    """A file that could not be written, with the OS's reason (a full disk says to free space)."""
+    then = ": free space there and run again" if err.errno in DISK_FULL else ""
+    return WeightsError(f"cannot write {path}: {err.strerror or err}{then}")
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse an output whose folder cannot be written (read-only, another user's), naming the OS's reason."""
+    folder = next((p for p in (out.absolute().parent, *out.absolute().parents) if p.exists()), None)
+    if folder is None:
+        return
+    try:  # can a file be made there? (a probe folder, removed at once)
+        Path(tempfile.mkdtemp(prefix=".attnzoo-probe-", dir=folder)).rmdir()
+    except OSError as err:
+        raise InvalidOptionError(f"{out} cannot be written: {folder}: {err.strerror or err}") from None
 
 
 def convert_checkpoint(
@@ -50,6 +72,14 @@ def convert_checkpoint(
     (a file; never the official checkpoint itself, which would be lost). Weights the converter took from
     the model itself, because ``src`` has none for them, are not saved (metadata ``not_in_source`` names
     them): the file holds only what was released."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidOptionError(
+            f"{type(model).__name__} has no single state dict to convert: it is built of parts that their own "
+            "libraries load from their official files. 'attnzoo weights convert' takes a model that is one torch "
+            "module (the image classifiers and backbones, such as those 'attnzoo weights list' names)"
+        )
     out = Path(os.fspath(dst))
     blocked = next((p for p in out.absolute().parents if p.exists() and not p.is_dir()), None)
     if blocked is not None:
@@ -61,6 +91,7 @@ def convert_checkpoint(
     source = Path(os.fspath(src))
     if source.exists() and out.exists() and os.path.samefile(source, out):  # links and hard links included
         raise InvalidOptionError(f"{out} is the checkpoint being converted: write the conversion to another file")
+    _check_writable(out)  # before the conversion's work: a folder that cannot be written fails at once
     own = {k: v.data_ptr() for k, v in model.state_dict().items() if v.numel()}
     converted: dict[str, torch.Tensor] = {}
     recording = None

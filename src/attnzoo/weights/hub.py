@@ -8,6 +8,7 @@ a later run would trust it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import http.client
 import json
@@ -23,11 +24,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from attnzoo._io import write_json
 from attnzoo.errors import AttnzooError, ChecksumError, OfflineError, WeightsError
+
+#: What a write on a full disk (or over quota) fails with (downloads and conversions alike).
+DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 _CHUNK = 1 << 20
 _PIECE = 1 << 16  # a download's read from a response that cannot say what has arrived
 _TRUTHY = {"1", "true", "yes", "on"}
+#: The URL schemes a download can use (``hf-hub:`` names go through the Hub's own client, not through a URL).
+_SCHEMES = ("http", "https", "file")
 #: Seconds one probe may take (name lookup and TCP connect together) before a host counts as unreachable.
 CONNECT_TIMEOUT = 3.0
 #: (host, port) -> reachable: a process probes each host once, so a missing network costs one timeout, not one per file.
@@ -166,10 +173,22 @@ def hf_fetch_advice(repo_id: str, filename: str | None = None) -> str:
 
 
 def ensure_can_download(what: str, url: str, dest: Path | None = None, *, how_to_fetch: str | None = None) -> None:
-    """Fail at once, saying the ways out, where fetching ``url`` cannot work: offline mode or an unreachable host."""
-    reachable = hub_reachable() if url.startswith(hf_endpoint()) else not is_offline() and url_reachable(url)
-    if not reachable:
+    """Fail at once, saying the ways out, where fetching ``url`` cannot work: offline mode or an unreachable host.
+    A ``file://`` URL is a local copy, not a download: it is read offline too."""
+    if not network_usable(url):
         raise unavailable_error(what, url, dest, how_to_fetch=how_to_fetch)
+
+
+def network_usable(url: str) -> bool:
+    """Whether ``url`` can be fetched now: a local ``file://`` URL always, else not in offline mode and its host
+    answering (probed once per process)."""
+    if _is_file_url(url):
+        return True
+    return hub_reachable() if url.startswith(hf_endpoint()) else not is_offline() and url_reachable(url)
+
+
+def _is_file_url(url: str) -> bool:
+    return url[:7].lower() == "file://"
 
 
 @contextlib.contextmanager
@@ -240,50 +259,349 @@ def download_url(
     retries: int = 3,
     timeout: float = 30.0,
 ) -> Path:
-    """Fetch ``url`` to ``dest``: resumable, verified, atomic. Returns ``dest``."""
+    """Fetch ``url`` to ``dest``: resumable, verified, atomic. Returns ``dest``.
+
+    A file already at ``dest`` (that matches ``sha256``, when given) is returned without any write (a read-only
+    cache works, offline too). With a ``sha256``, a cached download of attnzoo's own that does not match is deleted
+    and fetched again, once; a file placed there by hand, and any file while the network cannot be used, is kept
+    and named in the error. Everything but a verified copy is decided under the file's lock, so a parallel
+    process that replaces a corrupt copy meanwhile is seen.
+    """
+    dest = Path(dest)
+    local = _checked_url(url)
+    if dest.exists() and not dest.is_file():
+        raise WeightsError(
+            f"cannot download {url} to {dest}: it is a {'folder' if dest.is_dir() else 'special file'}, not a file; "
+            "give the path of the file to write, or remove what is there"
+        )
+    if _verified_copy(dest, sha256):
+        return dest
+    if sha256 and dest.is_file() and not os.access(dest.parent, os.W_OK | os.X_OK):
+        # a read-only cache: no process can change it, so its copy is judged as it is (and an unusable one named)
+        if _cached_copy_usable(url, dest, sha256):
+            return dest
+        raise ChecksumError(
+            f"the cached download {dest} is corrupt (it does not match sha256 {sha256.lower()}) and cannot be fetched "
+            f"again there: the folder {dest.parent} cannot be written{_home_hint(dest.parent)}"
+        )
+    if not dest.is_file():  # nothing cached: fail at once, before any write, where it cannot be fetched
+        _ensure_fetchable(url, dest, local)
+    with _cache_lock(dest):
+        if dest.is_file():  # another process may have fetched it, or deleted a corrupt copy, meanwhile
+            if _cached_copy_usable(url, dest, sha256):
+                return dest
+            forget_download(dest)  # a corrupt download of attnzoo's own: fetched again, once
+        _ensure_fetchable(url, dest, local)
+        _download(url, dest, sha256=sha256, progress=progress, retries=retries, timeout=timeout)
+    return dest
+
+
+def _verified_copy(dest: Path, sha256: str | None) -> bool:
+    """Whether ``dest`` is a file that can be used as it is: it matches ``sha256`` (any file, without one). Read
+    without the lock: anything but a match (a mismatch, a file gone or unreadable meanwhile) is False."""
+    try:
+        if not dest.is_file():
+            return False
+        return not sha256 or sha256_file(dest) == sha256.lower()
+    except OSError:
+        return False
+
+
+def _ensure_fetchable(url: str, dest: Path, local: Path | None) -> None:
+    """Fail at once where ``url`` cannot be fetched now: offline, its host unreachable, a ``file://`` URL's
+    file missing."""
+    ensure_can_download(dest.name, url, dest)
+    if local is not None and not local.is_file():
+        raise WeightsError(f"cannot fetch {url}: no such file {local}")
+
+
+def _checked_url(url: str) -> Path | None:
+    """Refuse a URL no request can be made of, before any network use (a scheme other than http, https and
+    file, a malformed host or port, no host, spaces); returns the local file a ``file://`` URL names (None for
+    the others)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a port that is no number or out of range)
+    except ValueError as err:
+        raise WeightsError(f"{url!r} is not a valid URL ({err})") from None
+    if re.search(r"[\x00-\x20\x7f]", url):
+        raise WeightsError(f"{url!r} is not a valid URL: it holds a space or control character (write a space as %20)")
+    scheme = parts.scheme.lower()
+    if scheme not in _SCHEMES:
+        given = (
+            f"its scheme {parts.scheme + ':'!r} is none of http://, https:// and file://"
+            if scheme
+            else "it names no scheme (http://, https:// or file://)"
+        )
+        raise WeightsError(
+            f"{url!r} is not a URL attnzoo can download: {given}; a local file is given as its path, a Hugging Face "
+            "file as hf-hub:org/repo/file"
+        )
+    if scheme in ("http", "https") and not parts.hostname:
+        raise WeightsError(f"{url!r} is not a valid URL: it names no host")
+    if scheme != "file":
+        return None
+    if parts.netloc not in ("", "localhost") or not parts.path:
+        raise WeightsError(f"{url!r} is not a valid file URL: use file:///absolute/path/to/file")
+    return Path(urllib.request.url2pathname(parts.path))
+
+
+def download_record(path: str | os.PathLike) -> Path:
+    """Beside a file attnzoo downloaded: the URL, size and time of what it wrote (``<file>.download.json``)."""
+    path = Path(path)
+    return path.with_name(path.name + ".download.json")
+
+
+def is_own_download(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a file attnzoo downloaded itself: its record names this very file (size and
+    modification time). A file placed in the cache by hand has none, and is never deleted."""
+    return own_download_state(path) is not None
+
+
+def own_download_state(path: str | os.PathLike) -> os.stat_result | None:
+    """The ``stat`` of ``path`` where it is a download of attnzoo's own (see :func:`is_own_download`), else None:
+    what :func:`forget_own_download` compares with before it deletes."""
+    path = Path(path)
+    record = _download_record_of(path)
+    if record is None:
+        return None
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info if record.get("size") == info.st_size and record.get("mtime_ns") == info.st_mtime_ns else None
+
+
+def has_no_record_in_cache(path: str | os.PathLike) -> bool:
+    """Whether ``path`` lies in attnzoo's download cache (``$ATTNZOO_HOME/checkpoints``, URL downloads included)
+    without a download record: placed there by hand, or downloaded by an older attnzoo, which kept none."""
+    path = Path(path)
+    with contextlib.suppress(ValueError, OSError):
+        if path.absolute().is_relative_to(checkpoints_dir().absolute()):
+            return not download_record(path).exists()
+    return False
+
+
+def no_record_advice(path: str | os.PathLike) -> str:
+    """What to do about a file of the cache that has no download record (it is never deleted automatically)."""
+    return (
+        "it has no download record (placed by hand, or downloaded by an older attnzoo), so attnzoo keeps it: "
+        f"delete {path} and run again to download it again"
+    )
+
+
+def _download_record_of(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(download_record(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def forget_download(path: str | os.PathLike) -> None:
+    """Delete a download of attnzoo's own and its record (the caller holds the file's lock)."""
+    Path(path).unlink(missing_ok=True)
+    download_record(path).unlink(missing_ok=True)
+
+
+def forget_own_download(path: str | os.PathLike, seen: os.stat_result) -> bool:
+    """Delete ``path`` and its record, under the file's lock, where it is still attnzoo's own download and still
+    the file ``seen`` (the same inode, size and time): False where another process replaced it meanwhile (that
+    copy is kept). A folder that cannot be written or a file that cannot be deleted raises."""
+    path = Path(path)
+    with _cache_lock(path):
+        now = own_download_state(path)
+        same = now is not None and (now.st_ino, now.st_dev, now.st_size, now.st_mtime_ns) == (
+            seen.st_ino,
+            seen.st_dev,
+            seen.st_size,
+            seen.st_mtime_ns,
+        )
+        if same:
+            forget_download(path)
+        return same
+
+
+def _cached_copy_usable(url: str, dest: Path, sha256: str | None) -> bool:
+    """True: ``dest`` is the released file (or there is no sha256 to check it with). False: a corrupt download of
+    attnzoo's own, to be fetched again. Anything else is an error naming the file, which is kept."""
+    if not sha256:
+        return True
+    try:
+        actual = sha256_file(dest)
+    except OSError as err:
+        raise WeightsError(f"cannot read the cached file {dest}: {err.strerror or err}") from None
+    if actual == sha256.lower():
+        return True
+    found = f"sha256 {actual}, expected {sha256.lower()}"
+    if not is_own_download(dest):
+        if has_no_record_in_cache(dest):
+            raise ChecksumError(f"the cached file {dest} is not the released one ({found}); {no_record_advice(dest)}")
+        whose = (
+            "it changed after attnzoo downloaded it"
+            if _download_record_of(dest) is not None
+            else "attnzoo did not download it (placed there by hand?)"
+        )
+        raise ChecksumError(
+            f"the cached file {dest} is not the released one ({found}); {whose}, so it is kept: replace it with "
+            f"the released file, or delete it and run again to download {url}"
+        )
+    if not network_usable(url):
+        why = OFFLINE_REASON if is_offline() else f"{urllib.parse.urlsplit(url).hostname or url} cannot be reached"
+        raise ChecksumError(
+            f"the cached download {dest} is corrupt ({found}); {why}, so it is kept: run again with the network "
+            f"to fetch it again, or replace it with the released file ({url})"
+        )
+    return False
+
+
+def _home_hint(folder: Path) -> str:
+    """What to do about a download folder that cannot be written: inside attnzoo's cache, move the cache."""
+    with contextlib.suppress(ValueError, OSError):
+        if folder.absolute().is_relative_to(checkpoints_dir().absolute()):
+            return (
+                f": make it writable, or set ATTNZOO_HOME to a folder you can write (attnzoo's cache is "
+                f"$ATTNZOO_HOME/checkpoints, now {checkpoints_dir()})"
+            )
+    return ": make it writable, or download into another folder"
+
+
+def _unwritable(folder: Path, err: OSError) -> WeightsError:
+    return WeightsError(f"cannot write to the download folder {folder} ({err.strerror or err}){_home_hint(folder)}")
+
+
+def _make_download_folder(folder: Path) -> None:
+    """Create ``folder`` (and its parents) for a download, or say in a typed error why it cannot be."""
+    home = attnzoo_home()
+    try:
+        blocked = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    except OSError as err:  # a parent folder that cannot be entered
+        raise _unwritable(folder, err) from None
+    if blocked is not None:
+        if blocked == home:
+            raise WeightsError(
+                f"ATTNZOO_HOME ({home}) is a file, not a folder: point ATTNZOO_HOME at a folder (attnzoo keeps its "
+                "downloads in $ATTNZOO_HOME/checkpoints)"
+            )
+        raise WeightsError(
+            f"cannot create the download folder {folder}: {blocked} is a file, not a folder{_home_hint(folder)}"
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _unwritable(folder, err) from None
+    if not os.access(folder, os.W_OK | os.X_OK):  # a read-only mount, or a folder of another user's
+        raise _unwritable(folder, PermissionError(errno.EACCES, "not writable"))
+
+
+@contextlib.contextmanager
+def _cache_lock(dest: Path) -> Iterator[None]:
+    """The lock that keeps parallel processes from downloading ``dest`` twice (its folder made first)."""
     from filelock import FileLock
 
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(dest) + ".lock"):
-        if dest.exists():
-            if sha256:
-                verify_file(dest, sha256)
-            return dest
-        ensure_can_download(dest.name, url, dest)
-        part = dest.with_name(dest.name + ".part")
-        last_error: Exception | None = None
-        try:
-            for attempt in range(retries + 1):
-                try:
-                    _fetch_into(url, part, progress=progress, timeout=timeout)
-                    last_error = None
-                    break
-                except urllib.error.HTTPError as err:
-                    if 400 <= err.code < 500:
-                        raise WeightsError(f"download of {url} failed: HTTP {err.code} {err.reason}") from err
-                    last_error = err
-                except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
-                    last_error = err
-                if attempt < retries:
-                    time.sleep(min(2.0**attempt * 0.25, 4.0))
-        except KeyboardInterrupt:
-            raise DownloadInterrupted(
-                f"interrupted: download of {url} stopped; {_kept_on_interrupt(part, url)}"
-            ) from None
-        if last_error is not None:
-            raise WeightsError(
-                f"download of {url} failed after {retries + 1} attempts ({last_error}); {_what_was_kept(part, url)}"
-            ) from None
-        if sha256:
+    _make_download_folder(dest.parent)
+    lock = FileLock(str(dest) + ".lock")
+    try:
+        lock.acquire()
+    except OSError as err:
+        raise _unwritable(dest.parent, err) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _download(url: str, dest: Path, *, sha256: str | None, progress: bool, retries: int, timeout: float) -> None:
+    """Fetch ``url`` into ``dest`` (under its lock): retried where a second try can help, verified, recorded as
+    attnzoo's own download, then renamed into place."""
+    part = dest.with_name(dest.name + ".part")
+    last_error: Exception | None = None
+    try:
+        for attempt in range(retries + 1):
             try:
-                verify_file(part, sha256)
-            except ChecksumError as err:
-                _discard_part(part)
-                raise ChecksumError(f"download of {url}: {err}") from None
+                _fetch_into(url, part, progress=progress, timeout=timeout)
+                last_error = None
+                break
+            except urllib.error.HTTPError as err:
+                err.close()
+                if err.code < 500:  # a redirect that leads nowhere, a missing file, no access: the same next time
+                    raise _http_refusal(url, err) from None
+                last_error = err
+            except http.client.InvalidURL as err:
+                raise WeightsError(f"{url!r} is not a valid URL ({err})") from None
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
+                last_error = err
+            if attempt < retries:
+                time.sleep(min(2.0**attempt * 0.25, 4.0))
+    except KeyboardInterrupt:
+        raise DownloadInterrupted(f"interrupted: download of {url} stopped; {_kept_on_interrupt(part, url)}") from None
+    except _WriteFailed as failed:
+        raise WeightsError(_write_failure(url, part, failed.error)) from None
+    if last_error is not None:
+        raise WeightsError(
+            f"download of {url} failed after {retries + 1} attempts ({_first_line(last_error)}); "
+            f"{_what_was_kept(part, url)}"
+        ) from None
+    if sha256:
+        actual = sha256_file(part)
+        if actual != sha256.lower():
+            _discard_part(part)
+            raise ChecksumError(
+                f"download of {url} into {dest}: the server's file differs from the released one (sha256 {actual}, "
+                f"expected {sha256.lower()}), so nothing was kept. It changed upstream, or a proxy altered it: "
+                "report it, or download it by hand and pass it with --weights PATH if you trust it"
+            )
+    try:
+        info = part.stat()  # recorded first: a record that names no file is harmless, a file without one is kept
+        write_json(download_record(dest), {"url": url, "size": info.st_size, "mtime_ns": info.st_mtime_ns})
         os.replace(part, dest)
-        _resume_record(part).unlink(missing_ok=True)
-    return dest
+    except OSError as err:
+        raise WeightsError(_write_failure(url, part, err)) from None
+    _resume_record(part).unlink(missing_ok=True)
+
+
+def _http_refusal(url: str, err: urllib.error.HTTPError) -> WeightsError:
+    """The one-line error for an HTTP answer that another try would not change (a redirect loop, a 4xx)."""
+    if 300 <= err.code < 400:
+        loop = str(err.msg or "").startswith(urllib.request.HTTPRedirectHandler.inf_msg)
+        what = "redirects in a loop" if loop else "answers with a redirect that leads to no file"
+        return WeightsError(
+            f"download of {url} failed: the server {what} (HTTP {err.code}); open the URL in a browser to find "
+            "the file's own address"
+        )
+    return WeightsError(f"download of {url} failed: HTTP {err.code} {_first_line(err.reason)}")
+
+
+def _first_line(err: object) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+class _WriteFailed(Exception):
+    """Writing the ``.part`` failed (a full disk, a read-only folder): not the network, so not retried."""
+
+    def __init__(self, error: OSError):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _write_failure(url: str, part: Path, err: OSError) -> str:
+    """The message for a download that could not be written: a full disk says to free space first."""
+    try:
+        kept = part.stat().st_size if part.exists() else 0
+    except OSError:
+        kept = 0
+    resumable = bool(kept) and _saved_validator(part, url) is not None
+    if kept and not resumable:
+        with contextlib.suppress(OSError):
+            _discard_part(part)  # bytes that cannot be resumed only take the space
+    if err.errno in DISK_FULL:
+        then = f" (it resumes from the {kept} bytes kept in {part})" if resumable else ""
+        return (
+            f"download of {url} stopped: no space left on the disk of {part.parent}. Free space there (or set "
+            f"ATTNZOO_HOME to a folder on a disk with room), then run the same command again{then}"
+        )
+    return f"download of {url} failed: cannot write {part} ({err.strerror or err}){_home_hint(part.parent)}"
 
 
 def _what_was_kept(part: Path, url: str) -> str:
@@ -315,6 +633,13 @@ class _StalePart(Exception):
     """The server's answer does not continue the ``.part``: another version of the file, or another range."""
 
 
+class _ShortBody(http.client.HTTPException):
+    """The server closed the connection before the whole file (or range) arrived: retried, resuming."""
+
+    def __init__(self, size: int, total: int):
+        super().__init__(f"the connection closed after {size} of {total} bytes")
+
+
 _CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)")
 
 
@@ -325,6 +650,27 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
         return None, None
     first, total = match.groups()
     return (int(first) if first else None), (int(total) if total != "*" else None)
+
+
+def _content_length(headers: Any) -> int | None:
+    """The length a response's ``Content-Length`` names: one number, also when repeated (``N, N``, or the header
+    twice); None where it is missing or the values disagree."""
+    values = headers.get_all("Content-Length") if hasattr(headers, "get_all") else [headers.get("Content-Length")]
+    numbers = {v.strip() for value in values or () if value for v in str(value).split(",") if v.strip()}
+    if len(numbers) != 1:
+        return None
+    (number,) = numbers
+    return int(number) if number.isdigit() else None
+
+
+def _refuse_web_page(url: str, headers: Any) -> None:
+    """A checkpoint is never a web page: an HTML answer is a login, quota or error page served with status 200."""
+    kind = str(headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+    if kind in ("text/html", "application/xhtml+xml"):
+        raise WeightsError(
+            f"download of {url} failed: the server sent a web page ({kind}), not a checkpoint (probably a login, "
+            "quota or error page); open the URL in a browser, download the file by hand and pass it with --weights PATH"
+        )
 
 
 def _resume_record(part: Path) -> Path:
@@ -388,28 +734,39 @@ def _fetch_part(url: str, part: Path, *, progress: bool, timeout: float) -> None
         opened = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as err:
         if start and err.code == 416:  # nothing after the .part: complete only if the file is exactly that long
-            _, total = _content_range(err.headers.get("Content-Range"))
+            _, size = _content_range(err.headers.get("Content-Range"))
             err.close()
-            if total == start and record and record.get("size") in (None, start):
+            if size == start and record and record.get("size") in (None, start):
                 return
             raise _StalePart from None
         raise
     with opened as response:
+        if not _is_file_url(url):  # a local file's type is only guessed from its name
+            _refuse_web_page(url, response.headers)
         status = getattr(response, "status", None) or 200
-        length = response.headers.get("Content-Length")
+        length = _content_length(response.headers)
         if start and status == 206:
             first, total = _content_range(response.headers.get("Content-Range"))
             named = _validator(response.headers)  # a server that ignores If-Range still sends the version it serves
-            if first != start or (record and record.get("size") not in (None, total)):
+            # a size in the Content-Range ("/*" names none) must be the one first announced
+            if first != start or (record and total is not None and record.get("size") not in (None, total)):
                 raise _StalePart
             if named is not None and record and named != record["validator"]:
                 raise _StalePart
+            if total is None:  # no size in the Content-Range: the body's length, else the size first announced
+                total = start + length if length is not None else (record or {}).get("size")
         else:  # a whole file: a new version, or a server without ranges
-            start = 0
-            _start_record(part, url, response.headers, int(length) if length is not None else None)
-        total = start + int(length) if length is not None else None
+            start, total = 0, length
+            try:
+                _start_record(part, url, response.headers, length)
+            except OSError as err:
+                raise _WriteFailed(err) from None
+        try:
+            fh = open(part, "ab", buffering=0)  # unbuffered: a failed write leaves nothing to flush on close
+        except OSError as err:
+            raise _WriteFailed(err) from None
         with (
-            open(part, "ab") as fh,
+            fh,
             tqdm(
                 total=total,
                 initial=start,
@@ -421,30 +778,95 @@ def _fetch_part(url: str, part: Path, *, progress: bool, timeout: float) -> None
                 leave=False,
             ) as bar,
         ):
-            # what has arrived, not a full _CHUNK: on a slow link a blocking read(_CHUNK) keeps nothing in the
-            # .part (and moves no bar) until a whole MiB is in; each piece is flushed, so an interrupt keeps it
-            read = getattr(response, "read1", None) or (lambda n: response.read(min(n, _PIECE)))
-            while chunk := read(_CHUNK):
-                fh.write(chunk)
-                fh.flush()
-                bar.update(len(chunk))
-            fh.flush()
-            os.fsync(fh.fileno())  # on disk before it is renamed into the cache (a power cut keeps no torn file)
+            _copy_body(response, fh, bar)
+            try:
+                os.fsync(fh.fileno())  # on disk before it is renamed into the cache (a power cut keeps no torn file)
+            except OSError as err:
+                raise _WriteFailed(err) from None
         size = part.stat().st_size
     if total is not None and size < total:
-        raise http.client.IncompleteRead(b"", total - size)
+        raise _ShortBody(size, total)
+
+
+def _copy_body(response: Any, fh: Any, bar: Any) -> None:
+    """Write what arrives to ``fh`` as it arrives, not a full _CHUNK: on a slow link a blocking read(_CHUNK) keeps
+    nothing in the .part (and moves no bar) until a whole MiB is in; each piece is written at once, so an
+    interrupt keeps it. A connection that closes early ends the copy (the caller compares the size)."""
+    read = getattr(response, "read1", None) or (lambda n: response.read(min(n, _PIECE)))
+    while True:
+        try:
+            chunk = read(_CHUNK)
+        except http.client.IncompleteRead as err:
+            chunk, ended = err.partial, True
+        else:
+            ended = False
+        if chunk:
+            view = memoryview(chunk)
+            while view:
+                try:
+                    written = fh.write(view)
+                except OSError as err:
+                    raise _WriteFailed(err) from None
+                if not written:
+                    raise _WriteFailed(OSError(errno.EIO, "nothing could be written"))
+                view = view[written:]
+            bar.update(len(chunk))
+        if ended or not chunk:
+            return
 
 
 def hf_download(repo_id: str, filename: str, *, revision: str | None = None, sha256: str | None = None) -> Path:
     """A file from the Hugging Face Hub through its own cache, verified when a sha256 is known.
-    When the Hub cannot be used (offline mode, unreachable host) only the cache is read."""
+    When the Hub cannot be used (offline mode, unreachable host) only the cache is read. With a sha256 the cache is
+    read first: a cached copy that matches is used without asking the Hub, one that does not is fetched again,
+    once, where the Hub can be used (else it is kept and named); a first download is fetched once and hashed once."""
+    cache_only = not hub_reachable()
+    if not sha256:
+        return _hf_fetch(repo_id, filename, revision=revision, cache_only=cache_only)
+    expected = sha256.lower()
+    cached = _hf_cached(repo_id, filename, revision=revision) if not cache_only else None
+    path = cached or _hf_fetch(repo_id, filename, revision=revision, cache_only=cache_only)
+    actual = sha256_file(path)
+    if actual == expected:
+        return path
+    found = f"sha256 {actual}, expected {expected}"
+    if cache_only:
+        why = OFFLINE_REASON if is_offline() else "the Hugging Face Hub cannot be reached"
+        raise ChecksumError(
+            f"the cached copy of {repo_id}/{filename} at {path} is corrupt ({found}); {why}, so it is kept: run "
+            "again with the network to fetch it again"
+        )
+    if cached is not None:  # a copy from the cache: fetched again, once
+        path = _hf_fetch(repo_id, filename, revision=revision, cache_only=False, force=True)
+        actual = sha256_file(path)
+        if actual == expected:
+            return path
+    how = "also when fetched again into" if cached is not None else "as downloaded into"
+    raise ChecksumError(
+        f"{repo_id}/{filename} on the Hugging Face Hub differs from the released file (sha256 {actual}, expected "
+        f"{expected}), {how} {path}: it changed upstream; report it, or pass a file you trust with --weights PATH"
+    )
+
+
+def _hf_cached(repo_id: str, filename: str, *, revision: str | None) -> Path | None:
+    """The copy of a Hub file in the Hugging Face cache, without asking the Hub (None where there is none)."""
+    try:
+        return _hf_fetch(repo_id, filename, revision=revision, cache_only=True)
+    except OfflineError:
+        return None
+
+
+def _hf_fetch(repo_id: str, filename: str, *, revision: str | None, cache_only: bool, force: bool = False) -> Path:
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    cache_only = not hub_reachable()
     what = f"{repo_id}/{filename}"
     try:
-        path = Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision, local_files_only=cache_only))
+        return Path(
+            huggingface_hub.hf_hub_download(
+                repo_id, filename, revision=revision, local_files_only=cache_only, force_download=force
+            )
+        )
     except LocalEntryNotFoundError as err:
         if cache_only:
             how = hf_fetch_advice(repo_id, filename)
@@ -452,6 +874,3 @@ def hf_download(repo_id: str, filename: str, *, revision: str | None = None, sha
         raise WeightsError(f"cannot fetch {what} from the Hugging Face Hub: {err}") from None
     except Exception as err:  # hub errors have many types; all mean the same to a caller
         raise WeightsError(f"cannot fetch {what} from the Hugging Face Hub: {err}") from err
-    if sha256:
-        verify_file(path, sha256)
-    return path

@@ -10,9 +10,9 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from attnzoo.errors import ChecksumError, InvalidOptionError, UnknownNameError, WeightsError
+from attnzoo.errors import ChecksumError, InvalidOptionError, WeightsError
 from attnzoo.weights import hub, registry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,34 +53,81 @@ def _harmless_globals() -> list[Any]:
 
 
 class _UnreadableFile(WeightsError):
-    """A file that is not a checkpoint at all (empty, a web page, text, corrupt or cut short)."""
+    """A file that is not a checkpoint at all (empty, a web page, text, corrupt or cut short): ``what`` says what
+    it is, ``advice`` what to do about a file of one's own (a download of attnzoo's is deleted instead)."""
+
+    def __init__(self, what: str, advice: str = ""):
+        super().__init__(f"{what}; {advice}" if advice else what)
+        self.what, self.advice = what, advice
+
+
+#: The file types a checkpoint is saved as: a name with one of them is a file, never a registered name.
+_FILE_SUFFIXES = frozenset(
+    {".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".pkl", ".pickle", ".tar", ".zip", ".gz", ".npz", ".h5"}
+)
+#: How archives begin (zip is told from a PyTorch zip checkpoint by its members): (offset, magic, name).
+_ARCHIVE_MAGIC = (
+    (0, b"\x1f\x8b\x08", "gzip"),
+    (0, b"\xfd7zXZ\x00", "xz"),
+    (0, b"7z\xbc\xaf\x27\x1c", "7z"),
+    (0, b"Rar!\x1a\x07", "rar"),
+    (0, b"\x28\xb5\x2f\xfd", "zstd"),
+    (4, b"1AY&SY", "bzip2"),  # after "BZh" and the block size
+    (257, b"ustar", "tar"),
+)
 
 
 def resolve_checkpoint(spec: str | os.PathLike, *, progress: bool = True) -> Path:
-    """A local path for a checkpoint given as a path, URL, ``hf-hub:repo/file`` or registered name."""
-    return _resolve(spec, progress=progress)[0]
+    """A local path for a checkpoint given as a path, URL, ``hf-hub:repo/file`` or registered name.
+
+    What plainly is no checkpoint (empty, a web page, an archive) is refused here already, from its first bytes;
+    a download of attnzoo's own that is one is deleted, so the next call fetches it again."""
+    resolved = _resolve(spec, progress=progress)
+    try:
+        _refuse_plainly_not_a_checkpoint(resolved.path)
+    except _UnreadableFile as err:
+        raise _unreadable_download(err, resolved) from None
+    return resolved.path
 
 
-def _resolve(spec: str | os.PathLike, *, progress: bool) -> tuple[Path, bool]:
-    """(local path, whether it is an unverified download in attnzoo's cache, which may be deleted to fetch it again)."""
+class _Resolved(NamedTuple):
+    """Where a checkpoint was found, and what may be done with it when it turns out not to be one."""
+
+    path: Path
+    #: An unverified download of attnzoo's own, as it was when found: it may be deleted, to fetch it again.
+    own: os.stat_result | None = None
+    #: A file in attnzoo's download cache without a download record (placed by hand, or an older attnzoo's).
+    unrecorded: bool = False
+
+
+def _downloaded(path: Path) -> _Resolved:
+    """A download into attnzoo's cache that no sha256 verified: deletable when it is attnzoo's own."""
+    return _Resolved(path, hub.own_download_state(path), hub.has_no_record_in_cache(path))
+
+
+def _resolve(spec: str | os.PathLike, *, progress: bool) -> _Resolved:
+    """The local path of ``spec``; a download of attnzoo's own that no sha256 verified carries its ``stat``
+    (it may be deleted to fetch it again), never a file given by path or placed in the cache by hand."""
     text = os.fspath(spec)
     if not text.strip():  # Path("") is the current folder
         raise WeightsError("weights is empty: give a path, URL, hf-hub:org/repo/file, registered name or 'none'")
     path = Path(text).expanduser()
     if path.is_file():
-        return path, False
-    if re.match(r"^(https?|file)://", text):
+        return _Resolved(path)
+    if re.match(r"^(https?|file)://", text, re.IGNORECASE):
         name = text.rsplit("/", 1)[-1].split("?", 1)[0] or "checkpoint"
         # one folder per URL: two releases that share a file name must not share a cache entry
         folder = hashlib.sha256(text.encode()).hexdigest()[:16]
-        return hub.download_url(text, hub.checkpoints_dir() / "url" / folder / name, progress=progress), True
+        return _downloaded(hub.download_url(text, hub.checkpoints_dir() / "url" / folder / name, progress=progress))
     if text.startswith("hf-hub:"):
-        return hub.hf_download(*parse_hf_hub(text)), False
+        return _Resolved(hub.hf_download(*parse_hf_hub(text)))
     if registry.is_checkpoint(text):
         return _fetch(registry.get_checkpoint(text), progress=progress)
-    if path.suffix or os.sep in text or path.exists():
+    separators = {"/", os.sep, os.altsep or "/"}
+    if any(sep in text for sep in separators) or path.suffix.lower() in _FILE_SUFFIXES or path.exists():
         raise WeightsError(f"checkpoint file {text} does not exist (or is not a file)")
-    raise UnknownNameError("checkpoint", text, [e.name for e in registry.list_checkpoints()])
+    # every registered name has a dot: a mistyped one is no file name; with no name close, it may be a file's
+    raise registry.unknown_checkpoint(text, unmatched=f", nor a file {text} in {Path.cwd()}")
 
 
 def parse_hf_hub(spec: str) -> tuple[str, str]:
@@ -103,22 +150,23 @@ def parse_hf_hub(spec: str) -> tuple[str, str]:
 
 def fetch_checkpoint(entry: registry.CheckpointEntry, *, progress: bool = True) -> Path:
     """Download (or find in the cache) the file of a registered checkpoint, verified."""
-    return _fetch(entry, progress=progress)[0]
+    return _fetch(entry, progress=progress).path
 
 
-def _fetch(entry: registry.CheckpointEntry, *, progress: bool) -> tuple[Path, bool]:
+def _fetch(entry: registry.CheckpointEntry, *, progress: bool) -> _Resolved:
     if entry.hf_hub_id:
-        return hub.hf_download(entry.hf_hub_id, entry.hf_filename or "", sha256=entry.sha256), False
+        return _Resolved(hub.hf_download(entry.hf_hub_id, entry.hf_filename or "", sha256=entry.sha256))
     cached = hub.checkpoints_dir() / entry.cache_filename
     if entry.manual_download:  # a file the user placed: never deleted
         if cached.is_file():
-            return cached, False
+            return _Resolved(cached)
         raise WeightsError(
             f"{entry.name} cannot be downloaded automatically ({entry.notes or 'the host needs a browser'}): "
             f"download {entry.url} by hand and pass weights=PATH, or put the file at {cached}"
         )
     path = hub.download_url(entry.url or "", cached, sha256=entry.sha256, progress=progress)
-    return path, entry.sha256 is None  # a verified file is the one released: fetching it again changes nothing
+    # a verified file is the one released: fetching it again changes nothing
+    return _Resolved(path) if entry.sha256 else _downloaded(path)
 
 
 def load_checkpoint(spec: str | os.PathLike, *, allow_non_finite: bool = False, progress: bool = True) -> Any:
@@ -127,22 +175,96 @@ def load_checkpoint(spec: str | os.PathLike, *, allow_non_finite: bool = False, 
     A download of attnzoo's own that is not a checkpoint at all (cut short by a server that sent no
     length, an error page) is deleted, so the next call fetches it again instead of failing forever.
     """
-    path, downloaded = _resolve(spec, progress=progress)
+    resolved = _resolve(spec, progress=progress)
     try:
-        return load_checkpoint_file(path, allow_non_finite=allow_non_finite)
+        return load_checkpoint_file(resolved.path, allow_non_finite=allow_non_finite)
     except _UnreadableFile as err:
-        if not downloaded:
-            raise
-        path.unlink(missing_ok=True)
-        raise WeightsError(f"{err}. The downloaded copy was deleted: the next call fetches it again") from None
+        raise _unreadable_download(err, resolved) from None
+
+
+def _unreadable_download(err: _UnreadableFile, resolved: _Resolved) -> WeightsError:
+    """The error for a file that is not a checkpoint: a download of attnzoo's own is deleted (so the next call
+    fetches it again), under its lock and only while it is still the file read, except offline, where nothing
+    could replace it; any other file is kept (one in the cache without a download record says how to replace it)."""
+    if resolved.own is None:
+        return WeightsError(f"{err.what}; {hub.no_record_advice(resolved.path)}") if resolved.unrecorded else err
+    if hub.is_offline():
+        return WeightsError(
+            f"{err.what}; it is attnzoo's download, kept in {hub.OFFLINE_REASON}: run again with the network "
+            "after deleting it, to fetch it again"
+        )
+    try:
+        deleted = hub.forget_own_download(resolved.path, resolved.own)
+    except (OSError, WeightsError) as problem:
+        reason = problem.strerror if isinstance(problem, OSError) and problem.strerror else problem
+        return WeightsError(
+            f"{err.what}; attnzoo could not delete its downloaded copy ({reason}): delete it, then run again to "
+            "fetch it again"
+        )
+    if not deleted:
+        return WeightsError(
+            f"{err.what}; attnzoo's copy changed meanwhile (another process fetched it again, or deleted it), so it "
+            "was not deleted: run again"
+        )
+    return WeightsError(f"{err.what}; attnzoo's downloaded copy was deleted: the next call fetches it again")
+
+
+def _refuse_plainly_not_a_checkpoint(path: Path) -> str | None:
+    """Refuse, from its first bytes, a file that is plainly no checkpoint (empty, a web page, an archive); returns
+    its start as text when it is text (else None)."""
+    if path.stat().st_size == 0:
+        raise _UnreadableFile(
+            f"{path} is empty (0 bytes): an interrupted download or copy?", "delete it and fetch it again"
+        )
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    text = _as_text(head)
+    if text is not None and text.lstrip().startswith("<"):  # a download that returned a web page
+        raise _UnreadableFile(
+            f"{path} is a web page (HTML), not a checkpoint: the download link returned a page (a login, "
+            "quota or error page?)",
+            "delete the file and download it again, or fetch it by hand",
+        )
+    _refuse_archive(path, head)
+    return text
+
+
+def _refuse_archive(path: Path, head: bytes) -> None:
+    """An archive (zip, tar, gzip, ...) holds a checkpoint but is none: it is named as such, and never deleted (a
+    download of it is the file released; fetching it again changes nothing)."""
+    if _has_safetensors_header(head) or head.startswith(b"\x80"):  # safetensors, or a pickle (protocol 2 and up)
+        return
+    kind = next((name for offset, magic, name in _ARCHIVE_MAGIC if head[offset : offset + len(magic)] == magic), None)
+    if kind is None and head.startswith(b"PK\x03\x04") and _is_plain_zip(path):
+        kind = "zip"
+    if kind is not None:
+        raise WeightsError(
+            f"{path} is an archive ({kind}), not a checkpoint: extract the checkpoint file from it and pass that file"
+        )
+
+
+def _is_plain_zip(path: Path) -> bool:
+    """A zip file that is not a PyTorch checkpoint (which is a zip holding ``<name>/data.pkl``)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):  # cut short or damaged: not an archive to extract
+        return False
+    return not any(name == "data.pkl" or name.endswith("/data.pkl") for name in names)
 
 
 def _is_safetensors(path: Path) -> bool:
     if path.suffix == ".safetensors":
         return True
     with open(path, "rb") as fh:
-        head = fh.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 30)
+        return _has_safetensors_header(fh.read(9))
+
+
+def _has_safetensors_header(head: bytes) -> bool:
+    """Whether ``head`` begins as safetensors does: an 8-byte header length, then the JSON header's ``{``."""
+    return len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 30)
 
 
 def _as_text(head: bytes) -> str | None:
@@ -171,17 +293,7 @@ def load_checkpoint_file(path: str | os.PathLike, *, map_location: str = "cpu", 
         raise WeightsError(f"{path} is a folder: give the checkpoint file in it (.safetensors, .pth, .pt, .bin)")
     if not path.is_file():
         raise WeightsError(f"checkpoint file {path} does not exist")
-    if path.stat().st_size == 0:
-        raise _UnreadableFile(
-            f"{path} is empty (0 bytes): an interrupted download or copy? Delete it and fetch it again"
-        )
-    with open(path, "rb") as fh:
-        text = _as_text(fh.read(512))
-    if text is not None and text.lstrip().startswith("<"):  # a download that returned a web page
-        raise _UnreadableFile(
-            f"{path} is a web page (HTML), not a checkpoint: the download link returned a page (a login, "
-            "quota or error page?); delete the file and download it again, or fetch it by hand"
-        )
+    text = _refuse_plainly_not_a_checkpoint(path)
     obj = _read_safetensors(path, map_location) if _is_safetensors(path) else _read_pickle(path, map_location, text)
     if not allow_non_finite:
         _refuse_non_finite(obj, str(path))
@@ -206,7 +318,7 @@ def _read_pickle(path: Path, map_location: str, text: str | None) -> Any:
         first = text.strip().splitlines()[0][:60]
         raise _UnreadableFile(
             f"{path} is a text file, not a checkpoint (it starts with {first!r}): a wrong path, or a download "
-            "that saved an error message?"
+            "that saved an error message?",
         ) from None
     reason = [line.strip() for line in str(failure).splitlines() if line.strip()]
     needs_code = next((line for line in reason if _NEEDS_CODE.search(line)), None)
@@ -493,7 +605,9 @@ def verify_report(name_or_file: str, sha256: str | None = None) -> tuple[bool, s
         registry.get_checkpoint(name_or_file).sha256 if registry.is_checkpoint(name_or_file) else None
     )
     try:
-        path = resolve_checkpoint(name_or_file)  # a registered file with a known sha256 is verified on the way
+        path = _resolve(
+            name_or_file, progress=True
+        ).path  # a registered file with a known sha256 is verified on the way
     except ChecksumError as err:
         return False, f"MISMATCH {err}"
     actual = hub.sha256_file(path)

@@ -100,7 +100,14 @@ def get_checkpoint(name: str) -> CheckpointEntry:
     try:
         return _CHECKPOINTS[name]
     except KeyError:
-        raise UnknownNameError("checkpoint", name, _CHECKPOINTS) from None
+        raise unknown_checkpoint(name) from None
+
+
+def unknown_checkpoint(name: str, *, unmatched: str = "") -> UnknownNameError:
+    """The error for a checkpoint name that is not registered, with the close names, in any case
+    (``BIFORMER_TINY.official_in1k`` suggests ``biformer_tiny.official_in1k``); ``unmatched`` is added after the
+    name where none is close."""
+    return UnknownNameError("checkpoint", name, _CHECKPOINTS, ignore_case=True, unmatched=unmatched)
 
 
 def is_checkpoint(name: str) -> bool:
