@@ -9,6 +9,7 @@ import attnzoo._values as values
 from attnzoo._values import (
     check_worker_count,
     comma_items,
+    flag,
     is_integer,
     listed,
     nonblank_text,
@@ -161,3 +162,21 @@ def test_listed_names_the_first_and_counts_the_rest():
     assert listed([]) == "none"
     assert listed(["a", "b"]) == "a, b"
     assert listed([str(i) for i in range(12)], 3) == "0, 1, 2, ... (12 in all)"
+
+
+def test_flag_takes_python_and_numpy_booleans_only():
+    for given, expected in ((True, True), (False, False), (np.True_, True), (np.False_, False)):
+        got = flag(given, "progress")
+        assert got is expected  # a Python bool, numpy's converted
+    for bad in ("yes", "no", 1, 0, 1.0, None, [True], np.array([True])):
+        with pytest.raises(InvalidOptionError, match=r"^truncate must be True or False, got "):
+            flag(bad, "truncate")
+
+
+def test_flag_takes_none_where_asked_and_says_what_it_means():
+    assert flag(None, "progress", allow_none=True) is None
+    assert flag(np.True_, "progress", allow_none=True) is True
+    with pytest.raises(InvalidInputError, match=r"^progress must be True, False or None \(on a terminal\), got 'yes'$"):
+        flag("yes", "progress", allow_none=True, none_means="on a terminal", error=InvalidInputError)
+    with pytest.raises(InvalidOptionError, match=r"^amp must be True, False or None, got 2$"):
+        flag(2, "amp", allow_none=True)

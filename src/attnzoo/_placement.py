@@ -52,8 +52,19 @@ def resolve_device(device: str | int | torch.device | None) -> torch.device:
     backend is not available here, or ``meta`` (no data to compute on), is refused."""
     if device is None:
         return _this_process_cuda() if torch.cuda.is_available() else torch.device("cpu")
-    if isinstance(device, int):
-        device = "cpu" if device < 0 else f"cuda:{device}"
+    if not isinstance(device, (str, torch.device)):
+        # an int or a numpy integer (which have __index__; numpy's bool has none): a CUDA ordinal. True would read
+        # as the ordinal 1 ("cuda:True"), 1.5 would dump torch's list of overloads
+        try:
+            ordinal = None if isinstance(device, bool) else int(device.__index__())
+        except (AttributeError, TypeError, ValueError, RuntimeError):  # no __index__, or a tensor that is not one int
+            ordinal = None
+        if ordinal is None:
+            raise InvalidInputError(
+                f"device must be a name such as 'cpu', 'cuda' or 'cuda:1', a CUDA ordinal (an int; -1: the CPU) or "
+                f"a torch.device, got {type(device).__name__} {device!r}"
+            )
+        device = "cpu" if ordinal < 0 else f"cuda:{ordinal}"
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as err:

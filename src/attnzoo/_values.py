@@ -1,14 +1,15 @@
 """Checks of setting values shared by every layer, so that one rule gives one wording everywhere:
-whole and real numbers in a range, worker counts, comma lists without blank items, text that is not blank."""
+whole and real numbers in a range, flags, worker counts, comma lists without blank items, text that is not blank,
+keywords that go with each input rather than to a pipeline's constructor, close names for a misspelled one."""
 
 from __future__ import annotations
 
 import math
 import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -49,6 +50,49 @@ def whole_number(
             wanted = f"an integer in [{low}, {high}]"
         raise error(f"{name} must be {wanted}{f' ({why})' if why else ''}, got {given!r}")
     return int(value)
+
+
+@overload
+def flag(
+    value: Any,
+    name: str,
+    *,
+    allow_none: Literal[False] = False,
+    none_means: str = "",
+    error: type[InvalidInputError] = InvalidOptionError,
+) -> bool: ...
+
+
+@overload
+def flag(
+    value: Any,
+    name: str,
+    *,
+    allow_none: bool,
+    none_means: str = "",
+    error: type[InvalidInputError] = InvalidOptionError,
+) -> bool | None: ...
+
+
+def flag(
+    value: Any,
+    name: str,
+    *,
+    allow_none: bool = False,
+    none_means: str = "",
+    error: type[InvalidInputError] = InvalidOptionError,
+) -> bool | None:
+    """``value`` as a bool where it is ``True`` or ``False`` (numpy's ``np.True_`` too: a flag read from an array),
+    None as None with ``allow_none`` (``none_means``: what None stands for, e.g. "on a terminal"); else ``error``
+    naming ``name``. A string such as ``"no"`` or a number is refused: it would read as true."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    wanted = "True or False"
+    if allow_none:
+        wanted = f"True, False or None{f' ({none_means})' if none_means else ''}"
+    raise error(f"{name} must be {wanted}, got {value!r}")
 
 
 def to_real(value: Any, *, finite: bool = True) -> float | None:
@@ -177,3 +221,17 @@ def nonblank_text(value: Any, name: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise InvalidOptionError(f"{name} must be a non-empty string, got {value!r}")
     return value
+
+
+def refuse_per_input_defaults(given: Iterable[str], fields: Sequence[str], example: str) -> None:
+    """Refuse, among the keywords ``given`` to a pipeline's constructor, those of ``fields``: what goes with each
+    input (a question, a caption, an image's boxes) is given at the call (``example``), not as a default of the
+    pipeline. A clear refusal, instead of a generic "unexpected argument" (or a keyword taken and then refused
+    at every call)."""
+    misplaced = [name for name in given if name in fields]
+    if misplaced:
+        names = ", ".join(f"{name}=" for name in misplaced)
+        verb = "goes" if len(misplaced) == 1 else "go"
+        raise InvalidOptionError(
+            f"{names} {verb} with the inputs, at each call ({example}); the constructor takes settings only"
+        )

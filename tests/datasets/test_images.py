@@ -285,3 +285,47 @@ def test_url_in_offline_mode_is_refused_without_a_request(monkeypatch):
         with pytest.raises(InvalidInputError, match="offline mode"):
             load_image(f"{base}/a.png")
     assert requests == []
+
+
+def test_file_contents_are_the_bytes_of_a_file_object_named_as_the_file(tmp_path):
+    """What a pipeline hands its DataLoader workers instead of an open file: picklable (a spawned worker cannot
+    be sent an open file), named as the file in messages, the file put back where it stood."""
+    write_png(tmp_path / "cat.png", np.full((8, 12, 3), 200, np.uint8))
+    with open(tmp_path / "cat.png", "rb") as handle:
+        handle.seek(0)
+        contents = images.file_contents(handle)
+        assert handle.tell() == 0 and contents.data == (tmp_path / "cat.png").read_bytes()
+        assert images.describe(contents) == images.describe(handle) == f"<BufferedReader {tmp_path / 'cat.png'}>"
+    copy = pickle.loads(pickle.dumps(contents))
+    assert images.is_file_object(copy) and images.describe(copy) == images.describe(contents)
+    assert np.array_equal(np.asarray(load_image(copy)), np.asarray(load_image(tmp_path / "cat.png")))
+    assert images.file_contents(contents) is contents
+    assert images.describe(images.file_contents(io.BytesIO(b"x"))) == "<BytesIO>"
+
+
+def test_file_contents_keep_the_error_of_a_file_that_cannot_be_read(tmp_path):
+    """Raised where the input is read (so on_error="skip" sets that input aside), not where it was read."""
+    closed = open(tmp_path / "x.bin", "wb+")  # noqa: SIM115
+    closed.close()
+    contents = pickle.loads(pickle.dumps(images.file_contents(closed)))
+    with pytest.raises(InvalidInputError, match=r"^<BufferedRandom .*x\.bin>: cannot read the file object"):
+        load_image(contents)
+    unread = images.file_contents(io.BytesIO(b"data"), read=False)
+    assert unread.data is None and images.describe(unread) == "<BytesIO>"
+    with pytest.raises(InvalidInputError, match="<BytesIO>: the file object was not read"):
+        load_image(unread)
+
+
+def test_an_object_whose_read_needs_arguments_is_a_typed_error(tmp_path):
+    """A zipfile.ZipFile has .read, so it passes for a file object, but read() needs a member's name."""
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "a.zip", "w") as archive:
+        archive.writestr("cat.png", b"")
+    with (
+        zipfile.ZipFile(tmp_path / "a.zip") as archive,
+        pytest.raises(
+            InvalidInputError, match=r"^<ZipFile>: cannot read the file object: its read\(\) does not read it whole"
+        ),
+    ):
+        load_image(archive)

@@ -1,6 +1,6 @@
 """Decode any image a user may hand us into an RGB ``PIL.Image``, or say clearly why not.
 
-Handles paths, http(s) URLs, PIL images, numpy arrays and tensors; EXIF rotation; grayscale,
+Handles paths, http(s) URLs, binary file objects, PIL images, numpy arrays and tensors; EXIF rotation; grayscale,
 palette, CMYK, alpha (composited on white) and 16-bit images (scaled, not clipped); and guards
 against decompression bombs: an image whose header claims more than the pixel limit is refused
 before any pixel is decoded, whatever its format.
@@ -55,9 +55,14 @@ _PIL_DAMAGE: tuple[type[BaseException], ...] = (
 
 
 def describe(source: Any) -> str:
-    """A short name for an input, for error messages."""
+    """A short name for an input, for error messages (a file object: its file's name, if it has one)."""
     if isinstance(source, (str, os.PathLike)):
         return os.fspath(source)
+    if isinstance(source, FileContents):  # named as the file it was read from
+        return f"<{source.kind} {source.name}>" if source.name else f"<{source.kind}>"
+    if is_file_object(source):
+        name = getattr(source, "name", None)
+        return f"<{type(source).__name__} {name}>" if isinstance(name, str) and name else f"<{type(source).__name__}>"
     shape = getattr(source, "shape", None)
     if shape is None:
         shape = getattr(source, "size", None)  # PIL's (width, height)
@@ -265,12 +270,16 @@ def array_to_image(
     array: np.ndarray, *, name: str = "<array>", channels_first: bool = False, keep_alpha: bool = False
 ) -> Image.Image:
     """HxW, HxWxC (or CxHxW with ``channels_first``) arrays of uint8/uint16/bool/float in [0, 1]."""
+    given = tuple(array.shape)  # errors name the shape as given, not as moved
     if array.ndim == 3 and channels_first:
         array = np.moveaxis(array, 0, -1)
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
         layout = "CxHxW" if channels_first else "HxWxC"
+        hint = ""
+        if channels_first and len(given) == 3 and given[-1] in (1, 3, 4):
+            hint = "; an HxWxC tensor? tensors are CxHxW: pass tensor.permute(2, 0, 1), or a numpy array"
         raise InvalidInputError(
-            f"{name}: expected an HxW or {layout} image with 1, 3 or 4 channels, got shape {array.shape}"
+            f"{name}: expected an HxW or {layout} image with 1, 3 or 4 channels, got shape {given}{hint}"
         )
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise InvalidInputError(f"{name}: empty image of shape {array.shape}")
@@ -288,15 +297,18 @@ def array_to_image(
 
 
 def load_image(source: Any, *, max_pixels: int | None = None, keep_alpha: bool = False) -> Image.Image:
-    """An RGB image from a path, an http(s) URL, a PIL image, a numpy array (HxWxC) or a tensor
-    (CxHxW); with ``keep_alpha`` an image with transparency comes back as RGBA (e.g. ShapeNet
-    renderings). Files and downloads larger than ``max_pixels`` are refused from their header.
-    Upright by EXIF orientation, except a dataset's :class:`DatasetImagePath` (module docstring)."""
+    """An RGB image from a path, an http(s) URL, a binary file object (an open file, ``io.BytesIO``), a PIL
+    image, a numpy array (HxWxC) or a tensor (CxHxW); with ``keep_alpha`` an image with transparency comes back
+    as RGBA (e.g. ShapeNet renderings). Files and downloads larger than ``max_pixels`` are refused from their
+    header. Upright by EXIF orientation, except a dataset's :class:`DatasetImagePath` (module docstring)."""
     if is_url(source):
         data = fetch_url(source)
         return open_image_file(io.BytesIO(data), max_pixels=max_pixels, keep_alpha=keep_alpha, name=source)
     if isinstance(source, (str, Path, os.PathLike)):
         return open_image_file(source, max_pixels=max_pixels, keep_alpha=keep_alpha)
+    if is_file_object(source):
+        data = _read_file_object(source)
+        return open_image_file(io.BytesIO(data), max_pixels=max_pixels, keep_alpha=keep_alpha, name=describe(source))
     if isinstance(source, Image.Image):
         return to_rgb(ImageOps.exif_transpose(source), name=describe(source), keep_alpha=keep_alpha)
     if isinstance(source, np.ndarray):
@@ -312,6 +324,89 @@ def load_image(source: Any, *, max_pixels: int | None = None, keep_alpha: bool =
                 tensor = tensor.float()  # bfloat16 has no numpy dtype; float16 is widened alike
             return array_to_image(tensor.numpy(), name=describe(source), channels_first=True, keep_alpha=keep_alpha)
     raise InvalidInputError(
-        f"cannot read an image from {type(source).__name__}; pass a file path, http(s) URL, PIL image, numpy array "
-        "or tensor"
+        f"cannot read an image from {type(source).__name__}; pass a file path, http(s) URL, binary file object, PIL "
+        "image, numpy array or tensor"
     )
+
+
+def is_file_object(source: Any) -> bool:
+    """An open file (or ``io.BytesIO``, or the :class:`FileContents` read from one): one input, read with
+    ``.read()``, never a batch of its lines."""
+    if isinstance(source, FileContents):
+        return True
+    return callable(getattr(source, "read", None)) and not isinstance(source, (str, bytes, os.PathLike))
+
+
+class FileContents:
+    """The bytes of a binary file object, read once in the calling process (:func:`file_contents`), from where the
+    file stood (which it is put back to). A pipeline hands this to its DataLoader workers instead of the open file:
+    forked workers would share the file's one position (the same file given twice, read by two workers at once,
+    gives each a part), and a spawned worker cannot be sent an open file at all. Small and picklable; it keeps the
+    file's type and name for messages (:func:`describe`: ``<BufferedReader cat.png>``, as the file itself). A file
+    that could not be read keeps its error, raised where the input is read (so ``on_error="skip"`` sets it aside);
+    one kept unread (``data`` None, for a task that refuses file objects by name) has neither."""
+
+    __slots__ = ("data", "error", "kind", "name")
+
+    def __init__(self, kind: str, name: str | None, data: bytes | None = None, error: str | None = None):
+        self.kind, self.name, self.data, self.error = kind, name, data, error
+
+    def __getstate__(self) -> tuple[str, str | None, bytes | None, str | None]:
+        return self.kind, self.name, self.data, self.error
+
+    def __setstate__(self, state: tuple[str, str | None, bytes | None, str | None]) -> None:
+        self.kind, self.name, self.data, self.error = state
+
+    def __repr__(self) -> str:
+        held = f"{len(self.data):,} bytes" if self.data is not None else "unread" if self.error is None else "failed"
+        return f"FileContents({describe(self)}, {held})"
+
+
+def file_contents(source: Any, *, read: bool = True) -> FileContents:
+    """``source``, a binary file object, as its :class:`FileContents` (``read=False``: its type and name only);
+    a file that cannot be read gives one holding the typed error that reading it raises."""
+    if isinstance(source, FileContents):
+        return source
+    name = getattr(source, "name", None)
+    contents = FileContents(type(source).__name__, name if isinstance(name, str) and name else None)
+    if read:
+        try:
+            contents.data = _read_file_object(source)
+        except InvalidInputError as err:
+            contents.error = str(err)
+    return contents
+
+
+def _read_file_object(source: Any) -> bytes:
+    """The bytes of a binary file object from where it stands, which it is put back to where it can be (a
+    result's ``plot()`` reads the image again); a text file, a closed one, one whose ``read()`` needs arguments
+    (a ``zipfile.ZipFile``) or a failing read is a typed error naming it."""
+    name = describe(source)
+    if isinstance(source, FileContents):
+        if source.data is None:
+            raise InvalidInputError(source.error or f"{name}: the file object was not read")
+        return source.data
+    try:
+        start = source.tell() if _seekable(source) else None
+        data = source.read()
+        if start is not None:
+            source.seek(start)
+    except (OSError, ValueError) as err:  # closed, not readable, or an I/O error
+        raise InvalidInputError(f"{name}: cannot read the file object ({err})") from None
+    except TypeError as err:  # a read() that takes arguments: zipfile.ZipFile.read(name)
+        raise InvalidInputError(
+            f"{name}: cannot read the file object: its read() does not read it whole ({err}); pass a binary file "
+            "object, such as open(path, 'rb') or io.BytesIO(data)"
+        ) from None
+    if isinstance(data, str):
+        raise InvalidInputError(f"{name}: a text file object; open the image in binary mode ('rb')")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidInputError(f"{name}: .read() gave a {type(data).__name__}, not bytes")
+    return bytes(data)
+
+
+def _seekable(source: Any) -> bool:
+    try:
+        return bool(source.seekable())
+    except (AttributeError, OSError, ValueError):
+        return False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from typing import Any, ClassVar
@@ -23,12 +24,17 @@ from PIL import Image
 # they stay importable from here
 from attnzoo._placement import parameter_dtype, resolve_device, resolve_dtype
 from attnzoo._values import check_worker_count, whole_number
-from attnzoo.errors import InvalidInputError, InvalidOptionError
+from attnzoo.datasets.images import FileContents, file_contents, is_file_object
+from attnzoo.errors import DatasetFormatError, InvalidInputError, InvalidOptionError
+
+#: What a bad input raises while it is read: set aside with ``on_error="skip"`` (a file that does not read as
+#: what it claims to be, e.g. a corrupt feature file or slide, is a :class:`DatasetFormatError`).
+INPUT_ERRORS: tuple[type[InvalidInputError] | type[DatasetFormatError], ...] = (InvalidInputError, DatasetFormatError)
 
 
 def is_single_input(inputs: Any) -> bool:
-    """One image (path, PIL, HxW[xC] array, CxHxW tensor) versus a batch of them."""
-    if isinstance(inputs, (str, bytes, os.PathLike, Image.Image, dict)):
+    """One image (path, binary file object, PIL, HxW[xC] array, CxHxW tensor) versus a batch of them."""
+    if isinstance(inputs, (str, bytes, os.PathLike, Image.Image, dict)) or is_file_object(inputs):
         return True
     if isinstance(inputs, (np.ndarray, torch.Tensor)):
         return inputs.ndim < 4
@@ -44,10 +50,10 @@ class _Preprocessed(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.inputs)
 
-    def __getitem__(self, i: int) -> tuple[int, dict | None, InvalidInputError | None]:
+    def __getitem__(self, i: int) -> tuple[int, dict | None, Exception | None]:
         try:
             return self.offset + i, self.fn(self.inputs[i]), None
-        except InvalidInputError as err:
+        except INPUT_ERRORS as err:  # handed back as a value, so a DataLoader worker does not wrap it either
             return self.offset + i, None, err
 
 
@@ -76,6 +82,11 @@ class Pipeline:
     #: every other key of a sample, as None, so that a batch collates); for any other input, None under it.
     #: The batches must then be dicts of per-sample sequences (:func:`list_collate`). None: no such inputs.
     prepared_here_key: ClassVar[str | None] = None
+    #: Binary file objects in a list of inputs (and in the call keywords that go with each input, as
+    #: ``subject=open(...)``) are read here, each once, to a picklable :class:`~attnzoo.datasets.images.FileContents`
+    #: that DataLoader workers decode: forked workers would share an open file's one position, and a spawned one
+    #: cannot be sent an open file. False: kept unread, as their type and name (a task that refuses them by name).
+    reads_file_objects: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -87,6 +98,7 @@ class Pipeline:
         num_workers: int = 0,
         **kwargs: Any,
     ):
+        check_model_object(model)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
@@ -147,7 +159,7 @@ class Pipeline:
     def prepare_here(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """``(marked, num_workers, **params)``: one input marked under :attr:`prepared_here_key` (``marked``: the
         value there) as its sample, in the calling process, with this call's preprocess parameters;
-        ``num_workers``: the call's DataLoader workers (idle meanwhile). An ``InvalidInputError`` sets the input
+        ``num_workers``: the call's DataLoader workers (idle meanwhile). One of :data:`INPUT_ERRORS` sets the input
         aside, as one raised in a worker does."""
         raise NotImplementedError
 
@@ -213,6 +225,8 @@ class Pipeline:
         fields = {name: value for name, value in fields.items() if value is not None}
         if fields:
             inputs = self._with_fields(list(inputs), fields)
+        if isinstance(inputs, (list, tuple)):  # (a generator is read here, item by item; a dataset's items are its own)
+            inputs = _read_file_objects(inputs, self.reads_file_objects)
         batch_size = _positive_int("batch_size", self.batch_size if batch_size is None else batch_size)
         num_workers = _non_negative_int("num_workers", self.num_workers if num_workers is None else num_workers)
         pre, fwd, post = self._merged_parameters(kwargs)
@@ -244,7 +258,7 @@ class Pipeline:
             if marked is not None:
                 try:
                     sample = self.prepare_here(marked, num_workers, **params)
-                except InvalidInputError as err:
+                except INPUT_ERRORS as err:
                     errors.append((index, err))
                     continue
             kept.append(index)
@@ -285,6 +299,73 @@ class Pipeline:
             dataset = _Preprocessed(chunk, fn, offset)
             yield split([dataset[i] for i in range(len(chunk))])
             offset += len(chunk)
+
+
+def _read_file_objects(inputs: list[Any] | tuple[Any, ...], read: bool = True) -> list[Any] | tuple[Any, ...]:
+    """``inputs`` with each binary file object in them (an input, an input's views, a value of a dict item) as its
+    :class:`~attnzoo.datasets.images.FileContents` (``read``: with its bytes), each file read once however often
+    it is given; ``inputs`` itself when none is there."""
+    seen: dict[int, tuple[Any, FileContents]] = {}  # by id, holding the file so that its id is not reused meanwhile
+
+    def walk(value: Any, depth: int) -> Any:
+        if is_file_object(value):
+            if id(value) not in seen:
+                seen[id(value)] = (value, file_contents(value, read=read))
+            return seen[id(value)][1]
+        if depth >= _FILE_OBJECT_DEPTH:
+            return value
+        if type(value) in (list, tuple):
+            items = [walk(item, depth + 1) for item in value]
+            return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
+        if type(value) is dict:
+            row = {key: walk(item, depth + 1) for key, item in value.items()}
+            return value if all(row[key] is item for key, item in value.items()) else row
+        return value
+
+    return walk(inputs, 0)
+
+
+#: How deep in the inputs file objects are looked for: the list, an input (a dict item, an object's views), a
+#: field's value, a list in it (a field holding one file per view).
+_FILE_OBJECT_DEPTH = 4
+
+
+def check_model_object(model: Any) -> None:
+    """``model`` as a model object a pipeline can place: a ``torch.nn.Module``, a wrapper with callable ``.to`` and
+    ``.eval`` (attnzoo's LVLMCheckpoint, NevaClip, FluxFillModel) or a diffusers pipeline (subject insertion wraps
+    it); else an :class:`InvalidOptionError` saying what ``model=`` takes (a state dict, a path, a number would
+    fail on ``.to``, a tensor on ``.eval``)."""
+    if _is_model_object(model):
+        return
+    takes = "model= takes a model name (see 'attnzoo models') or a model object (a torch.nn.Module)"
+    if isinstance(model, type):
+        raise InvalidOptionError(f"{takes}; got the class {model.__name__}: build the model first")
+    if isinstance(model, torch.Tensor):
+        raise InvalidOptionError(
+            f"{takes}; got a tensor of shape {tuple(model.shape)}: a tensor holds weights or data, not a model "
+            "(weights go in weights=, beside the model's name)"
+        )
+    if isinstance(model, Mapping):
+        raise InvalidOptionError(
+            f"{takes}; got a mapping ({type(model).__name__}): a state dict goes in weights=, beside the model's "
+            "name (or load it into your model object first)"
+        )
+    shown = repr(model)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    raise InvalidOptionError(f"{takes}; got {type(model).__name__} {shown}")
+
+
+def _is_model_object(model: Any) -> bool:
+    if isinstance(model, type) or isinstance(model, torch.Tensor):  # a tensor has .to, and no .eval
+        return False
+    if isinstance(model, torch.nn.Module):
+        return True
+    if not callable(getattr(model, "to", None)):
+        return False
+    if callable(getattr(model, "eval", None)):
+        return True
+    diffusers = sys.modules.get("diffusers")  # imported wherever one of its pipelines was built
+    return diffusers is not None and isinstance(model, getattr(diffusers, "DiffusionPipeline", ()))
 
 
 def weights_note(label: str | None) -> str:
@@ -351,12 +432,12 @@ def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 
 
 def _split_collate(
-    items: list[tuple[int, dict | None, InvalidInputError | None]], collate: Callable[[list], Any]
-) -> tuple[list[int], Any, list[tuple[int, InvalidInputError]]]:
+    items: list[tuple[int, dict | None, Exception | None]], collate: Callable[[list], Any]
+) -> tuple[list[int], Any, list[tuple[int, Exception]]]:
     """Set failed inputs aside and collate the rest (runs inside DataLoader workers)."""
     indices: list[int] = []
     samples: list[dict | None] = []
-    errors: list[tuple[int, InvalidInputError]] = []
+    errors: list[tuple[int, Exception]] = []
     for index, sample, err in items:
         if err is not None:
             errors.append((index, err))

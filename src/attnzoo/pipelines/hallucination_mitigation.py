@@ -47,8 +47,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from attnzoo._values import comma_items, nonblank_text, whole_number
-from attnzoo.errors import AttnzooError, InvalidInputError, InvalidOptionError, OfflineError, WeightsError
+from attnzoo._values import comma_items, nonblank_text, refuse_per_input_defaults, whole_number
+from attnzoo.errors import AttnzooError, InvalidInputError, InvalidOptionError, OfflineError, WeightsError, close_names
 from attnzoo.pipelines.base import Pipeline, generator_seed, list_collate, weights_note
 
 __all__ = [
@@ -396,7 +396,11 @@ class HallucinationMitigationPipeline(Pipeline):
     def accepts(cls, model: Any) -> bool:
         from attnzoo.multimodal.hallucination.models import LVLMCheckpoint
 
-        return isinstance(model, (LVLMCheckpoint, torch.nn.Module))
+        # a transformers model (its config names its family; an unsupported one is refused naming the families);
+        # a model without a config (a timm classifier) is no LVLM, so attnzoo.pipeline says what it is a model for
+        return isinstance(model, LVLMCheckpoint) or (
+            isinstance(model, torch.nn.Module) and getattr(model, "config", None) is not None
+        )
 
     def __init__(
         self,
@@ -418,6 +422,9 @@ class HallucinationMitigationPipeline(Pipeline):
 
         self._methods_cache: dict[Any, list[Any]] = {}
         self._weights_label: str | None = None
+        # before any loading: a question goes with each input, and a misspelled keyword would fail every call
+        refuse_per_input_defaults(kwargs, ("question",), "p(image, question='Is there a dog?')")
+        _check_keywords(kwargs)
         for name, value in (("attn_implementation", attn_implementation), ("revision", revision)):
             if value is not None:  # an empty one would read as "the model's own" (or transformers' default)
                 nonblank_text(value, name)
@@ -446,6 +453,8 @@ class HallucinationMitigationPipeline(Pipeline):
             super().__init__(
                 model, device=placed or device, dtype=dtype, batch_size=batch_size, num_workers=num_workers, **kwargs
             )
+        if self._defaults[1].get("method_settings"):  # settings without a method: refused now, not at every call
+            self._build_methods(self._defaults[1])
 
     @property
     def weights_label(self) -> str | None:
@@ -482,6 +491,7 @@ class HallucinationMitigationPipeline(Pipeline):
     def _checked_parameters(self, kwargs: dict[str, Any]) -> tuple[dict, dict, dict]:
         """Call keywords plus the methods' own settings, which are open-ended (each method's keywords):
         they are checked against the methods when these are built."""
+        _check_keywords(kwargs)
         named = {k: v for k, v in kwargs.items() if k in _CALL_KEYWORDS}
         extra = {k: v for k, v in kwargs.items() if k not in _CALL_KEYWORDS}
         if extra:
@@ -535,6 +545,10 @@ class HallucinationMitigationPipeline(Pipeline):
             elif "method_settings" in given:
                 out["method_settings"] = {**default.get("method_settings", {}), **given["method_settings"]}
             merged.append(out)
+        if merged[1].get("method") is not None or merged[1].get("method_settings"):
+            self._build_methods(
+                merged[1]
+            )  # the call's settings with the constructor's method: before any image is read
         return merged[0], merged[1], merged[2]
 
     def _build_methods(self, given: Mapping[str, Any]) -> list[Any]:
@@ -995,6 +1009,32 @@ def _method_settings(value: Any) -> dict[str, Any]:
             f"method_settings must map setting names to values, e.g. {{'alpha': 1.0}}; got {value!r}"
         )
     return dict(value)
+
+
+def _check_keywords(kwargs: Mapping[str, Any]) -> None:
+    """Refuse a keyword that is neither a setting of the pipeline nor one of any registered method's (a method's
+    setting that the chosen methods do not take is said by :func:`build_methods`, which knows them), naming the
+    close ones: otherwise it would be read as a method setting and refused as one that no method takes, or, in a
+    call without a question, hidden behind "question= is required"."""
+    from attnzoo.multimodal.hallucination.methods import METHODS
+
+    extra = [k for k in kwargs if k not in _CALL_KEYWORDS]
+    if isinstance(kwargs.get("method_settings"), Mapping):
+        extra += [k for k in kwargs["method_settings"] if isinstance(k, str)]
+    if not extra:
+        return
+    settings = sorted({name for entry in METHODS.values() for name in entry.settings()})
+    unknown = [k for k in extra if k not in settings]
+    if unknown:
+        known = [*_CALL_KEYWORDS, "question", *settings]
+        hints = [
+            f"{k!r} (did you mean {', '.join(close)}?)" if (close := close_names(k, known, limit=3)) else repr(k)
+            for k in unknown
+        ]
+        raise InvalidOptionError(
+            f"unknown keyword(s) {', '.join(hints)}: the pipeline takes {', '.join(_CALL_KEYWORDS)}, the inputs' "
+            f"question and seed, and the methods' settings ({', '.join(settings)})"
+        )
 
 
 def _dispatched_device(model: Any) -> torch.device | None:

@@ -7,6 +7,7 @@ the run's classes, and ``weights_label`` says where they came from."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -14,8 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from attnzoo._values import whole_number
 from attnzoo.datasets.images import is_url, load_image
-from attnzoo.errors import InvalidInputError
+from attnzoo.errors import InvalidInputError, InvalidOptionError
 from attnzoo.pipelines.base import Pipeline, weights_note
 
 
@@ -119,6 +121,13 @@ class ImageClassificationPipeline(Pipeline):
     ):
         from timm.data import create_transform, resolve_data_config
 
+        if max_pixels is not None:  # refused here, not as every file's "truncated or corrupt image"
+            max_pixels = whole_number(
+                max_pixels,
+                "max_pixels",
+                integral_floats=True,
+                why="the most pixels of an image to decode; None: the default limit",
+            )
         super().__init__(model, **kwargs)
         self.data_config = resolve_data_config(model=self.model)
         self.transform = create_transform(**self.data_config, is_training=False)
@@ -126,7 +135,14 @@ class ImageClassificationPipeline(Pipeline):
         self.max_pixels = max_pixels
         cfg = getattr(self.model, "pretrained_cfg", None) or {}
         self.title = str(cfg.get("checkpoint") or cfg.get("architecture") or type(self.model).__name__)
-        self.labels = list(labels) if labels is not None else model_labels(self.model)
+        if isinstance(labels, Mapping):  # iterating it would give its keys: {0: "cat"} labelled the class "0"
+            raise InvalidOptionError(
+                f"labels must be a list of class names in class order (labels[i] names class i), got a "
+                f"{type(labels).__name__}: pass the names as a list, e.g. [labels[i] for i in sorted(labels)]"
+            )
+        if labels is not None and (isinstance(labels, (str, bytes)) or not isinstance(labels, Iterable)):
+            raise InvalidOptionError(f"labels must be a list of class names, got {labels!r}")
+        self.labels = [str(label) for label in labels] if labels is not None else model_labels(self.model)
         num_classes = int(getattr(self.model, "num_classes", len(self.labels)) or len(self.labels))
         if len(self.labels) != num_classes:
             raise InvalidInputError(f"labels has {len(self.labels)} names but the model predicts {num_classes} classes")

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from attnzoo.datasets.images import load_image
-from attnzoo.errors import InvalidInputError
+from attnzoo.datasets.images import is_file_object, load_image
+from attnzoo.errors import InvalidInputError, InvalidOptionError
 from attnzoo.pipelines.base import Pipeline, list_collate, weights_note
 
 __all__ = ["MultiViewReconstructionPipeline", "Occupancy", "preprocess_views"]
@@ -197,9 +197,7 @@ def preprocess_views(
 
     Feed ``model(preprocess_views(views)[None])``.
     """
-    order = str(colour_order).lower() if isinstance(colour_order, str) else colour_order
-    if order not in ("bgr", "rgb"):
-        raise InvalidInputError(f"colour_order must be 'bgr' or 'rgb', got {colour_order!r}")
+    order = _colour_order(colour_order, InvalidInputError)
     bg = _background(background)
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise InvalidInputError(f"size must be a positive int, got {size!r}")
@@ -221,7 +219,9 @@ def preprocess_views(
     return torch.stack(out)
 
 
-def _background(background: int | Sequence[int] | None) -> tuple[float, float, float] | None:
+def _background(
+    background: int | Sequence[int] | None, error: type[InvalidInputError] = InvalidInputError
+) -> tuple[float, float, float] | None:
     if background is None:
         return None
     values = (
@@ -235,11 +235,17 @@ def _background(background: int | Sequence[int] | None) -> tuple[float, float, f
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise InvalidInputError(
-            f"background must be an int 0-255, an (r, g, b) triple of them, or None, got {background!r}"
-        )
+        raise error(f"background must be an int 0-255, an (r, g, b) triple of them, or None, got {background!r}")
     # float64 division then float32, as the official loader (np.array([[[r, g, b]]]) / 255.)
     return tuple(float(np.float32(v / 255.0)) for v in rgb)  # type: ignore[return-value]
+
+
+def _colour_order(value: Any, error: type[InvalidInputError]) -> str:
+    """``"bgr"`` or ``"rgb"``, in any case (a checkpoint's config writes ``"RGB"``)."""
+    order = value.lower() if isinstance(value, str) else None
+    if order not in ("bgr", "rgb"):
+        raise error(f"colour_order must be 'bgr' or 'rgb' (any case), got {value!r}")
+    return order
 
 
 def _linear_resize_matrix(n_in: int, n_out: int) -> torch.Tensor:
@@ -278,37 +284,48 @@ def _process_one(
     return (colour * 2 - 1).contiguous()
 
 
+#: ``background``'s "not given" (None is a value: keep the pixels, as for :func:`preprocess_views`).
+_NOT_GIVEN: Any = object()
+
+
 class MultiViewReconstructionPipeline(Pipeline):
     """One input is a list of images of one object (paths, PIL images or arrays; any number of
     views); a list of such lists is a batch. Preprocessing is the official one (centre crop
-    128/137, 224 px, background 240, BGR unless ``colour_order="rgb"``)."""
+    128/137, 224 px, background 240, BGR unless ``colour_order="rgb"``). Settings (constructor or
+    call): ``threshold`` (0.3), ``colour_order`` ("bgr" or "rgb", any case) and ``background`` (240;
+    an int or an (r, g, b) triple 0-255, or None: transparent pixels keep their colour), as
+    :func:`preprocess_views` takes them."""
 
     task = "multiview-3d-reconstruction"
 
     def _sanitize_parameters(
-        self, threshold: float | None = None, colour_order: str | None = None, background: int | None = None
+        self,
+        threshold: float | None = None,
+        colour_order: str | None = None,
+        background: int | Sequence[int] | None = _NOT_GIVEN,
     ) -> tuple[dict, dict, dict]:
         pre: dict[str, Any] = {}
         post: dict[str, Any] = {}
         if colour_order is not None:
-            if not isinstance(colour_order, str) or colour_order not in ("bgr", "rgb"):
-                raise InvalidInputError(f"colour_order must be 'bgr' or 'rgb', got {colour_order!r}")
-            pre["colour_order"] = colour_order
-        if background is not None:
+            pre["colour_order"] = _colour_order(colour_order, InvalidOptionError)
+        if background is not _NOT_GIVEN:
+            _background(background, InvalidOptionError)  # refused here: at construction, or before any view is read
             pre["background"] = background
         if threshold is not None:
             number = isinstance(threshold, (int, float, np.integer, np.floating)) and not isinstance(
                 threshold, (bool, np.bool_)
             )
             if not number or not 0.0 < threshold < 1.0:
-                raise InvalidInputError(f"threshold must be a number in (0, 1), got {threshold!r}")
+                raise InvalidOptionError(f"threshold must be a number in (0, 1), got {threshold!r}")
             post["threshold"] = float(threshold)
         return pre, {}, post
 
     def is_single(self, inputs: Any) -> bool:
         return _is_one_object(inputs)
 
-    def preprocess(self, views: Sequence[Any], colour_order: str = "bgr", background: int = 240) -> dict[str, Any]:
+    def preprocess(
+        self, views: Sequence[Any], colour_order: str = "bgr", background: int | Sequence[int] | None = 240
+    ) -> dict[str, Any]:
         if isinstance(views, (np.ndarray, torch.Tensor)):
             views = list(views)
         if isinstance(views, (str, bytes, os.PathLike)) or not isinstance(views, Sequence) or len(views) == 0:
@@ -346,8 +363,8 @@ def _is_one_object(inputs: Any) -> bool:
     array is one object's views; any other iterable (a generator) is a batch of objects."""
     if isinstance(inputs, (np.ndarray, torch.Tensor)):
         return inputs.ndim <= 4
-    if isinstance(inputs, (str, bytes, os.PathLike, Image.Image, Mapping)):
-        return True
+    if isinstance(inputs, (str, bytes, os.PathLike, Image.Image, Mapping)) or is_file_object(inputs):
+        return True  # (a lone file object is one object too, refused as such: not a batch of its lines)
     if isinstance(inputs, Sequence):
         if not inputs:
             return True

@@ -22,7 +22,7 @@ Batches run as one tensor program; with NevaClip each image's scanpath is the on
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from attnzoo._values import whole_number
+from attnzoo._values import flag, refuse_per_input_defaults, whole_number
 from attnzoo.errors import InvalidInputError
-from attnzoo.pipelines.base import Pipeline, is_single_input, list_collate, weights_note
+from attnzoo.pipelines.base import Pipeline, generator_seed, is_single_input, list_collate, weights_note
 
 __all__ = ["NevaClipScanpathPipeline", "OATScanpathPipeline", "Scanpath", "run_decoding"]
 
@@ -60,7 +60,8 @@ class Scanpath:
     losses: np.ndarray | None = field(default=None, repr=False)
     """NevaClip: ``1 - cos`` between the foveated image and the target at each fixation."""
     image: Any = field(default=None, repr=False)
-    """The input image (path or PIL image) for :meth:`plot`."""
+    """The input image for :meth:`plot`: as given (a path, a PIL image), a file object as the
+    :class:`~attnzoo.datasets.images.FileContents` read from it."""
     weights: str | None = None
     """What the model's weights were (``"random (seed 0)"``, a checkpoint; None when not known)."""
 
@@ -185,14 +186,6 @@ def _record_image(item: Any) -> Any:
     return getattr(item, "image_path", item)
 
 
-def _check_seed(seed: Any) -> None:
-    """What ``torch.Generator.manual_seed`` takes: an integer in [-2**63, 2**64)."""
-    if seed is not None and (
-        isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not -(2**63) <= seed < 2**64
-    ):
-        raise InvalidInputError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
-
-
 #: NevaClip's search settings (checked before a named model loads, as they need no model).
 _SEARCH_SETTINGS = ("fixations", "iterations", "lr", "random_restarts", "forgetting")
 
@@ -211,6 +204,7 @@ class NevaClipScanpathPipeline(Pipeline):
 
     task = "scanpath"
     input_fields = ("caption", "target")
+    field_depths = {"target": 1}  # one embedding [D] (a list of D numbers too) is the target of every image
     needs_grad = True  # the fixation search follows the gradient of CLIP's similarity
     collate = staticmethod(list_collate)
 
@@ -221,11 +215,19 @@ class NevaClipScanpathPipeline(Pipeline):
         return isinstance(model, NevaClip)
 
     def __init__(self, model: Any, *, batch_size: int = 8, **kwargs: Any):
+        refuse_per_input_defaults(kwargs, self.input_fields, "p(image, caption='...') or p(image, target=embedding)")
         model.visual  # load a named CLIP now: a missing download fails here, not at the first image  # noqa: B018
         super().__init__(model, batch_size=batch_size, **kwargs)
 
     def is_single(self, inputs: Any) -> bool:
         return is_single_input(inputs) or hasattr(inputs, "image_path")
+
+    def iterate(self, inputs: Any, **kwargs: Any) -> Iterator[tuple[int, Any]]:
+        """The base's; a ``target=`` array ``[N, D]`` gives its rows to the N inputs, as a tensor's do."""
+        target = kwargs.get("target")
+        if isinstance(target, np.ndarray) and target.ndim == 2 and target.dtype.kind in "fiu":
+            kwargs["target"] = torch.from_numpy(np.ascontiguousarray(target))
+        return super().iterate(inputs, **kwargs)
 
     @classmethod
     def check_settings(cls, settings: Mapping[str, Any]) -> None:
@@ -252,12 +254,11 @@ class NevaClipScanpathPipeline(Pipeline):
         given = check_search_settings(
             {k: v for k, v in search.items() if v is not None}
         )  # refused here: at construction, or before any image is read
-        _check_seed(seed)
-        for name, flag in (("truncate", truncate), ("progress", progress)):
-            if flag is not None and not isinstance(flag, (bool, np.bool_)):
-                raise InvalidInputError(f"{name} must be True or False, got {flag!r}")
+        for name, value in (("truncate", truncate), ("progress", progress)):
+            if value is not None:  # None: not given (the search's own default)
+                flag(value, name, error=InvalidInputError)
         if seed is not None:
-            given["seed"] = int(seed)
+            given["seed"] = generator_seed(seed)
         if progress is not None:
             given["progress"] = bool(progress)
         truncated = {"truncate": bool(truncate)} if truncate is not None else {}
@@ -357,6 +358,7 @@ class OATScanpathPipeline(Pipeline):
         return model
 
     def __init__(self, model: Any, *, batch_size: int = 8, **kwargs: Any):
+        refuse_per_input_defaults(kwargs, self.input_fields, "p(shelf, boxes=..., target=...)")
         super().__init__(model, batch_size=batch_size, **kwargs)
 
     def is_single(self, inputs: Any) -> bool:
@@ -377,7 +379,8 @@ class OATScanpathPipeline(Pipeline):
             from attnzoo.vision.oat_decoding import check_max_len
 
             check_max_len(max_len, self.model)
-        _check_seed(seed)
+        if seed is not None:
+            seed = generator_seed(seed)
         given = {
             k: v
             for k, v in dict(strategy=strategy, num_samples=num_samples, max_len=max_len, seed=seed).items()

@@ -15,14 +15,16 @@ and the docs page); the result records which ran.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import logging
 import math
 import os
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from attnzoo._values import real_number, whole_number
+from attnzoo._values import real_number, refuse_per_input_defaults, whole_number
 from attnzoo.errors import InvalidInputError, InvalidOptionError
 from attnzoo.pipelines.base import Pipeline, generator_seed, list_collate, weights_note
 
@@ -351,13 +353,16 @@ class SubjectInsertionPipeline(Pipeline):
         from attnzoo.multimodal.insertion.flux import FluxFillModel, _offload
         from attnzoo.pipelines.base import resolve_device, resolve_dtype
 
+        fields = [name for name in self.input_fields if name not in _named_settings(self._sanitize_parameters)]
+        refuse_per_input_defaults(kwargs, fields, "p(target, subject=..., mask=..., prompt='...')")
         model = model if isinstance(model, FluxFillModel) else FluxFillModel(model)
-        if cpu_offload and not model.offloaded:
-            if dtype is not None:  # cast first, where the weights are: the offload hooks then move the cast weights
-                model.to(dtype=resolve_dtype(dtype))
-            _offload(model, resolve_device(device))
-        self.segmenter = segmenter
-        super().__init__(model, device=device, dtype=dtype, batch_size=batch_size, **kwargs)
+        with without_empty_float32_warning():
+            if cpu_offload and not model.offloaded:
+                if dtype is not None:  # cast first, where the weights are: the offload hooks then move the cast weights
+                    model.to(dtype=resolve_dtype(dtype))
+                _offload(model, resolve_device(device))
+            self.segmenter = segmenter
+            super().__init__(model, device=device, dtype=dtype, batch_size=batch_size, **kwargs)
 
     def __call__(self, inputs: Any = None, **kwargs: Any) -> Any:
         """``p(target, ...)`` or ``p(target=..., ...)``."""
@@ -705,6 +710,32 @@ def attention_settings(given: dict[str, Any]) -> Any:
         raise
     except InvalidInputError as err:
         raise InvalidOptionError(str(err)) from None
+
+
+def _named_settings(fn: Callable[..., Any]) -> set[str]:
+    return set(inspect.signature(fn).parameters)
+
+
+class _EmptyFloat32ListFilter(logging.Filter):
+    """Drops diffusers' "There are modules in X that should be kept in float32: []" warning: ``ModelMixin.to``
+    gives it on every cast to another dtype, also when the list of such modules is empty (FLUX's transformer
+    and VAE keep none), so it says nothing; the warning naming modules, and every other one, pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("There are modules in ") and "should be kept in float32: []." in message)
+
+
+@contextlib.contextmanager
+def without_empty_float32_warning() -> Iterator[None]:
+    """Within the block, diffusers' empty "should be kept in float32: []" warning is not shown."""
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    quiet = _EmptyFloat32ListFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _seed(value: Any) -> int:

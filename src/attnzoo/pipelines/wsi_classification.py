@@ -15,6 +15,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import re
 import tempfile
 import threading
 import weakref
@@ -28,6 +29,7 @@ import torch
 from PIL import Image
 
 from attnzoo._distributed import ProcessLocalLock
+from attnzoo._values import flag
 from attnzoo.errors import InvalidInputError
 from attnzoo.pipelines.base import Pipeline, list_collate, weights_note
 
@@ -92,8 +94,18 @@ class SlidePrediction:
         return f"{self.label} ({self.probabilities.max():.1%}, {_patches(len(self.attention))}{note})"
 
     def plot(self, size: int = 1024, slide: Any = None) -> Image.Image:
-        """The attention heatmap (:meth:`heatmap`)."""
-        return self.heatmap(size, slide)
+        """The attention heatmap (:meth:`heatmap`); features without patch coordinates (a bare tensor or ``.pt``
+        bag) get their patches drawn in file order, row by row on a square grid, as the title says, so that every
+        result has a picture (``attnzoo run`` writes one per input)."""
+        if self.coords is not None:
+            return self.heatmap(size, slide)
+        from attnzoo.viz.wsi import plot_attention_heatmap
+
+        index = np.arange(len(self.attention))
+        columns = max(1, int(np.ceil(np.sqrt(len(index)))))
+        grid = np.stack([index % columns, index // columns], axis=1)
+        title = f"{self._title()}; no patch coordinates: patches in file order, row by row"
+        return plot_attention_heatmap(self.attention, grid, 1, size=size, title=title, note=self._note())
 
     def heatmap(self, size: int = 1024, slide: Any = None) -> Image.Image:
         """The attention over the slide thumbnail (over a blank canvas when the slide is not at hand),
@@ -101,7 +113,10 @@ class SlidePrediction:
         from attnzoo.viz.wsi import plot_attention_heatmap
 
         if self.coords is None:
-            raise InvalidInputError("these features carry no patch coordinates: no heatmap can be drawn")
+            raise InvalidInputError(
+                "these features carry no patch coordinates: no heatmap can be drawn (plot() shows the attention "
+                "in file order)"
+            )
         source = slide if slide is not None else self.slide_path
         thumbnail, dims = None, None
         if source is not None and not str(source).lower().endswith(FEATURE_SUFFIXES):
@@ -109,12 +124,6 @@ class SlidePrediction:
 
             with open_slide(source) if isinstance(source, (str, os.PathLike)) else contextlib.nullcontext(source) as s:
                 thumbnail, dims = s.thumbnail((size, size)), s.dimensions
-        name = f"{Path(self.slide_path).name}: " if self.slide_path else ""
-        note = ""
-        if weights_note(self.weights):
-            note = "random weights: the class and the attention are meaningless"
-        elif self.random_encoder:
-            note = "random weights (patch encoder): the class and the attention are meaningless"
         return plot_attention_heatmap(
             self.attention,
             self.coords,
@@ -122,9 +131,21 @@ class SlidePrediction:
             thumbnail=thumbnail,
             dimensions=dims,
             size=size,
-            title=f"{name}{self.label} ({self.probabilities.max():.1%}), {_patches(len(self.attention))}",
-            note=note,
+            title=self._title(),
+            note=self._note(),
         )
+
+    def _title(self) -> str:
+        name = f"{Path(self.slide_path).name}: " if self.slide_path else ""
+        return f"{name}{self.label} ({self.probabilities.max():.1%}), {_patches(len(self.attention))}"
+
+    def _note(self) -> str:
+        """The red line under the title: what made the prediction meaningless, if anything."""
+        if weights_note(self.weights):
+            return "random weights: the class and the attention are meaningless"
+        if self.random_encoder:
+            return "random weights (patch encoder): the class and the attention are meaningless"
+        return ""
 
 
 def _patches(count: int) -> str:
@@ -157,6 +178,7 @@ class WSIClassificationPipeline(Pipeline):
     default_model = "acmil_ga"
     collate = staticmethod(list_collate)
     prepared_here_key = _TO_EMBED
+    reads_file_objects = False  # refused by name (slides and feature files are read by path): not read first
 
     def __init__(self, model: torch.nn.Module, **kwargs: Any):
         self._encoders: dict[Any, tuple[torch.nn.Module, str, str, Any]] = {}
@@ -179,9 +201,11 @@ class WSIClassificationPipeline(Pipeline):
         return Path(self._temporary_dir.name)
 
     def is_single(self, inputs: Any) -> bool:
-        """A slide, feature file, bag, tensor or array is one input; a list or any other iterable (a generator)
-        is a batch of them."""
-        if isinstance(inputs, (str, bytes, os.PathLike, torch.Tensor, np.ndarray, Mapping)):
+        """A slide, feature file, bag, tensor or array is one input (a file object too, to be refused as one); a
+        list or any other iterable (a generator) is a batch of them."""
+        from attnzoo.datasets.images import is_file_object
+
+        if isinstance(inputs, (str, bytes, os.PathLike, torch.Tensor, np.ndarray, Mapping)) or is_file_object(inputs):
             return True
         return not isinstance(inputs, Iterable)
 
@@ -249,9 +273,9 @@ class WSIClassificationPipeline(Pipeline):
                 raise InvalidInputError(f"feature_dir={os.fspath(feature_dir)!r} is a file; give a folder")
             pre["feature_dir"] = Path(feature_dir)
         if progress is not None:
-            if not isinstance(progress, bool):
-                raise InvalidInputError(f"progress must be True, False or None (on a terminal), got {progress!r}")
-            pre["progress"] = progress
+            pre["progress"] = flag(
+                progress, "progress", allow_none=True, none_means="on a terminal", error=InvalidInputError
+            )
         post = {} if labels is None else {"labels": self._checked_labels(labels)}
         return pre, {}, post
 
@@ -293,7 +317,7 @@ class WSIClassificationPipeline(Pipeline):
         elif isinstance(source, FeatureBag):
             name, raw, raw_coords = source.slide_id, source.features, source.coords
         elif isinstance(source, (str, os.PathLike)):
-            path = Path(source)
+            path = _local_path(source)
             if _slide_to_embed(path) is None:
                 feature_file = path
             else:
@@ -322,6 +346,13 @@ class WSIClassificationPipeline(Pipeline):
             bag = next(iter(bags.values()))
             name, raw, raw_coords = bag.slide_id, bag.features, bag.coords
         else:
+            from attnzoo.datasets.images import describe, is_file_object
+
+            if is_file_object(source):
+                raise InvalidInputError(
+                    f"{describe(source)}: a file object cannot be classified (slides and feature files are read by "
+                    "path): pass the file's path"
+                )
             raise InvalidInputError(
                 f"cannot classify a {type(source).__name__}: pass a slide path, a feature file, a FeatureBag or a tensor"
             )
@@ -349,7 +380,7 @@ class WSIClassificationPipeline(Pipeline):
 
     def _read(self, source: Any, **settings: Any) -> dict[str, Any]:
         if isinstance(source, (str, os.PathLike)):
-            slide = _slide_to_embed(Path(source))
+            slide = _slide_to_embed(_local_path(source))
             if slide is not None:  # the keys of every sample, so a batch of slides and bags collates
                 return {**dict.fromkeys(_SAMPLE_KEYS), _TO_EMBED: slide}
         return {**self.preprocess(source, **settings), _TO_EMBED: None}
@@ -461,6 +492,22 @@ class WSIClassificationPipeline(Pipeline):
             outputs["encoder"],
             outputs["random_encoder"],
         )
+
+
+#: A URL's scheme (``https://``, ``s3://``, ``file://``): what no local path begins with.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _local_path(source: str | os.PathLike) -> Path:
+    """``source`` as a local path; a URL is a typed error (``Path`` would fold its ``//`` into a path that does
+    not exist): a slide is gigabytes, so it is not downloaded as an image would be."""
+    text = os.fsdecode(source)
+    if _URL.match(text):
+        raise InvalidInputError(
+            f"{text}: a URL; slides and feature files are read from local paths only (a whole slide is gigabytes, "
+            "not fetched on the fly): download it first and pass its path"
+        )
+    return Path(text)
 
 
 def _slide_to_embed(path: Path) -> Path | None:

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from attnzoo._distributed import DistributedContext, distributed_context
 from attnzoo._io import atomic_write, check_output_folder, read_csv_rows, write_text
+from attnzoo._values import flag
 from attnzoo.datasets.wsi import import_wsi_dependency, slide_id
 from attnzoo.errors import AttnzooError, DatasetFormatError, InvalidInputError, InvalidOptionError
 from attnzoo.pipelines.base import resolve_device
@@ -298,6 +299,7 @@ def extract_cohort(
         raise InvalidInputError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if overwrite not in (False, True, "stale"):
         raise InvalidInputError(f"overwrite must be False, True or 'stale', got {overwrite!r}")
+    progress = flag(progress, "progress", allow_none=True, none_means="on a terminal", error=InvalidInputError)
     import_wsi_dependency("h5py")
     settings = _check_extract_kwargs(extract_kwargs)  # a wrong setting fails here, not once per slide
     out = check_output_folder(out_dir, "the output folder", InvalidInputError)

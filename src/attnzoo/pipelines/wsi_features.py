@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from attnzoo import __version__
 from attnzoo._io import atomic_path, atomic_write, remove_stale_temporaries_in
-from attnzoo._values import real_number, to_real, whole_number
+from attnzoo._values import flag, real_number, to_real, whole_number
 from attnzoo.datasets.wsi import (
     MAX_COORDINATE,
     USUAL_PATCHING,
@@ -153,6 +153,7 @@ def extract_features(
     out_path = Path(out_path)
     if overwrite not in (False, True, "stale"):
         raise InvalidInputError(f"overwrite must be False, True or 'stale', got {overwrite!r}")
+    progress = flag(progress, "progress", allow_none=True, none_means="on a terminal", error=InvalidInputError)
     settings = check_settings(
         magnification=magnification,
         mpp=mpp,
@@ -396,8 +397,7 @@ def check_settings(
     if dtype not in ("float32", "float16"):
         raise InvalidInputError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
     min_tissue = check_min_tissue(min_tissue)
-    if not isinstance(amp, (bool, np.bool_)):  # "no" would switch autocast on
-        raise InvalidInputError(f"amp must be True or False, got {amp!r}")
+    amp = flag(amp, "amp", error=InvalidInputError)  # "no" would switch autocast on
     if transform is not None and not callable(transform):
         raise InvalidInputError(f"transform must map a PIL image to a tensor, got a {type(transform).__name__}")
     if read_level not in ("auto", "base"):
@@ -467,8 +467,9 @@ def check_min_tissue(value: Any) -> float:
 
 
 def check_patch_side(name: str, value: Any) -> int:
-    """A patch side in pixels (integer-valued floats allowed), up to what one read returns (a patch is read
-    in one piece of at most ``ATTNZOO_MAX_SLIDE_PIXELS``); else an :class:`~attnzoo.errors.InvalidOptionError`."""
+    """A patch side in pixels, a whole number (``256.0`` from JSON or a command line is 256; ``2.5`` is refused), up
+    to what one read returns (a patch is read in one piece of at most ``ATTNZOO_MAX_SLIDE_PIXELS``); else an
+    :class:`~attnzoo.errors.InvalidOptionError`."""
     most = max_patch_side()
     why = f"pixels; a patch is read in one piece of at most {most}x{most}, ATTNZOO_MAX_SLIDE_PIXELS; {USUAL_PATCHING}"
     return whole_number(value, name, high=most, integral_floats=True, why=why)
@@ -550,7 +551,7 @@ def check_segment_kwargs(segment_kwargs: Mapping[str, Any] | None) -> dict[str, 
         default = defaults[key]
         low, high = _SEGMENT_RANGES.get(key, (0, math.inf))
         if isinstance(default, bool):
-            ok, kind = isinstance(value, bool), "True or False"
+            ok, kind = isinstance(value, (bool, np.bool_)), "True or False"
         else:
             integer = _is_integer(default)
             kind = f"{'an integer' if integer else 'a number'} in [{low:g}, {high:g}]"
@@ -560,10 +561,16 @@ def check_segment_kwargs(segment_kwargs: Mapping[str, Any] | None) -> dict[str, 
             )
         if not ok:
             raise InvalidInputError(f"segment_kwargs[{key!r}] must be {kind}, got {value!r}")
-    return {
-        k: v if isinstance(v, bool) or v is None else int(v) if _is_integer(defaults[k]) else float(v)
-        for k, v in segment_kwargs.items()
-    }
+    return {k: _segment_value(v, defaults[k]) for k, v in segment_kwargs.items()}
+
+
+def _segment_value(value: Any, default: Any) -> Any:
+    """A checked segment_tissue keyword as its default's type: a bool (numpy's too), None, an int or a float."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    return int(value) if _is_integer(default) else float(value)
 
 
 # ------------------------------------------------------------------------------------ internals

@@ -227,7 +227,7 @@ def get_task(task: str) -> TaskSpec:
         raise InvalidInputError(f"a task is named by a string, got {task!r}; the tasks: {', '.join(sorted(_TASKS))}")
     name = _ALIASES.get(task, task)
     if name not in _TASKS:
-        raise UnknownNameError("task", task, list(_TASKS) + list(_ALIASES))
+        raise UnknownNameError("task", task, list(_TASKS) + list(_ALIASES), choices=sorted(_TASKS))
     return _TASKS[name]
 
 
@@ -253,16 +253,31 @@ def pipeline(
 ) -> Pipeline:
     """Build the pipeline for ``task``.
 
-    ``model`` is a registered name (pretrained weights by default, as in transformers), or a model
-    object used as is. ``weights`` overrides the checkpoint (a path, URL, registered name, or
-    ``"none"`` for random initialisation). Remaining keywords go to the pipeline (its settings
-    and the defaults of its call keywords).
+    ``model`` is a registered name (pretrained weights by default, as in transformers; a ``Path`` is read as
+    the same string), or a model object used as is. ``weights`` overrides the checkpoint (a path, URL,
+    registered name, or ``"none"`` for random initialisation). With a model object, ``weights=`` a checkpoint
+    is loaded into it, and ``weights="none"`` leaves its weights untouched and only records them as random
+    (for a model you built untrained: its results and pictures then say "random weights"); ``pretrained=``
+    applies to a name only and is refused with an object. Remaining keywords go to the pipeline (its
+    settings and the defaults of its call keywords).
     """
     spec = get_task(task)
     if model is None:
         model = spec.default_model
     if model is None:
         raise InvalidInputError(f"the {spec.name} task has no default model: pass model=")
+    if isinstance(model, os.PathLike):  # a name given as a Path reads as the same string (a file: told so)
+        model = os.fsdecode(model)
+    if not isinstance(model, str):
+        from attnzoo.pipelines.base import check_model_object
+
+        check_model_object(model)
+        if pretrained is not None:
+            raise InvalidOptionError(
+                f"pretrained={pretrained!r} applies to a model given by name; a model object is used as given, its "
+                "weights untouched: load a checkpoint into it with weights=PATH, or say that it has random weights "
+                "with weights='none'"
+            )
     from attnzoo._placement import resolve_device, resolve_dtype
 
     if device is not None:  # a device or dtype that cannot work is refused before any weights are fetched
