@@ -19,12 +19,7 @@ from tests.scanpath_helpers import tiny_nevaclip, tiny_oat
 FAST = {"fixations": 2, "iterations": 1, "progress": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
