@@ -695,7 +695,7 @@ def test_run_interrupted_while_writing_leaves_results_json_naming_exactly_its_pi
     [
         (["eval", "classification", "--data", "{data}"], "_eval_task", "the predictions made so far are kept in"),
         (["train", "classification", "--data", "{data}"], "_train_task", "before the first checkpoint"),
-        (["train", "classification", "--data", "{data}"], "_train_task", "add --resume"),
+        (["train", "classification", "--data", "{data}"], "_train_task", "with --resume (without --overwrite)"),
         (["extract", "wsi-features", "{data}", "-e", "resnet18"], "extract_cohort", "the slides finished are kept"),
     ],
 )
@@ -707,7 +707,7 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, monkeypatch, caps
     out = tmp_path / "out"
 
     def work(*args, **kwargs):
-        if said == "add --resume":  # a run that saved a checkpoint before Ctrl-C
+        if "--resume" in said:  # a run that saved a checkpoint before Ctrl-C
             out.mkdir(exist_ok=True)
             (out / "checkpoint-00000010.pt").write_bytes(b"")
         raise KeyboardInterrupt
@@ -719,6 +719,38 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, monkeypatch, caps
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1 and "Traceback" not in captured.err
     assert captured.err.startswith("interrupted") and said in captured.err and str(out) in captured.err
+
+
+@pytest.mark.parametrize("kept", ["checkpoint-00000004.pt", "config.yaml"])
+def test_ctrl_c_in_train_looks_only_at_the_runs_own_folders(tmp_path, monkeypatch, capsys, kept):
+    """--out exps holding other runs (exps/old_run/): Ctrl-C before this run wrote anything said its checkpoints were
+    kept, or to --resume "the run in exps" (refused: no checkpoint there). Only --out and the slides recipe's
+    seed-<s> folders are the run's. The resume named is one that works after a run started with --overwrite too."""
+    import attnzoo.cli
+
+    out = tmp_path / "exps"
+    (out / "old_run").mkdir(parents=True)
+    (out / "old_run" / "config.yaml").write_text("seed: 0\n")
+    (out / "old_run" / "checkpoint-00000010.pt").write_bytes(b"")
+
+    def work(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(attnzoo.cli, "_train_task", work)
+    command = ["train", "classification", "--data", str(tmp_path), "--out", str(out)]
+    assert main(command) == 130
+    nothing = f"interrupted before the first checkpoint: nothing to resume; start again (with --overwrite: {out} holds"
+    assert capsys.readouterr().err.startswith(nothing)
+    (out / "seed-3").mkdir()
+    (out / "seed-3" / kept).write_bytes(b"")  # a run of several seeds: its own
+    assert main([*command, "--overwrite"]) == 130
+    resume = "rerun the same command with --resume (without --overwrite)"
+    said = (
+        f"interrupted: the checkpoints saved in {out} are kept; {resume} to continue"
+        if kept.startswith("checkpoint")
+        else f"interrupted before the first checkpoint: {resume} to start the run in {out} again from step 0"
+    )
+    assert capsys.readouterr().err == said + "\n"
 
 
 def test_a_run_name_is_one_folder_inside_out():
@@ -788,13 +820,41 @@ def test_train_resume_that_ran_the_owed_validation_says_so(tmp_path, capsys):
         (row,) = csv.DictReader(fh)  # the owed validation's, once
     best = f"best top1={float(row['eval_top1']):.3f} (higher is better)"
     assert capsys.readouterr().out.strip() == (
-        f"ran the owed validation of the last epoch; nothing left to train: the run in {out} had finished at step 1; "
-        f"{best}"
+        "ran the owed validation of epoch 0 (epochs count from 0, as in eval.csv); nothing left to train: the run in "
+        f"{out} had finished at step 1; {best}"
     )
+    assert row["epoch"] == "0"
     assert (out / "best.pt").is_file()
     assert main([*command, "--resume"]) == 0  # nothing owed now: nothing done
     assert capsys.readouterr().out.strip().startswith("nothing left to train: ")
     assert main(["train", "scanpath", "--data", str(data), "--out", str(out), "--no-check-images"]) == 2  # no check
+
+
+def test_train_resume_whose_owed_validation_stops_the_run_early_says_so(tmp_path, capsys, monkeypatch):
+    """The owed validation of a middle epoch can end early stopping's patience: the line said "the owed validation
+    of the last epoch; ... had finished (it had stopped early)", as if the run had ended before this command."""
+    from attnzoo.errors import DatasetFormatError
+    from attnzoo.training import engine, latest_checkpoint
+
+    command, _, out = _tiny_train_command(tmp_path)
+    command = [*command[:-1], "epochs=3", "early_stop_patience=1"]
+    calls = []
+
+    def flat(self, epoch):  # the same top1 each time: the second validation ends the patience
+        calls.append(epoch)
+        if len(calls) == 2:
+            raise DatasetFormatError("val/class1/0.png: not an image format PIL can read")
+        return {"eval_top1": 50.0}
+
+    monkeypatch.setattr(engine.Trainer, "_evaluate", flat)
+    assert main(command) == 1 and "not an image format" in capsys.readouterr().err
+    assert main([*command, "--resume"]) == 0
+    step = torch.load(latest_checkpoint(out), weights_only=True)["step"]
+    assert calls == [0, 1, 1] and step == 2  # epoch 1's validation ran again; epoch 2 never trained
+    assert capsys.readouterr().out.strip() == (
+        f"ran the owed validation of epoch 1 (epochs count from 0, as in eval.csv); the run in {out} stopped early "
+        f"after it, at step {step}; best top1=50.000 (higher is better)"
+    )
 
 
 def test_train_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_from_step_0(
@@ -813,9 +873,9 @@ def test_train_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_fro
         patch.setattr(classification._ClassificationLoss, "__call__", interrupted)
         assert main(command) == 130
     err = capsys.readouterr().err.strip()
-    assert (
-        err
-        == f"interrupted before the first checkpoint: add --resume to the same command to start the run in {out} again from step 0"
+    assert err == (
+        "interrupted before the first checkpoint: rerun the same command with --resume (without --overwrite) to "
+        f"start the run in {out} again from step 0"
     )
     assert (out / "config.yaml").is_file() and not list(out.glob("checkpoint-*.pt"))
     with caplog.at_level("WARNING", logger="attnzoo.training.engine"):
@@ -886,3 +946,17 @@ def test_train_lists_and_takes_only_the_tasks_own_recipes(tmp_path, capsys):
             else:
                 with pytest.raises(InvalidOptionError, match=f"is for {CONFIG_TASKS[name]}"):
                     recipe_config(name, [], module.RECIPE_DEFAULTS, task)
+
+
+def test_the_steps_a_resume_starts_from_are_the_runs_own_not_another_runs_in_a_subfolder(tmp_path):
+    """The summary's "trained N more steps" counted the checkpoints of every subfolder of --out (an earlier run kept
+    in exps/old_run), not only the run's own and its seed-<s> folders."""
+    from attnzoo.cli import _saved_steps
+
+    (tmp_path / "old_run").mkdir()
+    (tmp_path / "old_run" / "checkpoint-00000999.pt").write_bytes(b"")
+    (tmp_path / "seed-1").mkdir()
+    (tmp_path / "seed-1" / "checkpoint-00000007.pt").write_bytes(b"")
+    (tmp_path / "checkpoint-00000003.pt").write_bytes(b"")
+    (tmp_path / "checkpoint-00000005.pt").write_bytes(b"")
+    assert _saved_steps(tmp_path) == 5 + 7

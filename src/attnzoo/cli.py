@@ -125,12 +125,16 @@ def _interrupted_line(command: str, out: Path | None) -> str:
         return f"interrupted: the predictions made so far are kept in {out}; run the same command again to resume"
     if command == "train":
         from attnzoo.training.engine import CHECKPOINT_RE
+        from attnzoo.training.wsi import seed_folders
 
-        folders = [out, *(p for p in out.iterdir() if p.is_dir())] if out is not None and out.is_dir() else []
+        # the run's own folders: --out and the slides recipe's seed-<s> folders (not any other run kept inside)
+        folders = [out, *seed_folders(out).values()] if out is not None and out.is_dir() else []
+        # _interrupted_line does not see --overwrite: a run it started resumes without it (the two exclude each other)
+        resume = "rerun the same command with --resume (without --overwrite)"
         if any(CHECKPOINT_RE.fullmatch(f.name) for folder in folders for f in folder.iterdir()):
-            return f"interrupted: the checkpoints saved in {out} are kept; add --resume to the same command to continue"
+            return f"interrupted: the checkpoints saved in {out} are kept; {resume} to continue"
         if any((folder / "config.yaml").is_file() for folder in folders):  # the run had started: --resume restarts it
-            return f"interrupted before the first checkpoint: add --resume to the same command to start the run in {out} again from step 0"
+            return f"interrupted before the first checkpoint: {resume} to start the run in {out} again from step 0"
         return f"interrupted before the first checkpoint: nothing to resume; start again (with --overwrite: {out} holds the run's first files)"
     return "interrupted before any input was done: nothing was written"
 
@@ -780,8 +784,9 @@ def _train_task(
 def _saved_steps(out: Path) -> int:
     """The steps the checkpoints in ``out`` (and in its seed folders) had reached: where a ``--resume`` starts."""
     from attnzoo.training.engine import CHECKPOINT_RE
+    from attnzoo.training.wsi import seed_folders
 
-    folders = [out, *(p for p in out.iterdir() if p.is_dir())] if out.is_dir() else []
+    folders = [out, *seed_folders(out).values()] if out.is_dir() else []  # not another run's subfolder
     total = 0
     for folder in folders:
         steps = [int(m.group(1)) for f in folder.iterdir() if (m := CHECKPOINT_RE.fullmatch(f.name))]
@@ -817,10 +822,19 @@ def _train_summary(result: dict[str, Any], out: Path, start: int) -> str:
     seeds = result.get("seeds")
     over = f" over {len(seeds)} seeds" if isinstance(seeds, dict) and len(seeds) > 1 else ""
     if start and step <= start:
+        # an epoch's checkpoint was written before its validation, which failed or was stopped: it ran now. Epochs
+        # count from 0, as in eval.csv and the log; the slides recipe gives them by seed
+        owed = result.get("owed_validation")
+        if isinstance(owed, dict):
+            epochs = " and ".join(f"seed {s}'s epoch {e}" for s, e in owed.items())
+            ran = f"ran the owed validation{'s' if len(owed) > 1 else ''} of {epochs}"
+        else:
+            ran = "" if owed is None else f"ran the owed validation of epoch {owed}"
+        ran += " (epochs count from 0, as in eval.csv); " if ran else ""
+        if ran and result.get("stopped_early"):  # that validation ended it: no better best_metric for long enough
+            return f"{ran}the run in {out} stopped early after it, at step {step}{over}{best}"
         why = " (it had stopped early)" if result.get("stopped_early") else ""
-        # the last epoch's checkpoint was written before its validation, which failed or was stopped: run now
-        owed = "ran the owed validation of the last epoch; " if result.get("owed_validation") is not None else ""
-        return f"{owed}nothing left to train: the run in {out} had finished at step {step}{over}{why}{best}"
+        return f"{ran}nothing left to train: the run in {out} had finished at step {step}{over}{why}{best}"
     trained = f"trained {step - start} more steps ({step} in all)" if start else f"trained {step} steps"
     return f"{trained}{over}{best}; wrote {out}"
 

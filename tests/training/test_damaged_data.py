@@ -321,8 +321,12 @@ def test_resume_of_a_run_that_saved_no_checkpoint_starts_it_again_from_step_0(tm
         failed.fit()
     assert latest_checkpoint(out) is None and (out / "config.yaml").is_file()
     assert len(rows(out / "metrics.csv")) == at_step if at_step else not (out / "metrics.csv").exists()
-    with pytest.raises(WeightsError, match=r"config.yaml: it was made with other training settings \(lr 0.05 -> 0.1"):
+    with pytest.raises(WeightsError) as refused:  # no steps are kept: worded as what the run was started with
         trainer(out, lr=0.1).fit(resume=True)
+    assert str(refused.value) == (
+        f"cannot resume from {out / 'config.yaml'} (the run saved no checkpoint): it was started with other training "
+        "settings (lr 0.05 -> 0.1); resume with the same settings, or start afresh with --overwrite or another --out"
+    )
     resumed = trainer(out)
     resumed.eval_fn = accuracy
     with caplog.at_level("WARNING", logger="attnzoo.training.engine"):
@@ -344,9 +348,106 @@ def test_resume_refuses_a_folder_holding_results_but_no_checkpoint(tmp_path):
     done.fit()
     for checkpoint in out.glob("checkpoint-*.pt"):
         checkpoint.unlink()
+    logged = (out / "metrics.csv").read_text()
     with pytest.raises(WeightsError, match=r"holds the results of a run \(best.pt, eval.csv\) but no checkpoint"):
         trainer(out, epochs=1).fit(resume=True)
     assert (out / "best.pt").is_file() and len(rows(out / "eval.csv")) == 1
+    assert (out / "metrics.csv").read_text() == logged  # its logs too: nothing is deleted before the refusal
+
+
+def stopped_at_step_0(out, run_info):
+    """A run of ``run_info`` stopped by Ctrl-C at step 0: config.yaml and TensorBoard's file, no checkpoint."""
+    failed = trainer(out)
+    failed.run_info = run_info
+
+    def interrupted(model, batch):
+        raise KeyboardInterrupt
+
+    failed.loss_fn = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        failed.fit()
+    assert latest_checkpoint(out) is None and (out / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("changed", ["model", "data"])
+def test_resume_of_a_run_that_saved_no_checkpoint_refuses_another_model_or_data(tmp_path, changed):
+    """The run restarted from step 0 is the one its config.yaml records: another model or data is another run,
+    refused with the folder left as it was (as a checkpoint's resume refuses it)."""
+    out = tmp_path / "run"
+    recorded = {"task": "toy", "model": "mlp", "data": str(tmp_path / "data")}
+    stopped_at_step_0(out, recorded)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    other = {**recorded, changed: "mlp_wide" if changed == "model" else str(tmp_path / "other")}
+    resumed = trainer(out)
+    resumed.run_info = other
+    with pytest.raises(WeightsError) as refused:
+        resumed.fit(resume=True)
+    assert str(refused.value) == (
+        f"cannot resume from {out / 'config.yaml'} (the run saved no checkpoint): it was started for another run "
+        f"({changed} {recorded[changed]!r} -> {other[changed]!r}); resume with the same model and data, or start "
+        "afresh with --overwrite or another --out"
+    )
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    same = trainer(out)
+    same.run_info = {**recorded, "data": str(tmp_path / "." / "data"), "weights": "other.safetensors"}
+    assert same.fit(resume=True)["step"] == same.total_steps  # one path spelt two ways; the weights may change
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        "batch_size: 8\nseed: 0\n",  # another tool's: the batch and seed match, no run recorded
+        "batch_size: 8\nseed: 0\nrun: {}\neffective: {}\n",  # a run naming no task, model or data
+        "batch_size: 8\nseed: 0\nrun: {task: toy, model: mlp, data: d}\n",  # no effective settings
+        "batch_size: 8\nseed: 0\nrun: [toy, mlp]\neffective: {}\n",
+        "- batch_size: 8\n",
+    ],
+    ids=["no-run", "run-naming-nothing", "no-effective", "run-not-a-mapping", "not-a-mapping"],
+)
+def test_resume_in_a_folder_of_another_tools_run_deletes_nothing(tmp_path, record):
+    """A folder holding someone else's config.yaml (any YAML mapping passed: the keys it lacked counted as the
+    defaults), metrics.csv and TensorBoard file: --resume deleted them and trained there. Only an attnzoo run's
+    record (its effective settings, a run naming the task, model and data) is restarted; this is refused as any
+    folder holding no checkpoint, untouched."""
+    out = tmp_path / "theirs"
+    (out / "tensorboard").mkdir(parents=True)
+    (out / "config.yaml").write_text(record)
+    (out / "metrics.csv").write_text("step,loss\n1,0.5\n2,0.4\n")
+    (out / "tensorboard" / "events.out.tfevents.123.host").write_bytes(b"their events")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    mine = trainer(out)
+    mine.run_info = {"task": "toy", "model": "mlp", "data": str(tmp_path / "d")}
+    with pytest.raises(WeightsError) as refused:
+        mine.fit(resume=True)
+    assert str(refused.value) == f"--resume: no checkpoint-*.pt in {out} (--overwrite starts afresh)"
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_validation_owed_on_resume_that_ends_the_patience_stops_the_run_early(tmp_path):
+    """The validation a resume runs first can end the patience: the run stops early after it (``stopped_early``),
+    while a run whose patience ends at its last validation ran every epoch (it did not stop early)."""
+    calls = []
+
+    def flat(model):  # the same score each time: no new best after the first validation
+        calls.append(1)
+        if len(calls) == 2:
+            raise DatasetFormatError("val/dog/bad.jpg: not an image format PIL can read")
+        return {"acc": 0.5}
+
+    out = tmp_path / "failed"
+    failed = trainer(out, epochs=3, early_stop_patience=1)
+    failed.eval_fn = flat
+    with pytest.raises(DatasetFormatError):
+        failed.fit()
+    resumed = trainer(out, epochs=3, early_stop_patience=1)
+    resumed.eval_fn = flat
+    result = resumed.fit(resume=True)
+    assert result["owed_validation"] == 1 and result["stopped_early"]
+    assert result["step"] == 2 * resumed.steps_per_epoch and len(rows(out / "eval.csv")) == 2  # epoch 2 never ran
+    whole = trainer(tmp_path / "whole", epochs=2, early_stop_patience=1)
+    whole.eval_fn = lambda model: {"acc": 0.5}
+    result = whole.fit()
+    assert result["step"] == whole.total_steps and not result["stopped_early"]
 
 
 # -- the up-front check switched off -----------------------------------------------------------------------------

@@ -726,51 +726,58 @@ class Trainer:
         self.eval_pending = None if pending is None else int(pending)
         return int(state["epoch"]), int(state["step_in_epoch"])
 
-    def _refuse_other_run(self, saved: Mapping[str, Any], run: Mapping[str, Any], source: str | Path) -> None:
+    def _refuse_other_run(
+        self, saved: Mapping[str, Any], run: Mapping[str, Any], source: str | Path, *, restart: bool = False
+    ) -> None:
         """Refuse to go on with a run recorded (in a checkpoint, or the config.yaml of a run that saved none) with
-        another batch, seed, schedule, recipe settings, model or data than this one."""
+        another batch, seed, schedule, recipe settings, model or data than this one. ``restart``: the record is
+        the config.yaml of a run that saved no checkpoint, which keeps no steps: the refusal says what the run was
+        started with, not that resumed steps would train otherwise."""
+        if restart:
+            where, made = f"cannot resume from {source} (the run saved no checkpoint)", "it was started with"
+            again = "; resume with the same settings, or start afresh with --overwrite or another --out"
+        else:
+            where, made, again = f"cannot resume from {source}", "it was made with", ""
         if saved.get("batch_size") != self.config.batch_size or saved.get("seed") != self.config.seed:
             raise WeightsError(
-                f"cannot resume from {source}: it was made with batch_size={saved.get('batch_size')}, "
-                f"seed={saved.get('seed')}; this run has {self.config.batch_size}, {self.config.seed}"
+                f"{where}: {made} batch_size={saved.get('batch_size')}, seed={saved.get('seed')}; this run has "
+                f"{self.config.batch_size}, {self.config.seed}{again}"
             )
         changed = _trajectory_changes(saved, self.config)
         if changed:
+            why = "" if restart else ", and the resumed steps would follow another schedule"
             raise WeightsError(
-                f"cannot resume from {source}: it was made with other training settings ({'; '.join(changed)}), and "
-                "the resumed steps would follow another schedule; resume with the same settings, or start afresh "
-                "with --overwrite or another --out"
+                f"{where}: {made} other training settings ({'; '.join(changed)}){why}; resume with the same settings, "
+                "or start afresh with --overwrite or another --out"
             )
         changed = _recipe_changes(saved.get("extra") or {}, self.config.extra, self.recipe_defaults, self.resumable)
         if changed:
+            why = "" if restart else ", and the resumed steps would train otherwise"
             raise WeightsError(
-                f"cannot resume from {source}: it was made with other recipe settings ({'; '.join(changed)}), and "
-                "the resumed steps would train otherwise; resume with the same settings, or start afresh "
-                "with --overwrite or another --out"
+                f"{where}: {made} other recipe settings ({'; '.join(changed)}){why}; resume with the same settings, "
+                "or start afresh with --overwrite or another --out"
             )
         changes = _run_changes(dict(run), self.run_info)
         if changes:
+            made_for = "it was started for" if restart else "it was made for"
             raise WeightsError(
-                f"cannot resume from {source}: it was made for another run ({'; '.join(changes)}); resume with the "
-                "same model and data, or start afresh with --overwrite or another --out"
+                f"{where}: {made_for} another run ({'; '.join(changes)}); resume with the same model and data, or "
+                "start afresh with --overwrite or another --out"
             )
 
     def _restart_unsaved_run(self) -> None:
         """``--resume`` of a run that saved no checkpoint (it failed or was stopped before its first one, e.g. an
         error in the model's first forward, or Ctrl-C): the run starts again from step 0, as a fresh one, once its
-        recorded settings (config.yaml, written before step 0) are found the same as a checkpoint's would have to
-        be. Its earlier logs go (they would be written again); a folder holding results (``best.pt``, the weights,
-        the recipe's outputs) but no checkpoint is refused: starting again would discard them."""
+        record (config.yaml, written before step 0) is found to be an attnzoo run's (its ``effective`` settings and
+        a ``run`` naming this run's task, model and data) and its settings the same as a checkpoint's would have to
+        be. Its earlier logs go (they would be written again). Anything else is refused, the folder untouched: a
+        folder without such a record (another tool's config.yaml beside its own logs) as one holding no checkpoint,
+        one holding results (``best.pt``, the weights, the recipe's outputs) but no checkpoint as such (starting
+        again would discard them)."""
+        no_checkpoint = f"--resume: no checkpoint-*.pt in {self.out_dir} (--overwrite starts afresh)"
         record_path = self.out_dir / "config.yaml"
         if not record_path.is_file():
-            raise WeightsError(f"--resume: no checkpoint-*.pt in {self.out_dir} (--overwrite starts afresh)")
-        earlier = _earlier_run_files(self.out_dir, self.outputs)
-        results = [p.name for p in earlier if p.name in ("eval.csv", "best.pt", "model.safetensors", *self.outputs)]
-        if results:
-            raise WeightsError(
-                f"--resume: {self.out_dir} holds the results of a run ({', '.join(results)}) but no checkpoint to "
-                "resume from; move them away to train it again, or pass --overwrite"
-            )
+            raise WeightsError(no_checkpoint)
         import yaml
 
         try:
@@ -780,11 +787,19 @@ class Trainer:
                 f"--resume: {record_path} cannot be read ({type(err).__name__}), and {self.out_dir} holds no "
                 "checkpoint; pass --overwrite to start afresh"
             ) from None
-        if not isinstance(record, dict):
-            raise WeightsError(f"--resume: {record_path} is not a run's settings; pass --overwrite to start afresh")
+        run = record.get("run") if isinstance(record, dict) else None
+        named = {"task", "model", "data"} & self.run_info.keys()  # what names the run (the weights do not)
+        if not (isinstance(run, dict) and isinstance(record.get("effective"), dict) and named <= run.keys()):
+            raise WeightsError(no_checkpoint)  # not a run attnzoo recorded: its files are not ours to delete
+        earlier = _earlier_run_files(self.out_dir, self.outputs)
+        results = [p.name for p in earlier if p.name in ("eval.csv", "best.pt", "model.safetensors", *self.outputs)]
+        if results:
+            raise WeightsError(
+                f"--resume: {self.out_dir} holds the results of a run ({', '.join(results)}) but no checkpoint to "
+                "resume from; move them away to train it again, or pass --overwrite"
+            )
         settings = {k: v for k, v in record.items() if k not in ("effective", "run")}
-        run = record.get("run")
-        self._refuse_other_run(settings, run if isinstance(run, dict) else {}, record_path)
+        self._refuse_other_run(settings, run, record_path, restart=True)
         if self.ctx.is_main:
             for stale in earlier:
                 if stale.name != "config.yaml":  # written again below, with this run's settings
@@ -871,9 +886,9 @@ class Trainer:
     def fit(self, resume: bool | str | Path = False, overwrite: bool = False) -> dict[str, Any]:
         """Train to the end (or continue from the latest checkpoint with ``resume=True`` / a path; a run that saved
         no checkpoint starts again from step 0). A fresh run refuses a folder holding an earlier run; ``overwrite``
-        deletes that run's files first. Returns ``step``, ``best``, ``stopped_early``, the last validation's
-        ``eval_*`` metrics and, where a resume ran the validation its checkpoint owed, ``owed_validation`` (that
-        epoch, from 0)."""
+        deletes that run's files first. Returns ``step``, ``best``, ``stopped_early`` (early stopping ended the run
+        before its last epoch), the last validation's ``eval_*`` metrics and, where a resume ran the validation its
+        checkpoint owed, ``owed_validation`` (that epoch, from 0)."""
         c = self.config
         earlier = check_run_folder(
             self.out_dir, resume=resume, overwrite=overwrite, data=self.data, inputs=self.inputs, outputs=self.outputs
@@ -908,7 +923,7 @@ class Trainer:
         if bar is not None:
             bar.update(self.step)
         metrics: dict[str, float] = {}
-        owed = self.eval_pending
+        owed, stopped_early = self.eval_pending, False
         try:
             if self.eval_pending is not None:  # the checkpoint was written before its epoch's validation ran
                 if self.ctx.is_main:
@@ -918,6 +933,7 @@ class Trainer:
                 self.save_checkpoint(start_epoch, start_step)
             for epoch in range(start_epoch, c.epochs):
                 if self._should_stop():
+                    stopped_early = True
                     if self.ctx.is_main:
                         _logger.info(
                             "early stop: %d evaluations without a better %s", self.evals_since_best, c.best_metric
@@ -931,7 +947,7 @@ class Trainer:
                 writer.close()
         if self.ctx.world_size > 1:
             dist.barrier()
-        result = {"step": self.step, "best": self.best, "stopped_early": self._should_stop(), **metrics}
+        result = {"step": self.step, "best": self.best, "stopped_early": stopped_early, **metrics}
         if owed is not None:  # a resume that ran the validation its checkpoint owed (epoch ``owed``, from 0)
             result["owed_validation"] = owed
         return result

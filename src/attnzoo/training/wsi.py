@@ -33,7 +33,7 @@ from attnzoo.errors import AttnzooError, DatasetFormatError, InvalidOptionError
 from attnzoo.training.config import SEED_RANGE, TrainConfig, recipe_config
 from attnzoo.training.engine import TENSORBOARD, Trainer, check_run_folder, latest_checkpoint, run_inputs
 
-__all__ = ["seed_list", "train_wsi_classification"]
+__all__ = ["seed_folders", "seed_list", "train_wsi_classification"]
 
 RECIPE_DEFAULTS = {
     "split": None,
@@ -290,7 +290,7 @@ def _seed_folder(out: str | os.PathLike, seed: int, n_seeds: int) -> Path:
     return Path(out) / f"seed-{seed}" if n_seeds > 1 else Path(out)
 
 
-def _seed_folders(out: str | os.PathLike) -> dict[int, Path]:
+def seed_folders(out: str | os.PathLike) -> dict[int, Path]:
     """The ``seed-<s>`` folders in ``out`` (a run of several seeds made them), by seed."""
     root = Path(out)
     if not root.is_dir():
@@ -307,7 +307,7 @@ def _earlier_run(
     earlier = check_run_folder(out, resume=resume, overwrite=overwrite, outputs=_OUTPUTS, **folder)
     per_seed = {
         seed: check_run_folder(seed_folder, resume=resume, overwrite=overwrite, outputs=_OUTPUTS, **folder)
-        for seed, seed_folder in _seed_folders(out).items()
+        for seed, seed_folder in seed_folders(out).items()
     }
     for files in per_seed.values():
         earlier += files
@@ -340,7 +340,7 @@ def _discard(out: str | os.PathLike, earlier: list[Path]) -> None:
     a folder that holds anything else (a user's file) stays."""
     for path in earlier:
         path.unlink(missing_ok=True)
-    for seed_folder in _seed_folders(out).values():
+    for seed_folder in seed_folders(out).values():
         if any(seed_folder in path.parents for path in earlier):
             for folder in (seed_folder / TENSORBOARD, seed_folder):
                 try:
