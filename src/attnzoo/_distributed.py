@@ -4,7 +4,9 @@ DataLoader workers)."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
@@ -70,7 +72,34 @@ def distributed_context() -> DistributedContext:
         if backend == "nccl":
             torch.cuda.set_device(local)
         dist.init_process_group(backend)
+        _release_at_exit()
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local)
+
+
+_UNCAUGHT: list[BaseException] = []
+
+
+def _release_at_exit() -> None:
+    """Destroy the process group this module made when the process ends: left to the interpreter's teardown, gloo's
+    worker threads can abort the finished process ("terminate called without an active exception", exit -6, so a
+    torchrun run that trained to the end fails). Not after an uncaught exception, where another rank may still wait
+    in a collective and a destroy could hang (torchrun stops every rank when one dies)."""
+    hook = sys.excepthook
+
+    def note_uncaught(kind: type[BaseException], error: BaseException, trace: Any) -> None:
+        _UNCAUGHT.append(error)
+        hook(kind, error, trace)
+
+    sys.excepthook = note_uncaught
+    atexit.register(_destroy_unless_failed)
+
+
+def _destroy_unless_failed() -> None:
+    import torch.distributed as dist
+
+    if not _UNCAUGHT and dist.is_available() and dist.is_initialized():
+        _OBJECT_GROUPS.clear()
+        dist.destroy_process_group()
 
 
 def _object_group(ctx: DistributedContext) -> Any:

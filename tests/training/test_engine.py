@@ -2,6 +2,7 @@
 
 import copy
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -588,3 +589,20 @@ def test_an_explicit_best_mode_against_the_metric_is_refused():
         make_trainer(Path("unused"), epochs=1, best_metric="top1", best_mode="min")
     trainer = make_trainer(Path("unused"), epochs=1, best_metric="delta")
     assert trainer.config.best_mode == "min"
+
+
+@pytest.mark.slow
+def test_the_process_group_attnzoo_made_is_destroyed_when_the_process_ends_normally(tmp_path):
+    """Left to the interpreter's teardown, gloo's threads could abort a finished rank ("terminate called without an
+    active exception", exit -6: a torchrun run that trained to the end failed). After an uncaught error the group is
+    left alone (a destroy could wait on a rank blocked in a collective)."""
+    script = Path(__file__).with_name("group_exit.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ended = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).parents[2])
+    assert ended.returncode == 0, ended.stderr[-3000:]
+    # the two ranks' lines may interleave in torchrun's output: read the records, not the lines
+    assert re.findall(r"rank (-|\d) group at exit: (True|False)", ended.stdout) == [("-", "False")] * 2
+    failed = subprocess.run([*cmd, "fail"], capture_output=True, text=True, env=env, cwd=Path(__file__).parents[2])
+    assert failed.returncode != 0 and "rank 1 fails" in failed.stderr
+    assert ("1", "True") in re.findall(r"rank (-|\d) group at exit: (True|False)", failed.stdout)
