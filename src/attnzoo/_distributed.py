@@ -76,28 +76,29 @@ def distributed_context() -> DistributedContext:
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local)
 
 
-_UNCAUGHT: list[BaseException] = []
+_FAILED: list[int] = []
+
+
+def note_failure(status: int) -> None:
+    """Say that this process is ending in failure (the command line's non-zero exit status): its process group is
+    then left to the interpreter's teardown, as after an uncaught error (:func:`_release_at_exit`)."""
+    _FAILED.append(status)
 
 
 def _release_at_exit() -> None:
     """Destroy the process group this module made when the process ends: left to the interpreter's teardown, gloo's
     worker threads can abort the finished process ("terminate called without an active exception", exit -6, so a
-    torchrun run that trained to the end fails). Not after an uncaught exception, where another rank may still wait
-    in a collective and a destroy could hang (torchrun stops every rank when one dies)."""
-    hook = sys.excepthook
-
-    def note_uncaught(kind: type[BaseException], error: BaseException, trace: Any) -> None:
-        _UNCAUGHT.append(error)
-        hook(kind, error, trace)
-
-    sys.excepthook = note_uncaught
+    torchrun run that trained to the end fails). Not after a failure (an uncaught error, or :func:`note_failure`):
+    a destroy waits for the rank's queued collectives, which a peer that stopped would never match (torchrun stops
+    every rank when one dies)."""
     atexit.register(_destroy_unless_failed)
 
 
 def _destroy_unless_failed() -> None:
     import torch.distributed as dist
 
-    if not _UNCAUGHT and dist.is_available() and dist.is_initialized():
+    uncaught = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)  # set before any excepthook runs
+    if not _FAILED and uncaught is None and dist.is_available() and dist.is_initialized():
         _OBJECT_GROUPS.clear()
         dist.destroy_process_group()
 

@@ -1146,6 +1146,16 @@ def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...], tuple[
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``attnzoo`` command: its exit status (0 done, 1 a typed error, 2 a bad option, 3 a bug, 130 Ctrl-C)."""
+    status = _main_guarded(argv)
+    if status:  # a torchrun rank that failed leaves its process group alone at exit (it could wait on its peers)
+        from attnzoo._distributed import note_failure
+
+        note_failure(status)
+    return status
+
+
+def _main_guarded(argv: list[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]  # accepted anywhere, not only before the command

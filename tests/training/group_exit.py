@@ -17,3 +17,7 @@ ctx = distributed_context()
 dist.barrier()
 if sys.argv[1:] == ["fail"] and ctx.rank == 1:
     raise RuntimeError("rank 1 fails")
+if sys.argv[1:] == ["command-fails"] and ctx.rank == 1:  # as attnzoo's command line ends on an error: an exit status
+    from attnzoo.cli import main
+
+    sys.exit(main(["weights", "verify", "/no/such/checkpoint.pth"]))

@@ -595,7 +595,8 @@ def test_an_explicit_best_mode_against_the_metric_is_refused():
 def test_the_process_group_attnzoo_made_is_destroyed_when_the_process_ends_normally(tmp_path):
     """Left to the interpreter's teardown, gloo's threads could abort a finished rank ("terminate called without an
     active exception", exit -6: a torchrun run that trained to the end failed). After an uncaught error the group is
-    left alone (a destroy could wait on a rank blocked in a collective)."""
+    left alone, and so after the command line's failure (a destroy waits for the rank's queued collectives, which a
+    stopped peer never matches)."""
     script = Path(__file__).with_name("group_exit.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -605,4 +606,10 @@ def test_the_process_group_attnzoo_made_is_destroyed_when_the_process_ends_norma
     assert re.findall(r"rank (-|\d) group at exit: (True|False)", ended.stdout) == [("-", "False")] * 2
     failed = subprocess.run([*cmd, "fail"], capture_output=True, text=True, env=env, cwd=Path(__file__).parents[2])
     assert failed.returncode != 0 and "rank 1 fails" in failed.stderr
+    assert ("1", "True") in re.findall(r"rank (-|\d) group at exit: (True|False)", failed.stdout)
+    # the command line turns every failure into an exit status, never an uncaught error: kept too
+    failed = subprocess.run(
+        [*cmd, "command-fails"], capture_output=True, text=True, env=env, cwd=Path(__file__).parents[2]
+    )
+    assert failed.returncode != 0 and "/no/such/checkpoint.pth" in failed.stderr
     assert ("1", "True") in re.findall(r"rank (-|\d) group at exit: (True|False)", failed.stdout)
