@@ -55,7 +55,8 @@ class _OddHandler(http.server.BaseHTTPRequestHandler):
     """Answers by the first part of the path: ``ok`` (whole file with a version), ``nolen206`` (a cut first
     answer, then ranges answered without Content-Length), ``short206`` (ranges answered with only 1000 bytes and
     no length), ``star206`` and ``starshort206`` (the same, with a Content-Range that names no size:
-    ``bytes a-b/*``), ``badlen`` (``Content-Length: N, N``), ``html`` (a login page with status 200), ``loop`` (a
+    ``bytes a-b/*``), ``starpiece206`` (the same, each range answered in a piece of at most 100000 bytes, with
+    its length and ``bytes a-b/*``: a server that answers in pieces), ``badlen`` (``Content-Length: N, N``), ``html`` (a login page with status 200), ``loop`` (a
     redirect to itself)."""
 
     body: bytes
@@ -91,6 +92,16 @@ class _OddHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
             self.close_connection = True
             return
+        if mode == "starpiece206" and rng:
+            start = int(rng.removeprefix("bytes=").split("-")[0])
+            end = min(start + 100_000, len(body)) - 1
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end}/*")
+            self.send_header("Content-Length", str(end + 1 - start))
+            self.send_header("ETag", '"v1"')
+            self.end_headers()
+            self.wfile.write(body[start : end + 1])
+            return
         if mode in ("nolen206", "short206", "star206", "starshort206") and rng:
             start = int(rng.removeprefix("bytes=").split("-")[0])
             self.send_response(206)
@@ -106,7 +117,7 @@ class _OddHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("ETag", '"v1"')
         self.end_headers()
-        if mode in ("nolen206", "short206", "star206", "starshort206"):  # the first answer stops half-way
+        if mode in ("nolen206", "short206", "star206", "starshort206", "starpiece206"):  # the first stops half-way
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
             self.close_connection = True
@@ -421,6 +432,25 @@ def test_file_urls_work_offline_and_a_missing_one_fails_at_once(tmp_path, monkey
     assert not isinstance(info.value, OfflineError)
 
 
+@pytest.mark.parametrize("form", ["file:{}", "file://localhost{}", "FILE://{}"])
+def test_every_form_of_an_absolute_file_url_is_read_offline(tmp_path, monkeypatch, form):
+    source = tmp_path / "w.bin"
+    source.write_bytes(PAYLOAD)
+    monkeypatch.setenv("ATTNZOO_OFFLINE", "1")
+    url = form.format(source.as_posix())
+    assert download_url(url, tmp_path / "out" / "w.bin", progress=False).read_bytes() == PAYLOAD
+
+
+@pytest.mark.parametrize("url", ["file:w.bin", "file:./w.bin", "file:"])
+def test_a_file_url_of_a_relative_path_fails_at_once(tmp_path, monkeypatch, url):
+    """A relative path would be read from wherever the process happens to run: refused, in one line."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.bin").write_bytes(PAYLOAD)
+    with pytest.raises(WeightsError, match="not a valid file URL: use file:///absolute/path") as info:
+        download_url(url, tmp_path / "out" / "w.bin", progress=False)
+    assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+
+
 # -- servers that answer oddly ---------------------------------------------------------------------------------
 
 
@@ -462,6 +492,26 @@ def test_a_resumed_range_that_names_no_size_and_is_cut_is_never_cached(tmp_path)
     kept = (tmp_path / "w.bin.part").stat().st_size
     assert kept == len(PAYLOAD) // 2 + 2 * 1000 and f"{kept} bytes are kept" in str(info.value)
     assert [entry[1] for entry in log][1:] == [f"bytes={len(PAYLOAD) // 2}-", f"bytes={len(PAYLOAD) // 2 + 1000}-"]
+
+
+@pytest.mark.usefixtures("no_waits")
+def test_a_file_answered_in_ranges_that_name_no_size_is_completed_to_the_size_first_announced(tmp_path):
+    """``bytes a-b/*`` with a Content-Length ends at b, not at the end of the file: the size first announced
+    says that more follows, so the next range is asked for, until the whole file is in."""
+    with odd_server() as (base, log):
+        assert download_url(f"{base}/starpiece206/w.bin", tmp_path / "w.bin", progress=False).read_bytes() == PAYLOAD
+        half = len(PAYLOAD) // 2
+        assert [entry[1] for entry in log] == [None, f"bytes={half}-", f"bytes={half + 100_000}-"]
+
+
+@pytest.mark.usefixtures("no_waits")
+def test_a_range_that_names_no_size_and_ends_short_of_the_size_first_announced_is_never_cached(tmp_path):
+    with odd_server() as (base, _):
+        with pytest.raises(WeightsError, match=rf"closed after \d+ of {len(PAYLOAD)} bytes") as info:
+            download_url(f"{base}/starpiece206/w.bin", tmp_path / "w.bin", retries=1, progress=False)
+    assert not (tmp_path / "w.bin").exists()
+    kept = (tmp_path / "w.bin.part").stat().st_size
+    assert kept == len(PAYLOAD) // 2 + 100_000 and f"{kept} bytes are kept" in str(info.value)
 
 
 def test_a_repeated_content_length_is_read(tmp_path):

@@ -188,7 +188,17 @@ def network_usable(url: str) -> bool:
 
 
 def _is_file_url(url: str) -> bool:
-    return url[:7].lower() == "file://"
+    """Whether ``url`` names a local file: its scheme is ``file`` (``file:///abs``, ``file:/abs``,
+    ``file://localhost/abs``), decided as :func:`_checked_url` decides it."""
+    return _url_scheme(url) == "file"
+
+
+def _url_scheme(url: str) -> str:
+    """The scheme of ``url``, lower-cased ("" where it names none or cannot be parsed)."""
+    try:
+        return urllib.parse.urlsplit(url).scheme.lower()
+    except ValueError:
+        return ""
 
 
 @contextlib.contextmanager
@@ -326,7 +336,7 @@ def _checked_url(url: str) -> Path | None:
         raise WeightsError(f"{url!r} is not a valid URL ({err})") from None
     if re.search(r"[\x00-\x20\x7f]", url):
         raise WeightsError(f"{url!r} is not a valid URL: it holds a space or control character (write a space as %20)")
-    scheme = parts.scheme.lower()
+    scheme = _url_scheme(url)
     if scheme not in _SCHEMES:
         given = (
             f"its scheme {parts.scheme + ':'!r} is none of http://, https:// and file://"
@@ -341,7 +351,7 @@ def _checked_url(url: str) -> Path | None:
         raise WeightsError(f"{url!r} is not a valid URL: it names no host")
     if scheme != "file":
         return None
-    if parts.netloc not in ("", "localhost") or not parts.path:
+    if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):  # a relative path: from where?
         raise WeightsError(f"{url!r} is not a valid file URL: use file:///absolute/path/to/file")
     return Path(urllib.request.url2pathname(parts.path))
 
@@ -640,16 +650,16 @@ class _ShortBody(http.client.HTTPException):
         super().__init__(f"the connection closed after {size} of {total} bytes")
 
 
-_CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)")
+_CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)")
 
 
-def _content_range(value: str | None) -> tuple[int | None, int | None]:
-    """(first byte, total size) of a ``Content-Range`` header; None where it does not say."""
+def _content_range(value: str | None) -> tuple[int | None, int | None, int | None]:
+    """(first byte, last byte, total size) of a ``Content-Range`` header; None where it does not say."""
     match = _CONTENT_RANGE.match((value or "").strip())
     if match is None:
-        return None, None
-    first, total = match.groups()
-    return (int(first) if first else None), (int(total) if total != "*" else None)
+        return None, None, None
+    first, last, total = match.groups()
+    return (int(first) if first else None), (int(last) if last else None), (int(total) if total != "*" else None)
 
 
 def _content_length(headers: Any) -> int | None:
@@ -734,7 +744,7 @@ def _fetch_part(url: str, part: Path, *, progress: bool, timeout: float) -> None
         opened = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as err:
         if start and err.code == 416:  # nothing after the .part: complete only if the file is exactly that long
-            _, size = _content_range(err.headers.get("Content-Range"))
+            _, _, size = _content_range(err.headers.get("Content-Range"))
             err.close()
             if size == start and record and record.get("size") in (None, start):
                 return
@@ -746,15 +756,24 @@ def _fetch_part(url: str, part: Path, *, progress: bool, timeout: float) -> None
         status = getattr(response, "status", None) or 200
         length = _content_length(response.headers)
         if start and status == 206:
-            first, total = _content_range(response.headers.get("Content-Range"))
+            first, last, total = _content_range(response.headers.get("Content-Range"))
             named = _validator(response.headers)  # a server that ignores If-Range still sends the version it serves
+            announced = (record or {}).get("size")  # the size of the file the .part was started from
             # a size in the Content-Range ("/*" names none) must be the one first announced
-            if first != start or (record and total is not None and record.get("size") not in (None, total)):
+            if first != start or (total is not None and announced not in (None, total)):
                 raise _StalePart
             if named is not None and record and named != record["validator"]:
                 raise _StalePart
-            if total is None:  # no size in the Content-Range: the body's length, else the size first announced
-                total = start + length if length is not None else (record or {}).get("size")
+            if total is None:
+                # no size in the Content-Range: the size first announced, so a range that ends short of it (a
+                # server that answers in pieces, "bytes S-E/*") is a cut reply, resumed and never cached; without
+                # one, the end of this range (its last byte, else the body's length)
+                if isinstance(announced, int):
+                    total = announced
+                elif last is not None:
+                    total = last + 1
+                elif length is not None:
+                    total = start + length
         else:  # a whole file: a new version, or a server without ranges
             start, total = 0, length
             try:
