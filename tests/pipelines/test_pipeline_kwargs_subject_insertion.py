@@ -61,12 +61,15 @@ def test_a_seed_at_construction_is_an_option_error_with_the_one_rule(tiny):
 def test_a_dtype_brings_no_empty_keep_in_float32_warnings(diffusers_warnings):
     from attnzoo.multimodal.insertion.flux import tiny_flux_fill
 
+    # without the pipeline, diffusers gives them (0.42; its oldest release we take, 0.36, does not): the test sees
+    # what it would show
+    tiny_flux_fill(0).to(dtype=torch.bfloat16)
+    if not [m for m in diffusers_warnings if "should be kept in float32: []" in m]:
+        pytest.skip("this diffusers gives no empty keep-in-float32 warning")
+    diffusers_warnings.clear()
     for dtype in ("float32", "bfloat16"):
         attnzoo.pipeline("subject-insertion", model=tiny_flux_fill(0), panel_size=16, steps=1, dtype=dtype)
     assert not [m for m in diffusers_warnings if "should be kept in float32: []" in m]
-    # without the pipeline, diffusers does give them: the test sees what it would show
-    tiny_flux_fill(0).to(dtype=torch.bfloat16)
-    assert [m for m in diffusers_warnings if "should be kept in float32: []" in m]
 
 
 def test_only_the_empty_keep_in_float32_warning_is_dropped(diffusers_warnings):
