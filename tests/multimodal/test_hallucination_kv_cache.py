@@ -11,7 +11,7 @@ import torch
 from transformers import MistralConfig
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from attnzoo.multimodal.hallucination.kv_cache import MIN_RESERVE, ReservedLayer, reserved_cache
+from attnzoo.multimodal.hallucination.kv_cache import MIN_RESERVE, ReservedLayer, reserved_cache, select_rows
 from attnzoo.multimodal.hallucination.layouts import family_of
 from attnzoo.multimodal.hallucination.transformers_compat import cache_keyword
 from tests.lvlm_helpers import sharpen_attention
@@ -84,6 +84,39 @@ def test_reserved_cache_keeps_the_sliding_window_layers_of_the_model():
     assert [type(layer) for layer in ours.layers] == [type(stock.layers[0]), ReservedLayer, ReservedLayer]
     assert type(stock.layers[1]) is DynamicLayer
     assert isinstance(ours, DynamicCache)
+
+
+def test_select_rows_copies_rows_into_room_for_the_next_tokens_and_leaves_the_source_alone():
+    """CARVE's prefix cache copied to its probe rows and to the final pass's prompts: the selected rows
+    equal transformers' row selection, the next ``room_for`` tokens are written in place (one copy
+    of the prefix, where selecting and then writing copied it twice), and the source serves again."""
+    config = MistralConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, sliding_window=8, layer_types=["sliding_attention", "full_attention", "full_attention"],
+    )  # fmt: skip
+    source = reserved_cache(config)
+    for index in range(3):
+        source.update(*states(2, 7, index), index)
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in source.layers]
+    stock = copy.deepcopy(source)
+    stock.batch_select_indices(torch.tensor([1, 0, 1]))
+
+    selected = select_rows(source, [1, 0, 1], room_for=5)
+    for layer, expected in zip(selected.layers, stock.layers, strict=True):
+        assert type(layer) is type(expected)
+        assert torch.equal(layer.keys, expected.keys) and torch.equal(layer.values, expected.values)
+    full = selected.layers[1]
+    room = full._key_room
+    for step in range(5):  # the room's promise: these writes move nothing
+        keys, values = states(3, 1, 10 + step)
+        got, _ = full.update(keys, values)
+        assert full._key_room is room and got.data_ptr() == room.data_ptr()
+        assert torch.equal(got[:, :, -1:], keys)
+    for layer, (keys, values) in zip(source.layers, before, strict=True):  # the source is as it was
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+    again = select_rows(source, [0])
+    assert torch.equal(again.layers[2].keys, before[2][0][:1])
+    assert select_rows(reserved_cache(config), [0, 0]).get_seq_length() == 0  # an empty cache stays empty
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])

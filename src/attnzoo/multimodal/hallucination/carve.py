@@ -36,7 +36,6 @@ Qwen2-VL): InstructBLIP's resampled query tokens raise :class:`~.layouts.LayoutE
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -59,7 +58,7 @@ from .functional.carve import (
     _eos_ids,
     carve_refine,
 )
-from .kv_cache import reserved_cache
+from .kv_cache import reserved_cache, select_rows
 from .layouts import Family, LayoutError, family_of
 from .method import CachedPrefix, MitigationMethod, PromptBatch, PromptImages
 from .transformers_compat import cache_keyword
@@ -278,6 +277,8 @@ class _ProbeRunner(ContrastBranchProcessor):
         self.probe_family, self.layers, self.prefix, self.keep_prefix = family, layers, prefix, keep_prefix
         #: The shared prefixes' KV cache (one row per distinct prefix), when asked to keep it.
         self.prefix_cache: Any = None
+        #: The most steps :meth:`run` decodes (the room its cache keeps for them).
+        self.steps = 0
         self._rows: dict[int, torch.Tensor] = {}
 
     def _prefill(self, batch: int) -> torch.Tensor:
@@ -302,10 +303,10 @@ class _ProbeRunner(ContrastBranchProcessor):
                 **self._new_cache(),
             )
         )
-        cache = self._cache
         if self.keep_prefix:
-            self.prefix_cache = copy.deepcopy(cache)
-        cache.batch_select_indices(torch.tensor(self.prefix.groups))  # CPU indices serve a cache on any devices
+            self.prefix_cache = self._cache  # select_rows leaves it as it is
+        # Each row's prefix copied once into room for the rest of its prompt and the probe's tokens.
+        cache = select_rows(self._cache, self.prefix.groups, room_for=int(ids.shape[1]) - width + self.steps)
         self._mask, self._next_position = mask, text_positions[:, -1:] + 1
         return self._keep(
             self.family.generation_module()(
@@ -328,7 +329,7 @@ class _ProbeRunner(ContrastBranchProcessor):
         question row i and its general row ``partners[i]`` form a pair that is done once either of
         them produced EOS, and decoding stops when every pair is."""
         ids = self.branch_inputs["input_ids"]
-        batch = ids.shape[0]
+        batch, self.steps = ids.shape[0], steps
         stops = set(_eos_ids(self.model, None))
         finished = [False] * batch
         # Every step's rows over the columns the grids span; each row's grid is picked once at the end.

@@ -13,6 +13,8 @@ deep-copied, as a ``DynamicCache`` must be.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -77,11 +79,40 @@ class ReservedLayer(DynamicLayer):
         super().reset()
 
 
+def _room_length(length: int) -> int:
+    return length + max(MIN_RESERVE, length // 4)
+
+
 def _with_room(states: torch.Tensor) -> torch.Tensor:
     length = states.shape[-2]
-    room = states.new_empty((*states.shape[:-2], length + max(MIN_RESERVE, length // 4), states.shape[-1]))
+    room = states.new_empty((*states.shape[:-2], _room_length(length), states.shape[-1]))
     room[:, :, :length] = states
     return room
+
+
+def select_rows(cache: DynamicCache, rows: Sequence[int], room_for: int = 0) -> DynamicCache:
+    """A new cache of rows ``rows`` of ``cache`` (a row may repeat), ``cache`` left as it is (a prefix
+    cache serves several continuations). Each :class:`ReservedLayer`'s rows are copied once, straight
+    into room for ``room_for`` more tokens, so the next writes land in place; transformers'
+    ``batch_select_indices`` gathers into new tensors that the next write copies again. Other
+    layers are selected as transformers selects them."""
+    rows = [int(row) for row in rows]
+    tensors = [t for layer in cache.layers for t in vars(layer).values() if isinstance(t, torch.Tensor)]
+    selected = copy.deepcopy(cache, memo={id(t): t for t in tensors})  # the structure; the tensors are replaced
+    for layer in selected.layers:
+        if not isinstance(layer, ReservedLayer) or layer.get_seq_length() == 0:
+            layer.batch_select_indices(torch.tensor(rows))  # CPU indices serve a cache on any device
+            continue
+        held = layer.keys.shape[-2]
+        rooms = []
+        for states in (layer.keys, layer.values):
+            room = states.new_empty((len(rows), states.shape[1], _room_length(held + room_for), states.shape[-1]))
+            for index, row in enumerate(rows):
+                room[index, :, :held] = states[row]
+            rooms.append(room)
+        layer._key_room, layer._value_room = rooms
+        layer.keys, layer.values = rooms[0][:, :, :held], rooms[1][:, :, :held]
+    return selected
 
 
 def reserved_cache(config: Any) -> DynamicCache:
@@ -96,4 +127,4 @@ def reserved_cache(config: Any) -> DynamicCache:
     return cache
 
 
-__all__ = ["MIN_RESERVE", "ReservedLayer", "reserved_cache"]
+__all__ = ["MIN_RESERVE", "ReservedLayer", "reserved_cache", "select_rows"]

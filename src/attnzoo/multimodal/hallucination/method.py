@@ -25,12 +25,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch
 from PIL import Image
 from torch import nn
 from transformers import LogitsProcessor
 
 from .base import Intervention, PairedContrast
+from .kv_cache import select_rows
 from .transformers_compat import cache_keyword
 
 #: One prompt's image(s): CARVE's official final pass asks about [original, refined] together.
@@ -58,16 +58,9 @@ class CachedPrefix:
         not a cache passed in, so generate those on the whole prompts (``inputs``), as the pipeline does."""
         if self.rows is None:
             return {**self.inputs, cache_keyword(): copy.deepcopy(self.cache)}
-        # Selecting rows makes new tensors: copy the cache's structure only, then select.
-        tensors = [
-            t
-            for layer in getattr(self.cache, "layers", [])
-            for t in vars(layer).values()
-            if isinstance(t, torch.Tensor)
-        ]
-        cache = copy.deepcopy(self.cache, memo={id(t): t for t in tensors})
-        cache.batch_select_indices(torch.tensor(list(self.rows)))  # CPU indices serve a cache on any devices
-        return {**self.inputs, cache_keyword(): cache}
+        # The rows copied once, into room for the rest of the prompts (the prefill then writes in place).
+        rest = int(self.inputs["input_ids"].shape[1]) - self.cache.get_seq_length()
+        return {**self.inputs, cache_keyword(): select_rows(self.cache, self.rows, room_for=max(rest, 0))}
 
 
 @dataclass(frozen=True)
