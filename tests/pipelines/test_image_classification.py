@@ -137,6 +137,68 @@ def test_model_by_name_with_random_weights(photo):
     assert isinstance(pipe, ImageClassificationPipeline) and len(pipe(photo)) == 5
 
 
+#: Tiny builds of fixed-input-size classifiers (attnzoo's families, and a timm ViT) at a size other than their
+#: checkpoints' 224.
+OTHER_SIZE = {
+    "sparsifiner_deit_small": dict(img_size=64, embed_dim=32, depth=2, num_heads=2),
+    "inline_deit_tiny": dict(img_size=32, embed_dim=32, depth=2, num_heads=2),
+    "inline_swin_tiny": dict(img_size=64, embed_dim=32, depths=(1, 1), num_heads=(2, 2), window_size=4),
+    "vit_tiny_patch16_224": dict(img_size=48, embed_dim=32, depth=1, num_heads=2),
+}
+
+
+@pytest.mark.parametrize("name", list(OTHER_SIZE))
+def test_a_model_built_at_another_size_is_fed_that_size(name, photo):
+    """timm keeps the checkpoint's input size in pretrained_cfg; the pipeline resizes to the size the model
+    was built at (timm's resolve_input_data_config), with the rest of the checkpoint's preprocessing."""
+    from timm.data import create_transform, resolve_data_config
+
+    kwargs = OTHER_SIZE[name]
+    size = kwargs["img_size"]
+    torch.manual_seed(0)
+    model = attnzoo.create_model(name, **kwargs)
+    assert model.pretrained_cfg["input_size"] == (3, 224, 224)
+    pipe = attnzoo.pipeline("image-classification", model=model, device="cpu")
+    assert pipe.data_config["input_size"] == (3, size, size)
+    assert {k: v for k, v in pipe.data_config.items() if k != "input_size"} == {
+        k: v for k, v in resolve_data_config(model=model).items() if k != "input_size"
+    }
+    result = pipe(photo, top_k=3)
+    transform = create_transform(**resolve_data_config({"input_size": (3, size, size)}, model=model))
+    with torch.no_grad():
+        probs = model(transform(photo.convert("RGB"))[None]).float().softmax(-1)[0]
+    top = probs.topk(3)
+    assert [p.index for p in result] == top.indices.tolist()
+    assert np.allclose([p.score for p in result], top.values.numpy(), atol=1e-6)
+
+
+def test_a_model_named_with_another_img_size_runs(photo):
+    pipe = attnzoo.pipeline(
+        "image-classification",
+        model="inline_deit_tiny",
+        weights="none",
+        device="cpu",
+        model_kwargs=OTHER_SIZE["inline_deit_tiny"],
+    )
+    assert pipe.data_config["input_size"] == (3, 32, 32) and len(pipe(photo, top_k=2)) == 2
+
+
+def test_model_size_without_timms_input_traits(monkeypatch):
+    """With a timm that has no resolve_input_data_config, a fixed-size model's patch embedding gives its size."""
+    import timm.data
+
+    from attnzoo.pipelines.image_classification import model_data_config
+
+    torch.manual_seed(0)
+    models = {name: attnzoo.create_model(name, **kw) for name, kw in OTHER_SIZE.items()}
+    models["test_resnet"] = timm.create_model("test_resnet")  # not fixed-size: its checkpoint's size
+    current = {name: model_data_config(m) for name, m in models.items()}
+    monkeypatch.delattr(timm.data, "resolve_input_data_config")
+    for name, model in models.items():
+        assert model_data_config(model) == current[name], name
+    assert current["test_resnet"] == timm.data.resolve_data_config(model=models["test_resnet"])
+
+
 def test_bad_inputs_raise_naming_the_input(classify, photo, tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"garbage")
     with pytest.raises(InvalidInputError, match="bad.jpg"):

@@ -112,6 +112,27 @@ def test_generators_and_lists_of_view_arrays_are_batches(recon):
     np.testing.assert_allclose(one.probabilities, expected[0].probabilities, atol=1e-6)
 
 
+def test_a_model_built_at_another_size_gets_views_of_that_size():
+    """LRGT built with img_size=112 says so in its pretrained_cfg: the pipeline resizes the views to 112, not
+    the official 224 (by object, and by name with model_kwargs)."""
+    torch.manual_seed(0)
+    model = L.LRGT(**TINY, img_size=112, noise_seed=0)
+    assert model.pretrained_cfg["input_size"] == (3, 112, 112)
+    views = renderings(primitive("table"), n=2)
+    shape = attnzoo.pipeline("multiview-3d-reconstruction", model=model, device="cpu")(views)
+    with torch.no_grad():
+        expected = model(preprocess_views(views, size=112)[None])[0]
+    np.testing.assert_allclose(shape.probabilities, expected.numpy(), atol=1e-6)
+    by_name = attnzoo.pipeline(
+        "multiview-3d-reconstruction",
+        model="lrgt",
+        weights="none",
+        device="cpu",
+        model_kwargs={**TINY, "img_size": 112},
+    )
+    assert by_name(views).probabilities.shape == (32, 32, 32)
+
+
 def test_threshold_must_be_a_number_in_the_open_unit_interval(recon):
     views = renderings(primitive("box"), n=1)
     for bad in ("0.5", True, float("nan"), 0, 1.0, [0.5]):

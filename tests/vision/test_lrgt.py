@@ -363,6 +363,61 @@ def test_noise_seed_makes_inference_deterministic():
     assert torch.equal(a, b) and torch.equal(a, c)
 
 
+def lattice_tokens(dim=8, side=6):
+    """``[side * side, dim]`` tokens on a unit lattice (2 of ``dim`` channels): the interior tokens' kNN
+    densities tie exactly, so the 1e-6 noise decides the cluster centres."""
+    grid = torch.stack(torch.meshgrid(torch.arange(side * 1.0), torch.arange(side * 1.0), indexing="ij"), -1)
+    x = torch.zeros(side * side, dim)
+    x[:, :2] = grid.reshape(-1, 2)
+    return x
+
+
+@pytest.mark.parametrize("seeded", [True, False], ids=["generator", "global_rng"])
+def test_tie_noise_is_the_same_for_every_batch_row(seeded):
+    """An object clusters alike alone and at any row of a batch of any size, in both STM blocks (they draw
+    from one generator in turn, as LRGTMerger.forward): the noise is one [N] draw per block for the batch."""
+    torch.manual_seed(0)
+    blocks = [L.STMBlock(dim=8, out_tokens=6, k=4, num_heads=2).eval() for _ in range(2)]
+    obj = lattice_tokens()
+    other, third = torch.randn(36, 8), torch.randn(36, 8)
+
+    def clusters(x):
+        if seeded:
+            gen = torch.Generator().manual_seed(0)
+        else:
+            gen = None
+            torch.manual_seed(1)
+        return [blk.cluster(x, gen) for blk in blocks]
+
+    alone = clusters(obj[None])
+    for batch, row in (([other, obj], 1), ([obj, other], 0), ([other, third, obj], 2)):
+        together = clusters(torch.stack(batch))
+        for i, (a, b) in enumerate(zip(alone, together)):
+            assert torch.equal(a[0], b[row]), f"block {i}: the object's clusters change at row {row} of {len(batch)}"
+
+
+def test_an_object_reconstructs_alike_alone_and_in_a_batch():
+    """A view given twice ties every token with its twin exactly: the object's clusters and occupancy
+    must not depend on what else is in the batch, with a seed and with the global RNG."""
+    torch.manual_seed(0)
+    model = L.LRGT(**TINY).eval()
+    view = torch.rand(3, 224, 224) * 2 - 1
+    obj = torch.stack([view, view])[None]  # [1, 2, 3, 224, 224]
+    batch = torch.cat([torch.rand(1, 2, 3, 224, 224) * 2 - 1, obj])
+
+    def run(x, seed):
+        if seed is None:  # torch's global RNG, seeded alike for both runs
+            torch.manual_seed(1)
+        with torch.no_grad():
+            return model.forward_detailed(x, generator=seed)
+
+    for seed in (None, 3):
+        alone, together = run(obj, seed), run(batch, seed)
+        for i, (a, b) in enumerate(zip(alone.clusters, together.clusters)):
+            assert torch.equal(a[0], b[1]), f"STM block {i}: clusters depend on the batch"
+        torch.testing.assert_close(together.occupancy[1], alone.occupancy[0], atol=1e-6, rtol=0)
+
+
 def test_bad_inputs_are_typed_errors():
     model = L.LRGT(**TINY).eval()
     for bad in (

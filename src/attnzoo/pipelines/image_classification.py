@@ -105,6 +105,26 @@ def model_labels(model: torch.nn.Module) -> list[str]:
     return [f"LABEL_{i}" for i in range(num_classes)]
 
 
+def model_data_config(model: torch.nn.Module) -> dict[str, Any]:
+    """The data config of ``model`` as it was built: timm's ``resolve_input_data_config``, which reads the
+    size the model was built at. A fixed-size model (Sparsifiner, InLine, timm's ViTs) built with
+    ``img_size=S`` takes S x S inputs, while its ``pretrained_cfg`` keeps describing the checkpoint
+    (224 for most), as timm leaves it. With a timm that lacks it: the legacy ``resolve_data_config``,
+    with the size of a fixed-size model's patch embedding."""
+    try:
+        from timm.data import resolve_input_data_config
+    except ImportError:  # timm before its model input traits
+        from timm.data import resolve_data_config
+
+        config = resolve_data_config(model=model)
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if cfg.get("fixed_input_size") and isinstance(size, (tuple, list)) and len(size) == 2:
+            config["input_size"] = (config["input_size"][0], *(int(s) for s in size))
+        return config
+    return resolve_input_data_config(model)
+
+
 class ImageClassificationPipeline(Pipeline):
     """Top-k classes for images given as paths, PIL images, numpy arrays or tensors.
 
@@ -119,7 +139,7 @@ class ImageClassificationPipeline(Pipeline):
     def __init__(
         self, model: torch.nn.Module, *, labels: list[str] | None = None, max_pixels: int | None = None, **kwargs: Any
     ):
-        from timm.data import create_transform, resolve_data_config
+        from timm.data import create_transform
 
         if max_pixels is not None:  # refused here, not as every file's "truncated or corrupt image"
             max_pixels = whole_number(
@@ -129,7 +149,7 @@ class ImageClassificationPipeline(Pipeline):
                 why="the most pixels of an image to decode; None: the default limit",
             )
         super().__init__(model, **kwargs)
-        self.data_config = resolve_data_config(model=self.model)
+        self.data_config = model_data_config(self.model)
         self.transform = create_transform(**self.data_config, is_training=False)
         self.colour_order = (getattr(self.model, "pretrained_cfg", None) or {}).get("colour_order", "RGB")
         self.max_pixels = max_pixels

@@ -291,10 +291,16 @@ _NOT_GIVEN: Any = object()
 class MultiViewReconstructionPipeline(Pipeline):
     """One input is a list of images of one object (paths, PIL images or arrays; any number of
     views); a list of such lists is a batch. Preprocessing is the official one (centre crop
-    128/137, 224 px, background 240, BGR unless ``colour_order="rgb"``). Settings (constructor or
-    call): ``threshold`` (0.3), ``colour_order`` ("bgr" or "rgb", any case) and ``background`` (240;
-    an int or an (r, g, b) triple 0-255, or None: transparent pixels keep their colour), as
-    :func:`preprocess_views` takes them."""
+    128/137, resized to the model's ``pretrained_cfg["input_size"]``: 224 as released, else the
+    ``img_size`` LRGT was built with; background 240, BGR unless ``colour_order="rgb"``).
+    Settings (constructor or call): ``threshold`` (0.3), ``colour_order`` ("bgr" or "rgb", any case)
+    and ``background`` (240; an int or an (r, g, b) triple 0-255, or None: transparent pixels keep
+    their colour), as :func:`preprocess_views` takes them.
+
+    LRGT breaks exact ties of its token clustering with 1e-6 noise (the same for every object of a
+    batch), drawn from torch's global RNG unless the model has a ``noise_seed``: for results that
+    are the same run to run (views that repeat, flat renderings), build it with one, e.g.
+    ``pipeline(..., model="lrgt", model_kwargs={"noise_seed": 0})``."""
 
     task = "multiview-3d-reconstruction"
 
@@ -332,7 +338,9 @@ class MultiViewReconstructionPipeline(Pipeline):
             raise InvalidInputError("a reconstruction needs a non-empty list of views of one object")
         images = [load_image(v, keep_alpha=True) for v in views]
         return {
-            "views": preprocess_views(images, colour_order=colour_order, background=background),
+            "views": preprocess_views(
+                images, colour_order=colour_order, background=background, size=_input_side(self.model)
+            ),
             "thumbnails": images,
         }
 
@@ -356,6 +364,15 @@ class MultiViewReconstructionPipeline(Pipeline):
         return Occupancy(
             outputs["probabilities"].numpy(), threshold, [im.copy() for im in outputs["thumbnails"]], self.weights_label
         )
+
+
+def _input_side(model: Any) -> int:
+    """The side the model takes its views at: its ``pretrained_cfg["input_size"]`` (LRGT's is its
+    ``img_size``); 224, the official size, for a model that says none."""
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    if isinstance(size, Sequence) and len(size) == 3 and size[1] == size[2] and isinstance(size[2], int):
+        return int(size[2])
+    return 224
 
 
 def _is_one_object(inputs: Any) -> bool:

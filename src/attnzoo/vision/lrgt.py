@@ -16,8 +16,11 @@ three state dicts):
   :func:`attnzoo.kernels.grouped_attention`; a depthwise 3x3 conv of each view's values (IFS) is
   added before the output projection. The other blocks attend within one view.
 * **merger**: two STM blocks (similar-token merger, from UMIFormer): DPC-kNN clusters the V*196
-  tokens into 196 (densities get 1e-6 uniform noise: pass ``generator`` for reproducible ties),
-  the score-weighted cluster means attend to all tokens (logits + per-key score), residual, MLP.
+  tokens into 196 (densities get 1e-6 uniform noise to break ties: one ``[N]`` draw per block, the
+  same for every object of a batch, so an object clusters alike alone or at any batch row; the
+  official code draws ``[B, N]``, the same for ``B = 1``; pass ``generator`` or ``noise_seed`` for
+  reproducible ties), the score-weighted cluster means attend to all tokens (logits + per-key
+  score), residual, MLP.
 * **decoder**: 64 learned queries cross-attend to the merged tokens, then a progressive
   upsampling transformer: 4^3 -> 8^3 -> 16^3 -> 32^3 (transposed convs + BN + ReLU, with
   attention over 512 tokens at each resolution, sub-voxels packed into channels), sigmoid.
@@ -315,17 +318,22 @@ class STMBlock(nn.Module):
     @torch.no_grad()
     def cluster(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """DPC-kNN: the ``out_tokens`` densest-and-isolated tokens become centres; every token joins
-        its nearest centre. Returns ``[B, N]`` cluster ids in ``[0, out_tokens)``."""
+        its nearest centre. Returns ``[B, N]`` cluster ids in ``[0, out_tokens)``.
+
+        Density ties are broken by 1e-6 uniform noise, one ``[N]`` vector drawn from ``generator`` (torch's
+        global RNG when None) and added to every object of the batch."""
         B = x.shape[0]
         dist = torch.cdist(x, x) / (self.dim**0.5)
         nearest, _ = torch.topk(dist, k=self.k, dim=-1, largest=False)
         density = (-(nearest**2).mean(dim=-1)).exp()
+        # One [N] noise vector for the whole batch (the official code draws [B, N]; the same for B = 1): an
+        # object's ties are broken the same way whatever its batch row and batch size, and the stream left
+        # for the next block does not depend on B either.
+        N = density.shape[-1]
         if generator is None:
-            noise = torch.rand(density.shape, device=density.device, dtype=density.dtype)
+            noise = torch.rand(N, device=density.device, dtype=density.dtype)
         else:  # drawn where the generator lives, so a CPU seed gives the same clusters on any device
-            noise = torch.rand(density.shape, generator=generator, device=generator.device, dtype=density.dtype).to(
-                density.device
-            )
+            noise = torch.rand(N, generator=generator, device=generator.device, dtype=density.dtype).to(density.device)
         density = density + noise * 1e-6  # breaks density ties, as the official code
         denser = (density[:, None, :] > density[:, :, None]).type(x.dtype)  # [b, i, j]: j is denser than i
         dist_max = dist.flatten(1).max(dim=-1)[0][:, None, None]
@@ -583,8 +591,9 @@ class LRGT(nn.Module):
     occupancy probabilities ``[B, 32, 32, 32]``. ``encoder``, ``merger`` and ``decoder`` hold the
     official state dicts (``encoder_state_dict`` etc. of the released checkpoint, minus ``module.``).
 
-    ``noise_seed``: seed of the STM density noise (1e-6 uniform) when ``forward`` gets no
-    ``generator``; ``None`` draws from torch's global RNG, as the official code.
+    ``noise_seed``: seed of the STM density noise (1e-6 uniform, the same for every object of a
+    batch) when ``forward`` gets no ``generator``; ``None`` draws from torch's global RNG, as the
+    official code (results then follow its state where views tie exactly).
     """
 
     def __init__(
