@@ -15,11 +15,16 @@ stamps are the process's CPU time (``time.process_time``), which other jobs on a
 not inflate; on a GPU they are wall time after a synchronize. Each method is
 timed right after a plain run, and the ratio is the median over the repeats of those pairs. The default model is a
 tiny random LLaVA-1.5 with the real layout (336 px CLIP, 576 image tokens) and a small language
-model; ``--model`` loads a real checkpoint through transformers' ``from_pretrained`` (cache,
-offline mode) for GPU runs.
+model; ``--text-shape llava-7b`` gives its language model LLaVA-1.5-7B's layer shape (``--layers`` of
+them: 2 on a CPU, 32 for the whole 7B on a GPU, built there in ``--dtype``), where the attention over a
+long prompt weighs against the weights as in the real model (on the tiny shape it weighs about 16x
+more: CARVE's official final pass holds two images); ``--model`` loads a real checkpoint through
+transformers' ``from_pretrained`` (cache, offline mode) for GPU runs.
 
     python benchmarks/lvlm_interventions.py                                   # CPU, tiny model
     python benchmarks/lvlm_interventions.py --methods var,pai --tokens 32
+    python benchmarks/lvlm_interventions.py --methods carve,carve-paper --text-shape llava-7b --layers 2
+    python benchmarks/lvlm_interventions.py --text-shape llava-7b --layers 32 --device cuda --dtype bfloat16
     python benchmarks/lvlm_interventions.py --model llava-hf/llava-1.5-7b-hf --device cuda --dtype float16
 
 To add a method, append a :class:`Method` to ``METHODS``: ``setup(model, inputs)`` returns the context
@@ -183,11 +188,33 @@ METHODS = [
 ]
 
 
-def tiny_llava(text_hidden: int, layers: int):
-    """A random LLaVA-1.5 with the real image layout (336 px / 14 px CLIP: 576 image tokens)."""
+#: Language-model layer shapes of the random LLaVA-1.5 (``--text-shape``): ``tiny`` is ``--text-hidden``
+#: wide with 4 heads and an MLP twice as wide; ``llava-7b`` is one layer of LLaVA-1.5-7B's Vicuna
+#: (hidden 4096, 32 heads, MLP 11008), so attention weighs against the weights as in the 7B model.
+TEXT_SHAPES = {"llava-7b": {"text_hidden": 4096, "text_heads": 32, "kv_heads": 32, "text_intermediate": 11008}}
+
+
+def tiny_llava(text_hidden: int, layers: int, shape: str = "tiny", device=None, dtype=None):
+    """A random LLaVA-1.5 with the real image layout (336 px / 14 px CLIP: 576 image tokens), built on
+    ``device`` in ``dtype``."""
     from tests.lvlm_helpers import tiny_llava as build
 
-    return build(batch=1, layers=layers, image_size=336, text_hidden=text_hidden, text_before=[30], text_after=[20])
+    text = TEXT_SHAPES.get(shape, {"text_hidden": text_hidden})
+    return build(
+        batch=1, layers=layers, image_size=336, text_before=[30], text_after=[20], device=device, dtype=dtype, **text
+    )
+
+
+def describe_model(args) -> str:
+    if args.model:
+        return args.model
+    if args.text_shape == "tiny":
+        return f"tiny LLaVA-1.5 (text hidden {args.text_hidden}, {args.layers} layers)"
+    shape = TEXT_SHAPES[args.text_shape]
+    return (
+        f"random LLaVA-1.5, {args.text_shape} layer shape (text hidden {shape['text_hidden']}, "
+        f"{shape['text_heads']} heads, MLP {shape['text_intermediate']}, {args.layers} layers)"
+    )
 
 
 def load(name: str, device, dtype):
@@ -300,7 +327,13 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=24, help="new tokens per timed generate")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--model", default=None, help="a checkpoint for from_pretrained (default: tiny random LLaVA)")
-    p.add_argument("--text-hidden", type=int, default=256)
+    p.add_argument("--text-hidden", type=int, default=256, help="the tiny shape's width")
+    p.add_argument(
+        "--text-shape",
+        default="tiny",
+        choices=["tiny", *TEXT_SHAPES],
+        help="the random model's language-model layer shape (llava-7b: LLaVA-1.5-7B's, with --layers of them)",
+    )
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -312,14 +345,13 @@ def main() -> None:
     if args.model:
         model, inputs, encode = load(args.model, device, dtype)
     else:
-        model, inputs = tiny_llava(args.text_hidden, args.layers)
-        model = model.to(device, dtype)
+        model, inputs = tiny_llava(args.text_hidden, args.layers, args.text_shape, device, dtype)
         inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
         encode = _tiny_encoder(device, dtype)
     batches = {m.questions: prompt_batch(encode, args.tokens, m.questions) for m in METHODS}
     chosen = [m for m in METHODS if m.name in args.methods.split(",")]
     print(
-        f"model={args.model or f'tiny LLaVA-1.5 (text hidden {args.text_hidden}, {args.layers} layers)'} "
+        f"model={describe_model(args)} "
         f"prompt={inputs['input_ids'].shape[1]} tokens device={device} dtype={args.dtype} "
         f"threads={torch.get_num_threads()} new tokens={args.tokens} repeats={args.repeats} "
         f"torch={torch.__version__}" + (f" gpu={torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")

@@ -18,13 +18,21 @@ BOS_TOKEN_ID = 1
 EOS_TOKEN_ID = 2
 
 
-def _llama_text(vocab: int = VOCAB, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 4, **kw):
+def _llama_text(
+    vocab: int = VOCAB,
+    hidden: int = 64,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 4,
+    intermediate: int | None = None,
+    **kw,
+):
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
+        intermediate_size=2 * hidden if intermediate is None else intermediate,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
@@ -96,18 +104,34 @@ def tiny_llava(
     text_before: Sequence[int] | None = None,
     text_after: Sequence[int] | None = None,
     kv_heads: int = 4,
+    text_heads: int = 4,
+    text_intermediate: int | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ):
-    """LLaVA-1.5 layout: CLIP tower (CLS dropped), ``(image_size/14)**2`` image tokens per image."""
+    """LLaVA-1.5 layout: CLIP tower (CLS dropped), ``(image_size/14)**2`` image tokens per image. The
+    model is built on ``device`` in ``dtype`` where given (a large random model never passes through
+    the CPU in float32); the inputs stay on the CPU."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+    text = _llama_text(
+        layers=layers, hidden=text_hidden, heads=text_heads, kv_heads=kv_heads, intermediate=text_intermediate
+    )
     config = LlavaConfig(
-        text_config=_llama_text(layers=layers, hidden=text_hidden, kv_heads=kv_heads),
+        text_config=text,
         vision_config=_clip_vision(image_size=image_size),
         image_token_index=IMAGE_TOKEN_ID,
         image_seq_length=(image_size // 14) ** 2,
     )
     config._attn_implementation = attn_implementation
-    model = _seeded(lambda: LlavaForConditionalGeneration(config), seed)
+
+    def build():
+        if device is None and dtype is None:
+            return LlavaForConditionalGeneration(config)
+        with torch.device(device or "cpu"):
+            return LlavaForConditionalGeneration._from_config(config, dtype=dtype or torch.float32)
+
+    model = _seeded(build, seed)
     n_img = (image_size // 14) ** 2
     before = list(text_before or [3 + i for i in range(batch)])
     after = list(text_after or [5 + 2 * i for i in range(batch)])
