@@ -396,6 +396,19 @@ def test_tie_noise_is_the_same_for_every_batch_row(seeded):
             assert torch.equal(a[0], b[row]), f"block {i}: the object's clusters change at row {row} of {len(batch)}"
 
 
+def test_training_draws_the_official_noise_per_object_and_eval_one_vector_for_the_batch():
+    """Training keeps the official [B, N] draw (each object its own tie-breaking, as the released
+    training ran); eval mode draws [N] once, whatever B: the generator moves by what each drew."""
+    block = L.STMBlock(dim=8, out_tokens=6, k=4, num_heads=2)
+    x = torch.stack([lattice_tokens(), lattice_tokens()])
+    for training, drawn in ((True, (2, 36)), (False, (36,))):
+        block.train(training)
+        used, official = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+        block.cluster(x, used)
+        torch.rand(drawn, generator=official)
+        assert torch.equal(torch.rand(4, generator=used), torch.rand(4, generator=official)), training
+
+
 def test_an_object_reconstructs_alike_alone_and_in_a_batch():
     """A view given twice ties every token with its twin exactly: the object's clusters and occupancy
     must not depend on what else is in the batch, with a seed and with the global RNG."""

@@ -16,11 +16,11 @@ three state dicts):
   :func:`attnzoo.kernels.grouped_attention`; a depthwise 3x3 conv of each view's values (IFS) is
   added before the output projection. The other blocks attend within one view.
 * **merger**: two STM blocks (similar-token merger, from UMIFormer): DPC-kNN clusters the V*196
-  tokens into 196 (densities get 1e-6 uniform noise to break ties: one ``[N]`` draw per block, the
-  same for every object of a batch, so an object clusters alike alone or at any batch row; the
-  official code draws ``[B, N]``, the same for ``B = 1``; pass ``generator`` or ``noise_seed`` for
-  reproducible ties), the score-weighted cluster means attend to all tokens (logits + per-key
-  score), residual, MLP.
+  tokens into 196 (densities get 1e-6 uniform noise to break ties: in eval mode one ``[N]`` draw per
+  block, the same for every object of a batch, so an object clusters alike alone or at any batch
+  row; in training the official ``[B, N]`` draw, the same for ``B = 1``; pass ``generator`` or
+  ``noise_seed`` for reproducible ties), the score-weighted cluster means attend to all tokens
+  (logits + per-key score), residual, MLP.
 * **decoder**: 64 learned queries cross-attend to the merged tokens, then a progressive
   upsampling transformer: 4^3 -> 8^3 -> 16^3 -> 32^3 (transposed convs + BN + ReLU, with
   attention over 512 tokens at each resolution, sub-voxels packed into channels), sigmoid.
@@ -320,20 +320,22 @@ class STMBlock(nn.Module):
         """DPC-kNN: the ``out_tokens`` densest-and-isolated tokens become centres; every token joins
         its nearest centre. Returns ``[B, N]`` cluster ids in ``[0, out_tokens)``.
 
-        Density ties are broken by 1e-6 uniform noise, one ``[N]`` vector drawn from ``generator`` (torch's
-        global RNG when None) and added to every object of the batch."""
+        Density ties are broken by 1e-6 uniform noise drawn from ``generator`` (torch's global RNG when
+        None): in training, one ``[B, N]`` draw, as the official code (each object its own noise); in
+        eval mode, one ``[N]`` vector added to every object of the batch, so an object's answer does not
+        depend on its batch row or batch size (the stream left for the next block does not either; for
+        B = 1 both are the official draw)."""
         B = x.shape[0]
         dist = torch.cdist(x, x) / (self.dim**0.5)
         nearest, _ = torch.topk(dist, k=self.k, dim=-1, largest=False)
         density = (-(nearest**2).mean(dim=-1)).exp()
-        # One [N] noise vector for the whole batch (the official code draws [B, N]; the same for B = 1): an
-        # object's ties are broken the same way whatever its batch row and batch size, and the stream left
-        # for the next block does not depend on B either.
-        N = density.shape[-1]
+        shape = density.shape if self.training else density.shape[-1:]
         if generator is None:
-            noise = torch.rand(N, device=density.device, dtype=density.dtype)
+            noise = torch.rand(shape, device=density.device, dtype=density.dtype)
         else:  # drawn where the generator lives, so a CPU seed gives the same clusters on any device
-            noise = torch.rand(N, generator=generator, device=generator.device, dtype=density.dtype).to(density.device)
+            noise = torch.rand(shape, generator=generator, device=generator.device, dtype=density.dtype).to(
+                density.device
+            )
         density = density + noise * 1e-6  # breaks density ties, as the official code
         denser = (density[:, None, :] > density[:, :, None]).type(x.dtype)  # [b, i, j]: j is denser than i
         dist_max = dist.flatten(1).max(dim=-1)[0][:, None, None]
@@ -591,8 +593,8 @@ class LRGT(nn.Module):
     occupancy probabilities ``[B, 32, 32, 32]``. ``encoder``, ``merger`` and ``decoder`` hold the
     official state dicts (``encoder_state_dict`` etc. of the released checkpoint, minus ``module.``).
 
-    ``noise_seed``: seed of the STM density noise (1e-6 uniform, the same for every object of a
-    batch) when ``forward`` gets no ``generator``; ``None`` draws from torch's global RNG, as the
+    ``noise_seed``: seed of the STM density noise (1e-6 uniform; in eval mode the same for every
+    object of a batch) when ``forward`` gets no ``generator``; ``None`` draws from torch's global RNG, as the
     official code (results then follow its state where views tie exactly).
     """
 
