@@ -192,11 +192,14 @@ def test_model_size_without_timms_input_traits(monkeypatch):
     torch.manual_seed(0)
     models = {name: attnzoo.create_model(name, **kw) for name, kw in OTHER_SIZE.items()}
     models["test_resnet"] = timm.create_model("test_resnet")  # not fixed-size: its checkpoint's size
-    current = {name: model_data_config(m) for name, m in models.items()}
-    monkeypatch.delattr(timm.data, "resolve_input_data_config")
-    for name, model in models.items():
-        assert model_data_config(model) == current[name], name
-    assert current["test_resnet"] == timm.data.resolve_data_config(model=models["test_resnet"])
+    monkeypatch.delattr(timm.data, "resolve_input_data_config", raising=False)  # older timm releases have none
+    for name, kw in OTHER_SIZE.items():
+        expected = {
+            **timm.data.resolve_data_config(model=models[name]),
+            "input_size": (3, kw["img_size"], kw["img_size"]),
+        }
+        assert model_data_config(models[name]) == expected, name
+    assert model_data_config(models["test_resnet"]) == timm.data.resolve_data_config(model=models["test_resnet"])
 
 
 def test_bad_inputs_raise_naming_the_input(classify, photo, tmp_path):
