@@ -1,11 +1,24 @@
 """Atomic writes: the target appears whole or not at all, and no temporary file is left behind."""
 
+import os
 import re
+import threading
+from pathlib import Path
 
 import pytest
 
-from attnzoo._io import atomic_path, atomic_write, check_out_outside, remove_stale_temporaries_in
-from attnzoo.errors import InvalidInputError, InvalidOptionError
+from attnzoo._io import (
+    atomic_path,
+    atomic_write,
+    check_out_outside,
+    check_regular_file,
+    read_csv_rows,
+    read_json,
+    read_text,
+    remove_stale_temporaries_in,
+)
+from attnzoo.errors import DatasetFormatError, InvalidInputError, InvalidOptionError
+from tests.datasets.special_files import fifo, needs_fifo
 
 
 def test_success_renames_into_place(tmp_path):
@@ -89,3 +102,32 @@ def test_an_out_equal_to_or_inside_an_input_is_refused(tmp_path, monkeypatch):
     for out in (tmp_path / "data-run", tmp_path, tmp_path / "other"):  # beside, above: allowed
         check_out_outside(out, [data], what="training data", why="why")
     check_out_outside(data, [], what="training data", why="why")
+
+
+@needs_fifo
+def test_devices_are_refused_before_they_are_opened_and_pipes_are_read_as_text(tmp_path):
+    """/dev/zero never ends: a device is refused from a stat, typed. A FIFO is refused where a file must be a
+    file (check_regular_file's default: opening one with no writer waits forever), but the text readers read
+    one front to back, as a shell's <(...) gives them."""
+    with pytest.raises(DatasetFormatError, match=r"labels.json: is a FIFO \(named pipe\), not a regular file"):
+        check_regular_file(fifo(tmp_path / "labels.json"), "JSON file")
+    for read, name, text, expected in (
+        (read_text, "a.txt", "hello\n", "hello\n"),
+        (read_json, "a.json", '{"a": 1}', {"a": 1}),
+        (read_csv_rows, "a.csv", "slide,label\ns1,1\n", (["slide", "label"], [{"slide": "s1", "label": "1"}])),
+    ):
+        pipe = tmp_path / f"pipe-{name}"
+        os.mkfifo(pipe)
+        writer = threading.Thread(target=lambda p=pipe, t=text: Path(p).write_text(t), daemon=True)
+        writer.start()
+        assert read(pipe) == expected
+        writer.join(5)
+        with pytest.raises(DatasetFormatError, match=r"/dev/null: is a character device, not a regular file"):
+            read("/dev/null")
+    (tmp_path / "link.json").symlink_to("/dev/null")  # through links too
+    with pytest.raises(DatasetFormatError, match="link.json: is a character device"):
+        read_json(tmp_path / "link.json")
+    (tmp_path / "ok.json").write_text('{"a": 1}')
+    assert read_json(tmp_path / "ok.json") == {"a": 1}
+    with pytest.raises(DatasetFormatError, match="no such file"):  # missing files keep their own message
+        read_json(tmp_path / "absent.json")

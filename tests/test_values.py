@@ -118,8 +118,29 @@ def test_worker_counts_at_the_process_limit_are_refused(monkeypatch):
         check_worker_count(8)
     with pytest.raises(InvalidOptionError, match=r"^--num-workers=9 is more worker processes .*\(8\)"):
         check_worker_count(9, "--num-workers")
-    monkeypatch.setattr(values, "process_limit", lambda: None)  # the system does not say: nothing refused
-    assert check_worker_count(10**12) == 10**12
+    monkeypatch.setattr(values, "process_limit", lambda: None)  # the system does not say: its bound is not applied
+    assert check_worker_count(64) == 64
+
+
+def test_worker_counts_past_what_any_run_uses_are_refused_whatever_the_system_allows(monkeypatch):
+    """``num_workers=10**7`` passed wherever the system's process limit was unknown or higher (pid_max is 4 million
+    on many machines): every worker is forked before the first batch. The most a run uses: 64, or 8 per core."""
+    monkeypatch.setattr(values, "process_limit", lambda: None)
+    monkeypatch.setattr(values.os, "cpu_count", lambda: 2)
+    assert values.useful_worker_limit() == 64 and check_worker_count(64) == 64
+    with pytest.raises(
+        InvalidOptionError, match=r"^num_workers=65 is more worker processes than any run uses \(at most 64"
+    ):
+        check_worker_count(65)
+    monkeypatch.setattr(values.os, "cpu_count", lambda: 32)
+    assert values.useful_worker_limit() == 256 and check_worker_count(256) == 256
+    with pytest.raises(InvalidOptionError, match=r"^--num-workers=10000000 is more worker processes .*\(at most 256"):
+        check_worker_count(10**7, "--num-workers")
+    monkeypatch.setattr(values.os, "cpu_count", lambda: None)  # unknown: one core assumed
+    assert values.useful_worker_limit() == 64
+    monkeypatch.setattr(values, "process_limit", lambda: 4_194_304)  # pid_max: no help against 10**6
+    with pytest.raises(InvalidOptionError, match=r"^num_workers=1000000 is more worker processes than any run uses"):
+        check_worker_count(10**6)
 
 
 def test_comma_items_strips_and_keeps_order():

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import struct
 import tempfile
 import zipfile
@@ -142,10 +143,48 @@ def parse_errors(
         raise error(f"{name}: not a readable {what} ({_reason(err)})") from None
 
 
+def special_file_kind(path: str | os.PathLike) -> str | None:
+    """What ``path`` is (following links) when it exists but is neither a regular file nor a folder: "a FIFO
+    (named pipe)", "a character device", ...; None for a regular file, a folder, or nothing (or nothing that
+    can be looked at: the open that follows says why)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # missing, a broken link, no permission, a NUL in the name
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a special file"
+
+
+def check_regular_file(
+    path: str | os.PathLike,
+    what: str = "file",
+    *,
+    error: type[AttnzooError] = DatasetFormatError,
+    allow_pipes: bool = False,
+) -> None:
+    """Refuse, as ``error`` naming ``path``, a FIFO, socket or device where a file is to be read: opening a FIFO
+    waits for a writer forever, and ``/dev/zero`` never ends (reading it whole fills the memory). Checked before
+    the file is opened; a missing file or a folder is left to the open that follows (each reader words those).
+    ``allow_pipes``: a FIFO is read (text read front to back: a shell's ``<(...)`` is a pipe with a writer)."""
+    kind = special_file_kind(path)
+    if kind is not None and not (allow_pipes and kind.startswith("a FIFO")):
+        raise error(f"{os.fspath(path)}: is {kind}, not a regular file; expected {what}")
+
+
 def read_text(
     path: str | os.PathLike, what: str = "text file", *, error: type[AttnzooError] = DatasetFormatError
 ) -> str:
     """A UTF-8 text file (a BOM is dropped); anything else is ``error`` naming the file."""
+    check_regular_file(path, what, error=error, allow_pipes=True)
     with parse_errors(path, what, error=error):
         return Path(path).read_text(encoding="utf-8-sig")
 
@@ -170,6 +209,7 @@ def read_csv_rows(
     path: str | os.PathLike, what: str = "CSV file", *, error: type[AttnzooError] = DatasetFormatError
 ) -> tuple[list[str], list[dict[str, str]]]:
     """The header and the rows of a UTF-8 CSV file (cells and names stripped; short rows padded with '')."""
+    check_regular_file(path, what, error=error, allow_pipes=True)
     with parse_errors(path, what, error=error), open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         header = [(h or "").strip() for h in (reader.fieldnames or [])]

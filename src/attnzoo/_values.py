@@ -166,15 +166,28 @@ def process_limit() -> int | None:
     return min(limits) if limits else None
 
 
+def useful_worker_limit() -> int:
+    """The most worker processes any run here takes: ``max(64, 8 per CPU core)``. Workers only decode and
+    check inputs for the main process, so beyond a few per core they add memory and start-up time, not speed;
+    a count far past it is a typo (``10**7``) that would fork until the process table is full."""
+    return max(64, 8 * (os.cpu_count() or 1))
+
+
 def check_worker_count(num_workers: int, name: str = "num_workers") -> int:
-    """A count of DataLoader worker processes (an int >= 0, checked by the caller) below what this system lets
-    one user run: DataLoader forks them all before the first batch, so a typo such as 10**6 would otherwise
-    exhaust the process table instead of being refused."""
+    """A count of worker processes (an int >= 0, checked by the caller) below what this system lets one user run
+    and no more than :func:`useful_worker_limit`: DataLoader forks them all before the first batch, so a typo
+    such as 10**6 would otherwise exhaust the process table instead of being refused."""
     limit = process_limit()
     if limit is not None and num_workers >= limit:
         raise InvalidOptionError(
             f"{name}={num_workers} is more worker processes than this system lets one user run ({limit}); "
             f"use a few per CPU core ({os.cpu_count()} here)"
+        )
+    useful = useful_worker_limit()
+    if num_workers > useful:
+        raise InvalidOptionError(
+            f"{name}={num_workers} is more worker processes than any run uses (at most {useful}, the larger of 64 "
+            f"and 8 per CPU core, {os.cpu_count()} here): each is forked before the first batch; use a few per core"
         )
     return num_workers
 

@@ -4,6 +4,7 @@ import torch
 
 from attnzoo.datasets.binvox import encode_binvox, parse_binvox, read_binvox, write_binvox
 from attnzoo.errors import DatasetFormatError, InvalidInputError
+from tests.datasets.special_files import fifo, needs_fifo
 
 # A 2x2x2 grid with one voxel at (x, y, z) = (1, 0, 1). In the file the linear index is
 # x * (dz * dy) + z * dy + y = 1 * 4 + 1 * 2 + 0 = 6: runs (0 x6), (1 x1), (0 x1).
@@ -123,3 +124,13 @@ def test_writer_rejects_bad_input(tmp_path):
     with pytest.raises(InvalidInputError, match="scale"):
         write_binvox(tmp_path / "p.binvox", np.zeros((2, 2, 2), dtype=bool), scale=0)
     assert not list(tmp_path.iterdir())
+
+
+@needs_fifo
+def test_a_fifo_or_device_is_refused_not_read(tmp_path):
+    """read_bytes() of /dev/zero filled the memory (a raw MemoryError); a FIFO waited for a writer forever."""
+    with pytest.raises(DatasetFormatError, match=r"model.binvox: is a FIFO \(named pipe\), not a regular file"):
+        read_binvox(fifo(tmp_path / "model.binvox"))
+    (tmp_path / "zero.binvox").symlink_to("/dev/null")  # /dev/zero alike, without the risk of reading it
+    with pytest.raises(DatasetFormatError, match="zero.binvox: is a character device, not a regular file"):
+        read_binvox(tmp_path / "zero.binvox")

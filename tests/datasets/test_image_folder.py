@@ -3,8 +3,15 @@
 import pytest
 from PIL import Image
 
-from attnzoo.datasets.image_folder import ClassificationSamples, align_classes, empty_class_folders, read_image_folder
+from attnzoo.datasets.image_folder import (
+    ClassificationSamples,
+    align_classes,
+    empty_class_folders,
+    list_images,
+    read_image_folder,
+)
 from attnzoo.errors import DatasetFormatError
+from tests.datasets.special_files import fifo, needs_fifo
 
 
 def folder(root, classes, n=1):
@@ -65,3 +72,36 @@ def test_empty_class_folders_are_found(tmp_path):
     (root / "b").mkdir()
     assert empty_class_folders(read_image_folder(root)) == ["b"]
     assert empty_class_folders(read_image_folder(folder(tmp_path / "full", "ab"))) == []
+
+
+@needs_fifo
+def test_fifos_and_devices_with_image_names_are_skipped(tmp_path):
+    """Not image files: listed, a FIFO would hang the first read forever (a broken link is still listed: reading it
+    says the file is missing, as before)."""
+    root = folder(tmp_path / "data", "ab")
+    fifo(tmp_path / "data" / "a" / "pipe.png")
+    (tmp_path / "data" / "a" / "dev.jpg").symlink_to("/dev/null")
+    (tmp_path / "data" / "b" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    samples = read_image_folder(root)
+    assert [(p.relative_to(root).as_posix(), t) for p, t in samples.samples] == [
+        ("a/0.png", 0),
+        ("b/0.png", 1),
+        ("b/gone.png", 1),
+    ]
+
+
+def test_images_are_listed_folder_by_folder_in_name_order_once_through_links(tmp_path):
+    """Each folder's files by name, then its subfolders by name (hidden ones and non-images skipped), as os.walk
+    went; a link back to a parent is not followed round."""
+    root = tmp_path / "c"
+    for name in ("b.png", "a.JPG", ".hidden.png", "notes.txt", "z/2.png", "z/1.png", "m/x.png", ".git/h.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"")
+    (root / "m" / "up").symlink_to(root, target_is_directory=True)
+    assert [p.relative_to(root).as_posix() for p in list_images(root)] == [
+        "a.JPG",
+        "b.png",
+        "m/x.png",
+        "z/1.png",
+        "z/2.png",
+    ]

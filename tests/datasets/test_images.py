@@ -8,7 +8,8 @@ from PIL import Image
 
 from attnzoo.datasets import images
 from attnzoo.datasets.images import load_image
-from attnzoo.errors import InvalidInputError
+from attnzoo.errors import InvalidInputError, InvalidOptionError
+from tests.datasets.special_files import fifo, needs_fifo
 from tests.helpers import http_server, png_header_only, write_png
 
 
@@ -329,3 +330,70 @@ def test_an_object_whose_read_needs_arguments_is_a_typed_error(tmp_path):
         ),
     ):
         load_image(archive)
+
+
+@needs_fifo
+def test_a_fifo_or_device_with_an_image_name_is_refused_not_opened(tmp_path):
+    """PIL's open of a FIFO waits for a writer forever; /dev/zero would be read without end."""
+    pipe = fifo(tmp_path / "cat.png")
+    with pytest.raises(InvalidInputError, match=r"cat.png: is a FIFO \(named pipe\), not a regular file"):
+        load_image(pipe)
+    (tmp_path / "dev.png").symlink_to("/dev/null")
+    with pytest.raises(InvalidInputError, match="dev.png: is a character device, not a regular file"):
+        load_image(tmp_path / "dev.png")
+    with pytest.raises(InvalidInputError, match="cat.png: is a FIFO"):  # a dataset's path alike
+        load_image(images.dataset_image_path(pipe))
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "check"),
+    [
+        ("ATTNZOO_MAX_IMAGE_PIXELS", "100M", "load"),
+        ("ATTNZOO_MAX_IMAGE_PIXELS", "-1", "load"),
+        ("ATTNZOO_MAX_IMAGE_PIXELS", "0", "load"),
+        ("ATTNZOO_MAX_IMAGE_PIXELS", "2.5", "load"),
+        ("ATTNZOO_MAX_IMAGE_BYTES", "64MB", "url"),
+        ("ATTNZOO_URL_TIMEOUT", "-3", "url"),
+        ("ATTNZOO_URL_TIMEOUT", "soon", "url"),
+    ],
+)
+def test_a_bad_size_limit_in_the_environment_is_a_typed_error_naming_it(tmp_path, monkeypatch, variable, value, check):
+    """Read when used, not at import (where '100M' was an internal ValueError and -1 refused every image)."""
+    write_png(tmp_path / "a.png", np.zeros((4, 4, 3), np.uint8))
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(InvalidOptionError, match=rf"the environment variable {variable} must be a positive"):
+        if check == "load":
+            load_image(tmp_path / "a.png")
+        else:  # refused before any connection is tried
+            images.fetch_url("http://127.0.0.1:9/a.png")
+
+
+def test_size_limits_in_the_environment_are_read_when_used(tmp_path, monkeypatch):
+    write_png(tmp_path / "a.png", np.zeros((40, 40, 3), np.uint8))
+    for value in ("1000", "1e3", " 1_000 "):
+        monkeypatch.setenv("ATTNZOO_MAX_IMAGE_PIXELS", value)
+        with pytest.raises(InvalidInputError, match="40x40 image exceeds the 1,000-pixel limit"):
+            load_image(tmp_path / "a.png")
+    monkeypatch.setenv("ATTNZOO_MAX_IMAGE_PIXELS", "")  # blank: the default
+    assert load_image(tmp_path / "a.png").size == (40, 40)
+    assert images.max_image_pixels() == images.MAX_PIXELS == 2 * 89_478_485  # the documented default
+
+
+def test_16_bit_arrays_are_scaled_in_integers_as_rounding_in_float_would():
+    """Every one of the 65536 values gives round(v / 257) (no value lies on a half), without float64 copies."""
+    import tracemalloc
+
+    values = np.arange(65536, dtype=np.uint16)
+    expected = np.array([round(int(v) * 255 / 65535) for v in values], np.uint8)
+    assert np.array_equal(images.uint16_to_uint8(values), expected)
+    grey = np.asarray(images.array_to_image(values.reshape(256, 256)))[..., 0]
+    assert np.array_equal(grey.reshape(-1), expected)
+    rgb = np.random.default_rng(0).integers(0, 65536, (512, 512, 3)).astype(np.uint16)
+    tracemalloc.start()
+    try:
+        out = images.uint16_to_uint8(rgb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(out, expected[rgb])
+    assert peak < 6 * rgb.size, peak  # dividing in float64 took 16 bytes a sample, and more

@@ -22,6 +22,7 @@ from attnzoo.datasets.mil_features import (
     read_trident_features,
 )
 from attnzoo.errors import DatasetFormatError, InvalidInputError
+from tests.datasets.special_files import fifo, needs_fifo
 
 RNG = np.random.default_rng(0)
 SLIDES = {"normal_001": (5, 0), "tumor_001": (7, 1), "test_001": (3, 1)}  # slide -> (patches, label)
@@ -313,3 +314,152 @@ def test_read_slide_labels(tmp_path):
     path.write_text("slide_id,label\na,1\na,0\n")
     with pytest.raises(DatasetFormatError, match="line 3: slide a listed twice"):
         read_slide_labels(path)
+
+
+# ------------------------------------------------------------------------------ sizes claimed, not stored
+
+
+def _spy_reads(monkeypatch):
+    """Record every read of a whole HDF5 dataset (``dset[()]``): a refusal must come before any."""
+    reads = []
+    original = h5py.Dataset.__getitem__
+
+    def spy(self, key):
+        reads.append(self.name)
+        return original(self, key)
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", spy)
+    return reads
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "chunked", "gzip"])
+def test_h5_declaring_far_more_than_it_stores_is_refused_before_reading(tmp_path, monkeypatch, layout):
+    """A file of a few KB declaring (20000, 1024) float32 (82 MB) with nothing written: HDF5 would fill all of it
+    in memory (a hunt's 1.4 KB file declaring 2 GB ended in a raw MemoryError); refused from the declared and
+    stored sizes, before any read."""
+    options = {
+        "contiguous": {},
+        "chunked": {"chunks": (1024, 1024)},
+        "gzip": {"chunks": (1024, 1024), "compression": "gzip"},
+    }
+    path = tmp_path / "claims.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", shape=(20000, 1024), dtype=np.float32, **options[layout])
+        f.create_dataset("coords", data=coords(3))
+    assert path.stat().st_size < 100_000
+    reads = _spy_reads(monkeypatch)
+    bags = read_feature_bags(path)
+    with pytest.raises(DatasetFormatError, match=r"claims\.h5: dataset '/features' declares shape \(20000, 1024\)"):
+        bags["claims"]
+    assert "/features" not in reads
+    # ACMIL's groups alike, named with the slide
+    acmil = tmp_path / "acmil.h5"
+    with h5py.File(acmil, "w") as f:
+        f.create_dataset("slide_1/feat", shape=(40000, 1024), dtype=np.float16, **options[layout])
+    with pytest.raises(DatasetFormatError, match=r"acmil\.h5 \[slide_1\]: dataset '/slide_1/feat' declares"):
+        read_acmil_h5(acmil)["slide_1"]
+    assert "/slide_1/feat" not in reads
+
+
+def test_written_h5_bags_load_whatever_their_storage(tmp_path, monkeypatch):
+    """Files as h5py, CLAM (resizable chunks, appended) and TRIDENT-style tools write them, compressed or not,
+    load as written, however small the size read without a check (so every check applies here)."""
+    import attnzoo.datasets.mil_features as mil
+
+    monkeypatch.setattr(mil, "_FREE_READ_BYTES", 0)
+    a = feats(300, 64)
+    layouts = {
+        "plain": {},
+        "chunked": {"chunks": True},
+        "gzip": {"chunks": True, "compression": "gzip", "compression_opts": 9},
+        "lzf_shuffle": {"chunks": True, "compression": "lzf", "shuffle": True},
+    }
+    for name, options in layouts.items():
+        with h5py.File(tmp_path / f"{name}.h5", "w") as f:
+            f.create_dataset("features", data=a, **options)
+            f.create_dataset("coords", data=coords(300), **options)
+            assert f["features"].compression == options.get("compression")
+        bag = read_feature_bags(tmp_path / f"{name}.h5")[name]
+        assert torch.equal(bag.features, torch.from_numpy(a)) and torch.equal(bag.coords, torch.from_numpy(coords(300)))
+    with h5py.File(tmp_path / "appended.h5", "w") as f:  # CLAM's save_hdf5: maxshape (None, D), grown per batch
+        dset = f.create_dataset("features", shape=(100, 64), maxshape=(None, 64), chunks=(100, 64), dtype=np.float32)
+        dset[:] = a[:100]
+        for start in (100, 200):
+            dset.resize(start + 100, axis=0)
+            dset[start:] = a[start : start + 100]
+    assert torch.equal(read_feature_bags(tmp_path / "appended.h5")["appended"].features, torch.from_numpy(a))
+    write_acmil(tmp_path / "acmil.h5")
+    assert len(read_acmil_h5(tmp_path / "acmil.h5").preload()) == len(SLIDES)
+
+
+def test_running_out_of_memory_on_a_bag_is_a_typed_error(tmp_path, monkeypatch):
+    """A bag that fits on disk but not in memory once converted or checked (the NaN check's mask): a typed error
+    naming the file and the slide, never a raw MemoryError."""
+    write_bag_h5(tmp_path / "big.h5", feats(4), coords(4))
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(np, "isfinite", out_of_memory)
+    with pytest.raises(DatasetFormatError, match=r"big\.h5: the bag of slide big needs more memory than there is"):
+        read_feature_bags(tmp_path / "big.h5")["big"]
+
+
+def _rezipped(source, target, compress_type):
+    import zipfile
+
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename), compress_type=compress_type)
+
+
+def test_pt_with_compressed_entries_is_refused_before_loading(tmp_path, monkeypatch):
+    """torch.save stores its zip entries as they are; a .pt with deflated entries (a hunt's 400 KB file loaded a
+    410 MB tensor) is refused before torch.load inflates anything."""
+    import zipfile
+
+    torch.save({"features": torch.zeros(64, 16)}, tmp_path / "plain.pt")
+    _rezipped(tmp_path / "plain.pt", tmp_path / "deflated.pt", zipfile.ZIP_DEFLATED)
+    loads = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or {"features": torch.ones(2, 2)})
+    with pytest.raises(
+        DatasetFormatError, match=r"deflated\.pt: not a torch\.save file: its zip entries are compressed"
+    ):
+        read_feature_bags(tmp_path / "deflated.pt")["deflated"]
+    assert not loads
+
+
+def test_pt_whose_entries_claim_more_than_the_file_is_refused(tmp_path):
+    import struct
+
+    torch.save(torch.from_numpy(feats(4)), tmp_path / "slide.pt")
+    data = bytearray((tmp_path / "slide.pt").read_bytes())
+    central = data.index(b"PK\x01\x02")  # the first entry's central-directory record: uncompressed size at +24
+    data[central + 24 : central + 28] = struct.pack("<I", 2**32 - 1)
+    (tmp_path / "lying.pt").write_bytes(bytes(data))
+    with pytest.raises(DatasetFormatError, match=r"lying\.pt: its zip entries claim [\d,]+ bytes in a file of"):
+        read_feature_bags(tmp_path / "lying.pt")["lying"]
+
+
+def test_pt_files_torch_save_writes_still_load(tmp_path):
+    """Either of torch.save's formats (zip, the legacy pickle), and a stored zip re-written by hand."""
+    import zipfile
+
+    a = feats(5, 8)
+    torch.save({"features": torch.from_numpy(a), "coords": torch.from_numpy(coords(5))}, tmp_path / "zip.pt")
+    torch.save(torch.from_numpy(a), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    _rezipped(tmp_path / "zip.pt", tmp_path / "stored.pt", zipfile.ZIP_STORED)
+    for name in ("zip", "legacy", "stored"):
+        assert torch.equal(read_feature_bags(tmp_path / f"{name}.pt")[name].features, torch.from_numpy(a))
+
+
+@needs_fifo
+def test_a_fifo_named_as_a_pt_bag_is_refused_not_opened(tmp_path):
+    """A FIFO with no writer would make the archive check wait forever (the .h5 listing skips what is not a
+    file; the .pt listing did not): refused from a stat, typed, naming it."""
+    torch.save(torch.from_numpy(feats(4)), tmp_path / "good.pt")
+    fifo(tmp_path / "slide.pt")
+    bags = read_clam_features(tmp_path)
+    assert bags["good"].features.shape[0] == 4
+    with pytest.raises(DatasetFormatError, match=r"slide\.pt: is a FIFO \(named pipe\), not a regular file"):
+        bags["slide"]

@@ -258,3 +258,71 @@ def test_patch_dataset_resizes_and_normalises(slides):
     assert index == 1 and image.shape == (3, 56, 56) and image.dtype == torch.float32
     white = PatchTransform()(Image.new("RGB", (2, 2), (255, 255, 255)))
     assert torch.allclose(white[:, 0, 0], (1 - torch.tensor(wsi.IMAGENET_MEAN)) / torch.tensor(wsi.IMAGENET_STD))
+
+
+# ----------------------------------------------------------------------------- the in-memory reader's limits
+
+
+def _striped_tiff(path, array):
+    """A striped (not tiled) TIFF: OpenSlide does not open it, so the in-memory reader does."""
+    import tifffile
+
+    extra = {"extrasamples": ["unassalpha"]} if array.ndim == 3 and array.shape[-1] == 4 else {}
+    tifffile.imwrite(path, array, photometric="rgb" if array.ndim == 3 else "minisblack", rowsperstrip=8, **extra)
+    return path
+
+
+def test_the_in_memory_reader_counts_bytes_as_well_as_pixels(tmp_path, monkeypatch):
+    """A 16-bit RGBA page takes 8 bytes a pixel as stored: refused from its header past 4 bytes a pixel of the limit."""
+    monkeypatch.setattr(wsi, "FALLBACK_MAX_PIXELS", 1000)
+    rgba16 = _striped_tiff(tmp_path / "deep.tif", np.zeros((30, 30, 4), np.uint16))  # 900 px: under 1000
+    with pytest.raises(
+        DatasetFormatError, match=r"deep.tif: 30x30 image of 4 samples of 16 bits per pixel would take 7,200 bytes"
+    ):
+        open_slide(rgba16)
+    rgb8 = _striped_tiff(tmp_path / "rgb8.tif", np.zeros((30, 30, 3), np.uint8))  # 2,700 bytes: read
+    assert open_slide(rgb8).backend == "image"
+
+
+def test_16_bit_tiffs_are_scaled_to_8_bits_by_rounding(tmp_path):
+    values = np.random.default_rng(0).integers(0, 65536, (16, 16, 3)).astype(np.uint16)
+    slide = open_slide(_striped_tiff(tmp_path / "deep.tif", values))
+    assert slide.backend == "image"
+    expected = np.array([round(int(v) * 255 / 65535) for v in values.reshape(-1)], np.uint8).reshape(values.shape)
+    assert np.array_equal(np.asarray(slide.read_region((0, 0), 0, (16, 16))), expected)
+
+
+def test_the_slide_pixel_limit_in_the_environment_is_read_when_used(tmp_path, monkeypatch):
+    """Parsed at use with a typed error naming it ('100M' was an internal ValueError at import, -1 refused all)."""
+    path = tmp_path / "plain.png"
+    Image.new("RGB", (40, 40), (200, 100, 50)).save(path)
+    for bad in ("100M", "-1", "0"):
+        monkeypatch.setenv("ATTNZOO_MAX_SLIDE_PIXELS", bad)
+        with pytest.raises(InvalidOptionError, match="the environment variable ATTNZOO_MAX_SLIDE_PIXELS must be"):
+            open_slide(path)
+    monkeypatch.setenv("ATTNZOO_MAX_SLIDE_PIXELS", "1000")
+    with pytest.raises(DatasetFormatError, match="40x40 image is too large to hold in memory"):
+        open_slide(path)
+    assert wsi.max_patch_side() == 31
+    monkeypatch.delenv("ATTNZOO_MAX_SLIDE_PIXELS")
+    assert open_slide(path).dimensions == (40, 40) and wsi.max_patch_side() == 2**14  # the default, 2^28 pixels
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX only")
+def test_a_fifo_is_refused_not_opened(tmp_path):
+    from tests.datasets.special_files import fifo
+
+    with pytest.raises(DatasetFormatError, match=r"slide.tif: is a FIFO \(named pipe\), not a regular file"):
+        open_slide(fifo(tmp_path / "slide.tif"))
+
+
+def test_properties_openslide_lists_but_cannot_look_up_are_left_out():
+    """A damaged SVS whose property name is not UTF-8 (found by the WSI fuzz test): OpenSlide lists the name
+    decoded with replacements, and looking it up is a KeyError; the slide opens without that property."""
+    from attnzoo.datasets.wsi import _readable_properties
+
+    class Listed(dict):
+        def __iter__(self):
+            return iter([*super().__iter__(), "aperio.\ufffdppMag"])
+
+    assert _readable_properties(Listed({"aperio.MPP": "0.25"})) == {"aperio.MPP": "0.25"}

@@ -139,3 +139,24 @@ def test_check_batching_refuses_worker_counts_at_the_process_limit(monkeypatch):
         base.check_batching(8, 5)
     with pytest.raises(InvalidInputError, match="num_workers must be an integer >= 0"):
         base.check_batching(8, -1)
+
+
+def test_a_pipeline_refuses_worker_counts_no_run_uses_at_construction_and_at_a_call(monkeypatch):
+    """``num_workers=10**7`` was taken by a pipeline (only ``>= 0`` was checked) and would fork until the process
+    table filled; refused, saying why, before any worker starts. The most any run uses is taken."""
+    import attnzoo._values
+    from attnzoo._values import useful_worker_limit
+    from attnzoo.errors import InvalidOptionError
+
+    monkeypatch.setattr(attnzoo._values, "process_limit", lambda: None)  # whatever the system allows
+    monkeypatch.setattr(Pipeline, "_batches", lambda *a, **k: pytest.fail("workers were to start"))
+    useful = useful_worker_limit()
+    for count in (10**7, useful + 1):
+        with pytest.raises(InvalidOptionError, match=rf"^num_workers={count} is more worker processes than any run"):
+            _Recorder(torch.nn.Linear(1, 1), num_workers=count)
+    recorder = _Recorder(torch.nn.Linear(1, 1), num_workers=useful)  # the bound itself is taken
+    assert recorder.num_workers == useful
+    with pytest.raises(InvalidOptionError, match=r"^num_workers=10000000 is more worker processes .*per CPU core"):
+        list(_Recorder(torch.nn.Linear(1, 1)).iterate([1, 2], num_workers=10**7))
+    with pytest.raises(InvalidOptionError, match="num_workers=10000000 is more worker processes"):
+        base.check_batching(8, 10**7)

@@ -996,3 +996,80 @@ def test_the_first_panel_names_the_tiny_models_centre_crop(ask):
     assert 100 < middle.min() and middle.max() < 155  # the view is the middle tenth: red from 115 to 140
     assert _image_title(out.image, out.view) == "model's view (centre crop)"
     assert _image_title(out.image, out.image) == "image"
+
+
+def test_attention_layers_past_the_depth_are_refused_before_being_spelled_out(ask, photos):
+    """``attention_layers="0-30000000"`` was spelled out (30 million indices, 2.5 GB) before the depth was
+    compared, and the error listed them all; a range is checked against the language model's layers first."""
+    from attnzoo.pipelines.hallucination_mitigation import _layers
+
+    with pytest.raises(
+        InvalidOptionError,
+        match=r"^attention_layers '0-30000000' reaches past the language model's 4 layers \(0-30000000\); "
+        r"indices run 0\.\.3, or -4\.\.-1 from the last$",
+    ):
+        _layers("0-30000000", 4)
+    with pytest.raises(InvalidOptionError, match=r"reaches past any language model's depth \(0-30000000\)"):
+        _layers("0-30000000")  # the depth unknown: a bound no model reaches
+    assert _layers("-1,1-2", 4) == (-1, 1, 2) and _layers([0, 3], 4) == (0, 3)
+    for layers, outside in (("0-3000,1", "0-3000"), ([0, 7], "7"), ("1,-5", "-5")):
+        with pytest.raises(InvalidOptionError) as caught:
+            ask(photos[0], question="dog?", return_attention=True, attention_layers=layers)
+        assert f"the language model's 4 layers ({outside})" in str(caught.value) and len(str(caught.value)) < 200
+
+
+def test_a_question_that_fills_the_context_alone_is_the_inputs_fault(ask, photos):
+    """A question whose prompt alone fills the context was blamed on ``max_new_tokens`` (an InvalidOptionError
+    "max_new_tokens=4 after a prompt of ... tokens"); it is the input's error, naming the question's length."""
+    long_question = "Is there a dog? " * 150  # 2,400 characters: more tokens than the tiny model's 2048
+    with pytest.raises(InvalidInputError) as caught:
+        ask(photos[0], question=long_question)
+    assert type(caught.value) is InvalidInputError and "max_new_tokens" not in str(caught.value)
+    assert re.match(
+        r"^<Image \(70, 48\)>: the prompt alone takes [\d,]+ tokens \(image tokens included; the question is 2,400 "
+        r"characters long\), which fills the language model's context of 2,048 tokens .*shorten the question$",
+        str(caught.value),
+    )
+    with pytest.raises(InvalidOptionError, match=r"^max_new_tokens=1000 after a prompt of \d+ tokens"):
+        ask(photos[0], question="Is there a dog? " * 100, max_new_tokens=1000)  # fits alone: the setting's fault
+
+
+def test_images_too_large_for_memory_are_typed_errors_naming_the_input(ask, photos, monkeypatch):
+    """An image given in memory never met the pixel limit files meet, and one under it could still run the
+    processor out of memory: both were a raw MemoryError. The image reaches the processor unresized."""
+    import attnzoo.datasets.images as images
+
+    monkeypatch.setattr(images, "max_image_pixels", lambda: 70 * 48 - 1)
+    array = np.array(photos[0])
+    for given in (photos[0], array, torch.from_numpy(array).permute(2, 0, 1).contiguous()):
+        with pytest.raises(InvalidInputError, match=r": this 70x48 image has more than the 3,359 pixels an image may"):
+            ask(given, question="dog?")
+    monkeypatch.undo()
+
+    class OutOfMemory:
+        """The model's processor, running out of memory when called (as on a 12000x12000 image)."""
+
+        def __init__(self, processor):
+            self.wrapped = processor
+
+        def __getattr__(self, name):
+            return getattr(self.wrapped, name)
+
+        def __call__(self, *args, **kwargs):
+            raise MemoryError
+
+    monkeypatch.setattr(ask, "processor", OutOfMemory(ask.processor))
+    with pytest.raises(
+        InvalidInputError,
+        match=r"^<Image \(70, 48\)>: the model's processor ran out of memory encoding the image\(s\) \(70x48 pixels\); "
+        "pass a smaller image",
+    ):
+        ask(photos[0], question="dog?")
+    monkeypatch.undo()
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(images, "load_image", no_memory)  # reading (an RGB copy of) it
+    with pytest.raises(InvalidInputError, match=r"^<Image \(70, 48\)>: reading this image \(70x48\) needs more memory"):
+        ask(photos[0], question="dog?")

@@ -2,6 +2,7 @@
 evaluation and view sweep."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from attnzoo.cli import main
 from attnzoo.datasets.binvox import read_binvox
 from attnzoo.errors import InvalidInputError
 from attnzoo.metrics.reconstruction import voxel_iou
+from attnzoo.pipelines import multiview_reconstruction as mv
 from attnzoo.pipelines.multiview_reconstruction import preprocess_views
 from attnzoo.registry import ModelEntry
 from attnzoo.vision import lrgt as L
@@ -336,3 +338,93 @@ def test_preprocess_bad_inputs():
             preprocess_views([view], background=background)
     with pytest.raises(InvalidInputError, match="cannot read"):
         preprocess_views(["/nonexistent/00.png"])
+
+
+# -- the memory a view takes, and how many an object may have ------------------------------------
+
+
+def old_preprocess(view, size=224, crop_fraction=128 / 137, background=240):
+    """The preprocessing as it was before views were read one at a time: the whole view made float32, its crop
+    resized in float64 by the separable cv2 INTER_LINEAR matrices (BGR, background where alpha is 0)."""
+    arr = view.astype(np.float32) / np.float32(255)
+    h, w = arr.shape[:2]
+    side = max(1, int(round(min(h, w) * crop_fraction)))
+    top, left = (h - side) // 2, (w - side) // 2
+    x = torch.from_numpy(np.ascontiguousarray(arr[top : top + side, left : left + side])).permute(2, 0, 1)
+    if side != size:
+        m = mv._linear_resize_matrix(side, size)
+        x = (m @ x.double() @ m.T).float()
+    fill = torch.tensor(mv._background(background), dtype=torch.float32).view(3, 1, 1).expand(3, size, size)
+    colour = torch.where(x[3:] == 0, fill, x[:3]).flip(0)
+    return (colour * 2 - 1).contiguous()
+
+
+def test_views_up_to_twice_the_input_side_are_preprocessed_exactly_as_before():
+    """ShapeNet's 137 px renderings and anything whose crop is at most twice the model's side: bit for bit."""
+    for i, hw in enumerate([(137, 137), (224, 224), (300, 274), (256, 256), (479, 479)]):
+        view = rendering(20 + i, size=hw)
+        assert torch.equal(preprocess_views([view])[0], old_preprocess(view)), hw
+    view = rendering(30, size=(137, 137))
+    assert torch.equal(preprocess_views([view], size=64)[0], old_preprocess(view, size=64))
+
+
+def test_a_large_view_is_resized_from_the_pixels_the_resize_reads():
+    """A crop over twice the side: only the (at most 2 per output pixel) source rows and columns are made float;
+    the same result as the whole crop in float64 up to rounding, and no float copy of the whole view."""
+    import tracemalloc
+
+    view = rendering(31, size=(1000, 1000))  # crop 934 px > 2 x 224
+    tracemalloc.start()
+    try:
+        x = preprocess_views([view])[0]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    torch.testing.assert_close(x, old_preprocess(view), atol=1e-6, rtol=0)
+    torch.testing.assert_close(x, np_preprocess(view), atol=1e-6, rtol=0)
+    assert peak < 3 * view.nbytes, peak  # the whole view in float32 alone was 4 x its bytes
+
+
+def test_views_per_object_are_capped_before_any_is_decoded(recon, tmp_path):
+    """4000 views of one object ended in a raw allocator error after decoding all of them."""
+    too_many = [tmp_path / f"{i:03d}.png" for i in range(mv.MAX_VIEWS + 1)]  # none exists: nothing is read
+    with pytest.raises(InvalidInputError, match=r"000.png: 65 views of one object, more than the 64"):
+        recon.preprocess(too_many)
+    tiny = np.zeros((16, 16, 4), np.uint8)
+    with pytest.raises(InvalidInputError, match="65 views of one object, more than the 64"):
+        preprocess_views([tiny] * 65, size=8)
+    assert preprocess_views([tiny] * 64, size=8).shape == (64, 3, 8, 8)
+
+
+def test_running_out_of_memory_while_preprocessing_is_a_typed_error_naming_the_input(recon, monkeypatch):
+    view = rendering(0)
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(mv, "_process_one", no_memory)
+    with pytest.raises(InvalidInputError, match=r"view 0 \(137x137\): not enough memory to preprocess it"):
+        preprocess_views([view])
+    monkeypatch.undo()
+
+    def allocator_fails(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: 9 bytes")
+
+    monkeypatch.setattr(mv, "load_image", allocator_fails)
+    with pytest.raises(InvalidInputError, match=r"the object whose first view is .*: its 2 views do not fit in memory"):
+        recon.preprocess([view, view])
+
+
+def test_view_paths_are_read_by_the_project_loader(tmp_path, monkeypatch):
+    """Plain Image.open let PIL's DecompressionBombError out raw and knew no pixel limit of ours."""
+    from attnzoo.datasets import images
+
+    Image.fromarray(rendering(0)).save(tmp_path / "00.png")
+    monkeypatch.setattr(images, "MAX_PIXELS", 100)
+    with pytest.raises(InvalidInputError, match=r"view 0: cannot read image: .*00.png: 137x137 image exceeds the 100"):
+        preprocess_views([tmp_path / "00.png"])
+    if hasattr(os, "mkfifo"):
+        from tests.datasets.special_files import fifo
+
+        with pytest.raises(InvalidInputError, match=r"view 0: cannot read image: .*01.png: is a FIFO"):
+            preprocess_views([fifo(tmp_path / "01.png")])

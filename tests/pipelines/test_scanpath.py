@@ -414,7 +414,7 @@ def test_oat_batches_sampling_and_search_trials(tmp_path):
         ({"target": 1, "boxes": "boxes.txt"}, r"\.json or \.npy"),
         ({"target": 1, "max_len": 0}, r"max_len must be an integer in \[1, 5000\] \(the decoder's position table"),
         ({"target": 1, "max_len": 10**8}, r"max_len must be an integer in \[1, 5000\]"),
-        ({"target": 1, "strategy": "sample", "num_samples": 0}, "num_samples must be a positive integer"),
+        ({"target": 1, "strategy": "sample", "num_samples": 0}, r"num_samples must be an integer in \[1, 10000\]"),
         ({"target": 1, "strategy": "sample", "seed": 1.5}, "seed must be an integer"),
         ({"target": 1, "strategy": "sample", "seed": 2**64}, r"seed must be an integer in \[0, 2\*\*64\)"),
         ({"target": 1, "strategy": "sample", "seed": -(2**63) - 1}, "seed must be an integer in"),
@@ -582,3 +582,109 @@ def test_a_random_nevaclip_is_the_same_model_in_every_build_and_process(monkeypa
         assert pipe.weights_label == "random (seed 0)"
         runs.append(np.asarray(sp.xy))
     np.testing.assert_array_equal(runs[0], runs[1])
+
+
+# -- hunt 24: bounded OAT sampling, boxes files read header first, typed run-file errors ----------
+
+
+def test_oat_refuses_more_samples_than_the_cap_at_construction_and_call(tmp_path, monkeypatch):
+    from attnzoo.errors import InvalidOptionError
+    from attnzoo.vision import oat_decoding
+
+    with pytest.raises(InvalidOptionError, match=r"num_samples must be an integer in \[1, 10000\] \(sampled"):
+        attnzoo.pipeline("scanpath", model=tiny_oat(), strategy="sample", num_samples=10**9)
+    pipe = attnzoo.pipeline("scanpath", model=tiny_oat(), max_len=3)
+    path, boxes = shelf(tmp_path)
+    # refused before any seed is drawn (a billion samples would loop for hours)
+    monkeypatch.setattr(oat_decoding, "trial_seeds", lambda *a, **k: pytest.fail("seeds drawn before the check"))
+    with pytest.raises(InvalidOptionError, match="num_samples"):
+        pipe(path, boxes=boxes, target=1, strategy="sample", num_samples=10_001)
+
+
+def _npy_header(path, shape, descr="<f8", data=b"\0" * 64, version=(1, 0)):
+    """A .npy file of a few bytes whose header claims ``shape`` (nothing of that size is written)."""
+    header = {"descr": descr, "fortran_order": False, "shape": shape}
+    with open(path, "wb") as fh:
+        writer = np.lib.format.write_array_header_1_0 if version == (1, 0) else np.lib.format.write_array_header_2_0
+        writer(fh, header)
+        fh.write(data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "shape, descr, data, match",
+    [
+        ((10**9, 4), "<f8", b"\0" * 64, "claims 1,000,000,000 boxes, more than the 100,000"),
+        ((2**40, 4), "<f4", b"\0" * 64, "claims 1,099,511,627,776 boxes"),
+        ((2**62, 2**62), "<f8", b"\0" * 64, r"shape \(4611686018427387904, 4611686018427387904\), not \[N, 4\]"),
+        ((6, 3), "<f8", b"\0" * 144, r"shape \(6, 3\), not \[N, 4\]"),
+        ((24,), "<f8", b"\0" * 192, r"shape \(24,\), not \[N, 4\]"),
+        ((6, 4), "<f8", b"\0" * 10, "more than its .* bytes hold"),
+        ((6, 4), "|O", b"\0" * 64, "holds object"),
+    ],
+)
+def test_a_boxes_npy_file_is_refused_from_its_header_before_its_data_is_read(
+    tmp_path, monkeypatch, shape, descr, data, match
+):
+    pipe = attnzoo.pipeline("scanpath", model=tiny_oat(), max_len=3)
+    path, _ = shelf(tmp_path)
+    bad = _npy_header(tmp_path / "claims.npy", shape, descr, data)
+    assert bad.stat().st_size < 512  # the file is tiny, whatever it claims
+    monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("np.load called on a file whose header is refused"))
+    with pytest.raises(InvalidInputError, match=rf"boxes file .*claims\.npy: .*{match}"):
+        pipe(path, boxes=str(bad), target=1)
+
+
+def test_a_boxes_npy_file_never_raises_a_raw_parser_error(tmp_path, monkeypatch):
+    pipe = attnzoo.pipeline("scanpath", model=tiny_oat(), max_len=3)
+    path, boxes = shelf(tmp_path)
+    good = tmp_path / "boxes.npy"
+    np.save(good, boxes)
+    expected = pipe(path, boxes=boxes, target=1)
+    assert pipe(path, boxes=str(good), target=1).objects.tolist() == expected.objects.tolist()
+    v2 = _npy_header(tmp_path / "v2.npy", (6, 4), data=boxes.astype("<f8").tobytes(), version=(2, 0))
+    assert pipe(path, boxes=str(v2), target=1).objects.tolist() == expected.objects.tolist()
+    for junk in (b"garbage", b"\x93NUMPY garbage"):  # no magic; a magic of no version
+        (tmp_path / "junk.npy").write_bytes(junk)
+        with pytest.raises(InvalidInputError, match="boxes file .*junk.npy"):
+            pipe(path, boxes=str(tmp_path / "junk.npy"), target=1)
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(np, "load", out_of_memory)  # what numpy raises when the data does not fit
+    with pytest.raises(
+        InvalidInputError, match=r"boxes\.npy could not be read \(it claims more memory than there is\)"
+    ):
+        pipe(path, boxes=str(good), target=1)
+
+
+def test_a_damaged_decoding_json_beside_the_weights_is_a_typed_error(tmp_path):
+    from attnzoo.errors import WeightsError
+    from attnzoo.evaluation.scanpath import training_split
+    from attnzoo.pipelines.scanpath import OATScanpathPipeline, run_decoding
+
+    weights = tmp_path / "model.safetensors"  # only its folder is read here
+    run = tmp_path / "decoding.json"
+    for text, match in (
+        ("{bad", "decoding.json: not valid JSON"),
+        ("[1, 2]", "decoding.json: expected a JSON object"),
+        ('{"max_len": "x"}', "decoding.json: max_len must be an integer"),
+        ('{"split": "official"}', "decoding.json: max_len must be an integer"),
+        ('{"max_len": 1000000}', r"decoding.json: max_len must be an integer in \[1, 5000\]"),
+    ):
+        run.write_text(text)
+        with pytest.raises(WeightsError, match=match):
+            OATScanpathPipeline.configure_model(tiny_oat(), weights)
+    run.write_text("\xff\xfe garbage", encoding="latin-1")
+    with pytest.raises(WeightsError, match="decoding.json"):
+        run_decoding(weights)
+    run.write_text('{"max_len": 4}')
+    assert OATScanpathPipeline.configure_model(tiny_oat(), weights).max_len == 4
+    assert training_split(weights) is None  # no split recorded: not a split to evaluate on
+    for text in ('{"max_len": 4, "split": "official"}', '{"max_len": 4, "split": 3, "split_seed": 0}'):
+        run.write_text(text)
+        with pytest.raises(WeightsError, match="decoding.json: the training run's split"):
+            training_split(weights)
+    run.write_text('{"max_len": 4, "split": "official", "split_seed": 7}')
+    assert training_split(weights)["split_seed"] == 7

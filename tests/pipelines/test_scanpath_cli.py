@@ -100,7 +100,7 @@ def test_greedy_without_samples_and_the_dataset_option(shelves, oat, tmp_path, m
     assert "time_Q1_mousedel_new" in capsys.readouterr().err
     assert evaluate(shelves, tmp_path / "mit", "--dataset", "mit1003") == 1
     assert "OAT predicts visual search" in capsys.readouterr().err
-    assert evaluate(shelves, tmp_path / "zero", "--samples", "-1") == 1
+    assert evaluate(shelves, tmp_path / "zero", "--samples", "-1") == 2  # a usage error
     assert "--samples" in capsys.readouterr().err
 
 
@@ -128,3 +128,21 @@ def test_run_oat_on_a_shelf_picture_with_boxes_from_a_file(shelves, oat, tmp_pat
     assert "bad.json could not be read" in capsys.readouterr().err
     assert main([*args[:-2], "--boxes", str(tmp_path / "boxes.json"), "--target", "4", "--fixations", "2"]) == 1
     assert "fixations" in capsys.readouterr().err  # NevaClip's setting, not OAT's
+
+
+def test_samples_beyond_the_cap_are_refused_before_any_decoding(shelves, oat, tmp_path, monkeypatch, capsys):
+    """A billion samples per trial would loop for hours drawing seeds: --samples is capped (the official
+    evaluation samples 100), in the evaluator and on the command line, before anything is decoded."""
+    from attnzoo.errors import InvalidOptionError
+    from attnzoo.evaluation.scanpath import ScanpathEvaluator
+    from attnzoo.vision import oat_decoding
+
+    with pytest.raises(InvalidOptionError, match=r"--samples must be an integer in \[1, 10000\] \(sampled"):
+        ScanpathEvaluator(shelves, model_kind="oat", samples_per_trial=10**9)
+    with pytest.raises(InvalidOptionError, match="--samples"):
+        ScanpathEvaluator(shelves, model_kind="oat", samples_per_trial=2.5)
+    use_model(monkeypatch, "oat_yogurt", lambda **kw: oat)
+    monkeypatch.setattr(oat_decoding, "trial_seeds", lambda *a, **k: pytest.fail("seeds drawn before the check"))
+    capsys.readouterr()
+    assert evaluate(shelves, tmp_path / "many", "--limit", "1", "--samples", "10001") == 2
+    assert "--samples must be an integer in [1, 10000]" in capsys.readouterr().err

@@ -644,3 +644,64 @@ def test_lightning_checkpoint_loads(tmp_path):
         O.checkpoint_filter_fn({"epoch": 1}, model)
     with pytest.raises(WeightsError):
         O.checkpoint_filter_fn([1, 2], model)
+
+
+# -- hunt 24: bounded sampling, typed errors on a trial's image ------------------------------
+
+
+def test_generate_refuses_more_samples_than_the_cap_before_any_work(monkeypatch):
+    from attnzoo.errors import InvalidOptionError
+    from attnzoo.vision import oat_decoding
+
+    model = tiny_model()
+    # the cap is checked before any seed is drawn or any trial decoded (a billion would hang)
+    monkeypatch.setattr(oat_decoding, "trial_seeds", lambda *a, **k: pytest.fail("seeds drawn before the check"))
+    for count in (10_001, 10**9):
+        with pytest.raises(InvalidOptionError, match=r"num_samples must be an integer in \[1, 10000\] \(sampled"):
+            generate(model, crops_for(0), 1, max_len=1, strategy="sample", num_samples=count)
+    for bad in (0, 2.0, True):
+        with pytest.raises(InvalidOptionError, match="num_samples"):
+            generate(model, crops_for(0), 1, max_len=1, strategy="sample", num_samples=bad)
+
+
+def test_sample_from_search_trial_names_a_bad_image(tmp_path):
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from attnzoo.errors import DatasetFormatError
+
+    boxes = np.array([[c * 10, r * 10, c * 10 + 10, r * 10 + 10] for r in range(2) for c in range(3)], float)
+
+    def trial(path):
+        return SearchTrial(
+            stimulus="s.png",
+            image_path=path,
+            subject="1",
+            xy=np.zeros((1, 2)),
+            boxes=boxes,
+            grid=(2, 3),
+            target=1,
+            objects=np.array([1]),
+        )
+
+    (tmp_path / "garbage.png").write_bytes(b"not an image at all")
+    with pytest.raises(DatasetFormatError, match="garbage.png: not an image format"):
+        OATSample.from_search_trial(trial(tmp_path / "garbage.png"))
+    with pytest.raises(DatasetFormatError, match="missing.png: no such file"):
+        OATSample.from_search_trial(trial(tmp_path / "missing.png"))
+    good = tmp_path / "shelf.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(good)
+    assert OATSample.from_search_trial(trial(good)).crops.shape == (6, *CROP_SIZE, 3)
+
+    # a 57-byte PNG whose header claims 100000 x 100000 pixels (a decompression bomb): refused from its
+    # header, naming the file, before anything is decoded
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = tmp_path / "bomb.png"
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    with pytest.raises(DatasetFormatError, match=r"bomb.png: 100000x100000 image exceeds the .*-pixel limit"):
+        OATSample.from_search_trial(trial(bomb))

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attnzoo._io import atomic_write
+from attnzoo._io import atomic_write, check_regular_file
 from attnzoo.errors import DatasetFormatError, InvalidInputError
 
 __all__ = ["Binvox", "read_binvox", "parse_binvox", "encode_binvox", "write_binvox"]
@@ -59,6 +59,7 @@ class Binvox:
 def read_binvox(path: str | os.PathLike, fix_coords: bool = True) -> Binvox:
     """Decode the binvox file at ``path``; :class:`DatasetFormatError` naming the file if it is not one."""
     name = os.fspath(path)
+    check_regular_file(path, "a binvox file")  # /dev/zero would be read until the memory runs out
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -67,6 +68,8 @@ def read_binvox(path: str | os.PathLike, fix_coords: bool = True) -> Binvox:
         raise DatasetFormatError(f"{name}: is a directory, not a binvox file") from None
     except OSError as err:
         raise DatasetFormatError(f"{name}: cannot read ({err})") from None
+    except MemoryError:
+        raise DatasetFormatError(f"{name}: too large to read into memory") from None
     return parse_binvox(data, fix_coords=fix_coords, name=name)
 
 

@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from attnzoo._io import special_file_kind
 from attnzoo._values import listed
 from attnzoo.datasets.images import IMAGE_EXTENSIONS, dataset_image_path
 from attnzoo.errors import DatasetFormatError
@@ -55,22 +56,52 @@ def is_image_file(path: Path) -> bool:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursively, following links), in a stable order; a folder
-    reached twice through links (a link to a parent makes a loop) is listed once."""
+    """Image files under ``folder`` (recursively, following links), in a stable order: each folder's files by
+    name, then its subfolders by name (hidden ones skipped), as ``os.walk`` goes; a folder reached twice through
+    links (a link to a parent makes a loop) is listed once. A FIFO, socket or device with an image's name is not
+    an image file: it is skipped, as files of other kinds are (opening a FIFO would wait forever); a broken
+    link is listed (reading it says the file is missing)."""
     found: list[Path] = []
     seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    pending = [os.fspath(folder)]
+    while pending:
+        dirpath = pending.pop()
         try:
             stat = os.stat(dirpath)
+            with os.scandir(dirpath) as listing:
+                entries = list(listing)
         except OSError:  # vanished or unreadable since it was listed
-            stat = None
-        if stat is None or (stat.st_dev, stat.st_ino) in seen:
-            dirnames[:] = []
+            continue
+        if (stat.st_dev, stat.st_ino) in seen:
             continue
         seen.add((stat.st_dev, stat.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(Path(f)))
+        files, folders = [], []
+        for entry in entries:
+            if _is_folder(entry):
+                if not entry.name.startswith("."):
+                    folders.append(entry.name)
+            elif is_image_file(Path(entry.name)) and not _is_special(entry):
+                files.append(entry.name)
+        found.extend(Path(dirpath) / name for name in sorted(files))
+        pending.extend(os.path.join(dirpath, name) for name in sorted(folders, reverse=True))
     return found
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # through links; from the listing itself where it tells (no stat)
+    except OSError:
+        return False
+
+
+def _is_special(entry: os.DirEntry) -> bool:
+    """A FIFO, socket or device (through links): there, but not a regular file."""
+    try:
+        if entry.is_file():  # from the listing itself where it tells: no stat for the usual file
+            return False
+    except OSError:
+        return False
+    return special_file_kind(entry.path) is not None
 
 
 def check_root(root: str | os.PathLike) -> Path:

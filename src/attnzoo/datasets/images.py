@@ -31,15 +31,18 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from attnzoo._io import PARSE_ERRORS
-from attnzoo.errors import AttnzooError, InvalidInputError
+from attnzoo._io import PARSE_ERRORS, check_regular_file
+from attnzoo._values import real_number, whole_number
+from attnzoo.errors import AttnzooError, InvalidInputError, InvalidOptionError
 
-#: Largest image (in pixels) decoded; PIL's own bomb limit is 2x its warning level.
-MAX_PIXELS = int(os.environ.get("ATTNZOO_MAX_IMAGE_PIXELS", 2 * 89_478_485))
-#: Largest image file (bytes) fetched from an http(s) URL.
-MAX_DOWNLOAD_BYTES = int(os.environ.get("ATTNZOO_MAX_IMAGE_BYTES", 64 << 20))
-#: Seconds an http(s) image may take to connect, and between two pieces of its data.
-URL_TIMEOUT = float(os.environ.get("ATTNZOO_URL_TIMEOUT", "10"))
+#: Largest image (in pixels) decoded, unless ``ATTNZOO_MAX_IMAGE_PIXELS`` says otherwise (read at each use);
+#: PIL's own bomb limit is 2x its warning level.
+MAX_PIXELS = 2 * 89_478_485
+#: Largest image file (bytes) fetched from an http(s) URL, unless ``ATTNZOO_MAX_IMAGE_BYTES`` says otherwise.
+MAX_DOWNLOAD_BYTES = 64 << 20
+#: Seconds an http(s) image may take to connect, and between two pieces of its data, unless
+#: ``ATTNZOO_URL_TIMEOUT`` says otherwise.
+URL_TIMEOUT = 10.0
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -70,6 +73,42 @@ def describe(source: Any) -> str:
     return f"<{type(source).__name__} {text}>".replace(" >", ">")
 
 
+def _environment_text(variable: str) -> str | None:
+    text = os.environ.get(variable, "").strip()
+    return text or None  # unset or blank: the default
+
+
+def env_whole_number(variable: str, default: int) -> int:
+    """The positive whole number the environment variable ``variable`` holds (``1000000``, ``1e6``, ``1_000_000``),
+    read when it is used (a bad value fails the read that needs it, not the import), or ``default`` where it is
+    unset or blank; anything else (``100M``, ``-1``, ``0``) is an :class:`InvalidOptionError` naming it."""
+    text = _environment_text(variable)
+    if text is None:
+        return default
+    value: Any = text
+    with contextlib.suppress(ValueError, OverflowError):
+        value = int(text)
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError, OverflowError):
+            value = float(text)
+    return whole_number(value, f"the environment variable {variable}", integral_floats=True, error=InvalidOptionError)
+
+
+def _env_seconds(variable: str, default: float) -> float:
+    text = _environment_text(variable)
+    if text is None:
+        return default
+    value: Any = text
+    with contextlib.suppress(ValueError):
+        value = float(text)
+    return real_number(value, f"the environment variable {variable}", above=0, why="seconds", error=InvalidOptionError)
+
+
+def max_image_pixels() -> int:
+    """The pixel limit images are decoded within: ``ATTNZOO_MAX_IMAGE_PIXELS`` where set, else :data:`MAX_PIXELS`."""
+    return env_whole_number("ATTNZOO_MAX_IMAGE_PIXELS", MAX_PIXELS)
+
+
 _bomb_lock = threading.Lock()
 _bomb_users = 0
 _bomb_saved: int | None = None
@@ -97,7 +136,7 @@ def check_image_size(
     size: tuple[int, int], name: str, *, max_pixels: int | None = None, error: type[AttnzooError] = InvalidInputError
 ) -> None:
     """Refuse an image whose (header's) size exceeds the pixel limit, before anything is decoded."""
-    limit = MAX_PIXELS if max_pixels is None else int(max_pixels)
+    limit = max_image_pixels() if max_pixels is None else int(max_pixels)
     width, height = size
     if width * height > limit:
         raise error(
@@ -121,6 +160,8 @@ def opened_image(
     raises on a damaged file -- while opening or while the caller decodes in the block -- becomes
     ``error`` naming the file."""
     name = name or os.fspath(source)  # type: ignore[arg-type]
+    if isinstance(source, (str, os.PathLike)):  # a FIFO would block PIL's open forever, a device never end
+        check_regular_file(source, f"{'an' if what[0] in 'aeiou' else 'a'} {what} file", error=error)
     try:
         with without_pil_bomb_check(), Image.open(source) as image:
             check_image_size(image.size, name, max_pixels=max_pixels, error=error)
@@ -185,8 +226,8 @@ def fetch_url(url: str, *, max_bytes: int | None = None, timeout: float | None =
 
     from attnzoo.weights.hub import is_offline
 
-    limit = MAX_DOWNLOAD_BYTES if max_bytes is None else int(max_bytes)
-    wait = URL_TIMEOUT if timeout is None else float(timeout)
+    limit = env_whole_number("ATTNZOO_MAX_IMAGE_BYTES", MAX_DOWNLOAD_BYTES) if max_bytes is None else int(max_bytes)
+    wait = _env_seconds("ATTNZOO_URL_TIMEOUT", URL_TIMEOUT) if timeout is None else float(timeout)
     if is_offline():
         raise InvalidInputError(
             f"{url}: offline mode is on (ATTNZOO_OFFLINE/HF_HUB_OFFLINE); download the image and pass its path"
@@ -288,12 +329,31 @@ def array_to_image(
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
     elif array.dtype == np.uint16:
-        array = np.round(array / 257.0).astype(np.uint8)
+        array = uint16_to_uint8(array)
     elif np.issubdtype(array.dtype, np.floating):
         return _float_to_rgb(array, name)  # checked in its own precision: 1e300 is out of range, not infinite
     elif array.dtype != np.uint8:
         raise InvalidInputError(f"{name}: unsupported dtype {array.dtype}; use uint8, uint16, bool or float in [0, 1]")
     return to_rgb(Image.fromarray(np.ascontiguousarray(array)), name=name, keep_alpha=keep_alpha)
+
+
+def uint16_to_uint8(array: np.ndarray) -> np.ndarray:
+    """16-bit samples scaled to 8 bits, rounded to nearest (``round(v * 255 / 65535)``; no value lies on a half)
+    in integer arithmetic, a block of rows at a time: 1 byte per sample beside the input, where dividing in
+    float64 took 17 (a 16-bit slide at the in-memory reader's limit needed tens of GB)."""
+    out = np.empty(array.shape, np.uint8)
+    if array.size == 0:
+        return out
+    rows = array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(1, -1)
+    flat = out.reshape(rows.shape)
+    step = max(1, (1 << 22) // max(1, rows.shape[1]))  # about 4M samples (16 MB of uint32) per block
+    for start in range(0, rows.shape[0], step):
+        wide = rows[start : start + step].astype(np.uint32)
+        wide *= 255
+        wide += 32767
+        wide //= 65535
+        flat[start : start + step] = wide
+    return out
 
 
 def load_image(source: Any, *, max_pixels: int | None = None, keep_alpha: bool = False) -> Image.Image:

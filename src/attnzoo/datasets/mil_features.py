@@ -15,7 +15,8 @@ Layouts read (each into a lazy mapping slide_id -> :class:`FeatureBag`):
 :func:`read_feature_bags` recognises all of them. Bags are read from disk when accessed (nothing
 is held in memory unless you call :meth:`FeatureBags.preload`); every bag is checked on reading:
 an empty bag, NaN/inf features or mismatched coords raise :class:`~attnzoo.errors.DatasetFormatError`
-naming the file and the slide.
+naming the file and the slide, and so does a file declaring far more data than it stores (an HDF5 dataset
+mostly unwritten, a ``.pt`` with compressed zip entries), before anything is read.
 
 Split files: Camelyon16's ``splits/camelyon/split_{seed}.json`` (``train_names``/``val_names``/
 ``test_names``) and ``dataset_csv/camelyon16.csv`` (``case_id,slide_id,label``); BRACS's
@@ -30,6 +31,7 @@ import math
 import os
 import pickle
 import warnings
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnzoo._io import STRUCTURE_ERRORS, parse_errors, read_csv_rows, read_json
+from attnzoo._io import STRUCTURE_ERRORS, check_regular_file, parse_errors, read_csv_rows, read_json
+from attnzoo._values import listed
 from attnzoo.errors import DatasetFormatError, InvalidInputError
 
 __all__ = [
@@ -86,6 +89,12 @@ _CAMELYON_LABEL_WORDS = {
 SPLIT_NAMES = ("train", "val", "test")
 #: Largest level-0 coordinate (px) a patch can have: the largest scans are a few 10^5 px wide.
 _MAX_COORD = 2.0**31
+#: An HDF5 dataset or ``.pt`` entry up to this size is read whatever it stores; above it, what it declares must
+#: be stored in the file (a small file declaring gigabytes that HDF5 would fill in is refused before reading).
+_FREE_READ_BYTES = 64 << 20
+#: How many times its stored bytes a dataset may declare: an uncompressed one stores every byte (no more than
+#: half unwritten), a compressed one of real features (float noise) shrinks a few times at most, never a hundred.
+_MAX_EXPANSION = {"plain": 2, "filtered": 100}
 
 
 def _h5py() -> Any:
@@ -191,6 +200,24 @@ def _reading_h5(path: Path) -> contextlib.AbstractContextManager[None]:
     return parse_errors(path, "HDF5 feature file (corrupt, truncated or another format)", also=STRUCTURE_ERRORS)
 
 
+def _read_dataset(dset: Any, where: str) -> Any:
+    """The whole of an HDF5 dataset, refused before reading where it declares far more bytes than the file
+    stores for it: HDF5 fills the unwritten part (fill value) in memory, so a 1 KB file can claim gigabytes."""
+    declared = int(dset.size or 0) * int(dset.dtype.itemsize)
+    if declared > _FREE_READ_BYTES:
+        stored = int(dset.id.get_storage_size())
+        filtered = dset.id.get_create_plist().get_nfilters() > 0
+        ratio = _MAX_EXPANSION["filtered" if filtered else "plain"]
+        if declared > ratio * stored:
+            kind = "compressed " if filtered else ""
+            raise DatasetFormatError(
+                f"{where}: dataset {dset.name!r} declares shape {tuple(dset.shape)} {dset.dtype} ({declared:,} bytes) "
+                f"but the file stores {stored:,} bytes of {kind}data for it (mostly unwritten or inflated); "
+                "refused before reading (re-extract the features)"
+            )
+    return dset[()]
+
+
 def _load_acmil_group(path: Path, group: str) -> tuple[Any, Any, Any]:
     h5py = _h5py()
     where = f"{path} [{group}]"
@@ -200,7 +227,8 @@ def _load_acmil_group(path: Path, group: str) -> tuple[Any, Any, Any]:
         g = f[group]
         if "feat" not in g:
             raise DatasetFormatError(f"{where}: the group has no 'feat' dataset (has: {sorted(g.keys())})")
-        return g["feat"][()], g["coords"][()] if "coords" in g else None, g.attrs.get("label")
+        coords = _read_dataset(g["coords"], where) if "coords" in g else None
+        return _read_dataset(g["feat"], where), coords, g.attrs.get("label")
 
 
 def _load_h5_bag(path: Path, slide_id: str) -> tuple[Any, Any, Any]:
@@ -208,10 +236,39 @@ def _load_h5_bag(path: Path, slide_id: str) -> tuple[Any, Any, Any]:
     with _reading_h5(path), h5py.File(path, "r") as f:
         if "features" not in f:
             raise DatasetFormatError(f"{path}: has no 'features' dataset (has: {sorted(f.keys())})")
-        return f["features"][()], f["coords"][()] if "coords" in f else None, f.attrs.get("label")
+        where = os.fspath(path)
+        coords = _read_dataset(f["coords"], where) if "coords" in f else None
+        return _read_dataset(f["features"], where), coords, f.attrs.get("label")
+
+
+def _check_pt_archive(path: Path) -> None:
+    """A zip ``.pt`` (torch.save's format) whose entries are compressed, or claim more bytes than the file has,
+    refused before ``torch.load`` inflates them: torch.save stores its entries as they are, so a compressed
+    entry is not its output, and a 400 KB file would otherwise load a tensor of hundreds of megabytes."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return  # the legacy (pickle) format, or not a tensor file: torch.load says which
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        return  # a damaged archive: torch.load names the damage
+    size = path.stat().st_size
+    compressed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        raise DatasetFormatError(
+            f"{path}: not a torch.save file: its zip entries are compressed ({listed(compressed, 3)}), which "
+            "torch.save never writes; refused before inflating them. Re-save the features with torch.save"
+        )
+    declared = sum(e.file_size for e in entries)
+    if declared > size:  # stored entries lie within the file
+        raise DatasetFormatError(
+            f"{path}: its zip entries claim {declared:,} bytes in a file of {size:,} bytes; refused before loading"
+        )
 
 
 def _load_pt_bag(path: Path, slide_id: str) -> tuple[Any, Any, Any]:
+    check_regular_file(path, "PyTorch tensor file (torch.save)")  # a FIFO would block the archive check
+    _check_pt_archive(path)
     try:
         with parse_errors(path, "PyTorch tensor file (torch.save)", also=STRUCTURE_ERRORS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -276,12 +333,17 @@ class FeatureBags(Mapping[str, FeatureBag]):
         entry = self._entries.get(slide_id)
         if entry is None:
             raise KeyError(slide_id)
-        feats, coords, label = entry.loader(entry.path, entry.key)
         where = f"{entry.path} [{entry.key}]" if entry.loader is _load_acmil_group else os.fspath(entry.path)
-        if coords is None and entry.coords_from is not None:
-            _, coords, _ = _load_h5_bag(entry.coords_from, slide_id)
-        bag = _make_bag(slide_id, feats, coords, self.labels.get(slide_id, label), where, entry.path)
-        return bag
+        try:
+            feats, coords, label = entry.loader(entry.path, entry.key)
+            if coords is None and entry.coords_from is not None:
+                _, coords, _ = _load_h5_bag(entry.coords_from, slide_id)
+            return _make_bag(slide_id, feats, coords, self.labels.get(slide_id, label), where, entry.path)
+        except MemoryError:  # reading, converting or checking a bag too large for this machine: named, not raw
+            raise DatasetFormatError(
+                f"{where}: the bag of slide {slide_id} needs more memory than there is (it claims more than this "
+                "machine holds)"
+            ) from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from attnzoo._io import parse_errors
+from attnzoo._io import check_regular_file, parse_errors
 from attnzoo._values import real_number, whole_number
 from attnzoo.errors import DatasetFormatError, InvalidInputError, InvalidOptionError, MissingDependencyError
 
@@ -71,9 +71,13 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WSI_EXTRA_HINT = 'pip install "attnzoo[wsi]"'
-#: Largest image (pixels) the in-memory reader decodes, and the largest region one read returns;
-#: bigger slides need OpenSlide (a pyramidal file).
-FALLBACK_MAX_PIXELS = int(os.environ.get("ATTNZOO_MAX_SLIDE_PIXELS", str(1 << 28)))
+#: Largest image (pixels) the in-memory reader decodes, and the largest region one read returns, unless
+#: ``ATTNZOO_MAX_SLIDE_PIXELS`` says otherwise (read at each use: :func:`fallback_max_pixels`); bigger slides
+#: need OpenSlide (a pyramidal file).
+FALLBACK_MAX_PIXELS = 1 << 28
+#: Bytes per pixel of that limit a TIFF page the in-memory reader decodes may take as stored (samples per pixel x
+#: bytes per sample): an 8-bit RGBA page at the pixel limit, a 16-bit RGBA page (8 bytes a pixel) of half as many.
+FALLBACK_BYTES_PER_PIXEL = 4
 #: Standard objectives and the usual µm/px they scan at; a slide's mpp snaps to the nearest (in log scale).
 _OBJECTIVES = ((80.0, 0.125), (60.0, 1 / 6), (40.0, 0.25), (20.0, 0.5), (10.0, 1.0), (5.0, 2.0), (2.5, 4.0))
 _INHERITED_HANDLES: list[Any] = []  # OpenSlide handles a forked child got from its parent (kept, never closed)
@@ -129,10 +133,19 @@ MAX_GRID_POSITIONS = 2**24
 USUAL_PATCHING = "usual: 256 px patches at 20x, stride = patch size, resized to 224, as in CLAM and ACMIL"
 
 
+def fallback_max_pixels() -> int:
+    """The in-memory reader's pixel limit (and that of one read): ``ATTNZOO_MAX_SLIDE_PIXELS`` where set (a
+    positive whole number, else :class:`~attnzoo.errors.InvalidOptionError` naming it), else
+    :data:`FALLBACK_MAX_PIXELS`."""
+    from attnzoo.datasets.images import env_whole_number
+
+    return env_whole_number("ATTNZOO_MAX_SLIDE_PIXELS", FALLBACK_MAX_PIXELS)
+
+
 def max_patch_side() -> int:
     """The largest patch side a grid can have: a patch is read in one piece, at most
-    :data:`FALLBACK_MAX_PIXELS` pixels (``ATTNZOO_MAX_SLIDE_PIXELS``)."""
-    return math.isqrt(FALLBACK_MAX_PIXELS)
+    :func:`fallback_max_pixels` pixels (``ATTNZOO_MAX_SLIDE_PIXELS``)."""
+    return math.isqrt(fallback_max_pixels())
 
 
 def _pixel_pairs(values: Any, name: str) -> np.ndarray:
@@ -188,6 +201,7 @@ class Slide:
             raise DatasetFormatError(f"{name}: no such slide file")
         if self.path.is_dir():
             raise DatasetFormatError(f"{name}: is a directory, not a slide file")
+        check_regular_file(self.path, "a slide file")  # a FIFO would block OpenSlide's and PIL's open forever
         openslide = None
         try:
             openslide = import_wsi_dependency("openslide")
@@ -220,7 +234,7 @@ class Slide:
                 ) from None
             self.backend = "openslide"
             self.vendor = fmt
-            self.properties = dict(self._osr.properties)
+            self.properties = _readable_properties(self._osr.properties)
             self.level_dimensions = tuple(tuple(int(v) for v in d) for d in self._osr.level_dimensions)
             self.level_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
             if not self.level_dimensions or min(min(d) for d in self.level_dimensions) < 1:
@@ -327,9 +341,10 @@ class Slide:
             ) from None
         if max(abs(x), abs(y)) > MAX_COORDINATE:
             raise InvalidInputError(f"{self.path}: read_region location {(x, y)} is beyond any slide")
-        if w * h > FALLBACK_MAX_PIXELS:
+        limit = fallback_max_pixels()
+        if w * h > limit:
             raise InvalidInputError(
-                f"{self.path}: a {w}x{h} region is over the {FALLBACK_MAX_PIXELS:,}-pixel limit of one read "
+                f"{self.path}: a {w}x{h} region is over the {limit:,}-pixel limit of one read "
                 "(ATTNZOO_MAX_SLIDE_PIXELS); read it in tiles, or from a coarser level"
             )
         if self.backend == "openslide":
@@ -379,6 +394,18 @@ def slide_id(path: str | os.PathLike) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return Path(name).stem
+
+
+def _readable_properties(properties: Mapping[str, str]) -> dict[str, str]:
+    """OpenSlide's properties, without those it lists but cannot look up: a damaged file's property name
+    that is not UTF-8 comes back decoded with replacements, and looking that name up is a KeyError."""
+    readable = {}
+    for key in list(properties):
+        try:
+            readable[key] = properties[key]
+        except KeyError:
+            continue
+    return readable
 
 
 def open_slide(path: str | os.PathLike, *, mpp: float | None = None, objective_power: float | None = None) -> Slide:
@@ -444,6 +471,8 @@ def _read_plain_image(path: Path) -> tuple[np.ndarray, float | None]:
     name = os.fspath(path)
     mpp = None
     errors: list[str] = []
+    limit = fallback_max_pixels()  # a bad ATTNZOO_MAX_SLIDE_PIXELS is said as such, not taken for a damaged file
+    check_regular_file(path, "a slide file")
     with parse_errors(path, "slide file"), open(path, "rb") as fh:
         head = fh.read(4)
     is_tiff = head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -453,7 +482,8 @@ def _read_plain_image(path: Path) -> tuple[np.ndarray, float | None]:
             with tifffile.TiffFile(name) as tif:
                 page = tif.pages[0]
                 width, height = int(page.imagewidth), int(page.imagelength)
-                _check_fallback_size(name, width, height)
+                _check_fallback_size(name, width, height, limit)
+                _check_fallback_bytes(name, width, height, page, limit)
                 tags = page.tags
                 if "XResolution" in tags and "ResolutionUnit" in tags:
                     num, den = tags["XResolution"].value
@@ -471,7 +501,7 @@ def _read_plain_image(path: Path) -> tuple[np.ndarray, float | None]:
     try:
         # the fallback's own pixel limit (with its advice about OpenSlide) applies, not the image loader's
         with opened_image(path, max_pixels=sys.maxsize, error=InvalidInputError, what="image") as image:
-            _check_fallback_size(name, *image.size)
+            _check_fallback_size(name, *image.size, limit)
             image.load()
             return np.asarray(to_rgb(image, name=name)), mpp
     except DatasetFormatError:
@@ -484,8 +514,26 @@ def _read_plain_image(path: Path) -> tuple[np.ndarray, float | None]:
     )
 
 
-def _check_fallback_size(name: str, width: int, height: int) -> None:
-    if width * height > FALLBACK_MAX_PIXELS:
+def _check_fallback_bytes(name: str, width: int, height: int, page: Any, limit: int) -> None:
+    """Refuse a TIFF page whose decoded array (as stored: every sample, at its bit depth) would take more than
+    :data:`FALLBACK_BYTES_PER_PIXEL` bytes per pixel of the pixel limit, before it is decoded."""
+    samples = max(1, int(getattr(page, "samplesperpixel", 1) or 1))
+    dtype = getattr(page, "dtype", None)
+    itemsize = (
+        np.dtype(dtype).itemsize if dtype is not None else max(1, -(-int(getattr(page, "bitspersample", 8)) // 8))
+    )
+    needed, most = width * height * samples * itemsize, limit * FALLBACK_BYTES_PER_PIXEL
+    if needed > most:
+        raise DatasetFormatError(
+            f"{name}: {width}x{height} image of {samples} samples of {itemsize * 8} bits per pixel would take "
+            f"{needed:,} bytes decoded, over the in-memory reader's {most:,} ({FALLBACK_BYTES_PER_PIXEL} bytes per "
+            "pixel of its pixel limit, ATTNZOO_MAX_SLIDE_PIXELS); convert it to a pyramidal tiled TIFF (e.g. vips "
+            "tiffsave --tile --pyramid) that OpenSlide reads piece by piece, or raise ATTNZOO_MAX_SLIDE_PIXELS"
+        )
+
+
+def _check_fallback_size(name: str, width: int, height: int, limit: int) -> None:
+    if width * height > limit:
         if importlib.util.find_spec("openslide") is None:
             raise DatasetFormatError(
                 f"{name}: {width}x{height} image is too large to hold in memory, and OpenSlide, which reads "
@@ -836,7 +884,7 @@ def patch_grid(
     if read_size > max_patch_side():
         raise InvalidOptionError(
             f"{slide.path}: a {patch_size} px patch at {at} is read as {read_size}x{read_size} px at level {level}, "
-            f"over the {FALLBACK_MAX_PIXELS:,}-pixel limit of one read (ATTNZOO_MAX_SLIDE_PIXELS); lower patch_size "
+            f"over the {fallback_max_pixels():,}-pixel limit of one read (ATTNZOO_MAX_SLIDE_PIXELS); lower patch_size "
             f"(--patch-size); {USUAL_PATCHING}"
         )
 

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from attnzoo.datasets.scanpaths import detect_scanpath_dataset
-from attnzoo.errors import DatasetFormatError, InvalidInputError
+from attnzoo.errors import DatasetFormatError, InvalidInputError, InvalidOptionError, WeightsError
 from attnzoo.evaluation.runner import EvalPlan, EvalSample, TaskEvaluator, check_limit, format_metric
 
 __all__ = ["NEUTRAL_CAPTION", "ScanpathEvaluator"]
@@ -198,11 +198,15 @@ class ScanpathEvaluator(TaskEvaluator):
                 f"--initial-fixation / --no-initial-fixation chooses MIT1003's first fixation; {self.dataset} has no such choice"
             )
         self.initial_fixation = bool(initial_fixation)
+        if samples_per_trial is not None:
+            if not self.is_search:
+                raise InvalidOptionError(
+                    "--samples (sampled scanpaths per trial) applies to OAT on amazon, yogurt or wine"
+                )
+            from attnzoo.vision.oat_decoding import check_num_samples
+
+            samples_per_trial = check_num_samples(samples_per_trial, "--samples")
         self.samples_per_trial = samples_per_trial
-        if samples_per_trial is not None and (not self.is_search or samples_per_trial < 1):
-            raise InvalidInputError(
-                "--samples (sampled scanpaths per trial, >= 1) applies to OAT on amazon, yogurt or wine"
-            )
         if model_kind == "oat" and not self.is_search:
             raise InvalidInputError(f"OAT predicts visual search on shelves (amazon, yogurt, wine), not {self.dataset}")
         if model_kind == "nevaclip" and self.is_search:
@@ -579,4 +583,11 @@ def training_split(weights: str | os.PathLike | None) -> dict[str, Any] | None:
     from attnzoo.pipelines.scanpath import run_decoding
 
     info = run_decoding(weights)
-    return info if info is not None and "split" in info else None
+    if info is None or "split" not in info:
+        return None
+    if not isinstance(info["split"], str) or not isinstance(info.get("split_seed"), int) or info["split_seed"] < 0:
+        raise WeightsError(
+            f"{Path(weights or '').parent / 'decoding.json'}: the training run's split must be a name with a seed "
+            f"(split_seed >= 0), got split={info['split']!r}, split_seed={info.get('split_seed')!r}"
+        )
+    return info

@@ -106,7 +106,7 @@ class Pipeline:
         #: What the weights are ("random (seed 0)", "pretrained (...)", a path); set by attnzoo.pipeline,
         #: recorded by ``attnzoo run`` and shown on pictures. None: a model object given as is.
         self.weights_label: str | None = None
-        self.num_workers = _non_negative_int("num_workers", num_workers)
+        self.num_workers = check_worker_count(_non_negative_int("num_workers", num_workers))
         self._defaults = self._checked_parameters(kwargs)
 
     @classmethod
@@ -228,7 +228,9 @@ class Pipeline:
         if isinstance(inputs, (list, tuple)):  # (a generator is read here, item by item; a dataset's items are its own)
             inputs = _read_file_objects(inputs, self.reads_file_objects)
         batch_size = _positive_int("batch_size", self.batch_size if batch_size is None else batch_size)
-        num_workers = _non_negative_int("num_workers", self.num_workers if num_workers is None else num_workers)
+        num_workers = check_worker_count(
+            _non_negative_int("num_workers", self.num_workers if num_workers is None else num_workers)
+        )
         pre, fwd, post = self._merged_parameters(kwargs)
         fn = self.preprocessor(**pre)
         for batch in self._batches(inputs, fn, batch_size, num_workers):

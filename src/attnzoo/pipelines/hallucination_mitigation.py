@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from attnzoo._values import comma_items, nonblank_text, refuse_per_input_defaults, whole_number
+from attnzoo._values import comma_items, listed, nonblank_text, refuse_per_input_defaults, whole_number
 from attnzoo.errors import AttnzooError, InvalidInputError, InvalidOptionError, OfflineError, WeightsError, close_names
 from attnzoo.pipelines.base import Pipeline, generator_seed, list_collate, weights_note
 
@@ -318,24 +318,50 @@ def _check_before_loading(checkpoint: Any, given: Mapping[str, Any], revision: s
     _generation_limits(asked, *language_model_limits(config))
 
 
-def _layers(value: Any) -> tuple[int, ...]:
-    """Layer indices from ints or a string like ``"10-12"`` / ``"2,5,8-9"`` (a blank item refused)."""
+#: Layer indices taken where the model's depth is not known: no language model has this many layers.
+_MAX_LAYERS = 10_000
+
+
+def _layers(value: Any, depth: int | None = None) -> tuple[int, ...]:
+    """Layer indices from ints or a string like ``"10-12"`` / ``"2,5,8-9"`` (a blank item refused), each within the
+    language model's ``depth`` (counted from the end where negative); a range is checked before it is spelled
+    out, so ``"0-30000000"`` is refused at once, in a short message."""
     parts = comma_items(value, "attention_layers") if isinstance(value, str) else value
-    out: list[int] = []
+    spans: list[tuple[int, int]] = []
     try:
         for part in parts if not isinstance(parts, (int, np.integer)) else [parts]:
             if isinstance(part, str) and "-" in part.strip()[1:]:
                 low, high = part.split("-", 1)
-                out.extend(range(int(low), int(high) + 1))
+                spans.append((int(low), int(high)))
             else:
-                out.append(int(part))
+                spans.append((int(part), int(part)))
     except (TypeError, ValueError):
         raise InvalidOptionError(
-            f"attention_layers must be layer indices like '10-12' or [10, 11], got {value!r}"
+            f"attention_layers must be layer indices like '10-12' or [10, 11], got {_shown(value)}"
         ) from None
+    bound = depth if depth is not None else _MAX_LAYERS
+    outside = [
+        f"{low}-{high}" if low != high else str(low)
+        for low, high in spans
+        if not (-bound <= low < bound and -bound <= high < bound)
+    ]
+    if outside:
+        if depth is not None:
+            whose = f"the language model's {depth} layers"
+            runs = f"indices run 0..{depth - 1}, or -{depth}..-1 from the last"
+        else:
+            whose, runs = "any language model's depth", f"indices run {-bound}..{bound - 1} at most"
+        raise InvalidOptionError(f"attention_layers {_shown(value)} reaches past {whose} ({listed(outside)}); {runs}")
+    out = [index for low, high in spans for index in range(low, high + 1)]
     if not out:
         raise InvalidOptionError("attention_layers names no layer")
     return tuple(out)
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters for a message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]} ...{text[-1]}"
 
 
 def _chat_template(value: Any) -> str:
@@ -523,7 +549,7 @@ class HallucinationMitigationPipeline(Pipeline):
         if "chat_template" in given:
             given["chat_template"] = _chat_template(chat_template)
         if "attention_layers" in given:
-            given["attention_layers"] = _layers(attention_layers)
+            given["attention_layers"] = _layers(attention_layers, self._depth())
         if unused_settings is not None and unused_settings not in ("error", "ignore"):
             raise InvalidOptionError(f"unused_settings must be 'error' or 'ignore', got {unused_settings!r}")
         if method_settings is not None:
@@ -532,6 +558,11 @@ class HallucinationMitigationPipeline(Pipeline):
         if "method" in given:
             self._build_methods(given)  # refused here: at construction, or before any image is read
         return {}, given, given
+
+    def _depth(self) -> int | None:
+        """How many layers the language model has (None where its decoder stack has no ``layers``)."""
+        layers = getattr(self.family.text_model(), "layers", None)
+        return len(layers) if layers is not None else None
 
     def _merged_parameters(self, kwargs: dict[str, Any]) -> tuple[dict, dict, dict]:
         """The call's keywords over the constructor's; method settings merge key by key, unless the call
@@ -676,9 +707,9 @@ class HallucinationMitigationPipeline(Pipeline):
         if decoding["do_sample"] and decoding["num_beams"] > 1:
             raise InvalidOptionError("sampling with num_beams > 1 (beam sampling) is not supported")
         encode = functools.partial(self._encode, template=template)
-        inputs = encode(batch["image"], batch["question"])
+        inputs = encode(batch["image"], batch["question"], names=batch["name"])
         self._image_tokens(inputs, batch["name"])
-        self._check_room(inputs, decoding["max_new_tokens"])  # before any pre-pass generates
+        self._check_room(inputs, decoding["max_new_tokens"], batch)  # before any pre-pass generates
         prompt_batch = PromptBatch(list(batch["image"]), list(batch["question"]), inputs, encode, {"seeds": seeds})
         runs = ordered(methods)
         if decoding["num_beams"] > 1:  # said before any pre-pass (CARVE's probes) runs
@@ -782,9 +813,12 @@ class HallucinationMitigationPipeline(Pipeline):
             template = CHAT_TEMPLATES[template]
         return template.replace("{image}", "\n".join([placeholder] * images)).replace("{question}", question)
 
-    def _encode(self, images: Sequence[Any], questions: Sequence[str], *, template: str) -> dict[str, Any]:
+    def _encode(
+        self, images: Sequence[Any], questions: Sequence[str], *, template: str, names: Sequence[str] | None = None
+    ) -> dict[str, Any]:
         """The processor's tensors for the prompts, left-padded, on the model's device and dtype; an entry
-        of ``images`` may be a list (several images in one prompt, as CARVE's final pass)."""
+        of ``images`` may be a list (several images in one prompt, as CARVE's final pass). ``names``: the
+        inputs', for errors."""
         prompts = [self._prompt(q, template, _count(im)) for q, im in zip(questions, images, strict=True)]
         tokenizer = self.processor.tokenizer
         side, tokenizer.padding_side = tokenizer.padding_side, "left"  # InstructBLIP's Q-Former text stays right-padded
@@ -792,6 +826,12 @@ class HallucinationMitigationPipeline(Pipeline):
             encoded = self.processor(images=list(images), text=prompts, return_tensors="pt", padding=True)
         except (ValueError, TypeError, KeyError) as err:
             raise InvalidInputError(f"the processor cannot encode the prompt(s) {prompts!r}: {err}") from None
+        except MemoryError:  # the processor works on the image at full size: said as the input's, not raised raw
+            sizes = [f"{im.width}x{im.height}" for entry in images for im in _flat(entry) if hasattr(im, "width")]
+            raise InvalidInputError(
+                f"{listed(list(names)) if names else 'image(s)'}: the model's processor ran out of memory encoding "
+                f"the image(s) ({listed(sizes)} pixels); pass a smaller image (downscale it first)"
+            ) from None
         finally:
             tokenizer.padding_side = side
         dtype = self.model.dtype
@@ -800,9 +840,26 @@ class HallucinationMitigationPipeline(Pipeline):
             for k, v in encoded.items()
         }
 
-    def _check_room(self, inputs: Mapping[str, Any], max_new_tokens: int) -> None:
-        """The answer must fit the language model's context after the (left-padded) prompts."""
-        self.family.check_room(int(inputs["input_ids"].shape[1]), max_new_tokens, "max_new_tokens")
+    def _check_room(
+        self, inputs: Mapping[str, Any], max_new_tokens: int, batch: Mapping[str, Any] | None = None
+    ) -> None:
+        """The answer must fit the language model's context after the (left-padded) prompts. A prompt that
+        alone fills the context is the input's fault (its question), not ``max_new_tokens``'s: said so, naming
+        the longest question of ``batch`` (the inputs, where known)."""
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        limit = self.family.context_length()
+        if limit is not None and prompt_tokens >= limit:
+            where, question = "", ""
+            if batch is not None and batch.get("question"):
+                longest = max(range(len(batch["question"])), key=lambda i: len(batch["question"][i]))
+                where = f"{batch['name'][longest]}: " if batch.get("name") else ""
+                question = f"; the question is {len(batch['question'][longest]):,} characters long"
+            raise InvalidInputError(
+                f"{where}the prompt alone takes {prompt_tokens:,} tokens (image tokens included{question}), which "
+                f"fills the language model's context of {limit:,} tokens (max_position_embeddings) before any answer "
+                "token: shorten the question"
+            )
+        self.family.check_room(prompt_tokens, max_new_tokens, "max_new_tokens")
 
     def _image_tokens(self, inputs: Mapping[str, Any], names: Sequence[str]) -> Any:
         """The prompts' image tokens, checked against the family's layout (a processor that does not match
@@ -874,6 +931,11 @@ def _count(images: Any) -> int:
     return len(images) if isinstance(images, (list, tuple)) else 1
 
 
+def _flat(images: Any) -> list[Any]:
+    """An entry of a batch's images as a list (several images in one prompt, or one)."""
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
 def _spec_key(spec: Any) -> Any:
     if isinstance(spec, str) or spec is None:
         return spec
@@ -939,10 +1001,39 @@ def _read_item(item: Any, fields: tuple[str, ...], check: _InputCheck | None = N
             raise InvalidInputError(f"{name}: {err}") from None
     if check is not None:
         check.question(question, name)
-    image = load_image(row["image"])
+    _check_pixels(row["image"], name)
+    try:
+        image = load_image(row["image"])
+    except MemoryError:  # decoding or converting it (an RGB copy) needs more memory than there is
+        size = getattr(row["image"], "size", None)
+        shown = f" ({size[0]}x{size[1]})" if isinstance(size, tuple) and len(size) == 2 else ""
+        raise InvalidInputError(
+            f"{name}: reading this image{shown} needs more memory than there is; pass a smaller image"
+        ) from None
     if check is not None:
         check.image(image, name)
     return {"image": image, "question": question, "seed": seed, "name": name}
+
+
+def _check_pixels(source: Any, name: str) -> None:
+    """An image given in memory (a PIL image, an array, a tensor) held to the pixel limit image files are read
+    within (:func:`attnzoo.datasets.images.max_image_pixels`): the processor would take it at full size and run
+    out of memory inside it. Files are refused from their header by ``load_image``."""
+    from attnzoo.datasets.images import max_image_pixels
+
+    if isinstance(source, Image.Image):
+        width, height = source.size
+    elif isinstance(source, (np.ndarray, torch.Tensor)) and source.ndim in (2, 3):
+        channels_first = isinstance(source, torch.Tensor) and source.ndim == 3
+        height, width = (source.shape[-2], source.shape[-1]) if channels_first else (source.shape[0], source.shape[1])
+    else:
+        return
+    limit = max_image_pixels()
+    if int(width) * int(height) > limit:
+        raise InvalidInputError(
+            f"{name}: this {width}x{height} image has more than the {limit:,} pixels an image may have "
+            "(ATTNZOO_MAX_IMAGE_PIXELS); downscale it first"
+        )
 
 
 def _answer_length(row: torch.Tensor, eos: Sequence[int]) -> int:

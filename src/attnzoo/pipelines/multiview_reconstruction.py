@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from attnzoo.datasets.images import is_file_object, load_image
+from attnzoo.datasets.images import describe, is_file_object, load_image, opened_image
 from attnzoo.errors import InvalidInputError, InvalidOptionError
 from attnzoo.pipelines.base import Pipeline, list_collate, weights_note
 
@@ -133,15 +133,42 @@ def _ply(vertices: np.ndarray, faces: np.ndarray) -> str:
 # -- preprocessing (the official utils/data_transforms.py) -----------------------------------
 
 
-def _to_float_array(image: Any, index: int) -> np.ndarray:
-    """One image as float32 ``[H, W, C]`` in [0, 1], C = 1 (grey), 2 (grey+alpha), 3 (RGB) or 4 (RGBA)."""
+#: The most views one object may have: ShapeNet has 24 renderings of each object and its evaluation takes 1 to 24.
+#: Every view is decoded and held while the object is read, so thousands of them would exhaust the memory;
+#: the count is checked before any is decoded.
+MAX_VIEWS = 64
+#: A view's centre crop larger than this many times the model's input side is resized from the source rows and
+#: columns the bilinear resize reads (at most 2 per output pixel), gathered before they are made float, instead of
+#: from the whole crop in float64; the result is the same up to float64 rounding (a matrix product of another shape
+#: may sum in another order). Crops up to this size (ShapeNet's 137 px renderings, anything up to twice the input
+#: side) take the exact path they always took.
+_GATHER_ABOVE = 2
+
+
+def _check_view_count(count: int, what: str) -> None:
+    if count > MAX_VIEWS:
+        raise InvalidInputError(
+            f"{what}: {count} views of one object, more than the {MAX_VIEWS} one reconstruction takes (ShapeNet has "
+            f"24 renderings of each object; LRGT was evaluated on 1 to 24); give at most {MAX_VIEWS}"
+        )
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """A failed allocation: numpy's MemoryError, or torch's CPU allocator's RuntimeError."""
+    return isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
+
+
+def _to_array(image: Any, index: int) -> np.ndarray:
+    """One image as an ``[H, W, C]`` array, C = 1 (grey), 2 (grey+alpha), 3 (RGB) or 4 (RGBA), of uint8, uint16,
+    bool or float32 in [0, 1]: made float (:func:`_as_float`) only after the crop, so that a large view is never
+    held whole in float."""
     if isinstance(image, (str, os.PathLike)):
-        try:
-            with Image.open(image) as im:
+        try:  # the project's loader: within the pixel limit, a FIFO refused, damage a typed error naming the file
+            with opened_image(image) as im:
                 im.load()
                 image = im.copy()
-        except (OSError, ValueError) as err:
-            raise InvalidInputError(f"view {index}: cannot read image {os.fspath(image)!r}: {err}") from None
+        except InvalidInputError as err:
+            raise InvalidInputError(f"view {index}: cannot read image: {err}") from None
     if isinstance(image, Image.Image):
         if image.mode not in ("RGBA", "RGB", "L", "LA", "I;16", "I;16B", "I;16L"):
             has_alpha = "A" in image.mode or "transparency" in image.info
@@ -156,18 +183,23 @@ def _to_float_array(image: Any, index: int) -> np.ndarray:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4) or arr.shape[0] < 1 or arr.shape[1] < 1:
         raise InvalidInputError(f"view {index}: expected an H x W (x 1/2/3/4 channels) image, got shape {arr.shape}")
-    if arr.dtype.kind == "u" and arr.dtype.itemsize in (1, 2):  # uint8 (/255, as the official loader) or 16-bit
-        return arr.astype(np.float32) / np.float32(255 if arr.dtype.itemsize == 1 else 65535)
-    if arr.dtype.kind == "b":
-        return arr.astype(np.float32)
+    if (arr.dtype.kind == "u" and arr.dtype.itemsize in (1, 2)) or arr.dtype.kind == "b":
+        return arr
     if arr.dtype.kind == "f":
-        arr = arr.astype(np.float32)
+        arr = arr.astype(np.float32, copy=False)
         if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
             raise InvalidInputError(
                 f"view {index}: float images must hold values in [0, 1] (uint8 images are divided by 255)"
             )
         return arr
     raise InvalidInputError(f"view {index}: unsupported pixel type {arr.dtype} (use uint8, uint16 or float in [0, 1])")
+
+
+def _as_float(arr: np.ndarray) -> np.ndarray:
+    """Pixels (from :func:`_to_array`) as float32 in [0, 1]: uint8 / 255, as the official loader, or uint16 / 65535."""
+    if arr.dtype.kind == "u":
+        return arr.astype(np.float32) / np.float32(255 if arr.dtype.itemsize == 1 else 65535)
+    return arr.astype(np.float32)
 
 
 def preprocess_views(
@@ -180,9 +212,9 @@ def preprocess_views(
 ) -> torch.Tensor:
     """Renderings -> model input ``[V, 3, size, size]``, as the official ShapeNet test loader.
 
-    ``images``: a list of views, each a PIL image, an ``H x W x C`` array (uint8, uint16, or float in
-    [0, 1]; RGBA, RGB, grey+alpha or grey, channels in RGB order) or an image path; one image or a
-    ``[V, H, W, C]`` array also works. All views must have the same size. Per view:
+    ``images``: a list of views (at most :data:`MAX_VIEWS`), each a PIL image, an ``H x W x C`` array (uint8,
+    uint16, or float in [0, 1]; RGBA, RGB, grey+alpha or grey, channels in RGB order) or an image path; one image
+    or a ``[V, H, W, C]`` array also works. All views must have the same size. Per view:
 
     1. centre-crop a square of ``crop_fraction`` of the shorter side (128 of the 137 px ShapeNet
        renderings, exactly the official crop; the official code would crop 128 px of any larger
@@ -194,6 +226,9 @@ def preprocess_views(
        alpha are not composited;
     3. grey becomes three equal channels; ``colour_order="bgr"`` (default: the official model was
        trained on ``cv2.imread`` BGR) or ``"rgb"``; then ``x * 2 - 1``.
+
+    Views are read one at a time, and a crop more than twice ``size`` is resized from just the pixels the
+    bilinear resize reads (:data:`_GATHER_ABOVE`), so a large view costs little beyond its decoded pixels.
 
     Feed ``model(preprocess_views(views)[None])``.
     """
@@ -211,11 +246,26 @@ def preprocess_views(
         images = [images]
     if len(images) == 0:
         raise InvalidInputError("preprocess_views needs at least one view, got none")
-    arrays = [_to_float_array(im, i) for i, im in enumerate(images)]
-    sizes = {a.shape[:2] for a in arrays}
-    if len(sizes) > 1:
-        raise InvalidInputError(f"all views must have the same size, got {sorted(sizes)} (H, W)")
-    out = [_process_one(a, order, bg, size, crop_fraction) for a in arrays]
+    _check_view_count(len(images), "preprocess_views")
+    out: list[torch.Tensor] = []
+    first: tuple[int, ...] | None = None
+    for i, image in enumerate(images):
+        try:
+            arr = _to_array(image, i)
+            if first is not None and arr.shape[:2] != first:
+                raise InvalidInputError(
+                    f"all views must have the same size, got {sorted({first, arr.shape[:2]})} (H, W) (view {i})"
+                )
+            first = arr.shape[:2]
+            out.append(_process_one(arr, order, bg, size, crop_fraction))
+        except (MemoryError, RuntimeError) as err:
+            if not _out_of_memory(err):
+                raise
+            shape = "x".join(map(str, np.shape(image)[:2])) if hasattr(image, "shape") else describe(image)
+            raise InvalidInputError(
+                f"view {i} ({shape}): not enough memory to preprocess it; downscale the views (the model takes "
+                f"{size}x{size})"
+            ) from None
     return torch.stack(out)
 
 
@@ -265,13 +315,22 @@ def _linear_resize_matrix(n_in: int, n_out: int) -> torch.Tensor:
 def _process_one(
     arr: np.ndarray, order: str, bg: tuple[float, float, float] | None, size: int, crop_fraction: float
 ) -> torch.Tensor:
+    """One view (from :func:`_to_array`) cropped, resized and composited: ``[3, size, size]``."""
     H, W, C = arr.shape
     side = max(1, int(round(min(H, W) * crop_fraction)))
     top, left = (H - side) // 2, (W - side) // 2
-    x = torch.from_numpy(np.ascontiguousarray(arr[top : top + side, left : left + side])).permute(2, 0, 1)  # [C, s, s]
-    if side != size:
-        m = _linear_resize_matrix(side, size)  # separable, in float64: within 1.2e-7 of cv2.resize on float32 images
+    crop = arr[top : top + side, left : left + side]
+    if side > _GATHER_ABOVE * size:  # only the source rows and columns the resize reads, made float
+        m = _linear_resize_matrix(side, size)
+        used = torch.nonzero(m.sum(0)).flatten()
+        crop, m = crop[used.numpy()][:, used.numpy()], m[:, used]
+        x = torch.from_numpy(np.ascontiguousarray(_as_float(crop))).permute(2, 0, 1)
         x = (m @ x.double() @ m.T).float()
+    else:
+        x = torch.from_numpy(np.ascontiguousarray(_as_float(crop))).permute(2, 0, 1)  # [C, s, s]
+        if side != size:
+            m = _linear_resize_matrix(side, size)  # separable, in float64: within 1.2e-7 of cv2.resize on float32
+            x = (m @ x.double() @ m.T).float()
     has_alpha = C in (2, 4)
     colour = x[: C - 1] if has_alpha else x
     if colour.shape[0] == 1:
@@ -289,8 +348,8 @@ _NOT_GIVEN: Any = object()
 
 
 class MultiViewReconstructionPipeline(Pipeline):
-    """One input is a list of images of one object (paths, PIL images or arrays; any number of
-    views); a list of such lists is a batch. Preprocessing is the official one (centre crop
+    """One input is a list of images of one object (paths, PIL images or arrays; 1 to
+    :data:`MAX_VIEWS` views); a list of such lists is a batch. Preprocessing is the official one (centre crop
     128/137, resized to the model's ``pretrained_cfg["input_size"]``: 224 as released, else the
     ``img_size`` LRGT was built with; background 240, BGR unless ``colour_order="rgb"``).
     Settings (constructor or call): ``threshold`` (0.3), ``colour_order`` ("bgr" or "rgb", any case)
@@ -336,13 +395,20 @@ class MultiViewReconstructionPipeline(Pipeline):
             views = list(views)
         if isinstance(views, (str, bytes, os.PathLike)) or not isinstance(views, Sequence) or len(views) == 0:
             raise InvalidInputError("a reconstruction needs a non-empty list of views of one object")
-        images = [load_image(v, keep_alpha=True) for v in views]
-        return {
-            "views": preprocess_views(
+        what = f"the object whose first view is {describe(views[0])}"
+        _check_view_count(len(views), what)  # before any view is decoded
+        try:
+            images = [load_image(v, keep_alpha=True) for v in views]
+            tensor = preprocess_views(
                 images, colour_order=colour_order, background=background, size=_input_side(self.model)
-            ),
-            "thumbnails": images,
-        }
+            )
+        except (MemoryError, RuntimeError) as err:
+            if not _out_of_memory(err):
+                raise
+            raise InvalidInputError(
+                f"{what}: its {len(views)} views do not fit in memory; give fewer or smaller views"
+            ) from None
+        return {"views": tensor, "thumbnails": images}
 
     collate = staticmethod(list_collate)
 

@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from attnzoo._values import flag, refuse_per_input_defaults, whole_number
-from attnzoo.errors import InvalidInputError
+from attnzoo._io import PARSE_ERRORS, read_json
+from attnzoo._values import flag, refuse_per_input_defaults
+from attnzoo.errors import InvalidInputError, WeightsError
 from attnzoo.pipelines.base import Pipeline, generator_seed, is_single_input, list_collate, weights_note
 
 __all__ = ["NevaClipScanpathPipeline", "OATScanpathPipeline", "Scanpath", "run_decoding"]
@@ -144,13 +145,50 @@ def run_decoding(weights: Any) -> dict[str, Any] | None:
     path = Path(weights).parent / "decoding.json"
     if not path.is_file():
         return None
-    import json
+    what = "training run's decoding.json (max_len, split, split_seed)"
+    run = read_json(path, what, error=WeightsError)
+    if not isinstance(run, dict):
+        raise WeightsError(f"{path}: expected a JSON object, the {what}; got {type(run).__name__}")
+    return run
 
-    return json.loads(path.read_text())
+
+#: Most boxes a boxes file may hold (a shelf holds tens of objects): a .npy header claiming more is
+#: refused before its data is read.
+MAX_BOXES = 100_000
+
+
+def _check_npy_header(path: Path) -> None:
+    """A ``.npy`` file's header, read before its data: numbers of shape ``[N, 4]`` with ``N`` at most
+    :data:`MAX_BOXES`, all of whose bytes are in the file (a 200-byte file may claim gigabytes)."""
+    fmt = np.lib.format
+    with open(path, "rb") as fh:
+        version = fmt.read_magic(fh)
+        if version == (1, 0):
+            shape, _, dtype = fmt.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, _, dtype = fmt.read_array_header_2_0(fh)
+        else:  # 3.0 is only written for field names beyond latin-1: never an array of numbers
+            raise InvalidInputError(f"boxes file {path}: .npy format version {version} is not one of numbers")
+        offset = fh.tell()
+    if dtype.kind not in "iuf":
+        raise InvalidInputError(f"boxes file {path}: holds {dtype}, not real numbers [N, 4] (x0, y0, x1, y1)")
+    if len(shape) != 2 or shape[1] != 4 or shape[0] < 0:
+        raise InvalidInputError(f"boxes file {path}: holds an array of shape {shape}, not [N, 4] (x0, y0, x1, y1)")
+    if shape[0] > MAX_BOXES:
+        raise InvalidInputError(
+            f"boxes file {path}: its header claims {shape[0]:,} boxes, more than the {MAX_BOXES:,} a display may hold"
+        )
+    size = path.stat().st_size
+    if offset + shape[0] * 4 * dtype.itemsize > size:
+        raise InvalidInputError(
+            f"boxes file {path}: its header claims {shape[0]:,} boxes of {dtype}, more than its {size:,} bytes hold "
+            "(a truncated or damaged file)"
+        )
 
 
 def _read_boxes(path: Path) -> Any:
-    """Boxes from a ``.json`` (a list of ``[x0, y0, x1, y1]``) or ``.npy`` file (``attnzoo run --boxes``)."""
+    """Boxes from a ``.json`` (a list of ``[x0, y0, x1, y1]``) or ``.npy`` file (``attnzoo run --boxes``);
+    a damaged file (or one claiming more than memory holds) is an :class:`InvalidInputError` naming it."""
     import json
 
     if path.suffix.lower() not in (".json", ".npy"):
@@ -158,9 +196,17 @@ def _read_boxes(path: Path) -> Any:
     if not path.is_file():
         raise InvalidInputError(f"boxes file {path}: no such file")
     try:
-        return json.loads(path.read_text()) if path.suffix.lower() == ".json" else np.load(path, allow_pickle=False)
-    except (OSError, ValueError, RecursionError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
-        raise InvalidInputError(f"boxes file {path} could not be read ({type(err).__name__}: {err})") from None
+        if path.suffix.lower() == ".json":
+            return json.loads(path.read_text(encoding="utf-8-sig"))
+        _check_npy_header(path)
+        return np.load(path, allow_pickle=False)
+    except InvalidInputError:
+        raise
+    except PARSE_ERRORS as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = (
+            "it claims more memory than there is" if isinstance(err, MemoryError) else f"{type(err).__name__}: {err}"
+        )
+        raise InvalidInputError(f"boxes file {path} could not be read ({reason})") from None
 
 
 def _boxes(value: Any) -> np.ndarray:
@@ -351,10 +397,13 @@ class OATScanpathPipeline(Pipeline):
     @classmethod
     def configure_model(cls, model: Any, weights: Any) -> Any:
         run = run_decoding(weights)
-        if (
-            run is not None
-        ):  # a training run's weights: decode up to its max_len (the longest training scanpath), as its own test did
-            model.max_len = int(run["max_len"])
+        if run is not None:  # a training run's weights: decode up to its max_len (the longest training scanpath)
+            from attnzoo.vision.oat_decoding import check_max_len
+
+            try:
+                model.max_len = check_max_len(run.get("max_len"), model)
+            except InvalidInputError as err:
+                raise WeightsError(f"{Path(weights).parent / 'decoding.json'}: {err}") from None
         return model
 
     def __init__(self, model: Any, *, batch_size: int = 8, **kwargs: Any):
@@ -374,7 +423,9 @@ class OATScanpathPipeline(Pipeline):
         if strategy is not None and strategy not in ("greedy", "sample"):
             raise InvalidInputError(f"strategy must be 'greedy' or 'sample', got {strategy!r}")
         if num_samples is not None:
-            whole_number(num_samples, "num_samples", error=InvalidInputError)
+            from attnzoo.vision.oat_decoding import check_num_samples
+
+            num_samples = check_num_samples(num_samples)
         if max_len is not None:
             from attnzoo.vision.oat_decoding import check_max_len
 

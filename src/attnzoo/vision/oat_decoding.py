@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from attnzoo._values import whole_number
-from attnzoo.errors import InvalidInputError
+from attnzoo.errors import InvalidInputError, InvalidOptionError
 from attnzoo.vision._common import as_generator
 from attnzoo.vision.oat_inputs import (
     CROP_SIZE,
@@ -35,7 +35,11 @@ from attnzoo.vision.oat_inputs import (
 if TYPE_CHECKING:  # the model calls generate(); decoding needs only its interface
     from attnzoo.vision.oat import OAT
 
-__all__ = ["OATGreedyEval", "OATScanpath", "generate", "greedy_eval", "trial_seeds"]
+__all__ = ["MAX_SAMPLES", "OATGreedyEval", "OATScanpath", "check_num_samples", "generate", "greedy_eval", "trial_seeds"]
+
+#: Most sampled scanpaths per display: every trial is decoded with a generator of its own, so the
+#: work and memory grow with the count; the official evaluation samples 100.
+MAX_SAMPLES = 10_000
 
 
 class OATScanpath(NamedTuple):
@@ -157,6 +161,13 @@ def check_max_len(max_len: Any, model: OAT) -> int:
     )
 
 
+def check_num_samples(value: Any, name: str = "num_samples") -> int:
+    """Sampled scanpaths per display, at most :data:`MAX_SAMPLES`; ``name`` is the setting as the
+    caller knows it (``--samples`` on the command line)."""
+    why = "sampled scanpaths per display; the official evaluation samples 100"
+    return whole_number(value, name, high=MAX_SAMPLES, why=why, error=InvalidOptionError)
+
+
 def trial_seeds(generator: torch.Generator | None, count: int) -> list[int]:
     """One seed per trial, drawn one after another (so the first k of n are the seeds of k)."""
     return [int(torch.randint(0, 2**62, (1,), generator=generator)) for _ in range(count)]
@@ -183,8 +194,8 @@ def generate(
     batch or list gives ``[]``); ``target``: the 0-based target object (one per display); ``max_len``: at most this many fixations (officially the longest training sequence);
     ``grid``: optional check against the model's. ``strategy="greedy"`` is the official ``test_max``,
     ``"sample"`` the official ``test_expect`` (``num_samples`` multinomial trials per display, 100 in
-    the official evaluation). Step 1 never ends the scanpath; a trial ends when it points at the
-    target token (``terminated=True``) or after ``max_len`` fixations.
+    the official evaluation; at most :data:`MAX_SAMPLES`). Step 1 never ends the scanpath; a trial
+    ends when it points at the target token (``terminated=True``) or after ``max_len`` fixations.
 
     All trials of all displays decode together; a finished trial leaves the batch. Sampling uses
     one ``torch.Generator`` per trial seeded from ``seeds`` (one int per trial, display-major) or,
@@ -206,9 +217,7 @@ def generate(
             )
         per_display = 1
     else:
-        per_display = 100 if num_samples is None else num_samples
-        if isinstance(per_display, bool) or not isinstance(per_display, int) or per_display < 1:
-            raise InvalidInputError(f"num_samples must be a positive int, got {num_samples!r}")
+        per_display = 100 if num_samples is None else check_num_samples(num_samples)
     crops_t, targets = _as_displays(model, crops, target)
     n_displays = crops_t.shape[0]
     total = n_displays * per_display

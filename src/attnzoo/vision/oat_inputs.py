@@ -188,13 +188,17 @@ class OATSample:
     def from_search_trial(cls, trial: Any, image: Any = None, colour_order: str = "rgb") -> OATSample:
         """From a :class:`~attnzoo.datasets.scanpaths.SearchTrial` (boxes, grid, target, objects).
 
-        ``image`` (in ``colour_order``) defaults to ``trial.image_path`` read with PIL as RGB (JPEG
-        decoders may differ from the official ``cv.imread`` by a grey level)."""
+        ``image`` (in ``colour_order``) defaults to ``trial.image_path`` read with PIL as RGB, as stored
+        (JPEG decoders may differ from the official ``cv.imread`` by a grey level); a missing, damaged
+        or oversized image is a :class:`~attnzoo.errors.DatasetFormatError` naming the file."""
         if image is None:
-            from PIL import Image
+            from attnzoo.datasets.images import opened_image
+            from attnzoo.errors import DatasetFormatError
 
-            with Image.open(trial.image_path) as im:
-                image = np.asarray(im.convert("RGB"))
+            if trial.image_path is None:
+                raise InvalidInputError("the trial has no image_path: pass its display as image=")
+            with opened_image(trial.image_path, error=DatasetFormatError, what="display image") as im:
+                image = np.asarray(im.convert("RGB"))  # decoded inside the guard: damage is named, not raised raw
         grid = tuple(trial.grid) if tuple(trial.grid) != (0, 0) else None
         crops = crop_objects(image, trial.boxes, colour_order=colour_order, grid=grid)
         return cls(crops, int(trial.target), [int(o) for o in np.asarray(trial.objects).reshape(-1)])
