@@ -4,6 +4,7 @@ keywords that go with each input rather than to a pipeline's constructor, close 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -248,3 +249,36 @@ def refuse_per_input_defaults(given: Iterable[str], fields: Sequence[str], examp
         raise InvalidOptionError(
             f"{names} {verb} with the inputs, at each call ({example}); the constructor takes settings only"
         )
+
+
+def _environment_text(variable: str) -> str | None:
+    text = os.environ.get(variable, "").strip()
+    return text or None  # unset or blank: the default
+
+
+def env_whole_number(variable: str, default: int) -> int:
+    """The positive whole number the environment variable ``variable`` holds (``1000000``, ``1e6``, ``1_000_000``),
+    read when it is used (a bad value fails the read that needs it, not the import), or ``default`` where it is
+    unset or blank; anything else (``100M``, ``-1``, ``0``) is an :class:`InvalidOptionError` naming it."""
+    text = _environment_text(variable)
+    if text is None:
+        return default
+    value: Any = text
+    with contextlib.suppress(ValueError, OverflowError):
+        value = int(text)
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError, OverflowError):
+            value = float(text)
+    return whole_number(value, f"the environment variable {variable}", integral_floats=True, error=InvalidOptionError)
+
+
+def env_seconds(variable: str, default: float) -> float:
+    """The positive number of seconds the environment variable ``variable`` holds, read when it is used, or
+    ``default`` where it is unset or blank; anything else is an :class:`InvalidOptionError` naming it."""
+    text = _environment_text(variable)
+    if text is None:
+        return default
+    value: Any = text
+    with contextlib.suppress(ValueError):
+        value = float(text)
+    return real_number(value, f"the environment variable {variable}", above=0, why="seconds", error=InvalidOptionError)

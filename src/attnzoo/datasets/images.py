@@ -32,8 +32,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from attnzoo._io import PARSE_ERRORS, check_regular_file
-from attnzoo._values import real_number, whole_number
-from attnzoo.errors import AttnzooError, InvalidInputError, InvalidOptionError
+from attnzoo._values import env_seconds, env_whole_number
+from attnzoo.errors import AttnzooError, InvalidInputError
 
 #: Largest image (in pixels) decoded, unless ``ATTNZOO_MAX_IMAGE_PIXELS`` says otherwise (read at each use);
 #: PIL's own bomb limit is 2x its warning level.
@@ -71,37 +71,6 @@ def describe(source: Any) -> str:
         shape = getattr(source, "size", None)  # PIL's (width, height)
     text = str(tuple(shape)) if isinstance(shape, (tuple, list)) else ""  # numpy/torch shapes, PIL sizes
     return f"<{type(source).__name__} {text}>".replace(" >", ">")
-
-
-def _environment_text(variable: str) -> str | None:
-    text = os.environ.get(variable, "").strip()
-    return text or None  # unset or blank: the default
-
-
-def env_whole_number(variable: str, default: int) -> int:
-    """The positive whole number the environment variable ``variable`` holds (``1000000``, ``1e6``, ``1_000_000``),
-    read when it is used (a bad value fails the read that needs it, not the import), or ``default`` where it is
-    unset or blank; anything else (``100M``, ``-1``, ``0``) is an :class:`InvalidOptionError` naming it."""
-    text = _environment_text(variable)
-    if text is None:
-        return default
-    value: Any = text
-    with contextlib.suppress(ValueError, OverflowError):
-        value = int(text)
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError, OverflowError):
-            value = float(text)
-    return whole_number(value, f"the environment variable {variable}", integral_floats=True, error=InvalidOptionError)
-
-
-def _env_seconds(variable: str, default: float) -> float:
-    text = _environment_text(variable)
-    if text is None:
-        return default
-    value: Any = text
-    with contextlib.suppress(ValueError):
-        value = float(text)
-    return real_number(value, f"the environment variable {variable}", above=0, why="seconds", error=InvalidOptionError)
 
 
 def max_image_pixels() -> int:
@@ -227,7 +196,7 @@ def fetch_url(url: str, *, max_bytes: int | None = None, timeout: float | None =
     from attnzoo.weights.hub import is_offline
 
     limit = env_whole_number("ATTNZOO_MAX_IMAGE_BYTES", MAX_DOWNLOAD_BYTES) if max_bytes is None else int(max_bytes)
-    wait = _env_seconds("ATTNZOO_URL_TIMEOUT", URL_TIMEOUT) if timeout is None else float(timeout)
+    wait = env_seconds("ATTNZOO_URL_TIMEOUT", URL_TIMEOUT) if timeout is None else float(timeout)
     if is_offline():
         raise InvalidInputError(
             f"{url}: offline mode is on (ATTNZOO_OFFLINE/HF_HUB_OFFLINE); download the image and pass its path"

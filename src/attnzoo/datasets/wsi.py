@@ -45,7 +45,7 @@ import numpy as np
 from PIL import Image
 
 from attnzoo._io import check_regular_file, parse_errors
-from attnzoo._values import real_number, whole_number
+from attnzoo._values import env_whole_number, real_number, whole_number
 from attnzoo.errors import DatasetFormatError, InvalidInputError, InvalidOptionError, MissingDependencyError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -137,8 +137,6 @@ def fallback_max_pixels() -> int:
     """The in-memory reader's pixel limit (and that of one read): ``ATTNZOO_MAX_SLIDE_PIXELS`` where set (a
     positive whole number, else :class:`~attnzoo.errors.InvalidOptionError` naming it), else
     :data:`FALLBACK_MAX_PIXELS`."""
-    from attnzoo.datasets.images import env_whole_number
-
     return env_whole_number("ATTNZOO_MAX_SLIDE_PIXELS", FALLBACK_MAX_PIXELS)
 
 
