@@ -220,6 +220,94 @@ def read_csv_rows(
     return header, rows
 
 
+#: What the compressed entries of a PyTorch zip checkpoint may declare beyond the file's own size, whatever their
+#: ratio: torch.save stores its entries as they are, but a re-packed archive may deflate them, and a tensor of
+#: zeros (a mask, a freshly made buffer) deflates about a thousand times; up to this much it is read as it is.
+ZIP_FREE_INFLATION = 64 << 20
+#: Above :data:`ZIP_FREE_INFLATION`, how many times their compressed bytes the compressed entries may declare in
+#: all: trained weights (float noise) deflate by a few percent, a whole checkpoint a few times at most even beside
+#: large zero buffers, never a hundred; deflate's own limit is about 1,032 times (a zip bomb's ratio).
+ZIP_MAX_INFLATION_RATIO = 100
+
+
+def _physical_memory() -> int | None:
+    """This machine's memory in bytes, or None where it cannot be read."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or the name is unknown
+        return None
+
+
+def refuse_torch_zip_bomb(
+    path: str | os.PathLike, *, error: type[AttnzooError], allow_compressed: bool, advice: str = ""
+) -> None:
+    """Refuse, as ``error`` naming ``path``, a PyTorch zip file (torch.save's format: it begins as a zip's first
+    entry, which is how ``torch.load`` tells it from the legacy pickle) that would make ``torch.load`` allocate far
+    more memory than the file holds, read from its central directory before anything is inflated. ``torch.load``
+    allocates each entry's declared uncompressed size and refuses an entry that inflates to any other size, so the
+    declared sizes bound what loading takes. Refused:
+
+    * entries whose compressed data overlap one another or run past the end of the file (how a zip bomb makes
+      many entries of one kernel; no zip writer does it);
+    * entries stored as they are (torch.save's) declaring more bytes in all than the file has;
+    * with ``allow_compressed=False``, any compressed entry (torch.save never writes one: feature files);
+    * with ``allow_compressed=True`` (checkpoints, which users and releases may re-pack), compressed entries that
+      declare in all more than :data:`ZIP_FREE_INFLATION` beyond the file's size *and* more than
+      :data:`ZIP_MAX_INFLATION_RATIO` times their compressed bytes, or more than this machine's memory.
+
+    A file that is not such an archive, or that :mod:`zipfile` cannot read (cut short, damaged), is left to
+    ``torch.load``, which names the damage. ``advice`` ends the message where compressed entries are refused."""
+    from attnzoo._values import listed  # here: _values imports numpy, which most users of this module never need
+
+    name = os.fspath(path)
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"PK\x03\x04":
+                return  # the legacy (pickle) format, or no tensor file at all: torch.load says which
+            size = os.fstat(fh.fileno()).st_size
+            with zipfile.ZipFile(fh) as archive:
+                entries = archive.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError, NotImplementedError):
+        return
+    ends = sorted((e.header_offset, e.header_offset + e.compress_size, e.filename) for e in entries)
+    overlapping = [
+        this[2] for this, after in zip(ends, [*ends[1:], (size, size, "")], strict=True) if this[1] > after[0]
+    ]
+    if overlapping:
+        raise error(
+            f"{name}: its zip entries overlap one another or run past the end of the file "
+            f"({listed(overlapping, 3)}), as in a zip bomb; refused before loading"
+        )
+    stored = [e for e in entries if e.compress_type == zipfile.ZIP_STORED]
+    compressed = [e for e in entries if e.compress_type != zipfile.ZIP_STORED]
+    declared = sum(e.file_size for e in stored)
+    if declared > size:
+        raise error(
+            f"{name}: its zip entries claim {declared:,} bytes in a file of {size:,} bytes (stored as they are, they "
+            "cannot be larger than the file); refused before loading"
+        )
+    ending = f". {advice}" if advice else ""
+    named = listed([e.filename for e in compressed], 3)
+    if compressed and not allow_compressed:
+        raise error(
+            f"{name}: not a torch.save file: its zip entries are compressed ({named}), which torch.save never "
+            f"writes; refused before inflating them{ending}"
+        )
+    inflated = sum(e.file_size for e in compressed)
+    packed = max(1, sum(e.compress_size for e in compressed))
+    memory = _physical_memory()
+    if inflated - size > ZIP_FREE_INFLATION and inflated > ZIP_MAX_INFLATION_RATIO * packed:
+        why = f"{inflated / packed:,.0f} times their {packed:,} compressed bytes, as in a zip bomb"
+    elif memory is not None and inflated > memory:
+        why = f"more than this machine's memory ({memory:,} bytes)"
+    else:
+        return
+    raise error(
+        f"{name}: its compressed zip entries ({named}) declare {inflated:,} bytes once inflated, {why}; refused "
+        f"before inflating them{ending}"
+    )
+
+
 def check_output_folder(
     out: str | os.PathLike, what: str = "--out", error: type[InvalidInputError] = InvalidOptionError
 ) -> Path:

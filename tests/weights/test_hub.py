@@ -293,3 +293,36 @@ def test_pretrained_loading_reads_the_cache_only_when_the_hub_cannot_be_used(mon
     with pytest.raises(RuntimeError, match="other"):  # errors not listed pass unchanged
         with hub.pretrained_loading("the thing", "org/model"):
             raise RuntimeError("other")
+
+
+def test_a_lock_file_left_by_a_killed_download_does_not_block_the_next(tmp_path):
+    """The ``.lock`` beside a download stays after it (filelock keeps Unix lock files on purpose: deleting a path
+    another process is waiting on breaks the mutual exclusion); it holds nothing once its holder is gone, even one
+    killed while holding it (the kernel drops a dead process's flock), so the next download takes it at once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    lock = tmp_path / "w.bin.lock"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import filelock,sys,time; filelock.FileLock({str(lock)!r}).acquire(); "
+            "print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+    assert lock.exists()
+    start = time.monotonic()
+    with http_server({"/w.bin": PAYLOAD}) as (base, _):
+        assert download_url(f"{base}/w.bin", tmp_path / "w.bin", sha256=SHA, progress=False).read_bytes() == PAYLOAD
+    assert time.monotonic() - start < 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.bin", "w.bin.download.json", "w.bin.lock"]

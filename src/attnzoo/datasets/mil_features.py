@@ -31,7 +31,6 @@ import math
 import os
 import pickle
 import warnings
-import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +39,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnzoo._io import STRUCTURE_ERRORS, check_regular_file, parse_errors, read_csv_rows, read_json
-from attnzoo._values import listed
+from attnzoo._io import (
+    STRUCTURE_ERRORS,
+    check_regular_file,
+    parse_errors,
+    read_csv_rows,
+    read_json,
+    refuse_torch_zip_bomb,
+)
 from attnzoo.errors import DatasetFormatError, InvalidInputError
 
 __all__ = [
@@ -89,8 +94,9 @@ _CAMELYON_LABEL_WORDS = {
 SPLIT_NAMES = ("train", "val", "test")
 #: Largest level-0 coordinate (px) a patch can have: the largest scans are a few 10^5 px wide.
 _MAX_COORD = 2.0**31
-#: An HDF5 dataset or ``.pt`` entry up to this size is read whatever it stores; above it, what it declares must
-#: be stored in the file (a small file declaring gigabytes that HDF5 would fill in is refused before reading).
+#: An HDF5 dataset up to this size is read whatever it stores; above it, what it declares must be stored in the
+#: file (a small file declaring gigabytes that HDF5 would fill in is refused before reading). A ``.pt`` bag is
+#: checked by :func:`attnzoo._io.refuse_torch_zip_bomb` (no compressed entries at all).
 _FREE_READ_BYTES = 64 << 20
 #: How many times its stored bytes a dataset may declare: an uncompressed one stores every byte (no more than
 #: half unwritten), a compressed one of real features (float noise) shrinks a few times at most, never a hundred.
@@ -241,34 +247,13 @@ def _load_h5_bag(path: Path, slide_id: str) -> tuple[Any, Any, Any]:
         return _read_dataset(f["features"], where), coords, f.attrs.get("label")
 
 
-def _check_pt_archive(path: Path) -> None:
-    """A zip ``.pt`` (torch.save's format) whose entries are compressed, or claim more bytes than the file has,
-    refused before ``torch.load`` inflates them: torch.save stores its entries as they are, so a compressed
-    entry is not its output, and a 400 KB file would otherwise load a tensor of hundreds of megabytes."""
-    try:
-        if not zipfile.is_zipfile(path):
-            return  # the legacy (pickle) format, or not a tensor file: torch.load says which
-        with zipfile.ZipFile(path) as archive:
-            entries = archive.infolist()
-    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
-        return  # a damaged archive: torch.load names the damage
-    size = path.stat().st_size
-    compressed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
-    if compressed:
-        raise DatasetFormatError(
-            f"{path}: not a torch.save file: its zip entries are compressed ({listed(compressed, 3)}), which "
-            "torch.save never writes; refused before inflating them. Re-save the features with torch.save"
-        )
-    declared = sum(e.file_size for e in entries)
-    if declared > size:  # stored entries lie within the file
-        raise DatasetFormatError(
-            f"{path}: its zip entries claim {declared:,} bytes in a file of {size:,} bytes; refused before loading"
-        )
-
-
 def _load_pt_bag(path: Path, slide_id: str) -> tuple[Any, Any, Any]:
     check_regular_file(path, "PyTorch tensor file (torch.save)")  # a FIFO would block the archive check
-    _check_pt_archive(path)
+    # torch.save stores its zip entries as they are: a compressed one is not its output, and a 400 KB file would
+    # otherwise load a tensor of hundreds of megabytes
+    refuse_torch_zip_bomb(
+        path, error=DatasetFormatError, allow_compressed=False, advice="Re-save the features with torch.save"
+    )
     try:
         with parse_errors(path, "PyTorch tensor file (torch.save)", also=STRUCTURE_ERRORS):
             obj = torch.load(path, map_location="cpu", weights_only=True)

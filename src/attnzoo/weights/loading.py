@@ -12,6 +12,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from attnzoo._io import refuse_torch_zip_bomb
 from attnzoo.errors import ChecksumError, InvalidOptionError, WeightsError
 from attnzoo.weights import hub, registry
 
@@ -286,7 +287,8 @@ def load_checkpoint_file(path: str | os.PathLike, *, map_location: str = "cpu", 
 
     Non-finite floats (NaN, inf) are refused: no working model holds them, and a diverged run's
     checkpoint would otherwise give ``nan`` scores without a word. ``allow_non_finite=True`` reads
-    such a file anyway (to inspect it).
+    such a file anyway (to inspect it). A PyTorch zip whose entries would inflate far beyond the file (a zip
+    bomb: see :func:`attnzoo._io.refuse_torch_zip_bomb`) is refused before torch reads it.
     """
     path = Path(path)
     if path.is_dir():
@@ -294,7 +296,13 @@ def load_checkpoint_file(path: str | os.PathLike, *, map_location: str = "cpu", 
     if not path.is_file():
         raise WeightsError(f"checkpoint file {path} does not exist")
     text = _refuse_plainly_not_a_checkpoint(path)
-    obj = _read_safetensors(path, map_location) if _is_safetensors(path) else _read_pickle(path, map_location, text)
+    if _is_safetensors(path):
+        obj = _read_safetensors(path, map_location)
+    else:
+        # before torch reads anything (the stand-ins' listing of names inflates data.pkl too); a bomb is what the
+        # host serves, so a download of one is not deleted to be fetched again
+        refuse_torch_zip_bomb(path, error=WeightsError, allow_compressed=True)
+        obj = _read_pickle(path, map_location, text)
     if not allow_non_finite:
         _refuse_non_finite(obj, str(path))
     return obj
