@@ -428,3 +428,62 @@ def test_view_paths_are_read_by_the_project_loader(tmp_path, monkeypatch):
 
         with pytest.raises(InvalidInputError, match=r"view 0: cannot read image: .*01.png: is a FIFO"):
             preprocess_views([fifo(tmp_path / "01.png")])
+
+
+def _large_view(kind="table", size=(2000, 1500)):
+    """A ShapeNet-like RGBA rendering blown up to ``size`` (W, H): smooth, with a transparent background."""
+    return renderings(primitive(kind), n=1)[0].resize(size, Image.Resampling.BILINEAR)
+
+
+def test_results_keep_each_view_as_a_thumbnail_for_the_picture(recon, tmp_path):
+    """A result kept every view at full size for plot(): 64 views each just under the pixel limit took tens of GB.
+    It keeps thumbnails of at most THUMBNAIL_SIDE px a side (aspect kept), and the picture looks as it did."""
+    from attnzoo.viz.voxels import plot_reconstruction
+
+    big = _large_view()
+    big.save(tmp_path / "big.png")
+    small = renderings(primitive("ball"), n=1)[0]
+    shape = recon([big, tmp_path / "big.png"])  # an image in memory and a file
+    assert len(shape.views) == 2 and all(v.mode == "RGBA" for v in shape.views)
+    assert all(max(v.size) <= 512 for v in shape.views), [v.size for v in shape.views]  # a few hundred px at most
+    side = mv.THUMBNAIL_SIDE
+    assert [v.size for v in shape.views] == [(side, round(1500 * side / 2000))] * 2
+    with torch.no_grad():  # the model still gets the views at full resolution, preprocessed as before
+        expected = recon.model(preprocess_views([big, big])[None])[0]
+    np.testing.assert_allclose(shape.probabilities, expected.numpy(), atol=1e-6)
+    # the picture drawn from the thumbnails against one drawn from the full views: the same to the eye
+    picture = shape.plot(title="t", note="")
+    full = plot_reconstruction([big, big], shape.voxels, title="t", note="")
+    assert picture.size == full.size
+    diff = np.abs(np.asarray(picture, np.int16) - np.asarray(full, np.int16))
+    assert diff.mean() < 0.5 and np.percentile(diff, 99) <= 8, (diff.mean(), np.percentile(diff, 99))
+    # a view within the bound is kept as it is (a copy, not the caller's image)
+    kept = recon([small]).views[0]
+    assert kept is not small and kept.size == small.size and np.array_equal(np.asarray(kept), np.asarray(small))
+
+
+def test_each_view_is_released_before_the_next_is_decoded(recon, tmp_path, monkeypatch):
+    """All views of an object were decoded before any was preprocessed, so the peak memory was the sum of the
+    full views; now only one is held at full size at a time."""
+    import gc
+    import weakref
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        _large_view(size=(600, 450)).save(paths[-1])
+    decoded = []  # weak references to the full views load_image returned
+    most = []
+    real = mv.load_image
+
+    def tracking(source, **kwargs):
+        gc.collect()
+        most.append(sum(ref() is not None for ref in decoded))  # full views still held when this one is decoded
+        image = real(source, **kwargs)
+        decoded.append(weakref.ref(image))
+        return image
+
+    monkeypatch.setattr(mv, "load_image", tracking)
+    shape = recon(paths)
+    assert most == [0, 0, 0], most
+    assert len(shape.views) == 3 and all(max(v.size) <= 512 for v in shape.views)

@@ -24,7 +24,7 @@ from attnzoo.datasets.images import describe, is_file_object, load_image, opened
 from attnzoo.errors import InvalidInputError, InvalidOptionError
 from attnzoo.pipelines.base import Pipeline, list_collate, weights_note
 
-__all__ = ["MultiViewReconstructionPipeline", "Occupancy", "preprocess_views"]
+__all__ = ["MultiViewReconstructionPipeline", "Occupancy", "input_side", "preprocess_views"]
 
 
 @dataclass
@@ -34,6 +34,7 @@ class Occupancy:
     probabilities: np.ndarray = field(repr=False)  # float32 [X, Y, Z] in [0, 1]
     threshold: float = 0.3
     views: list[Image.Image] = field(default_factory=list, repr=False)
+    """The input views for :meth:`plot`: from the pipeline, thumbnails of at most :data:`THUMBNAIL_SIDE` px a side."""
     weights: str | None = None
     """What the model's weights were (``"random (seed 0)"``, ...), for the picture's title."""
 
@@ -133,9 +134,11 @@ def _ply(vertices: np.ndarray, faces: np.ndarray) -> str:
 # -- preprocessing (the official utils/data_transforms.py) -----------------------------------
 
 
+#: The official crop: 128 px of ShapeNet's 137 px renderings (of the shorter side of any other view).
+OFFICIAL_CROP = 128 / 137
 #: The most views one object may have: ShapeNet has 24 renderings of each object and its evaluation takes 1 to 24.
-#: Every view is decoded and held while the object is read, so thousands of them would exhaust the memory;
-#: the count is checked before any is decoded.
+#: The views are decoded one at a time, but each one's model input (and, in the pipeline, its thumbnail) is held
+#: while the object is read, so thousands of them would exhaust the memory; the count is checked before any is decoded.
 MAX_VIEWS = 64
 #: A view's centre crop larger than this many times the model's input side is resized from the source rows and
 #: columns the bilinear resize reads (at most 2 per output pixel), gathered before they are made float, instead of
@@ -208,7 +211,7 @@ def preprocess_views(
     background: int | Sequence[int] | None = 240,
     *,
     size: int = 224,
-    crop_fraction: float = 128 / 137,
+    crop_fraction: float = OFFICIAL_CROP,
 ) -> torch.Tensor:
     """Renderings -> model input ``[V, 3, size, size]``, as the official ShapeNet test loader.
 
@@ -250,23 +253,53 @@ def preprocess_views(
     out: list[torch.Tensor] = []
     first: tuple[int, ...] | None = None
     for i, image in enumerate(images):
-        try:
-            arr = _to_array(image, i)
-            if first is not None and arr.shape[:2] != first:
-                raise InvalidInputError(
-                    f"all views must have the same size, got {sorted({first, arr.shape[:2]})} (H, W) (view {i})"
-                )
-            first = arr.shape[:2]
-            out.append(_process_one(arr, order, bg, size, crop_fraction))
-        except (MemoryError, RuntimeError) as err:
-            if not _out_of_memory(err):
-                raise
-            shape = "x".join(map(str, np.shape(image)[:2])) if hasattr(image, "shape") else describe(image)
-            raise InvalidInputError(
-                f"view {i} ({shape}): not enough memory to preprocess it; downscale the views (the model takes "
-                f"{size}x{size})"
-            ) from None
+        tensor, first = _preprocess_view(image, i, first, order, bg, size, crop_fraction)
+        out.append(tensor)
     return torch.stack(out)
+
+
+def _preprocess_view(
+    image: Any,
+    index: int,
+    first: tuple[int, ...] | None,
+    order: str,
+    bg: tuple[float, float, float] | None,
+    size: int,
+    crop_fraction: float,
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """View ``index`` of :func:`preprocess_views` (``[3, size, size]``) and its ``(H, W)``, which must be
+    ``first``'s (the first view's; None for the first)."""
+    try:
+        arr = _to_array(image, index)
+        if first is not None and arr.shape[:2] != first:
+            raise InvalidInputError(
+                f"all views must have the same size, got {sorted({first, arr.shape[:2]})} (H, W) (view {index})"
+            )
+        return _process_one(arr, order, bg, size, crop_fraction), arr.shape[:2]
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        shape = "x".join(map(str, np.shape(image)[:2])) if hasattr(image, "shape") else describe(image)
+        raise InvalidInputError(
+            f"view {index} ({shape}): not enough memory to preprocess it; downscale the views (the model takes "
+            f"{size}x{size})"
+        ) from None
+
+
+#: The longest side of the views a result keeps for :meth:`Occupancy.plot` (which draws them 80 px a side;
+#: ``viz.voxels.plot_reconstruction(..., size=1024)`` draws them 256): each view is shrunk to this as soon as it is
+#: read, so a result (and the pipeline while it reads an object) holds no view at full size.
+THUMBNAIL_SIDE = 256
+
+
+def _thumbnail(image: Image.Image) -> Image.Image:
+    """A copy of ``image`` (RGB or RGBA) with its longer side at most :data:`THUMBNAIL_SIDE`, aspect kept (Lanczos;
+    PIL resizes RGBA with its colour premultiplied by alpha, so transparent pixels do not bleed into the edges)."""
+    scale = THUMBNAIL_SIDE / max(image.size)
+    if scale >= 1:
+        return image.copy()
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS)
 
 
 def _background(
@@ -351,7 +384,8 @@ class MultiViewReconstructionPipeline(Pipeline):
     ``img_size`` LRGT was built with; background 240, BGR unless ``colour_order="rgb"``).
     Settings (constructor or call): ``threshold`` (0.3), ``colour_order`` ("bgr" or "rgb", any case)
     and ``background`` (240; an int or an (r, g, b) triple 0-255, or None: transparent pixels keep
-    their colour), as :func:`preprocess_views` takes them.
+    their colour), as :func:`preprocess_views` takes them. Views are read one at a time; the result keeps
+    each as a thumbnail of at most :data:`THUMBNAIL_SIDE` px a side, for :meth:`Occupancy.plot`.
 
     LRGT breaks exact ties of its token clustering with 1e-6 noise (the same for every object of a
     batch), drawn from torch's global RNG unless the model has a ``noise_seed``: for results that
@@ -394,18 +428,28 @@ class MultiViewReconstructionPipeline(Pipeline):
             raise InvalidInputError("a reconstruction needs a non-empty list of views of one object")
         what = f"the object whose first view is {describe(views[0])}"
         _check_view_count(len(views), what)  # before any view is decoded
+        order, bg, size = (
+            _colour_order(colour_order, InvalidInputError),
+            _background(background),
+            input_side(self.model),
+        )
+        tensors: list[torch.Tensor] = []
+        thumbnails: list[Image.Image] = []
+        first: tuple[int, ...] | None = None
         try:
-            images = [load_image(v, keep_alpha=True) for v in views]
-            tensor = preprocess_views(
-                images, colour_order=colour_order, background=background, size=_input_side(self.model)
-            )
+            for i, view in enumerate(views):  # one view decoded at a time: kept as its tensor and a thumbnail
+                image = load_image(view, keep_alpha=True)
+                tensor, first = _preprocess_view(image, i, first, order, bg, size, OFFICIAL_CROP)
+                tensors.append(tensor)
+                thumbnails.append(_thumbnail(image))
+                del image
         except (MemoryError, RuntimeError) as err:
             if not _out_of_memory(err):
                 raise
             raise InvalidInputError(
                 f"{what}: its {len(views)} views do not fit in memory; give fewer or smaller views"
             ) from None
-        return {"views": tensor, "thumbnails": images}
+        return {"views": torch.stack(tensors), "thumbnails": thumbnails}
 
     collate = staticmethod(list_collate)
 
@@ -424,12 +468,11 @@ class MultiViewReconstructionPipeline(Pipeline):
         return {"probabilities": probabilities, "thumbnails": batch["thumbnails"]}
 
     def postprocess(self, outputs: dict[str, Any], threshold: float = 0.3) -> Occupancy:
-        return Occupancy(
-            outputs["probabilities"].numpy(), threshold, [im.copy() for im in outputs["thumbnails"]], self.weights_label
-        )
+        # the thumbnails are the result's own (:func:`_thumbnail` copies even a small view)
+        return Occupancy(outputs["probabilities"].numpy(), threshold, list(outputs["thumbnails"]), self.weights_label)
 
 
-def _input_side(model: Any) -> int:
+def input_side(model: Any) -> int:
     """The side the model takes its views at: its ``pretrained_cfg["input_size"]`` (LRGT's is its
     ``img_size``); 224, the official size, for a model that says none."""
     size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")

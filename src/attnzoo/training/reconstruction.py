@@ -123,10 +123,13 @@ def load_deit_init(
 
 class ViewsTransform:
     """The official training preprocessing: each view on its own random background (per channel,
-    uniform in ``[low, high]``), or the fixed test colour. Picklable for DataLoader workers."""
+    uniform in ``[low, high]``), or the fixed test colour, resized to ``size`` (the side the model
+    was built at: :func:`attnzoo.pipelines.multiview_reconstruction.input_side`; 224 as released).
+    Picklable for DataLoader workers."""
 
-    def __init__(self, background: int | list[int]):
+    def __init__(self, background: int | list[int], size: int = 224):
         self.background = background
+        self.size = size
 
     def __call__(self, views: list[np.ndarray]) -> torch.Tensor:
         from attnzoo.pipelines.multiview_reconstruction import preprocess_views
@@ -135,11 +138,15 @@ class ViewsTransform:
             low, high = self.background
             return torch.cat(
                 [
-                    preprocess_views([v], background=tuple(int(c) for c in np.random.randint(low, high + 1, 3)))
+                    preprocess_views(
+                        [v],
+                        background=tuple(int(c) for c in np.random.randint(low, high + 1, 3)),
+                        size=self.size,
+                    )
                     for v in views
                 ]
             )
-        return preprocess_views(views, background=self.background)
+        return preprocess_views(views, background=self.background, size=self.size)
 
 
 def _background_range(value: Any) -> list[int]:
@@ -218,6 +225,7 @@ def train_reconstruction(
     ``overwrite`` discards an earlier run in ``out`` (else refused, unless ``resume``)."""
     import attnzoo
     from attnzoo.datasets.shapenet import ShapeNetDataset, find_split_file
+    from attnzoo.pipelines.multiview_reconstruction import input_side
 
     cfg = recipe_config(
         config or "lrgt",
@@ -234,13 +242,16 @@ def train_reconstruction(
     folder: dict[str, Any] = {"data": root, "inputs": run_inputs(config, weights, cfg)}
     check_run_folder(out, resume=resume, overwrite=overwrite, **folder)
     split_file = find_split_file(root)
+    # the views' side is the model's, set once it is built (below); the data is checked before that
+    train_views = ViewsTransform(list(extra["train_background"]))
+    val_views = ViewsTransform(int(extra["eval_background"]))
     train = ShapeNetDataset(
         root / "ShapeNetRendering",
         root / "ShapeNetVox32",
         split_file,
         split="train",
         n_views=int(extra["n_views"]),
-        transform=ViewsTransform(list(extra["train_background"])),
+        transform=train_views,
         seed=cfg.seed,
     )
     try:
@@ -251,7 +262,7 @@ def train_reconstruction(
             split="val",
             n_views=int(extra["n_views"]),
             view_selection="first",
-            transform=ViewsTransform(int(extra["eval_background"])),
+            transform=val_views,
         )
     except DatasetFormatError:  # no val models: train without validation
         val = None
@@ -263,6 +274,8 @@ def train_reconstruction(
         if weights
         else attnzoo.create_model(model, **(model_kwargs or {}))
     )
+    # the side the model was built at (LRGT's img_size, in its pretrained_cfg), as the pipeline feeds it
+    train_views.size = val_views.size = input_side(net)
     if weights is None and extra["deit_weights"]:
         load_deit_init(net, extra["deit_weights"])
     net.train()
