@@ -1018,20 +1018,109 @@ def test_attention_layers_past_the_depth_are_refused_before_being_spelled_out(as
         assert f"the language model's 4 layers ({outside})" in str(caught.value) and len(str(caught.value)) < 200
 
 
+def _prompt_parts(pipe, image, question):
+    """(tokens, image tokens) of the prompt plain transformers encodes for one image and question."""
+    prompt = pipe.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    ids = pipe.processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"][0]
+    return len(ids), int((ids == pipe.model.config.image_token_id).sum())
+
+
 def test_a_question_that_fills_the_context_alone_is_the_inputs_fault(ask, photos):
     """A question whose prompt alone fills the context was blamed on ``max_new_tokens`` (an InvalidOptionError
-    "max_new_tokens=4 after a prompt of ... tokens"); it is the input's error, naming the question's length."""
+    "max_new_tokens=4 after a prompt of ... tokens"); it is the input's error, naming the question and splitting
+    the prompt's tokens into the image's and the text's."""
     long_question = "Is there a dog? " * 150  # 2,400 characters: more tokens than the tiny model's 2048
     with pytest.raises(InvalidInputError) as caught:
         ask(photos[0], question=long_question)
+    total, image = _prompt_parts(ask, photos[0], long_question)
+    assert image == 36 and total >= 2048  # the 6x6 grid; the text overflows
     assert type(caught.value) is InvalidInputError and "max_new_tokens" not in str(caught.value)
     assert re.match(
-        r"^<Image \(70, 48\)>: the prompt alone takes [\d,]+ tokens \(image tokens included; the question is 2,400 "
-        r"characters long\), which fills the language model's context of 2,048 tokens .*shorten the question$",
+        rf"^<Image \(70, 48\)>: the prompt of the question 'Is there a dog\? Is there .*' \(2,400 characters\) takes "
+        rf"{total:,} tokens \(36 image tokens and {total - 36:,} of text: the template and the question\), which "
+        rf"fills the language model's context of 2,048 tokens .*shorten the question \(beside the image tokens, the "
+        rf"text has room for 2,011 tokens\)$",
         str(caught.value),
     )
     with pytest.raises(InvalidOptionError, match=r"^max_new_tokens=1000 after a prompt of \d+ tokens"):
         ask(photos[0], question="Is there a dog? " * 100, max_new_tokens=1000)  # fits alone: the setting's fault
+
+
+def test_the_prompt_too_long_names_the_longest_in_tokens_not_in_characters(photos):
+    """Qwen2-VL gives a larger image more tokens: in a batch, the input that overflows is the one whose prompt
+    is longest in tokens (a short question on a large image), not the longest question (on a small image, which
+    fits alone); the message said the longest question's characters, and to shorten it."""
+    qwen = attnzoo.pipeline(TASK, model=tiny_lvlm("qwen2_vl"), device="cpu", max_new_tokens=1)
+    small, large = Image.new("RGB", (300, 50), (200, 40, 40)), Image.new("RGB", (1000, 10), (40, 200, 40))
+    base, small_image = _prompt_parts(qwen, small, "")
+    _, large_image = _prompt_parts(qwen, large, "")
+    assert large_image >= small_image + 8  # the larger image takes more tokens
+    on_large = "d" * (2048 - (base - small_image + large_image))  # fills the context, exactly
+    on_small = "c" * (len(on_large) + 4)  # longer in characters, shorter in tokens: fits alone
+    total, image = _prompt_parts(qwen, large, on_large)
+    assert image == large_image and total == 2048 and _prompt_parts(qwen, small, on_small)[0] < 2048
+    assert qwen(small, question=on_small).answer is not None
+    items = [{"image": small, "question": on_small}, {"image": large, "question": on_large}]
+    with pytest.raises(InvalidInputError) as caught:
+        qwen(items, batch_size=2)
+    message = str(caught.value)
+    assert (
+        message.startswith("<Image (1000, 10)>: the prompt of the question 'ddd") and f"({len(on_large):,} " in message
+    )
+    assert f"takes 2,048 tokens ({image} image tokens and {2048 - image:,} of text" in message
+    assert message.endswith("or pass a smaller image (fewer pixels, fewer image tokens)")
+
+
+@pytest.mark.parametrize(
+    "family, context, question, remedy",
+    [
+        ("llava", 30, "dog?", "the image tokens alone fill it; LLaVA-1.5 gives every image this many, so no prompt"),
+        (
+            "llava",
+            40,
+            "dog?",
+            r"the image tokens and the prompt template alone take {fixed} tokens, leaving no room for any "
+            r"question: use a shorter chat_template$",
+        ),
+        (
+            "qwen2_vl",
+            12,
+            "dog?",
+            r"the image tokens alone fill it: pass a smaller image \(fewer pixels, fewer image "
+            r"tokens\)$",
+        ),
+        (
+            "qwen2_vl",
+            90,
+            "Is there a dog in the picture?",
+            r"shorten the question \(beside the image tokens, the text "
+            r"has room for {room} tokens\) or pass a smaller image \(fewer pixels, fewer image tokens\)$",
+        ),
+    ],
+)
+def test_the_prompt_too_long_says_what_overflows(photos, family, context, question, remedy):
+    """A context the image tokens fill (alone, or with the template: no question fits) is said so, not "shorten
+    the question"; where the question is what overflows, the room left for the text is given."""
+    model = tiny_lvlm(family)
+    model.config.text_config.max_position_embeddings = context  # read before any forward: the refusal comes first
+    pipe = attnzoo.pipeline(TASK, model=model, device="cpu", max_new_tokens=1)
+    total, image = _prompt_parts(pipe, photos[0], question)
+    asked = len(pipe.processor.tokenizer(question, add_special_tokens=False)["input_ids"])
+    assert asked == len(question) and total >= context  # a character-level tokenizer; the prompt overflows
+    assert (total - asked < context) == remedy.startswith("shorten")  # without the question, it would fit
+    with pytest.raises(InvalidInputError) as caught:
+        pipe(photos[0], question=question)
+    assert re.match(
+        rf"^<Image \(70, 48\)>: the prompt of the question {re.escape(repr(question))} \({len(question)} characters\) "
+        rf"takes {total} tokens \({image} image tokens and {total - image} of text: the template and the question\), "
+        rf"which fills the language model's context of {context} tokens \(max_position_embeddings\) before any answer "
+        rf"token: {remedy.format(room=context - 1 - image, fixed=total - asked)}",
+        str(caught.value),
+    )
 
 
 def test_images_too_large_for_memory_are_typed_errors_naming_the_input(ask, photos, monkeypatch):

@@ -85,3 +85,34 @@ def test_a_timm_classifier_is_said_to_be_one():
 
     with pytest.raises(InvalidOptionError, match="does not take a ResNet: it is a model for image-classification"):
         attnzoo.pipeline(TASK, model=timm.create_model("test_resnet"), device="cpu")
+
+
+@pytest.mark.parametrize("name", ["biformer_tiny", "test_resnet", "resnet18"])
+def test_a_classifier_name_is_refused_before_anything_is_built_or_fetched(monkeypatch, name):
+    """attnzoo's and timm's classifiers by name: the task and the model are named, and nothing is built (building
+    by name fetches the pretrained weights, megabytes to gigabytes, before the pipeline could refuse it)."""
+    import huggingface_hub
+    import timm
+
+    import attnzoo.factory
+
+    monkeypatch.setattr(attnzoo.factory, "create_model", lambda *a, **k: pytest.fail(f"{name} was built"))
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail(f"{name} was built by timm"))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("weights fetched"))
+    with pytest.raises(
+        InvalidOptionError,
+        match=rf"the {TASK} task does not take '{name}': it is a model for image-classification \(its default model",
+    ):
+        attnzoo.pipeline(TASK, model=name)
+    with pytest.raises(InvalidOptionError, match=rf"does not take '{name}'"):
+        attnzoo.pipeline(TASK, model=name, weights="none", device="cpu")
+
+
+def test_a_module_that_is_no_lvlm_is_refused_naming_it():
+    import torch
+
+    from attnzoo.pipelines.hallucination_mitigation import HallucinationMitigationPipeline
+
+    for build in (lambda m: attnzoo.pipeline(TASK, model=m, device="cpu"), HallucinationMitigationPipeline):
+        with pytest.raises(InvalidInputError, match=f"the {TASK} task has no pipeline for a Linear"):
+            build(torch.nn.Linear(2, 2))

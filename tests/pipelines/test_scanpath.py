@@ -659,6 +659,44 @@ def test_a_boxes_npy_file_never_raises_a_raw_parser_error(tmp_path, monkeypatch)
         pipe(path, boxes=str(good), target=1)
 
 
+def test_a_boxes_json_file_too_long_for_max_boxes_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    from attnzoo.pipelines import scanpath as module
+
+    pipe = attnzoo.pipeline("scanpath", model=tiny_oat(), max_len=3)
+    path, boxes = shelf(tmp_path)
+    good = tmp_path / "boxes.json"
+    good.write_text(json.dumps(boxes.tolist(), indent=8))  # pretty-printed: still read
+    expected = pipe(path, boxes=boxes, target=1)
+    assert pipe(path, boxes=str(good), target=1).objects.tolist() == expected.objects.tolist()
+    huge = tmp_path / "huge.json"
+    with open(huge, "wb") as fh:  # sparse: no disk is used, whatever its length
+        fh.write(b"[[0, 0, 1, 1],")
+        fh.truncate(64 * 2**20)
+    with monkeypatch.context() as patch:
+        patch.setattr(json, "loads", lambda *a, **k: pytest.fail("a too long boxes file was parsed"))
+        with pytest.raises(InvalidInputError, match=r"boxes file .*huge\.json: 67,108,864 bytes, more than the"):
+            pipe(path, boxes=str(huge), target=1)
+        # the bound follows MAX_BOXES: one byte past it is refused ...
+        with open(huge, "r+b") as fh:
+            fh.truncate(module.MAX_JSON_BOX_BYTES + 1)
+        with pytest.raises(InvalidInputError, match=rf"huge\.json: {module.MAX_JSON_BOX_BYTES + 1:,} bytes"):
+            pipe(path, boxes=str(huge), target=1)
+    # ... and each of MAX_BOXES boxes fits in it even written one number per indented line
+    widest = json.dumps([[-1.2345678901234567e-308] * 4], indent=8).encode()
+    assert len(widest) <= module.MAX_JSON_BOX_BYTES // module.MAX_BOXES
+
+
+def test_a_boxes_json_file_listing_more_than_max_boxes_is_refused_naming_it(tmp_path):
+    from attnzoo.pipelines.scanpath import MAX_BOXES
+
+    pipe = attnzoo.pipeline("scanpath", model=tiny_oat(), max_len=3)
+    path, _ = shelf(tmp_path)
+    many = tmp_path / "many.json"
+    many.write_text(json.dumps([[0, 0, 1, 1]] * (MAX_BOXES + 1)))  # short enough to be parsed
+    with pytest.raises(InvalidInputError, match=r"boxes file .*many\.json: lists 100,001 boxes, more than the 100,000"):
+        pipe(path, boxes=str(many), target=1)
+
+
 def test_a_damaged_decoding_json_beside_the_weights_is_a_typed_error(tmp_path):
     from attnzoo.errors import WeightsError
     from attnzoo.evaluation.scanpath import training_split

@@ -146,3 +146,25 @@ def test_samples_beyond_the_cap_are_refused_before_any_decoding(shelves, oat, tm
     capsys.readouterr()
     assert evaluate(shelves, tmp_path / "many", "--limit", "1", "--samples", "10001") == 2
     assert "--samples must be an integer in [1, 10000]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("samples", [(), ("--samples", "2")])
+def test_a_negative_seed_is_refused_with_or_without_samples_before_the_data_is_read(
+    shelves, oat, tmp_path, monkeypatch, capsys, samples
+):
+    """--seed seeds the split (``random.Random``, which takes -1 as 1: seed 1's split recorded as seed -1)
+    and the sampling (torch generators, which the pipeline refuses a negative seed for): greedy or sampled,
+    the same usage error naming --seed, before any trial is loaded."""
+    from attnzoo.datasets import visual_search
+    from attnzoo.errors import InvalidOptionError
+    from attnzoo.evaluation.scanpath import ScanpathEvaluator
+
+    use_model(monkeypatch, "oat_yogurt", lambda **kw: oat)
+    assert evaluate(shelves, tmp_path / "ok", "--dataset", "yogurt", "--limit", "1", "--seed", "1", *samples) == 0
+    monkeypatch.setattr(visual_search, "load_search_trials", lambda *a, **k: pytest.fail("trials loaded"))
+    capsys.readouterr()
+    assert evaluate(shelves, tmp_path / "negative", "--dataset", "yogurt", "--seed", "-1", *samples) == 2
+    assert "--seed must be an integer in [0, 2**64), got -1" in capsys.readouterr().err
+    assert not (tmp_path / "negative" / "metrics.json").exists()
+    with pytest.raises(InvalidOptionError, match=r"--seed must be an integer in \[0, 2\*\*64\), got -3"):
+        ScanpathEvaluator(shelves, model_kind="oat", seed=-3, samples_per_trial=2 if samples else None)

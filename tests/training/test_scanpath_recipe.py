@@ -170,6 +170,18 @@ def test_a_max_len_past_the_position_table_is_refused_before_training(tmp_path):
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
+def test_a_negative_split_seed_is_refused_before_training(tmp_path):
+    """random.Random(-1) is random.Random(1): the run would record -1 and train on seed 1's split, and its
+    weights' decoding.json would then be refused by the evaluation."""
+    from attnzoo.training.scanpath import train_scanpath
+
+    data = amazon_set(tmp_path / "data")
+    overrides = {"epochs": 1, "batch_size": 4, "split_seed": -1}
+    with pytest.raises(InvalidInputError, match=r"split_seed must be an integer >= 0, got -1"):
+        train_scanpath("oat_amazon", data, tmp_path / "run", overrides=overrides, device="cpu", model_kwargs=SMALL)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
 def test_oat_loss_ignores_pad():
     import torch
     import torch.nn.functional as F

@@ -48,6 +48,17 @@ NEVACLIP_DATASETS = ("capmit1003", "mit1003")
 SEARCH_DATASETS = ("amazon", "yogurt", "wine")
 
 
+def check_seed(seed: Any) -> int | None:
+    """``--seed`` (None: not given) as every use of it takes it, or an :class:`InvalidOptionError`: an
+    integer in [0, 2**64). It seeds the pipelines' torch generators (which refuse a negative seed), numpy's
+    generators of the misleading captions (which do too) and the split's ``random.Random`` (which would
+    take -n silently as n: a run recorded as seed -1 would be seed 1's split), so it is checked once,
+    before any data is read, whatever the model and whether or not ``--samples`` is given."""
+    from attnzoo.pipelines.base import generator_seed
+
+    return None if seed is None else generator_seed(seed, "--seed")
+
+
 def _mean(values: list[float]) -> float:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     return float(np.mean(finite)) if finite else float("nan")
@@ -117,6 +128,7 @@ class ScanpathEvaluator(TaskEvaluator):
     ) -> EvalPlan:
         """An OAT training run's weights are evaluated on that run's own split unless asked otherwise.
         NevaClip's search settings (default: the paper's) are recorded with the run."""
+        seed = check_seed(seed)
         family = model_family(model)
         search = {
             k: v
@@ -183,6 +195,7 @@ class ScanpathEvaluator(TaskEvaluator):
         drop_outliers: bool = True,
     ):
         check_limit(limit)
+        seed = check_seed(seed) or 0
         root = Path(data)
         if not root.exists():
             raise DatasetFormatError(f"dataset folder {root} does not exist")

@@ -418,15 +418,10 @@ class HallucinationMitigationPipeline(Pipeline):
     input_fields = ("question", "seed")
     collate = staticmethod(list_collate)
 
-    @classmethod
-    def accepts(cls, model: Any) -> bool:
-        from attnzoo.multimodal.hallucination.models import LVLMCheckpoint
-
-        # a transformers model (its config names its family; an unsupported one is refused naming the families);
-        # a model without a config (a timm classifier) is no LVLM, so attnzoo.pipeline says what it is a model for
-        return isinstance(model, LVLMCheckpoint) or (
-            isinstance(model, torch.nn.Module) and getattr(model, "config", None) is not None
-        )
+    # No accepts() of its own: attnzoo.pipeline lets a timm classifier's *name* into a pipeline that claims
+    # models itself (a third party's task on timm backbones) and builds it, fetching its weights, before the
+    # pipeline could say no. With the base's, a classifier (by name or as an object) is refused before it is
+    # built, as a model for image-classification; any other object is checked first thing in __init__.
 
     def __init__(
         self,
@@ -446,6 +441,12 @@ class HallucinationMitigationPipeline(Pipeline):
         from attnzoo.multimodal.hallucination.models import LVLMCheckpoint, processor_for
         from attnzoo.pipelines.base import resolve_device, resolve_dtype
 
+        if not _is_lvlm(model):
+            raise InvalidInputError(
+                f"the {self.task} task has no pipeline for a {type(model).__name__}: it takes a transformers "
+                "vision-language model (a Hub id such as llava-hf/llava-1.5-7b-hf, a local folder, or a loaded "
+                "model with its config)"
+            )
         self._methods_cache: dict[Any, list[Any]] = {}
         self._weights_label: str | None = None
         # before any loading: a question goes with each input, and a misspelled keyword would fail every call
@@ -844,22 +845,61 @@ class HallucinationMitigationPipeline(Pipeline):
         self, inputs: Mapping[str, Any], max_new_tokens: int, batch: Mapping[str, Any] | None = None
     ) -> None:
         """The answer must fit the language model's context after the (left-padded) prompts. A prompt that
-        alone fills the context is the input's fault (its question), not ``max_new_tokens``'s: said so, naming
-        the longest question of ``batch`` (the inputs, where known)."""
+        alone fills the context is the input's fault, not ``max_new_tokens``'s: said so, with the longest
+        prompt in tokens split into its image tokens and its text, what overflows (the image tokens alone,
+        or with the text), and which input and question it is (of ``batch``, the inputs, where known)."""
         prompt_tokens = int(inputs["input_ids"].shape[1])
         limit = self.family.context_length()
         if limit is not None and prompt_tokens >= limit:
-            where, question = "", ""
-            if batch is not None and batch.get("question"):
-                longest = max(range(len(batch["question"])), key=lambda i: len(batch["question"][i]))
-                where = f"{batch['name'][longest]}: " if batch.get("name") else ""
-                question = f"; the question is {len(batch['question'][longest]):,} characters long"
-            raise InvalidInputError(
-                f"{where}the prompt alone takes {prompt_tokens:,} tokens (image tokens included{question}), which "
-                f"fills the language model's context of {limit:,} tokens (max_position_embeddings) before any answer "
-                "token: shorten the question"
-            )
+            raise InvalidInputError(self._overflow(inputs, limit, batch))
         self.family.check_room(prompt_tokens, max_new_tokens, "max_new_tokens")
+
+    def _overflow(self, inputs: Mapping[str, Any], limit: int, batch: Mapping[str, Any] | None) -> str:
+        """What a prompt that fills the context of ``limit`` tokens is made of (the longest row of ``inputs``
+        in tokens, its padding left out), and what to change."""
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        real = (
+            mask.bool() if isinstance(mask, torch.Tensor) and mask.shape == ids.shape else torch.ones_like(ids).bool()
+        )
+        row = int(real.sum(-1).argmax())
+        total = int(real[row].sum())
+        try:
+            image = int(((ids[row] == self.family.image_token_id()) & real[row]).sum())
+        except (AttributeError, TypeError, ValueError):  # a config without an image token id: not split
+            image = None
+        where = question = ""
+        asked = None
+        questions = batch.get("question") if batch is not None else None
+        if questions and len(questions) == ids.shape[0]:
+            names = batch.get("name") if batch is not None else None
+            where = f"{names[row]}: " if names else ""
+            asked = _question_tokens(self.processor, questions[row])
+            question = f" of the question {_shown(questions[row])} ({len(questions[row]):,} characters)"
+        smaller = "" if self.family.fixed_image_tokens else "pass a smaller image (fewer pixels, fewer image tokens)"
+        if image is None:
+            parts, remedy = "image tokens included", "shorten the question"
+        else:
+            parts = f"{image:,} image tokens and {total - image:,} of text: the template and the question"
+            if image >= limit:
+                remedy = "the image tokens alone fill it" + (
+                    f": {smaller}"
+                    if smaller
+                    else f"; {self.family.name} gives every image this many, so no prompt with an image fits this model"
+                )
+            elif asked is not None and total - asked >= limit:
+                remedy = (
+                    f"the image tokens and the prompt template alone take {total - asked:,} tokens, leaving no room "
+                    f"for any question: {smaller + ' or ' if smaller else ''}use a shorter chat_template"
+                )
+            else:
+                room = limit - 1 - image
+                remedy = f"shorten the question (beside the image tokens, the text has room for {room:,} tokens)"
+                remedy += f" or {smaller}" if smaller else ""
+        return (
+            f"{where}the prompt{question} takes {total:,} tokens ({parts}), which fills the language model's context "
+            f"of {limit:,} tokens (max_position_embeddings) before any answer token: {remedy}"
+        )
 
     def _image_tokens(self, inputs: Mapping[str, Any], names: Sequence[str]) -> Any:
         """The prompts' image tokens, checked against the family's layout (a processor that does not match
@@ -911,6 +951,25 @@ class HallucinationMitigationPipeline(Pipeline):
         from attnzoo.multimodal.hallucination.base import eager_language_model
 
         return eager_language_model(self.model, self.family)
+
+
+def _question_tokens(processor: Any, question: Any) -> int | None:
+    """How many tokens ``question`` takes on its own (None where the tokenizer cannot say)."""
+    try:
+        return len(processor.tokenizer(str(question), add_special_tokens=False)["input_ids"])
+    except Exception:  # noqa: BLE001 - only a message's detail: any tokenizer failure leaves it out
+        return None
+
+
+def _is_lvlm(model: Any) -> bool:
+    """A model the pipeline may run: a checkpoint to load, or a transformers model (its config names its family;
+    an unsupported one is refused naming the families). A model without a config (a timm classifier, a bare
+    module) is no LVLM."""
+    from attnzoo.multimodal.hallucination.models import LVLMCheckpoint
+
+    return isinstance(model, LVLMCheckpoint) or (
+        isinstance(model, torch.nn.Module) and getattr(model, "config", None) is not None
+    )
 
 
 def _contrast(methods: Sequence[Any], model: Any, processor: Any, batch: Any) -> tuple[Any, list[Any]]:

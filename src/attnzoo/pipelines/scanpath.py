@@ -153,8 +153,42 @@ def run_decoding(weights: Any) -> dict[str, Any] | None:
 
 
 #: Most boxes a boxes file may hold (a shelf holds tens of objects): a .npy header claiming more is
-#: refused before its data is read.
+#: refused before its data is read, and so is a .json file longer than :data:`MAX_JSON_BOX_BYTES`.
 MAX_BOXES = 100_000
+
+#: Most bytes one box may take in a ``.json`` boxes file: a float's shortest repr is at most 24
+#: characters, so even a box written one number per indented line takes well under this.
+JSON_BYTES_PER_BOX = 256
+
+#: Longest ``.json`` boxes file read (about 24 MiB): :data:`MAX_BOXES` boxes of
+#: :data:`JSON_BYTES_PER_BOX` bytes each; a longer file is refused before it is parsed.
+MAX_JSON_BOX_BYTES = MAX_BOXES * JSON_BYTES_PER_BOX
+
+
+def _read_json_boxes(path: Path) -> Any:
+    """A ``.json`` boxes file, refused unread when it is longer than :data:`MAX_JSON_BOX_BYTES` (at most
+    that many bytes are ever read), and refused parsed when it lists more than :data:`MAX_BOXES` boxes."""
+    import json
+
+    size = path.stat().st_size
+    if size > MAX_JSON_BOX_BYTES:
+        raise InvalidInputError(
+            f"boxes file {path}: {size:,} bytes, more than the {MAX_JSON_BOX_BYTES:,} that {MAX_BOXES:,} boxes "
+            "(the most a display may hold) take as JSON"
+        )
+    with open(path, "rb") as fh:
+        data = fh.read(MAX_JSON_BOX_BYTES + 1)  # the file may have grown since it was measured
+    if len(data) > MAX_JSON_BOX_BYTES:
+        raise InvalidInputError(
+            f"boxes file {path}: more than the {MAX_JSON_BOX_BYTES:,} bytes that {MAX_BOXES:,} boxes "
+            "(the most a display may hold) take as JSON"
+        )
+    boxes = json.loads(data.decode("utf-8-sig"))
+    if isinstance(boxes, list) and len(boxes) > MAX_BOXES:
+        raise InvalidInputError(
+            f"boxes file {path}: lists {len(boxes):,} boxes, more than the {MAX_BOXES:,} a display may hold"
+        )
+    return boxes
 
 
 def _check_npy_header(path: Path) -> None:
@@ -188,16 +222,15 @@ def _check_npy_header(path: Path) -> None:
 
 def _read_boxes(path: Path) -> Any:
     """Boxes from a ``.json`` (a list of ``[x0, y0, x1, y1]``) or ``.npy`` file (``attnzoo run --boxes``);
-    a damaged file (or one claiming more than memory holds) is an :class:`InvalidInputError` naming it."""
-    import json
-
+    a damaged file (or one claiming more than memory holds, or more than :data:`MAX_BOXES` boxes) is an
+    :class:`InvalidInputError` naming it."""
     if path.suffix.lower() not in (".json", ".npy"):
         raise InvalidInputError(f"boxes file {path}: give a .json or .npy file of [N, 4] (x0, y0, x1, y1) boxes")
     if not path.is_file():
         raise InvalidInputError(f"boxes file {path}: no such file")
     try:
         if path.suffix.lower() == ".json":
-            return json.loads(path.read_text(encoding="utf-8-sig"))
+            return _read_json_boxes(path)
         _check_npy_header(path)
         return np.load(path, allow_pickle=False)
     except InvalidInputError:
