@@ -343,6 +343,19 @@ def test_leakage_free_split(by):
         leakage_free_split(trials, fractions=(0.5, 0.5, 0.5))
 
 
+@pytest.mark.parametrize("seed", [-1, True, 2.0])
+def test_a_split_seed_that_is_no_whole_number_from_zero_is_refused(seed):
+    """random.Random(-1) shuffles as random.Random(1): the split recorded as -1 would silently be seed 1's."""
+    from attnzoo.errors import InvalidOptionError
+
+    trials = make_trials()
+    with pytest.raises(InvalidOptionError, match="split's seed must be an integer >= 0"):
+        official_split(trials, seed)
+    with pytest.raises(InvalidOptionError, match="split's seed must be an integer >= 0"):
+        leakage_free_split(trials, seed=seed)
+    assert official_split(trials, np.int64(1)) == official_split(trials, 1)
+
+
 def test_amazon_records_follow_the_json_order(tmp_path):
     """OAT's pickle follows the JSON's key order (STI's file lists "1.jpg", "10.jpg", "100.jpg", ...),
     and its permutation file indexes that pickle: no re-sorting by collage number."""

@@ -1123,6 +1123,28 @@ def test_the_prompt_too_long_says_what_overflows(photos, family, context, questi
     )
 
 
+def test_a_method_prompt_whose_images_fill_the_context_says_so(photos):
+    """CARVE's official final prompt holds two images: where one fits and two fill the context, the message
+    said LLaVA-1.5 fits no prompt with an image at all."""
+    model = tiny_lvlm("llava")
+    pipe = attnzoo.pipeline(TASK, model=model, device="cpu", max_new_tokens=1)
+    total, image = _prompt_parts(pipe, photos[0], "dog?")
+    context = 2 * image  # the two images alone fill it
+    assert total + 1 < context  # the prompt as given, and its answer token, fit
+    model.config.text_config.max_position_embeddings = context
+    pipe = attnzoo.pipeline(
+        TASK, model=model, device="cpu", max_new_tokens=1, method="carve(layers=1,2,3, probe_tokens=2)"
+    )
+    with pytest.raises(InvalidInputError) as caught:
+        pipe(photos[0], question="dog?")
+    message = str(caught.value)
+    assert re.match(rf"^the prompt as the method lays it out takes \d+ tokens \({2 * image} image tokens and ", message)
+    assert message.endswith(
+        "the method's prompt holds more images than the one given (CARVE's official "
+        "[original, refined]; behaviour='paper' answers on the refined image alone)"
+    )
+
+
 def test_images_too_large_for_memory_are_typed_errors_naming_the_input(ask, photos, monkeypatch):
     """An image given in memory never met the pixel limit files meet, and one under it could still run the
     processor out of memory: both were a raw MemoryError. The image reaches the processor unresized."""

@@ -36,6 +36,7 @@ targets between splits. :func:`leakage_free_split` groups by layout, target or (
 from __future__ import annotations
 
 import math
+import os
 import random
 import re
 import zipfile
@@ -46,6 +47,7 @@ from xml.etree import ElementTree
 import numpy as np
 
 from attnzoo._io import parse_errors, read_csv_rows, read_json, read_text
+from attnzoo._values import whole_number
 from attnzoo.datasets.images import opened_image
 from attnzoo.datasets.scanpaths import ScanpathCollection, SearchTrial, checked_points, checked_size
 from attnzoo.errors import DatasetFormatError, InvalidInputError
@@ -567,10 +569,16 @@ class OATShelf(ScanpathCollection):
 
 
 # ---- splits -------------------------------------------------------------------------------------
+def _split_seed(seed: object) -> int:
+    """A split's seed: a whole number >= 0. ``random.Random`` takes -n as n, so a split recorded as seed -1
+    would silently be seed 1's."""
+    return whole_number(seed, "a split's seed", low=0)
+
+
 def _permutation(n: int, seed_or_file: int | str | Path) -> list[int]:
-    if isinstance(seed_or_file, (int, np.integer)) and not isinstance(seed_or_file, bool):
+    if not isinstance(seed_or_file, (str, os.PathLike)):  # a seed (anything else is refused as one)
         order = list(range(n))
-        random.Random(int(seed_or_file)).shuffle(order)
+        random.Random(_split_seed(seed_or_file)).shuffle(order)
         return order
     path = Path(seed_or_file)
     if not path.is_file():
@@ -639,7 +647,7 @@ def leakage_free_split(
     if len(groups) < 3:
         raise InvalidInputError(f"only {len(groups)} distinct {by} group(s): cannot make three disjoint splits")
     keys = sorted(groups, key=str)
-    random.Random(seed).shuffle(keys)
+    random.Random(_split_seed(seed)).shuffle(keys)
     sizes = np.cumsum([len(groups[k]) for k in keys])
     total = sizes[-1]
     cut1 = int(np.searchsorted(sizes, fractions[0] * total - 1e-9)) + 1

@@ -443,9 +443,10 @@ class HallucinationMitigationPipeline(Pipeline):
 
         if not _is_lvlm(model):
             raise InvalidInputError(
-                f"the {self.task} task has no pipeline for a {type(model).__name__}: it takes a transformers "
-                "vision-language model (a Hub id such as llava-hf/llava-1.5-7b-hf, a local folder, or a loaded "
-                "model with its config)"
+                f"the {self.task} task has no pipeline for a {type(model).__name__}: it takes a loaded transformers "
+                "vision-language model (with its config) or an LVLMCheckpoint; by name, use attnzoo.pipeline("
+                f"{self.task!r}, model='llava_1_5_7b' or a registered Hub id such as llava-hf/llava-1.5-7b-hf, "
+                "weights=<a local folder> to load it from there)"
             )
         self._methods_cache: dict[Any, list[Any]] = {}
         self._weights_label: str | None = None
@@ -856,7 +857,8 @@ class HallucinationMitigationPipeline(Pipeline):
 
     def _overflow(self, inputs: Mapping[str, Any], limit: int, batch: Mapping[str, Any] | None) -> str:
         """What a prompt that fills the context of ``limit`` tokens is made of (the longest row of ``inputs``
-        in tokens, its padding left out), and what to change."""
+        in tokens, its padding left out), and what to change. Without ``batch``, ``inputs`` are a method's
+        prompts (CARVE's final pass, paired rows), checked after the given ones fit."""
         ids = inputs["input_ids"]
         mask = inputs.get("attention_mask")
         real = (
@@ -882,11 +884,18 @@ class HallucinationMitigationPipeline(Pipeline):
         else:
             parts = f"{image:,} image tokens and {total - image:,} of text: the template and the question"
             if image >= limit:
-                remedy = "the image tokens alone fill it" + (
-                    f": {smaller}"
-                    if smaller
-                    else f"; {self.family.name} gives every image this many, so no prompt with an image fits this model"
-                )
+                if smaller:
+                    remedy = f"the image tokens alone fill it: {smaller}"
+                elif batch is None:  # the given prompt fit (checked first): the method's holds more images
+                    remedy = (
+                        "the image tokens alone fill it: the method's prompt holds more images than the one given "
+                        "(CARVE's official [original, refined]; behaviour='paper' answers on the refined image alone)"
+                    )
+                else:
+                    remedy = (
+                        f"the image tokens alone fill it; {self.family.name} gives every image this many, so no prompt "
+                        "with an image fits this model"
+                    )
             elif asked is not None and total - asked >= limit:
                 remedy = (
                     f"the image tokens and the prompt template alone take {total - asked:,} tokens, leaving no room "
@@ -897,7 +906,8 @@ class HallucinationMitigationPipeline(Pipeline):
                 remedy = f"shorten the question (beside the image tokens, the text has room for {room:,} tokens)"
                 remedy += f" or {smaller}" if smaller else ""
         return (
-            f"{where}the prompt{question} takes {total:,} tokens ({parts}), which fills the language model's context "
+            f"{where}the prompt{question}{' as the method lays it out' if batch is None else ''} takes {total:,} "
+            f"tokens ({parts}), which fills the language model's context "
             f"of {limit:,} tokens (max_position_embeddings) before any answer token: {remedy}"
         )
 

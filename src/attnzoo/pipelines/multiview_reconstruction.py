@@ -299,7 +299,7 @@ def _thumbnail(image: Image.Image) -> Image.Image:
     if scale >= 1:
         return image.copy()
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.resize(size, Image.Resampling.LANCZOS)
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)  # a box reduction first: ~3x faster
 
 
 def _background(
