@@ -227,9 +227,13 @@ def test_make_position_table_is_deterministic_and_converges():
 
 @pytest.mark.slow
 def test_shipped_amazon_table_regenerates():
+    """The shipped table is make_position_table's for its spec. 10,000 Adam steps carry the CPU's rounding: on one
+    Intel AVX-512 machine the regenerated table moved 1.3e-4 to 9e-4 from the shipped one with MKL's code path
+    (MKL_CBWR: SSE4_2, AVX512, AVX2, COMPATIBLE), where the machine that wrote it matched within 1e-4. Its rows,
+    sigma and seed decide it (sigma 1% off moves it 0.55); its last hundred steps move it 1e-3."""
     spec = O.POSITION_TABLES["amazon"]
     table = O.make_position_table(spec.rows, spec.sigma, spec.seed, spec.iterations)
-    np.testing.assert_allclose(table, O.load_position_table("amazon").numpy(), atol=1e-4)
+    np.testing.assert_allclose(table, O.load_position_table("amazon").numpy(), atol=2e-3)
 
 
 def test_user_position_table(tmp_path):
