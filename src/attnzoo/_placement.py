@@ -47,11 +47,33 @@ def _backend_available(device: torch.device) -> bool:
     return True
 
 
+def _device_count(device: torch.device) -> int | None:
+    """How many devices of ``device``'s type torch sees here (``torch.<type>.device_count()``), or None for a
+    backend without that count."""
+    device_count = getattr(getattr(torch, device.type, None), "device_count", None)
+    if not callable(device_count):
+        return None
+    try:
+        return int(device_count())
+    except Exception:  # noqa: BLE001  a backend that cannot count its devices: left to torch
+        return None
+
+
+def _is_ordinal(text: str) -> bool:
+    """``"0"``, ``"3"``, ``"-1"``: a device ordinal written as on a command line (``--device 0``)."""
+    return text.removeprefix("-").isdigit() and text.isascii()
+
+
 def resolve_device(device: str | int | torch.device | None) -> torch.device:
-    """``None`` picks CUDA when present; ints mean CUDA ordinals, as in transformers. A device whose
-    backend is not available here, or ``meta`` (no data to compute on), is refused."""
+    """``None`` picks CUDA when present; ints mean CUDA ordinals, as in transformers (``-1``: the CPU), and so
+    does a string of one (``"0"``, ``"-1"``, as ``--device 0`` gives). A device whose backend is not available
+    here, one past the devices there are (``cuda:3`` on a machine with one GPU), or ``meta`` (no data to
+    compute on), is refused."""
     if device is None:
         return _this_process_cuda() if torch.cuda.is_available() else torch.device("cpu")
+    given = device
+    if isinstance(device, str) and _is_ordinal(device.strip()):
+        device = int(device.strip())
     if not isinstance(device, (str, torch.device)):
         # an int or a numpy integer (which have __index__; numpy's bool has none): a CUDA ordinal. True would read
         # as the ordinal 1 ("cuda:True"), 1.5 would dump torch's list of overloads
@@ -68,18 +90,27 @@ def resolve_device(device: str | int | torch.device | None) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise InvalidInputError(f"device={device!r} is not a device torch knows ({err})") from None
+        raise InvalidInputError(f"device={given!r} is not a device torch knows ({err})") from None
     if resolved.type == "meta":
-        raise InvalidInputError(f"device={device!r} holds no data, so a model cannot run there; use 'cpu' or 'cuda'")
+        raise InvalidInputError(f"device={given!r} holds no data, so a model cannot run there; use 'cpu' or 'cuda'")
     if resolved.type != "cpu" and not _backend_available(resolved):
         what = resolved.type.upper()
-        raise InvalidInputError(f"device={device!r} asked for {what}, but no {what} device is available here")
+        raise InvalidInputError(f"device={given!r} asked for {what}, but no {what} device is available here")
+    count = _device_count(resolved) if resolved.type != "cpu" and resolved.index is not None else None
+    if count is not None and resolved.index is not None and resolved.index >= count:
+        what = resolved.type.upper()
+        there = {0: f"no {what} device is", 1: f"only 1 {what} device is"}.get(count, f"{count} {what} devices are")
+        ordinals = "" if count == 0 else f" (ordinals 0 to {count - 1}, counting the devices this process may see)"
+        raise InvalidInputError(
+            f"device={given!r} asked for {what} device {resolved.index}, but {there} available here{ordinals}"
+        )
     return _this_process_cuda() if resolved.type == "cuda" and resolved.index is None else resolved
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """A floating dtype models run in (float16, bfloat16, float32, float64), from a torch dtype or its name."""
-    if dtype is None:
+    """A floating dtype models run in (float16, bfloat16, float32, float64), from a torch dtype or its name;
+    None, or ``"auto"`` as transformers spells it, for the model's own (None)."""
+    if dtype is None or (isinstance(dtype, str) and dtype.strip().lower() == "auto"):
         return None
     if isinstance(dtype, torch.dtype):
         if dtype not in _FLOATING:
@@ -89,7 +120,9 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     try:
         return _DTYPES[str(dtype).lower().removeprefix("torch.")]
     except KeyError:
-        raise InvalidInputError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)}") from None
+        raise InvalidInputError(
+            f"dtype={dtype!r} is not one of {sorted(_DTYPES)} (or 'auto': the model's own)"
+        ) from None
 
 
 def parameter_dtype(model: Any) -> torch.dtype | None:

@@ -41,8 +41,15 @@ WeightsOpt = Annotated[
         help="Checkpoint: a path, URL, hf-hub:org/repo/file, registered name, or 'none' for random weights. Default: the model's pretrained weights.",
     ),
 ]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available).")]
-DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="float32, float16 or bfloat16.")]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device", help="cpu, cuda, cuda:1 ..., or a CUDA ordinal: 0, 1 (-1: cpu). Default: cuda if available."
+    ),
+]
+DtypeOpt = Annotated[
+    str | None, typer.Option("--dtype", help="float32, float16, bfloat16, or auto (the model's own: the default).")
+]
 
 
 def _echo(message: str, *, err: bool = False) -> None:

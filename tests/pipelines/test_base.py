@@ -46,6 +46,7 @@ def test_a_device_whose_backend_is_missing_is_refused(device):
 
 def test_a_backend_that_is_available_is_accepted(monkeypatch):
     monkeypatch.setattr(torch.xpu, "is_available", lambda: True)
+    monkeypatch.setattr(torch.xpu, "device_count", lambda: 2)  # xpu:1 is the second of two
     assert resolve_device("xpu:1") == torch.device("xpu:1")
     assert resolve_device(-1) == resolve_device("cpu") == torch.device("cpu")
 

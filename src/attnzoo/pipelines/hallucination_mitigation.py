@@ -457,6 +457,10 @@ class HallucinationMitigationPipeline(Pipeline):
             if value is not None:  # an empty one would read as "the model's own" (or transformers' default)
                 nonblank_text(value, name)
         if isinstance(model, LVLMCheckpoint):
+            if device is not None and (device_map if device_map is not None else model.device_map) is not None:
+                raise InvalidOptionError(  # the device map would win, the device be ignored (transformers refuses both)
+                    f"device={device!r} and device_map= both say where the model goes: pass only one of them"
+                )
             _check_before_loading(model, kwargs, revision)
             overrides = {"revision": revision, "attn_implementation": attn_implementation, "device_map": device_map}
             with _attn_implementation_checked(attn_implementation):
@@ -477,10 +481,13 @@ class HallucinationMitigationPipeline(Pipeline):
         self.processor = processor if processor is not None else _auto_processor(model)
         self._input_check = _InputCheck(self.family, self.processor)
         placed = _dispatched_device(model)
+        if placed is not None:  # it stays where its device map put it, in the dtype it was loaded in
+            _check_dispatched_placement(model, device, dtype)
         with _kept_in_place(model) if placed is not None else nullcontext():
             super().__init__(
                 model, device=placed or device, dtype=dtype, batch_size=batch_size, num_workers=num_workers, **kwargs
             )
+        self.dtype = self.model.dtype  # what the model runs in (and its inputs are cast to), as recorded
         if self._defaults[1].get("method_settings"):  # settings without a method: refused now, not at every call
             self._build_methods(self._defaults[1])
 
@@ -1203,6 +1210,25 @@ def _dispatched_device(model: Any) -> torch.device | None:
     if not device_map or len(set(map(str, device_map.values()))) <= 1:
         return None
     return model.get_input_embeddings().weight.device
+
+
+def _check_dispatched_placement(model: Any, device: Any, dtype: Any) -> None:
+    """Refuse a ``device`` or a ``dtype`` other than its own for a model spread over several devices: the
+    pipeline leaves it where its device map put it, so either would be ignored."""
+    from attnzoo.pipelines.base import resolve_dtype
+
+    spread = sorted(set(map(str, model.hf_device_map.values())))
+    how = f"the model is spread over devices {', '.join(spread)} by its device map (hf_device_map) and stays as loaded"
+    if device is not None:
+        raise InvalidOptionError(
+            f"device={device!r} cannot apply: {how}; load it with the device_map you want instead, or leave device= out"
+        )
+    wanted = resolve_dtype(dtype)
+    if wanted is not None and wanted != model.dtype:
+        raise InvalidOptionError(
+            f"dtype={dtype!r} cannot apply: {how}, in {model.dtype}; load it in the dtype you want instead "
+            "(from_pretrained(..., dtype=..., device_map=...)), or leave dtype= out"
+        )
 
 
 @contextmanager

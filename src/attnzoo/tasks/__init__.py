@@ -258,9 +258,11 @@ def pipeline(
     registered name, or ``"none"`` for random initialisation). With a model object, ``weights=`` a checkpoint
     is loaded into it, and ``weights="none"`` leaves its weights untouched and only records them as random
     (for a model you built untrained: its results and pictures then say "random weights"); ``pretrained=``
-    applies to a name only and is refused with an object. Remaining keywords go to the pipeline (its
-    settings and the defaults of its call keywords).
+    applies to a name only and is refused with an object. ``dtype`` is a floating dtype or its name, or
+    ``"auto"`` (as None: the model's own); ``torch_dtype=``, transformers' older name for it, is taken as
+    ``dtype``. Remaining keywords go to the pipeline (its settings and the defaults of its call keywords).
     """
+    dtype = _dtype_or_alias(dtype, kwargs)
     spec = get_task(task)
     if model is None:
         model = spec.default_model
@@ -314,6 +316,25 @@ def pipeline(
     pipe = cls(built, device=device, dtype=dtype, **kwargs)
     pipe.weights_label = describe_weights(built, weights, random, from_name=isinstance(model, str))
     return pipe
+
+
+def _dtype_or_alias(dtype: Any, kwargs: dict[str, Any]) -> Any:
+    """``dtype``, or the ``torch_dtype`` among ``kwargs`` (transformers' older name, taken out of them) where
+    only that is given; both given for different dtypes is refused."""
+    if "torch_dtype" not in kwargs:
+        return dtype
+    alias = kwargs.pop("torch_dtype")
+    if alias is None:
+        return dtype
+    if dtype is None:
+        return alias
+    from attnzoo._placement import resolve_dtype
+
+    if resolve_dtype(dtype) != resolve_dtype(alias):
+        raise InvalidOptionError(
+            f"dtype={dtype!r} and torch_dtype={alias!r} (its older name) ask for different dtypes: pass dtype= only"
+        )
+    return dtype
 
 
 #: The seed random initialisation draws from when a pipeline is built by name with ``weights="none"``.
