@@ -641,6 +641,8 @@ def _eval_task(
         **_given(options, spec, "eval"),
     )
     _check_eval_layout(Path(out), [name for name, _, _ in plan.runs])  # before any model loads or file is written
+    from attnzoo import _placement
+
     pipes: dict[str, Any] = {}  # one pipeline per distinct set of keywords (e.g. one per method compared)
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
     results = {}
@@ -666,7 +668,7 @@ def _eval_task(
             "data": str(Path(data).resolve()),
             **_split_settings(plan.split),
             "limit": limit,
-            "dtype": dtype,
+            "dtype": None if _placement.resolve_dtype(dtype) is None else dtype,  # "auto" is the default's run
             **execution_settings(pipe),
             **plan.settings,
             **run_settings,

@@ -188,6 +188,16 @@ def test_the_device_and_dtype_are_recorded_and_held_to(tmp_path, capsys):
     assert "model_dtype" in capsys.readouterr().err
 
 
+def test_dtype_auto_is_the_run_of_no_dtype(tmp_path, capsys):
+    """--dtype auto means the model's own dtype, as no --dtype does: a run started one way resumes the other."""
+    data = _write_bags(tmp_path / "feats.h5", [0, 1, 0, 1])
+    out = tmp_path / "out"
+    assert _eval(data, out, "--weights", "none", "--device", "cpu", "--dtype", "auto") == 0
+    assert _strict_json((out / "run.json").read_text())["dtype"] is None
+    assert _eval(data, out, "--weights", "none", "--device", "cpu") == 0
+    assert _eval(data, out, "--weights", "none", "--device", "cpu", "--dtype", "bfloat16") == 1  # another run
+
+
 @pytest.mark.filterwarnings("ignore:AUC is undefined")
 def test_one_class_metrics_are_valid_json(tmp_path):
     data = _write_bags(tmp_path / "feats.h5", [1, 1, 1])
