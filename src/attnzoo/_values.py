@@ -282,3 +282,26 @@ def env_seconds(variable: str, default: float) -> float:
     with contextlib.suppress(ValueError):
         value = float(text)
     return real_number(value, f"the environment variable {variable}", above=0, why="seconds", error=InvalidOptionError)
+
+
+#: torch dtypes with no numpy counterpart, by name (torch is not imported here), and the one each is widened to
+#: (exactly): bfloat16 and the float8 kinds to float32, complex32 to complex64.
+_NO_NUMPY_DTYPE = ("bfloat16", "float8", "complex32")
+
+
+def to_numpy(x: Any, name: str = "the input", *, error: type[Exception] = InvalidInputError) -> np.ndarray:
+    """``x`` as a numpy array. A torch tensor (any object with ``detach``) is detached, made dense and brought to
+    the CPU, and a dtype numpy has none for (bfloat16, float8, complex32) is widened exactly (to float32 or
+    complex64): ``.numpy()`` would raise a bare TypeError. A meta tensor, which holds no data, is ``error``
+    naming ``name``. The metrics, the feature readers and the WSI pipeline read tensors through this."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        if getattr(x, "is_meta", False):
+            raise error(f"{name} is a meta tensor: it holds no data")
+        x = x.detach()
+        if str(getattr(x, "layout", "torch.strided")) != "torch.strided":
+            x = x.to_dense()
+        dtype = str(x.dtype).removeprefix("torch.")
+        if dtype.startswith(_NO_NUMPY_DTYPE):
+            x = x.cfloat() if x.is_complex() else x.float()
+        x = x.cpu().numpy()
+    return np.asarray(x)

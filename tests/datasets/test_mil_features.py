@@ -463,3 +463,30 @@ def test_a_fifo_named_as_a_pt_bag_is_refused_not_opened(tmp_path):
     assert bags["good"].features.shape[0] == 4
     with pytest.raises(DatasetFormatError, match=r"slide\.pt: is a FIFO \(named pipe\), not a regular file"):
         bags["slide"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_pt_bags_in_dtypes_numpy_lacks_load_as_their_float32_values(tmp_path, dtype):
+    """A bfloat16 (or float8) .pt bag raised a bare ``TypeError: Got unsupported ScalarType BFloat16`` (an internal
+    error in ``attnzoo run``, which lost the other inputs' results too); its values are float32 ones, read as such."""
+    a = torch.from_numpy(feats(5, 8)).to(dtype)
+    torch.save(a, tmp_path / "plain.pt")
+    grid = torch.arange(10).reshape(5, 2) * 32
+    xy = grid.float().to(dtype)  # multiples of 32 up to 288: exact in bfloat16 and float8 alike
+    torch.save({"features": a, "coords": xy, "label": torch.tensor(1.0).to(dtype)}, tmp_path / "dict.pt")
+    plain = read_feature_bags(tmp_path / "plain.pt")["plain"]
+    assert plain.features.dtype == torch.float32 and torch.equal(plain.features, a.float())
+    bag = read_feature_bags(tmp_path / "dict.pt")["dict"]
+    assert torch.equal(bag.features, a.float()) and bag.label == 1
+    assert torch.equal(bag.coords, grid)
+
+
+def test_a_meta_tensor_bag_is_refused_naming_the_file(tmp_path):
+    torch.save(torch.empty(5, 8, device="meta"), tmp_path / "slide.pt")
+    torch.save(
+        {"features": torch.from_numpy(feats(3, 8)), "coords": torch.empty(3, 2, device="meta")}, tmp_path / "c.pt"
+    )
+    with pytest.raises(DatasetFormatError, match=r"slide\.pt.*: features is a meta tensor: it holds no data"):
+        read_feature_bags(tmp_path / "slide.pt")["slide"]
+    with pytest.raises(DatasetFormatError, match=r"c\.pt.*: coords is a meta tensor"):
+        read_feature_bags(tmp_path / "c.pt")["c"]

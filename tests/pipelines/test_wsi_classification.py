@@ -426,6 +426,41 @@ def test_complex_and_non_finite_features_are_refused(wsi):
     assert isinstance(results[1][1], InvalidInputError) and isinstance(results[2][1], SlidePrediction)
 
 
+def test_a_meta_tensor_bag_is_refused_naming_it(wsi):
+    """A meta tensor (no data) gave a bare ``NotImplementedError: Cannot copy out of meta tensor``."""
+    with pytest.raises(InvalidInputError, match=r"^the Tensor is a meta tensor: it holds no data"):
+        wsi(torch.empty(5, 512, device="meta"))
+    with pytest.raises(InvalidInputError, match=r"^s is a meta tensor"):
+        wsi(FeatureBag("s", torch.empty(5, 512, device="meta")))
+    with pytest.raises(InvalidInputError, match=r"^s: coords is a meta tensor"):
+        wsi(FeatureBag("s", torch.randn(2, 512), coords=torch.empty(2, 2, device="meta")))
+
+
+def test_the_pipeline_dtype_is_the_patch_encoders_too(monkeypatch, tmp_path):
+    """dtype="bf16" left a named encoder in float32 while the run recorded bfloat16; the encoder now runs in the
+    pipeline's dtype, and a module given in bfloat16 takes its patches in bfloat16 (it was refused before)."""
+    from attnzoo.evaluation.runner import execution_settings
+    from attnzoo.pipelines import wsi_features
+
+    monkeypatch.setattr(wsi_features, "create_patch_encoder", lambda name, weights=None, **kwargs: TinyEncoder())
+    slide = write_slide(tmp_path / "s.tif")
+    settings = {"feature_dir": tmp_path / "f", "segment_kwargs": {"a_t": 1}, "patch_size": 128, "input_size": 32}
+    exact = _tiny_pipeline(encoder="resnet18", encoder_weights="none", **settings)
+    low = _tiny_pipeline(encoder="resnet18", encoder_weights="none", dtype="bf16", **settings)
+    reference, result = exact(slide), low(slide)
+    ((encoder, *_),) = low._encoders.values()
+    assert {p.dtype for p in encoder.parameters()} == {torch.bfloat16}
+    assert execution_settings(low)["model_dtype"] == "bfloat16"
+    assert {p.dtype for p in low.model.parameters()} == {torch.bfloat16}
+    np.testing.assert_allclose(result.probabilities, reference.probabilities, atol=0.05)
+    assert len(list((tmp_path / "f").glob("s-*.h5"))) == 2  # features of a bfloat16 encoder are other features
+    given = TinyEncoder()
+    _tiny_pipeline(encoder=given, dtype="bf16", **settings)(slide)
+    assert given.conv.weight.dtype == torch.bfloat16
+    as_is = _tiny_pipeline(encoder=TinyEncoder().to(torch.bfloat16), **settings)(slide)
+    np.testing.assert_allclose(as_is.probabilities, reference.probabilities, atol=0.05)
+
+
 def test_a_generator_of_bags_is_a_batch(wsi):
     bags = [torch.randn(3, 512), FeatureBag("s", torch.randn(2, 512)), np.ones((4, 512), np.float32)]
     expected = wsi(bags)

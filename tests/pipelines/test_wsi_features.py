@@ -326,6 +326,70 @@ def test_amp_features_stay_close(slides, tmp_path):
         assert np.allclose(a["features"][()], b["features"][()], atol=0.05)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_an_encoder_in_half_precision_takes_the_patches_in_its_own_dtype(slides, tmp_path, dtype):
+    """A bfloat16 or float16 module was given float32 patches and refused with advice to change input_size."""
+    exact = run(slides["aperio"], tmp_path / "fp32.h5", TinyEncoder())
+    half = run(slides["aperio"], tmp_path / "half.h5", TinyEncoder().to(dtype))
+    mixed = run(slides["aperio"], tmp_path / "amp.h5", TinyEncoder().to(dtype), amp=True)
+    with h5py.File(exact) as a, h5py.File(half) as b, h5py.File(mixed) as c:
+        assert b["features"].dtype == np.float32 and np.isfinite(b["features"][()]).all()
+        np.testing.assert_allclose(b["features"][()], a["features"][()], atol=0.05)
+        np.testing.assert_allclose(c["features"][()], a["features"][()], atol=0.05)
+
+
+class _TwoDtypes(torch.nn.Module):
+    """A bfloat16 convolution feeding a float32 linear layer: no single input dtype suits it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 4, stride=4).to(torch.bfloat16)
+        self.head = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.head(self.conv(x).mean(dim=(2, 3)))
+
+
+def test_an_encoder_mixing_dtypes_is_told_so_not_to_change_input_size(slides, tmp_path):
+    with pytest.raises(InvalidOptionError, match=r"two dtypes meet in it .*bfloat16 and float32.*one dtype") as err:
+        run(slides["aperio"], tmp_path / "x.h5", _TwoDtypes())
+    assert "input_size" not in str(err.value) and not (tmp_path / "x.h5").exists()
+
+
+@pytest.mark.parametrize(
+    "spelling, stored",
+    [
+        ("fp16", "float16"),
+        ("half", "float16"),
+        (torch.float16, "float16"),
+        ("torch.float16", "float16"),
+        ("FLOAT16", "float16"),
+        ("fp32", "float32"),
+        (torch.float32, "float32"),
+        ("float32", "float32"),
+    ],
+)
+def test_stored_dtype_takes_the_spellings_every_dtype_setting_takes(spelling, stored):
+    """--dtype fp16 (or torch.float16) was refused here while every other --dtype takes it; the same features
+    spelled otherwise are the same settings (a file made with "float16" is reused for "fp16")."""
+    settings = wsi_features.check_settings(dtype=spelling)
+    assert settings.dtype == stored
+    assert settings.digest("e", "w") == wsi_features.check_settings(dtype=stored).digest("e", "w")
+
+
+@pytest.mark.parametrize("bad", ["bf16", torch.bfloat16, "float64", "auto", None, torch.int8, "f16", 16])
+def test_stored_dtype_other_than_float32_or_float16_is_refused(bad):
+    with pytest.raises(InvalidInputError, match=r"^dtype \(of the stored features\) must be float32 or float16"):
+        wsi_features.check_settings(dtype=bad)
+
+
+def test_extracting_with_dtype_fp16_stores_float16(slides, tmp_path):
+    out = run(slides["aperio"], tmp_path / "f.h5", TinyEncoder(), dtype="fp16")
+    with h5py.File(out) as f:
+        assert f["features"].dtype == np.float16
+    assert run(slides["aperio"], out, TinyEncoder(), dtype=torch.float16) == out  # the same settings: reused
+
+
 # ------------------------------------------------------------------------------------------ encoders
 
 

@@ -47,6 +47,7 @@ from attnzoo._io import (
     read_json,
     refuse_torch_zip_bomb,
 )
+from attnzoo._values import to_numpy
 from attnzoo.errors import DatasetFormatError, InvalidInputError
 
 __all__ = [
@@ -137,7 +138,7 @@ class FeatureBag:
 
 def _make_bag(slide_id: str, features: Any, coords: Any, label: Any, where: str, source: Path) -> FeatureBag:
     """Validate raw arrays into a :class:`FeatureBag` (float32 features, int64 coords)."""
-    feats = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
+    feats = to_numpy(features, f"{where}: features", error=DatasetFormatError)  # bfloat16 widened to float32
     if feats.ndim == 3 and feats.shape[0] == 1:
         feats = feats[0]
     if feats.ndim != 2:
@@ -155,7 +156,7 @@ def _make_bag(slide_id: str, features: Any, coords: Any, label: Any, where: str,
         raise DatasetFormatError(f"{where}: features hold NaN or infinite values in {rows} of {len(feats)} patches")
     coord_tensor = None
     if coords is not None:
-        xy = coords.detach().cpu().numpy() if isinstance(coords, torch.Tensor) else np.asarray(coords)
+        xy = to_numpy(coords, f"{where}: coords", error=DatasetFormatError)
         if xy.ndim != 2 or xy.shape[1] < 2 or xy.shape[0] != feats.shape[0]:
             raise DatasetFormatError(
                 f"{where}: coords have shape {xy.shape}, expected [{feats.shape[0]}, 2] to match the features"
@@ -181,7 +182,7 @@ def _make_bag(slide_id: str, features: Any, coords: Any, label: Any, where: str,
 
 def _bag_label(label: Any, where: str) -> int:
     """A stored label: one whole number (``1``, ``1.0``, ``[1]``); not text, a bool, a complex or 1.5."""
-    value = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+    value = to_numpy(label, f"{where}: label", error=DatasetFormatError)
     if value.size != 1 or value.dtype.kind not in "iuf":
         raise DatasetFormatError(f"{where}: label {label!r} is not an integer")
     number = float(value.reshape(-1)[0])

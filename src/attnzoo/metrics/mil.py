@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from attnzoo._values import to_numpy
 from attnzoo.errors import InvalidInputError
 
 __all__ = ["F1_NOTE", "binary_auc", "mil_metrics"]
@@ -30,12 +31,6 @@ F1_NOTE = (
     "average='micro', which equals accuracy/100 for single-label predictions: compare it with f1_micro; "
     "f1_macro is the per-class F1 averaged over the classes present in labels or predictions"
 )
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
 
 
 def _average_ranks(values: np.ndarray) -> np.ndarray:
@@ -57,8 +52,8 @@ def binary_auc(scores: Any, positive: Any) -> float:
 
     NaN when there is no positive or no negative sample.
     """
-    s = _to_numpy(scores).astype(np.float64).ravel()
-    pos = _to_numpy(positive).astype(bool).ravel()
+    s = to_numpy(scores, "scores").astype(np.float64).ravel()
+    pos = to_numpy(positive, "positive").astype(bool).ravel()
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
@@ -79,8 +74,8 @@ def mil_metrics(probabilities: Any, labels: Any, *, num_classes: int | None = No
     issued and ``auc_per_class`` holds NaN for it). With two classes the AUC is then NaN (the ordinary
     AUC is undefined; torchmetrics would report 0).
     """
-    probs = _to_numpy(probabilities)
-    y = _to_numpy(labels)
+    probs = to_numpy(probabilities, "probabilities")
+    y = to_numpy(labels, "labels")
     if probs.ndim != 2:
         raise InvalidInputError(f"probabilities must be [N, C], got shape {probs.shape}")
     n, c = probs.shape

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from attnzoo._values import to_numpy
 from attnzoo.errors import InvalidInputError
 
 __all__ = [
@@ -108,7 +109,7 @@ def summarize_iou(
     * ``thresholds`` and ``n_samples``.
     """
     levels = _thresholds(thresholds)
-    values = np.asarray(_to_numpy(ious), dtype=np.float64)
+    values = np.asarray(to_numpy(ious, "ious"), dtype=np.float64)
     if values.ndim == 1:
         values = values[:, None]
     if values.ndim != 2 or values.shape[1] != len(levels):
@@ -197,7 +198,7 @@ def voxels_to_mesh(grid, level: float = 0.0, *, normalize: bool = True) -> tuple
     ``normalize=False`` they are in the input's voxel-index coordinates. A grid with nothing
     above ``level`` gives an empty mesh.
     """
-    values = np.asarray(_to_numpy(grid), dtype=np.float64)
+    values = np.asarray(to_numpy(grid, "voxels_to_mesh: the grid"), dtype=np.float64)
     if values.ndim != 3 or 0 in values.shape:
         raise InvalidInputError(f"voxels_to_mesh: expected a non-empty 3-D grid, got shape {values.shape}")
     if not np.isfinite(values).all():
@@ -334,7 +335,7 @@ def fscore(pred, gt, threshold: float = 0.3, n_points: int = 8192, distance: flo
     are reproducible. Shapes as :func:`voxel_iou`: one grid gives a float, a batch ``[N]`` floats.
     """
     p, g, single, shape = _paired_batches(pred, gt, "fscore")
-    p, g = _to_numpy(p), _to_numpy(g)
+    p, g = to_numpy(p, "fscore: the prediction"), to_numpy(g, "fscore: the ground truth")
     if not np.isfinite(p).all():
         raise InvalidInputError("fscore: the prediction holds NaN or infinite values")
     scores = np.empty(p.shape[0], dtype=np.float64)
@@ -360,12 +361,6 @@ def fscore(pred, gt, threshold: float = 0.3, n_points: int = 8192, distance: flo
 
 def _is_tensor(x) -> bool:
     return hasattr(x, "detach") and hasattr(x, "device")
-
-
-def _to_numpy(x) -> np.ndarray:
-    if _is_tensor(x):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
 
 
 def _thresholds(thresholds) -> tuple[float, ...]:
@@ -394,6 +389,9 @@ def _paired_batches(pred, gt, name: str):
     if torch_mode:
         import torch
 
+        for what, x in (("prediction", pred), ("ground truth", gt)):
+            if getattr(x, "is_meta", False):
+                raise InvalidInputError(f"{name}: the {what} is a meta tensor: it holds no data")
         device = pred.device if _is_tensor(pred) else gt.device
         pred = pred if _is_tensor(pred) else torch.as_tensor(np.asarray(pred))
         gt = gt if _is_tensor(gt) else torch.as_tensor(np.asarray(gt))

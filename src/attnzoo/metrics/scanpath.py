@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from attnzoo._values import to_numpy
 from attnzoo.errors import InvalidInputError
 
 __all__ = [
@@ -76,18 +77,14 @@ used to normalise MultiMatch and to size the NSS map (``None``: per image). Yogu
 # input checking
 
 
-def _to_numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
 def _points(xy: Any, name: str, *, columns: tuple[int, ...] = (2,), min_length: int = 1) -> np.ndarray:
     """A finite float64 ``[T, C]`` scanpath, ``C`` in ``columns``."""
     try:
-        arr = _to_numpy(xy)
+        arr = to_numpy(xy, name)
         if arr.dtype == object:
             arr = arr.astype(np.float64)
+    except InvalidInputError:  # a meta tensor, named as it is
+        raise
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"{name} must be a numeric [T, 2] array of (x, y) pixels: {exc}") from None
     if arr.ndim == 2 and arr.shape[0] == 0:
@@ -134,7 +131,7 @@ def _sequence(seq: Any, name: str) -> list:
     """A list of hashable symbols (a str stays a str's characters)."""
     if isinstance(seq, str):
         return list(seq)
-    arr = _to_numpy(seq) if hasattr(seq, "detach") or isinstance(seq, np.ndarray) else None
+    arr = to_numpy(seq, name) if hasattr(seq, "detach") or isinstance(seq, np.ndarray) else None
     if arr is not None:
         if arr.ndim != 1:
             raise InvalidInputError(f"{name} must be a 1-D sequence, got shape {arr.shape}")
@@ -155,7 +152,7 @@ def _sequence(seq: Any, name: str) -> list:
 
 def _objects(seq: Any, name: str, *, allow_empty: bool = False) -> np.ndarray:
     """A 1-D int64 array of object indices."""
-    arr = _to_numpy(seq)
+    arr = to_numpy(seq, name)
     if arr.size == 0:
         arr = arr.reshape(0)
     if arr.ndim != 1:
@@ -838,7 +835,7 @@ def nss(saliency_map: Any, gt_points: Any) -> float:
     pixels. Fixations are rounded half to even and clamped into the map; several fixations on one
     pixel count once (a binary fixation map, as OAT and the MIT code use). NaN for a flat map.
     """
-    smap = _to_numpy(saliency_map)
+    smap = to_numpy(saliency_map, "saliency_map")
     if smap.ndim != 2 or smap.size == 0:
         raise InvalidInputError(f"saliency_map must be a non-empty [H, W] array, got shape {smap.shape}")
     smap = smap.astype(np.float64)

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from attnzoo._distributed import ProcessLocalLock
-from attnzoo._values import flag
+from attnzoo._values import flag, to_numpy
 from attnzoo.errors import InvalidInputError
 from attnzoo.pipelines.base import Pipeline, list_collate, weights_note
 
@@ -401,6 +401,8 @@ class WSIClassificationPipeline(Pipeline):
                 raise InvalidInputError(
                     "encoder_weights applies to an encoder given by name; load the module's yourself"
                 )
+            if self.dtype is not None:  # the pipeline's dtype is the encoder's too, as for the MIL model
+                encoder.to(dtype=self.dtype)
             cfg = getattr(encoder, "pretrained_cfg", None)
             name = (cfg.get("architecture") if isinstance(cfg, Mapping) else None) or type(encoder).__name__
             return encoder, name, weights_digest(encoder), f"{name} (a module given as is)", False
@@ -412,7 +414,8 @@ class WSIClassificationPipeline(Pipeline):
         key = (encoder, ("<state dict>", id(weights)) if isinstance(weights, Mapping) else weights)
         with self._lock:  # threads sharing the pipeline share one encoder per setting, built once
             if key not in self._encoders:
-                module = create_patch_encoder(encoder, weights).to(self.device)
+                # in the pipeline's dtype too (the patches go in as the encoder's own), as the run records it
+                module = create_patch_encoder(encoder, weights).to(self.device, self.dtype)
                 note = (
                     f"random (seed {RANDOM_ENCODER_SEED})"
                     if random
@@ -542,6 +545,8 @@ def _as_features(features: Any, what: str) -> torch.Tensor:
         features = torch.from_numpy(np.ascontiguousarray(features))
     if not isinstance(features, torch.Tensor):
         raise InvalidInputError(f"{what}: features must be a tensor or array, got a {type(features).__name__}")
+    if features.is_meta:
+        raise InvalidInputError(f"{what} is a meta tensor: it holds no data")
     if features.is_complex() or features.dtype == torch.bool:
         raise InvalidInputError(
             f"{what}: features must be real numbers, got {features.dtype}"
@@ -590,7 +595,7 @@ def _as_coords(coords: Any, n: int, what: str) -> np.ndarray | None:
     """Patch coordinates as an int64 [N, 2] array (one per patch, finite), or a typed error."""
     if coords is None:
         return None
-    array = coords.detach().cpu().numpy() if isinstance(coords, torch.Tensor) else np.asarray(coords)
+    array = to_numpy(coords, f"{what}: coords")
     if array.dtype.kind not in "iuf" or array.shape != (n, 2) or not np.isfinite(array).all():
         raise InvalidInputError(
             f"{what}: coords must be [N, 2] finite level-0 (x, y), one per patch ({n}); got {array.dtype} {array.shape}"

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from attnzoo import __version__
 from attnzoo._io import atomic_path, atomic_write, remove_stale_temporaries_in
+from attnzoo._placement import parameter_dtype, resolve_dtype
 from attnzoo._values import flag, real_number, to_real, whole_number
 from attnzoo.datasets.wsi import (
     MAX_COORDINATE,
@@ -120,7 +121,7 @@ def extract_features(
     num_workers: int = 2,
     transform: Callable[[Image.Image], Any] | None = None,
     device: str | torch.device | None = None,
-    dtype: str = "float32",
+    dtype: str | torch.dtype = "float32",
     amp: bool = False,
     segment_kwargs: Mapping[str, Any] | None = None,
     overwrite: bool | str = False,
@@ -138,8 +139,9 @@ def extract_features(
     ACMIL's Step2). ``encoder`` is a name (see :func:`create_patch_encoder`, which ``weights`` goes to)
     or a module mapping [B, 3, H, W] to [B, D]. ``num_workers`` DataLoader processes read and tile
     patches while the encoder runs under ``torch.inference_mode`` (with ``amp``, under autocast: float16
-    on CUDA, bfloat16 on CPU; off by default, as the official extractions ran in float32); features
-    are stored as ``dtype`` (float32 or float16).
+    on CUDA, bfloat16 on CPU, or the encoder's own half dtype; off by default, as the official extractions
+    ran in float32; without it the patches go in as the encoder's parameters' dtype); features are stored as
+    ``dtype`` (float32 or float16; ``"fp16"``, ``"half"`` or ``torch.float16`` too).
 
     The file appears at ``out_path`` only when complete. Finished batches live in
     ``<out_path>.partial/`` and an interrupted call, rerun with the same arguments, computes only the
@@ -387,15 +389,14 @@ def check_settings(
     base_magnification: float | None = None,
     base_mpp: float | None = None,
     transform: Callable[[Image.Image], Any] | None = None,
-    dtype: str = "float32",
+    dtype: str | torch.dtype = "float32",
     amp: bool = False,
     segment_kwargs: Mapping[str, Any] | None = None,
 ) -> ExtractionSettings:
     """:func:`extract_features`' settings checked, slide-independently (a wrong one is an
     :class:`~attnzoo.errors.InvalidInputError` naming it before any slide is read); ``mpp`` wins
     over ``magnification``."""
-    if dtype not in ("float32", "float16"):
-        raise InvalidInputError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+    dtype = check_feature_dtype(dtype)
     min_tissue = check_min_tissue(min_tissue)
     amp = flag(amp, "amp", error=InvalidInputError)  # "no" would switch autocast on
     if transform is not None and not callable(transform):
@@ -427,6 +428,22 @@ def check_settings(
         segment_kwargs=check_segment_kwargs(segment_kwargs),
         transform=transform if transform is not None else PatchTransform(),
     )
+
+
+def check_feature_dtype(dtype: Any) -> str:
+    """The stored features' dtype, ``"float32"`` or ``"float16"``, from any spelling the other ``dtype`` settings
+    take (``"fp16"``, ``"half"``, ``torch.float16``, ...); anything else is an :class:`InvalidInputError`."""
+    try:
+        resolved = resolve_dtype(dtype)
+    except InvalidInputError:
+        resolved = None
+    if resolved not in (torch.float32, torch.float16):
+        why = " (HDF5 has no bfloat16: store float32)" if resolved == torch.bfloat16 else ""
+        raise InvalidInputError(
+            f"dtype (of the stored features) must be float32 or float16 (also 'fp32', 'fp16', 'half', torch.float16)"
+            f"{why}, got {dtype!r}"
+        )
+    return str(resolved).removeprefix("torch.")
 
 
 def finished_features(out_path: str | os.PathLike, slide_path: str | os.PathLike, settings_digest: str) -> int | None:
@@ -733,6 +750,11 @@ def _run_encoder(
     """Embed the patches after the finished shards, batch by batch, each batch saved as a shard."""
     start = shards.done
     amp, dtype = settings.amp, settings.dtype
+    # the patches go in as the encoder's own dtype (a module in bfloat16 or float16 takes no float32 batch), and
+    # autocast, with amp, runs in that dtype when it is already a half one (else float16 on CUDA, bfloat16 on CPU)
+    input_dtype = parameter_dtype(model)
+    half = (torch.float16, torch.bfloat16)
+    autocast_dtype = input_dtype if input_dtype in half else torch.float16 if dev.type == "cuda" else torch.bfloat16
     if start < len(grid):
         dataset = PatchDataset(
             slide, grid, input_size=settings.input_size, transform=settings.transform, coords=grid.coords[start:]
@@ -755,12 +777,11 @@ def _run_encoder(
         )
         row = start
         try:
-            autocast = torch.autocast(
-                dev.type, dtype=torch.float16 if dev.type == "cuda" else torch.bfloat16, enabled=amp
-            )
+            autocast = torch.autocast(dev.type, dtype=autocast_dtype, enabled=amp)
             with torch.inference_mode(), autocast:
                 for images, _ in loader:
-                    out = _encode(model, encoder_name, images.to(dev, non_blocking=True), batch_size)
+                    batch = images.to(dev, dtype=input_dtype, non_blocking=True)
+                    out = _encode(model, encoder_name, batch, batch_size, amp)
                     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != images.shape[0]:
                         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                         raise InvalidInputError(
@@ -794,9 +815,15 @@ def _run_encoder(
             bar.close()
 
 
-def _encode(model: torch.nn.Module, encoder_name: str, images: torch.Tensor, batch_size: int) -> Any:
+#: What torch says when tensors of two dtypes meet in one op (``Input type (float) and bias type (c10::BFloat16)
+#: should be the same``, ``mat1 and mat2 must have the same dtype``, ``expected scalar type Float but found Half``).
+_DTYPE_MISMATCH = re.compile(r"dtype|scalar ?type|\btype \(", re.IGNORECASE)
+
+
+def _encode(model: torch.nn.Module, encoder_name: str, images: torch.Tensor, batch_size: int, amp: bool) -> Any:
     """``model(images)``; an encoder that cannot take these inputs (a ViT made for another size, too small an
-    input for its strides, no memory for the batch) is a typed error naming the settings to change."""
+    input for its strides, parameters of several dtypes, no memory for the batch) is a typed error naming what
+    to change."""
     try:
         return model(images)
     except torch.OutOfMemoryError as err:
@@ -805,8 +832,17 @@ def _encode(model: torch.nn.Module, encoder_name: str, images: torch.Tensor, bat
             f"(--batch-size, now {batch_size}) or input_size (--input-size): {err}"
         ) from err
     except (RuntimeError, AssertionError, ValueError, TypeError) as err:
+        batch = f"a batch of {tuple(images.shape)}"
+        if _DTYPE_MISMATCH.search(str(err)):
+            dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
+            held = f"its parameters are {' and '.join(dtypes)}" if dtypes else "it holds no floating parameters"
+            raise InvalidOptionError(
+                f"encoder {encoder_name} cannot take {batch} in {str(images.dtype).removeprefix('torch.')}"
+                f"{' under autocast' if amp else ''}: tensors of two dtypes meet in it ({type(err).__name__}: {err}); "
+                f"{held}: put the whole encoder in one dtype (e.g. encoder.float())"
+            ) from err
         raise InvalidOptionError(
-            f"encoder {encoder_name} cannot take a batch of {tuple(images.shape)} ({type(err).__name__}: {err}); "
+            f"encoder {encoder_name} cannot take {batch} ({type(err).__name__}: {err}); "
             f"set input_size (--input-size) to what the encoder is made for (usually 224)"
         ) from err
 
