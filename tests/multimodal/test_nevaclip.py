@@ -396,6 +396,36 @@ def test_to_takes_a_device_or_dtype_positionally_as_a_module_does():
     assert next(tower.parameters()).dtype == torch.float32
 
 
+def test_a_given_clip_keeps_its_own_dtype_and_searches_in_it():
+    """A bf16 or fp16 CLIP handed over stays in its dtype (it used to be cast to float32 in place: the user's own
+    module changed); dtype= still casts, a pipeline without dtype= keeps it, and the search in the tower's dtype
+    stays finite, starts where the float32 one does and keeps its positions and losses float32."""
+    import open_clip
+
+    import attnzoo
+
+    tokenizer = open_clip.get_tokenizer("RN50")
+    x, captions = smooth_images(2), ["a cat sitting on a sofa", "a red car"]
+    kw = {"fixations": 2, "iterations": 3, "return_traces": True}
+    reference = N.NevaClip(model=make_tiny_clip(0, image_size=64, embed_dim=32), tokenizer=tokenizer)
+    wide = reference.predict(x, captions, **kw)
+    for dtype in (torch.bfloat16, torch.float16):
+        clip = make_tiny_clip(0, image_size=64, embed_dim=32).to(dtype)
+        model = N.NevaClip(model=clip, tokenizer=tokenizer)
+        assert model.dtype == dtype and {p.dtype for p in clip.parameters()} == {dtype}
+        narrow = model.predict(x, captions, **kw)
+        assert narrow.positions.dtype == torch.float32 and narrow.losses.dtype == torch.float32
+        assert torch.isfinite(narrow.losses).all() and narrow.positions.abs().max() <= 1
+        # the first step of the first fixation looks at the same place in both: the same loss, up to rounding
+        torch.testing.assert_close(narrow.loss_trace[0, 0], wide.loss_trace[0, 0], atol=0.05, rtol=0)
+        assert (narrow.losses <= narrow.loss_trace[:, 0].T).all()  # each fixation keeps its best step
+        attnzoo.pipeline("scanpath", model=model, device="cpu")
+        assert model.dtype == dtype and next(clip.parameters()).dtype == dtype  # the pipeline keeps it too
+        assert N.NevaClip(visual=clip.visual, dtype="float32").dtype == torch.float32
+        assert next(clip.visual.parameters()).dtype == torch.float32  # dtype= given: cast as asked
+    assert N.NevaClip(pretrained=None).dtype == torch.float32  # a CLIP loaded by name: float32
+
+
 # -- captions and pictures -----------------------------------------------------------------
 
 
@@ -454,6 +484,10 @@ def test_bad_input_is_refused_with_a_clear_message(tiny_clip, tower):
         model.predict(x, torch.randn(32), seed=[1, 2])
     with pytest.raises(InvalidInputError, match="no text encoder"):
         N.NevaClip(visual=tower).predict(x, "a caption")
+    with pytest.raises(InvalidInputError, match="images is a meta tensor: it holds no data"):
+        model.predict(x.to("meta"), torch.randn(32), fixations=1, iterations=1)
+    with pytest.raises(InvalidInputError, match="fixations is a meta tensor: it holds no data"):
+        N.fixations_to_pixels(torch.zeros(3, 2, device="meta"), (64, 64), 64)
 
 
 @pytest.mark.parametrize(
@@ -469,6 +503,8 @@ def test_bad_input_is_refused_with_a_clear_message(tiny_clip, tower):
         (torch.ones(32, dtype=torch.bool), "real numbers"),
         (np.array(["a"] * 32), "real numbers"),
         ([torch.ones(32), torch.ones(31)], "one size"),
+        (torch.ones(32, device="meta"), "target_?s? embedding is a meta tensor: it holds no data"),
+        ([torch.ones(32, device="meta")], "meta tensor: it holds no data"),
     ],
 )
 def test_targets_without_a_direction_are_refused(tower, target, match):

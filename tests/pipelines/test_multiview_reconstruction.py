@@ -487,3 +487,19 @@ def test_each_view_is_released_before_the_next_is_decoded(recon, tmp_path, monke
     shape = recon(paths)
     assert most == [0, 0, 0], most
     assert len(shape.views) == 3 and all(max(v.size) <= 512 for v in shape.views)
+
+
+def test_half_precision_view_tensors_are_read_as_their_float32_values(recon):
+    """bfloat16 has no numpy dtype: a bf16 (or fp16) HWC view tensor is widened, as load_image does, to the
+    float32 values it holds; a meta tensor, which holds no data, is refused naming the view."""
+    floats = rendering(6).astype(np.float32) / 255
+    for dtype in (torch.bfloat16, torch.float16):
+        view = torch.from_numpy(floats).to(dtype)
+        expected = preprocess_views([view.float().numpy()])
+        assert torch.equal(preprocess_views([view]), expected), dtype
+    with pytest.raises(InvalidInputError, match="view 1 is a meta tensor: it holds no data"):
+        preprocess_views([floats, torch.from_numpy(floats).to("meta")])
+    chw = torch.from_numpy(floats).permute(2, 0, 1)  # the pipeline reads tensors as CxHxW, as load_image does
+    assert np.isfinite(recon([chw.bfloat16()]).probabilities).all()
+    with pytest.raises(InvalidInputError, match="meta tensor: it holds no data"):
+        recon([chw.to("meta")])

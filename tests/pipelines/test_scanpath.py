@@ -120,6 +120,7 @@ def test_plot_draws_the_fixations_over_the_image(neva):
         ({"target": torch.zeros(64)}, "zero vector"),
         ({"target": torch.zeros(0)}, r"\[D\] or \[N, D\]"),
         ({"target": torch.ones(64, dtype=torch.complex64)}, "real numbers"),
+        ({"target": torch.ones(64, device="meta")}, "target embedding is a meta tensor: it holds no data"),
         ({"target": "a caption"}, "tensor or an array"),
         ({"target": torch.randn(3, 64)}, "one embedding"),
         ({"caption": "a", "lr": float("nan")}, "lr"),
@@ -726,3 +727,26 @@ def test_a_damaged_decoding_json_beside_the_weights_is_a_typed_error(tmp_path):
             training_split(weights)
     run.write_text('{"max_len": 4, "split": "official", "split_seed": 7}')
     assert training_split(weights)["split_seed"] == 7
+
+
+def test_a_meta_tensor_image_is_refused_naming_it(neva):
+    """A meta tensor holds no pixels: refused as bad input (it was torch's NotImplementedError from copying it)."""
+    pipe = attnzoo.pipeline("scanpath", model=neva, **FAST)
+    with pytest.raises(InvalidInputError, match=r"<Tensor \(3, 64, 96\)> is a meta tensor: it holds no data"):
+        pipe(torch.rand(3, 64, 96, device="meta"), caption="a pattern")
+    skipped = list(pipe.iterate([torch.rand(3, 64, 96, device="meta")], caption="a", on_error="skip"))
+    assert isinstance(skipped[0][1], InvalidInputError)
+
+
+def test_oat_boxes_in_half_precision_are_read_as_their_values(tmp_path):
+    """bfloat16 has no numpy dtype: bf16 (and fp16) box tensors are widened to the numbers they hold (these boxes'
+    corners are whole numbers below 256, exact in both), a meta tensor is refused."""
+    pipe = attnzoo.pipeline("scanpath", model=tiny_oat(), max_len=4)
+    path, boxes = shelf(tmp_path)
+    expected = pipe(path, boxes=boxes, target=4)
+    for dtype in (torch.bfloat16, torch.float16):
+        sp = pipe(path, boxes=torch.from_numpy(boxes).to(dtype), target=4)
+        np.testing.assert_array_equal(sp.objects, expected.objects)
+        np.testing.assert_array_equal(sp.xy, expected.xy)
+    with pytest.raises(InvalidInputError, match="boxes is a meta tensor: it holds no data"):
+        pipe(path, boxes=torch.from_numpy(boxes).to("meta"), target=4)

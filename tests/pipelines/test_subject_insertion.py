@@ -651,3 +651,60 @@ def test_the_mask_outline_is_thin_and_does_not_wrap_around():
     assert red[200, : round(start) + 3].any() and red[: round(start) + 3, 200].any()  # outlined on both sides
     shaded = np.round(0.5 * 128 + 0.5 * np.array([255.0, 40.0, 40.0]))
     assert (panel[180:250, 180:250] == shaded).all()  # inside: shaded, not painted over
+
+
+def test_a_bfloat16_mask_reads_as_its_float32_values(pipe):
+    """bfloat16 has no numpy dtype: a bf16 (or float8) mask tensor is widened before it is read, as the images are."""
+    expected = pipe(TARGET, subject=SUBJECT, mask=MASK, prompt="x").mask
+    for dtype in (torch.bfloat16, torch.float16):
+        out = pipe(TARGET, subject=SUBJECT, mask=torch.from_numpy(MASK).to(dtype), prompt="x")
+        assert np.array_equal(out.mask, expected), dtype
+    chosen = box_mask(20, 24, 4, 4, 16, 20)
+    out = pipe(TARGET, subject=SUBJECT, subject_mask=torch.from_numpy(chosen).bfloat16(), mask=MASK, prompt="x")
+    assert np.array_equal(out.subject_mask, chosen)
+
+
+def test_one_2d_mask_tensor_is_the_mask_of_every_target(pipe):
+    """One [H, W] tensor mask= (or subject_mask=) for a list of targets is every target's mask, as the same mask as
+    a numpy array is, not a row per target; a list of masks still gives one per target."""
+    chosen = box_mask(20, 24, 4, 4, 16, 20)
+    for mask in (torch.from_numpy(MASK), MASK):
+        results = pipe([TARGET, TARGET], subject=SUBJECT, mask=mask, subject_mask=torch.from_numpy(chosen), prompt="x")
+        assert len(results) == 2
+        assert all(np.array_equal(r.mask, MASK) and np.array_equal(r.subject_mask, chosen) for r in results)
+    other = box_mask(30, 40, 2, 2, 12, 12)
+    alone = pipe(TARGET, subject=SUBJECT, mask=other, prompt="x").mask
+    results = pipe([TARGET, TARGET], subject=SUBJECT, mask=[torch.from_numpy(MASK), other], prompt="x")
+    assert np.array_equal(results[0].mask, MASK) and np.array_equal(results[1].mask, alone)
+    with pytest.raises(InvalidInputError, match="3 values of mask="):
+        pipe([TARGET, TARGET], subject=SUBJECT, mask=[MASK, MASK, MASK], prompt="x")
+
+
+def test_a_meta_tensor_mask_or_image_is_refused_by_name(pipe):
+    meta = torch.from_numpy(MASK).to("meta")
+    with pytest.raises(InvalidInputError, match="mask is a meta tensor: it holds no data"):
+        pipe(TARGET, subject=SUBJECT, mask=meta, prompt="x")
+    with pytest.raises(InvalidInputError, match="meta tensor: it holds no data"):
+        pipe(torch.rand(3, 30, 40, device="meta"), subject=SUBJECT, mask=MASK, prompt="x")
+
+
+def test_load_flux_fill_reads_dtype_names_as_every_dtype_is_read(tiny, tmp_path, monkeypatch):
+    """dtype= takes the names every attnzoo dtype= takes ("bf16", "fp16") and refuses dtypes no model runs in
+    ("int8", float8) before anything loads; None is bfloat16, the stored dtype of FLUX.1-Fill-dev."""
+    from diffusers import FluxFillPipeline
+
+    from attnzoo.multimodal.insertion.flux import load_flux_fill
+
+    tiny.pipe.save_pretrained(tmp_path / "tiny")
+    no_text = dict.fromkeys(("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"))  # saved without them
+    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), (None, torch.bfloat16)):
+        loaded = load_flux_fill(tmp_path / "tiny", dtype=name, **no_text)
+        assert loaded.dtype == dtype and next(loaded.transformer.parameters()).dtype == dtype, name
+
+    def never(*args, **kwargs):
+        raise AssertionError("from_pretrained ran with a refused dtype")
+
+    monkeypatch.setattr(FluxFillPipeline, "from_pretrained", never)
+    for bad in ("int8", torch.int8, "float8_e4m3fn", torch.float8_e4m3fn, "bogus"):
+        with pytest.raises(InvalidInputError, match="dtype="):
+            load_flux_fill(tmp_path / "tiny", dtype=bad, **no_text)

@@ -348,6 +348,8 @@ def load_image(source: Any, *, max_pixels: int | None = None, keep_alpha: bool =
         pass
     else:
         if isinstance(source, torch.Tensor):
+            if source.is_meta:
+                raise InvalidInputError(f"{describe(source)} is a meta tensor: it holds no data")
             tensor = source.detach().cpu()
             if tensor.is_floating_point() and tensor.dtype not in (torch.float32, torch.float64):
                 tensor = tensor.float()  # bfloat16 has no numpy dtype; float16 is widened alike

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnzoo._placement import resolve_device, resolve_dtype
+from attnzoo._placement import parameter_dtype, resolve_device, resolve_dtype
 from attnzoo._values import is_integer, real_number, whole_number
 from attnzoo.errors import InvalidInputError, UnknownNameError, WeightsError
 from attnzoo.registry import register_model
@@ -178,6 +178,8 @@ def fixations_to_pixels(
     corner, so pixel ``i`` spans ``[i, i + 1)``). This differs from ``index / (S / min(W, H))`` by
     under one original pixel.
     """
+    if isinstance(pos, torch.Tensor) and pos.is_meta:
+        raise InvalidInputError("fixations is a meta tensor: it holds no data")
     array = pos.detach().cpu().double().numpy() if isinstance(pos, torch.Tensor) else np.asarray(pos, dtype=np.float64)
     array = array.reshape(array.shape[0], -1) if array.ndim == 4 else array
     if array.ndim != 2 or array.shape[1] != 2:
@@ -330,6 +332,8 @@ def target_embeddings(value: Any, name: str, dim: int | None, dtype: torch.dtype
         raise InvalidInputError(
             f"{name} embedding must be a tensor or an array [D] or [N, D], got {type(value).__name__}"
         )
+    if value.is_meta:
+        raise InvalidInputError(f"{name} embedding is a meta tensor: it holds no data")
     if value.is_complex() or value.dtype == torch.bool:
         raise InvalidInputError(f"{name} embedding must be real numbers, got {value.dtype}")
     embedding = value[None] if value.ndim == 1 else value
@@ -349,6 +353,14 @@ def target_embeddings(value: Any, name: str, dim: int | None, dtype: torch.dtype
     return embedding
 
 
+def _module_dtype(module: nn.Module | None) -> torch.dtype:
+    """The dtype a given CLIP (or tower) already runs in: its first floating parameter's, when that is one
+    models run in here (float16, bfloat16, float32, float64); float32 for none given (a CLIP loaded by name)
+    or one without such parameters."""
+    own = parameter_dtype(module) if module is not None else None
+    return own if own in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else torch.float32
+
+
 class NevaClip:
     """NevaClip scanpath predictor around a frozen open_clip model.
 
@@ -358,6 +370,8 @@ class NevaClip:
     ``visual`` tower (targets must then be embeddings, unless ``text_encoder`` and ``tokenizer``
     are given too). The passed model is put in eval mode with ``requires_grad_(False)``: only the
     fixation positions need gradients, and it saves the weight-gradient half of every backward pass.
+    It keeps its own dtype unless ``dtype`` names another (a named CLIP runs in float32); the search's
+    positions, foveation and targets are float32 whatever the tower's dtype (:attr:`search_dtype`).
     """
 
     def __init__(
@@ -387,7 +401,10 @@ class NevaClip:
             amplitude,
         )
         self.device = resolve_device(device) if device is not None else torch.device("cpu")
-        self.dtype = resolve_dtype(dtype) or torch.float32
+        # a given CLIP (or tower) keeps its own dtype unless dtype= asks for another, as the pipelines keep a
+        # model's: casting a user's bf16 module to float32 behind their back would change their object; a CLIP
+        # loaded by name runs in float32. The search itself runs in float32 either way (search_dtype)
+        self.dtype = resolve_dtype(dtype) or _module_dtype(model if model is not None else visual)
         self.channels_last = channels_last
         self._preprocess_cfg = preprocess_cfg
         self._tokenizer = tokenizer
@@ -606,6 +623,8 @@ class NevaClip:
 
     def _images(self, images: Any) -> tuple[torch.Tensor, list[tuple[int, int]] | None]:
         size = self.input_size
+        if isinstance(images, torch.Tensor) and images.is_meta:
+            raise InvalidInputError("images is a meta tensor: it holds no data")
         if isinstance(images, torch.Tensor) and images.is_floating_point():
             if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (size, size):
                 raise InvalidInputError(

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from attnzoo._values import to_numpy
 from attnzoo.datasets.images import describe, is_file_object, load_image, opened_image
 from attnzoo.errors import InvalidInputError, InvalidOptionError
 from attnzoo.pipelines.base import Pipeline, list_collate, weights_note
@@ -177,7 +178,7 @@ def _to_array(image: Any, index: int) -> np.ndarray:
             has_alpha = "A" in image.mode or "transparency" in image.info
             image = image.convert("RGBA" if has_alpha else "RGB")
     if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
+        image = to_numpy(image, f"view {index}")  # bfloat16 widened (numpy has none), a meta tensor refused
     try:
         arr = np.asarray(image)
     except (TypeError, ValueError) as err:

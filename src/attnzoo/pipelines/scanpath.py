@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from attnzoo._io import PARSE_ERRORS, read_json
-from attnzoo._values import flag, refuse_per_input_defaults
+from attnzoo._values import flag, refuse_per_input_defaults, to_numpy
 from attnzoo.errors import InvalidInputError, WeightsError
 from attnzoo.pipelines.base import Pipeline, generator_seed, is_single_input, list_collate, weights_note
 
@@ -248,6 +248,8 @@ def _boxes(value: Any) -> np.ndarray:
         value = _read_boxes(Path(value))
     if isinstance(value, bytes):
         raise InvalidInputError(f"boxes must be numbers [N, 4] (x0, y0, x1, y1), got {type(value).__name__}")
+    if isinstance(value, torch.Tensor):
+        value = to_numpy(value, "boxes")  # bfloat16 widened (numpy has none), a meta tensor refused
     try:
         boxes = np.asarray(value)
     except (TypeError, ValueError) as err:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from attnzoo._placement import resolve_dtype
 from attnzoo.errors import InvalidInputError, MissingDependencyError
 from attnzoo.multimodal.insertion.in_context_brush import (
     InsertionAttention,
@@ -238,12 +239,16 @@ def load_flux_fill(
 ) -> FluxFillModel:
     """``FluxFillPipeline.from_pretrained`` (a Hub id or a local folder) into its cache; offline mode
     (``ATTNZOO_OFFLINE`` / ``HF_HUB_OFFLINE``) or an unreachable Hub reads the cache only.
-    ``cpu_offload`` keeps each model on the CPU until it runs (needs accelerate and a GPU)."""
+    ``dtype``: a floating dtype or its name, as every ``dtype=`` of attnzoo (``"bf16"``, ``"float16"``,
+    ``torch.float32``, ...; others, e.g. ``"int8"``, are refused); None (or ``"auto"``) is bfloat16, the
+    dtype FLUX.1-Fill-dev is stored in and the official code loads it in (diffusers' own default would
+    widen it to float32). ``cpu_offload`` keeps each model on the CPU until it runs (needs accelerate and
+    a GPU)."""
     from diffusers import FluxFillPipeline
 
     from attnzoo.weights import hub
 
-    torch_dtype = _dtype(dtype)
+    torch_dtype = resolve_dtype(dtype) or torch.bfloat16  # checked before anything loads
     with hub.pretrained_loading(
         f"the diffusers pipeline {name_or_path} (FluxFillPipeline)", name_or_path
     ) as cache_only:
@@ -261,16 +266,6 @@ def load_flux_fill(
     elif device is not None:
         model.to(device)
     return model
-
-
-def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """``torch.bfloat16`` or its name (``"bfloat16"``, ``"torch.float16"``)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    found = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(found, torch.dtype):
-        raise InvalidInputError(f"dtype={dtype!r} is not a torch dtype (e.g. 'bfloat16', 'float16', 'float32')")
-    return found
 
 
 def _offload(model: FluxFillModel, device: Any) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from attnzoo._values import to_numpy
 from attnzoo.errors import InvalidInputError
 
 __all__ = [
@@ -334,7 +335,7 @@ def _read_mask_rule(
     if is_via(mask):
         return rasterize_via(mask, size, behaviour=behaviour), "a VIA annotation, filled inside its regions"
     if isinstance(mask, torch.Tensor):
-        mask = mask.detach().cpu().numpy()
+        mask = to_numpy(mask, name)  # bfloat16 widened (numpy has none), a meta tensor refused
     if isinstance(mask, np.ndarray):
         array = mask
         while array.ndim > 2 and array.shape[0] == 1:  # [1, H, W], [1, 1, H, W]: drop leading unit axes only
