@@ -65,6 +65,10 @@ def test_auto_dtype_is_the_models_own(auto):
     assert resolve_dtype(auto) is None
 
 
+def test_dtype_names_are_read_with_spaces_around_as_auto_is():
+    assert resolve_dtype(" bf16 ") == torch.bfloat16 == resolve_dtype("BFloat16\n")
+
+
 def test_pipeline_and_create_model_take_auto_dtype(tiny_model):
     half = attnzoo.create_model("test_resnet", dtype="bfloat16")
     pipe = attnzoo.pipeline("image-classification", model=half, device="cpu", dtype="auto")

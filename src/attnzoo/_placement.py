@@ -118,7 +118,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
             raise InvalidInputError(f"dtype={dtype} is not a dtype models run in here; use one of {floating}")
         return dtype
     try:
-        return _DTYPES[str(dtype).lower().removeprefix("torch.")]
+        return _DTYPES[str(dtype).strip().lower().removeprefix("torch.")]
     except KeyError:
         raise InvalidInputError(
             f"dtype={dtype!r} is not one of {sorted(_DTYPES)} (or 'auto': the model's own)"

@@ -426,6 +426,18 @@ def test_a_given_clip_keeps_its_own_dtype_and_searches_in_it():
     assert N.NevaClip(pretrained=None).dtype == torch.float32  # a CLIP loaded by name: float32
 
 
+def test_a_clip_mixing_parameter_dtypes_is_not_cast_to_its_first_ones():
+    """open_clip's low-precision towers keep their norms in float32: taking the first parameter's float16 for the
+    whole module cast the norms in place; a mix runs in float32, as before."""
+    import open_clip
+
+    clip = make_tiny_clip(0, image_size=64, embed_dim=32)
+    first = next(p for p in clip.visual.parameters() if p.is_floating_point())
+    first.data = first.data.half()
+    model = N.NevaClip(visual=clip.visual, tokenizer=open_clip.get_tokenizer("RN50"))
+    assert model.dtype == torch.float32
+
+
 # -- captions and pictures -----------------------------------------------------------------
 
 

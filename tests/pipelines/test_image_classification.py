@@ -260,6 +260,7 @@ def test_bare_cuda_means_this_processes_gpu_under_torchrun(monkeypatch):
     from attnzoo.pipelines.base import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # an explicit index is checked against it
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert resolve_device(None) == torch.device("cuda:1") == resolve_device("cuda")

@@ -680,6 +680,17 @@ def test_one_2d_mask_tensor_is_the_mask_of_every_target(pipe):
         pipe([TARGET, TARGET], subject=SUBJECT, mask=[MASK, MASK, MASK], prompt="x")
 
 
+def test_one_via_region_list_per_target(pipe):
+    """mask=[[regions of target 0], [regions of target 1]] gives each target its own regions (the 2-D mask rule
+    read it as one mask for both, which no VIA reader takes)."""
+    ellipse = {"shape_attributes": {"name": "ellipse", "cx": 20, "cy": 15, "rx": 8, "ry": 6}}
+    rect = {"shape_attributes": {"name": "rect", "x": 2, "y": 2, "width": 8, "height": 6}}
+    results = pipe([TARGET, TARGET], subject=SUBJECT, mask=[[ellipse], [rect]], prompt="x")
+    alone = [pipe([TARGET], subject=SUBJECT, mask=[[regions]], prompt="x")[0].mask for regions in (ellipse, rect)]
+    assert all(np.array_equal(r.mask, a) for r, a in zip(results, alone, strict=True))
+    assert not np.array_equal(alone[0], alone[1])
+
+
 def test_a_meta_tensor_mask_or_image_is_refused_by_name(pipe):
     meta = torch.from_numpy(MASK).to("meta")
     with pytest.raises(InvalidInputError, match="mask is a meta tensor: it holds no data"):

@@ -356,6 +356,21 @@ def test_an_encoder_mixing_dtypes_is_told_so_not_to_change_input_size(slides, tm
     assert "input_size" not in str(err.value) and not (tmp_path / "x.h5").exists()
 
 
+def test_a_device_mismatch_is_not_said_as_a_dtype_mismatch():
+    """torch's convolution names the input's and the weight's device as their "type": that is no dtype mismatch."""
+
+    class SplitEncoder(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError(
+                "Input type (torch.cuda.FloatTensor) and weight type (torch.FloatTensor) should be the same or input "
+                "should be a MKLDNN tensor and weight is a dense tensor"
+            )
+
+    with pytest.raises(InvalidOptionError, match="input_size") as err:
+        wsi_features._encode(SplitEncoder(), "split", torch.zeros(2, 3, 8, 8), 2, False)
+    assert "dtypes meet" not in str(err.value)
+
+
 @pytest.mark.parametrize(
     "spelling, stored",
     [

@@ -182,6 +182,17 @@ def test_a_negative_split_seed_is_refused_before_training(tmp_path):
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
+def test_device_zero_is_the_first_gpu_not_the_default(tmp_path, monkeypatch):
+    """device=0 (falsy) was dropped, so training ran on the default device; it is CUDA device 0, as in every
+    pipeline: refused where there is none."""
+    from attnzoo.training.scanpath import train_scanpath
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    data = amazon_set(tmp_path / "data")
+    with pytest.raises(InvalidInputError, match="device=0 asked for CUDA"):
+        train_scanpath("oat_amazon", data, tmp_path / "run", overrides={"epochs": 1}, device=0, model_kwargs=SMALL)
+
+
 def test_oat_loss_ignores_pad():
     import torch
     import torch.nn.functional as F

@@ -354,10 +354,14 @@ def target_embeddings(value: Any, name: str, dim: int | None, dtype: torch.dtype
 
 
 def _module_dtype(module: nn.Module | None) -> torch.dtype:
-    """The dtype a given CLIP (or tower) already runs in: its first floating parameter's, when that is one
-    models run in here (float16, bfloat16, float32, float64); float32 for none given (a CLIP loaded by name)
-    or one without such parameters."""
-    own = parameter_dtype(module) if module is not None else None
+    """The dtype a given CLIP (or tower) already runs in: its floating parameters' one dtype, when that is one
+    models run in here (float16, bfloat16, float32, float64); float32 for none given (a CLIP loaded by name),
+    one without such parameters, or one whose parameters mix dtypes (open_clip's low-precision towers keep
+    their norms in float32): casting those to the first parameter's dtype would change them."""
+    if module is None:
+        return torch.float32
+    dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+    own = parameter_dtype(module) if len(dtypes) == 1 else None
     return own if own in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else torch.float32
 
 

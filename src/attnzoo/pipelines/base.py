@@ -414,7 +414,10 @@ def _is_one_value(value: Any, depth: int) -> bool:
 
 
 def _nesting(value: Any) -> int:
-    """How deeply lists, tuples and arrays nest in ``value``, read along the first items (0: a scalar)."""
+    """How deeply lists, tuples and arrays nest in ``value``, read along the first items (0: a scalar; -1: a
+    mapping, which no array of numbers holds: subject insertion's per-input lists of VIA regions stay per input)."""
+    if isinstance(value, Mapping):
+        return -1
     if isinstance(value, (np.ndarray, torch.Tensor)):
         return value.ndim
     if isinstance(value, (list, tuple)):

@@ -328,8 +328,8 @@ class SubjectInsertionPipeline(Pipeline):
         "prompt_embeds",
         "pooled_prompt_embeds",
     )
-    # one 2-D mask (an array, a tensor or nested lists, [height, width]) is the mask of every target, not a row
-    # per target; a list of masks (arrays, images, paths, VIA annotations) gives one per target
+    # one 2-D mask (an array or a tensor, [height, width]) is the mask of every target, not a row per target; a
+    # list of masks (arrays, images, paths, VIA annotations or region lists) gives one per target
     field_depths = {"mask": 2, "subject_mask": 2}
     collate = staticmethod(list_collate)
     prepared_here_key = _TO_SEGMENT

@@ -817,7 +817,7 @@ def _run_encoder(
 
 #: What torch says when tensors of two dtypes meet in one op (``Input type (float) and bias type (c10::BFloat16)
 #: should be the same``, ``mat1 and mat2 must have the same dtype``, ``expected scalar type Float but found Half``).
-_DTYPE_MISMATCH = re.compile(r"dtype|scalar ?type|\btype \(", re.IGNORECASE)
+_DTYPE_MISMATCH = re.compile(r"dtype|scalar ?type|c10::(BFloat16|Half)", re.IGNORECASE)
 
 
 def _encode(model: torch.nn.Module, encoder_name: str, images: torch.Tensor, batch_size: int, amp: bool) -> Any:

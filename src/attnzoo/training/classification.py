@@ -402,7 +402,7 @@ def train_classification(
             )
         else:
             raise InvalidInputError(f"sparsifiner_phase must be 'reconstruction' or 'distill', got {phase!r}")
-    trainer_device = resolve_device(device) if device else None
+    trainer_device = resolve_device(device) if device is not None else None
     trainer = Trainer(
         net,
         TransformedSamples(train_samples, train_tf),

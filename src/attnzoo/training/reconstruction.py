@@ -286,7 +286,7 @@ def train_reconstruction(
         out,
         loss_fn=_loss,
         collate_fn=_batch,
-        device=resolve_device(device) if device else None,
+        device=resolve_device(device) if device is not None else None,
         run_info={
             "task": "multiview-3d-reconstruction",
             "model": model,

@@ -208,7 +208,7 @@ def train_scanpath(
         out,
         loss_fn=teacher_forced_loss,
         collate_fn=collate,
-        device=resolve_device(device) if device else None,
+        device=resolve_device(device) if device is not None else None,
         run_info={
             "task": "scanpath",
             "model": model,

@@ -212,7 +212,7 @@ def train_wsi_classification(
             run_out,
             loss_fn=_loss,
             collate_fn=_one,
-            device=resolve_device(device) if device else None,
+            device=resolve_device(device) if device is not None else None,
             run_info={"task": "wsi-classification", "model": model, "data": str(Path(data).resolve()), "split": split},
             outputs=_RUN_OUTPUTS,
             recipe_defaults=RECIPE_DEFAULTS,
