@@ -254,7 +254,7 @@ def load_flux_fill(
     ) as cache_only:
         pipe: Any = FluxFillPipeline.from_pretrained(
             name_or_path,
-            dtype=torch_dtype,
+            **{_dtype_keyword(): torch_dtype},
             revision=revision,
             local_files_only=cache_only or from_pretrained.pop("local_files_only", False),
             **from_pretrained,
@@ -266,6 +266,15 @@ def load_flux_fill(
     elif device is not None:
         model.to(device)
     return model
+
+
+def _dtype_keyword() -> str:
+    """What this diffusers' ``from_pretrained`` calls the dtype: ``dtype`` from 0.40 (``torch_dtype`` then warns),
+    ``torch_dtype`` before, where ``dtype=`` was silently ignored and the model loaded in float32."""
+    import diffusers
+    from packaging.version import Version
+
+    return "dtype" if Version(diffusers.__version__).release >= (0, 40) else "torch_dtype"
 
 
 def _offload(model: FluxFillModel, device: Any) -> None:
