@@ -228,6 +228,12 @@ def test_an_absurd_magnification_is_told_in_a_few_digits(slides):
         patch_grid(open_slide(slides["aperio"]), magnification=1e300)
 
 
+def test_a_subnormal_base_magnification_is_refused_not_divided_by(slides):
+    """5e-324x over 20x underflows to a downsample of 0: the message divided by it (found by the WSI fuzz test)."""
+    with pytest.raises(InvalidInputError, match=r"upsampled infx;"):
+        patch_grid(open_slide(slides["aperio"]), magnification=20, base_magnification=5e-324)
+
+
 def test_counts_take_whole_numbers_in_range_with_the_shared_wording():
     assert wsi._count(7.0, "mthresh") == 7 and wsi._count(np.int64(3), "close", minimum=0) == 3
     for bad in (0, 2.5, float("nan"), float("inf"), True, "7", 2**31 + 1):

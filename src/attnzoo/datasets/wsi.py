@@ -822,9 +822,9 @@ def _resolve_resolution(
             f"{slide.path}: cannot give {what}: one patch pixel would span {downsample:g} level-0 pixels, more "
             "than any slide has"
         )
-    if downsample < _UPSAMPLE_TOLERANCE:
+    if downsample < _UPSAMPLE_TOLERANCE:  # 0.0 from a subnormal base magnification
         raise InvalidInputError(
-            f"{slide.path}: cannot give {what}: patches would be upsampled {1 / downsample:.3g}x; "
+            f"{slide.path}: cannot give {what}: patches would be upsampled {1 / downsample if downsample else math.inf:.3g}x; "
             "ask for a lower magnification (or a larger mpp)"
         )
     return downsample, magnification, target_mpp, base_mag, base_mpp
