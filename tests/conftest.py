@@ -6,11 +6,18 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import settings
 
 from tests import helpers
 
 if helpers.kernel_device() == "cpu":  # Triton reads this once, at import: before attnzoo is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Property tests draw the same examples on every run, so CI cannot turn red on a draw that no commit
+# caused; HYPOTHESIS_PROFILE=explore draws new ones (and replays failures from .hypothesis/).
+settings.register_profile("deterministic", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 
 def pytest_collection_modifyitems(config, items):
