@@ -30,6 +30,8 @@ sinks.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 
@@ -114,8 +116,9 @@ def _redistribute(weights: torch.Tensor, ind: _Indicators, rho_code: float, summ
         )
     gain = moved / rest
     # A finite gain needs rest > 0: a row whose image attention is all on sinks has nowhere to move it (the
-    # official code divides 0 by 0), nor has one whose rest is too small for the dtype (subnormal).
-    candidates = (visual_sinks / (image + ind.share_eps) <= rho_code) & (image >= summ) & torch.isfinite(gain)
+    # official code divides 0 by 0), nor has one whose rest is too small for the dtype (subnormal). With
+    # moved, rest >= 0 the gain is in [0, inf] or NaN, so `gain < inf` is isfinite in one op instead of four.
+    candidates = (visual_sinks / (image + ind.share_eps) <= rho_code) & (image >= summ) & (gain < math.inf)
     if ind.has_visual_sink is not None:
         candidates = candidates & ind.has_visual_sink
     return torch.addcmul(sink_scale, non_sink_image, gain[..., None]), candidates
