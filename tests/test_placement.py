@@ -103,3 +103,28 @@ def test_the_command_line_takes_device_minus_one_and_dtype_auto(tmp_path, photo,
     assert main([*argv, "--device", "-1", "--dtype", "auto", "--out", str(out)]) == 0, capsys.readouterr().err
     record = json.loads((out / "results.json").read_text())
     assert len(record["results"]) == 1
+
+
+@pytest.mark.parametrize(("visible", "rank", "expected"), [(4, 3, "cuda:3"), (1, 3, "cuda:0"), (2, 3, None)])
+def test_a_torchrun_rank_gets_its_own_gpu_or_a_typed_error(monkeypatch, visible, rank, expected):
+    """Under torchrun a bare 'cuda' is this rank's GPU; with one GPU visible per process (a scheduler's
+    binding) it is that one; more ranks on a node than the GPUs they see is refused, naming both, before torch
+    fails inside the process group's setup."""
+    from attnzoo import _distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    if expected is not None:
+        assert resolve_device(None) == resolve_device("cuda") == torch.device(expected)
+        return
+    for device in (None, "cuda"):
+        with pytest.raises(InvalidInputError, match=r"local rank 3 \(LOCAL_RANK\), but only 2 CUDA devices"):
+            resolve_device(device)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    with pytest.raises(InvalidInputError, match="--nproc-per-node 2"):
+        _distributed.distributed_context()
+    assert chosen == []

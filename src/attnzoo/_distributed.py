@@ -70,7 +70,9 @@ def distributed_context() -> DistributedContext:
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(local)
+            from attnzoo._placement import local_cuda_ordinal
+
+            torch.cuda.set_device(local_cuda_ordinal(local))
         dist.init_process_group(backend)
         _release_at_exit()
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local)

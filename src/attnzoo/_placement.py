@@ -30,8 +30,24 @@ def _this_process_cuda() -> torch.device:
     """``cuda``, or under a multi-process ``torchrun`` this process's own GPU (``cuda:LOCAL_RANK``):
     a bare ``cuda`` means whichever device is current, which changes once the process group is set up."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("LOCAL_RANK", "").isdigit():
-        return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+        return torch.device(f"cuda:{local_cuda_ordinal(int(os.environ['LOCAL_RANK']))}")
     return torch.device("cuda")
+
+
+def local_cuda_ordinal(local_rank: int) -> int:
+    """The GPU of the process with ``local_rank`` on its node: that ordinal, or 0 where each process sees a single
+    GPU of its own (a scheduler binding one per task through ``CUDA_VISIBLE_DEVICES``). More processes on a node
+    than the GPUs they see is refused, where torch would fail inside the process group's setup."""
+    count = _device_count(torch.device("cuda"))
+    if count is None or local_rank < count:
+        return local_rank
+    if count == 1:
+        return 0
+    there = "no CUDA device is" if count == 0 else f"only {count} CUDA devices are"
+    raise InvalidInputError(
+        f"torchrun started local rank {local_rank} (LOCAL_RANK), but {there} visible to it: start at most "
+        f"{count} processes per node (--nproc-per-node {count}) or make more GPUs visible (CUDA_VISIBLE_DEVICES)"
+    )
 
 
 def _backend_available(device: torch.device) -> bool:
