@@ -125,6 +125,6 @@ def test_a_torchrun_rank_gets_its_own_gpu_or_a_typed_error(monkeypatch, visible,
     chosen = []
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
-    with pytest.raises(InvalidInputError, match="--nproc-per-node 2"):
+    with pytest.raises(InvalidInputError, match="--nproc_per_node 2"):
         _distributed.distributed_context()
     assert chosen == []

@@ -46,7 +46,7 @@ def local_cuda_ordinal(local_rank: int) -> int:
     there = "no CUDA device is" if count == 0 else f"only {count} CUDA devices are"
     raise InvalidInputError(
         f"torchrun started local rank {local_rank} (LOCAL_RANK), but {there} visible to it: start at most "
-        f"{count} processes per node (--nproc-per-node {count}) or make more GPUs visible (CUDA_VISIBLE_DEVICES)"
+        f"{count} processes per node (--nproc_per_node {count}) or make more GPUs visible (CUDA_VISIBLE_DEVICES)"
     )
 
 
