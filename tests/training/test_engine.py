@@ -613,3 +613,45 @@ def test_the_process_group_attnzoo_made_is_destroyed_when_the_process_ends_norma
     )
     assert failed.returncode != 0 and "/no/such/checkpoint.pth" in failed.stderr
     assert ("1", "True") in re.findall(r"rank (-|\d) group at exit: (True|False)", failed.stdout)
+
+
+def test_the_runs_own_checkpoints_are_checked_for_zip_bombs_and_read_with_typed_errors(tmp_path, monkeypatch):
+    """Resume and the recipes' best.pt read what the run wrote as any checkpoint is read: a zip that would
+    inflate far beyond the file is refused before torch.load allocates it, a damaged file is a WeightsError."""
+    import zipfile
+
+    from attnzoo import _io
+    from attnzoo.training.engine import load_best_state
+
+    monkeypatch.setattr(_io, "ZIP_FREE_INFLATION", 1 << 20)  # so that the bomb stays a few MiB
+    trainer = make_trainer(tmp_path, epochs=1, checkpoint_every=1)
+    trainer.fit()
+    latest = latest_checkpoint(tmp_path)
+    bomb = tmp_path / "checkpoint-00000099.pt"
+    with zipfile.ZipFile(latest) as zin, zipfile.ZipFile(bomb, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename), compress_type=zipfile.ZIP_DEFLATED)
+        zeros = zipfile.ZipInfo("archive/data/999")
+        zeros.compress_type = zipfile.ZIP_DEFLATED
+        with zout.open(zeros, "w") as entry:
+            for _ in range(4):
+                entry.write(bytes(1 << 20))
+    loaded = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loaded.append(a))
+    with pytest.raises(WeightsError, match=r"checkpoint-00000099\.pt: its compressed zip entries .* zip bomb"):
+        make_trainer(tmp_path, epochs=1).fit(resume=True)
+    with pytest.raises(WeightsError, match="zip bomb"):
+        load_best_state(trainer.model, bomb)
+    assert loaded == []  # refused before torch read anything
+    monkeypatch.undo()
+    torn = tmp_path / "best.pt"
+    torn.write_bytes(latest.read_bytes()[:100])
+    with pytest.raises(WeightsError, match=r"cannot test the best epoch from .*best\.pt: not a readable"):
+        load_best_state(trainer.model, torn)
+    torch.save({"w": torch.ones(1)}, torn)
+    with pytest.raises(WeightsError, match="no model state"):
+        load_best_state(trainer.model, torn)
+    expected = {k: v + 1 for k, v in trainer.model.state_dict().items()}
+    torch.save({"model": expected}, torn)
+    load_best_state(trainer.model, torn)
+    assert all(torch.equal(v, expected[k]) for k, v in trainer.model.state_dict().items())

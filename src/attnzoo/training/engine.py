@@ -276,6 +276,27 @@ def _checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
     )
 
 
+def read_run_checkpoint(path: str | Path, what: str) -> Any:
+    """A checkpoint this engine wrote (``checkpoint-*.pt``, ``best.pt``), read as :func:`attnzoo.weights.load_checkpoint`
+    reads any: a zip that would inflate far beyond the file refused first, then ``torch.load(weights_only=True)``,
+    its failures (a torn write, another file under that name) as a typed error saying ``what`` could not be done."""
+    from attnzoo._io import refuse_torch_zip_bomb
+
+    refuse_torch_zip_bomb(path, error=WeightsError, allow_compressed=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a checkpoint, or not loadable safely
+        raise WeightsError(f"{what} {path}: not a readable attnzoo checkpoint ({type(e).__name__}: {e})") from e
+
+
+def load_best_state(net: nn.Module, path: str | Path) -> None:
+    """Load the model state of the run's ``best.pt`` into ``net`` (the recipes test the best validated epoch)."""
+    state = read_run_checkpoint(path, "cannot test the best epoch from")
+    if not isinstance(state, dict) or "model" not in state:
+        raise WeightsError(f"cannot test the best epoch from {path}: it is not a training checkpoint (no model state)")
+    net.load_state_dict(state["model"])
+
+
 def latest_checkpoint(folder: str | Path) -> Path | None:
     found = _checkpoints(folder)
     return found[-1][1] if found else None
@@ -696,12 +717,7 @@ class Trainer:
         from attnzoo.weights.loading import describe_mismatch
 
         path = Path(path)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated, not a checkpoint, or not loadable safely
-            raise WeightsError(
-                f"cannot resume from {path}: not a readable attnzoo checkpoint ({type(e).__name__}: {e})"
-            ) from e
+        state = read_run_checkpoint(path, "cannot resume from")
         if not isinstance(state, dict) or "model" not in state or "optimizer" not in state:
             raise WeightsError(f"cannot resume from {path}: it is not a training checkpoint (no model/optimizer state)")
         model = _unwrap(self.model)

@@ -28,7 +28,7 @@ from attnzoo._placement import resolve_device
 from attnzoo.errors import DatasetFormatError, InvalidInputError
 from attnzoo.metrics.scanpath import SEARCH_STATISTICS
 from attnzoo.training.config import TrainConfig, recipe_config
-from attnzoo.training.engine import Trainer, check_run_folder, run_inputs, seed_everything
+from attnzoo.training.engine import Trainer, check_run_folder, load_best_state, run_inputs, seed_everything
 
 if TYPE_CHECKING:  # pragma: no cover
     from attnzoo.vision.oat import OAT
@@ -225,7 +225,7 @@ def train_scanpath(
     result = trainer.fit(resume=resume, overwrite=overwrite)
     best = Path(out) / "best.pt"
     if val_set is not None and best.exists():  # the official protocol: test the epoch with the best validation delta
-        net.load_state_dict(torch.load(best, weights_only=True)["model"])
+        load_best_state(net, best)
     net.eval()
     with torch.no_grad():
         test = evaluate_search(net, SearchSamples(split["test"], style), max_len) if split["test"] else {}

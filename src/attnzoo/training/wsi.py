@@ -31,7 +31,14 @@ from attnzoo._placement import resolve_device
 from attnzoo._values import comma_items, whole_number
 from attnzoo.errors import AttnzooError, DatasetFormatError, InvalidOptionError
 from attnzoo.training.config import SEED_RANGE, TrainConfig, recipe_config
-from attnzoo.training.engine import TENSORBOARD, Trainer, check_run_folder, latest_checkpoint, run_inputs
+from attnzoo.training.engine import (
+    TENSORBOARD,
+    Trainer,
+    check_run_folder,
+    latest_checkpoint,
+    load_best_state,
+    run_inputs,
+)
 
 __all__ = ["seed_folders", "seed_list", "train_wsi_classification"]
 
@@ -228,7 +235,7 @@ def train_wsi_classification(
         if (
             split["val"] and best.exists()
         ):  # the official protocol: test metrics of the epoch with the best validation score
-            net.load_state_dict(torch.load(best, weights_only=True)["model"])
+            load_best_state(net, best)
         net.eval()
         with torch.no_grad():
             test = evaluate_bags(net, bags, split["test"], trainer.device) if split["test"] else {}
