@@ -719,3 +719,102 @@ def test_load_flux_fill_reads_dtype_names_as_every_dtype_is_read(tiny, tmp_path,
     for bad in ("int8", torch.int8, "float8_e4m3fn", torch.float8_e4m3fn, "bogus"):
         with pytest.raises(InvalidInputError, match="dtype="):
             load_flux_fill(tmp_path / "tiny", dtype=bad, **no_text)
+
+
+def test_one_grayscale_subject_tensor_is_every_targets_subject(pipe):
+    """subject= as one [H, W] tensor (a grayscale image) with a list of targets is every target's subject, as the same
+    image as a numpy array or a PIL image is, not a row per target; a 3-D tensor is one [C, H, W] image (as
+    load_image reads it) and a 4-D one holds one subject per target."""
+    gray = np.array(Image.fromarray(SUBJECT).convert("L"))
+    expected = np.repeat(gray[..., None], 3, axis=-1)
+    for subject in (torch.from_numpy(gray), gray, Image.fromarray(gray), torch.from_numpy(gray)[None]):
+        results = pipe([TARGET, TARGET], subject=subject, mask=MASK, prompt="x", steps=1)
+        assert len(results) == 2 and all(np.array_equal(np.asarray(r.subject), expected) for r in results)
+    colour = torch.from_numpy(SUBJECT.copy()).permute(2, 0, 1)  # one RGB [C, H, W] tensor: every target's
+    results = pipe([TARGET, TARGET], subject=colour, mask=MASK, prompt="x", steps=1)
+    assert all(np.array_equal(np.asarray(r.subject), SUBJECT) for r in results)
+    per_target = torch.stack([colour, torch.from_numpy(expected).permute(2, 0, 1)])  # [N, C, H, W]: one per target
+    results = pipe([TARGET, TARGET], subject=per_target, mask=MASK, prompt="x", steps=1)
+    assert np.array_equal(np.asarray(results[0].subject), SUBJECT)
+    assert np.array_equal(np.asarray(results[1].subject), expected)
+    results = pipe([TARGET, TARGET], subject=np.stack([expected, SUBJECT]), mask=MASK, prompt="x", steps=1)
+    assert np.array_equal(np.asarray(results[0].subject), expected)
+    assert np.array_equal(np.asarray(results[1].subject), SUBJECT)
+    with pytest.raises(InvalidInputError, match=r"subject= is one image: a 3-D tensor is \[C, H, W\]"):
+        pipe([TARGET, TARGET], subject=torch.from_numpy(np.stack([gray, gray])), mask=MASK, prompt="x")
+    results = pipe([TARGET, TARGET], subject=colour[None], mask=MASK, prompt="x", steps=1)  # a batch of one: both's
+    assert all(np.array_equal(np.asarray(r.subject), SUBJECT) for r in results)
+    with pytest.raises(InvalidInputError, match="subject= is a 4-D tensor of 3 images"):
+        pipe([TARGET, TARGET], subject=torch.stack([colour] * 3), mask=MASK, prompt="x")
+
+
+def test_embeddings_with_a_batch_of_one_are_every_inputs(pipe, tiny):
+    """prompt_embeds [1, S, D] / pooled_prompt_embeds [1, P] with several inputs are every input's (a batch of one
+    broadcasts); a batch of one per input splits; another batch is refused naming the argument."""
+    by_text = [pipe(TARGET, subject=SUBJECT, mask=MASK, prompt=p).image for p in ("a cat", "a dog")]
+    assert not np.array_equal(np.asarray(by_text[0]), np.asarray(by_text[1]))  # so a swap or a broadcast would show
+    (cat, cat_pooled), (dog, dog_pooled) = tiny.encode_prompt("a cat"), tiny.encode_prompt("a dog")
+    for embeds, pooled in ((cat, cat_pooled), (cat[0], cat_pooled[0]), (cat.numpy(), cat_pooled.numpy())):
+        results = pipe([TARGET, TARGET], subject=SUBJECT, mask=MASK, prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+        assert all(np.array_equal(np.asarray(r.image), np.asarray(by_text[0])) for r in results)
+    both, both_pooled = torch.cat([cat, dog]), torch.cat([cat_pooled, dog_pooled])
+    for pooled in (both_pooled, both_pooled.numpy()):
+        results = pipe([TARGET, TARGET], subject=SUBJECT, mask=MASK, prompt_embeds=both, pooled_prompt_embeds=pooled)
+        assert all(np.array_equal(np.asarray(r.image), np.asarray(t)) for r, t in zip(results, by_text, strict=True))
+    with pytest.raises(InvalidInputError, match="pooled_prompt_embeds has a batch of 3 for 2 inputs"):
+        pipe(
+            [TARGET, TARGET],
+            subject=SUBJECT,
+            mask=MASK,
+            prompt_embeds=cat,
+            pooled_prompt_embeds=cat_pooled.repeat(3, 1),
+        )
+    with pytest.raises(InvalidInputError, match="prompt_embeds has a batch of 2 for 1 input: give a batch of 1"):
+        pipe(TARGET, subject=SUBJECT, mask=MASK, prompt_embeds=both, pooled_prompt_embeds=cat_pooled)
+    with pytest.raises(InvalidInputError, match=r"prompt_embeds must be \[batch, seq, dim\]"):
+        pipe([TARGET, TARGET], subject=SUBJECT, mask=MASK, prompt_embeds=cat[None], pooled_prompt_embeds=cat_pooled)
+    item = {
+        "target": TARGET,
+        "subject": SUBJECT,
+        "mask": MASK,
+        "prompt_embeds": both,
+        "pooled_prompt_embeds": dog_pooled,
+    }
+    with pytest.raises(InvalidInputError, match=r"prompt_embeds of one input must be \[1, seq, dim\]"):
+        pipe(item)
+
+
+def test_one_via_region_list_is_one_targets_annotation(pipe):
+    """mask=[region, region] (a VIA annotation's list of regions, which read_mask takes) for one target is its
+    annotation, not one value per target; with several targets it is every target's, as a VIA dict is."""
+    ellipse = {"shape_attributes": {"name": "ellipse", "cx": 20, "cy": 15, "rx": 8, "ry": 6}}
+    rect = {"shape_attributes": {"name": "rect", "x": 2, "y": 2, "width": 8, "height": 6}}
+    as_dict = pipe(TARGET, subject=SUBJECT, mask={"regions": [ellipse, rect]}, prompt="x", steps=1).mask
+    assert as_dict[15, 20] and as_dict[5, 5] and not as_dict[28, 38]
+    assert np.array_equal(pipe(TARGET, subject=SUBJECT, mask=[ellipse, rect], prompt="x", steps=1).mask, as_dict)
+    one = pipe(TARGET, subject=SUBJECT, mask=[ellipse], prompt="x", steps=1).mask
+    assert np.array_equal(one, pipe(TARGET, subject=SUBJECT, mask={"regions": [ellipse]}, prompt="x", steps=1).mask)
+    results = pipe([TARGET, TARGET], subject=SUBJECT, mask=[ellipse, rect], prompt="x", steps=1)
+    assert all(np.array_equal(r.mask, as_dict) for r in results)
+    chosen = box_mask(20, 24, 4, 4, 16, 20)
+    subject_regions = [{"shape_attributes": {"name": "rect", "x": 4, "y": 4, "width": 15, "height": 11}}]
+    out = pipe(TARGET, subject=SUBJECT, subject_mask=subject_regions, mask=MASK, prompt="x", steps=1)
+    assert np.array_equal(out.subject_mask, chosen)
+
+
+def test_the_largest_seed_runs_and_run_fill_refuses_what_torch_cannot_seed(pipe, tiny):
+    """The fill draws from seed and seed + 1: the pipeline's largest seed, 2**64 - 2, runs end to end; run_fill
+    given a seed torch overflows on (2**64 - 1 with blending) or wraps (-1) refuses it with the pipeline's range."""
+    from attnzoo.multimodal.insertion.flux import run_fill
+    from attnzoo.multimodal.insertion.in_context_brush import InsertionAttention
+
+    out = pipe(TARGET, subject=SUBJECT, mask=MASK, prompt="x", seed=2**64 - 2, steps=1)
+    assert out.seed == 2**64 - 2 and out.settings["blend"] is True and out.to_dict()["seed"] == 2**64 - 2
+    embeds, pooled = tiny.encode_prompt("x")
+    canvas, mask = np.zeros((32, 16, 3), np.uint8), np.zeros((32, 16), np.uint8)
+    mask[20:28, 4:12] = 255
+    kwargs = dict(orientation="vertical", prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_inference_steps=1)
+    for seed, blend, upper in ((2**64 - 1, True, r"2\*\*64 - 1\)"), (-1, False, r"2\*\*64\)"), (2**64, False, "")):
+        with pytest.raises(InvalidOptionError, match=rf"seed must be an integer in \[0, {upper}"):
+            run_fill(tiny, canvas, mask, InsertionAttention(), seed=seed, blend=blend, **kwargs)
+    run_fill(tiny, canvas, mask, InsertionAttention(), seed=2**64 - 1, blend=False, **kwargs)

@@ -375,6 +375,12 @@ class SubjectInsertionPipeline(Pipeline):
             inputs = kwargs.pop("target")
         return super().__call__(inputs, **kwargs)
 
+    def _with_fields(self, items: list[Any], fields: dict[str, Any]) -> list[dict[str, Any]]:
+        """The base's, after this task's rules for what is one value of a call keyword (for every target) and
+        what is one per target (:func:`_per_target`)."""
+        given = {name: _per_target(name, value, len(items)) for name, value in fields.items()}
+        return super()._with_fields(items, given)
+
     def _merged_parameters(self, kwargs: dict[str, Any]) -> tuple[dict, dict, dict]:
         """The base's, and a fresh record of the warnings given, in the forward parameters of this one call
         (``__call__`` / ``iterate``): a warning is said once per call, and interleaved calls (two ``iterate``
@@ -459,6 +465,8 @@ class SubjectInsertionPipeline(Pipeline):
             raise InvalidInputError("prompt_embeds= needs pooled_prompt_embeds= too")
         else:
             self.model.check_prompt_embeds(embeds, item["pooled_prompt_embeds"])
+            for name, dims in _EMBEDDING_DIMS.items():
+                _one_prompt(item[name], dims, name)
 
     def preprocess(self, item: dict[str, Any], **given: Any) -> dict[str, Any]:
         from attnzoo.multimodal.insertion.inputs import prepare_inputs
@@ -498,9 +506,9 @@ class SubjectInsertionPipeline(Pipeline):
         ):
             if embeds is None:
                 embeds, pooled = self.model.encode_prompt(prompt, settings["max_sequence_length"])
-            embeds = _batched(embeds, 3).to(self.model.device, self.model.dtype)
+            embeds = _one_prompt(embeds, 3, "prompt_embeds").to(self.model.device, self.model.dtype)
             _warn_official_slicing(attention, settings["orientation"], embeds.shape[1], given.get(_SAID))
-            pooled = _batched(pooled, 2).to(self.model.device, self.model.dtype)
+            pooled = _one_prompt(pooled, 2, "pooled_prompt_embeds").to(self.model.device, self.model.dtype)
             out = run_fill(
                 self.model,
                 inputs.canvas,
@@ -763,14 +771,105 @@ def _panel_size(value: Any) -> tuple[int, int]:
     return _count("panel height", height), _count("panel width", width)
 
 
-def _batched(t: Any, dims: int) -> torch.Tensor:
-    """Embeddings for one prompt with the batch dimension FLUX expects (``dims`` in all)."""
+#: The dimensions of one batch of prompt embeddings: ``[B, S, D]`` and ``[B, P]`` (one prompt's: ``B`` = 1).
+_EMBEDDING_DIMS = {"prompt_embeds": 3, "pooled_prompt_embeds": 2}
+#: The numbers of channels an image array or tensor may have (grayscale, RGB, RGBA), as ``load_image`` reads them.
+_IMAGE_CHANNELS = (1, 3, 4)
+
+
+def _one_prompt(t: Any, dims: int, name: str) -> torch.Tensor:
+    """One input's embeddings ``name`` with the batch dimension FLUX expects (``dims`` in all, a batch of 1)."""
     if not isinstance(t, torch.Tensor):
-        t = torch.as_tensor(np.asarray(t))
+        try:
+            t = torch.as_tensor(np.asarray(t))
+        except (TypeError, ValueError, RuntimeError):
+            raise InvalidInputError(f"{name} must be a tensor or an array of numbers, got {type(t).__name__}") from None
     if t.dim() == dims - 1:
         t = t.unsqueeze(0)
     if t.dim() != dims or t.shape[0] != 1:
         raise InvalidInputError(
-            f"prompt embeddings for one prompt must be [1, ...] with {dims} dims, got {tuple(t.shape)}"
+            f"{name} of one input must be {_embedding_shape(dims, '1')} (or without its batch dimension), "
+            f"got shape {tuple(t.shape)}"
         )
     return t
+
+
+def _embedding_shape(dims: int, batch: str) -> str:
+    return f"[{batch}, seq, dim]" if dims == 3 else f"[{batch}, dim]"
+
+
+def _per_target(name: str, value: Any, n: int) -> Any:
+    """A call keyword's value for ``n`` targets as one per target, where this task's rule differs from the base's
+    (which splits a 2-D tensor into rows); else ``value`` as given, for the base's rule.
+
+    * ``subject``: a 2-D array or tensor (``[H, W]``, grayscale) or a 3-D one (an array ``[H, W, C]``, a tensor
+      ``[C, H, W]``, as :func:`~attnzoo.datasets.images.load_image` reads them) is one image, every target's; a
+      4-D one (``[N, H, W, C]`` / ``[N, C, H, W]``) holds one per target (``N`` = 1: every target's);
+    * ``prompt_embeds`` ``[B, seq, dim]`` / ``pooled_prompt_embeds`` ``[B, dim]``: a batch of one (or no batch
+      dimension) is every target's, a batch of ``n`` one per target; another batch is refused by name;
+    * ``mask`` / ``subject_mask``: a list of VIA regions (dicts with ``shape_attributes``) is one annotation,
+      every target's (a list of such lists gives one per target)."""
+    if name == "subject" and isinstance(value, (np.ndarray, torch.Tensor)):
+        return _subjects(value, n)
+    if name in _EMBEDDING_DIMS and isinstance(value, (np.ndarray, torch.Tensor)):
+        return _embeddings(name, value, n)
+    if name in ("mask", "subject_mask") and _is_region_list(value):
+        return [value] * n
+    return value
+
+
+def _subjects(value: np.ndarray | torch.Tensor, n: int) -> Any:
+    kind = "tensor" if isinstance(value, torch.Tensor) else "array"
+    shape = tuple(value.shape)
+    if value.ndim == 2:
+        return [value] * n
+    if value.ndim == 3:
+        channels = shape[0] if kind == "tensor" else shape[-1]
+        if channels not in _IMAGE_CHANNELS and n > 1:  # (one target: load_image says what it reads)
+            layout = "[C, H, W]" if kind == "tensor" else "[H, W, C]"
+            stack = "[N, 1, H, W] tensor" if kind == "tensor" else "[N, H, W, 1] array"
+            raise InvalidInputError(
+                f"subject= is one image: a 3-D {kind} is {layout} with 1, 3 or 4 channels, got shape {shape}; for "
+                f"one grayscale subject per target give a list of {n} [H, W] images or an {stack}"
+            )
+        return [value] * n
+    if value.ndim == 4:
+        if shape[0] == 1:
+            return [value[0]] * n
+        if shape[0] != n:
+            raise InvalidInputError(
+                f"subject= is a 4-D {kind} of {shape[0]} images (shape {shape}) for {n} target"
+                f"{'s' if n > 1 else ''}: give one image for every target, or one per target"
+            )
+        return list(value)
+    return value
+
+
+def _embeddings(name: str, value: np.ndarray | torch.Tensor, n: int) -> Any:
+    dims = _EMBEDDING_DIMS[name]
+    if value.ndim == dims - 1:
+        return [value] * n
+    if value.ndim != dims:
+        raise InvalidInputError(
+            f"{name} must be {_embedding_shape(dims, 'batch')} (the batch: 1, every input's, or one per input), "
+            f"got shape {tuple(value.shape)}"
+        )
+    batch = value.shape[0]
+    if batch == 1:
+        return [value] * n
+    if batch != n:
+        wanted = f"a batch of 1 (every input's) or of {n} (one per input)" if n > 1 else "a batch of 1"
+        raise InvalidInputError(
+            f"{name} has a batch of {batch} for {n} input{'s' if n > 1 else ''}: give {wanted}, shape "
+            f"{_embedding_shape(dims, 'batch')}"
+        )
+    return [value[i : i + 1] for i in range(n)]
+
+
+def _is_region_list(value: Any) -> bool:
+    """Whether ``value`` is one VIA annotation given as its list of regions (not a list of annotations)."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(region, Mapping) and "shape_attributes" in region for region in value)
+    )

@@ -359,8 +359,13 @@ def run_fill(
     """Inpaint the diptych ``image`` where ``mask`` is white with the edit ``settings`` installed.
 
     ``height``/``width`` default to the canvas's (the pipeline resizes it otherwise). The noise comes from a
-    CPU generator seeded with ``seed`` (the same on any device), unless ``generator``/``latents`` are given.
+    CPU generator seeded with ``seed`` (the same on any device), unless ``generator``/``latents`` are given;
+    the blending's noise (``blend=True``) from one seeded with ``seed + 1``, so ``seed`` is an integer in
+    [0, 2**64 - 1) (in [0, 2**64) without blending), as the pipeline's.
     """
+    from attnzoo._values import generator_seed
+
+    seed = generator_seed(seed, spare=1 if blend else 0)  # a typed error where torch overflows or wraps
     image = image if isinstance(image, Image.Image) else Image.fromarray(image)
     if not isinstance(mask, Image.Image):
         mask = Image.fromarray(
