@@ -201,3 +201,79 @@ def test_flag_takes_none_where_asked_and_says_what_it_means():
         flag("yes", "progress", allow_none=True, none_means="on a terminal", error=InvalidInputError)
     with pytest.raises(InvalidOptionError, match=r"^amp must be True, False or None, got 2$"):
         flag(2, "amp", allow_none=True)
+
+
+# ---- tensors: the meta guard, seeds, to_numpy (torch is imported by these tests only; _values does not import it)
+
+
+def test_refuse_meta_names_the_input_and_says_what_to_do():
+    import torch
+
+    from attnzoo.errors import DatasetFormatError
+
+    with pytest.raises(InvalidInputError, match=r"^boxes is a meta tensor: it holds no data .*load real weights or "):
+        values.refuse_meta(torch.zeros(2, 4, device="meta"), "boxes")
+    with pytest.raises(DatasetFormatError, match=r"^slide\.pt: features is a meta tensor.*materialize it"):
+        values.refuse_meta(torch.zeros(3, device="meta"), "slide.pt: features", error=DatasetFormatError)
+    for fine in (torch.zeros(2), torch.zeros(2).to_sparse(), np.zeros(2), [1, 2], None, "meta"):
+        assert values.refuse_meta(fine, "x") is None
+    with pytest.raises(InvalidInputError, match=r"^labels is a meta tensor: it holds no data .*materialize it"):
+        values.to_numpy(torch.zeros(2, device="meta"), "labels")  # to_numpy refuses through it: one wording
+
+
+def test_generator_seed_lives_in_values_and_stays_importable_from_pipelines():
+    from attnzoo.pipelines import base
+
+    assert base.generator_seed is values.generator_seed
+    assert values.generator_seed(0) == 0 and values.generator_seed(2**64 - 1) == 2**64 - 1
+    assert type(values.generator_seed(np.uint64(7))) is int
+    for bad in (-1, 2**64, True, 1.0, "3", None):
+        with pytest.raises(InvalidOptionError, match=rf"^--seed must be an integer in \[0, 2\*\*64\), got {bad!r}$"):
+            values.generator_seed(bad, "--seed")
+    with pytest.raises(InvalidOptionError, match=r"\[0, 2\*\*64 - 1\)"):
+        values.generator_seed(2**64 - 1, spare=1)  # seed + 1 must be a seed too
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+def test_to_numpy_reads_conjugate_and_negative_views_as_their_values():
+    """``x.conj()`` and ``torch._neg_view`` are lazy views (a bit on the tensor): torch's ``.numpy()`` refused them
+    with a bare RuntimeError; their values are the conjugate and the negation of the data beneath."""
+    import torch
+
+    data = torch.tensor([[1 + 2j, -3 - 0.5j], [0j, 4 - 1j]])
+    conjugate = data.conj()
+    assert conjugate.is_conj()
+    got = values.to_numpy(conjugate)
+    np.testing.assert_array_equal(got, np.conj(data.numpy()))
+    assert got.dtype == np.complex64
+    real = torch.tensor([1.5, -2.0, 0.25])
+    negated = torch._neg_view(real)
+    assert negated.is_neg()
+    np.testing.assert_array_equal(values.to_numpy(negated), -real.numpy())
+    half = torch.tensor([1 + 1j], dtype=torch.complex32).conj()  # widened and resolved alike
+    np.testing.assert_array_equal(values.to_numpy(half), np.array([1 - 1j], np.complex64))
+    np.testing.assert_array_equal(values.to_numpy(torch.eye(2, dtype=torch.cfloat).to_sparse().conj()), np.eye(2))
+    assert not data.is_conj() and data[0, 0].item() == 1 + 2j  # the caller's tensor is left as it was
+
+
+@pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions.*deprecated")
+def test_to_numpy_reads_quantized_tensors_as_the_values_they_stand_for():
+    """A quantized tensor's ``.numpy()`` was a bare ``TypeError: Got unsupported ScalarType QUInt8``; its values are
+    ``scale * (q - zero_point)``, computed here from its integers."""
+    import torch
+
+    x = torch.tensor([[0.5, 1.25], [-0.75, 2.0]])
+    for quantized in (
+        torch.quantize_per_tensor(x, 0.25, 4, torch.quint8),
+        torch.quantize_per_tensor(x, 0.1, 0, torch.qint8),
+        torch.quantize_per_channel(x, torch.tensor([0.25, 0.5]), torch.tensor([4, 2]), 0, torch.quint8),
+    ):
+        got = values.to_numpy(quantized, "probabilities")
+        integers = quantized.int_repr().numpy().astype(np.float64)
+        if quantized.qscheme() == torch.per_tensor_affine:
+            expected = quantized.q_scale() * (integers - quantized.q_zero_point())
+        else:
+            scales = quantized.q_per_channel_scales().numpy()[:, None]
+            expected = scales * (integers - quantized.q_per_channel_zero_points().numpy()[:, None])
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, rtol=1e-6)

@@ -284,6 +284,27 @@ def env_seconds(variable: str, default: float) -> float:
     return real_number(value, f"the environment variable {variable}", above=0, why="seconds", error=InvalidOptionError)
 
 
+def generator_seed(value: Any, name: str = "seed", *, spare: int = 0) -> int:
+    """A seed torch's generators take: an integer in [0, 2**64 - ``spare``) (``spare``: how many seeds above
+    it the caller draws from too, as seed + 1), or an :class:`InvalidOptionError` naming ``name``. A bool or a
+    float is refused, as is a negative seed (``random.Random`` would take -n as n)."""
+    if not is_integer(value) or not 0 <= value < 2**64 - spare:
+        upper = f"2**64 - {spare}" if spare else "2**64"
+        raise InvalidOptionError(f"{name} must be an integer in [0, {upper}), got {value!r}")
+    return int(value)
+
+
+def refuse_meta(x: Any, name: str, *, error: type[Exception] = InvalidInputError) -> None:
+    """Refuse a meta tensor (``device="meta"``: a shape and a dtype, no values) as ``error`` naming ``name``:
+    reading it would be torch's bare ``NotImplementedError: Cannot copy out of meta tensor``. Anything else
+    (a tensor with data, an array, a list) passes."""
+    if getattr(x, "is_meta", False) is True:
+        raise error(
+            f"{name} is a meta tensor: it holds no data (only a shape); load real weights or materialize it "
+            "(e.g. .to_empty(device=...) and fill it) before passing it"
+        )
+
+
 #: torch dtypes with no numpy counterpart, by name (torch is not imported here), and the one each is widened to
 #: (exactly): bfloat16 and the float8 kinds to float32, complex32 to complex64.
 _NO_NUMPY_DTYPE = ("bfloat16", "float8", "complex32")
@@ -292,14 +313,20 @@ _NO_NUMPY_DTYPE = ("bfloat16", "float8", "complex32")
 def to_numpy(x: Any, name: str = "the input", *, error: type[Exception] = InvalidInputError) -> np.ndarray:
     """``x`` as a numpy array. A torch tensor (any object with ``detach``) is detached, made dense and brought to
     the CPU, and a dtype numpy has none for (bfloat16, float8, complex32) is widened exactly (to float32 or
-    complex64): ``.numpy()`` would raise a bare TypeError. A meta tensor, which holds no data, is ``error``
-    naming ``name``. The metrics, the feature readers and the WSI pipeline read tensors through this."""
+    complex64): ``.numpy()`` would raise a bare TypeError. A lazily conjugated or negated view (``x.conj()`` of a
+    complex tensor, ``torch._neg_view``) gives the values it stands for, and a quantized tensor its dequantized
+    (float32) values, ``scale * (q - zero_point)``: torch's ``.numpy()`` refuses all three. A meta tensor, which
+    holds no data, is ``error`` naming ``name`` (:func:`refuse_meta`). The metrics, the feature readers, the
+    image loader and the WSI pipeline read tensors through this."""
     if hasattr(x, "detach") and hasattr(x, "cpu"):
-        if getattr(x, "is_meta", False):
-            raise error(f"{name} is a meta tensor: it holds no data")
+        refuse_meta(x, name, error=error)
         x = x.detach()
         if str(getattr(x, "layout", "torch.strided")) != "torch.strided":
             x = x.to_dense()
+        if getattr(x, "is_quantized", False):
+            x = x.dequantize()
+        if hasattr(x, "resolve_conj"):  # no-ops unless the bit is set
+            x = x.resolve_conj().resolve_neg()
         dtype = str(x.dtype).removeprefix("torch.")
         if dtype.startswith(_NO_NUMPY_DTYPE):
             x = x.cfloat() if x.is_complex() else x.float()

@@ -214,6 +214,22 @@ def test_half_precision_tensors_load():
         assert np.array_equal(np.asarray(load_image(x.to(dtype))), np.asarray(load_image(x.to(dtype).float())))
 
 
+@pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions.*deprecated")
+def test_tensors_torch_cannot_turn_into_numpy_load_as_their_values():
+    """load_image reads tensors as every tensor is read (attnzoo._values.to_numpy): a negated or conjugated view,
+    a quantized or a sparse tensor gave torch's bare RuntimeError / TypeError; each is the image of its values."""
+    x = torch.rand(3, 8, 8)
+    expected = np.asarray(load_image(x))
+    assert np.array_equal(np.asarray(load_image(torch._neg_view(-x))), expected)
+    assert np.array_equal(np.asarray(load_image((-x).to_sparse().neg())), expected)
+    quantized = torch.quantize_per_tensor(x, 1 / 255, 0, torch.quint8)
+    assert np.array_equal(np.asarray(load_image(quantized)), np.asarray(load_image(quantized.dequantize())))
+    with pytest.raises(
+        InvalidInputError, match=r"^<Tensor \(3, 8, 8\)> is a meta tensor: it holds no data .*materialize"
+    ):
+        load_image(x.to("meta"))
+
+
 # ---- images as http(s) URLs (a local server: tests never reach the internet) ---------------------------------
 
 

@@ -343,17 +343,19 @@ def test_leakage_free_split(by):
         leakage_free_split(trials, fractions=(0.5, 0.5, 0.5))
 
 
-@pytest.mark.parametrize("seed", [-1, True, 2.0])
-def test_a_split_seed_that_is_no_whole_number_from_zero_is_refused(seed):
-    """random.Random(-1) shuffles as random.Random(1): the split recorded as -1 would silently be seed 1's."""
+@pytest.mark.parametrize("seed", [-1, True, 2.0, 2**64])
+def test_a_split_seed_outside_the_seed_range_is_refused(seed):
+    """random.Random(-1) shuffles as random.Random(1): the split recorded as -1 would silently be seed 1's. A seed
+    of 2**64 or more is refused as every other seed here is (it was taken: split seeds had no upper bound)."""
     from attnzoo.errors import InvalidOptionError
 
     trials = make_trials()
-    with pytest.raises(InvalidOptionError, match="split's seed must be an integer >= 0"):
+    with pytest.raises(InvalidOptionError, match=r"a split's seed must be an integer in \[0, 2\*\*64\), got"):
         official_split(trials, seed)
-    with pytest.raises(InvalidOptionError, match="split's seed must be an integer >= 0"):
+    with pytest.raises(InvalidOptionError, match=r"a split's seed must be an integer in \[0, 2\*\*64\), got"):
         leakage_free_split(trials, seed=seed)
     assert official_split(trials, np.int64(1)) == official_split(trials, 1)
+    assert official_split(trials, 2**64 - 1) == official_split(trials, np.uint64(2**64 - 1))  # the top one is taken
 
 
 def test_amazon_records_follow_the_json_order(tmp_path):

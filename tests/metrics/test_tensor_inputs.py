@@ -76,3 +76,16 @@ def test_reconstruction_metrics_take_bfloat16_tensors():
         fscore(noisy.to("meta"), grid)
     with pytest.raises(InvalidInputError, match=r"^voxels_to_mesh: the grid is a meta tensor"):
         voxels_to_mesh(grid.to("meta"))
+
+
+def test_meta_inputs_of_every_metric_family_get_one_wording():
+    """The paired reconstruction metrics checked meta tensors with their own words; they now share the guard that
+    to_numpy uses (attnzoo._values.refuse_meta): the input named, then what to do."""
+    grid = torch.zeros(4, 4, 4)
+    advice = r"is a meta tensor: it holds no data \(only a shape\); load real weights or materialize it"
+    with pytest.raises(InvalidInputError, match=rf"^fscore: the ground truth {advice}"):
+        fscore(grid, grid.to("meta"))
+    with pytest.raises(InvalidInputError, match=rf"^voxels_to_mesh: the grid {advice}"):
+        voxels_to_mesh(grid.to("meta"))
+    with pytest.raises(InvalidInputError, match=rf"^saliency_map {advice}"):
+        nss(grid[0].to("meta"), torch.zeros(1, 2))

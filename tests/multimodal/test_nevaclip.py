@@ -396,6 +396,69 @@ def test_to_takes_a_device_or_dtype_positionally_as_a_module_does():
     assert next(tower.parameters()).dtype == torch.float32
 
 
+class _TowerElsewhere(torch.nn.Module):
+    """A stand-in tower whose weights say they are on ``where`` (a GPU, without one here): ``to`` records where it
+    is sent instead of moving (NevaClip reads a given model's device from its parameters)."""
+
+    class _Weight:
+        def __init__(self, tower):
+            self.tower, self.is_meta = tower, False
+
+        @property
+        def device(self):
+            return self.tower.where
+
+        def requires_grad_(self, _):
+            return self
+
+    def __init__(self, where):
+        super().__init__()
+        self.where, self.moves = torch.device(where), []
+
+    def named_parameters(self, *args, **kwargs):
+        yield "weight", self._Weight(self)
+
+    def parameters(self, *args, **kwargs):
+        yield self._Weight(self)
+
+    def to(self, *args, device=None, **kwargs):
+        self.moves.append(device)
+        self.where = device if device is not None else self.where
+        return self
+
+
+def test_a_given_clip_stays_on_its_own_device_unless_device_names_another():
+    """NevaClip(model=cuda_clip) without device= moved the user's CLIP to the CPU; as with a transformers or
+    open_clip model, it now stays where its parameters are, and device= still moves it."""
+    tower = _TowerElsewhere("cuda:3")
+    neva = N.NevaClip(visual=tower, dtype="float32")
+    assert neva.device == torch.device("cuda:3")
+    assert tower.where == torch.device("cuda:3") and set(tower.moves) == {torch.device("cuda:3")}  # never moved away
+    moved = _TowerElsewhere("cuda:3")
+    assert N.NevaClip(visual=moved, dtype="float32", device="cpu").device == torch.device("cpu")
+    assert moved.where == torch.device("cpu")  # device= given: moved as asked
+    real = sensitive_tower(embed_dim=16)
+    assert N.NevaClip(visual=real).device == next(real.parameters()).device
+    assert N.NevaClip(pretrained=None).device == torch.device("cpu")  # a CLIP loaded by name: built on the CPU
+
+
+def test_a_clip_on_the_meta_device_is_refused_naming_the_weight():
+    """A CLIP built without weights (``device="meta"``) was torch's bare ``NotImplementedError: Cannot copy out of
+    meta tensor`` from moving it; it has nothing to run, with or without device=."""
+    tower = sensitive_tower(embed_dim=16).to("meta")
+    for kwargs in ({}, {"device": "cpu"}):
+        with pytest.raises(InvalidInputError, match=r"^visual's parameter \S+ is a meta tensor: .*load real weights"):
+            N.NevaClip(visual=tower, **kwargs)
+
+
+@pytest.mark.gpu
+def test_a_clip_on_the_gpu_stays_there():
+    tower = sensitive_tower(embed_dim=16).cuda()
+    neva = N.NevaClip(visual=tower)
+    assert neva.device.type == "cuda" and next(tower.parameters()).is_cuda
+    assert N.NevaClip(visual=tower, device="cpu").device == torch.device("cpu") and not next(tower.parameters()).is_cuda
+
+
 def test_a_given_clip_keeps_its_own_dtype_and_searches_in_it():
     """A bf16 or fp16 CLIP handed over stays in its dtype (it used to be cast to float32 in place: the user's own
     module changed); dtype= still casts, a pipeline without dtype= keeps it, and the search in the tower's dtype

@@ -436,6 +436,17 @@ def test_a_meta_tensor_bag_is_refused_naming_it(wsi):
         wsi(FeatureBag("s", torch.randn(2, 512), coords=torch.empty(2, 2, device="meta")))
 
 
+def test_a_meta_tensor_bag_gets_the_shared_wording_with_what_to_do(wsi):
+    """The bag's features and its coordinates are refused through one guard (attnzoo._values.refuse_meta), with one
+    wording: the input named, then what to do with a tensor that holds no values."""
+    for bag in (
+        FeatureBag("s", torch.empty(5, 512, device="meta")),
+        FeatureBag("s", torch.randn(2, 512), coords=torch.empty(2, 2, device="meta")),
+    ):
+        with pytest.raises(InvalidInputError, match=r"^s(: coords)? is a meta tensor: it holds no data .*materialize"):
+            wsi(bag)
+
+
 def test_the_pipeline_dtype_is_the_patch_encoders_too(monkeypatch, tmp_path):
     """dtype="bf16" left a named encoder in float32 while the run recorded bfloat16; the encoder now runs in the
     pipeline's dtype, and a module given in bfloat16 takes its patches in bfloat16 (it was refused before)."""

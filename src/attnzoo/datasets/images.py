@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from attnzoo._io import PARSE_ERRORS, check_regular_file
-from attnzoo._values import env_seconds, env_whole_number
+from attnzoo._values import env_seconds, env_whole_number, to_numpy
 from attnzoo.errors import AttnzooError, InvalidInputError
 
 #: Largest image (in pixels) decoded, unless ``ATTNZOO_MAX_IMAGE_PIXELS`` says otherwise (read at each use);
@@ -348,12 +348,11 @@ def load_image(source: Any, *, max_pixels: int | None = None, keep_alpha: bool =
         pass
     else:
         if isinstance(source, torch.Tensor):
-            if source.is_meta:
-                raise InvalidInputError(f"{describe(source)} is a meta tensor: it holds no data")
-            tensor = source.detach().cpu()
-            if tensor.is_floating_point() and tensor.dtype not in (torch.float32, torch.float64):
-                tensor = tensor.float()  # bfloat16 has no numpy dtype; float16 is widened alike
-            return array_to_image(tensor.numpy(), name=describe(source), channels_first=True, keep_alpha=keep_alpha)
+            # read as every tensor is (a meta tensor refused, bfloat16 and float8 widened to float32); float16,
+            # which numpy has, is widened here too, so an image is checked and scaled in float32 as a bfloat16 one
+            array = to_numpy(source, describe(source))
+            array = array.astype(np.float32) if array.dtype == np.float16 else array
+            return array_to_image(array, name=describe(source), channels_first=True, keep_alpha=keep_alpha)
     raise InvalidInputError(
         f"cannot read an image from {type(source).__name__}; pass a file path, http(s) URL, binary file object, PIL "
         "image, numpy array or tensor"

@@ -47,7 +47,7 @@ from xml.etree import ElementTree
 import numpy as np
 
 from attnzoo._io import parse_errors, read_csv_rows, read_json, read_text
-from attnzoo._values import whole_number
+from attnzoo._values import generator_seed
 from attnzoo.datasets.images import opened_image
 from attnzoo.datasets.scanpaths import ScanpathCollection, SearchTrial, checked_points, checked_size
 from attnzoo.errors import DatasetFormatError, InvalidInputError
@@ -570,9 +570,9 @@ class OATShelf(ScanpathCollection):
 
 # ---- splits -------------------------------------------------------------------------------------
 def _split_seed(seed: object) -> int:
-    """A split's seed: a whole number >= 0. ``random.Random`` takes -n as n, so a split recorded as seed -1
-    would silently be seed 1's."""
-    return whole_number(seed, "a split's seed", low=0)
+    """A split's seed: an integer in [0, 2**64), as every seed here (:func:`attnzoo._values.generator_seed`).
+    ``random.Random`` takes -n as n, so a split recorded as seed -1 would silently be seed 1's."""
+    return generator_seed(seed, "a split's seed")
 
 
 def _permutation(n: int, seed_or_file: int | str | Path) -> list[int]:

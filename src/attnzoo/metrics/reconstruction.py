@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from attnzoo._values import to_numpy
+from attnzoo._values import refuse_meta, to_numpy
 from attnzoo.errors import InvalidInputError
 
 __all__ = [
@@ -390,8 +390,7 @@ def _paired_batches(pred, gt, name: str):
         import torch
 
         for what, x in (("prediction", pred), ("ground truth", gt)):
-            if getattr(x, "is_meta", False):
-                raise InvalidInputError(f"{name}: the {what} is a meta tensor: it holds no data")
+            refuse_meta(x, f"{name}: the {what}")
         device = pred.device if _is_tensor(pred) else gt.device
         pred = pred if _is_tensor(pred) else torch.as_tensor(np.asarray(pred))
         gt = gt if _is_tensor(gt) else torch.as_tensor(np.asarray(gt))

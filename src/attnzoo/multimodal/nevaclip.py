@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnzoo._placement import parameter_dtype, resolve_device, resolve_dtype
-from attnzoo._values import is_integer, real_number, whole_number
+from attnzoo._values import is_integer, real_number, refuse_meta, whole_number
 from attnzoo.errors import InvalidInputError, UnknownNameError, WeightsError
 from attnzoo.registry import register_model
 
@@ -178,8 +178,7 @@ def fixations_to_pixels(
     corner, so pixel ``i`` spans ``[i, i + 1)``). This differs from ``index / (S / min(W, H))`` by
     under one original pixel.
     """
-    if isinstance(pos, torch.Tensor) and pos.is_meta:
-        raise InvalidInputError("fixations is a meta tensor: it holds no data")
+    refuse_meta(pos, "fixations")
     array = pos.detach().cpu().double().numpy() if isinstance(pos, torch.Tensor) else np.asarray(pos, dtype=np.float64)
     array = array.reshape(array.shape[0], -1) if array.ndim == 4 else array
     if array.ndim != 2 or array.shape[1] != 2:
@@ -332,8 +331,7 @@ def target_embeddings(value: Any, name: str, dim: int | None, dtype: torch.dtype
         raise InvalidInputError(
             f"{name} embedding must be a tensor or an array [D] or [N, D], got {type(value).__name__}"
         )
-    if value.is_meta:
-        raise InvalidInputError(f"{name} embedding is a meta tensor: it holds no data")
+    refuse_meta(value, f"{name} embedding")
     if value.is_complex() or value.dtype == torch.bool:
         raise InvalidInputError(f"{name} embedding must be real numbers, got {value.dtype}")
     embedding = value[None] if value.ndim == 1 else value
@@ -365,6 +363,17 @@ def _module_dtype(module: nn.Module | None) -> torch.dtype:
     return own if own in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else torch.float32
 
 
+def _module_device(module: nn.Module, name: str) -> torch.device | None:
+    """The device of ``module``'s first parameter (or buffer), where a given CLIP already is; None for a module
+    without tensors. A module on the meta device (built without weights) is refused: it has nothing to run."""
+    first = None
+    for what, tensors in (("parameter", module.named_parameters()), ("buffer", module.named_buffers())):
+        for key, tensor in tensors:
+            refuse_meta(tensor, f"{name}'s {what} {key}")
+            first = tensor.device if first is None else first
+    return first
+
+
 class NevaClip:
     """NevaClip scanpath predictor around a frozen open_clip model.
 
@@ -374,7 +383,8 @@ class NevaClip:
     ``visual`` tower (targets must then be embeddings, unless ``text_encoder`` and ``tokenizer``
     are given too). The passed model is put in eval mode with ``requires_grad_(False)``: only the
     fixation positions need gradients, and it saves the weight-gradient half of every backward pass.
-    It keeps its own dtype unless ``dtype`` names another (a named CLIP runs in float32); the search's
+    It keeps its own dtype unless ``dtype`` names another (a named CLIP runs in float32), and stays on its
+    own device (its parameters') unless ``device`` names another (a named CLIP: the CPU); the search's
     positions, foveation and targets are float32 whatever the tower's dtype (:attr:`search_dtype`).
     """
 
@@ -404,7 +414,12 @@ class NevaClip:
             blur_sigma,
             amplitude,
         )
-        self.device = resolve_device(device) if device is not None else torch.device("cpu")
+        # a given CLIP (or tower) stays where it is unless device= names another, as a transformers or open_clip
+        # model does: moving a user's CUDA model to the CPU behind their back would change their object (and
+        # its speed); a CLIP loaded by name is built on the CPU unless device= says otherwise
+        given = model if model is not None else visual
+        own = _module_device(given, "model" if model is not None else "visual") if given is not None else None
+        self.device = resolve_device(device) if device is not None else own or torch.device("cpu")
         # a given CLIP (or tower) keeps its own dtype unless dtype= asks for another, as the pipelines keep a
         # model's: casting a user's bf16 module to float32 behind their back would change their object; a CLIP
         # loaded by name runs in float32. The search itself runs in float32 either way (search_dtype)
@@ -627,8 +642,7 @@ class NevaClip:
 
     def _images(self, images: Any) -> tuple[torch.Tensor, list[tuple[int, int]] | None]:
         size = self.input_size
-        if isinstance(images, torch.Tensor) and images.is_meta:
-            raise InvalidInputError("images is a meta tensor: it holds no data")
+        refuse_meta(images, "images")
         if isinstance(images, torch.Tensor) and images.is_floating_point():
             if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (size, size):
                 raise InvalidInputError(

@@ -24,6 +24,10 @@ from PIL import Image
 # they stay importable from here
 from attnzoo._placement import parameter_dtype, resolve_device, resolve_dtype
 from attnzoo._values import check_worker_count, whole_number
+
+# generator_seed lives in the leaf attnzoo._values (datasets check split seeds with it too); the pipelines, the
+# evaluation runners and callers import it from here
+from attnzoo._values import generator_seed as generator_seed
 from attnzoo.datasets.images import FileContents, file_contents, is_file_object
 from attnzoo.errors import DatasetFormatError, InvalidInputError, InvalidOptionError
 
@@ -460,15 +464,6 @@ def check_batching(batch_size: Any, num_workers: Any) -> tuple[int, int]:
     """``batch_size`` (>= 1) and ``num_workers`` (>= 0, below the system's process limit) as ints, or a typed
     error naming the bad one."""
     return _positive_int("batch_size", batch_size), check_worker_count(_non_negative_int("num_workers", num_workers))
-
-
-def generator_seed(value: Any, name: str = "seed", *, spare: int = 0) -> int:
-    """A seed torch's generators take: an integer in [0, 2**64 - ``spare``) (``spare``: how many seeds above
-    it the caller draws from too, as seed + 1), or an :class:`InvalidOptionError` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2**64 - spare:
-        upper = f"2**64 - {spare}" if spare else "2**64"
-        raise InvalidOptionError(f"{name} must be an integer in [0, {upper}), got {value!r}")
-    return int(value)
 
 
 def _positive_int(name: str, value: Any) -> int:

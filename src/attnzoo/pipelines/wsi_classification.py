@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from attnzoo._distributed import ProcessLocalLock
-from attnzoo._values import flag, to_numpy
+from attnzoo._values import flag, refuse_meta, to_numpy
 from attnzoo.errors import InvalidInputError
 from attnzoo.pipelines.base import Pipeline, list_collate, weights_note
 
@@ -545,8 +545,7 @@ def _as_features(features: Any, what: str) -> torch.Tensor:
         features = torch.from_numpy(np.ascontiguousarray(features))
     if not isinstance(features, torch.Tensor):
         raise InvalidInputError(f"{what}: features must be a tensor or array, got a {type(features).__name__}")
-    if features.is_meta:
-        raise InvalidInputError(f"{what} is a meta tensor: it holds no data")
+    refuse_meta(features, what)
     if features.is_complex() or features.dtype == torch.bool:
         raise InvalidInputError(
             f"{what}: features must be real numbers, got {features.dtype}"
