@@ -196,6 +196,12 @@ def test_plan_refuses_bad_settings(tmp_path):
     kw = dict(default_split="test", limit=None, model="flux_fill", weights=None)
     with pytest.raises(InvalidOptionError, match="seeds"):
         SubjectInsertionEvaluator.plan(root, None, seeds="0,0", **kw)
+    # the pipeline's range (it draws seed + 1 too), refused here before the model loads instead of at the first pair
+    with pytest.raises(
+        InvalidOptionError, match=r"each of seeds must be an integer in \[0, 2\*\*64 - 1\), got 18446744073709551615"
+    ):
+        SubjectInsertionEvaluator.plan(root, None, seeds=f"0,{2**64 - 1}", **kw)
+    assert SubjectInsertionEvaluator(root, seeds=f"0,{2**64 - 2}").seeds == (0, 2**64 - 2)
     with pytest.raises(InvalidOptionError, match="method must be one of"):
         SubjectInsertionEvaluator.plan(root, None, method="magic", **kw)
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from attnzoo._values import generator_seed
 from attnzoo.datasets.dreambench import read_dreambench_insertion
 from attnzoo.errors import InvalidOptionError
 from attnzoo.evaluation.runner import EvalPlan, EvalSample, TaskEvaluator, check_limit, format_metric
@@ -49,6 +50,8 @@ def _seeds(value: Any) -> tuple[int, ...]:
         raise InvalidOptionError(f"seeds must be integers, e.g. 0,1,2,3, got {value!r}") from None
     if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise InvalidOptionError(f"seeds must be distinct non-negative integers, got {value!r}")
+    for seed in seeds:  # before the model loads: the pipeline takes the same range (it draws seed + 1 too)
+        generator_seed(seed, "each of seeds", spare=1)
     return seeds
 
 
