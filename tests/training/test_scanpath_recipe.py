@@ -176,9 +176,10 @@ def test_a_negative_split_seed_is_refused_before_training(tmp_path):
     from attnzoo.training.scanpath import train_scanpath
 
     data = amazon_set(tmp_path / "data")
-    overrides = {"epochs": 1, "batch_size": 4, "split_seed": -1}
-    with pytest.raises(InvalidInputError, match=r"split_seed must be an integer >= 0, got -1"):
-        train_scanpath("oat_amazon", data, tmp_path / "run", overrides=overrides, device="cpu", model_kwargs=SMALL)
+    for seed in (-1, 2**64):  # and past the seed range every seed here has
+        overrides = {"epochs": 1, "batch_size": 4, "split_seed": seed}
+        with pytest.raises(InvalidInputError, match=rf"split_seed must be an integer .*got {seed}"):
+            train_scanpath("oat_amazon", data, tmp_path / "run", overrides=overrides, device="cpu", model_kwargs=SMALL)
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 

@@ -37,8 +37,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["evaluate_search", "oat_loss", "teacher_forced_loss", "train_scanpath"]
 
 RECIPE_DEFAULTS = {"dataset": None, "split": "official", "split_seed": 0, "max_len": None, "drop_outliers": True}
-#: split_seed >= 0: the split's random.Random would take -n silently as n (a run recorded as -1 with seed 1's split)
-RECIPE_RANGES = {"max_len": (1, None), "split_seed": (0, None)}
+#: split_seed >= 0: the split's random.Random would take -n silently as n (a run recorded as -1 with seed 1's split);
+#: below 2**64, as every seed here (attnzoo._values.generator_seed), read with the config, before any data
+RECIPE_RANGES = {"max_len": (1, None), "split_seed": (0, 2**64 - 1)}
 #: What the validation reports (:func:`evaluate_search`, the model's statistics NaN when it has none): the names
 #: ``best_metric`` may take.
 METRICS = ("ss", "edit_distance", "delta", *(f"model_{k}" for k in SEARCH_STATISTICS))
