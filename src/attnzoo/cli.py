@@ -641,8 +641,6 @@ def _eval_task(
         **_given(options, spec, "eval"),
     )
     _check_eval_layout(Path(out), [name for name, _, _ in plan.runs])  # before any model loads or file is written
-    from attnzoo import _placement
-
     pipes: dict[str, Any] = {}  # one pipeline per distinct set of keywords (e.g. one per method compared)
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
     results = {}
@@ -668,7 +666,7 @@ def _eval_task(
             "data": str(Path(data).resolve()),
             **_split_settings(plan.split),
             "limit": limit,
-            "dtype": None if _placement.resolve_dtype(dtype) is None else dtype,  # "auto" is the default's run
+            "dtype": _dtype_setting(dtype),  # "auto" is the default's run; "bf16" is "bfloat16"'s
             **execution_settings(pipe),
             **plan.settings,
             **run_settings,
@@ -695,6 +693,16 @@ def _eval_task(
         _echo(f"wrote {run_out / 'metrics.json'} and {run_out / 'report.md'}")
     if len(results) > 1:
         _echo(evaluator_cls.summarize(results, Path(out)))
+
+
+def _dtype_setting(dtype: str | None) -> str | None:
+    """``--dtype`` as run.json records it: the dtype it names (``bf16`` and ``bfloat16`` alike ``bfloat16``), None for
+    the model's own (``auto`` or none). A resume compares it by the dtype named, so an earlier run.json holding
+    another spelling (an earlier attnzoo recorded it as typed) continues."""
+    from attnzoo import _placement
+
+    resolved = _placement.resolve_dtype(dtype)
+    return None if resolved is None else str(resolved).removeprefix("torch.")
 
 
 def _check_eval_layout(out: Path, names: list[str | None]) -> None:

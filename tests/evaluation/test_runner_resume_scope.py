@@ -198,6 +198,38 @@ def test_dtype_auto_is_the_run_of_no_dtype(tmp_path, capsys):
     assert _eval(data, out, "--weights", "none", "--device", "cpu", "--dtype", "bfloat16") == 1  # another run
 
 
+def test_a_dtype_spelled_another_way_is_the_same_run(tmp_path, capsys):
+    """--dtype bf16 and --dtype bfloat16 (fp16, float16 and half ...) name one dtype: a run started with one spelling
+    resumes with another, its answers kept, as does a run.json of an earlier attnzoo that recorded the spelling as
+    typed; another dtype is still another run."""
+    data = _write_bags(tmp_path / "feats.h5", [0, 1, 0, 1])
+    out = tmp_path / "out"
+    base = ("--weights", "none", "--device", "cpu")
+    assert _eval(data, out, *base, "--dtype", "bf16") == 0, capsys.readouterr().err
+    run = _strict_json((out / "run.json").read_text())
+    answers = (out / "predictions.jsonl").read_text()
+    assert len(answers.splitlines()) == 4 and run["model_dtype"] == "bfloat16"
+    for spelling in ("bfloat16", "BF16", "torch.bfloat16"):
+        assert _eval(data, out, *base, "--dtype", spelling) == 0, (spelling, capsys.readouterr().err)
+        assert (out / "predictions.jsonl").read_text() == answers, spelling  # resumed: nothing answered again
+    for recorded in ("bf16", "bfloat16", "BF16"):  # as an earlier attnzoo recorded it: as typed
+        (out / "run.json").write_text(json.dumps({**run, "dtype": recorded}))
+        for spelling in ("bf16", "bfloat16"):
+            assert _eval(data, out, *base, "--dtype", spelling) == 0, (recorded, spelling, capsys.readouterr().err)
+    capsys.readouterr()
+    for other in ("float16", "fp32", "auto"):  # another dtype: refused naming the dtype settings
+        assert _eval(data, out, *base, "--dtype", other) == 1, other
+        err = capsys.readouterr().err
+        assert "other settings" in err and "dtype" in err and "--dtype" in err, (other, err)
+    assert _eval(data, out, *base) == 1  # no --dtype: the model's own (float32), another run
+    assert (out / "predictions.jsonl").read_text() == answers
+    half = tmp_path / "half"
+    assert _eval(data, half, *base, "--dtype", "half") == 0, capsys.readouterr().err
+    for spelling in ("fp16", "float16"):
+        assert _eval(data, half, *base, "--dtype", spelling) == 0, (spelling, capsys.readouterr().err)
+    assert _eval(data, half, *base, "--dtype", "bf16") == 1
+
+
 @pytest.mark.filterwarnings("ignore:AUC is undefined")
 def test_one_class_metrics_are_valid_json(tmp_path):
     data = _write_bags(tmp_path / "feats.h5", [1, 1, 1])

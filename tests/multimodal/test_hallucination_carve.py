@@ -336,3 +336,95 @@ def test_carve_refined_image_the_processor_refuses_is_a_typed_error(monkeypatch)
     assert refined.size == (23520, 56) and refined.width / refined.height > 200  # what the processor refuses
     with pytest.raises(InvalidInputError, match=r"CARVE's refined image of prompt 0 .* 23520x56 crop.*aspect"):
         ask(wide, question="dog?", method="carve", layers=(2, 3), probe_tokens=2)
+
+
+@pytest.mark.parametrize("error", [MemoryError, torch.OutOfMemoryError])
+def test_carve_running_out_of_memory_encoding_its_prompts_is_a_typed_error_naming_the_stage(error):
+    """CARVE encodes prompts twice: its probes, then the final pass ([original, refined] per prompt; the refined
+    image alone with the paper's behaviour). An encoder running out of memory in either (MemoryError on the CPU,
+    torch's OutOfMemoryError moving the inputs to an accelerator) is an InvalidInputError naming the stage, the
+    sizes of the images it encoded, and what to do, not the raw error."""
+    model, encode = tiny_model("llava")
+    photos_ = images()
+    batch = prompt_batch(encode, photos_, QUESTIONS)
+
+    def failing(at):
+        """``batch`` whose encoder runs out of memory at CARVE's call ``at`` (1: the probes; 2: the final pass)."""
+        calls = []
+
+        def run(images_, questions):
+            calls.append(list(images_))
+            if len(calls) == at:
+                raise error("out of memory")
+            return encode(images_, questions)
+
+        return replace(batch, encode=run), calls
+
+    for behaviour in ("official", "paper"):
+        carve = CARVE(layers=LAYERS, probe_tokens=2, behaviour=behaviour)
+        final, calls = failing(2)
+        with pytest.raises(InvalidInputError) as caught:
+            carve.prepare(model, None, final)
+        refined = [result.crop.refined_image for result in carve.last_results]
+        if behaviour == "official":
+            assert calls[-1] == [[p, r] for p, r in zip(photos_, refined, strict=True)]  # the final pass failed
+            sizes = [f"{p.width}x{p.height} + {r.width}x{r.height}" for p, r in zip(photos_, refined, strict=True)]
+            stage = "CARVE's final pass ran out of memory encoding the [original, refined] images of its 2 prompt(s)"
+            advice = "behaviour='paper' (the refined image alone)"
+        else:
+            assert calls[-1] == refined
+            sizes = [f"{r.width}x{r.height}" for r in refined]
+            stage = "CARVE's final pass ran out of memory encoding the refined images of its 2 prompt(s)"
+            advice = "fewer prompts per batch (batch_size)"
+        message = str(caught.value)
+        assert message.startswith(f"{stage} ({', '.join(sizes)} pixels); pass smaller images"), message
+        assert advice in message and caught.value.__cause__ is None
+
+    probes, calls = failing(1)  # the probes: each prompt's image, then one general probe per distinct picture
+    with pytest.raises(InvalidInputError) as caught:
+        CARVE(layers=LAYERS, probe_tokens=2).prepare(model, None, probes)
+    assert calls == [[*photos_, *photos_]]
+    sizes = ", ".join(f"{p.width}x{p.height}" for p in [*photos_, *photos_])
+    assert str(caught.value).startswith(f"CARVE's probes ran out of memory encoding their 4 image(s) ({sizes} pixels")
+
+
+def test_carve_final_pass_out_of_memory_in_the_pipeline_names_the_final_pass():
+    """In the pipeline, the model's processor running out of memory on CARVE's final pass ([original, refined])
+    is said as CARVE's final pass with both images' sizes, where the pipeline's encoder alone named no input
+    ("image(s)") and asked for a smaller image than the one given; the prompts given are still said as theirs."""
+    import attnzoo
+
+    ask = attnzoo.pipeline("hallucination-mitigation", weights="none", device="cpu", max_new_tokens=2)
+    photo = images()[0]
+    processor = ask.processor
+
+    class FinalPassOutOfMemory:
+        """The processor, out of memory on the final pass's prompts: an original image and another (refined)."""
+
+        def __init__(self):
+            self.final = []
+
+        def __getattr__(self, name):
+            return getattr(processor, name)
+
+        def __call__(self, *args, **kwargs):
+            given = kwargs.get("images") or []
+            if given and all(isinstance(entry, list) and entry[0] is not entry[1] for entry in given):
+                self.final.append(given)
+                raise MemoryError
+            return processor(*args, **kwargs)
+
+    failing = FinalPassOutOfMemory()
+    ask.processor = failing
+    try:
+        with pytest.raises(InvalidInputError) as caught:
+            ask(photo, question="dog?", method="carve", layers=LAYERS, probe_tokens=2)
+    finally:
+        ask.processor = processor
+    ((pair,),) = failing.final
+    assert pair[0].size == photo.size
+    sizes = f"{photo.width}x{photo.height} + {pair[1].width}x{pair[1].height}"
+    assert str(caught.value).startswith(
+        f"CARVE's final pass ran out of memory encoding the [original, refined] images of its 1 prompt(s) ({sizes} "
+        "pixels); pass smaller images"
+    ), str(caught.value)

@@ -490,16 +490,46 @@ def test_each_view_is_released_before_the_next_is_decoded(recon, tmp_path, monke
 
 
 def test_half_precision_view_tensors_are_read_as_their_float32_values(recon):
-    """bfloat16 has no numpy dtype: a bf16 (or fp16) HWC view tensor is widened, as load_image does, to the
+    """bfloat16 has no numpy dtype: a bf16 (or fp16) CxHxW view tensor is widened, as load_image does, to the
     float32 values it holds; a meta tensor, which holds no data, is refused naming the view."""
     floats = rendering(6).astype(np.float32) / 255
+    chw = torch.from_numpy(floats).permute(2, 0, 1)  # tensors are CxHxW, here as in load_image and the pipeline
     for dtype in (torch.bfloat16, torch.float16):
-        view = torch.from_numpy(floats).to(dtype)
-        expected = preprocess_views([view.float().numpy()])
+        view = chw.to(dtype)
+        expected = preprocess_views([view.float().permute(1, 2, 0).numpy()])
         assert torch.equal(preprocess_views([view]), expected), dtype
     with pytest.raises(InvalidInputError, match="view 1 is a meta tensor: it holds no data"):
-        preprocess_views([floats, torch.from_numpy(floats).to("meta")])
-    chw = torch.from_numpy(floats).permute(2, 0, 1)  # the pipeline reads tensors as CxHxW, as load_image does
+        preprocess_views([floats, chw.to("meta")])
     assert np.isfinite(recon([chw.bfloat16()]).probabilities).all()
     with pytest.raises(InvalidInputError, match="meta tensor: it holds no data"):
         recon([chw.to("meta")])
+
+
+def test_view_tensors_are_channels_first_for_preprocess_views_as_for_load_image_and_the_pipeline(recon):
+    """A tensor is C x H x W (an H x W one grey) for preprocess_views, as load_image (the pipeline's reader) reads
+    it: the same tensor gives the same view by both paths, and the view of its H x W x C numpy array."""
+    from attnzoo.datasets.images import load_image
+
+    rgba = rendering(11)
+    chw = torch.from_numpy(rgba).permute(2, 0, 1).contiguous()
+    direct = preprocess_views([chw])
+    assert direct.shape == (1, 3, 224, 224)
+    assert torch.equal(direct, preprocess_views([load_image(chw, keep_alpha=True)]))  # the pipeline's reading
+    assert torch.equal(direct, preprocess_views([rgba]))  # numpy arrays stay H x W x C
+    expected = recon.model(direct[None])[0].detach().numpy()
+    np.testing.assert_allclose(recon([chw]).probabilities, expected, atol=1e-6)
+    # one object's views as a [V, C, H, W] tensor, as the pipeline takes it
+    two = torch.stack([chw, torch.from_numpy(rendering(12)).permute(2, 0, 1)])
+    assert torch.equal(preprocess_views(two), preprocess_views([rgba, rendering(12)]))
+    # grey: H x W, or 1 x H x W, as load_image reads them
+    grey = torch.from_numpy(rendering(13)[..., 0])
+    for tensor in (grey, grey[None]):
+        assert torch.equal(preprocess_views([tensor]), preprocess_views([load_image(tensor)])), tuple(tensor.shape)
+        assert torch.equal(preprocess_views([tensor]), preprocess_views([grey.numpy()]))
+    # a shape that reads either way (3 x 5 x 4: RGB 5x4, or RGBA 3x5) is C x H x W, as load_image reads it
+    odd = torch.from_numpy(np.random.default_rng(14).integers(0, 256, (3, 5, 4), dtype=np.uint8))
+    assert torch.equal(preprocess_views([odd]), preprocess_views([load_image(odd)]))
+    assert torch.equal(preprocess_views([odd]), preprocess_views([odd.permute(1, 2, 0).numpy()]))
+    # an H x W x C tensor is refused naming the view and its shape, saying how to pass it
+    with pytest.raises(InvalidInputError, match=r"view 0: .*\(137, 137, 4\).*permute\(2, 0, 1\)"):
+        preprocess_views([torch.from_numpy(rgba)])

@@ -349,6 +349,22 @@ def evaluate(
     return metrics
 
 
+def _meaning(key: str, value: Any) -> Any:
+    """A setting as a resume compares it: ``dtype`` (``attnzoo eval --dtype``) by the dtype it names, since its
+    spellings (``bf16``, ``bfloat16``, ``BF16``; ``fp16``, ``half``; ``auto``, the model's own, as none) are one
+    run, and an earlier attnzoo recorded it as it was typed; a value that names no dtype, and any other setting,
+    as recorded."""
+    if key != "dtype" or not isinstance(value, str):
+        return value
+    from attnzoo._placement import resolve_dtype
+
+    try:
+        resolved = resolve_dtype(value)
+    except InvalidInputError:
+        return value
+    return None if resolved is None else str(resolved).removeprefix("torch.")
+
+
 def _check_same_settings(
     previous: dict[str, Any], settings: dict[str, Any], out: Path, say: Callable[[str], None] | None
 ) -> None:
@@ -358,7 +374,9 @@ def _check_same_settings(
     for old, new in RENAMED_SETTINGS:  # an earlier release's name of the same setting
         if old in previous and new not in previous and old not in settings:
             previous[new] = previous.pop(old)
-    changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+    changed = sorted(
+        k for k in set(previous) | set(settings) if _meaning(k, previous.get(k)) != _meaning(k, settings.get(k))
+    )
     trusted = [k for k in changed if k in ADDED_SETTINGS and k not in previous]
     refused = [k for k in changed if k not in trusted]
     if refused:

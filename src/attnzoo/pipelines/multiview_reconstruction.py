@@ -165,7 +165,8 @@ def _out_of_memory(err: BaseException) -> bool:
 def _to_array(image: Any, index: int) -> np.ndarray:
     """One image as an ``[H, W, C]`` array, C = 1 (grey), 2 (grey+alpha), 3 (RGB) or 4 (RGBA), of uint8, uint16,
     bool or float32 in [0, 1]: made float (:func:`_as_float`) only after the crop, so that a large view is never
-    held whole in float."""
+    held whole in float. A tensor is ``C x H x W`` (or ``H x W``), as :func:`attnzoo.datasets.images.load_image`
+    (and so the pipeline) reads it, whatever its sizes: a 3-D tensor's first axis is always its channels."""
     if isinstance(image, (str, os.PathLike)):
         try:  # the project's loader: within the pixel limit, a FIFO refused, damage a typed error naming the file
             with opened_image(image) as im:
@@ -177,8 +178,12 @@ def _to_array(image: Any, index: int) -> np.ndarray:
         if image.mode not in ("RGBA", "RGB", "L", "LA", "I;16", "I;16B", "I;16L"):
             has_alpha = "A" in image.mode or "transparency" in image.info
             image = image.convert("RGBA" if has_alpha else "RGB")
+    given: tuple[int, ...] | None = None  # a tensor's shape, as given (errors name it, not the moved one)
     if isinstance(image, torch.Tensor):
+        given = tuple(image.shape)
         image = to_numpy(image, f"view {index}")  # bfloat16 widened (numpy has none), a meta tensor refused
+        if image.ndim == 3:
+            image = np.moveaxis(image, 0, -1)  # C x H x W, as load_image reads a tensor
     try:
         arr = np.asarray(image)
     except (TypeError, ValueError) as err:
@@ -186,7 +191,16 @@ def _to_array(image: Any, index: int) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4) or arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise InvalidInputError(f"view {index}: expected an H x W (x 1/2/3/4 channels) image, got shape {arr.shape}")
+        if given is None:
+            raise InvalidInputError(
+                f"view {index}: expected an H x W (x 1/2/3/4 channels) image, got shape {arr.shape}"
+            )
+        hint = ""
+        if len(given) == 3 and given[-1] in (1, 2, 3, 4):
+            hint = "; an H x W x C tensor? tensors are C x H x W: pass tensor.permute(2, 0, 1), or a numpy array"
+        raise InvalidInputError(
+            f"view {index}: expected an H x W or C x H x W (1/2/3/4 channels) tensor, got shape {given}{hint}"
+        )
     if (arr.dtype.kind == "u" and arr.dtype.itemsize in (1, 2)) or arr.dtype.kind == "b":
         return arr
     if arr.dtype.kind == "f":
@@ -216,9 +230,12 @@ def preprocess_views(
 ) -> torch.Tensor:
     """Renderings -> model input ``[V, 3, size, size]``, as the official ShapeNet test loader.
 
-    ``images``: a list of views (at most :data:`MAX_VIEWS`), each a PIL image, an ``H x W x C`` array (uint8,
-    uint16, or float in [0, 1]; RGBA, RGB, grey+alpha or grey, channels in RGB order) or an image path; one image
-    or a ``[V, H, W, C]`` array also works. All views must have the same size. Per view:
+    ``images``: a list of views (at most :data:`MAX_VIEWS`), each a PIL image, an ``H x W x C`` numpy array (uint8,
+    uint16, or float in [0, 1]; RGBA, RGB, grey+alpha or grey, channels in RGB order), a ``C x H x W`` tensor
+    (channels first, as :func:`attnzoo.datasets.images.load_image` and so the pipeline read tensors: a 3-D
+    tensor's first axis is its channels whatever its sizes; an ``H x W`` tensor is grey) or an image path; one
+    image, a ``[V, H, W, C]`` numpy array or a ``[V, C, H, W]`` tensor also works. All views must have the same
+    size. Per view:
 
     1. centre-crop a square of ``crop_fraction`` of the shorter side (128 of the 137 px ShapeNet
        renderings, exactly the official crop; the official code would crop 128 px of any larger

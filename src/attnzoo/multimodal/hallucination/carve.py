@@ -36,8 +36,9 @@ Qwen2-VL): InstructBLIP's resampled query tokens raise :class:`~.layouts.LayoutE
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
@@ -45,7 +46,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from attnzoo._values import whole_number
+from attnzoo._values import listed, whole_number
 from attnzoo.errors import InvalidInputError, InvalidOptionError
 
 from .base import ContrastBranchProcessor, check_behaviour, language_model_attention, mask_positions
@@ -171,11 +172,13 @@ class CARVE(MitigationMethod):
         _check_refined(family, processor, refined)
         if self.behaviour == "official":  # two images per prompt: the encoder takes a list per question
             pairs: list[PromptImages] = [[image, ref] for image, ref in zip(images, refined, strict=True)]
-            final = asked.with_images(pairs)
+            with _memory_said("final", pairs, self.behaviour):
+                final = asked.with_images(pairs)
             if prefix is None or not family.continues_cached_prompts:
                 return final
             return replace(final, cached=_cached_final(final.inputs, *prefix))
-        return asked.with_images(refined)
+        with _memory_said("final", list(refined), self.behaviour):
+            return asked.with_images(refined)
 
     def prepared_inputs(self, model: nn.Module, batch: PromptBatch) -> Mapping[str, Any] | None:
         """The final prompts' length before the probes, where the refined image takes as many tokens as
@@ -191,7 +194,8 @@ class CARVE(MitigationMethod):
         images: list[PromptImages] = (
             [[image, image] for image in batch.images] if self.behaviour == "official" else batch.images
         )
-        return asked.with_images(images).inputs
+        with _memory_said("measured", images, self.behaviour):
+            return asked.with_images(images).inputs
 
     def probe(
         self, model: nn.Module, family: Family, batch: PromptBatch
@@ -208,7 +212,8 @@ class CARVE(MitigationMethod):
         groups = _image_groups(cast(list[Image.Image], batch.images))
         distinct = [groups.index(group) for group in range(max(groups) + 1)]  # each group's first prompt
         images = [*batch.images, *(batch.images[i] for i in distinct)]
-        inputs = batch.encode(images, [*batch.questions, *([general] * len(distinct))])
+        with _memory_said("probes", images, self.behaviour):
+            inputs = batch.encode(images, [*batch.questions, *([general] * len(distinct))])
         _grid_positions(family, inputs)
         inputs, prefix = _shared_prefix_layout(family, inputs, [*groups, *range(len(distinct))])
         positions, grids = _grid_positions(family, inputs)
@@ -393,6 +398,65 @@ class _ProbeRunner(ContrastBranchProcessor):
 
     def combine(self, input_ids, scores, branch_logits):
         raise NotImplementedError("the CARVE probe is no logits processor")
+
+
+#: What running out of memory raises: MemoryError on the CPU (a processor working on a large image), torch's
+#: OutOfMemoryError on an accelerator (the encoded inputs moved to the model's device).
+_OUT_OF_MEMORY: tuple[type[BaseException], ...] = (MemoryError, torch.OutOfMemoryError)
+
+
+@contextlib.contextmanager
+def _memory_said(stage: str, images: Sequence[PromptImages], behaviour: str) -> Iterator[None]:
+    """Running out of memory while CARVE encodes the prompts of a ``stage`` (``"probes"``; ``"final"``: the final
+    pass, ``[original, refined]`` per prompt with the official ``behaviour``; ``"measured"``: the final prompts
+    measured before the probes, the original image in the refined one's place) is an :class:`InvalidInputError`
+    naming that stage, the sizes of the images it encodes and what to do, as the pipeline says of the prompts it
+    was given. Caught raw from the encoder (a MemoryError, a torch.OutOfMemoryError), or as the pipeline's encoder
+    already said it (typed, from a MemoryError) naming no input and asking for a smaller image, where CARVE's own
+    images (the refined crops, two images a prompt) ran it out."""
+    try:
+        yield
+    except _OUT_OF_MEMORY:
+        pass
+    except InvalidInputError as err:
+        if not isinstance(err.__context__, _OUT_OF_MEMORY):  # the pipeline's encoder, said of a MemoryError
+            raise
+    else:
+        return
+    sizes = [" + ".join(f"{im.width}x{im.height}" for im in _images_of(entry)) for entry in images]
+    if stage == "probes":
+        what = (
+            f"CARVE's probes ran out of memory encoding their {len(images)} image(s) ({listed(sizes)} pixels: each "
+            "prompt's image, and each distinct picture's once more for its general probe)"
+        )
+        advice = "pass smaller images (downscale them first) or fewer prompts per batch (batch_size)"
+    elif behaviour == "official":
+        what = (
+            f"CARVE's final pass ran out of memory encoding the [original, refined] images of its {len(images)} "
+            f"prompt(s) ({listed(sizes)} pixels)"
+            if stage == "final"
+            else f"CARVE ran out of memory measuring its final prompts before the probes: the [original, original] "
+            f"images of {len(images)} prompt(s), the original in the refined image's place ({listed(sizes)} pixels)"
+        )
+        advice = (
+            "pass smaller images (downscale them first), fewer prompts per batch (batch_size), or "
+            "behaviour='paper' (the refined image alone)"
+        )
+    else:
+        what = (
+            f"CARVE's final pass ran out of memory encoding the refined images of its {len(images)} prompt(s) "
+            f"({listed(sizes)} pixels)"
+            if stage == "final"
+            else f"CARVE ran out of memory measuring its final prompts before the probes: the images of "
+            f"{len(images)} prompt(s), the original in the refined image's place ({listed(sizes)} pixels)"
+        )
+        advice = "pass smaller images (downscale them first) or fewer prompts per batch (batch_size)"
+    raise InvalidInputError(f"{what}; {advice}") from None
+
+
+def _images_of(entry: PromptImages) -> list[Image.Image]:
+    """A prompt's images (one, or a list of them), those with a size."""
+    return [im for im in (entry if isinstance(entry, (list, tuple)) else [entry]) if hasattr(im, "width")]
 
 
 def _check_refined(family: Family, processor: Any, refined: Sequence[Image.Image]) -> None:
