@@ -206,3 +206,13 @@ def test_property_tests_draw_the_same_examples_unless_asked_to_explore():
         draw()
     if not exploring:
         assert drawn[0] and drawn[0] == drawn[1]
+
+
+def test_every_ci_step_stops_the_run_when_it_fails():
+    """.ci/run is `set -e`: a command failing inside an `a && b` list other than its last does not stop it (a
+    lint failure once let the tests run and CI pass), so every list but the final command's is one command."""
+    lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    commands = [line for line in lines if line and not line.startswith("#")]
+    assert "set -euo pipefail" in commands
+    assert [c for c in commands[:-1] if "&&" in c or "||" in c] == []
+    assert any(c.startswith("ruff check") for c in commands) and "mypy" in commands
