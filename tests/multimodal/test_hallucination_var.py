@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from attnzoo.errors import InvalidInputError, InvalidOptionError
 from attnzoo.multimodal.hallucination import VAR, FixedImageSpan, find_sink_dims, redistribute, sink_scores
-from attnzoo.multimodal.hallucination.base import family_for
+from attnzoo.multimodal.hallucination.base import family_for, session_of
 from attnzoo.multimodal.hallucination.layouts import family_of
 from attnzoo.multimodal.hallucination.transformers_compat import cache_keyword, output_cache
 from attnzoo.multimodal.hallucination.var import SINK_DIMS, sink_dims_for
@@ -438,3 +438,17 @@ def test_var_in_float16_moves_the_mass_where_the_gain_overflows_float16():
     tiny = torch.tensor([[[[0.6, 0.4 - 2e-45, 1e-45, 1e-45, 0, 0, 0, 0]]]], dtype=torch.float32)
     out, chosen = redistribute(tiny, image, sinks, rho=0.0, p=0.4, summ=0.0)
     assert not bool(chosen.any()) and torch.equal(out, tiny)
+
+
+def test_var_that_would_edit_no_layer_is_refused():
+    """The answer would be the stock model's, recorded as VAR's: sink_layers=[] is refused when VAR is built, the
+    paper behaviour on the last layer only when it is attached (leaving no hook), the official one runs there."""
+    with pytest.raises(InvalidOptionError, match=r"at least one sink layer"):
+        VAR(sink_layers=[])
+    model, _ = BUILDERS["llava"]()
+    last = len(family_for(model).text_model().layers) - 1
+    with pytest.raises(InvalidOptionError, match=rf"paper behaviour leaves the last layer \({last}\) alone"):
+        VAR(sink_dims=SINK_DIMS_TINY, sink_layers=[last], behaviour="paper").attach(model)
+    assert not any(len(m._forward_pre_hooks) for m in model.modules()) and session_of(model) is None
+    with VAR(sink_dims=SINK_DIMS_TINY, sink_layers=[last]).attach(model) as official:
+        assert official.edited_layers == (last,)

@@ -31,7 +31,6 @@ sinks.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 
@@ -195,6 +194,8 @@ class VAR(AttentionEdit):
         )
         self.sink_dims = None if sink_dims is None else tuple(int(d) for d in sink_dims)
         self.sink_layers = None if sink_layers is None else tuple(sorted(int(i) for i in sink_layers))
+        if self.sink_layers == ():
+            raise InvalidOptionError("VAR needs at least one sink layer (sink_layers=[] would edit nothing)")
         self.trace = trace
         self.records: list[dict[str, Any]] = []
         self._dims: tuple[int, ...] = ()  # the dims on the model attached last (sink_dims or its backbone's)
@@ -246,9 +247,19 @@ class VAR(AttentionEdit):
         layers = self.sink_layers if self.sink_layers is not None else tuple(range(2, n))
         if any(not 0 <= i < n for i in layers):
             raise InvalidOptionError(f"VAR's sink_layers {layers} do not fit {n} layers")
-        self._dims, self._layers = tuple(dims), tuple(layers)
         last = n - 1
-        self._edited = frozenset(i for i in layers if self.behaviour == "official" or i != last)
+        edited = frozenset(i for i in layers if self.behaviour == "official" or i != last)
+        if not layers:  # the answer would be the stock model's, recorded as VAR's
+            raise InvalidOptionError(
+                f"VAR would edit no layer: its default sink layers (2 to L - 1) are none of this model's {n}; "
+                "give sink_layers"
+            )
+        if not edited:
+            raise InvalidOptionError(
+                f"VAR would edit no layer: its paper behaviour leaves the last layer ({last}) alone, and sink_layers "
+                f"{layers} holds no other; give layers below {last}"
+            )
+        self._dims, self._layers, self._edited = tuple(dims), tuple(layers), edited
 
     def _install(self, session) -> None:
         for index in self._layers:
