@@ -257,7 +257,8 @@ def test_compositions_and_settings_are_checked(ask, photos):
     assert [m.name for m in build_methods("carve+agla", behaviour="paper")] == ["carve", "agla"]
     var = attnzoo.pipeline(TASK, weights="none", device="cpu", max_new_tokens=2, method="var", sink_dims=(3, 7))
     assert var(photos[0], question="x", tau=2.5).settings["methods"][0]["sink_dims"] == (3, 7)  # settings merge
-    assert var(photos[0], question="x", method="vcd").settings["methods"][0]["method"] == "vcd"  # its own settings
+    with pytest.warns(UserWarning, match="sink_dims, given for its method, do not apply"):  # its own settings
+        assert var(photos[0], question="x", method="vcd").settings["methods"][0]["method"] == "vcd"
     own = VAR(sink_dims=(3, 7), tau=2.0)
     assert build_methods([own, "vcd"])[0].intervention is own
     assert set(METHODS) == {"var", "pai", "paint", "vcd", "agla", "carve"}

@@ -36,8 +36,11 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import threading
+import warnings
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -47,7 +50,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from attnzoo._values import comma_items, listed, nonblank_text, refuse_per_input_defaults, whole_number
+from attnzoo._values import (
+    comma_items,
+    flag,
+    is_integer,
+    listed,
+    nonblank_text,
+    refuse_per_input_defaults,
+    to_real,
+    whole_number,
+)
 from attnzoo.errors import AttnzooError, InvalidInputError, InvalidOptionError, OfflineError, WeightsError, close_names
 from attnzoo.pipelines.base import Pipeline, generator_seed, list_collate, weights_note
 
@@ -156,9 +168,10 @@ class MitigationResult:
     def plot(self, size: int = 256) -> Image.Image:
         """The image, then the answer's attention over each image it was answered on with the method, and
         over the original without it (when measured), on one colour scale, with the question and the
-        answers below; each picture fits a ``size`` box."""
+        answers below; each picture fits a ``size`` box (a positive whole number of pixels)."""
         from attnzoo.viz.drawing import NOTE_COLOUR, load_font, wrap_text
 
+        size = whole_number(size, "plot size", why="the pixels of the box each picture fits")
         first = self.answered_on[0] if self.answered_on else "original"
         original = _first_given(self.baseline_view, self.view if first == "original" else None) or self.image
         panels = [(_image_title(self.image, original), _fit(original, size))]
@@ -326,15 +339,21 @@ def _layers(value: Any, depth: int | None = None) -> tuple[int, ...]:
     """Layer indices from ints or a string like ``"10-12"`` / ``"2,5,8-9"`` (a blank item refused), each within the
     language model's ``depth`` (counted from the end where negative); a range is checked before it is spelled
     out, so ``"0-30000000"`` is refused at once, in a short message."""
+    from attnzoo.multimodal.hallucination.methods import index_span
+
     parts = comma_items(value, "attention_layers") if isinstance(value, str) else value
     spans: list[tuple[int, int]] = []
     try:
         for part in parts if not isinstance(parts, (int, np.integer)) else [parts]:
-            if isinstance(part, str) and "-" in part.strip()[1:]:
-                low, high = part.split("-", 1)
-                spans.append((int(low), int(high)))
+            span = index_span(part, "attention_layers") if isinstance(part, str) else None
+            if span is not None:
+                spans.append(span)
+            elif isinstance(part, (bool, np.bool_)):  # a flag is no layer index
+                raise TypeError(part)
             else:
                 spans.append((int(part), int(part)))
+    except InvalidOptionError:  # a range that runs backwards, said as such
+        raise
     except (TypeError, ValueError):
         raise InvalidOptionError(
             f"attention_layers must be layer indices like '10-12' or [10, 11], got {_shown(value)}"
@@ -364,36 +383,73 @@ def _shown(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[: limit - 5]} ...{text[-1]}"
 
 
-def _chat_template(value: Any) -> str:
+def _chat_template(value: Any, markers: Sequence[str] = ()) -> str:
+    """A prompt template: ``"model"``, a name of :data:`CHAT_TEMPLATES`, or a literal holding ``{question}`` and
+    ``{image}`` once (where the pipeline writes the image's text: as many placeholders as the prompt has images,
+    two in CARVE's official final pass). A literal holding the model's own image text (``markers``: ``<image>``)
+    is refused, as is one without ``{image}``: the processor would count other images than the prompt has."""
     if not isinstance(value, str) or not value.strip():
         raise InvalidOptionError(
             f"chat_template must be 'model', one of {list(CHAT_TEMPLATES)} or a string, got {value!r}"
         )
-    if value not in ("model", *CHAT_TEMPLATES) and "{question}" not in value:
+    if value in ("model", *CHAT_TEMPLATES):
+        return value
+    written = [marker for marker in markers if marker and marker in value]
+    if written:
         raise InvalidOptionError(
-            f"chat_template {value!r} is neither 'model' nor one of {list(CHAT_TEMPLATES)}; a literal template needs "
-            "{question} (and {image} where the image goes)"
+            f"chat_template {_shown(value)} writes the model's image text {', '.join(map(repr, written))} itself: "
+            "write {image} where the image goes instead (the pipeline puts the image's text there, once per image "
+            "of the prompt)"
+        )
+    if "{question}" not in value or value.count("{image}") != 1:
+        missing = "has no {question}" if "{question}" not in value else "has no {image}"
+        if "{image}" in value and "{question}" in value:
+            missing = f"has {{image}} {value.count('{image}')} times"
+        raise InvalidOptionError(
+            f"chat_template {_shown(value)} is neither 'model' nor one of {list(CHAT_TEMPLATES)}, and as a literal "
+            f"template it {missing}: a literal needs {{question}} and, once, {{image}} where the image goes"
         )
     return value
 
 
+#: The sampling settings, which apply with ``do_sample=True`` only.
+_SAMPLING = ("temperature", "top_p", "top_k")
+
+
+def _scalar(value: Any) -> Any:
+    """A zero-dimensional numpy array or torch tensor as its number (a bool one stays as it is, to be refused)."""
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and value.dtype != torch.bool:
+        return value.item()
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype != np.bool_:
+        return value.item()
+    return value
+
+
 def _check_decoding(given: dict[str, Any]) -> dict[str, Any]:
-    sampled = bool(given.get("do_sample"))
-    if given.get("do_sample") is not None and not isinstance(given["do_sample"], (bool, np.bool_)):
-        raise InvalidOptionError(f"do_sample must be True or False, got {given['do_sample']!r}")
-    temperature, top_p, top_k = given.get("temperature"), given.get("top_p"), given.get("top_k")
-    if temperature is not None and not (
-        isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and 1e-4 <= temperature < math.inf
-    ):  # below, the scaled logits overflow to inf and sampling fails on NaN; greedy decoding is that limit
-        raise InvalidOptionError(
-            f"temperature must be a finite number >= 1e-4, got {temperature!r} (for temperature -> 0, sample greedily: "
-            "do_sample=False)"
-        )
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise InvalidOptionError(f"top_p must be in (0, 1], got {top_p!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0):
-        raise InvalidOptionError(f"top_k must be a non-negative integer, got {top_k!r}")
-    if not sampled and given.get("do_sample") is False and any(v is not None for v in (temperature, top_p, top_k)):
+    """The decoding settings of ``given`` checked, as the Python numbers ``generate`` takes (numpy's and torch's
+    scalars too; a bool is no number); sampling settings given with ``do_sample=False`` are refused."""
+    if "do_sample" in given:
+        given["do_sample"] = flag(given["do_sample"], "do_sample")
+    if "temperature" in given:
+        temperature = to_real(_scalar(given["temperature"]))
+        if temperature is None or temperature < 1e-4:
+            # below, the scaled logits overflow to inf and sampling fails on NaN; greedy decoding is that limit
+            raise InvalidOptionError(
+                f"temperature must be a finite number >= 1e-4, got {given['temperature']!r} (for temperature -> 0, "
+                "sample greedily: do_sample=False)"
+            )
+        given["temperature"] = temperature
+    if "top_p" in given:
+        top_p = to_real(_scalar(given["top_p"]))
+        if top_p is None or not 0 < top_p <= 1:
+            raise InvalidOptionError(f"top_p must be a number in (0, 1], got {given['top_p']!r}")
+        given["top_p"] = top_p
+    if "top_k" in given:
+        top_k = _scalar(given["top_k"])
+        if not is_integer(top_k) or top_k < 0:
+            raise InvalidOptionError(f"top_k must be a non-negative integer (0: no top-k), got {given['top_k']!r}")
+        given["top_k"] = int(top_k)
+    if given.get("do_sample") is False and any(k in given for k in _SAMPLING):
         raise InvalidOptionError("temperature, top_p and top_k apply to sampled decoding: pass do_sample=True")
     return given
 
@@ -411,6 +467,15 @@ class HallucinationMitigationPipeline(Pipeline):
     "llava_v1" or a literal), ``return_attention``, ``attention_layers`` (all), ``unused_settings``
     ("error", or "ignore": a method setting none of the methods takes is left out, as in a comparison of
     methods that all get the same settings).
+
+    A call's settings override the constructor's key by key; a keyword given as None is dropped (the
+    constructor's, or the default, applies), so ``method=None`` in a call runs the pipeline's method, and
+    ``method="none"`` the stock model. The constructor's method settings are defaults of a call that names
+    no method or the same method(s) ("vcd", "VCD" and ["vcd"] are one; the order of a combination does not
+    matter): the call's own override them key by key. A call naming other methods takes only its own
+    settings (a VCD ``alpha`` is not PAI's), and warns naming the constructor's that it drops. A call with
+    ``do_sample=False`` leaves the constructor's ``temperature``, ``top_p`` and ``top_k`` out (given in
+    that call, they are refused).
     """
 
     task = "hallucination-mitigation"
@@ -448,7 +513,11 @@ class HallucinationMitigationPipeline(Pipeline):
                 f"{self.task!r}, model='llava_1_5_7b' or a registered Hub id such as llava-hf/llava-1.5-7b-hf, "
                 "weights=<a local folder> to load it from there)"
             )
-        self._methods_cache: dict[Any, list[Any]] = {}
+        #: The methods built for the last settings (:meth:`_build_methods`), newest last, at most _METHODS_KEPT.
+        self._methods_cache: OrderedDict[Any, tuple[list[Any], list[Any]]] = OrderedDict()
+        self._methods_guard = threading.Lock()
+        #: What the methods load by name, shared between them (AGLA's BLIP model and processor).
+        self._loaded: dict[Any, Any] = {}
         self._weights_label: str | None = None
         # before any loading: a question goes with each input, and a misspelled keyword would fail every call
         refuse_per_input_defaults(kwargs, ("question",), "p(image, question='Is there a dog?')")
@@ -488,8 +557,8 @@ class HallucinationMitigationPipeline(Pipeline):
                 model, device=placed or device, dtype=dtype, batch_size=batch_size, num_workers=num_workers, **kwargs
             )
         self.dtype = self.model.dtype  # what the model runs in (and its inputs are cast to), as recorded
-        if self._defaults[1].get("method_settings"):  # settings without a method: refused now, not at every call
-            self._build_methods(self._defaults[1])
+        if self._defaults[1].get("method") is not None or self._defaults[1].get("method_settings"):
+            self._build_methods(self._defaults[1])  # refused now (settings without a method too), not at every call
 
     @property
     def weights_label(self) -> str | None:
@@ -556,16 +625,16 @@ class HallucinationMitigationPipeline(Pipeline):
         if "seed" in given:
             given["seed"] = generator_seed(seed)
         if "chat_template" in given:
-            given["chat_template"] = _chat_template(chat_template)
+            given["chat_template"] = _chat_template(chat_template, self.family.image_markers(self.processor))
+        if "return_attention" in given:
+            given["return_attention"] = flag(return_attention, "return_attention")
         if "attention_layers" in given:
             given["attention_layers"] = _layers(attention_layers, self._depth())
         if unused_settings is not None and unused_settings not in ("error", "ignore"):
             raise InvalidOptionError(f"unused_settings must be 'error' or 'ignore', got {unused_settings!r}")
         if method_settings is not None:
             given["method_settings"] = _method_settings(method_settings)
-        _check_decoding(given)
-        if "method" in given:
-            self._build_methods(given)  # refused here: at construction, or before any image is read
+        _check_decoding(given)  # the methods are built, and refused, with the constructor's or the call's merged
         return {}, given, given
 
     def _depth(self) -> int | None:
@@ -574,35 +643,52 @@ class HallucinationMitigationPipeline(Pipeline):
         return len(layers) if layers is not None else None
 
     def _merged_parameters(self, kwargs: dict[str, Any]) -> tuple[dict, dict, dict]:
-        """The call's keywords over the constructor's; method settings merge key by key, unless the call
-        names another method (then only the call's settings apply)."""
-        call = self._checked_parameters(kwargs)
-        merged = []
-        for default, given in zip(self._defaults, call, strict=True):
-            out = {**default, **given}
-            if "method" in given:
-                out["method_settings"] = given.get("method_settings", {})
-            elif "method_settings" in given:
-                out["method_settings"] = {**default.get("method_settings", {}), **given["method_settings"]}
-            merged.append(out)
-        if merged[1].get("method") is not None or merged[1].get("method_settings"):
-            self._build_methods(
-                merged[1]
-            )  # the call's settings with the constructor's method: before any image is read
-        return merged[0], merged[1], merged[2]
+        """The call's keywords over the constructor's (the class docstring's rule): the constructor's method
+        settings are defaults of a call with no method or the same method(s), and dropped, with a warning,
+        for a call naming other methods; a greedy call (``do_sample=False``) drops its sampling settings."""
+        pre, call, _ = self._checked_parameters(kwargs)
+        default = self._defaults[1]
+        merged = {**default, **call}
+        if call.get("do_sample") is False:  # the constructor's sampling settings are not the call's mistake
+            for key in _SAMPLING:
+                if key not in call:
+                    merged.pop(key, None)
+        merged.pop("method_settings", None)
+        merged.update(_merged_methods(default, call))
+        if merged.get("method") is not None or merged.get("method_settings"):
+            self._build_methods(merged)  # the call's settings with the constructor's method: before any image is read
+        return {**self._defaults[0], **pre}, merged, dict(merged)
 
     def _build_methods(self, given: Mapping[str, Any]) -> list[Any]:
-        from attnzoo.multimodal.hallucination.methods import build_methods, check_on_model
+        """The methods of ``given``'s ``method`` and ``method_settings``, built once per settings and kept for the
+        last :data:`_METHODS_KEPT` of them. Settings holding objects (a BLIP model, a method object) are told
+        apart by identity, and each entry keeps its objects, so that an id reused by a later object cannot
+        find it; the AGLAs of the pipeline share the BLIP they load by name."""
+        from attnzoo.multimodal.hallucination.methods import build_methods, check_on_model, parse_method_spec
 
         spec, settings = given.get("method"), dict(given.get("method_settings") or {})
         strict = given.get("unused_settings", "error") == "error"
-        key = (_spec_key(spec), repr(sorted(settings.items(), key=lambda kv: kv[0])), strict)
-        if key not in self._methods_cache:
-            methods = build_methods(spec, strict=strict, **settings)
-            with _model_lock(self.model):  # what this model rules out (VAR's sink dims), before any answer
-                check_on_model(methods, self.model)
-            self._methods_cache[key] = methods
-        return self._methods_cache[key]
+        objects: list[Any] = []
+        pairs = [(name, _value_key(item, objects)) for name, item in parse_method_spec(spec)]
+        key = (tuple(pairs), _value_key(settings, objects), strict)
+        with self._methods_guard:
+            entry = self._methods_cache.get(key)
+            if entry is not None and len(entry[0]) == len(objects) and all(map(_is, entry[0], objects)):
+                self._methods_cache.move_to_end(key)
+                return entry[1]
+        methods = build_methods(spec, strict=strict, **settings)
+        for method in methods:
+            share = getattr(method, "share_loaded", None)
+            if callable(share):
+                share(self._loaded)
+        with _model_lock(self.model):  # what this model rules out (VAR's sink dims), before any answer
+            check_on_model(methods, self.model)
+        with self._methods_guard:
+            self._methods_cache[key] = (objects, methods)
+            self._methods_cache.move_to_end(key)
+            while len(self._methods_cache) > _METHODS_KEPT:
+                self._methods_cache.popitem(last=False)
+        return methods
 
     def _decoding(self, given: Mapping[str, Any]) -> dict[str, Any]:
         sampling = [k for k in ("temperature", "top_p", "top_k") if given.get(k) is not None]
@@ -627,6 +713,14 @@ class HallucinationMitigationPipeline(Pipeline):
         if self.is_single(inputs) and not isinstance(inputs, Mapping) and isinstance(questions, (list, tuple)):
             inputs = [inputs] * len(questions)
         return super().__call__(inputs, **kwargs)
+
+    def _with_fields(self, items: list[Any], fields: dict[str, Any]) -> list[dict[str, Any]]:
+        """A list of one question (or seed) goes with every input, as one value does."""
+        fields = {
+            name: value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else value
+            for name, value in fields.items()
+        }
+        return super()._with_fields(items, fields)
 
     def preprocessor(self, *args: Any, **params: Any):
         return functools.partial(_read_item, fields=(self.primary_field, *self.input_fields), check=self._input_check)
@@ -1012,14 +1106,103 @@ def _flat(images: Any) -> list[Any]:
     return list(images) if isinstance(images, (list, tuple)) else [images]
 
 
-def _spec_key(spec: Any) -> Any:
-    if isinstance(spec, str) or spec is None:
-        return spec
-    if isinstance(spec, Mapping):
-        return repr(sorted((str(k), repr(v)) for k, v in spec.items()))
-    if isinstance(spec, (list, tuple)):
-        return tuple(_spec_key(s) for s in spec)
-    return id(spec)
+#: How many settings' methods a pipeline keeps built (a sweep over settings builds one set each).
+_METHODS_KEPT = 8
+#: Arrays up to this many values are told apart by their values in a methods key, larger ones by identity.
+_KEYED_VALUES = 4096
+
+
+def _is(a: Any, b: Any) -> bool:
+    return a is b
+
+
+def _value_key(value: Any, objects: list[Any]) -> Any:
+    """A hashable key of a setting's value: numbers, text and their lists by value (with their type: ``1`` and
+    ``True`` differ), small arrays by their values, anything else (a model, a processor, a method object) by
+    identity, the object itself appended to ``objects`` for the cache entry to keep and compare with ``is``."""
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        return (type(value).__name__, value)
+    if isinstance(value, np.generic):
+        return (type(value).__name__, value.item())
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        return ("mapping", tuple(sorted((k, _value_key(v, objects)) for k, v in value.items())))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_value_key(v, objects) for v in value))
+    if isinstance(value, torch.Tensor) and value.numel() <= _KEYED_VALUES:
+        return ("tensor", str(value.dtype), tuple(value.shape), tuple(value.detach().reshape(-1).tolist()))
+    if isinstance(value, np.ndarray) and value.size <= _KEYED_VALUES and value.dtype != object:
+        return ("ndarray", str(value.dtype), value.shape, tuple(value.ravel().tolist()))
+    objects.append(value)
+    return ("object", id(value))
+
+
+def _merged_methods(default: Mapping[str, Any], call: Mapping[str, Any]) -> dict[str, Any]:
+    """``method`` and ``method_settings`` of a call merged with the constructor's (the pipeline's docstring):
+    for the same methods, the constructor's keyword settings and the settings in its methods' parentheses or
+    dicts are defaults that the call's override key by key (a call keyword replaces a method's own value where
+    the keyword would otherwise go nowhere, as every method taking it has its own); for other methods, the call's
+    alone, with a warning naming the constructor's keyword settings left out."""
+    from attnzoo.multimodal.hallucination.methods import METHODS, parse_method_spec
+
+    ctor_kw = dict(default.get("method_settings") or {})
+    call_kw = dict(call.get("method_settings") or {})
+    if "method" not in default and "method" not in call:
+        merged = {**ctor_kw, **call_kw}
+        return {"method_settings": merged} if merged else {}
+    ctor_pairs = parse_method_spec(default.get("method"))
+    if "method" in call:
+        call_pairs = parse_method_spec(call["method"])
+    else:  # the constructor's methods, with no settings of the call's own
+        call_pairs = [(name, {} if isinstance(item, Mapping) else item) for name, item in ctor_pairs]
+    if not _same_methods(ctor_pairs, call_pairs):
+        if ctor_kw:
+            warnings.warn(
+                f"this call's method {_names(call_pairs)} is not the pipeline's ({_names(ctor_pairs)}): the "
+                f"pipeline's setting(s) {', '.join(sorted(ctor_kw))}, given for its method, do not apply to it; "
+                "give them in the call to use them",
+                UserWarning,
+                stacklevel=_outside_attnzoo(),
+            )
+        return {"method": call["method"], "method_settings": call_kw}
+    ctor_own = {name: dict(item) for name, item in ctor_pairs if isinstance(item, Mapping)}
+    pairs = [
+        (name, {**ctor_own.get(name, {}), **item} if isinstance(item, Mapping) else item) for name, item in call_pairs
+    ]
+
+    def goes_nowhere(key: str) -> bool:  # every method taking it has its own value
+        takers = [item for name, item in pairs if isinstance(item, Mapping) and key in METHODS[name].settings()]
+        return bool(takers) and all(key in item for item in takers)
+
+    for key in call_kw:  # a call keyword over the constructor's own values, where it would otherwise go nowhere
+        if goes_nowhere(key):
+            for (_, item), (_, given) in zip(pairs, call_pairs, strict=True):
+                if isinstance(item, dict) and key in item and not (isinstance(given, Mapping) and key in given):
+                    del item[key]
+    shared = {key: value for key, value in ctor_kw.items() if not goes_nowhere(key)}
+    return {"method": pairs, "method_settings": {**shared, **call_kw}}
+
+
+def _same_methods(first: Sequence[tuple[str, Any]], second: Sequence[tuple[str, Any]]) -> bool:
+    """Whether two parsed specs name the same methods, in any order (method objects: the same objects)."""
+    if sorted(name for name, _ in first) != sorted(name for name, _ in second):
+        return False
+    objects = [item for _, item in first if not isinstance(item, Mapping)]
+    others = [item for _, item in second if not isinstance(item, Mapping)]
+    return len(objects) == len(others) and all(any(a is b for b in others) for a in objects)
+
+
+def _names(pairs: Sequence[tuple[str, Any]]) -> str:
+    return "+".join(name for name, _ in pairs) or "none"
+
+
+def _outside_attnzoo() -> int:
+    """The ``stacklevel`` that points a warning, given by the function calling this one, at the first frame
+    outside attnzoo (the user's call of the pipeline)."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "attnzoo":
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    return level if frame is not None else 2
 
 
 class _InputCheck:

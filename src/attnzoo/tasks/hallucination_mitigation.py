@@ -28,7 +28,10 @@ _METHOD_OPTIONS = (
     Option("top_percent", float, "CARVE: share of the fused map kept before choosing regions (0.2).", _BOTH),
     Option("variant", str, "CARVE: fusion variant v1-v4 (v4: every probe step, weight t+1).", _BOTH),
     Option(
-        "layers", str, "CARVE: the language-model layers its probes read (20,21,...,25); 1,2,3 on a small model.", _BOTH
+        "layers",
+        str,
+        "CARVE: the language-model layers its probes read (20-25, or 20,21,...,25); 1-3 on a small model.",
+        _BOTH,
     ),
     Option("probe_tokens", int, "CARVE: greedy tokens per probe (32).", _BOTH),
     Option(

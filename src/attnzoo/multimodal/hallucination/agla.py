@@ -151,6 +151,13 @@ class AGLA(MitigationMethod):
         self.gradcam_layer = int(gradcam_layer)
         #: The augmented images of the last batch (what the contrast branch saw).
         self.last_augmented: list[Image.Image] = []
+        self._shared: dict[Any, Any] | None = None
+
+    def share_loaded(self, store: dict[Any, Any]) -> None:
+        """Take the BLIP model and processor loaded by name from ``store`` (a pipeline's), and put them there
+        when this AGLA loads them: the AGLAs of one pipeline that differ in other settings (an ``alpha``
+        sweep) then hold one BLIP per (name, device, dtype), not a copy each (1.8 GB for BLIP-ITM-large)."""
+        self._shared = store
 
     def check_model(self, model: nn.Module) -> None:
         """The BLIP source resolved before any prompt is answered (a comparison "none,agla" would otherwise
@@ -161,33 +168,35 @@ class AGLA(MitigationMethod):
         if isinstance(self.blip_model, str):
             check_blip_source(self.blip_model)
         if self.blip_processor is None:
-            self.blip_processor = _load_blip_processor(self._processor_source())
+            self.blip_processor = self._load_processor(self._processor_source())
 
     def blip(self, device: torch.device | str | None = None) -> tuple[nn.Module, Any]:
-        """(BLIP-ITM model, its processor), loading them on first use."""
+        """(BLIP-ITM model, its processor), loading them on first use (or taking those its pipeline loaded,
+        :meth:`share_loaded`)."""
         if isinstance(self.blip_model, str):
-            from transformers import BlipForImageTextRetrieval
-
-            from attnzoo.weights import hub
-
             name = self.blip_model
-            with torch.inference_mode(False):  # weights loaded as inference tensors could not take part in the GradCAM
-                with hub.pretrained_loading(_blip_what(name), name, ways_out=_BLIP_WAYS_OUT) as cache_only:
-                    model, loading = BlipForImageTextRetrieval.from_pretrained(
-                        name, dtype=torch.float32, local_files_only=cache_only, output_loading_info=True
-                    )
-                head = sorted(key for key in loading.get("missing_keys", ()) if key.startswith("itm_head."))
-                if head:  # e.g. a captioning checkpoint: its ITM head would be random, and so AGLA's mask
-                    raise WeightsError(
-                        f"AGLA's BLIP model {name} (blip_model=, --blip-model) is no image-text-matching checkpoint: "
-                        f"it has no {', '.join(head)}; use one such as {DEFAULTS['blip_model']}"
-                    )
-                self.blip_model = model.eval().to(device) if device is not None else model.eval()
+            key = ("model", name, None if device is None else str(torch.device(device)), torch.float32)
+            loaded = self._shared.get(key) if self._shared is not None else None
+            if loaded is None:
+                loaded = _load_blip_model(name, device)
+                if self._shared is not None:
+                    self._shared[key] = loaded
+            self.blip_model = loaded
             if self.blip_processor is None:
-                self.blip_processor = _load_blip_processor(name)
+                self.blip_processor = self._load_processor(name)
         if self.blip_processor is None:
-            self.blip_processor = _load_blip_processor(self._processor_source())
+            self.blip_processor = self._load_processor(self._processor_source())
         return cast(nn.Module, self.blip_model), self.blip_processor
+
+    def _load_processor(self, name: str) -> Any:
+        """The BLIP processor of ``name``, loaded once per pipeline (:meth:`share_loaded`)."""
+        key = ("processor", name)
+        loaded = self._shared.get(key) if self._shared is not None else None
+        if loaded is None:
+            loaded = _load_blip_processor(name)
+            if self._shared is not None:
+                self._shared[key] = loaded
+        return loaded
 
     def _processor_source(self) -> str:
         """Where a processor not given loads from: the BLIP id or folder, or a loaded model's ``name_or_path``."""
@@ -295,6 +304,27 @@ def check_blip_source(name: str) -> None:
                 raise WeightsError(f"cannot load {what}: the folder holds no weights ({', '.join(_WEIGHTS_FILES)})")
         elif cache_only and not any(isinstance(try_to_load_from_cache(name, file), str) for file in _WEIGHTS_FILES):
             raise hub.unavailable_error(what, f"{hub.hf_endpoint()}/{name}", ways_out=_BLIP_WAYS_OUT)
+
+
+def _load_blip_model(name: str, device: torch.device | str | None) -> nn.Module:
+    """BLIP-ITM from ``name`` (a Hub id or a folder) in float32, in eval mode, on ``device``; one without an ITM
+    head (a captioning checkpoint: AGLA's mask would come from a random head) is a :class:`WeightsError`."""
+    from transformers import BlipForImageTextRetrieval
+
+    from attnzoo.weights import hub
+
+    with torch.inference_mode(False):  # weights loaded as inference tensors could not take part in the GradCAM
+        with hub.pretrained_loading(_blip_what(name), name, ways_out=_BLIP_WAYS_OUT) as cache_only:
+            model, loading = BlipForImageTextRetrieval.from_pretrained(
+                name, dtype=torch.float32, local_files_only=cache_only, output_loading_info=True
+            )
+        head = sorted(key for key in loading.get("missing_keys", ()) if key.startswith("itm_head."))
+        if head:  # e.g. a captioning checkpoint: its ITM head would be random, and so AGLA's mask
+            raise WeightsError(
+                f"AGLA's BLIP model {name} (blip_model=, --blip-model) is no image-text-matching checkpoint: "
+                f"it has no {', '.join(head)}; use one such as {DEFAULTS['blip_model']}"
+            )
+        return model.eval().to(device) if device is not None else model.eval()
 
 
 def _load_blip_processor(name: str):

@@ -38,6 +38,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -94,7 +95,10 @@ def check_number(
 ) -> float:
     """``value`` as a finite float within the given bounds (the methods' strengths and thresholds: a nan
     or inf would silently turn every answer into padding or the method into a no-op). A value that is
-    no number raises float's own TypeError / ValueError, which the pipeline names as a wrong type."""
+    no number raises float's own TypeError / ValueError, which the pipeline names as a wrong type; a flag
+    (``True``, numpy's or torch's bool) is no number either: refused here, naming the setting (it read as 1)."""
+    if _is_flag(value):
+        raise InvalidOptionError(f"{method}'s {name} must be a number, not a flag: got {value!r}")
     number = float(value)
     given = ((">=", operator.ge, at_least), (">", operator.gt, above), ("<=", operator.le, at_most))
     limits = [(sign, holds, bound) for sign, holds, bound in given if bound is not None]
@@ -102,6 +106,13 @@ def check_number(
         stated = "".join(f" and {sign} {bound}" for sign, _, bound in limits)
         raise InvalidOptionError(f"{method}'s {name} must be finite{stated}, got {value!r}")
     return number
+
+
+def _is_flag(value: Any) -> bool:
+    """A bool of Python, numpy or torch (a one-element bool tensor), which ``float`` would take as 0 or 1."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype == torch.bool
+    return isinstance(value, (bool, np.bool_))
 
 
 def check_cutoff(method: str, alpha: float, beta: float) -> tuple[float, float]:

@@ -57,12 +57,14 @@ __all__ = [
     "check_on_model",
     "composition_name",
     "decoding_refusal",
+    "index_span",
     "method_names",
     "method_settings",
     "parse_method_spec",
     "refuse_shared_settings",
     "setting_clashes",
     "setting_default",
+    "spelled_span",
 ]
 
 _PACKAGE = __name__.rpartition(".")[0]
@@ -129,11 +131,20 @@ def _coerced(cls: type, name: str, value: Any, method: str) -> Any:
     if "None" in types and value.strip().lower() == "none":
         return None
     if any(t in annotation for t in ("Sequence", "Iterable", "tuple[", "list[")):
-        items = comma_items(value, name)
-        try:
-            return [float(v) if "." in v else int(v) for v in items]
-        except ValueError:
-            raise InvalidOptionError(f"{method}'s {name} must be numbers separated by commas, got {value!r}") from None
+        numbers: list[float | int] = []
+        for item in comma_items(value, name):
+            span = index_span(item, f"{method}'s {name}")
+            if span is not None:  # "1-3", as attention_layers takes it
+                numbers += spelled_span(span, item, f"{method}'s {name}")
+                continue
+            try:
+                numbers.append(float(item) if "." in item else int(item))
+            except ValueError:
+                raise InvalidOptionError(
+                    f"{method}'s {name} must be numbers separated by commas (whole numbers may be ranges such as "
+                    f"1-3), got {value!r}"
+                ) from None
+        return numbers
     text = value.strip()
     if "bool" in types:
         flags = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
@@ -149,6 +160,35 @@ def _coerced(cls: type, name: str, value: Any, method: str) -> Any:
                     f"{method}'s {name} must be {'a whole number' if kind == 'int' else 'a number'}, got {value!r}"
                 ) from None
     return value
+
+
+_SPAN = re.compile(r"\s*(-?\d+)\s*-\s*(-?\d+)\s*")
+#: The most indices one range of a setting may spell out (``"0-30000000"`` is a typo, not a list of layers).
+MAX_SPAN = 10_000
+
+
+def index_span(text: str, name: str) -> tuple[int, int] | None:
+    """``(low, high)`` of a range of whole numbers written ``"10-12"`` (``"-3--1"``: negative ends), or None for
+    text that is no range; one that runs backwards (``"3-1"``, which would name nothing) is refused, naming
+    ``name``. Shared by the method settings written as text and the pipeline's ``attention_layers``."""
+    match = _SPAN.fullmatch(text)
+    if match is None:
+        return None
+    low, high = int(match.group(1)), int(match.group(2))
+    if high < low:
+        raise InvalidOptionError(f"{name}: the range {text.strip()!r} runs backwards; write {high}-{low}")
+    return low, high
+
+
+def spelled_span(span: tuple[int, int], text: str, name: str) -> list[int]:
+    """The numbers of ``span`` (:func:`index_span`'s), refused, naming ``name``, past :data:`MAX_SPAN` of them."""
+    low, high = span
+    if high - low + 1 > MAX_SPAN:
+        raise InvalidOptionError(
+            f"{name}: the range {text.strip()!r} spans {high - low + 1:,} numbers, more than any setting takes "
+            f"({MAX_SPAN:,})"
+        )
+    return list(range(low, high + 1))
 
 
 def _keywords(fn: Any) -> tuple[str, ...]:
@@ -351,13 +391,33 @@ def build_methods(spec: Any = None, *, strict: bool = True, **settings: Any) -> 
     unused = sorted(set(settings) - taken)
     if unused and strict:
         named = [n for n, item in pairs if isinstance(item, Mapping)]
+        built = [item for _, item in pairs if not isinstance(item, Mapping)]
         takes = "; ".join(f"{n} takes {', '.join(method_settings(n)) or 'nothing'}" for n in named)
+        owners = {key: [item for item in built if key in _object_settings(item)] for key in unused}
+        for_objects = [key for key in unused if owners[key]]
+        if for_objects:  # a method object was built with its settings: a keyword cannot reach it
+            first = owners[for_objects[0]][0]
+            others = [key for key in unused if not owners[key]]
+            raise InvalidOptionError(
+                f"setting(s) {', '.join(for_objects)} cannot be applied to an already-built method object "
+                f"({', '.join(_name_of(item) for item in built)}): give them to its constructor, e.g. "
+                f"{type(first).__name__}({for_objects[0]}=...)"
+                + (f"; and {', '.join(others)} are taken by no method of {composition_name(methods)}" if others else "")
+                + (f" ({takes})" if takes and others else "")
+            )
         raise InvalidOptionError(
             f"setting(s) {', '.join(unused)} are taken by no method of {composition_name(methods) or 'none'}"
-            + (f" ({takes})" if takes else " (method none takes no settings)")
+            + (f" ({takes})" if takes else "" if built else " (method none takes no settings)")
         )
     check_composition(methods)
     return methods
+
+
+def _object_settings(method: Any) -> set[str]:
+    """The keyword settings a method object's class takes (a registered method's, CFG included)."""
+    entry = METHODS.get(_name_of(method))
+    own = set(_keywords(type(method)))
+    return own | set(entry.settings()) if entry is not None else own
 
 
 #: Settings that mean one thing in every method that takes them (how a contrast branch runs; the
