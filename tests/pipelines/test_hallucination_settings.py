@@ -253,3 +253,18 @@ def test_carve_layer_ranges_as_attention_layers_takes_them(ask, photos):
     for text, said in [("3-1", "runs backwards"), ("0-99999", "spans 100,000 numbers"), ("a-b", "ranges such as 1-3")]:
         with pytest.raises(InvalidOptionError, match=f"carve's layers.*{said}"):
             build_methods(f"carve(layers={text})")
+
+
+@pytest.mark.parametrize(
+    ("settings", "said"),
+    [
+        ({"temperature": 0.7}, "apply to sampled decoding: pass do_sample=True"),
+        ({"method": "vcd", "num_beams": 2}, "num_beams=2 does not apply"),
+        ({"return_attention": True, "num_beams": 2}, "return_attention follows one sequence"),
+        ({"do_sample": True, "num_beams": 2}, "beam sampling"),
+    ],
+)
+def test_constructor_settings_that_cannot_decode_together_are_refused_when_it_is_built(settings, said):
+    """Defaults that every call using them would refuse are refused once, when the pipeline is built."""
+    with pytest.raises(InvalidOptionError, match=said):
+        tiny(**settings)

@@ -557,8 +557,12 @@ class HallucinationMitigationPipeline(Pipeline):
                 model, device=placed or device, dtype=dtype, batch_size=batch_size, num_workers=num_workers, **kwargs
             )
         self.dtype = self.model.dtype  # what the model runs in (and its inputs are cast to), as recorded
-        if self._defaults[1].get("method") is not None or self._defaults[1].get("method_settings"):
-            self._build_methods(self._defaults[1])  # refused now (settings without a method too), not at every call
+        defaults = self._defaults[1]
+        methods: list[Any] = []
+        if defaults.get("method") is not None or defaults.get("method_settings"):
+            methods = self._build_methods(defaults)  # refused now (settings without a method too), not at every call
+        # settings that would refuse every call (temperature without do_sample, beams with a contrast method): now
+        _refuse_decoding(methods, self._decoding(defaults), bool(defaults.get("return_attention")))
 
     @property
     def weights_label(self) -> str | None:
@@ -793,13 +797,9 @@ class HallucinationMitigationPipeline(Pipeline):
 
         from attnzoo.multimodal.hallucination.base import attached, processors_then_warpers
         from attnzoo.multimodal.hallucination.method import PromptBatch
-        from attnzoo.multimodal.hallucination.methods import decoding_refusal, ordered
+        from attnzoo.multimodal.hallucination.methods import ordered
 
-        refusal = decoding_refusal(methods, decoding["num_beams"])
-        if refusal is not None:
-            raise InvalidOptionError(refusal)
-        if capture and decoding["num_beams"] > 1:
-            raise InvalidOptionError("return_attention follows one sequence per prompt: use num_beams=1")
+        _refuse_decoding(methods, decoding, capture)
         if capture and not self.family.spatial:  # said before answering, not after
             from attnzoo.multimodal.hallucination.layouts import LayoutError
 
@@ -807,8 +807,6 @@ class HallucinationMitigationPipeline(Pipeline):
                 f"return_attention draws the answer's attention over the image's patch grid, but {self.family.name} "
                 f"has {self.family.vision_note}; use a projector model (LLaVA, Qwen2-VL)"
             )
-        if decoding["do_sample"] and decoding["num_beams"] > 1:
-            raise InvalidOptionError("sampling with num_beams > 1 (beam sampling) is not supported")
         encode = functools.partial(self._encode, template=template)
         inputs = encode(batch["image"], batch["question"], names=batch["name"])
         self._image_tokens(inputs, batch["name"])
@@ -1104,6 +1102,19 @@ def _count(images: Any) -> int:
 def _flat(images: Any) -> list[Any]:
     """An entry of a batch's images as a list (several images in one prompt, or one)."""
     return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+def _refuse_decoding(methods: Sequence[Any], decoding: Mapping[str, Any], capture: bool) -> None:
+    """Refuse decoding that the methods, ``return_attention`` (``capture``) or the decoding itself rule out."""
+    from attnzoo.multimodal.hallucination.methods import decoding_refusal
+
+    refusal = decoding_refusal(methods, decoding["num_beams"])
+    if refusal is not None:
+        raise InvalidOptionError(refusal)
+    if capture and decoding["num_beams"] > 1:
+        raise InvalidOptionError("return_attention follows one sequence per prompt: use num_beams=1")
+    if decoding["do_sample"] and decoding["num_beams"] > 1:
+        raise InvalidOptionError("sampling with num_beams > 1 (beam sampling) is not supported")
 
 
 #: How many settings' methods a pipeline keeps built (a sweep over settings builds one set each).
