@@ -641,6 +641,8 @@ def _eval_task(
         **_given(options, spec, "eval"),
     )
     _check_eval_layout(Path(out), [name for name, _, _ in plan.runs])  # before any model loads or file is written
+    if overwrite and len(plan.runs) > 1:  # the earlier joint report goes now, not once every run is redone
+        _remove_summary(evaluator_cls, Path(out))
     pipes: dict[str, Any] = {}  # one pipeline per distinct set of keywords (e.g. one per method compared)
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
     results = {}
@@ -693,6 +695,18 @@ def _eval_task(
         _echo(f"wrote {run_out / 'metrics.json'} and {run_out / 'report.md'}")
     if len(results) > 1:
         _echo(evaluator_cls.summarize(results, Path(out)))
+
+
+def _remove_summary(evaluator_cls: Any, out: Path) -> None:
+    """``--overwrite`` of a plan of several runs (a ``--methods`` comparison): its joint report (comparison.md and
+    comparison.json) is removed before the first run starts over, so a run stopped part way never leaves the
+    earlier report beside new results. Only those generated files, on the first process; a folder of that name
+    (not ours) is left."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:  # torchrun's others
+        return
+    for path in evaluator_cls.summary_files(out):
+        if path.is_file() or path.is_symlink():
+            path.unlink(missing_ok=True)
 
 
 def _dtype_setting(dtype: str | None) -> str | None:

@@ -130,3 +130,72 @@ def test_errors_name_the_file(tmp_path):
     assert coco_image_id("COCO_val2014_000000002239.jpg") == 2239
     with pytest.raises(DatasetFormatError, match="not a COCO image file name"):
         coco_image_id("cat.jpg")
+
+
+def write_coco2017_tree(root, images=IMAGES):
+    """COCO 2017's layout (PAI's setup): the same images under the same ids, named ``<id>.jpg`` in val2017/."""
+    write_coco_tree(root / "from2014", images)
+    (root / "annotations").mkdir(parents=True)
+    (root / "val2017").mkdir()
+    for kind in ("instances", "captions"):
+        content = json.loads((root / "from2014" / "annotations" / f"{kind}_val2014.json").read_text())
+        for entry in content["images"]:
+            entry["file_name"] = f"{entry['id']:012d}.jpg"
+        (root / "annotations" / f"{kind}_val2017.json").write_text(json.dumps(content))
+    for i in images:
+        (root / "val2017" / f"{i:012d}.jpg").write_bytes(b"jpeg")
+    return root
+
+
+def test_lists_read_the_images_the_annotations_name(tmp_path):
+    """A list line became COCO_val2014_<id>.jpg in root/<split>/ whatever the split: the 2017 release (PAI's
+    setup) and lists naming train2014 images were refused although the images were there. An image's file is
+    the one its annotations name, in the folder of the split that lists it."""
+    coco17 = write_coco2017_tree(tmp_path / "coco17")
+    log = tmp_path / "opera.jsonl"  # OPERA's caption log: bare ids
+    log.write_text("".join(json.dumps({"image_id": i, "caption": "x"}) + "\n" for i in (4, 2)))
+    agla = write_agla_list(tmp_path / "agla.jsonl", [3, 1])  # val2014 file names
+    for listed, ids in ((log, [4, 2]), (agla, [3, 1])):
+        ds = ChairDataset.from_root(coco17, list_file=listed, split="val2017")
+        assert [im.image_id for im in ds.images] == ids
+        assert [ds.image_path(im) for im in ds.images] == [coco17 / "val2017" / f"{i:012d}.jpg" for i in ids]
+        assert ds.ground_truth_inputs()[0] == {i: IMAGES[i][0] for i in ids}
+
+    coco = write_coco_tree(tmp_path / "coco", train={9: (["cat"], ["A cat."])})
+    (coco / "train2014").mkdir()
+    (coco / "train2014" / "COCO_train2014_000000000009.jpg").write_bytes(b"jpeg")
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(
+        "\n".join(json.dumps({"image": f"COCO_{s}_{i:012d}.jpg"}) for s, i in (("train2014", 9), ("val2014", 2)))
+    )
+    ds = ChairDataset.from_root(coco, list_file=mixed)
+    assert [ds.image_path(im) for im in ds.images] == [
+        coco / "train2014" / "COCO_train2014_000000000009.jpg",
+        coco / "val2014" / "COCO_val2014_000000000002.jpg",
+    ]
+    assert ds.ground_truth_inputs()[1][9] == ["A cat."]
+    log.write_text(json.dumps({"image_id": 9}) + "\n")  # a bare id of a train image: its train file name
+    assert ChairDataset.from_root(coco, list_file=log).image_path(read_chair_list(log)[0]).parent.name == "train2014"
+    # the official val2014 setup: the files as before
+    ds = ChairDataset.from_root(coco, list_file=agla)
+    assert [ds.image_path(im) for im in ds.images] == [ds.image_folder / im.file_name for im in ds.images]
+
+
+def test_a_missing_list_image_names_the_file_names_looked_for(tmp_path):
+    coco17 = write_coco2017_tree(tmp_path / "coco17")
+    (coco17 / "val2017" / "000000000002.jpg").unlink()
+    log = tmp_path / "opera.jsonl"
+    log.write_text(json.dumps({"image_id": 2, "caption": "x"}) + "\n")
+    agla = write_agla_list(tmp_path / "agla.jsonl", [2])
+    with pytest.raises(DatasetFormatError, match="1 CHAIR images are missing") as built:
+        ChairDataset.from_root(coco17, list_file=log, split="val2017")
+    with pytest.raises(DatasetFormatError, match="1 CHAIR images are missing") as given:
+        ChairDataset.from_root(coco17, list_file=agla, split="val2017")
+    for err, origin in ((built, "built from the list's image_id"), (given, "given by the list")):
+        text = str(err.value)
+        assert "000000000002.jpg (its file name in the COCO val2017 annotations)" in text
+        assert f"COCO_val2014_000000000002.jpg ({origin})" in text and str(coco17 / "val2017") in text
+    coco = write_coco_tree(tmp_path / "coco", train={9: (["cat"], ["A cat."])})
+    listed = write_agla_list(tmp_path / "train.jsonl", [9])
+    with pytest.raises(DatasetFormatError, match="there is no train2014 image folder in"):
+        ChairDataset.from_root(coco, list_file=listed)

@@ -421,3 +421,73 @@ def test_every_method_of_a_comparison_is_checked_on_the_model_before_the_first_r
     first.check_model(model)
     with pytest.raises(InvalidOptionError, match="none of CARVE's probe layers"):
         make_plan(root, methods="none,carve").runs[0][1].check_model(model)
+
+
+def test_a_chair_resume_over_edited_annotations_is_refused(tmp_path, capsys):
+    """Each CHAIR answer is scored when it is made, against the COCO annotations of that moment: a resume after
+    the annotations were edited mixed the old ground truth with the new in one metric. The run records the sha256
+    of each annotation file it read, so such a resume is refused; a run.json of an older attnzoo, which did not
+    record them, still resumes (said), and records them from then on."""
+    root = write_coco_tree(tmp_path / "coco")
+    listed = write_agla_list(tmp_path / "chair.jsonl", [1, 2, 3, 4, 5])
+    options = dict(benchmark="chair", image_list=str(listed), lemmatizer="builtin")
+    out, older = tmp_path / "out", tmp_path / "older"
+    for folder in (out, older):
+        whole = run_plan(make_plan(root, **options), root, folder)[None]
+        predictions = folder / "predictions.jsonl"
+        predictions.write_text("".join(predictions.read_text().splitlines(keepends=True)[:2]))  # killed after two
+    files = [f"annotations/{kind}_val2014.json" for kind in ("instances", "captions")]
+    digests = {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in files}
+    assert json.loads((out / "run.json").read_text())["annotations_sha256"] == digests
+
+    run = json.loads((older / "run.json").read_text())
+    del run["annotations_sha256"]
+    (older / "run.json").write_text(json.dumps(run))
+    assert run_plan(make_plan(root, **options), root, older)[None]["n"] == whole["n"] == 5
+    assert "does not record the annotations_sha256 of the earlier run" in capsys.readouterr().err
+    assert json.loads((older / "run.json").read_text())["annotations_sha256"] == digests
+
+    captions = root / "annotations" / "captions_val2014.json"
+    content = json.loads(captions.read_text())
+    content["annotations"].append({"image_id": 4, "caption": "A cat sits on the car."})
+    captions.write_text(json.dumps(content))
+    for folder in (out, older):
+        with pytest.raises(InvalidInputError, match=r"other settings \(annotations_sha256\)"):
+            run_plan(make_plan(root, **options), root, folder)
+    assert len(read_lines(out / "predictions.jsonl")) == 2  # nothing answered against the edited annotations
+
+
+def test_an_overwrite_of_a_comparison_removes_its_old_table_before_the_first_method_runs(tmp_path, monkeypatch):
+    """``--methods a,b --overwrite`` cleared each method's files only as that method started over, and rewrote
+    comparison.md / comparison.json only once every method had run: stopped part way (Ctrl-C, out of memory),
+    it left the earlier comparison beside new results. The old table goes before the first method runs; the
+    user's own files beside it stay."""
+    import attnzoo.evaluation
+    import attnzoo.tasks
+    from attnzoo.cli import main
+
+    root = write_pope_tree(tmp_path / "data", images=2, per_image=1)
+    monkeypatch.setattr(attnzoo.tasks, "pipeline", lambda task, **kw: FakeLVLM(kw.get("method", "none")))
+    out = tmp_path / "out"
+    args = ["eval", "hallucination-mitigation", "--weights", "none", "--num-workers", "0", "--benchmark", "pope"]
+    args += ["--split", "random", "--methods", "none,vcd", "--data", str(root), "--out", str(out)]
+    assert main(args) == 0
+    assert (out / "comparison.md").is_file() and (out / "comparison.json").is_file()
+    (out / "notes.md").write_text("mine")
+    real, started = attnzoo.evaluation.evaluate, []
+
+    def stopped_in_the_second(pipe, evaluator, run_out, **kwargs):
+        started.append((Path(run_out).name, (out / "comparison.md").exists()))
+        if Path(run_out).name == "vcd":
+            raise KeyboardInterrupt
+        return real(pipe, evaluator, run_out, **kwargs)
+
+    monkeypatch.setattr(attnzoo.evaluation, "evaluate", stopped_in_the_second)
+    assert main([*args, "--max-new-tokens", "8", "--overwrite"]) != 0
+    assert started == [("none", False), ("vcd", False)]  # gone before the first method ran
+    assert not (out / "comparison.md").exists() and not (out / "comparison.json").exists()
+    assert (out / "notes.md").read_text() == "mine"
+    monkeypatch.setattr(attnzoo.evaluation, "evaluate", real)
+    assert main([*args, "--max-new-tokens", "8", "--overwrite"]) == 0  # run through: the table of the new runs
+    compared = json.loads((out / "comparison.json").read_text())
+    assert [m["decoding"]["max_new_tokens"] for m in compared.values()] == [8, 8]

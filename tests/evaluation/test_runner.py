@@ -343,3 +343,38 @@ def test_eval_under_torchrun_shards_and_gathers(imagenet_tree, tmp_path):
     lines = lambda d, f: (tmp_path / d / f).read_text().splitlines()  # noqa: E731
     assert sorted(lines("two", "predictions.jsonl")) == sorted(lines("one", "predictions.jsonl"))
     assert not list((tmp_path / "two").glob("*.rank*.jsonl")) and proc.stdout.count("top1=") == 1
+
+
+def test_an_answer_written_twice_into_one_out_is_counted_once(tmp_path):
+    """Two processes appending to one --out (the same command started twice) left every answer twice in
+    predictions.jsonl, and a resume counted each sample twice (n=6 of 4). Read back, an id is counted once, by its
+    first line (as the merge of torchrun's shards keeps it), and the run says how many lines repeated an id."""
+    out = tmp_path / "o"
+    first = evaluate(_Answers(), _Scored(), out, settings={}, progress=False)
+    assert (first["n"], first["score"]) == (4, 0 + 1 + 2 + 3)
+    predictions = out / "predictions.jsonl"
+    lines = predictions.read_text().splitlines(keepends=True)
+    later = [json.dumps({**json.loads(line), "value": 100}) + "\n" for line in lines[:2]]  # another answer, later
+    predictions.write_text("".join(lines + later))
+    (out / "skipped.jsonl").write_text(2 * (json.dumps({"id": "9", "input": "9", "reason": "x"}) + "\n"))
+    said = []
+    again = evaluate(_Answers(), _Scored(), out, settings={}, progress=False, log=said.append)
+    assert (again["n"], again["score"]) == (4, first["score"])  # each sample once, with its first answer
+    assert any("2 answer(s) and 1 skipped input(s) more than once" in line for line in said), said
+
+
+def test_a_second_process_on_the_same_out_is_refused_while_the_first_runs(tmp_path):
+    """The same command started twice answered every sample twice into one predictions.jsonl; while one process
+    holds --out (its lock), another is refused before it reads, deletes or writes anything there."""
+    fcntl = pytest.importorskip("fcntl")
+    out = tmp_path / "o"
+    evaluate(_Answers(), _Numbers(), out, settings={}, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with open(out / ".attnzoo-eval.lock", "a") as held:  # what the first process holds while it runs
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for overwrite in (False, True):
+            with pytest.raises(InvalidInputError, match=f"another process is evaluating into {out}"):
+                evaluate(_Answers(), _Numbers(), out, settings={}, progress=False, overwrite=overwrite)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert evaluate(_Answers(), _Numbers(), out, settings={}, progress=False, overwrite=True)["n"] == 4  # released
+    assert evaluate(_Answers(), _Numbers(), out, settings={}, progress=False)["n"] == 4  # and again after a run

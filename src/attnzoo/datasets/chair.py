@@ -7,10 +7,18 @@ Layout read from ``--data`` (COCO's release)::
       annotations/instances_val2014.json   (required; instances_train2014.json merged when present)
       annotations/captions_val2014.json    (required; captions_train2014.json merged when present)
       val2014/COCO_val2014_000000000042.jpg ...
+      train2014/COCO_train2014_000000000009.jpg ...   (only for lists naming train images)
 
 The de-facto scorer merges the train and val files; train2014 and val2014 images are disjoint, so
 for val2014 images only the val files matter (the train files are read when present, for lists
-naming train images). PAI reads the 2017 files instead: the same images under the same ids.
+naming train images). PAI reads the 2017 files instead (``split="val2017"``: ``instances_val2017.json``,
+``val2017/000000000042.jpg``): the same images under the same ids.
+
+An image's file is the one its annotations name (``file_name``), in the folder of the split whose
+annotations list it (``val2014/``, or ``train2014/`` for an image of the merged train files), so a list
+written for val2014 (``COCO_val2014_….jpg``, or bare ids) reads the same images from the 2017 release.
+The list's own file name is looked for too (in the same folders) when it differs. An image found in
+none of these is refused, naming the file names looked for and where each came from.
 
 Which images: either a list file or the seeded sample.
 
@@ -31,7 +39,7 @@ import os
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +134,8 @@ class ChairImage:
     file_name: str
     prompt: str | None = None
     """The list's own prompt (AGLA's ``text``); None: the run's."""
+    name_built: bool = False
+    """``file_name`` was built from an ``image_id`` line (val2014's naming), not given by the list."""
 
 
 def read_chair_list(path: str | os.PathLike) -> list[ChairImage]:
@@ -134,17 +144,17 @@ def read_chair_list(path: str | os.PathLike) -> list[ChairImage]:
     images, seen = [], set()
     for number, record in read_json_records(path, "CHAIR image list (JSON lines with image or image_id)"):
         if isinstance(record.get("image"), str):
-            name = record["image"]
+            name, built = record["image"], False
             image_id = coco_image_id(name)
         elif isinstance(record.get("image_id"), int) and not isinstance(record["image_id"], bool):
-            image_id, name = record["image_id"], f"COCO_val2014_{record['image_id']:012d}.jpg"
+            image_id, name, built = record["image_id"], f"COCO_val2014_{record['image_id']:012d}.jpg", True
         else:
             raise DatasetFormatError(f"{path}, line {number}: needs 'image' (a file name) or 'image_id' (an integer)")
         if image_id in seen:
             raise DatasetFormatError(f"{path}, line {number}: image {image_id} listed twice")
         seen.add(image_id)
         text = record.get("text")
-        images.append(ChairImage(image_id, name, text if isinstance(text, str) else None))
+        images.append(ChairImage(image_id, name, text if isinstance(text, str) else None, built))
     return images
 
 
@@ -159,14 +169,26 @@ def sample_chair_images(files: dict[int, str], count: int = 500, seed: int = 0) 
     return [ChairImage(image_id, name) for name, image_id in ordered[:count]]
 
 
+def _image_folder(root: Path, split: str) -> Path | None:
+    return next((p for p in (root / split, root / "images" / split, root / "coco" / split) if p.is_dir()), None)
+
+
 @dataclass
 class ChairDataset:
     """The captioned images (their files checked to exist) and the COCO annotations that score them."""
 
     annotations: CocoAnnotations
     image_folder: Path
+    """The split's image folder (``root/val2014``)."""
     images: list[ChairImage]
     list_file: Path | None
+    paths: dict[int, Path] = field(default_factory=dict)
+    """Each chosen image's file, by id (see :meth:`image_path`)."""
+
+    def image_path(self, image: ChairImage) -> Path:
+        """The file of ``image``: the one found by :meth:`from_root` (the annotations' file name, in its
+        split's folder), else the list's file name in the split's folder."""
+        return self.paths.get(image.image_id, self.image_folder / image.file_name)
 
     @classmethod
     def from_root(
@@ -180,7 +202,7 @@ class ChairDataset:
     ) -> ChairDataset:
         root = Path(root)
         annotations = read_coco_annotations(root, split)
-        folder = next((p for p in (root / split, root / "images" / split, root / "coco" / split) if p.is_dir()), None)
+        folder = _image_folder(root, split)
         if folder is None:
             raise DatasetFormatError(f"no {split} image folder in {root} (expected {root / split})")
         chosen: Sequence[ChairImage]
@@ -191,12 +213,19 @@ class ChairDataset:
                 raise DatasetFormatError(f"{list_file}: images {unknown[:5]} are not in the COCO annotations")
         else:
             chosen = sample_chair_images({i: annotations.files[i] for i in annotations.split_ids}, count, seed)
-        missing = [im.file_name for im in chosen if not (folder / im.file_name).is_file()]
+        train = split.replace("val", "train")
+        folders = {split: folder, train: _image_folder(root, train) if train != split else folder}
+        paths, missing = {}, []
+        for im in chosen:
+            found = _find_image(im, annotations, root, split, train, folders)
+            if isinstance(found, Path):
+                paths[im.image_id] = found
+            else:
+                missing.append(found)
         if missing:
-            raise DatasetFormatError(
-                f"{len(missing)} CHAIR images are missing from {folder}, e.g. {', '.join(missing[:3])}"
-            )
-        return cls(annotations, folder, list(chosen), Path(list_file) if list_file is not None else None)
+            more = f"; and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise DatasetFormatError(f"{len(missing)} CHAIR images are missing: {'; '.join(missing[:3])}{more}")
+        return cls(annotations, folder, list(chosen), Path(list_file) if list_file is not None else None, paths)
 
     def ground_truth_inputs(self) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
         """Instance names and human captions of the chosen images (what :class:`ChairScorer.from_coco` takes)."""
@@ -212,3 +241,31 @@ class ChairDataset:
             "list_file": str(self.list_file) if self.list_file else None,
             "images": len(self.images),
         }
+
+
+def _find_image(
+    image: ChairImage,
+    annotations: CocoAnnotations,
+    root: Path,
+    split: str,
+    train: str,
+    folders: dict[str, Path | None],
+) -> Path | str:
+    """The file of ``image``, or what was looked for where (the text of the error)."""
+    part = split if image.image_id in annotations.split_ids or train == split else train
+    names = []
+    known = annotations.files.get(image.image_id)
+    if known is not None:
+        names.append((known, f"its file name in the COCO {part} annotations"))
+    if image.file_name != known:
+        names.append((image.file_name, "built from the list's image_id" if image.name_built else "given by the list"))
+    places = list(dict.fromkeys(f for f in (folders.get(part), folders[split]) if f is not None))
+    for place in places:
+        for name, _ in names:
+            if (place / name).is_file():
+                return place / name
+    said = " or ".join(f"{name} ({why})" for name, why in names)
+    where = " or ".join(str(p) for p in places)
+    if folders.get(part) is None:
+        where += f" (there is no {part} image folder in {root}: expected {root / part})"
+    return f"image {image.image_id}: no {said} in {where}"

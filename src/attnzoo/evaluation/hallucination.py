@@ -7,10 +7,10 @@ What moves the published numbers is recorded with every run (multimodal notes §
 decoding (greedy or sampled, temperature, top-p, top-k, beams, max new tokens, seed), the prompt
 (the question as sent: the POPE question + suffix, the CHAIR prompt, the MME question), the chat
 template, the answer parser, the model revision and attention implementation, the method and its
-settings, and the question / image list files with their sha256. A run resumed with any of these
-changed is refused (``--overwrite`` starts over). Sampled decoding seeds each sample from the run's
-seed and the sample's id, so a resumed or sharded run draws exactly what one uninterrupted process
-draws.
+settings, and the question / image list files (and CHAIR's COCO annotation files) with their
+sha256. A run resumed with any of these changed is refused (``--overwrite`` starts over). Sampled
+decoding seeds each sample from the run's seed and the sample's id, so a resumed or sharded run
+draws exactly what one uninterrupted process draws.
 
 Each answer is one line of ``predictions.jsonl`` with the answer text and what every parser read in
 it; ``metrics.json`` holds the headline parser's scores and every other parser's beside them.
@@ -152,7 +152,18 @@ def _describe_method(name: str, settings: Mapping[str, Any], decoding: Mapping[s
 
 
 def _sha256(path: Path | None) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None else None
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:  # COCO's train instances are ~450 MB: read in pieces
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _annotation_digests(paths: Sequence[Path], root: Path) -> dict[str, str | None]:
+    """The sha256 of each annotation file read, by its path under ``root`` (the run's --data)."""
+    return {(p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p)): _sha256(p) for p in paths}
 
 
 _SUFFIX_NAME = re.compile(r"[a-z0-9_-]+", flags=re.IGNORECASE)
@@ -351,6 +362,10 @@ class HallucinationEvaluator(TaskEvaluator):
         path = write_comparison_table(results, out)
         return f"wrote the comparison of {len(results)} methods to {path}"
 
+    @classmethod
+    def summary_files(cls, out: Path) -> tuple[Path, ...]:
+        return (out / "comparison.md", out / "comparison.json")
+
     def __init__(
         self,
         data: str | os.PathLike,
@@ -488,6 +503,8 @@ class HallucinationEvaluator(TaskEvaluator):
             "image_ids_sha256": hashlib.sha256(
                 ",".join(str(im.image_id) for im in self.dataset.images).encode()
             ).hexdigest(),
+            # the ground truth every caption is scored against: a resume over edited annotations is refused
+            "annotations_sha256": _annotation_digests(self.dataset.annotations.sources, Path(data)),
             "lemmatizer": self.lemmatizer,
             "prompt_template": "{prompt}",
             "prompt": self.prompt,
@@ -555,7 +572,7 @@ class HallucinationEvaluator(TaskEvaluator):
         elif self.benchmark == "chair":
             for im in self.dataset.images[: self.limit]:
                 sid = str(im.image_id)
-                out.append(EvalSample(sid, self._input(sid, self.dataset.image_folder / im.file_name, self.prompt), im))
+                out.append(EvalSample(sid, self._input(sid, self.dataset.image_path(im), self.prompt), im))
         else:
             keep: set[tuple[str, str]] = set()
             for subtask in self.subtasks:

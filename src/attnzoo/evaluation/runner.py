@@ -8,17 +8,22 @@ Running again with the same settings continues where an interrupted run stopped 
 
 Under ``torchrun`` each process takes every N-th sample and appends to its own
 ``predictions.rank<r>.jsonl``; process 0 then merges them, scores and writes the report.
+
+A second process started on the same ``out/`` (the same command twice) is refused while the first runs
+(a lock file, ``.attnzoo-eval.lock``, where the file system has locks); an answer found twice in the
+files all the same is counted once (the first), and said.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,7 +33,7 @@ from attnzoo.errors import InvalidInputError, InvalidOptionError
 
 #: Settings an older attnzoo did not record: a run.json without them is resumed (with a warning), since
 #: the earlier run's value cannot be known; the value recorded from then on holds later resumes to it.
-ADDED_SETTINGS = ("device", "model_dtype", "weights_label")
+ADDED_SETTINGS = ("device", "model_dtype", "weights_label", "annotations_sha256")
 #: Settings renamed since: (old name, new name). ``precision`` (the model's dtype) hid POPE's metric of
 #: that name in metrics.json, and the 3-D ``fscore`` flag stood where the F-score goes when not computed.
 RENAMED_SETTINGS = (("precision", "model_dtype"), ("fscore", "with_fscore"))
@@ -92,6 +97,12 @@ class TaskEvaluator:
     def summarize(cls, results: dict[Any, dict[str, Any]], out: Path) -> str:
         """Several runs of one plan: write their joint report and say where (a plan of one run never calls this)."""
         raise NotImplementedError(f"{cls.__name__} plans one run only")
+
+    @classmethod
+    def summary_files(cls, out: Path) -> tuple[Path, ...]:
+        """The files :meth:`summarize` writes into ``out``: ``attnzoo eval --overwrite`` removes them before the
+        first run starts over, so an interrupted plan never leaves the earlier joint report beside new runs."""
+        return ()
 
     def check_model(self, model: Any) -> None:
         """Refuse a model that cannot be scored on this data (e.g. other classes) before any work."""
@@ -234,7 +245,10 @@ def evaluate(
 
     Answers an earlier run left in ``out_dir`` for samples that are not among this run's (the data
     changed since) stay in its files but are left out of the metrics, said through ``log`` (default:
-    a line on stderr). NaN and infinite values are written as null (JSON has neither)."""
+    a line on stderr). NaN and infinite values are written as null (JSON has neither).
+
+    A second process evaluating into ``out_dir`` while this one runs is refused (:class:`InvalidInputError`, before
+    it reads, deletes or writes anything there); an answer found twice in its files is counted once (the first)."""
     from tqdm.auto import tqdm
 
     from attnzoo._distributed import distributed_context
@@ -255,98 +269,111 @@ def evaluate(
         raise InvalidInputError(f"{out} is a file: evaluation results go into a folder")
     out.mkdir(parents=True, exist_ok=True)
     suffix = f".rank{ctx.rank}" if ctx.world_size > 1 else ""
-    predictions_path, skipped_path, run_path = (
-        out / f"predictions{suffix}.jsonl",
-        out / f"skipped{suffix}.jsonl",
-        out / "run.json",
-    )
-    settings = json_safe({"task": evaluator.task, **settings})  # as run.json holds them, to compare alike
-    if overwrite and ctx.is_main:
+    with _only_process(out / f".attnzoo-eval{suffix}.lock", out):  # before anything is read, deleted or written
+        predictions_path, skipped_path, run_path = (
+            out / f"predictions{suffix}.jsonl",
+            out / f"skipped{suffix}.jsonl",
+            out / "run.json",
+        )
+        settings = json_safe({"task": evaluator.task, **settings})  # as run.json holds them, to compare alike
+        if overwrite and ctx.is_main:
+            for path in (
+                *_own_files(out, "predictions"),
+                *_own_files(out, "skipped"),
+                out / "metrics.json",
+                out / "report.md",
+            ):
+                path.unlink(missing_ok=True)
+        elif not overwrite and run_path.exists():
+            _check_same_settings(
+                json_safe(json.loads(run_path.read_text())), settings, out, say if ctx.is_main else None
+            )
+        if retry_skipped and not overwrite and ctx.is_main:  # read by nobody before the barrier below
+            for path in _own_files(out, "skipped"):
+                path.unlink()
+        ctx.barrier()  # nobody writes before everyone has read the settings and the earlier predictions
+        if ctx.is_main:
+            write_json(run_path, settings, allow_nan=False)  # json_safe above
+
+        samples = evaluator.samples()
+        # an older run's NaN as None, as this run writes it; an id written twice (two processes appending to one
+        # --out before the lock, or where the file system has none) counted once, by its first line, as merged
+        records, twice = _first_of_each(json_safe(_read_jsonl(predictions_path)))
+        skipped, skipped_twice = _first_of_each(_read_jsonl(skipped_path))
+        done = {r["id"] for r in records} | {s["id"] for s in skipped}
         for path in (
             *_own_files(out, "predictions"),
             *_own_files(out, "skipped"),
-            out / "metrics.json",
-            out / "report.md",
+        ):  # other processes' (and earlier runs') shards
+            if path not in (predictions_path, skipped_path):
+                done |= {r["id"] for r in _read_jsonl(path, truncate=False)}
+        todo = [s for s in samples[ctx.rank :: ctx.world_size] if s.id not in done]
+        ctx.barrier()
+        started = time.perf_counter()
+        with (
+            open(predictions_path, "a") as pred_fh,
+            open(skipped_path, "a") as skip_fh,
+            tqdm(
+                total=len(samples),
+                initial=len(samples) - len(todo),
+                desc=f"eval {evaluator.task}",
+                unit="sample",
+                disable=None if progress else True,  # on a terminal only
+            ) as bar,
         ):
-            path.unlink(missing_ok=True)
-    elif not overwrite and run_path.exists():
-        _check_same_settings(json_safe(json.loads(run_path.read_text())), settings, out, say if ctx.is_main else None)
-    if retry_skipped and not overwrite and ctx.is_main:  # read by nobody before the barrier below
-        for path in _own_files(out, "skipped"):
-            path.unlink()
-    ctx.barrier()  # nobody writes before everyone has read the settings and the earlier predictions
-    if ctx.is_main:
-        write_json(run_path, settings, allow_nan=False)  # json_safe above
+            batch_lines: list[str] = []
+            results = pipe.iterate(
+                [s.input for s in todo], batch_size=batch_size, num_workers=num_workers, on_error="skip"
+            )
+            try:
+                for count, (i, result) in enumerate(results, start=1):
+                    sample = todo[i]
+                    if isinstance(result, Exception):
+                        entry = {"id": sample.id, "input": _describe_input(sample), "reason": str(result)}
+                        skipped.append(entry)
+                        skip_fh.write(dumps(entry) + "\n")
+                        skip_fh.flush()
+                    else:
+                        # as written, so that a fresh run scores what a resumed one reads back (NaN as None)
+                        record = json_safe({"id": sample.id, **evaluator.record(sample, result)})
+                        records.append(record)
+                        batch_lines.append(dumps(record) + "\n")
+                    if len(batch_lines) >= batch_size or count == len(todo):
+                        pred_fh.writelines(batch_lines)
+                        pred_fh.flush()
+                        batch_lines.clear()
+                    bar.update(1)
+            finally:  # also when a later batch fails or the run is killed: the answers made so far are kept
+                pred_fh.writelines(batch_lines)
+        elapsed = time.perf_counter() - started
+        ctx.barrier()
+        if not ctx.is_main:
+            return {}
+        if ctx.world_size > 1 or any(path.name != "predictions.jsonl" for path in _own_files(out, "predictions")):
+            records, skipped, (twice, skipped_twice) = _merge_shards(out, samples)
+        if twice or skipped_twice:
+            say(
+                f"warning: {out} held {twice} answer(s) and {skipped_twice} skipped input(s) more than once (two "
+                "processes writing into one --out, e.g. the same command started twice): each sample is counted "
+                "once, by the first of its lines"
+            )
+        records, skipped = _current(records, skipped, samples, out, say)
 
-    samples = evaluator.samples()
-    records = json_safe(_read_jsonl(predictions_path))  # an older run's NaN as None, as this run writes it
-    skipped = _read_jsonl(skipped_path)
-    done = {r["id"] for r in records} | {s["id"] for s in skipped}
-    for path in (
-        *_own_files(out, "predictions"),
-        *_own_files(out, "skipped"),
-    ):  # other processes' (and earlier runs') shards
-        if path not in (predictions_path, skipped_path):
-            done |= {r["id"] for r in _read_jsonl(path, truncate=False)}
-    todo = [s for s in samples[ctx.rank :: ctx.world_size] if s.id not in done]
-    ctx.barrier()
-    started = time.perf_counter()
-    with (
-        open(predictions_path, "a") as pred_fh,
-        open(skipped_path, "a") as skip_fh,
-        tqdm(
-            total=len(samples),
-            initial=len(samples) - len(todo),
-            desc=f"eval {evaluator.task}",
-            unit="sample",
-            disable=None if progress else True,  # on a terminal only
-        ) as bar,
-    ):
-        batch_lines: list[str] = []
-        results = pipe.iterate([s.input for s in todo], batch_size=batch_size, num_workers=num_workers, on_error="skip")
-        try:
-            for count, (i, result) in enumerate(results, start=1):
-                sample = todo[i]
-                if isinstance(result, Exception):
-                    entry = {"id": sample.id, "input": _describe_input(sample), "reason": str(result)}
-                    skipped.append(entry)
-                    skip_fh.write(dumps(entry) + "\n")
-                    skip_fh.flush()
-                else:
-                    # as written, so that a fresh run scores what a resumed one reads back (NaN as None)
-                    record = json_safe({"id": sample.id, **evaluator.record(sample, result)})
-                    records.append(record)
-                    batch_lines.append(dumps(record) + "\n")
-                if len(batch_lines) >= batch_size or count == len(todo):
-                    pred_fh.writelines(batch_lines)
-                    pred_fh.flush()
-                    batch_lines.clear()
-                bar.update(1)
-        finally:  # also when a later batch fails or the run is killed: the answers made so far are kept
-            pred_fh.writelines(batch_lines)
-    elapsed = time.perf_counter() - started
-    ctx.barrier()
-    if not ctx.is_main:
-        return {}
-    if ctx.world_size > 1 or any(path.name != "predictions.jsonl" for path in _own_files(out, "predictions")):
-        records, skipped = _merge_shards(out, samples)
-    records, skipped = _current(records, skipped, samples, out, say)
-
-    if not records:
-        raise InvalidInputError(f"no sample could be evaluated ({len(skipped)} skipped); see {skipped_path}")
-    metrics = {  # a setting of a metric's name (POPE's precision) never hides the metric
-        **{k: v for k, v in settings.items() if k not in ("task",)},
-        **evaluator.metrics(records),
-        "n": len(records),
-        "skipped": len(skipped),
-        "skipped_inputs": [s["input"] for s in skipped],
-        "seconds_this_run": round(elapsed, 3),
-        "task": evaluator.task,
-    }
-    metrics = json_safe(metrics)  # NaN (e.g. AUC of one class) as None: null in metrics.json, "n/a" in the report
-    write_json(out / "metrics.json", metrics, allow_nan=False)
-    write_text(out / "report.md", _report(evaluator, metrics, skipped))
-    return metrics
+        if not records:
+            raise InvalidInputError(f"no sample could be evaluated ({len(skipped)} skipped); see {skipped_path}")
+        metrics = {  # a setting of a metric's name (POPE's precision) never hides the metric
+            **{k: v for k, v in settings.items() if k not in ("task",)},
+            **evaluator.metrics(records),
+            "n": len(records),
+            "skipped": len(skipped),
+            "skipped_inputs": [s["input"] for s in skipped],
+            "seconds_this_run": round(elapsed, 3),
+            "task": evaluator.task,
+        }
+        metrics = json_safe(metrics)  # NaN (e.g. AUC of one class) as None: null in metrics.json, "n/a" in the report
+        write_json(out / "metrics.json", metrics, allow_nan=False)
+        write_text(out / "report.md", _report(evaluator, metrics, skipped))
+        return metrics
 
 
 def _meaning(key: str, value: Any) -> Any:
@@ -450,22 +477,67 @@ def _own_files(out: Path, kind: str) -> list[Path]:
     return sorted(path for path in out.glob(f"{kind}*.jsonl") if own.fullmatch(path.name))
 
 
-def _merge_shards(out: Path, samples: Sequence[EvalSample]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """All processes' records, in dataset order, rewritten into predictions.jsonl / skipped.jsonl."""
+def _merge_shards(
+    out: Path, samples: Sequence[EvalSample]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], tuple[int, int]]:
+    """All processes' records, in dataset order, rewritten into predictions.jsonl / skipped.jsonl, with how
+    many lines of each repeated an id (the first line of an id is kept)."""
     order = {s.id: i for i, s in enumerate(samples)}
-    merged = []
+    merged, repeated = [], []
     for kind in ("predictions", "skipped"):
-        rows: dict[str, dict[str, Any]] = {}
-        for path in _own_files(out, kind):
-            for row in _read_jsonl(path):
-                rows.setdefault(row["id"], row)
-        rows_sorted = sorted(rows.values(), key=lambda r: order.get(r["id"], len(order)))
+        rows, count = _first_of_each(row for path in _own_files(out, kind) for row in _read_jsonl(path))
+        rows_sorted = sorted(rows, key=lambda r: order.get(r["id"], len(order)))
         write_text(out / f"{kind}.jsonl", "".join(dumps(r) + "\n" for r in rows_sorted))
         for path in _own_files(out, kind):
             if path.name != f"{kind}.jsonl":
                 path.unlink()
         merged.append(json_safe(rows_sorted))
-    return merged[0], merged[1]
+        repeated.append(count)
+    return merged[0], merged[1], (repeated[0], repeated[1])
+
+
+def _first_of_each(rows: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The first row of each id, in order, and how many rows repeated an id before them."""
+    kept: dict[Any, dict[str, Any]] = {}
+    repeated = 0
+    for row in rows:
+        if row["id"] in kept:
+            repeated += 1
+        else:
+            kept[row["id"]] = row
+    return list(kept.values()), repeated
+
+
+@contextlib.contextmanager
+def _only_process(lock_path: Path, out: Path) -> Iterator[None]:
+    """Held while this process evaluates into ``out``: a second process on the same --out (the same command
+    started twice) is refused instead of answering every sample again into the same files. An OS lock on
+    ``lock_path``, released when the process ends however it ends; where the file system has no locks (or none
+    can be taken there), the run goes on without one (an answer found twice is still counted once)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        yield
+        return
+    try:
+        handle = open(lock_path, "a")  # noqa: SIM115 (closed by the stack below)
+    except OSError:  # a folder this user cannot write to fails where the run writes, as before
+        handle = None
+    with contextlib.ExitStack() as stack:
+        if handle is not None:
+            stack.enter_context(handle)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise InvalidInputError(
+                    f"another process is evaluating into {out} (it holds {lock_path}): wait for it to finish, "
+                    "or choose another --out"
+                ) from None
+            except OSError:  # no locks on this file system (ENOLCK, ENOSYS, EOPNOTSUPP)
+                pass
+            else:
+                stack.callback(fcntl.flock, handle, fcntl.LOCK_UN)
+        yield
 
 
 def _report(evaluator: TaskEvaluator, metrics: dict[str, Any], skipped: Iterable[dict[str, Any]]) -> str:
