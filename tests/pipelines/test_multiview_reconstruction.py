@@ -533,3 +533,18 @@ def test_view_tensors_are_channels_first_for_preprocess_views_as_for_load_image_
     # an H x W x C tensor is refused naming the view and its shape, saying how to pass it
     with pytest.raises(InvalidInputError, match=r"view 0: .*\(137, 137, 4\).*permute\(2, 0, 1\)"):
         preprocess_views([torch.from_numpy(rgba)])
+
+
+def test_an_overwrite_of_a_view_sweep_removes_its_old_report_before_the_first_run(tmp_path):
+    """``--views 1,3 --overwrite`` stopped part way left the earlier sweep's report.md and sweep.json beside new
+    runs: they go before the first run starts over (what the CLI removes is the evaluator's summary files)."""
+    from attnzoo.cli import _remove_summary
+    from attnzoo.evaluation.reconstruction import MultiViewReconstructionEvaluator
+
+    out = tmp_path / "eval"
+    (out / "views-1").mkdir(parents=True)
+    for name in ("sweep.json", "report.md", "notes.md", "views-1/report.md"):
+        (out / name).write_text("earlier")
+    _remove_summary(MultiViewReconstructionEvaluator, out)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.md")) == ["notes.md", "views-1/report.md"]
+    assert not (out / "sweep.json").exists()

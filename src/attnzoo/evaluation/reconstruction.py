@@ -53,6 +53,10 @@ class MultiViewReconstructionEvaluator(TaskEvaluator):
         return EvalPlan(model, split, runs)  # type: ignore[arg-type]
 
     @classmethod
+    def summary_files(cls, out: Path) -> tuple[Path, ...]:
+        return (out / "sweep.json", out / "report.md")  # a sweep's own report.md: its runs write theirs in views-N/
+
+    @classmethod
     def summarize(cls, results: dict[Any, dict[str, Any]], out: Path) -> str:
         by_views = {int(m["n_views"]): m for m in results.values()}
         write_json(out / "sweep.json", {str(n): m for n, m in sorted(by_views.items())})
