@@ -94,13 +94,16 @@ def _pai_cfg(model, inputs):
 
 
 def _var(model):
+    # VAR's default sink layers are 2 to L - 1: a model of fewer layers (--layers 1) is edited on all of them
+    depth = model.config.get_text_config().num_hidden_layers
+    layers = {} if depth > 2 else {"sink_layers": range(depth)}
     try:
         sink_dims_for(model)
-        return VAR()
+        return VAR(**layers)
     except InvalidOptionError:
         # A random model has no massive activations: a low tau makes ~2% of the tokens sinks (real
         # LLaVA has a handful), so the redistribution path runs instead of VAR's no-sink shortcut.
-        return VAR(sink_dims=(0, 1), tau=2.3, summ=0.0)
+        return VAR(sink_dims=(0, 1), tau=2.3, summ=0.0, **layers)
 
 
 def _processors(make):
