@@ -1,6 +1,7 @@
 import contextlib
 import hashlib
 import json
+import re
 import subprocess
 import sys
 
@@ -113,6 +114,8 @@ def test_run_prints_and_saves(tmp_path, photo, capsys):
             "none",
             "--out",
             str(out),
+            "--top-k",
+            "3",  # the same settings: another --top-k would be refused (test_run_refuses_...other_settings)
         ]
     )
     assert (out / "a.png").exists() and (out / "a-2.png").exists()
@@ -960,3 +963,109 @@ def test_the_steps_a_resume_starts_from_are_the_runs_own_not_another_runs_in_a_s
     (tmp_path / "checkpoint-00000003.pt").write_bytes(b"")
     (tmp_path / "checkpoint-00000005.pt").write_bytes(b"")
     assert _saved_steps(tmp_path) == 5 + 7
+
+
+def test_weights_convert_refuses_an_existing_output_unless_overwrite(tmp_path, capsys, monkeypatch):
+    """``attnzoo weights convert SRC DST`` replaced any file at DST: the two arguments swapped destroyed the
+    official checkpoint. Refused before the model is built, naming the path; --overwrite replaces it."""
+    import attnzoo.factory
+
+    torch.manual_seed(0)
+    model = attnzoo.create_model("test_resnet")
+    torch.save(model.state_dict(), tmp_path / "official.pth")
+    official = (tmp_path / "official.pth").read_bytes()
+    ours = tmp_path / "ours.safetensors"
+    ours.write_bytes(b"an earlier conversion")
+    convert = ["weights", "convert", "--model", "test_resnet"]
+    with monkeypatch.context() as patch:
+        patch.setattr(attnzoo.factory, "create_model", lambda *a, **k: pytest.fail("the model was built first"))
+        assert main([*convert, str(tmp_path / "official.pth"), str(ours)]) == 2
+        assert f"{ours} exists: give another file, or --overwrite to replace it" in capsys.readouterr().err
+        assert main([*convert, str(ours), str(tmp_path / "official.pth"), "--overwrite"]) == 2  # swapped
+        assert f"{tmp_path / 'official.pth'} is not a .safetensors file name" in capsys.readouterr().err
+    assert ours.read_bytes() == b"an earlier conversion" and (tmp_path / "official.pth").read_bytes() == official
+    assert main([*convert, str(tmp_path / "official.pth"), str(ours), "--overwrite"]) == 0
+    converted = load_file(ours)
+    assert all(torch.equal(converted[k], v) for k, v in model.state_dict().items())
+
+
+def test_run_refuses_an_out_holding_results_of_other_settings(tmp_path, photo, capsys, monkeypatch):
+    """A second run into the same --out with another --top-k (another --method, --question ...) replaced the
+    input's entry in results.json and its picture, with no record of which settings made which. The settings are
+    recorded; other ones are refused before the model loads, naming them. A results.json written before settings
+    were recorded is taken (they cannot be known), and records this run's from then on."""
+    photo.save(tmp_path / "cat.jpg")
+    out = tmp_path / "out"
+    run = ["run", "classification", str(tmp_path / "cat.jpg"), "-m", "test_resnet", "-w", "none", "-o", str(out)]
+    assert main([*run, "--top-k", "3"]) == 0
+    record = json.loads((out / "results.json").read_text())
+    assert record["settings"] == {"top_k": 3} and len(record["results"][str(tmp_path / "cat.jpg")]) == 3
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    with monkeypatch.context() as patch:  # refused before the model loads
+        patch.setattr(attnzoo.tasks, "pipeline", lambda *a, **k: pytest.fail("the model was loaded first"))
+        assert main(run) == 2  # --top-k's default, 5
+    err = capsys.readouterr().err
+    assert f"--out {out} holds the results of another run (--top-k 3, this run's 5): choose another --out" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing replaced
+    assert main([*run, "--top-k", "3"]) == 0  # the same settings: added to
+    del record["settings"]  # as an attnzoo that did not record them wrote it
+    (out / "results.json").write_text(json.dumps(record))
+    assert main([*run, "--top-k", "4"]) == 0
+    record = json.loads((out / "results.json").read_text())
+    assert record["settings"] == {"top_k": 4} and len(record["results"][str(tmp_path / "cat.jpg")]) == 4
+    assert main([*run, "--top-k", "2"]) == 2  # recorded from then on
+    assert "(--top-k 4, this run's 2)" in capsys.readouterr().err
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tmp_path, photo, capsys, monkeypatch):
+    """Two ``attnzoo run`` into one --out at once lost one's results.json entries and gave inputs the other's
+    pictures: while one holds the folder (its OS lock), another is refused before it writes anything there."""
+    import os
+
+    fcntl = pytest.importorskip("fcntl")
+    photo.save(tmp_path / "cat.jpg")
+    out = tmp_path / "out"
+    out.mkdir()
+    run = ["run", "classification", str(tmp_path / "cat.jpg"), "-m", "test_resnet", "-w", "none", "-o", str(out)]
+    held = os.open(out, os.O_RDONLY)  # what the first process holds while it runs
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with monkeypatch.context() as patch:
+            patch.setattr(attnzoo.tasks, "pipeline", lambda *a, **k: pytest.fail("the model was loaded first"))
+            assert main(run) == 1
+        err = capsys.readouterr().err
+        assert f"another process is writing attnzoo run's results into {out}: wait for it to finish" in err
+        assert "choose another --out" in err and not any(out.iterdir())
+    finally:
+        os.close(held)  # the first process ends: its lock goes with it
+    assert main(run) == 0 and (out / "results.json").is_file()
+    capsys.readouterr()
+    assert main([*run[:-1], str(tmp_path / "new"), "-m", "no_such_model"]) != 0  # failed before writing anything
+    assert not (tmp_path / "new").exists()  # the folder made for the lock is not left behind
+
+
+def test_a_skipped_folder_is_named(tmp_path, capsys):
+    """``attnzoo run multiview-3d-reconstruction A B`` said "skipped: all views must have the same size ... (view 1)"
+    without naming the folder skipped."""
+    from attnzoo.demo import synthetic_views
+
+    views = synthetic_views(2, size=64)
+    for name, sizes in (("good", (64, 64)), ("odd", (64, 48))):
+        (tmp_path / name).mkdir()
+        for i, (view, size) in enumerate(zip(views, sizes)):
+            view.resize((size, size)).save(tmp_path / name / f"{i}.png")
+    good, odd = str(tmp_path / "good"), str(tmp_path / "odd")
+    assert main(["run", "multiview-3d-reconstruction", good, odd, "-w", "none", "--device", "cpu"]) == 1
+    captured = capsys.readouterr()
+    (line,) = [line for line in captured.err.splitlines() if line.startswith("skipped:")]
+    assert line.startswith(f"skipped: {odd}: ") and "same size" in line
+    assert f"{good}: " in captured.out
+
+
+def test_dtype_help_names_every_dtype_accepted(capsys):
+    from attnzoo._placement import _DTYPES
+
+    assert main(["run", "image-classification", "--help"]) == 0
+    said = " ".join(capsys.readouterr().out.split())  # as wrapped
+    assert all(re.search(rf"\b{name}\b", said) for name in [*_DTYPES, "auto"])

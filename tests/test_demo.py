@@ -120,3 +120,29 @@ def test_a_file_or_a_folder_under_a_file_is_refused_through_the_python_api(tmp_p
     with pytest.raises(InvalidOptionError, match=f"cannot be created: {re.escape(str(taken))} is a file"):
         demo.run_demo(taken / "demo", log=lambda line: None)
     assert [p.name for p in tmp_path.iterdir()] == ["taken"] and taken.read_text() == "mine"
+
+
+def test_ctrl_c_says_nothing_was_written_and_to_run_it_again(tmp_path, monkeypatch, capsys):
+    """The README promises one line saying what was kept and how to resume: it said only "interrupted"."""
+
+    def interrupted(out, model, log, device=None):
+        out.mkdir(parents=True)
+        (out / "picture.png").write_text("half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "DEMOS", {"image-classification": interrupted})
+    assert main(["demo", "--out", str(tmp_path / "d")]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"interrupted: nothing was written to {tmp_path / 'd'}") and "\n" not in err
+    assert "run the same command again" in err
+    assert not any(tmp_path.iterdir())  # as said: no folder, no staging left
+
+
+def test_a_device_that_is_not_here_is_refused_before_any_demo_runs(tmp_path, monkeypatch, capsys):
+    """``attnzoo demo --device cuda`` without CUDA started the demos before refusing (cuda:99 is refused with or
+    without GPUs)."""
+    ran = []
+    monkeypatch.setattr(demo, "DEMOS", {"image-classification": lambda *a, **k: ran.append(a)})
+    assert main(["demo", "--device", "cuda:99", "--out", str(tmp_path / "d")]) == 1
+    assert "device='cuda:99' asked for CUDA" in capsys.readouterr().err
+    assert ran == [] and not any(tmp_path.iterdir())

@@ -48,7 +48,12 @@ DeviceOpt = Annotated[
     ),
 ]
 DtypeOpt = Annotated[
-    str | None, typer.Option("--dtype", help="float32, float16, bfloat16, or auto (the model's own: the default).")
+    str | None,
+    typer.Option(
+        "--dtype",
+        help="float32 (also fp32, float), float16 (fp16, half), bfloat16 (bf16), float64 (fp64), or auto "
+        "(the model's own: the default).",
+    ),
 ]
 
 
@@ -391,41 +396,89 @@ def _run_task(
     if not files:
         raise InvalidInputError("no input files given (folders held no images)")
     _check_out_beside_inputs(out, inputs)
-    if out is not None:  # another task's or model's results in --out: said before the model loads
-        _earlier_results(out, {"task": spec.name, "model": model or spec.default_model})
     given = _given(options, spec, "run")
-    fields = {k: v for k, v in given.items() if k in _input_fields(spec)}
-    pipe = pipeline(
-        spec.name,
-        model=model,
-        weights=weights,
-        device=device,
-        dtype=dtype,
-        batch_size=batch_size,
-        **{k: v for k, v in given.items() if k not in fields},
-    )
-    items: list[Any] = (
-        [[str(p) for p in list_images(Path(f))] for f in files] if spec.inputs == "folders" else list(files)
-    )
-    _run_files(pipe, files, items, out, model=model or spec.default_model, **fields)
+    settings = _run_settings(spec, given, primary)
+    with _out_held(out):  # a second attnzoo run into the same --out is refused while this one runs
+        if out is not None:  # another task's, model's or settings' results in --out: said before the model loads
+            _earlier_results(out, {"task": spec.name, "model": model or spec.default_model, "settings": settings})
+        fields = {k: v for k, v in given.items() if k in _input_fields(spec)}
+        pipe = pipeline(
+            spec.name,
+            model=model,
+            weights=weights,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            **{k: v for k, v in given.items() if k not in fields},
+        )
+        items: list[Any] = (
+            [[str(p) for p in list_images(Path(f))] for f in files] if spec.inputs == "folders" else list(files)
+        )
+        _run_files(pipe, files, items, out, model=model or spec.default_model, settings=settings, **fields)
+
+
+def _run_settings(spec: Any, given: dict[str, Any], primary: set[str]) -> dict[str, Any]:
+    """The task options of an ``attnzoo run`` as results.json records them: each one given, else its declared
+    default (``--top-k``'s 5), by name; those left unset with no default are left out (an input given as an
+    option, such as subject insertion's --target, is an input, not a setting)."""
+    settings = {}
+    for o in spec.options_for("run"):
+        value = given.get(o.name, o.default)
+        if o.name in primary or value is None:
+            continue
+        settings[o.name] = value if isinstance(value, (str, int, float, bool)) else str(value)
+    return settings
+
+
+@contextlib.contextmanager
+def _out_held(out: Path | None) -> Iterator[None]:
+    """An OS lock on ``out`` (the folder itself) while ``attnzoo run`` writes there, as ``attnzoo eval`` holds
+    its --out: two runs into one folder at once lost one's results.json entries and gave inputs the other's
+    pictures. A folder made for it and left empty (the run failed before writing) is removed again."""
+    if out is None:
+        yield
+        return
+    from attnzoo.evaluation.runner import only_process
+
+    made = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # checked before (_check_out): a folder changed since
+        raise InvalidOptionError(f"--out {out} cannot be created: {err.strerror or err}") from None
+    try:
+        with only_process(out, out, doing="writing attnzoo run's results"):
+            yield
+    finally:
+        if made:
+            with contextlib.suppress(OSError):  # only an empty folder
+                out.rmdir()
 
 
 def _input_fields(spec: Any) -> set[str]:
     return {name for cls in spec.pipeline_classes() for name in cls.input_fields}
 
 
-def _run_files(pipe: Any, files: list[str], items: list[Any], out: Path | None, *, model: str, **fields: Any) -> None:
+def _run_files(
+    pipe: Any,
+    files: list[str],
+    items: list[Any],
+    out: Path | None,
+    *,
+    model: str,
+    settings: dict[str, Any] | None = None,
+    **fields: Any,
+) -> None:
     """``attnzoo run``'s loop for any task: a line per input (and a progress bar on a terminal),
     unreadable inputs skipped (unless there is only one), and in ``out`` a picture per input (and the task's
-    own files) written as its result arrives, with ``results.json`` (the task, model and weights, each input's
-    result and files) brought up to date batch by batch: an interrupted run keeps what it finished. A later
-    run of the same task, model and weights into ``out`` adds to its results; no file is written over but
-    the same input's own from an earlier run."""
+    own files) written as its result arrives, with ``results.json`` (the task, model, weights and task settings,
+    each input's result and files) brought up to date batch by batch: an interrupted run keeps what it finished.
+    A later run of the same task, model, weights and settings into ``out`` adds to its results; no file is
+    written over but the same input's own from an earlier run."""
     from tqdm.auto import tqdm
 
     from attnzoo.errors import InvalidInputError
 
-    header = {"task": pipe.task, "model": model, "weights": pipe.weights_label}
+    header = {"task": pipe.task, "model": model, "weights": pipe.weights_label, "settings": settings or {}}
     saved = _RunOutput(out, header, items, fields) if out is not None else None  # refuses another run's first
     done, failed = 0, []
     batch = max(1, int(getattr(pipe, "batch_size", 1) or 1))
@@ -435,7 +488,8 @@ def _run_files(pipe: Any, files: list[str], items: list[Any], out: Path | None, 
                 bar.update(1)
                 if isinstance(result, Exception):
                     failed.append(files[i])
-                    bar.write(f"skipped: {result}", file=sys.stderr)
+                    said = str(result)  # named, unless the loader's message names it already
+                    bar.write(f"skipped: {said if files[i] in said else f'{files[i]}: {said}'}", file=sys.stderr)
                 else:
                     bar.write(f"{files[i]}: {result.summary()}")
                     if saved is not None:
@@ -569,8 +623,9 @@ def _same_setting(key: str, earlier: Any, now: Any) -> bool:
 
 def _earlier_results(out: Path, header: dict[str, Any]) -> dict[str, Any]:
     """The results and the files per input (``{"results": ..., "files": ...}``) an earlier ``attnzoo run``
-    of the same task, model and weights left in ``out`` (kept and added to); another run's, or a
-    ``results.json`` attnzoo did not write, is refused."""
+    of the same task, model, weights and task settings left in ``out`` (kept and added to); another run's, or
+    a ``results.json`` attnzoo did not write, is refused. A results.json of an attnzoo that did not record the
+    settings is taken as of the same settings (they cannot be known); this run's are recorded from then on."""
     import json
 
     from attnzoo.errors import InvalidOptionError
@@ -586,14 +641,30 @@ def _earlier_results(out: Path, header: dict[str, Any]) -> dict[str, Any]:
         raise InvalidOptionError(
             f"--out {out} holds a results.json that attnzoo run did not write: choose another --out"
         )
-    other = {k: earlier.get(k) for k in header if not _same_setting(k, earlier.get(k), header[k])}
-    if other:
-        said = ", ".join(f"{k} {v!r}, this run's {header[k]!r}" for k, v in other.items())
+    other = {k: earlier.get(k) for k in header if k != "settings" and not _same_setting(k, earlier.get(k), header[k])}
+    said = [f"{k} {v!r}, this run's {header[k]!r}" for k, v in other.items()]
+    if isinstance(earlier.get("settings"), dict) and "settings" in header:  # absent: written before they were
+        said += _changed_settings(earlier["settings"], header["settings"])
+    if said:
         raise InvalidOptionError(
-            f"--out {out} holds the results of another run ({said}): choose another --out, or move its results.json"
+            f"--out {out} holds the results of another run ({', '.join(said)}): choose another --out, or move its "
+            "results.json"
         )
     files = earlier.get("files")
     return {"results": earlier["results"], "files": files if isinstance(files, dict) else {}}
+
+
+def _changed_settings(earlier: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The task settings that differ between an earlier run's results.json and this run, as options:
+    ``--top-k 3, this run's 5`` (one given only once: ``not given``)."""
+    changed = []
+    for name in sorted(set(earlier) | set(now), key=lambda n: (n not in now, n)):
+        before, after = earlier.get(name), now.get(name)
+        if not _same_setting("weights", before, after):  # a file given as a setting: the same file however spelled
+            flag = "--" + name.replace("_", "-")
+            shown = [repr(v) if v is not None else "not given" for v in (before, after)]
+            changed.append(f"{flag} {shown[0]}, this run's {shown[1]}")
+    return changed
 
 
 def _check_out(out: Path | None) -> None:
@@ -971,7 +1042,10 @@ def demo(
     from attnzoo.demo import run_demo
 
     _check_out(out)  # under a file, or where no folder can be made: said before the demos run
-    run_demo(out, device=device, log=_echo)
+    # the demo stages its folder and puts it in place only at the end: Ctrl-C before that leaves --out as it was
+    kept = f"interrupted: nothing was written to {out} (the demo writes it only once every task is done); run the same command again"
+    with _on_interrupt(lambda: kept):
+        run_demo(out, device=device, log=_echo)
 
 
 @weights_app.command("list")
@@ -1030,18 +1104,21 @@ def weights_convert(
     src: Annotated[str, typer.Argument(help="Official checkpoint: path, URL or registered name.")],
     dst: Annotated[Path, typer.Argument(help="Output .safetensors file.")],
     model: Annotated[str, typer.Option("--model", "-m", help="Model the checkpoint belongs to.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace DST if it exists (else refused).")] = False,
 ) -> None:
     """Convert an official checkpoint into attnzoo's safetensors layout (checked against the model)."""
     from attnzoo.factory import create_model
     from attnzoo.weights import convert_checkpoint, get_checkpoint, is_checkpoint
+    from attnzoo.weights.convert import check_destination
 
+    check_destination(src, dst, overwrite=overwrite, flag="--overwrite")  # before the model is built
     net = create_model(model, weights="none")
     converter = get_checkpoint(src).resolve_converter() if is_checkpoint(src) else None
     if converter is None:
         from attnzoo.factory import module_filter_fn
 
         converter = module_filter_fn(net)
-    path = convert_checkpoint(src, dst, net, converter=converter, metadata={"model": model})
+    path = convert_checkpoint(src, dst, net, converter=converter, metadata={"model": model}, overwrite=overwrite)
     _echo(f"wrote {path}")
 
 

@@ -366,8 +366,11 @@ def run_demo(
     leaves no half-written ``out_dir``; a task whose optional package is missing is skipped with a
     one-line reason.
     """
+    from attnzoo._placement import resolve_device
     from attnzoo.tasks import list_tasks
 
+    if device is not None:  # a device that is not here (cuda without CUDA) is refused before any demo runs
+        resolve_device(device)
     out = Path(out_dir).absolute()
     _refuse_unless_replaceable(out)
     log(f"attnzoo demo: writing results and pictures to {out}/")

@@ -290,6 +290,29 @@ def test_convert_never_writes_over_its_source_nor_into_a_folder(tmp_path):
     assert set(load_file(out)) == set(small_net().state_dict())
 
 
+def test_convert_refuses_an_existing_output_unless_overwrite_and_a_name_not_safetensors(tmp_path):
+    """The two paths swapped (``convert OURS.safetensors OFFICIAL.pth``) wrote over the official checkpoint, and any
+    existing file at the output was replaced silently."""
+    from attnzoo.errors import InvalidOptionError
+
+    official = tmp_path / "official.pth"
+    torch.save(small_net().state_dict(), official)
+    mine = tmp_path / "mine.safetensors"
+    mine.write_bytes(b"the user's own file")
+    with pytest.raises(InvalidOptionError, match=f"{mine} exists: give another file, or overwrite=True"):
+        convert_checkpoint(official, mine, small_net())
+    assert mine.read_bytes() == b"the user's own file"
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"another checkpoint")
+    for dst in (other, tmp_path / "new.pth", tmp_path / "new"):  # an existing one, or not yet
+        with pytest.raises(InvalidOptionError, match=f"{dst} is not a .safetensors file name"):
+            convert_checkpoint(official, dst, small_net(), overwrite=True)
+    assert other.read_bytes() == b"another checkpoint" and not (tmp_path / "new.pth").exists()
+    out = convert_checkpoint(official, mine, small_net(), overwrite=True)  # replaced, as asked
+    assert out == mine and set(load_file(mine)) == set(small_net().state_dict())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # written atomically: no temporary left
+
+
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 @pytest.mark.parametrize("fmt", ["safetensors", "pth"])
 def test_float8_weights_are_checked_for_finiteness(tmp_path, dtype, fmt):

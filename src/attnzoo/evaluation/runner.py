@@ -269,7 +269,7 @@ def evaluate(
         raise InvalidInputError(f"{out} is a file: evaluation results go into a folder")
     out.mkdir(parents=True, exist_ok=True)
     suffix = f".rank{ctx.rank}" if ctx.world_size > 1 else ""
-    with _only_process(out / f".attnzoo-eval{suffix}.lock", out):  # before anything is read, deleted or written
+    with only_process(out / f".attnzoo-eval{suffix}.lock", out):  # before anything is read, deleted or written
         predictions_path, skipped_path, run_path = (
             out / f"predictions{suffix}.jsonl",
             out / f"skipped{suffix}.jsonl",
@@ -509,34 +509,37 @@ def _first_of_each(rows: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]]
 
 
 @contextlib.contextmanager
-def _only_process(lock_path: Path, out: Path) -> Iterator[None]:
+def only_process(lock_path: Path, out: Path, *, doing: str = "evaluating", option: str = "--out") -> Iterator[None]:
     """Held while this process evaluates into ``out``: a second process on the same --out (the same command
     started twice) is refused instead of answering every sample again into the same files. An OS lock on
-    ``lock_path``, released when the process ends however it ends; where the file system has no locks (or none
-    can be taken there), the run goes on without one (an answer found twice is still counted once)."""
+    ``lock_path`` (a lock file, or where it is a folder, the folder itself: nothing is added to it), released
+    when the process ends however it ends; where the file system has no locks (or none can be taken there), the
+    run goes on without one (an answer found twice is still counted once). ``doing`` and ``option`` word the
+    refusal ("another process is {doing} into {out} ...: ... or choose another {option}")."""
     try:
         import fcntl
     except ImportError:  # Windows: no lock
         yield
         return
-    try:
-        handle = open(lock_path, "a")  # noqa: SIM115 (closed by the stack below)
+    try:  # a folder is locked through a read-only descriptor of its own
+        flags = os.O_RDONLY if lock_path.is_dir() else os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        fd: int | None = os.open(lock_path, flags, 0o666)
     except OSError:  # a folder this user cannot write to fails where the run writes, as before
-        handle = None
+        fd = None
     with contextlib.ExitStack() as stack:
-        if handle is not None:
-            stack.enter_context(handle)
+        if fd is not None:
+            stack.callback(os.close, fd)
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                held = "" if lock_path == out else f" (it holds {lock_path})"
                 raise InvalidInputError(
-                    f"another process is evaluating into {out} (it holds {lock_path}): wait for it to finish, "
-                    "or choose another --out"
+                    f"another process is {doing} into {out}{held}: wait for it to finish, or choose another {option}"
                 ) from None
             except OSError:  # no locks on this file system (ENOLCK, ENOSYS, EOPNOTSUPP)
                 pass
             else:
-                stack.callback(fcntl.flock, handle, fcntl.LOCK_UN)
+                stack.callback(fcntl.flock, fd, fcntl.LOCK_UN)
         yield
 
 

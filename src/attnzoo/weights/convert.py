@@ -60,26 +60,12 @@ def _check_writable(out: Path) -> None:
         raise InvalidOptionError(f"{out} cannot be written: {folder}: {err.strerror or err}") from None
 
 
-def convert_checkpoint(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
-    model: torch.nn.Module,
-    *,
-    converter: Callable[..., dict] | None = None,
-    metadata: dict[str, str] | None = None,
+def check_destination(
+    src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False, flag: str = "overwrite=True"
 ) -> Path:
-    """Load ``src`` (official layout) into ``model`` strictly, then save the model's state dict to ``dst``
-    (a file; never the official checkpoint itself, which would be lost). Weights the converter took from
-    the model itself, because ``src`` has none for them, are not saved (metadata ``not_in_source`` names
-    them): the file holds only what was released."""
-    import torch
-
-    if not isinstance(model, torch.nn.Module):
-        raise InvalidOptionError(
-            f"{type(model).__name__} has no single state dict to convert: it is built of parts that their own "
-            "libraries load from their official files. 'attnzoo weights convert' takes a model that is one torch "
-            "module (the image classifiers and backbones, such as those 'attnzoo weights list' names)"
-        )
+    """Refuse a conversion's output ``dst`` before any work: under a file, a folder, the checkpoint being
+    converted, a name that does not end in ``.safetensors`` (the two paths swapped would write over the official
+    checkpoint), or a file that exists unless ``overwrite`` (``flag`` names how to say so)."""
     out = Path(os.fspath(dst))
     blocked = next((p for p in out.absolute().parents if p.exists() and not p.is_dir()), None)
     if blocked is not None:
@@ -91,6 +77,39 @@ def convert_checkpoint(
     source = Path(os.fspath(src))
     if source.exists() and out.exists() and os.path.samefile(source, out):  # links and hard links included
         raise InvalidOptionError(f"{out} is the checkpoint being converted: write the conversion to another file")
+    if out.suffix.lower() != ".safetensors":
+        raise InvalidOptionError(
+            f"{out} is not a .safetensors file name: the conversion is written as safetensors (were the official "
+            f"checkpoint and the output swapped?); give e.g. {out.with_name(out.stem + '.safetensors')}"
+        )
+    if os.path.lexists(out) and not overwrite:
+        raise InvalidOptionError(f"{out} exists: give another file, or {flag} to replace it")
+    return out
+
+
+def convert_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    model: torch.nn.Module,
+    *,
+    converter: Callable[..., dict] | None = None,
+    metadata: dict[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Load ``src`` (official layout) into ``model`` strictly, then save the model's state dict to ``dst``
+    (a new ``.safetensors`` file, written atomically; an existing one is replaced only with ``overwrite``, and
+    never the official checkpoint itself, which would be lost). Weights the converter took from the model
+    itself, because ``src`` has none for them, are not saved (metadata ``not_in_source`` names them): the file
+    holds only what was released."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidOptionError(
+            f"{type(model).__name__} has no single state dict to convert: it is built of parts that their own "
+            "libraries load from their official files. 'attnzoo weights convert' takes a model that is one torch "
+            "module (the image classifiers and backbones, such as those 'attnzoo weights list' names)"
+        )
+    out = check_destination(src, dst, overwrite=overwrite)
     _check_writable(out)  # before the conversion's work: a folder that cannot be written fails at once
     own = {k: v.data_ptr() for k, v in model.state_dict().items() if v.numel()}
     converted: dict[str, torch.Tensor] = {}
