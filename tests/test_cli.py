@@ -1069,3 +1069,19 @@ def test_dtype_help_names_every_dtype_accepted(capsys):
     assert main(["run", "image-classification", "--help"]) == 0
     said = " ".join(capsys.readouterr().out.split())  # as wrapped
     assert all(re.search(rf"\b{name}\b", said) for name in [*_DTYPES, "auto"])
+
+
+def test_an_inputs_own_options_are_no_run_settings(tmp_path, photo, capsys):
+    """--question (an input's own, as --mask or --boxes) goes with each input's result: a later run asking another
+    question about another image adds to the same --out, where another --method is refused."""
+    for name in ("cat.jpg", "dog.jpg"):
+        photo.save(tmp_path / name)
+    out = tmp_path / "out"
+    run = ["run", "hallucination-mitigation", "-w", "none", "--max-new-tokens", "2", "-o", str(out)]
+    assert main([*run, str(tmp_path / "cat.jpg"), "--question", "Is there a cat?"]) == 0
+    assert main([*run, str(tmp_path / "dog.jpg"), "--question", "Is there a dog?"]) == 0, capsys.readouterr().err
+    record = json.loads((out / "results.json").read_text())
+    assert "question" not in record["settings"] and len(record["results"]) == 2
+    capsys.readouterr()
+    assert main([*run, str(tmp_path / "dog.jpg"), "--question", "Is there a dog?", "--method", "vcd"]) == 2
+    assert "--method" in capsys.readouterr().err

@@ -105,26 +105,33 @@ def test_the_command_line_takes_device_minus_one_and_dtype_auto(tmp_path, photo,
     assert len(record["results"]) == 1
 
 
-@pytest.mark.parametrize(("visible", "rank", "expected"), [(4, 3, "cuda:3"), (1, 3, "cuda:0"), (2, 3, None)])
-def test_a_torchrun_rank_gets_its_own_gpu_or_a_typed_error(monkeypatch, visible, rank, expected):
-    """Under torchrun a bare 'cuda' is this rank's GPU; with one GPU visible per process (a scheduler's
-    binding) it is that one; more ranks on a node than the GPUs they see is refused, naming both, before torch
-    fails inside the process group's setup."""
+@pytest.mark.parametrize(
+    ("visible", "bound", "rank", "expected"),
+    [(4, None, 3, "cuda:3"), (1, "5", 3, "cuda:0"), (2, None, 3, None), (1, None, 3, None), (1, "0,1", 3, None)],
+)
+def test_a_torchrun_rank_gets_its_own_gpu_or_a_typed_error(monkeypatch, visible, bound, rank, expected):
+    """Under torchrun a bare 'cuda' is this rank's GPU; with one GPU made visible to each process (a scheduler's
+    binding, CUDA_VISIBLE_DEVICES naming one) it is that one; more ranks on a node than the GPUs they see is
+    refused, naming both, before torch fails inside the process group's setup (or NCCL, on one shared GPU)."""
     from attnzoo import _distributed
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    if bound is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", bound)
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setenv("LOCAL_RANK", str(rank))
     if expected is not None:
         assert resolve_device(None) == resolve_device("cuda") == torch.device(expected)
         return
     for device in (None, "cuda"):
-        with pytest.raises(InvalidInputError, match=r"local rank 3 \(LOCAL_RANK\), but only 2 CUDA devices"):
+        with pytest.raises(InvalidInputError, match=rf"local rank 3 \(LOCAL_RANK\), but only {visible} CUDA device"):
             resolve_device(device)
     chosen = []
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
-    with pytest.raises(InvalidInputError, match="--nproc_per_node 2"):
+    with pytest.raises(InvalidInputError, match=f"--nproc_per_node {visible}"):
         _distributed.distributed_context()
     assert chosen == []

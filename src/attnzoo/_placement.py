@@ -36,14 +36,17 @@ def _this_process_cuda() -> torch.device:
 
 def local_cuda_ordinal(local_rank: int) -> int:
     """The GPU of the process with ``local_rank`` on its node: that ordinal, or 0 where each process sees a single
-    GPU of its own (a scheduler binding one per task through ``CUDA_VISIBLE_DEVICES``). More processes on a node
+    GPU of its own (a scheduler binding one per task: ``CUDA_VISIBLE_DEVICES`` names one). More processes on a node
     than the GPUs they see is refused, where torch would fail inside the process group's setup."""
     count = _device_count(torch.device("cuda"))
     if count is None or local_rank < count:
         return local_rank
-    if count == 1:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if (
+        count == 1 and visible.strip() and "," not in visible
+    ):  # bound to this process (one GPU on a 1-GPU node: refused)
         return 0
-    there = "no CUDA device is" if count == 0 else f"only {count} CUDA devices are"
+    there = {0: "no CUDA device is", 1: "only 1 CUDA device is"}.get(count, f"only {count} CUDA devices are")
     raise InvalidInputError(
         f"torchrun started local rank {local_rank} (LOCAL_RANK), but {there} visible to it: start at most "
         f"{count} processes per node (--nproc_per_node {count}) or make more GPUs visible (CUDA_VISIBLE_DEVICES)"

@@ -422,9 +422,10 @@ def _run_settings(spec: Any, given: dict[str, Any], primary: set[str]) -> dict[s
     default (``--top-k``'s 5), by name; those left unset with no default are left out (an input given as an
     option, such as subject insertion's --target, is an input, not a setting)."""
     settings = {}
+    per_input = set(_input_fields(spec))  # --question, --mask, --boxes: each input's own, not the run's
     for o in spec.options_for("run"):
         value = given.get(o.name, o.default)
-        if o.name in primary or value is None:
+        if o.name in primary or o.name in per_input or value is None:
             continue
         settings[o.name] = value if isinstance(value, (str, int, float, bool)) else str(value)
     return settings
@@ -445,13 +446,13 @@ def _out_held(out: Path | None) -> Iterator[None]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # checked before (_check_out): a folder changed since
         raise InvalidOptionError(f"--out {out} cannot be created: {err.strerror or err}") from None
-    try:
-        with only_process(out, out, doing="writing attnzoo run's results"):
+    with only_process(out, out, doing="writing attnzoo run's results"):
+        try:
             yield
-    finally:
-        if made:
-            with contextlib.suppress(OSError):  # only an empty folder
-                out.rmdir()
+        finally:
+            if made:  # while the lock is held: a run that takes it next finds its folder as it checked it
+                with contextlib.suppress(OSError):  # only an empty folder
+                    out.rmdir()
 
 
 def _input_fields(spec: Any) -> set[str]:
@@ -712,60 +713,79 @@ def _eval_task(
         **_given(options, spec, "eval"),
     )
     _check_eval_layout(Path(out), [name for name, _, _ in plan.runs])  # before any model loads or file is written
-    if overwrite and len(plan.runs) > 1:  # the earlier joint report goes now, not once every run is redone
-        _remove_summary(evaluator_cls, Path(out))
-    pipes: dict[str, Any] = {}  # one pipeline per distinct set of keywords (e.g. one per method compared)
-    workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
-    results = {}
-    for name, evaluator, run_settings in plan.runs:
-        kwargs = {**plan.pipeline_kwargs, **(evaluator.pipeline_kwargs or {})}
-        key = repr(sorted(kwargs.items()))
-        if key not in pipes:
-            pipes[key] = pipeline(
-                spec.name,
-                model=plan.model,
-                weights=weights,
-                device=device,
-                dtype=dtype,
-                model_kwargs=plan.model_kwargs or None,
-                **kwargs,
+    several = len(plan.runs) > 1
+    with _plan_held(Path(out), several):  # the same plan started again is refused before it deletes anything
+        if overwrite and several:  # the earlier joint report goes now, not once every run is redone
+            _remove_summary(evaluator_cls, Path(out))
+        pipes: dict[str, Any] = {}  # one pipeline per distinct set of keywords (e.g. one per method compared)
+        workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
+        results = {}
+        for name, evaluator, run_settings in plan.runs:
+            kwargs = {**plan.pipeline_kwargs, **(evaluator.pipeline_kwargs or {})}
+            key = repr(sorted(kwargs.items()))
+            if key not in pipes:
+                pipes[key] = pipeline(
+                    spec.name,
+                    model=plan.model,
+                    weights=weights,
+                    device=device,
+                    dtype=dtype,
+                    model_kwargs=plan.model_kwargs or None,
+                    **kwargs,
+                )
+            pipe = pipes[key]  # evaluate() checks it against the evaluator before anything is written
+            run_out = Path(out) if name is None else Path(out) / _folder_name(name)
+            settings = {
+                "model": plan.model,
+                "weights": weights_identity(weights),
+                **_weights_label(pipe, weights),
+                "data": str(Path(data).resolve()),
+                **_split_settings(plan.split),
+                "limit": limit,
+                "dtype": _dtype_setting(dtype),  # "auto" is the default's run; "bf16" is "bfloat16"'s
+                **execution_settings(pipe),
+                **plan.settings,
+                **run_settings,
+                **evaluator.run_settings(pipe, batch_size=batch_size),
+            }
+            metrics = evaluate(
+                pipe,
+                evaluator,
+                run_out,
+                settings=settings,
+                batch_size=batch_size,
+                num_workers=workers,
+                overwrite=overwrite,
+                retry_skipped=retry_skipped,
+                log=lambda m: _echo(m, err=True),
             )
-        pipe = pipes[key]  # evaluate() checks it against the evaluator before anything is written
-        run_out = Path(out) if name is None else Path(out) / _folder_name(name)
-        settings = {
-            "model": plan.model,
-            "weights": weights_identity(weights),
-            **_weights_label(pipe, weights),
-            "data": str(Path(data).resolve()),
-            **_split_settings(plan.split),
-            "limit": limit,
-            "dtype": _dtype_setting(dtype),  # "auto" is the default's run; "bf16" is "bfloat16"'s
-            **execution_settings(pipe),
-            **plan.settings,
-            **run_settings,
-            **evaluator.run_settings(pipe, batch_size=batch_size),
-        }
-        metrics = evaluate(
-            pipe,
-            evaluator,
-            run_out,
-            settings=settings,
-            batch_size=batch_size,
-            num_workers=workers,
-            overwrite=overwrite,
-            retry_skipped=retry_skipped,
-            log=lambda m: _echo(m, err=True),
-        )
-        if not metrics:  # a torchrun process other than the first: process 0 reports
-            continue
-        results[name] = metrics
-        shown = {k: metrics[k] for k in (*evaluator.headline, "n", "skipped") if k in metrics}
-        # a metric no sample could give (null in metrics.json) reads n/a, as in the report
-        said = " ".join(f"{k}={'n/a' if format_metric(v) == 'n/a' else v}" for k, v in shown.items())
-        _echo((f"{name} " if name is not None else "") + said)
-        _echo(f"wrote {run_out / 'metrics.json'} and {run_out / 'report.md'}")
-    if len(results) > 1:
-        _echo(evaluator_cls.summarize(results, Path(out)))
+            if not metrics:  # a torchrun process other than the first: process 0 reports
+                continue
+            results[name] = metrics
+            shown = {k: metrics[k] for k in (*evaluator.headline, "n", "skipped") if k in metrics}
+            # a metric no sample could give (null in metrics.json) reads n/a, as in the report
+            said = " ".join(f"{k}={'n/a' if format_metric(v) == 'n/a' else v}" for k, v in shown.items())
+            _echo((f"{name} " if name is not None else "") + said)
+            _echo(f"wrote {run_out / 'metrics.json'} and {run_out / 'report.md'}")
+        if len(results) > 1:
+            _echo(evaluator_cls.summarize(results, Path(out)))
+
+
+@contextlib.contextmanager
+def _plan_held(out: Path, several: bool) -> Iterator[None]:
+    """An OS lock on ``out`` for a plan of several runs (a sweep, a comparison), held from before its --overwrite
+    removes anything until its joint report is written: each run's own lock (in its sub-folder) is taken only as
+    that run starts, so the same plan started twice would otherwise delete and redo the runs the first had
+    finished. Under torchrun, each process holds its own (rank 0 the plain name)."""
+    if not several:
+        yield
+        return
+    from attnzoo.evaluation.runner import only_process
+
+    rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    out.mkdir(parents=True, exist_ok=True)
+    with only_process(out / f".attnzoo-plan{f'.rank{rank}' if rank else ''}.lock", out):
+        yield
 
 
 def _remove_summary(evaluator_cls: Any, out: Path) -> None:

@@ -491,3 +491,27 @@ def test_an_overwrite_of_a_comparison_removes_its_old_table_before_the_first_met
     assert main([*args, "--max-new-tokens", "8", "--overwrite"]) == 0  # run through: the table of the new runs
     compared = json.loads((out / "comparison.json").read_text())
     assert [m["decoding"]["max_new_tokens"] for m in compared.values()] == [8, 8]
+
+
+def test_a_comparison_started_again_while_it_runs_is_refused_before_it_removes_anything(tmp_path, monkeypatch, capsys):
+    """Each run of a plan locks its own sub-folder only as it starts: the same ``--methods ... --overwrite`` started
+    again removed the joint report and redid the runs the first had finished before it was refused. The plan's
+    lock on --out is taken before anything is removed."""
+    fcntl = pytest.importorskip("fcntl")
+    import attnzoo.tasks
+    from attnzoo.cli import main
+
+    root = write_pope_tree(tmp_path / "data", images=2, per_image=1)
+    monkeypatch.setattr(attnzoo.tasks, "pipeline", lambda task, **kw: FakeLVLM(kw.get("method", "none")))
+    out = tmp_path / "out"
+    args = ["eval", "hallucination-mitigation", "--weights", "none", "--num-workers", "0", "--benchmark", "pope"]
+    args += ["--split", "random", "--methods", "none,vcd", "--data", str(root), "--out", str(out)]
+    assert main(args) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and "lock" not in p.name}
+    with open(out / ".attnzoo-plan.lock", "a") as held:  # the first process, still running the plan
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main([*args, "--overwrite"]) == 1
+    assert f"another process is evaluating into {out}" in capsys.readouterr().err
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and "lock" not in p.name}
+    assert after == before
+    assert main([*args, "--overwrite"]) == 0  # released

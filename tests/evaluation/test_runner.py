@@ -378,3 +378,19 @@ def test_a_second_process_on_the_same_out_is_refused_while_the_first_runs(tmp_pa
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert evaluate(_Answers(), _Numbers(), out, settings={}, progress=False, overwrite=True)["n"] == 4  # released
     assert evaluate(_Answers(), _Numbers(), out, settings={}, progress=False)["n"] == 4  # and again after a run
+
+
+def test_rank_0_of_a_torchrun_job_and_a_single_process_hold_the_same_lock(tmp_path, monkeypatch):
+    """Rank 0 deletes and merges the shards: it takes the lock a single process takes, so that a plain
+    ``attnzoo eval --overwrite`` on the same --out cannot delete the shards a torchrun job appends to."""
+    fcntl = pytest.importorskip("fcntl")
+    import attnzoo._distributed as distributed
+    from attnzoo._distributed import DistributedContext
+
+    out = tmp_path / "o"
+    out.mkdir()
+    monkeypatch.setattr(distributed, "distributed_context", lambda: DistributedContext(0, 2, 0))
+    with open(out / ".attnzoo-eval.lock", "a") as held:  # a single process evaluating there
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(InvalidInputError, match=f"another process is evaluating into {out}"):
+            evaluate(_Answers(), _Numbers(), out, settings={}, progress=False, overwrite=True)

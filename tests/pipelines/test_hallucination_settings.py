@@ -268,3 +268,34 @@ def test_constructor_settings_that_cannot_decode_together_are_refused_when_it_is
     """Defaults that every call using them would refuse are refused once, when the pipeline is built."""
     with pytest.raises(InvalidOptionError, match=said):
         tiny(**settings)
+
+
+def test_a_template_without_image_is_taken_where_the_processor_places_the_image():
+    """InstructBLIP's processor places the image's queries itself ({image} stands for nothing there): its usual
+    literal template has no {image}, and is taken; two {image} are refused on every model."""
+    from attnzoo.pipelines.hallucination_mitigation import _chat_template
+
+    usual = "Question: {question} Short answer:"
+    assert _chat_template(usual, needs_image=False) == usual
+    with pytest.raises(InvalidOptionError, match="has no {image}"):
+        _chat_template(usual)
+    with pytest.raises(InvalidOptionError, match="has {image} 2 times"):
+        _chat_template("{image}{image} {question}", needs_image=False)
+
+
+@pytest.mark.parametrize("text", ["-1-20", "20--1", "-3-2"])
+def test_a_range_counting_from_both_ends_is_refused(text):
+    """'-1-20' read as -1..20 named the last layer and layers 0 to 20; '20--1' was refused suggesting it."""
+    from attnzoo.multimodal.hallucination.methods import index_span
+
+    with pytest.raises(InvalidOptionError, match="mixes a count from the end with one from the start"):
+        index_span(text, "layers")
+    assert index_span("-3--1", "layers") == (-3, -1) and index_span("20-31", "layers") == (20, 31)
+
+
+def test_a_method_setting_given_as_none_in_a_call_is_dropped(photos):
+    """A keyword given as None is dropped (the constructor's value applies), method settings too: alpha=None
+    reached VCD and was refused as a setting of the wrong type."""
+    vcd = tiny(method="vcd", alpha=5.0)
+    assert methods_of(vcd(photos[0], question=QUESTION, alpha=None))["vcd"]["alpha"] == 5.0
+    assert methods_of(vcd(photos[0], question=QUESTION, method_settings={"alpha": None}))["vcd"]["alpha"] == 5.0

@@ -269,7 +269,9 @@ def evaluate(
         raise InvalidInputError(f"{out} is a file: evaluation results go into a folder")
     out.mkdir(parents=True, exist_ok=True)
     suffix = f".rank{ctx.rank}" if ctx.world_size > 1 else ""
-    with only_process(out / f".attnzoo-eval{suffix}.lock", out):  # before anything is read, deleted or written
+    # before anything is read, deleted or written; rank 0 (which deletes and merges) takes a single process's lock,
+    # so that a plain run and a torchrun job on one --out exclude each other
+    with only_process(out / f".attnzoo-eval{suffix if ctx.rank else ''}.lock", out):
         predictions_path, skipped_path, run_path = (
             out / f"predictions{suffix}.jsonl",
             out / f"skipped{suffix}.jsonl",

@@ -383,11 +383,13 @@ def _shown(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[: limit - 5]} ...{text[-1]}"
 
 
-def _chat_template(value: Any, markers: Sequence[str] = ()) -> str:
+def _chat_template(value: Any, markers: Sequence[str] = (), *, needs_image: bool = True) -> str:
     """A prompt template: ``"model"``, a name of :data:`CHAT_TEMPLATES`, or a literal holding ``{question}`` and
     ``{image}`` once (where the pipeline writes the image's text: as many placeholders as the prompt has images,
     two in CARVE's official final pass). A literal holding the model's own image text (``markers``: ``<image>``)
-    is refused, as is one without ``{image}``: the processor would count other images than the prompt has."""
+    is refused, as is one without ``{image}`` where the model's prompts hold an image text (``needs_image``;
+    InstructBLIP's processor places the image's queries itself): the processor would count other images than
+    the prompt has."""
     if not isinstance(value, str) or not value.strip():
         raise InvalidOptionError(
             f"chat_template must be 'model', one of {list(CHAT_TEMPLATES)} or a string, got {value!r}"
@@ -401,13 +403,14 @@ def _chat_template(value: Any, markers: Sequence[str] = ()) -> str:
             "write {image} where the image goes instead (the pipeline puts the image's text there, once per image "
             "of the prompt)"
         )
-    if "{question}" not in value or value.count("{image}") != 1:
+    if "{question}" not in value or value.count("{image}") > 1 or (needs_image and "{image}" not in value):
         missing = "has no {question}" if "{question}" not in value else "has no {image}"
         if "{image}" in value and "{question}" in value:
             missing = f"has {{image}} {value.count('{image}')} times"
         raise InvalidOptionError(
             f"chat_template {_shown(value)} is neither 'model' nor one of {list(CHAT_TEMPLATES)}, and as a literal "
             f"template it {missing}: a literal needs {{question}} and, once, {{image}} where the image goes"
+            + ("" if needs_image else " (or none: this model's processor places the image itself)")
         )
     return value
 
@@ -601,9 +604,11 @@ class HallucinationMitigationPipeline(Pipeline):
         they are checked against the methods when these are built."""
         _check_keywords(kwargs)
         named = {k: v for k, v in kwargs.items() if k in _CALL_KEYWORDS}
-        extra = {k: v for k, v in kwargs.items() if k not in _CALL_KEYWORDS}
-        if extra:
-            named["method_settings"] = {**_method_settings(named.get("method_settings") or {}), **extra}
+        # a method setting given as None is dropped, as every keyword is: the constructor's value or the default applies
+        extra = {k: v for k, v in kwargs.items() if k not in _CALL_KEYWORDS and v is not None}
+        if extra or named.get("method_settings"):
+            given = _method_settings(named.get("method_settings") or {})
+            named["method_settings"] = {**{k: v for k, v in given.items() if v is not None}, **extra}
         return self._sanitize_parameters(**named)
 
     def _sanitize_parameters(
@@ -629,7 +634,11 @@ class HallucinationMitigationPipeline(Pipeline):
         if "seed" in given:
             given["seed"] = generator_seed(seed)
         if "chat_template" in given:
-            given["chat_template"] = _chat_template(chat_template, self.family.image_markers(self.processor))
+            given["chat_template"] = _chat_template(
+                chat_template,
+                self.family.image_markers(self.processor),
+                needs_image=bool(self.family.prompt_placeholder(self.processor)),
+            )
         if "return_attention" in given:
             given["return_attention"] = flag(return_attention, "return_attention")
         if "attention_layers" in given:

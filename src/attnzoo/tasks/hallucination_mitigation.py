@@ -86,7 +86,12 @@ SPEC = register_task(
                 _BOTH,
             ),
             Option("seed", int, "Sampling seed (0; eval: each sample's seed derives from it).", _BOTH),
-            Option("chat_template", str, "model (the processor's, default), llava_v1 or a literal {question}.", _BOTH),
+            Option(
+                "chat_template",
+                str,
+                "model (the processor's, default), llava_v1, or a literal with {question} and, once, {image}.",
+                _BOTH,
+            ),
             Option(
                 "attn_implementation", str, "The language model's attention: eager, sdpa, ... (the model's).", _BOTH
             ),

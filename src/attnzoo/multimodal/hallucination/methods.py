@@ -169,12 +169,17 @@ MAX_SPAN = 10_000
 
 def index_span(text: str, name: str) -> tuple[int, int] | None:
     """``(low, high)`` of a range of whole numbers written ``"10-12"`` (``"-3--1"``: negative ends), or None for
-    text that is no range; one that runs backwards (``"3-1"``, which would name nothing) is refused, naming
-    ``name``. Shared by the method settings written as text and the pipeline's ``attention_layers``."""
+    text that is no range; one that runs backwards (``"3-1"``, which would name nothing) or whose ends count
+    from different ends (``"-1-20"``) is refused, naming ``name``. Shared by the method settings written as text and the pipeline's ``attention_layers``."""
     match = _SPAN.fullmatch(text)
     if match is None:
         return None
     low, high = int(match.group(1)), int(match.group(2))
+    if (low < 0) != (high < 0):  # counted from both ends: "-1-20" and "20--1" name no one run of layers
+        raise InvalidOptionError(
+            f"{name}: the range {text.strip()!r} mixes a count from the end with one from the start; write both "
+            "ends from the start (20-31) or both from the end (-12--1)"
+        )
     if high < low:
         raise InvalidOptionError(f"{name}: the range {text.strip()!r} runs backwards; write {high}-{low}")
     return low, high
