@@ -144,6 +144,13 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         ) from None
 
 
+def dtype_name(dtype: str | torch.dtype | None) -> str | None:
+    """The name of the dtype ``dtype`` names (``bf16``, ``BF16`` and ``torch.bfloat16`` alike ``bfloat16``), None for
+    the model's own (``auto`` or None), as runs record ``--dtype``; refused as :func:`resolve_dtype` refuses."""
+    resolved = resolve_dtype(dtype)
+    return None if resolved is None else str(resolved).removeprefix("torch.")
+
+
 def parameter_dtype(model: Any) -> torch.dtype | None:
     """The dtype of the model's first floating parameter (as transformers reads a model's dtype), or None
     for a model without floating parameters or not a module."""

@@ -713,6 +713,8 @@ def _eval_task(
         **_given(options, spec, "eval"),
     )
     _check_eval_layout(Path(out), [name for name, _, _ in plan.runs])  # before any model loads or file is written
+    from attnzoo._placement import dtype_name
+
     several = len(plan.runs) > 1
     with _plan_held(Path(out), several):  # the same plan started again is refused before it deletes anything
         if overwrite and several:  # the earlier joint report goes now, not once every run is redone
@@ -742,7 +744,9 @@ def _eval_task(
                 "data": str(Path(data).resolve()),
                 **_split_settings(plan.split),
                 "limit": limit,
-                "dtype": _dtype_setting(dtype),  # "auto" is the default's run; "bf16" is "bfloat16"'s
+                # "auto" is the default's run; "bf16" is "bfloat16"'s (a resume compares them by the dtype named, so an
+                # earlier run.json holding another spelling, as an earlier attnzoo recorded it typed, continues)
+                "dtype": dtype_name(dtype),
                 **execution_settings(pipe),
                 **plan.settings,
                 **run_settings,
@@ -771,6 +775,12 @@ def _eval_task(
             _echo(evaluator_cls.summarize(results, Path(out)))
 
 
+def _launch_rank() -> int:
+    """This process's rank under a multi-process ``torchrun`` (0 otherwise), read from its environment, before the
+    process group is set up (that starts with the first run)."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
 @contextlib.contextmanager
 def _plan_held(out: Path, several: bool) -> Iterator[None]:
     """An OS lock on ``out`` for a plan of several runs (a sweep, a comparison), held from before its --overwrite
@@ -782,7 +792,7 @@ def _plan_held(out: Path, several: bool) -> Iterator[None]:
         return
     from attnzoo.evaluation.runner import only_process
 
-    rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    rank = _launch_rank()
     out.mkdir(parents=True, exist_ok=True)
     with only_process(out / f".attnzoo-plan{f'.rank{rank}' if rank else ''}.lock", out):
         yield
@@ -793,21 +803,11 @@ def _remove_summary(evaluator_cls: Any, out: Path) -> None:
     comparison.json) is removed before the first run starts over, so a run stopped part way never leaves the
     earlier report beside new results. Only those generated files, on the first process; a folder of that name
     (not ours) is left."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:  # torchrun's others
+    if _launch_rank() != 0:  # torchrun's other processes
         return
     for path in evaluator_cls.summary_files(out):
         if path.is_file() or path.is_symlink():
             path.unlink(missing_ok=True)
-
-
-def _dtype_setting(dtype: str | None) -> str | None:
-    """``--dtype`` as run.json records it: the dtype it names (``bf16`` and ``bfloat16`` alike ``bfloat16``), None for
-    the model's own (``auto`` or none). A resume compares it by the dtype named, so an earlier run.json holding
-    another spelling (an earlier attnzoo recorded it as typed) continues."""
-    from attnzoo import _placement
-
-    resolved = _placement.resolve_dtype(dtype)
-    return None if resolved is None else str(resolved).removeprefix("torch.")
 
 
 def _check_eval_layout(out: Path, names: list[str | None]) -> None:

@@ -385,13 +385,12 @@ def _meaning(key: str, value: Any) -> Any:
     as recorded."""
     if key != "dtype" or not isinstance(value, str):
         return value
-    from attnzoo._placement import resolve_dtype
+    from attnzoo._placement import dtype_name
 
     try:
-        resolved = resolve_dtype(value)
+        return dtype_name(value)
     except InvalidInputError:
         return value
-    return None if resolved is None else str(resolved).removeprefix("torch.")
 
 
 def _check_same_settings(
