@@ -457,12 +457,9 @@ def test_a_chair_resume_over_edited_annotations_is_refused(tmp_path, capsys):
     assert len(read_lines(out / "predictions.jsonl")) == 2  # nothing answered against the edited annotations
 
 
-def test_an_overwrite_of_a_comparison_removes_its_old_table_before_the_first_method_runs(tmp_path, monkeypatch):
-    """``--methods a,b --overwrite`` cleared each method's files only as that method started over, and rewrote
-    comparison.md / comparison.json only once every method had run: stopped part way (Ctrl-C, out of memory),
-    it left the earlier comparison beside new results. The old table goes before the first method runs; the
-    user's own files beside it stay."""
-    import attnzoo.evaluation
+def compared_on_pope(tmp_path, monkeypatch):
+    """``attnzoo eval`` of a ``--methods none,vcd`` comparison on a tiny POPE tree, with the scripted model: its
+    arguments and --out, once it has run."""
     import attnzoo.tasks
     from attnzoo.cli import main
 
@@ -472,6 +469,18 @@ def test_an_overwrite_of_a_comparison_removes_its_old_table_before_the_first_met
     args = ["eval", "hallucination-mitigation", "--weights", "none", "--num-workers", "0", "--benchmark", "pope"]
     args += ["--split", "random", "--methods", "none,vcd", "--data", str(root), "--out", str(out)]
     assert main(args) == 0
+    return args, out
+
+
+def test_an_overwrite_of_a_comparison_removes_its_old_table_before_the_first_method_runs(tmp_path, monkeypatch):
+    """``--methods a,b --overwrite`` cleared each method's files only as that method started over, and rewrote
+    comparison.md / comparison.json only once every method had run: stopped part way (Ctrl-C, out of memory),
+    it left the earlier comparison beside new results. The old table goes before the first method runs; the
+    user's own files beside it stay."""
+    import attnzoo.evaluation
+    from attnzoo.cli import main
+
+    args, out = compared_on_pope(tmp_path, monkeypatch)
     assert (out / "comparison.md").is_file() and (out / "comparison.json").is_file()
     (out / "notes.md").write_text("mine")
     real, started = attnzoo.evaluation.evaluate, []
@@ -493,25 +502,23 @@ def test_an_overwrite_of_a_comparison_removes_its_old_table_before_the_first_met
     assert [m["decoding"]["max_new_tokens"] for m in compared.values()] == [8, 8]
 
 
+def written_in(out):
+    """Every file under ``out`` but the locks, by path, with its bytes."""
+    return {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and "lock" not in p.name}
+
+
 def test_a_comparison_started_again_while_it_runs_is_refused_before_it_removes_anything(tmp_path, monkeypatch, capsys):
     """Each run of a plan locks its own sub-folder only as it starts: the same ``--methods ... --overwrite`` started
     again removed the joint report and redid the runs the first had finished before it was refused. The plan's
     lock on --out is taken before anything is removed."""
     fcntl = pytest.importorskip("fcntl")
-    import attnzoo.tasks
     from attnzoo.cli import main
 
-    root = write_pope_tree(tmp_path / "data", images=2, per_image=1)
-    monkeypatch.setattr(attnzoo.tasks, "pipeline", lambda task, **kw: FakeLVLM(kw.get("method", "none")))
-    out = tmp_path / "out"
-    args = ["eval", "hallucination-mitigation", "--weights", "none", "--num-workers", "0", "--benchmark", "pope"]
-    args += ["--split", "random", "--methods", "none,vcd", "--data", str(root), "--out", str(out)]
-    assert main(args) == 0
-    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and "lock" not in p.name}
+    args, out = compared_on_pope(tmp_path, monkeypatch)
+    before = written_in(out)
     with open(out / ".attnzoo-plan.lock", "a") as held:  # the first process, still running the plan
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert main([*args, "--overwrite"]) == 1
     assert f"another process is evaluating into {out}" in capsys.readouterr().err
-    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and "lock" not in p.name}
-    assert after == before
+    assert written_in(out) == before
     assert main([*args, "--overwrite"]) == 0  # released
