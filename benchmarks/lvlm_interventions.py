@@ -324,6 +324,42 @@ def per_token(model, inputs, tokens: int, setup, device) -> float:
     return statistics.median(gaps)
 
 
+def interleaved(model, inputs, tokens: int, setup, device) -> float | None:
+    """The method's decoding steps against stock steps of the same ``generate``: the language model's
+    attention implementation alternates, step by step, between the method's and the stock one (its
+    prefill runs the method). Both kinds of step share the run's memory state, so this ratio is
+    steadier than the run pairs' on a shared machine; it exists only for methods that act through
+    the attention implementation (eager, the attention edits), None for the others."""
+    config = model.config.get_text_config()
+    stock = config._attn_implementation_internal
+    context, extra = setup(model, inputs)
+    with context:
+        ours = config._attn_implementation_internal
+        if extra or ours == stock:
+            return None
+        stamps: list[float] = []
+
+        def alternate(input_ids, scores):
+            stamps.append(_clock(device))
+            config._attn_implementation_internal = ours if len(stamps) % 2 else stock  # odd: the method next
+            return scores
+
+        try:
+            with torch.no_grad():
+                model.generate(
+                    **inputs,
+                    max_new_tokens=tokens,
+                    min_new_tokens=tokens,
+                    do_sample=False,
+                    pad_token_id=0,
+                    logits_processor=LogitsProcessorList([alternate]),
+                )
+        finally:
+            config._attn_implementation_internal = ours
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return statistics.median(gaps[0::2]) / statistics.median(gaps[1::2])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(m.name for m in METHODS))
@@ -341,6 +377,12 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="also time the attention methods' decoding steps alternating with stock steps in one generate "
+        "(the 'steps' column: steadier than the run pairs on a shared machine)",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -365,6 +407,7 @@ def main() -> None:
     # between repeats (the machine may be shared); the medians are over the repeats.
     times: dict[str, list[float]] = {"plain": [], **{m.name: [] for m in chosen}}
     ratios: dict[str, list[float]] = {m.name: [] for m in chosen}
+    steps: dict[str, list[float]] = {m.name: [] for m in chosen}
     for _ in range(args.repeats):
         for method in chosen:
             if method.answer is not None:
@@ -376,9 +419,16 @@ def main() -> None:
                 plain = per_token(model, inputs, args.tokens, None, device)
                 t = per_token(model, inputs, args.tokens, method.setup, device)
                 times["plain"].append(plain)
+                if method.setup is not None and args.interleave:
+                    step = interleaved(model, inputs, 2 * args.tokens, method.setup, device)
+                    if step is not None:
+                        steps[method.name].append(step)
             times[method.name].append(t)
             ratios[method.name].append(t / plain)
-    print(f"{'method':20s} {'ms':>9s} {'ratio':>7s} {'goal':>6s}   (ms: per token; whole answer for 'answer' rows)")
+    print(
+        f"{'method':20s} {'ms':>9s} {'ratio':>7s} {'steps':>7s} {'goal':>6s}   (ms: per token; whole answer for "
+        "'answer' rows; steps: the method's steps against stock steps of one generate, --interleave)"
+    )
     if times["plain"]:
         print(f"{'plain':20s} {1e3 * statistics.median(times['plain']):9.3f} {1.0:7.3f}")
     for name in ("plain answer", "plain answers"):
@@ -389,7 +439,8 @@ def main() -> None:
         goal = f"<={method.goal}" if method.goal else "-"
         status = "" if method.goal is None else (" ok" if ratio <= method.goal else " MISSED")
         ms = 1e3 * statistics.median(times[method.name])
-        print(f"{method.name:20s} {ms:9.3f} {ratio:7.3f} {goal:>6s}{status}  {method.note}")
+        step = f"{statistics.median(steps[method.name]):7.3f}" if steps[method.name] else f"{'-':>7s}"
+        print(f"{method.name:20s} {ms:9.3f} {ratio:7.3f} {step} {goal:>6s}{status}  {method.note}")
 
 
 if __name__ == "__main__":

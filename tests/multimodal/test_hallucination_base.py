@@ -1,5 +1,6 @@
 """The intervention layer on tiny random LVLMs (LLaVA-1.5, Qwen2-VL, InstructBLIP): the custom
 attention function is bitwise eager attention (causal mask kept: the AttentionMaskInterface entry),
+and on an SDPA model the forwards no edit touches are bitwise the model's own SDPA,
 detaching restores the stock model bit for bit (outputs, attention implementations, hooks), the
 vision tower keeps its implementation, attention edits conflict with a typed error, and contrast
 branches (LogitsProcessors with their own stream, cache and positions) match a hand-run branch; a
@@ -86,6 +87,69 @@ def test_custom_attention_without_edit_is_bitwise_eager(family):
         assert torch.equal(logits(model, inputs), stock_logits)
         assert torch.equal(greedy(model, inputs), stock_tokens)
     assert edit.masks, "the custom attention function never ran"
+
+
+class EditsLayer(NoEdit):
+    """An edit that touches only ``layers`` (scaling their logits when ``factor`` is given), counting the
+    forwards that reach the eager path."""
+
+    def __init__(self, layers, factor=None):
+        super().__init__()
+        self.layers, self.factor, self.eager_forwards = set(layers), factor, 0
+
+    def _applies(self, layer, state):
+        return layer in self.layers
+
+    def _pre_softmax(self, layer, scores, state):
+        self.eager_forwards += 1
+        return scores if self.factor is None else scores * self.factor
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forwards_no_edit_touches_run_the_model_own_sdpa_bitwise(family):
+    """On a model loaded with SDPA, layers an edit leaves alone run the model's own SDPA on its own mask:
+    with no layer edited the outputs are the stock model's bit for bit, prefill, decoding and padding
+    (batch of 2) alike; an edit of one layer changes the output and runs eager there only."""
+    model, inputs = BUILDERS[family](batch=2)
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
+    stock_logits, stock_tokens = logits(model, inputs), greedy(model, inputs)
+    with EditsLayer([]).attach(model) as edit:
+        assert torch.equal(logits(model, inputs), stock_logits)
+        assert torch.equal(greedy(model, inputs), stock_tokens)
+    assert edit.eager_forwards == 0
+    with EditsLayer([1], factor=3.0).attach(model) as edit:
+        edited = logits(model, inputs)
+    depth = model.config.get_text_config().num_hidden_layers
+    assert edit.eager_forwards == 1 and depth > 1 and not torch.allclose(edited, stock_logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_weights_asked_for_come_from_every_layer_with_an_edit_attached(family):
+    """output_attentions, and eager_language_model (the pipeline's return_attention), get weights from
+    every layer even where no edit applies (those forwards run eager then, not SDPA)."""
+    from attnzoo.multimodal.hallucination.base import eager_language_model
+
+    model, inputs = BUILDERS[family](batch=1)
+    depth = model.config.get_text_config().num_hidden_layers
+    layers = [m.self_attn for m in family_of(model).text_model().layers]
+    seen = []
+    handles = [m.register_forward_hook(lambda m, a, out: seen.append(out[1])) for m in layers]
+    try:
+        with EditsLayer([]).attach(model):
+            with torch.no_grad():
+                model(**inputs, output_attentions=True)
+            assert len(seen) == depth and all(w is not None for w in seen)
+            seen.clear()
+            with eager_language_model(model, family_of(model)), torch.no_grad():
+                model(**inputs)
+            assert len(seen) == depth and all(w is not None for w in seen)
+            seen.clear()
+            with torch.no_grad():
+                model(**inputs)
+            assert len(seen) == depth and all(w is None for w in seen)  # SDPA again after the block
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -276,6 +276,26 @@ def test_var_generates_on_tiny_lvlms(family):
         assert all(len(s) >= 3 for s in record["sinks"])
 
 
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_var_layers_without_a_visual_sink_run_the_model_own_attention(family):
+    """A layer whose sinks are all outside the image is not edited (nothing would move), so on an SDPA
+    model it runs SDPA: with no sink anywhere the answer is the stock model's bit for bit, prefill and
+    decoding. With ``trace`` every sink layer is recorded, edited or not."""
+    model, inputs = BUILDERS[family](batch=2)
+    stock_scores, stock = model(**inputs).logits.detach(), greedy(model, inputs, max_new_tokens=4)
+    var = VAR(sink_dims=SINK_DIMS_TINY, tau=1e9)
+    with var.attach(model):
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, stock_scores)
+        assert torch.equal(greedy(model, inputs, max_new_tokens=4), stock)
+    traced = VAR(sink_dims=SINK_DIMS_TINY, tau=1e9, trace=True)
+    with traced.attach(model), torch.no_grad():
+        model(**inputs)
+    layers = len(family_for(model).text_model().layers)
+    assert {r["layer"] for r in traced.records} == set(range(2, layers))
+    assert not any(r["edited"].any() for r in traced.records)
+
+
 def test_var_official_carries_sinks_over_and_paper_does_not():
     model, inputs = BUILDERS["llava"](batch=1)
     first = sink_positions(model, inputs)

@@ -84,7 +84,7 @@ class _Indicators:
         non_sink_image = image & ~visual
         moved = sinks.to(dtype) * torch.tensor(1 - p_code, dtype=dtype)
         columns = torch.stack([image.to(dtype), visual.to(dtype), moved, non_sink_image.to(dtype)], dim=-1)
-        self.columns = GrowingColumns(columns[:, None], 0.0, dim=-2)
+        self.columns = GrowingColumns(columns, 0.0, dim=-2)  # [B, K, 4]
         scale = torch.where(sinks, torch.tensor(p_code, dtype=dtype), torch.tensor(1.0, dtype=dtype))
         self.sink_scale = GrowingColumns(scale.to(image.device)[:, None, None], 1.0)
         self.non_sink_image = GrowingColumns(non_sink_image.to(dtype)[:, None, None], 0.0)
@@ -102,8 +102,9 @@ def _redistribute(weights: torch.Tensor, ind: _Indicators, rho_code: float, summ
     One matmul with the indicator columns gives each row's image, visual-sink, moved ((1 - p) x sink)
     and non-sink-image sums; the edit keeps p of every sink weight and scales the non-sink image
     tokens by 1 + moved / their sum, which hands them the moved mass in proportion to their weights."""
-    k = weights.shape[-1]
-    sums = torch.matmul(weights, ind.columns.view(k))
+    b, h, q, k = weights.shape
+    # [B, H * Q, K] @ [B, K, 4]: one bmm, without broadcasting the columns over the heads
+    sums = torch.bmm(weights.reshape(b, h * q, k), ind.columns.view(k)).view(b, h, q, 4)
     image, visual_sinks, moved, rest = sums.unbind(-1)
     sink_scale, non_sink_image = ind.sink_scale.view(k), ind.non_sink_image.view(k)
     if weights.dtype == torch.float16:  # moved / rest overflows float16 (65504) where rest is tiny
@@ -126,10 +127,8 @@ def _redistribute(weights: torch.Tensor, ind: _Indicators, rho_code: float, summ
 def _edited(weights: torch.Tensor, factor: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
     """The weights of the ``selected`` rows times their factor (in the factor's dtype: float32 for
     float16 weights), the rest as they are."""
-    edited = torch.where(selected[..., None], factor, 1.0)
-    if factor.dtype == weights.dtype:
-        return weights * edited
-    return (weights.float() * edited).to(weights.dtype)
+    scaled = weights * factor if factor.dtype == weights.dtype else (weights.float() * factor).to(weights.dtype)
+    return torch.where(selected[..., None], scaled, weights)
 
 
 def redistribute(
@@ -270,11 +269,11 @@ class VAR(AttentionEdit):
         self._first_sinks.pop(name, None)
 
     def _new_slot(self):
-        return {"sinks": {}, "indicators": {}, "rows": None, "detect": True}
+        return {"sinks": {}, "indicators": {}, "visual": {}, "rows": None, "detect": True}
 
     def _on_prefill(self, state: StreamState) -> None:
         slot = self._slot(state)
-        slot["indicators"] = {}
+        slot["indicators"], slot["visual"] = {}, {}
         carried = self._first_sinks.get(state.name)
         image = state.image_tokens.mask
         if self.behaviour == "official" and carried is not None:
@@ -308,7 +307,16 @@ class VAR(AttentionEdit):
         if layer not in self._edited:
             return False
         slot = state.slots.get(id(self))
-        return slot is not None and layer in slot["sinks"]
+        if slot is None or layer not in slot["sinks"]:
+            return False
+        if self.trace:  # a record for every edited forward
+            return True
+        # A layer with no sink inside the image is not edited: it runs the model's own attention.
+        visual = slot["visual"].get(layer)
+        if visual is None:
+            sinks = slot["sinks"][layer]
+            visual = slot["visual"][layer] = bool((sinks & state.image_tokens.mask.to(sinks.device)).any())
+        return visual
 
     def _post_softmax(self, layer: int, weights: torch.Tensor, state: StreamState) -> torch.Tensor:
         slot = state.slots[id(self)]
