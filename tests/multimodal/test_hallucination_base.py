@@ -123,6 +123,34 @@ def test_forwards_no_edit_touches_run_the_model_own_sdpa_bitwise(family):
     assert edit.eager_forwards == 1 and depth > 1 and not torch.allclose(edited, stock_logits, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_unedited_forwards_are_stock_sdpa_when_generate_builds_the_masks_first(family):
+    """A static cache makes generate build each step's masks before the language model runs: those
+    forwards still find their stock masks (bitwise stock scores), and no mask outlives its forward."""
+    from attnzoo.multimodal.hallucination.base import session_of
+
+    model, inputs = BUILDERS[family](batch=2)
+
+    def scores():
+        with torch.no_grad():
+            out = model.generate(
+                **inputs,
+                max_new_tokens=4,
+                do_sample=False,
+                pad_token_id=0,
+                cache_implementation="static",
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+        return torch.stack(out.scores)
+
+    stock = scores()
+    with EditsLayer([]).attach(model) as edit:
+        assert torch.equal(scores(), stock)
+        assert session_of(model)._stock_masks == []  # the last forward's masks were let go
+    assert edit.eager_forwards == 0
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_attention_weights_asked_for_come_from_every_layer_with_an_edit_attached(family):
     """output_attentions, and eager_language_model (the pipeline's return_attention), get weights from

@@ -25,8 +25,8 @@ official VCD / AGLA / PAI loops.
 ``return_attention=True`` adds the answer's attention over the image's token grid (the last query row
 of every decoding step, mean over heads and the chosen layers, and over the answer's tokens) and,
 with a method, the same for the stock model's answer (a second run without the method), so
-``result.plot()`` shows both over the image. The language model runs eager attention for it (the
-attention edits always compute it). Where the method answers on other images than the one given
+``result.plot()`` shows both over the image. The language model runs eager attention for it (an
+attached attention edit's function computes it on every layer then, the ones it leaves alone included). Where the method answers on other images than the one given
 (CARVE: [original, refined] with its official behaviour, the refined image alone with the paper's),
 ``answered_on`` says which, each grid is drawn over the image it belongs to, and the stock answer's
 over the original.
@@ -1065,7 +1065,7 @@ class HallucinationMitigationPipeline(Pipeline):
 
     def _attention_weights(self) -> Any:
         """Eager attention in the language model while inside (sdpa and flash attention return no
-        weights), unless an attached attention edit already computes them: CARVE's switch."""
+        weights); with an attention edit attached, its function computes them on every layer: CARVE's switch."""
         from attnzoo.multimodal.hallucination.base import eager_language_model
 
         return eager_language_model(self.model, self.family)

@@ -234,6 +234,9 @@ class _Session:
         self.weights_wanted = 0
         self._handles = [
             self.text_model.register_forward_pre_hook(self._on_text_forward, with_kwargs=True),
+            # A forward's masks may be built before it starts (generate's static cache builds them in
+            # prepare_inputs_for_generation): they are dropped when it ends, not when it starts.
+            self.text_model.register_forward_hook(self._after_text_forward, always_call=True),
             self.text_model.get_input_embeddings().register_forward_pre_hook(self._on_embed, with_kwargs=True),
         ]
         info_module = self.family.image_info_module()
@@ -275,7 +278,6 @@ class _Session:
             self.state().pending_images = info
 
     def _on_text_forward(self, module, args, kwargs):
-        self._stock_masks = []  # only this forward's masks
         state = self.state()
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         cached = 0 if cache is None else cache.get_seq_length()
@@ -310,6 +312,9 @@ class _Session:
                 intervention._on_prefill(state)
             state.pending_images = None
         state.pending_ids = None
+
+    def _after_text_forward(self, module, args, output):
+        self._stock_masks = []
 
     def _image_tokens(self, ids, shape, image_info) -> ImageTokens:
         if self.layout is not None:
