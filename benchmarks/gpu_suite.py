@@ -230,10 +230,10 @@ def plan(device: str, quick: bool) -> list[Part]:
                     + (
                         ("--methods", "var", "--tokens", "3", "--repeats", "1", "--text-hidden", "64", "--layers", "1")
                         if quick
-                        else ("--methods", "var,pai,vcd,agla-paper", "--dtype", "bfloat16", "--tokens", "32")
-                        + ("--repeats", "3", *LLAVA_7B_SHAPE)
+                        else ("--methods", "var,var-eager,pai,vcd,agla-paper", "--dtype", "bfloat16", "--tokens", "32")
+                        + ("--repeats", "3", "--interleave", *LLAVA_7B_SHAPE)
                     ),
-                    r"^(plain|var|pai|vcd|agla-paper)\s",
+                    r"^(plain|var|var-eager|pai|vcd|agla-paper)\s",
                 ),
                 Step(
                     "carve",

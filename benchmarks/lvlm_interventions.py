@@ -53,6 +53,7 @@ import torch  # noqa: E402
 from transformers import LogitsProcessorList  # noqa: E402
 
 from attnzoo.errors import InvalidOptionError  # noqa: E402
+from attnzoo.kernels import use_backend  # noqa: E402
 from attnzoo.multimodal.hallucination import CARVE, PAI, PAINT, VAR, VCD, AGLALogitsProcessor  # noqa: E402
 from attnzoo.multimodal.hallucination.base import PairedContrast, family_for  # noqa: E402
 from attnzoo.multimodal.hallucination.functional import CARVE_LAYERS  # noqa: E402
@@ -104,6 +105,14 @@ def _var(model):
         # A random model has no massive activations: a low tau makes ~2% of the tokens sinks (real
         # LLaVA has a handful), so the redistribution path runs instead of VAR's no-sink shortcut.
         return VAR(sink_dims=(0, 1), tau=2.3, summ=0.0, **layers)
+
+
+@contextlib.contextmanager
+def _torch_backend(intervention):
+    """The intervention with attnzoo's kernels on their torch backend: VAR's decoding steps on its eager
+    path, where on a GPU they would run the fused kernel."""
+    with use_backend("torch"), intervention:
+        yield
 
 
 def _processors(make):
@@ -165,6 +174,12 @@ def _plain_in_place(model, batch):
 METHODS = [
     Method("eager", None, lambda model, inputs: (_eager_text(model), {}), "plain, language model on eager attention"),
     Method("var", 1.1, _attention_edit(_var), "sink detection at prefill, redistribution on every decode row"),
+    Method(
+        "var-eager",
+        None,
+        lambda model, inputs: (_torch_backend(_var(model).attach(model)), {}),
+        "VAR on its eager path (torch backend; the 'var' row runs the fused decode kernel on a GPU)",
+    ),
     Method("pai", 1.1, _attention_edit(lambda m: PAI())),
     Method("paint", None, _attention_edit(lambda m: PAINT())),
     Method("pai+cfg", None, _pai_cfg, "a second (text-only) forward per token"),

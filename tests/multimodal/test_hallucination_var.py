@@ -296,6 +296,42 @@ def test_var_layers_without_a_visual_sink_run_the_model_own_attention(family):
     assert not any(r["edited"].any() for r in traced.records)
 
 
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_var_decoding_steps_on_the_fused_kernel_match_the_eager_path(family, triton_device):
+    """With the Triton backend (native on a GPU, forced under the interpreter here), VAR's decoding
+    steps run the fused kernel instead of eager attention and the edit: the same tokens, scores within
+    float rounding; the prefill stays on the eager path (it detects the sinks and edits many rows)."""
+    from attnzoo.kernels import dispatch_counts, reset_dispatch_counts, use_backend
+    from attnzoo.kernels.redistributed_attention import OP
+
+    model, inputs = BUILDERS[family](batch=2)
+    model.to(triton_device)
+    inputs = {k: v.to(triton_device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    sharpen_attention(model, 2.0)
+
+    def run():
+        var = VAR(sink_dims=SINK_DIMS_TINY, tau=4.0, summ=0.05)
+        with var.attach(model), torch.no_grad():
+            return model.generate(
+                **inputs,
+                max_new_tokens=4,
+                do_sample=False,
+                pad_token_id=0,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+
+    with injected_sinks(model, sink_positions(model, inputs)):
+        eager = run()
+        reset_dispatch_counts()
+        with use_backend("triton"):
+            fused = run()
+    edited_layers = len(family_for(model).text_model().layers) - 2
+    assert dispatch_counts()[OP] == {"triton": 3 * edited_layers}  # 3 decoding steps after the prefill
+    assert torch.equal(fused.sequences, eager.sequences)
+    torch.testing.assert_close(torch.stack(fused.scores), torch.stack(eager.scores), atol=1e-4, rtol=1e-4)
+
+
 def test_var_official_carries_sinks_over_and_paper_does_not():
     model, inputs = BUILDERS["llava"](batch=1)
     first = sink_positions(model, inputs)

@@ -30,6 +30,7 @@ from attnzoo.kernels.grouping import (
 )
 from attnzoo.kernels.linear_attention import inline_attention, l2vit_linear_attention
 from attnzoo.kernels.masked_attention import masked_attention, pack_mask, unpack_mask
+from attnzoo.kernels.redistributed_attention import redistributed_decode_attention
 
 __all__ = [
     "BACKEND_NAMES",
@@ -47,6 +48,7 @@ __all__ = [
     "l2vit_linear_attention",
     "masked_attention",
     "pack_mask",
+    "redistributed_decode_attention",
     "region_means",
     "region_routing",
     "reset_dispatch_counts",

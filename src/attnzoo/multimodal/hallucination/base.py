@@ -420,10 +420,15 @@ class _Session:
                 edit = None
         else:
             edit = None
-        if edit is None and self._stock is not None and not self.weights_wanted and not kwargs.get("output_attentions"):
+        weights_wanted = self.weights_wanted or kwargs.get("output_attentions")
+        if edit is None and self._stock is not None and not weights_wanted:
             found, stock_mask = self._stock_mask(attention_mask)
             if found:
                 return self._stock[0](module, query, key, value, stock_mask, scaling=scaling, dropout=dropout, **kwargs)
+        if edit is not None and not weights_wanted and not (dropout and module.training):
+            fused = edit._fused(module.layer_idx, query, key, value, attention_mask, scaling, state)
+            if fused is not None:
+                return fused, None
         return eager_attention(module, query, key, value, attention_mask, scaling, dropout, edit, state)
 
 
@@ -552,6 +557,11 @@ class AttentionEdit(Intervention):
 
     def _post_softmax(self, layer: int, weights: torch.Tensor, state: StreamState) -> torch.Tensor:
         return weights
+
+    def _fused(self, layer: int, query, key, value, mask, scaling, state: StreamState) -> torch.Tensor | None:
+        """The attention output [B, Q, H, D] of this edited forward from a fused kernel, or None for the
+        eager path (no weights are returned then)."""
+        return None
 
 
 @contextmanager

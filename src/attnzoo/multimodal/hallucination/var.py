@@ -38,6 +38,8 @@ import torch
 from torch import nn
 
 from attnzoo.errors import InvalidInputError, InvalidOptionError
+from attnzoo.kernels import dispatch
+from attnzoo.kernels.redistributed_attention import IMAGE, OP, SINK, redistributed_decode_attention
 
 from .base import AttentionEdit, GrowingColumns, StreamState, check_number, family_for
 
@@ -269,11 +271,11 @@ class VAR(AttentionEdit):
         self._first_sinks.pop(name, None)
 
     def _new_slot(self):
-        return {"sinks": {}, "indicators": {}, "visual": {}, "rows": None, "detect": True}
+        return {"sinks": {}, "indicators": {}, "visual": {}, "codes": {}, "rows": None, "detect": True}
 
     def _on_prefill(self, state: StreamState) -> None:
         slot = self._slot(state)
-        slot["indicators"], slot["visual"] = {}, {}
+        slot["indicators"], slot["visual"], slot["codes"] = {}, {}, {}
         carried = self._first_sinks.get(state.name)
         image = state.image_tokens.mask
         if self.behaviour == "official" and carried is not None:
@@ -317,6 +319,28 @@ class VAR(AttentionEdit):
             sinks = slot["sinks"][layer]
             visual = slot["visual"][layer] = bool((sinks & state.image_tokens.mask.to(sinks.device)).any())
         return visual
+
+    def _fused(self, layer: int, query, key, value, mask, scaling, state: StreamState) -> torch.Tensor | None:
+        """A decoding step on the GPU (or with the Triton backend forced): the whole edited attention row in
+        one kernel (:func:`attnzoo.kernels.redistributed_decode_attention`) instead of ~34 torch ops."""
+        if state.prefill or self.trace or query.shape[2] != 1:
+            return None
+        forced = dispatch.forced_backend()
+        if forced not in (None, "triton") or (not query.is_cuda and forced != "triton"):
+            return None  # another backend forced (the eager path is VAR's torch backend), or the CPU
+        if dispatch.available_backends(OP, query)["triton"] is not None:
+            return None
+        slot = state.slots[id(self)]
+        codes = slot["codes"].get(layer)
+        if codes is None:
+            sinks = slot["sinks"][layer].to(query.device)
+            image = state.image_tokens.mask.to(query.device)
+            codes = slot["codes"][layer] = (image.to(torch.int8) * IMAGE) | (sinks.to(torch.int8) * SINK)
+        with dispatch.use_backend("triton"):
+            out, _ = redistributed_decode_attention(
+                query, key, value, mask, codes, keep=self.p_code, rho=self.rho_code, summ=self.summ, scale=scaling
+            )
+        return out
 
     def _post_softmax(self, layer: int, weights: torch.Tensor, state: StreamState) -> torch.Tensor:
         slot = state.slots[id(self)]
