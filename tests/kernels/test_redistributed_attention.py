@@ -11,7 +11,7 @@ import torch
 
 from attnzoo.errors import InvalidInputError
 from attnzoo.kernels import redistributed_decode_attention, use_backend
-from attnzoo.kernels.redistributed_attention import IMAGE, SINK
+from attnzoo.kernels.redistributed_attention import IMAGE, SINK, redistribution_keys
 from attnzoo.multimodal.hallucination.var import redistribute
 from tests.helpers import triton_dtypes
 
@@ -121,3 +121,34 @@ def test_bad_shapes_are_typed_errors():
         redistributed_decode_attention(q, k, v, mask, codes.bool(), **kwargs)
     with pytest.raises(InvalidInputError, match="mask must be"):
         redistributed_decode_attention(q, k, v, mask[..., :10], codes, **kwargs)
+    with pytest.raises(InvalidInputError, match="mask must be"):  # per-head masks: the kernel reads one row
+        redistributed_decode_attention(q, k, v, mask.expand(-1, 4, -1, -1), codes, **kwargs)
+    with pytest.raises(InvalidInputError, match=r"codes must be int8 \[3, P <= 70\]"):
+        redistributed_decode_attention(q, k, v, mask, codes[:2], **kwargs)
+
+
+def test_keys_built_once_give_the_same_step(triton_device):
+    """redistribution_keys(codes), built once for a prompt's steps, is the same input as the codes."""
+    q, k, v, mask, codes, *_ = case(triton_device)
+    keys = redistribution_keys(codes)
+    assert keys.eps.tolist() == pytest.approx([40e-6] * 3) and keys.has_visual_sink.tolist() == [1, 0, 1]
+    for backend in ("torch", "triton"):
+        with use_backend(backend):
+            a = redistributed_decode_attention(q, k, v, mask, codes, keep=0.6, rho=0.5, summ=0.05)
+            b = redistributed_decode_attention(q, k, v, mask, keys, keep=0.6, rho=0.5, summ=0.05)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_triton_kernel_reads_strided_views_as_they_are(triton_device):
+    """K/V as slices of a longer cache buffer and a transposed query (transformers' layouts) give the
+    contiguous inputs' result."""
+    q, k, v, mask, codes, *_ = case(triton_device)
+    long_k, long_v = torch.cat([k, k[:, :, :9]], 2), torch.cat([v, v[:, :, :9]], 2)
+    q_t = q.transpose(1, 2).contiguous().transpose(1, 2)
+    with use_backend("triton"):
+        expected = redistributed_decode_attention(q, k, v, mask, codes, keep=0.6, rho=0.5, summ=0.05)
+        got = redistributed_decode_attention(
+            q_t, long_k[:, :, :70], long_v[:, :, :70], mask, codes, keep=0.6, rho=0.5, summ=0.05
+        )
+    assert not long_k[:, :, :70].is_contiguous()
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])

@@ -30,7 +30,11 @@ from attnzoo.kernels.grouping import (
 )
 from attnzoo.kernels.linear_attention import inline_attention, l2vit_linear_attention
 from attnzoo.kernels.masked_attention import masked_attention, pack_mask, unpack_mask
-from attnzoo.kernels.redistributed_attention import redistributed_decode_attention
+from attnzoo.kernels.redistributed_attention import (
+    RedistributionKeys,
+    redistributed_decode_attention,
+    redistribution_keys,
+)
 
 __all__ = [
     "BACKEND_NAMES",
@@ -48,7 +52,9 @@ __all__ = [
     "l2vit_linear_attention",
     "masked_attention",
     "pack_mask",
+    "RedistributionKeys",
     "redistributed_decode_attention",
+    "redistribution_keys",
     "region_means",
     "region_routing",
     "reset_dispatch_counts",

@@ -14,7 +14,9 @@ Inference only: no backward.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -27,12 +29,35 @@ MAX_TRITON_HEAD_DIM = 256
 IMAGE, SINK = 1, 2
 
 
+class RedistributionKeys(NamedTuple):
+    """The per-key inputs of a prompt, fixed while it decodes (build them once with
+    :func:`redistribution_keys`)."""
+
+    codes: torch.Tensor
+    """int8 ``[B, P]``: bit 0 an image token, bit 1 a sink."""
+    eps: torch.Tensor
+    """float32 ``[B]``: 1e-6 per image token (VAR's share epsilon)."""
+    has_visual_sink: torch.Tensor
+    """int8 ``[B]``: whether the batch row has a sink inside the image (others are never selected)."""
+
+
+def redistribution_keys(codes: torch.Tensor) -> RedistributionKeys:
+    """The keys' codes (int8 ``[B, P]``, bit 0 image, bit 1 sink) with the row terms derived from them."""
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.int8 or codes.ndim != 2:
+        got = f"{codes.dtype} {tuple(codes.shape)}" if isinstance(codes, torch.Tensor) else type(codes).__name__
+        raise InvalidInputError(f"{OP}: codes must be int8 [B, P], got {got}")
+    image = (codes & IMAGE) != 0
+    visual = image & ((codes & SINK) != 0)
+    eps = 1e-6 * image.sum(-1).to(torch.float32)
+    return RedistributionKeys(codes.contiguous(), eps, visual.any(-1).to(torch.int8))
+
+
 def redistributed_decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     mask: torch.Tensor | None,
-    codes: torch.Tensor,
+    codes: torch.Tensor | RedistributionKeys,
     *,
     keep: float,
     rho: float,
@@ -46,7 +71,8 @@ def redistributed_decode_attention(
             queries share their key head).
         mask: additive ``[B, 1, 1, Nk]`` (0 where a key is seen) or None.
         codes: int8 ``[B, P]``, ``P <= Nk``: per key, bit 0 an image token and bit 1 a sink; keys at
-            ``P`` and after (the decoded ones) are neither.
+            ``P`` and after (the decoded ones) are neither. Or :func:`redistribution_keys` of them,
+            built once for a prompt's decoding steps.
         keep: the share of each sink weight a selected row keeps (VAR's code ``p``; the paper's is ``1 - keep``).
         rho: the largest visual-sink share of a selected row's image attention (the code's ``rho``).
         summ: the smallest image attention of a selected row.
@@ -61,25 +87,16 @@ def redistributed_decode_attention(
     if k.shape[0] != B or k.shape[3] != D or H % k.shape[1]:
         raise InvalidInputError(f"{OP}: k [B, H_kv, Nk, D] does not fit q {tuple(q.shape)}: {tuple(k.shape)}")
     Nk = k.shape[2]
-    if codes.dtype != torch.int8 or codes.ndim != 2 or codes.shape[0] != B or codes.shape[1] > Nk:
-        raise InvalidInputError(f"{OP}: codes must be int8 [B, P <= {Nk}], got {codes.dtype} {tuple(codes.shape)}")
-    if mask is not None and (mask.ndim != 4 or mask.shape[0] != B or mask.shape[-1] < Nk):
-        raise InvalidInputError(f"{OP}: mask must be additive [B, 1, 1, >= {Nk}], got {tuple(mask.shape)}")
+    keys = codes if isinstance(codes, RedistributionKeys) else redistribution_keys(codes)
+    if keys.codes.shape[0] != B or keys.codes.shape[1] > Nk:
+        raise InvalidInputError(f"{OP}: codes must be int8 [{B}, P <= {Nk}], got {tuple(keys.codes.shape)}")
+    if mask is not None and (mask.ndim != 4 or mask.shape[:3] != (B, 1, 1) or mask.shape[-1] < Nk):
+        raise InvalidInputError(f"{OP}: mask must be additive [{B}, 1, 1, >= {Nk}], got {tuple(mask.shape)}")
     scale = D**-0.5 if scale is None else float(scale)
-    return dispatch.dispatch(OP, q, k, v, mask, codes, keep, rho, summ, scale)
+    return dispatch.dispatch(OP, q, k, v, mask, keys, keep, rho, summ, scale)
 
 
-def _row_terms(codes: torch.Tensor, nk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """image, sink [B, Nk] bool; share eps [B] (1e-6 per image token); whether each batch row has a
-    sink inside the image [B]."""
-    padded = torch.zeros(codes.shape[0], nk, dtype=codes.dtype, device=codes.device)
-    padded[:, : codes.shape[1]] = codes
-    image, sink = (padded & IMAGE) != 0, (padded & SINK) != 0
-    eps = 1e-6 * image.sum(-1).to(torch.float32)
-    return image, sink, eps, (image & sink).any(-1)
-
-
-def _torch(q, k, v, mask, codes, keep, rho, summ, scale):
+def _torch(q, k, v, mask, keys, keep, rho, summ, scale):
     B, H, _, D = q.shape
     Nk = k.shape[2]
     groups = H // k.shape[1]
@@ -88,7 +105,9 @@ def _torch(q, k, v, mask, codes, keep, rho, summ, scale):
     if mask is not None:
         logits = logits + mask[..., :Nk].float()
     w = torch.softmax(logits, dim=-1)[:, :, 0]  # [B, H, Nk]
-    image, sink, eps, row_ok = _row_terms(codes, Nk)
+    codes = torch.nn.functional.pad(keys.codes, (0, Nk - keys.codes.shape[1]))
+    image, sink = (codes & IMAGE) != 0, (codes & SINK) != 0
+    eps, row_ok = keys.eps, keys.has_visual_sink.bool()
     rest_keys = image & ~sink
     sums = [(w * m[:, None].float()).sum(-1) for m in (image, image & sink, sink, rest_keys)]
     image_share, visual, sinks, rest = sums
@@ -101,28 +120,62 @@ def _torch(q, k, v, mask, codes, keep, rho, summ, scale):
     return out.transpose(1, 2).to(q.dtype).contiguous(), selected
 
 
-def _triton(q, k, v, mask, codes, keep, rho, summ, scale):
+def _last_dim_dense(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _triton(q, k, v, mask, keys, keep, rho, summ, scale):
     import triton
 
     from attnzoo.kernels.triton.redistributed import _redistributed_decode_kernel
 
     B, H, _, D = q.shape
     Nk = k.shape[2]
-    q, k, v, codes = q.contiguous(), k.contiguous(), v.contiguous(), codes.contiguous()
-    _, _, eps, row_ok = _row_terms(codes, Nk)
+    # the kernel reads every tensor through its strides (a KV cache's views as they are); only the last
+    # dimension must be dense
+    q, k, v = _last_dim_dense(q), _last_dim_dense(k), _last_dim_dense(v)
     out = q.new_empty(B, 1, H, D)
     selected = torch.empty(B, H, dtype=torch.int8, device=q.device)
-    flat_mask = mask[:, 0, 0, :Nk].contiguous().float() if mask is not None else q.new_zeros(1, dtype=torch.float32)
+    flat_mask = _last_dim_dense(mask[:, 0, 0]) if mask is not None else keys.eps  # (not read without a mask)
     block_d = max(16, triton.next_power_of_2(D))
     block_n = max(16, min(128, 8192 // block_d))
-    _redistributed_decode_kernel[(B * H,)](
+    device = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
+    with device:  # the query's GPU, in a model split over several
+        _launch(
+            _redistributed_decode_kernel,
+            B,
+            H,
+            D,
+            Nk,
+            q,
+            k,
+            v,
+            flat_mask,
+            mask is not None,
+            keys,
+            out,
+            selected,
+            scale,
+            keep,
+            rho,
+            summ,
+            block_n,
+            block_d,
+        )
+    return out, selected.view(torch.bool)
+
+
+def _launch(
+    kernel, B, H, D, Nk, q, k, v, flat_mask, has_mask, keys, out, selected, scale, keep, rho, summ, block_n, block_d
+):
+    kernel[(B * H,)](
         q,
         k,
         v,
         flat_mask,
-        codes,
-        row_ok.to(torch.int8),
-        eps,
+        keys.codes,
+        keys.has_visual_sink,
+        keys.eps,
         out,
         selected,
         q.stride(0),
@@ -133,24 +186,23 @@ def _triton(q, k, v, mask, codes, keep, rho, summ, scale):
         v.stride(0),
         v.stride(1),
         v.stride(2),
-        flat_mask.stride(0) if mask is not None else 0,
-        codes.stride(0),
+        flat_mask.stride(0) if has_mask else 0,
+        keys.codes.stride(0),
         out.stride(0),
         out.stride(2),
         H,
         H // k.shape[1],
         Nk,
-        codes.shape[1],
+        keys.codes.shape[1],
         D,
         scale,
         float(keep),
         float(rho),
         float(summ),
-        HAS_MASK=mask is not None,
+        HAS_MASK=has_mask,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
     )
-    return out, selected.bool()
 
 
 def _check_triton(q: torch.Tensor, *_: object) -> str | None:

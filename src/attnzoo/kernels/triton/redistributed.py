@@ -52,8 +52,8 @@ def _redistributed_decode_kernel(
     BLOCK_D: tl.constexpr,
 ):
     bh = tl.program_id(0)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)  # 64-bit offsets: a long cache of many heads passes 2**31 elements
+    h = (bh % H).to(tl.int64)
     kv = h // GROUPS
     dcol = tl.arange(0, BLOCK_D)
     d_ok = dcol < D
@@ -80,7 +80,7 @@ def _redistributed_decode_kernel(
         ).to(tl.float32)
         s = tl.sum(kk * q[None, :], 1) * scale
         if HAS_MASK:
-            s += tl.load(MASK + b * s_mb + cols, mask=c_ok, other=0.0).to(tl.float32)
+            s += interpreter_safe(tl.load(MASK + b * s_mb + cols, mask=c_ok, other=0.0)).to(tl.float32)
         s = tl.where(c_ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -39,7 +39,13 @@ from torch import nn
 
 from attnzoo.errors import InvalidInputError, InvalidOptionError
 from attnzoo.kernels import dispatch
-from attnzoo.kernels.redistributed_attention import IMAGE, OP, SINK, redistributed_decode_attention
+from attnzoo.kernels.redistributed_attention import (
+    IMAGE,
+    OP,
+    SINK,
+    redistributed_decode_attention,
+    redistribution_keys,
+)
 
 from .base import AttentionEdit, GrowingColumns, StreamState, check_number, family_for
 
@@ -322,7 +328,8 @@ class VAR(AttentionEdit):
 
     def _fused(self, layer: int, query, key, value, mask, scaling, state: StreamState) -> torch.Tensor | None:
         """A decoding step on the GPU (or with the Triton backend forced): the whole edited attention row in
-        one kernel (:func:`attnzoo.kernels.redistributed_decode_attention`) instead of ~34 torch ops."""
+        one kernel (:func:`attnzoo.kernels.redistributed_decode_attention`; with its per-prompt key terms cached,
+        three small allocations besides) where the eager path takes ~34 torch ops."""
         if state.prefill or self.trace or query.shape[2] != 1:
             return None
         forced = dispatch.forced_backend()
@@ -335,7 +342,9 @@ class VAR(AttentionEdit):
         if codes is None:
             sinks = slot["sinks"][layer].to(query.device)
             image = state.image_tokens.mask.to(query.device)
-            codes = slot["codes"][layer] = (image.to(torch.int8) * IMAGE) | (sinks.to(torch.int8) * SINK)
+            codes = slot["codes"][layer] = redistribution_keys(
+                (image.to(torch.int8) * IMAGE) | (sinks.to(torch.int8) * SINK)
+            )
         with dispatch.use_backend("triton"):
             out, _ = redistributed_decode_attention(
                 query, key, value, mask, codes, keep=self.p_code, rho=self.rho_code, summ=self.summ, scale=scaling
