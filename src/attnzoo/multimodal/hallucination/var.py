@@ -25,7 +25,7 @@ from the second prompt after attaching, the first prompt's sinks are reused and 
 is edited, not only the rows after the image (its per-run state is never reset; :meth:`VAR.reset`
 starts a new run). ``behaviour="paper"``: layers 2..L-2, sinks detected and rows after the image
 edited for every prompt. Both edit the new token's row at every decode step with the prefill's
-sinks.
+sinks; on a GPU that step runs as one fused kernel (:func:`attnzoo.kernels.redistributed_decode_attention`).
 """
 
 from __future__ import annotations
