@@ -169,6 +169,11 @@ def http_server(files: dict[str, bytes], cut_after: dict[str, int] | None = None
     server = LocalHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    # attnzoo.weights remembers per process whether a host:port answered: an earlier test's port that
+    # nobody listened on any more may be this server's now
+    import attnzoo.weights.hub as hub
+
+    hub._VERDICTS.pop(("127.0.0.1", server.server_address[1]), None)
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", handler.requests
     finally:

@@ -44,6 +44,24 @@ def only_attnzoo_downloads(monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", urlopen)
 
 
+def test_local_server_forgets_a_remembered_verdict_for_its_port(monkeypatch):
+    """attnzoo.weights remembers per process whether a host:port answered; a test's local server may get
+    the port of an earlier one that is gone, so tests.helpers.http_server forgets the verdict for its port
+    (a remembered "down" made this file's downloads fail as offline, once, in a full run)."""
+    import attnzoo.weights.hub as hub
+
+    class Remembered(dict):
+        forgotten: set = set()
+
+        def pop(self, key, *default):
+            self.forgotten.add(key)
+            return super().pop(key, *default)
+
+    monkeypatch.setattr(hub, "_VERDICTS", Remembered())
+    with http_server({"/a": b"x"}) as (base, _):
+        assert ("127.0.0.1", int(base.rsplit(":", 1)[1])) in hub._VERDICTS.forgotten
+
+
 def checkpoint_bytes(model: torch.nn.Module) -> bytes:
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "epoch": 300}, buffer)  # the official wrapper
