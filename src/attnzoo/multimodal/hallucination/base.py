@@ -232,6 +232,8 @@ class _Session:
         self._stock_masks: list[tuple[torch.Tensor, Any]] = []
         #: > 0 while someone reads every layer's weights (eager_language_model): no forward runs SDPA then
         self.weights_wanted = 0
+        #: whether the running forward was asked for its attentions (older transformers tell only the model)
+        self._forward_wants_weights = False
         self._handles = [
             self.text_model.register_forward_pre_hook(self._on_text_forward, with_kwargs=True),
             # A forward's masks may be built before it starts (generate's static cache builds them in
@@ -278,6 +280,10 @@ class _Session:
             self.state().pending_images = info
 
     def _on_text_forward(self, module, args, kwargs):
+        config = getattr(module, "config", None)
+        self._forward_wants_weights = bool(
+            kwargs.get("output_attentions") or getattr(config, "output_attentions", False)
+        )
         state = self.state()
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         cached = 0 if cache is None else cache.get_seq_length()
@@ -314,7 +320,7 @@ class _Session:
         state.pending_ids = None
 
     def _after_text_forward(self, module, args, output):
-        self._stock_masks = []
+        self._stock_masks, self._forward_wants_weights = [], False
 
     def _image_tokens(self, ids, shape, image_info) -> ImageTokens:
         if self.layout is not None:
@@ -420,7 +426,7 @@ class _Session:
                 edit = None
         else:
             edit = None
-        weights_wanted = self.weights_wanted or kwargs.get("output_attentions")
+        weights_wanted = self.weights_wanted or self._forward_wants_weights or kwargs.get("output_attentions")
         if edit is None and self._stock is not None and not weights_wanted:
             found, stock_mask = self._stock_mask(attention_mask)
             if found:
